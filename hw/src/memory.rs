@@ -1,0 +1,515 @@
+//! Host physical memory: one sparse memfd, where an HPA is an offset into the file.
+//!
+//! The host maps the whole file once; the IOMMU model and devices read and write it there.
+//! A VM's RAM is a window of the same file mapped into the VMM through vm-memory, so the two
+//! views share bytes. Pages are allocated lazily by the kernel on first touch.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vsva_vtd::{Gpa, Hpa, MemError, PhysMem};
+
+/// The page size of host frames.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Default host memory size: 16 GiB of sparse file.
+pub const DEFAULT_HOST_MEMORY: u64 = 16 << 30;
+
+/// Errors of host memory set-up and frame allocation.
+#[derive(Debug, thiserror::Error)]
+pub enum HostMemoryError {
+    #[error("host memory size {0:#x} is zero or not a multiple of 4 KiB")]
+    BadSize(u64),
+    #[error("creating the host memory file failed: {0}")]
+    Create(#[source] std::io::Error),
+    #[error("mapping host memory failed: {0}")]
+    Map(#[source] std::io::Error),
+    #[error("out of host memory: {pages} pages requested")]
+    OutOfMemory { pages: u64 },
+    #[error("{0} is not an allocated frame")]
+    NotAllocated(Hpa),
+    #[error("guest memory window: {0}")]
+    GuestWindow(String),
+    #[error("user address {vaddr:#x}+{len:#x} is not backed by host memory")]
+    NotHostMemory { vaddr: u64, len: u64 },
+    #[error(transparent)]
+    Access(#[from] MemError),
+}
+
+/// One window of host memory that a user process (the VMM) has mapped: what the host needs
+/// to resolve a user virtual address to HPAs, as the kernel does when it pins user pages.
+#[derive(Clone, Copy, Debug)]
+struct UserWindow {
+    len: u64,
+    hpa: Hpa,
+}
+
+/// The host's physical memory.
+#[derive(Debug)]
+pub struct HostMemory {
+    file: File,
+    base: NonNull<u8>,
+    size: u64,
+    windows: RwLock<BTreeMap<u64, UserWindow>>,
+}
+
+// SAFETY: the mapping is shared memory accessed through raw pointers with bounds checks;
+// concurrent accesses are either atomics (table entries) or byte copies, as DMA is.
+unsafe impl Send for HostMemory {}
+// SAFETY: see above.
+unsafe impl Sync for HostMemory {}
+
+impl HostMemory {
+    /// Creates `size` bytes of sparse host memory (a multiple of 4 KiB).
+    pub fn new(size: u64) -> Result<Arc<Self>, HostMemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(HostMemoryError::BadSize(size));
+        }
+        // SAFETY: the name is a valid C string; the returned fd is checked.
+        let fd = unsafe { libc::memfd_create(c"vsva-hostmem".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(HostMemoryError::Create(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh, owned file descriptor.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(HostMemoryError::Create)?;
+        // SAFETY: mapping a file we own, shared, with no fixed address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(HostMemoryError::Map(std::io::Error::last_os_error()));
+        }
+        Ok(Arc::new(HostMemory {
+            file,
+            base: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            size,
+            windows: RwLock::new(BTreeMap::new()),
+        }))
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The memory file, for handing to another process or mapping a window.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemError::OutOfRange { addr, len }),
+        }
+    }
+
+    fn atomic(&self, addr: u64) -> Result<&AtomicU64, MemError> {
+        if addr % 8 != 0 {
+            return Err(MemError::Unaligned { addr, align: 8 });
+        }
+        self.check(addr, 8)?;
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); shared memory is
+        // only ever accessed atomically or by byte copies.
+        Ok(unsafe { &*(self.base.as_ptr().add(addr as usize) as *const AtomicU64) })
+    }
+
+    /// Returns memory in `[hpa, hpa + len)` to the kernel; it reads as zeros afterwards.
+    pub fn discard(&self, hpa: Hpa, len: u64) -> Result<(), MemError> {
+        self.check(hpa.0, len)?;
+        // SAFETY: a range inside our own mapping; MADV_REMOVE punches a hole in the memfd.
+        let rc = unsafe {
+            libc::madvise(
+                self.base.as_ptr().add(hpa.0 as usize).cast(),
+                len as usize,
+                libc::MADV_REMOVE,
+            )
+        };
+        if rc != 0 {
+            // The range stays allocated; zero it so its old contents never leak.
+            self.fill(hpa, 0, len)?;
+        }
+        Ok(())
+    }
+
+    /// Sets `len` bytes at `hpa` to `byte`.
+    pub fn fill(&self, hpa: Hpa, byte: u8, len: u64) -> Result<(), MemError> {
+        self.check(hpa.0, len)?;
+        // SAFETY: bounds checked above.
+        unsafe {
+            std::ptr::write_bytes(self.base.as_ptr().add(hpa.0 as usize), byte, len as usize)
+        };
+        Ok(())
+    }
+
+    /// Maps `[hpa, hpa + size)` into this process as guest RAM at `gpa`, through vm-memory,
+    /// and records the window so that the host can resolve the mapping's user addresses
+    /// (see [`HostMemory::resolve_user`]).
+    pub fn guest_memory(
+        &self,
+        regions: &[(Gpa, Hpa, u64)],
+    ) -> Result<GuestMemoryMmap, HostMemoryError> {
+        let mut ranges = Vec::with_capacity(regions.len());
+        for &(gpa, hpa, size) in regions {
+            if size == 0
+                || !hpa.is_aligned(PAGE_SIZE)
+                || !gpa.is_aligned(PAGE_SIZE)
+                || size % PAGE_SIZE != 0
+            {
+                return Err(HostMemoryError::GuestWindow(format!(
+                    "{gpa} -> {hpa} size {size:#x} must be non-empty and 4 KiB aligned"
+                )));
+            }
+            self.check(hpa.0, size)?;
+            let file = self.file.try_clone().map_err(HostMemoryError::Create)?;
+            ranges.push((
+                GuestAddress(gpa.0),
+                size as usize,
+                Some(FileOffset::new(file, hpa.0)),
+            ));
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
+            .map_err(|e| HostMemoryError::GuestWindow(e.to_string()))?;
+        let mut windows = self.windows.write().unwrap();
+        for region in mem.iter() {
+            let start = Gpa(region.start_addr().0);
+            if let Some(&(_, hpa, size)) = regions.iter().find(|r| r.0 == start) {
+                windows.insert(region.as_ptr() as u64, UserWindow { len: size, hpa });
+            }
+        }
+        Ok(mem)
+    }
+
+    /// Forgets the user windows of a guest memory object that is being dropped.
+    pub fn release_guest_memory(&self, mem: &GuestMemoryMmap) {
+        let mut windows = self.windows.write().unwrap();
+        for region in mem.iter() {
+            windows.remove(&(region.as_ptr() as u64));
+        }
+    }
+
+    /// Resolves a user virtual address range of this process to the host physical range
+    /// behind it, as the kernel's `pin_user_pages` does for `VFIO_IOMMU_MAP_DMA`. The whole
+    /// range must lie in one window.
+    pub fn resolve_user(&self, vaddr: u64, len: u64) -> Result<Hpa, HostMemoryError> {
+        let err = HostMemoryError::NotHostMemory { vaddr, len };
+        let windows = self.windows.read().unwrap();
+        let (&start, w) = windows
+            .range(..=vaddr)
+            .next_back()
+            .ok_or_else(|| err.clone_shallow())?;
+        let off = vaddr - start;
+        match off.checked_add(len) {
+            Some(end) if end <= w.len => Ok(Hpa(w.hpa.0 + off)),
+            _ => Err(err),
+        }
+    }
+}
+
+impl HostMemoryError {
+    fn clone_shallow(&self) -> Self {
+        match self {
+            HostMemoryError::NotHostMemory { vaddr, len } => HostMemoryError::NotHostMemory {
+                vaddr: *vaddr,
+                len: *len,
+            },
+            _ => unreachable!("only NotHostMemory is cloned"),
+        }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping created in `new`; no references outlive `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size as usize) };
+    }
+}
+
+impl PhysMem for HostMemory {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        Ok(self.atomic(addr)?.load(Ordering::Acquire))
+    }
+
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+        Ok(self.atomic(addr)?.fetch_or(bits, Ordering::AcqRel))
+    }
+
+    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+        let a = self.atomic(addr)?;
+        Ok(
+            match a.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(v) | Err(v) => v,
+            },
+        )
+    }
+
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+        self.atomic(addr)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.check(addr, buf.len() as u64)?;
+        // SAFETY: bounds checked; `buf` cannot overlap the shared mapping's tracked range.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(addr as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.check(addr, buf.len() as u64)?;
+        // SAFETY: bounds checked.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buf.as_ptr(),
+                self.base.as_ptr().add(addr as usize),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+}
+
+/// Allocates 4 KiB frames and contiguous ranges of host memory.
+///
+/// Frames come back zeroed. Freed memory is returned to the kernel (hole punched), so a freed
+/// page can never leak its contents to its next owner.
+#[derive(Debug)]
+pub struct FrameAllocator {
+    mem: Arc<HostMemory>,
+    state: Mutex<AllocState>,
+}
+
+#[derive(Debug, Default)]
+struct AllocState {
+    /// First never-allocated byte.
+    bump: u64,
+    /// Free ranges by start: length in bytes. Adjacent ranges are merged.
+    free: BTreeMap<u64, u64>,
+    /// Allocated ranges by start: length in bytes.
+    allocated: BTreeMap<u64, u64>,
+    allocated_bytes: u64,
+}
+
+impl FrameAllocator {
+    /// An allocator over all of `mem`; HPA 0 is never handed out so that 0 can mean "none".
+    pub fn new(mem: Arc<HostMemory>) -> Self {
+        FrameAllocator {
+            mem,
+            state: Mutex::new(AllocState {
+                bump: PAGE_SIZE,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The memory this allocator hands out.
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+
+    /// One zeroed 4 KiB frame.
+    pub fn alloc_frame(&self) -> Result<Hpa, HostMemoryError> {
+        self.alloc_range(PAGE_SIZE, PAGE_SIZE)
+    }
+
+    /// `size` zeroed bytes (a multiple of 4 KiB) aligned to `align` (a power of two ≥ 4 KiB).
+    pub fn alloc_range(&self, size: u64, align: u64) -> Result<Hpa, HostMemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(HostMemoryError::BadSize(size));
+        }
+        let oom = HostMemoryError::OutOfMemory {
+            pages: size / PAGE_SIZE,
+        };
+        let mut s = self.state.lock().unwrap();
+        let fit = s.free.iter().find_map(|(&start, &len)| {
+            let aligned = start.checked_next_multiple_of(align)?;
+            (aligned + size <= start + len).then_some((start, len, aligned))
+        });
+        let hpa = if let Some((start, len, aligned)) = fit {
+            s.free.remove(&start);
+            if aligned > start {
+                s.free.insert(start, aligned - start);
+            }
+            if aligned + size < start + len {
+                s.free.insert(aligned + size, start + len - aligned - size);
+            }
+            aligned
+        } else {
+            let aligned = s.bump.checked_next_multiple_of(align).ok_or(oom)?;
+            match aligned.checked_add(size) {
+                Some(end) if end <= self.mem.size() => {}
+                _ => {
+                    return Err(HostMemoryError::OutOfMemory {
+                        pages: size / PAGE_SIZE,
+                    })
+                }
+            }
+            if aligned > s.bump {
+                let gap = (s.bump, aligned - s.bump);
+                Self::insert_free(&mut s.free, gap.0, gap.1);
+            }
+            s.bump = aligned + size;
+            aligned
+        };
+        s.allocated.insert(hpa, size);
+        s.allocated_bytes += size;
+        Ok(Hpa(hpa))
+    }
+
+    /// Frees a frame or range returned by this allocator.
+    pub fn free(&self, hpa: Hpa) -> Result<(), HostMemoryError> {
+        let mut s = self.state.lock().unwrap();
+        let len = s
+            .allocated
+            .remove(&hpa.0)
+            .ok_or(HostMemoryError::NotAllocated(hpa))?;
+        s.allocated_bytes -= len;
+        self.mem.discard(hpa, len)?;
+        Self::insert_free(&mut s.free, hpa.0, len);
+        Ok(())
+    }
+
+    fn insert_free(free: &mut BTreeMap<u64, u64>, mut start: u64, mut len: u64) {
+        if let Some((&prev, &plen)) = free.range(..start).next_back() {
+            if prev + plen == start {
+                free.remove(&prev);
+                start = prev;
+                len += plen;
+            }
+        }
+        if let Some(&nlen) = free.get(&(start + len)) {
+            free.remove(&(start + len));
+            len += nlen;
+        }
+        free.insert(start, len);
+    }
+
+    /// Bytes currently allocated: what a leak check compares before and after.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.state.lock().unwrap().allocated_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemory};
+
+    fn mem() -> Arc<HostMemory> {
+        HostMemory::new(64 << 20).unwrap()
+    }
+
+    #[test]
+    fn rejects_bad_sizes_and_accesses() {
+        assert!(matches!(
+            HostMemory::new(0),
+            Err(HostMemoryError::BadSize(0))
+        ));
+        assert!(matches!(
+            HostMemory::new(4097),
+            Err(HostMemoryError::BadSize(4097))
+        ));
+        let m = mem();
+        let end = m.size();
+        assert_eq!(
+            m.read_u64(end),
+            Err(MemError::OutOfRange { addr: end, len: 8 })
+        );
+        assert_eq!(
+            m.read_u64(12),
+            Err(MemError::Unaligned { addr: 12, align: 8 })
+        );
+        let mut buf = [0u8; 16];
+        assert!(m.read(end - 8, &mut buf).is_err());
+        assert!(m.write(u64::MAX - 4, &buf).is_err());
+    }
+
+    #[test]
+    fn atomics_and_bytes_share_storage() {
+        let m = mem();
+        m.write_u64(0x1000, 0x1122_3344_5566_7788).unwrap();
+        let mut b = [0u8; 8];
+        m.read(0x1000, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x1122_3344_5566_7788);
+        assert_eq!(m.fetch_or_u64(0x1000, 0x60).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(m.read_u64(0x1000).unwrap(), 0x1122_3344_5566_77e8);
+        assert_eq!(
+            m.compare_exchange_u64(0x1000, 1, 2).unwrap(),
+            0x1122_3344_5566_77e8
+        );
+        assert_eq!(m.read_u64(0x1000).unwrap(), 0x1122_3344_5566_77e8);
+    }
+
+    #[test]
+    fn frames_are_zeroed_reused_and_counted() {
+        let m = mem();
+        let a = FrameAllocator::new(m.clone());
+        let f = a.alloc_frame().unwrap();
+        assert_ne!(f, Hpa(0));
+        m.fill(f, 0xab, PAGE_SIZE).unwrap();
+        a.free(f).unwrap();
+        assert_eq!(a.allocated_bytes(), 0);
+        assert!(matches!(a.free(f), Err(HostMemoryError::NotAllocated(_))));
+        let g = a.alloc_frame().unwrap();
+        assert_eq!(g, f, "freed frame is reused first");
+        let mut b = [0xffu8; 64];
+        m.read(g.0, &mut b).unwrap();
+        assert_eq!(b, [0u8; 64], "a reused frame reads as zeros");
+        let r = a.alloc_range(2 << 20, 2 << 20).unwrap();
+        assert!(r.is_aligned(2 << 20));
+        assert_eq!(a.allocated_bytes(), PAGE_SIZE + (2 << 20));
+        assert!(matches!(
+            a.alloc_range(1 << 30, PAGE_SIZE),
+            Err(HostMemoryError::OutOfMemory { .. })
+        ));
+        assert_eq!(
+            a.allocated_bytes(),
+            PAGE_SIZE + (2 << 20),
+            "a failed allocation changes nothing"
+        );
+    }
+
+    #[test]
+    fn guest_window_shares_bytes_and_resolves_user_addresses() {
+        let m = mem();
+        let a = FrameAllocator::new(m.clone());
+        let ram = a.alloc_range(1 << 20, PAGE_SIZE).unwrap();
+        let gm = m.guest_memory(&[(Gpa(0x10_0000), ram, 1 << 20)]).unwrap();
+        gm.write_obj(0xdead_beef_u32, GuestAddress(0x10_0010))
+            .unwrap();
+        let mut b = [0u8; 4];
+        m.read(ram.0 + 0x10, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        let host_va = gm.get_host_address(GuestAddress(0x10_2000)).unwrap() as u64;
+        assert_eq!(
+            m.resolve_user(host_va, 0x1000).unwrap(),
+            Hpa(ram.0 + 0x2000)
+        );
+        assert!(
+            m.resolve_user(host_va, 1 << 20).is_err(),
+            "range runs past the window"
+        );
+        assert!(m.resolve_user(0x1000, 8).is_err());
+        m.release_guest_memory(&gm);
+        assert!(m.resolve_user(host_va, 8).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! The VT-d scalable-mode core of vsva.
+//!
+//! Everything here is shared by the two VT-d implementations of the project: the physical
+//! IOMMU model (`vsva-hw`, tables in host memory) and the guest-visible vIOMMU (`vsva-vmm`,
+//! tables in guest memory). Section numbers refer to the Intel VT-d specification, rev. 3.x.
+
+pub mod addr;
+pub mod mem;
+
+pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
+pub use mem::{MemError, PhysMem};
