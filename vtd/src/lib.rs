@@ -5,7 +5,9 @@
 //! tables in guest memory). Section numbers refer to the Intel VT-d specification, rev. 3.x.
 
 pub mod addr;
+pub mod fault;
 pub mod mem;
 
 pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
+pub use fault::FaultReason;
 pub use mem::{MemError, PhysMem};
