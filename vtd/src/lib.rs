@@ -7,7 +7,9 @@
 pub mod addr;
 pub mod fault;
 pub mod mem;
+pub mod root;
 
 pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
 pub use fault::FaultReason;
 pub use mem::{MemError, PhysMem};
+pub use root::{Capabilities, EntryFault, ScalableRootEntry};

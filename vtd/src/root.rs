@@ -1,0 +1,443 @@
+//! The scalable-mode root table (VT-d §3.4.2, §9.2) and what the table walk above the PASID
+//! table shares: the capabilities entries are checked against, and faults with their FPD.
+//!
+//! The root table is one 4 KiB page of 256 root entries, one per bus, at the address in
+//! RTADDR_REG. A scalable-mode root entry (128 bits) points to two context tables: the lower
+//! one for device functions 0-127 and the upper one for 128-255 (§3.4.3).
+
+use crate::addr::SourceId;
+use crate::fault::FaultReason;
+use crate::mem::PhysMem;
+
+/// Size of a scalable-mode root entry in bytes.
+pub const ROOT_ENTRY_SIZE: u64 = 16;
+
+/// The address bits of a 4 KiB aligned table pointer (bits 63:12).
+pub(crate) const PTR_MASK: u64 = !0xfff;
+
+/// LP in the lower half and UP in the upper half.
+const PRESENT: u64 = 1;
+/// Bits 11:1 of each half are reserved.
+const HALF_RESERVED: u64 = 0xffe;
+
+/// What a remapping unit supports, as far as it decides whether a table entry is valid.
+///
+/// The fields carry the names of the Capability Register (CAP_REG, §11.4.2) and Extended
+/// Capability Register (ECAP_REG, §11.4.3) fields, plus the host address width that the
+/// platform reports (DMAR ACPI table, §8.1). A field of an entry that is tied to a capability
+/// the unit lacks is treated as reserved, as the spec says for each such field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Host address width: table pointers at or above `1 << haw` are invalid.
+    pub haw: u8,
+    /// CAP.SAGAW: bit n set means second-level tables with AW = n are supported.
+    pub sagaw: u8,
+    /// CAP.FL5LP: 5-level first-level paging.
+    pub fl5lp: bool,
+    /// ECAP.FLTS: first-level translation.
+    pub flts: bool,
+    /// ECAP.SLTS: second-level translation.
+    pub slts: bool,
+    /// ECAP.NEST: nested translation.
+    pub nest: bool,
+    /// ECAP.PT: pass-through.
+    pub pt: bool,
+    /// ECAP.PASID: requests with PASID.
+    pub pasid: bool,
+    /// ECAP.DT: device-TLBs (ATS).
+    pub dt: bool,
+    /// ECAP.PRS: page requests.
+    pub prs: bool,
+    /// ECAP.SRS: supervisor requests.
+    pub srs: bool,
+    /// ECAP.ERS: execute requests.
+    pub ers: bool,
+    /// ECAP.SLADS: second-level accessed/dirty bits.
+    pub slads: bool,
+    /// ECAP.EAFS: extended accessed flag.
+    pub eafs: bool,
+    /// ECAP.SC: snoop control (the PGSNP field).
+    pub sc: bool,
+    /// ECAP.SMPWC: snooped page walks in scalable mode (the PWSNP field).
+    pub smpwc: bool,
+    /// ECAP.MTS: memory type support (CD, EMTE, EMT, PWT, PCD, PAT).
+    pub mts: bool,
+}
+
+impl Capabilities {
+    /// Whether a 4 KiB aligned pointer lies beyond the host address width.
+    pub(crate) const fn beyond_haw(&self, ptr: u64) -> bool {
+        self.haw < 64 && ptr >> self.haw != 0
+    }
+}
+
+/// A fault found while walking the tables, with the fault processing disable (FPD) that
+/// applies to it: the OR of the FPD fields of the context, PASID-directory and PASID-table
+/// entries read so far, present or not (§7.1.2). Faults above the context entry have none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}{}", if *fpd { " (FPD set)" } else { "" })]
+pub struct EntryFault {
+    /// The fault condition.
+    pub reason: FaultReason,
+    /// Whether recording the fault is disabled by an FPD field on the way.
+    pub fpd: bool,
+}
+
+impl EntryFault {
+    pub(crate) const fn new(reason: FaultReason, fpd: bool) -> Self {
+        EntryFault { reason, fpd }
+    }
+}
+
+impl From<FaultReason> for EntryFault {
+    fn from(reason: FaultReason) -> Self {
+        EntryFault { reason, fpd: false }
+    }
+}
+
+/// Address of the root entry of `bus` in the root table at `rta` (RTADDR_REG.RTA; the low 12
+/// bits, where the register keeps TTM, are ignored).
+pub const fn root_entry_addr(rta: u64, bus: u8) -> u64 {
+    (rta & PTR_MASK) + bus as u64 * ROOT_ENTRY_SIZE
+}
+
+/// A scalable-mode root entry (§9.2): the lower and upper context-table pointers, `None` when
+/// the half's present bit (LP, UP) is clear.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ScalableRootEntry {
+    /// LCTP: the context table for device functions 0-127, when LP is set.
+    pub lctp: Option<u64>,
+    /// UCTP: the context table for device functions 128-255, when UP is set.
+    pub uctp: Option<u64>,
+}
+
+/// Encodes one half of a root entry.
+const fn encode_half(ctp: Option<u64>) -> u64 {
+    match ctp {
+        Some(ptr) => (ptr & PTR_MASK) | PRESENT,
+        None => 0,
+    }
+}
+
+/// Decodes one half of a root entry, checking its reserved bits when it is present.
+const fn decode_half(raw: u64) -> Result<Option<u64>, FaultReason> {
+    if raw & PRESENT == 0 {
+        Ok(None)
+    } else if raw & HALF_RESERVED != 0 {
+        Err(FaultReason::Srt3)
+    } else {
+        Ok(Some(raw & PTR_MASK))
+    }
+}
+
+impl ScalableRootEntry {
+    /// The two 64-bit halves: lower (LP, LCTP) then upper (UP, UCTP).
+    pub const fn to_raw(&self) -> [u64; 2] {
+        [encode_half(self.lctp), encode_half(self.uctp)]
+    }
+
+    /// Decodes a root entry; a present half with a reserved bit set gives SRT.3. The bits of
+    /// a half that is not present are ignored.
+    pub const fn from_raw(raw: [u64; 2]) -> Result<Self, FaultReason> {
+        let lctp = match decode_half(raw[0]) {
+            Ok(half) => half,
+            Err(e) => return Err(e),
+        };
+        let uctp = match decode_half(raw[1]) {
+            Ok(half) => half,
+            Err(e) => return Err(e),
+        };
+        Ok(ScalableRootEntry { lctp, uctp })
+    }
+
+    /// The context table that holds `devfn`'s entry: LCTP below 128, UCTP from 128 (§3.4.3).
+    /// A clear present bit gives SRT.2, a pointer beyond the host address width SRT.3.
+    pub const fn context_table(&self, devfn: u8, caps: &Capabilities) -> Result<u64, FaultReason> {
+        checked_ctp(if devfn < 128 { self.lctp } else { self.uctp }, caps)
+    }
+}
+
+/// The context-table pointer of a decoded half, checked for presence and address width.
+const fn checked_ctp(half: Option<u64>, caps: &Capabilities) -> Result<u64, FaultReason> {
+    match half {
+        None => Err(FaultReason::Srt2),
+        Some(ptr) if caps.beyond_haw(ptr) => Err(FaultReason::Srt3),
+        Some(ptr) => Ok(ptr),
+    }
+}
+
+/// Reads the two halves of `bus`'s root entry; a failed read gives SRT.1.
+pub fn read_root_entry(mem: &impl PhysMem, rta: u64, bus: u8) -> Result<[u64; 2], FaultReason> {
+    let addr = root_entry_addr(rta, bus);
+    let lo = mem.read_u64(addr).map_err(|_| FaultReason::Srt1)?;
+    let hi = mem.read_u64(addr + 8).map_err(|_| FaultReason::Srt1)?;
+    Ok([lo, hi])
+}
+
+/// The context table that holds `sid`'s context entry, as hardware finds it from the root
+/// table at `rta`. Only the half of the root entry that serves `sid` is checked, so a bad
+/// upper half does not fault requests of device functions below 128.
+pub fn context_table_addr(
+    mem: &impl PhysMem,
+    rta: u64,
+    sid: SourceId,
+    caps: &Capabilities,
+) -> Result<u64, FaultReason> {
+    let raw = read_root_entry(mem, rta, sid.bus())?;
+    let half = decode_half(raw[(sid.devfn() >= 128) as usize])?;
+    checked_ctp(half, caps)
+}
+
+/// Physical memory for the table tests of this crate: sparse 64-bit words below a limit.
+#[cfg(test)]
+pub(crate) mod test_mem {
+    use crate::mem::{MemError, PhysMem};
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    pub(crate) struct TestMem {
+        words: RefCell<HashMap<u64, u64>>,
+        size: u64,
+    }
+
+    impl TestMem {
+        pub(crate) fn new(size: u64) -> Self {
+            TestMem {
+                words: RefCell::new(HashMap::new()),
+                size,
+            }
+        }
+
+        pub(crate) fn put(&self, addr: u64, qwords: &[u64]) {
+            for (i, q) in qwords.iter().enumerate() {
+                self.write_u64(addr + 8 * i as u64, *q).unwrap();
+            }
+        }
+
+        fn check(&self, addr: u64, len: u64, align: u64) -> Result<(), MemError> {
+            if addr % align != 0 {
+                return Err(MemError::Unaligned { addr, align });
+            }
+            match addr.checked_add(len) {
+                Some(end) if end <= self.size => Ok(()),
+                _ => Err(MemError::OutOfRange { addr, len }),
+            }
+        }
+    }
+
+    impl PhysMem for TestMem {
+        fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+            self.check(addr, 8, 8)?;
+            Ok(*self.words.borrow().get(&addr).unwrap_or(&0))
+        }
+
+        fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+            let old = self.read_u64(addr)?;
+            self.words.borrow_mut().insert(addr, old | bits);
+            Ok(old)
+        }
+
+        fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+            let found = self.read_u64(addr)?;
+            if found == old {
+                self.words.borrow_mut().insert(addr, new);
+            }
+            Ok(found)
+        }
+
+        fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+            self.check(addr, 8, 8)?;
+            self.words.borrow_mut().insert(addr, value);
+            Ok(())
+        }
+
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.check(addr, buf.len() as u64, 1)?;
+            for (i, b) in buf.iter_mut().enumerate() {
+                let a = addr + i as u64;
+                let word = *self.words.borrow().get(&(a & !7)).unwrap_or(&0);
+                *b = (word >> (8 * (a & 7))) as u8;
+            }
+            Ok(())
+        }
+
+        fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.check(addr, buf.len() as u64, 1)?;
+            let mut words = self.words.borrow_mut();
+            for (i, b) in buf.iter().enumerate() {
+                let a = addr + i as u64;
+                let word = words.entry(a & !7).or_insert(0);
+                let shift = 8 * (a & 7);
+                *word = (*word & !(0xff << shift)) | (u64::from(*b) << shift);
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::test_mem::TestMem;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A unit that supports everything, with a 46-bit host address width.
+    pub(crate) const CAPS: Capabilities = Capabilities {
+        haw: 46,
+        sagaw: 0b0_1110,
+        fl5lp: true,
+        flts: true,
+        slts: true,
+        nest: true,
+        pt: true,
+        pasid: true,
+        dt: true,
+        prs: true,
+        srs: true,
+        ers: true,
+        slads: true,
+        eafs: true,
+        sc: true,
+        smpwc: true,
+        mts: true,
+    };
+
+    #[test]
+    fn root_entry_address_per_bus() {
+        assert_eq!(root_entry_addr(0x1000, 0), 0x1000);
+        assert_eq!(root_entry_addr(0x1000, 5), 0x1050);
+        assert_eq!(root_entry_addr(0x7_f000, 0xff), 0x7_fff0);
+        // RTADDR_REG keeps TTM (bits 11:10) in the low bits: ignored for the address.
+        assert_eq!(root_entry_addr(0x2000 | 0x400, 1), 0x2010);
+    }
+
+    #[test]
+    fn encodes_the_spec_layout() {
+        let entry = ScalableRootEntry {
+            lctp: Some(0x1234_5000),
+            uctp: Some(0xab_c000),
+        };
+        assert_eq!(entry.to_raw(), [0x1234_5001, 0xab_c001]);
+        assert_eq!(
+            ScalableRootEntry::from_raw([0x1234_5001, 0xab_c001]),
+            Ok(entry)
+        );
+
+        let lower_only = ScalableRootEntry {
+            lctp: Some(0x3_0000_0000),
+            uctp: None,
+        };
+        assert_eq!(lower_only.to_raw(), [0x3_0000_0001, 0]);
+        assert_eq!(
+            ScalableRootEntry::from_raw([0x3_0000_0001, 0]),
+            Ok(lower_only)
+        );
+    }
+
+    #[test]
+    fn each_reserved_bit_of_a_present_half_faults_srt3() {
+        for bit in 1..12 {
+            let bad = 0x5000 | 1 | 1 << bit;
+            assert_eq!(
+                ScalableRootEntry::from_raw([bad, 0]),
+                Err(FaultReason::Srt3),
+                "lower bit {bit}"
+            );
+            assert_eq!(
+                ScalableRootEntry::from_raw([0, bad]),
+                Err(FaultReason::Srt3),
+                "upper bit {bit}"
+            );
+            // Not present: the other bits are ignored.
+            let ignored = ScalableRootEntry::from_raw([bad & !1, bad & !1]).unwrap();
+            assert_eq!(ignored, ScalableRootEntry::default());
+        }
+    }
+
+    #[test]
+    fn devfn_selects_the_lower_or_upper_context_table() {
+        let entry = ScalableRootEntry {
+            lctp: Some(0x1000),
+            uctp: Some(0x2000),
+        };
+        assert_eq!(entry.context_table(0x00, &CAPS), Ok(0x1000));
+        assert_eq!(entry.context_table(0x7f, &CAPS), Ok(0x1000));
+        assert_eq!(entry.context_table(0x80, &CAPS), Ok(0x2000));
+        assert_eq!(entry.context_table(0xff, &CAPS), Ok(0x2000));
+
+        let upper_missing = ScalableRootEntry {
+            lctp: Some(0x1000),
+            uctp: None,
+        };
+        assert_eq!(
+            upper_missing.context_table(0x80, &CAPS),
+            Err(FaultReason::Srt2)
+        );
+        assert_eq!(
+            ScalableRootEntry::default().context_table(0, &CAPS),
+            Err(FaultReason::Srt2)
+        );
+    }
+
+    #[test]
+    fn pointer_beyond_host_address_width_faults_srt3() {
+        let entry = ScalableRootEntry {
+            lctp: Some(1 << 46),
+            uctp: Some((1 << 46) - 0x1000),
+        };
+        assert_eq!(entry.context_table(0, &CAPS), Err(FaultReason::Srt3));
+        assert_eq!(entry.context_table(0x80, &CAPS), Ok((1 << 46) - 0x1000));
+    }
+
+    #[test]
+    fn walk_reads_the_root_table() {
+        let mem = TestMem::new(1 << 20);
+        let rta = 0x8000;
+        let sid_lo = SourceId::new(3, 0x02, 1).unwrap();
+        let sid_hi = SourceId::new(3, 0x1f, 7).unwrap();
+        mem.put(root_entry_addr(rta, 3), &[0x9000 | 1, 0xa000 | 1]);
+        assert_eq!(read_root_entry(&mem, rta, 3), Ok([0x9001, 0xa001]));
+        assert_eq!(context_table_addr(&mem, rta, sid_lo, &CAPS), Ok(0x9000));
+        assert_eq!(context_table_addr(&mem, rta, sid_hi, &CAPS), Ok(0xa000));
+
+        // Bus 4 has no entry: not present.
+        let other = SourceId::new(4, 0, 0).unwrap();
+        assert_eq!(
+            context_table_addr(&mem, rta, other, &CAPS),
+            Err(FaultReason::Srt2)
+        );
+
+        // A bad upper half only faults the upper device functions.
+        mem.put(root_entry_addr(rta, 3) + 8, &[0xa000 | 1 | 0x10]);
+        assert_eq!(context_table_addr(&mem, rta, sid_lo, &CAPS), Ok(0x9000));
+        assert_eq!(
+            context_table_addr(&mem, rta, sid_hi, &CAPS),
+            Err(FaultReason::Srt3)
+        );
+    }
+
+    #[test]
+    fn unreadable_root_table_faults_srt1() {
+        let mem = TestMem::new(0x1000);
+        assert_eq!(read_root_entry(&mem, 0x1000, 0), Err(FaultReason::Srt1));
+        let sid = SourceId::new(0, 0, 0).unwrap();
+        assert_eq!(
+            context_table_addr(&mem, 0x1000, sid, &CAPS),
+            Err(FaultReason::Srt1)
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn round_trips(lctp in proptest::option::of(any::<u64>()),
+                       uctp in proptest::option::of(any::<u64>())) {
+            let entry = ScalableRootEntry {
+                lctp: lctp.map(|p| p & PTR_MASK),
+                uctp: uctp.map(|p| p & PTR_MASK),
+            };
+            prop_assert_eq!(ScalableRootEntry::from_raw(entry.to_raw()), Ok(entry));
+        }
+    }
+}
