@@ -5,11 +5,13 @@
 //! tables in guest memory). Section numbers refer to the Intel VT-d specification, rev. 3.x.
 
 pub mod addr;
+pub mod context;
 pub mod fault;
 pub mod mem;
 pub mod root;
 
 pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
+pub use context::ScalableContextEntry;
 pub use fault::FaultReason;
 pub use mem::{MemError, PhysMem};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
