@@ -412,7 +412,7 @@ impl FrameAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::Bytes;
 
     fn mem() -> Arc<HostMemory> {
         HostMemory::new(64 << 20).unwrap()

@@ -1,0 +1,410 @@
+//! The IOTLB: cached translations, kept until an invalidation descriptor removes them
+//! (VT-d §6.2.4, §6.5.2.3 and §6.5.2.4).
+//!
+//! Entries are tagged with the domain id and PASID, as the spec requires, and also with the
+//! requester id so that a hit needs a single lookup. When a PASID entry is re-read with a
+//! different domain id, the entries of the old domain for that requester and PASID are
+//! dropped ([`Iotlb::retag`]), which is what a domain-tagged hardware lookup would observe.
+//!
+//! The hit path takes one read lock on one of many padded shards: two threads hitting
+//! different pages do not share a cache line.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Mutex, RwLock};
+
+use crossbeam_utils::CachePadded;
+use foldhash::fast::FixedState;
+use vsva_vtd::{DomainId, Pasid, SourceId};
+
+/// Number of lock shards: a power of two.
+const SHARDS: usize = 64;
+/// Entries per shard before the shard is emptied to make room (hardware replacement).
+const SHARD_CAPACITY: usize = 4096;
+
+/// Which walk produced a cached translation; invalidation descriptors select by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TranslationKind {
+    /// Second level only (PGTT=010b, or requests without PASID on such an entry).
+    SecondLevel,
+    /// First level only (PGTT=001b).
+    FirstLevel,
+    /// First level nested over second level (PGTT=011b).
+    Nested,
+    /// Pass-through (PGTT=100b).
+    PassThrough,
+}
+
+/// Access rights a cached translation grants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Perms {
+    pub read: bool,
+    pub write: bool,
+    pub execute: bool,
+    /// First level: user-mode requests allowed (U/S set on every level).
+    pub user: bool,
+    /// First level: the leaf's D bit is set, so a write needs no walk to set it.
+    pub dirty: bool,
+}
+
+/// One cached translation of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IotlbEntry {
+    /// Domain the translation belongs to.
+    pub did: DomainId,
+    /// Output page base (HPA).
+    pub output: u64,
+    /// log2 of the page size: 12, 21 or 30.
+    pub page_shift: u8,
+    pub perms: Perms,
+    pub kind: TranslationKind,
+}
+
+/// Lookup key: requester, PASID, page size and input page number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    tag: u64,
+    page: u64,
+}
+
+impl Key {
+    fn new(sid: SourceId, pasid: Pasid, page_shift: u8, addr: u64) -> Self {
+        Key {
+            tag: sid.rid() as u64 | (pasid.raw() as u64) << 16 | (page_shift as u64) << 40,
+            page: addr >> page_shift,
+        }
+    }
+
+    fn pasid(&self) -> u32 {
+        (self.tag >> 16) as u32 & 0xf_ffff
+    }
+
+    fn rid(&self) -> u16 {
+        self.tag as u16
+    }
+
+    fn range(&self) -> (u64, u64) {
+        let shift = (self.tag >> 40) as u32;
+        (self.page << shift, 1u64 << shift)
+    }
+}
+
+type Shard = CachePadded<RwLock<HashMap<Key, IotlbEntry, FixedState>>>;
+
+/// The IOTLB.
+#[derive(Debug)]
+pub struct Iotlb {
+    shards: Box<[Shard]>,
+    hasher: FixedState,
+    /// Keys by domain and PASID, for selective invalidation without a full scan.
+    index: Mutex<HashMap<(DomainId, u32), Vec<Key>, FixedState>>,
+}
+
+impl Default for Iotlb {
+    fn default() -> Self {
+        Iotlb {
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(RwLock::default()))
+                .collect(),
+            hasher: FixedState::default(),
+            index: Mutex::default(),
+        }
+    }
+}
+
+/// The page sizes a lookup tries, smallest first.
+const PAGE_SHIFTS: [u8; 3] = [12, 21, 30];
+
+impl Iotlb {
+    fn shard(&self, key: &Key) -> &Shard {
+        let h = self.hasher.hash_one(key);
+        &self.shards[(h >> 58) as usize & (SHARDS - 1)]
+    }
+
+    /// The cached translation covering `addr` for this requester and PASID, if any.
+    pub fn lookup(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<IotlbEntry> {
+        PAGE_SHIFTS.iter().find_map(|&shift| {
+            let key = Key::new(sid, pasid, shift, addr);
+            self.shard(&key).read().unwrap().get(&key).copied()
+        })
+    }
+
+    /// Caches a translation of the page containing `addr`.
+    pub fn insert(&self, sid: SourceId, pasid: Pasid, addr: u64, entry: IotlbEntry) {
+        let key = Key::new(sid, pasid, entry.page_shift, addr);
+        let mut shard = self.shard(&key).write().unwrap();
+        if shard.len() >= SHARD_CAPACITY {
+            shard.clear();
+        }
+        let fresh = shard.insert(key, entry).is_none();
+        drop(shard);
+        if fresh {
+            let mut index = self.index.lock().unwrap();
+            index.entry((entry.did, pasid.raw())).or_default().push(key);
+        }
+    }
+
+    /// Removes the keyed entries that `select` accepts; returns how many were removed.
+    fn remove_where(
+        &self,
+        keys: Vec<Key>,
+        mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
+    ) -> (usize, Vec<Key>) {
+        let mut removed = 0;
+        let mut kept = Vec::new();
+        for key in keys {
+            let mut shard = self.shard(&key).write().unwrap();
+            match shard.get(&key) {
+                Some(e) if select(&key, e) => {
+                    shard.remove(&key);
+                    removed += 1;
+                }
+                Some(_) => kept.push(key),
+                None => {}
+            }
+        }
+        (removed, kept)
+    }
+
+    /// Applies `select` to the index buckets that `bucket` accepts.
+    fn invalidate(
+        &self,
+        mut bucket: impl FnMut(DomainId, u32) -> bool,
+        mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
+    ) -> usize {
+        let mut index = self.index.lock().unwrap();
+        let mut removed = 0;
+        index.retain(|&(did, pasid), keys| {
+            if !bucket(did, pasid) {
+                return true;
+            }
+            let (n, kept) = self.remove_where(std::mem::take(keys), &mut select);
+            removed += n;
+            *keys = kept;
+            !keys.is_empty()
+        });
+        removed
+    }
+
+    /// Global invalidation: everything.
+    pub fn invalidate_all(&self) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut s = shard.write().unwrap();
+            removed += s.len();
+            s.clear();
+        }
+        self.index.lock().unwrap().clear();
+        removed
+    }
+
+    /// Domain-selective IOTLB invalidation: every entry tagged with `did`, any PASID.
+    pub fn invalidate_domain(&self, did: DomainId) -> usize {
+        self.invalidate(|d, _| d == did, |_, _| true)
+    }
+
+    /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3): second-level and
+    /// pass-through entries whose input range meets `[addr, addr + len)`, and every nested
+    /// entry of the domain (they are looked up by first-level input address, which a
+    /// second-level address cannot select).
+    pub fn invalidate_domain_range(&self, did: DomainId, addr: u64, len: u64) -> usize {
+        self.invalidate(
+            |d, _| d == did,
+            |key, e| match e.kind {
+                TranslationKind::Nested => true,
+                TranslationKind::FirstLevel => false,
+                TranslationKind::SecondLevel | TranslationKind::PassThrough => {
+                    overlaps(key.range(), addr, len)
+                }
+            },
+        )
+    }
+
+    /// PASID-selective PASID-based IOTLB invalidation (§6.5.2.4): first-level and nested
+    /// entries of `did` and `pasid`.
+    pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) -> usize {
+        self.invalidate(
+            |d, p| d == did && p == pasid.raw(),
+            |_, e| {
+                matches!(
+                    e.kind,
+                    TranslationKind::FirstLevel | TranslationKind::Nested
+                )
+            },
+        )
+    }
+
+    /// Page-selective-within-PASID PASID-based IOTLB invalidation: first-level and nested
+    /// entries of `did` and `pasid` whose input range meets `[addr, addr + len)`.
+    pub fn invalidate_pasid_range(
+        &self,
+        did: DomainId,
+        pasid: Pasid,
+        addr: u64,
+        len: u64,
+    ) -> usize {
+        self.invalidate(
+            |d, p| d == did && p == pasid.raw(),
+            |key, e| {
+                matches!(
+                    e.kind,
+                    TranslationKind::FirstLevel | TranslationKind::Nested
+                ) && overlaps(key.range(), addr, len)
+            },
+        )
+    }
+
+    /// Drops entries of `sid`/`pasid` that are not tagged with `did`: called when the PASID
+    /// entry is read afresh, so that a domain-tagged lookup no longer finds them.
+    pub fn retag(&self, sid: SourceId, pasid: Pasid, did: DomainId) -> usize {
+        self.invalidate(
+            |d, p| d != did && p == pasid.raw(),
+            |key, _| key.rid() == sid.rid() && key.pasid() == pasid.raw(),
+        )
+    }
+
+    /// Number of cached translations.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().unwrap().len()).sum()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn overlaps((start, size): (u64, u64), addr: u64, len: u64) -> bool {
+    start < addr.saturating_add(len) && addr < start.saturating_add(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid() -> SourceId {
+        SourceId::new(0, 2, 0).unwrap()
+    }
+
+    fn entry(did: u16, output: u64, shift: u8, kind: TranslationKind) -> IotlbEntry {
+        IotlbEntry {
+            did: DomainId(did),
+            output,
+            page_shift: shift,
+            perms: Perms {
+                read: true,
+                write: true,
+                ..Perms::default()
+            },
+            kind,
+        }
+    }
+
+    #[test]
+    fn lookup_finds_every_page_size() {
+        let t = Iotlb::default();
+        let p = Pasid::new(5).unwrap();
+        t.insert(
+            sid(),
+            p,
+            0x1234_5000,
+            entry(1, 0xa000, 12, TranslationKind::Nested),
+        );
+        t.insert(
+            sid(),
+            p,
+            0x4020_0000,
+            entry(1, 0x20_0000, 21, TranslationKind::Nested),
+        );
+        t.insert(
+            sid(),
+            p,
+            0x8000_0000,
+            entry(1, 0x4000_0000, 30, TranslationKind::Nested),
+        );
+        assert_eq!(t.lookup(sid(), p, 0x1234_5fff).unwrap().output, 0xa000);
+        assert!(t.lookup(sid(), p, 0x1234_6000).is_none());
+        assert_eq!(t.lookup(sid(), p, 0x403f_ffff).unwrap().page_shift, 21);
+        assert_eq!(t.lookup(sid(), p, 0xbfff_ffff).unwrap().page_shift, 30);
+        assert!(t
+            .lookup(sid(), Pasid::new(6).unwrap(), 0x1234_5000)
+            .is_none());
+    }
+
+    #[test]
+    fn selective_invalidations_remove_exactly_their_entries() {
+        let t = Iotlb::default();
+        let (p1, p2) = (Pasid::new(1).unwrap(), Pasid::new(2).unwrap());
+        t.insert(
+            sid(),
+            p1,
+            0x1000,
+            entry(1, 0xa000, 12, TranslationKind::Nested),
+        );
+        t.insert(
+            sid(),
+            p1,
+            0x2000,
+            entry(1, 0xb000, 12, TranslationKind::Nested),
+        );
+        t.insert(
+            sid(),
+            p2,
+            0x1000,
+            entry(1, 0xc000, 12, TranslationKind::FirstLevel),
+        );
+        t.insert(
+            sid(),
+            Pasid::RID_PASID,
+            0x1000,
+            entry(1, 0xd000, 12, TranslationKind::SecondLevel),
+        );
+        t.insert(
+            sid(),
+            p1,
+            0x1000_0000,
+            entry(2, 0xe000, 12, TranslationKind::Nested),
+        );
+
+        assert_eq!(t.invalidate_pasid_range(DomainId(1), p1, 0x2000, 0x1000), 1);
+        assert!(t.lookup(sid(), p1, 0x2000).is_none());
+        assert!(t.lookup(sid(), p1, 0x1000).is_some());
+
+        // A second-level range invalidation keeps first-level entries, drops all nested ones
+        // of the domain and the second-level ones in range.
+        assert_eq!(t.invalidate_domain_range(DomainId(1), 0x1000, 0x1000), 2);
+        assert!(t.lookup(sid(), p2, 0x1000).is_some());
+        assert!(t.lookup(sid(), Pasid::RID_PASID, 0x1000).is_none());
+        assert!(
+            t.lookup(sid(), p1, 0x1000_0000).is_some(),
+            "other domain untouched"
+        );
+
+        assert_eq!(t.invalidate_pasid(DomainId(1), p2), 1);
+        assert_eq!(t.invalidate_domain(DomainId(2)), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn retag_drops_other_domains_of_the_same_requester_and_pasid() {
+        let t = Iotlb::default();
+        let p = Pasid::new(9).unwrap();
+        let other = SourceId::new(0, 3, 0).unwrap();
+        t.insert(
+            sid(),
+            p,
+            0x1000,
+            entry(1, 0xa000, 12, TranslationKind::Nested),
+        );
+        t.insert(
+            other,
+            p,
+            0x1000,
+            entry(1, 0xa000, 12, TranslationKind::Nested),
+        );
+        assert_eq!(t.retag(sid(), p, DomainId(7)), 1);
+        assert!(t.lookup(sid(), p, 0x1000).is_none());
+        assert!(t.lookup(other, p, 0x1000).is_some());
+        assert_eq!(t.retag(other, p, DomainId(1)), 0);
+    }
+}

@@ -1,0 +1,3 @@
+//! The physical VT-d IOMMU model (scalable mode).
+
+pub mod iotlb;
