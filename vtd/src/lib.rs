@@ -7,11 +7,13 @@
 pub mod addr;
 pub mod context;
 pub mod fault;
+pub mod inv_desc;
 pub mod mem;
 pub mod root;
 
 pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
 pub use context::ScalableContextEntry;
 pub use fault::FaultReason;
+pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
