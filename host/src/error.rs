@@ -1,0 +1,189 @@
+//! Errors of the host layer, each carrying the errno Linux returns for the same failure.
+//!
+//! The choice of errno follows the seed series' `vfio_iommu_type1.c` and the Linux v5.10
+//! IOMMU core where they define one; each variant's doc names its source.
+
+use vsva_vtd::Pasid;
+
+use crate::pasid::PasidSetId;
+
+/// An errno value as Linux defines it (positive; [`HostError::errno`] negates it).
+pub type Errno = i32;
+
+/// A failed host operation. Every failure leaves the state it was applied to unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// `argsz` is below the size the kernel requires (`argsz < minsz` → `-EINVAL`).
+    #[error("{what}: argsz {argsz} is smaller than the {min} bytes required")]
+    ArgszTooSmall {
+        what: &'static str,
+        argsz: u32,
+        min: usize,
+    },
+    /// The argument buffer is shorter than the bytes the ioctl must read or write; the
+    /// kernel's `copy_from_user`/`copy_to_user` would fault (`-EFAULT`).
+    #[error("{what}: argument buffer holds {len} bytes, {need} needed")]
+    BufferTooShort {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    /// Flags outside the defined set (`-EINVAL`).
+    #[error("{what}: unknown flags {flags:#x} (defined: {known:#x})")]
+    UnknownFlags {
+        what: &'static str,
+        flags: u64,
+        known: u64,
+    },
+    /// A structure version this host does not implement (`-EINVAL`).
+    #[error("{what}: version {version} is not supported (expected {expected})")]
+    BadVersion {
+        what: &'static str,
+        version: u32,
+        expected: u32,
+    },
+    /// A field out of range, misaligned, overflowing, or a reserved field not zero (`-EINVAL`).
+    #[error("{what}: {detail}")]
+    InvalidField { what: &'static str, detail: String },
+    /// A PASID range with `min > max` or beyond 20 bits (`-EINVAL`).
+    #[error("PASID range [{min:#x}, {max:#x}] is empty or exceeds 20 bits")]
+    BadPasidRange { min: u32, max: u32 },
+    /// The set already holds its quota of PASIDs (ioasid quota; vfio returns `-ENOSPC`).
+    #[error("{set} holds its quota of {quota} PASIDs")]
+    QuotaExceeded { set: PasidSetId, quota: u32 },
+    /// Every PASID in the requested range is taken (`-ENOSPC`).
+    #[error("no free PASID in [{min:#x}, {max:#x}]")]
+    NoFreePasid { min: u32, max: u32 },
+    /// The PASID is not allocated to the caller's set. The seed's `vfio_iommu_type1` returns
+    /// `-EPERM` both for a PASID of another set and for one that is not allocated.
+    #[error("{pasid} is not owned by {set}{}", match .owner {
+        Some(o) => format!(" (owned by {o})"),
+        None => " (not allocated)".to_string(),
+    })]
+    NotOwner {
+        pasid: Pasid,
+        set: PasidSetId,
+        owner: Option<PasidSetId>,
+    },
+    /// The PASID set does not exist (`-EINVAL`).
+    #[error("{0} does not exist")]
+    UnknownSet(PasidSetId),
+    /// No such ioctl on a container (`-ENOTTY`, the VFIO default).
+    #[error("ioctl {0:#x} is not a VFIO container ioctl")]
+    UnknownIoctl(u32),
+    /// An IOMMU ioctl before `VFIO_SET_IOMMU` (VFIO's container ioctl default, `-EINVAL`).
+    #[error("the container has no IOMMU model yet: call VFIO_SET_IOMMU first")]
+    NoIommuModel,
+    /// `VFIO_SET_IOMMU` on a container that already has one (`-EINVAL`).
+    #[error("the container already uses an IOMMU model")]
+    IommuModelSet,
+    /// An IOMMU model no driver of this host offers (`-ENODEV`).
+    #[error("IOMMU model {0} is not offered by this host")]
+    UnsupportedIommuModel(u64),
+    /// A nested-translation (SVA) ioctl on a container not set to `VFIO_TYPE1_NESTING_IOMMU`
+    /// (`-EOPNOTSUPP`).
+    #[error("{0} needs a VFIO_TYPE1_NESTING_IOMMU container")]
+    NotNesting(&'static str),
+    /// A bind type other than `VFIO_IOMMU_BIND_GUEST_PASID`; the seed's `VFIO_IOMMU_BIND`
+    /// returns `-EINVAL` for it.
+    #[error("bind type {0} is not supported (only VFIO_IOMMU_BIND_GUEST_PASID)")]
+    UnsupportedBindType(u32),
+    /// An IOMMU operation the host driver does not implement; the IOMMU core returns
+    /// `-ENODEV` when the `iommu_ops` callback is absent (e.g. `attach_pasid_table` on VT-d).
+    #[error("the host IOMMU driver does not implement {0}")]
+    NoDriverOp(&'static str),
+    /// The IOVA range overlaps an existing mapping (`vfio_find_dma` → `-EEXIST`).
+    #[error("IOVA range {iova:#x}+{size:#x} overlaps an existing mapping")]
+    DmaExists { iova: u64, size: u64 },
+    /// The container holds its limit of DMA mappings (`dma_entry_limit` → `-ENOSPC`).
+    #[error("the container holds its limit of {0} DMA mappings")]
+    DmaLimit(usize),
+    /// An unmap range that would split a mapping (type1 v2 semantics → `-EINVAL`).
+    #[error("unmap {iova:#x}+{size:#x} would split an existing mapping")]
+    UnmapSplits { iova: u64, size: u64 },
+    /// The PASID already has a guest page table bound (`-EBUSY`).
+    #[error("{0} is already bound")]
+    AlreadyBound(Pasid),
+    /// Unbinding a PASID that is not bound (`-EINVAL`).
+    #[error("{0} is not bound")]
+    NotBound(Pasid),
+    /// The per-PASID bind model and the guest-PASID-table model exclude each other (`-EBUSY`).
+    #[error("{0}")]
+    ModelConflict(&'static str),
+    /// A failure reported by the host IOMMU driver, with its errno.
+    #[error("host IOMMU driver: {detail}")]
+    Driver { errno: Errno, detail: String },
+}
+
+impl HostError {
+    /// The negative errno Linux returns for this failure.
+    pub fn errno(&self) -> i32 {
+        -self.positive_errno()
+    }
+
+    fn positive_errno(&self) -> Errno {
+        use HostError::*;
+        match self {
+            ArgszTooSmall { .. }
+            | UnknownFlags { .. }
+            | BadVersion { .. }
+            | InvalidField { .. }
+            | BadPasidRange { .. }
+            | UnknownSet(_)
+            | NoIommuModel
+            | IommuModelSet
+            | UnsupportedBindType(_)
+            | UnmapSplits { .. }
+            | NotBound(_) => libc::EINVAL,
+            BufferTooShort { .. } => libc::EFAULT,
+            QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) => libc::ENOSPC,
+            NotOwner { .. } => libc::EPERM,
+            UnknownIoctl(_) => libc::ENOTTY,
+            UnsupportedIommuModel(_) | NoDriverOp(_) => libc::ENODEV,
+            NotNesting(_) => libc::EOPNOTSUPP,
+            DmaExists { .. } => libc::EEXIST,
+            AlreadyBound(_) | ModelConflict(_) => libc::EBUSY,
+            Driver { errno, .. } => *errno,
+        }
+    }
+
+    /// A field error (`-EINVAL`).
+    pub(crate) fn field(what: &'static str, detail: impl Into<String>) -> Self {
+        HostError::InvalidField {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_is_negative_and_matches_linux() {
+        let set = PasidSetId::from_raw(3);
+        let p = Pasid::new(5).unwrap();
+        assert_eq!(HostError::UnknownIoctl(0).errno(), -libc::ENOTTY);
+        assert_eq!(
+            HostError::QuotaExceeded { set, quota: 1 }.errno(),
+            -libc::ENOSPC
+        );
+        let e = HostError::NotOwner {
+            pasid: p,
+            set,
+            owner: None,
+        };
+        assert_eq!(e.errno(), -libc::EPERM);
+        assert!(e.to_string().contains("not allocated"), "{e}");
+        assert_eq!(HostError::NoDriverOp("x").errno(), -libc::ENODEV);
+        assert_eq!(
+            HostError::Driver {
+                errno: libc::EFAULT,
+                detail: "x".into()
+            }
+            .errno(),
+            -libc::EFAULT
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! The host side of vsva: what the kernel does between a VMM's VFIO ioctls and the IOMMU.
+//!
+//! - [`pasid`]: the global PASID space, handed out through per-VM sets with quotas.
+//! - [`error`]: one error type whose variants carry the errno Linux returns.
+
+pub mod error;
+pub mod pasid;
+
+pub use error::{Errno, HostError};
+pub use pasid::{PasidAllocator, PasidSetId, DEFAULT_QUOTA};
