@@ -7,13 +7,23 @@
 pub mod addr;
 pub mod context;
 pub mod fault;
+pub mod flpte;
 pub mod inv_desc;
 pub mod mem;
 pub mod root;
+pub mod slpte;
+pub mod walk;
 
 pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
 pub use context::ScalableContextEntry;
 pub use fault::FaultReason;
+pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
 pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
+pub use pasid::{AddressWidth, Flpm, PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
+pub use slpte::{SlFormat, SlLevels, SlPte};
+pub use walk::{
+    walk_first_level, walk_first_level_via, walk_nested, walk_second_level, AccessRequest,
+    FlConfig, PageSize, Permissions, SlConfig, Translation, WalkFault, WalkObserver, WalkRecord,
+};

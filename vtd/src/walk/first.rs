@@ -1,0 +1,405 @@
+//! The first-level walker (VT-d §3.6) and its use for nested translation (§3.8).
+//!
+//! First-level rights follow IA-32e paging with these VT-d specifics:
+//! - Privilege comes from the request (PR in the PASID prefix), not from a CPL; supervisor
+//!   requests are refused with SPT.6 unless the PASID entry's SRE is 1.
+//! - Reads need only present entries; user requests need U/S at every level (else SGN.2).
+//! - Writes need R/W at every level; supervisor writes ignore R/W when WPE is 0, the
+//!   equivalent of CR0.WP = 0 (else SGN.6).
+//! - XD is always honoured (there is no EFER.NXE to turn it off): an execute request to a
+//!   page with XD at any level is SGN.3. Supervisor execute requests to user pages are
+//!   refused as well, as with CR4.SMEP = 1. Supervisor data accesses to user pages are
+//!   allowed: there is no SMAP, and no protection keys.
+//! - A is set in each entry walked, D in the leaf of a write, and with EAFE the
+//!   extended-accessed bit EA next to every A, each by one atomic compare-exchange on the
+//!   entry as read; the leaf is only updated once the request is known to be allowed.
+//!   In nested translation these updates are writes through the second level, which must
+//!   allow them (else SFL.8).
+
+use super::second::{self, SlConfig, SlFaults};
+use super::{
+    table_index, AccessRequest, PageSize, Permissions, Stage, StepOutcome, Translation, WalkFault,
+    WalkObserver, WalkStep,
+};
+use crate::fault::FaultReason;
+use crate::flpte::{FlFormat, FlPagingMode, FlPte};
+use crate::mem::PhysMem;
+
+/// What the PASID entry says about a first-level table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlConfig {
+    /// FLPTPTR: the address of the top-level table (a guest physical address in nested
+    /// translation).
+    pub root: u64,
+    /// FLPM: 4- or 5-level paging.
+    pub mode: FlPagingMode,
+    /// SRE: supervisor requests are allowed.
+    pub sre: bool,
+    /// WPE: supervisor writes honour R/W.
+    pub wpe: bool,
+    /// EAFE: hardware sets the extended-accessed bit with the accessed bit.
+    pub eafe: bool,
+    /// The reserved-bit layout of the IOMMU.
+    pub format: FlFormat,
+}
+
+/// Turns the addresses a first-level walk finds (table pointers and its output address)
+/// into physical addresses.
+pub trait FlStage {
+    /// The physical address of the first-level table at `table`, as FLPTPTR (`root`) or a
+    /// table entry gives it, for reading its entries, or with `write` for an accessed/dirty
+    /// update of one of them.
+    fn table_address<O>(
+        &mut self,
+        table: u64,
+        root: bool,
+        write: bool,
+        obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized;
+
+    /// The translation of the first level's output address `output` for `access`: the
+    /// output, page size and rights this stage adds.
+    fn output<O>(
+        &mut self,
+        output: u64,
+        access: AccessRequest,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized;
+}
+
+/// First-level translation: table pointers and output addresses are already physical.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Direct;
+
+impl FlStage for Direct {
+    #[inline(always)]
+    fn table_address<O>(
+        &mut self,
+        table: u64,
+        _root: bool,
+        _write: bool,
+        _obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        Ok(table)
+    }
+
+    #[inline(always)]
+    fn output<O>(
+        &mut self,
+        output: u64,
+        _access: AccessRequest,
+        _obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        Ok(Translation {
+            output,
+            page_size: PageSize::Size1G,
+            perms: Permissions::ALL,
+            dirty: true,
+        })
+    }
+}
+
+/// Nested translation: every first-level table pointer and the final output address is a
+/// guest physical address translated by a second-level walk.
+///
+/// Reading a first-level table is a read through the second level (refused: SFL.6 for the
+/// root table, SFL.7 below it); an accessed/dirty update is a write (refused: SFL.8); an
+/// address beyond the second level's input width is SFL.5. The final address is checked
+/// with the request's own access (SGN.6, SGN.7, SGN.3).
+#[derive(Debug)]
+pub struct NestedStage<'a, M: ?Sized> {
+    /// The memory the second-level tables live in.
+    pub mem: &'a M,
+    /// The second-level table.
+    pub sl: &'a SlConfig,
+}
+
+impl<M: PhysMem + ?Sized> FlStage for NestedStage<'_, M> {
+    fn table_address<O>(
+        &mut self,
+        table: u64,
+        root: bool,
+        write: bool,
+        obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let no_read = if root {
+            FaultReason::Sfl6
+        } else {
+            FaultReason::Sfl7
+        };
+        let faults = SlFaults {
+            beyond_width: FaultReason::Sfl5,
+            no_read,
+            no_write: FaultReason::Sfl8,
+            no_execute: no_read,
+        };
+        let access = AccessRequest {
+            write,
+            execute: false,
+            supervisor: false,
+        };
+        second::walk(self.mem, self.sl, table, access, &faults, obs).map(|t| t.output)
+    }
+
+    fn output<O>(
+        &mut self,
+        output: u64,
+        access: AccessRequest,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let faults = SlFaults {
+            beyond_width: FaultReason::Sfl5,
+            ..SlFaults::REQUEST
+        };
+        second::walk(self.mem, self.sl, output, access, &faults, obs)
+    }
+}
+
+/// Translates `input` through the first-level table of `cfg` (table pointers are physical
+/// addresses in `mem`), checking `access`, reporting each entry read to `obs`.
+pub fn walk_first_level<M, O>(
+    mem: &M,
+    cfg: &FlConfig,
+    input: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_first_level_via(mem, cfg, &mut Direct, input, access, obs)
+}
+
+/// Nested translation of `input`: the first-level table of `fl` (guest physical addresses)
+/// composed with the second-level table of `sl`, both in `mem`.
+pub fn walk_nested<M, O>(
+    mem: &M,
+    fl: &FlConfig,
+    sl: &SlConfig,
+    input: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_first_level_via(mem, fl, &mut NestedStage { mem, sl }, input, access, obs)
+}
+
+/// The first-level walk, with `stage` resolving table pointers and the output address.
+///
+/// The result combines both: the stage's output address, the smaller page size, and the
+/// rights both grant.
+pub fn walk_first_level_via<M, S, O>(
+    mem: &M,
+    cfg: &FlConfig,
+    stage: &mut S,
+    input: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    S: FlStage + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    let fault = |reason, level| WalkFault {
+        reason,
+        stage: Stage::FirstLevel,
+        level,
+        input,
+    };
+    if access.supervisor && !cfg.sre {
+        return Err(fault(FaultReason::Spt6, 0));
+    }
+    if !cfg.mode.is_canonical(input) {
+        return Err(fault(FaultReason::Sgn1, 0));
+    }
+    let top = cfg.mode.levels();
+    let mut level = top;
+    let mut table = cfg.root;
+    let mut rights = FlRights::ALL;
+    loop {
+        let root = level == top;
+        let offset = table_index(input, level) * 8;
+        let table_pa = stage.table_address(table, root, false, obs)?;
+        let read_fault = if root {
+            FaultReason::Sfl4
+        } else {
+            FaultReason::Sfl1
+        };
+        let mut step = WalkStep {
+            stage: Stage::FirstLevel,
+            level,
+            input,
+            table,
+            entry_address: table_pa + offset,
+            entry: 0,
+            set_bits: 0,
+            outcome: StepOutcome::Fault(read_fault),
+        };
+        let Ok(mut raw) = mem.read_u64(step.entry_address) else {
+            obs.step(step);
+            return Err(fault(read_fault, level));
+        };
+        // Evaluated again if an accessed/dirty update finds the entry changed.
+        let (pte, level_rights, leaf) = loop {
+            let pte = FlPte(raw);
+            step.entry = raw;
+            let (level_rights, leaf) = match decide(cfg, level, pte, rights, access) {
+                Ok(v) => v,
+                Err(reason) => {
+                    step.outcome = StepOutcome::Fault(reason);
+                    obs.step(step);
+                    return Err(fault(reason, level));
+                }
+            };
+            let mut want = 0;
+            if !pte.accessed() {
+                want |= FlPte::A;
+            }
+            if cfg.eafe && raw & FlPte::EA == 0 {
+                want |= FlPte::EA;
+            }
+            if leaf.is_some() && access.write && !pte.dirty() {
+                want |= FlPte::D;
+            }
+            if want == 0 {
+                break (pte, level_rights, leaf);
+            }
+            match stage.table_address(table, root, true, obs) {
+                Ok(pa) => step.entry_address = pa + offset,
+                Err(f) => {
+                    step.outcome = StepOutcome::Fault(f.reason);
+                    obs.step(step);
+                    return Err(f);
+                }
+            }
+            match mem.compare_exchange_u64(step.entry_address, raw, raw | want) {
+                Ok(found) if found == raw => {
+                    raw |= want;
+                    step.entry = raw;
+                    step.set_bits = want;
+                    break (FlPte(raw), level_rights, leaf);
+                }
+                Ok(found) => raw = found,
+                Err(_) => {
+                    step.outcome = StepOutcome::Fault(FaultReason::Sfl10);
+                    obs.step(step);
+                    return Err(fault(FaultReason::Sfl10, level));
+                }
+            }
+        };
+        rights = level_rights;
+        if let Some(size) = leaf {
+            let base = pte.page_address(size);
+            step.outcome = StepOutcome::Page { base, size };
+            obs.step(step);
+            let next = stage.output(base | (input & (size.bytes() - 1)), access, obs)?;
+            return Ok(Translation {
+                output: next.output,
+                page_size: size.min(next.page_size),
+                perms: rights.effective(cfg, access).intersect(next.perms),
+                dirty: pte.dirty() && next.dirty,
+            });
+        }
+        table = pte.table_address();
+        step.outcome = StepOutcome::Table(table);
+        obs.step(step);
+        level -= 1;
+    }
+}
+
+/// The first-level rights accumulated over the levels walked so far.
+#[derive(Clone, Copy, Debug)]
+struct FlRights {
+    /// U/S set at every level.
+    user: bool,
+    /// R/W set at every level.
+    writable: bool,
+    /// XD set at some level.
+    execute_disable: bool,
+}
+
+impl FlRights {
+    const ALL: FlRights = FlRights {
+        user: true,
+        writable: true,
+        execute_disable: false,
+    };
+
+    fn with(self, pte: FlPte) -> FlRights {
+        FlRights {
+            user: self.user && pte.user(),
+            writable: self.writable && pte.writable(),
+            execute_disable: self.execute_disable || pte.execute_disable(),
+        }
+    }
+
+    fn can_write(self, cfg: &FlConfig, access: AccessRequest) -> bool {
+        self.writable || (access.supervisor && !cfg.wpe)
+    }
+
+    fn can_execute(self, access: AccessRequest) -> bool {
+        !(self.execute_disable || (access.supervisor && self.user))
+    }
+
+    /// The rights of the page for requests of `access`'s privilege.
+    fn effective(self, cfg: &FlConfig, access: AccessRequest) -> Permissions {
+        Permissions {
+            read: true,
+            write: self.can_write(cfg, access),
+            execute: self.can_execute(access),
+            user: self.user,
+        }
+    }
+}
+
+/// Checks one entry: presence, reserved bits, and at the leaf the request's rights.
+/// Returns the rights accumulated down to this entry and, for a leaf, its page size.
+fn decide(
+    cfg: &FlConfig,
+    level: u8,
+    pte: FlPte,
+    rights: FlRights,
+    access: AccessRequest,
+) -> Result<(FlRights, Option<PageSize>), FaultReason> {
+    if !pte.present() {
+        return Err(FaultReason::Sfl2);
+    }
+    if cfg.format.reserved_bits(level, pte) != 0 {
+        return Err(FaultReason::Sfl3);
+    }
+    let rights = rights.with(pte);
+    let leaf = PageSize::from_level(level).filter(|_| pte.is_leaf(level));
+    if leaf.is_some() {
+        if !access.supervisor && !rights.user {
+            return Err(FaultReason::Sgn2);
+        }
+        if access.write && !rights.can_write(cfg, access) {
+            return Err(FaultReason::Sgn6);
+        }
+        if access.execute && !rights.can_execute(access) {
+            return Err(FaultReason::Sgn3);
+        }
+    }
+    Ok((rights, leaf))
+}

@@ -1,0 +1,211 @@
+//! The second-level walker (VT-d §3.7).
+//!
+//! Rights are the AND of R, W (and X when SLEE is 1) over every level walked. Write requests
+//! need W; read requests, and execute requests, need R; execute requests also need X when
+//! SLEE is 1. With SLADE set, A is set in every entry walked and D in the leaf of a write,
+//! each by one atomic compare-exchange on the entry as read; the leaf is only updated once
+//! the request is known to be allowed.
+
+use super::{
+    table_index, AccessRequest, PageSize, Permissions, Stage, StepOutcome, Translation, WalkFault,
+    WalkObserver, WalkStep,
+};
+use crate::fault::FaultReason;
+use crate::mem::PhysMem;
+use crate::slpte::{SlFormat, SlLevels, SlPte};
+
+/// What the PASID entry (or the context) says about a second-level table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlConfig {
+    /// SLPTPTR: the physical address of the top-level table.
+    pub root: u64,
+    /// The table depth (from AW).
+    pub levels: SlLevels,
+    /// SLEE: execute requests are checked against X.
+    pub slee: bool,
+    /// SLADE: hardware sets accessed and dirty bits.
+    pub slade: bool,
+    /// The reserved-bit layout of the IOMMU.
+    pub format: SlFormat,
+}
+
+/// The fault reported for each way a second-level walk can refuse an address. A plain
+/// second-level request reports the general (SGN) conditions; the second-level walks done
+/// for the first level of a nested walk report first-level (SFL) conditions instead.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SlFaults {
+    pub beyond_width: FaultReason,
+    pub no_read: FaultReason,
+    pub no_write: FaultReason,
+    pub no_execute: FaultReason,
+}
+
+impl SlFaults {
+    /// A request translated by the second level itself.
+    pub const REQUEST: SlFaults = SlFaults {
+        beyond_width: FaultReason::Sgn4,
+        no_read: FaultReason::Sgn7,
+        no_write: FaultReason::Sgn6,
+        no_execute: FaultReason::Sgn3,
+    };
+}
+
+/// Translates `input` (an IOVA, or a guest physical address) through the second-level table
+/// of `cfg`, checking `access`, reporting each entry read to `obs`.
+pub fn walk_second_level<M, O>(
+    mem: &M,
+    cfg: &SlConfig,
+    input: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk(mem, cfg, input, access, &SlFaults::REQUEST, obs)
+}
+
+pub(crate) fn walk<M, O>(
+    mem: &M,
+    cfg: &SlConfig,
+    input: u64,
+    access: AccessRequest,
+    faults: &SlFaults,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    let fault = |reason, level| WalkFault {
+        reason,
+        stage: Stage::SecondLevel,
+        level,
+        input,
+    };
+    if input >> cfg.levels.input_width() != 0 {
+        return Err(fault(faults.beyond_width, 0));
+    }
+    if cfg.root >> cfg.format.address_width() != 0 || cfg.root & 0xfff != 0 {
+        return Err(fault(FaultReason::Ssl4, cfg.levels.levels()));
+    }
+    let mut table = cfg.root;
+    let mut rights = Permissions::ALL;
+    let mut level = cfg.levels.levels();
+    loop {
+        let entry_address = table + table_index(input, level) * 8;
+        let mut step = WalkStep {
+            stage: Stage::SecondLevel,
+            level,
+            input,
+            table,
+            entry_address,
+            entry: 0,
+            set_bits: 0,
+            outcome: StepOutcome::Fault(FaultReason::Ssl1),
+        };
+        let Ok(mut raw) = mem.read_u64(entry_address) else {
+            obs.step(step);
+            return Err(fault(FaultReason::Ssl1, level));
+        };
+        // Evaluated again if an accessed/dirty update finds the entry changed.
+        let (pte, level_rights, leaf) = loop {
+            let pte = SlPte(raw);
+            step.entry = raw;
+            let decision = decide(cfg, level, pte, rights, access, faults);
+            let (level_rights, leaf) = match decision {
+                Ok(v) => v,
+                Err(reason) => {
+                    step.outcome = StepOutcome::Fault(reason);
+                    obs.step(step);
+                    return Err(fault(reason, level));
+                }
+            };
+            let mut want = 0;
+            if cfg.slade {
+                if !pte.accessed() {
+                    want |= SlPte::A;
+                }
+                if leaf.is_some() && access.write && !pte.dirty() {
+                    want |= SlPte::D;
+                }
+            }
+            if want == 0 {
+                break (pte, level_rights, leaf);
+            }
+            match mem.compare_exchange_u64(entry_address, raw, raw | want) {
+                Ok(found) if found == raw => {
+                    raw |= want;
+                    step.entry = raw;
+                    step.set_bits = want;
+                    break (SlPte(raw), level_rights, leaf);
+                }
+                Ok(found) => raw = found,
+                Err(_) => {
+                    step.outcome = StepOutcome::Fault(FaultReason::Ssl1);
+                    obs.step(step);
+                    return Err(fault(FaultReason::Ssl1, level));
+                }
+            }
+        };
+        rights = level_rights;
+        if let Some(size) = leaf {
+            let base = pte.page_address(size);
+            step.outcome = StepOutcome::Page { base, size };
+            obs.step(step);
+            return Ok(Translation {
+                output: base | (input & (size.bytes() - 1)),
+                page_size: size,
+                perms: rights,
+                dirty: !cfg.slade || pte.dirty(),
+            });
+        }
+        table = pte.table_address();
+        step.outcome = StepOutcome::Table(table);
+        obs.step(step);
+        level -= 1;
+    }
+}
+
+/// Checks one entry: presence, reserved bits, and at the leaf the request's rights.
+/// Returns the rights accumulated down to this entry and, for a leaf, its page size.
+fn decide(
+    cfg: &SlConfig,
+    level: u8,
+    pte: SlPte,
+    rights: Permissions,
+    access: AccessRequest,
+    faults: &SlFaults,
+) -> Result<(Permissions, Option<PageSize>), FaultReason> {
+    if !pte.present() {
+        return Err(FaultReason::Ssl2);
+    }
+    if cfg.format.reserved_bits(level, pte) != 0 {
+        return Err(FaultReason::Ssl3);
+    }
+    let read = rights.read && pte.readable();
+    let rights = Permissions {
+        read,
+        write: rights.write && pte.writable(),
+        execute: if cfg.slee {
+            rights.execute && pte.executable()
+        } else {
+            read
+        },
+        user: true,
+    };
+    let leaf = PageSize::from_level(level).filter(|_| pte.is_leaf(level));
+    if leaf.is_some() {
+        if access.write && !rights.write {
+            return Err(faults.no_write);
+        }
+        if !access.write && !rights.read {
+            return Err(faults.no_read);
+        }
+        if access.execute && !rights.execute {
+            return Err(faults.no_execute);
+        }
+    }
+    Ok((rights, leaf))
+}
