@@ -10,6 +10,7 @@ pub mod fault;
 pub mod flpte;
 pub mod inv_desc;
 pub mod mem;
+pub mod pasid;
 pub mod root;
 pub mod slpte;
 pub mod walk;
@@ -20,7 +21,7 @@ pub use fault::FaultReason;
 pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
 pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
-pub use pasid::{AddressWidth, Flpm, PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
+pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{

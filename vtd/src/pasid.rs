@@ -1,0 +1,1134 @@
+//! The scalable-mode PASID directory entry (VT-d §9.5) and PASID table entry (§9.6), and
+//! the walk from a context entry to the PASID entry of a request (§3.4.3).
+//!
+//! The PASID directory at PASIDDIRPTR has `2^(PDTS + 7)` 64-bit entries, indexed by PASID
+//! bits 19:6. Each present one points to a 4 KiB PASID table of 64 entries of 512 bits,
+//! indexed by PASID bits 5:0. The PASID table entry selects the translation (PGTT) and holds
+//! the first- and second-level table pointers, the domain id and the request controls.
+
+use crate::addr::{DomainId, Pasid, SourceId};
+use crate::context::{read_context_entry, ScalableContextEntry};
+use crate::fault::FaultReason;
+use crate::flpte::FlPagingMode;
+use crate::mem::PhysMem;
+use crate::root::{Capabilities, EntryFault, PTR_MASK};
+use crate::slpte::SlLevels;
+
+/// Size of a PASID directory entry in bytes.
+pub const PASID_DIR_ENTRY_SIZE: u64 = 8;
+/// Size of a scalable-mode PASID table entry in bytes.
+pub const PASID_ENTRY_SIZE: u64 = 64;
+
+const P: u64 = 1 << 0;
+const FPD: u64 = 1 << 1;
+
+/// Reserved bits of a PASID directory entry: 11:2.
+const PDE_RSVD: u64 = 0xffc;
+
+// Qword 0 of a PASID table entry.
+const AW_SHIFT: u32 = 2;
+const SLEE: u64 = 1 << 5;
+const PGTT_SHIFT: u32 = 6;
+const SLADE: u64 = 1 << 9;
+const RSVD0: u64 = 0xc00;
+// Qword 1.
+const DID_MASK: u64 = 0xffff;
+const RSVD1: u64 = 0x7f_0000;
+const PWSNP: u64 = 1 << 23;
+const PGSNP: u64 = 1 << 24;
+const CD: u64 = 1 << 25;
+const EMTE: u64 = 1 << 26;
+const EMT_SHIFT: u32 = 27;
+const PWT: u64 = 1 << 30;
+const PCD: u64 = 1 << 31;
+const PAT_SHIFT: u32 = 32;
+// Qword 2.
+const SRE: u64 = 1 << 0;
+const ERE: u64 = 1 << 1;
+const FLPM_SHIFT: u32 = 2;
+const WPE: u64 = 1 << 4;
+const NXE: u64 = 1 << 5;
+const SMEP: u64 = 1 << 6;
+const EAFE: u64 = 1 << 7;
+const RSVD2: u64 = 0xf00;
+
+const fn bit(set: bool, mask: u64) -> u64 {
+    if set {
+        mask
+    } else {
+        0
+    }
+}
+
+/// A present PASID directory entry (§9.5). P is not a field: decoding an entry whose P is
+/// clear gives SPD.2, and encoding sets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PasidDirEntry {
+    /// FPD: fault processing disable for faults found through this entry.
+    pub fpd: bool,
+    /// SMPTBLPTR: the 4 KiB aligned scalable-mode PASID table.
+    pub smptblptr: u64,
+}
+
+impl PasidDirEntry {
+    /// The 64-bit entry.
+    pub const fn to_raw(&self) -> u64 {
+        P | bit(self.fpd, FPD) | (self.smptblptr & PTR_MASK)
+    }
+
+    /// Decodes an entry: P clear gives SPD.2, a reserved bit (11:2) set SPD.3.
+    pub const fn from_raw(raw: u64) -> Result<Self, FaultReason> {
+        if raw & P == 0 {
+            Err(FaultReason::Spd2)
+        } else if raw & PDE_RSVD != 0 {
+            Err(FaultReason::Spd3)
+        } else {
+            Ok(PasidDirEntry {
+                fpd: raw & FPD != 0,
+                smptblptr: raw & PTR_MASK,
+            })
+        }
+    }
+
+    /// A PASID table beyond the host address width is a reserved-bit fault (SPD.3).
+    pub const fn validate(&self, caps: &Capabilities) -> Result<(), FaultReason> {
+        if caps.beyond_haw(self.smptblptr) {
+            Err(FaultReason::Spd3)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// PGTT: the PASID-granular translation type (§9.6). The encodings 000b and 101b-111b are
+/// reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pgtt {
+    /// 001b: first-level translation only.
+    FirstLevel = 1,
+    /// 010b: second-level translation only.
+    SecondLevel = 2,
+    /// 011b: nested: first level, with every first-level address translated by the second.
+    Nested = 3,
+    /// 100b: pass-through: the input address is the output address.
+    PassThrough = 4,
+}
+
+impl Pgtt {
+    /// The PGTT value, or `None` for a reserved encoding.
+    pub const fn from_bits(bits: u8) -> Option<Self> {
+        match bits {
+            1 => Some(Pgtt::FirstLevel),
+            2 => Some(Pgtt::SecondLevel),
+            3 => Some(Pgtt::Nested),
+            4 => Some(Pgtt::PassThrough),
+            _ => None,
+        }
+    }
+
+    /// Whether translation walks first-level tables (FLPTPTR, FLPM).
+    pub const fn uses_first_level(self) -> bool {
+        matches!(self, Pgtt::FirstLevel | Pgtt::Nested)
+    }
+
+    /// Whether translation walks second-level tables (SLPTPTR, AW).
+    pub const fn uses_second_level(self) -> bool {
+        matches!(self, Pgtt::SecondLevel | Pgtt::Nested)
+    }
+}
+
+/// A present scalable-mode PASID table entry (§9.6, 512 bits). P is not a field: decoding
+/// an entry whose P is clear gives SPT.2, and encoding sets it. Every other field is kept
+/// whatever PGTT says, so an entry decodes and encodes back to the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PasidEntry {
+    /// FPD (bit 1): fault processing disable.
+    pub fpd: bool,
+    /// AW (4:2): second-level address width, as the number of table levels.
+    pub aw: SlLevels,
+    /// SLEE (5): second-level execute enable.
+    pub slee: bool,
+    /// PGTT (8:6): translation type.
+    pub pgtt: Pgtt,
+    /// SLADE (9): second-level accessed/dirty enable.
+    pub slade: bool,
+    /// SLPTPTR (63:12): second-level page-table pointer.
+    pub slptptr: u64,
+    /// DID (79:64): domain id.
+    pub did: DomainId,
+    /// PWSNP (87): page-walk snoop.
+    pub pwsnp: bool,
+    /// PGSNP (88): page snoop.
+    pub pgsnp: bool,
+    /// CD (89): cache disable.
+    pub cd: bool,
+    /// EMTE (90): extended memory type enable.
+    pub emte: bool,
+    /// EMT (93:91): extended memory type, 3 bits.
+    pub emt: u8,
+    /// PWT (94): page-level write-through of the first-level root.
+    pub pwt: bool,
+    /// PCD (95): page-level cache disable of the first-level root.
+    pub pcd: bool,
+    /// PAT (127:96): page attribute table.
+    pub pat: u32,
+    /// SRE (128): supervisor requests enable.
+    pub sre: bool,
+    /// ERE (129): execute requests enable.
+    pub ere: bool,
+    /// FLPM (131:130): first-level paging mode.
+    pub flpm: FlPagingMode,
+    /// WPE (132): write protect enable for supervisor requests.
+    pub wpe: bool,
+    /// NXE (133): no-execute enable.
+    pub nxe: bool,
+    /// SMEP (134): supervisor mode execute protection.
+    pub smep: bool,
+    /// EAFE (135): extended accessed flag enable.
+    pub eafe: bool,
+    /// FLPTPTR (191:140): first-level page-table pointer (a GPA when nested).
+    pub flptptr: u64,
+}
+
+impl PasidEntry {
+    /// The eight qwords of the entry; qwords 3-7 are reserved and zero.
+    pub const fn to_raw(&self) -> [u64; 8] {
+        let q0 = P
+            | bit(self.fpd, FPD)
+            | (self.aw.aw() as u64) << AW_SHIFT
+            | bit(self.slee, SLEE)
+            | (self.pgtt as u64) << PGTT_SHIFT
+            | bit(self.slade, SLADE)
+            | (self.slptptr & PTR_MASK);
+        let q1 = self.did.0 as u64
+            | bit(self.pwsnp, PWSNP)
+            | bit(self.pgsnp, PGSNP)
+            | bit(self.cd, CD)
+            | bit(self.emte, EMTE)
+            | (self.emt as u64 & 0x7) << EMT_SHIFT
+            | bit(self.pwt, PWT)
+            | bit(self.pcd, PCD)
+            | (self.pat as u64) << PAT_SHIFT;
+        let q2 = bit(self.sre, SRE)
+            | bit(self.ere, ERE)
+            | (self.flpm.flpm() as u64) << FLPM_SHIFT
+            | bit(self.wpe, WPE)
+            | bit(self.nxe, NXE)
+            | bit(self.smep, SMEP)
+            | bit(self.eafe, EAFE)
+            | (self.flptptr & PTR_MASK);
+        [q0, q1, q2, 0, 0, 0, 0, 0]
+    }
+
+    /// Decodes an entry: P clear gives SPT.2; a reserved bit set (11:10, 86:80, 139:136,
+    /// 511:192) SPT.3; a reserved PGTT, AW or FLPM encoding SPT.4. Checks that depend on
+    /// the unit's capabilities are in [`Self::validate`].
+    pub const fn from_raw(raw: [u64; 8]) -> Result<Self, FaultReason> {
+        let [q0, q1, q2, q3, q4, q5, q6, q7] = raw;
+        if q0 & P == 0 {
+            return Err(FaultReason::Spt2);
+        }
+        if q0 & RSVD0 != 0 || q1 & RSVD1 != 0 || q2 & RSVD2 != 0 || (q3 | q4 | q5 | q6 | q7) != 0 {
+            return Err(FaultReason::Spt3);
+        }
+        let (Some(aw), Some(pgtt), Some(flpm)) = (
+            SlLevels::from_aw(((q0 >> AW_SHIFT) & 0x7) as u8),
+            Pgtt::from_bits(((q0 >> PGTT_SHIFT) & 0x7) as u8),
+            FlPagingMode::from_flpm(((q2 >> FLPM_SHIFT) & 0x3) as u8),
+        ) else {
+            return Err(FaultReason::Spt4);
+        };
+        Ok(PasidEntry {
+            fpd: q0 & FPD != 0,
+            aw,
+            slee: q0 & SLEE != 0,
+            pgtt,
+            slade: q0 & SLADE != 0,
+            slptptr: q0 & PTR_MASK,
+            did: DomainId((q1 & DID_MASK) as u16),
+            pwsnp: q1 & PWSNP != 0,
+            pgsnp: q1 & PGSNP != 0,
+            cd: q1 & CD != 0,
+            emte: q1 & EMTE != 0,
+            emt: ((q1 >> EMT_SHIFT) & 0x7) as u8,
+            pwt: q1 & PWT != 0,
+            pcd: q1 & PCD != 0,
+            pat: (q1 >> PAT_SHIFT) as u32,
+            sre: q2 & SRE != 0,
+            ere: q2 & ERE != 0,
+            flpm,
+            wpe: q2 & WPE != 0,
+            nxe: q2 & NXE != 0,
+            smep: q2 & SMEP != 0,
+            eafe: q2 & EAFE != 0,
+            flptptr: q2 & PTR_MASK,
+        })
+    }
+
+    /// The checks that depend on what the unit supports.
+    ///
+    /// SPT.3, fields that are reserved without their capability: SLADE (ECAP.SLADS), SRE
+    /// (SRS), ERE (ERS), EAFE (EAFS), PGSNP (SC), PWSNP (SMPWC), and the memory-type fields
+    /// CD, EMTE, EMT, PWT, PCD, PAT (MTS).
+    ///
+    /// SPT.4, invalid programming for the PGTT: a translation type the unit lacks (FLTS,
+    /// SLTS, NEST, PT); with a second level, an AW that CAP.SAGAW does not list or an
+    /// SLPTPTR beyond the host address width; with a first level, 5-level paging without
+    /// CAP.FL5LP; first level only, an FLPTPTR beyond the host address width (a nested
+    /// FLPTPTR is a guest address, checked by the second-level walk instead).
+    pub const fn validate(&self, caps: &Capabilities) -> Result<(), FaultReason> {
+        let memory_type =
+            self.cd || self.emte || self.emt != 0 || self.pwt || self.pcd || self.pat != 0;
+        if (self.slade && !caps.slads)
+            || (self.sre && !caps.srs)
+            || (self.ere && !caps.ers)
+            || (self.eafe && !caps.eafs)
+            || (self.pgsnp && !caps.sc)
+            || (self.pwsnp && !caps.smpwc)
+            || (memory_type && !caps.mts)
+        {
+            return Err(FaultReason::Spt3);
+        }
+        let supported = match self.pgtt {
+            Pgtt::FirstLevel => caps.flts,
+            Pgtt::SecondLevel => caps.slts,
+            Pgtt::Nested => caps.nest,
+            Pgtt::PassThrough => caps.pt,
+        };
+        let bad_second_level = self.pgtt.uses_second_level()
+            && ((caps.sagaw & (1 << self.aw.aw())) == 0 || caps.beyond_haw(self.slptptr));
+        let bad_first_level = self.pgtt.uses_first_level()
+            && ((matches!(self.flpm, FlPagingMode::FiveLevel) && !caps.fl5lp)
+                || (matches!(self.pgtt, Pgtt::FirstLevel) && caps.beyond_haw(self.flptptr)));
+        if !supported || bad_second_level || bad_first_level {
+            Err(FaultReason::Spt4)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The request controls of the entry: a supervisor (privileged) request needs SRE
+    /// (SPT.6), an execute request ERE (SPT.5).
+    pub const fn check_request(&self, supervisor: bool, execute: bool) -> Result<(), FaultReason> {
+        if execute && !self.ere {
+            Err(FaultReason::Spt5)
+        } else if supervisor && !self.sre {
+            Err(FaultReason::Spt6)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Address of the PASID directory entry of `pasid` in the directory at `pasiddirptr` of
+/// size PDTS. A PASID beyond the `2^(PDTS + 7)` entries gives SCT.7.
+pub const fn pasid_dir_entry_addr(
+    pasiddirptr: u64,
+    pdts: u8,
+    pasid: Pasid,
+) -> Result<u64, FaultReason> {
+    let index = pasid.dir_index() as u64;
+    if index >> ((pdts as u32 & 0x7) + 7) != 0 {
+        Err(FaultReason::Sct7)
+    } else {
+        Ok((pasiddirptr & PTR_MASK) + index * PASID_DIR_ENTRY_SIZE)
+    }
+}
+
+/// Address of the entry of `pasid` in the PASID table at `smptblptr`.
+pub const fn pasid_entry_addr(smptblptr: u64, pasid: Pasid) -> u64 {
+    (smptblptr & PTR_MASK) + pasid.table_index() as u64 * PASID_ENTRY_SIZE
+}
+
+/// The PASID directory entry of `pasid` under the context entry `ctx`, decoded and
+/// validated. Faults carry the FPD of the context entry and of the directory entry read,
+/// present or not; a failed read gives SPD.1.
+pub fn read_pasid_dir_entry(
+    mem: &impl PhysMem,
+    ctx: &ScalableContextEntry,
+    pasid: Pasid,
+    caps: &Capabilities,
+) -> Result<PasidDirEntry, EntryFault> {
+    let fault = |reason, fpd| EntryFault::new(reason, ctx.fpd || fpd);
+    let addr = pasid_dir_entry_addr(ctx.pasiddirptr, ctx.pdts, pasid)
+        .map_err(|reason| fault(reason, false))?;
+    let raw = mem
+        .read_u64(addr)
+        .map_err(|_| fault(FaultReason::Spd1, false))?;
+    let pde = PasidDirEntry::from_raw(raw).map_err(|reason| fault(reason, raw & FPD != 0))?;
+    pde.validate(caps)
+        .map_err(|reason| fault(reason, pde.fpd))?;
+    Ok(pde)
+}
+
+/// The PASID table entry of `pasid` under the context entry `ctx`: PASID directory entry,
+/// then PASID table entry, each decoded and validated. Faults carry the OR of the FPD
+/// fields of the context, directory and table entries read, present or not; a failed read
+/// of the table entry gives SPT.1.
+pub fn read_pasid_entry(
+    mem: &impl PhysMem,
+    ctx: &ScalableContextEntry,
+    pasid: Pasid,
+    caps: &Capabilities,
+) -> Result<PasidEntry, EntryFault> {
+    let pde = read_pasid_dir_entry(mem, ctx, pasid, caps)?;
+    let fpd = ctx.fpd || pde.fpd;
+    let addr = pasid_entry_addr(pde.smptblptr, pasid);
+    let mut raw = [0; 8];
+    for (i, q) in raw.iter_mut().enumerate() {
+        *q = mem
+            .read_u64(addr + 8 * i as u64)
+            .map_err(|_| EntryFault::new(FaultReason::Spt1, fpd))?;
+    }
+    let fault = |reason| EntryFault::new(reason, fpd || raw[0] & FPD != 0);
+    let entry = PasidEntry::from_raw(raw).map_err(fault)?;
+    entry.validate(caps).map_err(fault)?;
+    Ok(entry)
+}
+
+/// What the walk from the root table finds for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PasidLookup {
+    /// The requester's scalable-mode context entry.
+    pub context: ScalableContextEntry,
+    /// The PASID the request is translated with (its own, or RID_PASID).
+    pub pasid: Pasid,
+    /// The PASID table entry of that PASID.
+    pub entry: PasidEntry,
+}
+
+/// The whole walk above the page tables for a request from `sid`, with or without PASID:
+/// root entry, context entry, PASID selection, PASID directory entry, PASID table entry
+/// (§3.4.3), each with the fault the spec names for it.
+pub fn lookup_pasid_entry(
+    mem: &impl PhysMem,
+    rta: u64,
+    sid: SourceId,
+    pasid: Option<Pasid>,
+    caps: &Capabilities,
+) -> Result<PasidLookup, EntryFault> {
+    let context = read_context_entry(mem, rta, sid, caps)?;
+    let pasid = context
+        .pasid_for_request(pasid)
+        .map_err(|reason| EntryFault::new(reason, context.fpd))?;
+    let entry = read_pasid_entry(mem, &context, pasid, caps)?;
+    Ok(PasidLookup {
+        context,
+        pasid,
+        entry,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::context_entry_addr;
+    use crate::root::test_mem::TestMem;
+    use crate::root::tests::CAPS;
+    use crate::root::{root_entry_addr, ScalableRootEntry};
+    use proptest::prelude::*;
+
+    fn pasid(raw: u32) -> Pasid {
+        Pasid::new(raw).unwrap()
+    }
+
+    /// What Linux writes to bind a guest PASID for nested translation: SL tables at
+    /// 0x1_2345_6000 (48-bit AW), domain 0x42, page-walk snoop, guest CR3 0x7_6543_2000,
+    /// supervisor requests, 4-level first level.
+    fn nested() -> PasidEntry {
+        PasidEntry {
+            fpd: false,
+            aw: SlLevels::Four,
+            slee: false,
+            pgtt: Pgtt::Nested,
+            slade: false,
+            slptptr: 0x1_2345_6000,
+            did: DomainId(0x42),
+            pwsnp: true,
+            pgsnp: false,
+            cd: false,
+            emte: false,
+            emt: 0,
+            pwt: false,
+            pcd: false,
+            pat: 0,
+            sre: true,
+            ere: false,
+            flpm: FlPagingMode::FourLevel,
+            wpe: false,
+            nxe: false,
+            smep: false,
+            eafe: false,
+            flptptr: 0x7_6543_2000,
+        }
+    }
+
+    const NESTED_RAW: [u64; 8] = [0x1_2345_60c9, 0x80_0042, 0x7_6543_2001, 0, 0, 0, 0, 0];
+
+    #[test]
+    fn nested_entry_matches_the_spec_layout() {
+        assert_eq!(nested().to_raw(), NESTED_RAW);
+        assert_eq!(PasidEntry::from_raw(NESTED_RAW), Ok(nested()));
+    }
+
+    #[test]
+    fn every_field_set_matches_the_spec_layout() {
+        let entry = PasidEntry {
+            fpd: true,
+            aw: SlLevels::Five,
+            slee: true,
+            pgtt: Pgtt::FirstLevel,
+            slade: true,
+            slptptr: 0xfff_f000,
+            did: DomainId(0xffff),
+            pwsnp: true,
+            pgsnp: true,
+            cd: true,
+            emte: true,
+            emt: 6,
+            pwt: true,
+            pcd: true,
+            pat: 0x0007_0406,
+            sre: true,
+            ere: true,
+            flpm: FlPagingMode::FiveLevel,
+            wpe: true,
+            nxe: true,
+            smep: true,
+            eafe: true,
+            flptptr: 0xabc_d000,
+        };
+        let raw = [
+            0x0000_0000_0fff_f26f,
+            0x0007_0406_f780_ffff,
+            0x0000_0000_0abc_d0f7,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(entry.to_raw(), raw);
+        assert_eq!(PasidEntry::from_raw(raw), Ok(entry));
+        assert_eq!(entry.validate(&CAPS), Ok(()));
+    }
+
+    #[test]
+    fn pgtt_aw_and_flpm_decode_in_place() {
+        let mut raw = NESTED_RAW;
+        for (bits, pgtt) in [
+            (1, Pgtt::FirstLevel),
+            (2, Pgtt::SecondLevel),
+            (3, Pgtt::Nested),
+            (4, Pgtt::PassThrough),
+        ] {
+            raw[0] = (NESTED_RAW[0] & !0x1c0) | bits << 6;
+            assert_eq!(PasidEntry::from_raw(raw).unwrap().pgtt, pgtt);
+        }
+        raw = NESTED_RAW;
+        for (bits, aw) in [
+            (1, SlLevels::Three),
+            (2, SlLevels::Four),
+            (3, SlLevels::Five),
+        ] {
+            raw[0] = (NESTED_RAW[0] & !0x1c) | bits << 2;
+            assert_eq!(PasidEntry::from_raw(raw).unwrap().aw, aw);
+        }
+        raw = NESTED_RAW;
+        raw[2] |= 1 << 2;
+        assert_eq!(
+            PasidEntry::from_raw(raw).unwrap().flpm,
+            FlPagingMode::FiveLevel
+        );
+    }
+
+    #[test]
+    fn not_present_faults_spt2() {
+        let mut raw = NESTED_RAW;
+        raw[0] &= !P;
+        assert_eq!(PasidEntry::from_raw(raw), Err(FaultReason::Spt2));
+        assert_eq!(PasidEntry::from_raw([0; 8]), Err(FaultReason::Spt2));
+    }
+
+    /// Every reserved bit of the 512-bit entry, as (qword, bit).
+    fn reserved_bits() -> Vec<(usize, u32)> {
+        (10..12)
+            .map(|b| (0, b))
+            .chain((16..23).map(|b| (1, b)))
+            .chain((8..12).map(|b| (2, b)))
+            .chain((3..8).flat_map(|q| (0..64).map(move |b| (q, b))))
+            .collect()
+    }
+
+    #[test]
+    fn every_reserved_bit_faults_spt3() {
+        let bits = reserved_bits();
+        assert_eq!(bits.len(), 2 + 7 + 4 + 5 * 64);
+        for (q, b) in bits {
+            let mut raw = NESTED_RAW;
+            raw[q] |= 1 << b;
+            assert_eq!(
+                PasidEntry::from_raw(raw),
+                Err(FaultReason::Spt3),
+                "bit {}",
+                q * 64 + b as usize
+            );
+        }
+    }
+
+    #[test]
+    fn reserved_encodings_fault_spt4() {
+        for pgtt in [0, 5, 6, 7] {
+            let raw = [
+                (NESTED_RAW[0] & !0x1c0) | pgtt << 6,
+                NESTED_RAW[1],
+                NESTED_RAW[2],
+                0,
+                0,
+                0,
+                0,
+                0,
+            ];
+            assert_eq!(
+                PasidEntry::from_raw(raw),
+                Err(FaultReason::Spt4),
+                "PGTT {pgtt}"
+            );
+        }
+        for aw in [0, 4, 5, 6, 7] {
+            let raw = [
+                (NESTED_RAW[0] & !0x1c) | aw << 2,
+                NESTED_RAW[1],
+                NESTED_RAW[2],
+                0,
+                0,
+                0,
+                0,
+                0,
+            ];
+            assert_eq!(PasidEntry::from_raw(raw), Err(FaultReason::Spt4), "AW {aw}");
+        }
+        for flpm in [2, 3] {
+            let raw = [
+                NESTED_RAW[0],
+                NESTED_RAW[1],
+                NESTED_RAW[2] | flpm << 2,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ];
+            assert_eq!(
+                PasidEntry::from_raw(raw),
+                Err(FaultReason::Spt4),
+                "FLPM {flpm}"
+            );
+        }
+    }
+
+    #[test]
+    fn translation_type_needs_its_capability() {
+        let with = |pgtt| PasidEntry { pgtt, ..nested() };
+        assert_eq!(with(Pgtt::Nested).validate(&CAPS), Ok(()));
+        let cases = [
+            (
+                Pgtt::FirstLevel,
+                Capabilities {
+                    flts: false,
+                    ..CAPS
+                },
+            ),
+            (
+                Pgtt::SecondLevel,
+                Capabilities {
+                    slts: false,
+                    ..CAPS
+                },
+            ),
+            (
+                Pgtt::Nested,
+                Capabilities {
+                    nest: false,
+                    ..CAPS
+                },
+            ),
+            (Pgtt::PassThrough, Capabilities { pt: false, ..CAPS }),
+        ];
+        for (pgtt, caps) in cases {
+            assert_eq!(with(pgtt).validate(&CAPS), Ok(()), "{pgtt:?}");
+            assert_eq!(
+                with(pgtt).validate(&caps),
+                Err(FaultReason::Spt4),
+                "{pgtt:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn address_width_must_be_in_sagaw_when_the_second_level_is_used() {
+        let only_39 = Capabilities {
+            sagaw: 0b0010,
+            ..CAPS
+        };
+        for pgtt in [Pgtt::SecondLevel, Pgtt::Nested] {
+            let entry = PasidEntry { pgtt, ..nested() };
+            assert_eq!(entry.validate(&only_39), Err(FaultReason::Spt4), "{pgtt:?}");
+            let narrow = PasidEntry {
+                aw: SlLevels::Three,
+                ..entry
+            };
+            assert_eq!(narrow.validate(&only_39), Ok(()));
+            let wide = PasidEntry {
+                slptptr: 1 << 46,
+                ..entry
+            };
+            assert_eq!(wide.validate(&CAPS), Err(FaultReason::Spt4), "{pgtt:?}");
+        }
+        for pgtt in [Pgtt::FirstLevel, Pgtt::PassThrough] {
+            let entry = PasidEntry {
+                pgtt,
+                slptptr: 1 << 46,
+                ..nested()
+            };
+            assert_eq!(
+                entry.validate(&only_39),
+                Ok(()),
+                "{pgtt:?} ignores AW and SLPTPTR"
+            );
+        }
+    }
+
+    #[test]
+    fn five_level_paging_needs_fl5lp_when_the_first_level_is_used() {
+        let no_5lp = Capabilities {
+            fl5lp: false,
+            ..CAPS
+        };
+        for pgtt in [Pgtt::FirstLevel, Pgtt::Nested] {
+            let entry = PasidEntry {
+                pgtt,
+                flpm: FlPagingMode::FiveLevel,
+                ..nested()
+            };
+            assert_eq!(entry.validate(&no_5lp), Err(FaultReason::Spt4), "{pgtt:?}");
+            assert_eq!(entry.validate(&CAPS), Ok(()));
+        }
+        let sl = PasidEntry {
+            pgtt: Pgtt::SecondLevel,
+            flpm: FlPagingMode::FiveLevel,
+            ..nested()
+        };
+        assert_eq!(sl.validate(&no_5lp), Ok(()));
+    }
+
+    #[test]
+    fn first_level_pointer_width_is_checked_only_without_nesting() {
+        let far = PasidEntry {
+            flptptr: 1 << 46,
+            ..nested()
+        };
+        assert_eq!(far.validate(&CAPS), Ok(()));
+        let fl = PasidEntry {
+            pgtt: Pgtt::FirstLevel,
+            ..far
+        };
+        assert_eq!(fl.validate(&CAPS), Err(FaultReason::Spt4));
+    }
+
+    #[test]
+    fn fields_without_their_capability_fault_spt3() {
+        let base = PasidEntry {
+            sre: false,
+            pwsnp: false,
+            ..nested()
+        };
+        let none = Capabilities {
+            slads: false,
+            srs: false,
+            ers: false,
+            eafs: false,
+            sc: false,
+            smpwc: false,
+            mts: false,
+            ..CAPS
+        };
+        assert_eq!(base.validate(&none), Ok(()));
+        let cases = [
+            (
+                PasidEntry {
+                    slade: true,
+                    ..base
+                },
+                Capabilities {
+                    slads: true,
+                    ..none
+                },
+            ),
+            (
+                PasidEntry { sre: true, ..base },
+                Capabilities { srs: true, ..none },
+            ),
+            (
+                PasidEntry { ere: true, ..base },
+                Capabilities { ers: true, ..none },
+            ),
+            (
+                PasidEntry { eafe: true, ..base },
+                Capabilities { eafs: true, ..none },
+            ),
+            (
+                PasidEntry {
+                    pgsnp: true,
+                    ..base
+                },
+                Capabilities { sc: true, ..none },
+            ),
+            (
+                PasidEntry {
+                    pwsnp: true,
+                    ..base
+                },
+                Capabilities {
+                    smpwc: true,
+                    ..none
+                },
+            ),
+            (
+                PasidEntry { cd: true, ..base },
+                Capabilities { mts: true, ..none },
+            ),
+            (
+                PasidEntry { emte: true, ..base },
+                Capabilities { mts: true, ..none },
+            ),
+            (
+                PasidEntry { emt: 6, ..base },
+                Capabilities { mts: true, ..none },
+            ),
+            (
+                PasidEntry { pwt: true, ..base },
+                Capabilities { mts: true, ..none },
+            ),
+            (
+                PasidEntry { pcd: true, ..base },
+                Capabilities { mts: true, ..none },
+            ),
+            (
+                PasidEntry {
+                    pat: 0x0606_0606,
+                    ..base
+                },
+                Capabilities { mts: true, ..none },
+            ),
+        ];
+        for (entry, enough) in cases {
+            assert_eq!(entry.validate(&none), Err(FaultReason::Spt3), "{entry:?}");
+            assert_eq!(entry.validate(&enough), Ok(()), "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn request_controls() {
+        let entry = PasidEntry {
+            sre: false,
+            ere: false,
+            ..nested()
+        };
+        assert_eq!(entry.check_request(false, false), Ok(()));
+        assert_eq!(entry.check_request(true, false), Err(FaultReason::Spt6));
+        assert_eq!(entry.check_request(false, true), Err(FaultReason::Spt5));
+        let enabled = PasidEntry {
+            sre: true,
+            ere: true,
+            ..entry
+        };
+        assert_eq!(enabled.check_request(true, true), Ok(()));
+    }
+
+    #[test]
+    fn directory_entry_layout_and_faults() {
+        let pde = PasidDirEntry {
+            fpd: true,
+            smptblptr: 0x12_3456_7000,
+        };
+        assert_eq!(pde.to_raw(), 0x12_3456_7003);
+        assert_eq!(PasidDirEntry::from_raw(0x12_3456_7003), Ok(pde));
+        assert_eq!(
+            PasidDirEntry::from_raw(0x12_3456_7002),
+            Err(FaultReason::Spd2)
+        );
+        for b in 2..12 {
+            assert_eq!(
+                PasidDirEntry::from_raw(0x7001 | 1 << b),
+                Err(FaultReason::Spd3),
+                "bit {b}"
+            );
+        }
+        let wide = PasidDirEntry {
+            fpd: false,
+            smptblptr: 1 << 46,
+        };
+        assert_eq!(wide.validate(&CAPS), Err(FaultReason::Spd3));
+        assert_eq!(pde.validate(&CAPS), Ok(()));
+    }
+
+    #[test]
+    fn entry_addresses() {
+        // PASID 0x12345: directory index 0x48d, table index 5.
+        let p = pasid(0x12345);
+        assert_eq!(
+            pasid_dir_entry_addr(0x10_0000, 7, p),
+            Ok(0x10_0000 + 0x48d * 8)
+        );
+        assert_eq!(pasid_entry_addr(0x20_0000, p), 0x20_0000 + 5 * 64);
+        // PDTS 3: 1024 directory entries, PASIDs below 0x10000.
+        assert_eq!(
+            pasid_dir_entry_addr(0x10_0000, 3, p),
+            Err(FaultReason::Sct7)
+        );
+        assert_eq!(
+            pasid_dir_entry_addr(0x10_0000, 3, pasid(0xffff)),
+            Ok(0x10_0000 + 0x3ff * 8)
+        );
+        assert_eq!(
+            pasid_dir_entry_addr(0x10_0000, 0, pasid(0x2000)),
+            Err(FaultReason::Sct7)
+        );
+    }
+
+    const RTA: u64 = 0x1000;
+    const CTP: u64 = 0x2000;
+    const DIR: u64 = 0x3000;
+    const TABLE: u64 = 0x4000;
+
+    /// Tables for device 00:01.0: root, context (PASIDs on, RID_PASID 0, 128-entry
+    /// directory), PASID 0x45's directory entry and table entry.
+    fn tables(ctx_fpd: bool) -> (TestMem, ScalableContextEntry) {
+        let mem = TestMem::new(0x10_0000);
+        let root = ScalableRootEntry {
+            lctp: Some(CTP),
+            uctp: None,
+        };
+        mem.put(root_entry_addr(RTA, 0), &root.to_raw());
+        let ctx = ScalableContextEntry {
+            fpd: ctx_fpd,
+            paside: true,
+            pasiddirptr: DIR,
+            ..Default::default()
+        };
+        mem.put(context_entry_addr(CTP, 0x08), &ctx.to_raw());
+        let pde = PasidDirEntry {
+            fpd: false,
+            smptblptr: TABLE,
+        };
+        mem.put(DIR + 8, &[pde.to_raw()]);
+        mem.put(pasid_entry_addr(TABLE, pasid(0x45)), &nested().to_raw());
+        (mem, ctx)
+    }
+
+    #[test]
+    fn walk_reaches_the_pasid_entry() {
+        let (mem, ctx) = tables(false);
+        let sid = SourceId::new(0, 1, 0).unwrap();
+        assert_eq!(
+            read_pasid_entry(&mem, &ctx, pasid(0x45), &CAPS),
+            Ok(nested())
+        );
+        let found = lookup_pasid_entry(&mem, RTA, sid, Some(pasid(0x45)), &CAPS).unwrap();
+        assert_eq!(
+            found,
+            PasidLookup {
+                context: ctx,
+                pasid: pasid(0x45),
+                entry: nested()
+            }
+        );
+
+        // Without PASID: RID_PASID 0, whose directory entry is not present.
+        assert_eq!(
+            lookup_pasid_entry(&mem, RTA, sid, None, &CAPS),
+            Err(EntryFault::new(FaultReason::Spd2, false))
+        );
+        mem.put(
+            DIR,
+            &[PasidDirEntry {
+                fpd: false,
+                smptblptr: TABLE,
+            }
+            .to_raw()],
+        );
+        assert_eq!(
+            lookup_pasid_entry(&mem, RTA, sid, None, &CAPS),
+            Err(EntryFault::new(FaultReason::Spt2, false))
+        );
+    }
+
+    #[test]
+    fn walk_faults_in_order_with_their_fpd() {
+        let (mem, ctx) = tables(false);
+        let read = |mem: &TestMem, p| read_pasid_entry(mem, &ctx, pasid(p), &CAPS);
+        let fault = |reason, fpd| Err(EntryFault::new(reason, fpd));
+
+        // Beyond the 128-entry directory.
+        assert_eq!(read(&mem, 0x2000), fault(FaultReason::Sct7, false));
+        // Directory entry not present, then not present with FPD, then reserved bits.
+        assert_eq!(read(&mem, 0x80), fault(FaultReason::Spd2, false));
+        mem.put(DIR + 16, &[FPD]);
+        assert_eq!(read(&mem, 0x80), fault(FaultReason::Spd2, true));
+        mem.put(DIR + 16, &[0x5000 | P | 1 << 4]);
+        assert_eq!(read(&mem, 0x80), fault(FaultReason::Spd3, false));
+        // Table entry not present; with FPD in the table entry; with FPD in the directory.
+        assert_eq!(read(&mem, 0x46), fault(FaultReason::Spt2, false));
+        mem.put(pasid_entry_addr(TABLE, pasid(0x46)), &[FPD]);
+        assert_eq!(read(&mem, 0x46), fault(FaultReason::Spt2, true));
+        mem.put(DIR + 8, &[TABLE | P | FPD]);
+        assert_eq!(read(&mem, 0x47), fault(FaultReason::Spt2, true));
+        mem.put(DIR + 8, &[TABLE | P]);
+        // Reserved bit, invalid programming.
+        let mut raw = NESTED_RAW;
+        raw[5] = 1;
+        mem.put(pasid_entry_addr(TABLE, pasid(0x47)), &raw);
+        assert_eq!(read(&mem, 0x47), fault(FaultReason::Spt3, false));
+        let only_39 = Capabilities {
+            sagaw: 0b0010,
+            ..CAPS
+        };
+        assert_eq!(
+            read_pasid_entry(&mem, &ctx, pasid(0x45), &only_39),
+            fault(FaultReason::Spt4, false)
+        );
+
+        // A context entry with FPD disables everything below it.
+        let (mem, ctx) = tables(true);
+        let read = |p| read_pasid_entry(&mem, &ctx, pasid(p), &CAPS);
+        assert_eq!(read(0x2000), fault(FaultReason::Sct7, true));
+        assert_eq!(read(0x80), fault(FaultReason::Spd2, true));
+        assert_eq!(read(0x46), fault(FaultReason::Spt2, true));
+    }
+
+    #[test]
+    fn unreadable_tables_fault_spd1_and_spt1() {
+        let (mem, ctx) = tables(false);
+        let far_dir = ScalableContextEntry {
+            pasiddirptr: 0x20_0000,
+            ..ctx
+        };
+        assert_eq!(
+            read_pasid_entry(&mem, &far_dir, pasid(0x45), &CAPS),
+            Err(EntryFault::new(FaultReason::Spd1, false))
+        );
+        mem.put(DIR + 8, &[0x20_0000 | P | FPD]);
+        assert_eq!(
+            read_pasid_entry(&mem, &ctx, pasid(0x45), &CAPS),
+            Err(EntryFault::new(FaultReason::Spt1, true))
+        );
+    }
+
+    #[test]
+    fn lookup_checks_the_request_pasid_against_the_context() {
+        let (mem, _) = tables(false);
+        let sid = SourceId::new(0, 1, 0).unwrap();
+        let no_pasid = ScalableContextEntry {
+            pasiddirptr: DIR,
+            ..Default::default()
+        };
+        mem.put(context_entry_addr(CTP, 0x08), &no_pasid.to_raw());
+        assert_eq!(
+            lookup_pasid_entry(&mem, RTA, sid, Some(pasid(0x45)), &CAPS),
+            Err(EntryFault::new(FaultReason::Sct6, false))
+        );
+        let other = SourceId::new(0, 2, 0).unwrap();
+        assert_eq!(
+            lookup_pasid_entry(&mem, RTA, other, Some(pasid(0x45)), &CAPS),
+            Err(EntryFault::new(FaultReason::Sct2, false))
+        );
+    }
+
+    fn any_pgtt() -> impl Strategy<Value = Pgtt> {
+        prop_oneof![
+            Just(Pgtt::FirstLevel),
+            Just(Pgtt::SecondLevel),
+            Just(Pgtt::Nested),
+            Just(Pgtt::PassThrough),
+        ]
+    }
+
+    fn any_aw() -> impl Strategy<Value = SlLevels> {
+        prop_oneof![
+            Just(SlLevels::Three),
+            Just(SlLevels::Four),
+            Just(SlLevels::Five),
+        ]
+    }
+
+    fn any_entry() -> impl Strategy<Value = PasidEntry> {
+        let q0 = (
+            any::<bool>(),
+            any_aw(),
+            any::<bool>(),
+            any_pgtt(),
+            any::<bool>(),
+            any::<u64>(),
+        );
+        let q1 = (any::<u16>(), any::<[bool; 6]>(), 0u8..8, any::<u32>());
+        let q2 = (
+            any::<[bool; 6]>(),
+            prop_oneof![Just(FlPagingMode::FourLevel), Just(FlPagingMode::FiveLevel)],
+            any::<u64>(),
+        );
+        (q0, q1, q2).prop_map(
+            |((fpd, aw, slee, pgtt, slade, sl), (did, b1, emt, pat), (b2, flpm, fl))| PasidEntry {
+                fpd,
+                aw,
+                slee,
+                pgtt,
+                slade,
+                slptptr: sl & PTR_MASK,
+                did: DomainId(did),
+                pwsnp: b1[0],
+                pgsnp: b1[1],
+                cd: b1[2],
+                emte: b1[3],
+                emt,
+                pwt: b1[4],
+                pcd: b1[5],
+                pat,
+                sre: b2[0],
+                ere: b2[1],
+                flpm,
+                wpe: b2[2],
+                nxe: b2[3],
+                smep: b2[4],
+                eafe: b2[5],
+                flptptr: fl & PTR_MASK,
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn pasid_entry_round_trips(entry in any_entry()) {
+            let raw = entry.to_raw();
+            prop_assert_eq!(PasidEntry::from_raw(raw), Ok(entry));
+            prop_assert_eq!(&raw[3..], &[0u64; 5][..]);
+        }
+
+        #[test]
+        fn any_reserved_bit_is_rejected(entry in any_entry(), pick in any::<prop::sample::Index>()) {
+            let bits = reserved_bits();
+            let (q, b) = bits[pick.index(bits.len())];
+            let mut raw = entry.to_raw();
+            raw[q] |= 1 << b;
+            prop_assert_eq!(PasidEntry::from_raw(raw), Err(FaultReason::Spt3));
+        }
+
+        #[test]
+        fn dir_entry_round_trips(fpd: bool, ptr: u64) {
+            let pde = PasidDirEntry { fpd, smptblptr: ptr & PTR_MASK };
+            prop_assert_eq!(PasidDirEntry::from_raw(pde.to_raw()), Ok(pde));
+        }
+    }
+}
