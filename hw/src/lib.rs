@@ -1,5 +1,6 @@
 //! The physical layer of vsva: host memory, the VT-d IOMMU model and DMA devices.
 
+pub mod dma;
 pub mod iommu;
 pub mod memory;
 

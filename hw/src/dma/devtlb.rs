@@ -1,0 +1,194 @@
+//! The device TLB (PCIe ATS address translation cache).
+//!
+//! Entries are ATS completions keyed by PASID (or none), privilege mode and page. An entry
+//! stays and is used until an invalidate request covering it arrives, even if the IOMMU's
+//! tables changed meanwhile: a missing device-TLB invalidation is observable, as on
+//! hardware. A small fully associative array with round-robin replacement; lookups do not
+//! allocate.
+
+use vsva_vtd::Pasid;
+
+use super::port::{AtsCompletion, DevTlbInvalidation, DmaAccess, DmaTranslation};
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    pasid: Option<Pasid>,
+    /// First device address of the page.
+    start: u64,
+    completion: AtsCompletion,
+}
+
+impl Entry {
+    fn covers(&self, pasid: Option<Pasid>, addr: u64, privileged: bool) -> bool {
+        self.pasid == pasid
+            && self.completion.perm.privileged == privileged
+            && self.completion.page.page_start(addr) == self.start
+    }
+}
+
+/// A device TLB of fixed capacity.
+#[derive(Debug)]
+pub struct DevTlb {
+    entries: Box<[Option<Entry>]>,
+    next: usize,
+}
+
+impl DevTlb {
+    /// A device TLB holding up to `capacity` translations (at least one).
+    pub fn new(capacity: usize) -> Self {
+        DevTlb {
+            entries: vec![None; capacity.max(1)].into_boxed_slice(),
+            next: 0,
+        }
+    }
+
+    /// The cached translation of `addr` if one grants `access`.
+    pub fn lookup(
+        &self,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Option<DmaTranslation> {
+        self.entries.iter().flatten().find_map(|e| {
+            let p = e.completion.perm;
+            let granted = (!access.read || p.read)
+                && (!access.write || p.write)
+                && (!access.execute || p.execute);
+            (granted && e.covers(pasid, addr, access.privileged)).then_some(e.completion.page)
+        })
+    }
+
+    /// Caches a completion for the page containing `addr`, replacing an entry for the same
+    /// page (whose rights were not enough) or else the next one in turn.
+    pub fn insert(&mut self, pasid: Option<Pasid>, addr: u64, completion: AtsCompletion) {
+        let entry = Entry {
+            pasid,
+            start: completion.page.page_start(addr),
+            completion,
+        };
+        let same = self
+            .entries
+            .iter()
+            .position(|e| e.is_some_and(|e| e.covers(pasid, addr, completion.perm.privileged)));
+        let slot = same.unwrap_or_else(|| {
+            let s = self.next;
+            self.next = (self.next + 1) % self.entries.len();
+            s
+        });
+        self.entries[slot] = Some(entry);
+    }
+
+    /// Drops the entries an invalidate request covers; returns how many.
+    pub fn invalidate(&mut self, inv: &DevTlbInvalidation) -> usize {
+        let (first, last) = inv.range();
+        let mut dropped = 0;
+        for slot in self.entries.iter_mut() {
+            let Some(e) = slot else { continue };
+            let pasid_match = if inv.global {
+                e.pasid.is_some()
+            } else {
+                e.pasid == inv.pasid
+            };
+            let e_last = e.start + (e.completion.page.size() - 1);
+            if pasid_match && e.start <= last && first <= e_last {
+                *slot = None;
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Drops everything (ATS disabled).
+    pub fn clear(&mut self) {
+        self.entries.iter_mut().for_each(|e| *e = None);
+    }
+
+    /// Number of valid entries.
+    pub fn len(&self) -> usize {
+        self.entries.iter().flatten().count()
+    }
+
+    /// Whether no entry is valid.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsva_vtd::Hpa;
+
+    fn completion(hpa: u64, size: u64, write: bool) -> AtsCompletion {
+        AtsCompletion {
+            page: DmaTranslation::new(Hpa(hpa), size).unwrap(),
+            perm: DmaAccess {
+                read: true,
+                write,
+                ..DmaAccess::default()
+            },
+        }
+    }
+
+    fn pasid(p: u32) -> Option<Pasid> {
+        Some(Pasid::new(p).unwrap())
+    }
+
+    #[test]
+    fn lookup_honours_pasid_mode_and_rights() {
+        let mut t = DevTlb::new(4);
+        t.insert(pasid(1), 0x5123, completion(0x9000, 0x1000, false));
+        let hit = t.lookup(pasid(1), 0x5fff, DmaAccess::READ).unwrap();
+        assert_eq!(hit.hpa_of(0x5fff), Hpa(0x9fff));
+        assert!(t.lookup(pasid(2), 0x5000, DmaAccess::READ).is_none());
+        assert!(t.lookup(None, 0x5000, DmaAccess::READ).is_none());
+        assert!(t.lookup(pasid(1), 0x6000, DmaAccess::READ).is_none());
+        assert!(t.lookup(pasid(1), 0x5000, DmaAccess::WRITE).is_none());
+        assert!(t
+            .lookup(pasid(1), 0x5000, DmaAccess::READ.with_privileged(true))
+            .is_none());
+        // An upgrade replaces the read-only entry instead of adding one.
+        t.insert(pasid(1), 0x5000, completion(0x9000, 0x1000, true));
+        assert_eq!(t.len(), 1);
+        assert!(t.lookup(pasid(1), 0x5000, DmaAccess::WRITE).is_some());
+    }
+
+    #[test]
+    fn replacement_is_round_robin() {
+        let mut t = DevTlb::new(2);
+        for page in 0..3u64 {
+            t.insert(None, page << 12, completion(page << 12, 0x1000, true));
+        }
+        assert_eq!(t.len(), 2);
+        assert!(t.lookup(None, 0, DmaAccess::READ).is_none(), "oldest went");
+        assert!(t.lookup(None, 0x2000, DmaAccess::READ).is_some());
+    }
+
+    #[test]
+    fn invalidation_matches_range_and_pasid() {
+        let mut t = DevTlb::new(8);
+        t.insert(pasid(1), 0x20_0000, completion(0x40_0000, 0x20_0000, true));
+        t.insert(pasid(1), 0x50_0000, completion(0x1000, 0x1000, true));
+        t.insert(pasid(2), 0x50_0000, completion(0x2000, 0x1000, true));
+        t.insert(None, 0x50_0000, completion(0x3000, 0x1000, true));
+        // A 4 KiB invalidation inside the 2 MiB page drops it.
+        let inv = DevTlbInvalidation::from_size_bit(pasid(1), false, 0x30_1000, false);
+        assert_eq!(t.invalidate(&inv), 1);
+        assert!(t.lookup(pasid(1), 0x20_0000, DmaAccess::READ).is_none());
+        // Other PASIDs and requests without PASID are untouched by a PASID invalidation.
+        let inv = DevTlbInvalidation::from_size_bit(pasid(1), false, 0x50_0000, false);
+        assert_eq!(t.invalidate(&inv), 1);
+        assert_eq!(t.len(), 2);
+        // Global: every PASID, not requests without PASID.
+        assert_eq!(
+            t.invalidate(&DevTlbInvalidation {
+                global: true,
+                ..DevTlbInvalidation::all(pasid(9))
+            }),
+            1
+        );
+        assert!(t.lookup(None, 0x50_0000, DmaAccess::READ).is_some());
+        assert_eq!(t.invalidate(&DevTlbInvalidation::all(None)), 1);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,980 @@
+//! The DMA engine: work queue, descriptor execution, completion records, page requests.
+//!
+//! Software writes a 64-byte descriptor to the portal (an ENQCMD/MOVDIR64B-style write);
+//! the engine queues it and executes it when [`DmaEngine::process`] runs (device time). An
+//! operation runs a page at a time: each operand is translated once per page (an
+//! untranslated request, or with ATS a device-TLB lookup or translation request followed by
+//! translated requests), then bytes move in host memory through a bounce buffer of at most
+//! one page.
+//!
+//! A translation fault that the IOMMU calls recoverable, on a block-on-fault descriptor
+//! with PRI enabled, sends a page request and parks the descriptor; the PRG response
+//! resumes it from the byte where it stopped (Success) or completes it with
+//! `PageResponseError`. Otherwise a fault completes the descriptor partially with the
+//! faulting address and the bytes done, as DSA does.
+//!
+//! Locks: `exec` is held while descriptors run and calls into the port; the port may call
+//! back into every other entry point (`page_response`, `invalidate_devtlb`,
+//! `portal_write`, a nested `process`) since those take only short-lived locks.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vsva_vtd::{Hpa, Pasid, PhysMem};
+
+use super::descriptor::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DescriptorError, Operation,
+    RawDescriptor, COMPLETION_RECORD_SIZE, DESCRIPTOR_SIZE, FLAG_CRAV,
+};
+use super::devtlb::DevTlb;
+use super::port::{
+    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
+    PageResponse, PageResponseCode, PRG_INDEX_COUNT,
+};
+use super::regs::*;
+use crate::memory::PAGE_SIZE;
+
+/// Bytes moved per memory access: one page at most.
+const BOUNCE: usize = PAGE_SIZE as usize;
+
+/// How many Success responses in a row may leave a descriptor faulting at the same place
+/// before the engine gives up with `PageFault`: a model guard against an IOMMU that
+/// answers Success without making the page present, which would otherwise retry forever.
+pub const PRI_RETRY_LIMIT: u8 = 4;
+
+/// Counters for the demo and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmaStats {
+    /// Descriptors accepted by the portal.
+    pub submitted: u64,
+    /// Descriptors completed, whatever their status.
+    pub completed: u64,
+    /// Of those, completed with a status other than Success.
+    pub failed: u64,
+    /// Bytes written by memmove and fill.
+    pub bytes_moved: u64,
+    /// Bytes compared.
+    pub bytes_compared: u64,
+    /// Untranslated requests' translations.
+    pub translations: u64,
+    pub devtlb_hits: u64,
+    /// Device-TLB misses, each an ATS translation request.
+    pub devtlb_misses: u64,
+    /// Invalidate requests received.
+    pub devtlb_invalidations: u64,
+    pub page_requests: u64,
+    /// PRG responses received, expected or not.
+    pub page_responses: u64,
+    /// Errors recorded in the software error register.
+    pub software_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    bytes_moved: AtomicU64,
+    bytes_compared: AtomicU64,
+    translations: AtomicU64,
+    devtlb_hits: AtomicU64,
+    devtlb_misses: AtomicU64,
+    devtlb_invalidations: AtomicU64,
+    page_requests: AtomicU64,
+    page_responses: AtomicU64,
+    software_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+#[derive(Debug, Default)]
+struct Regs {
+    ctrl: u64,
+    status: u64,
+    swerr: Option<SoftwareError>,
+    swerr_overflow: bool,
+}
+
+#[derive(Debug, Default)]
+struct WorkQueue {
+    next_seq: u64,
+    queue: VecDeque<(u64, RawDescriptor)>,
+}
+
+/// Where a descriptor is in its life.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// Running the operation; `done` bytes are complete.
+    Execute,
+    /// The operation is over; the record still has to be written.
+    Complete(CompletionRecord),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    seq: u64,
+    opcode: u8,
+    desc: Descriptor,
+    done: u64,
+    stage: Stage,
+    /// The last page request's (address, bytes done), and how many Success responses in a
+    /// row found the descriptor stuck there.
+    last_request: Option<(u64, u64)>,
+    stalls: u8,
+}
+
+/// Why an operation stopped before its end.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Fault {
+        addr: u64,
+        access: DmaAccess,
+        fault: DmaFault,
+    },
+    Memory {
+        addr: u64,
+        write: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Parked {
+    job: Job,
+    prgi: u16,
+    addr: u64,
+    access: DmaAccess,
+    reason: u8,
+}
+
+struct Exec {
+    parked: Vec<Parked>,
+    drains: Vec<Job>,
+    bounce: Box<[u8]>,
+    completed: usize,
+}
+
+/// A PASID-capable DMA engine behind an IOMMU.
+pub struct DmaEngine {
+    config: DmaEngineConfig,
+    port: Arc<dyn DmaPort>,
+    regs: Mutex<Regs>,
+    wq: Mutex<WorkQueue>,
+    responses: Mutex<Vec<PageResponse>>,
+    devtlb: Mutex<DevTlb>,
+    exec: Mutex<Exec>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for DmaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaEngine")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The per-operand translation in use: re-translated only when the address leaves it.
+type Cursor = Option<(u64, DmaTranslation)>;
+
+impl DmaEngine {
+    /// An engine with `config`, doing DMA through `port`. It starts disabled.
+    pub fn new(config: DmaEngineConfig, port: Arc<dyn DmaPort>) -> Result<Self, DmaError> {
+        if !config.is_valid() {
+            return Err(DmaError::BadConfig);
+        }
+        Ok(DmaEngine {
+            config,
+            port,
+            regs: Mutex::new(Regs::default()),
+            wq: Mutex::new(WorkQueue::default()),
+            responses: Mutex::new(Vec::new()),
+            devtlb: Mutex::new(DevTlb::new(config.devtlb_entries)),
+            exec: Mutex::new(Exec {
+                parked: Vec::with_capacity(usize::from(config.pri_capacity)),
+                drains: Vec::new(),
+                bounce: vec![0u8; 2 * BOUNCE].into_boxed_slice(),
+                completed: 0,
+            }),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DmaEngineConfig {
+        &self.config
+    }
+
+    /// Reads a 64-bit register.
+    pub fn mmio_read(&self, offset: u64) -> Result<u64, DmaError> {
+        let regs = self.regs.lock().unwrap();
+        Ok(match offset {
+            REG_CAP => self.config.cap(),
+            REG_CTRL => regs.ctrl,
+            REG_STATUS => {
+                let enabled = if regs.ctrl & CTRL_ENABLE != 0 {
+                    STATUS_ENABLED
+                } else {
+                    0
+                };
+                regs.status | enabled
+            }
+            REG_SWERR0 => {
+                let w0 = regs.swerr.map_or(0, |e| e.to_regs().0);
+                w0 | if regs.swerr_overflow {
+                    SWERR_OVERFLOW
+                } else {
+                    0
+                }
+            }
+            REG_SWERR1 => regs.swerr.map_or(0, |e| e.to_regs().1),
+            _ => return Err(DmaError::NoRegister(offset)),
+        })
+    }
+
+    /// Writes a 64-bit register. CTRL's configuration bits change only while the engine is
+    /// disabled, and disabling needs an idle engine; STATUS and SWERR0 are
+    /// write-1-to-clear.
+    pub fn mmio_write(&self, offset: u64, value: u64) -> Result<(), DmaError> {
+        match offset {
+            REG_CTRL => self.write_ctrl(value),
+            REG_STATUS => {
+                let clearable = STATUS_PRI_RF | STATUS_PRI_UPRGI;
+                if value & !clearable != 0 {
+                    return Err(DmaError::ReadOnly(offset));
+                }
+                self.regs.lock().unwrap().status &= !value;
+                Ok(())
+            }
+            REG_SWERR0 => {
+                if value & !(SWERR_VALID | SWERR_OVERFLOW) != 0 {
+                    return Err(DmaError::ReadOnly(offset));
+                }
+                let mut regs = self.regs.lock().unwrap();
+                if value & SWERR_VALID != 0 {
+                    regs.swerr = None;
+                }
+                if value & SWERR_OVERFLOW != 0 {
+                    regs.swerr_overflow = false;
+                }
+                Ok(())
+            }
+            REG_CAP | REG_SWERR1 => Err(DmaError::ReadOnly(offset)),
+            _ => Err(DmaError::NoRegister(offset)),
+        }
+    }
+
+    fn write_ctrl(&self, value: u64) -> Result<(), DmaError> {
+        let unsupported = value & !self.config.ctrl_mask();
+        if unsupported != 0 {
+            return Err(DmaError::Unsupported(unsupported));
+        }
+        let exec = self.exec.try_lock().map_err(|_| DmaError::Busy)?;
+        let mut regs = self.regs.lock().unwrap();
+        let wq = self.wq.lock().unwrap();
+        let old = regs.ctrl;
+        if old == value {
+            return Ok(());
+        }
+        if old & CTRL_ENABLE != 0 {
+            if value != old & !CTRL_ENABLE {
+                return Err(DmaError::ConfigWhileEnabled);
+            }
+            if !wq.queue.is_empty() || !exec.parked.is_empty() || !exec.drains.is_empty() {
+                return Err(DmaError::Busy);
+            }
+        }
+        if (old ^ value) & CTRL_ATS_EN != 0 {
+            self.devtlb.lock().unwrap().clear();
+        }
+        regs.ctrl = value;
+        Ok(())
+    }
+
+    /// Enables a disabled engine with the CTRL feature bits `features`: the same as
+    /// writing `features | CTRL_ENABLE` to CTRL.
+    pub fn enable(&self, features: u64) -> Result<(), DmaError> {
+        self.mmio_write(REG_CTRL, features | CTRL_ENABLE)
+    }
+
+    /// A 64-byte write to the portal at `offset`: queues the descriptor. `Retry` when the
+    /// work queue is full (ENQCMD's retry indication).
+    pub fn portal_write(&self, offset: u64, data: &[u8; DESCRIPTOR_SIZE]) -> Result<(), DmaError> {
+        if offset >= PORTAL_SIZE || offset % DESCRIPTOR_SIZE as u64 != 0 {
+            return Err(DmaError::PortalOffset(offset));
+        }
+        let regs = self.regs.lock().unwrap();
+        if regs.ctrl & CTRL_ENABLE == 0 {
+            return Err(DmaError::Disabled);
+        }
+        let mut wq = self.wq.lock().unwrap();
+        if wq.queue.len() >= usize::from(self.config.wq_size) {
+            return Err(DmaError::Retry);
+        }
+        let seq = wq.next_seq;
+        wq.next_seq += 1;
+        wq.queue.push_back((seq, RawDescriptor::from_bytes(data)));
+        bump(&self.counters.submitted, 1);
+        Ok(())
+    }
+
+    /// Runs the engine until nothing can progress: pending PRG responses are acted on and
+    /// queued descriptors executed (each completes or parks on a page request). Returns
+    /// how many descriptors completed. Returns at once (0) when called while the engine is
+    /// already running, for example from inside a port callback; the running call picks
+    /// up any new work.
+    pub fn process(&self) -> usize {
+        let mut completed = 0;
+        loop {
+            let Ok(mut exec) = self.exec.try_lock() else {
+                return completed;
+            };
+            let before = exec.completed;
+            let ctrl = self.regs.lock().unwrap().ctrl;
+            loop {
+                let responses = std::mem::take(&mut *self.responses.lock().unwrap());
+                let answered = !responses.is_empty();
+                for r in responses {
+                    self.on_response(&mut exec, ctrl, r);
+                }
+                let next = self.wq.lock().unwrap().queue.pop_front();
+                match next {
+                    Some((seq, raw)) => self.start(&mut exec, ctrl, seq, raw),
+                    None if !answered => break,
+                    None => {}
+                }
+            }
+            completed += exec.completed - before;
+            drop(exec);
+            let idle = self.wq.lock().unwrap().queue.is_empty()
+                && self.responses.lock().unwrap().is_empty();
+            if idle {
+                return completed;
+            }
+        }
+    }
+
+    /// Whether nothing is queued, parked or running.
+    pub fn is_idle(&self) -> bool {
+        let Ok(exec) = self.exec.try_lock() else {
+            return false;
+        };
+        exec.parked.is_empty()
+            && exec.drains.is_empty()
+            && self.wq.lock().unwrap().queue.is_empty()
+            && self.responses.lock().unwrap().is_empty()
+    }
+
+    /// Descriptors waiting for a page response.
+    pub fn waiting_for_page_response(&self) -> usize {
+        self.exec.try_lock().map_or(0, |e| e.parked.len())
+    }
+
+    /// Valid device-TLB entries.
+    pub fn devtlb_len(&self) -> usize {
+        self.devtlb.lock().unwrap().len()
+    }
+
+    /// The error held in the software error register.
+    pub fn software_error(&self) -> Option<SoftwareError> {
+        self.regs.lock().unwrap().swerr
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> DmaStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DmaStats {
+            submitted: get(&c.submitted),
+            completed: get(&c.completed),
+            failed: get(&c.failed),
+            bytes_moved: get(&c.bytes_moved),
+            bytes_compared: get(&c.bytes_compared),
+            translations: get(&c.translations),
+            devtlb_hits: get(&c.devtlb_hits),
+            devtlb_misses: get(&c.devtlb_misses),
+            devtlb_invalidations: get(&c.devtlb_invalidations),
+            page_requests: get(&c.page_requests),
+            page_responses: get(&c.page_responses),
+            software_errors: get(&c.software_errors),
+        }
+    }
+
+    /// Counts a completed descriptor.
+    fn completed(&self, exec: &mut Exec, success: bool) {
+        exec.completed += 1;
+        bump(&self.counters.completed, 1);
+        if !success {
+            bump(&self.counters.failed, 1);
+        }
+    }
+
+    fn record_software_error(&self, err: SoftwareError) {
+        bump(&self.counters.software_errors, 1);
+        let mut regs = self.regs.lock().unwrap();
+        if regs.swerr.is_some() {
+            regs.swerr_overflow = true;
+        } else {
+            regs.swerr = Some(err);
+        }
+    }
+
+    /// Validates a queued descriptor and runs it.
+    fn start(&self, exec: &mut Exec, ctrl: u64, seq: u64, raw: RawDescriptor) {
+        let pasid_valid = raw.pasid().is_some();
+        let privileged = raw.privileged();
+        if (pasid_valid && ctrl & CTRL_PASID_EN == 0)
+            || (privileged && (!pasid_valid || ctrl & CTRL_PRIV_EN == 0))
+        {
+            self.completed(exec, false);
+            self.record_software_error(SoftwareError {
+                status: CompletionStatus::PrivilegeBad,
+                opcode: raw.opcode(),
+                pasid: raw.pasid(),
+                addr: raw.completion_addr,
+            });
+            return;
+        }
+        let decoded = Descriptor::decode(&raw).and_then(|d| {
+            if u64::from(d.op.size()) > self.config.max_transfer() {
+                Err(DescriptorError {
+                    status: CompletionStatus::TransferSize,
+                    invalid_flags: 0,
+                })
+            } else {
+                Ok(d)
+            }
+        });
+        let job = |desc| Job {
+            seq,
+            opcode: raw.opcode(),
+            desc,
+            done: 0,
+            stage: Stage::Execute,
+            last_request: None,
+            stalls: 0,
+        };
+        match decoded {
+            Ok(desc) if desc.op == Operation::Drain => {
+                if exec.parked.iter().any(|p| p.job.seq < seq) {
+                    exec.drains.push(job(desc));
+                } else {
+                    self.finish(
+                        exec,
+                        ctrl,
+                        job(desc),
+                        CompletionRecord::new(CompletionStatus::Success),
+                    );
+                }
+            }
+            Ok(desc) => self.run(exec, ctrl, job(desc)),
+            Err(e) => {
+                let mut record = CompletionRecord::new(e.status);
+                record.invalid_flags = e.invalid_flags;
+                let crav = raw.flags() & FLAG_CRAV != 0;
+                if crav && e.status != CompletionStatus::CompletionAddrAlign {
+                    // The record goes where the descriptor asked, in its address space.
+                    let desc = Descriptor {
+                        pasid: raw.pasid(),
+                        privileged,
+                        block_on_fault: false,
+                        completion: CompletionRequest::OnError(raw.completion_addr),
+                        op: Operation::Nop,
+                    };
+                    self.finish(exec, ctrl, job(desc), record);
+                } else {
+                    self.completed(exec, false);
+                    self.record_software_error(SoftwareError {
+                        status: e.status,
+                        opcode: raw.opcode(),
+                        pasid: raw.pasid(),
+                        addr: raw.completion_addr,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs a job from its current stage until it completes or parks.
+    fn run(&self, exec: &mut Exec, ctrl: u64, mut job: Job) {
+        if let Stage::Complete(record) = job.stage {
+            self.write_completion(exec, ctrl, job, record);
+            return;
+        }
+        let result = self.execute(&mut exec.bounce, ctrl, &mut job);
+        let descending = u8::from(is_descending(&job.desc.op));
+        match result {
+            Ok(result) => {
+                let mut record = CompletionRecord::new(CompletionStatus::Success);
+                record.result = result | descending;
+                record.bytes_completed = job.done as u32;
+                self.finish(exec, ctrl, job, record);
+            }
+            Err(Stop::Fault {
+                addr,
+                access,
+                fault,
+            }) if fault.recoverable && job.desc.block_on_fault => {
+                if let Err(record) = self.request_page(exec, ctrl, job, addr, access, fault) {
+                    self.finish(exec, ctrl, job, record);
+                }
+            }
+            Err(stop) => {
+                let mut record = stop_record(stop, job.done);
+                record.result = descending;
+                self.finish(exec, ctrl, job, record);
+            }
+        }
+    }
+
+    /// Sends a page request for a recoverable fault and parks the job; or, when the engine
+    /// may not (PRI off or failed, no group index free, no progress), the record to
+    /// complete with.
+    fn request_page(
+        &self,
+        exec: &mut Exec,
+        ctrl: u64,
+        mut job: Job,
+        addr: u64,
+        access: DmaAccess,
+        fault: DmaFault,
+    ) -> Result<(), CompletionRecord> {
+        let stop = Stop::Fault {
+            addr,
+            access,
+            fault,
+        };
+        let mut record = stop_record(stop, job.done);
+        if let Stage::Execute = job.stage {
+            record.result = u8::from(is_descending(&job.desc.op));
+        }
+        let pri_ok = ctrl & CTRL_PRI_EN != 0
+            && self.regs.lock().unwrap().status & STATUS_PRI_RF == 0
+            && exec.parked.len() < usize::from(self.config.pri_capacity);
+        if !pri_ok {
+            return Err(record);
+        }
+        if job.last_request == Some((addr, job.done)) {
+            job.stalls += 1;
+            if job.stalls >= PRI_RETRY_LIMIT {
+                return Err(record);
+            }
+        } else {
+            job.stalls = 0;
+        }
+        job.last_request = Some((addr, job.done));
+        let prgi = (0..PRG_INDEX_COUNT)
+            .find(|i| exec.parked.iter().all(|p| p.prgi != *i))
+            .ok_or(record)?;
+        let req = PageRequest {
+            sid: self.config.sid,
+            pasid: job.desc.pasid,
+            addr: addr & !(PAGE_SIZE - 1),
+            access,
+            prgi,
+            last: true,
+        };
+        exec.parked.push(Parked {
+            job,
+            prgi,
+            addr,
+            access,
+            reason: fault.reason,
+        });
+        bump(&self.counters.page_requests, 1);
+        self.port.page_request(req);
+        Ok(())
+    }
+
+    fn on_response(&self, exec: &mut Exec, ctrl: u64, resp: PageResponse) {
+        bump(&self.counters.page_responses, 1);
+        let found = exec
+            .parked
+            .iter()
+            .position(|p| p.prgi == resp.prgi && p.job.desc.pasid == resp.pasid);
+        let Some(i) = found else {
+            self.regs.lock().unwrap().status |= STATUS_PRI_UPRGI;
+            return;
+        };
+        let parked = exec.parked.swap_remove(i);
+        let job = parked.job;
+        if resp.code == PageResponseCode::Success {
+            self.run(exec, ctrl, job);
+        } else {
+            if resp.code == PageResponseCode::ResponseFailure {
+                self.regs.lock().unwrap().status |= STATUS_PRI_RF;
+            }
+            match job.stage {
+                Stage::Execute => {
+                    let mut record = CompletionRecord::new(CompletionStatus::PageResponseError);
+                    record.fault_write = parked.access.write;
+                    record.fault_reason = parked.reason;
+                    record.fault_addr = parked.addr;
+                    record.bytes_completed = job.done as u32;
+                    record.result = u8::from(is_descending(&job.desc.op));
+                    self.finish(exec, ctrl, job, record);
+                }
+                Stage::Complete(_) => {
+                    self.completion_failed(exec, job, CompletionStatus::CompletionAddrTranslation)
+                }
+            }
+        }
+        self.release_drains(exec, ctrl);
+    }
+
+    /// Completes the drains that no longer wait for an earlier parked descriptor.
+    fn release_drains(&self, exec: &mut Exec, ctrl: u64) {
+        let oldest_parked = exec.parked.iter().map(|p| p.job.seq).min();
+        let ready: Vec<Job> = {
+            let (ready, waiting) = std::mem::take(&mut exec.drains)
+                .into_iter()
+                .partition(|d| oldest_parked.is_none_or(|o| d.seq < o));
+            exec.drains = waiting;
+            ready
+        };
+        for d in ready {
+            self.finish(
+                exec,
+                ctrl,
+                d,
+                CompletionRecord::new(CompletionStatus::Success),
+            );
+        }
+    }
+
+    /// The operation is over with `record`: counts it and writes the record if asked.
+    fn finish(&self, exec: &mut Exec, ctrl: u64, mut job: Job, record: CompletionRecord) {
+        let success = record.status == CompletionStatus::Success;
+        let write = match job.desc.completion {
+            CompletionRequest::Always(_) => true,
+            CompletionRequest::OnError(_) => !success,
+            CompletionRequest::None => false,
+        };
+        if write {
+            job.stage = Stage::Complete(record);
+            job.last_request = None;
+            job.stalls = 0;
+            self.write_completion(exec, ctrl, job, record);
+            return;
+        }
+        self.completed(exec, success);
+        if !success {
+            self.record_software_error(SoftwareError {
+                status: record.status,
+                opcode: job.opcode,
+                pasid: job.desc.pasid,
+                addr: record.fault_addr,
+            });
+        }
+    }
+
+    /// Writes the completion record by DMA in the descriptor's address space, status byte
+    /// last, so that software polling the status sees a whole record.
+    fn write_completion(&self, exec: &mut Exec, ctrl: u64, job: Job, record: CompletionRecord) {
+        let Some(addr) = job.desc.completion.addr() else {
+            return;
+        };
+        let access = DmaAccess::WRITE.with_privileged(job.desc.privileged);
+        let bytes = record.to_bytes();
+        let mut cursor = None;
+        let written = self
+            .translate(&mut cursor, ctrl, job.desc.pasid, addr, access)
+            .and_then(|t| {
+                let hpa = t.hpa_of(addr);
+                self.write_hpa(ctrl, hpa.checked_add(1), &bytes[1..], addr + 1, access)?;
+                self.write_hpa(ctrl, Some(hpa), &bytes[..1], addr, access)
+            });
+        match written {
+            Ok(()) => self.completed(exec, record.status == CompletionStatus::Success),
+            Err(Stop::Fault {
+                addr: at,
+                access,
+                fault,
+            }) if fault.recoverable => {
+                if self
+                    .request_page(exec, ctrl, job, at, access, fault)
+                    .is_err()
+                {
+                    self.completion_failed(exec, job, CompletionStatus::CompletionAddrTranslation);
+                }
+            }
+            Err(Stop::Fault { .. }) => {
+                self.completion_failed(exec, job, CompletionStatus::CompletionAddrTranslation)
+            }
+            Err(Stop::Memory { .. }) => {
+                self.completion_failed(exec, job, CompletionStatus::AccessError)
+            }
+        }
+    }
+
+    /// The record could not be written: the error goes to the software error register.
+    fn completion_failed(&self, exec: &mut Exec, job: Job, status: CompletionStatus) {
+        self.completed(exec, false);
+        self.record_software_error(SoftwareError {
+            status,
+            opcode: job.opcode,
+            pasid: job.desc.pasid,
+            addr: job.desc.completion.addr().unwrap_or(0),
+        });
+    }
+
+    /// The translation of `addr` for `access`, reusing `cursor` while `addr` stays in its
+    /// page.
+    fn translate(
+        &self,
+        cursor: &mut Cursor,
+        ctrl: u64,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, Stop> {
+        if let Some((start, t)) = *cursor {
+            if t.page_start(addr) == start {
+                return Ok(t);
+            }
+        }
+        let fault = |fault| Stop::Fault {
+            addr,
+            access,
+            fault,
+        };
+        let sid = self.config.sid;
+        let t = if ctrl & CTRL_ATS_EN != 0 {
+            let cached = self.devtlb.lock().unwrap().lookup(pasid, addr, access);
+            match cached {
+                Some(t) => {
+                    bump(&self.counters.devtlb_hits, 1);
+                    t
+                }
+                None => {
+                    bump(&self.counters.devtlb_misses, 1);
+                    let c = self
+                        .port
+                        .ats_translate(sid, pasid, addr, access)
+                        .map_err(fault)?;
+                    let mut tlb = self.devtlb.lock().unwrap();
+                    tlb.insert(pasid, addr, c);
+                    // A completion that does not grant the access is a translation failure.
+                    tlb.lookup(pasid, addr, access).ok_or(fault(DmaFault {
+                        reason: 0,
+                        recoverable: false,
+                    }))?
+                }
+            }
+        } else {
+            bump(&self.counters.translations, 1);
+            self.port
+                .translate(sid, pasid, addr, access)
+                .map_err(fault)?
+        };
+        *cursor = Some((t.page_start(addr), t));
+        Ok(t)
+    }
+
+    /// Checks a translated request with the IOMMU when ATS is in use.
+    fn check_translated(
+        &self,
+        ctrl: u64,
+        hpa: Hpa,
+        len: usize,
+        dev_addr: u64,
+        access: DmaAccess,
+    ) -> Result<(), Stop> {
+        if ctrl & CTRL_ATS_EN == 0 {
+            return Ok(());
+        }
+        self.port
+            .check_translated(self.config.sid, hpa, len as u64, access)
+            .map_err(|fault| Stop::Fault {
+                addr: dev_addr,
+                access,
+                fault,
+            })
+    }
+
+    fn read_hpa(
+        &self,
+        ctrl: u64,
+        hpa: Hpa,
+        buf: &mut [u8],
+        dev_addr: u64,
+        access: DmaAccess,
+    ) -> Result<(), Stop> {
+        self.check_translated(ctrl, hpa, buf.len(), dev_addr, access)?;
+        self.port
+            .memory()
+            .read(hpa.0, buf)
+            .map_err(|_| Stop::Memory {
+                addr: dev_addr,
+                write: false,
+            })
+    }
+
+    fn write_hpa(
+        &self,
+        ctrl: u64,
+        hpa: Option<Hpa>,
+        buf: &[u8],
+        dev_addr: u64,
+        access: DmaAccess,
+    ) -> Result<(), Stop> {
+        let err = Stop::Memory {
+            addr: dev_addr,
+            write: true,
+        };
+        let hpa = hpa.ok_or(err)?;
+        self.check_translated(ctrl, hpa, buf.len(), dev_addr, access)?;
+        self.port.memory().write(hpa.0, buf).map_err(|_| err)
+    }
+
+    /// Runs the operation from `job.done` on; returns the record's result byte.
+    fn execute(&self, bounce: &mut [u8], ctrl: u64, job: &mut Job) -> Result<u8, Stop> {
+        let pasid = job.desc.pasid;
+        let read = DmaAccess::READ.with_privileged(job.desc.privileged);
+        let write = DmaAccess::WRITE.with_privileged(job.desc.privileged);
+        let (mut c1, mut c2): (Cursor, Cursor) = (None, None);
+        match job.desc.op {
+            Operation::Nop | Operation::Drain => Ok(0),
+            Operation::Memmove { src, dst, size } => {
+                let size = u64::from(size);
+                let descending = is_descending(&job.desc.op);
+                let buf = &mut bounce[..BOUNCE];
+                while job.done < size {
+                    let left = size - job.done;
+                    // Ascending: the next bytes from the bottom; descending: from the top.
+                    let (s, d) = if descending {
+                        (src + left - 1, dst + left - 1)
+                    } else {
+                        (src + job.done, dst + job.done)
+                    };
+                    let ts = self.translate(&mut c1, ctrl, pasid, s, read)?;
+                    let td = self.translate(&mut c2, ctrl, pasid, d, write)?;
+                    let n = if descending {
+                        let room = |t: DmaTranslation, a: u64| a - t.page_start(a) + 1;
+                        left.min(room(ts, s)).min(room(td, d)).min(BOUNCE as u64)
+                    } else {
+                        left.min(to_page_end(ts, s))
+                            .min(to_page_end(td, d))
+                            .min(BOUNCE as u64)
+                    };
+                    let (s, d) = if descending {
+                        (s + 1 - n, d + 1 - n)
+                    } else {
+                        (s, d)
+                    };
+                    let chunk = &mut buf[..n as usize];
+                    self.read_hpa(ctrl, ts.hpa_of(s), chunk, s, read)?;
+                    self.write_hpa(ctrl, Some(td.hpa_of(d)), chunk, d, write)?;
+                    job.done += n;
+                    bump(&self.counters.bytes_moved, n);
+                }
+                Ok(0)
+            }
+            Operation::Fill { pattern, dst, size } => {
+                let size = u64::from(size);
+                let pattern = pattern.to_le_bytes();
+                let buf = &mut bounce[..BOUNCE];
+                while job.done < size {
+                    let d = dst + job.done;
+                    let td = self.translate(&mut c2, ctrl, pasid, d, write)?;
+                    let n = (size - job.done).min(to_page_end(td, d)).min(BOUNCE as u64);
+                    let chunk = &mut buf[..n as usize];
+                    for (i, b) in chunk.iter_mut().enumerate() {
+                        *b = pattern[(job.done as usize + i) % pattern.len()];
+                    }
+                    self.write_hpa(ctrl, Some(td.hpa_of(d)), chunk, d, write)?;
+                    job.done += n;
+                    bump(&self.counters.bytes_moved, n);
+                }
+                Ok(0)
+            }
+            Operation::Compare { src1, src2, size } => {
+                let size = u64::from(size);
+                let (b1, b2) = bounce.split_at_mut(BOUNCE);
+                while job.done < size {
+                    let (a1, a2) = (src1 + job.done, src2 + job.done);
+                    let t1 = self.translate(&mut c1, ctrl, pasid, a1, read)?;
+                    let t2 = self.translate(&mut c2, ctrl, pasid, a2, read)?;
+                    let n = (size - job.done)
+                        .min(to_page_end(t1, a1))
+                        .min(to_page_end(t2, a2))
+                        .min(BOUNCE as u64) as usize;
+                    self.read_hpa(ctrl, t1.hpa_of(a1), &mut b1[..n], a1, read)?;
+                    self.read_hpa(ctrl, t2.hpa_of(a2), &mut b2[..n], a2, read)?;
+                    let differ = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y);
+                    let same = differ.unwrap_or(n);
+                    job.done += same as u64;
+                    bump(&self.counters.bytes_compared, same as u64);
+                    if differ.is_some() {
+                        return Ok(1);
+                    }
+                }
+                Ok(0)
+            }
+        }
+    }
+}
+
+/// Bytes from `addr` to the end of its page.
+fn to_page_end(t: DmaTranslation, addr: u64) -> u64 {
+    t.size() - (addr - t.page_start(addr))
+}
+
+/// Whether a memmove must copy from the top down: the destination overlaps the source
+/// from above.
+fn is_descending(op: &Operation) -> bool {
+    match *op {
+        Operation::Memmove { src, dst, size } => dst > src && dst - src < u64::from(size),
+        _ => false,
+    }
+}
+
+/// The record of an operation stopped by `stop` after `done` bytes.
+fn stop_record(stop: Stop, done: u64) -> CompletionRecord {
+    let mut record;
+    match stop {
+        Stop::Fault {
+            addr,
+            access,
+            fault,
+        } => {
+            record = CompletionRecord::new(if fault.recoverable {
+                CompletionStatus::PageFault
+            } else {
+                CompletionStatus::TranslationFail
+            });
+            record.fault_write = access.write;
+            record.fault_reason = fault.reason;
+            record.fault_addr = addr;
+        }
+        Stop::Memory { addr, write } => {
+            record = CompletionRecord::new(CompletionStatus::AccessError);
+            record.fault_write = write;
+            record.fault_addr = addr;
+        }
+    }
+    record.bytes_completed = done as u32;
+    record
+}
+
+impl AtsEndpoint for DmaEngine {
+    fn source_id(&self) -> vsva_vtd::SourceId {
+        self.config.sid
+    }
+
+    fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
+        bump(&self.counters.devtlb_invalidations, 1);
+        self.devtlb.lock().unwrap().invalidate(&inv)
+    }
+
+    fn page_response(&self, resp: PageResponse) {
+        self.responses.lock().unwrap().push(resp);
+    }
+}
+
+/// Completion records are 32 bytes: the record write above relies on it not crossing a
+/// page, which 32-byte alignment guarantees.
+const _: () = assert!(COMPLETION_RECORD_SIZE == 32 && PAGE_SIZE % 32 == 0);

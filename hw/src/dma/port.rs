@@ -1,0 +1,353 @@
+//! The PCIe-level contract between a DMA device and the IOMMU in front of it.
+//!
+//! The device sees the IOMMU as [`DmaPort`]: untranslated requests (address type
+//! "untranslated", translated by the IOMMU on the way), ATS translation requests (PCIe ATS,
+//! VT-d §4.2) and translated requests to the HPAs they return, and PRI page requests (PCIe
+//! PRI, VT-d §7.4). The IOMMU sees the device as [`AtsEndpoint`]: it forwards device-TLB
+//! invalidations (VT-d §6.5.2.5, §6.5.2.6) and page group responses (VT-d §6.5.2.8,
+//! §6.5.2.9) to it.
+
+use std::fmt;
+
+use vsva_vtd::{FaultReason, Hpa, Pasid, SourceId};
+
+use crate::memory::{HostMemory, PAGE_SIZE};
+
+/// The kind of a DMA access, as the request carries it (PCIe request type plus the PASID
+/// prefix's Execute-Requested and Privileged-Mode-Requested bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DmaAccess {
+    pub read: bool,
+    pub write: bool,
+    pub execute: bool,
+    pub privileged: bool,
+}
+
+impl DmaAccess {
+    /// A user-mode read.
+    pub const READ: DmaAccess = DmaAccess {
+        read: true,
+        write: false,
+        execute: false,
+        privileged: false,
+    };
+    /// A user-mode write.
+    pub const WRITE: DmaAccess = DmaAccess {
+        read: false,
+        write: true,
+        execute: false,
+        privileged: false,
+    };
+
+    /// The same access in privileged (supervisor) mode or not.
+    pub const fn with_privileged(self, privileged: bool) -> Self {
+        DmaAccess { privileged, ..self }
+    }
+}
+
+impl fmt::Display for DmaAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let flag = |on, c| if on { c } else { '-' };
+        write!(
+            f,
+            "{}{}{}{}",
+            flag(self.read, 'r'),
+            flag(self.write, 'w'),
+            flag(self.execute, 'x'),
+            flag(self.privileged, 's')
+        )
+    }
+}
+
+/// A failed translation, as the IOMMU reports it to the device.
+///
+/// `reason` is the VT-d fault reason code of the condition (§7.1.3). `recoverable` says
+/// whether the device may resolve it with a page request: the fault is a
+/// not-present/permission fault on a translation whose PASID entry (or context entry, for
+/// requests without PASID) enables page requests (§7.4). A non-recoverable fault is recorded
+/// by the IOMMU in its fault recording registers and is final for the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("DMA translation fault, reason {reason:#04x}{}", if *.recoverable { " (recoverable)" } else { "" })]
+pub struct DmaFault {
+    pub reason: u8,
+    pub recoverable: bool,
+}
+
+impl DmaFault {
+    /// The scalable-mode fault condition the reason code stands for, if any.
+    pub const fn condition(&self) -> Option<FaultReason> {
+        FaultReason::from_code(self.reason)
+    }
+}
+
+/// The translation of one page: the page of the device address space containing the
+/// requested address maps to `size` contiguous bytes at `hpa` (both aligned to `size`).
+///
+/// The fields are private so that a translation is always a naturally aligned power-of-two
+/// page of at least 4 KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DmaTranslation {
+    hpa: Hpa,
+    size: u64,
+}
+
+impl DmaTranslation {
+    /// A page of `size` bytes (a power of two, at least 4 KiB) at `hpa` (aligned to `size`).
+    pub const fn new(hpa: Hpa, size: u64) -> Option<Self> {
+        if size.is_power_of_two() && size >= PAGE_SIZE && hpa.is_aligned(size) {
+            Some(DmaTranslation { hpa, size })
+        } else {
+            None
+        }
+    }
+
+    /// The host physical address of the page.
+    pub const fn hpa(&self) -> Hpa {
+        self.hpa
+    }
+
+    /// The page size in bytes.
+    pub const fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The first device address of the page that contains `addr`.
+    pub const fn page_start(&self, addr: u64) -> u64 {
+        addr & !(self.size - 1)
+    }
+
+    /// The host physical address that device address `addr` (inside the page) maps to.
+    pub const fn hpa_of(&self, addr: u64) -> Hpa {
+        Hpa(self.hpa.0 | (addr & (self.size - 1)))
+    }
+}
+
+/// A successful ATS translation completion (PCIe ATS; VT-d §4.2.3): the page with the
+/// permissions the IOMMU grants for it. The device caches it in its device TLB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AtsCompletion {
+    pub page: DmaTranslation,
+    /// Access rights granted; `privileged` is the mode the translation was requested for.
+    pub perm: DmaAccess,
+}
+
+/// A PRI page request message (PCIe PRI; VT-d §7.4.1): "make `addr` accessible for
+/// `access`". The device issues one request per group, so `last` (Last Page In Group) is
+/// always set by this device but kept for the IOMMU's page request descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageRequest {
+    pub sid: SourceId,
+    pub pasid: Option<Pasid>,
+    /// Page-aligned (4 KiB) device address.
+    pub addr: u64,
+    pub access: DmaAccess,
+    /// Page Request Group Index, 9 bits.
+    pub prgi: u16,
+    pub last: bool,
+}
+
+/// The largest Page Request Group Index plus one (9 bits, PCIe PRI).
+pub const PRG_INDEX_COUNT: u16 = 512;
+
+/// The device's view of the IOMMU (and, through it, of host memory).
+pub trait DmaPort: Send + Sync {
+    /// An untranslated request: translates `addr` in the address space of (`sid`, `pasid`)
+    /// for `access`, checking permissions, and returns the page it lies in; or the fault.
+    fn translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, DmaFault>;
+
+    /// An ATS translation request for the page containing `addr`, asking for `access`
+    /// (PCIe ATS; a request without write asks for a read-only translation). The result
+    /// may grant more than asked; the device caches it until invalidated.
+    fn ats_translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<AtsCompletion, DmaFault>;
+
+    /// A translated request (address type "translated") of `len` bytes at `hpa`, obtained
+    /// from an ATS completion: the IOMMU only checks that `sid` may issue translated
+    /// requests (device TLB enabled in its context entry, VT-d §9.4 DTE). The access itself
+    /// then goes to [`DmaPort::memory`].
+    fn check_translated(
+        &self,
+        sid: SourceId,
+        hpa: Hpa,
+        len: u64,
+        access: DmaAccess,
+    ) -> Result<(), DmaFault>;
+
+    /// A page request message. The answer comes later (or immediately, from inside this
+    /// call) through [`AtsEndpoint::page_response`] of the device.
+    fn page_request(&self, req: PageRequest);
+
+    /// Host memory, where translated HPAs are read and written.
+    fn memory(&self) -> &HostMemory;
+}
+
+/// The response code of a PRG response message (PCIe PRI; VT-d §6.5.2.9 page group
+/// response descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageResponseCode {
+    /// The pages are now accessible; the device retries.
+    Success,
+    /// The request is invalid; the device reports the fault to its software.
+    InvalidRequest,
+    /// A catastrophic error; the device stops issuing page requests until its PRI is reset.
+    ResponseFailure,
+}
+
+impl PageResponseCode {
+    /// The 4-bit response code.
+    pub const fn raw(self) -> u8 {
+        match self {
+            PageResponseCode::Success => 0x0,
+            PageResponseCode::InvalidRequest => 0x1,
+            PageResponseCode::ResponseFailure => 0xf,
+        }
+    }
+
+    /// The code from its 4-bit value; reserved values are `None`.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            0x0 => Some(PageResponseCode::Success),
+            0x1 => Some(PageResponseCode::InvalidRequest),
+            0xf => Some(PageResponseCode::ResponseFailure),
+            _ => None,
+        }
+    }
+}
+
+/// A PRG response message to the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageResponse {
+    pub pasid: Option<Pasid>,
+    pub prgi: u16,
+    pub code: PageResponseCode,
+}
+
+/// An ATS invalidate request (PCIe ATS; VT-d §6.5.2.5 device-TLB and §6.5.2.6
+/// PASID-based-device-TLB invalidate descriptors): drop the device-TLB entries for the
+/// naturally aligned range of `4 KiB << size_order` bytes containing `addr`, of requests
+/// with `pasid` (or without PASID when `None`), or of every PASID when `global` is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DevTlbInvalidation {
+    pub pasid: Option<Pasid>,
+    pub global: bool,
+    pub addr: u64,
+    pub size_order: u8,
+}
+
+impl DevTlbInvalidation {
+    /// `size_order` at and above which the range is the whole address space.
+    pub const ALL_ORDER: u8 = 52;
+
+    /// The request for the whole address space of `pasid`.
+    pub const fn all(pasid: Option<Pasid>) -> Self {
+        DevTlbInvalidation {
+            pasid,
+            global: false,
+            addr: 0,
+            size_order: Self::ALL_ORDER,
+        }
+    }
+
+    /// Decodes the address with the Size (S) bit as both descriptors and the PCIe message
+    /// carry it: with `s` clear the range is the 4 KiB page of `addr`; with `s` set the
+    /// lowest clear bit of `addr[63:12]`, at position `b`, makes the range `2^(b+1)` bytes,
+    /// and all of `addr[63:12]` set means everything.
+    pub const fn from_size_bit(pasid: Option<Pasid>, global: bool, addr: u64, s: bool) -> Self {
+        let size_order = if s {
+            let ones = (addr >> 12).trailing_ones() as u8;
+            if ones >= Self::ALL_ORDER {
+                Self::ALL_ORDER
+            } else {
+                ones + 1
+            }
+        } else {
+            0
+        };
+        DevTlbInvalidation {
+            pasid,
+            global,
+            addr,
+            size_order,
+        }
+    }
+
+    /// The invalidated device-address range as `(start, last)`, inclusive.
+    pub const fn range(&self) -> (u64, u64) {
+        if self.size_order >= Self::ALL_ORDER {
+            return (0, u64::MAX);
+        }
+        let size = PAGE_SIZE << self.size_order;
+        let start = self.addr & !(size - 1);
+        (start, start + (size - 1))
+    }
+}
+
+/// What the IOMMU sends to an ATS/PRI-capable device: invalidations of its device TLB and
+/// responses to its page requests.
+pub trait AtsEndpoint: Send + Sync {
+    /// The requester id of the device.
+    fn source_id(&self) -> SourceId;
+
+    /// Processes an invalidate request; when this returns, no later request of the device
+    /// uses a dropped entry (the invalidate completion). Returns how many entries dropped.
+    fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize;
+
+    /// Delivers a PRG response message. The device acts on it when it next runs.
+    fn page_response(&self, resp: PageResponse);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translations_are_aligned_power_of_two_pages() {
+        assert!(DmaTranslation::new(Hpa(0x1000), 0x1000).is_some());
+        assert!(DmaTranslation::new(Hpa(0x1000), 0x20_0000).is_none());
+        assert!(DmaTranslation::new(Hpa(0x20_0000), 0x3000).is_none());
+        assert!(DmaTranslation::new(Hpa(0), 0x800).is_none());
+        let t = DmaTranslation::new(Hpa(0x40_0000), 0x20_0000).unwrap();
+        assert_eq!(t.page_start(0x7f_1234_5678), 0x7f_1220_0000);
+        assert_eq!(t.hpa_of(0x7f_1234_5678), Hpa(0x54_5678));
+    }
+
+    #[test]
+    fn size_bit_encoding_gives_the_range() {
+        let p = Some(Pasid::new(5).unwrap());
+        let four_k = DevTlbInvalidation::from_size_bit(p, false, 0x1234_5000, false);
+        assert_eq!(four_k.range(), (0x1234_5000, 0x1234_5fff));
+        // Bit 12 clear: 8 KiB.
+        let eight_k = DevTlbInvalidation::from_size_bit(p, false, 0x1234_4000, true);
+        assert_eq!(eight_k.range(), (0x1234_4000, 0x1234_5fff));
+        // Bits 19:12 set, bit 20 clear: 2 MiB.
+        let two_m = DevTlbInvalidation::from_size_bit(p, false, 0x4_000f_f000, true);
+        assert_eq!(two_m.size_order, 9);
+        assert_eq!(two_m.range(), (0x4_0000_0000, 0x4_001f_ffff));
+        let all = DevTlbInvalidation::from_size_bit(p, true, !0xfff, true);
+        assert_eq!(all.range(), (0, u64::MAX));
+        assert_eq!(DevTlbInvalidation::all(None).range(), (0, u64::MAX));
+    }
+
+    #[test]
+    fn response_codes_round_trip() {
+        for code in [
+            PageResponseCode::Success,
+            PageResponseCode::InvalidRequest,
+            PageResponseCode::ResponseFailure,
+        ] {
+            assert_eq!(PageResponseCode::from_raw(code.raw()), Some(code));
+        }
+        assert_eq!(PageResponseCode::from_raw(0x2), None);
+    }
+}

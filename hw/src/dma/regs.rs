@@ -1,0 +1,197 @@
+//! The engine's MMIO registers (BAR 0) and submission portal (BAR 2).
+//!
+//! A reduced DSA-style register file: capabilities, a control register that also carries
+//! the PCIe PASID, ATS and PRI capability enables, a status register with the PRI status
+//! bits, and a software error register for errors no completion record can report. All
+//! registers are 64 bits wide and accessed 64 bits at a time.
+
+use vsva_vtd::{Pasid, SourceId};
+
+use super::descriptor::CompletionStatus;
+
+/// Capabilities (read-only).
+pub const REG_CAP: u64 = 0x00;
+/// Control (read-write; configuration bits change only while the engine is disabled).
+pub const REG_CTRL: u64 = 0x08;
+/// Status (read-only; the PRI bits are write-1-to-clear).
+pub const REG_STATUS: u64 = 0x10;
+/// Software error, first half: valid, overflow, status, opcode, PASID.
+pub const REG_SWERR0: u64 = 0x20;
+/// Software error, second half: the address involved.
+pub const REG_SWERR1: u64 = 0x28;
+
+/// CAP: requests with PASID supported (PCIe PASID capability).
+pub const CAP_PASID: u64 = 1 << 0;
+/// CAP: ATS and a device TLB.
+pub const CAP_ATS: u64 = 1 << 1;
+/// CAP: PRI page requests; also block-on-fault descriptors.
+pub const CAP_PRS: u64 = 1 << 2;
+/// CAP: shift of the PASID width field (bits 15:8).
+pub const CAP_PASID_WIDTH_SHIFT: u32 = 8;
+/// CAP: shift of log2 of the maximum transfer size (bits 23:16).
+pub const CAP_MAX_XFER_SHIFT: u32 = 16;
+/// CAP: shift of the work queue size (bits 47:32).
+pub const CAP_WQ_SIZE_SHIFT: u32 = 32;
+/// CAP: shift of the outstanding page request capacity (bits 63:48).
+pub const CAP_PRI_CAPACITY_SHIFT: u32 = 48;
+
+/// CTRL: engine enabled; descriptors are accepted and executed.
+pub const CTRL_ENABLE: u64 = 1 << 0;
+/// CTRL: PASID Enable (PCIe PASID control).
+pub const CTRL_PASID_EN: u64 = 1 << 1;
+/// CTRL: Privileged Mode Enable (PCIe PASID control).
+pub const CTRL_PRIV_EN: u64 = 1 << 2;
+/// CTRL: ATS Enable (PCIe ATS control); the device TLB is used.
+pub const CTRL_ATS_EN: u64 = 1 << 3;
+/// CTRL: PRI Enable (PCIe PRI control).
+pub const CTRL_PRI_EN: u64 = 1 << 4;
+/// Every CTRL bit.
+pub const CTRL_ALL: u64 = CTRL_ENABLE | CTRL_PASID_EN | CTRL_PRIV_EN | CTRL_ATS_EN | CTRL_PRI_EN;
+
+/// STATUS: the engine is enabled.
+pub const STATUS_ENABLED: u64 = 1 << 0;
+/// STATUS: a PRG response said Response Failure; no page requests until cleared (PCIe PRI
+/// status RF, write 1 to clear).
+pub const STATUS_PRI_RF: u64 = 1 << 1;
+/// STATUS: a PRG response named no outstanding group (PCIe PRI status UPRGI, write 1 to
+/// clear).
+pub const STATUS_PRI_UPRGI: u64 = 1 << 2;
+
+/// SWERR0: the register holds an error (write 1 to clear, which clears the record).
+pub const SWERR_VALID: u64 = 1 << 0;
+/// SWERR0: another error arrived while one was held (write 1 to clear).
+pub const SWERR_OVERFLOW: u64 = 1 << 1;
+
+/// Size of the submission portal: any 64-byte aligned 64-byte write inside it submits.
+pub const PORTAL_SIZE: u64 = 0x1000;
+
+/// The engine's fixed configuration: what it is built with, reflected in CAP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaEngineConfig {
+    /// The requester id of the engine.
+    pub sid: SourceId,
+    pub pasid: bool,
+    pub ats: bool,
+    pub prs: bool,
+    /// Descriptors the work queue holds (1 to 65535).
+    pub wq_size: u16,
+    /// Device TLB entries.
+    pub devtlb_entries: usize,
+    /// log2 of the largest transfer size (12 to 31).
+    pub max_transfer_shift: u8,
+    /// Page requests outstanding at once (1 to 512).
+    pub pri_capacity: u16,
+}
+
+impl DmaEngineConfig {
+    /// An engine with every capability and DSA-like sizes.
+    pub const fn new(sid: SourceId) -> Self {
+        DmaEngineConfig {
+            sid,
+            pasid: true,
+            ats: true,
+            prs: true,
+            wq_size: 128,
+            devtlb_entries: 64,
+            max_transfer_shift: 31,
+            pri_capacity: 32,
+        }
+    }
+
+    /// The CAP register.
+    pub const fn cap(&self) -> u64 {
+        let mut cap = (self.max_transfer_shift as u64) << CAP_MAX_XFER_SHIFT
+            | (self.wq_size as u64) << CAP_WQ_SIZE_SHIFT;
+        if self.pasid {
+            cap |= CAP_PASID | (Pasid::BITS as u64) << CAP_PASID_WIDTH_SHIFT;
+        }
+        if self.ats {
+            cap |= CAP_ATS;
+        }
+        if self.prs {
+            cap |= CAP_PRS | (self.pri_capacity as u64) << CAP_PRI_CAPACITY_SHIFT;
+        }
+        cap
+    }
+
+    /// The CTRL bits this configuration allows.
+    pub const fn ctrl_mask(&self) -> u64 {
+        let mut mask = CTRL_ENABLE;
+        if self.pasid {
+            mask |= CTRL_PASID_EN | CTRL_PRIV_EN;
+        }
+        if self.ats {
+            mask |= CTRL_ATS_EN;
+        }
+        if self.prs {
+            mask |= CTRL_PRI_EN;
+        }
+        mask
+    }
+
+    /// The largest transfer size in bytes.
+    pub const fn max_transfer(&self) -> u64 {
+        1 << self.max_transfer_shift
+    }
+
+    /// Whether the numbers are in range.
+    pub const fn is_valid(&self) -> bool {
+        self.wq_size > 0
+            && self.devtlb_entries > 0
+            && self.max_transfer_shift >= 12
+            && self.max_transfer_shift <= 31
+            && self.pri_capacity > 0
+            && self.pri_capacity <= super::port::PRG_INDEX_COUNT
+    }
+}
+
+/// An error recorded in the software error register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SoftwareError {
+    pub status: CompletionStatus,
+    pub opcode: u8,
+    pub pasid: Option<Pasid>,
+    /// The completion record address, or the faulting address.
+    pub addr: u64,
+}
+
+const SWERR_STATUS_SHIFT: u32 = 8;
+const SWERR_OPCODE_SHIFT: u32 = 16;
+const SWERR_PASID_VALID: u64 = 1 << 31;
+const SWERR_PASID_SHIFT: u32 = 32;
+
+impl SoftwareError {
+    /// SWERR0 and SWERR1 for this error, with the valid bit.
+    pub fn to_regs(&self) -> (u64, u64) {
+        let mut w0 = SWERR_VALID
+            | (self.status as u64) << SWERR_STATUS_SHIFT
+            | (self.opcode as u64) << SWERR_OPCODE_SHIFT;
+        if let Some(p) = self.pasid {
+            w0 |= SWERR_PASID_VALID | u64::from(p.raw()) << SWERR_PASID_SHIFT;
+        }
+        (w0, self.addr)
+    }
+}
+
+/// Errors of register and portal accesses. An access that fails changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    #[error("MMIO offset {0:#x} is not a register")]
+    NoRegister(u64),
+    #[error("MMIO offset {0:#x} is read-only")]
+    ReadOnly(u64),
+    #[error("CTRL bits {0:#x} name capabilities the engine does not have")]
+    Unsupported(u64),
+    #[error("CTRL configuration bits change only while the engine is disabled")]
+    ConfigWhileEnabled,
+    #[error("the engine has work in progress (queued or waiting for page responses)")]
+    Busy,
+    #[error("portal offset {0:#x} is not a 64-byte slot of the portal")]
+    PortalOffset(u64),
+    #[error("the engine is disabled")]
+    Disabled,
+    #[error("the work queue is full; retry")]
+    Retry,
+    #[error("invalid engine configuration")]
+    BadConfig,
+}
