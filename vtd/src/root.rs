@@ -427,6 +427,19 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn entry_fault_display_names_the_fpd() {
+        let disabled = EntryFault::new(FaultReason::Sct2, true);
+        assert_eq!(
+            disabled.to_string(),
+            "SCT.2 (0x41): context entry not present (FPD set)"
+        );
+        assert_eq!(
+            EntryFault::from(FaultReason::Srt1).to_string(),
+            "SRT.1 (0x38): error accessing the root entry"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
