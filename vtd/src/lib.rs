@@ -5,6 +5,7 @@
 //! tables in guest memory). Section numbers refer to the Intel VT-d specification, rev. 3.x.
 
 pub mod addr;
+pub mod builder;
 pub mod context;
 pub mod fault;
 pub mod flpte;
@@ -13,9 +14,12 @@ pub mod mem;
 pub mod pasid;
 pub mod root;
 pub mod slpte;
+#[cfg(test)]
+mod testutil;
 pub mod walk;
 
 pub use addr::{DomainId, Gpa, Gva, Hpa, InvalidPasid, Iova, Pasid, SourceId};
+pub use builder::{BuildError, FrameSource, MapFlags, Mapping, PageTableBuilder, TableFormat};
 pub use context::ScalableContextEntry;
 pub use fault::FaultReason;
 pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
