@@ -12,6 +12,11 @@ pub mod engine;
 pub mod port;
 pub mod regs;
 
+#[cfg(test)]
+mod mock;
+#[cfg(test)]
+mod tests;
+
 pub use descriptor::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DescriptorError, Opcode,
     Operation, RawDescriptor,

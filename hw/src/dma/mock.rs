@@ -1,0 +1,204 @@
+//! A stand-in IOMMU for the engine's tests: a map of 4 KiB pages per PASID.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use vsva_vtd::{FaultReason, Hpa, Pasid, SourceId};
+
+use super::port::{
+    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
+    PageResponse, PageResponseCode,
+};
+use crate::memory::{HostMemory, PAGE_SIZE};
+
+#[derive(Clone, Copy, Debug)]
+struct Page {
+    hpa: u64,
+    writable: bool,
+}
+
+#[derive(Default)]
+struct State {
+    pages: HashMap<(Option<Pasid>, u64), Page>,
+    /// Address spaces with a PASID entry; others fault non-recoverably (SPT.2).
+    spaces: HashSet<Option<Pasid>>,
+    /// The PASID entries allow page requests: not-present and permission faults are
+    /// recoverable.
+    pri: bool,
+    /// The context entry allows translated requests.
+    translated_ok: bool,
+    requests: Vec<PageRequest>,
+    /// Answer each page request at once, from inside the call, with this code.
+    auto_response: Option<(Weak<dyn AtsEndpoint>, PageResponseCode)>,
+}
+
+pub struct MockPort {
+    mem: Arc<HostMemory>,
+    state: Mutex<State>,
+}
+
+impl MockPort {
+    pub fn new(mem: Arc<HostMemory>) -> Arc<Self> {
+        Arc::new(MockPort {
+            mem,
+            state: Mutex::new(State {
+                translated_ok: true,
+                ..State::default()
+            }),
+        })
+    }
+
+    pub fn add_space(&self, pasid: Option<Pasid>) {
+        self.state.lock().unwrap().spaces.insert(pasid);
+    }
+
+    pub fn set_pri(&self, on: bool) {
+        self.state.lock().unwrap().pri = on;
+    }
+
+    pub fn set_translated_ok(&self, on: bool) {
+        self.state.lock().unwrap().translated_ok = on;
+    }
+
+    pub fn set_auto_response(&self, device: Weak<dyn AtsEndpoint>, code: PageResponseCode) {
+        self.state.lock().unwrap().auto_response = Some((device, code));
+    }
+
+    /// Maps the device page containing `addr` to the frame at `hpa`.
+    pub fn map(&self, pasid: Option<Pasid>, addr: u64, hpa: u64, writable: bool) {
+        assert_eq!(hpa % PAGE_SIZE, 0);
+        self.state
+            .lock()
+            .unwrap()
+            .pages
+            .insert((pasid, addr / PAGE_SIZE), Page { hpa, writable });
+    }
+
+    pub fn unmap(&self, pasid: Option<Pasid>, addr: u64) {
+        self.state
+            .lock()
+            .unwrap()
+            .pages
+            .remove(&(pasid, addr / PAGE_SIZE));
+    }
+
+    pub fn take_requests(&self) -> Vec<PageRequest> {
+        std::mem::take(&mut self.state.lock().unwrap().requests)
+    }
+
+    /// Reads `len` bytes at a device address through the map (the CPU's view).
+    pub fn read_dev(&self, pasid: Option<Pasid>, addr: u64, len: usize) -> Vec<u8> {
+        let st = self.state.lock().unwrap();
+        (0..len as u64)
+            .map(|i| {
+                let a = addr + i;
+                let page = st.pages[&(pasid, a / PAGE_SIZE)];
+                let mut b = [0u8];
+                vsva_vtd::PhysMem::read(&*self.mem, page.hpa + a % PAGE_SIZE, &mut b).unwrap();
+                b[0]
+            })
+            .collect()
+    }
+
+    /// Writes bytes at a device address through the map.
+    pub fn write_dev(&self, pasid: Option<Pasid>, addr: u64, data: &[u8]) {
+        let st = self.state.lock().unwrap();
+        for (i, b) in data.iter().enumerate() {
+            let a = addr + i as u64;
+            let page = st.pages[&(pasid, a / PAGE_SIZE)];
+            vsva_vtd::PhysMem::write(&*self.mem, page.hpa + a % PAGE_SIZE, &[*b]).unwrap();
+        }
+    }
+
+    fn walk(&self, pasid: Option<Pasid>, addr: u64, access: DmaAccess) -> Result<Page, DmaFault> {
+        let st = self.state.lock().unwrap();
+        if !st.spaces.contains(&pasid) {
+            return Err(DmaFault {
+                reason: FaultReason::Spt2.code(),
+                recoverable: false,
+            });
+        }
+        let fault = |reason: FaultReason| DmaFault {
+            reason: reason.code(),
+            recoverable: st.pri,
+        };
+        let page = st
+            .pages
+            .get(&(pasid, addr / PAGE_SIZE))
+            .ok_or(fault(FaultReason::Sfl2))?;
+        if access.write && !page.writable {
+            return Err(fault(FaultReason::Sgn6));
+        }
+        Ok(*page)
+    }
+}
+
+impl DmaPort for MockPort {
+    fn translate(
+        &self,
+        _sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, DmaFault> {
+        let page = self.walk(pasid, addr, access)?;
+        Ok(DmaTranslation::new(Hpa(page.hpa), PAGE_SIZE).unwrap())
+    }
+
+    fn ats_translate(
+        &self,
+        _sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<AtsCompletion, DmaFault> {
+        let page = self.walk(pasid, addr, access)?;
+        Ok(AtsCompletion {
+            page: DmaTranslation::new(Hpa(page.hpa), PAGE_SIZE).unwrap(),
+            perm: DmaAccess {
+                read: true,
+                write: page.writable,
+                execute: false,
+                privileged: access.privileged,
+            },
+        })
+    }
+
+    fn check_translated(
+        &self,
+        _sid: SourceId,
+        _hpa: Hpa,
+        _len: u64,
+        _access: DmaAccess,
+    ) -> Result<(), DmaFault> {
+        if self.state.lock().unwrap().translated_ok {
+            Ok(())
+        } else {
+            Err(DmaFault {
+                reason: FaultReason::Sct2.code(),
+                recoverable: false,
+            })
+        }
+    }
+
+    fn page_request(&self, req: PageRequest) {
+        let auto = {
+            let mut st = self.state.lock().unwrap();
+            st.requests.push(req);
+            st.auto_response.clone()
+        };
+        if let Some((device, code)) = auto {
+            if let Some(device) = device.upgrade() {
+                device.page_response(PageResponse {
+                    pasid: req.pasid,
+                    prgi: req.prgi,
+                    code,
+                });
+            }
+        }
+    }
+
+    fn memory(&self) -> &HostMemory {
+        &self.mem
+    }
+}
