@@ -1,0 +1,551 @@
+//! Typed views of the uAPI structures, for VMM code and the host IOMMU driver.
+//!
+//! Each type converts from its validated C structure (`TryFrom`, which re-checks what the
+//! type promises) and to it (`From`), so the byte ABI stays the single source of truth.
+
+use vsva_vtd::{Gpa, Iova, Pasid};
+
+use super::iommu::*;
+use super::vfio::*;
+use crate::error::HostError;
+
+/// A DMA mapping request (`VFIO_IOMMU_MAP_DMA`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMap {
+    /// IO virtual address; for a VM, the guest physical address of the memory.
+    pub iova: Iova,
+    /// Address of the memory in the calling (VMM) process.
+    pub vaddr: u64,
+    /// Bytes, a multiple of 4 KiB.
+    pub size: u64,
+    /// The device may read.
+    pub read: bool,
+    /// The device may write.
+    pub write: bool,
+}
+
+impl TryFrom<&VfioIommuType1DmaMap> for DmaMap {
+    type Error = HostError;
+
+    fn try_from(m: &VfioIommuType1DmaMap) -> Result<Self, HostError> {
+        VfioIommuType1DmaMap::from_bytes(&m.to_bytes())?;
+        Ok(DmaMap {
+            iova: Iova(m.iova),
+            vaddr: m.vaddr,
+            size: m.size,
+            read: m.flags & VFIO_DMA_MAP_FLAG_READ != 0,
+            write: m.flags & VFIO_DMA_MAP_FLAG_WRITE != 0,
+        })
+    }
+}
+
+impl From<&DmaMap> for VfioIommuType1DmaMap {
+    fn from(m: &DmaMap) -> Self {
+        let mut flags = 0;
+        if m.read {
+            flags |= VFIO_DMA_MAP_FLAG_READ;
+        }
+        if m.write {
+            flags |= VFIO_DMA_MAP_FLAG_WRITE;
+        }
+        VfioIommuType1DmaMap {
+            argsz: std::mem::size_of::<VfioIommuType1DmaMap>() as u32,
+            flags,
+            vaddr: m.vaddr,
+            iova: m.iova.raw(),
+            size: m.size,
+        }
+    }
+}
+
+/// Guest page-table bind data (`iommu_gpasid_bind_data` with its VT-d part).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindGpasid {
+    /// The host PASID the device tags its requests with; must belong to the caller's set.
+    pub hpasid: Pasid,
+    /// The guest's PASID for the same address space, if it differs or is known.
+    pub gpasid: Option<Pasid>,
+    /// Guest first-level page-table base (the guest process's CR3 page), 4 KiB aligned.
+    pub gpgd: Gpa,
+    /// Guest virtual address width: 48 (4-level) or 57 (5-level).
+    pub addr_width: u32,
+    /// `IOMMU_SVA_VTD_GPASID_*` PASID-entry attributes.
+    pub vtd_flags: u64,
+    /// Page attribute table, for the effective memory type.
+    pub pat: u32,
+    /// Extended memory type.
+    pub emt: u32,
+}
+
+impl TryFrom<&IommuGpasidBindData> for BindGpasid {
+    type Error = HostError;
+
+    fn try_from(d: &IommuGpasidBindData) -> Result<Self, HostError> {
+        IommuGpasidBindData::from_bytes(&d.to_bytes())?;
+        Ok(BindGpasid {
+            hpasid: check_pasid(d.hpasid, "hpasid")?,
+            gpasid: if d.flags & IOMMU_SVA_GPASID_VAL != 0 {
+                Some(check_pasid(d.gpasid, "gpasid")?)
+            } else {
+                None
+            },
+            gpgd: Gpa(d.gpgd),
+            addr_width: d.addr_width,
+            vtd_flags: d.vendor.vtd.flags,
+            pat: d.vendor.vtd.pat,
+            emt: d.vendor.vtd.emt,
+        })
+    }
+}
+
+impl From<&BindGpasid> for IommuGpasidBindData {
+    fn from(b: &BindGpasid) -> Self {
+        IommuGpasidBindData {
+            argsz: std::mem::size_of::<IommuGpasidBindData>() as u32,
+            version: IOMMU_GPASID_BIND_VERSION_1,
+            format: IOMMU_PASID_FORMAT_INTEL_VTD,
+            addr_width: b.addr_width,
+            flags: if b.gpasid.is_some() {
+                IOMMU_SVA_GPASID_VAL
+            } else {
+                0
+            },
+            gpgd: b.gpgd.raw(),
+            hpasid: b.hpasid.raw().into(),
+            gpasid: b.gpasid.map_or(0, |p| p.raw().into()),
+            padding: [0; 8],
+            vendor: IommuGpasidBindVendor {
+                vtd: IommuGpasidBindDataVtd {
+                    flags: b.vtd_flags,
+                    pat: b.pat,
+                    emt: b.emt,
+                },
+            },
+        }
+    }
+}
+
+/// What an invalidation selects (`IOMMU_INV_GRANU_*` with its data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvGranularity {
+    /// Everything of the container's domain.
+    Domain,
+    /// Everything tagged with a PASID and/or architecture id.
+    Pasid {
+        /// PASID, when given.
+        pasid: Option<Pasid>,
+        /// Architecture id, when given.
+        archid: Option<u32>,
+    },
+    /// A range of first-level input addresses.
+    Addr {
+        /// PASID, when given.
+        pasid: Option<Pasid>,
+        /// Architecture id, when given.
+        archid: Option<u32>,
+        /// First address, aligned to `granule_size`.
+        addr: u64,
+        /// Page or block size, a power of two of at least 4 KiB.
+        granule_size: u64,
+        /// Number of granules, at least 1.
+        nb_granules: u64,
+        /// Only leaf entries changed: paging-structure caches may be kept.
+        leaf: bool,
+    },
+}
+
+/// A first-level cache invalidation (`iommu_cache_invalidate_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheInvalidate {
+    /// `IOMMU_CACHE_INV_TYPE_*` bits: which caches.
+    pub cache: u8,
+    /// Which entries.
+    pub granularity: InvGranularity,
+}
+
+impl CacheInvalidate {
+    /// The PASID the invalidation names, if any.
+    pub fn pasid(&self) -> Option<Pasid> {
+        match self.granularity {
+            InvGranularity::Domain => None,
+            InvGranularity::Pasid { pasid, .. } | InvGranularity::Addr { pasid, .. } => pasid,
+        }
+    }
+}
+
+impl TryFrom<&IommuCacheInvalidateInfo> for CacheInvalidate {
+    type Error = HostError;
+
+    fn try_from(i: &IommuCacheInvalidateInfo) -> Result<Self, HostError> {
+        IommuCacheInvalidateInfo::from_bytes(&i.to_bytes())?;
+        let granularity = match i.granularity {
+            IOMMU_INV_GRANU_DOMAIN => InvGranularity::Domain,
+            IOMMU_INV_GRANU_PASID => {
+                let p = i.pasid_info();
+                InvGranularity::Pasid {
+                    pasid: (p.flags & IOMMU_INV_PASID_FLAGS_PASID != 0)
+                        .then(|| check_pasid(p.pasid, "iommu_inv_pasid_info"))
+                        .transpose()?,
+                    archid: (p.flags & IOMMU_INV_PASID_FLAGS_ARCHID != 0).then_some(p.archid),
+                }
+            }
+            _ => {
+                let a = &i.granu;
+                InvGranularity::Addr {
+                    pasid: (a.flags & IOMMU_INV_ADDR_FLAGS_PASID != 0)
+                        .then(|| check_pasid(a.pasid, "iommu_inv_addr_info"))
+                        .transpose()?,
+                    archid: (a.flags & IOMMU_INV_ADDR_FLAGS_ARCHID != 0).then_some(a.archid),
+                    addr: a.addr,
+                    granule_size: a.granule_size,
+                    nb_granules: a.nb_granules,
+                    leaf: a.flags & IOMMU_INV_ADDR_FLAGS_LEAF != 0,
+                }
+            }
+        };
+        Ok(CacheInvalidate {
+            cache: i.cache,
+            granularity,
+        })
+    }
+}
+
+impl From<&CacheInvalidate> for IommuCacheInvalidateInfo {
+    fn from(c: &CacheInvalidate) -> Self {
+        let mut info = IommuCacheInvalidateInfo {
+            argsz: std::mem::size_of::<IommuCacheInvalidateInfo>() as u32,
+            version: IOMMU_CACHE_INVALIDATE_INFO_VERSION_1,
+            cache: c.cache,
+            ..Default::default()
+        };
+        match c.granularity {
+            InvGranularity::Domain => info.granularity = IOMMU_INV_GRANU_DOMAIN,
+            InvGranularity::Pasid { pasid, archid } => {
+                info.granularity = IOMMU_INV_GRANU_PASID;
+                info.set_pasid_info(IommuInvPasidInfo {
+                    flags: pasid.map_or(0, |_| IOMMU_INV_PASID_FLAGS_PASID)
+                        | archid.map_or(0, |_| IOMMU_INV_PASID_FLAGS_ARCHID),
+                    archid: archid.unwrap_or(0),
+                    pasid: pasid.map_or(0, |p| p.raw().into()),
+                });
+            }
+            InvGranularity::Addr {
+                pasid,
+                archid,
+                addr,
+                granule_size,
+                nb_granules,
+                leaf,
+            } => {
+                info.granularity = IOMMU_INV_GRANU_ADDR;
+                info.granu = IommuInvAddrInfo {
+                    flags: pasid.map_or(0, |_| IOMMU_INV_ADDR_FLAGS_PASID)
+                        | archid.map_or(0, |_| IOMMU_INV_ADDR_FLAGS_ARCHID)
+                        | if leaf { IOMMU_INV_ADDR_FLAGS_LEAF } else { 0 },
+                    archid: archid.unwrap_or(0),
+                    pasid: pasid.map_or(0, |p| p.raw().into()),
+                    addr,
+                    granule_size,
+                    nb_granules,
+                };
+            }
+        }
+        info
+    }
+}
+
+/// What the host does with the guest stage of a guest-owned PASID table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasidConfig {
+    /// Translate through the guest's tables (`IOMMU_PASID_CONFIG_TRANSLATE`).
+    Translate {
+        /// STE.S1Fmt.
+        s1fmt: u8,
+        /// STE.S1DSS.
+        s1dss: u8,
+    },
+    /// Bypass the guest stage (`IOMMU_PASID_CONFIG_BYPASS`).
+    Bypass,
+    /// Abort guest-stage transactions (`IOMMU_PASID_CONFIG_ABORT`).
+    Abort,
+}
+
+/// A guest-owned PASID table (`iommu_pasid_table_config`, SMMUv3 format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PasidTableConfig {
+    /// Guest physical address of the table.
+    pub base_ptr: Gpa,
+    /// PASID bits the table covers (at most 20).
+    pub pasid_bits: u8,
+    /// Guest-stage behaviour.
+    pub config: PasidConfig,
+}
+
+impl TryFrom<&IommuPasidTableConfig> for PasidTableConfig {
+    type Error = HostError;
+
+    fn try_from(c: &IommuPasidTableConfig) -> Result<Self, HostError> {
+        IommuPasidTableConfig::from_bytes(&c.to_bytes())?;
+        let config = match c.config {
+            IOMMU_PASID_CONFIG_TRANSLATE => PasidConfig::Translate {
+                s1fmt: c.vendor_data.smmuv3.s1fmt,
+                s1dss: c.vendor_data.smmuv3.s1dss,
+            },
+            IOMMU_PASID_CONFIG_BYPASS => PasidConfig::Bypass,
+            _ => PasidConfig::Abort,
+        };
+        Ok(PasidTableConfig {
+            base_ptr: Gpa(c.base_ptr),
+            pasid_bits: c.pasid_bits,
+            config,
+        })
+    }
+}
+
+impl From<&PasidTableConfig> for IommuPasidTableConfig {
+    fn from(p: &PasidTableConfig) -> Self {
+        let (config, smmuv3) = match p.config {
+            PasidConfig::Translate { s1fmt, s1dss } => (
+                IOMMU_PASID_CONFIG_TRANSLATE,
+                IommuPasidSmmuv3 {
+                    version: PASID_TABLE_SMMUV3_CFG_VERSION_1,
+                    s1fmt,
+                    s1dss,
+                    padding: [0; 2],
+                },
+            ),
+            PasidConfig::Bypass => (IOMMU_PASID_CONFIG_BYPASS, IommuPasidSmmuv3::default()),
+            PasidConfig::Abort => (IOMMU_PASID_CONFIG_ABORT, IommuPasidSmmuv3::default()),
+        };
+        IommuPasidTableConfig {
+            version: PASID_TABLE_CFG_VERSION_1,
+            format: IOMMU_PASID_FORMAT_SMMUV3,
+            base_ptr: p.base_ptr.raw(),
+            pasid_bits: p.pasid_bits,
+            config,
+            padding: [0; 6],
+            vendor_data: IommuPasidTableVendor { smmuv3 },
+        }
+    }
+}
+
+/// The status a page response carries (`enum iommu_page_response_code`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageResponseCode {
+    /// Handled: the device retries.
+    Success,
+    /// Not handled: the device does not retry.
+    Invalid,
+    /// General failure.
+    Failure,
+}
+
+/// A page group response (`iommu_page_response`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageResponse {
+    /// PASID of the request group, when it had one.
+    pub pasid: Option<Pasid>,
+    /// Page Request Group Index.
+    pub grpid: u32,
+    /// Outcome.
+    pub code: PageResponseCode,
+}
+
+impl TryFrom<&IommuPageResponse> for PageResponse {
+    type Error = HostError;
+
+    fn try_from(r: &IommuPageResponse) -> Result<Self, HostError> {
+        IommuPageResponse::from_bytes(&r.to_bytes())?;
+        Ok(PageResponse {
+            pasid: (r.flags & IOMMU_PAGE_RESP_PASID_VALID != 0)
+                .then(|| check_pasid(r.pasid.into(), "iommu_page_response"))
+                .transpose()?,
+            grpid: r.grpid,
+            code: match r.code {
+                IOMMU_PAGE_RESP_SUCCESS => PageResponseCode::Success,
+                IOMMU_PAGE_RESP_INVALID => PageResponseCode::Invalid,
+                _ => PageResponseCode::Failure,
+            },
+        })
+    }
+}
+
+impl From<&PageResponse> for IommuPageResponse {
+    fn from(r: &PageResponse) -> Self {
+        IommuPageResponse {
+            argsz: std::mem::size_of::<IommuPageResponse>() as u32,
+            version: IOMMU_PAGE_RESP_VERSION_1,
+            flags: r.pasid.map_or(0, |_| IOMMU_PAGE_RESP_PASID_VALID),
+            pasid: r.pasid.map_or(0, Pasid::raw),
+            grpid: r.grpid,
+            code: match r.code {
+                PageResponseCode::Success => IOMMU_PAGE_RESP_SUCCESS,
+                PageResponseCode::Invalid => IOMMU_PAGE_RESP_INVALID,
+                PageResponseCode::Failure => IOMMU_PAGE_RESP_FAILURE,
+            },
+        }
+    }
+}
+
+/// What a nesting-capable host IOMMU offers (`iommu_nesting_info`, VT-d format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NestingInfo {
+    /// `IOMMU_NESTING_FEAT_*`.
+    pub features: u32,
+    /// First-level output address width.
+    pub addr_width: u16,
+    /// PASID bits supported.
+    pub pasid_bits: u16,
+    /// VT-d capability register.
+    pub cap_reg: u64,
+    /// VT-d extended capability register.
+    pub ecap_reg: u64,
+}
+
+impl TryFrom<&IommuNestingInfo> for NestingInfo {
+    type Error = HostError;
+
+    fn try_from(n: &IommuNestingInfo) -> Result<Self, HostError> {
+        IommuNestingInfo::from_bytes(&n.to_bytes())?;
+        Ok(NestingInfo {
+            features: n.features,
+            addr_width: n.addr_width,
+            pasid_bits: n.pasid_bits,
+            cap_reg: n.vendor.vtd.cap_reg,
+            ecap_reg: n.vendor.vtd.ecap_reg,
+        })
+    }
+}
+
+impl From<&NestingInfo> for IommuNestingInfo {
+    fn from(n: &NestingInfo) -> Self {
+        IommuNestingInfo {
+            argsz: std::mem::size_of::<IommuNestingInfo>() as u32,
+            flags: 0,
+            format: IOMMU_PASID_FORMAT_INTEL_VTD,
+            features: n.features,
+            addr_width: n.addr_width,
+            pasid_bits: n.pasid_bits,
+            padding: [0; 12],
+            vendor: IommuNestingInfoVendor {
+                vtd: IommuNestingInfoVtd {
+                    flags: 0,
+                    padding: [0; 12],
+                    cap_reg: n.cap_reg,
+                    ecap_reg: n.ecap_reg,
+                },
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pasid() -> impl Strategy<Value = Pasid> {
+        (0u32..1 << 20).prop_map(|p| Pasid::new(p).unwrap())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn bind_round_trips(hp in pasid(), gp in proptest::option::of(pasid()), page in 0u64..1 << 40,
+                            aw in prop_oneof![Just(48u32), Just(57u32)], flags in 0u64..64, pat: u32, emt: u32) {
+            let b = BindGpasid { hpasid: hp, gpasid: gp, gpgd: Gpa(page << 12), addr_width: aw, vtd_flags: flags, pat, emt };
+            let raw = IommuGpasidBindData::from(&b);
+            let decoded = IommuGpasidBindData::from_bytes(&raw.to_bytes()).unwrap();
+            prop_assert_eq!(BindGpasid::try_from(&decoded).unwrap(), b);
+        }
+
+        #[test]
+        fn invalidate_round_trips(p in proptest::option::of(pasid()), archid in proptest::option::of(any::<u32>()),
+                                  shift in 12u32..40, page in 0u64..1 << 20, n in 1u64..512, leaf: bool, kind in 0u8..3) {
+            let (cache, granularity) = match kind {
+                0 => (IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_PASID, InvGranularity::Domain),
+                1 => (7, InvGranularity::Pasid { pasid: p, archid }),
+                _ => (3, InvGranularity::Addr { pasid: p, archid, addr: page << shift, granule_size: 1 << shift, nb_granules: n, leaf }),
+            };
+            let c = CacheInvalidate { cache, granularity };
+            let raw = IommuCacheInvalidateInfo::from(&c);
+            let decoded = IommuCacheInvalidateInfo::from_bytes(&raw.to_bytes()).unwrap();
+            prop_assert_eq!(CacheInvalidate::try_from(&decoded).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn other_round_trips() {
+        let m = DmaMap {
+            iova: Iova(0x4000),
+            vaddr: 0x7000_0000,
+            size: 0x3000,
+            read: true,
+            write: false,
+        };
+        let raw = VfioIommuType1DmaMap::from(&m);
+        assert_eq!(raw.flags, VFIO_DMA_MAP_FLAG_READ);
+        assert_eq!(DmaMap::try_from(&raw).unwrap(), m);
+
+        for config in [
+            PasidConfig::Translate { s1fmt: 2, s1dss: 1 },
+            PasidConfig::Bypass,
+            PasidConfig::Abort,
+        ] {
+            let t = PasidTableConfig {
+                base_ptr: Gpa(0x9000),
+                pasid_bits: 20,
+                config,
+            };
+            let raw = IommuPasidTableConfig::from(&t);
+            assert_eq!(PasidTableConfig::try_from(&raw).unwrap(), t);
+        }
+
+        let r = PageResponse {
+            pasid: Some(Pasid::new(9).unwrap()),
+            grpid: 511,
+            code: PageResponseCode::Failure,
+        };
+        assert_eq!(
+            PageResponse::try_from(&IommuPageResponse::from(&r)).unwrap(),
+            r
+        );
+
+        let n = NestingInfo {
+            features: IOMMU_NESTING_FEAT_BIND_PGTBL,
+            addr_width: 48,
+            pasid_bits: 20,
+            cap_reg: 1,
+            ecap_reg: 2,
+        };
+        assert_eq!(
+            NestingInfo::try_from(&IommuNestingInfo::from(&n)).unwrap(),
+            n
+        );
+    }
+
+    #[test]
+    fn typed_values_out_of_range_are_refused() {
+        let mut m = VfioIommuType1DmaMap::from(&DmaMap {
+            iova: Iova(0x4001),
+            vaddr: 0,
+            size: 0x1000,
+            read: true,
+            write: true,
+        });
+        assert!(DmaMap::try_from(&m).is_err());
+        m.iova = 0x4000;
+        assert!(DmaMap::try_from(&m).is_ok());
+        let c = CacheInvalidate {
+            cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+            granularity: InvGranularity::Domain,
+        };
+        assert_eq!(
+            CacheInvalidate::try_from(&IommuCacheInvalidateInfo::from(&c))
+                .unwrap_err()
+                .errno(),
+            -libc::EINVAL
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Little-endian encoding of C structures, field by field at their `offset_of!` offsets.
+//!
+//! Structures are declared once with [`c_struct!`]: the macro emits the `#[repr(C)]` Rust
+//! struct and its field-wise byte reader and writer, so the byte offsets used on the wire
+//! are exactly the compiler's C layout (which the layout tests pin to the kernel headers).
+
+use std::mem::size_of;
+
+use crate::error::HostError;
+
+/// The largest structure handled here, in bytes (checked at compile time per structure).
+pub(crate) const MAX_STRUCT: usize = 128;
+
+/// A value with a fixed little-endian byte image.
+pub(crate) trait Wire: Sized {
+    /// Reads the value from the start of `b`, which holds at least `size_of::<Self>()` bytes.
+    fn read(b: &[u8]) -> Self;
+    /// Writes the value to the start of `b`, which holds at least `size_of::<Self>()` bytes.
+    fn write(&self, b: &mut [u8]);
+}
+
+macro_rules! wire_int {
+    ($($t:ty),*) => {$(
+        impl Wire for $t {
+            fn read(b: &[u8]) -> Self {
+                let mut raw = [0u8; size_of::<$t>()];
+                raw.copy_from_slice(&b[..size_of::<$t>()]);
+                <$t>::from_le_bytes(raw)
+            }
+            fn write(&self, b: &mut [u8]) {
+                b[..size_of::<$t>()].copy_from_slice(&self.to_le_bytes());
+            }
+        }
+    )*};
+}
+wire_int!(u8, u16, u32, u64);
+
+impl<const N: usize> Wire for [u8; N] {
+    fn read(b: &[u8]) -> Self {
+        let mut raw = [0u8; N];
+        raw.copy_from_slice(&b[..N]);
+        raw
+    }
+    fn write(&self, b: &mut [u8]) {
+        b[..N].copy_from_slice(self);
+    }
+}
+
+/// Declares a `#[repr(C)]` structure with public fields and its [`Wire`] encoding.
+macro_rules! c_struct {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        const _: () = assert!(::std::mem::size_of::<$name>() <= $crate::uapi::wire::MAX_STRUCT);
+
+        impl $crate::uapi::wire::Wire for $name {
+            fn read(b: &[u8]) -> Self {
+                Self {
+                    $( $field: <$ty as $crate::uapi::wire::Wire>::read(
+                        &b[::std::mem::offset_of!($name, $field)..]), )*
+                }
+            }
+            fn write(&self, b: &mut [u8]) {
+                $( $crate::uapi::wire::Wire::write(
+                    &self.$field, &mut b[::std::mem::offset_of!($name, $field)..]); )*
+            }
+        }
+
+        impl $name {
+            /// The C image of the structure (`sizeof` bytes, padding zero).
+            pub fn to_bytes(self) -> Vec<u8> {
+                let mut out = vec![0u8; ::std::mem::size_of::<$name>()];
+                $crate::uapi::wire::Wire::write(&self, &mut out);
+                out
+            }
+        }
+    };
+}
+pub(crate) use c_struct;
+
+/// Reads a `T` from the first `len` bytes of `bytes` into a zeroed structure, as the kernel
+/// copies `len` user bytes over a zero-initialised struct. Bytes past `sizeof(T)` are ignored.
+pub(crate) fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
+    let size = size_of::<T>();
+    let mut buf = [0u8; MAX_STRUCT];
+    let n = len.min(size).min(bytes.len());
+    buf[..n].copy_from_slice(&bytes[..n]);
+    T::read(&buf[..size])
+}
+
+/// The `u32` at `offset`, or `-EFAULT` when the buffer ends before it.
+pub(crate) fn peek_u32(bytes: &[u8], offset: usize, what: &'static str) -> Result<u32, HostError> {
+    match bytes.get(offset..offset + 4) {
+        Some(b) => Ok(u32::read(b)),
+        None => Err(HostError::BufferTooShort {
+            what,
+            len: bytes.len(),
+            need: offset + 4,
+        }),
+    }
+}
+
+/// Decodes a structure whose first field is `argsz`, the way the kernel does: read `minsz`
+/// bytes (`-EFAULT` if the buffer is shorter), require `argsz >= minsz` (`-EINVAL`), then
+/// read `min(argsz, sizeof)` bytes over a zeroed struct (`-EFAULT` if the buffer is shorter).
+pub(crate) fn read_with_argsz<T: Wire>(
+    bytes: &[u8],
+    minsz: usize,
+    what: &'static str,
+) -> Result<T, HostError> {
+    if bytes.len() < minsz.max(4) {
+        return Err(HostError::BufferTooShort {
+            what,
+            len: bytes.len(),
+            need: minsz.max(4),
+        });
+    }
+    let argsz = peek_u32(bytes, 0, what)?;
+    if (argsz as usize) < minsz {
+        return Err(HostError::ArgszTooSmall {
+            what,
+            argsz,
+            min: minsz,
+        });
+    }
+    let need = (argsz as usize).min(size_of::<T>());
+    if bytes.len() < need {
+        return Err(HostError::BufferTooShort {
+            what,
+            len: bytes.len(),
+            need,
+        });
+    }
+    Ok(read_prefix(bytes, need))
+}
+
+/// Checks that `flags` has no bit outside `known`.
+pub(crate) fn check_flags(flags: u64, known: u64, what: &'static str) -> Result<(), HostError> {
+    if flags & !known != 0 {
+        return Err(HostError::UnknownFlags { what, flags, known });
+    }
+    Ok(())
+}
+
+/// Checks that a reserved byte array is zero.
+pub(crate) fn check_zero(bytes: &[u8], what: &'static str) -> Result<(), HostError> {
+    if bytes.iter().any(|&b| b != 0) {
+        return Err(HostError::field(what, "reserved padding is not zero"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    c_struct! {
+        /// A test structure with interior and trailing padding.
+        pub struct Sample {
+            pub a: u32,
+            pub b: u64,
+            pub c: u16,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_padding() {
+        let s = Sample { a: 1, b: 2, c: 3 };
+        let bytes = s.to_bytes();
+        assert_eq!(bytes.len(), 24);
+        assert_eq!(&bytes[..4], &[1, 0, 0, 0]);
+        assert_eq!(&bytes[4..8], &[0; 4]);
+        assert_eq!(&bytes[8..16], &2u64.to_le_bytes());
+        assert_eq!(read_prefix::<Sample>(&bytes, bytes.len()), s);
+        assert_eq!(
+            read_prefix::<Sample>(&bytes, 4),
+            Sample { a: 1, b: 0, c: 0 }
+        );
+    }
+
+    #[test]
+    fn argsz_rules() {
+        let mut bytes = Sample { a: 24, b: 7, c: 9 }.to_bytes();
+        assert_eq!(read_with_argsz::<Sample>(&bytes, 16, "s").unwrap().b, 7);
+        assert_eq!(
+            read_with_argsz::<Sample>(&bytes[..8], 16, "s")
+                .unwrap_err()
+                .errno(),
+            -libc::EFAULT
+        );
+        bytes[0] = 8;
+        assert_eq!(
+            read_with_argsz::<Sample>(&bytes, 16, "s").unwrap_err(),
+            HostError::ArgszTooSmall {
+                what: "s",
+                argsz: 8,
+                min: 16
+            }
+        );
+        bytes[0] = 16;
+        let s = read_with_argsz::<Sample>(&bytes, 16, "s").unwrap();
+        assert_eq!((s.b, s.c), (7, 0), "bytes past argsz are not read");
+        bytes[0] = 200;
+        assert_eq!(read_with_argsz::<Sample>(&bytes, 16, "s").unwrap().c, 9);
+    }
+}
