@@ -25,7 +25,7 @@ use vsva_vtd::{Hpa, Pasid, PhysMem};
 
 use super::descriptor::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DescriptorError, Operation,
-    RawDescriptor, COMPLETION_RECORD_SIZE, DESCRIPTOR_SIZE, FLAG_CRAV,
+    RawDescriptor, COMPLETION_RECORD_ALIGN, COMPLETION_RECORD_SIZE, DESCRIPTOR_SIZE, FLAG_CRAV,
 };
 use super::devtlb::DevTlb;
 use super::port::{
@@ -475,7 +475,7 @@ impl DmaEngine {
                 let mut record = CompletionRecord::new(e.status);
                 record.invalid_flags = e.invalid_flags;
                 let crav = raw.flags() & FLAG_CRAV != 0;
-                if crav && e.status != CompletionStatus::CompletionAddrAlign {
+                if crav && raw.completion_addr % COMPLETION_RECORD_ALIGN == 0 {
                     // The record goes where the descriptor asked, in its address space.
                     let desc = Descriptor {
                         pasid: raw.pasid(),

@@ -685,10 +685,19 @@ fn invalid_descriptors_report_their_status() {
         rig.dev.software_error().unwrap().status,
         CompletionStatus::CompletionAddrAlign
     );
-    // A second error while one is held sets overflow.
+    // A second error while one is held sets overflow; an error that ranks before the
+    // alignment check still never writes a record to a misaligned address.
+    let before = rig.port.read_dev(p, COMP, 64);
+    let raw = RawDescriptor {
+        flags_opcode: (raw.flags_opcode & 0xff_ffff) | 0x09 << 24,
+        completion_addr: COMP + 4,
+        ..raw
+    };
     rig.dev.portal_write(0, &raw.to_bytes()).unwrap();
     rig.dev.process();
     assert_ne!(rig.dev.mmio_read(REG_SWERR0).unwrap() & SWERR_OVERFLOW, 0);
+    assert_eq!(rig.port.read_dev(p, COMP, 64), before);
+    assert_eq!(rig.dev.stats().software_errors, 2);
 }
 
 #[test]
