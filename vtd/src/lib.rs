@@ -12,6 +12,7 @@ pub mod flpte;
 pub mod inv_desc;
 pub mod mem;
 pub mod pasid;
+pub mod prq;
 pub mod root;
 pub mod slpte;
 #[cfg(test)]
