@@ -16,6 +16,28 @@ impl TestMemory {
         }
     }
 
+    /// A copy of the current contents.
+    pub fn snapshot(&self) -> TestMemory {
+        TestMemory {
+            words: self
+                .words
+                .iter()
+                .map(|w| AtomicU64::new(w.load(Ordering::SeqCst)))
+                .collect(),
+        }
+    }
+
+    /// The index and values of the words that differ from `other`'s.
+    pub fn diff(&self, other: &TestMemory) -> Vec<(usize, u64, u64)> {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .enumerate()
+            .map(|(i, (a, b))| (i, a.load(Ordering::SeqCst), b.load(Ordering::SeqCst)))
+            .filter(|&(_, a, b)| a != b)
+            .collect()
+    }
+
     fn word(&self, addr: u64) -> Result<&AtomicU64, MemError> {
         if addr % 8 != 0 {
             return Err(MemError::Unaligned { addr, align: 8 });

@@ -11,6 +11,8 @@
 
 mod first;
 mod second;
+#[cfg(test)]
+mod tests;
 
 pub use first::{
     walk_first_level, walk_first_level_via, walk_nested, Direct, FlConfig, FlStage, NestedStage,
