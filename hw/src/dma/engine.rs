@@ -414,6 +414,7 @@ impl DmaEngine {
 
     fn record_software_error(&self, err: SoftwareError) {
         bump(&self.counters.software_errors, 1);
+        tracing::debug!(sid = %self.config.sid, ?err, "dma: software error");
         let mut regs = self.regs.lock().unwrap();
         if regs.swerr.is_some() {
             regs.swerr_overflow = true;
@@ -585,6 +586,14 @@ impl DmaEngine {
             reason: fault.reason,
         });
         bump(&self.counters.page_requests, 1);
+        tracing::debug!(
+            sid = %req.sid,
+            pasid = ?req.pasid,
+            addr = format_args!("{:#x}", req.addr),
+            access = %req.access,
+            prgi = req.prgi,
+            "dma: page request"
+        );
         self.port.page_request(req);
         Ok(())
     }

@@ -163,7 +163,10 @@ pub trait DmaPort: Send + Sync {
 
     /// An ATS translation request for the page containing `addr`, asking for `access`
     /// (PCIe ATS; a request without write asks for a read-only translation). The result
-    /// may grant more than asked; the device caches it until invalidated.
+    /// may grant more than asked; the device caches it until invalidated. When the access
+    /// cannot be granted the answer is the fault, as for [`DmaPort::translate`] (the
+    /// device takes a completion that grants less than asked as a non-recoverable failure
+    /// with reason 0).
     fn ats_translate(
         &self,
         sid: SourceId,

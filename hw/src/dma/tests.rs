@@ -228,6 +228,7 @@ fn fault_without_pri_completes_partially_with_the_exact_address() {
     d.block_on_fault = true;
     let r = rig.run(d);
     assert_eq!(r.status, CompletionStatus::PageFault);
+    assert!(r.status.is_fault() && !CompletionStatus::Success.is_fault());
     assert!(r.fault_write);
     assert_eq!(r.fault_addr, hole);
     assert_eq!(r.fault_reason, FaultReason::Sfl2.code());
