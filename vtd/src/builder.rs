@@ -205,9 +205,9 @@ pub enum BuildError {
     /// The tables leading to the entry do not exist.
     #[error("no table holds the level-{level} entry of {va:#x}")]
     NoTable { va: u64, level: u8 },
-    /// The frame source returned a frame that is not 4-KiB aligned.
-    #[error("table frame {0:#x} is not 4-KiB aligned")]
-    MisalignedFrame(u64),
+    /// The frame source returned a frame that is not 4-KiB aligned or not below 2^52.
+    #[error("table frame {0:#x} is not a 4-KiB aligned address below 2^52")]
+    BadFrame(u64),
     /// The frame source is exhausted.
     #[error("no frame left for a page table")]
     OutOfFrames,
@@ -498,9 +498,9 @@ where
     F: FrameSource + ?Sized,
 {
     let frame = frames.alloc_table().ok_or(BuildError::OutOfFrames)?;
-    if frame & 0xfff != 0 {
+    if frame & !FlPte::ADDR_MASK != 0 {
         frames.free_table(frame);
-        return Err(BuildError::MisalignedFrame(frame));
+        return Err(BuildError::BadFrame(frame));
     }
     if let Err(e) = mem.write(frame, &[0u8; 4096]) {
         frames.free_table(frame);
@@ -710,6 +710,33 @@ mod tests {
 
         assert_eq!(b.destroy(&mut frames), 6);
         assert_eq!(frames.outstanding, 0);
+    }
+
+    struct Odd(u64);
+
+    impl FrameSource for Odd {
+        fn alloc_table(&mut self) -> Option<u64> {
+            Some(self.0)
+        }
+        fn free_table(&mut self, frame: u64) {
+            assert_eq!(frame, self.0);
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        let mem = TestMemory::new(1 << 20);
+        for frame in [0x1800, 1 << 52] {
+            assert_eq!(
+                PageTableBuilder::new(FL4, &mem, &mut Odd(frame)).unwrap_err(),
+                BuildError::BadFrame(frame)
+            );
+        }
+        // A frame outside the memory.
+        assert!(matches!(
+            PageTableBuilder::new(FL4, &mem, &mut Odd(2 << 20)),
+            Err(BuildError::Memory(MemError::OutOfRange { .. }))
+        ));
     }
 
     #[test]

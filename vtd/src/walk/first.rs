@@ -246,17 +246,19 @@ where
         } else {
             FaultReason::Sfl1
         };
+        // A root pointer at the very top of the address space has no entries to read.
+        let entry_address = table_pa.checked_add(offset);
         let mut step = WalkStep {
             stage: Stage::FirstLevel,
             level,
             input,
             table,
-            entry_address: table_pa + offset,
+            entry_address: entry_address.unwrap_or(table_pa),
             entry: 0,
             set_bits: 0,
             outcome: StepOutcome::Fault(read_fault),
         };
-        let Ok(mut raw) = mem.read_u64(step.entry_address) else {
+        let Some(Ok(mut raw)) = entry_address.map(|a| mem.read_u64(a)) else {
             obs.step(step);
             return Err(fault(read_fault, level));
         };
@@ -286,7 +288,8 @@ where
                 break (pte, level_rights, leaf);
             }
             match stage.table_address(table, root, true, obs) {
-                Ok(pa) => step.entry_address = pa + offset,
+                // The same table as just read: the sum did not overflow then either.
+                Ok(pa) => step.entry_address = pa.wrapping_add(offset),
                 Err(f) => {
                     step.outcome = StepOutcome::Fault(f.reason);
                     obs.step(step);

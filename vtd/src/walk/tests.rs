@@ -315,10 +315,12 @@ fn first_level_unreadable_tables() {
     s.set_entry(VA, 2, (e & !FlPte::ADDR_MASK) | 1 << 40);
     let f = s.walk(VA, AccessRequest::READ).unwrap_err();
     assert_eq!((f.reason, f.level), (Sfl1, 1));
-    s.cfg.root = 1 << 40;
-    let (r, rec) = s.record(VA, AccessRequest::READ);
-    assert_eq!(r.unwrap_err().reason, Sfl4);
-    assert_eq!(rec.steps[0].outcome, StepOutcome::Fault(Sfl4));
+    for root in [1 << 40, u64::MAX] {
+        s.cfg.root = root;
+        let (r, rec) = s.record(VA, AccessRequest::READ);
+        assert_eq!(r.unwrap_err().reason, Sfl4);
+        assert_eq!(rec.steps[0].outcome, StepOutcome::Fault(Sfl4));
+    }
 }
 
 #[test]
