@@ -27,9 +27,11 @@ pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
 pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
 pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
+pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{
-    walk_first_level, walk_first_level_via, walk_nested, walk_second_level, AccessRequest,
-    FlConfig, PageSize, Permissions, SlConfig, Translation, WalkFault, WalkObserver, WalkRecord,
+    walk_first_level, walk_first_level_via, walk_nested, walk_second_level, AccessRequest, Direct,
+    FlConfig, FlStage, NestedStage, PageSize, Permissions, SlConfig, Stage, StepOutcome,
+    Translation, WalkFault, WalkObserver, WalkRecord, WalkStep,
 };
