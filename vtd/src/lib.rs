@@ -27,7 +27,6 @@ pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
 pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
 pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
-pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{
