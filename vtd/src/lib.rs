@@ -13,6 +13,7 @@ pub mod inv_desc;
 pub mod mem;
 pub mod pasid;
 pub mod prq;
+pub mod regs;
 pub mod root;
 pub mod slpte;
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
 pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
 pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
+pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{
