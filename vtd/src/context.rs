@@ -171,9 +171,9 @@ pub fn read_context_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::root::test_mem::TestMem;
-    use crate::root::tests::CAPS;
+    use crate::root::tests::{put, CAPS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
+    use crate::testutil::TestMemory;
     use proptest::prelude::*;
 
     fn pasid(raw: u32) -> Pasid {
@@ -326,13 +326,13 @@ mod tests {
     }
 
     /// A root table at 0x1000 whose bus 0 has context tables at 0x2000 and 0x3000.
-    fn tables() -> TestMem {
-        let mem = TestMem::new(0x10_0000);
+    fn tables() -> TestMemory {
+        let mem = TestMemory::new(0x10_0000);
         let root = ScalableRootEntry {
             lctp: Some(0x2000),
             uctp: Some(0x3000),
         };
-        mem.put(root_entry_addr(0x1000, 0), &root.to_raw());
+        put(&mem, root_entry_addr(0x1000, 0), &root.to_raw());
         mem
     }
 
@@ -349,8 +349,8 @@ mod tests {
             pasiddirptr: 0x9000,
             ..Default::default()
         };
-        mem.put(context_entry_addr(0x2000, 0x10), &lower.to_raw());
-        mem.put(context_entry_addr(0x3000, 0x90), &upper.to_raw());
+        put(&mem, context_entry_addr(0x2000, 0x10), &lower.to_raw());
+        put(&mem, context_entry_addr(0x3000, 0x90), &upper.to_raw());
         let sid = |devfn: u8| SourceId::from_rid(u16::from(devfn));
         assert_eq!(
             read_context_entry(&mem, 0x1000, sid(0x10), &CAPS),
@@ -369,15 +369,15 @@ mod tests {
         let mem = tables();
         let sid = SourceId::from_rid(0x05);
         let at = context_entry_addr(0x2000, 0x05);
-        let read = |mem: &TestMem| read_context_entry(mem, 0x1000, sid, &CAPS);
+        let read = |mem: &TestMemory| read_context_entry(mem, 0x1000, sid, &CAPS);
 
         assert_eq!(read(&mem), Err(EntryFault::new(FaultReason::Sct2, false)));
         // Not present, FPD set: the fault is not to be recorded.
-        mem.put(at, &[FPD]);
+        put(&mem, at, &[FPD]);
         assert_eq!(read(&mem), Err(EntryFault::new(FaultReason::Sct2, true)));
-        mem.put(at, &[P | FPD | 1 << 5]);
+        put(&mem, at, &[P | FPD | 1 << 5]);
         assert_eq!(read(&mem), Err(EntryFault::new(FaultReason::Sct3, true)));
-        mem.put(at, &[P | 1 << 50]);
+        put(&mem, at, &[P | 1 << 50]);
         assert_eq!(read(&mem), Err(EntryFault::new(FaultReason::Sct4, false)));
         // Bus 1 has no root entry half: SRT.2, never disabled.
         let other = SourceId::from_rid(0x0105);
@@ -389,12 +389,12 @@ mod tests {
 
     #[test]
     fn unreadable_context_table_faults_sct1() {
-        let mem = TestMem::new(0x2000);
+        let mem = TestMemory::new(0x2000);
         let root = ScalableRootEntry {
             lctp: Some(0x2000),
             uctp: None,
         };
-        mem.put(root_entry_addr(0x1000, 0), &root.to_raw());
+        put(&mem, root_entry_addr(0x1000, 0), &root.to_raw());
         assert_eq!(
             read_context_entry(&mem, 0x1000, SourceId::from_rid(0), &CAPS),
             Err(EntryFault::new(FaultReason::Sct1, false))

@@ -423,9 +423,9 @@ pub fn lookup_pasid_entry(
 mod tests {
     use super::*;
     use crate::context::context_entry_addr;
-    use crate::root::test_mem::TestMem;
-    use crate::root::tests::CAPS;
+    use crate::root::tests::{put, CAPS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
+    use crate::testutil::TestMemory;
     use proptest::prelude::*;
 
     fn pasid(raw: u32) -> Pasid {
@@ -904,26 +904,30 @@ mod tests {
 
     /// Tables for device 00:01.0: root, context (PASIDs on, RID_PASID 0, 128-entry
     /// directory), PASID 0x45's directory entry and table entry.
-    fn tables(ctx_fpd: bool) -> (TestMem, ScalableContextEntry) {
-        let mem = TestMem::new(0x10_0000);
+    fn tables(ctx_fpd: bool) -> (TestMemory, ScalableContextEntry) {
+        let mem = TestMemory::new(0x10_0000);
         let root = ScalableRootEntry {
             lctp: Some(CTP),
             uctp: None,
         };
-        mem.put(root_entry_addr(RTA, 0), &root.to_raw());
+        put(&mem, root_entry_addr(RTA, 0), &root.to_raw());
         let ctx = ScalableContextEntry {
             fpd: ctx_fpd,
             paside: true,
             pasiddirptr: DIR,
             ..Default::default()
         };
-        mem.put(context_entry_addr(CTP, 0x08), &ctx.to_raw());
+        put(&mem, context_entry_addr(CTP, 0x08), &ctx.to_raw());
         let pde = PasidDirEntry {
             fpd: false,
             smptblptr: TABLE,
         };
-        mem.put(DIR + 8, &[pde.to_raw()]);
-        mem.put(pasid_entry_addr(TABLE, pasid(0x45)), &nested().to_raw());
+        put(&mem, DIR + 8, &[pde.to_raw()]);
+        put(
+            &mem,
+            pasid_entry_addr(TABLE, pasid(0x45)),
+            &nested().to_raw(),
+        );
         (mem, ctx)
     }
 
@@ -950,7 +954,8 @@ mod tests {
             lookup_pasid_entry(&mem, RTA, sid, None, &CAPS),
             Err(EntryFault::new(FaultReason::Spd2, false))
         );
-        mem.put(
+        put(
+            &mem,
             DIR,
             &[PasidDirEntry {
                 fpd: false,
@@ -967,28 +972,28 @@ mod tests {
     #[test]
     fn walk_faults_in_order_with_their_fpd() {
         let (mem, ctx) = tables(false);
-        let read = |mem: &TestMem, p| read_pasid_entry(mem, &ctx, pasid(p), &CAPS);
+        let read = |mem: &TestMemory, p| read_pasid_entry(mem, &ctx, pasid(p), &CAPS);
         let fault = |reason, fpd| Err(EntryFault::new(reason, fpd));
 
         // Beyond the 128-entry directory.
         assert_eq!(read(&mem, 0x2000), fault(FaultReason::Sct7, false));
         // Directory entry not present, then not present with FPD, then reserved bits.
         assert_eq!(read(&mem, 0x80), fault(FaultReason::Spd2, false));
-        mem.put(DIR + 16, &[FPD]);
+        put(&mem, DIR + 16, &[FPD]);
         assert_eq!(read(&mem, 0x80), fault(FaultReason::Spd2, true));
-        mem.put(DIR + 16, &[0x5000 | P | 1 << 4]);
+        put(&mem, DIR + 16, &[0x5000 | P | 1 << 4]);
         assert_eq!(read(&mem, 0x80), fault(FaultReason::Spd3, false));
         // Table entry not present; with FPD in the table entry; with FPD in the directory.
         assert_eq!(read(&mem, 0x46), fault(FaultReason::Spt2, false));
-        mem.put(pasid_entry_addr(TABLE, pasid(0x46)), &[FPD]);
+        put(&mem, pasid_entry_addr(TABLE, pasid(0x46)), &[FPD]);
         assert_eq!(read(&mem, 0x46), fault(FaultReason::Spt2, true));
-        mem.put(DIR + 8, &[TABLE | P | FPD]);
+        put(&mem, DIR + 8, &[TABLE | P | FPD]);
         assert_eq!(read(&mem, 0x47), fault(FaultReason::Spt2, true));
-        mem.put(DIR + 8, &[TABLE | P]);
+        put(&mem, DIR + 8, &[TABLE | P]);
         // Reserved bit, invalid programming.
         let mut raw = NESTED_RAW;
         raw[5] = 1;
-        mem.put(pasid_entry_addr(TABLE, pasid(0x47)), &raw);
+        put(&mem, pasid_entry_addr(TABLE, pasid(0x47)), &raw);
         assert_eq!(read(&mem, 0x47), fault(FaultReason::Spt3, false));
         let only_39 = Capabilities {
             sagaw: 0b0010,
@@ -1018,7 +1023,7 @@ mod tests {
             read_pasid_entry(&mem, &far_dir, pasid(0x45), &CAPS),
             Err(EntryFault::new(FaultReason::Spd1, false))
         );
-        mem.put(DIR + 8, &[0x20_0000 | P | FPD]);
+        put(&mem, DIR + 8, &[0x20_0000 | P | FPD]);
         assert_eq!(
             read_pasid_entry(&mem, &ctx, pasid(0x45), &CAPS),
             Err(EntryFault::new(FaultReason::Spt1, true))
@@ -1033,7 +1038,7 @@ mod tests {
             pasiddirptr: DIR,
             ..Default::default()
         };
-        mem.put(context_entry_addr(CTP, 0x08), &no_pasid.to_raw());
+        put(&mem, context_entry_addr(CTP, 0x08), &no_pasid.to_raw());
         assert_eq!(
             lookup_pasid_entry(&mem, RTA, sid, Some(pasid(0x45)), &CAPS),
             Err(EntryFault::new(FaultReason::Sct6, false))

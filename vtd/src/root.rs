@@ -188,97 +188,10 @@ pub fn context_table_addr(
     checked_ctp(half, caps)
 }
 
-/// Physical memory for the table tests of this crate: sparse 64-bit words below a limit.
-#[cfg(test)]
-pub(crate) mod test_mem {
-    use crate::mem::{MemError, PhysMem};
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    pub(crate) struct TestMem {
-        words: RefCell<HashMap<u64, u64>>,
-        size: u64,
-    }
-
-    impl TestMem {
-        pub(crate) fn new(size: u64) -> Self {
-            TestMem {
-                words: RefCell::new(HashMap::new()),
-                size,
-            }
-        }
-
-        pub(crate) fn put(&self, addr: u64, qwords: &[u64]) {
-            for (i, q) in qwords.iter().enumerate() {
-                self.write_u64(addr + 8 * i as u64, *q).unwrap();
-            }
-        }
-
-        fn check(&self, addr: u64, len: u64, align: u64) -> Result<(), MemError> {
-            if addr % align != 0 {
-                return Err(MemError::Unaligned { addr, align });
-            }
-            match addr.checked_add(len) {
-                Some(end) if end <= self.size => Ok(()),
-                _ => Err(MemError::OutOfRange { addr, len }),
-            }
-        }
-    }
-
-    impl PhysMem for TestMem {
-        fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-            self.check(addr, 8, 8)?;
-            Ok(*self.words.borrow().get(&addr).unwrap_or(&0))
-        }
-
-        fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-            let old = self.read_u64(addr)?;
-            self.words.borrow_mut().insert(addr, old | bits);
-            Ok(old)
-        }
-
-        fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-            let found = self.read_u64(addr)?;
-            if found == old {
-                self.words.borrow_mut().insert(addr, new);
-            }
-            Ok(found)
-        }
-
-        fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-            self.check(addr, 8, 8)?;
-            self.words.borrow_mut().insert(addr, value);
-            Ok(())
-        }
-
-        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-            self.check(addr, buf.len() as u64, 1)?;
-            for (i, b) in buf.iter_mut().enumerate() {
-                let a = addr + i as u64;
-                let word = *self.words.borrow().get(&(a & !7)).unwrap_or(&0);
-                *b = (word >> (8 * (a & 7))) as u8;
-            }
-            Ok(())
-        }
-
-        fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-            self.check(addr, buf.len() as u64, 1)?;
-            let mut words = self.words.borrow_mut();
-            for (i, b) in buf.iter().enumerate() {
-                let a = addr + i as u64;
-                let word = words.entry(a & !7).or_insert(0);
-                let shift = 8 * (a & 7);
-                *word = (*word & !(0xff << shift)) | (u64::from(*b) << shift);
-            }
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::test_mem::TestMem;
     use super::*;
+    use crate::testutil::TestMemory;
     use proptest::prelude::*;
 
     /// A unit that supports everything, with a 46-bit host address width.
@@ -301,6 +214,13 @@ pub(crate) mod tests {
         smpwc: true,
         mts: true,
     };
+
+    /// Writes consecutive qwords from `addr`.
+    pub(crate) fn put(mem: &impl PhysMem, addr: u64, qwords: &[u64]) {
+        for (i, q) in qwords.iter().enumerate() {
+            mem.write_u64(addr + 8 * i as u64, *q).unwrap();
+        }
+    }
 
     #[test]
     fn root_entry_address_per_bus() {
@@ -391,11 +311,11 @@ pub(crate) mod tests {
 
     #[test]
     fn walk_reads_the_root_table() {
-        let mem = TestMem::new(1 << 20);
+        let mem = TestMemory::new(1 << 20);
         let rta = 0x8000;
         let sid_lo = SourceId::new(3, 0x02, 1).unwrap();
         let sid_hi = SourceId::new(3, 0x1f, 7).unwrap();
-        mem.put(root_entry_addr(rta, 3), &[0x9000 | 1, 0xa000 | 1]);
+        put(&mem, root_entry_addr(rta, 3), &[0x9000 | 1, 0xa000 | 1]);
         assert_eq!(read_root_entry(&mem, rta, 3), Ok([0x9001, 0xa001]));
         assert_eq!(context_table_addr(&mem, rta, sid_lo, &CAPS), Ok(0x9000));
         assert_eq!(context_table_addr(&mem, rta, sid_hi, &CAPS), Ok(0xa000));
@@ -408,7 +328,7 @@ pub(crate) mod tests {
         );
 
         // A bad upper half only faults the upper device functions.
-        mem.put(root_entry_addr(rta, 3) + 8, &[0xa000 | 1 | 0x10]);
+        put(&mem, root_entry_addr(rta, 3) + 8, &[0xa000 | 1 | 0x10]);
         assert_eq!(context_table_addr(&mem, rta, sid_lo, &CAPS), Ok(0x9000));
         assert_eq!(
             context_table_addr(&mem, rta, sid_hi, &CAPS),
@@ -418,7 +338,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unreadable_root_table_faults_srt1() {
-        let mem = TestMem::new(0x1000);
+        let mem = TestMemory::new(0x1000);
         assert_eq!(read_root_entry(&mem, 0x1000, 0), Err(FaultReason::Srt1));
         let sid = SourceId::new(0, 0, 0).unwrap();
         assert_eq!(
