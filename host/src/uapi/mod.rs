@@ -8,7 +8,7 @@
 pub mod iommu;
 pub mod request;
 pub mod vfio;
-mod wire;
+pub(crate) mod wire;
 
 pub use request::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageResponse,

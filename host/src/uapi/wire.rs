@@ -98,6 +98,24 @@ pub(crate) fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
     T::read(&buf[..size])
 }
 
+/// Writes `value` at the start of `out`; `-EFAULT` when `out` is shorter than the structure.
+pub(crate) fn write_into<T: Wire>(
+    value: &T,
+    out: &mut [u8],
+    what: &'static str,
+) -> Result<(), HostError> {
+    let size = size_of::<T>();
+    let Some(dst) = out.get_mut(..size) else {
+        return Err(HostError::BufferTooShort {
+            what,
+            len: out.len(),
+            need: size,
+        });
+    };
+    value.write(dst);
+    Ok(())
+}
+
 /// The `u32` at `offset`, or `-EFAULT` when the buffer ends before it.
 pub(crate) fn peek_u32(bytes: &[u8], offset: usize, what: &'static str) -> Result<u32, HostError> {
     match bytes.get(offset..offset + 4) {
