@@ -110,7 +110,8 @@ pub enum HostError {
     /// The per-PASID bind model and the guest-PASID-table model exclude each other (`-EBUSY`).
     #[error("{0}")]
     ModelConflict(&'static str),
-    /// A failure reported by the host IOMMU driver, with its errno.
+    /// A failure reported by the host IOMMU driver; `errno` is the positive Linux value
+    /// (e.g. `libc::EFAULT` for user memory that cannot be pinned).
     #[error("host IOMMU driver: {detail}")]
     Driver { errno: Errno, detail: String },
 }
