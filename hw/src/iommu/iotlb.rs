@@ -45,6 +45,9 @@ pub struct Perms {
     pub user: bool,
     /// First level: the leaf's D bit is set, so a write needs no walk to set it.
     pub dirty: bool,
+    /// The translation was walked for a supervisor request; first-level rights differ by
+    /// privilege, so a request of the other privilege walks again.
+    pub supervisor: bool,
 }
 
 /// One cached translation of a page.

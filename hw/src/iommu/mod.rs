@@ -1,3 +1,285 @@
 //! The physical VT-d IOMMU model (scalable mode).
+//!
+//! Tables live in host memory; the model reads them as hardware does and caches what it
+//! reads (context cache, PASID cache, IOTLB) until an invalidation descriptor removes it.
 
 pub mod iotlb;
+mod mmio;
+mod port;
+mod qi;
+mod stale;
+mod translate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegisterFile};
+use vsva_vtd::{Capabilities, FlFormat, PasidEntry, ScalableContextEntry, SlFormat, SourceId};
+
+use crate::dma::port::AtsEndpoint;
+use crate::memory::HostMemory;
+use iotlb::Iotlb;
+
+pub use stale::StaleTranslation;
+pub use translate::{DmaMapping, Source, TranslationFault};
+
+/// What the model implements: the capability and extended capability fields that decide
+/// which entries are valid, and the host address width.
+#[derive(Clone, Copy, Debug)]
+pub struct IommuConfig {
+    pub caps: Capabilities,
+    /// Re-walk on every IOTLB hit and report stale translations.
+    pub strict: bool,
+}
+
+impl Default for IommuConfig {
+    /// A scalable-mode IOMMU with first-level, second-level, nested and pass-through
+    /// translation, PASIDs, device TLBs and page requests, 48-bit host addresses.
+    fn default() -> Self {
+        IommuConfig {
+            caps: Capabilities {
+                haw: 48,
+                sagaw: 0b0110,
+                fl5lp: true,
+                flts: true,
+                slts: true,
+                nest: true,
+                pt: true,
+                pasid: true,
+                dt: true,
+                prs: true,
+                srs: true,
+                ers: true,
+                slads: true,
+                eafs: true,
+                sc: true,
+                smpwc: true,
+                mts: true,
+            },
+            strict: false,
+        }
+    }
+}
+
+/// Counters of the model's work.
+#[derive(Debug, Default)]
+pub struct IommuStats {
+    /// Page walks done after IOTLB misses.
+    pub walks: AtomicU64,
+    /// Table entries read by those walks.
+    pub table_reads: AtomicU64,
+    /// Invalidation descriptors processed.
+    pub descriptors: AtomicU64,
+    /// Faults handed to the fault recording registers.
+    pub faults: AtomicU64,
+    /// Page requests queued.
+    pub page_requests: AtomicU64,
+}
+
+/// Root state bits: translation enabled with a latched root table (the address is 4 KiB
+/// aligned, so the low bits are free).
+const ROOT_VALID: u64 = 1;
+/// The latched root table is in legacy mode, which the model does not implement.
+const ROOT_LEGACY: u64 = 2;
+
+/// How requests are translated now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RootState {
+    /// GSTS.TES clear: requests go to memory untranslated.
+    Disabled,
+    /// Legacy-mode root table: every request faults.
+    Legacy,
+    /// Scalable-mode root table at this address.
+    Scalable(u64),
+}
+
+/// Receives the interrupt messages the IOMMU raises (fault, invalidation completion and
+/// page request events).
+pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
+
+/// The physical IOMMU.
+pub struct Iommu {
+    mem: Arc<HostMemory>,
+    caps: Capabilities,
+    fl_format: FlFormat,
+    sl_format: SlFormat,
+    regs: Mutex<RegisterFile>,
+    /// The latched root table and translation enable, as `ROOT_*` bits over the address:
+    /// one atomic load on the hot path.
+    root: AtomicU64,
+    irq_handler: RwLock<Option<InterruptHandler>>,
+    endpoints: RwLock<HashMap<u16, Arc<dyn AtsEndpoint>>>,
+    context_cache: RwLock<HashMap<u16, ScalableContextEntry>>,
+    pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
+    iotlb: Iotlb,
+    strict: AtomicBool,
+    stale: Mutex<Vec<StaleTranslation>>,
+    stats: IommuStats,
+}
+
+impl Iommu {
+    /// A new IOMMU in front of `mem`, with translation disabled.
+    pub fn new(mem: Arc<HostMemory>, config: IommuConfig) -> Arc<Self> {
+        let haw = config.caps.haw;
+        Arc::new(Iommu {
+            mem,
+            caps: config.caps,
+            fl_format: FlFormat::new(haw, true).expect("supported host address width"),
+            sl_format: SlFormat::new(haw).expect("supported host address width"),
+            regs: Mutex::new(
+                RegisterFile::new(cap_register(&config.caps), ecap_register(&config.caps))
+                    .expect("the model's capabilities are representable"),
+            ),
+            root: AtomicU64::new(0),
+            irq_handler: RwLock::new(None),
+            endpoints: RwLock::default(),
+            context_cache: RwLock::default(),
+            pasid_cache: RwLock::default(),
+            iotlb: Iotlb::default(),
+            strict: AtomicBool::new(config.strict),
+            stale: Mutex::default(),
+            stats: IommuStats::default(),
+        })
+    }
+
+    /// The memory the IOMMU reads tables from and DMA goes to.
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+
+    /// The capabilities the model implements.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn formats(&self) -> (FlFormat, SlFormat) {
+        (self.fl_format, self.sl_format)
+    }
+
+    fn root_state(&self) -> RootState {
+        let raw = self.root.load(Ordering::Acquire);
+        if raw & ROOT_VALID == 0 {
+            RootState::Disabled
+        } else if raw & ROOT_LEGACY != 0 {
+            RootState::Legacy
+        } else {
+            RootState::Scalable(raw & !0xfff)
+        }
+    }
+
+    /// Registers the receiver of interrupt messages (the platform's MSI delivery).
+    pub fn set_interrupt_handler(&self, handler: InterruptHandler) {
+        *self.irq_handler.write().unwrap() = Some(handler);
+    }
+
+    /// Connects an ATS/PRI-capable device: device-TLB invalidations and page group
+    /// responses for its requester id go to it.
+    pub fn attach_endpoint(&self, endpoint: Arc<dyn AtsEndpoint>) {
+        self.endpoints
+            .write()
+            .unwrap()
+            .insert(endpoint.source_id().rid(), endpoint);
+    }
+
+    /// Disconnects the device of `sid`.
+    pub fn detach_endpoint(&self, sid: SourceId) {
+        self.endpoints.write().unwrap().remove(&sid.rid());
+    }
+
+    fn endpoint(&self, sid: SourceId) -> Option<Arc<dyn AtsEndpoint>> {
+        self.endpoints.read().unwrap().get(&sid.rid()).cloned()
+    }
+
+    /// Whether strict mode is on.
+    pub fn strict(&self) -> bool {
+        self.strict.load(Ordering::Relaxed)
+    }
+
+    /// Turns strict mode on or off.
+    pub fn set_strict(&self, on: bool) {
+        self.strict.store(on, Ordering::Relaxed);
+    }
+
+    /// The stale translations strict mode has found, oldest first; empties the list.
+    pub fn take_stale_translations(&self) -> Vec<StaleTranslation> {
+        std::mem::take(&mut self.stale.lock().unwrap())
+    }
+
+    /// Work counters.
+    pub fn stats(&self) -> &IommuStats {
+        &self.stats
+    }
+
+    /// The IOTLB, for inspection.
+    pub fn iotlb(&self) -> &Iotlb {
+        &self.iotlb
+    }
+
+    /// Number of cached context and PASID entries.
+    pub fn cached_entries(&self) -> (usize, usize) {
+        (
+            self.context_cache.read().unwrap().len(),
+            self.pasid_cache.read().unwrap().len(),
+        )
+    }
+}
+
+impl fmt::Debug for Iommu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iommu")
+            .field("root", &self.root_state())
+            .field("iotlb_entries", &self.iotlb.len())
+            .field("strict", &self.strict())
+            .finish_non_exhaustive()
+    }
+}
+
+/// CAP_REG of the model (§10.4.2): 48-bit guest widths, 4/5-level second level, large
+/// pages at both levels, page-selective invalidation, 8 fault recording registers.
+fn cap_register(caps: &Capabilities) -> Cap {
+    Cap {
+        nd: 6,
+        sagaw: caps.sagaw,
+        mgaw: caps.haw - 1,
+        fro: 0x40,
+        sllps: 0b11,
+        psi: true,
+        nfr: 7,
+        mamv: 18,
+        dwd: true,
+        drd: true,
+        fl1gp: true,
+        fl5lp: caps.fl5lp,
+        ..Cap::default()
+    }
+}
+
+/// ECAP_REG of the model (§10.4.3): scalable mode with every translation type, PASIDs
+/// (20 bits), queued invalidation, device TLBs and page requests.
+fn ecap_register(caps: &Capabilities) -> Ecap {
+    Ecap {
+        qi: true,
+        dt: caps.dt,
+        pt: caps.pt,
+        sc: caps.sc,
+        iro: 0x50,
+        mhmv: 0xf,
+        mts: caps.mts,
+        nest: caps.nest,
+        prs: caps.prs,
+        ers: caps.ers,
+        srs: caps.srs,
+        eafs: caps.eafs,
+        pss: 19,
+        pasid: caps.pasid,
+        pds: true,
+        smts: true,
+        slads: caps.slads,
+        slts: caps.slts,
+        flts: caps.flts,
+        smpwcs: caps.smpwc,
+        ..Ecap::default()
+    }
+}

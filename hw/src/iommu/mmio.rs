@@ -1,0 +1,164 @@
+//! The register interface (VT-d §10.4) and what register writes set in motion: the root
+//! table pointer, translation enable, queued invalidation (§6.5.2), fault recording (§7.2)
+//! and the page request queue (§7.5).
+
+use std::sync::atomic::Ordering;
+
+use vsva_vtd::prq::PageRequestDesc;
+use vsva_vtd::regs::{
+    AddressType, FaultRecord, Interrupt, Iqei, RegEffect, RegError, RequestType, Ttm, VcmdResponse,
+};
+use vsva_vtd::{AccessRequest, InvDesc, Pasid, PhysMem, SourceId};
+
+use super::qi::Completion;
+use super::{Iommu, ROOT_LEGACY, ROOT_VALID};
+
+impl Iommu {
+    /// A register read of `size` bytes (4 or 8) at `offset`.
+    pub fn mmio_read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        self.regs.lock().unwrap().read(offset, size)
+    }
+
+    /// A register write, with the side effects the written register has.
+    pub fn mmio_write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
+        let effects = self.regs.lock().unwrap().write(offset, size, value)?;
+        for effect in effects {
+            match effect {
+                RegEffect::RootTableSet(_) | RegEffect::TranslationEnabled(_) => self.latch_root(),
+                RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(),
+                RegEffect::RegisterInvalidation(desc) => {
+                    // Register-based invalidations carry no status write: nothing can fail.
+                    let _ = self.execute(&desc);
+                }
+                RegEffect::VirtualCommand(_) => {
+                    // The physical unit has no virtual command interface (ECAP.VCS is 0).
+                    let _ = self
+                        .regs
+                        .lock()
+                        .unwrap()
+                        .complete_virtual_command(VcmdResponse::InvalidCommand);
+                }
+                RegEffect::Interrupt(irq) => self.raise(irq),
+                RegEffect::QueuedInvalidationEnabled(_)
+                | RegEffect::InterruptRemappingEnabled(_)
+                | RegEffect::InterruptRemapTableSet(_)
+                | RegEffect::WriteBufferFlush => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the translation state follow GSTS.TES and the latched root table.
+    fn latch_root(&self) {
+        let regs = self.regs.lock().unwrap();
+        let rt = regs.root_table();
+        let state = if !regs.translation_enabled() {
+            0
+        } else if rt.ttm == Ttm::Scalable {
+            rt.addr | ROOT_VALID
+        } else {
+            ROOT_VALID | ROOT_LEGACY
+        };
+        self.root.store(state, Ordering::Release);
+    }
+
+    /// Fetches and carries out descriptors from IQH up to IQT; stops at an invalid one with
+    /// the invalidation queue error (IQE) set and IQH left on it.
+    fn process_invalidation_queue(&self) {
+        loop {
+            let Some(addr) = self.regs.lock().unwrap().next_inv_desc() else {
+                return;
+            };
+            let mut raw = [0u64; 4];
+            let fetched = raw
+                .iter_mut()
+                .enumerate()
+                .try_for_each(|(i, q)| self.mem.read_u64(addr + 8 * i as u64).map(|v| *q = v));
+            let result = match fetched {
+                Err(_) => Err(Iqei::FetchError),
+                Ok(()) => InvDesc::decode(raw).map_err(|e| Iqei::from(&e)),
+            };
+            let completion =
+                result.and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
+            let mut regs = self.regs.lock().unwrap();
+            match completion {
+                Err(iqei) => {
+                    let irq = regs.set_iqe(iqei);
+                    drop(regs);
+                    irq.into_iter().for_each(|i| self.raise(i));
+                    return;
+                }
+                Ok(done) => {
+                    let irq = (done == Completion::WaitInterrupt)
+                        .then(|| regs.set_iwc())
+                        .flatten();
+                    regs.advance_iqh().expect("descriptor was pending");
+                    drop(regs);
+                    irq.into_iter().for_each(|i| self.raise(i));
+                }
+            }
+        }
+    }
+
+    /// Records a non-recoverable fault in the fault recording registers (§7.2.1).
+    pub(crate) fn record_fault(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        reason: u8,
+        access: AccessRequest,
+        address_type: AddressType,
+    ) {
+        let record = FaultRecord {
+            fault_info: addr,
+            sid,
+            reason,
+            pasid,
+            exe: access.execute,
+            privileged: access.supervisor,
+            request: if access.write {
+                RequestType::Write
+            } else {
+                RequestType::Read
+            },
+            address_type,
+        };
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        let (_, irq) = self.regs.lock().unwrap().record_fault(&record);
+        if let Some(irq) = irq {
+            self.raise(irq);
+        }
+    }
+
+    /// Queues a page request descriptor (§7.5.1); `false` when the queue was full (PRS.PRO
+    /// set, the request dropped).
+    pub(crate) fn queue_page_request(&self, desc: &PageRequestDesc) -> bool {
+        let mut regs = self.regs.lock().unwrap();
+        let Some(slot) = regs.pq_tail_slot() else {
+            let irq = regs.pq_overflow();
+            drop(regs);
+            irq.into_iter().for_each(|i| self.raise(i));
+            return false;
+        };
+        let raw = desc.encode();
+        for (i, q) in raw.iter().enumerate() {
+            if self.mem.write_u64(slot + 8 * i as u64, *q).is_err() {
+                return false;
+            }
+        }
+        let irq = regs.pq_advance_tail().ok().flatten();
+        drop(regs);
+        self.stats.page_requests.fetch_add(1, Ordering::Relaxed);
+        irq.into_iter().for_each(|i| self.raise(i));
+        true
+    }
+
+    /// Delivers an interrupt message to the handler the platform registered.
+    fn raise(&self, irq: Interrupt) {
+        let handler = self.irq_handler.read().unwrap().clone();
+        if let Some(h) = handler {
+            h(irq);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The IOMMU as a device sees it: untranslated requests, ATS translation requests,
+//! translated requests and PRI page requests (VT-d §4.2, §7.4), over PCIe.
+
+use vsva_vtd::prq::PageRequestDesc;
+use vsva_vtd::regs::AddressType;
+use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, SourceId};
+
+use super::{Iommu, RootState};
+use crate::dma::port::{
+    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
+    PageResponse, PageResponseCode,
+};
+use crate::memory::HostMemory;
+
+fn request(access: DmaAccess) -> AccessRequest {
+    AccessRequest {
+        write: access.write,
+        execute: access.execute,
+        supervisor: access.privileged,
+    }
+}
+
+impl Iommu {
+    /// The context entry checks of translation requests and translated requests: the
+    /// device TLB must be enabled (DTE, SCT.5).
+    fn check_device_tlb(&self, sid: SourceId) -> Result<(), FaultReason> {
+        match self.root_state() {
+            RootState::Scalable(rta) => match self.context_entry(rta, sid) {
+                Ok(ctx) if ctx.dte => Ok(()),
+                Ok(_) => Err(FaultReason::Sct5),
+                Err(f) => Err(f.reason),
+            },
+            RootState::Disabled => Ok(()),
+            RootState::Legacy => Err(FaultReason::Rta1),
+        }
+    }
+}
+
+impl DmaPort for Iommu {
+    fn translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, DmaFault> {
+        let req = request(access);
+        match Iommu::translate(self, sid, pasid, addr, req) {
+            Ok(m) => Ok(DmaTranslation::new(Hpa(m.page_base()), 1 << m.page_shift)
+                .expect("translations are aligned pages")),
+            Err(f) => {
+                if !f.fpd {
+                    self.record_fault(
+                        sid,
+                        pasid,
+                        addr,
+                        f.reason.code(),
+                        req,
+                        AddressType::Untranslated,
+                    );
+                }
+                Err(DmaFault {
+                    reason: f.reason.code(),
+                    recoverable: false,
+                })
+            }
+        }
+    }
+
+    fn ats_translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<AtsCompletion, DmaFault> {
+        let req = request(access);
+        if let Err(reason) = self.check_device_tlb(sid) {
+            self.record_fault(
+                sid,
+                pasid,
+                addr,
+                reason.code(),
+                req,
+                AddressType::TranslationRequest,
+            );
+            return Err(DmaFault {
+                reason: reason.code(),
+                recoverable: false,
+            });
+        }
+        match Iommu::translate(self, sid, pasid, addr, req) {
+            Ok(m) => Ok(AtsCompletion {
+                page: DmaTranslation::new(Hpa(m.page_base()), 1 << m.page_shift)
+                    .expect("translations are aligned pages"),
+                perm: DmaAccess {
+                    read: m.perms.read,
+                    // Write permission only where the dirty bit is already set, so that
+                    // the first write of a page comes back to set it.
+                    write: m.perms.write && m.perms.dirty,
+                    execute: m.perms.execute,
+                    privileged: access.privileged,
+                },
+            }),
+            Err(f) => {
+                // A fault a page request may resolve is reported in the completion only;
+                // the others are recorded as well (§7.4).
+                if !f.recoverable && !f.fpd {
+                    self.record_fault(
+                        sid,
+                        pasid,
+                        addr,
+                        f.reason.code(),
+                        req,
+                        AddressType::TranslationRequest,
+                    );
+                }
+                Err(DmaFault {
+                    reason: f.reason.code(),
+                    recoverable: f.recoverable,
+                })
+            }
+        }
+    }
+
+    fn check_translated(
+        &self,
+        sid: SourceId,
+        hpa: Hpa,
+        len: u64,
+        access: DmaAccess,
+    ) -> Result<(), DmaFault> {
+        let out_of_range = hpa
+            .0
+            .checked_add(len)
+            .is_none_or(|end| end > self.mem.size());
+        let reason = match self.check_device_tlb(sid) {
+            Err(reason) => reason,
+            Ok(()) if out_of_range => FaultReason::Sgn4,
+            Ok(()) => return Ok(()),
+        };
+        self.record_fault(
+            sid,
+            None,
+            hpa.0,
+            reason.code(),
+            request(access),
+            AddressType::Translated,
+        );
+        Err(DmaFault {
+            reason: reason.code(),
+            recoverable: false,
+        })
+    }
+
+    fn page_request(&self, req: PageRequest) {
+        let pre = match self.root_state() {
+            RootState::Scalable(rta) => self
+                .context_entry(rta, req.sid)
+                .map(|c| c.pre)
+                .unwrap_or(false),
+            _ => false,
+        };
+        let endpoint = self.endpoint(req.sid);
+        if !pre {
+            // Page requests from a context without PRE: recorded (SCT.8) and answered
+            // with Invalid Request so the device does not wait forever.
+            self.record_fault(
+                req.sid,
+                req.pasid,
+                req.addr,
+                FaultReason::Sct8.code(),
+                request(req.access),
+                AddressType::Untranslated,
+            );
+            if let Some(ep) = endpoint {
+                respond(&*ep, &req, PageResponseCode::InvalidRequest);
+            }
+            return;
+        }
+        let desc = PageRequestDesc {
+            rid: req.sid,
+            pasid: req.pasid,
+            exe: req.access.execute,
+            pm: req.access.privileged,
+            read: req.access.read || !req.access.write,
+            write: req.access.write,
+            lpig: req.last,
+            prg_index: req.prgi,
+            addr: req.addr & !0xfff,
+            private_data: None,
+        };
+        if !self.queue_page_request(&desc) && req.last {
+            // Queue full (PRS.PRO): hardware answers the group itself with Success, and
+            // the device's retry faults and asks again (§7.5.1).
+            if let Some(ep) = endpoint {
+                respond(&*ep, &req, PageResponseCode::Success);
+            }
+        }
+    }
+
+    fn memory(&self) -> &HostMemory {
+        &self.mem
+    }
+}
+
+fn respond(ep: &dyn AtsEndpoint, req: &PageRequest, code: PageResponseCode) {
+    ep.page_response(PageResponse {
+        pasid: req.pasid,
+        prgi: req.prgi,
+        code,
+    });
+}

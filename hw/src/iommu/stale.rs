@@ -1,0 +1,143 @@
+//! Strict mode: every IOTLB hit is checked against a fresh walk of the tables, and a
+//! difference is reported with the invalidation descriptor that would have removed the
+//! stale entry. Hardware keeps using the stale entry either way; the report is for the
+//! person debugging a driver.
+
+use std::fmt;
+
+use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
+use vsva_vtd::pasid::lookup_pasid_entry;
+use vsva_vtd::{AccessRequest, FaultReason, InvDesc, MemError, Pasid, PhysMem, SourceId};
+
+use super::iotlb::{IotlbEntry, TranslationKind};
+use super::translate::walk_pasid_entry;
+use super::Iommu;
+
+/// A cached translation that no longer matches the tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaleTranslation {
+    pub sid: SourceId,
+    pub pasid: Pasid,
+    pub addr: u64,
+    /// What the IOTLB returned (and the request used).
+    pub cached: IotlbEntry,
+    /// What the tables say now: the output page base and page shift, or the fault.
+    pub now: Result<(u64, u8), FaultReason>,
+    /// The descriptor that would have removed the cached entry.
+    pub missing: InvDesc,
+}
+
+impl fmt::Display for StaleTranslation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stale translation: sid {} {} addr {:#x}: IOTLB gave page {:#x} ({:?}), tables say ",
+            self.sid, self.pasid, self.addr, self.cached.output, self.cached.kind
+        )?;
+        match self.now {
+            Ok((page, shift)) => write!(f, "page {page:#x} (2^{shift} bytes)")?,
+            Err(reason) => write!(f, "fault {reason}")?,
+        }
+        write!(f, "; missing invalidation: {:?}", self.missing)
+    }
+}
+
+/// Host memory seen without writing: a strict-mode walk must not set accessed or dirty
+/// bits that the hit it checks did not set.
+struct ReadOnly<'a, M: ?Sized>(&'a M);
+
+impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, _bits: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, _new: u64) -> Result<u64, MemError> {
+        let now = self.0.read_u64(addr)?;
+        Ok(if now == old { old } else { now })
+    }
+    fn write_u64(&self, addr: u64, _value: u64) -> Result<(), MemError> {
+        self.0.read_u64(addr).map(|_| ())
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0.read(addr, buf)
+    }
+    fn write(&self, _addr: u64, _buf: &[u8]) -> Result<(), MemError> {
+        Ok(())
+    }
+}
+
+impl Iommu {
+    /// Compares an IOTLB hit with a fresh walk; records a [`StaleTranslation`] on mismatch.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_stale(
+        &self,
+        rta: u64,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        eff: Pasid,
+        addr: u64,
+        access: AccessRequest,
+        cached: &IotlbEntry,
+    ) {
+        let mem = ReadOnly(&*self.mem);
+        let lookup = lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps);
+        let now = match &lookup {
+            Err(f) => Err(f.reason),
+            Ok(l) => walk_pasid_entry(&mem, &l.entry, self.formats(), addr, access, &mut ())
+                .map(|t| (t.page_base(), t.page_size.shift() as u8))
+                .map_err(|f| f.reason),
+        };
+        if now == Ok((cached.output, cached.page_shift)) {
+            return;
+        }
+        let cached_pe = self
+            .pasid_cache
+            .read()
+            .unwrap()
+            .get(&(sid.rid(), eff.raw()))
+            .copied();
+        let entry_changed = match (&lookup, cached_pe) {
+            (Ok(l), Some(pe)) => l.entry != pe,
+            _ => true,
+        };
+        let missing = if entry_changed {
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::PasidSelective,
+                did: cached.did,
+                pasid: eff,
+            }
+        } else {
+            match cached.kind {
+                TranslationKind::SecondLevel | TranslationKind::PassThrough => InvDesc::Iotlb {
+                    granularity: IotlbGranularity::PageSelective,
+                    dr: true,
+                    dw: true,
+                    did: cached.did,
+                    addr: addr & !0xfff,
+                    ih: false,
+                    am: 0,
+                },
+                TranslationKind::FirstLevel | TranslationKind::Nested => InvDesc::PasidIotlb {
+                    granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+                    did: cached.did,
+                    pasid: eff,
+                    addr: addr & !0xfff,
+                    ih: false,
+                    am: 0,
+                },
+            }
+        };
+        let event = StaleTranslation {
+            sid,
+            pasid: eff,
+            addr,
+            cached: *cached,
+            now,
+            missing,
+        };
+        tracing::warn!("{event}");
+        self.stale.lock().unwrap().push(event);
+    }
+}

@@ -1,0 +1,327 @@
+//! DMA address translation (VT-d §3.4 to §3.9): IOTLB, then the walk from the root table
+//! through the context and PASID caches down to the page tables the PASID entry selects.
+
+use vsva_vtd::walk::{Stage, WalkObserver};
+use vsva_vtd::{
+    walk_first_level, walk_nested, walk_second_level, AccessRequest, EntryFault, FaultReason,
+    FlConfig, FlFormat, Pasid, PasidEntry, Pgtt, ScalableContextEntry, SlConfig, SlFormat,
+    SourceId, Translation, WalkFault,
+};
+
+use super::iotlb::{IotlbEntry, Perms, TranslationKind};
+use super::{Iommu, RootState};
+
+/// Where a translation came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// An IOTLB hit.
+    Iotlb,
+    /// A page walk (after an IOTLB miss).
+    Walk,
+    /// Translation is disabled (GSTS.TES clear): the address is used as is.
+    Untranslated,
+}
+
+/// A successful DMA translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMapping {
+    /// Host physical address of the requested byte.
+    pub hpa: u64,
+    /// log2 of the translated page's size.
+    pub page_shift: u8,
+    /// Rights of the cached translation.
+    pub perms: Perms,
+    /// IOTLB hit or walk.
+    pub source: Source,
+}
+
+impl DmaMapping {
+    /// The host physical base of the translated page.
+    pub fn page_base(&self) -> u64 {
+        self.hpa & !((1u64 << self.page_shift) - 1)
+    }
+}
+
+/// A failed DMA translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} at {addr:#x} (sid {sid}, {})", match pasid { Some(p) => p.to_string(), None => "no PASID".into() })]
+pub struct TranslationFault {
+    pub sid: SourceId,
+    pub pasid: Option<Pasid>,
+    pub addr: u64,
+    pub reason: FaultReason,
+    /// Fault processing disabled by an FPD field on the way: not recorded.
+    pub fpd: bool,
+    /// A first-level not-present or permission fault on an entry that allows page requests
+    /// (context PRE): a translation request may resolve it with a page request (§7.4).
+    pub recoverable: bool,
+}
+
+/// The two levels' configurations a PASID entry selects, in the IOMMU's formats.
+pub(crate) fn fl_config(pe: &PasidEntry, format: FlFormat) -> FlConfig {
+    FlConfig {
+        root: pe.flptptr,
+        mode: pe.flpm,
+        sre: pe.sre,
+        wpe: pe.wpe,
+        eafe: pe.eafe,
+        format,
+    }
+}
+
+pub(crate) fn sl_config(pe: &PasidEntry, format: SlFormat) -> SlConfig {
+    SlConfig {
+        root: pe.slptptr,
+        levels: pe.aw,
+        slee: pe.slee,
+        slade: pe.slade,
+        format,
+    }
+}
+
+/// Whether a cached translation may serve `access` without a walk.
+pub(crate) fn allows(perms: &Perms, access: AccessRequest) -> bool {
+    let data = if access.write {
+        perms.write && perms.dirty
+    } else {
+        perms.read
+    };
+    data && (!access.execute || perms.execute) && (access.supervisor == perms.supervisor)
+}
+
+/// Faults a page request can resolve: first-level not-present and permission faults.
+fn page_request_may_resolve(fault: &WalkFault) -> bool {
+    fault.stage == Stage::FirstLevel
+        && matches!(
+            fault.reason,
+            FaultReason::Sfl2
+                | FaultReason::Sgn2
+                | FaultReason::Sgn3
+                | FaultReason::Sgn6
+                | FaultReason::Sgn7
+        )
+}
+
+/// Walks the page tables a PASID entry selects.
+pub(crate) fn walk_pasid_entry<M, O>(
+    mem: &M,
+    pe: &PasidEntry,
+    formats: (FlFormat, SlFormat),
+    addr: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: vsva_vtd::PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    let fault = |reason| WalkFault {
+        reason,
+        stage: Stage::FirstLevel,
+        level: 0,
+        input: addr,
+    };
+    if access.execute && !pe.ere {
+        return Err(fault(FaultReason::Spt5));
+    }
+    match pe.pgtt {
+        Pgtt::FirstLevel => walk_first_level(mem, &fl_config(pe, formats.0), addr, access, obs),
+        Pgtt::SecondLevel => walk_second_level(mem, &sl_config(pe, formats.1), addr, access, obs),
+        Pgtt::Nested => walk_nested(
+            mem,
+            &fl_config(pe, formats.0),
+            &sl_config(pe, formats.1),
+            addr,
+            access,
+            obs,
+        ),
+        Pgtt::PassThrough => {
+            if access.supervisor && !pe.sre {
+                return Err(fault(FaultReason::Spt6));
+            }
+            Ok(Translation {
+                output: addr,
+                page_size: vsva_vtd::PageSize::Size4K,
+                perms: vsva_vtd::Permissions::ALL,
+                dirty: true,
+            })
+        }
+    }
+}
+
+pub(crate) fn kind_of(pgtt: Pgtt) -> TranslationKind {
+    match pgtt {
+        Pgtt::FirstLevel => TranslationKind::FirstLevel,
+        Pgtt::SecondLevel => TranslationKind::SecondLevel,
+        Pgtt::Nested => TranslationKind::Nested,
+        Pgtt::PassThrough => TranslationKind::PassThrough,
+    }
+}
+
+pub(crate) fn iotlb_entry(pe: &PasidEntry, t: &Translation, access: AccessRequest) -> IotlbEntry {
+    IotlbEntry {
+        did: pe.did,
+        output: t.page_base(),
+        page_shift: t.page_size.shift() as u8,
+        perms: Perms {
+            read: t.perms.read,
+            write: t.perms.write,
+            execute: t.perms.execute,
+            user: t.perms.user,
+            dirty: t.dirty,
+            supervisor: access.supervisor,
+        },
+        kind: kind_of(pe.pgtt),
+    }
+}
+
+impl Iommu {
+    /// Translates a DMA request from `sid` (with `pasid`, or without PASID) to `addr`.
+    ///
+    /// An IOTLB hit serves the request without reading any table, whatever the tables say
+    /// now: stale entries stay in use until invalidated, as on hardware. In strict mode the
+    /// hit is checked against a fresh walk and a difference is reported as a
+    /// [`StaleTranslation`](super::StaleTranslation).
+    pub fn translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<DmaMapping, TranslationFault> {
+        let rta = match self.root_state() {
+            RootState::Scalable(rta) => rta,
+            RootState::Disabled => {
+                return Ok(DmaMapping {
+                    hpa: addr,
+                    page_shift: 12,
+                    perms: Perms::default(),
+                    source: Source::Untranslated,
+                })
+            }
+            RootState::Legacy => {
+                return Err(TranslationFault {
+                    sid,
+                    pasid,
+                    addr,
+                    reason: if pasid.is_some() {
+                        FaultReason::Rta2
+                    } else {
+                        FaultReason::Rta1
+                    },
+                    fpd: false,
+                    recoverable: false,
+                })
+            }
+        };
+        if let Some(p) = pasid {
+            if let Some(e) = self.iotlb.lookup(sid, p, addr) {
+                if allows(&e.perms, access) {
+                    if self.strict() {
+                        self.check_stale(rta, sid, pasid, p, addr, access, &e);
+                    }
+                    return Ok(hit(&e, addr));
+                }
+            }
+        }
+        self.translate_miss(rta, sid, pasid, addr, access)
+    }
+
+    fn translate_miss(
+        &self,
+        rta: u64,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<DmaMapping, TranslationFault> {
+        let fail = |reason, fpd, recoverable| TranslationFault {
+            sid,
+            pasid,
+            addr,
+            reason,
+            fpd,
+            recoverable,
+        };
+        let ctx = self
+            .context_entry(rta, sid)
+            .map_err(|f| fail(f.reason, f.fpd, false))?;
+        let eff = ctx
+            .pasid_for_request(pasid)
+            .map_err(|r| fail(r, ctx.fpd, false))?;
+        let access = AccessRequest {
+            supervisor: access.supervisor || (pasid.is_none() && ctx.rid_priv),
+            ..access
+        };
+        if pasid.is_none() {
+            if let Some(e) = self.iotlb.lookup(sid, eff, addr) {
+                if allows(&e.perms, access) {
+                    return Ok(hit(&e, addr));
+                }
+            }
+        }
+        let pe = self
+            .pasid_entry(sid, &ctx, eff)
+            .map_err(|f| fail(f.reason, f.fpd, false))?;
+        let t = walk_pasid_entry(&*self.mem, &pe, self.formats(), addr, access, &mut ()).map_err(
+            |f| {
+                let recoverable = ctx.pre && page_request_may_resolve(&f);
+                fail(f.reason, ctx.fpd || pe.fpd, recoverable)
+            },
+        )?;
+        self.stats
+            .walks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = iotlb_entry(&pe, &t, access);
+        if pe.pgtt != Pgtt::PassThrough {
+            self.iotlb.insert(sid, eff, addr, entry);
+        }
+        Ok(DmaMapping {
+            hpa: t.output,
+            page_shift: entry.page_shift,
+            perms: entry.perms,
+            source: Source::Walk,
+        })
+    }
+
+    /// The context entry of `sid`, from the context cache or the tables.
+    pub(crate) fn context_entry(
+        &self,
+        rta: u64,
+        sid: SourceId,
+    ) -> Result<ScalableContextEntry, EntryFault> {
+        if let Some(c) = self.context_cache.read().unwrap().get(&sid.rid()) {
+            return Ok(*c);
+        }
+        let c = vsva_vtd::context::read_context_entry(&*self.mem, rta, sid, &self.caps)?;
+        self.context_cache.write().unwrap().insert(sid.rid(), c);
+        Ok(c)
+    }
+
+    /// The PASID entry `pasid` of `sid`, from the PASID cache or the tables. An entry read
+    /// afresh retags the IOTLB for its domain.
+    pub(crate) fn pasid_entry(
+        &self,
+        sid: SourceId,
+        ctx: &ScalableContextEntry,
+        pasid: Pasid,
+    ) -> Result<PasidEntry, EntryFault> {
+        let key = (sid.rid(), pasid.raw());
+        if let Some(pe) = self.pasid_cache.read().unwrap().get(&key) {
+            return Ok(*pe);
+        }
+        let pe = vsva_vtd::pasid::read_pasid_entry(&*self.mem, ctx, pasid, &self.caps)?;
+        self.iotlb.retag(sid, pasid, pe.did);
+        self.pasid_cache.write().unwrap().insert(key, pe);
+        Ok(pe)
+    }
+}
+
+fn hit(e: &IotlbEntry, addr: u64) -> DmaMapping {
+    DmaMapping {
+        hpa: e.output | (addr & ((1u64 << e.page_shift) - 1)),
+        page_shift: e.page_shift,
+        perms: e.perms,
+        source: Source::Iotlb,
+    }
+}
