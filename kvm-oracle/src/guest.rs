@@ -7,11 +7,25 @@
 //! [`FIRST_FREE_GPA`]; the test maps them with vsva's table builder, as listed in
 //! [`HARNESS_PAGES`].
 
+use std::ops::Range;
+
+use crate::PagingMode;
+
 /// Linear base of the harness: top-level index 511 in 4-level and in 5-level paging.
 pub const HARNESS_BASE: u64 = 0xffff_ff80_0000_0000;
 
 /// Top-level table index that holds the harness (PML4 or PML5 index 511).
 pub const HARNESS_TOP_INDEX: u64 = 511;
+
+/// The range Linux's x86-64 memory map reserves for hypervisors (the "guard hole" at the
+/// bottom of the upper half), for each paging mode. KVM's PVM backend keeps mappings of its
+/// own there and answers ring-3 accesses with arbitrary faults, so probes stay out of it.
+pub const fn hypervisor_hole(mode: PagingMode) -> Range<u64> {
+    match mode {
+        PagingMode::Level4 => 0xffff_8000_0000_0000..0xffff_8800_0000_0000,
+        PagingMode::Level5 => 0xff00_0000_0000_0000..0xff10_0000_0000_0000,
+    }
+}
 
 /// Guest-physical memory below this address belongs to the harness.
 pub const FIRST_FREE_GPA: u64 = 1 << 20;
@@ -313,6 +327,26 @@ pub fn idt_page() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hypervisor_hole_is_one_top_level_slot_range_below_the_harness() {
+        for mode in [PagingMode::Level4, PagingMode::Level5] {
+            let hole = hypervisor_hole(mode);
+            assert!(!hole.contains(&HARNESS_BASE));
+            assert!(hole.start < hole.end && hole.end < HARNESS_BASE);
+        }
+        // 16 PML4 slots (8 TiB), from slot 256; 16 PML5 slots (4 PiB), from slot 256.
+        let h4 = hypervisor_hole(PagingMode::Level4);
+        assert_eq!(
+            ((h4.start >> 39) & 511, (h4.end - h4.start) >> 39),
+            (256, 16)
+        );
+        let h5 = hypervisor_hole(PagingMode::Level5);
+        assert_eq!(
+            ((h5.start >> 48) & 511, (h5.end - h5.start) >> 48),
+            (256, 16)
+        );
+    }
 
     #[test]
     fn harness_stays_in_top_slot_and_below_free_memory() {

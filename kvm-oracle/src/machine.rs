@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_hw::{HostMemory, HostMemoryError};
@@ -155,10 +157,11 @@ pub mod pf {
 /// A long-mode VM with one vCPU whose RAM is vsva host memory.
 pub struct Machine {
     _kvm: Kvm,
-    _vm: VmFd,
+    vm: VmFd,
     vcpu: VcpuFd,
     memory: Arc<HostMemory>,
     guest: GuestMemoryMmap,
+    region: kvm_userspace_memory_region,
     features: CpuFeatures,
     base_sregs: kvm_sregs,
 }
@@ -201,7 +204,7 @@ impl Machine {
         let host = guest
             .get_host_address(GuestAddress(0))
             .map_err(|e| OracleError::Memory(HostMemoryError::GuestWindow(e.to_string())))?;
-        let region = kvm_bindings::kvm_userspace_memory_region {
+        let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
             guest_phys_addr: 0,
@@ -225,13 +228,35 @@ impl Machine {
         long_mode_sregs(&mut sregs);
         Ok(Machine {
             _kvm: kvm,
-            _vm: vm,
+            vm,
             vcpu,
             memory,
             guest,
+            region,
             features,
             base_sregs: sregs,
         })
+    }
+
+    /// Makes KVM forget every translation it derived from the guest's page tables. Needed
+    /// after the host rewrites tables the vCPU has already used: where KVM shadows guest
+    /// tables in software (no two-dimensional paging, or PVM), its shadow copies only
+    /// follow the guest's own writes. Re-registering the memory slot drops them all.
+    pub fn forget_translations(&mut self) -> Result<(), OracleError> {
+        let empty = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..self.region
+        };
+        // SAFETY: deleting the slot, then registering the same live mapping again (see
+        // `new`).
+        unsafe {
+            self.vm
+                .set_user_memory_region(empty)
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            self.vm
+                .set_user_memory_region(self.region)
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+        }
     }
 
     /// The VM's RAM as vsva physical memory (GPA = address in it).
