@@ -409,6 +409,19 @@ impl FrameAllocator {
     }
 }
 
+/// Page-table frames for the vtd table builder, from host memory.
+impl vsva_vtd::FrameSource for &FrameAllocator {
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.alloc_frame().ok().map(|h| h.0)
+    }
+
+    fn free_table(&mut self, frame: u64) {
+        // A frame the builder did not get from us is a bug in the caller: the builder only
+        // frees what it allocated, so the error cannot happen.
+        let _ = self.free(Hpa(frame));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

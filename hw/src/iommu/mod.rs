@@ -8,6 +8,8 @@ mod mmio;
 mod port;
 mod qi;
 mod stale;
+#[cfg(test)]
+mod tests;
 mod translate;
 
 use std::collections::HashMap;

@@ -1,0 +1,538 @@
+//! Tests of the IOMMU model programmed as a driver does: tables in host memory, registers
+//! by MMIO, invalidations through the queue.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vsva_vtd::context::{context_entry_addr, ScalableContextEntry};
+use vsva_vtd::inv_desc::{
+    ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
+};
+use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PasidDirEntry};
+use vsva_vtd::prq::PageRequestDesc;
+use vsva_vtd::regs::layout::{fsts, gcmd, gsts, iq, offset};
+use vsva_vtd::root::root_entry_addr;
+use vsva_vtd::{
+    AccessRequest, DomainId, FaultReason, FlPagingMode, InvDesc, MapFlags, PageSize,
+    PageTableBuilder, Pasid, PasidEntry, Pgtt, PhysMem, ScalableRootEntry, SlLevels, SourceId,
+    TableFormat,
+};
+
+use super::{Iommu, IommuConfig, Source};
+use crate::dma::port::{DmaAccess, DmaPort, PageRequest};
+use crate::memory::{FrameAllocator, HostMemory};
+
+const SID: SourceId = SourceId::from_rid(0x0010);
+const DID: DomainId = DomainId(7);
+
+/// A bare-metal driver: just enough to program the model.
+struct Rig {
+    mem: Arc<HostMemory>,
+    frames: FrameAllocator,
+    iommu: Arc<Iommu>,
+    iq: u64,
+    tail: u64,
+    pasid_table: u64,
+    status: u64,
+}
+
+impl Rig {
+    fn new(strict: bool) -> Rig {
+        let mem = HostMemory::new(256 << 20).unwrap();
+        let frames = FrameAllocator::new(mem.clone());
+        let iommu = Iommu::new(
+            mem.clone(),
+            IommuConfig {
+                strict,
+                ..IommuConfig::default()
+            },
+        );
+        let root = frames.alloc_frame().unwrap().0;
+        let ctx_table = frames.alloc_frame().unwrap().0;
+        let pasid_dir = frames.alloc_frame().unwrap().0;
+        let pasid_table = frames.alloc_frame().unwrap().0;
+        let iq = frames.alloc_frame().unwrap().0;
+        let status = frames.alloc_frame().unwrap().0;
+        let re = ScalableRootEntry {
+            lctp: Some(ctx_table),
+            uctp: None,
+        }
+        .to_raw();
+        write_qwords(&mem, root_entry_addr(root, SID.bus()), &re);
+        let ce = ScalableContextEntry {
+            dte: true,
+            paside: true,
+            pre: true,
+            pdts: 0,
+            pasiddirptr: pasid_dir,
+            ..ScalableContextEntry::default()
+        };
+        write_qwords(
+            &mem,
+            context_entry_addr(ctx_table, SID.devfn()),
+            &ce.to_raw(),
+        );
+        let pde = PasidDirEntry {
+            fpd: false,
+            smptblptr: pasid_table,
+        }
+        .to_raw();
+        mem.write_u64(
+            pasid_dir_entry_addr(pasid_dir, 0, Pasid::RID_PASID).unwrap(),
+            pde,
+        )
+        .unwrap();
+        let rig = Rig {
+            mem,
+            frames,
+            iommu,
+            iq,
+            tail: 0,
+            pasid_table,
+            status,
+        };
+        rig.write(offset::RTADDR, 8, root | 1 << 10);
+        rig.command(gcmd::SRTP);
+        rig.write(offset::IQA, 8, iq | iq::IQA_DW);
+        rig.command(gcmd::QIE);
+        rig.command(gcmd::TE);
+        rig
+    }
+
+    fn write(&self, off: u64, size: usize, value: u64) {
+        self.iommu.mmio_write(off, size, value).unwrap();
+    }
+
+    fn read(&self, off: u64, size: usize) -> u64 {
+        self.iommu.mmio_read(off, size).unwrap()
+    }
+
+    /// One GCMD command, keeping the enables already on, as Linux does.
+    fn command(&self, bit: u32) {
+        let keep = self.read(offset::GSTS, 4) as u32 & (gsts::TES | gsts::QIES);
+        self.write(offset::GCMD, 4, (keep | bit) as u64);
+    }
+
+    fn set_pasid_entry(&self, pasid: Pasid, pe: Option<&PasidEntry>) {
+        let raw = pe.map(|e| e.to_raw()).unwrap_or([0; 8]);
+        write_qwords(&self.mem, pasid_entry_addr(self.pasid_table, pasid), &raw);
+    }
+
+    /// Queues descriptors and a wait, writes IQT, and checks the wait's status write.
+    fn invalidate(&mut self, descs: &[InvDesc]) {
+        let marker = self.tail as u32 + 1;
+        let wait = InvDesc::InvWait {
+            sw: true,
+            interrupt: false,
+            fence: true,
+            pd: false,
+            status_data: marker,
+            status_addr: self.status,
+        };
+        for d in descs.iter().chain([&wait]) {
+            write_qwords(&self.mem, self.iq + self.tail * 32, &d.encode().unwrap());
+            self.tail = (self.tail + 1) % 128;
+        }
+        self.write(offset::IQT, 8, self.tail * 32);
+        let mut b = [0u8; 4];
+        self.mem.read(self.status, &mut b).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(b),
+            marker,
+            "the wait descriptor wrote its status"
+        );
+    }
+
+    fn tables(&self, format: TableFormat) -> PageTableBuilder {
+        PageTableBuilder::new(format, &*self.mem, &mut &self.frames).unwrap()
+    }
+
+    fn map(&self, t: &mut PageTableBuilder, va: u64, pa: u64, flags: MapFlags) {
+        t.map(
+            &*self.mem,
+            &mut &self.frames,
+            va,
+            pa,
+            PageSize::Size4K,
+            flags,
+        )
+        .unwrap();
+    }
+}
+
+fn write_qwords(mem: &HostMemory, addr: u64, qwords: &[u64]) {
+    for (i, q) in qwords.iter().enumerate() {
+        mem.write_u64(addr + 8 * i as u64, *q).unwrap();
+    }
+}
+
+fn pasid(raw: u32) -> Pasid {
+    Pasid::new(raw).unwrap()
+}
+
+fn first_level_entry(root: u64) -> PasidEntry {
+    PasidEntry {
+        fpd: false,
+        aw: SlLevels::Four,
+        slee: false,
+        pgtt: Pgtt::FirstLevel,
+        slade: false,
+        slptptr: 0,
+        did: DID,
+        pwsnp: false,
+        pgsnp: false,
+        cd: false,
+        emte: false,
+        emt: 0,
+        pwt: false,
+        pcd: false,
+        pat: 0,
+        sre: false,
+        ere: false,
+        flpm: FlPagingMode::FourLevel,
+        wpe: false,
+        nxe: false,
+        smep: false,
+        eafe: false,
+        flptptr: root,
+    }
+}
+
+fn rw() -> MapFlags {
+    MapFlags::READ | MapFlags::WRITE | MapFlags::USER
+}
+
+#[test]
+fn translation_disabled_passes_addresses_through() {
+    let mem = HostMemory::new(16 << 20).unwrap();
+    let iommu = Iommu::new(mem, IommuConfig::default());
+    let m = iommu
+        .translate(SID, None, 0x1234, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((m.hpa, m.source), (0x1234, Source::Untranslated));
+}
+
+#[test]
+fn first_level_translation_hits_the_iotlb_the_second_time() {
+    let rig = Rig::new(false);
+    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    rig.map(&mut fl, 0x7000_1000, 0x50_0000, rw());
+    rig.set_pasid_entry(pasid(5), Some(&first_level_entry(fl.root())));
+    let first = rig
+        .iommu
+        .translate(SID, Some(pasid(5)), 0x7000_1234, AccessRequest::WRITE)
+        .unwrap();
+    assert_eq!((first.hpa, first.source), (0x50_0234, Source::Walk));
+    let again = rig
+        .iommu
+        .translate(SID, Some(pasid(5)), 0x7000_1ff8, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((again.hpa, again.source), (0x50_0ff8, Source::Iotlb));
+}
+
+#[test]
+fn a_stale_translation_survives_until_the_matching_invalidation() {
+    let mut rig = Rig::new(true);
+    let p = pasid(9);
+    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    rig.map(&mut fl, 0x4000, 0x60_0000, rw());
+    rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
+    rig.iommu
+        .translate(SID, Some(p), 0x4000, AccessRequest::READ)
+        .unwrap();
+
+    // The driver remaps the page without invalidating: hardware keeps the old page.
+    fl.unmap(&*rig.mem, 0x4000, PageSize::Size4K).unwrap();
+    rig.map(&mut fl, 0x4000, 0x70_0000, rw());
+    let stale = rig
+        .iommu
+        .translate(SID, Some(p), 0x4010, AccessRequest::READ)
+        .unwrap();
+    assert_eq!(stale.hpa, 0x60_0010, "the IOTLB still holds the old page");
+    let reports = rig.iommu.take_stale_translations();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].now, Ok((0x70_0000, 12)));
+    let expected = InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+        did: DID,
+        pasid: p,
+        addr: 0x4000,
+        ih: false,
+        am: 0,
+    };
+    assert_eq!(reports[0].missing, expected);
+
+    // An invalidation of another PASID or page does not help ...
+    rig.invalidate(&[InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+        did: DID,
+        pasid: p,
+        addr: 0x5000,
+        ih: false,
+        am: 0,
+    }]);
+    rig.invalidate(&[InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PasidSelective,
+        did: DID,
+        pasid: pasid(10),
+        addr: 0,
+        ih: false,
+        am: 0,
+    }]);
+    let still = rig
+        .iommu
+        .translate(SID, Some(p), 0x4000, AccessRequest::READ)
+        .unwrap();
+    assert_eq!(still.hpa, 0x60_0000);
+    assert_eq!(
+        rig.iommu.take_stale_translations().len(),
+        1,
+        "each stale hit is reported"
+    );
+    // ... the one the report named does.
+    rig.invalidate(&[expected]);
+    let fresh = rig
+        .iommu
+        .translate(SID, Some(p), 0x4000, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((fresh.hpa, fresh.source), (0x70_0000, Source::Walk));
+    assert!(rig.iommu.take_stale_translations().is_empty());
+}
+
+#[test]
+fn a_cleared_pasid_entry_is_used_until_the_pasid_cache_and_iotlb_are_flushed() {
+    let mut rig = Rig::new(false);
+    let p = pasid(3);
+    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    rig.map(&mut fl, 0x1000, 0x30_0000, rw());
+    rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
+    rig.iommu
+        .translate(SID, Some(p), 0x1000, AccessRequest::READ)
+        .unwrap();
+    rig.set_pasid_entry(p, None);
+    // Another page of the PASID walks with the cached PASID entry.
+    rig.map(&mut fl, 0x2000, 0x31_0000, rw());
+    assert_eq!(
+        rig.iommu
+            .translate(SID, Some(p), 0x2000, AccessRequest::READ)
+            .unwrap()
+            .hpa,
+        0x31_0000
+    );
+    rig.invalidate(&[InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::PasidSelective,
+        did: DID,
+        pasid: p,
+    }]);
+    // The IOTLB still has the first page; a new page now reads the cleared entry.
+    assert_eq!(
+        rig.iommu
+            .translate(SID, Some(p), 0x1000, AccessRequest::READ)
+            .unwrap()
+            .hpa,
+        0x30_0000
+    );
+    let f = rig
+        .iommu
+        .translate(SID, Some(p), 0x3000, AccessRequest::READ)
+        .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Spt2);
+    rig.invalidate(&[InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PasidSelective,
+        did: DID,
+        pasid: p,
+        addr: 0,
+        ih: false,
+        am: 0,
+    }]);
+    let f = rig
+        .iommu
+        .translate(SID, Some(p), 0x1000, AccessRequest::READ)
+        .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Spt2);
+    assert!(rig.iommu.iotlb().is_empty());
+}
+
+#[test]
+fn second_level_and_nested_translation_and_domain_invalidation() {
+    let mut rig = Rig::new(false);
+    let mut sl = rig.tables(TableFormat::SecondLevel(SlLevels::Four));
+    // Guest RAM: GPA 0..64 KiB at HPA 1 MiB.
+    for page in 0..16u64 {
+        sl.map(
+            &*rig.mem,
+            &mut &rig.frames,
+            page << 12,
+            0x10_0000 + (page << 12),
+            PageSize::Size4K,
+            MapFlags::READ | MapFlags::WRITE,
+        )
+        .unwrap();
+    }
+    // Guest first-level tables live in guest RAM: build them through the SL view.
+    let gpa_to_hpa = |gpa: u64| 0x10_0000 + gpa;
+    let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+    let fl_table = |e: u64| e | 0x7; // P, R/W, U/S
+    rig.mem.write_u64(gpa_to_hpa(pml4), fl_table(pdpt)).unwrap();
+    rig.mem.write_u64(gpa_to_hpa(pdpt), fl_table(pd)).unwrap();
+    rig.mem.write_u64(gpa_to_hpa(pd), fl_table(pt)).unwrap();
+    rig.mem
+        .write_u64(gpa_to_hpa(pt) + 8 * 5, 0x9000 | 0x7)
+        .unwrap(); // GVA 0x5000 -> GPA 0x9000
+    let nested = PasidEntry {
+        pgtt: Pgtt::Nested,
+        slptptr: sl.root(),
+        flptptr: pml4,
+        ..first_level_entry(0)
+    };
+    rig.set_pasid_entry(pasid(4), Some(&nested));
+    let second = PasidEntry {
+        pgtt: Pgtt::SecondLevel,
+        slptptr: sl.root(),
+        ..first_level_entry(0)
+    };
+    rig.set_pasid_entry(Pasid::RID_PASID, Some(&second));
+
+    let m = rig
+        .iommu
+        .translate(SID, Some(pasid(4)), 0x5abc, AccessRequest::WRITE)
+        .unwrap();
+    assert_eq!(m.hpa, gpa_to_hpa(0x9abc));
+    let d = rig
+        .iommu
+        .translate(SID, None, 0x9000, AccessRequest::READ)
+        .unwrap();
+    assert_eq!(d.hpa, gpa_to_hpa(0x9000));
+    // The walk set A and D in the guest's entries, as the CPU would.
+    assert_eq!(
+        rig.mem.read_u64(gpa_to_hpa(pt) + 8 * 5).unwrap() & 0x60,
+        0x60
+    );
+
+    // Unmapping GPA 0x9000 in the second level: a page-selective IOTLB invalidation of the
+    // domain drops the second-level entry and every nested entry of the domain.
+    sl.unmap(&*rig.mem, 0x9000, PageSize::Size4K).unwrap();
+    assert_eq!(
+        rig.iommu
+            .translate(SID, Some(pasid(4)), 0x5000, AccessRequest::READ)
+            .unwrap()
+            .source,
+        Source::Iotlb
+    );
+    rig.invalidate(&[InvDesc::Iotlb {
+        granularity: IotlbGranularity::PageSelective,
+        dr: true,
+        dw: true,
+        did: DID,
+        addr: 0x9000,
+        ih: false,
+        am: 0,
+    }]);
+    let f = rig
+        .iommu
+        .translate(SID, Some(pasid(4)), 0x5000, AccessRequest::READ)
+        .unwrap_err();
+    assert_eq!(
+        f.reason,
+        FaultReason::Ssl2,
+        "the final GPA is no longer mapped"
+    );
+    let f = rig
+        .iommu
+        .translate(SID, None, 0x9000, AccessRequest::READ)
+        .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Ssl2);
+}
+
+#[test]
+fn faults_are_recorded_unless_recoverable_and_page_requests_are_queued() {
+    let rig = Rig::new(false);
+    let fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    rig.set_pasid_entry(pasid(6), Some(&first_level_entry(fl.root())));
+    let irqs = Arc::new(AtomicUsize::new(0));
+    let seen = irqs.clone();
+    rig.iommu.set_interrupt_handler(Arc::new(move |_| {
+        seen.fetch_add(1, Ordering::Relaxed);
+    }));
+    // Fault and page request events come out of reset masked (IM set): unmask them.
+    rig.write(offset::FECTL, 4, 0);
+    rig.write(offset::PECTL, 4, 0);
+
+    // An untranslated request that faults is recorded with its reason and address.
+    let f = DmaPort::translate(
+        &*rig.iommu,
+        SID,
+        Some(pasid(6)),
+        0xdead_b000,
+        DmaAccess::WRITE,
+    )
+    .unwrap_err();
+    assert_eq!(f.condition(), Some(FaultReason::Sfl2));
+    assert!(!f.recoverable);
+    assert_ne!(rig.read(offset::FSTS, 4) as u32 & fsts::PPF, 0);
+    let lo = rig.read(0x400, 8);
+    let hi = rig.read(0x408, 8);
+    assert_eq!(lo, 0xdead_b000);
+    assert_eq!((hi >> 32) & 0xff, FaultReason::Sfl2.code() as u64);
+    assert_eq!(hi & 0xffff, SID.rid() as u64);
+    assert_eq!(irqs.load(Ordering::Relaxed), 1, "fault event raised");
+
+    // A translation request gets a recoverable fault and records nothing more.
+    let f = rig
+        .iommu
+        .ats_translate(SID, Some(pasid(6)), 0xdead_c000, DmaAccess::READ)
+        .unwrap_err();
+    assert!(f.recoverable);
+    assert_eq!(rig.iommu.stats().faults.load(Ordering::Relaxed), 1);
+
+    // The page request lands in the page request queue.
+    let pq = rig.frames.alloc_frame().unwrap().0;
+    rig.write(offset::PQA, 8, pq);
+    rig.iommu.page_request(PageRequest {
+        sid: SID,
+        pasid: Some(pasid(6)),
+        addr: 0xdead_c000,
+        access: DmaAccess::READ,
+        prgi: 17,
+        last: true,
+    });
+    assert_eq!(rig.read(offset::PQT, 8), 32);
+    let raw = [0, 8, 16, 24].map(|o| rig.mem.read_u64(pq + o).unwrap());
+    let d = PageRequestDesc::decode(raw).unwrap();
+    assert_eq!(
+        (d.rid, d.pasid, d.addr, d.prg_index, d.lpig),
+        (SID, Some(pasid(6)), 0xdead_c000, 17, true)
+    );
+    assert_eq!(irqs.load(Ordering::Relaxed), 2, "page request event raised");
+}
+
+#[test]
+fn an_invalid_descriptor_stops_the_queue_with_iqe() {
+    let rig = Rig::new(false);
+    write_qwords(&rig.mem, rig.iq, &[0xf, 0, 0, 0]);
+    rig.write(offset::IQT, 8, 32);
+    assert_ne!(rig.read(offset::FSTS, 4) as u32 & fsts::IQE, 0);
+    assert_eq!(
+        rig.read(offset::IQH, 8),
+        0,
+        "IQH stays on the bad descriptor"
+    );
+}
+
+#[test]
+fn context_cache_invalidation_makes_a_new_context_entry_visible() {
+    let mut rig = Rig::new(false);
+    let fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    rig.set_pasid_entry(pasid(2), Some(&first_level_entry(fl.root())));
+    let _ = rig
+        .iommu
+        .translate(SID, Some(pasid(2)), 0x1000, AccessRequest::READ);
+    assert_eq!(rig.iommu.cached_entries().0, 1);
+    rig.invalidate(&[InvDesc::ContextCache {
+        granularity: ContextCacheGranularity::DeviceSelective,
+        did: DID,
+        sid: SID,
+        fm: 0,
+    }]);
+    assert_eq!(rig.iommu.cached_entries().0, 0);
+}
