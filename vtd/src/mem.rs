@@ -38,3 +38,217 @@ pub trait PhysMem {
     /// Copies `buf` to `addr`.
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError>;
 }
+
+/// Guest RAM as the vIOMMU and the guest see it: vm-memory's `GuestMemoryMmap`, addressed
+/// by guest physical address. 64-bit accesses are atomic operations on the host mapping of
+/// the region that holds them; byte copies may span adjacent regions.
+mod guest_ram {
+    use super::{MemError, PhysMem};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use vm_memory::{
+        Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+        MemoryRegionAddress,
+    };
+
+    /// The atomic view of the 8 bytes at `addr`, which must lie inside one region and be
+    /// 8-byte aligned both as a guest address and in the host mapping.
+    fn atomic(mem: &GuestMemoryMmap, addr: u64) -> Result<&AtomicU64, MemError> {
+        if addr % 8 != 0 {
+            return Err(MemError::Unaligned { addr, align: 8 });
+        }
+        let out_of_range = MemError::OutOfRange { addr, len: 8 };
+        let (region, offset): (_, MemoryRegionAddress) =
+            mem.to_region_addr(GuestAddress(addr)).ok_or(out_of_range)?;
+        if offset.0.checked_add(8).is_none_or(|end| end > region.len()) {
+            return Err(out_of_range);
+        }
+        let ptr = region.get_host_address(offset).map_err(|_| out_of_range)?;
+        if ptr as usize % 8 != 0 {
+            return Err(MemError::Unaligned { addr, align: 8 });
+        }
+        // SAFETY: the 8 bytes at `ptr` lie inside the region's mapping (checked above), which
+        // lives as long as `mem` is borrowed, and `ptr` is 8-byte aligned. Guest RAM is shared
+        // memory that is only accessed atomically or by byte copies.
+        Ok(unsafe { AtomicU64::from_ptr(ptr.cast()) })
+    }
+
+    /// Whether `[addr, addr + len)` is backed by guest RAM without a hole.
+    fn check(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Result<(), MemError> {
+        let out_of_range = MemError::OutOfRange {
+            addr,
+            len: len as u64,
+        };
+        if addr.checked_add(len as u64).is_none() {
+            return Err(out_of_range);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if GuestMemoryBackend::check_range(mem, GuestAddress(addr), len) {
+            Ok(())
+        } else {
+            Err(out_of_range)
+        }
+    }
+
+    impl PhysMem for GuestMemoryMmap {
+        fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+            Ok(atomic(self, addr)?.load(Ordering::Acquire))
+        }
+
+        fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+            Ok(atomic(self, addr)?.fetch_or(bits, Ordering::AcqRel))
+        }
+
+        fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+            let a = atomic(self, addr)?;
+            Ok(
+                match a.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(v) | Err(v) => v,
+                },
+            )
+        }
+
+        fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+            atomic(self, addr)?.store(value, Ordering::Release);
+            Ok(())
+        }
+
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            check(self, addr, buf.len())?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            self.read_slice(buf, GuestAddress(addr))
+                .map_err(|_| MemError::OutOfRange {
+                    addr,
+                    len: buf.len() as u64,
+                })
+        }
+
+        fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+            check(self, addr, buf.len())?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            self.write_slice(buf, GuestAddress(addr))
+                .map_err(|_| MemError::OutOfRange {
+                    addr,
+                    len: buf.len() as u64,
+                })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::mem::{MemError, PhysMem};
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+        /// Two regions with a hole between them: [0x1000, 0x3000) and [0x3000, 0x4000)
+        /// adjacent, then [0x8000, 0x9000).
+        fn ram() -> GuestMemoryMmap {
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0x1000), 0x2000),
+                (GuestAddress(0x3000), 0x1000),
+                (GuestAddress(0x8000), 0x1000),
+            ])
+            .unwrap()
+        }
+
+        #[test]
+        fn atomics_are_little_endian_and_shared_with_byte_copies() {
+            let mem = ram();
+            mem.write_u64(0x1ff8, 0x0807_0605_0403_0201).unwrap();
+            let mut b = [0u8; 8];
+            mem.read(0x1ff8, &mut b).unwrap();
+            assert_eq!(b, [1, 2, 3, 4, 5, 6, 7, 8]);
+            assert_eq!(
+                mem.fetch_or_u64(0x1ff8, 0xff00).unwrap(),
+                0x0807_0605_0403_0201
+            );
+            assert_eq!(mem.read_u64(0x1ff8).unwrap(), 0x0807_0605_0403_ff01);
+            assert_eq!(
+                mem.compare_exchange_u64(0x1ff8, 1, 2).unwrap(),
+                0x0807_0605_0403_ff01
+            );
+            assert_eq!(mem.read_u64(0x1ff8).unwrap(), 0x0807_0605_0403_ff01);
+            assert_eq!(
+                mem.compare_exchange_u64(0x1ff8, 0x0807_0605_0403_ff01, 7)
+                    .unwrap(),
+                0x0807_0605_0403_ff01
+            );
+            assert_eq!(mem.read_u64(0x1ff8).unwrap(), 7);
+            // The last word of a region and the first of the next one.
+            mem.write_u64(0x2ff8, 9).unwrap();
+            mem.write_u64(0x3000, 10).unwrap();
+            assert_eq!(mem.read_u64(0x8ff8).unwrap(), 0);
+        }
+
+        #[test]
+        fn byte_copies_span_adjacent_regions_but_not_holes() {
+            let mem = ram();
+            let data: Vec<u8> = (0..32).collect();
+            mem.write(0x2ff0, &data).unwrap();
+            let mut back = [0u8; 32];
+            mem.read(0x2ff0, &mut back).unwrap();
+            assert_eq!(&back[..], &data[..]);
+            assert_eq!(mem.read_u64(0x3000).unwrap(), 0x1716_1514_1312_1110);
+
+            // A copy that runs into the hole changes nothing.
+            let before = mem.read_u64(0x3ff8).unwrap();
+            assert_eq!(
+                mem.write(0x3ff8, &[0xaa; 16]),
+                Err(MemError::OutOfRange {
+                    addr: 0x3ff8,
+                    len: 16
+                })
+            );
+            assert_eq!(mem.read_u64(0x3ff8).unwrap(), before);
+            assert_eq!(
+                mem.read(u64::MAX - 3, &mut [0; 8]),
+                Err(MemError::OutOfRange {
+                    addr: u64::MAX - 3,
+                    len: 8
+                })
+            );
+            assert_eq!(mem.write(0x4000, &[]), Ok(()));
+        }
+
+        #[test]
+        fn bad_atomics_are_refused() {
+            let mem = ram();
+            assert_eq!(
+                mem.read_u64(0x1004),
+                Err(MemError::Unaligned {
+                    addr: 0x1004,
+                    align: 8
+                })
+            );
+            for addr in [0x0, 0x4000, 0x7ff8, 0x9000, !7u64] {
+                assert_eq!(
+                    mem.write_u64(addr, 1),
+                    Err(MemError::OutOfRange { addr, len: 8 })
+                );
+                assert_eq!(
+                    mem.fetch_or_u64(addr, 1),
+                    Err(MemError::OutOfRange { addr, len: 8 })
+                );
+            }
+        }
+
+        #[test]
+        fn a_word_must_not_straddle_a_region_end() {
+            // A region whose length is not a multiple of 8: its last 4 bytes cannot hold a
+            // word even though the guest address is aligned.
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x1004)]).unwrap();
+            assert_eq!(
+                mem.read_u64(0x2000),
+                Err(MemError::OutOfRange {
+                    addr: 0x2000,
+                    len: 8
+                })
+            );
+            assert_eq!(mem.read_u64(0x1ff8), Ok(0));
+        }
+    }
+}
