@@ -3,6 +3,7 @@
 //! Tables live in host memory; the model reads them as hardware does and caches what it
 //! reads (context cache, PASID cache, IOTLB) until an invalidation descriptor removes it.
 
+mod explain;
 pub mod iotlb;
 mod mmio;
 mod port;
@@ -24,6 +25,7 @@ use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
 use iotlb::Iotlb;
 
+pub use explain::Explanation;
 pub use stale::StaleTranslation;
 pub use translate::{DmaMapping, Source, TranslationFault};
 
@@ -70,7 +72,7 @@ impl Default for IommuConfig {
 pub struct IommuStats {
     /// Page walks done after IOTLB misses.
     pub walks: AtomicU64,
-    /// Table entries read by those walks.
+    /// Page-table entries read by those walks (first and second level).
     pub table_reads: AtomicU64,
     /// Invalidation descriptors processed.
     pub descriptors: AtomicU64,

@@ -403,6 +403,21 @@ fn second_level_and_nested_translation_and_domain_invalidation() {
         .translate(SID, None, 0x9000, AccessRequest::READ)
         .unwrap();
     assert_eq!(d.hpa, gpa_to_hpa(0x9000));
+    let e = rig
+        .iommu
+        .explain(SID, Some(pasid(4)), 0x5abc, AccessRequest::READ);
+    assert_eq!(e.result.unwrap().output, gpa_to_hpa(0x9abc));
+    assert_eq!(e.walk.steps.len(), 24);
+    let text = e.to_string();
+    assert!(
+        text.contains("PGTT=Nested") && text.contains("result: HPA"),
+        "{text}"
+    );
+    let miss = rig
+        .iommu
+        .explain(SID, Some(pasid(4)), 0x6000, AccessRequest::READ);
+    assert_eq!(miss.result, Err(FaultReason::Sfl2));
+    assert!(miss.to_string().contains("SFL.2"));
     // The walk set A and D in the guest's entries, as the CPU would.
     assert_eq!(
         rig.mem.read_u64(gpa_to_hpa(pt) + 8 * 5).unwrap() & 0x60,

@@ -8,8 +8,14 @@ use vsva_vtd::{
     SourceId, Translation, WalkFault,
 };
 
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+
+use vsva_vtd::{MemError, PhysMem};
+
 use super::iotlb::{IotlbEntry, Perms, TranslationKind};
 use super::{Iommu, RootState};
+use crate::memory::HostMemory;
 
 /// Where a translation came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,6 +320,36 @@ impl Iommu {
         self.iotlb.retag(sid, pasid, pe.did);
         self.pasid_cache.write().unwrap().insert(key, pe);
         Ok(pe)
+    }
+}
+
+/// Host memory that counts the table entries a walk reads, for [`IommuStats`].
+///
+/// [`IommuStats`]: super::IommuStats
+struct CountingReads<'a> {
+    mem: &'a HostMemory,
+    reads: Cell<u64>,
+}
+
+impl PhysMem for CountingReads<'_> {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.reads.set(self.reads.get() + 1);
+        self.mem.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+        self.mem.fetch_or_u64(addr, bits)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+        self.mem.compare_exchange_u64(addr, old, new)
+    }
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+        self.mem.write_u64(addr, value)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem.read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.mem.write(addr, buf)
     }
 }
 
