@@ -398,6 +398,11 @@ fn second_level_and_nested_translation_and_domain_invalidation() {
         .translate(SID, Some(pasid(4)), 0x5abc, AccessRequest::WRITE)
         .unwrap();
     assert_eq!(m.hpa, gpa_to_hpa(0x9abc));
+    // A cold nested walk, 4-level over 4-level: 4 first-level entries, and a 4-level
+    // second-level walk for each of the 4 tables and for the final address.
+    let stats = rig.iommu.stats();
+    assert_eq!(stats.walks.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.table_reads.load(Ordering::Relaxed), 24);
     let d = rig
         .iommu
         .translate(SID, None, 0x9000, AccessRequest::READ)

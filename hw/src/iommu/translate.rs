@@ -269,15 +269,19 @@ impl Iommu {
         let pe = self
             .pasid_entry(sid, &ctx, eff)
             .map_err(|f| fail(f.reason, f.fpd, false))?;
-        let t = walk_pasid_entry(&*self.mem, &pe, self.formats(), addr, access, &mut ()).map_err(
-            |f| {
-                let recoverable = ctx.pre && page_request_may_resolve(&f);
-                fail(f.reason, ctx.fpd || pe.fpd, recoverable)
-            },
-        )?;
+        let mem = CountingReads {
+            mem: &*self.mem,
+            reads: Cell::new(0),
+        };
+        let walked = walk_pasid_entry(&mem, &pe, self.formats(), addr, access, &mut ());
+        self.stats.walks.fetch_add(1, Ordering::Relaxed);
         self.stats
-            .walks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .table_reads
+            .fetch_add(mem.reads.get(), Ordering::Relaxed);
+        let t = walked.map_err(|f| {
+            let recoverable = ctx.pre && page_request_may_resolve(&f);
+            fail(f.reason, ctx.fpd || pe.fpd, recoverable)
+        })?;
         let entry = iotlb_entry(&pe, &t, access);
         if pe.pgtt != Pgtt::PassThrough {
             self.iotlb.insert(sid, eff, addr, entry);
