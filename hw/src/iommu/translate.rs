@@ -270,7 +270,7 @@ impl Iommu {
             .pasid_entry(sid, &ctx, eff)
             .map_err(|f| fail(f.reason, f.fpd, false))?;
         let mem = CountingReads {
-            mem: &*self.mem,
+            mem: &self.mem,
             reads: Cell::new(0),
         };
         let walked = walk_pasid_entry(&mem, &pe, self.formats(), addr, access, &mut ());
