@@ -1,0 +1,1 @@
+//! The VMM side of vsva: the guest-visible virtual VT-d (vIOMMU).
