@@ -9,11 +9,11 @@
 //! the argument bytes) unchanged: all checks run before the first change, and each change
 //! after the backend's fallible call is infallible.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vsva_vtd::{Iova, Pasid};
+use vsva_vtd::{Iova, Pasid, SourceId};
 
 use crate::error::HostError;
 use crate::pasid::{PasidAllocator, PasidSetId};
@@ -60,8 +60,12 @@ pub struct BackendInfo {
 /// The host IOMMU driver, as one container sees it: the Rust counterpart of the `iommu_ops`
 /// and `iommu_domain` calls `vfio_iommu_type1` makes.
 ///
+/// Binds, invalidations and mappings apply to every device attached to the container.
+///
 /// Contract, which the container guarantees on its side:
 /// - every PASID passed in belongs to the container's set, and the data is validated;
+/// - `attach_device` is called only for a device not attached to this container, and
+///   `detach_device` only for one that is;
 /// - `unmap_dma` is called only with the exact range of an earlier successful `map_dma`,
 ///   `unbind_gpasid` only with the data of an earlier successful `bind_gpasid`, and
 ///   `detach_pasid_table` only after a successful `attach_pasid_table`;
@@ -102,6 +106,21 @@ pub trait IommuBackend {
 
     /// Removes the guest-owned PASID table.
     fn detach_pasid_table(&mut self) {}
+
+    /// Attaches a device (its requester id) to the container's domain, as `iommu_attach_group`
+    /// does when a VFIO group joins the container: from then on the device translates
+    /// through the container's second level and every PASID bound in the container. A device
+    /// that another container (domain) holds is refused with `-EBUSY`.
+    fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
+        let _ = sid;
+        Err(HostError::NoDriverOp("attach_device"))
+    }
+
+    /// Detaches a device: its context entry, and the PASID entries the container's bindings
+    /// put there, are removed and the caches that held them invalidated.
+    fn detach_device(&mut self, sid: SourceId) {
+        let _ = sid;
+    }
 }
 
 /// The IOMMU information `VFIO_IOMMU_GET_INFO` reports.
@@ -138,6 +157,7 @@ pub struct Container<B: IommuBackend> {
     dma: BTreeMap<u64, DmaMap>,
     bound: BTreeMap<Pasid, BindGpasid>,
     pasid_table: Option<PasidTableConfig>,
+    devices: BTreeSet<SourceId>,
 }
 
 /// Locks the allocator; a poisoned lock is still consistent (no allocator method panics
@@ -172,6 +192,7 @@ impl<B: IommuBackend> Container<B> {
             dma: BTreeMap::new(),
             bound: BTreeMap::new(),
             pasid_table: None,
+            devices: BTreeSet::new(),
         }
     }
 
@@ -197,6 +218,33 @@ impl<B: IommuBackend> Container<B> {
             pasid_table: self.pasid_table,
             pasids,
         }
+    }
+
+    /// The devices attached to the container, by requester id.
+    pub fn devices(&self) -> Vec<SourceId> {
+        self.devices.iter().copied().collect()
+    }
+
+    /// Attaches a device to the container, as `VFIO_GROUP_SET_CONTAINER` does for its group:
+    /// `-EBUSY` if it is attached already; the driver's refusal (e.g. `-EBUSY` for a device
+    /// of another container, `-ENODEV` without the operation) changes nothing.
+    pub fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
+        if self.devices.contains(&sid) {
+            return Err(HostError::DeviceAttached(sid));
+        }
+        self.backend.attach_device(sid)?;
+        self.devices.insert(sid);
+        Ok(())
+    }
+
+    /// Detaches a device, as `VFIO_GROUP_UNSET_CONTAINER` does for its group (`-EINVAL` if it
+    /// is not attached). The container's bindings stay for its other devices.
+    pub fn detach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
+        if !self.devices.remove(&sid) {
+            return Err(HostError::DeviceNotAttached(sid));
+        }
+        self.backend.detach_device(sid);
+        Ok(())
     }
 
     /// Performs one container ioctl on its argument bytes, as `ioctl(container_fd, cmd, arg)`
@@ -638,8 +686,8 @@ fn sva_ioctl_name(cmd: u32) -> &'static str {
 }
 
 /// Closing the container (or the VMM dying) releases everything it held, as
-/// `vfio_iommu_type1_release` and the `vfio_mm` put do: bindings, the PASID table, the DMA
-/// mappings, and the VM's PASID set.
+/// `vfio_iommu_type1_release` and the `vfio_mm` put do: bindings, the PASID table, the
+/// devices, the DMA mappings, and the VM's PASID set.
 impl<B: IommuBackend> Drop for Container<B> {
     fn drop(&mut self) {
         for bind in std::mem::take(&mut self.bound).into_values() {
@@ -647,6 +695,9 @@ impl<B: IommuBackend> Drop for Container<B> {
         }
         if self.pasid_table.take().is_some() {
             self.backend.detach_pasid_table();
+        }
+        for sid in std::mem::take(&mut self.devices) {
+            self.backend.detach_device(sid);
         }
         for m in std::mem::take(&mut self.dma).into_values() {
             self.backend.unmap_dma(m.iova, m.size);
@@ -674,11 +725,13 @@ mod tests {
         bound: BTreeMap<Pasid, BindGpasid>,
         table: Option<PasidTableConfig>,
         invalidations: Vec<CacheInvalidate>,
+        devices: BTreeSet<SourceId>,
     }
 
     /// A host IOMMU driver stand-in that checks the container keeps the backend contract.
-    /// It refuses maps of `vaddr` with bit 47 set (unbacked memory) and binds with an
-    /// address width other than 48 or 57, changing nothing when it refuses.
+    /// It refuses maps of `vaddr` with bit 47 set (unbacked memory), binds with an address
+    /// width other than 48 or 57, and devices on bus 0xff (held by another domain), changing
+    /// nothing when it refuses.
     #[derive(Clone, Debug)]
     struct MockIommu {
         state: Rc<RefCell<MockState>>,
@@ -776,6 +829,23 @@ mod tests {
         fn detach_pasid_table(&mut self) {
             assert!(self.state.borrow_mut().table.take().is_some());
         }
+
+        fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
+            if sid.bus() == 0xff {
+                return Err(HostError::Driver {
+                    errno: libc::EBUSY,
+                    detail: format!("{sid} belongs to another domain"),
+                });
+            }
+            let fresh = self.state.borrow_mut().devices.insert(sid);
+            assert!(fresh, "double attach of {sid}");
+            Ok(())
+        }
+
+        fn detach_device(&mut self, sid: SourceId) {
+            let known = self.state.borrow_mut().devices.remove(&sid);
+            assert!(known, "detach of {sid}, never attached");
+        }
     }
 
     fn shared() -> SharedPasidAllocator {
@@ -860,6 +930,68 @@ mod tests {
             }
         );
         assert_eq!(lock(&alloc).total_allocated(), 0);
+    }
+
+    fn dev(bus: u8, dev: u8) -> SourceId {
+        SourceId::new(bus, dev, 0).unwrap()
+    }
+
+    #[test]
+    fn device_attach_rules() {
+        let alloc = shared();
+        let (mut c, mock) = nested(&alloc);
+        c.attach_device(dev(0, 3)).unwrap();
+        c.attach_device(dev(0, 4)).unwrap();
+        assert_eq!(
+            c.attach_device(dev(0, 3)).unwrap_err(),
+            HostError::DeviceAttached(dev(0, 3))
+        );
+        assert_eq!(
+            c.attach_device(dev(0, 3)).unwrap_err().errno(),
+            -libc::EBUSY
+        );
+        // The driver's refusal changes nothing.
+        assert_eq!(
+            c.attach_device(dev(0xff, 1)).unwrap_err().errno(),
+            -libc::EBUSY
+        );
+        assert_eq!(c.devices(), vec![dev(0, 3), dev(0, 4)]);
+        assert_eq!(
+            c.detach_device(dev(0, 5)).unwrap_err(),
+            HostError::DeviceNotAttached(dev(0, 5))
+        );
+        assert_eq!(
+            c.detach_device(dev(0, 5)).unwrap_err().errno(),
+            -libc::EINVAL
+        );
+        // Bindings outlive a device's detach; the device can come back.
+        let p = c.pasid_alloc(1, 10).unwrap();
+        c.bind_gpasid(&bind_of(p)).unwrap();
+        c.detach_device(dev(0, 3)).unwrap();
+        assert_eq!(c.devices(), vec![dev(0, 4)]);
+        assert_eq!(mock.borrow().bound.len(), 1);
+        c.attach_device(dev(0, 3)).unwrap();
+        assert_eq!(
+            mock.borrow().devices.iter().copied().collect::<Vec<_>>(),
+            c.devices()
+        );
+        drop(c);
+        assert!(mock.borrow().devices.is_empty(), "closing detaches devices");
+        assert!(mock.borrow().bound.is_empty());
+    }
+
+    #[test]
+    fn attach_device_defaults_to_enodev() {
+        let mut c = Container::new(shared(), 1, Minimal);
+        assert_eq!(
+            c.attach_device(dev(0, 1)).unwrap_err(),
+            HostError::NoDriverOp("attach_device")
+        );
+        assert!(c.devices().is_empty());
+        assert_eq!(
+            c.detach_device(dev(0, 1)).unwrap_err().errno(),
+            -libc::EINVAL
+        );
     }
 
     #[test]
@@ -1342,6 +1474,7 @@ mod tests {
             let backend = MockIommu::new(nesting, smmu);
             let mock = backend.state.clone();
             let mut c = Container::new(alloc.clone(), 6, backend);
+            c.attach_device(SourceId::new(0, 2, 0).unwrap()).unwrap();
             if set_first {
                 let model = if nesting { IommuModel::Type1Nesting } else { IommuModel::Type1v2 };
                 c.set_iommu(model).unwrap();
@@ -1378,6 +1511,7 @@ mod tests {
             drop(c);
             let m = mock.borrow();
             prop_assert!(m.mapped.is_empty() && m.bound.is_empty() && m.table.is_none());
+            prop_assert!(m.devices.is_empty());
             prop_assert_eq!(lock(&alloc).total_allocated(), other_pasids.len());
         }
     }

@@ -3,7 +3,7 @@
 //! The choice of errno follows the seed series' `vfio_iommu_type1.c` and the Linux v5.10
 //! IOMMU core where they define one; each variant's doc names its source.
 
-use vsva_vtd::Pasid;
+use vsva_vtd::{Pasid, SourceId};
 
 use crate::pasid::PasidSetId;
 
@@ -110,6 +110,13 @@ pub enum HostError {
     /// The per-PASID bind model and the guest-PASID-table model exclude each other (`-EBUSY`).
     #[error("{0}")]
     ModelConflict(&'static str),
+    /// The device is attached to the container already (`-EBUSY`, as VFIO answers a group
+    /// that is in a container).
+    #[error("device {0} is already attached to the container")]
+    DeviceAttached(SourceId),
+    /// The device is not attached to the container (`-EINVAL`).
+    #[error("device {0} is not attached to the container")]
+    DeviceNotAttached(SourceId),
     /// A failure reported by the host IOMMU driver; `errno` is the positive Linux value
     /// (e.g. `libc::EFAULT` for user memory that cannot be pinned).
     #[error("host IOMMU driver: {detail}")]
@@ -135,7 +142,8 @@ impl HostError {
             | IommuModelSet
             | UnsupportedBindType(_)
             | UnmapSplits { .. }
-            | NotBound(_) => libc::EINVAL,
+            | NotBound(_)
+            | DeviceNotAttached(_) => libc::EINVAL,
             BufferTooShort { .. } => libc::EFAULT,
             QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) => libc::ENOSPC,
             NotOwner { .. } => libc::EPERM,
@@ -143,7 +151,7 @@ impl HostError {
             UnsupportedIommuModel(_) | NoDriverOp(_) => libc::ENODEV,
             NotNesting(_) => libc::EOPNOTSUPP,
             DmaExists { .. } => libc::EEXIST,
-            AlreadyBound(_) | ModelConflict(_) => libc::EBUSY,
+            AlreadyBound(_) | ModelConflict(_) | DeviceAttached(_) => libc::EBUSY,
             Driver { errno, .. } => *errno,
         }
     }
