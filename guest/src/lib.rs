@@ -7,5 +7,7 @@
 //! serves the device's page requests.
 
 pub mod frames;
+pub mod process;
 
 pub use frames::{FrameError, GuestFrames, FRAME_SIZE};
+pub use process::{MmuNotifier, NotifierId, Process, ProcessError, Prot, Vma};
