@@ -53,7 +53,7 @@ pub const USER_RFLAGS: u64 = 0x2;
 /// exit to the host at any privilege. (Ring 3 reports by MMIO rather than by `out` or a
 /// software interrupt: KVM backends that emulate `iretq`/`int n`, as PVM does, lose IOPL
 /// and reject `int n` outside real mode.)
-pub const REPORT_GPA: u64 = 0x40_0000_0000;
+pub const REPORT_GPA: u64 = 0x8_0000_0000;
 /// Offset in the report page that a read or write probe stores to when it completed
 /// (a read stores the value it read).
 pub const REPORT_DONE: u64 = 0;

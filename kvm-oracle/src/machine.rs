@@ -52,7 +52,7 @@ pub enum OracleError {
     #[error(transparent)]
     Memory(#[from] HostMemoryError),
     /// The RAM size is not a multiple of 2 MiB, or reaches the report page.
-    #[error("guest RAM size {0:#x} must be a multiple of 2 MiB between 2 MiB and 256 GiB")]
+    #[error("guest RAM size {0:#x} must be a multiple of 2 MiB between 2 MiB and 32 GiB")]
     BadRamSize(u64),
     /// The vCPU stopped for a reason the harness does not produce.
     #[error("unexpected vCPU exit: {0}")]
@@ -193,10 +193,15 @@ impl Machine {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| unavailable("KVM_GET_SUPPORTED_CPUID", e))?;
         let features = features_of(cpuid.as_slice());
-        if features.max_phys_bits == 0 {
-            return Err(OracleError::Unavailable(
-                "KVM reports no physical address width (CPUID 80000008h)".into(),
-            ));
+        if guest::REPORT_GPA
+            .checked_shr(u32::from(features.max_phys_bits))
+            .unwrap_or(0)
+            != 0
+        {
+            return Err(OracleError::Unavailable(format!(
+                "a {}-bit physical address width leaves no room for the report page",
+                features.max_phys_bits
+            )));
         }
 
         let memory = HostMemory::new(ram_size)?;
@@ -270,7 +275,8 @@ impl Machine {
     }
 
     /// Runs one probe. The tables under `probe.cr3` must map the harness
-    /// ([`guest::HARNESS_PAGES`]) and `probe.va` must lie outside its top-level slot.
+    /// ([`guest::HARNESS_PAGES`]), and `probe.va` must lie outside its top-level slot and
+    /// outside [`guest::hypervisor_hole`].
     pub fn probe(&mut self, probe: &Probe) -> Result<Outcome, OracleError> {
         let mut sregs = self.base_sregs;
         sregs.cr3 = probe.cr3;
