@@ -22,9 +22,9 @@
 //!   supervisor probe with a second walk, SRE = 0, which must fault SPT.6 and set no bit.
 //! - WPE is CR0.WP: each scenario runs the vCPU with CR0.WP equal to its WPE.
 //! - Supervisor execute requests to user pages always fault in VT-d, as with CR4.SMEP = 1.
-//!   The vCPU runs with SMEP when it has it; without SMEP it executes such pages, and the
-//!   walker must instead report SGN.3 while everything else about the page allows
-//!   execution (the vCPU's run shows it reached the same byte).
+//!   The vCPU runs with SMEP when it has it; without SMEP it executes such pages (KVM's PVM
+//!   backend raises #GP at the page instead), and the walker must report SGN.3 while
+//!   everything else about the page allows execution.
 //! - EAFE: the IOMMU sets the extended-accessed bit (bit 10, ignored by the CPU) with A.
 //!   Scenarios with EAFE compare A/D with bit 10 masked and require bit 10 in every entry
 //!   of a successful walk.
@@ -37,6 +37,11 @@
 //!
 //! 1 GiB pages are compared with the walker's FL1GP equal to the vCPU's 1 GiB page support:
 //! where KVM offers none, both sides must treat PS in a PDPE as a reserved bit.
+//!
+//! KVM may shadow the guest's tables in software (PVM, or no two-dimensional paging), and
+//! its shadows only follow the guest's own writes; so the tables of one scenario are
+//! written before its first probe, the walker's A/D updates go to a private copy, and KVM
+//! forgets its translations before each new scenario.
 //!
 //! Set `VSVA_ORACLE_SEED` to replay a run.
 
