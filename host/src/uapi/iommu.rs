@@ -47,6 +47,216 @@ fn read_exact<T: Wire>(bytes: &[u8], what: &'static str) -> Result<T, HostError>
 }
 
 // ---------------------------------------------------------------------------------------
+// Faults
+// ---------------------------------------------------------------------------------------
+
+/// `IOMMU_FAULT_PERM_READ`: the access reads.
+pub const IOMMU_FAULT_PERM_READ: u32 = 1 << 0;
+/// `IOMMU_FAULT_PERM_WRITE`: the access writes.
+pub const IOMMU_FAULT_PERM_WRITE: u32 = 1 << 1;
+/// `IOMMU_FAULT_PERM_EXEC`: the access is an instruction fetch.
+pub const IOMMU_FAULT_PERM_EXEC: u32 = 1 << 2;
+/// `IOMMU_FAULT_PERM_PRIV`: the access is privileged (supervisor).
+pub const IOMMU_FAULT_PERM_PRIV: u32 = 1 << 3;
+/// Every `IOMMU_FAULT_PERM_*` bit.
+const IOMMU_FAULT_PERM_MASK: u32 =
+    IOMMU_FAULT_PERM_READ | IOMMU_FAULT_PERM_WRITE | IOMMU_FAULT_PERM_EXEC | IOMMU_FAULT_PERM_PRIV;
+
+/// `IOMMU_FAULT_DMA_UNRECOV` (`enum iommu_fault_type`): an unrecoverable fault.
+pub const IOMMU_FAULT_DMA_UNRECOV: u32 = 1;
+/// `IOMMU_FAULT_PAGE_REQ`: a page request.
+pub const IOMMU_FAULT_PAGE_REQ: u32 = 2;
+
+/// `IOMMU_FAULT_REASON_UNKNOWN` (`enum iommu_fault_reason`).
+pub const IOMMU_FAULT_REASON_UNKNOWN: u32 = 0;
+/// `IOMMU_FAULT_REASON_PASID_FETCH`: the PASID table could not be read.
+pub const IOMMU_FAULT_REASON_PASID_FETCH: u32 = 1;
+/// `IOMMU_FAULT_REASON_BAD_PASID_ENTRY`: the PASID entry is invalid or misconfigured.
+pub const IOMMU_FAULT_REASON_BAD_PASID_ENTRY: u32 = 2;
+/// `IOMMU_FAULT_REASON_PASID_INVALID`: the PASID is out of range or disabled.
+pub const IOMMU_FAULT_REASON_PASID_INVALID: u32 = 3;
+/// `IOMMU_FAULT_REASON_WALK_EABT`: fetching or updating a table entry aborted.
+pub const IOMMU_FAULT_REASON_WALK_EABT: u32 = 4;
+/// `IOMMU_FAULT_REASON_PTE_FETCH`: the page table entry could not be read (translation fault).
+pub const IOMMU_FAULT_REASON_PTE_FETCH: u32 = 5;
+/// `IOMMU_FAULT_REASON_PERMISSION`: a permission check failed.
+pub const IOMMU_FAULT_REASON_PERMISSION: u32 = 6;
+/// `IOMMU_FAULT_REASON_ACCESS`: an access flag check failed.
+pub const IOMMU_FAULT_REASON_ACCESS: u32 = 7;
+/// `IOMMU_FAULT_REASON_OOR_ADDRESS`: a stage's output address is out of range.
+pub const IOMMU_FAULT_REASON_OOR_ADDRESS: u32 = 8;
+
+/// `IOMMU_FAULT_UNRECOV_PASID_VALID`: `pasid` is valid.
+pub const IOMMU_FAULT_UNRECOV_PASID_VALID: u32 = 1 << 0;
+/// `IOMMU_FAULT_UNRECOV_ADDR_VALID`: `addr` is valid.
+pub const IOMMU_FAULT_UNRECOV_ADDR_VALID: u32 = 1 << 1;
+/// `IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID`: `fetch_addr` is valid.
+pub const IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID: u32 = 1 << 2;
+
+/// `IOMMU_FAULT_PAGE_REQUEST_PASID_VALID`: `pasid` is valid.
+pub const IOMMU_FAULT_PAGE_REQUEST_PASID_VALID: u32 = 1 << 0;
+/// `IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE`: the last request of its group; the group expects
+/// one page response.
+pub const IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE: u32 = 1 << 1;
+/// `IOMMU_FAULT_PAGE_REQUEST_PRIV_DATA`: `private_data` is valid.
+pub const IOMMU_FAULT_PAGE_REQUEST_PRIV_DATA: u32 = 1 << 2;
+/// `IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID`: the response must carry the request's PASID.
+pub const IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID: u32 = 1 << 3;
+/// Every `IOMMU_FAULT_PAGE_REQUEST_*` flag.
+const IOMMU_FAULT_PAGE_REQUEST_MASK: u32 = IOMMU_FAULT_PAGE_REQUEST_PASID_VALID
+    | IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE
+    | IOMMU_FAULT_PAGE_REQUEST_PRIV_DATA
+    | IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID;
+
+c_struct! {
+    /// `struct iommu_fault_unrecoverable`: a fault the device cannot recover from.
+    pub struct IommuFaultUnrecoverable {
+        /// `IOMMU_FAULT_REASON_*`.
+        pub reason: u32,
+        /// `IOMMU_FAULT_UNRECOV_*`.
+        pub flags: u32,
+        /// Process Address Space ID.
+        pub pasid: u32,
+        /// `IOMMU_FAULT_PERM_*` of the faulting access.
+        pub perm: u32,
+        /// Faulting page address.
+        pub addr: u64,
+        /// Address whose fetch aborted.
+        pub fetch_addr: u64,
+    }
+}
+
+c_struct! {
+    /// `struct iommu_fault_page_request`: one PCI PRI page request.
+    pub struct IommuFaultPageRequest {
+        /// `IOMMU_FAULT_PAGE_REQUEST_*` and `IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID`.
+        pub flags: u32,
+        /// Process Address Space ID.
+        pub pasid: u32,
+        /// Page Request Group Index.
+        pub grpid: u32,
+        /// `IOMMU_FAULT_PERM_*` requested.
+        pub perm: u32,
+        /// Page address.
+        pub addr: u64,
+        /// Device-specific private data.
+        pub private_data: [u64; 2],
+    }
+}
+
+impl IommuFaultPageRequest {
+    /// Validates: known flags and permissions, a 20-bit PASID when it is valid, a PASID
+    /// whenever the response needs one, a page-aligned address.
+    pub fn validate(&self) -> Result<(), HostError> {
+        const WHAT: &str = "iommu_fault_page_request";
+        check_flags(
+            self.flags.into(),
+            IOMMU_FAULT_PAGE_REQUEST_MASK.into(),
+            WHAT,
+        )?;
+        check_flags(self.perm.into(), IOMMU_FAULT_PERM_MASK.into(), WHAT)?;
+        let pasid_valid = self.flags & IOMMU_FAULT_PAGE_REQUEST_PASID_VALID != 0;
+        if pasid_valid {
+            check_pasid(self.pasid.into(), WHAT)?;
+        } else if self.flags & IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID != 0 {
+            return Err(HostError::field(
+                WHAT,
+                "the response needs a PASID but the request has none",
+            ));
+        }
+        if self.addr % PAGE_SIZE != 0 {
+            return Err(HostError::field(
+                WHAT,
+                format!("page address {:#x} is not page aligned", self.addr),
+            ));
+        }
+        Ok(())
+    }
+}
+
+c_struct! {
+    /// `struct iommu_fault`: one fault record, 64 bytes, as VFIO's DMA fault region holds
+    /// them. The C union of `event`, `prm` and `padding2[56]` (8-byte aligned) is stored as
+    /// seven little-endian qwords; read it with [`IommuFault::page_request`] or
+    /// [`IommuFault::unrecoverable`].
+    pub struct IommuFault {
+        /// `IOMMU_FAULT_DMA_UNRECOV` or `IOMMU_FAULT_PAGE_REQ` (C name `type`).
+        pub type_: u32,
+        /// Reserved, zero.
+        pub padding: u32,
+        /// The union: `event`, `prm`, or `padding2`.
+        pub data: [u64; 7],
+    }
+}
+
+impl IommuFault {
+    /// Decodes and validates a record: whole structure, a defined type, zero padding, a
+    /// valid member, and zero bytes past it.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+        const WHAT: &str = "iommu_fault";
+        let f: Self = read_exact(bytes, WHAT)?;
+        if f.padding != 0 {
+            return Err(HostError::field(WHAT, "reserved padding is not zero"));
+        }
+        let used = match f.type_ {
+            IOMMU_FAULT_PAGE_REQ => {
+                IommuFaultPageRequest::read(&f.union_bytes()).validate()?;
+                size_of::<IommuFaultPageRequest>()
+            }
+            IOMMU_FAULT_DMA_UNRECOV => size_of::<IommuFaultUnrecoverable>(),
+            t => {
+                return Err(HostError::field(
+                    WHAT,
+                    format!("fault type {t} is not defined"),
+                ))
+            }
+        };
+        check_zero(&f.union_bytes()[used..], WHAT)?;
+        Ok(f)
+    }
+
+    /// The page request, when the record is one.
+    pub fn page_request(&self) -> Option<IommuFaultPageRequest> {
+        (self.type_ == IOMMU_FAULT_PAGE_REQ)
+            .then(|| IommuFaultPageRequest::read(&self.union_bytes()))
+    }
+
+    /// The unrecoverable fault, when the record is one.
+    pub fn unrecoverable(&self) -> Option<IommuFaultUnrecoverable> {
+        (self.type_ == IOMMU_FAULT_DMA_UNRECOV)
+            .then(|| IommuFaultUnrecoverable::read(&self.union_bytes()))
+    }
+
+    fn union_bytes(&self) -> [u8; 56] {
+        let mut b = [0u8; 56];
+        self.data.write(&mut b);
+        b
+    }
+
+    fn with_member<T: Wire>(type_: u32, member: &T) -> Self {
+        let mut b = [0u8; 56];
+        member.write(&mut b);
+        IommuFault {
+            type_,
+            padding: 0,
+            data: <[u64; 7]>::read(&b),
+        }
+    }
+}
+
+impl From<&IommuFaultPageRequest> for IommuFault {
+    fn from(prm: &IommuFaultPageRequest) -> Self {
+        IommuFault::with_member(IOMMU_FAULT_PAGE_REQ, prm)
+    }
+}
+
+impl From<&IommuFaultUnrecoverable> for IommuFault {
+    fn from(event: &IommuFaultUnrecoverable) -> Self {
+        IommuFault::with_member(IOMMU_FAULT_DMA_UNRECOV, event)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Page response
 // ---------------------------------------------------------------------------------------
 
@@ -681,6 +891,24 @@ mod tests {
         assert_eq!(size_of::<IommuPageResponse>(), 24);
         assert_eq!(offset_of!(IommuPageResponse, code), 20);
 
+        assert_eq!(size_of::<IommuFaultUnrecoverable>(), 32);
+        assert_eq!(offset_of!(IommuFaultUnrecoverable, flags), 4);
+        assert_eq!(offset_of!(IommuFaultUnrecoverable, pasid), 8);
+        assert_eq!(offset_of!(IommuFaultUnrecoverable, perm), 12);
+        assert_eq!(offset_of!(IommuFaultUnrecoverable, addr), 16);
+        assert_eq!(offset_of!(IommuFaultUnrecoverable, fetch_addr), 24);
+        assert_eq!(size_of::<IommuFaultPageRequest>(), 40);
+        assert_eq!(offset_of!(IommuFaultPageRequest, pasid), 4);
+        assert_eq!(offset_of!(IommuFaultPageRequest, grpid), 8);
+        assert_eq!(offset_of!(IommuFaultPageRequest, perm), 12);
+        assert_eq!(offset_of!(IommuFaultPageRequest, addr), 16);
+        assert_eq!(offset_of!(IommuFaultPageRequest, private_data), 24);
+        // The union holds padding2[56] and members with __u64 fields: 8-aligned, at 8.
+        assert_eq!(size_of::<IommuFault>(), 64);
+        assert_eq!(align_of::<IommuFault>(), 8);
+        assert_eq!(offset_of!(IommuFault, padding), 4);
+        assert_eq!(offset_of!(IommuFault, data), 8);
+
         assert_eq!(size_of::<IommuInvPasidInfo>(), 16);
         assert_eq!(offset_of!(IommuInvPasidInfo, pasid), 8);
         assert_eq!(size_of::<IommuInvAddrInfo>(), 40);
@@ -978,6 +1206,92 @@ mod tests {
                 -libc::EINVAL
             );
         }
+    }
+
+    fn page_request() -> IommuFaultPageRequest {
+        IommuFaultPageRequest {
+            flags: IOMMU_FAULT_PAGE_REQUEST_PASID_VALID
+                | IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE
+                | IOMMU_FAULT_PAGE_REQUEST_PRIV_DATA
+                | IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID,
+            pasid: 0x1_2345,
+            grpid: 0x1ff,
+            perm: IOMMU_FAULT_PERM_READ | IOMMU_FAULT_PERM_WRITE,
+            addr: 0x7fff_f000,
+            private_data: [0x1111, 0x2222],
+        }
+    }
+
+    #[test]
+    fn fault_record_bytes() {
+        let prm = page_request();
+        let f = IommuFault::from(&prm);
+        let bytes = f.to_bytes();
+        assert_eq!(bytes.len(), 64);
+        // Each field at the offset the C layout gives it, counted from the record's start.
+        assert_eq!(&bytes[..4], &IOMMU_FAULT_PAGE_REQ.to_le_bytes());
+        assert_eq!(&bytes[4..8], &[0; 4]);
+        assert_eq!(&bytes[8..12], &prm.flags.to_le_bytes());
+        assert_eq!(&bytes[12..16], &0x1_2345u32.to_le_bytes());
+        assert_eq!(&bytes[16..20], &0x1ffu32.to_le_bytes());
+        assert_eq!(&bytes[20..24], &3u32.to_le_bytes());
+        assert_eq!(&bytes[24..32], &0x7fff_f000u64.to_le_bytes());
+        assert_eq!(&bytes[32..40], &0x1111u64.to_le_bytes());
+        assert_eq!(&bytes[40..48], &0x2222u64.to_le_bytes());
+        assert_eq!(&bytes[48..], &[0; 16]);
+        let back = IommuFault::from_bytes(&bytes).unwrap();
+        assert_eq!(back.page_request(), Some(prm));
+        assert_eq!(back.unrecoverable(), None);
+
+        let event = IommuFaultUnrecoverable {
+            reason: IOMMU_FAULT_REASON_PTE_FETCH,
+            flags: IOMMU_FAULT_UNRECOV_PASID_VALID | IOMMU_FAULT_UNRECOV_ADDR_VALID,
+            pasid: 7,
+            perm: IOMMU_FAULT_PERM_WRITE,
+            addr: 0x5000,
+            fetch_addr: 0,
+        };
+        let u = IommuFault::from_bytes(&IommuFault::from(&event).to_bytes()).unwrap();
+        assert_eq!(u.unrecoverable(), Some(event));
+        assert_eq!(u.page_request(), None);
+    }
+
+    #[test]
+    fn fault_record_rules() {
+        let good = IommuFault::from(&page_request()).to_bytes();
+        assert_eq!(
+            IommuFault::from_bytes(&good[..63]).unwrap_err().errno(),
+            -libc::EFAULT
+        );
+        let mut bad_type = good.clone();
+        bad_type[0] = 3;
+        let mut bad_padding = good.clone();
+        bad_padding[5] = 1;
+        let mut tail = good.clone();
+        tail[60] = 1;
+        for bytes in [bad_type, bad_padding, tail] {
+            assert_eq!(
+                IommuFault::from_bytes(&bytes).unwrap_err().errno(),
+                -libc::EINVAL
+            );
+        }
+        for f in [
+            |p: &mut IommuFaultPageRequest| p.flags |= 1 << 4,
+            |p: &mut IommuFaultPageRequest| p.perm = 1 << 4,
+            |p: &mut IommuFaultPageRequest| p.pasid = 1 << 20,
+            |p: &mut IommuFaultPageRequest| p.addr |= 0x800,
+            |p: &mut IommuFaultPageRequest| p.flags &= !IOMMU_FAULT_PAGE_REQUEST_PASID_VALID,
+        ] {
+            let mut p = page_request();
+            f(&mut p);
+            assert_eq!(p.validate().unwrap_err().errno(), -libc::EINVAL, "{p:?}");
+            assert!(IommuFault::from_bytes(&IommuFault::from(&p).to_bytes()).is_err());
+        }
+        // Without a PASID and without needing one, any pasid value is ignored.
+        let mut p = page_request();
+        p.flags = IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE;
+        p.pasid = u32::MAX;
+        p.validate().unwrap();
     }
 
     #[test]

@@ -11,6 +11,6 @@ pub mod vfio;
 pub(crate) mod wire;
 
 pub use request::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageResponse,
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
     PageResponseCode, PasidConfig, PasidTableConfig,
 };

@@ -3,6 +3,7 @@
 //! Each type converts from its validated C structure (`TryFrom`, which re-checks what the
 //! type promises) and to it (`From`), so the byte ABI stays the single source of truth.
 
+use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::{Gpa, Iova, Pasid};
 
 use super::iommu::*;
@@ -387,6 +388,94 @@ impl From<&PageResponse> for IommuPageResponse {
     }
 }
 
+/// A page request (`iommu_fault_page_request`): one PCI PRI request a device sent for a
+/// page it could not translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// PASID of the request, when it has one.
+    pub pasid: Option<Pasid>,
+    /// Page Request Group Index.
+    pub grpid: u32,
+    /// Read access requested.
+    pub read: bool,
+    /// Write access requested.
+    pub write: bool,
+    /// Execute access requested.
+    pub exec: bool,
+    /// Privileged (supervisor) access requested.
+    pub privileged: bool,
+    /// Page address (4 KiB aligned).
+    pub addr: u64,
+    /// The last request of its group: the group expects one page response.
+    pub last_page: bool,
+    /// The page response must carry the request's PASID.
+    pub needs_pasid: bool,
+    /// Device-specific private data, to be returned with the response.
+    pub private_data: Option<[u64; 2]>,
+}
+
+impl TryFrom<&IommuFaultPageRequest> for PageRequest {
+    type Error = HostError;
+
+    fn try_from(r: &IommuFaultPageRequest) -> Result<Self, HostError> {
+        r.validate()?;
+        let flag = |f: u32| r.flags & f != 0;
+        Ok(PageRequest {
+            pasid: flag(IOMMU_FAULT_PAGE_REQUEST_PASID_VALID)
+                .then(|| check_pasid(r.pasid.into(), "iommu_fault_page_request"))
+                .transpose()?,
+            grpid: r.grpid,
+            read: r.perm & IOMMU_FAULT_PERM_READ != 0,
+            write: r.perm & IOMMU_FAULT_PERM_WRITE != 0,
+            exec: r.perm & IOMMU_FAULT_PERM_EXEC != 0,
+            privileged: r.perm & IOMMU_FAULT_PERM_PRIV != 0,
+            addr: r.addr,
+            last_page: flag(IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE),
+            needs_pasid: flag(IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID),
+            private_data: flag(IOMMU_FAULT_PAGE_REQUEST_PRIV_DATA).then_some(r.private_data),
+        })
+    }
+}
+
+impl From<&PageRequest> for IommuFaultPageRequest {
+    fn from(r: &PageRequest) -> Self {
+        let bit = |on: bool, f: u32| if on { f } else { 0 };
+        IommuFaultPageRequest {
+            flags: bit(r.pasid.is_some(), IOMMU_FAULT_PAGE_REQUEST_PASID_VALID)
+                | bit(r.last_page, IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE)
+                | bit(r.private_data.is_some(), IOMMU_FAULT_PAGE_REQUEST_PRIV_DATA)
+                | bit(r.needs_pasid, IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID),
+            pasid: r.pasid.map_or(0, Pasid::raw),
+            grpid: r.grpid,
+            perm: bit(r.read, IOMMU_FAULT_PERM_READ)
+                | bit(r.write, IOMMU_FAULT_PERM_WRITE)
+                | bit(r.exec, IOMMU_FAULT_PERM_EXEC)
+                | bit(r.privileged, IOMMU_FAULT_PERM_PRIV),
+            addr: r.addr,
+            private_data: r.private_data.unwrap_or_default(),
+        }
+    }
+}
+
+/// The report of a VT-d page request descriptor (§7.5.1.1), as the Linux VT-d driver makes
+/// it: a request with a PASID needs the PASID back in its response.
+impl From<&PageRequestDesc> for PageRequest {
+    fn from(d: &PageRequestDesc) -> Self {
+        PageRequest {
+            pasid: d.pasid,
+            grpid: d.prg_index.into(),
+            read: d.read,
+            write: d.write,
+            exec: d.exe,
+            privileged: d.pm,
+            addr: d.addr,
+            last_page: d.lpig,
+            needs_pasid: d.pasid.is_some(),
+            private_data: d.private_data,
+        }
+    }
+}
+
 /// What a nesting-capable host IOMMU offers (`iommu_nesting_info`, VT-d format).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NestingInfo {
@@ -448,8 +537,70 @@ mod tests {
         (0u32..1 << 20).prop_map(|p| Pasid::new(p).unwrap())
     }
 
+    fn page_request() -> impl Strategy<Value = PageRequest> {
+        (
+            proptest::option::of(pasid()),
+            any::<u32>(),
+            any::<[bool; 6]>(),
+            0u64..1 << 52,
+            proptest::option::of(any::<[u64; 2]>()),
+        )
+            .prop_map(|(pasid, grpid, b, page, private_data)| PageRequest {
+                pasid,
+                grpid,
+                read: b[0],
+                write: b[1],
+                exec: b[2],
+                privileged: b[3],
+                addr: page << 12,
+                last_page: b[4],
+                needs_pasid: b[5] && pasid.is_some(),
+                private_data,
+            })
+    }
+
+    #[test]
+    fn page_request_from_vtd_descriptor() {
+        let d = PageRequestDesc {
+            rid: vsva_vtd::SourceId::new(0, 3, 0).unwrap(),
+            pasid: Some(Pasid::new(0x22).unwrap()),
+            exe: false,
+            pm: true,
+            read: true,
+            write: true,
+            lpig: true,
+            prg_index: 0x1a5,
+            addr: 0x7f12_3456_7000,
+            private_data: None,
+        };
+        let r = PageRequest::from(&d);
+        assert_eq!(r.pasid, d.pasid);
+        assert_eq!(r.grpid, 0x1a5);
+        assert!(r.read && r.write && r.privileged && !r.exec);
+        assert!(r.last_page && r.needs_pasid);
+        assert_eq!((r.addr, r.private_data), (0x7f12_3456_7000, None));
+        let no_pasid = PageRequest::from(&PageRequestDesc {
+            pasid: None,
+            lpig: false,
+            private_data: Some([1, 2]),
+            ..d
+        });
+        assert!(!no_pasid.needs_pasid && !no_pasid.last_page);
+        assert_eq!(no_pasid.private_data, Some([1, 2]));
+        IommuFaultPageRequest::from(&no_pasid).validate().unwrap();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn page_request_round_trips(r in page_request()) {
+            let raw = IommuFaultPageRequest::from(&r);
+            prop_assert_eq!(PageRequest::try_from(&raw).unwrap(), r);
+            let f = crate::uapi::iommu::IommuFault::from(&raw);
+            let back = crate::uapi::iommu::IommuFault::from_bytes(&f.to_bytes()).unwrap();
+            prop_assert_eq!(back.page_request(), Some(raw));
+        }
 
         #[test]
         fn bind_round_trips(hp in pasid(), gp in proptest::option::of(pasid()), page in 0u64..1 << 40,
@@ -510,6 +661,40 @@ mod tests {
         assert_eq!(
             PageResponse::try_from(&IommuPageResponse::from(&r)).unwrap(),
             r
+        );
+
+        let req = PageRequest {
+            pasid: Some(Pasid::new(0x4_0001).unwrap()),
+            grpid: 17,
+            read: true,
+            write: false,
+            exec: true,
+            privileged: false,
+            addr: 0x1234_5000,
+            last_page: true,
+            needs_pasid: true,
+            private_data: Some([5, 6]),
+        };
+        let raw = IommuFaultPageRequest::from(&req);
+        assert_eq!(
+            raw.perm,
+            IOMMU_FAULT_PERM_READ | IOMMU_FAULT_PERM_EXEC,
+            "{raw:?}"
+        );
+        assert_eq!(PageRequest::try_from(&raw).unwrap(), req);
+        let bare = PageRequest {
+            pasid: None,
+            needs_pasid: false,
+            private_data: None,
+            ..req
+        };
+        assert_eq!(
+            IommuFaultPageRequest::from(&bare).flags,
+            IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE
+        );
+        assert_eq!(
+            PageRequest::try_from(&IommuFaultPageRequest::from(&bare)).unwrap(),
+            bare
         );
 
         let n = NestingInfo {
