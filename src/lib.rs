@@ -1,0 +1,3 @@
+//! The `vsva` command's library: what the binary and the benchmarks share.
+
+pub mod bench;
