@@ -1,1 +1,37 @@
 //! The VMM side of vsva: the guest-visible virtual VT-d (vIOMMU).
+//!
+//! [`VIommu`] is a scalable-mode VT-d remapping unit built on the shared VT-d core
+//! (`vsva-vtd`): the guest programs it through its register page ([`VIommu::read`],
+//! [`VIommu::write`]) and through root, context and PASID tables, an invalidation queue
+//! and a page request queue in its own RAM, as Linux's intel-iommu driver does. It offers
+//! first-level translation only (the guest's process page tables), and serves two kinds
+//! of devices:
+//! - passthrough devices ([`VIommu::attach_passthrough`]): the guest's PASID entries and
+//!   invalidations are shadowed to the host through the VM's VFIO container ([`HostSva`]),
+//!   which nests the guest's first level over the host's second level;
+//! - emulated devices: the vIOMMU translates by itself ([`VIommu::translate`]), also as a
+//!   vm-memory `Iommu` per address space ([`VIommu::address_space`]).
+//!
+//! Page requests the host reports are injected into the guest's page request queue
+//! ([`VIommu::inject_host_page_request`]); the guest's page group responses go back down.
+
+mod caches;
+mod config;
+mod error;
+mod host;
+mod prq;
+mod shadow;
+mod space;
+mod stats;
+mod translate;
+mod viommu;
+
+pub use config::{VIommuConfig, PASID_BITS};
+pub use error::{HostCall, HostCallError, VIommuError};
+pub use host::{HostSva, LocalPasids, PasidSource};
+pub use prq::PageRequestOutcome;
+pub use shadow::{bind_data, host_invalidations, Binding};
+pub use space::IommuAddressSpace;
+pub use stats::VIommuStats;
+pub use translate::{DmaFault, DmaTranslation};
+pub use viommu::{GuestMemory, InterruptHandler, VIommu};

@@ -1,0 +1,419 @@
+//! Passthrough devices: the guest's first-level PASID entries shadowed to the host.
+//!
+//! The guest cannot program the physical IOMMU, so the vIOMMU watches what it programs in
+//! its own tables and repeats it on the VM's VFIO container (the seed's vSVA flow):
+//! - a PASID-cache invalidation (§6.5.2.2) makes the vIOMMU read the guest PASID entries it
+//!   selects; a present first-level entry becomes a bind of the guest table (FLPTR, a GPA)
+//!   to the same PASID on the host, a cleared entry an unbind, a changed one an unbind and
+//!   a bind. A context-cache invalidation re-checks what is bound under the contexts it
+//!   selects, so a device the guest takes away loses its bindings.
+//! - IOTLB and PASID-based IOTLB invalidations (§6.5.2.3-4) become `CACHE_INVALIDATE` of
+//!   the host IOTLB for the bound PASIDs they select; PASID-based device-TLB invalidations
+//!   (§6.5.2.6) become device-TLB invalidations. The host's VT-d driver has no domain
+//!   granularity (Linux v5.10 `inv_type_granu_table`), so a global or domain-selective
+//!   invalidation becomes one PASID-selective invalidation per bound PASID it covers.
+//!
+//! The PASID that requests without PASID use (the context entry's RID_PASID) is never
+//! bound: such requests from a passthrough device use the host's second level.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use vsva_host::uapi::iommu::{
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_SVA_VTD_GPASID_CD,
+    IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE, IOMMU_SVA_VTD_GPASID_PCD,
+    IOMMU_SVA_VTD_GPASID_PWT, IOMMU_SVA_VTD_GPASID_SRE,
+};
+use vsva_host::uapi::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_vtd::context::read_context_entry;
+use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
+use vsva_vtd::pasid::{pasid_entry_addr, read_pasid_entry, PASID_DIR_ENTRY_SIZE};
+use vsva_vtd::{
+    AddrRange, DomainId, Gpa, InvDesc, Pasid, PasidDirEntry, PasidEntry, Pgtt, PhysMem,
+    ScalableContextEntry, SourceId,
+};
+
+use crate::caches::function_mask;
+use crate::error::{HostCall, VIommuError};
+use crate::host::HostSva;
+use crate::stats::Counters;
+use crate::viommu::{lock, VIommu};
+
+/// Bytes of the 4-KiB granules host invalidations are counted in.
+const GRANULE: u64 = 4096;
+/// Entries of a PASID table.
+const PASID_TABLE_ENTRIES: u32 = 64;
+
+/// A bound PASID: what the host was given, and the guest domain id of the entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The bind data passed to the host.
+    pub bind: BindGpasid,
+    /// The DID of the guest PASID entry, which the guest's invalidations name.
+    pub did: DomainId,
+}
+
+/// A device assigned to the VM through VFIO.
+pub(crate) struct Passthrough {
+    pub guest_sid: SourceId,
+    pub host_sid: SourceId,
+    pub host: Arc<dyn HostSva>,
+    /// The shadow table: what is bound on the host, by PASID.
+    pub bound: BTreeMap<Pasid, Binding>,
+}
+
+/// The bind data of a present first-level guest PASID entry for `pasid` (gpasid ==
+/// hpasid). The uAPI of Linux v5.10 carries SRE, EAFE and the memory-type fields; WPE,
+/// NXE, SMEP and ERE have no flag and are not passed.
+pub fn bind_data(pasid: Pasid, entry: &PasidEntry) -> BindGpasid {
+    let flags = [
+        (entry.sre, IOMMU_SVA_VTD_GPASID_SRE),
+        (entry.eafe, IOMMU_SVA_VTD_GPASID_EAFE),
+        (entry.pcd, IOMMU_SVA_VTD_GPASID_PCD),
+        (entry.pwt, IOMMU_SVA_VTD_GPASID_PWT),
+        (entry.emte, IOMMU_SVA_VTD_GPASID_EMTE),
+        (entry.cd, IOMMU_SVA_VTD_GPASID_CD),
+    ];
+    BindGpasid {
+        hpasid: pasid,
+        gpasid: Some(pasid),
+        gpgd: Gpa(entry.flptptr),
+        addr_width: entry.flpm.input_width(),
+        vtd_flags: flags
+            .iter()
+            .filter(|(set, _)| *set)
+            .fold(0, |acc, (_, f)| acc | f),
+        pat: entry.pat,
+        emt: entry.emt as u32,
+    }
+}
+
+/// Which entries of a guest invalidation's range a host invalidation names: the whole
+/// PASID when the range is the whole address space (a 2^64-byte range has no
+/// representation in granules), else the range in 4-KiB granules.
+fn granularity(pasid: Pasid, range: AddrRange, leaf: bool) -> InvGranularity {
+    if range.start == 0 && range.last == u64::MAX {
+        return InvGranularity::Pasid {
+            pasid: Some(pasid),
+            archid: None,
+        };
+    }
+    InvGranularity::Addr {
+        pasid: Some(pasid),
+        archid: None,
+        addr: range.start,
+        granule_size: GRANULE,
+        nb_granules: (range.last - range.start) / GRANULE + 1,
+        leaf,
+    }
+}
+
+fn pasid_selective(cache: u8, pasid: Pasid) -> CacheInvalidate {
+    CacheInvalidate {
+        cache,
+        granularity: InvGranularity::Pasid {
+            pasid: Some(pasid),
+            archid: None,
+        },
+    }
+}
+
+/// The host invalidations one guest descriptor asks for, for one passthrough device with
+/// the bindings `bound`.
+///
+/// - IOTLB invalidate (§6.5.2.3), any granularity: in scalable mode even a page-selective
+///   one removes every first-level entry of the domain, so each bound PASID of the domain
+///   (of every domain, for global) is invalidated whole.
+/// - PASID-based IOTLB invalidate (§6.5.2.4): the PASID, whole or the 2^AM pages at ADDR.
+/// - PASID-based device-TLB invalidate (§6.5.2.6) for this device: the PASID's range in
+///   the device TLB, and with G set the range in every other bound PASID as well (the host
+///   cannot select global mappings alone).
+pub fn host_invalidations(
+    desc: &InvDesc,
+    guest_sid: SourceId,
+    bound: &BTreeMap<Pasid, Binding>,
+) -> Vec<CacheInvalidate> {
+    let iotlb = IOMMU_CACHE_INV_TYPE_IOTLB;
+    match *desc {
+        InvDesc::Iotlb {
+            granularity, did, ..
+        } => bound
+            .iter()
+            .filter(|(_, b)| granularity == IotlbGranularity::Global || b.did == did)
+            .map(|(&p, _)| pasid_selective(iotlb, p))
+            .collect(),
+        InvDesc::PasidIotlb { did, pasid, .. } => match bound.get(&pasid) {
+            Some(b) if b.did == did => vec![match desc.range() {
+                Some(range) => {
+                    let ih = matches!(desc, InvDesc::PasidIotlb { ih: true, .. });
+                    CacheInvalidate {
+                        cache: iotlb,
+                        granularity: granularity(pasid, range, ih),
+                    }
+                }
+                None => pasid_selective(iotlb, pasid),
+            }],
+            _ => Vec::new(),
+        },
+        InvDesc::PasidDevIotlb {
+            sid, pasid, global, ..
+        } if sid == guest_sid => {
+            let Some(range) = desc.range() else {
+                return Vec::new();
+            };
+            bound
+                .keys()
+                .filter(|&&p| p == pasid || global)
+                .map(|&p| CacheInvalidate {
+                    cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+                    granularity: granularity(p, range, false),
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Which PASIDs of a device a shadow synchronisation looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncScope {
+    /// Every PASID present in the guest tables or bound.
+    All,
+    /// Those whose guest entry or binding has this domain id.
+    Domain(DomainId),
+    /// One PASID, if its guest entry or binding has this domain id.
+    Pasid(DomainId, Pasid),
+    /// The bound PASIDs only.
+    Bound,
+}
+
+impl VIommu {
+    /// Attaches a passthrough device: `guest_sid` is its requester id in the guest,
+    /// `host_sid` on the host, `host` the VM's VFIO container.
+    pub fn attach_passthrough(
+        &self,
+        guest_sid: SourceId,
+        host_sid: SourceId,
+        host: Arc<dyn HostSva>,
+    ) -> Result<(), VIommuError> {
+        let mut devices = lock(&self.devices);
+        if devices.iter().any(|d| d.guest_sid == guest_sid) {
+            return Err(VIommuError::AlreadyAttached(guest_sid));
+        }
+        if devices.iter().any(|d| d.host_sid == host_sid) {
+            return Err(VIommuError::HostDeviceAttached(host_sid));
+        }
+        devices.push(Passthrough {
+            guest_sid,
+            host_sid,
+            host,
+            bound: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// Detaches a passthrough device, unbinding what is bound for it.
+    pub fn detach_passthrough(&self, guest_sid: SourceId) -> Result<(), VIommuError> {
+        let mut devices = lock(&self.devices);
+        let at = devices
+            .iter()
+            .position(|d| d.guest_sid == guest_sid)
+            .ok_or(VIommuError::NotAttached(guest_sid))?;
+        let mut dev = devices.remove(at);
+        for pasid in dev.bound.keys().copied().collect::<Vec<_>>() {
+            self.reconcile(&mut dev, pasid, None);
+        }
+        Ok(())
+    }
+
+    /// What is bound on the host for a passthrough device, by PASID.
+    pub fn bindings(&self, guest_sid: SourceId) -> Result<Vec<(Pasid, Binding)>, VIommuError> {
+        lock(&self.devices)
+            .iter()
+            .find(|d| d.guest_sid == guest_sid)
+            .map(|d| d.bound.iter().map(|(&p, &b)| (p, b)).collect())
+            .ok_or(VIommuError::NotAttached(guest_sid))
+    }
+
+    /// The host side of a PASID-cache invalidation.
+    pub(crate) fn sync_pasid_cache(
+        &self,
+        granularity: PasidCacheGranularity,
+        did: DomainId,
+        pasid: Pasid,
+    ) {
+        let scope = match granularity {
+            PasidCacheGranularity::Global => SyncScope::All,
+            PasidCacheGranularity::DomainSelective => SyncScope::Domain(did),
+            PasidCacheGranularity::PasidSelective => SyncScope::Pasid(did, pasid),
+        };
+        self.sync(scope, |_| true);
+    }
+
+    /// The host side of a context-cache invalidation: the bindings of the devices it
+    /// selects are checked against the guest tables.
+    pub(crate) fn resync_context(
+        &self,
+        granularity: ContextCacheGranularity,
+        sid: SourceId,
+        fm: u8,
+    ) {
+        let keep = !function_mask(fm);
+        self.sync(SyncScope::Bound, |dev| {
+            granularity != ContextCacheGranularity::DeviceSelective
+                || dev.rid() & keep == sid.rid() & keep
+        });
+    }
+
+    /// Unbinds `pasid` from every passthrough device (before the guest frees it).
+    pub(crate) fn unbind_everywhere(&self, pasid: Pasid) {
+        for dev in lock(&self.devices).iter_mut() {
+            if dev.bound.contains_key(&pasid) {
+                self.reconcile(dev, pasid, None);
+            }
+        }
+    }
+
+    /// Brings the host bindings of the selected devices in line with the guest tables.
+    fn sync(&self, scope: SyncScope, device: impl Fn(SourceId) -> bool) {
+        let rta = self.scalable_root();
+        for dev in lock(&self.devices).iter_mut() {
+            if !device(dev.guest_sid) {
+                continue;
+            }
+            let ctx = rta
+                .and_then(|rta| read_context_entry(&self.mem, rta, dev.guest_sid, &self.caps).ok());
+            let mut candidates: BTreeSet<Pasid> = match scope {
+                SyncScope::Pasid(_, p) => [p].into(),
+                _ => dev.bound.keys().copied().collect(),
+            };
+            if let (SyncScope::All | SyncScope::Domain(_), Some(ctx)) = (scope, &ctx) {
+                candidates.extend(self.present_pasids(ctx));
+            }
+            for pasid in candidates {
+                let entry = ctx.as_ref().and_then(|c| self.first_level_entry(c, pasid));
+                let selected = match scope {
+                    SyncScope::All | SyncScope::Bound => true,
+                    SyncScope::Domain(did) | SyncScope::Pasid(did, _) => {
+                        dev.bound.get(&pasid).is_some_and(|b| b.did == did)
+                            || entry.is_some_and(|e| e.did == did)
+                    }
+                };
+                if selected {
+                    self.reconcile(dev, pasid, entry);
+                }
+            }
+        }
+    }
+
+    /// The guest's present, valid first-level PASID entry of `pasid` under `ctx`, if any.
+    fn first_level_entry(&self, ctx: &ScalableContextEntry, pasid: Pasid) -> Option<PasidEntry> {
+        if pasid == ctx.rid_pasid || ctx.pasid_for_request(Some(pasid)).is_err() {
+            return None;
+        }
+        read_pasid_entry(&self.mem, ctx, pasid, &self.caps)
+            .ok()
+            .filter(|e| e.pgtt == Pgtt::FirstLevel)
+    }
+
+    /// The PASIDs with a present entry in the guest's PASID tables under `ctx`.
+    fn present_pasids(&self, ctx: &ScalableContextEntry) -> Vec<Pasid> {
+        let mut found = Vec::new();
+        if !ctx.paside {
+            return found;
+        }
+        for dir in 0..ctx.pasid_dir_entries() {
+            let pde = self
+                .mem
+                .read_u64(ctx.pasiddirptr + dir as u64 * PASID_DIR_ENTRY_SIZE)
+                .ok()
+                .and_then(|raw| PasidDirEntry::from_raw(raw).ok());
+            let Some(pde) = pde else { continue };
+            for index in 0..PASID_TABLE_ENTRIES {
+                let Ok(pasid) = Pasid::new(dir * PASID_TABLE_ENTRIES + index) else {
+                    continue;
+                };
+                let present = self
+                    .mem
+                    .read_u64(pasid_entry_addr(pde.smptblptr, pasid))
+                    .is_ok_and(|q0| q0 & 1 != 0);
+                if present {
+                    found.push(pasid);
+                }
+            }
+        }
+        found
+    }
+
+    /// Makes the host binding of `pasid` on `dev` match the guest entry `entry`.
+    fn reconcile(&self, dev: &mut Passthrough, pasid: Pasid, entry: Option<PasidEntry>) {
+        let want = entry.map(|e| Binding {
+            bind: bind_data(pasid, &e),
+            did: e.did,
+        });
+        let have = dev.bound.get(&pasid).copied();
+        match (have, want) {
+            (None, None) => {}
+            (Some(h), Some(w)) if h.bind == w.bind => {
+                dev.bound.insert(pasid, w);
+            }
+            (have, want) => {
+                if let Some(h) = have {
+                    dev.bound.remove(&pasid);
+                    let r = dev.host.unbind_gpasid(&h.bind);
+                    if self.host_result(r, || HostCall::Unbind(h.bind)).is_some() {
+                        Counters::bump(&self.counters.unbinds);
+                    }
+                }
+                if let Some(w) = want {
+                    let r = dev.host.bind_gpasid(&w.bind);
+                    if self.host_result(r, || HostCall::Bind(w.bind)).is_some() {
+                        Counters::bump(&self.counters.binds);
+                        dev.bound.insert(pasid, w);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forwards the host invalidations an IOTLB or device-TLB descriptor asks for. One
+    /// container shared by several devices gets each distinct invalidation once.
+    pub(crate) fn forward_invalidation(&self, desc: &InvDesc) {
+        let mut calls: Vec<(Arc<dyn HostSva>, CacheInvalidate)> = Vec::new();
+        for dev in lock(&self.devices).iter() {
+            for inv in host_invalidations(desc, dev.guest_sid, &dev.bound) {
+                let seen = calls
+                    .iter()
+                    .any(|(h, i)| Arc::ptr_eq(h, &dev.host) && *i == inv);
+                if !seen {
+                    calls.push((dev.host.clone(), inv));
+                }
+            }
+        }
+        for (host, inv) in calls {
+            let r = host.cache_invalidate(&inv);
+            if self
+                .host_result(r, || HostCall::CacheInvalidate(inv))
+                .is_some()
+            {
+                Counters::bump(&self.counters.invalidations_forwarded);
+            }
+        }
+    }
+
+    /// The passthrough device with guest requester id `sid`: its host id and container.
+    pub(crate) fn passthrough(&self, sid: SourceId) -> Option<(SourceId, Arc<dyn HostSva>)> {
+        lock(&self.devices)
+            .iter()
+            .find(|d| d.guest_sid == sid)
+            .map(|d| (d.host_sid, d.host.clone()))
+    }
+
+    /// The guest requester id of the passthrough device with host requester id `host_sid`.
+    pub(crate) fn guest_sid_of(&self, host_sid: SourceId) -> Option<SourceId> {
+        lock(&self.devices)
+            .iter()
+            .find(|d| d.host_sid == host_sid)
+            .map(|d| d.guest_sid)
+    }
+}

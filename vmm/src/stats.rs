@@ -1,0 +1,70 @@
+//! Counters of what the vIOMMU did, for `vsva demo` and tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The live counters.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub descriptors: AtomicU64,
+    pub invalidations_forwarded: AtomicU64,
+    pub binds: AtomicU64,
+    pub unbinds: AtomicU64,
+    pub page_requests_injected: AtomicU64,
+    pub page_requests_dropped: AtomicU64,
+    pub page_responses_forwarded: AtomicU64,
+    pub walks: AtomicU64,
+    pub faults_recorded: AtomicU64,
+    pub host_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VIommuStats {
+    /// Invalidation descriptors carried out (queued and register-based).
+    pub descriptors: u64,
+    /// Cache invalidations forwarded to the host and accepted.
+    pub invalidations_forwarded: u64,
+    /// Guest PASID entries bound on the host.
+    pub binds: u64,
+    /// Bindings removed on the host.
+    pub unbinds: u64,
+    /// Page requests written into the guest's page request queue.
+    pub page_requests_injected: u64,
+    /// Page requests not queued: queue full, or page requests not enabled for the device.
+    pub page_requests_dropped: u64,
+    /// Page group responses passed down to the host (from the guest or generated).
+    pub page_responses_forwarded: u64,
+    /// Page walks for emulated devices (IOTLB misses).
+    pub walks: u64,
+    /// Faults recorded in the fault recording registers.
+    pub faults_recorded: u64,
+    /// Host calls that failed.
+    pub host_errors: u64,
+    /// PASIDs the guest holds through the virtual command interface.
+    pub pasids: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self, pasids: u64) -> VIommuStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        VIommuStats {
+            descriptors: get(&self.descriptors),
+            invalidations_forwarded: get(&self.invalidations_forwarded),
+            binds: get(&self.binds),
+            unbinds: get(&self.unbinds),
+            page_requests_injected: get(&self.page_requests_injected),
+            page_requests_dropped: get(&self.page_requests_dropped),
+            page_responses_forwarded: get(&self.page_responses_forwarded),
+            walks: get(&self.walks),
+            faults_recorded: get(&self.faults_recorded),
+            host_errors: get(&self.host_errors),
+            pasids,
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The vIOMMU: a VT-d remapping unit the guest programs through registers (VT-d §10.4) and
+//! tables and queues in its own RAM.
+//!
+//! Register accesses go to the shared [`RegisterFile`]; what a write sets in motion (the
+//! invalidation queue, register-based invalidations, virtual commands) is carried out
+//! before the write returns, so by the time the guest sees an invalidation wait complete,
+//! every host call of the descriptors before it has returned. Interrupts are delivered
+//! after the vIOMMU's locks are released, so a handler may access the registers.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+
+use vsva_host::HostError;
+use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, Ttm, VcmdResponse, VirtualCommand};
+use vsva_vtd::{Capabilities, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile};
+
+use crate::caches::Caches;
+use crate::config::{VIommuConfig, PASID_BITS};
+use crate::error::{HostCall, HostCallError, VIommuError};
+use crate::host::PasidSource;
+use crate::shadow::Passthrough;
+use crate::space::SpaceTlb;
+use crate::stats::{Counters, VIommuStats};
+
+/// Receives the interrupt messages the vIOMMU raises (fault, invalidation completion and
+/// page request events): the VMM's MSI delivery into the guest.
+pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
+
+/// Guest RAM as the vIOMMU reads and writes it, by guest physical address.
+pub type GuestMemory = Arc<dyn PhysMem + Send + Sync>;
+
+/// Guest RAM behind a sized type, for the table readers that take `&impl PhysMem`.
+pub(crate) struct GuestRam(pub GuestMemory);
+
+impl PhysMem for GuestRam {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+        self.0.fetch_or_u64(addr, bits)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+        self.0.compare_exchange_u64(addr, old, new)
+    }
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+        self.0.write_u64(addr, value)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0.read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.0.write(addr, buf)
+    }
+}
+
+/// The latched root table is usable: TTM scalable. The address is 4-KiB aligned, so the
+/// low bits hold the state.
+const ROOT_SCALABLE: u64 = 1;
+/// GSTS.TES is set.
+const ROOT_TRANSLATING: u64 = 2;
+
+/// The translation state requests see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RootState {
+    /// GSTS.TES clear: requests are not remapped.
+    Disabled,
+    /// Translation enabled with a root table that is not in scalable mode: every request
+    /// faults.
+    NotScalable,
+    /// Translation enabled, scalable-mode root table at this address.
+    Scalable(u64),
+}
+
+/// Locks a mutex whose data stays consistent when a holder panicked (every update is
+/// completed before the guard is dropped).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The guest-visible virtual VT-d of one VM.
+pub struct VIommu {
+    pub(crate) mem: GuestRam,
+    pub(crate) config: VIommuConfig,
+    pub(crate) caps: Capabilities,
+    pub(crate) fl_format: FlFormat,
+    pub(crate) regs: Mutex<RegisterFile>,
+    /// `ROOT_*` bits over the latched root table address: one load on the translate path.
+    root: AtomicU64,
+    irq_handler: RwLock<Option<InterruptHandler>>,
+    pasids: Arc<dyn PasidSource>,
+    guest_pasids: Mutex<BTreeSet<Pasid>>,
+    pub(crate) devices: Mutex<Vec<Passthrough>>,
+    pub(crate) caches: Caches,
+    pub(crate) spaces: Mutex<Vec<Weak<SpaceTlb>>>,
+    /// Serialises invalidation queue processing.
+    queue: Mutex<()>,
+    pub(crate) counters: Counters,
+    host_errors: Mutex<Vec<HostCallError>>,
+}
+
+impl fmt::Debug for VIommu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VIommu")
+            .field("config", &self.config)
+            .field("root", &self.root_state())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VIommu {
+    /// A vIOMMU over guest RAM `mem`, advertising `config`, taking guest PASIDs from
+    /// `pasids` (the VM's VFIO container, or [`crate::LocalPasids`]). Translation is off
+    /// until the guest enables it.
+    pub fn new(
+        mem: GuestMemory,
+        config: VIommuConfig,
+        pasids: Arc<dyn PasidSource>,
+    ) -> Result<Arc<Self>, VIommuError> {
+        let fl_format = config.fl_format()?;
+        let regs = RegisterFile::new(config.cap(), config.ecap())?;
+        Ok(Arc::new(VIommu {
+            mem: GuestRam(mem),
+            config,
+            caps: config.capabilities(),
+            fl_format,
+            regs: Mutex::new(regs),
+            root: AtomicU64::new(0),
+            irq_handler: RwLock::new(None),
+            pasids,
+            guest_pasids: Mutex::default(),
+            devices: Mutex::default(),
+            caches: Caches::default(),
+            spaces: Mutex::default(),
+            queue: Mutex::new(()),
+            counters: Counters::default(),
+            host_errors: Mutex::default(),
+        }))
+    }
+
+    /// What the vIOMMU advertises.
+    pub fn config(&self) -> &VIommuConfig {
+        &self.config
+    }
+
+    /// Size of the register page (the MMIO window the VMM maps for the guest).
+    pub fn mmio_size(&self) -> u64 {
+        lock(&self.regs).size()
+    }
+
+    /// Registers the receiver of the vIOMMU's interrupt messages.
+    pub fn set_interrupt_handler(&self, handler: InterruptHandler) {
+        *self
+            .irq_handler
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handler);
+    }
+
+    /// A guest read of `size` bytes (4 or 8) at `offset` in the register page.
+    pub fn read(&self, offset: u64, size: usize) -> Result<u64, VIommuError> {
+        Ok(lock(&self.regs).read(offset, size)?)
+    }
+
+    /// A guest write of `size` bytes (4 or 8) at `offset` in the register page, with
+    /// everything the write sets in motion done before it returns.
+    pub fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), VIommuError> {
+        let effects = {
+            let mut regs = lock(&self.regs);
+            let effects = regs.write(offset, size, value)?;
+            self.latch_root(&regs);
+            effects
+        };
+        let mut irqs = Vec::new();
+        for effect in effects {
+            self.apply(effect, &mut irqs);
+        }
+        self.deliver(irqs);
+        Ok(())
+    }
+
+    /// Makes the translation state follow GSTS.TES and the latched root table.
+    fn latch_root(&self, regs: &RegisterFile) {
+        let rt = regs.root_table();
+        let mut state = rt.addr & !0xfff;
+        if rt.ttm == Ttm::Scalable {
+            state |= ROOT_SCALABLE;
+        }
+        if regs.translation_enabled() {
+            state |= ROOT_TRANSLATING;
+        }
+        self.root.store(state, Ordering::Release);
+    }
+
+    pub(crate) fn root_state(&self) -> RootState {
+        let raw = self.root.load(Ordering::Acquire);
+        if raw & ROOT_TRANSLATING == 0 {
+            RootState::Disabled
+        } else if raw & ROOT_SCALABLE == 0 {
+            RootState::NotScalable
+        } else {
+            RootState::Scalable(raw & !0xfff)
+        }
+    }
+
+    /// The latched scalable-mode root table, whether or not translation is enabled: what
+    /// the guest's tables are read from when they are shadowed.
+    pub(crate) fn scalable_root(&self) -> Option<u64> {
+        let raw = self.root.load(Ordering::Acquire);
+        (raw & ROOT_SCALABLE != 0).then_some(raw & !0xfff)
+    }
+
+    fn apply(&self, effect: RegEffect, irqs: &mut Vec<Interrupt>) {
+        match effect {
+            RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(irqs),
+            RegEffect::RegisterInvalidation(desc) => {
+                // Register-based invalidations have no status write: nothing can fail.
+                let _ = self.execute(&desc, irqs);
+            }
+            RegEffect::VirtualCommand(cmd) => self.virtual_command(cmd),
+            RegEffect::Interrupt(irq) => irqs.push(irq),
+            RegEffect::RootTableSet(_)
+            | RegEffect::TranslationEnabled(_)
+            | RegEffect::QueuedInvalidationEnabled(_)
+            | RegEffect::InterruptRemappingEnabled(_)
+            | RegEffect::InterruptRemapTableSet(_)
+            | RegEffect::WriteBufferFlush => {}
+        }
+    }
+
+    /// Fetches and carries out descriptors from IQH up to IQT (§6.5.2); stops at an
+    /// invalid one with the invalidation queue error set and IQH left on it.
+    fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
+        let _serial = lock(&self.queue);
+        loop {
+            let (addr, desc_size) = {
+                let regs = lock(&self.regs);
+                match (regs.next_inv_desc(), regs.inv_queue()) {
+                    (Some(addr), Some(q)) => (addr, q.desc_size),
+                    _ => return,
+                }
+            };
+            let done = self
+                .fetch_descriptor(addr, desc_size)
+                .map_err(|_| Iqei::FetchError)
+                .and_then(|raw| InvDesc::decode(raw).map_err(|e| Iqei::from(&e)))
+                .and_then(|desc| self.execute(&desc, irqs).map_err(|_| Iqei::FetchError));
+            let mut regs = lock(&self.regs);
+            match done {
+                Ok(()) => {
+                    regs.advance_iqh()
+                        .expect("the descriptor just carried out was pending");
+                }
+                Err(iqei) => {
+                    irqs.extend(regs.set_iqe(iqei));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads one descriptor; a 128-bit descriptor (IQA.DW = 0) has its upper half zero.
+    fn fetch_descriptor(&self, addr: u64, desc_size: u64) -> Result<[u64; 4], MemError> {
+        let mut raw = [0u64; 4];
+        for (i, q) in raw.iter_mut().take((desc_size / 8) as usize).enumerate() {
+            *q = self.mem.read_u64(addr + 8 * i as u64)?;
+        }
+        Ok(raw)
+    }
+
+    /// Carries out one invalidation descriptor. Fails only when the status write of an
+    /// invalidation wait does not reach guest RAM.
+    fn execute(&self, desc: &InvDesc, irqs: &mut Vec<Interrupt>) -> Result<(), MemError> {
+        Counters::bump(&self.counters.descriptors);
+        match *desc {
+            InvDesc::ContextCache {
+                granularity,
+                sid,
+                fm,
+                ..
+            } => {
+                self.caches.invalidate_context(granularity, sid, fm);
+                self.resync_context(granularity, sid, fm);
+            }
+            InvDesc::PasidCache {
+                granularity,
+                did,
+                pasid,
+            } => {
+                self.caches.invalidate_pasid(granularity, did, pasid);
+                self.sync_pasid_cache(granularity, did, pasid);
+            }
+            InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } => {
+                self.invalidate_iotlb(desc);
+                self.forward_invalidation(desc);
+            }
+            InvDesc::PasidDevIotlb { .. } => self.forward_invalidation(desc),
+            InvDesc::PageGroupResponse {
+                rid,
+                pasid_present,
+                pasid,
+                response,
+                prg_index,
+                ..
+            } => {
+                self.forward_page_response(rid, pasid_present.then_some(pasid), prg_index, response)
+            }
+            // Requests without PASID from a passthrough device use the host's second level
+            // (GPA), which the guest does not program; nothing of the guest's is cached for
+            // them. Interrupt remapping is not offered.
+            InvDesc::DevIotlb { .. } | InvDesc::InterruptEntryCache { .. } => {}
+            InvDesc::InvWait {
+                sw,
+                interrupt,
+                status_data,
+                status_addr,
+                ..
+            } => {
+                // Every earlier descriptor, host calls included, has completed: the queue
+                // is processed in order and each host call returns before the next.
+                if sw {
+                    self.mem.write(status_addr, &status_data.to_le_bytes())?;
+                }
+                if interrupt {
+                    irqs.extend(lock(&self.regs).set_iwc());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a virtual command (§10.4.44): PASIDs come from the host set, so the guest's
+    /// PASID is the host's.
+    fn virtual_command(&self, cmd: VirtualCommand) {
+        let response = match cmd {
+            VirtualCommand::AllocPasid => {
+                let result = self.pasids.pasid_alloc(1, (1 << PASID_BITS) - 1);
+                match self.host_result(result, || HostCall::PasidAlloc) {
+                    Some(pasid) => {
+                        lock(&self.guest_pasids).insert(pasid);
+                        VcmdResponse::Allocated(pasid)
+                    }
+                    None => VcmdResponse::NoPasidAvailable,
+                }
+            }
+            VirtualCommand::FreePasid(Some(pasid)) if lock(&self.guest_pasids).contains(&pasid) => {
+                self.unbind_everywhere(pasid);
+                let result = self.pasids.pasid_free(pasid);
+                match self.host_result(result, || HostCall::PasidFree(pasid)) {
+                    Some(()) => {
+                        lock(&self.guest_pasids).remove(&pasid);
+                        VcmdResponse::Freed
+                    }
+                    None => VcmdResponse::InvalidPasid,
+                }
+            }
+            VirtualCommand::FreePasid(_) => VcmdResponse::InvalidPasid,
+            VirtualCommand::Unknown { .. } => VcmdResponse::InvalidCommand,
+        };
+        // The command was started by the write being handled; nothing else completes it.
+        let _ = lock(&self.regs).complete_virtual_command(response);
+    }
+
+    /// Unwraps a host call's result; a failure is counted and kept.
+    pub(crate) fn host_result<T>(
+        &self,
+        result: Result<T, HostError>,
+        call: impl FnOnce() -> HostCall,
+    ) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(error) => {
+                let e = HostCallError {
+                    call: call(),
+                    error,
+                };
+                tracing::warn!("vIOMMU: {e}");
+                Counters::bump(&self.counters.host_errors);
+                lock(&self.host_errors).push(e);
+                None
+            }
+        }
+    }
+
+    /// Delivers interrupt messages to the registered handler.
+    pub(crate) fn deliver(&self, irqs: Vec<Interrupt>) {
+        if irqs.is_empty() {
+            return;
+        }
+        let handler = self
+            .irq_handler
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(h) = handler {
+            irqs.into_iter().for_each(|irq| h(irq));
+        }
+    }
+
+    /// The PASIDs the guest holds through the virtual command interface.
+    pub fn guest_pasids(&self) -> Vec<Pasid> {
+        lock(&self.guest_pasids).iter().copied().collect()
+    }
+
+    /// Counters of the vIOMMU's work.
+    pub fn stats(&self) -> VIommuStats {
+        let pasids = lock(&self.guest_pasids).len() as u64;
+        self.counters.snapshot(pasids)
+    }
+
+    /// The host calls that failed, oldest first; empties the list.
+    pub fn take_host_errors(&self) -> Vec<HostCallError> {
+        std::mem::take(&mut lock(&self.host_errors))
+    }
+
+    /// Number of cached context entries, PASID entries and IOTLB entries (emulated
+    /// translation).
+    pub fn cached_entries(&self) -> (usize, usize, usize) {
+        self.caches.len()
+    }
+}
