@@ -7,7 +7,9 @@
 //! serves the device's page requests.
 
 pub mod frames;
+pub mod iommu;
 pub mod process;
 
 pub use frames::{FrameError, GuestFrames, FRAME_SIZE};
+pub use iommu::{DeviceConfig, DriverError, DriverStats, IommuDriver, Mmio};
 pub use process::{MmuNotifier, NotifierId, Process, ProcessError, Prot, Vma};

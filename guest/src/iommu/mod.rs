@@ -1,0 +1,623 @@
+//! The guest's VT-d driver, modelled on Linux's intel-iommu (v5.10) in scalable mode.
+//!
+//! It programs a remapping unit through its registers ([`Mmio`]) and guest RAM, the way
+//! the Linux driver does: it reads CAP/ECAP, sets up queued invalidation with 256-bit
+//! descriptors, latches a scalable-mode root table, sets up the page request queue, and
+//! enables translation ([`IommuDriver::init`]). Devices get a scalable-mode context entry
+//! with their PASID directory ([`IommuDriver::attach_device`]). Shared virtual addressing
+//! binds a [`Process`](crate::Process) to a PASID of a device with a first-level PASID
+//! entry pointing at the process's page tables (`svm`), keeps the IOMMU and device TLBs
+//! coherent with the process's tables through an mmu notifier, and serves the device's
+//! page requests by faulting pages into the process (`prq`).
+//!
+//! Every invalidation is submitted as Linux's `qi_submit_sync` does: the descriptor, then
+//! an invalidation wait descriptor whose status write the driver polls (`qi`).
+//!
+//! The unit may be the physical IOMMU model (a guest on bare metal) or the vIOMMU.
+
+mod prq;
+mod qi;
+mod svm;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vm_memory::GuestMemoryMmap;
+use vsva_vtd::context::context_entry_addr;
+use vsva_vtd::inv_desc::{ContextCacheGranularity, InvDescError};
+use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, pq, rtaddr, vcmd};
+use vsva_vtd::regs::{Cap, Ecap, FaultRecord, FRCD_F};
+use vsva_vtd::root::root_entry_addr;
+use vsva_vtd::{
+    DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, ScalableContextEntry, ScalableRootEntry,
+    SlLevels, SourceId,
+};
+
+use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
+use qi::InvQueue;
+use svm::{PasidAllocator, Svm};
+
+pub use svm::FLPT_DEFAULT_DID;
+
+/// Register access to a remapping unit: 4- or 8-byte reads and writes at offsets of its
+/// register page. Like real MMIO, an access cannot fail; a bad one reads as whatever the
+/// unit returns.
+pub trait Mmio: Send + Sync {
+    /// Reads `size` bytes at `offset`.
+    fn read(&self, offset: u64, size: usize) -> u64;
+    /// Writes the low `size` bytes of `value` at `offset`.
+    fn write(&self, offset: u64, size: usize, value: u64);
+}
+
+/// The MSI address the driver programs for its event interrupts (the local APIC window).
+pub const MSI_ADDRESS: u32 = 0xfee0_0000;
+/// The vector (MSI data) of the fault event.
+pub const FAULT_VECTOR: u32 = 0x40;
+/// The vector of the page request event.
+pub const PAGE_REQUEST_VECTOR: u32 = 0x41;
+
+/// How many register reads a wait for the hardware may take before the driver gives up:
+/// a bound on work, not a time limit (Linux's `IOMMU_WAIT_OP` waits for a time instead).
+pub(crate) const POLL_LIMIT: u32 = 1 << 20;
+
+/// Why a driver operation failed. A failed operation leaves the unit and the tables as
+/// they were, except where the variant says otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// The unit lacks a capability the operation needs.
+    #[error("the remapping unit does not support {0}")]
+    Unsupported(&'static str),
+    /// The hardware did not complete a command (the named register never showed it).
+    #[error("the remapping unit did not complete {0}")]
+    Timeout(&'static str),
+    /// The invalidation queue stopped on an error (FSTS.IQE, with IQERCD.IQEI); the driver
+    /// replaced the offending descriptor and restarted the queue. The table change the
+    /// invalidation was for has been made; the unit's caches may still hold old entries.
+    #[error("invalidation queue error (IQEI {iqei})")]
+    InvalidationQueue { iqei: u8 },
+    /// A device did not complete a device-TLB invalidation (FSTS.ITE).
+    #[error("device-TLB invalidation timed out")]
+    InvalidationTimeout,
+    /// A descriptor could not be encoded.
+    #[error(transparent)]
+    Descriptor(#[from] InvDescError),
+    /// The device is already attached.
+    #[error("device {0} is already attached")]
+    AlreadyAttached(SourceId),
+    /// The device is not attached.
+    #[error("device {0} is not attached")]
+    NotAttached(SourceId),
+    /// The device has PASIDs bound and cannot be detached.
+    #[error("device {0} still has bound PASIDs")]
+    Busy(SourceId),
+    /// The device cannot issue requests with PASID (or the unit cannot take them).
+    #[error("device {0} has no PASID support")]
+    NoPasidSupport(SourceId),
+    /// No PASID is left.
+    #[error("no PASID available")]
+    NoPasid,
+    /// The virtual command interface answered with an unexpected status code.
+    #[error("virtual command failed with status code {0}")]
+    VirtualCommand(u8),
+    /// The PASID does not fit the device's PASID directory.
+    #[error("{pasid} is beyond the PASID directory of {sid}")]
+    PasidOutOfRange { sid: SourceId, pasid: Pasid },
+    /// The PASID entry is already in use.
+    #[error("the PASID entry of {pasid} on {sid} is already present")]
+    PasidBusy { sid: SourceId, pasid: Pasid },
+    /// The device has no binding of that PASID.
+    #[error("{pasid} is not bound on {sid}")]
+    NotBound { sid: SourceId, pasid: Pasid },
+    /// Guest frames ran out.
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+    /// Guest RAM refused an access.
+    #[error(transparent)]
+    Memory(#[from] MemError),
+}
+
+/// What a device can do, from its PCI capabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceConfig {
+    /// The requester id.
+    pub sid: SourceId,
+    /// Max PASID width of the PASID capability; 0 without one.
+    pub pasid_bits: u8,
+    /// ATS capability (a device TLB).
+    pub ats: bool,
+    /// PRI capability (page requests).
+    pub pri: bool,
+}
+
+/// The driver's work counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Invalidation descriptors submitted (context-cache, IOTLB, PASID-cache, PASID-based
+    /// IOTLB and device-TLB), waits and page group responses not included.
+    pub invalidations: u64,
+    /// Of those, the ones asked for by mmu notifiers (munmap, mprotect).
+    pub range_invalidations: u64,
+    /// Invalidation wait descriptors submitted (one per synchronous submission).
+    pub waits: u64,
+    /// Page request descriptors taken from the page request queue.
+    pub page_requests: u64,
+    /// Of those, the ones answered with Success.
+    pub page_requests_served: u64,
+    /// Page group responses submitted.
+    pub page_responses: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    invalidations: AtomicU64,
+    range_invalidations: AtomicU64,
+    waits: AtomicU64,
+    page_requests: AtomicU64,
+    page_requests_served: AtomicU64,
+    page_responses: AtomicU64,
+}
+
+/// What the driver knows about an attached device (Linux's `device_domain_info` and
+/// `pasid_table`).
+#[derive(Clone, Copy, Debug)]
+struct Device {
+    config: DeviceConfig,
+    /// PASIDE set in the context entry.
+    pasid: bool,
+    /// DTE set: the device's TLB must be invalidated.
+    ats: bool,
+    /// The PASID directory and its size.
+    pasid_dir: Gpa,
+    pasid_dir_pages: u64,
+    pdts: u8,
+}
+
+struct State {
+    devices: HashMap<u16, Device>,
+    /// Bindings by PASID.
+    svms: HashMap<u32, Svm>,
+    pasids: PasidAllocator,
+}
+
+/// A scalable-mode VT-d driver for one remapping unit.
+pub struct IommuDriver {
+    mmio: Arc<dyn Mmio>,
+    mem: Arc<GuestMemoryMmap>,
+    frames: Arc<GuestFrames>,
+    cap: Cap,
+    ecap: Ecap,
+    /// VCCAP_REG, when ECAP.VCS.
+    vccap: u64,
+    /// The second-level width the unit supports best (Linux's `iommu->agaw`).
+    agaw: SlLevels,
+    /// The enable bits the driver keeps set in GCMD (Linux's `iommu->gcmd`).
+    gcmd: Mutex<u32>,
+    root: Gpa,
+    qi: Mutex<InvQueue>,
+    /// The page request queue: base and number of descriptors; `None` without ECAP.PRS.
+    prq: Option<(Gpa, u64)>,
+    prq_lock: Mutex<()>,
+    prq_pending: AtomicBool,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for IommuDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IommuDriver")
+            .field("root", &self.root)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frees `gpa` on drop unless disarmed: undoes allocations of a failed set-up.
+struct FrameGuard<'a> {
+    frames: &'a GuestFrames,
+    gpa: Option<Gpa>,
+}
+
+impl<'a> FrameGuard<'a> {
+    fn new(frames: &'a GuestFrames, gpa: Gpa) -> Self {
+        FrameGuard {
+            frames,
+            gpa: Some(gpa),
+        }
+    }
+
+    fn gpa(&self) -> Gpa {
+        self.gpa.unwrap_or_default()
+    }
+
+    fn keep(mut self) -> Gpa {
+        self.gpa.take().unwrap_or_default()
+    }
+}
+
+impl Drop for FrameGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(gpa) = self.gpa {
+            let _ = self.frames.free(gpa);
+        }
+    }
+}
+
+impl IommuDriver {
+    /// Brings up the unit as Linux's `init_dmars` and `intel_iommu_init` do: reads the
+    /// capabilities, turns off translation and queued invalidation left on by a previous
+    /// owner, enables queued invalidation (256-bit descriptors, 256 entries), latches a
+    /// new scalable-mode root table, flushes the context cache and IOTLB globally, sets up
+    /// the page request queue and the event interrupts, and enables translation.
+    ///
+    /// The unit must support scalable mode (ECAP.SMTS) and queued invalidation (ECAP.QI).
+    pub fn init(mmio: Arc<dyn Mmio>, frames: Arc<GuestFrames>) -> Result<Arc<Self>, DriverError> {
+        let cap = Cap::from_raw(mmio.read(offset::CAP, 8));
+        let ecap = Ecap::from_raw(mmio.read(offset::ECAP, 8));
+        if !ecap.smts {
+            return Err(DriverError::Unsupported(
+                "scalable-mode translation (ECAP.SMTS)",
+            ));
+        }
+        if !ecap.qi {
+            return Err(DriverError::Unsupported("queued invalidation (ECAP.QI)"));
+        }
+        let agaw = [SlLevels::Five, SlLevels::Four, SlLevels::Three]
+            .into_iter()
+            .find(|l| cap.sagaw & (1 << l.aw()) != 0)
+            .ok_or(DriverError::Unsupported(
+                "any second-level width (CAP.SAGAW)",
+            ))?;
+        let vccap = if ecap.vcs {
+            mmio.read(offset::VCCAP, 8)
+        } else {
+            0
+        };
+        let mem = frames.memory().clone();
+
+        let root = FrameGuard::new(&frames, frames.alloc()?);
+        let queue = FrameGuard::new(&frames, frames.alloc_contiguous(qi::QUEUE_PAGES)?);
+        let status = FrameGuard::new(&frames, frames.alloc()?);
+        let prq = match ecap.prs {
+            true => Some(FrameGuard::new(&frames, frames.alloc()?)),
+            false => None,
+        };
+        let pasid_limit = 1u32 << ecap.pasid_bits().min(Pasid::BITS);
+        // From here on the unit may reference the frames: a failure leaves them allocated.
+        let driver = IommuDriver {
+            mmio,
+            mem,
+            frames: frames.clone(),
+            cap,
+            ecap,
+            vccap,
+            agaw,
+            gcmd: Mutex::new(0),
+            root: root.keep(),
+            qi: Mutex::new(InvQueue::new(queue.keep(), status.keep())),
+            prq: prq.map(|g| (g.keep(), FRAME_SIZE / pq::DESC_SIZE)),
+            prq_lock: Mutex::new(()),
+            prq_pending: AtomicBool::new(false),
+            state: Mutex::new(State {
+                devices: HashMap::new(),
+                svms: HashMap::new(),
+                pasids: PasidAllocator::new(pasid_limit),
+            }),
+            counters: Counters::default(),
+        };
+        driver.bring_up()?;
+        Ok(Arc::new(driver))
+    }
+
+    fn bring_up(&self) -> Result<(), DriverError> {
+        let status = self.read32(offset::GSTS);
+        {
+            let mut g = lock(&self.gcmd);
+            *g = status & (gsts::TES | gsts::QIES | gsts::IRES);
+        }
+        if status & gsts::TES != 0 {
+            self.update_gcmd(gcmd::TE, false, gsts::TES, "translation disable")?;
+        }
+        if status & gsts::QIES != 0 {
+            let mut left = POLL_LIMIT;
+            while self.mmio.read(offset::IQH, 8) != self.mmio.read(offset::IQT, 8) {
+                left = left
+                    .checked_sub(1)
+                    .ok_or(DriverError::Timeout("IQH (draining the old queue)"))?;
+                std::thread::yield_now();
+            }
+            self.update_gcmd(gcmd::QIE, false, gsts::QIES, "queued invalidation disable")?;
+        }
+        self.enable_qi()?;
+        self.mmio
+            .write(offset::RTADDR, 8, self.root.0 | 1 << rtaddr::TTM_SHIFT);
+        self.command(gcmd::SRTP, gsts::RTPS, "root table pointer")?;
+        self.submit(&[InvDesc::ContextCache {
+            granularity: ContextCacheGranularity::Global,
+            did: DomainId(0),
+            sid: SourceId::from_rid(0),
+            fm: 0,
+        }])?;
+        self.submit(&[InvDesc::Iotlb {
+            granularity: vsva_vtd::inv_desc::IotlbGranularity::Global,
+            dr: self.cap.drd,
+            dw: self.cap.dwd,
+            did: DomainId(0),
+            addr: 0,
+            ih: false,
+            am: 0,
+        }])?;
+        self.mmio.write(offset::FEDATA, 4, u64::from(FAULT_VECTOR));
+        self.mmio.write(offset::FEADDR, 4, u64::from(MSI_ADDRESS));
+        self.mmio.write(offset::FEUADDR, 4, 0);
+        self.mmio.write(offset::FECTL, 4, 0);
+        if let Some((base, _)) = self.prq {
+            self.mmio.write(offset::PQH, 8, 0);
+            self.mmio.write(offset::PQT, 8, 0);
+            self.mmio.write(offset::PQA, 8, base.0);
+            self.mmio
+                .write(offset::PEDATA, 4, u64::from(PAGE_REQUEST_VECTOR));
+            self.mmio.write(offset::PEADDR, 4, u64::from(MSI_ADDRESS));
+            self.mmio.write(offset::PEUADDR, 4, 0);
+            self.mmio.write(offset::PECTL, 4, 0);
+        }
+        self.update_gcmd(gcmd::TE, true, gsts::TES, "translation enable")
+    }
+
+    fn read32(&self, offset: u64) -> u32 {
+        self.mmio.read(offset, 4) as u32
+    }
+
+    /// Waits until GSTS shows `status` set (or clear when `!set`).
+    fn wait_gsts(&self, status: u32, set: bool, what: &'static str) -> Result<(), DriverError> {
+        for _ in 0..POLL_LIMIT {
+            if (self.read32(offset::GSTS) & status != 0) == set {
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+        Err(DriverError::Timeout(what))
+    }
+
+    /// Turns an enable bit of GCMD on or off, keeping the others, and waits for GSTS.
+    fn update_gcmd(
+        &self,
+        bit: u32,
+        on: bool,
+        status: u32,
+        what: &'static str,
+    ) -> Result<(), DriverError> {
+        let mut g = lock(&self.gcmd);
+        let value = if on { *g | bit } else { *g & !bit };
+        self.mmio.write(offset::GCMD, 4, u64::from(value));
+        self.wait_gsts(status, on, what)?;
+        *g = value;
+        Ok(())
+    }
+
+    /// A one-shot GCMD command (SRTP, WBF) with the enable bits kept; waits for its
+    /// status bit to be set.
+    fn command(&self, bit: u32, status: u32, what: &'static str) -> Result<(), DriverError> {
+        let g = lock(&self.gcmd);
+        self.mmio.write(offset::GCMD, 4, u64::from(*g | bit));
+        self.wait_gsts(status, true, what)
+    }
+
+    /// Flushes the write buffer when the unit requires it (CAP.RWBF): GCMD.WBF, then
+    /// wait for GSTS.WBFS to clear.
+    fn flush_write_buffer(&self) -> Result<(), DriverError> {
+        if !self.cap.rwbf {
+            return Ok(());
+        }
+        let g = lock(&self.gcmd);
+        self.mmio.write(offset::GCMD, 4, u64::from(*g | gcmd::WBF));
+        self.wait_gsts(gsts::WBFS, false, "write buffer flush")
+    }
+
+    /// The capability register as read at init.
+    pub fn cap(&self) -> Cap {
+        self.cap
+    }
+
+    /// The extended capability register as read at init.
+    pub fn ecap(&self) -> Ecap {
+        self.ecap
+    }
+
+    /// The root table.
+    pub fn root_table(&self) -> Gpa {
+        self.root
+    }
+
+    /// Whether PASIDs come from the unit's virtual command interface (ECAP.VCS with
+    /// VCCAP.PAS), as Linux registers its custom PASID allocator, rather than from the
+    /// driver's own allocator.
+    pub fn uses_virtual_commands(&self) -> bool {
+        self.ecap.vcs && self.vccap & vcmd::VCCAP_PAS != 0
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> DriverStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DriverStats {
+            invalidations: get(&c.invalidations),
+            range_invalidations: get(&c.range_invalidations),
+            waits: get(&c.waits),
+            page_requests: get(&c.page_requests),
+            page_requests_served: get(&c.page_requests_served),
+            page_responses: get(&c.page_responses),
+        }
+    }
+
+    /// Attaches a device as Linux's `domain_context_mapping_one` does in scalable mode:
+    /// allocates its PASID directory (sized for the PASIDs the device and the unit
+    /// support), allocates the context table on first use of its bus half, and writes a
+    /// present context entry with the directory, PDTS, RID_PASID 0, and DTE, PASIDE and
+    /// PRE for what both the device and the unit support; then, in caching mode, a
+    /// device-selective context-cache invalidation (else a write-buffer flush).
+    pub fn attach_device(&self, config: DeviceConfig) -> Result<(), DriverError> {
+        let sid = config.sid;
+        let mut st = lock(&self.state);
+        if st.devices.contains_key(&sid.rid()) {
+            return Err(DriverError::AlreadyAttached(sid));
+        }
+        let pasid = config.pasid_bits > 0 && self.ecap.pasid;
+        let ats = config.ats && self.ecap.dt;
+        let pri = pasid && config.pri && self.ecap.prs && self.prq.is_some();
+        // intel_pasid_alloc_table: 8 bytes per 64 PASIDs, at least one page.
+        let max_pasid = if pasid {
+            1u64 << u32::from(config.pasid_bits)
+                .min(self.ecap.pasid_bits())
+                .min(Pasid::BITS)
+        } else {
+            0
+        };
+        let dir_bytes = (max_pasid >> 3).max(FRAME_SIZE);
+        let pages = dir_bytes.next_power_of_two() / FRAME_SIZE;
+        let dir_entries = pages * FRAME_SIZE / 8;
+        let pdts = (dir_entries.trailing_zeros().saturating_sub(7)).min(7) as u8;
+        let dir = FrameGuard::new(&self.frames, self.frames.alloc_contiguous(pages)?);
+        let dir_gpa = dir.gpa();
+
+        let ctx_addr = self.context_entry_slot(sid)?;
+        if self.mem.read_u64(ctx_addr)? & 1 != 0 {
+            return Err(DriverError::AlreadyAttached(sid));
+        }
+        let entry = ScalableContextEntry {
+            fpd: false,
+            dte: ats,
+            paside: pasid,
+            pre: pri,
+            pdts,
+            pasiddirptr: dir_gpa.0,
+            rid_pasid: Pasid::RID_PASID,
+            rid_priv: false,
+        };
+        let raw = entry.to_raw();
+        for (i, q) in raw.iter().enumerate().rev() {
+            self.mem.write_u64(ctx_addr + 8 * i as u64, *q)?;
+        }
+        st.devices.insert(
+            sid.rid(),
+            Device {
+                config,
+                pasid,
+                ats,
+                pasid_dir: dir.keep(),
+                pasid_dir_pages: pages,
+                pdts,
+            },
+        );
+        drop(st);
+        if self.cap.cm {
+            self.submit(&[InvDesc::ContextCache {
+                granularity: ContextCacheGranularity::DeviceSelective,
+                did: DomainId(0),
+                sid,
+                fm: 0,
+            }])
+        } else {
+            self.flush_write_buffer()
+        }
+    }
+
+    /// Detaches a device with no bound PASID: clears its context entry, invalidates the
+    /// context cache for it (device-selective) and frees its PASID tables.
+    pub fn detach_device(&self, sid: SourceId) -> Result<(), DriverError> {
+        let mut st = lock(&self.state);
+        let dev = *st
+            .devices
+            .get(&sid.rid())
+            .ok_or(DriverError::NotAttached(sid))?;
+        if st
+            .svms
+            .values()
+            .any(|s| s.devices.iter().any(|d| d.sid == sid))
+        {
+            return Err(DriverError::Busy(sid));
+        }
+        let ctx_addr = self.context_entry_slot(sid)?;
+        for i in 0..4 {
+            self.mem.write_u64(ctx_addr + 8 * i, 0)?;
+        }
+        st.devices.remove(&sid.rid());
+        drop(st);
+        let flushed = self.submit(&[InvDesc::ContextCache {
+            granularity: ContextCacheGranularity::DeviceSelective,
+            did: DomainId(0),
+            sid,
+            fm: 0,
+        }]);
+        for i in 0..dev.pasid_dir_pages * FRAME_SIZE / 8 {
+            let pde = self.mem.read_u64(dev.pasid_dir.0 + 8 * i)?;
+            if pde & 1 != 0 {
+                let _ = self.frames.free(Gpa(pde & !0xfff));
+            }
+        }
+        let _ = self.frames.free(dev.pasid_dir);
+        flushed
+    }
+
+    /// The device's configuration as attached.
+    pub fn device(&self, sid: SourceId) -> Option<DeviceConfig> {
+        lock(&self.state).devices.get(&sid.rid()).map(|d| d.config)
+    }
+
+    /// The address of `sid`'s context entry, allocating the context table (and setting
+    /// the root entry's half) on first use.
+    fn context_entry_slot(&self, sid: SourceId) -> Result<u64, DriverError> {
+        let root_addr = root_entry_addr(self.root.0, sid.bus());
+        let upper = sid.devfn() >= 0x80;
+        let half_addr = root_addr + 8 * u64::from(upper);
+        let half = self.mem.read_u64(half_addr)?;
+        let ctp = if half & 1 != 0 {
+            half & !0xfff
+        } else {
+            let table = self.frames.alloc()?;
+            let entry = ScalableRootEntry {
+                lctp: Some(table.0),
+                uctp: Some(table.0),
+            }
+            .to_raw()[usize::from(upper)];
+            if let Err(e) = self.mem.write_u64(half_addr, entry) {
+                let _ = self.frames.free(table);
+                return Err(e.into());
+            }
+            table.0
+        };
+        Ok(context_entry_addr(ctp, sid.devfn()))
+    }
+
+    /// Reads and clears the recorded faults (fault recording registers with F set), as
+    /// Linux's `dmar_fault` does, and clears the fault overflow status.
+    pub fn take_faults(&self) -> Vec<FaultRecord> {
+        let base = self.cap.fault_recording_offset();
+        let mut out = Vec::new();
+        for i in 0..self.cap.fault_recording_count() as u64 {
+            let hi = self.mmio.read(base + 16 * i + 8, 8);
+            if hi & FRCD_F == 0 {
+                continue;
+            }
+            let lo = self.mmio.read(base + 16 * i, 8);
+            if let Some(record) = FaultRecord::from_raw([lo, hi]) {
+                out.push(record);
+            }
+            self.mmio.write(base + 16 * i + 12, 4, FRCD_F >> 32);
+        }
+        self.mmio.write(offset::FSTS, 4, u64::from(fsts::PFO));
+        out
+    }
+
+    /// Whether the unit holds a fault event the driver has not seen (FECTL.IP).
+    pub fn fault_pending(&self) -> bool {
+        self.read32(offset::FECTL) & event_control::IP != 0
+            || self.read32(offset::FSTS) & fsts::PPF != 0
+    }
+}

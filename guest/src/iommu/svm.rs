@@ -1,0 +1,558 @@
+//! Shared virtual addressing: binding a process's address space to a PASID of a device
+//! (Linux's `intel_svm_bind_mm` and `intel_pasid_setup_first_level`), unbinding
+//! (`intel_pasid_tear_down_entry`, `intel_svm_drain_prq`), and the mmu-notifier range
+//! invalidations (`intel_invalidate_range`).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity};
+use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
+use vsva_vtd::regs::layout::{offset, vcmd};
+use vsva_vtd::{
+    DomainId, FlPagingMode, Gpa, Gva, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId,
+};
+
+use super::{lock, Device, DriverError, IommuDriver, POLL_LIMIT};
+use crate::process::{MmuNotifier, NotifierId, Process};
+
+/// The domain id Linux gives every first-level-only PASID entry of SVA
+/// (`FLPT_DEFAULT_DID`).
+pub const FLPT_DEFAULT_DID: DomainId = DomainId(1);
+
+/// The lowest PASID SVA hands out (`PASID_MIN`); 0 is RID_PASID.
+const PASID_MIN: u32 = 1;
+
+/// PASIDs the driver allocates itself when the unit has no virtual command interface
+/// (Linux's default ioasid allocator): the lowest free one.
+#[derive(Debug)]
+pub(super) struct PasidAllocator {
+    limit: u32,
+    used: BTreeSet<u32>,
+}
+
+impl PasidAllocator {
+    pub(super) fn new(limit: u32) -> Self {
+        PasidAllocator {
+            limit,
+            used: BTreeSet::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Option<Pasid> {
+        let mut candidate = PASID_MIN;
+        for &u in self.used.range(PASID_MIN..) {
+            if u != candidate {
+                break;
+            }
+            candidate += 1;
+        }
+        if candidate >= self.limit {
+            return None;
+        }
+        self.used.insert(candidate);
+        Pasid::new(candidate).ok()
+    }
+
+    fn free(&mut self, pasid: Pasid) {
+        self.used.remove(&pasid.raw());
+    }
+}
+
+/// One device bound to an [`Svm`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SvmDevice {
+    pub(super) sid: SourceId,
+    /// Binds of this device not yet unbound.
+    users: u32,
+}
+
+/// A process's address space shared through one PASID (Linux's `intel_svm`).
+pub(super) struct Svm {
+    pub(super) pasid: Pasid,
+    pub(super) process: Arc<Process>,
+    notifier: NotifierId,
+    pub(super) devices: Vec<SvmDevice>,
+}
+
+/// The mmu notifier an [`Svm`] registers with its process.
+struct SvmNotifier {
+    driver: Weak<IommuDriver>,
+    pasid: Pasid,
+}
+
+impl MmuNotifier for SvmNotifier {
+    fn invalidate_range(&self, start: Gva, end: Gva) {
+        if let Some(driver) = self.driver.upgrade() {
+            if let Err(e) = driver.flush_svm_range(self.pasid, start.0, end.0) {
+                tracing::error!(%e, pasid = %self.pasid, "range invalidation failed");
+            }
+        }
+    }
+}
+
+/// The page-selective invalidation of `[start, end)`: the address of the smallest
+/// naturally aligned block of pages holding the range, and its order (log2 pages).
+fn aligned_block(start: u64, end: u64) -> (u64, u32) {
+    let first = start >> 12;
+    let last = (end.max(start + 1) - 1) >> 12;
+    let order = u64::BITS - (first ^ last).leading_zeros();
+    let addr = if order >= 52 {
+        0
+    } else {
+        (first >> order) << (order + 12)
+    };
+    (addr, order)
+}
+
+/// The address field of a device-TLB invalidation of the block of `2^order` pages at
+/// `addr` (PCIe ATS size encoding with S set; §6.5.2.6), and S.
+fn ats_address(addr: u64, order: u32) -> (u64, bool) {
+    match order {
+        0 => (addr, false),
+        o if o >= 52 => (!0xfff & !(1 << 63), true),
+        o => (addr | ((1u64 << (o + 11)) - 1) & !0xfff, true),
+    }
+}
+
+impl IommuDriver {
+    /// Allocates a PASID: through the virtual command interface when the unit offers it
+    /// (`vcmd_alloc_pasid`), else from the driver's own space.
+    fn alloc_pasid(&self) -> Result<Pasid, DriverError> {
+        if !self.uses_virtual_commands() {
+            return lock(&self.state).pasids.alloc().ok_or(DriverError::NoPasid);
+        }
+        let rsp = self.virtual_command(u64::from(vcmd::ALLOC_PASID))?;
+        match (rsp >> vcmd::VCRSP_SC_SHIFT) & 3 {
+            0 => {
+                let raw = ((rsp >> vcmd::VCRSP_RESULT_SHIFT) & 0xf_ffff) as u32;
+                Pasid::new(raw).map_err(|_| DriverError::NoPasid)
+            }
+            2 => Err(DriverError::NoPasid),
+            sc => Err(DriverError::VirtualCommand(sc as u8)),
+        }
+    }
+
+    /// Frees a PASID where it came from (`vcmd_free_pasid`).
+    fn free_pasid(&self, pasid: Pasid) -> Result<(), DriverError> {
+        if !self.uses_virtual_commands() {
+            lock(&self.state).pasids.free(pasid);
+            return Ok(());
+        }
+        let cmd = u64::from(pasid.raw()) << vcmd::OPERAND_SHIFT | u64::from(vcmd::FREE_PASID);
+        let rsp = self.virtual_command(cmd)?;
+        match (rsp >> vcmd::VCRSP_SC_SHIFT) & 3 {
+            0 => Ok(()),
+            sc => Err(DriverError::VirtualCommand(sc as u8)),
+        }
+    }
+
+    /// Writes VCMD and polls VCRSP until IP clears; returns VCRSP.
+    fn virtual_command(&self, cmd: u64) -> Result<u64, DriverError> {
+        let _serialise = lock(&self.gcmd);
+        self.mmio.write(offset::VCMD, 8, cmd);
+        for _ in 0..POLL_LIMIT {
+            let rsp = self.mmio.read(offset::VCRSP, 8);
+            if rsp & vcmd::VCRSP_IP == 0 {
+                return Ok(rsp);
+            }
+            std::thread::yield_now();
+        }
+        Err(DriverError::Timeout("virtual command response"))
+    }
+
+    /// Binds `process`'s address space to `sid` (Linux's `intel_svm_bind_mm` for a user
+    /// mm) and returns the PASID the device must use. A process already bound to some
+    /// device keeps its PASID; binding the same device again only counts a user.
+    ///
+    /// The PASID entry is first-level only: FLPTR = the process's CR3, FLPM for its
+    /// paging mode, DID [`FLPT_DEFAULT_DID`], AW the unit's width, PWSNP as ECAP.SMPWC,
+    /// NXE set, SRE clear (user addresses only). Then, each followed by an invalidation
+    /// wait: a PASID-selective PASID-cache invalidation, a PASID-selective PASID-based
+    /// IOTLB invalidation and, for a device with ATS, a PASID-based device-TLB
+    /// invalidation of the whole address space.
+    pub fn sva_bind(
+        self: &Arc<Self>,
+        sid: SourceId,
+        process: &Arc<Process>,
+    ) -> Result<Pasid, DriverError> {
+        if !self.ecap.flts {
+            return Err(DriverError::Unsupported(
+                "first-level translation (ECAP.FLTS)",
+            ));
+        }
+        if process.paging_mode() == FlPagingMode::FiveLevel && !self.cap.fl5lp {
+            return Err(DriverError::Unsupported(
+                "5-level first-level paging (CAP.FL5LP)",
+            ));
+        }
+        let dev = self.pasid_device(sid)?;
+        let existing = {
+            let mut st = lock(&self.state);
+            let svm = st
+                .svms
+                .values_mut()
+                .find(|s| Arc::ptr_eq(&s.process, process));
+            match svm {
+                Some(svm) => {
+                    if let Some(d) = svm.devices.iter_mut().find(|d| d.sid == sid) {
+                        d.users += 1;
+                        return Ok(svm.pasid);
+                    }
+                    Some(svm.pasid)
+                }
+                None => None,
+            }
+        };
+        let pasid = match existing {
+            Some(p) => p,
+            None => self.alloc_pasid()?,
+        };
+        if let Err(e) = self.setup_first_level(&dev, pasid, process) {
+            if existing.is_none() {
+                let _ = self.free_pasid(pasid);
+            }
+            return Err(e);
+        }
+        {
+            let mut st = lock(&self.state);
+            let device = SvmDevice { sid, users: 1 };
+            match st.svms.get_mut(&pasid.raw()) {
+                Some(svm) => svm.devices.push(device),
+                None => {
+                    let notifier = process.register_notifier(Arc::new(SvmNotifier {
+                        driver: Arc::downgrade(self),
+                        pasid,
+                    }));
+                    st.svms.insert(
+                        pasid.raw(),
+                        Svm {
+                            pasid,
+                            process: process.clone(),
+                            notifier,
+                            devices: vec![device],
+                        },
+                    );
+                }
+            }
+        }
+        self.flush_pasid(&dev, pasid)?;
+        Ok(pasid)
+    }
+
+    /// The attached device `sid`, which must have PASIDs enabled.
+    fn pasid_device(&self, sid: SourceId) -> Result<Device, DriverError> {
+        let st = lock(&self.state);
+        let dev = *st
+            .devices
+            .get(&sid.rid())
+            .ok_or(DriverError::NotAttached(sid))?;
+        if !dev.pasid {
+            return Err(DriverError::NoPasidSupport(sid));
+        }
+        Ok(dev)
+    }
+
+    /// The address of `pasid`'s PASID table entry for `dev`, allocating the PASID table
+    /// on first use (`intel_pasid_get_entry`: the directory entry is installed with a
+    /// compare-and-exchange so that concurrent users agree on one table).
+    fn pasid_entry_slot(&self, dev: &Device, pasid: Pasid) -> Result<u64, DriverError> {
+        let sid = dev.config.sid;
+        let pde_addr = pasid_dir_entry_addr(dev.pasid_dir.0, dev.pdts, pasid)
+            .map_err(|_| DriverError::PasidOutOfRange { sid, pasid })?;
+        let mut pde = self.mem.read_u64(pde_addr)?;
+        if pde & 1 == 0 {
+            let table = self.frames.alloc()?;
+            let found = self.mem.compare_exchange_u64(pde_addr, 0, table.0 | 1);
+            match found {
+                Ok(0) => pde = table.0 | 1,
+                Ok(other) => {
+                    let _ = self.frames.free(table);
+                    pde = other;
+                }
+                Err(e) => {
+                    let _ = self.frames.free(table);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(pasid_entry_addr(pde & !0xfff, pasid))
+    }
+
+    /// `intel_pasid_setup_first_level` for a user address space.
+    fn setup_first_level(
+        &self,
+        dev: &Device,
+        pasid: Pasid,
+        process: &Process,
+    ) -> Result<(), DriverError> {
+        let sid = dev.config.sid;
+        let _st = lock(&self.state);
+        let slot = self.pasid_entry_slot(dev, pasid)?;
+        if self.mem.read_u64(slot)? & 1 != 0 {
+            return Err(DriverError::PasidBusy { sid, pasid });
+        }
+        let entry = PasidEntry {
+            fpd: false,
+            aw: self.agaw,
+            slee: false,
+            pgtt: Pgtt::FirstLevel,
+            slade: false,
+            slptptr: 0,
+            did: FLPT_DEFAULT_DID,
+            pwsnp: self.ecap.smpwcs,
+            pgsnp: false,
+            cd: false,
+            emte: false,
+            emt: 0,
+            pwt: false,
+            pcd: false,
+            pat: 0,
+            sre: false,
+            ere: false,
+            flpm: process.paging_mode(),
+            wpe: false,
+            nxe: true,
+            smep: false,
+            eafe: false,
+            flptptr: process.cr3().0,
+        };
+        // Present (qword 0) last, so the unit never sees a half-written entry.
+        for (i, q) in entry.to_raw().iter().enumerate().rev() {
+            self.mem.write_u64(slot + 8 * i as u64, *q)?;
+        }
+        Ok(())
+    }
+
+    /// The flushes of a PASID entry that changed, each with its wait.
+    fn flush_pasid(&self, dev: &Device, pasid: Pasid) -> Result<(), DriverError> {
+        self.submit(&[InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::PasidSelective,
+            did: FLPT_DEFAULT_DID,
+            pasid,
+        }])?;
+        self.submit(&[InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PasidSelective,
+            did: FLPT_DEFAULT_DID,
+            pasid,
+            addr: 0,
+            ih: false,
+            am: 0,
+        }])?;
+        if dev.ats {
+            self.submit(&[self.dev_iotlb(dev.config.sid, pasid, 0, 52)])?;
+        }
+        Ok(())
+    }
+
+    /// A PASID-based device-TLB invalidation of the `2^order` pages at `addr`.
+    fn dev_iotlb(&self, sid: SourceId, pasid: Pasid, addr: u64, order: u32) -> InvDesc {
+        let (addr, size) = ats_address(addr, order);
+        InvDesc::PasidDevIotlb {
+            sid,
+            pfsid: sid,
+            pasid,
+            max_invs_pend: 0,
+            addr,
+            size,
+            global: false,
+        }
+    }
+
+    /// Unbinds `pasid` from `sid` (Linux's `intel_svm_unbind_mm`). When the last bind of
+    /// the device goes: the PASID entry is cleared, the PASID cache, IOTLB and device TLB
+    /// flushed for it, and the page requests in flight drained. When the last device goes:
+    /// the notifier is unregistered and the PASID freed.
+    pub fn sva_unbind(&self, sid: SourceId, pasid: Pasid) -> Result<(), DriverError> {
+        let not_bound = DriverError::NotBound { sid, pasid };
+        let dev = self.pasid_device(sid).map_err(|_| not_bound)?;
+        {
+            let mut st = lock(&self.state);
+            let svm = st.svms.get_mut(&pasid.raw()).ok_or(not_bound)?;
+            let d = svm
+                .devices
+                .iter_mut()
+                .find(|d| d.sid == sid)
+                .ok_or(not_bound)?;
+            if d.users > 1 {
+                d.users -= 1;
+                return Ok(());
+            }
+            let slot = self.pasid_entry_slot(&dev, pasid)?;
+            self.mem.write_u64(slot, 0)?;
+            for i in 1..8 {
+                self.mem.write_u64(slot + 8 * i, 0)?;
+            }
+        }
+        let flushed = self.flush_pasid(&dev, pasid);
+        let drained = self.drain_page_requests(&dev, pasid);
+        let last = {
+            let mut st = lock(&self.state);
+            match st.svms.get_mut(&pasid.raw()) {
+                Some(svm) => {
+                    svm.devices.retain(|d| d.sid != sid);
+                    if svm.devices.is_empty() {
+                        st.svms.remove(&pasid.raw())
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        if let Some(svm) = last {
+            svm.process.unregister_notifier(svm.notifier);
+            self.free_pasid(pasid)?;
+        }
+        flushed.and(drained)
+    }
+
+    /// `intel_svm_drain_prq`: serves the page requests of `pasid` already in the queue,
+    /// then submits a fenced invalidation wait, a PASID-based IOTLB and a device-TLB
+    /// invalidation with a page-request drain, so that no request of the PASID is left
+    /// in the unit or the device.
+    fn drain_page_requests(&self, dev: &Device, pasid: Pasid) -> Result<(), DriverError> {
+        if self.prq.is_none() {
+            return Ok(());
+        }
+        self.handle_page_requests();
+        let mut descs = vec![
+            InvDesc::InvWait {
+                sw: false,
+                interrupt: false,
+                fence: true,
+                pd: false,
+                status_data: 0,
+                status_addr: 0,
+            },
+            InvDesc::PasidIotlb {
+                granularity: PasidIotlbGranularity::PasidSelective,
+                did: FLPT_DEFAULT_DID,
+                pasid,
+                addr: 0,
+                ih: false,
+                am: 0,
+            },
+        ];
+        if dev.ats {
+            descs.push(self.dev_iotlb(dev.config.sid, pasid, 0, 52));
+        }
+        self.submit_sync(&descs, true)
+    }
+
+    /// Invalidates the translations of `[start, end)` in `pasid` on every device bound to
+    /// it (Linux's `intel_flush_svm_range_dev`): a page-selective PASID-based IOTLB
+    /// invalidation of the smallest aligned block holding the range (PASID-selective when
+    /// the block exceeds CAP.MAMV), then for devices with ATS a device-TLB invalidation
+    /// of the same block, each followed by a wait.
+    pub(super) fn flush_svm_range(
+        &self,
+        pasid: Pasid,
+        start: u64,
+        end: u64,
+    ) -> Result<(), DriverError> {
+        let devices: Vec<Device> = {
+            let st = lock(&self.state);
+            let Some(svm) = st.svms.get(&pasid.raw()) else {
+                return Ok(());
+            };
+            svm.devices
+                .iter()
+                .filter_map(|d| st.devices.get(&d.sid.rid()).copied())
+                .collect()
+        };
+        let (addr, order) = aligned_block(start, end);
+        let iotlb = if order <= u32::from(self.cap.mamv) {
+            InvDesc::PasidIotlb {
+                granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+                did: FLPT_DEFAULT_DID,
+                pasid,
+                addr,
+                ih: false,
+                am: order as u8,
+            }
+        } else {
+            InvDesc::PasidIotlb {
+                granularity: PasidIotlbGranularity::PasidSelective,
+                did: FLPT_DEFAULT_DID,
+                pasid,
+                addr: 0,
+                ih: false,
+                am: 0,
+            }
+        };
+        for dev in devices {
+            self.submit(&[iotlb])?;
+            self.counters
+                .range_invalidations
+                .fetch_add(1, Ordering::Relaxed);
+            if dev.ats {
+                self.submit(&[self.dev_iotlb(dev.config.sid, pasid, addr, order)])?;
+                self.counters
+                    .range_invalidations
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The PASIDs bound now, with their process's CR3.
+    pub fn bound_pasids(&self) -> Vec<(Pasid, Gpa)> {
+        let st = lock(&self.state);
+        let mut v: Vec<_> = st
+            .svms
+            .values()
+            .map(|s| (s.pasid, s.process.cr3()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsva_vtd::AddrRange;
+
+    #[test]
+    fn blocks_cover_the_range() {
+        assert_eq!(aligned_block(0x5000, 0x6000), (0x5000, 0));
+        assert_eq!(aligned_block(0x5000, 0x7000), (0x4000, 2));
+        assert_eq!(aligned_block(0x4000, 0x6000), (0x4000, 1));
+        assert_eq!(aligned_block(0, 1 << 47), (0, 35));
+        assert_eq!(aligned_block(0, !0xfff), (0, 52));
+    }
+
+    #[test]
+    fn ats_addresses_decode_to_the_block() {
+        for (addr, order) in [
+            (0x4000u64, 1u32),
+            (0x7f00_0000_0000, 9),
+            (0x5000, 0),
+            (0, 52),
+        ] {
+            let (field, s) = ats_address(addr, order);
+            let r = AddrRange::from_ats_size(field, s);
+            let want_last = if order >= 52 {
+                u64::MAX
+            } else {
+                addr + (4096 << order) - 1
+            };
+            assert_eq!(
+                (r.start, r.last),
+                (if order >= 52 { 0 } else { addr }, want_last)
+            );
+        }
+    }
+
+    #[test]
+    fn local_pasids_are_lowest_free() {
+        let mut a = PasidAllocator::new(4);
+        let p: Vec<u32> = (0..3).map(|_| a.alloc().unwrap().raw()).collect();
+        assert_eq!(p, [1, 2, 3]);
+        assert_eq!(a.alloc(), None);
+        a.free(Pasid::new(2).unwrap());
+        assert_eq!(a.alloc().unwrap().raw(), 2);
+    }
+}
