@@ -5,20 +5,29 @@
 //! PASIDs and attached PASID table, make sure a container only touches PASIDs of its own
 //! VM's set, and call the [`IommuBackend`] (the host IOMMU driver) to program the hardware.
 //!
+//! Page requests of the container's devices reach the VMM through the container's fault
+//! queue ([`crate::fault`]): the driver reports them to the [`FaultSink`] it was given, the
+//! VMM reads them with [`Container::read_faults`] and answers each group with
+//! [`Container::page_response`].
+//!
 //! Every ioctl either succeeds or fails with the state (container, allocator, backend, and
 //! the argument bytes) unchanged: all checks run before the first change, and each change
 //! after the backend's fallible call is infallible.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vsva_vtd::{Iova, Pasid, SourceId};
 
 use crate::error::HostError;
+use crate::fault::{FaultEvent, FaultNotifier, FaultQueue, FaultSink};
 use crate::pasid::{PasidAllocator, PasidSetId};
-use crate::uapi::iommu::IommuNestingInfo;
-use crate::uapi::request::{BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PasidTableConfig};
+use crate::uapi::iommu::{IommuNestingInfo, IommuPageResponse};
+use crate::uapi::request::{
+    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageRequest, PageResponse, PageResponseCode,
+    PasidTableConfig,
+};
 use crate::uapi::vfio::*;
 use crate::uapi::wire::{read_prefix, write_into};
 
@@ -66,6 +75,9 @@ pub struct BackendInfo {
 /// - every PASID passed in belongs to the container's set, and the data is validated;
 /// - `attach_device` is called only for a device not attached to this container, and
 ///   `detach_device` only for one that is;
+/// - `page_response` is called only for the last request of a group the driver reported
+///   through the container's [`FaultSink`] and that no response answered yet, with a
+///   response that matches it;
 /// - `unmap_dma` is called only with the exact range of an earlier successful `map_dma`,
 ///   `unbind_gpasid` only with the data of an earlier successful `bind_gpasid`, and
 ///   `detach_pasid_table` only after a successful `attach_pasid_table`;
@@ -121,6 +133,27 @@ pub trait IommuBackend {
     fn detach_device(&mut self, sid: SourceId) {
         let _ = sid;
     }
+
+    /// Receives the container's fault sink, once, when the container is created. The driver
+    /// reports through it each page request of the container's devices (from its page
+    /// request handler, on any thread), and answers itself, with `IOMMU_PAGE_RESP_INVALID`,
+    /// the groups of requests the sink refuses.
+    fn set_fault_sink(&mut self, sink: FaultSink) {
+        let _ = sink;
+    }
+
+    /// Sends a page group response to device `sid` (VT-d page group response descriptor,
+    /// §6.5.2.9) for the group whose last request is `request`; `response.pasid` is set
+    /// exactly when the request needs its PASID back.
+    fn page_response(
+        &mut self,
+        sid: SourceId,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), HostError> {
+        let _ = (sid, request, response);
+        Err(HostError::NoDriverOp("page_response"))
+    }
 }
 
 /// The IOMMU information `VFIO_IOMMU_GET_INFO` reports.
@@ -157,7 +190,7 @@ pub struct Container<B: IommuBackend> {
     dma: BTreeMap<u64, DmaMap>,
     bound: BTreeMap<Pasid, BindGpasid>,
     pasid_table: Option<PasidTableConfig>,
-    devices: BTreeSet<SourceId>,
+    faults: FaultQueue,
 }
 
 /// Locks the allocator; a poisoned lock is still consistent (no allocator method panics
@@ -182,8 +215,13 @@ fn int_arg(arg: &[u8]) -> Result<u64, HostError> {
 
 impl<B: IommuBackend> Container<B> {
     /// A new container for one VM, with a fresh PASID set of `quota` PASIDs in `allocator`.
-    pub fn new(allocator: SharedPasidAllocator, quota: u32, backend: B) -> Self {
+    ///
+    /// The backend receives the container's [`FaultSink`] through
+    /// [`IommuBackend::set_fault_sink`].
+    pub fn new(allocator: SharedPasidAllocator, quota: u32, mut backend: B) -> Self {
         let set = lock(&allocator).create_set(quota);
+        let faults = FaultQueue::new();
+        backend.set_fault_sink(faults.sink());
         Container {
             backend,
             allocator,
@@ -192,7 +230,7 @@ impl<B: IommuBackend> Container<B> {
             dma: BTreeMap::new(),
             bound: BTreeMap::new(),
             pasid_table: None,
-            devices: BTreeSet::new(),
+            faults,
         }
     }
 
@@ -222,29 +260,62 @@ impl<B: IommuBackend> Container<B> {
 
     /// The devices attached to the container, by requester id.
     pub fn devices(&self) -> Vec<SourceId> {
-        self.devices.iter().copied().collect()
+        self.faults.devices()
     }
 
     /// Attaches a device to the container, as `VFIO_GROUP_SET_CONTAINER` does for its group:
     /// `-EBUSY` if it is attached already; the driver's refusal (e.g. `-EBUSY` for a device
     /// of another container, `-ENODEV` without the operation) changes nothing.
     pub fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
-        if self.devices.contains(&sid) {
+        if self.faults.has_device(sid) {
             return Err(HostError::DeviceAttached(sid));
         }
         self.backend.attach_device(sid)?;
-        self.devices.insert(sid);
+        self.faults.attach(sid);
         Ok(())
     }
 
     /// Detaches a device, as `VFIO_GROUP_UNSET_CONTAINER` does for its group (`-EINVAL` if it
-    /// is not attached). The container's bindings stay for its other devices.
+    /// is not attached). The device's unread page requests are dropped and its pending
+    /// groups answered with `IOMMU_PAGE_RESP_INVALID`; the container's bindings stay for its
+    /// other devices.
     pub fn detach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
-        if !self.devices.remove(&sid) {
+        if !self.faults.has_device(sid) {
             return Err(HostError::DeviceNotAttached(sid));
         }
+        let pending = self.faults.detach(sid);
+        answer_invalid(&mut self.backend, pending);
         self.backend.detach_device(sid);
         Ok(())
+    }
+
+    /// A handle on the container's fault queue, the one the backend was given.
+    pub fn fault_sink(&self) -> FaultSink {
+        self.faults.sink()
+    }
+
+    /// Takes the page requests reported since the last read, oldest first. They only ever
+    /// come from the container's devices and carry PASIDs of its set.
+    pub fn read_faults(&mut self) -> Vec<FaultEvent> {
+        self.faults.read()
+    }
+
+    /// The page request groups waiting for a response (the last request of each), oldest
+    /// first.
+    pub fn pending_page_requests(&self) -> Vec<FaultEvent> {
+        self.faults.pending()
+    }
+
+    /// Registers `notify`, called once for each page request the container accepts, as
+    /// VFIO signals the eventfd of its fault region; it replaces an earlier one.
+    pub fn set_fault_notifier(&mut self, notify: impl Fn() + Send + Sync + 'static) {
+        let notifier: FaultNotifier = Arc::new(notify);
+        self.faults.set_notifier(Some(notifier));
+    }
+
+    /// Removes the fault notifier.
+    pub fn clear_fault_notifier(&mut self) {
+        self.faults.set_notifier(None);
     }
 
     /// Performs one container ioctl on its argument bytes, as `ioctl(container_fd, cmd, arg)`
@@ -271,7 +342,8 @@ impl<B: IommuBackend> Container<B> {
             | VFIO_IOMMU_UNBIND
             | VFIO_IOMMU_CACHE_INVALIDATE
             | VFIO_IOMMU_ATTACH_PASID_TABLE
-            | VFIO_IOMMU_DETACH_PASID_TABLE => {
+            | VFIO_IOMMU_DETACH_PASID_TABLE
+            | VFIO_IOMMU_PAGE_RESPONSE => {
                 if model != IommuModel::Type1Nesting {
                     return Err(HostError::NotNesting(sva_ioctl_name(cmd)));
                 }
@@ -281,6 +353,7 @@ impl<B: IommuBackend> Container<B> {
                     VFIO_IOMMU_UNBIND => self.do_unbind(arg),
                     VFIO_IOMMU_CACHE_INVALIDATE => self.do_cache_invalidate(arg),
                     VFIO_IOMMU_ATTACH_PASID_TABLE => self.do_attach_pasid_table(arg),
+                    VFIO_IOMMU_PAGE_RESPONSE => self.do_page_response(arg),
                     _ => {
                         if self.pasid_table.take().is_some() {
                             self.backend.detach_pasid_table();
@@ -439,7 +512,8 @@ impl<B: IommuBackend> Container<B> {
     }
 
     /// `VFIO_IOMMU_PASID_REQUEST`. ALLOC returns the lowest free PASID of the range.
-    /// FREE releases the caller's PASIDs in the range, unbinding bound ones first; a
+    /// FREE releases the caller's PASIDs in the range, answering their pending page request
+    /// groups (`IOMMU_PAGE_RESP_INVALID`) and unbinding bound ones first; a
     /// single-PASID free (`min == max`) of a PASID the caller does not own is EPERM, as in
     /// the seed, while a wider range skips PASIDs of others, as v6's `vfio_pasid_free_range`.
     fn do_pasid_request(&mut self, arg: &mut [u8]) -> Result<usize, HostError> {
@@ -447,7 +521,9 @@ impl<B: IommuBackend> Container<B> {
         let (min, max) = (req.range.min, req.range.max);
         let mut allocator = lock(&self.allocator);
         if req.flags == VFIO_IOMMU_FLAG_ALLOC_PASID {
-            return Ok(allocator.alloc(self.set, min, max)?.raw() as usize);
+            let pasid = allocator.alloc(self.set, min, max)?;
+            self.faults.add_pasid(pasid);
+            return Ok(pasid.raw() as usize);
         }
         let victims = if min == max {
             let pasid = Pasid::new(min).map_err(|e| HostError::field("PASID", e.to_string()))?;
@@ -457,6 +533,7 @@ impl<B: IommuBackend> Container<B> {
             allocator.owned_in(self.set, min, max)?
         };
         for pasid in victims {
+            answer_invalid(&mut self.backend, self.faults.remove_pasid(pasid));
             if let Some(bind) = self.bound.remove(&pasid) {
                 self.backend.unbind_gpasid(&bind);
             }
@@ -526,6 +603,29 @@ impl<B: IommuBackend> Container<B> {
         }
         self.backend.attach_pasid_table(&cfg)?;
         self.pasid_table = Some(cfg);
+        Ok(0)
+    }
+
+    /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension): a response naming a PASID must name one
+    /// of the caller's (EPERM), and must answer a pending group (EINVAL): of the device the
+    /// `rid` names, or else the oldest that matches, matched as `iommu_page_response` does
+    /// (group index, and the PASID when the request needs it back; a PASID it does not need
+    /// is cleared). The group is done once the driver has sent the response.
+    fn do_page_response(&mut self, arg: &mut [u8]) -> Result<usize, HostError> {
+        let req = VfioIommuType1PageResponse::from_bytes(arg)?;
+        let mut resp = PageResponse::try_from(&req.response)?;
+        let sid = (req.flags & VFIO_IOMMU_PAGE_RESPONSE_RID_VALID != 0)
+            .then(|| SourceId::from_rid(req.rid as u16));
+        if let Some(pasid) = resp.pasid {
+            lock(&self.allocator).check_owner(self.set, pasid)?;
+        }
+        let (seq, event) = self.faults.find_pending(sid, &resp)?;
+        if !event.request.needs_pasid {
+            resp.pasid = None;
+        }
+        self.backend
+            .page_response(event.sid, &event.request, &resp)?;
+        self.faults.remove_pending(seq);
         Ok(0)
     }
 
@@ -671,6 +771,39 @@ impl<B: IommuBackend> Container<B> {
         self.ioctl(VFIO_IOMMU_DETACH_PASID_TABLE, &mut [])?;
         Ok(())
     }
+
+    fn page_response_request(
+        &mut self,
+        sid: Option<SourceId>,
+        resp: &PageResponse,
+    ) -> Result<(), HostError> {
+        let mut buf = VfioIommuType1PageResponse {
+            argsz: size_of::<VfioIommuType1PageResponse>() as u32,
+            flags: sid.map_or(0, |_| VFIO_IOMMU_PAGE_RESPONSE_RID_VALID),
+            rid: sid.map_or(0, |s| s.rid().into()),
+            response: IommuPageResponse::from(resp),
+        }
+        .to_bytes();
+        self.ioctl(VFIO_IOMMU_PAGE_RESPONSE, &mut buf)?;
+        Ok(())
+    }
+
+    /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension): answers the oldest pending page request
+    /// group that `resp` matches, of whichever device. EPERM for a PASID not the caller's,
+    /// EINVAL when no group is pending.
+    pub fn page_response(&mut self, resp: &PageResponse) -> Result<(), HostError> {
+        self.page_response_request(None, resp)
+    }
+
+    /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension) to device `sid`: as
+    /// [`Container::page_response`], among that device's pending groups only.
+    pub fn page_response_to(
+        &mut self,
+        sid: SourceId,
+        resp: &PageResponse,
+    ) -> Result<(), HostError> {
+        self.page_response_request(Some(sid), resp)
+    }
 }
 
 /// The kernel name of an SVA ioctl, for errors.
@@ -681,22 +814,47 @@ fn sva_ioctl_name(cmd: u32) -> &'static str {
         VFIO_IOMMU_UNBIND => "VFIO_IOMMU_UNBIND",
         VFIO_IOMMU_CACHE_INVALIDATE => "VFIO_IOMMU_CACHE_INVALIDATE",
         VFIO_IOMMU_ATTACH_PASID_TABLE => "VFIO_IOMMU_ATTACH_PASID_TABLE",
+        VFIO_IOMMU_PAGE_RESPONSE => "VFIO_IOMMU_PAGE_RESPONSE",
         _ => "VFIO_IOMMU_DETACH_PASID_TABLE",
     }
 }
 
+/// Answers page request groups whose PASID or device goes away, so that no device waits
+/// for ever (`IOMMU_PAGE_RESP_INVALID`: do not retry). A driver without page responses
+/// has nothing to answer.
+fn answer_invalid<B: IommuBackend>(backend: &mut B, groups: Vec<FaultEvent>) {
+    for FaultEvent { sid, request } in groups {
+        let resp = PageResponse {
+            pasid: request.pasid.filter(|_| request.needs_pasid),
+            grpid: request.grpid,
+            code: PageResponseCode::Invalid,
+        };
+        if let Err(e) = backend.page_response(sid, &request, &resp) {
+            tracing::debug!(
+                "answering page request group {} of {sid}: {e}",
+                request.grpid
+            );
+        }
+    }
+}
+
 /// Closing the container (or the VMM dying) releases everything it held, as
-/// `vfio_iommu_type1_release` and the `vfio_mm` put do: bindings, the PASID table, the
-/// devices, the DMA mappings, and the VM's PASID set.
+/// `vfio_iommu_type1_release` and the `vfio_mm` put do: pending page request groups
+/// (answered `IOMMU_PAGE_RESP_INVALID`) and unread ones, bindings, the PASID table, the
+/// devices, the DMA mappings, and the VM's PASID set. The fault sink refuses every report
+/// from then on.
 impl<B: IommuBackend> Drop for Container<B> {
     fn drop(&mut self) {
+        let devices = self.faults.devices();
+        let pending = self.faults.close();
+        answer_invalid(&mut self.backend, pending);
         for bind in std::mem::take(&mut self.bound).into_values() {
             self.backend.unbind_gpasid(&bind);
         }
         if self.pasid_table.take().is_some() {
             self.backend.detach_pasid_table();
         }
-        for sid in std::mem::take(&mut self.devices) {
+        for sid in devices {
             self.backend.detach_device(sid);
         }
         for m in std::mem::take(&mut self.dma).into_values() {
@@ -711,11 +869,14 @@ impl<B: IommuBackend> Drop for Container<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fault::FAULT_QUEUE_DEPTH;
     use crate::uapi::iommu::*;
     use crate::uapi::request::{InvGranularity, PasidConfig};
     use proptest::prelude::*;
     use std::cell::RefCell;
+    use std::collections::BTreeSet;
     use std::rc::Rc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use vsva_vtd::Gpa;
 
     /// What the mock IOMMU has been programmed with.
@@ -726,17 +887,20 @@ mod tests {
         table: Option<PasidTableConfig>,
         invalidations: Vec<CacheInvalidate>,
         devices: BTreeSet<SourceId>,
+        responses: Vec<(SourceId, PageRequest, PageResponse)>,
     }
 
     /// A host IOMMU driver stand-in that checks the container keeps the backend contract.
     /// It refuses maps of `vaddr` with bit 47 set (unbacked memory), binds with an address
-    /// width other than 48 or 57, and devices on bus 0xff (held by another domain), changing
-    /// nothing when it refuses.
+    /// width other than 48 or 57, devices on bus 0xff (held by another domain), and page
+    /// responses with the Failure code (as if the device had gone), changing nothing when
+    /// it refuses. It keeps the fault sink it is given.
     #[derive(Clone, Debug)]
     struct MockIommu {
         state: Rc<RefCell<MockState>>,
         nesting: bool,
         smmu: bool,
+        sink: Option<FaultSink>,
     }
 
     impl MockIommu {
@@ -745,6 +909,7 @@ mod tests {
                 state: Rc::default(),
                 nesting,
                 smmu,
+                sink: None,
             }
         }
     }
@@ -845,6 +1010,32 @@ mod tests {
         fn detach_device(&mut self, sid: SourceId) {
             let known = self.state.borrow_mut().devices.remove(&sid);
             assert!(known, "detach of {sid}, never attached");
+        }
+
+        fn set_fault_sink(&mut self, sink: FaultSink) {
+            assert!(self.sink.replace(sink).is_none(), "second fault sink");
+        }
+
+        fn page_response(
+            &mut self,
+            sid: SourceId,
+            request: &PageRequest,
+            response: &PageResponse,
+        ) -> Result<(), HostError> {
+            assert!(request.last_page, "response to a request that is not last");
+            assert_eq!(response.grpid, request.grpid);
+            let want = request.pasid.filter(|_| request.needs_pasid);
+            assert_eq!(response.pasid, want, "response PASID");
+            let mut s = self.state.borrow_mut();
+            assert!(s.devices.contains(&sid), "response to a detached device");
+            if response.code == PageResponseCode::Failure {
+                return Err(HostError::Driver {
+                    errno: libc::EIO,
+                    detail: "device gone".into(),
+                });
+            }
+            s.responses.push((sid, *request, *response));
+            Ok(())
         }
     }
 
@@ -992,6 +1183,452 @@ mod tests {
             c.detach_device(dev(0, 1)).unwrap_err().errno(),
             -libc::EINVAL
         );
+    }
+
+    /// A page request of `pasid` (last of group `grpid` when `last`), as the VT-d driver
+    /// reports one.
+    fn pr(pasid: Pasid, grpid: u32, last: bool) -> PageRequest {
+        PageRequest {
+            pasid: Some(pasid),
+            grpid,
+            read: true,
+            write: last,
+            exec: false,
+            privileged: false,
+            addr: 0x40_0000 + (u64::from(grpid) << 12),
+            last_page: last,
+            needs_pasid: true,
+            private_data: None,
+        }
+    }
+
+    fn resp(pasid: Option<Pasid>, grpid: u32, code: PageResponseCode) -> PageResponse {
+        PageResponse { pasid, grpid, code }
+    }
+
+    /// A nesting container with device 0:`d`.0 attached and `n` PASIDs allocated.
+    fn vm(alloc: &SharedPasidAllocator, d: u8, n: usize) -> (Container<MockIommu>, Vec<Pasid>) {
+        let (mut c, _) = nested(alloc);
+        c.attach_device(dev(0, d)).unwrap();
+        let pasids = (0..n).map(|_| c.pasid_alloc(1, 100).unwrap()).collect();
+        (c, pasids)
+    }
+
+    #[test]
+    fn backend_gets_the_sink_and_reports_through_it() {
+        let alloc = shared();
+        let (mut c, p) = vm(&alloc, 3, 1);
+        let sink = c.backend().sink.clone().expect("the backend has the sink");
+        sink.report(dev(0, 3), pr(p[0], 1, false)).unwrap();
+        c.fault_sink().report(dev(0, 3), pr(p[0], 1, true)).unwrap();
+        let got = c.read_faults();
+        assert_eq!(
+            got,
+            vec![
+                FaultEvent {
+                    sid: dev(0, 3),
+                    request: pr(p[0], 1, false)
+                },
+                FaultEvent {
+                    sid: dev(0, 3),
+                    request: pr(p[0], 1, true)
+                },
+            ]
+        );
+        assert!(c.read_faults().is_empty(), "reading drains the queue");
+        assert_eq!(c.pending_page_requests(), vec![got[1]]);
+    }
+
+    #[test]
+    fn fault_routing_isolation() {
+        let alloc = shared();
+        let (mut a, pa) = vm(&alloc, 3, 2);
+        let (mut b, pb) = vm(&alloc, 4, 2);
+        let (sa, sb) = (a.fault_sink(), b.fault_sink());
+        // B's page requests, even misrouted to A, never reach A.
+        assert_eq!(
+            sa.report(dev(0, 4), pr(pb[0], 1, true)).unwrap_err(),
+            HostError::DeviceNotAttached(dev(0, 4))
+        );
+        let foreign = sa.report(dev(0, 3), pr(pb[0], 1, true)).unwrap_err();
+        assert_eq!(foreign.errno(), -libc::EPERM);
+        assert!(foreign.to_string().contains("not a PASID"), "{foreign}");
+        let unallocated = Pasid::new(0x9_0000).unwrap();
+        assert_eq!(
+            sa.report(dev(0, 3), pr(unallocated, 1, true))
+                .unwrap_err()
+                .errno(),
+            -libc::EPERM
+        );
+        let no_pasid = PageRequest {
+            pasid: None,
+            needs_pasid: false,
+            ..pr(pa[0], 1, true)
+        };
+        assert_eq!(
+            sa.report(dev(0, 3), no_pasid).unwrap_err(),
+            HostError::UnownedPageRequest {
+                sid: dev(0, 3),
+                pasid: None
+            }
+        );
+        assert!(a.read_faults().is_empty() && a.pending_page_requests().is_empty());
+        // Each VM gets its own.
+        sa.report(dev(0, 3), pr(pa[1], 2, true)).unwrap();
+        sb.report(dev(0, 4), pr(pb[1], 2, true)).unwrap();
+        assert_eq!(
+            a.read_faults(),
+            vec![FaultEvent {
+                sid: dev(0, 3),
+                request: pr(pa[1], 2, true)
+            }]
+        );
+        assert_eq!(
+            b.read_faults(),
+            vec![FaultEvent {
+                sid: dev(0, 4),
+                request: pr(pb[1], 2, true)
+            }]
+        );
+        // A freed PASID is no longer the container's: its requests are refused.
+        a.pasid_free(pa[0]).unwrap();
+        assert_eq!(
+            sa.report(dev(0, 3), pr(pa[0], 3, true))
+                .unwrap_err()
+                .errno(),
+            -libc::EPERM
+        );
+    }
+
+    #[test]
+    fn page_response_rules() {
+        let alloc = shared();
+        let (mut a, pa) = vm(&alloc, 3, 2);
+        let (b, pb) = vm(&alloc, 4, 1);
+        let a_mock = a.backend().state.clone();
+        let b_mock = b.backend().state.clone();
+        b.fault_sink()
+            .report(dev(0, 4), pr(pb[0], 5, true))
+            .unwrap();
+        a.fault_sink()
+            .report(dev(0, 3), pr(pa[0], 5, false))
+            .unwrap();
+        let ok = PageResponseCode::Success;
+        // Another VM's PASID: EPERM, though B has that group pending.
+        assert_eq!(
+            a.page_response(&resp(Some(pb[0]), 5, ok))
+                .unwrap_err()
+                .errno(),
+            -libc::EPERM
+        );
+        // No pending group: a request that is not the last of its group opens none.
+        assert_eq!(
+            a.page_response(&resp(Some(pa[0]), 5, ok)).unwrap_err(),
+            HostError::NoPendingGroup {
+                grpid: 5,
+                pasid: Some(pa[0])
+            }
+        );
+        a.fault_sink()
+            .report(dev(0, 3), pr(pa[0], 5, true))
+            .unwrap();
+        // The PASID must match when the request needs it back.
+        assert_eq!(
+            a.page_response(&resp(Some(pa[1]), 5, ok))
+                .unwrap_err()
+                .errno(),
+            -libc::EINVAL
+        );
+        assert_eq!(
+            a.page_response(&resp(None, 5, ok)).unwrap_err().errno(),
+            -libc::EINVAL
+        );
+        // Another device's group: EINVAL.
+        assert_eq!(
+            a.page_response_to(dev(0, 4), &resp(Some(pa[0]), 5, ok))
+                .unwrap_err()
+                .errno(),
+            -libc::EINVAL
+        );
+        assert!(a_mock.borrow().responses.is_empty());
+        // The driver's failure leaves the group pending.
+        let fail = resp(Some(pa[0]), 5, PageResponseCode::Failure);
+        assert_eq!(a.page_response(&fail).unwrap_err().errno(), -libc::EIO);
+        assert_eq!(a.pending_page_requests().len(), 1);
+        a.page_response_to(dev(0, 3), &resp(Some(pa[0]), 5, ok))
+            .unwrap();
+        assert_eq!(
+            a_mock.borrow().responses,
+            vec![(dev(0, 3), pr(pa[0], 5, true), resp(Some(pa[0]), 5, ok))]
+        );
+        assert!(a.pending_page_requests().is_empty());
+        assert_eq!(
+            a.page_response(&resp(Some(pa[0]), 5, ok))
+                .unwrap_err()
+                .errno(),
+            -libc::EINVAL,
+            "a group is answered once"
+        );
+        // B's group is untouched by all of it.
+        assert_eq!(b.pending_page_requests().len(), 1);
+        assert!(b_mock.borrow().responses.is_empty());
+
+        // A request that does not need its PASID back is matched by group index alone, and
+        // the PASID is cleared from the response the driver sends.
+        let loose = PageRequest {
+            needs_pasid: false,
+            ..pr(pa[1], 9, true)
+        };
+        a.fault_sink().report(dev(0, 3), loose).unwrap();
+        a.page_response(&resp(Some(pa[0]), 9, PageResponseCode::Invalid))
+            .unwrap();
+        assert_eq!(
+            a_mock.borrow().responses.last(),
+            Some(&(dev(0, 3), loose, resp(None, 9, PageResponseCode::Invalid)))
+        );
+
+        // Bytes: a malformed response is EINVAL; type1 v2 has no page responses.
+        let mut bad = VfioIommuType1PageResponse {
+            argsz: 36,
+            flags: 0,
+            rid: 3,
+            response: IommuPageResponse::from(&resp(Some(pa[0]), 1, ok)),
+        }
+        .to_bytes();
+        assert_eq!(
+            a.ioctl(VFIO_IOMMU_PAGE_RESPONSE, &mut bad)
+                .unwrap_err()
+                .errno(),
+            -libc::EINVAL
+        );
+        let mut v2 = Container::new(alloc.clone(), 1, MockIommu::new(false, false));
+        v2.set_iommu(IommuModel::Type1v2).unwrap();
+        assert_eq!(
+            v2.page_response(&resp(None, 1, ok)).unwrap_err(),
+            HostError::NotNesting("VFIO_IOMMU_PAGE_RESPONSE")
+        );
+    }
+
+    #[test]
+    fn page_response_defaults_to_enodev() {
+        /// A backend that can attach devices but not answer page requests.
+        struct NoPri;
+
+        impl IommuBackend for NoPri {
+            fn info(&self) -> BackendInfo {
+                Minimal.info()
+            }
+            fn map_dma(&mut self, _: &DmaMap) -> Result<(), HostError> {
+                Ok(())
+            }
+            fn unmap_dma(&mut self, _: Iova, _: u64) {}
+            fn bind_gpasid(&mut self, _: &BindGpasid) -> Result<(), HostError> {
+                Ok(())
+            }
+            fn unbind_gpasid(&mut self, _: &BindGpasid) {}
+            fn cache_invalidate(&mut self, _: &CacheInvalidate) -> Result<(), HostError> {
+                Ok(())
+            }
+            fn attach_device(&mut self, _: SourceId) -> Result<(), HostError> {
+                Ok(())
+            }
+        }
+
+        let mut c = Container::new(shared(), 2, NoPri);
+        c.set_iommu(IommuModel::Type1Nesting).unwrap();
+        c.attach_device(dev(0, 1)).unwrap();
+        let p = c.pasid_alloc(1, 10).unwrap();
+        c.fault_sink().report(dev(0, 1), pr(p, 2, true)).unwrap();
+        let r = resp(Some(p), 2, PageResponseCode::Success);
+        assert_eq!(
+            c.page_response(&r).unwrap_err(),
+            HostError::NoDriverOp("page_response")
+        );
+        assert_eq!(c.pending_page_requests().len(), 1);
+        // Teardown does not depend on the driver answering.
+        c.detach_device(dev(0, 1)).unwrap();
+        assert!(c.pending_page_requests().is_empty());
+    }
+
+    #[test]
+    fn pending_group_tracking() {
+        let alloc = shared();
+        let (mut c, p) = vm(&alloc, 3, 2);
+        c.attach_device(dev(0, 5)).unwrap();
+        let mock = c.backend().state.clone();
+        let sink = c.fault_sink();
+        let ev = |d: u8, r: PageRequest| FaultEvent {
+            sid: dev(0, d),
+            request: r,
+        };
+        // Two devices use the same PASID and group index; a third group of the other PASID.
+        sink.report(dev(0, 3), pr(p[0], 1, false)).unwrap();
+        sink.report(dev(0, 3), pr(p[0], 1, true)).unwrap();
+        sink.report(dev(0, 5), pr(p[0], 1, true)).unwrap();
+        sink.report(dev(0, 5), pr(p[1], 2, true)).unwrap();
+        assert_eq!(
+            c.pending_page_requests(),
+            vec![
+                ev(3, pr(p[0], 1, true)),
+                ev(5, pr(p[0], 1, true)),
+                ev(5, pr(p[1], 2, true))
+            ]
+        );
+        // Without a device, the oldest matching group is answered; with one, that device's.
+        let ok = resp(Some(p[0]), 1, PageResponseCode::Success);
+        c.page_response_to(dev(0, 5), &ok).unwrap();
+        assert_eq!(
+            c.pending_page_requests(),
+            vec![ev(3, pr(p[0], 1, true)), ev(5, pr(p[1], 2, true))]
+        );
+        c.page_response(&ok).unwrap();
+        assert_eq!(c.pending_page_requests(), vec![ev(5, pr(p[1], 2, true))]);
+        assert_eq!(
+            mock.borrow()
+                .responses
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            vec![dev(0, 5), dev(0, 3)]
+        );
+        // Unread requests stay readable after their group is answered.
+        assert_eq!(c.read_faults().len(), 4);
+
+        // Freeing a PASID answers its groups (Invalid) and drops its unread requests.
+        sink.report(dev(0, 3), pr(p[1], 7, false)).unwrap();
+        sink.report(dev(0, 3), pr(p[0], 8, true)).unwrap();
+        c.pasid_free(p[1]).unwrap();
+        assert_eq!(
+            mock.borrow().responses.last(),
+            Some(&(
+                dev(0, 5),
+                pr(p[1], 2, true),
+                resp(Some(p[1]), 2, PageResponseCode::Invalid)
+            ))
+        );
+        assert_eq!(c.read_faults(), vec![ev(3, pr(p[0], 8, true))]);
+        assert_eq!(c.pending_page_requests(), vec![ev(3, pr(p[0], 8, true))]);
+
+        // Detaching a device answers its groups and drops its unread requests.
+        sink.report(dev(0, 5), pr(p[0], 9, true)).unwrap();
+        c.detach_device(dev(0, 3)).unwrap();
+        assert_eq!(
+            mock.borrow().responses.last(),
+            Some(&(
+                dev(0, 3),
+                pr(p[0], 8, true),
+                resp(Some(p[0]), 8, PageResponseCode::Invalid)
+            ))
+        );
+        assert_eq!(c.read_faults(), vec![ev(5, pr(p[0], 9, true))]);
+        assert_eq!(c.pending_page_requests(), vec![ev(5, pr(p[0], 9, true))]);
+        assert_eq!(
+            sink.report(dev(0, 3), pr(p[0], 10, true)).unwrap_err(),
+            HostError::DeviceNotAttached(dev(0, 3))
+        );
+    }
+
+    #[test]
+    fn fault_queue_is_bounded() {
+        let alloc = shared();
+        let (mut c, p) = vm(&alloc, 3, 1);
+        let sink = c.fault_sink();
+        for g in 0..FAULT_QUEUE_DEPTH as u32 {
+            sink.report(dev(0, 3), pr(p[0], g, true)).unwrap();
+        }
+        let full = sink.report(dev(0, 3), pr(p[0], 0, false)).unwrap_err();
+        assert_eq!(full, HostError::FaultQueueFull(FAULT_QUEUE_DEPTH));
+        assert_eq!(full.errno(), -libc::ENOSPC);
+        // Reading makes room for requests, but every group still waits for its response.
+        assert_eq!(c.read_faults().len(), FAULT_QUEUE_DEPTH);
+        sink.report(dev(0, 3), pr(p[0], 0, false)).unwrap();
+        assert_eq!(
+            sink.report(dev(0, 3), pr(p[0], 0, true)).unwrap_err(),
+            HostError::FaultQueueFull(FAULT_QUEUE_DEPTH)
+        );
+        assert_eq!(c.read_faults().len(), 1);
+        c.page_response(&resp(Some(p[0]), 3, PageResponseCode::Success))
+            .unwrap();
+        sink.report(dev(0, 3), pr(p[0], 3, true)).unwrap();
+        assert_eq!(c.pending_page_requests().len(), FAULT_QUEUE_DEPTH);
+    }
+
+    #[test]
+    fn notifier_signals_each_accepted_request() {
+        let alloc = shared();
+        let (mut c, p) = vm(&alloc, 3, 1);
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        c.set_fault_notifier(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        let sink = c.fault_sink();
+        let other = Pasid::new(0x8_0000).unwrap();
+        let thread_sink = sink.clone();
+        let p0 = p[0];
+        // The driver's page request handler may run on another thread.
+        std::thread::spawn(move || {
+            thread_sink.report(dev(0, 3), pr(p0, 1, true)).unwrap();
+            thread_sink
+                .report(dev(0, 3), pr(other, 1, true))
+                .unwrap_err();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "refused requests do not signal"
+        );
+        assert_eq!(c.read_faults().len(), 1);
+        c.clear_fault_notifier();
+        sink.report(dev(0, 3), pr(p[0], 2, true)).unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        // A notifier may read the queue: it runs without the queue's lock.
+        let sink_in_notifier = sink.clone();
+        c.set_fault_notifier(move || {
+            assert!(format!("{sink_in_notifier:?}").contains("unread"));
+        });
+        sink.report(dev(0, 3), pr(p[0], 3, true)).unwrap();
+    }
+
+    #[test]
+    fn closing_drops_pending_faults() {
+        let alloc = shared();
+        let (c, p) = vm(&alloc, 3, 2);
+        let mock = c.backend().state.clone();
+        let count = Arc::new(AtomicUsize::new(0));
+        let sink = c.fault_sink();
+        let mut c = c;
+        let seen = count.clone();
+        c.set_fault_notifier(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        sink.report(dev(0, 3), pr(p[0], 1, true)).unwrap();
+        sink.report(dev(0, 3), pr(p[1], 2, true)).unwrap();
+        sink.report(dev(0, 3), pr(p[1], 3, false)).unwrap();
+        c.bind_gpasid(&bind_of(p[0])).unwrap();
+        drop(c);
+        let m = mock.borrow();
+        // Every pending group was answered Invalid, before the device was detached.
+        assert_eq!(
+            m.responses
+                .iter()
+                .map(|(_, r, s)| (r.grpid, s.code))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, PageResponseCode::Invalid),
+                (2, PageResponseCode::Invalid)
+            ]
+        );
+        assert!(m.devices.is_empty() && m.bound.is_empty());
+        // The sink outlives the container but takes nothing any more.
+        assert_eq!(
+            sink.report(dev(0, 3), pr(p[0], 4, true)).unwrap_err(),
+            HostError::DeviceNotAttached(dev(0, 3))
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        assert!(format!("{sink:?}").contains("unread: 0"), "{sink:?}");
     }
 
     #[test]
@@ -1262,7 +1899,7 @@ mod tests {
 
     // ----- Property test over arbitrary ioctls -----
 
-    const CMDS: [u32; 12] = [
+    const CMDS: [u32; 13] = [
         VFIO_GET_API_VERSION,
         VFIO_CHECK_EXTENSION,
         VFIO_SET_IOMMU,
@@ -1275,6 +1912,7 @@ mod tests {
         VFIO_IOMMU_PASID_REQUEST,
         VFIO_IOMMU_BIND,
         VFIO_IOMMU_UNBIND,
+        VFIO_IOMMU_PAGE_RESPONSE,
     ];
 
     /// A mostly well-formed argument for `cmd`, with small values so that requests collide.
@@ -1410,6 +2048,30 @@ mod tests {
                     .to_bytes()
                 })
                 .boxed(),
+            VFIO_IOMMU_PAGE_RESPONSE => (
+                proptest::option::weighted(0.3, prop_oneof![Just(0x10u32), 0u32..0x20]),
+                // Mostly the container's PASIDs (5..=7) and the groups reported (0..=3).
+                proptest::option::weighted(0.9, prop_oneof![3 => 5u32..8, 1 => 0u32..12]),
+                0u32..5,
+                prop_oneof![4 => 0u32..2, 1 => 0u32..4],
+            )
+                .prop_map(|(rid, pasid, grpid, code)| {
+                    VfioIommuType1PageResponse {
+                        argsz: 36,
+                        flags: rid.map_or(0, |_| VFIO_IOMMU_PAGE_RESPONSE_RID_VALID),
+                        rid: rid.unwrap_or(0),
+                        response: IommuPageResponse {
+                            argsz: 24,
+                            version: IOMMU_PAGE_RESP_VERSION_1,
+                            flags: pasid.map_or(0, |_| IOMMU_PAGE_RESP_PASID_VALID),
+                            pasid: pasid.unwrap_or(0),
+                            grpid,
+                            code,
+                        },
+                    }
+                    .to_bytes()
+                })
+                .boxed(),
             _ => proptest::collection::vec(any::<u8>(), 0..96).boxed(),
         }
     }
@@ -1452,13 +2114,120 @@ mod tests {
         })
     }
 
+    /// One step of a driver that may route page requests to the wrong container.
+    #[derive(Clone, Debug)]
+    enum FaultOp {
+        /// Report to A's sink (else B's) a request from device 0:`dev`.0 for PASID `pasid`
+        /// of the pool (A's two, B's two, an unallocated one, none).
+        Report {
+            to_a: bool,
+            dev: u8,
+            pasid: usize,
+            grpid: u32,
+            last: bool,
+        },
+        /// Read A's queue (else B's).
+        Read(bool),
+        /// Free A's PASID of the pool.
+        FreeA(usize),
+        /// Detach A's device, or attach it back.
+        ToggleA,
+    }
+
+    fn fault_op() -> impl Strategy<Value = FaultOp> {
+        prop_oneof![
+            6 => (any::<bool>(), 3u8..6, 0usize..6, 0u32..4, any::<bool>()).prop_map(
+                |(to_a, dev, pasid, grpid, last)| FaultOp::Report { to_a, dev, pasid, grpid, last }
+            ),
+            2 => any::<bool>().prop_map(FaultOp::Read),
+            1 => (0usize..2).prop_map(FaultOp::FreeA),
+            1 => Just(FaultOp::ToggleA),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Whatever the driver reports to which sink, a container's queue takes exactly the
+        /// requests of its attached devices for PASIDs of its set, drops them when the PASID
+        /// or the device goes, and reads them back in order: VM A never sees VM B's requests.
+        #[test]
+        fn fault_routing_isolation_under_misrouting(
+            ops in proptest::collection::vec(fault_op(), 1..80),
+        ) {
+            let alloc = shared();
+            let (mut a, pa) = vm(&alloc, 3, 2);
+            let (mut b, pb) = vm(&alloc, 4, 2);
+            let pool = [
+                Some(pa[0]),
+                Some(pa[1]),
+                Some(pb[0]),
+                Some(pb[1]),
+                Some(Pasid::new(0x7_7777).unwrap()),
+                None,
+            ];
+            let (sa, sb) = (a.fault_sink(), b.fault_sink());
+            let mut a_pasids: BTreeSet<Pasid> = pa.iter().copied().collect();
+            let mut a_attached = true;
+            let (mut want_a, mut want_b) = (Vec::new(), Vec::new());
+            for op in ops {
+                match op {
+                    FaultOp::Report { to_a, dev: d, pasid, grpid, last } => {
+                        let request = PageRequest { pasid: pool[pasid], ..pr(pa[0], grpid, last) };
+                        let sid = dev(0, d);
+                        let (sink, accepts, want) = if to_a {
+                            let ok = a_attached && d == 3 && pool[pasid].is_some_and(|p| a_pasids.contains(&p));
+                            (&sa, ok, &mut want_a)
+                        } else {
+                            let ok = d == 4 && pool[pasid].is_some_and(|p| pb.contains(&p));
+                            (&sb, ok, &mut want_b)
+                        };
+                        let got = sink.report(sid, request);
+                        prop_assert_eq!(got.is_ok(), accepts, "{:?}", got);
+                        if accepts {
+                            want.push(FaultEvent { sid, request });
+                        }
+                    }
+                    FaultOp::Read(true) => {
+                        prop_assert_eq!(a.read_faults(), std::mem::take(&mut want_a));
+                    }
+                    FaultOp::Read(false) => {
+                        prop_assert_eq!(b.read_faults(), std::mem::take(&mut want_b));
+                    }
+                    FaultOp::FreeA(i) => {
+                        if a_pasids.remove(&pa[i]) {
+                            a.pasid_free(pa[i]).unwrap();
+                            want_a.retain(|e| e.request.pasid != Some(pa[i]));
+                        }
+                    }
+                    FaultOp::ToggleA => {
+                        if a_attached {
+                            a.detach_device(dev(0, 3)).unwrap();
+                            want_a.clear();
+                        } else {
+                            a.attach_device(dev(0, 3)).unwrap();
+                        }
+                        a_attached = !a_attached;
+                    }
+                }
+                for e in a.pending_page_requests() {
+                    prop_assert_eq!(e.sid, dev(0, 3));
+                    prop_assert_eq!(lock(&alloc).owner(e.request.pasid.unwrap()), Some(a.pasid_set()));
+                }
+                for e in b.pending_page_requests() {
+                    prop_assert_eq!(e.sid, dev(0, 4));
+                    prop_assert!(pb.contains(&e.request.pasid.unwrap()));
+                }
+            }
+            prop_assert_eq!(a.read_faults(), want_a);
+            prop_assert_eq!(b.read_faults(), want_b);
+        }
 
         /// Arbitrary ioctl sequences never panic; a failed ioctl changes nothing (container,
         /// backend, allocator, another VM's container, argument bytes); after each ioctl the
         /// container and the backend agree and every bound PASID is the container's own;
-        /// closing the container releases everything.
+        /// closing the container releases everything, and every page request group reported
+        /// has been answered exactly once.
         #[test]
         fn arbitrary_ioctls(
             nesting in proptest::bool::weighted(0.85),
@@ -1474,23 +2243,33 @@ mod tests {
             let backend = MockIommu::new(nesting, smmu);
             let mock = backend.state.clone();
             let mut c = Container::new(alloc.clone(), 6, backend);
-            c.attach_device(SourceId::new(0, 2, 0).unwrap()).unwrap();
+            let device = SourceId::new(0, 2, 0).unwrap();
+            c.attach_device(device).unwrap();
+            let mut groups = Vec::new();
             if set_first {
                 let model = if nesting { IommuModel::Type1Nesting } else { IommuModel::Type1v2 };
                 c.set_iommu(model).unwrap();
                 if nesting {
                     for _ in 0..3 {
-                        c.pasid_alloc(1, 30).unwrap();
+                        let p = c.pasid_alloc(1, 30).unwrap();
+                        for grpid in 0..4 {
+                            c.fault_sink().report(device, pr(p, grpid, false)).unwrap();
+                            c.fault_sink().report(device, pr(p, grpid, true)).unwrap();
+                            groups.push((grpid, p));
+                        }
                     }
                 }
             }
             for (cmd, mut arg) in calls {
-                let before = (c.state(), mock.borrow().clone(), other.state(), arg.clone());
+                let faults = |c: &Container<MockIommu>| c.pending_page_requests();
+                let before =
+                    (c.state(), mock.borrow().clone(), other.state(), arg.clone(), faults(&c));
                 match c.ioctl(cmd, &mut arg) {
                     Err(e) => {
                         prop_assert!(e.errno() < 0);
                         prop_assert!(!e.to_string().is_empty());
-                        let after = (c.state(), mock.borrow().clone(), other.state(), arg.clone());
+                        let after =
+                            (c.state(), mock.borrow().clone(), other.state(), arg.clone(), faults(&c));
                         prop_assert_eq!(before, after, "failed {:#x}: {}", cmd, e);
                     }
                     Ok(_) => {
@@ -1504,6 +2283,9 @@ mod tests {
                         }
                         prop_assert!(s.pasids.len() <= 6);
                         prop_assert_eq!(&before.2, &other.state());
+                        for e in faults(&c) {
+                            prop_assert!(s.pasids.contains(&e.request.pasid.unwrap()));
+                        }
                     }
                 }
             }
@@ -1512,6 +2294,17 @@ mod tests {
             let m = mock.borrow();
             prop_assert!(m.mapped.is_empty() && m.bound.is_empty() && m.table.is_none());
             prop_assert!(m.devices.is_empty());
+            let mut answered: Vec<(u32, Pasid)> = m
+                .responses
+                .iter()
+                .map(|(sid, r, _)| {
+                    assert_eq!(*sid, device);
+                    (r.grpid, r.pasid.unwrap())
+                })
+                .collect();
+            answered.sort();
+            groups.sort();
+            prop_assert_eq!(answered, groups);
             prop_assert_eq!(lock(&alloc).total_allocated(), other_pasids.len());
         }
     }

@@ -117,6 +117,24 @@ pub enum HostError {
     /// The device is not attached to the container (`-EINVAL`).
     #[error("device {0} is not attached to the container")]
     DeviceNotAttached(SourceId),
+    /// A page request without a PASID, or for a PASID outside the container's set, which the
+    /// container does not take (`-EPERM`).
+    #[error("page request from {sid} for {}: not a PASID of the container", match .pasid {
+        Some(p) => p.to_string(),
+        None => "no PASID".to_string(),
+    })]
+    UnownedPageRequest { sid: SourceId, pasid: Option<Pasid> },
+    /// The container's fault queue holds its limit of unread requests or pending groups
+    /// (`-ENOSPC`).
+    #[error("the fault queue holds its limit of {0} entries")]
+    FaultQueueFull(usize),
+    /// A page response that answers no pending page request group (`-EINVAL`, as
+    /// `iommu_page_response` returns).
+    #[error("no page request group {grpid}{} is waiting for a response", match .pasid {
+        Some(p) => format!(" of {p}"),
+        None => String::new(),
+    })]
+    NoPendingGroup { grpid: u32, pasid: Option<Pasid> },
     /// A failure reported by the host IOMMU driver; `errno` is the positive Linux value
     /// (e.g. `libc::EFAULT` for user memory that cannot be pinned).
     #[error("host IOMMU driver: {detail}")]
@@ -143,10 +161,13 @@ impl HostError {
             | UnsupportedBindType(_)
             | UnmapSplits { .. }
             | NotBound(_)
-            | DeviceNotAttached(_) => libc::EINVAL,
+            | DeviceNotAttached(_)
+            | NoPendingGroup { .. } => libc::EINVAL,
             BufferTooShort { .. } => libc::EFAULT,
-            QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) => libc::ENOSPC,
-            NotOwner { .. } => libc::EPERM,
+            QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) | FaultQueueFull(_) => {
+                libc::ENOSPC
+            }
+            NotOwner { .. } | UnownedPageRequest { .. } => libc::EPERM,
             UnknownIoctl(_) => libc::ENOTTY,
             UnsupportedIommuModel(_) | NoDriverOp(_) => libc::ENODEV,
             NotNesting(_) => libc::EOPNOTSUPP,

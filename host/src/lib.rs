@@ -4,10 +4,13 @@
 //! - [`uapi`]: the byte ABI of the VFIO type1 SVA ioctls, with typed views.
 //! - [`container`]: a VM's VFIO container: ioctl dispatch, ownership checks, and the
 //!   [`IommuBackend`] trait the host IOMMU driver implements.
+//! - [`fault`]: a container's page requests on their way to the VMM, and the groups that
+//!   wait for a page response.
 //! - [`error`]: one error type whose variants carry the errno Linux returns.
 
 pub mod container;
 pub mod error;
+pub mod fault;
 pub mod pasid;
 pub mod uapi;
 
@@ -16,4 +19,5 @@ pub use container::{
     Type1Info,
 };
 pub use error::{Errno, HostError};
+pub use fault::{FaultEvent, FaultNotifier, FaultSink, FAULT_QUEUE_DEPTH};
 pub use pasid::{PasidAllocator, PasidSetId, DEFAULT_QUOTA};
