@@ -25,7 +25,7 @@ use crate::fault::{FaultEvent, FaultNotifier, FaultQueue, FaultSink};
 use crate::pasid::{PasidAllocator, PasidSetId};
 use crate::uapi::iommu::{IommuNestingInfo, IommuPageResponse};
 use crate::uapi::request::{
-    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageRequest, PageResponse, PageResponseCode,
+    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse, PageResponseCode,
     PasidTableConfig,
 };
 use crate::uapi::vfio::*;
@@ -143,15 +143,10 @@ pub trait IommuBackend {
     }
 
     /// Sends a page group response to device `sid` (VT-d page group response descriptor,
-    /// §6.5.2.9) for the group whose last request is `request`; `response.pasid` is set
-    /// exactly when the request needs its PASID back.
-    fn page_response(
-        &mut self,
-        sid: SourceId,
-        request: &PageRequest,
-        response: &PageResponse,
-    ) -> Result<(), HostError> {
-        let _ = (sid, request, response);
+    /// §6.5.2.9) for a group the driver reported through the sink; `response.pasid` is set
+    /// exactly when the group's request needs its PASID back.
+    fn page_response(&mut self, sid: SourceId, response: &PageResponse) -> Result<(), HostError> {
+        let _ = (sid, response);
         Err(HostError::NoDriverOp("page_response"))
     }
 }
@@ -307,7 +302,10 @@ impl<B: IommuBackend> Container<B> {
     }
 
     /// Registers `notify`, called once for each page request the container accepts, as
-    /// VFIO signals the eventfd of its fault region; it replaces an earlier one.
+    /// VFIO signals the eventfd of its fault region; it replaces an earlier one. It runs on
+    /// the driver's reporting thread, possibly inside a call on this container (a driver may
+    /// drain its page request queue there): it should only signal, e.g. write an eventfd or
+    /// send on a channel, and never wait for the container.
     pub fn set_fault_notifier(&mut self, notify: impl Fn() + Send + Sync + 'static) {
         let notifier: FaultNotifier = Arc::new(notify);
         self.faults.set_notifier(Some(notifier));
@@ -623,8 +621,7 @@ impl<B: IommuBackend> Container<B> {
         if !event.request.needs_pasid {
             resp.pasid = None;
         }
-        self.backend
-            .page_response(event.sid, &event.request, &resp)?;
+        self.backend.page_response(event.sid, &resp)?;
         self.faults.remove_pending(seq);
         Ok(0)
     }
@@ -829,7 +826,7 @@ fn answer_invalid<B: IommuBackend>(backend: &mut B, groups: Vec<FaultEvent>) {
             grpid: request.grpid,
             code: PageResponseCode::Invalid,
         };
-        if let Err(e) = backend.page_response(sid, &request, &resp) {
+        if let Err(e) = backend.page_response(sid, &resp) {
             tracing::debug!(
                 "answering page request group {} of {sid}: {e}",
                 request.grpid
@@ -871,7 +868,7 @@ mod tests {
     use super::*;
     use crate::fault::FAULT_QUEUE_DEPTH;
     use crate::uapi::iommu::*;
-    use crate::uapi::request::{InvGranularity, PasidConfig};
+    use crate::uapi::request::{InvGranularity, PageRequest, PasidConfig};
     use proptest::prelude::*;
     use std::cell::RefCell;
     use std::collections::BTreeSet;
@@ -887,7 +884,7 @@ mod tests {
         table: Option<PasidTableConfig>,
         invalidations: Vec<CacheInvalidate>,
         devices: BTreeSet<SourceId>,
-        responses: Vec<(SourceId, PageRequest, PageResponse)>,
+        responses: Vec<(SourceId, PageResponse)>,
     }
 
     /// A host IOMMU driver stand-in that checks the container keeps the backend contract.
@@ -1019,13 +1016,8 @@ mod tests {
         fn page_response(
             &mut self,
             sid: SourceId,
-            request: &PageRequest,
             response: &PageResponse,
         ) -> Result<(), HostError> {
-            assert!(request.last_page, "response to a request that is not last");
-            assert_eq!(response.grpid, request.grpid);
-            let want = request.pasid.filter(|_| request.needs_pasid);
-            assert_eq!(response.pasid, want, "response PASID");
             let mut s = self.state.borrow_mut();
             assert!(s.devices.contains(&sid), "response to a detached device");
             if response.code == PageResponseCode::Failure {
@@ -1034,7 +1026,7 @@ mod tests {
                     detail: "device gone".into(),
                 });
             }
-            s.responses.push((sid, *request, *response));
+            s.responses.push((sid, *response));
             Ok(())
         }
     }
@@ -1359,7 +1351,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             a_mock.borrow().responses,
-            vec![(dev(0, 3), pr(pa[0], 5, true), resp(Some(pa[0]), 5, ok))]
+            vec![(dev(0, 3), resp(Some(pa[0]), 5, ok))]
         );
         assert!(a.pending_page_requests().is_empty());
         assert_eq!(
@@ -1384,8 +1376,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             a_mock.borrow().responses.last(),
-            Some(&(dev(0, 3), loose, resp(None, 9, PageResponseCode::Invalid)))
+            Some(&(dev(0, 3), resp(None, 9, PageResponseCode::Invalid)))
         );
+        assert!(a.pending_page_requests().is_empty());
 
         // Bytes: a malformed response is EINVAL; type1 v2 has no page responses.
         let mut bad = VfioIommuType1PageResponse {
@@ -1500,11 +1493,7 @@ mod tests {
         c.pasid_free(p[1]).unwrap();
         assert_eq!(
             mock.borrow().responses.last(),
-            Some(&(
-                dev(0, 5),
-                pr(p[1], 2, true),
-                resp(Some(p[1]), 2, PageResponseCode::Invalid)
-            ))
+            Some(&(dev(0, 5), resp(Some(p[1]), 2, PageResponseCode::Invalid)))
         );
         assert_eq!(c.read_faults(), vec![ev(3, pr(p[0], 8, true))]);
         assert_eq!(c.pending_page_requests(), vec![ev(3, pr(p[0], 8, true))]);
@@ -1514,11 +1503,7 @@ mod tests {
         c.detach_device(dev(0, 3)).unwrap();
         assert_eq!(
             mock.borrow().responses.last(),
-            Some(&(
-                dev(0, 3),
-                pr(p[0], 8, true),
-                resp(Some(p[0]), 8, PageResponseCode::Invalid)
-            ))
+            Some(&(dev(0, 3), resp(Some(p[0]), 8, PageResponseCode::Invalid)))
         );
         assert_eq!(c.read_faults(), vec![ev(5, pr(p[0], 9, true))]);
         assert_eq!(c.pending_page_requests(), vec![ev(5, pr(p[0], 9, true))]);
@@ -1614,7 +1599,7 @@ mod tests {
         assert_eq!(
             m.responses
                 .iter()
-                .map(|(_, r, s)| (r.grpid, s.code))
+                .map(|(_, r)| (r.grpid, r.code))
                 .collect::<Vec<_>>(),
             vec![
                 (1, PageResponseCode::Invalid),
@@ -2297,7 +2282,7 @@ mod tests {
             let mut answered: Vec<(u32, Pasid)> = m
                 .responses
                 .iter()
-                .map(|(sid, r, _)| {
+                .map(|(sid, r)| {
                     assert_eq!(*sid, device);
                     (r.grpid, r.pasid.unwrap())
                 })

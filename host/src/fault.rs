@@ -33,7 +33,8 @@ pub struct FaultEvent {
 }
 
 /// Called once for every page request the container accepts, like the eventfd VFIO signals:
-/// "there is something to read". It runs on the reporting thread, without any lock held.
+/// "there is something to read". It runs on the reporting thread, without the queue's lock
+/// but possibly inside a call on the container, so it must not wait for the container.
 pub type FaultNotifier = Arc<dyn Fn() + Send + Sync>;
 
 /// What a container's fault queue knows: whom it accepts requests from, and what it holds.
