@@ -22,6 +22,9 @@ pub enum VIommuError {
     /// A second device with the same host source id.
     #[error("host device {0} is already attached to the vIOMMU")]
     HostDeviceAttached(SourceId),
+    /// A page request group index beyond the 9 bits a page request carries.
+    #[error("page request group index {0:#x} does not fit 9 bits")]
+    PageRequestGroup(u32),
     /// No passthrough device with this source id.
     #[error("no passthrough device {0} is attached to the vIOMMU")]
     NotAttached(SourceId),

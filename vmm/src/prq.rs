@@ -8,7 +8,7 @@
 //! set and the device retries). An answer is only due for the last request of a group or
 //! one with private data.
 
-use vsva_host::uapi::{PageResponse, PageResponseCode};
+use vsva_host::uapi::{PageRequest, PageResponse, PageResponseCode};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
@@ -17,6 +17,9 @@ use vsva_vtd::{Pasid, PhysMem, SourceId};
 use crate::error::{HostCall, VIommuError};
 use crate::stats::Counters;
 use crate::viommu::{lock, VIommu};
+
+/// The largest page request group index (9 bits, PCIe PRG Index).
+const PRG_INDEX_MAX: u16 = 0x1ff;
 
 /// What became of an injected page request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,17 +83,33 @@ impl VIommu {
         PageRequestOutcome::Queued
     }
 
-    /// A page request the host reported for the passthrough device `host_sid`: injected
-    /// with the device's guest requester id (the PASID is the same in guest and host).
+    /// A page request the host reported for the passthrough device `host_sid` (a fault
+    /// event of the VM's container): injected with the device's guest requester id; the
+    /// PASID is the same in guest and host.
     pub fn inject_host_page_request(
         &self,
         host_sid: SourceId,
-        req: &PageRequestDesc,
+        req: &PageRequest,
     ) -> Result<PageRequestOutcome, VIommuError> {
         let rid = self
             .guest_sid_of(host_sid)
             .ok_or(VIommuError::NotAttached(host_sid))?;
-        Ok(self.inject_page_request(&PageRequestDesc { rid, ..*req }))
+        let prg_index = u16::try_from(req.grpid)
+            .ok()
+            .filter(|&g| g <= PRG_INDEX_MAX)
+            .ok_or(VIommuError::PageRequestGroup(req.grpid))?;
+        Ok(self.inject_page_request(&PageRequestDesc {
+            rid,
+            pasid: req.pasid,
+            exe: req.exec,
+            pm: req.privileged,
+            read: req.read,
+            write: req.write,
+            lpig: req.last_page,
+            prg_index,
+            addr: req.addr & !0xfff,
+            private_data: req.private_data,
+        }))
     }
 
     /// Sends a page group response for the device with guest requester id `rid` down to

@@ -1,0 +1,688 @@
+//! Passthrough devices: guest PASID entries shadowed into bind/unbind calls, and guest
+//! invalidations turned into host cache invalidations.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::*;
+use proptest::prelude::*;
+use vsva_host::uapi::iommu::*;
+use vsva_host::uapi::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_vmm::{bind_data, host_invalidations, Binding, HostCall, VIommuConfig, VIommuError};
+use vsva_vtd::inv_desc::{
+    ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
+};
+use vsva_vtd::{AddrRange, DomainId, FlPagingMode, Gpa, InvDesc, Pasid, SourceId};
+
+fn setup() -> (Arc<MockHost>, Guest, SourceId) {
+    let host = MockHost::new();
+    let g = Guest::new(host.clone());
+    g.enable();
+    let dev = sid(0, 3, 0);
+    g.viommu
+        .attach_passthrough(dev, sid(0x81, 0, 0), host.clone())
+        .unwrap();
+    g.attach(dev, true);
+    host.watch(g.mem.clone());
+    (host, g, dev)
+}
+
+fn pasid_cache(did: u16, p: Pasid) -> InvDesc {
+    InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::PasidSelective,
+        did: DomainId(did),
+        pasid: p,
+    }
+}
+
+fn bind(p: Pasid, cr3: u64) -> BindGpasid {
+    BindGpasid {
+        hpasid: p,
+        gpasid: Some(p),
+        gpgd: Gpa(cr3),
+        addr_width: 48,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
+    }
+}
+
+/// Binds a fresh guest PASID with domain `did` on `dev`; returns it and its CR3.
+fn bound_pasid(g: &Guest, host: &MockHost, dev: SourceId, did: u16) -> (Pasid, u64) {
+    let p = g.alloc_pasid();
+    let cr3 = g.alloc_frame();
+    g.set_pasid_entry(dev, p, Some(fl_entry(did, cr3, FlPagingMode::FourLevel)));
+    assert!(g.submit_sync(&[pasid_cache(did, p)]));
+    assert_eq!(host.take(), vec![Call::Alloc(p), Call::Bind(bind(p, cr3))]);
+    (p, cr3)
+}
+
+fn iotlb_pasid(p: Pasid) -> Call {
+    Call::Invalidate(CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Pasid {
+            pasid: Some(p),
+            archid: None,
+        },
+    })
+}
+
+fn addr_inv(cache: u8, p: Pasid, addr: u64, nb_granules: u64, leaf: bool) -> Call {
+    Call::Invalidate(CacheInvalidate {
+        cache,
+        granularity: InvGranularity::Addr {
+            pasid: Some(p),
+            archid: None,
+            addr,
+            granule_size: 4096,
+            nb_granules,
+            leaf,
+        },
+    })
+}
+
+#[test]
+fn a_first_level_entry_is_bound_when_the_guest_flushes_it() {
+    let (host, g, dev) = setup();
+    let p = g.alloc_pasid();
+    let cr3 = g.alloc_frame();
+    assert_eq!(host.take(), vec![Call::Alloc(p)]);
+    g.set_pasid_entry(dev, p, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
+    assert!(host.take().is_empty(), "nothing happens before the flush");
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(host.take(), vec![Call::Bind(bind(p, cr3))]);
+    assert_eq!(
+        g.viommu.bindings(dev).unwrap(),
+        vec![(
+            p,
+            Binding {
+                bind: bind(p, cr3),
+                did: DomainId(1)
+            }
+        )]
+    );
+    // The same entry flushed again: already bound.
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert!(host.take().is_empty());
+
+    // A new page table: unbind, then bind.
+    let cr3b = g.alloc_frame();
+    g.set_pasid_entry(dev, p, Some(fl_entry(1, cr3b, FlPagingMode::FourLevel)));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(
+        host.take(),
+        vec![Call::Unbind(bind(p, cr3)), Call::Bind(bind(p, cr3b))]
+    );
+
+    // Cleared: unbind.
+    g.set_pasid_entry(dev, p, None);
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(host.take(), vec![Call::Unbind(bind(p, cr3b))]);
+    assert!(g.viommu.bindings(dev).unwrap().is_empty());
+    let stats = g.viommu.stats();
+    assert_eq!((stats.binds, stats.unbinds), (2, 2));
+}
+
+#[test]
+fn bind_data_carries_the_entry_attributes() {
+    let mut e = fl_entry(7, 0x1234_5000, FlPagingMode::FiveLevel);
+    (e.sre, e.eafe, e.pcd, e.pwt, e.emte, e.cd) = (true, true, true, true, true, true);
+    (e.pat, e.emt) = (0x0007_0406, 6);
+    let b = bind_data(pasid(9), &e);
+    assert_eq!(
+        b,
+        BindGpasid {
+            hpasid: pasid(9),
+            gpasid: Some(pasid(9)),
+            gpgd: Gpa(0x1234_5000),
+            addr_width: 57,
+            vtd_flags: IOMMU_SVA_VTD_GPASID_SRE
+                | IOMMU_SVA_VTD_GPASID_EAFE
+                | IOMMU_SVA_VTD_GPASID_PCD
+                | IOMMU_SVA_VTD_GPASID_PWT
+                | IOMMU_SVA_VTD_GPASID_EMTE
+                | IOMMU_SVA_VTD_GPASID_CD,
+            pat: 0x0007_0406,
+            emt: 6,
+        }
+    );
+    // One flag at a time.
+    let plain = fl_entry(7, 0x1000, FlPagingMode::FourLevel);
+    assert_eq!(bind_data(pasid(9), &plain).vtd_flags, 0);
+    let sre = vsva_vtd::PasidEntry { sre: true, ..plain };
+    assert_eq!(
+        bind_data(pasid(9), &sre).vtd_flags,
+        IOMMU_SVA_VTD_GPASID_SRE
+    );
+    let pwt = vsva_vtd::PasidEntry { pwt: true, ..plain };
+    assert_eq!(
+        bind_data(pasid(9), &pwt).vtd_flags,
+        IOMMU_SVA_VTD_GPASID_PWT
+    );
+
+    // Through the vIOMMU, with the capabilities that make those fields valid.
+    let host = MockHost::new();
+    let g = Guest::with_config(
+        host.clone(),
+        VIommuConfig {
+            eafs: true,
+            mts: true,
+            ..VIommuConfig::default()
+        },
+    );
+    g.enable();
+    let dev = sid(2, 0, 1);
+    g.viommu
+        .attach_passthrough(dev, sid(0x81, 0, 0), host.clone())
+        .unwrap();
+    g.attach(dev, true);
+    let p = g.alloc_pasid();
+    let e = vsva_vtd::PasidEntry {
+        flptptr: g.alloc_frame(),
+        ..e
+    };
+    g.set_pasid_entry(dev, p, Some(e));
+    assert!(g.submit_sync(&[pasid_cache(7, p)]));
+    assert_eq!(
+        host.take(),
+        vec![Call::Alloc(p), Call::Bind(bind_data(p, &e))]
+    );
+}
+
+#[test]
+fn entries_the_unit_does_not_offer_are_not_bound() {
+    let (host, g, dev) = setup();
+    let p = g.alloc_pasid();
+    host.take();
+    // Memory-type fields without ECAP.MTS: reserved, the entry is invalid.
+    let e = vsva_vtd::PasidEntry {
+        pcd: true,
+        ..fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel)
+    };
+    g.set_pasid_entry(dev, p, Some(e));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    // Nested and pass-through are not offered to the guest.
+    for pgtt in [vsva_vtd::Pgtt::Nested, vsva_vtd::Pgtt::PassThrough] {
+        let e = vsva_vtd::PasidEntry {
+            pgtt,
+            ..fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel)
+        };
+        g.set_pasid_entry(dev, p, Some(e));
+        assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    }
+    // RID_PASID, which requests without PASID use, stays with the host's second level.
+    g.set_pasid_entry(
+        dev,
+        Pasid::RID_PASID,
+        Some(fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel)),
+    );
+    assert!(g.submit_sync(&[
+        pasid_cache(1, Pasid::RID_PASID),
+        InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::Global,
+            did: DomainId(0),
+            pasid: Pasid::RID_PASID,
+        }
+    ]));
+    assert!(host.take().is_empty());
+}
+
+#[test]
+fn domain_and_global_flushes_find_entries_by_scanning() {
+    let (host, g, dev) = setup();
+    let [a, b, c] = [g.alloc_pasid(), g.alloc_pasid(), g.alloc_pasid()];
+    host.take();
+    let cr3 = [g.alloc_frame(), g.alloc_frame(), g.alloc_frame()];
+    g.set_pasid_entry(dev, a, Some(fl_entry(1, cr3[0], FlPagingMode::FourLevel)));
+    g.set_pasid_entry(dev, b, Some(fl_entry(2, cr3[1], FlPagingMode::FourLevel)));
+    // A PASID in another PASID table of the directory.
+    let far = pasid(64 * 5 + 3);
+    g.set_pasid_entry(dev, far, Some(fl_entry(1, cr3[2], FlPagingMode::FourLevel)));
+    // A PASID-selective flush of the wrong domain, and a domain with no entries: nothing.
+    assert!(g.submit_sync(&[
+        pasid_cache(2, a),
+        InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::DomainSelective,
+            did: DomainId(3),
+            pasid: c,
+        }
+    ]));
+    assert!(host.take().is_empty());
+    // Domain 1: a and far.
+    assert!(g.submit_sync(&[InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::DomainSelective,
+        did: DomainId(1),
+        pasid: c,
+    }]));
+    assert_eq!(
+        host.take(),
+        vec![Call::Bind(bind(a, cr3[0])), Call::Bind(bind(far, cr3[2]))]
+    );
+    // Global: b as well; a cleared entry of domain 1 goes.
+    g.set_pasid_entry(dev, a, None);
+    assert!(g.submit_sync(&[InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::Global,
+        did: DomainId(0),
+        pasid: c,
+    }]));
+    assert_eq!(
+        host.take(),
+        vec![Call::Unbind(bind(a, cr3[0])), Call::Bind(bind(b, cr3[1]))]
+    );
+    let bound: Vec<_> = g
+        .viommu
+        .bindings(dev)
+        .unwrap()
+        .into_iter()
+        .map(|(p, b)| (p, b.did))
+        .collect();
+    assert_eq!(bound, vec![(b, DomainId(2)), (far, DomainId(1))]);
+}
+
+#[test]
+fn a_refused_bind_is_reported_and_retried_on_the_next_flush() {
+    let (host, g, dev) = setup();
+    let p = g.alloc_pasid();
+    host.take();
+    let cr3 = g.alloc_frame();
+    g.set_pasid_entry(dev, p, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
+    host.refuse_bind.store(true, Ordering::Relaxed);
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert!(g.viommu.bindings(dev).unwrap().is_empty());
+    let errors = g.viommu.take_host_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].call, HostCall::Bind(bind(p, cr3)));
+    assert_eq!(g.viommu.stats().host_errors, 1);
+    host.refuse_bind.store(false, Ordering::Relaxed);
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(host.take(), vec![Call::Bind(bind(p, cr3))]);
+}
+
+#[test]
+fn a_device_the_guest_takes_away_loses_its_bindings() {
+    let (host, g, dev) = setup();
+    let other = sid(0, 4, 0);
+    g.viommu
+        .attach_passthrough(other, sid(0x82, 0, 0), host.clone())
+        .unwrap();
+    g.attach(other, true);
+    let (p, cr3) = bound_pasid(&g, &host, dev, 1);
+    let q = g.alloc_pasid();
+    let cr3q = g.alloc_frame();
+    g.set_pasid_entry(other, q, Some(fl_entry(1, cr3q, FlPagingMode::FourLevel)));
+    assert!(g.submit_sync(&[pasid_cache(1, q)]));
+    host.take();
+    // The guest clears the context entry of `dev` and flushes it device-selectively.
+    g.write_context(dev, None);
+    assert!(g.submit_sync(&[InvDesc::ContextCache {
+        granularity: ContextCacheGranularity::DeviceSelective,
+        did: DomainId(0),
+        sid: dev,
+        fm: 0,
+    }]));
+    assert_eq!(host.take(), vec![Call::Unbind(bind(p, cr3))]);
+    assert_eq!(g.viommu.bindings(other).unwrap().len(), 1);
+    // Detaching the other device unbinds what it had.
+    g.viommu.detach_passthrough(other).unwrap();
+    assert_eq!(host.take(), vec![Call::Unbind(bind(q, cr3q))]);
+    assert!(matches!(
+        g.viommu.bindings(other),
+        Err(VIommuError::NotAttached(_))
+    ));
+    assert!(matches!(
+        g.viommu.detach_passthrough(other),
+        Err(VIommuError::NotAttached(_))
+    ));
+    assert!(matches!(
+        g.viommu
+            .attach_passthrough(dev, sid(0x99, 0, 0), host.clone()),
+        Err(VIommuError::AlreadyAttached(_))
+    ));
+    assert!(matches!(
+        g.viommu
+            .attach_passthrough(other, sid(0x81, 0, 0), host.clone()),
+        Err(VIommuError::HostDeviceAttached(_))
+    ));
+}
+
+#[test]
+fn freeing_a_bound_pasid_unbinds_it_first() {
+    let (host, g, dev) = setup();
+    let (p, cr3) = bound_pasid(&g, &host, dev, 1);
+    let cmd = (p.raw() as u64) << 8 | 2;
+    assert_eq!(g.vcmd(cmd), 0);
+    assert_eq!(host.take(), vec![Call::Unbind(bind(p, cr3)), Call::Free(p)]);
+    assert!(g.viommu.bindings(dev).unwrap().is_empty());
+}
+
+#[test]
+fn invalidations_become_host_invalidations_of_the_bound_pasids() {
+    let (host, g, dev) = setup();
+    let (p, _) = bound_pasid(&g, &host, dev, 1);
+    let (q, _) = bound_pasid(&g, &host, dev, 2);
+    let unbound = pasid(0x777);
+    let piotlb = |did: u16, pasid: Pasid, g: PasidIotlbGranularity, addr: u64, am: u8, ih| {
+        InvDesc::PasidIotlb {
+            granularity: g,
+            did: DomainId(did),
+            pasid,
+            addr,
+            ih,
+            am,
+        }
+    };
+    let cases: Vec<(InvDesc, Vec<Call>)> = vec![
+        (
+            piotlb(1, p, PasidIotlbGranularity::PasidSelective, 0, 0, false),
+            vec![iotlb_pasid(p)],
+        ),
+        (
+            piotlb(
+                1,
+                p,
+                PasidIotlbGranularity::PageSelectiveWithinPasid,
+                0x7000_3000,
+                2,
+                true,
+            ),
+            vec![addr_inv(
+                IOMMU_CACHE_INV_TYPE_IOTLB,
+                p,
+                0x7000_0000,
+                4,
+                true,
+            )],
+        ),
+        (
+            piotlb(
+                2,
+                q,
+                PasidIotlbGranularity::PageSelectiveWithinPasid,
+                0x5000,
+                0,
+                false,
+            ),
+            vec![addr_inv(IOMMU_CACHE_INV_TYPE_IOTLB, q, 0x5000, 1, false)],
+        ),
+        // Another domain's PASID, or one not bound: nothing to forward.
+        (
+            piotlb(2, p, PasidIotlbGranularity::PasidSelective, 0, 0, false),
+            vec![],
+        ),
+        (
+            piotlb(
+                1,
+                unbound,
+                PasidIotlbGranularity::PasidSelective,
+                0,
+                0,
+                false,
+            ),
+            vec![],
+        ),
+        (
+            InvDesc::Iotlb {
+                granularity: IotlbGranularity::Global,
+                dr: true,
+                dw: true,
+                did: DomainId(0),
+                addr: 0,
+                ih: false,
+                am: 0,
+            },
+            vec![iotlb_pasid(p), iotlb_pasid(q)],
+        ),
+        (
+            InvDesc::Iotlb {
+                granularity: IotlbGranularity::DomainSelective,
+                dr: true,
+                dw: true,
+                did: DomainId(2),
+                addr: 0,
+                ih: false,
+                am: 0,
+            },
+            vec![iotlb_pasid(q)],
+        ),
+        // Page-selective in scalable mode drops the domain's first-level entries whole.
+        (
+            InvDesc::Iotlb {
+                granularity: IotlbGranularity::PageSelective,
+                dr: true,
+                dw: true,
+                did: DomainId(1),
+                addr: 0x4000,
+                ih: false,
+                am: 0,
+            },
+            vec![iotlb_pasid(p)],
+        ),
+        (
+            InvDesc::PasidDevIotlb {
+                sid: dev,
+                pfsid: dev,
+                pasid: p,
+                max_invs_pend: 0,
+                addr: 0x7000_0000,
+                size: false,
+                global: false,
+            },
+            vec![addr_inv(
+                IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+                p,
+                0x7000_0000,
+                1,
+                false,
+            )],
+        ),
+        // S set and bit 12 set, bit 13 clear: 16 KiB.
+        (
+            InvDesc::PasidDevIotlb {
+                sid: dev,
+                pfsid: dev,
+                pasid: q,
+                max_invs_pend: 0,
+                addr: 0x7000_1000,
+                size: true,
+                global: false,
+            },
+            vec![addr_inv(
+                IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+                q,
+                0x7000_0000,
+                4,
+                false,
+            )],
+        ),
+        // G: every bound PASID of the device.
+        (
+            InvDesc::PasidDevIotlb {
+                sid: dev,
+                pfsid: dev,
+                pasid: p,
+                max_invs_pend: 0,
+                addr: 0x8000,
+                size: false,
+                global: true,
+            },
+            vec![
+                addr_inv(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 0x8000, 1, false),
+                addr_inv(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, q, 0x8000, 1, false),
+            ],
+        ),
+        // The whole address space has no granule count: the whole PASID.
+        (
+            InvDesc::PasidDevIotlb {
+                sid: dev,
+                pfsid: dev,
+                pasid: p,
+                max_invs_pend: 0,
+                addr: 0x7fff_ffff_ffff_f000,
+                size: true,
+                global: false,
+            },
+            vec![Call::Invalidate(CacheInvalidate {
+                cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+                granularity: InvGranularity::Pasid {
+                    pasid: Some(p),
+                    archid: None,
+                },
+            })],
+        ),
+        // Another device's device TLB.
+        (
+            InvDesc::PasidDevIotlb {
+                sid: sid(0, 9, 0),
+                pfsid: sid(0, 9, 0),
+                pasid: p,
+                max_invs_pend: 0,
+                addr: 0,
+                size: false,
+                global: false,
+            },
+            vec![],
+        ),
+        // Requests without PASID use the host's second level: nothing of the guest's.
+        (
+            InvDesc::DevIotlb {
+                sid: dev,
+                pfsid: dev,
+                max_invs_pend: 0,
+                addr: 0,
+                size: false,
+            },
+            vec![],
+        ),
+    ];
+    let mut forwarded = 0;
+    for (desc, want) in cases {
+        assert!(g.submit_sync(&[desc]));
+        assert_eq!(host.take(), want, "{desc:?}");
+        forwarded += want.len() as u64;
+    }
+    assert_eq!(g.viommu.stats().invalidations_forwarded, forwarded);
+}
+
+#[test]
+fn the_wait_completes_after_every_host_call_returned() {
+    let (host, g, dev) = setup();
+    let (p, cr3) = bound_pasid(&g, &host, dev, 1);
+    // Linux's teardown: clear the entry, flush the PASID cache, the IOTLB and the device
+    // TLB, then wait.
+    g.set_pasid_entry(dev, p, None);
+    assert!(g.submit_sync(&[
+        pasid_cache(1, p),
+        InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PasidSelective,
+            did: DomainId(1),
+            pasid: p,
+            addr: 0,
+            ih: false,
+            am: 0,
+        },
+    ]));
+    // A new binding and its flushes in one batch.
+    let cr3b = g.alloc_frame();
+    g.set_pasid_entry(dev, p, Some(fl_entry(1, cr3b, FlPagingMode::FourLevel)));
+    assert!(g.submit_sync(&[
+        pasid_cache(1, p),
+        InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PasidSelective,
+            did: DomainId(1),
+            pasid: p,
+            addr: 0,
+            ih: false,
+            am: 0,
+        },
+        InvDesc::PasidDevIotlb {
+            sid: dev,
+            pfsid: dev,
+            pasid: p,
+            max_invs_pend: 0,
+            addr: 0,
+            size: false,
+            global: false,
+        },
+    ]));
+    let calls = host.take_with_status();
+    assert_eq!(
+        calls.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(),
+        vec![
+            Call::Unbind(bind(p, cr3)),
+            Call::Bind(bind(p, cr3b)),
+            iotlb_pasid(p),
+            addr_inv(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 0, 1, false),
+        ]
+    );
+    assert!(
+        calls.iter().all(|&(_, status)| status == 0),
+        "no status write before a host call returned: {calls:?}"
+    );
+}
+
+#[test]
+fn a_container_shared_by_two_devices_gets_each_invalidation_once() {
+    let (host, g, dev) = setup();
+    let dev2 = sid(0, 5, 0);
+    g.viommu
+        .attach_passthrough(dev2, sid(0x83, 0, 0), host.clone())
+        .unwrap();
+    g.attach(dev2, true);
+    let (p, cr3) = bound_pasid(&g, &host, dev, 1);
+    g.set_pasid_entry(dev2, p, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(host.take(), vec![Call::Bind(bind(p, cr3))]);
+    assert!(g.submit_sync(&[InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PasidSelective,
+        did: DomainId(1),
+        pasid: p,
+        addr: 0,
+        ih: false,
+        am: 0,
+    }]));
+    assert_eq!(host.take(), vec![iotlb_pasid(p)]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Every invalidation forwarded for a page-selective or device-TLB descriptor passes
+    /// the host's uAPI validation and covers exactly the descriptor's range.
+    #[test]
+    fn forwarded_ranges_are_valid_and_exact(page in 0u64..1 << 52, am in 0u8..64, size: bool,
+                                            ih: bool, dev_tlb: bool, raw_pasid in 1u32..1 << 20) {
+        let p = pasid(raw_pasid);
+        let s = sid(1, 2, 3);
+        let desc = if dev_tlb {
+            InvDesc::PasidDevIotlb { sid: s, pfsid: s, pasid: p, max_invs_pend: 0, addr: page << 12, size, global: false }
+        } else {
+            InvDesc::PasidIotlb { granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+                                  did: DomainId(4), pasid: p, addr: page << 12, ih, am }
+        };
+        let bound = [(p, Binding { bind: bind(p, 0x1000), did: DomainId(4) })].into();
+        let invs = host_invalidations(&desc, s, &bound);
+        prop_assert_eq!(invs.len(), 1);
+        let inv = invs[0];
+        let info = IommuCacheInvalidateInfo::from(&inv);
+        let decoded = IommuCacheInvalidateInfo::from_bytes(&info.to_bytes());
+        prop_assert!(decoded.is_ok(), "{:?}", decoded);
+        let range: AddrRange = desc.range().unwrap();
+        match inv.granularity {
+            InvGranularity::Addr { pasid, addr, granule_size, nb_granules, leaf, .. } => {
+                prop_assert_eq!(pasid, Some(p));
+                prop_assert_eq!(addr, range.start);
+                prop_assert_eq!(addr + (granule_size * nb_granules - 1), range.last);
+                prop_assert_eq!(leaf, ih && !dev_tlb);
+            }
+            InvGranularity::Pasid { pasid, .. } => {
+                prop_assert_eq!(pasid, Some(p));
+                prop_assert_eq!((range.start, range.last), (0, u64::MAX));
+            }
+            InvGranularity::Domain => prop_assert!(false, "no domain granularity on VT-d"),
+        }
+        // Nothing for a PASID that is not bound.
+        prop_assert!(host_invalidations(&desc, s, &Default::default()).is_empty());
+    }
+}
