@@ -1,9 +1,30 @@
-//! Measurements of vsva's hot paths, each against a baseline taken in the same run.
+//! `vsva bench` and the criterion benchmarks: vsva's hot paths measured against baselines
+//! taken in the same run (issue 6).
+//!
+//! - [`platform`]: a VT-d model programmed through its registers, with a guest address
+//!   space reached by nested translation.
+//! - Workloads ([`Workload`]): [`translate`] (IOTLB hits, cold walks), [`dma`] (DMA engine
+//!   memmove, streaming reads per miss), [`pasid`] (allocator churn) and their baselines
+//!   ([`loads`], hash map, `copy_from_slice`).
+//! - [`suite`]: the probes `vsva bench` runs; [`report`]: the table and JSON object;
+//!   [`plot`]: the SVG; [`cli`]: the command.
 
+pub mod cli;
+pub mod dma;
 mod error;
+pub mod figures;
 pub mod loads;
 pub mod measure;
+pub mod pasid;
 pub mod platform;
+pub mod plot;
+pub mod report;
+pub mod suite;
+pub mod translate;
 
+pub use cli::{run_cli, BenchArgs};
 pub use error::BenchError;
+pub use figures::{Figure, Goal, GOALS};
 pub use measure::{measure, measure_pair, SampleBudget, Workload};
+pub use report::BenchReport;
+pub use suite::{run, run_probes, standard_probes, BenchOptions, Probe};

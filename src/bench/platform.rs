@@ -174,7 +174,8 @@ impl Platform {
         let fl_tables = (config.buffer / (2 << 20) + 8) * PAGE_SIZE;
         let ram = BUFFER_GPA + config.buffer + fl_tables;
         let sl_tables = (ram / (2 << 20) + 8) * PAGE_SIZE;
-        let host = (ram + sl_tables + (1 << 20)).next_multiple_of(2 << 20);
+        // Slack for aligning guest RAM to 2 MiB and for the IOMMU's own tables.
+        let host = (ram + sl_tables + (4 << 20)).next_multiple_of(2 << 20);
         let mem = HostMemory::new(host)?;
         let frames = FrameAllocator::new(mem.clone());
         let guest_base = frames.alloc_range(ram, 2 << 20)?.0;

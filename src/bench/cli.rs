@@ -1,0 +1,46 @@
+//! The `vsva bench` command: arguments, and what it prints.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use super::plot::plot_svg;
+use super::report::BenchReport;
+use super::suite::{run, BenchOptions};
+use super::BenchError;
+
+/// Arguments of `vsva bench`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct BenchArgs {
+    /// Sample briefly (under a minute on two cores).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the report as one JSON object, on the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw each ratio against its goal into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Run only the measurements whose name contains this.
+    #[arg(long, value_name = "NAME")]
+    pub only: Option<String>,
+}
+
+/// Runs the measurements with a progress bar, prints the table to standard output, draws
+/// the plot if asked and prints the JSON object last if asked.
+pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
+    let report = run(&BenchOptions {
+        quick: args.quick,
+        only: args.only.clone(),
+        progress: true,
+    });
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", report.table())?;
+    if let Some(path) = &args.plot {
+        plot_svg(&report, path)?;
+        writeln!(out, "plot: {}", path.display())?;
+    }
+    if args.json {
+        writeln!(out, "{}", report.json())?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,294 @@
+//! DMA workloads: the DMA engine's memmove through nested translation against
+//! `copy_from_slice`, and the table reads of streaming DMA.
+
+use std::hint::black_box;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vsva_hw::dma::regs::CTRL_PASID_EN;
+use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
+use vsva_hw::PAGE_SIZE;
+use vsva_vtd::{walk_nested, AccessRequest, PhysMem, WalkObserver, WalkStep};
+
+use super::platform::Platform;
+use super::{BenchError, Workload};
+
+/// Bytes one memmove descriptor copies.
+pub const MEMMOVE_BYTES: u64 = 1 << 20;
+/// Descriptors submitted before the engine runs, while streaming (below the work queue's
+/// 128 entries).
+const STREAM_BATCH: u64 = 64;
+
+/// A DMA engine of device 0 with PASIDs enabled (no ATS: every page run is an untranslated
+/// request translated by the IOMMU).
+fn engine(p: &Platform) -> Result<DmaEngine, BenchError> {
+    let port: Arc<dyn vsva_hw::dma::DmaPort> = p.iommu().clone();
+    let engine = DmaEngine::new(DmaEngineConfig::new(p.device(0)), port)?;
+    engine.enable(CTRL_PASID_EN)?;
+    Ok(engine)
+}
+
+/// A memmove descriptor in the nested PASID's address space, without completion record.
+fn memmove(p: &Platform, src: u64, dst: u64, size: u64) -> [u8; 64] {
+    Descriptor {
+        pasid: Some(p.nested_pasid()),
+        privileged: false,
+        block_on_fault: false,
+        completion: CompletionRequest::None,
+        op: Operation::Memmove {
+            src,
+            dst,
+            size: size as u32,
+        },
+    }
+    .encode()
+}
+
+/// Submits `desc` and runs the engine; `false` unless exactly one descriptor completed.
+fn submit(engine: &DmaEngine, desc: &[u8; 64]) -> Result<bool, BenchError> {
+    engine.portal_write(0, desc)?;
+    Ok(engine.process() == 1)
+}
+
+/// The DMA engine copying 1 MiB from the guest buffer's first MiB to its second, in GVAs
+/// through nested translation with 4 KiB pages, IOTLB warm. An operation is one
+/// descriptor.
+pub struct NestedMemmove {
+    engine: DmaEngine,
+    desc: [u8; 64],
+}
+
+impl NestedMemmove {
+    /// Fills the source with a pattern, copies it once and checks the copy (which also
+    /// warms the IOTLB). The guest buffer must hold at least 2 MiB.
+    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+        if p.buffer_len() < 2 * MEMMOVE_BYTES {
+            return Err(BenchError::Check(
+                "the guest buffer holds less than 2 MiB".into(),
+            ));
+        }
+        let pattern: Vec<u8> = (0..MEMMOVE_BYTES)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        p.memory().write(p.hpa(0), &pattern)?;
+        let engine = engine(p)?;
+        let desc = memmove(p, p.gva(0), p.gva(MEMMOVE_BYTES), MEMMOVE_BYTES);
+        let done = submit(&engine, &desc)?;
+        let mut copy = vec![0u8; MEMMOVE_BYTES as usize];
+        p.memory().read(p.hpa(MEMMOVE_BYTES), &mut copy)?;
+        if !done || engine.stats().failed != 0 || copy != pattern {
+            return Err(BenchError::Check(
+                "the DMA engine's memmove did not copy the buffer".into(),
+            ));
+        }
+        Ok(NestedMemmove { engine, desc })
+    }
+}
+
+impl Workload for NestedMemmove {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let mut ok = true;
+        let start = Instant::now();
+        for _ in 0..iters {
+            ok &= submit(&self.engine, &self.desc)?;
+        }
+        let t = start.elapsed();
+        (ok && self.engine.stats().failed == 0)
+            .then_some(t)
+            .ok_or_else(|| BenchError::Check("a memmove descriptor failed".into()))
+    }
+}
+
+/// The baseline of [`NestedMemmove`]: `copy_from_slice` of 1 MiB between two heap buffers.
+pub struct PlainCopy {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+impl PlainCopy {
+    /// Two touched 1 MiB buffers.
+    pub fn new() -> Self {
+        PlainCopy {
+            src: (0..MEMMOVE_BYTES).map(|i| i as u8).collect(),
+            dst: vec![1u8; MEMMOVE_BYTES as usize],
+        }
+    }
+}
+
+impl Default for PlainCopy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Workload for PlainCopy {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        for _ in 0..iters {
+            self.dst.copy_from_slice(black_box(&self.src));
+            black_box(&mut self.dst);
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// What streaming DMA cost in table reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamCount {
+    /// IOTLB misses (walks).
+    pub misses: u64,
+    /// Table entries those walks read, as the IOMMU counts them.
+    pub table_reads: u64,
+}
+
+impl StreamCount {
+    /// Mean table reads per miss; `None` when the IOMMU counted no read (a model that does
+    /// not count them).
+    pub fn reads_per_miss(&self) -> Option<f64> {
+        (self.misses > 0 && self.table_reads > 0)
+            .then(|| self.table_reads as f64 / self.misses as f64)
+    }
+}
+
+/// Streams 4 KiB memmove descriptors over the guest buffer's pages (from the second on)
+/// into its first page: every source page misses the IOTLB, while the context and PASID
+/// caches stay warm after the first request. Counts the walks and table reads of the
+/// stream in the IOMMU's statistics.
+pub fn stream_reads(p: &Platform) -> Result<StreamCount, BenchError> {
+    let pages = p.buffer_len() / PAGE_SIZE;
+    if pages < 2 {
+        return Err(BenchError::Check("the guest buffer holds one page".into()));
+    }
+    p.invalidate_all()?;
+    let engine = engine(p)?;
+    // Warm the context and PASID caches and the destination page.
+    p.iommu().translate(
+        p.device(0),
+        Some(p.nested_pasid()),
+        p.gva(0),
+        AccessRequest::WRITE,
+    )?;
+    let stats = p.iommu().stats();
+    let (walks, reads) = (
+        stats.walks.load(Ordering::Relaxed),
+        stats.table_reads.load(Ordering::Relaxed),
+    );
+    let mut page = 1;
+    while page < pages {
+        let end = (page + STREAM_BATCH).min(pages);
+        for src in page..end {
+            engine.portal_write(0, &memmove(p, p.gva(src * PAGE_SIZE), p.gva(0), PAGE_SIZE))?;
+        }
+        let done = engine.process() as u64;
+        if done != end - page {
+            return Err(BenchError::Check(format!(
+                "{done} of {} streaming descriptors completed",
+                end - page
+            )));
+        }
+        page = end;
+    }
+    let count = StreamCount {
+        misses: stats.walks.load(Ordering::Relaxed) - walks,
+        table_reads: stats.table_reads.load(Ordering::Relaxed) - reads,
+    };
+    if engine.stats().failed != 0 || count.misses != pages - 1 {
+        return Err(BenchError::Check(format!(
+            "streaming {} pages walked {} times ({} descriptors failed)",
+            pages - 1,
+            count.misses,
+            engine.stats().failed
+        )));
+    }
+    Ok(count)
+}
+
+/// Counts the entries a walk reads.
+#[derive(Default)]
+struct CountSteps(u64);
+
+impl WalkObserver for CountSteps {
+    fn step(&mut self, _: WalkStep) {
+        self.0 += 1;
+    }
+}
+
+/// The entries one nested walk of a 4 KiB page reads with no cache at all, once its
+/// accessed bits are set (the first walk of a page also writes them, through the second
+/// level): the vtd walker alone, for comparison with the IOMMU's reads per miss.
+pub fn nested_walk_reads(p: &Platform) -> Result<u64, BenchError> {
+    let (fl, sl) = (p.fl_config()?, p.sl_config()?);
+    let mut steps = CountSteps::default();
+    for _ in 0..2 {
+        steps.0 = 0;
+        walk_nested(
+            &**p.memory(),
+            &fl,
+            &sl,
+            p.gva(PAGE_SIZE),
+            AccessRequest::READ,
+            &mut steps,
+        )
+        .map_err(|f| BenchError::Check(format!("nested walk faulted: {f:?}")))?;
+    }
+    Ok(steps.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::platform::PlatformConfig;
+
+    fn platform(buffer: u64) -> Platform {
+        Platform::new(PlatformConfig { devices: 1, buffer }).unwrap()
+    }
+
+    #[test]
+    fn memmove_copies_and_keeps_copying() {
+        let p = platform(2 * MEMMOVE_BYTES);
+        let mut m = NestedMemmove::new(&p).unwrap();
+        let walks = p.iommu().stats().walks.load(Ordering::Relaxed);
+        m.run(2).unwrap();
+        assert_eq!(
+            p.iommu().stats().walks.load(Ordering::Relaxed),
+            walks,
+            "the IOTLB is warm"
+        );
+        PlainCopy::new().run(2).unwrap();
+    }
+
+    #[test]
+    fn memmove_needs_two_mib() {
+        assert!(NestedMemmove::new(&platform(MEMMOVE_BYTES)).is_err());
+    }
+
+    #[test]
+    fn streaming_misses_once_per_source_page() {
+        let p = platform(256 * PAGE_SIZE);
+        let count = stream_reads(&p).unwrap();
+        assert_eq!(count.misses, 255);
+        assert!(count.table_reads >= count.misses);
+        assert!(count.reads_per_miss().unwrap() >= 1.0);
+    }
+
+    #[test]
+    fn reads_per_miss_is_missing_without_counted_reads() {
+        let c = StreamCount {
+            misses: 10,
+            table_reads: 0,
+        };
+        assert_eq!(c.reads_per_miss(), None);
+        let c = StreamCount {
+            misses: 4,
+            table_reads: 10,
+        };
+        assert_eq!(c.reads_per_miss(), Some(2.5));
+    }
+
+    #[test]
+    fn a_nested_walk_reads_24_entries() {
+        let p = platform(4 * PAGE_SIZE);
+        assert_eq!(nested_walk_reads(&p).unwrap(), 24);
+    }
+}

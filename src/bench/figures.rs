@@ -1,0 +1,303 @@
+//! The figures `vsva bench` reports (issue 6's JSON keys) and the goals they are held to.
+
+/// How a figure is expressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Nanoseconds,
+    /// A ratio of two throughputs.
+    Times,
+    /// Page-table entries read.
+    Reads,
+    GigabytesPerSecond,
+    Bytes,
+}
+
+impl Unit {
+    /// The symbol printed after a value.
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            Unit::Nanoseconds => "ns",
+            Unit::Times => "×",
+            Unit::Reads => "reads",
+            Unit::GigabytesPerSecond => "GB/s",
+            Unit::Bytes => "B",
+        }
+    }
+}
+
+macro_rules! figures {
+    ($($(#[$doc:meta])* $name:ident => $key:literal, $unit:ident;)*) => {
+        /// A figure of the report, by its JSON key.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Figure {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Figure {
+            /// Every figure, in report order.
+            pub const ALL: &'static [Figure] = &[$(Figure::$name),*];
+
+            /// The JSON key.
+            pub const fn key(self) -> &'static str {
+                match self {
+                    $(Figure::$name => $key,)*
+                }
+            }
+
+            /// The unit of its value.
+            pub const fn unit(self) -> Unit {
+                match self {
+                    $(Figure::$name => Unit::$unit,)*
+                }
+            }
+        }
+    };
+}
+
+figures! {
+    /// A nested translation served by the IOTLB (random hits over 1,024 pages).
+    IotlbHitNs => "iotlb_hit_ns", Nanoseconds;
+    /// The same lookups in a `HashMap<(u16, u32, u64), u64>` with foldhash.
+    HashmapLookupNs => "hashmap_lookup_ns", Nanoseconds;
+    /// Hit throughput of two threads sharing the IOMMU over one thread's.
+    IotlbHit2ThreadsSpeedup => "iotlb_hit_2threads_speedup", Times;
+    /// A second-level translation with every IOMMU cache empty.
+    SlWalkNs => "sl_walk_ns", Nanoseconds;
+    /// Four dependent loads in four pages.
+    DependentLoads4Ns => "dependent_loads_4_ns", Nanoseconds;
+    /// A nested translation (4-level over 4-level) with every IOMMU cache empty.
+    NestedWalkNs => "nested_walk_ns", Nanoseconds;
+    /// Twenty-four dependent loads in twenty-four pages.
+    DependentLoads24Ns => "dependent_loads_24_ns", Nanoseconds;
+    /// Mean table reads per IOTLB miss while streaming 4 KiB DMA.
+    ReadsPerMiss => "reads_per_miss", Reads;
+    /// DMA engine memmove of 1 MiB through nested translation, IOTLB warm.
+    MemcpyNestedGbps => "memcpy_nested_gbps", GigabytesPerSecond;
+    /// `copy_from_slice` of 1 MiB.
+    MemcpyPlainGbps => "memcpy_plain_gbps", GigabytesPerSecond;
+    /// PASID-selective invalidation through the ioctl path, with its wait.
+    PasidInvNs => "pasid_inv_ns", Nanoseconds;
+    /// 1-page address invalidation through the ioctl path.
+    AddrInv1Ns => "addr_inv_1_ns", Nanoseconds;
+    /// 512-page address invalidation through the ioctl path.
+    AddrInv512Ns => "addr_inv_512_ns", Nanoseconds;
+    /// Bind guest PASID with its invalidations.
+    BindGpasidNs => "bind_gpasid_ns", Nanoseconds;
+    /// Unbind guest PASID with its invalidations.
+    UnbindGpasidNs => "unbind_gpasid_ns", Nanoseconds;
+    /// `VFIO_IOMMU_MAP_DMA` of 4 KiB.
+    MapDma4kNs => "map_dma_4k_ns", Nanoseconds;
+    /// `VFIO_IOMMU_UNMAP_DMA` of 4 KiB.
+    UnmapDma4kNs => "unmap_dma_4k_ns", Nanoseconds;
+    /// Guest invalidation forwarded through vIOMMU, VMM and host to the IOMMU, wait seen
+    /// by the guest.
+    FwdInvNs => "fwd_inv_ns", Nanoseconds;
+    /// Guest-visible bind: PASID entry and flushes, shadowed to a host bind.
+    GuestBindNs => "guest_bind_ns", Nanoseconds;
+    /// Page request round trip from device fault to successful retry.
+    PrqRoundtripNs => "prq_roundtrip_ns", Nanoseconds;
+    /// PASID alloc and free with the space empty.
+    PasidAllocFreeNs0 => "pasid_alloc_free_ns_0", Nanoseconds;
+    /// PASID alloc and free with half the space allocated.
+    PasidAllocFreeNs50 => "pasid_alloc_free_ns_50", Nanoseconds;
+    /// PASID alloc and free with 99 % of the space allocated.
+    PasidAllocFreeNs99 => "pasid_alloc_free_ns_99", Nanoseconds;
+    /// Heap bytes per allocated PASID.
+    BytesPerPasid => "bytes_per_pasid", Bytes;
+    /// Bytes per bound PASID, PASID entry included.
+    BytesPerBoundPasid => "bytes_per_bound_pasid", Bytes;
+    /// Entries one nested walk reads in the vtd walker alone (no cache), for comparison
+    /// with `reads_per_miss`.
+    NestedWalkTableReads => "nested_walk_table_reads", Reads;
+}
+
+/// The limit a goal puts on its compared value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Bound {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Bound {
+    /// Whether `value` meets the bound.
+    pub fn holds(self, value: f64) -> bool {
+        match self {
+            Bound::AtMost(limit) => value <= limit,
+            Bound::AtLeast(limit) => value >= limit,
+        }
+    }
+
+    /// The limit.
+    pub const fn limit(self) -> f64 {
+        match self {
+            Bound::AtMost(l) | Bound::AtLeast(l) => l,
+        }
+    }
+
+    /// How far `value` is from the limit, oriented so that 1 is the limit and below 1
+    /// meets it.
+    pub fn score(self, value: f64) -> f64 {
+        match self {
+            Bound::AtMost(limit) => value / limit,
+            Bound::AtLeast(limit) => limit / value,
+        }
+    }
+}
+
+/// A speed or size goal of issue 6: `figure` (divided by `baseline` when there is one)
+/// must meet `bound`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Goal {
+    pub name: &'static str,
+    pub figure: Figure,
+    pub baseline: Option<Figure>,
+    pub bound: Bound,
+}
+
+const fn ratio(name: &'static str, figure: Figure, baseline: Figure, bound: Bound) -> Goal {
+    Goal {
+        name,
+        figure,
+        baseline: Some(baseline),
+        bound,
+    }
+}
+
+const fn absolute(name: &'static str, figure: Figure, bound: Bound) -> Goal {
+    Goal {
+        name,
+        figure,
+        baseline: None,
+        bound,
+    }
+}
+
+use Bound::{AtLeast, AtMost};
+use Figure::*;
+
+/// Every goal, in report order.
+pub const GOALS: &[Goal] = &[
+    ratio(
+        "IOTLB hit vs hash map",
+        IotlbHitNs,
+        HashmapLookupNs,
+        AtMost(2.0),
+    ),
+    absolute(
+        "IOTLB hits, 2 threads",
+        IotlbHit2ThreadsSpeedup,
+        AtLeast(1.6),
+    ),
+    ratio(
+        "cold SL walk vs 4 loads",
+        SlWalkNs,
+        DependentLoads4Ns,
+        AtMost(3.0),
+    ),
+    ratio(
+        "cold nested walk vs 24 loads",
+        NestedWalkNs,
+        DependentLoads24Ns,
+        AtMost(3.0),
+    ),
+    absolute("reads per IOTLB miss", ReadsPerMiss, AtMost(2.5)),
+    ratio(
+        "nested DMA memmove vs memcpy",
+        MemcpyNestedGbps,
+        MemcpyPlainGbps,
+        AtLeast(0.9),
+    ),
+    absolute("PASID-selective invalidation", PasidInvNs, AtMost(1000.0)),
+    absolute("1-page address invalidation", AddrInv1Ns, AtMost(1000.0)),
+    ratio(
+        "512-page vs 1-page invalidation",
+        AddrInv512Ns,
+        AddrInv1Ns,
+        AtMost(4.0),
+    ),
+    absolute("bind guest PASID", BindGpasidNs, AtMost(2000.0)),
+    absolute("unbind guest PASID", UnbindGpasidNs, AtMost(2000.0)),
+    absolute("MAP_DMA 4 KiB", MapDma4kNs, AtMost(1000.0)),
+    absolute("UNMAP_DMA 4 KiB", UnmapDma4kNs, AtMost(1500.0)),
+    absolute("forwarded invalidation", FwdInvNs, AtMost(2000.0)),
+    absolute("guest-visible bind", GuestBindNs, AtMost(4000.0)),
+    absolute("page request round trip", PrqRoundtripNs, AtMost(5000.0)),
+    absolute("PASID alloc+free, 0 %", PasidAllocFreeNs0, AtMost(100.0)),
+    absolute("PASID alloc+free, 50 %", PasidAllocFreeNs50, AtMost(100.0)),
+    absolute("PASID alloc+free, 99 %", PasidAllocFreeNs99, AtMost(100.0)),
+    ratio(
+        "PASID alloc+free, 99 % vs 0 %",
+        PasidAllocFreeNs99,
+        PasidAllocFreeNs0,
+        AtMost(1.5),
+    ),
+    absolute("bytes per allocated PASID", BytesPerPasid, AtMost(64.0)),
+    absolute("bytes per bound PASID", BytesPerBoundPasid, AtMost(256.0)),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn keys_are_unique_snake_case() {
+        let keys: HashSet<_> = Figure::ALL.iter().map(|f| f.key()).collect();
+        assert_eq!(keys.len(), Figure::ALL.len());
+        assert!(keys.iter().all(|k| k
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')));
+    }
+
+    #[test]
+    fn every_key_of_the_issue_is_a_figure() {
+        let issue = [
+            "iotlb_hit_ns",
+            "hashmap_lookup_ns",
+            "iotlb_hit_2threads_speedup",
+            "sl_walk_ns",
+            "dependent_loads_4_ns",
+            "nested_walk_ns",
+            "dependent_loads_24_ns",
+            "reads_per_miss",
+            "memcpy_nested_gbps",
+            "memcpy_plain_gbps",
+            "pasid_inv_ns",
+            "addr_inv_1_ns",
+            "addr_inv_512_ns",
+            "bind_gpasid_ns",
+            "unbind_gpasid_ns",
+            "map_dma_4k_ns",
+            "unmap_dma_4k_ns",
+            "fwd_inv_ns",
+            "guest_bind_ns",
+            "prq_roundtrip_ns",
+            "pasid_alloc_free_ns_0",
+            "pasid_alloc_free_ns_50",
+            "pasid_alloc_free_ns_99",
+            "bytes_per_pasid",
+            "bytes_per_bound_pasid",
+        ];
+        for key in issue {
+            assert!(Figure::ALL.iter().any(|f| f.key() == key), "{key}");
+        }
+    }
+
+    #[test]
+    fn bounds_and_scores_agree() {
+        for (bound, value) in [
+            (AtMost(2.0), 1.0),
+            (AtMost(2.0), 3.0),
+            (AtLeast(1.6), 2.0),
+            (AtLeast(1.6), 1.0),
+        ] {
+            assert_eq!(bound.holds(value), bound.score(value) <= 1.0);
+        }
+        assert!(AtMost(2.0).holds(2.0) && AtLeast(0.9).holds(0.9));
+    }
+
+    #[test]
+    fn a_ratio_goal_never_divides_by_itself() {
+        assert!(GOALS.iter().all(|g| g.baseline != Some(g.figure)));
+    }
+}

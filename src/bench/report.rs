@@ -1,0 +1,323 @@
+//! The report: figures by key, each goal's verdict, the table and the JSON object.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
+
+use super::figures::{Bound, Figure, Goal, Unit, GOALS};
+
+/// What one run measured. A figure nothing measured is missing (`null` in JSON), never
+/// estimated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BenchReport {
+    /// The CPU model (`model name` of /proc/cpuinfo), when readable.
+    pub cpu: Option<String>,
+    /// Whether the run sampled in quick mode.
+    pub quick: bool,
+    values: BTreeMap<Figure, f64>,
+    /// Measurements that failed, by name, with the reason; their figures are missing.
+    pub failures: Vec<(String, String)>,
+}
+
+/// How a goal fared in a report.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GoalResult {
+    pub goal: Goal,
+    pub figure: Option<f64>,
+    pub baseline: Option<f64>,
+    /// The value held to the bound: figure ÷ baseline, or the figure itself.
+    pub compared: Option<f64>,
+    /// `None` when a value is missing.
+    pub met: Option<bool>,
+}
+
+impl GoalResult {
+    /// The compared value over the bound, oriented so that at most 1 meets the goal.
+    pub fn score(&self) -> Option<f64> {
+        self.compared.map(|v| self.goal.bound.score(v))
+    }
+}
+
+/// The CPU model string of this machine.
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+fn format_value(v: f64, unit: Unit) -> String {
+    let digits = if v.abs() >= 100.0 {
+        0
+    } else if v.abs() >= 10.0 {
+        1
+    } else {
+        2
+    };
+    match unit {
+        Unit::Times => format!("{v:.digits$}×"),
+        _ => format!("{v:.digits$} {}", unit.symbol()),
+    }
+}
+
+fn format_bound(goal: &Goal) -> String {
+    let (op, limit) = match goal.bound {
+        Bound::AtMost(l) => ("≤", l),
+        Bound::AtLeast(l) => ("≥", l),
+    };
+    if goal.baseline.is_some() || goal.figure.unit() == Unit::Times {
+        format!("{op} {limit}×")
+    } else {
+        format!("{op} {limit} {}", goal.figure.unit().symbol())
+    }
+}
+
+impl BenchReport {
+    /// An empty report for this machine.
+    pub fn new(quick: bool) -> Self {
+        BenchReport {
+            cpu: cpu_model(),
+            quick,
+            ..BenchReport::default()
+        }
+    }
+
+    /// Records a figure; a value that is not finite is not a measurement and is ignored.
+    pub fn set(&mut self, figure: Figure, value: f64) {
+        if value.is_finite() {
+            self.values.insert(figure, value);
+        }
+    }
+
+    /// A figure, if measured.
+    pub fn get(&self, figure: Figure) -> Option<f64> {
+        self.values.get(&figure).copied()
+    }
+
+    /// Records that the measurement `name` failed.
+    pub fn fail(&mut self, name: &str, reason: impl ToString) {
+        self.failures.push((name.to_string(), reason.to_string()));
+    }
+
+    /// Every goal with its verdict.
+    pub fn goals(&self) -> Vec<GoalResult> {
+        GOALS
+            .iter()
+            .map(|&goal| {
+                let figure = self.get(goal.figure);
+                let baseline = goal.baseline.and_then(|b| self.get(b));
+                let compared = match goal.baseline {
+                    None => figure,
+                    Some(_) => figure.zip(baseline).map(|(f, b)| f / b),
+                };
+                GoalResult {
+                    goal,
+                    figure,
+                    baseline,
+                    compared,
+                    met: compared
+                        .filter(|c| c.is_finite())
+                        .map(|c| goal.bound.holds(c)),
+                }
+            })
+            .collect()
+    }
+
+    /// The JSON object: every figure's key (`null` when missing), `cpu`, `quick` and the
+    /// failed measurements.
+    pub fn json(&self) -> Value {
+        let mut map = Map::new();
+        for &f in Figure::ALL {
+            let v = self
+                .get(f)
+                .and_then(|v| serde_json::Number::from_f64((v * 1000.0).round() / 1000.0))
+                .map_or(Value::Null, Value::Number);
+            map.insert(f.key().to_string(), v);
+        }
+        map.insert(
+            "cpu".into(),
+            self.cpu.clone().map_or(Value::Null, Value::String),
+        );
+        map.insert("quick".into(), Value::Bool(self.quick));
+        let failures = self
+            .failures
+            .iter()
+            .map(|(name, reason)| {
+                let mut m = Map::new();
+                m.insert("measurement".into(), Value::String(name.clone()));
+                m.insert("error".into(), Value::String(reason.clone()));
+                Value::Object(m)
+            })
+            .collect();
+        map.insert("failures".into(), Value::Array(failures));
+        Value::Object(map)
+    }
+
+    /// The table of goals: figure, baseline, ratio, goal and whether it is met; then the
+    /// figures no goal names and the failed measurements.
+    pub fn table(&self) -> String {
+        let dash = || "—".to_string();
+        let mut rows = vec![[
+            "goal".to_string(),
+            "figure".into(),
+            "baseline".into(),
+            "ratio".into(),
+            "goal".into(),
+            "met".into(),
+        ]];
+        for r in self.goals() {
+            let unit = r.goal.figure.unit();
+            rows.push([
+                r.goal.name.to_string(),
+                r.figure.map_or("missing".into(), |v| format_value(v, unit)),
+                match r.goal.baseline {
+                    None => dash(),
+                    Some(b) => r
+                        .baseline
+                        .map_or("missing".into(), |v| format_value(v, b.unit())),
+                },
+                match r.goal.baseline {
+                    None => dash(),
+                    Some(_) => r
+                        .compared
+                        .map_or("—".into(), |v| format_value(v, Unit::Times)),
+                },
+                format_bound(&r.goal),
+                match r.met {
+                    Some(true) => "yes".into(),
+                    Some(false) => "NO".into(),
+                    None => "missing".into(),
+                },
+            ]);
+        }
+        let widths: Vec<usize> = (0..6)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in &rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                let pad = widths[c] - cell.chars().count();
+                if c == 0 {
+                    let _ = write!(line, "{cell}{:pad$}", "");
+                } else {
+                    let _ = write!(line, "  {:pad$}{cell}", "");
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        let named: Vec<Figure> = GOALS
+            .iter()
+            .flat_map(|g| [Some(g.figure), g.baseline])
+            .flatten()
+            .collect();
+        for (&f, &v) in &self.values {
+            if !named.contains(&f) {
+                let _ = writeln!(out, "{}: {}", f.key(), format_value(v, f.unit()));
+            }
+        }
+        for (name, reason) in &self.failures {
+            let _ = writeln!(out, "failed: {name}: {reason}");
+        }
+        let _ = writeln!(
+            out,
+            "cpu: {}{}",
+            self.cpu.as_deref().unwrap_or("unknown"),
+            if self.quick { " (quick)" } else { "" }
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> BenchReport {
+        let mut r = BenchReport {
+            cpu: Some("Test CPU".into()),
+            ..BenchReport::default()
+        };
+        r.set(Figure::IotlbHitNs, 30.0);
+        r.set(Figure::HashmapLookupNs, 10.0);
+        r.set(Figure::MemcpyNestedGbps, 9.5);
+        r.set(Figure::MemcpyPlainGbps, 10.0);
+        r.set(Figure::ReadsPerMiss, 2.0);
+        r.set(Figure::NestedWalkTableReads, 24.0);
+        r
+    }
+
+    fn verdict(r: &BenchReport, figure: Figure) -> Option<bool> {
+        r.goals()
+            .into_iter()
+            .find(|g| g.goal.figure == figure)
+            .and_then(|g| g.met)
+    }
+
+    #[test]
+    fn goals_compare_ratios_and_absolute_values() {
+        let r = report();
+        assert_eq!(verdict(&r, Figure::IotlbHitNs), Some(false));
+        assert_eq!(verdict(&r, Figure::MemcpyNestedGbps), Some(true));
+        assert_eq!(verdict(&r, Figure::ReadsPerMiss), Some(true));
+        assert_eq!(verdict(&r, Figure::FwdInvNs), None);
+        let hit = r.goals()[0];
+        assert_eq!(hit.compared, Some(3.0));
+        assert_eq!(hit.score(), Some(1.5));
+    }
+
+    #[test]
+    fn a_missing_baseline_leaves_the_goal_open() {
+        let mut r = BenchReport::default();
+        r.set(Figure::IotlbHitNs, 30.0);
+        assert_eq!(verdict(&r, Figure::IotlbHitNs), None);
+        r.set(Figure::HashmapLookupNs, f64::NAN);
+        assert_eq!(r.get(Figure::HashmapLookupNs), None);
+    }
+
+    #[test]
+    fn json_has_every_key_and_nulls_for_missing_figures() {
+        let v = report().json();
+        let obj = v.as_object().unwrap();
+        for f in Figure::ALL {
+            assert!(obj.contains_key(f.key()), "{}", f.key());
+        }
+        assert_eq!(obj["iotlb_hit_ns"], Value::from(30.0));
+        assert_eq!(obj["fwd_inv_ns"], Value::Null);
+        assert_eq!(obj["cpu"], Value::from("Test CPU"));
+        let line = v.to_string();
+        assert!(!line.contains('\n'));
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_goal_and_the_other_figures() {
+        let mut r = report();
+        r.fail("stream", "model did not count");
+        let t = r.table();
+        let lines: Vec<_> = t.lines().collect();
+        assert!(lines[0].starts_with("goal"));
+        assert!(lines[1].starts_with("IOTLB hit vs hash map"));
+        assert!(lines[1].contains("3.00×") && lines[1].ends_with("NO"));
+        assert!(t.contains("nested_walk_table_reads: 24.0 reads"));
+        assert!(t.contains("failed: stream: model did not count"));
+        assert_eq!(
+            lines.iter().filter(|l| l.ends_with("missing")).count(),
+            GOALS.len() - 3
+        );
+    }
+
+    #[test]
+    fn values_are_formatted_with_their_units() {
+        assert_eq!(format_value(1234.4, Unit::Nanoseconds), "1234 ns");
+        assert_eq!(format_value(12.34, Unit::GigabytesPerSecond), "12.3 GB/s");
+        assert_eq!(format_value(1.6, Unit::Times), "1.60×");
+        assert_eq!(format_bound(&GOALS[0]), "≤ 2×");
+        assert_eq!(format_bound(&GOALS[1]), "≥ 1.6×");
+        assert_eq!(format_bound(&GOALS[4]), "≤ 2.5 reads");
+    }
+}

@@ -1,0 +1,277 @@
+//! The measurements `vsva bench` runs, as probes that each record some figures.
+//!
+//! The figures of the ioctl path, the forwarded path and the bound-PASID size need the
+//! host IOMMU driver and the VMM: no standard probe records them, so they stay missing
+//! until a probe for them joins [`standard_probes`].
+
+use indicatif::{ProgressBar, ProgressStyle};
+use vsva_hw::PAGE_SIZE;
+
+use super::dma::{nested_walk_reads, stream_reads, NestedMemmove, PlainCopy, MEMMOVE_BYTES};
+use super::figures::Figure;
+use super::loads::DependentLoads;
+use super::pasid::PasidChurn;
+use super::platform::{Platform, PlatformConfig};
+use super::report::BenchReport;
+use super::translate::{
+    ColdWalks, HashMapLookups, IotlbHits, TwoThreadHits, WalkKind, WORKING_SET,
+};
+use super::{measure, measure_pair, BenchError, SampleBudget};
+
+/// A measurement: records its figures in the report.
+pub trait Probe {
+    /// A short name, for the progress bar, `--only` and failure reports.
+    fn name(&self) -> &'static str;
+
+    /// Measures with `budget` and records the figures in `report`.
+    fn run(&mut self, budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError>;
+}
+
+/// A probe that is a plain function.
+pub struct FnProbe {
+    pub name: &'static str,
+    pub run: fn(&SampleBudget, &mut BenchReport) -> Result<(), BenchError>,
+}
+
+impl Probe for FnProbe {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn run(&mut self, budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+        (self.run)(budget, report)
+    }
+}
+
+/// Guest buffer of the streaming measurement: 4,096 pages, each a miss.
+const STREAM_BYTES: u64 = 16 << 20;
+
+fn hit_platform() -> Result<Platform, BenchError> {
+    Platform::new(PlatformConfig {
+        devices: 1,
+        buffer: WORKING_SET * PAGE_SIZE,
+    })
+}
+
+fn iotlb_hit(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = hit_platform()?;
+    let (hit, map) = measure_pair(
+        &mut IotlbHits::new(&p)?,
+        &mut HashMapLookups::new(&p)?,
+        budget,
+    )?;
+    report.set(Figure::IotlbHitNs, hit);
+    report.set(Figure::HashmapLookupNs, map);
+    Ok(())
+}
+
+fn iotlb_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = hit_platform()?;
+    let (two, one) = measure_pair(
+        &mut TwoThreadHits::new(&p)?,
+        &mut IotlbHits::new(&p)?,
+        budget,
+    )?;
+    report.set(Figure::IotlbHit2ThreadsSpeedup, 2.0 * one / two);
+    Ok(())
+}
+
+/// 128 devices: a batch of 128 cold translations between two invalidations.
+fn walk_platform() -> Result<Platform, BenchError> {
+    Platform::new(PlatformConfig {
+        devices: 128,
+        buffer: 16 * PAGE_SIZE,
+    })
+}
+
+fn cold_sl_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = walk_platform()?;
+    let (walk, loads) = measure_pair(
+        &mut ColdWalks::new(&p, WalkKind::SecondLevel),
+        &mut DependentLoads::new(4),
+        budget,
+    )?;
+    report.set(Figure::SlWalkNs, walk);
+    report.set(Figure::DependentLoads4Ns, loads);
+    Ok(())
+}
+
+fn cold_nested_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = walk_platform()?;
+    let (walk, loads) = measure_pair(
+        &mut ColdWalks::new(&p, WalkKind::Nested),
+        &mut DependentLoads::new(24),
+        budget,
+    )?;
+    report.set(Figure::NestedWalkNs, walk);
+    report.set(Figure::DependentLoads24Ns, loads);
+    report.set(Figure::NestedWalkTableReads, nested_walk_reads(&p)? as f64);
+    Ok(())
+}
+
+fn streaming(_: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = Platform::new(PlatformConfig {
+        devices: 1,
+        buffer: STREAM_BYTES,
+    })?;
+    let count = stream_reads(&p)?;
+    let reads = count.reads_per_miss().ok_or_else(|| {
+        BenchError::Check(format!(
+            "the IOMMU counted no table read over {} walks",
+            count.misses
+        ))
+    })?;
+    report.set(Figure::ReadsPerMiss, reads);
+    Ok(())
+}
+
+fn memmove(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = Platform::new(PlatformConfig {
+        devices: 1,
+        buffer: 2 * MEMMOVE_BYTES,
+    })?;
+    let (nested, plain) =
+        measure_pair(&mut NestedMemmove::new(&p)?, &mut PlainCopy::new(), budget)?;
+    // Bytes per nanosecond are gigabytes per second.
+    report.set(Figure::MemcpyNestedGbps, MEMMOVE_BYTES as f64 / nested);
+    report.set(Figure::MemcpyPlainGbps, MEMMOVE_BYTES as f64 / plain);
+    Ok(())
+}
+
+fn pasid_alloc(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let mut full = PasidChurn::new(0.99)?;
+    let mut empty = PasidChurn::new(0.0)?;
+    let (n99, n0) = measure_pair(&mut full, &mut empty, budget)?;
+    let n50 = measure(&mut PasidChurn::new(0.5)?, budget)?;
+    report.set(Figure::PasidAllocFreeNs0, n0);
+    report.set(Figure::PasidAllocFreeNs50, n50);
+    report.set(Figure::PasidAllocFreeNs99, n99);
+    if let Some(bytes) = full.heap_per_pasid() {
+        report.set(Figure::BytesPerPasid, bytes);
+    }
+    Ok(())
+}
+
+/// Every measurement that the parts on `main` allow, in report order.
+pub fn standard_probes() -> Vec<Box<dyn Probe>> {
+    let probe = |name, run| -> Box<dyn Probe> { Box::new(FnProbe { name, run }) };
+    vec![
+        probe("iotlb-hit", iotlb_hit),
+        probe("iotlb-hit-2-threads", iotlb_two_threads),
+        probe("cold-sl-walk", cold_sl_walk),
+        probe("cold-nested-walk", cold_nested_walk),
+        probe("streaming-dma", streaming),
+        probe("nested-memmove", memmove),
+        probe("pasid-alloc-free", pasid_alloc),
+    ]
+}
+
+/// How to run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BenchOptions {
+    /// Short sampling ([`SampleBudget::QUICK`]).
+    pub quick: bool,
+    /// Run only the probes whose name contains this.
+    pub only: Option<String>,
+    /// Show a progress bar on standard error (when it is a terminal).
+    pub progress: bool,
+}
+
+/// Runs the standard probes.
+pub fn run(opts: &BenchOptions) -> BenchReport {
+    run_probes(opts, standard_probes())
+}
+
+/// Runs `probes`. A probe that fails leaves its figures missing and is listed in the
+/// report's failures; the others still run.
+pub fn run_probes(opts: &BenchOptions, probes: Vec<Box<dyn Probe>>) -> BenchReport {
+    let budget = if opts.quick {
+        SampleBudget::QUICK
+    } else {
+        SampleBudget::FULL
+    };
+    let selected: Vec<_> = probes
+        .into_iter()
+        .filter(|p| opts.only.as_deref().is_none_or(|o| p.name().contains(o)))
+        .collect();
+    let bar = if opts.progress {
+        ProgressBar::new(selected.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template("[{elapsed}] {bar:30} {pos}/{len} {msg}") {
+        bar.set_style(style);
+    }
+    let mut report = BenchReport::new(opts.quick);
+    for mut probe in selected {
+        bar.set_message(probe.name());
+        if let Err(e) = probe.run(&budget, &mut report) {
+            report.fail(probe.name(), e);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(_: &SampleBudget, r: &mut BenchReport) -> Result<(), BenchError> {
+        r.set(Figure::FwdInvNs, 1500.0);
+        Ok(())
+    }
+
+    fn fails(_: &SampleBudget, _: &mut BenchReport) -> Result<(), BenchError> {
+        Err(BenchError::Check("no model".into()))
+    }
+
+    #[test]
+    fn failures_are_reported_and_do_not_stop_the_run() {
+        let probes: Vec<Box<dyn Probe>> = vec![
+            Box::new(FnProbe {
+                name: "fails",
+                run: fails,
+            }),
+            Box::new(FnProbe {
+                name: "records",
+                run: records,
+            }),
+        ];
+        let r = run_probes(&BenchOptions::default(), probes);
+        assert_eq!(r.get(Figure::FwdInvNs), Some(1500.0));
+        assert_eq!(
+            r.failures,
+            vec![("fails".to_string(), "check failed: no model".to_string())]
+        );
+    }
+
+    #[test]
+    fn only_selects_probes_by_name() {
+        let probes: Vec<Box<dyn Probe>> = vec![
+            Box::new(FnProbe {
+                name: "fails",
+                run: fails,
+            }),
+            Box::new(FnProbe {
+                name: "records",
+                run: records,
+            }),
+        ];
+        let opts = BenchOptions {
+            only: Some("rec".into()),
+            ..BenchOptions::default()
+        };
+        let r = run_probes(&opts, probes);
+        assert!(r.failures.is_empty());
+        assert_eq!(r.get(Figure::FwdInvNs), Some(1500.0));
+    }
+
+    #[test]
+    fn standard_probe_names_are_unique() {
+        let names: std::collections::HashSet<_> =
+            standard_probes().iter().map(|p| p.name()).collect();
+        assert_eq!(names.len(), standard_probes().len());
+    }
+}

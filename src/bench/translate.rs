@@ -1,0 +1,337 @@
+//! Translation workloads: IOTLB hits (one and two threads) against a plain hash map, and
+//! cold walks with every IOMMU cache empty.
+//!
+//! Each workload checks every translation it times (a hit must come from the IOTLB, a cold
+//! translation from a walk) and fails when one does not, so a figure never measures a path
+//! other than the one it names.
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use vsva_hw::iommu::{Iommu, Source};
+use vsva_hw::PAGE_SIZE;
+use vsva_vtd::{AccessRequest, Pasid, SourceId};
+
+use super::platform::Platform;
+use super::{BenchError, Workload};
+
+/// Pages in the IOTLB-hit working set.
+pub const WORKING_SET: u64 = 1024;
+/// Length of the precomputed random address sequence (a power of two).
+const SEQUENCE: usize = 1 << 14;
+
+/// xorshift64*: a small deterministic generator for address sequences.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Random 8-byte aligned addresses (buffer offsets) over the first `pages` pages.
+fn random_offsets(seed: u64, pages: u64) -> Box<[u64]> {
+    let mut state = seed | 1;
+    (0..SEQUENCE)
+        .map(|_| {
+            let r = next_random(&mut state);
+            (r % pages) * PAGE_SIZE + (r >> 32) % (PAGE_SIZE / 8) * 8
+        })
+        .collect()
+}
+
+/// One address space's hits: the loop both the one- and two-thread workloads time.
+struct HitLoop {
+    iommu: Arc<Iommu>,
+    sid: SourceId,
+    pasid: Pasid,
+    addrs: Box<[u64]>,
+    pos: usize,
+}
+
+impl HitLoop {
+    fn new(p: &Platform, seed: u64) -> Result<Self, BenchError> {
+        if p.buffer_len() < WORKING_SET * PAGE_SIZE {
+            return Err(BenchError::Check(format!(
+                "the guest buffer holds fewer than {WORKING_SET} pages"
+            )));
+        }
+        let addrs = random_offsets(seed, WORKING_SET)
+            .iter()
+            .map(|&off| p.gva(off))
+            .collect();
+        let hits = HitLoop {
+            iommu: p.iommu().clone(),
+            sid: p.device(0),
+            pasid: p.nested_pasid(),
+            addrs,
+            pos: 0,
+        };
+        for page in 0..WORKING_SET {
+            hits.iommu.translate(
+                hits.sid,
+                Some(hits.pasid),
+                p.gva(page * PAGE_SIZE),
+                AccessRequest::READ,
+            )?;
+        }
+        Ok(hits)
+    }
+
+    /// `iters` translations; `false` when one was not an IOTLB hit.
+    fn hits(&mut self, iters: u64) -> bool {
+        let mask = self.addrs.len() - 1;
+        let mut all_hits = true;
+        for _ in 0..iters {
+            let addr = self.addrs[self.pos & mask];
+            self.pos = self.pos.wrapping_add(1);
+            let r = self
+                .iommu
+                .translate(self.sid, Some(self.pasid), addr, AccessRequest::READ);
+            all_hits &= matches!(r, Ok(m) if m.source == Source::Iotlb);
+            let _ = black_box(r);
+        }
+        all_hits
+    }
+}
+
+fn not_a_hit() -> BenchError {
+    BenchError::Check("a translation of the working set missed the IOTLB".into())
+}
+
+/// IOTLB hits: nested translations of random addresses over a 1,024-page working set.
+pub struct IotlbHits(HitLoop);
+
+impl IotlbHits {
+    /// Warms the IOTLB with the working set of `p`'s guest buffer (at least 1,024 pages).
+    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+        HitLoop::new(p, 0x9e37_79b9_7f4a_7c15).map(IotlbHits)
+    }
+}
+
+impl Workload for IotlbHits {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        let ok = self.0.hits(iters);
+        let t = start.elapsed();
+        ok.then_some(t).ok_or_else(not_a_hit)
+    }
+}
+
+/// The baseline of IOTLB hits: the same addresses looked up in a
+/// `HashMap<(u16, u32, u64), u64>` with foldhash, keyed by requester id, PASID and page.
+pub struct HashMapLookups {
+    map: foldhash::HashMap<(u16, u32, u64), u64>,
+    rid: u16,
+    pasid: u32,
+    addrs: Box<[u64]>,
+    pos: usize,
+}
+
+impl HashMapLookups {
+    /// The working set of [`IotlbHits::new`] on `p`, with the same address sequence.
+    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+        let hits = HitLoop::new(p, 0x9e37_79b9_7f4a_7c15)?;
+        let (rid, pasid) = (hits.sid.rid(), hits.pasid.raw());
+        let map = (0..WORKING_SET)
+            .map(|page| {
+                let off = page * PAGE_SIZE;
+                ((rid, pasid, p.gva(off) >> 12), p.hpa(off))
+            })
+            .collect();
+        Ok(HashMapLookups {
+            map,
+            rid,
+            pasid,
+            addrs: hits.addrs,
+            pos: 0,
+        })
+    }
+}
+
+impl Workload for HashMapLookups {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let mask = self.addrs.len() - 1;
+        let mut all_found = true;
+        let start = Instant::now();
+        for _ in 0..iters {
+            let addr = self.addrs[self.pos & mask];
+            self.pos = self.pos.wrapping_add(1);
+            let hpa = self
+                .map
+                .get(&(self.rid, self.pasid, addr >> 12))
+                .map(|page| page | (addr & (PAGE_SIZE - 1)));
+            all_found &= hpa.is_some();
+            black_box(hpa);
+        }
+        let t = start.elapsed();
+        all_found
+            .then_some(t)
+            .ok_or_else(|| BenchError::Check("a working-set key was not in the map".into()))
+    }
+}
+
+/// IOTLB hits on two threads sharing one IOMMU, each with its own random sequence over the
+/// same working set. An operation is one hit on each thread; its time is wall time, so
+/// the two-thread speedup is `2 × (one-thread ns) / (this ns)`.
+pub struct TwoThreadHits([HitLoop; 2]);
+
+impl TwoThreadHits {
+    /// Warms the IOTLB as [`IotlbHits::new`] does.
+    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+        Ok(TwoThreadHits([
+            HitLoop::new(p, 0x243f_6a88_85a3_08d3)?,
+            HitLoop::new(p, 0x1319_8a2e_0370_7344)?,
+        ]))
+    }
+}
+
+impl Workload for TwoThreadHits {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let [a, b] = &mut self.0;
+        let start = Barrier::new(2);
+        let (t, ok) = std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                start.wait();
+                b.hits(iters)
+            });
+            start.wait();
+            let t0 = Instant::now();
+            let ok = a.hits(iters);
+            let ok_other = other.join().unwrap_or(false);
+            (t0.elapsed(), ok && ok_other)
+        });
+        ok.then_some(t).ok_or_else(not_a_hit)
+    }
+}
+
+/// Which translation a cold walk does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkKind {
+    /// A request without PASID, second level only (RID_PASID entry).
+    SecondLevel,
+    /// A request with the nested PASID: 4-level first over 4-level second level.
+    Nested,
+}
+
+/// Translations with every IOMMU cache empty: each device of the platform translates the
+/// same address once after a global context-cache, PASID-cache and IOTLB invalidation (the
+/// invalidation is not timed), so every translation reads the root, context and PASID
+/// tables and walks. The tables stay warm in the CPU caches.
+pub struct ColdWalks<'a> {
+    platform: &'a Platform,
+    kind: WalkKind,
+}
+
+impl<'a> ColdWalks<'a> {
+    /// Cold walks of `kind` on `p`.
+    pub fn new(p: &'a Platform, kind: WalkKind) -> Self {
+        ColdWalks { platform: p, kind }
+    }
+}
+
+impl Workload for ColdWalks<'_> {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let p = self.platform;
+        let iommu = p.iommu();
+        let (pasid, addr) = match self.kind {
+            WalkKind::SecondLevel => (None, p.gpa(0)),
+            WalkKind::Nested => (Some(p.nested_pasid()), p.gva(0)),
+        };
+        let mut left = iters;
+        let mut total = Duration::ZERO;
+        let mut all_walked = true;
+        while left > 0 {
+            p.invalidate_all()?;
+            let batch = left.min(u64::from(p.devices())) as u8;
+            let start = Instant::now();
+            for d in 0..batch {
+                let r = iommu.translate(p.device(d), pasid, addr, AccessRequest::READ);
+                all_walked &= matches!(r, Ok(m) if m.source == Source::Walk);
+                let _ = black_box(r);
+            }
+            total += start.elapsed();
+            left -= u64::from(batch);
+        }
+        all_walked.then_some(total).ok_or_else(|| {
+            BenchError::Check("a translation after a global invalidation did not walk".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::platform::PlatformConfig;
+    use std::sync::atomic::Ordering;
+
+    fn platform() -> Platform {
+        Platform::new(PlatformConfig {
+            devices: 8,
+            buffer: WORKING_SET * PAGE_SIZE,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn random_offsets_cover_the_working_set_only() {
+        let offs = random_offsets(7, WORKING_SET);
+        assert!(offs
+            .iter()
+            .all(|&o| o < WORKING_SET * PAGE_SIZE && o % 8 == 0));
+        let pages: std::collections::BTreeSet<_> = offs.iter().map(|o| o / PAGE_SIZE).collect();
+        assert!(pages.len() > 1000, "{} pages", pages.len());
+    }
+
+    #[test]
+    fn hits_walk_no_table() {
+        let p = platform();
+        let mut hits = IotlbHits::new(&p).unwrap();
+        let walks = p.iommu().stats().walks.load(Ordering::Relaxed);
+        hits.run(5000).unwrap();
+        let mut two = TwoThreadHits::new(&p).unwrap();
+        two.run(1000).unwrap();
+        assert_eq!(p.iommu().stats().walks.load(Ordering::Relaxed), walks);
+        HashMapLookups::new(&p).unwrap().run(5000).unwrap();
+    }
+
+    #[test]
+    fn hits_fail_once_the_iotlb_is_emptied() {
+        let p = platform();
+        let mut hits = IotlbHits::new(&p).unwrap();
+        p.invalidate_all().unwrap();
+        assert!(matches!(hits.run(10), Err(BenchError::Check(_))));
+    }
+
+    #[test]
+    fn the_map_answers_what_the_iommu_answers() {
+        let p = platform();
+        let mut map = HashMapLookups::new(&p).unwrap();
+        for _ in 0..100 {
+            let addr = map.addrs[map.pos];
+            map.pos += 1;
+            let want = p
+                .iommu()
+                .translate(
+                    p.device(0),
+                    Some(p.nested_pasid()),
+                    addr,
+                    AccessRequest::READ,
+                )
+                .unwrap()
+                .hpa;
+            let page = map.map[&(map.rid, map.pasid, addr >> 12)];
+            assert_eq!(page | (addr & 0xfff), want);
+        }
+    }
+
+    #[test]
+    fn every_cold_translation_walks() {
+        let p = platform();
+        for kind in [WalkKind::SecondLevel, WalkKind::Nested] {
+            let walks = p.iommu().stats().walks.load(Ordering::Relaxed);
+            ColdWalks::new(&p, kind).run(20).unwrap();
+            assert_eq!(p.iommu().stats().walks.load(Ordering::Relaxed), walks + 20);
+        }
+    }
+}
