@@ -4,11 +4,14 @@
 //! - [`uapi`]: the byte ABI of the VFIO type1 SVA ioctls, with typed views.
 //! - [`container`]: a VM's VFIO container: ioctl dispatch, ownership checks, and the
 //!   [`IommuBackend`] trait the host IOMMU driver implements.
+//! - [`driver`]: the host VT-d IOMMU driver: one unit's tables, queued invalidation and
+//!   interrupts, and the per-container domain that implements [`IommuBackend`].
 //! - [`fault`]: a container's page requests on their way to the VMM, and the groups that
 //!   wait for a page response.
 //! - [`error`]: one error type whose variants carry the errno Linux returns.
 
 pub mod container;
+pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod pasid;

@@ -1,0 +1,470 @@
+//! A domain: one VFIO container's address space on the unit (intel-iommu's
+//! `dmar_domain` in nesting mode), and the [`IommuBackend`] the container drives.
+//!
+//! The domain has a domain id and a second-level page table built from `MAP_DMA`: the
+//! VMM's memory, resolved to host physical memory as `pin_user_pages` does, mapped at the
+//! IOVA (the guest physical address) with the largest pages alignment allows. Its
+//! devices translate requests without PASID through that table (RID_PASID), and each
+//! PASID bound for the guest through a nested entry: the guest's first-level table,
+//! walked through the domain's second level, so the guest reaches nothing but what the
+//! VMM mapped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use vsva_vtd::regs::{Cap, Ecap};
+use vsva_vtd::{
+    DomainId, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid, SlLevels, SourceId,
+    TableFormat,
+};
+
+use super::error::DriverError;
+use super::frames::HostFrames;
+use super::inv::{covering_order, dev_iotlb, iotlb_range, WHOLE_SPACE};
+use super::nested::{cache_invalidation, nested_entry, SecondLevel};
+use super::unit::HostIommu;
+use crate::container::{BackendInfo, IommuBackend};
+use crate::error::HostError;
+use crate::fault::FaultSink;
+use crate::uapi::iommu::{IOMMU_NESTING_FEAT_BIND_PGTBL, IOMMU_NESTING_FEAT_CACHE_INVLD};
+use crate::uapi::request::{BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse};
+
+/// The page sizes of a second level, largest first.
+const PAGE_SIZES: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K];
+
+/// The deepest second level the unit supports within its address width (`agaw`).
+fn second_level_depth(cap: &Cap) -> Result<SlLevels, DriverError> {
+    [SlLevels::Five, SlLevels::Four, SlLevels::Three]
+        .into_iter()
+        .find(|l| cap.sagaw & (1 << l.aw()) != 0 && l.input_width() <= cap.guest_address_width())
+        .ok_or(DriverError::Unsupported("a second-level address width"))
+}
+
+/// Whether the second level can map pages of `size` (CAP.SLLPS).
+fn supports(cap: &Cap, size: PageSize) -> bool {
+    match size {
+        PageSize::Size4K => true,
+        PageSize::Size2M => cap.sllps & 1 != 0,
+        PageSize::Size1G => cap.sllps & 2 != 0,
+    }
+}
+
+/// One container's domain.
+#[derive(Debug)]
+pub struct VtdDomain {
+    unit: Arc<HostIommu>,
+    did: DomainId,
+    levels: SlLevels,
+    /// The second level; taken only when the domain is dropped.
+    sl: Option<PageTableBuilder>,
+    devices: BTreeSet<SourceId>,
+    bound: BTreeMap<Pasid, BindGpasid>,
+}
+
+impl VtdDomain {
+    /// A new domain on `unit`: a domain id and an empty second level.
+    pub fn new(unit: &Arc<HostIommu>) -> Result<Self, DriverError> {
+        let cap = unit.cap();
+        let levels = second_level_depth(&cap)?;
+        let did = unit.alloc_domain_id()?;
+        let sl = PageTableBuilder::new(
+            TableFormat::SecondLevel(levels),
+            &**unit.hardware().memory(),
+            &mut HostFrames(unit.frames()),
+        );
+        match sl {
+            Ok(sl) => Ok(VtdDomain {
+                unit: unit.clone(),
+                did,
+                levels,
+                sl: Some(sl),
+                devices: BTreeSet::new(),
+                bound: BTreeMap::new(),
+            }),
+            Err(e) => {
+                unit.free_domain_id(did);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The unit.
+    pub fn unit(&self) -> &Arc<HostIommu> {
+        &self.unit
+    }
+
+    /// The domain id.
+    pub fn did(&self) -> DomainId {
+        self.did
+    }
+
+    /// The depth of the second level.
+    pub fn levels(&self) -> SlLevels {
+        self.levels
+    }
+
+    /// The second level's root (SLPTPTR).
+    pub fn second_level_root(&self) -> Hpa {
+        Hpa(self.sl.as_ref().map_or(0, PageTableBuilder::root))
+    }
+
+    /// Frames the second level holds, root included.
+    pub fn table_frames(&self) -> usize {
+        self.sl.as_ref().map_or(0, PageTableBuilder::table_frames)
+    }
+
+    /// The attached devices.
+    pub fn devices(&self) -> Vec<SourceId> {
+        self.devices.iter().copied().collect()
+    }
+
+    /// The bound host PASIDs.
+    pub fn bound_pasids(&self) -> Vec<Pasid> {
+        self.bound.keys().copied().collect()
+    }
+
+    /// The host page and page size `iova` maps to in the second level.
+    pub fn lookup(&self, iova: Iova) -> Option<(Hpa, PageSize)> {
+        let sl = self.sl.as_ref()?;
+        let m = sl
+            .lookup(&**self.unit.hardware().memory(), iova.raw())
+            .ok()??;
+        Some((Hpa(m.page), m.size))
+    }
+
+    fn second_level(&self) -> SecondLevel {
+        SecondLevel {
+            did: self.did,
+            root: self.second_level_root().0,
+            levels: self.levels,
+        }
+    }
+
+    fn nested_entry(&self, bind: &BindGpasid) -> Result<vsva_vtd::PasidEntry, DriverError> {
+        nested_entry(
+            bind,
+            &self.second_level(),
+            &self.unit.cap(),
+            &self.unit.ecap(),
+        )
+    }
+
+    /// The invalidations after second-level entries of `[start, last]` changed: the IOTLB
+    /// (page-selective with the covering mask, which also drops the domain's nested
+    /// translations), the device TLBs of requests without PASID for the range, and, since
+    /// device TLBs cache nested translations by first-level address, the whole device TLB
+    /// of every bound PASID.
+    fn flush_range(&self, start: u64, last: u64) {
+        let cap = self.unit.cap();
+        let order = covering_order(start, last);
+        let mut descs: Vec<InvDesc> = vec![iotlb_range(self.did, start, last, &cap)];
+        for &sid in &self.devices {
+            descs.push(dev_iotlb(sid, None, start, order));
+            for &pasid in self.bound.keys() {
+                descs.push(dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE));
+            }
+        }
+        if let Err(e) = self.unit.invalidate(&descs) {
+            tracing::error!("vt-d: {}: second-level invalidation failed: {e}", self.did);
+        }
+    }
+
+    /// Maps `[iova, iova + size)` to host memory from `hpa` in the largest pages the
+    /// alignment of both and CAP.SLLPS allow. On failure the pages mapped are removed.
+    fn map_range(
+        &mut self,
+        iova: u64,
+        hpa: u64,
+        size: u64,
+        flags: MapFlags,
+    ) -> Result<(), DriverError> {
+        let cap = self.unit.cap();
+        let mem = &**self.unit.hardware().memory();
+        let mut frames = HostFrames(self.unit.frames());
+        let Some(sl) = self.sl.as_mut() else {
+            return Err(DriverError::Unsupported("a second level"));
+        };
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < size {
+            let (va, pa) = (iova + done, hpa + done);
+            let page = PAGE_SIZES
+                .into_iter()
+                .find(|s| {
+                    let b = s.bytes();
+                    supports(&cap, *s) && va % b == 0 && pa % b == 0 && size - done >= b
+                })
+                .unwrap_or(PageSize::Size4K);
+            if let Err(e) = sl.map(mem, &mut frames, va, pa, page, flags) {
+                result = Err(e.into());
+                break;
+            }
+            done += page.bytes();
+        }
+        if result.is_err() && done > 0 {
+            self.unmap_range(iova, done);
+        }
+        result
+    }
+
+    /// Removes every page in `[iova, iova + size)` and invalidates.
+    fn unmap_range(&mut self, iova: u64, size: u64) {
+        let mem = &**self.unit.hardware().memory();
+        let Some(sl) = self.sl.as_mut() else {
+            return;
+        };
+        let end = iova.saturating_add(size);
+        let mut at = iova;
+        while at < end {
+            match sl.lookup(mem, at) {
+                Ok(Some(m)) => {
+                    if let Err(e) = sl.unmap(mem, m.page, m.size) {
+                        tracing::error!("vt-d: unmapping {:#x}: {e}", m.page);
+                    }
+                    at = m.page + m.size.bytes();
+                }
+                Ok(None) => at += PageSize::Size4K.bytes(),
+                Err(e) => {
+                    tracing::error!("vt-d: walking the second level at {at:#x}: {e}");
+                    at += PageSize::Size4K.bytes();
+                }
+            }
+        }
+        self.flush_range(iova, end - 1);
+    }
+
+    fn install_binding(&self, sid: SourceId, bind: &BindGpasid) -> Result<(), DriverError> {
+        self.unit
+            .install_pasid_entry(sid, bind.hpasid, &self.nested_entry(bind)?)?;
+        self.unit.route_page_requests(sid, bind.hpasid, self.did);
+        Ok(())
+    }
+
+    fn remove_binding(&self, sid: SourceId, pasid: Pasid) {
+        self.unit.remove_pasid_entry(sid, pasid, true);
+        self.unit.unroute_page_requests(sid, pasid);
+    }
+
+    fn attach(&mut self, sid: SourceId) -> Result<(), DriverError> {
+        if self.devices.contains(&sid) {
+            return Err(DriverError::DeviceBusy(sid));
+        }
+        self.unit.attach_device(sid, &self.second_level())?;
+        let mut installed = Vec::new();
+        for bind in self.bound.values() {
+            if let Err(e) = self.install_binding(sid, bind) {
+                for &pasid in &installed {
+                    self.remove_binding(sid, pasid);
+                }
+                self.unit.detach_device(sid);
+                return Err(e);
+            }
+            installed.push(bind.hpasid);
+        }
+        self.devices.insert(sid);
+        Ok(())
+    }
+
+    fn detach(&mut self, sid: SourceId) {
+        if !self.devices.remove(&sid) {
+            return;
+        }
+        for &pasid in self.bound.keys() {
+            self.remove_binding(sid, pasid);
+        }
+        self.unit.detach_device(sid);
+    }
+
+    fn bind(&mut self, bind: &BindGpasid) -> Result<(), DriverError> {
+        if self.bound.contains_key(&bind.hpasid) {
+            return Err(DriverError::invalid(
+                "guest PASID bind",
+                format!("{} is bound already", bind.hpasid),
+            ));
+        }
+        self.nested_entry(bind)?;
+        let mut done = Vec::new();
+        for &sid in &self.devices {
+            if let Err(e) = self.install_binding(sid, bind) {
+                for &s in &done {
+                    self.remove_binding(s, bind.hpasid);
+                }
+                return Err(e);
+            }
+            done.push(sid);
+        }
+        self.bound.insert(bind.hpasid, *bind);
+        Ok(())
+    }
+}
+
+impl IommuBackend for VtdDomain {
+    /// The second level's page sizes (4 KiB and those of CAP.SLLPS) and, when the unit
+    /// nests, the nesting capability of the seed's `iommu_nesting_info`: guest page-table
+    /// bind and cache invalidation, the domain's address width, the unit's PASID bits and
+    /// the first-level capabilities a guest needs (CAP.FL1GP/FL5LP; ECAP.PRS, ERS, SRS,
+    /// EAFS, PASID).
+    fn info(&self) -> BackendInfo {
+        let cap = self.unit.cap();
+        let ecap = self.unit.ecap();
+        let iova_pgsizes = PAGE_SIZES
+            .into_iter()
+            .filter(|s| supports(&cap, *s))
+            .fold(0, |acc, s| acc | s.bytes());
+        let nesting = (ecap.nest && ecap.flts && ecap.pasid).then(|| NestingInfo {
+            features: IOMMU_NESTING_FEAT_BIND_PGTBL | IOMMU_NESTING_FEAT_CACHE_INVLD,
+            addr_width: self.levels.input_width() as u16,
+            pasid_bits: ecap.pasid_bits() as u16,
+            cap_reg: Cap {
+                fl1gp: cap.fl1gp,
+                fl5lp: cap.fl5lp,
+                ..Cap::default()
+            }
+            .to_raw()
+            .unwrap_or(0),
+            ecap_reg: Ecap {
+                prs: ecap.prs,
+                ers: ecap.ers,
+                srs: ecap.srs,
+                eafs: ecap.eafs,
+                pasid: ecap.pasid,
+                ..Ecap::default()
+            }
+            .to_raw()
+            .unwrap_or(0),
+        });
+        BackendInfo {
+            iova_pgsizes,
+            nesting,
+        }
+    }
+
+    /// Resolves the VMM's `vaddr` range to host memory and maps it at `iova` (readable
+    /// and/or writable as asked), then invalidates the range. EINVAL for a mapping with
+    /// neither right or not 4-KiB aligned, EFAULT for memory that is not host memory or an
+    /// IOVA beyond the second level.
+    fn map_dma(&mut self, map: &DmaMap) -> Result<(), HostError> {
+        const WHAT: &str = "MAP_DMA";
+        if !map.read && !map.write {
+            return Err(DriverError::invalid(WHAT, "neither readable nor writable").into());
+        }
+        let page = PageSize::Size4K.bytes();
+        if map.size == 0 || (map.iova.raw() | map.vaddr | map.size) % page != 0 {
+            return Err(DriverError::invalid(WHAT, "empty or not 4 KiB aligned").into());
+        }
+        let end = map.iova.raw().checked_add(map.size);
+        if end.is_none_or(|e| e > 1u64 << self.levels.input_width()) {
+            return Err(DriverError::IovaOutOfRange {
+                iova: map.iova.raw(),
+                size: map.size,
+                width: self.levels.input_width(),
+            }
+            .into());
+        }
+        let hpa = self
+            .unit
+            .hardware()
+            .memory()
+            .resolve_user(map.vaddr, map.size)
+            .map_err(|_| DriverError::BadUserAddress {
+                vaddr: map.vaddr,
+                size: map.size,
+            })?;
+        let mut flags = MapFlags::NONE;
+        if map.read {
+            flags = flags | MapFlags::READ;
+        }
+        if map.write {
+            flags = flags | MapFlags::WRITE;
+        }
+        self.map_range(map.iova.raw(), hpa.0, map.size, flags)?;
+        self.flush_range(map.iova.raw(), map.iova.raw() + (map.size - 1));
+        Ok(())
+    }
+
+    /// Removes the pages of an earlier mapping, then invalidates the IOTLB with one
+    /// page-selective descriptor covering the range and the device TLBs (see
+    /// [`VtdDomain`]'s `flush_range`).
+    fn unmap_dma(&mut self, iova: Iova, size: u64) {
+        if size > 0 {
+            self.unmap_range(iova.raw(), size);
+        }
+    }
+
+    /// Writes the nested PASID entry of `bind.hpasid` for every device of the domain
+    /// (`intel_svm_bind_gpasid`), invalidates, and routes the PASID's page requests to
+    /// the domain's sink with the guest PASID.
+    fn bind_gpasid(&mut self, bind: &BindGpasid) -> Result<(), HostError> {
+        Ok(self.bind(bind)?)
+    }
+
+    /// Tears the nested entry down on every device, drains the PASID's page requests and
+    /// answers those still pending with Invalid Request (`intel_svm_unbind_gpasid`).
+    fn unbind_gpasid(&mut self, bind: &BindGpasid) {
+        if self.bound.remove(&bind.hpasid).is_none() {
+            return;
+        }
+        for &sid in &self.devices {
+            self.remove_binding(sid, bind.hpasid);
+        }
+    }
+
+    /// Carries out a guest's first-level invalidation in this domain only, for its
+    /// devices (`intel_iommu_sva_invalidate`; see `cache_invalidation` for the table).
+    fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), HostError> {
+        let devices: Vec<SourceId> = self.devices.iter().copied().collect();
+        let descs = cache_invalidation(inv, self.did, &devices, &self.unit.cap())?;
+        Ok(self.unit.invalidate(&descs)?)
+    }
+
+    /// Attaches a device: its context entry and RID_PASID entry translate through the
+    /// domain's second level, and the PASIDs bound so far are bound for it too.
+    fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
+        Ok(self.attach(sid)?)
+    }
+
+    /// Detaches a device: its bound PASIDs, RID_PASID entry, context entry and PASID
+    /// tables go, with their invalidations.
+    fn detach_device(&mut self, sid: SourceId) {
+        self.detach(sid);
+    }
+
+    /// Sends the domain's page requests to the container's fault queue: each request on
+    /// a bound PASID of one of its devices. Requests the queue refuses, and any while no
+    /// queue is set, are answered with Invalid Request.
+    fn set_fault_sink(&mut self, sink: FaultSink) {
+        self.unit.set_page_request_sink(self.did, Some(sink));
+    }
+
+    /// Answers a page request group of device `sid` reported to the container
+    /// (`intel_svm_page_response`): the response must name a PASID (EINVAL) bound in this
+    /// domain, for one of its devices (ENODEV otherwise). Private data of the request is
+    /// not returned: the response does not carry it.
+    fn page_response(&mut self, sid: SourceId, response: &PageResponse) -> Result<(), HostError> {
+        let Some(pasid) = response.pasid else {
+            return Err(DriverError::invalid("page response", "no PASID").into());
+        };
+        if !self.devices.contains(&sid) {
+            return Err(DriverError::NotAttached(sid).into());
+        }
+        if !self.bound.contains_key(&pasid) {
+            return Err(DriverError::NotBound(pasid).into());
+        }
+        Ok(self.unit.page_response(sid, response)?)
+    }
+}
+
+impl Drop for VtdDomain {
+    /// Detaches every device, frees the second level and the domain id.
+    fn drop(&mut self) {
+        for sid in self.devices() {
+            self.detach(sid);
+        }
+        self.bound.clear();
+        self.unit.set_page_request_sink(self.did, None);
+        if let Some(sl) = self.sl.take() {
+            sl.destroy(&mut HostFrames(self.unit.frames()));
+        }
+        self.unit.free_domain_id(self.did);
+    }
+}

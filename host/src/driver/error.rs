@@ -1,0 +1,144 @@
+//! Errors of the host VT-d driver, each with the errno Linux's intel-iommu returns for the
+//! same failure.
+
+use vsva_vtd::regs::Iqei;
+use vsva_vtd::{BuildError, Pasid, RegError, SourceId};
+
+use crate::error::{Errno, HostError};
+
+/// A failed driver operation. Except where a variant says otherwise, nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// The unit lacks a capability the operation needs (`-ENODEV`, as an absent feature
+    /// makes intel-iommu refuse the device or domain).
+    #[error("the IOMMU does not support {0}")]
+    Unsupported(&'static str),
+    /// A register access the model refused (`-EIO`).
+    #[error("register access failed: {0}")]
+    Register(#[from] RegError),
+    /// Host memory for tables or queues is exhausted (`-ENOMEM`).
+    #[error("out of host memory for IOMMU structures")]
+    OutOfMemory,
+    /// Host memory could not be read or written (`-EFAULT`).
+    #[error("host memory access failed: {0}")]
+    Memory(String),
+    /// User memory that does not resolve to host memory (`pin_user_pages` fails: `-EFAULT`).
+    #[error("user range {vaddr:#x}+{size:#x} is not backed by host memory")]
+    BadUserAddress { vaddr: u64, size: u64 },
+    /// An IOVA range beyond the domain's address width (`-EFAULT`, as `intel_iommu_map`).
+    #[error("IOVA range {iova:#x}+{size:#x} is beyond the {width}-bit address width")]
+    IovaOutOfRange { iova: u64, size: u64, width: u32 },
+    /// An argument the driver refuses (`-EINVAL`).
+    #[error("{what}: {detail}")]
+    InvalidArgument { what: &'static str, detail: String },
+    /// An invalidation whose address is not aligned to its size (`-ERANGE`, as
+    /// `intel_iommu_sva_invalidate` answers).
+    #[error("invalidation address {addr:#x} is not aligned to its {pages} pages")]
+    Misaligned { addr: u64, pages: u64 },
+    /// Every domain id is in use (`-ENOSPC`).
+    #[error("no free domain id")]
+    NoDomainId,
+    /// The device is attached already (`-EBUSY`).
+    #[error("device {0} is attached already")]
+    DeviceBusy(SourceId),
+    /// The device is not attached to this domain (`-ENODEV`).
+    #[error("device {0} is not attached to this domain")]
+    NotAttached(SourceId),
+    /// The PASID entry is in use (`-EBUSY`, `intel_pasid_setup_nested`).
+    #[error("{pasid} of device {sid} is in use")]
+    PasidBusy { sid: SourceId, pasid: Pasid },
+    /// The PASID is not bound in this domain (`-ENODEV`, `intel_svm_page_response`).
+    #[error("{0} is not bound in this domain")]
+    NotBound(Pasid),
+    /// The invalidation queue stopped on a descriptor (FSTS.IQE). The descriptor was
+    /// replaced so that the queue could go on; the ones before it were carried out
+    /// (`-EIO`).
+    #[error("the invalidation queue refused descriptor {index} ({iqei:?})")]
+    QueueError { iqei: Iqei, index: u64 },
+    /// An invalidation wait did not complete (`-ETIMEDOUT`).
+    #[error("invalidation wait did not complete")]
+    QueueTimeout,
+    /// A global command whose status bit did not follow (`-ETIMEDOUT`, as
+    /// `IOMMU_WAIT_OP` panics in Linux).
+    #[error("GSTS did not reflect {0}")]
+    StatusTimeout(&'static str),
+}
+
+impl DriverError {
+    /// The positive errno Linux returns for this failure.
+    pub fn errno(&self) -> Errno {
+        use DriverError::*;
+        match self {
+            Unsupported(_) | NotAttached(_) | NotBound(_) => libc::ENODEV,
+            Register(_) | QueueError { .. } => libc::EIO,
+            OutOfMemory => libc::ENOMEM,
+            Memory(_) | BadUserAddress { .. } | IovaOutOfRange { .. } => libc::EFAULT,
+            InvalidArgument { .. } => libc::EINVAL,
+            Misaligned { .. } => libc::ERANGE,
+            NoDomainId => libc::ENOSPC,
+            DeviceBusy(_) | PasidBusy { .. } => libc::EBUSY,
+            QueueTimeout | StatusTimeout(_) => libc::ETIMEDOUT,
+        }
+    }
+
+    /// An argument error.
+    pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
+        DriverError::InvalidArgument {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<BuildError> for DriverError {
+    fn from(e: BuildError) -> Self {
+        match e {
+            BuildError::OutOfFrames => DriverError::OutOfMemory,
+            BuildError::Memory(m) => DriverError::Memory(m.to_string()),
+            other => DriverError::invalid("second-level table", other.to_string()),
+        }
+    }
+}
+
+impl From<vsva_vtd::MemError> for DriverError {
+    fn from(e: vsva_vtd::MemError) -> Self {
+        DriverError::Memory(e.to_string())
+    }
+}
+
+impl From<DriverError> for HostError {
+    fn from(e: DriverError) -> Self {
+        HostError::Driver {
+            errno: e.errno(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_carry_linux_errnos_into_host_errors() {
+        let sid = SourceId::new(0, 3, 0).unwrap();
+        let cases = [
+            (DriverError::NoDomainId, libc::ENOSPC),
+            (DriverError::DeviceBusy(sid), libc::EBUSY),
+            (
+                DriverError::Misaligned {
+                    addr: 0x1000,
+                    pages: 2,
+                },
+                libc::ERANGE,
+            ),
+            (DriverError::invalid("x", "y"), libc::EINVAL),
+            (DriverError::OutOfMemory, libc::ENOMEM),
+        ];
+        for (e, errno) in cases {
+            let host = HostError::from(e.clone());
+            assert_eq!(host.errno(), -errno, "{e}");
+            assert!(host.to_string().contains(&e.to_string()));
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Page requests (VT-d §7.5): the page request queue the unit writes, the routing of each
+//! request to the container whose domain bound its PASID, and page group responses
+//! (§6.5.2.9, §7.7).
+//!
+//! As intel-iommu's `prq_event_thread` does, the driver clears PRS.PPR, takes every
+//! descriptor between PQH and PQT, and moves PQH to PQT. A request on a PASID a domain
+//! bound for a guest (`SVM_FLAG_GUEST_MODE`) is reported to that domain's container
+//! (`iommu_report_device_fault`), which keeps the group pending until the VMM answers;
+//! any other request that needs a response (the last of its group, or one with private
+//! data), and one the container refuses, is answered at once with Invalid Request.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use vsva_hw::iommu::Iommu;
+use vsva_hw::{FrameAllocator, PAGE_SIZE};
+use vsva_vtd::inv_desc::ResponseCode;
+use vsva_vtd::prq::PageRequestDesc;
+use vsva_vtd::regs::layout::{offset, pq};
+use vsva_vtd::{DomainId, Hpa, InvDesc, Pasid, PhysMem, SourceId};
+
+use super::error::DriverError;
+use crate::fault::FaultSink;
+use crate::uapi::request::{PageRequest, PageResponse, PageResponseCode};
+
+/// PQA_REG.PQS: the queue is `2^PQS` pages (`PRQ_ORDER`), 128 descriptors.
+const QUEUE_ORDER: u64 = 0;
+
+/// The page request queue memory.
+#[derive(Debug)]
+struct Ring {
+    base: Hpa,
+    entries: u64,
+}
+
+/// Page request state of one unit.
+#[derive(Debug, Default)]
+pub(crate) struct PageRequests {
+    ring: Mutex<Option<Ring>>,
+    /// The domain that bound each (requester id, PASID).
+    routes: RwLock<HashMap<(u16, u32), DomainId>>,
+    /// Each domain's container fault queue.
+    sinks: RwLock<HashMap<DomainId, FaultSink>>,
+}
+
+/// What to do with one request taken from the queue.
+#[derive(Debug)]
+pub(crate) enum Dispatch {
+    /// Report it to the owner's fault queue; if refused, answer with the descriptor given
+    /// (when a response is due).
+    Report(FaultSink, SourceId, PageRequest, Option<InvDesc>),
+    /// Answer it now with Invalid Request.
+    Refuse(InvDesc),
+    /// Nothing: no owner and no response due.
+    Drop,
+}
+
+/// The Invalid Request response to `desc` when hardware waits for one (§7.5.1: LPIG or
+/// PDP set), returning its PASID, group index, LPIG and private data (§6.5.2.9).
+pub(crate) fn refusal(desc: &PageRequestDesc) -> Option<InvDesc> {
+    (desc.lpig || desc.private_data.is_some()).then(|| InvDesc::PageGroupResponse {
+        rid: desc.rid,
+        pasid_present: desc.pasid.is_some(),
+        pasid: desc.pasid.unwrap_or(Pasid::new(0).expect("PASID 0")),
+        private_data_present: desc.private_data.is_some(),
+        response: ResponseCode::InvalidRequest,
+        last_page_in_group: desc.lpig,
+        prg_index: desc.prg_index,
+        private_data: desc.private_data.unwrap_or_default(),
+    })
+}
+
+/// The page group response for a group whose last request device `sid` sent
+/// (`intel_svm_page_response`): LPIG set, the PASID when the response carries it, the
+/// group index, the response code. EINVAL for a group index beyond 9 bits.
+pub(crate) fn group_response(sid: SourceId, resp: &PageResponse) -> Result<InvDesc, DriverError> {
+    let prg_index = u16::try_from(resp.grpid)
+        .ok()
+        .filter(|g| *g < 0x200)
+        .ok_or_else(|| {
+            DriverError::invalid("page response", format!("group index {}", resp.grpid))
+        })?;
+    Ok(InvDesc::PageGroupResponse {
+        rid: sid,
+        pasid_present: resp.pasid.is_some(),
+        pasid: resp.pasid.unwrap_or(Pasid::new(0).expect("PASID 0")),
+        private_data_present: false,
+        response: match resp.code {
+            PageResponseCode::Success => ResponseCode::Success,
+            PageResponseCode::Invalid => ResponseCode::InvalidRequest,
+            PageResponseCode::Failure => ResponseCode::ResponseFailure,
+        },
+        last_page_in_group: true,
+        prg_index,
+        private_data: [0; 2],
+    })
+}
+
+impl PageRequests {
+    /// Allocates the queue; the returned value is PQA_REG.
+    pub fn init(&self, frames: &FrameAllocator) -> Result<u64, DriverError> {
+        let size = PAGE_SIZE << QUEUE_ORDER;
+        let base = frames
+            .alloc_range(size, size)
+            .map_err(|_| DriverError::OutOfMemory)?;
+        *self.ring.lock().unwrap() = Some(Ring {
+            base,
+            entries: size / pq::DESC_SIZE,
+        });
+        Ok(base.0 | QUEUE_ORDER)
+    }
+
+    /// Frees the queue memory; the queue must no longer be in use.
+    pub fn release(&self, frames: &FrameAllocator) {
+        if let Some(ring) = self.ring.lock().unwrap().take() {
+            if let Err(e) = frames.free(ring.base) {
+                tracing::error!("vt-d: freeing the page request queue: {e}");
+            }
+        }
+    }
+
+    /// Takes every descriptor the unit queued: clears PRS.PPR, reads from PQH to PQT,
+    /// moves PQH to PQT, and clears PRS.PRO if the queue overflowed meanwhile.
+    pub fn drain(&self, hw: &Iommu) -> Result<Vec<PageRequestDesc>, DriverError> {
+        let ring = self.ring.lock().unwrap();
+        let Some(ring) = ring.as_ref() else {
+            return Ok(Vec::new());
+        };
+        hw.mmio_write(offset::PRS, 4, pq::PPR.into())?;
+        let tail = (hw.mmio_read(offset::PQT, 8)? & pq::OFFSET) / pq::DESC_SIZE;
+        let mut head = (hw.mmio_read(offset::PQH, 8)? & pq::OFFSET) / pq::DESC_SIZE;
+        let mem = hw.memory();
+        let mut out = Vec::new();
+        while head != tail && head < ring.entries {
+            let slot = ring.base.0 + head * pq::DESC_SIZE;
+            let mut raw = [0u64; 4];
+            for (i, q) in raw.iter_mut().enumerate() {
+                *q = mem.read_u64(slot + 8 * i as u64)?;
+            }
+            match PageRequestDesc::decode(raw) {
+                Ok(d) => out.push(d),
+                Err(e) => tracing::error!("vt-d: bad page request descriptor at {head}: {e}"),
+            }
+            head = (head + 1) % ring.entries;
+        }
+        hw.mmio_write(offset::PQH, 8, tail * pq::DESC_SIZE)?;
+        if hw.mmio_read(offset::PRS, 4)? as u32 & pq::PRO != 0 {
+            hw.mmio_write(offset::PRS, 4, pq::PRO.into())?;
+        }
+        Ok(out)
+    }
+
+    /// Where a request goes: to the fault queue of the domain that bound its PASID on
+    /// its device; otherwise it is refused (answered if a response is due).
+    pub fn dispatch(&self, desc: &PageRequestDesc) -> Dispatch {
+        let did = desc.pasid.and_then(|p| {
+            self.routes
+                .read()
+                .unwrap()
+                .get(&(desc.rid.rid(), p.raw()))
+                .copied()
+        });
+        let sink = did.and_then(|d| self.sinks.read().unwrap().get(&d).cloned());
+        match (sink, refusal(desc)) {
+            (Some(sink), refuse) => {
+                Dispatch::Report(sink, desc.rid, PageRequest::from(desc), refuse)
+            }
+            (None, Some(refuse)) => Dispatch::Refuse(refuse),
+            (None, None) => Dispatch::Drop,
+        }
+    }
+
+    /// Routes the requests of `sid` with `pasid` to `did`.
+    pub fn add_route(&self, sid: SourceId, pasid: Pasid, did: DomainId) {
+        self.routes
+            .write()
+            .unwrap()
+            .insert((sid.rid(), pasid.raw()), did);
+    }
+
+    /// Stops routing the requests of `sid` with `pasid`.
+    pub fn remove_route(&self, sid: SourceId, pasid: Pasid) {
+        self.routes
+            .write()
+            .unwrap()
+            .remove(&(sid.rid(), pasid.raw()));
+    }
+
+    /// Whether the requests of `sid` with `pasid` go to `did`.
+    pub fn routed_to(&self, sid: SourceId, pasid: Pasid, did: DomainId) -> bool {
+        self.routes.read().unwrap().get(&(sid.rid(), pasid.raw())) == Some(&did)
+    }
+
+    /// Number of routed (device, PASID) pairs.
+    pub fn routes(&self) -> usize {
+        self.routes.read().unwrap().len()
+    }
+
+    /// Sets (or with `None` removes) the fault queue of `did`.
+    pub fn set_sink(&self, did: DomainId, sink: Option<FaultSink>) {
+        let mut sinks = self.sinks.write().unwrap();
+        match sink {
+            Some(s) => {
+                sinks.insert(did, s);
+            }
+            None => {
+                sinks.remove(&did);
+            }
+        }
+    }
+
+    /// Number of domains with a fault queue.
+    pub fn sinks(&self) -> usize {
+        self.sinks.read().unwrap().len()
+    }
+}

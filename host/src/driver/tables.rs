@@ -1,0 +1,347 @@
+//! The scalable-mode structures above the page tables (VT-d §3.4.3): root table, context
+//! tables, and each attached device's PASID directory and PASID tables, in host frames.
+//!
+//! As in intel-iommu, the PASID directory of a device is allocated when it is attached,
+//! sized for every PASID the unit supports, and its PASID tables when a PASID of their
+//! range is first used (`intel_pasid_get_entry`). Unlike intel-iommu, context tables are
+//! freed when their last device goes, so that a detached unit holds nothing but its root
+//! table. Entries are written with P last when made present and P first when cleared, so
+//! hardware never reads a half-written present entry.
+
+use std::collections::{BTreeMap, HashMap};
+
+use vsva_hw::{FrameAllocator, PAGE_SIZE};
+use vsva_vtd::context::context_entry_addr;
+use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PASID_ENTRY_SIZE};
+use vsva_vtd::root::root_entry_addr;
+use vsva_vtd::{
+    DomainId, Hpa, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableContextEntry,
+    ScalableRootEntry, SourceId,
+};
+
+use super::error::DriverError;
+
+/// Context entry bits the driver sets for a device (§9.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ContextFeatures {
+    /// DTE: the device may send translation requests (ATS).
+    pub dte: bool,
+    /// PRE: the device may send page requests (PRI).
+    pub pre: bool,
+    /// PASIDE: requests with PASID are translated.
+    pub paside: bool,
+}
+
+#[derive(Debug)]
+struct ContextTable {
+    hpa: Hpa,
+    users: usize,
+}
+
+/// The tables of one attached device.
+#[derive(Debug)]
+pub(crate) struct DeviceTables {
+    pub did: DomainId,
+    dir: Hpa,
+    pdts: u8,
+    /// PASID tables by directory index.
+    tables: BTreeMap<usize, Hpa>,
+}
+
+/// The root table and everything below it.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    root: Hpa,
+    /// Context tables by bus and half (upper: device functions 128-255).
+    contexts: HashMap<(u8, bool), ContextTable>,
+    devices: HashMap<u16, DeviceTables>,
+}
+
+fn alloc(frames: &FrameAllocator, size: u64) -> Result<Hpa, DriverError> {
+    frames
+        .alloc_range(size, PAGE_SIZE)
+        .map_err(|_| DriverError::OutOfMemory)
+}
+
+fn free(frames: &FrameAllocator, hpa: Hpa) {
+    if let Err(e) = frames.free(hpa) {
+        tracing::error!("vt-d: freeing table {hpa}: {e}");
+    }
+}
+
+fn context_key(sid: SourceId) -> (u8, bool) {
+    (sid.bus(), sid.devfn() >= 128)
+}
+
+/// Writes a multi-qword entry: the other qwords, then qword 0 (which holds P).
+fn write_entry(mem: &impl PhysMem, addr: u64, raw: &[u64]) -> Result<(), DriverError> {
+    for (i, q) in raw.iter().enumerate().skip(1) {
+        mem.write_u64(addr + 8 * i as u64, *q)?;
+    }
+    mem.write_u64(addr, raw[0])?;
+    Ok(())
+}
+
+/// Clears a multi-qword entry: qword 0 (P) first.
+fn clear_entry(mem: &impl PhysMem, addr: u64, qwords: u64) -> Result<(), DriverError> {
+    for i in 0..qwords {
+        mem.write_u64(addr + 8 * i, 0)?;
+    }
+    Ok(())
+}
+
+impl Tables {
+    /// An empty root table.
+    pub fn new(frames: &FrameAllocator) -> Result<Self, DriverError> {
+        Ok(Tables {
+            root: alloc(frames, PAGE_SIZE)?,
+            contexts: HashMap::new(),
+            devices: HashMap::new(),
+        })
+    }
+
+    /// The root table (RTADDR_REG.RTA).
+    pub fn root(&self) -> Hpa {
+        self.root
+    }
+
+    /// The tables of an attached device.
+    pub fn device(&self, sid: SourceId) -> Option<&DeviceTables> {
+        self.devices.get(&sid.rid())
+    }
+
+    /// Number of attached devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Sets up a device: a PASID directory of `2^(pdts + 7)` entries, the PASID entry of
+    /// RID_PASID (PASID 0) from `rid_pasid_entry`, then the present context entry (root
+    /// entry and context table as needed). On failure nothing is left behind.
+    pub fn attach(
+        &mut self,
+        mem: &impl PhysMem,
+        frames: &FrameAllocator,
+        sid: SourceId,
+        pdts: u8,
+        features: ContextFeatures,
+        rid_pasid_entry: &PasidEntry,
+    ) -> Result<(), DriverError> {
+        if self.devices.contains_key(&sid.rid()) {
+            return Err(DriverError::DeviceBusy(sid));
+        }
+        let dir_bytes = 8u64 << (u32::from(pdts) + 7);
+        let dir = alloc(frames, dir_bytes.max(PAGE_SIZE))?;
+        self.devices.insert(
+            sid.rid(),
+            DeviceTables {
+                did: rid_pasid_entry.did,
+                dir,
+                pdts,
+                tables: BTreeMap::new(),
+            },
+        );
+        let result = self
+            .pasid_entry_slot(mem, frames, sid, Pasid::new(0).expect("PASID 0"))
+            .and_then(|slot| write_entry(mem, slot, &rid_pasid_entry.to_raw()))
+            .and_then(|()| self.set_context(mem, frames, sid, dir, pdts, features));
+        if result.is_err() {
+            if let Some(dev) = self.devices.remove(&sid.rid()) {
+                release_device(frames, dev);
+            }
+        }
+        result
+    }
+
+    fn set_context(
+        &mut self,
+        mem: &impl PhysMem,
+        frames: &FrameAllocator,
+        sid: SourceId,
+        dir: Hpa,
+        pdts: u8,
+        features: ContextFeatures,
+    ) -> Result<(), DriverError> {
+        let key = context_key(sid);
+        let ctp = match self.contexts.get(&key) {
+            Some(t) => t.hpa,
+            None => {
+                let hpa = alloc(frames, PAGE_SIZE)?;
+                if let Err(e) = self.set_root_half(mem, key, Some(hpa)) {
+                    free(frames, hpa);
+                    return Err(e);
+                }
+                self.contexts.insert(key, ContextTable { hpa, users: 0 });
+                hpa
+            }
+        };
+        let entry = ScalableContextEntry {
+            fpd: false,
+            dte: features.dte,
+            paside: features.paside,
+            pre: features.pre,
+            pdts,
+            pasiddirptr: dir.0,
+            rid_pasid: Pasid::new(0).expect("PASID 0"),
+            rid_priv: false,
+        };
+        write_entry(mem, context_entry_addr(ctp.0, sid.devfn()), &entry.to_raw())?;
+        if let Some(t) = self.contexts.get_mut(&key) {
+            t.users += 1;
+        }
+        Ok(())
+    }
+
+    /// Points one half of a bus's root entry at a context table, or clears it.
+    fn set_root_half(
+        &self,
+        mem: &impl PhysMem,
+        (bus, upper): (u8, bool),
+        ctp: Option<Hpa>,
+    ) -> Result<(), DriverError> {
+        let addr = root_entry_addr(self.root.0, bus);
+        let other = |u: bool| self.contexts.get(&(bus, u)).map(|t| t.hpa.0);
+        let entry = if upper {
+            ScalableRootEntry {
+                lctp: other(false),
+                uctp: ctp.map(|h| h.0),
+            }
+        } else {
+            ScalableRootEntry {
+                lctp: ctp.map(|h| h.0),
+                uctp: other(true),
+            }
+        };
+        let raw = entry.to_raw();
+        mem.write_u64(addr, raw[0])?;
+        mem.write_u64(addr + 8, raw[1])?;
+        Ok(())
+    }
+
+    /// The address of `pasid`'s entry in `sid`'s PASID table, allocating the table (and
+    /// making its directory entry present) on first use.
+    pub fn pasid_entry_slot(
+        &mut self,
+        mem: &impl PhysMem,
+        frames: &FrameAllocator,
+        sid: SourceId,
+        pasid: Pasid,
+    ) -> Result<u64, DriverError> {
+        let dev = self
+            .devices
+            .get_mut(&sid.rid())
+            .ok_or(DriverError::NotAttached(sid))?;
+        let dir_entry = pasid_dir_entry_addr(dev.dir.0, dev.pdts, pasid).map_err(|_| {
+            DriverError::invalid("PASID", format!("{pasid} is beyond the PASID directory"))
+        })?;
+        let index = pasid.dir_index();
+        let table = match dev.tables.get(&index) {
+            Some(t) => *t,
+            None => {
+                let t = alloc(frames, PAGE_SIZE)?;
+                let pde = PasidDirEntry {
+                    fpd: false,
+                    smptblptr: t.0,
+                };
+                if let Err(e) = mem.write_u64(dir_entry, pde.to_raw()) {
+                    free(frames, t);
+                    return Err(e.into());
+                }
+                dev.tables.insert(index, t);
+                t
+            }
+        };
+        Ok(pasid_entry_addr(table.0, pasid))
+    }
+
+    /// The address of `pasid`'s entry if its PASID table exists.
+    pub fn existing_pasid_slot(&self, sid: SourceId, pasid: Pasid) -> Option<u64> {
+        let dev = self.devices.get(&sid.rid())?;
+        let table = dev.tables.get(&pasid.dir_index())?;
+        Some(pasid_entry_addr(table.0, pasid))
+    }
+
+    /// Clears the context entry of an attached device; its tables stay until
+    /// [`Self::release_device`], after the caches that may hold them are invalidated.
+    pub fn clear_context(&self, mem: &impl PhysMem, sid: SourceId) -> Result<(), DriverError> {
+        if !self.devices.contains_key(&sid.rid()) {
+            return Err(DriverError::NotAttached(sid));
+        }
+        let ctp = self
+            .contexts
+            .get(&context_key(sid))
+            .map(|t| t.hpa)
+            .ok_or(DriverError::NotAttached(sid))?;
+        clear_entry(mem, context_entry_addr(ctp.0, sid.devfn()), 4)
+    }
+
+    /// Frees the PASID tables and directory of a device whose context entry is clear, and
+    /// its context table (clearing the root entry half) once no device uses it. Returns
+    /// whether a root entry changed.
+    pub fn release_device(
+        &mut self,
+        mem: &impl PhysMem,
+        frames: &FrameAllocator,
+        sid: SourceId,
+    ) -> Result<bool, DriverError> {
+        let dev = self
+            .devices
+            .remove(&sid.rid())
+            .ok_or(DriverError::NotAttached(sid))?;
+        release_device(frames, dev);
+        let key = context_key(sid);
+        let last = self.contexts.get_mut(&key).is_some_and(|t| {
+            t.users = t.users.saturating_sub(1);
+            t.users == 0
+        });
+        if !last {
+            return Ok(false);
+        }
+        let result = self.set_root_half(mem, key, None);
+        if let Some(t) = self.contexts.remove(&key) {
+            free(frames, t.hpa);
+        }
+        result.map(|()| true)
+    }
+
+    /// Frees the root table; every device must be detached.
+    pub fn release(self, frames: &FrameAllocator) {
+        for (_, dev) in self.devices {
+            release_device(frames, dev);
+        }
+        for (_, t) in self.contexts {
+            free(frames, t.hpa);
+        }
+        free(frames, self.root);
+    }
+}
+
+fn release_device(frames: &FrameAllocator, dev: DeviceTables) {
+    for (_, t) in dev.tables {
+        free(frames, t);
+    }
+    free(frames, dev.dir);
+}
+
+/// Reads the PASID entry at `slot`: `None` when it is not present or does not decode.
+pub(crate) fn read_pasid_entry(mem: &impl PhysMem, slot: u64) -> Option<PasidEntry> {
+    let mut raw = [0u64; 8];
+    for (i, q) in raw.iter_mut().enumerate() {
+        *q = mem.read_u64(slot + 8 * i as u64).ok()?;
+    }
+    PasidEntry::from_raw(raw).ok()
+}
+
+/// Makes the PASID entry at `slot` present with `entry`.
+pub(crate) fn write_pasid_entry(
+    mem: &impl PhysMem,
+    slot: u64,
+    entry: &PasidEntry,
+) -> Result<(), DriverError> {
+    write_entry(mem, slot, &entry.to_raw())
+}
+
+/// Clears the PASID entry at `slot`.
+pub(crate) fn clear_pasid_entry(mem: &impl PhysMem, slot: u64) -> Result<(), DriverError> {
+    clear_entry(mem, slot, PASID_ENTRY_SIZE / 8)
+}

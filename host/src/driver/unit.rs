@@ -1,0 +1,714 @@
+//! One physical VT-d remapping unit as the host kernel drives it (intel-iommu's
+//! `struct intel_iommu`): set-up through its registers, the tables above the page tables,
+//! queued invalidation, domain ids, and the fault and page request interrupts.
+//!
+//! Set-up follows `init_dmars` for scalable mode: read CAP/ECAP; enable queued
+//! invalidation (IQT = 0, IQA with 256-bit descriptors, GCMD.QIE); set up the page request
+//! queue (PQH = PQT = 0, PQA) and unmask the fault and page request events; latch a
+//! scalable-mode root table (RTADDR.TTM = 01b, GCMD.SRTP); invalidate the context cache,
+//! PASID cache and IOTLB globally; enable translation (GCMD.TE).
+//!
+//! Every table change is followed by the invalidations the spec asks for (§6.5.3.3,
+//! "Guidance to Software for Invalidations"), submitted through the invalidation queue
+//! and waited for. Where the spec asks for them only when CAP.CM is set (a not-present
+//! entry made present), they are issued anyway: they cost one queue submission and keep
+//! the driver correct on units that cache not-present entries.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vsva_hw::iommu::Iommu;
+use vsva_hw::FrameAllocator;
+use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
+use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, rtaddr};
+use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt, FRCD_F};
+use vsva_vtd::{Capabilities, DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
+
+use super::did::DomainIdAllocator;
+use super::error::DriverError;
+use super::inv::{dev_iotlb, iotlb_domain, piotlb_pasid, WHOLE_SPACE};
+use super::nested::SecondLevel;
+use super::prq::{self, Dispatch, PageRequests};
+use super::qi::InvalidationQueue;
+use super::tables::{self, ContextFeatures, Tables};
+use crate::fault::FaultSink;
+use crate::uapi::request::PageResponse;
+
+/// Register polls before a command is declared lost; the model reflects commands at once.
+const POLL_LIMIT: u32 = 1 << 16;
+
+/// The PASID that requests without PASID are translated with (`PASID_RID2PASID`).
+pub const RID_PASID: Pasid = match Pasid::new(0) {
+    Ok(p) => p,
+    Err(_) => panic!("PASID 0 is valid"),
+};
+
+#[derive(Debug)]
+struct UnitState {
+    tables: Option<Tables>,
+    dids: DomainIdAllocator,
+}
+
+/// The host driver of one VT-d unit.
+pub struct HostIommu {
+    hw: Arc<Iommu>,
+    frames: Arc<FrameAllocator>,
+    cap: Cap,
+    ecap: Ecap,
+    caps: Capabilities,
+    /// The enables software keeps set in GCMD_REG (TE, QIE), as `iommu->gcmd`.
+    gcmd: Mutex<u32>,
+    qi: Mutex<Option<InvalidationQueue>>,
+    state: Mutex<UnitState>,
+    prq: PageRequests,
+    faults: Mutex<Vec<FaultRecord>>,
+}
+
+impl std::fmt::Debug for HostIommu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostIommu")
+            .field("cap", &self.cap)
+            .field("ecap", &self.ecap)
+            .field("prq", &self.prq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The entry-validation capabilities a unit's CAP and ECAP registers describe.
+fn capabilities(cap: &Cap, ecap: &Ecap) -> Capabilities {
+    Capabilities {
+        haw: cap.guest_address_width() as u8,
+        sagaw: cap.sagaw,
+        fl5lp: cap.fl5lp,
+        flts: ecap.flts,
+        slts: ecap.slts,
+        nest: ecap.nest,
+        pt: ecap.pt,
+        pasid: ecap.pasid,
+        dt: ecap.dt,
+        prs: ecap.prs,
+        srs: ecap.srs,
+        ers: ecap.ers,
+        slads: ecap.slads,
+        eafs: ecap.eafs,
+        sc: ecap.sc,
+        smpwc: ecap.smpwcs,
+        mts: ecap.mts,
+    }
+}
+
+/// PDTS for a directory covering every PASID of ECAP.PSS: `2^(PDTS + 7)` entries of 64
+/// PASIDs each (`context_pdts`).
+fn pasid_dir_size(ecap: &Ecap) -> u8 {
+    let dir_bits = ecap.pasid_bits().saturating_sub(6);
+    dir_bits.saturating_sub(7).min(7) as u8
+}
+
+impl HostIommu {
+    /// Takes over `hw` and sets it up for scalable-mode translation with tables from
+    /// `frames`. The unit must support scalable mode, queued invalidation and
+    /// second-level translation.
+    pub fn new(hw: Arc<Iommu>, frames: Arc<FrameAllocator>) -> Result<Arc<Self>, DriverError> {
+        let cap = Cap::from_raw(hw.mmio_read(offset::CAP, 8)?);
+        let ecap = Ecap::from_raw(hw.mmio_read(offset::ECAP, 8)?);
+        for (present, what) in [
+            (ecap.smts, "scalable-mode translation"),
+            (ecap.qi, "queued invalidation"),
+            (ecap.slts, "second-level translation"),
+        ] {
+            if !present {
+                return Err(DriverError::Unsupported(what));
+            }
+        }
+        let qi = InvalidationQueue::new(&frames)?;
+        let tables = match Tables::new(&frames) {
+            Ok(t) => t,
+            Err(e) => {
+                qi.release(&frames);
+                return Err(e);
+            }
+        };
+        let unit = Arc::new(HostIommu {
+            caps: capabilities(&cap, &ecap),
+            hw,
+            frames,
+            cap,
+            ecap,
+            gcmd: Mutex::new(0),
+            qi: Mutex::new(Some(qi)),
+            state: Mutex::new(UnitState {
+                tables: Some(tables),
+                dids: DomainIdAllocator::new(cap.domains()),
+            }),
+            prq: PageRequests::default(),
+            faults: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&unit);
+        unit.hw
+            .set_interrupt_handler(Arc::new(move |irq: Interrupt| {
+                if let Some(unit) = weak.upgrade() {
+                    unit.on_interrupt(irq);
+                }
+            }));
+        unit.enable()?;
+        Ok(unit)
+    }
+
+    /// The register and global-command sequence of `init_dmars`.
+    fn enable(&self) -> Result<(), DriverError> {
+        let iqa = self.qi_lock().as_ref().map(InvalidationQueue::iqa);
+        let hw = &self.hw;
+        hw.mmio_write(offset::IQT, 8, 0)?;
+        hw.mmio_write(offset::IQA, 8, iqa.unwrap_or(0))?;
+        self.set_enable(gcmd::QIE, gsts::QIES, true, "queued invalidation enable")?;
+        if self.ecap.prs {
+            let pqa = self.prq.init(&self.frames)?;
+            hw.mmio_write(offset::PQH, 8, 0)?;
+            hw.mmio_write(offset::PQT, 8, 0)?;
+            hw.mmio_write(offset::PQA, 8, pqa)?;
+            hw.mmio_write(offset::PECTL, 4, 0)?;
+        }
+        hw.mmio_write(offset::FECTL, 4, 0)?;
+        let root = self.state_lock().tables.as_ref().map_or(0, |t| t.root().0);
+        hw.mmio_write(offset::RTADDR, 8, root | 1 << rtaddr::TTM_SHIFT)?;
+        self.one_shot(gcmd::SRTP, gsts::RTPS, "set root table pointer")?;
+        self.invalidate(&[
+            InvDesc::ContextCache {
+                granularity: ContextCacheGranularity::Global,
+                did: DomainId(0),
+                sid: SourceId::from_rid(0),
+                fm: 0,
+            },
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::Global,
+                did: DomainId(0),
+                pasid: RID_PASID,
+            },
+            InvDesc::Iotlb {
+                granularity: IotlbGranularity::Global,
+                dr: self.cap.drd,
+                dw: self.cap.dwd,
+                did: DomainId(0),
+                addr: 0,
+                ih: false,
+                am: 0,
+            },
+        ])?;
+        self.set_enable(gcmd::TE, gsts::TES, true, "translation enable")
+    }
+
+    fn qi_lock(&self) -> MutexGuard<'_, Option<InvalidationQueue>> {
+        self.qi
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn state_lock(&self) -> MutexGuard<'_, UnitState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait_status(&self, status: u32, set: bool, what: &'static str) -> Result<(), DriverError> {
+        for _ in 0..POLL_LIMIT {
+            let gsts = self.hw.mmio_read(offset::GSTS, 4)? as u32;
+            if (gsts & status != 0) == set {
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+        Err(DriverError::StatusTimeout(what))
+    }
+
+    /// Turns an enable of GCMD_REG on or off, keeping the others as they are.
+    fn set_enable(
+        &self,
+        bit: u32,
+        status: u32,
+        on: bool,
+        what: &'static str,
+    ) -> Result<(), DriverError> {
+        let mut g = self.gcmd.lock().unwrap();
+        let value = if on { *g | bit } else { *g & !bit };
+        self.hw.mmio_write(offset::GCMD, 4, value.into())?;
+        self.wait_status(status, on, what)?;
+        *g = value;
+        Ok(())
+    }
+
+    /// Issues a one-shot command of GCMD_REG with the enables kept.
+    fn one_shot(&self, bit: u32, status: u32, what: &'static str) -> Result<(), DriverError> {
+        let g = self.gcmd.lock().unwrap();
+        self.hw.mmio_write(offset::GCMD, 4, (*g | bit).into())?;
+        self.wait_status(status, true, what)
+    }
+
+    /// The unit.
+    pub fn hardware(&self) -> &Arc<Iommu> {
+        &self.hw
+    }
+
+    /// Where the driver's tables come from.
+    pub fn frames(&self) -> &Arc<FrameAllocator> {
+        &self.frames
+    }
+
+    /// CAP_REG as read at set-up.
+    pub fn cap(&self) -> Cap {
+        self.cap
+    }
+
+    /// ECAP_REG as read at set-up.
+    pub fn ecap(&self) -> Ecap {
+        self.ecap
+    }
+
+    /// Queues `descs`, then an invalidation wait, and waits for the unit to complete them
+    /// (`qi_submit_sync`).
+    pub fn invalidate(&self, descs: &[InvDesc]) -> Result<(), DriverError> {
+        self.submit(descs, false)
+    }
+
+    fn submit(&self, descs: &[InvDesc], drain_page_requests: bool) -> Result<(), DriverError> {
+        let mut qi = self.qi_lock();
+        let qi = qi
+            .as_mut()
+            .ok_or(DriverError::Unsupported("queued invalidation"))?;
+        qi.submit(&self.hw, descs, drain_page_requests)
+    }
+
+    /// Like [`Self::invalidate`] on a path that cannot fail (a teardown): an error is
+    /// logged, as intel-iommu logs and goes on.
+    fn invalidate_logged(&self, descs: &[InvDesc], drain_page_requests: bool) {
+        if let Err(e) = self.submit(descs, drain_page_requests) {
+            tracing::error!("vt-d: invalidation failed: {e}");
+        }
+    }
+
+    /// The faults the unit recorded since the last call, oldest first.
+    pub fn take_faults(&self) -> Vec<FaultRecord> {
+        std::mem::take(&mut self.faults.lock().unwrap())
+    }
+
+    /// Number of domain ids in use.
+    pub fn domain_ids_in_use(&self) -> usize {
+        self.state_lock().dids.in_use()
+    }
+
+    /// Whether `did` is in use.
+    pub fn is_domain_id_allocated(&self, did: DomainId) -> bool {
+        self.state_lock().dids.is_allocated(did)
+    }
+
+    /// Number of attached devices.
+    pub fn attached_devices(&self) -> usize {
+        self.state_lock()
+            .tables
+            .as_ref()
+            .map_or(0, Tables::device_count)
+    }
+
+    /// The domain a device is attached to.
+    pub fn device_domain(&self, sid: SourceId) -> Option<DomainId> {
+        self.state_lock()
+            .tables
+            .as_ref()?
+            .device(sid)
+            .map(|d| d.did)
+    }
+
+    /// The present PASID entry of `pasid` for `sid`, as the unit would read it.
+    pub fn pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+        let state = self.state_lock();
+        let slot = state.tables.as_ref()?.existing_pasid_slot(sid, pasid)?;
+        tables::read_pasid_entry(&**self.hw.memory(), slot)
+    }
+
+    /// Number of (device, PASID) pairs whose page requests are routed to a domain.
+    pub fn page_request_routes(&self) -> usize {
+        self.prq.routes()
+    }
+
+    /// Number of domains whose page requests have a fault queue to go to.
+    pub fn page_request_sinks(&self) -> usize {
+        self.prq.sinks()
+    }
+
+    // ----- Domain-facing operations -----
+
+    pub(crate) fn alloc_domain_id(&self) -> Result<DomainId, DriverError> {
+        self.state_lock()
+            .dids
+            .alloc()
+            .ok_or(DriverError::NoDomainId)
+    }
+
+    pub(crate) fn free_domain_id(&self, did: DomainId) {
+        if !self.state_lock().dids.free(did) {
+            tracing::error!("vt-d: freeing {did}, which is not allocated");
+        }
+    }
+
+    /// The second-level-only PASID entry of RID_PASID for a domain
+    /// (`intel_pasid_setup_second_level`): no SRE for RID_PASID, page snoop for a
+    /// VFIO (unmanaged) domain when the unit has snoop control.
+    fn second_level_entry(&self, sl: &SecondLevel) -> PasidEntry {
+        PasidEntry {
+            fpd: false,
+            aw: sl.levels,
+            slee: false,
+            pgtt: Pgtt::SecondLevel,
+            slade: false,
+            slptptr: sl.root,
+            did: sl.did,
+            pwsnp: self.ecap.smpwcs,
+            pgsnp: self.ecap.sc,
+            cd: false,
+            emte: false,
+            emt: 0,
+            pwt: false,
+            pcd: false,
+            pat: 0,
+            sre: false,
+            ere: false,
+            flpm: FlPagingMode::FourLevel,
+            wpe: false,
+            nxe: false,
+            smep: false,
+            eafe: false,
+            flptptr: 0,
+        }
+    }
+
+    fn check_entry(&self, entry: &PasidEntry) -> Result<(), DriverError> {
+        entry
+            .validate(&self.caps)
+            .map_err(|r| DriverError::invalid("PASID entry", format!("the unit would fault {r}")))
+    }
+
+    /// Attaches a device to the domain of `sl` (`domain_context_mapping_one` in scalable
+    /// mode): PASID directory, RID_PASID entry for second-level translation, and a context
+    /// entry with PASIDE, DTE and PRE as the unit supports them; then context-cache
+    /// (device-selective), PASID-cache (RID_PASID) and IOTLB (domain) invalidations.
+    pub(crate) fn attach_device(&self, sid: SourceId, sl: &SecondLevel) -> Result<(), DriverError> {
+        let entry = self.second_level_entry(sl);
+        self.check_entry(&entry)?;
+        let features = ContextFeatures {
+            dte: self.ecap.dt,
+            pre: self.ecap.prs,
+            paside: self.ecap.pasid,
+        };
+        let mem = &**self.hw.memory();
+        {
+            let mut state = self.state_lock();
+            let tables = state
+                .tables
+                .as_mut()
+                .ok_or(DriverError::Unsupported("translation"))?;
+            tables.attach(
+                mem,
+                &self.frames,
+                sid,
+                pasid_dir_size(&self.ecap),
+                features,
+                &entry,
+            )?;
+        }
+        let flushed = self.invalidate(&[
+            InvDesc::ContextCache {
+                granularity: ContextCacheGranularity::DeviceSelective,
+                did: sl.did,
+                sid,
+                fm: 0,
+            },
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::PasidSelective,
+                did: sl.did,
+                pasid: RID_PASID,
+            },
+            iotlb_domain(sl.did, &self.cap),
+        ]);
+        if let Err(e) = flushed {
+            self.detach_device(sid);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Detaches a device (`__dmar_remove_one_dev_info`): tears down the RID_PASID entry
+    /// (PASID-cache, IOTLB, device-TLB invalidations), clears the context entry
+    /// (device-selective context-cache and domain IOTLB invalidations), and only then
+    /// frees the PASID tables, whose memory the unit can no longer reach. Other PASID
+    /// entries must be torn down before.
+    pub(crate) fn detach_device(&self, sid: SourceId) {
+        let Some(did) = self.device_domain(sid) else {
+            return;
+        };
+        self.remove_pasid_entry(sid, RID_PASID, false);
+        let mem = &**self.hw.memory();
+        let root_changed = {
+            let mut state = self.state_lock();
+            let Some(tables) = state.tables.as_mut() else {
+                return;
+            };
+            if let Err(e) = tables.clear_context(mem, sid) {
+                tracing::error!("vt-d: clearing the context entry of {sid}: {e}");
+            }
+            let descs = [
+                InvDesc::ContextCache {
+                    granularity: ContextCacheGranularity::DeviceSelective,
+                    did,
+                    sid,
+                    fm: 0,
+                },
+                iotlb_domain(did, &self.cap),
+            ];
+            self.invalidate_logged(&descs, false);
+            match tables.release_device(mem, &self.frames, sid) {
+                Ok(changed) => changed,
+                Err(e) => {
+                    tracing::error!("vt-d: releasing the tables of {sid}: {e}");
+                    false
+                }
+            }
+        };
+        if root_changed {
+            self.invalidate_logged(
+                &[InvDesc::ContextCache {
+                    granularity: ContextCacheGranularity::Global,
+                    did: DomainId(0),
+                    sid: SourceId::from_rid(0),
+                    fm: 0,
+                }],
+                false,
+            );
+        }
+    }
+
+    /// Makes `pasid`'s entry of `sid` present with `entry` (`intel_pasid_setup_*`), the
+    /// PASID table allocated on first use; then PASID-cache, PASID-based IOTLB and
+    /// PASID-based device-TLB invalidations of the PASID. A present entry is left alone
+    /// (EBUSY).
+    pub(crate) fn install_pasid_entry(
+        &self,
+        sid: SourceId,
+        pasid: Pasid,
+        entry: &PasidEntry,
+    ) -> Result<(), DriverError> {
+        self.check_entry(entry)?;
+        let mem = &**self.hw.memory();
+        let slot = {
+            let mut state = self.state_lock();
+            let tables = state.tables.as_mut().ok_or(DriverError::NotAttached(sid))?;
+            if tables.device(sid).is_none() {
+                return Err(DriverError::NotAttached(sid));
+            }
+            let slot = tables.pasid_entry_slot(mem, &self.frames, sid, pasid)?;
+            if tables::read_pasid_entry(mem, slot).is_some() {
+                return Err(DriverError::PasidBusy { sid, pasid });
+            }
+            tables::write_pasid_entry(mem, slot, entry)?;
+            slot
+        };
+        let flushed = self.invalidate(&[
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::PasidSelective,
+                did: entry.did,
+                pasid,
+            },
+            piotlb_pasid(entry.did, pasid),
+            dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE),
+        ]);
+        if let Err(e) = flushed {
+            if let Err(clear) = tables::clear_pasid_entry(mem, slot) {
+                tracing::error!("vt-d: clearing {pasid} of {sid}: {clear}");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Tears down `pasid`'s entry of `sid` (`intel_pasid_tear_down_entry`): clears it, then
+    /// invalidates the PASID cache (the entry's domain), the IOTLB (PASID-based for first
+    /// level and nested, domain-selective for second level and pass-through) and the
+    /// device TLB (all of the PASID, or of requests without PASID for RID_PASID). With
+    /// `drain`, the wait drains page requests (PD) and the page request queue is then
+    /// serviced, so no request of the PASID is left in flight.
+    pub(crate) fn remove_pasid_entry(&self, sid: SourceId, pasid: Pasid, drain: bool) {
+        let mem = &**self.hw.memory();
+        let old = {
+            let state = self.state_lock();
+            let Some(slot) = state
+                .tables
+                .as_ref()
+                .and_then(|t| t.existing_pasid_slot(sid, pasid))
+            else {
+                return;
+            };
+            let old = tables::read_pasid_entry(mem, slot);
+            if let Err(e) = tables::clear_pasid_entry(mem, slot) {
+                tracing::error!("vt-d: clearing {pasid} of {sid}: {e}");
+            }
+            old
+        };
+        let Some(old) = old else {
+            return;
+        };
+        let iotlb = match old.pgtt {
+            Pgtt::FirstLevel | Pgtt::Nested => piotlb_pasid(old.did, pasid),
+            Pgtt::SecondLevel | Pgtt::PassThrough => iotlb_domain(old.did, &self.cap),
+        };
+        let devtlb = if pasid == RID_PASID {
+            dev_iotlb(sid, None, 0, WHOLE_SPACE)
+        } else {
+            dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE)
+        };
+        let descs = [
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::PasidSelective,
+                did: old.did,
+                pasid,
+            },
+            iotlb,
+            devtlb,
+        ];
+        self.invalidate_logged(&descs, drain);
+        if drain {
+            self.service_page_requests();
+        }
+    }
+
+    // ----- Page requests -----
+
+    /// Routes the page requests of `sid` on `pasid` to `did`'s fault queue.
+    pub(crate) fn route_page_requests(&self, sid: SourceId, pasid: Pasid, did: DomainId) {
+        self.prq.add_route(sid, pasid, did);
+    }
+
+    /// Stops routing the page requests of `sid` on `pasid`.
+    pub(crate) fn unroute_page_requests(&self, sid: SourceId, pasid: Pasid) {
+        self.prq.remove_route(sid, pasid);
+    }
+
+    /// Whether the page requests of `sid` on `pasid` go to `did`.
+    pub fn page_requests_routed(&self, sid: SourceId, pasid: Pasid, did: DomainId) -> bool {
+        self.prq.routed_to(sid, pasid, did)
+    }
+
+    /// Sets (or removes) the fault queue `did`'s page requests are reported to.
+    pub fn set_page_request_sink(&self, did: DomainId, sink: Option<FaultSink>) {
+        self.prq.set_sink(did, sink);
+    }
+
+    /// Answers a page request group of device `sid` (`intel_svm_page_response`): queues
+    /// the page group response descriptor (LPIG, the response's PASID and group index)
+    /// and waits for it. The caller checks that the group was reported and is pending.
+    pub fn page_response(&self, sid: SourceId, resp: &PageResponse) -> Result<(), DriverError> {
+        self.invalidate(&[prq::group_response(sid, resp)?])
+    }
+
+    /// Services the page request queue (`prq_event_thread`): every queued request is
+    /// reported to the fault queue of the domain that bound its PASID, or answered with
+    /// Invalid Request when it needs a response and nobody takes it. Called from the page
+    /// request interrupt.
+    pub fn service_page_requests(&self) {
+        let requests = match self.prq.drain(&self.hw) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("vt-d: reading the page request queue: {e}");
+                return;
+            }
+        };
+        for req in requests {
+            match self.prq.dispatch(&req) {
+                Dispatch::Report(sink, sid, request, refuse) => {
+                    if let Err(e) = sink.report(sid, request) {
+                        tracing::debug!("vt-d: page request of {sid} refused: {e}");
+                        if let Some(desc) = refuse {
+                            self.invalidate_logged(&[desc], false);
+                        }
+                    }
+                }
+                Dispatch::Refuse(desc) => self.invalidate_logged(&[desc], false),
+                Dispatch::Drop => {}
+            }
+        }
+    }
+
+    // ----- Interrupts -----
+
+    fn on_interrupt(&self, irq: Interrupt) {
+        match irq.source {
+            EventSource::Fault => self.drain_faults(),
+            EventSource::PageRequest => self.service_page_requests(),
+            EventSource::InvalidationCompletion => {}
+        }
+    }
+
+    /// The fault event handler (`dmar_fault`): reads the fault recording registers from
+    /// FSTS.FRI while F is set, clearing each, then clears FSTS.PFO.
+    fn drain_faults(&self) {
+        if let Err(e) = self.read_fault_records() {
+            tracing::error!("vt-d: reading fault records: {e}");
+        }
+    }
+
+    fn read_fault_records(&self) -> Result<(), DriverError> {
+        let hw = &self.hw;
+        let base = self.cap.fault_recording_offset();
+        let count = self.cap.fault_recording_count();
+        let status = hw.mmio_read(offset::FSTS, 4)? as u32;
+        if status & fsts::PPF != 0 {
+            let mut index = ((status & fsts::FRI) >> fsts::FRI_SHIFT) as usize % count;
+            for _ in 0..count {
+                let at = base + 16 * index as u64;
+                let high = hw.mmio_read(at + 8, 8)?;
+                if high & FRCD_F == 0 {
+                    break;
+                }
+                let low = hw.mmio_read(at, 8)?;
+                if let Some(record) = FaultRecord::from_raw([low, high]) {
+                    tracing::warn!(
+                        "vt-d: fault {:#x} from {} {:?} at {:#x}",
+                        record.reason,
+                        record.sid,
+                        record.pasid,
+                        record.fault_info
+                    );
+                    self.faults.lock().unwrap().push(record);
+                }
+                hw.mmio_write(at + 8, 8, FRCD_F)?;
+                index = (index + 1) % count;
+            }
+        }
+        hw.mmio_write(offset::FSTS, 4, fsts::PFO.into())?;
+        Ok(())
+    }
+}
+
+impl Drop for HostIommu {
+    /// Turns translation and queued invalidation off and frees every table and queue.
+    /// Domains hold the unit, so none is left.
+    fn drop(&mut self) {
+        if let Err(e) = self.set_enable(gcmd::TE, gsts::TES, false, "translation disable") {
+            tracing::error!("vt-d: {e}");
+        }
+        if self.ecap.prs {
+            let _ = self
+                .hw
+                .mmio_write(offset::PECTL, 4, event_control::IM.into());
+            let _ = self.hw.mmio_write(offset::PQA, 8, 0);
+        }
+        if let Err(e) = self.set_enable(gcmd::QIE, gsts::QIES, false, "queued invalidation disable")
+        {
+            tracing::error!("vt-d: {e}");
+        }
+        let frames = self.frames.clone();
+        if let Some(qi) = self.qi_lock().take() {
+            qi.release(&frames);
+        }
+        self.prq.release(&frames);
+        if let Some(tables) = self.state_lock().tables.take() {
+            tables.release(&frames);
+        }
+    }
+}
