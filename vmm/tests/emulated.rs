@@ -1,0 +1,417 @@
+//! Emulated devices: the vIOMMU translates through the guest's first-level tables itself,
+//! caching what it reads until the guest invalidates it, and serves device models written
+//! against vm-memory through an `Iommu` address space.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
+use vsva_vmm::{IommuAddressSpace, LocalPasids};
+use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, PasidIotlbGranularity};
+use vsva_vtd::regs::layout::{fsts, offset};
+use vsva_vtd::regs::{Cap, EventSource, FaultRecord, FRCD_F};
+use vsva_vtd::{
+    AccessRequest, DomainId, FaultReason, FlPagingMode, FlPte, Gpa, InvDesc, MapFlags, PageSize,
+    PageTableBuilder, Pasid, PhysMem, SourceId,
+};
+
+const VA: u64 = 0x7f00_0000_0000;
+const PA: u64 = 0x20_0000;
+const PA2: u64 = 0x30_0000;
+
+struct Setup {
+    g: Guest,
+    dev: SourceId,
+    p: Pasid,
+    pt: PageTableBuilder,
+}
+
+/// A guest with an emulated device whose PASID `p` (domain 1) translates through a process
+/// table mapping VA to PA.
+fn setup(pre: bool) -> Setup {
+    let g = Guest::new(Arc::new(LocalPasids::new(16)));
+    g.enable();
+    let dev = sid(0, 6, 0);
+    g.attach(dev, pre);
+    let p = g.alloc_pasid();
+    let mut pt = g.page_table();
+    g.map(&mut pt, VA, PA);
+    g.set_pasid_entry(
+        dev,
+        p,
+        Some(fl_entry(1, pt.root(), FlPagingMode::FourLevel)),
+    );
+    Setup { g, dev, p, pt }
+}
+
+fn piotlb(did: u16, p: Pasid, addr: Option<u64>) -> InvDesc {
+    InvDesc::PasidIotlb {
+        granularity: if addr.is_some() {
+            PasidIotlbGranularity::PageSelectiveWithinPasid
+        } else {
+            PasidIotlbGranularity::PasidSelective
+        },
+        did: DomainId(did),
+        pasid: p,
+        addr: addr.unwrap_or(0),
+        ih: false,
+        am: 0,
+    }
+}
+
+fn gpa(s: &Setup, va: u64, access: AccessRequest) -> u64 {
+    s.g.viommu
+        .translate(s.dev, Some(s.p), va, access)
+        .unwrap()
+        .gpa
+        .raw()
+}
+
+#[test]
+fn translates_through_the_guest_tables_and_caches_the_result() {
+    let s = setup(false);
+    let t =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA + 0x123, AccessRequest::READ)
+            .unwrap();
+    assert_eq!(t.gpa, Gpa(PA + 0x123));
+    assert_eq!(t.page_size, PageSize::Size4K);
+    assert_eq!(
+        (t.did, t.pasid, t.cached),
+        (Some(DomainId(1)), Some(s.p), false)
+    );
+    assert!(t.perms.read && t.perms.write && t.perms.user && !t.dirty);
+    let again =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA + 0xff8, AccessRequest::READ)
+            .unwrap();
+    assert!(again.cached);
+    assert_eq!(again.gpa, Gpa(PA + 0xff8));
+    // The first write walks again to set D; the second is a hit.
+    let w =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA, AccessRequest::WRITE)
+            .unwrap();
+    assert!(!w.cached && w.dirty);
+    let leaf = s.pt.lookup(&*s.g.mem, VA).unwrap().unwrap().entry;
+    assert_ne!(leaf & FlPte::D, 0, "D set in the guest's table");
+    assert!(
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA, AccessRequest::WRITE)
+            .unwrap()
+            .cached
+    );
+    assert_eq!(s.g.viommu.stats().walks, 2);
+    let (ctx, pasids, iotlb) = s.g.viommu.cached_entries();
+    assert_eq!((ctx, pasids), (1, 1));
+    assert!(iotlb >= 1);
+}
+
+#[test]
+fn a_changed_mapping_is_used_until_the_guest_invalidates_it() {
+    let mut s = setup(false);
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    s.pt.unmap(&*s.g.mem, VA, PageSize::Size4K).unwrap();
+    s.g.map(&mut s.pt, VA, PA2);
+    // The stale translation stays: a missing invalidation is observable.
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    // Invalidations of another domain, another PASID, another page do not remove it.
+    let other = Pasid::new(s.p.raw() + 1).unwrap();
+    assert!(s.g.submit_sync(&[
+        piotlb(2, s.p, None),
+        piotlb(1, other, None),
+        piotlb(1, s.p, Some(VA + 0x1000)),
+    ]));
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    // The page-selective invalidation of the page does.
+    assert!(s.g.submit_sync(&[piotlb(1, s.p, Some(VA))]));
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA2);
+
+    // Unmapped: still served until invalidated, then a fault.
+    s.pt.unmap(&*s.g.mem, VA, PageSize::Size4K).unwrap();
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA2);
+    assert!(s.g.submit_sync(&[InvDesc::Iotlb {
+        granularity: vsva_vtd::inv_desc::IotlbGranularity::DomainSelective,
+        dr: true,
+        dw: true,
+        did: DomainId(1),
+        addr: 0,
+        ih: false,
+        am: 0,
+    }]));
+    let f =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA, AccessRequest::READ)
+            .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Sfl2);
+}
+
+#[test]
+fn a_changed_pasid_entry_is_used_until_the_pasid_cache_is_invalidated() {
+    let s = setup(false);
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    let mut pt2 = s.g.page_table();
+    s.g.map(&mut pt2, VA, PA2);
+    s.g.set_pasid_entry(
+        s.dev,
+        s.p,
+        Some(fl_entry(1, pt2.root(), FlPagingMode::FourLevel)),
+    );
+    // The IOTLB alone is flushed: the cached PASID entry still points at the old table.
+    assert!(s.g.submit_sync(&[piotlb(1, s.p, None)]));
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    // Linux's order: PASID cache, then IOTLB.
+    assert!(s.g.submit_sync(&[
+        InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::PasidSelective,
+            did: DomainId(1),
+            pasid: s.p,
+        },
+        piotlb(1, s.p, None),
+    ]));
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA2);
+}
+
+#[test]
+fn a_cleared_context_entry_is_used_until_the_context_cache_is_invalidated() {
+    let s = setup(false);
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    s.g.write_context(s.dev, None);
+    assert!(s.g.submit_sync(&[
+        InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::Global,
+            did: DomainId(0),
+            pasid: s.p,
+        },
+        piotlb(1, s.p, None),
+    ]));
+    // The PASID entry is read again, through the cached context entry.
+    assert_eq!(gpa(&s, VA, AccessRequest::READ), PA);
+    assert!(s.g.submit_sync(&[
+        InvDesc::ContextCache {
+            granularity: ContextCacheGranularity::DeviceSelective,
+            did: DomainId(0),
+            sid: s.dev,
+            fm: 0,
+        },
+        InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::Global,
+            did: DomainId(0),
+            pasid: s.p,
+        },
+        piotlb(1, s.p, None),
+    ]));
+    let f =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA, AccessRequest::READ)
+            .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Sct2);
+}
+
+#[test]
+fn faults_are_recorded_with_their_reason() {
+    let s = setup(true);
+    s.g.write(offset::FEDATA, 4, 0x40);
+    s.g.write(offset::FECTL, 4, 0);
+    let f =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA + 0x5000, AccessRequest::WRITE)
+            .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Sfl2);
+    assert!(f.recoverable, "PRE set: a page request could resolve it");
+    assert!(!f.fpd);
+    let cap = Cap::from_raw(s.g.read(offset::CAP, 8));
+    let frcd = cap.fault_recording_offset();
+    let raw = [s.g.read(frcd, 8), s.g.read(frcd + 8, 8)];
+    assert_ne!(raw[1] & FRCD_F, 0);
+    let rec = FaultRecord::from_raw(raw).unwrap();
+    assert_eq!(rec.fault_info, VA + 0x5000);
+    assert_eq!(rec.sid, s.dev);
+    assert_eq!(rec.pasid, Some(s.p));
+    assert_eq!(rec.reason, FaultReason::Sfl2.code());
+    assert_ne!(s.g.read(offset::FSTS, 4) as u32 & fsts::PPF, 0);
+    let irqs = s.g.take_irqs();
+    assert_eq!(irqs.len(), 1);
+    assert_eq!((irqs[0].source, irqs[0].data), (EventSource::Fault, 0x40));
+
+    // Supervisor requests need SRE, execute requests ERE.
+    let sup =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA, AccessRequest::READ.supervisor())
+            .unwrap_err();
+    assert_eq!(sup.reason, FaultReason::Spt6);
+    let exe =
+        s.g.viommu
+            .translate(s.dev, Some(s.p), VA, AccessRequest::EXECUTE)
+            .unwrap_err();
+    assert_eq!(exe.reason, FaultReason::Spt5);
+    // A PASID without an entry.
+    let none =
+        s.g.viommu
+            .translate(
+                s.dev,
+                Some(Pasid::new(0x3f).unwrap()),
+                VA,
+                AccessRequest::READ,
+            )
+            .unwrap_err();
+    assert_eq!(none.reason, FaultReason::Spt2);
+    assert_eq!(s.g.viommu.stats().faults_recorded, 4);
+
+    // FPD in the PASID entry: the fault is not recorded.
+    let q = s.g.alloc_pasid();
+    let mut e = fl_entry(1, s.pt.root(), FlPagingMode::FourLevel);
+    e.fpd = true;
+    s.g.set_pasid_entry(s.dev, q, Some(e));
+    let f =
+        s.g.viommu
+            .translate(s.dev, Some(q), VA + 0x5000, AccessRequest::READ)
+            .unwrap_err();
+    assert!(f.fpd);
+    assert_eq!(s.g.viommu.stats().faults_recorded, 4);
+}
+
+#[test]
+fn requests_without_pasid_use_rid_pasid_and_disabled_translation_is_identity() {
+    let g = Guest::new(Arc::new(LocalPasids::new(4)));
+    let dev = sid(0, 7, 0);
+    // Translation off: addresses are guest physical as they are.
+    let t = g
+        .viommu
+        .translate(dev, None, 0x1234_5678, AccessRequest::WRITE)
+        .unwrap();
+    assert_eq!((t.gpa, t.did), (Gpa(0x1234_5678), None));
+    g.enable();
+    g.attach(dev, false);
+    let mut pt = g.page_table();
+    g.map(&mut pt, 0x40_0000, PA);
+    g.set_pasid_entry(
+        dev,
+        Pasid::RID_PASID,
+        Some(fl_entry(3, pt.root(), FlPagingMode::FourLevel)),
+    );
+    let t = g
+        .viommu
+        .translate(dev, None, 0x40_0010, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((t.gpa, t.pasid), (Gpa(PA + 0x10), Some(Pasid::RID_PASID)));
+    // A device without a context entry.
+    let f = g
+        .viommu
+        .translate(sid(0, 8, 0), None, 0, AccessRequest::READ)
+        .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Sct2);
+    // Read-only pages refuse writes.
+    pt.map(
+        &*g.mem,
+        &mut Frames(&g),
+        0x50_0000,
+        PA2,
+        PageSize::Size4K,
+        MapFlags::READ | MapFlags::USER,
+    )
+    .unwrap();
+    let f = g
+        .viommu
+        .translate(dev, None, 0x50_0000, AccessRequest::WRITE)
+        .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Sgn6);
+}
+
+type IoMem = IommuMemory<GuestMemoryMmap, IommuAddressSpace>;
+
+fn io_read(mem: &IoMem, addr: u64, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+    let mut out = vec![0u8; len];
+    let mut at = 0;
+    for slice in mem.get_slices(GuestAddress(addr), len, Permissions::Read)? {
+        at += slice?.copy_to(&mut out[at..]);
+    }
+    Ok(out)
+}
+
+fn io_write(mem: &IoMem, addr: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut at = 0;
+    for slice in mem.get_slices(GuestAddress(addr), data.len(), Permissions::Write)? {
+        let slice = slice?;
+        slice.copy_from(&data[at..at + slice.len()]);
+        at += slice.len();
+    }
+    Ok(())
+}
+
+#[test]
+fn vm_memory_device_models_dma_through_the_guest_page_tables() {
+    let mut s = setup(false);
+    // A second page of the buffer, not physically contiguous with the first.
+    s.g.map(&mut s.pt, VA + 0x1000, PA2);
+    let first: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    let second: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+    s.g.mem.write(PA, &first).unwrap();
+    s.g.mem.write(PA2, &second).unwrap();
+
+    let space = s.g.viommu.address_space(s.dev, Some(s.p), false);
+    assert_eq!((space.source_id(), space.pasid()), (s.dev, Some(s.p)));
+    let io: IoMem = IommuMemory::new((*s.g.mem).clone(), space, true, ());
+    // A read across the page boundary gathers both pages.
+    let got = io_read(&io, VA + 0xff0, 0x20).unwrap();
+    assert_eq!(&got[..0x10], &first[0xff0..]);
+    assert_eq!(&got[0x10..], &second[..0x10]);
+    // A write lands in guest RAM at the translated address, and sets D in the table.
+    io_write(&io, VA + 0x1800, b"written by DMA").unwrap();
+    let mut back = [0u8; 14];
+    s.g.mem.read(PA2 + 0x800, &mut back).unwrap();
+    assert_eq!(&back, b"written by DMA");
+    let leaf = s.pt.lookup(&*s.g.mem, VA + 0x1000).unwrap().unwrap().entry;
+    assert_ne!(leaf & FlPte::D, 0);
+
+    // Remapped without invalidation: the address space keeps using the old page.
+    s.pt.unmap(&*s.g.mem, VA, PageSize::Size4K).unwrap();
+    let third = vec![0x5a_u8; 4096];
+    let pa3 = s.g.alloc_frame();
+    s.g.mem.write(pa3, &third).unwrap();
+    s.g.map(&mut s.pt, VA, pa3);
+    assert_eq!(io_read(&io, VA, 4).unwrap(), first[..4]);
+    // The guest invalidates the page: the new one is used.
+    assert!(s.g.submit_sync(&[piotlb(1, s.p, Some(VA))]));
+    assert_eq!(io_read(&io, VA, 4).unwrap(), third[..4]);
+    assert_eq!(io_read(&io, VA + 0x1800, 14).unwrap(), b"written by DMA");
+
+    // Unmapped and invalidated: the access fails.
+    s.pt.unmap(&*s.g.mem, VA, PageSize::Size4K).unwrap();
+    assert!(s.g.submit_sync(&[piotlb(1, s.p, None)]));
+    assert!(io_read(&io, VA, 4).is_err());
+    assert!(!io.check_range(GuestAddress(VA), 4, Permissions::Read));
+    assert!(io.check_range(GuestAddress(VA + 0x1000), 4, Permissions::Read));
+}
+
+#[test]
+fn address_spaces_honour_page_rights() {
+    let mut s = setup(false);
+    s.pt.map(
+        &*s.g.mem,
+        &mut Frames(&s.g),
+        VA + 0x2000,
+        PA2,
+        PageSize::Size4K,
+        MapFlags::READ | MapFlags::USER,
+    )
+    .unwrap();
+    let io: IoMem = IommuMemory::new(
+        (*s.g.mem).clone(),
+        s.g.viommu.address_space(s.dev, Some(s.p), false),
+        true,
+        (),
+    );
+    assert!(io_read(&io, VA + 0x2000, 8).is_ok());
+    assert!(io_write(&io, VA + 0x2000, &[1; 8]).is_err());
+    // A supervisor address space of a PASID without SRE.
+    let sup: IoMem = IommuMemory::new(
+        (*s.g.mem).clone(),
+        s.g.viommu.address_space(s.dev, Some(s.p), true),
+        true,
+        (),
+    );
+    assert!(io_read(&sup, VA, 8).is_err());
+}
