@@ -472,3 +472,50 @@ fn unbound_pasids_fault_and_teardown_returns_every_frame() {
     // The driver keeps its root table, context table, queues.
     assert_eq!(m.frames.allocated_frames(), base - 32);
 }
+
+#[test]
+fn two_processes_share_the_device_through_their_own_pasids() {
+    let m = machine(true);
+    let a = m.process(FlPagingMode::FourLevel);
+    let b = m.process(FlPagingMode::FourLevel);
+    // The same virtual addresses in both, different contents.
+    let (buf_a, rec_a) = (
+        a.mmap(2 * 4096, Prot::READ_WRITE).unwrap(),
+        a.mmap(4096, Prot::READ_WRITE).unwrap(),
+    );
+    let (buf_b, rec_b) = (
+        b.mmap_lazy(2 * 4096, Prot::READ_WRITE).unwrap(),
+        b.mmap(4096, Prot::READ_WRITE).unwrap(),
+    );
+    assert_eq!((buf_a, rec_a), (buf_b, rec_b));
+    let only_a = a.mmap(4096, Prot::READ_WRITE).unwrap();
+    let pa = m.driver.sva_bind(SID, &a).unwrap();
+    let pb = m.driver.sva_bind(SID, &b).unwrap();
+    assert_ne!(pa, pb);
+    a.write(buf_a, &pattern(2 * 4096, 1)).unwrap();
+
+    let fill = |p: &Process, pasid, dst: Gva, rec, byte: u8| {
+        m.run(
+            p,
+            pasid,
+            Operation::Fill {
+                pattern: u64::from_le_bytes([byte; 8]),
+                dst: dst.0,
+                size: 4096,
+            },
+            rec,
+            true,
+        )
+    };
+    assert_eq!(
+        fill(&b, pb, Gva(buf_b.0 + 4096), rec_b, 0xbb).status,
+        CompletionStatus::Success
+    );
+    assert_eq!(read(&b, Gva(buf_b.0 + 4096), 4096), vec![0xbb; 4096]);
+    assert_eq!(read(&a, buf_a, 2 * 4096), pattern(2 * 4096, 1));
+    // B's PASID cannot reach what only A maps.
+    let rec = fill(&b, pb, only_a, rec_b, 0xcc);
+    assert_eq!(rec.status, CompletionStatus::PageResponseError);
+    assert_eq!(read(&a, only_a, 4096), vec![0; 4096]);
+    assert_eq!(m.driver.bound_pasids().len(), 2);
+}

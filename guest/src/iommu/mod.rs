@@ -193,7 +193,8 @@ pub struct IommuDriver {
     vccap: u64,
     /// The second-level width the unit supports best (Linux's `iommu->agaw`).
     agaw: SlLevels,
-    /// The enable bits the driver keeps set in GCMD (Linux's `iommu->gcmd`).
+    /// The enable bits the driver keeps set in GCMD (Linux's `iommu->gcmd`); the lock
+    /// also serialises register commands (Linux's `register_lock`).
     gcmd: Mutex<u32>,
     root: Gpa,
     qi: Mutex<InvQueue>,
@@ -201,6 +202,8 @@ pub struct IommuDriver {
     prq: Option<(Gpa, u64)>,
     prq_lock: Mutex<()>,
     prq_pending: AtomicBool,
+    /// Serialises binds and unbinds (Linux's `pasid_mutex`).
+    svm_lock: Mutex<()>,
     state: Mutex<State>,
     counters: Counters,
 }
@@ -304,6 +307,7 @@ impl IommuDriver {
             prq: prq.map(|g| (g.keep(), FRAME_SIZE / pq::DESC_SIZE)),
             prq_lock: Mutex::new(()),
             prq_pending: AtomicBool::new(false),
+            svm_lock: Mutex::new(()),
             state: Mutex::new(State {
                 devices: HashMap::new(),
                 svms: HashMap::new(),

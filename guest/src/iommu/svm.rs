@@ -187,6 +187,7 @@ impl IommuDriver {
                 "5-level first-level paging (CAP.FL5LP)",
             ));
         }
+        let _bind = lock(&self.svm_lock);
         let dev = self.pasid_device(sid)?;
         let existing = {
             let mut st = lock(&self.state);
@@ -366,6 +367,7 @@ impl IommuDriver {
     /// the notifier is unregistered and the PASID freed.
     pub fn sva_unbind(&self, sid: SourceId, pasid: Pasid) -> Result<(), DriverError> {
         let not_bound = DriverError::NotBound { sid, pasid };
+        let _unbind = lock(&self.svm_lock);
         let dev = self.pasid_device(sid).map_err(|_| not_bound)?;
         {
             let mut st = lock(&self.state);

@@ -33,6 +33,12 @@ pub const MMAP_MIN_ADDR: u64 = 0x1_0000;
 /// Unmapped bytes [`Process::mmap`] leaves after each mapping, so overruns fault.
 const GUARD: u64 = FRAME_SIZE;
 
+/// The CPU's view of first-level entries: 52-bit physical addresses, 1-GiB pages.
+const CPU_FORMAT: FlFormat = match FlFormat::new(52, true) {
+    Ok(f) => f,
+    Err(_) => panic!("52 bits is a valid address width"),
+};
+
 /// Access rights of a mapping (`PROT_*`). The first level cannot express pages that are
 /// not readable, so every mapping has [`Prot::READ`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -372,11 +378,12 @@ impl Process {
     }
 
     /// Unmaps `[gva, gva + len)` (`len` rounded up to pages). Parts of the range that are
-    /// not mapped are ignored, as munmap(2) does.
+    /// not mapped are ignored, as munmap(2) does. Only a failing write to guest RAM can
+    /// leave a page mapped; the range is reported to the notifiers either way.
     pub fn munmap(&self, gva: Gva, len: u64) -> Result<(), ProcessError> {
         let len = self.check_range(gva, len)?;
         let (start, end) = (gva.0, gva.0 + len);
-        let (ranges, freed) = {
+        let (ranges, freed, error) = {
             let mut st = lock(&self.state);
             let ranges = split_vmas(&mut st, start, end);
             for &(s, _) in &ranges {
@@ -384,29 +391,41 @@ impl Process {
             }
             let resident: Vec<(u64, u64)> =
                 st.pages.range(start..end).map(|(&v, &f)| (v, f)).collect();
-            for &(va, _) in &resident {
-                st.tables.unmap(&*self.mem, va, PageSize::Size4K)?;
-                st.pages.remove(&va);
+            let mut freed = Vec::with_capacity(resident.len());
+            let mut error = None;
+            for (va, frame) in resident {
+                // A page whose entry could not be cleared stays resident (and its frame
+                // allocated): the tables may still point to it.
+                match st.tables.unmap(&*self.mem, va, PageSize::Size4K) {
+                    Ok(_) => {
+                        st.pages.remove(&va);
+                        freed.push(frame);
+                    }
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                }
             }
-            (ranges, resident)
+            (ranges, freed, error)
         };
         self.notify(&ranges);
-        for (_, frame) in freed {
+        for frame in freed {
             // Frames recorded in `pages` were allocated by this process.
             let _ = self.frames.free(Gpa(frame));
         }
-        Ok(())
+        error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// Changes the rights of `[gva, gva + len)` (`len` rounded up to pages), which must be
-    /// mapped throughout.
+    /// mapped throughout. Only a failing write to guest RAM can leave some pages with the
+    /// old rights; the range is reported to the notifiers either way.
     pub fn mprotect(&self, gva: Gva, len: u64, prot: Prot) -> Result<(), ProcessError> {
         let len = self.check_range(gva, len)?;
         if !prot.contains(Prot::READ) {
             return Err(ProcessError::Unreadable);
         }
         let (start, end) = (gva.0, gva.0 + len);
-        let ranges = {
+        let (ranges, error) = {
             let mut st = lock(&self.state);
             let mut next = start;
             for vma in overlapping(&st, start, end) {
@@ -423,14 +442,20 @@ impl Process {
                 vma.prot = prot;
             }
             let resident: Vec<u64> = st.pages.range(start..end).map(|(&v, _)| v).collect();
+            let mut error = None;
             for va in resident {
-                st.tables
-                    .protect(&*self.mem, va, PageSize::Size4K, prot.map_flags())?;
+                if let Err(e) =
+                    st.tables
+                        .protect(&*self.mem, va, PageSize::Size4K, prot.map_flags())
+                {
+                    error.get_or_insert(e);
+                }
             }
-            ranges
+            (ranges, error)
         };
+        // Reported even after a failed update: some entries may have changed.
         self.notify(&ranges);
-        Ok(())
+        error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// Resolves a fault at `gva` for a read or a `write`, as the kernel's page-fault
@@ -492,7 +517,7 @@ impl Process {
             sre: false,
             wpe: false,
             eafe: false,
-            format: FlFormat::new(52, true).expect("52 bits is a valid address width"),
+            format: CPU_FORMAT,
         };
         let access = AccessRequest {
             write,
