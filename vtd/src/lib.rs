@@ -32,7 +32,8 @@ pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{
-    walk_first_level, walk_first_level_via, walk_nested, walk_second_level, AccessRequest, Direct,
-    FlConfig, FlStage, NestedStage, PageSize, Permissions, SlConfig, Stage, StepOutcome,
-    Translation, WalkFault, WalkObserver, WalkRecord, WalkStep,
+    walk_first_level, walk_first_level_from, walk_first_level_via, walk_nested, walk_second_level,
+    walk_second_level_from, AccessRequest, Direct, FlConfig, FlRights, FlStage, FlStart,
+    NestedStage, PageSize, Permissions, SlConfig, SlStart, Stage, StepOutcome, Translation,
+    WalkFault, WalkObserver, WalkRecord, WalkStep,
 };

@@ -16,7 +16,7 @@
 //!   In nested translation these updates are writes through the second level, which must
 //!   allow them (else SFL.8).
 
-use super::second::{self, SlConfig, SlFaults};
+use super::second::{self, SlConfig, SlFaults, SlStart};
 use super::{
     table_index, AccessRequest, PageSize, Permissions, Stage, StepOutcome, Translation, WalkFault,
     WalkObserver, WalkStep,
@@ -124,14 +124,20 @@ pub struct NestedStage<'a, M: ?Sized> {
     pub sl: &'a SlConfig,
 }
 
-impl<M: PhysMem + ?Sized> FlStage for NestedStage<'_, M> {
-    fn table_address<O>(
-        &mut self,
+impl<M: PhysMem + ?Sized> NestedStage<'_, M> {
+    /// The second-level walk from `start` that resolves the first-level table at `table`
+    /// (FLPTPTR when `root`): a read, or with `write` an accessed/dirty update.
+    ///
+    /// [`FlStage::table_address`] is this walk from [`SlStart::top`]; a caller that caches
+    /// second-level paging-structure entries may start it lower.
+    pub fn walk_table_from<O>(
+        &self,
+        start: SlStart,
         table: u64,
         root: bool,
         write: bool,
         obs: &mut O,
-    ) -> Result<u64, WalkFault>
+    ) -> Result<Translation, WalkFault>
     where
         O: WalkObserver + ?Sized,
     {
@@ -151,11 +157,16 @@ impl<M: PhysMem + ?Sized> FlStage for NestedStage<'_, M> {
             execute: false,
             supervisor: false,
         };
-        second::walk(self.mem, self.sl, table, access, &faults, obs).map(|t| t.output)
+        second::walk_from(self.mem, self.sl, start, table, access, &faults, obs)
     }
 
-    fn output<O>(
-        &mut self,
+    /// The second-level walk from `start` of the first level's output address `output`,
+    /// checked with the request's `access`.
+    ///
+    /// [`FlStage::output`] is this walk from [`SlStart::top`].
+    pub fn walk_output_from<O>(
+        &self,
+        start: SlStart,
         output: u64,
         access: AccessRequest,
         obs: &mut O,
@@ -167,7 +178,35 @@ impl<M: PhysMem + ?Sized> FlStage for NestedStage<'_, M> {
             beyond_width: FaultReason::Sfl5,
             ..SlFaults::REQUEST
         };
-        second::walk(self.mem, self.sl, output, access, &faults, obs)
+        second::walk_from(self.mem, self.sl, start, output, access, &faults, obs)
+    }
+}
+
+impl<M: PhysMem + ?Sized> FlStage for NestedStage<'_, M> {
+    fn table_address<O>(
+        &mut self,
+        table: u64,
+        root: bool,
+        write: bool,
+        obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        self.walk_table_from(SlStart::top(self.sl), table, root, write, obs)
+            .map(|t| t.output)
+    }
+
+    fn output<O>(
+        &mut self,
+        output: u64,
+        access: AccessRequest,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        self.walk_output_from(SlStart::top(self.sl), output, access, obs)
     }
 }
 
@@ -221,6 +260,68 @@ where
     S: FlStage + ?Sized,
     O: WalkObserver + ?Sized,
 {
+    walk_first_level_from(mem, cfg, stage, FlStart::top(cfg), input, access, obs)
+}
+
+/// Where a first-level walk starts: a table and the rights the levels above it grant.
+///
+/// [`FlStart::top`] is the table FLPTPTR points to. A start further down is what a
+/// first-level paging-structure cache entry holds (VT-d §6.2.5): for a PDE-cache entry,
+/// the page table the PDE points to and the rights of the PML4E, PDPE and PDE together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlStart {
+    /// The paging level of the table (5 = PML5 … 1 = page table).
+    pub level: u8,
+    /// The table's address as FLPTPTR or the entry above gives it (a guest physical
+    /// address in nested translation).
+    pub table: u64,
+    /// The rights of the entries above the table.
+    pub rights: FlRights,
+}
+
+impl FlStart {
+    /// The top-level table of `cfg`, with nothing accumulated yet.
+    pub const fn top(cfg: &FlConfig) -> FlStart {
+        FlStart {
+            level: cfg.mode.levels(),
+            table: cfg.root,
+            rights: FlRights::ALL,
+        }
+    }
+
+    /// The start below `entry`, a present non-leaf entry read from this start's table: the
+    /// table it points to, one level down, with its rights added.
+    pub const fn below(self, entry: u64) -> FlStart {
+        let pte = FlPte(entry);
+        FlStart {
+            level: self.level.saturating_sub(1),
+            table: pte.table_address(),
+            rights: self.rights.with(pte),
+        }
+    }
+}
+
+/// The first-level walk from `start`, with `stage` resolving table pointers and the output
+/// address: a walk that a paging-structure cache entry lets begin below the top.
+///
+/// From [`FlStart::top`] this is [`walk_first_level_via`]. From a lower start the entries
+/// above are neither read nor updated, and their rights are `start.rights`; the request
+/// checks done before any entry is read (SRE, canonical input) are made either way. A start
+/// level outside 1 to the paging mode's depth walks from the top.
+pub fn walk_first_level_from<M, S, O>(
+    mem: &M,
+    cfg: &FlConfig,
+    stage: &mut S,
+    start: FlStart,
+    input: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    S: FlStage + ?Sized,
+    O: WalkObserver + ?Sized,
+{
     let fault = |reason, level| WalkFault {
         reason,
         stage: Stage::FirstLevel,
@@ -234,9 +335,14 @@ where
         return Err(fault(FaultReason::Sgn1, 0));
     }
     let top = cfg.mode.levels();
-    let mut level = top;
-    let mut table = cfg.root;
-    let mut rights = FlRights::ALL;
+    let start = if (1..=top).contains(&start.level) {
+        start
+    } else {
+        FlStart::top(cfg)
+    };
+    let mut level = start.level;
+    let mut table = start.table;
+    let mut rights = start.rights;
     loop {
         let root = level == top;
         let offset = table_index(input, level) * 8;
@@ -332,24 +438,25 @@ where
 }
 
 /// The first-level rights accumulated over the levels walked so far.
-#[derive(Clone, Copy, Debug)]
-struct FlRights {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlRights {
     /// U/S set at every level.
-    user: bool,
+    pub user: bool,
     /// R/W set at every level.
-    writable: bool,
+    pub writable: bool,
     /// XD set at some level.
-    execute_disable: bool,
+    pub execute_disable: bool,
 }
 
 impl FlRights {
-    const ALL: FlRights = FlRights {
+    /// Nothing walked yet: the neutral element of accumulation.
+    pub const ALL: FlRights = FlRights {
         user: true,
         writable: true,
         execute_disable: false,
     };
 
-    fn with(self, pte: FlPte) -> FlRights {
+    const fn with(self, pte: FlPte) -> FlRights {
         FlRights {
             user: self.user && pte.user(),
             writable: self.writable && pte.writable(),

@@ -15,9 +15,10 @@ mod second;
 mod tests;
 
 pub use first::{
-    walk_first_level, walk_first_level_via, walk_nested, Direct, FlConfig, FlStage, NestedStage,
+    walk_first_level, walk_first_level_from, walk_first_level_via, walk_nested, Direct, FlConfig,
+    FlRights, FlStage, FlStart, NestedStage,
 };
-pub use second::{walk_second_level, SlConfig};
+pub use second::{walk_second_level, walk_second_level_from, SlConfig, SlStart};
 
 use crate::fault::FaultReason;
 use std::fmt;

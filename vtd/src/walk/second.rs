@@ -66,9 +66,83 @@ where
     walk(mem, cfg, input, access, &SlFaults::REQUEST, obs)
 }
 
+/// Translates `input` through the second-level table of `cfg` from `start`, checking
+/// `access`, reporting each entry read to `obs`: a walk that a second-level
+/// paging-structure cache entry (VT-d §6.2.5) lets begin below the top.
+///
+/// From [`SlStart::top`] this is [`walk_second_level`]. From a lower start the entries
+/// above are neither read nor updated, and their rights are `start.rights`; the input width
+/// is checked either way. A start level outside 1 to the table's depth walks from the top.
+pub fn walk_second_level_from<M, O>(
+    mem: &M,
+    cfg: &SlConfig,
+    start: SlStart,
+    input: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_from(mem, cfg, start, input, access, &SlFaults::REQUEST, obs)
+}
+
+/// Where a second-level walk starts: a table and the rights the levels above it grant.
+///
+/// [`SlStart::top`] is the table SLPTPTR points to; a start further down is what a
+/// second-level paging-structure cache entry holds (VT-d §6.2.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlStart {
+    /// The paging level of the table (5 … 1 = page table).
+    pub level: u8,
+    /// The table's physical address.
+    pub table: u64,
+    /// The rights of the entries above the table (`user` is always true).
+    pub rights: Permissions,
+}
+
+impl SlStart {
+    /// The top-level table of `cfg`, with nothing accumulated yet.
+    pub const fn top(cfg: &SlConfig) -> SlStart {
+        SlStart {
+            level: cfg.levels.levels(),
+            table: cfg.root,
+            rights: Permissions::ALL,
+        }
+    }
+
+    /// The start below `entry`, a present non-leaf entry read from this start's table: the
+    /// table it points to, one level down, with its rights added as `cfg` accumulates them.
+    pub const fn below(self, cfg: &SlConfig, entry: u64) -> SlStart {
+        let pte = SlPte(entry);
+        SlStart {
+            level: self.level.saturating_sub(1),
+            table: pte.table_address(),
+            rights: accumulate(cfg, self.rights, pte),
+        }
+    }
+}
+
 pub(crate) fn walk<M, O>(
     mem: &M,
     cfg: &SlConfig,
+    input: u64,
+    access: AccessRequest,
+    faults: &SlFaults,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_from(mem, cfg, SlStart::top(cfg), input, access, faults, obs)
+}
+
+pub(crate) fn walk_from<M, O>(
+    mem: &M,
+    cfg: &SlConfig,
+    start: SlStart,
     input: u64,
     access: AccessRequest,
     faults: &SlFaults,
@@ -87,12 +161,17 @@ where
     if input >> cfg.levels.input_width() != 0 {
         return Err(fault(faults.beyond_width, 0));
     }
-    if cfg.root >> cfg.format.address_width() != 0 || cfg.root & 0xfff != 0 {
-        return Err(fault(FaultReason::Ssl4, cfg.levels.levels()));
+    let start = if (1..=cfg.levels.levels()).contains(&start.level) {
+        start
+    } else {
+        SlStart::top(cfg)
+    };
+    if start.table >> cfg.format.address_width() != 0 || start.table & 0xfff != 0 {
+        return Err(fault(FaultReason::Ssl4, start.level));
     }
-    let mut table = cfg.root;
-    let mut rights = Permissions::ALL;
-    let mut level = cfg.levels.levels();
+    let mut table = start.table;
+    let mut rights = start.rights;
+    let mut level = start.level;
     loop {
         let entry_address = table + table_index(input, level) * 8;
         let mut step = WalkStep {
@@ -184,17 +263,7 @@ fn decide(
     if cfg.format.reserved_bits(level, pte) != 0 {
         return Err(FaultReason::Ssl3);
     }
-    let read = rights.read && pte.readable();
-    let rights = Permissions {
-        read,
-        write: rights.write && pte.writable(),
-        execute: if cfg.slee {
-            rights.execute && pte.executable()
-        } else {
-            read
-        },
-        user: true,
-    };
+    let rights = accumulate(cfg, rights, pte);
     let leaf = PageSize::from_level(level).filter(|_| pte.is_leaf(level));
     if leaf.is_some() {
         if access.write && !rights.write {
@@ -208,4 +277,20 @@ fn decide(
         }
     }
     Ok((rights, leaf))
+}
+
+/// The rights of the levels above together with `pte`'s: R and W, and X when SLEE is 1
+/// (else execute follows read).
+const fn accumulate(cfg: &SlConfig, rights: Permissions, pte: SlPte) -> Permissions {
+    let read = rights.read && pte.readable();
+    Permissions {
+        read,
+        write: rights.write && pte.writable(),
+        execute: if cfg.slee {
+            rights.execute && pte.executable()
+        } else {
+            read
+        },
+        user: true,
+    }
 }

@@ -1113,3 +1113,329 @@ proptest! {
         )?;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Walks that start below the top (what paging-structure caches hold)
+
+/// The first-level starts a recorded walk passed through, top first: each table the walk
+/// went down to, with the rights accumulated above it.
+fn fl_starts(cfg: &FlConfig, rec: &WalkRecord) -> Vec<FlStart> {
+    let mut start = FlStart::top(cfg);
+    let mut starts = vec![start];
+    for step in rec.steps.iter().filter(|s| s.stage == Stage::FirstLevel) {
+        if let StepOutcome::Table(next) = step.outcome {
+            start = start.below(step.entry);
+            assert_eq!(start.table, next);
+            starts.push(start);
+        }
+    }
+    starts
+}
+
+/// The second-level starts a recorded walk passed through, top first.
+fn sl_starts(cfg: &SlConfig, rec: &WalkRecord) -> Vec<SlStart> {
+    let mut start = SlStart::top(cfg);
+    let mut starts = vec![start];
+    for step in &rec.steps {
+        if let StepOutcome::Table(next) = step.outcome {
+            start = start.below(cfg, step.entry);
+            assert_eq!(start.table, next);
+            starts.push(start);
+        }
+    }
+    starts
+}
+
+#[test]
+fn first_level_from_each_table_equals_the_full_walk_and_reads_only_below() {
+    for mode in [FlPagingMode::FourLevel, FlPagingMode::FiveLevel] {
+        let mut s = FlSetup::new(mode);
+        s.map(VA, 0x5000, PageSize::Size4K, R | W | U);
+        s.map(VA + 2 * MB, 0x40_0000, PageSize::Size2M, R | W | U);
+        for va in [VA + 0x18, VA + 2 * MB + 0x1234] {
+            let (full, rec) = s.record(va, AccessRequest::WRITE.supervisor());
+            let full = full.unwrap();
+            let starts = fl_starts(&s.cfg, &rec);
+            assert_eq!(starts.len(), rec.steps.len());
+            for start in starts {
+                let mut below = WalkRecord::default();
+                let t = walk_first_level_from(
+                    &s.mem,
+                    &s.cfg,
+                    &mut Direct,
+                    start,
+                    va,
+                    AccessRequest::WRITE.supervisor(),
+                    &mut below,
+                )
+                .unwrap();
+                assert_eq!(t, full);
+                assert_eq!(below.steps.first().unwrap().level, start.level);
+                assert_eq!(
+                    below.steps.len(),
+                    rec.steps.len() - (mode.levels() - start.level) as usize
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn first_level_from_a_start_keeps_its_rights_and_skips_the_entries_above() {
+    let mut s = FlSetup::new(FlPagingMode::FourLevel);
+    s.map(VA, 0x5000, PageSize::Size4K, R | W | X | U);
+    // The PDPE is read-only and execute-disable: both reach the page-table start.
+    let e = s.entry(VA, 3);
+    s.set_entry(VA, 3, (e & !FlPte::RW) | FlPte::XD);
+    let (_, rec) = s.record(VA, AccessRequest::READ);
+    let pt = *fl_starts(&s.cfg, &rec).last().unwrap();
+    assert_eq!(pt.level, 1);
+    assert_eq!(
+        pt.rights,
+        FlRights {
+            user: true,
+            writable: false,
+            execute_disable: true,
+        }
+    );
+    let from = |s: &FlSetup, start, access| {
+        walk_first_level_from(&s.mem, &s.cfg, &mut Direct, start, VA, access, &mut ())
+    };
+    assert_eq!(reason(from(&s, pt, AccessRequest::WRITE)), Sgn6);
+    assert_eq!(reason(from(&s, pt, AccessRequest::EXECUTE)), Sgn3);
+    // The entries above are not read again: clearing the PML4E changes nothing from the
+    // page-table start, as a paging-structure cache entry keeps working until invalidated.
+    s.set_entry(VA, 4, 0);
+    assert_eq!(reason(s.walk(VA, AccessRequest::READ)), Sfl2);
+    assert_eq!(
+        from(&s, pt, AccessRequest::READ).unwrap().output,
+        0x5000,
+        "the cached page table is still used"
+    );
+    // The request checks are made from any start.
+    assert_eq!(
+        reason(walk_first_level_from(
+            &s.mem,
+            &s.cfg,
+            &mut Direct,
+            pt,
+            0x0000_8000_0000_0000,
+            AccessRequest::READ,
+            &mut ()
+        )),
+        Sgn1
+    );
+}
+
+#[test]
+fn first_level_start_level_out_of_range_walks_from_the_top() {
+    let mut s = FlSetup::new(FlPagingMode::FourLevel);
+    s.map(VA, 0x5000, PageSize::Size4K, R | U);
+    let (full, rec) = s.record(VA, AccessRequest::READ);
+    for level in [0, 5, 9] {
+        let start = FlStart {
+            level,
+            table: 0x1234_5000,
+            rights: FlRights {
+                user: false,
+                writable: false,
+                execute_disable: true,
+            },
+        };
+        let mut again = WalkRecord::default();
+        let t = walk_first_level_from(
+            &s.mem,
+            &s.cfg,
+            &mut Direct,
+            start,
+            VA,
+            AccessRequest::READ,
+            &mut again,
+        );
+        assert_eq!(t, full);
+        assert_eq!(again.steps.len(), rec.steps.len());
+    }
+}
+
+#[test]
+fn second_level_from_each_table_equals_the_full_walk() {
+    for levels in [SlLevels::Three, SlLevels::Four, SlLevels::Five] {
+        let mut s = SlSetup::new(levels);
+        s.map(IOVA, 0x6000, PageSize::Size4K, R | W);
+        let mut rec = WalkRecord::default();
+        let full =
+            walk_second_level(&s.mem, &s.cfg, IOVA + 8, AccessRequest::WRITE, &mut rec).unwrap();
+        let starts = sl_starts(&s.cfg, &rec);
+        assert_eq!(starts.len(), levels.levels() as usize);
+        for start in starts {
+            let mut below = WalkRecord::default();
+            let t = walk_second_level_from(
+                &s.mem,
+                &s.cfg,
+                start,
+                IOVA + 8,
+                AccessRequest::WRITE,
+                &mut below,
+            )
+            .unwrap();
+            assert_eq!(t, full);
+            assert_eq!(below.steps.len(), start.level as usize);
+        }
+        // Out-of-range levels walk from the top; the input width is checked from any start.
+        let bogus = SlStart {
+            level: 0,
+            ..SlStart::top(&s.cfg)
+        };
+        assert_eq!(
+            walk_second_level_from(
+                &s.mem,
+                &s.cfg,
+                bogus,
+                IOVA + 8,
+                AccessRequest::WRITE,
+                &mut ()
+            ),
+            Ok(full)
+        );
+        let pt = *sl_starts(&s.cfg, &rec).last().unwrap();
+        let wide = 1u64 << levels.input_width();
+        assert_eq!(
+            walk_second_level_from(&s.mem, &s.cfg, pt, wide, AccessRequest::READ, &mut ())
+                .unwrap_err()
+                .reason,
+            Sgn4
+        );
+    }
+}
+
+#[test]
+fn second_level_start_keeps_the_rights_above() {
+    let mut s = SlSetup::new(SlLevels::Four);
+    s.cfg.slee = true;
+    s.map(IOVA, 0x6000, PageSize::Size4K, R | W | X);
+    let e = s.entry(IOVA, 3);
+    s.set_entry(IOVA, 3, e & !(SlPte::W | SlPte::X));
+    let mut rec = WalkRecord::default();
+    walk_second_level(&s.mem, &s.cfg, IOVA, AccessRequest::READ, &mut rec).unwrap();
+    let pt = *sl_starts(&s.cfg, &rec).last().unwrap();
+    assert_eq!(
+        pt.rights,
+        Permissions {
+            read: true,
+            write: false,
+            execute: false,
+            user: true,
+        }
+    );
+    // Restoring the entry does not reach the start: it holds what was read.
+    s.set_entry(IOVA, 3, e);
+    let from = |access| walk_second_level_from(&s.mem, &s.cfg, pt, IOVA, access, &mut ());
+    assert_eq!(from(AccessRequest::WRITE).unwrap_err().reason, Sgn6);
+    assert_eq!(from(AccessRequest::EXECUTE).unwrap_err().reason, Sgn3);
+    assert!(s.walk(IOVA, AccessRequest::WRITE).is_ok());
+}
+
+#[test]
+fn nested_stage_walks_from_a_second_level_start_equal_the_full_ones() {
+    let mut n = Nested::new();
+    n.map_guest_ram();
+    n.fl_map(VA, 0x20_3000, PageSize::Size4K, R | W | U);
+    let stage = NestedStage {
+        mem: &n.mem,
+        sl: &n.sl_cfg,
+    };
+    let table = n.fl_table(VA, 1);
+    let mut rec = WalkRecord::default();
+    let full = stage
+        .walk_table_from(SlStart::top(&n.sl_cfg), table, false, true, &mut rec)
+        .unwrap();
+    let table_starts = sl_starts(&n.sl_cfg, &rec);
+    for &start in &table_starts {
+        assert_eq!(
+            stage.walk_table_from(start, table, false, true, &mut ()),
+            Ok(full)
+        );
+    }
+    let mut rec = WalkRecord::default();
+    let out = stage
+        .walk_output_from(
+            SlStart::top(&n.sl_cfg),
+            0x20_3010,
+            AccessRequest::READ,
+            &mut rec,
+        )
+        .unwrap();
+    assert_eq!(out.output, GUEST_BASE + 0x20_3010);
+    for start in sl_starts(&n.sl_cfg, &rec) {
+        assert_eq!(
+            stage.walk_output_from(start, 0x20_3010, AccessRequest::READ, &mut ()),
+            Ok(out)
+        );
+    }
+    // The nested faults are kept from a lower start: a read-protected table page is SFL.7.
+    n.protect_guest_page(table, W);
+    let stage = NestedStage {
+        mem: &n.mem,
+        sl: &n.sl_cfg,
+    };
+    let last = *table_starts.last().unwrap();
+    assert_eq!(
+        stage
+            .walk_table_from(last, table, false, false, &mut ())
+            .unwrap_err()
+            .reason,
+        Sfl7
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A walk from any table a full walk passed through gives the full walk's result,
+    /// translation or fault, for any request.
+    #[test]
+    fn a_walk_from_any_passed_table_equals_the_full_walk(
+        maps in prop::collection::vec((0u64..8, 0u64..64, 0u8..16, any::<bool>()), 1..10),
+        upper in prop::collection::vec((0u64..8, 2u8..5, 0u8..8), 0..6),
+        queries in prop::collection::vec((0u64..8, 0u64..4, any::<bool>(), any::<bool>(), any::<bool>()), 1..12),
+        wpe in any::<bool>(),
+    ) {
+        let mut s = FlSetup::new(FlPagingMode::FourLevel);
+        s.cfg.wpe = wpe;
+        let slot = |i: u64| 0x7f00_0000_0000 + (i % 4) * (1 << 39) / 4 + (i / 4) * 2 * MB;
+        for &(i, page, flags, large) in &maps {
+            let size = if large { PageSize::Size2M } else { PageSize::Size4K };
+            let mut f = R;
+            for (bit, flag) in [(1, W), (2, X), (4, U), (8, U)] {
+                if flags & bit != 0 {
+                    f = f | flag;
+                }
+            }
+            let va = slot(i) + if large { 0 } else { (page % 4) * 4096 };
+            let pa = (page * 4096) & !(size.bytes() - 1);
+            let _ = s.table.map(&s.mem, &mut s.frames, va, pa, size, f);
+        }
+        // Take rights away at upper levels (RW, U/S, add XD).
+        for &(i, level, bits) in &upper {
+            if let Ok(Some(addr)) = s.table.entry_address(&s.mem, slot(i), level) {
+                let e = s.mem.read_u64(addr).unwrap();
+                if e & FlPte::P != 0 && !FlPte(e).is_leaf(level) {
+                    let mut e = e;
+                    if bits & 1 != 0 { e &= !FlPte::RW; }
+                    if bits & 2 != 0 { e &= !FlPte::US; }
+                    if bits & 4 != 0 { e |= FlPte::XD; }
+                    s.mem.write_u64(addr, e).unwrap();
+                }
+            }
+        }
+        for &(i, page, write, execute, supervisor) in &queries {
+            let va = slot(i) + page * 4096 + 0x10;
+            let access = AccessRequest { write, execute, supervisor };
+            let (full, rec) = s.record(va, access);
+            for start in fl_starts(&s.cfg, &rec) {
+                let again = walk_first_level_from(&s.mem, &s.cfg, &mut Direct, start, va, access, &mut ());
+                prop_assert_eq!(again, full);
+            }
+        }
+    }
+}
