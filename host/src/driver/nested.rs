@@ -9,7 +9,7 @@ use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevels, SourceId};
 
 use super::error::DriverError;
-use super::inv::{dev_iotlb, piotlb_pages, piotlb_pasid, size_order, WHOLE_SPACE};
+use super::inv::{covering_order, dev_iotlb, piotlb_pages, piotlb_pasid, size_order, WHOLE_SPACE};
 use crate::uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_NR,
     IOMMU_SVA_VTD_GPASID_CD, IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE,
@@ -169,10 +169,17 @@ fn plan(cache_type: u8, inv: &InvGranularity) -> Result<Planned, DriverError> {
         else {
             return Err(bad_combination(cache_type, inv));
         };
-        let bytes = granule_size
+        let last = granule_size
             .checked_mul(nb_granules)
+            .and_then(|bytes| addr.checked_add(bytes - 1))
             .ok_or_else(|| DriverError::invalid("cache invalidation", "address range overflows"))?;
-        let order = size_order(bytes);
+        // The IOTLB takes the size rounded up, at an address that must be aligned to it; a
+        // device TLB takes the aligned block that covers the range, wherever it starts.
+        let order = if aligned {
+            size_order(last - addr + 1)
+        } else {
+            covering_order(addr, last)
+        };
         let mask = 1u64
             .checked_shl(12 + u32::from(order))
             .map_or(u64::MAX, |block| block - 1);
@@ -223,9 +230,11 @@ fn bad_combination(cache_type: u8, inv: &InvGranularity) -> DriverError {
 /// | PASID                    | EINVAL | EINVAL                  | EINVAL                      |
 ///
 /// An IOTLB invalidation also invalidates the device TLBs (the vIOMMU may take IOTLB
-/// invalidation as inclusive); with PASID granularity their whole range. The range of
-/// ADDR granularity is rounded up to a power of two of pages, which the address must be
-/// aligned to for the IOTLB (ERANGE). Without a PASID, PASID 0 is used, as in Linux.
+/// invalidation as inclusive); with PASID granularity their whole range. For the IOTLB,
+/// the range of ADDR granularity is rounded up to a power of two of pages, which the
+/// address must be aligned to (ERANGE); a device-TLB-only invalidation takes the aligned
+/// block covering the range (Linux sends the rounded size at the unaligned address, which
+/// can miss the end of the range). Without a PASID, PASID 0 is used, as in Linux.
 /// A refused combination fails the whole call before anything is issued (Linux stops
 /// silently at the first one).
 pub(crate) fn cache_invalidation(
@@ -269,4 +278,314 @@ pub(crate) fn cache_invalidation(
         }
     }
     Ok(descs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::uapi::iommu::IOMMU_CACHE_INV_TYPE_PASID;
+    use proptest::prelude::*;
+    use vsva_vtd::inv_desc::PasidIotlbGranularity;
+    use vsva_vtd::{AddrRange, Gpa};
+
+    fn pasid(p: u32) -> Pasid {
+        Pasid::new(p).unwrap()
+    }
+
+    fn cap() -> Cap {
+        Cap {
+            psi: true,
+            mamv: 18,
+            fl5lp: true,
+            ..Cap::default()
+        }
+    }
+
+    fn ecap() -> Ecap {
+        Ecap {
+            nest: true,
+            flts: true,
+            srs: true,
+            eafs: true,
+            mts: true,
+            smpwcs: true,
+            ..Ecap::default()
+        }
+    }
+
+    const SL: SecondLevel = SecondLevel {
+        did: DomainId(7),
+        root: 0x4000,
+        levels: SlLevels::Four,
+    };
+
+    fn bind() -> BindGpasid {
+        BindGpasid {
+            hpasid: pasid(5),
+            gpasid: Some(pasid(9)),
+            gpgd: Gpa(0x12_3000),
+            addr_width: 48,
+            vtd_flags: 0,
+            pat: 0x0007_0406,
+            emt: 6,
+        }
+    }
+
+    #[test]
+    fn nested_entry_carries_both_levels_and_the_flags() {
+        let e = nested_entry(&bind(), &SL, &cap(), &ecap()).unwrap();
+        assert_eq!(e.pgtt, Pgtt::Nested);
+        assert_eq!(
+            (e.flptptr, e.slptptr, e.did),
+            (0x12_3000, 0x4000, DomainId(7))
+        );
+        assert_eq!((e.aw, e.flpm), (SlLevels::Four, FlPagingMode::FourLevel));
+        assert!(e.pwsnp && !e.sre && !e.eafe && !e.cd && !e.emte && e.pat == 0);
+        let mut b = bind();
+        b.addr_width = 57;
+        b.vtd_flags = IOMMU_SVA_VTD_GPASID_SRE
+            | IOMMU_SVA_VTD_GPASID_EAFE
+            | IOMMU_SVA_VTD_GPASID_PCD
+            | IOMMU_SVA_VTD_GPASID_PWT
+            | IOMMU_SVA_VTD_GPASID_CD
+            | IOMMU_SVA_VTD_GPASID_EMTE;
+        let e = nested_entry(&b, &SL, &cap(), &ecap()).unwrap();
+        assert_eq!(e.flpm, FlPagingMode::FiveLevel);
+        assert!(e.sre && e.eafe && e.pcd && e.pwt && e.cd && e.emte);
+        assert_eq!((e.emt, e.pat), (6, 0x0007_0406));
+    }
+
+    #[test]
+    fn nested_entry_refusals() {
+        let einval = |b: BindGpasid, cap: Cap, ecap: Ecap| {
+            nested_entry(&b, &SL, &cap, &ecap).unwrap_err().errno()
+        };
+        let with = |f: fn(&mut BindGpasid)| {
+            let mut b = bind();
+            f(&mut b);
+            b
+        };
+        assert_eq!(
+            einval(with(|b| b.addr_width = 39), cap(), ecap()),
+            libc::EINVAL
+        );
+        let no_5lp = Cap {
+            fl5lp: false,
+            ..cap()
+        };
+        assert_eq!(
+            einval(with(|b| b.addr_width = 57), no_5lp, ecap()),
+            libc::EINVAL
+        );
+        assert_eq!(
+            einval(with(|b| b.gpgd = Gpa(1 << 48)), cap(), ecap()),
+            libc::EINVAL
+        );
+        assert_eq!(
+            einval(with(|b| b.hpasid = pasid(0)), cap(), ecap()),
+            libc::EINVAL
+        );
+        let sre = with(|b| b.vtd_flags = IOMMU_SVA_VTD_GPASID_SRE);
+        assert_eq!(
+            einval(
+                sre,
+                cap(),
+                Ecap {
+                    srs: false,
+                    ..ecap()
+                }
+            ),
+            libc::EINVAL
+        );
+        let eafe = with(|b| b.vtd_flags = IOMMU_SVA_VTD_GPASID_EAFE);
+        assert_eq!(
+            einval(
+                eafe,
+                cap(),
+                Ecap {
+                    eafs: false,
+                    ..ecap()
+                }
+            ),
+            libc::EINVAL
+        );
+        let pcd = with(|b| b.vtd_flags = IOMMU_SVA_VTD_GPASID_PCD);
+        assert_eq!(
+            einval(
+                pcd,
+                cap(),
+                Ecap {
+                    mts: false,
+                    ..ecap()
+                }
+            ),
+            libc::EINVAL
+        );
+        let emt = with(|b| {
+            b.vtd_flags = IOMMU_SVA_VTD_GPASID_EMTE;
+            b.emt = 8;
+        });
+        assert_eq!(einval(emt, cap(), ecap()), libc::EINVAL);
+        let unknown = with(|b| b.vtd_flags = IOMMU_SVA_VTD_GPASID_LAST);
+        assert_eq!(einval(unknown, cap(), ecap()), libc::EINVAL);
+        assert_eq!(
+            einval(
+                bind(),
+                cap(),
+                Ecap {
+                    nest: false,
+                    ..ecap()
+                }
+            ),
+            libc::ENODEV
+        );
+    }
+
+    fn inv(cache: u8, granularity: InvGranularity) -> CacheInvalidate {
+        CacheInvalidate { cache, granularity }
+    }
+
+    fn addr(p: Option<Pasid>, addr: u64, granule: u64, n: u64) -> InvGranularity {
+        InvGranularity::Addr {
+            pasid: p,
+            archid: None,
+            addr,
+            granule_size: granule,
+            nb_granules: n,
+            leaf: true,
+        }
+    }
+
+    const DEVS: [SourceId; 2] = [SourceId::from_rid(0x18), SourceId::from_rid(0x20)];
+
+    #[test]
+    fn the_granularity_table() {
+        let did = DomainId(3);
+        let p = Some(pasid(4));
+        let by_pasid = InvGranularity::Pasid {
+            pasid: p,
+            archid: None,
+        };
+        let by_addr = addr(p, 0x20_0000, 0x1000, 16);
+        let iotlb = IOMMU_CACHE_INV_TYPE_IOTLB;
+        let dev = IOMMU_CACHE_INV_TYPE_DEV_IOTLB;
+        let pc = IOMMU_CACHE_INV_TYPE_PASID;
+        for (cache, g, ok) in [
+            (iotlb, InvGranularity::Domain, false),
+            (iotlb, by_pasid, true),
+            (iotlb, by_addr, true),
+            (dev, InvGranularity::Domain, false),
+            (dev, by_pasid, false),
+            (dev, by_addr, true),
+            (pc, InvGranularity::Domain, false),
+            (pc, by_pasid, false),
+            (pc, by_addr, false),
+            (iotlb | pc, by_pasid, false),
+            (iotlb | dev, by_addr, true),
+        ] {
+            let r = cache_invalidation(&inv(cache, g), did, &DEVS, &cap());
+            assert_eq!(r.is_ok(), ok, "cache {cache:#x} {g:?}: {r:?}");
+            if let Err(e) = r {
+                assert_eq!(e.errno(), libc::EINVAL);
+            }
+        }
+        // PASID-selective: one P_IOTLB, then each device's whole PASID device TLB.
+        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &DEVS, &cap()).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[0], piotlb_pasid(did, pasid(4)));
+        for (desc, sid) in d[1..].iter().zip(DEVS) {
+            assert!(
+                matches!(desc, InvDesc::PasidDevIotlb { sid: s, pasid: q, .. } if *s == sid && *q == pasid(4))
+            );
+            assert_eq!(
+                desc.range(),
+                Some(AddrRange {
+                    start: 0,
+                    last: u64::MAX
+                })
+            );
+        }
+        // 16 pages by address: AM 4, leaf hint, and the device TLBs of the same block.
+        let d = cache_invalidation(&inv(iotlb | dev, by_addr), did, &DEVS, &cap()).unwrap();
+        assert_eq!(d.len(), 5, "{d:?}");
+        assert_eq!(
+            d[0],
+            InvDesc::PasidIotlb {
+                granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+                did,
+                pasid: pasid(4),
+                addr: 0x20_0000,
+                ih: true,
+                am: 4,
+            }
+        );
+        for desc in &d[1..] {
+            assert_eq!(
+                desc.range(),
+                Some(AddrRange {
+                    start: 0x20_0000,
+                    last: 0x20_ffff
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn misaligned_ranges_are_erange_and_no_pasid_means_pasid_0() {
+        let c = inv(IOMMU_CACHE_INV_TYPE_IOTLB, addr(None, 0x1000, 0x1000, 2));
+        let e = cache_invalidation(&c, DomainId(3), &DEVS, &cap()).unwrap_err();
+        assert_eq!(e.errno(), libc::ERANGE);
+        let c = inv(IOMMU_CACHE_INV_TYPE_IOTLB, addr(None, 0x2000, 0x1000, 2));
+        let d = cache_invalidation(&c, DomainId(3), &[], &cap()).unwrap();
+        assert!(matches!(d[..], [InvDesc::PasidIotlb { pasid: p, am: 1, .. }] if p.raw() == 0));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every accepted invalidation covers the pages asked for, in the caller's domain
+        /// and PASID only, for the domain's devices only.
+        #[test]
+        fn invalidations_cover_the_request_and_stay_in_the_domain(
+            cache in 0u8..8,
+            g in 0u8..3,
+            page in 0u64..(1 << 24),
+            granule_shift in 12u32..31,
+            n in 1u64..600,
+            p in 1u32..(1 << 20),
+        ) {
+            let granule = 1u64 << granule_shift;
+            let start = (page << 12) & !(granule - 1);
+            let pasid = Some(Pasid::new(p).unwrap());
+            let granularity = match g {
+                0 => InvGranularity::Domain,
+                1 => InvGranularity::Pasid { pasid, archid: None },
+                _ => addr(pasid, start, granule, n),
+            };
+            let did = DomainId(11);
+            let Ok(descs) = cache_invalidation(&inv(cache, granularity), did, &DEVS, &cap()) else {
+                return Ok(());
+            };
+            for d in descs {
+                match d {
+                    InvDesc::PasidIotlb { did: x, pasid: q, .. } => {
+                        prop_assert_eq!(x, did);
+                        prop_assert_eq!(Some(q), pasid);
+                    }
+                    InvDesc::PasidDevIotlb { sid, pasid: q, .. } => {
+                        prop_assert!(DEVS.contains(&sid));
+                        prop_assert_eq!(Some(q), pasid);
+                    }
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+                if g == 2 {
+                    let r = d.range();
+                    if let (Some(r), InvDesc::PasidIotlb { granularity: PasidIotlbGranularity::PageSelectiveWithinPasid, .. } | InvDesc::PasidDevIotlb { .. }) = (r, d) {
+                        prop_assert!(r.start <= start);
+                        prop_assert!(r.last >= start + (granule * n - 1));
+                    }
+                }
+            }
+        }
+    }
 }
