@@ -4,7 +4,8 @@
 //! request the host reported to the VMM.
 //!
 //! A VM's VFIO container ([`Container`]) implements both traits through its typed
-//! wrappers, which encode each request and go through the byte-level ioctl path.
+//! wrappers, which encode each request and go through the byte-level ioctl path (the
+//! page response through vsva's `VFIO_IOMMU_PAGE_RESPONSE` extension).
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -38,13 +39,7 @@ pub trait HostSva: PasidSource {
 
     /// Delivers a page group response to the device `host_sid` (the host requester id of
     /// the device that sent the page request).
-    ///
-    /// The seed's uAPI has no page-response ioctl; a host without the operation answers
-    /// `-ENODEV`, as the IOMMU core does for an absent callback.
-    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), HostError> {
-        let _ = (host_sid, resp);
-        Err(HostError::NoDriverOp("page_response"))
-    }
+    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), HostError>;
 }
 
 /// Locks a container; a poisoned lock still holds a consistent container (every ioctl
@@ -74,6 +69,10 @@ impl<B: IommuBackend + Send> HostSva for Mutex<Container<B>> {
 
     fn cache_invalidate(&self, inv: &CacheInvalidate) -> Result<(), HostError> {
         lock(self).cache_invalidate(inv)
+    }
+
+    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), HostError> {
+        lock(self).page_response_to(host_sid, resp)
     }
 }
 

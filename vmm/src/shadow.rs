@@ -10,8 +10,9 @@
 //! - IOTLB and PASID-based IOTLB invalidations (§6.5.2.3-4) become `CACHE_INVALIDATE` of
 //!   the host IOTLB for the bound PASIDs they select; PASID-based device-TLB invalidations
 //!   (§6.5.2.6) become device-TLB invalidations. The host's VT-d driver has no domain
-//!   granularity (Linux v5.10 `inv_type_granu_table`), so a global or domain-selective
-//!   invalidation becomes one PASID-selective invalidation per bound PASID it covers.
+//!   granularity, and invalidates device TLBs by address only (Linux v5.10
+//!   `inv_type_granu_table`), so a global or domain-selective invalidation becomes one
+//!   PASID-selective invalidation per bound PASID it covers.
 //!
 //! The PASID that requests without PASID use (the context entry's RID_PASID) is never
 //! bound: such requests from a passthrough device use the host's second level.
@@ -41,6 +42,8 @@ use crate::viommu::{lock, VIommu};
 
 /// Bytes of the 4-KiB granules host invalidations are counted in.
 const GRANULE: u64 = 4096;
+/// Half of the 64-bit address space.
+const HALF_SPACE: u64 = 1 << 63;
 /// Entries of a PASID table.
 const PASID_TABLE_ENTRIES: u32 = 64;
 
@@ -88,23 +91,31 @@ pub fn bind_data(pasid: Pasid, entry: &PasidEntry) -> BindGpasid {
     }
 }
 
-/// Which entries of a guest invalidation's range a host invalidation names: the whole
-/// PASID when the range is the whole address space (a 2^64-byte range has no
-/// representation in granules), else the range in 4-KiB granules.
-fn granularity(pasid: Pasid, range: AddrRange, leaf: bool) -> InvGranularity {
-    if range.start == 0 && range.last == u64::MAX {
-        return InvGranularity::Pasid {
+/// The host invalidations of `cache` that cover a guest invalidation's range of `pasid`:
+/// the range in 4-KiB granules. The whole address space (2^64 bytes) has no granule count:
+/// the IOTLB takes it as a PASID-selective invalidation, the device TLB, which the host
+/// driver only invalidates by address, as its two halves.
+fn range_invalidations(
+    cache: u8,
+    pasid: Pasid,
+    range: AddrRange,
+    leaf: bool,
+) -> Vec<CacheInvalidate> {
+    let addr = |addr, granule_size, nb_granules| CacheInvalidate {
+        cache,
+        granularity: InvGranularity::Addr {
             pasid: Some(pasid),
             archid: None,
-        };
-    }
-    InvGranularity::Addr {
-        pasid: Some(pasid),
-        archid: None,
-        addr: range.start,
-        granule_size: GRANULE,
-        nb_granules: (range.last - range.start) / GRANULE + 1,
-        leaf,
+            addr,
+            granule_size,
+            nb_granules,
+            leaf,
+        },
+    };
+    match (range.start, range.last) {
+        (0, u64::MAX) if cache == IOMMU_CACHE_INV_TYPE_IOTLB => vec![pasid_selective(cache, pasid)],
+        (0, u64::MAX) => vec![addr(0, HALF_SPACE, 1), addr(HALF_SPACE, HALF_SPACE, 1)],
+        (start, last) => vec![addr(start, GRANULE, (last - start) / GRANULE + 1)],
     }
 }
 
@@ -143,16 +154,13 @@ pub fn host_invalidations(
             .map(|(&p, _)| pasid_selective(iotlb, p))
             .collect(),
         InvDesc::PasidIotlb { did, pasid, .. } => match bound.get(&pasid) {
-            Some(b) if b.did == did => vec![match desc.range() {
+            Some(b) if b.did == did => match desc.range() {
                 Some(range) => {
                     let ih = matches!(desc, InvDesc::PasidIotlb { ih: true, .. });
-                    CacheInvalidate {
-                        cache: iotlb,
-                        granularity: granularity(pasid, range, ih),
-                    }
+                    range_invalidations(iotlb, pasid, range, ih)
                 }
-                None => pasid_selective(iotlb, pasid),
-            }],
+                None => vec![pasid_selective(iotlb, pasid)],
+            },
             _ => Vec::new(),
         },
         InvDesc::PasidDevIotlb {
@@ -164,10 +172,7 @@ pub fn host_invalidations(
             bound
                 .keys()
                 .filter(|&&p| p == pasid || global)
-                .map(|&p| CacheInvalidate {
-                    cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
-                    granularity: granularity(p, range, false),
-                })
+                .flat_map(|&p| range_invalidations(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, range, false))
                 .collect()
         }
         _ => Vec::new(),

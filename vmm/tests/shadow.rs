@@ -83,6 +83,20 @@ fn addr_inv(cache: u8, p: Pasid, addr: u64, nb_granules: u64, leaf: bool) -> Cal
     })
 }
 
+fn half(cache: u8, p: Pasid, addr: u64) -> Call {
+    Call::Invalidate(CacheInvalidate {
+        cache,
+        granularity: InvGranularity::Addr {
+            pasid: Some(p),
+            archid: None,
+            addr,
+            granule_size: 1 << 63,
+            nb_granules: 1,
+            leaf: false,
+        },
+    })
+}
+
 #[test]
 fn a_first_level_entry_is_bound_when_the_guest_flushes_it() {
     let (host, g, dev) = setup();
@@ -512,7 +526,8 @@ fn invalidations_become_host_invalidations_of_the_bound_pasids() {
                 addr_inv(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, q, 0x8000, 1, false),
             ],
         ),
-        // The whole address space has no granule count: the whole PASID.
+        // The whole address space has no granule count: its two halves for the device TLB,
+        // the whole PASID for the IOTLB.
         (
             InvDesc::PasidDevIotlb {
                 sid: dev,
@@ -523,13 +538,21 @@ fn invalidations_become_host_invalidations_of_the_bound_pasids() {
                 size: true,
                 global: false,
             },
-            vec![Call::Invalidate(CacheInvalidate {
-                cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
-                granularity: InvGranularity::Pasid {
-                    pasid: Some(p),
-                    archid: None,
-                },
-            })],
+            vec![
+                half(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 0),
+                half(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 1 << 63),
+            ],
+        ),
+        (
+            piotlb(
+                1,
+                p,
+                PasidIotlbGranularity::PageSelectiveWithinPasid,
+                0x7000_0000,
+                63,
+                false,
+            ),
+            vec![iotlb_pasid(p)],
         ),
         // Another device's device TLB.
         (
@@ -663,25 +686,35 @@ proptest! {
         };
         let bound = [(p, Binding { bind: bind(p, 0x1000), did: DomainId(4) })].into();
         let invs = host_invalidations(&desc, s, &bound);
-        prop_assert_eq!(invs.len(), 1);
-        let inv = invs[0];
-        let info = IommuCacheInvalidateInfo::from(&inv);
-        let decoded = IommuCacheInvalidateInfo::from_bytes(&info.to_bytes());
-        prop_assert!(decoded.is_ok(), "{:?}", decoded);
         let range: AddrRange = desc.range().unwrap();
-        match inv.granularity {
-            InvGranularity::Addr { pasid, addr, granule_size, nb_granules, leaf, .. } => {
-                prop_assert_eq!(pasid, Some(p));
-                prop_assert_eq!(addr, range.start);
-                prop_assert_eq!(addr + (granule_size * nb_granules - 1), range.last);
-                prop_assert_eq!(leaf, ih && !dev_tlb);
+        // The pieces, in order, cover the range exactly.
+        let mut next = Some(range.start);
+        for inv in &invs {
+            let info = IommuCacheInvalidateInfo::from(inv);
+            let decoded = IommuCacheInvalidateInfo::from_bytes(&info.to_bytes());
+            prop_assert!(decoded.is_ok(), "{:?}", decoded);
+            let cache = if dev_tlb { IOMMU_CACHE_INV_TYPE_DEV_IOTLB } else { IOMMU_CACHE_INV_TYPE_IOTLB };
+            prop_assert_eq!(inv.cache, cache);
+            prop_assert_eq!(inv.pasid(), Some(p));
+            match inv.granularity {
+                InvGranularity::Addr { addr, granule_size, nb_granules, leaf, .. } => {
+                    prop_assert_eq!(Some(addr), next);
+                    let last = addr + (granule_size * nb_granules - 1);
+                    next = last.checked_add(1);
+                    prop_assert_eq!(leaf, ih && !dev_tlb);
+                }
+                InvGranularity::Pasid { .. } => {
+                    // Only the IOTLB of the whole space; the host has no PASID
+                    // granularity for device TLBs.
+                    prop_assert!(!dev_tlb);
+                    prop_assert_eq!((range.start, range.last), (0, u64::MAX));
+                    next = None;
+                }
+                InvGranularity::Domain => prop_assert!(false, "no domain granularity on VT-d"),
             }
-            InvGranularity::Pasid { pasid, .. } => {
-                prop_assert_eq!(pasid, Some(p));
-                prop_assert_eq!((range.start, range.last), (0, u64::MAX));
-            }
-            InvGranularity::Domain => prop_assert!(false, "no domain granularity on VT-d"),
         }
+        prop_assert!(!invs.is_empty());
+        prop_assert_eq!(next, range.last.checked_add(1));
         // Nothing for a PASID that is not bound.
         prop_assert!(host_invalidations(&desc, s, &Default::default()).is_empty());
     }
