@@ -34,4 +34,4 @@ pub use shadow::{bind_data, host_invalidations, Binding};
 pub use space::IommuAddressSpace;
 pub use stats::VIommuStats;
 pub use translate::{DmaFault, DmaTranslation};
-pub use viommu::{GuestMemory, InterruptHandler, VIommu};
+pub use viommu::{GuestRam, InterruptHandler, VIommu};

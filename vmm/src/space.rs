@@ -43,10 +43,12 @@ impl SpaceTlb {
         let mut tag = lock(&self.tag);
         let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        let Some((did, pasid)) = *tag else {
-            return;
+        let covered = match *tag {
+            Some((did, pasid)) => scope.covers(did, pasid, 0, u64::MAX),
+            // Untranslated pages, cached while translation was off.
+            None => scope == IotlbScope::All,
         };
-        if !scope.covers(did, pasid, 0, u64::MAX) {
+        if !covered {
             return;
         }
         match scope {

@@ -17,12 +17,6 @@ pub(crate) struct Counters {
     pub host_errors: AtomicU64,
 }
 
-impl Counters {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// A snapshot of the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VIommuStats {
@@ -51,6 +45,10 @@ pub struct VIommuStats {
 }
 
 impl Counters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self, pasids: u64) -> VIommuStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         VIommuStats {

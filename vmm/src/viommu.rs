@@ -16,7 +16,7 @@ use vsva_host::HostError;
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{Capabilities, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile};
 
-use crate::caches::Caches;
+use crate::caches::{Caches, IotlbScope};
 use crate::config::{VIommuConfig, PASID_BITS};
 use crate::error::{HostCall, HostCallError, VIommuError};
 use crate::host::PasidSource;
@@ -28,13 +28,14 @@ use crate::stats::{Counters, VIommuStats};
 /// page request events): the VMM's MSI delivery into the guest.
 pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
 
-/// Guest RAM as the vIOMMU reads and writes it, by guest physical address.
-pub type GuestMemory = Arc<dyn PhysMem + Send + Sync>;
+/// Guest RAM as the vIOMMU reads and writes it, by guest physical address (for example
+/// the VM's `GuestMemoryMmap`).
+pub type GuestRam = Arc<dyn PhysMem + Send + Sync>;
 
 /// Guest RAM behind a sized type, for the table readers that take `&impl PhysMem`.
-pub(crate) struct GuestRam(pub GuestMemory);
+pub(crate) struct Ram(GuestRam);
 
-impl PhysMem for GuestRam {
+impl PhysMem for Ram {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         self.0.read_u64(addr)
     }
@@ -54,6 +55,10 @@ impl PhysMem for GuestRam {
         self.0.write(addr, buf)
     }
 }
+
+/// How many failed host calls are kept for [`VIommu::take_host_errors`] (the most recent
+/// ones; the counter counts all).
+const HOST_ERRORS_KEPT: usize = 256;
 
 /// The latched root table is usable: TTM scalable. The address is 4-KiB aligned, so the
 /// low bits hold the state.
@@ -81,7 +86,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The guest-visible virtual VT-d of one VM.
 pub struct VIommu {
-    pub(crate) mem: GuestRam,
+    pub(crate) mem: Ram,
     pub(crate) config: VIommuConfig,
     pub(crate) caps: Capabilities,
     pub(crate) fl_format: FlFormat,
@@ -115,14 +120,14 @@ impl VIommu {
     /// `pasids` (the VM's VFIO container, or [`crate::LocalPasids`]). Translation is off
     /// until the guest enables it.
     pub fn new(
-        mem: GuestMemory,
+        mem: GuestRam,
         config: VIommuConfig,
         pasids: Arc<dyn PasidSource>,
     ) -> Result<Arc<Self>, VIommuError> {
         let fl_format = config.fl_format()?;
         let regs = RegisterFile::new(config.cap(), config.ecap())?;
         Ok(Arc::new(VIommu {
-            mem: GuestRam(mem),
+            mem: Ram(mem),
             config,
             caps: config.capabilities(),
             fl_format,
@@ -168,8 +173,14 @@ impl VIommu {
     pub fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), VIommuError> {
         let effects = {
             let mut regs = lock(&self.regs);
+            let translating = regs.translation_enabled();
             let effects = regs.write(offset, size, value)?;
             self.latch_root(&regs);
+            if regs.translation_enabled() != translating {
+                // What the address spaces cached with translation off (or on) is not what
+                // requests see now.
+                self.invalidate_spaces(IotlbScope::All);
+            }
             effects
         };
         let mut irqs = Vec::new();
@@ -249,8 +260,9 @@ impl VIommu {
             let mut regs = lock(&self.regs);
             match done {
                 Ok(()) => {
-                    regs.advance_iqh()
-                        .expect("the descriptor just carried out was pending");
+                    // Fails only if a tail write meanwhile stopped the queue (IQE): IQH
+                    // then stays, as the error requires.
+                    let _ = regs.advance_iqh();
                 }
                 Err(iqei) => {
                     irqs.extend(regs.set_iqe(iqei));
@@ -377,7 +389,11 @@ impl VIommu {
                 };
                 tracing::warn!("vIOMMU: {e}");
                 Counters::bump(&self.counters.host_errors);
-                lock(&self.host_errors).push(e);
+                let mut kept = lock(&self.host_errors);
+                if kept.len() == HOST_ERRORS_KEPT {
+                    kept.remove(0);
+                }
+                kept.push(e);
                 None
             }
         }
@@ -409,7 +425,7 @@ impl VIommu {
         self.counters.snapshot(pasids)
     }
 
-    /// The host calls that failed, oldest first; empties the list.
+    /// The most recent host calls that failed (up to 256), oldest first; empties the list.
     pub fn take_host_errors(&self) -> Vec<HostCallError> {
         std::mem::take(&mut lock(&self.host_errors))
     }

@@ -415,3 +415,29 @@ fn address_spaces_honour_page_rights() {
     );
     assert!(io_read(&sup, VA, 8).is_err());
 }
+
+#[test]
+fn enabling_translation_drops_what_address_spaces_cached_untranslated() {
+    let g = Guest::new(Arc::new(LocalPasids::new(4)));
+    let dev = sid(0, 6, 0);
+    const ADDR: u64 = 0x40_0000;
+    g.mem.write(ADDR, b"identity").unwrap();
+    g.mem.write(PA, b"mapped!!").unwrap();
+    let io: IoMem = IommuMemory::new(
+        (*g.mem).clone(),
+        g.viommu.address_space(dev, None, false),
+        true,
+        (),
+    );
+    assert_eq!(io_read(&io, ADDR, 8).unwrap(), b"identity");
+    g.attach(dev, false);
+    let mut pt = g.page_table();
+    g.map(&mut pt, ADDR, PA);
+    g.set_pasid_entry(
+        dev,
+        Pasid::RID_PASID,
+        Some(fl_entry(1, pt.root(), FlPagingMode::FourLevel)),
+    );
+    g.enable();
+    assert_eq!(io_read(&io, ADDR, 8).unwrap(), b"mapped!!");
+}
