@@ -1,0 +1,269 @@
+//! Whatever the guest writes into the registers, its tables and its invalidation queue,
+//! the vIOMMU answers without panicking, and refused accesses change nothing.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use vsva_vtd::inv_desc::{
+    ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
+    ResponseCode,
+};
+use vsva_vtd::regs::layout::offset;
+use vsva_vtd::{AccessRequest, DomainId, InvDesc, Pasid, PhysMem, SourceId};
+
+/// One guest action.
+#[derive(Clone, Debug)]
+enum Action {
+    /// A register write (possibly refused).
+    Write { off: u64, size: usize, value: u64 },
+    /// A raw 256-bit descriptor queued at the tail.
+    Descriptor([u64; 4]),
+    /// A well-formed descriptor queued at the tail.
+    Valid(InvDesc),
+    /// A raw guest RAM write into the vIOMMU's tables region.
+    Ram { addr: u64, value: u64 },
+    /// A DMA translation of an emulated or passthrough device.
+    Translate {
+        dev: u8,
+        pasid: Option<u32>,
+        addr: u64,
+    },
+}
+
+/// Well-formed descriptors with arbitrary fields, naming the test's devices and PASIDs
+/// often enough to reach the shadowing paths.
+fn descriptor() -> impl Strategy<Value = InvDesc> {
+    let pasid =
+        prop_oneof![Just(100u32), Just(0), 0u32..1 << 20].prop_map(|p| Pasid::new(p).unwrap());
+    let did = prop_oneof![Just(1u16), any::<u16>()].prop_map(DomainId);
+    let dev = prop_oneof![Just(0x0018u16), Just(0x0020), any::<u16>()].prop_map(SourceId::from_rid);
+    let page = any::<u64>().prop_map(|a| a & !0xfff);
+    prop_oneof![
+        (0usize..3, did.clone(), dev.clone(), 0u8..4).prop_map(|(g, did, sid, fm)| {
+            let granularity = [
+                ContextCacheGranularity::Global,
+                ContextCacheGranularity::DomainSelective,
+                ContextCacheGranularity::DeviceSelective,
+            ][g];
+            InvDesc::ContextCache {
+                granularity,
+                did,
+                sid,
+                fm,
+            }
+        }),
+        (0usize..3, did.clone(), pasid.clone()).prop_map(|(g, did, pasid)| {
+            let granularity = [
+                PasidCacheGranularity::Global,
+                PasidCacheGranularity::DomainSelective,
+                PasidCacheGranularity::PasidSelective,
+            ][g];
+            InvDesc::PasidCache {
+                granularity,
+                did,
+                pasid,
+            }
+        }),
+        (
+            any::<bool>(),
+            did.clone(),
+            pasid.clone(),
+            page.clone(),
+            any::<bool>(),
+            0u8..64
+        )
+            .prop_map(|(psi, did, pasid, addr, ih, am)| InvDesc::PasidIotlb {
+                granularity: if psi {
+                    PasidIotlbGranularity::PageSelectiveWithinPasid
+                } else {
+                    PasidIotlbGranularity::PasidSelective
+                },
+                did,
+                pasid,
+                addr,
+                ih,
+                am,
+            }),
+        (0usize..3, did, page.clone(), 0u8..64).prop_map(|(g, did, addr, am)| InvDesc::Iotlb {
+            granularity: [
+                IotlbGranularity::Global,
+                IotlbGranularity::DomainSelective,
+                IotlbGranularity::PageSelective,
+            ][g],
+            dr: true,
+            dw: true,
+            did,
+            addr,
+            ih: false,
+            am,
+        }),
+        (
+            dev.clone(),
+            pasid.clone(),
+            page,
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(sid, pasid, addr, size, global)| InvDesc::PasidDevIotlb {
+                sid,
+                pfsid: sid,
+                pasid,
+                max_invs_pend: 0,
+                addr,
+                size,
+                global,
+            }),
+        (dev, any::<bool>(), pasid, 0usize..3, 0u16..512).prop_map(
+            |(rid, pasid_present, pasid, rc, prg_index)| InvDesc::PageGroupResponse {
+                rid,
+                pasid_present,
+                pasid,
+                private_data_present: false,
+                response: [
+                    ResponseCode::Success,
+                    ResponseCode::InvalidRequest,
+                    ResponseCode::ResponseFailure,
+                ][rc],
+                last_page_in_group: true,
+                prg_index,
+                private_data: [0; 2],
+            }
+        ),
+        (any::<bool>(), any::<bool>(), any::<u32>(), 0u64..1 << 40).prop_map(
+            |(sw, interrupt, status_data, a)| InvDesc::InvWait {
+                sw,
+                interrupt,
+                fence: false,
+                pd: false,
+                status_data,
+                status_addr: a & !3,
+            }
+        ),
+    ]
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    // Offsets of real registers, so that writes reach them.
+    let regs = prop::sample::select(vec![
+        offset::GCMD,
+        offset::RTADDR,
+        offset::CCMD,
+        offset::FSTS,
+        offset::FECTL,
+        offset::IQT,
+        offset::IQA,
+        offset::ICS,
+        offset::IECTL,
+        offset::PQH,
+        offset::PQT,
+        offset::PQA,
+        offset::PRS,
+        offset::PECTL,
+        offset::VCMD,
+        0x500,
+        0x508,
+        0x400,
+        0x408,
+    ]);
+    prop_oneof![
+        (regs, prop::sample::select(vec![4usize, 8]), any::<u64>()).prop_map(
+            |(off, size, value)| Action::Write {
+                off,
+                size,
+                value: if size == 4 {
+                    value & 0xffff_ffff
+                } else {
+                    value
+                },
+            }
+        ),
+        (
+            0u64..0x1000,
+            prop::sample::select(vec![1usize, 2, 3, 8]),
+            any::<u64>()
+        )
+            .prop_map(|(off, size, value)| Action::Write { off, size, value }),
+        any::<[u64; 4]>().prop_map(Action::Descriptor),
+        descriptor().prop_map(Action::Valid),
+        descriptor().prop_map(Action::Valid),
+        (1u8..10, any::<[u64; 4]>()).prop_map(|(code, mut raw)| {
+            raw[0] = raw[0] & !0xe0f | (code as u64 & 0xf) | ((code as u64 >> 4) << 9);
+            Action::Descriptor(raw)
+        }),
+        ((16u64 << 20)..(16u64 << 20) + 0x20000, any::<u64>()).prop_map(|(addr, value)| {
+            Action::Ram {
+                addr: addr & !7,
+                value,
+            }
+        }),
+        (0u8..4, proptest::option::of(0u32..1 << 20), any::<u64>())
+            .prop_map(|(dev, pasid, addr)| Action::Translate { dev, pasid, addr }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn arbitrary_guest_behaviour_never_panics(actions in prop::collection::vec(action(), 1..40)) {
+        let host = MockHost::new();
+        let g = Guest::new(host.clone());
+        g.enable();
+        g.enable_prq();
+        let devs = [sid(0, 3, 0), sid(0, 4, 0), sid(1, 0, 0), sid(0, 31, 7)];
+        g.viommu.attach_passthrough(devs[0], sid(0x81, 0, 0), host.clone()).unwrap();
+        for d in &devs[..3] {
+            g.attach(*d, true);
+        }
+        let p = g.alloc_pasid();
+        g.set_pasid_entry(devs[0], p, Some(fl_entry(1, g.alloc_frame(), vsva_vtd::FlPagingMode::FourLevel)));
+        let iq_tail = std::cell::Cell::new(0u64);
+        let queue = |raw: [u64; 4]| {
+            let iqa = g.viommu.read(offset::IQA, 8).unwrap() & !0xfff;
+            let t = iq_tail.get();
+            for (i, q) in raw.iter().enumerate() {
+                let _ = g.mem.write_u64(iqa + t * 32 + 8 * i as u64, *q);
+            }
+            iq_tail.set((t + 1) % 128);
+            let _ = g.viommu.write(offset::IQT, 8, iq_tail.get() * 32);
+        };
+        for a in actions {
+            match a {
+                Action::Write { off, size, value } => {
+                    let before = g.viommu.read(offset::RTADDR, 8).unwrap();
+                    if g.viommu.write(off, size, value).is_err() {
+                        prop_assert_eq!(g.viommu.read(offset::RTADDR, 8).unwrap(), before);
+                    }
+                }
+                Action::Descriptor(raw) => queue(raw),
+                Action::Valid(desc) => {
+                    let raw = desc.encode().unwrap();
+                    let fsts = g.viommu.read(offset::FSTS, 4).unwrap();
+                    if fsts & 0x10 != 0 {
+                        // Linux's qi_check_fault: the offending descriptor is replaced and
+                        // IQE cleared, and the queue runs on.
+                        let iqa = g.viommu.read(offset::IQA, 8).unwrap() & !0xfff;
+                        let head = g.viommu.read(offset::IQH, 8).unwrap();
+                        for (i, q) in raw.iter().enumerate() {
+                            let _ = g.mem.write_u64(iqa + head + 8 * i as u64, *q);
+                        }
+                        prop_assert!(g.viommu.write(offset::FSTS, 4, 0x10).is_ok());
+                    } else {
+                        queue(raw);
+                    }
+                }
+                Action::Ram { addr, value } => {
+                    let _ = g.mem.write_u64(addr, value);
+                }
+                Action::Translate { dev, pasid, addr } => {
+                    let pasid = pasid.map(|p| vsva_vtd::Pasid::new(p).unwrap());
+                    let _ = g.viommu.translate(devs[dev as usize], pasid, addr, AccessRequest::WRITE);
+                }
+            }
+        }
+        // Still answering.
+        prop_assert!(g.viommu.read(offset::GSTS, 4).is_ok());
+        prop_assert!(g.viommu.write(offset::FSTS, 4, 0x7f).is_ok());
+    }
+}
