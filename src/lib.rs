@@ -1,3 +1,4 @@
 //! The `vsva` command's library: what the binary and the benchmarks share.
 
 pub mod bench;
+pub mod stack;

@@ -1,0 +1,327 @@
+//! The whole vsva stack, assembled as a VMM and a host would: one host (memory, physical
+//! IOMMU, its driver, the PASID allocator) and VMs, each with guest RAM mapped through VFIO,
+//! a vIOMMU shadowing to the VM's VFIO container, a passthrough DMA engine, and a guest OS
+//! whose IOMMU driver programs the vIOMMU.
+//!
+//! Every layer talks to the next through its public interface only: the guest through the
+//! vIOMMU's registers and its own RAM, the vIOMMU through the container's ioctls, the host
+//! driver through the physical IOMMU's registers and host memory, the device through its
+//! portal and the IOMMU's DMA port.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Mmio, Process};
+use vsva_host::driver::{HostIommu, VtdDomain};
+use vsva_host::uapi::DmaMap;
+use vsva_host::{Container, HostError, IommuModel, PasidAllocator};
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, DmaPort, Operation,
+};
+use vsva_hw::iommu::{Iommu, IommuConfig};
+use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
+use vsva_vtd::{FlPagingMode, Gpa, Gva, Hpa, Iova, Pasid, SourceId};
+
+/// Guest RAM starts at GPA 0; the guest's frame allocator starts above the first MiB.
+const GUEST_FRAMES_START: u64 = 1 << 20;
+/// The passthrough device's requester id as the guest sees it.
+pub const GUEST_DEVICE_SID: SourceId = SourceId::from_rid(0x0018);
+
+/// A failure while building or running the stack.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("host memory: {0}")]
+    HostMemory(#[from] vsva_hw::HostMemoryError),
+    #[error("host driver: {0}")]
+    Driver(#[from] vsva_host::driver::DriverError),
+    #[error("VFIO: {0}")]
+    Vfio(#[from] HostError),
+    #[error("vIOMMU: {0}")]
+    VIommu(#[from] vsva_vmm::VIommuError),
+    #[error("guest: {0}")]
+    Guest(String),
+    #[error("device: {0}")]
+    Device(#[from] vsva_hw::dma::DmaError),
+    #[error("page requests never resolved after {0} rounds")]
+    Stuck(usize),
+}
+
+/// The host: memory, the physical IOMMU and its driver, and the PASID space.
+pub struct Host {
+    pub mem: Arc<HostMemory>,
+    pub frames: Arc<FrameAllocator>,
+    pub iommu: Arc<Iommu>,
+    pub unit: Arc<HostIommu>,
+    pub pasids: Arc<Mutex<PasidAllocator>>,
+}
+
+impl Host {
+    /// A host with `size` bytes of sparse memory and a strict-mode IOMMU when `strict`.
+    pub fn new(size: u64, strict: bool) -> Result<Host, StackError> {
+        let mem = HostMemory::new(size)?;
+        let frames = Arc::new(FrameAllocator::new(mem.clone()));
+        let iommu = Iommu::new(
+            mem.clone(),
+            IommuConfig {
+                strict,
+                ..IommuConfig::default()
+            },
+        );
+        let unit = HostIommu::new(iommu.clone(), frames.clone())?;
+        Ok(Host {
+            mem,
+            frames,
+            iommu,
+            unit,
+            pasids: Arc::new(Mutex::new(PasidAllocator::new())),
+        })
+    }
+}
+
+/// The vIOMMU's register page as the guest reaches it (an MMIO BAR trapped to the VMM).
+struct VIommuMmio(Arc<VIommu>);
+
+impl Mmio for VIommuMmio {
+    fn read(&self, offset: u64, size: usize) -> u64 {
+        // A faulting register read returns all ones, as a PCI read of nothing does.
+        self.0.read(offset, size).unwrap_or(u64::MAX)
+    }
+
+    fn write(&self, offset: u64, size: usize, value: u64) {
+        if let Err(e) = self.0.write(offset, size, value) {
+            tracing::warn!("guest register write at {offset:#x} refused: {e}");
+        }
+    }
+}
+
+/// A VM's VFIO container, shared by the VMM's vIOMMU and the VMM itself.
+pub type VmContainer = Arc<Mutex<Container<VtdDomain>>>;
+
+/// One VM.
+pub struct Vm {
+    pub index: usize,
+    /// Guest RAM as the VMM maps it (a window of host memory).
+    pub mem: Arc<GuestMemoryMmap>,
+    pub ram_hpa: Hpa,
+    pub ram_size: u64,
+    pub container: VmContainer,
+    pub viommu: Arc<VIommu>,
+    /// The passthrough DMA engine (its portal is mapped into the guest).
+    pub engine: Arc<DmaEngine>,
+    pub host_sid: SourceId,
+    pub guest_frames: Arc<GuestFrames>,
+    pub driver: Arc<IommuDriver>,
+    host_mem: Arc<HostMemory>,
+    host_frames: Arc<FrameAllocator>,
+    host_iommu: Arc<Iommu>,
+}
+
+impl Vm {
+    /// Boots VM `index` with `ram_size` bytes of RAM on `host`, with a PASID quota.
+    pub fn new(host: &Host, index: usize, ram_size: u64, quota: u32) -> Result<Vm, StackError> {
+        let ram_hpa = host.frames.alloc_range(ram_size, 2 << 20)?;
+        let built = Self::build(host, index, ram_hpa, ram_size, quota);
+        if built.is_err() {
+            let _ = host.frames.free(ram_hpa);
+        }
+        built
+    }
+
+    fn build(
+        host: &Host,
+        index: usize,
+        ram_hpa: Hpa,
+        ram_size: u64,
+        quota: u32,
+    ) -> Result<Vm, StackError> {
+        let mem = Arc::new(host.mem.guest_memory(&[(Gpa(0), ram_hpa, ram_size)])?);
+        // The VMM: a nesting VFIO container holding all of guest RAM, and the device.
+        let host_sid = SourceId::new(1 + (index / 32) as u8, (index % 32) as u8, 0)
+            .expect("device and function in range");
+        let domain = VtdDomain::new(&host.unit)?;
+        let mut container = Container::new(host.pasids.clone(), quota, domain);
+        container.set_iommu(IommuModel::Type1Nesting)?;
+        let vaddr = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| StackError::Guest(e.to_string()))? as u64;
+        container.map_dma(&DmaMap {
+            iova: Iova(0),
+            vaddr,
+            size: ram_size,
+            read: true,
+            write: true,
+        })?;
+        container.attach_device(host_sid)?;
+        let container: VmContainer = Arc::new(Mutex::new(container));
+
+        let engine = Arc::new(DmaEngine::new(
+            DmaEngineConfig::new(host_sid),
+            host.iommu.clone() as Arc<dyn DmaPort>,
+        )?);
+        host.iommu.attach_endpoint(engine.clone());
+        engine.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)?;
+
+        let viommu = VIommu::new(
+            mem.clone(),
+            VIommuConfig::default(),
+            container.clone() as Arc<dyn PasidSource>,
+        )?;
+        viommu.attach_passthrough(
+            GUEST_DEVICE_SID,
+            host_sid,
+            container.clone() as Arc<dyn HostSva>,
+        )?;
+
+        // The guest boots: its frame allocator and IOMMU driver.
+        let guest_frames = Arc::new(
+            GuestFrames::new(
+                mem.clone(),
+                Gpa(GUEST_FRAMES_START),
+                ram_size - GUEST_FRAMES_START,
+            )
+            .map_err(|e| StackError::Guest(e.to_string()))?,
+        );
+        let driver = IommuDriver::init(Arc::new(VIommuMmio(viommu.clone())), guest_frames.clone())
+            .map_err(|e| StackError::Guest(e.to_string()))?;
+        driver
+            .attach_device(DeviceConfig {
+                sid: GUEST_DEVICE_SID,
+                pasid_bits: 20,
+                ats: true,
+                pri: true,
+            })
+            .map_err(|e| StackError::Guest(e.to_string()))?;
+        Ok(Vm {
+            index,
+            mem,
+            ram_hpa,
+            ram_size,
+            container,
+            viommu,
+            engine,
+            host_sid,
+            guest_frames,
+            driver,
+            host_mem: host.mem.clone(),
+            host_frames: host.frames.clone(),
+            host_iommu: host.iommu.clone(),
+        })
+    }
+
+    /// A new guest process with its own page tables.
+    pub fn spawn(&self, mode: FlPagingMode) -> Result<Arc<Process>, StackError> {
+        Process::new(self.mem.clone(), self.guest_frames.clone(), mode)
+            .map(Arc::new)
+            .map_err(|e| StackError::Guest(e.to_string()))
+    }
+
+    /// Binds `process` to the passthrough device (Linux's `iommu_sva_bind_device`).
+    pub fn bind(&self, process: &Arc<Process>) -> Result<Pasid, StackError> {
+        self.driver
+            .sva_bind(GUEST_DEVICE_SID, process)
+            .map_err(|e| StackError::Guest(e.to_string()))
+    }
+
+    /// The container, locked.
+    pub fn vfio(&self) -> std::sync::MutexGuard<'_, Container<VtdDomain>> {
+        self.container
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Submits `op` in `pasid` from `process` (a write to the device's portal), with its
+    /// completion record at `record`, and runs the device until it completes: page
+    /// requests go up from the IOMMU to the host driver, the VFIO fault queue, the vIOMMU
+    /// and the guest, and the guest's responses come back down. Returns the completion
+    /// record as the process reads it.
+    pub fn run(
+        &self,
+        process: &Process,
+        pasid: Pasid,
+        op: Operation,
+        record: Gva,
+    ) -> Result<CompletionRecord, StackError> {
+        process
+            .write(record, &[0; 32])
+            .map_err(|e| StackError::Guest(e.to_string()))?;
+        let desc = Descriptor {
+            pasid: Some(pasid),
+            privileged: false,
+            block_on_fault: true,
+            completion: CompletionRequest::Always(record.0),
+            op,
+        };
+        self.engine.portal_write(0, &desc.encode())?;
+        self.run_device()?;
+        let mut raw = [0u8; 32];
+        process
+            .read(record, &mut raw)
+            .map_err(|e| StackError::Guest(e.to_string()))?;
+        CompletionRecord::from_bytes(&raw)
+            .ok_or_else(|| StackError::Guest("unreadable completion record".into()))
+    }
+
+    /// Runs the device until it has nothing to do, serving its page requests.
+    pub fn run_device(&self) -> Result<(), StackError> {
+        const ROUNDS: usize = 10_000;
+        for _ in 0..ROUNDS {
+            self.engine.process();
+            if self.engine.waiting_for_page_response() == 0 {
+                return Ok(());
+            }
+            self.serve_page_requests()?;
+        }
+        Err(StackError::Stuck(ROUNDS))
+    }
+
+    /// The VMM's fault handler and the guest's page request interrupt: host-reported page
+    /// requests go into the guest's queue, and the guest handles them.
+    pub fn serve_page_requests(&self) -> Result<usize, StackError> {
+        let faults = self.vfio().read_faults();
+        for f in &faults {
+            self.viommu.inject_host_page_request(f.sid, &f.request)?;
+        }
+        Ok(self.driver.handle_page_requests())
+    }
+}
+
+impl Vm {
+    /// Shuts the VM down as a VMM does, leaving nothing on the host: the guest and its
+    /// vIOMMU go (unbinding what they shadowed), the device is detached, closing the VFIO
+    /// container unbinds, unmaps and frees its PASID set, and guest RAM is freed.
+    pub fn shutdown(self) -> Result<(), StackError> {
+        let Vm {
+            mem,
+            ram_hpa,
+            container,
+            viommu,
+            engine,
+            host_sid,
+            guest_frames,
+            driver,
+            host_mem,
+            host_frames,
+            host_iommu,
+            ..
+        } = self;
+        drop(driver);
+        drop(guest_frames);
+        viommu.detach_passthrough(GUEST_DEVICE_SID)?;
+        drop(viommu);
+        host_iommu.detach_endpoint(host_sid);
+        drop(engine);
+        let container = Arc::try_unwrap(container)
+            .map_err(|_| StackError::Guest("the VFIO container is still in use".into()))?;
+        drop(
+            container
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        host_mem.release_guest_memory(&mem);
+        drop(mem);
+        host_frames.free(ram_hpa)?;
+        Ok(())
+    }
+}
