@@ -468,6 +468,52 @@ impl PageTableBuilder {
         Ok(())
     }
 
+    /// Unhooks the tables below the level-`level` entry of `va` when they map nothing,
+    /// clearing the entry so that a page of that level can take its place. Returns their
+    /// frames, which are no longer the builder's: the caller frees them once no cache can
+    /// hold them (a table's memory must outlive the paging-structure caches that point to
+    /// it). Nothing happens when the entry is not present. A page mapped at the entry or
+    /// below it, or a table the builder did not allocate, is an error and changes nothing.
+    pub fn unhook_empty<M>(&mut self, mem: &M, va: u64, level: u8) -> Result<Vec<u64>, BuildError>
+    where
+        M: PhysMem + ?Sized,
+    {
+        if level < 2 {
+            return Err(BuildError::BadLevel(level));
+        }
+        let Some(slot) = self.entry_address(mem, va, level)? else {
+            return Ok(Vec::new());
+        };
+        let entry = mem.read_u64(slot)?;
+        if !self.format.present(entry) {
+            return Ok(Vec::new());
+        }
+        if self.format.is_leaf(entry, level) {
+            return Err(BuildError::AlreadyMapped { va, level });
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![(entry & FlPte::ADDR_MASK, level - 1)];
+        while let Some((table, l)) = pending.pop() {
+            if !self.tables.contains(&table) {
+                return Err(BuildError::BadFrame(table));
+            }
+            found.push(table);
+            for i in 0..512 {
+                let e = mem.read_u64(table + i * 8)?;
+                if !self.format.present(e) {
+                    continue;
+                }
+                if l == 1 || self.format.is_leaf(e, l) {
+                    return Err(BuildError::AlreadyMapped { va, level: l });
+                }
+                pending.push((e & FlPte::ADDR_MASK, l - 1));
+            }
+        }
+        mem.write_u64(slot, 0)?;
+        self.tables.retain(|t| !found.contains(t));
+        Ok(found)
+    }
+
     /// Frees every table frame to `frames`. Returns how many were freed.
     pub fn destroy<F>(self, frames: &mut F) -> usize
     where
@@ -547,6 +593,48 @@ mod tests {
         assert_eq!(pte, 0x8000_0000_00ab_c007);
         let m = b.lookup(&mem, va + 0x123).unwrap().unwrap();
         assert_eq!((m.page, m.size, m.entry), (0xabc000, PageSize::Size4K, pte));
+    }
+
+    #[test]
+    fn empty_tables_make_way_for_a_large_page() {
+        let (mem, mut frames) = setup();
+        let mut b = PageTableBuilder::new(SL4, &mem, &mut frames).unwrap();
+        let va = 0x4020_0000;
+        let rw = MapFlags::READ | MapFlags::WRITE;
+        assert_eq!(b.unhook_empty(&mem, va, 2).unwrap(), Vec::<u64>::new());
+        b.map(&mem, &mut frames, va + 0x3000, 0x9000, PageSize::Size4K, rw)
+            .unwrap();
+        assert_eq!(b.table_frames(), 4);
+        // Something is mapped below: refused, nothing changes.
+        assert_eq!(
+            b.unhook_empty(&mem, va, 2),
+            Err(BuildError::AlreadyMapped { va, level: 1 })
+        );
+        assert_eq!(b.unhook_empty(&mem, va, 1), Err(BuildError::BadLevel(1)));
+        assert!(b.lookup(&mem, va + 0x3000).unwrap().is_some());
+        assert!(b.unmap(&mem, va + 0x3000, PageSize::Size4K).unwrap());
+        assert!(matches!(
+            b.map(&mem, &mut frames, va, 0x20_0000, PageSize::Size2M, rw),
+            Err(BuildError::AlreadyMapped { level: 2, .. })
+        ));
+        let freed = b.unhook_empty(&mem, va, 2).unwrap();
+        assert_eq!(freed.len(), 1);
+        assert_eq!(b.table_frames(), 3);
+        b.map(&mem, &mut frames, va, 0x20_0000, PageSize::Size2M, rw)
+            .unwrap();
+        assert_eq!(
+            b.lookup(&mem, va + 0x3000).unwrap().unwrap().size,
+            PageSize::Size2M
+        );
+        // A page at the entry itself is refused too.
+        assert_eq!(
+            b.unhook_empty(&mem, va, 2),
+            Err(BuildError::AlreadyMapped { va, level: 2 })
+        );
+        for f in freed {
+            frames.free_table(f);
+        }
+        assert_eq!(b.destroy(&mut frames), 3);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{
-    DomainId, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid, SlLevels, SourceId,
-    TableFormat,
+    DomainId, FrameSource, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid,
+    SlLevels, SourceId, TableFormat,
 };
 
 use super::error::DriverError;
@@ -149,11 +149,11 @@ impl VtdDomain {
         )
     }
 
-    /// The invalidations after second-level entries of `[start, last]` changed: the IOTLB
-    /// (page-selective with the covering mask, which also drops the domain's nested
+    /// The invalidations after second-level entries of `[start, last]` were removed: the
+    /// IOTLB (page-selective with the covering mask, which also drops the domain's nested
     /// translations), the device TLBs of requests without PASID for the range, and, since
     /// device TLBs cache nested translations by first-level address, the whole device TLB
-    /// of every bound PASID.
+    /// of every bound PASID (`iommu_flush_iotlb_psi` with `iommu_flush_dev_iotlb`).
     fn flush_range(&self, start: u64, last: u64) {
         let cap = self.unit.cap();
         let order = covering_order(start, last);
@@ -164,13 +164,20 @@ impl VtdDomain {
                 descs.push(dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE));
             }
         }
-        if let Err(e) = self.unit.invalidate(&descs) {
+        self.invalidate(&descs);
+    }
+
+    fn invalidate(&self, descs: &[InvDesc]) {
+        if let Err(e) = self.unit.invalidate(descs) {
             tracing::error!("vt-d: {}: second-level invalidation failed: {e}", self.did);
         }
     }
 
     /// Maps `[iova, iova + size)` to host memory from `hpa` in the largest pages the
-    /// alignment of both and CAP.SLLPS allow. On failure the pages mapped are removed.
+    /// alignment of both and CAP.SLLPS allow. Empty tables left where a large page goes
+    /// (by an earlier unmap) are unhooked first and freed after the invalidation that
+    /// drops any paging-structure cache entry pointing at them, as `__domain_mapping`
+    /// frees them for a superpage. On failure the pages mapped are removed.
     fn map_range(
         &mut self,
         iova: u64,
@@ -185,6 +192,7 @@ impl VtdDomain {
             return Err(DriverError::Unsupported("a second level"));
         };
         let mut done = 0;
+        let mut unhooked = Vec::new();
         let mut result = Ok(());
         while done < size {
             let (va, pa) = (iova + done, hpa + done);
@@ -195,11 +203,24 @@ impl VtdDomain {
                     supports(&cap, *s) && va % b == 0 && pa % b == 0 && size - done >= b
                 })
                 .unwrap_or(PageSize::Size4K);
-            if let Err(e) = sl.map(mem, &mut frames, va, pa, page, flags) {
+            let mapped = match page {
+                PageSize::Size4K => Ok(()),
+                large => sl
+                    .unhook_empty(mem, va, large.level())
+                    .map(|tables| unhooked.extend(tables)),
+            }
+            .and_then(|()| sl.map(mem, &mut frames, va, pa, page, flags));
+            if let Err(e) = mapped {
                 result = Err(e.into());
                 break;
             }
             done += page.bytes();
+        }
+        if !unhooked.is_empty() {
+            self.flush_range(iova, iova + (size - 1));
+            for t in unhooked {
+                frames.free_table(t);
+            }
         }
         if result.is_err() && done > 0 {
             self.unmap_range(iova, done);
@@ -218,10 +239,11 @@ impl VtdDomain {
         while at < end {
             match sl.lookup(mem, at) {
                 Ok(Some(m)) => {
-                    if let Err(e) = sl.unmap(mem, m.page, m.size) {
-                        tracing::error!("vt-d: unmapping {:#x}: {e}", m.page);
+                    let page = at & !(m.size.bytes() - 1);
+                    if let Err(e) = sl.unmap(mem, page, m.size) {
+                        tracing::error!("vt-d: unmapping {page:#x}: {e}");
                     }
-                    at = m.page + m.size.bytes();
+                    at = page + m.size.bytes();
                 }
                 Ok(None) => at += PageSize::Size4K.bytes(),
                 Err(e) => {
@@ -340,7 +362,7 @@ impl IommuBackend for VtdDomain {
     }
 
     /// Resolves the VMM's `vaddr` range to host memory and maps it at `iova` (readable
-    /// and/or writable as asked), then invalidates the range. EINVAL for a mapping with
+    /// and/or writable as asked). EINVAL for a mapping with
     /// neither right or not 4-KiB aligned, EFAULT for memory that is not host memory or an
     /// IOVA beyond the second level.
     fn map_dma(&mut self, map: &DmaMap) -> Result<(), HostError> {
@@ -377,8 +399,12 @@ impl IommuBackend for VtdDomain {
         if map.write {
             flags = flags | MapFlags::WRITE;
         }
-        self.map_range(map.iova.raw(), hpa.0, map.size, flags)?;
-        self.flush_range(map.iova.raw(), map.iova.raw() + (map.size - 1));
+        let (start, last) = (map.iova.raw(), map.iova.raw() + (map.size - 1));
+        self.map_range(start, hpa.0, map.size, flags)?;
+        // Not-present entries made present: only a caching-mode unit (CAP.CM) needs an
+        // invalidation; one IOTLB descriptor is issued anyway, and device TLBs, which
+        // never cache a failed translation, are left alone.
+        self.invalidate(&[iotlb_range(self.did, start, last, &self.unit.cap())]);
         Ok(())
     }
 

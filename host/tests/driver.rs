@@ -1,0 +1,978 @@
+//! The host VT-d driver against the physical VT-d model and the DMA engine: VFIO
+//! containers map guest RAM, bind guest page tables and invalidate, and real bytes move
+//! through second-level and nested translation; what a missing invalidation leaves
+//! behind is observable, and closing everything leaves nothing.
+
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_host::driver::{HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL, RID_PASID};
+use vsva_host::uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
+use vsva_host::uapi::request::{
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
+};
+use vsva_host::{Container, IommuBackend, IommuModel, PasidAllocator, SharedPasidAllocator};
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
+    Operation,
+};
+use vsva_hw::iommu::{Iommu, IommuConfig, Source};
+use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_vtd::inv_desc::PasidIotlbGranularity;
+use vsva_vtd::{
+    AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, InvDesc, Iova, MapFlags,
+    MemError, PageSize, PageTableBuilder, Pasid, Pgtt, PhysMem, SourceId, TableFormat,
+};
+
+/// Guest RAM of a VM: 64 MiB at GPA 0.
+const RAM: u64 = 64 << 20;
+/// Guest frames for first-level tables: [1 MiB, 2 MiB).
+const PT_GPA: u64 = 0x10_0000;
+const SRC_GPA: u64 = 0x100_0000;
+const DST_GPA: u64 = 0x200_0000;
+const NEW_DST_GPA: u64 = 0x280_0000;
+const COMP_GPA: u64 = 0x300_0000;
+/// Where the guest process sees them.
+const SRC_GVA: u64 = 0x7f00_1234_0000;
+const DST_GVA: u64 = 0x7f00_5678_0000;
+const COMP_GVA: u64 = 0x7f00_9abc_0000;
+
+struct Host {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    hw: Arc<Iommu>,
+    unit: Arc<HostIommu>,
+}
+
+fn host_with(size: u64) -> Host {
+    let mem = HostMemory::new(size).unwrap();
+    let frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let hw = Iommu::new(mem.clone(), IommuConfig::default());
+    let unit = HostIommu::new(hw.clone(), frames.clone()).unwrap();
+    Host {
+        mem,
+        frames,
+        hw,
+        unit,
+    }
+}
+
+fn host() -> Host {
+    host_with(1 << 30)
+}
+
+fn pasid(p: u32) -> Pasid {
+    Pasid::new(p).unwrap()
+}
+
+fn allocator() -> SharedPasidAllocator {
+    Arc::new(Mutex::new(PasidAllocator::new()))
+}
+
+/// A VM's RAM: host frames mapped into this (VMM) process through vm-memory.
+struct Vm {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    hpa: Hpa,
+    ram: GuestMemoryMmap,
+}
+
+impl Vm {
+    fn new(host: &Host, size: u64, align: u64) -> Vm {
+        let hpa = host.frames.alloc_range(size, align).unwrap();
+        let ram = host.mem.guest_memory(&[(Gpa(0), hpa, size)]).unwrap();
+        Vm {
+            mem: host.mem.clone(),
+            frames: host.frames.clone(),
+            hpa,
+            ram,
+        }
+    }
+
+    /// The VMM's address of guest physical `gpa`.
+    fn vaddr(&self, gpa: u64) -> u64 {
+        self.ram.get_host_address(GuestAddress(gpa)).unwrap() as u64
+    }
+
+    fn map_all(&self, size: u64) -> DmaMap {
+        DmaMap {
+            iova: Iova(0),
+            vaddr: self.vaddr(0),
+            size,
+            read: true,
+            write: true,
+        }
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        self.mem.write(self.hpa.0 + gpa, bytes).unwrap();
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        self.mem.read(self.hpa.0 + gpa, &mut b).unwrap();
+        b
+    }
+
+    fn phys(&self) -> GuestPhys {
+        GuestPhys {
+            mem: self.mem.clone(),
+            base: self.hpa.0,
+            size: RAM,
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.mem.release_guest_memory(&self.ram);
+        self.frames.free(self.hpa).unwrap();
+    }
+}
+
+/// Guest physical memory as the guest's page-table code writes it.
+struct GuestPhys {
+    mem: Arc<HostMemory>,
+    base: u64,
+    size: u64,
+}
+
+impl GuestPhys {
+    fn at(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        match gpa.checked_add(len) {
+            Some(end) if end <= self.size => Ok(self.base + gpa),
+            _ => Err(MemError::OutOfRange { addr: gpa, len }),
+        }
+    }
+}
+
+impl PhysMem for GuestPhys {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.mem.read_u64(self.at(addr, 8)?)
+    }
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+        self.mem.fetch_or_u64(self.at(addr, 8)?, bits)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+        self.mem.compare_exchange_u64(self.at(addr, 8)?, old, new)
+    }
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+        self.mem.write_u64(self.at(addr, 8)?, value)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem.read(self.at(addr, buf.len() as u64)?, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.mem.write(self.at(addr, buf.len() as u64)?, buf)
+    }
+}
+
+/// The guest kernel's page-table frames.
+struct GuestFrames(u64);
+
+impl FrameSource for GuestFrames {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let f = self.0;
+        (f < PT_GPA + 0x10_0000).then(|| {
+            self.0 += PAGE_SIZE;
+            f
+        })
+    }
+    fn free_table(&mut self, _: u64) {}
+}
+
+/// A guest process's page tables (4-level, GVA to GPA), built in guest RAM.
+struct GuestTables {
+    phys: GuestPhys,
+    frames: GuestFrames,
+    pt: PageTableBuilder,
+}
+
+fn user_rw() -> MapFlags {
+    MapFlags::READ | MapFlags::WRITE | MapFlags::USER
+}
+
+impl GuestTables {
+    fn new(vm: &Vm) -> GuestTables {
+        let phys = vm.phys();
+        let mut frames = GuestFrames(PT_GPA);
+        let pt = PageTableBuilder::new(
+            TableFormat::FirstLevel(FlPagingMode::FourLevel),
+            &phys,
+            &mut frames,
+        )
+        .unwrap();
+        GuestTables { phys, frames, pt }
+    }
+
+    fn root(&self) -> Gpa {
+        Gpa(self.pt.root())
+    }
+
+    fn map(&mut self, gva: u64, gpa: u64, pages: u64) {
+        for i in 0..pages {
+            let (va, pa) = (gva + i * PAGE_SIZE, gpa + i * PAGE_SIZE);
+            self.pt
+                .map(
+                    &self.phys,
+                    &mut self.frames,
+                    va,
+                    pa,
+                    PageSize::Size4K,
+                    user_rw(),
+                )
+                .unwrap();
+        }
+    }
+
+    /// Points `gva` at another page, as the guest kernel does, without any invalidation.
+    fn remap(&mut self, gva: u64, gpa: u64) {
+        assert!(self.pt.unmap(&self.phys, gva, PageSize::Size4K).unwrap());
+        self.map(gva, gpa, 1);
+    }
+
+    /// The usual process: source, destination and completion pages.
+    fn process(vm: &Vm) -> GuestTables {
+        let mut t = GuestTables::new(vm);
+        t.map(SRC_GVA, SRC_GPA, 4);
+        t.map(DST_GVA, DST_GPA, 4);
+        t.map(COMP_GVA, COMP_GPA, 1);
+        t
+    }
+}
+
+fn engine(host: &Host, sid: SourceId, ctrl: u64) -> Arc<DmaEngine> {
+    let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(sid), host.hw.clone()).unwrap());
+    host.hw.attach_endpoint(dev.clone());
+    dev.enable(ctrl).unwrap();
+    dev
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
+        .collect()
+}
+
+/// Submits a descriptor with its completion record at `comp` (a device address that is
+/// `comp_gpa` in guest RAM), runs the engine and returns the record.
+fn run(vm: &Vm, dev: &DmaEngine, d: Descriptor, comp_gpa: u64) -> CompletionRecord {
+    vm.write(comp_gpa, &[0; 32]);
+    dev.portal_write(0, &d.encode()).unwrap();
+    dev.process();
+    CompletionRecord::from_bytes(&vm.read(comp_gpa, 32).try_into().unwrap()).unwrap()
+}
+
+fn memmove(p: Option<Pasid>, src: u64, dst: u64, size: u32, comp: u64) -> Descriptor {
+    Descriptor {
+        pasid: p,
+        privileged: false,
+        block_on_fault: false,
+        completion: CompletionRequest::Always(comp),
+        op: Operation::Memmove { src, dst, size },
+    }
+}
+
+fn bind_of(hpasid: Pasid, gpgd: Gpa) -> BindGpasid {
+    BindGpasid {
+        hpasid,
+        gpasid: Some(pasid(hpasid.raw() + 100)),
+        gpgd,
+        addr_width: ADDR_WIDTH_4LEVEL,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
+    }
+}
+
+fn invalidate_page(p: Pasid, gva: u64, cache: u8) -> CacheInvalidate {
+    CacheInvalidate {
+        cache,
+        granularity: InvGranularity::Addr {
+            pasid: Some(p),
+            archid: None,
+            addr: gva,
+            granule_size: PAGE_SIZE,
+            nb_granules: 1,
+            leaf: true,
+        },
+    }
+}
+
+/// A VM with its container on `host`, one device attached, its RAM mapped.
+struct Guest {
+    vm: Vm,
+    container: Container<VtdDomain>,
+    dev: Arc<DmaEngine>,
+    sid: SourceId,
+}
+
+fn guest(host: &Host, alloc: &SharedPasidAllocator, sid: SourceId, ctrl: u64) -> Guest {
+    let vm = Vm::new(host, RAM, 2 << 20);
+    let domain = VtdDomain::new(&host.unit).unwrap();
+    let mut container = Container::new(alloc.clone(), 16, domain);
+    container.set_iommu(IommuModel::Type1Nesting).unwrap();
+    let dev = engine(host, sid, ctrl);
+    container.attach_device(sid).unwrap();
+    container.map_dma(&vm.map_all(RAM)).unwrap();
+    Guest {
+        vm,
+        container,
+        dev,
+        sid,
+    }
+}
+
+fn sid(dev: u8) -> SourceId {
+    SourceId::new(0, dev, 0).unwrap()
+}
+
+#[test]
+fn map_dma_then_dma_without_pasid_moves_bytes() {
+    let host = host();
+    let g = guest(&host, &allocator(), sid(3), CTRL_PASID_EN);
+    let data = pattern(3 * PAGE_SIZE as usize + 77, 5);
+    g.vm.write(SRC_GPA + 0x123, &data);
+    let r = run(
+        &g.vm,
+        &g.dev,
+        memmove(
+            None,
+            SRC_GPA + 0x123,
+            DST_GPA + 0xff0,
+            data.len() as u32,
+            COMP_GPA,
+        ),
+        COMP_GPA,
+    );
+    assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+    assert_eq!(g.vm.read(DST_GPA + 0xff0, data.len()), data);
+    // 64 MiB of 2 MiB aligned RAM is mapped with 2 MiB pages.
+    let t = host
+        .hw
+        .translate(g.sid, None, SRC_GPA + 0x123, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((t.page_shift, t.hpa), (21, g.vm.hpa.0 + SRC_GPA + 0x123));
+    assert_eq!(
+        g.container.backend().lookup(Iova(SRC_GPA)),
+        Some((Hpa(g.vm.hpa.0 + SRC_GPA), PageSize::Size2M))
+    );
+    // The context entry and RID_PASID entry are what intel-iommu writes.
+    let pe = host.unit.pasid_entry(g.sid, RID_PASID).unwrap();
+    assert_eq!(pe.pgtt, Pgtt::SecondLevel);
+    assert_eq!(pe.did, g.container.backend().did());
+    assert_eq!(pe.slptptr, g.container.backend().second_level_root().0);
+}
+
+#[test]
+fn one_gib_pages_when_both_sides_are_aligned() {
+    let host = host_with(4 << 30);
+    let size = (1 << 30) + (2 << 20) + PAGE_SIZE;
+    let vm = Vm::new(&host, size + PAGE_SIZE * 511, 1 << 30);
+    let mut d = VtdDomain::new(&host.unit).unwrap();
+    d.attach_device(sid(1)).unwrap();
+    d.map_dma(&DmaMap {
+        iova: Iova(1 << 30),
+        vaddr: vm.vaddr(0),
+        size,
+        read: true,
+        write: false,
+    })
+    .unwrap();
+    let base = vm.hpa.0;
+    assert_eq!(d.lookup(Iova(1 << 30)), Some((Hpa(base), PageSize::Size1G)));
+    assert_eq!(
+        d.lookup(Iova(2 << 30)),
+        Some((Hpa(base + (1 << 30)), PageSize::Size2M))
+    );
+    assert_eq!(
+        d.lookup(Iova((2 << 30) + (2 << 20))),
+        Some((Hpa(base + (1 << 30) + (2 << 20)), PageSize::Size4K))
+    );
+    assert_eq!(d.lookup(Iova((2 << 30) + (2 << 20) + PAGE_SIZE)), None);
+    let t = host
+        .hw
+        .translate(sid(1), None, (1 << 30) + 0x1234, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((t.page_shift, t.hpa), (30, base + 0x1234));
+    // Read-only: a write faults with the second level's reason.
+    let f = host
+        .hw
+        .translate(sid(1), None, 1 << 30, AccessRequest::WRITE)
+        .unwrap_err();
+    assert_eq!(f.reason, FaultReason::Sgn6);
+    // Unaligned host memory gets 4 KiB pages.
+    d.map_dma(&DmaMap {
+        iova: Iova(4 << 30),
+        vaddr: vm.vaddr(PAGE_SIZE),
+        size: 2 << 20,
+        read: true,
+        write: true,
+    })
+    .unwrap();
+    assert_eq!(
+        d.lookup(Iova(4 << 30)),
+        Some((Hpa(base + PAGE_SIZE), PageSize::Size4K))
+    );
+}
+
+#[test]
+fn unmap_invalidates_a_range_with_one_descriptor() {
+    let host = host();
+    let alloc = allocator();
+    let vm = Vm::new(&host, RAM, 2 << 20);
+    let mut c = Container::new(alloc, 4, VtdDomain::new(&host.unit).unwrap());
+    c.set_iommu(IommuModel::Type1v2).unwrap();
+    let dev = engine(&host, sid(2), CTRL_PASID_EN);
+    c.attach_device(sid(2)).unwrap();
+    // [0, 32 MiB) in 2 MiB pages; 4 MiB at 32 MiB in 4 KiB pages (the VMM's addresses
+    // are one page off), to be unmapped.
+    c.map_dma(&vm.map_all(32 << 20)).unwrap();
+    let tables = c.backend().table_frames();
+    let b = DmaMap {
+        iova: Iova(32 << 20),
+        vaddr: vm.vaddr((32 << 20) + PAGE_SIZE),
+        size: 4 << 20,
+        read: true,
+        write: true,
+    };
+    c.map_dma(&b).unwrap();
+    assert_eq!(
+        c.backend().lookup(Iova(33 << 20)).unwrap().1,
+        PageSize::Size4K
+    );
+    let data = pattern(8 * PAGE_SIZE as usize, 1);
+    vm.write(SRC_GPA, &data);
+    let dst = (32 << 20) + 0x1000;
+    let comp = 0x180_0000;
+    let r = run(
+        &vm,
+        &dev,
+        memmove(None, SRC_GPA, dst, data.len() as u32, comp),
+        comp,
+    );
+    assert_eq!(r.status, CompletionStatus::Success);
+    assert_eq!(vm.read(dst + PAGE_SIZE, data.len()), data);
+    let cached = || host.hw.translate(sid(2), None, dst, AccessRequest::WRITE);
+    cached().unwrap();
+    assert_eq!(cached().unwrap().source, Source::Iotlb);
+    let before = host
+        .hw
+        .stats()
+        .descriptors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(c.unmap_dma(b.iova, b.size).unwrap(), b.size);
+    let used = host
+        .hw
+        .stats()
+        .descriptors
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    // IOTLB page-selective (AM 10), device TLB, wait: not 1024 descriptors.
+    assert_eq!(used, 3);
+    assert_eq!(c.backend().lookup(Iova(dst)), None);
+    assert_eq!(cached().unwrap_err().reason, FaultReason::Ssl2);
+    let r = run(&vm, &dev, memmove(None, SRC_GPA, dst, 64, comp), comp);
+    assert_eq!(r.status, CompletionStatus::TranslationFail);
+    assert_eq!(r.fault_reason, FaultReason::Ssl2.code());
+    assert_eq!(r.fault_addr, dst);
+    let faults = host.unit.take_faults();
+    assert!(faults
+        .iter()
+        .any(|f| f.reason == FaultReason::Ssl2.code() && f.sid == sid(2) && f.pasid.is_none()));
+    // Mapped again with 2 MiB alignment: the emptied tables make way for large pages.
+    c.map_dma(&DmaMap {
+        vaddr: vm.vaddr(32 << 20),
+        ..b
+    })
+    .unwrap();
+    assert_eq!(c.backend().lookup(Iova(dst)).unwrap().1, PageSize::Size2M);
+    assert_eq!(c.backend().table_frames(), tables);
+}
+
+/// A guest with a process whose address space is bound to `hpasid`.
+fn bound_guest(
+    host: &Host,
+    alloc: &SharedPasidAllocator,
+    dev: u8,
+    ctrl: u64,
+) -> (Guest, GuestTables, Pasid) {
+    let mut g = guest(host, alloc, sid(dev), ctrl | CTRL_PASID_EN);
+    let tables = GuestTables::process(&g.vm);
+    let p = g.container.pasid_alloc(1, 1000).unwrap();
+    g.container.bind_gpasid(&bind_of(p, tables.root())).unwrap();
+    (g, tables, p)
+}
+
+#[test]
+fn bound_guest_tables_translate_pasid_dma() {
+    let host = host();
+    let (g, tables, p) = bound_guest(&host, &allocator(), 4, 0);
+    let e = host.unit.pasid_entry(g.sid, p).unwrap();
+    assert_eq!(e.pgtt, Pgtt::Nested);
+    assert_eq!(e.flptptr, tables.root().0);
+    assert_eq!(e.slptptr, g.container.backend().second_level_root().0);
+    assert_eq!(e.did, g.container.backend().did());
+    assert_eq!(e.flpm, FlPagingMode::FourLevel);
+    let data = pattern(2 * PAGE_SIZE as usize + 100, 9);
+    g.vm.write(SRC_GPA + 0x10, &data);
+    let r = run(
+        &g.vm,
+        &g.dev,
+        memmove(
+            Some(p),
+            SRC_GVA + 0x10,
+            DST_GVA + 0x20,
+            data.len() as u32,
+            COMP_GVA,
+        ),
+        COMP_GPA,
+    );
+    assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+    assert_eq!(g.vm.read(DST_GPA + 0x20, data.len()), data);
+    // The walk set the guest's accessed and dirty bits, through the second level.
+    let leaf = tables.pt.lookup(&tables.phys, DST_GVA).unwrap().unwrap();
+    assert_eq!(leaf.entry & 0x60, 0x60);
+}
+
+#[test]
+fn guest_invalidation_makes_the_new_translation_visible_and_its_absence_is_stale() {
+    let host = host();
+    let (g, mut tables, p) = bound_guest(&host, &allocator(), 5, 0);
+    host.hw.set_strict(true);
+    let one = pattern(64, 1);
+    g.vm.write(SRC_GPA, &one);
+    let copy = |len| {
+        run(
+            &g.vm,
+            &g.dev,
+            memmove(Some(p), SRC_GVA, DST_GVA, len, COMP_GVA),
+            COMP_GPA,
+        )
+    };
+    assert_eq!(copy(64).status, CompletionStatus::Success);
+    assert_eq!(g.vm.read(DST_GPA, 64), one);
+    assert!(host.hw.take_stale_translations().is_empty());
+
+    // The guest moves the destination page and forgets to invalidate: the IOTLB still
+    // sends the bytes to the old page, and strict mode names the missing descriptor.
+    tables.remap(DST_GVA, NEW_DST_GPA);
+    let two = pattern(64, 2);
+    g.vm.write(SRC_GPA, &two);
+    assert_eq!(copy(64).status, CompletionStatus::Success);
+    assert_eq!(g.vm.read(DST_GPA, 64), two, "stale translation used");
+    assert_eq!(g.vm.read(NEW_DST_GPA, 64), vec![0; 64]);
+    let stale = host.hw.take_stale_translations();
+    assert!(!stale.is_empty());
+    assert!(stale
+        .iter()
+        .all(|s| s.pasid == p && s.addr & !0xfff == DST_GVA));
+    assert!(matches!(
+        stale[0].missing,
+        InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+            addr: DST_GVA,
+            ..
+        }
+    ));
+
+    // The guest's invalidation, passed down: the new page is used.
+    let mut c = g.container;
+    c.cache_invalidate(&invalidate_page(p, DST_GVA, IOMMU_CACHE_INV_TYPE_IOTLB))
+        .unwrap();
+    let three = pattern(64, 3);
+    g.vm.write(SRC_GPA, &three);
+    let r = run(
+        &g.vm,
+        &g.dev,
+        memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA),
+        COMP_GPA,
+    );
+    assert_eq!(r.status, CompletionStatus::Success);
+    assert_eq!(g.vm.read(NEW_DST_GPA, 64), three);
+    assert_eq!(g.vm.read(DST_GPA, 64), two);
+    assert!(host.hw.take_stale_translations().is_empty());
+}
+
+#[test]
+fn guest_invalidation_reaches_the_device_tlb() {
+    let host = host();
+    let (g, mut tables, p) = bound_guest(&host, &allocator(), 6, CTRL_ATS_EN);
+    let copy = |seed| {
+        g.vm.write(SRC_GPA, &pattern(64, seed));
+        run(
+            &g.vm,
+            &g.dev,
+            memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA),
+            COMP_GPA,
+        )
+    };
+    assert_eq!(copy(1).status, CompletionStatus::Success);
+    assert!(g.dev.devtlb_len() > 0);
+    tables.remap(DST_GVA, NEW_DST_GPA);
+    assert_eq!(copy(2).status, CompletionStatus::Success);
+    assert_eq!(
+        g.vm.read(DST_GPA, 64),
+        pattern(64, 2),
+        "the device TLB is stale"
+    );
+    let mut c = g.container;
+    // An IOTLB invalidation also invalidates the device TLB, as intel-iommu does.
+    c.cache_invalidate(&invalidate_page(p, DST_GVA, IOMMU_CACHE_INV_TYPE_IOTLB))
+        .unwrap();
+    assert_eq!(copy(3).status, CompletionStatus::Success);
+    assert_eq!(g.vm.read(NEW_DST_GPA, 64), pattern(64, 3));
+    // And a device-TLB invalidation by address on its own.
+    tables.remap(DST_GVA, DST_GPA);
+    c.cache_invalidate(&invalidate_page(
+        p,
+        DST_GVA,
+        IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+    ))
+    .unwrap();
+    assert_eq!(copy(4).status, CompletionStatus::Success);
+    assert_eq!(g.vm.read(DST_GPA, 64), pattern(64, 4));
+}
+
+#[test]
+fn unbound_pasid_faults_with_spt2() {
+    let host = host();
+    let (mut g, tables, p) = bound_guest(&host, &allocator(), 7, 0);
+    g.vm.write(SRC_GPA, &pattern(64, 1));
+    let r = run(
+        &g.vm,
+        &g.dev,
+        memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA),
+        COMP_GPA,
+    );
+    assert_eq!(r.status, CompletionStatus::Success);
+    g.container
+        .unbind_gpasid(&bind_of(p, tables.root()))
+        .unwrap();
+    assert_eq!(host.unit.pasid_entry(g.sid, p), None);
+    let _ = host.unit.take_faults();
+    g.dev
+        .portal_write(
+            0,
+            &memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA).encode(),
+        )
+        .unwrap();
+    g.dev.process();
+    // Nothing is translated any more, the completion record included.
+    let err = g.dev.software_error().unwrap();
+    assert_eq!(err.status, CompletionStatus::CompletionAddrTranslation);
+    let faults = host.unit.take_faults();
+    assert!(!faults.is_empty());
+    for f in &faults {
+        assert_eq!(
+            (f.reason, f.sid, f.pasid),
+            (FaultReason::Spt2.code(), g.sid, Some(p))
+        );
+    }
+    assert_eq!(host.unit.page_request_routes(), 0);
+}
+
+#[test]
+fn page_requests_go_up_to_the_container_and_responses_resume_the_dma() {
+    let host = host();
+    let (mut g, mut tables, p) = bound_guest(&host, &allocator(), 8, CTRL_ATS_EN | CTRL_PRI_EN);
+    let lazy = 0x7f00_dead_0000;
+    let data = pattern(100, 4);
+    g.vm.write(SRC_GPA, &data);
+    let mut d = memmove(Some(p), SRC_GVA, lazy + 8, 100, COMP_GVA);
+    d.block_on_fault = true;
+    g.vm.write(COMP_GPA, &[0; 32]);
+    g.dev.portal_write(0, &d.encode()).unwrap();
+    g.dev.process();
+    assert_eq!(g.dev.waiting_for_page_response(), 1);
+    let faults = g.container.read_faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let req = faults[0].request;
+    assert_eq!((faults[0].sid, req.pasid, req.addr), (g.sid, Some(p), lazy));
+    assert!(req.write && req.last_page);
+    // The guest's fault handler maps the page; its response comes back down.
+    tables.map(lazy, DST_GPA + 0x10_0000, 1);
+    g.container
+        .page_response(&PageResponse {
+            pasid: Some(p),
+            grpid: req.grpid,
+            code: PageResponseCode::Success,
+        })
+        .unwrap();
+    g.dev.process();
+    let r = CompletionRecord::from_bytes(&g.vm.read(COMP_GPA, 32).try_into().unwrap()).unwrap();
+    assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+    assert_eq!(g.vm.read(DST_GPA + 0x10_0008, 100), data);
+    assert!(g.container.pending_page_requests().is_empty());
+}
+
+#[test]
+fn page_requests_nobody_takes_are_answered_invalid() {
+    let host = host();
+    let vm = Vm::new(&host, RAM, 2 << 20);
+    let mut d = VtdDomain::new(&host.unit).unwrap();
+    let dev = engine(&host, sid(9), CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN);
+    d.attach_device(sid(9)).unwrap();
+    d.map_dma(&vm.map_all(RAM)).unwrap();
+    let tables = GuestTables::process(&vm);
+    d.bind_gpasid(&bind_of(pasid(3), tables.root())).unwrap();
+    let mut desc = memmove(Some(pasid(3)), SRC_GVA, 0x7f00_beef_0000, 64, COMP_GVA);
+    desc.block_on_fault = true;
+    let r = run(&vm, &dev, desc, COMP_GPA);
+    assert_eq!(r.status, CompletionStatus::PageResponseError);
+    assert_eq!(r.fault_reason, FaultReason::Sfl2.code());
+    assert_eq!(dev.waiting_for_page_response(), 0);
+    // A response for a PASID the domain did not bind is refused.
+    let resp = PageResponse {
+        pasid: Some(pasid(4)),
+        grpid: 0,
+        code: PageResponseCode::Success,
+    };
+    assert_eq!(
+        d.page_response(sid(9), &resp).unwrap_err().errno(),
+        -libc::ENODEV
+    );
+}
+
+#[test]
+fn one_vm_cannot_touch_another_vms_translations() {
+    let host = host();
+    let alloc = allocator();
+    let (a, _ta, pa) = bound_guest(&host, &alloc, 10, 0);
+    let (b, _tb, pb) = bound_guest(&host, &alloc, 11, 0);
+    assert_ne!(a.container.backend().did(), b.container.backend().did());
+    // Twice each, so that every translation is cached.
+    for (g, p) in [(&a, pa), (&b, pb), (&a, pa), (&b, pb)] {
+        let r = run(
+            &g.vm,
+            &g.dev,
+            memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA),
+            COMP_GPA,
+        );
+        assert_eq!(r.status, CompletionStatus::Success);
+    }
+    let entries = host.hw.iotlb().len();
+    // A's PASID-wide invalidation of its own PASID, and an attempt on B's, which the
+    // container refuses before the driver sees it.
+    let mut ca = a.container;
+    let all = |p| CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Pasid {
+            pasid: Some(p),
+            archid: None,
+        },
+    };
+    assert_eq!(
+        ca.cache_invalidate(&all(pb)).unwrap_err().errno(),
+        -libc::EPERM
+    );
+    assert_eq!(host.hw.iotlb().len(), entries);
+    ca.cache_invalidate(&all(pa)).unwrap();
+    let left = host.hw.iotlb().len();
+    assert!(left < entries && left > 0, "{left} of {entries}");
+    // B still hits its cached translations.
+    let r = run(
+        &b.vm,
+        &b.dev,
+        memmove(Some(pb), SRC_GVA, DST_GVA, 64, COMP_GVA),
+        COMP_GPA,
+    );
+    assert_eq!(r.status, CompletionStatus::Success);
+    assert_eq!(host.hw.iotlb().len(), left);
+    // A device of B cannot join A's domain.
+    let mut other = VtdDomain::new(&host.unit).unwrap();
+    assert_eq!(
+        other.attach_device(b.sid).unwrap_err().errno(),
+        -libc::EBUSY
+    );
+    assert_eq!(
+        host.unit.device_domain(b.sid),
+        Some(b.container.backend().did())
+    );
+}
+
+#[test]
+fn refused_requests_change_nothing() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = guest(&host, &alloc, sid(12), CTRL_PASID_EN);
+    let frames = host.frames.allocated_bytes();
+    let p = g.container.pasid_alloc(1, 10).unwrap();
+    let tables = GuestTables::process(&g.vm);
+    let mut bad = bind_of(p, tables.root());
+    bad.addr_width = 39;
+    assert_eq!(
+        g.container.bind_gpasid(&bad).unwrap_err().errno(),
+        -libc::EINVAL
+    );
+    bad = bind_of(p, Gpa(1 << 48));
+    assert_eq!(
+        g.container.bind_gpasid(&bad).unwrap_err().errno(),
+        -libc::EINVAL
+    );
+    assert_eq!(host.unit.pasid_entry(g.sid, p), None);
+    // Memory the VMM does not have, or IOVAs beyond the second level.
+    let mut m = g.vm.map_all(PAGE_SIZE);
+    m.iova = Iova(1 << 40);
+    m.vaddr = 0x1000;
+    assert_eq!(g.container.map_dma(&m).unwrap_err().errno(), -libc::EFAULT);
+    m.vaddr = g.vm.vaddr(0);
+    m.iova = Iova(1 << 48);
+    assert_eq!(g.container.map_dma(&m).unwrap_err().errno(), -libc::EFAULT);
+    assert_eq!(g.container.backend().lookup(Iova(1 << 40)), None);
+    // Invalidations the granularity table refuses.
+    let dom = CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Domain,
+    };
+    assert_eq!(
+        g.container.cache_invalidate(&dom).unwrap_err().errno(),
+        -libc::EINVAL
+    );
+    let mut misaligned = invalidate_page(p, DST_GVA + PAGE_SIZE, IOMMU_CACHE_INV_TYPE_IOTLB);
+    if let InvGranularity::Addr { nb_granules, .. } = &mut misaligned.granularity {
+        *nb_granules = 2;
+    }
+    assert_eq!(
+        g.container
+            .cache_invalidate(&misaligned)
+            .unwrap_err()
+            .errno(),
+        -libc::ERANGE
+    );
+    assert_eq!(host.frames.allocated_bytes(), frames);
+}
+
+#[test]
+fn closing_everything_leaves_nothing() {
+    let mem = HostMemory::new(1 << 30).unwrap();
+    let frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let hw = Iommu::new(mem.clone(), IommuConfig::default());
+    let unit = HostIommu::new(hw.clone(), frames.clone()).unwrap();
+    let host = Host {
+        mem,
+        frames: frames.clone(),
+        hw: hw.clone(),
+        unit,
+    };
+    let alloc = allocator();
+    let baseline = frames.allocated_bytes();
+    let dids: Vec<_> = {
+        let (a, _ta, pa) = bound_guest(&host, &alloc, 20, CTRL_ATS_EN | CTRL_PRI_EN);
+        let (b, _tb, pb) = bound_guest(&host, &alloc, 21, 0);
+        for (g, p) in [(&a, pa), (&b, pb)] {
+            let r = run(
+                &g.vm,
+                &g.dev,
+                memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA),
+                COMP_GPA,
+            );
+            assert_eq!(r.status, CompletionStatus::Success);
+            let r = run(
+                &g.vm,
+                &g.dev,
+                memmove(None, SRC_GPA, DST_GPA, 64, COMP_GPA),
+                COMP_GPA,
+            );
+            assert_eq!(r.status, CompletionStatus::Success);
+        }
+        assert!(!hw.iotlb().is_empty());
+        assert_ne!(hw.cached_entries(), (0, 0));
+        assert_eq!(host.unit.domain_ids_in_use(), 2);
+        assert_eq!(host.unit.page_request_routes(), 2);
+        assert!(frames.allocated_bytes() > baseline);
+        let dids = vec![a.container.backend().did(), b.container.backend().did()];
+        drop((a, b));
+        dids
+    };
+    assert_eq!(frames.allocated_bytes(), baseline);
+    assert!(hw.iotlb().is_empty(), "{} IOTLB entries", hw.iotlb().len());
+    assert_eq!(hw.cached_entries(), (0, 0));
+    assert_eq!(host.unit.domain_ids_in_use(), 0);
+    for did in dids {
+        assert!(!host.unit.is_domain_id_allocated(did));
+    }
+    assert_eq!(host.unit.attached_devices(), 0);
+    assert_eq!(host.unit.page_request_routes(), 0);
+    assert_eq!(host.unit.page_request_sinks(), 0);
+    assert_eq!(alloc.lock().unwrap().total_allocated(), 0);
+    // The unit's own root table and queues go with it.
+    assert!(baseline > 0);
+    let Host { unit, .. } = host;
+    drop(unit);
+    assert_eq!(frames.allocated_bytes(), 0);
+}
+
+/// A mapping of the model: IOVA range and the guest physical address it starts at.
+#[derive(Clone, Copy, Debug)]
+struct Mapped {
+    iova: u64,
+    size: u64,
+    gpa: u64,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random MAP_DMA and UNMAP_DMA through a container: after each, every probed IOVA
+    /// translates through the unit (IOTLB first, which earlier probes filled) to exactly
+    /// the host byte the mappings say, or faults with SSL.2, whatever page sizes the
+    /// alignments allowed.
+    #[test]
+    fn the_second_level_follows_map_and_unmap(
+        ops in proptest::collection::vec((any::<bool>(), 0u64..16, 1u64..=4, any::<bool>(), any::<usize>()), 1..16),
+        probes in proptest::collection::vec(0u64..(64 << 20), 24),
+    ) {
+        let host = host();
+        let vm = Vm::new(&host, 128 << 20, 2 << 20);
+        let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+        c.set_iommu(IommuModel::Type1v2).unwrap();
+        let s = sid(30);
+        c.attach_device(s).unwrap();
+        let mut model: Vec<Mapped> = Vec::new();
+        for (map, slot, mib, skew, pick) in ops {
+            if map {
+                let m = Mapped {
+                    iova: slot * (4 << 20),
+                    size: mib << 20,
+                    gpa: slot * (4 << 20) + if skew { PAGE_SIZE } else { 0 },
+                };
+                let overlaps = model
+                    .iter()
+                    .any(|o| o.iova < m.iova + m.size && m.iova < o.iova + o.size);
+                let r = c.map_dma(&DmaMap {
+                    iova: Iova(m.iova),
+                    vaddr: vm.vaddr(m.gpa),
+                    size: m.size,
+                    read: true,
+                    write: true,
+                });
+                prop_assert_eq!(r.is_ok(), !overlaps, "{:?}", r);
+                if !overlaps {
+                    model.push(m);
+                }
+            } else if !model.is_empty() {
+                let m = model.remove(pick % model.len());
+                prop_assert_eq!(c.unmap_dma(Iova(m.iova), m.size).unwrap(), m.size);
+            }
+            for &p in &probes {
+                let want = model
+                    .iter()
+                    .find(|m| m.iova <= p && p < m.iova + m.size)
+                    .map(|m| vm.hpa.0 + m.gpa + (p - m.iova));
+                for _ in 0..2 {
+                    let got = host.hw.translate(s, None, p, AccessRequest::WRITE);
+                    match want {
+                        Some(hpa) => prop_assert_eq!(got.map(|t| t.hpa), Ok(hpa)),
+                        None => prop_assert_eq!(got.map_err(|f| f.reason).map(|t| t.hpa), Err(FaultReason::Ssl2)),
+                    }
+                }
+            }
+        }
+        drop(c);
+        prop_assert!(host.hw.iotlb().is_empty());
+    }
+}
