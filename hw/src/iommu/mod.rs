@@ -3,10 +3,12 @@
 //! Tables live in host memory; the model reads them as hardware does and caches what it
 //! reads (context cache, PASID cache, IOTLB) until an invalidation descriptor removes it.
 
+mod cached_walk;
 mod explain;
 pub mod iotlb;
 mod mmio;
 mod port;
+pub mod pscache;
 mod qi;
 mod stale;
 #[cfg(test)]
@@ -24,6 +26,7 @@ use vsva_vtd::{Capabilities, FlFormat, PasidEntry, ScalableContextEntry, SlForma
 use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
 use iotlb::Iotlb;
+use pscache::PagingStructureCaches;
 
 pub use explain::Explanation;
 pub use stale::StaleTranslation;
@@ -118,6 +121,7 @@ pub struct Iommu {
     context_cache: RwLock<HashMap<u16, ScalableContextEntry>>,
     pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
     iotlb: Iotlb,
+    paging_caches: PagingStructureCaches,
     strict: AtomicBool,
     stale: Mutex<Vec<StaleTranslation>>,
     stats: IommuStats,
@@ -142,6 +146,7 @@ impl Iommu {
             context_cache: RwLock::default(),
             pasid_cache: RwLock::default(),
             iotlb: Iotlb::default(),
+            paging_caches: PagingStructureCaches::default(),
             strict: AtomicBool::new(config.strict),
             stale: Mutex::default(),
             stats: IommuStats::default(),
@@ -219,6 +224,12 @@ impl Iommu {
     /// The IOTLB, for inspection.
     pub fn iotlb(&self) -> &Iotlb {
         &self.iotlb
+    }
+
+    /// The paging-structure caches and the second-level mappings of nested walks, for
+    /// inspection.
+    pub fn paging_structure_caches(&self) -> &PagingStructureCaches {
+        &self.paging_caches
     }
 
     /// Number of cached context and PASID entries.

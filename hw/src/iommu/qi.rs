@@ -1,4 +1,10 @@
 //! Queued invalidation (VT-d §6.5.2): what each descriptor does to the caches.
+//!
+//! IOTLB and PASID-based-IOTLB invalidations also reach the paging-structure caches; their
+//! rules are in [`PagingStructureCaches`](super::pscache::PagingStructureCaches). Context-
+//! and PASID-cache invalidations leave them alone: after changing a context or PASID entry,
+//! software follows with the IOTLB or PASID-based-IOTLB invalidation that removes them
+//! (§6.5.3).
 
 use std::sync::atomic::Ordering;
 
@@ -61,16 +67,24 @@ impl Iommu {
                 granularity,
                 did,
                 addr,
+                ih,
                 am,
                 ..
             } => {
                 match granularity {
-                    IotlbGranularity::Global => self.iotlb.invalidate_all(),
-                    IotlbGranularity::DomainSelective => self.iotlb.invalidate_domain(did),
+                    IotlbGranularity::Global => {
+                        self.iotlb.invalidate_all();
+                        self.paging_caches.invalidate_all();
+                    }
+                    IotlbGranularity::DomainSelective => {
+                        self.iotlb.invalidate_domain(did);
+                        self.paging_caches.invalidate_domain(did);
+                    }
                     IotlbGranularity::PageSelective => {
                         let r = AddrRange::from_address_mask(addr, am);
                         self.iotlb
-                            .invalidate_domain_range(did, r.start, r.last - r.start + 1)
+                            .invalidate_domain_range(did, r.start, r.last - r.start + 1);
+                        self.paging_caches.invalidate_domain_range(did, r, ih);
                     }
                 };
             }
@@ -79,17 +93,23 @@ impl Iommu {
                 did,
                 pasid,
                 addr,
+                ih,
                 am,
-                ..
             } => {
                 match granularity {
                     PasidIotlbGranularity::PasidSelective => {
-                        self.iotlb.invalidate_pasid(did, pasid)
+                        self.iotlb.invalidate_pasid(did, pasid);
+                        self.paging_caches.invalidate_pasid(did, pasid);
                     }
                     PasidIotlbGranularity::PageSelectiveWithinPasid => {
                         let r = AddrRange::from_address_mask(addr, am);
-                        self.iotlb
-                            .invalidate_pasid_range(did, pasid, r.start, r.last - r.start + 1)
+                        self.iotlb.invalidate_pasid_range(
+                            did,
+                            pasid,
+                            r.start,
+                            r.last - r.start + 1,
+                        );
+                        self.paging_caches.invalidate_pasid_range(did, pasid, r, ih);
                     }
                 };
             }

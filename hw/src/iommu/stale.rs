@@ -44,7 +44,7 @@ impl fmt::Display for StaleTranslation {
 
 /// Host memory seen without writing: a strict-mode walk must not set accessed or dirty
 /// bits that the hit it checks did not set.
-struct ReadOnly<'a, M: ?Sized>(&'a M);
+pub(super) struct ReadOnly<'a, M: ?Sized>(pub(super) &'a M);
 
 impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {

@@ -1,5 +1,6 @@
 //! DMA address translation (VT-d §3.4 to §3.9): IOTLB, then the walk from the root table
-//! through the context and PASID caches down to the page tables the PASID entry selects.
+//! through the context and PASID caches down to the page tables the PASID entry selects,
+//! which the paging-structure caches shorten (see `cached_walk`).
 
 use vsva_vtd::walk::{Stage, WalkObserver};
 use vsva_vtd::{
@@ -13,6 +14,7 @@ use std::sync::atomic::Ordering;
 
 use vsva_vtd::{MemError, PhysMem};
 
+use super::cached_walk::CacheUse;
 use super::iotlb::{IotlbEntry, Perms, TranslationKind};
 use super::{Iommu, RootState};
 use crate::memory::HostMemory;
@@ -121,15 +123,7 @@ where
     M: vsva_vtd::PhysMem + ?Sized,
     O: WalkObserver + ?Sized,
 {
-    let fault = |reason| WalkFault {
-        reason,
-        stage: Stage::FirstLevel,
-        level: 0,
-        input: addr,
-    };
-    if access.execute && !pe.ere {
-        return Err(fault(FaultReason::Spt5));
-    }
+    request_checks(pe, addr, access)?;
     match pe.pgtt {
         Pgtt::FirstLevel => walk_first_level(mem, &fl_config(pe, formats.0), addr, access, obs),
         Pgtt::SecondLevel => walk_second_level(mem, &sl_config(pe, formats.1), addr, access, obs),
@@ -141,18 +135,48 @@ where
             access,
             obs,
         ),
-        Pgtt::PassThrough => {
-            if access.supervisor && !pe.sre {
-                return Err(fault(FaultReason::Spt6));
-            }
-            Ok(Translation {
-                output: addr,
-                page_size: vsva_vtd::PageSize::Size4K,
-                perms: vsva_vtd::Permissions::ALL,
-                dirty: true,
-            })
-        }
+        Pgtt::PassThrough => pass_through(pe, addr, access),
     }
+}
+
+/// A fault the PASID entry finds before any table is read.
+fn entry_fault(reason: FaultReason, addr: u64) -> WalkFault {
+    WalkFault {
+        reason,
+        stage: Stage::FirstLevel,
+        level: 0,
+        input: addr,
+    }
+}
+
+/// What the PASID entry checks before any walk: execute requests need ERE (SPT.5).
+pub(crate) fn request_checks(
+    pe: &PasidEntry,
+    addr: u64,
+    access: AccessRequest,
+) -> Result<(), WalkFault> {
+    if access.execute && !pe.ere {
+        return Err(entry_fault(FaultReason::Spt5, addr));
+    }
+    Ok(())
+}
+
+/// Pass-through translation (PGTT=100b): the address is the output; supervisor requests
+/// need SRE (SPT.6).
+pub(crate) fn pass_through(
+    pe: &PasidEntry,
+    addr: u64,
+    access: AccessRequest,
+) -> Result<Translation, WalkFault> {
+    if access.supervisor && !pe.sre {
+        return Err(entry_fault(FaultReason::Spt6, addr));
+    }
+    Ok(Translation {
+        output: addr,
+        page_size: vsva_vtd::PageSize::Size4K,
+        perms: vsva_vtd::Permissions::ALL,
+        dirty: true,
+    })
 }
 
 pub(crate) fn kind_of(pgtt: Pgtt) -> TranslationKind {
@@ -273,7 +297,8 @@ impl Iommu {
             mem: &self.mem,
             reads: Cell::new(0),
         };
-        let walked = walk_pasid_entry(&mem, &pe, self.formats(), addr, access, &mut ());
+        let mut used = CacheUse::default();
+        let walked = self.walk_cached(&mem, &pe, eff, addr, access, &mut used);
         self.stats.walks.fetch_add(1, Ordering::Relaxed);
         self.stats
             .table_reads
@@ -283,6 +308,9 @@ impl Iommu {
             fail(f.reason, ctx.fpd || pe.fpd, recoverable)
         })?;
         let entry = iotlb_entry(&pe, &t, access);
+        if self.strict() && used.any() {
+            self.check_cached_walk(rta, sid, pasid, eff, addr, access, &pe, &entry, &used);
+        }
         if pe.pgtt != Pgtt::PassThrough {
             self.iotlb.insert(sid, eff, addr, entry);
         }

@@ -1,0 +1,386 @@
+//! The page walk after an IOTLB miss, through the paging-structure caches (VT-d §6.2.5):
+//! first-level and second-level walks start at the deepest cached table, and a nested walk
+//! resolves first-level table pointers and its output through cached second-level mappings.
+//! What the walk reads fills the caches. In strict mode a walk that used cached entries is
+//! checked against the tables, as IOTLB hits are.
+
+use vsva_vtd::inv_desc::IotlbGranularity;
+use vsva_vtd::pasid::lookup_pasid_entry;
+use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
+use vsva_vtd::{
+    walk_first_level_from, walk_second_level, walk_second_level_from, AccessRequest, Direct,
+    DomainId, FlConfig, FlStage, FlStart, InvDesc, NestedStage, Pasid, PasidEntry, Pgtt, PhysMem,
+    SlConfig, SlStart, SourceId, Translation, WalkFault,
+};
+
+use super::iotlb::IotlbEntry;
+use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
+use super::stale::{ReadOnly, StaleTranslation};
+use super::translate::{fl_config, pass_through, request_checks, sl_config, walk_pasid_entry};
+use super::Iommu;
+
+/// Non-leaf entries a walk can go through: PML5E to PDE.
+const MAX_STARTS: usize = 4;
+/// Second-level resolutions in one nested walk: a read and an update of each of five
+/// first-level tables, and the output.
+const MAX_RESOLVED: usize = 11;
+
+/// Second-level resolutions a nested walk took from cached entries: the guest physical
+/// address, the host page it resolved to, and the access.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Resolved {
+    entries: [(u64, u64, AccessRequest); MAX_RESOLVED],
+    len: usize,
+}
+
+impl Resolved {
+    fn push(&mut self, gpa: u64, page: u64, access: AccessRequest) {
+        if let Some(slot) = self.entries.get_mut(self.len) {
+            *slot = (gpa, page, access);
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[(u64, u64, AccessRequest)] {
+        &self.entries[..self.len]
+    }
+}
+
+/// The cached entries a walk used instead of reading tables.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CacheUse {
+    /// The walk of the PASID entry's own table (first level, or second level for
+    /// PGTT=010b) started below the top.
+    pub tables: bool,
+    /// Second-level resolutions of a nested walk served by cached entries.
+    pub resolved: Resolved,
+}
+
+impl CacheUse {
+    /// Whether any cached entry stood in for the tables.
+    pub fn any(&self) -> bool {
+        self.tables || self.resolved.len > 0
+    }
+}
+
+/// Collects the first-level tables a walk goes down to, from where it started.
+struct FlFill {
+    at: FlStart,
+    starts: [FlStart; MAX_STARTS],
+    len: usize,
+}
+
+impl FlFill {
+    fn new(start: FlStart) -> Self {
+        FlFill {
+            at: start,
+            starts: [start; MAX_STARTS],
+            len: 0,
+        }
+    }
+
+    fn starts(&self) -> &[FlStart] {
+        &self.starts[..self.len]
+    }
+}
+
+impl WalkObserver for FlFill {
+    fn step(&mut self, step: WalkStep) {
+        let down = matches!(step.outcome, StepOutcome::Table(_));
+        if step.stage == Stage::FirstLevel && step.level == self.at.level && down {
+            self.at = self.at.below(step.entry);
+            if let Some(slot) = self.starts.get_mut(self.len) {
+                *slot = self.at;
+                self.len += 1;
+            }
+        }
+    }
+}
+
+/// Collects the second-level tables a walk goes down to, from where it started.
+struct SlFill<'c> {
+    cfg: &'c SlConfig,
+    at: SlStart,
+    starts: [SlStart; MAX_STARTS],
+    len: usize,
+}
+
+impl<'c> SlFill<'c> {
+    fn new(cfg: &'c SlConfig, start: SlStart) -> Self {
+        SlFill {
+            cfg,
+            at: start,
+            starts: [start; MAX_STARTS],
+            len: 0,
+        }
+    }
+
+    fn starts(&self) -> &[SlStart] {
+        &self.starts[..self.len]
+    }
+}
+
+impl WalkObserver for SlFill<'_> {
+    fn step(&mut self, step: WalkStep) {
+        let down = matches!(step.outcome, StepOutcome::Table(_));
+        if step.stage == Stage::SecondLevel && step.level == self.at.level && down {
+            self.at = self.at.below(self.cfg, step.entry);
+            if let Some(slot) = self.starts.get_mut(self.len) {
+                *slot = self.at;
+                self.len += 1;
+            }
+        }
+    }
+}
+
+/// Nested translation through the caches: a guest physical address is resolved by a cached
+/// second-level mapping that allows the access, else by a second-level walk from the
+/// deepest cached second-level table. Second-level steps feed the second-level caches, not
+/// the first-level walk's observer.
+struct CachedNested<'a, M: ?Sized> {
+    stage: NestedStage<'a, M>,
+    caches: &'a PagingStructureCaches,
+    /// The caches' generation when the walk began.
+    fill: u64,
+    did: DomainId,
+    resolved: &'a mut Resolved,
+}
+
+impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
+    fn resolve(
+        &mut self,
+        gpa: u64,
+        access: AccessRequest,
+        walk: impl FnOnce(
+            &NestedStage<'_, M>,
+            SlStart,
+            &mut SlFill<'_>,
+        ) -> Result<Translation, WalkFault>,
+    ) -> Result<Translation, WalkFault> {
+        if let Some(m) = self.caches.mapping(self.did, gpa) {
+            if m.allows(access) {
+                self.resolved.push(gpa, m.output, access);
+                return Ok(m.translate(gpa));
+            }
+        }
+        let sl = self.stage.sl;
+        let top = sl.levels.levels();
+        let start = self
+            .caches
+            .second_level_start(self.did, gpa, top)
+            .unwrap_or(SlStart::top(sl));
+        let mut fill = SlFill::new(sl, start);
+        let walked = walk(&self.stage, start, &mut fill);
+        self.caches
+            .fill_second_level(self.fill, self.did, gpa, fill.starts());
+        let t = walked?;
+        self.caches
+            .insert_mapping(self.fill, self.did, gpa, SlMapping::of(&t));
+        if start.level < top {
+            self.resolved.push(gpa, t.page_base(), access);
+        }
+        Ok(t)
+    }
+}
+
+impl<M: PhysMem + ?Sized> FlStage for CachedNested<'_, M> {
+    fn table_address<O>(
+        &mut self,
+        table: u64,
+        root: bool,
+        write: bool,
+        _obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let access = AccessRequest {
+            write,
+            execute: false,
+            supervisor: false,
+        };
+        self.resolve(table, access, |s, start, fill| {
+            s.walk_table_from(start, table, root, write, fill)
+        })
+        .map(|t| t.output)
+    }
+
+    fn output<O>(
+        &mut self,
+        output: u64,
+        access: AccessRequest,
+        _obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        self.resolve(output, access, |s, start, fill| {
+            s.walk_output_from(start, output, access, fill)
+        })
+    }
+}
+
+impl Iommu {
+    /// Walks the tables `pe` selects for `addr` (a request of `pasid`, the effective PASID)
+    /// through the paging-structure caches, recording in `used` which cached entries stood
+    /// in for tables.
+    pub(crate) fn walk_cached<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        pe: &PasidEntry,
+        pasid: Pasid,
+        addr: u64,
+        access: AccessRequest,
+        used: &mut CacheUse,
+    ) -> Result<Translation, WalkFault> {
+        request_checks(pe, addr, access)?;
+        let fill = self.paging_caches.begin_fill();
+        let (fl_format, sl_format) = self.formats();
+        let tag = |nested| FlTag {
+            did: pe.did,
+            pasid,
+            nested,
+        };
+        match pe.pgtt {
+            Pgtt::FirstLevel => {
+                let cfg = fl_config(pe, fl_format);
+                let mut stage = Direct;
+                self.first_level_cached(
+                    mem,
+                    &cfg,
+                    &mut stage,
+                    fill,
+                    tag(false),
+                    addr,
+                    access,
+                    &mut used.tables,
+                )
+            }
+            Pgtt::Nested => {
+                let fl = fl_config(pe, fl_format);
+                let sl = sl_config(pe, sl_format);
+                let mut stage = CachedNested {
+                    stage: NestedStage { mem, sl: &sl },
+                    caches: &self.paging_caches,
+                    fill,
+                    did: pe.did,
+                    resolved: &mut used.resolved,
+                };
+                let mut tables = false;
+                let t = self.first_level_cached(
+                    mem,
+                    &fl,
+                    &mut stage,
+                    fill,
+                    tag(true),
+                    addr,
+                    access,
+                    &mut tables,
+                );
+                used.tables = tables;
+                t
+            }
+            Pgtt::SecondLevel => {
+                let cfg = sl_config(pe, sl_format);
+                let top = cfg.levels.levels();
+                let start = self
+                    .paging_caches
+                    .second_level_start(pe.did, addr, top)
+                    .unwrap_or(SlStart::top(&cfg));
+                used.tables = start.level < top;
+                let mut starts = SlFill::new(&cfg, start);
+                let walked = walk_second_level_from(mem, &cfg, start, addr, access, &mut starts);
+                self.paging_caches
+                    .fill_second_level(fill, pe.did, addr, starts.starts());
+                walked
+            }
+            Pgtt::PassThrough => pass_through(pe, addr, access),
+        }
+    }
+
+    /// The first-level walk from the deepest cached table of `tag` for `addr`, filling the
+    /// caches unless an invalidation ran since `fill`.
+    #[allow(clippy::too_many_arguments)]
+    fn first_level_cached<M, S>(
+        &self,
+        mem: &M,
+        cfg: &FlConfig,
+        stage: &mut S,
+        fill: u64,
+        tag: FlTag,
+        addr: u64,
+        access: AccessRequest,
+        below_top: &mut bool,
+    ) -> Result<Translation, WalkFault>
+    where
+        M: PhysMem + ?Sized,
+        S: FlStage,
+    {
+        let top = cfg.mode.levels();
+        let start = self
+            .paging_caches
+            .first_level_start(tag, addr, top)
+            .unwrap_or(FlStart::top(cfg));
+        *below_top = start.level < top;
+        let mut starts = FlFill::new(start);
+        let walked = walk_first_level_from(mem, cfg, stage, start, addr, access, &mut starts);
+        self.paging_caches
+            .fill_first_level(fill, tag, addr, starts.starts());
+        walked
+    }
+
+    /// Strict mode for a walk that used cached entries: compares its result with a walk of
+    /// the tables and reports a difference with the invalidation that was missing. A stale
+    /// second-level resolution of a nested walk names the page-selective IOTLB invalidation
+    /// of its guest physical page; anything else is reported as for an IOTLB hit.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_cached_walk(
+        &self,
+        rta: u64,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        eff: Pasid,
+        addr: u64,
+        access: AccessRequest,
+        pe: &PasidEntry,
+        cached: &IotlbEntry,
+        used: &CacheUse,
+    ) {
+        let mem = ReadOnly(&*self.mem);
+        let now = walk_pasid_entry(&mem, pe, self.formats(), addr, access, &mut ())
+            .map(|t| (t.page_base(), t.page_size.shift() as u8))
+            .map_err(|f| f.reason);
+        if now == Ok((cached.output, cached.page_shift)) {
+            return;
+        }
+        let same_entry =
+            lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps).is_ok_and(|l| l.entry == *pe);
+        let sl = sl_config(pe, self.formats().1);
+        let stale_gpa = used.resolved.as_slice().iter().find(|&&(gpa, page, a)| {
+            walk_second_level(&mem, &sl, gpa, a, &mut ()).map(|t| t.page_base()) != Ok(page)
+        });
+        match stale_gpa {
+            Some(&(gpa, _, _)) if same_entry => {
+                let event = StaleTranslation {
+                    sid,
+                    pasid: eff,
+                    addr,
+                    cached: *cached,
+                    now,
+                    missing: InvDesc::Iotlb {
+                        granularity: IotlbGranularity::PageSelective,
+                        dr: true,
+                        dw: true,
+                        did: pe.did,
+                        addr: gpa & !0xfff,
+                        ih: false,
+                        am: 0,
+                    },
+                };
+                tracing::warn!("{event}");
+                self.stale.lock().unwrap().push(event);
+            }
+            _ => self.check_stale(rta, sid, pasid, eff, addr, access, cached),
+        }
+    }
+}

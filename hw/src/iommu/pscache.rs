@@ -1,0 +1,478 @@
+//! Paging-structure caches (VT-d §6.2.5) and the second-level mappings that nested walks
+//! use, kept until an invalidation descriptor removes them.
+//!
+//! - First-level paging-structure caches (PML5E, PML4E, PDPE and PDE caches), tagged with
+//!   the domain id and PASID: for the input region one non-leaf entry maps, the table it
+//!   points to and the rights of the entries down to it (an [`FlStart`]). In nested
+//!   translation the table address is the guest physical address the entry holds; the
+//!   second-level mappings below turn it into a host physical one.
+//! - Second-level paging-structure caches (SL-PML5E to SL-PDE caches), tagged with the
+//!   domain id: the same for second-level tables (an [`SlStart`]).
+//! - The second-level mappings a nested walk uses (IOTLB entries caching second-level
+//!   mappings, tagged with the domain id): guest physical page to host physical page with
+//!   the second level's rights, for first-level table pages and final output pages.
+//!
+//! Entries carry the spec's tags only, so requesters with the same domain id (and PASID)
+//! share them, as on hardware. Each cache is sharded by domain id, so that an invalidation
+//! locks one shard; a shard that fills up is emptied, as hardware may drop entries at any
+//! time. Lookups, fills and invalidations do not allocate once a shard has reached its
+//! capacity.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use crossbeam_utils::CachePadded;
+use foldhash::fast::FixedState;
+use vsva_vtd::{
+    AccessRequest, AddrRange, DomainId, FlStart, PageSize, Pasid, Permissions, SlStart, Translation,
+};
+
+/// Shards per cache: domain ids spread over them.
+const SHARDS: usize = 16;
+/// Entries per shard of a paging-structure cache.
+const TABLE_CAPACITY: usize = 1024;
+/// Entries per shard of the second-level mappings.
+const MAPPING_CAPACITY: usize = 4096;
+/// Paging levels whose non-leaf entries are cached: PDE (2) to PML5E (5).
+const CACHED_LEVELS: RangeInclusive<u8> = 2..=5;
+/// Page sizes of second-level mappings, smallest first.
+const PAGE_SHIFTS: [u8; 3] = [12, 21, 30];
+
+/// log2 of the input region one entry at `level` maps (2 MiB for a PDE).
+const fn span_shift(level: u8) -> u32 {
+    12 + 9 * (level as u32 - 1)
+}
+
+/// The blocks of 2^`shift` bytes that `[first, last]` meets, and how many there are.
+fn blocks(first: u64, last: u64, shift: u32) -> (RangeInclusive<u64>, u64) {
+    let (a, b) = (first >> shift, last >> shift);
+    (a..=b, (b - a).saturating_add(1))
+}
+
+/// Which first-level caches a walk uses: the PASID entry's domain id and PASID, and whether
+/// the table addresses are guest physical (nested) or host physical (first level only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct FlTag {
+    pub did: DomainId,
+    pub pasid: Pasid,
+    pub nested: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlKey {
+    tag: FlTag,
+    /// The level of the cached entry (2 = PDE).
+    level: u8,
+    /// The input address shifted right by the region the entry maps.
+    region: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SlKey {
+    did: DomainId,
+    level: u8,
+    region: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct MappingKey {
+    did: DomainId,
+    shift: u8,
+    page: u64,
+}
+
+/// A second-level mapping of one guest physical page, as a nested walk caches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlMapping {
+    /// Host physical base of the page.
+    pub output: u64,
+    pub size: PageSize,
+    /// The second level's rights over all levels.
+    pub perms: Permissions,
+    /// The leaf's D bit is set (or SLADE is off), so a write needs no walk to set it.
+    pub dirty: bool,
+}
+
+impl SlMapping {
+    /// The mapping a second-level walk found.
+    pub fn of(t: &Translation) -> SlMapping {
+        SlMapping {
+            output: t.page_base(),
+            size: t.page_size,
+            perms: t.perms,
+            dirty: t.dirty,
+        }
+    }
+
+    /// Whether the mapping may serve `access` without a walk: a walk is needed to fault,
+    /// or to set the D bit of a write.
+    pub fn allows(&self, access: AccessRequest) -> bool {
+        let data = if access.write {
+            self.perms.write && self.dirty
+        } else {
+            self.perms.read
+        };
+        data && (!access.execute || self.perms.execute)
+    }
+
+    /// The translation of `gpa`, an address in the mapped page.
+    pub fn translate(&self, gpa: u64) -> Translation {
+        Translation {
+            output: self.output | (gpa & (self.size.bytes() - 1)),
+            page_size: self.size,
+            perms: self.perms,
+            dirty: self.dirty,
+        }
+    }
+}
+
+/// Counts invalidations, so that a walk that began before one does not fill the caches
+/// after it: an invalidation's completion covers the walks in flight when it began. The
+/// count is advanced under the shard lock an invalidation takes, and a fill checks it under
+/// the lock of the shard it fills.
+#[derive(Debug, Default)]
+struct Generation(AtomicU64);
+
+impl Generation {
+    fn advance(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+type Shard<K, V> = CachePadded<RwLock<HashMap<K, V, FixedState>>>;
+
+/// One cache, sharded by domain id.
+#[derive(Debug)]
+struct ByDomain<K, V> {
+    shards: Box<[Shard<K, V>]>,
+    capacity: usize,
+}
+
+impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
+    fn new(capacity: usize) -> Self {
+        ByDomain {
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(RwLock::default()))
+                .collect(),
+            capacity,
+        }
+    }
+
+    fn shard(&self, did: DomainId) -> &RwLock<HashMap<K, V, FixedState>> {
+        &self.shards[did.0 as usize % SHARDS]
+    }
+
+    /// The first of `keys` that is cached.
+    fn find(&self, did: DomainId, keys: impl IntoIterator<Item = K>) -> Option<V> {
+        let shard = self.shard(did).read().unwrap();
+        keys.into_iter().find_map(|k| shard.get(&k).copied())
+    }
+
+    /// Caches `entries` unless an invalidation ran since `fill` (a [`Generation`] value).
+    fn insert(
+        &self,
+        generation: &Generation,
+        fill: u64,
+        did: DomainId,
+        entries: impl IntoIterator<Item = (K, V)>,
+    ) {
+        let mut shard = self.shard(did).write().unwrap();
+        if generation.0.load(Ordering::Acquire) != fill {
+            return;
+        }
+        for (key, value) in entries {
+            if shard.capacity() < self.capacity {
+                shard.reserve(self.capacity);
+            }
+            if shard.len() >= self.capacity && !shard.contains_key(&key) {
+                shard.clear();
+            }
+            shard.insert(key, value);
+        }
+    }
+
+    /// Removes the entries of `did`'s shard that `select` accepts: key by key when the
+    /// `count` candidate keys are fewer than the entries, else by a scan.
+    fn remove<I: Iterator<Item = K>>(
+        &self,
+        generation: &Generation,
+        did: DomainId,
+        count: u64,
+        candidates: impl FnOnce() -> I,
+        select: impl Fn(&K) -> bool,
+    ) {
+        let mut shard = self.shard(did).write().unwrap();
+        generation.advance();
+        if count < shard.len() as u64 {
+            for key in candidates() {
+                if select(&key) {
+                    shard.remove(&key);
+                }
+            }
+        } else {
+            shard.retain(|k, _| !select(k));
+        }
+    }
+
+    fn clear(&self, generation: &Generation) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap();
+            generation.advance();
+            shard.clear();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().unwrap().len()).sum()
+    }
+}
+
+/// How many entries each cache holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedTables {
+    /// First-level paging-structure cache entries.
+    pub first_level: usize,
+    /// Second-level paging-structure cache entries.
+    pub second_level: usize,
+    /// Second-level mappings cached by nested walks.
+    pub nested_mappings: usize,
+}
+
+/// The paging-structure caches of one IOMMU and the second-level mappings of nested walks.
+#[derive(Debug)]
+pub struct PagingStructureCaches {
+    first_level: ByDomain<FlKey, FlStart>,
+    second_level: ByDomain<SlKey, SlStart>,
+    mappings: ByDomain<MappingKey, SlMapping>,
+    generation: Generation,
+}
+
+impl Default for PagingStructureCaches {
+    fn default() -> Self {
+        PagingStructureCaches {
+            first_level: ByDomain::new(TABLE_CAPACITY),
+            second_level: ByDomain::new(TABLE_CAPACITY),
+            mappings: ByDomain::new(MAPPING_CAPACITY),
+            generation: Generation::default(),
+        }
+    }
+}
+
+impl PagingStructureCaches {
+    /// Starts a walk: what it reads may fill the caches only if no invalidation runs
+    /// before the fill.
+    pub(crate) fn begin_fill(&self) -> u64 {
+        self.generation.0.load(Ordering::Acquire)
+    }
+
+    /// The deepest cached first-level table for `input` below a `top`-level root.
+    pub(crate) fn first_level_start(&self, tag: FlTag, input: u64, top: u8) -> Option<FlStart> {
+        let keys = (2..=top).map(|level| FlKey {
+            tag,
+            level,
+            region: input >> span_shift(level),
+        });
+        self.first_level.find(tag.did, keys)
+    }
+
+    /// Caches the first-level tables a walk of `input` went down to: each start with the
+    /// level of the entry that pointed to it.
+    pub(crate) fn fill_first_level(&self, fill: u64, tag: FlTag, input: u64, starts: &[FlStart]) {
+        let entries = starts.iter().map(|s| {
+            let level = s.level + 1;
+            let key = FlKey {
+                tag,
+                level,
+                region: input >> span_shift(level),
+            };
+            (key, *s)
+        });
+        self.first_level
+            .insert(&self.generation, fill, tag.did, entries);
+    }
+
+    /// The deepest cached second-level table for `gpa` below a `top`-level root.
+    pub(crate) fn second_level_start(&self, did: DomainId, gpa: u64, top: u8) -> Option<SlStart> {
+        let keys = (2..=top).map(|level| SlKey {
+            did,
+            level,
+            region: gpa >> span_shift(level),
+        });
+        self.second_level.find(did, keys)
+    }
+
+    /// Caches the second-level tables a walk of `gpa` went down to.
+    pub(crate) fn fill_second_level(&self, fill: u64, did: DomainId, gpa: u64, starts: &[SlStart]) {
+        let entries = starts.iter().map(|s| {
+            let level = s.level + 1;
+            let key = SlKey {
+                did,
+                level,
+                region: gpa >> span_shift(level),
+            };
+            (key, *s)
+        });
+        self.second_level
+            .insert(&self.generation, fill, did, entries);
+    }
+
+    /// The cached second-level mapping of the page holding `gpa`.
+    pub(crate) fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
+        let keys = PAGE_SHIFTS.map(|shift| MappingKey {
+            did,
+            shift,
+            page: gpa >> shift,
+        });
+        self.mappings.find(did, keys)
+    }
+
+    /// Caches the second-level mapping of the page holding `gpa`.
+    pub(crate) fn insert_mapping(&self, fill: u64, did: DomainId, gpa: u64, mapping: SlMapping) {
+        let shift = mapping.size.shift() as u8;
+        let key = MappingKey {
+            did,
+            shift,
+            page: gpa >> shift,
+        };
+        self.mappings
+            .insert(&self.generation, fill, did, [(key, mapping)]);
+    }
+
+    /// Global IOTLB invalidation (§6.5.2.3): every paging-structure-cache entry and every
+    /// cached second-level mapping is removed.
+    pub fn invalidate_all(&self) {
+        self.first_level.clear(&self.generation);
+        self.second_level.clear(&self.generation);
+        self.mappings.clear(&self.generation);
+    }
+
+    /// Domain-selective IOTLB invalidation (§6.5.2.3): the entries caching first-level,
+    /// second-level and nested mappings of `did` are removed, whatever their PASID.
+    pub fn invalidate_domain(&self, did: DomainId) {
+        self.first_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.tag.did == did
+            });
+        self.second_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.did == did
+            });
+        self.mappings
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.did == did
+            });
+    }
+
+    /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3) of `range`, a
+    /// second-level input (guest physical) range:
+    /// - the second-level mappings of `did` that meet the range are removed (IOTLB entries
+    ///   caching second-level mappings, whatever IH says);
+    /// - with IH clear, the second-level paging-structure entries of `did` mapping regions
+    ///   that meet the range are removed; with IH set they are kept (software tells that
+    ///   only leaf entries changed);
+    /// - every first-level paging-structure entry of `did`, first-level (PGTT=001b) or
+    ///   nested (PGTT=011b), any PASID, is removed: the spec invalidates those of the domain
+    ///   whatever the address, since a second-level input address cannot select them.
+    pub fn invalidate_domain_range(&self, did: DomainId, range: AddrRange, ih: bool) {
+        let (addr, last) = (range.start, range.last);
+        self.first_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.tag.did == did
+            });
+        if !ih {
+            let count = CACHED_LEVELS
+                .map(|l| blocks(addr, last, span_shift(l)).1)
+                .fold(0u64, u64::saturating_add);
+            let candidates = || {
+                CACHED_LEVELS.flat_map(|level| {
+                    let (regions, _) = blocks(addr, last, span_shift(level));
+                    regions.map(move |region| SlKey { did, level, region })
+                })
+            };
+            self.second_level
+                .remove(&self.generation, did, count, candidates, |k| {
+                    k.did == did && region_meets(k.region, span_shift(k.level), addr, last)
+                });
+        }
+        let count = PAGE_SHIFTS
+            .iter()
+            .map(|&s| blocks(addr, last, s as u32).1)
+            .fold(0u64, u64::saturating_add);
+        let candidates = || {
+            PAGE_SHIFTS.iter().flat_map(|&shift| {
+                let (pages, _) = blocks(addr, last, shift as u32);
+                pages.map(move |page| MappingKey { did, shift, page })
+            })
+        };
+        self.mappings
+            .remove(&self.generation, did, count, candidates, |k| {
+                k.did == did && region_meets(k.page, k.shift as u32, addr, last)
+            });
+    }
+
+    /// PASID-selective PASID-based-IOTLB invalidation (§6.5.2.4): the first-level
+    /// paging-structure entries (first-level and nested) of `did` and `pasid` are removed.
+    /// Second-level paging-structure entries and second-level mappings carry no PASID and
+    /// stay.
+    pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) {
+        self.first_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.tag.did == did && k.tag.pasid == pasid
+            });
+    }
+
+    /// Page-selective-within-PASID PASID-based-IOTLB invalidation (§6.5.2.4) of `range`, a
+    /// first-level input range: with IH clear, the first-level
+    /// paging-structure entries of `did` and `pasid` that map regions meeting the range are
+    /// removed (software may have changed non-leaf entries there); with IH set they are kept.
+    /// Second-level entries and mappings stay, as for the PASID-selective granularity.
+    pub fn invalidate_pasid_range(&self, did: DomainId, pasid: Pasid, range: AddrRange, ih: bool) {
+        let (addr, last) = (range.start, range.last);
+        if ih {
+            return;
+        }
+        let count = CACHED_LEVELS
+            .map(|l| blocks(addr, last, span_shift(l)).1.saturating_mul(2))
+            .fold(0u64, u64::saturating_add);
+        let candidates = || {
+            CACHED_LEVELS.flat_map(|level| {
+                let (regions, _) = blocks(addr, last, span_shift(level));
+                regions.flat_map(move |region| {
+                    [false, true].map(|nested| FlKey {
+                        tag: FlTag { did, pasid, nested },
+                        level,
+                        region,
+                    })
+                })
+            })
+        };
+        self.first_level
+            .remove(&self.generation, did, count, candidates, |k| {
+                k.tag.did == did
+                    && k.tag.pasid == pasid
+                    && region_meets(k.region, span_shift(k.level), addr, last)
+            });
+    }
+
+    /// How many entries each cache holds.
+    pub fn len(&self) -> CachedTables {
+        CachedTables {
+            first_level: self.first_level.len(),
+            second_level: self.second_level.len(),
+            nested_mappings: self.mappings.len(),
+        }
+    }
+
+    /// Whether every cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == CachedTables::default()
+    }
+}
+
+/// Whether block `index` of 2^`shift` bytes meets `[first, last]`.
+fn region_meets(index: u64, shift: u32, first: u64, last: u64) -> bool {
+    (first >> shift) <= index && index <= (last >> shift)
+}
