@@ -216,3 +216,83 @@ fn iqei_of(raw: u64) -> Iqei {
         _ => Iqei::NotAvailable,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use super::*;
+    use vsva_hw::iommu::IommuConfig;
+    use vsva_hw::HostMemory;
+    use vsva_vtd::inv_desc::IotlbGranularity;
+    use vsva_vtd::regs::layout::gcmd;
+    use vsva_vtd::DomainId;
+
+    fn unit() -> (Arc<Iommu>, FrameAllocator, InvalidationQueue) {
+        let mem = HostMemory::new(16 << 20).unwrap();
+        let frames = FrameAllocator::new(mem.clone());
+        let hw = Iommu::new(mem, IommuConfig::default());
+        let q = InvalidationQueue::new(&frames).unwrap();
+        hw.mmio_write(offset::IQT, 8, 0).unwrap();
+        hw.mmio_write(offset::IQA, 8, q.iqa()).unwrap();
+        hw.mmio_write(offset::GCMD, 4, gcmd::QIE.into()).unwrap();
+        (hw, frames, q)
+    }
+
+    fn iotlb(did: u16) -> InvDesc {
+        InvDesc::Iotlb {
+            granularity: IotlbGranularity::DomainSelective,
+            dr: true,
+            dw: true,
+            did: DomainId(did),
+            addr: 0,
+            ih: false,
+            am: 0,
+        }
+    }
+
+    fn processed(hw: &Iommu) -> u64 {
+        hw.stats().descriptors.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn batches_wrap_around_and_split() {
+        let (hw, frames, mut q) = unit();
+        for i in 0..300 {
+            q.submit(&hw, &[iotlb(i)], false).unwrap();
+        }
+        assert_eq!(processed(&hw), 600, "each descriptor and its wait");
+        let many: Vec<InvDesc> = (0..600).map(iotlb).collect();
+        q.submit(&hw, &many, true).unwrap();
+        // 600 descriptors in batches of 254, each with its wait.
+        assert_eq!(processed(&hw), 600 + 600 + 3);
+        q.submit(&hw, &[], false).unwrap();
+        assert_eq!(processed(&hw), 1204);
+        q.release(&frames);
+        assert_eq!(frames.allocated_bytes(), 0);
+    }
+
+    #[test]
+    fn a_refused_descriptor_is_reported_and_the_queue_goes_on() {
+        let (hw, _frames, mut q) = unit();
+        let good = iotlb(5).encode().unwrap();
+        let mut bad = good;
+        bad[1] |= 1 << 7;
+        let before = processed(&hw);
+        let e = q.submit_batch(&hw, &[good, bad, good], false).unwrap_err();
+        assert_eq!(
+            e,
+            DriverError::QueueError {
+                iqei: Iqei::ReservedField,
+                index: 1
+            }
+        );
+        assert_eq!(e.errno(), libc::EIO);
+        // The good descriptors, the no-op in place of the bad one, and the wait ran.
+        assert_eq!(processed(&hw) - before, 4);
+        assert_eq!(hw.mmio_read(offset::FSTS, 4).unwrap() as u32 & fsts::IQE, 0);
+        q.submit(&hw, &[iotlb(6)], false).unwrap();
+        assert_eq!(processed(&hw) - before, 6);
+    }
+}
