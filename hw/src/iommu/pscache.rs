@@ -476,3 +476,272 @@ impl PagingStructureCaches {
 fn region_meets(index: u64, shift: u32, first: u64, last: u64) -> bool {
     (first >> shift) <= index && index <= (last >> shift)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsva_vtd::FlRights;
+
+    const D1: DomainId = DomainId(1);
+    const D2: DomainId = DomainId(2);
+    /// A 1-GiB-aligned first-level input address.
+    const VA: u64 = 0x7f12_4000_0000;
+    /// A 1-GiB-aligned guest physical address.
+    const GPA: u64 = 0x8000_0000;
+    const MB: u64 = 1 << 20;
+
+    fn pasid(n: u32) -> Pasid {
+        Pasid::new(n).unwrap()
+    }
+
+    fn tag(did: DomainId, p: u32, nested: bool) -> FlTag {
+        FlTag {
+            did,
+            pasid: pasid(p),
+            nested,
+        }
+    }
+
+    fn fl(level: u8, table: u64) -> FlStart {
+        FlStart {
+            level,
+            table,
+            rights: FlRights::ALL,
+        }
+    }
+
+    fn sl(level: u8, table: u64) -> SlStart {
+        SlStart {
+            level,
+            table,
+            rights: Permissions::ALL,
+        }
+    }
+
+    fn range(start: u64, len: u64) -> AddrRange {
+        AddrRange {
+            start,
+            last: start + len - 1,
+        }
+    }
+
+    fn mapping(output: u64, size: PageSize, write: bool, dirty: bool) -> SlMapping {
+        SlMapping {
+            output,
+            size,
+            perms: Permissions {
+                read: true,
+                write,
+                execute: false,
+                user: true,
+            },
+            dirty,
+        }
+    }
+
+    /// Caches a 4-level first-level walk of `va` down to its page table.
+    fn fill_fl(c: &PagingStructureCaches, t: FlTag, va: u64) {
+        let fill = c.begin_fill();
+        c.fill_first_level(fill, t, va, &[fl(3, 0x3000), fl(2, 0x2000), fl(1, 0x1000)]);
+    }
+
+    /// Caches a 4-level second-level walk of `gpa` down to its page table.
+    fn fill_sl(c: &PagingStructureCaches, did: DomainId, gpa: u64) {
+        let fill = c.begin_fill();
+        c.fill_second_level(
+            fill,
+            did,
+            gpa,
+            &[sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)],
+        );
+    }
+
+    fn insert_mapping(c: &PagingStructureCaches, did: DomainId, gpa: u64, m: SlMapping) {
+        c.insert_mapping(c.begin_fill(), did, gpa, m);
+    }
+
+    #[test]
+    fn the_deepest_cached_table_covering_an_address_is_found() {
+        let c = PagingStructureCaches::default();
+        let t = tag(D1, 5, true);
+        fill_fl(&c, t, VA);
+        assert_eq!(
+            c.first_level_start(t, VA + 0x1f_f008, 4),
+            Some(fl(1, 0x1000))
+        );
+        assert_eq!(c.first_level_start(t, VA + 2 * MB, 4), Some(fl(2, 0x2000)));
+        assert_eq!(
+            c.first_level_start(t, VA + (1 << 30), 4),
+            Some(fl(3, 0x3000))
+        );
+        assert_eq!(c.first_level_start(t, VA + (1 << 39), 4), None);
+        assert_eq!(c.first_level_start(tag(D1, 6, true), VA, 4), None);
+        assert_eq!(c.first_level_start(tag(D1, 5, false), VA, 4), None);
+        assert_eq!(c.first_level_start(tag(D2, 5, true), VA, 4), None);
+        // A 3-level lookup does not see the PML4E cache.
+        assert_eq!(c.first_level_start(t, VA + (1 << 30), 3), None);
+        fill_sl(&c, D1, GPA);
+        assert_eq!(
+            c.second_level_start(D1, GPA + 0x1000, 4),
+            Some(sl(1, 0xc000))
+        );
+        assert_eq!(c.second_level_start(D2, GPA, 4), None);
+        assert_eq!(
+            c.len(),
+            CachedTables {
+                first_level: 3,
+                second_level: 3,
+                nested_mappings: 0
+            }
+        );
+    }
+
+    #[test]
+    fn pasid_based_invalidations_remove_first_level_entries_by_pasid_and_range() {
+        let c = PagingStructureCaches::default();
+        for t in [
+            tag(D1, 1, true),
+            tag(D1, 1, false),
+            tag(D1, 2, true),
+            tag(D2, 1, true),
+        ] {
+            fill_fl(&c, t, VA);
+        }
+        fill_sl(&c, D1, GPA);
+        let t = tag(D1, 1, true);
+        // IH set: only leaf entries changed, the caches stay.
+        c.invalidate_pasid_range(D1, pasid(1), range(VA, 4096), true);
+        assert_eq!(c.len().first_level, 12);
+        // A page 4 MiB away: its PDPE and PML4E regions hold VA too, its PDE region does not.
+        c.invalidate_pasid_range(D1, pasid(1), range(VA + 4 * MB, 4096), false);
+        assert_eq!(c.first_level_start(t, VA, 4), Some(fl(1, 0x1000)));
+        assert_eq!(c.first_level_start(t, VA + 2 * MB, 4), None);
+        assert_eq!(c.len().first_level, 12 - 4);
+        c.invalidate_pasid_range(D1, pasid(1), range(VA + 0x1000, 4096), false);
+        assert_eq!(c.first_level_start(t, VA, 4), None);
+        assert_eq!(c.first_level_start(tag(D1, 1, false), VA, 4), None);
+        assert_eq!(
+            c.first_level_start(tag(D1, 2, true), VA, 4),
+            Some(fl(1, 0x1000))
+        );
+        c.invalidate_pasid(D1, pasid(2));
+        assert_eq!(c.first_level_start(tag(D1, 2, true), VA, 4), None);
+        // Another domain's entries with the same PASID, and second-level entries, stay.
+        assert_eq!(
+            c.first_level_start(tag(D2, 1, true), VA, 4),
+            Some(fl(1, 0x1000))
+        );
+        assert_eq!(c.second_level_start(D1, GPA, 4), Some(sl(1, 0xc000)));
+    }
+
+    #[test]
+    fn iotlb_invalidations_remove_by_domain_and_second_level_range() {
+        let c = PagingStructureCaches::default();
+        for t in [tag(D1, 1, true), tag(D1, 2, false), tag(D2, 1, true)] {
+            fill_fl(&c, t, VA);
+        }
+        fill_sl(&c, D1, GPA);
+        fill_sl(&c, D2, GPA);
+        let m = mapping(0x10_0000, PageSize::Size4K, true, true);
+        for (did, gpa) in [(D1, GPA), (D1, GPA + 2 * MB), (D2, GPA)] {
+            insert_mapping(&c, did, gpa, m);
+        }
+        // IH set: the domain's first-level entries and the mapping of the page go, the
+        // second-level paging-structure entries stay.
+        c.invalidate_domain_range(D1, range(GPA, 4096), true);
+        assert_eq!(c.first_level_start(tag(D1, 1, true), VA, 4), None);
+        assert_eq!(c.first_level_start(tag(D1, 2, false), VA, 4), None);
+        assert_eq!(
+            c.first_level_start(tag(D2, 1, true), VA, 4),
+            Some(fl(1, 0x1000))
+        );
+        assert_eq!(c.second_level_start(D1, GPA, 4), Some(sl(1, 0xc000)));
+        assert_eq!(c.mapping(D1, GPA), None);
+        assert_eq!(c.mapping(D1, GPA + 2 * MB), Some(m));
+        assert_eq!(c.mapping(D2, GPA), Some(m));
+        // IH clear, a page in the next 2 MiB: the SL-PDPE and SL-PML4E entries meet it.
+        c.invalidate_domain_range(D1, range(GPA + 2 * MB, 4096), false);
+        assert_eq!(c.second_level_start(D1, GPA, 4), Some(sl(1, 0xc000)));
+        assert_eq!(c.second_level_start(D1, GPA + 2 * MB, 4), None);
+        assert_eq!(c.mapping(D1, GPA + 2 * MB), None);
+        c.invalidate_domain_range(D1, range(GPA, 4096), false);
+        assert_eq!(c.second_level_start(D1, GPA, 4), None);
+        assert_eq!(c.second_level_start(D2, GPA, 4), Some(sl(1, 0xc000)));
+        c.invalidate_domain(D2);
+        assert!(c.is_empty());
+        fill_fl(&c, tag(D1, 1, true), VA);
+        fill_sl(&c, D2, GPA);
+        insert_mapping(&c, D2, GPA, m);
+        c.invalidate_all();
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_large_mapping_is_removed_by_any_range_inside_it() {
+        let c = PagingStructureCaches::default();
+        let big = mapping(0x4000_0000, PageSize::Size1G, true, true);
+        insert_mapping(&c, D1, GPA, big);
+        assert_eq!(c.mapping(D1, GPA + 0x1234_5678), Some(big));
+        c.invalidate_domain_range(D1, range(GPA + 0x3000_0000, 4096), true);
+        assert_eq!(c.mapping(D1, GPA), None);
+    }
+
+    #[test]
+    fn whole_space_ranges_are_removed_by_a_scan() {
+        let c = PagingStructureCaches::default();
+        for i in 0..8 {
+            insert_mapping(&c, D1, i << 40, mapping(0, PageSize::Size4K, false, true));
+            fill_fl(&c, tag(D1, 1, false), VA + (i << 41));
+        }
+        fill_sl(&c, D1, GPA);
+        let all = AddrRange {
+            start: 0,
+            last: u64::MAX,
+        };
+        c.invalidate_pasid_range(D1, pasid(1), all, false);
+        c.invalidate_domain_range(D1, all, false);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_fill_that_began_before_an_invalidation_is_dropped() {
+        let c = PagingStructureCaches::default();
+        let t = tag(D1, 1, true);
+        let fill = c.begin_fill();
+        c.invalidate_pasid(D2, pasid(9));
+        c.fill_first_level(fill, t, VA, &[fl(1, 0x1000)]);
+        c.fill_second_level(fill, D1, GPA, &[sl(1, 0xc000)]);
+        c.insert_mapping(fill, D1, GPA, mapping(0, PageSize::Size4K, true, true));
+        assert!(c.is_empty());
+        // An invalidation with nothing to remove (IH set) does not hold fills back.
+        let fill = c.begin_fill();
+        c.invalidate_pasid_range(D1, pasid(1), range(VA, 4096), true);
+        c.fill_first_level(fill, t, VA, &[fl(1, 0x1000)]);
+        assert_eq!(c.first_level_start(t, VA, 4), Some(fl(1, 0x1000)));
+    }
+
+    #[test]
+    fn a_full_shard_is_emptied_to_make_room() {
+        let c = PagingStructureCaches::default();
+        let m = mapping(0, PageSize::Size4K, true, true);
+        for page in 0..MAPPING_CAPACITY as u64 + 10 {
+            insert_mapping(&c, D1, page << 12, m);
+        }
+        assert!(c.len().nested_mappings <= MAPPING_CAPACITY);
+        assert_eq!(c.mapping(D1, (MAPPING_CAPACITY as u64 + 9) << 12), Some(m));
+    }
+
+    #[test]
+    fn a_second_level_mapping_serves_only_what_it_allows() {
+        let read_only = mapping(0x20_0000, PageSize::Size2M, false, true);
+        let clean = mapping(0x20_0000, PageSize::Size2M, true, false);
+        let dirty = mapping(0x20_0000, PageSize::Size2M, true, true);
+        assert!(read_only.allows(AccessRequest::READ));
+        assert!(!read_only.allows(AccessRequest::WRITE));
+        assert!(!clean.allows(AccessRequest::WRITE), "the walk sets D");
+        assert!(dirty.allows(AccessRequest::WRITE));
+        assert!(!dirty.allows(AccessRequest::EXECUTE));
+        let t = dirty.translate(0x40_1234_5678);
+        assert_eq!((t.output, t.page_size), (0x34_5678, PageSize::Size2M));
+    }
+}
