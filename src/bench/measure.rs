@@ -24,16 +24,19 @@ pub struct SampleBudget {
     pub samples: usize,
 }
 
+/// Samples are short and many: on a loaded machine a sample that shares its core with
+/// another process's time slice is an outlier the median leaves out, where a long sample
+/// would carry part of the slice.
 impl SampleBudget {
     /// `vsva bench --quick`.
     pub const QUICK: SampleBudget = SampleBudget {
-        sample: Duration::from_millis(4),
-        samples: 9,
+        sample: Duration::from_millis(2),
+        samples: 101,
     };
     /// `vsva bench`.
     pub const FULL: SampleBudget = SampleBudget {
-        sample: Duration::from_millis(20),
-        samples: 31,
+        sample: Duration::from_millis(5),
+        samples: 401,
     };
 }
 

@@ -3,17 +3,19 @@
 //! translation.
 //!
 //! Every device (requester ids 0 to `devices - 1` on bus 0) has a scalable-mode context
-//! entry pointing at one shared PASID directory, whose table holds two entries of domain
-//! [`DOMAIN`]:
+//! entry, its own PASID directory and table, and its own domain ([`Platform::domain`]), so
+//! that no cache tagged by domain id (IOTLB, paging-structure caches) is shared between
+//! devices. Each device's PASID table holds two entries:
 //! - PASID 0, the RID_PASID of requests without PASID: second level only, over the guest
 //!   RAM window (GPA → HPA);
 //! - [`NESTED_PASID`]: a guest process's first-level table (GVA → GPA, itself in guest
 //!   RAM) nested over the same second level (VT-d §3.8).
 //!
-//! The guest buffer is mapped at GVA [`GVA_BASE`] and at GPA [`BUFFER_GPA`]. Both levels
-//! are 4-level tables of 4 KiB pages, so a nested walk reads 24 entries (§3.8: 4 first-level
-//! entries, each located through a 4-level second-level walk, plus the walk of the final
-//! GPA). Invalidations go through the invalidation queue (§6.5.2) with a wait descriptor.
+//! All devices share the page tables. The guest buffer is mapped at GVA [`GVA_BASE`] and
+//! at GPA [`BUFFER_GPA`]. Both levels are 4-level tables of 4 KiB pages, so a nested walk
+//! reads 24 entries (§3.8: 4 first-level entries, each located through a 4-level
+//! second-level walk, plus the walk of the final GPA). Invalidations go through the
+//! invalidation queue (§6.5.2) with a wait descriptor.
 
 use std::sync::{Arc, Mutex};
 
@@ -30,8 +32,8 @@ use vsva_vtd::{
 
 use super::BenchError;
 
-/// The domain of every PASID entry.
-pub const DOMAIN: DomainId = DomainId(1);
+/// The domain of device 0; device `i` has domain `FIRST_DOMAIN + i`.
+pub const FIRST_DOMAIN: u16 = 1;
 /// The PASID with nested translation.
 pub const NESTED_PASID: u32 = 1;
 /// Where the guest buffer starts in the guest process's address space.
@@ -174,8 +176,9 @@ impl Platform {
         let fl_tables = (config.buffer / (2 << 20) + 8) * PAGE_SIZE;
         let ram = BUFFER_GPA + config.buffer + fl_tables;
         let sl_tables = (ram / (2 << 20) + 8) * PAGE_SIZE;
-        // Slack for aligning guest RAM to 2 MiB and for the IOMMU's own tables.
-        let host = (ram + sl_tables + (4 << 20)).next_multiple_of(2 << 20);
+        // Slack for aligning guest RAM to 2 MiB and for the root, context, PASID directory
+        // and PASID tables (two frames per device) and the invalidation queue.
+        let host = (ram + sl_tables + (8 << 20)).next_multiple_of(2 << 20);
         let mem = HostMemory::new(host)?;
         let frames = FrameAllocator::new(mem.clone());
         let guest_base = frames.alloc_range(ram, 2 << 20)?.0;
@@ -223,8 +226,6 @@ impl Platform {
 
         let root_table = frames.alloc_frame()?.0;
         let context_table = frames.alloc_frame()?.0;
-        let pasid_dir = frames.alloc_frame()?.0;
-        let pasid_table = frames.alloc_frame()?.0;
         let nested = Pasid::new(NESTED_PASID).map_err(|e| BenchError::Check(e.to_string()))?;
         let root_entry = ScalableRootEntry {
             lctp: Some(context_table),
@@ -236,6 +237,8 @@ impl Platform {
             &root_entry.to_raw(),
         )?;
         for devfn in 0..config.devices {
+            let pasid_dir = frames.alloc_frame()?.0;
+            let pasid_table = frames.alloc_frame()?.0;
             let ctx = ScalableContextEntry {
                 fpd: false,
                 dte: false,
@@ -251,29 +254,30 @@ impl Platform {
                 context::context_entry_addr(context_table, devfn),
                 &ctx.to_raw(),
             )?;
+            let dir_entry = PasidDirEntry {
+                fpd: false,
+                smptblptr: pasid_table,
+            }
+            .to_raw();
+            for p in [Pasid::RID_PASID, nested] {
+                let at = pasid::pasid_dir_entry_addr(pasid_dir, 0, p)
+                    .map_err(|r| BenchError::Check(r.to_string()))?;
+                mem.write_u64(at, dir_entry)?;
+            }
+            let did = DomainId(FIRST_DOMAIN + u16::from(devfn));
+            let second_level = pasid_entry(did, Pgtt::SecondLevel, sl.root(), 0);
+            let nested_entry = pasid_entry(did, Pgtt::Nested, sl.root(), fl.root());
+            write_qwords(
+                &mem,
+                pasid::pasid_entry_addr(pasid_table, Pasid::RID_PASID),
+                &second_level.to_raw(),
+            )?;
+            write_qwords(
+                &mem,
+                pasid::pasid_entry_addr(pasid_table, nested),
+                &nested_entry.to_raw(),
+            )?;
         }
-        let dir_entry = PasidDirEntry {
-            fpd: false,
-            smptblptr: pasid_table,
-        }
-        .to_raw();
-        for p in [Pasid::RID_PASID, nested] {
-            let at = pasid::pasid_dir_entry_addr(pasid_dir, 0, p)
-                .map_err(|r| BenchError::Check(r.to_string()))?;
-            mem.write_u64(at, dir_entry)?;
-        }
-        let second_level = pasid_entry(Pgtt::SecondLevel, sl.root(), 0);
-        let nested_entry = pasid_entry(Pgtt::Nested, sl.root(), fl.root());
-        write_qwords(
-            &mem,
-            pasid::pasid_entry_addr(pasid_table, Pasid::RID_PASID),
-            &second_level.to_raw(),
-        )?;
-        write_qwords(
-            &mem,
-            pasid::pasid_entry_addr(pasid_table, nested),
-            &nested_entry.to_raw(),
-        )?;
 
         let queue_base = frames.alloc_frame()?.0;
         let status = frames.alloc_frame()?.0;
@@ -324,6 +328,11 @@ impl Platform {
     /// Device `i` (0 to `devices - 1`).
     pub fn device(&self, i: u8) -> SourceId {
         SourceId::from_rid(u16::from(i))
+    }
+
+    /// The domain of device `i`.
+    pub fn domain(&self, i: u8) -> DomainId {
+        DomainId(FIRST_DOMAIN + u16::from(i))
     }
 
     /// Number of devices.
@@ -441,8 +450,8 @@ impl Platform {
     }
 }
 
-/// A PASID entry of [`DOMAIN`] with 4-level tables.
-fn pasid_entry(pgtt: Pgtt, slptptr: u64, flptptr: u64) -> PasidEntry {
+/// A PASID entry of domain `did` with 4-level tables.
+fn pasid_entry(did: DomainId, pgtt: Pgtt, slptptr: u64, flptptr: u64) -> PasidEntry {
     PasidEntry {
         fpd: false,
         aw: SlLevels::Four,
@@ -450,7 +459,7 @@ fn pasid_entry(pgtt: Pgtt, slptptr: u64, flptptr: u64) -> PasidEntry {
         pgtt,
         slade: false,
         slptptr,
-        did: DOMAIN,
+        did,
         pwsnp: false,
         pgsnp: false,
         cd: false,
@@ -533,6 +542,35 @@ mod tests {
             p.iommu().translate(dev, pasid, gva, read).unwrap().source,
             Source::Walk
         );
+    }
+
+    #[test]
+    fn devices_have_their_own_domains() {
+        let p = small();
+        let pasid = Some(p.nested_pasid());
+        for d in [2, 3] {
+            p.iommu()
+                .translate(p.device(d), pasid, p.gva(0), AccessRequest::READ)
+                .unwrap();
+        }
+        p.invalidate(&[InvDesc::Iotlb {
+            granularity: IotlbGranularity::DomainSelective,
+            dr: false,
+            dw: false,
+            did: p.domain(3),
+            addr: 0,
+            ih: false,
+            am: 0,
+        }])
+        .unwrap();
+        let source = |d| {
+            p.iommu()
+                .translate(p.device(d), pasid, p.gva(0), AccessRequest::READ)
+                .unwrap()
+                .source
+        };
+        assert_eq!(source(2), Source::Iotlb);
+        assert_eq!(source(3), Source::Walk);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! other than the one it names.
 
 use std::hint::black_box;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -214,10 +215,22 @@ pub enum WalkKind {
     Nested,
 }
 
+impl WalkKind {
+    /// Page-table entries a walk with no cached paging structure reads.
+    pub const fn table_reads(self) -> u64 {
+        match self {
+            WalkKind::SecondLevel => 4,
+            WalkKind::Nested => 24,
+        }
+    }
+}
+
 /// Translations with every IOMMU cache empty: each device of the platform translates the
 /// same address once after a global context-cache, PASID-cache and IOTLB invalidation (the
-/// invalidation is not timed), so every translation reads the root, context and PASID
-/// tables and walks. The tables stay warm in the CPU caches.
+/// invalidation is not timed). Devices have their own domains, so every translation reads
+/// the root, context and PASID tables and walks the page tables from the top, which the
+/// workload checks in the IOMMU's table-read count. The tables stay warm in the CPU
+/// caches.
 pub struct ColdWalks<'a> {
     platform: &'a Platform,
     kind: WalkKind,
@@ -238,12 +251,15 @@ impl Workload for ColdWalks<'_> {
             WalkKind::SecondLevel => (None, p.gpa(0)),
             WalkKind::Nested => (Some(p.nested_pasid()), p.gva(0)),
         };
+        let reads = || iommu.stats().table_reads.load(Ordering::Relaxed);
         let mut left = iters;
         let mut total = Duration::ZERO;
         let mut all_walked = true;
+        let mut table_reads = 0;
         while left > 0 {
             p.invalidate_all()?;
             let batch = left.min(u64::from(p.devices())) as u8;
+            let before = reads();
             let start = Instant::now();
             for d in 0..batch {
                 let r = iommu.translate(p.device(d), pasid, addr, AccessRequest::READ);
@@ -251,11 +267,23 @@ impl Workload for ColdWalks<'_> {
                 let _ = black_box(r);
             }
             total += start.elapsed();
+            table_reads += reads() - before;
             left -= u64::from(batch);
         }
-        all_walked.then_some(total).ok_or_else(|| {
-            BenchError::Check("a translation after a global invalidation did not walk".into())
-        })
+        if !all_walked {
+            return Err(BenchError::Check(
+                "a translation after a global invalidation did not walk".into(),
+            ));
+        }
+        let cold = iters * self.kind.table_reads();
+        if table_reads < cold {
+            return Err(BenchError::Check(format!(
+                "{iters} cold {:?} walks read {table_reads} entries, fewer than the {cold} of \
+                 walks from the top: a cache survived the global invalidation",
+                self.kind
+            )));
+        }
+        Ok(total)
     }
 }
 
@@ -263,7 +291,6 @@ impl Workload for ColdWalks<'_> {
 mod tests {
     use super::*;
     use crate::bench::platform::PlatformConfig;
-    use std::sync::atomic::Ordering;
 
     fn platform() -> Platform {
         Platform::new(PlatformConfig {
