@@ -1,4 +1,6 @@
 //! The `vsva` command's library: what the binary and the benchmarks share.
 
 pub mod bench;
+pub mod demo;
+pub mod scenario;
 pub mod stack;

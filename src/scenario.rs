@@ -1,0 +1,269 @@
+//! `vsva run <scenario>` and `vsva explain`: short scripted runs of the whole stack that
+//! show one behaviour each, printing what every layer did.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vsva_guest::{Process, Prot};
+use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
+
+use crate::stack::{Host, StackError, Vm};
+
+/// Guest RAM of the scenarios' VMs.
+const RAM: u64 = 64 << 20;
+/// Host memory of the scenarios (sparse).
+const HOST_MEMORY: u64 = 4 << 30;
+
+/// The scripted runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// A lazily mapped buffer filled by the device: page requests go up to the guest and
+    /// its responses come back down, hop by hop.
+    PageRequest,
+    /// A second VM tries the first VM's PASID through VFIO and through its own device.
+    CrossVm,
+    /// A VM is shut down and the host is inspected: nothing is left.
+    Teardown,
+}
+
+fn guest<E: std::fmt::Display>(e: E) -> StackError {
+    StackError::Guest(e.to_string())
+}
+
+/// A VM with one bound process and one mapped buffer.
+struct Bound {
+    process: Arc<Process>,
+    pasid: Pasid,
+    buffer: Gva,
+    record: Gva,
+}
+
+fn bound(vm: &Vm, lazy: bool) -> Result<Bound, StackError> {
+    let process = vm.spawn(FlPagingMode::FourLevel)?;
+    let buffer = if lazy {
+        process.mmap_lazy(8 * 4096, Prot::READ_WRITE)
+    } else {
+        process.mmap(8 * 4096, Prot::READ_WRITE)
+    }
+    .map_err(guest)?;
+    let record = process.mmap(4096, Prot::READ_WRITE).map_err(guest)?;
+    let pasid = vm.bind(&process)?;
+    Ok(Bound {
+        process,
+        pasid,
+        buffer,
+        record,
+    })
+}
+
+/// Runs `scenario`; returns what it printed.
+pub fn run(scenario: Scenario) -> Result<String, StackError> {
+    let host = Host::new(HOST_MEMORY, true)?;
+    let mut out = String::new();
+    match scenario {
+        Scenario::PageRequest => page_request(&host, &mut out)?,
+        Scenario::CrossVm => cross_vm(&host, &mut out)?,
+        Scenario::Teardown => teardown(&host, &mut out)?,
+    }
+    Ok(out)
+}
+
+fn page_request(host: &Host, out: &mut String) -> Result<(), StackError> {
+    let vm = Vm::new(host, 0, RAM, 16)?;
+    let b = bound(&vm, true)?;
+    let _ = writeln!(
+        out,
+        "process {} bound to {}; buffer {} mapped lazily ({} pages resident)",
+        b.process.cr3(),
+        b.pasid,
+        b.buffer,
+        b.process.resident_pages()
+    );
+    let op = Operation::Fill {
+        pattern: 0x5a5a_5a5a_5a5a_5a5a,
+        dst: b.buffer.0,
+        size: 8 * 4096,
+    };
+    let rec = vm.run(&b.process, b.pasid, op, b.record)?;
+    let _ = writeln!(
+        out,
+        "device: {:?}, {} bytes; {} page requests sent",
+        rec.status,
+        rec.bytes_completed,
+        vm.engine.stats().page_requests
+    );
+    let _ = writeln!(
+        out,
+        "physical IOMMU: {} page requests queued",
+        host.iommu.stats().page_requests.load(Ordering::Relaxed)
+    );
+    let v = vm.viommu.stats();
+    let _ = writeln!(
+        out,
+        "vIOMMU: {} injected into the guest's queue, {} responses forwarded to VFIO",
+        v.page_requests_injected, v.page_responses_forwarded
+    );
+    let g = vm.driver.stats();
+    let _ = writeln!(
+        out,
+        "guest: {} page requests read, {} served, {} page group responses",
+        g.page_requests, g.page_requests_served, g.page_responses
+    );
+    let mut bytes = vec![0; 8 * 4096];
+    b.process.read(b.buffer, &mut bytes).map_err(guest)?;
+    let ok = rec.status == CompletionStatus::Success && bytes.iter().all(|&x| x == 0x5a);
+    let _ = writeln!(
+        out,
+        "CPU view of the buffer: {}",
+        if ok {
+            "filled, every byte checked"
+        } else {
+            "WRONG"
+        }
+    );
+    vm.shutdown()
+}
+
+fn cross_vm(host: &Host, out: &mut String) -> Result<(), StackError> {
+    let a = Vm::new(host, 0, RAM, 16)?;
+    let b_vm = Vm::new(host, 1, RAM, 16)?;
+    let victim = bound(&a, false)?;
+    victim
+        .process
+        .write(victim.buffer, &[0x11; 4096])
+        .map_err(guest)?;
+    let _ = writeln!(out, "vm0 bound {}; vm1 tries it", victim.pasid);
+    let free = b_vm.vfio().pasid_free(victim.pasid);
+    let _ = writeln!(
+        out,
+        "vm1 VFIO_IOMMU_PASID_REQUEST(free {}): {}",
+        victim.pasid,
+        match &free {
+            Ok(()) => "accepted (WRONG)".to_string(),
+            Err(e) => format!("{} ({e})", e.errno()),
+        }
+    );
+    // vm1's own process, with vm1's device, tagged with vm0's PASID.
+    let own = bound(&b_vm, false)?;
+    let rec = b_vm.run(
+        &own.process,
+        victim.pasid,
+        Operation::Fill {
+            pattern: 0,
+            dst: victim.buffer.0,
+            size: 4096,
+        },
+        own.record,
+    )?;
+    let swerr = b_vm.engine.software_error();
+    let _ = writeln!(
+        out,
+        "vm1 device DMA with {}: completion {:?}, software error {:?}",
+        victim.pasid,
+        rec.status,
+        swerr.map(|e| e.status)
+    );
+    for f in host.unit.take_faults() {
+        let _ = writeln!(
+            out,
+            "host fault record: sid {} reason {:#04x} address {:#x}",
+            f.sid, f.reason, f.fault_info
+        );
+    }
+    let mut bytes = [0u8; 4096];
+    victim
+        .process
+        .read(victim.buffer, &mut bytes)
+        .map_err(guest)?;
+    let _ = writeln!(
+        out,
+        "vm0's buffer: {}",
+        if bytes.iter().all(|&x| x == 0x11) {
+            "unchanged"
+        } else {
+            "CHANGED (WRONG)"
+        }
+    );
+    drop(own);
+    b_vm.shutdown()?;
+    drop(victim);
+    a.shutdown()
+}
+
+fn teardown(host: &Host, out: &mut String) -> Result<(), StackError> {
+    let baseline = host.frames.allocated_bytes();
+    let vm = Vm::new(host, 0, RAM, 16)?;
+    let b = bound(&vm, false)?;
+    let rec = vm.run(
+        &b.process,
+        b.pasid,
+        Operation::Fill {
+            pattern: 1,
+            dst: b.buffer.0,
+            size: 4096,
+        },
+        b.record,
+    )?;
+    let _ = writeln!(out, "vm0: {} bound, DMA {:?}", b.pasid, rec.status);
+    let _ = writeln!(
+        out,
+        "while running: {} bytes of host memory allocated, {} IOTLB entries, {} domain ids in use",
+        host.frames.allocated_bytes() - baseline,
+        host.iommu.iotlb().len(),
+        host.unit.domain_ids_in_use()
+    );
+    drop(b);
+    vm.shutdown()?;
+    let (ctx, pasid) = host.iommu.cached_entries();
+    let _ = writeln!(
+        out,
+        "after shutdown: {} bytes allocated, {} IOTLB entries, {} context and {} PASID cache entries, {} domain ids in use, {} PASIDs allocated",
+        host.frames.allocated_bytes() - baseline,
+        host.iommu.iotlb().len(),
+        ctx,
+        pasid,
+        host.unit.domain_ids_in_use(),
+        host.pasids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total_allocated()
+    );
+    Ok(())
+}
+
+/// `vsva explain`: builds `vm + 1` VMs with a bound process each, DMAs once, and explains
+/// the physical IOMMU's nested walk of `addr` in `pasid`.
+pub fn explain(vm: usize, pasid: Option<u32>, addr: Option<u64>) -> Result<String, StackError> {
+    let host = Host::new(HOST_MEMORY, true)?;
+    let vms = (0..=vm)
+        .map(|i| Vm::new(&host, i, RAM, 16))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs = vms
+        .iter()
+        .map(|v| bound(v, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (target, job) = (&vms[vm], &jobs[vm]);
+    let op = Operation::Fill {
+        pattern: 7,
+        dst: job.buffer.0,
+        size: 4096,
+    };
+    target.run(&job.process, job.pasid, op, job.record)?;
+    let pasid = match pasid {
+        Some(p) => Pasid::new(p).map_err(guest)?,
+        None => job.pasid,
+    };
+    let addr = addr.unwrap_or(job.buffer.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "vm{vm}: process cr3 {} bound to {}; buffer at {}",
+        job.process.cr3(),
+        job.pasid,
+        job.buffer
+    );
+    let e = host
+        .iommu
+        .explain(target.host_sid, Some(pasid), addr, AccessRequest::READ);
+    let _ = write!(out, "{e}");
+    Ok(out)
+}
