@@ -239,7 +239,7 @@ fn cpu_read(p: &Process, gva: Gva, len: u64) -> Result<Vec<u8>, StackError> {
     Ok(buf)
 }
 
-/// Checks a completion and counts the bytes it verified; a failed check is an error.
+/// Records a failed check as an error of the VM.
 fn expect(report: &mut VmReport, what: &str, ok: bool, detail: impl FnOnce() -> String) {
     if !ok {
         report.errors.push(format!("{what}: {}", detail()));

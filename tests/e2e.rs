@@ -1,12 +1,16 @@
 //! End to end: guest process page tables → guest IOMMU driver → vIOMMU → VFIO uAPI → host
-//! driver → nested translation in the physical IOMMU → device DMA, with real bytes.
+//! driver → nested translation in the physical IOMMU → device DMA, with real bytes, each
+//! checked through the guest process's CPU view.
+
+use std::sync::atomic::Ordering;
 
 use vsva::stack::{Host, Vm};
-use vsva_guest::Prot;
-use vsva_hw::dma::{CompletionStatus, Operation};
-use vsva_vtd::{FlPagingMode, Gva};
+use vsva_guest::{Process, Prot};
+use vsva_hw::dma::{CompletionRecord, CompletionStatus, Operation};
+use vsva_vtd::{FaultReason, FlPagingMode, Gva, Pasid, Pgtt};
 
 const RAM: u64 = 64 << 20;
+const PAGE: usize = 4096;
 
 fn host() -> Host {
     Host::new(1 << 30, true).unwrap()
@@ -14,45 +18,150 @@ fn host() -> Host {
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 12) as u8)
         .collect()
 }
 
-fn read(p: &vsva_guest::Process, gva: Gva, len: usize) -> Vec<u8> {
+fn read(p: &Process, gva: Gva, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
     p.read(gva, &mut buf).unwrap();
     buf
 }
 
+fn memmove(src: Gva, dst: Gva, len: usize) -> Operation {
+    Operation::Memmove {
+        src: src.0,
+        dst: dst.0,
+        size: len as u32,
+    }
+}
+
+/// Runs `op` and requires it to succeed.
+fn run_ok(vm: &Vm, p: &Process, pasid: Pasid, op: Operation, record: Gva) -> CompletionRecord {
+    let rec = vm.run(p, pasid, op, record).unwrap();
+    assert_eq!(rec.status, CompletionStatus::Success, "{op:?}: {rec:?}");
+    rec
+}
+
+/// A process's buffers: a source, a destination and a completion record page.
+struct Buffers {
+    src: Gva,
+    dst: Gva,
+    record: Gva,
+}
+
+fn buffers(p: &Process, len: usize) -> Buffers {
+    Buffers {
+        src: p.mmap(len as u64, Prot::READ_WRITE).unwrap(),
+        dst: p.mmap(len as u64, Prot::READ_WRITE).unwrap(),
+        record: p.mmap(PAGE as u64, Prot::READ_WRITE).unwrap(),
+    }
+}
+
+/// Memmove, fill and compare at the process's own virtual addresses.
+fn copy_fill_compare(vm: &Vm, p: &Process, pasid: Pasid, b: &Buffers, len: usize, seed: u8) {
+    let data = pattern(len, seed);
+    p.write(b.src, &data).unwrap();
+    let rec = run_ok(vm, p, pasid, memmove(b.src, b.dst, len), b.record);
+    assert_eq!(rec.bytes_completed, len as u32);
+    assert_eq!(read(p, b.dst, len), data);
+
+    // Compare: equal, then different at a byte the CPU changed.
+    let compare = Operation::Compare {
+        src1: b.src.0,
+        src2: b.dst.0,
+        size: len as u32,
+    };
+    assert_eq!(run_ok(vm, p, pasid, compare, b.record).result, 0);
+    let at = len - PAGE + 123;
+    p.write(Gva(b.dst.0 + at as u64), &[!data[at]]).unwrap();
+    let rec = run_ok(vm, p, pasid, compare, b.record);
+    assert_eq!((rec.result, rec.bytes_completed), (1, at as u32));
+
+    // Fill from an odd offset across a page boundary: the bytes around it stay.
+    let word = 0x0123_4567_89ab_cdef_u64 ^ u64::from(seed);
+    let (start, size) = (PAGE - 5, PAGE + 10);
+    let fill = Operation::Fill {
+        pattern: word,
+        dst: b.dst.0 + start as u64,
+        size: size as u32,
+    };
+    run_ok(vm, p, pasid, fill, b.record);
+    let mut want = data.clone();
+    want[at] = !data[at];
+    for (i, byte) in want[start..start + size].iter_mut().enumerate() {
+        *byte = word.to_le_bytes()[i % 8];
+    }
+    assert_eq!(read(p, b.dst, len), want);
+}
+
 #[test]
-fn a_guest_process_shares_its_address_space_with_a_passthrough_device() {
+fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     let host = host();
     let vm = Vm::new(&host, 0, RAM, 100).unwrap();
-    let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
-    let src = p.mmap(3 * 4096, Prot::READ_WRITE).unwrap();
-    let dst = p.mmap(3 * 4096, Prot::READ_WRITE).unwrap();
-    let record = p.mmap(4096, Prot::READ_WRITE).unwrap();
-    let pasid = vm.bind(&p).unwrap();
-    let data = pattern(3 * 4096, 1);
-    p.write(src, &data).unwrap();
+    let did = vm.vfio().backend().did();
+    let sl_root = vm.vfio().backend().second_level_root();
+    let walks = host.iommu.stats().walks.load(Ordering::Relaxed);
+
+    let p4 = vm.spawn(FlPagingMode::FourLevel).unwrap();
+    let p5 = vm.spawn(FlPagingMode::FiveLevel).unwrap();
+    let len = 3 * PAGE;
+    let b4 = buffers(&p4, len);
+    // Above 2^56: only a 5-level walk reaches these addresses.
+    let high = 0x00ab_cdef_0000_0000;
+    let b5 = Buffers {
+        src: p5
+            .mmap_fixed(Gva(high), len as u64, Prot::READ_WRITE, true)
+            .unwrap(),
+        dst: p5
+            .mmap_fixed(Gva(high + 0x10_0000), len as u64, Prot::READ_WRITE, true)
+            .unwrap(),
+        record: p5
+            .mmap_fixed(Gva(high + 0x20_0000), PAGE as u64, Prot::READ_WRITE, true)
+            .unwrap(),
+    };
+    let pasid4 = vm.bind(&p4).unwrap();
+    let pasid5 = vm.bind(&p5).unwrap();
+    assert_ne!(pasid4, pasid5);
+
+    for (p, pasid, mode) in [
+        (&p4, pasid4, FlPagingMode::FourLevel),
+        (&p5, pasid5, FlPagingMode::FiveLevel),
+    ] {
+        // The host holds a nested PASID entry: the process's CR3 as FLPTR, walked through
+        // the VM's second level, in the VM's domain.
+        let entry = host.unit.pasid_entry(vm.host_sid, pasid).unwrap();
+        assert_eq!(entry.pgtt, Pgtt::Nested);
+        assert_eq!(entry.flptptr, p.cr3().0);
+        assert_eq!(entry.flpm, mode);
+        assert_eq!(entry.slptptr, sl_root.0);
+        assert_eq!(entry.did, did);
+        // The container knows the binding with the guest's table pointer.
+        let state = vm.vfio().state();
+        let bound = state.bound.iter().find(|b| b.hpasid == pasid).unwrap();
+        assert_eq!(bound.gpgd, p.cr3());
+        assert!(state.pasids.contains(&pasid));
+    }
+
+    copy_fill_compare(&vm, &p4, pasid4, &b4, len, 1);
+    copy_fill_compare(&vm, &p5, pasid5, &b5, len, 2);
+    // The 5-level buffers are beyond a 4-level address space: the 4-level PASID faults
+    // on them, and the 5-level process's bytes stay as they were.
+    let before = read(&p5, b5.dst, len);
     let rec = vm
-        .run(
-            &p,
-            pasid,
-            Operation::Memmove {
-                src: src.0,
-                dst: dst.0,
-                size: 3 * 4096,
-            },
-            record,
-        )
+        .run(&p4, pasid4, memmove(b4.src, b5.dst, len), b4.record)
         .unwrap();
-    assert_eq!(rec.status, CompletionStatus::Success);
-    assert_eq!(read(&p, dst, 3 * 4096), data);
-    // The translation was nested: the host IOMMU holds a nested PASID entry for the VM.
-    let entry = host.unit.pasid_entry(vm.host_sid, pasid).unwrap();
-    assert_eq!(entry.pgtt, vsva_vtd::Pgtt::Nested);
-    assert_eq!(entry.flptptr, p.cr3().0);
+    // SGN.1: non-canonical for a 4-level walk, and not something a page request fixes.
+    assert_eq!(rec.status, CompletionStatus::TranslationFail, "{rec:?}");
+    assert_eq!(rec.fault_reason, FaultReason::Sgn1.code());
+    assert_eq!((rec.fault_addr, rec.fault_write), (b5.dst.0, true));
+    assert_eq!(read(&p5, b5.dst, len), before);
+
+    // The device went through the physical IOMMU's nested walks, and the IOMMU never
+    // served a translation the tables no longer had.
+    assert!(host.iommu.stats().walks.load(Ordering::Relaxed) > walks);
     assert!(host.iommu.take_stale_translations().is_empty());
+    assert!(vm.viommu.take_host_errors().is_empty());
+    drop((p4, p5));
     vm.shutdown().unwrap();
 }

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crossbeam_utils::CachePadded;
@@ -101,6 +102,8 @@ pub struct Iotlb {
     hasher: FixedState,
     /// Keys by domain and PASID, for selective invalidation without a full scan.
     index: Mutex<HashMap<(DomainId, u32), Vec<Key>, FixedState>>,
+    /// Counts invalidations, so that a walk that began before one does not cache.
+    generation: AtomicU64,
 }
 
 impl Default for Iotlb {
@@ -111,6 +114,7 @@ impl Default for Iotlb {
                 .collect(),
             hasher: FixedState::default(),
             index: Mutex::default(),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -132,19 +136,38 @@ impl Iotlb {
         })
     }
 
-    /// Caches a translation of the page containing `addr`.
-    pub fn insert(&self, sid: SourceId, pasid: Pasid, addr: u64, entry: IotlbEntry) {
+    /// Starts a fill: the walk that follows may insert its result only if no invalidation
+    /// ran in between ([`Iotlb::insert`]). This is how an invalidation's completion covers
+    /// walks in flight when it began, as hardware guarantees before it reports completion.
+    pub fn begin_fill(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches a translation of the page containing `addr`, walked since `fill` (from
+    /// [`Iotlb::begin_fill`]); dropped if an invalidation ran meanwhile. Returns whether
+    /// the entry was cached.
+    pub fn insert(
+        &self,
+        fill: u64,
+        sid: SourceId,
+        pasid: Pasid,
+        addr: u64,
+        entry: IotlbEntry,
+    ) -> bool {
         let key = Key::new(sid, pasid, entry.page_shift, addr);
+        // The index lock orders fills against invalidations, which hold it throughout.
+        let mut index = self.index.lock().unwrap();
+        if self.generation.load(Ordering::Acquire) != fill {
+            return false;
+        }
         let mut shard = self.shard(&key).write().unwrap();
         if shard.len() >= SHARD_CAPACITY {
             shard.clear();
         }
-        let fresh = shard.insert(key, entry).is_none();
-        drop(shard);
-        if fresh {
-            let mut index = self.index.lock().unwrap();
+        if shard.insert(key, entry).is_none() {
             index.entry((entry.did, pasid.raw())).or_default().push(key);
         }
+        true
     }
 
     /// Removes the keyed entries that `select` accepts; returns how many were removed.
@@ -170,12 +193,18 @@ impl Iotlb {
     }
 
     /// Applies `select` to the index buckets that `bucket` accepts.
+    /// `fence`: the removal is an invalidation that walks in flight must not outlive (see
+    /// [`Iotlb::begin_fill`]).
     fn invalidate(
         &self,
+        fence: bool,
         mut bucket: impl FnMut(DomainId, u32) -> bool,
         mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> usize {
         let mut index = self.index.lock().unwrap();
+        if fence {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
         let mut removed = 0;
         index.retain(|&(did, pasid), keys| {
             if !bucket(did, pasid) {
@@ -191,19 +220,21 @@ impl Iotlb {
 
     /// Global invalidation: everything.
     pub fn invalidate_all(&self) -> usize {
+        let mut index = self.index.lock().unwrap();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let mut removed = 0;
         for shard in self.shards.iter() {
             let mut s = shard.write().unwrap();
             removed += s.len();
             s.clear();
         }
-        self.index.lock().unwrap().clear();
+        index.clear();
         removed
     }
 
     /// Domain-selective IOTLB invalidation: every entry tagged with `did`, any PASID.
     pub fn invalidate_domain(&self, did: DomainId) -> usize {
-        self.invalidate(|d, _| d == did, |_, _| true)
+        self.invalidate(true, |d, _| d == did, |_, _| true)
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3): second-level and
@@ -212,6 +243,7 @@ impl Iotlb {
     /// second-level address cannot select).
     pub fn invalidate_domain_range(&self, did: DomainId, addr: u64, len: u64) -> usize {
         self.invalidate(
+            true,
             |d, _| d == did,
             |key, e| match e.kind {
                 TranslationKind::Nested => true,
@@ -227,6 +259,7 @@ impl Iotlb {
     /// entries of `did` and `pasid`.
     pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) -> usize {
         self.invalidate(
+            true,
             |d, p| d == did && p == pasid.raw(),
             |_, e| {
                 matches!(
@@ -247,6 +280,7 @@ impl Iotlb {
         len: u64,
     ) -> usize {
         self.invalidate(
+            true,
             |d, p| d == did && p == pasid.raw(),
             |key, e| {
                 matches!(
@@ -261,6 +295,7 @@ impl Iotlb {
     /// entry is read afresh, so that a domain-tagged lookup no longer finds them.
     pub fn retag(&self, sid: SourceId, pasid: Pasid, did: DomainId) -> usize {
         self.invalidate(
+            false,
             |d, p| d != did && p == pasid.raw(),
             |key, _| key.rid() == sid.rid() && key.pasid() == pasid.raw(),
         )
@@ -308,18 +343,21 @@ mod tests {
         let t = Iotlb::default();
         let p = Pasid::new(5).unwrap();
         t.insert(
+            t.begin_fill(),
             sid(),
             p,
             0x1234_5000,
             entry(1, 0xa000, 12, TranslationKind::Nested),
         );
         t.insert(
+            t.begin_fill(),
             sid(),
             p,
             0x4020_0000,
             entry(1, 0x20_0000, 21, TranslationKind::Nested),
         );
         t.insert(
+            t.begin_fill(),
             sid(),
             p,
             0x8000_0000,
@@ -339,30 +377,35 @@ mod tests {
         let t = Iotlb::default();
         let (p1, p2) = (Pasid::new(1).unwrap(), Pasid::new(2).unwrap());
         t.insert(
+            t.begin_fill(),
             sid(),
             p1,
             0x1000,
             entry(1, 0xa000, 12, TranslationKind::Nested),
         );
         t.insert(
+            t.begin_fill(),
             sid(),
             p1,
             0x2000,
             entry(1, 0xb000, 12, TranslationKind::Nested),
         );
         t.insert(
+            t.begin_fill(),
             sid(),
             p2,
             0x1000,
             entry(1, 0xc000, 12, TranslationKind::FirstLevel),
         );
         t.insert(
+            t.begin_fill(),
             sid(),
             Pasid::RID_PASID,
             0x1000,
             entry(1, 0xd000, 12, TranslationKind::SecondLevel),
         );
         t.insert(
+            t.begin_fill(),
             sid(),
             p1,
             0x1000_0000,
@@ -394,12 +437,14 @@ mod tests {
         let p = Pasid::new(9).unwrap();
         let other = SourceId::new(0, 3, 0).unwrap();
         t.insert(
+            t.begin_fill(),
             sid(),
             p,
             0x1000,
             entry(1, 0xa000, 12, TranslationKind::Nested),
         );
         t.insert(
+            t.begin_fill(),
             other,
             p,
             0x1000,
@@ -409,5 +454,17 @@ mod tests {
         assert!(t.lookup(sid(), p, 0x1000).is_none());
         assert!(t.lookup(other, p, 0x1000).is_some());
         assert_eq!(t.retag(other, p, DomainId(1)), 0);
+    }
+
+    #[test]
+    fn a_walk_that_began_before_an_invalidation_does_not_cache() {
+        let t = Iotlb::default();
+        let p = Pasid::new(3).unwrap();
+        let fill = t.begin_fill();
+        t.invalidate_pasid(DomainId(1), p);
+        let e = entry(1, 0xa000, 12, TranslationKind::Nested);
+        assert!(!t.insert(fill, sid(), p, 0x1000, e));
+        assert!(t.lookup(sid(), p, 0x1000).is_none());
+        assert!(t.insert(t.begin_fill(), sid(), p, 0x1000, e));
     }
 }

@@ -64,24 +64,37 @@ impl Iommu {
 
     /// Fetches and carries out descriptors from IQH up to IQT; stops at an invalid one with
     /// the invalidation queue error (IQE) set and IQH left on it.
+    ///
+    /// One thread drains at a time; a thread that finds another draining leaves the new
+    /// descriptors to it, and the drainer looks again after letting go, so none is missed.
     fn process_invalidation_queue(&self) {
         loop {
-            let Some(addr) = self.regs.lock().unwrap().next_inv_desc() else {
+            let Ok(guard) = self.qi_lock.try_lock() else {
                 return;
             };
-            let mut raw = [0u64; 4];
-            let fetched = raw
-                .iter_mut()
-                .enumerate()
-                .try_for_each(|(i, q)| self.mem.read_u64(addr + 8 * i as u64).map(|v| *q = v));
-            let result = match fetched {
-                Err(_) => Err(Iqei::FetchError),
-                Ok(()) => InvDesc::decode(raw).map_err(|e| Iqei::from(&e)),
+            self.drain_invalidation_queue();
+            drop(guard);
+            if self.regs.lock().unwrap().next_inv_desc().is_none() {
+                return;
+            }
+        }
+    }
+
+    fn drain_invalidation_queue(&self) {
+        loop {
+            let (addr, width, scalable) = {
+                let regs = self.regs.lock().unwrap();
+                let Some(addr) = regs.next_inv_desc() else {
+                    return;
+                };
+                let width = regs.inv_queue().map_or(32, |q| q.desc_size);
+                (addr, width, regs.root_table().ttm == Ttm::Scalable)
             };
+            let result = self.fetch_descriptor(addr, width, scalable);
             let completion =
                 result.and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
             let mut regs = self.regs.lock().unwrap();
-            match completion {
+            let irq = match completion {
                 Err(iqei) => {
                     let irq = regs.set_iqe(iqei);
                     drop(regs);
@@ -92,12 +105,32 @@ impl Iommu {
                     let irq = (done == Completion::WaitInterrupt)
                         .then(|| regs.set_iwc())
                         .flatten();
-                    regs.advance_iqh().expect("descriptor was pending");
-                    drop(regs);
-                    irq.into_iter().for_each(|i| self.raise(i));
+                    if regs.advance_iqh().is_err() {
+                        return;
+                    }
+                    irq
                 }
-            }
+            };
+            drop(regs);
+            irq.into_iter().for_each(|i| self.raise(i));
         }
+    }
+
+    /// Reads and decodes the descriptor at `addr`. 128-bit descriptors (IQA.DW = 0) are
+    /// refused with an invalid-width error in scalable mode, which needs 256-bit ones
+    /// (§6.5.2).
+    fn fetch_descriptor(&self, addr: u64, width: u64, scalable: bool) -> Result<InvDesc, Iqei> {
+        if width != 32 && scalable {
+            return Err(Iqei::InvalidWidth);
+        }
+        let mut raw = [0u64; 4];
+        for (i, q) in raw.iter_mut().take(width as usize / 8).enumerate() {
+            *q = self
+                .mem
+                .read_u64(addr + 8 * i as u64)
+                .map_err(|_| Iqei::FetchError)?;
+        }
+        InvDesc::decode(raw).map_err(|e| Iqei::from(&e))
     }
 
     /// Records a non-recoverable fault in the fault recording registers (§7.2.1).

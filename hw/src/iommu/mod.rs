@@ -113,12 +113,17 @@ pub struct Iommu {
     fl_format: FlFormat,
     sl_format: SlFormat,
     regs: Mutex<RegisterFile>,
+    /// Held while one thread drains the invalidation queue.
+    qi_lock: Mutex<()>,
     /// The latched root table and translation enable, as `ROOT_*` bits over the address:
     /// one atomic load on the hot path.
     root: AtomicU64,
     irq_handler: RwLock<Option<InterruptHandler>>,
     endpoints: RwLock<HashMap<u16, Arc<dyn AtsEndpoint>>>,
     context_cache: RwLock<HashMap<u16, ScalableContextEntry>>,
+    /// Counts context- and PASID-cache invalidations, so that an entry read before one
+    /// is not cached after it.
+    entry_generation: AtomicU64,
     pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
     iotlb: Iotlb,
     paging_caches: PagingStructureCaches,
@@ -136,6 +141,7 @@ impl Iommu {
             caps: config.caps,
             fl_format: FlFormat::new(haw, true).expect("supported host address width"),
             sl_format: SlFormat::new(haw).expect("supported host address width"),
+            qi_lock: Mutex::new(()),
             regs: Mutex::new(
                 RegisterFile::new(cap_register(&config.caps), ecap_register(&config.caps))
                     .expect("the model's capabilities are representable"),
@@ -144,6 +150,7 @@ impl Iommu {
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),
             context_cache: RwLock::default(),
+            entry_generation: AtomicU64::new(0),
             pasid_cache: RwLock::default(),
             iotlb: Iotlb::default(),
             paging_caches: PagingStructureCaches::default(),

@@ -37,6 +37,7 @@ impl Iommu {
                 ..
             } => {
                 let mut cache = self.context_cache.write().unwrap();
+                self.entry_generation.fetch_add(1, Ordering::AcqRel);
                 match granularity {
                     // Scalable-mode context entries carry no domain id (§9.4): a
                     // domain-selective invalidation drops them all.
@@ -55,6 +56,7 @@ impl Iommu {
                 pasid,
             } => {
                 let mut cache = self.pasid_cache.write().unwrap();
+                self.entry_generation.fetch_add(1, Ordering::AcqRel);
                 match granularity {
                     PasidCacheGranularity::Global => cache.clear(),
                     PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
@@ -82,8 +84,11 @@ impl Iommu {
                     }
                     IotlbGranularity::PageSelective => {
                         let r = AddrRange::from_address_mask(addr, am);
-                        self.iotlb
-                            .invalidate_domain_range(did, r.start, r.last - r.start + 1);
+                        self.iotlb.invalidate_domain_range(
+                            did,
+                            r.start,
+                            (r.last - r.start).saturating_add(1),
+                        );
                         self.paging_caches.invalidate_domain_range(did, r, ih);
                     }
                 };
@@ -107,7 +112,7 @@ impl Iommu {
                             did,
                             pasid,
                             r.start,
-                            r.last - r.start + 1,
+                            (r.last - r.start).saturating_add(1),
                         );
                         self.paging_caches.invalidate_pasid_range(did, pasid, r, ih);
                     }

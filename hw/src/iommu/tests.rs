@@ -562,6 +562,65 @@ fn context_cache_invalidation_makes_a_new_context_entry_visible() {
     assert_eq!(rig.iommu.cached_entries().0, 0);
 }
 
+#[test]
+fn a_whole_space_address_mask_invalidates_without_overflow() {
+    let mut rig = Rig::new(false);
+    let p = pasid(12);
+    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    rig.map(&mut fl, 0xffff_f000, 0x20_0000, rw());
+    rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
+    rig.iommu
+        .translate(SID, Some(p), 0xffff_f000, AccessRequest::READ)
+        .unwrap();
+    // AM is 6 bits: 52 and above cover the whole address space.
+    for am in [52, 63] {
+        rig.invalidate(&[InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+            did: DID,
+            pasid: p,
+            addr: 0,
+            ih: false,
+            am,
+        }]);
+        rig.invalidate(&[InvDesc::Iotlb {
+            granularity: IotlbGranularity::PageSelective,
+            dr: true,
+            dw: true,
+            did: DID,
+            addr: 0,
+            ih: false,
+            am,
+        }]);
+    }
+    assert!(rig.iommu.iotlb().is_empty());
+}
+
+#[test]
+fn a_128_bit_queue_in_scalable_mode_reports_invalid_width() {
+    let rig = Rig::new(false);
+    rig.command(0); // leave QIE clear: IQA may only change with queued invalidation off
+    let sts = rig.read(offset::GSTS, 4) as u32 & gsts::TES;
+    rig.write(offset::GCMD, 4, sts as u64);
+    rig.write(offset::IQA, 8, rig.iq);
+    rig.command(gcmd::QIE);
+    let cc = InvDesc::ContextCache {
+        granularity: ContextCacheGranularity::Global,
+        did: DomainId(0),
+        sid: SourceId::from_rid(0),
+        fm: 0,
+    }
+    .encode()
+    .unwrap();
+    write_qwords(&rig.mem, rig.iq, &cc[..2]);
+    rig.write(offset::IQT, 8, 16);
+    assert_ne!(rig.read(offset::FSTS, 4) as u32 & fsts::IQE, 0);
+    assert_eq!(
+        rig.read(offset::IQERCD, 8) & 0xf,
+        5,
+        "IQEI: invalid descriptor width"
+    );
+}
+
 /// The paging-structure caches seen through the whole model: reads per IOTLB miss, and
 /// stale entries that stay in use until the invalidation the spec names.
 mod paging_structure_caches {

@@ -290,6 +290,7 @@ impl Iommu {
                 }
             }
         }
+        let fill = self.iotlb.begin_fill();
         let pe = self
             .pasid_entry(sid, &ctx, eff)
             .map_err(|f| fail(f.reason, f.fpd, false))?;
@@ -312,7 +313,7 @@ impl Iommu {
             self.check_cached_walk(rta, sid, pasid, eff, addr, access, &pe, &entry, &used);
         }
         if pe.pgtt != Pgtt::PassThrough {
-            self.iotlb.insert(sid, eff, addr, entry);
+            self.iotlb.insert(fill, sid, eff, addr, entry);
         }
         Ok(DmaMapping {
             hpa: t.output,
@@ -322,7 +323,8 @@ impl Iommu {
         })
     }
 
-    /// The context entry of `sid`, from the context cache or the tables.
+    /// The context entry of `sid`, from the context cache or the tables. An entry read
+    /// while a context- or PASID-cache invalidation ran is used but not cached.
     pub(crate) fn context_entry(
         &self,
         rta: u64,
@@ -331,8 +333,12 @@ impl Iommu {
         if let Some(c) = self.context_cache.read().unwrap().get(&sid.rid()) {
             return Ok(*c);
         }
+        let fill = self.entry_generation.load(Ordering::Acquire);
         let c = vsva_vtd::context::read_context_entry(&*self.mem, rta, sid, &self.caps)?;
-        self.context_cache.write().unwrap().insert(sid.rid(), c);
+        let mut cache = self.context_cache.write().unwrap();
+        if self.entry_generation.load(Ordering::Acquire) == fill {
+            cache.insert(sid.rid(), c);
+        }
         Ok(c)
     }
 
@@ -348,9 +354,13 @@ impl Iommu {
         if let Some(pe) = self.pasid_cache.read().unwrap().get(&key) {
             return Ok(*pe);
         }
+        let fill = self.entry_generation.load(Ordering::Acquire);
         let pe = vsva_vtd::pasid::read_pasid_entry(&*self.mem, ctx, pasid, &self.caps)?;
         self.iotlb.retag(sid, pasid, pe.did);
-        self.pasid_cache.write().unwrap().insert(key, pe);
+        let mut cache = self.pasid_cache.write().unwrap();
+        if self.entry_generation.load(Ordering::Acquire) == fill {
+            cache.insert(key, pe);
+        }
         Ok(pe)
     }
 }
