@@ -44,7 +44,7 @@ impl Default for DemoOptions {
             vms: 2,
             processes: 3,
             bytes: 256 << 10,
-            host_memory: 16 << 30,
+            host_memory: vsva_hw::memory::DEFAULT_HOST_MEMORY,
             progress: true,
         }
     }
