@@ -165,3 +165,123 @@ fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     drop((p4, p5));
     vm.shutdown().unwrap();
 }
+
+#[test]
+fn munmap_invalidates_every_layer_and_dma_to_the_hole_then_faults() {
+    let host = host();
+    let vm = Vm::new(&host, 0, RAM, 100).unwrap();
+    let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
+    let len = 2 * PAGE;
+    let b = buffers(&p, len);
+    let pasid = vm.bind(&p).unwrap();
+    let data = pattern(len, 7);
+    p.write(b.src, &data).unwrap();
+    run_ok(&vm, &p, pasid, memmove(b.src, b.dst, len), b.record);
+    assert_eq!(read(&p, b.dst, len), data);
+    // The translations of the destination are cached in the IOMMU and the device.
+    for page in [b.dst.0, b.dst.0 + PAGE as u64] {
+        assert!(host
+            .iommu
+            .iotlb()
+            .lookup(vm.host_sid, pasid, page)
+            .is_some());
+    }
+    let devtlb = vm.engine.devtlb_len();
+    let guest = vm.driver.stats();
+    let viommu = vm.viommu.stats();
+    let hw_descriptors = host.iommu.stats().descriptors.load(Ordering::Relaxed);
+    let devtlb_invs = vm.engine.stats().devtlb_invalidations;
+    let dst_frames = [
+        p.translate(b.dst).unwrap(),
+        p.translate(Gva(b.dst.0 + PAGE as u64)).unwrap(),
+    ];
+
+    // The guest's mmu notifier sends a PASID-based IOTLB and a device-TLB invalidation
+    // (each with a wait); the vIOMMU forwards each as VFIO_IOMMU_CACHE_INVALIDATE; the host
+    // driver queues them to the physical IOMMU, which drops its entries and passes the
+    // device-TLB ones to the device.
+    p.munmap(b.dst, len as u64).unwrap();
+    let guest_now = vm.driver.stats();
+    assert_eq!(guest_now.range_invalidations, guest.range_invalidations + 2);
+    assert_eq!(guest_now.waits, guest.waits + 2);
+    let viommu_now = vm.viommu.stats();
+    assert_eq!(viommu_now.descriptors, viommu.descriptors + 4);
+    assert_eq!(
+        viommu_now.invalidations_forwarded,
+        viommu.invalidations_forwarded + 2
+    );
+    assert_eq!(viommu_now.host_errors, 0);
+    // At least a descriptor and a wait for each forwarded invalidation (Linux's host
+    // driver also flushes the device TLB along with the PASID-based IOTLB).
+    assert!(host.iommu.stats().descriptors.load(Ordering::Relaxed) >= hw_descriptors + 4);
+    assert!(vm.engine.stats().devtlb_invalidations > devtlb_invs);
+    assert!(vm.engine.devtlb_len() < devtlb);
+    for page in [b.dst.0, b.dst.0 + PAGE as u64] {
+        assert!(host
+            .iommu
+            .iotlb()
+            .lookup(vm.host_sid, pasid, page)
+            .is_none());
+    }
+
+    // The freed frames go to the next mapping, elsewhere in the process (next to the
+    // record page, where no new page table is needed); the device must never reach them
+    // through the old addresses.
+    let other = p
+        .mmap_fixed(
+            Gva(b.record.0 + 2 * PAGE as u64),
+            len as u64,
+            Prot::READ_WRITE,
+            true,
+        )
+        .unwrap();
+    let mut reused = [
+        p.translate(other).unwrap(),
+        p.translate(Gva(other.0 + PAGE as u64)).unwrap(),
+    ];
+    reused.sort();
+    let mut freed = dst_frames;
+    freed.sort();
+    assert_eq!(reused, freed);
+    let guard = pattern(len, 99);
+    p.write(other, &guard).unwrap();
+
+    // DMA to the hole: the device asks for the page (PRI), the request goes up to the
+    // guest, which has no mapping there and answers Invalid; the device reports the fault.
+    let requests = vm.engine.stats().page_requests;
+    let rec = vm
+        .run(&p, pasid, memmove(b.src, b.dst, len), b.record)
+        .unwrap();
+    assert_eq!(rec.status, CompletionStatus::PageResponseError, "{rec:?}");
+    assert_eq!((rec.fault_addr, rec.fault_write), (b.dst.0, true));
+    assert_eq!(rec.bytes_completed, 0);
+    assert_eq!(vm.engine.stats().page_requests, requests + 1);
+    let guest_after = vm.driver.stats();
+    assert_eq!(guest_after.page_requests, guest_now.page_requests + 1);
+    assert_eq!(
+        guest_after.page_requests_served,
+        guest_now.page_requests_served
+    );
+    assert_eq!(vm.viommu.stats().page_responses_forwarded, 1);
+    // A read of the hole faults the same way, at its first byte.
+    let rec = vm
+        .run(
+            &p,
+            pasid,
+            memmove(Gva(b.dst.0 + PAGE as u64), b.src, PAGE),
+            b.record,
+        )
+        .unwrap();
+    assert_eq!(rec.status, CompletionStatus::PageResponseError, "{rec:?}");
+    assert_eq!(
+        (rec.fault_addr, rec.fault_write),
+        (b.dst.0 + PAGE as u64, false)
+    );
+
+    // Nothing reached the frames' new owner, and the source is intact.
+    assert_eq!(read(&p, other, len), guard);
+    assert_eq!(read(&p, b.src, len), data);
+    assert!(host.iommu.take_stale_translations().is_empty());
+    drop(p);
+    vm.shutdown().unwrap();
+}
