@@ -2,7 +2,8 @@
 //! driver → nested translation in the physical IOMMU → device DMA, with real bytes, each
 //! checked through the guest process's CPU view.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vsva::stack::{Host, Vm};
 use vsva_guest::{Process, Prot};
@@ -282,6 +283,114 @@ fn munmap_invalidates_every_layer_and_dma_to_the_hole_then_faults() {
     assert_eq!(read(&p, other, len), guard);
     assert_eq!(read(&p, b.src, len), data);
     assert!(host.iommu.take_stale_translations().is_empty());
+    drop(p);
+    vm.shutdown().unwrap();
+}
+
+/// What crossed each layer on the way of page requests up and responses down.
+#[derive(Debug, PartialEq, Eq)]
+struct PageRequestCounts {
+    /// PRI requests the device sent.
+    device_requests: u64,
+    /// Page request descriptors the physical IOMMU queued for the host driver.
+    hw_queued: u64,
+    /// Page requests the VM's VFIO fault queue accepted (its eventfd signals).
+    container_faults: u64,
+    /// Page requests the vIOMMU wrote into the guest's page request queue.
+    injected: u64,
+    /// Page requests the guest driver took, and served with Success.
+    guest_requests: u64,
+    guest_served: u64,
+    /// Page group responses: the guest's, the vIOMMU's forwarded ones, and those the
+    /// device received.
+    guest_responses: u64,
+    forwarded: u64,
+    device_responses: u64,
+}
+
+fn page_request_counts(host: &Host, vm: &Vm, container_faults: &AtomicU64) -> PageRequestCounts {
+    let (dev, guest, viommu) = (vm.engine.stats(), vm.driver.stats(), vm.viommu.stats());
+    PageRequestCounts {
+        device_requests: dev.page_requests,
+        hw_queued: host.iommu.stats().page_requests.load(Ordering::Relaxed),
+        container_faults: container_faults.load(Ordering::Relaxed),
+        injected: viommu.page_requests_injected,
+        guest_requests: guest.page_requests,
+        guest_served: guest.page_requests_served,
+        guest_responses: guest.page_responses,
+        forwarded: viommu.page_responses_forwarded,
+        device_responses: dev.page_responses,
+    }
+}
+
+/// `n` page requests went all the way up and their responses all the way down, `served`
+/// of them with Success.
+fn round_trips(n: u64, served: u64) -> PageRequestCounts {
+    PageRequestCounts {
+        device_requests: n,
+        hw_queued: n,
+        container_faults: n,
+        injected: n,
+        guest_requests: n,
+        guest_served: served,
+        guest_responses: n,
+        forwarded: n,
+        device_responses: n,
+    }
+}
+
+#[test]
+fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
+    let host = host();
+    let vm = Vm::new(&host, 0, RAM, 100).unwrap();
+    let faults = Arc::new(AtomicU64::new(0));
+    let counter = faults.clone();
+    vm.vfio().set_fault_notifier(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
+    let len = 5 * PAGE;
+    let src = p.mmap(len as u64, Prot::READ_WRITE).unwrap();
+    let dst = p.mmap_lazy(len as u64, Prot::READ_WRITE).unwrap();
+    let zeros = p.mmap_lazy(2 * PAGE as u64, Prot::READ).unwrap();
+    let record = p.mmap(PAGE as u64, Prot::READ_WRITE).unwrap();
+    let pasid = vm.bind(&p).unwrap();
+    let data = pattern(len, 42);
+    p.write(src, &data).unwrap();
+    let resident = p.resident_pages();
+    assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(0, 0));
+
+    // Each destination page faults once on the device's first write; the guest populates
+    // it and the device retries.
+    run_ok(&vm, &p, pasid, memmove(src, dst, len), record);
+    assert_eq!(p.resident_pages(), resident + 5);
+    assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(5, 5));
+    assert!(vm.vfio().pending_page_requests().is_empty());
+    assert_eq!(read(&p, dst, len), data);
+
+    // Reads of lazy read-only pages populate zeroed pages.
+    run_ok(&vm, &p, pasid, memmove(zeros, dst, 2 * PAGE), record);
+    assert_eq!(p.resident_pages(), resident + 7);
+    assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(7, 7));
+    let mut want = data.clone();
+    want[..2 * PAGE].fill(0);
+    assert_eq!(read(&p, dst, len), want);
+
+    // Pages already there need no request.
+    run_ok(&vm, &p, pasid, memmove(src, dst, len), record);
+    assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(7, 7));
+    assert_eq!(read(&p, dst, len), data);
+
+    // A write the area does not allow is refused by the guest: the device gets the
+    // response, does not retry, and reports the fault; nothing is populated.
+    let ro = p.mmap_lazy(PAGE as u64, Prot::READ).unwrap();
+    let rec = vm.run(&p, pasid, memmove(src, ro, PAGE), record).unwrap();
+    assert_eq!(rec.status, CompletionStatus::PageResponseError, "{rec:?}");
+    assert_eq!((rec.fault_addr, rec.fault_write), (ro.0, true));
+    assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(8, 7));
+    assert_eq!(p.resident_pages(), resident + 7);
+    assert!(vm.vfio().pending_page_requests().is_empty());
+    assert!(vm.viommu.take_host_errors().is_empty());
     drop(p);
     vm.shutdown().unwrap();
 }
