@@ -394,3 +394,147 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     drop(p);
     vm.shutdown().unwrap();
 }
+
+/// What the host holds, in the units teardown must return to.
+#[derive(Debug, PartialEq, Eq)]
+struct HostHoldings {
+    allocated_bytes: u64,
+    domain_ids: usize,
+    devices: usize,
+    page_request_routes: usize,
+    page_request_sinks: usize,
+    pasids: usize,
+    iotlb: usize,
+    context_and_pasid_cache: (usize, usize),
+    paging_structure_caches: vsva_hw::iommu::pscache::CachedTables,
+}
+
+fn holdings(host: &Host) -> HostHoldings {
+    HostHoldings {
+        allocated_bytes: host.frames.allocated_bytes(),
+        domain_ids: host.unit.domain_ids_in_use(),
+        devices: host.unit.attached_devices(),
+        page_request_routes: host.unit.page_request_routes(),
+        page_request_sinks: host.unit.page_request_sinks(),
+        pasids: host.pasids.lock().unwrap().total_allocated(),
+        iotlb: host.iommu.iotlb().len(),
+        context_and_pasid_cache: host.iommu.cached_entries(),
+        paging_structure_caches: host.iommu.paging_structure_caches().len(),
+    }
+}
+
+/// A VM with a bound process that has done some DMA, for teardown tests.
+struct Tenant {
+    vm: Vm,
+    p: Arc<Process>,
+    pasid: Pasid,
+    b: Buffers,
+}
+
+const TENANT_LEN: usize = 2 * PAGE;
+
+fn tenant(host: &Host, index: usize) -> Tenant {
+    let vm = Vm::new(host, index, RAM, 100).unwrap();
+    let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
+    let b = Buffers {
+        src: p.mmap(TENANT_LEN as u64, Prot::READ_WRITE).unwrap(),
+        dst: p.mmap_lazy(TENANT_LEN as u64, Prot::READ_WRITE).unwrap(),
+        record: p.mmap(PAGE as u64, Prot::READ_WRITE).unwrap(),
+    };
+    let pasid = vm.bind(&p).unwrap();
+    let t = Tenant { vm, p, pasid, b };
+    tenant_dma(&t, index as u8);
+    t
+}
+
+fn tenant_dma(t: &Tenant, seed: u8) {
+    let data = pattern(TENANT_LEN, seed);
+    t.p.write(t.b.src, &data).unwrap();
+    run_ok(
+        &t.vm,
+        &t.p,
+        t.pasid,
+        memmove(t.b.src, t.b.dst, TENANT_LEN),
+        t.b.record,
+    );
+    assert_eq!(read(&t.p, t.b.dst, TENANT_LEN), data);
+}
+
+#[test]
+fn shutting_a_vm_down_leaves_nothing_on_the_host() {
+    let host = host();
+    let empty = holdings(&host);
+
+    // VM B runs throughout; what the host holds for it alone is the reference.
+    let b = tenant(&host, 1);
+    let with_b = holdings(&host);
+    assert_eq!(with_b.domain_ids, empty.domain_ids + 1);
+    assert!(with_b.iotlb > 0);
+
+    // VM A: two bound processes (one 5-level), lazily mapped pages served, and a DMA left
+    // waiting for a page response when the VM goes.
+    let a = tenant(&host, 0);
+    let p5 = a.vm.spawn(FlPagingMode::FiveLevel).unwrap();
+    let lazy5 = p5.mmap_lazy(PAGE as u64, Prot::READ_WRITE).unwrap();
+    let pasid5 = a.vm.bind(&p5).unwrap();
+    let a_did = a.vm.vfio().backend().did();
+    let (a_sid, a_set) = (a.vm.host_sid, a.vm.vfio().pasid_set());
+    let a_pasids = [a.pasid, pasid5];
+    let parked = vsva_hw::dma::Descriptor {
+        pasid: Some(pasid5),
+        privileged: false,
+        block_on_fault: true,
+        completion: vsva_hw::dma::CompletionRequest::None,
+        op: Operation::Fill {
+            pattern: 0x5a5a,
+            dst: lazy5.0,
+            size: PAGE as u32,
+        },
+    };
+    a.vm.engine.portal_write(0, &parked.encode()).unwrap();
+    a.vm.engine.process();
+    assert_eq!(a.vm.engine.waiting_for_page_response(), 1);
+    assert_eq!(a.vm.vfio().pending_page_requests().len(), 1);
+    for pasid in a_pasids {
+        assert!(host.unit.pasid_entry(a_sid, pasid).is_some());
+    }
+    let a_pages = [a.b.src.0, a.b.dst.0, a.b.record.0];
+    assert!(a_pages
+        .iter()
+        .all(|&page| host.iommu.iotlb().lookup(a_sid, a.pasid, page).is_some()));
+    assert!(holdings(&host).allocated_bytes > with_b.allocated_bytes);
+
+    let Tenant { vm, p, .. } = a;
+    drop((p, p5));
+    vm.shutdown().unwrap();
+
+    // Nothing of A is left: memory, domain id, device, PASID set and entries, routes, and
+    // every cached translation; B is untouched.
+    assert!(!host.unit.is_domain_id_allocated(a_did));
+    assert_eq!(host.unit.device_domain(a_sid), None);
+    for pasid in a_pasids {
+        assert_eq!(host.unit.pasid_entry(a_sid, pasid), None);
+        assert_eq!(host.pasids.lock().unwrap().owner(pasid), None);
+        assert!(host.iommu.iotlb().lookup(a_sid, pasid, 0).is_none());
+    }
+    assert!(a_pages
+        .iter()
+        .all(|&page| host.iommu.iotlb().lookup(a_sid, a.pasid, page).is_none()));
+    assert!(host.pasids.lock().unwrap().allocated(a_set).is_err());
+    // B's DMA again: the caches hold exactly what they held for B alone.
+    tenant_dma(&b, 11);
+    assert_eq!(holdings(&host), with_b);
+
+    // A's PASIDs are free for the next VM: the lowest comes back first.
+    let c = tenant(&host, 2);
+    assert_eq!(c.pasid, a_pasids.into_iter().min().unwrap());
+    assert!(host.unit.pasid_entry(c.vm.host_sid, c.pasid).is_some());
+
+    for t in [c, b] {
+        let Tenant { vm, p, .. } = t;
+        drop(p);
+        vm.shutdown().unwrap();
+    }
+    assert_eq!(holdings(&host), empty);
+    assert!(host.iommu.take_stale_translations().is_empty());
+}
