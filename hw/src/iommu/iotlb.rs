@@ -238,16 +238,16 @@ impl Iotlb {
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3): second-level and
-    /// pass-through entries whose input range meets `[addr, addr + len)`, and every nested
-    /// entry of the domain (they are looked up by first-level input address, which a
-    /// second-level address cannot select).
+    /// pass-through entries whose input range meets `[addr, addr + len)`, and every
+    /// first-level and nested entry of the domain, whatever its address: they are looked
+    /// up by first-level input address, which the descriptor's address cannot select (QEMU
+    /// reads the spec the same way).
     pub fn invalidate_domain_range(&self, did: DomainId, addr: u64, len: u64) -> usize {
         self.invalidate(
             true,
             |d, _| d == did,
             |key, e| match e.kind {
-                TranslationKind::Nested => true,
-                TranslationKind::FirstLevel => false,
+                TranslationKind::Nested | TranslationKind::FirstLevel => true,
                 TranslationKind::SecondLevel | TranslationKind::PassThrough => {
                     overlaps(key.range(), addr, len)
                 }
@@ -416,17 +416,23 @@ mod tests {
         assert!(t.lookup(sid(), p1, 0x2000).is_none());
         assert!(t.lookup(sid(), p1, 0x1000).is_some());
 
-        // A second-level range invalidation keeps first-level entries, drops all nested ones
-        // of the domain and the second-level ones in range.
-        assert_eq!(t.invalidate_domain_range(DomainId(1), 0x1000, 0x1000), 2);
-        assert!(t.lookup(sid(), p2, 0x1000).is_some());
+        // A second-level range invalidation drops every first-level and nested entry of
+        // the domain and the second-level ones in range.
+        let sl = entry(1, 0xf000, 12, TranslationKind::SecondLevel);
+        t.insert(t.begin_fill(), sid(), Pasid::RID_PASID, 0x8000, sl);
+        assert_eq!(t.invalidate_domain_range(DomainId(1), 0x1000, 0x1000), 3);
+        assert!(t.lookup(sid(), p2, 0x1000).is_none());
         assert!(t.lookup(sid(), Pasid::RID_PASID, 0x1000).is_none());
+        assert!(
+            t.lookup(sid(), Pasid::RID_PASID, 0x8000).is_some(),
+            "second level out of range"
+        );
         assert!(
             t.lookup(sid(), p1, 0x1000_0000).is_some(),
             "other domain untouched"
         );
-
-        assert_eq!(t.invalidate_pasid(DomainId(1), p2), 1);
+        assert_eq!(t.invalidate_domain_range(DomainId(1), 0x8000, 0x1000), 1);
+        assert_eq!(t.invalidate_pasid(DomainId(1), p2), 0);
         assert_eq!(t.invalidate_domain(DomainId(2)), 1);
         assert!(t.is_empty());
     }
