@@ -7,7 +7,14 @@ use std::sync::Arc;
 
 use vsva::stack::{Host, Vm};
 use vsva_guest::{Process, Prot};
-use vsva_hw::dma::{CompletionRecord, CompletionStatus, Operation};
+use vsva_host::uapi::iommu::{
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
+};
+use vsva_host::uapi::{
+    BindGpasid, CacheInvalidate, InvGranularity, PageResponse, PageResponseCode,
+};
+use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_vtd::regs::{AddressType, RequestType};
 use vsva_vtd::{FaultReason, FlPagingMode, Gva, Pasid, Pgtt};
 
 const RAM: u64 = 64 << 20;
@@ -480,11 +487,11 @@ fn shutting_a_vm_down_leaves_nothing_on_the_host() {
     let a_did = a.vm.vfio().backend().did();
     let (a_sid, a_set) = (a.vm.host_sid, a.vm.vfio().pasid_set());
     let a_pasids = [a.pasid, pasid5];
-    let parked = vsva_hw::dma::Descriptor {
+    let parked = Descriptor {
         pasid: Some(pasid5),
         privileged: false,
         block_on_fault: true,
-        completion: vsva_hw::dma::CompletionRequest::None,
+        completion: CompletionRequest::None,
         op: Operation::Fill {
             pattern: 0x5a5a,
             dst: lazy5.0,
@@ -537,4 +544,164 @@ fn shutting_a_vm_down_leaves_nothing_on_the_host() {
     }
     assert_eq!(holdings(&host), empty);
     assert!(host.iommu.take_stale_translations().is_empty());
+}
+
+#[test]
+fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
+    let host = host();
+    let a = tenant(&host, 0);
+    let b = tenant(&host, 1);
+    let (pa, pb) = (a.pasid, b.pasid);
+    // Both PASIDs share a PASID directory entry, so B's directory entry for A's PASID is
+    // present and only the PASID table entry is missing.
+    assert_eq!(pa.dir_index(), pb.dir_index());
+    assert_ne!(pa, pb);
+
+    // A leaves a DMA waiting for a page response, so that there is a group B could
+    // try to answer.
+    let lazy = a.p.mmap_lazy(PAGE as u64, Prot::READ_WRITE).unwrap();
+    let parked = Descriptor {
+        pasid: Some(pa),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::Always(a.b.record.0),
+        op: Operation::Fill {
+            pattern: 0x1122_3344_5566_7788,
+            dst: lazy.0,
+            size: PAGE as u32,
+        },
+    };
+    a.p.write(a.b.record, &[0; 32]).unwrap();
+    a.vm.engine.portal_write(0, &parked.encode()).unwrap();
+    a.vm.engine.process();
+    assert_eq!(a.vm.vfio().pending_page_requests().len(), 1);
+
+    let a_bytes = read(&a.p, a.b.dst, TENANT_LEN);
+    let a_state = a.vm.vfio().state();
+    let b_state = b.vm.vfio().state();
+    let a_entry = host.unit.pasid_entry(a.vm.host_sid, pa).unwrap();
+    let a_cached = host
+        .iommu
+        .iotlb()
+        .lookup(a.vm.host_sid, pa, a.b.dst.0)
+        .unwrap();
+    let a_owner = host.pasids.lock().unwrap().owner(pa);
+
+    // Every SVA ioctl naming A's PASID is refused on B's container with EPERM.
+    let eperm = -libc::EPERM;
+    let bind = BindGpasid {
+        hpasid: pa,
+        gpasid: Some(pa),
+        gpgd: b.p.cr3(),
+        addr_width: 48,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
+    };
+    let all_caches =
+        IOMMU_CACHE_INV_TYPE_IOTLB | IOMMU_CACHE_INV_TYPE_DEV_IOTLB | IOMMU_CACHE_INV_TYPE_PASID;
+    let by_pasid = CacheInvalidate {
+        cache: all_caches,
+        granularity: InvGranularity::Pasid {
+            pasid: Some(pa),
+            archid: None,
+        },
+    };
+    let by_addr = CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Addr {
+            pasid: Some(pa),
+            archid: None,
+            addr: a.b.dst.0,
+            granule_size: PAGE as u64,
+            nb_granules: 2,
+            leaf: true,
+        },
+    };
+    let answer = PageResponse {
+        pasid: Some(pa),
+        grpid: a.vm.vfio().pending_page_requests()[0].request.grpid,
+        code: PageResponseCode::Success,
+    };
+    {
+        let mut vfio = b.vm.vfio();
+        let refusals = [
+            ("bind", vfio.bind_gpasid(&bind)),
+            ("unbind", vfio.unbind_gpasid(&bind)),
+            ("invalidate by PASID", vfio.cache_invalidate(&by_pasid)),
+            ("invalidate by address", vfio.cache_invalidate(&by_addr)),
+            ("free", vfio.pasid_free(pa)),
+            ("page response", vfio.page_response(&answer)),
+            (
+                "page response to A's device",
+                vfio.page_response_to(a.vm.host_sid, &answer),
+            ),
+        ];
+        for (what, result) in refusals {
+            assert_eq!(result.map_err(|e| e.errno()), Err(eperm), "{what}");
+        }
+    }
+
+    // Nothing changed: both containers, A's PASID entry, ownership and cached translation,
+    // A's waiting DMA.
+    assert_eq!(a.vm.vfio().state(), a_state);
+    assert_eq!(b.vm.vfio().state(), b_state);
+    assert_eq!(host.unit.pasid_entry(a.vm.host_sid, pa), Some(a_entry));
+    assert_eq!(host.unit.pasid_entry(b.vm.host_sid, pa), None);
+    assert_eq!(host.pasids.lock().unwrap().owner(pa), a_owner);
+    assert_eq!(
+        host.iommu.iotlb().lookup(a.vm.host_sid, pa, a.b.dst.0),
+        Some(a_cached)
+    );
+    assert_eq!(a.vm.engine.waiting_for_page_response(), 1);
+    assert_eq!(a.vm.vfio().pending_page_requests().len(), 1);
+
+    // B's device tags a DMA with A's PASID at A's addresses: B's PASID table has no entry
+    // for it, so the physical IOMMU faults (SPT.2) and records it; not even the completion
+    // record can be written.
+    host.unit.take_faults();
+    let fill = Operation::Fill {
+        pattern: 0xdead_beef_dead_beef,
+        dst: a.b.dst.0,
+        size: TENANT_LEN as u32,
+    };
+    let rec = b.vm.run(&b.p, pa, fill, b.b.record).unwrap();
+    assert_eq!(rec.status, CompletionStatus::None);
+    assert_eq!(read(&b.p, b.b.record, 32), vec![0; 32]);
+    let swerr = b.vm.engine.software_error().unwrap();
+    assert_eq!(swerr.status, CompletionStatus::CompletionAddrTranslation);
+    assert_eq!(swerr.pasid, Some(pa));
+    // Two faults, recorded for B's device with A's PASID: the fill's first page (an ATS
+    // translation request) and the completion record.
+    let faults = host.unit.take_faults();
+    for f in &faults {
+        assert_eq!((f.sid, f.pasid), (b.vm.host_sid, Some(pa)), "{f:?}");
+        assert_eq!(f.reason, FaultReason::Spt2.code(), "{f:?}");
+        assert_eq!(f.request, RequestType::Write);
+        assert_eq!(f.address_type, AddressType::TranslationRequest);
+    }
+    let at: Vec<u64> = faults.iter().map(|f| f.fault_info).collect();
+    assert_eq!(at, [a.b.dst.0, b.b.record.0]);
+    assert_eq!(b.vm.engine.stats().bytes_moved, TENANT_LEN as u64);
+
+    // A's bytes are as they were, and A carries on: its waiting DMA is served, and its
+    // PASID still works.
+    assert_eq!(read(&a.p, a.b.dst, TENANT_LEN), a_bytes);
+    a.vm.run_device().unwrap();
+    let mut raw = [0u8; 32];
+    a.p.read(a.b.record, &mut raw).unwrap();
+    let done = CompletionRecord::from_bytes(&raw).unwrap();
+    assert_eq!(done.status, CompletionStatus::Success, "{done:?}");
+    assert_eq!(
+        read(&a.p, lazy, 8),
+        0x1122_3344_5566_7788_u64.to_le_bytes().to_vec()
+    );
+    tenant_dma(&a, 5);
+    tenant_dma(&b, 6);
+    assert!(host.iommu.take_stale_translations().is_empty());
+    for t in [a, b] {
+        let Tenant { vm, p, .. } = t;
+        drop(p);
+        vm.shutdown().unwrap();
+    }
 }
