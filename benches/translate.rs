@@ -48,7 +48,7 @@ fn iotlb_hit(c: &mut Criterion) {
 
 fn cold_walk(c: &mut Criterion) {
     let p = Platform::new(PlatformConfig {
-        devices: 128,
+        devices: 1,
         buffer: 16 * PAGE_SIZE,
     })
     .expect("platform");

@@ -76,10 +76,9 @@ fn iotlb_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<
     Ok(())
 }
 
-/// 128 devices: a batch of 128 cold translations between two invalidations.
 fn walk_platform() -> Result<Platform, BenchError> {
     Platform::new(PlatformConfig {
-        devices: 128,
+        devices: 1,
         buffer: 16 * PAGE_SIZE,
     })
 }
