@@ -13,9 +13,11 @@ use vsva_host::uapi::iommu::{
 use vsva_host::uapi::{
     BindGpasid, CacheInvalidate, InvGranularity, PageResponse, PageResponseCode,
 };
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::regs::{AddressType, RequestType};
-use vsva_vtd::{FaultReason, FlPagingMode, Gva, Pasid, Pgtt};
+use vsva_vtd::{FaultReason, FlPagingMode, FlPte, Gpa, Gva, InvDesc, Pasid, Pgtt, PhysMem};
 
 const RAM: u64 = 64 << 20;
 const PAGE: usize = 4096;
@@ -34,6 +36,15 @@ fn read(p: &Process, gva: Gva, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
     p.read(gva, &mut buf).unwrap();
     buf
+}
+
+/// Asserts that `got` equals `want`, naming the first byte that differs.
+#[track_caller]
+fn same(got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "lengths");
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
+        panic!("byte {i:#x} is {:#04x}, expected {:#04x}", got[i], want[i]);
+    }
 }
 
 fn memmove(src: Gva, dst: Gva, len: usize) -> Operation {
@@ -72,7 +83,7 @@ fn copy_fill_compare(vm: &Vm, p: &Process, pasid: Pasid, b: &Buffers, len: usize
     p.write(b.src, &data).unwrap();
     let rec = run_ok(vm, p, pasid, memmove(b.src, b.dst, len), b.record);
     assert_eq!(rec.bytes_completed, len as u32);
-    assert_eq!(read(p, b.dst, len), data);
+    same(&read(p, b.dst, len), &data);
 
     // Compare: equal, then different at a byte the CPU changed.
     let compare = Operation::Compare {
@@ -100,7 +111,7 @@ fn copy_fill_compare(vm: &Vm, p: &Process, pasid: Pasid, b: &Buffers, len: usize
     for (i, byte) in want[start..start + size].iter_mut().enumerate() {
         *byte = word.to_le_bytes()[i % 8];
     }
-    assert_eq!(read(p, b.dst, len), want);
+    same(&read(p, b.dst, len), &want);
 }
 
 #[test]
@@ -163,7 +174,7 @@ fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     assert_eq!(rec.status, CompletionStatus::TranslationFail, "{rec:?}");
     assert_eq!(rec.fault_reason, FaultReason::Sgn1.code());
     assert_eq!((rec.fault_addr, rec.fault_write), (b5.dst.0, true));
-    assert_eq!(read(&p5, b5.dst, len), before);
+    same(&read(&p5, b5.dst, len), &before);
 
     // The device went through the physical IOMMU's nested walks, and the IOMMU never
     // served a translation the tables no longer had.
@@ -185,7 +196,7 @@ fn munmap_invalidates_every_layer_and_dma_to_the_hole_then_faults() {
     let data = pattern(len, 7);
     p.write(b.src, &data).unwrap();
     run_ok(&vm, &p, pasid, memmove(b.src, b.dst, len), b.record);
-    assert_eq!(read(&p, b.dst, len), data);
+    same(&read(&p, b.dst, len), &data);
     // The translations of the destination are cached in the IOMMU and the device.
     for page in [b.dst.0, b.dst.0 + PAGE as u64] {
         assert!(host
@@ -287,8 +298,8 @@ fn munmap_invalidates_every_layer_and_dma_to_the_hole_then_faults() {
     );
 
     // Nothing reached the frames' new owner, and the source is intact.
-    assert_eq!(read(&p, other, len), guard);
-    assert_eq!(read(&p, b.src, len), data);
+    same(&read(&p, other, len), &guard);
+    same(&read(&p, b.src, len), &data);
     assert!(host.iommu.take_stale_translations().is_empty());
     drop(p);
     vm.shutdown().unwrap();
@@ -373,7 +384,7 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     assert_eq!(p.resident_pages(), resident + 5);
     assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(5, 5));
     assert!(vm.vfio().pending_page_requests().is_empty());
-    assert_eq!(read(&p, dst, len), data);
+    same(&read(&p, dst, len), &data);
 
     // Reads of lazy read-only pages populate zeroed pages.
     run_ok(&vm, &p, pasid, memmove(zeros, dst, 2 * PAGE), record);
@@ -381,12 +392,12 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(7, 7));
     let mut want = data.clone();
     want[..2 * PAGE].fill(0);
-    assert_eq!(read(&p, dst, len), want);
+    same(&read(&p, dst, len), &want);
 
     // Pages already there need no request.
     run_ok(&vm, &p, pasid, memmove(src, dst, len), record);
     assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(7, 7));
-    assert_eq!(read(&p, dst, len), data);
+    same(&read(&p, dst, len), &data);
 
     // A write the area does not allow is refused by the guest: the device gets the
     // response, does not retry, and reports the fault; nothing is populated.
@@ -464,7 +475,7 @@ fn tenant_dma(t: &Tenant, seed: u8) {
         memmove(t.b.src, t.b.dst, TENANT_LEN),
         t.b.record,
     );
-    assert_eq!(read(&t.p, t.b.dst, TENANT_LEN), data);
+    same(&read(&t.p, t.b.dst, TENANT_LEN), &data);
 }
 
 #[test]
@@ -667,7 +678,7 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
     };
     let rec = b.vm.run(&b.p, pa, fill, b.b.record).unwrap();
     assert_eq!(rec.status, CompletionStatus::None);
-    assert_eq!(read(&b.p, b.b.record, 32), vec![0; 32]);
+    same(&read(&b.p, b.b.record, 32), &[0; 32]);
     let swerr = b.vm.engine.software_error().unwrap();
     assert_eq!(swerr.status, CompletionStatus::CompletionAddrTranslation);
     assert_eq!(swerr.pasid, Some(pa));
@@ -686,7 +697,7 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
 
     // A's bytes are as they were, and A carries on: its waiting DMA is served, and its
     // PASID still works.
-    assert_eq!(read(&a.p, a.b.dst, TENANT_LEN), a_bytes);
+    same(&read(&a.p, a.b.dst, TENANT_LEN), &a_bytes);
     a.vm.run_device().unwrap();
     let mut raw = [0u8; 32];
     a.p.read(a.b.record, &mut raw).unwrap();
@@ -704,4 +715,134 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
         drop(p);
         vm.shutdown().unwrap();
     }
+}
+
+/// The guest physical address of the first-level leaf entry that maps `gva` in a
+/// process's tables, found as the CPU's page walker finds it.
+fn leaf_entry(vm: &Vm, p: &Process, gva: Gva) -> u64 {
+    let mut table = p.cr3().0;
+    for level in (2..=p.paging_mode().levels()).rev() {
+        let index = (gva.0 >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff;
+        let entry = vm.mem.read_u64(table + index * 8).unwrap();
+        assert!(FlPte(entry).present() && !FlPte(entry).is_leaf(level));
+        table = entry & FlPte::ADDR_MASK;
+    }
+    table + ((gva.0 >> 12) & 0x1ff) * 8
+}
+
+/// Points the 4-KiB page at `gva` to `frame`, writing the entry in guest RAM as a buggy
+/// kernel would: no mmu notifier, so no IOMMU invalidation.
+fn remap_behind_the_drivers_back(vm: &Vm, p: &Process, gva: Gva, frame: Gpa) {
+    let slot = leaf_entry(vm, p, gva);
+    let entry = vm.mem.read_u64(slot).unwrap();
+    vm.mem
+        .write_u64(slot, (entry & !FlPte::ADDR_MASK) | frame.0)
+        .unwrap();
+}
+
+/// Sets the device's CTRL features (the engine is disabled and re-enabled, as a device
+/// driver reconfiguring it would).
+fn set_device_features(vm: &Vm, features: u64) {
+    let ctrl = vm.engine.mmio_read(REG_CTRL).unwrap();
+    vm.engine.mmio_write(REG_CTRL, ctrl & !CTRL_ENABLE).unwrap();
+    vm.engine.enable(features).unwrap();
+}
+
+#[test]
+fn a_missing_guest_invalidation_leaves_the_device_on_the_old_page_until_it_is_sent() {
+    let host = host();
+    let vm = Vm::new(&host, 0, RAM, 100).unwrap();
+    let did = vm.vfio().backend().did();
+    let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
+    let b = buffers(&p, 2 * PAGE);
+    let pasid = vm.bind(&p).unwrap();
+    let old = pattern(2 * PAGE, 3);
+    p.write(b.src, &old).unwrap();
+    let hpa = |gpa: Gpa| vm.ram_hpa.0 + gpa.0;
+
+    // Without ATS every request of the device reaches the physical IOMMU's IOTLB, where
+    // strict mode can check it; the device TLB case follows.
+    set_device_features(&vm, CTRL_PASID_EN | CTRL_PRI_EN);
+    run_ok(&vm, &p, pasid, memmove(b.src, b.dst, PAGE), b.record);
+    same(&read(&p, b.dst, PAGE), &old[..PAGE]);
+    let old_frame = p.translate(b.src).unwrap();
+
+    // The kernel moves the page to a new frame with new contents but forgets the
+    // invalidation. The CPU sees the new page at once.
+    let new_frame = vm.guest_frames.alloc().unwrap();
+    let new = pattern(PAGE, 200);
+    vm.mem.write(new_frame.0, &new).unwrap();
+    remap_behind_the_drivers_back(&vm, &p, b.src, new_frame);
+    assert_eq!(p.translate(b.src), Some(new_frame));
+    same(&read(&p, b.src, PAGE), &new);
+    let forwarded = vm.viommu.stats().invalidations_forwarded;
+
+    // The device still uses the cached translation: it copies the old page, as hardware
+    // does. Strict mode names the source, PASID, address, both pages and the missing
+    // descriptor (in the host's terms: the VM's domain id and the host PASID).
+    run_ok(&vm, &p, pasid, memmove(b.src, b.dst, PAGE), b.record);
+    same(&read(&p, b.dst, PAGE), &old[..PAGE]);
+    let stale = host.iommu.take_stale_translations();
+    assert_eq!(stale.len(), 1, "{stale:?}");
+    let s = &stale[0];
+    assert_eq!((s.sid, s.pasid, s.addr), (vm.host_sid, pasid, b.src.0));
+    assert_eq!(s.cached.output, hpa(old_frame));
+    assert_eq!(s.now, Ok((hpa(new_frame), 12)));
+    assert_eq!(
+        s.missing,
+        InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+            did,
+            pasid,
+            addr: b.src.0,
+            ih: false,
+            am: 0,
+        }
+    );
+    assert_eq!(vm.viommu.stats().invalidations_forwarded, forwarded);
+
+    // The invalidation the kernel owed (an mmu-notifier event on the range) goes down the
+    // whole path: the device now reads the new page, and nothing is stale.
+    p.mprotect(b.src, PAGE as u64, Prot::READ_WRITE).unwrap();
+    assert!(vm.viommu.stats().invalidations_forwarded > forwarded);
+    run_ok(&vm, &p, pasid, memmove(b.src, b.dst, PAGE), b.record);
+    same(&read(&p, b.dst, PAGE), &new);
+    assert!(host.iommu.take_stale_translations().is_empty());
+
+    // With ATS the device's own TLB holds the translation: the second page, remapped
+    // without invalidation, is read from the old frame without asking the IOMMU at all,
+    // until the device-TLB invalidation reaches the device.
+    set_device_features(&vm, CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN);
+    let second = Gva(b.src.0 + PAGE as u64);
+    run_ok(&vm, &p, pasid, memmove(second, b.dst, PAGE), b.record);
+    same(&read(&p, b.dst, PAGE), &old[PAGE..]);
+    let old_frame2 = p.translate(second).unwrap();
+    let frame2 = vm.guest_frames.alloc().unwrap();
+    let new2 = pattern(PAGE, 201);
+    vm.mem.write(frame2.0, &new2).unwrap();
+    remap_behind_the_drivers_back(&vm, &p, second, frame2);
+    let hits = vm.engine.stats().devtlb_hits;
+    run_ok(&vm, &p, pasid, memmove(second, b.dst, PAGE), b.record);
+    same(&read(&p, b.dst, PAGE), &old[PAGE..]);
+    assert!(vm.engine.stats().devtlb_hits > hits);
+    // The IOMMU was not asked, so strict mode has nothing to say: only the device knows.
+    assert!(host.iommu.take_stale_translations().is_empty());
+    let devtlb_invs = vm.engine.stats().devtlb_invalidations;
+    p.mprotect(second, PAGE as u64, Prot::READ_WRITE).unwrap();
+    assert!(vm.engine.stats().devtlb_invalidations > devtlb_invs);
+    run_ok(&vm, &p, pasid, memmove(second, b.dst, PAGE), b.record);
+    same(&read(&p, b.dst, PAGE), &new2);
+
+    // Back to the process's own frames, properly this time.
+    remap_behind_the_drivers_back(&vm, &p, b.src, old_frame);
+    remap_behind_the_drivers_back(&vm, &p, second, old_frame2);
+    p.mprotect(b.src, 2 * PAGE as u64, Prot::READ_WRITE)
+        .unwrap();
+    run_ok(&vm, &p, pasid, memmove(b.src, b.dst, 2 * PAGE), b.record);
+    same(&read(&p, b.dst, 2 * PAGE), &old);
+    vm.guest_frames.free(new_frame).unwrap();
+    vm.guest_frames.free(frame2).unwrap();
+    assert!(host.iommu.take_stale_translations().is_empty());
+    drop(p);
+    vm.shutdown().unwrap();
 }
