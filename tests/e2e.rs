@@ -5,8 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
 use vsva::stack::{Host, Vm};
-use vsva_guest::{Process, Prot};
+use vsva_guest::{DeviceConfig, Process, Prot};
 use vsva_host::uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
@@ -15,9 +16,12 @@ use vsva_host::uapi::{
 };
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::regs::{AddressType, RequestType};
-use vsva_vtd::{FaultReason, FlPagingMode, FlPte, Gpa, Gva, InvDesc, Pasid, Pgtt, PhysMem};
+use vsva_vtd::{
+    FaultReason, FlPagingMode, FlPte, Gpa, Gva, InvDesc, Pasid, Pgtt, PhysMem, SourceId,
+};
 
 const RAM: u64 = 64 << 20;
 const PAGE: usize = 4096;
@@ -843,6 +847,93 @@ fn a_missing_guest_invalidation_leaves_the_device_on_the_old_page_until_it_is_se
     vm.guest_frames.free(new_frame).unwrap();
     vm.guest_frames.free(frame2).unwrap();
     assert!(host.iommu.take_stale_translations().is_empty());
+    drop(p);
+    vm.shutdown().unwrap();
+}
+
+/// An emulated device's view of guest memory through the vIOMMU (vm-memory's IoMemory).
+type IoMem = IommuMemory<GuestMemoryMmap, IommuAddressSpace>;
+
+fn io_read(io: &IoMem, addr: Gva, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+    let mut out = vec![0u8; len];
+    let mut at = 0;
+    for slice in io.get_slices(GuestAddress(addr.0), len, Permissions::Read)? {
+        at += slice?.copy_to(&mut out[at..]);
+    }
+    Ok(out)
+}
+
+fn io_write(io: &IoMem, addr: Gva, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut at = 0;
+    for slice in io.get_slices(GuestAddress(addr.0), data.len(), Permissions::Write)? {
+        let slice = slice?;
+        slice.copy_from(&data[at..at + slice.len()]);
+        at += slice.len();
+    }
+    Ok(())
+}
+
+#[test]
+fn an_emulated_device_and_the_passthrough_device_share_one_process_address_space() {
+    const EMULATED: SourceId = SourceId::from_rid(0x0020);
+    let host = host();
+    let vm = Vm::new(&host, 0, RAM, 100).unwrap();
+    vm.driver
+        .attach_device(DeviceConfig {
+            sid: EMULATED,
+            pasid_bits: 20,
+            ats: false,
+            pri: false,
+        })
+        .unwrap();
+    let p = vm.spawn(FlPagingMode::FiveLevel).unwrap();
+    let len = 3 * PAGE;
+    let b = buffers(&p, len);
+    // One PASID for the process, whichever device it is bound to (Linux's one PASID per
+    // mm): the emulated device's binding stays in the vIOMMU, the passthrough one goes to
+    // the host.
+    let pasid = vm.driver.sva_bind(EMULATED, &p).unwrap();
+    assert_eq!(vm.bind(&p).unwrap(), pasid);
+    assert_eq!(vm.viommu.stats().binds, 1);
+    let io: IoMem = IommuMemory::new(
+        (*vm.mem).clone(),
+        vm.viommu.address_space(EMULATED, Some(pasid), false),
+        true,
+        (),
+    );
+
+    // The passthrough device fills the buffer; the emulated device reads it by GVA,
+    // across page boundaries, through the vIOMMU's own first-level walk.
+    let data = pattern(len, 17);
+    p.write(b.src, &data).unwrap();
+    run_ok(&vm, &p, pasid, memmove(b.src, b.dst, len), b.record);
+    same(&io_read(&io, b.dst, len).unwrap(), &data);
+    same(
+        &io_read(&io, Gva(b.dst.0 + PAGE as u64 - 7), 14).unwrap(),
+        &data[PAGE - 7..PAGE + 7],
+    );
+    let walks = vm.viommu.stats().walks;
+    assert!(walks > 0);
+
+    // The emulated device writes; the process and the passthrough device see it.
+    io_write(&io, Gva(b.src.0 + 100), b"written by an emulated device").unwrap();
+    let mut want = data.clone();
+    want[100..129].copy_from_slice(b"written by an emulated device");
+    same(&read(&p, b.src, len), &want);
+    let compare = Operation::Compare {
+        src1: b.src.0,
+        src2: b.dst.0,
+        size: len as u32,
+    };
+    let rec = run_ok(&vm, &p, pasid, compare, b.record);
+    assert_eq!((rec.result, rec.bytes_completed), (1, 100));
+
+    // munmap reaches the vIOMMU's caches too: the emulated device faults there.
+    p.munmap(b.dst, len as u64).unwrap();
+    assert!(io_read(&io, b.dst, 4).is_err());
+    assert!(io_read(&io, Gva(b.dst.0 + 2 * PAGE as u64), 4).is_err());
+    same(&io_read(&io, b.src, len).unwrap(), &want);
+    drop(io);
     drop(p);
     vm.shutdown().unwrap();
 }
