@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
-use vsva::stack::{Host, Vm};
+use vsva::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_guest::{DeviceConfig, Process, Prot};
 use vsva_host::uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
@@ -179,6 +179,35 @@ fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     assert_eq!(rec.fault_reason, FaultReason::Sgn1.code());
     assert_eq!((rec.fault_addr, rec.fault_write), (b5.dst.0, true));
     same(&read(&p5, b5.dst, len), &before);
+
+    // Unbinding the 4-level process goes down to the host: the PASID entry, the binding
+    // and the PASID itself are gone, and a DMA tagged with it faults (not even its
+    // completion record is written) while the 5-level process carries on.
+    vm.driver.sva_unbind(GUEST_DEVICE_SID, pasid4).unwrap();
+    assert_eq!(host.unit.pasid_entry(vm.host_sid, pasid4), None);
+    let state = vm.vfio().state();
+    assert!(state.bound.iter().all(|b| b.hpasid != pasid4));
+    assert!(!state.pasids.contains(&pasid4));
+    assert_eq!(host.pasids.lock().unwrap().owner(pasid4), None);
+    assert!(host
+        .iommu
+        .iotlb()
+        .lookup(vm.host_sid, pasid4, b4.dst.0)
+        .is_none());
+    let before = read(&p4, b4.dst, len);
+    host.unit.take_faults();
+    let rec = vm
+        .run(&p4, pasid4, memmove(b4.src, b4.dst, len), b4.record)
+        .unwrap();
+    assert_eq!(rec.status, CompletionStatus::None);
+    same(&read(&p4, b4.dst, len), &before);
+    let faults = host.unit.take_faults();
+    assert!(!faults.is_empty());
+    for f in &faults {
+        assert_eq!((f.sid, f.pasid), (vm.host_sid, Some(pasid4)), "{f:?}");
+        assert_eq!(f.reason, FaultReason::Spt2.code(), "{f:?}");
+    }
+    copy_fill_compare(&vm, &p5, pasid5, &b5, len, 3);
 
     // The device went through the physical IOMMU's nested walks, and the IOMMU never
     // served a translation the tables no longer had.
