@@ -56,17 +56,11 @@ pub fn plot_svg(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
     for (i, g) in goals.iter().enumerate() {
         // Row 0 at the top.
         let top = rows - i as f64;
-        let caption = match (g.compared, g.met) {
+        let caption = match (g.compared_text(), g.met) {
             (Some(v), Some(met)) => format!(
-                "{}: {:.3} against {} {} ({})",
+                "{}: {v} (goal {}, {})",
                 g.goal.name,
-                v,
-                if matches!(g.goal.bound, super::figures::Bound::AtMost(_)) {
-                    "≤"
-                } else {
-                    "≥"
-                },
-                g.goal.bound.limit(),
+                g.bound_text(),
                 if met { "met" } else { "not met" }
             ),
             _ => format!("{}: missing", g.goal.name),

@@ -37,6 +37,20 @@ impl GoalResult {
     pub fn score(&self) -> Option<f64> {
         self.compared.map(|v| self.goal.bound.score(v))
     }
+
+    /// The compared value with its unit ("5.73×", "82.6 ns").
+    pub fn compared_text(&self) -> Option<String> {
+        let unit = match self.goal.baseline {
+            Some(_) => Unit::Times,
+            None => self.goal.figure.unit(),
+        };
+        self.compared.map(|v| format_value(v, unit))
+    }
+
+    /// The goal's bound with its unit ("≤ 2×", "≤ 100 ns").
+    pub fn bound_text(&self) -> String {
+        format_bound(&self.goal)
+    }
 }
 
 /// The CPU model string of this machine.
@@ -267,6 +281,10 @@ mod tests {
         let hit = r.goals()[0];
         assert_eq!(hit.compared, Some(3.0));
         assert_eq!(hit.score(), Some(1.5));
+        assert_eq!(hit.compared_text().as_deref(), Some("3.00×"));
+        assert_eq!(hit.bound_text(), "≤ 2×");
+        let reads = r.goals()[4];
+        assert_eq!(reads.compared_text().as_deref(), Some("2.00 reads"));
     }
 
     #[test]
