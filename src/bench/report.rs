@@ -18,6 +18,8 @@ pub struct BenchReport {
     values: BTreeMap<Figure, f64>,
     /// Measurements that failed, by name, with the reason; their figures are missing.
     pub failures: Vec<(String, String)>,
+    /// Figures no probe of the run measures (their slots wait for a probe).
+    pub unmeasured: Vec<Figure>,
 }
 
 /// How a goal fared in a report.
@@ -139,8 +141,8 @@ impl BenchReport {
             .collect()
     }
 
-    /// The JSON object: every figure's key (`null` when missing), `cpu`, `quick` and the
-    /// failed measurements.
+    /// The JSON object: every figure's key (`null` when missing), `cpu`, `quick`, the
+    /// failed measurements and the unmeasured figures' keys.
     pub fn json(&self) -> Value {
         let mut map = Map::new();
         for &f in Figure::ALL {
@@ -166,6 +168,12 @@ impl BenchReport {
             })
             .collect();
         map.insert("failures".into(), Value::Array(failures));
+        let unmeasured = self
+            .unmeasured
+            .iter()
+            .map(|f| Value::String(f.key().into()))
+            .collect();
+        map.insert("unmeasured".into(), Value::Array(unmeasured));
         Value::Object(map)
     }
 
@@ -235,6 +243,10 @@ impl BenchReport {
         }
         for (name, reason) in &self.failures {
             let _ = writeln!(out, "failed: {name}: {reason}");
+        }
+        if !self.unmeasured.is_empty() {
+            let keys: Vec<_> = self.unmeasured.iter().map(|f| f.key()).collect();
+            let _ = writeln!(out, "not measured by any probe: {}", keys.join(", "));
         }
         let _ = writeln!(
             out,
@@ -306,6 +318,7 @@ mod tests {
         assert_eq!(obj["iotlb_hit_ns"], Value::from(30.0));
         assert_eq!(obj["fwd_inv_ns"], Value::Null);
         assert_eq!(obj["cpu"], Value::from("Test CPU"));
+        assert_eq!(obj["unmeasured"], Value::Array(vec![]));
         let line = v.to_string();
         assert!(!line.contains('\n'));
         let back: Value = serde_json::from_str(&line).unwrap();
@@ -316,7 +329,9 @@ mod tests {
     fn the_table_has_a_row_per_goal_and_the_other_figures() {
         let mut r = report();
         r.fail("stream", "model did not count");
+        r.unmeasured = vec![Figure::FwdInvNs, Figure::GuestBindNs];
         let t = r.table();
+        assert!(t.contains("not measured by any probe: fwd_inv_ns, guest_bind_ns"));
         let lines: Vec<_> = t.lines().collect();
         assert!(lines[0].starts_with("goal"));
         assert!(lines[1].starts_with("IOTLB hit vs hash map"));

@@ -1,8 +1,9 @@
 //! The measurements `vsva bench` runs, as probes that each record some figures.
 //!
 //! The figures of the ioctl path, the forwarded path and the bound-PASID size need the
-//! host IOMMU driver and the VMM: no standard probe records them, so they stay missing
-//! until a probe for them joins [`standard_probes`].
+//! host IOMMU driver and the VMM: no standard probe declares them, so a run lists them as
+//! unmeasured (missing in the table, `null` in JSON) until a probe for them joins
+//! [`standard_probes`].
 
 use indicatif::{ProgressBar, ProgressStyle};
 use vsva_hw::PAGE_SIZE;
@@ -23,6 +24,9 @@ pub trait Probe {
     /// A short name, for the progress bar, `--only` and failure reports.
     fn name(&self) -> &'static str;
 
+    /// The figures a successful run records.
+    fn figures(&self) -> &'static [Figure];
+
     /// Measures with `budget` and records the figures in `report`.
     fn run(&mut self, budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError>;
 }
@@ -30,12 +34,17 @@ pub trait Probe {
 /// A probe that is a plain function.
 pub struct FnProbe {
     pub name: &'static str,
+    pub figures: &'static [Figure],
     pub run: fn(&SampleBudget, &mut BenchReport) -> Result<(), BenchError>,
 }
 
 impl Probe for FnProbe {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn figures(&self) -> &'static [Figure] {
+        self.figures
     }
 
     fn run(&mut self, budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
@@ -153,15 +162,37 @@ fn pasid_alloc(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Be
 
 /// Every measurement that the parts on `main` allow, in report order.
 pub fn standard_probes() -> Vec<Box<dyn Probe>> {
-    let probe = |name, run| -> Box<dyn Probe> { Box::new(FnProbe { name, run }) };
+    use Figure::*;
+    let probe = |name, figures, run| -> Box<dyn Probe> { Box::new(FnProbe { name, figures, run }) };
     vec![
-        probe("iotlb-hit", iotlb_hit),
-        probe("iotlb-hit-2-threads", iotlb_two_threads),
-        probe("cold-sl-walk", cold_sl_walk),
-        probe("cold-nested-walk", cold_nested_walk),
-        probe("streaming-dma", streaming),
-        probe("nested-memmove", memmove),
-        probe("pasid-alloc-free", pasid_alloc),
+        probe("iotlb-hit", &[IotlbHitNs, HashmapLookupNs], iotlb_hit),
+        probe(
+            "iotlb-hit-2-threads",
+            &[IotlbHit2ThreadsSpeedup],
+            iotlb_two_threads,
+        ),
+        probe("cold-sl-walk", &[SlWalkNs, DependentLoads4Ns], cold_sl_walk),
+        probe(
+            "cold-nested-walk",
+            &[NestedWalkNs, DependentLoads24Ns, NestedWalkTableReads],
+            cold_nested_walk,
+        ),
+        probe("streaming-dma", &[ReadsPerMiss], streaming),
+        probe(
+            "nested-memmove",
+            &[MemcpyNestedGbps, MemcpyPlainGbps],
+            memmove,
+        ),
+        probe(
+            "pasid-alloc-free",
+            &[
+                PasidAllocFreeNs0,
+                PasidAllocFreeNs50,
+                PasidAllocFreeNs99,
+                BytesPerPasid,
+            ],
+            pasid_alloc,
+        ),
     ]
 }
 
@@ -202,10 +233,26 @@ pub fn run_probes(opts: &BenchOptions, probes: Vec<Box<dyn Probe>>) -> BenchRepo
         bar.set_style(style);
     }
     let mut report = BenchReport::new(opts.quick);
+    report.unmeasured = Figure::ALL
+        .iter()
+        .copied()
+        .filter(|f| !selected.iter().any(|p| p.figures().contains(f)))
+        .collect();
     for mut probe in selected {
         bar.set_message(probe.name());
-        if let Err(e) = probe.run(&budget, &mut report) {
-            report.fail(probe.name(), e);
+        match probe.run(&budget, &mut report) {
+            Err(e) => report.fail(probe.name(), e),
+            Ok(()) => {
+                let absent: Vec<_> = probe
+                    .figures()
+                    .iter()
+                    .filter(|f| report.get(**f).is_none())
+                    .map(|f| f.key())
+                    .collect();
+                if !absent.is_empty() {
+                    report.fail(probe.name(), format!("recorded no {}", absent.join(", ")));
+                }
+            }
         }
         bar.inc(1);
     }
@@ -226,51 +273,81 @@ mod tests {
         Err(BenchError::Check("no model".into()))
     }
 
-    #[test]
-    fn failures_are_reported_and_do_not_stop_the_run() {
-        let probes: Vec<Box<dyn Probe>> = vec![
+    fn probes() -> Vec<Box<dyn Probe>> {
+        vec![
             Box::new(FnProbe {
                 name: "fails",
+                figures: &[Figure::GuestBindNs],
                 run: fails,
             }),
             Box::new(FnProbe {
                 name: "records",
+                figures: &[Figure::FwdInvNs],
                 run: records,
             }),
-        ];
-        let r = run_probes(&BenchOptions::default(), probes);
+            Box::new(FnProbe {
+                name: "forgets",
+                figures: &[Figure::PrqRoundtripNs],
+                run: |_, _| Ok(()),
+            }),
+        ]
+    }
+
+    #[test]
+    fn failures_are_reported_and_do_not_stop_the_run() {
+        let r = run_probes(&BenchOptions::default(), probes());
         assert_eq!(r.get(Figure::FwdInvNs), Some(1500.0));
         assert_eq!(
             r.failures,
-            vec![("fails".to_string(), "check failed: no model".to_string())]
+            vec![
+                ("fails".to_string(), "check failed: no model".to_string()),
+                (
+                    "forgets".to_string(),
+                    "recorded no prq_roundtrip_ns".to_string()
+                )
+            ]
         );
+        assert_eq!(r.unmeasured.len(), Figure::ALL.len() - 3);
+        assert!(!r.unmeasured.contains(&Figure::GuestBindNs));
     }
 
     #[test]
     fn only_selects_probes_by_name() {
-        let probes: Vec<Box<dyn Probe>> = vec![
-            Box::new(FnProbe {
-                name: "fails",
-                run: fails,
-            }),
-            Box::new(FnProbe {
-                name: "records",
-                run: records,
-            }),
-        ];
         let opts = BenchOptions {
             only: Some("rec".into()),
             ..BenchOptions::default()
         };
-        let r = run_probes(&opts, probes);
+        let r = run_probes(&opts, probes());
         assert!(r.failures.is_empty());
         assert_eq!(r.get(Figure::FwdInvNs), Some(1500.0));
+        assert!(r.unmeasured.contains(&Figure::GuestBindNs));
     }
 
     #[test]
-    fn standard_probe_names_are_unique() {
-        let names: std::collections::HashSet<_> =
-            standard_probes().iter().map(|p| p.name()).collect();
-        assert_eq!(names.len(), standard_probes().len());
+    fn standard_probes_leave_exactly_the_host_and_vmm_figures_unmeasured() {
+        let probes = standard_probes();
+        let names: std::collections::HashSet<_> = probes.iter().map(|p| p.name()).collect();
+        assert_eq!(names.len(), probes.len());
+        let unmeasured: Vec<_> = Figure::ALL
+            .iter()
+            .filter(|f| !probes.iter().any(|p| p.figures().contains(f)))
+            .map(|f| f.key())
+            .collect();
+        assert_eq!(
+            unmeasured,
+            [
+                "pasid_inv_ns",
+                "addr_inv_1_ns",
+                "addr_inv_512_ns",
+                "bind_gpasid_ns",
+                "unbind_gpasid_ns",
+                "map_dma_4k_ns",
+                "unmap_dma_4k_ns",
+                "fwd_inv_ns",
+                "guest_bind_ns",
+                "prq_roundtrip_ns",
+                "bytes_per_bound_pasid"
+            ]
+        );
     }
 }
