@@ -1,4 +1,4 @@
-//! The scalable-mode root table (VT-d §3.4.2, §9.2) and what the table walk above the PASID
+//! The scalable-mode root table (VT-d §3.4.3, §9.2) and what the table walk above the PASID
 //! table shares: the capabilities entries are checked against, and faults with their FPD.
 //!
 //! The root table is one 4 KiB page of 256 root entries, one per bus, at the address in
@@ -22,8 +22,8 @@ const HALF_RESERVED: u64 = 0xffe;
 
 /// What a remapping unit supports, as far as it decides whether a table entry is valid.
 ///
-/// The fields carry the names of the Capability Register (CAP_REG, §11.4.2) and Extended
-/// Capability Register (ECAP_REG, §11.4.3) fields, plus the host address width that the
+/// The fields carry the names of the Capability Register (CAP_REG, §10.4.2) and Extended
+/// Capability Register (ECAP_REG, §10.4.3) fields, plus the host address width that the
 /// platform reports (DMAR ACPI table, §8.1). A field of an entry that is tied to a capability
 /// the unit lacks is treated as reserved, as the spec says for each such field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

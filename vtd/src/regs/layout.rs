@@ -200,7 +200,7 @@ pub mod fsts {
     pub const RW1C: u32 = PFO | AFO | APF | IQE | ICE | ITE;
 }
 
-/// Event control registers (FECTL_REG §10.4.10, IECTL_REG §10.4.25, PECTL_REG §10.4.33).
+/// Event control registers (FECTL_REG §10.4.10, IECTL_REG §10.4.25, PECTL_REG §10.4.35).
 pub mod event_control {
     /// Interrupt mask.
     pub const IM: u32 = 1 << 31;
@@ -208,7 +208,7 @@ pub mod event_control {
     pub const IP: u32 = 1 << 30;
 }
 
-/// Invalidation queue registers (IQH_REG, IQT_REG, IQA_REG, §10.4.22-24).
+/// Invalidation queue registers (IQH_REG, IQT_REG, IQA_REG, §10.4.21-23).
 pub mod iq {
     /// Queue head/tail: byte offset into the queue, bits 18:4.
     pub const OFFSET: u64 = 0x7fff0;
@@ -236,7 +236,7 @@ pub mod iqercd {
     pub const ICESID_SHIFT: u32 = 48;
 }
 
-/// Page request queue registers (PQH_REG, PQT_REG, PQA_REG, PRS_REG, §10.4.30-33).
+/// Page request queue registers (PQH_REG, PQT_REG, PQA_REG, PRS_REG, §10.4.31-34).
 pub mod pq {
     /// Queue head/tail: byte offset into the queue, bits 18:5.
     pub const OFFSET: u64 = 0x7ffe0;
