@@ -290,7 +290,9 @@ impl Vm {
 impl Vm {
     /// Shuts the VM down as a VMM does, leaving nothing on the host: the guest and its
     /// vIOMMU go (unbinding what they shadowed), the device is detached, closing the VFIO
-    /// container unbinds, unmaps and frees its PASID set, and guest RAM is freed.
+    /// container unbinds, unmaps and frees its PASID set, and guest RAM is freed. The VM's
+    /// processes and device models must be gone first: RAM they still map stays allocated,
+    /// and the call fails.
     pub fn shutdown(self) -> Result<(), StackError> {
         let Vm {
             mem,
@@ -320,6 +322,14 @@ impl Vm {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         host_mem.release_guest_memory(&mem);
+        // A process or device model of the VM that is still alive maps guest RAM: freed now,
+        // the frames would go to the next VM while that mapping still reaches them. They
+        // stay allocated instead.
+        if Arc::strong_count(&mem) > 1 {
+            return Err(StackError::Guest(
+                "guest RAM is still mapped (a process or device model of the VM is alive): not freed".into(),
+            ));
+        }
         drop(mem);
         host_frames.free(ram_hpa)?;
         Ok(())

@@ -966,3 +966,42 @@ fn an_emulated_device_and_the_passthrough_device_share_one_process_address_space
     drop(p);
     vm.shutdown().unwrap();
 }
+
+#[test]
+fn guest_ram_a_live_process_still_maps_is_not_handed_to_the_next_vm() {
+    let host = host();
+    let empty = holdings(&host);
+    let a = Vm::new(&host, 0, RAM, 100).unwrap();
+    let p = a.spawn(FlPagingMode::FourLevel).unwrap();
+    let buf = p.mmap(PAGE as u64, Prot::READ_WRITE).unwrap();
+    let pasid = a.bind(&p).unwrap();
+    let gpa = p.translate(buf).unwrap();
+    let a_ram = (a.ram_hpa, a.ram_size);
+
+    // The process outlives its VM: everything else goes, but not the RAM it maps.
+    assert!(a.shutdown().is_err());
+    let left = holdings(&host);
+    assert_eq!(
+        left,
+        HostHoldings {
+            allocated_bytes: empty.allocated_bytes + a_ram.1,
+            ..empty
+        }
+    );
+    assert_eq!(host.pasids.lock().unwrap().owner(pasid), None);
+
+    // The next VM gets other frames, and what the old mapping writes never reaches it.
+    let b = tenant(&host, 1);
+    let (start, end) = (b.vm.ram_hpa.0, b.vm.ram_hpa.0 + b.vm.ram_size);
+    assert!(end <= a_ram.0 .0 || start >= a_ram.0 .0 + a_ram.1);
+    let b_bytes = read(&b.p, b.b.dst, TENANT_LEN);
+    p.write(buf, &[0xee; PAGE]).unwrap();
+    p.memory()
+        .write(gpa.0, &vec![0xee; (RAM - gpa.0) as usize])
+        .unwrap();
+    same(&read(&b.p, b.b.dst, TENANT_LEN), &b_bytes);
+    drop(p);
+    let Tenant { vm, p, .. } = b;
+    drop(p);
+    vm.shutdown().unwrap();
+}
