@@ -258,8 +258,9 @@ impl fmt::Debug for Iommu {
     }
 }
 
-/// CAP_REG of the model (§10.4.2): 48-bit guest widths, 4/5-level second level, large
-/// pages at both levels, page-selective invalidation, 8 fault recording registers.
+/// CAP_REG of the model (§10.4.2): guest address width `caps.haw`, the second-level depths
+/// of `caps.sagaw` (3 and 4 levels by default), 2-MiB and 1-GiB pages at both levels,
+/// page-selective invalidation, 8 fault recording registers.
 fn cap_register(caps: &Capabilities) -> Cap {
     Cap {
         nd: 6,
@@ -278,8 +279,8 @@ fn cap_register(caps: &Capabilities) -> Cap {
     }
 }
 
-/// ECAP_REG of the model (§10.4.3): scalable mode with every translation type, PASIDs
-/// (20 bits), queued invalidation, device TLBs and page requests.
+/// ECAP_REG of the model (§10.4.3): scalable mode, 20-bit PASIDs, queued invalidation, and
+/// the translation types and features `caps` lists.
 fn ecap_register(caps: &Capabilities) -> Ecap {
     Ecap {
         qi: true,
