@@ -565,13 +565,20 @@ impl<B: IommuBackend> Container<B> {
     }
 
     /// `VFIO_IOMMU_UNBIND` of a guest PASID: the host PASID must be the caller's (EPERM)
-    /// and bound (EINVAL); what was bound is torn down.
+    /// and bound (EINVAL). The PASID's page request groups still waiting are answered
+    /// `IOMMU_PAGE_RESP_INVALID` while it is bound (afterwards the driver could no longer
+    /// answer them and the device would wait until the PASID is freed), its unread
+    /// requests dropped, and what was bound is torn down.
     fn do_unbind(&mut self, arg: &mut [u8]) -> Result<usize, HostError> {
         let bind = self.decode_bind(arg)?;
         let bound = self
             .bound
             .remove(&bind.hpasid)
             .ok_or(HostError::NotBound(bind.hpasid))?;
+        answer_invalid(
+            &mut self.backend,
+            self.faults.drop_pasid_requests(bind.hpasid),
+        );
         self.backend.unbind_gpasid(&bound);
         Ok(0)
     }
@@ -1511,6 +1518,33 @@ mod tests {
             sink.report(dev(0, 3), pr(p[0], 10, true)).unwrap_err(),
             HostError::DeviceNotAttached(dev(0, 3))
         );
+    }
+
+    #[test]
+    fn unbinding_answers_the_pasids_waiting_groups() {
+        let alloc = shared();
+        let (mut c, p) = vm(&alloc, 3, 2);
+        let mock = c.backend().state.clone();
+        let sink = c.fault_sink();
+        let ev = |r: PageRequest| FaultEvent {
+            sid: dev(0, 3),
+            request: r,
+        };
+        c.bind_gpasid(&bind_of(p[0])).unwrap();
+        sink.report(dev(0, 3), pr(p[0], 1, true)).unwrap();
+        sink.report(dev(0, 3), pr(p[0], 2, false)).unwrap();
+        sink.report(dev(0, 3), pr(p[1], 3, true)).unwrap();
+        c.unbind_gpasid(&bind_of(p[0])).unwrap();
+        assert_eq!(
+            mock.borrow().responses,
+            vec![(dev(0, 3), resp(Some(p[0]), 1, PageResponseCode::Invalid))]
+        );
+        assert_eq!(c.pending_page_requests(), vec![ev(pr(p[1], 3, true))]);
+        assert_eq!(c.read_faults(), vec![ev(pr(p[1], 3, true))]);
+        // The PASID is still the container's: bound again, its requests are taken.
+        c.bind_gpasid(&bind_of(p[0])).unwrap();
+        sink.report(dev(0, 3), pr(p[0], 4, true)).unwrap();
+        assert_eq!(c.read_faults(), vec![ev(pr(p[0], 4, true))]);
     }
 
     #[test]

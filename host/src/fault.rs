@@ -183,6 +183,13 @@ impl FaultQueue {
         Self::drop_where(&mut r, |e| e.request.pasid == Some(pasid))
     }
 
+    /// Drops the unread requests for `pasid` and returns its pending groups, which the
+    /// caller answers; requests for it are still accepted (the PASID stays the container's).
+    pub(crate) fn drop_pasid_requests(&self, pasid: Pasid) -> Vec<FaultEvent> {
+        let mut r = lock(&self.shared);
+        Self::drop_where(&mut r, |e| e.request.pasid == Some(pasid))
+    }
+
     fn drop_where(r: &mut Routes, gone: impl Fn(&FaultEvent) -> bool) -> Vec<FaultEvent> {
         r.unread.retain(|e| !gone(e));
         let (answer, keep) = std::mem::take(&mut r.pending)
