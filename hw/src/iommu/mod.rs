@@ -1,7 +1,8 @@
 //! The physical VT-d IOMMU model (scalable mode).
 //!
 //! Tables live in host memory; the model reads them as hardware does and caches what it
-//! reads (context cache, PASID cache, IOTLB) until an invalidation descriptor removes it.
+//! reads (context cache, PASID cache, IOTLB, paging-structure caches) until an invalidation
+//! descriptor removes it.
 
 mod cached_walk;
 mod explain;
@@ -37,7 +38,8 @@ pub use translate::{DmaMapping, Source, TranslationFault};
 #[derive(Clone, Copy, Debug)]
 pub struct IommuConfig {
     pub caps: Capabilities,
-    /// Re-walk on every IOTLB hit and report stale translations.
+    /// Re-walk the tables on every IOTLB hit and after every walk that used the
+    /// paging-structure caches, and report stale translations.
     pub strict: bool,
 }
 

@@ -1,4 +1,5 @@
-//! Strict mode: every IOTLB hit is checked against a fresh walk of the tables, and a
+//! Strict mode: every IOTLB hit, and every walk that paging-structure-cache entries
+//! shortened (see `cached_walk`), is checked against a fresh walk of the tables, and a
 //! difference is reported with the invalidation descriptor that would have removed the
 //! stale entry. Hardware keeps using the stale entry either way; the report is for the
 //! person debugging a driver.
@@ -19,7 +20,8 @@ pub struct StaleTranslation {
     pub sid: SourceId,
     pub pasid: Pasid,
     pub addr: u64,
-    /// What the IOTLB returned (and the request used).
+    /// What the IOTLB, or the walk through the paging-structure caches, returned (and the
+    /// request used).
     pub cached: IotlbEntry,
     /// What the tables say now: the output page base and page shift, or the fault.
     pub now: Result<(u64, u8), FaultReason>,

@@ -209,9 +209,10 @@ impl Iommu {
     /// Translates a DMA request from `sid` (with `pasid`, or without PASID) to `addr`.
     ///
     /// An IOTLB hit serves the request without reading any table, whatever the tables say
-    /// now: stale entries stay in use until invalidated, as on hardware. In strict mode the
-    /// hit is checked against a fresh walk and a difference is reported as a
-    /// [`StaleTranslation`](super::StaleTranslation).
+    /// now: stale entries stay in use until invalidated, as on hardware; so do the
+    /// paging-structure-cache entries a walk after a miss starts from. In strict mode a hit,
+    /// or a walk that used cached entries, is checked against a fresh walk and a difference
+    /// is reported as a [`StaleTranslation`](super::StaleTranslation).
     pub fn translate(
         &self,
         sid: SourceId,
