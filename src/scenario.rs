@@ -123,6 +123,7 @@ fn page_request(host: &Host, out: &mut String) -> Result<(), StackError> {
             "WRONG"
         }
     );
+    drop(b);
     vm.shutdown()
 }
 
