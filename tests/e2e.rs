@@ -1005,3 +1005,47 @@ fn guest_ram_a_live_process_still_maps_is_not_handed_to_the_next_vm() {
     drop(p);
     vm.shutdown().unwrap();
 }
+
+#[test]
+fn two_vms_share_the_host_iommu_from_two_threads() {
+    let host = host();
+    let empty = holdings(&host);
+    let vms: Vec<Arc<Vm>> = (0..2)
+        .map(|i| Arc::new(Vm::new(&host, i, RAM, 100).unwrap()))
+        .collect();
+    std::thread::scope(|s| {
+        for (i, vm) in vms.iter().enumerate() {
+            s.spawn(move || {
+                for round in 0..8u8 {
+                    let mode = if round % 2 == 0 {
+                        FlPagingMode::FourLevel
+                    } else {
+                        FlPagingMode::FiveLevel
+                    };
+                    let p = vm.spawn(mode).unwrap();
+                    let len = 3 * PAGE;
+                    let src = p.mmap(len as u64, Prot::READ_WRITE).unwrap();
+                    let dst = p.mmap_lazy(len as u64, Prot::READ_WRITE).unwrap();
+                    let record = p.mmap(PAGE as u64, Prot::READ_WRITE).unwrap();
+                    let pasid = vm.bind(&p).unwrap();
+                    let data = pattern(len, round ^ (i as u8 * 0x55));
+                    p.write(src, &data).unwrap();
+                    run_ok(vm, &p, pasid, memmove(src, dst, len), record);
+                    same(&read(&p, dst, len), &data);
+                    p.munmap(dst, PAGE as u64).unwrap();
+                    let rec = vm.run(&p, pasid, memmove(src, dst, len), record).unwrap();
+                    assert_eq!(rec.status, CompletionStatus::PageResponseError);
+                    assert_eq!(rec.fault_addr, dst.0);
+                    vm.driver.sva_unbind(GUEST_DEVICE_SID, pasid).unwrap();
+                }
+            });
+        }
+    });
+    assert!(host.iommu.take_stale_translations().is_empty());
+    for vm in vms {
+        assert!(vm.viommu.take_host_errors().is_empty());
+        assert_eq!(vm.driver.stats().page_requests_served, 8 * 3);
+        Arc::into_inner(vm).unwrap().shutdown().unwrap();
+    }
+    assert_eq!(holdings(&host), empty);
+}
