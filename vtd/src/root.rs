@@ -65,6 +65,30 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// A unit with every feature an entry can name, host address width `haw` and the
+    /// second-level table depths `sagaw` lists (CAP.SAGAW).
+    pub const fn full(haw: u8, sagaw: u8) -> Self {
+        Capabilities {
+            haw,
+            sagaw,
+            fl5lp: true,
+            flts: true,
+            slts: true,
+            nest: true,
+            pt: true,
+            pasid: true,
+            dt: true,
+            prs: true,
+            srs: true,
+            ers: true,
+            slads: true,
+            eafs: true,
+            sc: true,
+            smpwc: true,
+            mts: true,
+        }
+    }
+
     /// Whether a 4 KiB aligned pointer lies beyond the host address width.
     pub(crate) const fn beyond_haw(&self, ptr: u64) -> bool {
         self.haw < 64 && ptr >> self.haw != 0
@@ -195,25 +219,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     /// A unit that supports everything, with a 46-bit host address width.
-    pub(crate) const CAPS: Capabilities = Capabilities {
-        haw: 46,
-        sagaw: 0b0_1110,
-        fl5lp: true,
-        flts: true,
-        slts: true,
-        nest: true,
-        pt: true,
-        pasid: true,
-        dt: true,
-        prs: true,
-        srs: true,
-        ers: true,
-        slads: true,
-        eafs: true,
-        sc: true,
-        smpwc: true,
-        mts: true,
-    };
+    pub(crate) const CAPS: Capabilities = Capabilities::full(46, 0b0_1110);
 
     /// Writes consecutive qwords from `addr`.
     pub(crate) fn put(mem: &impl PhysMem, addr: u64, qwords: &[u64]) {

@@ -44,29 +44,12 @@ pub struct IommuConfig {
 }
 
 impl Default for IommuConfig {
-    /// A scalable-mode IOMMU with first-level, second-level, nested and pass-through
-    /// translation, PASIDs, device TLBs and page requests, 48-bit host addresses.
+    /// A scalable-mode IOMMU with every feature the table entries can name (first-level,
+    /// second-level, nested and pass-through translation, PASIDs, device TLBs, page
+    /// requests, ...), 3- and 4-level second-level tables and 48-bit host addresses.
     fn default() -> Self {
         IommuConfig {
-            caps: Capabilities {
-                haw: 48,
-                sagaw: 0b0110,
-                fl5lp: true,
-                flts: true,
-                slts: true,
-                nest: true,
-                pt: true,
-                pasid: true,
-                dt: true,
-                prs: true,
-                srs: true,
-                ers: true,
-                slads: true,
-                eafs: true,
-                sc: true,
-                smpwc: true,
-                mts: true,
-            },
+            caps: Capabilities::full(48, 0b0110),
             strict: false,
         }
     }
