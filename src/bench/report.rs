@@ -15,6 +15,11 @@ pub struct BenchReport {
     pub cpu: Option<String>,
     /// Whether the run sampled in quick mode.
     pub quick: bool,
+    /// CPUs the process may use.
+    pub cpus: Option<usize>,
+    /// The one-minute load average when the run started: above `cpus - 1`, the
+    /// two-thread figure had no idle core for its second thread.
+    pub load_average: Option<f64>,
     values: BTreeMap<Figure, f64>,
     /// Measurements that failed, by name, with the reason; their figures are missing.
     pub failures: Vec<(String, String)>,
@@ -53,6 +58,16 @@ impl GoalResult {
     pub fn bound_text(&self) -> String {
         format_bound(&self.goal)
     }
+}
+
+/// The one-minute load average (/proc/loadavg).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The CPU model string of this machine.
@@ -96,6 +111,8 @@ impl BenchReport {
         BenchReport {
             cpu: cpu_model(),
             quick,
+            cpus: std::thread::available_parallelism().ok().map(|n| n.get()),
+            load_average: load_average(),
             ..BenchReport::default()
         }
     }
@@ -157,6 +174,13 @@ impl BenchReport {
             self.cpu.clone().map_or(Value::Null, Value::String),
         );
         map.insert("quick".into(), Value::Bool(self.quick));
+        map.insert("cpus".into(), self.cpus.map_or(Value::Null, Value::from));
+        map.insert(
+            "load_average".into(),
+            self.load_average
+                .and_then(serde_json::Number::from_f64)
+                .map_or(Value::Null, Value::Number),
+        );
         let failures = self
             .failures
             .iter()
@@ -248,12 +272,14 @@ impl BenchReport {
             let keys: Vec<_> = self.unmeasured.iter().map(|f| f.key()).collect();
             let _ = writeln!(out, "not measured by any probe: {}", keys.join(", "));
         }
-        let _ = writeln!(
-            out,
-            "cpu: {}{}",
-            self.cpu.as_deref().unwrap_or("unknown"),
-            if self.quick { " (quick)" } else { "" }
-        );
+        let _ = write!(out, "cpu: {}", self.cpu.as_deref().unwrap_or("unknown"));
+        if let Some(n) = self.cpus {
+            let _ = write!(out, ", {n} CPUs");
+        }
+        if let Some(load) = self.load_average {
+            let _ = write!(out, ", load average {load:.2} at start");
+        }
+        let _ = writeln!(out, "{}", if self.quick { " (quick)" } else { "" });
         out
     }
 }
@@ -338,6 +364,12 @@ mod tests {
         assert!(lines[1].contains("3.00×") && lines[1].ends_with("NO"));
         assert!(t.contains("nested_walk_table_reads: 24.0 reads"));
         assert!(t.contains("failed: stream: model did not count"));
+        assert!(t.ends_with("cpu: Test CPU\n"));
+        r.cpus = Some(2);
+        r.load_average = Some(3.5);
+        assert!(r
+            .table()
+            .ends_with("cpu: Test CPU, 2 CPUs, load average 3.50 at start\n"));
         assert_eq!(
             lines.iter().filter(|l| l.ends_with("missing")).count(),
             GOALS.len() - 3
