@@ -30,6 +30,7 @@ fn host() -> Host {
     Host::new(1 << 30, true).unwrap()
 }
 
+/// Bytes that differ within a page and from page to page.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 12) as u8)
@@ -130,7 +131,7 @@ fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     let p5 = vm.spawn(FlPagingMode::FiveLevel).unwrap();
     let len = 3 * PAGE;
     let b4 = buffers(&p4, len);
-    // Above 2^56: only a 5-level walk reaches these addresses.
+    // Above 2^47: only a 5-level walk reaches these addresses.
     let high = 0x00ab_cdef_0000_0000;
     let b5 = Buffers {
         src: p5
