@@ -92,6 +92,12 @@ impl Pasid {
         }
     }
 
+    /// The PASID in bits 19:0 of `bits`, the bits above ignored: what a 20-bit PASID field
+    /// of an entry, descriptor or register holds once shifted down.
+    pub const fn from_low_bits(bits: u64) -> Self {
+        Pasid((bits & Self::MAX.0 as u64) as u32)
+    }
+
     /// The raw 20-bit value.
     pub const fn raw(self) -> u32 {
         self.0
@@ -194,6 +200,8 @@ mod tests {
     fn pasid_range_is_twenty_bits() {
         assert_eq!(Pasid::new(0xf_ffff).unwrap().raw(), 0xf_ffff);
         assert_eq!(Pasid::new(0x10_0000), Err(InvalidPasid(0x10_0000)));
+        assert_eq!(Pasid::from_low_bits(0xabc_def0_1234_5678), Pasid(0x4_5678));
+        assert_eq!(Pasid::from_low_bits(0x10_0000), Pasid(0));
         let p = Pasid::new(0x12345).unwrap();
         assert_eq!(p.dir_index(), 0x12345 >> 6);
         assert_eq!(p.table_index(), 0x05);

@@ -85,10 +85,6 @@ impl ScalableContextEntry {
         if raw[0] & RSVD0 != 0 || raw[1] & RSVD1 != 0 || raw[2] != 0 || raw[3] != 0 {
             return Err(FaultReason::Sct3);
         }
-        let rid_pasid = match Pasid::new((raw[1] & RID_PASID_MASK) as u32) {
-            Ok(pasid) => pasid,
-            Err(_) => return Err(FaultReason::Sct3),
-        };
         Ok(ScalableContextEntry {
             fpd: raw[0] & FPD != 0,
             dte: raw[0] & DTE != 0,
@@ -96,7 +92,7 @@ impl ScalableContextEntry {
             pre: raw[0] & PRE != 0,
             pdts: ((raw[0] >> PDTS_SHIFT) & PDTS_MASK) as u8,
             pasiddirptr: raw[0] & PTR_MASK,
-            rid_pasid,
+            rid_pasid: Pasid::from_low_bits(raw[1]),
             rid_priv: raw[1] & RID_PRIV != 0,
         })
     }

@@ -374,7 +374,7 @@ const fn bit(qw: u64, n: u32) -> bool {
 
 /// The 20-bit PASID field at bits 51:32.
 fn pasid_field(qw: u64) -> Pasid {
-    Pasid::new(field(qw, 32, Pasid::BITS) as u32).expect("a 20-bit field always holds a PASID")
+    Pasid::from_low_bits(qw >> 32)
 }
 
 /// PFSID is split: bits 3:0 at 15:12, bits 15:4 at 63:52.

@@ -77,8 +77,7 @@ impl PageRequestDesc {
         if q0 & QW0_RESERVED != 0 {
             return Err(PageRequestDescError::Reserved(q0 & QW0_RESERVED));
         }
-        let pasid = (q0 & PASID_PRESENT != 0)
-            .then(|| Pasid::new(((q0 >> 32) & 0xf_ffff) as u32).expect("20-bit field"));
+        let pasid = (q0 & PASID_PRESENT != 0).then(|| Pasid::from_low_bits(q0 >> 32));
         Ok(PageRequestDesc {
             rid: SourceId::from_rid((q0 >> 16) as u16),
             pasid,

@@ -117,7 +117,7 @@ impl RawDescriptor {
         if self.pasid_priv & DW0_PASID_VALID == 0 {
             return None;
         }
-        Pasid::new(self.pasid_priv & DW0_PASID_MASK).ok()
+        Some(Pasid::from_low_bits(self.pasid_priv.into()))
     }
 
     /// Whether the descriptor asks for privileged-mode accesses.

@@ -79,14 +79,7 @@ impl FaultRecord {
             2 => AddressType::Translated,
             _ => return None,
         };
-        let pasid = if hi & (1 << 31) != 0 {
-            Some(
-                Pasid::new(((hi >> 40) & 0xf_ffff) as u32)
-                    .expect("a 20-bit field always holds a PASID"),
-            )
-        } else {
-            None
-        };
+        let pasid = (hi & (1 << 31) != 0).then(|| Pasid::from_low_bits(hi >> 40));
         Some(Self {
             fault_info: lo & !0xfff,
             sid: SourceId::from_rid(hi as u16),
