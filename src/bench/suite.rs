@@ -11,6 +11,7 @@ use vsva_hw::PAGE_SIZE;
 use super::dma::{nested_walk_reads, stream_reads, NestedMemmove, PlainCopy, MEMMOVE_BYTES};
 use super::figures::Figure;
 use super::loads::DependentLoads;
+use super::measure::{measure_pair_with, Statistic};
 use super::pasid::PasidChurn;
 use super::platform::{Platform, PlatformConfig};
 use super::report::BenchReport;
@@ -74,12 +75,15 @@ fn iotlb_hit(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Benc
     Ok(())
 }
 
+/// The fastest samples of each: the figure is about the IOMMU's locking, and a sample
+/// that shared a core with another process measures the machine's load instead.
 fn iotlb_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let p = hit_platform()?;
-    let (two, one) = measure_pair(
+    let (two, one) = measure_pair_with(
         &mut TwoThreadHits::new(&p)?,
         &mut IotlbHits::new(&p)?,
         budget,
+        Statistic::Fastest,
     )?;
     report.set(Figure::IotlbHit2ThreadsSpeedup, 2.0 * one / two);
     Ok(())
