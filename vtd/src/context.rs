@@ -6,6 +6,7 @@
 
 use crate::addr::{Pasid, SourceId};
 use crate::fault::FaultReason;
+use crate::field::flag;
 use crate::mem::PhysMem;
 use crate::root::{context_table_addr, Capabilities, EntryFault, PTR_MASK};
 
@@ -54,25 +55,17 @@ pub struct ScalableContextEntry {
     pub rid_priv: bool,
 }
 
-const fn bit(set: bool, mask: u64) -> u64 {
-    if set {
-        mask
-    } else {
-        0
-    }
-}
-
 impl ScalableContextEntry {
     /// The four qwords of the entry.
     pub const fn to_raw(&self) -> [u64; 4] {
         let q0 = P
-            | bit(self.fpd, FPD)
-            | bit(self.dte, DTE)
-            | bit(self.paside, PASIDE)
-            | bit(self.pre, PRE)
+            | flag(self.fpd, FPD)
+            | flag(self.dte, DTE)
+            | flag(self.paside, PASIDE)
+            | flag(self.pre, PRE)
             | (self.pdts as u64 & PDTS_MASK) << PDTS_SHIFT
             | (self.pasiddirptr & PTR_MASK);
-        let q1 = self.rid_pasid.raw() as u64 | bit(self.rid_priv, RID_PRIV);
+        let q1 = self.rid_pasid.raw() as u64 | flag(self.rid_priv, RID_PRIV);
         [q0, q1, 0, 0]
     }
 

@@ -4,6 +4,7 @@
 //! Levels are numbered as the walkers number them: 5 = PML5E, 4 = PML4E, 3 = PDPE,
 //! 2 = PDE, 1 = PTE.
 
+use crate::field::bits;
 use crate::walk::PageSize;
 
 /// The first-level paging mode, the PASID entry's FLPM field (§9.6).
@@ -66,11 +67,6 @@ pub(crate) const fn check_address_width(width: u8) -> Result<u8, InvalidAddressW
     } else {
         Err(InvalidAddressWidth(width))
     }
-}
-
-/// Bits `hi..=lo` set.
-pub(crate) const fn bits(hi: u32, lo: u32) -> u64 {
-    (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
 }
 
 /// A first-level paging entry.

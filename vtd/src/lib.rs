@@ -8,6 +8,7 @@ pub mod addr;
 pub mod builder;
 pub mod context;
 pub mod fault;
+mod field;
 pub mod flpte;
 pub mod inv_desc;
 pub mod mem;

@@ -9,6 +9,7 @@
 use crate::addr::{DomainId, Pasid, SourceId};
 use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
+use crate::field::flag;
 use crate::flpte::FlPagingMode;
 use crate::mem::PhysMem;
 use crate::root::{Capabilities, EntryFault, PTR_MASK};
@@ -52,14 +53,6 @@ const SMEP: u64 = 1 << 6;
 const EAFE: u64 = 1 << 7;
 const RSVD2: u64 = 0xf00;
 
-const fn bit(set: bool, mask: u64) -> u64 {
-    if set {
-        mask
-    } else {
-        0
-    }
-}
-
 /// A present PASID directory entry (§9.5). P is not a field: decoding an entry whose P is
 /// clear gives SPD.2, and encoding sets it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -73,7 +66,7 @@ pub struct PasidDirEntry {
 impl PasidDirEntry {
     /// The 64-bit entry.
     pub const fn to_raw(&self) -> u64 {
-        P | bit(self.fpd, FPD) | (self.smptblptr & PTR_MASK)
+        P | flag(self.fpd, FPD) | (self.smptblptr & PTR_MASK)
     }
 
     /// Decodes an entry: P clear gives SPD.2, a reserved bit (11:2) set SPD.3.
@@ -194,28 +187,28 @@ impl PasidEntry {
     /// The eight qwords of the entry; qwords 3-7 are reserved and zero.
     pub const fn to_raw(&self) -> [u64; 8] {
         let q0 = P
-            | bit(self.fpd, FPD)
+            | flag(self.fpd, FPD)
             | (self.aw.aw() as u64) << AW_SHIFT
-            | bit(self.slee, SLEE)
+            | flag(self.slee, SLEE)
             | (self.pgtt as u64) << PGTT_SHIFT
-            | bit(self.slade, SLADE)
+            | flag(self.slade, SLADE)
             | (self.slptptr & PTR_MASK);
         let q1 = self.did.0 as u64
-            | bit(self.pwsnp, PWSNP)
-            | bit(self.pgsnp, PGSNP)
-            | bit(self.cd, CD)
-            | bit(self.emte, EMTE)
+            | flag(self.pwsnp, PWSNP)
+            | flag(self.pgsnp, PGSNP)
+            | flag(self.cd, CD)
+            | flag(self.emte, EMTE)
             | (self.emt as u64 & 0x7) << EMT_SHIFT
-            | bit(self.pwt, PWT)
-            | bit(self.pcd, PCD)
+            | flag(self.pwt, PWT)
+            | flag(self.pcd, PCD)
             | (self.pat as u64) << PAT_SHIFT;
-        let q2 = bit(self.sre, SRE)
-            | bit(self.ere, ERE)
+        let q2 = flag(self.sre, SRE)
+            | flag(self.ere, ERE)
             | (self.flpm.flpm() as u64) << FLPM_SHIFT
-            | bit(self.wpe, WPE)
-            | bit(self.nxe, NXE)
-            | bit(self.smep, SMEP)
-            | bit(self.eafe, EAFE)
+            | flag(self.wpe, WPE)
+            | flag(self.nxe, NXE)
+            | flag(self.smep, SMEP)
+            | flag(self.eafe, EAFE)
             | (self.flptptr & PTR_MASK);
         [q0, q1, q2, 0, 0, 0, 0, 0]
     }

@@ -2,6 +2,7 @@
 //! page request queue for each page request it receives.
 
 use crate::addr::{Pasid, SourceId};
+use crate::field::flag;
 
 /// Descriptor type of a page request descriptor.
 pub const PAGE_REQUEST_TYPE: u64 = 0x1;
@@ -58,7 +59,7 @@ impl PageRequestDesc {
         if self.private_data.is_some() {
             q0 |= PRIV_DATA_PRESENT;
         }
-        q0 |= if self.exe { EXE } else { 0 } | if self.pm { PM } else { 0 };
+        q0 |= flag(self.exe, EXE) | flag(self.pm, PM);
         let q1 = self.read as u64
             | (self.write as u64) << 1
             | (self.lpig as u64) << 2

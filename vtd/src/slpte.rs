@@ -3,7 +3,8 @@
 //! Levels are numbered as the walkers number them: 5 = SL-PML5E, 4 = SL-PML4E,
 //! 3 = SL-PDPE, 2 = SL-PDE, 1 = SL-PTE. An entry with R and W both clear is not present.
 
-use crate::flpte::{bits, check_address_width, InvalidAddressWidth};
+use crate::field::bits;
+use crate::flpte::{check_address_width, InvalidAddressWidth};
 use crate::walk::PageSize;
 
 /// The number of second-level table levels, from the PASID entry's AW field (§9.6).
