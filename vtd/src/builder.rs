@@ -12,6 +12,7 @@
 
 use crate::flpte::{FlPagingMode, FlPte};
 use crate::mem::{MemError, PhysMem};
+use crate::pte;
 use crate::slpte::{SlLevels, SlPte};
 use crate::walk::{table_index, PageSize};
 use std::ops::BitOr;
@@ -67,13 +68,6 @@ impl TableFormat {
         match self {
             TableFormat::FirstLevel(_) => FlPte(entry).present(),
             TableFormat::SecondLevel(_) => SlPte(entry).present(),
-        }
-    }
-
-    fn is_leaf(self, entry: u64, level: u8) -> bool {
-        match self {
-            TableFormat::FirstLevel(_) => FlPte(entry).is_leaf(level),
-            TableFormat::SecondLevel(_) => SlPte(entry).is_leaf(level),
         }
     }
 
@@ -272,7 +266,7 @@ impl PageTableBuilder {
         if pa & (size.bytes() - 1) != 0 {
             return Err(BuildError::Misaligned { addr: pa, size });
         }
-        if pa & !FlPte::ADDR_MASK != 0 {
+        if pa & !pte::ADDR_MASK != 0 {
             return Err(BuildError::OutputTooWide(pa));
         }
         let (rights, _) = self.format.rights(flags)?;
@@ -317,10 +311,10 @@ impl PageTableBuilder {
                 mem.write_u64(link, self.format.table_entry(new))?;
                 first_link.get_or_insert(link);
                 table = new;
-            } else if self.format.is_leaf(entry, level) {
+            } else if pte::is_leaf(entry, level) {
                 return Err(BuildError::SizeConflict { va, level });
             } else {
-                table = entry & FlPte::ADDR_MASK;
+                table = entry & pte::ADDR_MASK;
             }
         }
         let slot = table + table_index(va, target) * 8;
@@ -382,17 +376,17 @@ impl PageTableBuilder {
             if !self.format.present(entry) {
                 return Ok(None);
             }
-            if self.format.is_leaf(entry, level) {
+            if pte::is_leaf(entry, level) {
                 return Err(BuildError::SizeConflict { va, level });
             }
-            table = entry & FlPte::ADDR_MASK;
+            table = entry & pte::ADDR_MASK;
         }
         let slot = table + table_index(va, target) * 8;
         let entry = mem.read_u64(slot)?;
         if !self.format.present(entry) {
             return Ok(None);
         }
-        if !self.format.is_leaf(entry, target) {
+        if !pte::is_leaf(entry, target) {
             return Err(BuildError::SizeConflict { va, level: target });
         }
         Ok(Some((slot, entry)))
@@ -413,16 +407,16 @@ impl PageTableBuilder {
             if !self.format.present(entry) {
                 return Ok(None);
             }
-            if self.format.is_leaf(entry, level) {
+            if pte::is_leaf(entry, level) {
                 if let Some(size) = PageSize::from_level(level) {
                     return Ok(Some(Mapping {
-                        page: entry & FlPte::ADDR_MASK & !(size.bytes() - 1),
+                        page: pte::page_address(entry, size),
                         size,
                         entry,
                     }));
                 }
             }
-            table = entry & FlPte::ADDR_MASK;
+            table = entry & pte::ADDR_MASK;
         }
         Ok(None)
     }
@@ -441,10 +435,10 @@ impl PageTableBuilder {
         let mut table = self.root;
         for l in (level + 1..=self.format.levels()).rev() {
             let entry = mem.read_u64(table + table_index(va, l) * 8)?;
-            if !self.format.present(entry) || self.format.is_leaf(entry, l) {
+            if !self.format.present(entry) || pte::is_leaf(entry, l) {
                 return Ok(None);
             }
-            table = entry & FlPte::ADDR_MASK;
+            table = entry & pte::ADDR_MASK;
         }
         Ok(Some(table + table_index(va, level) * 8))
     }
@@ -488,11 +482,11 @@ impl PageTableBuilder {
         if !self.format.present(entry) {
             return Ok(Vec::new());
         }
-        if self.format.is_leaf(entry, level) {
+        if pte::is_leaf(entry, level) {
             return Err(BuildError::AlreadyMapped { va, level });
         }
         let mut found = Vec::new();
-        let mut pending = vec![(entry & FlPte::ADDR_MASK, level - 1)];
+        let mut pending = vec![(entry & pte::ADDR_MASK, level - 1)];
         while let Some((table, l)) = pending.pop() {
             if !self.tables.contains(&table) {
                 return Err(BuildError::BadFrame(table));
@@ -503,10 +497,10 @@ impl PageTableBuilder {
                 if !self.format.present(e) {
                     continue;
                 }
-                if l == 1 || self.format.is_leaf(e, l) {
+                if l == 1 || pte::is_leaf(e, l) {
                     return Err(BuildError::AlreadyMapped { va, level: l });
                 }
-                pending.push((e & FlPte::ADDR_MASK, l - 1));
+                pending.push((e & pte::ADDR_MASK, l - 1));
             }
         }
         mem.write_u64(slot, 0)?;
@@ -544,7 +538,7 @@ where
     F: FrameSource + ?Sized,
 {
     let frame = frames.alloc_table().ok_or(BuildError::OutOfFrames)?;
-    if frame & !FlPte::ADDR_MASK != 0 {
+    if frame & !pte::ADDR_MASK != 0 {
         frames.free_table(frame);
         return Err(BuildError::BadFrame(frame));
     }

@@ -5,6 +5,7 @@
 //! 2 = PDE, 1 = PTE.
 
 use crate::field::bits;
+use crate::pte;
 use crate::walk::PageSize;
 
 /// The first-level paging mode, the PASID entry's FLPM field (§9.6).
@@ -89,7 +90,7 @@ impl FlPte {
     /// Dirty (leaf entries): set by hardware on a write through the entry.
     pub const D: u64 = 1 << 6;
     /// Page size (PDPE, PDE): the entry maps a 1-GiB or 2-MiB page.
-    pub const PS: u64 = 1 << 7;
+    pub const PS: u64 = pte::PS;
     /// Page attribute table bit of a 4-KiB page entry (PTE; same position as PS).
     pub const PAT_4K: u64 = 1 << 7;
     /// Global (leaf entries).
@@ -102,23 +103,18 @@ impl FlPte {
     /// Execute-disable.
     pub const XD: u64 = 1 << 63;
     /// The address field, bits 51:12.
-    pub const ADDR_MASK: u64 = bits(51, 12);
+    pub const ADDR_MASK: u64 = pte::ADDR_MASK;
 
     /// An entry pointing to the next table at `table` (4-KiB aligned); `flags` are entry
     /// bits such as [`FlPte::RW`] and [`FlPte::US`]. P is always set.
     pub const fn table(table: u64, flags: u64) -> Self {
-        FlPte((table & Self::ADDR_MASK) | (flags & !Self::ADDR_MASK) | Self::P)
+        FlPte(pte::table(table, flags) | Self::P)
     }
 
     /// A leaf entry mapping the page of `size` at `page`; sets P, and PS for large pages.
     /// `flags` may use every bit but the page's address bits (so PAT bit 12 of a large page).
     pub const fn page(page: u64, size: PageSize, flags: u64) -> Self {
-        let ps = match size {
-            PageSize::Size4K => 0,
-            PageSize::Size2M | PageSize::Size1G => Self::PS,
-        };
-        let addr_mask = Self::ADDR_MASK & !(size.bytes() - 1);
-        FlPte((page & addr_mask) | (flags & !addr_mask) | ps | Self::P)
+        FlPte(pte::page(page, size, flags) | Self::P)
     }
 
     /// P.
@@ -154,7 +150,7 @@ impl FlPte {
     /// Whether the entry at `level` maps a page (a PTE, or a PDPE/PDE with PS set) rather
     /// than pointing to a table.
     pub const fn is_leaf(self, level: u8) -> bool {
-        level == 1 || ((level == 2 || level == 3) && self.0 & Self::PS != 0)
+        pte::is_leaf(self.0, level)
     }
 
     /// The next table's address (bits 51:12).
@@ -165,7 +161,7 @@ impl FlPte {
     /// The mapped page's base address for a leaf of `size` (bits 51:30 for 1 GiB, 51:21 for
     /// 2 MiB, 51:12 for 4 KiB).
     pub const fn page_address(self, size: PageSize) -> u64 {
-        self.0 & Self::ADDR_MASK & !(size.bytes() - 1)
+        pte::page_address(self.0, size)
     }
 }
 

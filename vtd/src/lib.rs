@@ -14,6 +14,7 @@ pub mod inv_desc;
 pub mod mem;
 pub mod pasid;
 pub mod prq;
+mod pte;
 pub mod regs;
 pub mod root;
 pub mod slpte;

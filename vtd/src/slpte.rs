@@ -5,6 +5,7 @@
 
 use crate::field::bits;
 use crate::flpte::{check_address_width, InvalidAddressWidth};
+use crate::pte;
 use crate::walk::PageSize;
 
 /// The number of second-level table levels, from the PASID entry's AW field (§9.6).
@@ -70,7 +71,7 @@ impl SlPte {
     /// Ignore PAT (leaf entries).
     pub const IPAT: u64 = 1 << 6;
     /// Page size (SL-PDPE, SL-PDE): the entry maps a 1-GiB or 2-MiB page.
-    pub const PS: u64 = 1 << 7;
+    pub const PS: u64 = pte::PS;
     /// Accessed: set by hardware when SLADE is 1.
     pub const A: u64 = 1 << 8;
     /// Dirty (leaf entries): set by hardware on writes when SLADE is 1.
@@ -80,23 +81,18 @@ impl SlPte {
     /// Transient mapping (leaf entries): a hint for device-TLBs; needs ECAP_REG.DT.
     pub const TM: u64 = 1 << 62;
     /// The address field, bits 51:12.
-    pub const ADDR_MASK: u64 = bits(51, 12);
+    pub const ADDR_MASK: u64 = pte::ADDR_MASK;
 
     /// An entry pointing to the next table at `table` (4-KiB aligned) with `flags` (R, W, X,
     /// A, ...). Give R or W, or the entry is not present.
     pub const fn table(table: u64, flags: u64) -> Self {
-        SlPte((table & Self::ADDR_MASK) | (flags & !Self::ADDR_MASK))
+        SlPte(pte::table(table, flags))
     }
 
     /// A leaf entry mapping the page of `size` at `page` with `flags`; sets PS for large
     /// pages. `flags` may use every bit but the page's address bits.
     pub const fn page(page: u64, size: PageSize, flags: u64) -> Self {
-        let ps = match size {
-            PageSize::Size4K => 0,
-            PageSize::Size2M | PageSize::Size1G => Self::PS,
-        };
-        let addr_mask = Self::ADDR_MASK & !(size.bytes() - 1);
-        SlPte((page & addr_mask) | (flags & !addr_mask) | ps)
+        SlPte(pte::page(page, size, flags))
     }
 
     /// Present: R or W set.
@@ -137,7 +133,7 @@ impl SlPte {
     /// Whether the entry at `level` maps a page (an SL-PTE, or an SL-PDPE/SL-PDE with PS
     /// set) rather than pointing to a table.
     pub const fn is_leaf(self, level: u8) -> bool {
-        level == 1 || ((level == 2 || level == 3) && self.0 & Self::PS != 0)
+        pte::is_leaf(self.0, level)
     }
 
     /// The next table's address (bits 51:12).
@@ -147,7 +143,7 @@ impl SlPte {
 
     /// The mapped page's base address for a leaf of `size`.
     pub const fn page_address(self, size: PageSize) -> u64 {
-        self.0 & Self::ADDR_MASK & !(size.bytes() - 1)
+        pte::page_address(self.0, size)
     }
 }
 
