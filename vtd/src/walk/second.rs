@@ -63,7 +63,7 @@ where
     M: PhysMem + ?Sized,
     O: WalkObserver + ?Sized,
 {
-    walk(mem, cfg, input, access, &SlFaults::REQUEST, obs)
+    walk_second_level_from(mem, cfg, SlStart::top(cfg), input, access, obs)
 }
 
 /// Translates `input` through the second-level table of `cfg` from `start`, checking
@@ -124,21 +124,7 @@ impl SlStart {
     }
 }
 
-pub(crate) fn walk<M, O>(
-    mem: &M,
-    cfg: &SlConfig,
-    input: u64,
-    access: AccessRequest,
-    faults: &SlFaults,
-    obs: &mut O,
-) -> Result<Translation, WalkFault>
-where
-    M: PhysMem + ?Sized,
-    O: WalkObserver + ?Sized,
-{
-    walk_from(mem, cfg, SlStart::top(cfg), input, access, faults, obs)
-}
-
+/// The walk from `start`, reporting refusals with `faults`.
 pub(crate) fn walk_from<M, O>(
     mem: &M,
     cfg: &SlConfig,
