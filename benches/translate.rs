@@ -61,6 +61,16 @@ fn cold_walk(c: &mut Criterion) {
     bench(&mut g, "dependent_loads_4", &mut DependentLoads::new(4));
     bench(&mut g, "nested", &mut ColdWalks::new(&p, WalkKind::Nested));
     bench(&mut g, "dependent_loads_24", &mut DependentLoads::new(24));
+    bench(
+        &mut g,
+        "second_level_miss",
+        &mut ColdWalks::misses(&p, WalkKind::SecondLevel),
+    );
+    bench(
+        &mut g,
+        "nested_miss",
+        &mut ColdWalks::misses(&p, WalkKind::Nested),
+    );
     g.finish();
 }
 

@@ -109,6 +109,12 @@ figures! {
     /// Entries one nested walk reads in the vtd walker alone (no cache), for comparison
     /// with `reads_per_miss`.
     NestedWalkTableReads => "nested_walk_table_reads", Reads;
+    /// A second-level translation after an IOTLB miss: IOTLB and paging-structure caches
+    /// empty, context and PASID caches warm.
+    SlMissNs => "sl_miss_ns", Nanoseconds;
+    /// A nested translation after an IOTLB miss: IOTLB and paging-structure caches empty,
+    /// context and PASID caches warm.
+    NestedMissNs => "nested_miss_ns", Nanoseconds;
 }
 
 /// The limit a goal puts on its compared value.

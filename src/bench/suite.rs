@@ -105,6 +105,8 @@ fn cold_sl_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), B
     )?;
     report.set(Figure::SlWalkNs, walk);
     report.set(Figure::DependentLoads4Ns, loads);
+    let miss = measure(&mut ColdWalks::misses(&p, WalkKind::SecondLevel), budget)?;
+    report.set(Figure::SlMissNs, miss);
     Ok(())
 }
 
@@ -117,6 +119,8 @@ fn cold_nested_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(
     )?;
     report.set(Figure::NestedWalkNs, walk);
     report.set(Figure::DependentLoads24Ns, loads);
+    let miss = measure(&mut ColdWalks::misses(&p, WalkKind::Nested), budget)?;
+    report.set(Figure::NestedMissNs, miss);
     report.set(Figure::NestedWalkTableReads, nested_walk_reads(&p)? as f64);
     Ok(())
 }
@@ -175,10 +179,19 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
             &[IotlbHit2ThreadsSpeedup],
             iotlb_two_threads,
         ),
-        probe("cold-sl-walk", &[SlWalkNs, DependentLoads4Ns], cold_sl_walk),
+        probe(
+            "cold-sl-walk",
+            &[SlWalkNs, DependentLoads4Ns, SlMissNs],
+            cold_sl_walk,
+        ),
         probe(
             "cold-nested-walk",
-            &[NestedWalkNs, DependentLoads24Ns, NestedWalkTableReads],
+            &[
+                NestedWalkNs,
+                DependentLoads24Ns,
+                NestedWalkTableReads,
+                NestedMissNs,
+            ],
             cold_nested_walk,
         ),
         probe("streaming-dma", &[ReadsPerMiss], streaming),
