@@ -41,31 +41,23 @@ impl PhysMem for Offset<'_> {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// First level
-
-struct FlSetup {
+/// A table in test memory, with its frames at [12 MiB, 16 MiB), and the configuration a
+/// walker reads it with.
+struct Setup<C> {
     mem: TestMemory,
     frames: TestFrames,
     table: PageTableBuilder,
-    cfg: FlConfig,
+    cfg: C,
 }
 
-impl FlSetup {
-    fn new(mode: FlPagingMode) -> Self {
+impl<C> Setup<C> {
+    /// An empty table of `format`, walked with `cfg(root)`.
+    fn with(format: TableFormat, cfg: impl FnOnce(u64) -> C) -> Self {
         let mem = TestMemory::new(16 * MB);
         let mut frames = TestFrames::new(12 * MB, 16 * MB);
-        let table =
-            PageTableBuilder::new(TableFormat::FirstLevel(mode), &mem, &mut frames).unwrap();
-        let cfg = FlConfig {
-            root: table.root(),
-            mode,
-            sre: true,
-            wpe: true,
-            eafe: false,
-            format: FlFormat::new(46, true).unwrap(),
-        };
-        FlSetup {
+        let table = PageTableBuilder::new(format, &mem, &mut frames).unwrap();
+        let cfg = cfg(table.root());
+        Setup {
             mem,
             frames,
             table,
@@ -77,6 +69,37 @@ impl FlSetup {
         self.table
             .map(&self.mem, &mut self.frames, va, pa, size, flags)
             .unwrap();
+    }
+
+    fn entry(&self, va: u64, level: u8) -> u64 {
+        let slot = self
+            .table
+            .entry_address(&self.mem, va, level)
+            .unwrap()
+            .unwrap();
+        self.mem.read_u64(slot).unwrap()
+    }
+
+    fn set_entry(&mut self, va: u64, level: u8, value: u64) {
+        self.table.write_entry(&self.mem, va, level, value).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// First level
+
+type FlSetup = Setup<FlConfig>;
+
+impl FlSetup {
+    fn new(mode: FlPagingMode) -> Self {
+        Setup::with(TableFormat::FirstLevel(mode), |root| FlConfig {
+            root,
+            mode,
+            sre: true,
+            wpe: true,
+            eafe: false,
+            format: FlFormat::new(46, true).unwrap(),
+        })
     }
 
     fn walk(&self, va: u64, access: AccessRequest) -> Result<Translation, WalkFault> {
@@ -91,19 +114,6 @@ impl FlSetup {
         let mut rec = WalkRecord::default();
         let r = walk_first_level(&self.mem, &self.cfg, va, access, &mut rec);
         (r, rec)
-    }
-
-    fn entry(&self, va: u64, level: u8) -> u64 {
-        let slot = self
-            .table
-            .entry_address(&self.mem, va, level)
-            .unwrap()
-            .unwrap();
-        self.mem.read_u64(slot).unwrap()
-    }
-
-    fn set_entry(&mut self, va: u64, level: u8, value: u64) {
-        self.table.write_entry(&self.mem, va, level, value).unwrap();
     }
 }
 
@@ -411,55 +421,21 @@ fn accessed_update_rechecks_a_changed_entry() {
 // ---------------------------------------------------------------------------------------
 // Second level
 
-struct SlSetup {
-    mem: TestMemory,
-    frames: TestFrames,
-    table: PageTableBuilder,
-    cfg: SlConfig,
-}
+type SlSetup = Setup<SlConfig>;
 
 impl SlSetup {
     fn new(levels: SlLevels) -> Self {
-        let mem = TestMemory::new(16 * MB);
-        let mut frames = TestFrames::new(12 * MB, 16 * MB);
-        let table =
-            PageTableBuilder::new(TableFormat::SecondLevel(levels), &mem, &mut frames).unwrap();
-        let cfg = SlConfig {
-            root: table.root(),
+        Setup::with(TableFormat::SecondLevel(levels), |root| SlConfig {
+            root,
             levels,
             slee: false,
             slade: true,
             format: SlFormat::new(46).unwrap(),
-        };
-        SlSetup {
-            mem,
-            frames,
-            table,
-            cfg,
-        }
-    }
-
-    fn map(&mut self, va: u64, pa: u64, size: PageSize, flags: MapFlags) {
-        self.table
-            .map(&self.mem, &mut self.frames, va, pa, size, flags)
-            .unwrap();
+        })
     }
 
     fn walk(&self, va: u64, access: AccessRequest) -> Result<Translation, WalkFault> {
         walk_second_level(&self.mem, &self.cfg, va, access, &mut ())
-    }
-
-    fn entry(&self, va: u64, level: u8) -> u64 {
-        let slot = self
-            .table
-            .entry_address(&self.mem, va, level)
-            .unwrap()
-            .unwrap();
-        self.mem.read_u64(slot).unwrap()
-    }
-
-    fn set_entry(&mut self, va: u64, level: u8, value: u64) {
-        self.table.write_entry(&self.mem, va, level, value).unwrap();
     }
 }
 
