@@ -205,28 +205,13 @@ impl HostMemory {
     /// behind it, as the kernel's `pin_user_pages` does for `VFIO_IOMMU_MAP_DMA`. The whole
     /// range must lie in one window.
     pub fn resolve_user(&self, vaddr: u64, len: u64) -> Result<Hpa, HostMemoryError> {
-        let err = HostMemoryError::NotHostMemory { vaddr, len };
+        let err = || HostMemoryError::NotHostMemory { vaddr, len };
         let windows = self.windows.read().unwrap();
-        let (&start, w) = windows
-            .range(..=vaddr)
-            .next_back()
-            .ok_or_else(|| err.clone_shallow())?;
+        let (&start, w) = windows.range(..=vaddr).next_back().ok_or_else(err)?;
         let off = vaddr - start;
         match off.checked_add(len) {
             Some(end) if end <= w.len => Ok(Hpa(w.hpa.0 + off)),
-            _ => Err(err),
-        }
-    }
-}
-
-impl HostMemoryError {
-    fn clone_shallow(&self) -> Self {
-        match self {
-            HostMemoryError::NotHostMemory { vaddr, len } => HostMemoryError::NotHostMemory {
-                vaddr: *vaddr,
-                len: *len,
-            },
-            _ => unreachable!("only NotHostMemory is cloned"),
+            _ => Err(err()),
         }
     }
 }
@@ -336,7 +321,7 @@ impl FrameAllocator {
         if size == 0 || size % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
             return Err(HostMemoryError::BadSize(size));
         }
-        let oom = HostMemoryError::OutOfMemory {
+        let oom = || HostMemoryError::OutOfMemory {
             pages: size / PAGE_SIZE,
         };
         let mut s = self.state.lock().unwrap();
@@ -354,14 +339,10 @@ impl FrameAllocator {
             }
             aligned
         } else {
-            let aligned = s.bump.checked_next_multiple_of(align).ok_or(oom)?;
+            let aligned = s.bump.checked_next_multiple_of(align).ok_or_else(oom)?;
             match aligned.checked_add(size) {
                 Some(end) if end <= self.mem.size() => {}
-                _ => {
-                    return Err(HostMemoryError::OutOfMemory {
-                        pages: size / PAGE_SIZE,
-                    })
-                }
+                _ => return Err(oom()),
             }
             if aligned > s.bump {
                 let gap = (s.bump, aligned - s.bump);
