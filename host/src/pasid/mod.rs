@@ -5,9 +5,10 @@
 //! requests without a PASID prefix (VT-d 3.0 §9.4, context entry RID_PASID field).
 //!
 //! Costs: `alloc` is O(log n) (a constant number of bitmap word operations to find the
-//! first free PASID, then map inserts); `free` and `owner` are O(log n). Besides a fixed
-//! 132 KiB bitmap, each allocated PASID costs one owner-map entry and one set-member entry
-//! (well under 64 bytes, measured by `tests/pasid_memory.rs`).
+//! first free PASID, then a set insert); `free` is O(log n) and `owner` O(1). Besides a
+//! fixed 132 KiB bitmap and a fixed 4 MiB owner table (one set id per PASID, so that no
+//! allocation ever waits for a hash table to grow), each allocated PASID costs one
+//! set-member entry (well under 64 bytes, measured by `tests/pasid_memory.rs`).
 
 mod bitmap;
 
@@ -25,6 +26,9 @@ pub const DEFAULT_QUOTA: u32 = 1000;
 
 /// Number of PASIDs in the space, PASID 0 included.
 const PASID_SPACE: usize = 1 << Pasid::BITS;
+
+/// The owner-table value of a free PASID; no set gets this id.
+const NO_OWNER: u32 = u32::MAX;
 
 /// The identifier of one VM's PASID set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -60,7 +64,9 @@ struct PasidSet {
 #[derive(Clone, Debug)]
 pub struct PasidAllocator {
     free: FreeBitmap,
-    owners: HashMap<u32, PasidSetId>,
+    /// The set id of each PASID's owner, or [`NO_OWNER`].
+    owners: Box<[u32]>,
+    allocated: usize,
     sets: HashMap<PasidSetId, PasidSet>,
     next_set: u32,
 }
@@ -78,7 +84,8 @@ impl PasidAllocator {
         free.take(Pasid::RID_PASID.raw() as usize);
         PasidAllocator {
             free,
-            owners: HashMap::new(),
+            owners: vec![NO_OWNER; PASID_SPACE].into_boxed_slice(),
+            allocated: 0,
             sets: HashMap::new(),
             next_set: 0,
         }
@@ -86,7 +93,7 @@ impl PasidAllocator {
 
     /// Creates an empty set that may hold up to `quota` PASIDs.
     pub fn create_set(&mut self, quota: u32) -> PasidSetId {
-        while self.sets.contains_key(&PasidSetId(self.next_set)) {
+        while self.next_set == NO_OWNER || self.sets.contains_key(&PasidSetId(self.next_set)) {
             self.next_set = self.next_set.wrapping_add(1);
         }
         let id = PasidSetId(self.next_set);
@@ -123,7 +130,8 @@ impl PasidAllocator {
         let pasid = Pasid::new(raw).map_err(|e| HostError::field("PASID", e.to_string()))?;
         self.free.take(raw as usize);
         members.pasids.insert(raw);
-        self.owners.insert(raw, set);
+        self.owners[raw as usize] = set.0;
+        self.allocated += 1;
         Ok(pasid)
     }
 
@@ -132,7 +140,8 @@ impl PasidAllocator {
     pub fn free(&mut self, set: PasidSetId, pasid: Pasid) -> Result<(), HostError> {
         self.check_owner(set, pasid)?;
         let raw = pasid.raw();
-        self.owners.remove(&raw);
+        self.owners[raw as usize] = NO_OWNER;
+        self.allocated -= 1;
         if let Some(members) = self.sets.get_mut(&set) {
             members.pasids.remove(&raw);
         }
@@ -142,7 +151,10 @@ impl PasidAllocator {
 
     /// The set `pasid` is allocated to, if any.
     pub fn owner(&self, pasid: Pasid) -> Option<PasidSetId> {
-        self.owners.get(&pasid.raw()).copied()
+        match self.owners[pasid.raw() as usize] {
+            NO_OWNER => None,
+            id => Some(PasidSetId(id)),
+        }
     }
 
     /// Ok when `pasid` is allocated to `set`; EPERM otherwise.
@@ -180,7 +192,7 @@ impl PasidAllocator {
 
     /// Number of PASIDs allocated across all sets.
     pub fn total_allocated(&self) -> usize {
-        self.owners.len()
+        self.allocated
     }
 
     /// Destroys `set`, freeing all its PASIDs; returns them in ascending order so the caller
@@ -189,7 +201,8 @@ impl PasidAllocator {
         let members = self.sets.remove(&set).ok_or(HostError::UnknownSet(set))?;
         let mut freed = Vec::with_capacity(members.pasids.len());
         for raw in members.pasids {
-            self.owners.remove(&raw);
+            self.owners[raw as usize] = NO_OWNER;
+            self.allocated -= 1;
             self.free.release(raw as usize);
             freed.extend(Pasid::new(raw).ok());
         }
@@ -254,6 +267,18 @@ mod tests {
         );
         a.free(s, second).unwrap();
         assert_eq!(a.alloc(s, 1, 100).unwrap(), second);
+    }
+
+    #[test]
+    fn set_ids_skip_the_free_marker() {
+        let mut a = PasidAllocator::new();
+        a.next_set = NO_OWNER - 1;
+        let ids: Vec<_> = (0..3).map(|_| a.create_set(1)).collect();
+        assert_eq!(ids, [NO_OWNER - 1, 0, 1].map(PasidSetId));
+        let p = a.alloc(ids[0], 1, 1).unwrap();
+        assert_eq!(a.owner(p), Some(ids[0]));
+        a.free(ids[0], p).unwrap();
+        assert_eq!(a.owner(p), None);
     }
 
     #[test]
