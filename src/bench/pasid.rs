@@ -50,9 +50,9 @@ impl PasidChurn {
         let target =
             ((PASID_SPACE as f64 * fraction) as u64).min(PASID_SPACE - 1 - u64::from(VM_SETS));
         let quota = (target.div_ceil(u64::from(VM_SETS)) + 1) as u32;
+        let before = heap_in_use();
         let mut alloc = PasidAllocator::new();
         let sets: Vec<_> = (0..VM_SETS).map(|_| alloc.create_set(quota)).collect();
-        let before = heap_in_use();
         for i in 0..target {
             alloc.alloc(sets[(i % u64::from(VM_SETS)) as usize], 1, Pasid::MAX.raw())?;
         }
@@ -74,8 +74,9 @@ impl PasidChurn {
         self.allocated
     }
 
-    /// Heap bytes per allocated PASID that filling the sets took (the fixed free bitmap
-    /// excluded); `None` without allocator statistics or with nothing allocated.
+    /// Heap bytes per allocated PASID: everything the allocator, its sets and their
+    /// PASIDs took (fixed tables included), over the PASIDs allocated; `None` without
+    /// allocator statistics or with nothing allocated.
     pub fn heap_per_pasid(&self) -> Option<f64> {
         self.heap_per_pasid
     }
