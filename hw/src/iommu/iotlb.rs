@@ -16,7 +16,7 @@ use std::sync::{Mutex, RwLock};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
-use vsva_vtd::{DomainId, Pasid, SourceId};
+use vsva_vtd::{AddrRange, DomainId, Pasid, SourceId};
 
 /// Number of lock shards: a power of two.
 const SHARDS: usize = 64;
@@ -87,9 +87,11 @@ impl Key {
         self.tag as u16
     }
 
-    fn range(&self) -> (u64, u64) {
+    /// Whether the input page of the entry shares a byte with `range`.
+    fn meets(&self, range: &AddrRange) -> bool {
         let shift = (self.tag >> 40) as u32;
-        (self.page << shift, 1u64 << shift)
+        let start = self.page << shift;
+        range.overlaps(start, start | ((1u64 << shift) - 1))
     }
 }
 
@@ -238,19 +240,17 @@ impl Iotlb {
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3): second-level and
-    /// pass-through entries whose input range meets `[addr, addr + len)`, and every
+    /// pass-through entries whose input page meets `range`, and every
     /// first-level and nested entry of the domain, whatever its address: they are looked
     /// up by first-level input address, which the descriptor's address cannot select (QEMU
     /// reads the spec the same way).
-    pub fn invalidate_domain_range(&self, did: DomainId, addr: u64, len: u64) -> usize {
+    pub fn invalidate_domain_range(&self, did: DomainId, range: AddrRange) -> usize {
         self.invalidate(
             true,
             |d, _| d == did,
             |key, e| match e.kind {
                 TranslationKind::Nested | TranslationKind::FirstLevel => true,
-                TranslationKind::SecondLevel | TranslationKind::PassThrough => {
-                    overlaps(key.range(), addr, len)
-                }
+                TranslationKind::SecondLevel | TranslationKind::PassThrough => key.meets(&range),
             },
         )
     }
@@ -271,14 +271,8 @@ impl Iotlb {
     }
 
     /// Page-selective-within-PASID PASID-based IOTLB invalidation: first-level and nested
-    /// entries of `did` and `pasid` whose input range meets `[addr, addr + len)`.
-    pub fn invalidate_pasid_range(
-        &self,
-        did: DomainId,
-        pasid: Pasid,
-        addr: u64,
-        len: u64,
-    ) -> usize {
+    /// entries of `did` and `pasid` whose input page meets `range`.
+    pub fn invalidate_pasid_range(&self, did: DomainId, pasid: Pasid, range: AddrRange) -> usize {
         self.invalidate(
             true,
             |d, p| d == did && p == pasid.raw(),
@@ -286,7 +280,7 @@ impl Iotlb {
                 matches!(
                     e.kind,
                     TranslationKind::FirstLevel | TranslationKind::Nested
-                ) && overlaps(key.range(), addr, len)
+                ) && key.meets(&range)
             },
         )
     }
@@ -312,16 +306,19 @@ impl Iotlb {
     }
 }
 
-fn overlaps((start, size): (u64, u64), addr: u64, len: u64) -> bool {
-    start < addr.saturating_add(len) && addr < start.saturating_add(size)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sid() -> SourceId {
         SourceId::new(0, 2, 0).unwrap()
+    }
+
+    fn range(start: u64, len: u64) -> AddrRange {
+        AddrRange {
+            start,
+            last: start + len - 1,
+        }
     }
 
     fn entry(did: u16, output: u64, shift: u8, kind: TranslationKind) -> IotlbEntry {
@@ -412,7 +409,10 @@ mod tests {
             entry(2, 0xe000, 12, TranslationKind::Nested),
         );
 
-        assert_eq!(t.invalidate_pasid_range(DomainId(1), p1, 0x2000, 0x1000), 1);
+        assert_eq!(
+            t.invalidate_pasid_range(DomainId(1), p1, range(0x2000, 0x1000)),
+            1
+        );
         assert!(t.lookup(sid(), p1, 0x2000).is_none());
         assert!(t.lookup(sid(), p1, 0x1000).is_some());
 
@@ -420,7 +420,10 @@ mod tests {
         // the domain and the second-level ones in range.
         let sl = entry(1, 0xf000, 12, TranslationKind::SecondLevel);
         t.insert(t.begin_fill(), sid(), Pasid::RID_PASID, 0x8000, sl);
-        assert_eq!(t.invalidate_domain_range(DomainId(1), 0x1000, 0x1000), 3);
+        assert_eq!(
+            t.invalidate_domain_range(DomainId(1), range(0x1000, 0x1000)),
+            3
+        );
         assert!(t.lookup(sid(), p2, 0x1000).is_none());
         assert!(t.lookup(sid(), Pasid::RID_PASID, 0x1000).is_none());
         assert!(
@@ -431,7 +434,10 @@ mod tests {
             t.lookup(sid(), p1, 0x1000_0000).is_some(),
             "other domain untouched"
         );
-        assert_eq!(t.invalidate_domain_range(DomainId(1), 0x8000, 0x1000), 1);
+        assert_eq!(
+            t.invalidate_domain_range(DomainId(1), range(0x8000, 0x1000)),
+            1
+        );
         assert_eq!(t.invalidate_pasid(DomainId(1), p2), 0);
         assert_eq!(t.invalidate_domain(DomainId(2)), 1);
         assert!(t.is_empty());

@@ -84,11 +84,7 @@ impl Iommu {
                     }
                     IotlbGranularity::PageSelective => {
                         let r = AddrRange::from_address_mask(addr, am);
-                        self.iotlb.invalidate_domain_range(
-                            did,
-                            r.start,
-                            (r.last - r.start).saturating_add(1),
-                        );
+                        self.iotlb.invalidate_domain_range(did, r);
                         self.paging_caches.invalidate_domain_range(did, r, ih);
                     }
                 };
@@ -108,12 +104,7 @@ impl Iommu {
                     }
                     PasidIotlbGranularity::PageSelectiveWithinPasid => {
                         let r = AddrRange::from_address_mask(addr, am);
-                        self.iotlb.invalidate_pasid_range(
-                            did,
-                            pasid,
-                            r.start,
-                            (r.last - r.start).saturating_add(1),
-                        );
+                        self.iotlb.invalidate_pasid_range(did, pasid, r);
                         self.paging_caches.invalidate_pasid_range(did, pasid, r, ih);
                     }
                 };
