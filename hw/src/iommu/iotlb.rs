@@ -18,6 +18,8 @@ use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
 use vsva_vtd::{AddrRange, DomainId, Pasid, SourceId};
 
+use super::PAGE_SHIFTS;
+
 /// Number of lock shards: a power of two.
 const SHARDS: usize = 64;
 /// Entries per shard before the shard is emptied to make room (hardware replacement).
@@ -120,9 +122,6 @@ impl Default for Iotlb {
         }
     }
 }
-
-/// The page sizes a lookup tries, smallest first.
-const PAGE_SHIFTS: [u8; 3] = [12, 21, 30];
 
 impl Iotlb {
     fn shard(&self, key: &Key) -> &Shard {

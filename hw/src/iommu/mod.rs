@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegisterFile};
-use vsva_vtd::{Capabilities, FlFormat, PasidEntry, ScalableContextEntry, SlFormat, SourceId};
+use vsva_vtd::{
+    Capabilities, FlFormat, PageSize, PasidEntry, ScalableContextEntry, SlFormat, SourceId,
+};
 
 use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
@@ -69,6 +71,14 @@ pub struct IommuStats {
     /// Page requests queued.
     pub page_requests: AtomicU64,
 }
+
+/// log2 of the page sizes a translation can have, smallest first: what a lookup by page
+/// (IOTLB, second-level mappings) tries in turn.
+const PAGE_SHIFTS: [u8; 3] = [
+    PageSize::Size4K.shift() as u8,
+    PageSize::Size2M.shift() as u8,
+    PageSize::Size1G.shift() as u8,
+];
 
 /// Root state bits: translation enabled with a latched root table (the address is 4 KiB
 /// aligned, so the low bits are free).

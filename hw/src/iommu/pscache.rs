@@ -30,6 +30,8 @@ use vsva_vtd::{
     AccessRequest, AddrRange, DomainId, FlStart, PageSize, Pasid, Permissions, SlStart, Translation,
 };
 
+use super::PAGE_SHIFTS;
+
 /// Shards per cache: domain ids spread over them.
 const SHARDS: usize = 16;
 /// Entries per shard of a paging-structure cache.
@@ -38,8 +40,6 @@ const TABLE_CAPACITY: usize = 1024;
 const MAPPING_CAPACITY: usize = 4096;
 /// Paging levels whose non-leaf entries are cached: PDE (2) to PML5E (5).
 const CACHED_LEVELS: RangeInclusive<u8> = 2..=5;
-/// Page sizes of second-level mappings, smallest first.
-const PAGE_SHIFTS: [u8; 3] = [12, 21, 30];
 
 /// log2 of the input region one entry at `level` maps (2 MiB for a PDE).
 const fn span_shift(level: u8) -> u32 {
