@@ -4,19 +4,18 @@
 //! What the walk reads fills the caches. In strict mode a walk that used cached entries is
 //! checked against the tables, as IOTLB hits are.
 
-use vsva_vtd::inv_desc::IotlbGranularity;
 use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
 use vsva_vtd::{
     walk_first_level_from, walk_second_level, walk_second_level_from, AccessRequest, Direct,
-    DomainId, FlConfig, FlStage, FlStart, InvDesc, NestedStage, Pasid, PasidEntry, Pgtt, PhysMem,
-    SlConfig, SlStart, SourceId, Translation, WalkFault,
+    DomainId, FlConfig, FlStage, FlStart, NestedStage, Pasid, PasidEntry, Pgtt, PhysMem, SlConfig,
+    SlStart, SourceId, Translation, WalkFault,
 };
 
 use super::iotlb::IotlbEntry;
 use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
-use super::stale::{ReadOnly, StaleTranslation};
-use super::translate::{fl_config, pass_through, request_checks, sl_config, walk_pasid_entry};
+use super::stale::{page_selective_iotlb, ReadOnly, StaleTranslation};
+use super::translate::{fl_config, pass_through, request_checks, sl_config};
 use super::Iommu;
 
 /// Non-leaf entries a walk can go through: PML5E to PDE.
@@ -347,9 +346,7 @@ impl Iommu {
         used: &CacheUse,
     ) {
         let mem = ReadOnly(&*self.mem);
-        let now = walk_pasid_entry(&mem, pe, self.formats(), addr, access, &mut ())
-            .map(|t| (t.page_base(), t.page_size.shift() as u8))
-            .map_err(|f| f.reason);
+        let now = self.page_now(&mem, pe, addr, access);
         if now == Ok((cached.output, cached.page_shift)) {
             return;
         }
@@ -360,26 +357,14 @@ impl Iommu {
             walk_second_level(&mem, &sl, gpa, a, &mut ()).map(|t| t.page_base()) != Ok(page)
         });
         match stale_gpa {
-            Some(&(gpa, _, _)) if same_entry => {
-                let event = StaleTranslation {
-                    sid,
-                    pasid: eff,
-                    addr,
-                    cached: *cached,
-                    now,
-                    missing: InvDesc::Iotlb {
-                        granularity: IotlbGranularity::PageSelective,
-                        dr: true,
-                        dw: true,
-                        did: pe.did,
-                        addr: gpa & !0xfff,
-                        ih: false,
-                        am: 0,
-                    },
-                };
-                tracing::warn!("{event}");
-                self.stale.lock().unwrap().push(event);
-            }
+            Some(&(gpa, _, _)) if same_entry => self.report_stale(StaleTranslation {
+                sid,
+                pasid: eff,
+                addr,
+                cached: *cached,
+                now,
+                missing: page_selective_iotlb(pe.did, gpa),
+            }),
             _ => self.check_stale(rta, sid, pasid, eff, addr, access, cached),
         }
     }

@@ -8,7 +8,9 @@ use std::fmt;
 
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::pasid::lookup_pasid_entry;
-use vsva_vtd::{AccessRequest, FaultReason, InvDesc, MemError, Pasid, PhysMem, SourceId};
+use vsva_vtd::{
+    AccessRequest, DomainId, FaultReason, InvDesc, MemError, Pasid, PasidEntry, PhysMem, SourceId,
+};
 
 use super::iotlb::{IotlbEntry, TranslationKind};
 use super::translate::walk_pasid_entry;
@@ -70,7 +72,40 @@ impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
     }
 }
 
+/// The page-selective IOTLB invalidation (§6.5.2.3) of the page holding `addr` in `did`.
+pub(super) fn page_selective_iotlb(did: DomainId, addr: u64) -> InvDesc {
+    InvDesc::Iotlb {
+        granularity: IotlbGranularity::PageSelective,
+        dr: true,
+        dw: true,
+        did,
+        addr: addr & !0xfff,
+        ih: false,
+        am: 0,
+    }
+}
+
 impl Iommu {
+    /// What the tables `pe` selects say now for `addr`, read through `mem`: the output page
+    /// base and page shift, or the fault.
+    pub(super) fn page_now<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        pe: &PasidEntry,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<(u64, u8), FaultReason> {
+        walk_pasid_entry(mem, pe, self.formats(), addr, access, &mut ())
+            .map(|t| (t.page_base(), t.page_size.shift() as u8))
+            .map_err(|f| f.reason)
+    }
+
+    /// Logs a stale translation and keeps it for [`Iommu::take_stale_translations`].
+    pub(super) fn report_stale(&self, event: StaleTranslation) {
+        tracing::warn!("{event}");
+        self.stale.lock().unwrap().push(event);
+    }
+
     /// Compares an IOTLB hit with a fresh walk; records a [`StaleTranslation`] on mismatch.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn check_stale(
@@ -87,9 +122,7 @@ impl Iommu {
         let lookup = lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps);
         let now = match &lookup {
             Err(f) => Err(f.reason),
-            Ok(l) => walk_pasid_entry(&mem, &l.entry, self.formats(), addr, access, &mut ())
-                .map(|t| (t.page_base(), t.page_size.shift() as u8))
-                .map_err(|f| f.reason),
+            Ok(l) => self.page_now(&mem, &l.entry, addr, access),
         };
         if now == Ok((cached.output, cached.page_shift)) {
             return;
@@ -112,15 +145,9 @@ impl Iommu {
             }
         } else {
             match cached.kind {
-                TranslationKind::SecondLevel | TranslationKind::PassThrough => InvDesc::Iotlb {
-                    granularity: IotlbGranularity::PageSelective,
-                    dr: true,
-                    dw: true,
-                    did: cached.did,
-                    addr: addr & !0xfff,
-                    ih: false,
-                    am: 0,
-                },
+                TranslationKind::SecondLevel | TranslationKind::PassThrough => {
+                    page_selective_iotlb(cached.did, addr)
+                }
                 TranslationKind::FirstLevel | TranslationKind::Nested => InvDesc::PasidIotlb {
                     granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
                     did: cached.did,
@@ -131,15 +158,13 @@ impl Iommu {
                 },
             }
         };
-        let event = StaleTranslation {
+        self.report_stale(StaleTranslation {
             sid,
             pasid: eff,
             addr,
             cached: *cached,
             now,
             missing,
-        };
-        tracing::warn!("{event}");
-        self.stale.lock().unwrap().push(event);
+        });
     }
 }
