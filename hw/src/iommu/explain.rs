@@ -41,8 +41,7 @@ impl Iommu {
                 Some(rta),
                 lookup_pasid_entry(&*self.mem, rta, sid, pasid, &self.caps).map_err(|f| f.reason),
             ),
-            RootState::Legacy => (None, Err(FaultReason::Rta1)),
-            RootState::Disabled => (None, Err(FaultReason::Rta1)),
+            RootState::Legacy | RootState::Disabled => (None, Err(FaultReason::Rta1)),
         };
         let result = match &lookup {
             Ok(l) => walk_pasid_entry(
