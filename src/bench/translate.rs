@@ -265,7 +265,7 @@ enum Flush {
 /// PASID caches stay warm. The tables stay warm in the CPU caches.
 ///
 /// Each translation is timed alone, since the invalidation before it is not part of the
-/// figure, and the clock's own cost ([`timer_overhead`], about 25 ns here) is taken off.
+/// figure, and the clock's own cost (an empty timed region, about 25 ns here) is taken off.
 pub struct ColdWalks<'a> {
     platform: &'a Platform,
     kind: WalkKind,
