@@ -1322,9 +1322,9 @@ const CMDS: [u32; 13] = [
     VFIO_IOMMU_PAGE_RESPONSE,
 ];
 
-/// A PASID number: mostly VM A's (1..=3) and VM B's (4..=5), sometimes free or invalid.
+/// A PASID number: mostly the VMs' (1..=7), sometimes free or invalid.
 fn pasid_number() -> impl Strategy<Value = u32> {
-    prop_oneof![6 => 1u32..6, 1 => 0u32..12, 1 => Just(0xf_ffff), 1 => any::<u32>()]
+    prop_oneof![6 => 1u32..8, 1 => 0u32..12, 1 => Just(0xf_ffff), 1 => any::<u32>()]
 }
 
 /// A mostly well-formed argument for `cmd`. A `MAP_DMA` `vaddr` is an offset into the RAM
@@ -1345,10 +1345,11 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                 v
             })
             .boxed(),
+        // IOVAs mostly above the RAM the VMs mapped at set-up (0..4 MiB), some over it.
         VFIO_IOMMU_MAP_DMA => (
             prop_oneof![Just(3u32), 0u32..4],
-            0u64..1024,
-            0u64..1024,
+            0u64..512,
+            prop_oneof![3 => 4096u64..4200, 1 => 0u64..1024],
             prop_oneof![1u64..4, Just(512), 0u64..1100],
         )
             .prop_map(|(flags, vpage, ipage, pages)| {
@@ -1362,7 +1363,10 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                 .to_bytes()
             })
             .boxed(),
-        VFIO_IOMMU_UNMAP_DMA => (0u64..1024, prop_oneof![1u64..4, 0u64..1100])
+        VFIO_IOMMU_UNMAP_DMA => (
+            prop_oneof![3 => 4096u64..4200, 1 => 0u64..1024],
+            prop_oneof![1u64..4, 0u64..1100],
+        )
             .prop_map(|(page, pages)| {
                 VfioIommuType1DmaUnmap {
                     argsz: 24,
@@ -1393,10 +1397,10 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
         VFIO_IOMMU_BIND | VFIO_IOMMU_UNBIND => (
             prop_oneof![5 => Just(VFIO_IOMMU_BIND_GUEST_PASID), 1 => 0u32..3],
             pasid_number(),
-            prop_oneof![Just(48u32), Just(57), Just(39)],
+            prop_oneof![4 => Just(48u32), 2 => Just(57), 1 => Just(39)],
             0u64..2,
-            prop_oneof![0u64..0x400, any::<u64>()],
-            prop_oneof![Just(0u64), 0u64..0x80],
+            prop_oneof![4 => 0u64..0x400, 1 => any::<u64>()],
+            prop_oneof![4 => Just(0u64), 1 => 0u64..0x80],
         )
             .prop_map(|(bind_type, hpasid, addr_width, flags, gpgd_page, vtd)| {
                 VfioBindGuestPasid {
@@ -1427,11 +1431,11 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
             })
             .boxed(),
         VFIO_IOMMU_CACHE_INVALIDATE => (
-            0u8..4,
-            prop_oneof![Just(1u8), Just(3), Just(7), 0u8..8],
+            prop_oneof![3 => Just(IOMMU_INV_GRANU_PASID), 3 => Just(IOMMU_INV_GRANU_ADDR), 1 => 0u8..4],
+            prop_oneof![Just(1u8), Just(2), Just(3), 0u8..8],
             pasid_number(),
             prop_oneof![Just(1u32), Just(5), 0u32..8],
-            prop_oneof![Just(GVA), 0u64..0x10_0000],
+            prop_oneof![Just(GVA), (0u64..256).prop_map(|p| p * PAGE), any::<u64>()],
             prop_oneof![Just(PAGE), Just(2 << 20), any::<u64>()],
             0u64..1024,
         )
@@ -1452,6 +1456,31 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                             addr,
                             granule_size: granule,
                             nb_granules: n,
+                        },
+                    },
+                }
+                .to_bytes()
+            })
+            .boxed(),
+        VFIO_IOMMU_ATTACH_PASID_TABLE => (0u8..5, 0u8..22, 0u64..0x400, 0u8..4)
+            .prop_map(|(config, pasid_bits, page, s1fmt)| {
+                VfioIommuType1AttachPasidTable {
+                    argsz: 40,
+                    flags: 0,
+                    config: IommuPasidTableConfig {
+                        version: PASID_TABLE_CFG_VERSION_1,
+                        format: IOMMU_PASID_FORMAT_SMMUV3,
+                        base_ptr: page * PAGE,
+                        pasid_bits,
+                        config,
+                        padding: [0; 6],
+                        vendor_data: IommuPasidTableVendor {
+                            smmuv3: IommuPasidSmmuv3 {
+                                version: PASID_TABLE_SMMUV3_CFG_VERSION_1,
+                                s1fmt,
+                                s1dss: 0,
+                                padding: [0; 2],
+                            },
                         },
                     },
                 }
@@ -1548,6 +1577,12 @@ proptest! {
         calls in proptest::collection::vec(call(), 1..40),
     ) {
         let mut t = TwoVms::new();
+        // VM A holds PASIDs 1, 3, 4, 5 (1 bound); VM B 2, 6, 7 (2 bound).
+        for (c, n) in [(&mut t.a, 3), (&mut t.b, 2)] {
+            for _ in 0..n {
+                c.pasid_alloc(1, Pasid::MAX.raw()).unwrap();
+            }
+        }
         let windows = [t.ram_a.vaddr, t.ram_b.vaddr, 1 << 47];
         for c in calls {
             match c {
