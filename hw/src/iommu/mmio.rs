@@ -11,7 +11,7 @@ use vsva_vtd::regs::{
 use vsva_vtd::{AccessRequest, InvDesc, Pasid, PhysMem, SourceId};
 
 use super::qi::Completion;
-use super::{Iommu, ROOT_LEGACY, ROOT_VALID};
+use super::{Iommu, ROOT_LEGACY, ROOT_STRICT, ROOT_VALID};
 
 impl Iommu {
     /// A register read of `size` bytes (4 or 8) at `offset`.
@@ -59,7 +59,13 @@ impl Iommu {
         } else {
             ROOT_VALID | ROOT_LEGACY
         };
-        self.root.store(state, Ordering::Release);
+        // Strict mode shares the word: keep its bit. The update cannot fail: the closure
+        // always gives a value.
+        let _ = self
+            .root
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |old| {
+                Some(state | (old & ROOT_STRICT))
+            });
     }
 
     /// Fetches and carries out descriptors from IQH up to IQT; stops at an invalid one with

@@ -18,9 +18,10 @@ mod translate;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegisterFile};
 use vsva_vtd::{
     Capabilities, FlFormat, PageSize, PasidEntry, ScalableContextEntry, SlFormat, SourceId,
@@ -85,6 +86,8 @@ const PAGE_SHIFTS: [u8; 3] = [
 const ROOT_VALID: u64 = 1;
 /// The latched root table is in legacy mode, which the model does not implement.
 const ROOT_LEGACY: u64 = 2;
+/// Strict mode is on: kept in the same word, so that an IOTLB hit reads one atomic.
+const ROOT_STRICT: u64 = 4;
 
 /// How requests are translated now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +98,19 @@ enum RootState {
     Legacy,
     /// Scalable-mode root table at this address.
     Scalable(u64),
+}
+
+impl RootState {
+    /// The state the `root` word `bits` holds.
+    const fn from_bits(bits: u64) -> Self {
+        if bits & ROOT_VALID == 0 {
+            RootState::Disabled
+        } else if bits & ROOT_LEGACY != 0 {
+            RootState::Legacy
+        } else {
+            RootState::Scalable(bits & !0xfff)
+        }
+    }
 }
 
 /// Receives the interrupt messages the IOMMU raises (fault, invalidation completion and
@@ -110,9 +126,11 @@ pub struct Iommu {
     regs: Mutex<RegisterFile>,
     /// Held while one thread drains the invalidation queue.
     qi_lock: Mutex<()>,
-    /// The latched root table and translation enable, as `ROOT_*` bits over the address:
-    /// one atomic load on the hot path.
-    root: AtomicU64,
+    /// The latched root table, translation enable and strict mode, as `ROOT_*` bits over
+    /// the address: one atomic load on the hot path, on a cache line of its own so that the
+    /// counters and locks other fields hold, which misses and invalidations write, do not
+    /// share it.
+    root: CachePadded<AtomicU64>,
     irq_handler: RwLock<Option<InterruptHandler>>,
     endpoints: RwLock<HashMap<u16, Arc<dyn AtsEndpoint>>>,
     context_cache: RwLock<HashMap<u16, ScalableContextEntry>>,
@@ -122,7 +140,6 @@ pub struct Iommu {
     pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
     iotlb: Iotlb,
     paging_caches: PagingStructureCaches,
-    strict: AtomicBool,
     stale: Mutex<Vec<StaleTranslation>>,
     stats: IommuStats,
 }
@@ -141,7 +158,7 @@ impl Iommu {
                 RegisterFile::new(cap_register(&config.caps), ecap_register(&config.caps))
                     .expect("the model's capabilities are representable"),
             ),
-            root: AtomicU64::new(0),
+            root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),
             context_cache: RwLock::default(),
@@ -149,7 +166,6 @@ impl Iommu {
             pasid_cache: RwLock::default(),
             iotlb: Iotlb::default(),
             paging_caches: PagingStructureCaches::default(),
-            strict: AtomicBool::new(config.strict),
             stale: Mutex::default(),
             stats: IommuStats::default(),
         })
@@ -170,14 +186,7 @@ impl Iommu {
     }
 
     fn root_state(&self) -> RootState {
-        let raw = self.root.load(Ordering::Acquire);
-        if raw & ROOT_VALID == 0 {
-            RootState::Disabled
-        } else if raw & ROOT_LEGACY != 0 {
-            RootState::Legacy
-        } else {
-            RootState::Scalable(raw & !0xfff)
-        }
+        RootState::from_bits(self.root.load(Ordering::Acquire))
     }
 
     /// Registers the receiver of interrupt messages (the platform's MSI delivery).
@@ -205,12 +214,16 @@ impl Iommu {
 
     /// Whether strict mode is on.
     pub fn strict(&self) -> bool {
-        self.strict.load(Ordering::Relaxed)
+        self.root.load(Ordering::Relaxed) & ROOT_STRICT != 0
     }
 
     /// Turns strict mode on or off.
     pub fn set_strict(&self, on: bool) {
-        self.strict.store(on, Ordering::Relaxed);
+        if on {
+            self.root.fetch_or(ROOT_STRICT, Ordering::AcqRel);
+        } else {
+            self.root.fetch_and(!ROOT_STRICT, Ordering::AcqRel);
+        }
     }
 
     /// The stale translations strict mode has found, oldest first; empties the list.

@@ -213,6 +213,39 @@ fn translation_disabled_passes_addresses_through() {
 }
 
 #[test]
+fn strict_mode_and_the_root_table_latch_leave_each_other_alone() {
+    let rig = Rig::new(false);
+    let request = || {
+        rig.iommu
+            .translate(SID, Some(pasid(1)), 0x1000, AccessRequest::READ)
+            .map_err(|f| f.reason)
+    };
+    // Translation is on: PASID 1 has no entry.
+    assert_eq!(request(), Err(FaultReason::Spt2));
+    assert!(!rig.iommu.strict());
+    rig.iommu.set_strict(true);
+    assert!(rig.iommu.strict());
+    assert_eq!(request(), Err(FaultReason::Spt2));
+    // Latching the root table again keeps strict mode on.
+    rig.command(gcmd::SRTP);
+    assert!(rig.iommu.strict());
+    assert_eq!(request(), Err(FaultReason::Spt2));
+    rig.iommu.set_strict(false);
+    assert!(!rig.iommu.strict());
+    assert_eq!(request(), Err(FaultReason::Spt2));
+    // Disabling translation leaves strict mode on.
+    rig.iommu.set_strict(true);
+    rig.write(offset::GCMD, 4, 0);
+    assert!(rig.iommu.strict());
+    assert_eq!(
+        rig.iommu
+            .translate(SID, Some(pasid(1)), 0x1000, AccessRequest::READ)
+            .map(|m| m.source),
+        Ok(Source::Untranslated)
+    );
+}
+
+#[test]
 fn first_level_translation_hits_the_iotlb_the_second_time() {
     let rig = Rig::new(false);
     let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));

@@ -16,7 +16,7 @@ use vsva_vtd::{MemError, PhysMem};
 
 use super::cached_walk::CacheUse;
 use super::iotlb::{IotlbEntry, Perms, TranslationKind};
-use super::{Iommu, RootState};
+use super::{Iommu, RootState, ROOT_STRICT};
 use crate::memory::HostMemory;
 
 /// Where a translation came from.
@@ -220,7 +220,8 @@ impl Iommu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<DmaMapping, TranslationFault> {
-        let rta = match self.root_state() {
+        let root = self.root.load(Ordering::Acquire);
+        let rta = match RootState::from_bits(root) {
             RootState::Scalable(rta) => rta,
             RootState::Disabled => {
                 return Ok(DmaMapping {
@@ -248,7 +249,7 @@ impl Iommu {
         if let Some(p) = pasid {
             if let Some(e) = self.iotlb.lookup(sid, p, addr) {
                 if allows(&e.perms, access) {
-                    if self.strict() {
+                    if root & ROOT_STRICT != 0 {
                         self.check_stale(rta, sid, pasid, p, addr, access, &e);
                     }
                     return Ok(hit(&e, addr));
