@@ -99,13 +99,17 @@ impl Key {
 
 type Shard = CachePadded<RwLock<HashMap<Key, IotlbEntry, FixedState>>>;
 
+/// The keys of the cached entries of each domain and PASID.
+type KeyIndex = HashMap<(DomainId, u32), Vec<Key>, FixedState>;
+
 /// The IOTLB.
 #[derive(Debug)]
 pub struct Iotlb {
     shards: Box<[Shard]>,
     hasher: FixedState,
-    /// Keys by domain and PASID, for selective invalidation without a full scan.
-    index: Mutex<HashMap<(DomainId, u32), Vec<Key>, FixedState>>,
+    /// Keys by domain and PASID, for selective invalidation without a full scan. Every fill
+    /// locks it: padded, so that the shard table a hit reads is not on its cache line.
+    index: CachePadded<Mutex<KeyIndex>>,
     /// Counts invalidations, so that a walk that began before one does not cache.
     generation: AtomicU64,
 }
@@ -117,7 +121,7 @@ impl Default for Iotlb {
                 .map(|_| CachePadded::new(RwLock::default()))
                 .collect(),
             hasher: FixedState::default(),
-            index: Mutex::default(),
+            index: CachePadded::default(),
             generation: AtomicU64::new(0),
         }
     }
