@@ -44,6 +44,8 @@ pub enum StackError {
     Guest(String),
     #[error("device: {0}")]
     Device(#[from] vsva_hw::dma::DmaError),
+    #[error("scale scenario: {0}")]
+    Scale(String),
     #[error("page requests never resolved after {0} rounds")]
     Stuck(usize),
 }
