@@ -143,6 +143,13 @@ impl Rig {
         );
     }
 
+    /// A 4-level first-level table bound to `pasid` (PGTT=001b in domain `DID`).
+    fn first_level(&self, pasid: Pasid) -> PageTableBuilder {
+        let fl = self.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+        self.set_pasid_entry(pasid, Some(&first_level_entry(fl.root())));
+        fl
+    }
+
     fn tables(&self, format: TableFormat) -> PageTableBuilder {
         PageTableBuilder::new(format, &*self.mem, &mut &self.frames).unwrap()
     }
@@ -248,9 +255,8 @@ fn strict_mode_and_the_root_table_latch_leave_each_other_alone() {
 #[test]
 fn first_level_translation_hits_the_iotlb_the_second_time() {
     let rig = Rig::new(false);
-    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    let mut fl = rig.first_level(pasid(5));
     rig.map(&mut fl, 0x7000_1000, 0x50_0000, rw());
-    rig.set_pasid_entry(pasid(5), Some(&first_level_entry(fl.root())));
     let first = rig
         .iommu
         .translate(SID, Some(pasid(5)), 0x7000_1234, AccessRequest::WRITE)
@@ -267,9 +273,8 @@ fn first_level_translation_hits_the_iotlb_the_second_time() {
 fn a_stale_translation_survives_until_the_matching_invalidation() {
     let mut rig = Rig::new(true);
     let p = pasid(9);
-    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    let mut fl = rig.first_level(p);
     rig.map(&mut fl, 0x4000, 0x60_0000, rw());
-    rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
     rig.iommu
         .translate(SID, Some(p), 0x4000, AccessRequest::READ)
         .unwrap();
@@ -336,9 +341,8 @@ fn a_stale_translation_survives_until_the_matching_invalidation() {
 fn a_cleared_pasid_entry_is_used_until_the_pasid_cache_and_iotlb_are_flushed() {
     let mut rig = Rig::new(false);
     let p = pasid(3);
-    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    let mut fl = rig.first_level(p);
     rig.map(&mut fl, 0x1000, 0x30_0000, rw());
-    rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
     rig.iommu
         .translate(SID, Some(p), 0x1000, AccessRequest::READ)
         .unwrap();
@@ -505,8 +509,7 @@ fn second_level_and_nested_translation_and_domain_invalidation() {
 #[test]
 fn faults_are_recorded_unless_recoverable_and_page_requests_are_queued() {
     let rig = Rig::new(false);
-    let fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
-    rig.set_pasid_entry(pasid(6), Some(&first_level_entry(fl.root())));
+    rig.first_level(pasid(6));
     let irqs = Arc::new(AtomicUsize::new(0));
     let seen = irqs.clone();
     rig.iommu.set_interrupt_handler(Arc::new(move |_| {
@@ -580,8 +583,7 @@ fn an_invalid_descriptor_stops_the_queue_with_iqe() {
 #[test]
 fn context_cache_invalidation_makes_a_new_context_entry_visible() {
     let mut rig = Rig::new(false);
-    let fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
-    rig.set_pasid_entry(pasid(2), Some(&first_level_entry(fl.root())));
+    rig.first_level(pasid(2));
     let _ = rig
         .iommu
         .translate(SID, Some(pasid(2)), 0x1000, AccessRequest::READ);
@@ -599,9 +601,8 @@ fn context_cache_invalidation_makes_a_new_context_entry_visible() {
 fn a_whole_space_address_mask_invalidates_without_overflow() {
     let mut rig = Rig::new(false);
     let p = pasid(12);
-    let mut fl = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    let mut fl = rig.first_level(p);
     rig.map(&mut fl, 0xffff_f000, 0x20_0000, rw());
-    rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
     rig.iommu
         .translate(SID, Some(p), 0xffff_f000, AccessRequest::READ)
         .unwrap();
