@@ -263,8 +263,11 @@ impl VtdDomain {
     }
 
     fn remove_binding(&self, sid: SourceId, pasid: Pasid) {
-        self.unit.remove_pasid_entry(sid, pasid, true);
+        // Unroute first: a request the teardown's page-request drain finds for this PASID
+        // is then answered Invalid by the unit, not reported to a container that no
+        // longer has the PASID bound.
         self.unit.unroute_page_requests(sid, pasid);
+        self.unit.remove_pasid_entry(sid, pasid, true);
     }
 
     fn attach(&mut self, sid: SourceId) -> Result<(), DriverError> {
