@@ -10,10 +10,11 @@ use crate::addr::{DomainId, Pasid, SourceId};
 use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
 use crate::field::flag;
-use crate::flpte::FlPagingMode;
+use crate::flpte::{FlFormat, FlPagingMode};
 use crate::mem::PhysMem;
 use crate::root::{Capabilities, EntryFault, PTR_MASK};
-use crate::slpte::SlLevels;
+use crate::slpte::{SlFormat, SlLevels};
+use crate::walk::{FlConfig, SlConfig};
 
 /// Size of a PASID directory entry in bytes.
 pub const PASID_DIR_ENTRY_SIZE: u64 = 8;
@@ -297,6 +298,31 @@ impl PasidEntry {
             Err(FaultReason::Spt4)
         } else {
             Ok(())
+        }
+    }
+
+    /// What the first-level walker reads from the entry (FLPTPTR, FLPM, SRE, WPE, EAFE),
+    /// with the unit's entry `format`.
+    pub const fn fl_config(&self, format: FlFormat) -> FlConfig {
+        FlConfig {
+            root: self.flptptr,
+            mode: self.flpm,
+            sre: self.sre,
+            wpe: self.wpe,
+            eafe: self.eafe,
+            format,
+        }
+    }
+
+    /// What the second-level walker reads from the entry (SLPTPTR, AW, SLEE, SLADE), with
+    /// the unit's entry `format`.
+    pub const fn sl_config(&self, format: SlFormat) -> SlConfig {
+        SlConfig {
+            root: self.slptptr,
+            levels: self.aw,
+            slee: self.slee,
+            slade: self.slade,
+            format,
         }
     }
 
@@ -819,6 +845,40 @@ mod tests {
             assert_eq!(entry.validate(&none), Err(FaultReason::Spt3), "{entry:?}");
             assert_eq!(entry.validate(&enough), Ok(()), "{entry:?}");
         }
+    }
+
+    #[test]
+    fn walker_configurations_come_from_the_entry() {
+        let entry = PasidEntry {
+            wpe: true,
+            eafe: true,
+            slee: true,
+            slade: true,
+            ..nested()
+        };
+        let fl_format = FlFormat::new(46, true).unwrap();
+        let sl_format = SlFormat::new(46).unwrap();
+        assert_eq!(
+            entry.fl_config(fl_format),
+            FlConfig {
+                root: 0x7_6543_2000,
+                mode: FlPagingMode::FourLevel,
+                sre: true,
+                wpe: true,
+                eafe: true,
+                format: fl_format,
+            }
+        );
+        assert_eq!(
+            entry.sl_config(sl_format),
+            SlConfig {
+                root: 0x1_2345_6000,
+                levels: SlLevels::Four,
+                slee: true,
+                slade: true,
+                format: sl_format,
+            }
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use vsva_vtd::{
 use super::iotlb::IotlbEntry;
 use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
 use super::stale::{page_selective_iotlb, ReadOnly, StaleTranslation};
-use super::translate::{fl_config, pass_through, request_checks, sl_config};
+use super::translate::{pass_through, request_checks};
 use super::Iommu;
 
 /// Non-leaf entries a walk can go through: PML5E to PDE.
@@ -242,7 +242,7 @@ impl Iommu {
         };
         match pe.pgtt {
             Pgtt::FirstLevel => {
-                let cfg = fl_config(pe, fl_format);
+                let cfg = pe.fl_config(fl_format);
                 let mut stage = Direct;
                 self.first_level_cached(
                     mem,
@@ -256,8 +256,8 @@ impl Iommu {
                 )
             }
             Pgtt::Nested => {
-                let fl = fl_config(pe, fl_format);
-                let sl = sl_config(pe, sl_format);
+                let fl = pe.fl_config(fl_format);
+                let sl = pe.sl_config(sl_format);
                 let mut stage = CachedNested {
                     stage: NestedStage { mem, sl: &sl },
                     caches: &self.paging_caches,
@@ -280,7 +280,7 @@ impl Iommu {
                 t
             }
             Pgtt::SecondLevel => {
-                let cfg = sl_config(pe, sl_format);
+                let cfg = pe.sl_config(sl_format);
                 let top = cfg.levels.levels();
                 let start = self
                     .paging_caches
@@ -352,7 +352,7 @@ impl Iommu {
         }
         let same_entry =
             lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps).is_ok_and(|l| l.entry == *pe);
-        let sl = sl_config(pe, self.formats().1);
+        let sl = pe.sl_config(self.formats().1);
         let stale_gpa = used.resolved.as_slice().iter().find(|&&(gpa, page, a)| {
             walk_second_level(&mem, &sl, gpa, a, &mut ()).map(|t| t.page_base()) != Ok(page)
         });

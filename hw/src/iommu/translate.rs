@@ -5,8 +5,8 @@
 use vsva_vtd::walk::{Stage, WalkObserver};
 use vsva_vtd::{
     walk_first_level, walk_nested, walk_second_level, AccessRequest, EntryFault, FaultReason,
-    FlConfig, FlFormat, Pasid, PasidEntry, Pgtt, ScalableContextEntry, SlConfig, SlFormat,
-    SourceId, Translation, WalkFault,
+    FlFormat, Pasid, PasidEntry, Pgtt, ScalableContextEntry, SlFormat, SourceId, Translation,
+    WalkFault,
 };
 
 use std::cell::Cell;
@@ -65,28 +65,6 @@ pub struct TranslationFault {
     pub recoverable: bool,
 }
 
-/// The two levels' configurations a PASID entry selects, in the IOMMU's formats.
-pub(crate) fn fl_config(pe: &PasidEntry, format: FlFormat) -> FlConfig {
-    FlConfig {
-        root: pe.flptptr,
-        mode: pe.flpm,
-        sre: pe.sre,
-        wpe: pe.wpe,
-        eafe: pe.eafe,
-        format,
-    }
-}
-
-pub(crate) fn sl_config(pe: &PasidEntry, format: SlFormat) -> SlConfig {
-    SlConfig {
-        root: pe.slptptr,
-        levels: pe.aw,
-        slee: pe.slee,
-        slade: pe.slade,
-        format,
-    }
-}
-
 /// Whether a cached translation may serve `access` without a walk.
 pub(crate) fn allows(perms: &Perms, access: AccessRequest) -> bool {
     let data = if access.write {
@@ -125,12 +103,12 @@ where
 {
     request_checks(pe, addr, access)?;
     match pe.pgtt {
-        Pgtt::FirstLevel => walk_first_level(mem, &fl_config(pe, formats.0), addr, access, obs),
-        Pgtt::SecondLevel => walk_second_level(mem, &sl_config(pe, formats.1), addr, access, obs),
+        Pgtt::FirstLevel => walk_first_level(mem, &pe.fl_config(formats.0), addr, access, obs),
+        Pgtt::SecondLevel => walk_second_level(mem, &pe.sl_config(formats.1), addr, access, obs),
         Pgtt::Nested => walk_nested(
             mem,
-            &fl_config(pe, formats.0),
-            &sl_config(pe, formats.1),
+            &pe.fl_config(formats.0),
+            &pe.sl_config(formats.1),
             addr,
             access,
             obs,
