@@ -75,19 +75,6 @@ pub(crate) fn allows(perms: &Perms, access: AccessRequest) -> bool {
     data && (!access.execute || perms.execute) && (access.supervisor == perms.supervisor)
 }
 
-/// Faults a page request can resolve: first-level not-present and permission faults.
-fn page_request_may_resolve(fault: &WalkFault) -> bool {
-    fault.stage == Stage::FirstLevel
-        && matches!(
-            fault.reason,
-            FaultReason::Sfl2
-                | FaultReason::Sgn2
-                | FaultReason::Sgn3
-                | FaultReason::Sgn6
-                | FaultReason::Sgn7
-        )
-}
-
 /// Walks the page tables a PASID entry selects.
 pub(crate) fn walk_pasid_entry<M, O>(
     mem: &M,
@@ -285,7 +272,7 @@ impl Iommu {
             .table_reads
             .fetch_add(mem.reads.get(), Ordering::Relaxed);
         let t = walked.map_err(|f| {
-            let recoverable = ctx.pre && page_request_may_resolve(&f);
+            let recoverable = ctx.pre && f.page_request_may_resolve();
             fail(f.reason, ctx.fpd || pe.fpd, recoverable)
         })?;
         let entry = iotlb_entry(&pe, &t, access);

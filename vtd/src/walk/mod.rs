@@ -197,6 +197,23 @@ pub struct WalkFault {
     pub input: u64,
 }
 
+impl WalkFault {
+    /// Whether a page request can resolve the fault: a first-level not-present (SFL.2) or
+    /// permission fault (SGN.2, SGN.3, SGN.6, SGN.7), which software fixes by mapping the
+    /// page (§7.4). Whether the request may then be sent is up to the context entry (PRE).
+    pub const fn page_request_may_resolve(&self) -> bool {
+        matches!(self.stage, Stage::FirstLevel)
+            && matches!(
+                self.reason,
+                FaultReason::Sfl2
+                    | FaultReason::Sgn2
+                    | FaultReason::Sgn3
+                    | FaultReason::Sgn6
+                    | FaultReason::Sgn7
+            )
+    }
+}
+
 /// What a walker decided about one entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StepOutcome {

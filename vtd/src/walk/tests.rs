@@ -229,6 +229,37 @@ fn first_level_reserved_bits() {
 }
 
 #[test]
+fn page_requests_may_resolve_first_level_not_present_and_permission_faults() {
+    let mut s = FlSetup::new(FlPagingMode::FourLevel);
+    s.map(VA, 1 << 30, PageSize::Size4K, R | U);
+    let resolvable = |r: Result<Translation, WalkFault>| {
+        let f = r.unwrap_err();
+        (f.reason, f.page_request_may_resolve())
+    };
+    // Not present, then a write to a read-only page, then a user read of a supervisor page.
+    assert_eq!(
+        resolvable(s.walk(VA + 0x1000, AccessRequest::READ)),
+        (Sfl2, true)
+    );
+    assert_eq!(resolvable(s.walk(VA, AccessRequest::WRITE)), (Sgn6, true));
+    s.map(VA + 0x1000, 1 << 30, PageSize::Size4K, R);
+    assert_eq!(
+        resolvable(s.walk(VA + 0x1000, AccessRequest::READ)),
+        (Sgn2, true)
+    );
+    // A reserved bit is a programming error, not a missing page.
+    let e = s.entry(VA, 1);
+    s.set_entry(VA, 1, e | 1 << 46);
+    assert_eq!(resolvable(s.walk(VA, AccessRequest::READ)), (Sfl3, false));
+    // Second-level faults are the host's, not the process's.
+    let sl = SlSetup::new(SlLevels::Four);
+    assert_eq!(
+        resolvable(sl.walk(IOVA, AccessRequest::READ)),
+        (Ssl2, false)
+    );
+}
+
+#[test]
 fn first_level_rights() {
     let sup = AccessRequest::READ.supervisor();
     let sup_w = AccessRequest::WRITE.supervisor();
