@@ -8,7 +8,9 @@
 //!
 //! Intermediate entries grant everything (first level: P, R/W, U/S; second level: R, W, X),
 //! so the leaf alone decides the rights. Tables emptied by `unmap` are kept until
-//! [`PageTableBuilder::destroy`], which frees every table frame the builder allocated.
+//! [`PageTableBuilder::unhook_empty`] hands them to the caller (to free once no
+//! paging-structure cache can point to them) or [`PageTableBuilder::destroy`] frees every
+//! table frame the builder still holds.
 
 use crate::flpte::{FlPagingMode, FlPte};
 use crate::mem::{MemError, PhysMem};
