@@ -9,12 +9,12 @@ use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
 use vsva_vtd::{
     walk_first_level_from, walk_second_level, walk_second_level_from, AccessRequest, Direct,
     DomainId, FlConfig, FlStage, FlStart, NestedStage, Pasid, PasidEntry, Pgtt, PhysMem, SlConfig,
-    SlStart, SourceId, Translation, WalkFault,
+    SlStart, Translation, WalkFault,
 };
 
 use super::iotlb::IotlbEntry;
 use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
-use super::stale::{page_selective_iotlb, ReadOnly, StaleTranslation};
+use super::stale::{page_selective_iotlb, CheckedRequest, ReadOnly, StaleTranslation};
 use super::translate::{pass_through, request_checks};
 use super::Iommu;
 
@@ -332,19 +332,21 @@ impl Iommu {
     /// the tables and reports a difference with the invalidation that was missing. A stale
     /// second-level resolution of a nested walk names the page-selective IOTLB invalidation
     /// of its guest physical page; anything else is reported as for an IOTLB hit.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn check_cached_walk(
         &self,
         rta: u64,
-        sid: SourceId,
-        pasid: Option<Pasid>,
-        eff: Pasid,
-        addr: u64,
-        access: AccessRequest,
+        req: &CheckedRequest,
         pe: &PasidEntry,
         cached: &IotlbEntry,
         used: &CacheUse,
     ) {
+        let CheckedRequest {
+            sid,
+            pasid,
+            eff,
+            addr,
+            access,
+        } = *req;
         let mem = ReadOnly(&*self.mem);
         let now = self.page_now(&mem, pe, addr, access);
         if now == Ok((cached.output, cached.page_shift)) {
@@ -365,7 +367,7 @@ impl Iommu {
                 now,
                 missing: page_selective_iotlb(pe.did, gpa),
             }),
-            _ => self.check_stale(rta, sid, pasid, eff, addr, access, cached),
+            _ => self.check_stale(rta, req, cached),
         }
     }
 }

@@ -72,6 +72,18 @@ impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
     }
 }
 
+/// A request strict mode checks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CheckedRequest {
+    pub sid: SourceId,
+    /// The PASID the request carried, if any.
+    pub pasid: Option<Pasid>,
+    /// The PASID it was translated with (its own, or RID_PASID).
+    pub eff: Pasid,
+    pub addr: u64,
+    pub access: AccessRequest,
+}
+
 /// The page-selective IOTLB invalidation (§6.5.2.3) of the page holding `addr` in `did`.
 pub(super) fn page_selective_iotlb(did: DomainId, addr: u64) -> InvDesc {
     InvDesc::Iotlb {
@@ -106,18 +118,16 @@ impl Iommu {
         self.stale.lock().unwrap().push(event);
     }
 
-    /// Compares an IOTLB hit with a fresh walk; records a [`StaleTranslation`] on mismatch.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn check_stale(
-        &self,
-        rta: u64,
-        sid: SourceId,
-        pasid: Option<Pasid>,
-        eff: Pasid,
-        addr: u64,
-        access: AccessRequest,
-        cached: &IotlbEntry,
-    ) {
+    /// Compares an IOTLB hit for `req`, from the root table at `rta`, with a fresh walk;
+    /// records a [`StaleTranslation`] on mismatch.
+    pub(crate) fn check_stale(&self, rta: u64, req: &CheckedRequest, cached: &IotlbEntry) {
+        let CheckedRequest {
+            sid,
+            pasid,
+            eff,
+            addr,
+            access,
+        } = *req;
         let mem = ReadOnly(&*self.mem);
         let lookup = lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps);
         let now = match &lookup {

@@ -16,6 +16,7 @@ use vsva_vtd::{MemError, PhysMem};
 
 use super::cached_walk::CacheUse;
 use super::iotlb::{IotlbEntry, Perms, TranslationKind};
+use super::stale::CheckedRequest;
 use super::{Iommu, RootState, ROOT_STRICT};
 use crate::memory::HostMemory;
 
@@ -215,7 +216,14 @@ impl Iommu {
             if let Some(e) = self.iotlb.lookup(sid, p, addr) {
                 if allows(&e.perms, access) {
                     if root & ROOT_STRICT != 0 {
-                        self.check_stale(rta, sid, pasid, p, addr, access, &e);
+                        let req = CheckedRequest {
+                            sid,
+                            pasid,
+                            eff: p,
+                            addr,
+                            access,
+                        };
+                        self.check_stale(rta, &req, &e);
                     }
                     return Ok(hit(&e, addr));
                 }
@@ -277,7 +285,14 @@ impl Iommu {
         })?;
         let entry = iotlb_entry(&pe, &t, access);
         if self.strict() && used.any() {
-            self.check_cached_walk(rta, sid, pasid, eff, addr, access, &pe, &entry, &used);
+            let req = CheckedRequest {
+                sid,
+                pasid,
+                eff,
+                addr,
+                access,
+            };
+            self.check_cached_walk(rta, &req, &pe, &entry, &used);
         }
         if pe.pgtt != Pgtt::PassThrough {
             self.iotlb.insert(fill, sid, eff, addr, entry);
