@@ -5,12 +5,18 @@ use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::AddressType;
 use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, SourceId};
 
-use super::{Iommu, RootState};
+use super::{DmaMapping, Iommu, RootState};
 use crate::dma::port::{
     AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
     PageResponse, PageResponseCode,
 };
 use crate::memory::HostMemory;
+
+/// The page a successful translation maps, as the device sees it.
+fn page(m: &DmaMapping) -> DmaTranslation {
+    DmaTranslation::new(Hpa(m.page_base()), 1 << m.page_shift)
+        .expect("translations are aligned pages")
+}
 
 fn request(access: DmaAccess) -> AccessRequest {
     AccessRequest {
@@ -46,8 +52,7 @@ impl DmaPort for Iommu {
     ) -> Result<DmaTranslation, DmaFault> {
         let req = request(access);
         match Iommu::translate(self, sid, pasid, addr, req) {
-            Ok(m) => Ok(DmaTranslation::new(Hpa(m.page_base()), 1 << m.page_shift)
-                .expect("translations are aligned pages")),
+            Ok(m) => Ok(page(&m)),
             Err(f) => {
                 if !f.fpd {
                     self.record_fault(
@@ -91,8 +96,7 @@ impl DmaPort for Iommu {
         }
         match Iommu::translate(self, sid, pasid, addr, req) {
             Ok(m) => Ok(AtsCompletion {
-                page: DmaTranslation::new(Hpa(m.page_base()), 1 << m.page_shift)
-                    .expect("translations are aligned pages"),
+                page: page(&m),
                 perm: DmaAccess {
                     read: m.perms.read,
                     // Write permission only where the dirty bit is already set, so that
