@@ -4,8 +4,8 @@
 //! "untranslated", translated by the IOMMU on the way), ATS translation requests (PCIe ATS,
 //! VT-d §4.2) and translated requests to the HPAs they return, and PRI page requests (PCIe
 //! PRI, VT-d §7.4). The IOMMU sees the device as [`AtsEndpoint`]: it forwards device-TLB
-//! invalidations (VT-d §6.5.2.5, §6.5.2.6) and page group responses (VT-d §6.5.2.8,
-//! §6.5.2.9) to it.
+//! invalidations (VT-d §6.5.2.5, §6.5.2.6) and page group responses (VT-d §6.5.2.9) to
+//! it.
 
 use std::fmt;
 
