@@ -45,8 +45,9 @@ fn at_most_64_bytes_per_pasid() {
     let mut count = 0usize;
     let mut worst = 0f64;
     // Measure after every allocation once each set holds a few PASIDs (before that, the
-    // first tree node of each set dominates: a per-set, not a per-PASID, cost). Hash maps
-    // double their tables, so the cost per entry peaks just after a resize.
+    // first member-list allocation of each set dominates: a per-set, not a per-PASID,
+    // cost). Member lists double their capacity, so the cost per PASID peaks just after a
+    // resize.
     for round in 0..1000 {
         for &s in &sets {
             a.alloc(s, 1, 0xf_ffff).unwrap();
