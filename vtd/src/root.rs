@@ -8,6 +8,7 @@
 use crate::addr::SourceId;
 use crate::fault::FaultReason;
 use crate::mem::PhysMem;
+use crate::regs::{Cap, Ecap};
 
 /// Size of a scalable-mode root entry in bytes.
 pub const ROOT_ENTRY_SIZE: u64 = 16;
@@ -86,6 +87,30 @@ impl Capabilities {
             sc: true,
             smpwc: true,
             mts: true,
+        }
+    }
+
+    /// What a unit's capability registers say, with the guest address width (CAP.MGAW + 1)
+    /// standing in for the host address width, which the registers do not hold.
+    pub const fn from_registers(cap: &Cap, ecap: &Ecap) -> Self {
+        Capabilities {
+            haw: cap.guest_address_width() as u8,
+            sagaw: cap.sagaw,
+            fl5lp: cap.fl5lp,
+            flts: ecap.flts,
+            slts: ecap.slts,
+            nest: ecap.nest,
+            pt: ecap.pt,
+            pasid: ecap.pasid,
+            dt: ecap.dt,
+            prs: ecap.prs,
+            srs: ecap.srs,
+            ers: ecap.ers,
+            slads: ecap.slads,
+            eafs: ecap.eafs,
+            sc: ecap.sc,
+            smpwc: ecap.smpwcs,
+            mts: ecap.mts,
         }
     }
 
@@ -226,6 +251,43 @@ pub(crate) mod tests {
         for (i, q) in qwords.iter().enumerate() {
             mem.write_u64(addr + 8 * i as u64, *q).unwrap();
         }
+    }
+
+    #[test]
+    fn capabilities_from_registers() {
+        let cap = Cap {
+            mgaw: 47,
+            sagaw: 0b0100,
+            fl5lp: true,
+            ..Cap::default()
+        };
+        let ecap = Ecap {
+            flts: true,
+            pasid: true,
+            smpwcs: true,
+            mts: true,
+            ..Ecap::default()
+        };
+        let expected = Capabilities {
+            haw: 48,
+            sagaw: 0b0100,
+            fl5lp: true,
+            flts: true,
+            slts: false,
+            nest: false,
+            pt: false,
+            pasid: true,
+            dt: false,
+            prs: false,
+            srs: false,
+            ers: false,
+            slads: false,
+            eafs: false,
+            sc: false,
+            smpwc: true,
+            mts: true,
+        };
+        assert_eq!(Capabilities::from_registers(&cap, &ecap), expected);
     }
 
     #[test]

@@ -11,9 +11,10 @@ use vsva_vtd::inv_desc::{
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PasidDirEntry};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{fsts, gcmd, gsts, iq, offset};
+use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    AccessRequest, DomainId, FaultReason, FlPagingMode, InvDesc, MapFlags, PageSize,
+    AccessRequest, Capabilities, DomainId, FaultReason, FlPagingMode, InvDesc, MapFlags, PageSize,
     PageTableBuilder, Pasid, PasidEntry, Pgtt, PhysMem, ScalableRootEntry, SlLevels, SourceId,
     TableFormat,
 };
@@ -207,6 +208,35 @@ fn first_level_entry(root: u64) -> PasidEntry {
 
 fn rw() -> MapFlags {
     MapFlags::READ | MapFlags::WRITE | MapFlags::USER
+}
+
+#[test]
+fn the_capability_registers_describe_what_entries_are_checked_against() {
+    let full = IommuConfig::default().caps;
+    let lesser = Capabilities {
+        haw: 39,
+        sagaw: 0b0010,
+        fl5lp: false,
+        nest: false,
+        pt: false,
+        dt: false,
+        prs: false,
+        mts: false,
+        ..full
+    };
+    for caps in [full, lesser] {
+        let mem = HostMemory::new(16 << 20).unwrap();
+        let iommu = Iommu::new(
+            mem,
+            IommuConfig {
+                caps,
+                strict: false,
+            },
+        );
+        let cap = Cap::from_raw(iommu.mmio_read(offset::CAP, 8).unwrap());
+        let ecap = Ecap::from_raw(iommu.mmio_read(offset::ECAP, 8).unwrap());
+        assert_eq!(Capabilities::from_registers(&cap, &ecap), caps);
+    }
 }
 
 #[test]
