@@ -80,7 +80,6 @@ impl DevTlb {
 
     /// Drops the entries an invalidate request covers; returns how many.
     pub fn invalidate(&mut self, inv: &DevTlbInvalidation) -> usize {
-        let (first, last) = inv.range();
         let mut dropped = 0;
         for slot in self.entries.iter_mut() {
             let Some(e) = slot else { continue };
@@ -90,7 +89,7 @@ impl DevTlb {
                 e.pasid == inv.pasid
             };
             let e_last = e.start + (e.completion.page.size() - 1);
-            if pasid_match && e.start <= last && first <= e_last {
+            if pasid_match && inv.range.overlaps(e.start, e_last) {
                 *slot = None;
                 dropped += 1;
             }

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use vsva_vtd::{FaultReason, Hpa, Pasid, SourceId};
+use vsva_vtd::{AddrRange, FaultReason, Hpa, Pasid, SourceId};
 
 use crate::memory::{HostMemory, PAGE_SIZE};
 
@@ -237,62 +237,38 @@ pub struct PageResponse {
 }
 
 /// An ATS invalidate request (PCIe ATS; VT-d §6.5.2.5 device-TLB and §6.5.2.6
-/// PASID-based-device-TLB invalidate descriptors): drop the device-TLB entries for the
-/// naturally aligned range of `4 KiB << size_order` bytes containing `addr`, of requests
-/// with `pasid` (or without PASID when `None`), or of every PASID when `global` is set.
+/// PASID-based-device-TLB invalidate descriptors): drop the device-TLB entries for `range`,
+/// of requests with `pasid` (or without PASID when `None`), or of every PASID when `global`
+/// is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DevTlbInvalidation {
     pub pasid: Option<Pasid>,
     pub global: bool,
-    pub addr: u64,
-    pub size_order: u8,
+    /// The naturally aligned range of device addresses to drop.
+    pub range: AddrRange,
 }
 
 impl DevTlbInvalidation {
-    /// `size_order` at and above which the range is the whole address space.
-    pub const ALL_ORDER: u8 = 52;
-
     /// The request for the whole address space of `pasid`.
     pub const fn all(pasid: Option<Pasid>) -> Self {
         DevTlbInvalidation {
             pasid,
             global: false,
-            addr: 0,
-            size_order: Self::ALL_ORDER,
+            range: AddrRange {
+                start: 0,
+                last: u64::MAX,
+            },
         }
     }
 
-    /// Decodes the address with the Size (S) bit as both descriptors and the PCIe message
-    /// carry it: with `s` clear the range is the 4 KiB page of `addr`; with `s` set the
-    /// lowest clear bit of `addr[63:12]`, at position `b`, makes the range `2^(b+1)` bytes,
-    /// and all of `addr[63:12]` set means everything.
+    /// The request for the address `addr` with the Size (S) bit, as both descriptors and
+    /// the PCIe message carry it ([`AddrRange::from_ats_size`]).
     pub const fn from_size_bit(pasid: Option<Pasid>, global: bool, addr: u64, s: bool) -> Self {
-        let size_order = if s {
-            let ones = (addr >> 12).trailing_ones() as u8;
-            if ones >= Self::ALL_ORDER {
-                Self::ALL_ORDER
-            } else {
-                ones + 1
-            }
-        } else {
-            0
-        };
         DevTlbInvalidation {
             pasid,
             global,
-            addr,
-            size_order,
+            range: AddrRange::from_ats_size(addr, s),
         }
-    }
-
-    /// The invalidated device-address range as `(start, last)`, inclusive.
-    pub const fn range(&self) -> (u64, u64) {
-        if self.size_order >= Self::ALL_ORDER {
-            return (0, u64::MAX);
-        }
-        let size = PAGE_SIZE << self.size_order;
-        let start = self.addr & !(size - 1);
-        (start, start + (size - 1))
     }
 }
 
@@ -328,18 +304,18 @@ mod tests {
     #[test]
     fn size_bit_encoding_gives_the_range() {
         let p = Some(Pasid::new(5).unwrap());
+        let range = |inv: DevTlbInvalidation| (inv.range.start, inv.range.last);
         let four_k = DevTlbInvalidation::from_size_bit(p, false, 0x1234_5000, false);
-        assert_eq!(four_k.range(), (0x1234_5000, 0x1234_5fff));
+        assert_eq!(range(four_k), (0x1234_5000, 0x1234_5fff));
         // Bit 12 clear: 8 KiB.
         let eight_k = DevTlbInvalidation::from_size_bit(p, false, 0x1234_4000, true);
-        assert_eq!(eight_k.range(), (0x1234_4000, 0x1234_5fff));
+        assert_eq!(range(eight_k), (0x1234_4000, 0x1234_5fff));
         // Bits 19:12 set, bit 20 clear: 2 MiB.
         let two_m = DevTlbInvalidation::from_size_bit(p, false, 0x4_000f_f000, true);
-        assert_eq!(two_m.size_order, 9);
-        assert_eq!(two_m.range(), (0x4_0000_0000, 0x4_001f_ffff));
+        assert_eq!(range(two_m), (0x4_0000_0000, 0x4_001f_ffff));
         let all = DevTlbInvalidation::from_size_bit(p, true, !0xfff, true);
-        assert_eq!(all.range(), (0, u64::MAX));
-        assert_eq!(DevTlbInvalidation::all(None).range(), (0, u64::MAX));
+        assert_eq!(range(all), (0, u64::MAX));
+        assert_eq!(range(DevTlbInvalidation::all(None)), (0, u64::MAX));
     }
 
     #[test]
