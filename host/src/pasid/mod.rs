@@ -7,21 +7,23 @@
 //! Costs: `alloc` finds the first free PASID in a constant number of bitmap word operations
 //! and appends it to its set's member list; `free` swap-removes it from that list at the
 //! position the owner table keeps for it; both are O(1) whatever the occupancy, and `owner`
-//! is one table read. Listing a set's PASIDs in order sorts its k members (O(k log k)).
+//! is one table read. Sets are found by id in a direct-mapped table, without hashing.
+//! Listing a set's PASIDs in order sorts its k members (O(k log k)).
 //! Besides a fixed 132 KiB bitmap and a fixed 8 MiB owner table (set id and member-list
 //! position of each PASID, so that no allocation ever waits for a table to grow), each
 //! allocated PASID costs one 4-byte member-list slot (at most 8 bytes with the list's
 //! spare capacity; measured by `tests/pasid_memory.rs`).
 
 mod bitmap;
+mod sets;
 
-use std::collections::HashMap;
 use std::fmt;
 
 use vsva_vtd::Pasid;
 
 use crate::error::HostError;
 use bitmap::FreeBitmap;
+use sets::SetTable;
 
 /// The quota of a PASID set unless its creator asks for another (the seed series'
 /// `pasid_quota` module parameter default).
@@ -72,14 +74,6 @@ impl fmt::Display for PasidSetId {
     }
 }
 
-/// One set: its quota and the PASIDs it holds, in no particular order (each PASID's
-/// position is in the owner table).
-#[derive(Clone, Debug)]
-struct PasidSet {
-    quota: u32,
-    pasids: Vec<u32>,
-}
-
 /// The global PASID allocator.
 #[derive(Clone, Debug)]
 pub struct PasidAllocator {
@@ -87,8 +81,7 @@ pub struct PasidAllocator {
     /// Each PASID's owner and position in its member list, or [`Owner::FREE`].
     owners: Box<[Owner]>,
     allocated: usize,
-    sets: HashMap<PasidSetId, PasidSet>,
-    next_set: u32,
+    sets: SetTable,
 }
 
 impl Default for PasidAllocator {
@@ -106,26 +99,13 @@ impl PasidAllocator {
             free,
             owners: vec![Owner::FREE; PASID_SPACE].into_boxed_slice(),
             allocated: 0,
-            sets: HashMap::new(),
-            next_set: 0,
+            sets: SetTable::new(),
         }
     }
 
     /// Creates an empty set that may hold up to `quota` PASIDs.
     pub fn create_set(&mut self, quota: u32) -> PasidSetId {
-        while self.next_set == NO_OWNER || self.sets.contains_key(&PasidSetId(self.next_set)) {
-            self.next_set = self.next_set.wrapping_add(1);
-        }
-        let id = PasidSetId(self.next_set);
-        self.next_set = self.next_set.wrapping_add(1);
-        self.sets.insert(
-            id,
-            PasidSet {
-                quota,
-                pasids: Vec::new(),
-            },
-        );
-        id
+        self.sets.create(quota)
     }
 
     /// Allocates the lowest free PASID in `[min, max]` to `set`.
@@ -136,7 +116,7 @@ impl PasidAllocator {
         if min > max || max > Pasid::MAX.raw() {
             return Err(HostError::BadPasidRange { min, max });
         }
-        let members = self.sets.get_mut(&set).ok_or(HostError::UnknownSet(set))?;
+        let members = self.sets.get_mut(set).ok_or(HostError::UnknownSet(set))?;
         if members.pasids.len() >= members.quota as usize {
             return Err(HostError::QuotaExceeded {
                 set,
@@ -166,7 +146,7 @@ impl PasidAllocator {
         let index = self.owners[raw].index;
         self.owners[raw] = Owner::FREE;
         self.allocated -= 1;
-        if let Some(members) = self.sets.get_mut(&set) {
+        if let Some(members) = self.sets.get_mut(set) {
             members.pasids.swap_remove(index as usize);
             if let Some(&moved) = members.pasids.get(index as usize) {
                 self.owners[moved as usize].index = index;
@@ -198,7 +178,7 @@ impl PasidAllocator {
         if min > max || max > Pasid::MAX.raw() {
             return Err(HostError::BadPasidRange { min, max });
         }
-        let members = self.sets.get(&set).ok_or(HostError::UnknownSet(set))?;
+        let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
         Ok(ascending(
             members
                 .pasids
@@ -211,13 +191,13 @@ impl PasidAllocator {
 
     /// Number of PASIDs `set` holds.
     pub fn allocated(&self, set: PasidSetId) -> Result<u32, HostError> {
-        let members = self.sets.get(&set).ok_or(HostError::UnknownSet(set))?;
+        let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
         Ok(members.pasids.len() as u32)
     }
 
     /// The quota of `set`.
     pub fn quota(&self, set: PasidSetId) -> Result<u32, HostError> {
-        let members = self.sets.get(&set).ok_or(HostError::UnknownSet(set))?;
+        let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
         Ok(members.quota)
     }
 
@@ -229,7 +209,7 @@ impl PasidAllocator {
     /// Destroys `set`, freeing all its PASIDs; returns them in ascending order so the caller
     /// can tear down whatever was bound to them.
     pub fn destroy_set(&mut self, set: PasidSetId) -> Result<Vec<Pasid>, HostError> {
-        let members = self.sets.remove(&set).ok_or(HostError::UnknownSet(set))?;
+        let members = self.sets.remove(set).ok_or(HostError::UnknownSet(set))?;
         for &raw in &members.pasids {
             self.owners[raw as usize] = Owner::FREE;
             self.free.release(raw as usize);
@@ -307,7 +287,7 @@ mod tests {
     #[test]
     fn set_ids_skip_the_free_marker() {
         let mut a = PasidAllocator::new();
-        a.next_set = NO_OWNER - 1;
+        a.sets = SetTable::starting_at(NO_OWNER - 1);
         let ids: Vec<_> = (0..3).map(|_| a.create_set(1)).collect();
         assert_eq!(ids, [NO_OWNER - 1, 0, 1].map(PasidSetId));
         let p = a.alloc(ids[0], 1, 1).unwrap();
@@ -378,10 +358,10 @@ mod tests {
     /// (and PASID 0), and the lists hold `total_allocated` PASIDs between them.
     fn positions_match(a: &PasidAllocator, below: u32) -> Result<(), TestCaseError> {
         let mut members = 0;
-        for (id, set) in &a.sets {
+        for set in a.sets.iter() {
             for (index, &raw) in set.pasids.iter().enumerate() {
                 let entry = Owner {
-                    set: id.0,
+                    set: set.id.0,
                     index: index as u32,
                 };
                 prop_assert_eq!(a.owners[raw as usize], entry);
@@ -394,8 +374,11 @@ mod tests {
             if entry == Owner::FREE {
                 prop_assert_eq!(a.free.is_free(raw as usize), raw != 0);
             } else {
-                let set = &a.sets[&PasidSetId(entry.set)];
-                prop_assert_eq!(set.pasids.get(entry.index as usize), Some(&raw));
+                let set = a.sets.get(PasidSetId(entry.set));
+                prop_assert_eq!(
+                    set.and_then(|s| s.pasids.get(entry.index as usize)),
+                    Some(&raw)
+                );
                 prop_assert!(!a.free.is_free(raw as usize));
             }
         }
