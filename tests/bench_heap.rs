@@ -1,11 +1,15 @@
-//! The heap cost per PASID that `vsva bench` reports (from glibc's allocator statistics)
-//! against a count of every byte allocated, taken by a counting global allocator. Alone in
-//! its process, so that no other test allocates meanwhile.
+//! The heap cost per PASID and per bound PASID that `vsva bench` reports (from glibc's
+//! allocator statistics) against a count of every byte allocated, taken by a counting
+//! global allocator. In their own process, one test at a time, so that no other test
+//! allocates meanwhile.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use vsva::bench::pasid::PasidChurn;
+use vsva::bench::uapi::BoundPasids;
+use vsva::bench::vm::BenchVm;
 
 struct Counting;
 
@@ -38,8 +42,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Held by each test: the counts are of the whole process.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn heap_per_pasid_agrees_with_a_count_of_every_allocation() {
+    let _alone = alone();
     let before = LIVE.load(Ordering::Relaxed);
     let churn = PasidChurn::new(0.1).unwrap();
     let counted = (LIVE.load(Ordering::Relaxed) - before) as f64 / churn.allocated() as f64;
@@ -49,4 +61,23 @@ fn heap_per_pasid_agrees_with_a_count_of_every_allocation() {
         reported >= counted * 0.9 && reported <= counted * 1.25 + 2.0,
         "reported {reported:.1} bytes per PASID, counted {counted:.1}"
     );
+}
+
+#[test]
+fn heap_per_bound_pasid_agrees_with_a_count_of_every_allocation() {
+    let _alone = alone();
+    let vm = BenchVm::new().unwrap();
+    let n = 512;
+    let before = LIVE.load(Ordering::Relaxed);
+    let bound = BoundPasids::new(&vm, n).unwrap();
+    // The count includes the list of PASIDs the workload keeps (4 bytes each), allocated
+    // before the reported count starts.
+    let counted = (LIVE.load(Ordering::Relaxed) - before) as f64 / f64::from(n) - 4.0;
+    let m = bound.memory().unwrap();
+    let reported = m.heap as f64 / f64::from(n);
+    assert!(
+        reported >= counted * 0.9 && reported <= counted * 1.25 + 2.0,
+        "reported {reported:.1} heap bytes per bound PASID, counted {counted:.1}"
+    );
+    assert_eq!(m.per_pasid(), (m.heap + m.tables) as f64 / f64::from(n));
 }

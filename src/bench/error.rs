@@ -26,6 +26,12 @@ pub enum BenchError {
     Dma(#[from] DmaError),
     #[error("host: {0}")]
     Host(#[from] vsva_host::HostError),
+    #[error("stack: {0}")]
+    Stack(#[from] crate::stack::StackError),
+    #[error("guest process: {0}")]
+    Process(#[from] vsva_guest::ProcessError),
+    #[error("guest IOMMU driver: {0}")]
+    GuestDriver(#[from] vsva_guest::DriverError),
     /// The model did not behave as the measurement needs (for example a translation that
     /// should hit the IOTLB walked).
     #[error("check failed: {0}")]

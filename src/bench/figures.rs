@@ -75,26 +75,29 @@ figures! {
     MemcpyNestedGbps => "memcpy_nested_gbps", GigabytesPerSecond;
     /// `copy_from_slice` of 1 MiB.
     MemcpyPlainGbps => "memcpy_plain_gbps", GigabytesPerSecond;
-    /// PASID-selective invalidation through the ioctl path, with its wait.
+    /// PASID-selective `VFIO_IOMMU_CACHE_INVALIDATE` (IOTLB) through the ioctl path, with
+    /// its wait.
     PasidInvNs => "pasid_inv_ns", Nanoseconds;
-    /// 1-page address invalidation through the ioctl path.
+    /// 1-page address invalidation through the ioctl path, with its wait.
     AddrInv1Ns => "addr_inv_1_ns", Nanoseconds;
-    /// 512-page address invalidation through the ioctl path.
+    /// 512-page address invalidation through the ioctl path, with its wait.
     AddrInv512Ns => "addr_inv_512_ns", Nanoseconds;
-    /// Bind guest PASID with its invalidations.
+    /// `VFIO_IOMMU_BIND` of a guest PASID with its invalidations.
     BindGpasidNs => "bind_gpasid_ns", Nanoseconds;
-    /// Unbind guest PASID with its invalidations.
+    /// `VFIO_IOMMU_UNBIND` of a guest PASID with its invalidations.
     UnbindGpasidNs => "unbind_gpasid_ns", Nanoseconds;
-    /// `VFIO_IOMMU_MAP_DMA` of 4 KiB.
+    /// `VFIO_IOMMU_MAP_DMA` of 4 KiB, with its invalidation.
     MapDma4kNs => "map_dma_4k_ns", Nanoseconds;
-    /// `VFIO_IOMMU_UNMAP_DMA` of 4 KiB.
+    /// `VFIO_IOMMU_UNMAP_DMA` of 4 KiB, with its invalidations.
     UnmapDma4kNs => "unmap_dma_4k_ns", Nanoseconds;
-    /// Guest invalidation forwarded through vIOMMU, VMM and host to the IOMMU, wait seen
-    /// by the guest.
+    /// A guest invalidation descriptor and its wait, forwarded through vIOMMU, VMM and
+    /// host to the IOMMU, wait seen by the guest: an mmu-notifier invalidation of one page
+    /// over the descriptor-and-wait pairs it submits.
     FwdInvNs => "fwd_inv_ns", Nanoseconds;
     /// Guest-visible bind: PASID entry and flushes, shadowed to a host bind.
     GuestBindNs => "guest_bind_ns", Nanoseconds;
-    /// Page request round trip from device fault to successful retry.
+    /// Page request round trip from device fault to successful retry: a device fill of
+    /// one unmapped page, from portal write to completion record read.
     PrqRoundtripNs => "prq_roundtrip_ns", Nanoseconds;
     /// PASID alloc and free with the space empty.
     PasidAllocFreeNs0 => "pasid_alloc_free_ns_0", Nanoseconds;
@@ -104,7 +107,8 @@ figures! {
     PasidAllocFreeNs99 => "pasid_alloc_free_ns_99", Nanoseconds;
     /// Heap bytes per allocated PASID.
     BytesPerPasid => "bytes_per_pasid", Bytes;
-    /// Bytes per bound PASID, PASID entry included.
+    /// Bytes per bound PASID (host heap and PASID tables), allocation and PASID entry
+    /// included.
     BytesPerBoundPasid => "bytes_per_bound_pasid", Bytes;
     /// Entries one nested walk reads in the vtd walker alone (no cache), for comparison
     /// with `reads_per_miss`.
@@ -115,6 +119,15 @@ figures! {
     /// A nested translation after an IOTLB miss: IOTLB and paging-structure caches empty,
     /// context and PASID caches warm.
     NestedMissNs => "nested_miss_ns", Nanoseconds;
+    /// The whole mmu-notifier invalidation `fwd_inv_ns` divides: a process's `mprotect` of
+    /// one page, with its forwarded IOTLB and device-TLB invalidations.
+    FwdNotifierNs => "fwd_notifier_ns", Nanoseconds;
+    /// The same `mprotect` in a process bound to no device (no invalidation).
+    MprotectUnboundNs => "mprotect_unbound_ns", Nanoseconds;
+    /// Guest-visible unbind: PASID entry cleared, flushes, drain, shadowed to a host unbind.
+    GuestUnbindNs => "guest_unbind_ns", Nanoseconds;
+    /// The page request round trip's fill, of a resident page (no page request).
+    FillResidentNs => "fill_resident_ns", Nanoseconds;
 }
 
 /// The limit a goal puts on its compared value.

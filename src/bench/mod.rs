@@ -13,6 +13,7 @@ pub mod cli;
 pub mod dma;
 mod error;
 pub mod figures;
+pub mod forward;
 pub mod loads;
 pub mod measure;
 pub mod pasid;
@@ -21,6 +22,8 @@ pub mod plot;
 pub mod report;
 pub mod suite;
 pub mod translate;
+pub mod uapi;
+pub mod vm;
 
 pub use cli::{run_cli, BenchArgs};
 pub use error::BenchError;

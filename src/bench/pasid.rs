@@ -16,14 +16,14 @@ pub const PASID_SPACE: u64 = 1 << Pasid::BITS;
 /// Bytes the process's allocator has handed out and not taken back (glibc's `mallinfo2`:
 /// heap chunks in use plus mmapped chunks).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn heap_in_use() -> Option<u64> {
+pub(super) fn heap_in_use() -> Option<u64> {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
     let m = unsafe { libc::mallinfo2() };
     Some((m.uordblks + m.hblkhd) as u64)
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn heap_in_use() -> Option<u64> {
+pub(super) fn heap_in_use() -> Option<u64> {
     None
 }
 
