@@ -14,7 +14,7 @@ use vsva_vtd::{
 
 use super::iotlb::IotlbEntry;
 use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
-use super::stale::{page_selective_iotlb, CheckedRequest, ReadOnly, StaleTranslation};
+use super::stale::{page_selective_iotlb, CheckedRequest, ReadOnly};
 use super::translate::{pass_through, request_checks};
 use super::Iommu;
 
@@ -340,33 +340,21 @@ impl Iommu {
         cached: &IotlbEntry,
         used: &CacheUse,
     ) {
-        let CheckedRequest {
-            sid,
-            pasid,
-            eff,
-            addr,
-            access,
-        } = *req;
         let mem = ReadOnly(&*self.mem);
-        let now = self.page_now(&mem, pe, addr, access);
+        let now = self.page_now(&mem, pe, req.addr, req.access);
         if now == Ok((cached.output, cached.page_shift)) {
             return;
         }
-        let same_entry =
-            lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps).is_ok_and(|l| l.entry == *pe);
+        let same_entry = lookup_pasid_entry(&mem, rta, req.sid, req.pasid, &self.caps)
+            .is_ok_and(|l| l.entry == *pe);
         let sl = pe.sl_config(self.formats().1);
         let stale_gpa = used.resolved.as_slice().iter().find(|&&(gpa, page, a)| {
             walk_second_level(&mem, &sl, gpa, a, &mut ()).map(|t| t.page_base()) != Ok(page)
         });
         match stale_gpa {
-            Some(&(gpa, _, _)) if same_entry => self.report_stale(StaleTranslation {
-                sid,
-                pasid: eff,
-                addr,
-                cached: *cached,
-                now,
-                missing: page_selective_iotlb(pe.did, gpa),
-            }),
+            Some(&(gpa, _, _)) if same_entry => {
+                self.report_stale(req, cached, now, page_selective_iotlb(pe.did, gpa))
+            }
             _ => self.check_stale(rta, req, cached),
         }
     }

@@ -112,8 +112,24 @@ impl Iommu {
             .map_err(|f| f.reason)
     }
 
-    /// Logs a stale translation and keeps it for [`Iommu::take_stale_translations`].
-    pub(super) fn report_stale(&self, event: StaleTranslation) {
+    /// Logs the stale translation `cached` of `req`, which the tables now give as `now`
+    /// and `missing` would have removed, and keeps it for
+    /// [`Iommu::take_stale_translations`].
+    pub(super) fn report_stale(
+        &self,
+        req: &CheckedRequest,
+        cached: &IotlbEntry,
+        now: Result<(u64, u8), FaultReason>,
+        missing: InvDesc,
+    ) {
+        let event = StaleTranslation {
+            sid: req.sid,
+            pasid: req.eff,
+            addr: req.addr,
+            cached: *cached,
+            now,
+            missing,
+        };
         tracing::warn!("{event}");
         self.stale.lock().unwrap().push(event);
     }
@@ -121,18 +137,11 @@ impl Iommu {
     /// Compares an IOTLB hit for `req`, from the root table at `rta`, with a fresh walk;
     /// records a [`StaleTranslation`] on mismatch.
     pub(crate) fn check_stale(&self, rta: u64, req: &CheckedRequest, cached: &IotlbEntry) {
-        let CheckedRequest {
-            sid,
-            pasid,
-            eff,
-            addr,
-            access,
-        } = *req;
         let mem = ReadOnly(&*self.mem);
-        let lookup = lookup_pasid_entry(&mem, rta, sid, pasid, &self.caps);
+        let lookup = lookup_pasid_entry(&mem, rta, req.sid, req.pasid, &self.caps);
         let now = match &lookup {
             Err(f) => Err(f.reason),
-            Ok(l) => self.page_now(&mem, &l.entry, addr, access),
+            Ok(l) => self.page_now(&mem, &l.entry, req.addr, req.access),
         };
         if now == Ok((cached.output, cached.page_shift)) {
             return;
@@ -141,7 +150,7 @@ impl Iommu {
             .pasid_cache
             .read()
             .unwrap()
-            .get(&(sid.rid(), eff.raw()))
+            .get(&(req.sid.rid(), req.eff.raw()))
             .copied();
         let entry_changed = match (&lookup, cached_pe) {
             (Ok(l), Some(pe)) => l.entry != pe,
@@ -151,30 +160,23 @@ impl Iommu {
             InvDesc::PasidCache {
                 granularity: PasidCacheGranularity::PasidSelective,
                 did: cached.did,
-                pasid: eff,
+                pasid: req.eff,
             }
         } else {
             match cached.kind {
                 TranslationKind::SecondLevel | TranslationKind::PassThrough => {
-                    page_selective_iotlb(cached.did, addr)
+                    page_selective_iotlb(cached.did, req.addr)
                 }
                 TranslationKind::FirstLevel | TranslationKind::Nested => InvDesc::PasidIotlb {
                     granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
                     did: cached.did,
-                    pasid: eff,
-                    addr: addr & !0xfff,
+                    pasid: req.eff,
+                    addr: req.addr & !0xfff,
                     ih: false,
                     am: 0,
                 },
             }
         };
-        self.report_stale(StaleTranslation {
-            sid,
-            pasid: eff,
-            addr,
-            cached: *cached,
-            now,
-            missing,
-        });
+        self.report_stale(req, cached, now, missing);
     }
 }
