@@ -2,10 +2,12 @@
 //! taken in the same run (issue 6).
 //!
 //! - [`platform`]: a VT-d model programmed through its registers, with a guest address
-//!   space reached by nested translation.
+//!   space reached by nested translation; [`vm`]: the whole stack, a VM with a bound guest
+//!   process.
 //! - Workloads ([`Workload`]): [`translate`] (IOTLB hits, cold walks), [`dma`] (DMA engine
 //!   memmove, streaming reads per miss), [`pasid`] (allocator churn) and their baselines
-//!   ([`loads`], hash map, `copy_from_slice`).
+//!   ([`loads`], hash map, `copy_from_slice`); on the whole stack, [`uapi`] (the host's
+//!   ioctl path, bound-PASID memory) and [`forward`] (the guest's forwarded path).
 //! - [`suite`]: the probes `vsva bench` runs; [`report`]: the table and JSON object;
 //!   [`plot`]: the SVG; [`cli`]: the command.
 
