@@ -389,16 +389,33 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Create(u32),
-        Alloc { set: usize, min: u32, max: u32 },
-        Free { set: usize, pasid: u32 },
+        Alloc {
+            set: usize,
+            min: u32,
+            max: u32,
+        },
+        Free {
+            set: usize,
+            pasid: u32,
+        },
+        /// Frees the n-th allocated PASID (modulo their number) through its owner.
+        FreeOwned(usize),
+        OwnedIn {
+            set: usize,
+            min: u32,
+            max: u32,
+        },
         Destroy(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             1 => (0u32..6).prop_map(Op::Create),
-            6 => (0usize..6, 0u32..40, 0u32..48).prop_map(|(set, min, max)| Op::Alloc { set, min, max }),
+            // Half the allocations ask for the lowest free PASID of the whole range, as a VMM does.
+            6 => (0usize..6, prop_oneof![0u32..2, 0u32..40], 0u32..48).prop_map(|(set, min, max)| Op::Alloc { set, min, max }),
             3 => (0usize..6, 0u32..48).prop_map(|(set, pasid)| Op::Free { set, pasid }),
+            2 => any::<usize>().prop_map(Op::FreeOwned),
+            1 => (0usize..6, 0u32..48, 0u32..48).prop_map(|(set, min, max)| Op::OwnedIn { set, min, max }),
             1 => (0usize..6).prop_map(Op::Destroy),
         ]
     }
@@ -450,6 +467,23 @@ mod tests {
                             model.remove(&pasid);
                         } else {
                             prop_assert_eq!(r.unwrap_err().errno(), -libc::EPERM);
+                        }
+                    }
+                    Op::FreeOwned(n) => {
+                        let Some((&pasid, &s)) = model.iter().nth(n % model.len().max(1)) else { continue };
+                        prop_assert_eq!(a.free(s, p(pasid)), Ok(()));
+                        model.remove(&pasid);
+                    }
+                    Op::OwnedIn { set, min, max } => {
+                        let Some(&s) = sets.get(set) else { continue };
+                        let r = a.owned_in(s, min, max);
+                        if min > max {
+                            prop_assert_eq!(r, Err(HostError::BadPasidRange { min, max }));
+                        } else if quotas.contains_key(&s) {
+                            let own: Vec<Pasid> = model.range(min..=max).filter(|(_, &o)| o == s).map(|(&k, _)| p(k)).collect();
+                            prop_assert_eq!(r, Ok(own));
+                        } else {
+                            prop_assert_eq!(r, Err(HostError::UnknownSet(s)));
                         }
                     }
                     Op::Destroy(set) => {
