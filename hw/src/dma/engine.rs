@@ -2,10 +2,23 @@
 //!
 //! Software writes a 64-byte descriptor to the portal (an ENQCMD/MOVDIR64B-style write);
 //! the engine queues it and executes it when [`DmaEngine::process`] runs (device time). An
-//! operation runs a page at a time: each operand is translated once per page (an
-//! untranslated request, or with ATS a device-TLB lookup or translation request followed by
-//! translated requests), then bytes move in host memory through a bounce buffer of at most
-//! one page.
+//! operation runs a request at a time, a request being at most a page: each operand is
+//! translated once per page (an untranslated request, or with ATS a device-TLB lookup or
+//! translation request followed by translated requests). Memmove moves bytes HPA to HPA:
+//! consecutive requests whose source and destination both continue in host memory join a
+//! run, and a run is one overlap-safe copy there ([`HostMemory::copy`]). Fill and compare
+//! go through a bounce buffer of a page.
+//!
+//! Memmove copies from the top down when the descriptor's destination overlaps its source
+//! from above (result 1 in the record). The direction is decided on the descriptor's
+//! addresses, which cannot show that two of them reach the same frame: such an alias is
+//! copied exactly within a run (one memmove in host memory), so a copy between aliases of
+//! frames that are contiguous in host memory is a memmove of the bytes; across runs, which
+//! go in the descriptor's direction, an alias that puts the destination above the source
+//! in frames that are not contiguous can overwrite source bytes before they are read.
+//! A run's translations are all taken before its bytes move: the engine does not drain
+//! requests in flight, so an invalidation that arrives from another thread while a run is
+//! being gathered applies to the translations taken after it.
 //!
 //! A translation fault that the IOMMU calls recoverable, on a block-on-fault descriptor
 //! with PRI enabled, sends a page request and parks the descriptor; the PRG response
@@ -16,6 +29,8 @@
 //! Locks: `exec` is held while descriptors run and calls into the port; the port may call
 //! back into every other entry point (`page_response`, `invalidate_devtlb`,
 //! `portal_write`, a nested `process`) since those take only short-lived locks.
+//!
+//! [`HostMemory::copy`]: crate::memory::HostMemory::copy
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,8 +50,9 @@ use super::port::{
 use super::regs::*;
 use crate::memory::PAGE_SIZE;
 
-/// Bytes moved per memory access: one page at most.
-const BOUNCE: usize = PAGE_SIZE as usize;
+/// Bytes per memory request at most (a page), and the size of each bounce buffer of fill
+/// and compare.
+const REQUEST: u64 = PAGE_SIZE;
 
 /// How many Success responses in a row may leave a descriptor faulting at the same place
 /// before the engine gives up with `PageFault`: a model guard against an IOMMU that
@@ -54,6 +70,9 @@ pub struct DmaStats {
     pub failed: u64,
     /// Bytes written by memmove and fill.
     pub bytes_moved: u64,
+    /// Copies in host memory by memmove, each of a run of bytes contiguous there in both
+    /// operands.
+    pub memmove_runs: u64,
     /// Bytes compared.
     pub bytes_compared: u64,
     /// Untranslated requests' translations.
@@ -76,6 +95,7 @@ struct Counters {
     completed: AtomicU64,
     failed: AtomicU64,
     bytes_moved: AtomicU64,
+    memmove_runs: AtomicU64,
     bytes_compared: AtomicU64,
     translations: AtomicU64,
     devtlb_hits: AtomicU64,
@@ -140,6 +160,38 @@ enum Stop {
     },
 }
 
+/// Bytes of a memmove that are contiguous in host memory in both operands, moved by one
+/// copy: `len` bytes from `src_hpa` to `dst_hpa`, which device address `dst` maps to.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    dst: u64,
+    src_hpa: Hpa,
+    dst_hpa: Hpa,
+    len: u64,
+}
+
+impl Run {
+    /// Adds `next`, the request after the run in copy order (above it when ascending,
+    /// below it when descending), when it continues the run in host memory for both
+    /// operands; otherwise leaves the run as it is and returns `false`.
+    fn join(&mut self, next: Run, descending: bool) -> bool {
+        let (low, high) = if descending {
+            (next, *self)
+        } else {
+            (*self, next)
+        };
+        let follows = |a: Hpa, b: Hpa| a.0.checked_add(low.len) == Some(b.0);
+        if !follows(low.src_hpa, high.src_hpa) || !follows(low.dst_hpa, high.dst_hpa) {
+            return false;
+        }
+        *self = Run {
+            len: low.len + high.len,
+            ..low
+        };
+        true
+    }
+}
+
 #[derive(Debug)]
 struct Parked {
     job: Job,
@@ -196,7 +248,7 @@ impl DmaEngine {
             exec: Mutex::new(Exec {
                 parked: Vec::with_capacity(usize::from(config.pri_capacity)),
                 drains: Vec::new(),
-                bounce: vec![0u8; 2 * BOUNCE].into_boxed_slice(),
+                bounce: vec![0u8; 2 * REQUEST as usize].into_boxed_slice(),
                 completed: 0,
             }),
             counters: Counters::default(),
@@ -392,6 +444,7 @@ impl DmaEngine {
             completed: get(&c.completed),
             failed: get(&c.failed),
             bytes_moved: get(&c.bytes_moved),
+            memmove_runs: get(&c.memmove_runs),
             bytes_compared: get(&c.bytes_compared),
             translations: get(&c.translations),
             devtlb_hits: get(&c.devtlb_hits),
@@ -804,6 +857,49 @@ impl DmaEngine {
             })
     }
 
+    /// Checks one memory request of a memmove before the run it joins is moved: with ATS
+    /// the IOMMU checks it as a translated request, and its bytes must lie in host memory.
+    fn check_request(
+        &self,
+        ctrl: u64,
+        hpa: Hpa,
+        len: u64,
+        dev_addr: u64,
+        access: DmaAccess,
+    ) -> Result<(), Stop> {
+        self.check_translated(ctrl, hpa, len as usize, dev_addr, access)?;
+        let in_memory = hpa
+            .0
+            .checked_add(len)
+            .is_some_and(|end| end <= self.port.memory().size());
+        if in_memory {
+            Ok(())
+        } else {
+            Err(Stop::Memory {
+                addr: dev_addr,
+                write: access.write,
+            })
+        }
+    }
+
+    /// Moves a run of a memmove, HPA to HPA, and counts its bytes done. Every request of
+    /// the run was checked against host memory, so the copy does not fail; should it, the
+    /// descriptor stops with an access error at the run's destination, none of its bytes
+    /// counted.
+    fn move_run(&self, run: Run, job: &mut Job) -> Result<(), Stop> {
+        self.port
+            .memory()
+            .copy(run.src_hpa, run.dst_hpa, run.len)
+            .map_err(|_| Stop::Memory {
+                addr: run.dst,
+                write: true,
+            })?;
+        job.done += run.len;
+        bump(&self.counters.bytes_moved, run.len);
+        bump(&self.counters.memmove_runs, 1);
+        Ok(())
+    }
+
     fn read_hpa(
         &self,
         ctrl: u64,
@@ -850,46 +946,70 @@ impl DmaEngine {
             Operation::Memmove { src, dst, size } => {
                 let size = u64::from(size);
                 let descending = is_descending(&job.desc.op);
-                let buf = &mut bounce[..BOUNCE];
-                while job.done < size {
-                    let left = size - job.done;
+                let mut run: Option<Run> = None;
+                let stop = loop {
+                    let left = size - job.done - run.map_or(0, |r| r.len);
+                    if left == 0 {
+                        break None;
+                    }
                     // Ascending: the next bytes from the bottom; descending: from the top.
                     let (s, d) = if descending {
                         (src + left - 1, dst + left - 1)
                     } else {
-                        (src + job.done, dst + job.done)
+                        (src + size - left, dst + size - left)
                     };
-                    let ts = self.translate(&mut c1, ctrl, pasid, s, read)?;
-                    let td = self.translate(&mut c2, ctrl, pasid, d, write)?;
+                    let ts = match self.translate(&mut c1, ctrl, pasid, s, read) {
+                        Ok(t) => t,
+                        Err(stop) => break Some(stop),
+                    };
+                    let td = match self.translate(&mut c2, ctrl, pasid, d, write) {
+                        Ok(t) => t,
+                        Err(stop) => break Some(stop),
+                    };
                     let n = if descending {
                         let room = |t: DmaTranslation, a: u64| a - t.page_start(a) + 1;
-                        left.min(room(ts, s)).min(room(td, d)).min(BOUNCE as u64)
+                        left.min(room(ts, s)).min(room(td, d)).min(REQUEST)
                     } else {
                         left.min(to_page_end(ts, s))
                             .min(to_page_end(td, d))
-                            .min(BOUNCE as u64)
+                            .min(REQUEST)
                     };
                     let (s, d) = if descending {
                         (s + 1 - n, d + 1 - n)
                     } else {
                         (s, d)
                     };
-                    let chunk = &mut buf[..n as usize];
-                    self.read_hpa(ctrl, ts.hpa_of(s), chunk, s, read)?;
-                    self.write_hpa(ctrl, Some(td.hpa_of(d)), chunk, d, write)?;
-                    job.done += n;
-                    bump(&self.counters.bytes_moved, n);
+                    let piece = Run {
+                        dst: d,
+                        src_hpa: ts.hpa_of(s),
+                        dst_hpa: td.hpa_of(d),
+                        len: n,
+                    };
+                    if let Err(stop) = self
+                        .check_request(ctrl, piece.src_hpa, n, s, read)
+                        .and_then(|()| self.check_request(ctrl, piece.dst_hpa, n, d, write))
+                    {
+                        break Some(stop);
+                    }
+                    if !run.as_mut().is_some_and(|r| r.join(piece, descending)) {
+                        if let Some(r) = run.replace(piece) {
+                            self.move_run(r, job)?;
+                        }
+                    }
+                };
+                if let Some(r) = run {
+                    self.move_run(r, job)?;
                 }
-                Ok(0)
+                stop.map_or(Ok(0), Err)
             }
             Operation::Fill { pattern, dst, size } => {
                 let size = u64::from(size);
                 let pattern = pattern.to_le_bytes();
-                let buf = &mut bounce[..BOUNCE];
+                let buf = &mut bounce[..REQUEST as usize];
                 while job.done < size {
                     let d = dst + job.done;
                     let td = self.translate(&mut c2, ctrl, pasid, d, write)?;
-                    let n = (size - job.done).min(to_page_end(td, d)).min(BOUNCE as u64);
+                    let n = (size - job.done).min(to_page_end(td, d)).min(REQUEST);
                     let chunk = &mut buf[..n as usize];
                     for (i, b) in chunk.iter_mut().enumerate() {
                         *b = pattern[(job.done as usize + i) % pattern.len()];
@@ -902,7 +1022,7 @@ impl DmaEngine {
             }
             Operation::Compare { src1, src2, size } => {
                 let size = u64::from(size);
-                let (b1, b2) = bounce.split_at_mut(BOUNCE);
+                let (b1, b2) = bounce.split_at_mut(REQUEST as usize);
                 while job.done < size {
                     let (a1, a2) = (src1 + job.done, src2 + job.done);
                     let t1 = self.translate(&mut c1, ctrl, pasid, a1, read)?;
@@ -910,7 +1030,7 @@ impl DmaEngine {
                     let n = (size - job.done)
                         .min(to_page_end(t1, a1))
                         .min(to_page_end(t2, a2))
-                        .min(BOUNCE as u64) as usize;
+                        .min(REQUEST) as usize;
                     self.read_hpa(ctrl, t1.hpa_of(a1), &mut b1[..n], a1, read)?;
                     self.read_hpa(ctrl, t2.hpa_of(a2), &mut b2[..n], a2, read)?;
                     let differ = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y);

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vsva_vtd::{FaultReason, Pasid, SourceId};
+use vsva_vtd::{FaultReason, Pasid, PhysMem, SourceId};
 
 use super::mock::MockPort;
 use super::regs::*;
@@ -12,6 +12,8 @@ use super::*;
 use crate::memory::{HostMemory, PAGE_SIZE};
 
 const COMP: u64 = 0x7000_0000;
+/// Host frames for tests that choose where pages go, far above the ones `Rig::map` takes.
+const FRAMES: u64 = 0x200_0000;
 
 fn pasid(p: u32) -> Option<Pasid> {
     Some(Pasid::new(p).unwrap())
@@ -56,6 +58,22 @@ impl Rig {
             let hpa = self.next_frame.fetch_add(3 * PAGE_SIZE, Ordering::Relaxed);
             self.port.map(p, page * PAGE_SIZE, hpa, writable);
         }
+    }
+
+    /// Maps `pages` pages from `addr` (page aligned) to the frames from `hpa` on,
+    /// contiguous in host memory.
+    fn map_frames(&self, p: Option<Pasid>, addr: u64, hpa: u64, pages: u64, writable: bool) {
+        for i in 0..pages {
+            self.port
+                .map(p, addr + i * PAGE_SIZE, hpa + i * PAGE_SIZE, writable);
+        }
+    }
+
+    /// Host memory, as the CPU sees it.
+    fn host(&self, hpa: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.port.memory().read(hpa, &mut b).unwrap();
+        b
     }
 
     fn submit(&self, d: Descriptor) {
@@ -146,6 +164,194 @@ fn memmove_handles_overlap_both_ways() {
         assert_eq!(r.result, u8::from(dst_off > src_off), "copy direction");
         assert_eq!(rig.port.read_dev(p, base, span), model);
     }
+}
+
+#[test]
+fn memmove_moves_each_run_contiguous_in_host_memory_with_one_copy() {
+    let rig = Rig::new(ALL);
+    let p = pasid(1);
+    let (src, dst, pages) = (0x40_0000u64, 0x80_0000u64, 4u64);
+    rig.map_frames(p, src, FRAMES, pages, false);
+    // The destination's third page is elsewhere: runs are pages 0-1, 2 and 3.
+    rig.map_frames(p, dst, FRAMES + 0x10_0000, pages, true);
+    rig.map_frames(p, dst + 2 * PAGE_SIZE, FRAMES + 0x20_0000, 1, true);
+    let len = pages * PAGE_SIZE;
+    let data = pattern(len as usize, 11);
+    rig.port.write_dev(p, src, &data);
+    let r = rig.run(desc(
+        p,
+        Operation::Memmove {
+            src,
+            dst,
+            size: len as u32,
+        },
+    ));
+    assert_eq!((r.status, r.result), (CompletionStatus::Success, 0));
+    assert_eq!(u64::from(r.bytes_completed), len);
+    assert_eq!(rig.port.read_dev(p, dst, len as usize), data);
+    let s = rig.dev.stats();
+    assert_eq!(s.memmove_runs, 3);
+    // Still translated once per page of each operand, plus the record.
+    assert_eq!(s.translations, pages + pages + 1);
+
+    // Moving the first three pages up by 0x800 in one contiguous mapping: one run, copied
+    // from the top down.
+    let base = 0x40_0000u64;
+    let span = 4 * PAGE_SIZE as usize;
+    rig.map_frames(p, base, FRAMES + 0x30_0000, 4, true);
+    let init = pattern(span, 5);
+    rig.port.write_dev(p, base, &init);
+    let mut model = init.clone();
+    model.copy_within(0..3 * PAGE_SIZE as usize, 0x800);
+    let r = rig.run(desc(
+        p,
+        Operation::Memmove {
+            src: base,
+            dst: base + 0x800,
+            size: 3 * PAGE_SIZE as u32,
+        },
+    ));
+    assert_eq!((r.status, r.result), (CompletionStatus::Success, 1));
+    assert_eq!(rig.port.read_dev(p, base, span), model);
+    assert_eq!(rig.dev.stats().memmove_runs, 3 + 1);
+}
+
+#[test]
+fn a_fault_inside_a_run_completes_the_bytes_before_it() {
+    let rig = Rig::new(ALL & !CTRL_PRI_EN);
+    let p = pasid(1);
+    let (src, dst, pages) = (0x40_0000u64, 0x80_0000u64, 4u64);
+    let len = pages * PAGE_SIZE;
+    rig.map_frames(p, src, FRAMES, pages, false);
+    rig.map_frames(p, dst, FRAMES + 0x10_0000, pages, true);
+    let hole = dst + 2 * PAGE_SIZE;
+    rig.port.unmap(p, hole);
+    let data = pattern(len as usize, 21);
+    rig.port.write_dev(p, src, &data);
+    let op = Operation::Memmove {
+        src: src + 0x10,
+        dst,
+        size: (len - 0x10) as u32,
+    };
+    let r = rig.run(desc(p, op));
+    assert_eq!(r.status, CompletionStatus::TranslationFail);
+    assert!(r.fault_write);
+    assert_eq!(r.fault_addr, hole);
+    assert_eq!(u64::from(r.bytes_completed), 2 * PAGE_SIZE);
+    assert_eq!(
+        rig.host(FRAMES + 0x10_0000, 2 * PAGE_SIZE as usize),
+        data[0x10..0x10 + 2 * PAGE_SIZE as usize]
+    );
+    assert_eq!(
+        rig.host(FRAMES + 0x10_0000 + 3 * PAGE_SIZE, PAGE_SIZE as usize),
+        vec![0; PAGE_SIZE as usize],
+        "nothing after the hole"
+    );
+
+    // Descending (the destination overlaps the source from above): the pages above the
+    // hole are done, and the fault is at the hole's last byte.
+    let base = 0xc0_0000u64;
+    rig.map_frames(p, base, FRAMES + 0x20_0000, 5, true);
+    let init = pattern(5 * PAGE_SIZE as usize, 3);
+    rig.port.write_dev(p, base, &init);
+    let hole = base + 2 * PAGE_SIZE;
+    rig.port.unmap(p, hole);
+    let r = rig.run(desc(
+        p,
+        Operation::Memmove {
+            src: base + PAGE_SIZE + 0x100,
+            dst: base + 2 * PAGE_SIZE + 0x100,
+            size: 2 * PAGE_SIZE as u32,
+        },
+    ));
+    assert_eq!((r.status, r.result), (CompletionStatus::TranslationFail, 1));
+    assert_eq!(r.fault_addr, hole + PAGE_SIZE - 1);
+    assert!(!r.fault_write, "the source's top byte faults first");
+    assert_eq!(u64::from(r.bytes_completed), 0x100);
+    let mut model = init.clone();
+    let page3 = 3 * PAGE_SIZE as usize;
+    model.copy_within(page3..page3 + 0x100, page3 + PAGE_SIZE as usize);
+    let top = rig.host(FRAMES + 0x20_0000 + 4 * PAGE_SIZE, PAGE_SIZE as usize);
+    assert_eq!(top, model[4 * PAGE_SIZE as usize..]);
+}
+
+#[test]
+fn a_run_that_leaves_host_memory_stops_at_the_request_outside_it() {
+    let rig = Rig::new(ALL);
+    let p = pasid(2);
+    let end = rig.port.memory().size();
+    let (src, dst) = (0x40_0000u64, 0x80_0000u64);
+    rig.map_frames(p, src, FRAMES, 2, false);
+    // The destination's second page maps past the end of host memory.
+    rig.map_frames(p, dst, end - PAGE_SIZE, 2, true);
+    let data = pattern(2 * PAGE_SIZE as usize, 8);
+    rig.port.write_dev(p, src, &data);
+    let r = rig.run(desc(
+        p,
+        Operation::Memmove {
+            src,
+            dst,
+            size: 2 * PAGE_SIZE as u32,
+        },
+    ));
+    assert_eq!(r.status, CompletionStatus::AccessError);
+    assert!(r.fault_write);
+    assert_eq!(r.fault_addr, dst + PAGE_SIZE);
+    assert_eq!(u64::from(r.bytes_completed), PAGE_SIZE);
+    assert_eq!(
+        rig.host(end - PAGE_SIZE, PAGE_SIZE as usize),
+        data[..PAGE_SIZE as usize]
+    );
+}
+
+#[test]
+fn memmove_between_aliases_of_one_frame_is_a_memmove_in_host_memory() {
+    // Two device pages, far apart, map the same frame: the descriptor's ranges do not
+    // overlap, its bytes do. Within one request, either way round.
+    let rig = Rig::new(ALL);
+    let p = pasid(1);
+    let (a, b, frame) = (0x40_0000u64, 0x90_0000u64, FRAMES);
+    rig.map_frames(p, a, frame, 1, true);
+    rig.map_frames(p, b, frame, 1, true);
+    for (s_off, d_off) in [(0x100u64, 0x180u64), (0x180, 0x100)] {
+        let init = pattern(PAGE_SIZE as usize, s_off as u8);
+        rig.port.write_dev(p, a, &init);
+        let mut model = init.clone();
+        model.copy_within(s_off as usize..s_off as usize + 0x600, d_off as usize);
+        let r = rig.run(desc(
+            p,
+            Operation::Memmove {
+                src: a + s_off,
+                dst: b + d_off,
+                size: 0x600,
+            },
+        ));
+        assert_eq!((r.status, r.result), (CompletionStatus::Success, 0));
+        assert_eq!(rig.host(frame, PAGE_SIZE as usize), model);
+    }
+
+    // Frames scattered in host memory, the destination below the source there: copying
+    // up from the bottom, run by run, reads every source byte before it is overwritten.
+    rig.port.map(p, a, FRAMES + 0x10_0000, true);
+    rig.port.map(p, a + PAGE_SIZE, FRAMES + 0x20_0000, true);
+    rig.port.map(p, b, FRAMES + 0x10_0000, true);
+    rig.port.map(p, b + PAGE_SIZE, FRAMES + 0x20_0000, true);
+    let init = pattern(2 * PAGE_SIZE as usize, 77);
+    rig.port.write_dev(p, a, &init);
+    let runs = rig.dev.stats().memmove_runs;
+    let mut model = init.clone();
+    model.copy_within(0x180..0x180 + PAGE_SIZE as usize, 0x100);
+    let r = rig.run(desc(
+        p,
+        Operation::Memmove {
+            src: a + 0x180,
+            dst: b + 0x100,
+            size: PAGE_SIZE as u32,
+        },
+    ));
+    assert_eq!(r.status, CompletionStatus::Success);
+    assert_eq!(rig.port.read_dev(p, a, 2 * PAGE_SIZE as usize), model);
+    assert_eq!(rig.dev.stats().memmove_runs - runs, 3);
 }
 
 #[test]
@@ -837,6 +1043,46 @@ proptest! {
         }));
         prop_assert_eq!(r.status, CompletionStatus::Success);
         prop_assert_eq!(rig.port.read_dev(p, base, span), model);
+    }
+
+    /// Two device windows, far apart or the same, map frames that are contiguous in host
+    /// memory and overlap there at any page distance: whatever the offsets, a memmove from
+    /// one window to the other is a memmove of the bytes in host memory.
+    #[test]
+    fn memmove_between_aliased_windows_is_a_memmove_in_host_memory(
+        shift in -2i64..=2,
+        same_window: bool,
+        src_off in 0u64..2 * PAGE_SIZE,
+        dst_off in 0u64..2 * PAGE_SIZE,
+        len in 1u64..=2 * PAGE_SIZE,
+        ats: bool,
+    ) {
+        let rig = Rig::new(ALL | if ats { CTRL_ATS_EN } else { 0 });
+        let p = pasid(1);
+        let (a, b) = (0x100_0000u64, 0x300_0000u64);
+        let pages = 4;
+        let fa = FRAMES + 2 * PAGE_SIZE;
+        let fb = fa.checked_add_signed(shift * PAGE_SIZE as i64).unwrap();
+        rig.map_frames(p, a, fa, pages, true);
+        rig.map_frames(p, b, fb, pages, true);
+        let span = 8 * PAGE_SIZE as usize;
+        let init = pattern(span, src_off as u8 ^ dst_off as u8);
+        rig.port.memory().write(FRAMES, &init).unwrap();
+        let (dst, dst_frame) = if same_window { (a, fa) } else { (b, fb) };
+        let mut model = init.clone();
+        let from = (fa + src_off - FRAMES) as usize;
+        model.copy_within(from..from + len as usize, (dst_frame + dst_off - FRAMES) as usize);
+        let r = rig.run(desc(p, Operation::Memmove {
+            src: a + src_off,
+            dst: dst + dst_off,
+            size: len as u32,
+        }));
+        prop_assert_eq!(r.status, CompletionStatus::Success);
+        prop_assert_eq!(
+            r.result,
+            u8::from(same_window && dst_off > src_off && dst_off - src_off < len)
+        );
+        prop_assert_eq!(rig.host(FRAMES, span), model);
     }
 
     #[test]
