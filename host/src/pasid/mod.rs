@@ -5,14 +5,16 @@
 //! requests without a PASID prefix (VT-d 3.0 §9.4, context entry RID_PASID field).
 //!
 //! Costs: `alloc` finds the first free PASID in a constant number of bitmap word operations
-//! and appends it to its set's member list; `free` swap-removes it from that list at the
+//! (one when the low part of the space is full: the search starts at the bitmap's bound
+//! below which nothing is free) and appends it to its set's member list; `free` swap-removes it from that list at the
 //! position the owner table keeps for it; both are O(1) whatever the occupancy, and `owner`
 //! is one table read. Sets are found by id in a direct-mapped table, without hashing.
 //! Listing a set's PASIDs in order sorts its k members (O(k log k)).
 //! Besides a fixed 132 KiB bitmap and a fixed 8 MiB owner table (set id and member-list
 //! position of each PASID, so that no allocation ever waits for a table to grow), each
 //! allocated PASID costs one 4-byte member-list slot (at most 8 bytes with the list's
-//! spare capacity; measured by `tests/pasid_memory.rs`).
+//! spare capacity; measured by `tests/pasid_memory.rs`). A list keeps its capacity when
+//! PASIDs are freed, until its set is destroyed.
 
 mod bitmap;
 mod sets;
