@@ -26,7 +26,9 @@ pub struct SampleBudget {
 
 /// Samples are short and many: on a loaded machine a sample that shares its core with
 /// another process's time slice is an outlier the median leaves out, where a long sample
-/// would carry part of the slice.
+/// would carry part of the slice. A full run's samples (1 ms) are shorter than a time
+/// slice: with 5 ms samples, a run beside a two-core compile doubled the forwarded-path
+/// figures, as nearly every sample was preempted once.
 impl SampleBudget {
     /// `vsva bench --quick`.
     pub const QUICK: SampleBudget = SampleBudget {
@@ -35,8 +37,8 @@ impl SampleBudget {
     };
     /// `vsva bench`.
     pub const FULL: SampleBudget = SampleBudget {
-        sample: Duration::from_millis(5),
-        samples: 401,
+        sample: Duration::from_millis(1),
+        samples: 1001,
     };
 }
 
