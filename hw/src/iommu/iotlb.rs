@@ -6,13 +6,15 @@
 //! different domain id, the entries of the old domain for that requester and PASID are
 //! dropped ([`Iotlb::retag`]), which is what a domain-tagged hardware lookup would observe.
 //!
-//! The hit path takes one read lock on one of many padded shards: two threads hitting
-//! different pages do not share a cache line.
+//! Like hardware, the IOTLB is a set-associative table of fixed size: a translation may
+//! live only in the ways of the set its key hashes to, and a fill into a full set replaces
+//! one of them. Each set has a sequence word (odd while a writer is inside): a hit loads the
+//! word, scans the ways and checks the word again, so it writes no shared cache line and
+//! takes no lock. Writers (fills and invalidations) are serialised by the index lock.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
@@ -20,10 +22,10 @@ use vsva_vtd::{AddrRange, DomainId, Pasid, SourceId};
 
 use super::PAGE_SHIFTS;
 
-/// Number of lock shards: a power of two.
-const SHARDS: usize = 64;
-/// Entries per shard before the shard is emptied to make room (hardware replacement).
-const SHARD_CAPACITY: usize = 4096;
+/// Number of sets: a power of two.
+const SETS: usize = 4096;
+/// Ways per set.
+const WAYS: usize = 4;
 
 /// Which walk produced a cached translation; invalidation descriptors select by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +38,15 @@ pub enum TranslationKind {
     Nested,
     /// Pass-through (PGTT=100b).
     PassThrough,
+}
+
+impl TranslationKind {
+    const ALL: [TranslationKind; 4] = [
+        TranslationKind::SecondLevel,
+        TranslationKind::FirstLevel,
+        TranslationKind::Nested,
+        TranslationKind::PassThrough,
+    ];
 }
 
 /// Access rights a cached translation grants.
@@ -66,6 +77,18 @@ pub struct IotlbEntry {
     pub kind: TranslationKind,
 }
 
+/// Tag bits: requester id in 15:0, PASID in 35:16, page shift in 43:36, domain id in
+/// 59:44, valid in 63. A lookup matches the bits of [`KEY_MASK`].
+const PASID_SHIFT: u32 = 16;
+const PAGE_SHIFT_SHIFT: u32 = 36;
+const DID_SHIFT: u32 = 44;
+const VALID: u64 = 1 << 63;
+const KEY_MASK: u64 = VALID | ((1 << DID_SHIFT) - 1);
+
+/// Value bits: the output page base, and the rights and kind in the bits below 4 KiB.
+const KIND_SHIFT: u32 = 6;
+const FLAGS: u64 = 0xfff;
+
 /// Lookup key: requester, PASID, page size and input page number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -76,39 +99,158 @@ struct Key {
 impl Key {
     fn new(sid: SourceId, pasid: Pasid, page_shift: u8, addr: u64) -> Self {
         Key {
-            tag: sid.rid() as u64 | (pasid.raw() as u64) << 16 | (page_shift as u64) << 40,
+            tag: VALID
+                | sid.rid() as u64
+                | (pasid.raw() as u64) << PASID_SHIFT
+                | (page_shift as u64) << PAGE_SHIFT_SHIFT,
             page: addr >> page_shift,
         }
     }
 
     fn pasid(&self) -> u32 {
-        (self.tag >> 16) as u32 & 0xf_ffff
+        (self.tag >> PASID_SHIFT) as u32 & 0xf_ffff
     }
 
     fn rid(&self) -> u16 {
         self.tag as u16
     }
 
+    fn page_shift(&self) -> u8 {
+        (self.tag >> PAGE_SHIFT_SHIFT) as u8
+    }
+
     /// Whether the input page of the entry shares a byte with `range`.
     fn meets(&self, range: &AddrRange) -> bool {
-        let shift = (self.tag >> 40) as u32;
+        let shift = self.page_shift() as u32;
         let start = self.page << shift;
         range.overlaps(start, start | ((1u64 << shift) - 1))
     }
+
+    /// The set the key lives in: the low bits of the page number, as hardware indexes,
+    /// offset by a multiplicative hash of the tag so that address spaces spread out.
+    /// Contiguous pages of one address space never share a set.
+    fn set(&self, mask: usize) -> usize {
+        (self.page ^ (self.tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32)) as usize & mask
+    }
 }
 
-type Shard = CachePadded<RwLock<HashMap<Key, IotlbEntry, FixedState>>>;
+fn encode(key: &Key, e: &IotlbEntry) -> (u64, u64) {
+    let p = e.perms;
+    let flags = p.read as u64
+        | (p.write as u64) << 1
+        | (p.execute as u64) << 2
+        | (p.user as u64) << 3
+        | (p.dirty as u64) << 4
+        | (p.supervisor as u64) << 5
+        | (e.kind as u64) << KIND_SHIFT;
+    (
+        key.tag | (e.did.0 as u64) << DID_SHIFT,
+        (e.output & !FLAGS) | flags,
+    )
+}
 
-/// The keys of the cached entries of each domain and PASID.
-type KeyIndex = HashMap<(DomainId, u32), Vec<Key>, FixedState>;
+#[inline]
+fn decode(tag: u64, value: u64) -> IotlbEntry {
+    let bit = |n: u32| value >> n & 1 != 0;
+    IotlbEntry {
+        did: DomainId((tag >> DID_SHIFT) as u16),
+        output: value & !FLAGS,
+        page_shift: (tag >> PAGE_SHIFT_SHIFT) as u8,
+        perms: Perms {
+            read: bit(0),
+            write: bit(1),
+            execute: bit(2),
+            user: bit(3),
+            dirty: bit(4),
+            supervisor: bit(5),
+        },
+        kind: TranslationKind::ALL[(value >> KIND_SHIFT) as usize & 3],
+    }
+}
+
+/// One way of a set; `tag` 0 is an empty way.
+#[derive(Debug, Default)]
+struct Way {
+    tag: AtomicU64,
+    page: AtomicU64,
+    value: AtomicU64,
+}
+
+/// One set: its sequence word, the way a fill into the full set replaces next, the ways;
+/// in this order, so that a hit in the first two ways reads one cache line.
+#[derive(Debug, Default)]
+#[repr(C, align(128))]
+struct Set {
+    seq: AtomicU64,
+    victim: AtomicU32,
+    ways: [Way; WAYS],
+}
+
+impl Set {
+    /// The way holding `key`, read consistently: retried while a writer is inside.
+    #[inline]
+    fn find(&self, key: &Key) -> Option<(u64, u64)> {
+        loop {
+            let seq = self.seq.load(Ordering::Acquire);
+            if seq & 1 == 0 {
+                let mut found = None;
+                for w in &self.ways {
+                    let tag = w.tag.load(Ordering::Relaxed);
+                    if tag & KEY_MASK == key.tag && w.page.load(Ordering::Relaxed) == key.page {
+                        found = Some((tag, w.value.load(Ordering::Relaxed)));
+                        break;
+                    }
+                }
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == seq {
+                    return found;
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Runs `write` with the set marked as being written. Writers hold the index lock.
+    fn write<R>(&self, write: impl FnOnce(&[Way; WAYS]) -> R) -> R {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let r = write(&self.ways);
+        self.seq.store(seq + 2, Ordering::Release);
+        r
+    }
+
+    /// The way of `key` if it holds it, else an empty way, else the next victim.
+    fn slot(&self, ways: &[Way; WAYS], key: &Key) -> usize {
+        let tag = |i: usize| ways[i].tag.load(Ordering::Relaxed);
+        (0..WAYS)
+            .find(|&i| {
+                tag(i) & KEY_MASK == key.tag && ways[i].page.load(Ordering::Relaxed) == key.page
+            })
+            .or_else(|| (0..WAYS).find(|&i| tag(i) == 0))
+            .unwrap_or_else(|| {
+                let v = self.victim.load(Ordering::Relaxed);
+                self.victim.store(v.wrapping_add(1), Ordering::Relaxed);
+                v as usize % WAYS
+            })
+    }
+}
+
+/// The keys of the cached entries of each domain and PASID; a key may be stale (its way
+/// since replaced) or listed twice, which removal tolerates.
+#[derive(Debug, Default)]
+struct KeyIndex {
+    buckets: HashMap<(DomainId, u32), Vec<Key>, FixedState>,
+    /// Keys in all buckets.
+    keys: usize,
+}
 
 /// The IOTLB.
 #[derive(Debug)]
 pub struct Iotlb {
-    shards: Box<[Shard]>,
-    hasher: FixedState,
-    /// Keys by domain and PASID, for selective invalidation without a full scan. Every fill
-    /// locks it: padded, so that the shard table a hit reads is not on its cache line.
+    sets: Box<[Set]>,
+    /// Keys by domain and PASID, for selective invalidation without a full scan. Every
+    /// writer locks it: padded, so that the set table a hit reads is not on its cache line.
     index: CachePadded<Mutex<KeyIndex>>,
     /// Counts invalidations, so that a walk that began before one does not cache.
     generation: AtomicU64,
@@ -116,29 +258,34 @@ pub struct Iotlb {
 
 impl Default for Iotlb {
     fn default() -> Self {
-        Iotlb {
-            shards: (0..SHARDS)
-                .map(|_| CachePadded::new(RwLock::default()))
-                .collect(),
-            hasher: FixedState::default(),
-            index: CachePadded::default(),
-            generation: AtomicU64::new(0),
-        }
+        Iotlb::with_sets(SETS)
     }
 }
 
 impl Iotlb {
-    fn shard(&self, key: &Key) -> &Shard {
-        let h = self.hasher.hash_one(key);
-        &self.shards[(h >> 58) as usize & (SHARDS - 1)]
+    /// An IOTLB of `sets` sets (a power of two).
+    fn with_sets(sets: usize) -> Self {
+        Iotlb {
+            sets: (0..sets).map(|_| Set::default()).collect(),
+            index: CachePadded::default(),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self, key: &Key) -> &Set {
+        &self.sets[key.set(self.sets.len() - 1)]
     }
 
     /// The cached translation covering `addr` for this requester and PASID, if any.
+    #[inline(always)]
     pub fn lookup(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<IotlbEntry> {
-        PAGE_SHIFTS.iter().find_map(|&shift| {
+        for shift in PAGE_SHIFTS {
             let key = Key::new(sid, pasid, shift, addr);
-            self.shard(&key).read().unwrap().get(&key).copied()
-        })
+            if let Some((tag, value)) = self.set(&key).find(&key) {
+                return Some(decode(tag, value));
+            }
+        }
+        None
     }
 
     /// Starts a fill: the walk that follows may insert its result only if no invalidation
@@ -165,34 +312,87 @@ impl Iotlb {
         if self.generation.load(Ordering::Acquire) != fill {
             return false;
         }
-        let mut shard = self.shard(&key).write().unwrap();
-        if shard.len() >= SHARD_CAPACITY {
-            shard.clear();
-        }
-        if shard.insert(key, entry).is_none() {
-            index.entry((entry.did, pasid.raw())).or_default().push(key);
+        let (tag, value) = encode(&key, &entry);
+        let set = self.set(&key);
+        let listed = set.write(|ways| {
+            let w = &ways[set.slot(ways, &key)];
+            let listed =
+                w.tag.load(Ordering::Relaxed) == tag && w.page.load(Ordering::Relaxed) == key.page;
+            w.tag.store(tag, Ordering::Relaxed);
+            w.page.store(key.page, Ordering::Relaxed);
+            w.value.store(value, Ordering::Relaxed);
+            listed
+        });
+        if !listed {
+            index
+                .buckets
+                .entry((entry.did, pasid.raw()))
+                .or_default()
+                .push(key);
+            index.keys += 1;
+            // Stale keys are bounded: past four times the capacity, list only live ones.
+            if index.keys > 4 * self.sets.len() * WAYS {
+                self.rebuild(&mut index);
+            }
         }
         true
     }
 
-    /// Removes the keyed entries that `select` accepts; returns how many were removed.
+    /// Lists exactly the keys the table holds; the caller holds the index lock, so no set
+    /// changes meanwhile.
+    fn rebuild(&self, index: &mut MutexGuard<'_, KeyIndex>) {
+        index.buckets.clear();
+        index.keys = 0;
+        for w in self.sets.iter().flat_map(|s| s.ways.iter()) {
+            let tag = w.tag.load(Ordering::Relaxed);
+            if tag != 0 {
+                let key = Key {
+                    tag: tag & KEY_MASK,
+                    page: w.page.load(Ordering::Relaxed),
+                };
+                let did = DomainId((tag >> DID_SHIFT) as u16);
+                index
+                    .buckets
+                    .entry((did, key.pasid()))
+                    .or_default()
+                    .push(key);
+                index.keys += 1;
+            }
+        }
+    }
+
+    /// Empties the ways of `did` that hold the listed keys and that `select` accepts;
+    /// returns how many were emptied and the keys still cached.
     fn remove_where(
         &self,
+        did: DomainId,
         keys: Vec<Key>,
         mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> (usize, Vec<Key>) {
         let mut removed = 0;
         let mut kept = Vec::new();
         for key in keys {
-            let mut shard = self.shard(&key).write().unwrap();
-            match shard.get(&key) {
-                Some(e) if select(&key, e) => {
-                    shard.remove(&key);
-                    removed += 1;
+            let set = self.set(&key);
+            set.write(|ways| {
+                let found = ways.iter().find(|w| {
+                    w.tag.load(Ordering::Relaxed) & KEY_MASK == key.tag
+                        && w.page.load(Ordering::Relaxed) == key.page
+                });
+                let Some(w) = found else { return };
+                let e = decode(
+                    w.tag.load(Ordering::Relaxed),
+                    w.value.load(Ordering::Relaxed),
+                );
+                if e.did != did {
+                    return;
                 }
-                Some(_) => kept.push(key),
-                None => {}
-            }
+                if select(&key, &e) {
+                    w.tag.store(0, Ordering::Relaxed);
+                    removed += 1;
+                } else {
+                    kept.push(key);
+                }
+            });
         }
         (removed, kept)
     }
@@ -211,15 +411,17 @@ impl Iotlb {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
         let mut removed = 0;
-        index.retain(|&(did, pasid), keys| {
-            if !bucket(did, pasid) {
-                return true;
+        let mut keys = 0;
+        index.buckets.retain(|&(did, pasid), listed| {
+            if bucket(did, pasid) {
+                let (n, kept) = self.remove_where(did, std::mem::take(listed), &mut select);
+                removed += n;
+                *listed = kept;
             }
-            let (n, kept) = self.remove_where(std::mem::take(keys), &mut select);
-            removed += n;
-            *keys = kept;
-            !keys.is_empty()
+            keys += listed.len();
+            !listed.is_empty()
         });
+        index.keys = keys;
         removed
     }
 
@@ -228,12 +430,18 @@ impl Iotlb {
         let mut index = self.index.lock().unwrap();
         self.generation.fetch_add(1, Ordering::AcqRel);
         let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut s = shard.write().unwrap();
-            removed += s.len();
-            s.clear();
+        for set in self.sets.iter() {
+            set.write(|ways| {
+                for w in ways {
+                    if w.tag.load(Ordering::Relaxed) != 0 {
+                        w.tag.store(0, Ordering::Relaxed);
+                        removed += 1;
+                    }
+                }
+            });
         }
-        index.clear();
+        index.buckets.clear();
+        index.keys = 0;
         removed
     }
 
@@ -300,7 +508,11 @@ impl Iotlb {
 
     /// Number of cached translations.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().unwrap().len()).sum()
+        self.sets
+            .iter()
+            .flat_map(|s| s.ways.iter())
+            .filter(|w| w.tag.load(Ordering::Relaxed) != 0)
+            .count()
     }
 
     /// Whether nothing is cached.
@@ -481,5 +693,111 @@ mod tests {
         assert!(!t.insert(fill, sid(), p, 0x1000, e));
         assert!(t.lookup(sid(), p, 0x1000).is_none());
         assert!(t.insert(t.begin_fill(), sid(), p, 0x1000, e));
+    }
+
+    /// Entry `version` of key `k` in the concurrency and capacity tests: everything about
+    /// it is derived from `k`, so a torn read shows up as a mismatch.
+    fn keyed(k: u64, version: u64) -> IotlbEntry {
+        IotlbEntry {
+            did: DomainId(k as u16 + 1),
+            output: k << 40 | version << 12,
+            page_shift: 12,
+            perms: Perms {
+                read: true,
+                write: k % 2 == 0,
+                execute: k % 3 == 0,
+                user: true,
+                dirty: k % 5 == 0,
+                supervisor: k % 2 == 1,
+            },
+            kind: TranslationKind::ALL[k as usize % 4],
+        }
+    }
+
+    #[test]
+    fn readers_see_whole_entries_and_nothing_after_its_invalidation() {
+        const KEYS: u64 = 8;
+        const ROUNDS: u64 = 1000;
+        // One set of four ways for eight keys: every fill contends with the readers and
+        // most replace another key.
+        let t = Iotlb::with_sets(1);
+        let p = Pasid::new(4).unwrap();
+        let gone: Vec<AtomicU64> = (0..KEYS).map(|_| AtomicU64::new(0)).collect();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        // Full passes of the readers over the keys.
+        let passes = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut seen = 0u64;
+                        while !done.load(Ordering::Acquire) {
+                            for k in 0..KEYS {
+                                let invalidated = gone[k as usize].load(Ordering::Acquire);
+                                let Some(e) = t.lookup(sid(), p, k << 12) else {
+                                    continue;
+                                };
+                                let version = e.output >> 12 & 0xfff_ffff;
+                                assert_eq!(e, keyed(k, version), "torn entry");
+                                assert!(version > invalidated, "hit after invalidation");
+                                seen += 1;
+                            }
+                            passes.fetch_add(1, Ordering::Release);
+                        }
+                        seen
+                    })
+                })
+                .collect();
+            for v in 1..=ROUNDS {
+                for k in 0..KEYS {
+                    assert!(t.insert(t.begin_fill(), sid(), p, k << 12, keyed(k, v)));
+                }
+                // A whole pass of a reader runs between the fills and the invalidations.
+                let before = passes.load(Ordering::Acquire);
+                while passes.load(Ordering::Acquire) < before + 2 {
+                    std::thread::yield_now();
+                }
+                for k in (0..KEYS).filter(|k| (k + v) % 3 == 0) {
+                    let e = keyed(k, v);
+                    t.invalidate_domain_range(e.did, range(k << 12, 0x1000));
+                    t.invalidate_pasid_range(e.did, p, range(k << 12, 0x1000));
+                    assert!(t.lookup(sid(), p, k << 12).is_none());
+                    gone[k as usize].store(v, Ordering::Release);
+                }
+            }
+            done.store(true, Ordering::Release);
+            let seen: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+            assert!(seen >= ROUNDS);
+        });
+    }
+
+    #[test]
+    fn a_full_table_misses_or_returns_the_entry_inserted() {
+        for sets in [1, 2, 64] {
+            let t = Iotlb::with_sets(sets);
+            let p = Pasid::new(7).unwrap();
+            let keys = 40 * sets as u64;
+            for k in 0..keys {
+                let addr = k.wrapping_mul(0x9e37_79b9) << 12 & 0xffff_ffff_f000;
+                assert!(t.insert(t.begin_fill(), sid(), p, addr, keyed(k, k + 1)));
+                assert_eq!(t.lookup(sid(), p, addr), Some(keyed(k, k + 1)));
+                assert!(t.len() <= sets * WAYS);
+                for j in 0..=k {
+                    let addr = j.wrapping_mul(0x9e37_79b9) << 12 & 0xffff_ffff_f000;
+                    if let Some(e) = t.lookup(sid(), p, addr) {
+                        assert_eq!(e, keyed(j, j + 1));
+                    }
+                }
+            }
+            assert!(t.index.lock().unwrap().keys <= 4 * sets * WAYS + 1);
+            // Every cached entry is still listed under its domain: domain invalidations
+            // empty the table.
+            let cached = t.len();
+            let removed: usize = (0..keys)
+                .map(|k| t.invalidate_domain(keyed(k, 0).did))
+                .sum();
+            assert_eq!(removed, cached);
+            assert!(t.is_empty());
+        }
     }
 }

@@ -223,13 +223,21 @@ impl Iommu {
                             addr,
                             access,
                         };
-                        self.check_stale(rta, &req, &e);
+                        self.check_hit(rta, req, e);
                     }
                     return Ok(hit(&e, addr));
                 }
             }
         }
         self.translate_miss(rta, sid, pasid, addr, access)
+    }
+
+    /// Strict mode's check of an IOTLB hit, out of line: the entry is passed by value so
+    /// that the hit path keeps it in registers instead of storing it for a reference.
+    #[cold]
+    #[inline(never)]
+    fn check_hit(&self, rta: u64, req: CheckedRequest, e: IotlbEntry) {
+        self.check_stale(rta, &req, &e);
     }
 
     fn translate_miss(
