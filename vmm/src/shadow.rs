@@ -13,6 +13,16 @@
 //!   granularity, and invalidates device TLBs by address only (Linux v5.10
 //!   `inv_type_granu_table`), so a global or domain-selective invalidation becomes one
 //!   PASID-selective invalidation per bound PASID it covers.
+//! - A PASID-granular host IOTLB invalidation also invalidates the whole range of the
+//!   PASID in the device TLBs of the container (Linux v5.10 `intel_iommu_sva_invalidate`
+//!   takes IOTLB invalidations as inclusive for a vIOMMU's sake). Software must request
+//!   the IOTLB invalidation before the device-TLB invalidation it pairs with (§6.5.2.5),
+//!   so a device-TLB invalidation of a PASID whose previous descriptor (waits aside)
+//!   forwarded such an IOTLB invalidation to the same container is not forwarded: what
+//!   the device cached since was translated from the tables the guest had flushed, as it
+//!   would be after the skipped call. Linux's flush of a new binding (PASID cache, PASID
+//!   IOTLB, whole-range device TLB, each waited for) so costs one host invalidation
+//!   instead of three.
 //!
 //! The PASID that requests without PASID use (the context entry's RID_PASID) is never
 //! bound: such requests from a passthrough device use the host's second level.
@@ -176,6 +186,37 @@ pub fn host_invalidations(
                 .collect()
         }
         _ => Vec::new(),
+    }
+}
+
+/// The PASID-granular host IOTLB invalidations one guest descriptor forwarded and the host
+/// carried out, by container and PASID: each also invalidated the PASID's whole range in
+/// the container's device TLBs.
+#[derive(Default)]
+pub(crate) struct InclusiveFlushes(Vec<(Arc<dyn HostSva>, Pasid)>);
+
+impl InclusiveFlushes {
+    /// Forgets every recorded invalidation.
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Whether `inv` is a device-TLB invalidation on `host` of a PASID whose whole range
+    /// a recorded invalidation covered.
+    fn covers(&self, host: &Arc<dyn HostSva>, inv: &CacheInvalidate) -> bool {
+        inv.cache == IOMMU_CACHE_INV_TYPE_DEV_IOTLB
+            && inv
+                .pasid()
+                .is_some_and(|p| self.0.iter().any(|(h, q)| *q == p && Arc::ptr_eq(h, host)))
+    }
+
+    /// Records `inv`, forwarded to `host`, if it is a PASID-granular IOTLB invalidation.
+    fn record(&mut self, host: Arc<dyn HostSva>, inv: &CacheInvalidate) {
+        if let (IOMMU_CACHE_INV_TYPE_IOTLB, InvGranularity::Pasid { pasid: Some(p), .. }) =
+            (inv.cache, &inv.granularity)
+        {
+            self.0.push((host, *p));
+        }
     }
 }
 
@@ -382,19 +423,22 @@ impl VIommu {
     }
 
     /// Forwards the host invalidations an IOTLB or device-TLB descriptor asks for. One
-    /// container shared by several devices gets each distinct invalidation once.
-    pub(crate) fn forward_invalidation(&self, desc: &InvDesc) {
+    /// container shared by several devices gets each distinct invalidation once; a
+    /// device-TLB invalidation `flushed` (the previous descriptor's) covers is not
+    /// forwarded. `flushed` is left holding this descriptor's.
+    pub(crate) fn forward_invalidation(&self, desc: &InvDesc, flushed: &mut InclusiveFlushes) {
         let mut calls: Vec<(Arc<dyn HostSva>, CacheInvalidate)> = Vec::new();
         for dev in lock(&self.devices).iter() {
             for inv in host_invalidations(desc, dev.guest_sid, &dev.bound) {
                 let seen = calls
                     .iter()
                     .any(|(h, i)| Arc::ptr_eq(h, &dev.host) && *i == inv);
-                if !seen {
+                if !seen && !flushed.covers(&dev.host, &inv) {
                     calls.push((dev.host.clone(), inv));
                 }
             }
         }
+        flushed.clear();
         for (host, inv) in calls {
             let r = host.cache_invalidate(&inv);
             if self
@@ -402,6 +446,7 @@ impl VIommu {
                 .is_some()
             {
                 Counters::bump(&self.counters.invalidations_forwarded);
+                flushed.record(host, &inv);
             }
         }
     }

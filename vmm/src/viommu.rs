@@ -20,7 +20,7 @@ use crate::caches::{Caches, IotlbScope};
 use crate::config::{VIommuConfig, PASID_BITS};
 use crate::error::{HostCall, HostCallError, VIommuError};
 use crate::host::PasidSource;
-use crate::shadow::Passthrough;
+use crate::shadow::{InclusiveFlushes, Passthrough};
 use crate::space::SpaceTlb;
 use crate::stats::{Counters, VIommuStats};
 
@@ -99,8 +99,9 @@ pub struct VIommu {
     pub(crate) devices: Mutex<Vec<Passthrough>>,
     pub(crate) caches: Caches,
     pub(crate) spaces: Mutex<Vec<Weak<SpaceTlb>>>,
-    /// Serialises invalidation queue processing.
-    queue: Mutex<()>,
+    /// Serialises invalidation processing; holds the host IOTLB invalidations the last
+    /// descriptor forwarded.
+    queue: Mutex<InclusiveFlushes>,
     pub(crate) counters: Counters,
     host_errors: Mutex<Vec<HostCallError>>,
 }
@@ -139,7 +140,7 @@ impl VIommu {
             devices: Mutex::default(),
             caches: Caches::default(),
             spaces: Mutex::default(),
-            queue: Mutex::new(()),
+            queue: Mutex::new(InclusiveFlushes::default()),
             counters: Counters::default(),
             host_errors: Mutex::default(),
         }))
@@ -227,7 +228,7 @@ impl VIommu {
             RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(irqs),
             RegEffect::RegisterInvalidation(desc) => {
                 // Register-based invalidations have no status write: nothing can fail.
-                let _ = self.execute(&desc, irqs);
+                let _ = self.execute(&desc, &mut lock(&self.queue), irqs);
             }
             RegEffect::VirtualCommand(cmd) => self.virtual_command(cmd),
             RegEffect::Interrupt(irq) => irqs.push(irq),
@@ -243,7 +244,7 @@ impl VIommu {
     /// Fetches and carries out descriptors from IQH up to IQT (§6.5.2); stops at an
     /// invalid one with the invalidation queue error set and IQH left on it.
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
-        let _serial = lock(&self.queue);
+        let mut flushed = lock(&self.queue);
         loop {
             let (addr, desc_size) = {
                 let regs = lock(&self.regs);
@@ -256,7 +257,10 @@ impl VIommu {
                 .fetch_descriptor(addr, desc_size)
                 .map_err(|_| Iqei::FetchError)
                 .and_then(|raw| InvDesc::decode(raw).map_err(|e| Iqei::from(&e)))
-                .and_then(|desc| self.execute(&desc, irqs).map_err(|_| Iqei::FetchError));
+                .and_then(|desc| {
+                    self.execute(&desc, &mut flushed, irqs)
+                        .map_err(|_| Iqei::FetchError)
+                });
             let mut regs = lock(&self.regs);
             match done {
                 Ok(()) => {
@@ -281,10 +285,24 @@ impl VIommu {
         Ok(raw)
     }
 
-    /// Carries out one invalidation descriptor. Fails only when the status write of an
-    /// invalidation wait does not reach guest RAM.
-    fn execute(&self, desc: &InvDesc, irqs: &mut Vec<Interrupt>) -> Result<(), MemError> {
+    /// Carries out one invalidation descriptor; `flushed` holds the host IOTLB
+    /// invalidations the previous descriptor other than a wait forwarded, and is left
+    /// holding this one's. Fails only when the status write of an invalidation wait does
+    /// not reach guest RAM.
+    fn execute(
+        &self,
+        desc: &InvDesc,
+        flushed: &mut InclusiveFlushes,
+        irqs: &mut Vec<Interrupt>,
+    ) -> Result<(), MemError> {
         Counters::bump(&self.counters.descriptors);
+        let forwards = matches!(
+            desc,
+            InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } | InvDesc::PasidDevIotlb { .. }
+        );
+        if !forwards && !matches!(desc, InvDesc::InvWait { .. }) {
+            flushed.clear();
+        }
         match *desc {
             InvDesc::ContextCache {
                 granularity,
@@ -305,9 +323,9 @@ impl VIommu {
             }
             InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } => {
                 self.invalidate_iotlb(desc);
-                self.forward_invalidation(desc);
+                self.forward_invalidation(desc, flushed);
             }
-            InvDesc::PasidDevIotlb { .. } => self.forward_invalidation(desc),
+            InvDesc::PasidDevIotlb { .. } => self.forward_invalidation(desc, flushed),
             InvDesc::PageGroupResponse {
                 rid,
                 pasid_present,

@@ -460,19 +460,6 @@ fn invalidations_become_host_invalidations_of_the_bound_pasids() {
             },
             vec![iotlb_pasid(q)],
         ),
-        // Page-selective in scalable mode drops the domain's first-level entries whole.
-        (
-            InvDesc::Iotlb {
-                granularity: IotlbGranularity::PageSelective,
-                dr: true,
-                dw: true,
-                did: DomainId(1),
-                addr: 0x4000,
-                ih: false,
-                am: 0,
-            },
-            vec![iotlb_pasid(p)],
-        ),
         (
             InvDesc::PasidDevIotlb {
                 sid: dev,
@@ -490,6 +477,20 @@ fn invalidations_become_host_invalidations_of_the_bound_pasids() {
                 1,
                 false,
             )],
+        ),
+        // Page-selective in scalable mode drops the domain's first-level entries whole (and
+        // with them p's device TLB: the next case is of q).
+        (
+            InvDesc::Iotlb {
+                granularity: IotlbGranularity::PageSelective,
+                dr: true,
+                dw: true,
+                did: DomainId(1),
+                addr: 0x4000,
+                ih: false,
+                am: 0,
+            },
+            vec![iotlb_pasid(p)],
         ),
         // S set and bit 12 set, bit 13 clear: 16 KiB.
         (
@@ -635,14 +636,83 @@ fn the_wait_completes_after_every_host_call_returned() {
         vec![
             Call::Unbind(bind(p, cr3)),
             Call::Bind(bind(p, cr3b)),
+            // The host IOTLB invalidation is inclusive: the device TLB needs no call.
             iotlb_pasid(p),
-            addr_inv(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 0, 1, false),
         ]
     );
     assert!(
         calls.iter().all(|&(_, status)| status == 0),
         "no status write before a host call returned: {calls:?}"
     );
+}
+
+fn piotlb(p: Pasid) -> InvDesc {
+    InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PasidSelective,
+        did: DomainId(1),
+        pasid: p,
+        addr: 0,
+        ih: false,
+        am: 0,
+    }
+}
+
+fn whole_dev_tlb(dev: SourceId, p: Pasid) -> InvDesc {
+    InvDesc::PasidDevIotlb {
+        sid: dev,
+        pfsid: dev,
+        pasid: p,
+        max_invs_pend: 0,
+        addr: 0x7fff_ffff_ffff_f000,
+        size: true,
+        global: false,
+    }
+}
+
+#[test]
+fn a_device_tlb_flush_right_after_an_inclusive_iotlb_flush_is_not_forwarded() {
+    let (host, g, dev) = setup();
+    let (p, _) = bound_pasid(&g, &host, dev, 1);
+    let (q, _) = bound_pasid(&g, &host, dev, 1);
+    let dev_halves = |p| {
+        vec![
+            half(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 0),
+            half(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, 1 << 63),
+        ]
+    };
+    // Linux's flush: each descriptor waited for. The PASID-granular host IOTLB
+    // invalidation of p covered p's device TLB.
+    assert!(g.submit_sync(&[piotlb(p)]));
+    assert!(g.submit_sync(&[whole_dev_tlb(dev, p)]));
+    assert_eq!(host.take(), vec![iotlb_pasid(p)]);
+    // Not q's, and only for the descriptor right after it.
+    assert!(g.submit_sync(&[piotlb(p), whole_dev_tlb(dev, q), whole_dev_tlb(dev, p)]));
+    assert_eq!(
+        host.take(),
+        [vec![iotlb_pasid(p)], dev_halves(q), dev_halves(p)].concat()
+    );
+    // Not across a PASID-cache invalidation.
+    assert!(g.submit_sync(&[piotlb(p), pasid_cache(1, q), whole_dev_tlb(dev, p)]));
+    assert_eq!(host.take(), [vec![iotlb_pasid(p)], dev_halves(p)].concat());
+    // A page-selective IOTLB invalidation covers only its pages.
+    let page = InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+        did: DomainId(1),
+        pasid: p,
+        addr: 0x1000,
+        ih: false,
+        am: 0,
+    };
+    assert!(g.submit_sync(&[page, whole_dev_tlb(dev, p)]));
+    assert_eq!(
+        host.take(),
+        [
+            vec![addr_inv(IOMMU_CACHE_INV_TYPE_IOTLB, p, 0x1000, 1, false)],
+            dev_halves(p)
+        ]
+        .concat()
+    );
+    assert_eq!(g.viommu.stats().invalidations_forwarded, 12);
 }
 
 #[test]
