@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vsva_vtd::{Iova, Pasid, SourceId};
 
+use crate::binds::GpasidBinds;
 use crate::error::HostError;
 use crate::fault::{FaultEvent, FaultNotifier, FaultQueue, FaultSink};
 use crate::pasid::{PasidAllocator, PasidSetId};
@@ -183,7 +184,7 @@ pub struct Container<B: IommuBackend> {
     set: PasidSetId,
     model: Option<IommuModel>,
     dma: BTreeMap<u64, DmaMap>,
-    bound: BTreeMap<Pasid, BindGpasid>,
+    bound: GpasidBinds,
     pasid_table: Option<PasidTableConfig>,
     faults: FaultQueue,
 }
@@ -223,7 +224,7 @@ impl<B: IommuBackend> Container<B> {
             set,
             model: None,
             dma: BTreeMap::new(),
-            bound: BTreeMap::new(),
+            bound: GpasidBinds::default(),
             pasid_table: None,
             faults,
         }
@@ -247,7 +248,7 @@ impl<B: IommuBackend> Container<B> {
         ContainerState {
             model: self.model,
             dma: self.dma.values().copied().collect(),
-            bound: self.bound.values().copied().collect(),
+            bound: self.bound.iter().copied().collect(),
             pasid_table: self.pasid_table,
             pasids,
         }
@@ -532,7 +533,7 @@ impl<B: IommuBackend> Container<B> {
         };
         for pasid in victims {
             answer_invalid(&mut self.backend, self.faults.remove_pasid(pasid));
-            if let Some(bind) = self.bound.remove(&pasid) {
+            if let Some(bind) = self.bound.remove(pasid) {
                 self.backend.unbind_gpasid(&bind);
             }
             allocator.free(self.set, pasid)?;
@@ -556,11 +557,11 @@ impl<B: IommuBackend> Container<B> {
                 "a guest PASID table is attached: PASIDs cannot be bound one by one",
             ));
         }
-        if self.bound.contains_key(&bind.hpasid) {
+        if self.bound.contains(bind.hpasid) {
             return Err(HostError::AlreadyBound(bind.hpasid));
         }
         self.backend.bind_gpasid(&bind)?;
-        self.bound.insert(bind.hpasid, bind);
+        self.bound.insert(bind);
         Ok(0)
     }
 
@@ -573,7 +574,7 @@ impl<B: IommuBackend> Container<B> {
         let bind = self.decode_bind(arg)?;
         let bound = self
             .bound
-            .remove(&bind.hpasid)
+            .remove(bind.hpasid)
             .ok_or(HostError::NotBound(bind.hpasid))?;
         answer_invalid(
             &mut self.backend,
@@ -852,7 +853,7 @@ impl<B: IommuBackend> Drop for Container<B> {
         let devices = self.faults.devices();
         let pending = self.faults.close();
         answer_invalid(&mut self.backend, pending);
-        for bind in std::mem::take(&mut self.bound).into_values() {
+        for bind in std::mem::take(&mut self.bound) {
             self.backend.unbind_gpasid(&bind);
         }
         if self.pasid_table.take().is_some() {

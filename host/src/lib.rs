@@ -12,6 +12,7 @@
 //! - [`scale`]: the scale scenario (the PASID space full of VMs, thousands of bound PASIDs),
 //!   timed and checked for leaks.
 
+mod binds;
 pub mod container;
 pub mod driver;
 pub mod error;

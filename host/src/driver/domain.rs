@@ -9,7 +9,7 @@
 //! walked through the domain's second level, so the guest reaches nothing but what the
 //! VMM mapped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use vsva_vtd::regs::{Cap, Ecap};
@@ -23,6 +23,7 @@ use super::frames::HostFrames;
 use super::inv::{covering_order, dev_iotlb, iotlb_range, WHOLE_SPACE};
 use super::nested::{cache_invalidation, nested_entry, SecondLevel};
 use super::unit::HostIommu;
+use crate::binds::GpasidBinds;
 use crate::container::{BackendInfo, IommuBackend};
 use crate::error::HostError;
 use crate::fault::FaultSink;
@@ -58,7 +59,7 @@ pub struct VtdDomain {
     /// The second level; taken only when the domain is dropped.
     sl: Option<PageTableBuilder>,
     devices: BTreeSet<SourceId>,
-    bound: BTreeMap<Pasid, BindGpasid>,
+    bound: GpasidBinds,
 }
 
 impl VtdDomain {
@@ -79,7 +80,7 @@ impl VtdDomain {
                 levels,
                 sl: Some(sl),
                 devices: BTreeSet::new(),
-                bound: BTreeMap::new(),
+                bound: GpasidBinds::default(),
             }),
             Err(e) => {
                 unit.free_domain_id(did);
@@ -120,7 +121,7 @@ impl VtdDomain {
 
     /// The bound host PASIDs.
     pub fn bound_pasids(&self) -> Vec<Pasid> {
-        self.bound.keys().copied().collect()
+        self.bound.pasids().collect()
     }
 
     /// The host page and page size `iova` maps to in the second level.
@@ -160,7 +161,7 @@ impl VtdDomain {
         let mut descs: Vec<InvDesc> = vec![iotlb_range(self.did, start, last, &cap)];
         for &sid in &self.devices {
             descs.push(dev_iotlb(sid, None, start, order));
-            for &pasid in self.bound.keys() {
+            for pasid in self.bound.pasids() {
                 descs.push(dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE));
             }
         }
@@ -276,7 +277,7 @@ impl VtdDomain {
         }
         self.unit.attach_device(sid, &self.second_level())?;
         let mut installed = Vec::new();
-        for bind in self.bound.values() {
+        for bind in self.bound.iter() {
             if let Err(e) = self.install_binding(sid, bind) {
                 for &pasid in &installed {
                     self.remove_binding(sid, pasid);
@@ -294,14 +295,14 @@ impl VtdDomain {
         if !self.devices.remove(&sid) {
             return;
         }
-        for &pasid in self.bound.keys() {
+        for pasid in self.bound.pasids() {
             self.remove_binding(sid, pasid);
         }
         self.unit.detach_device(sid);
     }
 
     fn bind(&mut self, bind: &BindGpasid) -> Result<(), DriverError> {
-        if self.bound.contains_key(&bind.hpasid) {
+        if self.bound.contains(bind.hpasid) {
             return Err(DriverError::invalid(
                 "guest PASID bind",
                 format!("{} is bound already", bind.hpasid),
@@ -318,7 +319,7 @@ impl VtdDomain {
             }
             done.push(sid);
         }
-        self.bound.insert(bind.hpasid, *bind);
+        self.bound.insert(*bind);
         Ok(())
     }
 }
@@ -430,7 +431,7 @@ impl IommuBackend for VtdDomain {
     /// Tears the nested entry down on every device, drains the PASID's page requests and
     /// answers those still pending with Invalid Request (`intel_svm_unbind_gpasid`).
     fn unbind_gpasid(&mut self, bind: &BindGpasid) {
-        if self.bound.remove(&bind.hpasid).is_none() {
+        if self.bound.remove(bind.hpasid).is_none() {
             return;
         }
         for &sid in &self.devices {
@@ -476,7 +477,7 @@ impl IommuBackend for VtdDomain {
         if !self.devices.contains(&sid) {
             return Err(DriverError::NotAttached(sid).into());
         }
-        if !self.bound.contains_key(&pasid) {
+        if !self.bound.contains(pasid) {
             return Err(DriverError::NotBound(pasid).into());
         }
         Ok(self.unit.page_response(sid, response)?)
@@ -489,7 +490,7 @@ impl Drop for VtdDomain {
         for sid in self.devices() {
             self.detach(sid);
         }
-        self.bound.clear();
+        self.bound = GpasidBinds::default();
         self.unit.set_page_request_sink(self.did, None);
         if let Some(sl) = self.sl.take() {
             sl.destroy(&mut HostFrames(self.unit.frames()));
