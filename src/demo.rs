@@ -270,17 +270,20 @@ fn process_workload(
     rng.fill_bytes(&mut data);
     p.write(src, &data).map_err(guest)?;
 
+    let size = len as u32;
+    let copy = Operation::Memmove {
+        src: src.0,
+        dst: dst.0,
+        size,
+    };
+    let compare = Operation::Compare {
+        src1: src.0,
+        src2: dst.0,
+        size,
+    };
+
     // Copy: the device reads and writes the process's buffers at their GVAs.
-    let rec = vm.run(
-        &p,
-        pasid,
-        Operation::Memmove {
-            src: src.0,
-            dst: dst.0,
-            size: len as u32,
-        },
-        record,
-    )?;
+    let rec = vm.run(&p, pasid, copy, record)?;
     let copied = cpu_read(&p, dst, len)?;
     expect(report, "memmove", success(&rec) && copied == data, || {
         format!("{rec:?}")
@@ -316,16 +319,7 @@ fn process_workload(
     }
 
     // Compare equal buffers, then after the CPU changed one byte.
-    let rec = vm.run(
-        &p,
-        pasid,
-        Operation::Compare {
-            src1: src.0,
-            src2: dst.0,
-            size: len as u32,
-        },
-        record,
-    )?;
+    let rec = vm.run(&p, pasid, compare, record)?;
     expect(
         report,
         "compare of equal buffers",
@@ -335,16 +329,7 @@ fn process_workload(
     let at = rng.next_u64() % len;
     p.write(Gva(dst.0 + at), &[data[at as usize] ^ 0x5a])
         .map_err(guest)?;
-    let rec = vm.run(
-        &p,
-        pasid,
-        Operation::Compare {
-            src1: src.0,
-            src2: dst.0,
-            size: len as u32,
-        },
-        record,
-    )?;
+    let rec = vm.run(&p, pasid, compare, record)?;
     expect(
         report,
         "compare after a CPU write",
@@ -357,16 +342,7 @@ fn process_workload(
 
     // munmap: the guest driver invalidates; DMA to the range must now fault.
     p.munmap(dst, len).map_err(guest)?;
-    let rec = vm.run(
-        &p,
-        pasid,
-        Operation::Memmove {
-            src: src.0,
-            dst: dst.0,
-            size: len as u32,
-        },
-        record,
-    )?;
+    let rec = vm.run(&p, pasid, copy, record)?;
     let faulted = rec.status == CompletionStatus::PageResponseError && rec.fault_addr == dst.0;
     expect(report, "DMA after munmap", faulted, || format!("{rec:?}"));
     report.munmap_faults += u64::from(faulted);
@@ -393,14 +369,6 @@ fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
         pat: 0,
         emt: 0,
     };
-    let refused = vm.vfio().bind_gpasid(&bind).map_err(|e| e.errno());
-    expect(
-        report,
-        "bind of another VM's PASID",
-        refused == Err(-libc::EPERM),
-        || format!("{refused:?}"),
-    );
-    report.cross_vm_refusals += u64::from(refused.is_err());
     let inv = CacheInvalidate {
         cache: IOMMU_CACHE_INV_TYPE_IOTLB,
         granularity: InvGranularity::Pasid {
@@ -408,22 +376,23 @@ fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
             archid: None,
         },
     };
-    let refused = vm.vfio().cache_invalidate(&inv).map_err(|e| e.errno());
-    expect(
-        report,
-        "invalidation of another VM's PASID",
-        refused == Err(-libc::EPERM),
-        || format!("{refused:?}"),
-    );
-    report.cross_vm_refusals += u64::from(refused.is_err());
-    let refused = vm.vfio().pasid_free(job.pasid).map_err(|e| e.errno());
-    expect(
-        report,
-        "free of another VM's PASID",
-        refused == Err(-libc::EPERM),
-        || format!("{refused:?}"),
-    );
-    report.cross_vm_refusals += u64::from(refused.is_err());
+    let mut vfio = vm.vfio();
+    let attempts = [
+        ("bind of another VM's PASID", vfio.bind_gpasid(&bind)),
+        (
+            "invalidation of another VM's PASID",
+            vfio.cache_invalidate(&inv),
+        ),
+        ("free of another VM's PASID", vfio.pasid_free(job.pasid)),
+    ];
+    drop(vfio);
+    for (what, result) in attempts {
+        let refused = result.map_err(|e| e.errno());
+        expect(report, what, refused == Err(-libc::EPERM), || {
+            format!("{refused:?}")
+        });
+        report.cross_vm_refusals += u64::from(refused.is_err());
+    }
 
     // The VM's own device, tagged with the victim's PASID: the IOMMU has no such PASID
     // for this device, so the DMA faults (and so does its completion record, which the
