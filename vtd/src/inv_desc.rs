@@ -11,6 +11,7 @@
 //! descriptors except the page group response, which carries private data there.
 
 use crate::addr::{DomainId, Pasid, SourceId};
+use crate::field::field_enum;
 
 /// Log2 of the 4-KiB page that invalidation addresses are counted in.
 const PAGE_SHIFT: u32 = 12;
@@ -133,66 +134,78 @@ pub enum InvDescError {
     },
 }
 
-/// Context-cache invalidation granularity (§6.5.2.1, field G).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ContextCacheGranularity {
-    /// All context entries.
-    Global = 1,
-    /// Entries tagged with the domain id.
-    DomainSelective = 2,
-    /// Entries of the source id (with the function mask) in the domain.
-    DeviceSelective = 3,
+field_enum! {
+    /// Context-cache invalidation granularity (§6.5.2.1, field G).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum ContextCacheGranularity {
+        /// All context entries.
+        Global = 1,
+        /// Entries tagged with the domain id.
+        DomainSelective = 2,
+        /// Entries of the source id (with the function mask) in the domain.
+        DeviceSelective = 3,
+    }
 }
 
-/// IOTLB invalidation granularity (§6.5.2.3, field G).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum IotlbGranularity {
-    /// All IOTLB entries (and paging-structure caches).
-    Global = 1,
-    /// Entries tagged with the domain id.
-    DomainSelective = 2,
-    /// Entries of the domain for the 2^AM pages at the address.
-    PageSelective = 3,
+field_enum! {
+    /// IOTLB invalidation granularity (§6.5.2.3, field G).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum IotlbGranularity {
+        /// All IOTLB entries (and paging-structure caches).
+        Global = 1,
+        /// Entries tagged with the domain id.
+        DomainSelective = 2,
+        /// Entries of the domain for the 2^AM pages at the address.
+        PageSelective = 3,
+    }
 }
 
-/// PASID-cache invalidation granularity (§6.5.2.2, field G).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PasidCacheGranularity {
-    /// Entries tagged with the domain id.
-    DomainSelective = 0,
-    /// Entries of the PASID in the domain.
-    PasidSelective = 1,
-    /// All PASID-cache entries.
-    Global = 3,
+field_enum! {
+    /// PASID-cache invalidation granularity (§6.5.2.2, field G).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum PasidCacheGranularity {
+        /// Entries tagged with the domain id.
+        DomainSelective = 0,
+        /// Entries of the PASID in the domain.
+        PasidSelective = 1,
+        /// All PASID-cache entries.
+        Global = 3,
+    }
 }
 
-/// PASID-based IOTLB invalidation granularity (§6.5.2.4, field G).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PasidIotlbGranularity {
-    /// All entries of the PASID in the domain (global-page entries excepted).
-    PasidSelective = 2,
-    /// Entries of the PASID in the domain for the 2^AM pages at the address.
-    PageSelectiveWithinPasid = 3,
+field_enum! {
+    /// PASID-based IOTLB invalidation granularity (§6.5.2.4, field G).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum PasidIotlbGranularity {
+        /// All entries of the PASID in the domain (global-page entries excepted).
+        PasidSelective = 2,
+        /// Entries of the PASID in the domain for the 2^AM pages at the address.
+        PageSelectiveWithinPasid = 3,
+    }
 }
 
-/// Interrupt entry cache invalidation granularity (§6.5.2.7, field G).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum IecGranularity {
-    /// All interrupt remapping entries.
-    Global = 0,
-    /// The 2^IM entries from the interrupt index.
-    IndexSelective = 1,
+field_enum! {
+    /// Interrupt entry cache invalidation granularity (§6.5.2.7, field G).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum IecGranularity {
+        /// All interrupt remapping entries.
+        Global = 0,
+        /// The 2^IM entries from the interrupt index.
+        IndexSelective = 1,
+    }
 }
 
-/// Response code of a page group response (§6.5.2.9; PCIe PRG Response Message).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ResponseCode {
-    /// The pages are mapped: the device retries the requests.
-    Success = 0,
-    /// The request is invalid: the device reports it as a failed translation.
-    InvalidRequest = 1,
-    /// A catastrophic failure: the device disables its page request interface.
-    ResponseFailure = 0xf,
+field_enum! {
+    /// Response code of a page group response (§6.5.2.9; PCIe PRG Response Message).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum ResponseCode {
+        /// The pages are mapped: the device retries the requests.
+        Success = 0,
+        /// The request is invalid: the device reports it as a failed translation.
+        InvalidRequest = 1,
+        /// A catastrophic failure: the device disables its page request interface.
+        ResponseFailure = 0xf,
+    }
 }
 
 /// A decoded 256-bit invalidation descriptor (§6.5.2).
@@ -481,23 +494,15 @@ impl InvDesc {
         let did = DomainId(field(q0, 16, 16) as u16);
         Ok(match kind {
             InvDescType::ContextCache => Self::ContextCache {
-                granularity: match g {
-                    1 => ContextCacheGranularity::Global,
-                    2 => ContextCacheGranularity::DomainSelective,
-                    3 => ContextCacheGranularity::DeviceSelective,
-                    _ => return Err(reserved_value("G", g)),
-                },
+                granularity: ContextCacheGranularity::from_bits(g)
+                    .ok_or_else(|| reserved_value("G", g))?,
                 did,
                 sid: SourceId::from_rid(field(q0, 32, 16) as u16),
                 fm: field(q0, 48, 2) as u8,
             },
             InvDescType::Iotlb => Self::Iotlb {
-                granularity: match g {
-                    1 => IotlbGranularity::Global,
-                    2 => IotlbGranularity::DomainSelective,
-                    3 => IotlbGranularity::PageSelective,
-                    _ => return Err(reserved_value("G", g)),
-                },
+                granularity: IotlbGranularity::from_bits(g)
+                    .ok_or_else(|| reserved_value("G", g))?,
                 dw: bit(q0, 6),
                 dr: bit(q0, 7),
                 did,
@@ -530,11 +535,8 @@ impl InvDesc {
                 status_addr: q1 & !0x3,
             },
             InvDescType::PasidIotlb => Self::PasidIotlb {
-                granularity: match g {
-                    2 => PasidIotlbGranularity::PasidSelective,
-                    3 => PasidIotlbGranularity::PageSelectiveWithinPasid,
-                    _ => return Err(reserved_value("G", g)),
-                },
+                granularity: PasidIotlbGranularity::from_bits(g)
+                    .ok_or_else(|| reserved_value("G", g))?,
                 did,
                 pasid: pasid_field(q0),
                 addr: q1 & ADDR_MASK,
@@ -542,12 +544,8 @@ impl InvDesc {
                 am: field(q1, 0, 6) as u8,
             },
             InvDescType::PasidCache => Self::PasidCache {
-                granularity: match g {
-                    0 => PasidCacheGranularity::DomainSelective,
-                    1 => PasidCacheGranularity::PasidSelective,
-                    3 => PasidCacheGranularity::Global,
-                    _ => return Err(reserved_value("G", g)),
-                },
+                granularity: PasidCacheGranularity::from_bits(g)
+                    .ok_or_else(|| reserved_value("G", g))?,
                 did,
                 pasid: pasid_field(q0),
             },
@@ -567,12 +565,8 @@ impl InvDesc {
                     pasid_present: bit(q0, 4),
                     pasid: pasid_field(q0),
                     private_data_present: bit(q0, 5),
-                    response: match rc {
-                        0 => ResponseCode::Success,
-                        1 => ResponseCode::InvalidRequest,
-                        0xf => ResponseCode::ResponseFailure,
-                        _ => return Err(reserved_value("response code", rc)),
-                    },
+                    response: ResponseCode::from_bits(rc)
+                        .ok_or_else(|| reserved_value("response code", rc))?,
                     last_page_in_group: bit(q1, 2),
                     prg_index: field(q1, 3, 9) as u16,
                     private_data: [q2, q3],
@@ -595,7 +589,7 @@ impl InvDesc {
                 sid,
                 fm,
             } => [
-                t | (granularity as u64) << 4
+                t | granularity.raw() << 4
                     | did_bits(did)
                     | (sid.rid() as u64) << 32
                     | fits(kind, "FM", fm as u64, 2)? << 48,
@@ -612,7 +606,7 @@ impl InvDesc {
                 ih,
                 am,
             } => [
-                t | (granularity as u64) << 4 | flag(dw, 6) | flag(dr, 7) | did_bits(did),
+                t | granularity.raw() << 4 | flag(dw, 6) | flag(dr, 7) | did_bits(did),
                 aligned(kind, "ADDR", addr, !ADDR_MASK)?
                     | flag(ih, 6)
                     | fits(kind, "AM", am as u64, 6)?,
@@ -638,7 +632,7 @@ impl InvDesc {
                 index_mask,
                 index,
             } => [
-                t | (granularity as u64) << 4
+                t | granularity.raw() << 4
                     | fits(kind, "IM", index_mask as u64, 5)? << 27
                     | (index as u64) << 32,
                 0,
@@ -667,7 +661,7 @@ impl InvDesc {
                 did,
                 pasid,
             } => [
-                t | (granularity as u64) << 4 | did_bits(did) | pasid_bits(pasid),
+                t | granularity.raw() << 4 | did_bits(did) | pasid_bits(pasid),
                 0,
                 0,
                 0,
@@ -680,7 +674,7 @@ impl InvDesc {
                 ih,
                 am,
             } => [
-                t | (granularity as u64) << 4 | did_bits(did) | pasid_bits(pasid),
+                t | granularity.raw() << 4 | did_bits(did) | pasid_bits(pasid),
                 aligned(kind, "ADDR", addr, !ADDR_MASK)?
                     | flag(ih, 6)
                     | fits(kind, "AM", am as u64, 6)?,
@@ -716,7 +710,7 @@ impl InvDesc {
             } => [
                 t | flag(pasid_present, 4)
                     | flag(private_data_present, 5)
-                    | (response as u64) << 12
+                    | response.raw() << 12
                     | (rid.rid() as u64) << 16
                     | pasid_bits(pasid),
                 flag(last_page_in_group, 2) | fits(kind, "PRGI", prg_index as u64, 9)? << 3,

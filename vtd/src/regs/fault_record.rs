@@ -2,28 +2,33 @@
 //! non-recoverable fault.
 
 use crate::addr::{Pasid, SourceId};
+use crate::field::field_enum;
 
 /// Bit 127 (bit 63 of the upper quadword): F, the register holds an unserviced fault.
 pub const FRCD_F: u64 = 1 << 63;
 
-/// The type of the faulted request (field T).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RequestType {
-    /// A write request.
-    Write = 0,
-    /// A read or atomic request.
-    Read = 1,
+field_enum! {
+    /// The type of the faulted request (field T).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum RequestType {
+        /// A write request.
+        Write = 0,
+        /// A read or atomic request.
+        Read = 1,
+    }
 }
 
-/// The address type of the faulted request (field AT; PCIe AT field).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AddressType {
-    /// An untranslated request.
-    Untranslated = 0,
-    /// An ATS translation request.
-    TranslationRequest = 1,
-    /// A translated request.
-    Translated = 2,
+field_enum! {
+    /// The address type of the faulted request (field AT; PCIe AT field).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum AddressType {
+        /// An untranslated request.
+        Untranslated = 0,
+        /// An ATS translation request.
+        TranslationRequest = 1,
+        /// A translated request.
+        Translated = 2,
+    }
 }
 
 /// A fault as the hardware records it (§10.4.14).
@@ -64,8 +69,8 @@ impl FaultRecord {
                 | pp << 31
                 | (self.reason as u64) << 32
                 | pv << 40
-                | (self.address_type as u64) << 60
-                | (self.request as u64) << 62,
+                | self.address_type.raw() << 60
+                | self.request.raw() << 62,
         ]
     }
 
@@ -73,12 +78,7 @@ impl FaultRecord {
     /// reserved value 3.
     pub fn from_raw(raw: [u64; 2]) -> Option<Self> {
         let [lo, hi] = raw;
-        let address_type = match (hi >> 60) & 3 {
-            0 => AddressType::Untranslated,
-            1 => AddressType::TranslationRequest,
-            2 => AddressType::Translated,
-            _ => return None,
-        };
+        let address_type = AddressType::from_bits((hi >> 60) & 3)?;
         let pasid = (hi & (1 << 31) != 0).then(|| Pasid::from_low_bits(hi >> 40));
         Some(Self {
             fault_info: lo & !0xfff,
