@@ -16,15 +16,21 @@ use vsva_vtd::inv_desc::{
 };
 use vsva_vtd::{AddrRange, DomainId, FlPagingMode, Gpa, InvDesc, Pasid, SourceId};
 
+/// Attaches `dev` as a passthrough of the host device `host_sid` and gives it a
+/// scalable-mode context entry with page requests enabled.
+fn attach(g: &Guest, host: &Arc<MockHost>, dev: SourceId, host_sid: SourceId) {
+    g.viommu
+        .attach_passthrough(dev, host_sid, host.clone())
+        .unwrap();
+    g.attach(dev, true);
+}
+
 fn setup() -> (Arc<MockHost>, Guest, SourceId) {
     let host = MockHost::new();
     let g = Guest::new(host.clone());
     g.enable();
     let dev = sid(0, 3, 0);
-    g.viommu
-        .attach_passthrough(dev, sid(0x81, 0, 0), host.clone())
-        .unwrap();
-    g.attach(dev, true);
+    attach(&g, &host, dev, sid(0x81, 0, 0));
     host.watch(g.mem.clone());
     (host, g, dev)
 }
@@ -188,10 +194,7 @@ fn bind_data_carries_the_entry_attributes() {
     );
     g.enable();
     let dev = sid(2, 0, 1);
-    g.viommu
-        .attach_passthrough(dev, sid(0x81, 0, 0), host.clone())
-        .unwrap();
-    g.attach(dev, true);
+    attach(&g, &host, dev, sid(0x81, 0, 0));
     let p = g.alloc_pasid();
     let e = vsva_vtd::PasidEntry {
         flptptr: g.alloc_frame(),
@@ -318,10 +321,7 @@ fn a_refused_bind_is_reported_and_retried_on_the_next_flush() {
 fn a_device_the_guest_takes_away_loses_its_bindings() {
     let (host, g, dev) = setup();
     let other = sid(0, 4, 0);
-    g.viommu
-        .attach_passthrough(other, sid(0x82, 0, 0), host.clone())
-        .unwrap();
-    g.attach(other, true);
+    attach(&g, &host, other, sid(0x82, 0, 0));
     let (p, cr3) = bound_pasid(&g, &host, dev, 1);
     let q = g.alloc_pasid();
     let cr3q = g.alloc_frame();
@@ -719,10 +719,7 @@ fn a_device_tlb_flush_right_after_an_inclusive_iotlb_flush_is_not_forwarded() {
 fn a_container_shared_by_two_devices_gets_each_invalidation_once() {
     let (host, g, dev) = setup();
     let dev2 = sid(0, 5, 0);
-    g.viommu
-        .attach_passthrough(dev2, sid(0x83, 0, 0), host.clone())
-        .unwrap();
-    g.attach(dev2, true);
+    attach(&g, &host, dev2, sid(0x83, 0, 0));
     let (p, cr3) = bound_pasid(&g, &host, dev, 1);
     g.set_pasid_entry(dev2, p, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
     assert!(g.submit_sync(&[pasid_cache(1, p)]));
