@@ -73,29 +73,6 @@ impl std::fmt::Debug for HostIommu {
     }
 }
 
-/// The entry-validation capabilities a unit's CAP and ECAP registers describe.
-fn capabilities(cap: &Cap, ecap: &Ecap) -> Capabilities {
-    Capabilities {
-        haw: cap.guest_address_width() as u8,
-        sagaw: cap.sagaw,
-        fl5lp: cap.fl5lp,
-        flts: ecap.flts,
-        slts: ecap.slts,
-        nest: ecap.nest,
-        pt: ecap.pt,
-        pasid: ecap.pasid,
-        dt: ecap.dt,
-        prs: ecap.prs,
-        srs: ecap.srs,
-        ers: ecap.ers,
-        slads: ecap.slads,
-        eafs: ecap.eafs,
-        sc: ecap.sc,
-        smpwc: ecap.smpwcs,
-        mts: ecap.mts,
-    }
-}
-
 /// PDTS for a directory covering every PASID of ECAP.PSS: `2^(PDTS + 7)` entries of 64
 /// PASIDs each (`context_pdts`).
 fn pasid_dir_size(ecap: &Ecap) -> u8 {
@@ -128,7 +105,7 @@ impl HostIommu {
             }
         };
         let unit = Arc::new(HostIommu {
-            caps: capabilities(&cap, &ecap),
+            caps: Capabilities::from_registers(&cap, &ecap),
             hw,
             frames,
             cap,
