@@ -20,7 +20,7 @@ use vsva_host::{
 };
 use vsva_vmm::{HostCall, PageRequestOutcome};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity, ResponseCode};
-use vsva_vtd::{DomainId, FlPagingMode, Gpa, InvDesc, Iova, Pasid, SourceId};
+use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Iova, Pasid, SourceId};
 
 /// What the host IOMMU driver was asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,15 +150,7 @@ fn a_vm_binds_invalidates_and_answers_page_requests_through_its_container() {
             global: false,
         },
     ]));
-    let bind = BindGpasid {
-        hpasid: p,
-        gpasid: Some(p),
-        gpgd: Gpa(cr3),
-        addr_width: 48,
-        vtd_flags: 0,
-        pat: 0,
-        emt: 0,
-    };
+    let bind = bind(p, cr3);
     let half = |addr| {
         Driver::Invalidate(CacheInvalidate {
             cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,

@@ -43,18 +43,6 @@ fn pasid_cache(did: u16, p: Pasid) -> InvDesc {
     }
 }
 
-fn bind(p: Pasid, cr3: u64) -> BindGpasid {
-    BindGpasid {
-        hpasid: p,
-        gpasid: Some(p),
-        gpgd: Gpa(cr3),
-        addr_width: 48,
-        vtd_flags: 0,
-        pat: 0,
-        emt: 0,
-    }
-}
-
 /// Binds a fresh guest PASID with domain `did` on `dev`; returns it and its CR3.
 fn bound_pasid(g: &Guest, host: &MockHost, dev: SourceId, did: u16) -> (Pasid, u64) {
     let p = g.alloc_pasid();

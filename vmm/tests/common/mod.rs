@@ -17,7 +17,7 @@ use vsva_vtd::regs::layout::{gcmd, gsts, offset, pq, rtaddr, vcmd};
 use vsva_vtd::regs::Interrupt;
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    DomainId, FlPagingMode, FrameSource, InvDesc, MapFlags, PageSize, PageTableBuilder, Pasid,
+    DomainId, FlPagingMode, FrameSource, Gpa, InvDesc, MapFlags, PageSize, PageTableBuilder, Pasid,
     PasidDirEntry, PasidEntry, Pgtt, PhysMem, ScalableContextEntry, ScalableRootEntry, SlLevels,
     SourceId, TableFormat,
 };
@@ -65,6 +65,20 @@ pub fn fl_entry(did: u16, cr3: u64, mode: FlPagingMode) -> PasidEntry {
         smep: false,
         eafe: false,
         flptptr: cr3,
+    }
+}
+
+/// The bind data the vIOMMU gives the host for a plain 4-level first-level entry of `p`
+/// (guest PASID = host PASID) with its table at `cr3`.
+pub fn bind(p: Pasid, cr3: u64) -> BindGpasid {
+    BindGpasid {
+        hpasid: p,
+        gpasid: Some(p),
+        gpgd: Gpa(cr3),
+        addr_width: 48,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
     }
 }
 
