@@ -333,14 +333,7 @@ impl IommuDriver {
             did: FLPT_DEFAULT_DID,
             pasid,
         }])?;
-        self.submit(&[InvDesc::PasidIotlb {
-            granularity: PasidIotlbGranularity::PasidSelective,
-            did: FLPT_DEFAULT_DID,
-            pasid,
-            addr: 0,
-            ih: false,
-            am: 0,
-        }])?;
+        self.submit(&[pasid_selective_iotlb(pasid)])?;
         if dev.ats {
             self.submit(&[self.dev_iotlb(dev.config.sid, pasid, 0, 52)])?;
         }
@@ -428,14 +421,7 @@ impl IommuDriver {
                 status_data: 0,
                 status_addr: 0,
             },
-            InvDesc::PasidIotlb {
-                granularity: PasidIotlbGranularity::PasidSelective,
-                did: FLPT_DEFAULT_DID,
-                pasid,
-                addr: 0,
-                ih: false,
-                am: 0,
-            },
+            pasid_selective_iotlb(pasid),
         ];
         if dev.ats {
             descs.push(self.dev_iotlb(dev.config.sid, pasid, 0, 52));
@@ -475,14 +461,7 @@ impl IommuDriver {
                 am: order as u8,
             }
         } else {
-            InvDesc::PasidIotlb {
-                granularity: PasidIotlbGranularity::PasidSelective,
-                did: FLPT_DEFAULT_DID,
-                pasid,
-                addr: 0,
-                ih: false,
-                am: 0,
-            }
+            pasid_selective_iotlb(pasid)
         };
         for dev in devices {
             self.submit(&[iotlb])?;
@@ -509,6 +488,19 @@ impl IommuDriver {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// A PASID-selective PASID-based IOTLB invalidation of `pasid` in the domain of the
+/// first-level entries (address and mask unused).
+const fn pasid_selective_iotlb(pasid: Pasid) -> InvDesc {
+    InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PasidSelective,
+        did: FLPT_DEFAULT_DID,
+        pasid,
+        addr: 0,
+        ih: false,
+        am: 0,
     }
 }
 
