@@ -805,7 +805,7 @@ impl<'h> Attack<'h> {
                     if let Ok(m) = hw.translate(SID_A, pasid, addr, access) {
                         let size = 1u64 << m.page_shift;
                         prop_assert!(
-                            reach.allows(m.page_base(), size, write || m.perms.write),
+                            reach.allows(m.page_base(), size, write || m.perms.write()),
                             "{:?} {:#x} {:?} reached {:#x}+{:#x} ({:?})",
                             pasid,
                             addr,
@@ -867,7 +867,7 @@ impl<'h> Attack<'h> {
         for st in self.host.hw.take_stale_translations() {
             let page = 1u64 << st.cached.page_shift;
             prop_assert!(
-                reach.allows(st.cached.output, page, st.cached.perms.write),
+                reach.allows(st.cached.output, page, st.cached.perms.write()),
                 "{st}"
             );
         }

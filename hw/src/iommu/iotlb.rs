@@ -13,12 +13,13 @@
 //! takes no lock. Writers (fills and invalidations) are serialised by the index lock.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
-use vsva_vtd::{AddrRange, DomainId, Pasid, SourceId};
+use vsva_vtd::{AccessRequest, AddrRange, DomainId, Pasid, SourceId};
 
 use super::PAGE_SHIFTS;
 
@@ -49,19 +50,127 @@ impl TranslationKind {
     ];
 }
 
-/// Access rights a cached translation grants.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Perms {
-    pub read: bool,
-    pub write: bool,
-    pub execute: bool,
+/// Access rights a cached translation grants, packed in one byte (the `Perms::*` bits), so
+/// that the IOTLB stores them as they are and a hit checks a request with one mask compare.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Perms(u8);
+
+impl Perms {
+    pub const READ: Perms = Perms(1);
+    pub const WRITE: Perms = Perms(1 << 1);
+    pub const EXECUTE: Perms = Perms(1 << 2);
     /// First level: user-mode requests allowed (U/S set on every level).
-    pub user: bool,
+    pub const USER: Perms = Perms(1 << 3);
     /// First level: the leaf's D bit is set, so a write needs no walk to set it.
-    pub dirty: bool,
+    pub const DIRTY: Perms = Perms(1 << 4);
     /// The translation was walked for a supervisor request; first-level rights differ by
     /// privilege, so a request of the other privilege walks again.
-    pub supervisor: bool,
+    pub const SUPERVISOR: Perms = Perms(1 << 5);
+    /// Every bit a `Perms` can hold.
+    const ALL: u8 = (1 << 6) - 1;
+
+    /// `self` with `other`'s bits set too.
+    pub const fn with(self, other: Perms) -> Self {
+        Perms(self.0 | other.0)
+    }
+
+    /// `self` with `other`'s bits too where `on`.
+    pub const fn with_if(self, other: Perms, on: bool) -> Self {
+        Perms(self.0 | (other.0 * on as u8))
+    }
+
+    /// Whether every bit of `other` is set.
+    pub const fn contains(self, other: Perms) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The packed bits.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The rights whose bits `bits` sets; bits above [`Perms::SUPERVISOR`] are ignored.
+    pub const fn from_bits_truncate(bits: u8) -> Self {
+        Perms(bits & Self::ALL)
+    }
+
+    pub const fn read(self) -> bool {
+        self.contains(Perms::READ)
+    }
+
+    pub const fn write(self) -> bool {
+        self.contains(Perms::WRITE)
+    }
+
+    pub const fn execute(self) -> bool {
+        self.contains(Perms::EXECUTE)
+    }
+
+    /// See [`Perms::USER`].
+    pub const fn user(self) -> bool {
+        self.contains(Perms::USER)
+    }
+
+    /// See [`Perms::DIRTY`].
+    pub const fn dirty(self) -> bool {
+        self.contains(Perms::DIRTY)
+    }
+
+    /// See [`Perms::SUPERVISOR`].
+    pub const fn supervisor(self) -> bool {
+        self.contains(Perms::SUPERVISOR)
+    }
+
+    /// Whether a cached translation with these rights may serve `access` without a walk:
+    /// the data right (a write also needs the D bit), execute if asked, and the same
+    /// privilege, checked as one compare of the request's [`RequestMask`].
+    #[inline(always)]
+    pub const fn allows(self, req: RequestMask) -> bool {
+        (self.0 ^ req.privilege) & req.mask == req.need
+    }
+}
+
+impl fmt::Debug for Perms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Perms")
+            .field("read", &self.read())
+            .field("write", &self.write())
+            .field("execute", &self.execute())
+            .field("user", &self.user())
+            .field("dirty", &self.dirty())
+            .field("supervisor", &self.supervisor())
+            .finish()
+    }
+}
+
+/// What a request needs of a cached translation's [`Perms`], computed once per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestMask {
+    /// [`Perms::SUPERVISOR`] for a supervisor request, flipping the bit so that a match
+    /// of privilege reads as clear.
+    privilege: u8,
+    /// The bits compared: the needed rights and the privilege bit.
+    mask: u8,
+    /// The value they must have.
+    need: u8,
+}
+
+impl RequestMask {
+    /// The mask of `access`.
+    #[inline(always)]
+    pub const fn of(access: AccessRequest) -> Self {
+        let data = if access.write {
+            Perms::WRITE.0 | Perms::DIRTY.0
+        } else {
+            Perms::READ.0
+        };
+        let need = data | (Perms::EXECUTE.0 * access.execute as u8);
+        RequestMask {
+            privilege: Perms::SUPERVISOR.0 * access.supervisor as u8,
+            mask: need | Perms::SUPERVISOR.0,
+            need,
+        }
+    }
 }
 
 /// One cached translation of a page.
@@ -135,14 +244,7 @@ impl Key {
 }
 
 fn encode(key: &Key, e: &IotlbEntry) -> (u64, u64) {
-    let p = e.perms;
-    let flags = p.read as u64
-        | (p.write as u64) << 1
-        | (p.execute as u64) << 2
-        | (p.user as u64) << 3
-        | (p.dirty as u64) << 4
-        | (p.supervisor as u64) << 5
-        | (e.kind as u64) << KIND_SHIFT;
+    let flags = e.perms.bits() as u64 | (e.kind as u64) << KIND_SHIFT;
     (
         key.tag | (e.did.0 as u64) << DID_SHIFT,
         (e.output & !FLAGS) | flags,
@@ -151,19 +253,11 @@ fn encode(key: &Key, e: &IotlbEntry) -> (u64, u64) {
 
 #[inline]
 fn decode(tag: u64, value: u64) -> IotlbEntry {
-    let bit = |n: u32| value >> n & 1 != 0;
     IotlbEntry {
         did: DomainId((tag >> DID_SHIFT) as u16),
         output: value & !FLAGS,
         page_shift: (tag >> PAGE_SHIFT_SHIFT) as u8,
-        perms: Perms {
-            read: bit(0),
-            write: bit(1),
-            execute: bit(2),
-            user: bit(3),
-            dirty: bit(4),
-            supervisor: bit(5),
-        },
+        perms: Perms::from_bits_truncate(value as u8),
         kind: TranslationKind::ALL[(value >> KIND_SHIFT) as usize & 3],
     }
 }
@@ -541,11 +635,7 @@ mod tests {
             did: DomainId(did),
             output,
             page_shift: shift,
-            perms: Perms {
-                read: true,
-                write: true,
-                ..Perms::default()
-            },
+            perms: Perms::READ.with(Perms::WRITE),
             kind,
         }
     }
@@ -582,6 +672,39 @@ mod tests {
         assert!(t
             .lookup(sid(), Pasid::new(6).unwrap(), 0x1234_5000)
             .is_none());
+    }
+
+    /// Every rights byte against every request: the mask compare grants exactly what the
+    /// rules say (data right, with D for a write; execute if asked; same privilege), and
+    /// the byte survives the IOTLB's encoding.
+    #[test]
+    fn perms_allow_exactly_what_the_rules_grant() {
+        for bits in 0..=Perms::ALL {
+            let p = Perms::from_bits_truncate(bits);
+            assert_eq!(p.bits(), bits);
+            for req in 0..8u8 {
+                let access = AccessRequest {
+                    write: req & 1 != 0,
+                    execute: req & 2 != 0,
+                    supervisor: req & 4 != 0,
+                };
+                let data = if access.write {
+                    p.write() && p.dirty()
+                } else {
+                    p.read()
+                };
+                let rule =
+                    data && (!access.execute || p.execute()) && access.supervisor == p.supervisor();
+                assert_eq!(p.allows(RequestMask::of(access)), rule, "{p:?} {access:?}");
+            }
+            let e = IotlbEntry {
+                perms: p,
+                ..entry(1, 0x7000, 12, TranslationKind::Nested)
+            };
+            let key = Key::new(sid(), Pasid::new(5).unwrap(), 12, 0x7000);
+            let (tag, value) = encode(&key, &e);
+            assert_eq!(decode(tag, value), e);
+        }
     }
 
     #[test]
@@ -702,14 +825,12 @@ mod tests {
             did: DomainId(k as u16 + 1),
             output: k << 40 | version << 12,
             page_shift: 12,
-            perms: Perms {
-                read: true,
-                write: k % 2 == 0,
-                execute: k % 3 == 0,
-                user: true,
-                dirty: k % 5 == 0,
-                supervisor: k % 2 == 1,
-            },
+            perms: Perms::READ
+                .with_if(Perms::WRITE, k % 2 == 0)
+                .with_if(Perms::EXECUTE, k % 3 == 0)
+                .with(Perms::USER)
+                .with_if(Perms::DIRTY, k % 5 == 0)
+                .with_if(Perms::SUPERVISOR, k % 2 == 1),
             kind: TranslationKind::ALL[k as usize % 4],
         }
     }

@@ -98,11 +98,11 @@ impl DmaPort for Iommu {
             Ok(m) => Ok(AtsCompletion {
                 page: page(&m),
                 perm: DmaAccess {
-                    read: m.perms.read,
+                    read: m.perms.read(),
                     // Write permission only where the dirty bit is already set, so that
                     // the first write of a page comes back to set it.
-                    write: m.perms.write && m.perms.dirty,
-                    execute: m.perms.execute,
+                    write: m.perms.write() && m.perms.dirty(),
+                    execute: m.perms.execute(),
                     privileged: access.privileged,
                 },
             }),

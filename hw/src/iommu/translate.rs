@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use vsva_vtd::{MemError, PhysMem};
 
 use super::cached_walk::CacheUse;
-use super::iotlb::{IotlbEntry, Perms, TranslationKind};
+use super::iotlb::{IotlbEntry, Perms, RequestMask, TranslationKind};
 use super::stale::CheckedRequest;
 use super::{Iommu, RootState, ROOT_STRICT};
 use crate::memory::HostMemory;
@@ -64,16 +64,6 @@ pub struct TranslationFault {
     /// A first-level not-present or permission fault on an entry that allows page requests
     /// (context PRE): a translation request may resolve it with a page request (§7.4).
     pub recoverable: bool,
-}
-
-/// Whether a cached translation may serve `access` without a walk.
-pub(crate) fn allows(perms: &Perms, access: AccessRequest) -> bool {
-    let data = if access.write {
-        perms.write && perms.dirty
-    } else {
-        perms.read
-    };
-    data && (!access.execute || perms.execute) && (access.supervisor == perms.supervisor)
 }
 
 /// Walks the page tables a PASID entry selects.
@@ -159,14 +149,13 @@ pub(crate) fn iotlb_entry(pe: &PasidEntry, t: &Translation, access: AccessReques
         did: pe.did,
         output: t.page_base(),
         page_shift: t.page_size.shift() as u8,
-        perms: Perms {
-            read: t.perms.read,
-            write: t.perms.write,
-            execute: t.perms.execute,
-            user: t.perms.user,
-            dirty: t.dirty,
-            supervisor: access.supervisor,
-        },
+        perms: Perms::default()
+            .with_if(Perms::READ, t.perms.read)
+            .with_if(Perms::WRITE, t.perms.write)
+            .with_if(Perms::EXECUTE, t.perms.execute)
+            .with_if(Perms::USER, t.perms.user)
+            .with_if(Perms::DIRTY, t.dirty)
+            .with_if(Perms::SUPERVISOR, access.supervisor),
         kind: kind_of(pe.pgtt),
     }
 }
@@ -179,6 +168,11 @@ impl Iommu {
     /// paging-structure-cache entries a walk after a miss starts from. In strict mode a hit,
     /// or a walk that used cached entries, is checked against a fresh walk and a difference
     /// is reported as a [`StaleTranslation`](super::StaleTranslation).
+    ///
+    /// Inlined into its callers, which saves a hit the call, its frame and the spills of its
+    /// arguments: the hit path is the root word, the IOTLB lookup and one mask compare; the
+    /// miss path and strict mode's check are out of line.
+    #[inline(always)]
     pub fn translate(
         &self,
         sid: SourceId,
@@ -214,7 +208,7 @@ impl Iommu {
         };
         if let Some(p) = pasid {
             if let Some(e) = self.iotlb.lookup(sid, p, addr) {
-                if allows(&e.perms, access) {
+                if e.perms.allows(RequestMask::of(access)) {
                     if root & ROOT_STRICT != 0 {
                         let req = CheckedRequest {
                             sid,
@@ -240,6 +234,9 @@ impl Iommu {
         self.check_stale(rta, &req, &e);
     }
 
+    /// Everything after an IOTLB miss (or a hit the rights do not cover), out of line so
+    /// that the hit path keeps a small frame and no spills.
+    #[inline(never)]
     fn translate_miss(
         &self,
         rta: u64,
@@ -268,7 +265,7 @@ impl Iommu {
         };
         if pasid.is_none() {
             if let Some(e) = self.iotlb.lookup(sid, eff, addr) {
-                if allows(&e.perms, access) {
+                if e.perms.allows(RequestMask::of(access)) {
                     return Ok(hit(&e, addr));
                 }
             }
