@@ -584,30 +584,13 @@ fn the_wait_completes_after_every_host_call_returned() {
     // Linux's teardown: clear the entry, flush the PASID cache, the IOTLB and the device
     // TLB, then wait.
     g.set_pasid_entry(dev, p, None);
-    assert!(g.submit_sync(&[
-        pasid_cache(1, p),
-        InvDesc::PasidIotlb {
-            granularity: PasidIotlbGranularity::PasidSelective,
-            did: DomainId(1),
-            pasid: p,
-            addr: 0,
-            ih: false,
-            am: 0,
-        },
-    ]));
+    assert!(g.submit_sync(&[pasid_cache(1, p), piotlb(p)]));
     // A new binding and its flushes in one batch.
     let cr3b = g.alloc_frame();
     g.set_pasid_entry(dev, p, Some(fl_entry(1, cr3b, FlPagingMode::FourLevel)));
     assert!(g.submit_sync(&[
         pasid_cache(1, p),
-        InvDesc::PasidIotlb {
-            granularity: PasidIotlbGranularity::PasidSelective,
-            did: DomainId(1),
-            pasid: p,
-            addr: 0,
-            ih: false,
-            am: 0,
-        },
+        piotlb(p),
         InvDesc::PasidDevIotlb {
             sid: dev,
             pfsid: dev,
@@ -712,14 +695,7 @@ fn a_container_shared_by_two_devices_gets_each_invalidation_once() {
     g.set_pasid_entry(dev2, p, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
     assert!(g.submit_sync(&[pasid_cache(1, p)]));
     assert_eq!(host.take(), vec![Call::Bind(bind(p, cr3))]);
-    assert!(g.submit_sync(&[InvDesc::PasidIotlb {
-        granularity: PasidIotlbGranularity::PasidSelective,
-        did: DomainId(1),
-        pasid: p,
-        addr: 0,
-        ih: false,
-        am: 0,
-    }]));
+    assert!(g.submit_sync(&[piotlb(p)]));
     assert_eq!(host.take(), vec![iotlb_pasid(p)]);
 }
 
