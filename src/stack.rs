@@ -34,6 +34,8 @@ pub const GUEST_DEVICE_SID: SourceId = SourceId::from_rid(0x0018);
 pub enum StackError {
     #[error("host memory: {0}")]
     HostMemory(#[from] vsva_hw::HostMemoryError),
+    #[error("IOMMU model: {0}")]
+    Iommu(#[from] vsva_hw::iommu::IommuConfigError),
     #[error("host driver: {0}")]
     Driver(#[from] vsva_host::driver::DriverError),
     #[error("VFIO: {0}")]
@@ -70,7 +72,7 @@ impl Host {
                 strict,
                 ..IommuConfig::default()
             },
-        );
+        )?;
         let unit = HostIommu::new(iommu.clone(), frames.clone())?;
         Ok(Host {
             mem,

@@ -66,7 +66,7 @@ fn machine(interrupt_driven: bool) -> Machine {
             .unwrap(),
     );
     let frames = Arc::new(GuestFrames::new(mem.clone(), Gpa(RAM_BASE), RAM_SIZE).unwrap());
-    let iommu = Iommu::new(host.clone(), IommuConfig::default());
+    let iommu = Iommu::new(host.clone(), IommuConfig::default()).unwrap();
 
     let driver_slot: Arc<OnceLock<Weak<IommuDriver>>> = Arc::new(OnceLock::new());
     let prq_irqs = Arc::new(AtomicU64::new(0));

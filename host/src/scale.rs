@@ -82,6 +82,8 @@ impl ScaleConfig {
 pub enum ScaleError {
     #[error("host memory: {0}")]
     Memory(#[from] HostMemoryError),
+    #[error("IOMMU model: {0}")]
+    Iommu(#[from] vsva_hw::iommu::IommuConfigError),
     #[error("VT-d driver: {0}")]
     Driver(#[from] DriverError),
     #[error("{what}: {err} ({})", err.errno())]
@@ -394,7 +396,7 @@ impl Host {
     fn new() -> Result<Host, ScaleError> {
         let mem = HostMemory::new(HOST_MEMORY)?;
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
-        let hw = Iommu::new(mem, IommuConfig::default());
+        let hw = Iommu::new(mem, IommuConfig::default())?;
         let unit = HostIommu::new(hw.clone(), frames.clone())?;
         Ok(Host {
             hw,

@@ -50,7 +50,7 @@ struct Host {
 fn host_with(size: u64) -> Host {
     let mem = HostMemory::new(size).unwrap();
     let frames = Arc::new(FrameAllocator::new(mem.clone()));
-    let hw = Iommu::new(mem.clone(), IommuConfig::default());
+    let hw = Iommu::new(mem.clone(), IommuConfig::default()).unwrap();
     let unit = HostIommu::new(hw.clone(), frames.clone()).unwrap();
     Host {
         mem,
@@ -850,7 +850,7 @@ fn refused_requests_change_nothing() {
 fn closing_everything_leaves_nothing() {
     let mem = HostMemory::new(1 << 30).unwrap();
     let frames = Arc::new(FrameAllocator::new(mem.clone()));
-    let hw = Iommu::new(mem.clone(), IommuConfig::default());
+    let hw = Iommu::new(mem.clone(), IommuConfig::default()).unwrap();
     let unit = HostIommu::new(hw.clone(), frames.clone()).unwrap();
     let host = Host {
         mem,

@@ -58,7 +58,7 @@ impl Host {
     fn new() -> Host {
         let mem = HostMemory::new(HOST_MEMORY).unwrap();
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
-        let hw = Iommu::new(mem.clone(), IommuConfig::default());
+        let hw = Iommu::new(mem.clone(), IommuConfig::default()).unwrap();
         let unit = HostIommu::new(hw.clone(), frames.clone()).unwrap();
         Host {
             mem,

@@ -16,6 +16,8 @@ pub enum BenchError {
     Memory(#[from] MemError),
     #[error("page-table builder: {0}")]
     Build(#[from] BuildError),
+    #[error("IOMMU model: {0}")]
+    Iommu(#[from] vsva_hw::iommu::IommuConfigError),
     #[error("IOMMU register: {0}")]
     Register(#[from] RegError),
     #[error("invalidation descriptor: {0}")]

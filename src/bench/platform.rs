@@ -281,7 +281,7 @@ impl Platform {
 
         let queue_base = frames.alloc_frame()?.0;
         let status = frames.alloc_frame()?.0;
-        let iommu = Iommu::new(mem.clone(), IommuConfig::default());
+        let iommu = Iommu::new(mem.clone(), IommuConfig::default())?;
         iommu.mmio_write(offset::RTADDR, 8, root_table | 1 << rtaddr::TTM_SHIFT)?;
         iommu.mmio_write(offset::GCMD, 4, u64::from(gcmd::SRTP))?;
         iommu.mmio_write(offset::IQA, 8, queue_base | iq::IQA_DW)?;

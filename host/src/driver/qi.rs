@@ -232,7 +232,7 @@ mod tests {
     fn unit() -> (Arc<Iommu>, FrameAllocator, InvalidationQueue) {
         let mem = HostMemory::new(16 << 20).unwrap();
         let frames = FrameAllocator::new(mem.clone());
-        let hw = Iommu::new(mem, IommuConfig::default());
+        let hw = Iommu::new(mem, IommuConfig::default()).unwrap();
         let q = InvalidationQueue::new(&frames).unwrap();
         hw.mmio_write(offset::IQT, 8, 0).unwrap();
         hw.mmio_write(offset::IQA, 8, q.iqa()).unwrap();

@@ -22,9 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crossbeam_utils::CachePadded;
-use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegisterFile};
+use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
 use vsva_vtd::{
-    Capabilities, FlFormat, PageSize, PasidEntry, ScalableContextEntry, SlFormat, SourceId,
+    Capabilities, FlFormat, InvalidAddressWidth, PageSize, PasidEntry, ScalableContextEntry,
+    SlFormat, SourceId,
 };
 
 use crate::dma::port::AtsEndpoint;
@@ -117,6 +118,15 @@ impl RootState {
 /// page request events).
 pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
 
+/// An [`IommuConfig`] the model cannot implement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IommuConfigError {
+    #[error("host address width: {0}")]
+    AddressWidth(#[from] InvalidAddressWidth),
+    #[error("capability registers: {0}")]
+    Registers(#[from] RegError),
+}
+
 /// The physical IOMMU.
 pub struct Iommu {
     mem: Arc<HostMemory>,
@@ -145,19 +155,18 @@ pub struct Iommu {
 }
 
 impl Iommu {
-    /// A new IOMMU in front of `mem`, with translation disabled.
-    pub fn new(mem: Arc<HostMemory>, config: IommuConfig) -> Arc<Self> {
+    /// A new IOMMU in front of `mem`, with translation disabled; an error when `config`
+    /// asks for a host address width the entry formats cannot have (32 to 52 bits).
+    pub fn new(mem: Arc<HostMemory>, config: IommuConfig) -> Result<Arc<Self>, IommuConfigError> {
         let haw = config.caps.haw;
-        Arc::new(Iommu {
+        let regs = RegisterFile::new(cap_register(&config.caps), ecap_register(&config.caps))?;
+        Ok(Arc::new(Iommu {
             mem,
             caps: config.caps,
-            fl_format: FlFormat::new(haw, true).expect("supported host address width"),
-            sl_format: SlFormat::new(haw).expect("supported host address width"),
+            fl_format: FlFormat::new(haw, true)?,
+            sl_format: SlFormat::new(haw)?,
             qi_lock: Mutex::new(()),
-            regs: Mutex::new(
-                RegisterFile::new(cap_register(&config.caps), ecap_register(&config.caps))
-                    .expect("the model's capabilities are representable"),
-            ),
+            regs: Mutex::new(regs),
             root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),
@@ -168,7 +177,7 @@ impl Iommu {
             paging_caches: PagingStructureCaches::default(),
             stale: Mutex::default(),
             stats: IommuStats::default(),
-        })
+        }))
     }
 
     /// The memory the IOMMU reads tables from and DMA goes to.

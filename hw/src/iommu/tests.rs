@@ -19,7 +19,7 @@ use vsva_vtd::{
     TableFormat,
 };
 
-use super::{Iommu, IommuConfig, Source};
+use super::{Iommu, IommuConfig, IommuConfigError, Source};
 use crate::dma::port::{DmaAccess, DmaPort, PageRequest};
 use crate::memory::{FrameAllocator, HostMemory};
 
@@ -47,7 +47,8 @@ impl Rig {
                 strict,
                 ..IommuConfig::default()
             },
-        );
+        )
+        .unwrap();
         let root = frames.alloc_frame().unwrap().0;
         let ctx_table = frames.alloc_frame().unwrap().0;
         let pasid_dir = frames.alloc_frame().unwrap().0;
@@ -232,7 +233,8 @@ fn the_capability_registers_describe_what_entries_are_checked_against() {
                 caps,
                 strict: false,
             },
-        );
+        )
+        .unwrap();
         let cap = Cap::from_raw(iommu.mmio_read(offset::CAP, 8).unwrap());
         let ecap = Ecap::from_raw(iommu.mmio_read(offset::ECAP, 8).unwrap());
         assert_eq!(Capabilities::from_registers(&cap, &ecap), caps);
@@ -240,9 +242,22 @@ fn the_capability_registers_describe_what_entries_are_checked_against() {
 }
 
 #[test]
+fn an_address_width_the_formats_cannot_have_is_refused() {
+    let mem = HostMemory::new(16 << 20).unwrap();
+    for haw in [31, 53, 64] {
+        let mut config = IommuConfig::default();
+        config.caps.haw = haw;
+        assert_eq!(
+            Iommu::new(mem.clone(), config).unwrap_err(),
+            IommuConfigError::AddressWidth(vsva_vtd::InvalidAddressWidth(haw))
+        );
+    }
+}
+
+#[test]
 fn translation_disabled_passes_addresses_through() {
     let mem = HostMemory::new(16 << 20).unwrap();
-    let iommu = Iommu::new(mem, IommuConfig::default());
+    let iommu = Iommu::new(mem, IommuConfig::default()).unwrap();
     let m = iommu
         .translate(SID, None, 0x1234, AccessRequest::READ)
         .unwrap();
