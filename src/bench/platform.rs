@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
-use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
 use vsva_vtd::regs::layout::{gcmd, gsts, iq, offset, rtaddr};
 use vsva_vtd::{
     context, pasid, root, DomainId, FlConfig, FlFormat, FlPagingMode, FrameSource, InvDesc,
@@ -425,28 +424,7 @@ impl Platform {
 
     /// Global context-cache, PASID-cache and IOTLB invalidation: every IOMMU cache empty.
     pub fn invalidate_all(&self) -> Result<(), BenchError> {
-        self.invalidate(&[
-            InvDesc::ContextCache {
-                granularity: ContextCacheGranularity::Global,
-                did: DomainId(0),
-                sid: SourceId::from_rid(0),
-                fm: 0,
-            },
-            InvDesc::PasidCache {
-                granularity: PasidCacheGranularity::Global,
-                did: DomainId(0),
-                pasid: Pasid::RID_PASID,
-            },
-            InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                dr: true,
-                dw: true,
-                did: DomainId(0),
-                addr: 0,
-                ih: false,
-                am: 0,
-            },
-        ])
+        self.invalidate(&InvDesc::global_flush(true, true))
     }
 }
 
@@ -483,6 +461,7 @@ fn pasid_entry(did: DomainId, pgtt: Pgtt, slptptr: u64, flptptr: u64) -> PasidEn
 mod tests {
     use super::*;
     use vsva_hw::iommu::Source;
+    use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity};
     use vsva_vtd::AccessRequest;
 
     fn small() -> Platform {

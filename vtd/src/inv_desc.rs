@@ -477,6 +477,34 @@ impl InvDesc {
         }
     }
 
+    /// Global context-cache, PASID-cache and IOTLB invalidations, in that order: every
+    /// translation cache of the unit emptied (as a driver does after setting the root
+    /// table). `dr`/`dw` are the IOTLB descriptor's drain hints (CAP.DRD/DWD).
+    pub const fn global_flush(dr: bool, dw: bool) -> [InvDesc; 3] {
+        [
+            InvDesc::ContextCache {
+                granularity: ContextCacheGranularity::Global,
+                did: DomainId(0),
+                sid: SourceId::from_rid(0),
+                fm: 0,
+            },
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::Global,
+                did: DomainId(0),
+                pasid: Pasid::RID_PASID,
+            },
+            InvDesc::Iotlb {
+                granularity: IotlbGranularity::Global,
+                dr,
+                dw,
+                did: DomainId(0),
+                addr: 0,
+                ih: false,
+                am: 0,
+            },
+        ]
+    }
+
     /// Decodes a descriptor fetched from the invalidation queue.
     pub fn decode(raw: [u64; 4]) -> Result<Self, InvDescError> {
         let code = (field(raw[0], 0, 4) | (field(raw[0], 9, 3) << 4)) as u8;
@@ -725,6 +753,15 @@ impl InvDesc {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_global_flush_is_context_then_pasid_cache_then_iotlb() {
+        let [cc, pc, iotlb] = InvDesc::global_flush(true, false);
+        // Type codes 1, 7, 2 with the global granularity; the IOTLB keeps the drain hints.
+        assert_eq!(cc.encode().unwrap()[0], 0x1 | 1 << 4);
+        assert_eq!(pc.encode().unwrap()[0], 0x7 | 3 << 4);
+        assert_eq!(iotlb.encode().unwrap()[0], 0x2 | 1 << 4 | 1 << 7);
+    }
 
     fn sid(rid: u16) -> SourceId {
         SourceId::from_rid(rid)

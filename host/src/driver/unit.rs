@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vsva_hw::iommu::Iommu;
 use vsva_hw::FrameAllocator;
-use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
+use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, rtaddr};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt, FRCD_F};
 use vsva_vtd::{Capabilities, DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
@@ -148,28 +148,7 @@ impl HostIommu {
         let root = self.state_lock().tables.as_ref().map_or(0, |t| t.root().0);
         hw.mmio_write(offset::RTADDR, 8, root | 1 << rtaddr::TTM_SHIFT)?;
         self.one_shot(gcmd::SRTP, gsts::RTPS, "set root table pointer")?;
-        self.invalidate(&[
-            InvDesc::ContextCache {
-                granularity: ContextCacheGranularity::Global,
-                did: DomainId(0),
-                sid: SourceId::from_rid(0),
-                fm: 0,
-            },
-            InvDesc::PasidCache {
-                granularity: PasidCacheGranularity::Global,
-                did: DomainId(0),
-                pasid: RID_PASID,
-            },
-            InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                dr: self.cap.drd,
-                dw: self.cap.dwd,
-                did: DomainId(0),
-                addr: 0,
-                ih: false,
-                am: 0,
-            },
-        ])?;
+        self.invalidate(&InvDesc::global_flush(self.cap.drd, self.cap.dwd))?;
         self.set_enable(gcmd::TE, gsts::TES, true, "translation enable")
     }
 
