@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vsva_guest::{Process, Prot};
-use vsva_host::scale::{run_scale, ScaleConfig};
 use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_testbed::scale::{run_scale, ScaleConfig};
 use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
 
 use crate::stack::{Host, StackError, Vm};

@@ -9,8 +9,6 @@
 //! - [`fault`]: a container's page requests on their way to the VMM, and the groups that
 //!   wait for a page response.
 //! - [`error`]: one error type whose variants carry the errno Linux returns.
-//! - [`scale`]: the scale scenario (the PASID space full of VMs, thousands of bound PASIDs),
-//!   timed and checked for leaks.
 
 mod binds;
 pub mod container;
@@ -18,7 +16,6 @@ pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod pasid;
-pub mod scale;
 pub mod uapi;
 
 pub use container::{

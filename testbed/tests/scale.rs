@@ -3,7 +3,7 @@
 //! nothing; VMs with devices bind PASIDs through the driver; every teardown, one VM alone
 //! and all of them, leaves nothing behind.
 
-use vsva_host::scale::{run_scale, ScaleConfig};
+use vsva_testbed::scale::{run_scale, ScaleConfig};
 
 #[test]
 fn small_scale_scenario_fills_the_space_and_leaks_nothing() {
