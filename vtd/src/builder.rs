@@ -173,7 +173,12 @@ pub struct Mapping {
 pub enum BuildError {
     /// An address is not aligned to the page size.
     #[error("address {addr:#x} is not aligned to {size:?}")]
-    Misaligned { addr: u64, size: PageSize },
+    Misaligned {
+        /// The input or output address.
+        addr: u64,
+        /// The page size it must be aligned to.
+        size: PageSize,
+    },
     /// The input address is not canonical (first level) or beyond the input width.
     #[error("input address {0:#x} is outside the table's address space")]
     OutOfRange(u64),
@@ -191,16 +196,36 @@ pub enum BuildError {
     BadLevel(u8),
     /// The page is already mapped.
     #[error("{va:#x} is already mapped at level {level}")]
-    AlreadyMapped { va: u64, level: u8 },
+    AlreadyMapped {
+        /// The input address.
+        va: u64,
+        /// Level (1 = 4-KiB leaf) of the present entry in the way.
+        level: u8,
+    },
     /// A page of another size, or a table where a page was expected, is in the way.
     #[error("{va:#x} is mapped with another page size (found at level {level})")]
-    SizeConflict { va: u64, level: u8 },
+    SizeConflict {
+        /// The input address.
+        va: u64,
+        /// Level (1 = 4-KiB leaf) of the entry that is a page or table of the wrong size.
+        level: u8,
+    },
     /// Nothing is mapped there.
     #[error("{va:#x} is not mapped as a {size:?} page")]
-    NotMapped { va: u64, size: PageSize },
+    NotMapped {
+        /// The input address.
+        va: u64,
+        /// The page size asked for.
+        size: PageSize,
+    },
     /// The tables leading to the entry do not exist.
     #[error("no table holds the level-{level} entry of {va:#x}")]
-    NoTable { va: u64, level: u8 },
+    NoTable {
+        /// The input address.
+        va: u64,
+        /// Level of the entry asked for.
+        level: u8,
+    },
     /// The frame source returned a frame that is not 4-KiB aligned or not below 2^52.
     #[error("table frame {0:#x} is not a 4-KiB aligned address below 2^52")]
     BadFrame(u64),

@@ -112,24 +112,33 @@ pub enum InvDescError {
     /// Reserved bits are set (IQERCD.IQEI "reserved field violation").
     #[error("{kind} descriptor: reserved bits {bits:#x} set in quadword {qword}")]
     Reserved {
+        /// Type of the rejected descriptor.
         kind: InvDescType,
+        /// Index (0..=3) of the 64-bit quadword holding the bits.
         qword: usize,
+        /// The reserved bits found set in that quadword.
         bits: u64,
     },
     /// A field holds a value the spec reserves, such as granularity 0 of a context-cache
     /// invalidation (also a reserved field violation).
     #[error("{kind} descriptor: reserved value {value:#x} in field {field}")]
     ReservedValue {
+        /// Type of the rejected descriptor.
         kind: InvDescType,
+        /// The spec's name of the field, such as "G".
         field: &'static str,
+        /// The reserved value the field holds.
         value: u64,
     },
     /// Encoding only: a field value does not fit its bits (or an address is not aligned as
     /// the field requires).
     #[error("{kind} descriptor: value {value:#x} does not fit field {field}")]
     FieldRange {
+        /// Type of the descriptor being encoded.
         kind: InvDescType,
+        /// The spec's name of the field, such as "AM" or "ADDR".
         field: &'static str,
+        /// The value that does not fit (the whole address for an alignment error).
         value: u64,
     },
 }
@@ -217,19 +226,25 @@ field_enum! {
 pub enum InvDesc {
     /// Context-cache invalidate (§6.5.2.1).
     ContextCache {
+        /// Granularity (G, bits 5:4).
         granularity: ContextCacheGranularity,
+        /// Domain-ID (DID, bits 31:16): the domain to invalidate, for domain- and
+        /// device-selective granularity.
         did: DomainId,
+        /// Source-ID (SID, bits 47:32): the device, for device-selective granularity.
         sid: SourceId,
         /// Function mask (FM, 2 bits): low bits of the function number to ignore.
         fm: u8,
     },
     /// IOTLB invalidate (§6.5.2.3): requests without PASID (second-level mappings).
     Iotlb {
+        /// Granularity (G, bits 5:4).
         granularity: IotlbGranularity,
         /// Drain reads.
         dr: bool,
         /// Drain writes.
         dw: bool,
+        /// Domain-ID (DID, bits 31:16), for domain- and page-selective granularity.
         did: DomainId,
         /// Page-aligned input address.
         addr: u64,
@@ -240,6 +255,7 @@ pub enum InvDesc {
     },
     /// Device-TLB invalidate (§6.5.2.5): forwarded to the device as an ATS invalidation.
     DevIotlb {
+        /// Source-ID (SID, bits 47:32) of the device whose device-TLB is invalidated.
         sid: SourceId,
         /// Source id of the physical function (for SR-IOV virtual functions).
         pfsid: SourceId,
@@ -252,6 +268,7 @@ pub enum InvDesc {
     },
     /// Interrupt entry cache invalidate (§6.5.2.7).
     InterruptEntryCache {
+        /// Granularity (G, bit 4).
         granularity: IecGranularity,
         /// Index mask (IM, 5 bits): 2^IM entries.
         index_mask: u8,
@@ -268,20 +285,27 @@ pub enum InvDesc {
         fence: bool,
         /// Page-request drain.
         pd: bool,
+        /// Status data (bits 63:32): the 32-bit value written to `status_addr`.
         status_data: u32,
         /// 4-byte aligned address of the status write.
         status_addr: u64,
     },
     /// PASID-cache invalidate (§6.5.2.2).
     PasidCache {
+        /// Granularity (G, bits 5:4).
         granularity: PasidCacheGranularity,
+        /// Domain-ID (DID, bits 31:16), for domain- and PASID-selective granularity.
         did: DomainId,
+        /// PASID (bits 51:32), for PASID-selective granularity.
         pasid: Pasid,
     },
     /// PASID-based IOTLB invalidate (§6.5.2.4): first-level and nested mappings.
     PasidIotlb {
+        /// Granularity (G, bits 5:4).
         granularity: PasidIotlbGranularity,
+        /// Domain-ID (DID, bits 31:16).
         did: DomainId,
+        /// PASID (bits 51:32) whose entries are invalidated.
         pasid: Pasid,
         /// Page-aligned input address.
         addr: u64,
@@ -292,8 +316,11 @@ pub enum InvDesc {
     },
     /// PASID-based device-TLB invalidate (§6.5.2.6).
     PasidDevIotlb {
+        /// Source-ID (SID, bits 31:16) of the device whose device-TLB is invalidated.
         sid: SourceId,
+        /// Source id of the physical function (PFSID; for SR-IOV virtual functions).
         pfsid: SourceId,
+        /// PASID (bits 51:32) whose device-TLB entries are invalidated.
         pasid: Pasid,
         /// Max invalidations pending (MIP, 5 bits).
         max_invs_pend: u8,
@@ -310,9 +337,11 @@ pub enum InvDesc {
         rid: SourceId,
         /// PASID present (PP): the response carries `pasid`.
         pasid_present: bool,
+        /// PASID (bits 51:32) of the page request answered, when `pasid_present`.
         pasid: Pasid,
         /// Private data present (PDP): `private_data` goes back to the device.
         private_data_present: bool,
+        /// Response code (bits 15:12).
         response: ResponseCode,
         /// Last page in group (LPIG).
         last_page_in_group: bool,

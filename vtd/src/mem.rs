@@ -8,10 +8,20 @@
 pub enum MemError {
     /// The access does not lie inside the memory.
     #[error("address {addr:#x}+{len:#x} is outside physical memory")]
-    OutOfRange { addr: u64, len: u64 },
+    OutOfRange {
+        /// First byte of the access.
+        addr: u64,
+        /// Length of the access in bytes.
+        len: u64,
+    },
     /// An 8-byte access that is not 8-byte aligned.
     #[error("address {addr:#x} is not aligned to {align} bytes")]
-    Unaligned { addr: u64, align: u64 },
+    Unaligned {
+        /// Address of the access.
+        addr: u64,
+        /// Alignment it needs, in bytes.
+        align: u64,
+    },
 }
 
 /// Byte-addressed physical memory with atomic 64-bit accesses for table entries.

@@ -37,8 +37,10 @@ pub struct PageRequestDesc {
 /// Why a 256-bit value is not a page request descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PageRequestDescError {
+    /// The descriptor type (bits 7:0) is not 1; the value is that type.
     #[error("descriptor type {0:#x} is not a page request")]
     Type(u64),
+    /// Reserved bits of the first quadword are set; the value holds those bits.
     #[error("reserved bits {0:#x} set in page request descriptor")]
     Reserved(u64),
 }

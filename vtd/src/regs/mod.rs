@@ -42,22 +42,36 @@ pub enum RegError {
     Width(usize),
     /// The offset is not a multiple of the access size.
     #[error("register access at {offset:#x} is not aligned to its {size} bytes")]
-    Unaligned { offset: u64, size: usize },
+    Unaligned {
+        /// Byte offset of the access in the register page.
+        offset: u64,
+        /// Access width in bytes.
+        size: usize,
+    },
     /// The access does not lie inside the register page.
     #[error("register access at {offset:#x}+{size} is beyond the {limit:#x}-byte register page")]
     OutOfRange {
+        /// Byte offset of the access in the register page.
         offset: u64,
+        /// Access width in bytes.
         size: usize,
+        /// Size of the register page in bytes.
         limit: u64,
     },
     /// A 4-byte write of a value wider than 32 bits.
     #[error("value {value:#x} does not fit a 4-byte register write")]
-    ValueWidth { value: u64 },
+    ValueWidth {
+        /// The value written.
+        value: u64,
+    },
     /// A capability field value does not fit its bits.
     #[error("{register}.{field} value {value:#x} does not fit the field")]
     FieldRange {
+        /// The capability register type ("Cap" or "Ecap").
         register: &'static str,
+        /// Name of the field in that type.
         field: &'static str,
+        /// The value that does not fit.
         value: u64,
     },
     /// The capability names a feature the register file does not model.
@@ -65,7 +79,12 @@ pub enum RegError {
     Unsupported(&'static str),
     /// The IOTLB or fault recording registers overlap other registers.
     #[error("{what} registers at {offset:#x} overlap other registers")]
-    Overlap { what: &'static str, offset: u64 },
+    Overlap {
+        /// Which registers: "IOTLB" or "fault recording".
+        what: &'static str,
+        /// Their byte offset in the register page (16 × ECAP.IRO or 16 × CAP.FRO).
+        offset: u64,
+    },
     /// No invalidation descriptor is waiting (queued invalidation disabled, queue empty,
     /// or stopped by an invalidation queue error).
     #[error("no invalidation descriptor is pending")]
@@ -161,9 +180,11 @@ pub enum EventSource {
 /// An MSI the owner must deliver: the event's address and data registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Interrupt {
+    /// The event that raised the interrupt.
     pub source: EventSource,
     /// Upper address register in bits 63:32, address register in bits 31:0.
     pub address: u64,
+    /// The event's data register (FEDATA, IEDATA or PEDATA).
     pub data: u32,
 }
 
@@ -175,7 +196,12 @@ pub enum VirtualCommand {
     /// Free a PASID; `None` when the operand is not a 20-bit PASID.
     FreePasid(Option<Pasid>),
     /// A command this architecture does not define.
-    Unknown { cmd: u8, operand: u64 },
+    Unknown {
+        /// Command code (VCMD bits 7:0).
+        cmd: u8,
+        /// Operand (VCMD bits 63:8).
+        operand: u64,
+    },
 }
 
 /// The owner's answer to a virtual command, written to VCRSP_REG.
