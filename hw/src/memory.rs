@@ -23,20 +23,39 @@ pub const DEFAULT_HOST_MEMORY: u64 = 16 << 30;
 /// Errors of host memory set-up and frame allocation.
 #[derive(Debug, thiserror::Error)]
 pub enum HostMemoryError {
+    /// A memory or allocation size that is zero or not a multiple of 4 KiB (or, for an
+    /// allocation, an alignment that is not a power of two of at least 4 KiB); the value
+    /// is the size.
     #[error("host memory size {0:#x} is zero or not a multiple of 4 KiB")]
     BadSize(u64),
+    /// Creating, sizing or duplicating the memfd failed.
     #[error("creating the host memory file failed: {0}")]
     Create(#[source] std::io::Error),
+    /// Mapping the memfd into this process failed.
     #[error("mapping host memory failed: {0}")]
     Map(#[source] std::io::Error),
+    /// No free range of the requested size and alignment is left.
     #[error("out of host memory: {pages} pages requested")]
-    OutOfMemory { pages: u64 },
+    OutOfMemory {
+        /// Size of the request in 4-KiB pages.
+        pages: u64,
+    },
+    /// The address freed is not the start of an allocation of this allocator.
     #[error("{0} is not an allocated frame")]
     NotAllocated(Hpa),
+    /// A guest RAM window is empty or not 4-KiB aligned, or vm-memory refused it; the text
+    /// says which.
     #[error("guest memory window: {0}")]
     GuestWindow(String),
+    /// The user address range does not lie in one guest RAM window of host memory.
     #[error("user address {vaddr:#x}+{len:#x} is not backed by host memory")]
-    NotHostMemory { vaddr: u64, len: u64 },
+    NotHostMemory {
+        /// First byte of the range.
+        vaddr: u64,
+        /// Length of the range in bytes.
+        len: u64,
+    },
+    /// A host memory access failed (outside host memory or misaligned).
     #[error(transparent)]
     Access(#[from] MemError),
 }

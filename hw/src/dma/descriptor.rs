@@ -40,14 +40,17 @@ pub struct RawDescriptor {
     pub pasid_priv: u32,
     /// Bits 23:0 flags, 31:24 opcode.
     pub flags_opcode: u32,
+    /// Completion record address (bytes 15:8); used when the CRAV flag is set.
     pub completion_addr: u64,
     /// Source (memmove), first source (compare), pattern (fill).
     pub src: u64,
     /// Destination (memmove, fill), second source (compare).
     pub dst: u64,
+    /// Transfer size in bytes (bytes 35:32).
     pub xfer_size: u32,
     /// Interrupt handle in DSA; reserved here (no completion interrupts).
     pub int_handle: u16,
+    /// Reserved (bytes 39:38).
     pub rsvd: u16,
     /// Operation-specific bytes; all reserved for the implemented operations.
     pub op_specific: [u8; 24],
@@ -130,10 +133,15 @@ impl RawDescriptor {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {
+    /// No operation ([`Operation::Nop`]).
     Nop = 0x00,
+    /// Drain ([`Operation::Drain`]).
     Drain = 0x02,
+    /// Memory move ([`Operation::Memmove`]).
     Memmove = 0x03,
+    /// Memory fill ([`Operation::Fill`]).
     Fill = 0x04,
+    /// Compare ([`Operation::Compare`]).
     Compare = 0x05,
 }
 
@@ -160,11 +168,32 @@ pub enum Operation {
     /// Completes once every descriptor submitted before it has completed.
     Drain,
     /// Copies `size` bytes, with `memmove` semantics for overlapping ranges.
-    Memmove { src: u64, dst: u64, size: u32 },
+    Memmove {
+        /// Source address.
+        src: u64,
+        /// Destination address.
+        dst: u64,
+        /// Bytes to copy.
+        size: u32,
+    },
     /// Writes `size` bytes of the 8-byte `pattern` (little-endian, repeated from `dst`).
-    Fill { pattern: u64, dst: u64, size: u32 },
+    Fill {
+        /// The 8-byte pattern (carried in the source address field).
+        pattern: u64,
+        /// Destination address.
+        dst: u64,
+        /// Bytes to write.
+        size: u32,
+    },
     /// Compares `size` bytes; the record's result is 0 when equal, 1 when not.
-    Compare { src1: u64, src2: u64, size: u32 },
+    Compare {
+        /// First source address.
+        src1: u64,
+        /// Second source address (carried in the destination address field).
+        src2: u64,
+        /// Bytes to compare.
+        size: u32,
+    },
 }
 
 impl Operation {
@@ -230,7 +259,9 @@ pub struct Descriptor {
     /// On a recoverable fault, issue a page request and wait instead of completing
     /// partially.
     pub block_on_fault: bool,
+    /// Whether and where a completion record is written.
     pub completion: CompletionRequest,
+    /// The operation and its addresses.
     pub op: Operation,
 }
 
@@ -238,7 +269,9 @@ pub struct Descriptor {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid descriptor: {status:?} (flags {invalid_flags:#x})")]
 pub struct DescriptorError {
+    /// The status the device reports for the descriptor.
     pub status: CompletionStatus,
+    /// For [`CompletionStatus::InvalidFlags`]: the offending flag bits; 0 otherwise.
     pub invalid_flags: u32,
 }
 
@@ -379,14 +412,18 @@ impl Descriptor {
 pub enum CompletionStatus {
     /// Not written yet: what software polls for.
     None = 0x00,
+    /// The operation completed.
     Success = 0x01,
     /// A recoverable page fault the device did not resolve (no block-on-fault, PRI
     /// disabled or unavailable): partial completion.
     PageFault = 0x03,
     /// A page request was answered with Invalid Request or Response Failure.
     PageResponseError = 0x04,
+    /// The opcode is not one this device implements.
     BadOpcode = 0x10,
+    /// A flag is unsupported, or RCR is set without CRAV.
     InvalidFlags = 0x11,
+    /// A reserved field, or a field the operation does not use, is not zero.
     NonzeroReserved = 0x12,
     /// Transfer size zero, above the device maximum, or running past the address space.
     TransferSize = 0x13,
@@ -442,6 +479,7 @@ const STATUS_MASK: u8 = 0x7f;
 /// A completion record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CompletionRecord {
+    /// Completion status (status byte bits 6:0).
     pub status: CompletionStatus,
     /// For faults: the faulting access was a write (status bit 7).
     pub fault_write: bool,

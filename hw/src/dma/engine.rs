@@ -77,11 +77,13 @@ pub struct DmaStats {
     pub bytes_compared: u64,
     /// Untranslated requests' translations.
     pub translations: u64,
+    /// Device-TLB lookups that granted the access without an ATS translation request.
     pub devtlb_hits: u64,
     /// Device-TLB misses, each an ATS translation request.
     pub devtlb_misses: u64,
     /// Invalidate requests received.
     pub devtlb_invalidations: u64,
+    /// Page requests issued for recoverable faults (block on fault).
     pub page_requests: u64,
     /// PRG responses received, expected or not.
     pub page_responses: u64,

@@ -17,9 +17,13 @@ use crate::memory::{HostMemory, PAGE_SIZE};
 /// prefix's Execute-Requested and Privileged-Mode-Requested bits).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DmaAccess {
+    /// A read request.
     pub read: bool,
+    /// A write request.
     pub write: bool,
+    /// Execute-Requested (ER) in the PASID prefix.
     pub execute: bool,
+    /// Privileged-Mode-Requested (PMR) in the PASID prefix: a supervisor access.
     pub privileged: bool,
 }
 
@@ -69,7 +73,9 @@ impl fmt::Display for DmaAccess {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("DMA translation fault, reason {reason:#04x}{}", if *.recoverable { " (recoverable)" } else { "" })]
 pub struct DmaFault {
+    /// VT-d fault reason code (§7.1.3); 0 for an ATS completion that grants too little.
     pub reason: u8,
+    /// Whether a page request may resolve the fault.
     pub recoverable: bool,
 }
 
@@ -126,6 +132,7 @@ impl DmaTranslation {
 /// permissions the IOMMU grants for it. The device caches it in its device TLB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AtsCompletion {
+    /// The translated page.
     pub page: DmaTranslation,
     /// Access rights granted; `privileged` is the mode the translation was requested for.
     pub perm: DmaAccess,
@@ -136,13 +143,17 @@ pub struct AtsCompletion {
 /// always set by this device but kept for the IOMMU's page request descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PageRequest {
+    /// Requester id of the device.
     pub sid: SourceId,
+    /// PASID of the faulting request; `None` for a request without PASID.
     pub pasid: Option<Pasid>,
     /// Page-aligned (4 KiB) device address.
     pub addr: u64,
+    /// The access to make possible (read/write, execute, privileged).
     pub access: DmaAccess,
     /// Page Request Group Index, 9 bits.
     pub prgi: u16,
+    /// Last Page In Group (L).
     pub last: bool,
 }
 
@@ -231,8 +242,11 @@ impl PageResponseCode {
 /// A PRG response message to the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PageResponse {
+    /// PASID of the page request answered; `None` for a request without PASID.
     pub pasid: Option<Pasid>,
+    /// Page Request Group Index of the group answered.
     pub prgi: u16,
+    /// The response code.
     pub code: PageResponseCode,
 }
 
@@ -242,7 +256,9 @@ pub struct PageResponse {
 /// is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DevTlbInvalidation {
+    /// The PASID whose entries are dropped; `None` for entries of requests without PASID.
     pub pasid: Option<Pasid>,
+    /// Global (G): drop the range's entries of every PASID, whatever `pasid` says.
     pub global: bool,
     /// The naturally aligned range of device addresses to drop.
     pub range: AddrRange,

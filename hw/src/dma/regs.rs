@@ -70,8 +70,11 @@ pub const PORTAL_SIZE: u64 = 0x1000;
 pub struct DmaEngineConfig {
     /// The requester id of the engine.
     pub sid: SourceId,
+    /// Requests with PASID supported (CAP.PASID).
     pub pasid: bool,
+    /// ATS and a device TLB (CAP.ATS).
     pub ats: bool,
+    /// PRI page requests and block-on-fault descriptors (CAP.PRS).
     pub prs: bool,
     /// Descriptors the work queue holds (1 to 65535).
     pub wq_size: u16,
@@ -148,8 +151,11 @@ impl DmaEngineConfig {
 /// An error recorded in the software error register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SoftwareError {
+    /// The status no completion record reported (SWERR0 bits 15:8).
     pub status: CompletionStatus,
+    /// Opcode byte of the descriptor (SWERR0 bits 23:16).
     pub opcode: u8,
+    /// PASID of the descriptor, when it had one (SWERR0 bit 31 and bits 51:32).
     pub pasid: Option<Pasid>,
     /// The completion record address, or the faulting address.
     pub addr: u64,
@@ -176,22 +182,33 @@ impl SoftwareError {
 /// Errors of register and portal accesses. An access that fails changes nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DmaError {
+    /// No register at this BAR 0 offset.
     #[error("MMIO offset {0:#x} is not a register")]
     NoRegister(u64),
+    /// A write to a read-only register, or to read-only bits of one; the value is the
+    /// offset.
     #[error("MMIO offset {0:#x} is read-only")]
     ReadOnly(u64),
+    /// A CTRL write sets bits the configuration does not allow; the value holds those bits.
     #[error("CTRL bits {0:#x} name capabilities the engine does not have")]
     Unsupported(u64),
+    /// A CTRL write while enabled changes more than the enable bit.
     #[error("CTRL configuration bits change only while the engine is disabled")]
     ConfigWhileEnabled,
+    /// Disabling while descriptors are queued, parked on page requests or draining, or a
+    /// CTRL write while the engine is executing.
     #[error("the engine has work in progress (queued or waiting for page responses)")]
     Busy,
+    /// A portal write outside the portal or not 64-byte aligned; the value is the offset.
     #[error("portal offset {0:#x} is not a 64-byte slot of the portal")]
     PortalOffset(u64),
+    /// A portal write while CTRL.ENABLE is clear.
     #[error("the engine is disabled")]
     Disabled,
+    /// A portal write while the work queue is full (ENQCMD's retry indication).
     #[error("the work queue is full; retry")]
     Retry,
+    /// [`DmaEngineConfig::is_valid`] refused the configuration.
     #[error("invalid engine configuration")]
     BadConfig,
 }
