@@ -32,30 +32,6 @@ pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
 /// the VM's `GuestMemoryMmap`).
 pub type GuestRam = Arc<dyn PhysMem + Send + Sync>;
 
-/// Guest RAM behind a sized type, for the table readers that take `&impl PhysMem`.
-pub(crate) struct Ram(GuestRam);
-
-impl PhysMem for Ram {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        self.0.read_u64(addr)
-    }
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-        self.0.fetch_or_u64(addr, bits)
-    }
-    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-        self.0.compare_exchange_u64(addr, old, new)
-    }
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-        self.0.write_u64(addr, value)
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0.read(addr, buf)
-    }
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-        self.0.write(addr, buf)
-    }
-}
-
 /// How many failed host calls are kept for [`VIommu::take_host_errors`] (the most recent
 /// ones; the counter counts all).
 const HOST_ERRORS_KEPT: usize = 256;
@@ -86,7 +62,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The guest-visible virtual VT-d of one VM.
 pub struct VIommu {
-    pub(crate) mem: Ram,
+    pub(crate) mem: GuestRam,
     pub(crate) config: VIommuConfig,
     pub(crate) caps: Capabilities,
     pub(crate) fl_format: FlFormat,
@@ -128,7 +104,7 @@ impl VIommu {
         let fl_format = config.fl_format()?;
         let regs = RegisterFile::new(config.cap(), config.ecap())?;
         Ok(Arc::new(VIommu {
-            mem: Ram(mem),
+            mem,
             config,
             caps: config.capabilities(),
             fl_format,

@@ -49,9 +49,40 @@ pub trait PhysMem {
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError>;
 }
 
+/// Forwards every access to the memory behind a reference or a shared pointer, so
+/// `&M`, `Box<M>` and `Arc<M>` (and `Arc<dyn PhysMem>`) are memories too, without
+/// wrapper types (as vm-device composes ownership with blanket impls).
+macro_rules! forward_phys_mem {
+    ($($ty:ty),*) => {$(
+        impl<M: PhysMem + ?Sized> PhysMem for $ty {
+            fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+                (**self).read_u64(addr)
+            }
+            fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+                (**self).fetch_or_u64(addr, bits)
+            }
+            fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+                (**self).compare_exchange_u64(addr, old, new)
+            }
+            fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+                (**self).write_u64(addr, value)
+            }
+            fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+                (**self).read(addr, buf)
+            }
+            fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+                (**self).write(addr, buf)
+            }
+        }
+    )*};
+}
+
+forward_phys_mem!(&M, Box<M>, std::sync::Arc<M>);
+
 /// Guest RAM as the vIOMMU and the guest see it: vm-memory's `GuestMemoryMmap`, addressed
 /// by guest physical address. 64-bit accesses are atomic operations on the host mapping of
 /// the region that holds them; byte copies may span adjacent regions.
+#[cfg(feature = "vm-memory")]
 mod guest_ram {
     use super::{MemError, PhysMem};
     use std::sync::atomic::{AtomicU64, Ordering};
