@@ -21,13 +21,21 @@ const ZERO_FRAME: [u8; FRAME_SIZE as usize] = [0; FRAME_SIZE as usize];
 pub enum FrameError {
     /// The managed range is empty, not 4 KiB aligned, or not backed by guest RAM.
     #[error("frame range {start}+{len:#x} is empty, not 4 KiB aligned or not all guest RAM")]
-    BadRange { start: Gpa, len: u64 },
+    BadRange {
+        /// First byte of the range.
+        start: Gpa,
+        /// Length of the range in bytes.
+        len: u64,
+    },
     /// A request for no frames.
     #[error("an allocation needs at least one frame")]
     ZeroPages,
     /// No free run of the requested length.
     #[error("out of guest frames: no free run of {pages} frames")]
-    OutOfFrames { pages: u64 },
+    OutOfFrames {
+        /// Length of the run asked for, in frames.
+        pages: u64,
+    },
     /// The address is not the start of an allocation.
     #[error("{0} is not the start of an allocated run of frames")]
     NotAllocated(Gpa),

@@ -44,7 +44,9 @@ pub enum OracleError {
     /// A KVM call failed after the VM was up.
     #[error("KVM {call} failed: {source}")]
     Kvm {
+        /// The ioctl that failed, such as "KVM_GET_REGS".
         call: &'static str,
+        /// The error KVM returned.
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -66,13 +68,13 @@ fn kvm_err(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> OracleError 
 /// Paging features of the vCPU, as KVM reports it can expose them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuFeatures {
-    /// 5-level paging (CPUID.7.0:ECX[16]).
+    /// 5-level paging (`CPUID.7.0:ECX[16]`).
     pub la57: bool,
-    /// 1 GiB pages (CPUID.80000001h:EDX[26]).
+    /// 1 GiB pages (`CPUID.80000001h:EDX[26]`).
     pub gbpages: bool,
-    /// Supervisor-mode execution prevention (CPUID.7.0:EBX[7]).
+    /// Supervisor-mode execution prevention (`CPUID.7.0:EBX[7]`).
     pub smep: bool,
-    /// MAXPHYADDR (CPUID.80000008h:EAX[7:0]): address bits above it are reserved in
+    /// MAXPHYADDR (`CPUID.80000008h:EAX[7:0]`): address bits above it are reserved in
     /// paging entries.
     pub max_phys_bits: u8,
     /// The CPU is AMD's (or Hygon's), whose reserved-bit rules differ slightly from Intel's.
@@ -113,14 +115,17 @@ pub enum Access {
 pub struct Probe {
     /// CR3: the guest-physical address of the top-level table.
     pub cr3: u64,
+    /// 4- or 5-level paging (CR4.LA57).
     pub mode: PagingMode,
     /// CR0.WP: when clear, supervisor writes ignore read-only entries.
     pub write_protect: bool,
     /// CR4.SMEP: when set, supervisor instruction fetches from user pages fault.
     pub smep: bool,
+    /// Ring of the access: supervisor (CPL 0) or user (CPL 3).
     pub privilege: Privilege,
     /// Linear address; 8-byte aligned for data accesses.
     pub va: u64,
+    /// Read, write (with its value) or execute.
     pub access: Access,
 }
 
@@ -134,10 +139,20 @@ pub enum Outcome {
     /// An execute probe ran the snippet carrying this token.
     Executed(u64),
     /// A page fault.
-    PageFault { error_code: u64, cr2: u64 },
+    PageFault {
+        /// The page-fault error code (bits in [`pf`]).
+        error_code: u64,
+        /// CR2: the linear address that faulted.
+        cr2: u64,
+    },
     /// Any other exception, with the top two words of its frame (RIP and CS, or the
     /// error code and RIP).
-    Exception { vector: u8, frame: [u64; 2] },
+    Exception {
+        /// The exception vector, such as 13 for #GP.
+        vector: u8,
+        /// The two words at the top of the exception frame, top first.
+        frame: [u64; 2],
+    },
 }
 
 /// Page-fault error code bits (Intel SDM Vol. 3 §4.7).

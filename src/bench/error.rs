@@ -10,36 +10,50 @@ use vsva_vtd::{BuildError, InvDescError, MemError};
 /// model not doing what the measurement assumes (then no figure is reported for it).
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// Host memory set-up or frame allocation failed.
     #[error("host memory: {0}")]
     HostMemory(#[from] HostMemoryError),
+    /// A table or data access to physical memory failed.
     #[error("memory access: {0}")]
     Memory(#[from] MemError),
+    /// The page-table builder refused a mapping.
     #[error("page-table builder: {0}")]
     Build(#[from] BuildError),
+    /// The physical IOMMU model refused its configuration.
     #[error("IOMMU model: {0}")]
     Iommu(#[from] vsva_hw::iommu::IommuConfigError),
+    /// A register access of the IOMMU model was refused.
     #[error("IOMMU register: {0}")]
     Register(#[from] RegError),
+    /// An invalidation descriptor did not encode or decode.
     #[error("invalidation descriptor: {0}")]
     Descriptor(#[from] InvDescError),
+    /// A translation the measurement expects to succeed faulted.
     #[error("translation: {0}")]
     Translation(#[from] TranslationFault),
+    /// The DMA engine refused a register or portal access.
     #[error("DMA engine: {0}")]
     Dma(#[from] DmaError),
+    /// A host operation failed.
     #[error("host: {0}")]
     Host(#[from] vsva_host::HostError),
+    /// Building or running the host/VMM/guest stack failed.
     #[error("stack: {0}")]
     Stack(#[from] crate::stack::StackError),
+    /// A guest process operation was refused.
     #[error("guest process: {0}")]
     Process(#[from] vsva_guest::ProcessError),
+    /// A guest IOMMU driver operation failed.
     #[error("guest IOMMU driver: {0}")]
     GuestDriver(#[from] vsva_guest::DriverError),
     /// The model did not behave as the measurement needs (for example a translation that
     /// should hit the IOTLB walked).
     #[error("check failed: {0}")]
     Check(String),
+    /// Drawing the SVG plot failed; the text is the plotting library's error.
     #[error("plot: {0}")]
     Plot(String),
+    /// Writing the report failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

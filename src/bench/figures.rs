@@ -3,12 +3,15 @@
 /// How a figure is expressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Unit {
+    /// Nanoseconds per operation.
     Nanoseconds,
     /// A ratio of two throughputs.
     Times,
     /// Page-table entries read.
     Reads,
+    /// Throughput in 10^9 bytes per second.
     GigabytesPerSecond,
+    /// A memory footprint in bytes.
     Bytes,
 }
 
@@ -133,7 +136,9 @@ figures! {
 /// The limit a goal puts on its compared value.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Bound {
+    /// The value must not exceed the limit.
     AtMost(f64),
+    /// The value must reach at least the limit.
     AtLeast(f64),
 }
 
@@ -167,9 +172,13 @@ impl Bound {
 /// must meet `bound`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Goal {
+    /// The goal's label in the report.
     pub name: &'static str,
+    /// The measured figure.
     pub figure: Figure,
+    /// The figure `figure` is divided by, for a relative goal.
     pub baseline: Option<Figure>,
+    /// The limit the compared value must meet.
     pub bound: Bound,
 }
 

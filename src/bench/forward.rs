@@ -150,7 +150,9 @@ impl Workload for UnboundMprotect {
 /// Which call of a guest bind and its unbind a [`GuestBind`] times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestCall {
+    /// The guest's `sva_bind`.
     Bind,
+    /// The guest's `sva_unbind`.
     Unbind,
 }
 
@@ -258,6 +260,7 @@ pub struct ResidentFill<'a> {
 }
 
 impl<'a> ResidentFill<'a> {
+    /// The workload on the bench VM `vm`.
     pub fn new(vm: &'a BenchVm) -> Self {
         ResidentFill { vm }
     }

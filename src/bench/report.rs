@@ -30,8 +30,11 @@ pub struct BenchReport {
 /// How a goal fared in a report.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GoalResult {
+    /// The goal.
     pub goal: Goal,
+    /// The goal's figure as measured; `None` when not measured.
     pub figure: Option<f64>,
+    /// The baseline figure as measured; `None` for an absolute goal or when not measured.
     pub baseline: Option<f64>,
     /// The value held to the bound: figure ÷ baseline, or the figure itself.
     pub compared: Option<f64>,

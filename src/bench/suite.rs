@@ -40,8 +40,11 @@ pub trait Probe {
 
 /// A probe that is a plain function.
 pub struct FnProbe {
+    /// The probe's name ([`Probe::name`]).
     pub name: &'static str,
+    /// The figures it records ([`Probe::figures`]).
     pub figures: &'static [Figure],
+    /// The function that measures ([`Probe::run`]).
     pub run: fn(&SampleBudget, &mut BenchReport) -> Result<(), BenchError>,
 }
 

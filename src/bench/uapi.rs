@@ -119,7 +119,9 @@ impl Workload for HostInvalidations<'_> {
 /// Which call of a bind and its unbind a [`HostBind`] times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BindCall {
+    /// `VFIO_IOMMU_BIND`.
     Bind,
+    /// `VFIO_IOMMU_UNBIND`.
     Unbind,
 }
 
@@ -195,7 +197,9 @@ impl Drop for HostBind<'_> {
 /// Which call of a map and its unmap a [`HostMap`] times.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapCall {
+    /// `VFIO_IOMMU_MAP_DMA`.
     Map,
+    /// `VFIO_IOMMU_UNMAP_DMA`.
     Unmap,
 }
 
@@ -277,6 +281,7 @@ impl Workload for HostMap<'_> {
 /// and kept, as Linux keeps them, until the device is detached).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BoundPasidMemory {
+    /// PASIDs allocated and bound.
     pub pasids: u32,
     /// Heap bytes taken (glibc's `mallinfo2`).
     pub heap: u64,

@@ -126,22 +126,40 @@ pub enum ProcessError {
     Misaligned(Gva),
     /// The range is not inside the user half of the address space.
     #[error("{start}+{len:#x} is outside the user address space")]
-    OutOfRange { start: Gva, len: u64 },
+    OutOfRange {
+        /// First byte of the range.
+        start: Gva,
+        /// Length asked for, in bytes.
+        len: u64,
+    },
     /// A mapping must be readable.
     #[error("first-level mappings are always readable; PROT_READ is required")]
     Unreadable,
     /// A fixed mapping would replace part of an existing one.
     #[error("{start}+{len:#x} overlaps an existing mapping")]
-    Overlap { start: Gva, len: u64 },
+    Overlap {
+        /// First byte of the range.
+        start: Gva,
+        /// Length of the range in bytes, rounded up to 4 KiB.
+        len: u64,
+    },
     /// No free virtual range of that length.
     #[error("no free virtual range of {len:#x} bytes")]
-    NoAddressSpace { len: u64 },
+    NoAddressSpace {
+        /// Length asked for, in bytes (rounded up to 4 KiB unless the rounding overflowed).
+        len: u64,
+    },
     /// mprotect over a range that is not entirely mapped.
     #[error("{0} is not mapped")]
     NotMapped(Gva),
     /// A CPU access that no mapping allows: the process would get SIGSEGV.
     #[error("segmentation fault: {} at {gva}", if *write { "write" } else { "read" })]
-    Segv { gva: Gva, write: bool },
+    Segv {
+        /// The faulting address.
+        gva: Gva,
+        /// Whether the access was a write (else a read).
+        write: bool,
+    },
     /// Guest frames ran out.
     #[error(transparent)]
     Frames(#[from] FrameError),
