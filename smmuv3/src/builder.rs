@@ -1,0 +1,169 @@
+//! Builds VMSAv8-64 translation tables with the 4 KiB granule in memory: stage 1 under a
+//! CD's TTB0 or stage 2 under an STE's S2TTB (Arm ARM D8.3), for tests and table owners.
+//!
+//! Table descriptors carry no hierarchical controls, so the leaf alone decides the rights.
+//! Leaf attributes are given as descriptor bits (AP, AF, UXN, S2AP, ...).
+
+use crate::desc::{Descriptor, DescriptorKind};
+use crate::walk::{table_index, PageSize, S1Config, S2Config};
+use vsva_vtd::{MemError, PhysMem};
+
+/// Why a builder operation was refused. A refused operation writes no descriptor (tables
+/// already created for it stay, empty).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// An address is not aligned to the page size.
+    #[error("address {addr:#x} is not aligned to {size:?}")]
+    Misaligned { addr: u64, size: PageSize },
+    /// The input address is beyond the table's input size.
+    #[error("input address {0:#x} is outside the table's input range")]
+    OutOfRange(u64),
+    /// The output address does not fit the 48-bit output address field.
+    #[error("output address {0:#x} does not fit in 48 bits")]
+    OutputTooWide(u64),
+    /// The page size needs a level above the start level.
+    #[error("{0:?} blocks sit above this table's start level")]
+    SizeAboveStart(PageSize),
+    /// Something is already mapped there.
+    #[error("{va:#x} is already mapped at level {level}")]
+    AlreadyMapped { va: u64, level: u8 },
+    /// A block is in the way of a smaller mapping.
+    #[error("{va:#x} is covered by a block at level {level}")]
+    SizeConflict { va: u64, level: u8 },
+    /// The frame source returned a frame that is not a 4 KiB-aligned address below 2^48.
+    #[error("table frame {0:#x} is not a 4 KiB-aligned address below 2^48")]
+    BadFrame(u64),
+    /// The frame source is exhausted.
+    #[error("no frame left for a table")]
+    OutOfFrames,
+    /// The memory refused an access.
+    #[error(transparent)]
+    Memory(#[from] MemError),
+}
+
+/// A translation table under construction: its start table (which the caller provides,
+/// zeroed) and the frames of the tables the builder added.
+#[derive(Debug)]
+pub struct TableBuilder {
+    root: u64,
+    start: u8,
+    input_bits: u32,
+    tables: Vec<u64>,
+}
+
+impl TableBuilder {
+    /// A builder for the stage-1 table at `cfg`'s TTB0.
+    pub fn stage1(cfg: &S1Config) -> Self {
+        TableBuilder {
+            root: cfg.root(),
+            start: cfg.start_level(),
+            input_bits: cfg.input_bits(),
+            tables: Vec::new(),
+        }
+    }
+
+    /// A builder for the stage-2 table at `cfg`'s S2TTB (with its concatenated tables).
+    pub fn stage2(cfg: &S2Config) -> Self {
+        TableBuilder {
+            root: cfg.root(),
+            start: cfg.start_level(),
+            input_bits: cfg.input_bits(),
+            tables: Vec::new(),
+        }
+    }
+
+    /// The frames of the tables added below the start table.
+    pub fn tables(&self) -> &[u64] {
+        &self.tables
+    }
+
+    /// Maps the `size` page or block at `va` to `pa` with the leaf attribute bits `attrs`,
+    /// taking cleared frames for new tables from `alloc`.
+    pub fn map<M>(
+        &mut self,
+        mem: &M,
+        alloc: &mut dyn FnMut() -> Option<u64>,
+        va: u64,
+        pa: u64,
+        size: PageSize,
+        attrs: u64,
+    ) -> Result<(), BuildError>
+    where
+        M: PhysMem + ?Sized,
+    {
+        let mask = size.bytes() - 1;
+        if va & mask != 0 {
+            return Err(BuildError::Misaligned { addr: va, size });
+        }
+        if pa & mask != 0 {
+            return Err(BuildError::Misaligned { addr: pa, size });
+        }
+        if va >> self.input_bits != 0 {
+            return Err(BuildError::OutOfRange(va));
+        }
+        if pa >> 48 != 0 {
+            return Err(BuildError::OutputTooWide(pa));
+        }
+        if size.level() < self.start {
+            return Err(BuildError::SizeAboveStart(size));
+        }
+        let mut table = self.root;
+        for level in self.start..size.level() {
+            let slot = self.slot(table, va, level);
+            let desc = Descriptor(mem.read_u64(slot)?);
+            table = match desc.kind(level) {
+                DescriptorKind::Table(next) => next,
+                DescriptorKind::Leaf { .. } => return Err(BuildError::SizeConflict { va, level }),
+                DescriptorKind::Invalid => {
+                    let frame = alloc().ok_or(BuildError::OutOfFrames)?;
+                    if frame & 0xfff != 0 || frame >> 48 != 0 {
+                        return Err(BuildError::BadFrame(frame));
+                    }
+                    mem.write(frame, &[0; 4096])?;
+                    mem.write_u64(slot, Descriptor::table(frame, 0).0)?;
+                    self.tables.push(frame);
+                    frame
+                }
+            };
+        }
+        let level = size.level();
+        let slot = self.slot(table, va, level);
+        if Descriptor(mem.read_u64(slot)?).kind(level) != DescriptorKind::Invalid {
+            return Err(BuildError::AlreadyMapped { va, level });
+        }
+        mem.write_u64(slot, Descriptor::leaf(pa, size, attrs).0)?;
+        Ok(())
+    }
+
+    /// The address of the level-`level` descriptor of `va`, if the tables leading to it
+    /// exist.
+    pub fn descriptor_address<M>(
+        &self,
+        mem: &M,
+        va: u64,
+        level: u8,
+    ) -> Result<Option<u64>, BuildError>
+    where
+        M: PhysMem + ?Sized,
+    {
+        if va >> self.input_bits != 0 {
+            return Err(BuildError::OutOfRange(va));
+        }
+        let mut table = self.root;
+        for l in self.start..=level.min(3) {
+            let slot = self.slot(table, va, l);
+            if l == level {
+                return Ok(Some(slot));
+            }
+            match Descriptor(mem.read_u64(slot)?).kind(l) {
+                DescriptorKind::Table(next) => table = next,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    fn slot(&self, table: u64, va: u64, level: u8) -> u64 {
+        table + table_index(va, level, self.start, self.input_bits) * 8
+    }
+}

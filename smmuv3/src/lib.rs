@@ -1,0 +1,25 @@
+//! The Arm SMMUv3 core of vsva: the formats and walkers a physical SMMUv3 model and a
+//! virtual SMMUv3 share.
+//!
+//! Section numbers refer to the Arm System Memory Management Unit Architecture
+//! Specification, SMMU architecture version 3 (IHI 0070), and, for translation tables, to
+//! the Arm Architecture Reference Manual for A-profile (DDI 0487), chapter D8 (VMSAv8-64).
+//! Tables are read through `vsva_vtd`'s [`PhysMem`], the memory trait every vsva IOMMU
+//! model uses.
+
+pub mod builder;
+pub mod desc;
+mod field;
+#[cfg(test)]
+mod testutil;
+pub mod walk;
+
+pub use builder::{BuildError, TableBuilder};
+pub use desc::{Descriptor, DescriptorKind};
+pub use vsva_vtd::{MemError, PhysMem};
+pub use walk::{
+    walk_nested, walk_stage1, walk_stage1_via, walk_stage2, AccessRequest, AddressSize, Direct,
+    FaultClass, FaultKind, FaultStage, NestedStage, PageSize, Permissions, S1Config, S1Flags,
+    S1Stage, S2Config, S2Flags, Stage, StepOutcome, TableConfigError, Translation, WalkFault,
+    WalkObserver, WalkRecord, WalkStep,
+};

@@ -1,0 +1,465 @@
+//! The stage-1 walker: VA to IPA (or PA) through the CD's TTB0 (IHI 0070 §3.4, §5.4; Arm
+//! ARM D8.4.1 stage 1 permissions), and its use for nested translation.
+//!
+//! Rights follow the Arm ARM for the EL1&0 regime, with the privilege taken from the
+//! transaction's PnU: AP[2] makes a page read-only and AP[1] opens it to unprivileged
+//! accesses, restricted further by APTable from the tables above; UXN/PXN (and
+//! UXNTable/PXNTable) forbid fetches; a page writable by unprivileged accesses is never
+//! privileged-executable, and with the CD's WXN no writable page is executable. A leaf with
+//! AF = 0 is an Access fault (which takes priority over a Permission fault) unless HA or
+//! AFFD; with HA and HD a write to a DBM leaf with AP[2] = 1 clears AP[2] (writable-clean
+//! to writable-dirty). Updates are one compare-exchange on the descriptor as read, made
+//! only once stage 1 allows the access; in nested translation they are writes through
+//! stage 2.
+
+use super::stage2::{self, S2Config, S2Use};
+use super::{
+    start_table_bytes, table_index, update, AccessRequest, AddressSize, FaultClass, FaultKind,
+    FaultStage, PageSize, Permissions, Stage, StepOutcome, TableConfigError, Translation,
+    WalkFault, WalkObserver, WalkStep,
+};
+use crate::desc::{Descriptor, DescriptorKind};
+use crate::field::bits;
+use vsva_vtd::PhysMem;
+
+/// The CD's stage-1 controls that the walk uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct S1Flags {
+    /// HA: hardware sets AF.
+    pub ha: bool,
+    /// HD: hardware dirty-state management (effective only with HA).
+    pub hd: bool,
+    /// AFFD: a leaf with AF = 0 does not fault.
+    pub affd: bool,
+    /// WXN: writable pages are never executable.
+    pub wxn: bool,
+    /// TBI0: the top byte of the VA is ignored.
+    pub tbi: bool,
+    /// EPD0: walks of TTB0 are disabled (every VA is a Translation fault).
+    pub epd0: bool,
+}
+
+/// A checked stage-1 configuration (the CD's TTB0, T0SZ, IPS, 4 KiB TG0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct S1Config {
+    root: u64,
+    t0sz: u8,
+    start: u8,
+    output_bits: u32,
+    flags: S1Flags,
+}
+
+impl S1Config {
+    /// The configuration of the table at `ttb0` for a `64 - t0sz`-bit VA range (16..=39),
+    /// starting at the level that leaves at most 9 bits to the start table, with output
+    /// size `ips` (the smaller of the CD's IPS and SMMU_IDR5.OAS, at most 48 bits with this
+    /// granule). TTB0 bits below the start table's size are ignored.
+    pub fn new(
+        ttb0: u64,
+        t0sz: u8,
+        ips: AddressSize,
+        flags: S1Flags,
+    ) -> Result<Self, TableConfigError> {
+        if !(16..=39).contains(&t0sz) {
+            return Err(TableConfigError::T0sz(t0sz));
+        }
+        let input_bits = 64 - t0sz as u32;
+        let start = 4 - (input_bits - 12).div_ceil(9) as u8;
+        Ok(S1Config {
+            root: ttb0 & !(start_table_bytes(start, input_bits) - 1),
+            t0sz,
+            start,
+            output_bits: ips.granule_4k_bits(),
+            flags,
+        })
+    }
+
+    /// The start table's address (TTB0).
+    pub const fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// T0SZ.
+    pub const fn t0sz(&self) -> u8 {
+        self.t0sz
+    }
+
+    /// The number of VA bits translated.
+    pub const fn input_bits(&self) -> u32 {
+        64 - self.t0sz as u32
+    }
+
+    /// The lookup level of the start table: 0 for T0SZ 16..=24, 1 for 25..=33, 2 above.
+    pub const fn start_level(&self) -> u8 {
+        self.start
+    }
+
+    /// The effective output size in bits.
+    pub const fn output_bits(&self) -> u32 {
+        self.output_bits
+    }
+
+    /// The walk controls.
+    pub const fn flags(&self) -> S1Flags {
+        self.flags
+    }
+
+    /// Whether `va` lies in the TTB0 range: the bits above the input size are zero (only
+    /// up to bit 55 with TBI).
+    pub const fn in_range(&self, va: u64) -> bool {
+        let top = if self.flags.tbi { 55 } else { 63 };
+        va & bits(top, self.input_bits()) == 0
+    }
+}
+
+/// Turns the addresses a stage-1 walk finds (descriptor addresses and the output address)
+/// into physical addresses.
+pub trait S1Stage {
+    /// The physical address of the stage-1 descriptor at `addr` (in the stage-1 table
+    /// address space), for reading it, or with `write` for a hardware update. `input` is the
+    /// transaction's VA, for fault records.
+    fn descriptor_address<O>(
+        &mut self,
+        addr: u64,
+        write: bool,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized;
+
+    /// The translation of stage 1's output address `output` for `access`.
+    fn output<O>(
+        &mut self,
+        output: u64,
+        access: AccessRequest,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized;
+}
+
+/// Stage 1 alone: table and output addresses are physical.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Direct;
+
+impl S1Stage for Direct {
+    #[inline(always)]
+    fn descriptor_address<O>(
+        &mut self,
+        addr: u64,
+        _write: bool,
+        _input: u64,
+        _obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        Ok(addr)
+    }
+
+    #[inline(always)]
+    fn output<O>(
+        &mut self,
+        output: u64,
+        _access: AccessRequest,
+        _input: u64,
+        _obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        Ok(Translation {
+            output,
+            page_size: PageSize::Size1G,
+            perms: Permissions::ALL,
+            dirty: true,
+        })
+    }
+}
+
+/// Nested translation: every stage-1 descriptor address and the final output address is an
+/// IPA translated by stage 2. Stage-2 faults on descriptor accesses have CLASS TT, on the
+/// output CLASS IN.
+#[derive(Debug)]
+pub struct NestedStage<'a, M: ?Sized> {
+    /// The memory the stage-2 tables live in.
+    pub mem: &'a M,
+    /// The stage-2 configuration.
+    pub s2: &'a S2Config,
+}
+
+impl<M: PhysMem + ?Sized> S1Stage for NestedStage<'_, M> {
+    fn descriptor_address<O>(
+        &mut self,
+        addr: u64,
+        write: bool,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<u64, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let use_ = S2Use::Table { write };
+        stage2::walk(self.mem, self.s2, addr, use_, FaultClass::Tt, input, obs).map(|t| t.output)
+    }
+
+    fn output<O>(
+        &mut self,
+        output: u64,
+        access: AccessRequest,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let use_ = S2Use::Input(access);
+        stage2::walk(self.mem, self.s2, output, use_, FaultClass::In, input, obs)
+    }
+}
+
+/// Translates `va` through the stage-1 table of `cfg` (physical table addresses in `mem`)
+/// for `access`, reporting each descriptor read to `obs`.
+pub fn walk_stage1<M, O>(
+    mem: &M,
+    cfg: &S1Config,
+    va: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_stage1_via(mem, cfg, &mut Direct, va, access, obs)
+}
+
+/// Nested translation of `va`: the stage-1 table of `s1` (IPAs) composed with the stage-2
+/// table of `s2`, both in `mem`.
+pub fn walk_nested<M, O>(
+    mem: &M,
+    s1: &S1Config,
+    s2: &S2Config,
+    va: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_stage1_via(mem, s1, &mut NestedStage { mem, s2 }, va, access, obs)
+}
+
+/// The hierarchical controls of the table descriptors walked so far (Arm ARM D8.4.1).
+#[derive(Clone, Copy, Debug, Default)]
+struct TableControls {
+    read_only: bool,
+    no_unprivileged: bool,
+    uxn: bool,
+    pxn: bool,
+}
+
+impl TableControls {
+    fn with(self, d: Descriptor) -> Self {
+        TableControls {
+            read_only: self.read_only || d.has(Descriptor::AP_TABLE_RO),
+            no_unprivileged: self.no_unprivileged || d.has(Descriptor::AP_TABLE_NO_EL0),
+            uxn: self.uxn || d.has(Descriptor::UXN_TABLE),
+            pxn: self.pxn || d.has(Descriptor::PXN_TABLE),
+        }
+    }
+}
+
+/// The rights of a stage-1 leaf for accesses of `access`'s privilege under the table
+/// controls above it; `hd` allows writes to a writable-clean (DBM) leaf.
+fn permissions(
+    d: Descriptor,
+    t: TableControls,
+    flags: S1Flags,
+    hd: bool,
+    access: AccessRequest,
+) -> Permissions {
+    let unprivileged = d.has(Descriptor::AP_EL0) && !t.no_unprivileged;
+    // Writable as the descriptor stands (execute-never rules use this) and once made dirty.
+    let writable_now = !d.has(Descriptor::AP_RO) && !t.read_only;
+    let writable = (!d.has(Descriptor::AP_RO) || (hd && d.has(Descriptor::DBM))) && !t.read_only;
+    let unprivileged_writable_now = unprivileged && writable_now;
+    if access.privileged {
+        Permissions {
+            read: true,
+            write: writable,
+            execute: !(d.has(Descriptor::PXN)
+                || t.pxn
+                || unprivileged_writable_now
+                || (flags.wxn && writable_now)),
+        }
+    } else {
+        Permissions {
+            read: unprivileged,
+            write: unprivileged && writable,
+            execute: !(d.has(Descriptor::UXN) || t.uxn || (flags.wxn && unprivileged_writable_now)),
+        }
+    }
+}
+
+/// What one descriptor resolved to after any hardware update.
+enum Resolved {
+    Table(u64),
+    Leaf {
+        desc: Descriptor,
+        base: u64,
+        size: PageSize,
+    },
+}
+
+/// The stage-1 walk of `va`, with `stage` resolving descriptor and output addresses. The
+/// result combines both: the stage's output address, the smaller page size and the rights
+/// both grant.
+pub fn walk_stage1_via<M, S, O>(
+    mem: &M,
+    cfg: &S1Config,
+    stage: &mut S,
+    va: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    S: S1Stage + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    let fault = |kind, level, fetch_address| WalkFault {
+        kind,
+        stage: FaultStage::Stage1,
+        level,
+        input: va,
+        fetch_address,
+    };
+    if cfg.flags.epd0 || !cfg.in_range(va) {
+        return Err(fault(FaultKind::Translation, 0, None));
+    }
+    if cfg.root >> cfg.output_bits != 0 {
+        return Err(fault(FaultKind::AddrSize, 0, None));
+    }
+    let input_bits = cfg.input_bits();
+    let hd = cfg.flags.ha && cfg.flags.hd;
+    let mut level = cfg.start;
+    let mut table = cfg.root;
+    let mut controls = TableControls::default();
+    loop {
+        let desc_addr = table + table_index(va, level, cfg.start, input_bits) * 8;
+        let pa = stage.descriptor_address(desc_addr, false, va, obs)?;
+        let mut step = WalkStep {
+            stage: Stage::Stage1,
+            level,
+            input: va,
+            table,
+            entry_address: pa,
+            entry: 0,
+            set_bits: 0,
+            cleared_bits: 0,
+            outcome: StepOutcome::Fault(FaultKind::WalkEabt),
+        };
+        let Ok(mut raw) = mem.read_u64(pa) else {
+            obs.step(step);
+            return Err(fault(FaultKind::WalkEabt, level, Some(pa)));
+        };
+        // Evaluated again when a hardware update finds the descriptor changed.
+        let resolved = loop {
+            let desc = Descriptor(raw);
+            step.entry = raw;
+            let stop = |mut step: WalkStep, obs: &mut O, kind| {
+                step.outcome = StepOutcome::Fault(kind);
+                obs.step(step);
+                Err(fault(kind, level, None))
+            };
+            let (base, size) = match desc.kind(level) {
+                DescriptorKind::Invalid => return stop(step, obs, FaultKind::Translation),
+                DescriptorKind::Table(next) => {
+                    if desc.address_beyond(cfg.output_bits) != 0 {
+                        return stop(step, obs, FaultKind::AddrSize);
+                    }
+                    break Resolved::Table(next);
+                }
+                DescriptorKind::Leaf { base, size } => (base, size),
+            };
+            if desc.address_beyond(cfg.output_bits) != 0 {
+                return stop(step, obs, FaultKind::AddrSize);
+            }
+            let af = desc.has(Descriptor::AF);
+            if !af && !cfg.flags.ha && !cfg.flags.affd {
+                return stop(step, obs, FaultKind::Access);
+            }
+            if !permissions(desc, controls, cfg.flags, hd, access).allow(access) {
+                return stop(step, obs, FaultKind::Permission);
+            }
+            let set = if !af && cfg.flags.ha {
+                Descriptor::AF
+            } else {
+                0
+            };
+            // Allowed, so a write to a read-only leaf is a DBM leaf under HD.
+            let clear = if access.write && desc.has(Descriptor::AP_RO) {
+                Descriptor::AP_RO
+            } else {
+                0
+            };
+            if set | clear == 0 {
+                break Resolved::Leaf { desc, base, size };
+            }
+            let pa_w = match stage.descriptor_address(desc_addr, true, va, obs) {
+                Ok(pa_w) => pa_w,
+                Err(f) => {
+                    step.outcome = StepOutcome::Fault(f.kind);
+                    obs.step(step);
+                    return Err(f);
+                }
+            };
+            step.entry_address = pa_w;
+            let new = (raw | set) & !clear;
+            match update(mem, pa_w, raw, new) {
+                Ok(None) => {
+                    step.entry = new;
+                    step.set_bits = set;
+                    step.cleared_bits = clear;
+                    break Resolved::Leaf {
+                        desc: Descriptor(new),
+                        base,
+                        size,
+                    };
+                }
+                Ok(Some(found)) => raw = found,
+                Err(_) => {
+                    step.outcome = StepOutcome::Fault(FaultKind::WalkEabt);
+                    obs.step(step);
+                    return Err(fault(FaultKind::WalkEabt, level, Some(pa_w)));
+                }
+            }
+        };
+        match resolved {
+            Resolved::Table(next) => {
+                controls = controls.with(Descriptor(raw));
+                step.outcome = StepOutcome::Table(next);
+                obs.step(step);
+                table = next;
+                level += 1;
+            }
+            Resolved::Leaf { desc, base, size } => {
+                step.outcome = StepOutcome::Leaf { base, size };
+                obs.step(step);
+                let perms = permissions(desc, controls, cfg.flags, hd, access);
+                let out = base | (va & (size.bytes() - 1));
+                let next = stage.output(out, access, va, obs)?;
+                return Ok(Translation {
+                    output: next.output,
+                    page_size: size.min(next.page_size),
+                    perms: perms.intersect(next.perms),
+                    dirty: !desc.has(Descriptor::AP_RO) && next.dirty,
+                });
+            }
+        }
+    }
+}
