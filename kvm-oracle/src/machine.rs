@@ -7,6 +7,7 @@
 //! requested privilege; the result comes back as an MMIO exit (a store to the report
 //! page) or, from the exception handlers, as a port-I/O exit.
 
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -38,10 +39,14 @@ const POISON: u64 = 0x8000_0000_dead_0000;
 /// Errors of the oracle.
 #[derive(Debug, thiserror::Error)]
 pub enum OracleError {
-    /// KVM cannot be used on this machine; tests skip with this reason.
+    /// The KVM device does not exist on this machine (opening it gave ENOENT): the only
+    /// failure tests skip on, with this reason.
     #[error("KVM is unavailable: {0}")]
     Unavailable(String),
-    /// A KVM call failed after the VM was up.
+    /// The host's KVM cannot run the harness (a property it lacks).
+    #[error("KVM cannot run the oracle: {0}")]
+    Unsuitable(String),
+    /// A KVM call failed (opening the device included, unless it is missing).
     #[error("KVM {call} failed: {source}")]
     Kvm {
         /// The ioctl that failed, such as "KVM_GET_REGS".
@@ -193,27 +198,38 @@ impl std::fmt::Debug for Machine {
 impl Machine {
     /// Starts a VM with `ram_size` bytes of RAM at guest-physical 0 (a multiple of
     /// 2 MiB; sparse, so only touched pages cost memory) and installs the harness.
-    /// Returns [`OracleError::Unavailable`] when `/dev/kvm` is missing or unusable.
+    /// Returns [`OracleError::Unavailable`] only when `/dev/kvm` does not exist; any other
+    /// failure (no permission, a failing KVM call) is an error of its own.
     pub fn new(ram_size: u64) -> Result<Self, OracleError> {
+        Self::with_device(c"/dev/kvm", ram_size)
+    }
+
+    /// [`Machine::new`] with the KVM device at `path`.
+    pub fn with_device(path: &CStr, ram_size: u64) -> Result<Self, OracleError> {
         if ram_size < 2 << 20 || ram_size % (2 << 20) != 0 || ram_size > guest::REPORT_GPA {
             return Err(OracleError::BadRamSize(ram_size));
         }
-        let unavailable =
-            |what: &str, e: kvm_ioctls::Error| OracleError::Unavailable(format!("{what}: {e}"));
-        let kvm = Kvm::new().map_err(|e| unavailable("opening /dev/kvm", e))?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| unavailable("creating a VM", e))?;
+        let kvm = Kvm::new_with_path(path).map_err(|e| {
+            if e.errno() == libc::ENOENT {
+                OracleError::Unavailable(format!("{}: {e}", path.to_string_lossy()))
+            } else {
+                OracleError::Kvm {
+                    call: "opening the KVM device",
+                    source: e,
+                }
+            }
+        })?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| unavailable("KVM_GET_SUPPORTED_CPUID", e))?;
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let features = features_of(cpuid.as_slice());
         if guest::REPORT_GPA
             .checked_shr(u32::from(features.max_phys_bits))
             .unwrap_or(0)
             != 0
         {
-            return Err(OracleError::Unavailable(format!(
+            return Err(OracleError::Unsuitable(format!(
                 "a {}-bit physical address width leaves no room for the report page",
                 features.max_phys_bits
             )));
@@ -234,17 +250,12 @@ impl Machine {
         // SAFETY: the region is a live mapping of `ram_size` bytes owned by `guest`, which
         // the machine keeps until the VM is dropped.
         unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| unavailable("KVM_SET_USER_MEMORY_REGION", e))?;
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| unavailable("creating a vCPU", e))?;
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(|e| unavailable("KVM_SET_CPUID2", e))?;
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
 
         install_harness(&memory)?;
-        let mut sregs = vcpu
-            .get_sregs()
-            .map_err(|e| unavailable("KVM_GET_SREGS", e))?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         long_mode_sregs(&mut sregs);
         Ok(Machine {
             _kvm: kvm,
@@ -491,4 +502,39 @@ fn long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
     sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_kvm_device_is_unavailable() {
+        let missing = Machine::with_device(c"/dev/vsva-no-such-kvm", 2 << 20);
+        assert!(
+            matches!(missing, Err(OracleError::Unavailable(ref why)) if why.contains("/dev/vsva-no-such-kvm")),
+            "{:?}",
+            missing.err()
+        );
+        // A device that is not KVM: its ioctls fail, and that is an error, not a skip.
+        let not_kvm = Machine::with_device(c"/dev/null", 2 << 20);
+        assert!(
+            matches!(
+                not_kvm,
+                Err(OracleError::Kvm {
+                    call: "KVM_CREATE_VM",
+                    ..
+                })
+            ),
+            "{:?}",
+            not_kvm.err()
+        );
+        // A path that cannot be opened read-write for another reason (EISDIR).
+        let dir = Machine::with_device(c"/", 2 << 20);
+        assert!(
+            matches!(dir, Err(OracleError::Kvm { ref source, .. }) if source.errno() == libc::EISDIR),
+            "{:?}",
+            dir.err()
+        );
+    }
 }

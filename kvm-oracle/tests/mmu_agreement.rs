@@ -619,6 +619,7 @@ fn first_level_walker_agrees_with_the_mmu() {
     let boot = std::time::Instant::now();
     let mut machine = match Machine::new(RAM) {
         Ok(m) => m,
+        // Only a missing /dev/kvm skips; any other set-up failure fails the test.
         Err(OracleError::Unavailable(why)) => {
             eprintln!("skipping the KVM oracle: {why}");
             return;
