@@ -8,14 +8,22 @@
 //! model uses.
 
 pub mod builder;
+pub mod cd;
 pub mod desc;
+pub mod features;
 mod field;
+pub mod lookup;
+pub mod ste;
 #[cfg(test)]
 mod testutil;
 pub mod walk;
 
 pub use builder::{BuildError, TableBuilder};
+pub use cd::{BadCd, ContextDescriptor, L1Cd};
 pub use desc::{Descriptor, DescriptorKind};
+pub use features::{Features, Httu, StallModel};
+pub use lookup::{find_cd, BadSplit, ConfigFault, L1Std, Stage1Context, StreamTable};
+pub use ste::{BadSte, Config, Eats, Granule, S1Dss, S1Fmt, Ste, Strw};
 pub use vsva_vtd::{MemError, PhysMem};
 pub use walk::{
     walk_nested, walk_stage1, walk_stage1_via, walk_stage2, AccessRequest, AddressSize, Direct,

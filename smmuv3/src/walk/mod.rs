@@ -9,7 +9,7 @@
 //! [`WalkObserver`]; `()` ignores every step at no cost, and no walker allocates.
 
 mod stage1;
-mod stage2;
+pub(crate) mod stage2;
 #[cfg(test)]
 mod tests;
 

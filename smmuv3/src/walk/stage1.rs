@@ -5,7 +5,8 @@
 //! transaction's PnU: AP[2] makes a page read-only and AP[1] opens it to unprivileged
 //! accesses, restricted further by APTable from the tables above; UXN/PXN (and
 //! UXNTable/PXNTable) forbid fetches; a page writable by unprivileged accesses is never
-//! privileged-executable, and with the CD's WXN no writable page is executable. A leaf with
+//! privileged-executable, and with the CD's WXN no writable page is executable; with PAN,
+//! privileged data accesses to pages open to unprivileged accesses fault. A leaf with
 //! AF = 0 is an Access fault (which takes priority over a Permission fault) unless HA or
 //! AFFD; with HA and HD a write to a DBM leaf with AP[2] = 1 clears AP[2] (writable-clean
 //! to writable-dirty). Updates are one compare-exchange on the descriptor as read, made
@@ -33,6 +34,9 @@ pub struct S1Flags {
     pub affd: bool,
     /// WXN: writable pages are never executable.
     pub wxn: bool,
+    /// PAN: privileged data accesses to pages that unprivileged accesses may read or write
+    /// are refused.
+    pub pan: bool,
     /// TBI0: the top byte of the VA is ignored.
     pub tbi: bool,
     /// EPD0: walks of TTB0 are disabled (every VA is a Translation fault).
@@ -288,9 +292,10 @@ fn permissions(
     let writable = (!d.has(Descriptor::AP_RO) || (hd && d.has(Descriptor::DBM))) && !t.read_only;
     let unprivileged_writable_now = unprivileged && writable_now;
     if access.privileged {
+        let pan = flags.pan && unprivileged;
         Permissions {
-            read: true,
-            write: writable,
+            read: !pan,
+            write: writable && !pan,
             execute: !(d.has(Descriptor::PXN)
                 || t.pxn
                 || unprivileged_writable_now
