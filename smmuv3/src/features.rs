@@ -51,8 +51,12 @@ pub struct Features {
     pub ats: bool,
     /// IDR0.NS1ATS: split-stage ATS is not supported.
     pub ns1ats: bool,
-    /// IDR0.Hyp: EL2 stage-1 contexts (STRW = EL2).
+    /// IDR0.Hyp: EL2 stage-1 contexts (STRW = EL2) and the CMD_TLBI_EL2_* commands.
     pub hyp: bool,
+    /// IDR0.PRI: the Page Request Interface (PRI queue, CMD_PRI_RESP).
+    pub pri: bool,
+    /// IDR3.RIL: range invalidations (the NUM and SCALE fields of CMD_TLBI_*).
+    pub ril: bool,
     /// IDR0.HTTU.
     pub httu: Httu,
     /// IDR0.STALL_MODEL.
@@ -67,8 +71,9 @@ pub struct Features {
 
 impl Features {
     /// What the vsva SMMU implements: both stages, 2-level CD tables, 16-bit VMIDs and
-    /// ASIDs, ATS (with split-stage), no EL2 contexts, A and D updates, terminate only,
-    /// 20-bit SubstreamIDs, 16-bit StreamIDs, 48-bit output addresses.
+    /// ASIDs, ATS (with split-stage), PRI, no EL2 contexts, no range invalidation, A and D
+    /// updates, terminate only, 20-bit SubstreamIDs, 16-bit StreamIDs, 48-bit output
+    /// addresses.
     pub const VSVA: Features = Features {
         s1p: true,
         s2p: true,
@@ -78,6 +83,8 @@ impl Features {
         ats: true,
         ns1ats: false,
         hyp: false,
+        pri: true,
+        ril: false,
         httu: Httu::AccessDirty,
         stall_model: StallModel::Terminate,
         ssid_bits: 20,

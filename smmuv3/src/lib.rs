@@ -9,10 +9,13 @@
 
 pub mod builder;
 pub mod cd;
+pub mod cmd;
 pub mod desc;
+pub mod event;
 pub mod features;
 mod field;
 pub mod lookup;
+pub mod priq;
 pub mod ste;
 #[cfg(test)]
 mod testutil;
@@ -20,9 +23,12 @@ pub mod walk;
 
 pub use builder::{BuildError, TableBuilder};
 pub use cd::{BadCd, ContextDescriptor, L1Cd};
+pub use cmd::{Cmd, CmdError, PriResp, ResumeAction, SyncCs, TlbiAddr};
 pub use desc::{Descriptor, DescriptorKind};
+pub use event::{Event, EventType, UnknownEvent};
 pub use features::{Features, Httu, StallModel};
 pub use lookup::{find_cd, BadSplit, ConfigFault, L1Std, Stage1Context, StreamTable};
+pub use priq::PriqEntry;
 pub use ste::{BadSte, Config, Eats, Granule, S1Dss, S1Fmt, Ste, Strw};
 pub use vsva_vtd::{MemError, PhysMem};
 pub use walk::{
