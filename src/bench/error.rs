@@ -1,9 +1,9 @@
 //! Why a measurement could not be taken.
 
 use vsva_hw::dma::DmaError;
-use vsva_hw::iommu::TranslationFault;
 use vsva_hw::HostMemoryError;
 use vsva_vtd::regs::RegError;
+use vsva_vtd::TranslationFault;
 use vsva_vtd::{BuildError, InvDescError, MemError};
 
 /// A measurement failed: its set-up was refused, or a check of what it measures found the

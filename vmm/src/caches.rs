@@ -112,17 +112,6 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The function mask of a device-selective context-cache invalidation (§6.5.2.1, FM):
-/// which low bits of the function number are ignored.
-pub(crate) fn function_mask(fm: u8) -> u16 {
-    match fm & 3 {
-        0 => 0,
-        1 => 0b100,
-        2 => 0b110,
-        _ => 0b111,
-    }
-}
-
 impl Caches {
     /// The epoch a walk starts in; pass it back to the inserts.
     pub fn epoch(&self) -> u64 {
@@ -175,20 +164,11 @@ impl Caches {
         }
     }
 
-    /// Context-cache invalidation (§6.5.2.1). Scalable-mode context entries carry no domain
-    /// id (§9.4), so a domain-selective invalidation removes them all.
+    /// Context-cache invalidation (§6.5.2.1).
     pub fn invalidate_context(&self, granularity: ContextCacheGranularity, sid: SourceId, fm: u8) {
         let mut cache = write(&self.context);
         self.advance();
-        match granularity {
-            ContextCacheGranularity::Global | ContextCacheGranularity::DomainSelective => {
-                cache.clear()
-            }
-            ContextCacheGranularity::DeviceSelective => {
-                let keep = !function_mask(fm);
-                cache.retain(|s, _| s.rid() & keep != sid.rid() & keep);
-            }
-        }
+        cache.retain(|&s, _| !granularity.covers(sid, fm, s));
     }
 
     /// PASID-cache invalidation (§6.5.2.2).

@@ -33,5 +33,5 @@ pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, Binding};
 pub use space::IommuAddressSpace;
 pub use stats::VIommuStats;
-pub use translate::{DmaFault, DmaTranslation};
+pub use translate::DmaTranslation;
 pub use viommu::{GuestRam, InterruptHandler, VIommu};

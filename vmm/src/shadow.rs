@@ -44,7 +44,6 @@ use vsva_vtd::{
     ScalableContextEntry, SourceId,
 };
 
-use crate::caches::function_mask;
 use crate::error::{HostCall, VIommuError};
 use crate::host::HostSva;
 use crate::stats::Counters;
@@ -304,11 +303,7 @@ impl VIommu {
         sid: SourceId,
         fm: u8,
     ) {
-        let keep = !function_mask(fm);
-        self.sync(SyncScope::Bound, |dev| {
-            granularity != ContextCacheGranularity::DeviceSelective
-                || dev.rid() & keep == sid.rid() & keep
-        });
+        self.sync(SyncScope::Bound, |dev| granularity.covers(sid, fm, dev));
     }
 
     /// Unbinds `pasid` from every passthrough device (before the guest frees it).

@@ -2,21 +2,18 @@
 //! guest RAM itself (§3.6), through its own context cache, PASID cache and IOTLB, which
 //! keep what they hold until the guest invalidates it, as hardware does.
 
-use std::fmt;
-
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::IotlbGranularity;
 use vsva_vtd::pasid::read_pasid_entry;
 use vsva_vtd::regs::{AddressType, FaultRecord, RequestType};
-use vsva_vtd::walk::Stage;
 use vsva_vtd::{
-    walk_first_level, AccessRequest, DomainId, EntryFault, FaultReason, FlConfig, Gpa, InvDesc,
-    PageSize, Pasid, PasidEntry, Permissions, ScalableContextEntry, SourceId,
+    walk_first_level, AccessRequest, DomainId, EntryFault, Gpa, InvDesc, PageSize, Pasid,
+    PasidEntry, Permissions, RootState, ScalableContextEntry, SourceId, TranslationFault,
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};
 use crate::stats::Counters;
-use crate::viommu::{lock, RootState, VIommu};
+use crate::viommu::{lock, VIommu};
 
 /// A successful translation of a DMA address to guest physical.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,43 +41,6 @@ impl DmaTranslation {
     }
 }
 
-/// A failed translation, with the fault reason the spec gives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct DmaFault {
-    pub sid: SourceId,
-    pub pasid: Option<Pasid>,
-    pub addr: u64,
-    pub reason: FaultReason,
-    /// Fault processing disabled by an FPD field on the way: not recorded.
-    pub fpd: bool,
-    /// A first-level not-present or permission fault under a context entry with PRE set:
-    /// a device with a page request interface may resolve it with a page request (§7.4).
-    pub recoverable: bool,
-}
-
-impl fmt::Display for DmaFault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} at {:#x} (sid {}, ", self.reason, self.addr, self.sid)?;
-        match self.pasid {
-            Some(p) => write!(f, "{p})"),
-            None => write!(f, "no PASID)"),
-        }
-    }
-}
-
-/// Faults a page request can resolve: first-level not-present and permission faults.
-fn page_request_may_resolve(stage: Stage, reason: FaultReason) -> bool {
-    stage == Stage::FirstLevel
-        && matches!(
-            reason,
-            FaultReason::Sfl2
-                | FaultReason::Sgn2
-                | FaultReason::Sgn3
-                | FaultReason::Sgn6
-                | FaultReason::Sgn7
-        )
-}
-
 impl VIommu {
     /// Translates a DMA request of an emulated device from `sid` (with `pasid`, or without
     /// PASID) to `addr`, as a remapping unit does for an untranslated request; a fault is
@@ -94,7 +54,7 @@ impl VIommu {
         pasid: Option<Pasid>,
         addr: u64,
         access: AccessRequest,
-    ) -> Result<DmaTranslation, DmaFault> {
+    ) -> Result<DmaTranslation, TranslationFault> {
         let result = self.translate_inner(sid, pasid, addr, access);
         if let Err(fault) = &result {
             if !fault.fpd {
@@ -110,8 +70,8 @@ impl VIommu {
         pasid: Option<Pasid>,
         addr: u64,
         access: AccessRequest,
-    ) -> Result<DmaTranslation, DmaFault> {
-        let fault = |reason, fpd, recoverable| DmaFault {
+    ) -> Result<DmaTranslation, TranslationFault> {
+        let fault = |reason, fpd, recoverable| TranslationFault {
             sid,
             pasid,
             addr,
@@ -133,12 +93,7 @@ impl VIommu {
                 })
             }
             RootState::NotScalable => {
-                let reason = if pasid.is_some() {
-                    FaultReason::Rta2
-                } else {
-                    FaultReason::Rta1
-                };
-                return Err(fault(reason, false, false));
+                return Err(fault(RootState::not_scalable_fault(pasid), false, false));
             }
         };
         if let Some(p) = pasid {
@@ -168,22 +123,10 @@ impl VIommu {
         let fpd = ctx.fpd || pe.fpd;
         pe.check_request(access.supervisor, access.execute)
             .map_err(|r| fault(r, fpd, false))?;
-        let cfg = FlConfig {
-            root: pe.flptptr,
-            mode: pe.flpm,
-            sre: pe.sre,
-            wpe: pe.wpe,
-            eafe: pe.eafe,
-            format: self.fl_format,
-        };
+        let cfg = pe.fl_config(self.fl_format);
         Counters::bump(&self.counters.walks);
-        let t = walk_first_level(&self.mem, &cfg, addr, access, &mut ()).map_err(|f| {
-            fault(
-                f.reason,
-                fpd,
-                ctx.pre && page_request_may_resolve(f.stage, f.reason),
-            )
-        })?;
+        let t = walk_first_level(&self.mem, &cfg, addr, access, &mut ())
+            .map_err(|f| fault(f.reason, fpd, ctx.pre && f.page_request_may_resolve()))?;
         let entry = IotlbEntry {
             did: pe.did,
             page: t.page_base(),
@@ -255,7 +198,7 @@ impl VIommu {
     }
 
     /// Records a fault in the fault recording registers (primary fault logging, §7.2.1).
-    fn record_fault(&self, fault: &DmaFault, access: AccessRequest) {
+    fn record_fault(&self, fault: &TranslationFault, access: AccessRequest) {
         let record = FaultRecord {
             fault_info: fault.addr,
             sid: fault.sid,

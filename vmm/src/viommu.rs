@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
 use vsva_host::HostError;
-use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, Ttm, VcmdResponse, VirtualCommand};
-use vsva_vtd::{Capabilities, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile};
+use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, VcmdResponse, VirtualCommand};
+use vsva_vtd::{
+    Capabilities, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile, RootState,
+};
 
 use crate::caches::{Caches, IotlbScope};
 use crate::config::{VIommuConfig, PASID_BITS};
@@ -36,24 +38,6 @@ pub type GuestRam = Arc<dyn PhysMem + Send + Sync>;
 /// ones; the counter counts all).
 const HOST_ERRORS_KEPT: usize = 256;
 
-/// The latched root table is usable: TTM scalable. The address is 4-KiB aligned, so the
-/// low bits hold the state.
-const ROOT_SCALABLE: u64 = 1;
-/// GSTS.TES is set.
-const ROOT_TRANSLATING: u64 = 2;
-
-/// The translation state requests see.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum RootState {
-    /// GSTS.TES clear: requests are not remapped.
-    Disabled,
-    /// Translation enabled with a root table that is not in scalable mode: every request
-    /// faults.
-    NotScalable,
-    /// Translation enabled, scalable-mode root table at this address.
-    Scalable(u64),
-}
-
 /// Locks a mutex whose data stays consistent when a holder panicked (every update is
 /// completed before the guard is dropped).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,7 +51,7 @@ pub struct VIommu {
     pub(crate) caps: Capabilities,
     pub(crate) fl_format: FlFormat,
     pub(crate) regs: Mutex<RegisterFile>,
-    /// `ROOT_*` bits over the latched root table address: one load on the translate path.
+    /// The root word ([`RootState::word`]): one load on the translate path.
     root: AtomicU64,
     irq_handler: RwLock<Option<InterruptHandler>>,
     pasids: Arc<dyn PasidSource>,
@@ -170,33 +154,17 @@ impl VIommu {
 
     /// Makes the translation state follow GSTS.TES and the latched root table.
     fn latch_root(&self, regs: &RegisterFile) {
-        let rt = regs.root_table();
-        let mut state = rt.addr & !0xfff;
-        if rt.ttm == Ttm::Scalable {
-            state |= ROOT_SCALABLE;
-        }
-        if regs.translation_enabled() {
-            state |= ROOT_TRANSLATING;
-        }
-        self.root.store(state, Ordering::Release);
+        self.root.store(RootState::word(regs), Ordering::Release);
     }
 
     pub(crate) fn root_state(&self) -> RootState {
-        let raw = self.root.load(Ordering::Acquire);
-        if raw & ROOT_TRANSLATING == 0 {
-            RootState::Disabled
-        } else if raw & ROOT_SCALABLE == 0 {
-            RootState::NotScalable
-        } else {
-            RootState::Scalable(raw & !0xfff)
-        }
+        RootState::from_word(self.root.load(Ordering::Acquire))
     }
 
     /// The latched scalable-mode root table, whether or not translation is enabled: what
     /// the guest's tables are read from when they are shadowed.
     pub(crate) fn scalable_root(&self) -> Option<u64> {
-        let raw = self.root.load(Ordering::Acquire);
-        (raw & ROOT_SCALABLE != 0).then_some(raw & !0xfff)
+        RootState::scalable_table(self.root.load(Ordering::Acquire))
     }
 
     fn apply(&self, effect: RegEffect, irqs: &mut Vec<Interrupt>) {

@@ -156,6 +156,29 @@ field_enum! {
     }
 }
 
+impl ContextCacheGranularity {
+    /// Whether a context-cache invalidation of this granularity, naming `sid` with function
+    /// mask `fm`, removes the cached context entry of requester `rid` (§6.5.2.1).
+    ///
+    /// Scalable-mode context entries carry no domain id (§9.4), so a domain-selective
+    /// invalidation removes them all, as a global one does. A device-selective one ignores
+    /// the low function bits FM names: 00b none, 01b bit 2, 10b bits 2:1, 11b bits 2:0.
+    pub const fn covers(self, sid: SourceId, fm: u8, rid: SourceId) -> bool {
+        match self {
+            Self::Global | Self::DomainSelective => true,
+            Self::DeviceSelective => {
+                let ignored: u16 = match fm & 3 {
+                    0 => 0,
+                    1 => 0b100,
+                    2 => 0b110,
+                    _ => 0b111,
+                };
+                rid.rid() & !ignored == sid.rid() & !ignored
+            }
+        }
+    }
+}
+
 field_enum! {
     /// IOTLB invalidation granularity (§6.5.2.3, field G).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -794,6 +817,30 @@ mod tests {
 
     fn sid(rid: u16) -> SourceId {
         SourceId::from_rid(rid)
+    }
+
+    #[test]
+    fn a_device_selective_context_invalidation_ignores_the_function_bits_fm_names() {
+        use ContextCacheGranularity::*;
+        // 00:03.5 against every function of device 3 and one function of device 4.
+        let named = SourceId::new(0, 3, 5).unwrap();
+        let covered = |fm| {
+            (0..8)
+                .filter(|&f| DeviceSelective.covers(named, fm, SourceId::new(0, 3, f).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(covered(0), [5]);
+        assert_eq!(covered(1), [1, 5]);
+        assert_eq!(covered(2), [1, 3, 5, 7]);
+        assert_eq!(covered(3), (0..8).collect::<Vec<_>>());
+        // Only the two FM bits count; the bus and device always do.
+        assert_eq!(covered(3 | 4), covered(3));
+        let other = SourceId::new(0, 4, 5).unwrap();
+        assert!(!DeviceSelective.covers(named, 3, other));
+        assert!(!DeviceSelective.covers(named, 3, SourceId::new(1, 3, 5).unwrap()));
+        // Scalable-mode context entries have no domain id: domain-selective is global.
+        assert!(DomainSelective.covers(named, 0, other));
+        assert!(Global.covers(named, 0, other));
     }
 
     fn pasid(raw: u32) -> Pasid {

@@ -16,6 +16,7 @@ pub mod pasid;
 pub mod prq;
 mod pte;
 pub mod regs;
+pub mod request;
 pub mod root;
 pub mod slpte;
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
 pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
 pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
+pub use request::{RootState, TranslationFault};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{

@@ -4,10 +4,12 @@
 use std::fmt;
 
 use vsva_vtd::pasid::lookup_pasid_entry;
-use vsva_vtd::{AccessRequest, FaultReason, Pasid, PasidLookup, SourceId, Translation, WalkRecord};
+use vsva_vtd::{
+    AccessRequest, FaultReason, Pasid, PasidLookup, RootState, SourceId, Translation, WalkRecord,
+};
 
 use super::translate::walk_pasid_entry;
-use super::{Iommu, RootState};
+use super::Iommu;
 
 /// The explanation of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +43,7 @@ impl Iommu {
                 Some(rta),
                 lookup_pasid_entry(&*self.mem, rta, sid, pasid, &self.caps).map_err(|f| f.reason),
             ),
-            RootState::Legacy | RootState::Disabled => (None, Err(FaultReason::Rta1)),
+            RootState::NotScalable | RootState::Disabled => (None, Err(FaultReason::Rta1)),
         };
         let result = match &lookup {
             Ok(l) => walk_pasid_entry(

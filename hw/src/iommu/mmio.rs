@@ -8,10 +8,10 @@ use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{
     AddressType, FaultRecord, Interrupt, Iqei, RegEffect, RegError, RequestType, Ttm, VcmdResponse,
 };
-use vsva_vtd::{AccessRequest, InvDesc, Pasid, PhysMem, SourceId};
+use vsva_vtd::{AccessRequest, InvDesc, Pasid, PhysMem, RootState, SourceId};
 
 use super::qi::Completion;
-use super::{Iommu, ROOT_LEGACY, ROOT_STRICT, ROOT_VALID};
+use super::{Iommu, ROOT_STRICT};
 
 impl Iommu {
     /// A register read of `size` bytes (4 or 8) at `offset`.
@@ -50,15 +50,7 @@ impl Iommu {
 
     /// Makes the translation state follow GSTS.TES and the latched root table.
     fn latch_root(&self) {
-        let regs = self.regs.lock().unwrap();
-        let rt = regs.root_table();
-        let state = if !regs.translation_enabled() {
-            0
-        } else if rt.ttm == Ttm::Scalable {
-            rt.addr | ROOT_VALID
-        } else {
-            ROOT_VALID | ROOT_LEGACY
-        };
+        let state = RootState::word(&self.regs.lock().unwrap());
         // Strict mode shares the word: keep its bit. The update cannot fail: the closure
         // always gives a value.
         let _ = self

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
 use vsva_vtd::{
-    Capabilities, FlFormat, InvalidAddressWidth, PageSize, PasidEntry, ScalableContextEntry,
-    SlFormat, SourceId,
+    Capabilities, FlFormat, InvalidAddressWidth, PageSize, PasidEntry, RootState,
+    ScalableContextEntry, SlFormat, SourceId,
 };
 
 use crate::dma::port::AtsEndpoint;
@@ -35,7 +35,7 @@ use pscache::PagingStructureCaches;
 
 pub use explain::Explanation;
 pub use stale::StaleTranslation;
-pub use translate::{DmaMapping, Source, TranslationFault};
+pub use translate::{DmaMapping, Source};
 
 /// What the model implements: the capability and extended capability fields that decide
 /// which entries are valid, and the host address width.
@@ -82,37 +82,10 @@ const PAGE_SHIFTS: [u8; 3] = [
     PageSize::Size1G.shift() as u8,
 ];
 
-/// Root state bits: translation enabled with a latched root table (the address is 4 KiB
-/// aligned, so the low bits are free).
-const ROOT_VALID: u64 = 1;
-/// The latched root table is in legacy mode, which the model does not implement.
-const ROOT_LEGACY: u64 = 2;
-/// Strict mode is on: kept in the same word, so that an IOTLB hit reads one atomic.
+/// Strict mode is on: a flag of the root word (see [`RootState::word`]), so that an IOTLB
+/// hit reads one atomic.
 const ROOT_STRICT: u64 = 4;
-
-/// How requests are translated now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RootState {
-    /// GSTS.TES clear: requests go to memory untranslated.
-    Disabled,
-    /// Legacy-mode root table: every request faults.
-    Legacy,
-    /// Scalable-mode root table at this address.
-    Scalable(u64),
-}
-
-impl RootState {
-    /// The state the `root` word `bits` holds.
-    const fn from_bits(bits: u64) -> Self {
-        if bits & ROOT_VALID == 0 {
-            RootState::Disabled
-        } else if bits & ROOT_LEGACY != 0 {
-            RootState::Legacy
-        } else {
-            RootState::Scalable(bits & !0xfff)
-        }
-    }
-}
+const _: () = assert!(ROOT_STRICT & RootState::UNIT_FLAGS == ROOT_STRICT);
 
 /// Receives the interrupt messages the IOMMU raises (fault, invalidation completion and
 /// page request events).
@@ -136,8 +109,7 @@ pub struct Iommu {
     regs: Mutex<RegisterFile>,
     /// Held while one thread drains the invalidation queue.
     qi_lock: Mutex<()>,
-    /// The latched root table, translation enable and strict mode, as `ROOT_*` bits over
-    /// the address: one atomic load on the hot path, on a cache line of its own so that the
+    /// The root word ([`RootState::word`]) with the strict-mode flag: one atomic load on the hot path, on a cache line of its own so that the
     /// counters and locks other fields hold, which misses and invalidations write, do not
     /// share it.
     root: CachePadded<AtomicU64>,
@@ -195,7 +167,7 @@ impl Iommu {
     }
 
     fn root_state(&self) -> RootState {
-        RootState::from_bits(self.root.load(Ordering::Acquire))
+        RootState::from_word(self.root.load(Ordering::Acquire))
     }
 
     /// Registers the receiver of interrupt messages (the platform's MSI delivery).

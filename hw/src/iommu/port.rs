@@ -3,9 +3,9 @@
 
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::AddressType;
-use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, SourceId};
+use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, RootState, SourceId};
 
-use super::{DmaMapping, Iommu, RootState};
+use super::{DmaMapping, Iommu};
 use crate::dma::port::{
     AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
     PageResponse, PageResponseCode,
@@ -37,7 +37,7 @@ impl Iommu {
                 Err(f) => Err(f.reason),
             },
             RootState::Disabled => Ok(()),
-            RootState::Legacy => Err(FaultReason::Rta1),
+            RootState::NotScalable => Err(FaultReason::Rta1),
         }
     }
 }

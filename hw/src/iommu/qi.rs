@@ -9,10 +9,9 @@
 use std::sync::atomic::Ordering;
 
 use vsva_vtd::inv_desc::{
-    ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
-    ResponseCode,
+    IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity, ResponseCode,
 };
-use vsva_vtd::{AddrRange, InvDesc, MemError, PhysMem};
+use vsva_vtd::{AddrRange, InvDesc, MemError, PhysMem, SourceId};
 
 use super::Iommu;
 use crate::dma::port::{DevTlbInvalidation, PageResponse, PageResponseCode};
@@ -38,17 +37,7 @@ impl Iommu {
             } => {
                 let mut cache = self.context_cache.write().unwrap();
                 self.entry_generation.fetch_add(1, Ordering::AcqRel);
-                match granularity {
-                    // Scalable-mode context entries carry no domain id (§9.4): a
-                    // domain-selective invalidation drops them all.
-                    ContextCacheGranularity::Global | ContextCacheGranularity::DomainSelective => {
-                        cache.clear()
-                    }
-                    ContextCacheGranularity::DeviceSelective => {
-                        let mask = !(u16::from(fm_mask(fm)));
-                        cache.retain(|&rid, _| rid & mask != sid.rid() & mask);
-                    }
-                }
+                cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
             }
             InvDesc::PasidCache {
                 granularity,
@@ -172,16 +161,5 @@ impl Iommu {
             }
         }
         Ok(Completion::Done)
-    }
-}
-
-/// The function mask of a device-selective context-cache invalidation (§6.5.2.1, FM):
-/// 00b none, 01b ignore bit 2 of the function, 10b bits 2:1, 11b bits 2:0.
-fn fm_mask(fm: u8) -> u8 {
-    match fm & 3 {
-        0 => 0,
-        1 => 0b100,
-        2 => 0b110,
-        _ => 0b111,
     }
 }

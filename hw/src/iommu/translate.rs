@@ -5,8 +5,8 @@
 use vsva_vtd::walk::{Stage, WalkObserver};
 use vsva_vtd::{
     walk_first_level, walk_nested, walk_second_level, AccessRequest, EntryFault, FaultReason,
-    FlFormat, Pasid, PasidEntry, Pgtt, ScalableContextEntry, SlFormat, SourceId, Translation,
-    WalkFault,
+    FlFormat, Pasid, PasidEntry, Pgtt, RootState, ScalableContextEntry, SlFormat, SourceId,
+    Translation, TranslationFault, WalkFault,
 };
 
 use std::cell::Cell;
@@ -17,7 +17,7 @@ use vsva_vtd::{MemError, PhysMem};
 use super::cached_walk::CacheUse;
 use super::iotlb::{IotlbEntry, Perms, RequestMask, TranslationKind};
 use super::stale::CheckedRequest;
-use super::{Iommu, RootState, ROOT_STRICT};
+use super::{Iommu, ROOT_STRICT};
 use crate::memory::HostMemory;
 
 /// Where a translation came from.
@@ -49,21 +49,6 @@ impl DmaMapping {
     pub fn page_base(&self) -> u64 {
         self.hpa & !((1u64 << self.page_shift) - 1)
     }
-}
-
-/// A failed DMA translation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{reason} at {addr:#x} (sid {sid}, {})", match pasid { Some(p) => p.to_string(), None => "no PASID".into() })]
-pub struct TranslationFault {
-    pub sid: SourceId,
-    pub pasid: Option<Pasid>,
-    pub addr: u64,
-    pub reason: FaultReason,
-    /// Fault processing disabled by an FPD field on the way: not recorded.
-    pub fpd: bool,
-    /// A first-level not-present or permission fault on an entry that allows page requests
-    /// (context PRE): a translation request may resolve it with a page request (§7.4).
-    pub recoverable: bool,
 }
 
 /// Walks the page tables a PASID entry selects.
@@ -181,7 +166,7 @@ impl Iommu {
         access: AccessRequest,
     ) -> Result<DmaMapping, TranslationFault> {
         let root = self.root.load(Ordering::Acquire);
-        let rta = match RootState::from_bits(root) {
+        let rta = match RootState::from_word(root) {
             RootState::Scalable(rta) => rta,
             RootState::Disabled => {
                 return Ok(DmaMapping {
@@ -191,16 +176,12 @@ impl Iommu {
                     source: Source::Untranslated,
                 })
             }
-            RootState::Legacy => {
+            RootState::NotScalable => {
                 return Err(TranslationFault {
                     sid,
                     pasid,
                     addr,
-                    reason: if pasid.is_some() {
-                        FaultReason::Rta2
-                    } else {
-                        FaultReason::Rta1
-                    },
+                    reason: RootState::not_scalable_fault(pasid),
                     fpd: false,
                     recoverable: false,
                 })
