@@ -80,11 +80,13 @@ impl RootState {
 /// decides whether and how it is reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct TranslationFault {
+    /// The requester.
     pub sid: SourceId,
     /// The PASID the request carried, if any.
     pub pasid: Option<Pasid>,
     /// The address requested.
     pub addr: u64,
+    /// The fault condition.
     pub reason: FaultReason,
     /// Fault processing disabled by an FPD field on the way: not recorded.
     pub fpd: bool,
