@@ -14,9 +14,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use vsva_guest::{Process, Prot};
-use vsva_host::uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vtd::{FlPagingMode, Gva, Pasid};
 
 use crate::stack::{Host, StackError, Vm};

@@ -8,14 +8,12 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
 use vsva::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_guest::{DeviceConfig, Process, Prot};
-use vsva_host::uapi::iommu::{
-    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
-};
-use vsva_host::uapi::{
-    BindGpasid, CacheInvalidate, InvGranularity, PageResponse, PageResponseCode,
-};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_uapi::iommu::{
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
+};
+use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity, PageResponse, PageResponseCode};
 use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::regs::{AddressType, RequestType};

@@ -6,7 +6,7 @@
 
 use vsva_vtd::Pasid;
 
-use crate::uapi::request::BindGpasid;
+use vsva_uapi::request::BindGpasid;
 
 /// Binds sorted by host PASID, at most one per PASID.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

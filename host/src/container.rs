@@ -18,19 +18,20 @@ use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vsva_uapi::UapiError;
 use vsva_vtd::{Iova, Pasid, SourceId};
 
 use crate::binds::GpasidBinds;
 use crate::error::HostError;
 use crate::fault::{FaultEvent, FaultNotifier, FaultQueue, FaultSink};
 use crate::pasid::{PasidAllocator, PasidSetId};
-use crate::uapi::iommu::{IommuNestingInfo, IommuPageResponse};
-use crate::uapi::request::{
+use vsva_uapi::iommu::{IommuNestingInfo, IommuPageResponse};
+use vsva_uapi::request::{
     BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse, PageResponseCode,
     PasidTableConfig,
 };
-use crate::uapi::vfio::*;
-use crate::uapi::wire::{read_prefix, write_into};
+use vsva_uapi::vfio::*;
+use vsva_uapi::wire::{read_prefix, write_into};
 
 /// The PASID allocator, shared by every container of the host.
 pub type SharedPasidAllocator = Arc<Mutex<PasidAllocator>>;
@@ -427,11 +428,12 @@ impl<B: IommuBackend> Container<B> {
                 out.argsz = total as u32;
             } else {
                 if arg.len() < total {
-                    return Err(HostError::BufferTooShort {
+                    return Err(UapiError::BufferTooShort {
                         what: WHAT,
                         len: arg.len(),
                         need: total,
-                    });
+                    }
+                    .into());
                 }
                 out.cap_offset = info_size as u32;
                 cap_at = Some(cap);
@@ -723,7 +725,7 @@ impl<B: IommuBackend> Container<B> {
     }
 
     fn bind_request(&mut self, cmd: u32, bind: &BindGpasid) -> Result<(), HostError> {
-        let data = crate::uapi::iommu::IommuGpasidBindData::from(bind);
+        let data = vsva_uapi::iommu::IommuGpasidBindData::from(bind);
         let mut buf = VfioBindGuestPasid {
             header: VfioIommuType1Bind {
                 argsz: (size_of::<VfioIommuType1Bind>() + data.argsz as usize) as u32,
@@ -748,7 +750,7 @@ impl<B: IommuBackend> Container<B> {
 
     /// `VFIO_IOMMU_CACHE_INVALIDATE`.
     pub fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), HostError> {
-        let info = crate::uapi::iommu::IommuCacheInvalidateInfo::from(inv);
+        let info = vsva_uapi::iommu::IommuCacheInvalidateInfo::from(inv);
         let mut buf = VfioIommuType1CacheInvalidate {
             argsz: size_of::<VfioIommuType1CacheInvalidate>() as u32,
             flags: 0,
@@ -875,13 +877,13 @@ impl<B: IommuBackend> Drop for Container<B> {
 mod tests {
     use super::*;
     use crate::fault::FAULT_QUEUE_DEPTH;
-    use crate::uapi::iommu::*;
-    use crate::uapi::request::{InvGranularity, PageRequest, PasidConfig};
     use proptest::prelude::*;
     use std::cell::RefCell;
     use std::collections::BTreeSet;
     use std::rc::Rc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use vsva_uapi::iommu::*;
+    use vsva_uapi::request::{InvGranularity, PageRequest, PasidConfig};
     use vsva_vtd::Gpa;
 
     /// What the mock IOMMU has been programmed with.
@@ -1826,7 +1828,7 @@ mod tests {
         .to_bytes();
         assert_eq!(
             c.ioctl(VFIO_IOMMU_BIND, &mut process).unwrap_err(),
-            HostError::UnsupportedBindType(VFIO_IOMMU_BIND_PROCESS)
+            HostError::Uapi(UapiError::UnsupportedBindType(VFIO_IOMMU_BIND_PROCESS))
         );
         // Quota: 8 PASIDs per container here.
         for _ in 0..7 {

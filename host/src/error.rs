@@ -5,49 +5,16 @@
 
 use vsva_vtd::{Pasid, SourceId};
 
-use crate::pasid::PasidSetId;
+use vsva_uapi::{Errno, UapiError};
 
-/// An errno value as Linux defines it (positive; [`HostError::errno`] negates it).
-pub type Errno = i32;
+use crate::pasid::PasidSetId;
 
 /// A failed host operation. Every failure leaves the state it was applied to unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HostError {
-    /// `argsz` is below the size the kernel requires (`argsz < minsz` → `-EINVAL`).
-    #[error("{what}: argsz {argsz} is smaller than the {min} bytes required")]
-    ArgszTooSmall {
-        what: &'static str,
-        argsz: u32,
-        min: usize,
-    },
-    /// The argument buffer is shorter than the bytes the ioctl must read or write; the
-    /// kernel's `copy_from_user`/`copy_to_user` would fault (`-EFAULT`).
-    #[error("{what}: argument buffer holds {len} bytes, {need} needed")]
-    BufferTooShort {
-        what: &'static str,
-        len: usize,
-        need: usize,
-    },
-    /// Flags outside the defined set (`-EINVAL`).
-    #[error("{what}: unknown flags {flags:#x} (defined: {known:#x})")]
-    UnknownFlags {
-        what: &'static str,
-        flags: u64,
-        known: u64,
-    },
-    /// A structure version this host does not implement (`-EINVAL`).
-    #[error("{what}: version {version} is not supported (expected {expected})")]
-    BadVersion {
-        what: &'static str,
-        version: u32,
-        expected: u32,
-    },
-    /// A field out of range, misaligned, overflowing, or a reserved field not zero (`-EINVAL`).
-    #[error("{what}: {detail}")]
-    InvalidField { what: &'static str, detail: String },
-    /// A PASID range with `min > max` or beyond 20 bits (`-EINVAL`).
-    #[error("PASID range [{min:#x}, {max:#x}] is empty or exceeds 20 bits")]
-    BadPasidRange { min: u32, max: u32 },
+    /// An argument that does not decode (`-EFAULT` for a short buffer, else `-EINVAL`).
+    #[error(transparent)]
+    Uapi(#[from] UapiError),
     /// The set already holds its quota of PASIDs (ioasid quota; vfio returns `-ENOSPC`).
     #[error("{set} holds its quota of {quota} PASIDs")]
     QuotaExceeded { set: PasidSetId, quota: u32 },
@@ -84,10 +51,6 @@ pub enum HostError {
     /// (`-EOPNOTSUPP`).
     #[error("{0} needs a VFIO_TYPE1_NESTING_IOMMU container")]
     NotNesting(&'static str),
-    /// A bind type other than `VFIO_IOMMU_BIND_GUEST_PASID`; the seed's `VFIO_IOMMU_BIND`
-    /// returns `-EINVAL` for it.
-    #[error("bind type {0} is not supported (only VFIO_IOMMU_BIND_GUEST_PASID)")]
-    UnsupportedBindType(u32),
     /// An IOMMU operation the host driver does not implement; the IOMMU core returns
     /// `-ENODEV` when the `iommu_ops` callback is absent (e.g. `attach_pasid_table` on VT-d).
     #[error("the host IOMMU driver does not implement {0}")]
@@ -138,7 +101,7 @@ pub enum HostError {
     /// A failure reported by the host IOMMU driver; `errno` is the positive Linux value
     /// (e.g. `libc::EFAULT` for user memory that cannot be pinned).
     #[error("host IOMMU driver: {detail}")]
-    Driver { errno: Errno, detail: String },
+    Driver { errno: i32, detail: String },
 }
 
 impl HostError {
@@ -147,23 +110,17 @@ impl HostError {
         -self.positive_errno()
     }
 
-    fn positive_errno(&self) -> Errno {
+    fn positive_errno(&self) -> i32 {
         use HostError::*;
         match self {
-            ArgszTooSmall { .. }
-            | UnknownFlags { .. }
-            | BadVersion { .. }
-            | InvalidField { .. }
-            | BadPasidRange { .. }
-            | UnknownSet(_)
+            Uapi(e) => Errno::from(e).raw(),
+            UnknownSet(_)
             | NoIommuModel
             | IommuModelSet
-            | UnsupportedBindType(_)
             | UnmapSplits { .. }
             | NotBound(_)
             | DeviceNotAttached(_)
             | NoPendingGroup { .. } => libc::EINVAL,
-            BufferTooShort { .. } => libc::EFAULT,
             QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) | FaultQueueFull(_) => {
                 libc::ENOSPC
             }
@@ -179,10 +136,14 @@ impl HostError {
 
     /// A field error (`-EINVAL`).
     pub(crate) fn field(what: &'static str, detail: impl Into<String>) -> Self {
-        HostError::InvalidField {
-            what,
-            detail: detail.into(),
-        }
+        UapiError::field(what, detail).into()
+    }
+}
+
+/// The errno a VMM sees for a failed host operation.
+impl From<&HostError> for Errno {
+    fn from(e: &HostError) -> Errno {
+        Errno::new(e.errno())
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vsva_vtd::{Pasid, SourceId};
 
 use crate::error::HostError;
-use crate::uapi::request::{PageRequest, PageResponse};
+use vsva_uapi::request::{PageRequest, PageResponse};
 
 /// Per container, at most this many unread page requests, and as many groups waiting for a
 /// response (the depth of the fault ring; PCI PRI gives a function 512 group indexes).

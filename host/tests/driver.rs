@@ -9,10 +9,6 @@ use proptest::prelude::*;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::{HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL, RID_PASID};
-use vsva_host::uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
-use vsva_host::uapi::request::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
-};
 use vsva_host::{Container, IommuBackend, IommuModel, PasidAllocator, SharedPasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
@@ -21,6 +17,10 @@ use vsva_hw::dma::{
 };
 use vsva_hw::iommu::{Iommu, IommuConfig, Source};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
+use vsva_uapi::request::{
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
+};
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::{
     AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, InvDesc, Iova, MapFlags,

@@ -16,11 +16,6 @@ use std::sync::{Arc, Mutex};
 use proptest::prelude::*;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::{HostIommu, VtdDomain, RID_PASID};
-use vsva_host::uapi::iommu::*;
-use vsva_host::uapi::vfio::*;
-use vsva_host::uapi::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
-};
 use vsva_host::{
     Container, ContainerState, FaultEvent, IommuModel, PasidAllocator, SharedPasidAllocator,
     DEFAULT_QUOTA,
@@ -34,6 +29,11 @@ use vsva_hw::dma::{
 };
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_uapi::iommu::*;
+use vsva_uapi::vfio::*;
+use vsva_uapi::{
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
+};
 use vsva_vtd::{
     AccessRequest, FlPagingMode, FrameSource, Gpa, Hpa, Iova, MapFlags, PageSize, PageTableBuilder,
     Pasid, PasidEntry, PhysMem, SourceId, Stage, TableFormat,

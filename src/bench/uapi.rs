@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vsva_host::uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, DmaMap, InvGranularity};
 use vsva_hw::PAGE_SIZE;
+use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::{BindGpasid, CacheInvalidate, DmaMap, InvGranularity};
 use vsva_vtd::{Hpa, Iova, PageSize, Pasid};
 
 use super::pasid::heap_in_use;

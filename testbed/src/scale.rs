@@ -24,7 +24,7 @@ use vsva_host::container::{Container, IommuModel, SharedPasidAllocator};
 use vsva_host::driver::{DriverError, HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL};
 use vsva_host::error::HostError;
 use vsva_host::pasid::{PasidAllocator, DEFAULT_QUOTA};
-use vsva_host::uapi::request::BindGpasid;
+use vsva_uapi::request::BindGpasid;
 
 /// The guest page-table root every bound PASID points to: one tiny table shared by all
 /// (binding does not walk it; a DMA would, through each VM's second level).

@@ -2,8 +2,8 @@
 //! request injection). Host call failures are not errors of the caller: they are counted
 //! and kept as [`HostCallError`]s.
 
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_host::HostError;
+use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_vtd::regs::RegError;
 use vsva_vtd::{InvalidAddressWidth, Pasid, SourceId};
 

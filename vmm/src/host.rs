@@ -9,8 +9,8 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_host::{Container, HostError, IommuBackend, PasidAllocator, PasidSetId};
+use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_vtd::{Pasid, SourceId};
 
 /// Where guest PASIDs come from: the virtual command interface (VT-d §10.4.44) allocates

@@ -8,7 +8,7 @@
 //! set and the device retries). An answer is only due for the last request of a group or
 //! one with private data.
 
-use vsva_host::uapi::{PageRequest, PageResponse, PageResponseCode};
+use vsva_uapi::{PageRequest, PageResponse, PageResponseCode};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;

@@ -30,12 +30,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use vsva_host::uapi::iommu::{
+use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_SVA_VTD_GPASID_CD,
     IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE, IOMMU_SVA_VTD_GPASID_PCD,
     IOMMU_SVA_VTD_GPASID_PWT, IOMMU_SVA_VTD_GPASID_SRE,
 };
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
 use vsva_vtd::pasid::{pasid_entry_addr, read_pasid_entry, PASID_DIR_ENTRY_SIZE};

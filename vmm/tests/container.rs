@@ -6,17 +6,17 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use vsva_host::uapi::iommu::{
-    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_NESTING_FEAT_BIND_PGTBL,
-    IOMMU_NESTING_FEAT_CACHE_INVLD,
-};
-use vsva_host::uapi::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
-    PageResponseCode,
-};
 use vsva_host::{
     BackendInfo, Container, HostError, IommuBackend, IommuModel, PasidAllocator,
     SharedPasidAllocator,
+};
+use vsva_uapi::iommu::{
+    IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_NESTING_FEAT_BIND_PGTBL,
+    IOMMU_NESTING_FEAT_CACHE_INVLD,
+};
+use vsva_uapi::{
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
+    PageResponseCode,
 };
 use vsva_vmm::{HostCall, PageRequestOutcome};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity, ResponseCode};

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use vsva_host::uapi::{PageRequest, PageResponse, PageResponseCode};
+use vsva_uapi::{PageRequest, PageResponse, PageResponseCode};
 use vsva_vmm::{PageRequestOutcome, VIommuError};
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::*;
 use proptest::prelude::*;
-use vsva_host::uapi::iommu::*;
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_uapi::iommu::*;
+use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vmm::{bind_data, host_invalidations, Binding, HostCall, VIommuConfig, VIommuError};
 use vsva_vtd::inv_desc::{
     ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,

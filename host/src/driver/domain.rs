@@ -27,8 +27,8 @@ use crate::binds::GpasidBinds;
 use crate::container::{BackendInfo, IommuBackend};
 use crate::error::HostError;
 use crate::fault::FaultSink;
-use crate::uapi::iommu::{IOMMU_NESTING_FEAT_BIND_PGTBL, IOMMU_NESTING_FEAT_CACHE_INVLD};
-use crate::uapi::request::{BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse};
+use vsva_uapi::iommu::{IOMMU_NESTING_FEAT_BIND_PGTBL, IOMMU_NESTING_FEAT_CACHE_INVLD};
+use vsva_uapi::request::{BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse};
 
 /// The page sizes of a second level, largest first.
 const PAGE_SIZES: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K];

@@ -4,7 +4,7 @@
 use vsva_vtd::regs::Iqei;
 use vsva_vtd::{BuildError, Pasid, RegError, SourceId};
 
-use crate::error::{Errno, HostError};
+use crate::error::HostError;
 
 /// A failed driver operation. Except where a variant says otherwise, nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +66,7 @@ pub enum DriverError {
 
 impl DriverError {
     /// The positive errno Linux returns for this failure.
-    pub fn errno(&self) -> Errno {
+    pub fn errno(&self) -> i32 {
         use DriverError::*;
         match self {
             Unsupported(_) | NotAttached(_) | NotBound(_) => libc::ENODEV,

@@ -10,13 +10,13 @@ use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevel
 
 use super::error::DriverError;
 use super::inv::{covering_order, dev_iotlb, piotlb_pages, piotlb_pasid, size_order, WHOLE_SPACE};
-use crate::uapi::iommu::{
+use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_NR,
     IOMMU_SVA_VTD_GPASID_CD, IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE,
     IOMMU_SVA_VTD_GPASID_LAST, IOMMU_SVA_VTD_GPASID_MTS_MASK, IOMMU_SVA_VTD_GPASID_PCD,
     IOMMU_SVA_VTD_GPASID_PWT, IOMMU_SVA_VTD_GPASID_SRE,
 };
-use crate::uapi::request::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_uapi::request::{BindGpasid, CacheInvalidate, InvGranularity};
 
 /// The guest address width of 4-level first-level paging (`ADDR_WIDTH_4LEVEL`).
 pub const ADDR_WIDTH_4LEVEL: u32 = 48;
@@ -283,8 +283,8 @@ pub(crate) fn cache_invalidation(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uapi::iommu::IOMMU_CACHE_INV_TYPE_PASID;
     use proptest::prelude::*;
+    use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_PASID;
     use vsva_vtd::inv_desc::PasidIotlbGranularity;
     use vsva_vtd::{AddrRange, Gpa};
 

@@ -21,7 +21,7 @@ use vsva_vtd::{DomainId, Hpa, InvDesc, Pasid, PhysMem, SourceId};
 
 use super::error::DriverError;
 use crate::fault::FaultSink;
-use crate::uapi::request::{PageRequest, PageResponse, PageResponseCode};
+use vsva_uapi::request::{PageRequest, PageResponse, PageResponseCode};
 
 /// PQA_REG.PQS: the queue is `2^PQS` pages (`PRQ_ORDER`), 128 descriptors.
 const QUEUE_ORDER: u64 = 0;

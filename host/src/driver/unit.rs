@@ -31,7 +31,7 @@ use super::prq::{self, Dispatch, PageRequests};
 use super::qi::InvalidationQueue;
 use super::tables::{self, ContextFeatures, Tables};
 use crate::fault::FaultSink;
-use crate::uapi::request::PageResponse;
+use vsva_uapi::request::PageResponse;
 
 /// Register polls before a command is declared lost; the model reflects commands at once.
 const POLL_LIMIT: u32 = 1 << 16;

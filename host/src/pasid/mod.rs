@@ -21,6 +21,7 @@ mod sets;
 
 use std::fmt;
 
+use vsva_uapi::UapiError;
 use vsva_vtd::Pasid;
 
 use crate::error::HostError;
@@ -116,7 +117,7 @@ impl PasidAllocator {
     /// its quota or no free PASID in the range → ENOSPC.
     pub fn alloc(&mut self, set: PasidSetId, min: u32, max: u32) -> Result<Pasid, HostError> {
         if min > max || max > Pasid::MAX.raw() {
-            return Err(HostError::BadPasidRange { min, max });
+            return Err(HostError::from(UapiError::BadPasidRange { min, max }));
         }
         let members = self.sets.get_mut(set).ok_or(HostError::UnknownSet(set))?;
         if members.pasids.len() >= members.quota as usize {
@@ -178,7 +179,7 @@ impl PasidAllocator {
     /// k PASIDs).
     pub fn owned_in(&self, set: PasidSetId, min: u32, max: u32) -> Result<Vec<Pasid>, HostError> {
         if min > max || max > Pasid::MAX.raw() {
-            return Err(HostError::BadPasidRange { min, max });
+            return Err(HostError::from(UapiError::BadPasidRange { min, max }));
         }
         let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
         Ok(ascending(
@@ -259,10 +260,10 @@ mod tests {
         assert_eq!(a.alloc(s, 5, 4).unwrap_err().errno(), -libc::EINVAL);
         assert_eq!(
             a.alloc(s, 1, 1 << 20).unwrap_err(),
-            HostError::BadPasidRange {
+            HostError::from(UapiError::BadPasidRange {
                 min: 1,
                 max: 1 << 20
-            }
+            })
         );
         let ghost = PasidSetId::from_raw(99);
         assert_eq!(
@@ -449,7 +450,7 @@ mod tests {
                         let expected = (min.max(1)..=max).find(|q| !model.contains_key(q));
                         let r = a.alloc(s, min, max);
                         match quotas.get(&s) {
-                            _ if min > max => prop_assert_eq!(r, Err(HostError::BadPasidRange { min, max })),
+                            _ if min > max => prop_assert_eq!(r, Err(HostError::from(UapiError::BadPasidRange { min, max }))),
                             None => prop_assert_eq!(r, Err(HostError::UnknownSet(s))),
                             Some(&q) if held >= q => prop_assert_eq!(r, Err(HostError::QuotaExceeded { set: s, quota: q })),
                             Some(_) => match expected {
@@ -480,7 +481,7 @@ mod tests {
                         let Some(&s) = sets.get(set) else { continue };
                         let r = a.owned_in(s, min, max);
                         if min > max {
-                            prop_assert_eq!(r, Err(HostError::BadPasidRange { min, max }));
+                            prop_assert_eq!(r, Err(HostError::from(UapiError::BadPasidRange { min, max })));
                         } else if quotas.contains_key(&s) {
                             let own: Vec<Pasid> = model.range(min..=max).filter(|(_, &o)| o == s).map(|(&k, _)| p(k)).collect();
                             prop_assert_eq!(r, Ok(own));

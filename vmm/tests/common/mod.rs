@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vsva_host::uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_host::HostError;
+use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
 use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::pasid::pasid_entry_addr;

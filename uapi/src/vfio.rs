@@ -31,8 +31,8 @@ use super::iommu::{
     IommuPasidTableConfig, PAGE_SIZE,
 };
 use super::wire::{check_flags, read_with_argsz};
-use crate::error::HostError;
-use crate::uapi::wire::c_struct;
+use crate::error::UapiError;
+use crate::wire::c_struct;
 
 /// `VFIO_TYPE`: the ioctl type byte, `';'`.
 pub const VFIO_TYPE: u32 = b';' as u32;
@@ -148,7 +148,7 @@ c_struct! {
 impl VfioIommuType1Info {
     /// Decodes the caller's request: `argsz` must reach `iova_pgsizes` (the v5.10 `minsz`).
     /// The other fields are outputs and are not checked.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         read_with_argsz(
             bytes,
             offset_of!(Self, iova_pgsizes) + size_of::<u64>(),
@@ -169,10 +169,10 @@ c_struct! {
 
 impl VfioIommuType1InfoCapNesting {
     /// Decodes the capability (header id and version checked) and validates its info.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_info_cap_nesting";
         if bytes.len() < size_of::<Self>() {
-            return Err(HostError::BufferTooShort {
+            return Err(UapiError::BufferTooShort {
                 what: WHAT,
                 len: bytes.len(),
                 need: size_of::<Self>(),
@@ -180,13 +180,13 @@ impl VfioIommuType1InfoCapNesting {
         }
         let cap: Self = super::wire::read_prefix(bytes, size_of::<Self>());
         if cap.header.id != VFIO_IOMMU_TYPE1_INFO_CAP_NESTING {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("capability id {} is not NESTING", cap.header.id),
             ));
         }
         if cap.header.version != VFIO_IOMMU_TYPE1_INFO_CAP_NESTING_VERSION {
-            return Err(HostError::BadVersion {
+            return Err(UapiError::BadVersion {
                 what: WHAT,
                 version: cap.header.version.into(),
                 expected: VFIO_IOMMU_TYPE1_INFO_CAP_NESTING_VERSION.into(),
@@ -198,18 +198,18 @@ impl VfioIommuType1InfoCapNesting {
 }
 
 /// Checks a DMA range: non-empty, 4 KiB aligned, not wrapping.
-fn check_dma_range(iova: u64, size: u64, what: &'static str) -> Result<(), HostError> {
+fn check_dma_range(iova: u64, size: u64, what: &'static str) -> Result<(), UapiError> {
     if size == 0 {
-        return Err(HostError::field(what, "size is zero"));
+        return Err(UapiError::field(what, "size is zero"));
     }
     if (iova | size) % PAGE_SIZE != 0 {
-        return Err(HostError::field(
+        return Err(UapiError::field(
             what,
             format!("iova {iova:#x} or size {size:#x} is not 4 KiB aligned"),
         ));
     }
     if iova.checked_add(size - 1).is_none() {
-        return Err(HostError::field(
+        return Err(UapiError::field(
             what,
             format!("iova {iova:#x} + size {size:#x} wraps"),
         ));
@@ -236,7 +236,7 @@ c_struct! {
 impl VfioIommuType1DmaMap {
     /// Decodes and validates as v5.10 `vfio_dma_do_map`: whole structure, known flags, READ
     /// or WRITE, non-empty 4 KiB-aligned ranges that do not wrap.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_dma_map";
         let m: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         check_flags(
@@ -245,11 +245,11 @@ impl VfioIommuType1DmaMap {
             WHAT,
         )?;
         if m.flags == 0 {
-            return Err(HostError::field(WHAT, "neither READ nor WRITE"));
+            return Err(UapiError::field(WHAT, "neither READ nor WRITE"));
         }
         check_dma_range(m.iova, m.size, WHAT)?;
         if m.vaddr % PAGE_SIZE != 0 || m.vaddr.checked_add(m.size - 1).is_none() {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("vaddr {:#x} is misaligned or wraps", m.vaddr),
             ));
@@ -276,7 +276,7 @@ c_struct! {
 impl VfioIommuType1DmaUnmap {
     /// Decodes and validates as v5.10 `vfio_dma_do_unmap`: whole structure, no flags (no
     /// dirty tracking here), a non-empty 4 KiB-aligned range that does not wrap.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_dma_unmap";
         let u: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         check_flags(u.flags.into(), 0, WHAT)?;
@@ -310,18 +310,18 @@ c_struct! {
 impl VfioIommuType1PasidRequest {
     /// Decodes and validates: whole structure, exactly one of ALLOC and FREE, a range with
     /// `min <= max <= 0xfffff`.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_pasid_request";
         let r: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         check_flags(r.flags.into(), VFIO_PASID_REQUEST_MASK.into(), WHAT)?;
         if r.flags.count_ones() != 1 {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 "exactly one of ALLOC_PASID and FREE_PASID is required",
             ));
         }
         if r.range.min > r.range.max || r.range.max > vsva_vtd::Pasid::MAX.raw() {
-            return Err(HostError::BadPasidRange {
+            return Err(UapiError::BadPasidRange {
                 min: r.range.min,
                 max: r.range.max,
             });
@@ -353,12 +353,12 @@ impl VfioBindGuestPasid {
     /// Decodes the header (`argsz` covering it, else EINVAL), refuses bind types other than
     /// `VFIO_IOMMU_BIND_GUEST_PASID` with EINVAL as the seed does, then decodes the bind data
     /// from `data[]`, whose own `argsz` must fit inside the header's.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_bind";
         let header: VfioIommuType1Bind =
             read_with_argsz(bytes, size_of::<VfioIommuType1Bind>(), WHAT)?;
         if header.bind_type != VFIO_IOMMU_BIND_GUEST_PASID {
-            return Err(HostError::UnsupportedBindType(header.bind_type));
+            return Err(UapiError::UnsupportedBindType(header.bind_type));
         }
         let data = inner(bytes, header.argsz, size_of::<VfioIommuType1Bind>(), WHAT)?;
         Ok(VfioBindGuestPasid {
@@ -382,12 +382,12 @@ fn inner<'a>(
     outer_argsz: u32,
     offset: usize,
     what: &'static str,
-) -> Result<&'a [u8], HostError> {
+) -> Result<&'a [u8], UapiError> {
     let tail = bytes.get(offset..).unwrap_or(&[]);
     let inner_argsz = super::wire::peek_u32(tail, 0, what)?;
     let end = offset as u64 + u64::from(inner_argsz);
     if end > u64::from(outer_argsz) {
-        return Err(HostError::field(
+        return Err(UapiError::field(
             what,
             format!("embedded argsz {inner_argsz} runs past the outer argsz {outer_argsz}"),
         ));
@@ -410,7 +410,7 @@ c_struct! {
 impl VfioIommuType1CacheInvalidate {
     /// Decodes: `argsz` reaching the info's fixed part, zero `flags` (the seed refuses any),
     /// then the info by its own `argsz`, which must fit inside the outer one.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_cache_invalidate";
         let info_at = offset_of!(Self, info);
         let minsz = info_at + offset_of!(IommuCacheInvalidateInfo, granu);
@@ -440,7 +440,7 @@ c_struct! {
 impl VfioIommuType1AttachPasidTable {
     /// Decodes as the seed does (`argsz` covering `config`, zero `flags`), then validates the
     /// config.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_attach_pasid_table";
         let a: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         check_flags(a.flags.into(), 0, WHAT)?;
@@ -466,7 +466,7 @@ c_struct! {
 impl VfioIommuType1PageResponse {
     /// Decodes: whole header, known `flags`, a 16-bit `rid` that is zero unless valid, then
     /// the response by its own `argsz`, which must fit inside the outer one.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_page_response";
         let at = offset_of!(Self, response);
         let outer: Self = read_with_argsz(bytes, at, WHAT)?;
@@ -481,7 +481,7 @@ impl VfioIommuType1PageResponse {
             0
         };
         if outer.rid > rid_limit {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("rid {:#x} is out of range or not flagged valid", outer.rid),
             ));
@@ -494,7 +494,7 @@ impl VfioIommuType1PageResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uapi::iommu::*;
+    use crate::iommu::*;
 
     #[test]
     fn ioctl_numbers() {
@@ -673,7 +673,7 @@ mod tests {
         p.header.bind_type = VFIO_IOMMU_BIND_PROCESS;
         assert_eq!(
             VfioBindGuestPasid::from_bytes(&p.to_bytes()).unwrap_err(),
-            HostError::UnsupportedBindType(0)
+            UapiError::UnsupportedBindType(0)
         );
         let mut s = b;
         s.header.argsz = 79;

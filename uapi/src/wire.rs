@@ -6,13 +6,13 @@
 
 use std::mem::size_of;
 
-use crate::error::HostError;
+use crate::error::UapiError;
 
 /// The largest structure handled here, in bytes (checked at compile time per structure).
-pub(crate) const MAX_STRUCT: usize = 128;
+pub const MAX_STRUCT: usize = 128;
 
 /// A value with a fixed little-endian byte image.
-pub(crate) trait Wire: Sized {
+pub trait Wire: Sized {
     /// Reads the value from the start of `b`, which holds at least `size_of::<Self>()` bytes.
     fn read(b: &[u8]) -> Self;
     /// Writes the value to the start of `b`, which holds at least `size_of::<Self>()` bytes.
@@ -72,17 +72,17 @@ macro_rules! c_struct {
             $( $(#[$fmeta])* pub $field: $ty, )*
         }
 
-        const _: () = assert!(::std::mem::size_of::<$name>() <= $crate::uapi::wire::MAX_STRUCT);
+        const _: () = assert!(::std::mem::size_of::<$name>() <= $crate::wire::MAX_STRUCT);
 
-        impl $crate::uapi::wire::Wire for $name {
+        impl $crate::wire::Wire for $name {
             fn read(b: &[u8]) -> Self {
                 Self {
-                    $( $field: <$ty as $crate::uapi::wire::Wire>::read(
+                    $( $field: <$ty as $crate::wire::Wire>::read(
                         &b[::std::mem::offset_of!($name, $field)..]), )*
                 }
             }
             fn write(&self, b: &mut [u8]) {
-                $( $crate::uapi::wire::Wire::write(
+                $( $crate::wire::Wire::write(
                     &self.$field, &mut b[::std::mem::offset_of!($name, $field)..]); )*
             }
         }
@@ -91,7 +91,7 @@ macro_rules! c_struct {
             /// The C image of the structure (`sizeof` bytes, padding zero).
             pub fn to_bytes(self) -> Vec<u8> {
                 let mut out = vec![0u8; ::std::mem::size_of::<$name>()];
-                $crate::uapi::wire::Wire::write(&self, &mut out);
+                $crate::wire::Wire::write(&self, &mut out);
                 out
             }
         }
@@ -101,7 +101,7 @@ pub(crate) use c_struct;
 
 /// Reads a `T` from the first `len` bytes of `bytes` into a zeroed structure, as the kernel
 /// copies `len` user bytes over a zero-initialised struct. Bytes past `sizeof(T)` are ignored.
-pub(crate) fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
+pub fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
     let size = size_of::<T>();
     let mut buf = [0u8; MAX_STRUCT];
     let n = len.min(size).min(bytes.len());
@@ -110,14 +110,10 @@ pub(crate) fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
 }
 
 /// Writes `value` at the start of `out`; `-EFAULT` when `out` is shorter than the structure.
-pub(crate) fn write_into<T: Wire>(
-    value: &T,
-    out: &mut [u8],
-    what: &'static str,
-) -> Result<(), HostError> {
+pub fn write_into<T: Wire>(value: &T, out: &mut [u8], what: &'static str) -> Result<(), UapiError> {
     let size = size_of::<T>();
     let Some(dst) = out.get_mut(..size) else {
-        return Err(HostError::BufferTooShort {
+        return Err(UapiError::BufferTooShort {
             what,
             len: out.len(),
             need: size,
@@ -128,10 +124,10 @@ pub(crate) fn write_into<T: Wire>(
 }
 
 /// The `u32` at `offset`, or `-EFAULT` when the buffer ends before it.
-pub(crate) fn peek_u32(bytes: &[u8], offset: usize, what: &'static str) -> Result<u32, HostError> {
+pub fn peek_u32(bytes: &[u8], offset: usize, what: &'static str) -> Result<u32, UapiError> {
     match bytes.get(offset..offset + 4) {
         Some(b) => Ok(u32::read(b)),
-        None => Err(HostError::BufferTooShort {
+        None => Err(UapiError::BufferTooShort {
             what,
             len: bytes.len(),
             need: offset + 4,
@@ -142,13 +138,13 @@ pub(crate) fn peek_u32(bytes: &[u8], offset: usize, what: &'static str) -> Resul
 /// Decodes a structure whose first field is `argsz`, the way the kernel does: read `minsz`
 /// bytes (`-EFAULT` if the buffer is shorter), require `argsz >= minsz` (`-EINVAL`), then
 /// read `min(argsz, sizeof)` bytes over a zeroed struct (`-EFAULT` if the buffer is shorter).
-pub(crate) fn read_with_argsz<T: Wire>(
+pub fn read_with_argsz<T: Wire>(
     bytes: &[u8],
     minsz: usize,
     what: &'static str,
-) -> Result<T, HostError> {
+) -> Result<T, UapiError> {
     if bytes.len() < minsz.max(4) {
-        return Err(HostError::BufferTooShort {
+        return Err(UapiError::BufferTooShort {
             what,
             len: bytes.len(),
             need: minsz.max(4),
@@ -156,7 +152,7 @@ pub(crate) fn read_with_argsz<T: Wire>(
     }
     let argsz = peek_u32(bytes, 0, what)?;
     if (argsz as usize) < minsz {
-        return Err(HostError::ArgszTooSmall {
+        return Err(UapiError::ArgszTooSmall {
             what,
             argsz,
             min: minsz,
@@ -164,7 +160,7 @@ pub(crate) fn read_with_argsz<T: Wire>(
     }
     let need = (argsz as usize).min(size_of::<T>());
     if bytes.len() < need {
-        return Err(HostError::BufferTooShort {
+        return Err(UapiError::BufferTooShort {
             what,
             len: bytes.len(),
             need,
@@ -174,17 +170,17 @@ pub(crate) fn read_with_argsz<T: Wire>(
 }
 
 /// Checks that `flags` has no bit outside `known`.
-pub(crate) fn check_flags(flags: u64, known: u64, what: &'static str) -> Result<(), HostError> {
+pub fn check_flags(flags: u64, known: u64, what: &'static str) -> Result<(), UapiError> {
     if flags & !known != 0 {
-        return Err(HostError::UnknownFlags { what, flags, known });
+        return Err(UapiError::UnknownFlags { what, flags, known });
     }
     Ok(())
 }
 
 /// Checks that a reserved byte array is zero.
-pub(crate) fn check_zero(bytes: &[u8], what: &'static str) -> Result<(), HostError> {
+pub fn check_zero(bytes: &[u8], what: &'static str) -> Result<(), UapiError> {
     if bytes.iter().any(|&b| b != 0) {
-        return Err(HostError::field(what, "reserved padding is not zero"));
+        return Err(UapiError::field(what, "reserved padding is not zero"));
     }
     Ok(())
 }
@@ -230,7 +226,7 @@ mod tests {
         bytes[0] = 8;
         assert_eq!(
             read_with_argsz::<Sample>(&bytes, 16, "s").unwrap_err(),
-            HostError::ArgszTooSmall {
+            UapiError::ArgszTooSmall {
                 what: "s",
                 argsz: 8,
                 min: 16

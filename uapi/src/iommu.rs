@@ -20,24 +20,24 @@ use std::mem::{offset_of, size_of};
 use vsva_vtd::Pasid;
 
 use super::wire::{check_flags, check_zero, read_prefix, read_with_argsz, Wire};
-use crate::error::HostError;
-use crate::uapi::wire::c_struct;
+use crate::error::UapiError;
+use crate::wire::c_struct;
 
 /// The smallest page of VT-d first- and second-level tables.
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Checks that a 64-bit PASID field holds a 20-bit PASID.
-pub(crate) fn check_pasid(raw: u64, what: &'static str) -> Result<Pasid, HostError> {
+pub(crate) fn check_pasid(raw: u64, what: &'static str) -> Result<Pasid, UapiError> {
     u32::try_from(raw)
         .ok()
         .and_then(|r| Pasid::new(r).ok())
-        .ok_or_else(|| HostError::field(what, format!("PASID {raw:#x} exceeds 20 bits")))
+        .ok_or_else(|| UapiError::field(what, format!("PASID {raw:#x} exceeds 20 bits")))
 }
 
 /// Reads a fixed-size structure with no `argsz`; `-EFAULT` when the buffer is shorter.
-fn read_exact<T: Wire>(bytes: &[u8], what: &'static str) -> Result<T, HostError> {
+fn read_exact<T: Wire>(bytes: &[u8], what: &'static str) -> Result<T, UapiError> {
     if bytes.len() < size_of::<T>() {
-        return Err(HostError::BufferTooShort {
+        return Err(UapiError::BufferTooShort {
             what,
             len: bytes.len(),
             need: size_of::<T>(),
@@ -147,7 +147,7 @@ c_struct! {
 impl IommuFaultPageRequest {
     /// Validates: known flags and permissions, a 20-bit PASID when it is valid, a PASID
     /// whenever the response needs one, a page-aligned address.
-    pub fn validate(&self) -> Result<(), HostError> {
+    pub fn validate(&self) -> Result<(), UapiError> {
         const WHAT: &str = "iommu_fault_page_request";
         check_flags(
             self.flags.into(),
@@ -159,13 +159,13 @@ impl IommuFaultPageRequest {
         if pasid_valid {
             check_pasid(self.pasid.into(), WHAT)?;
         } else if self.flags & IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID != 0 {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 "the response needs a PASID but the request has none",
             ));
         }
         if self.addr % PAGE_SIZE != 0 {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("page address {:#x} is not page aligned", self.addr),
             ));
@@ -192,11 +192,11 @@ c_struct! {
 impl IommuFault {
     /// Decodes and validates a record: whole structure, a defined type, zero padding, a
     /// valid member, and zero bytes past it.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_fault";
         let f: Self = read_exact(bytes, WHAT)?;
         if f.padding != 0 {
-            return Err(HostError::field(WHAT, "reserved padding is not zero"));
+            return Err(UapiError::field(WHAT, "reserved padding is not zero"));
         }
         let used = match f.type_ {
             IOMMU_FAULT_PAGE_REQ => {
@@ -205,7 +205,7 @@ impl IommuFault {
             }
             IOMMU_FAULT_DMA_UNRECOV => size_of::<IommuFaultUnrecoverable>(),
             t => {
-                return Err(HostError::field(
+                return Err(UapiError::field(
                     WHAT,
                     format!("fault type {t} is not defined"),
                 ))
@@ -292,11 +292,11 @@ c_struct! {
 impl IommuPageResponse {
     /// Decodes and validates: whole structure required, version 1, known flags, a defined
     /// response code, a 20-bit PASID.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_page_response";
         let r: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         if r.version != IOMMU_PAGE_RESP_VERSION_1 {
-            return Err(HostError::BadVersion {
+            return Err(UapiError::BadVersion {
                 what: WHAT,
                 version: r.version,
                 expected: IOMMU_PAGE_RESP_VERSION_1,
@@ -304,7 +304,7 @@ impl IommuPageResponse {
         }
         check_flags(r.flags.into(), IOMMU_PAGE_RESP_PASID_VALID.into(), WHAT)?;
         if r.code > IOMMU_PAGE_RESP_FAILURE {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("response code {} is not defined", r.code),
             ));
@@ -424,7 +424,7 @@ impl IommuCacheInvalidateInfo {
     /// flags; no PASID-cache invalidation by address, no device-IOTLB invalidation by domain;
     /// zero padding. Then the VT-d driver's ranges: a 20-bit PASID, a power-of-two granule of
     /// at least 4 KiB, an aligned, non-empty, non-wrapping address range.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_cache_invalidate_info";
         let minsz = offset_of!(Self, granu);
         let info: Self = read_with_argsz(bytes, minsz, WHAT)?;
@@ -434,7 +434,7 @@ impl IommuCacheInvalidateInfo {
             _ => minsz,
         };
         if (info.argsz as usize) < need {
-            return Err(HostError::ArgszTooSmall {
+            return Err(UapiError::ArgszTooSmall {
                 what: WHAT,
                 argsz: info.argsz,
                 min: need,
@@ -444,10 +444,10 @@ impl IommuCacheInvalidateInfo {
         Ok(info)
     }
 
-    fn validate(&self) -> Result<(), HostError> {
+    fn validate(&self) -> Result<(), UapiError> {
         const WHAT: &str = "iommu_cache_invalidate_info";
         if self.version != IOMMU_CACHE_INVALIDATE_INFO_VERSION_1 {
-            return Err(HostError::BadVersion {
+            return Err(UapiError::BadVersion {
                 what: WHAT,
                 version: self.version,
                 expected: IOMMU_CACHE_INVALIDATE_INFO_VERSION_1,
@@ -461,7 +461,7 @@ impl IommuCacheInvalidateInfo {
         match self.granularity {
             IOMMU_INV_GRANU_DOMAIN => {
                 if self.cache & IOMMU_CACHE_INV_TYPE_DEV_IOTLB != 0 {
-                    return Err(HostError::field(
+                    return Err(UapiError::field(
                         WHAT,
                         "device-IOTLB invalidation has no domain granularity",
                     ));
@@ -480,7 +480,7 @@ impl IommuCacheInvalidateInfo {
             }
             IOMMU_INV_GRANU_ADDR => {
                 if self.cache & IOMMU_CACHE_INV_TYPE_PASID != 0 {
-                    return Err(HostError::field(
+                    return Err(UapiError::field(
                         WHAT,
                         "PASID-cache invalidation has no address granularity",
                     ));
@@ -488,7 +488,7 @@ impl IommuCacheInvalidateInfo {
                 self.check_addr_info()?;
             }
             g => {
-                return Err(HostError::field(
+                return Err(UapiError::field(
                     WHAT,
                     format!("granularity {g} is not defined"),
                 ))
@@ -497,7 +497,7 @@ impl IommuCacheInvalidateInfo {
         check_zero(&self.padding, WHAT)
     }
 
-    fn check_addr_info(&self) -> Result<(), HostError> {
+    fn check_addr_info(&self) -> Result<(), UapiError> {
         const WHAT: &str = "iommu_inv_addr_info";
         let a = &self.granu;
         check_flags(
@@ -510,7 +510,7 @@ impl IommuCacheInvalidateInfo {
             check_pasid(a.pasid, WHAT)?;
         }
         if !a.granule_size.is_power_of_two() || a.granule_size < PAGE_SIZE {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!(
                     "granule size {:#x} is not a power of two of at least 4 KiB",
@@ -519,10 +519,10 @@ impl IommuCacheInvalidateInfo {
             ));
         }
         if a.nb_granules == 0 {
-            return Err(HostError::field(WHAT, "no granules to invalidate"));
+            return Err(UapiError::field(WHAT, "no granules to invalidate"));
         }
         if a.addr & (a.granule_size - 1) != 0 {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!(
                     "address {:#x} is not aligned to its granule {:#x}",
@@ -536,7 +536,7 @@ impl IommuCacheInvalidateInfo {
             .and_then(|len| a.addr.checked_add(len - 1))
             .is_none();
         if wraps {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!(
                     "{:#x} granules of {:#x} at {:#x} overflow the address space",
@@ -631,24 +631,24 @@ impl IommuGpasidBindData {
     /// `iommu_check_bind_data` do: `argsz` covers the fixed part and the VT-d data, version
     /// 1, format VT-d (the only one defined), known flags, zero padding; then the VT-d
     /// driver's ranges: known VT-d flags, 20-bit PASIDs, a 4 KiB-aligned `gpgd`.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_gpasid_bind_data";
         let d: Self = read_with_argsz(bytes, offset_of!(Self, vendor), WHAT)?;
         if d.version != IOMMU_GPASID_BIND_VERSION_1 {
-            return Err(HostError::BadVersion {
+            return Err(UapiError::BadVersion {
                 what: WHAT,
                 version: d.version,
                 expected: IOMMU_GPASID_BIND_VERSION_1,
             });
         }
         if d.format != IOMMU_PASID_FORMAT_INTEL_VTD {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("PASID format {} is not supported (VT-d is 1)", d.format),
             ));
         }
         if (d.argsz as usize) < size_of::<Self>() {
-            return Err(HostError::ArgszTooSmall {
+            return Err(UapiError::ArgszTooSmall {
                 what: WHAT,
                 argsz: d.argsz,
                 min: size_of::<Self>(),
@@ -666,7 +666,7 @@ impl IommuGpasidBindData {
             check_pasid(d.gpasid, "iommu_gpasid_bind_data.gpasid")?;
         }
         if d.gpgd % PAGE_SIZE != 0 {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("gpgd {:#x} is not 4 KiB aligned", d.gpgd),
             ));
@@ -739,30 +739,30 @@ impl IommuPasidTableConfig {
     /// Decodes and validates: version 1, SMMUv3 format, a defined config, at most 20 PASID
     /// bits, zero padding; for a translated stage also the SMMUv3 data (version 1, S1Fmt and
     /// S1DSS in range, a 64-byte aligned table as STE.S1ContextPtr requires).
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_pasid_table_config";
         let c: Self = read_exact(bytes, WHAT)?;
         if c.version != PASID_TABLE_CFG_VERSION_1 {
-            return Err(HostError::BadVersion {
+            return Err(UapiError::BadVersion {
                 what: WHAT,
                 version: c.version,
                 expected: PASID_TABLE_CFG_VERSION_1,
             });
         }
         if c.format != IOMMU_PASID_FORMAT_SMMUV3 {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("PASID table format {} is not supported", c.format),
             ));
         }
         if !(IOMMU_PASID_CONFIG_TRANSLATE..=IOMMU_PASID_CONFIG_ABORT).contains(&c.config) {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("config {} is not defined", c.config),
             ));
         }
         if u32::from(c.pasid_bits) > Pasid::BITS {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("{} PASID bits exceed 20", c.pasid_bits),
             ));
@@ -772,20 +772,20 @@ impl IommuPasidTableConfig {
         check_zero(&s.padding, "iommu_pasid_smmuv3")?;
         if c.config == IOMMU_PASID_CONFIG_TRANSLATE {
             if s.version != PASID_TABLE_SMMUV3_CFG_VERSION_1 {
-                return Err(HostError::BadVersion {
+                return Err(UapiError::BadVersion {
                     what: "iommu_pasid_smmuv3",
                     version: s.version,
                     expected: PASID_TABLE_SMMUV3_CFG_VERSION_1,
                 });
             }
             if s.s1fmt > 2 || s.s1dss > 2 {
-                return Err(HostError::field(
+                return Err(UapiError::field(
                     "iommu_pasid_smmuv3",
                     format!("S1Fmt {} / S1DSS {} out of range", s.s1fmt, s.s1dss),
                 ));
             }
             if c.base_ptr % 64 != 0 {
-                return Err(HostError::field(
+                return Err(UapiError::field(
                     WHAT,
                     format!("table base {:#x} is not 64-byte aligned", c.base_ptr),
                 ));
@@ -852,11 +852,11 @@ c_struct! {
 impl IommuNestingInfo {
     /// Decodes and validates the kernel's report: whole structure, VT-d format, known
     /// features, zero reserved fields, at most 20 PASID bits.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, HostError> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_nesting_info";
         let n: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         if n.format != IOMMU_PASID_FORMAT_INTEL_VTD {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("PASID format {} is not supported", n.format),
             ));
@@ -871,7 +871,7 @@ impl IommuNestingInfo {
         check_flags(n.vendor.vtd.flags.into(), 0, "iommu_nesting_info_vtd")?;
         check_zero(&n.vendor.vtd.padding, "iommu_nesting_info_vtd")?;
         if u32::from(n.pasid_bits) > Pasid::BITS {
-            return Err(HostError::field(
+            return Err(UapiError::field(
                 WHAT,
                 format!("{} PASID bits exceed 20", n.pasid_bits),
             ));

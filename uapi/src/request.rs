@@ -8,7 +8,7 @@ use vsva_vtd::{Gpa, Iova, Pasid};
 
 use super::iommu::*;
 use super::vfio::*;
-use crate::error::HostError;
+use crate::error::UapiError;
 
 /// A DMA mapping request (`VFIO_IOMMU_MAP_DMA`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,9 +26,9 @@ pub struct DmaMap {
 }
 
 impl TryFrom<&VfioIommuType1DmaMap> for DmaMap {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(m: &VfioIommuType1DmaMap) -> Result<Self, HostError> {
+    fn try_from(m: &VfioIommuType1DmaMap) -> Result<Self, UapiError> {
         VfioIommuType1DmaMap::from_bytes(&m.to_bytes())?;
         Ok(DmaMap {
             iova: Iova(m.iova),
@@ -79,9 +79,9 @@ pub struct BindGpasid {
 }
 
 impl TryFrom<&IommuGpasidBindData> for BindGpasid {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(d: &IommuGpasidBindData) -> Result<Self, HostError> {
+    fn try_from(d: &IommuGpasidBindData) -> Result<Self, UapiError> {
         IommuGpasidBindData::from_bytes(&d.to_bytes())?;
         Ok(BindGpasid {
             hpasid: check_pasid(d.hpasid, "hpasid")?,
@@ -175,9 +175,9 @@ impl CacheInvalidate {
 }
 
 impl TryFrom<&IommuCacheInvalidateInfo> for CacheInvalidate {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(i: &IommuCacheInvalidateInfo) -> Result<Self, HostError> {
+    fn try_from(i: &IommuCacheInvalidateInfo) -> Result<Self, UapiError> {
         IommuCacheInvalidateInfo::from_bytes(&i.to_bytes())?;
         let granularity = match i.granularity {
             IOMMU_INV_GRANU_DOMAIN => InvGranularity::Domain,
@@ -283,9 +283,9 @@ pub struct PasidTableConfig {
 }
 
 impl TryFrom<&IommuPasidTableConfig> for PasidTableConfig {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(c: &IommuPasidTableConfig) -> Result<Self, HostError> {
+    fn try_from(c: &IommuPasidTableConfig) -> Result<Self, UapiError> {
         IommuPasidTableConfig::from_bytes(&c.to_bytes())?;
         let config = match c.config {
             IOMMU_PASID_CONFIG_TRANSLATE => PasidConfig::Translate {
@@ -353,9 +353,9 @@ pub struct PageResponse {
 }
 
 impl TryFrom<&IommuPageResponse> for PageResponse {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(r: &IommuPageResponse) -> Result<Self, HostError> {
+    fn try_from(r: &IommuPageResponse) -> Result<Self, UapiError> {
         IommuPageResponse::from_bytes(&r.to_bytes())?;
         Ok(PageResponse {
             pasid: (r.flags & IOMMU_PAGE_RESP_PASID_VALID != 0)
@@ -415,9 +415,9 @@ pub struct PageRequest {
 }
 
 impl TryFrom<&IommuFaultPageRequest> for PageRequest {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(r: &IommuFaultPageRequest) -> Result<Self, HostError> {
+    fn try_from(r: &IommuFaultPageRequest) -> Result<Self, UapiError> {
         r.validate()?;
         let flag = |f: u32| r.flags & f != 0;
         Ok(PageRequest {
@@ -492,9 +492,9 @@ pub struct NestingInfo {
 }
 
 impl TryFrom<&IommuNestingInfo> for NestingInfo {
-    type Error = HostError;
+    type Error = UapiError;
 
-    fn try_from(n: &IommuNestingInfo) -> Result<Self, HostError> {
+    fn try_from(n: &IommuNestingInfo) -> Result<Self, UapiError> {
         IommuNestingInfo::from_bytes(&n.to_bytes())?;
         Ok(NestingInfo {
             features: n.features,
@@ -597,8 +597,8 @@ mod tests {
         fn page_request_round_trips(r in page_request()) {
             let raw = IommuFaultPageRequest::from(&r);
             prop_assert_eq!(PageRequest::try_from(&raw).unwrap(), r);
-            let f = crate::uapi::iommu::IommuFault::from(&raw);
-            let back = crate::uapi::iommu::IommuFault::from_bytes(&f.to_bytes()).unwrap();
+            let f = crate::iommu::IommuFault::from(&raw);
+            let back = crate::iommu::IommuFault::from_bytes(&f.to_bytes()).unwrap();
             prop_assert_eq!(back.page_request(), Some(raw));
         }
 

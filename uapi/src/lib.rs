@@ -1,0 +1,21 @@
+//! The byte ABI between a VMM and the host kernel: Linux v5.10 `include/uapi/linux/iommu.h`
+//! and the VFIO type1 container ioctls with the seed series' SVA additions.
+//!
+//! - [`iommu`] and [`vfio`]: the structures, each with a validating `from_bytes` and a
+//!   `to_bytes`, and the kernel's constant names. VFIO type1 structures Linux merged come
+//!   from `vfio-bindings`; what never merged is hand-written `#[repr(C)]`.
+//! - [`request`]: typed views of the same requests for Rust callers.
+//! - [`error`]: [`Errno`] and the decoding errors with the errno each maps to.
+//! - [`wire`]: the little-endian field-by-field encoding the structures share.
+
+pub mod error;
+pub mod iommu;
+pub mod request;
+pub mod vfio;
+pub mod wire;
+
+pub use error::{Errno, UapiError};
+pub use request::{
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
+    PageResponseCode, PasidConfig, PasidTableConfig,
+};
