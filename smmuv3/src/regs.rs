@@ -1,0 +1,772 @@
+//! The SMMU's programming interface (IHI 0070 §6): register offsets and fields, the ID
+//! registers of a [`Features`] set, the queue pointer arithmetic of §3.5, and a
+//! [`RegisterFile`] that applies the access rules to software reads and writes and reports
+//! what the owning model must do as [`RegEffect`]s. It reads no memory itself.
+//!
+//! Choices where the spec leaves one:
+//! - Accesses are 4 or 8 bytes and naturally aligned; 8 bytes only to a 64-bit register.
+//!   Offsets without an implemented register read 0 and ignore writes.
+//! - Enables complete at once: CR0ACK and IRQ_CTRLACK follow CR0 and IRQ_CTRL on the write.
+//! - Writes the spec makes CONSTRAINED UNPREDICTABLE are ignored: a queue's BASE while the
+//!   queue is enabled, an SMMU-owned pointer (CMDQ_CONS, EVENTQ_PROD, PRIQ_PROD) while its
+//!   queue is enabled, STRTAB_BASE/_CFG, CR1 and CR2 while SMMUEN is 1.
+//! - GBPA takes a write only with Update set, and Update reads 0 once it has.
+
+use crate::cmd::CmdError;
+use crate::features::{Features, Httu, StallModel};
+use crate::field::{bits, get, put};
+use crate::walk::AddressSize;
+
+/// Register offsets (§6.2); EVENTQ and PRIQ pointers are in page 1.
+pub mod offset {
+    pub const IDR0: u64 = 0x00;
+    pub const IDR1: u64 = 0x04;
+    pub const IDR2: u64 = 0x08;
+    pub const IDR3: u64 = 0x0c;
+    pub const IDR4: u64 = 0x10;
+    pub const IDR5: u64 = 0x14;
+    pub const CR0: u64 = 0x20;
+    pub const CR0ACK: u64 = 0x24;
+    pub const CR1: u64 = 0x28;
+    pub const CR2: u64 = 0x2c;
+    pub const GBPA: u64 = 0x44;
+    pub const IRQ_CTRL: u64 = 0x50;
+    pub const IRQ_CTRLACK: u64 = 0x54;
+    pub const GERROR: u64 = 0x60;
+    pub const GERRORN: u64 = 0x64;
+    pub const GERROR_IRQ_CFG0: u64 = 0x68;
+    pub const STRTAB_BASE: u64 = 0x80;
+    pub const STRTAB_BASE_CFG: u64 = 0x88;
+    pub const CMDQ_BASE: u64 = 0x90;
+    pub const CMDQ_PROD: u64 = 0x98;
+    pub const CMDQ_CONS: u64 = 0x9c;
+    pub const EVENTQ_BASE: u64 = 0xa0;
+    pub const EVENTQ_IRQ_CFG0: u64 = 0xb0;
+    pub const PRIQ_BASE: u64 = 0xc0;
+    pub const PRIQ_IRQ_CFG0: u64 = 0xd0;
+    pub const EVENTQ_PROD: u64 = 0x1_00a8;
+    pub const EVENTQ_CONS: u64 = 0x1_00ac;
+    pub const PRIQ_PROD: u64 = 0x1_00c8;
+    pub const PRIQ_CONS: u64 = 0x1_00cc;
+    /// The size of the two register pages.
+    pub const LIMIT: u64 = 0x2_0000;
+}
+
+/// CR0 / CR0ACK bits (§6.3.9).
+pub mod cr0 {
+    pub const SMMUEN: u32 = 1 << 0;
+    pub const PRIQEN: u32 = 1 << 1;
+    pub const EVENTQEN: u32 = 1 << 2;
+    pub const CMDQEN: u32 = 1 << 3;
+    pub const ATSCHK: u32 = 1 << 4;
+    /// VMW[8:6].
+    pub const VMW: u32 = 0x7 << 6;
+}
+
+/// GERROR / GERRORN bits (§6.3.17): an error is active while the two differ.
+pub mod gerror {
+    pub const CMDQ_ERR: u32 = 1 << 0;
+    pub const EVENTQ_ABT_ERR: u32 = 1 << 2;
+    pub const PRIQ_ABT_ERR: u32 = 1 << 3;
+    pub const MSI_CMDQ_ABT_ERR: u32 = 1 << 4;
+    pub const MSI_EVENTQ_ABT_ERR: u32 = 1 << 5;
+    pub const MSI_PRIQ_ABT_ERR: u32 = 1 << 6;
+    pub const MSI_GERROR_ABT_ERR: u32 = 1 << 7;
+    pub const SFM_ERR: u32 = 1 << 8;
+}
+
+/// IRQ_CTRL / IRQ_CTRLACK bits (§6.3.15).
+pub mod irq_ctrl {
+    pub const GERROR_IRQEN: u32 = 1 << 0;
+    pub const PRIQ_IRQEN: u32 = 1 << 1;
+    pub const EVENTQ_IRQEN: u32 = 1 << 2;
+}
+
+/// GBPA.Update (§6.3.14).
+pub const GBPA_UPDATE: u32 = 1 << 31;
+/// GBPA.ABORT: abort transactions while SMMUEN is 0.
+pub const GBPA_ABORT: u32 = 1 << 20;
+/// EVENTQ_PROD.OVFLG / PRIQ_PROD.OVFLG and their CONS.OVACKFLG (§6.3.27).
+pub const OVERFLOW: u32 = 1 << 31;
+
+/// A register file refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegError {
+    /// Accesses are 4 or 8 bytes.
+    #[error("register access of {0} bytes (only 4 and 8)")]
+    Width(usize),
+    /// Misaligned, outside the two pages, or 8 bytes to a 32-bit register.
+    #[error("no {size}-byte register access at {offset:#x}")]
+    Access { offset: u64, size: usize },
+    /// ID register values describing an SMMU vsva cannot model.
+    #[error("unsupported SMMU: {0}")]
+    Unsupported(&'static str),
+}
+
+impl Features {
+    /// SMMU_IDR0 (§6.3.1): AArch64 tables, little-endian walks, coherent, MSIs, 2-level
+    /// stream tables, and the features of `self`.
+    pub fn idr0(&self) -> u32 {
+        let flag = |b: bool, bit: u32| (b as u32) << bit;
+        flag(self.s2p, 0)
+            | flag(self.s1p, 1)
+            | 2 << 2
+            | 1 << 4
+            | (self.httu.raw() as u32) << 6
+            | flag(self.hyp, 9)
+            | flag(self.ats, 10)
+            | flag(self.ns1ats, 11)
+            | flag(self.asid16, 12)
+            | 1 << 13
+            | flag(self.pri, 16)
+            | flag(self.vmid16, 18)
+            | flag(self.cd2l, 19)
+            | 2 << 21
+            | (self.stall_model.raw() as u32) << 24
+            | 1 << 27
+    }
+
+    /// SMMU_IDR1 (§6.3.2) with queues of at most 2^`queue_log2` entries each.
+    pub fn idr1(&self, queue_log2: [u8; 3]) -> u32 {
+        let [cmdq, eventq, priq] = queue_log2.map(|q| q.min(19) as u32);
+        self.sid_bits.min(32) as u32
+            | (self.ssid_bits.min(20) as u32) << 6
+            | priq << 11
+            | eventq << 16
+            | cmdq << 21
+    }
+
+    /// SMMU_IDR3 (§6.3.4): RIL.
+    pub fn idr3(&self) -> u32 {
+        (self.ril as u32) << 10
+    }
+
+    /// SMMU_IDR5 (§6.3.6): OAS and the 4 KiB granule.
+    pub fn idr5(&self) -> u32 {
+        self.oas.raw() as u32 | 1 << 4
+    }
+
+    /// The features ID registers IDR0, IDR1, IDR3 and IDR5 describe, if vsva can model
+    /// that SMMU (AArch64 tables, little-endian walks, the 4 KiB granule).
+    pub fn from_idr(idr0: u32, idr1: u32, idr3: u32, idr5: u32) -> Result<Features, RegError> {
+        let g = |v: u32, hi, lo| get(v as u64, hi, lo);
+        if g(idr0, 3, 2) & 2 == 0 {
+            return Err(RegError::Unsupported("no AArch64 tables (IDR0.TTF)"));
+        }
+        if g(idr0, 22, 21) == 3 {
+            return Err(RegError::Unsupported(
+                "big-endian walks only (IDR0.TTENDIAN)",
+            ));
+        }
+        if idr5 & 1 << 4 == 0 {
+            return Err(RegError::Unsupported("no 4 KiB granule (IDR5.GRAN4K)"));
+        }
+        Ok(Features {
+            s2p: idr0 & 1 != 0,
+            s1p: idr0 & 2 != 0,
+            httu: Httu::from_bits(g(idr0, 7, 6)).ok_or(RegError::Unsupported("IDR0.HTTU"))?,
+            hyp: idr0 & 1 << 9 != 0,
+            ats: idr0 & 1 << 10 != 0,
+            ns1ats: idr0 & 1 << 11 != 0,
+            asid16: idr0 & 1 << 12 != 0,
+            pri: idr0 & 1 << 16 != 0,
+            vmid16: idr0 & 1 << 18 != 0,
+            cd2l: idr0 & 1 << 19 != 0,
+            stall_model: StallModel::from_bits(g(idr0, 25, 24))
+                .ok_or(RegError::Unsupported("IDR0.STALL_MODEL"))?,
+            sid_bits: g(idr1, 5, 0) as u8,
+            ssid_bits: g(idr1, 10, 6) as u8,
+            ril: idr3 & 1 << 10 != 0,
+            oas: AddressSize::from_bits(g(idr5, 2, 0)).ok_or(RegError::Unsupported("IDR5.OAS"))?,
+        })
+    }
+}
+
+/// A circular queue as its BASE, PROD and CONS registers describe it (§3.5): the pointers
+/// hold an index of LOG2SIZE bits and a wrap bit above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Queue {
+    /// The base address (bits 51:5 of the BASE register).
+    pub base: u64,
+    /// log2 of the number of entries (LOG2SIZE capped by the IDR1 maximum).
+    pub log2size: u8,
+    /// The producer pointer (index and wrap bit).
+    pub prod: u32,
+    /// The consumer pointer (index and wrap bit).
+    pub cons: u32,
+}
+
+impl Queue {
+    fn mask(&self) -> u32 {
+        (2 << self.log2size) - 1
+    }
+
+    /// Whether no entry waits.
+    pub fn is_empty(&self) -> bool {
+        self.prod & self.mask() == self.cons & self.mask()
+    }
+
+    /// Whether every entry waits: same index, different wrap bits.
+    pub fn is_full(&self) -> bool {
+        (self.prod ^ self.cons) & self.mask() == 1 << self.log2size
+    }
+
+    /// The pointer after `ptr` (the wrap bit flips when the index wraps).
+    pub fn next(&self, ptr: u32) -> u32 {
+        (ptr & self.mask()).wrapping_add(1) & self.mask()
+    }
+
+    /// The address of the entry `ptr` points to, for entries of `entry_bytes`.
+    pub fn entry_address(&self, ptr: u32, entry_bytes: u64) -> u64 {
+        self.base + (ptr & ((1 << self.log2size) - 1)) as u64 * entry_bytes
+    }
+}
+
+/// What the owner of a register file must do after a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RegEffect {
+    /// Nothing.
+    None,
+    /// CR0 changed from `old` to `new` (CR0ACK already shows `new`).
+    Cr0 { old: u32, new: u32 },
+    /// Software wrote CMDQ_PROD: consume commands if the queue is enabled.
+    CmdqProd,
+    /// Software wrote EVENTQ_CONS or PRIQ_CONS: space was freed.
+    QueueConsumed,
+    /// A configuration register changed (STRTAB_BASE/_CFG, GBPA, CR1, CR2).
+    Config,
+}
+
+/// The SMMU's registers as a state machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterFile {
+    features: Features,
+    queue_log2: [u8; 3],
+    cr0: u32,
+    cr1: u32,
+    cr2: u32,
+    gbpa: u32,
+    irq_ctrl: u32,
+    gerror: u32,
+    gerrorn: u32,
+    strtab_base: u64,
+    strtab_base_cfg: u32,
+    /// BASE, PROD, CONS of the command, event and PRI queues.
+    queues: [(u64, u32, u32); 3],
+    irq_cfg0: [u64; 3],
+}
+
+const CMDQ: usize = 0;
+const EVENTQ: usize = 1;
+const PRIQ: usize = 2;
+
+impl RegisterFile {
+    /// The reset state of an SMMU with `features` and queues of at most 2^`queue_log2`
+    /// entries (command, event, PRI): everything disabled, GBPA aborting.
+    pub fn new(features: Features, queue_log2: [u8; 3]) -> Self {
+        RegisterFile {
+            features,
+            queue_log2: queue_log2.map(|q| q.min(19)),
+            cr0: 0,
+            cr1: 0,
+            cr2: 0,
+            gbpa: GBPA_ABORT,
+            irq_ctrl: 0,
+            gerror: 0,
+            gerrorn: 0,
+            strtab_base: 0,
+            strtab_base_cfg: 0,
+            queues: [(0, 0, 0); 3],
+            irq_cfg0: [0; 3],
+        }
+    }
+
+    /// The features the ID registers report.
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    /// CR0ACK (which equals CR0).
+    pub fn cr0ack(&self) -> u32 {
+        self.cr0
+    }
+
+    /// The active global errors: GERROR ^ GERRORN.
+    pub fn active_gerrors(&self) -> u32 {
+        self.gerror ^ self.gerrorn
+    }
+
+    /// STRTAB_BASE and STRTAB_BASE_CFG.
+    pub fn strtab(&self) -> (u64, u32) {
+        (self.strtab_base, self.strtab_base_cfg)
+    }
+
+    fn queue(&self, q: usize) -> Queue {
+        let (base, prod, cons) = self.queues[q];
+        let log2size = (get(base, 4, 0) as u8).min(self.queue_log2[q]);
+        let ptr_mask = (2u32 << log2size) - 1;
+        Queue {
+            base: base & bits(51, 5),
+            log2size,
+            prod: prod & ptr_mask,
+            cons: cons & ptr_mask,
+        }
+    }
+
+    /// The command queue.
+    pub fn cmdq(&self) -> Queue {
+        self.queue(CMDQ)
+    }
+
+    /// The event queue.
+    pub fn eventq(&self) -> Queue {
+        self.queue(EVENTQ)
+    }
+
+    /// The PRI queue.
+    pub fn priq(&self) -> Queue {
+        self.queue(PRIQ)
+    }
+
+    fn enable_bit(q: usize) -> u32 {
+        [cr0::CMDQEN, cr0::EVENTQEN, cr0::PRIQEN][q]
+    }
+
+    fn readable(&self, offset: u64) -> Option<(u64, bool)> {
+        use offset::*;
+        let (cmdq, eventq, priq) = (self.queues[CMDQ], self.queues[EVENTQ], self.queues[PRIQ]);
+        let idr1 = self.features.idr1(self.queue_log2) as u64;
+        // (value, 64-bit register)
+        Some(match offset {
+            IDR0 => (self.features.idr0() as u64, false),
+            IDR1 => (idr1, false),
+            IDR3 => (self.features.idr3() as u64, false),
+            IDR5 => (self.features.idr5() as u64, false),
+            IDR2 | IDR4 => (0, false),
+            CR0 | CR0ACK => (self.cr0 as u64, false),
+            CR1 => (self.cr1 as u64, false),
+            CR2 => (self.cr2 as u64, false),
+            GBPA => (self.gbpa as u64, false),
+            IRQ_CTRL | IRQ_CTRLACK => (self.irq_ctrl as u64, false),
+            GERROR => (self.gerror as u64, false),
+            GERRORN => (self.gerrorn as u64, false),
+            GERROR_IRQ_CFG0 => (self.irq_cfg0[0], true),
+            STRTAB_BASE => (self.strtab_base, true),
+            STRTAB_BASE_CFG => (self.strtab_base_cfg as u64, false),
+            CMDQ_BASE => (cmdq.0, true),
+            CMDQ_PROD => (cmdq.1 as u64, false),
+            CMDQ_CONS => (cmdq.2 as u64, false),
+            EVENTQ_BASE => (eventq.0, true),
+            EVENTQ_IRQ_CFG0 => (self.irq_cfg0[1], true),
+            EVENTQ_PROD => (eventq.1 as u64, false),
+            EVENTQ_CONS => (eventq.2 as u64, false),
+            PRIQ_BASE => (priq.0, true),
+            PRIQ_IRQ_CFG0 => (self.irq_cfg0[2], true),
+            PRIQ_PROD => (priq.1 as u64, false),
+            PRIQ_CONS => (priq.2 as u64, false),
+            _ => return None,
+        })
+    }
+
+    /// The register (or half of a 64-bit register) at `offset`, and whether it is 64 bits.
+    fn locate(&self, offset: u64, size: usize) -> Result<(u64, u32, bool), RegError> {
+        let bad = RegError::Access { offset, size };
+        if size != 4 && size != 8 {
+            return Err(RegError::Width(size));
+        }
+        if offset % size as u64 != 0 || offset >= offset::LIMIT {
+            return Err(bad);
+        }
+        if let Some((_, wide)) = self.readable(offset) {
+            if size == 8 && !wide {
+                return Err(bad);
+            }
+            return Ok((offset, 0, wide));
+        }
+        // The upper half of a 64-bit register.
+        match self.readable(offset - 4) {
+            Some((_, true)) if size == 4 && offset % 8 == 4 => Ok((offset - 4, 32, true)),
+            _ if size == 4 => Ok((offset, 0, false)),
+            _ => Err(bad),
+        }
+    }
+
+    /// A software read of `size` bytes at `offset`.
+    pub fn read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        let (reg, shift, _) = self.locate(offset, size)?;
+        let value = self.readable(reg).map_or(0, |(v, _)| v) >> shift;
+        Ok(if size == 4 {
+            value & 0xffff_ffff
+        } else {
+            value
+        })
+    }
+
+    /// A software write of `size` bytes at `offset`.
+    pub fn write(&mut self, offset: u64, size: usize, value: u64) -> Result<RegEffect, RegError> {
+        use offset::*;
+        let (reg, shift, wide) = self.locate(offset, size)?;
+        if size == 4 && value >> 32 != 0 {
+            return Err(RegError::Access { offset, size });
+        }
+        // The new value of a 64-bit register written in halves.
+        let merged = |old: u64| {
+            if !wide || size == 8 {
+                value
+            } else {
+                (old & !(0xffff_ffff << shift)) | value << shift
+            }
+        };
+        let v32 = value as u32;
+        let smmu_enabled = self.cr0 & cr0::SMMUEN != 0;
+        Ok(match reg {
+            CR0 => {
+                let old = self.cr0;
+                self.cr0 = v32
+                    & (cr0::SMMUEN
+                        | cr0::PRIQEN
+                        | cr0::EVENTQEN
+                        | cr0::CMDQEN
+                        | cr0::ATSCHK
+                        | cr0::VMW);
+                RegEffect::Cr0 { old, new: self.cr0 }
+            }
+            CR1 | CR2 if smmu_enabled => RegEffect::None,
+            CR1 => {
+                self.cr1 = v32 & bits(11, 0) as u32;
+                RegEffect::Config
+            }
+            CR2 => {
+                self.cr2 = v32 & 0x7;
+                RegEffect::Config
+            }
+            GBPA if v32 & GBPA_UPDATE != 0 => {
+                self.gbpa =
+                    v32 & (bits(3, 0) | 1 << 4 | bits(11, 8) | bits(13, 12) | bits(20, 16)) as u32;
+                RegEffect::Config
+            }
+            IRQ_CTRL => {
+                self.irq_ctrl = v32 & 0x7;
+                RegEffect::None
+            }
+            GERRORN => {
+                self.gerrorn = v32 & bits(8, 0) as u32 & !0x2;
+                RegEffect::None
+            }
+            GERROR_IRQ_CFG0 | EVENTQ_IRQ_CFG0 | PRIQ_IRQ_CFG0 => {
+                let i = match reg {
+                    GERROR_IRQ_CFG0 => 0,
+                    EVENTQ_IRQ_CFG0 => 1,
+                    _ => 2,
+                };
+                self.irq_cfg0[i] = merged(self.irq_cfg0[i]) & bits(51, 2);
+                RegEffect::None
+            }
+            STRTAB_BASE | STRTAB_BASE_CFG if smmu_enabled => RegEffect::None,
+            STRTAB_BASE => {
+                self.strtab_base = merged(self.strtab_base) & (1 << 62 | bits(51, 6));
+                RegEffect::Config
+            }
+            STRTAB_BASE_CFG => {
+                self.strtab_base_cfg = v32 & (bits(5, 0) | bits(10, 6) | bits(17, 16)) as u32;
+                RegEffect::Config
+            }
+            CMDQ_BASE | EVENTQ_BASE | PRIQ_BASE => {
+                let q = match reg {
+                    CMDQ_BASE => CMDQ,
+                    EVENTQ_BASE => EVENTQ,
+                    _ => PRIQ,
+                };
+                if self.cr0 & Self::enable_bit(q) == 0 {
+                    self.queues[q].0 =
+                        merged(self.queues[q].0) & (1 << 62 | bits(51, 5) | bits(4, 0));
+                }
+                RegEffect::None
+            }
+            CMDQ_PROD => {
+                self.queues[CMDQ].1 = v32 & bits(19, 0) as u32;
+                RegEffect::CmdqProd
+            }
+            CMDQ_CONS => {
+                if self.cr0 & cr0::CMDQEN == 0 {
+                    self.queues[CMDQ].2 = v32 & bits(19, 0) as u32;
+                }
+                RegEffect::None
+            }
+            EVENTQ_PROD | PRIQ_PROD => {
+                let q = if reg == EVENTQ_PROD { EVENTQ } else { PRIQ };
+                if self.cr0 & Self::enable_bit(q) == 0 {
+                    self.queues[q].1 = v32 & (bits(19, 0) as u32 | OVERFLOW);
+                }
+                RegEffect::None
+            }
+            EVENTQ_CONS | PRIQ_CONS => {
+                let q = if reg == EVENTQ_CONS { EVENTQ } else { PRIQ };
+                self.queues[q].2 = v32 & (bits(19, 0) as u32 | OVERFLOW);
+                RegEffect::QueueConsumed
+            }
+            _ => RegEffect::None,
+        })
+    }
+
+    /// The SMMU consumed commands up to `cons`; with `error`, it stopped at the command
+    /// `cons` points to, recorded CMDQ_CONS.ERR and activated GERROR.CMDQ_ERR.
+    pub fn cmdq_consumed(&mut self, cons: u32, error: Option<CmdError>) {
+        let q = self.cmdq();
+        let ptr = cons & ((2 << q.log2size) - 1);
+        let err = error.map_or(0, |e| put(e.code() as u64, 30, 24) as u32);
+        self.queues[CMDQ].2 = ptr | err;
+        if error.is_some() && self.active_gerrors() & gerror::CMDQ_ERR == 0 {
+            self.gerror ^= gerror::CMDQ_ERR;
+        }
+    }
+
+    fn produce(&mut self, q: usize, entry_bytes: u64) -> Option<u64> {
+        if self.cr0 & Self::enable_bit(q) == 0 {
+            return None;
+        }
+        let queue = self.queue(q);
+        let (_, prod, cons) = self.queues[q];
+        if queue.is_full() {
+            // Overflow: OVFLG differs from CONS.OVACKFLG until software acknowledges it.
+            self.queues[q].1 = (prod & !OVERFLOW) | (!cons & OVERFLOW);
+            return None;
+        }
+        let addr = queue.entry_address(queue.prod, entry_bytes);
+        self.queues[q].1 = (prod & OVERFLOW) | queue.next(queue.prod);
+        Some(addr)
+    }
+
+    /// Claims the next event queue slot: the address to write a 32-byte record to, with
+    /// EVENTQ_PROD already advanced; `None` when the queue is disabled, or full (then the
+    /// overflow flag is set and the event lost).
+    pub fn push_event(&mut self) -> Option<u64> {
+        self.produce(EVENTQ, 32)
+    }
+
+    /// Claims the next PRI queue slot (16 bytes), as [`RegisterFile::push_event`] does.
+    pub fn push_page_request(&mut self) -> Option<u64> {
+        self.produce(PRIQ, 16)
+    }
+
+    /// Whether an overflow of the event queue is unacknowledged.
+    pub fn eventq_overflowed(&self) -> bool {
+        (self.queues[EVENTQ].1 ^ self.queues[EVENTQ].2) & OVERFLOW != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offset::*;
+    use super::*;
+
+    const F: Features = Features::VSVA;
+
+    fn regs() -> RegisterFile {
+        RegisterFile::new(F, [8, 7, 6])
+    }
+
+    #[test]
+    fn id_registers() {
+        assert_eq!(F.idr0(), 0x094d_349b);
+        assert_eq!(F.idr1([8, 7, 6]), 0x0107_3510);
+        assert_eq!(F.idr5(), 0x15);
+        let r = regs();
+        assert_eq!(r.read(IDR0, 4), Ok(0x094d_349b));
+        assert_eq!(r.read(IDR1, 4), Ok(0x0107_3510));
+        for f in [
+            F,
+            Features {
+                s1p: false,
+                httu: Httu::None,
+                ril: true,
+                oas: AddressSize::Bits40,
+                ..F
+            },
+            Features {
+                hyp: true,
+                cd2l: false,
+                stall_model: StallModel::ForceStall,
+                ssid_bits: 0,
+                ..F
+            },
+        ] {
+            assert_eq!(
+                Features::from_idr(f.idr0(), f.idr1([8, 8, 8]), f.idr3(), f.idr5()),
+                Ok(f)
+            );
+        }
+        assert!(Features::from_idr(F.idr0() & !(3 << 2), F.idr1([8; 3]), 0, F.idr5()).is_err());
+        assert!(Features::from_idr(F.idr0(), F.idr1([8; 3]), 0, 5).is_err());
+        // IDRs ignore writes.
+        let mut r = regs();
+        assert_eq!(r.write(IDR0, 4, 0), Ok(RegEffect::None));
+        assert_eq!(r.read(IDR0, 4), Ok(F.idr0() as u64));
+    }
+
+    #[test]
+    fn queue_pointer_arithmetic() {
+        let q = Queue {
+            base: 0x1000,
+            log2size: 2,
+            prod: 0b011,
+            cons: 0b111,
+        };
+        assert!(q.is_full() && !q.is_empty());
+        assert_eq!(q.next(0b011), 0b100);
+        assert_eq!(q.next(0b111), 0b000);
+        assert_eq!(q.entry_address(0b110, 16), 0x1000 + 2 * 16);
+        let e = Queue {
+            prod: 0b101,
+            cons: 0b101,
+            ..q
+        };
+        assert!(e.is_empty() && !e.is_full());
+    }
+
+    #[test]
+    fn access_rules() {
+        let mut r = regs();
+        assert_eq!(r.read(CR0, 2), Err(RegError::Width(2)));
+        assert_eq!(
+            r.read(CR0 + 2, 4),
+            Err(RegError::Access {
+                offset: CR0 + 2,
+                size: 4
+            })
+        );
+        assert_eq!(
+            r.read(CR0, 8),
+            Err(RegError::Access {
+                offset: CR0,
+                size: 8
+            })
+        );
+        assert_eq!(
+            r.read(LIMIT, 4),
+            Err(RegError::Access {
+                offset: LIMIT,
+                size: 4
+            })
+        );
+        assert_eq!(
+            r.write(CR1, 4, 1 << 32),
+            Err(RegError::Access {
+                offset: CR1,
+                size: 4
+            })
+        );
+        // 64-bit registers in one access or two halves.
+        r.write(STRTAB_BASE, 8, 0x0000_0012_3456_7840).unwrap();
+        assert_eq!(r.read(STRTAB_BASE + 4, 4), Ok(0x12));
+        r.write(STRTAB_BASE + 4, 4, 0x34).unwrap();
+        assert_eq!(r.read(STRTAB_BASE, 8), Ok(0x0000_0034_3456_7840));
+        // RES0 bits of STRTAB_BASE are dropped.
+        r.write(STRTAB_BASE, 8, u64::MAX).unwrap();
+        assert_eq!(r.read(STRTAB_BASE, 8), Ok(1 << 62 | bits(51, 6)));
+        // Unimplemented offsets read 0.
+        assert_eq!(r.read(0x18, 4), Ok(0));
+    }
+
+    #[test]
+    fn enables_and_ignored_writes() {
+        let mut r = regs();
+        r.write(CMDQ_BASE, 8, 0x8_0000 | 5).unwrap();
+        r.write(STRTAB_BASE_CFG, 4, 1 << 16 | 8 << 6 | 16).unwrap();
+        let en = cr0::SMMUEN | cr0::CMDQEN;
+        assert_eq!(
+            r.write(CR0, 4, en as u64),
+            Ok(RegEffect::Cr0 { old: 0, new: en })
+        );
+        assert_eq!(r.read(CR0ACK, 4), Ok(en as u64));
+        // The enabled queue's BASE and CONS, and the stream table, ignore writes now.
+        r.write(CMDQ_BASE, 8, 0x9_0000).unwrap();
+        r.write(CMDQ_CONS, 4, 3).unwrap();
+        r.write(STRTAB_BASE_CFG, 4, 0).unwrap();
+        assert_eq!(
+            r.cmdq(),
+            Queue {
+                base: 0x8_0000,
+                log2size: 5,
+                prod: 0,
+                cons: 0
+            }
+        );
+        assert_eq!(r.strtab().1, 1 << 16 | 8 << 6 | 16);
+        assert_eq!(r.write(CMDQ_PROD, 4, 2), Ok(RegEffect::CmdqProd));
+        assert_eq!(r.cmdq().prod, 2);
+        // LOG2SIZE is capped by IDR1.CMDQS.
+        let mut big = regs();
+        big.write(CMDQ_BASE, 8, 0x8_0000 | 31).unwrap();
+        assert_eq!(big.cmdq().log2size, 8);
+        // IRQ_CTRLACK follows IRQ_CTRL; GBPA needs Update.
+        r.write(IRQ_CTRL, 4, 0x7).unwrap();
+        assert_eq!(r.read(IRQ_CTRLACK, 4), Ok(0x7));
+        assert_eq!(r.read(GBPA, 4), Ok(GBPA_ABORT as u64));
+        r.write(GBPA, 4, 0).unwrap();
+        assert_eq!(r.read(GBPA, 4), Ok(GBPA_ABORT as u64));
+        r.write(GBPA, 4, (GBPA_UPDATE | 1 << 12) as u64).unwrap();
+        assert_eq!(r.read(GBPA, 4), Ok(1 << 12));
+        // CR1 is ignored while SMMUEN is set.
+        r.write(CR1, 4, 0x3f).unwrap();
+        assert_eq!(r.read(CR1, 4), Ok(0));
+    }
+
+    #[test]
+    fn command_errors() {
+        let mut r = regs();
+        r.write(CMDQ_BASE, 8, 0x8_0000 | 3).unwrap();
+        r.write(CR0, 4, cr0::CMDQEN as u64).unwrap();
+        r.write(CMDQ_PROD, 4, 5).unwrap();
+        r.cmdq_consumed(2, Some(CmdError::Ill));
+        assert_eq!(r.read(CMDQ_CONS, 4), Ok(1 << 24 | 2));
+        assert_eq!(r.active_gerrors(), gerror::CMDQ_ERR);
+        assert_eq!(r.read(GERROR, 4), Ok(1));
+        // Software acknowledges by writing GERRORN = GERROR.
+        r.write(GERRORN, 4, 1).unwrap();
+        assert_eq!(r.active_gerrors(), 0);
+        // A later error toggles GERROR again.
+        r.cmdq_consumed(3, Some(CmdError::Abt));
+        assert_eq!(r.read(GERROR, 4), Ok(0));
+        assert_eq!(r.active_gerrors(), gerror::CMDQ_ERR);
+        r.cmdq_consumed(5, None);
+        assert_eq!(r.read(CMDQ_CONS, 4), Ok(5));
+    }
+
+    #[test]
+    fn event_queue_fills_and_overflows() {
+        let mut r = regs();
+        r.write(EVENTQ_BASE, 8, 0x4_0000 | 2).unwrap();
+        assert_eq!(r.push_event(), None, "disabled");
+        r.write(CR0, 4, cr0::EVENTQEN as u64).unwrap();
+        let slots: Vec<Option<u64>> = (0..4).map(|_| r.push_event()).collect();
+        assert_eq!(
+            slots,
+            [
+                Some(0x4_0000),
+                Some(0x4_0020),
+                Some(0x4_0040),
+                Some(0x4_0060)
+            ]
+        );
+        assert!(r.eventq().is_full());
+        assert!(!r.eventq_overflowed());
+        assert_eq!(r.push_event(), None);
+        assert!(r.eventq_overflowed());
+        assert_eq!(r.read(EVENTQ_PROD, 4), Ok((OVERFLOW | 0b100) as u64));
+        // Software consumes two and acknowledges the overflow.
+        assert_eq!(
+            r.write(EVENTQ_CONS, 4, (OVERFLOW | 2) as u64),
+            Ok(RegEffect::QueueConsumed)
+        );
+        assert!(!r.eventq_overflowed());
+        assert_eq!(r.push_event(), Some(0x4_0000));
+        assert_eq!(r.eventq().prod, 0b101);
+        // The PRI queue has 16-byte entries.
+        r.write(PRIQ_BASE, 8, 0x5_0000 | 4).unwrap();
+        r.write(CR0, 4, (cr0::EVENTQEN | cr0::PRIQEN) as u64)
+            .unwrap();
+        assert_eq!(r.push_page_request(), Some(0x5_0000));
+        assert_eq!(r.push_page_request(), Some(0x5_0010));
+    }
+}
