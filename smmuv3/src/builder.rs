@@ -14,7 +14,12 @@ use vsva_vtd::{MemError, PhysMem};
 pub enum BuildError {
     /// An address is not aligned to the page size.
     #[error("address {addr:#x} is not aligned to {size:?}")]
-    Misaligned { addr: u64, size: PageSize },
+    Misaligned {
+        /// The address.
+        addr: u64,
+        /// The page size it must be aligned to.
+        size: PageSize,
+    },
     /// The input address is beyond the table's input size.
     #[error("input address {0:#x} is outside the table's input range")]
     OutOfRange(u64),
@@ -26,10 +31,20 @@ pub enum BuildError {
     SizeAboveStart(PageSize),
     /// Something is already mapped there.
     #[error("{va:#x} is already mapped at level {level}")]
-    AlreadyMapped { va: u64, level: u8 },
+    AlreadyMapped {
+        /// The input address.
+        va: u64,
+        /// The level of the valid descriptor found.
+        level: u8,
+    },
     /// A block is in the way of a smaller mapping.
     #[error("{va:#x} is covered by a block at level {level}")]
-    SizeConflict { va: u64, level: u8 },
+    SizeConflict {
+        /// The input address.
+        va: u64,
+        /// The level of the block.
+        level: u8,
+    },
     /// The frame source returned a frame that is not a 4 KiB-aligned address below 2^48.
     #[error("table frame {0:#x} is not a 4 KiB-aligned address below 2^48")]
     BadFrame(u64),

@@ -21,10 +21,20 @@ pub enum BadCd {
     NotValid,
     /// A RES0 bit is set.
     #[error("reserved bits {bits:#x} set in CD word {word}")]
-    ReservedBits { word: usize, bits: u64 },
+    ReservedBits {
+        /// The word (0 to 7).
+        word: usize,
+        /// The RES0 bits set in it.
+        bits: u64,
+    },
     /// A field holds a reserved encoding.
     #[error("reserved encoding {value:#x} in CD.{field}")]
-    ReservedEncoding { field: &'static str, value: u64 },
+    ReservedEncoding {
+        /// The field's spec name.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
     /// AA64 = 0: AArch32 tables.
     #[error("AArch32 stage-1 tables are not supported")]
     AArch32,

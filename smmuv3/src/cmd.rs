@@ -99,79 +99,169 @@ pub struct TlbiAddr {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cmd {
     /// CMD_PREFETCH_CONFIG (0x01): prefetch the STE (and CD) of a stream.
-    PrefetchConfig { sid: u32, ssid: Option<u32> },
-    /// CMD_PREFETCH_ADDR (0x02): prefetch translations of 2^Size pages at `addr`.
-    PrefetchAddr {
+    PrefetchConfig {
+        /// StreamID.
         sid: u32,
+        /// SubstreamID, when SSV is set.
         ssid: Option<u32>,
+    },
+    /// CMD_PREFETCH_ADDR (0x02): prefetch translations of 2^`size` pages at `addr`, every
+    /// 2^`stride` pages.
+    PrefetchAddr {
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID, when SSV is set.
+        ssid: Option<u32>,
+        /// Address (bits 63:12).
         addr: u64,
+        /// log2 of the number of pages.
         size: u8,
+        /// log2 of the stride, in pages.
         stride: u8,
     },
-    /// CMD_CFGI_STE (0x03): invalidate the cached STE of a stream.
-    CfgiSte { sid: u32, leaf: bool },
-    /// CMD_CFGI_STE_RANGE (0x04): invalidate the STEs of the 2^(range + 1) streams around
-    /// `sid`; range 31 is CMD_CFGI_ALL, every stream (`sid` then ignored, 0).
-    CfgiSteRange { sid: u32, range: u8 },
-    /// CMD_CFGI_CD (0x05): invalidate one cached CD.
-    CfgiCd { sid: u32, ssid: u32, leaf: bool },
+    /// CMD_CFGI_STE (0x03): invalidate the cached STE of a stream (`leaf`: only the STE,
+    /// not the L1STD).
+    CfgiSte {
+        /// StreamID.
+        sid: u32,
+        /// Leaf: only the entry, not the level-1 descriptor.
+        leaf: bool,
+    },
+    /// CMD_CFGI_STE_RANGE (0x04): invalidate the STEs of the 2^(`range` + 1) streams
+    /// around `sid`; range 31 is CMD_CFGI_ALL, every stream (`sid` then ignored, 0).
+    CfgiSteRange {
+        /// StreamID.
+        sid: u32,
+        /// Range.
+        range: u8,
+    },
+    /// CMD_CFGI_CD (0x05): invalidate one cached CD (`leaf`: only the CD, not the L1CD).
+    CfgiCd {
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID.
+        ssid: u32,
+        /// Leaf: only the entry, not the level-1 descriptor.
+        leaf: bool,
+    },
     /// CMD_CFGI_CD_ALL (0x06): invalidate every cached CD of a stream.
-    CfgiCdAll { sid: u32 },
+    CfgiCdAll {
+        /// StreamID.
+        sid: u32,
+    },
     /// CMD_TLBI_NH_ALL (0x10): every stage-1 TLB entry of a VMID.
-    TlbiNhAll { vmid: u16 },
+    TlbiNhAll {
+        /// VMID.
+        vmid: u16,
+    },
     /// CMD_TLBI_NH_ASID (0x11): the stage-1 entries of an ASID under a VMID.
-    TlbiNhAsid { vmid: u16, asid: u16 },
+    TlbiNhAsid {
+        /// VMID.
+        vmid: u16,
+        /// ASID.
+        asid: u16,
+    },
     /// CMD_TLBI_NH_VA (0x12): the stage-1 entries of an address under an ASID and VMID.
     TlbiNhVa {
+        /// VMID.
         vmid: u16,
+        /// ASID.
         asid: u16,
+        /// The address operand.
         addr: TlbiAddr,
     },
     /// CMD_TLBI_NH_VAA (0x13): the stage-1 entries of an address for every ASID of a VMID.
-    TlbiNhVaa { vmid: u16, addr: TlbiAddr },
+    TlbiNhVaa {
+        /// VMID.
+        vmid: u16,
+        /// The address operand.
+        addr: TlbiAddr,
+    },
     /// CMD_TLBI_EL2_ALL (0x20).
     TlbiEl2All,
     /// CMD_TLBI_EL2_ASID (0x21).
-    TlbiEl2Asid { asid: u16 },
+    TlbiEl2Asid {
+        /// ASID.
+        asid: u16,
+    },
     /// CMD_TLBI_EL2_VA (0x22).
-    TlbiEl2Va { asid: u16, addr: TlbiAddr },
+    TlbiEl2Va {
+        /// ASID.
+        asid: u16,
+        /// The address operand.
+        addr: TlbiAddr,
+    },
     /// CMD_TLBI_EL2_VAA (0x23).
-    TlbiEl2Vaa { addr: TlbiAddr },
+    TlbiEl2Vaa {
+        /// The address operand.
+        addr: TlbiAddr,
+    },
     /// CMD_TLBI_S12_VMALL (0x28): every stage-1 and stage-2 entry of a VMID.
-    TlbiS12Vmall { vmid: u16 },
+    TlbiS12Vmall {
+        /// VMID.
+        vmid: u16,
+    },
     /// CMD_TLBI_S2_IPA (0x2A): the stage-2 entries of an IPA under a VMID.
-    TlbiS2Ipa { vmid: u16, addr: TlbiAddr },
+    TlbiS2Ipa {
+        /// VMID.
+        vmid: u16,
+        /// The address operand.
+        addr: TlbiAddr,
+    },
     /// CMD_TLBI_NSNH_ALL (0x30): every Non-secure non-hypervisor entry.
     TlbiNsnhAll,
-    /// CMD_ATC_INV (0x40): invalidate 2^size pages at `addr` in a device's ATC.
+    /// CMD_ATC_INV (0x40): invalidate 2^`size` pages at `addr` in a device's ATC
+    /// (`global`: for every SubstreamID).
     AtcInv {
+        /// StreamID.
         sid: u32,
+        /// SubstreamID, when SSV is set.
         ssid: Option<u32>,
+        /// Global: every SubstreamID of the function.
         global: bool,
+        /// Address (bits 63:12).
         addr: u64,
+        /// Size: the range is 2^Size 4 KiB pages.
         size: u8,
     },
-    /// CMD_PRI_RESP (0x41): respond to a page request group.
+    /// CMD_PRI_RESP (0x41): respond `resp` to the page request group `prg_index`.
     PriResp {
+        /// StreamID.
         sid: u32,
+        /// SubstreamID, when SSV is set.
         ssid: Option<u32>,
+        /// PRGIndex: the page request group.
         prg_index: u16,
+        /// Resp.
         resp: PriResp,
     },
-    /// CMD_RESUME (0x44): resume a stalled transaction.
+    /// CMD_RESUME (0x44): resume the stalled transaction `stag` with `action`.
     Resume {
+        /// StreamID.
         sid: u32,
+        /// Action.
         action: ResumeAction,
+        /// STAG: the stalled transaction.
         stag: u16,
     },
     /// CMD_STALL_TERM (0x45): terminate every stalled transaction of a stream.
-    StallTerm { sid: u32 },
-    /// CMD_SYNC (0x46): completes once every earlier command has.
+    StallTerm {
+        /// StreamID.
+        sid: u32,
+    },
+    /// CMD_SYNC (0x46): completes once every earlier command has, signalled by `cs`; for
+    /// an MSI, `msi_data` is written to `msi_addr` with shareability `msh` and memory
+    /// attributes `msi_attr`.
     Sync {
+        /// CS: the completion signal.
         cs: SyncCs,
+        /// MSH: the MSI write's shareability.
         msh: u8,
+        /// MSIAttr: the MSI write's memory attributes.
         msi_attr: u8,
+        /// MSIData.
         msi_data: u32,
+        /// MSIAddress (bits 51:2).
         msi_addr: u64,
     },
 }

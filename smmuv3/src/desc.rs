@@ -25,7 +25,12 @@ pub enum DescriptorKind {
     Table(u64),
     /// A block (levels 1 and 2, bits[1:0] = 01) or page (level 3, bits[1:0] = 11)
     /// descriptor: the output address of the first byte and the size mapped.
-    Leaf { base: u64, size: PageSize },
+    Leaf {
+        /// The output address of the first byte.
+        base: u64,
+        /// The size mapped.
+        size: PageSize,
+    },
 }
 
 /// One 64-bit VMSAv8-64 descriptor (stage 1 or stage 2; the attribute fields differ).

@@ -23,7 +23,10 @@ pub enum ConfigFault {
     BadStreamId,
     /// F_STE_FETCH: the STE (or L1STD) at this address could not be read.
     #[error("F_STE_FETCH at {addr:#x}")]
-    SteFetch { addr: u64 },
+    SteFetch {
+        /// The physical address of the failed read.
+        addr: u64,
+    },
     /// C_BAD_STE.
     #[error("C_BAD_STE: {0}")]
     BadSte(BadSte),
@@ -36,7 +39,10 @@ pub enum ConfigFault {
     BadSubstreamId,
     /// F_CD_FETCH: the CD (or L1CD) at this physical address could not be read.
     #[error("F_CD_FETCH at {addr:#x}")]
-    CdFetch { addr: u64 },
+    CdFetch {
+        /// The physical address of the failed read.
+        addr: u64,
+    },
     /// C_BAD_CD.
     #[error("C_BAD_CD: {0}")]
     BadCd(BadCd),

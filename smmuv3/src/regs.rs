@@ -19,34 +19,63 @@ use crate::walk::AddressSize;
 
 /// Register offsets (§6.2); EVENTQ and PRIQ pointers are in page 1.
 pub mod offset {
+    /// SMMU_IDR0.
     pub const IDR0: u64 = 0x00;
+    /// SMMU_IDR1.
     pub const IDR1: u64 = 0x04;
+    /// SMMU_IDR2.
     pub const IDR2: u64 = 0x08;
+    /// SMMU_IDR3.
     pub const IDR3: u64 = 0x0c;
+    /// SMMU_IDR4.
     pub const IDR4: u64 = 0x10;
+    /// SMMU_IDR5.
     pub const IDR5: u64 = 0x14;
+    /// SMMU_CR0.
     pub const CR0: u64 = 0x20;
+    /// SMMU_CR0ACK.
     pub const CR0ACK: u64 = 0x24;
+    /// SMMU_CR1.
     pub const CR1: u64 = 0x28;
+    /// SMMU_CR2.
     pub const CR2: u64 = 0x2c;
+    /// SMMU_GBPA.
     pub const GBPA: u64 = 0x44;
+    /// SMMU_IRQ_CTRL.
     pub const IRQ_CTRL: u64 = 0x50;
+    /// SMMU_IRQ_CTRLACK.
     pub const IRQ_CTRLACK: u64 = 0x54;
+    /// SMMU_GERROR.
     pub const GERROR: u64 = 0x60;
+    /// SMMU_GERRORN.
     pub const GERRORN: u64 = 0x64;
+    /// SMMU_GERROR_IRQ_CFG0 (64-bit).
     pub const GERROR_IRQ_CFG0: u64 = 0x68;
+    /// SMMU_STRTAB_BASE (64-bit).
     pub const STRTAB_BASE: u64 = 0x80;
+    /// SMMU_STRTAB_BASE_CFG.
     pub const STRTAB_BASE_CFG: u64 = 0x88;
+    /// SMMU_CMDQ_BASE (64-bit).
     pub const CMDQ_BASE: u64 = 0x90;
+    /// SMMU_CMDQ_PROD.
     pub const CMDQ_PROD: u64 = 0x98;
+    /// SMMU_CMDQ_CONS.
     pub const CMDQ_CONS: u64 = 0x9c;
+    /// SMMU_EVENTQ_BASE (64-bit).
     pub const EVENTQ_BASE: u64 = 0xa0;
+    /// SMMU_EVENTQ_IRQ_CFG0 (64-bit).
     pub const EVENTQ_IRQ_CFG0: u64 = 0xb0;
+    /// SMMU_PRIQ_BASE (64-bit).
     pub const PRIQ_BASE: u64 = 0xc0;
+    /// SMMU_PRIQ_IRQ_CFG0 (64-bit).
     pub const PRIQ_IRQ_CFG0: u64 = 0xd0;
+    /// SMMU_EVENTQ_PROD (page 1).
     pub const EVENTQ_PROD: u64 = 0x1_00a8;
+    /// SMMU_EVENTQ_CONS (page 1).
     pub const EVENTQ_CONS: u64 = 0x1_00ac;
+    /// SMMU_PRIQ_PROD (page 1).
     pub const PRIQ_PROD: u64 = 0x1_00c8;
+    /// SMMU_PRIQ_CONS (page 1).
     pub const PRIQ_CONS: u64 = 0x1_00cc;
     /// The size of the two register pages.
     pub const LIMIT: u64 = 0x2_0000;
@@ -54,31 +83,47 @@ pub mod offset {
 
 /// CR0 / CR0ACK bits (§6.3.9).
 pub mod cr0 {
+    /// SMMUEN: translation enabled.
     pub const SMMUEN: u32 = 1 << 0;
+    /// PRIQEN: PRI queue enabled.
     pub const PRIQEN: u32 = 1 << 1;
+    /// EVENTQEN: event queue enabled.
     pub const EVENTQEN: u32 = 1 << 2;
+    /// CMDQEN: command queue enabled.
     pub const CMDQEN: u32 = 1 << 3;
+    /// ATSCHK: ATS translated traffic is checked against the STE.
     pub const ATSCHK: u32 = 1 << 4;
-    /// VMW[8:6].
+    /// VMW[8:6]: VMID wildcard.
     pub const VMW: u32 = 0x7 << 6;
 }
 
 /// GERROR / GERRORN bits (§6.3.17): an error is active while the two differ.
 pub mod gerror {
+    /// CMDQ_ERR: the command queue stopped on an error (CMDQ_CONS.ERR).
     pub const CMDQ_ERR: u32 = 1 << 0;
+    /// EVENTQ_ABT_ERR: an event queue write aborted.
     pub const EVENTQ_ABT_ERR: u32 = 1 << 2;
+    /// PRIQ_ABT_ERR: a PRI queue write aborted.
     pub const PRIQ_ABT_ERR: u32 = 1 << 3;
+    /// MSI_CMDQ_ABT_ERR: a CMD_SYNC MSI write aborted.
     pub const MSI_CMDQ_ABT_ERR: u32 = 1 << 4;
+    /// MSI_EVENTQ_ABT_ERR.
     pub const MSI_EVENTQ_ABT_ERR: u32 = 1 << 5;
+    /// MSI_PRIQ_ABT_ERR.
     pub const MSI_PRIQ_ABT_ERR: u32 = 1 << 6;
+    /// MSI_GERROR_ABT_ERR.
     pub const MSI_GERROR_ABT_ERR: u32 = 1 << 7;
+    /// SFM_ERR: service failure mode.
     pub const SFM_ERR: u32 = 1 << 8;
 }
 
 /// IRQ_CTRL / IRQ_CTRLACK bits (§6.3.15).
 pub mod irq_ctrl {
+    /// GERROR_IRQEN.
     pub const GERROR_IRQEN: u32 = 1 << 0;
+    /// PRIQ_IRQEN.
     pub const PRIQ_IRQEN: u32 = 1 << 1;
+    /// EVENTQ_IRQEN.
     pub const EVENTQ_IRQEN: u32 = 1 << 2;
 }
 
@@ -97,7 +142,12 @@ pub enum RegError {
     Width(usize),
     /// Misaligned, outside the two pages, or 8 bytes to a 32-bit register.
     #[error("no {size}-byte register access at {offset:#x}")]
-    Access { offset: u64, size: usize },
+    Access {
+        /// The byte offset.
+        offset: u64,
+        /// The access width in bytes.
+        size: usize,
+    },
     /// ID register values describing an SMMU vsva cannot model.
     #[error("unsupported SMMU: {0}")]
     Unsupported(&'static str),
@@ -228,7 +278,12 @@ pub enum RegEffect {
     /// Nothing.
     None,
     /// CR0 changed from `old` to `new` (CR0ACK already shows `new`).
-    Cr0 { old: u32, new: u32 },
+    Cr0 {
+        /// CR0 before the write.
+        old: u32,
+        /// CR0 after it.
+        new: u32,
+    },
     /// Software wrote CMDQ_PROD: consume commands if the queue is enabled.
     CmdqProd,
     /// Software wrote EVENTQ_CONS or PRIQ_CONS: space was freed.

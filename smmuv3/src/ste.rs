@@ -125,16 +125,31 @@ pub enum BadSte {
     NotValid,
     /// A RES0 bit is set.
     #[error("reserved bits {bits:#x} set in STE word {word}")]
-    ReservedBits { word: usize, bits: u64 },
+    ReservedBits {
+        /// The word (0 to 7).
+        word: usize,
+        /// The RES0 bits set in it.
+        bits: u64,
+    },
     /// A field holds a reserved encoding.
     #[error("reserved encoding {value:#x} in STE.{field}")]
-    ReservedEncoding { field: &'static str, value: u64 },
+    ReservedEncoding {
+        /// The field's spec name.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
     /// Config enables a stage the SMMU does not implement.
     #[error("STE.Config {0:?} needs a stage the SMMU does not implement")]
     StageNotImplemented(Config),
     /// S1CDMax is beyond IDR1.SSIDSIZE.
     #[error("S1CDMax {s1cdmax} is beyond SSIDSIZE {ssid_bits}")]
-    S1CdMax { s1cdmax: u8, ssid_bits: u8 },
+    S1CdMax {
+        /// S1CDMax.
+        s1cdmax: u8,
+        /// IDR1.SSIDSIZE.
+        ssid_bits: u8,
+    },
     /// A 2-level CD table without IDR0.CD2L.
     #[error("2-level CD tables are not supported (IDR0.CD2L = 0)")]
     Cd2l,
@@ -161,7 +176,12 @@ pub enum BadSte {
     S2Table(TableConfigError),
     /// S2TTB is beyond the effective S2PS.
     #[error("S2TTB {s2ttb:#x} is beyond the {bits}-bit stage-2 output size")]
-    S2ttb { s2ttb: u64, bits: u32 },
+    S2ttb {
+        /// S2TTB.
+        s2ttb: u64,
+        /// The effective output size in bits.
+        bits: u32,
+    },
     /// S1STALLD or S2S contradicts IDR0.STALL_MODEL.
     #[error("stall setting not allowed by the stall model {0:?}")]
     Stall(StallModel),

@@ -125,7 +125,12 @@ pub enum TableConfigError {
     /// S2SL0 names no start level, or one at which the IPA size needs fewer than one or more
     /// than 16 concatenated tables.
     #[error("S2SL0 {s2sl0} is inconsistent with S2T0SZ {s2t0sz}")]
-    S2sl0 { s2sl0: u8, s2t0sz: u8 },
+    S2sl0 {
+        /// S2SL0.
+        s2sl0: u8,
+        /// S2T0SZ.
+        s2t0sz: u8,
+    },
 }
 
 /// What a transaction asks for (IHI 0070 §3.2: the RnW, InD and PnU attributes).
@@ -299,7 +304,12 @@ pub enum FaultStage {
     /// S2 = 0: stage 1 faulted.
     Stage1,
     /// S2 = 1: stage 2 faulted while translating `ipa` for an access of `class`.
-    Stage2 { class: FaultClass, ipa: u64 },
+    Stage2 {
+        /// CLASS.
+        class: FaultClass,
+        /// The IPA stage 2 was translating.
+        ipa: u64,
+    },
 }
 
 /// A failed walk.
@@ -327,7 +337,12 @@ pub enum StepOutcome {
     /// stage 1 of a nested walk).
     Table(u64),
     /// A block or page descriptor.
-    Leaf { base: u64, size: PageSize },
+    Leaf {
+        /// The output address of the first byte.
+        base: u64,
+        /// The size mapped.
+        size: PageSize,
+    },
     /// The walk stops here.
     Fault(FaultKind),
 }
