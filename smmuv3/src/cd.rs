@@ -365,6 +365,7 @@ impl L1Cd {
 mod tests {
     use super::*;
     use crate::features::Httu;
+    use crate::testutil::count_hits;
     use proptest::prelude::*;
 
     fn linux_cd() -> ContextDescriptor {
@@ -519,18 +520,26 @@ mod tests {
         assert_eq!((none.flags().ha, none.flags().hd), (false, false));
     }
 
-    proptest! {
-        /// Decoding never panics, and a decoded CD encodes back to the same words.
-        #[test]
-        fn decode_encode_round_trip(w in prop::array::uniform6(any::<u64>()), mask in prop::array::uniform6(any::<u64>())) {
+    /// Decoding never panics, and a decoded CD encodes back to the same words.
+    #[test]
+    fn decode_encode_round_trip() {
+        let words = (
+            prop::array::uniform6(any::<u64>()),
+            prop::array::uniform6(any::<u64>()),
+        );
+        let hits = count_hits(512, &words, |(w, mask)| {
             let mut raw = [0u64; 8];
             for i in 0..6 {
                 raw[i] = w[i] & mask[i] & !RES0[i];
             }
             raw[0] |= 1 << 31 | 1 << 41 | 2 << 22;
-            if let Ok(cd) = ContextDescriptor::decode(&raw, &Features::VSVA) {
-                prop_assert_eq!(cd.encode(), raw);
-            }
-        }
+            let Ok(cd) = ContextDescriptor::decode(&raw, &Features::VSVA) else {
+                return Ok(false);
+            };
+            prop_assert_eq!(cd.encode(), raw);
+            Ok(true)
+        });
+        println!("CD round trip: {hits} of 512 decoded");
+        assert!(hits >= 50, "only {hits} of 512 random descriptors decoded");
     }
 }

@@ -481,6 +481,7 @@ impl Ste {
 mod tests {
     use super::*;
     use crate::features::Httu;
+    use crate::testutil::count_hits;
     use proptest::prelude::*;
 
     /// A nested STE as a hypervisor writes it for a guest-owned CD table.
@@ -845,23 +846,31 @@ mod tests {
         );
     }
 
-    proptest! {
-        /// Whatever the words, decoding never panics, and a decoded entry encodes back to
-        /// the same words apart from the IMPLEMENTATION DEFINED bits.
-        #[test]
-        fn decode_encode_round_trip(w in prop::array::uniform4(any::<u64>()), mask in prop::array::uniform4(any::<u64>())) {
+    /// Whatever the words, decoding never panics, and a decoded entry encodes back to the
+    /// same words apart from the IMPLEMENTATION DEFINED bits.
+    #[test]
+    fn decode_encode_round_trip() {
+        let words = (
+            prop::array::uniform4(any::<u64>()),
+            prop::array::uniform4(any::<u64>()),
+        );
+        let hits = count_hits(512, &words, |(w, mask)| {
             let mut raw = [0u64; 8];
             for i in 0..4 {
                 // Sparse words reach valid entries more often.
                 raw[i] = w[i] & mask[i] & !RES0[i];
             }
             raw[0] |= 1;
-            if let Ok(ste) = Ste::decode(&raw, &Features::VSVA) {
-                let mut expected = raw;
-                expected[1] &= !bits(63, 52);
-                expected[2] &= !bits(31, 16);
-                prop_assert_eq!(ste.encode(), expected);
-            }
-        }
+            let Ok(ste) = Ste::decode(&raw, &Features::VSVA) else {
+                return Ok(false);
+            };
+            let mut expected = raw;
+            expected[1] &= !bits(63, 52);
+            expected[2] &= !bits(31, 16);
+            prop_assert_eq!(ste.encode(), expected);
+            Ok(true)
+        });
+        println!("STE round trip: {hits} of 512 decoded");
+        assert!(hits >= 50, "only {hits} of 512 random entries decoded");
     }
 }
