@@ -30,7 +30,7 @@ pub use config::{VIommuConfig, PASID_BITS};
 pub use error::{HostCall, HostCallError, VIommuError};
 pub use host::{HostSva, LocalPasids, PasidSource};
 pub use prq::PageRequestOutcome;
-pub use shadow::{bind_data, host_invalidations, Binding};
+pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};
 pub use space::IommuAddressSpace;
 pub use stats::VIommuStats;
 pub use translate::DmaTranslation;

@@ -7,6 +7,22 @@
 //!   to the same PASID on the host, a cleared entry an unbind, a changed one an unbind and
 //!   a bind. A context-cache invalidation re-checks what is bound under the contexts it
 //!   selects, so a device the guest takes away loses its bindings.
+//! - Only a PASID the VM holds can be bound: guest PASIDs come from the host set through
+//!   the virtual command interface (§10.4.44), and the host refuses the others. So the
+//!   entries a flush makes the vIOMMU read are those of the PASIDs it handed out or has
+//!   bound, never the guest's whole PASID directory: a global or domain-selective flush
+//!   costs work in proportion to the VM's PASIDs, whatever the guest's tables hold, and a
+//!   PASID the VM does not hold costs no read and no host call.
+//! - Within one pass over the invalidation queue, each (device, PASID) is reconciled at
+//!   most once and each guest entry read at most once: every descriptor of the pass was
+//!   queued before the pass began, so whatever the guest wrote before queueing it is
+//!   already in the tables when the pass first reads them (§6.5.2: only the completion of a
+//!   later wait descriptor is ordered after an invalidation). A queue full of flushes so
+//!   costs what one flush costs.
+//! - An entry is bound only if the host entry the bind data yields behaves as the guest's
+//!   would ([`refusal`]); otherwise nothing is bound for it and the vIOMMU records a
+//!   non-recoverable fault, SPT.4 (invalid programming of the PASID entry, §7.1.3), in the
+//!   guest's fault recording registers unless FPD is set on the way to the entry.
 //! - IOTLB and PASID-based IOTLB invalidations (§6.5.2.3-4) become `CACHE_INVALIDATE` of
 //!   the host IOTLB for the bound PASIDs they select; PASID-based device-TLB invalidations
 //!   (§6.5.2.6) become device-TLB invalidations. The host's VT-d driver has no domain
@@ -27,7 +43,7 @@
 //! The PASID that requests without PASID use (the context entry's RID_PASID) is never
 //! bound: such requests from a passthrough device use the host's second level.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use vsva_uapi::iommu::{
@@ -38,10 +54,11 @@ use vsva_uapi::iommu::{
 use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
-use vsva_vtd::pasid::{pasid_entry_addr, read_pasid_entry, PASID_DIR_ENTRY_SIZE};
+use vsva_vtd::pasid::{read_pasid_dir_entry, read_pasid_entry};
+use vsva_vtd::regs::{AddressType, FaultRecord, Interrupt, RequestType};
 use vsva_vtd::{
-    AddrRange, DomainId, Gpa, InvDesc, Pasid, PasidDirEntry, PasidEntry, Pgtt, PhysMem,
-    ScalableContextEntry, SourceId,
+    AddrRange, DomainId, FaultReason, Gpa, InvDesc, Pasid, PasidEntry, Pgtt, ScalableContextEntry,
+    SourceId,
 };
 
 use crate::error::{HostCall, VIommuError};
@@ -53,8 +70,6 @@ use crate::viommu::{lock, VIommu};
 const GRANULE: u64 = 4096;
 /// Half of the 64-bit address space.
 const HALF_SPACE: u64 = 1 << 63;
-/// Entries of a PASID table.
-const PASID_TABLE_ENTRIES: u32 = 64;
 
 /// A bound PASID: what the host was given, and the guest domain id of the entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,9 +89,41 @@ pub(crate) struct Passthrough {
     pub bound: BTreeMap<Pasid, Binding>,
 }
 
+/// Why a valid first-level guest PASID entry is not bound: the host entry the v5.10 bind
+/// data yields would not behave as the guest's (docs/fidelity.md, "vIOMMU: guest
+/// PASID-entry fields to host bind").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// SRE and WPE set: the bind data has no WPE, and a host entry with SRE but WPE clear
+    /// lets supervisor writes through read-only pages (§3.6.2, the CR0.WP = 0 rule).
+    #[error("SRE with WPE: the bind data cannot carry WPE")]
+    SupervisorWriteProtect,
+    /// ERE set: the bind data has no ERE, and the host entry's ERE clear would refuse the
+    /// execute requests the guest allowed (SPT.5).
+    #[error("ERE: the bind data cannot carry ERE")]
+    ExecuteRequests,
+}
+
+/// Whether the vIOMMU refuses to bind the first-level guest entry `entry`.
+///
+/// The host entry gets ERE, WPE, NXE and SMEP clear. WPE only matters for supervisor
+/// requests, which SRE clear refuses anyway (SPT.6), so it is refused only with SRE set.
+/// NXE and SMEP only matter for execute requests, which ERE clear refuses (SPT.5), so with
+/// ERE refused they never make a difference.
+pub fn refusal(entry: &PasidEntry) -> Option<Refusal> {
+    if entry.sre && entry.wpe {
+        Some(Refusal::SupervisorWriteProtect)
+    } else if entry.ere {
+        Some(Refusal::ExecuteRequests)
+    } else {
+        None
+    }
+}
+
 /// The bind data of a present first-level guest PASID entry for `pasid` (gpasid ==
 /// hpasid). The uAPI of Linux v5.10 carries SRE, EAFE and the memory-type fields; WPE,
-/// NXE, SMEP and ERE have no flag and are not passed.
+/// NXE, SMEP and ERE have no flag and are not passed (see [`refusal`] for when that makes
+/// the entry unbindable).
 pub fn bind_data(pasid: Pasid, entry: &PasidEntry) -> BindGpasid {
     let flags = [
         (entry.sre, IOMMU_SVA_VTD_GPASID_SRE),
@@ -222,7 +269,7 @@ impl InclusiveFlushes {
 /// Which PASIDs of a device a shadow synchronisation looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SyncScope {
-    /// Every PASID present in the guest tables or bound.
+    /// Every PASID the VM holds or has bound.
     All,
     /// Those whose guest entry or binding has this domain id.
     Domain(DomainId),
@@ -230,6 +277,44 @@ enum SyncScope {
     Pasid(DomainId, Pasid),
     /// The bound PASIDs only.
     Bound,
+}
+
+/// What one pass over the invalidation queue has shadowed (see the module doc): what it
+/// read of the guest's tables and which (device, PASID) it has reconciled. A register-based
+/// invalidation is a pass of its own.
+#[derive(Debug, Default)]
+pub(crate) struct SyncPass {
+    /// The scalable-mode context entry of each device looked at, if valid.
+    contexts: HashMap<SourceId, Option<ScalableContextEntry>>,
+    /// The valid first-level entry of each (device, PASID) read, if any.
+    entries: HashMap<(SourceId, Pasid), Option<PasidEntry>>,
+    /// The (device, PASID) pairs reconciled.
+    done: HashSet<(SourceId, Pasid)>,
+    /// A global PASID-cache invalidation was shadowed: every later one is covered.
+    all: bool,
+    /// The domains a domain-selective PASID-cache invalidation was shadowed for.
+    domains: HashSet<DomainId>,
+}
+
+impl SyncPass {
+    /// Starts a new pass: nothing read, nothing reconciled.
+    pub(crate) fn clear(&mut self) {
+        *self = SyncPass::default();
+    }
+
+    /// Whether an earlier synchronisation of the pass covered all of `scope`; notes that
+    /// this one covers it from now on.
+    fn covered(&mut self, scope: SyncScope) -> bool {
+        match scope {
+            _ if self.all => true,
+            SyncScope::All => {
+                self.all = true;
+                false
+            }
+            SyncScope::Domain(did) => !self.domains.insert(did),
+            SyncScope::Pasid(..) | SyncScope::Bound => false,
+        }
+    }
 }
 
 impl VIommu {
@@ -280,19 +365,22 @@ impl VIommu {
             .ok_or(VIommuError::NotAttached(guest_sid))
     }
 
-    /// The host side of a PASID-cache invalidation.
+    /// The host side of a PASID-cache invalidation, within the queue pass `pass`; faults
+    /// for refused entries add their interrupts to `irqs`.
     pub(crate) fn sync_pasid_cache(
         &self,
         granularity: PasidCacheGranularity,
         did: DomainId,
         pasid: Pasid,
+        pass: &mut SyncPass,
+        irqs: &mut Vec<Interrupt>,
     ) {
         let scope = match granularity {
             PasidCacheGranularity::Global => SyncScope::All,
             PasidCacheGranularity::DomainSelective => SyncScope::Domain(did),
             PasidCacheGranularity::PasidSelective => SyncScope::Pasid(did, pasid),
         };
-        self.sync(scope, |_| true);
+        self.sync(scope, pass, irqs, |_| true);
     }
 
     /// The host side of a context-cache invalidation: the bindings of the devices it
@@ -302,8 +390,12 @@ impl VIommu {
         granularity: ContextCacheGranularity,
         sid: SourceId,
         fm: u8,
+        pass: &mut SyncPass,
+        irqs: &mut Vec<Interrupt>,
     ) {
-        self.sync(SyncScope::Bound, |dev| granularity.covers(sid, fm, dev));
+        self.sync(SyncScope::Bound, pass, irqs, |dev| {
+            granularity.covers(sid, fm, dev)
+        });
     }
 
     /// Unbinds `pasid` from every passthrough device (before the guest frees it).
@@ -315,24 +407,52 @@ impl VIommu {
         }
     }
 
-    /// Brings the host bindings of the selected devices in line with the guest tables.
-    fn sync(&self, scope: SyncScope, device: impl Fn(SourceId) -> bool) {
+    /// Brings the host bindings of the selected devices in line with the guest tables:
+    /// the PASIDs `scope` selects among those the VM holds or has bound, each reconciled
+    /// at most once in `pass`.
+    fn sync(
+        &self,
+        scope: SyncScope,
+        pass: &mut SyncPass,
+        irqs: &mut Vec<Interrupt>,
+        device: impl Fn(SourceId) -> bool,
+    ) {
+        if pass.covered(scope) {
+            return;
+        }
+        let held: BTreeSet<Pasid> = {
+            let held = lock(&self.guest_pasids);
+            match scope {
+                SyncScope::All | SyncScope::Domain(_) => held.clone(),
+                SyncScope::Pasid(_, p) => held.get(&p).copied().into_iter().collect(),
+                SyncScope::Bound => BTreeSet::new(),
+            }
+        };
         let rta = self.scalable_root();
         for dev in lock(&self.devices).iter_mut() {
-            if !device(dev.guest_sid) {
+            let sid = dev.guest_sid;
+            if !device(sid) {
                 continue;
             }
-            let ctx = rta
-                .and_then(|rta| read_context_entry(&self.mem, rta, dev.guest_sid, &self.caps).ok());
-            let mut candidates: BTreeSet<Pasid> = match scope {
-                SyncScope::Pasid(_, p) => [p].into(),
-                _ => dev.bound.keys().copied().collect(),
-            };
-            if let (SyncScope::All | SyncScope::Domain(_), Some(ctx)) = (scope, &ctx) {
-                candidates.extend(self.present_pasids(ctx));
+            let ctx = *pass.contexts.entry(sid).or_insert_with(|| {
+                rta.and_then(|rta| read_context_entry(&self.mem, rta, sid, &self.caps).ok())
+            });
+            let mut candidates = held.clone();
+            match scope {
+                SyncScope::Pasid(_, p) if dev.bound.contains_key(&p) => {
+                    candidates.insert(p);
+                }
+                SyncScope::Pasid(..) => {}
+                _ => candidates.extend(dev.bound.keys()),
             }
             for pasid in candidates {
-                let entry = ctx.as_ref().and_then(|c| self.first_level_entry(c, pasid));
+                if pass.done.contains(&(sid, pasid)) {
+                    continue;
+                }
+                let entry = *pass
+                    .entries
+                    .entry((sid, pasid))
+                    .or_insert_with(|| ctx.as_ref().and_then(|c| self.first_level_entry(c, pasid)));
                 let selected = match scope {
                     SyncScope::All | SyncScope::Bound => true,
                     SyncScope::Domain(did) | SyncScope::Pasid(did, _) => {
@@ -340,9 +460,15 @@ impl VIommu {
                             || entry.is_some_and(|e| e.did == did)
                     }
                 };
-                if selected {
-                    self.reconcile(dev, pasid, entry);
+                if !selected {
+                    continue;
                 }
+                pass.done.insert((sid, pasid));
+                let want = match (ctx, entry) {
+                    (Some(ctx), Some(e)) => self.binding(sid, &ctx, pasid, &e, irqs),
+                    _ => None,
+                };
+                self.reconcile(dev, pasid, want);
             }
         }
     }
@@ -357,41 +483,51 @@ impl VIommu {
             .filter(|e| e.pgtt == Pgtt::FirstLevel)
     }
 
-    /// The PASIDs with a present entry in the guest's PASID tables under `ctx`.
-    fn present_pasids(&self, ctx: &ScalableContextEntry) -> Vec<Pasid> {
-        let mut found = Vec::new();
-        if !ctx.paside {
-            return found;
+    /// The binding the guest entry `entry` of `pasid` on device `sid` asks for, or `None`
+    /// when it is refused: the refusal is counted, logged and, unless FPD is set in the
+    /// context, PASID directory or PASID entry, recorded as an SPT.4 fault of the device
+    /// and PASID (its interrupt added to `irqs`).
+    fn binding(
+        &self,
+        sid: SourceId,
+        ctx: &ScalableContextEntry,
+        pasid: Pasid,
+        entry: &PasidEntry,
+        irqs: &mut Vec<Interrupt>,
+    ) -> Option<Binding> {
+        let Some(refused) = refusal(entry) else {
+            return Some(Binding {
+                bind: bind_data(pasid, entry),
+                did: entry.did,
+            });
+        };
+        tracing::warn!("vIOMMU: PASID {pasid} of {sid} not bound: {refused}");
+        Counters::bump(&self.counters.entries_refused);
+        let pde_fpd =
+            read_pasid_dir_entry(&self.mem, ctx, pasid, &self.caps).map_or(true, |pde| pde.fpd);
+        if !(ctx.fpd || pde_fpd || entry.fpd) {
+            let record = FaultRecord {
+                fault_info: 0,
+                sid,
+                reason: FaultReason::Spt4.code(),
+                pasid: Some(pasid),
+                exe: refused == Refusal::ExecuteRequests,
+                privileged: refused == Refusal::SupervisorWriteProtect,
+                request: if refused == Refusal::SupervisorWriteProtect {
+                    RequestType::Write
+                } else {
+                    RequestType::Read
+                },
+                address_type: AddressType::Untranslated,
+            };
+            Counters::bump(&self.counters.faults_recorded);
+            irqs.extend(lock(&self.regs).record_fault(&record).1);
         }
-        for dir in 0..ctx.pasid_dir_entries() {
-            let pde = self
-                .mem
-                .read_u64(ctx.pasiddirptr + dir as u64 * PASID_DIR_ENTRY_SIZE)
-                .ok()
-                .and_then(|raw| PasidDirEntry::from_raw(raw).ok());
-            let Some(pde) = pde else { continue };
-            for index in 0..PASID_TABLE_ENTRIES {
-                let Ok(pasid) = Pasid::new(dir * PASID_TABLE_ENTRIES + index) else {
-                    continue;
-                };
-                let present = self
-                    .mem
-                    .read_u64(pasid_entry_addr(pde.smptblptr, pasid))
-                    .is_ok_and(|q0| q0 & 1 != 0);
-                if present {
-                    found.push(pasid);
-                }
-            }
-        }
-        found
+        None
     }
 
-    /// Makes the host binding of `pasid` on `dev` match the guest entry `entry`.
-    fn reconcile(&self, dev: &mut Passthrough, pasid: Pasid, entry: Option<PasidEntry>) {
-        let want = entry.map(|e| Binding {
-            bind: bind_data(pasid, &e),
-            did: e.did,
-        });
+    /// Makes the host binding of `pasid` on `dev` the binding `want` (none: unbound).
+    fn reconcile(&self, dev: &mut Passthrough, pasid: Pasid, want: Option<Binding>) {
         let have = dev.bound.get(&pasid).copied();
         match (have, want) {
             (None, None) => {}

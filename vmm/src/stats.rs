@@ -9,6 +9,7 @@ pub(crate) struct Counters {
     pub invalidations_forwarded: AtomicU64,
     pub binds: AtomicU64,
     pub unbinds: AtomicU64,
+    pub entries_refused: AtomicU64,
     pub page_requests_injected: AtomicU64,
     pub page_requests_dropped: AtomicU64,
     pub page_responses_forwarded: AtomicU64,
@@ -28,6 +29,9 @@ pub struct VIommuStats {
     pub binds: u64,
     /// Bindings removed on the host.
     pub unbinds: u64,
+    /// Valid guest PASID entries not bound because the host entry would not behave as the
+    /// guest's (`refusal`); each reconciliation that refuses counts.
+    pub entries_refused: u64,
     /// Page requests written into the guest's page request queue.
     pub page_requests_injected: u64,
     /// Page requests not queued: queue full, or page requests not enabled for the device.
@@ -56,6 +60,7 @@ impl Counters {
             invalidations_forwarded: get(&self.invalidations_forwarded),
             binds: get(&self.binds),
             unbinds: get(&self.unbinds),
+            entries_refused: get(&self.entries_refused),
             page_requests_injected: get(&self.page_requests_injected),
             page_requests_dropped: get(&self.page_requests_dropped),
             page_responses_forwarded: get(&self.page_responses_forwarded),

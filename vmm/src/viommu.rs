@@ -22,7 +22,7 @@ use crate::caches::{Caches, IotlbScope};
 use crate::config::{VIommuConfig, PASID_BITS};
 use crate::error::{HostCall, HostCallError, VIommuError};
 use crate::host::PasidSource;
-use crate::shadow::{InclusiveFlushes, Passthrough};
+use crate::shadow::{InclusiveFlushes, Passthrough, SyncPass};
 use crate::space::SpaceTlb;
 use crate::stats::{Counters, VIommuStats};
 
@@ -55,7 +55,7 @@ pub struct VIommu {
     root: AtomicU64,
     irq_handler: RwLock<Option<InterruptHandler>>,
     pasids: Arc<dyn PasidSource>,
-    guest_pasids: Mutex<BTreeSet<Pasid>>,
+    pub(crate) guest_pasids: Mutex<BTreeSet<Pasid>>,
     pub(crate) devices: Mutex<Vec<Passthrough>>,
     pub(crate) caches: Caches,
     pub(crate) spaces: Mutex<Vec<Weak<SpaceTlb>>>,
@@ -172,7 +172,8 @@ impl VIommu {
             RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(irqs),
             RegEffect::RegisterInvalidation(desc) => {
                 // Register-based invalidations have no status write: nothing can fail.
-                let _ = self.execute(&desc, &mut lock(&self.queue), irqs);
+                let mut pass = SyncPass::default();
+                let _ = self.execute(&desc, &mut lock(&self.queue), &mut pass, irqs);
             }
             RegEffect::VirtualCommand(cmd) => self.virtual_command(cmd),
             RegEffect::Interrupt(irq) => irqs.push(irq),
@@ -187,13 +188,24 @@ impl VIommu {
 
     /// Fetches and carries out descriptors from IQH up to IQT (§6.5.2); stops at an
     /// invalid one with the invalidation queue error set and IQH left on it.
+    ///
+    /// The descriptors queued when a pass starts (up to the IQT it sees) make one shadow
+    /// [`SyncPass`]; when IQH reaches that tail and descriptors remain, a new pass starts.
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
         let mut flushed = lock(&self.queue);
+        let mut pass = SyncPass::default();
+        let mut pass_tail = None;
         loop {
             let (addr, desc_size) = {
                 let regs = lock(&self.regs);
                 match (regs.next_inv_desc(), regs.inv_queue()) {
-                    (Some(addr), Some(q)) => (addr, q.desc_size),
+                    (Some(addr), Some(q)) => {
+                        if pass_tail.is_none_or(|tail| tail == q.head) {
+                            pass.clear();
+                            pass_tail = Some(q.tail);
+                        }
+                        (addr, q.desc_size)
+                    }
                     _ => return,
                 }
             };
@@ -202,7 +214,7 @@ impl VIommu {
                 .map_err(|_| Iqei::FetchError)
                 .and_then(|raw| InvDesc::decode(raw).map_err(|e| Iqei::from(&e)))
                 .and_then(|desc| {
-                    self.execute(&desc, &mut flushed, irqs)
+                    self.execute(&desc, &mut flushed, &mut pass, irqs)
                         .map_err(|_| Iqei::FetchError)
                 });
             let mut regs = lock(&self.regs);
@@ -231,12 +243,13 @@ impl VIommu {
 
     /// Carries out one invalidation descriptor; `flushed` holds the host IOTLB
     /// invalidations the previous descriptor other than a wait forwarded, and is left
-    /// holding this one's. Fails only when the status write of an invalidation wait does
-    /// not reach guest RAM.
+    /// holding this one's; `pass` is the shadow pass the descriptor belongs to. Fails only
+    /// when the status write of an invalidation wait does not reach guest RAM.
     fn execute(
         &self,
         desc: &InvDesc,
         flushed: &mut InclusiveFlushes,
+        pass: &mut SyncPass,
         irqs: &mut Vec<Interrupt>,
     ) -> Result<(), MemError> {
         Counters::bump(&self.counters.descriptors);
@@ -255,7 +268,7 @@ impl VIommu {
                 ..
             } => {
                 self.caches.invalidate_context(granularity, sid, fm);
-                self.resync_context(granularity, sid, fm);
+                self.resync_context(granularity, sid, fm, pass, irqs);
             }
             InvDesc::PasidCache {
                 granularity,
@@ -263,7 +276,7 @@ impl VIommu {
                 pasid,
             } => {
                 self.caches.invalidate_pasid(granularity, did, pasid);
-                self.sync_pasid_cache(granularity, did, pasid);
+                self.sync_pasid_cache(granularity, did, pasid, pass, irqs);
             }
             InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } => {
                 self.invalidate_iotlb(desc);

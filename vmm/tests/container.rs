@@ -18,7 +18,7 @@ use vsva_uapi::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
     PageResponseCode,
 };
-use vsva_vmm::{HostCall, PageRequestOutcome};
+use vsva_vmm::{bind_data, HostSva, PageRequestOutcome};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity, ResponseCode};
 use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Iova, Pasid, SourceId};
 
@@ -264,16 +264,19 @@ fn a_vm_cannot_bind_another_vms_pasid() {
     let pa = a.g.alloc_pasid();
     let pb = b.g.alloc_pasid();
     assert_ne!(pa, pb, "one host PASID space");
-    // VM b writes VM a's PASID into its own table and flushes.
+    // VM b writes VM a's PASID into its own table and flushes: VM b's vIOMMU did not
+    // hand that PASID out, so it does not even ask the host.
     let cr3 = b.g.alloc_frame();
-    b.g.set_pasid_entry(b.dev, pa, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
+    let entry = fl_entry(1, cr3, FlPagingMode::FourLevel);
+    b.g.set_pasid_entry(b.dev, pa, Some(entry));
     assert!(b.g.submit_sync(&[pasid_cache(pa)]));
     assert!(b.backend.take().is_empty(), "the driver is never asked");
-    let errors = b.g.viommu.take_host_errors();
-    assert_eq!(errors.len(), 1);
-    assert!(matches!(errors[0].call, HostCall::Bind(bind) if bind.hpasid == pa));
-    assert!(matches!(errors[0].error, HostError::NotOwner { pasid, .. } if pasid == pa));
+    assert!(b.g.viommu.take_host_errors().is_empty());
     assert!(b.g.viommu.bindings(b.dev).unwrap().is_empty());
+    // A VMM that asks anyway is refused by the host.
+    let error = b.container.bind_gpasid(&bind_data(pa, &entry)).unwrap_err();
+    assert!(matches!(error, HostError::NotOwner { pasid, .. } if pasid == pa));
+    assert!(b.backend.take().is_empty(), "the driver is never asked");
     // Nor free it.
     let rsp = b.g.vcmd((pa.raw() as u64) << 8 | 2);
     assert_eq!(rsp >> 1 & 3, 2);

@@ -10,7 +10,132 @@ use vsva_vtd::inv_desc::{
     ResponseCode,
 };
 use vsva_vtd::regs::layout::offset;
-use vsva_vtd::{AccessRequest, DomainId, InvDesc, Pasid, PhysMem, SourceId};
+use vsva_vtd::{
+    AccessRequest, DomainId, FlPagingMode, InvDesc, Pasid, PasidDirEntry, PhysMem,
+    ScalableContextEntry, SourceId,
+};
+
+/// A PASID-cache invalidation of `granularity`.
+fn pasid_cache(granularity: PasidCacheGranularity, did: u16, p: u32) -> InvDesc {
+    InvDesc::PasidCache {
+        granularity,
+        did: DomainId(did),
+        pasid: Pasid::new(p).unwrap(),
+    }
+}
+
+/// A hostile guest fills a maximum-size PASID directory (PDTS = 7: 2^14 directory entries,
+/// 2^20 PASIDs) with valid first-level entries, every directory entry pointing to one full
+/// PASID table, and floods the invalidation queue with PASID-cache flushes. What one
+/// register write costs is counted: host calls and guest PASID-table words read stay in
+/// proportion to the PASIDs the VM holds, whatever the directory holds.
+#[test]
+fn a_full_maximum_directory_costs_what_the_vm_holds() {
+    let host = MockHost::new();
+    let g = Guest::new(host.clone());
+    g.enable();
+    let dev = sid(0, 3, 0);
+    g.viommu
+        .attach_passthrough(dev, sid(0x81, 0, 0), host.clone())
+        .unwrap();
+    const DIR_ENTRIES: u64 = 1 << 14;
+    let dir = g.alloc_frame();
+    for i in 1..DIR_ENTRIES * 8 / 4096 {
+        assert_eq!(g.alloc_frame(), dir + i * 4096, "a contiguous directory");
+    }
+    let table = g.alloc_frame();
+    let cr3 = g.alloc_frame();
+    for i in 0..64 {
+        let raw = fl_entry(1, cr3, FlPagingMode::FourLevel).to_raw();
+        for (q, v) in raw.iter().enumerate().rev() {
+            g.mem.write_u64(table + 64 * i + 8 * q as u64, *v).unwrap();
+        }
+    }
+    let pde = PasidDirEntry {
+        fpd: false,
+        smptblptr: table,
+    }
+    .to_raw();
+    for i in 0..DIR_ENTRIES {
+        g.mem.write_u64(dir + 8 * i, pde).unwrap();
+    }
+    g.write_context(
+        dev,
+        Some(ScalableContextEntry {
+            fpd: false,
+            dte: true,
+            paside: true,
+            pre: false,
+            pdts: 7,
+            pasiddirptr: dir,
+            rid_pasid: Pasid::RID_PASID,
+            rid_priv: false,
+        }),
+    );
+    // The VM holds two PASIDs.
+    let held = [g.alloc_pasid(), g.alloc_pasid()];
+    host.take();
+    // Every word of the directory and of the table is counted.
+    let tables = dir..table + 4096;
+    g.ram.watch(tables.clone());
+    // Per held PASID at most: its directory entry and its 8-qword PASID entry.
+    let bound = held.len() as u64 * 9;
+
+    // One global flush binds the held PASIDs and nothing else.
+    assert!(g.submit_sync(&[pasid_cache(PasidCacheGranularity::Global, 0, 0)]));
+    assert_eq!(
+        host.take(),
+        held.iter()
+            .map(|&p| Call::Bind(bind(p, cr3)))
+            .collect::<Vec<_>>()
+    );
+    assert!(g.ram.reads() <= bound);
+
+    // A queue full of flushes (127 of the 128 slots, waits in between or not) is one
+    // pass: each held PASID's entry is read once and nothing changes on the host.
+    let mut flood = Vec::new();
+    for i in 0..63u32 {
+        flood.push(pasid_cache(PasidCacheGranularity::Global, 0, 0));
+        flood.push(match i % 3 {
+            0 => pasid_cache(PasidCacheGranularity::DomainSelective, i as u16, 0),
+            1 => pasid_cache(PasidCacheGranularity::PasidSelective, 1, held[0].raw()),
+            _ => InvDesc::InvWait {
+                sw: true,
+                interrupt: false,
+                fence: true,
+                pd: false,
+                status_data: 2,
+                status_addr: STATUS + 8,
+            },
+        });
+    }
+    assert!(g.submit_sync(&flood));
+    assert!(host.take().is_empty());
+    assert!(g.ram.reads() <= bound);
+    // Domain-selective flushes of 126 domains: the same.
+    let domains: Vec<_> = (0..126u16)
+        .map(|d| pasid_cache(PasidCacheGranularity::DomainSelective, d, 0))
+        .collect();
+    assert!(g.submit_sync(&domains));
+    assert!(host.take().is_empty());
+    assert!(g.ram.reads() <= bound);
+    // PASID-selective flushes of PASIDs the VM does not hold: no read, no host call.
+    let foreign: Vec<_> = (0..126u32)
+        .map(|i| pasid_cache(PasidCacheGranularity::PasidSelective, 1, 1 + i * 8191))
+        .collect();
+    assert!(g.submit_sync(&foreign));
+    assert!(host.take().is_empty());
+    assert_eq!(g.ram.reads(), 0);
+
+    // A change the guest flushes is still seen: a held entry cleared, then a global flush.
+    g.mem
+        .write_u64(table + 64 * held[0].table_index() as u64, 0)
+        .unwrap();
+    assert!(g.submit_sync(&[pasid_cache(PasidCacheGranularity::Global, 0, 0)]));
+    assert_eq!(host.take(), vec![Call::Unbind(bind(held[0], cr3))]);
+    assert!(g.ram.reads() <= bound);
+    assert_eq!(g.viommu.stats().host_errors, 0);
+}
 
 /// One guest action.
 #[derive(Clone, Debug)]
@@ -259,6 +384,13 @@ proptest! {
                 Action::Translate { dev, pasid, addr } => {
                     let pasid = pasid.map(|p| vsva_vtd::Pasid::new(p).unwrap());
                     let _ = g.viommu.translate(devs[dev as usize], pasid, addr, AccessRequest::WRITE);
+                }
+            }
+            // The host is only asked to bind PASIDs the guest holds.
+            let held = g.viommu.guest_pasids();
+            for call in host.take() {
+                if let Call::Bind(b) = call {
+                    prop_assert!(held.contains(&b.hpasid), "bound {:?}, held {:?}", b.hpasid, held);
                 }
             }
         }

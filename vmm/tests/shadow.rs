@@ -10,11 +10,15 @@ use common::*;
 use proptest::prelude::*;
 use vsva_uapi::iommu::*;
 use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
-use vsva_vmm::{bind_data, host_invalidations, Binding, HostCall, VIommuConfig, VIommuError};
+use vsva_vmm::{
+    bind_data, host_invalidations, refusal, Binding, HostCall, Refusal, VIommuConfig, VIommuError,
+};
 use vsva_vtd::inv_desc::{
     ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
 };
-use vsva_vtd::{AddrRange, DomainId, FlPagingMode, Gpa, InvDesc, Pasid, SourceId};
+use vsva_vtd::regs::layout::{fsts, offset};
+use vsva_vtd::regs::{Cap, EventSource, FaultRecord, RequestType, FRCD_F};
+use vsva_vtd::{AddrRange, DomainId, FaultReason, FlPagingMode, Gpa, InvDesc, Pasid, SourceId};
 
 /// Attaches `dev` as a passthrough of the host device `host_sid` and gives it a
 /// scalable-mode context entry with page requests enabled.
@@ -234,17 +238,114 @@ fn entries_the_unit_does_not_offer_are_not_bound() {
     assert!(host.take().is_empty());
 }
 
+/// The fault recording register `i`, if its F bit is set.
+fn fault_record(g: &Guest, i: u64) -> Option<FaultRecord> {
+    let frcd = Cap::from_raw(g.read(offset::CAP, 8)).fault_recording_offset() + 16 * i;
+    let raw = [g.read(frcd, 8), g.read(frcd + 8, 8)];
+    (raw[1] & FRCD_F != 0).then(|| FaultRecord::from_raw(raw).unwrap())
+}
+
 #[test]
-fn domain_and_global_flushes_find_entries_by_scanning() {
+fn entries_the_host_entry_cannot_reproduce_are_refused_with_a_fault() {
+    let (host, g, dev) = setup();
+    let (p, cr3) = bound_pasid(&g, &host, dev, 1);
+    let plain = fl_entry(1, cr3, FlPagingMode::FourLevel);
+    g.write(offset::FECTL, 4, 0);
+
+    // SRE and WPE: the bind data has no WPE, and SRE without it would let supervisor
+    // writes through read-only pages. What was bound goes; nothing replaces it.
+    let wpe = vsva_vtd::PasidEntry {
+        sre: true,
+        wpe: true,
+        ..plain
+    };
+    assert_eq!(refusal(&wpe), Some(Refusal::SupervisorWriteProtect));
+    g.set_pasid_entry(dev, p, Some(wpe));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(host.take(), vec![Call::Unbind(bind(p, cr3))]);
+    assert!(g.viommu.bindings(dev).unwrap().is_empty());
+    // The guest sees why: SPT.4 for the device and PASID, with an interrupt.
+    let rec = fault_record(&g, 0).expect("a fault is recorded");
+    assert_eq!(
+        (rec.sid, rec.pasid, rec.reason),
+        (dev, Some(p), FaultReason::Spt4.code())
+    );
+    assert!(rec.privileged && rec.request == RequestType::Write && !rec.exe);
+    assert_ne!(g.read(offset::FSTS, 4) as u32 & fsts::PPF, 0);
+    assert!(g.take_irqs().iter().any(|i| i.source == EventSource::Fault));
+    // Flushed again, still refused: no host call, one more fault.
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert!(host.take().is_empty());
+    assert!(fault_record(&g, 1).is_some());
+
+    // ERE: the host entry's ERE is clear, execute requests the guest allowed would fault.
+    let ere = vsva_vtd::PasidEntry { ere: true, ..plain };
+    assert_eq!(refusal(&ere), Some(Refusal::ExecuteRequests));
+    g.set_pasid_entry(dev, p, Some(ere));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert!(host.take().is_empty());
+    let rec = fault_record(&g, 2).expect("a fault is recorded");
+    assert_eq!(rec.reason, FaultReason::Spt4.code());
+    assert!(rec.exe && !rec.privileged && rec.request == RequestType::Read);
+    let stats = g.viommu.stats();
+    assert_eq!((stats.entries_refused, stats.faults_recorded), (3, 3));
+    assert_eq!(stats.host_errors, 0);
+
+    // With FPD set the refusal stays, the fault is not reported (§7.1.1).
+    let quiet = vsva_vtd::PasidEntry { fpd: true, ..wpe };
+    g.set_pasid_entry(dev, p, Some(quiet));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert!(host.take().is_empty());
+    assert!(fault_record(&g, 3).is_none());
+    assert_eq!(g.viommu.stats().entries_refused, 4);
+    assert_eq!(g.viommu.stats().faults_recorded, 3);
+
+    // What the host entry does reproduce is bound: SRE without WPE (supervisor writes
+    // ignore R/W on both sides), and NXE/SMEP, which only execute requests see, and those
+    // ERE clear refuses on both sides.
+    for e in [
+        vsva_vtd::PasidEntry { sre: true, ..plain },
+        vsva_vtd::PasidEntry {
+            wpe: true,
+            smep: true,
+            nxe: false,
+            ..plain
+        },
+    ] {
+        assert_eq!(refusal(&e), None);
+        g.set_pasid_entry(dev, p, Some(e));
+        assert!(g.submit_sync(&[pasid_cache(1, p)]));
+        let bound = g.viommu.bindings(dev).unwrap();
+        assert_eq!(bound.len(), 1);
+        assert_eq!(bound[0].1.bind, bind_data(p, &e));
+        host.take();
+    }
+    assert_eq!(g.viommu.stats().entries_refused, 4);
+}
+
+#[test]
+fn domain_and_global_flushes_revalidate_the_pasids_the_vm_holds() {
     let (host, g, dev) = setup();
     let [a, b, c] = [g.alloc_pasid(), g.alloc_pasid(), g.alloc_pasid()];
+    // A PASID in another PASID table of the directory.
+    host.next_pasid(64 * 5 + 3);
+    let far = g.alloc_pasid();
+    assert_eq!(far, pasid(64 * 5 + 3));
     host.take();
     let cr3 = [g.alloc_frame(), g.alloc_frame(), g.alloc_frame()];
     g.set_pasid_entry(dev, a, Some(fl_entry(1, cr3[0], FlPagingMode::FourLevel)));
     g.set_pasid_entry(dev, b, Some(fl_entry(2, cr3[1], FlPagingMode::FourLevel)));
-    // A PASID in another PASID table of the directory.
-    let far = pasid(64 * 5 + 3);
     g.set_pasid_entry(dev, far, Some(fl_entry(1, cr3[2], FlPagingMode::FourLevel)));
+    // Valid entries of PASIDs the VM was never given: the host would refuse them, so
+    // no flush asks it (a PASID of another table, and one next to `a`).
+    for other in [pasid(64 * 9 + 1), pasid(a.raw() + 10)] {
+        g.set_pasid_entry(
+            dev,
+            other,
+            Some(fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel)),
+        );
+        assert!(g.submit_sync(&[pasid_cache(1, other)]));
+    }
     // A PASID-selective flush of the wrong domain, and a domain with no entries: nothing.
     assert!(g.submit_sync(&[
         pasid_cache(2, a),

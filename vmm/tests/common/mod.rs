@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -17,9 +17,9 @@ use vsva_vtd::regs::layout::{gcmd, gsts, offset, pq, rtaddr, vcmd};
 use vsva_vtd::regs::Interrupt;
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    DomainId, FlPagingMode, FrameSource, Gpa, InvDesc, MapFlags, PageSize, PageTableBuilder, Pasid,
-    PasidDirEntry, PasidEntry, Pgtt, PhysMem, ScalableContextEntry, ScalableRootEntry, SlLevels,
-    SourceId, TableFormat,
+    DomainId, FlPagingMode, FrameSource, Gpa, InvDesc, MapFlags, MemError, PageSize,
+    PageTableBuilder, Pasid, PasidDirEntry, PasidEntry, Pgtt, PhysMem, ScalableContextEntry,
+    ScalableRootEntry, SlLevels, SourceId, TableFormat,
 };
 
 /// Guest RAM size.
@@ -111,6 +111,11 @@ impl MockHost {
         })
     }
 
+    /// The PASID the next allocation hands out (and those after it, counting up).
+    pub fn next_pasid(&self, p: u32) {
+        self.next.store(p, Ordering::Relaxed);
+    }
+
     /// Watch the harness's status word in `mem`.
     pub fn watch(&self, mem: Arc<GuestMemoryMmap>) {
         *self.watch.lock().unwrap() = Some(mem);
@@ -181,9 +186,64 @@ impl HostSva for MockHost {
     }
 }
 
+/// Guest RAM as the vIOMMU sees it: counts the vIOMMU's reads of 8-byte words in a
+/// watched range.
+pub struct CountingRam {
+    mem: Arc<GuestMemoryMmap>,
+    watched: Mutex<std::ops::Range<u64>>,
+    reads: AtomicU64,
+}
+
+impl CountingRam {
+    /// Counts from now on the reads in `range` only; returns the count so far and resets it.
+    pub fn watch(&self, range: std::ops::Range<u64>) -> u64 {
+        *self.watched.lock().unwrap() = range;
+        self.reads.swap(0, Ordering::Relaxed)
+    }
+
+    /// The words read in the watched range since the last `watch` or `reads`; resets it.
+    pub fn reads(&self) -> u64 {
+        self.reads.swap(0, Ordering::Relaxed)
+    }
+
+    fn count(&self, addr: u64, len: usize) {
+        let w = self.watched.lock().unwrap().clone();
+        let (start, end) = (addr.max(w.start), (addr + len as u64).min(w.end));
+        if start < end {
+            self.reads
+                .fetch_add((end - start).div_ceil(8), Ordering::Relaxed);
+        }
+    }
+}
+
+impl PhysMem for CountingRam {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.count(addr, 8);
+        self.mem.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+        self.mem.fetch_or_u64(addr, bits)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+        self.mem.compare_exchange_u64(addr, old, new)
+    }
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+        self.mem.write_u64(addr, value)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.count(addr, buf.len());
+        self.mem.read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.mem.write(addr, buf)
+    }
+}
+
 /// A guest with RAM, a vIOMMU and a driver for it.
 pub struct Guest {
     pub mem: Arc<GuestMemoryMmap>,
+    /// The same RAM as the vIOMMU reads it.
+    pub ram: Arc<CountingRam>,
     pub viommu: Arc<VIommu>,
     pub irqs: Arc<Mutex<Vec<Interrupt>>>,
     next_frame: Mutex<u64>,
@@ -204,12 +264,18 @@ impl Guest {
     pub fn with_config(pasids: Arc<dyn PasidSource>, config: VIommuConfig) -> Self {
         let mem =
             Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
-        let viommu = VIommu::new(mem.clone(), config, pasids).unwrap();
+        let ram = Arc::new(CountingRam {
+            mem: mem.clone(),
+            watched: Mutex::new(0..0),
+            reads: AtomicU64::new(0),
+        });
+        let viommu = VIommu::new(ram.clone(), config, pasids).unwrap();
         let irqs = Arc::new(Mutex::new(Vec::new()));
         let sink = irqs.clone();
         viommu.set_interrupt_handler(Arc::new(move |i| sink.lock().unwrap().push(i)));
         let mut g = Guest {
             mem,
+            ram,
             viommu,
             irqs,
             next_frame: Mutex::new(FRAMES_START),
