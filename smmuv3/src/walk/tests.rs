@@ -1133,6 +1133,101 @@ fn nested_stage1_updates_are_stage2_writes() {
 }
 
 #[test]
+fn nested_stage2_hardware_updates_on_stage1_tables() {
+    // Stage 2 with S2HA and S2HD; the guest's table region is one 2 MiB block that is
+    // writable-clean (S2AP read-only, DBM) and not yet accessed.
+    let s1 = S1Config::new(
+        0x1000,
+        25,
+        AddressSize::Bits48,
+        S1Flags {
+            ha: true,
+            ..S1Flags::default()
+        },
+    )
+    .unwrap();
+    let flags = S2Flags {
+        ha: true,
+        hd: true,
+        ..S2Flags::default()
+    };
+    let s2 = S2Config::new(0x1_0000, 24, 1, AddressSize::Bits48, flags).unwrap();
+    let mut n = Nested::new(s1, s2);
+    let va = 0x40_2030_1000;
+    n.map_s1(va, 5 * GB, PageSize::Size4K, D::AP_EL0).unwrap();
+    n.map_s2(5 * GB, 0x7_0000_0000, PageSize::Size4K, S2_RW);
+    let block = n
+        .s2_tables
+        .descriptor_address(&n.mem, 0, 2)
+        .unwrap()
+        .unwrap();
+    let clean = D::leaf(
+        GUEST_BASE,
+        PageSize::Size2M,
+        D::S2AP_R | D::DBM | (0xf << 2),
+    )
+    .0;
+    n.mem.write_u64(block, clean).unwrap();
+    let mut rec = WalkRecord::default();
+    n.walk(va, AccessRequest::READ, &mut rec).unwrap();
+    // The first stage-2 lookup of the block sets its AF (a table read needs no write);
+    // the stage-1 AF update is a write through stage 2, which makes the block dirty.
+    let s2_sets: Vec<u64> = rec
+        .steps
+        .iter()
+        .filter(|s| s.stage == Stage::Stage2 && s.entry_address == block)
+        .map(|s| s.set_bits)
+        .filter(|&b| b != 0)
+        .collect();
+    assert_eq!(s2_sets, [D::AF, D::S2AP_W]);
+    assert_eq!(n.mem.read_u64(block).unwrap(), clean | D::AF | D::S2AP_W);
+    let leaf = n
+        .s1_tables
+        .descriptor_address(&n.guest(), va, 3)
+        .unwrap()
+        .unwrap();
+    assert_ne!(n.guest().read_u64(leaf).unwrap() & D::AF, 0);
+    // The stage-1 leaf step reports the AF it set, at the PA stage 2 gave.
+    let s1_leaf = rec
+        .steps
+        .iter()
+        .find(|s| s.stage == Stage::Stage1 && s.level == 3)
+        .unwrap();
+    assert_eq!(
+        (s1_leaf.set_bits, s1_leaf.entry_address),
+        (D::AF, leaf + GUEST_BASE)
+    );
+}
+
+#[test]
+fn nested_walk_record_explains_both_stages() {
+    let s1 = S1Config::new(0x1000, 34, AddressSize::Bits48, S1Flags::default()).unwrap();
+    let s2 = S2Config::new(0x1_0000, 33, 0, AddressSize::Bits48, S2Flags::default()).unwrap();
+    let mut n = Nested::new(s1, s2);
+    n.map_s1(0x20_3000, 0x4000_0000, PageSize::Size4K, S1_RW_EL0)
+        .unwrap();
+    n.map_s2(0x4000_0000, 0x8000_0000, PageSize::Size2M, S2_RW);
+    let mut rec = WalkRecord::default();
+    let t = n.walk(0x20_3004, AccessRequest::READ, &mut rec).unwrap();
+    assert_eq!(t.output, 0x8000_0004);
+    // S2T0SZ 33 with S2SL0 0: two concatenated level-2 tables at 0x1_0000 (the block at
+    // IPA 0 is entry 0, the one at 1 GiB entry 512). Stage-1 tables: TTB0 0x1000 (level 2,
+    // entry 1) and the page table in the first frame, 1 MiB.
+    let text = rec.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "S2 L2 input 0x1008: table 0x10000 desc@0x10000 = 0x00000000004004fd -> Size2M at 0x400000",
+            "S1 L2 input 0x203004: table 0x1000 desc@0x401008 = 0x0000000000100003 -> table 0x100000",
+            "S2 L2 input 0x100018: table 0x10000 desc@0x10000 = 0x00000000004004fd -> Size2M at 0x400000",
+            "S1 L3 input 0x203004: table 0x100000 desc@0x500018 = 0x0000000040000443 -> Size4K at 0x40000000",
+            "S2 L2 input 0x40000004: table 0x10000 desc@0x11000 = 0x00000000800004fd -> Size2M at 0x80000000",
+        ]
+    );
+}
+
+#[test]
 fn nested_page_size_is_the_smaller() {
     let mut n = nested_default();
     n.map_s1(VA & !(GB - 1), 5 * GB, PageSize::Size1G, S1_RW_EL0)
