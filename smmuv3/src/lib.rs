@@ -34,8 +34,9 @@ pub use regs::{Queue, RegEffect, RegError, RegisterFile};
 pub use ste::{BadSte, Config, Eats, Granule, S1Dss, S1Fmt, Ste, Strw};
 pub use vsva_vtd::{MemError, PhysMem};
 pub use walk::{
-    walk_nested, walk_stage1, walk_stage1_via, walk_stage2, AccessRequest, AddressSize, Direct,
-    FaultClass, FaultKind, FaultStage, NestedStage, PageSize, Permissions, S1Config, S1Flags,
-    S1Stage, S2Config, S2Flags, Stage, StepOutcome, TableConfigError, Translation, WalkFault,
-    WalkObserver, WalkRecord, WalkStep,
+    walk_nested, walk_stage1, walk_stage1_from, walk_stage1_via, walk_stage2, walk_stage2_from,
+    AccessRequest, AddressSize, Direct, FaultClass, FaultKind, FaultStage, NestedStage, PageSize,
+    Permissions, S1Config, S1Flags, S1Stage, S1Start, S2Config, S2Flags, S2Start, Stage,
+    StepOutcome, TableConfigError, TableControls, Translation, WalkFault, WalkObserver, WalkRecord,
+    WalkStep,
 };

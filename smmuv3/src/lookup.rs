@@ -11,7 +11,7 @@ use crate::cd::{BadCd, ContextDescriptor, L1Cd};
 use crate::features::Features;
 use crate::field::{bits, get};
 use crate::ste::{BadSte, S1Dss, Ste};
-use crate::walk::stage2::{self, S2Use};
+use crate::walk::stage2::{self, S2Start, S2Use};
 use crate::walk::{AccessRequest, FaultClass, S1Config, S2Config, WalkFault};
 use vsva_vtd::PhysMem;
 
@@ -217,9 +217,18 @@ pub fn find_cd<M: PhysMem + ?Sized>(
             None => Ok(addr),
             Some(s2) => {
                 let read = S2Use::Input(AccessRequest::READ);
-                stage2::walk(mem, s2, addr, read, FaultClass::Cd, input, &mut ())
-                    .map(|t| t.output)
-                    .map_err(ConfigFault::Stage2)
+                stage2::walk(
+                    mem,
+                    s2,
+                    S2Start::top(s2),
+                    addr,
+                    read,
+                    FaultClass::Cd,
+                    input,
+                    &mut (),
+                )
+                .map(|t| t.output)
+                .map_err(ConfigFault::Stage2)
             }
         }
     };

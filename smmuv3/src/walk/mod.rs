@@ -14,9 +14,10 @@ pub(crate) mod stage2;
 mod tests;
 
 pub use stage1::{
-    walk_nested, walk_stage1, walk_stage1_via, Direct, NestedStage, S1Config, S1Flags, S1Stage,
+    walk_nested, walk_stage1, walk_stage1_from, walk_stage1_via, Direct, NestedStage, S1Config,
+    S1Flags, S1Stage, S1Start, TableControls,
 };
-pub use stage2::{walk_stage2, S2Config, S2Flags};
+pub use stage2::{walk_stage2, walk_stage2_from, S2Config, S2Flags, S2Start};
 
 use crate::field::field_enum;
 use std::fmt;

@@ -13,7 +13,7 @@
 //! only once stage 1 allows the access; in nested translation they are writes through
 //! stage 2.
 
-use super::stage2::{self, S2Config, S2Use};
+use super::stage2::{self, S2Config, S2Start, S2Use};
 use super::{
     start_table_bytes, table_index, update, AccessRequest, AddressSize, FaultClass, FaultKind,
     FaultStage, PageSize, Permissions, Stage, StepOutcome, TableConfigError, Translation,
@@ -194,6 +194,61 @@ pub struct NestedStage<'a, M: ?Sized> {
     pub s2: &'a S2Config,
 }
 
+impl<M: PhysMem + ?Sized> NestedStage<'_, M> {
+    /// The stage-2 walk from `start` of the stage-1 descriptor at IPA `addr`: a read, or
+    /// with `write` a hardware update (CLASS TT). [`S1Stage::descriptor_address`] is this
+    /// walk from [`S2Start::top`]; a caller with a stage-2 walk cache may start lower.
+    pub fn descriptor_from<O>(
+        &self,
+        start: S2Start,
+        addr: u64,
+        write: bool,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let use_ = S2Use::Table { write };
+        stage2::walk(
+            self.mem,
+            self.s2,
+            start,
+            addr,
+            use_,
+            FaultClass::Tt,
+            input,
+            obs,
+        )
+    }
+
+    /// The stage-2 walk from `start` of stage 1's output `output` for `access` (CLASS IN);
+    /// [`S1Stage::output`] is this walk from [`S2Start::top`].
+    pub fn output_from<O>(
+        &self,
+        start: S2Start,
+        output: u64,
+        access: AccessRequest,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        let use_ = S2Use::Input(access);
+        stage2::walk(
+            self.mem,
+            self.s2,
+            start,
+            output,
+            use_,
+            FaultClass::In,
+            input,
+            obs,
+        )
+    }
+}
+
 impl<M: PhysMem + ?Sized> S1Stage for NestedStage<'_, M> {
     fn descriptor_address<O>(
         &mut self,
@@ -205,8 +260,9 @@ impl<M: PhysMem + ?Sized> S1Stage for NestedStage<'_, M> {
     where
         O: WalkObserver + ?Sized,
     {
-        let use_ = S2Use::Table { write };
-        stage2::walk(self.mem, self.s2, addr, use_, FaultClass::Tt, input, obs).map(|t| t.output)
+        let top = S2Start::top(self.s2);
+        self.descriptor_from(top, addr, write, input, obs)
+            .map(|t| t.output)
     }
 
     fn output<O>(
@@ -219,8 +275,7 @@ impl<M: PhysMem + ?Sized> S1Stage for NestedStage<'_, M> {
     where
         O: WalkObserver + ?Sized,
     {
-        let use_ = S2Use::Input(access);
-        stage2::walk(self.mem, self.s2, output, use_, FaultClass::In, input, obs)
+        self.output_from(S2Start::top(self.s2), output, access, input, obs)
     }
 }
 
@@ -258,16 +313,21 @@ where
 }
 
 /// The hierarchical controls of the table descriptors walked so far (Arm ARM D8.4.1).
-#[derive(Clone, Copy, Debug, Default)]
-struct TableControls {
-    read_only: bool,
-    no_unprivileged: bool,
-    uxn: bool,
-    pxn: bool,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TableControls {
+    /// APTable[1] at some level: no writes below.
+    pub read_only: bool,
+    /// APTable[0] at some level: no unprivileged accesses below.
+    pub no_unprivileged: bool,
+    /// UXNTable at some level.
+    pub uxn: bool,
+    /// PXNTable at some level.
+    pub pxn: bool,
 }
 
 impl TableControls {
-    fn with(self, d: Descriptor) -> Self {
+    /// The controls with those of the table descriptor `d` added.
+    pub const fn with(self, d: Descriptor) -> Self {
         TableControls {
             read_only: self.read_only || d.has(Descriptor::AP_TABLE_RO),
             no_unprivileged: self.no_unprivileged || d.has(Descriptor::AP_TABLE_NO_EL0),
@@ -320,6 +380,44 @@ enum Resolved {
     },
 }
 
+/// Where a stage-1 walk starts: the TTB0 table ([`S1Start::top`]), or a table further
+/// down with the controls of the table descriptors above it, as a stage-1 walk cache entry
+/// gives them (IHI 0070 §16.2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct S1Start {
+    /// The lookup level of the table.
+    pub level: u8,
+    /// The table's address (an IPA in nested translation).
+    pub table: u64,
+    /// The hierarchical controls of the descriptors above.
+    pub controls: TableControls,
+}
+
+impl S1Start {
+    /// The TTB0 table of `cfg`, with no controls yet.
+    pub const fn top(cfg: &S1Config) -> S1Start {
+        S1Start {
+            level: cfg.start,
+            table: cfg.root,
+            controls: TableControls {
+                read_only: false,
+                no_unprivileged: false,
+                uxn: false,
+                pxn: false,
+            },
+        }
+    }
+
+    /// The start below `desc`, a table descriptor read from this start's table.
+    pub const fn below(self, desc: u64) -> S1Start {
+        S1Start {
+            level: self.level + 1,
+            table: desc & Descriptor::ADDR_MASK,
+            controls: self.controls.with(Descriptor(desc)),
+        }
+    }
+}
+
 /// The stage-1 walk of `va`, with `stage` resolving descriptor and output addresses. The
 /// result combines both: the stage's output address, the smaller page size and the rights
 /// both grant.
@@ -327,6 +425,26 @@ pub fn walk_stage1_via<M, S, O>(
     mem: &M,
     cfg: &S1Config,
     stage: &mut S,
+    va: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    S: S1Stage + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    walk_stage1_from(mem, cfg, stage, S1Start::top(cfg), va, access, obs)
+}
+
+/// [`walk_stage1_via`] from `start`: the descriptors above it are neither read nor
+/// updated, and their controls are `start.controls`. EPD0 and the VA range are checked
+/// either way; a start level outside the table's walks from the top.
+pub fn walk_stage1_from<M, S, O>(
+    mem: &M,
+    cfg: &S1Config,
+    stage: &mut S,
+    start: S1Start,
     va: u64,
     access: AccessRequest,
     obs: &mut O,
@@ -346,14 +464,21 @@ where
     if cfg.flags.epd0 || !cfg.in_range(va) {
         return Err(fault(FaultKind::Translation, 0, None));
     }
-    if cfg.root >> cfg.output_bits != 0 {
+    let top = S1Start::top(cfg);
+    let start = if (cfg.start..=3).contains(&start.level) {
+        start
+    } else {
+        top
+    };
+    // A lower start's table came from a descriptor whose address was checked.
+    if start == top && cfg.root >> cfg.output_bits != 0 {
         return Err(fault(FaultKind::AddrSize, 0, None));
     }
     let input_bits = cfg.input_bits();
     let hd = cfg.flags.ha && cfg.flags.hd;
-    let mut level = cfg.start;
-    let mut table = cfg.root;
-    let mut controls = TableControls::default();
+    let mut level = start.level;
+    let mut table = start.table;
+    let mut controls = start.controls;
     loop {
         let desc_addr = table + table_index(va, level, cfg.start, input_bits) * 8;
         let pa = stage.descriptor_address(desc_addr, false, va, obs)?;

@@ -128,6 +128,34 @@ pub(crate) enum S2Use {
     Table { write: bool },
 }
 
+/// Where a stage-2 walk starts: the start table at S2TTB ([`S2Start::top`]), or a table
+/// further down, as a stage-2 walk cache entry gives it (IHI 0070 §16.2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct S2Start {
+    /// The lookup level of the table.
+    pub level: u8,
+    /// The table's physical address.
+    pub table: u64,
+}
+
+impl S2Start {
+    /// The start table of `cfg`.
+    pub const fn top(cfg: &S2Config) -> S2Start {
+        S2Start {
+            level: cfg.start,
+            table: cfg.root,
+        }
+    }
+
+    /// The start below `desc`, a table descriptor read from this start's table.
+    pub const fn below(self, desc: u64) -> S2Start {
+        S2Start {
+            level: self.level + 1,
+            table: desc & Descriptor::ADDR_MASK,
+        }
+    }
+}
+
 /// Translates `ipa` through the stage-2 table of `cfg` for `access`, reporting each
 /// descriptor read to `obs`. Faults have CLASS IN and InputAddr `ipa`.
 pub fn walk_stage2<M, O>(
@@ -141,22 +169,35 @@ where
     M: PhysMem + ?Sized,
     O: WalkObserver + ?Sized,
 {
-    walk(
-        mem,
-        cfg,
-        ipa,
-        S2Use::Input(access),
-        FaultClass::In,
-        ipa,
-        obs,
-    )
+    walk_stage2_from(mem, cfg, S2Start::top(cfg), ipa, access, obs)
 }
 
-/// The stage-2 walk of `ipa` for `use_`; a fault names `class` and the transaction's
-/// `input` address.
+/// [`walk_stage2`] from `start`: the descriptors above it are neither read nor updated.
+/// The input range is checked either way; a start level outside the table's walks from
+/// the top.
+pub fn walk_stage2_from<M, O>(
+    mem: &M,
+    cfg: &S2Config,
+    start: S2Start,
+    ipa: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    let use_ = S2Use::Input(access);
+    walk(mem, cfg, start, ipa, use_, FaultClass::In, ipa, obs)
+}
+
+/// The stage-2 walk of `ipa` from `start` for `use_`; a fault names `class` and the
+/// transaction's `input` address.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn walk<M, O>(
     mem: &M,
     cfg: &S2Config,
+    start: S2Start,
     ipa: u64,
     use_: S2Use,
     class: FaultClass,
@@ -178,12 +219,19 @@ where
     if ipa >> input_bits != 0 {
         return Err(fault(FaultKind::Translation, 0, None));
     }
-    if cfg.root >> cfg.output_bits != 0 {
+    let top = S2Start::top(cfg);
+    let start = if (cfg.start..=3).contains(&start.level) {
+        start
+    } else {
+        top
+    };
+    // A lower start's table came from a descriptor whose address was checked.
+    if start == top && cfg.root >> cfg.output_bits != 0 {
         return Err(fault(FaultKind::AddrSize, 0, None));
     }
     let hd = cfg.flags.ha && cfg.flags.hd;
-    let mut level = cfg.start;
-    let mut table = cfg.root;
+    let mut level = start.level;
+    let mut table = start.table;
     loop {
         let entry_address = table + table_index(ipa, level, cfg.start, input_bits) * 8;
         let mut step = WalkStep {

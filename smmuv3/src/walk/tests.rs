@@ -1228,6 +1228,133 @@ fn nested_walk_record_explains_both_stages() {
 }
 
 #[test]
+fn stage1_walks_from_each_start_equal_the_full_walk() {
+    let mut s = S1::new(16, S1Flags::default());
+    s.map(VA, 0x5000, PageSize::Size4K, S1_RW_EL0);
+    let l1 = s.desc(VA, 1);
+    s.set(VA, 1, l1 | D::AP_TABLE_RO | D::UXN_TABLE);
+    let accesses = [
+        AccessRequest::READ,
+        AccessRequest::WRITE,
+        AccessRequest::FETCH,
+        AccessRequest::FETCH.privileged(),
+    ];
+    for access in accesses {
+        let mut full = WalkRecord::default();
+        let want = walk_stage1(&s.mem, &s.cfg, VA, access, &mut full);
+        let mut start = S1Start::top(&s.cfg);
+        for (i, step) in full.steps.iter().enumerate() {
+            let mut rec = WalkRecord::default();
+            let got = walk_stage1_from(&s.mem, &s.cfg, &mut Direct, start, VA, access, &mut rec);
+            assert_eq!(got, want, "{access:?} from level {}", start.level);
+            assert_eq!(rec.steps, full.steps[i..]);
+            if let StepOutcome::Table(_) = step.outcome {
+                start = start.below(step.entry);
+            }
+        }
+        // The controls came along: below level 1 writes and unprivileged fetches fail.
+        assert!(start.controls.read_only && start.controls.uxn);
+    }
+    assert!(walk_stage1(&s.mem, &s.cfg, VA, AccessRequest::WRITE, &mut ()).is_err());
+    // A start level outside the table walks from the top.
+    let bad = S1Start {
+        level: 7,
+        ..S1Start::top(&s.cfg)
+    };
+    let mut rec = WalkRecord::default();
+    walk_stage1_from(
+        &s.mem,
+        &s.cfg,
+        &mut Direct,
+        bad,
+        VA,
+        AccessRequest::READ,
+        &mut rec,
+    )
+    .unwrap();
+    assert_eq!(rec.steps.len(), 4);
+}
+
+#[test]
+fn stage2_and_nested_walks_from_lower_starts() {
+    let mut s = S2::new(24, 1, S2Flags::default());
+    let ipa = (1 << 39) + 0x4020_3000;
+    s.map(ipa, 0x9000, PageSize::Size4K, S2_RW);
+    let mut full = WalkRecord::default();
+    let want = walk_stage2(&s.mem, &s.cfg, ipa + 4, AccessRequest::READ, &mut full);
+    let mut start = S2Start::top(&s.cfg);
+    assert_eq!(full.steps.len(), 3);
+    for (i, step) in full.steps.iter().enumerate() {
+        let mut rec = WalkRecord::default();
+        let got = walk_stage2_from(
+            &s.mem,
+            &s.cfg,
+            start,
+            ipa + 4,
+            AccessRequest::READ,
+            &mut rec,
+        );
+        assert_eq!(got, want);
+        assert_eq!(rec.steps, full.steps[i..]);
+        if let StepOutcome::Table(_) = step.outcome {
+            start = start.below(step.entry);
+        }
+    }
+
+    // Nested: stage 1 from each of its starts, and stage 2 of the output from each of its.
+    let mut n = nested_default();
+    n.map_s1(VA, 5 * GB + 0x3000, PageSize::Size4K, S1_RW_EL0)
+        .unwrap();
+    n.map_s2(5 * GB + 0x3000, 0x7_0000_0000, PageSize::Size4K, S2_RW);
+    let mut full = WalkRecord::default();
+    let want = n.walk(VA, AccessRequest::WRITE, &mut full).unwrap();
+    assert_eq!(want.output, 0x7_0000_0000);
+    let stage = NestedStage {
+        mem: &n.mem,
+        s2: &n.s2,
+    };
+    let mut start = S1Start::top(&n.s1);
+    for step in full.steps.iter().filter(|s| s.stage == Stage::Stage1) {
+        let mut nested = NestedStage { ..stage };
+        let got = walk_stage1_from(
+            &n.mem,
+            &n.s1,
+            &mut nested,
+            start,
+            VA,
+            AccessRequest::WRITE,
+            &mut (),
+        );
+        assert_eq!(got, Ok(want));
+        if let StepOutcome::Table(_) = step.outcome {
+            start = start.below(step.entry);
+        }
+    }
+    // The stage-2 walk of the output: the steps after the last stage-1 one (L1, L2, L3).
+    let last_s1 = full
+        .steps
+        .iter()
+        .rposition(|s| s.stage == Stage::Stage1)
+        .unwrap();
+    let output_steps = &full.steps[last_s1 + 1..];
+    assert_eq!(output_steps.len(), 3);
+    let mut s2_start = S2Start::top(&n.s2);
+    for step in output_steps {
+        assert_eq!(step.stage, Stage::Stage2);
+        let got = stage.output_from(s2_start, 5 * GB + 0x3000, AccessRequest::WRITE, VA, &mut ());
+        assert_eq!(got.map(|t| t.output), Ok(want.output));
+        if let StepOutcome::Table(_) = step.outcome {
+            s2_start = s2_start.below(step.entry);
+        }
+    }
+    // A stage-2 start for the table region reads the same stage-1 descriptor address.
+    let top = stage
+        .descriptor_from(S2Start::top(&n.s2), 0x1000, false, VA, &mut ())
+        .unwrap();
+    assert_eq!(top.output, GUEST_BASE + 0x1000);
+}
+
+#[test]
 fn nested_page_size_is_the_smaller() {
     let mut n = nested_default();
     n.map_s1(VA & !(GB - 1), 5 * GB, PageSize::Size1G, S1_RW_EL0)
