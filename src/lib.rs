@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod demo;
+pub mod holdings;
 pub mod scenario;
 pub mod stack;

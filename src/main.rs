@@ -70,8 +70,20 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     .map_err(|e| format!("{s}: {e}"))
 }
 
+/// Shows the layers' logged warnings and errors on stderr; `RUST_LOG` chooses others.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .from_env_lossy();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     match cli.command {
         Command::Demo {
             seed,
@@ -115,7 +127,23 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { scenario } => report(scenario::run(scenario)),
+        Command::Run { scenario } => match scenario::run(scenario) {
+            Ok(outcome) => {
+                print!("{}", outcome.text);
+                for f in &outcome.failed {
+                    eprintln!("vsva: check failed: {f}");
+                }
+                if outcome.passed() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("vsva: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Explain { vm, pasid, addr } => report(scenario::explain(vm, pasid, addr)),
         Command::Bench(args) => match run_cli(&args) {
             Ok(_) => ExitCode::SUCCESS,

@@ -1,7 +1,8 @@
 //! `vsva run <scenario>` and `vsva explain`: short scripted runs of the whole stack that
-//! show one behaviour each, printing what every layer did.
+//! show one behaviour each, printing what every layer did. Each checks what it shows; a
+//! failed check is printed as WRONG and fails the run.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,7 +11,37 @@ use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_testbed::scale::{run_scale, ScaleConfig};
 use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
 
+use crate::holdings::HostHoldings;
 use crate::stack::{Host, StackError, Vm};
+
+/// What a scenario printed, and the checks of it that failed.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    pub text: String,
+    pub failed: Vec<String>,
+}
+
+impl Outcome {
+    /// Every check passed.
+    pub fn passed(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// Records a check: `what` fails the run unless `ok`. Returns `ok`.
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
+        if !ok {
+            self.failed.push(what());
+        }
+        ok
+    }
+}
+
+impl fmt::Write for Outcome {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.text.push_str(s);
+        Ok(())
+    }
+}
 
 /// Guest RAM of the scenarios' VMs.
 const RAM: u64 = 64 << 20;
@@ -63,20 +94,23 @@ fn bound(vm: &Vm, lazy: bool) -> Result<Bound, StackError> {
     })
 }
 
-/// Runs `scenario`; returns what it printed.
-pub fn run(scenario: Scenario) -> Result<String, StackError> {
+/// Runs `scenario`; returns what it printed and which of its checks failed.
+pub fn run(scenario: Scenario) -> Result<Outcome, StackError> {
     let host = || Host::new(HOST_MEMORY, true);
-    let mut out = String::new();
+    let mut out = Outcome::default();
     match scenario {
         Scenario::PageRequest => page_request(&host()?, &mut out)?,
         Scenario::CrossVm => cross_vm(&host()?, &mut out)?,
-        Scenario::Teardown => teardown(&host()?, &mut out)?,
-        Scenario::Scale => out = scale()?,
+        Scenario::Teardown => {
+            let host = host()?;
+            teardown(&host, HostHoldings::of(&host), &mut out)?
+        }
+        Scenario::Scale => out.text = scale()?,
     }
     Ok(out)
 }
 
-fn page_request(host: &Host, out: &mut String) -> Result<(), StackError> {
+fn page_request(host: &Host, out: &mut Outcome) -> Result<(), StackError> {
     let vm = Vm::new(host, 0, RAM, 16)?;
     let b = bound(&vm, true)?;
     let _ = writeln!(
@@ -120,6 +154,12 @@ fn page_request(host: &Host, out: &mut String) -> Result<(), StackError> {
     let mut bytes = vec![0; 8 * 4096];
     b.process.read(b.buffer, &mut bytes).map_err(guest)?;
     let ok = rec.status == CompletionStatus::Success && bytes.iter().all(|&x| x == 0x5a);
+    out.check(ok, || {
+        format!(
+            "the device's fill of a lazily mapped buffer: {:?}",
+            rec.status
+        )
+    });
     let _ = writeln!(
         out,
         "CPU view of the buffer: {}",
@@ -133,7 +173,7 @@ fn page_request(host: &Host, out: &mut String) -> Result<(), StackError> {
     vm.shutdown()
 }
 
-fn cross_vm(host: &Host, out: &mut String) -> Result<(), StackError> {
+fn cross_vm(host: &Host, out: &mut Outcome) -> Result<(), StackError> {
     let a = Vm::new(host, 0, RAM, 16)?;
     let b_vm = Vm::new(host, 1, RAM, 16)?;
     let victim = bound(&a, false)?;
@@ -149,9 +189,13 @@ fn cross_vm(host: &Host, out: &mut String) -> Result<(), StackError> {
         victim.pasid,
         match &free {
             Ok(()) => "accepted (WRONG)".to_string(),
-            Err(e) => format!("{} ({e})", e.errno()),
+            Err(e) if e.errno() == -libc::EPERM => format!("{} ({e})", e.errno()),
+            Err(e) => format!("{} ({e}) (WRONG: not -EPERM)", e.errno()),
         }
     );
+    out.check(matches!(&free, Err(e) if e.errno() == -libc::EPERM), || {
+        format!("vm1's free of vm0's PASID: {free:?}, not -EPERM")
+    });
     // vm1's own process, with vm1's device, tagged with vm0's PASID.
     let own = bound(&b_vm, false)?;
     let rec = b_vm.run(
@@ -165,13 +209,18 @@ fn cross_vm(host: &Host, out: &mut String) -> Result<(), StackError> {
         own.record,
     )?;
     let swerr = b_vm.engine.software_error();
+    let refused = swerr.is_some_and(|e| e.status == CompletionStatus::CompletionAddrTranslation);
     let _ = writeln!(
         out,
-        "vm1 device DMA with {}: completion {:?}, software error {:?}",
+        "vm1 device DMA with {}: completion {:?}, software error {:?}{}",
         victim.pasid,
         rec.status,
-        swerr.map(|e| e.status)
+        swerr.map(|e| e.status),
+        if refused { "" } else { " (WRONG)" }
     );
+    out.check(refused, || {
+        format!("vm1's DMA with vm0's PASID was not refused: {rec:?}, {swerr:?}")
+    });
     for f in host.unit.take_faults() {
         let _ = writeln!(
             out,
@@ -184,23 +233,26 @@ fn cross_vm(host: &Host, out: &mut String) -> Result<(), StackError> {
         .process
         .read(victim.buffer, &mut bytes)
         .map_err(guest)?;
+    let unchanged = bytes.iter().all(|&x| x == 0x11);
     let _ = writeln!(
         out,
         "vm0's buffer: {}",
-        if bytes.iter().all(|&x| x == 0x11) {
+        if unchanged {
             "unchanged"
         } else {
             "CHANGED (WRONG)"
         }
     );
+    out.check(unchanged, || "vm0's buffer changed".into());
     drop(own);
     b_vm.shutdown()?;
     drop(victim);
     a.shutdown()
 }
 
-fn teardown(host: &Host, out: &mut String) -> Result<(), StackError> {
-    let baseline = host.frames.allocated_bytes();
+/// Boots a VM on `host`, binds and DMAs, shuts it down and checks the host holds what it
+/// held `before`.
+fn teardown(host: &Host, before: HostHoldings, out: &mut Outcome) -> Result<(), StackError> {
     let vm = Vm::new(host, 0, RAM, 16)?;
     let b = bound(&vm, false)?;
     let rec = vm.run(
@@ -216,24 +268,20 @@ fn teardown(host: &Host, out: &mut String) -> Result<(), StackError> {
     let _ = writeln!(out, "vm0: {} bound, DMA {:?}", b.pasid, rec.status);
     let _ = writeln!(
         out,
-        "while running: {} bytes of host memory allocated, {} IOTLB entries, {} domain ids in use",
-        host.frames.allocated_bytes() - baseline,
-        host.iommu.iotlb().len(),
-        host.unit.domain_ids_in_use()
+        "while running: {}",
+        HostHoldings::of(host).beyond(&before)
     );
     drop(b);
     vm.shutdown()?;
-    let (ctx, pasid) = host.iommu.cached_entries();
+    let left = HostHoldings::of(host).beyond(&before);
     let _ = writeln!(
         out,
-        "after shutdown: {} bytes allocated, {} IOTLB entries, {} context and {} PASID cache entries, {} domain ids in use, {} PASIDs allocated",
-        host.frames.allocated_bytes() - baseline,
-        host.iommu.iotlb().len(),
-        ctx,
-        pasid,
-        host.unit.domain_ids_in_use(),
-        host.pasids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total_allocated()
+        "after shutdown: {left}{}",
+        if left.is_empty() { "" } else { " (WRONG)" }
     );
+    out.check(left.is_empty(), || {
+        format!("the host still holds after shutdown: {left}")
+    });
     Ok(())
 }
 
@@ -286,4 +334,29 @@ pub fn explain(vm: usize, pasid: Option<u32>, addr: Option<u64>) -> Result<Strin
         .explain(target.host_sid, Some(pasid), addr, AccessRequest::READ);
     let _ = write!(out, "{e}");
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scenarios_pass_their_checks() {
+        for scenario in [Scenario::PageRequest, Scenario::CrossVm, Scenario::Teardown] {
+            let out = run(scenario).unwrap();
+            assert!(out.passed(), "{scenario:?}: {:?}\n{}", out.failed, out.text);
+            assert!(!out.text.contains("WRONG"), "{}", out.text);
+        }
+    }
+
+    #[test]
+    fn a_host_that_holds_more_after_teardown_fails_the_run() {
+        let host = Host::new(HOST_MEMORY, true).unwrap();
+        // Measured against an empty host, the driver's own tables are left over.
+        let mut out = Outcome::default();
+        teardown(&host, HostHoldings::default(), &mut out).unwrap();
+        assert!(!out.passed(), "{}", out.text);
+        assert!(out.failed[0].starts_with("the host still holds after shutdown: "));
+        assert!(out.text.contains(" (WRONG)"), "{}", out.text);
+    }
 }

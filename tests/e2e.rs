@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
+use vsva::holdings::HostHoldings;
 use vsva::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_guest::{DeviceConfig, Process, Prot};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
@@ -445,32 +446,8 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     vm.shutdown().unwrap();
 }
 
-/// What the host holds, in the units teardown must return to.
-#[derive(Debug, PartialEq, Eq)]
-struct HostHoldings {
-    allocated_bytes: u64,
-    domain_ids: usize,
-    devices: usize,
-    page_request_routes: usize,
-    page_request_sinks: usize,
-    pasids: usize,
-    iotlb: usize,
-    context_and_pasid_cache: (usize, usize),
-    paging_structure_caches: vsva_hw::iommu::pscache::CachedTables,
-}
-
 fn holdings(host: &Host) -> HostHoldings {
-    HostHoldings {
-        allocated_bytes: host.frames.allocated_bytes(),
-        domain_ids: host.unit.domain_ids_in_use(),
-        devices: host.unit.attached_devices(),
-        page_request_routes: host.unit.page_request_routes(),
-        page_request_sinks: host.unit.page_request_sinks(),
-        pasids: host.pasids.lock().unwrap().total_allocated(),
-        iotlb: host.iommu.iotlb().len(),
-        context_and_pasid_cache: host.iommu.cached_entries(),
-        paging_structure_caches: host.iommu.paging_structure_caches().len(),
-    }
+    HostHoldings::of(host)
 }
 
 /// A VM with a bound process that has done some DMA, for teardown tests.

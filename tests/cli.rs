@@ -1,0 +1,57 @@
+//! The `vsva` command's exit codes: a run whose checks pass exits 0; options that would
+//! check nothing, and failed checks, exit non-zero.
+
+use std::process::{Command, Output};
+
+fn vsva(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args(args)
+        .output()
+        .expect("the vsva binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_demo_refuses_to_check_nothing() {
+    for (args, why) in [
+        (["--vms", "0"], "--vms 0"),
+        (["--processes", "0"], "--processes 0"),
+    ] {
+        let out = vsva(&["demo", args[0], args[1]]);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out.stdout));
+        assert!(
+            text(&out.stderr).contains(&format!("demo: {why}")),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_one_vm_demo_passes_and_says_what_it_skipped() {
+    let out = vsva(&["demo", "--vms", "1", "--processes", "1", "--bytes", "4096"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("0 errors; cross-VM checks skipped"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("; everything released\n"), "{stdout}");
+}
+
+#[test]
+fn scenarios_whose_checks_pass_exit_zero() {
+    for scenario in ["page-request", "cross-vm", "teardown"] {
+        let out = vsva(&["run", scenario]);
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{scenario}: {stdout}{}",
+            text(&out.stderr)
+        );
+        assert!(!stdout.contains("WRONG"), "{stdout}");
+    }
+}
