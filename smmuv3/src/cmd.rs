@@ -1,7 +1,7 @@
 //! Commands (IHI 0070 §4): the 16-byte entries of the command queue, by opcode in bits
 //! 7:0 of the first word.
 //!
-//! [`Cmd::decode`] refuses what the SMMU reports as CERROR_ILL (§4.1.1, §7.1): an opcode the
+//! [`Cmd::decode`] refuses what the SMMU reports as CERROR_ILL (§4, §7.1): an opcode the
 //! Non-secure command queue does not have, a RES0 bit set (SSec included), a reserved
 //! encoding (PRI response, resume action, CMD_SYNC completion signal), or a command the
 //! SMMU does not implement (EL2 invalidations without IDR0.Hyp, stage-2 invalidations
@@ -39,7 +39,7 @@ impl CmdError {
 }
 
 field_enum! {
-    /// CMD_PRI_RESP.Resp: the page request group response (§4.7.1).
+    /// CMD_PRI_RESP.Resp: the page request group response (§4).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub enum PriResp {
         /// Invalid Request: the function must not retry.
@@ -52,7 +52,7 @@ field_enum! {
 }
 
 field_enum! {
-    /// CMD_RESUME.Action: what becomes of a stalled transaction (§4.7.2).
+    /// CMD_RESUME.Action: what becomes of a stalled transaction (§4).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub enum ResumeAction {
         /// Terminate it (abort or RAZ/WI per the CD's A).
@@ -65,7 +65,7 @@ field_enum! {
 }
 
 field_enum! {
-    /// CMD_SYNC.CS: how completion is signalled (§4.7.3).
+    /// CMD_SYNC.CS: how completion is signalled (§4).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub enum SyncCs {
         /// No signal (software polls CMDQ_CONS).
@@ -78,7 +78,7 @@ field_enum! {
     }
 }
 
-/// The address operand of the address-based TLB invalidations (§4.4).
+/// The address operand of the address-based TLB invalidations (§4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TlbiAddr {
     /// The VA (bits 63:12) or IPA (bits 51:12).

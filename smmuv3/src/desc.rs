@@ -1,6 +1,6 @@
 //! VMSAv8-64 translation table descriptors with the 4 KiB granule (Arm ARM D8.3, "Translation
-//! table descriptor formats"), as the SMMU reads them for stage 1 (IHI 0070 §3.4, the CD's
-//! TTB0) and stage 2 (§3.4, the STE's S2TTB).
+//! table descriptor formats"), as the SMMU reads them for stage 1 (IHI 0070 §5.4, the CD's
+//! TTB0) and stage 2 (§5.2, the STE's S2TTB).
 //!
 //! Levels are numbered as the Arm ARM numbers them: level 0 resolves VA bits 47:39, level 3
 //! is the page table. With the 4 KiB granule a block can sit at level 1 (1 GiB) or level 2

@@ -1,6 +1,6 @@
 //! The SMMU capabilities that stream table entries and context descriptors are checked
 //! against: the fields of SMMU_IDR0, IDR1 and IDR5 that decide whether an STE or CD is
-//! ILLEGAL (IHI 0070 §6.3.1, §6.3.2, §6.3.6).
+//! ILLEGAL (IHI 0070 §6.3).
 //!
 //! The vsva SMMU walks AArch64 little-endian tables with the 4 KiB granule only (IDR0.TTF
 //! = AArch64, IDR0.TTENDIAN = little-endian, IDR5.GRAN4K alone), so those are not options.

@@ -1,6 +1,6 @@
-//! Finding a transaction's configuration (IHI 0070 §3.3, §3.4.3): its STE in the stream
-//! table (linear or 2-level, §3.3.1, §3.3.2) by StreamID, then its CD in the STE's CD
-//! table (linear or 2-level, §3.4.3) by SubstreamID, with the configuration errors each
+//! Finding a transaction's configuration (IHI 0070 §3.3): its STE in the stream
+//! table (linear or 2-level) by StreamID, then its CD in the STE's CD
+//! table (linear or 2-level) by SubstreamID, with the configuration errors each
 //! step can raise (§7.3: C_BAD_STREAMID, F_STE_FETCH, C_BAD_STE, F_STREAM_DISABLED,
 //! C_BAD_SUBSTREAMID, F_CD_FETCH, C_BAD_CD).
 //!
@@ -92,8 +92,8 @@ impl L1Std {
     }
 }
 
-/// A stream table as SMMU_STRTAB_BASE and SMMU_STRTAB_BASE_CFG describe it (§6.3.24,
-/// §6.3.25).
+/// A stream table as SMMU_STRTAB_BASE and SMMU_STRTAB_BASE_CFG describe it
+/// (§6.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StreamTable {
     base: u64,

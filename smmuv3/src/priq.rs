@@ -1,4 +1,4 @@
-//! PRI queue entries (IHI 0070 §8.1): 16 bytes per PCIe page request message that the SMMU
+//! PRI queue entries (IHI 0070 §8): 16 bytes per PCIe page request message that the SMMU
 //! receives from a function, for software to answer with CMD_PRI_RESP.
 
 use crate::field::{bits, get, put};

@@ -81,7 +81,7 @@ pub mod offset {
     pub const LIMIT: u64 = 0x2_0000;
 }
 
-/// CR0 / CR0ACK bits (§6.3.9).
+/// CR0 / CR0ACK bits (§6.3).
 pub mod cr0 {
     /// SMMUEN: translation enabled.
     pub const SMMUEN: u32 = 1 << 0;
@@ -97,7 +97,7 @@ pub mod cr0 {
     pub const VMW: u32 = 0x7 << 6;
 }
 
-/// GERROR / GERRORN bits (§6.3.17): an error is active while the two differ.
+/// GERROR / GERRORN bits (§6.3): an error is active while the two differ.
 pub mod gerror {
     /// CMDQ_ERR: the command queue stopped on an error (CMDQ_CONS.ERR).
     pub const CMDQ_ERR: u32 = 1 << 0;
@@ -117,7 +117,7 @@ pub mod gerror {
     pub const SFM_ERR: u32 = 1 << 8;
 }
 
-/// IRQ_CTRL / IRQ_CTRLACK bits (§6.3.15).
+/// IRQ_CTRL / IRQ_CTRLACK bits (§6.3).
 pub mod irq_ctrl {
     /// GERROR_IRQEN.
     pub const GERROR_IRQEN: u32 = 1 << 0;
@@ -127,11 +127,11 @@ pub mod irq_ctrl {
     pub const EVENTQ_IRQEN: u32 = 1 << 2;
 }
 
-/// GBPA.Update (§6.3.14).
+/// GBPA.Update (§6.3).
 pub const GBPA_UPDATE: u32 = 1 << 31;
 /// GBPA.ABORT: abort transactions while SMMUEN is 0.
 pub const GBPA_ABORT: u32 = 1 << 20;
-/// EVENTQ_PROD.OVFLG / PRIQ_PROD.OVFLG and their CONS.OVACKFLG (§6.3.27).
+/// EVENTQ_PROD.OVFLG / PRIQ_PROD.OVFLG and their CONS.OVACKFLG (§6.3).
 pub const OVERFLOW: u32 = 1 << 31;
 
 /// A register file refusal.
@@ -154,7 +154,7 @@ pub enum RegError {
 }
 
 impl Features {
-    /// SMMU_IDR0 (§6.3.1): AArch64 tables, little-endian walks, coherent, MSIs, 2-level
+    /// SMMU_IDR0 (§6.3): AArch64 tables, little-endian walks, coherent, MSIs, 2-level
     /// stream tables, and the features of `self`.
     pub fn idr0(&self) -> u32 {
         let flag = |b: bool, bit: u32| (b as u32) << bit;
@@ -176,7 +176,7 @@ impl Features {
             | 1 << 27
     }
 
-    /// SMMU_IDR1 (§6.3.2) with queues of at most 2^`queue_log2` entries each.
+    /// SMMU_IDR1 (§6.3) with queues of at most 2^`queue_log2` entries each.
     pub fn idr1(&self, queue_log2: [u8; 3]) -> u32 {
         let [cmdq, eventq, priq] = queue_log2.map(|q| q.min(19) as u32);
         self.sid_bits.min(32) as u32
@@ -186,12 +186,12 @@ impl Features {
             | cmdq << 21
     }
 
-    /// SMMU_IDR3 (§6.3.4): RIL.
+    /// SMMU_IDR3 (§6.3): RIL.
     pub fn idr3(&self) -> u32 {
         (self.ril as u32) << 10
     }
 
-    /// SMMU_IDR5 (§6.3.6): OAS and the 4 KiB granule.
+    /// SMMU_IDR5 (§6.3): OAS and the 4 KiB granule.
     pub fn idr5(&self) -> u32 {
         self.oas.raw() as u32 | 1 << 4
     }

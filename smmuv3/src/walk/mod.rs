@@ -1,6 +1,6 @@
 //! VMSAv8-64 translation walkers with the 4 KiB granule: stage 1 (the CD's TTB0), stage 2
 //! (the STE's S2TTB) and nested, in which every stage-1 table address and the final IPA go
-//! through stage 2 (IHI 0070 §3.4, Arm ARM D8 "The AArch64 Virtual Memory System
+//! through stage 2 (IHI 0070 §3.3, Arm ARM D8 "The AArch64 Virtual Memory System
 //! Architecture").
 //!
 //! Faults are classified as the SMMU records them (IHI 0070 §7.3): the event type, whether
@@ -68,7 +68,7 @@ pub(crate) const fn level_shift(level: u8) -> u32 {
 
 field_enum! {
     /// An address size: the CD's IPS, the STE's S2PS and SMMU_IDR5.OAS (IHI 0070 §5.4,
-    /// §5.2, §6.3.6).
+    /// §5.2, §6.3).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
     pub enum AddressSize {
         /// 32 bits, 4 GiB.
@@ -103,7 +103,7 @@ impl AddressSize {
     }
 
     /// The output size a 4 KiB-granule table can use under this setting: at most 48 bits
-    /// (IHI 0070 §3.4.1).
+    /// (IHI 0070 §3.4).
     pub(crate) const fn granule_4k_bits(self) -> u32 {
         if self.bits() > 48 {
             48
@@ -134,7 +134,7 @@ pub enum TableConfigError {
     },
 }
 
-/// What a transaction asks for (IHI 0070 §3.2: the RnW, InD and PnU attributes).
+/// What a transaction asks for: its RnW, InD and PnU attributes (IHI 0070).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AccessRequest {
     /// RnW = 0: a write; otherwise a read.
@@ -264,7 +264,7 @@ field_enum! {
 }
 
 field_enum! {
-    /// The event type of a translation fault (IHI 0070 §7.3.10 to §7.3.14).
+    /// The event type of a translation fault (IHI 0070 §7.3).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub enum FaultKind {
         /// F_WALK_EABT: an external abort on a descriptor fetch or update.

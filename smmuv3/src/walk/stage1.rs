@@ -1,4 +1,4 @@
-//! The stage-1 walker: VA to IPA (or PA) through the CD's TTB0 (IHI 0070 §3.4, §5.4; Arm
+//! The stage-1 walker: VA to IPA (or PA) through the CD's TTB0 (IHI 0070 §3.3, §5.4; Arm
 //! ARM D8.4.1 stage 1 permissions), and its use for nested translation.
 //!
 //! Rights follow the Arm ARM for the EL1&0 regime, with the privilege taken from the
@@ -382,7 +382,7 @@ enum Resolved {
 
 /// Where a stage-1 walk starts: the TTB0 table ([`S1Start::top`]), or a table further
 /// down with the controls of the table descriptors above it, as a stage-1 walk cache entry
-/// gives them (IHI 0070 §16.2.1).
+/// gives them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S1Start {
     /// The lookup level of the table.

@@ -1,4 +1,4 @@
-//! The stage-2 walker: IPA to PA through the STE's S2TTB (IHI 0070 §3.4, §5.2; Arm ARM
+//! The stage-2 walker: IPA to PA through the STE's S2TTB (IHI 0070 §3.3, §5.2; Arm ARM
 //! D8.4.2 stage 2 permissions).
 //!
 //! S2AP[0] grants reads and S2AP[1] writes; an instruction fetch needs only XN clear (the
@@ -129,7 +129,7 @@ pub(crate) enum S2Use {
 }
 
 /// Where a stage-2 walk starts: the start table at S2TTB ([`S2Start::top`]), or a table
-/// further down, as a stage-2 walk cache entry gives it (IHI 0070 §16.2.1).
+/// further down, as a stage-2 walk cache entry gives it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S2Start {
     /// The lookup level of the table.
