@@ -105,8 +105,7 @@ pub enum Cmd {
         /// SubstreamID, when SSV is set.
         ssid: Option<u32>,
     },
-    /// CMD_PREFETCH_ADDR (0x02): prefetch translations of 2^`size` pages at `addr`, every
-    /// 2^`stride` pages.
+    /// CMD_PREFETCH_ADDR (0x02): prefetch translations of 2^`size` pages at `addr`.
     PrefetchAddr {
         /// StreamID.
         sid: u32,
@@ -116,8 +115,6 @@ pub enum Cmd {
         addr: u64,
         /// log2 of the number of pages.
         size: u8,
-        /// log2 of the stride, in pages.
-        stride: u8,
     },
     /// CMD_CFGI_STE (0x03): invalidate the cached STE of a stream (`leaf`: only the STE,
     /// not the L1STD).
@@ -348,10 +345,9 @@ impl Cmd {
                 ssid,
                 addr,
                 size,
-                stride,
             } => (
                 sid(s) | put_ssid(ssid),
-                put(size as u64, 4, 0) | put(stride as u64, 9, 5) | (addr & bits(63, 12)),
+                put(size as u64, 4, 0) | (addr & bits(63, 12)),
             ),
             Cmd::CfgiSte { sid: s, leaf } => (sid(s), leaf as u64),
             Cmd::CfgiSteRange { sid: s, range } => {
@@ -450,10 +446,9 @@ impl Cmd {
                     ssid: ssid(d0),
                     addr: d1 & bits(63, 12),
                     size: get(d1, 4, 0) as u8,
-                    stride: get(d1, 9, 5) as u8,
                 },
                 SID | ssid_bits,
-                bits(9, 0) | bits(63, 12),
+                bits(4, 0) | bits(63, 12),
             ),
             0x03 => (
                 Cmd::CfgiSte {
@@ -772,13 +767,12 @@ mod tests {
         let page = (0u64..(1 << 52)).prop_map(|p| p << 12);
         prop_oneof![
             (any::<u32>(), ssid.clone()).prop_map(|(sid, ssid)| Cmd::PrefetchConfig { sid, ssid }),
-            (any::<u32>(), ssid.clone(), page.clone(), 0u8..32, 0u8..32).prop_map(
-                |(sid, ssid, addr, size, stride)| Cmd::PrefetchAddr {
+            (any::<u32>(), ssid.clone(), page.clone(), 0u8..32).prop_map(
+                |(sid, ssid, addr, size)| Cmd::PrefetchAddr {
                     sid,
                     ssid,
                     addr,
-                    size,
-                    stride
+                    size
                 }
             ),
             (any::<u32>(), any::<bool>()).prop_map(|(sid, leaf)| Cmd::CfgiSte { sid, leaf }),

@@ -200,8 +200,9 @@ pub fn find_cd<M: PhysMem + ?Sized>(
         (0, Some(_)) => return Err(ConfigFault::BadSubstreamId),
         (0, None) => 0,
         (max, Some(s)) => {
-            // SubstreamID 0 is reserved for untagged traffic when S1DSS = 0b10.
-            if (s as u64) >> max != 0 || (s == 0 && ste.s1dss == S1Dss::Substream0) {
+            // S1DSS only governs transactions without a SubstreamID: SubstreamID 0 selects
+            // CD 0 like any other.
+            if (s as u64) >> max != 0 {
                 return Err(ConfigFault::BadSubstreamId);
             }
             s
@@ -395,10 +396,11 @@ mod tests {
             find_cd(&mem, &ssid0, &F, None, None, 0),
             Ok(Stage1Context::Cd { index: 0, .. })
         ));
-        assert_eq!(
+        // With a SubstreamID, 0 is CD 0 as well (S1DSS does not apply).
+        assert!(matches!(
             find_cd(&mem, &ssid0, &F, Some(0), None, 0),
-            Err(ConfigFault::BadSubstreamId)
-        );
+            Ok(Stage1Context::Cd { index: 0, .. })
+        ));
         // S1CDMax 0: one CD, no substreams (S1DSS ignored).
         let single = s1_ste(0x8000, 0, S1Fmt::TwoLevel4K, S1Dss::Terminate);
         assert!(matches!(
