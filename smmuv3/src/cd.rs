@@ -12,6 +12,7 @@ use crate::features::{Features, StallModel};
 use crate::field::{bits, get, put};
 use crate::ste::Granule;
 use crate::walk::{AddressSize, S1Config, S1Flags, TableConfigError};
+use std::fmt;
 
 /// Why a CD is C_BAD_CD (or, for [`BadCd::Ttb1`], not translatable by vsva).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
@@ -333,6 +334,29 @@ impl ContextDescriptor {
         // With EPD0 the table is never walked; T0SZ then need not be valid.
         let t0sz = if self.epd0 { 39 } else { self.t0sz };
         S1Config::new(self.ttb0, t0sz, f.cap_oas(self.ips), flags).map_err(BadCd::Table)
+    }
+}
+
+/// One line for `explain`: the ASID, TTB0 and its walk controls.
+impl fmt::Display for ContextDescriptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CD ASID={:#x} TTB0={:#x} T0SZ={} TG0={:?} IPS={}b EPD0={} EPD1={} HA={} HD={} AFFD={} WXN={} PAN={} TBI={}",
+            self.asid,
+            self.ttb0,
+            self.t0sz,
+            self.tg0,
+            self.ips.bits(),
+            self.epd0 as u8,
+            self.epd1 as u8,
+            self.ha as u8,
+            self.hd as u8,
+            self.affd as u8,
+            self.wxn as u8,
+            self.pan as u8,
+            self.tbi
+        )
     }
 }
 

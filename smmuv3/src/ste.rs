@@ -12,6 +12,7 @@
 use crate::features::{Features, StallModel};
 use crate::field::{bits, field_enum, get, put};
 use crate::walk::{AddressSize, S2Config, S2Flags, TableConfigError};
+use std::fmt;
 
 field_enum! {
     /// STE.Config: which stages translate (§5.2).
@@ -477,6 +478,39 @@ impl Ste {
     }
 }
 
+/// One line for `explain`: the Config and the fields it uses.
+impl fmt::Display for Ste {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "STE Config={:?}", self.config)?;
+        if self.config.stage1() {
+            write!(
+                f,
+                " S1ContextPtr={:#x} S1Fmt={:?} S1CDMax={} S1DSS={:?} STRW={:?}",
+                self.s1_context_ptr, self.s1fmt, self.s1cdmax, self.s1dss, self.strw
+            )?;
+        }
+        if self.config.stage2() {
+            write!(
+                f,
+                " VMID={:#x} S2TTB={:#x} S2T0SZ={} S2SL0={} S2PS={}b S2AFFD={} S2HA={} S2HD={} S2PTW={}",
+                self.s2vmid,
+                self.s2ttb,
+                self.s2t0sz,
+                self.s2sl0,
+                self.s2ps.bits(),
+                self.s2affd as u8,
+                self.s2ha as u8,
+                self.s2hd as u8,
+                self.s2ptw as u8
+            )?;
+        }
+        if self.eats != Eats::Abort {
+            write!(f, " EATS={:?}", self.eats)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,6 +557,13 @@ mod tests {
             ]
         );
         assert_eq!(Ste::decode(&raw, &Features::VSVA), Ok(nested()));
+        assert_eq!(
+            nested().to_string(),
+            "STE Config=Nested S1ContextPtr=0x12345640 S1Fmt=Linear S1CDMax=5 \
+             S1DSS=Substream0 STRW=NsEl1 VMID=0x42 S2TTB=0x80000 S2T0SZ=24 S2SL0=1 S2PS=48b \
+             S2AFFD=0 S2HA=0 S2HD=0 S2PTW=0"
+        );
+        assert_eq!(Ste::new(Config::Bypass).to_string(), "STE Config=Bypass");
         let s2 = nested().s2_config(&Features::VSVA).unwrap();
         assert_eq!(
             (s2.root(), s2.start_level(), s2.output_bits()),
