@@ -1416,6 +1416,49 @@ prop_compose! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Hardware updates of a stage-1 leaf: a successful walk leaves AF set when HA is on
+    /// (and untouched otherwise), a successful write to a writable-clean page under HA+HD
+    /// leaves it writable-dirty, a refused access changes nothing, and walking again
+    /// changes nothing more and gives the same translation.
+    #[test]
+    fn stage1_hardware_updates(
+        ha: bool, hd: bool, affd: bool,
+        ap in 0u64..4, af: bool, dbm: bool, uxn: bool, pxn: bool,
+        access in arb_access(),
+    ) {
+        let flags = S1Flags { ha, hd, affd, ..S1Flags::default() };
+        let mut s = S1::new(25, flags);
+        let attrs = ap << 6
+            | if af { D::AF } else { 0 }
+            | if dbm { D::DBM } else { 0 }
+            | if uxn { D::UXN } else { 0 }
+            | if pxn { D::PXN } else { 0 };
+        s.map(VA, 0x5000, PageSize::Size4K, attrs);
+        let before = s.desc(VA, 3);
+        let first = s.walk(VA, access);
+        let after = s.desc(VA, 3);
+        match first {
+            Err(_) => prop_assert_eq!(after, before, "a refused access updates nothing"),
+            Ok(t) => {
+                prop_assert_eq!(after & D::AF != 0, af || ha);
+                let cleaned = access.write && before & D::AP_RO != 0;
+                prop_assert!(!cleaned || (ha && hd && dbm), "AP[2] cleared only by HD on DBM");
+                prop_assert_eq!(after & D::AP_RO == 0, before & D::AP_RO == 0 || cleaned);
+                prop_assert_eq!(after & !(D::AF | D::AP_RO), before & !(D::AF | D::AP_RO));
+                prop_assert_eq!(t.dirty, after & D::AP_RO == 0);
+                let mut rec = WalkRecord::default();
+                let again = walk_stage1(&s.mem, &s.cfg, VA, access, &mut rec);
+                prop_assert_eq!(again, Ok(t));
+                prop_assert!(rec.steps.iter().all(|s| s.set_bits == 0 && s.cleared_bits == 0));
+                prop_assert_eq!(s.desc(VA, 3), after);
+            }
+        }
+    }
+}
+
 /// How the probes of the nested property ended.
 #[derive(Default)]
 struct Outcomes {
