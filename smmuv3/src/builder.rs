@@ -37,6 +37,14 @@ pub enum BuildError {
         /// The level of the valid descriptor found.
         level: u8,
     },
+    /// Nothing of that size is mapped there.
+    #[error("{va:#x} is not mapped as a {size:?} page or block")]
+    NotMapped {
+        /// The input address.
+        va: u64,
+        /// The size asked for.
+        size: PageSize,
+    },
     /// A block is in the way of a smaller mapping.
     #[error("{va:#x} is covered by a block at level {level}")]
     SizeConflict {
@@ -54,6 +62,17 @@ pub enum BuildError {
     /// The memory refused an access.
     #[error(transparent)]
     Memory(#[from] MemError),
+}
+
+/// A leaf found by [`TableBuilder::lookup`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// The output address of the page or block.
+    pub base: u64,
+    /// Its size.
+    pub size: PageSize,
+    /// The descriptor as stored.
+    pub descriptor: u64,
 }
 
 /// A translation table under construction: its start table (which the caller provides,
@@ -148,6 +167,54 @@ impl TableBuilder {
         }
         mem.write_u64(slot, Descriptor::leaf(pa, size, attrs).0)?;
         Ok(())
+    }
+
+    /// The page or block that maps `va`, if any.
+    pub fn lookup<M>(&self, mem: &M, va: u64) -> Result<Option<Mapping>, BuildError>
+    where
+        M: PhysMem + ?Sized,
+    {
+        if va >> self.input_bits != 0 {
+            return Err(BuildError::OutOfRange(va));
+        }
+        let mut table = self.root;
+        for level in self.start..=3 {
+            let descriptor = mem.read_u64(self.slot(table, va, level))?;
+            match Descriptor(descriptor).kind(level) {
+                DescriptorKind::Table(next) => table = next,
+                DescriptorKind::Leaf { base, size } => {
+                    return Ok(Some(Mapping {
+                        base,
+                        size,
+                        descriptor,
+                    }))
+                }
+                DescriptorKind::Invalid => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes the `size` page or block mapped at `va` (writing an invalid descriptor) and
+    /// returns what it mapped. Tables it leaves empty stay in place (see
+    /// [`TableBuilder::tables`]). The caller must invalidate TLBs that may hold it.
+    pub fn unmap<M>(&mut self, mem: &M, va: u64, size: PageSize) -> Result<Mapping, BuildError>
+    where
+        M: PhysMem + ?Sized,
+    {
+        if va & (size.bytes() - 1) != 0 {
+            return Err(BuildError::Misaligned { addr: va, size });
+        }
+        match self.lookup(mem, va)? {
+            Some(m) if m.size == size => {
+                let slot = self
+                    .descriptor_address(mem, va, size.level())?
+                    .ok_or(BuildError::NotMapped { va, size })?;
+                mem.write_u64(slot, 0)?;
+                Ok(m)
+            }
+            _ => Err(BuildError::NotMapped { va, size }),
+        }
     }
 
     /// The address of the level-`level` descriptor of `va`, if the tables leading to it

@@ -22,7 +22,7 @@ pub mod ste;
 mod testutil;
 pub mod walk;
 
-pub use builder::{BuildError, TableBuilder};
+pub use builder::{BuildError, Mapping, TableBuilder};
 pub use cd::{BadCd, ContextDescriptor, L1Cd};
 pub use cmd::{Cmd, CmdError, PriResp, ResumeAction, SyncCs, TlbiAddr};
 pub use desc::{Descriptor, DescriptorKind};

@@ -228,6 +228,46 @@ fn stage1_every_block_size_and_start_level() {
 }
 
 #[test]
+fn builder_lookup_and_unmap() {
+    let mut s = S1::new(16, S1Flags::default());
+    s.map(VA, 0x4000_0000, PageSize::Size2M, S1_RW_EL0);
+    let m = s.tables.lookup(&s.mem, VA + 0x1234).unwrap().unwrap();
+    assert_eq!((m.base, m.size), (0x4000_0000, PageSize::Size2M));
+    assert_eq!(
+        m.descriptor,
+        D::leaf(0x4000_0000, PageSize::Size2M, S1_RW_EL0).0
+    );
+    assert_eq!(s.tables.lookup(&s.mem, VA + (2 << 20)), Ok(None));
+    // The wrong size, a misaligned address or an unmapped one change nothing.
+    let frames = s.tables.tables().len();
+    for (va, size) in [
+        (VA, PageSize::Size4K),
+        (VA + 0x1000, PageSize::Size2M),
+        (VA + (4 << 20), PageSize::Size2M),
+    ] {
+        assert!(
+            s.tables.unmap(&s.mem, va, size).is_err(),
+            "{va:#x} {size:?}"
+        );
+    }
+    assert!(s.walk(VA, AccessRequest::READ).is_ok());
+    assert_eq!(s.tables.unmap(&s.mem, VA, PageSize::Size2M), Ok(m));
+    assert_eq!(
+        fault(s.walk(VA, AccessRequest::READ)),
+        (FaultKind::Translation, FaultStage::Stage1, 2)
+    );
+    assert_eq!(s.tables.lookup(&s.mem, VA), Ok(None));
+    // The slot can hold something else now; no table was added or removed.
+    s.map(VA, 0x9000, PageSize::Size4K, S1_RW_EL0);
+    assert_eq!(s.walk(VA, AccessRequest::READ).unwrap().output, 0x9000);
+    assert_eq!(s.tables.tables().len(), frames + 1);
+    assert_eq!(
+        s.tables.unmap(&s.mem, 1 << 60, PageSize::Size4K),
+        Err(crate::BuildError::OutOfRange(1 << 60))
+    );
+}
+
+#[test]
 fn stage1_translation_faults() {
     let mut s = S1::new(16, S1Flags::default());
     s.map(VA, 0x5000, PageSize::Size4K, S1_RW_EL0);
