@@ -411,7 +411,7 @@ impl S1Start {
     /// The start below `desc`, a table descriptor read from this start's table.
     pub const fn below(self, desc: u64) -> S1Start {
         S1Start {
-            level: self.level + 1,
+            level: self.level.saturating_add(1),
             table: desc & Descriptor::ADDR_MASK,
             controls: self.controls.with(Descriptor(desc)),
         }
@@ -480,7 +480,12 @@ where
     let mut table = start.table;
     let mut controls = start.controls;
     loop {
-        let desc_addr = table + table_index(va, level, cfg.start, input_bits) * 8;
+        // A start table from the caller may be anywhere: past the top of the address space
+        // there is nothing to read.
+        let offset = table_index(va, level, cfg.start, input_bits) * 8;
+        let Some(desc_addr) = table.checked_add(offset) else {
+            return Err(fault(FaultKind::WalkEabt, level, Some(table)));
+        };
         let pa = stage.descriptor_address(desc_addr, false, va, obs)?;
         let mut step = WalkStep {
             stage: Stage::Stage1,

@@ -150,7 +150,7 @@ impl S2Start {
     /// The start below `desc`, a table descriptor read from this start's table.
     pub const fn below(self, desc: u64) -> S2Start {
         S2Start {
-            level: self.level + 1,
+            level: self.level.saturating_add(1),
             table: desc & Descriptor::ADDR_MASK,
         }
     }
@@ -233,7 +233,12 @@ where
     let mut level = start.level;
     let mut table = start.table;
     loop {
-        let entry_address = table + table_index(ipa, level, cfg.start, input_bits) * 8;
+        // A start table from the caller may be anywhere: past the top of the address space
+        // there is nothing to read.
+        let offset = table_index(ipa, level, cfg.start, input_bits) * 8;
+        let Some(entry_address) = table.checked_add(offset) else {
+            return Err(fault(FaultKind::WalkEabt, level, Some(table)));
+        };
         let mut step = WalkStep {
             stage: Stage::Stage2,
             level,

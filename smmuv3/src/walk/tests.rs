@@ -1316,6 +1316,55 @@ fn stage1_walks_from_each_start_equal_the_full_walk() {
 }
 
 #[test]
+fn hostile_starts_fault_without_panicking() {
+    let mut s = S1::new(16, S1Flags::default());
+    s.map(VA, 0x5000, PageSize::Size4K, S1_RW_EL0);
+    let far = S1Start {
+        level: 3,
+        table: u64::MAX - 7,
+        controls: TableControls::default(),
+    };
+    let f = walk_stage1_from(
+        &s.mem,
+        &s.cfg,
+        &mut Direct,
+        far,
+        VA,
+        AccessRequest::READ,
+        &mut (),
+    )
+    .unwrap_err();
+    assert_eq!((f.kind, f.level), (FaultKind::WalkEabt, 3));
+    assert_eq!(far.below(0).level, 4);
+    assert_eq!(
+        S1Start {
+            level: u8::MAX,
+            ..far
+        }
+        .below(0)
+        .level,
+        u8::MAX
+    );
+    let s2 = S2::new(25, 1, S2Flags::default());
+    let far = S2Start {
+        level: 3,
+        table: u64::MAX - 7,
+    };
+    let f =
+        walk_stage2_from(&s2.mem, &s2.cfg, far, 0x1000, AccessRequest::READ, &mut ()).unwrap_err();
+    assert_eq!((f.kind, f.level), (FaultKind::WalkEabt, 3));
+    assert_eq!(
+        S2Start {
+            level: u8::MAX,
+            ..far
+        }
+        .below(0)
+        .level,
+        u8::MAX
+    );
+}
+
+#[test]
 fn stage2_and_nested_walks_from_lower_starts() {
     let mut s = S2::new(24, 1, S2Flags::default());
     let ipa = (1 << 39) + 0x4020_3000;
