@@ -9,6 +9,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permiss
 use vsva::holdings::HostHoldings;
 use vsva::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_guest::{DeviceConfig, Process, Prot};
+use vsva_host::HostError;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_uapi::iommu::{
@@ -547,7 +548,12 @@ fn shutting_a_vm_down_leaves_nothing_on_the_host() {
     assert!(a_pages
         .iter()
         .all(|&page| host.iommu.iotlb().lookup(a_sid, a.pasid, page).is_none()));
-    assert!(host.pasids.lock().unwrap().allocated(a_set).is_err());
+    let gone = host.pasids.lock().unwrap().allocated(a_set).unwrap_err();
+    assert!(
+        matches!(gone, HostError::UnknownSet(s) if s == a_set),
+        "{gone:?}"
+    );
+    assert_eq!(gone.errno(), -libc::EINVAL);
     // B's DMA again: the caches hold exactly what they held for B alone.
     tenant_dma(&b, 11);
     assert_eq!(holdings(&host), with_b);

@@ -976,3 +976,31 @@ proptest! {
         prop_assert!(host.hw.iotlb().is_empty());
     }
 }
+
+/// `VFIO_IOMMU_GET_INFO` on a container of the real host driver reports the page sizes the
+/// physical unit's CAP register offers the second level (4 KiB always, 2 MiB and 1 GiB
+/// as CAP.SLLPS bits 0 and 1 say), read from the model's register, not a constant.
+#[test]
+fn get_info_reports_the_page_sizes_of_cap_sllps() {
+    let host = host();
+    let raw = host
+        .hw
+        .mmio_read(vsva_vtd::regs::layout::offset::CAP, 8)
+        .unwrap();
+    let sllps = vsva_vtd::regs::Cap::from_raw(raw).sllps;
+    let mut want = 1u64 << 12;
+    if sllps & 1 != 0 {
+        want |= 1 << 21;
+    }
+    if sllps & 2 != 0 {
+        want |= 1 << 30;
+    }
+    assert_ne!(sllps, 0, "the model offers large second-level pages");
+    for model in [IommuModel::Type1v2, IommuModel::Type1Nesting] {
+        let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+        c.set_iommu(model).unwrap();
+        let info = c.get_info().unwrap();
+        assert_eq!(info.iova_pgsizes, want, "{model:?}: CAP.SLLPS {sllps:#b}");
+        assert_eq!(c.backend().info().iova_pgsizes, want);
+    }
+}

@@ -35,8 +35,8 @@ use vsva_uapi::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
 };
 use vsva_vtd::{
-    AccessRequest, FlPagingMode, FrameSource, Gpa, Hpa, Iova, MapFlags, PageSize, PageTableBuilder,
-    Pasid, PasidEntry, PhysMem, SourceId, Stage, TableFormat,
+    AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, Iova, MapFlags, PageSize,
+    PageTableBuilder, Pasid, PasidEntry, PhysMem, SourceId, Stage, TableFormat,
 };
 
 const PAGE: u64 = 4096;
@@ -1709,14 +1709,21 @@ fn closing_a_container_leaves_nothing_in_the_hardware() {
         0,
         "the waiting page request was answered"
     );
-    assert!(host
-        .hw
-        .translate(SID_A, None, 0x1000, AccessRequest::READ)
-        .is_err());
-    assert!(host
-        .hw
-        .translate(SID_A, Some(bound[0]), GVA, AccessRequest::READ)
-        .is_err());
+    // Both fault because the device's root or context entry is gone (not, say, a
+    // permission or reserved-bit fault of a stale entry).
+    for fault in [
+        host.hw
+            .translate(SID_A, None, 0x1000, AccessRequest::READ)
+            .unwrap_err(),
+        host.hw
+            .translate(SID_A, Some(bound[0]), GVA, AccessRequest::READ)
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(fault.reason, FaultReason::Srt2 | FaultReason::Sct2),
+            "{fault:?}"
+        );
+    }
 
     // The domain id, the PASIDs and the device are reused by the next VM, which reaches
     // its own RAM through them and nothing of the old one.

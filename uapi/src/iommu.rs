@@ -1285,7 +1285,13 @@ mod tests {
             let mut p = page_request();
             f(&mut p);
             assert_eq!(p.validate().unwrap_err().errno(), -libc::EINVAL, "{p:?}");
-            assert!(IommuFault::from_bytes(&IommuFault::from(&p).to_bytes()).is_err());
+            assert_eq!(
+                IommuFault::from_bytes(&IommuFault::from(&p).to_bytes())
+                    .unwrap_err()
+                    .errno(),
+                -libc::EINVAL,
+                "{p:?}"
+            );
         }
         // Without a PASID and without needing one, any pasid value is ignored.
         let mut p = page_request();
@@ -1326,6 +1332,11 @@ mod tests {
         );
         x = n;
         x.pasid_bits = 21;
-        assert!(IommuNestingInfo::from_bytes(&x.to_bytes()).is_err());
+        assert_eq!(
+            IommuNestingInfo::from_bytes(&x.to_bytes())
+                .unwrap_err()
+                .errno(),
+            -libc::EINVAL
+        );
     }
 }

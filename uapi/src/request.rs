@@ -719,7 +719,7 @@ mod tests {
             read: true,
             write: true,
         });
-        assert!(DmaMap::try_from(&m).is_err());
+        assert_eq!(DmaMap::try_from(&m).unwrap_err().errno(), -libc::EINVAL);
         m.iova = 0x4000;
         assert!(DmaMap::try_from(&m).is_ok());
         let c = CacheInvalidate {
