@@ -55,3 +55,27 @@ fn scenarios_whose_checks_pass_exit_zero() {
         assert!(!stdout.contains("WRONG"), "{stdout}");
     }
 }
+
+#[test]
+fn the_layers_warnings_reach_stderr() {
+    // The cross-VM scenario makes a device fault on purpose; the host driver logs each
+    // fault record as a warning, which the command's log subscriber shows.
+    let out = vsva(&["run", "cross-vm"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("fault"),
+        "{stderr}"
+    );
+    // RUST_LOG chooses the level: errors only hides them.
+    let quiet = Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args(["run", "cross-vm"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        !text(&quiet.stderr).contains("WARN"),
+        "{}",
+        text(&quiet.stderr)
+    );
+}
