@@ -6,17 +6,22 @@
 //!
 //! Costs: `alloc` finds the first free PASID in a constant number of bitmap word operations
 //! (one when the low part of the space is full: the search starts at the bitmap's bound
-//! below which nothing is free) and appends it to its set's member list; `free` swap-removes it from that list at the
-//! position the owner table keeps for it; both are O(1) whatever the occupancy, and `owner`
-//! is one table read. Sets are found by id in a direct-mapped table, without hashing.
-//! Listing a set's PASIDs in order sorts its k members (O(k log k)).
-//! Besides a fixed 132 KiB bitmap and a fixed 8 MiB owner table (set id and member-list
-//! position of each PASID, so that no allocation ever waits for a table to grow), each
-//! allocated PASID costs one 4-byte member-list slot (at most 8 bytes with the list's
-//! spare capacity; measured by `tests/pasid_memory.rs`). A list keeps its capacity when
-//! PASIDs are freed, until its set is destroyed.
+//! below which nothing is free), records its owner and appends it to its set's member
+//! list; `free` swap-removes it from that list at the position the owner table keeps for
+//! it; both are O(1) whatever the occupancy (the owner table's maps rehash at most 4,096
+//! entries when they grow), and `owner` is one hash lookup. Sets are found by id in a
+//! direct-mapped table, without hashing. Listing a set's PASIDs in order sorts its k
+//! members (O(k log k)).
+//!
+//! Memory: a fixed 132 KiB bitmap, and per allocated PASID an owner entry (set id and
+//! member-list position: 13 bytes of room, 26 at most with its map's spare room after
+//! allocations, 52 after churn at the peak: see [`owners`]) and a 4-byte member-list slot
+//! (at most 8 with the list's spare capacity); measured by
+//! `tests/pasid_memory.rs` and `vsva bench` (`bytes_per_pasid_*`). A list keeps its
+//! capacity when PASIDs are freed, until its set is destroyed.
 
 mod bitmap;
+mod owners;
 mod sets;
 
 use std::fmt;
@@ -26,6 +31,7 @@ use vsva_vtd::Pasid;
 
 use crate::error::HostError;
 use bitmap::FreeBitmap;
+use owners::{Owner, OwnerTable};
 use sets::SetTable;
 
 /// The quota of a PASID set unless its creator asks for another (the seed series'
@@ -35,24 +41,10 @@ pub const DEFAULT_QUOTA: u32 = 1000;
 /// Number of PASIDs in the space, PASID 0 included.
 const PASID_SPACE: usize = 1 << Pasid::BITS;
 
-/// The owner-table set id of a free PASID; no set gets this id.
+/// A set id no set gets (the owner-table marker of a free PASID before the owner table
+/// kept entries for allocated PASIDs only; still never handed out, so that set ids keep
+/// their range).
 const NO_OWNER: u32 = u32::MAX;
-
-/// One owner-table entry: the set holding a PASID and where the PASID sits in that set's
-/// member list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Owner {
-    set: u32,
-    index: u32,
-}
-
-impl Owner {
-    /// The entry of a free PASID.
-    const FREE: Owner = Owner {
-        set: NO_OWNER,
-        index: 0,
-    };
-}
 
 /// The identifier of one VM's PASID set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -81,8 +73,8 @@ impl fmt::Display for PasidSetId {
 #[derive(Clone, Debug)]
 pub struct PasidAllocator {
     free: FreeBitmap,
-    /// Each PASID's owner and position in its member list, or [`Owner::FREE`].
-    owners: Box<[Owner]>,
+    /// Each allocated PASID's owner and position in its member list.
+    owners: OwnerTable,
     allocated: usize,
     sets: SetTable,
 }
@@ -100,7 +92,7 @@ impl PasidAllocator {
         free.take(Pasid::RID_PASID.raw() as usize);
         PasidAllocator {
             free,
-            owners: vec![Owner::FREE; PASID_SPACE].into_boxed_slice(),
+            owners: OwnerTable::new(),
             allocated: 0,
             sets: SetTable::new(),
         }
@@ -132,10 +124,13 @@ impl PasidAllocator {
         };
         let pasid = Pasid::new(raw).map_err(|e| HostError::field("PASID", e.to_string()))?;
         self.free.take(raw as usize);
-        self.owners[raw as usize] = Owner {
-            set: set.0,
-            index: members.pasids.len() as u32,
-        };
+        self.owners.insert(
+            raw,
+            Owner {
+                set: set.0,
+                index: members.pasids.len() as u32,
+            },
+        );
         members.pasids.push(raw);
         self.allocated += 1;
         Ok(pasid)
@@ -144,27 +139,32 @@ impl PasidAllocator {
     /// Frees `pasid`, which must be allocated to `set` (else EPERM, as the seed's
     /// `vfio_iommu_type1_pasid_free` answers for a PASID of another owner or none).
     pub fn free(&mut self, set: PasidSetId, pasid: Pasid) -> Result<(), HostError> {
-        self.check_owner(set, pasid)?;
-        let raw = pasid.raw() as usize;
-        let index = self.owners[raw].index;
-        self.owners[raw] = Owner::FREE;
+        let raw = pasid.raw();
+        let owner = match self.owners.get(raw) {
+            Some(owner) if owner.set == set.0 => owner,
+            owner => {
+                return Err(HostError::NotOwner {
+                    pasid,
+                    set,
+                    owner: owner.map(|o| PasidSetId(o.set)),
+                })
+            }
+        };
+        self.owners.remove(raw);
         self.allocated -= 1;
         if let Some(members) = self.sets.get_mut(set) {
-            members.pasids.swap_remove(index as usize);
-            if let Some(&moved) = members.pasids.get(index as usize) {
-                self.owners[moved as usize].index = index;
+            members.pasids.swap_remove(owner.index as usize);
+            if let Some(&moved) = members.pasids.get(owner.index as usize) {
+                self.owners.set_index(moved, owner.index);
             }
         }
-        self.free.release(raw);
+        self.free.release(raw as usize);
         Ok(())
     }
 
     /// The set `pasid` is allocated to, if any.
     pub fn owner(&self, pasid: Pasid) -> Option<PasidSetId> {
-        match self.owners[pasid.raw() as usize].set {
-            NO_OWNER => None,
-            id => Some(PasidSetId(id)),
-        }
+        self.owners.get(pasid.raw()).map(|o| PasidSetId(o.set))
     }
 
     /// Ok when `pasid` is allocated to `set`; EPERM otherwise.
@@ -214,7 +214,7 @@ impl PasidAllocator {
     pub fn destroy_set(&mut self, set: PasidSetId) -> Result<Vec<Pasid>, HostError> {
         let members = self.sets.remove(set).ok_or(HostError::UnknownSet(set))?;
         for &raw in &members.pasids {
-            self.owners[raw as usize] = Owner::FREE;
+            self.owners.remove(raw);
             self.free.release(raw as usize);
         }
         self.allocated -= members.pasids.len();
@@ -367,22 +367,22 @@ mod tests {
                     set: set.id.0,
                     index: index as u32,
                 };
-                prop_assert_eq!(a.owners[raw as usize], entry);
+                prop_assert_eq!(a.owners.get(raw), Some(entry));
             }
             members += set.pasids.len();
         }
         prop_assert_eq!(members, a.total_allocated());
+        prop_assert_eq!(a.owners.len(), a.total_allocated());
         for raw in 0..below {
-            let entry = a.owners[raw as usize];
-            if entry == Owner::FREE {
-                prop_assert_eq!(a.free.is_free(raw as usize), raw != 0);
-            } else {
+            if let Some(entry) = a.owners.get(raw) {
                 let set = a.sets.get(PasidSetId(entry.set));
                 prop_assert_eq!(
                     set.and_then(|s| s.pasids.get(entry.index as usize)),
                     Some(&raw)
                 );
                 prop_assert!(!a.free.is_free(raw as usize));
+            } else {
+                prop_assert_eq!(a.free.is_free(raw as usize), raw != 0);
             }
         }
         Ok(())
