@@ -26,7 +26,9 @@ pub struct BenchArgs {
 }
 
 /// Runs the measurements with a progress bar, prints the table to standard output, draws
-/// the plot if asked and prints the JSON object last if asked.
+/// the plot if asked and prints the JSON object last if asked. A measurement that failed
+/// (its set-up refused, or one of its own checks of the work done) fails the command,
+/// naming each failed measurement and its check, after the table and JSON are printed.
 pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     let report = run(&BenchOptions {
         quick: args.quick,
@@ -42,5 +44,38 @@ pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     if args.json {
         writeln!(out, "{}", report.json())?;
     }
+    failed(&report)?;
     Ok(report)
+}
+
+/// `Err` listing the failed measurements, if any.
+fn failed(report: &BenchReport) -> Result<(), BenchError> {
+    if report.failures.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = report
+        .failures
+        .iter()
+        .map(|(name, reason)| format!("{name}: {reason}"))
+        .collect();
+    Err(BenchError::Failed(list.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_measurement_fails_the_command_and_is_named() {
+        let mut r = BenchReport::default();
+        assert!(failed(&r).is_ok());
+        r.fail("nested-memmove", "check failed: the copy differs at byte 5");
+        r.fail("ioctl-map", "check failed: no mapping");
+        let e = failed(&r).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "measurements failed: nested-memmove: check failed: the copy differs at byte 5; \
+             ioctl-map: check failed: no mapping"
+        );
+    }
 }

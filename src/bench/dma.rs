@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vsva_hw::dma::regs::CTRL_PASID_EN;
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
-use vsva_hw::PAGE_SIZE;
+use vsva_hw::{HostMemory, PAGE_SIZE};
 use vsva_vtd::{walk_nested, AccessRequest, PhysMem, WalkObserver, WalkStep};
 
 use super::platform::Platform;
@@ -54,9 +54,17 @@ fn submit(engine: &DmaEngine, desc: &[u8; 64]) -> Result<bool, BenchError> {
 /// The DMA engine copying 1 MiB from the guest buffer's first MiB to its second, in GVAs
 /// through nested translation with 4 KiB pages, IOTLB warm. An operation is one
 /// descriptor.
+///
+/// Before each timed run the destination is cleared (untimed), and after it the copy is
+/// compared with the source pattern, so every run's figure is of copies that were made.
 pub struct NestedMemmove {
     engine: DmaEngine,
     desc: [u8; 64],
+    memory: Arc<HostMemory>,
+    /// Host physical address of the destination.
+    dst: u64,
+    pattern: Vec<u8>,
+    copy: Vec<u8>,
 }
 
 impl NestedMemmove {
@@ -73,30 +81,64 @@ impl NestedMemmove {
             .collect();
         p.memory().write(p.hpa(0), &pattern)?;
         let engine = engine(p)?;
-        let desc = memmove(p, p.gva(0), p.gva(MEMMOVE_BYTES), MEMMOVE_BYTES);
-        let done = submit(&engine, &desc)?;
-        let mut copy = vec![0u8; MEMMOVE_BYTES as usize];
-        p.memory().read(p.hpa(MEMMOVE_BYTES), &mut copy)?;
-        if !done || engine.stats().failed != 0 || copy != pattern {
+        let mut w = NestedMemmove {
+            desc: memmove(p, p.gva(0), p.gva(MEMMOVE_BYTES), MEMMOVE_BYTES),
+            engine,
+            memory: p.memory().clone(),
+            dst: p.hpa(MEMMOVE_BYTES),
+            pattern,
+            copy: vec![0; MEMMOVE_BYTES as usize],
+        };
+        w.clear_destination()?;
+        let done = submit(&w.engine, &w.desc)?;
+        if !done || w.engine.stats().failed != 0 {
             return Err(BenchError::Check(
-                "the DMA engine's memmove did not copy the buffer".into(),
+                "the DMA engine's first memmove did not complete".into(),
             ));
         }
-        Ok(NestedMemmove { engine, desc })
+        w.check_copy()?;
+        Ok(w)
+    }
+
+    fn clear_destination(&mut self) -> Result<(), BenchError> {
+        self.copy.fill(0);
+        self.memory.write(self.dst, &self.copy)?;
+        Ok(())
+    }
+
+    /// The destination must hold the source pattern.
+    fn check_copy(&mut self) -> Result<(), BenchError> {
+        self.memory.read(self.dst, &mut self.copy)?;
+        match self
+            .copy
+            .iter()
+            .zip(&self.pattern)
+            .position(|(a, b)| a != b)
+        {
+            None => Ok(()),
+            Some(at) => Err(BenchError::Check(format!(
+                "the DMA engine's memmove left byte {at} of the destination at {:#04x}, not \
+                 {:#04x}",
+                self.copy[at], self.pattern[at]
+            ))),
+        }
     }
 }
 
 impl Workload for NestedMemmove {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        self.clear_destination()?;
         let mut ok = true;
         let start = Instant::now();
         for _ in 0..iters {
             ok &= submit(&self.engine, &self.desc)?;
         }
         let t = start.elapsed();
-        (ok && self.engine.stats().failed == 0)
-            .then_some(t)
-            .ok_or_else(|| BenchError::Check("a memmove descriptor failed".into()))
+        if !ok || self.engine.stats().failed != 0 {
+            return Err(BenchError::Check("a memmove descriptor failed".into()));
+        }
+        self.check_copy()?;
+        Ok(t)
     }
 }
 
@@ -256,6 +298,17 @@ mod tests {
             "the IOTLB is warm"
         );
         PlainCopy::new().run(2).unwrap();
+    }
+
+    #[test]
+    fn a_timed_run_whose_copy_differs_fails() {
+        let p = platform(2 * MEMMOVE_BYTES);
+        let mut m = NestedMemmove::new(&p).unwrap();
+        m.run(3).unwrap();
+        // The copies of the next run carry this byte to the destination.
+        p.memory().write(p.hpa(4097), &[0xee]).unwrap();
+        let e = m.run(3).unwrap_err().to_string();
+        assert!(e.contains("byte 4097"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum BenchError {
     /// should hit the IOTLB walked).
     #[error("check failed: {0}")]
     Check(String),
+    /// Measurements of a run failed (each named, with its reason).
+    #[error("measurements failed: {0}")]
+    Failed(String),
     /// Drawing the SVG plot failed; the text is the plotting library's error.
     #[error("plot: {0}")]
     Plot(String),

@@ -20,7 +20,7 @@ pub trait Workload {
 pub struct SampleBudget {
     /// Target duration of one sample.
     pub sample: Duration,
-    /// Samples per workload; the median is reported.
+    /// Samples per workload; the median is reported, with the 10th and 90th percentiles.
     pub samples: usize,
 }
 
@@ -57,13 +57,87 @@ fn calibrate(w: &mut dyn Workload, budget: &SampleBudget) -> Result<u64, BenchEr
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+/// Nanoseconds per operation of each sample of a workload, in sampling order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Samples(Vec<f64>);
+
+impl Samples {
+    /// The samples' median and spread.
+    pub fn spread(&self) -> Spread {
+        Spread::of(self.0.clone())
+    }
+
+    /// `f(self[i], other[i])` for each pair of samples taken in turn, summarised: the
+    /// spread of a ratio whose two sides saw the same moment's load.
+    pub fn paired(&self, other: &Samples, f: impl Fn(f64, f64) -> f64) -> Spread {
+        Spread::of(
+            self.0
+                .iter()
+                .zip(&other.0)
+                .map(|(&a, &b)| f(a, b))
+                .collect(),
+        )
+    }
+
+    /// The samples, in sampling order.
+    pub fn values(&self) -> &[f64] {
+        &self.0
+    }
+}
+
+/// A figure summarised over its samples: the median, with the 10th and 90th percentiles
+/// as its spread (nearest-rank). A figure is never a best case.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub p10: f64,
+    pub p50: f64,
+    pub p90: f64,
+}
+
+impl Spread {
+    /// A value without spread: a count, not a timing.
+    pub const fn exact(v: f64) -> Spread {
+        Spread {
+            p10: v,
+            p50: v,
+            p90: v,
+        }
+    }
+
+    /// The median and percentiles of `xs` (not finite when `xs` is empty).
+    pub fn of(mut xs: Vec<f64>) -> Spread {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        if n == 0 {
+            return Spread::exact(f64::NAN);
+        }
+        let rank = |q: f64| xs[((q * (n - 1) as f64).round() as usize).min(n - 1)];
+        let p50 = if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        };
+        Spread {
+            p10: rank(0.1),
+            p50,
+            p90: rank(0.9),
+        }
+    }
+
+    /// The spread of `f` of the figure, for a monotonic `f` (increasing or decreasing:
+    /// the percentiles are put back in order).
+    pub fn map(self, f: impl Fn(f64) -> f64) -> Spread {
+        let (a, b) = (f(self.p10), f(self.p90));
+        Spread {
+            p10: a.min(b),
+            p50: f(self.p50),
+            p90: a.max(b),
+        }
+    }
+
+    /// Whether every value is finite.
+    pub fn is_finite(&self) -> bool {
+        self.p10.is_finite() && self.p50.is_finite() && self.p90.is_finite()
     }
 }
 
@@ -71,43 +145,23 @@ fn ns_per_op(t: Duration, iters: u64) -> f64 {
     t.as_secs_f64() * 1e9 / iters as f64
 }
 
-/// Nanoseconds per operation of `w`: the median over the samples.
-pub fn measure(w: &mut dyn Workload, budget: &SampleBudget) -> Result<f64, BenchError> {
+/// Nanoseconds per operation of `w`, one value per sample.
+pub fn measure(w: &mut dyn Workload, budget: &SampleBudget) -> Result<Samples, BenchError> {
     let iters = calibrate(w, budget)?;
     let mut xs = Vec::with_capacity(budget.samples);
     for _ in 0..budget.samples.max(1) {
         xs.push(ns_per_op(w.run(iters)?, iters));
     }
-    Ok(median(xs))
-}
-
-/// Which sample stands for a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Statistic {
-    /// The median sample.
-    Median,
-    /// The fastest sample: for workloads that need more than one idle core, where a
-    /// sample during which another process held a core says nothing about the workload.
-    Fastest,
+    Ok(Samples(xs))
 }
 
 /// Nanoseconds per operation of a figure's workload and of its baseline's, sampled in
-/// turn; the median of each.
+/// turn so that both see the same machine load.
 pub fn measure_pair(
     figure: &mut dyn Workload,
     baseline: &mut dyn Workload,
     budget: &SampleBudget,
-) -> Result<(f64, f64), BenchError> {
-    measure_pair_with(figure, baseline, budget, Statistic::Median)
-}
-
-/// [`measure_pair`] with the sample that stands for each workload chosen by `stat`.
-pub fn measure_pair_with(
-    figure: &mut dyn Workload,
-    baseline: &mut dyn Workload,
-    budget: &SampleBudget,
-    stat: Statistic,
-) -> Result<(f64, f64), BenchError> {
+) -> Result<(Samples, Samples), BenchError> {
     let (fi, bi) = (calibrate(figure, budget)?, calibrate(baseline, budget)?);
     let n = budget.samples.max(1);
     let (mut fs, mut bs) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -115,11 +169,7 @@ pub fn measure_pair_with(
         fs.push(ns_per_op(figure.run(fi)?, fi));
         bs.push(ns_per_op(baseline.run(bi)?, bi));
     }
-    let pick = |xs: Vec<f64>| match stat {
-        Statistic::Median => median(xs),
-        Statistic::Fastest => xs.into_iter().fold(f64::INFINITY, f64::min),
-    };
-    Ok((pick(fs), pick(bs)))
+    Ok((Samples(fs), Samples(bs)))
 }
 
 #[cfg(test)]
@@ -142,8 +192,9 @@ mod tests {
     #[test]
     fn measure_reports_the_cost_per_operation() {
         let mut w = Fixed { ns: 250, calls: 0 };
-        let ns = measure(&mut w, &SampleBudget::QUICK).unwrap();
-        assert!((ns - 250.0).abs() < 1e-6, "{ns}");
+        let ns = measure(&mut w, &SampleBudget::QUICK).unwrap().spread();
+        assert!((ns.p50 - 250.0).abs() < 1e-6, "{ns:?}");
+        assert_eq!(ns.p10, ns.p90);
         assert!(w.calls > SampleBudget::QUICK.samples as u64);
     }
 
@@ -152,7 +203,9 @@ mod tests {
         let mut a = Fixed { ns: 40, calls: 0 };
         let mut b = Fixed { ns: 10, calls: 0 };
         let (x, y) = measure_pair(&mut a, &mut b, &SampleBudget::QUICK).unwrap();
-        assert!((x - 40.0).abs() < 1e-6 && (y - 10.0).abs() < 1e-6);
+        assert!((x.spread().p50 - 40.0).abs() < 1e-6 && (y.spread().p50 - 10.0).abs() < 1e-6);
+        let ratio = x.paired(&y, |a, b| a / b);
+        assert!((ratio.p10 - 4.0).abs() < 1e-6 && (ratio.p90 - 4.0).abs() < 1e-6);
     }
 
     /// Costs 100 ns per operation, except every third run, which costs 300.
@@ -169,17 +222,26 @@ mod tests {
     }
 
     #[test]
-    fn the_fastest_sample_leaves_out_every_slow_one() {
-        let (mut a, mut b) = (Noisy { calls: 0 }, Fixed { ns: 50, calls: 0 });
-        let (x, y) =
-            measure_pair_with(&mut a, &mut b, &SampleBudget::QUICK, Statistic::Fastest).unwrap();
-        assert!((x - 100.0).abs() < 1e-6 && (y - 50.0).abs() < 1e-6);
+    fn the_spread_shows_slow_samples_the_median_leaves_out() {
+        let mut a = Noisy { calls: 0 };
+        let s = measure(&mut a, &SampleBudget::QUICK).unwrap().spread();
+        assert!((s.p50 - 100.0).abs() < 1e-6, "{s:?}");
+        assert!((s.p10 - 100.0).abs() < 1e-6, "{s:?}");
+        assert!((s.p90 - 300.0).abs() < 1e-6, "{s:?}");
     }
 
     #[test]
-    fn median_of_even_and_odd_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    fn percentiles_by_nearest_rank() {
+        let s = Spread::of((1..=11).map(f64::from).rev().collect());
+        assert_eq!((s.p10, s.p50, s.p90), (2.0, 6.0, 10.0));
+        assert_eq!(Spread::of(vec![4.0, 1.0, 2.0, 3.0]).p50, 2.5);
+        assert!(!Spread::of(vec![]).is_finite());
+    }
+
+    #[test]
+    fn a_decreasing_map_keeps_the_percentiles_in_order() {
+        let s = Spread::of(vec![1.0, 2.0, 4.0]).map(|x| 8.0 / x);
+        assert_eq!((s.p10, s.p50, s.p90), (2.0, 4.0, 8.0));
     }
 
     #[test]

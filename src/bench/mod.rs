@@ -30,6 +30,6 @@ pub mod vm;
 pub use cli::{run_cli, BenchArgs};
 pub use error::BenchError;
 pub use figures::{Figure, Goal, GOALS};
-pub use measure::{measure, measure_pair, measure_pair_with, SampleBudget, Statistic, Workload};
+pub use measure::{measure, measure_pair, SampleBudget, Samples, Spread, Workload};
 pub use report::BenchReport;
 pub use suite::{run, run_probes, standard_probes, BenchOptions, Probe};

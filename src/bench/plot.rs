@@ -100,13 +100,14 @@ pub fn plot_svg(report: &BenchReport, path: &Path) -> Result<(), BenchError> {
 mod tests {
     use super::*;
     use crate::bench::figures::{Figure, GOALS};
+    use crate::bench::Spread;
 
     #[test]
     fn writes_an_svg_with_a_caption_per_goal() {
         let mut r = BenchReport::default();
-        r.set(Figure::IotlbHitNs, 30.0);
-        r.set(Figure::HashmapLookupNs, 10.0);
-        r.set(Figure::ReadsPerMiss, 2.0);
+        r.set(Figure::IotlbHitNs, Spread::exact(30.0));
+        r.set(Figure::HashmapLookupNs, Spread::exact(10.0));
+        r.set(Figure::ReadsPerMiss, Spread::exact(2.0));
         let dir = std::env::temp_dir().join(format!("vsva-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("goals.svg");

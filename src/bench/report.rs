@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde_json::{Map, Value};
 
 use super::figures::{Bound, Figure, Goal, Unit, GOALS};
+use super::measure::Spread;
 
 /// What one run measured. A figure nothing measured is missing (`null` in JSON), never
 /// estimated.
@@ -20,7 +21,7 @@ pub struct BenchReport {
     /// The one-minute load average when the run started: above `cpus - 1`, the
     /// two-thread figure had no idle core for its second thread.
     pub load_average: Option<f64>,
-    values: BTreeMap<Figure, f64>,
+    values: BTreeMap<Figure, Spread>,
     /// Measurements that failed, by name, with the reason; their figures are missing.
     pub failures: Vec<(String, String)>,
     /// Figures no probe of the run measures (their slots wait for a probe).
@@ -96,6 +97,23 @@ fn format_value(v: f64, unit: Unit) -> String {
     }
 }
 
+/// The median with its unit, then the 10th to 90th percentiles when they differ from it
+/// ("11.6 ns (11.2–12.4)").
+fn format_spread(s: Spread, unit: Unit) -> String {
+    let median = format_value(s.p50, unit);
+    if s.p10 == s.p50 && s.p90 == s.p50 {
+        return median;
+    }
+    let bare = |v: f64| {
+        let text = format_value(v, unit);
+        match unit {
+            Unit::Times => text.trim_end_matches('×').to_string(),
+            _ => text.trim_end_matches(unit.symbol()).trim_end().to_string(),
+        }
+    };
+    format!("{median} ({}–{})", bare(s.p10), bare(s.p90))
+}
+
 fn format_bound(goal: &Goal) -> String {
     let (op, limit) = match goal.bound {
         Bound::AtMost(l) => ("≤", l),
@@ -121,14 +139,19 @@ impl BenchReport {
     }
 
     /// Records a figure; a value that is not finite is not a measurement and is ignored.
-    pub fn set(&mut self, figure: Figure, value: f64) {
+    pub fn set(&mut self, figure: Figure, value: Spread) {
         if value.is_finite() {
             self.values.insert(figure, value);
         }
     }
 
-    /// A figure, if measured.
+    /// A figure's median, if measured.
     pub fn get(&self, figure: Figure) -> Option<f64> {
+        self.spread(figure).map(|s| s.p50)
+    }
+
+    /// A figure's median and spread, if measured.
+    pub fn spread(&self, figure: Figure) -> Option<Spread> {
         self.values.get(&figure).copied()
     }
 
@@ -161,17 +184,30 @@ impl BenchReport {
             .collect()
     }
 
-    /// The JSON object: every figure's key (`null` when missing), `cpu`, `quick`, the
+    /// The JSON object: every figure's key with its median (`null` when missing),
+    /// `spread` with each measured figure's 10th and 90th percentiles, `cpu`, `quick`, the
     /// failed measurements and the unmeasured figures' keys.
     pub fn json(&self) -> Value {
+        let number = |v: f64| {
+            serde_json::Number::from_f64((v * 1000.0).round() / 1000.0)
+                .map_or(Value::Null, Value::Number)
+        };
         let mut map = Map::new();
+        let mut spread = Map::new();
         for &f in Figure::ALL {
-            let v = self
-                .get(f)
-                .and_then(|v| serde_json::Number::from_f64((v * 1000.0).round() / 1000.0))
-                .map_or(Value::Null, Value::Number);
-            map.insert(f.key().to_string(), v);
+            let s = self.spread(f);
+            map.insert(
+                f.key().to_string(),
+                s.map_or(Value::Null, |s| number(s.p50)),
+            );
+            if let Some(s) = s {
+                spread.insert(
+                    f.key().to_string(),
+                    Value::Array(vec![number(s.p10), number(s.p90)]),
+                );
+            }
         }
+        map.insert("spread".into(), Value::Object(spread));
         map.insert(
             "cpu".into(),
             self.cpu.clone().map_or(Value::Null, Value::String),
@@ -210,8 +246,8 @@ impl BenchReport {
         let dash = || "—".to_string();
         let mut rows = vec![[
             "goal".to_string(),
-            "figure".into(),
-            "baseline".into(),
+            "figure (p10–p90)".into(),
+            "baseline (p10–p90)".into(),
             "ratio".into(),
             "goal".into(),
             "met".into(),
@@ -220,12 +256,13 @@ impl BenchReport {
             let unit = r.goal.figure.unit();
             rows.push([
                 r.goal.name.to_string(),
-                r.figure.map_or("missing".into(), |v| format_value(v, unit)),
+                self.spread(r.goal.figure)
+                    .map_or("missing".into(), |s| format_spread(s, unit)),
                 match r.goal.baseline {
                     None => dash(),
-                    Some(b) => r
-                        .baseline
-                        .map_or("missing".into(), |v| format_value(v, b.unit())),
+                    Some(b) => self
+                        .spread(b)
+                        .map_or("missing".into(), |s| format_spread(s, b.unit())),
                 },
                 match r.goal.baseline {
                     None => dash(),
@@ -263,9 +300,9 @@ impl BenchReport {
             .flat_map(|g| [Some(g.figure), g.baseline])
             .flatten()
             .collect();
-        for (&f, &v) in &self.values {
+        for (&f, &s) in &self.values {
             if !named.contains(&f) {
-                let _ = writeln!(out, "{}: {}", f.key(), format_value(v, f.unit()));
+                let _ = writeln!(out, "{}: {}", f.key(), format_spread(s, f.unit()));
             }
         }
         for (name, reason) in &self.failures {
@@ -296,12 +333,19 @@ mod tests {
             cpu: Some("Test CPU".into()),
             ..BenchReport::default()
         };
-        r.set(Figure::IotlbHitNs, 30.0);
-        r.set(Figure::HashmapLookupNs, 10.0);
-        r.set(Figure::MemcpyNestedGbps, 9.5);
-        r.set(Figure::MemcpyPlainGbps, 10.0);
-        r.set(Figure::ReadsPerMiss, 2.0);
-        r.set(Figure::NestedWalkTableReads, 24.0);
+        r.set(
+            Figure::IotlbHitNs,
+            Spread {
+                p10: 28.0,
+                p50: 30.0,
+                p90: 35.5,
+            },
+        );
+        r.set(Figure::HashmapLookupNs, Spread::exact(10.0));
+        r.set(Figure::MemcpyNestedGbps, Spread::exact(9.5));
+        r.set(Figure::MemcpyPlainGbps, Spread::exact(10.0));
+        r.set(Figure::ReadsPerMiss, Spread::exact(2.0));
+        r.set(Figure::NestedWalkTableReads, Spread::exact(24.0));
         r
     }
 
@@ -331,9 +375,9 @@ mod tests {
     #[test]
     fn a_missing_baseline_leaves_the_goal_open() {
         let mut r = BenchReport::default();
-        r.set(Figure::IotlbHitNs, 30.0);
+        r.set(Figure::IotlbHitNs, Spread::exact(30.0));
         assert_eq!(verdict(&r, Figure::IotlbHitNs), None);
-        r.set(Figure::HashmapLookupNs, f64::NAN);
+        r.set(Figure::HashmapLookupNs, Spread::exact(f64::NAN));
         assert_eq!(r.get(Figure::HashmapLookupNs), None);
     }
 
@@ -345,6 +389,15 @@ mod tests {
             assert!(obj.contains_key(f.key()), "{}", f.key());
         }
         assert_eq!(obj["iotlb_hit_ns"], Value::from(30.0));
+        assert_eq!(
+            obj["spread"]["iotlb_hit_ns"],
+            serde_json::json!([28.0, 35.5])
+        );
+        assert_eq!(
+            obj["spread"]["reads_per_miss"],
+            serde_json::json!([2.0, 2.0])
+        );
+        assert_eq!(obj["spread"].get("fwd_inv_ns"), None);
         assert_eq!(obj["fwd_inv_ns"], Value::Null);
         assert_eq!(obj["cpu"], Value::from("Test CPU"));
         assert_eq!(obj["unmeasured"], Value::Array(vec![]));
@@ -365,6 +418,7 @@ mod tests {
         assert!(lines[0].starts_with("goal"));
         assert!(lines[1].starts_with("IOTLB hit vs hash map"));
         assert!(lines[1].contains("3.00×") && lines[1].ends_with("NO"));
+        assert!(lines[1].contains("30.0 ns (28.0–35.5)"), "{}", lines[1]);
         assert!(t.contains("nested_walk_table_reads: 24.0 reads"));
         assert!(t.contains("failed: stream: model did not count"));
         assert!(t.ends_with("cpu: Test CPU\n"));
@@ -384,6 +438,13 @@ mod tests {
         assert_eq!(format_value(1234.4, Unit::Nanoseconds), "1234 ns");
         assert_eq!(format_value(12.34, Unit::GigabytesPerSecond), "12.3 GB/s");
         assert_eq!(format_value(1.6, Unit::Times), "1.60×");
+        let s = Spread {
+            p10: 1.5,
+            p50: 1.6,
+            p90: 1.75,
+        };
+        assert_eq!(format_spread(s, Unit::Times), "1.60× (1.50–1.75)");
+        assert_eq!(format_spread(Spread::exact(16.0), Unit::Bytes), "16.0 B");
         assert_eq!(format_bound(&GOALS[0]), "≤ 2×");
         assert_eq!(format_bound(&GOALS[1]), "≥ 1.6×");
         assert_eq!(format_bound(&GOALS[4]), "≤ 2.5 reads");

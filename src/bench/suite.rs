@@ -13,7 +13,6 @@ use super::forward::{
     UnboundMprotect,
 };
 use super::loads::DependentLoads;
-use super::measure::{measure_pair_with, Statistic};
 use super::pasid::PasidChurn;
 use super::platform::{Platform, PlatformConfig};
 use super::report::BenchReport;
@@ -24,7 +23,7 @@ use super::uapi::{
     BindCall, BoundPasids, HostBind, HostInvalidations, HostMap, MapCall, BOUND_PASIDS,
 };
 use super::vm::BenchVm;
-use super::{measure, measure_pair, BenchError, SampleBudget};
+use super::{measure, measure_pair, BenchError, SampleBudget, Spread};
 
 /// A measurement: records its figures in the report.
 pub trait Probe {
@@ -79,22 +78,24 @@ fn iotlb_hit(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Benc
         &mut HashMapLookups::new(&p)?,
         budget,
     )?;
-    report.set(Figure::IotlbHitNs, hit);
-    report.set(Figure::HashmapLookupNs, map);
+    report.set(Figure::IotlbHitNs, hit.spread());
+    report.set(Figure::HashmapLookupNs, map.spread());
     Ok(())
 }
 
-/// The fastest samples of each: the figure is about the IOMMU's locking, and a sample
-/// that shared a core with another process measures the machine's load instead.
+/// The speedup of each two-thread sample over the one-thread sample taken after it, so
+/// that both sides of a ratio saw the same load; the median and spread of those ratios.
 fn iotlb_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let p = hit_platform()?;
-    let (two, one) = measure_pair_with(
+    let (two, one) = measure_pair(
         &mut TwoThreadHits::new(&p)?,
         &mut IotlbHits::new(&p)?,
         budget,
-        Statistic::Fastest,
     )?;
-    report.set(Figure::IotlbHit2ThreadsSpeedup, 2.0 * one / two);
+    report.set(
+        Figure::IotlbHit2ThreadsSpeedup,
+        two.paired(&one, |two, one| 2.0 * one / two),
+    );
     Ok(())
 }
 
@@ -112,10 +113,10 @@ fn cold_sl_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), B
         &mut DependentLoads::new(4),
         budget,
     )?;
-    report.set(Figure::SlWalkNs, walk);
-    report.set(Figure::DependentLoads4Ns, loads);
+    report.set(Figure::SlWalkNs, walk.spread());
+    report.set(Figure::DependentLoads4Ns, loads.spread());
     let miss = measure(&mut ColdWalks::misses(&p, WalkKind::SecondLevel), budget)?;
-    report.set(Figure::SlMissNs, miss);
+    report.set(Figure::SlMissNs, miss.spread());
     Ok(())
 }
 
@@ -126,11 +127,14 @@ fn cold_nested_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(
         &mut DependentLoads::new(24),
         budget,
     )?;
-    report.set(Figure::NestedWalkNs, walk);
-    report.set(Figure::DependentLoads24Ns, loads);
+    report.set(Figure::NestedWalkNs, walk.spread());
+    report.set(Figure::DependentLoads24Ns, loads.spread());
     let miss = measure(&mut ColdWalks::misses(&p, WalkKind::Nested), budget)?;
-    report.set(Figure::NestedMissNs, miss);
-    report.set(Figure::NestedWalkTableReads, nested_walk_reads(&p)? as f64);
+    report.set(Figure::NestedMissNs, miss.spread());
+    report.set(
+        Figure::NestedWalkTableReads,
+        Spread::exact(nested_walk_reads(&p)? as f64),
+    );
     Ok(())
 }
 
@@ -146,7 +150,7 @@ fn streaming(_: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchErro
             count.misses
         ))
     })?;
-    report.set(Figure::ReadsPerMiss, reads);
+    report.set(Figure::ReadsPerMiss, Spread::exact(reads));
     Ok(())
 }
 
@@ -158,22 +162,45 @@ fn memmove(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchE
     let (nested, plain) =
         measure_pair(&mut NestedMemmove::new(&p)?, &mut PlainCopy::new(), budget)?;
     // Bytes per nanosecond are gigabytes per second.
-    report.set(Figure::MemcpyNestedGbps, MEMMOVE_BYTES as f64 / nested);
-    report.set(Figure::MemcpyPlainGbps, MEMMOVE_BYTES as f64 / plain);
+    let gbps = |ns: f64| MEMMOVE_BYTES as f64 / ns;
+    report.set(Figure::MemcpyNestedGbps, nested.spread().map(gbps));
+    report.set(Figure::MemcpyPlainGbps, plain.spread().map(gbps));
     Ok(())
 }
 
+/// Churn at 0, 50 and 99 % occupancy; the heap per allocated PASID at 1, 10, 50 and 99 %
+/// (each allocator filled at random positions in a process where nothing else allocates
+/// meanwhile).
 fn pasid_alloc(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
-    let mut full = PasidChurn::new(0.99)?;
-    let mut empty = PasidChurn::new(0.0)?;
-    let (n99, n0) = measure_pair(&mut full, &mut empty, budget)?;
-    let n50 = measure(&mut PasidChurn::new(0.5)?, budget)?;
-    report.set(Figure::PasidAllocFreeNs0, n0);
-    report.set(Figure::PasidAllocFreeNs50, n50);
-    report.set(Figure::PasidAllocFreeNs99, n99);
-    if let Some(bytes) = full.heap_per_pasid() {
-        report.set(Figure::BytesPerPasid, bytes);
+    let mut bytes = Vec::new();
+    let mut record = |churn: &PasidChurn, figure| {
+        if let Some(b) = churn.heap_per_pasid() {
+            report.set(figure, Spread::exact(b));
+            bytes.push(b);
+        }
+    };
+    for (fraction, figure) in [
+        (0.01, Figure::BytesPerPasid1),
+        (0.1, Figure::BytesPerPasid10),
+    ] {
+        record(&PasidChurn::new(fraction)?, figure);
     }
+    let mut half = PasidChurn::new(0.5)?;
+    record(&half, Figure::BytesPerPasid50);
+    let n50 = measure(&mut half, budget)?;
+    drop(half);
+    let mut full = PasidChurn::new(0.99)?;
+    record(&full, Figure::BytesPerPasid99);
+    let (n99, n0) = measure_pair(&mut full, &mut PasidChurn::new(0.0)?, budget)?;
+    if bytes.len() == 4 {
+        report.set(
+            Figure::BytesPerPasid,
+            Spread::exact(bytes.into_iter().fold(0.0, f64::max)),
+        );
+    }
+    report.set(Figure::PasidAllocFreeNs0, n0.spread());
+    report.set(Figure::PasidAllocFreeNs50, n50.spread());
+    report.set(Figure::PasidAllocFreeNs99, n99.spread());
     Ok(())
 }
 
@@ -187,9 +214,9 @@ fn ioctl_invalidations(budget: &SampleBudget, report: &mut BenchReport) -> Resul
         &mut HostInvalidations::pages(&vm, 1)?,
         budget,
     )?;
-    report.set(Figure::PasidInvNs, pasid);
-    report.set(Figure::AddrInv1Ns, n1);
-    report.set(Figure::AddrInv512Ns, n512);
+    report.set(Figure::PasidInvNs, pasid.spread());
+    report.set(Figure::AddrInv1Ns, n1.spread());
+    report.set(Figure::AddrInv512Ns, n512.spread());
     Ok(())
 }
 
@@ -200,8 +227,8 @@ fn ioctl_bind(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Ben
         &mut HostBind::new(&vm, BindCall::Unbind)?,
         budget,
     )?;
-    report.set(Figure::BindGpasidNs, bind);
-    report.set(Figure::UnbindGpasidNs, unbind);
+    report.set(Figure::BindGpasidNs, bind.spread());
+    report.set(Figure::UnbindGpasidNs, unbind.spread());
     Ok(())
 }
 
@@ -212,8 +239,8 @@ fn ioctl_map(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Benc
         &mut HostMap::new(&vm, MapCall::Unmap)?,
         budget,
     )?;
-    report.set(Figure::MapDma4kNs, map);
-    report.set(Figure::UnmapDma4kNs, unmap);
+    report.set(Figure::MapDma4kNs, map.spread());
+    report.set(Figure::UnmapDma4kNs, unmap.spread());
     Ok(())
 }
 
@@ -221,7 +248,7 @@ fn ioctl_map(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Benc
 fn bound_pasid_bytes(_: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let vm = BenchVm::new()?;
     if let Some(m) = BoundPasids::new(&vm, BOUND_PASIDS)?.memory() {
-        report.set(Figure::BytesPerBoundPasid, m.per_pasid());
+        report.set(Figure::BytesPerBoundPasid, Spread::exact(m.per_pasid()));
     }
     Ok(())
 }
@@ -235,9 +262,10 @@ fn forwarded_invalidation(
     let vm = BenchVm::new()?;
     let mut fwd = ForwardedInvalidation::new(&vm)?;
     let (notifier, unbound) = measure_pair(&mut fwd, &mut UnboundMprotect::new(&vm)?, budget)?;
-    report.set(Figure::FwdInvNs, notifier / fwd.waits_per_op() as f64);
-    report.set(Figure::FwdNotifierNs, notifier);
-    report.set(Figure::MprotectUnboundNs, unbound);
+    let waits = fwd.waits_per_op() as f64;
+    report.set(Figure::FwdInvNs, notifier.spread().map(|ns| ns / waits));
+    report.set(Figure::FwdNotifierNs, notifier.spread());
+    report.set(Figure::MprotectUnboundNs, unbound.spread());
     Ok(())
 }
 
@@ -248,8 +276,8 @@ fn guest_bind(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Ben
         &mut GuestBind::new(&vm, GuestCall::Unbind)?,
         budget,
     )?;
-    report.set(Figure::GuestBindNs, bind);
-    report.set(Figure::GuestUnbindNs, unbind);
+    report.set(Figure::GuestBindNs, bind.spread());
+    report.set(Figure::GuestUnbindNs, unbind.spread());
     Ok(())
 }
 
@@ -260,8 +288,8 @@ fn page_request(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), B
         &mut ResidentFill::new(&vm),
         budget,
     )?;
-    report.set(Figure::PrqRoundtripNs, round_trip);
-    report.set(Figure::FillResidentNs, resident);
+    report.set(Figure::PrqRoundtripNs, round_trip.spread());
+    report.set(Figure::FillResidentNs, resident.spread());
     Ok(())
 }
 
@@ -304,6 +332,10 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
                 PasidAllocFreeNs50,
                 PasidAllocFreeNs99,
                 BytesPerPasid,
+                BytesPerPasid1,
+                BytesPerPasid10,
+                BytesPerPasid50,
+                BytesPerPasid99,
             ],
             pasid_alloc,
         ),
@@ -402,7 +434,7 @@ mod tests {
     use super::*;
 
     fn records(_: &SampleBudget, r: &mut BenchReport) -> Result<(), BenchError> {
-        r.set(Figure::FwdInvNs, 1500.0);
+        r.set(Figure::FwdInvNs, Spread::exact(1500.0));
         Ok(())
     }
 
