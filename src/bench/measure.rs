@@ -89,8 +89,11 @@ impl Samples {
 /// as its spread (nearest-rank). A figure is never a best case.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Spread {
+    /// The 10th percentile.
     pub p10: f64,
+    /// The median.
     pub p50: f64,
+    /// The 90th percentile.
     pub p90: f64,
 }
 
