@@ -17,8 +17,9 @@
 //!   most once and each guest entry read at most once: every descriptor of the pass was
 //!   queued before the pass began, so whatever the guest wrote before queueing it is
 //!   already in the tables when the pass first reads them (§6.5.2: only the completion of a
-//!   later wait descriptor is ordered after an invalidation). A queue full of flushes so
-//!   costs what one flush costs.
+//!   later wait descriptor is ordered after an invalidation). For the same reason a host
+//!   invalidation is forwarded at most once per pass while no binding changes. A queue
+//!   full of flushes so costs what one flush costs.
 //! - An entry is bound only if the host entry the bind data yields behaves as the guest's
 //!   would ([`refusal`]); otherwise nothing is bound for it and the vIOMMU records a
 //!   non-recoverable fault, SPT.4 (invalid programming of the PASID entry, §7.1.3), in the
@@ -294,6 +295,46 @@ pub(crate) struct SyncPass {
     all: bool,
     /// The domains a domain-selective PASID-cache invalidation was shadowed for.
     domains: HashSet<DomainId>,
+    /// The host invalidations carried out since the pass began or a binding last changed.
+    forwarded: HashSet<ForwardKey>,
+}
+
+/// One host invalidation on one container, as a set key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ForwardKey {
+    /// The container's address.
+    host: usize,
+    cache: u8,
+    /// `None` for domain granularity, else the PASID and architecture id given.
+    tag: Option<(Option<Pasid>, Option<u32>)>,
+    /// Address, granule size, number of granules and leaf of an address range.
+    range: Option<(u64, u64, u64, bool)>,
+}
+
+impl ForwardKey {
+    fn new(host: &Arc<dyn HostSva>, inv: &CacheInvalidate) -> Self {
+        let (tag, range) = match inv.granularity {
+            InvGranularity::Domain => (None, None),
+            InvGranularity::Pasid { pasid, archid } => (Some((pasid, archid)), None),
+            InvGranularity::Addr {
+                pasid,
+                archid,
+                addr,
+                granule_size,
+                nb_granules,
+                leaf,
+            } => (
+                Some((pasid, archid)),
+                Some((addr, granule_size, nb_granules, leaf)),
+            ),
+        };
+        ForwardKey {
+            host: Arc::as_ptr(host).cast::<()>() as usize,
+            cache: inv.cache,
+            tag,
+            range,
+        }
+    }
 }
 
 impl SyncPass {
@@ -468,7 +509,11 @@ impl VIommu {
                     (Some(ctx), Some(e)) => self.binding(sid, &ctx, pasid, &e, irqs),
                     _ => None,
                 };
+                let had = dev.bound.get(&pasid).map(|b| b.bind);
                 self.reconcile(dev, pasid, want);
+                if dev.bound.get(&pasid).map(|b| b.bind) != had {
+                    pass.forwarded.clear();
+                }
             }
         }
     }
@@ -556,15 +601,25 @@ impl VIommu {
     /// Forwards the host invalidations an IOTLB or device-TLB descriptor asks for. One
     /// container shared by several devices gets each distinct invalidation once; a
     /// device-TLB invalidation `flushed` (the previous descriptor's) covers is not
-    /// forwarded. `flushed` is left holding this descriptor's.
-    pub(crate) fn forward_invalidation(&self, desc: &InvDesc, flushed: &mut InclusiveFlushes) {
+    /// forwarded. `flushed` is left holding this descriptor's. An invalidation the host
+    /// carried out earlier in `pass`, with no binding changed since, is not forwarded
+    /// again: whatever the host cached since was translated from the tables as the pass
+    /// found them.
+    pub(crate) fn forward_invalidation(
+        &self,
+        desc: &InvDesc,
+        flushed: &mut InclusiveFlushes,
+        pass: &mut SyncPass,
+    ) {
         let mut calls: Vec<(Arc<dyn HostSva>, CacheInvalidate)> = Vec::new();
+        let mut seen = HashSet::new();
         for dev in lock(&self.devices).iter() {
             for inv in host_invalidations(desc, dev.guest_sid, &dev.bound) {
-                let seen = calls
-                    .iter()
-                    .any(|(h, i)| Arc::ptr_eq(h, &dev.host) && *i == inv);
-                if !seen && !flushed.covers(&dev.host, &inv) {
+                let key = ForwardKey::new(&dev.host, &inv);
+                if !pass.forwarded.contains(&key)
+                    && !flushed.covers(&dev.host, &inv)
+                    && seen.insert(key)
+                {
                     calls.push((dev.host.clone(), inv));
                 }
             }
@@ -577,6 +632,7 @@ impl VIommu {
                 .is_some()
             {
                 Counters::bump(&self.counters.invalidations_forwarded);
+                pass.forwarded.insert(ForwardKey::new(&host, &inv));
                 flushed.record(host, &inv);
             }
         }

@@ -280,9 +280,9 @@ impl VIommu {
             }
             InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } => {
                 self.invalidate_iotlb(desc);
-                self.forward_invalidation(desc, flushed);
+                self.forward_invalidation(desc, flushed, pass);
             }
-            InvDesc::PasidDevIotlb { .. } => self.forward_invalidation(desc, flushed),
+            InvDesc::PasidDevIotlb { .. } => self.forward_invalidation(desc, flushed, pass),
             InvDesc::PageGroupResponse {
                 rid,
                 pasid_present,

@@ -788,6 +788,47 @@ fn a_device_tlb_flush_right_after_an_inclusive_iotlb_flush_is_not_forwarded() {
 }
 
 #[test]
+fn a_queue_full_of_iotlb_flushes_forwards_each_invalidation_once() {
+    let (host, g, dev) = setup();
+    let (p, cr3) = bound_pasid(&g, &host, dev, 1);
+    let (q, _) = bound_pasid(&g, &host, dev, 1);
+    let global = InvDesc::Iotlb {
+        granularity: IotlbGranularity::Global,
+        dr: true,
+        dw: true,
+        did: DomainId(0),
+        addr: 0,
+        ih: false,
+        am: 0,
+    };
+    // 125 IOTLB flushes (global, and PASID-selective of p) in one tail write: each bound
+    // PASID's host IOTLB is invalidated once.
+    let mut flood = vec![global; 63];
+    flood.extend([global, piotlb(p)].repeat(31));
+    assert!(g.submit_sync(&flood));
+    assert_eq!(host.take(), vec![iotlb_pasid(p), iotlb_pasid(q)]);
+    assert_eq!(g.viommu.stats().descriptors, 4 + 125 + 1);
+    // The next tail write is a new pass.
+    assert!(g.submit_sync(&[global]));
+    assert_eq!(host.take(), vec![iotlb_pasid(p), iotlb_pasid(q)]);
+    // A binding that changes within the pass: forwarded again after it.
+    let cr3b = g.alloc_frame();
+    g.set_pasid_entry(dev, p, Some(fl_entry(1, cr3b, FlPagingMode::FourLevel)));
+    assert!(g.submit_sync(&[global, pasid_cache(1, p), global, global]));
+    assert_eq!(
+        host.take(),
+        vec![
+            iotlb_pasid(p),
+            iotlb_pasid(q),
+            Call::Unbind(bind(p, cr3)),
+            Call::Bind(bind(p, cr3b)),
+            iotlb_pasid(p),
+            iotlb_pasid(q),
+        ]
+    );
+}
+
+#[test]
 fn a_container_shared_by_two_devices_gets_each_invalidation_once() {
     let (host, g, dev) = setup();
     let dev2 = sid(0, 5, 0);
