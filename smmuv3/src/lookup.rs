@@ -501,4 +501,32 @@ mod tests {
         );
         assert_eq!(ConfigFault::Stage2(f).event_type(), 0x10);
     }
+
+    proptest::proptest! {
+        /// Hostile configuration structures: random memory, stream table formats, StreamIDs
+        /// and SubstreamIDs. Every lookup ends with an STE/CD or a configuration fault,
+        /// never a panic.
+        #[test]
+        fn random_structures_never_panic(
+            words in proptest::collection::vec(proptest::prelude::any::<u64>(), 1024),
+            split in proptest::sample::select(vec![None, Some(6u8), Some(8), Some(10)]),
+            log2size in 0u8..40,
+            sids in proptest::collection::vec(0u32..4096, 8),
+            ssid in proptest::option::of(0u32..(1 << 20)),
+        ) {
+            let mem = TestMemory::new(8192);
+            for (i, &w) in words.iter().enumerate() {
+                mem.write_u64(i as u64 * 8, w & !bits(63, 13)).unwrap();
+            }
+            let table = StreamTable::new(0, log2size, split, &F).unwrap();
+            for &sid in &sids {
+                if let Ok(ste) = table.find_ste(&mem, &F, sid) {
+                    if ste.config.stage1() {
+                        let s2 = if ste.config.stage2() { ste.s2_config(&F).ok() } else { None };
+                        let _ = find_cd(&mem, &ste, &F, ssid, s2.as_ref(), 0);
+                    }
+                }
+            }
+        }
+    }
 }

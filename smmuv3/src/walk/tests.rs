@@ -1548,6 +1548,45 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Hostile tables: memory full of random words (biased to valid table descriptors
+    /// pointing back into it), random configurations and addresses. Every walk ends with a
+    /// translation or a fault, never a panic, and a walk reads at most one descriptor per
+    /// level of each stage.
+    #[test]
+    fn random_tables_never_panic(
+        words in prop::collection::vec(any::<u64>(), 2048),
+        table_bias in prop::collection::vec(any::<bool>(), 2048),
+        t0sz in 16u8..40, s2 in prop::sample::select(vec![(16u8, 2u8), (24, 1), (33, 0), (39, 0)]),
+        ha: bool, hd: bool, affd: bool,
+        vas in prop::collection::vec(any::<u64>(), 8),
+        access in arb_access(),
+    ) {
+        let mem = TestMemory::new(16 * 1024);
+        for (i, (&w, &t)) in words.iter().zip(&table_bias).enumerate() {
+            // Half the words are table/page descriptors into the 16 KiB.
+            let w = if t { (w & 0x3000) | (w & !D::ADDR_MASK) | 3 } else { w };
+            mem.write_u64(i as u64 * 8, w).unwrap();
+        }
+        let s1 = S1Config::new(0, t0sz, AddressSize::Bits48, S1Flags { ha, hd, affd, ..S1Flags::default() }).unwrap();
+        let s2 = S2Config::new(0, s2.0, s2.1, AddressSize::Bits48, S2Flags { ha, hd, affd, ..S2Flags::default() }).unwrap();
+        for &va in &vas {
+            // Mostly inside the VA range, so the tables are read.
+            let va = if va & 1 == 0 { va & ((1 << s1.input_bits()) - 1) } else { va };
+            let mut rec = WalkRecord::default();
+            let _ = walk_nested(&mem, &s1, &s2, va, access, &mut rec);
+            let s1_steps = rec.steps.iter().filter(|s| s.stage == Stage::Stage1).count();
+            prop_assert!(s1_steps <= 4);
+            // One stage-2 walk per stage-1 descriptor read, update and the output.
+            prop_assert!(rec.steps.len() <= s1_steps + 4 * (2 * s1_steps + 1));
+            let _ = walk_stage1(&mem, &s1, va, access, &mut ());
+            let _ = walk_stage2(&mem, &s2, va, access, &mut ());
+        }
+    }
+}
+
 /// How the probes of the nested property ended.
 #[derive(Default)]
 struct Outcomes {
