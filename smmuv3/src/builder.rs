@@ -1,5 +1,5 @@
 //! Builds VMSAv8-64 translation tables with the 4 KiB granule in memory: stage 1 under a
-//! CD's TTB0 or stage 2 under an STE's S2TTB (Arm ARM D8.3), for tests and table owners.
+//! CD's TTB0 or stage 2 under an STE's S2TTB (Arm ARM D8), for tests and table owners.
 //!
 //! Table descriptors carry no hierarchical controls, so the leaf alone decides the rights.
 //! Leaf attributes are given as descriptor bits (AP, AF, UXN, S2AP, ...).

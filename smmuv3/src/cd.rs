@@ -97,7 +97,7 @@ pub struct ContextDescriptor {
     pub wxn: bool,
     /// UWXN: unprivileged-writable implies privileged execute-never (AArch32 tables).
     pub uwxn: bool,
-    /// TBI[1:0]: top byte ignore for TTB0 (bit 0) and TTB1 (bit 1).
+    /// `TBI[1:0]`: top byte ignore for TTB0 (bit 0) and TTB1 (bit 1).
     pub tbi: u8,
     /// PAN: privileged access never.
     pub pan: bool,

@@ -1,10 +1,10 @@
-//! VMSAv8-64 translation table descriptors with the 4 KiB granule (Arm ARM D8.3, "Translation
+//! VMSAv8-64 translation table descriptors with the 4 KiB granule (Arm ARM D8, "Translation
 //! table descriptor formats"), as the SMMU reads them for stage 1 (IHI 0070 §5.4, the CD's
 //! TTB0) and stage 2 (§5.2, the STE's S2TTB).
 //!
 //! Levels are numbered as the Arm ARM numbers them: level 0 resolves VA bits 47:39, level 3
 //! is the page table. With the 4 KiB granule a block can sit at level 1 (1 GiB) or level 2
-//! (2 MiB); level 0 cannot hold a block and a level-3 entry with bits[1:0] = 01 is reserved,
+//! (2 MiB); level 0 cannot hold a block and a level-3 entry with `bits[1:0] = 01` is reserved,
 //! and both are treated as invalid (a Translation fault), as the Arm ARM requires.
 //!
 //! VMSAv8-64 has no reserved-field fault: bits that the 4 KiB granule with a 48-bit output
@@ -21,9 +21,9 @@ use crate::walk::PageSize;
 pub enum DescriptorKind {
     /// bit 0 clear, a block at level 0 or a reserved level-3 encoding: Translation fault.
     Invalid,
-    /// A table descriptor (levels 0 to 2, bits[1:0] = 11): the next-level table's address.
+    /// A table descriptor (levels 0 to 2, `bits[1:0] = 11`): the next-level table's address.
     Table(u64),
-    /// A block (levels 1 and 2, bits[1:0] = 01) or page (level 3, bits[1:0] = 11)
+    /// A block (levels 1 and 2, `bits[1:0] = 01`) or page (level 3, `bits[1:0] = 11`)
     /// descriptor: the output address of the first byte and the size mapped.
     Leaf {
         /// The output address of the first byte.
@@ -45,12 +45,12 @@ impl Descriptor {
     /// The output address field of a 48-bit output address, bits 47:12.
     pub const ADDR_MASK: u64 = bits(47, 12);
 
-    // Stage-1 block and page attributes (Arm ARM D8.3.2).
-    /// Stage 1 AttrIndx[2:0]: the MAIR attribute index.
+    // Stage-1 block and page attributes (Arm ARM D8, descriptor formats).
+    /// Stage 1 `AttrIndx[2:0]`: the MAIR attribute index.
     pub const ATTR_INDX: u64 = bits(4, 2);
-    /// Stage 1 AP[1]: unprivileged (EL0) access allowed.
+    /// Stage 1 `AP[1]`: unprivileged (EL0) access allowed.
     pub const AP_EL0: u64 = 1 << 6;
-    /// Stage 1 AP[2]: read-only.
+    /// Stage 1 `AP[2]`: read-only.
     pub const AP_RO: u64 = 1 << 7;
     /// Shareability, both stages.
     pub const SH: u64 = bits(9, 8);
@@ -68,24 +68,24 @@ impl Descriptor {
     /// Stage 1 UXN: unprivileged execute-never.
     pub const UXN: u64 = 1 << 54;
 
-    // Stage-1 table attributes (hierarchical controls, Arm ARM D8.3.1).
+    // Stage-1 table attributes (hierarchical controls, Arm ARM D8).
     /// PXNTable: privileged execute-never below this table.
     pub const PXN_TABLE: u64 = 1 << 59;
     /// UXNTable: unprivileged execute-never below this table.
     pub const UXN_TABLE: u64 = 1 << 60;
-    /// APTable[0]: no unprivileged access below this table.
+    /// `APTable[0]`: no unprivileged access below this table.
     pub const AP_TABLE_NO_EL0: u64 = 1 << 61;
-    /// APTable[1]: no write access below this table.
+    /// `APTable[1]`: no write access below this table.
     pub const AP_TABLE_RO: u64 = 1 << 62;
 
-    // Stage-2 block and page attributes (Arm ARM D8.3.2).
-    /// Stage 2 MemAttr[3:0].
+    // Stage-2 block and page attributes (Arm ARM D8, descriptor formats).
+    /// Stage 2 `MemAttr[3:0]`.
     pub const MEM_ATTR: u64 = bits(5, 2);
-    /// Stage 2 S2AP[0]: reads allowed.
+    /// Stage 2 `S2AP[0]`: reads allowed.
     pub const S2AP_R: u64 = 1 << 6;
-    /// Stage 2 S2AP[1]: writes allowed.
+    /// Stage 2 `S2AP[1]`: writes allowed.
     pub const S2AP_W: u64 = 1 << 7;
-    /// Stage 2 XN (XN[1] without FEAT_XNX): execute-never.
+    /// Stage 2 XN (`XN[1]` without FEAT_XNX): execute-never.
     pub const XN: u64 = 1 << 54;
 
     /// A table descriptor pointing to the 4 KiB-aligned table at `table`, with the stage-1
@@ -138,27 +138,27 @@ impl Descriptor {
         self.0 & bits(47, 12) & !bits(oa_bits - 1, 0)
     }
 
-    /// Stage 1 AP[2:1] as the two-bit field value.
+    /// Stage 1 `AP[2:1]` as the two-bit field value.
     pub const fn ap(self) -> u64 {
         get(self.0, 7, 6)
     }
 
-    /// Stage 2 S2AP[1:0] as the two-bit field value.
+    /// Stage 2 `S2AP[1:0]` as the two-bit field value.
     pub const fn s2ap(self) -> u64 {
         get(self.0, 7, 6)
     }
 
-    /// Stage 2 MemAttr[3:0].
+    /// Stage 2 `MemAttr[3:0]`.
     pub const fn mem_attr(self) -> u64 {
         get(self.0, 5, 2)
     }
 
-    /// Whether the stage-2 memory type is Device (MemAttr[3:2] = 00).
+    /// Whether the stage-2 memory type is Device (`MemAttr[3:2] = 00`).
     pub const fn s2_device(self) -> bool {
         self.mem_attr() >> 2 == 0
     }
 
-    /// Stage 1 AP[2:1] set to `ap`.
+    /// Stage 1 `AP[2:1]` set to `ap`.
     pub const fn with_ap(self, ap: u64) -> Self {
         Descriptor((self.0 & !bits(7, 6)) | put(ap, 7, 6))
     }

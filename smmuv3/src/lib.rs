@@ -6,6 +6,26 @@
 //! the Arm Architecture Reference Manual for A-profile (DDI 0487), chapter D8 (VMSAv8-64).
 //! Tables are read through `vsva_vtd`'s [`PhysMem`], the memory trait every vsva IOMMU
 //! model uses.
+//!
+//! # What is modelled, and the choices made
+//!
+//! - Translation tables: AArch64, little-endian, 4 KiB granule, 48-bit output; TTB0 only
+//!   (a CD must set EPD1, as Linux's do). No 16/64 KiB granules, LPA/LPA2, HAD, FWB.
+//! - VMSAv8-64 has no reserved-bit fault: descriptor bits the format does not use are
+//!   ignored; output and table addresses above the configured size are F_ADDR_SIZE (TTB0 or
+//!   S2TTB out of range at level 0, as the Arm ARM's walk does).
+//! - Hardware updates are one compare-exchange on the descriptor as read, made once the
+//!   access is allowed at that stage; in nested translation the stage-1 update is a write
+//!   through stage 2 done before the output's stage-2 walk. HD acts only with HA.
+//! - STE and CD: nonzero RES0 bits and reserved encodings are C_BAD_STE/C_BAD_CD even in
+//!   fields the Config ignores (a strict reading); IMPLEMENTATION DEFINED fields are
+//!   ignored. A SubstreamID of 0 selects CD 0 whatever S1DSS says; an invalid L1STD or
+//!   L1CD is C_BAD_STREAMID or C_BAD_SUBSTREAMID.
+//! - Commands: unknown opcodes, RES0 bits, reserved encodings and commands the
+//!   [`Features`] lack are CERROR_ILL; ignored fields decode as absent.
+//! - Events: the E_PAGE_REQUEST Span field is not modelled.
+//! - Registers: enables complete at once (CR0ACK = CR0); writes the spec leaves
+//!   unpredictable (a live queue's BASE, a live stream table) are ignored.
 
 pub mod builder;
 pub mod cd;

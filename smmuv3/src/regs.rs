@@ -93,7 +93,7 @@ pub mod cr0 {
     pub const CMDQEN: u32 = 1 << 3;
     /// ATSCHK: ATS translated traffic is checked against the STE.
     pub const ATSCHK: u32 = 1 << 4;
-    /// VMW[8:6]: VMID wildcard.
+    /// `VMW[8:6]`: VMID wildcard.
     pub const VMW: u32 = 0x7 << 6;
 }
 

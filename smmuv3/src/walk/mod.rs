@@ -229,7 +229,7 @@ pub struct Translation {
     pub page_size: PageSize,
     /// The rights granted for accesses of the walked access's privilege.
     pub perms: Permissions,
-    /// Whether every leaf is writable-dirty (stage 1 AP[2] = 0, stage 2 S2AP[1] = 1), so a
+    /// Whether every leaf is writable-dirty (stage 1 `AP[2] = 0`, stage 2 `S2AP[1] = 1`), so a
     /// cached copy may serve writes without another walk.
     pub dirty: bool,
 }
@@ -363,9 +363,9 @@ pub struct WalkStep {
     pub entry_address: u64,
     /// The descriptor as read, after this step's hardware update (0 if unreadable).
     pub entry: u64,
-    /// The bits this step set atomically (AF; S2AP[1] for a stage-2 dirty-state update).
+    /// The bits this step set atomically (AF; `S2AP[1]` for a stage-2 dirty-state update).
     pub set_bits: u64,
-    /// The bits this step cleared atomically (AP[2] for a stage-1 dirty-state update).
+    /// The bits this step cleared atomically (`AP[2]` for a stage-1 dirty-state update).
     pub cleared_bits: u64,
     /// What the walker decided.
     pub outcome: StepOutcome,

@@ -1,14 +1,14 @@
 //! The stage-1 walker: VA to IPA (or PA) through the CD's TTB0 (IHI 0070 §3.3, §5.4; Arm
-//! ARM D8.4.1 stage 1 permissions), and its use for nested translation.
+//! ARM D8, stage 1 permissions), and its use for nested translation.
 //!
 //! Rights follow the Arm ARM for the EL1&0 regime, with the privilege taken from the
-//! transaction's PnU: AP[2] makes a page read-only and AP[1] opens it to unprivileged
+//! transaction's PnU: `AP[2]` makes a page read-only and `AP[1]` opens it to unprivileged
 //! accesses, restricted further by APTable from the tables above; UXN/PXN (and
 //! UXNTable/PXNTable) forbid fetches; a page writable by unprivileged accesses is never
 //! privileged-executable, and with the CD's WXN no writable page is executable; with PAN,
 //! privileged data accesses to pages open to unprivileged accesses fault. A leaf with
 //! AF = 0 is an Access fault (which takes priority over a Permission fault) unless HA or
-//! AFFD; with HA and HD a write to a DBM leaf with AP[2] = 1 clears AP[2] (writable-clean
+//! AFFD; with HA and HD a write to a DBM leaf with `AP[2] = 1` clears `AP[2]` (writable-clean
 //! to writable-dirty). Updates are one compare-exchange on the descriptor as read, made
 //! only once stage 1 allows the access; in nested translation they are writes through
 //! stage 2.
@@ -312,12 +312,13 @@ where
     walk_stage1_via(mem, s1, &mut NestedStage { mem, s2 }, va, access, obs)
 }
 
-/// The hierarchical controls of the table descriptors walked so far (Arm ARM D8.4.1).
+/// The hierarchical controls of the table descriptors walked so far (Arm ARM D8,
+/// hierarchical permissions).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TableControls {
-    /// APTable[1] at some level: no writes below.
+    /// `APTable[1]` at some level: no writes below.
     pub read_only: bool,
-    /// APTable[0] at some level: no unprivileged accesses below.
+    /// `APTable[0]` at some level: no unprivileged accesses below.
     pub no_unprivileged: bool,
     /// UXNTable at some level.
     pub uxn: bool,

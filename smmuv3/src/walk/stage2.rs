@@ -1,12 +1,12 @@
 //! The stage-2 walker: IPA to PA through the STE's S2TTB (IHI 0070 §3.3, §5.2; Arm ARM
-//! D8.4.2 stage 2 permissions).
+//! D8, stage 2 permissions).
 //!
-//! S2AP[0] grants reads and S2AP[1] writes; an instruction fetch needs only XN clear (the
+//! `S2AP[0]` grants reads and `S2AP[1]` writes; an instruction fetch needs only XN clear (the
 //! Arm ARM checks nothing else for a stage-2 fetch). A stage-1 table read through stage 2
 //! needs read permission and a stage-1 hardware update write permission; with S2PTW, a
 //! stage-1 table in Device memory is a Permission fault. A leaf with AF = 0 is an Access
 //! fault unless S2HA (hardware sets AF) or S2AFFD (no fault). With S2HA and S2HD, a write to
-//! a DBM leaf without S2AP[1] sets S2AP[1]. Updates are one compare-exchange on the
+//! a DBM leaf without `S2AP[1]` sets `S2AP[1]`. Updates are one compare-exchange on the
 //! descriptor as read, made only once the access is known to be allowed.
 
 use super::{
