@@ -18,7 +18,9 @@ use vsva_vtd::inv_desc::{
 };
 use vsva_vtd::regs::layout::{fsts, offset};
 use vsva_vtd::regs::{Cap, EventSource, FaultRecord, RequestType, FRCD_F};
-use vsva_vtd::{AddrRange, DomainId, FaultReason, FlPagingMode, Gpa, InvDesc, Pasid, SourceId};
+use vsva_vtd::{
+    AddrRange, DomainId, FaultReason, FlPagingMode, Gpa, InvDesc, Pasid, PhysMem, SourceId,
+};
 
 /// Attaches `dev` as a passthrough of the host device `host_sid` and gives it a
 /// scalable-mode context entry with page requests enabled.
@@ -321,6 +323,95 @@ fn entries_the_host_entry_cannot_reproduce_are_refused_with_a_fault() {
         host.take();
     }
     assert_eq!(g.viommu.stats().entries_refused, 4);
+}
+
+/// Each field docs/fidelity.md lists as making the entry invalid for this vIOMMU: the
+/// entry is not bound and the host is not asked; the same PASID with a plain entry is.
+#[test]
+fn each_field_the_unit_does_not_offer_keeps_the_entry_unbound() {
+    let host = MockHost::new();
+    let g = Guest::with_config(
+        host.clone(),
+        VIommuConfig {
+            fl5lp: false,
+            ..VIommuConfig::default()
+        },
+    );
+    g.enable();
+    let dev = sid(0, 3, 0);
+    attach(&g, &host, dev, sid(0x81, 0, 0));
+    let p = g.alloc_pasid();
+    host.take();
+    let plain = fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel);
+    let invalid = [
+        (
+            "SLADE without SLADS",
+            vsva_vtd::PasidEntry {
+                slade: true,
+                ..plain
+            },
+        ),
+        (
+            "PWSNP without SMPWC",
+            vsva_vtd::PasidEntry {
+                pwsnp: true,
+                ..plain
+            },
+        ),
+        (
+            "PGSNP without SC",
+            vsva_vtd::PasidEntry {
+                pgsnp: true,
+                ..plain
+            },
+        ),
+        (
+            "EAFE without EAFS",
+            vsva_vtd::PasidEntry {
+                eafe: true,
+                ..plain
+            },
+        ),
+        ("PAT without MTS", vsva_vtd::PasidEntry { pat: 6, ..plain }),
+        (
+            "second level",
+            vsva_vtd::PasidEntry {
+                pgtt: vsva_vtd::Pgtt::SecondLevel,
+                ..plain
+            },
+        ),
+        (
+            "5-level without FL5LP",
+            vsva_vtd::PasidEntry {
+                flpm: FlPagingMode::FiveLevel,
+                ..plain
+            },
+        ),
+        (
+            "FLPTPTR beyond the guest address width",
+            vsva_vtd::PasidEntry {
+                flptptr: 1 << 48,
+                ..plain
+            },
+        ),
+    ];
+    for (what, e) in invalid {
+        g.set_pasid_entry(dev, p, Some(e));
+        assert!(g.submit_sync(&[pasid_cache(1, p)]));
+        assert!(host.take().is_empty(), "{what}");
+        assert!(g.viommu.bindings(dev).unwrap().is_empty(), "{what}");
+    }
+    // A reserved bit (q0 bit 10).
+    g.set_pasid_entry(dev, p, Some(plain));
+    let slot = g.pasid_slot(dev, p);
+    g.mem.write_u64(slot, plain.to_raw()[0] | 1 << 10).unwrap();
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert!(host.take().is_empty());
+    // The plain entry is bound: the PASID itself was never the reason.
+    g.set_pasid_entry(dev, p, Some(plain));
+    assert!(g.submit_sync(&[pasid_cache(1, p)]));
+    assert_eq!(host.take(), vec![Call::Bind(bind_data(p, &plain))]);
+    assert_eq!(g.viommu.stats().entries_refused, 0);
 }
 
 #[test]
