@@ -50,7 +50,7 @@ pub use event::{Event, EventType, UnknownEvent};
 pub use features::{Features, Httu, StallModel};
 pub use lookup::{find_cd, BadSplit, ConfigFault, L1Std, Stage1Context, StreamTable};
 pub use priq::PriqEntry;
-pub use regs::{Queue, RegEffect, RegError, RegisterFile};
+pub use regs::{Irq, Msi, Queue, RegEffect, RegError, RegisterFile};
 pub use ste::{BadSte, Config, Eats, Granule, S1Dss, S1Fmt, Ste, Strw};
 pub use vsva_vtd::{MemError, PhysMem};
 pub use walk::{

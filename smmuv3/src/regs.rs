@@ -49,8 +49,12 @@ pub mod offset {
     pub const GERROR: u64 = 0x60;
     /// SMMU_GERRORN.
     pub const GERRORN: u64 = 0x64;
-    /// SMMU_GERROR_IRQ_CFG0 (64-bit).
+    /// SMMU_GERROR_IRQ_CFG0 (64-bit): the MSI address.
     pub const GERROR_IRQ_CFG0: u64 = 0x68;
+    /// SMMU_GERROR_IRQ_CFG1: the MSI data.
+    pub const GERROR_IRQ_CFG1: u64 = 0x70;
+    /// SMMU_GERROR_IRQ_CFG2: the MSI memory attributes (MemAttr, SH).
+    pub const GERROR_IRQ_CFG2: u64 = 0x74;
     /// SMMU_STRTAB_BASE (64-bit).
     pub const STRTAB_BASE: u64 = 0x80;
     /// SMMU_STRTAB_BASE_CFG.
@@ -65,10 +69,18 @@ pub mod offset {
     pub const EVENTQ_BASE: u64 = 0xa0;
     /// SMMU_EVENTQ_IRQ_CFG0 (64-bit).
     pub const EVENTQ_IRQ_CFG0: u64 = 0xb0;
+    /// SMMU_EVENTQ_IRQ_CFG1.
+    pub const EVENTQ_IRQ_CFG1: u64 = 0xb8;
+    /// SMMU_EVENTQ_IRQ_CFG2.
+    pub const EVENTQ_IRQ_CFG2: u64 = 0xbc;
     /// SMMU_PRIQ_BASE (64-bit).
     pub const PRIQ_BASE: u64 = 0xc0;
     /// SMMU_PRIQ_IRQ_CFG0 (64-bit).
     pub const PRIQ_IRQ_CFG0: u64 = 0xd0;
+    /// SMMU_PRIQ_IRQ_CFG1.
+    pub const PRIQ_IRQ_CFG1: u64 = 0xd8;
+    /// SMMU_PRIQ_IRQ_CFG2.
+    pub const PRIQ_IRQ_CFG2: u64 = 0xdc;
     /// SMMU_EVENTQ_PROD (page 1).
     pub const EVENTQ_PROD: u64 = 0x1_00a8;
     /// SMMU_EVENTQ_CONS (page 1).
@@ -308,7 +320,30 @@ pub struct RegisterFile {
     strtab_base_cfg: u32,
     /// BASE, PROD, CONS of the command, event and PRI queues.
     queues: [(u64, u32, u32); 3],
-    irq_cfg0: [u64; 3],
+    /// IRQ_CFG0 (address), IRQ_CFG1 (data), IRQ_CFG2 (attributes) of GERROR, EVENTQ, PRIQ.
+    irq_cfg: [(u64, u32, u32); 3],
+}
+
+/// The SMMU's interrupt sources (§6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Irq {
+    /// Global errors.
+    Gerror,
+    /// The event queue.
+    Eventq,
+    /// The PRI queue.
+    Priq,
+}
+
+/// An interrupt's MSI write, from its IRQ_CFG0/1/2 registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Msi {
+    /// The address (bits 51:2); 0 means a wired interrupt instead.
+    pub addr: u64,
+    /// The data written.
+    pub data: u32,
+    /// MemAttr (bits 3:0) and SH (bits 5:4) of the write.
+    pub attr: u32,
 }
 
 const CMDQ: usize = 0;
@@ -332,8 +367,14 @@ impl RegisterFile {
             strtab_base: 0,
             strtab_base_cfg: 0,
             queues: [(0, 0, 0); 3],
-            irq_cfg0: [0; 3],
+            irq_cfg: [(0, 0, 0); 3],
         }
+    }
+
+    /// The MSI that signals `irq`.
+    pub fn msi(&self, irq: Irq) -> Msi {
+        let (addr, data, attr) = self.irq_cfg[irq as usize];
+        Msi { addr, data, attr }
     }
 
     /// The features the ID registers report.
@@ -383,6 +424,15 @@ impl RegisterFile {
         self.queue(PRIQ)
     }
 
+    /// The interrupt whose IRQ_CFG0 is at `cfg0`.
+    fn irq_of(cfg0: u64) -> usize {
+        match cfg0 {
+            offset::GERROR_IRQ_CFG0 => Irq::Gerror as usize,
+            offset::EVENTQ_IRQ_CFG0 => Irq::Eventq as usize,
+            _ => Irq::Priq as usize,
+        }
+    }
+
     fn enable_bit(q: usize) -> u32 {
         [cr0::CMDQEN, cr0::EVENTQEN, cr0::PRIQEN][q]
     }
@@ -405,18 +455,24 @@ impl RegisterFile {
             IRQ_CTRL | IRQ_CTRLACK => (self.irq_ctrl as u64, false),
             GERROR => (self.gerror as u64, false),
             GERRORN => (self.gerrorn as u64, false),
-            GERROR_IRQ_CFG0 => (self.irq_cfg0[0], true),
+            GERROR_IRQ_CFG0 => (self.irq_cfg[0].0, true),
+            GERROR_IRQ_CFG1 => (self.irq_cfg[0].1 as u64, false),
+            GERROR_IRQ_CFG2 => (self.irq_cfg[0].2 as u64, false),
             STRTAB_BASE => (self.strtab_base, true),
             STRTAB_BASE_CFG => (self.strtab_base_cfg as u64, false),
             CMDQ_BASE => (cmdq.0, true),
             CMDQ_PROD => (cmdq.1 as u64, false),
             CMDQ_CONS => (cmdq.2 as u64, false),
             EVENTQ_BASE => (eventq.0, true),
-            EVENTQ_IRQ_CFG0 => (self.irq_cfg0[1], true),
+            EVENTQ_IRQ_CFG0 => (self.irq_cfg[1].0, true),
+            EVENTQ_IRQ_CFG1 => (self.irq_cfg[1].1 as u64, false),
+            EVENTQ_IRQ_CFG2 => (self.irq_cfg[1].2 as u64, false),
             EVENTQ_PROD => (eventq.1 as u64, false),
             EVENTQ_CONS => (eventq.2 as u64, false),
             PRIQ_BASE => (priq.0, true),
-            PRIQ_IRQ_CFG0 => (self.irq_cfg0[2], true),
+            PRIQ_IRQ_CFG0 => (self.irq_cfg[2].0, true),
+            PRIQ_IRQ_CFG1 => (self.irq_cfg[2].1 as u64, false),
+            PRIQ_IRQ_CFG2 => (self.irq_cfg[2].2 as u64, false),
             PRIQ_PROD => (priq.1 as u64, false),
             PRIQ_CONS => (priq.2 as u64, false),
             _ => return None,
@@ -509,12 +565,16 @@ impl RegisterFile {
                 RegEffect::None
             }
             GERROR_IRQ_CFG0 | EVENTQ_IRQ_CFG0 | PRIQ_IRQ_CFG0 => {
-                let i = match reg {
-                    GERROR_IRQ_CFG0 => 0,
-                    EVENTQ_IRQ_CFG0 => 1,
-                    _ => 2,
-                };
-                self.irq_cfg0[i] = merged(self.irq_cfg0[i]) & bits(51, 2);
+                let cfg = &mut self.irq_cfg[Self::irq_of(reg)];
+                cfg.0 = merged(cfg.0) & bits(51, 2);
+                RegEffect::None
+            }
+            GERROR_IRQ_CFG1 | EVENTQ_IRQ_CFG1 | PRIQ_IRQ_CFG1 => {
+                self.irq_cfg[Self::irq_of(reg - 8)].1 = v32;
+                RegEffect::None
+            }
+            GERROR_IRQ_CFG2 | EVENTQ_IRQ_CFG2 | PRIQ_IRQ_CFG2 => {
+                self.irq_cfg[Self::irq_of(reg - 0xc)].2 = v32 & 0x3f;
                 RegEffect::None
             }
             STRTAB_BASE | STRTAB_BASE_CFG if smmu_enabled => RegEffect::None,
@@ -721,6 +781,29 @@ mod tests {
         assert_eq!(r.read(STRTAB_BASE, 8), Ok(1 << 62 | bits(51, 6)));
         // Unimplemented offsets read 0.
         assert_eq!(r.read(0x18, 4), Ok(0));
+        // The MSI of each interrupt.
+        r.write(EVENTQ_IRQ_CFG0, 8, 0x0000_0008_fee0_0003).unwrap();
+        r.write(EVENTQ_IRQ_CFG1, 4, 0x41).unwrap();
+        r.write(EVENTQ_IRQ_CFG2, 4, 0xff).unwrap();
+        r.write(GERROR_IRQ_CFG1, 4, 7).unwrap();
+        assert_eq!(
+            r.msi(Irq::Eventq),
+            Msi {
+                addr: 0x8_fee0_0000,
+                data: 0x41,
+                attr: 0x3f
+            }
+        );
+        assert_eq!(
+            r.msi(Irq::Gerror),
+            Msi {
+                addr: 0,
+                data: 7,
+                attr: 0
+            }
+        );
+        assert_eq!(r.read(EVENTQ_IRQ_CFG2, 4), Ok(0x3f));
+        assert_eq!(r.read(PRIQ_IRQ_CFG1, 4), Ok(0));
     }
 
     #[test]
