@@ -7,12 +7,15 @@
 //!   to the same PASID on the host, a cleared entry an unbind, a changed one an unbind and
 //!   a bind. A context-cache invalidation re-checks what is bound under the contexts it
 //!   selects, so a device the guest takes away loses its bindings.
-//! - Only a PASID the VM holds can be bound: guest PASIDs come from the host set through
-//!   the virtual command interface (§10.4.44), and the host refuses the others. So the
-//!   entries a flush makes the vIOMMU read are those of the PASIDs it handed out or has
-//!   bound, never the guest's whole PASID directory: a global or domain-selective flush
-//!   costs work in proportion to the VM's PASIDs, whatever the guest's tables hold, and a
-//!   PASID the VM does not hold costs no read and no host call.
+//! - With CAP.CM set the unit may cache not-present entries, so after a PASID-cache
+//!   invalidation a request must see every entry the guest made present before it, not
+//!   only those that were cached (§6.1, §6.5.2.2); for the shadow, every such entry that
+//!   can be bound must be. Only a PASID the VM holds can be: guest PASIDs come from the
+//!   host set through the virtual command interface (§10.4.44), and the host refuses the
+//!   others. So the entries a flush makes the vIOMMU read are those of the PASIDs it
+//!   handed out or has bound, never the guest's whole PASID directory: a global or
+//!   domain-selective flush costs work in proportion to the VM's PASIDs, whatever the
+//!   guest's tables hold, and a PASID the VM does not hold costs no read and no host call.
 //! - Within one pass over the invalidation queue, each (device, PASID) is reconciled at
 //!   most once and each guest entry read at most once: every descriptor of the pass was
 //!   queued before the pass began, so whatever the guest wrote before queueing it is
