@@ -12,7 +12,7 @@ use crate::features::Features;
 use crate::field::{bits, get};
 use crate::ste::{BadSte, S1Dss, Ste};
 use crate::walk::stage2::{self, S2Start, S2Use};
-use crate::walk::{AccessRequest, FaultClass, S1Config, S2Config, WalkFault};
+use crate::walk::{AccessRequest, FaultClass, S1Config, S2Config, WalkFault, WalkObserver};
 use vsva_vtd::PhysMem;
 
 /// A configuration error found while looking up a transaction's STE or CD.
@@ -177,6 +177,8 @@ pub enum Stage1Context {
     Cd {
         /// The CD's index (the SubstreamID, or 0).
         index: u32,
+        /// The physical address the CD was read from.
+        address: u64,
         /// The CD.
         cd: ContextDescriptor,
         /// Its TTB0 configuration.
@@ -186,16 +188,21 @@ pub enum Stage1Context {
 
 /// The stage-1 context of a transaction with SubstreamID `ssid` (`None` without SSV) on a
 /// stream whose STE `ste` enables stage 1; `s2` is the STE's stage 2 when it translates
-/// (CD table addresses are then IPAs). `input` is the transaction's address, for stage-2
-/// fault records.
-pub fn find_cd<M: PhysMem + ?Sized>(
+/// (CD table addresses are then IPAs, and `obs` sees each of their stage-2 walks).
+/// `input` is the transaction's address, for stage-2 fault records.
+pub fn find_cd<M, O>(
     mem: &M,
     ste: &Ste,
     f: &Features,
     ssid: Option<u32>,
     s2: Option<&S2Config>,
     input: u64,
-) -> Result<Stage1Context, ConfigFault> {
+    obs: &mut O,
+) -> Result<Stage1Context, ConfigFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
     let index = match (ste.s1cdmax, ssid) {
         (0, Some(_)) => return Err(ConfigFault::BadSubstreamId),
         (0, None) => 0,
@@ -213,7 +220,7 @@ pub fn find_cd<M: PhysMem + ?Sized>(
             S1Dss::Substream0 => 0,
         },
     };
-    let to_pa = |addr: u64| -> Result<u64, ConfigFault> {
+    let mut to_pa = |addr: u64| -> Result<u64, ConfigFault> {
         match s2 {
             None => Ok(addr),
             Some(s2) => {
@@ -226,7 +233,7 @@ pub fn find_cd<M: PhysMem + ?Sized>(
                     read,
                     FaultClass::Cd,
                     input,
-                    &mut (),
+                    obs,
                 )
                 .map(|t| t.output)
                 .map_err(ConfigFault::Stage2)
@@ -248,7 +255,12 @@ pub fn find_cd<M: PhysMem + ?Sized>(
     let raw = read_64_bytes(mem, pa).ok_or(ConfigFault::CdFetch { addr: pa })?;
     let cd = ContextDescriptor::decode(&raw, f).map_err(ConfigFault::BadCd)?;
     let s1 = cd.s1_config(f).map_err(ConfigFault::BadCd)?;
-    Ok(Stage1Context::Cd { index, cd, s1 })
+    Ok(Stage1Context::Cd {
+        index,
+        address: pa,
+        cd,
+        s1,
+    })
 }
 
 #[cfg(test)]
@@ -258,7 +270,7 @@ mod tests {
     use crate::desc::Descriptor as D;
     use crate::ste::{Config, S1Fmt};
     use crate::testutil::TestMemory;
-    use crate::walk::{AddressSize, FaultKind, FaultStage, PageSize, S2Flags};
+    use crate::walk::{AddressSize, FaultKind, FaultStage, PageSize, S2Flags, WalkRecord};
 
     const F: Features = Features::VSVA;
 
@@ -359,25 +371,30 @@ mod tests {
             &ContextDescriptor::new(0xa000, 25, 8).encode(),
         );
         let ste = s1_ste(0x8000, 4, S1Fmt::Linear, S1Dss::Terminate);
-        match find_cd(&mem, &ste, &F, Some(3), None, 0).unwrap() {
-            Stage1Context::Cd { index, cd: got, s1 } => {
-                assert_eq!((index, got), (3, cd));
+        match find_cd(&mem, &ste, &F, Some(3), None, 0, &mut ()).unwrap() {
+            Stage1Context::Cd {
+                index,
+                address,
+                cd: got,
+                s1,
+            } => {
+                assert_eq!((index, address, got), (3, 0x8000 + 3 * 64, cd));
                 assert_eq!(s1.root(), 0x9000);
             }
             other => panic!("{other:?}"),
         }
         // SubstreamIDs beyond S1CDMax, and an invalid CD.
         assert_eq!(
-            find_cd(&mem, &ste, &F, Some(16), None, 0),
+            find_cd(&mem, &ste, &F, Some(16), None, 0, &mut ()),
             Err(ConfigFault::BadSubstreamId)
         );
         assert_eq!(
-            find_cd(&mem, &ste, &F, Some(4), None, 0),
+            find_cd(&mem, &ste, &F, Some(4), None, 0, &mut ()),
             Err(ConfigFault::BadCd(BadCd::NotValid))
         );
         // Without a SubstreamID: S1DSS decides.
         assert_eq!(
-            find_cd(&mem, &ste, &F, None, None, 0),
+            find_cd(&mem, &ste, &F, None, None, 0, &mut ()),
             Err(ConfigFault::StreamDisabled)
         );
         let bypass = Ste {
@@ -385,7 +402,7 @@ mod tests {
             ..ste
         };
         assert_eq!(
-            find_cd(&mem, &bypass, &F, None, None, 0),
+            find_cd(&mem, &bypass, &F, None, None, 0, &mut ()),
             Ok(Stage1Context::Bypass)
         );
         let ssid0 = Ste {
@@ -393,28 +410,28 @@ mod tests {
             ..ste
         };
         assert!(matches!(
-            find_cd(&mem, &ssid0, &F, None, None, 0),
+            find_cd(&mem, &ssid0, &F, None, None, 0, &mut ()),
             Ok(Stage1Context::Cd { index: 0, .. })
         ));
         // With a SubstreamID, 0 is CD 0 as well (S1DSS does not apply).
         assert!(matches!(
-            find_cd(&mem, &ssid0, &F, Some(0), None, 0),
+            find_cd(&mem, &ssid0, &F, Some(0), None, 0, &mut ()),
             Ok(Stage1Context::Cd { index: 0, .. })
         ));
         // S1CDMax 0: one CD, no substreams (S1DSS ignored).
         let single = s1_ste(0x8000, 0, S1Fmt::TwoLevel4K, S1Dss::Terminate);
         assert!(matches!(
-            find_cd(&mem, &single, &F, None, None, 0),
+            find_cd(&mem, &single, &F, None, None, 0, &mut ()),
             Ok(Stage1Context::Cd { index: 0, .. })
         ));
         assert_eq!(
-            find_cd(&mem, &single, &F, Some(0), None, 0),
+            find_cd(&mem, &single, &F, Some(0), None, 0, &mut ()),
             Err(ConfigFault::BadSubstreamId)
         );
         // A CD beyond memory.
         let far = s1_ste(0xf_ffc0, 4, S1Fmt::Linear, S1Dss::Terminate);
         assert_eq!(
-            find_cd(&mem, &far, &F, Some(1), None, 0),
+            find_cd(&mem, &far, &F, Some(1), None, 0, &mut ()),
             Err(ConfigFault::CdFetch { addr: 0x10_0000 })
         );
     }
@@ -429,12 +446,12 @@ mod tests {
         let cd = ContextDescriptor::new(0x9000, 20, 9);
         write(&mem, 0x3_0000 + 5 * 64, &cd.encode());
         assert!(matches!(
-            find_cd(&mem, &ste, &F, Some(0x2c5), None, 0),
+            find_cd(&mem, &ste, &F, Some(0x2c5), None, 0, &mut ()),
             Ok(Stage1Context::Cd { index: 0x2c5, cd: got, .. }) if got == cd
         ));
         // An invalid L1CD.
         assert_eq!(
-            find_cd(&mem, &ste, &F, Some(0x305), None, 0),
+            find_cd(&mem, &ste, &F, Some(0x305), None, 0, &mut ()),
             Err(ConfigFault::BadSubstreamId)
         );
         // 64 KiB leaves: 1024 CDs each; SubstreamID 0x805 is L1 entry 2, CD 5.
@@ -443,7 +460,7 @@ mod tests {
             .unwrap();
         write(&mem, 0x4_0000 + 5 * 64, &cd.encode());
         assert!(matches!(
-            find_cd(&mem, &big, &F, Some(0x805), None, 0),
+            find_cd(&mem, &big, &F, Some(0x805), None, 0, &mut ()),
             Ok(Stage1Context::Cd { .. })
         ));
     }
@@ -475,16 +492,21 @@ mod tests {
             config: Config::Nested,
             ..s1_ste(0x4000_8000, 2, S1Fmt::Linear, S1Dss::Terminate)
         };
+        let mut rec = WalkRecord::default();
         assert!(matches!(
-            find_cd(&mem, &ste, &F, Some(1), Some(&s2), 0x77),
-            Ok(Stage1Context::Cd { cd: got, .. }) if got == cd
+            find_cd(&mem, &ste, &F, Some(1), Some(&s2), 0x77, &mut rec),
+            Ok(Stage1Context::Cd { cd: got, address: 0x8040, .. }) if got == cd
         ));
+        // The CD's IPA went through stage 2: level 1, then the 2 MiB block at level 2.
+        let walked: Vec<(u8, u64)> = rec.steps.iter().map(|s| (s.level, s.input)).collect();
+        assert_eq!(walked, [(1, 0x4000_8040), (2, 0x4000_8040)]);
         // A CD table IPA stage 2 does not map: a stage-2 Translation fault of CLASS CD.
         let unmapped = Ste {
             s1_context_ptr: 0x5000_0000,
             ..ste
         };
-        let Err(ConfigFault::Stage2(f)) = find_cd(&mem, &unmapped, &F, Some(1), Some(&s2), 0x77)
+        let Err(ConfigFault::Stage2(f)) =
+            find_cd(&mem, &unmapped, &F, Some(1), Some(&s2), 0x77, &mut ())
         else {
             panic!("expected a stage-2 fault");
         };
@@ -523,7 +545,7 @@ mod tests {
                 if let Ok(ste) = table.find_ste(&mem, &F, sid) {
                     if ste.config.stage1() {
                         let s2 = if ste.config.stage2() { ste.s2_config(&F).ok() } else { None };
-                        let _ = find_cd(&mem, &ste, &F, ssid, s2.as_ref(), 0);
+                        let _ = find_cd(&mem, &ste, &F, ssid, s2.as_ref(), 0, &mut ());
                     }
                 }
             }
