@@ -103,16 +103,27 @@ pub struct StreamTable {
 
 /// A stream table configuration vsva cannot use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
-#[error("STRTAB_BASE_CFG.SPLIT {0} is not 6, 8 or 10")]
-pub struct BadSplit(pub u8);
+pub enum BadStreamTable {
+    /// STRTAB_BASE_CFG.FMT is reserved (2 or 3).
+    #[error("STRTAB_BASE_CFG.FMT {0} is reserved")]
+    Format(u8),
+    /// STRTAB_BASE_CFG.SPLIT of a 2-level table is not 6, 8 or 10.
+    #[error("STRTAB_BASE_CFG.SPLIT {0} is not 6, 8 or 10")]
+    Split(u8),
+}
 
 impl StreamTable {
     /// The table at `base` (bits 51:6) with 2^`log2size` StreamIDs (capped by
     /// IDR1.SIDSIZE), linear (`split` `None`) or 2-level with level-2 tables covering
     /// `split` StreamID bits (6, 8 or 10).
-    pub fn new(base: u64, log2size: u8, split: Option<u8>, f: &Features) -> Result<Self, BadSplit> {
+    pub fn new(
+        base: u64,
+        log2size: u8,
+        split: Option<u8>,
+        f: &Features,
+    ) -> Result<Self, BadStreamTable> {
         if let Some(s) = split.filter(|s| ![6, 8, 10].contains(s)) {
-            return Err(BadSplit(s));
+            return Err(BadStreamTable::Split(s));
         }
         Ok(StreamTable {
             base: base & bits(51, 6),
@@ -317,7 +328,10 @@ mod tests {
             far.find_ste(&mem, &F, 4),
             Err(ConfigFault::SteFetch { addr: 0x10_0000 })
         );
-        assert_eq!(StreamTable::new(0, 8, Some(7), &F), Err(BadSplit(7)));
+        assert_eq!(
+            StreamTable::new(0, 8, Some(7), &F),
+            Err(BadStreamTable::Split(7))
+        );
     }
 
     #[test]

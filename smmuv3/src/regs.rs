@@ -15,6 +15,7 @@
 use crate::cmd::CmdError;
 use crate::features::{Features, Httu, StallModel};
 use crate::field::{bits, get, put};
+use crate::lookup::{BadStreamTable, StreamTable};
 use crate::walk::AddressSize;
 
 /// Register offsets (§6.2); EVENTQ and PRIQ pointers are in page 1.
@@ -395,6 +396,23 @@ impl RegisterFile {
     /// STRTAB_BASE and STRTAB_BASE_CFG.
     pub fn strtab(&self) -> (u64, u32) {
         (self.strtab_base, self.strtab_base_cfg)
+    }
+
+    /// The stream table STRTAB_BASE and STRTAB_BASE_CFG describe: FMT 0 linear, 1 2-level
+    /// with SPLIT, LOG2SIZE entries (capped by SIDSIZE). A reserved FMT or SPLIT is refused.
+    pub fn stream_table(&self) -> Result<StreamTable, BadStreamTable> {
+        let cfg = self.strtab_base_cfg as u64;
+        let split = match get(cfg, 17, 16) {
+            0 => None,
+            1 => Some(get(cfg, 10, 6) as u8),
+            fmt => return Err(BadStreamTable::Format(fmt as u8)),
+        };
+        StreamTable::new(
+            self.strtab_base,
+            get(cfg, 5, 0) as u8,
+            split,
+            &self.features,
+        )
     }
 
     fn queue(&self, q: usize) -> Queue {
@@ -831,6 +849,7 @@ mod tests {
             }
         );
         assert_eq!(r.strtab().1, 1 << 16 | 8 << 6 | 16);
+        assert_eq!(r.stream_table(), StreamTable::new(0, 16, Some(8), &F));
         assert_eq!(r.write(CMDQ_PROD, 4, 2), Ok(RegEffect::CmdqProd));
         assert_eq!(r.cmdq().prod, 2);
         // LOG2SIZE is capped by IDR1.CMDQS.
