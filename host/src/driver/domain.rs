@@ -17,10 +17,11 @@ use vsva_vtd::{
     DomainId, FrameSource, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid,
     SlLevels, SourceId, TableFormat,
 };
+use vsva_vtd_driver::inv::{dev_iotlb, iotlb_range};
+use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
 use super::error::DriverError;
 use super::frames::HostFrames;
-use super::inv::{covering_order, dev_iotlb, iotlb_range, WHOLE_SPACE};
 use super::nested::{cache_invalidation, nested_entry, SecondLevel};
 use super::unit::HostIommu;
 use crate::binds::GpasidBinds;

@@ -51,13 +51,17 @@ pub enum DriverError {
     #[error("{0} is not bound in this domain")]
     NotBound(Pasid),
     /// The invalidation queue stopped on a descriptor (FSTS.IQE). The descriptor was
-    /// replaced so that the queue could go on; the ones before it were carried out
-    /// (`-EIO`).
+    /// replaced with the batch's wait so that the queue could go on (`qi_check_fault`);
+    /// the invalidation may not have happened (`-EIO`).
     #[error("the invalidation queue refused descriptor {index} ({iqei:?})")]
     QueueError { iqei: Iqei, index: u64 },
     /// An invalidation wait did not complete (`-ETIMEDOUT`).
     #[error("invalidation wait did not complete")]
     QueueTimeout,
+    /// A device-TLB invalidation timed out (FSTS.ITE) on every resubmission of its batch
+    /// (`-ETIMEDOUT`).
+    #[error("device-TLB invalidation timed out")]
+    InvalidationTimeout,
     /// A global command whose status bit did not follow (`-ETIMEDOUT`, as
     /// `IOMMU_WAIT_OP` panics in Linux).
     #[error("GSTS did not reflect {0}")]
@@ -77,7 +81,7 @@ impl DriverError {
             Misaligned { .. } => libc::ERANGE,
             NoDomainId => libc::ENOSPC,
             DeviceBusy(_) | PasidBusy { .. } => libc::EBUSY,
-            QueueTimeout | StatusTimeout(_) => libc::ETIMEDOUT,
+            QueueTimeout | InvalidationTimeout | StatusTimeout(_) => libc::ETIMEDOUT,
         }
     }
 
@@ -103,6 +107,22 @@ impl From<BuildError> for DriverError {
 impl From<vsva_vtd::MemError> for DriverError {
     fn from(e: vsva_vtd::MemError) -> Self {
         DriverError::Memory(e.to_string())
+    }
+}
+
+impl From<vsva_vtd_driver::Error> for DriverError {
+    fn from(e: vsva_vtd_driver::Error) -> Self {
+        use vsva_vtd_driver::Error as E;
+        match e {
+            E::Register(r) => DriverError::Register(r),
+            E::Memory(m) => m.into(),
+            E::Descriptor(d) => DriverError::invalid("invalidation descriptor", d.to_string()),
+            E::PageRequest(d) => DriverError::invalid("page request descriptor", d.to_string()),
+            E::QueueError { iqei, index } => DriverError::QueueError { iqei, index },
+            E::InvalidationTimeout => DriverError::InvalidationTimeout,
+            E::QueueTimeout => DriverError::QueueTimeout,
+            E::StatusTimeout(what) => DriverError::StatusTimeout(what),
+        }
     }
 }
 

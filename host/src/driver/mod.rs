@@ -1,6 +1,8 @@
 //! The host VT-d IOMMU driver: what Linux's intel-iommu (`drivers/iommu/intel/iommu.c`,
 //! `pasid.c`, `svm.c`, v5.10 with the seed series) does for VFIO containers, on the
-//! physical VT-d model of `vsva-hw`.
+//! physical VT-d model of `vsva-hw`. The machinery the guest's driver shares (queued
+//! invalidation, descriptors, the page request ring, entry writes, register handshakes)
+//! is `vsva_vtd_driver`; this module holds the host's policy and bookkeeping.
 //!
 //! - [`HostIommu`]: one unit: set-up through its registers, root/context/PASID tables,
 //!   queued invalidation (submit and wait), domain ids, fault and page request
@@ -17,10 +19,10 @@ mod did;
 mod domain;
 mod error;
 mod frames;
-mod inv;
 mod nested;
 mod prq;
 mod qi;
+mod regs;
 mod tables;
 mod unit;
 

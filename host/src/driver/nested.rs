@@ -7,9 +7,10 @@
 
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevels, SourceId};
+use vsva_vtd_driver::inv::{dev_iotlb, piotlb_pages, piotlb_pasid};
+use vsva_vtd_driver::mask::{covering_order, size_order, WHOLE_SPACE};
 
 use super::error::DriverError;
-use super::inv::{covering_order, dev_iotlb, piotlb_pages, piotlb_pasid, size_order, WHOLE_SPACE};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_NR,
     IOMMU_SVA_VTD_GPASID_CD, IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE,

@@ -1,42 +1,32 @@
-//! Page requests (VT-d §7.5): the page request queue the unit writes, the routing of each
-//! request to the container whose domain bound its PASID, and page group responses
-//! (§6.5.2.9, §7.7).
+//! Page requests (VT-d §7.5): the routing of each request the unit queued to the
+//! container whose domain bound its PASID, and page group responses (§6.5.2.9, §7.7). The
+//! ring itself (PQH/PQT, PPR, PRO) is `vsva_vtd_driver`'s [`PageRequestQueue`].
 //!
-//! As intel-iommu's `prq_event_thread` does, the driver clears PRS.PPR, takes every
-//! descriptor between PQH and PQT, and moves PQH to PQT. A request on a PASID a domain
-//! bound for a guest (`SVM_FLAG_GUEST_MODE`) is reported to that domain's container
-//! (`iommu_report_device_fault`), which keeps the group pending until the VMM answers;
-//! any other request that needs a response (the last of its group, or one with private
-//! data), and one the container refuses, is answered at once with Invalid Request.
+//! A request on a PASID a domain bound for a guest (`SVM_FLAG_GUEST_MODE`) is reported to
+//! that domain's container (`iommu_report_device_fault`), which keeps the group pending
+//! until the VMM answers; any other request that needs a response (the last of its group,
+//! or one with private data), and one the container refuses, is answered at once with
+//! Invalid Request.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 
 use vsva_hw::iommu::Iommu;
-use vsva_hw::{FrameAllocator, PAGE_SIZE};
+use vsva_hw::FrameAllocator;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::regs::layout::{offset, pq};
-use vsva_vtd::{DomainId, Hpa, InvDesc, Pasid, PhysMem, SourceId};
+use vsva_vtd::{DomainId, Hpa, InvDesc, Pasid, SourceId};
+use vsva_vtd_driver::{PageRequestQueue, PRQ_BYTES};
 
 use super::error::DriverError;
+use super::regs::Mmio;
 use crate::fault::FaultSink;
 use vsva_uapi::request::{PageRequest, PageResponse, PageResponseCode};
-
-/// PQA_REG.PQS: the queue is `2^PQS` pages (`PRQ_ORDER`), 128 descriptors.
-const QUEUE_ORDER: u64 = 0;
-
-/// The page request queue memory.
-#[derive(Debug)]
-struct Ring {
-    base: Hpa,
-    entries: u64,
-}
 
 /// Page request state of one unit.
 #[derive(Debug, Default)]
 pub(crate) struct PageRequests {
-    ring: Mutex<Option<Ring>>,
+    ring: Mutex<Option<PageRequestQueue>>,
     /// The domain that bound each (requester id, PASID).
     routes: RwLock<HashMap<(u16, u32), DomainId>>,
     /// Each domain's container fault queue.
@@ -58,16 +48,7 @@ pub(crate) enum Dispatch {
 /// The Invalid Request response to `desc` when hardware waits for one (§7.5.1: LPIG or
 /// PDP set), returning its PASID, group index, LPIG and private data (§6.5.2.9).
 pub(crate) fn refusal(desc: &PageRequestDesc) -> Option<InvDesc> {
-    (desc.lpig || desc.private_data.is_some()).then(|| InvDesc::PageGroupResponse {
-        rid: desc.rid,
-        pasid_present: desc.pasid.is_some(),
-        pasid: desc.pasid.unwrap_or(Pasid::new(0).expect("PASID 0")),
-        private_data_present: desc.private_data.is_some(),
-        response: ResponseCode::InvalidRequest,
-        last_page_in_group: desc.lpig,
-        prg_index: desc.prg_index,
-        private_data: desc.private_data.unwrap_or_default(),
-    })
+    vsva_vtd_driver::group_response(desc, ResponseCode::InvalidRequest)
 }
 
 /// The page group response for a group whose last request device `sid` sent
@@ -83,7 +64,7 @@ pub(crate) fn group_response(sid: SourceId, resp: &PageResponse) -> Result<InvDe
     Ok(InvDesc::PageGroupResponse {
         rid: sid,
         pasid_present: resp.pasid.is_some(),
-        pasid: resp.pasid.unwrap_or(Pasid::new(0).expect("PASID 0")),
+        pasid: resp.pasid.unwrap_or(Pasid::RID_PASID),
         private_data_present: false,
         response: match resp.code {
             PageResponseCode::Success => ResponseCode::Success,
@@ -97,57 +78,46 @@ pub(crate) fn group_response(sid: SourceId, resp: &PageResponse) -> Result<InvDe
 }
 
 impl PageRequests {
-    /// Allocates the queue; the returned value is PQA_REG.
-    pub fn init(&self, frames: &FrameAllocator) -> Result<u64, DriverError> {
-        let size = PAGE_SIZE << QUEUE_ORDER;
+    /// Allocates the queue and points the unit at it (PQH = PQT = 0, PQA_REG).
+    pub fn init(&self, hw: &Iommu, frames: &FrameAllocator) -> Result<(), DriverError> {
         let base = frames
-            .alloc_range(size, size)
+            .alloc_range(PRQ_BYTES, PRQ_BYTES)
             .map_err(|_| DriverError::OutOfMemory)?;
-        *self.ring.lock().unwrap() = Some(Ring {
-            base,
-            entries: size / pq::DESC_SIZE,
-        });
-        Ok(base.0 | QUEUE_ORDER)
+        let ring = PageRequestQueue::new(base.0);
+        if let Err(e) = ring.enable(&Mmio(hw)) {
+            if let Err(f) = frames.free(base) {
+                tracing::error!("vt-d: freeing the page request queue: {f}");
+            }
+            return Err(e.into());
+        }
+        *self.ring.lock().unwrap() = Some(ring);
+        Ok(())
     }
 
     /// Frees the queue memory; the queue must no longer be in use.
     pub fn release(&self, frames: &FrameAllocator) {
         if let Some(ring) = self.ring.lock().unwrap().take() {
-            if let Err(e) = frames.free(ring.base) {
+            if let Err(e) = frames.free(Hpa(ring.base())) {
                 tracing::error!("vt-d: freeing the page request queue: {e}");
             }
         }
     }
 
-    /// Takes every descriptor the unit queued: clears PRS.PPR, reads from PQH to PQT,
-    /// moves PQH to PQT, and clears PRS.PRO if the queue overflowed meanwhile.
+    /// Takes every descriptor the unit queued (`prq_event_thread`); a descriptor that
+    /// does not decode is logged and dropped.
     pub fn drain(&self, hw: &Iommu) -> Result<Vec<PageRequestDesc>, DriverError> {
         let ring = self.ring.lock().unwrap();
         let Some(ring) = ring.as_ref() else {
             return Ok(Vec::new());
         };
-        hw.mmio_write(offset::PRS, 4, pq::PPR.into())?;
-        let tail = (hw.mmio_read(offset::PQT, 8)? & pq::OFFSET) / pq::DESC_SIZE;
-        let mut head = (hw.mmio_read(offset::PQH, 8)? & pq::OFFSET) / pq::DESC_SIZE;
-        let mem = hw.memory();
-        let mut out = Vec::new();
-        while head != tail && head < ring.entries {
-            let slot = ring.base.0 + head * pq::DESC_SIZE;
-            let mut raw = [0u64; 4];
-            for (i, q) in raw.iter_mut().enumerate() {
-                *q = mem.read_u64(slot + 8 * i as u64)?;
-            }
-            match PageRequestDesc::decode(raw) {
-                Ok(d) => out.push(d),
-                Err(e) => tracing::error!("vt-d: bad page request descriptor at {head}: {e}"),
-            }
-            head = (head + 1) % ring.entries;
-        }
-        hw.mmio_write(offset::PQH, 8, tail * pq::DESC_SIZE)?;
-        if hw.mmio_read(offset::PRS, 4)? as u32 & pq::PRO != 0 {
-            hw.mmio_write(offset::PRS, 4, pq::PRO.into())?;
-        }
-        Ok(out)
+        let taken = ring.drain(&Mmio(hw), &**hw.memory())?;
+        Ok(taken
+            .into_iter()
+            .filter_map(|d| {
+                d.map_err(|e| tracing::error!("vt-d: bad page request descriptor: {e}"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// Where a request goes: to the fault queue of the domain that bound its PASID on

@@ -12,12 +12,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use vsva_hw::{FrameAllocator, PAGE_SIZE};
 use vsva_vtd::context::context_entry_addr;
-use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PASID_ENTRY_SIZE};
+use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
     DomainId, Hpa, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableContextEntry,
     ScalableRootEntry, SourceId,
 };
+use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, write_entry};
 
 use super::error::DriverError;
 
@@ -73,23 +74,6 @@ fn context_key(sid: SourceId) -> (u8, bool) {
     (sid.bus(), sid.devfn() >= 128)
 }
 
-/// Writes a multi-qword entry: the other qwords, then qword 0 (which holds P).
-fn write_entry(mem: &impl PhysMem, addr: u64, raw: &[u64]) -> Result<(), DriverError> {
-    for (i, q) in raw.iter().enumerate().skip(1) {
-        mem.write_u64(addr + 8 * i as u64, *q)?;
-    }
-    mem.write_u64(addr, raw[0])?;
-    Ok(())
-}
-
-/// Clears a multi-qword entry: qword 0 (P) first.
-fn clear_entry(mem: &impl PhysMem, addr: u64, qwords: u64) -> Result<(), DriverError> {
-    for i in 0..qwords {
-        mem.write_u64(addr + 8 * i, 0)?;
-    }
-    Ok(())
-}
-
 impl Tables {
     /// An empty root table.
     pub fn new(frames: &FrameAllocator) -> Result<Self, DriverError> {
@@ -130,8 +114,7 @@ impl Tables {
         if self.devices.contains_key(&sid.rid()) {
             return Err(DriverError::DeviceBusy(sid));
         }
-        let dir_bytes = 8u64 << (u32::from(pdts) + 7);
-        let dir = alloc(frames, dir_bytes.max(PAGE_SIZE))?;
+        let dir = alloc(frames, pasid_dir_bytes(pdts).max(PAGE_SIZE))?;
         self.devices.insert(
             sid.rid(),
             DeviceTables {
@@ -143,7 +126,7 @@ impl Tables {
         );
         let result = self
             .pasid_entry_slot(mem, frames, sid, Pasid::new(0).expect("PASID 0"))
-            .and_then(|slot| write_entry(mem, slot, &rid_pasid_entry.to_raw()))
+            .and_then(|slot| Ok(write_entry(mem, slot, &rid_pasid_entry.to_raw())?))
             .and_then(|()| self.set_context(mem, frames, sid, dir, pdts, features));
         if result.is_err() {
             if let Some(dev) = self.devices.remove(&sid.rid()) {
@@ -272,7 +255,7 @@ impl Tables {
             .get(&context_key(sid))
             .map(|t| t.hpa)
             .ok_or(DriverError::NotAttached(sid))?;
-        clear_entry(mem, context_entry_addr(ctp.0, sid.devfn()), 4)
+        Ok(clear_entry(mem, context_entry_addr(ctp.0, sid.devfn()), 4)?)
     }
 
     /// Frees the PASID tables and directory of a device whose context entry is clear, and
@@ -323,25 +306,4 @@ fn release_device(frames: &FrameAllocator, dev: DeviceTables) {
     free(frames, dev.dir);
 }
 
-/// Reads the PASID entry at `slot`: `None` when it is not present or does not decode.
-pub(crate) fn read_pasid_entry(mem: &impl PhysMem, slot: u64) -> Option<PasidEntry> {
-    let mut raw = [0u64; 8];
-    for (i, q) in raw.iter_mut().enumerate() {
-        *q = mem.read_u64(slot + 8 * i as u64).ok()?;
-    }
-    PasidEntry::from_raw(raw).ok()
-}
-
-/// Makes the PASID entry at `slot` present with `entry`.
-pub(crate) fn write_pasid_entry(
-    mem: &impl PhysMem,
-    slot: u64,
-    entry: &PasidEntry,
-) -> Result<(), DriverError> {
-    write_entry(mem, slot, &entry.to_raw())
-}
-
-/// Clears the PASID entry at `slot`.
-pub(crate) fn clear_pasid_entry(mem: &impl PhysMem, slot: u64) -> Result<(), DriverError> {
-    clear_entry(mem, slot, PASID_ENTRY_SIZE / 8)
-}
+pub(crate) use vsva_vtd_driver::tables::{clear_pasid_entry, read_pasid_entry, write_pasid_entry};

@@ -19,22 +19,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vsva_hw::iommu::Iommu;
 use vsva_hw::FrameAllocator;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
-use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, rtaddr};
+use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt, FRCD_F};
 use vsva_vtd::{Capabilities, DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
+use vsva_vtd_driver::inv::{dev_iotlb, iotlb_domain, piotlb_pasid};
+use vsva_vtd_driver::mask::WHOLE_SPACE;
+use vsva_vtd_driver::tables::pdts_for;
+use vsva_vtd_driver::{GlobalCommand, InvalidationQueue};
 
 use super::did::DomainIdAllocator;
 use super::error::DriverError;
-use super::inv::{dev_iotlb, iotlb_domain, piotlb_pasid, WHOLE_SPACE};
 use super::nested::SecondLevel;
 use super::prq::{self, Dispatch, PageRequests};
-use super::qi::InvalidationQueue;
+use super::qi;
+use super::regs::Mmio;
 use super::tables::{self, ContextFeatures, Tables};
 use crate::fault::FaultSink;
 use vsva_uapi::request::PageResponse;
-
-/// Register polls before a command is declared lost; the model reflects commands at once.
-const POLL_LIMIT: u32 = 1 << 16;
 
 /// The PASID that requests without PASID are translated with (`PASID_RID2PASID`).
 pub const RID_PASID: Pasid = match Pasid::new(0) {
@@ -56,7 +57,7 @@ pub struct HostIommu {
     ecap: Ecap,
     caps: Capabilities,
     /// The enables software keeps set in GCMD_REG (TE, QIE), as `iommu->gcmd`.
-    gcmd: Mutex<u32>,
+    gcmd: GlobalCommand,
     qi: Mutex<Option<InvalidationQueue>>,
     state: Mutex<UnitState>,
     prq: PageRequests,
@@ -71,13 +72,6 @@ impl std::fmt::Debug for HostIommu {
             .field("prq", &self.prq)
             .finish_non_exhaustive()
     }
-}
-
-/// PDTS for a directory covering every PASID of ECAP.PSS: `2^(PDTS + 7)` entries of 64
-/// PASIDs each (`context_pdts`).
-fn pasid_dir_size(ecap: &Ecap) -> u8 {
-    let dir_bits = ecap.pasid_bits().saturating_sub(6);
-    dir_bits.saturating_sub(7).min(7) as u8
 }
 
 impl HostIommu {
@@ -96,11 +90,11 @@ impl HostIommu {
                 return Err(DriverError::Unsupported(what));
             }
         }
-        let qi = InvalidationQueue::new(&frames)?;
+        let qi = qi::alloc(&frames)?;
         let tables = match Tables::new(&frames) {
             Ok(t) => t,
             Err(e) => {
-                qi.release(&frames);
+                qi::release(&frames, qi);
                 return Err(e);
             }
         };
@@ -110,7 +104,7 @@ impl HostIommu {
             frames,
             cap,
             ecap,
-            gcmd: Mutex::new(0),
+            gcmd: GlobalCommand::new(),
             qi: Mutex::new(Some(qi)),
             state: Mutex::new(UnitState {
                 tables: Some(tables),
@@ -132,24 +126,27 @@ impl HostIommu {
 
     /// The register and global-command sequence of `init_dmars`.
     fn enable(&self) -> Result<(), DriverError> {
-        let iqa = self.qi_lock().as_ref().map(InvalidationQueue::iqa);
         let hw = &self.hw;
-        hw.mmio_write(offset::IQT, 8, 0)?;
-        hw.mmio_write(offset::IQA, 8, iqa.unwrap_or(0))?;
-        self.set_enable(gcmd::QIE, gsts::QIES, true, "queued invalidation enable")?;
+        let mmio = Mmio(hw);
+        {
+            let mut qi = self.qi_lock();
+            let qi = qi
+                .as_mut()
+                .ok_or(DriverError::Unsupported("queued invalidation"))?;
+            qi.reset();
+            self.gcmd.enable_qi(&mmio, qi.iqa())?;
+        }
         if self.ecap.prs {
-            let pqa = self.prq.init(&self.frames)?;
-            hw.mmio_write(offset::PQH, 8, 0)?;
-            hw.mmio_write(offset::PQT, 8, 0)?;
-            hw.mmio_write(offset::PQA, 8, pqa)?;
+            self.prq.init(hw, &self.frames)?;
             hw.mmio_write(offset::PECTL, 4, 0)?;
         }
         hw.mmio_write(offset::FECTL, 4, 0)?;
         let root = self.state_lock().tables.as_ref().map_or(0, |t| t.root().0);
-        hw.mmio_write(offset::RTADDR, 8, root | 1 << rtaddr::TTM_SHIFT)?;
-        self.one_shot(gcmd::SRTP, gsts::RTPS, "set root table pointer")?;
+        self.gcmd.set_root_table(&mmio, root)?;
         self.invalidate(&InvDesc::global_flush(self.cap.drd, self.cap.dwd))?;
-        self.set_enable(gcmd::TE, gsts::TES, true, "translation enable")
+        self.gcmd
+            .set_enable(&mmio, gcmd::TE, gsts::TES, true, "translation enable")?;
+        Ok(())
     }
 
     fn qi_lock(&self) -> MutexGuard<'_, Option<InvalidationQueue>> {
@@ -162,40 +159,6 @@ impl HostIommu {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn wait_status(&self, status: u32, set: bool, what: &'static str) -> Result<(), DriverError> {
-        for _ in 0..POLL_LIMIT {
-            let gsts = self.hw.mmio_read(offset::GSTS, 4)? as u32;
-            if (gsts & status != 0) == set {
-                return Ok(());
-            }
-            std::thread::yield_now();
-        }
-        Err(DriverError::StatusTimeout(what))
-    }
-
-    /// Turns an enable of GCMD_REG on or off, keeping the others as they are.
-    fn set_enable(
-        &self,
-        bit: u32,
-        status: u32,
-        on: bool,
-        what: &'static str,
-    ) -> Result<(), DriverError> {
-        let mut g = self.gcmd.lock().unwrap();
-        let value = if on { *g | bit } else { *g & !bit };
-        self.hw.mmio_write(offset::GCMD, 4, value.into())?;
-        self.wait_status(status, on, what)?;
-        *g = value;
-        Ok(())
-    }
-
-    /// Issues a one-shot command of GCMD_REG with the enables kept.
-    fn one_shot(&self, bit: u32, status: u32, what: &'static str) -> Result<(), DriverError> {
-        let g = self.gcmd.lock().unwrap();
-        self.hw.mmio_write(offset::GCMD, 4, (*g | bit).into())?;
-        self.wait_status(status, true, what)
     }
 
     /// The unit.
@@ -229,7 +192,12 @@ impl HostIommu {
         let qi = qi
             .as_mut()
             .ok_or(DriverError::Unsupported("queued invalidation"))?;
-        qi.submit(&self.hw, descs, drain_page_requests)
+        Ok(qi.submit(
+            &Mmio(&self.hw),
+            &**self.hw.memory(),
+            descs,
+            drain_page_requests,
+        )?)
     }
 
     /// Like [`Self::invalidate`] on a path that cannot fail (a teardown): an error is
@@ -364,7 +332,7 @@ impl HostIommu {
                 mem,
                 &self.frames,
                 sid,
-                pasid_dir_size(&self.ecap),
+                pdts_for(self.ecap.pasid_bits()),
                 features,
                 &entry,
             )?;
@@ -645,7 +613,11 @@ impl Drop for HostIommu {
     /// Turns translation and queued invalidation off and frees every table and queue.
     /// Domains hold the unit, so none is left.
     fn drop(&mut self) {
-        if let Err(e) = self.set_enable(gcmd::TE, gsts::TES, false, "translation disable") {
+        let mmio = Mmio(&self.hw);
+        if let Err(e) =
+            self.gcmd
+                .set_enable(&mmio, gcmd::TE, gsts::TES, false, "translation disable")
+        {
             tracing::error!("vt-d: {e}");
         }
         if self.ecap.prs {
@@ -654,13 +626,12 @@ impl Drop for HostIommu {
                 .mmio_write(offset::PECTL, 4, event_control::IM.into());
             let _ = self.hw.mmio_write(offset::PQA, 8, 0);
         }
-        if let Err(e) = self.set_enable(gcmd::QIE, gsts::QIES, false, "queued invalidation disable")
-        {
+        if let Err(e) = self.gcmd.disable_qi(&mmio) {
             tracing::error!("vt-d: {e}");
         }
         let frames = self.frames.clone();
-        if let Some(qi) = self.qi_lock().take() {
-            qi.release(&frames);
+        if let Some(queue) = self.qi_lock().take() {
+            qi::release(&frames, queue);
         }
         self.prq.release(&frames);
         if let Some(tables) = self.state_lock().tables.take() {
