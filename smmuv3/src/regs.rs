@@ -260,8 +260,13 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// LOG2SIZE as the pointers can hold it: at most 19 (IDR1's largest queue).
+    fn bits(&self) -> u32 {
+        self.log2size.min(19) as u32
+    }
+
     fn mask(&self) -> u32 {
-        (2 << self.log2size) - 1
+        (2 << self.bits()) - 1
     }
 
     /// Whether no entry waits.
@@ -271,7 +276,7 @@ impl Queue {
 
     /// Whether every entry waits: same index, different wrap bits.
     pub fn is_full(&self) -> bool {
-        (self.prod ^ self.cons) & self.mask() == 1 << self.log2size
+        (self.prod ^ self.cons) & self.mask() == 1 << self.bits()
     }
 
     /// The pointer after `ptr` (the wrap bit flips when the index wraps).
@@ -281,7 +286,8 @@ impl Queue {
 
     /// The address of the entry `ptr` points to, for entries of `entry_bytes`.
     pub fn entry_address(&self, ptr: u32, entry_bytes: u64) -> u64 {
-        self.base + (ptr & ((1 << self.log2size) - 1)) as u64 * entry_bytes
+        let index = (ptr & ((1 << self.bits()) - 1)) as u64;
+        self.base.wrapping_add(index.wrapping_mul(entry_bytes))
     }
 }
 
@@ -755,6 +761,16 @@ mod tests {
             ..q
         };
         assert!(e.is_empty() && !e.is_full());
+        // A LOG2SIZE beyond what the pointers can hold acts as 19, without overflow.
+        let huge = Queue {
+            log2size: 200,
+            prod: 1 << 19,
+            cons: 0,
+            ..q
+        };
+        assert!(huge.is_full());
+        assert_eq!(huge.next((1 << 20) - 1), 0);
+        assert_eq!(huge.entry_address(3, 32), 0x1000 + 96);
     }
 
     #[test]
