@@ -1,19 +1,22 @@
-//! Translation for emulated devices: the vIOMMU walks the guest's first-level tables over
-//! guest RAM itself (§3.6), through its own context cache, PASID cache and IOTLB, which
-//! keep what they hold until the guest invalidates it, as hardware does.
+//! Translation for emulated devices: the vIOMMU is a configuration of the VT-d request
+//! pipeline ([`vsva_vtd::request`]) that walks the guest's first-level tables over guest RAM
+//! itself (§3.6), through its own context cache, PASID cache and IOTLB (see `caches`),
+//! which keep what they hold until the guest invalidates it, as hardware does.
 
-use vsva_vtd::context::read_context_entry;
+use std::sync::atomic::Ordering;
+
 use vsva_vtd::inv_desc::IotlbGranularity;
-use vsva_vtd::pasid::read_pasid_entry;
 use vsva_vtd::regs::{AddressType, FaultRecord, RequestType};
+use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
-    walk_first_level, AccessRequest, DomainId, EntryFault, Gpa, InvDesc, PageSize, Pasid,
-    PasidEntry, Permissions, RootState, ScalableContextEntry, SourceId, TranslationFault,
+    walk_first_level, AccessRequest, Capabilities, DomainId, Gpa, InvDesc, PageSize, Pasid,
+    PasidEntry, Permissions, ScalableContextEntry, SourceId, Translation, TranslationFault,
+    WalkFault,
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};
 use crate::stats::Counters;
-use crate::viommu::{lock, VIommu};
+use crate::viommu::{lock, GuestRam, VIommu};
 
 /// A successful translation of a DMA address to guest physical.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +46,9 @@ impl DmaTranslation {
 
 impl VIommu {
     /// Translates a DMA request of an emulated device from `sid` (with `pasid`, or without
-    /// PASID) to `addr`, as a remapping unit does for an untranslated request; a fault is
-    /// recorded in the fault recording registers unless an FPD field disables it.
+    /// PASID) to `addr`, as a remapping unit does for an untranslated request, through the
+    /// request pipeline ([`request::translate`]); a fault is recorded in the fault
+    /// recording registers unless an FPD field disables it.
     ///
     /// An IOTLB hit serves the request without reading any table, whatever the tables say
     /// now: a translation stays in use until the guest invalidates it.
@@ -55,146 +59,19 @@ impl VIommu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<DmaTranslation, TranslationFault> {
-        let result = self.translate_inner(sid, pasid, addr, access);
+        let req = Request {
+            sid,
+            pasid,
+            addr,
+            access,
+        };
+        let result = request::translate(&Unit(self), req);
         if let Err(fault) = &result {
             if !fault.fpd {
                 self.record_fault(fault, access);
             }
         }
         result
-    }
-
-    fn translate_inner(
-        &self,
-        sid: SourceId,
-        pasid: Option<Pasid>,
-        addr: u64,
-        access: AccessRequest,
-    ) -> Result<DmaTranslation, TranslationFault> {
-        let fault = |reason, fpd, recoverable| TranslationFault {
-            sid,
-            pasid,
-            addr,
-            reason,
-            fpd,
-            recoverable,
-        };
-        let rta = match self.root_state() {
-            RootState::Scalable(rta) => rta,
-            RootState::Disabled => {
-                return Ok(DmaTranslation {
-                    gpa: Gpa(addr),
-                    page_size: PageSize::Size4K,
-                    perms: Permissions::ALL,
-                    dirty: true,
-                    did: None,
-                    pasid: None,
-                    cached: false,
-                })
-            }
-            RootState::NotScalable => {
-                return Err(fault(RootState::not_scalable_fault(pasid), false, false));
-            }
-        };
-        if let Some(p) = pasid {
-            if let Some(hit) = self.iotlb_hit(sid, p, addr, access) {
-                return Ok(hit);
-            }
-        }
-        let epoch = self.caches.epoch();
-        let ctx = self
-            .context_entry(epoch, rta, sid)
-            .map_err(|f| fault(f.reason, f.fpd, false))?;
-        let eff = ctx
-            .pasid_for_request(pasid)
-            .map_err(|r| fault(r, ctx.fpd, false))?;
-        let access = AccessRequest {
-            supervisor: access.supervisor || (pasid.is_none() && ctx.rid_priv),
-            ..access
-        };
-        if pasid.is_none() {
-            if let Some(hit) = self.iotlb_hit(sid, eff, addr, access) {
-                return Ok(hit);
-            }
-        }
-        let pe = self
-            .pasid_entry(epoch, sid, &ctx, eff)
-            .map_err(|f| fault(f.reason, f.fpd, false))?;
-        let fpd = ctx.fpd || pe.fpd;
-        pe.check_request(access.supervisor, access.execute)
-            .map_err(|r| fault(r, fpd, false))?;
-        let cfg = pe.fl_config(self.fl_format);
-        Counters::bump(&self.counters.walks);
-        let t = walk_first_level(&self.mem, &cfg, addr, access, &mut ())
-            .map_err(|f| fault(f.reason, fpd, ctx.pre && f.page_request_may_resolve()))?;
-        let entry = IotlbEntry {
-            did: pe.did,
-            page: t.page_base(),
-            page_size: t.page_size,
-            perms: t.perms,
-            dirty: t.dirty,
-            supervisor: access.supervisor,
-        };
-        self.caches.insert(epoch, sid, eff, addr, entry);
-        Ok(DmaTranslation {
-            gpa: Gpa(t.output),
-            page_size: t.page_size,
-            perms: t.perms,
-            dirty: t.dirty,
-            did: Some(pe.did),
-            pasid: Some(eff),
-            cached: false,
-        })
-    }
-
-    fn iotlb_hit(
-        &self,
-        sid: SourceId,
-        pasid: Pasid,
-        addr: u64,
-        access: AccessRequest,
-    ) -> Option<DmaTranslation> {
-        let e = self.caches.lookup(sid, pasid, addr)?;
-        e.allows(access).then(|| DmaTranslation {
-            gpa: Gpa(e.page | (addr & (e.page_size.bytes() - 1))),
-            page_size: e.page_size,
-            perms: e.perms,
-            dirty: e.dirty,
-            did: Some(e.did),
-            pasid: Some(pasid),
-            cached: true,
-        })
-    }
-
-    /// The context entry of `sid`, from the context cache or the guest tables.
-    fn context_entry(
-        &self,
-        epoch: u64,
-        rta: u64,
-        sid: SourceId,
-    ) -> Result<ScalableContextEntry, EntryFault> {
-        if let Some(c) = self.caches.context(sid) {
-            return Ok(c);
-        }
-        let c = read_context_entry(&self.mem, rta, sid, &self.caps)?;
-        self.caches.insert_context(epoch, sid, c);
-        Ok(c)
-    }
-
-    /// The PASID entry of `pasid` for `sid`, from the PASID cache or the guest tables.
-    fn pasid_entry(
-        &self,
-        epoch: u64,
-        sid: SourceId,
-        ctx: &ScalableContextEntry,
-        pasid: Pasid,
-    ) -> Result<PasidEntry, EntryFault> {
-        if let Some(pe) = self.caches.pasid_entry(sid, pasid) {
-            return Ok(pe);
-        }
-        let pe = read_pasid_entry(&self.mem, ctx, pasid, &self.caps)?;
-        self.caches.insert_pasid_entry(epoch, sid, pasid, pe);
-        Ok(pe)
     }
 
     /// Records a fault in the fault recording registers (primary fault logging, §7.2.1).
@@ -239,5 +116,144 @@ impl VIommu {
         };
         self.caches.invalidate_iotlb(scope);
         self.invalidate_spaces(scope);
+    }
+}
+
+/// The vIOMMU's caches and guest RAM, as the request pipeline uses them. One epoch covers
+/// every cache: an invalidation of any of them drops the fills of walks in flight.
+/// (A view of the vIOMMU, so that its cache types stay private.)
+struct Unit<'a>(&'a VIommu);
+
+impl RemappingUnit for Unit<'_> {
+    type Mem = GuestRam;
+    type IotlbEntry = IotlbEntry;
+    type Output = DmaTranslation;
+
+    fn output(&self, req: &Request, how: Remapped<IotlbEntry>) -> DmaTranslation {
+        let addr = req.addr;
+        match how {
+            Remapped::Untranslated => DmaTranslation {
+                gpa: Gpa(addr),
+                page_size: PageSize::Size4K,
+                perms: Permissions::ALL,
+                dirty: true,
+                did: None,
+                pasid: None,
+                cached: false,
+            },
+            Remapped::Cached { entry, pasid } => DmaTranslation {
+                gpa: Gpa(entry.page | (addr & (entry.page_size.bytes() - 1))),
+                page_size: entry.page_size,
+                perms: entry.perms,
+                dirty: entry.dirty,
+                did: Some(entry.did),
+                pasid: Some(pasid),
+                cached: true,
+            },
+            Remapped::Walked {
+                entry,
+                pasid,
+                output,
+            } => DmaTranslation {
+                gpa: Gpa(output),
+                page_size: entry.page_size,
+                perms: entry.perms,
+                dirty: entry.dirty,
+                did: Some(entry.did),
+                pasid: Some(pasid),
+                cached: false,
+            },
+        }
+    }
+
+    fn root_word(&self) -> u64 {
+        self.0.root.load(Ordering::Acquire)
+    }
+
+    fn memory(&self) -> &GuestRam {
+        &self.0.mem
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.0.caps
+    }
+
+    fn iotlb_lookup(
+        &self,
+        sid: SourceId,
+        pasid: Pasid,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Option<IotlbEntry> {
+        self.0
+            .caches
+            .lookup(sid, pasid, addr)
+            .filter(|e| e.allows(access))
+    }
+
+    fn iotlb_fill(&self) -> u64 {
+        self.0.caches.epoch()
+    }
+
+    fn iotlb_insert(
+        &self,
+        fill: u64,
+        sid: SourceId,
+        pasid: Pasid,
+        addr: u64,
+        pe: &PasidEntry,
+        t: &Translation,
+        access: AccessRequest,
+    ) -> IotlbEntry {
+        let entry = IotlbEntry {
+            did: pe.did,
+            page: t.page_base(),
+            page_size: t.page_size,
+            perms: t.perms,
+            dirty: t.dirty,
+            supervisor: access.supervisor,
+        };
+        self.0.caches.insert(fill, sid, pasid, addr, entry);
+        entry
+    }
+
+    fn entry_fill(&self) -> u64 {
+        self.0.caches.epoch()
+    }
+
+    fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
+        self.0.caches.context(sid)
+    }
+
+    fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
+        self.0.caches.insert_context(fill, sid, ctx);
+    }
+
+    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+        self.0.caches.pasid_entry(sid, pasid)
+    }
+
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
+        self.0.caches.insert_pasid_entry(fill, sid, pasid, pe);
+    }
+
+    /// The vIOMMU offers first-level translation only: every PASID entry it accepts has
+    /// PGTT=001b, and it keeps no paging-structure caches.
+    fn walk(
+        &self,
+        _rta: u64,
+        req: &Request,
+        _pasid: Pasid,
+        pe: &PasidEntry,
+        access: AccessRequest,
+    ) -> Result<Translation, WalkFault> {
+        Counters::bump(&self.0.counters.walks);
+        walk_first_level(
+            &self.0.mem,
+            &pe.fl_config(self.0.fl_format),
+            req.addr,
+            access,
+            &mut (),
+        )
     }
 }

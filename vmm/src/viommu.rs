@@ -52,7 +52,7 @@ pub struct VIommu {
     pub(crate) fl_format: FlFormat,
     pub(crate) regs: Mutex<RegisterFile>,
     /// The root word ([`RootState::word`]): one load on the translate path.
-    root: AtomicU64,
+    pub(crate) root: AtomicU64,
     irq_handler: RwLock<Option<InterruptHandler>>,
     pasids: Arc<dyn PasidSource>,
     pub(crate) guest_pasids: Mutex<BTreeSet<Pasid>>,

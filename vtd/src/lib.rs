@@ -32,7 +32,7 @@ pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
 pub use mem::{MemError, PhysMem};
 pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
 pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
-pub use request::{RootState, TranslationFault};
+pub use request::{Remapped, RemappingUnit, Request, RootState, TranslationFault};
 pub use root::{Capabilities, EntryFault, ScalableRootEntry};
 pub use slpte::{SlFormat, SlLevels, SlPte};
 pub use walk::{

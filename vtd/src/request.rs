@@ -1,11 +1,28 @@
-//! What a remapping unit decides about one DMA request (VT-d §3.4 to §3.9): the translation
-//! state its registers latch, and the fault a request ends in.
+//! The request pipeline of a remapping unit (VT-d §3.4 to §3.9, §6.2): one DMA request from
+//! the root word through the IOTLB, the context entry, the PASID entry and the walk of the
+//! tables it selects, to a cached translation or a fault.
+//!
+//! The steps and their order are here, once. A unit is a configuration of the pipeline
+//! ([`RemappingUnit`]): where its tables live (a [`PhysMem`]) and the caches it keeps. The
+//! physical IOMMU model (`vsva-hw`, tables in host memory, a lock-free IOTLB and
+//! paging-structure caches, strict mode) and the vIOMMU (`vsva-vmm`, tables in guest RAM)
+//! are the two configurations.
 
 use std::fmt;
 
 use crate::addr::{Pasid, SourceId};
+use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
+use crate::flpte::FlFormat;
+use crate::mem::PhysMem;
+use crate::pasid::{read_pasid_entry, PasidEntry, Pgtt};
 use crate::regs::{RegisterFile, Ttm};
+use crate::root::{Capabilities, EntryFault};
+use crate::slpte::SlFormat;
+use crate::walk::{
+    walk_first_level, walk_nested, walk_second_level, AccessRequest, PageSize, Permissions, Stage,
+    Translation, WalkFault, WalkObserver,
+};
 
 /// How requests are translated now: GSTS.TES and the root table RTADDR_REG latched (§10.4.5,
 /// §10.4.6).
@@ -103,6 +120,303 @@ impl fmt::Display for TranslationFault {
             None => write!(f, "no PASID)"),
         }
     }
+}
+
+/// A DMA request as the remapping unit receives it (an untranslated request, or the
+/// translation request of a device TLB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The requester.
+    pub sid: SourceId,
+    /// The PASID of the request's PASID prefix, if any.
+    pub pasid: Option<Pasid>,
+    /// The address requested.
+    pub addr: u64,
+    /// The access requested.
+    pub access: AccessRequest,
+}
+
+/// How the pipeline translated a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remapped<E> {
+    /// Translation is disabled (GSTS.TES clear): the address goes to memory as is.
+    Untranslated,
+    /// An IOTLB entry served it, without reading any table.
+    Cached {
+        /// The entry.
+        entry: E,
+        /// The PASID the request was translated with (its own, or RID_PASID).
+        pasid: Pasid,
+    },
+    /// A walk of the tables translated it.
+    Walked {
+        /// What the unit made of the walk for its IOTLB.
+        entry: E,
+        /// The PASID the request was translated with (its own, or RID_PASID).
+        pasid: Pasid,
+        /// The output address of the requested byte.
+        output: u64,
+    },
+}
+
+/// A remapping unit as the request pipeline sees it: where its tables live and the caches
+/// it keeps (§6.2). Caches keep what they hold until the unit's invalidation handling
+/// removes it; a fill token taken before a read and handed back to the insert lets a unit
+/// refuse an entry read before an invalidation that ran meanwhile.
+pub trait RemappingUnit {
+    /// Where the root, context and PASID tables and the page tables live.
+    type Mem: PhysMem;
+    /// One cached translation in the unit's IOTLB.
+    type IotlbEntry: Copy;
+    /// What the unit gives for a translated request.
+    type Output;
+
+    /// The output of `req`, translated as `how` says. Called once per request, inlined
+    /// into the pipeline, so that `how` is never stored.
+    fn output(&self, req: &Request, how: Remapped<Self::IotlbEntry>) -> Self::Output;
+
+    /// The root word ([`RootState::word`], with the unit's own flags).
+    fn root_word(&self) -> u64;
+    /// The memory the tables are read from.
+    fn memory(&self) -> &Self::Mem;
+    /// What decides which entries are valid.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// A cached translation of `addr` for `sid` and `pasid` whose rights cover `access`.
+    fn iotlb_lookup(
+        &self,
+        sid: SourceId,
+        pasid: Pasid,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Option<Self::IotlbEntry>;
+    /// Sees an IOTLB hit of a request with PASID before it is used, with the root word it
+    /// was found under (strict mode of the physical IOMMU checks it against the tables).
+    #[inline(always)]
+    fn iotlb_hit(&self, _root_word: u64, _req: &Request, _entry: &Self::IotlbEntry) {}
+    /// The fill token of an IOTLB insert.
+    fn iotlb_fill(&self) -> u64;
+    /// Makes the IOTLB entry of a walk that translated `addr` for `sid` and `pasid` with
+    /// the rights of `access`, and caches it unless an invalidation ran since `fill`.
+    #[allow(clippy::too_many_arguments)]
+    fn iotlb_insert(
+        &self,
+        fill: u64,
+        sid: SourceId,
+        pasid: Pasid,
+        addr: u64,
+        pe: &PasidEntry,
+        t: &Translation,
+        access: AccessRequest,
+    ) -> Self::IotlbEntry;
+
+    /// The fill token of context- and PASID-cache inserts.
+    fn entry_fill(&self) -> u64;
+    /// The context cache's entry for `sid`.
+    fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry>;
+    /// Caches a context entry read from the tables.
+    fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry);
+    /// The PASID cache's entry for `sid` and `pasid`.
+    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry>;
+    /// Caches a PASID entry read from the tables (IOTLB entries of the same requester and
+    /// PASID under another domain id are no longer found).
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry);
+
+    /// Walks the tables `pe` selects for `req` (translated with `pasid` and the rights of
+    /// `access`), through whatever paging-structure caches the unit keeps.
+    fn walk(
+        &self,
+        rta: u64,
+        req: &Request,
+        pasid: Pasid,
+        pe: &PasidEntry,
+        access: AccessRequest,
+    ) -> Result<Translation, WalkFault>;
+}
+
+/// Translates `req` on `unit`: root word, IOTLB, context entry, PASID entry, walk.
+///
+/// An IOTLB hit serves the request without reading any table, whatever the tables say now:
+/// a cached entry stays in use until invalidated, as on hardware. Inlined into the unit,
+/// so that a hit is the root word, the IOTLB lookup and the rights check; the miss path is
+/// out of line.
+#[inline(always)]
+pub fn translate<U: RemappingUnit + ?Sized>(
+    unit: &U,
+    req: Request,
+) -> Result<U::Output, TranslationFault> {
+    let word = unit.root_word();
+    let rta = match RootState::from_word(word) {
+        RootState::Scalable(rta) => rta,
+        RootState::Disabled => return Ok(unit.output(&req, Remapped::Untranslated)),
+        RootState::NotScalable => {
+            return Err(fault(
+                &req,
+                RootState::not_scalable_fault(req.pasid),
+                false,
+                false,
+            ))
+        }
+    };
+    if let Some(p) = req.pasid {
+        if let Some(entry) = unit.iotlb_lookup(req.sid, p, req.addr, req.access) {
+            unit.iotlb_hit(word, &req, &entry);
+            return Ok(unit.output(&req, Remapped::Cached { entry, pasid: p }));
+        }
+    }
+    translate_miss(unit, rta, req)
+}
+
+fn fault(req: &Request, reason: FaultReason, fpd: bool, recoverable: bool) -> TranslationFault {
+    TranslationFault {
+        sid: req.sid,
+        pasid: req.pasid,
+        addr: req.addr,
+        reason,
+        fpd,
+        recoverable,
+    }
+}
+
+/// Everything after an IOTLB miss, out of line so that the hit path keeps a small frame.
+#[inline(never)]
+fn translate_miss<U: RemappingUnit + ?Sized>(
+    unit: &U,
+    rta: u64,
+    req: Request,
+) -> Result<U::Output, TranslationFault> {
+    let fill = unit.iotlb_fill();
+    let ctx = context_entry(unit, rta, req.sid).map_err(|f| fault(&req, f.reason, f.fpd, false))?;
+    let pasid = ctx
+        .pasid_for_request(req.pasid)
+        .map_err(|r| fault(&req, r, ctx.fpd, false))?;
+    // Requests without PASID are supervisor requests when the context entry says so.
+    let access = AccessRequest {
+        supervisor: req.access.supervisor || (req.pasid.is_none() && ctx.rid_priv),
+        ..req.access
+    };
+    if req.pasid.is_none() {
+        if let Some(entry) = unit.iotlb_lookup(req.sid, pasid, req.addr, access) {
+            return Ok(unit.output(&req, Remapped::Cached { entry, pasid }));
+        }
+    }
+    let pe =
+        pasid_entry(unit, req.sid, &ctx, pasid).map_err(|f| fault(&req, f.reason, f.fpd, false))?;
+    let walked = request_checks(&pe, req.addr, access)
+        .and_then(|()| unit.walk(rta, &req, pasid, &pe, access));
+    let t = walked.map_err(|f| {
+        let recoverable = ctx.pre && f.page_request_may_resolve();
+        fault(&req, f.reason, ctx.fpd || pe.fpd, recoverable)
+    })?;
+    let entry = unit.iotlb_insert(fill, req.sid, pasid, req.addr, &pe, &t, access);
+    let how = Remapped::Walked {
+        entry,
+        pasid,
+        output: t.output,
+    };
+    Ok(unit.output(&req, how))
+}
+
+/// The context entry of `sid` under the root table at `rta`, from the unit's context cache
+/// or the tables.
+pub fn context_entry<U: RemappingUnit + ?Sized>(
+    unit: &U,
+    rta: u64,
+    sid: SourceId,
+) -> Result<ScalableContextEntry, EntryFault> {
+    if let Some(c) = unit.cached_context(sid) {
+        return Ok(c);
+    }
+    let fill = unit.entry_fill();
+    let c = read_context_entry(unit.memory(), rta, sid, unit.capabilities())?;
+    unit.cache_context(fill, sid, c);
+    Ok(c)
+}
+
+/// The PASID entry `pasid` of `sid`, from the unit's PASID cache or the tables `ctx`
+/// points to.
+pub fn pasid_entry<U: RemappingUnit + ?Sized>(
+    unit: &U,
+    sid: SourceId,
+    ctx: &ScalableContextEntry,
+    pasid: Pasid,
+) -> Result<PasidEntry, EntryFault> {
+    if let Some(pe) = unit.cached_pasid_entry(sid, pasid) {
+        return Ok(pe);
+    }
+    let fill = unit.entry_fill();
+    let pe = read_pasid_entry(unit.memory(), ctx, pasid, unit.capabilities())?;
+    unit.cache_pasid_entry(fill, sid, pasid, pe);
+    Ok(pe)
+}
+
+/// Walks the page tables a PASID entry selects, without caches (what a unit without
+/// paging-structure caches does, what strict mode compares with, and what an explanation
+/// records).
+pub fn walk_pasid_entry<M, O>(
+    mem: &M,
+    pe: &PasidEntry,
+    formats: (FlFormat, SlFormat),
+    addr: u64,
+    access: AccessRequest,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    request_checks(pe, addr, access)?;
+    match pe.pgtt {
+        Pgtt::FirstLevel => walk_first_level(mem, &pe.fl_config(formats.0), addr, access, obs),
+        Pgtt::SecondLevel => walk_second_level(mem, &pe.sl_config(formats.1), addr, access, obs),
+        Pgtt::Nested => walk_nested(
+            mem,
+            &pe.fl_config(formats.0),
+            &pe.sl_config(formats.1),
+            addr,
+            access,
+            obs,
+        ),
+        Pgtt::PassThrough => pass_through(pe, addr, access),
+    }
+}
+
+/// A fault the PASID entry finds before any table is read.
+fn entry_fault(reason: FaultReason, addr: u64) -> WalkFault {
+    WalkFault {
+        reason,
+        stage: Stage::FirstLevel,
+        level: 0,
+        input: addr,
+    }
+}
+
+/// What the PASID entry checks before any walk: execute requests need ERE (SPT.5).
+/// Supervisor requests need SRE (SPT.6), which the first-level walker and
+/// [`pass_through`] check.
+pub fn request_checks(pe: &PasidEntry, addr: u64, access: AccessRequest) -> Result<(), WalkFault> {
+    if access.execute && !pe.ere {
+        return Err(entry_fault(FaultReason::Spt5, addr));
+    }
+    Ok(())
+}
+
+/// Pass-through translation (PGTT=100b): the address is the output; supervisor requests
+/// need SRE (SPT.6).
+pub fn pass_through(
+    pe: &PasidEntry,
+    addr: u64,
+    access: AccessRequest,
+) -> Result<Translation, WalkFault> {
+    if access.supervisor && !pe.sre {
+        return Err(entry_fault(FaultReason::Spt6, addr));
+    }
+    Ok(Translation {
+        output: addr,
+        page_size: PageSize::Size4K,
+        perms: Permissions::ALL,
+        dirty: true,
+    })
 }
 
 #[cfg(test)]

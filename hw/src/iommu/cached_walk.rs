@@ -5,6 +5,7 @@
 //! checked against the tables, as IOTLB hits are.
 
 use vsva_vtd::pasid::lookup_pasid_entry;
+use vsva_vtd::request::pass_through;
 use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
 use vsva_vtd::{
     walk_first_level_from, walk_second_level, walk_second_level_from, AccessRequest, Direct,
@@ -15,7 +16,6 @@ use vsva_vtd::{
 use super::iotlb::IotlbEntry;
 use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
 use super::stale::{page_selective_iotlb, CheckedRequest, ReadOnly};
-use super::translate::{pass_through, request_checks};
 use super::Iommu;
 
 /// Non-leaf entries a walk can go through: PML5E to PDE.
@@ -220,8 +220,9 @@ impl<M: PhysMem + ?Sized> FlStage for CachedNested<'_, M> {
 }
 
 impl Iommu {
-    /// Walks the tables `pe` selects for `addr` (a request of `pasid`, the effective PASID)
-    /// through the paging-structure caches, recording in `used` which cached entries stood
+    /// Walks the tables `pe` selects for `addr` (a request of `pasid`, the effective PASID,
+    /// that passed [`request_checks`](vsva_vtd::request::request_checks)) through the
+    /// paging-structure caches, recording in `used` which cached entries stood
     /// in for tables.
     pub(crate) fn walk_cached<M: PhysMem + ?Sized>(
         &self,
@@ -232,7 +233,6 @@ impl Iommu {
         access: AccessRequest,
         used: &mut CacheUse,
     ) -> Result<Translation, WalkFault> {
-        request_checks(pe, addr, access)?;
         let fill = self.paging_caches.begin_fill();
         let (fl_format, sl_format) = self.formats();
         let tag = |nested| FlTag {

@@ -8,8 +8,8 @@ use vsva_vtd::{
     AccessRequest, FaultReason, Pasid, PasidLookup, RootState, SourceId, Translation, WalkRecord,
 };
 
-use super::translate::walk_pasid_entry;
 use super::Iommu;
+use vsva_vtd::request::walk_pasid_entry;
 
 /// The explanation of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,8 +13,8 @@ use vsva_vtd::{
 };
 
 use super::iotlb::{IotlbEntry, TranslationKind};
-use super::translate::walk_pasid_entry;
 use super::Iommu;
+use vsva_vtd::request::walk_pasid_entry;
 
 /// A cached translation that no longer matches the tables.
 #[derive(Clone, Debug, PartialEq, Eq)]

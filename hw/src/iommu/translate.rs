@@ -1,12 +1,12 @@
-//! DMA address translation (VT-d §3.4 to §3.9): IOTLB, then the walk from the root table
-//! through the context and PASID caches down to the page tables the PASID entry selects,
-//! which the paging-structure caches shorten (see `cached_walk`).
+//! The physical IOMMU as a configuration of the VT-d request pipeline
+//! ([`vsva_vtd::request`]): tables in host memory; a lock-free IOTLB, context and PASID
+//! caches and paging-structure caches (see `cached_walk`) that keep entries until an
+//! invalidation descriptor removes them (see `qi`); strict mode (see `stale`).
 
-use vsva_vtd::walk::{Stage, WalkObserver};
+use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
-    walk_first_level, walk_nested, walk_second_level, AccessRequest, EntryFault, FaultReason,
-    FlFormat, Pasid, PasidEntry, Pgtt, RootState, ScalableContextEntry, SlFormat, SourceId,
-    Translation, TranslationFault, WalkFault,
+    AccessRequest, Capabilities, EntryFault, Pasid, PasidEntry, Pgtt, ScalableContextEntry,
+    SourceId, Translation, TranslationFault, WalkFault,
 };
 
 use std::cell::Cell;
@@ -51,75 +51,6 @@ impl DmaMapping {
     }
 }
 
-/// Walks the page tables a PASID entry selects.
-pub(crate) fn walk_pasid_entry<M, O>(
-    mem: &M,
-    pe: &PasidEntry,
-    formats: (FlFormat, SlFormat),
-    addr: u64,
-    access: AccessRequest,
-    obs: &mut O,
-) -> Result<Translation, WalkFault>
-where
-    M: vsva_vtd::PhysMem + ?Sized,
-    O: WalkObserver + ?Sized,
-{
-    request_checks(pe, addr, access)?;
-    match pe.pgtt {
-        Pgtt::FirstLevel => walk_first_level(mem, &pe.fl_config(formats.0), addr, access, obs),
-        Pgtt::SecondLevel => walk_second_level(mem, &pe.sl_config(formats.1), addr, access, obs),
-        Pgtt::Nested => walk_nested(
-            mem,
-            &pe.fl_config(formats.0),
-            &pe.sl_config(formats.1),
-            addr,
-            access,
-            obs,
-        ),
-        Pgtt::PassThrough => pass_through(pe, addr, access),
-    }
-}
-
-/// A fault the PASID entry finds before any table is read.
-fn entry_fault(reason: FaultReason, addr: u64) -> WalkFault {
-    WalkFault {
-        reason,
-        stage: Stage::FirstLevel,
-        level: 0,
-        input: addr,
-    }
-}
-
-/// What the PASID entry checks before any walk: execute requests need ERE (SPT.5).
-pub(crate) fn request_checks(
-    pe: &PasidEntry,
-    addr: u64,
-    access: AccessRequest,
-) -> Result<(), WalkFault> {
-    if access.execute && !pe.ere {
-        return Err(entry_fault(FaultReason::Spt5, addr));
-    }
-    Ok(())
-}
-
-/// Pass-through translation (PGTT=100b): the address is the output; supervisor requests
-/// need SRE (SPT.6).
-pub(crate) fn pass_through(
-    pe: &PasidEntry,
-    addr: u64,
-    access: AccessRequest,
-) -> Result<Translation, WalkFault> {
-    if access.supervisor && !pe.sre {
-        return Err(entry_fault(FaultReason::Spt6, addr));
-    }
-    Ok(Translation {
-        output: addr,
-        page_size: vsva_vtd::PageSize::Size4K,
-        perms: vsva_vtd::Permissions::ALL,
-        dirty: true,
-    })
-}
-
 pub(crate) fn kind_of(pgtt: Pgtt) -> TranslationKind {
     match pgtt {
         Pgtt::FirstLevel => TranslationKind::FirstLevel,
@@ -146,7 +77,8 @@ pub(crate) fn iotlb_entry(pe: &PasidEntry, t: &Translation, access: AccessReques
 }
 
 impl Iommu {
-    /// Translates a DMA request from `sid` (with `pasid`, or without PASID) to `addr`.
+    /// Translates a DMA request from `sid` (with `pasid`, or without PASID) to `addr`,
+    /// through the request pipeline ([`request::translate`]).
     ///
     /// An IOTLB hit serves the request without reading any table, whatever the tables say
     /// now: stale entries stay in use until invalidated, as on hardware; so do the
@@ -165,46 +97,13 @@ impl Iommu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<DmaMapping, TranslationFault> {
-        let root = self.root.load(Ordering::Acquire);
-        let rta = match RootState::from_word(root) {
-            RootState::Scalable(rta) => rta,
-            RootState::Disabled => {
-                return Ok(DmaMapping {
-                    hpa: addr,
-                    page_shift: 12,
-                    perms: Perms::default(),
-                    source: Source::Untranslated,
-                })
-            }
-            RootState::NotScalable => {
-                return Err(TranslationFault {
-                    sid,
-                    pasid,
-                    addr,
-                    reason: RootState::not_scalable_fault(pasid),
-                    fpd: false,
-                    recoverable: false,
-                })
-            }
+        let req = Request {
+            sid,
+            pasid,
+            addr,
+            access,
         };
-        if let Some(p) = pasid {
-            if let Some(e) = self.iotlb.lookup(sid, p, addr) {
-                if e.perms.allows(RequestMask::of(access)) {
-                    if root & ROOT_STRICT != 0 {
-                        let req = CheckedRequest {
-                            sid,
-                            pasid,
-                            eff: p,
-                            addr,
-                            access,
-                        };
-                        self.check_hit(rta, req, e);
-                    }
-                    return Ok(hit(&e, addr));
-                }
-            }
-        }
-        self.translate_miss(rta, sid, pasid, addr, access)
+        request::translate(self, req)
     }
 
     /// Strict mode's check of an IOTLB hit, out of line: the entry is passed by value so
@@ -215,121 +114,172 @@ impl Iommu {
         self.check_stale(rta, &req, &e);
     }
 
-    /// Everything after an IOTLB miss (or a hit the rights do not cover), out of line so
-    /// that the hit path keeps a small frame and no spills.
-    #[inline(never)]
-    fn translate_miss(
-        &self,
-        rta: u64,
-        sid: SourceId,
-        pasid: Option<Pasid>,
-        addr: u64,
-        access: AccessRequest,
-    ) -> Result<DmaMapping, TranslationFault> {
-        let fail = |reason, fpd, recoverable| TranslationFault {
-            sid,
-            pasid,
-            addr,
-            reason,
-            fpd,
-            recoverable,
-        };
-        let ctx = self
-            .context_entry(rta, sid)
-            .map_err(|f| fail(f.reason, f.fpd, false))?;
-        let eff = ctx
-            .pasid_for_request(pasid)
-            .map_err(|r| fail(r, ctx.fpd, false))?;
-        let access = AccessRequest {
-            supervisor: access.supervisor || (pasid.is_none() && ctx.rid_priv),
-            ..access
-        };
-        if pasid.is_none() {
-            if let Some(e) = self.iotlb.lookup(sid, eff, addr) {
-                if e.perms.allows(RequestMask::of(access)) {
-                    return Ok(hit(&e, addr));
-                }
-            }
-        }
-        let fill = self.iotlb.begin_fill();
-        let pe = self
-            .pasid_entry(sid, &ctx, eff)
-            .map_err(|f| fail(f.reason, f.fpd, false))?;
-        let mem = CountingReads {
-            mem: &self.mem,
-            reads: Cell::new(0),
-        };
-        let mut used = CacheUse::default();
-        let walked = self.walk_cached(&mem, &pe, eff, addr, access, &mut used);
-        self.stats.walks.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .table_reads
-            .fetch_add(mem.reads.get(), Ordering::Relaxed);
-        let t = walked.map_err(|f| {
-            let recoverable = ctx.pre && f.page_request_may_resolve();
-            fail(f.reason, ctx.fpd || pe.fpd, recoverable)
-        })?;
-        let entry = iotlb_entry(&pe, &t, access);
-        if self.strict() && used.any() {
-            let req = CheckedRequest {
-                sid,
-                pasid,
-                eff,
-                addr,
-                access,
-            };
-            self.check_cached_walk(rta, &req, &pe, &entry, &used);
-        }
-        if pe.pgtt != Pgtt::PassThrough {
-            self.iotlb.insert(fill, sid, eff, addr, entry);
-        }
-        Ok(DmaMapping {
-            hpa: t.output,
-            page_shift: entry.page_shift,
-            perms: entry.perms,
-            source: Source::Walk,
-        })
-    }
-
-    /// The context entry of `sid`, from the context cache or the tables. An entry read
-    /// while a context- or PASID-cache invalidation ran is used but not cached.
+    /// The context entry of `sid`, from the context cache or the tables.
     pub(crate) fn context_entry(
         &self,
         rta: u64,
         sid: SourceId,
     ) -> Result<ScalableContextEntry, EntryFault> {
-        if let Some(c) = self.context_cache.read().unwrap().get(&sid.rid()) {
-            return Ok(*c);
+        request::context_entry(self, rta, sid)
+    }
+}
+
+/// The physical IOMMU's caches and memory, as the request pipeline uses them.
+impl RemappingUnit for Iommu {
+    type Mem = HostMemory;
+    type IotlbEntry = IotlbEntry;
+    type Output = DmaMapping;
+
+    #[inline(always)]
+    fn output(&self, req: &Request, how: Remapped<IotlbEntry>) -> DmaMapping {
+        match how {
+            Remapped::Cached { entry, .. } => hit(&entry, req.addr),
+            Remapped::Walked { entry, output, .. } => DmaMapping {
+                hpa: output,
+                page_shift: entry.page_shift,
+                perms: entry.perms,
+                source: Source::Walk,
+            },
+            Remapped::Untranslated => DmaMapping {
+                hpa: req.addr,
+                page_shift: 12,
+                perms: Perms::default(),
+                source: Source::Untranslated,
+            },
         }
-        let fill = self.entry_generation.load(Ordering::Acquire);
-        let c = vsva_vtd::context::read_context_entry(&*self.mem, rta, sid, &self.caps)?;
-        let mut cache = self.context_cache.write().unwrap();
-        if self.entry_generation.load(Ordering::Acquire) == fill {
-            cache.insert(sid.rid(), c);
-        }
-        Ok(c)
     }
 
-    /// The PASID entry `pasid` of `sid`, from the PASID cache or the tables. An entry read
-    /// afresh retags the IOTLB for its domain.
-    pub(crate) fn pasid_entry(
+    #[inline(always)]
+    fn root_word(&self) -> u64 {
+        self.root.load(Ordering::Acquire)
+    }
+
+    fn memory(&self) -> &HostMemory {
+        &self.mem
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    #[inline(always)]
+    fn iotlb_lookup(
         &self,
         sid: SourceId,
-        ctx: &ScalableContextEntry,
         pasid: Pasid,
-    ) -> Result<PasidEntry, EntryFault> {
-        let key = (sid.rid(), pasid.raw());
-        if let Some(pe) = self.pasid_cache.read().unwrap().get(&key) {
-            return Ok(*pe);
+        addr: u64,
+        access: AccessRequest,
+    ) -> Option<IotlbEntry> {
+        let e = self.iotlb.lookup(sid, pasid, addr)?;
+        e.perms.allows(RequestMask::of(access)).then_some(e)
+    }
+
+    /// Strict mode: the hit is checked against the tables, out of line.
+    #[inline(always)]
+    fn iotlb_hit(&self, root_word: u64, req: &Request, entry: &IotlbEntry) {
+        if root_word & ROOT_STRICT != 0 {
+            if let Some(eff) = req.pasid {
+                let checked = CheckedRequest {
+                    sid: req.sid,
+                    pasid: req.pasid,
+                    eff,
+                    addr: req.addr,
+                    access: req.access,
+                };
+                self.check_hit(root_word & !0xfff, checked, *entry);
+            }
         }
-        let fill = self.entry_generation.load(Ordering::Acquire);
-        let pe = vsva_vtd::pasid::read_pasid_entry(&*self.mem, ctx, pasid, &self.caps)?;
+    }
+
+    fn iotlb_fill(&self) -> u64 {
+        self.iotlb.begin_fill()
+    }
+
+    /// Pass-through translations are not cached.
+    fn iotlb_insert(
+        &self,
+        fill: u64,
+        sid: SourceId,
+        pasid: Pasid,
+        addr: u64,
+        pe: &PasidEntry,
+        t: &Translation,
+        access: AccessRequest,
+    ) -> IotlbEntry {
+        let entry = iotlb_entry(pe, t, access);
+        if pe.pgtt != Pgtt::PassThrough {
+            self.iotlb.insert(fill, sid, pasid, addr, entry);
+        }
+        entry
+    }
+
+    fn entry_fill(&self) -> u64 {
+        self.entry_generation.load(Ordering::Acquire)
+    }
+
+    fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
+        self.context_cache.read().unwrap().get(&sid.rid()).copied()
+    }
+
+    /// An entry read while a context- or PASID-cache invalidation ran is used but not
+    /// cached.
+    fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
+        let mut cache = self.context_cache.write().unwrap();
+        if self.entry_generation.load(Ordering::Acquire) == fill {
+            cache.insert(sid.rid(), ctx);
+        }
+    }
+
+    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+        self.pasid_cache
+            .read()
+            .unwrap()
+            .get(&(sid.rid(), pasid.raw()))
+            .copied()
+    }
+
+    /// An entry read afresh retags the IOTLB for its domain.
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
         self.iotlb.retag(sid, pasid, pe.did);
         let mut cache = self.pasid_cache.write().unwrap();
         if self.entry_generation.load(Ordering::Acquire) == fill {
-            cache.insert(key, pe);
+            cache.insert((sid.rid(), pasid.raw()), pe);
         }
-        Ok(pe)
+    }
+
+    /// Through the paging-structure caches; counts the walk and the entries it read. In
+    /// strict mode a walk that used cached entries is checked against the tables.
+    fn walk(
+        &self,
+        rta: u64,
+        req: &Request,
+        pasid: Pasid,
+        pe: &PasidEntry,
+        access: AccessRequest,
+    ) -> Result<Translation, WalkFault> {
+        let mem = CountingReads {
+            mem: &self.mem,
+            reads: Cell::new(0),
+        };
+        let mut used = CacheUse::default();
+        let walked = self.walk_cached(&mem, pe, pasid, req.addr, access, &mut used);
+        self.stats.walks.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .table_reads
+            .fetch_add(mem.reads.get(), Ordering::Relaxed);
+        if let Ok(t) = &walked {
+            if self.strict() && used.any() {
+                let checked = CheckedRequest {
+                    sid: req.sid,
+                    pasid: req.pasid,
+                    eff: pasid,
+                    addr: req.addr,
+                    access,
+                };
+                self.check_cached_walk(rta, &checked, pe, &iotlb_entry(pe, t, access), &used);
+            }
+        }
+        walked
     }
 }
 
