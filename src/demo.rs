@@ -85,12 +85,17 @@ impl DemoOptions {
 /// What happened in one VM.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VmReport {
+    /// The VM's index, from 0.
     pub vm: usize,
+    /// The PASIDs its processes were bound to.
     pub pasids: Vec<u32>,
     /// Bytes of checks that passed.
     pub bytes_verified: u64,
+    /// Page requests the guest served (each answered and the DMA retried).
     pub page_requests_served: u64,
+    /// Guest invalidations the vIOMMU forwarded to the host (`VFIO_IOMMU_CACHE_INVALIDATE`).
     pub invalidations_forwarded: u64,
+    /// Guest PASID binds the vIOMMU made on the host (`VFIO_IOMMU_BIND`).
     pub binds: u64,
     /// DMA after munmap that faulted as it must.
     pub munmap_faults: u64,
@@ -113,10 +118,15 @@ impl VmReport {
 /// The whole run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DemoSummary {
+    /// VMs booted.
     pub vms: usize,
+    /// PASIDs bound across all VMs.
     pub pasids: usize,
+    /// Bytes of checks that passed, across all VMs.
     pub bytes_verified: u64,
+    /// Page requests served, across all VMs.
     pub page_requests_served: u64,
+    /// Invalidations forwarded to the host, across all VMs.
     pub invalidations_forwarded: u64,
     /// Host calls of the vIOMMUs that failed (each is an error).
     pub host_errors: u64,
@@ -129,7 +139,9 @@ pub struct DemoSummary {
     pub left_after_shutdown: HostHoldings,
     /// Whether the cross-VM checks ran (they need two VMs).
     pub cross_vm_checked: bool,
+    /// Every failed check and failed host call: the run succeeded only if this is 0.
     pub errors: usize,
+    /// Each VM's report.
     pub per_vm: Vec<VmReport>,
 }
 

@@ -17,7 +17,9 @@ use crate::stack::{Host, StackError, Vm};
 /// What a scenario printed, and the checks of it that failed.
 #[derive(Clone, Debug, Default)]
 pub struct Outcome {
+    /// What the scenario printed, line by line.
     pub text: String,
+    /// The checks that failed, one line each (empty when the scenario passed).
     pub failed: Vec<String>,
 }
 

@@ -81,12 +81,16 @@ impl ScaleConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ScaleError {
     #[error("host memory: {0}")]
+    /// The sparse host memory could not be created.
     Memory(#[from] HostMemoryError),
     #[error("IOMMU model: {0}")]
+    /// The IOMMU model refused its configuration.
     Iommu(#[from] vsva_hw::iommu::IommuConfigError),
     #[error("VT-d driver: {0}")]
+    /// The host VT-d driver could not bring the unit up.
     Driver(#[from] DriverError),
     #[error("{what}: {err} ({})", err.errno())]
+    /// A host call the scenario needs failed: `what` names the step, `err` is the error.
     Host { what: &'static str, err: HostError },
 }
 
@@ -116,8 +120,11 @@ pub struct Usage {
 /// Durations of a series of like operations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timing {
+    /// How many operations were timed.
     pub count: usize,
+    /// Their summed duration.
     pub total: Duration,
+    /// The longest one.
     pub max: Duration,
 }
 
@@ -151,7 +158,9 @@ pub struct ExtraVm {
 /// The first scenario: VMs fill the PASID space with their full quotas.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FullSpaceReport {
+    /// VMs that hold their full quota.
     pub vms: usize,
+    /// PASIDs each of them holds (its quota).
     pub pasids_per_vm: u32,
     /// PASIDs allocated once every VM holds its quota.
     pub pasids_allocated: usize,
@@ -162,29 +171,37 @@ pub struct FullSpaceReport {
     pub alloc: Timing,
     /// Resident memory of the process after set-up, and its growth during set-up.
     pub rss_bytes: u64,
+    /// How much the resident memory grew during set-up.
     pub rss_growth_bytes: u64,
     /// Host memory the driver holds for the VMs' domains.
     pub table_bytes: u64,
+    /// The VM beyond the space: how far it got and how it was refused.
     pub extra_vm: ExtraVm,
     /// Closing each VM.
     pub teardown: Timing,
     /// The host before the VMs, and after they are all closed.
     pub before: Usage,
+    /// The host after every VM closed (must equal `before`).
     pub after: Usage,
 }
 
 /// The second scenario: VMs with devices and bound PASIDs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundReport {
+    /// VMs, each with one device.
     pub vms: usize,
+    /// PASIDs each VM allocates.
     pub pasids_per_vm: u32,
+    /// PASIDs bound (nested PASID entries written) across all VMs.
     pub bound: usize,
     /// Creating the containers, attaching a device to each, allocating every PASID and
     /// binding the bound ones.
     pub setup: Duration,
     /// The binds alone (`VFIO_IOMMU_BIND`: nested PASID entry and its invalidations).
     pub bind: Timing,
+    /// Resident memory of the process after set-up.
     pub rss_bytes: u64,
+    /// How much the resident memory grew during set-up.
     pub rss_growth_bytes: u64,
     /// Host memory the driver holds for the VMs (PASID directories and tables, second
     /// levels).
@@ -193,18 +210,24 @@ pub struct BoundReport {
     pub one_vm_teardown: Duration,
     /// The host before that VM and after it closed.
     pub one_vm_before: Usage,
+    /// The host after that VM closed (must equal `one_vm_before`).
     pub one_vm_after: Usage,
     /// Closing each VM.
     pub teardown: Timing,
+    /// The host before the VMs.
     pub before: Usage,
+    /// The host after every VM closed (must equal `before`).
     pub after: Usage,
 }
 
 /// Everything [`run_scale`] measured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScaleReport {
+    /// What was run.
     pub config: ScaleConfig,
+    /// The PASID space filled with VMs at their full quota.
     pub full: FullSpaceReport,
+    /// VMs with devices and bound PASIDs.
     pub bound: BoundReport,
 }
 
