@@ -39,6 +39,14 @@ impl GlobalCommand {
         *self.lock()
     }
 
+    /// Runs `f` with the register commands serialised, as intel-iommu holds
+    /// `register_lock` around a register handshake of its own (the virtual command
+    /// interface).
+    pub fn serialised<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _held = self.lock();
+        f()
+    }
+
     /// Turns the enable `bit` on or off, the others kept, and waits for its `status` bit
     /// to follow (TE/TES, QIE/QIES, ...).
     pub fn set_enable<R: Registers + ?Sized>(

@@ -8,8 +8,8 @@
 //!   [`mask`], the address-mask and ATS-size encodings they use.
 //! - [`PageRequestQueue`]: the page request ring (`prq_event_thread`: PQH/PQT, PPR, PRO)
 //!   and the page group response to a request.
-//! - [`tables`]: root, context and PASID table slots (`iommu_context_addr`,
-//!   `intel_pasid_get_entry`).
+//! - [`tables`]: how root, context and PASID entries are written (P last) and cleared (P
+//!   first), and how large a PASID directory is (`intel_pasid_alloc_table`).
 //! - [`GlobalCommand`]: the GCMD/GSTS handshakes (`iommu_set_root_entry`,
 //!   `dmar_enable_qi`, `dmar_disable_qi`, `iommu_flush_write_buffer`).
 //!

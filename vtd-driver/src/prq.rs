@@ -49,25 +49,24 @@ impl PageRequestQueue {
         Ok(())
     }
 
-    /// Takes every descriptor the unit queued, oldest first: clears PRS.PPR, reads from
-    /// PQH to PQT (both taken within the queue, as Linux masks them), moves PQH to PQT, and
-    /// clears PRS.PRO if set. A descriptor that cannot be read or decoded is returned as
-    /// its error, so the caller sees how many slots it took.
-    pub fn drain<R, M>(
-        &self,
-        regs: &R,
-        mem: &M,
-    ) -> Result<Vec<Result<PageRequestDesc, Error>>, Error>
+    /// Takes every descriptor the unit queued, oldest first, as `prq_event_thread` does:
+    /// clears PRS.PPR, hands each descriptor from PQH to PQT (both taken within the queue,
+    /// as Linux masks them) to `handle`, then moves PQH to PQT and clears PRS.PRO if set
+    /// (v5.10 clears it whether or not the queue is empty). A descriptor that cannot be
+    /// read or decoded is handed over as its error. Returns how many were taken.
+    pub fn drain<R, M, F>(&self, regs: &R, mem: &M, mut handle: F) -> Result<usize, Error>
     where
         R: Registers + ?Sized,
         M: PhysMem + ?Sized,
+        F: FnMut(Result<PageRequestDesc, Error>),
     {
         regs.write(offset::PRS, 4, pq::PPR.into())?;
         let tail = regs.read(offset::PQT, 8)? & RING_MASK;
         let mut head = regs.read(offset::PQH, 8)? & RING_MASK;
-        let mut out = Vec::new();
+        let mut taken = 0;
         while head != tail {
-            out.push(self.read_desc(mem, head));
+            handle(self.read_desc(mem, head));
+            taken += 1;
             head = (head + pq::DESC_SIZE) & RING_MASK;
         }
         regs.write(offset::PQH, 8, tail)?;
@@ -75,7 +74,7 @@ impl PageRequestQueue {
             tracing::info!("vt-d: page request queue overflow");
             regs.write(offset::PRS, 4, pq::PRO.into())?;
         }
-        Ok(out)
+        Ok(taken)
     }
 
     fn read_desc<M: PhysMem + ?Sized>(&self, mem: &M, at: u64) -> Result<PageRequestDesc, Error> {
@@ -141,8 +140,14 @@ mod tests {
         true
     }
 
-    fn taken(v: Vec<Result<PageRequestDesc, Error>>) -> Vec<u16> {
-        v.into_iter().map(|r| r.unwrap().prg_index).collect()
+    /// Drains the queue; every descriptor must decode.
+    fn drain(unit: &Unit, q: &PageRequestQueue) -> Vec<u16> {
+        let mut got = Vec::new();
+        let n = q
+            .drain(unit, &unit.mem, |r| got.push(r.unwrap().prg_index))
+            .unwrap();
+        assert_eq!(n, got.len());
+        got
     }
 
     #[test]
@@ -154,14 +159,14 @@ mod tests {
             for i in 0..50 {
                 assert!(send(&unit, &request(round * 50 + i, false)));
             }
-            let got = taken(q.drain(&unit, &unit.mem).unwrap());
+            let got = drain(&unit, &q);
             assert_eq!(got, (round * 50..round * 50 + 50).collect::<Vec<_>>());
             let regs = unit.regs();
             assert_eq!(regs.prs() & pq::PPR, 0);
             let ring = regs.page_request_queue().unwrap();
             assert_eq!(ring.head, ring.tail);
         }
-        assert!(q.drain(&unit, &unit.mem).unwrap().is_empty());
+        assert!(drain(&unit, &q).is_empty());
     }
 
     #[test]
@@ -173,12 +178,12 @@ mod tests {
         let sent = (0..128).filter(|&i| send(&unit, &request(i, true))).count();
         assert_eq!(sent, 127);
         assert_ne!(unit.regs().prs() & pq::PRO, 0);
-        let got = taken(q.drain(&unit, &unit.mem).unwrap());
+        let got = drain(&unit, &q);
         assert_eq!(got, (0..127).collect::<Vec<_>>());
         assert_eq!(unit.regs().prs() & (pq::PRO | pq::PPR), 0);
         // The queue takes requests again.
         assert!(send(&unit, &request(300, true)));
-        assert_eq!(taken(q.drain(&unit, &unit.mem).unwrap()), [300]);
+        assert_eq!(drain(&unit, &q), [300]);
     }
 
     #[test]
@@ -189,7 +194,8 @@ mod tests {
         send(&unit, &request(1, true));
         unit.mem.write_u64(QUEUE, 0xf).unwrap();
         send(&unit, &request(2, true));
-        let got = q.drain(&unit, &unit.mem).unwrap();
+        let mut got = Vec::new();
+        assert_eq!(q.drain(&unit, &unit.mem, |r| got.push(r)).unwrap(), 2);
         assert!(matches!(got[0], Err(Error::PageRequest(_))));
         assert_eq!(got[1].unwrap().prg_index, 2);
     }

@@ -11,7 +11,9 @@
 //! page requests by faulting pages into the process (`prq`).
 //!
 //! Every invalidation is submitted as Linux's `qi_submit_sync` does: the descriptor, then
-//! an invalidation wait descriptor whose status write the driver polls (`qi`).
+//! an invalidation wait descriptor whose status write the driver polls (`qi`). The queue,
+//! its error recovery, the page request ring, entry writes and the register handshakes are
+//! the host's too: `vsva_vtd_driver`; what is the guest's own is the SVA policy.
 //!
 //! The unit may be the physical IOMMU model (a guest on bare metal) or the vIOMMU.
 
@@ -28,16 +30,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::GuestMemoryMmap;
 use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, InvDescError};
-use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, pq, rtaddr, vcmd};
+use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, vcmd};
 use vsva_vtd::regs::{Cap, Ecap, FaultRecord, FRCD_F};
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, ScalableContextEntry, ScalableRootEntry,
-    SlLevels, SourceId,
+    DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, RegError, ScalableContextEntry,
+    ScalableRootEntry, SlLevels, SourceId,
 };
+use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, pdts_for, write_entry};
+use vsva_vtd_driver::{GlobalCommand, InvalidationQueue, PageRequestQueue, Registers};
 
 use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
-use qi::InvQueue;
 use svm::{PasidAllocator, Svm};
 
 pub use svm::FLPT_DEFAULT_DID;
@@ -52,16 +55,26 @@ pub trait Mmio: Send + Sync {
     fn write(&self, offset: u64, size: usize, value: u64);
 }
 
+/// The unit's registers as the shared driver reaches them.
+struct Regs<'a>(&'a dyn Mmio);
+
+impl Registers for Regs<'_> {
+    fn read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        Ok(self.0.read(offset, size))
+    }
+
+    fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
+        self.0.write(offset, size, value);
+        Ok(())
+    }
+}
+
 /// The MSI address the driver programs for its event interrupts (the local APIC window).
 pub const MSI_ADDRESS: u32 = 0xfee0_0000;
 /// The vector (MSI data) of the fault event.
 pub const FAULT_VECTOR: u32 = 0x40;
 /// The vector of the page request event.
 pub const PAGE_REQUEST_VECTOR: u32 = 0x41;
-
-/// How many register reads a wait for the hardware may take before the driver gives up:
-/// a bound on work, not a time limit (Linux's `IOMMU_WAIT_OP` waits for a time instead).
-pub(crate) const POLL_LIMIT: u32 = 1 << 20;
 
 /// Why a driver operation failed. A failed operation leaves the unit and the tables as
 /// they were, except where the variant says otherwise.
@@ -78,7 +91,8 @@ pub enum DriverError {
     /// invalidation was for has been made; the unit's caches may still hold old entries.
     #[error("invalidation queue error (IQEI {iqei})")]
     InvalidationQueue { iqei: u8 },
-    /// A device did not complete a device-TLB invalidation (FSTS.ITE).
+    /// A device did not complete a device-TLB invalidation (FSTS.ITE), on every
+    /// resubmission of its batch.
     #[error("device-TLB invalidation timed out")]
     InvalidationTimeout,
     /// A descriptor could not be encoded.
@@ -117,6 +131,24 @@ pub enum DriverError {
     /// Guest RAM refused an access.
     #[error(transparent)]
     Memory(#[from] MemError),
+    /// The shared driver machinery failed in a way with no variant of its own here.
+    #[error(transparent)]
+    Driver(vsva_vtd_driver::Error),
+}
+
+impl From<vsva_vtd_driver::Error> for DriverError {
+    fn from(e: vsva_vtd_driver::Error) -> Self {
+        use vsva_vtd_driver::Error as E;
+        match e {
+            E::Memory(m) => DriverError::Memory(m),
+            E::Descriptor(d) => DriverError::Descriptor(d),
+            E::QueueError { iqei, .. } => DriverError::InvalidationQueue { iqei: iqei as u8 },
+            E::InvalidationTimeout => DriverError::InvalidationTimeout,
+            E::QueueTimeout => DriverError::Timeout("invalidation wait status"),
+            E::StatusTimeout(what) => DriverError::Timeout(what),
+            other @ (E::Register(_) | E::PageRequest(_)) => DriverError::Driver(other),
+        }
+    }
 }
 
 /// What a device can do, from its PCI capabilities.
@@ -193,13 +225,13 @@ pub struct IommuDriver {
     vccap: u64,
     /// The second-level width the unit supports best (Linux's `iommu->agaw`).
     agaw: SlLevels,
-    /// The enable bits the driver keeps set in GCMD (Linux's `iommu->gcmd`); the lock
-    /// also serialises register commands (Linux's `register_lock`).
-    gcmd: Mutex<u32>,
+    /// The enable bits the driver keeps set in GCMD (Linux's `iommu->gcmd`), which also
+    /// serialises register commands (Linux's `register_lock`).
+    gcmd: GlobalCommand,
     root: Gpa,
-    qi: Mutex<InvQueue>,
-    /// The page request queue: base and number of descriptors; `None` without ECAP.PRS.
-    prq: Option<(Gpa, u64)>,
+    qi: Mutex<InvalidationQueue>,
+    /// The page request queue; `None` without ECAP.PRS.
+    prq: Option<PageRequestQueue>,
     prq_lock: Mutex<()>,
     prq_pending: AtomicBool,
     /// Serialises binds and unbinds (Linux's `pasid_mutex`).
@@ -301,10 +333,10 @@ impl IommuDriver {
             ecap,
             vccap,
             agaw,
-            gcmd: Mutex::new(0),
+            gcmd: GlobalCommand::new(),
             root: root.keep(),
-            qi: Mutex::new(InvQueue::new(queue.keep(), status.keep())),
-            prq: prq.map(|g| (g.keep(), FRAME_SIZE / pq::DESC_SIZE)),
+            qi: Mutex::new(InvalidationQueue::new(queue.keep().0, status.keep().0)),
+            prq: prq.map(|g| PageRequestQueue::new(g.keep().0)),
             prq_lock: Mutex::new(()),
             prq_pending: AtomicBool::new(false),
             svm_lock: Mutex::new(()),
@@ -320,28 +352,15 @@ impl IommuDriver {
     }
 
     fn bring_up(&self) -> Result<(), DriverError> {
-        let status = self.read32(offset::GSTS);
-        {
-            let mut g = lock(&self.gcmd);
-            *g = status & (gsts::TES | gsts::QIES | gsts::IRES);
-        }
+        let regs = Regs(&*self.mmio);
+        let status = self.gcmd.adopt(&regs)?;
         if status & gsts::TES != 0 {
-            self.update_gcmd(gcmd::TE, false, gsts::TES, "translation disable")?;
+            self.gcmd
+                .set_enable(&regs, gcmd::TE, gsts::TES, false, "translation disable")?;
         }
-        if status & gsts::QIES != 0 {
-            let mut left = POLL_LIMIT;
-            while self.mmio.read(offset::IQH, 8) != self.mmio.read(offset::IQT, 8) {
-                left = left
-                    .checked_sub(1)
-                    .ok_or(DriverError::Timeout("IQH (draining the old queue)"))?;
-                std::thread::yield_now();
-            }
-            self.update_gcmd(gcmd::QIE, false, gsts::QIES, "queued invalidation disable")?;
-        }
+        self.gcmd.disable_qi(&regs)?;
         self.enable_qi()?;
-        self.mmio
-            .write(offset::RTADDR, 8, self.root.0 | 1 << rtaddr::TTM_SHIFT);
-        self.command(gcmd::SRTP, gsts::RTPS, "root table pointer")?;
+        self.gcmd.set_root_table(&regs, self.root.0)?;
         self.submit(&[InvDesc::ContextCache {
             granularity: ContextCacheGranularity::Global,
             did: DomainId(0),
@@ -361,67 +380,21 @@ impl IommuDriver {
         self.mmio.write(offset::FEADDR, 4, u64::from(MSI_ADDRESS));
         self.mmio.write(offset::FEUADDR, 4, 0);
         self.mmio.write(offset::FECTL, 4, 0);
-        if let Some((base, _)) = self.prq {
-            self.mmio.write(offset::PQH, 8, 0);
-            self.mmio.write(offset::PQT, 8, 0);
-            self.mmio.write(offset::PQA, 8, base.0);
+        if let Some(prq) = &self.prq {
+            prq.enable(&regs)?;
             self.mmio
                 .write(offset::PEDATA, 4, u64::from(PAGE_REQUEST_VECTOR));
             self.mmio.write(offset::PEADDR, 4, u64::from(MSI_ADDRESS));
             self.mmio.write(offset::PEUADDR, 4, 0);
             self.mmio.write(offset::PECTL, 4, 0);
         }
-        self.update_gcmd(gcmd::TE, true, gsts::TES, "translation enable")
+        self.gcmd
+            .set_enable(&regs, gcmd::TE, gsts::TES, true, "translation enable")?;
+        Ok(())
     }
 
     fn read32(&self, offset: u64) -> u32 {
         self.mmio.read(offset, 4) as u32
-    }
-
-    /// Waits until GSTS shows `status` set (or clear when `!set`).
-    fn wait_gsts(&self, status: u32, set: bool, what: &'static str) -> Result<(), DriverError> {
-        for _ in 0..POLL_LIMIT {
-            if (self.read32(offset::GSTS) & status != 0) == set {
-                return Ok(());
-            }
-            std::thread::yield_now();
-        }
-        Err(DriverError::Timeout(what))
-    }
-
-    /// Turns an enable bit of GCMD on or off, keeping the others, and waits for GSTS.
-    fn update_gcmd(
-        &self,
-        bit: u32,
-        on: bool,
-        status: u32,
-        what: &'static str,
-    ) -> Result<(), DriverError> {
-        let mut g = lock(&self.gcmd);
-        let value = if on { *g | bit } else { *g & !bit };
-        self.mmio.write(offset::GCMD, 4, u64::from(value));
-        self.wait_gsts(status, on, what)?;
-        *g = value;
-        Ok(())
-    }
-
-    /// A one-shot GCMD command (SRTP, WBF) with the enable bits kept; waits for its
-    /// status bit to be set.
-    fn command(&self, bit: u32, status: u32, what: &'static str) -> Result<(), DriverError> {
-        let g = lock(&self.gcmd);
-        self.mmio.write(offset::GCMD, 4, u64::from(*g | bit));
-        self.wait_gsts(status, true, what)
-    }
-
-    /// Flushes the write buffer when the unit requires it (CAP.RWBF): GCMD.WBF, then
-    /// wait for GSTS.WBFS to clear.
-    fn flush_write_buffer(&self) -> Result<(), DriverError> {
-        if !self.cap.rwbf {
-            return Ok(());
-        }
-        let g = lock(&self.gcmd);
-        self.mmio.write(offset::GCMD, 4, u64::from(*g | gcmd::WBF));
-        self.wait_gsts(gsts::WBFS, false, "write buffer flush")
     }
 
     /// The capability register as read at init.
@@ -476,17 +449,13 @@ impl IommuDriver {
         let ats = config.ats && self.ecap.dt;
         let pri = pasid && config.pri && self.ecap.prs && self.prq.is_some();
         // intel_pasid_alloc_table: 8 bytes per 64 PASIDs, at least one page.
-        let max_pasid = if pasid {
-            1u64 << u32::from(config.pasid_bits)
-                .min(self.ecap.pasid_bits())
-                .min(Pasid::BITS)
+        let pasid_bits = if pasid {
+            u32::from(config.pasid_bits).min(self.ecap.pasid_bits())
         } else {
             0
         };
-        let dir_bytes = (max_pasid >> 3).max(FRAME_SIZE);
-        let pages = dir_bytes.next_power_of_two() / FRAME_SIZE;
-        let dir_entries = pages * FRAME_SIZE / 8;
-        let pdts = (dir_entries.trailing_zeros().saturating_sub(7)).min(7) as u8;
+        let pdts = pdts_for(pasid_bits);
+        let pages = pasid_dir_bytes(pdts) / FRAME_SIZE;
         let dir = FrameGuard::new(&self.frames, self.frames.alloc_contiguous(pages)?);
         let dir_gpa = dir.gpa();
 
@@ -504,10 +473,7 @@ impl IommuDriver {
             rid_pasid: Pasid::RID_PASID,
             rid_priv: false,
         };
-        let raw = entry.to_raw();
-        for (i, q) in raw.iter().enumerate().rev() {
-            self.mem.write_u64(ctx_addr + 8 * i as u64, *q)?;
-        }
+        write_entry(&*self.mem, ctx_addr, &entry.to_raw())?;
         st.devices.insert(
             sid.rid(),
             Device {
@@ -528,7 +494,9 @@ impl IommuDriver {
                 fm: 0,
             }])
         } else {
-            self.flush_write_buffer()
+            Ok(self
+                .gcmd
+                .flush_write_buffer(&Regs(&*self.mmio), &self.cap)?)
         }
     }
 
@@ -548,9 +516,7 @@ impl IommuDriver {
             return Err(DriverError::Busy(sid));
         }
         let ctx_addr = self.context_entry_slot(sid)?;
-        for i in 0..4 {
-            self.mem.write_u64(ctx_addr + 8 * i, 0)?;
-        }
+        clear_entry(&*self.mem, ctx_addr, 4)?;
         st.devices.remove(&sid.rid());
         drop(st);
         let flushed = self.submit(&[InvDesc::ContextCache {

@@ -8,10 +8,10 @@ use std::sync::TryLockError;
 
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::regs::layout::{offset, pq};
-use vsva_vtd::{Gva, InvDesc, Pasid, PhysMem};
+use vsva_vtd::Gva;
+use vsva_vtd_driver::{group_response, PageRequestQueue};
 
-use super::{lock, IommuDriver};
+use super::{lock, IommuDriver, Regs};
 use crate::process::Prot;
 
 impl IommuDriver {
@@ -20,7 +20,7 @@ impl IommuDriver {
     /// thread is already serving the queue, that thread takes the new requests too and
     /// this call returns 0 at once.
     pub fn handle_page_requests(&self) -> usize {
-        let Some((base, entries)) = self.prq else {
+        let Some(prq) = &self.prq else {
             return 0;
         };
         let mut handled = 0;
@@ -32,7 +32,7 @@ impl IommuDriver {
                 Err(TryLockError::WouldBlock) => return handled,
             };
             self.prq_pending.store(false, Ordering::SeqCst);
-            handled += self.drain_queue(base.0, entries);
+            handled += self.drain_queue(prq);
             drop(guard);
             if !self.prq_pending.load(Ordering::SeqCst) {
                 return handled;
@@ -40,43 +40,20 @@ impl IommuDriver {
         }
     }
 
-    /// One pass over the queue from PQH to PQT.
-    fn drain_queue(&self, base: u64, entries: u64) -> usize {
-        // Clear PPR before reading the pointers, so that a request queued from now on
-        // raises a new interrupt.
-        self.mmio.write(offset::PRS, 4, u64::from(pq::PPR));
-        let size = entries * pq::DESC_SIZE;
-        let tail = self.mmio.read(offset::PQT, 8) & pq::OFFSET;
-        let mut head = self.mmio.read(offset::PQH, 8) & pq::OFFSET;
-        if tail >= size || head >= size {
-            tracing::error!(head, tail, "page request queue pointers beyond the queue");
-            return 0;
-        }
+    /// One pass over the queue from PQH to PQT (the shared driver's ring): each request is
+    /// served as it is taken, then PQH moves to PQT.
+    fn drain_queue(&self, prq: &PageRequestQueue) -> usize {
         let mut handled = 0;
-        while head != tail {
-            let mut raw = [0u64; 4];
-            let read = raw.iter_mut().enumerate().try_for_each(|(i, q)| {
-                self.mem
-                    .read_u64(base + head + 8 * i as u64)
-                    .map(|v| *q = v)
-            });
-            match read.map(|()| PageRequestDesc::decode(raw)) {
-                Ok(Ok(req)) => self.serve(&req),
-                Ok(Err(e)) => tracing::warn!(%e, "malformed page request descriptor"),
-                Err(e) => tracing::warn!(%e, "page request descriptor unreadable"),
+        let drained = prq.drain(&Regs(&*self.mmio), &*self.mem, |req| {
+            match req {
+                Ok(req) => self.serve(&req),
+                Err(e) => tracing::warn!(%e, "page request descriptor not taken"),
             }
             self.counters.page_requests.fetch_add(1, Ordering::Relaxed);
             handled += 1;
-            head = (head + pq::DESC_SIZE) % size;
-        }
-        self.mmio.write(offset::PQH, 8, tail);
-        // An overflow is cleared once the queue is empty again.
-        if self.mmio.read(offset::PRS, 4) as u32 & pq::PRO != 0 {
-            let head = self.mmio.read(offset::PQH, 8) & pq::OFFSET;
-            let tail = self.mmio.read(offset::PQT, 8) & pq::OFFSET;
-            if head == tail {
-                self.mmio.write(offset::PRS, 4, u64::from(pq::PRO));
-            }
+        });
+        if let Err(e) = drained {
+            tracing::error!(%e, "page request queue");
         }
         handled
     }
@@ -90,18 +67,8 @@ impl IommuDriver {
                 .page_requests_served
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if !req.lpig && req.private_data.is_none() {
+        let Some(desc) = group_response(req, response) else {
             return;
-        }
-        let desc = InvDesc::PageGroupResponse {
-            rid: req.rid,
-            pasid_present: req.pasid.is_some(),
-            pasid: req.pasid.unwrap_or(Pasid::RID_PASID),
-            private_data_present: req.private_data.is_some(),
-            response,
-            last_page_in_group: req.lpig,
-            prg_index: req.prg_index,
-            private_data: req.private_data.unwrap_or_default(),
         };
         self.counters.page_responses.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.submit(&[desc]) {

@@ -7,14 +7,18 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity};
+use vsva_vtd::inv_desc::PasidCacheGranularity;
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
 use vsva_vtd::regs::layout::{offset, vcmd};
 use vsva_vtd::{
     DomainId, FlPagingMode, Gpa, Gva, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId,
 };
+use vsva_vtd_driver::inv::{dev_iotlb, piotlb_pages, piotlb_pasid};
+use vsva_vtd_driver::mask::{covering_block, WHOLE_SPACE};
+use vsva_vtd_driver::tables::{clear_pasid_entry, write_pasid_entry};
+use vsva_vtd_driver::POLL_LIMIT;
 
-use super::{lock, Device, DriverError, IommuDriver, POLL_LIMIT};
+use super::{lock, Device, DriverError, IommuDriver};
 use crate::process::{MmuNotifier, NotifierId, Process};
 
 /// The domain id Linux gives every first-level-only PASID entry of SVA
@@ -92,30 +96,6 @@ impl MmuNotifier for SvmNotifier {
     }
 }
 
-/// The page-selective invalidation of `[start, end)`: the address of the smallest
-/// naturally aligned block of pages holding the range, and its order (log2 pages).
-fn aligned_block(start: u64, end: u64) -> (u64, u32) {
-    let first = start >> 12;
-    let last = (end.max(start + 1) - 1) >> 12;
-    let order = u64::BITS - (first ^ last).leading_zeros();
-    let addr = if order >= 52 {
-        0
-    } else {
-        (first >> order) << (order + 12)
-    };
-    (addr, order)
-}
-
-/// The address field of a device-TLB invalidation of the block of `2^order` pages at
-/// `addr` (PCIe ATS size encoding with S set; §6.5.2.6), and S.
-fn ats_address(addr: u64, order: u32) -> (u64, bool) {
-    match order {
-        0 => (addr, false),
-        o if o >= 52 => (!0xfff & !(1 << 63), true),
-        o => (addr | ((1u64 << (o + 11)) - 1) & !0xfff, true),
-    }
-}
-
 impl IommuDriver {
     /// Allocates a PASID: through the virtual command interface when the unit offers it
     /// (`vcmd_alloc_pasid`), else from the driver's own space.
@@ -150,16 +130,17 @@ impl IommuDriver {
 
     /// Writes VCMD and polls VCRSP until IP clears; returns VCRSP.
     fn virtual_command(&self, cmd: u64) -> Result<u64, DriverError> {
-        let _serialise = lock(&self.gcmd);
-        self.mmio.write(offset::VCMD, 8, cmd);
-        for _ in 0..POLL_LIMIT {
-            let rsp = self.mmio.read(offset::VCRSP, 8);
-            if rsp & vcmd::VCRSP_IP == 0 {
-                return Ok(rsp);
+        self.gcmd.serialised(|| {
+            self.mmio.write(offset::VCMD, 8, cmd);
+            for _ in 0..POLL_LIMIT {
+                let rsp = self.mmio.read(offset::VCRSP, 8);
+                if rsp & vcmd::VCRSP_IP == 0 {
+                    return Ok(rsp);
+                }
+                std::thread::yield_now();
             }
-            std::thread::yield_now();
-        }
-        Err(DriverError::Timeout("virtual command response"))
+            Err(DriverError::Timeout("virtual command response"))
+        })
     }
 
     /// Binds `process`'s address space to `sid` (Linux's `intel_svm_bind_mm` for a user
@@ -320,10 +301,7 @@ impl IommuDriver {
             flptptr: process.cr3().0,
         };
         // Present (qword 0) last, so the unit never sees a half-written entry.
-        for (i, q) in entry.to_raw().iter().enumerate().rev() {
-            self.mem.write_u64(slot + 8 * i as u64, *q)?;
-        }
-        Ok(())
+        Ok(write_pasid_entry(&*self.mem, slot, &entry)?)
     }
 
     /// The flushes of a PASID entry that changed, each with its wait.
@@ -333,25 +311,11 @@ impl IommuDriver {
             did: FLPT_DEFAULT_DID,
             pasid,
         }])?;
-        self.submit(&[pasid_selective_iotlb(pasid)])?;
+        self.submit(&[piotlb_pasid(FLPT_DEFAULT_DID, pasid)])?;
         if dev.ats {
-            self.submit(&[self.dev_iotlb(dev.config.sid, pasid, 0, 52)])?;
+            self.submit(&[dev_iotlb(dev.config.sid, Some(pasid), 0, WHOLE_SPACE)])?;
         }
         Ok(())
-    }
-
-    /// A PASID-based device-TLB invalidation of the `2^order` pages at `addr`.
-    fn dev_iotlb(&self, sid: SourceId, pasid: Pasid, addr: u64, order: u32) -> InvDesc {
-        let (addr, size) = ats_address(addr, order);
-        InvDesc::PasidDevIotlb {
-            sid,
-            pfsid: sid,
-            pasid,
-            max_invs_pend: 0,
-            addr,
-            size,
-            global: false,
-        }
     }
 
     /// Unbinds `pasid` from `sid` (Linux's `intel_svm_unbind_mm`). When the last bind of
@@ -375,10 +339,7 @@ impl IommuDriver {
                 return Ok(());
             }
             let slot = self.pasid_entry_slot(&dev, pasid)?;
-            self.mem.write_u64(slot, 0)?;
-            for i in 1..8 {
-                self.mem.write_u64(slot + 8 * i, 0)?;
-            }
+            clear_pasid_entry(&*self.mem, slot)?;
         }
         let flushed = self.flush_pasid(&dev, pasid);
         let drained = self.drain_page_requests(&dev, pasid);
@@ -421,10 +382,10 @@ impl IommuDriver {
                 status_data: 0,
                 status_addr: 0,
             },
-            pasid_selective_iotlb(pasid),
+            piotlb_pasid(FLPT_DEFAULT_DID, pasid),
         ];
         if dev.ats {
-            descs.push(self.dev_iotlb(dev.config.sid, pasid, 0, 52));
+            descs.push(dev_iotlb(dev.config.sid, Some(pasid), 0, WHOLE_SPACE));
         }
         self.submit_sync(&descs, true)
     }
@@ -450,26 +411,15 @@ impl IommuDriver {
                 .filter_map(|d| st.devices.get(&d.sid.rid()).copied())
                 .collect()
         };
-        let (addr, order) = aligned_block(start, end);
-        let iotlb = if order <= u32::from(self.cap.mamv) {
-            InvDesc::PasidIotlb {
-                granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-                did: FLPT_DEFAULT_DID,
-                pasid,
-                addr,
-                ih: false,
-                am: order as u8,
-            }
-        } else {
-            pasid_selective_iotlb(pasid)
-        };
+        let (addr, order) = covering_block(start, end.max(start + 1) - 1);
+        let iotlb = piotlb_pages(FLPT_DEFAULT_DID, pasid, addr, order, false, &self.cap);
         for dev in devices {
             self.submit(&[iotlb])?;
             self.counters
                 .range_invalidations
                 .fetch_add(1, Ordering::Relaxed);
             if dev.ats {
-                self.submit(&[self.dev_iotlb(dev.config.sid, pasid, addr, order)])?;
+                self.submit(&[dev_iotlb(dev.config.sid, Some(pasid), addr, order)])?;
                 self.counters
                     .range_invalidations
                     .fetch_add(1, Ordering::Relaxed);
@@ -491,54 +441,9 @@ impl IommuDriver {
     }
 }
 
-/// A PASID-selective PASID-based IOTLB invalidation of `pasid` in the domain of the
-/// first-level entries (address and mask unused).
-const fn pasid_selective_iotlb(pasid: Pasid) -> InvDesc {
-    InvDesc::PasidIotlb {
-        granularity: PasidIotlbGranularity::PasidSelective,
-        did: FLPT_DEFAULT_DID,
-        pasid,
-        addr: 0,
-        ih: false,
-        am: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vsva_vtd::AddrRange;
-
-    #[test]
-    fn blocks_cover_the_range() {
-        assert_eq!(aligned_block(0x5000, 0x6000), (0x5000, 0));
-        assert_eq!(aligned_block(0x5000, 0x7000), (0x4000, 2));
-        assert_eq!(aligned_block(0x4000, 0x6000), (0x4000, 1));
-        assert_eq!(aligned_block(0, 1 << 47), (0, 35));
-        assert_eq!(aligned_block(0, !0xfff), (0, 52));
-    }
-
-    #[test]
-    fn ats_addresses_decode_to_the_block() {
-        for (addr, order) in [
-            (0x4000u64, 1u32),
-            (0x7f00_0000_0000, 9),
-            (0x5000, 0),
-            (0, 52),
-        ] {
-            let (field, s) = ats_address(addr, order);
-            let r = AddrRange::from_ats_size(field, s);
-            let want_last = if order >= 52 {
-                u64::MAX
-            } else {
-                addr + (4096 << order) - 1
-            };
-            assert_eq!(
-                (r.start, r.last),
-                (if order >= 52 { 0 } else { addr }, want_last)
-            );
-        }
-    }
 
     #[test]
     fn local_pasids_are_lowest_free() {

@@ -3,7 +3,7 @@
 //! PASID allocator. What the driver writes is checked descriptor by descriptor and entry
 //! by entry.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 
 use super::*;
 use crate::frames::tests::ram_and_frames;
@@ -29,6 +29,8 @@ struct FakeUnit {
     reject: Mutex<Option<InvDescType>>,
     /// Never complete invalidation waits.
     stuck: AtomicBool,
+    /// Time out this many device-TLB invalidations (ITE, aborting the pending waits).
+    time_outs: AtomicU32,
 }
 
 fn cap() -> Cap {
@@ -95,6 +97,7 @@ impl FakeUnit {
             freed: Mutex::new(Vec::new()),
             reject: Mutex::new(None),
             stuck: AtomicBool::new(false),
+            time_outs: AtomicU32::new(0),
         })
     }
 
@@ -136,6 +139,19 @@ impl FakeUnit {
             if *reject == Some(desc.desc_type()) {
                 *reject = None;
                 regs.set_iqe(Iqei::InvalidType);
+                return;
+            }
+            let device_tlb = matches!(
+                desc.desc_type(),
+                InvDescType::DevIotlb | InvDescType::PasidDevIotlb
+            );
+            if device_tlb && self.time_outs.load(Ordering::SeqCst) > 0 {
+                self.time_outs.fetch_sub(1, Ordering::SeqCst);
+                // §6.5.2.10: the time-out is reported and every pending wait aborted.
+                regs.set_ite(SID);
+                while regs.next_inv_desc().is_some() {
+                    regs.advance_iqh().unwrap();
+                }
                 return;
             }
             if let InvDesc::InvWait {
@@ -770,6 +786,40 @@ fn a_queue_error_is_reported_and_the_queue_recovers() {
     // The queue runs again.
     let q = s.process();
     s.driver.sva_bind(SID, &q).unwrap();
+}
+
+/// A device-TLB time-out (FSTS.ITE) aborts the wait; as Linux's `qi_submit_sync` the
+/// driver clears ITE and submits the batch again. The host driver shares this queue.
+#[test]
+fn a_device_tlb_time_out_is_resubmitted() {
+    use InvDescType::*;
+    let s = setup();
+    s.driver.attach_device(device()).unwrap();
+    let p = s.process();
+    s.unit.time_outs.store(1, Ordering::SeqCst);
+    let pasid = s.driver.sva_bind(SID, &p).unwrap();
+    let kinds: Vec<InvDescType> = s.unit.take_log().iter().map(InvDesc::desc_type).collect();
+    assert_eq!(
+        kinds,
+        [
+            PasidCache,
+            InvWait,
+            PasidIotlb,
+            InvWait,
+            PasidDevIotlb,
+            InvWait
+        ]
+    );
+    assert_eq!(regs(&s.unit).fsts() & fsts::ITE, 0);
+    // A device that never completes fails the flush; the queue still works afterwards.
+    s.unit.time_outs.store(u32::MAX, Ordering::SeqCst);
+    assert_eq!(
+        s.driver.sva_unbind(SID, pasid),
+        Err(DriverError::InvalidationTimeout)
+    );
+    assert_eq!(regs(&s.unit).fsts() & fsts::ITE, 0);
+    s.unit.time_outs.store(0, Ordering::SeqCst);
+    s.driver.sva_bind(SID, &s.process()).unwrap();
 }
 
 proptest! {

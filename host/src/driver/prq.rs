@@ -110,14 +110,12 @@ impl PageRequests {
         let Some(ring) = ring.as_ref() else {
             return Ok(Vec::new());
         };
-        let taken = ring.drain(&Mmio(hw), &**hw.memory())?;
-        Ok(taken
-            .into_iter()
-            .filter_map(|d| {
-                d.map_err(|e| tracing::error!("vt-d: bad page request descriptor: {e}"))
-                    .ok()
-            })
-            .collect())
+        let mut taken = Vec::new();
+        ring.drain(&Mmio(hw), &**hw.memory(), |d| match d {
+            Ok(d) => taken.push(d),
+            Err(e) => tracing::error!("vt-d: bad page request descriptor: {e}"),
+        })?;
+        Ok(taken)
     }
 
     /// Where a request goes: to the fault queue of the domain that bound its PASID on
