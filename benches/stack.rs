@@ -9,7 +9,9 @@ use vsva::bench::forward::{
     ForwardedInvalidation, GuestBind, GuestCall, PageRequestRoundTrip, ResidentFill,
     UnboundMprotect,
 };
-use vsva::bench::uapi::{BindCall, HostBind, HostInvalidations, HostMap, MapCall};
+use vsva::bench::uapi::{
+    BindCall, CachedTranslations, HostBind, HostInvalidations, HostMap, MapCall,
+};
 use vsva::bench::vm::BenchVm;
 use vsva::bench::{BenchError, Workload};
 
@@ -27,21 +29,22 @@ fn bench(
 
 fn ioctl(c: &mut Criterion) {
     let vm = BenchVm::new().expect("VM");
+    let cached = CachedTranslations::new(&vm).expect("cached translations");
     let mut g = c.benchmark_group("ioctl");
     bench(
         &mut g,
         "cache_invalidate_pasid",
-        HostInvalidations::pasid(&vm),
+        HostInvalidations::pasid(&cached),
     );
     bench(
         &mut g,
         "cache_invalidate_1_page",
-        HostInvalidations::pages(&vm, 1),
+        HostInvalidations::pages(&cached, 1),
     );
     bench(
         &mut g,
         "cache_invalidate_512_pages",
-        HostInvalidations::pages(&vm, 512),
+        HostInvalidations::pages(&cached, 512),
     );
     bench(&mut g, "bind_gpasid", HostBind::new(&vm, BindCall::Bind));
     bench(

@@ -308,7 +308,7 @@ impl WalkKind {
 
 /// What an empty timed region measures: the cost of reading the clock twice, taken off
 /// each timed translation of [`ColdWalks`]. The median of 15 rounds of 2,000 regions.
-fn timer_overhead() -> Duration {
+pub(super) fn timer_overhead() -> Duration {
     let mut rounds: Vec<Duration> = (0..15)
         .map(|_| {
             let mut total = Duration::ZERO;

@@ -10,15 +10,21 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use vsva_guest::{Process, Prot};
+use vsva_hw::iommu::{DmaMapping, Source};
 use vsva_hw::PAGE_SIZE;
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{BindGpasid, CacheInvalidate, DmaMap, InvGranularity};
-use vsva_vtd::{Hpa, Iova, PageSize, Pasid};
+use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Hpa, Iova, PageSize, Pasid};
 
 use super::pasid::heap_in_use;
+use super::translate::timer_overhead;
 use super::vm::BenchVm;
 use super::{BenchError, Workload};
+use crate::stack::GUEST_DEVICE_SID;
 
 /// Where the map workloads map their page: above guest RAM, within the second level.
 pub const MAP_IOVA: u64 = 1 << 32;
@@ -29,57 +35,182 @@ fn processed(vm: &BenchVm) -> u64 {
     vm.host().iommu.stats().descriptors.load(Ordering::Relaxed)
 }
 
+/// Where [`CachedTranslations`] maps its pages in the bound process: a 2-MiB aligned
+/// address above everything the process maps otherwise.
+pub const CACHED_GVA: u64 = 0x10_0000_0000;
+/// Pages of the 2-MiB block the 512-page invalidation removes.
+const BLOCK_PAGES: u64 = 512;
+/// Pages of a second bound process that every invalidation must leave cached: the
+/// translations of another address space of the VM.
+pub const OTHER_PAGES: u64 = 1024;
+
+/// The translations the invalidation workloads keep in the host IOMMU's IOTLB and
+/// paging-structure caches: two 2-MiB blocks of the bound process, resident (the first is
+/// the one the 512-page invalidation removes, the second lies beside it), and
+/// [`OTHER_PAGES`] pages of a second process bound to the same device. Each page's host
+/// address, from its first translation, is what every later translation must give.
+pub struct CachedTranslations<'a> {
+    vm: &'a BenchVm,
+    /// The bound process's pages: (GVA, HPA).
+    block: Vec<(u64, u64)>,
+    beside: Vec<(u64, u64)>,
+    /// The second process, its PASID and its pages.
+    other: Arc<Process>,
+    other_pasid: Pasid,
+    others: Vec<(u64, u64)>,
+}
+
+impl<'a> CachedTranslations<'a> {
+    /// Maps the two blocks in the bound process, binds a second process with its own
+    /// pages, and translates every page once.
+    pub fn new(vm: &'a BenchVm) -> Result<Self, BenchError> {
+        let other = vm.vm().spawn(FlPagingMode::FourLevel)?;
+        let others_gva = other.mmap(OTHER_PAGES * PAGE_SIZE, Prot::READ_WRITE)?;
+        let other_pasid = vm.vm().bind(&other)?;
+        let mut cached = CachedTranslations {
+            vm,
+            block: Vec::new(),
+            beside: Vec::new(),
+            other,
+            other_pasid,
+            others: Vec::new(),
+        };
+        vm.process().mmap_fixed(
+            Gva(CACHED_GVA),
+            2 * BLOCK_PAGES * PAGE_SIZE,
+            Prot::READ_WRITE,
+            true,
+        )?;
+        let pages = |first: u64, n: u64| (0..n).map(move |i| first + i * PAGE_SIZE);
+        let pasid = Some(vm.pasid());
+        for gva in pages(CACHED_GVA, BLOCK_PAGES) {
+            cached.block.push((gva, cached.translate(pasid, gva)?.hpa));
+        }
+        for gva in pages(CACHED_GVA + BLOCK_PAGES * PAGE_SIZE, BLOCK_PAGES) {
+            cached.beside.push((gva, cached.translate(pasid, gva)?.hpa));
+        }
+        for gva in pages(others_gva.0, OTHER_PAGES) {
+            let hpa = cached.translate(Some(other_pasid), gva)?.hpa;
+            cached.others.push((gva, hpa));
+        }
+        Ok(cached)
+    }
+
+    fn translate(&self, pasid: Option<Pasid>, addr: u64) -> Result<DmaMapping, BenchError> {
+        let host = self.vm.host();
+        Ok(host
+            .iommu
+            .translate(self.vm.vm().host_sid, pasid, addr, AccessRequest::READ)?)
+    }
+
+    /// Translates each page of `pages` with `pasid`, checks its host address and that it
+    /// came from `source`.
+    fn expect(&self, pasid: Pasid, pages: &[(u64, u64)], source: Source) -> Result<(), BenchError> {
+        for &(addr, hpa) in pages {
+            let m = self.translate(Some(pasid), addr)?;
+            if m.source != source || m.hpa != hpa {
+                return Err(BenchError::Check(format!(
+                    "{addr:#x} of {pasid} translated to {:#x} from {:?}, expected {hpa:#x} \
+                     from {source:?}",
+                    m.hpa, m.source
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CachedTranslations<'_> {
+    /// Unmaps the blocks and the second process's pages, and unbinds it.
+    fn drop(&mut self) {
+        let process = self.vm.process();
+        if let Err(e) = process.munmap(Gva(CACHED_GVA), 2 * BLOCK_PAGES * PAGE_SIZE) {
+            tracing::warn!("bench: unmapping the cached-translation blocks: {e}");
+        }
+        if let Some(&(first, _)) = self.others.first() {
+            if let Err(e) = self.other.munmap(Gva(first), OTHER_PAGES * PAGE_SIZE) {
+                tracing::warn!("bench: unmapping the second process's pages: {e}");
+            }
+        }
+        let driver = &self.vm.vm().driver;
+        if let Err(e) = driver.sva_unbind(GUEST_DEVICE_SID, self.other_pasid) {
+            tracing::warn!("bench: unbinding {}: {e}", self.other_pasid);
+        }
+    }
+}
+
 /// `VFIO_IOMMU_CACHE_INVALIDATE` of IOTLB entries of the bound PASID, as the vIOMMU
 /// forwards a guest's PASID-based IOTLB invalidation: the host driver queues a PASID-based
-/// IOTLB and a device-TLB descriptor and a wait. Back to back, the IOTLB holds none of the
-/// PASID's translations after the first call.
+/// IOTLB and a device-TLB descriptor and a wait.
+///
+/// Each call meets caches that hold what it must remove and others besides
+/// ([`CachedTranslations`]): it is timed alone (the clock's own cost taken off), and then,
+/// untimed, every page it had to remove must walk again (which puts it back, to the same
+/// host address), every other page must still hit the IOTLB, and the first-level
+/// paging-structure caches must have lost entries while the second-level ones (tagged by
+/// domain, shared by both PASIDs' nested walks) keep theirs.
 pub struct HostInvalidations<'a> {
-    vm: &'a BenchVm,
+    cached: &'a CachedTranslations<'a>,
     inv: CacheInvalidate,
+    /// The bound PASID's pages the call removes, and those it keeps.
+    removed: Vec<(u64, u64)>,
+    kept: Vec<(u64, u64)>,
     /// Descriptors (wait included) the physical IOMMU processes per call.
     per_call: u64,
+    overhead: Duration,
 }
 
 impl<'a> HostInvalidations<'a> {
-    /// PASID-selective.
-    pub fn pasid(vm: &'a BenchVm) -> Result<Self, BenchError> {
+    /// PASID-selective: removes every cached page of the PASID; the block is checked
+    /// (the block beside it goes too, and is not put back).
+    pub fn pasid(cached: &'a CachedTranslations<'a>) -> Result<Self, BenchError> {
         Self::new(
-            vm,
+            cached,
             InvGranularity::Pasid {
-                pasid: Some(vm.pasid()),
+                pasid: Some(cached.vm.pasid()),
                 archid: None,
             },
+            cached.block.clone(),
+            Vec::new(),
         )
     }
 
-    /// `pages` 4-KiB pages (a power of two): the naturally aligned block that holds the
-    /// start of the process's buffer.
-    pub fn pages(vm: &'a BenchVm, pages: u64) -> Result<Self, BenchError> {
-        if !pages.is_power_of_two() {
+    /// `pages` 4-KiB pages (a power of two, at most 512) from the start of the block: they
+    /// are removed, the rest of the block and the block beside it are kept.
+    pub fn pages(cached: &'a CachedTranslations<'a>, pages: u64) -> Result<Self, BenchError> {
+        if !pages.is_power_of_two() || pages > BLOCK_PAGES {
             return Err(BenchError::Check(format!(
-                "{pages} pages is not a power of two"
+                "{pages} pages is not a power of two up to {BLOCK_PAGES}"
             )));
         }
-        let block = pages * PAGE_SIZE;
+        let (removed, rest) = cached.block.split_at(pages as usize);
         Self::new(
-            vm,
+            cached,
             InvGranularity::Addr {
-                pasid: Some(vm.pasid()),
+                pasid: Some(cached.vm.pasid()),
                 archid: None,
-                addr: vm.buffer().0 & !(block - 1),
+                addr: CACHED_GVA,
                 granule_size: PAGE_SIZE,
                 nb_granules: pages,
                 leaf: false,
             },
+            removed.to_vec(),
+            rest.iter().chain(&cached.beside).copied().collect(),
         )
     }
 
     /// Makes one call and counts what it queued: at least a descriptor and its wait.
-    fn new(vm: &'a BenchVm, granularity: InvGranularity) -> Result<Self, BenchError> {
+    fn new(
+        cached: &'a CachedTranslations<'a>,
+        granularity: InvGranularity,
+        removed: Vec<(u64, u64)>,
+        kept: Vec<(u64, u64)>,
+    ) -> Result<Self, BenchError> {
         let inv = CacheInvalidate {
             cache: IOMMU_CACHE_INV_TYPE_IOTLB,
             granularity,
         };
+        let vm = cached.vm;
         let before = processed(vm);
         vm.vm().vfio().cache_invalidate(&inv)?;
         let per_call = processed(vm) - before;
@@ -88,31 +219,73 @@ impl<'a> HostInvalidations<'a> {
                 "CACHE_INVALIDATE queued {per_call} descriptors, fewer than one and its wait"
             )));
         }
-        Ok(HostInvalidations { vm, inv, per_call })
+        Ok(HostInvalidations {
+            cached,
+            inv,
+            removed,
+            kept,
+            per_call,
+            overhead: timer_overhead(),
+        })
     }
 
     /// Descriptors the physical IOMMU processes per call, the wait included.
     pub fn descriptors_per_call(&self) -> u64 {
         self.per_call
     }
+
+    /// Pages of the bound PASID each call must remove.
+    pub fn removes(&self) -> usize {
+        self.removed.len()
+    }
+
+    /// Puts every page the workload checks in the IOTLB (walking where it is not).
+    fn populate(&self) -> Result<(), BenchError> {
+        let c = self.cached;
+        for &(addr, _) in self.removed.iter().chain(&self.kept) {
+            c.translate(Some(c.vm.pasid()), addr)?;
+        }
+        for &(addr, _) in &c.others {
+            c.translate(Some(c.other_pasid), addr)?;
+        }
+        Ok(())
+    }
 }
 
 impl Workload for HostInvalidations<'_> {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
-        let before = processed(self.vm);
-        let start = Instant::now();
+        let c = self.cached;
+        let vm = c.vm;
+        let caches = vm.host().iommu.paging_structure_caches();
+        let pasid = vm.pasid();
+        self.populate()?;
+        let before = processed(vm);
+        let mut total = Duration::ZERO;
         for _ in 0..iters {
-            self.vm.vm().vfio().cache_invalidate(&self.inv)?;
+            let held = caches.len();
+            let start = Instant::now();
+            vm.vm().vfio().cache_invalidate(&self.inv)?;
+            total += start.elapsed().saturating_sub(self.overhead);
+            let left = caches.len();
+            if left.first_level >= held.first_level || left.second_level < held.second_level {
+                return Err(BenchError::Check(format!(
+                    "{:?} left the paging-structure caches at {left:?} from {held:?}: \
+                     first-level entries must go, second-level ones stay",
+                    self.inv.granularity
+                )));
+            }
+            c.expect(c.other_pasid, &c.others, Source::Iotlb)?;
+            c.expect(pasid, &self.kept, Source::Iotlb)?;
+            c.expect(pasid, &self.removed, Source::Walk)?;
         }
-        let t = start.elapsed();
-        let done = processed(self.vm) - before;
+        let done = processed(vm) - before;
         if done != iters * self.per_call {
             return Err(BenchError::Check(format!(
                 "{iters} invalidations processed {done} descriptors, not {} each",
                 self.per_call
             )));
         }
-        Ok(t)
+        Ok(total)
     }
 }
 
@@ -376,19 +549,59 @@ mod tests {
     #[test]
     fn invalidations_queue_a_descriptor_and_its_wait_and_ranges_one_descriptor() {
         let vm = BenchVm::new().unwrap();
-        let pasid = HostInvalidations::pasid(&vm)
-            .unwrap()
-            .descriptors_per_call();
-        let one = HostInvalidations::pages(&vm, 1)
-            .unwrap()
-            .descriptors_per_call();
-        let many = HostInvalidations::pages(&vm, 512).unwrap();
+        let cached = CachedTranslations::new(&vm).unwrap();
+        let pasid = HostInvalidations::pasid(&cached).unwrap();
+        let one = HostInvalidations::pages(&cached, 1).unwrap();
+        let many = HostInvalidations::pages(&cached, 512).unwrap();
         // A PASID-based IOTLB and a device-TLB descriptor, and the wait: a range is one
         // descriptor whatever its size.
-        assert_eq!((pasid, one, many.descriptors_per_call()), (3, 3, 3));
-        assert!(HostInvalidations::pages(&vm, 3).is_err());
-        let mut many = many;
-        many.run(5).unwrap();
+        let per_call = [&pasid, &one, &many].map(|w| w.descriptors_per_call());
+        assert_eq!(per_call, [3, 3, 3]);
+        assert_eq!([&pasid, &one, &many].map(|w| w.removes()), [512, 1, 512]);
+        assert!(HostInvalidations::pages(&cached, 3).is_err());
+        assert!(HostInvalidations::pages(&cached, 1024).is_err());
+    }
+
+    #[test]
+    fn invalidations_meet_populated_caches_and_remove_only_their_entries() {
+        let vm = BenchVm::new().unwrap();
+        let cached = CachedTranslations::new(&vm).unwrap();
+        let iommu = &vm.host().iommu;
+        let walks = || iommu.stats().walks.load(Ordering::Relaxed);
+        for (mut w, removed) in [
+            (HostInvalidations::pasid(&cached).unwrap(), 512),
+            (HostInvalidations::pages(&cached, 512).unwrap(), 512),
+            (HostInvalidations::pages(&cached, 1).unwrap(), 1),
+        ] {
+            w.populate().unwrap();
+            let before = walks();
+            w.run(3).unwrap();
+            // Each call's removed pages walk again, and nothing else does.
+            assert_eq!(walks() - before, 3 * removed);
+            assert!(iommu.iotlb().len() as u64 >= removed + OTHER_PAGES);
+        }
+    }
+
+    #[test]
+    fn an_invalidation_that_removes_too_little_or_too_much_fails_its_check() {
+        let vm = BenchVm::new().unwrap();
+        let cached = CachedTranslations::new(&vm).unwrap();
+        // Claims the 1-page call removes two pages: the second is still cached.
+        let mut w = HostInvalidations::pages(&cached, 1).unwrap();
+        w.removed.push(w.kept.remove(0));
+        let e = w.run(1).unwrap_err().to_string();
+        assert!(
+            e.contains("from Iotlb, expected") && e.contains("from Walk"),
+            "{e}"
+        );
+        // Claims the 512-page call keeps a page of its block.
+        let mut w = HostInvalidations::pages(&cached, 512).unwrap();
+        w.kept.push(w.removed[7]);
+        let e = w.run(1).unwrap_err().to_string();
+        assert!(
+            e.contains("from Walk, expected") && e.contains("from Iotlb"),
+            "{e}"
+        );
     }
 
     #[test]
