@@ -18,6 +18,7 @@ use serde::Serialize;
 use vsva_guest::{Process, Prot};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::VfioIoctls;
 use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vtd::{FlPagingMode, Gva, Pasid};
 

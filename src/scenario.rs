@@ -9,6 +9,7 @@ use std::sync::Arc;
 use vsva_guest::{Process, Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_testbed::scale::{run_scale, ScaleConfig};
+use vsva_uapi::VfioIoctls;
 use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
 
 use crate::holdings::HostHoldings;

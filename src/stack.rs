@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Mmio, Process};
 use vsva_host::driver::{HostIommu, VtdDomain};
-use vsva_host::{Container, HostError, IommuModel, PasidAllocator};
+use vsva_host::{Container, HostError, PasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, DmaPort, Operation,
@@ -21,6 +21,7 @@ use vsva_hw::dma::{
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::DmaMap;
+use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
 use vsva_vtd::{FlPagingMode, Gpa, Gva, Hpa, Iova, Pasid, SourceId};
 

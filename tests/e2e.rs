@@ -15,6 +15,7 @@ use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descri
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
+use vsva_uapi::VfioIoctls;
 use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity, PageResponse, PageResponseCode};
 use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::PasidIotlbGranularity;

@@ -18,46 +18,26 @@ use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vsva_uapi::UapiError;
+use vsva_uapi::{FaultEvent, IommuModel, UapiError, VfioIoctls};
 use vsva_vtd::{Iova, Pasid, SourceId};
 
 use crate::binds::GpasidBinds;
 use crate::error::HostError;
-use crate::fault::{FaultEvent, FaultNotifier, FaultQueue, FaultSink};
+use crate::fault::{FaultNotifier, FaultQueue, FaultSink};
 use crate::pasid::{PasidAllocator, PasidSetId};
-use vsva_uapi::iommu::{IommuNestingInfo, IommuPageResponse};
+use vsva_uapi::iommu::IommuNestingInfo;
 use vsva_uapi::request::{
     BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse, PageResponseCode,
     PasidTableConfig,
 };
 use vsva_uapi::vfio::*;
-use vsva_uapi::wire::{read_prefix, write_into};
+use vsva_uapi::wire::write_into;
 
 /// The PASID allocator, shared by every container of the host.
 pub type SharedPasidAllocator = Arc<Mutex<PasidAllocator>>;
 
 /// Most DMA mappings one container may hold (type1's `dma_entry_limit` default, `U16_MAX`).
 pub const DMA_ENTRY_LIMIT: usize = u16::MAX as usize;
-
-/// The IOMMU model a container is set to with `VFIO_SET_IOMMU`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IommuModel {
-    /// `VFIO_TYPE1v2_IOMMU`: one address space, managed with MAP/UNMAP_DMA.
-    Type1v2,
-    /// `VFIO_TYPE1_NESTING_IOMMU`: MAP/UNMAP_DMA fill the second level; the SVA ioctls
-    /// manage first-level (guest) tables per PASID.
-    Type1Nesting,
-}
-
-impl IommuModel {
-    /// The `VFIO_SET_IOMMU` argument.
-    pub const fn id(self) -> u64 {
-        match self {
-            IommuModel::Type1v2 => VFIO_TYPE1V2_IOMMU,
-            IommuModel::Type1Nesting => VFIO_TYPE1_NESTING_IOMMU,
-        }
-    }
-}
 
 /// What the host IOMMU offers a container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,15 +133,6 @@ pub trait IommuBackend {
     }
 }
 
-/// The IOMMU information `VFIO_IOMMU_GET_INFO` reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Type1Info {
-    /// Bitmap of supported page sizes.
-    pub iova_pgsizes: u64,
-    /// The nesting capability, on a nesting container.
-    pub nesting: Option<NestingInfo>,
-}
-
 /// A snapshot of what a container holds, for diagnostics and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerState {
@@ -208,6 +179,52 @@ fn int_arg(arg: &[u8]) -> Result<u64, HostError> {
         )
     })?;
     Ok(u64::from_le_bytes(bytes))
+}
+
+/// What an ioctl needs of the container before its handler runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Needs {
+    /// Nothing: a container-level ioctl.
+    Nothing,
+    /// An IOMMU model (`VFIO_SET_IOMMU` done), else `-EINVAL`.
+    Model,
+    /// The `VFIO_TYPE1_NESTING_IOMMU` model, else `-EOPNOTSUPP`.
+    Nesting,
+}
+
+/// The `minsz` of `VFIO_IOMMU_GET_INFO`: up to `iova_pgsizes`.
+const GET_INFO_MINSZ: usize = offset_of!(VfioIommuType1Info, iova_pgsizes) + size_of::<u64>();
+/// The `minsz` of `VFIO_IOMMU_CACHE_INVALIDATE`: the header and the info's fixed part.
+const CACHE_INVALIDATE_MINSZ: usize = offset_of!(VfioIommuType1CacheInvalidate, info)
+    + offset_of!(vsva_uapi::iommu::IommuCacheInvalidateInfo, granu);
+/// The `minsz` of `VFIO_IOMMU_PAGE_RESPONSE`: the header before the response.
+const PAGE_RESPONSE_MINSZ: usize = offset_of!(VfioIommuType1PageResponse, response);
+
+/// One row of the ioctl table.
+struct IoctlOp<B: IommuBackend> {
+    cmd: u32,
+    name: &'static str,
+    needs: Needs,
+    min_size: usize,
+    handler: fn(&mut Container<B>, &mut [u8]) -> Result<usize, HostError>,
+}
+
+impl<B: IommuBackend> IoctlOp<B> {
+    const fn new(
+        cmd: u32,
+        name: &'static str,
+        needs: Needs,
+        min_size: usize,
+        handler: fn(&mut Container<B>, &mut [u8]) -> Result<usize, HostError>,
+    ) -> Self {
+        IoctlOp {
+            cmd,
+            name,
+            needs,
+            min_size,
+            handler,
+        }
+    }
 }
 
 impl<B: IommuBackend> Container<B> {
@@ -297,6 +314,11 @@ impl<B: IommuBackend> Container<B> {
         self.faults.read()
     }
 
+    /// Takes at most `max` of the page requests reported since the last read, oldest first.
+    pub(crate) fn read_faults_max(&mut self, max: usize) -> Vec<FaultEvent> {
+        self.faults.read_max(max)
+    }
+
     /// The page request groups waiting for a response (the last request of each), oldest
     /// first.
     pub fn pending_page_requests(&self) -> Vec<FaultEvent> {
@@ -325,46 +347,124 @@ impl<B: IommuBackend> Container<B> {
     /// writes back). `VFIO_CHECK_EXTENSION` and `VFIO_SET_IOMMU` take an integer: `arg` is
     /// then its 8 little-endian bytes. Argument-less ioctls ignore `arg`.
     pub fn ioctl(&mut self, cmd: u32, arg: &mut [u8]) -> Result<usize, HostError> {
-        match cmd {
-            VFIO_GET_API_VERSION => return Ok(VFIO_API_VERSION as usize),
-            VFIO_CHECK_EXTENSION => return Ok(usize::from(self.has_extension(int_arg(arg)?))),
-            VFIO_SET_IOMMU => return self.set_iommu_model(int_arg(arg)?),
-            _ => {}
-        }
-        // As in VFIO, every other ioctl goes to the IOMMU model, and there is none yet.
-        let model = self.model.ok_or(HostError::NoIommuModel)?;
-        match cmd {
-            VFIO_IOMMU_GET_INFO => self.do_get_info(model, arg),
-            VFIO_IOMMU_MAP_DMA => self.do_map_dma(arg),
-            VFIO_IOMMU_UNMAP_DMA => self.do_unmap_dma(arg),
-            VFIO_IOMMU_PASID_REQUEST
-            | VFIO_IOMMU_BIND
-            | VFIO_IOMMU_UNBIND
-            | VFIO_IOMMU_CACHE_INVALIDATE
-            | VFIO_IOMMU_ATTACH_PASID_TABLE
-            | VFIO_IOMMU_DETACH_PASID_TABLE
-            | VFIO_IOMMU_PAGE_RESPONSE => {
-                if model != IommuModel::Type1Nesting {
-                    return Err(HostError::NotNesting(sva_ioctl_name(cmd)));
-                }
-                match cmd {
-                    VFIO_IOMMU_PASID_REQUEST => self.do_pasid_request(arg),
-                    VFIO_IOMMU_BIND => self.do_bind(arg),
-                    VFIO_IOMMU_UNBIND => self.do_unbind(arg),
-                    VFIO_IOMMU_CACHE_INVALIDATE => self.do_cache_invalidate(arg),
-                    VFIO_IOMMU_ATTACH_PASID_TABLE => self.do_attach_pasid_table(arg),
-                    VFIO_IOMMU_PAGE_RESPONSE => self.do_page_response(arg),
-                    _ => {
-                        if self.pasid_table.take().is_some() {
-                            self.backend.detach_pasid_table();
-                        }
-                        Ok(0)
-                    }
-                }
+        let op = Self::IOCTLS.iter().find(|op| op.cmd == cmd);
+        if op.is_none_or(|op| op.needs != Needs::Nothing) {
+            // As in VFIO, every ioctl but the container's own goes to the IOMMU model, even
+            // an unknown one (`-EINVAL` while there is none, `-ENOTTY` from the model).
+            let model = self.model.ok_or(HostError::NoIommuModel)?;
+            let op = op.ok_or(HostError::UnknownIoctl(cmd))?;
+            if op.needs == Needs::Nesting && model != IommuModel::Type1Nesting {
+                return Err(HostError::NotNesting(op.name));
             }
-            _ => Err(HostError::UnknownIoctl(cmd)),
         }
+        let op = op.ok_or(HostError::UnknownIoctl(cmd))?;
+        if arg.len() < op.min_size {
+            return Err(UapiError::BufferTooShort {
+                what: op.name,
+                len: arg.len(),
+                need: op.min_size,
+            }
+            .into());
+        }
+        (op.handler)(self, arg)
     }
+
+    /// The container ioctls: number, what they need, the argument bytes copied in before
+    /// anything else (a shorter buffer faults, `-EFAULT`), and the handler. Adding an ioctl
+    /// is one line here.
+    const IOCTLS: [IoctlOp<B>; 13] = [
+        IoctlOp::new(
+            VFIO_GET_API_VERSION,
+            "VFIO_GET_API_VERSION",
+            Needs::Nothing,
+            0,
+            |_, _| Ok(VFIO_API_VERSION as usize),
+        ),
+        IoctlOp::new(
+            VFIO_CHECK_EXTENSION,
+            "VFIO_CHECK_EXTENSION",
+            Needs::Nothing,
+            0,
+            |c, arg| Ok(usize::from(c.has_extension(int_arg(arg)?))),
+        ),
+        IoctlOp::new(
+            VFIO_SET_IOMMU,
+            "VFIO_SET_IOMMU",
+            Needs::Nothing,
+            0,
+            |c, arg| c.set_iommu_model(int_arg(arg)?),
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_GET_INFO,
+            "VFIO_IOMMU_GET_INFO",
+            Needs::Model,
+            GET_INFO_MINSZ,
+            Self::do_get_info,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_MAP_DMA,
+            "VFIO_IOMMU_MAP_DMA",
+            Needs::Model,
+            size_of::<VfioIommuType1DmaMap>(),
+            Self::do_map_dma,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_UNMAP_DMA,
+            "VFIO_IOMMU_UNMAP_DMA",
+            Needs::Model,
+            size_of::<VfioIommuType1DmaUnmap>(),
+            Self::do_unmap_dma,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_ATTACH_PASID_TABLE,
+            "VFIO_IOMMU_ATTACH_PASID_TABLE",
+            Needs::Nesting,
+            size_of::<VfioIommuType1AttachPasidTable>(),
+            Self::do_attach_pasid_table,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_DETACH_PASID_TABLE,
+            "VFIO_IOMMU_DETACH_PASID_TABLE",
+            Needs::Nesting,
+            0,
+            Self::do_detach_pasid_table,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_CACHE_INVALIDATE,
+            "VFIO_IOMMU_CACHE_INVALIDATE",
+            Needs::Nesting,
+            CACHE_INVALIDATE_MINSZ,
+            Self::do_cache_invalidate,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_PASID_REQUEST,
+            "VFIO_IOMMU_PASID_REQUEST",
+            Needs::Nesting,
+            size_of::<VfioIommuType1PasidRequest>(),
+            Self::do_pasid_request,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_BIND,
+            "VFIO_IOMMU_BIND",
+            Needs::Nesting,
+            size_of::<VfioIommuType1Bind>(),
+            Self::do_bind,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_UNBIND,
+            "VFIO_IOMMU_UNBIND",
+            Needs::Nesting,
+            size_of::<VfioIommuType1Bind>(),
+            Self::do_unbind,
+        ),
+        IoctlOp::new(
+            VFIO_IOMMU_PAGE_RESPONSE,
+            "VFIO_IOMMU_PAGE_RESPONSE",
+            Needs::Nesting,
+            PAGE_RESPONSE_MINSZ,
+            Self::do_page_response,
+        ),
+    ];
 
     fn has_extension(&self, ext: u64) -> bool {
         match ext {
@@ -392,8 +492,9 @@ impl<B: IommuBackend> Container<B> {
     /// `VFIO_IOMMU_GET_INFO` as v5.10 `vfio_iommu_type1_get_info`: flags and page sizes,
     /// then the capability chain if `argsz` leaves room for it, else `argsz` raised to the
     /// size needed. Only the fields `argsz` covers are written back.
-    fn do_get_info(&mut self, model: IommuModel, arg: &mut [u8]) -> Result<usize, HostError> {
+    fn do_get_info(&mut self, arg: &mut [u8]) -> Result<usize, HostError> {
         const WHAT: &str = "vfio_iommu_type1_info";
+        let model = self.model.ok_or(HostError::NoIommuModel)?;
         let req = VfioIommuType1Info::from_bytes(arg)?;
         let info = self.backend.info();
         let capsz = offset_of!(VfioIommuType1Info, cap_offset) + size_of::<u32>();
@@ -614,6 +715,16 @@ impl<B: IommuBackend> Container<B> {
         Ok(0)
     }
 
+    /// `VFIO_IOMMU_DETACH_PASID_TABLE`: removes the guest PASID table if one is attached;
+    /// with none attached (always so on VT-d, whose driver refuses the attach) there is
+    /// nothing to undo and the ioctl returns 0.
+    fn do_detach_pasid_table(&mut self, _arg: &mut [u8]) -> Result<usize, HostError> {
+        if self.pasid_table.take().is_some() {
+            self.backend.detach_pasid_table();
+        }
+        Ok(0)
+    }
+
     /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension): a response naming a PASID must name one
     /// of the caller's (EPERM), and must answer a pending group (EINVAL): of the device the
     /// `rid` names, or else the oldest that matches, matched as `iommu_page_response` does
@@ -635,194 +746,15 @@ impl<B: IommuBackend> Container<B> {
         self.faults.remove_pending(seq);
         Ok(0)
     }
-
-    // ----- Typed wrappers: each encodes its argument and goes through `ioctl`. -----
-
-    /// `VFIO_GET_API_VERSION`.
-    pub fn api_version(&mut self) -> Result<u32, HostError> {
-        Ok(self.ioctl(VFIO_GET_API_VERSION, &mut [])? as u32)
-    }
-
-    /// `VFIO_CHECK_EXTENSION`: whether the IOMMU model `ext` is offered.
-    pub fn check_extension(&mut self, ext: u64) -> Result<bool, HostError> {
-        Ok(self.ioctl(VFIO_CHECK_EXTENSION, &mut ext.to_le_bytes())? == 1)
-    }
-
-    /// `VFIO_SET_IOMMU`.
-    pub fn set_iommu(&mut self, model: IommuModel) -> Result<(), HostError> {
-        self.ioctl(VFIO_SET_IOMMU, &mut model.id().to_le_bytes())?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_GET_INFO`, with room for the nesting capability.
-    pub fn get_info(&mut self) -> Result<Type1Info, HostError> {
-        const TOTAL: usize =
-            size_of::<VfioIommuType1Info>() + size_of::<VfioIommuType1InfoCapNesting>();
-        let mut buf = [0u8; TOTAL];
-        buf[..4].copy_from_slice(&(TOTAL as u32).to_le_bytes());
-        self.ioctl(VFIO_IOMMU_GET_INFO, &mut buf)?;
-        let info: VfioIommuType1Info = read_prefix(&buf, size_of::<VfioIommuType1Info>());
-        let nesting = if info.flags & VFIO_IOMMU_INFO_CAPS != 0 && info.cap_offset != 0 {
-            let at = info.cap_offset as usize;
-            let cap = VfioIommuType1InfoCapNesting::from_bytes(buf.get(at..).unwrap_or(&[]))?;
-            Some(NestingInfo::try_from(&cap.info)?)
-        } else {
-            None
-        };
-        Ok(Type1Info {
-            iova_pgsizes: info.iova_pgsizes,
-            nesting,
-        })
-    }
-
-    /// `VFIO_IOMMU_MAP_DMA`.
-    pub fn map_dma(&mut self, map: &DmaMap) -> Result<(), HostError> {
-        let mut buf = VfioIommuType1DmaMap::from(map).to_bytes();
-        self.ioctl(VFIO_IOMMU_MAP_DMA, &mut buf)?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_UNMAP_DMA`; returns the bytes unmapped.
-    pub fn unmap_dma(&mut self, iova: Iova, size: u64) -> Result<u64, HostError> {
-        let mut buf = VfioIommuType1DmaUnmap {
-            argsz: size_of::<VfioIommuType1DmaUnmap>() as u32,
-            flags: 0,
-            iova: iova.raw(),
-            size,
-        }
-        .to_bytes();
-        self.ioctl(VFIO_IOMMU_UNMAP_DMA, &mut buf)?;
-        let out: VfioIommuType1DmaUnmap = read_prefix(&buf, buf.len());
-        Ok(out.size)
-    }
-
-    fn pasid_request(&mut self, flags: u32, min: u32, max: u32) -> Result<usize, HostError> {
-        let mut buf = VfioIommuType1PasidRequest {
-            argsz: size_of::<VfioIommuType1PasidRequest>() as u32,
-            flags,
-            range: VfioPasidRange { min, max },
-        }
-        .to_bytes();
-        self.ioctl(VFIO_IOMMU_PASID_REQUEST, &mut buf)
-    }
-
-    /// `VFIO_IOMMU_PASID_REQUEST` ALLOC: the lowest free PASID in `[min, max]`.
-    pub fn pasid_alloc(&mut self, min: u32, max: u32) -> Result<Pasid, HostError> {
-        let raw = self.pasid_request(VFIO_IOMMU_FLAG_ALLOC_PASID, min, max)?;
-        Pasid::new(raw as u32).map_err(|e| HostError::field("PASID", e.to_string()))
-    }
-
-    /// `VFIO_IOMMU_PASID_REQUEST` FREE of one PASID (EPERM if not the caller's).
-    pub fn pasid_free(&mut self, pasid: Pasid) -> Result<(), HostError> {
-        self.pasid_request(VFIO_IOMMU_FLAG_FREE_PASID, pasid.raw(), pasid.raw())?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_PASID_REQUEST` FREE of the caller's PASIDs in `[min, max]`.
-    pub fn pasid_free_range(&mut self, min: u32, max: u32) -> Result<(), HostError> {
-        self.pasid_request(VFIO_IOMMU_FLAG_FREE_PASID, min, max)?;
-        Ok(())
-    }
-
-    fn bind_request(&mut self, cmd: u32, bind: &BindGpasid) -> Result<(), HostError> {
-        let data = vsva_uapi::iommu::IommuGpasidBindData::from(bind);
-        let mut buf = VfioBindGuestPasid {
-            header: VfioIommuType1Bind {
-                argsz: (size_of::<VfioIommuType1Bind>() + data.argsz as usize) as u32,
-                bind_type: VFIO_IOMMU_BIND_GUEST_PASID,
-            },
-            data,
-        }
-        .to_bytes();
-        self.ioctl(cmd, &mut buf)?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_BIND` of a guest page table to `bind.hpasid`.
-    pub fn bind_gpasid(&mut self, bind: &BindGpasid) -> Result<(), HostError> {
-        self.bind_request(VFIO_IOMMU_BIND, bind)
-    }
-
-    /// `VFIO_IOMMU_UNBIND` of `bind.hpasid`.
-    pub fn unbind_gpasid(&mut self, bind: &BindGpasid) -> Result<(), HostError> {
-        self.bind_request(VFIO_IOMMU_UNBIND, bind)
-    }
-
-    /// `VFIO_IOMMU_CACHE_INVALIDATE`.
-    pub fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), HostError> {
-        let info = vsva_uapi::iommu::IommuCacheInvalidateInfo::from(inv);
-        let mut buf = VfioIommuType1CacheInvalidate {
-            argsz: size_of::<VfioIommuType1CacheInvalidate>() as u32,
-            flags: 0,
-            info,
-        }
-        .to_bytes();
-        self.ioctl(VFIO_IOMMU_CACHE_INVALIDATE, &mut buf)?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_ATTACH_PASID_TABLE`.
-    pub fn attach_pasid_table(&mut self, cfg: &PasidTableConfig) -> Result<(), HostError> {
-        let mut buf = VfioIommuType1AttachPasidTable {
-            argsz: size_of::<VfioIommuType1AttachPasidTable>() as u32,
-            flags: 0,
-            config: cfg.into(),
-        }
-        .to_bytes();
-        self.ioctl(VFIO_IOMMU_ATTACH_PASID_TABLE, &mut buf)?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_DETACH_PASID_TABLE`.
-    pub fn detach_pasid_table(&mut self) -> Result<(), HostError> {
-        self.ioctl(VFIO_IOMMU_DETACH_PASID_TABLE, &mut [])?;
-        Ok(())
-    }
-
-    fn page_response_request(
-        &mut self,
-        sid: Option<SourceId>,
-        resp: &PageResponse,
-    ) -> Result<(), HostError> {
-        let mut buf = VfioIommuType1PageResponse {
-            argsz: size_of::<VfioIommuType1PageResponse>() as u32,
-            flags: sid.map_or(0, |_| VFIO_IOMMU_PAGE_RESPONSE_RID_VALID),
-            rid: sid.map_or(0, |s| s.rid().into()),
-            response: IommuPageResponse::from(resp),
-        }
-        .to_bytes();
-        self.ioctl(VFIO_IOMMU_PAGE_RESPONSE, &mut buf)?;
-        Ok(())
-    }
-
-    /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension): answers the oldest pending page request
-    /// group that `resp` matches, of whichever device. EPERM for a PASID not the caller's,
-    /// EINVAL when no group is pending.
-    pub fn page_response(&mut self, resp: &PageResponse) -> Result<(), HostError> {
-        self.page_response_request(None, resp)
-    }
-
-    /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension) to device `sid`: as
-    /// [`Container::page_response`], among that device's pending groups only.
-    pub fn page_response_to(
-        &mut self,
-        sid: SourceId,
-        resp: &PageResponse,
-    ) -> Result<(), HostError> {
-        self.page_response_request(Some(sid), resp)
-    }
 }
 
-/// The kernel name of an SVA ioctl, for errors.
-fn sva_ioctl_name(cmd: u32) -> &'static str {
-    match cmd {
-        VFIO_IOMMU_PASID_REQUEST => "VFIO_IOMMU_PASID_REQUEST",
-        VFIO_IOMMU_BIND => "VFIO_IOMMU_BIND",
-        VFIO_IOMMU_UNBIND => "VFIO_IOMMU_UNBIND",
-        VFIO_IOMMU_CACHE_INVALIDATE => "VFIO_IOMMU_CACHE_INVALIDATE",
-        VFIO_IOMMU_ATTACH_PASID_TABLE => "VFIO_IOMMU_ATTACH_PASID_TABLE",
-        VFIO_IOMMU_PAGE_RESPONSE => "VFIO_IOMMU_PAGE_RESPONSE",
-        _ => "VFIO_IOMMU_DETACH_PASID_TABLE",
+/// The typed ioctls on the container itself, with the host's error detail (the
+/// [`vsva_uapi::UapiFile`] of a container gives the errno only).
+impl<B: IommuBackend> VfioIoctls for Container<B> {
+    type Error = HostError;
+
+    fn raw_ioctl(&mut self, cmd: u32, arg: &mut [u8]) -> Result<usize, HostError> {
+        self.ioctl(cmd, arg)
     }
 }
 
@@ -1731,7 +1663,7 @@ mod tests {
         let mut buf = [0xaau8; 24];
         buf[..4].copy_from_slice(&24u32.to_le_bytes());
         c.ioctl(VFIO_IOMMU_GET_INFO, &mut buf).unwrap();
-        let out: VfioIommuType1Info = read_prefix(&buf, 24);
+        let out: VfioIommuType1Info = vsva_uapi::wire::read_prefix(&buf, 24);
         assert_eq!(out.argsz, 96);
         assert_eq!(out.flags, VFIO_IOMMU_INFO_PGSIZES | VFIO_IOMMU_INFO_CAPS);
         assert_eq!(out.cap_offset, 0);
@@ -1919,23 +1851,206 @@ mod tests {
         assert_eq!(c.state().pasid_table, None);
     }
 
+    // ----- The dispatch table and the container as a file -----
+
+    #[test]
+    fn dispatch_table_has_one_row_per_ioctl() {
+        let mut cmds = cmds();
+        let n = cmds.len();
+        cmds.sort_unstable();
+        cmds.dedup();
+        assert_eq!(cmds.len(), n, "an ioctl number appears twice in the table");
+        for cmd in [
+            0,
+            VFIO_BASE,
+            io(VFIO_TYPE, VFIO_BASE + 3),
+            io(VFIO_TYPE, VFIO_BASE + 65),
+        ] {
+            assert!(!cmds.contains(&cmd));
+            let mut c = Container::new(shared(), 1, Minimal);
+            c.set_iommu(IommuModel::Type1Nesting).unwrap();
+            assert_eq!(
+                c.ioctl(cmd, &mut [0; 64]).unwrap_err(),
+                HostError::UnknownIoctl(cmd)
+            );
+        }
+    }
+
+    #[test]
+    fn dispatch_table_refuses_short_arguments_with_efault() {
+        // copy_from_user of the ioctl's minsz faults on a shorter buffer: -EFAULT, and the
+        // container is unchanged; one byte more reaches the handler (which then refuses
+        // the zero argsz with -EINVAL).
+        let (mut c, _) = nested(&shared());
+        let before = c.state();
+        for op in Container::<MockIommu>::IOCTLS
+            .iter()
+            .filter(|op| op.min_size > 0)
+        {
+            let mut short = vec![0u8; op.min_size - 1];
+            let e = c.ioctl(op.cmd, &mut short).unwrap_err();
+            assert_eq!(e.errno(), -libc::EFAULT, "{} {e}", op.name);
+            let mut zero = vec![0u8; op.min_size];
+            assert_eq!(
+                c.ioctl(op.cmd, &mut zero).unwrap_err().errno(),
+                -libc::EINVAL,
+                "{}",
+                op.name
+            );
+        }
+        assert_eq!(c.state(), before);
+        // Before VFIO_SET_IOMMU, a short argument still gets the model's -EINVAL first.
+        let mut fresh = Container::new(shared(), 1, Minimal);
+        assert_eq!(
+            fresh.ioctl(VFIO_IOMMU_MAP_DMA, &mut []).unwrap_err(),
+            HostError::NoIommuModel
+        );
+    }
+
+    #[test]
+    fn detach_pasid_table_has_its_own_arm() {
+        let mut c = Container::new(shared(), 1, Minimal);
+        assert_eq!(c.detach_pasid_table().unwrap_err(), HostError::NoIommuModel);
+        c.set_iommu(IommuModel::Type1v2).unwrap();
+        assert_eq!(
+            c.detach_pasid_table().unwrap_err(),
+            HostError::NotNesting("VFIO_IOMMU_DETACH_PASID_TABLE")
+        );
+        let backend = MockIommu::new(true, true);
+        let state = backend.state.clone();
+        let mut n = Container::new(shared(), 8, backend);
+        n.set_iommu(IommuModel::Type1Nesting).unwrap();
+        // Nothing attached: nothing to undo.
+        n.detach_pasid_table().unwrap();
+        let cfg = PasidTableConfig {
+            base_ptr: Gpa(0x9000),
+            pasid_bits: 10,
+            config: PasidConfig::Bypass,
+        };
+        n.attach_pasid_table(&cfg).unwrap();
+        assert_eq!(state.borrow().table, Some(cfg));
+        n.detach_pasid_table().unwrap();
+        assert_eq!(state.borrow().table, None);
+        assert_eq!(n.state().pasid_table, None);
+    }
+
+    /// A `Send` backend that attaches devices and answers page requests.
+    struct Answering;
+
+    impl IommuBackend for Answering {
+        fn info(&self) -> BackendInfo {
+            Minimal.info()
+        }
+        fn map_dma(&mut self, _: &DmaMap) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn unmap_dma(&mut self, _: Iova, _: u64) {}
+        fn bind_gpasid(&mut self, _: &BindGpasid) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn unbind_gpasid(&mut self, _: &BindGpasid) {}
+        fn cache_invalidate(&mut self, _: &CacheInvalidate) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn attach_device(&mut self, _: SourceId) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn page_response(&mut self, _: SourceId, _: &PageResponse) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn typed_wrappers_round_trip_through_the_file() {
+        use crate::file::ContainerFile;
+        use vsva_uapi::{Errno, Type1Info, UapiFile};
+
+        let file: Arc<dyn UapiFile> =
+            Arc::new(ContainerFile::new(Container::new(shared(), 4, Answering)));
+        let mut fd: &dyn UapiFile = &*file;
+        assert_eq!(fd.api_version(), Ok(VFIO_API_VERSION));
+        assert_eq!(fd.check_extension(VFIO_TYPE1_NESTING_IOMMU), Ok(true));
+        assert_eq!(fd.pasid_alloc(1, 10), Err(Errno::EINVAL), "no model yet");
+        fd.set_iommu(IommuModel::Type1Nesting).unwrap();
+        assert_eq!(
+            fd.get_info().unwrap(),
+            Type1Info {
+                iova_pgsizes: 0x1000,
+                nesting: Some(NESTING)
+            }
+        );
+        let m = dma(0x10000, 0x3000);
+        fd.map_dma(&m).unwrap();
+        assert_eq!(fd.map_dma(&m), Err(Errno::EEXIST));
+        assert_eq!(fd.unmap_dma(Iova(0x10000), 0x3000), Ok(0x3000));
+        let p = fd.pasid_alloc(1, 10).unwrap();
+        assert_eq!(p.raw(), 1);
+        fd.bind_gpasid(&bind_of(p)).unwrap();
+        assert_eq!(fd.bind_gpasid(&bind_of(p)), Err(Errno::EBUSY));
+        assert_eq!(fd.ioctl(0x3bff, &mut []), Err(Errno::ENOTTY));
+        assert_eq!(
+            fd.ioctl(VFIO_IOMMU_MAP_DMA, &mut [0; 31]),
+            Err(Errno::EFAULT)
+        );
+        fd.detach_pasid_table().unwrap();
+
+        // The fault queue is read as records and answered by a write.
+        let mut buf = [0u8; 200];
+        assert_eq!(file.read(&mut buf), Err(Errno::EAGAIN));
+        assert_eq!(file.read(&mut buf[..71]), Err(Errno::EINVAL));
+        let notified = Arc::new(AtomicUsize::new(0));
+        let typed = Arc::new(ContainerFile::new(Container::new(shared(), 4, Answering)));
+        let file2: Arc<dyn UapiFile> = typed.clone();
+        let mut fd2: &dyn UapiFile = &*file2;
+        fd2.set_iommu(IommuModel::Type1Nesting).unwrap();
+        typed.lock().attach_device(dev(0, 1)).unwrap();
+        let q = fd2.pasid_alloc(1, 10).unwrap();
+        file2.set_event_notifier(Some(Arc::new({
+            let n = Arc::clone(&notified);
+            move || {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        })));
+        let sink = typed.lock().fault_sink();
+        sink.report(dev(0, 1), pr(q, 2, false)).unwrap();
+        sink.report(dev(0, 1), pr(q, 3, true)).unwrap();
+        assert_eq!(notified.load(Ordering::SeqCst), 2);
+        let events = file2.read_faults().unwrap();
+        assert_eq!(
+            events,
+            vec![
+                FaultEvent {
+                    sid: dev(0, 1),
+                    request: pr(q, 2, false)
+                },
+                FaultEvent {
+                    sid: dev(0, 1),
+                    request: pr(q, 3, true)
+                },
+            ]
+        );
+        assert_eq!(file2.read(&mut buf), Err(Errno::EAGAIN));
+        let answer = vsva_uapi::file::page_response_bytes(
+            Some(dev(0, 1)),
+            &resp(Some(q), 3, PageResponseCode::Success),
+        );
+        assert_eq!(file2.write(&answer), Ok(answer.len()));
+        assert!(typed.lock().pending_page_requests().is_empty());
+        assert_eq!(file2.write(&answer), Err(Errno::EINVAL), "answered already");
+        file2.set_event_notifier(None);
+        sink.report(dev(0, 1), pr(q, 4, true)).unwrap();
+        assert_eq!(notified.load(Ordering::SeqCst), 2);
+    }
+
     // ----- Property test over arbitrary ioctls -----
 
-    const CMDS: [u32; 13] = [
-        VFIO_GET_API_VERSION,
-        VFIO_CHECK_EXTENSION,
-        VFIO_SET_IOMMU,
-        VFIO_IOMMU_GET_INFO,
-        VFIO_IOMMU_MAP_DMA,
-        VFIO_IOMMU_UNMAP_DMA,
-        VFIO_IOMMU_ATTACH_PASID_TABLE,
-        VFIO_IOMMU_DETACH_PASID_TABLE,
-        VFIO_IOMMU_CACHE_INVALIDATE,
-        VFIO_IOMMU_PASID_REQUEST,
-        VFIO_IOMMU_BIND,
-        VFIO_IOMMU_UNBIND,
-        VFIO_IOMMU_PAGE_RESPONSE,
-    ];
+    /// Every container ioctl, from the dispatch table.
+    fn cmds() -> Vec<u32> {
+        Container::<Minimal>::IOCTLS
+            .iter()
+            .map(|op| op.cmd)
+            .collect()
+    }
 
     /// A mostly well-formed argument for `cmd`, with small values so that requests collide.
     fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
@@ -2102,7 +2217,7 @@ mod tests {
     /// (one byte overwritten) or cut short.
     fn ioctl_call() -> impl Strategy<Value = (u32, Vec<u8>)> {
         // The SVA ioctls that change state come up three times as often as the others.
-        let weighted: Vec<u32> = CMDS
+        let weighted: Vec<u32> = cmds()
             .iter()
             .flat_map(|&c| {
                 let n = match c {

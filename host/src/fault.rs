@@ -17,20 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vsva_vtd::{Pasid, SourceId};
 
 use crate::error::HostError;
-use vsva_uapi::request::{PageRequest, PageResponse};
+use vsva_uapi::request::{FaultEvent, PageRequest, PageResponse};
 
 /// Per container, at most this many unread page requests, and as many groups waiting for a
 /// response (the depth of the fault ring; PCI PRI gives a function 512 group indexes).
 pub const FAULT_QUEUE_DEPTH: usize = 512;
-
-/// A page request from one of the container's devices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FaultEvent {
-    /// The requesting device.
-    pub sid: SourceId,
-    /// The request.
-    pub request: PageRequest,
-}
 
 /// Called once for every page request the container accepts, like the eventfd VFIO signals:
 /// "there is something to read". It runs on the reporting thread, without the queue's lock
@@ -202,6 +193,13 @@ impl FaultQueue {
     /// Takes every unread request, oldest first.
     pub(crate) fn read(&self) -> Vec<FaultEvent> {
         lock(&self.shared).unread.drain(..).collect()
+    }
+
+    /// Takes at most `max` of the unread requests, oldest first.
+    pub(crate) fn read_max(&self, max: usize) -> Vec<FaultEvent> {
+        let mut r = lock(&self.shared);
+        let n = r.unread.len().min(max);
+        r.unread.drain(..n).collect()
     }
 
     /// The groups waiting for a response, oldest first.

@@ -7,6 +7,8 @@
 //!   interrupts, and the per-container domain that implements [`IommuBackend`].
 //! - [`fault`]: a container's page requests on their way to the VMM, and the groups that
 //!   wait for a page response.
+//! - [`file`]: a container as an open [`vsva_uapi::UapiFile`] ([`ContainerFile`]): ioctls go through
+//!   one dispatch table, fault records are read from it and page responses written.
 //! - [`error`]: one error type whose variants carry the errno Linux returns.
 
 mod binds;
@@ -14,12 +16,11 @@ pub mod container;
 pub mod driver;
 pub mod error;
 pub mod fault;
+pub mod file;
 pub mod pasid;
 
-pub use container::{
-    BackendInfo, Container, ContainerState, IommuBackend, IommuModel, SharedPasidAllocator,
-    Type1Info,
-};
+pub use container::{BackendInfo, Container, ContainerState, IommuBackend, SharedPasidAllocator};
 pub use error::HostError;
-pub use fault::{FaultEvent, FaultNotifier, FaultSink, FAULT_QUEUE_DEPTH};
+pub use fault::{FaultNotifier, FaultSink, FAULT_QUEUE_DEPTH};
+pub use file::ContainerFile;
 pub use pasid::{PasidAllocator, PasidSetId, DEFAULT_QUOTA};

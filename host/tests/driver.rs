@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::{HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL, RID_PASID};
-use vsva_host::{Container, IommuBackend, IommuModel, PasidAllocator, SharedPasidAllocator};
+use vsva_host::{Container, IommuBackend, PasidAllocator, SharedPasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
@@ -21,6 +21,7 @@ use vsva_uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTL
 use vsva_uapi::request::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
 };
+use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::{
     AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, InvDesc, Iova, MapFlags,

@@ -16,10 +16,7 @@ use std::sync::{Arc, Mutex};
 use proptest::prelude::*;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::{HostIommu, VtdDomain, RID_PASID};
-use vsva_host::{
-    Container, ContainerState, FaultEvent, IommuModel, PasidAllocator, SharedPasidAllocator,
-    DEFAULT_QUOTA,
-};
+use vsva_host::{Container, ContainerState, PasidAllocator, SharedPasidAllocator, DEFAULT_QUOTA};
 use vsva_hw::dma::regs::{
     CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRIV_EN, CTRL_PRI_EN, REG_SWERR0, SWERR_OVERFLOW, SWERR_VALID,
 };
@@ -34,6 +31,7 @@ use vsva_uapi::vfio::*;
 use vsva_uapi::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
 };
+use vsva_uapi::{FaultEvent, IommuModel, VfioIoctls};
 use vsva_vtd::{
     AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, Iova, MapFlags, PageSize,
     PageTableBuilder, Pasid, PasidEntry, PhysMem, SourceId, Stage, TableFormat,

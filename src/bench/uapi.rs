@@ -17,6 +17,7 @@ use vsva_guest::{Process, Prot};
 use vsva_hw::iommu::{DmaMapping, Source};
 use vsva_hw::PAGE_SIZE;
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::VfioIoctls;
 use vsva_uapi::{BindGpasid, CacheInvalidate, DmaMap, InvGranularity};
 use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Hpa, Iova, PageSize, Pasid};
 

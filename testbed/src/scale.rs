@@ -20,11 +20,12 @@ use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, HostMemoryError};
 use vsva_vtd::{Gpa, Pasid, SourceId};
 
-use vsva_host::container::{Container, IommuModel, SharedPasidAllocator};
+use vsva_host::container::{Container, SharedPasidAllocator};
 use vsva_host::driver::{DriverError, HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL};
 use vsva_host::error::HostError;
 use vsva_host::pasid::{PasidAllocator, DEFAULT_QUOTA};
 use vsva_uapi::request::BindGpasid;
+use vsva_uapi::{IommuModel, VfioIoctls};
 
 /// The guest page-table root every bound PASID points to: one tiny table shared by all
 /// (binding does not walk it; a DMA would, through each VM's second level).

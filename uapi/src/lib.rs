@@ -5,17 +5,21 @@
 //!   `to_bytes`, and the kernel's constant names. VFIO type1 structures Linux merged come
 //!   from `vfio-bindings`; what never merged is hand-written `#[repr(C)]`.
 //! - [`request`]: typed views of the same requests for Rust callers.
+//! - [`file`]: [`UapiFile`], the kernel as an open file, and [`VfioIoctls`], its typed
+//!   container ioctls.
 //! - [`error`]: [`Errno`] and the decoding errors with the errno each maps to.
 //! - [`wire`]: the little-endian field-by-field encoding the structures share.
 
 pub mod error;
+pub mod file;
 pub mod iommu;
 pub mod request;
 pub mod vfio;
 pub mod wire;
 
 pub use error::{Errno, UapiError};
+pub use file::{EventNotifier, IommuModel, Type1Info, UapiFile, VfioIoctls};
 pub use request::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
-    PageResponseCode, PasidConfig, PasidTableConfig,
+    BindGpasid, CacheInvalidate, DmaMap, FaultEvent, InvGranularity, NestingInfo, PageRequest,
+    PageResponse, PageResponseCode, PasidConfig, PasidTableConfig,
 };

@@ -457,6 +457,25 @@ impl From<&PageRequest> for IommuFaultPageRequest {
     }
 }
 
+/// A page request of one device (a [`VfioIommuType1Fault`] record of the fault queue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultEvent {
+    /// The requesting device.
+    pub sid: vsva_vtd::SourceId,
+    /// The request.
+    pub request: PageRequest,
+}
+
+impl From<&FaultEvent> for VfioIommuType1Fault {
+    fn from(e: &FaultEvent) -> Self {
+        VfioIommuType1Fault {
+            flags: VFIO_IOMMU_FAULT_RID_VALID,
+            rid: e.sid.rid().into(),
+            fault: IommuFault::from(&IommuFaultPageRequest::from(&e.request)),
+        }
+    }
+}
+
 /// The report of a VT-d page request descriptor (§7.5.1.1), as the Linux VT-d driver makes
 /// it: a request with a PASID needs the PASID back in its response.
 impl From<&PageRequestDesc> for PageRequest {

@@ -27,7 +27,7 @@
 use std::mem::{offset_of, size_of};
 
 use super::iommu::{
-    IommuCacheInvalidateInfo, IommuGpasidBindData, IommuNestingInfo, IommuPageResponse,
+    IommuCacheInvalidateInfo, IommuFault, IommuGpasidBindData, IommuNestingInfo, IommuPageResponse,
     IommuPasidTableConfig, PAGE_SIZE,
 };
 use super::wire::{check_flags, read_with_argsz};
@@ -491,6 +491,45 @@ impl VfioIommuType1PageResponse {
     }
 }
 
+c_struct! {
+    /// `struct vfio_iommu_type1_fault` (vsva extension): one record `read` from the
+    /// container file's fault queue: the requester id of the device and its `iommu_fault`.
+    pub struct VfioIommuType1Fault {
+        /// `VFIO_IOMMU_FAULT_RID_VALID`.
+        pub flags: u32,
+        /// Requester id of the device (bits 15:0).
+        pub rid: u32,
+        /// The fault.
+        pub fault: IommuFault,
+    }
+}
+
+/// `VFIO_IOMMU_FAULT_RID_VALID` (vsva extension): `rid` names the reporting device.
+pub const VFIO_IOMMU_FAULT_RID_VALID: u32 = 1 << 0;
+
+impl VfioIommuType1Fault {
+    /// Decodes a record: known `flags`, a 16-bit `rid` flagged valid, a valid fault.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
+        const WHAT: &str = "vfio_iommu_type1_fault";
+        if bytes.len() < size_of::<Self>() {
+            return Err(UapiError::BufferTooShort {
+                what: WHAT,
+                len: bytes.len(),
+                need: size_of::<Self>(),
+            });
+        }
+        let r: Self = super::wire::read_prefix(bytes, size_of::<Self>());
+        if r.flags != VFIO_IOMMU_FAULT_RID_VALID || r.rid > u16::MAX.into() {
+            return Err(UapiError::field(
+                WHAT,
+                format!("flags {:#x} or rid {:#x} out of range", r.flags, r.rid),
+            ));
+        }
+        IommuFault::from_bytes(&bytes[offset_of!(Self, fault)..])?;
+        Ok(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +581,8 @@ mod tests {
         assert_eq!(size_of::<VfioIommuType1PageResponse>(), 36);
         assert_eq!(offset_of!(VfioIommuType1PageResponse, rid), 8);
         assert_eq!(offset_of!(VfioIommuType1PageResponse, response), 12);
+        assert_eq!(size_of::<VfioIommuType1Fault>(), 72);
+        assert_eq!(offset_of!(VfioIommuType1Fault, fault), 8);
     }
 
     fn map() -> VfioIommuType1DmaMap {

@@ -10,6 +10,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use vsva_host::{Container, HostError, IommuBackend, PasidAllocator, PasidSetId};
+use vsva_uapi::VfioIoctls;
 use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_vtd::{Pasid, SourceId};
 

@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use vsva_host::{
-    BackendInfo, Container, HostError, IommuBackend, IommuModel, PasidAllocator,
-    SharedPasidAllocator,
+    BackendInfo, Container, HostError, IommuBackend, PasidAllocator, SharedPasidAllocator,
 };
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_NESTING_FEAT_BIND_PGTBL,
@@ -18,6 +17,7 @@ use vsva_uapi::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
     PageResponseCode,
 };
+use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vmm::{bind_data, HostSva, PageRequestOutcome};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity, ResponseCode};
 use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Iova, Pasid, SourceId};
