@@ -219,14 +219,14 @@ impl Recorder {
 }
 
 impl DmaPort for Recorder {
-    fn translate(
+    fn remap(
         &self,
         sid: SourceId,
         pasid: Option<Pasid>,
         addr: u64,
         access: DmaAccess,
     ) -> Result<DmaTranslation, DmaFault> {
-        let t = DmaPort::translate(&*self.hw, sid, pasid, addr, access)?;
+        let t = DmaPort::remap(&*self.hw, sid, pasid, addr, access)?;
         self.record(Touch {
             hpa: t.hpa().0,
             len: t.size(),

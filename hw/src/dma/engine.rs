@@ -830,9 +830,7 @@ impl DmaEngine {
             }
         } else {
             bump(&self.counters.translations, 1);
-            self.port
-                .translate(sid, pasid, addr, access)
-                .map_err(fault)?
+            self.port.remap(sid, pasid, addr, access).map_err(fault)?
         };
         *cursor = Some((t.page_start(addr), t));
         Ok(t)

@@ -134,7 +134,7 @@ impl MockPort {
 }
 
 impl DmaPort for MockPort {
-    fn translate(
+    fn remap(
         &self,
         _sid: SourceId,
         pasid: Option<Pasid>,

@@ -162,9 +162,10 @@ pub const PRG_INDEX_COUNT: u16 = 512;
 
 /// The device's view of the IOMMU (and, through it, of host memory).
 pub trait DmaPort: Send + Sync {
-    /// An untranslated request: translates `addr` in the address space of (`sid`, `pasid`)
-    /// for `access`, checking permissions, and returns the page it lies in; or the fault.
-    fn translate(
+    /// An untranslated request, which the IOMMU remaps: translates `addr` in the address
+    /// space of (`sid`, `pasid`) for `access`, checking permissions, and returns the page it
+    /// lies in; or the fault.
+    fn remap(
         &self,
         sid: SourceId,
         pasid: Option<Pasid>,
@@ -175,7 +176,7 @@ pub trait DmaPort: Send + Sync {
     /// An ATS translation request for the page containing `addr`, asking for `access`
     /// (PCIe ATS; a request without write asks for a read-only translation). The result
     /// may grant more than asked; the device caches it until invalidated. When the access
-    /// cannot be granted the answer is the fault, as for [`DmaPort::translate`] (the
+    /// cannot be granted the answer is the fault, as for [`DmaPort::remap`] (the
     /// device takes a completion that grants less than asked as a non-recoverable failure
     /// with reason 0).
     fn ats_translate(

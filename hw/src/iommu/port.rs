@@ -43,7 +43,7 @@ impl Iommu {
 }
 
 impl DmaPort for Iommu {
-    fn translate(
+    fn remap(
         &self,
         sid: SourceId,
         pasid: Option<Pasid>,
@@ -51,7 +51,7 @@ impl DmaPort for Iommu {
         access: DmaAccess,
     ) -> Result<DmaTranslation, DmaFault> {
         let req = request(access);
-        match Iommu::translate(self, sid, pasid, addr, req) {
+        match self.translate(sid, pasid, addr, req) {
             Ok(m) => Ok(page(&m)),
             Err(f) => {
                 if !f.fpd {
@@ -94,7 +94,7 @@ impl DmaPort for Iommu {
                 recoverable: false,
             });
         }
-        match Iommu::translate(self, sid, pasid, addr, req) {
+        match self.translate(sid, pasid, addr, req) {
             Ok(m) => Ok(AtsCompletion {
                 page: page(&m),
                 perm: DmaAccess {

@@ -565,7 +565,7 @@ fn faults_are_recorded_unless_recoverable_and_page_requests_are_queued() {
     rig.write(offset::PECTL, 4, 0);
 
     // An untranslated request that faults is recorded with its reason and address.
-    let f = DmaPort::translate(
+    let f = DmaPort::remap(
         &*rig.iommu,
         SID,
         Some(pasid(6)),
