@@ -1,0 +1,615 @@
+//! The QEMU run: the RAM image, the EL1 program and the results file.
+
+use crate::a64::{Asm, AsmError, Cond, SysReg};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Where things sit in the guest's physical address space (`-M virt` RAM starts at 1 GiB).
+pub mod layout {
+    /// The first byte of RAM.
+    pub const RAM_BASE: u64 = 0x4000_0000;
+    /// The first byte of the image: above the device tree QEMU puts at the start of RAM.
+    pub const IMAGE_BASE: u64 = RAM_BASE + (2 << 20);
+    /// RAM given to QEMU.
+    pub const RAM_SIZE: u64 = 64 << 20;
+    /// The image loaded at [`IMAGE_BASE`].
+    pub const IMAGE_SIZE: u64 = 16 << 20;
+    /// The exception vectors (VBAR_EL1 needs 2 KiB alignment).
+    pub const VECTORS: u64 = IMAGE_BASE;
+    /// The program's entry point.
+    pub const ENTRY: u64 = IMAGE_BASE + 0x800;
+    /// Semihosting parameter blocks and the results file name.
+    pub const BLOCKS: u64 = IMAGE_BASE + 0x1_0000;
+    /// The probe list: 32 bytes a probe.
+    pub const PROBES: u64 = IMAGE_BASE + 0x2_0000;
+    /// The most probes a run takes.
+    pub const MAX_PROBES: usize = 0x1_0000 / 32 * 4;
+    /// The results: a 64-byte header, then 32 bytes a probe.
+    pub const RESULTS: u64 = IMAGE_BASE + 0x10_0000;
+    /// The table TTBR1 uses (and TTBR0 while the program starts and ends): one level-1
+    /// table whose entry 1 maps the first GiB of RAM as a block, at `HIGH + pa` and at `pa`.
+    pub const BOOT_TABLE: u64 = IMAGE_BASE + 0x1f_f000;
+    /// Frames for the tests' translation tables.
+    pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x60_0000);
+    /// Memory the probes may reach.
+    pub const DATA: (u64, u64) = (IMAGE_BASE + 0x60_0000, IMAGE_BASE + IMAGE_SIZE);
+    /// The TTBR1 alias of physical address 0: the program runs at `HIGH + pa`.
+    pub const HIGH: u64 = 0xffff_ff80_0000_0000;
+    /// T1SZ (and T0SZ while starting): 39-bit ranges, level-1 start tables.
+    pub const BOOT_TSZ: u64 = 25;
+}
+
+use layout::*;
+
+/// The kind of one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProbeOp {
+    /// LDR at EL1.
+    Load,
+    /// STR at EL1.
+    Store,
+    /// LDTR at EL1: a load with EL0's permissions.
+    LoadUnprivileged,
+    /// STTR at EL1: a store with EL0's permissions.
+    StoreUnprivileged,
+    /// Not an access: load TTBR0_EL1 and TCR_EL1, then TLBI VMALLE1.
+    Switch,
+}
+
+impl ProbeOp {
+    const fn code(self) -> u64 {
+        match self {
+            ProbeOp::Load => 0,
+            ProbeOp::Store => 1,
+            ProbeOp::LoadUnprivileged => 2,
+            ProbeOp::StoreUnprivileged => 3,
+            ProbeOp::Switch => 4,
+        }
+    }
+
+    /// Whether it writes.
+    pub const fn is_store(self) -> bool {
+        matches!(self, ProbeOp::Store | ProbeOp::StoreUnprivileged)
+    }
+}
+
+/// One step of the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Probe {
+    /// What to do.
+    pub op: ProbeOp,
+    /// The VA accessed (TTBR0 for [`ProbeOp::Switch`]).
+    pub va: u64,
+    /// The value stored (TCR_EL1 for [`ProbeOp::Switch`]).
+    pub value: u64,
+    /// For a store: a physical address read back (MMU off in effect: through the identity
+    /// map) after every probe ran; 0 for none.
+    pub check_pa: u64,
+}
+
+/// A synchronous exception the program caught.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DataAbort {
+    /// ESR_EL1.
+    pub esr: u64,
+    /// FAR_EL1.
+    pub far: u64,
+}
+
+impl DataAbort {
+    /// ESR_EL1.EC.
+    pub const fn ec(&self) -> u64 {
+        (self.esr >> 26) & 0x3f
+    }
+
+    /// ISS.DFSC for a data abort.
+    pub const fn dfsc(&self) -> u64 {
+        self.esr & 0x3f
+    }
+
+    /// ISS.WnR for a data abort.
+    pub const fn wnr(&self) -> bool {
+        self.esr & (1 << 6) != 0
+    }
+}
+
+/// What one probe did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The access completed: the value loaded, or for a store the value read back at its
+    /// `check_pa` at the end (0 without one).
+    Done(u64),
+    /// It took a synchronous exception.
+    Abort(DataAbort),
+}
+
+/// The CPU's memory-model features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Features {
+    /// ID_AA64MMFR0_EL1.
+    pub mmfr0: u64,
+    /// ID_AA64MMFR1_EL1.
+    pub mmfr1: u64,
+}
+
+impl Features {
+    /// ID_AA64MMFR1_EL1.HAFDBS: 0 none, 1 the Access flag, 2 also dirty state.
+    pub const fn hafdbs(&self) -> u64 {
+        self.mmfr1 & 0xf
+    }
+
+    /// ID_AA64MMFR0_EL1.PARange.
+    pub const fn pa_range(&self) -> u64 {
+        self.mmfr0 & 0xf
+    }
+}
+
+/// What a run reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Results {
+    /// The CPU's features.
+    pub features: Features,
+    /// One outcome a probe, in order.
+    pub outcomes: Vec<Outcome>,
+    /// The table frames ([`layout::TABLES`]) as the run left them.
+    pub tables: Vec<u8>,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OracleError {
+    /// qemu-system-aarch64 is not installed.
+    #[error("qemu-system-aarch64 not found on PATH")]
+    NoQemu,
+    /// Too many probes for the probe area.
+    #[error("{0} probes do not fit (at most {MAX_PROBES})")]
+    TooManyProbes(usize),
+    /// The program could not be assembled.
+    #[error("assembling the program: {0}")]
+    Asm(#[from] AsmError),
+    /// The RAM image could not be read or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// A file or process operation failed.
+    #[error("{what}: {err}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// QEMU did not finish in time.
+    #[error("qemu did not finish within {0:?}")]
+    Timeout(Duration),
+    /// QEMU exited with a failure.
+    #[error("qemu exited with {status}: {stderr}")]
+    QemuFailed {
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The results file is not what the program writes.
+    #[error("results file has {0} bytes, expected {1}")]
+    BadResults(usize, usize),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OracleError {
+    let what = what.into();
+    move |err| OracleError::Io { what, err }
+}
+
+/// The longest a run may take.
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// Semihosting operations (Arm semihosting specification, version 2).
+const SYS_OPEN: u64 = 0x01;
+const SYS_CLOSE: u64 = 0x02;
+const SYS_WRITE: u64 = 0x05;
+const SYS_EXIT: u64 = 0x18;
+/// ADP_Stopped_ApplicationExit.
+const APPLICATION_EXIT: u64 = 0x2_0026;
+/// Semihosting open mode "wb".
+const MODE_WB: u64 = 5;
+/// The semihosting parameter blocks in [`layout::BLOCKS`].
+const OPEN_BLOCK: u64 = BLOCKS;
+const WRITE_BLOCK: u64 = BLOCKS + 0x20;
+const CLOSE_BLOCK: u64 = BLOCKS + 0x40;
+const EXIT_OK: u64 = BLOCKS + 0x60;
+const EXIT_FAIL: u64 = BLOCKS + 0x80;
+const FILE_NAME: u64 = BLOCKS + 0x100;
+const FILE_NAME_MAX: usize = 0xf00;
+/// The results header: ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1, pad, then a scratch record for
+/// exceptions before the first probe.
+const HEADER: u64 = 64;
+/// MAIR_EL1: every attribute Normal, Inner/Outer Write-Back (the tests vary AttrIndx).
+const MAIR: u64 = u64::MAX;
+/// TCR_EL1 apart from T0SZ, IPS, HA and HD: IRGN/ORGN write-back, inner shareable, 4 KiB
+/// TG0 and TG1, T1SZ = 25.
+const TCR_FIXED: u64 = (1 << 8)
+    | (1 << 10)
+    | (3 << 12)
+    | (BOOT_TSZ << 16)
+    | (1 << 24)
+    | (1 << 26)
+    | (3 << 28)
+    | (2 << 30);
+/// SCTLR_EL1: the v8.0 RES1 bits, M, C and I; no alignment checks, WXN clear.
+const SCTLR: u64 = 0x30d0_0800 | 1 | (1 << 2) | (1 << 12);
+
+/// TCR_EL1 for a stage-1 table with `t0sz`, output size `ips` (the IPS encoding), and the
+/// hardware Access flag (HA) and dirty state (HD) updates.
+pub const fn tcr(t0sz: u8, ips: u64, ha: bool, hd: bool) -> u64 {
+    TCR_FIXED | (t0sz as u64) | (ips << 32) | ((ha as u64) << 39) | ((hd as u64) << 40)
+}
+
+/// The RAM image and the QEMU binary that runs it.
+#[derive(Debug)]
+pub struct Machine {
+    qemu: PathBuf,
+    mem: GuestMemoryMmap,
+    dir: PathBuf,
+}
+
+impl Machine {
+    /// A machine with zeroed RAM, if `qemu-system-aarch64` is on PATH; `dir` takes the image
+    /// and results files.
+    pub fn new(dir: &Path) -> Result<Self, OracleError> {
+        let qemu = find_on_path("qemu-system-aarch64").ok_or(OracleError::NoQemu)?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(IMAGE_BASE), IMAGE_SIZE as usize)])
+            .map_err(|e| OracleError::Memory(e.to_string()))?;
+        let m = Machine {
+            qemu,
+            mem,
+            dir: dir.to_path_buf(),
+        };
+        // TTBR1 (and the identity map while starting): entry 1 of a level-1 table is the
+        // GiB at RAM_BASE, EL1 read/write, AF, inner shareable, AttrIndx 0.
+        m.write_u64(BOOT_TABLE + 8, RAM_BASE | 0x701)?;
+        Ok(m)
+    }
+
+    /// The image's memory, where tests build tables and data.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), OracleError> {
+        self.mem
+            .write_obj(value, GuestAddress(addr))
+            .map_err(|e| OracleError::Memory(e.to_string()))
+    }
+
+    /// The image as it stands.
+    pub fn snapshot(&self) -> Result<Vec<u8>, OracleError> {
+        let mut bytes = vec![0; IMAGE_SIZE as usize];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(IMAGE_BASE))
+            .map_err(|e| OracleError::Memory(e.to_string()))?;
+        Ok(bytes)
+    }
+
+    /// Runs `probes` in order on `image` (a [`Machine::snapshot`], the memory before any
+    /// probe) and returns what they did.
+    pub fn run(&self, image: &[u8], probes: &[Probe]) -> Result<Results, OracleError> {
+        if probes.len() > MAX_PROBES {
+            return Err(OracleError::TooManyProbes(probes.len()));
+        }
+        if image.len() != IMAGE_SIZE as usize {
+            return Err(OracleError::Memory(format!(
+                "image of {} bytes, expected {IMAGE_SIZE}",
+                image.len()
+            )));
+        }
+        let results_path = self.dir.join("results.bin");
+        let name = results_path.to_string_lossy().into_owned();
+        if name.len() >= FILE_NAME_MAX {
+            return Err(OracleError::Memory(format!("path {name} is too long")));
+        }
+        let _ = std::fs::remove_file(&results_path);
+        let mut image = image.to_vec();
+        let mut put = |pa: u64, bytes: &[u8]| {
+            let at = (pa - IMAGE_BASE) as usize;
+            image[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        let program = Asm::bytes(&program(probes.len() as u64)?);
+        put(VECTORS, &program);
+        let dump_len = (TABLES.1 - RESULTS) as usize;
+        let words = [
+            (OPEN_BLOCK, [FILE_NAME, MODE_WB, name.len() as u64]),
+            (WRITE_BLOCK, [0, RESULTS, dump_len as u64]),
+            (EXIT_OK, [APPLICATION_EXIT, 0, 0]),
+            (EXIT_FAIL, [APPLICATION_EXIT, 1, 0]),
+        ];
+        for (pa, w) in words {
+            put(
+                pa,
+                &w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>(),
+            );
+        }
+        put(CLOSE_BLOCK, &[0; 8]);
+        put(FILE_NAME, name.as_bytes());
+        put(FILE_NAME + name.len() as u64, &[0]);
+        for (i, p) in probes.iter().enumerate() {
+            let rec = [p.op.code(), p.va, p.value, p.check_pa];
+            let rec: Vec<u8> = rec.iter().flat_map(|x| x.to_le_bytes()).collect();
+            put(PROBES + 32 * i as u64, &rec);
+        }
+        put(RESULTS, &vec![0; (BOOT_TABLE - RESULTS) as usize]);
+        let image_path = self.dir.join("image.bin");
+        std::fs::write(&image_path, &image).map_err(io("writing the image"))?;
+
+        let mut cmd = Command::new(&self.qemu);
+        // VSVA_QEMU_ORACLE_TRACE=1 keeps QEMU's exception log next to the image.
+        if std::env::var_os("VSVA_QEMU_ORACLE_TRACE").is_some() {
+            cmd.args(["-d", "int,guest_errors,unimp", "-D"])
+                .arg(self.dir.join("qemu.log"));
+        }
+        let mut child = cmd
+            .args(["-M", "virt", "-cpu", "max", "-accel", "tcg", "-smp", "1"])
+            .args(["-m", &format!("{}M", RAM_SIZE >> 20)])
+            .args(["-nodefaults", "-display", "none", "-monitor", "none"])
+            .args([
+                "-serial",
+                "none",
+                "-semihosting-config",
+                "enable=on,target=native",
+            ])
+            .arg("-device")
+            .arg(format!(
+                "loader,file={},addr={IMAGE_BASE:#x},force-raw=on",
+                image_path.display()
+            ))
+            .arg("-device")
+            .arg(format!("loader,addr={ENTRY:#x},cpu-num=0"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io("starting qemu-system-aarch64"))?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().map_err(io("waiting for qemu"))? {
+                break s;
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(OracleError::Timeout(TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        if !status.success() {
+            return Err(OracleError::QemuFailed {
+                status: status.to_string(),
+                stderr,
+            });
+        }
+        let dump = std::fs::read(&results_path).map_err(io("reading the results"))?;
+        if dump.len() != dump_len {
+            return Err(OracleError::BadResults(dump.len(), dump_len));
+        }
+        let word = |off: usize| u64::from_le_bytes(dump[off..off + 8].try_into().unwrap_or([0; 8]));
+        let features = Features {
+            mmfr0: word(0),
+            mmfr1: word(8),
+        };
+        let outcomes = (0..probes.len())
+            .map(|i| {
+                let rec = HEADER as usize + 32 * i;
+                if word(rec) != 0 {
+                    Outcome::Abort(DataAbort {
+                        esr: word(rec + 8),
+                        far: word(rec + 16),
+                    })
+                } else {
+                    Outcome::Done(word(rec + 24))
+                }
+            })
+            .collect();
+        let tables = dump[(TABLES.0 - RESULTS) as usize..].to_vec();
+        Ok(Results {
+            features,
+            outcomes,
+            tables,
+        })
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+// Registers: x19 the probe, x20 its result record, x21 probes left, x22 the results fd.
+const X0: u32 = 0;
+const X1: u32 = 1;
+const X2: u32 = 2;
+const X3: u32 = 3;
+const X9: u32 = 9;
+const X10: u32 = 10;
+const X11: u32 = 11;
+const X19: u32 = 19;
+const X20: u32 = 20;
+const X21: u32 = 21;
+const X22: u32 = 22;
+
+/// The EL1 program for `count` probes, to be placed at [`layout::VECTORS`] (entry at
+/// [`layout::ENTRY`]).
+fn program(count: u64) -> Result<Vec<u32>, AsmError> {
+    let mut a = Asm::new();
+    // 16 vector entries of 0x80 bytes: each records the exception in x20's record and
+    // returns past the faulting instruction.
+    for slot in 0..16 {
+        a.pad_to(slot * 0x80);
+        a.mrs(X9, SysReg::ESR_EL1);
+        a.mrs(X10, SysReg::FAR_EL1);
+        a.movz(X11, 1, 0);
+        a.str(X11, X20, 0);
+        a.str(X9, X20, 8);
+        a.str(X10, X20, 16);
+        a.mrs(X9, SysReg::ELR_EL1);
+        a.add_imm(X9, X9, 4);
+        a.msr(SysReg::ELR_EL1, X9);
+        a.eret();
+    }
+    a.pad_to(ENTRY - VECTORS);
+    // MMU off, at the physical address.
+    a.mov_imm(X20, RESULTS + 32);
+    a.mov_imm(X1, RESULTS);
+    a.mrs(X0, SysReg::ID_AA64MMFR0_EL1);
+    a.str(X0, X1, 0);
+    a.mrs(X0, SysReg::ID_AA64MMFR1_EL1);
+    a.str(X0, X1, 8);
+    a.mov_imm(X0, MAIR);
+    a.msr(SysReg::MAIR_EL1, X0);
+    boot_map(&mut a);
+    a.mov_imm(X0, BOOT_TABLE);
+    a.msr(SysReg::TTBR1_EL1, X0);
+    a.mov_imm(X0, HIGH + VECTORS);
+    a.msr(SysReg::VBAR_EL1, X0);
+    a.tlbi_vmalle1();
+    a.dsb_sy();
+    a.isb();
+    a.mov_imm(X0, SCTLR);
+    a.msr(SysReg::SCTLR_EL1, X0);
+    a.isb();
+    // Still on the identity map: continue at the TTBR1 alias.
+    let high = a.label();
+    let high_at = a.offset() + 5 * 4;
+    a.mov_imm(X0, HIGH + VECTORS + high_at);
+    while a.offset() < high_at - 4 {
+        a.nop();
+    }
+    a.br(X0);
+    a.bind(high);
+    if a.offset() != high_at {
+        return Err(AsmError::Immediate(high_at));
+    }
+    a.mov_imm(X19, HIGH + PROBES);
+    a.mov_imm(X20, HIGH + RESULTS + HEADER);
+    a.mov_imm(X21, count);
+    let next_probe = a.label();
+    let done = a.label();
+    let (load, store, ldtr, sttr, keep, next) = (
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+    );
+    a.bind(next_probe);
+    a.cbz(X21, done);
+    a.ldr(X1, X19, 0);
+    a.ldr(X0, X19, 8);
+    a.ldr(X2, X19, 16);
+    a.movz(X3, 0, 0);
+    for (code, l) in [(0, load), (1, store), (2, ldtr), (3, sttr)] {
+        a.cmp_imm(X1, code);
+        a.b_cond(Cond::Eq, l);
+    }
+    // Switch.
+    a.msr(SysReg::TTBR0_EL1, X0);
+    a.msr(SysReg::TCR_EL1, X2);
+    a.tlbi_vmalle1();
+    a.dsb_sy();
+    a.isb();
+    a.b(next);
+    a.bind(load);
+    a.ldr(X3, X0, 0);
+    a.b(keep);
+    a.bind(store);
+    a.str(X2, X0, 0);
+    a.b(next);
+    a.bind(ldtr);
+    a.ldtr(X3, X0);
+    a.b(keep);
+    a.bind(sttr);
+    a.sttr(X2, X0);
+    a.b(next);
+    a.bind(keep);
+    a.str(X3, X20, 24);
+    a.bind(next);
+    a.add_imm(X19, X19, 32);
+    a.add_imm(X20, X20, 32);
+    a.subs_imm(X21, X21, 1);
+    a.b(next_probe);
+    a.bind(done);
+    // Back to the identity map, then to the physical address.
+    boot_map(&mut a);
+    a.tlbi_vmalle1();
+    a.dsb_sy();
+    a.isb();
+    let low = a.label();
+    let low_at = a.offset() + 5 * 4;
+    a.mov_imm(X0, VECTORS + low_at);
+    while a.offset() < low_at - 4 {
+        a.nop();
+    }
+    a.br(X0);
+    a.bind(low);
+    if a.offset() != low_at {
+        return Err(AsmError::Immediate(low_at));
+    }
+    // Read back each store's check address.
+    a.mov_imm(X19, PROBES);
+    a.mov_imm(X20, RESULTS + HEADER);
+    a.mov_imm(X21, count);
+    let (rb, rb_next, rb_done) = (a.label(), a.label(), a.label());
+    a.bind(rb);
+    a.cbz(X21, rb_done);
+    a.ldr(X0, X19, 24);
+    a.cbz(X0, rb_next);
+    a.ldr(X3, X0, 0);
+    a.str(X3, X20, 24);
+    a.bind(rb_next);
+    a.add_imm(X19, X19, 32);
+    a.add_imm(X20, X20, 32);
+    a.subs_imm(X21, X21, 1);
+    a.b(rb);
+    a.bind(rb_done);
+    // Write the results and the tables to the file, and exit.
+    let fail = a.label();
+    a.mov_imm(X0, SYS_OPEN);
+    a.mov_imm(X1, OPEN_BLOCK);
+    a.hlt(0xf000);
+    a.mov(X22, X0);
+    a.add_imm(X1, X0, 1);
+    a.cbz(X1, fail);
+    a.mov_imm(X1, WRITE_BLOCK);
+    a.str(X22, X1, 0);
+    a.mov_imm(X0, SYS_WRITE);
+    a.hlt(0xf000);
+    a.cbnz(X0, fail);
+    a.mov_imm(X1, CLOSE_BLOCK);
+    a.str(X22, X1, 0);
+    a.mov_imm(X0, SYS_CLOSE);
+    a.hlt(0xf000);
+    a.cbnz(X0, fail);
+    a.mov_imm(X1, EXIT_OK);
+    a.mov_imm(X0, SYS_EXIT);
+    a.hlt(0xf000);
+    a.bind(fail);
+    a.mov_imm(X1, EXIT_FAIL);
+    a.mov_imm(X0, SYS_EXIT);
+    a.hlt(0xf000);
+    a.b(fail);
+    a.finish()
+}
+
+/// TTBR0 = the boot table with T0SZ = 25: the identity map of the first GiB of RAM.
+fn boot_map(a: &mut Asm) {
+    a.mov_imm(X0, BOOT_TABLE);
+    a.msr(SysReg::TTBR0_EL1, X0);
+    a.mov_imm(X0, tcr(BOOT_TSZ as u8, 0, false, false));
+    a.msr(SysReg::TCR_EL1, X0);
+}
