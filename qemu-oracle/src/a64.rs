@@ -308,6 +308,11 @@ impl Asm {
         self.word(0xd530_0000 | reg.bits() | rt);
     }
 
+    /// MSR PAN, #imm: sets PSTATE.PAN (FEAT_PAN) to `pan`.
+    pub fn msr_pan(&mut self, pan: bool) {
+        self.word(0xd500_409f | (u32::from(pan) << 8));
+    }
+
     /// TLBI VMALLE1: every stage-1 EL1&0 translation of this PE.
     pub fn tlbi_vmalle1(&mut self) {
         self.word(0xd508_871f);
@@ -376,6 +381,8 @@ mod tests {
         a.eret();
         a.nop();
         a.hlt(0xf000);
+        a.msr_pan(true); // msr pan, #1
+        a.msr_pan(false); // msr pan, #0
         assert_eq!(
             a.finish().unwrap(),
             [
@@ -407,6 +414,8 @@ mod tests {
                 0xd69f_03e0,
                 0xd503_201f,
                 0xd45e_0000,
+                0xd500_419f,
+                0xd500_409f,
             ]
         );
     }

@@ -54,8 +54,13 @@ pub enum ProbeOp {
     LoadUnprivileged,
     /// STTR at EL1: a store with EL0's permissions.
     StoreUnprivileged,
-    /// Not an access: load TTBR0_EL1 and TCR_EL1, then TLBI VMALLE1.
-    Switch,
+    /// Not an access: load TTBR0_EL1 and TCR_EL1, set PSTATE.PAN to `pan`, then TLBI
+    /// VMALLE1.
+    Switch {
+        /// PSTATE.PAN for the probes that follow: EL1 loads and stores of pages EL0 may
+        /// access fault.
+        pan: bool,
+    },
 }
 
 impl ProbeOp {
@@ -65,7 +70,7 @@ impl ProbeOp {
             ProbeOp::Store => 1,
             ProbeOp::LoadUnprivileged => 2,
             ProbeOp::StoreUnprivileged => 3,
-            ProbeOp::Switch => 4,
+            ProbeOp::Switch { .. } => 4,
         }
     }
 
@@ -80,9 +85,9 @@ impl ProbeOp {
 pub struct Probe {
     /// What to do.
     pub op: ProbeOp,
-    /// The VA accessed (TTBR0 for [`ProbeOp::Switch`]).
+    /// The VA accessed (TTBR0 for a switch).
     pub va: u64,
-    /// The value stored (TCR_EL1 for [`ProbeOp::Switch`]).
+    /// The value stored (TCR_EL1 for a switch).
     pub value: u64,
     /// For a store: a physical address read back (MMU off in effect: through the identity
     /// map) after every probe ran; 0 for none.
@@ -138,6 +143,11 @@ impl Features {
     /// ID_AA64MMFR1_EL1.HAFDBS: 0 none, 1 the Access flag, 2 also dirty state.
     pub const fn hafdbs(&self) -> u64 {
         self.mmfr1 & 0xf
+    }
+
+    /// ID_AA64MMFR1_EL1.PAN: 0 without FEAT_PAN.
+    pub const fn pan(&self) -> u64 {
+        (self.mmfr1 >> 20) & 0xf
     }
 
     /// ID_AA64MMFR0_EL1.PARange.
@@ -332,7 +342,11 @@ impl Machine {
         put(FILE_NAME, name.as_bytes());
         put(FILE_NAME + name.len() as u64, &[0]);
         for (i, p) in probes.iter().enumerate() {
-            let rec = [p.op.code(), p.va, p.value, p.check_pa];
+            let last = match p.op {
+                ProbeOp::Switch { pan } => u64::from(pan),
+                _ => p.check_pa,
+            };
+            let rec = [p.op.code(), p.va, p.value, last];
             let rec: Vec<u8> = rec.iter().flat_map(|x| x.to_le_bytes()).collect();
             put(PROBES + 32 * i as u64, &rec);
         }
@@ -520,6 +534,14 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     // Switch.
     a.msr(SysReg::TTBR0_EL1, X0);
     a.msr(SysReg::TCR_EL1, X2);
+    let (pan_on, pan_set) = (a.label(), a.label());
+    a.ldr(X3, X19, 24);
+    a.cbnz(X3, pan_on);
+    a.msr_pan(false);
+    a.b(pan_set);
+    a.bind(pan_on);
+    a.msr_pan(true);
+    a.bind(pan_set);
     a.tlbi_vmalle1();
     a.dsb_sy();
     a.isb();
@@ -567,6 +589,10 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     let (rb, rb_next, rb_done) = (a.label(), a.label(), a.label());
     a.bind(rb);
     a.cbz(X21, rb_done);
+    // A switch's last word is its PAN, not an address.
+    a.ldr(X1, X19, 0);
+    a.cmp_imm(X1, ProbeOp::Switch { pan: false }.code());
+    a.b_cond(Cond::Eq, rb_next);
     a.ldr(X0, X19, 24);
     a.cbz(X0, rb_next);
     a.ldr(X3, X0, 0);

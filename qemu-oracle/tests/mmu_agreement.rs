@@ -6,7 +6,8 @@
 //! AttrIndx, SH, nG, DBM and software bits, some with AF clear, then random damage on the
 //! way to some mappings: entries made invalid, APTable/UXNTable/PXNTable set, output or table
 //! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a level-0
-//! block. Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD. Then probes:
+//! block. Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
+//! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker). Then probes:
 //! LDR and STR at EL1, LDTR and STTR (EL0's permissions) at an address in a mapping, a
 //! random address or one outside the TTBR0 range. `walk_stage1` walks each over a model
 //! of the memory, in probe order (so its Access flag and dirty-state updates land in the
@@ -29,7 +30,7 @@
 //! F_TRANSLATION at level 0 and QEMU's result is only counted.
 //!
 //! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
-//! TCR_EL1, PAN, WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1, LDTR/STTR PnU = 0.
+//! TCR_EL1, PAN as PSTATE.PAN, WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1, LDTR/STTR PnU = 0.
 //! Probes whose translation would land outside the data region (on the program or the
 //! tables) are not made.
 //!
@@ -157,12 +158,14 @@ fn stage1_walker_agrees_with_qemu() {
         .expect("running the empty program")
         .features;
     let hafdbs = features.hafdbs();
+    let pan_supported = features.pan() != 0;
     println!(
         "seed {seed} (VSVA_QEMU_ORACLE_SEED); cpu max: ID_AA64MMFR0_EL1 {:#x} (PARange {}), \
-         ID_AA64MMFR1_EL1 {:#x} (HAFDBS {hafdbs})",
+         ID_AA64MMFR1_EL1 {:#x} (HAFDBS {hafdbs}, PAN {})",
         features.mmfr0,
         features.pa_range(),
-        features.mmfr1
+        features.mmfr1,
+        features.pan()
     );
     let mut rng = Rng(seed);
     let mem = machine.mem();
@@ -188,11 +191,13 @@ fn stage1_walker_agrees_with_qemu() {
         let (ips_code, ips) = rng.pick(&IPS);
         let ha = hafdbs >= 1 && rng.percent(50);
         let hd = ha && hafdbs >= 2 && rng.percent(60);
+        let pan = pan_supported && rng.percent(40);
         let Some(root) = alloc() else { break };
         mem.write(root, &[0; 4096]).unwrap();
         let flags = S1Flags {
             ha,
             hd,
+            pan,
             ..S1Flags::default()
         };
         let cfg = S1Config::new(root, t0sz, ips, flags).unwrap();
@@ -277,7 +282,9 @@ fn stage1_walker_agrees_with_qemu() {
     let mut level0_slots = BTreeSet::new();
     for (cfg, tcr, mappings) in &scenarios {
         probes.push(Probe {
-            op: ProbeOp::Switch,
+            op: ProbeOp::Switch {
+                pan: cfg.flags().pan,
+            },
             va: cfg.root(),
             value: *tcr,
             check_pa: 0,
@@ -479,6 +486,9 @@ fn harness_runs_a_hand_built_table() {
     // VA 0x1000: page at DATA.0, AF, EL1 read/write; VA 0x2000: read-only.
     mem.write_u64(l3 + 8, DATA.0 | 0x403).unwrap();
     mem.write_u64(l3 + 16, (DATA.0 + 0x1000) | 0x483).unwrap();
+    // VA 0x4000: EL0 read/write (AP = 01).
+    mem.write_u64(l3 + 32, (DATA.0 + 0x2000) | 0x443).unwrap();
+    mem.write_u64(DATA.0 + 0x2008, 0x77).unwrap();
     mem.write_u64(DATA.0 + 0x10, 0x1234_5678).unwrap();
     let image = machine.snapshot().unwrap();
     let probe = |op, va, check_pa| Probe {
@@ -489,17 +499,20 @@ fn harness_runs_a_hand_built_table() {
     };
     let tcr = vsva_qemu_oracle::tcr(25, 0, false, false);
     let probes = [
-        probe(ProbeOp::Switch, l1, 0),
+        probe(ProbeOp::Switch { pan: false }, l1, 0),
         probe(ProbeOp::Load, 0x1010, 0),
         probe(ProbeOp::Store, 0x1018, DATA.0 + 0x18),
         probe(ProbeOp::Load, 0x3000, 0),
         probe(ProbeOp::Store, 0x2008, 0),
         probe(ProbeOp::LoadUnprivileged, 0x1010, 0),
+        probe(ProbeOp::Switch { pan: true }, l1, 0),
+        probe(ProbeOp::Load, 0x4000, 0),
+        probe(ProbeOp::LoadUnprivileged, 0x4008, 0),
     ];
     let probes: Vec<Probe> = probes
         .iter()
         .map(|p| Probe {
-            value: if p.op == ProbeOp::Switch {
+            value: if matches!(p.op, ProbeOp::Switch { .. }) {
                 tcr
             } else {
                 p.value
@@ -515,10 +528,13 @@ fn harness_runs_a_hand_built_table() {
         Outcome::Abort(a) => (a.ec(), a.dfsc(), a.wnr(), a.far),
         o => panic!("probe {i}: {o:?}"),
     };
-    // Translation fault, level 3; permission fault, level 3, on a write; LDTR of an EL1 page.
+    // Translation fault, level 3; Permission fault, level 3, on a write; LDTR of an EL1 page.
     assert_eq!(abort(3), (0x25, 0b000111, false, 0x3000));
     assert_eq!(abort(4), (0x25, 0b001111, true, 0x2008));
     assert_eq!(abort(5), (0x25, 0b001111, false, 0x1010));
+    // With PSTATE.PAN, EL1 loads of that page fault; LDTR still reads it.
+    assert_eq!(abort(7), (0x25, 0b001111, false, 0x4000));
+    assert_eq!(r.outcomes[8], Outcome::Done(0x77));
     assert_eq!(r.tables.len() as u64, TABLES.1 - TABLES.0);
     assert_eq!(&r.tables[..8], &(l2 | 3).to_le_bytes());
     let _ = std::fs::remove_dir_all(&dir);
