@@ -422,6 +422,279 @@ pub fn pass_through(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::DomainId;
+    use crate::context::context_entry_addr;
+    use crate::flpte::FlPagingMode;
+    use crate::pasid::{pasid_entry_addr, PasidDirEntry};
+    use crate::root::tests::{put, CAPS};
+    use crate::root::{root_entry_addr, ScalableRootEntry};
+    use crate::slpte::SlLevels;
+    use crate::testutil::TestMemory;
+    use std::cell::{Cell, RefCell};
+    use std::collections::HashMap;
+
+    const RTA: u64 = 0x1000;
+    const CTP: u64 = 0x2000;
+    const DIR: u64 = 0x3000;
+    const TABLE: u64 = 0x4000;
+
+    /// Requester id, PASID and page number.
+    type IotlbKey = (u16, u32, u64);
+
+    /// A unit with plain caches: an IOTLB by page, context and PASID caches, one
+    /// generation that its "invalidations" advance, and counters.
+    struct Unit {
+        mem: TestMemory,
+        word: u64,
+        generation: Cell<u64>,
+        iotlb: RefCell<HashMap<IotlbKey, (u64, DomainId)>>,
+        contexts: RefCell<HashMap<u16, ScalableContextEntry>>,
+        entries: RefCell<HashMap<(u16, u32), PasidEntry>>,
+        walks: Cell<u32>,
+        /// An invalidation runs during the next walk.
+        invalidate_in_walk: Cell<bool>,
+    }
+
+    impl Unit {
+        /// Device 00:01.0 with PASIDs, RID_PASID 0, and PASID 0 and 5 in domain 7 with
+        /// pass-through translation (the output is the input, no page tables).
+        fn new() -> Self {
+            let mem = TestMemory::new(0x10_0000);
+            let root = ScalableRootEntry {
+                lctp: Some(CTP),
+                uctp: None,
+            };
+            put(&mem, root_entry_addr(RTA, 0), &root.to_raw());
+            let ctx = ScalableContextEntry {
+                paside: true,
+                pasiddirptr: DIR,
+                ..Default::default()
+            };
+            put(&mem, context_entry_addr(CTP, 0x08), &ctx.to_raw());
+            let pde = PasidDirEntry {
+                fpd: false,
+                smptblptr: TABLE,
+            };
+            put(&mem, DIR, &[pde.to_raw()]);
+            let pe = PasidEntry {
+                fpd: false,
+                aw: SlLevels::Four,
+                slee: false,
+                pgtt: Pgtt::PassThrough,
+                slade: false,
+                slptptr: 0,
+                did: DomainId(7),
+                pwsnp: false,
+                pgsnp: false,
+                cd: false,
+                emte: false,
+                emt: 0,
+                pwt: false,
+                pcd: false,
+                pat: 0,
+                sre: false,
+                ere: false,
+                flpm: FlPagingMode::FourLevel,
+                wpe: false,
+                nxe: false,
+                smep: false,
+                eafe: false,
+                flptptr: 0,
+            };
+            for p in [0, 5] {
+                put(&mem, pasid_entry_addr(TABLE, pasid(p)), &pe.to_raw());
+            }
+            Unit {
+                mem,
+                word: RTA | RootState::TES | RootState::SCALABLE,
+                generation: Cell::new(0),
+                iotlb: RefCell::default(),
+                contexts: RefCell::default(),
+                entries: RefCell::default(),
+                walks: Cell::new(0),
+                invalidate_in_walk: Cell::new(false),
+            }
+        }
+
+        fn request(
+            &self,
+            pasid: Option<Pasid>,
+            addr: u64,
+        ) -> Result<(u64, bool), TranslationFault> {
+            let req = Request {
+                sid: SourceId::new(0, 1, 0).unwrap(),
+                pasid,
+                addr,
+                access: AccessRequest::READ,
+            };
+            translate(self, req)
+        }
+    }
+
+    fn pasid(raw: u32) -> Pasid {
+        Pasid::new(raw).unwrap()
+    }
+
+    impl RemappingUnit for Unit {
+        type Mem = TestMemory;
+        type IotlbEntry = (u64, DomainId);
+        /// The output address, and whether the IOTLB served it.
+        type Output = (u64, bool);
+
+        fn output(&self, req: &Request, how: Remapped<(u64, DomainId)>) -> (u64, bool) {
+            match how {
+                Remapped::Untranslated => (req.addr, false),
+                Remapped::Cached { entry, .. } => (entry.0 | (req.addr & 0xfff), true),
+                Remapped::Walked { output, .. } => (output, false),
+            }
+        }
+        fn root_word(&self) -> u64 {
+            self.word
+        }
+        fn memory(&self) -> &TestMemory {
+            &self.mem
+        }
+        fn capabilities(&self) -> &Capabilities {
+            &CAPS
+        }
+        fn iotlb_lookup(
+            &self,
+            sid: SourceId,
+            pasid: Pasid,
+            addr: u64,
+            _access: AccessRequest,
+        ) -> Option<(u64, DomainId)> {
+            let key = (sid.rid(), pasid.raw(), addr >> 12);
+            self.iotlb.borrow().get(&key).copied()
+        }
+        fn iotlb_fill(&self) -> u64 {
+            self.generation.get()
+        }
+        fn iotlb_insert(
+            &self,
+            fill: u64,
+            sid: SourceId,
+            pasid: Pasid,
+            addr: u64,
+            pe: &PasidEntry,
+            t: &Translation,
+            _access: AccessRequest,
+        ) -> (u64, DomainId) {
+            let entry = (t.page_base(), pe.did);
+            if fill == self.generation.get() {
+                let key = (sid.rid(), pasid.raw(), addr >> 12);
+                self.iotlb.borrow_mut().insert(key, entry);
+            }
+            entry
+        }
+        fn entry_fill(&self) -> u64 {
+            self.generation.get()
+        }
+        fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
+            self.contexts.borrow().get(&sid.rid()).copied()
+        }
+        fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
+            if fill == self.generation.get() {
+                self.contexts.borrow_mut().insert(sid.rid(), ctx);
+            }
+        }
+        fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+            self.entries
+                .borrow()
+                .get(&(sid.rid(), pasid.raw()))
+                .copied()
+        }
+        fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
+            if fill == self.generation.get() {
+                self.entries
+                    .borrow_mut()
+                    .insert((sid.rid(), pasid.raw()), pe);
+            }
+        }
+        fn walk(
+            &self,
+            _rta: u64,
+            req: &Request,
+            _pasid: Pasid,
+            pe: &PasidEntry,
+            access: AccessRequest,
+        ) -> Result<Translation, WalkFault> {
+            self.walks.set(self.walks.get() + 1);
+            if self.invalidate_in_walk.take() {
+                self.generation.set(self.generation.get() + 1);
+            }
+            pass_through(pe, req.addr, access)
+        }
+    }
+
+    #[test]
+    fn a_hit_reads_no_table_and_a_miss_walks_once() {
+        let u = Unit::new();
+        assert_eq!(u.request(Some(pasid(5)), 0x12_3456), Ok((0x12_3456, false)));
+        assert_eq!(u.walks.get(), 1);
+        // The tables go; the IOTLB still serves the page, for the same PASID only.
+        put(&u.mem, root_entry_addr(RTA, 0), &[0, 0]);
+        assert_eq!(u.request(Some(pasid(5)), 0x12_3abc), Ok((0x12_3abc, true)));
+        assert_eq!(u.walks.get(), 1);
+        // Another PASID misses, and the cached context and PASID table pointer still
+        // lead to its entry.
+        assert_eq!(u.request(Some(pasid(0)), 0x5000), Ok((0x5000, false)));
+        // A request without PASID is translated with RID_PASID (0), whose page is cached
+        // now; a PASID not in the table faults in the PASID table (SPT.2).
+        assert_eq!(u.request(None, 0x5008), Ok((0x5008, true)));
+        let f = u.request(Some(pasid(6)), 0x5000).unwrap_err();
+        assert_eq!(
+            (f.reason, f.pasid, f.addr),
+            (FaultReason::Spt2, Some(pasid(6)), 0x5000)
+        );
+        assert_eq!(u.walks.get(), 2);
+    }
+
+    #[test]
+    fn a_walk_that_an_invalidation_overtook_is_used_but_not_cached() {
+        let u = Unit::new();
+        u.invalidate_in_walk.set(true);
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, false)));
+        assert!(u.iotlb.borrow().is_empty());
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, false)));
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, true)));
+        assert_eq!(u.walks.get(), 2);
+    }
+
+    #[test]
+    fn the_root_word_decides_before_any_cache() {
+        let mut u = Unit::new();
+        u.request(Some(pasid(5)), 0x7000).unwrap();
+        u.word = RTA | RootState::TES;
+        let f = u.request(Some(pasid(5)), 0x7000).unwrap_err();
+        assert_eq!(
+            (f.reason, f.fpd, f.recoverable),
+            (FaultReason::Rta2, false, false)
+        );
+        assert_eq!(
+            u.request(None, 0x7000).unwrap_err().reason,
+            FaultReason::Rta1
+        );
+        u.word = RTA | RootState::SCALABLE;
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, false)));
+        assert_eq!(u.walks.get(), 1);
+    }
+
+    #[test]
+    fn execute_requests_need_ere_before_the_walk() {
+        let u = Unit::new();
+        let req = Request {
+            sid: SourceId::new(0, 1, 0).unwrap(),
+            pasid: Some(pasid(5)),
+            addr: 0x7000,
+            access: AccessRequest {
+                execute: true,
+                ..AccessRequest::READ
+            },
+        };
+        assert_eq!(translate(&u, req).unwrap_err().reason, FaultReason::Spt5);
+        assert_eq!(u.walks.get(), 0);
+    }
 
     #[test]
     fn the_root_word_holds_the_enable_the_mode_and_the_table() {
