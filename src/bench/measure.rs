@@ -175,6 +175,26 @@ pub fn measure_pair(
     Ok((Samples(fs), Samples(bs)))
 }
 
+/// [`measure_pair`] with one operation count for both workloads, calibrated on the
+/// baseline: for a figure whose sample must do the baseline's work (two threads doing one
+/// thread's hits each), so that a calibration run the machine's load slowed cannot shrink
+/// its samples to a few operations that time a thread's wake-up instead.
+pub fn measure_pair_same_count(
+    figure: &mut dyn Workload,
+    baseline: &mut dyn Workload,
+    budget: &SampleBudget,
+) -> Result<(Samples, Samples), BenchError> {
+    let iters = calibrate(baseline, budget)?;
+    figure.run(iters)?;
+    let n = budget.samples.max(1);
+    let (mut fs, mut bs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        fs.push(ns_per_op(figure.run(iters)?, iters));
+        bs.push(ns_per_op(baseline.run(iters)?, iters));
+    }
+    Ok((Samples(fs), Samples(bs)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +251,26 @@ mod tests {
         assert!((s.p50 - 100.0).abs() < 1e-6, "{s:?}");
         assert!((s.p10 - 100.0).abs() < 1e-6, "{s:?}");
         assert!((s.p90 - 300.0).abs() < 1e-6, "{s:?}");
+    }
+
+    /// Records the operation counts it is asked for.
+    struct Counts(Vec<u64>);
+
+    impl Workload for Counts {
+        fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+            self.0.push(iters);
+            Ok(Duration::from_nanos(10 * iters))
+        }
+    }
+
+    #[test]
+    fn a_pair_of_the_same_count_runs_the_baselines_count() {
+        let (mut a, mut b) = (Counts(Vec::new()), Counts(Vec::new()));
+        measure_pair_same_count(&mut a, &mut b, &SampleBudget::QUICK).unwrap();
+        let n = *b.0.last().unwrap();
+        assert!(n > 1000, "{n}");
+        assert!(a.0.iter().all(|&i| i == n));
+        assert_eq!(a.0.len(), SampleBudget::QUICK.samples + 1);
     }
 
     #[test]

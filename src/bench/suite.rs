@@ -13,6 +13,7 @@ use super::forward::{
     UnboundMprotect,
 };
 use super::loads::DependentLoads;
+use super::measure::measure_pair_same_count;
 use super::pasid::PasidChurn;
 use super::platform::{Platform, PlatformConfig};
 use super::report::BenchReport;
@@ -86,9 +87,10 @@ fn iotlb_hit(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Benc
 
 /// The speedup of each two-thread sample over the one-thread sample taken after it, so
 /// that both sides of a ratio saw the same load; the median and spread of those ratios.
+/// Both sides run the one-thread calibration's number of hits per thread.
 fn iotlb_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let p = hit_platform()?;
-    let (two, one) = measure_pair(
+    let (two, one) = measure_pair_same_count(
         &mut TwoThreadHits::new(&p)?,
         &mut IotlbHits::new(&p)?,
         budget,
