@@ -293,6 +293,28 @@ impl Asm {
         self.branch(0xb500_0000 | rt, l, Fixup::Imm19);
     }
 
+    /// BLR Xn: call, with the return address in X30.
+    pub fn blr(&mut self, rn: Reg) {
+        self.word(0xd63f_0000 | (rn << 5));
+    }
+
+    /// RET (to X30).
+    pub fn ret(&mut self) {
+        self.word(0xd65f_03c0);
+    }
+
+    /// LSR Xd, Xn, #shift (UBFM Xd, Xn, #shift, #63).
+    pub fn lsr_imm(&mut self, rd: Reg, rn: Reg, shift: u32) {
+        let shift = if shift > 63 {
+            self.error
+                .get_or_insert(AsmError::Immediate(u64::from(shift)));
+            0
+        } else {
+            shift
+        };
+        self.word(0xd340_fc00 | (shift << 16) | (rn << 5) | rd);
+    }
+
     /// BR Xn.
     pub fn br(&mut self, rn: Reg) {
         self.word(0xd61f_0000 | (rn << 5));
@@ -383,6 +405,10 @@ mod tests {
         a.hlt(0xf000);
         a.msr_pan(true); // msr pan, #1
         a.msr_pan(false); // msr pan, #0
+        a.blr(0); // blr x0
+        a.lsr_imm(11, 9, 26); // lsr x11, x9, #26
+        a.ret(); // ret
+        a.mov(9, 30); // mov x9, x30
         assert_eq!(
             a.finish().unwrap(),
             [
@@ -416,6 +442,10 @@ mod tests {
                 0xd45e_0000,
                 0xd500_419f,
                 0xd500_409f,
+                0xd63f_0000,
+                0xd35a_fd2b,
+                0xd65f_03c0,
+                0xaa1e_03e9,
             ]
         );
     }

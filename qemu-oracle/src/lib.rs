@@ -4,8 +4,9 @@
 //! so an AArch64 CPU walking the same tables is a judge of `vsva_smmuv3::walk_stage1`.
 //! [`Machine`] runs one `qemu-system-aarch64 -M virt -cpu max -accel tcg` per batch: a RAM
 //! image holding the tables a test built, a list of [`Probe`]s and a small EL1 program
-//! (assembled by [`a64`]) that switches TTBR0/TCR per scenario, performs each load or store
-//! (LDR/STR at EL1, LDTR/STTR with EL0's permissions), catches synchronous aborts and
+//! (assembled by [`a64`]) that switches TTBR0/TCR/PSTATE.PAN per scenario, performs each
+//! load, store or fetch (LDR/STR/BLR at EL1, LDTR/STTR with EL0's permissions), catches
+//! synchronous aborts and
 //! records ESR_EL1/FAR_EL1 or the value read, then writes the results and the final
 //! translation tables to a file through semihosting and exits.
 
@@ -13,5 +14,6 @@ pub mod a64;
 mod machine;
 
 pub use machine::{
-    layout, tcr, DataAbort, Features, Machine, OracleError, Outcome, Probe, ProbeOp, Results,
+    fetch_snippet, layout, tcr, Abort, Features, Machine, OracleError, Outcome, Probe, ProbeOp,
+    Results,
 };

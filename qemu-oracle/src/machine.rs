@@ -54,6 +54,9 @@ pub enum ProbeOp {
     LoadUnprivileged,
     /// STTR at EL1: a store with EL0's permissions.
     StoreUnprivileged,
+    /// BLR at EL1: an instruction fetch. The code found there must set X3 and return (see
+    /// [`fetch_snippet`]); X3 is the outcome's value.
+    Fetch,
     /// Not an access: load TTBR0_EL1 and TCR_EL1, set PSTATE.PAN to `pan`, then TLBI
     /// VMALLE1.
     Switch {
@@ -71,6 +74,7 @@ impl ProbeOp {
             ProbeOp::LoadUnprivileged => 2,
             ProbeOp::StoreUnprivileged => 3,
             ProbeOp::Switch { .. } => 4,
+            ProbeOp::Fetch => 5,
         }
     }
 
@@ -94,16 +98,17 @@ pub struct Probe {
     pub check_pa: u64,
 }
 
-/// A synchronous exception the program caught.
+/// A synchronous exception the program caught: a Data Abort, or an Instruction Abort for a
+/// fetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct DataAbort {
+pub struct Abort {
     /// ESR_EL1.
     pub esr: u64,
     /// FAR_EL1.
     pub far: u64,
 }
 
-impl DataAbort {
+impl Abort {
     /// ESR_EL1.EC.
     pub const fn ec(&self) -> u64 {
         (self.esr >> 26) & 0x3f
@@ -120,6 +125,16 @@ impl DataAbort {
     }
 }
 
+/// The code a [`ProbeOp::Fetch`] runs: `X3 = tag`, then return. 12 bytes.
+pub fn fetch_snippet(tag: u32) -> Vec<u8> {
+    let mut a = Asm::new();
+    a.movz(3, tag as u16, 0);
+    a.movk(3, (tag >> 16) as u16, 1);
+    a.ret();
+    // Three fixed words: nothing can fail.
+    Asm::bytes(&a.finish().unwrap_or_default())
+}
+
 /// What one probe did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -127,7 +142,7 @@ pub enum Outcome {
     /// `check_pa` at the end (0 without one).
     Done(u64),
     /// It took a synchronous exception.
-    Abort(DataAbort),
+    Abort(Abort),
 }
 
 /// The CPU's memory-model features.
@@ -418,7 +433,7 @@ impl Machine {
             .map(|i| {
                 let rec = HEADER as usize + 32 * i;
                 if word(rec) != 0 {
-                    Outcome::Abort(DataAbort {
+                    Outcome::Abort(Abort {
                         esr: word(rec + 8),
                         far: word(rec + 16),
                     })
@@ -443,7 +458,8 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-// Registers: x19 the probe, x20 its result record, x21 probes left, x22 the results fd.
+// Registers: x19 the probe, x20 its result record, x21 probes left, x22 the results fd,
+// x30 the return address of a fetch probe.
 const X0: u32 = 0;
 const X1: u32 = 1;
 const X2: u32 = 2;
@@ -455,6 +471,7 @@ const X19: u32 = 19;
 const X20: u32 = 20;
 const X21: u32 = 21;
 const X22: u32 = 22;
+const X30: u32 = 30;
 
 /// The EL1 program for `count` probes, to be placed at [`layout::VECTORS`] (entry at
 /// [`layout::ENTRY`]).
@@ -462,6 +479,7 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     let mut a = Asm::new();
     // 16 vector entries of 0x80 bytes: each records the exception in x20's record and
     // returns past the faulting instruction.
+    // An Instruction Abort (EC 0x21) returns to X30: past the BLR of a fetch probe.
     for slot in 0..16 {
         a.pad_to(slot * 0x80);
         a.mrs(X9, SysReg::ESR_EL1);
@@ -470,9 +488,16 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
         a.str(X11, X20, 0);
         a.str(X9, X20, 8);
         a.str(X10, X20, 16);
+        let fetch = a.label();
+        a.lsr_imm(X11, X9, 26);
+        a.cmp_imm(X11, 0x21);
+        a.b_cond(Cond::Eq, fetch);
         a.mrs(X9, SysReg::ELR_EL1);
         a.add_imm(X9, X9, 4);
         a.msr(SysReg::ELR_EL1, X9);
+        a.eret();
+        a.bind(fetch);
+        a.msr(SysReg::ELR_EL1, X30);
         a.eret();
     }
     a.pad_to(ENTRY - VECTORS);
@@ -527,7 +552,8 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.ldr(X0, X19, 8);
     a.ldr(X2, X19, 16);
     a.movz(X3, 0, 0);
-    for (code, l) in [(0, load), (1, store), (2, ldtr), (3, sttr)] {
+    let fetch = a.label();
+    for (code, l) in [(0, load), (1, store), (2, ldtr), (3, sttr), (5, fetch)] {
         a.cmp_imm(X1, code);
         a.b_cond(Cond::Eq, l);
     }
@@ -558,6 +584,9 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.bind(sttr);
     a.sttr(X2, X0);
     a.b(next);
+    a.bind(fetch);
+    a.blr(X0);
+    a.b(keep);
     a.bind(keep);
     a.str(X3, X20, 24);
     a.bind(next);

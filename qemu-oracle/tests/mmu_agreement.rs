@@ -8,18 +8,20 @@
 //! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a level-0
 //! block. Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
 //! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker). Then probes:
-//! LDR and STR at EL1, LDTR and STTR (EL0's permissions) at an address in a mapping, a
-//! random address or one outside the TTBR0 range. `walk_stage1` walks each over a model
-//! of the memory, in probe order (so its Access flag and dirty-state updates land in the
-//! model as the CPU's land in RAM), and QEMU runs them all in one launch. They must agree:
+//! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions) at an
+//! address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
+//! walks each over a model of the memory, in probe order (so its Access flag and
+//! dirty-state updates land in the model as the CPU's land in RAM), and QEMU runs them all
+//! in one launch. They must agree:
 //!
 //! - on success, on the physical byte reached: a load returns the nonce at the walker's
-//!   output address (or what an earlier store put there), and the value a store wrote is
-//!   found at the walker's output address at the end;
-//! - on failure, on the fault: a Data Abort taken to EL1 (EC 0x25) with FAR_EL1 the VA,
-//!   WnR set for stores, and the DFSC class and level equal to the walker's FaultKind and
-//!   level (Address size 0b0000LL, Translation 0b0001LL, Access flag 0b0010LL, Permission
-//!   0b0011LL);
+//!   output address (or what an earlier store put there), the value a store wrote is found
+//!   at the walker's output address at the end, and a fetch runs the snippet placed at the
+//!   walker's output address (it returns a tag);
+//! - on failure, on the fault: a Data Abort taken to EL1 (EC 0x25; an Instruction Abort,
+//!   EC 0x21, for a fetch) with FAR_EL1 the VA, WnR set for stores, and the DFSC/IFSC class
+//!   and level equal to the walker's FaultKind and level (Address size 0b0000LL,
+//!   Translation 0b0001LL, Access flag 0b0010LL, Permission 0b0011LL);
 //! - at the end, on every descriptor of every table (hardware AF and AP[2] updates).
 //!
 //! One known QEMU deviation is not compared: a level-0 descriptor with `bits[1:0] = 01` (a
@@ -27,18 +29,19 @@
 //! Translation fault at level 0 in the Arm ARM (pseudocode `AArch64.BlockDescSupported`)
 //! and in the walker, but QEMU releases before its `lpae_block_desc_valid` check (Debian
 //! 12's 7.2 among them) use it as a 512 GiB block. For those probes the walker must report
-//! F_TRANSLATION at level 0 and QEMU's result is only counted.
+//! F_TRANSLATION at level 0 and QEMU's result is only counted; no store or fetch goes
+//! through such a descriptor, and the Access flag QEMU may set in it is not compared.
 //!
 //! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
-//! TCR_EL1, PAN as PSTATE.PAN, WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1, LDTR/STTR PnU = 0.
-//! Probes whose translation would land outside the data region (on the program or the
-//! tables) are not made.
+//! TCR_EL1, PAN as PSTATE.PAN, WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1,
+//! LDTR/STTR PnU = 0, a fetch InD = 1. Probes whose translation would land outside the data
+//! region (on the program or the tables) are not made.
 //!
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, RAM_BASE, TABLES};
-use vsva_qemu_oracle::{Machine, OracleError, Outcome, Probe, ProbeOp};
+use vsva_qemu_oracle::{fetch_snippet, Machine, OracleError, Outcome, Probe, ProbeOp};
 use vsva_smmuv3::{
     walk_stage1, AccessRequest, AddressSize, FaultKind, PageSize, PhysMem, S1Config, S1Flags,
     TableBuilder, WalkFault, WalkRecord,
@@ -99,6 +102,7 @@ enum Expect {
     Switch,
     Load(u64),
     Store(u64),
+    Fetch(u32),
     Fault(WalkFault),
 }
 
@@ -108,6 +112,7 @@ fn class(e: &Expect) -> String {
         Expect::Switch => "scenario switch".into(),
         Expect::Load(_) => "load reached the walker's output".into(),
         Expect::Store(_) => "store reached the walker's output".into(),
+        Expect::Fetch(_) => "fetch ran the code at the walker's output".into(),
         Expect::Fault(f) => format!("{} level {}", f.kind, f.level),
     }
 }
@@ -272,7 +277,10 @@ fn stage1_walker_agrees_with_qemu() {
         let tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd);
         scenarios.push((cfg, tcr, mappings));
     }
-    let image = machine.snapshot().unwrap();
+    let mut image = machine.snapshot().unwrap();
+    // Fetch probes run a snippet at the walker's output: in the last 16 bytes of a 64-byte
+    // line, which loads and stores never touch.
+    let mut snippets: BTreeMap<u64, u32> = BTreeMap::new();
 
     // The probes, walked in order over the model as they are made.
     let mut probes = Vec::new();
@@ -322,28 +330,35 @@ fn stage1_walker_agrees_with_qemu() {
                 }
                 _ => continue,
             };
-            if let Ok(t) = walk_stage1(mem, &dry, va, AccessRequest::READ.privileged(), &mut ()) {
-                if !(DATA.0..DATA.1).contains(&t.output) {
-                    continue;
-                }
-            }
             let op = rng.pick(&[
                 ProbeOp::Load,
                 ProbeOp::Store,
                 ProbeOp::LoadUnprivileged,
                 ProbeOp::StoreUnprivileged,
+                ProbeOp::Fetch,
             ]);
+            let va = if op == ProbeOp::Fetch {
+                (va & !63) | 48
+            } else {
+                (va & !63) | (rng.below(6) * 8)
+            };
+            let reached = walk_stage1(mem, &dry, va, AccessRequest::READ.privileged(), &mut ());
+            if let Ok(t) = reached {
+                if !(DATA.0..DATA.1).contains(&t.output) {
+                    continue;
+                }
+            }
             let access = AccessRequest {
                 write: op.is_store(),
-                instruction: false,
-                privileged: matches!(op, ProbeOp::Load | ProbeOp::Store),
+                instruction: op == ProbeOp::Fetch,
+                privileged: matches!(op, ProbeOp::Load | ProbeOp::Store | ProbeOp::Fetch),
             };
             let value = 0x5354_0000_0000_0000 | probes.len() as u64;
             let mut record = WalkRecord::default();
             let walk = walk_stage1(mem, cfg, va, access, &mut record);
             if let Some(at) = level0_block(&record) {
-                // QEMU may use the block: never store through it (see above).
-                if op.is_store() {
+                // QEMU may use the block: never store or fetch through it (see above).
+                if op.is_store() || op == ProbeOp::Fetch {
                     continue;
                 }
                 level0_slots.insert(at);
@@ -353,9 +368,25 @@ fn stage1_walker_agrees_with_qemu() {
                     mem.write_u64(t.output, value).unwrap();
                     (Expect::Store(t.output), t.output)
                 }
+                Ok(t) if op == ProbeOp::Fetch => {
+                    let tag = *snippets
+                        .entry(t.output)
+                        .or_insert(0x5e00_0000 | probes.len() as u32);
+                    (Expect::Fetch(tag), 0)
+                }
                 Ok(t) => (Expect::Load(mem.read_u64(t.output).unwrap()), 0),
                 Err(f) => (Expect::Fault(f), 0),
             };
+            // Any fetch that reaches memory finds its snippet there, whatever the walker says.
+            if let (ProbeOp::Fetch, Ok(t)) = (op, reached) {
+                let tag = *snippets
+                    .entry(t.output)
+                    .or_insert(0x5e00_0000 | probes.len() as u32);
+                let code = fetch_snippet(tag);
+                mem.write(t.output, &code).unwrap();
+                let at = (t.output - IMAGE_BASE) as usize;
+                image[at..at + code.len()].copy_from_slice(&code);
+            }
             probes.push(Probe {
                 op,
                 va,
@@ -393,8 +424,9 @@ fn stage1_walker_agrees_with_qemu() {
             (Expect::Switch, Outcome::Done(_)) => true,
             (Expect::Load(v), Outcome::Done(g)) => v == g,
             (Expect::Store(pa), Outcome::Done(g)) => mem.read_u64(*pa).unwrap() == *g,
+            (Expect::Fetch(tag), Outcome::Done(g)) => u64::from(*tag) == *g,
             (Expect::Fault(f), Outcome::Abort(a)) => {
-                a.ec() == 0x25
+                a.ec() == if p.op == ProbeOp::Fetch { 0x21 } else { 0x25 }
                     && a.far == p.va
                     && a.wnr() == p.op.is_store()
                     && dfsc(f) == Some(a.dfsc())
@@ -452,7 +484,8 @@ fn stage1_walker_agrees_with_qemu() {
         counts.keys().any(|c| c.starts_with("F_PERMISSION"))
             && counts.keys().any(|c| c.starts_with("F_TRANSLATION"))
             && counts.contains_key("load reached the walker's output")
-            && counts.contains_key("store reached the walker's output"),
+            && counts.contains_key("store reached the walker's output")
+            && counts.contains_key("fetch ran the code at the walker's output"),
         "the run did not exercise loads, stores, translation and permission faults: {counts:?}"
     );
     if !failures.is_empty() {
@@ -489,6 +522,11 @@ fn harness_runs_a_hand_built_table() {
     // VA 0x4000: EL0 read/write (AP = 01).
     mem.write_u64(l3 + 32, (DATA.0 + 0x2000) | 0x443).unwrap();
     mem.write_u64(DATA.0 + 0x2008, 0x77).unwrap();
+    // VA 0x5000 and 0x6000: the same code page, EL1 only; 0x6000 with PXN.
+    mem.write_u64(l3 + 40, (DATA.0 + 0x3000) | 0x403).unwrap();
+    mem.write_u64(l3 + 48, (DATA.0 + 0x3000) | 0x403 | (1 << 53))
+        .unwrap();
+    mem.write(DATA.0 + 0x3000, &fetch_snippet(0x42)).unwrap();
     mem.write_u64(DATA.0 + 0x10, 0x1234_5678).unwrap();
     let image = machine.snapshot().unwrap();
     let probe = |op, va, check_pa| Probe {
@@ -508,6 +546,8 @@ fn harness_runs_a_hand_built_table() {
         probe(ProbeOp::Switch { pan: true }, l1, 0),
         probe(ProbeOp::Load, 0x4000, 0),
         probe(ProbeOp::LoadUnprivileged, 0x4008, 0),
+        probe(ProbeOp::Fetch, 0x5000, 0),
+        probe(ProbeOp::Fetch, 0x6000, 0),
     ];
     let probes: Vec<Probe> = probes
         .iter()
@@ -535,6 +575,9 @@ fn harness_runs_a_hand_built_table() {
     // With PSTATE.PAN, EL1 loads of that page fault; LDTR still reads it.
     assert_eq!(abort(7), (0x25, 0b001111, false, 0x4000));
     assert_eq!(r.outcomes[8], Outcome::Done(0x77));
+    // The snippet ran and set its tag; with PXN the fetch is an Instruction Abort.
+    assert_eq!(r.outcomes[9], Outcome::Done(0x42));
+    assert_eq!(abort(10), (0x21, 0b001111, false, 0x6000));
     assert_eq!(r.tables.len() as u64, TABLES.1 - TABLES.0);
     assert_eq!(&r.tables[..8], &(l2 | 3).to_le_bytes());
     let _ = std::fs::remove_dir_all(&dir);
