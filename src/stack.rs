@@ -8,12 +8,12 @@
 //! driver through the physical IOMMU's registers and host memory, the device through its
 //! portal and the IOMMU's DMA port.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Mmio, Process};
 use vsva_host::driver::{HostIommu, VtdDomain};
-use vsva_host::{Container, HostError, PasidAllocator};
+use vsva_host::{Container, ContainerFile, HostError, PasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, DmaPort, Operation,
@@ -102,7 +102,7 @@ impl Mmio for VIommuMmio {
 }
 
 /// A VM's VFIO container, shared by the VMM's vIOMMU and the VMM itself.
-pub type VmContainer = Arc<Mutex<Container<VtdDomain>>>;
+pub type VmContainer = Arc<ContainerFile<VtdDomain>>;
 
 /// One VM.
 pub struct Vm {
@@ -159,7 +159,7 @@ impl Vm {
             write: true,
         })?;
         container.attach_device(host_sid)?;
-        let container: VmContainer = Arc::new(Mutex::new(container));
+        let container: VmContainer = Arc::new(ContainerFile::new(container));
 
         let engine = Arc::new(DmaEngine::new(
             DmaEngineConfig::new(host_sid),
@@ -231,9 +231,7 @@ impl Vm {
 
     /// The container, locked.
     pub fn vfio(&self) -> std::sync::MutexGuard<'_, Container<VtdDomain>> {
-        self.container
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.container.lock()
     }
 
     /// Submits `op` in `pasid` from `process` (a write to the device's portal), with its
@@ -321,11 +319,7 @@ impl Vm {
         drop(engine);
         let container = Arc::try_unwrap(container)
             .map_err(|_| StackError::Guest("the VFIO container is still in use".into()))?;
-        drop(
-            container
-                .into_inner()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        drop(container.into_inner());
         host_mem.release_guest_memory(&mem);
         // A process or device model of the VM that is still alive maps guest RAM: freed now,
         // the frames would go to the next VM while that mapping still reaches them. They

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use vsva::demo::{run, Demo, DemoError, DemoOptions};
 use vsva::stack::{VmContainer, GUEST_DEVICE_SID};
-use vsva_host::HostError;
-use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
+use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, PageResponse};
 use vsva_vmm::{HostSva, PasidSource};
 use vsva_vtd::{Pasid, SourceId};
 
@@ -96,30 +95,30 @@ fn small(vms: usize, processes: usize) -> DemoOptions {
 struct InvalidationsFail(VmContainer);
 
 impl PasidSource for InvalidationsFail {
-    fn pasid_alloc(&self, min: u32, max: u32) -> Result<Pasid, HostError> {
-        self.0.pasid_alloc(min, max)
+    fn pasid_alloc(&self, min: u32, max: u32) -> Result<Pasid, Errno> {
+        PasidSource::pasid_alloc(&*self.0, min, max)
     }
 
-    fn pasid_free(&self, pasid: Pasid) -> Result<(), HostError> {
-        self.0.pasid_free(pasid)
+    fn pasid_free(&self, pasid: Pasid) -> Result<(), Errno> {
+        PasidSource::pasid_free(&*self.0, pasid)
     }
 }
 
 impl HostSva for InvalidationsFail {
-    fn bind_gpasid(&self, bind: &BindGpasid) -> Result<(), HostError> {
-        self.0.bind_gpasid(bind)
+    fn bind_gpasid(&self, bind: &BindGpasid) -> Result<(), Errno> {
+        HostSva::bind_gpasid(&*self.0, bind)
     }
 
-    fn unbind_gpasid(&self, bind: &BindGpasid) -> Result<(), HostError> {
-        self.0.unbind_gpasid(bind)
+    fn unbind_gpasid(&self, bind: &BindGpasid) -> Result<(), Errno> {
+        HostSva::unbind_gpasid(&*self.0, bind)
     }
 
-    fn cache_invalidate(&self, _: &CacheInvalidate) -> Result<(), HostError> {
-        Err(HostError::NoDriverOp("cache_invalidate"))
+    fn cache_invalidate(&self, _: &CacheInvalidate) -> Result<(), Errno> {
+        Err(Errno::ENODEV)
     }
 
-    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), HostError> {
-        self.0.page_response(host_sid, resp)
+    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
+        HostSva::page_response(&*self.0, host_sid, resp)
     }
 }
 

@@ -36,6 +36,13 @@ impl<B: IommuBackend> ContainerFile<B> {
         }
     }
 
+    /// Closes the file, giving the container back (dropping it releases what it holds).
+    pub fn into_inner(self) -> Container<B> {
+        self.container
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The container itself, for the host side (assembly, diagnostics, tests); a VMM uses
     /// the [`UapiFile`] calls only.
     pub fn lock(&self) -> MutexGuard<'_, Container<B>> {

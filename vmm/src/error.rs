@@ -2,7 +2,7 @@
 //! request injection). Host call failures are not errors of the caller: they are counted
 //! and kept as [`HostCallError`]s.
 
-use vsva_host::HostError;
+use vsva_uapi::Errno;
 use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_vtd::regs::RegError;
 use vsva_vtd::{InvalidAddressWidth, Pasid, SourceId};
@@ -55,5 +55,5 @@ pub struct HostCallError {
     /// What was asked.
     pub call: HostCall,
     /// The host's answer.
-    pub error: HostError,
+    pub error: Errno,
 }

@@ -28,7 +28,7 @@ mod viommu;
 
 pub use config::{VIommuConfig, PASID_BITS};
 pub use error::{HostCall, HostCallError, VIommuError};
-pub use host::{HostSva, LocalPasids, PasidSource};
+pub use host::{HostSva, PasidSource};
 pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};
 pub use space::IommuAddressSpace;

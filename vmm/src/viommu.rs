@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
-use vsva_host::HostError;
+use vsva_uapi::Errno;
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
     Capabilities, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile, RootState,
@@ -78,7 +78,7 @@ impl fmt::Debug for VIommu {
 
 impl VIommu {
     /// A vIOMMU over guest RAM `mem`, advertising `config`, taking guest PASIDs from
-    /// `pasids` (the VM's VFIO container, or [`crate::LocalPasids`]). Translation is off
+    /// `pasids` (the VM's VFIO container, or a private PASID space for a VM without one). Translation is off
     /// until the guest enables it.
     pub fn new(
         mem: GuestRam,
@@ -352,7 +352,7 @@ impl VIommu {
     /// Unwraps a host call's result; a failure is counted and kept.
     pub(crate) fn host_result<T>(
         &self,
-        result: Result<T, HostError>,
+        result: Result<T, Errno>,
         call: impl FnOnce() -> HostCall,
     ) -> Option<T> {
         match result {

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use vsva_host::{
-    BackendInfo, Container, HostError, IommuBackend, PasidAllocator, SharedPasidAllocator,
+    BackendInfo, Container, ContainerFile, HostError, IommuBackend, PasidAllocator,
+    SharedPasidAllocator,
 };
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_NESTING_FEAT_BIND_PGTBL,
@@ -86,7 +87,7 @@ const HOST_SID: SourceId = SourceId::from_rid(0x8100);
 
 struct Vm {
     g: Guest,
-    container: Arc<Mutex<Container<Backend>>>,
+    container: Arc<ContainerFile<Backend>>,
     backend: Backend,
     dev: SourceId,
 }
@@ -96,7 +97,7 @@ fn vm(allocator: &SharedPasidAllocator, host_sid: SourceId) -> Vm {
     let mut c = Container::new(allocator.clone(), 16, backend.clone());
     c.set_iommu(IommuModel::Type1Nesting).unwrap();
     c.attach_device(host_sid).unwrap();
-    let container = Arc::new(Mutex::new(c));
+    let container = Arc::new(ContainerFile::new(c));
     let g = Guest::new(container.clone());
     g.enable();
     g.enable_prq();
@@ -126,7 +127,7 @@ fn a_vm_binds_invalidates_and_answers_page_requests_through_its_container() {
     let allocator: SharedPasidAllocator = Arc::new(Mutex::new(PasidAllocator::new()));
     let vm = vm(&allocator, HOST_SID);
     let p = vm.g.alloc_pasid();
-    assert_eq!(vm.container.lock().unwrap().state().pasids, vec![p]);
+    assert_eq!(vm.container.lock().state().pasids, vec![p]);
 
     let cr3 = vm.g.alloc_frame();
     vm.g.set_pasid_entry(vm.dev, p, Some(fl_entry(1, cr3, FlPagingMode::FourLevel)));
@@ -184,7 +185,7 @@ fn a_vm_binds_invalidates_and_answers_page_requests_through_its_container() {
         ]
     );
     assert!(vm.g.viommu.take_host_errors().is_empty());
-    assert_eq!(vm.container.lock().unwrap().state().bound, vec![bind]);
+    assert_eq!(vm.container.lock().state().bound, vec![bind]);
 
     // A page request from the device: the driver reports it to the container, the VMM
     // reads it and injects it, the guest answers, the answer reaches the driver.
@@ -200,9 +201,9 @@ fn a_vm_binds_invalidates_and_answers_page_requests_through_its_container() {
         needs_pasid: true,
         private_data: None,
     };
-    let sink = vm.container.lock().unwrap().fault_sink();
+    let sink = vm.container.lock().fault_sink();
     sink.report(HOST_SID, req).unwrap();
-    let events = vm.container.lock().unwrap().read_faults();
+    let events = vm.container.lock().read_faults();
     assert_eq!(events.len(), 1);
     for e in events {
         let out =
@@ -232,18 +233,13 @@ fn a_vm_binds_invalidates_and_answers_page_requests_through_its_container() {
             }
         )]
     );
-    assert!(vm
-        .container
-        .lock()
-        .unwrap()
-        .pending_page_requests()
-        .is_empty());
+    assert!(vm.container.lock().pending_page_requests().is_empty());
 
     // The guest frees the PASID: unbound, then returned to the host set.
     let rsp = vm.g.vcmd((p.raw() as u64) << 8 | 2);
     assert_eq!(rsp, 0);
     assert_eq!(vm.backend.take(), vec![Driver::Unbind(p)]);
-    let state = vm.container.lock().unwrap().state();
+    let state = vm.container.lock().state();
     assert!(state.bound.is_empty() && state.pasids.is_empty());
     let stats = vm.g.viommu.stats();
     assert_eq!(
@@ -274,11 +270,17 @@ fn a_vm_cannot_bind_another_vms_pasid() {
     assert!(b.g.viommu.take_host_errors().is_empty());
     assert!(b.g.viommu.bindings(b.dev).unwrap().is_empty());
     // A VMM that asks anyway is refused by the host.
-    let error = b.container.bind_gpasid(&bind_data(pa, &entry)).unwrap_err();
+    let error = b
+        .container
+        .lock()
+        .bind_gpasid(&bind_data(pa, &entry))
+        .unwrap_err();
     assert!(matches!(error, HostError::NotOwner { pasid, .. } if pasid == pa));
+    let through_fd = HostSva::bind_gpasid(&*b.container, &bind_data(pa, &entry));
+    assert_eq!(through_fd, Err(vsva_uapi::Errno::EPERM));
     assert!(b.backend.take().is_empty(), "the driver is never asked");
     // Nor free it.
     let rsp = b.g.vcmd((pa.raw() as u64) << 8 | 2);
     assert_eq!(rsp >> 1 & 3, 2);
-    assert_eq!(a.container.lock().unwrap().state().pasids, vec![pa]);
+    assert_eq!(a.container.lock().state().pasids, vec![pa]);
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
-use vsva_vmm::{IommuAddressSpace, LocalPasids};
+use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::regs::layout::{fsts, offset};
 use vsva_vtd::regs::{Cap, EventSource, FaultRecord, FRCD_F};

@@ -238,7 +238,7 @@ fn bad_host_reports_are_refused() {
 
 #[test]
 fn emulated_devices_inject_directly() {
-    let g = Guest::new(Arc::new(vsva_vmm::LocalPasids::new(4)));
+    let g = Guest::new(Arc::new(LocalPasids::new(4)));
     g.enable();
     let dev = sid(0, 6, 0);
     g.attach(dev, true);

@@ -123,7 +123,7 @@ fn virtual_commands_allocate_and_free_host_pasids() {
 
 #[test]
 fn pasid_allocation_failure_is_no_pasid_available() {
-    let g = Guest::new(std::sync::Arc::new(vsva_vmm::LocalPasids::new(1)));
+    let g = Guest::new(std::sync::Arc::new(LocalPasids::new(1)));
     let first = g.vcmd(vcmd::ALLOC_PASID as u64);
     assert_eq!(first & 6, 0);
     assert_eq!(

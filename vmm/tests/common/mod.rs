@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vsva_host::HostError;
+use vsva_host::{PasidAllocator, PasidSetId};
+use vsva_uapi::Errno;
 use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
 use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
 use vsva_vtd::context::context_entry_addr;
@@ -146,43 +147,75 @@ impl MockHost {
 }
 
 impl PasidSource for MockHost {
-    fn pasid_alloc(&self, min: u32, max: u32) -> Result<Pasid, HostError> {
+    fn pasid_alloc(&self, min: u32, max: u32) -> Result<Pasid, Errno> {
         let p = self.next.fetch_add(1, Ordering::Relaxed);
         if p < min || p > max {
-            return Err(HostError::NoFreePasid { min, max });
+            return Err(Errno::ENOSPC);
         }
         self.record(Call::Alloc(pasid(p)));
         Ok(pasid(p))
     }
 
-    fn pasid_free(&self, p: Pasid) -> Result<(), HostError> {
+    fn pasid_free(&self, p: Pasid) -> Result<(), Errno> {
         self.record(Call::Free(p));
         Ok(())
     }
 }
 
 impl HostSva for MockHost {
-    fn bind_gpasid(&self, bind: &BindGpasid) -> Result<(), HostError> {
+    fn bind_gpasid(&self, bind: &BindGpasid) -> Result<(), Errno> {
         if self.refuse_bind.load(Ordering::Relaxed) {
-            return Err(HostError::NotBound(bind.hpasid));
+            return Err(Errno::EINVAL);
         }
         self.record(Call::Bind(*bind));
         Ok(())
     }
 
-    fn unbind_gpasid(&self, bind: &BindGpasid) -> Result<(), HostError> {
+    fn unbind_gpasid(&self, bind: &BindGpasid) -> Result<(), Errno> {
         self.record(Call::Unbind(*bind));
         Ok(())
     }
 
-    fn cache_invalidate(&self, inv: &CacheInvalidate) -> Result<(), HostError> {
+    fn cache_invalidate(&self, inv: &CacheInvalidate) -> Result<(), Errno> {
         self.record(Call::Invalidate(*inv));
         Ok(())
     }
 
-    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), HostError> {
+    fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
         self.record(Call::Response(host_sid, *resp));
         Ok(())
+    }
+}
+
+/// PASIDs for a VM without a VFIO container (emulated devices only): a private PASID
+/// space with one set, from the host's allocator.
+#[derive(Debug)]
+pub struct LocalPasids {
+    allocator: Mutex<PasidAllocator>,
+    set: PasidSetId,
+}
+
+impl LocalPasids {
+    /// A PASID space of which the VM may hold `quota` PASIDs at a time.
+    pub fn new(quota: u32) -> Self {
+        let mut allocator = PasidAllocator::new();
+        let set = allocator.create_set(quota);
+        LocalPasids {
+            allocator: Mutex::new(allocator),
+            set,
+        }
+    }
+}
+
+impl PasidSource for LocalPasids {
+    fn pasid_alloc(&self, min: u32, max: u32) -> Result<Pasid, Errno> {
+        let mut a = self.allocator.lock().unwrap();
+        a.alloc(self.set, min, max).map_err(|e| Errno::from(&e))
+    }
+
+    fn pasid_free(&self, pasid: Pasid) -> Result<(), Errno> {
+        let mut a = self.allocator.lock().unwrap();
+        a.free(self.set, pasid).map_err(|e| Errno::from(&e))
     }
 }
 
