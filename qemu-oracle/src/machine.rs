@@ -552,6 +552,11 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.ldr(X0, X19, 8);
     a.ldr(X2, X19, 16);
     a.movz(X3, 0, 0);
+    // Every probe walks the tables afresh, as the walker does: no translation the CPU
+    // cached before its own AF or dirty-state update (or an earlier probe's) is used.
+    a.tlbi_vmalle1();
+    a.dsb_sy();
+    a.isb();
     let fetch = a.label();
     for (code, l) in [(0, load), (1, store), (2, ldtr), (3, sttr), (5, fetch)] {
         a.cmp_imm(X1, code);
