@@ -10,6 +10,8 @@
 //!   and the page group response to a request.
 //! - [`tables`]: how root, context and PASID entries are written (P last) and cleared (P
 //!   first), and how large a PASID directory is (`intel_pasid_alloc_table`).
+//! - [`take_fault_records`]: the fault event handler's reading of the fault recording
+//!   registers (`dmar_fault`).
 //! - [`GlobalCommand`]: the GCMD/GSTS handshakes (`iommu_set_root_entry`,
 //!   `dmar_enable_qi`, `dmar_disable_qi`, `iommu_flush_write_buffer`).
 //!
@@ -22,6 +24,7 @@
 //! [`PhysMem`]: vsva_vtd::PhysMem
 
 mod error;
+mod faults;
 mod handshake;
 pub mod inv;
 pub mod mask;
@@ -33,6 +36,7 @@ pub mod tables;
 mod testunit;
 
 pub use error::Error;
+pub use faults::take_fault_records;
 pub use handshake::GlobalCommand;
 pub use prq::{group_response, PageRequestQueue, PRQ_BYTES, PRQ_ORDER};
 pub use qi::{InvalidationQueue, QUEUE_BYTES, QUEUE_ENTRIES, QUEUE_ORDER, STATUS_BYTES};

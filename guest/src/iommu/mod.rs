@@ -31,14 +31,16 @@ use vm_memory::GuestMemoryMmap;
 use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, InvDescError};
 use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, vcmd};
-use vsva_vtd::regs::{Cap, Ecap, FaultRecord, FRCD_F};
+use vsva_vtd::regs::{Cap, Ecap, FaultRecord};
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
     DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, RegError, ScalableContextEntry,
     ScalableRootEntry, SlLevels, SourceId,
 };
 use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, pdts_for, write_entry};
-use vsva_vtd_driver::{GlobalCommand, InvalidationQueue, PageRequestQueue, Registers};
+use vsva_vtd_driver::{
+    take_fault_records, GlobalCommand, InvalidationQueue, PageRequestQueue, Registers,
+};
 
 use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
 use svm::{PasidAllocator, Svm};
@@ -565,24 +567,10 @@ impl IommuDriver {
         Ok(context_entry_addr(ctp, sid.devfn()))
     }
 
-    /// Reads and clears the recorded faults (fault recording registers with F set), as
-    /// Linux's `dmar_fault` does, and clears the fault overflow status.
+    /// Reads and clears the recorded faults, as Linux's `dmar_fault` does (the shared
+    /// driver's [`take_fault_records`]): from FSTS.FRI while F is set, then FSTS.PFO.
     pub fn take_faults(&self) -> Vec<FaultRecord> {
-        let base = self.cap.fault_recording_offset();
-        let mut out = Vec::new();
-        for i in 0..self.cap.fault_recording_count() as u64 {
-            let hi = self.mmio.read(base + 16 * i + 8, 8);
-            if hi & FRCD_F == 0 {
-                continue;
-            }
-            let lo = self.mmio.read(base + 16 * i, 8);
-            if let Some(record) = FaultRecord::from_raw([lo, hi]) {
-                out.push(record);
-            }
-            self.mmio.write(base + 16 * i + 12, 4, FRCD_F >> 32);
-        }
-        self.mmio.write(offset::FSTS, 4, u64::from(fsts::PFO));
-        out
+        take_fault_records(&Regs(&*self.mmio), &self.cap).unwrap_or_default()
     }
 
     /// Whether the unit holds a fault event the driver has not seen (FECTL.IP).

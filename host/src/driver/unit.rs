@@ -19,13 +19,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vsva_hw::iommu::Iommu;
 use vsva_hw::FrameAllocator;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
-use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset};
-use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt, FRCD_F};
+use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset};
+use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
 use vsva_vtd::{Capabilities, DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
 use vsva_vtd_driver::inv::{dev_iotlb, iotlb_domain, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
 use vsva_vtd_driver::tables::pdts_for;
-use vsva_vtd_driver::{GlobalCommand, InvalidationQueue};
+use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue};
 
 use super::did::DomainIdAllocator;
 use super::error::DriverError;
@@ -577,34 +577,16 @@ impl HostIommu {
     }
 
     fn read_fault_records(&self) -> Result<(), DriverError> {
-        let hw = &self.hw;
-        let base = self.cap.fault_recording_offset();
-        let count = self.cap.fault_recording_count();
-        let status = hw.mmio_read(offset::FSTS, 4)? as u32;
-        if status & fsts::PPF != 0 {
-            let mut index = ((status & fsts::FRI) >> fsts::FRI_SHIFT) as usize % count;
-            for _ in 0..count {
-                let at = base + 16 * index as u64;
-                let high = hw.mmio_read(at + 8, 8)?;
-                if high & FRCD_F == 0 {
-                    break;
-                }
-                let low = hw.mmio_read(at, 8)?;
-                if let Some(record) = FaultRecord::from_raw([low, high]) {
-                    tracing::warn!(
-                        "vt-d: fault {:#x} from {} {:?} at {:#x}",
-                        record.reason,
-                        record.sid,
-                        record.pasid,
-                        record.fault_info
-                    );
-                    self.faults.lock().unwrap().push(record);
-                }
-                hw.mmio_write(at + 8, 8, FRCD_F)?;
-                index = (index + 1) % count;
-            }
+        for record in take_fault_records(&Mmio(&self.hw), &self.cap)? {
+            tracing::warn!(
+                "vt-d: fault {:#x} from {} {:?} at {:#x}",
+                record.reason,
+                record.sid,
+                record.pasid,
+                record.fault_info
+            );
+            self.faults.lock().unwrap().push(record);
         }
-        hw.mmio_write(offset::FSTS, 4, fsts::PFO.into())?;
         Ok(())
     }
 }
