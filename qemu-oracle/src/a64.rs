@@ -355,6 +355,12 @@ impl Asm {
         self.word(0xd69f_03e0);
     }
 
+    /// BTI c (HINT #34): a valid target of BLR in a guarded page (FEAT_BTI); a NOP
+    /// elsewhere.
+    pub fn bti_c(&mut self) {
+        self.word(0xd503_245f);
+    }
+
     /// NOP.
     pub fn nop(&mut self) {
         self.word(0xd503_201f);
@@ -409,6 +415,7 @@ mod tests {
         a.lsr_imm(11, 9, 26); // lsr x11, x9, #26
         a.ret(); // ret
         a.mov(9, 30); // mov x9, x30
+        a.bti_c(); // bti c (-mattr=+bti)
         assert_eq!(
             a.finish().unwrap(),
             [
@@ -446,6 +453,7 @@ mod tests {
                 0xd35a_fd2b,
                 0xd65f_03c0,
                 0xaa1e_03e9,
+                0xd503_245f,
             ]
         );
     }

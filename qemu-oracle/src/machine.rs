@@ -125,13 +125,16 @@ impl Abort {
     }
 }
 
-/// The code a [`ProbeOp::Fetch`] runs: `X3 = tag`, then return. 12 bytes.
+/// The code a [`ProbeOp::Fetch`] runs: `X3 = tag`, then return. 16 bytes. It starts with
+/// BTI c so that a guarded page (GP, bit 50 of a stage-1 leaf, which the SMMU ignores)
+/// runs it too.
 pub fn fetch_snippet(tag: u32) -> Vec<u8> {
     let mut a = Asm::new();
+    a.bti_c();
     a.movz(3, tag as u16, 0);
     a.movk(3, (tag >> 16) as u16, 1);
     a.ret();
-    // Three fixed words: nothing can fail.
+    // Four fixed words: nothing can fail.
     Asm::bytes(&a.finish().unwrap_or_default())
 }
 

@@ -6,7 +6,8 @@
 //! AttrIndx, SH, nG, DBM and software bits, some with AF clear, then random damage on the
 //! way to some mappings: entries made invalid, APTable/UXNTable/PXNTable set, output or table
 //! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a level-0
-//! block. Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
+//! block, bits 51:48 set (DBM, GP, and two bits the 4 KiB granule with a 48-bit output
+//! leaves RES0 and both sides ignore). Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
 //! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker). Then probes:
 //! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions) at an
 //! address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
@@ -254,7 +255,7 @@ fn stage1_walker_agrees_with_qemu() {
                 continue;
             }
             let leaf = level == size.level();
-            let (what, new) = match rng.below(5) {
+            let (what, new) = match rng.below(6) {
                 0 => ("invalid", d & !1),
                 1 if !leaf => (
                     "APTable/UXNTable/PXNTable",
@@ -266,6 +267,10 @@ fn stage1_walker_agrees_with_qemu() {
                 ),
                 3 if level == 3 => ("level-3 bits[1:0] = 01", d & !2),
                 3 if level == 0 => ("level-0 block", d & !2),
+                4 => (
+                    "bits 51:48 (DBM, GP, RES0) set",
+                    d | (rng.below(15) + 1) << 48,
+                ),
                 _ => (
                     "AP[2:1] and AF changed",
                     d ^ (rng.below(4) << 6) ^ (rng.below(2) << 10),
