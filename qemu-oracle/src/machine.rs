@@ -28,9 +28,17 @@ pub mod layout {
     pub const MAX_PROBES: usize = 0x1_0000 / 32 * 4;
     /// The results: a 64-byte header, then 32 bytes a probe.
     pub const RESULTS: u64 = IMAGE_BASE + 0x10_0000;
-    /// The table TTBR1 uses (and TTBR0 while the program starts and ends): one level-1
-    /// table whose entry 1 maps the first GiB of RAM as a block, at `HIGH + pa` and at `pa`.
+    /// The tables TTBR1 uses (and TTBR0 while the program starts and ends): they map the
+    /// first GiB of RAM at `HIGH + pa` and at `pa`, EL1 read/write except the program's
+    /// pages, which are read-only (so they stay executable with SCTLR_EL1.WXN). A level-2
+    /// table of 2 MiB blocks, with a level-3 table for the image's first 2 MiB.
+    pub const BOOT_L2: u64 = IMAGE_BASE + 0x1f_d000;
+    /// The level-3 table of the image's first 2 MiB.
+    pub const BOOT_L3: u64 = IMAGE_BASE + 0x1f_e000;
+    /// The level-1 table: TTBR1_EL1.
     pub const BOOT_TABLE: u64 = IMAGE_BASE + 0x1f_f000;
+    /// The program's pages: the vectors and the code (read-only).
+    pub const PROGRAM_BYTES: u64 = 0x1_0000;
     /// Frames for the tests' translation tables.
     pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x60_0000);
     /// Memory the probes may reach.
@@ -57,12 +65,14 @@ pub enum ProbeOp {
     /// BLR at EL1: an instruction fetch. The code found there must set X3 and return (see
     /// [`fetch_snippet`]); X3 is the outcome's value.
     Fetch,
-    /// Not an access: load TTBR0_EL1 and TCR_EL1, set PSTATE.PAN to `pan`, then TLBI
-    /// VMALLE1.
+    /// Not an access: load TTBR0_EL1 and TCR_EL1, set PSTATE.PAN and SCTLR_EL1.WXN, then
+    /// TLBI VMALLE1.
     Switch {
         /// PSTATE.PAN for the probes that follow: EL1 loads and stores of pages EL0 may
         /// access fault.
         pan: bool,
+        /// SCTLR_EL1.WXN for the probes that follow: writable pages are execute-never.
+        wxn: bool,
     },
 }
 
@@ -292,9 +302,26 @@ impl Machine {
             mem,
             dir: dir.to_path_buf(),
         };
-        // TTBR1 (and the identity map while starting): entry 1 of a level-1 table is the
-        // GiB at RAM_BASE, EL1 read/write, AF, inner shareable, AttrIndx 0.
-        m.write_u64(BOOT_TABLE + 8, RAM_BASE | 0x701)?;
+        // TTBR1 (and the identity map while starting): entry 1 of the level-1 table is the
+        // GiB at RAM_BASE; leaves are EL1 read/write (read-only for the program), AF, inner
+        // shareable, AttrIndx 0.
+        m.write_u64(BOOT_TABLE + 8, BOOT_L2 | 3)?;
+        for i in 0..512 {
+            let pa = RAM_BASE + (i << 21);
+            let entry = if pa == IMAGE_BASE {
+                BOOT_L3 | 3
+            } else {
+                pa | 0x701
+            };
+            m.write_u64(BOOT_L2 + 8 * i, entry)?;
+            let page = IMAGE_BASE + (i << 12);
+            let ro = if page < VECTORS + PROGRAM_BYTES {
+                0x80
+            } else {
+                0
+            };
+            m.write_u64(BOOT_L3 + 8 * i, page | 0x703 | ro)?;
+        }
         Ok(m)
     }
 
@@ -342,6 +369,9 @@ impl Machine {
             image[at..at + bytes.len()].copy_from_slice(bytes);
         };
         let program = Asm::bytes(&program(probes.len() as u64)?);
+        if program.len() as u64 > PROGRAM_BYTES {
+            return Err(OracleError::Asm(AsmError::Immediate(program.len() as u64)));
+        }
         put(VECTORS, &program);
         let dump_len = (TABLES.1 - RESULTS) as usize;
         let words = [
@@ -361,14 +391,14 @@ impl Machine {
         put(FILE_NAME + name.len() as u64, &[0]);
         for (i, p) in probes.iter().enumerate() {
             let last = match p.op {
-                ProbeOp::Switch { pan } => u64::from(pan),
+                ProbeOp::Switch { pan, wxn } => u64::from(pan) | (u64::from(wxn) << 1),
                 _ => p.check_pa,
             };
             let rec = [p.op.code(), p.va, p.value, last];
             let rec: Vec<u8> = rec.iter().flat_map(|x| x.to_le_bytes()).collect();
             put(PROBES + 32 * i as u64, &rec);
         }
-        put(RESULTS, &vec![0; (BOOT_TABLE - RESULTS) as usize]);
+        put(RESULTS, &vec![0; (BOOT_L2 - RESULTS) as usize]);
         let image_path = self.dir.join("image.bin");
         std::fs::write(&image_path, &image).map_err(io("writing the image"))?;
 
@@ -467,6 +497,7 @@ const X0: u32 = 0;
 const X1: u32 = 1;
 const X2: u32 = 2;
 const X3: u32 = 3;
+const X4: u32 = 4;
 const X9: u32 = 9;
 const X10: u32 = 10;
 const X11: u32 = 11;
@@ -568,14 +599,22 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     // Switch.
     a.msr(SysReg::TTBR0_EL1, X0);
     a.msr(SysReg::TCR_EL1, X2);
-    let (pan_on, pan_set) = (a.label(), a.label());
+    // The last word: PAN in bit 0, WXN in bit 1.
     a.ldr(X3, X19, 24);
-    a.cbnz(X3, pan_on);
-    a.msr_pan(false);
-    a.b(pan_set);
-    a.bind(pan_on);
-    a.msr_pan(true);
-    a.bind(pan_set);
+    let set = a.label();
+    let cases: Vec<_> = (0..4).map(|_| a.label()).collect();
+    for (code, &l) in cases.iter().enumerate() {
+        a.cmp_imm(X3, code as u64);
+        a.b_cond(Cond::Eq, l);
+    }
+    for (code, &l) in cases.iter().enumerate() {
+        a.bind(l);
+        a.msr_pan(code & 1 != 0);
+        a.mov_imm(X4, SCTLR | (((code as u64) >> 1) << 19));
+        a.msr(SysReg::SCTLR_EL1, X4);
+        a.b(set);
+    }
+    a.bind(set);
     a.tlbi_vmalle1();
     a.dsb_sy();
     a.isb();
@@ -628,7 +667,14 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.cbz(X21, rb_done);
     // A switch's last word is its PAN, not an address.
     a.ldr(X1, X19, 0);
-    a.cmp_imm(X1, ProbeOp::Switch { pan: false }.code());
+    a.cmp_imm(
+        X1,
+        ProbeOp::Switch {
+            pan: false,
+            wxn: false,
+        }
+        .code(),
+    );
     a.b_cond(Cond::Eq, rb_next);
     a.ldr(X0, X19, 24);
     a.cbz(X0, rb_next);

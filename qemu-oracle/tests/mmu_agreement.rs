@@ -8,7 +8,8 @@
 //! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a level-0
 //! block, bits 51:48 set (DBM, GP, and two bits the 4 KiB granule with a 48-bit output
 //! leaves RES0 and both sides ignore). Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
-//! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker). Then probes:
+//! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker); some run with
+//! SCTLR_EL1.WXN (the CD's WXN). Then probes:
 //! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions) at an
 //! address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
 //! walks each over a model of the memory, in probe order (so its Access flag and
@@ -34,7 +35,7 @@
 //! through such a descriptor, and the Access flag QEMU may set in it is not compared.
 //!
 //! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
-//! TCR_EL1, PAN as PSTATE.PAN, WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1,
+//! TCR_EL1, PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1,
 //! LDTR/STTR PnU = 0, a fetch InD = 1. Probes whose translation would land outside the data
 //! region (on the program or the tables) are not made.
 //!
@@ -198,12 +199,14 @@ fn stage1_walker_agrees_with_qemu() {
         let ha = hafdbs >= 1 && rng.percent(50);
         let hd = ha && hafdbs >= 2 && rng.percent(60);
         let pan = pan_supported && rng.percent(40);
+        let wxn = rng.percent(30);
         let Some(root) = alloc() else { break };
         mem.write(root, &[0; 4096]).unwrap();
         let flags = S1Flags {
             ha,
             hd,
             pan,
+            wxn,
             ..S1Flags::default()
         };
         let cfg = S1Config::new(root, t0sz, ips, flags).unwrap();
@@ -297,6 +300,7 @@ fn stage1_walker_agrees_with_qemu() {
         probes.push(Probe {
             op: ProbeOp::Switch {
                 pan: cfg.flags().pan,
+                wxn: cfg.flags().wxn,
             },
             va: cfg.root(),
             value: *tcr,
@@ -527,9 +531,11 @@ fn harness_runs_a_hand_built_table() {
     // VA 0x4000: EL0 read/write (AP = 01).
     mem.write_u64(l3 + 32, (DATA.0 + 0x2000) | 0x443).unwrap();
     mem.write_u64(DATA.0 + 0x2008, 0x77).unwrap();
-    // VA 0x5000 and 0x6000: the same code page, EL1 only; 0x6000 with PXN.
-    mem.write_u64(l3 + 40, (DATA.0 + 0x3000) | 0x403).unwrap();
-    mem.write_u64(l3 + 48, (DATA.0 + 0x3000) | 0x403 | (1 << 53))
+    // VA 0x5000, 0x6000, 0x7000: the same code page, EL1 only; read-only at 0x5000 and
+    // 0x6000 (with PXN); writable at 0x7000.
+    mem.write_u64(l3 + 40, (DATA.0 + 0x3000) | 0x483).unwrap();
+    mem.write_u64(l3 + 56, (DATA.0 + 0x3000) | 0x403).unwrap();
+    mem.write_u64(l3 + 48, (DATA.0 + 0x3000) | 0x483 | (1 << 53))
         .unwrap();
     mem.write(DATA.0 + 0x3000, &fetch_snippet(0x42)).unwrap();
     mem.write_u64(DATA.0 + 0x10, 0x1234_5678).unwrap();
@@ -542,17 +548,32 @@ fn harness_runs_a_hand_built_table() {
     };
     let tcr = vsva_qemu_oracle::tcr(25, 0, false, false);
     let probes = [
-        probe(ProbeOp::Switch { pan: false }, l1, 0),
+        probe(
+            ProbeOp::Switch {
+                pan: false,
+                wxn: false,
+            },
+            l1,
+            0,
+        ),
         probe(ProbeOp::Load, 0x1010, 0),
         probe(ProbeOp::Store, 0x1018, DATA.0 + 0x18),
         probe(ProbeOp::Load, 0x3000, 0),
         probe(ProbeOp::Store, 0x2008, 0),
         probe(ProbeOp::LoadUnprivileged, 0x1010, 0),
-        probe(ProbeOp::Switch { pan: true }, l1, 0),
+        probe(
+            ProbeOp::Switch {
+                pan: true,
+                wxn: true,
+            },
+            l1,
+            0,
+        ),
         probe(ProbeOp::Load, 0x4000, 0),
         probe(ProbeOp::LoadUnprivileged, 0x4008, 0),
         probe(ProbeOp::Fetch, 0x5000, 0),
         probe(ProbeOp::Fetch, 0x6000, 0),
+        probe(ProbeOp::Fetch, 0x7000, 0),
     ];
     let probes: Vec<Probe> = probes
         .iter()
@@ -583,6 +604,8 @@ fn harness_runs_a_hand_built_table() {
     // The snippet ran and set its tag; with PXN the fetch is an Instruction Abort.
     assert_eq!(r.outcomes[9], Outcome::Done(0x42));
     assert_eq!(abort(10), (0x21, 0b001111, false, 0x6000));
+    // SCTLR_EL1.WXN (set by the second switch): the writable alias does not execute.
+    assert_eq!(abort(11), (0x21, 0b001111, false, 0x7000));
     assert_eq!(r.tables.len() as u64, TABLES.1 - TABLES.0);
     assert_eq!(&r.tables[..8], &(l2 | 3).to_le_bytes());
     let _ = std::fs::remove_dir_all(&dir);
