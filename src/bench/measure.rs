@@ -26,14 +26,17 @@ pub struct SampleBudget {
 
 /// Samples are short and many: on a loaded machine a sample that shares its core with
 /// another process's time slice is an outlier the median leaves out, where a long sample
-/// would carry part of the slice. A full run's samples (1 ms) are shorter than a time
-/// slice: with 5 ms samples, a run beside a two-core compile doubled the forwarded-path
-/// figures, as nearly every sample was preempted once.
+/// would carry part of the slice. Samples (1 ms) are shorter than a time slice: with 5 ms
+/// samples, a run beside a two-core compile doubled the forwarded-path figures, as nearly
+/// every sample was preempted once. Quick and full runs sample equally long and differ
+/// only in how many samples they take, so that a figure does not depend on the mode: with
+/// 2 ms quick samples, more of them were preempted on a loaded machine and the quick
+/// medians of the PASID churn were 3-4× the full run's.
 impl SampleBudget {
     /// `vsva bench --quick`.
     pub const QUICK: SampleBudget = SampleBudget {
-        sample: Duration::from_millis(2),
-        samples: 101,
+        sample: Duration::from_millis(1),
+        samples: 151,
     };
     /// `vsva bench`.
     pub const FULL: SampleBudget = SampleBudget {
