@@ -3,5 +3,6 @@
 pub mod dma;
 pub mod iommu;
 pub mod memory;
+pub mod smmuv3;
 
 pub use memory::{FrameAllocator, HostMemory, HostMemoryError, PAGE_SIZE};

@@ -1,0 +1,106 @@
+//! The command queue (IHI 0070 §4): commands are read from host memory between
+//! CMDQ_CONS and CMDQ_PROD while CR0.CMDQEN is set and GERROR.CMDQ_ERR is inactive. An
+//! illegal command (CERROR_ILL) or an unreadable one (CERROR_ABT) stops the queue with
+//! CMDQ_CONS pointing at it, CMDQ_CONS.ERR naming the error and GERROR.CMDQ_ERR active
+//! until software acknowledges it in GERRORN (§7.1).
+
+use vsva_smmuv3::regs::{cr0, gerror, Irq};
+use vsva_smmuv3::{Cmd, CmdError, PhysMem, SyncCs};
+
+use super::Smmu;
+
+impl Smmu {
+    /// Consumes every produced command, in order. Device callbacks (ATC invalidation, page
+    /// responses) run without the state lock held, and a CMD_SYNC completes after every
+    /// earlier command has.
+    pub(super) fn consume_commands(&self) {
+        let _serial = self.cmdq_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (queue, enabled) = {
+            let state = self.lock();
+            let regs = &state.regs;
+            let enabled =
+                regs.cr0ack() & cr0::CMDQEN != 0 && regs.active_gerrors() & gerror::CMDQ_ERR == 0;
+            (regs.cmdq(), enabled)
+        };
+        if !enabled {
+            return;
+        }
+        let mut cons = queue.cons;
+        let mut error = None;
+        // PROD is fixed for this pass; each step moves CONS one entry closer to it.
+        while !(vsva_smmuv3::Queue { cons, ..queue }).is_empty() {
+            let addr = queue.entry_address(cons, 16);
+            let raw = match (
+                self.mem.read_u64(addr),
+                self.mem.read_u64(addr.wrapping_add(8)),
+            ) {
+                (Ok(d0), Ok(d1)) => [d0, d1],
+                _ => {
+                    error = Some(CmdError::Abt);
+                    break;
+                }
+            };
+            match Cmd::decode(raw, &self.features) {
+                Ok(cmd) => self.execute(&cmd),
+                Err(e) => {
+                    tracing::debug!(?raw, %e, "SMMU command queue error");
+                    error = Some(e);
+                    break;
+                }
+            }
+            cons = queue.next(cons);
+        }
+        let mut state = self.lock();
+        state.regs.cmdq_consumed(cons, error);
+        if error.is_some() {
+            self.signal(&state.regs, Irq::Gerror);
+        }
+    }
+
+    /// Performs one command.
+    fn execute(&self, cmd: &Cmd) {
+        Smmu::count(&self.stats.commands);
+        match *cmd {
+            Cmd::AtcInv {
+                sid,
+                ssid,
+                global,
+                addr,
+                size,
+            } => {
+                if let Some(ep) = self.endpoint(sid) {
+                    ep.atc_invalidate(ssid, global, addr, size);
+                }
+            }
+            Cmd::PriResp {
+                sid,
+                ssid,
+                prg_index,
+                resp,
+            } => {
+                if let Some(ep) = self.endpoint(sid) {
+                    ep.page_response(ssid, prg_index, resp);
+                }
+            }
+            Cmd::Sync {
+                cs: SyncCs::Irq,
+                msi_data,
+                msi_addr,
+                ..
+            } if msi_addr != 0 => self.msi_write(msi_addr, msi_data),
+            // CS=SEV and CS=NONE signal nothing a model can observe beyond CMDQ_CONS
+            // moving past the command; prefetches are hints; no transaction ever stalls, so
+            // CMD_RESUME and CMD_STALL_TERM find nothing.
+            Cmd::Sync { .. }
+            | Cmd::PrefetchConfig { .. }
+            | Cmd::PrefetchAddr { .. }
+            | Cmd::Resume { .. }
+            | Cmd::StallTerm { .. } => {}
+            _ => {
+                let mut state = self.lock();
+                state.config.invalidate(cmd);
+                state.tlb.invalidate(cmd);
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The physical Arm SMMUv3 model (IHI 0070).
+//!
+//! Its registers are `vsva_smmuv3`'s [`RegisterFile`]; the stream table, context
+//! descriptors, translation tables and the three queues live in host memory. The model
+//! caches what it reads as hardware does: STEs per StreamID and CDs per (StreamID,
+//! SubstreamID) in a configuration cache, and leaf translations in a TLB tagged by VMID
+//! and ASID. A cached entry stays until exactly the command that removes it; strict mode
+//! re-walks on every hit and reports stale entries with the command that was missing.
+//!
+//! Simplifications: level-1 descriptors (L1STD, L1CD) and intermediate walk entries are
+//! not cached, so CMD_CFGI_* Leaf makes no difference; stalls are not modelled (every
+//! fault terminates the transaction).
+
+mod cmdq;
+pub mod config;
+mod queues;
+mod stale;
+#[cfg(test)]
+mod tests;
+pub mod tlb;
+mod translate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vsva_smmuv3::regs::{cr0, offset, Irq};
+use vsva_smmuv3::{Features, PriResp, RegEffect, RegError, RegisterFile};
+
+use crate::memory::HostMemory;
+use config::ConfigCache;
+use tlb::Tlb;
+
+pub use stale::{Fresh, StaleKind, StaleTranslation};
+pub use translate::{SmmuFault, SmmuTranslation};
+
+/// A device behind the SMMU that has an ATC or sends page requests: the model calls it
+/// back for CMD_ATC_INV and CMD_PRI_RESP naming its StreamID.
+pub trait SmmuEndpoint: Send + Sync {
+    /// CMD_ATC_INV: drop the ATC entries of 2^`size` 4 KiB pages at `addr` for `ssid`
+    /// (every SubstreamID when `global`). Returns when the device has done so.
+    fn atc_invalidate(&self, ssid: Option<u32>, global: bool, addr: u64, size: u8);
+
+    /// CMD_PRI_RESP: the response to the device's page request group `prg_index`.
+    fn page_response(&self, ssid: Option<u32>, prg_index: u16, resp: PriResp);
+}
+
+/// What the model implements.
+#[derive(Clone, Copy, Debug)]
+pub struct SmmuConfig {
+    /// The ID registers' features.
+    pub features: Features,
+    /// log2 of the largest command, event and PRI queues.
+    pub queue_log2: [u8; 3],
+    /// Re-walk on every TLB and configuration cache hit and report stale entries.
+    pub strict: bool,
+}
+
+impl Default for SmmuConfig {
+    /// vsva's SMMU ([`Features::VSVA`]) with queues of up to 2^8 entries.
+    fn default() -> Self {
+        SmmuConfig {
+            features: Features::VSVA,
+            queue_log2: [8, 8, 8],
+            strict: false,
+        }
+    }
+}
+
+/// Counters of the model's work.
+#[derive(Debug, Default)]
+pub struct SmmuStats {
+    /// Table walks done after TLB misses.
+    pub walks: AtomicU64,
+    /// Commands executed.
+    pub commands: AtomicU64,
+    /// Events written to the event queue.
+    pub events: AtomicU64,
+    /// Events lost because the event queue was full or disabled.
+    pub events_lost: AtomicU64,
+    /// Page requests written to the PRI queue.
+    pub page_requests: AtomicU64,
+}
+
+/// The state one lock guards.
+struct State {
+    regs: RegisterFile,
+    config: ConfigCache,
+    tlb: Tlb,
+    stale: Vec<StaleTranslation>,
+}
+
+/// The physical SMMUv3.
+pub struct Smmu {
+    mem: Arc<HostMemory>,
+    features: Features,
+    strict: bool,
+    state: Mutex<State>,
+    /// Held while one thread consumes the command queue.
+    cmdq_lock: Mutex<()>,
+    endpoints: Mutex<HashMap<u32, Arc<dyn SmmuEndpoint>>>,
+    stats: SmmuStats,
+}
+
+impl fmt::Debug for Smmu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Smmu")
+            .field("features", &self.features)
+            .field("strict", &self.strict)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Smmu {
+    /// An SMMU in its reset state (everything disabled, GBPA aborting) over `mem`.
+    pub fn new(mem: Arc<HostMemory>, cfg: SmmuConfig) -> Self {
+        Smmu {
+            mem,
+            features: cfg.features,
+            strict: cfg.strict,
+            state: Mutex::new(State {
+                regs: RegisterFile::new(cfg.features, cfg.queue_log2),
+                config: ConfigCache::default(),
+                tlb: Tlb::default(),
+                stale: Vec::new(),
+            }),
+            cmdq_lock: Mutex::new(()),
+            endpoints: Mutex::new(HashMap::new()),
+            stats: SmmuStats::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The features the ID registers report.
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &SmmuStats {
+        &self.stats
+    }
+
+    /// Connects the device with StreamID `sid` for CMD_ATC_INV and CMD_PRI_RESP.
+    pub fn attach_endpoint(&self, sid: u32, endpoint: Arc<dyn SmmuEndpoint>) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sid, endpoint);
+    }
+
+    /// Disconnects the device with StreamID `sid`.
+    pub fn detach_endpoint(&self, sid: u32) {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&sid);
+    }
+
+    fn endpoint(&self, sid: u32) -> Option<Arc<dyn SmmuEndpoint>> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sid)
+            .cloned()
+    }
+
+    /// A software read of `size` bytes at `offset` of the register page.
+    pub fn mmio_read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        self.lock().regs.read(offset, size)
+    }
+
+    /// A software write of `size` bytes at `offset`: a CMDQ_PROD write consumes the
+    /// commands it produced before returning.
+    pub fn mmio_write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
+        let effect = self.lock().regs.write(offset, size, value)?;
+        match effect {
+            RegEffect::CmdqProd => self.consume_commands(),
+            // Enabling the command queue, or acknowledging CMDQ_ERR, resumes consumption
+            // of commands already produced.
+            RegEffect::Cr0 { old, new } if old & cr0::CMDQEN == 0 && new & cr0::CMDQEN != 0 => {
+                self.consume_commands()
+            }
+            _ if offset == offset::GERRORN => self.consume_commands(),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Takes the stale translations strict mode found since the last call.
+    pub fn take_stale(&self) -> Vec<StaleTranslation> {
+        std::mem::take(&mut self.lock().stale)
+    }
+
+    /// Number of TLB entries and configuration cache entries (STEs, CDs).
+    pub fn cached_entries(&self) -> (usize, usize, usize) {
+        let s = self.lock();
+        (s.tlb.len(), s.config.stes(), s.config.cds())
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes `msi`'s data to its address when the interrupt is enabled in IRQ_CTRL.
+    fn signal(&self, regs: &RegisterFile, irq: Irq) {
+        let enable = match irq {
+            Irq::Gerror => vsva_smmuv3::regs::irq_ctrl::GERROR_IRQEN,
+            Irq::Eventq => vsva_smmuv3::regs::irq_ctrl::EVENTQ_IRQEN,
+            Irq::Priq => vsva_smmuv3::regs::irq_ctrl::PRIQ_IRQEN,
+        };
+        let irq_ctrl = regs.read(offset::IRQ_CTRL, 4).unwrap_or(0) as u32;
+        let msi = regs.msi(irq);
+        if irq_ctrl & enable != 0 && msi.addr != 0 {
+            self.msi_write(msi.addr, msi.data);
+        }
+    }
+
+    fn msi_write(&self, addr: u64, data: u32) {
+        use vsva_smmuv3::PhysMem;
+        if let Err(e) = self.mem.write(addr, &data.to_le_bytes()) {
+            tracing::warn!(addr, %e, "SMMU MSI write aborted");
+        }
+    }
+}

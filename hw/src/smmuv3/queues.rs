@@ -1,0 +1,64 @@
+//! The output queues (IHI 0070 §7, §8): event records (32 bytes) and PRI queue entries
+//! (16 bytes) written to host memory at EVENTQ_PROD / PRIQ_PROD. A full queue sets its
+//! overflow flag (PROD.OVFLG toggles away from CONS.OVACKFLG) and the record is lost.
+
+use vsva_smmuv3::regs::Irq;
+use vsva_smmuv3::{Event, PhysMem, PriqEntry};
+
+use super::{Smmu, State};
+
+impl Smmu {
+    /// Writes `event` to the event queue; false when it was lost (queue disabled, full, or
+    /// its memory unwritable, which raises GERROR.EVENTQ_ABT_ERR in hardware and is only
+    /// logged here).
+    pub(super) fn record_event(&self, state: &mut State, event: &Event) -> bool {
+        let Some(addr) = state.regs.push_event() else {
+            Smmu::count(&self.stats.events_lost);
+            return false;
+        };
+        if !self.write_words(addr, &event.encode()) {
+            Smmu::count(&self.stats.events_lost);
+            return false;
+        }
+        Smmu::count(&self.stats.events);
+        self.signal(&state.regs, Irq::Eventq);
+        true
+    }
+
+    /// A page request from the device with StreamID `entry.sid` (PCIe PRI, §8): written to
+    /// the PRI queue. Returns false when it was refused (the STE does not allow ATS, or
+    /// the SMMU lacks PRI) or lost (queue disabled or full: the overflow flag records it).
+    pub fn page_request(&self, entry: &PriqEntry) -> bool {
+        if !self.features.pri {
+            return false;
+        }
+        let mut state = self.lock();
+        match self.ste_for(&mut state, entry.sid) {
+            Ok(ste) if ste.eats != vsva_smmuv3::Eats::Abort => {}
+            _ => return false,
+        }
+        let Some(addr) = state.regs.push_page_request() else {
+            return false;
+        };
+        if !self.write_words(addr, &entry.encode()) {
+            return false;
+        }
+        Smmu::count(&self.stats.page_requests);
+        self.signal(&state.regs, Irq::Priq);
+        true
+    }
+
+    fn write_words(&self, addr: u64, words: &[u64]) -> bool {
+        let mut bytes = Vec::with_capacity(words.len() * 8);
+        for w in words {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        match self.mem.write(addr, &bytes) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(addr, %e, "SMMU queue write aborted");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Strict mode: every configuration cache hit and TLB hit is checked against the tables
+//! read afresh (without hardware updates), and a difference is reported with the command
+//! that would have removed the stale entry. The model keeps using the stale entry either
+//! way, as hardware does; the report is for the person debugging a driver.
+
+use std::fmt;
+
+use vsva_smmuv3::lookup::Stage1Context;
+use vsva_smmuv3::{
+    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, MemError, PageSize, PhysMem,
+    S2Config, Ste, TlbiAddr, WalkFault,
+};
+
+use super::config::CachedCd;
+use super::tlb::{TlbEntry, TlbTag};
+use super::translate::{cd_index, fetch_ste, path_of, walk, Path};
+use super::{Smmu, State};
+
+/// What the tables say now about a cached translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fresh {
+    /// A page at `base` of `size`.
+    Page {
+        /// The output page base.
+        base: u64,
+        /// The page size.
+        size: PageSize,
+    },
+    /// The stream bypasses translation.
+    Bypass,
+    /// The stream aborts.
+    Abort,
+    /// A configuration error.
+    Config(ConfigFault),
+    /// A translation fault.
+    Walk(WalkFault),
+}
+
+/// The stale entry strict mode found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaleKind {
+    /// A cached STE differs from the stream table.
+    Ste {
+        /// The cached STE.
+        cached: Ste,
+        /// The stream table's now.
+        now: Result<Ste, ConfigFault>,
+    },
+    /// A cached CD differs from the CD table.
+    Cd {
+        /// The SubstreamID of the transaction.
+        ssid: Option<u32>,
+        /// The cached CD.
+        cached: ContextDescriptor,
+        /// The CD table's now.
+        now: Result<ContextDescriptor, ConfigFault>,
+    },
+    /// A TLB entry differs from a fresh walk.
+    Tlb {
+        /// The SubstreamID of the transaction.
+        ssid: Option<u32>,
+        /// The input address.
+        addr: u64,
+        /// The entry that served it.
+        cached: TlbEntry,
+        /// What a fresh walk gives.
+        now: Fresh,
+    },
+}
+
+/// A stale cached entry that served a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaleTranslation {
+    /// The StreamID of the transaction.
+    pub sid: u32,
+    /// What was stale.
+    pub kind: StaleKind,
+    /// The command that would have removed it.
+    pub missing: Cmd,
+}
+
+impl fmt::Display for StaleTranslation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stale ")?;
+        match &self.kind {
+            StaleKind::Ste { cached, now } => {
+                write!(f, "STE of sid {}: cached {cached}, table ", self.sid)?;
+                match now {
+                    Ok(ste) => write!(f, "{ste}")?,
+                    Err(e) => write!(f, "{e}")?,
+                }
+            }
+            StaleKind::Cd { ssid, cached, now } => write!(
+                f,
+                "CD of sid {} ssid {ssid:?}: cached ASID {} TTB0 {:#x}, table {now:?}",
+                self.sid, cached.asid, cached.ttb0
+            )?,
+            StaleKind::Tlb {
+                ssid,
+                addr,
+                cached,
+                now,
+            } => write!(
+                f,
+                "TLB entry: sid {} ssid {ssid:?} addr {addr:#x}: {:?} vmid {} gave page {:#x} \
+                 ({:?}), tables say {now:?}",
+                self.sid,
+                cached.tag,
+                cached.vmid,
+                cached.translation.page_base(),
+                cached.translation.page_size
+            )?,
+        }
+        write!(f, "; missing command: {:?}", self.missing)
+    }
+}
+
+/// Host memory seen without writing: a strict-mode walk must not set access or dirty
+/// flags the hit it checks did not set.
+struct ReadOnly<'a, M: ?Sized>(&'a M);
+
+impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, _bits: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, _new: u64) -> Result<u64, MemError> {
+        let now = self.0.read_u64(addr)?;
+        Ok(if now == old { old } else { now })
+    }
+    fn write_u64(&self, addr: u64, _value: u64) -> Result<(), MemError> {
+        self.0.read_u64(addr).map(|_| ())
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0.read(addr, buf)
+    }
+    fn write(&self, _addr: u64, _buf: &[u8]) -> Result<(), MemError> {
+        Ok(())
+    }
+}
+
+impl Smmu {
+    fn report(&self, state: &mut State, stale: StaleTranslation) {
+        tracing::warn!(%stale, "SMMU strict mode");
+        state.stale.push(stale);
+    }
+
+    /// Checks a cached STE against the stream table.
+    pub(super) fn check_ste(&self, state: &mut State, sid: u32, cached: &Ste) {
+        let now = fetch_ste(self, state, &ReadOnly(&*self.mem), sid);
+        if now != Ok(*cached) {
+            let kind = StaleKind::Ste {
+                cached: *cached,
+                now,
+            };
+            let missing = Cmd::CfgiSte { sid, leaf: true };
+            self.report(state, StaleTranslation { sid, kind, missing });
+        }
+    }
+
+    /// Checks a cached CD against the CD table the (cached) STE points to.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn check_cd(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ste: &Ste,
+        ssid: Option<u32>,
+        s2: Option<&S2Config>,
+        addr: u64,
+        cached: &CachedCd,
+    ) {
+        let mem = ReadOnly(&*self.mem);
+        let now = match find_cd(&mem, ste, &self.features, ssid, s2, addr, &mut ()) {
+            Ok(Stage1Context::Cd { cd, .. }) => Ok(cd),
+            // The cached STE selected this CD, so the lookup cannot bypass stage 1.
+            Ok(Stage1Context::Bypass) => return,
+            Err(e) => Err(e),
+        };
+        if now != Ok(cached.cd) {
+            let kind = StaleKind::Cd {
+                ssid,
+                cached: cached.cd,
+                now,
+            };
+            let missing = Cmd::CfgiCd {
+                sid,
+                ssid: cd_index(ste, ssid).unwrap_or(0),
+                leaf: true,
+            };
+            self.report(state, StaleTranslation { sid, kind, missing });
+        }
+    }
+
+    /// Checks a TLB hit against a walk from the tables (configuration read afresh too).
+    pub(super) fn check_tlb_entry(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+        cached: &TlbEntry,
+    ) {
+        let now = self.fresh(state, sid, ssid, addr, access);
+        let t = &cached.translation;
+        let expected = Fresh::Page {
+            base: t.page_base(),
+            size: t.page_size,
+        };
+        if now == expected {
+            return;
+        }
+        let operand = TlbiAddr {
+            addr: cached.page,
+            leaf: true,
+            ..TlbiAddr::default()
+        };
+        let vmid = cached.vmid;
+        let missing = match cached.tag {
+            TlbTag::Stage1 { asid } | TlbTag::Nested { asid } => Cmd::TlbiNhVa {
+                vmid,
+                asid,
+                addr: operand,
+            },
+            TlbTag::Stage2 => Cmd::TlbiS2Ipa {
+                vmid,
+                addr: operand,
+            },
+        };
+        let kind = StaleKind::Tlb {
+            ssid,
+            addr,
+            cached: *cached,
+            now,
+        };
+        self.report(state, StaleTranslation { sid, kind, missing });
+    }
+
+    fn fresh(
+        &self,
+        state: &State,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Fresh {
+        let mem = ReadOnly(&*self.mem);
+        let config = || -> Result<Path, ConfigFault> {
+            let ste = fetch_ste(self, state, &mem, sid)?;
+            let s2 = if ste.config.stage2() {
+                Some(ste.s2_config(&self.features).map_err(ConfigFault::BadSte)?)
+            } else {
+                None
+            };
+            let cd = if ste.config.stage1() {
+                match find_cd(&mem, &ste, &self.features, ssid, s2.as_ref(), addr, &mut ())? {
+                    Stage1Context::Bypass => None,
+                    Stage1Context::Cd { cd, s1, .. } => Some(CachedCd { cd, s1 }),
+                }
+            } else {
+                None
+            };
+            Ok(path_of(&ste, s2, cd))
+        };
+        match config() {
+            Err(e) => Fresh::Config(e),
+            Ok(Path::Abort) => Fresh::Abort,
+            Ok(Path::Bypass) => Fresh::Bypass,
+            Ok(Path::Walk { stages, .. }) => match walk(&mem, &stages, addr, access) {
+                Ok(t) => Fresh::Page {
+                    base: t.page_base(),
+                    size: t.page_size,
+                },
+                Err(f) => Fresh::Walk(f),
+            },
+        }
+    }
+}

@@ -1,0 +1,824 @@
+//! Tests of the physical SMMUv3 model through its registers, queues and real tables.
+
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+use vsva_smmuv3::desc::Descriptor as D;
+use vsva_smmuv3::regs::{gerror, offset::*, OVERFLOW};
+use vsva_smmuv3::{
+    AccessRequest, AddressSize, Cmd, CmdError, Config, ContextDescriptor, Eats, Event, EventType,
+    PageSize, PhysMem, PriResp, PriqEntry, S1Config, S1Dss, S1Fmt, S2Config, S2Flags, Ste, SyncCs,
+    TableBuilder, TlbiAddr,
+};
+
+use super::*;
+use crate::memory::HostMemory;
+
+const STRTAB: u64 = 0x1_0000;
+const CMDQ: u64 = 0x2_0000;
+const EVENTQ: u64 = 0x2_1000;
+const PRIQ: u64 = 0x2_2000;
+const CD_TABLE: u64 = 0x3_0000;
+const TTB0: u64 = 0x4_0000;
+const S2TTB: u64 = 0x5_0000;
+const MSI: u64 = 0x6_0000;
+const SID: u32 = 1;
+const ASID: u16 = 5;
+const VMID: u16 = 3;
+const RW_EL0: u64 = D::AF | D::AP_EL0;
+const S2_RW: u64 = D::AF | D::S2AP_R | D::S2AP_W;
+
+/// An enabled SMMU over 16 MiB: a linear stream table of 64 STEs, a command queue of 8
+/// entries, an event queue of 2 and a PRI queue of 4.
+struct Rig {
+    mem: Arc<HostMemory>,
+    smmu: Smmu,
+    next_frame: u64,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let mem = HostMemory::new(16 << 20).unwrap();
+        let cfg = SmmuConfig {
+            strict: true,
+            ..SmmuConfig::default()
+        };
+        let smmu = Smmu::new(mem.clone(), cfg);
+        let w = |off, size, v| smmu.mmio_write(off, size, v).unwrap();
+        w(STRTAB_BASE, 8, STRTAB);
+        w(STRTAB_BASE_CFG, 4, 6);
+        w(CMDQ_BASE, 8, CMDQ | 3);
+        w(EVENTQ_BASE, 8, EVENTQ | 1);
+        w(PRIQ_BASE, 8, PRIQ | 2);
+        w(CR0, 4, 0xf);
+        assert_eq!(smmu.mmio_read(CR0ACK, 4).unwrap(), 0xf);
+        Rig {
+            mem,
+            smmu,
+            next_frame: 0x10_0000,
+        }
+    }
+
+    fn frame(&mut self) -> u64 {
+        self.next_frame += 0x1000;
+        self.next_frame - 0x1000
+    }
+
+    fn write_ste(&self, sid: u32, ste: &Ste) {
+        self.write_words(STRTAB + sid as u64 * 64, &ste.encode());
+    }
+
+    fn write_words(&self, addr: u64, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            self.mem.write_u64(addr + i as u64 * 8, *w).unwrap();
+        }
+    }
+
+    /// Produces `cmds` and writes CMDQ_PROD once.
+    fn submit(&self, cmds: &[Cmd]) {
+        let mut raw = Vec::new();
+        for c in cmds {
+            raw.push(c.encode());
+        }
+        self.submit_raw(&raw);
+    }
+
+    fn submit_raw(&self, cmds: &[[u64; 2]]) {
+        let mut prod = self.smmu.mmio_read(CMDQ_PROD, 4).unwrap() as u32;
+        for c in cmds {
+            self.write_words(CMDQ + (prod as u64 & 7) * 16, c);
+            prod = (prod + 1) & 0xf;
+        }
+        self.smmu.mmio_write(CMDQ_PROD, 4, prod as u64).unwrap();
+    }
+
+    fn cons(&self) -> u32 {
+        self.smmu.mmio_read(CMDQ_CONS, 4).unwrap() as u32
+    }
+
+    /// Stage-1 STE for `sid` over the linear CD table of 4 CDs, CD 0 (ASID 5) with a
+    /// 48-bit VA range at TTB0; returns the stage-1 builder.
+    fn stage1(&mut self, sid: u32) -> (TableBuilder, S1Config) {
+        let cd = ContextDescriptor::new(TTB0, 16, ASID);
+        self.write_words(CD_TABLE, &cd.encode());
+        let ste = Ste {
+            s1_context_ptr: CD_TABLE,
+            s1cdmax: 2,
+            s1fmt: S1Fmt::Linear,
+            s1dss: S1Dss::Substream0,
+            s2vmid: 0,
+            ..Ste::new(Config::S1Trans)
+        };
+        self.write_ste(sid, &ste);
+        let s1 = cd.s1_config(&Features::VSVA).unwrap();
+        (TableBuilder::stage1(&s1), s1)
+    }
+
+    fn map(&mut self, b: &mut TableBuilder, va: u64, pa: u64, attrs: u64) {
+        let mut frames: Vec<u64> = (0..4).map(|_| self.frame()).collect();
+        let mut alloc = || frames.pop();
+        b.map(&*self.mem, &mut alloc, va, pa, PageSize::Size4K, attrs)
+            .unwrap();
+    }
+
+    fn remap(&mut self, b: &mut TableBuilder, va: u64, pa: u64, attrs: u64) {
+        b.unmap(&*self.mem, va, PageSize::Size4K).unwrap();
+        self.map(b, va, pa, attrs);
+    }
+
+    fn read(&self, sid: u32, ssid: Option<u32>, va: u64) -> Result<u64, SmmuFault> {
+        self.smmu
+            .translate(sid, ssid, va, AccessRequest::READ)
+            .map(|t| t.output)
+    }
+
+    fn missing(&self) -> Vec<Cmd> {
+        self.smmu.take_stale().iter().map(|s| s.missing).collect()
+    }
+
+    fn event(&self, index: u64) -> Event {
+        let mut w = [0; 4];
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = self
+                .mem
+                .read_u64(EVENTQ + index * 32 + i as u64 * 8)
+                .unwrap();
+        }
+        Event::decode(w).unwrap()
+    }
+}
+
+fn va_operand(addr: u64) -> TlbiAddr {
+    TlbiAddr {
+        addr,
+        leaf: true,
+        ..TlbiAddr::default()
+    }
+}
+
+#[test]
+fn stage1_entry_survives_until_the_right_tlbi() {
+    let mut rig = Rig::new();
+    let (mut b, _) = rig.stage1(SID);
+    rig.map(&mut b, 0x1000, 0x40_0000, RW_EL0);
+    assert_eq!(rig.read(SID, None, 0x1234), Ok(0x40_0234));
+    let hit = rig
+        .smmu
+        .translate(SID, None, 0x1234, AccessRequest::READ)
+        .unwrap();
+    assert!(hit.tlb_hit);
+    rig.remap(&mut b, 0x1000, 0x50_0000, RW_EL0);
+    let right = Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: va_operand(0x1000),
+    };
+    // Commands of another ASID, VMID, address, level or stage leave the entry.
+    for wrong in [
+        Cmd::TlbiNhVa {
+            vmid: 0,
+            asid: ASID + 1,
+            addr: va_operand(0x1000),
+        },
+        Cmd::TlbiNhVa {
+            vmid: 1,
+            asid: ASID,
+            addr: va_operand(0x1000),
+        },
+        Cmd::TlbiNhVa {
+            vmid: 0,
+            asid: ASID,
+            addr: va_operand(0x2000),
+        },
+        Cmd::TlbiNhAsid {
+            vmid: 0,
+            asid: ASID + 1,
+        },
+        Cmd::TlbiNhAll { vmid: 1 },
+        Cmd::TlbiS2Ipa {
+            vmid: 0,
+            addr: va_operand(0x1000),
+        },
+        Cmd::TlbiS12Vmall { vmid: 1 },
+        Cmd::CfgiSte {
+            sid: SID,
+            leaf: false,
+        },
+        Cmd::CfgiCdAll { sid: SID },
+    ] {
+        rig.submit(&[wrong]);
+        assert_eq!(rig.read(SID, None, 0x1234), Ok(0x40_0234), "{wrong:?}");
+        assert_eq!(rig.missing(), [right], "{wrong:?}");
+    }
+    rig.submit(&[right]);
+    assert_eq!(rig.read(SID, None, 0x1234), Ok(0x50_0234));
+    assert_eq!(rig.read(SID, None, 0x1234), Ok(0x50_0234));
+    assert!(rig.missing().is_empty());
+}
+
+#[test]
+fn every_stage1_tlbi_scope_removes_the_entry() {
+    for cmd in [
+        Cmd::TlbiNhVaa {
+            vmid: 0,
+            addr: va_operand(0x1000),
+        },
+        Cmd::TlbiNhAsid {
+            vmid: 0,
+            asid: ASID,
+        },
+        Cmd::TlbiNhAll { vmid: 0 },
+        Cmd::TlbiS12Vmall { vmid: 0 },
+        Cmd::TlbiNsnhAll,
+    ] {
+        let mut rig = Rig::new();
+        let (mut b, _) = rig.stage1(SID);
+        rig.map(&mut b, 0x1000, 0x40_0000, RW_EL0);
+        assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+        rig.remap(&mut b, 0x1000, 0x50_0000, RW_EL0);
+        assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+        assert_eq!(rig.missing().len(), 1);
+        rig.submit(&[cmd]);
+        assert_eq!(rig.read(SID, None, 0x1000), Ok(0x50_0000), "{cmd:?}");
+        assert!(rig.missing().is_empty(), "{cmd:?}");
+    }
+}
+
+#[test]
+fn ttl_hint_limits_nh_va_to_its_level() {
+    let mut tlb = tlb::Tlb::default();
+    let t = vsva_smmuv3::Translation {
+        output: 0x40_0000,
+        page_size: PageSize::Size4K,
+        perms: vsva_smmuv3::Permissions::ALL,
+        dirty: true,
+    };
+    let tag = tlb::TlbTag::Stage1 { asid: ASID };
+    let level2 = Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: TlbiAddr {
+            tg: 1,
+            ttl: 2,
+            ..va_operand(0x1000)
+        },
+    };
+    tlb.insert(0, tag, false, 0x1000, t);
+    assert_eq!(tlb.invalidate(&level2), 0);
+    let level3 = Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: TlbiAddr {
+            tg: 1,
+            ttl: 3,
+            ..va_operand(0x0)
+        },
+    };
+    // A range of 2 pages from 0 covers the page at 0x1000.
+    assert_eq!(tlb.invalidate(&level3), 1);
+    // A huge SCALE covers everything and does not overflow.
+    tlb.insert(0, tag, false, 0xffff_f000, t);
+    let all = Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: TlbiAddr {
+            tg: 1,
+            scale: 31,
+            num: 31,
+            ..va_operand(0)
+        },
+    };
+    assert_eq!(tlb.invalidate(&all), 1);
+    assert!(tlb.is_empty());
+}
+
+#[test]
+fn cached_ste_and_cd_survive_until_cfgi() {
+    let mut rig = Rig::new();
+    let (mut b, _) = rig.stage1(SID);
+    rig.map(&mut b, 0x1000, 0x40_0000, RW_EL0);
+    assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+    // The CD moves to another ASID: the cached CD keeps ASID 5 until CMD_CFGI_CD.
+    let cd = ContextDescriptor::new(TTB0, 16, ASID + 1);
+    rig.write_words(CD_TABLE, &cd.encode());
+    assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+    let cfgi_cd = Cmd::CfgiCd {
+        sid: SID,
+        ssid: 0,
+        leaf: true,
+    };
+    assert!(rig.missing().contains(&cfgi_cd));
+    rig.submit(&[
+        Cmd::CfgiCd {
+            sid: SID,
+            ssid: 1,
+            leaf: true,
+        },
+        Cmd::CfgiCdAll { sid: SID + 1 },
+    ]);
+    assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+    assert!(rig.missing().contains(&cfgi_cd));
+    rig.submit(&[cfgi_cd]);
+    // A walk under the new ASID (a new TLB entry), nothing stale.
+    let t = rig
+        .smmu
+        .translate(SID, None, 0x1000, AccessRequest::READ)
+        .unwrap();
+    assert!(!t.tlb_hit);
+    assert!(rig.missing().is_empty());
+    // The STE now aborts: the cached STE keeps translating until CMD_CFGI_STE.
+    rig.write_ste(SID, &Ste::new(Config::Abort));
+    assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+    let cfgi_ste = Cmd::CfgiSte {
+        sid: SID,
+        leaf: true,
+    };
+    assert!(rig.missing().contains(&cfgi_ste));
+    rig.submit(&[
+        Cmd::CfgiSte {
+            sid: SID + 1,
+            leaf: true,
+        },
+        // Range 0 covers StreamIDs 2 and 3.
+        Cmd::CfgiSteRange {
+            sid: SID + 2,
+            range: 0,
+        },
+    ]);
+    assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+    rig.missing();
+    // Range 1 covers StreamIDs 0 to 3.
+    rig.submit(&[Cmd::CfgiSteRange { sid: 2, range: 1 }]);
+    assert_eq!(rig.read(SID, None, 0x1000), Err(SmmuFault::Abort));
+    assert!(rig.missing().is_empty());
+    // CMD_CFGI_ALL drops every STE and CD.
+    assert_ne!(rig.smmu.cached_entries().1, 0);
+    rig.submit(&[Cmd::CfgiSteRange { sid: 0, range: 31 }]);
+    let (_, stes, cds) = rig.smmu.cached_entries();
+    assert_eq!((stes, cds), (0, 0));
+}
+
+/// Nested: stage 2 (VMID 3) maps IPA 0x8000_0000.. to PA 0x80_0000..; the CD table, the
+/// stage-1 tables and the data are at IPAs.
+#[test]
+fn nested_translation_through_real_tables() {
+    let mut rig = Rig::new();
+    let f = Features::VSVA;
+    let s2 = S2Config::new(S2TTB, 25, 1, AddressSize::Bits48, S2Flags::default()).unwrap();
+    let mut b2 = TableBuilder::stage2(&s2);
+    let ipa = |pa: u64| 0x8000_0000 + pa - 0x80_0000;
+    // IPA pages 0..16 of the window map PA 0x80_0000.. (guest RAM).
+    for i in 0..16 {
+        rig.map(
+            &mut b2,
+            ipa(0x80_0000 + i * 0x1000),
+            0x80_0000 + i * 0x1000,
+            S2_RW,
+        );
+    }
+    // The guest's CD table at PA 0x80_0000 (IPA 0x8000_0000), TTB0 at IPA 0x8000_1000.
+    let cd = ContextDescriptor::new(ipa(0x80_1000), 16, ASID);
+    rig.write_words(0x80_0000 + 64, &cd.encode());
+    let ste = Ste {
+        s1_context_ptr: ipa(0x80_0000),
+        s1cdmax: 4,
+        s2vmid: VMID,
+        s2t0sz: 25,
+        s2sl0: 1,
+        s2ps: AddressSize::Bits48,
+        s2ttb: S2TTB,
+        s2r: true,
+        ..Ste::new(Config::Nested)
+    };
+    rig.write_ste(SID, &ste);
+    // Stage 1, built through a view of guest RAM: table frames at IPAs 0x8000_2000...
+    let s1 = cd.s1_config(&f).unwrap();
+    let guest_mem = rig.mem.clone();
+    let guest = GuestView(&guest_mem);
+    let mut b1 = TableBuilder::stage1(&s1);
+    let mut frames = (2..8)
+        .map(|i| ipa(0x80_0000 + i * 0x1000))
+        .rev()
+        .collect::<Vec<_>>();
+    let mut alloc = || frames.pop();
+    b1.map(
+        &guest,
+        &mut alloc,
+        0x7f00_0000,
+        ipa(0x80_9000),
+        PageSize::Size4K,
+        RW_EL0,
+    )
+    .unwrap();
+    assert_eq!(rig.read(SID, Some(1), 0x7f00_0123), Ok(0x80_9123));
+    // Stage 2 moves the data page: S2_IPA does not remove the combined entry.
+    rig.remap(&mut b2, ipa(0x80_9000), 0xa0_0000, S2_RW);
+    rig.submit(&[Cmd::TlbiS2Ipa {
+        vmid: VMID,
+        addr: va_operand(ipa(0x80_9000)),
+    }]);
+    assert_eq!(rig.read(SID, Some(1), 0x7f00_0123), Ok(0x80_9123));
+    assert_eq!(
+        rig.missing(),
+        [Cmd::TlbiNhVa {
+            vmid: VMID,
+            asid: ASID,
+            addr: va_operand(0x7f00_0000)
+        }]
+    );
+    rig.submit(&[Cmd::TlbiS12Vmall { vmid: VMID + 1 }]);
+    assert_eq!(rig.read(SID, Some(1), 0x7f00_0123), Ok(0x80_9123));
+    rig.missing();
+    rig.submit(&[Cmd::TlbiS12Vmall { vmid: VMID }]);
+    assert_eq!(rig.read(SID, Some(1), 0x7f00_0123), Ok(0xa0_0123));
+    assert!(rig.missing().is_empty());
+    // A VA stage 1 does not map: F_TRANSLATION at stage 1, recorded (CD.R).
+    let Err(SmmuFault::Event { event, recorded }) =
+        rig.smmu
+            .translate(SID, Some(1), 0x1000, AccessRequest::WRITE)
+    else {
+        panic!("expected a fault");
+    };
+    assert!(recorded);
+    assert_eq!(
+        (event.event_type, event.s2, event.rnw),
+        (EventType::Translation, false, false)
+    );
+    assert_eq!(
+        (event.sid, event.ssid, event.input_addr),
+        (SID, Some(1), 0x1000)
+    );
+    assert_eq!(rig.event(0), event);
+    // A stage-1 leaf pointing at an IPA stage 2 does not map: a stage-2 fault, CLASS IN.
+    b1.map(
+        &guest,
+        &mut alloc,
+        0x7f00_1000,
+        0xc000_0000,
+        PageSize::Size4K,
+        RW_EL0,
+    )
+    .unwrap();
+    let Err(SmmuFault::Event { event, .. }) =
+        rig.smmu
+            .translate(SID, Some(1), 0x7f00_1008, AccessRequest::READ)
+    else {
+        panic!("expected a fault");
+    };
+    assert_eq!(
+        (event.event_type, event.s2, event.addr2),
+        (EventType::Translation, true, 0xc000_0000)
+    );
+}
+
+/// Guest RAM seen at IPAs 0x8000_0000.. (PA 0x80_0000..), for building stage-1 tables.
+struct GuestView<'a>(&'a HostMemory);
+
+impl GuestView<'_> {
+    fn pa(addr: u64) -> u64 {
+        addr - 0x8000_0000 + 0x80_0000
+    }
+}
+
+impl PhysMem for GuestView<'_> {
+    fn read_u64(&self, addr: u64) -> Result<u64, vsva_smmuv3::MemError> {
+        self.0.read_u64(Self::pa(addr))
+    }
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, vsva_smmuv3::MemError> {
+        self.0.fetch_or_u64(Self::pa(addr), bits)
+    }
+    fn compare_exchange_u64(
+        &self,
+        addr: u64,
+        old: u64,
+        new: u64,
+    ) -> Result<u64, vsva_smmuv3::MemError> {
+        self.0.compare_exchange_u64(Self::pa(addr), old, new)
+    }
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), vsva_smmuv3::MemError> {
+        self.0.write_u64(Self::pa(addr), value)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), vsva_smmuv3::MemError> {
+        self.0.read(Self::pa(addr), buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), vsva_smmuv3::MemError> {
+        self.0.write(Self::pa(addr), buf)
+    }
+}
+
+#[test]
+fn stage2_entries_follow_s2_ipa_per_vmid() {
+    let mut rig = Rig::new();
+    let s2 = S2Config::new(S2TTB, 25, 1, AddressSize::Bits48, S2Flags::default()).unwrap();
+    let mut b2 = TableBuilder::stage2(&s2);
+    rig.map(&mut b2, 0x3000, 0x70_0000, S2_RW);
+    rig.write_ste(
+        SID,
+        &Ste {
+            s2vmid: VMID,
+            s2t0sz: 25,
+            s2sl0: 1,
+            s2ps: AddressSize::Bits48,
+            s2ttb: S2TTB,
+            ..Ste::new(Config::S2Trans)
+        },
+    );
+    assert_eq!(rig.read(SID, None, 0x3010), Ok(0x70_0010));
+    rig.remap(&mut b2, 0x3000, 0x71_0000, S2_RW);
+    let right = Cmd::TlbiS2Ipa {
+        vmid: VMID,
+        addr: va_operand(0x3000),
+    };
+    for wrong in [
+        Cmd::TlbiS2Ipa {
+            vmid: VMID + 1,
+            addr: va_operand(0x3000),
+        },
+        Cmd::TlbiNhAll { vmid: VMID },
+        Cmd::TlbiNhVaa {
+            vmid: VMID,
+            addr: va_operand(0x3000),
+        },
+    ] {
+        rig.submit(&[wrong]);
+        assert_eq!(rig.read(SID, None, 0x3010), Ok(0x70_0010), "{wrong:?}");
+        assert_eq!(rig.missing(), [right]);
+    }
+    rig.submit(&[right]);
+    assert_eq!(rig.read(SID, None, 0x3010), Ok(0x71_0010));
+    // Stage-2 faults are recorded only with S2R; this STE has it clear.
+    let Err(SmmuFault::Event { event, recorded }) =
+        rig.smmu.translate(SID, None, 0x9000, AccessRequest::READ)
+    else {
+        panic!("expected a fault");
+    };
+    assert!(!recorded);
+    assert_eq!((event.event_type, event.s2), (EventType::Translation, true));
+}
+
+fn sync(data: u32) -> Cmd {
+    Cmd::Sync {
+        cs: SyncCs::Irq,
+        msh: 0,
+        msi_attr: 0,
+        msi_data: data,
+        msi_addr: MSI,
+    }
+}
+
+fn msi_value(rig: &Rig) -> u32 {
+    let mut b = [0; 4];
+    rig.mem.read(MSI, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn command_queue_wraps() {
+    let rig = Rig::new();
+    // 3 batches of 5 commands through an 8-entry queue: the wrap bit flips.
+    for batch in 0..3u32 {
+        let cmds: Vec<Cmd> = (0..5).map(|i| sync(batch * 10 + i)).collect();
+        rig.submit(&cmds);
+        assert_eq!(rig.cons(), rig.smmu.mmio_read(CMDQ_PROD, 4).unwrap() as u32);
+        assert_eq!(msi_value(&rig), batch * 10 + 4);
+    }
+    // 15 commands consumed: index 7, wrap bit 1.
+    assert_eq!(rig.cons(), 0x8 | 7);
+    assert_eq!(
+        rig.smmu
+            .stats()
+            .commands
+            .load(std::sync::atomic::Ordering::Relaxed),
+        15
+    );
+    // CS=SEV and CS=NONE complete without an MSI write.
+    rig.submit(&[
+        Cmd::Sync {
+            cs: SyncCs::Sev,
+            msh: 0,
+            msi_attr: 0,
+            msi_data: 99,
+            msi_addr: MSI,
+        },
+        Cmd::Sync {
+            cs: SyncCs::None,
+            msh: 0,
+            msi_attr: 0,
+            msi_data: 98,
+            msi_addr: MSI,
+        },
+    ]);
+    assert_eq!(msi_value(&rig), 24);
+    assert_eq!(rig.cons(), 1);
+}
+
+#[test]
+fn illegal_command_stops_the_queue_until_acknowledged() {
+    let rig = Rig::new();
+    rig.submit(&[sync(1)]);
+    // An unknown opcode, then a CMD_SYNC that must wait.
+    rig.submit_raw(&[[0xff, 0], sync(2).encode()]);
+    let cons = rig.cons();
+    assert_eq!(cons & 0xf, 1, "CONS points at the illegal command");
+    assert_eq!(cons >> 24 & 0x7f, CmdError::Ill.code() as u32);
+    let gerror_now = rig.smmu.mmio_read(GERROR, 4).unwrap();
+    assert_ne!(gerror_now as u32 & gerror::CMDQ_ERR, 0);
+    assert_eq!(msi_value(&rig), 1);
+    // More commands are not consumed while CMDQ_ERR is active.
+    rig.submit(&[sync(3)]);
+    assert_eq!(rig.cons() & 0xf, 1);
+    // Software replaces the command and acknowledges the error: consumption resumes.
+    rig.write_words(CMDQ + 16, &Cmd::TlbiNsnhAll.encode());
+    rig.smmu.mmio_write(GERRORN, 4, gerror_now).unwrap();
+    assert_eq!(rig.cons(), 4);
+    assert_eq!(msi_value(&rig), 3);
+    // A command RES0 bit is CERROR_ILL too.
+    rig.submit_raw(&[[0x46 | 1 << 14, 0]]);
+    assert_eq!(rig.cons() >> 24 & 0x7f, 1);
+}
+
+#[test]
+fn event_queue_overflow_drops_and_flags() {
+    let mut rig = Rig::new();
+    let (_b, _) = rig.stage1(SID);
+    for va in [0x1000, 0x2000, 0x3000] {
+        assert!(matches!(
+            rig.read(SID, None, va),
+            Err(SmmuFault::Event { .. })
+        ));
+    }
+    let prod = rig.smmu.mmio_read(EVENTQ_PROD, 4).unwrap() as u32;
+    let cons = rig.smmu.mmio_read(EVENTQ_CONS, 4).unwrap() as u32;
+    // Two records fit; the third was lost and the overflow flag toggled.
+    assert_eq!(prod & 0x3, 2);
+    assert_ne!((prod ^ cons) & OVERFLOW, 0);
+    assert_eq!(
+        (rig.event(0).input_addr, rig.event(1).input_addr),
+        (0x1000, 0x2000)
+    );
+    assert_eq!(
+        rig.smmu
+            .stats()
+            .events_lost
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Software consumes both and acknowledges the overflow: the next event is written.
+    rig.smmu
+        .mmio_write(EVENTQ_CONS, 4, ((prod & OVERFLOW) | (prod & 0x3)) as u64)
+        .unwrap();
+    let Err(SmmuFault::Event { recorded, .. }) = rig.read(SID, None, 0x4000) else {
+        panic!("expected a fault");
+    };
+    assert!(recorded);
+    assert_eq!(rig.event(0).input_addr, 0x4000);
+}
+
+#[derive(Default)]
+struct Device {
+    calls: Mutex<Vec<String>>,
+}
+
+impl SmmuEndpoint for Device {
+    fn atc_invalidate(&self, ssid: Option<u32>, global: bool, addr: u64, size: u8) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("inv {ssid:?} {global} {addr:#x} {size}"));
+    }
+    fn page_response(&self, ssid: Option<u32>, prg_index: u16, resp: PriResp) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("resp {ssid:?} {prg_index} {resp:?}"));
+    }
+}
+
+#[test]
+fn atc_inv_pri_resp_and_page_requests() {
+    let mut rig = Rig::new();
+    let dev = Arc::new(Device::default());
+    rig.smmu.attach_endpoint(SID, dev.clone());
+    rig.submit(&[
+        Cmd::AtcInv {
+            sid: SID,
+            ssid: Some(4),
+            global: false,
+            addr: 0x7000,
+            size: 1,
+        },
+        // Another StreamID: not this device.
+        Cmd::AtcInv {
+            sid: SID + 1,
+            ssid: None,
+            global: true,
+            addr: 0,
+            size: 0,
+        },
+        Cmd::PriResp {
+            sid: SID,
+            ssid: Some(4),
+            prg_index: 9,
+            resp: PriResp::Success,
+        },
+        sync(7),
+    ]);
+    assert_eq!(
+        *dev.calls.lock().unwrap(),
+        ["inv Some(4) false 0x7000 1", "resp Some(4) 9 Success"]
+    );
+    assert_eq!(msi_value(&rig), 7);
+    // Page requests need an STE allowing ATS.
+    let req = PriqEntry {
+        sid: SID,
+        ssid: Some(4),
+        privileged: false,
+        exec: false,
+        read: true,
+        write: true,
+        last: true,
+        prg_index: 9,
+        addr: 0x7000,
+    };
+    let (_b, _) = rig.stage1(SID);
+    assert!(!rig.smmu.page_request(&req));
+    let ste = Ste {
+        s1_context_ptr: CD_TABLE,
+        s1cdmax: 2,
+        eats: Eats::Full,
+        ..Ste::new(Config::S1Trans)
+    };
+    rig.write_ste(SID, &ste);
+    rig.submit(&[Cmd::CfgiSte {
+        sid: SID,
+        leaf: true,
+    }]);
+    assert!(rig.smmu.page_request(&req));
+    let got = [
+        rig.mem.read_u64(PRIQ).unwrap(),
+        rig.mem.read_u64(PRIQ + 8).unwrap(),
+    ];
+    assert_eq!(PriqEntry::decode(got), req);
+    assert_eq!(rig.smmu.mmio_read(PRIQ_PROD, 4).unwrap() & 0x7, 1);
+    rig.smmu.detach_endpoint(SID);
+    rig.submit(&[Cmd::AtcInv {
+        sid: SID,
+        ssid: None,
+        global: true,
+        addr: 0,
+        size: 0,
+    }]);
+    assert_eq!(dev.calls.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn configuration_errors_become_events() {
+    let mut rig = Rig::new();
+    let kind = |r: Result<u64, SmmuFault>| match r {
+        Err(SmmuFault::Event { event, .. }) => event.event_type,
+        other => panic!("{other:?}"),
+    };
+    // An invalid STE (V clear), a StreamID beyond the table.
+    assert_eq!(kind(rig.read(SID, None, 0)), EventType::BadSte);
+    assert_eq!(kind(rig.read(64, None, 0)), EventType::BadStreamId);
+    // A CD with a RES0 bit set; a SubstreamID beyond S1CDMax.
+    let (_b, _) = rig.stage1(SID + 1);
+    let mut cd = ContextDescriptor::new(TTB0, 16, ASID).encode();
+    cd[7] |= 1;
+    rig.write_words(CD_TABLE + 64, &cd);
+    assert_eq!(kind(rig.read(SID + 1, Some(1), 0)), EventType::BadCd);
+    assert_eq!(
+        kind(rig.read(SID + 1, Some(4), 0)),
+        EventType::BadSubstreamId
+    );
+    // Nothing invalid was cached: STE 1 becomes valid and is used at once.
+    rig.write_ste(SID, &Ste::new(Config::Bypass));
+    assert_eq!(rig.read(SID, None, 0x1234), Ok(0x1234));
+    // With SMMUEN clear, GBPA decides: abort at reset.
+    rig.smmu.mmio_write(CR0, 4, 0xe).unwrap();
+    assert_eq!(rig.read(SID, None, 0x1234), Err(SmmuFault::Abort));
+}
+
+proptest! {
+    /// Hostile STE and CD words: every translation ends with a translation or a fault,
+    /// never a panic, and a second lookup agrees with the first.
+    #[test]
+    fn hostile_structures_never_panic(
+        ste in proptest::array::uniform8(any::<u64>()),
+        cd in proptest::array::uniform8(any::<u64>()),
+        ssid in proptest::option::of(0u32..8),
+        va in any::<u64>(),
+    ) {
+        let rig = Rig::new();
+        let mut ste = ste;
+        // Keep the CD table pointer inside memory half the time.
+        if ste[0] & 2 != 0 {
+            ste[0] = (ste[0] & !(((1u64 << 52) - 1) & !0x3f)) | CD_TABLE;
+        }
+        rig.write_words(STRTAB + 64 * SID as u64, &ste);
+        rig.write_words(CD_TABLE, &cd);
+        let first = rig.smmu.translate(SID, ssid, va, AccessRequest::READ);
+        let second = rig.smmu.translate(SID, ssid, va, AccessRequest::READ);
+        prop_assert_eq!(first.map(|t| t.output), second.map(|t| t.output));
+    }
+}

@@ -1,0 +1,202 @@
+//! The TLB (IHI 0070 §16.2): leaf translations tagged by VMID and, for stage 1, ASID;
+//! stage-1-only, stage-2-only and nested (combined stage-1 + stage-2) entries. The
+//! CMD_TLBI_* scopes (§4.4):
+//!
+//! - NH_VA: stage-1 and nested entries of the VMID and ASID covering the address (with a
+//!   range operand, IDR3.RIL, every entry overlapping the range; with a nonzero TTL only
+//!   entries of that level);
+//! - NH_VAA: the same for every ASID of the VMID;
+//! - NH_ASID: every stage-1 and nested entry of the VMID and ASID;
+//! - NH_ALL: every stage-1 and nested entry of the VMID;
+//! - S2_IPA: stage-2-only entries of the VMID covering the IPA. Nested entries survive, as
+//!   the spec allows: software follows S2_IPA with NH_ALL or S12_VMALL;
+//! - S12_VMALL: every entry of the VMID; NSNH_ALL: every entry.
+//!
+//! The TLB holds leaf entries only, so a Leaf hint removes the same entries as none. No
+//! EL2 entries are ever created (STRW EL2 is not modelled), so CMD_TLBI_EL2_* remove
+//! nothing.
+
+use std::collections::HashMap;
+
+use vsva_smmuv3::{Cmd, PageSize, TlbiAddr, Translation};
+
+/// What a TLB entry translates, and its ASID when stage 1 does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TlbTag {
+    /// Stage 1 only (STE.Config S1Trans): VA to PA.
+    Stage1 {
+        /// The CD's ASID.
+        asid: u16,
+    },
+    /// Stage 2 only (S2Trans, or nested with S1DSS bypass): IPA to PA.
+    Stage2,
+    /// Both stages combined: VA to PA.
+    Nested {
+        /// The CD's ASID.
+        asid: u16,
+    },
+}
+
+impl TlbTag {
+    fn asid(self) -> Option<u16> {
+        match self {
+            TlbTag::Stage1 { asid } | TlbTag::Nested { asid } => Some(asid),
+            TlbTag::Stage2 => None,
+        }
+    }
+}
+
+/// A TLB lookup key: the tags, the privilege of the access walked, and the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    vmid: u16,
+    tag: TlbTag,
+    privileged: bool,
+    page: u64,
+    size: PageSize,
+}
+
+/// One cached translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbEntry {
+    /// VMID tag (STE.S2VMID).
+    pub vmid: u16,
+    /// Stage tag and ASID.
+    pub tag: TlbTag,
+    /// The privilege of the access the entry was walked for (its rights are for that
+    /// privilege).
+    pub privileged: bool,
+    /// The input page base.
+    pub page: u64,
+    /// The translation of the page's first byte.
+    pub translation: Translation,
+}
+
+impl TlbEntry {
+    /// The output address of `addr` in the page.
+    pub fn output(&self, addr: u64) -> u64 {
+        self.translation.page_base() | (addr & (self.translation.page_size.bytes() - 1))
+    }
+
+    fn covers(&self, addr: u64) -> bool {
+        addr & !(self.translation.page_size.bytes() - 1) == self.page
+    }
+
+    /// Whether an address operand names this entry: TG 0 names the page holding the
+    /// address; a nonzero TG (IDR3.RIL) names the range of (NUM + 1) * 2^(5 * SCALE + 1)
+    /// granules from the address, and a nonzero TTL only leaves of that level (§4.4.1).
+    fn matches(&self, a: &TlbiAddr) -> bool {
+        let granule_shift = match a.tg {
+            0 => return self.covers(a.addr),
+            1 => 12,
+            2 => 14,
+            _ => 16,
+        };
+        if a.ttl != 0 && a.ttl != self.translation.page_size.level() {
+            return false;
+        }
+        // SCALE is five bits: the range can exceed the address space.
+        let pages = 1u64
+            .checked_shl(5 * a.scale as u32 + 1)
+            .map_or(u64::MAX, |p| p.saturating_mul(a.num as u64 + 1));
+        let end = a
+            .addr
+            .saturating_add(pages.saturating_mul(1 << granule_shift));
+        let entry_end = self.page + self.translation.page_size.bytes();
+        self.page < end && a.addr < entry_end
+    }
+}
+
+/// The TLB.
+#[derive(Debug, Default)]
+pub struct Tlb {
+    entries: HashMap<Key, TlbEntry>,
+}
+
+impl Tlb {
+    /// The entry translating `addr` under these tags, if cached.
+    pub fn lookup(&self, vmid: u16, tag: TlbTag, privileged: bool, addr: u64) -> Option<TlbEntry> {
+        PageSize::ALL.iter().find_map(|&size| {
+            let key = Key {
+                vmid,
+                tag,
+                privileged,
+                page: addr & !(size.bytes() - 1),
+                size,
+            };
+            self.entries.get(&key).copied()
+        })
+    }
+
+    /// Caches the translation of `addr`.
+    pub fn insert(&mut self, vmid: u16, tag: TlbTag, privileged: bool, addr: u64, t: Translation) {
+        let size = t.page_size;
+        let page = addr & !(size.bytes() - 1);
+        let translation = Translation {
+            output: t.page_base(),
+            ..t
+        };
+        let entry = TlbEntry {
+            vmid,
+            tag,
+            privileged,
+            page,
+            translation,
+        };
+        let key = Key {
+            vmid,
+            tag,
+            privileged,
+            page,
+            size,
+        };
+        self.entries.insert(key, entry);
+    }
+
+    /// Drops the entry `e` (strict mode replaces a stale entry it re-walked).
+    pub fn remove(&mut self, e: &TlbEntry) {
+        self.entries.remove(&Key {
+            vmid: e.vmid,
+            tag: e.tag,
+            privileged: e.privileged,
+            page: e.page,
+            size: e.translation.page_size,
+        });
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the TLB is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Applies a CMD_TLBI_* command; other commands change nothing. Returns how many
+    /// entries it removed.
+    pub fn invalidate(&mut self, cmd: &Cmd) -> usize {
+        let before = self.entries.len();
+        let stage1 = |e: &TlbEntry| e.tag.asid().is_some();
+        match *cmd {
+            Cmd::TlbiNhVa { vmid, asid, addr } => self
+                .entries
+                .retain(|_, e| !(e.vmid == vmid && e.tag.asid() == Some(asid) && e.matches(&addr))),
+            Cmd::TlbiNhVaa { vmid, addr } => self
+                .entries
+                .retain(|_, e| !(e.vmid == vmid && stage1(e) && e.matches(&addr))),
+            Cmd::TlbiNhAsid { vmid, asid } => self
+                .entries
+                .retain(|_, e| !(e.vmid == vmid && e.tag.asid() == Some(asid))),
+            Cmd::TlbiNhAll { vmid } => self.entries.retain(|_, e| !(e.vmid == vmid && stage1(e))),
+            Cmd::TlbiS2Ipa { vmid, addr } => self
+                .entries
+                .retain(|_, e| !(e.vmid == vmid && e.tag == TlbTag::Stage2 && e.matches(&addr))),
+            Cmd::TlbiS12Vmall { vmid } => self.entries.retain(|_, e| e.vmid != vmid),
+            Cmd::TlbiNsnhAll => self.entries.clear(),
+            _ => {}
+        }
+        before - self.entries.len()
+    }
+}

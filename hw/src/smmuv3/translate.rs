@@ -1,0 +1,292 @@
+//! Translating a transaction (IHI 0070 §3.2): the SMMU's global bypass, the STE of its
+//! StreamID, the CD of its SubstreamID, then the TLB or a walk of stage 1, stage 2 or
+//! both; every fault other than an STE abort becomes an event record.
+
+use vsva_smmuv3::lookup::Stage1Context;
+use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
+use vsva_smmuv3::{
+    find_cd, walk_nested, walk_stage1, walk_stage2, AccessRequest, Config, ConfigFault, Event,
+    FaultKind, FaultStage, PageSize, Permissions, PhysMem, S1Config, S1Dss, S2Config, Ste,
+    Translation, WalkFault,
+};
+
+use super::config::CachedCd;
+use super::tlb::TlbTag;
+use super::{Smmu, State};
+
+/// A translated transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmmuTranslation {
+    /// The physical address.
+    pub output: u64,
+    /// The size of the page the translation holds for.
+    pub page_size: PageSize,
+    /// The rights granted for accesses of the transaction's privilege.
+    pub perms: Permissions,
+    /// Whether the TLB served it.
+    pub tlb_hit: bool,
+}
+
+/// A terminated transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmmuFault {
+    /// Aborted without a record: STE.Config abort, or GBPA.ABORT while SMMUEN is clear.
+    Abort,
+    /// Terminated with the event `event`; `recorded` tells whether it reached the event
+    /// queue (the CD's R or the STE's S2R can suppress fault records, and a full or
+    /// disabled queue loses them).
+    Event {
+        /// The record.
+        event: Event,
+        /// Whether it was written to the event queue.
+        recorded: bool,
+    },
+}
+
+/// The stages a stream's configuration walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stages {
+    S1(S1Config),
+    S2(S2Config),
+    Nested(S1Config, S2Config),
+}
+
+/// What a stream's configuration makes of a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Path {
+    Abort,
+    Bypass,
+    Walk {
+        vmid: u16,
+        tag: TlbTag,
+        stages: Stages,
+        /// CD.R: stage-1 faults are recorded.
+        record_s1: bool,
+        /// STE.S2R: stage-2 faults are recorded.
+        record_s2: bool,
+    },
+}
+
+/// The CD index a transaction's SubstreamID selects when it selects one (the cases in
+/// which `find_cd` reads a CD); other cases are not cached.
+pub(super) fn cd_index(ste: &Ste, ssid: Option<u32>) -> Option<u32> {
+    match (ste.s1cdmax, ssid) {
+        (0, None) => Some(0),
+        (0, Some(_)) => None,
+        (max, Some(s)) => ((s as u64) >> max == 0).then_some(s),
+        (_, None) => (ste.s1dss == S1Dss::Substream0).then_some(0),
+    }
+}
+
+/// The walk of `addr` along `stages`.
+pub(super) fn walk<M: PhysMem + ?Sized>(
+    mem: &M,
+    stages: &Stages,
+    addr: u64,
+    access: AccessRequest,
+) -> Result<Translation, WalkFault> {
+    match stages {
+        Stages::S1(s1) => walk_stage1(mem, s1, addr, access, &mut ()),
+        Stages::S2(s2) => walk_stage2(mem, s2, addr, access, &mut ()),
+        Stages::Nested(s1, s2) => walk_nested(mem, s1, s2, addr, access, &mut ()),
+    }
+}
+
+/// The STE of `sid` read from the stream table in `mem`.
+pub(super) fn fetch_ste<M: PhysMem + ?Sized>(
+    smmu: &Smmu,
+    state: &State,
+    mem: &M,
+    sid: u32,
+) -> Result<Ste, ConfigFault> {
+    let table = state
+        .regs
+        .stream_table()
+        .map_err(|_| ConfigFault::BadStreamId)?;
+    table.find_ste(mem, &smmu.features, sid)
+}
+
+impl Smmu {
+    /// Translates an access of `access` to `addr` by the device with StreamID `sid`, with
+    /// SubstreamID `ssid` when the transaction carries one.
+    pub fn translate(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<SmmuTranslation, SmmuFault> {
+        let mut state = self.lock();
+        if state.regs.cr0ack() & cr0::SMMUEN == 0 {
+            let gbpa = state.regs.read(offset::GBPA, 4).unwrap_or(0) as u32;
+            return if gbpa & GBPA_ABORT != 0 {
+                Err(SmmuFault::Abort)
+            } else {
+                Ok(identity(addr))
+            };
+        }
+        let path = match self.path(&mut state, sid, ssid, addr) {
+            Ok(p) => p,
+            Err(f) => {
+                let event = Event::from_config_fault(sid, ssid, access, &f);
+                let recorded = self.record_event(&mut state, &event);
+                return Err(SmmuFault::Event { event, recorded });
+            }
+        };
+        let Path::Walk {
+            vmid,
+            tag,
+            stages,
+            record_s1,
+            record_s2,
+        } = path
+        else {
+            return match path {
+                Path::Bypass => Ok(identity(addr)),
+                _ => Err(SmmuFault::Abort),
+            };
+        };
+        if let Some(e) = state.tlb.lookup(vmid, tag, access.privileged, addr) {
+            let t = e.translation;
+            if t.perms.allow(access) && (!access.write || t.dirty) {
+                if self.strict {
+                    self.check_tlb_entry(&mut state, sid, ssid, addr, access, &e);
+                }
+                return Ok(SmmuTranslation {
+                    output: e.output(addr),
+                    page_size: t.page_size,
+                    perms: t.perms,
+                    tlb_hit: true,
+                });
+            }
+        }
+        Smmu::count(&self.stats.walks);
+        match walk(&*self.mem, &stages, addr, access) {
+            Ok(t) => {
+                state.tlb.insert(vmid, tag, access.privileged, addr, t);
+                Ok(SmmuTranslation {
+                    output: t.output,
+                    page_size: t.page_size,
+                    perms: t.perms,
+                    tlb_hit: false,
+                })
+            }
+            Err(f) => {
+                let event = Event::from_walk_fault(sid, ssid, access, &f);
+                // CD.R and STE.S2R govern the translation-related faults (§5.4, §5.2);
+                // external aborts are always recorded.
+                let record = match (f.kind, f.stage) {
+                    (FaultKind::WalkEabt, _) => true,
+                    (_, FaultStage::Stage1) => record_s1,
+                    (_, FaultStage::Stage2 { .. }) => record_s2,
+                };
+                let recorded = record && self.record_event(&mut state, &event);
+                Err(SmmuFault::Event { event, recorded })
+            }
+        }
+    }
+
+    /// The cached (or fetched and cached) STE of `sid`.
+    pub(super) fn ste_for(&self, state: &mut State, sid: u32) -> Result<Ste, ConfigFault> {
+        if let Some(ste) = state.config.ste(sid) {
+            if self.strict {
+                self.check_ste(state, sid, &ste);
+            }
+            return Ok(ste);
+        }
+        let ste = fetch_ste(self, state, &*self.mem, sid)?;
+        state.config.insert_ste(sid, ste);
+        Ok(ste)
+    }
+
+    /// What the cached configuration of `sid` makes of a transaction with `ssid` to
+    /// `addr`, fetching and caching the STE and CD it needs.
+    fn path(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+    ) -> Result<Path, ConfigFault> {
+        let ste = self.ste_for(state, sid)?;
+        let s2 = if ste.config.stage2() {
+            Some(ste.s2_config(&self.features).map_err(ConfigFault::BadSte)?)
+        } else {
+            None
+        };
+        let cd = if ste.config.stage1() {
+            self.cd_for(state, sid, &ste, ssid, s2.as_ref(), addr)?
+        } else {
+            None
+        };
+        Ok(path_of(&ste, s2, cd))
+    }
+
+    /// The CD of the transaction, `None` when S1DSS bypasses stage 1 for it.
+    fn cd_for(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ste: &Ste,
+        ssid: Option<u32>,
+        s2: Option<&S2Config>,
+        addr: u64,
+    ) -> Result<Option<CachedCd>, ConfigFault> {
+        let index = cd_index(ste, ssid);
+        if let Some(cd) = index.and_then(|i| state.config.cd(sid, i)) {
+            if self.strict {
+                self.check_cd(state, sid, ste, ssid, s2, addr, &cd);
+            }
+            return Ok(Some(cd));
+        }
+        let found = find_cd(&*self.mem, ste, &self.features, ssid, s2, addr, &mut ())?;
+        Ok(match found {
+            Stage1Context::Bypass => None,
+            Stage1Context::Cd { index, cd, s1, .. } => {
+                let cd = CachedCd { cd, s1 };
+                state.config.insert_cd(sid, index, cd);
+                Some(cd)
+            }
+        })
+    }
+}
+
+/// The path of a transaction through `ste` (stage 2 `s2` when it translates) and its CD.
+pub(super) fn path_of(ste: &Ste, s2: Option<S2Config>, cd: Option<CachedCd>) -> Path {
+    let vmid = ste.s2vmid;
+    let walk = |tag, stages, record_s1| Path::Walk {
+        vmid,
+        tag,
+        stages,
+        record_s1,
+        record_s2: ste.s2r,
+    };
+    match (ste.config, cd, s2) {
+        (Config::Abort, ..) => Path::Abort,
+        (Config::Bypass, ..) | (Config::S1Trans, None, _) => Path::Bypass,
+        (Config::S1Trans, Some(cd), _) => walk(
+            TlbTag::Stage1 { asid: cd.cd.asid },
+            Stages::S1(cd.s1),
+            cd.cd.r,
+        ),
+        (Config::Nested, Some(cd), Some(s2)) => walk(
+            TlbTag::Nested { asid: cd.cd.asid },
+            Stages::Nested(cd.s1, s2),
+            cd.cd.r,
+        ),
+        (Config::S2Trans | Config::Nested, _, Some(s2)) => {
+            walk(TlbTag::Stage2, Stages::S2(s2), false)
+        }
+        // Stage 2 translates for these Configs, so `s2` is present.
+        (Config::S2Trans | Config::Nested, _, None) => Path::Abort,
+    }
+}
+
+fn identity(addr: u64) -> SmmuTranslation {
+    SmmuTranslation {
+        output: addr,
+        page_size: PageSize::Size4K,
+        perms: Permissions::ALL,
+        tlb_hit: false,
+    }
+}
