@@ -15,5 +15,5 @@ mod machine;
 
 pub use machine::{
     fetch_snippet, layout, tcr, Abort, Features, Machine, OracleError, Outcome, Probe, ProbeOp,
-    Results,
+    Results, TCR_EPD0, TCR_TBI0,
 };

@@ -276,6 +276,11 @@ const TCR_FIXED: u64 = (1 << 8)
 /// SCTLR_EL1: the v8.0 RES1 bits, M, C and I; no alignment checks, WXN clear.
 const SCTLR: u64 = 0x30d0_0800 | 1 | (1 << 2) | (1 << 12);
 
+/// TCR_EL1.EPD0: no walks of TTBR0 (every TTBR0 address is a Translation fault).
+pub const TCR_EPD0: u64 = 1 << 7;
+/// TCR_EL1.TBI0: the top byte of TTBR0 addresses is ignored.
+pub const TCR_TBI0: u64 = 1 << 37;
+
 /// TCR_EL1 for a stage-1 table with `t0sz`, output size `ips` (the IPS encoding), and the
 /// hardware Access flag (HA) and dirty state (HD) updates.
 pub const fn tcr(t0sz: u8, ips: u64, ha: bool, hd: bool) -> u64 {

@@ -9,7 +9,8 @@
 //! block, bits 51:48 set (DBM, GP, and two bits the 4 KiB granule with a 48-bit output
 //! leaves RES0 and both sides ignore). Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
 //! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker); some run with
-//! SCTLR_EL1.WXN (the CD's WXN). Then probes:
+//! SCTLR_EL1.WXN, TCR_EL1.TBI0 (half the data accesses then carry a tag) or TCR_EL1.EPD0
+//! (the CD's WXN, TBI0, EPD0). Then probes:
 //! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions) at an
 //! address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
 //! walks each over a model of the memory, in probe order (so its Access flag and
@@ -21,7 +22,7 @@
 //!   at the walker's output address at the end, and a fetch runs the snippet placed at the
 //!   walker's output address (it returns a tag);
 //! - on failure, on the fault: a Data Abort taken to EL1 (EC 0x25; an Instruction Abort,
-//!   EC 0x21, for a fetch) with FAR_EL1 the VA, WnR set for stores, and the DFSC/IFSC class
+//!   EC 0x21, for a fetch) with FAR_EL1 the VA (bits 55:0 for a tagged one), WnR set for stores, and the DFSC/IFSC class
 //!   and level equal to the walker's FaultKind and level (Address size 0b0000LL,
 //!   Translation 0b0001LL, Access flag 0b0010LL, Permission 0b0011LL);
 //! - at the end, on every descriptor of every table (hardware AF and AP[2] updates).
@@ -35,7 +36,8 @@
 //! through such a descriptor, and the Access flag QEMU may set in it is not compared.
 //!
 //! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
-//! TCR_EL1, PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and AFFD clear; an EL1 access is PnU = 1,
+//! TCR_EL1, PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and EPD0 as TCR_EL1, AFFD
+//! clear; an EL1 access is PnU = 1,
 //! LDTR/STTR PnU = 0, a fetch InD = 1. Probes whose translation would land outside the data
 //! region (on the program or the tables) are not made.
 //!
@@ -43,7 +45,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, RAM_BASE, TABLES};
-use vsva_qemu_oracle::{fetch_snippet, Machine, OracleError, Outcome, Probe, ProbeOp};
+use vsva_qemu_oracle::{
+    fetch_snippet, Machine, OracleError, Outcome, Probe, ProbeOp, TCR_EPD0, TCR_TBI0,
+};
 use vsva_smmuv3::{
     walk_stage1, AccessRequest, AddressSize, FaultKind, PageSize, PhysMem, S1Config, S1Flags,
     TableBuilder, WalkFault, WalkRecord,
@@ -200,6 +204,8 @@ fn stage1_walker_agrees_with_qemu() {
         let hd = ha && hafdbs >= 2 && rng.percent(60);
         let pan = pan_supported && rng.percent(40);
         let wxn = rng.percent(30);
+        let tbi = rng.percent(30);
+        let epd0 = rng.percent(4);
         let Some(root) = alloc() else { break };
         mem.write(root, &[0; 4096]).unwrap();
         let flags = S1Flags {
@@ -207,6 +213,8 @@ fn stage1_walker_agrees_with_qemu() {
             hd,
             pan,
             wxn,
+            tbi,
+            epd0,
             ..S1Flags::default()
         };
         let cfg = S1Config::new(root, t0sz, ips, flags).unwrap();
@@ -282,7 +290,9 @@ fn stage1_walker_agrees_with_qemu() {
             *damage.entry(what).or_default() += 1;
             mem.write_u64(slot, new).unwrap();
         }
-        let tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd);
+        let tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd)
+            | if tbi { TCR_TBI0 } else { 0 }
+            | if epd0 { TCR_EPD0 } else { 0 };
         scenarios.push((cfg, tcr, mappings));
     }
     let mut image = machine.snapshot().unwrap();
@@ -316,6 +326,7 @@ fn stage1_walker_agrees_with_qemu() {
             AddressSize::Bits48,
             S1Flags {
                 affd: true,
+                tbi: cfg.flags().tbi,
                 ..S1Flags::default()
             },
         )
@@ -350,6 +361,12 @@ fn stage1_walker_agrees_with_qemu() {
                 (va & !63) | 48
             } else {
                 (va & !63) | (rng.below(6) * 8)
+            };
+            // With TBI0, half the data accesses carry a tag in the top byte.
+            let va = if cfg.flags().tbi && op != ProbeOp::Fetch && rng.percent(50) {
+                va | (rng.below(256) << 56)
+            } else {
+                va
             };
             let reached = walk_stage1(mem, &dry, va, AccessRequest::READ.privileged(), &mut ());
             if let Ok(t) = reached {
@@ -414,6 +431,8 @@ fn stage1_walker_agrees_with_qemu() {
 
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
+    // Accesses with a tag in the top byte that reached memory (TBI0).
+    let mut tagged = 0;
     // Level-0 block probes: whether QEMU reported the Arm ARM's Translation fault.
     let mut level0_blocks: BTreeMap<bool, usize> = BTreeMap::new();
     for (i, ((p, e), got)) in probes
@@ -423,7 +442,16 @@ fn stage1_walker_agrees_with_qemu() {
         .enumerate()
     {
         *counts.entry(class(e)).or_default() += 1;
+        if p.va >> 56 != 0 && matches!(e, Expect::Load(_) | Expect::Store(_)) {
+            tagged += 1;
+        }
         let level0_block = level0_block(&records[i].1).is_some();
+        // FAR_EL1[63:56] is UNKNOWN for a tagged address (Arm ARM, FAR_EL1).
+        let far_mask = if records[i].0.flags().tbi {
+            (1 << 56) - 1
+        } else {
+            u64::MAX
+        };
         let ok = match (e, got) {
             (Expect::Fault(f), got) if level0_block => {
                 let fixed = matches!(got, Outcome::Abort(a) if a.dfsc() == 0b000100);
@@ -436,7 +464,7 @@ fn stage1_walker_agrees_with_qemu() {
             (Expect::Fetch(tag), Outcome::Done(g)) => u64::from(*tag) == *g,
             (Expect::Fault(f), Outcome::Abort(a)) => {
                 a.ec() == if p.op == ProbeOp::Fetch { 0x21 } else { 0x25 }
-                    && a.far == p.va
+                    && a.far & far_mask == p.va & far_mask
                     && a.wnr() == p.op.is_store()
                     && dfsc(f) == Some(a.dfsc())
             }
@@ -480,6 +508,17 @@ fn stage1_walker_agrees_with_qemu() {
         scenarios.len()
     );
     println!("damage: {damage:?}");
+    let with = |f: fn(&S1Flags) -> bool| scenarios.iter().filter(|s| f(&s.0.flags())).count();
+    println!(
+        "scenarios with HA {}, HD {}, PAN {}, WXN {}, TBI0 {}, EPD0 {}; {tagged} tagged accesses \
+         reached memory",
+        with(|f| f.ha),
+        with(|f| f.hd),
+        with(|f| f.pan),
+        with(|f| f.wxn),
+        with(|f| f.tbi),
+        with(|f| f.epd0)
+    );
     println!(
         "level-0 block probes: {} where QEMU faulted as the Arm ARM says, {} where it used \
          the block (not compared)",
