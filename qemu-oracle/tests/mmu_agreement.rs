@@ -37,9 +37,9 @@
 //!
 //! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
 //! TCR_EL1, PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and EPD0 as TCR_EL1, AFFD
-//! clear; an EL1 access is PnU = 1,
-//! LDTR/STTR PnU = 0, a fetch InD = 1. Probes whose translation would land outside the data
-//! region (on the program or the tables) are not made.
+//! clear; an EL1 access is PnU = 1, LDTR/STTR PnU = 0, a fetch InD = 1. Probes whose
+//! translation would land outside the data region (on the program or the tables) are not
+//! made.
 //!
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
