@@ -508,6 +508,7 @@ impl<B: IommuBackend> Container<B> {
             flags: VFIO_IOMMU_INFO_PGSIZES,
             iova_pgsizes: info.iova_pgsizes,
             cap_offset: 0,
+            pad: 0,
         };
         let cap = match (model, info.nesting) {
             (IommuModel::Type1Nesting, Some(n)) => Some(VfioIommuType1InfoCapNesting {
@@ -2091,6 +2092,7 @@ mod tests {
                         flags: 0,
                         iova: page << 12,
                         size: pages << 12,
+                        ..Default::default()
                     }
                     .to_bytes()
                 })

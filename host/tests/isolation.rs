@@ -1371,6 +1371,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     flags: 0,
                     iova: page * PAGE,
                     size: pages * PAGE,
+                    ..Default::default()
                 }
                 .to_bytes()
             })

@@ -176,6 +176,7 @@ pub trait VfioIoctls {
             flags: 0,
             iova: iova.raw(),
             size,
+            ..Default::default()
         }
         .to_bytes();
         self.raw_ioctl(VFIO_IOMMU_UNMAP_DMA, &mut buf)?;

@@ -30,9 +30,14 @@ use super::iommu::{
     IommuCacheInvalidateInfo, IommuFault, IommuGpasidBindData, IommuNestingInfo, IommuPageResponse,
     IommuPasidTableConfig, PAGE_SIZE,
 };
-use super::wire::{check_flags, read_with_argsz};
+use super::wire::{check_flags, read_with_argsz, wire_fields};
+pub use super::wire::{FromBytes, Wire};
 use crate::error::UapiError;
 use crate::wire::c_struct;
+use vfio_bindings::bindings::vfio::{
+    vfio_info_cap_header, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap,
+    vfio_iommu_type1_info,
+};
 
 /// `VFIO_TYPE`: the ioctl type byte, `';'`.
 pub const VFIO_TYPE: u32 = b';' as u32;
@@ -119,36 +124,31 @@ pub const VFIO_IOMMU_BIND_PROCESS: u32 = 0;
 /// `VFIO_IOMMU_BIND_GUEST_PASID`: bind a guest page table; data is `iommu_gpasid_bind_data`.
 pub const VFIO_IOMMU_BIND_GUEST_PASID: u32 = 1;
 
-c_struct! {
-    /// `struct vfio_info_cap_header`: the head of each capability in a chain.
-    pub struct VfioInfoCapHeader {
-        /// Capability id.
-        pub id: u16,
-        /// Capability version.
-        pub version: u16,
-        /// Offset of the next capability from the start of the info structure; 0 ends.
-        pub next: u32,
-    }
-}
+/// `struct vfio_info_cap_header` (from `vfio-bindings`): the head of each capability in
+/// a chain (`id`, `version`, `next`: offset of the next capability from the start of the
+/// info structure, 0 ends).
+pub type VfioInfoCapHeader = vfio_info_cap_header;
+wire_fields!(VfioInfoCapHeader {
+    id: u16,
+    version: u16,
+    next: u32
+});
 
-c_struct! {
-    /// `struct vfio_iommu_type1_info`. All fields but `argsz` are written by the kernel.
-    pub struct VfioIommuType1Info {
-        /// Size of the caller's buffer; raised by the kernel when the capabilities do not fit.
-        pub argsz: u32,
-        /// `VFIO_IOMMU_INFO_*`.
-        pub flags: u32,
-        /// Bitmap of supported page sizes.
-        pub iova_pgsizes: u64,
-        /// Offset of the first capability.
-        pub cap_offset: u32,
-    }
-}
+/// `struct vfio_iommu_type1_info` (from `vfio-bindings`): all fields but `argsz` are written
+/// by the kernel; `pad` is the explicit tail padding later headers name.
+pub type VfioIommuType1Info = vfio_iommu_type1_info;
+wire_fields!(VfioIommuType1Info {
+    argsz: u32,
+    flags: u32,
+    iova_pgsizes: u64,
+    cap_offset: u32,
+    pad: u32
+});
 
-impl VfioIommuType1Info {
+impl FromBytes for VfioIommuType1Info {
     /// Decodes the caller's request: `argsz` must reach `iova_pgsizes` (the v5.10 `minsz`).
     /// The other fields are outputs and are not checked.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
+    fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         read_with_argsz(
             bytes,
             offset_of!(Self, iova_pgsizes) + size_of::<u64>(),
@@ -156,16 +156,19 @@ impl VfioIommuType1Info {
         )
     }
 }
-
-c_struct! {
-    /// `struct vfio_iommu_type1_info_cap_nesting`.
-    pub struct VfioIommuType1InfoCapNesting {
-        /// `id` = `VFIO_IOMMU_TYPE1_INFO_CAP_NESTING`.
-        pub header: VfioInfoCapHeader,
-        /// The host IOMMU's nesting information.
-        pub info: IommuNestingInfo,
-    }
+/// `struct vfio_iommu_type1_info_cap_nesting`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct VfioIommuType1InfoCapNesting {
+    /// `id` = `VFIO_IOMMU_TYPE1_INFO_CAP_NESTING`.
+    pub header: VfioInfoCapHeader,
+    /// The host IOMMU's nesting information.
+    pub info: IommuNestingInfo,
 }
+wire_fields!(VfioIommuType1InfoCapNesting {
+    header: VfioInfoCapHeader,
+    info: IommuNestingInfo
+});
 
 impl VfioIommuType1InfoCapNesting {
     /// Decodes the capability (header id and version checked) and validates its info.
@@ -217,26 +220,21 @@ fn check_dma_range(iova: u64, size: u64, what: &'static str) -> Result<(), UapiE
     Ok(())
 }
 
-c_struct! {
-    /// `struct vfio_iommu_type1_dma_map`: map process memory at an IOVA.
-    pub struct VfioIommuType1DmaMap {
-        /// User-filled size.
-        pub argsz: u32,
-        /// `VFIO_DMA_MAP_FLAG_*`.
-        pub flags: u32,
-        /// Process virtual address of the memory.
-        pub vaddr: u64,
-        /// IO virtual address (a GPA for a VM's second level).
-        pub iova: u64,
-        /// Bytes to map.
-        pub size: u64,
-    }
-}
+/// `struct vfio_iommu_type1_dma_map` (from `vfio-bindings`): map `size` bytes of process
+/// memory at `vaddr` to `iova` with `VFIO_DMA_MAP_FLAG_*` rights.
+pub type VfioIommuType1DmaMap = vfio_iommu_type1_dma_map;
+wire_fields!(VfioIommuType1DmaMap {
+    argsz: u32,
+    flags: u32,
+    vaddr: u64,
+    iova: u64,
+    size: u64
+});
 
-impl VfioIommuType1DmaMap {
+impl FromBytes for VfioIommuType1DmaMap {
     /// Decodes and validates as v5.10 `vfio_dma_do_map`: whole structure, known flags, READ
     /// or WRITE, non-empty 4 KiB-aligned ranges that do not wrap.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
+    fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_dma_map";
         let m: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         check_flags(
@@ -258,25 +256,21 @@ impl VfioIommuType1DmaMap {
     }
 }
 
-c_struct! {
-    /// `struct vfio_iommu_type1_dma_unmap` (the v5.10 `data[]` tail is only used with the
-    /// dirty-bitmap flag, which is refused).
-    pub struct VfioIommuType1DmaUnmap {
-        /// User-filled size.
-        pub argsz: u32,
-        /// `VFIO_DMA_UNMAP_FLAG_*`.
-        pub flags: u32,
-        /// IO virtual address.
-        pub iova: u64,
-        /// Bytes to unmap; on return, the bytes unmapped.
-        pub size: u64,
-    }
-}
+/// `struct vfio_iommu_type1_dma_unmap` (from `vfio-bindings`): unmap `size` bytes at
+/// `iova`; `size` returns the bytes unmapped. The `data[]` tail is only used with the
+/// dirty-bitmap flag, which is refused.
+pub type VfioIommuType1DmaUnmap = vfio_iommu_type1_dma_unmap;
+wire_fields!(VfioIommuType1DmaUnmap {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64
+} data: vfio_bindings::bindings::vfio::__IncompleteArrayField::new());
 
-impl VfioIommuType1DmaUnmap {
+impl FromBytes for VfioIommuType1DmaUnmap {
     /// Decodes and validates as v5.10 `vfio_dma_do_unmap`: whole structure, no flags (no
     /// dirty tracking here), a non-empty 4 KiB-aligned range that does not wrap.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
+    fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "vfio_iommu_type1_dma_unmap";
         let u: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
         check_flags(u.flags.into(), 0, WHAT)?;
@@ -562,6 +556,8 @@ mod tests {
         assert_eq!(size_of::<VfioIommuType1Info>(), 24);
         assert_eq!(offset_of!(VfioIommuType1Info, iova_pgsizes), 8);
         assert_eq!(offset_of!(VfioIommuType1Info, cap_offset), 16);
+        assert_eq!(offset_of!(VfioIommuType1Info, pad), 20);
+        assert_eq!(offset_of!(VfioIommuType1DmaUnmap, data), 24);
         assert_eq!(size_of::<VfioIommuType1InfoCapNesting>(), 72);
         assert_eq!(offset_of!(VfioIommuType1InfoCapNesting, info), 8);
         assert_eq!(size_of::<VfioIommuType1DmaMap>(), 32);
@@ -643,6 +639,7 @@ mod tests {
             flags: 0,
             iova: 0x1000,
             size: 0x1000,
+            ..Default::default()
         };
         assert!(VfioIommuType1DmaUnmap::from_bytes(&u.to_bytes()).is_ok());
         let mut d = u;

@@ -17,7 +17,45 @@ pub trait Wire: Sized {
     fn read(b: &[u8]) -> Self;
     /// Writes the value to the start of `b`, which holds at least `size_of::<Self>()` bytes.
     fn write(&self, b: &mut [u8]);
+
+    /// The C image of the value (`sizeof` bytes, padding zero).
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; size_of::<Self>()];
+        self.write(&mut out);
+        out
+    }
 }
+
+/// A structure decoded and validated from the bytes a caller passed, as the kernel copies
+/// and checks it.
+pub trait FromBytes: Sized {
+    /// Decodes and validates; the error carries the errno the kernel returns.
+    fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError>;
+}
+
+/// Implements [`Wire`] for a `#[repr(C)]` structure defined elsewhere (a `vfio-bindings`
+/// one), field by field at its `offset_of!` offsets; fields after the list (flexible array
+/// tails) take the given values.
+macro_rules! wire_fields {
+    ($name:ident { $($field:ident : $ty:ty),* $(,)? } $($rest:ident : $init:expr),*) => {
+        const _: () = assert!(::std::mem::size_of::<$name>() <= $crate::wire::MAX_STRUCT);
+
+        impl $crate::wire::Wire for $name {
+            fn read(b: &[u8]) -> Self {
+                $name {
+                    $( $field: <$ty as $crate::wire::Wire>::read(
+                        &b[::std::mem::offset_of!($name, $field)..]), )*
+                    $( $rest: $init, )*
+                }
+            }
+            fn write(&self, b: &mut [u8]) {
+                $( $crate::wire::Wire::write(
+                    &self.$field, &mut b[::std::mem::offset_of!($name, $field)..]); )*
+            }
+        }
+    };
+}
+pub(crate) use wire_fields;
 
 macro_rules! wire_int {
     ($($t:ty),*) => {$(
