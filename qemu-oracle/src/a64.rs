@@ -52,6 +52,8 @@ impl SysReg {
     pub const ELR_EL1: SysReg = SysReg::new(3, 0, 4, 0, 1);
     /// ESR_EL1.
     pub const ESR_EL1: SysReg = SysReg::new(3, 0, 5, 2, 0);
+    /// SPSR_EL1.
+    pub const SPSR_EL1: SysReg = SysReg::new(3, 0, 4, 0, 0);
     /// FAR_EL1.
     pub const FAR_EL1: SysReg = SysReg::new(3, 0, 6, 0, 0);
     /// MAIR_EL1.
@@ -361,6 +363,11 @@ impl Asm {
         self.word(0xd503_245f);
     }
 
+    /// SVC #imm16.
+    pub fn svc(&mut self, imm16: u16) {
+        self.word(0xd400_0001 | (u32::from(imm16) << 5));
+    }
+
     /// NOP.
     pub fn nop(&mut self) {
         self.word(0xd503_201f);
@@ -416,6 +423,8 @@ mod tests {
         a.ret(); // ret
         a.mov(9, 30); // mov x9, x30
         a.bti_c(); // bti c (-mattr=+bti)
+        a.svc(0); // svc #0
+        a.msr(SysReg::SPSR_EL1, 24); // msr spsr_el1, x24
         assert_eq!(
             a.finish().unwrap(),
             [
@@ -454,6 +463,8 @@ mod tests {
                 0xd65f_03c0,
                 0xaa1e_03e9,
                 0xd503_245f,
+                0xd400_0001,
+                0xd518_4018,
             ]
         );
     }

@@ -39,6 +39,8 @@ pub mod layout {
     pub const BOOT_TABLE: u64 = IMAGE_BASE + 0x1f_f000;
     /// The program's pages: the vectors and the code (read-only).
     pub const PROGRAM_BYTES: u64 = 0x1_0000;
+    /// The page of the program EL0 runs (read-only at EL0 and EL1).
+    pub const EL0_STUB: u64 = VECTORS + 0xf000;
     /// Frames for the tests' translation tables.
     pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x60_0000);
     /// Memory the probes may reach.
@@ -65,6 +67,8 @@ pub enum ProbeOp {
     /// BLR at EL1: an instruction fetch. The code found there must set X3 and return (see
     /// [`fetch_snippet`]); X3 is the outcome's value.
     Fetch,
+    /// BLR at EL0 (ERET to a stub, SVC back): an unprivileged instruction fetch.
+    FetchUnprivileged,
     /// Not an access: load TTBR0_EL1 and TCR_EL1, set PSTATE.PAN and SCTLR_EL1.WXN, then
     /// TLBI VMALLE1.
     Switch {
@@ -85,6 +89,7 @@ impl ProbeOp {
             ProbeOp::StoreUnprivileged => 3,
             ProbeOp::Switch { .. } => 4,
             ProbeOp::Fetch => 5,
+            ProbeOp::FetchUnprivileged => 6,
         }
     }
 
@@ -320,7 +325,9 @@ impl Machine {
             };
             m.write_u64(BOOT_L2 + 8 * i, entry)?;
             let page = IMAGE_BASE + (i << 12);
-            let ro = if page < VECTORS + PROGRAM_BYTES {
+            let ro = if page == EL0_STUB {
+                0xc0
+            } else if page < VECTORS + PROGRAM_BYTES {
                 0x80
             } else {
                 0
@@ -509,7 +516,10 @@ const X11: u32 = 11;
 const X19: u32 = 19;
 const X20: u32 = 20;
 const X21: u32 = 21;
+const X12: u32 = 12;
 const X22: u32 = 22;
+const X23: u32 = 23;
+const X24: u32 = 24;
 const X30: u32 = 30;
 
 /// The EL1 program for `count` probes, to be placed at [`layout::VECTORS`] (entry at
@@ -518,18 +528,24 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     let mut a = Asm::new();
     // 16 vector entries of 0x80 bytes: each records the exception in x20's record and
     // returns past the faulting instruction.
-    // An Instruction Abort (EC 0x21) returns to X30: past the BLR of a fetch probe.
+    // An Instruction Abort (EC 0x21, or 0x20 from EL0) returns to X30: past the BLR of a
+    // fetch probe. An SVC from EL0 (EC 0x15) ends an EL0 fetch: back to X23 at EL1 with
+    // SPSR X24, recording nothing.
     for slot in 0..16 {
         a.pad_to(slot * 0x80);
         a.mrs(X9, SysReg::ESR_EL1);
         a.mrs(X10, SysReg::FAR_EL1);
-        a.movz(X11, 1, 0);
-        a.str(X11, X20, 0);
+        let (fetch, svc) = (a.label(), a.label());
+        a.lsr_imm(X11, X9, 26);
+        a.cmp_imm(X11, 0x15);
+        a.b_cond(Cond::Eq, svc);
+        a.movz(X12, 1, 0);
+        a.str(X12, X20, 0);
         a.str(X9, X20, 8);
         a.str(X10, X20, 16);
-        let fetch = a.label();
-        a.lsr_imm(X11, X9, 26);
         a.cmp_imm(X11, 0x21);
+        a.b_cond(Cond::Eq, fetch);
+        a.cmp_imm(X11, 0x20);
         a.b_cond(Cond::Eq, fetch);
         a.mrs(X9, SysReg::ELR_EL1);
         a.add_imm(X9, X9, 4);
@@ -537,6 +553,10 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
         a.eret();
         a.bind(fetch);
         a.msr(SysReg::ELR_EL1, X30);
+        a.eret();
+        a.bind(svc);
+        a.msr(SysReg::ELR_EL1, X23);
+        a.msr(SysReg::SPSR_EL1, X24);
         a.eret();
     }
     a.pad_to(ENTRY - VECTORS);
@@ -596,8 +616,15 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.tlbi_vmalle1();
     a.dsb_sy();
     a.isb();
-    let fetch = a.label();
-    for (code, l) in [(0, load), (1, store), (2, ldtr), (3, sttr), (5, fetch)] {
+    let (fetch, fetch_el0) = (a.label(), a.label());
+    for (code, l) in [
+        (0, load),
+        (1, store),
+        (2, ldtr),
+        (3, sttr),
+        (5, fetch),
+        (6, fetch_el0),
+    ] {
         a.cmp_imm(X1, code);
         a.b_cond(Cond::Eq, l);
     }
@@ -615,6 +642,7 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     for (code, &l) in cases.iter().enumerate() {
         a.bind(l);
         a.msr_pan(code & 1 != 0);
+        a.mov_imm(X24, 0x3c5 | (((code as u64) & 1) << 22));
         a.mov_imm(X4, SCTLR | (((code as u64) >> 1) << 19));
         a.msr(SysReg::SCTLR_EL1, X4);
         a.b(set);
@@ -638,6 +666,25 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.b(next);
     a.bind(fetch);
     a.blr(X0);
+    a.b(keep);
+    // EL0: ERET to the stub with X23/X24 the way back (SPSR: EL1h, DAIF masked, PAN as
+    // it is).
+    let back = a.label();
+    a.bind(fetch_el0);
+    let start = a.offset();
+    let back_at = start + 48;
+    a.mov_imm(X23, HIGH + VECTORS + back_at);
+    a.pad_to(start + 16);
+    a.mov_imm(X4, HIGH + EL0_STUB);
+    a.pad_to(start + 32);
+    a.msr(SysReg::ELR_EL1, X4);
+    a.movz(X4, 0x3c0, 0);
+    a.msr(SysReg::SPSR_EL1, X4);
+    a.eret();
+    a.bind(back);
+    if a.offset() != back_at {
+        return Err(AsmError::Immediate(back_at));
+    }
     a.b(keep);
     a.bind(keep);
     a.str(X3, X20, 24);
@@ -717,6 +764,10 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.mov_imm(X0, SYS_EXIT);
     a.hlt(0xf000);
     a.b(fail);
+    // The EL0 stub: call the probe's VA, then SVC back to EL1.
+    a.pad_to(EL0_STUB - VECTORS);
+    a.blr(X0);
+    a.svc(0);
     a.finish()
 }
 

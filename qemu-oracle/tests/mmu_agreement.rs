@@ -11,8 +11,8 @@
 //! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker); some run with
 //! SCTLR_EL1.WXN, TCR_EL1.TBI0 (half the data accesses then carry a tag) or TCR_EL1.EPD0
 //! (the CD's WXN, TBI0, EPD0). Then probes:
-//! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions) at an
-//! address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
+//! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions), BLR
+//! at EL0 (ERET to a stub that SVCs back) at an address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
 //! walks each over a model of the memory, in probe order (so its Access flag and
 //! dirty-state updates land in the model as the CPU's land in RAM), and QEMU runs them all
 //! in one launch. They must agree:
@@ -22,7 +22,7 @@
 //!   at the walker's output address at the end, and a fetch runs the snippet placed at the
 //!   walker's output address (it returns a tag);
 //! - on failure, on the fault: a Data Abort taken to EL1 (EC 0x25; an Instruction Abort,
-//!   EC 0x21, for a fetch) with FAR_EL1 the VA (bits 55:0 for a tagged one), WnR set for stores, and the DFSC/IFSC class
+//!   EC 0x21, for a fetch; 0x20 from EL0) with FAR_EL1 the VA (bits 55:0 for a tagged one), WnR set for stores, and the DFSC/IFSC class
 //!   and level equal to the walker's FaultKind and level (Address size 0b0000LL,
 //!   Translation 0b0001LL, Access flag 0b0010LL, Permission 0b0011LL);
 //! - at the end, on every descriptor of every table (hardware AF and AP[2] updates).
@@ -37,9 +37,9 @@
 //!
 //! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
 //! TCR_EL1, PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and EPD0 as TCR_EL1, AFFD
-//! clear; an EL1 access is PnU = 1, LDTR/STTR PnU = 0, a fetch InD = 1. Probes whose
-//! translation would land outside the data region (on the program or the tables) are not
-//! made.
+//! clear; an EL1 access is PnU = 1, LDTR/STTR and EL0 fetches PnU = 0, a fetch InD = 1.
+//! Probes whose translation would land outside the data region (on the program or the
+//! tables) are not made.
 //!
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
@@ -356,14 +356,16 @@ fn stage1_walker_agrees_with_qemu() {
                 ProbeOp::LoadUnprivileged,
                 ProbeOp::StoreUnprivileged,
                 ProbeOp::Fetch,
+                ProbeOp::FetchUnprivileged,
             ]);
-            let va = if op == ProbeOp::Fetch {
+            let fetch = matches!(op, ProbeOp::Fetch | ProbeOp::FetchUnprivileged);
+            let va = if fetch {
                 (va & !63) | 48
             } else {
                 (va & !63) | (rng.below(6) * 8)
             };
             // With TBI0, half the data accesses carry a tag in the top byte.
-            let va = if cfg.flags().tbi && op != ProbeOp::Fetch && rng.percent(50) {
+            let va = if cfg.flags().tbi && !fetch && rng.percent(50) {
                 va | (rng.below(256) << 56)
             } else {
                 va
@@ -376,7 +378,7 @@ fn stage1_walker_agrees_with_qemu() {
             }
             let access = AccessRequest {
                 write: op.is_store(),
-                instruction: op == ProbeOp::Fetch,
+                instruction: fetch,
                 privileged: matches!(op, ProbeOp::Load | ProbeOp::Store | ProbeOp::Fetch),
             };
             let value = 0x5354_0000_0000_0000 | probes.len() as u64;
@@ -384,7 +386,7 @@ fn stage1_walker_agrees_with_qemu() {
             let walk = walk_stage1(mem, cfg, va, access, &mut record);
             if let Some(at) = level0_block(&record) {
                 // QEMU may use the block: never store or fetch through it (see above).
-                if op.is_store() || op == ProbeOp::Fetch {
+                if op.is_store() || fetch {
                     continue;
                 }
                 level0_slots.insert(at);
@@ -394,7 +396,7 @@ fn stage1_walker_agrees_with_qemu() {
                     mem.write_u64(t.output, value).unwrap();
                     (Expect::Store(t.output), t.output)
                 }
-                Ok(t) if op == ProbeOp::Fetch => {
+                Ok(t) if fetch => {
                     let tag = *snippets
                         .entry(t.output)
                         .or_insert(0x5e00_0000 | probes.len() as u32);
@@ -404,7 +406,7 @@ fn stage1_walker_agrees_with_qemu() {
                 Err(f) => (Expect::Fault(f), 0),
             };
             // Any fetch that reaches memory finds its snippet there, whatever the walker says.
-            if let (ProbeOp::Fetch, Ok(t)) = (op, reached) {
+            if let (true, Ok(t)) = (fetch, reached) {
                 let tag = *snippets
                     .entry(t.output)
                     .or_insert(0x5e00_0000 | probes.len() as u32);
@@ -463,7 +465,12 @@ fn stage1_walker_agrees_with_qemu() {
             (Expect::Store(pa), Outcome::Done(g)) => mem.read_u64(*pa).unwrap() == *g,
             (Expect::Fetch(tag), Outcome::Done(g)) => u64::from(*tag) == *g,
             (Expect::Fault(f), Outcome::Abort(a)) => {
-                a.ec() == if p.op == ProbeOp::Fetch { 0x21 } else { 0x25 }
+                a.ec()
+                    == match p.op {
+                        ProbeOp::Fetch => 0x21,
+                        ProbeOp::FetchUnprivileged => 0x20,
+                        _ => 0x25,
+                    }
                     && a.far & far_mask == p.va & far_mask
                     && a.wnr() == p.op.is_store()
                     && dfsc(f) == Some(a.dfsc())
@@ -613,6 +620,7 @@ fn harness_runs_a_hand_built_table() {
         probe(ProbeOp::Fetch, 0x5000, 0),
         probe(ProbeOp::Fetch, 0x6000, 0),
         probe(ProbeOp::Fetch, 0x7000, 0),
+        probe(ProbeOp::FetchUnprivileged, 0x6000, 0),
     ];
     let probes: Vec<Probe> = probes
         .iter()
@@ -645,6 +653,8 @@ fn harness_runs_a_hand_built_table() {
     assert_eq!(abort(10), (0x21, 0b001111, false, 0x6000));
     // SCTLR_EL1.WXN (set by the second switch): the writable alias does not execute.
     assert_eq!(abort(11), (0x21, 0b001111, false, 0x7000));
+    // PXN does not stop EL0: the snippet runs there and the program is back at EL1.
+    assert_eq!(r.outcomes[12], Outcome::Done(0x42));
     assert_eq!(r.tables.len() as u64, TABLES.1 - TABLES.0);
     assert_eq!(&r.tables[..8], &(l2 | 3).to_le_bytes());
     let _ = std::fs::remove_dir_all(&dir);
