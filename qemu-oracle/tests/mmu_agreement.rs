@@ -7,15 +7,16 @@
 //! way to some mappings: entries made invalid, APTable/UXNTable/PXNTable set, output or table
 //! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a level-0
 //! block, bits 51:48 set (DBM, GP, and two bits the 4 KiB granule with a 48-bit output
-//! leaves RES0 and both sides ignore). Where the CPU has FEAT_HAFDBS, some scenarios enable HA, and HD; where it has
-//! FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the walker); some run with
-//! SCTLR_EL1.WXN, TCR_EL1.TBI0 (half the data accesses then carry a tag) or TCR_EL1.EPD0
-//! (the CD's WXN, TBI0, EPD0). Then probes:
-//! LDR, STR and BLR (an instruction fetch) at EL1, LDTR and STTR (EL0's permissions), BLR
-//! at EL0 (ERET to a stub that SVCs back) at an address in a mapping, a random address or one outside the TTBR0 range. `walk_stage1`
-//! walks each over a model of the memory, in probe order (so its Access flag and
-//! dirty-state updates land in the model as the CPU's land in RAM), and QEMU runs them all
-//! in one launch. They must agree:
+//! leaves RES0 and both sides ignore). Where the CPU has FEAT_HAFDBS, some scenarios enable
+//! HA, and HD; where it has FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the
+//! walker); some run with SCTLR_EL1.WXN, TCR_EL1.TBI0 (half the data accesses then carry a
+//! tag) or TCR_EL1.EPD0 (the CD's WXN, TBI0, EPD0). Then probes: LDR, STR and BLR (an
+//! instruction fetch) at EL1, LDTR and STTR (EL0's permissions), BLR at EL0 (ERET to a stub
+//! that SVCs back), at an address in a mapping, a random address or one outside the TTBR0
+//! range. `walk_stage1` walks each over a model of the memory, in probe order (so its
+//! Access flag and dirty-state updates land in the model as the CPU's land in RAM), and
+//! QEMU runs them all in one launch, with a TLB invalidation before each probe. They must
+//! agree:
 //!
 //! - on success, on the physical byte reached: a load returns the nonce at the walker's
 //!   output address (or what an earlier store put there), the value a store wrote is found
