@@ -23,9 +23,10 @@
 //!   at the walker's output address at the end, and a fetch runs the snippet placed at the
 //!   walker's output address (it returns a tag);
 //! - on failure, on the fault: a Data Abort taken to EL1 (EC 0x25; an Instruction Abort,
-//!   EC 0x21, for a fetch; 0x20 from EL0) with FAR_EL1 the VA (bits 55:0 for a tagged one), WnR set for stores, and the DFSC/IFSC class
-//!   and level equal to the walker's FaultKind and level (Address size 0b0000LL,
-//!   Translation 0b0001LL, Access flag 0b0010LL, Permission 0b0011LL);
+//!   EC 0x21, for a fetch; 0x20 from EL0) with FAR_EL1 the VA (bits 55:0 for a tagged
+//!   one), WnR set for stores, and the DFSC/IFSC class and level equal to the walker's
+//!   FaultKind and level (Address size 0b0000LL, Translation 0b0001LL, Access flag
+//!   0b0010LL, Permission 0b0011LL);
 //! - at the end, on every descriptor of every table (hardware AF and AP[2] updates).
 //!
 //! One known QEMU deviation is not compared: a level-0 descriptor with `bits[1:0] = 01` (a
