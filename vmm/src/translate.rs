@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 
 use vsva_vtd::inv_desc::IotlbGranularity;
-use vsva_vtd::regs::{AddressType, FaultRecord, RequestType};
+use vsva_vtd::regs::AddressType;
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
     walk_first_level, AccessRequest, Capabilities, DomainId, Gpa, InvDesc, PageSize, Pasid,
@@ -76,20 +76,7 @@ impl VIommu {
 
     /// Records a fault in the fault recording registers (primary fault logging, §7.2.1).
     fn record_fault(&self, fault: &TranslationFault, access: AccessRequest) {
-        let record = FaultRecord {
-            fault_info: fault.addr,
-            sid: fault.sid,
-            reason: fault.reason.code(),
-            pasid: fault.pasid,
-            exe: access.execute,
-            privileged: access.supervisor,
-            request: if access.write {
-                RequestType::Write
-            } else {
-                RequestType::Read
-            },
-            address_type: AddressType::Untranslated,
-        };
+        let record = fault.record(access, AddressType::Untranslated);
         Counters::bump(&self.counters.faults_recorded);
         let (_, irq) = lock(&self.regs).record_fault(&record);
         self.deliver(irq.into_iter().collect());

@@ -16,7 +16,7 @@ use crate::fault::FaultReason;
 use crate::flpte::FlFormat;
 use crate::mem::PhysMem;
 use crate::pasid::{read_pasid_entry, PasidEntry, Pgtt};
-use crate::regs::{RegisterFile, Ttm};
+use crate::regs::{AddressType, FaultRecord, RegisterFile, RequestType, Ttm};
 use crate::root::{Capabilities, EntryFault};
 use crate::slpte::SlFormat;
 use crate::walk::{
@@ -110,6 +110,27 @@ pub struct TranslationFault {
     /// A first-level not-present or permission fault under a context entry with PRE set:
     /// a translation request may resolve it with a page request (§7.4).
     pub recoverable: bool,
+}
+
+impl TranslationFault {
+    /// What primary fault logging records of this fault (§7.2.1, §10.4.14), for a request
+    /// of `access` with address type `address_type`.
+    pub fn record(&self, access: AccessRequest, address_type: AddressType) -> FaultRecord {
+        FaultRecord {
+            fault_info: self.addr,
+            sid: self.sid,
+            reason: self.reason.code(),
+            pasid: self.pasid,
+            exe: access.execute,
+            privileged: access.supervisor,
+            request: if access.write {
+                RequestType::Write
+            } else {
+                RequestType::Read
+            },
+            address_type,
+        }
+    }
 }
 
 impl fmt::Display for TranslationFault {
@@ -730,5 +751,12 @@ mod tests {
         };
         assert!(f.to_string().contains("0x1000"), "{f}");
         assert!(f.to_string().ends_with("no PASID)"), "{f}");
+        let r = f.record(AccessRequest::WRITE, AddressType::TranslationRequest);
+        assert_eq!(
+            (r.reason, r.request, r.exe),
+            (0x71, RequestType::Write, false)
+        );
+        assert_eq!((r.sid, r.pasid, r.fault_info), (f.sid, None, 0x1000));
+        assert_eq!(r.address_type, AddressType::TranslationRequest);
     }
 }

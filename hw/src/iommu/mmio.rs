@@ -5,10 +5,10 @@
 use std::sync::atomic::Ordering;
 
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::regs::{
-    AddressType, FaultRecord, Interrupt, Iqei, RegEffect, RegError, RequestType, Ttm, VcmdResponse,
+use vsva_vtd::regs::{AddressType, Interrupt, Iqei, RegEffect, RegError, Ttm, VcmdResponse};
+use vsva_vtd::{
+    AccessRequest, FaultReason, InvDesc, Pasid, PhysMem, RootState, SourceId, TranslationFault,
 };
-use vsva_vtd::{AccessRequest, InvDesc, Pasid, PhysMem, RootState, SourceId};
 
 use super::qi::Completion;
 use super::{Iommu, ROOT_STRICT};
@@ -137,24 +137,19 @@ impl Iommu {
         sid: SourceId,
         pasid: Option<Pasid>,
         addr: u64,
-        reason: u8,
+        reason: FaultReason,
         access: AccessRequest,
         address_type: AddressType,
     ) {
-        let record = FaultRecord {
-            fault_info: addr,
+        let fault = TranslationFault {
             sid,
-            reason,
             pasid,
-            exe: access.execute,
-            privileged: access.supervisor,
-            request: if access.write {
-                RequestType::Write
-            } else {
-                RequestType::Read
-            },
-            address_type,
+            addr,
+            reason,
+            fpd: false,
+            recoverable: false,
         };
+        let record = fault.record(access, address_type);
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
         let (_, irq) = self.regs.lock().unwrap().record_fault(&record);
         if let Some(irq) = irq {

@@ -55,14 +55,7 @@ impl DmaPort for Iommu {
             Ok(m) => Ok(page(&m)),
             Err(f) => {
                 if !f.fpd {
-                    self.record_fault(
-                        sid,
-                        pasid,
-                        addr,
-                        f.reason.code(),
-                        req,
-                        AddressType::Untranslated,
-                    );
+                    self.record_fault(sid, pasid, addr, f.reason, req, AddressType::Untranslated);
                 }
                 Err(DmaFault {
                     reason: f.reason.code(),
@@ -85,7 +78,7 @@ impl DmaPort for Iommu {
                 sid,
                 pasid,
                 addr,
-                reason.code(),
+                reason,
                 req,
                 AddressType::TranslationRequest,
             );
@@ -114,7 +107,7 @@ impl DmaPort for Iommu {
                         sid,
                         pasid,
                         addr,
-                        f.reason.code(),
+                        f.reason,
                         req,
                         AddressType::TranslationRequest,
                     );
@@ -147,7 +140,7 @@ impl DmaPort for Iommu {
             sid,
             None,
             hpa.0,
-            reason.code(),
+            reason,
             request(access),
             AddressType::Translated,
         );
@@ -173,7 +166,7 @@ impl DmaPort for Iommu {
                 req.sid,
                 req.pasid,
                 req.addr,
-                FaultReason::Sct8.code(),
+                FaultReason::Sct8,
                 request(req.access),
                 AddressType::Untranslated,
             );
