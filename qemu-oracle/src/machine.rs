@@ -25,7 +25,7 @@ pub mod layout {
     /// The probe list: 32 bytes a probe.
     pub const PROBES: u64 = IMAGE_BASE + 0x2_0000;
     /// The most probes a run takes.
-    pub const MAX_PROBES: usize = 0x1_0000 / 32 * 4;
+    pub const MAX_PROBES: usize = ((RESULTS - PROBES) / 32) as usize;
     /// The results: a 64-byte header, then 32 bytes a probe.
     pub const RESULTS: u64 = IMAGE_BASE + 0x10_0000;
     /// The tables TTBR1 uses (and TTBR0 while the program starts and ends): they map the
