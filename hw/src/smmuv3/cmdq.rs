@@ -5,9 +5,11 @@
 //! until software acknowledges it in GERRORN (§7.1).
 
 use vsva_smmuv3::regs::{cr0, gerror, Irq};
-use vsva_smmuv3::{Cmd, CmdError, PhysMem, SyncCs};
+use vsva_smmuv3::{Cmd, CmdError, PhysMem, PriResp, SyncCs};
+use vsva_vtd::{AddrRange, Pasid};
 
 use super::Smmu;
+use crate::dma::port::{DevTlbInvalidation, PageResponse, PageResponseCode};
 
 impl Smmu {
     /// Consumes every produced command, in order. Device callbacks (ATC invalidation, page
@@ -69,7 +71,12 @@ impl Smmu {
                 size,
             } => {
                 if let Some(ep) = self.endpoint(sid) {
-                    ep.atc_invalidate(ssid, global, addr, size);
+                    // Size: the range is 2^Size 4 KiB pages, naturally aligned.
+                    ep.invalidate_devtlb(DevTlbInvalidation {
+                        pasid: ssid.and_then(|s| Pasid::new(s).ok()),
+                        global,
+                        range: AddrRange::from_address_mask(addr, size),
+                    });
                 }
             }
             Cmd::PriResp {
@@ -79,7 +86,15 @@ impl Smmu {
                 resp,
             } => {
                 if let Some(ep) = self.endpoint(sid) {
-                    ep.page_response(ssid, prg_index, resp);
+                    ep.page_response(PageResponse {
+                        pasid: ssid.and_then(|s| Pasid::new(s).ok()),
+                        prgi: prg_index,
+                        code: match resp {
+                            PriResp::Success => PageResponseCode::Success,
+                            PriResp::Deny => PageResponseCode::InvalidRequest,
+                            PriResp::Fail => PageResponseCode::ResponseFailure,
+                        },
+                    });
                 }
             }
             Cmd::Sync {

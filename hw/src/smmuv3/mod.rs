@@ -6,6 +6,8 @@
 //! SubstreamID) in a configuration cache, and leaf translations in a TLB tagged by VMID
 //! and ASID. A cached entry stays until exactly the command that removes it; strict mode
 //! re-walks on every hit and reports stale entries with the command that was missing.
+//! Devices reach it as a [`DmaPort`](crate::dma::port::DmaPort): their requester id is the
+//! StreamID and their PASID the SubstreamID.
 //!
 //! Simplifications: level-1 descriptors (L1STD, L1CD) and intermediate walk entries are
 //! not cached, so CMD_CFGI_* Leaf makes no difference; stalls are not modelled (every
@@ -13,6 +15,7 @@
 
 mod cmdq;
 pub mod config;
+mod port;
 mod queues;
 mod stale;
 #[cfg(test)]
@@ -26,25 +29,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vsva_smmuv3::regs::{cr0, offset, Irq};
-use vsva_smmuv3::{Features, PriResp, RegEffect, RegError, RegisterFile};
+use vsva_smmuv3::{Features, RegEffect, RegError, RegisterFile};
 
+use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
 use config::ConfigCache;
 use tlb::Tlb;
 
+pub use queues::PriRefused;
 pub use stale::{Fresh, StaleKind, StaleTranslation};
 pub use translate::{SmmuFault, SmmuTranslation};
-
-/// A device behind the SMMU that has an ATC or sends page requests: the model calls it
-/// back for CMD_ATC_INV and CMD_PRI_RESP naming its StreamID.
-pub trait SmmuEndpoint: Send + Sync {
-    /// CMD_ATC_INV: drop the ATC entries of 2^`size` 4 KiB pages at `addr` for `ssid`
-    /// (every SubstreamID when `global`). Returns when the device has done so.
-    fn atc_invalidate(&self, ssid: Option<u32>, global: bool, addr: u64, size: u8);
-
-    /// CMD_PRI_RESP: the response to the device's page request group `prg_index`.
-    fn page_response(&self, ssid: Option<u32>, prg_index: u16, resp: PriResp);
-}
 
 /// What the model implements.
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +93,7 @@ pub struct Smmu {
     state: Mutex<State>,
     /// Held while one thread consumes the command queue.
     cmdq_lock: Mutex<()>,
-    endpoints: Mutex<HashMap<u32, Arc<dyn SmmuEndpoint>>>,
+    endpoints: Mutex<HashMap<u32, Arc<dyn AtsEndpoint>>>,
     stats: SmmuStats,
 }
 
@@ -145,8 +139,9 @@ impl Smmu {
         &self.stats
     }
 
-    /// Connects the device with StreamID `sid` for CMD_ATC_INV and CMD_PRI_RESP.
-    pub fn attach_endpoint(&self, sid: u32, endpoint: Arc<dyn SmmuEndpoint>) {
+    /// Connects the device with StreamID `sid`: CMD_ATC_INV reaches it as an ATS invalidate
+    /// request and CMD_PRI_RESP as a PRG response message.
+    pub fn attach_endpoint(&self, sid: u32, endpoint: Arc<dyn AtsEndpoint>) {
         self.endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -161,7 +156,7 @@ impl Smmu {
             .remove(&sid);
     }
 
-    fn endpoint(&self, sid: u32) -> Option<Arc<dyn SmmuEndpoint>> {
+    fn endpoint(&self, sid: u32) -> Option<Arc<dyn AtsEndpoint>> {
         self.endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())

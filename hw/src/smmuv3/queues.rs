@@ -3,9 +3,20 @@
 //! overflow flag (PROD.OVFLG toggles away from CONS.OVACKFLG) and the record is lost.
 
 use vsva_smmuv3::regs::Irq;
-use vsva_smmuv3::{Event, PhysMem, PriqEntry};
+use vsva_smmuv3::{Eats, Event, PhysMem, PriqEntry};
 
 use super::{Smmu, State};
+
+/// Why a page request did not reach the PRI queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PriRefused {
+    /// The SMMU lacks PRI, or the stream's STE is invalid or does not enable ATS (EATS).
+    #[error("PRI is not enabled for the stream")]
+    NotEnabled,
+    /// The PRI queue is disabled, full (its overflow flag is set) or unwritable.
+    #[error("the PRI queue lost the request")]
+    Lost,
+}
 
 impl Smmu {
     /// Writes `event` to the event queue; false when it was lost (queue disabled, full, or
@@ -25,27 +36,26 @@ impl Smmu {
         true
     }
 
-    /// A page request from the device with StreamID `entry.sid` (PCIe PRI, §8): written to
-    /// the PRI queue. Returns false when it was refused (the STE does not allow ATS, or
-    /// the SMMU lacks PRI) or lost (queue disabled or full: the overflow flag records it).
-    pub fn page_request(&self, entry: &PriqEntry) -> bool {
+    /// A page request from the device with StreamID `entry.sid` (PCIe PRI, §8), written to
+    /// the PRI queue.
+    pub fn page_request(&self, entry: &PriqEntry) -> Result<(), PriRefused> {
         if !self.features.pri {
-            return false;
+            return Err(PriRefused::NotEnabled);
         }
         let mut state = self.lock();
         match self.ste_for(&mut state, entry.sid) {
-            Ok(ste) if ste.eats != vsva_smmuv3::Eats::Abort => {}
-            _ => return false,
+            Ok(ste) if ste.eats != Eats::Abort => {}
+            _ => return Err(PriRefused::NotEnabled),
         }
         let Some(addr) = state.regs.push_page_request() else {
-            return false;
+            return Err(PriRefused::Lost);
         };
         if !self.write_words(addr, &entry.encode()) {
-            return false;
+            return Err(PriRefused::Lost);
         }
         Smmu::count(&self.stats.page_requests);
         self.signal(&state.regs, Irq::Priq);
-        true
+        Ok(())
     }
 
     fn write_words(&self, addr: u64, words: &[u64]) -> bool {

@@ -12,7 +12,11 @@ use vsva_smmuv3::{
 };
 
 use super::*;
+use crate::dma::port::{
+    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaPort, PageRequest, PageResponse,
+};
 use crate::memory::HostMemory;
+use vsva_vtd::{Hpa, Pasid, SourceId};
 
 const STRTAB: u64 = 0x1_0000;
 const CMDQ: u64 = 0x2_0000;
@@ -679,18 +683,24 @@ struct Device {
     calls: Mutex<Vec<String>>,
 }
 
-impl SmmuEndpoint for Device {
-    fn atc_invalidate(&self, ssid: Option<u32>, global: bool, addr: u64, size: u8) {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("inv {ssid:?} {global} {addr:#x} {size}"));
+impl AtsEndpoint for Device {
+    fn source_id(&self) -> SourceId {
+        SourceId::from_rid(SID as u16)
     }
-    fn page_response(&self, ssid: Option<u32>, prg_index: u16, resp: PriResp) {
+    fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
+        let pasid = inv.pasid.map(Pasid::raw);
+        self.calls.lock().unwrap().push(format!(
+            "inv {pasid:?} {} {:#x}..={:#x}",
+            inv.global, inv.range.start, inv.range.last
+        ));
+        0
+    }
+    fn page_response(&self, resp: PageResponse) {
+        let pasid = resp.pasid.map(Pasid::raw);
         self.calls
             .lock()
             .unwrap()
-            .push(format!("resp {ssid:?} {prg_index} {resp:?}"));
+            .push(format!("resp {pasid:?} {} {:?}", resp.prgi, resp.code));
     }
 }
 
@@ -725,7 +735,10 @@ fn atc_inv_pri_resp_and_page_requests() {
     ]);
     assert_eq!(
         *dev.calls.lock().unwrap(),
-        ["inv Some(4) false 0x7000 1", "resp Some(4) 9 Success"]
+        [
+            "inv Some(4) false 0x6000..=0x7fff",
+            "resp Some(4) 9 Success"
+        ]
     );
     assert_eq!(msi_value(&rig), 7);
     // Page requests need an STE allowing ATS.
@@ -741,7 +754,7 @@ fn atc_inv_pri_resp_and_page_requests() {
         addr: 0x7000,
     };
     let (_b, _) = rig.stage1(SID);
-    assert!(!rig.smmu.page_request(&req));
+    assert_eq!(rig.smmu.page_request(&req), Err(PriRefused::NotEnabled));
     let ste = Ste {
         s1_context_ptr: CD_TABLE,
         s1cdmax: 2,
@@ -753,7 +766,7 @@ fn atc_inv_pri_resp_and_page_requests() {
         sid: SID,
         leaf: true,
     }]);
-    assert!(rig.smmu.page_request(&req));
+    assert_eq!(rig.smmu.page_request(&req), Ok(()));
     let got = [
         rig.mem.read_u64(PRIQ).unwrap(),
         rig.mem.read_u64(PRIQ + 8).unwrap(),
@@ -797,6 +810,100 @@ fn configuration_errors_become_events() {
     // With SMMUEN clear, GBPA decides: abort at reset.
     rig.smmu.mmio_write(CR0, 4, 0xe).unwrap();
     assert_eq!(rig.read(SID, None, 0x1234), Err(SmmuFault::Abort));
+}
+
+/// The DMA engine's view: requests tagged with the requester id as StreamID and the PASID
+/// as SubstreamID; ATS and PRI as STE.EATS allows.
+#[test]
+fn dma_port_tags_requests_with_streamid_and_substreamid() {
+    let mut rig = Rig::new();
+    let dev = Arc::new(Device::default());
+    rig.smmu.attach_endpoint(SID, dev.clone());
+    let rid = SourceId::from_rid(SID as u16);
+    let pasid = Pasid::new(1).unwrap();
+    // CD 1 (ASID 9) maps 0x5000; CD 0 (ASID 5) maps nothing there.
+    let (_b0, _) = rig.stage1(SID);
+    let cd1 = ContextDescriptor::new(TTB0 + 0x1000, 16, 9);
+    rig.write_words(CD_TABLE + 64, &cd1.encode());
+    let mut b1 = TableBuilder::stage1(&cd1.s1_config(&Features::VSVA).unwrap());
+    rig.map(&mut b1, 0x5000, 0x60_0000, RW_EL0);
+    let t = rig
+        .smmu
+        .remap(rid, Some(pasid), 0x5abc, DmaAccess::WRITE)
+        .unwrap();
+    assert_eq!((t.hpa().raw(), t.size()), (0x60_0000, 0x1000));
+    // Without PASID (S1DSS substream 0): CD 0, a stage-1 translation fault, reported
+    // with its event type; not recoverable since the STE does not enable ATS.
+    let f = rig
+        .smmu
+        .remap(rid, None, 0x5abc, DmaAccess::READ)
+        .unwrap_err();
+    assert_eq!(
+        (f.reason, f.recoverable),
+        (EventType::Translation as u8, false)
+    );
+    // ATS and translated requests need STE.EATS.
+    assert!(rig
+        .smmu
+        .ats_translate(rid, Some(pasid), 0x5000, DmaAccess::READ)
+        .is_err());
+    assert!(rig
+        .smmu
+        .check_translated(rid, Hpa(0x60_0000), 8, DmaAccess::READ)
+        .is_err());
+    let ste = Ste {
+        s1_context_ptr: CD_TABLE,
+        s1cdmax: 2,
+        s1dss: S1Dss::Substream0,
+        eats: Eats::Full,
+        ..Ste::new(Config::S1Trans)
+    };
+    rig.write_ste(SID, &ste);
+    rig.submit(&[Cmd::CfgiSte {
+        sid: SID,
+        leaf: true,
+    }]);
+    let c = rig
+        .smmu
+        .ats_translate(rid, Some(pasid), 0x5000, DmaAccess::READ)
+        .unwrap();
+    assert_eq!(c.page.hpa().raw(), 0x60_0000);
+    assert!(c.perm.read && c.perm.write);
+    assert!(rig
+        .smmu
+        .check_translated(rid, Hpa(0x60_0000), 8, DmaAccess::READ)
+        .is_ok());
+    let f = rig
+        .smmu
+        .remap(rid, Some(pasid), 0x9000, DmaAccess::READ)
+        .unwrap_err();
+    assert!(f.recoverable);
+    // A page request reaches the PRI queue with the StreamID and SubstreamID.
+    let req = PageRequest {
+        sid: rid,
+        pasid: Some(pasid),
+        addr: 0x9000,
+        access: DmaAccess::READ,
+        prgi: 3,
+        last: true,
+    };
+    DmaPort::page_request(&rig.smmu, req);
+    let got = PriqEntry::decode([
+        rig.mem.read_u64(PRIQ).unwrap(),
+        rig.mem.read_u64(PRIQ + 8).unwrap(),
+    ]);
+    assert_eq!(
+        (got.sid, got.ssid, got.addr, got.prg_index),
+        (SID, Some(1), 0x9000, 3)
+    );
+    // A stream without ATS gets Response Failure at once.
+    let other = SourceId::from_rid(SID as u16 + 1);
+    rig.smmu.attach_endpoint(SID + 1, dev.clone());
+    DmaPort::page_request(&rig.smmu, PageRequest { sid: other, ..req });
+    assert_eq!(
+        dev.calls.lock().unwrap().last().unwrap(),
+        "resp Some(1) 3 ResponseFailure"
+    );
 }
 
 proptest! {

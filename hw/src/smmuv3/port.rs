@@ -1,0 +1,161 @@
+//! The SMMU as a DMA device sees it ([`DmaPort`]): untranslated requests tagged with the
+//! device's StreamID (its PCIe requester id) and SubstreamID (its PASID), ATS translation
+//! requests and translated requests (§3.9, allowed by STE.EATS), and PRI page requests
+//! (§8).
+//!
+//! [`DmaFault::reason`] carries the SMMU event type of the fault (§7.3), 0 for an abort
+//! without a record (STE.Config abort, GBPA.ABORT). A stage-1 F_TRANSLATION, F_ACCESS or
+//! F_PERMISSION is recoverable when the stream allows ATS and the SMMU has PRI: the device
+//! may send a page request.
+
+use vsva_smmuv3::{AccessRequest, Eats, EventType, PriqEntry};
+use vsva_vtd::{Hpa, Pasid, SourceId};
+
+use super::translate::{SmmuFault, SmmuTranslation};
+use super::{PriRefused, Smmu};
+use crate::dma::port::{
+    AtsCompletion, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest, PageResponse,
+    PageResponseCode,
+};
+use crate::memory::HostMemory;
+
+fn request(access: DmaAccess) -> AccessRequest {
+    AccessRequest {
+        write: access.write,
+        instruction: access.execute,
+        privileged: access.privileged,
+    }
+}
+
+fn page(t: &SmmuTranslation) -> DmaTranslation {
+    let size = t.page_size.bytes();
+    DmaTranslation::new(Hpa(t.output & !(size - 1)), size).expect("translations are aligned pages")
+}
+
+impl Smmu {
+    /// Whether the STE of `sid` allows ATS translation requests and translated requests.
+    fn ats_allowed(&self, sid: u32) -> Option<Eats> {
+        let mut state = self.lock();
+        self.ste_for(&mut state, sid)
+            .ok()
+            .map(|ste| ste.eats)
+            .filter(|e| *e != Eats::Abort)
+    }
+
+    fn dma_fault(&self, sid: u32, f: SmmuFault) -> DmaFault {
+        match f {
+            SmmuFault::Abort => DmaFault {
+                reason: 0,
+                recoverable: false,
+            },
+            SmmuFault::Event { event, .. } => {
+                let page_fault = matches!(
+                    event.event_type,
+                    EventType::Translation | EventType::Access | EventType::Permission
+                );
+                DmaFault {
+                    reason: event.event_type as u8,
+                    recoverable: page_fault
+                        && !event.s2
+                        && self.features.pri
+                        && self.ats_allowed(sid).is_some(),
+                }
+            }
+        }
+    }
+}
+
+impl DmaPort for Smmu {
+    fn remap(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, DmaFault> {
+        let sid = sid.rid() as u32;
+        self.translate(sid, pasid.map(Pasid::raw), addr, request(access))
+            .map(|t| page(&t))
+            .map_err(|f| self.dma_fault(sid, f))
+    }
+
+    /// Full ATS (EATS 0b01) only: split-stage ATS would return an IPA.
+    fn ats_translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<AtsCompletion, DmaFault> {
+        let sid = sid.rid() as u32;
+        if self.ats_allowed(sid) != Some(Eats::Full) {
+            return Err(DmaFault {
+                reason: EventType::BadAtsTreq as u8,
+                recoverable: false,
+            });
+        }
+        let t = self
+            .translate(sid, pasid.map(Pasid::raw), addr, request(access))
+            .map_err(|f| self.dma_fault(sid, f))?;
+        Ok(AtsCompletion {
+            page: page(&t),
+            perm: DmaAccess {
+                read: t.perms.read,
+                write: t.perms.write,
+                execute: t.perms.execute,
+                privileged: access.privileged,
+            },
+        })
+    }
+
+    fn check_translated(
+        &self,
+        sid: SourceId,
+        _hpa: Hpa,
+        _len: u64,
+        _access: DmaAccess,
+    ) -> Result<(), DmaFault> {
+        match self.ats_allowed(sid.rid() as u32) {
+            Some(_) => Ok(()),
+            None => Err(DmaFault {
+                reason: EventType::TranslForbidden as u8,
+                recoverable: false,
+            }),
+        }
+    }
+
+    /// A request the SMMU cannot queue is answered at once: Response Failure when PRI is
+    /// not enabled for the stream, Success when the queue lost it (the device retries and
+    /// asks again), so that the device never waits for an answer that cannot come.
+    fn page_request(&self, req: PageRequest) {
+        let sid = req.sid.rid() as u32;
+        let entry = PriqEntry {
+            sid,
+            ssid: req.pasid.map(Pasid::raw),
+            privileged: req.access.privileged,
+            exec: req.access.execute,
+            read: req.access.read,
+            write: req.access.write,
+            last: req.last,
+            prg_index: req.prgi,
+            addr: req.addr,
+        };
+        let code = match Smmu::page_request(self, &entry) {
+            Ok(()) => return,
+            Err(PriRefused::NotEnabled) => PageResponseCode::ResponseFailure,
+            Err(PriRefused::Lost) if req.last => PageResponseCode::Success,
+            Err(PriRefused::Lost) => return,
+        };
+        if let Some(ep) = self.endpoint(sid) {
+            ep.page_response(PageResponse {
+                pasid: req.pasid,
+                prgi: req.prgi,
+                code,
+            });
+        }
+    }
+
+    fn memory(&self) -> &HostMemory {
+        &self.mem
+    }
+}
