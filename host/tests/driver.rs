@@ -676,6 +676,38 @@ fn unbound_pasid_faults_with_spt2() {
     assert_eq!(host.unit.page_request_routes(), 0);
 }
 
+/// A nested walk caches second-level paging-structure entries and mappings under the
+/// domain id only; tearing the nested entry down must drop them (the domain-selective
+/// IOTLB invalidation of §6.5.3.3), not only the PASID's first-level entries.
+#[test]
+fn unbind_drops_the_second_level_caches_a_nested_walk_filled() {
+    let host = host();
+    let (mut g, tables, p) = bound_guest(&host, &allocator(), 7, 0);
+    g.vm.write(SRC_GPA, &pattern(64, 1));
+    let r = run(
+        &g.vm,
+        &g.dev,
+        memmove(Some(p), SRC_GVA, DST_GVA, 64, COMP_GVA),
+        COMP_GPA,
+    );
+    assert_eq!(r.status, CompletionStatus::Success);
+    let filled = host.hw.paging_structure_caches().len();
+    assert!(
+        filled.second_level > 0 && filled.nested_mappings > 0,
+        "{filled:?}"
+    );
+    g.container
+        .unbind_gpasid(&bind_of(p, tables.root()))
+        .unwrap();
+    let left = host.hw.paging_structure_caches().len();
+    assert_eq!(
+        (left.second_level, left.nested_mappings),
+        (0, 0),
+        "{left:?}"
+    );
+    assert_eq!(host.hw.iotlb().len(), 0);
+}
+
 #[test]
 fn page_requests_go_up_to_the_container_and_responses_resume_the_dma() {
     let host = host();

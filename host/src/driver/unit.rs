@@ -49,6 +49,20 @@ struct UnitState {
     dids: DomainIdAllocator,
 }
 
+/// The IOTLB invalidation that follows clearing a PASID entry of type `pgtt` (VT-d 3.3
+/// §6.5.3.3; Linux v5.10.y `intel_pasid_tear_down_entry` with "Fix incomplete cache flush
+/// in intel_pasid_tear_down_entry()"): domain-selective for second-level and nested
+/// entries, whose walks fill second-level paging-structure caches and mappings tagged
+/// with the domain only, which a PASID-based invalidation leaves behind; PASID-selective
+/// PASID-based for first-level and pass-through entries, which cache nothing of the
+/// domain's second level.
+fn teardown_iotlb(pgtt: Pgtt, did: DomainId, pasid: Pasid, cap: &Cap) -> InvDesc {
+    match pgtt {
+        Pgtt::SecondLevel | Pgtt::Nested => iotlb_domain(did, cap),
+        Pgtt::FirstLevel | Pgtt::PassThrough => piotlb_pasid(did, pasid),
+    }
+}
+
 /// The host driver of one VT-d unit.
 pub struct HostIommu {
     hw: Arc<Iommu>,
@@ -452,9 +466,8 @@ impl HostIommu {
     }
 
     /// Tears down `pasid`'s entry of `sid` (`intel_pasid_tear_down_entry`): clears it, then
-    /// invalidates the PASID cache (the entry's domain), the IOTLB (PASID-based for first
-    /// level and nested, domain-selective for second level and pass-through) and the
-    /// device TLB (all of the PASID, or of requests without PASID for RID_PASID). With
+    /// invalidates the PASID cache (the entry's domain), the IOTLB as [`teardown_iotlb`]
+    /// picks it and the device TLB (all of the PASID, or of requests without PASID for RID_PASID). With
     /// `drain`, the wait drains page requests (PD) and the page request queue is then
     /// serviced, so no request of the PASID is left in flight.
     pub(crate) fn remove_pasid_entry(&self, sid: SourceId, pasid: Pasid, drain: bool) {
@@ -477,10 +490,7 @@ impl HostIommu {
         let Some(old) = old else {
             return;
         };
-        let iotlb = match old.pgtt {
-            Pgtt::FirstLevel | Pgtt::Nested => piotlb_pasid(old.did, pasid),
-            Pgtt::SecondLevel | Pgtt::PassThrough => iotlb_domain(old.did, &self.cap),
-        };
+        let iotlb = teardown_iotlb(old.pgtt, old.did, pasid, &self.cap);
         let devtlb = if pasid == RID_PASID {
             dev_iotlb(sid, None, 0, WHOLE_SPACE)
         } else {
@@ -618,6 +628,40 @@ impl Drop for HostIommu {
         self.prq.release(&frames);
         if let Some(tables) = self.state_lock().tables.take() {
             tables.release(&frames);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vsva_vtd::inv_desc::{IotlbGranularity, PasidIotlbGranularity};
+
+    use super::*;
+
+    #[test]
+    fn teardown_flushes_the_domain_for_second_level_and_nested_and_the_pasid_otherwise() {
+        let cap = Cap::default();
+        let (did, pasid) = (DomainId(7), Pasid::new(0x42).unwrap());
+        for pgtt in [Pgtt::SecondLevel, Pgtt::Nested] {
+            match teardown_iotlb(pgtt, did, pasid, &cap) {
+                InvDesc::Iotlb {
+                    granularity: IotlbGranularity::DomainSelective,
+                    did: d,
+                    ..
+                } => assert_eq!(d, did),
+                other => panic!("{pgtt:?}: {other:?}"),
+            }
+        }
+        for pgtt in [Pgtt::FirstLevel, Pgtt::PassThrough] {
+            match teardown_iotlb(pgtt, did, pasid, &cap) {
+                InvDesc::PasidIotlb {
+                    granularity: PasidIotlbGranularity::PasidSelective,
+                    did: d,
+                    pasid: p,
+                    ..
+                } => assert_eq!((d, p), (did, pasid)),
+                other => panic!("{pgtt:?}: {other:?}"),
+            }
         }
     }
 }
