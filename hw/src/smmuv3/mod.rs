@@ -15,6 +15,7 @@
 
 mod cmdq;
 pub mod config;
+mod explain;
 mod port;
 mod queues;
 mod stale;
@@ -36,6 +37,7 @@ use crate::memory::HostMemory;
 use config::ConfigCache;
 use tlb::Tlb;
 
+pub use explain::SmmuExplanation;
 pub use queues::PriRefused;
 pub use stale::{Fresh, StaleKind, StaleTranslation};
 pub use translate::{SmmuFault, SmmuTranslation};

@@ -8,7 +8,7 @@ use std::fmt;
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::{
     find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, MemError, PageSize, PhysMem,
-    S2Config, Ste, TlbiAddr, WalkFault,
+    S2Config, Ste, TlbiAddr, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
@@ -117,7 +117,7 @@ impl fmt::Display for StaleTranslation {
 
 /// Host memory seen without writing: a strict-mode walk must not set access or dirty
 /// flags the hit it checks did not set.
-struct ReadOnly<'a, M: ?Sized>(&'a M);
+pub(super) struct ReadOnly<'a, M: ?Sized>(pub(super) &'a M);
 
 impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
@@ -247,35 +247,63 @@ impl Smmu {
         addr: u64,
         access: AccessRequest,
     ) -> Fresh {
+        self.resolve(state, sid, ssid, addr, access, &mut ()).2
+    }
+
+    /// The translation of a transaction from the tables alone (no cache used or changed,
+    /// no hardware update made): the STE, the CD, and the outcome; `obs` sees every
+    /// descriptor read (the stage-2 walks of CD fetches and of stage-1 tables included).
+    pub(super) fn resolve<O: WalkObserver + ?Sized>(
+        &self,
+        state: &State,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+        obs: &mut O,
+    ) -> (
+        Result<Ste, ConfigFault>,
+        Option<Result<ContextDescriptor, ConfigFault>>,
+        Fresh,
+    ) {
         let mem = ReadOnly(&*self.mem);
-        let config = || -> Result<Path, ConfigFault> {
-            let ste = fetch_ste(self, state, &mem, sid)?;
+        let ste = fetch_ste(self, state, &mem, sid);
+        let mut cd_found = None;
+        let mut config = |ste: &Ste| -> Result<Path, ConfigFault> {
             let s2 = if ste.config.stage2() {
                 Some(ste.s2_config(&self.features).map_err(ConfigFault::BadSte)?)
             } else {
                 None
             };
             let cd = if ste.config.stage1() {
-                match find_cd(&mem, &ste, &self.features, ssid, s2.as_ref(), addr, &mut ())? {
+                let found = find_cd(&mem, ste, &self.features, ssid, s2.as_ref(), addr, obs);
+                cd_found = match &found {
+                    Ok(Stage1Context::Cd { cd, .. }) => Some(Ok(*cd)),
+                    Ok(Stage1Context::Bypass) => None,
+                    Err(e) => Some(Err(*e)),
+                };
+                match found? {
                     Stage1Context::Bypass => None,
                     Stage1Context::Cd { cd, s1, .. } => Some(CachedCd { cd, s1 }),
                 }
             } else {
                 None
             };
-            Ok(path_of(&ste, s2, cd))
+            Ok(path_of(ste, s2, cd))
         };
-        match config() {
+        let path = ste.as_ref().map_err(|e| *e).and_then(&mut config);
+        let fresh = match path {
             Err(e) => Fresh::Config(e),
             Ok(Path::Abort) => Fresh::Abort,
             Ok(Path::Bypass) => Fresh::Bypass,
-            Ok(Path::Walk { stages, .. }) => match walk(&mem, &stages, addr, access) {
+            Ok(Path::Walk { stages, .. }) => match walk(&mem, &stages, addr, access, obs) {
                 Ok(t) => Fresh::Page {
                     base: t.page_base(),
                     size: t.page_size,
                 },
                 Err(f) => Fresh::Walk(f),
             },
-        }
+        };
+        (ste, cd_found, fresh)
     }
 }

@@ -473,6 +473,37 @@ fn nested_translation_through_real_tables() {
         (event.event_type, event.s2, event.addr2),
         (EventType::Translation, true, 0xc000_0000)
     );
+    // Explain: STE, CD, the stage-2 walk of the CD fetch, then each stage-1 step with
+    // its stage-2 lookups; the caches do not change.
+    let cached = rig.smmu.cached_entries();
+    let e = rig
+        .smmu
+        .explain(SID, Some(1), 0x7f00_0123, AccessRequest::READ);
+    assert_eq!(e.ste, Ok(ste));
+    assert_eq!(e.cd, Some(Ok(cd)));
+    assert_eq!(
+        e.result,
+        Fresh::Page {
+            base: 0xa0_0000,
+            size: PageSize::Size4K
+        }
+    );
+    let s1_steps = e
+        .walk
+        .steps
+        .iter()
+        .filter(|s| s.stage == vsva_smmuv3::Stage::Stage1)
+        .count();
+    assert_eq!(s1_steps, 4);
+    // Stage 2 maps 4 KiB pages from level 1: 3 steps for the CD, 3 for each of the 4
+    // stage-1 tables, 3 for the output.
+    assert_eq!(e.walk.steps.len() - s1_steps, 3 + 4 * 3 + 3);
+    assert_eq!(rig.smmu.cached_entries(), cached);
+    let text = e.to_string();
+    assert!(
+        text.contains("CD: ASID 5") && text.contains("S2 L3"),
+        "{text}"
+    );
 }
 
 /// Guest RAM seen at IPAs 0x8000_0000.. (PA 0x80_0000..), for building stage-1 tables.

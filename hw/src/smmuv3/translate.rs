@@ -7,7 +7,7 @@ use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
 use vsva_smmuv3::{
     find_cd, walk_nested, walk_stage1, walk_stage2, AccessRequest, Config, ConfigFault, Event,
     FaultKind, FaultStage, PageSize, Permissions, PhysMem, S1Config, S1Dss, S2Config, Ste,
-    Translation, WalkFault,
+    Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
@@ -79,16 +79,17 @@ pub(super) fn cd_index(ste: &Ste, ssid: Option<u32>) -> Option<u32> {
 }
 
 /// The walk of `addr` along `stages`.
-pub(super) fn walk<M: PhysMem + ?Sized>(
+pub(super) fn walk<M: PhysMem + ?Sized, O: WalkObserver + ?Sized>(
     mem: &M,
     stages: &Stages,
     addr: u64,
     access: AccessRequest,
+    obs: &mut O,
 ) -> Result<Translation, WalkFault> {
     match stages {
-        Stages::S1(s1) => walk_stage1(mem, s1, addr, access, &mut ()),
-        Stages::S2(s2) => walk_stage2(mem, s2, addr, access, &mut ()),
-        Stages::Nested(s1, s2) => walk_nested(mem, s1, s2, addr, access, &mut ()),
+        Stages::S1(s1) => walk_stage1(mem, s1, addr, access, obs),
+        Stages::S2(s2) => walk_stage2(mem, s2, addr, access, obs),
+        Stages::Nested(s1, s2) => walk_nested(mem, s1, s2, addr, access, obs),
     }
 }
 
@@ -161,7 +162,7 @@ impl Smmu {
             }
         }
         Smmu::count(&self.stats.walks);
-        match walk(&*self.mem, &stages, addr, access) {
+        match walk(&*self.mem, &stages, addr, access, &mut ()) {
             Ok(t) => {
                 state.tlb.insert(vmid, tag, access.privileged, addr, t);
                 Ok(SmmuTranslation {
