@@ -8,7 +8,7 @@
 //! F_PERMISSION is recoverable when the stream allows ATS and the SMMU has PRI: the device
 //! may send a page request.
 
-use vsva_smmuv3::{AccessRequest, Eats, EventType, PriqEntry};
+use vsva_smmuv3::{AccessRequest, Eats, Event, EventType, PriqEntry};
 use vsva_vtd::{Hpa, Pasid, SourceId};
 
 use super::translate::{SmmuFault, SmmuTranslation};
@@ -40,6 +40,31 @@ impl Smmu {
             .ok()
             .map(|ste| ste.eats)
             .filter(|e| *e != Eats::Abort)
+    }
+
+    /// Records an event of `event_type` for a request the STE's EATS refuses (§7.3:
+    /// F_BAD_ATS_TREQ, F_TRANSL_FORBIDDEN) and returns the fault the device sees.
+    fn refuse(
+        &self,
+        event_type: EventType,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> DmaFault {
+        let event = Event {
+            input_addr: addr,
+            rnw: !access.write,
+            pnu: access.privileged,
+            ind: access.execute,
+            ..Event::new(event_type, sid, ssid)
+        };
+        let mut state = self.lock();
+        self.record_event(&mut state, &event);
+        DmaFault {
+            reason: event_type as u8,
+            recoverable: false,
+        }
     }
 
     fn dma_fault(&self, sid: u32, f: SmmuFault) -> DmaFault {
@@ -89,10 +114,8 @@ impl DmaPort for Smmu {
     ) -> Result<AtsCompletion, DmaFault> {
         let sid = sid.rid() as u32;
         if self.ats_allowed(sid) != Some(Eats::Full) {
-            return Err(DmaFault {
-                reason: EventType::BadAtsTreq as u8,
-                recoverable: false,
-            });
+            let ssid = pasid.map(Pasid::raw);
+            return Err(self.refuse(EventType::BadAtsTreq, sid, ssid, addr, access));
         }
         let t = self
             .translate(sid, pasid.map(Pasid::raw), addr, request(access))
@@ -111,16 +134,17 @@ impl DmaPort for Smmu {
     fn check_translated(
         &self,
         sid: SourceId,
-        _hpa: Hpa,
+        hpa: Hpa,
         _len: u64,
-        _access: DmaAccess,
+        access: DmaAccess,
     ) -> Result<(), DmaFault> {
-        match self.ats_allowed(sid.rid() as u32) {
+        let sid = sid.rid() as u32;
+        match self.ats_allowed(sid) {
             Some(_) => Ok(()),
-            None => Err(DmaFault {
-                reason: EventType::TranslForbidden as u8,
-                recoverable: false,
-            }),
+            None => {
+                let forbidden = EventType::TranslForbidden;
+                Err(self.refuse(forbidden, sid, None, hpa.raw(), access))
+            }
         }
     }
 

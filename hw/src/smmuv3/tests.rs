@@ -882,6 +882,20 @@ fn dma_port_tags_requests_with_streamid_and_substreamid() {
         .smmu
         .check_translated(rid, Hpa(0x60_0000), 8, DmaAccess::READ)
         .is_err());
+    // Both refusals are recorded: the remap fault and F_BAD_ATS_TREQ fill the 2-entry
+    // queue (F_TRANSL_FORBIDDEN is lost); once software consumes them, the next one is
+    // written.
+    assert_eq!(rig.event(1).event_type, EventType::BadAtsTreq);
+    let prod = rig.smmu.mmio_read(EVENTQ_PROD, 4).unwrap();
+    rig.smmu.mmio_write(EVENTQ_CONS, 4, prod).unwrap();
+    assert!(rig
+        .smmu
+        .check_translated(rid, Hpa(0x60_0000), 8, DmaAccess::READ)
+        .is_err());
+    assert_eq!(
+        (rig.event(0).event_type, rig.event(0).input_addr),
+        (EventType::TranslForbidden, 0x60_0000)
+    );
     let ste = Ste {
         s1_context_ptr: CD_TABLE,
         s1cdmax: 2,
