@@ -27,7 +27,7 @@ use crate::fault::{FaultNotifier, FaultQueue, FaultSink};
 use crate::pasid::{PasidAllocator, PasidSetId};
 use vsva_uapi::iommu::IommuNestingInfo;
 use vsva_uapi::request::{
-    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse, PageResponseCode,
+    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageRequest, PageResponse, PageResponseCode,
     PasidTableConfig,
 };
 use vsva_uapi::vfio::*;
@@ -125,10 +125,16 @@ pub trait IommuBackend {
     }
 
     /// Sends a page group response to device `sid` (VT-d page group response descriptor,
-    /// §6.5.2.9) for a group the driver reported through the sink; `response.pasid` is set
+    /// §6.5.2.9) for the group whose last request, `request`, the driver reported through
+    /// the sink (its private data goes back with the response); `response.pasid` is set
     /// exactly when the group's request needs its PASID back.
-    fn page_response(&mut self, sid: SourceId, response: &PageResponse) -> Result<(), HostError> {
-        let _ = (sid, response);
+    fn page_response(
+        &mut self,
+        sid: SourceId,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), HostError> {
+        let _ = (sid, request, response);
         Err(HostError::NoDriverOp("page_response"))
     }
 }
@@ -743,7 +749,8 @@ impl<B: IommuBackend> Container<B> {
         if !event.request.needs_pasid {
             resp.pasid = None;
         }
-        self.backend.page_response(event.sid, &resp)?;
+        self.backend
+            .page_response(event.sid, &event.request, &resp)?;
         self.faults.remove_pending(seq);
         Ok(0)
     }
@@ -769,7 +776,7 @@ fn answer_invalid<B: IommuBackend>(backend: &mut B, groups: Vec<FaultEvent>) {
             grpid: request.grpid,
             code: PageResponseCode::Invalid,
         };
-        if let Err(e) = backend.page_response(sid, &resp) {
+        if let Err(e) = backend.page_response(sid, &request, &resp) {
             tracing::debug!(
                 "answering page request group {} of {sid}: {e}",
                 request.grpid
@@ -828,6 +835,8 @@ mod tests {
         invalidations: Vec<CacheInvalidate>,
         devices: BTreeSet<SourceId>,
         responses: Vec<(SourceId, PageResponse)>,
+        /// The private data of the request each response answered.
+        returned_data: Vec<Option<[u64; 2]>>,
     }
 
     /// A host IOMMU driver stand-in that checks the container keeps the backend contract.
@@ -959,6 +968,7 @@ mod tests {
         fn page_response(
             &mut self,
             sid: SourceId,
+            request: &PageRequest,
             response: &PageResponse,
         ) -> Result<(), HostError> {
             let mut s = self.state.borrow_mut();
@@ -970,6 +980,7 @@ mod tests {
                 });
             }
             s.responses.push((sid, *response));
+            s.returned_data.push(request.private_data);
             Ok(())
         }
     }
@@ -1147,6 +1158,47 @@ mod tests {
         c.attach_device(dev(0, d)).unwrap();
         let pasids = (0..n).map(|_| c.pasid_alloc(1, 100).unwrap()).collect();
         (c, pasids)
+    }
+
+    /// A request with private data and LPIG clear still needs a response (§7.5.1): it is
+    /// reported as ending its group, stays pending, and its response (from the VMM, or
+    /// Invalid when its PASID goes) returns the data (`intel_svm_prq_report`,
+    /// `intel_svm_page_response`).
+    #[test]
+    fn requests_with_private_data_are_answered_with_it() {
+        let alloc = shared();
+        let (mut c, p) = vm(&alloc, 3, 2);
+        let mock = c.backend().state.clone();
+        let sink = c.fault_sink();
+        for (pasid, data) in [(p[0], [0x11, 0x22]), (p[1], [0x33, 0x44])] {
+            let desc = vsva_vtd::prq::PageRequestDesc {
+                rid: dev(0, 3),
+                pasid: Some(pasid),
+                exe: false,
+                pm: false,
+                read: true,
+                write: false,
+                lpig: false,
+                prg_index: 6,
+                addr: 0x40_0000,
+                private_data: Some(data),
+            };
+            sink.report(dev(0, 3), PageRequest::from(&desc)).unwrap();
+        }
+        assert_eq!(c.pending_page_requests().len(), 2);
+        c.page_response(&resp(Some(p[0]), 6, PageResponseCode::Success))
+            .unwrap();
+        c.pasid_free(p[1]).unwrap();
+        assert!(c.pending_page_requests().is_empty());
+        let m = mock.borrow();
+        assert_eq!(
+            m.responses.iter().map(|r| r.1.code).collect::<Vec<_>>(),
+            vec![PageResponseCode::Success, PageResponseCode::Invalid]
+        );
+        assert_eq!(
+            m.returned_data,
+            vec![Some([0x11, 0x22]), Some([0x33, 0x44])]
+        );
     }
 
     #[test]
@@ -1956,7 +2008,12 @@ mod tests {
         fn attach_device(&mut self, _: SourceId) -> Result<(), HostError> {
             Ok(())
         }
-        fn page_response(&mut self, _: SourceId, _: &PageResponse) -> Result<(), HostError> {
+        fn page_response(
+            &mut self,
+            _: SourceId,
+            _: &PageRequest,
+            _: &PageResponse,
+        ) -> Result<(), HostError> {
             Ok(())
         }
     }

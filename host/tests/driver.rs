@@ -19,7 +19,8 @@ use vsva_hw::iommu::{Iommu, IommuConfig, Source};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
 use vsva_uapi::request::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageRequest, PageResponse,
+    PageResponseCode,
 };
 use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
@@ -764,8 +765,22 @@ fn page_requests_nobody_takes_are_answered_invalid() {
         grpid: 0,
         code: PageResponseCode::Success,
     };
+    let request = PageRequest {
+        pasid: Some(pasid(4)),
+        grpid: 0,
+        read: true,
+        write: false,
+        exec: false,
+        privileged: false,
+        addr: 0,
+        last_page: true,
+        needs_pasid: true,
+        private_data: None,
+    };
     assert_eq!(
-        d.page_response(sid(9), &resp).unwrap_err().errno(),
+        d.page_response(sid(9), &request, &resp)
+            .unwrap_err()
+            .errno(),
         -libc::ENODEV
     );
 }

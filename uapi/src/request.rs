@@ -477,7 +477,10 @@ impl From<&FaultEvent> for VfioIommuType1Fault {
 }
 
 /// The report of a VT-d page request descriptor (§7.5.1.1), as the Linux VT-d driver makes
-/// it: a request with a PASID needs the PASID back in its response.
+/// it (`intel_svm_prq_report`): a request with a PASID needs the PASID back in its response,
+/// and a request with private data (PDP) is reported as the last of its group even with
+/// LPIG clear, since hardware waits for a response to it as well (§7.5.1) and the
+/// response must return the data.
 impl From<&PageRequestDesc> for PageRequest {
     fn from(d: &PageRequestDesc) -> Self {
         PageRequest {
@@ -488,7 +491,7 @@ impl From<&PageRequestDesc> for PageRequest {
             exec: d.exe,
             privileged: d.pm,
             addr: d.addr,
-            last_page: d.lpig,
+            last_page: d.lpig || d.private_data.is_some(),
             needs_pasid: d.pasid.is_some(),
             private_data: d.private_data,
         }
@@ -604,7 +607,9 @@ mod tests {
             private_data: Some([1, 2]),
             ..d
         });
-        assert!(!no_pasid.needs_pasid && !no_pasid.last_page);
+        // Private data present: a response is due, so the group is reported as ending
+        // here, LPIG clear or not (`intel_svm_prq_report`).
+        assert!(!no_pasid.needs_pasid && no_pasid.last_page);
         assert_eq!(no_pasid.private_data, Some([1, 2]));
         IommuFaultPageRequest::from(&no_pasid).validate().unwrap();
     }

@@ -74,7 +74,12 @@ impl IommuBackend for Backend {
     fn attach_device(&mut self, _sid: SourceId) -> Result<(), HostError> {
         Ok(())
     }
-    fn page_response(&mut self, sid: SourceId, response: &PageResponse) -> Result<(), HostError> {
+    fn page_response(
+        &mut self,
+        sid: SourceId,
+        _: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), HostError> {
         self.log
             .lock()
             .unwrap()

@@ -29,7 +29,9 @@ use crate::container::{BackendInfo, IommuBackend};
 use crate::error::HostError;
 use crate::fault::FaultSink;
 use vsva_uapi::iommu::{IOMMU_NESTING_FEAT_BIND_PGTBL, IOMMU_NESTING_FEAT_CACHE_INVLD};
-use vsva_uapi::request::{BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse};
+use vsva_uapi::request::{
+    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageRequest, PageResponse,
+};
 
 /// The page sizes of a second level, largest first.
 const PAGE_SIZES: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K];
@@ -469,9 +471,14 @@ impl IommuBackend for VtdDomain {
 
     /// Answers a page request group of device `sid` reported to the container
     /// (`intel_svm_page_response`): the response must name a PASID (EINVAL) bound in this
-    /// domain, for one of its devices (ENODEV otherwise). Private data of the request is
-    /// not returned: the response does not carry it.
-    fn page_response(&mut self, sid: SourceId, response: &PageResponse) -> Result<(), HostError> {
+    /// domain, for one of its devices (ENODEV otherwise). The response returns the
+    /// request's private data.
+    fn page_response(
+        &mut self,
+        sid: SourceId,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), HostError> {
         let Some(pasid) = response.pasid else {
             return Err(DriverError::invalid("page response", "no PASID").into());
         };
@@ -481,7 +488,7 @@ impl IommuBackend for VtdDomain {
         if !self.bound.contains(pasid) {
             return Err(DriverError::NotBound(pasid).into());
         }
-        Ok(self.unit.page_response(sid, response)?)
+        Ok(self.unit.page_response(sid, request, response)?)
     }
 }
 

@@ -51,10 +51,16 @@ pub(crate) fn refusal(desc: &PageRequestDesc) -> Option<InvDesc> {
     vsva_vtd_driver::group_response(desc, ResponseCode::InvalidRequest)
 }
 
-/// The page group response for a group whose last request device `sid` sent
-/// (`intel_svm_page_response`): LPIG set, the PASID when the response carries it, the
-/// group index, the response code. EINVAL for a group index beyond 9 bits.
-pub(crate) fn group_response(sid: SourceId, resp: &PageResponse) -> Result<InvDesc, DriverError> {
+/// The page group response for the group `request` of device `sid` ends
+/// (`intel_svm_page_response`): LPIG as the request was reported (set for a request with
+/// private data too, as Linux reports it), the PASID when the response carries it, the
+/// group index, the response code, and the request's private data with PDP set when it
+/// had any (§6.5.2.9). EINVAL for a group index beyond 9 bits.
+pub(crate) fn group_response(
+    sid: SourceId,
+    request: &PageRequest,
+    resp: &PageResponse,
+) -> Result<InvDesc, DriverError> {
     let prg_index = u16::try_from(resp.grpid)
         .ok()
         .filter(|g| *g < 0x200)
@@ -65,15 +71,15 @@ pub(crate) fn group_response(sid: SourceId, resp: &PageResponse) -> Result<InvDe
         rid: sid,
         pasid_present: resp.pasid.is_some(),
         pasid: resp.pasid.unwrap_or(Pasid::RID_PASID),
-        private_data_present: false,
+        private_data_present: request.private_data.is_some(),
         response: match resp.code {
             PageResponseCode::Success => ResponseCode::Success,
             PageResponseCode::Invalid => ResponseCode::InvalidRequest,
             PageResponseCode::Failure => ResponseCode::ResponseFailure,
         },
-        last_page_in_group: true,
+        last_page_in_group: request.last_page,
         prg_index,
-        private_data: [0; 2],
+        private_data: request.private_data.unwrap_or_default(),
     })
 }
 
@@ -180,5 +186,58 @@ impl PageRequests {
     /// Number of domains with a fault queue.
     pub fn sinks(&self) -> usize {
         self.sinks.read().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(lpig: bool, private_data: Option<[u64; 2]>) -> PageRequest {
+        PageRequest::from(&PageRequestDesc {
+            rid: SourceId::from_rid(0x18),
+            pasid: Some(Pasid::new(5).unwrap()),
+            exe: false,
+            pm: false,
+            read: true,
+            write: true,
+            lpig,
+            prg_index: 0x1ff,
+            addr: 0x1000,
+            private_data,
+        })
+    }
+
+    #[test]
+    fn responses_return_the_private_data_with_pdp() {
+        let sid = SourceId::from_rid(0x18);
+        let resp = PageResponse {
+            pasid: Some(Pasid::new(5).unwrap()),
+            grpid: 0x1ff,
+            code: PageResponseCode::Success,
+        };
+        for (lpig, data) in [(false, Some([7, 8])), (true, Some([9, 10])), (true, None)] {
+            let desc = group_response(sid, &request(lpig, data), &resp).unwrap();
+            let InvDesc::PageGroupResponse {
+                rid,
+                pasid_present,
+                private_data_present,
+                last_page_in_group,
+                prg_index,
+                private_data,
+                response,
+                ..
+            } = desc
+            else {
+                panic!("{desc:?}");
+            };
+            assert_eq!(
+                (rid, prg_index, response),
+                (sid, 0x1ff, ResponseCode::Success)
+            );
+            assert!(pasid_present && last_page_in_group);
+            assert_eq!(private_data_present, data.is_some());
+            assert_eq!(private_data, data.unwrap_or_default());
+        }
     }
 }

@@ -35,7 +35,7 @@ use super::qi;
 use super::regs::Mmio;
 use super::tables::{self, ContextFeatures, Tables};
 use crate::fault::FaultSink;
-use vsva_uapi::request::PageResponse;
+use vsva_uapi::request::{PageRequest, PageResponse};
 
 /// The PASID that requests without PASID are translated with (`PASID_RID2PASID`).
 pub const RID_PASID: Pasid = match Pasid::new(0) {
@@ -533,11 +533,17 @@ impl HostIommu {
         self.prq.set_sink(did, sink);
     }
 
-    /// Answers a page request group of device `sid` (`intel_svm_page_response`): queues
-    /// the page group response descriptor (LPIG, the response's PASID and group index)
-    /// and waits for it. The caller checks that the group was reported and is pending.
-    pub fn page_response(&self, sid: SourceId, resp: &PageResponse) -> Result<(), DriverError> {
-        self.invalidate(&[prq::group_response(sid, resp)?])
+    /// Answers the page request group `request` of device `sid` ends
+    /// (`intel_svm_page_response`): queues the page group response descriptor (LPIG, the
+    /// response's PASID and group index, the request's private data) and waits for it. The
+    /// caller checks that the group was reported and is pending.
+    pub fn page_response(
+        &self,
+        sid: SourceId,
+        request: &PageRequest,
+        resp: &PageResponse,
+    ) -> Result<(), DriverError> {
+        self.invalidate(&[prq::group_response(sid, request, resp)?])
     }
 
     /// Services the page request queue (`prq_event_thread`): every queued request is
