@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vsva::bench::cli::{run_cli, BenchArgs};
-use vsva::demo::{self, DemoOptions};
-use vsva::scenario::{self, Scenario};
+use vsva_testbed::bench::cli::{run_cli, BenchArgs};
+use vsva_testbed::demo::{self, DemoOptions};
+use vsva_testbed::scenario::{self, Scenario};
 
 #[derive(Parser)]
 #[command(
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn report(result: Result<String, vsva::stack::StackError>) -> ExitCode {
+fn report(result: Result<String, vsva_testbed::stack::StackError>) -> ExitCode {
     match result {
         Ok(text) => {
             print!("{text}");

@@ -2,8 +2,8 @@
 //! the 20-bit space, shared by 1,000 VM sets, allocated at random positions.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vsva::bench::pasid::PasidChurn;
-use vsva::bench::Workload;
+use vsva_testbed::bench::pasid::PasidChurn;
+use vsva_testbed::bench::Workload;
 
 fn alloc_free(c: &mut Criterion) {
     let mut g = c.benchmark_group("pasid_alloc_free");

@@ -7,9 +7,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use vsva::bench::pasid::PasidChurn;
-use vsva::bench::uapi::BoundPasids;
-use vsva::bench::vm::BenchVm;
+use vsva_testbed::bench::pasid::PasidChurn;
+use vsva_testbed::bench::uapi::BoundPasids;
+use vsva_testbed::bench::vm::BenchVm;
 
 struct Counting;
 

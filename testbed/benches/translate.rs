@@ -3,13 +3,13 @@
 //! and nested walks against 4 and 24 dependent loads.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vsva::bench::loads::DependentLoads;
-use vsva::bench::platform::{Platform, PlatformConfig};
-use vsva::bench::translate::{
+use vsva_hw::PAGE_SIZE;
+use vsva_testbed::bench::loads::DependentLoads;
+use vsva_testbed::bench::platform::{Platform, PlatformConfig};
+use vsva_testbed::bench::translate::{
     ColdWalks, HashMapLookups, IotlbHits, TwoThreadHits, WalkKind, WORKING_SET,
 };
-use vsva::bench::Workload;
-use vsva_hw::PAGE_SIZE;
+use vsva_testbed::bench::Workload;
 
 fn bench(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,

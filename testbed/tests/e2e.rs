@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
-use vsva::holdings::HostHoldings;
-use vsva::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_guest::{DeviceConfig, Process, Prot};
 use vsva_host::HostError;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_testbed::holdings::HostHoldings;
+use vsva_testbed::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };

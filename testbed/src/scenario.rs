@@ -6,9 +6,9 @@ use std::fmt::{self, Write as _};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::scale::{run_scale, ScaleConfig};
 use vsva_guest::{Process, Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
-use vsva_testbed::scale::{run_scale, ScaleConfig};
 use vsva_uapi::VfioIoctls;
 use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
 

@@ -5,15 +5,15 @@
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
-use vsva::bench::forward::{
+use vsva_testbed::bench::forward::{
     ForwardedInvalidation, GuestBind, GuestCall, PageRequestRoundTrip, ResidentFill,
     UnboundMprotect,
 };
-use vsva::bench::uapi::{
+use vsva_testbed::bench::uapi::{
     BindCall, CachedTranslations, HostBind, HostInvalidations, HostMap, MapCall,
 };
-use vsva::bench::vm::BenchVm;
-use vsva::bench::{BenchError, Workload};
+use vsva_testbed::bench::vm::BenchVm;
+use vsva_testbed::bench::{BenchError, Workload};
 
 /// Benchmarks `workload` as `name` in `g`.
 fn bench(

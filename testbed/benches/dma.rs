@@ -2,9 +2,9 @@
 //! IOTLB warm) against `copy_from_slice` of 1 MiB.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use vsva::bench::dma::{NestedMemmove, PlainCopy, MEMMOVE_BYTES};
-use vsva::bench::platform::{Platform, PlatformConfig};
-use vsva::bench::Workload;
+use vsva_testbed::bench::dma::{NestedMemmove, PlainCopy, MEMMOVE_BYTES};
+use vsva_testbed::bench::platform::{Platform, PlatformConfig};
+use vsva_testbed::bench::Workload;
 
 fn memmove(c: &mut Criterion) {
     let p = Platform::new(PlatformConfig {

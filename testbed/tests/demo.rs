@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use vsva::demo::{run, Demo, DemoError, DemoOptions};
-use vsva::stack::{VmContainer, GUEST_DEVICE_SID};
+use vsva_testbed::demo::{run, Demo, DemoError, DemoOptions};
+use vsva_testbed::stack::{VmContainer, GUEST_DEVICE_SID};
 use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, PageResponse};
 use vsva_vmm::{HostSva, PasidSource};
 use vsva_vtd::{Pasid, SourceId};
