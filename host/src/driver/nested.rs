@@ -13,9 +13,8 @@ use vsva_vtd_driver::mask::{covering_order, size_order, WHOLE_SPACE};
 use super::error::DriverError;
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_NR,
-    IOMMU_SVA_VTD_GPASID_CD, IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE,
-    IOMMU_SVA_VTD_GPASID_LAST, IOMMU_SVA_VTD_GPASID_MTS_MASK, IOMMU_SVA_VTD_GPASID_PCD,
-    IOMMU_SVA_VTD_GPASID_PWT, IOMMU_SVA_VTD_GPASID_SRE,
+    IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_LAST, IOMMU_SVA_VTD_GPASID_MTS_MASK,
+    IOMMU_SVA_VTD_GPASID_SRE,
 };
 use vsva_uapi::request::{BindGpasid, CacheInvalidate, InvGranularity};
 
@@ -36,12 +35,15 @@ pub(crate) struct SecondLevel {
 /// The nested PASID entry for a bind (PGTT = nested, FLPTPTR = the guest's table root,
 /// a GPA; SLPTPTR, DID, AW from the domain; FLPM from the guest address width), or the
 /// error intel-iommu gives: no nesting support (ENODEV), an address width other than 48
-/// or 57 (5-level without CAP.FL5LP), a root the second level cannot translate, or a flag
-/// the unit does not support (SRE without ECAP.SRS, EAFE without EAFS, memory-type flags
-/// without MTS) (EINVAL).
+/// or 57 (5-level without CAP.FL5LP), a root the second level cannot translate, a flag
+/// the unit does not support (SRE without ECAP.SRS, EAFE without EAFS), or any
+/// memory-type flag (PCD, PWT, EMTE, CD) (EINVAL).
 ///
-/// Execution controls (ERE, NXE, SMEP, WPE) are not part of the bind data and stay clear;
-/// PWSNP follows ECAP.SMPWC, as for every entry intel-iommu writes.
+/// Memory types are refused whatever ECAP.MTS says, as merged Linux
+/// (`intel_pasid_setup_nested`) does: its memory-type support was dropped before the
+/// merge, so CD, EMTE, EMT, PWT, PCD and PAT (q1 bits 89-127) stay 0. Execution controls
+/// (ERE, NXE, SMEP, WPE) are not part of the bind data and stay clear; PWSNP follows
+/// ECAP.SMPWC, as for every entry intel-iommu writes.
 pub(crate) fn nested_entry(
     bind: &BindGpasid,
     sl: &SecondLevel,
@@ -98,19 +100,9 @@ pub(crate) fn nested_entry(
             "no extended access flag support",
         ));
     }
-    let memory_type = has(IOMMU_SVA_VTD_GPASID_MTS_MASK);
-    if memory_type && !ecap.mts {
+    if has(IOMMU_SVA_VTD_GPASID_MTS_MASK) {
         return Err(DriverError::invalid(WHAT, "no memory type support"));
     }
-    let emte = has(IOMMU_SVA_VTD_GPASID_EMTE);
-    let emt = if emte {
-        u8::try_from(bind.emt)
-            .ok()
-            .filter(|e| *e < 8)
-            .ok_or_else(|| DriverError::invalid(WHAT, format!("EMT {} is not 3 bits", bind.emt)))?
-    } else {
-        0
-    };
     Ok(PasidEntry {
         fpd: false,
         aw: sl.levels,
@@ -121,12 +113,12 @@ pub(crate) fn nested_entry(
         did: sl.did,
         pwsnp: ecap.smpwcs,
         pgsnp: false,
-        cd: has(IOMMU_SVA_VTD_GPASID_CD),
-        emte,
-        emt,
-        pwt: has(IOMMU_SVA_VTD_GPASID_PWT),
-        pcd: has(IOMMU_SVA_VTD_GPASID_PCD),
-        pat: if memory_type { bind.pat } else { 0 },
+        cd: false,
+        emte: false,
+        emt: 0,
+        pwt: false,
+        pcd: false,
+        pat: 0,
         sre: has(IOMMU_SVA_VTD_GPASID_SRE),
         ere: false,
         flpm,
@@ -285,7 +277,10 @@ pub(crate) fn cache_invalidation(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_PASID;
+    use vsva_uapi::iommu::{
+        IOMMU_CACHE_INV_TYPE_PASID, IOMMU_SVA_VTD_GPASID_CD, IOMMU_SVA_VTD_GPASID_EMTE,
+        IOMMU_SVA_VTD_GPASID_PCD, IOMMU_SVA_VTD_GPASID_PWT,
+    };
     use vsva_vtd::inv_desc::PasidIotlbGranularity;
     use vsva_vtd::{AddrRange, Gpa};
 
@@ -341,19 +336,15 @@ mod tests {
             (0x12_3000, 0x4000, DomainId(7))
         );
         assert_eq!((e.aw, e.flpm), (SlLevels::Four, FlPagingMode::FourLevel));
-        assert!(e.pwsnp && !e.sre && !e.eafe && !e.cd && !e.emte && e.pat == 0);
+        let no_memory_type =
+            |e: &PasidEntry| !e.cd && !e.emte && !e.pwt && !e.pcd && e.emt == 0 && e.pat == 0;
+        assert!(e.pwsnp && !e.sre && !e.eafe && no_memory_type(&e));
         let mut b = bind();
         b.addr_width = 57;
-        b.vtd_flags = IOMMU_SVA_VTD_GPASID_SRE
-            | IOMMU_SVA_VTD_GPASID_EAFE
-            | IOMMU_SVA_VTD_GPASID_PCD
-            | IOMMU_SVA_VTD_GPASID_PWT
-            | IOMMU_SVA_VTD_GPASID_CD
-            | IOMMU_SVA_VTD_GPASID_EMTE;
+        b.vtd_flags = IOMMU_SVA_VTD_GPASID_SRE | IOMMU_SVA_VTD_GPASID_EAFE;
         let e = nested_entry(&b, &SL, &cap(), &ecap()).unwrap();
         assert_eq!(e.flpm, FlPagingMode::FiveLevel);
-        assert!(e.sre && e.eafe && e.pcd && e.pwt && e.cd && e.emte);
-        assert_eq!((e.emt, e.pat), (6, 0x0007_0406));
+        assert!(e.sre && e.eafe && no_memory_type(&e));
     }
 
     #[test]
@@ -365,6 +356,10 @@ mod tests {
             let mut b = bind();
             f(&mut b);
             b
+        };
+        let with_flags = |flags: u64| BindGpasid {
+            vtd_flags: flags,
+            ..bind()
         };
         assert_eq!(
             einval(with(|b| b.addr_width = 39), cap(), ecap()),
@@ -422,11 +417,15 @@ mod tests {
             ),
             libc::EINVAL
         );
-        let emt = with(|b| {
-            b.vtd_flags = IOMMU_SVA_VTD_GPASID_EMTE;
-            b.emt = 8;
-        });
-        assert_eq!(einval(emt, cap(), ecap()), libc::EINVAL);
+        // Memory-type flags are refused with ECAP.MTS as well (merged Linux).
+        for f in [
+            IOMMU_SVA_VTD_GPASID_PCD,
+            IOMMU_SVA_VTD_GPASID_PWT,
+            IOMMU_SVA_VTD_GPASID_CD,
+            IOMMU_SVA_VTD_GPASID_EMTE,
+        ] {
+            assert_eq!(einval(with_flags(f), cap(), ecap()), libc::EINVAL, "{f:#x}");
+        }
         let unknown = with(|b| b.vtd_flags = IOMMU_SVA_VTD_GPASID_LAST);
         assert_eq!(einval(unknown, cap(), ecap()), libc::EINVAL);
         assert_eq!(
