@@ -17,10 +17,20 @@ pub enum HostError {
     Uapi(#[from] UapiError),
     /// The set already holds its quota of PASIDs (ioasid quota; vfio returns `-ENOSPC`).
     #[error("{set} holds its quota of {quota} PASIDs")]
-    QuotaExceeded { set: PasidSetId, quota: u32 },
+    QuotaExceeded {
+        /// The set that asked.
+        set: PasidSetId,
+        /// How many PASIDs it may hold at a time.
+        quota: u32,
+    },
     /// Every PASID in the requested range is taken (`-ENOSPC`).
     #[error("no free PASID in [{min:#x}, {max:#x}]")]
-    NoFreePasid { min: u32, max: u32 },
+    NoFreePasid {
+        /// The lowest PASID asked for.
+        min: u32,
+        /// The highest PASID asked for.
+        max: u32,
+    },
     /// The PASID is not allocated to the caller's set. The seed's `vfio_iommu_type1` returns
     /// `-EPERM` both for a PASID of another set and for one that is not allocated.
     #[error("{pasid} is not owned by {set}{}", match .owner {
@@ -28,8 +38,11 @@ pub enum HostError {
         None => " (not allocated)".to_string(),
     })]
     NotOwner {
+        /// The PASID named in the request.
         pasid: Pasid,
+        /// The caller's set.
         set: PasidSetId,
+        /// The set that owns the PASID, if it is allocated.
         owner: Option<PasidSetId>,
     },
     /// The PASID set does not exist (`-EINVAL`).
@@ -57,13 +70,23 @@ pub enum HostError {
     NoDriverOp(&'static str),
     /// The IOVA range overlaps an existing mapping (`vfio_find_dma` → `-EEXIST`).
     #[error("IOVA range {iova:#x}+{size:#x} overlaps an existing mapping")]
-    DmaExists { iova: u64, size: u64 },
+    DmaExists {
+        /// Start of the requested IOVA range.
+        iova: u64,
+        /// Its length in bytes.
+        size: u64,
+    },
     /// The container holds its limit of DMA mappings (`dma_entry_limit` → `-ENOSPC`).
     #[error("the container holds its limit of {0} DMA mappings")]
     DmaLimit(usize),
     /// An unmap range that would split a mapping (type1 v2 semantics → `-EINVAL`).
     #[error("unmap {iova:#x}+{size:#x} would split an existing mapping")]
-    UnmapSplits { iova: u64, size: u64 },
+    UnmapSplits {
+        /// Start of the requested unmap range.
+        iova: u64,
+        /// Its length in bytes.
+        size: u64,
+    },
     /// The PASID already has a guest page table bound (`-EBUSY`).
     #[error("{0} is already bound")]
     AlreadyBound(Pasid),
@@ -86,7 +109,12 @@ pub enum HostError {
         Some(p) => p.to_string(),
         None => "no PASID".to_string(),
     })]
-    UnownedPageRequest { sid: SourceId, pasid: Option<Pasid> },
+    UnownedPageRequest {
+        /// The requester id of the device that sent it.
+        sid: SourceId,
+        /// Its PASID, if it carried one.
+        pasid: Option<Pasid>,
+    },
     /// The container's fault queue holds its limit of unread requests or pending groups
     /// (`-ENOSPC`).
     #[error("the fault queue holds its limit of {0} entries")]
@@ -97,11 +125,21 @@ pub enum HostError {
         Some(p) => format!(" of {p}"),
         None => String::new(),
     })]
-    NoPendingGroup { grpid: u32, pasid: Option<Pasid> },
+    NoPendingGroup {
+        /// The page request group index the response named.
+        grpid: u32,
+        /// The PASID it named, if any.
+        pasid: Option<Pasid>,
+    },
     /// A failure reported by the host IOMMU driver; `errno` is the positive Linux value
     /// (e.g. `libc::EFAULT` for user memory that cannot be pinned).
     #[error("host IOMMU driver: {detail}")]
-    Driver { errno: i32, detail: String },
+    Driver {
+        /// The positive Linux errno.
+        errno: i32,
+        /// What failed, for the log.
+        detail: String,
+    },
 }
 
 impl HostError {

@@ -3,6 +3,9 @@
 //! guest's forwarded path (mmu-notifier invalidation, SVA bind and unbind, page request
 //! round trip), each next to its baseline where it has one.
 
+// `criterion_group!` defines a public `benches` function that carries no doc comment.
+#![allow(missing_docs)]
+
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use vsva_testbed::bench::forward::{

@@ -2,6 +2,9 @@
 //! a foldhash map (and on two threads: the time of one hit on each), cold second-level
 //! and nested walks against 4 and 24 dependent loads.
 
+// `criterion_group!` defines a public `benches` function that carries no doc comment.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, Criterion};
 use vsva_hw::PAGE_SIZE;
 use vsva_testbed::bench::loads::DependentLoads;

@@ -92,7 +92,12 @@ pub enum ScaleError {
     Driver(#[from] DriverError),
     #[error("{what}: {err} ({})", err.errno())]
     /// A host call the scenario needs failed: `what` names the step, `err` is the error.
-    Host { what: &'static str, err: HostError },
+    Host {
+        /// The step that failed.
+        what: &'static str,
+        /// The host's error.
+        err: HostError,
+    },
 }
 
 fn host_err(what: &'static str) -> impl FnOnce(HostError) -> ScaleError {

@@ -33,32 +33,46 @@ pub const GUEST_DEVICE_SID: SourceId = SourceId::from_rid(0x0018);
 /// A failure while building or running the stack.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
+    /// The sparse host memory could not be created.
     #[error("host memory: {0}")]
     HostMemory(#[from] vsva_hw::HostMemoryError),
+    /// The IOMMU model refused its configuration.
     #[error("IOMMU model: {0}")]
     Iommu(#[from] vsva_hw::iommu::IommuConfigError),
+    /// The host VT-d driver failed.
     #[error("host driver: {0}")]
     Driver(#[from] vsva_host::driver::DriverError),
+    /// A VFIO ioctl on a VM's container failed.
     #[error("VFIO: {0}")]
     Vfio(#[from] HostError),
+    /// The vIOMMU refused an operation.
     #[error("vIOMMU: {0}")]
     VIommu(#[from] vsva_vmm::VIommuError),
+    /// The guest (its IOMMU driver or a process) failed; the message says what.
     #[error("guest: {0}")]
     Guest(String),
+    /// The passthrough DMA engine refused an operation.
     #[error("device: {0}")]
     Device(#[from] vsva_hw::dma::DmaError),
+    /// The scale scenario could not run.
     #[error("scale scenario: {0}")]
     Scale(String),
+    /// Page requests were still outstanding after this many service rounds.
     #[error("page requests never resolved after {0} rounds")]
     Stuck(usize),
 }
 
 /// The host: memory, the physical IOMMU and its driver, and the PASID space.
 pub struct Host {
+    /// Host physical memory (the memfd; HPA = offset).
     pub mem: Arc<HostMemory>,
+    /// Host frames for the driver's tables and VMs' RAM.
     pub frames: Arc<FrameAllocator>,
+    /// The physical IOMMU model.
     pub iommu: Arc<Iommu>,
+    /// The host VT-d driver's unit (its tables, queue and interrupts).
     pub unit: Arc<HostIommu>,
+    /// The host's PASID space, shared by every VM's container.
     pub pasids: Arc<Mutex<PasidAllocator>>,
 }
 
@@ -106,17 +120,25 @@ pub type VmContainer = Arc<ContainerFile<VtdDomain>>;
 
 /// One VM.
 pub struct Vm {
+    /// The VM's index, from 0.
     pub index: usize,
     /// Guest RAM as the VMM maps it (a window of host memory).
     pub mem: Arc<GuestMemoryMmap>,
+    /// Where guest RAM starts in host memory.
     pub ram_hpa: Hpa,
+    /// Guest RAM size in bytes.
     pub ram_size: u64,
+    /// The VM's VFIO container, as an open file.
     pub container: VmContainer,
+    /// The VM's virtual VT-d.
     pub viommu: Arc<VIommu>,
     /// The passthrough DMA engine (its portal is mapped into the guest).
     pub engine: Arc<DmaEngine>,
+    /// The passthrough device's requester id on the host.
     pub host_sid: SourceId,
+    /// The guest OS's frame allocator over guest RAM.
     pub guest_frames: Arc<GuestFrames>,
+    /// The guest's intel-iommu driver, programming the vIOMMU.
     pub driver: Arc<IommuDriver>,
     host_mem: Arc<HostMemory>,
     host_frames: Arc<FrameAllocator>,

@@ -92,7 +92,10 @@ pub enum DriverError {
     /// replaced the offending descriptor and restarted the queue. The table change the
     /// invalidation was for has been made; the unit's caches may still hold old entries.
     #[error("invalidation queue error (IQEI {iqei})")]
-    InvalidationQueue { iqei: u8 },
+    InvalidationQueue {
+        /// IQERCD.IQEI: why the unit refused the descriptor (VT-d 10.4.33).
+        iqei: u8,
+    },
     /// A device did not complete a device-TLB invalidation (FSTS.ITE), on every
     /// resubmission of its batch.
     #[error("device-TLB invalidation timed out")]
@@ -120,13 +123,28 @@ pub enum DriverError {
     VirtualCommand(u8),
     /// The PASID does not fit the device's PASID directory.
     #[error("{pasid} is beyond the PASID directory of {sid}")]
-    PasidOutOfRange { sid: SourceId, pasid: Pasid },
+    PasidOutOfRange {
+        /// The device.
+        sid: SourceId,
+        /// The PASID.
+        pasid: Pasid,
+    },
     /// The PASID entry is already in use.
     #[error("the PASID entry of {pasid} on {sid} is already present")]
-    PasidBusy { sid: SourceId, pasid: Pasid },
+    PasidBusy {
+        /// The device.
+        sid: SourceId,
+        /// The PASID.
+        pasid: Pasid,
+    },
     /// The device has no binding of that PASID.
     #[error("{pasid} is not bound on {sid}")]
-    NotBound { sid: SourceId, pasid: Pasid },
+    NotBound {
+        /// The device.
+        sid: SourceId,
+        /// The PASID.
+        pasid: Pasid,
+    },
     /// Guest frames ran out.
     #[error(transparent)]
     Frames(#[from] FrameError),
