@@ -842,6 +842,42 @@ fn one_vm_cannot_touch_another_vms_translations() {
     );
 }
 
+/// `intel_svm_bind_gpasid`: a guest table pointer beyond the end of the highest mapping
+/// (`max_addr`, kept by map and unmap) is EINVAL, so a bind before any MAP_DMA fails.
+#[test]
+fn bind_refuses_a_guest_table_beyond_the_mapped_memory() {
+    let host = host();
+    let alloc = allocator();
+    let vm = Vm::new(&host, RAM, 2 << 20);
+    let mut c = Container::new(alloc, 4, VtdDomain::new(&host.unit).unwrap());
+    c.set_iommu(IommuModel::Type1Nesting).unwrap();
+    let _dev = engine(&host, sid(13), CTRL_PASID_EN);
+    c.attach_device(sid(13)).unwrap();
+    let p = c.pasid_alloc(1, 10).unwrap();
+    let root = Gpa(PT_GPA);
+    let einval = |c: &mut Container<VtdDomain>, gpgd: Gpa| {
+        c.bind_gpasid(&bind_of(p, gpgd)).unwrap_err().errno()
+    };
+    assert_eq!(einval(&mut c, root), -libc::EINVAL);
+    // [0, 8 MiB) and [16 MiB, 32 MiB): up to 32 MiB; Linux compares `gpgd > max_addr`.
+    c.map_dma(&vm.map_all(8 << 20)).unwrap();
+    let top = DmaMap {
+        iova: Iova(16 << 20),
+        vaddr: vm.vaddr(16 << 20),
+        size: 16 << 20,
+        read: true,
+        write: true,
+    };
+    c.map_dma(&top).unwrap();
+    assert_eq!(einval(&mut c, Gpa((32 << 20) + PAGE_SIZE)), -libc::EINVAL);
+    // Unmapping the top mapping lowers the end to its start.
+    assert_eq!(c.unmap_dma(top.iova, top.size).unwrap(), top.size);
+    assert_eq!(einval(&mut c, Gpa((16 << 20) + PAGE_SIZE)), -libc::EINVAL);
+    assert_eq!(host.unit.pasid_entry(sid(13), p), None);
+    c.bind_gpasid(&bind_of(p, root)).unwrap();
+    assert_eq!(host.unit.pasid_entry(sid(13), p).unwrap().flptptr, PT_GPA);
+}
+
 #[test]
 fn refused_requests_change_nothing() {
     let host = host();

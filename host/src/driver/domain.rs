@@ -63,6 +63,10 @@ pub struct VtdDomain {
     sl: Option<PageTableBuilder>,
     devices: BTreeSet<SourceId>,
     bound: GpasidBinds,
+    /// The end of the highest mapping (`dmar_domain->max_addr`): raised to `iova + size`
+    /// by a map above it, lowered to `iova` when the mapping ending there is unmapped, as
+    /// `intel_iommu_map` and `intel_iommu_unmap` keep it. A bind's `gpgd` must not exceed it.
+    max_addr: u64,
 }
 
 impl VtdDomain {
@@ -84,6 +88,7 @@ impl VtdDomain {
                 sl: Some(sl),
                 devices: BTreeSet::new(),
                 bound: GpasidBinds::default(),
+                max_addr: 0,
             }),
             Err(e) => {
                 unit.free_domain_id(did);
@@ -312,6 +317,17 @@ impl VtdDomain {
             ));
         }
         self.nested_entry(bind)?;
+        // `intel_svm_bind_gpasid`: a guest table pointer beyond the end of the highest
+        // mapping cannot be guest memory the VMM mapped.
+        if bind.gpgd.raw() > self.max_addr {
+            return Err(DriverError::invalid(
+                "guest PASID bind",
+                format!(
+                    "guest page table {} is beyond the mapped memory (up to {:#x})",
+                    bind.gpgd, self.max_addr
+                ),
+            ));
+        }
         let mut done = Vec::new();
         for &sid in &self.devices {
             if let Err(e) = self.install_binding(sid, bind) {
@@ -412,6 +428,7 @@ impl IommuBackend for VtdDomain {
         // invalidation; one IOTLB descriptor is issued anyway, and device TLBs, which
         // never cache a failed translation, are left alone.
         self.invalidate(&[iotlb_range(self.did, start, last, &self.unit.cap())]);
+        self.max_addr = self.max_addr.max(last + 1);
         Ok(())
     }
 
@@ -421,6 +438,9 @@ impl IommuBackend for VtdDomain {
     fn unmap_dma(&mut self, iova: Iova, size: u64) {
         if size > 0 {
             self.unmap_range(iova.raw(), size);
+            if iova.raw().checked_add(size) == Some(self.max_addr) {
+                self.max_addr = iova.raw();
+            }
         }
     }
 
