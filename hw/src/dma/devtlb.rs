@@ -5,6 +5,12 @@
 //! tables changed meanwhile: a missing device-TLB invalidation is observable, as on
 //! hardware. A small fully associative array with round-robin replacement; lookups do not
 //! allocate.
+//!
+//! A translation completion that was requested before an invalidate request arrived is
+//! cached nor used (PCIe ATS invalidation: a completion of a translation request that was
+//! outstanding when an invalidate request arrived may be stale for its range): every
+//! invalidation advances a generation, a fill takes it before its translation request
+//! ([`DevTlb::begin_fill`]) and [`DevTlb::insert`] refuses it once it moved.
 
 use vsva_vtd::Pasid;
 
@@ -31,6 +37,8 @@ impl Entry {
 pub struct DevTlb {
     entries: Box<[Option<Entry>]>,
     next: usize,
+    /// Invalidations so far (see [`DevTlb::begin_fill`]).
+    generation: u64,
 }
 
 impl DevTlb {
@@ -39,6 +47,7 @@ impl DevTlb {
         DevTlb {
             entries: vec![None; capacity.max(1)].into_boxed_slice(),
             next: 0,
+            generation: 0,
         }
     }
 
@@ -58,9 +67,26 @@ impl DevTlb {
         })
     }
 
+    /// Starts a fill: take it before sending the translation request whose completion
+    /// [`DevTlb::insert`] is given.
+    pub fn begin_fill(&self) -> u64 {
+        self.generation
+    }
+
     /// Caches a completion for the page containing `addr`, replacing an entry for the same
-    /// page (whose rights were not enough) or else the next one in turn.
-    pub fn insert(&mut self, pasid: Option<Pasid>, addr: u64, completion: AtsCompletion) {
+    /// page (whose rights were not enough) or else the next one in turn, unless an
+    /// invalidate request arrived since `fill` (from [`DevTlb::begin_fill`]): then the
+    /// completion may predate it, is not cached, and `false` is returned.
+    pub fn insert(
+        &mut self,
+        fill: u64,
+        pasid: Option<Pasid>,
+        addr: u64,
+        completion: AtsCompletion,
+    ) -> bool {
+        if fill != self.generation {
+            return false;
+        }
         let entry = Entry {
             pasid,
             start: completion.page.page_start(addr),
@@ -76,10 +102,12 @@ impl DevTlb {
             s
         });
         self.entries[slot] = Some(entry);
+        true
     }
 
     /// Drops the entries an invalidate request covers; returns how many.
     pub fn invalidate(&mut self, inv: &DevTlbInvalidation) -> usize {
+        self.generation = self.generation.wrapping_add(1);
         let mut dropped = 0;
         for slot in self.entries.iter_mut() {
             let Some(e) = slot else { continue };
@@ -99,6 +127,7 @@ impl DevTlb {
 
     /// Drops everything (ATS disabled).
     pub fn clear(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
         self.entries.iter_mut().for_each(|e| *e = None);
     }
 
@@ -136,7 +165,12 @@ mod tests {
     #[test]
     fn lookup_honours_pasid_mode_and_rights() {
         let mut t = DevTlb::new(4);
-        t.insert(pasid(1), 0x5123, completion(0x9000, 0x1000, false));
+        t.insert(
+            t.begin_fill(),
+            pasid(1),
+            0x5123,
+            completion(0x9000, 0x1000, false),
+        );
         let hit = t.lookup(pasid(1), 0x5fff, DmaAccess::READ).unwrap();
         assert_eq!(hit.hpa_of(0x5fff), Hpa(0x9fff));
         assert!(t.lookup(pasid(2), 0x5000, DmaAccess::READ).is_none());
@@ -147,7 +181,12 @@ mod tests {
             .lookup(pasid(1), 0x5000, DmaAccess::READ.with_privileged(true))
             .is_none());
         // An upgrade replaces the read-only entry instead of adding one.
-        t.insert(pasid(1), 0x5000, completion(0x9000, 0x1000, true));
+        t.insert(
+            t.begin_fill(),
+            pasid(1),
+            0x5000,
+            completion(0x9000, 0x1000, true),
+        );
         assert_eq!(t.len(), 1);
         assert!(t.lookup(pasid(1), 0x5000, DmaAccess::WRITE).is_some());
     }
@@ -156,7 +195,12 @@ mod tests {
     fn replacement_is_round_robin() {
         let mut t = DevTlb::new(2);
         for page in 0..3u64 {
-            t.insert(None, page << 12, completion(page << 12, 0x1000, true));
+            t.insert(
+                t.begin_fill(),
+                None,
+                page << 12,
+                completion(page << 12, 0x1000, true),
+            );
         }
         assert_eq!(t.len(), 2);
         assert!(t.lookup(None, 0, DmaAccess::READ).is_none(), "oldest went");
@@ -166,10 +210,30 @@ mod tests {
     #[test]
     fn invalidation_matches_range_and_pasid() {
         let mut t = DevTlb::new(8);
-        t.insert(pasid(1), 0x20_0000, completion(0x40_0000, 0x20_0000, true));
-        t.insert(pasid(1), 0x50_0000, completion(0x1000, 0x1000, true));
-        t.insert(pasid(2), 0x50_0000, completion(0x2000, 0x1000, true));
-        t.insert(None, 0x50_0000, completion(0x3000, 0x1000, true));
+        t.insert(
+            t.begin_fill(),
+            pasid(1),
+            0x20_0000,
+            completion(0x40_0000, 0x20_0000, true),
+        );
+        t.insert(
+            t.begin_fill(),
+            pasid(1),
+            0x50_0000,
+            completion(0x1000, 0x1000, true),
+        );
+        t.insert(
+            t.begin_fill(),
+            pasid(2),
+            0x50_0000,
+            completion(0x2000, 0x1000, true),
+        );
+        t.insert(
+            t.begin_fill(),
+            None,
+            0x50_0000,
+            completion(0x3000, 0x1000, true),
+        );
         // A 4 KiB invalidation inside the 2 MiB page drops it.
         let inv = DevTlbInvalidation::from_size_bit(pasid(1), false, 0x30_1000, false);
         assert_eq!(t.invalidate(&inv), 1);
@@ -189,5 +253,30 @@ mod tests {
         assert!(t.lookup(None, 0x50_0000, DmaAccess::READ).is_some());
         assert_eq!(t.invalidate(&DevTlbInvalidation::all(None)), 1);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_completion_requested_before_an_invalidation_is_not_cached() {
+        let mut t = DevTlb::new(4);
+        let fill = t.begin_fill();
+        // Any invalidate request, even for another PASID or page, may cover it.
+        t.invalidate(&DevTlbInvalidation::from_size_bit(
+            pasid(2),
+            false,
+            0,
+            false,
+        ));
+        assert!(!t.insert(fill, pasid(1), 0x5000, completion(0x9000, 0x1000, true)));
+        assert!(t.is_empty());
+        let fill = t.begin_fill();
+        t.clear();
+        assert!(!t.insert(fill, pasid(1), 0x5000, completion(0x9000, 0x1000, true)));
+        assert!(t.insert(
+            t.begin_fill(),
+            pasid(1),
+            0x5000,
+            completion(0x9000, 0x1000, true)
+        ));
+        assert!(t.lookup(pasid(1), 0x5000, DmaAccess::WRITE).is_some());
     }
 }

@@ -59,6 +59,11 @@ const REQUEST: u64 = PAGE_SIZE;
 /// answers Success without making the page present, which would otherwise retry forever.
 pub const PRI_RETRY_LIMIT: u8 = 4;
 
+/// How many translation completions in a row an invalidate request may overtake before a
+/// request gives up with a non-recoverable translation fault: a model guard against a
+/// stream of device-TLB invalidations that would otherwise keep a descriptor retrying.
+pub const ATS_RETRY_LIMIT: u8 = 8;
+
 /// Counters for the demo and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DmaStats {
@@ -83,6 +88,8 @@ pub struct DmaStats {
     pub devtlb_misses: u64,
     /// Invalidate requests received.
     pub devtlb_invalidations: u64,
+    /// Translation completions an invalidate request overtook, dropped and re-requested.
+    pub ats_overtaken: u64,
     /// Page requests issued for recoverable faults (block on fault).
     pub page_requests: u64,
     /// PRG responses received, expected or not.
@@ -103,6 +110,7 @@ struct Counters {
     devtlb_hits: AtomicU64,
     devtlb_misses: AtomicU64,
     devtlb_invalidations: AtomicU64,
+    ats_overtaken: AtomicU64,
     page_requests: AtomicU64,
     page_responses: AtomicU64,
     software_errors: AtomicU64,
@@ -452,6 +460,7 @@ impl DmaEngine {
             devtlb_hits: get(&c.devtlb_hits),
             devtlb_misses: get(&c.devtlb_misses),
             devtlb_invalidations: get(&c.devtlb_invalidations),
+            ats_overtaken: get(&c.ats_overtaken),
             page_requests: get(&c.page_requests),
             page_responses: get(&c.page_responses),
             software_errors: get(&c.software_errors),
@@ -815,17 +824,7 @@ impl DmaEngine {
                 }
                 None => {
                     bump(&self.counters.devtlb_misses, 1);
-                    let c = self
-                        .port
-                        .ats_translate(sid, pasid, addr, access)
-                        .map_err(fault)?;
-                    let mut tlb = self.devtlb.lock().unwrap();
-                    tlb.insert(pasid, addr, c);
-                    // A completion that does not grant the access is a translation failure.
-                    tlb.lookup(pasid, addr, access).ok_or(fault(DmaFault {
-                        reason: 0,
-                        recoverable: false,
-                    }))?
+                    self.ats_fill(pasid, addr, access).map_err(fault)?
                 }
             }
         } else {
@@ -834,6 +833,36 @@ impl DmaEngine {
         };
         *cursor = Some((t.page_start(addr), t));
         Ok(t)
+    }
+
+    /// Sends translation requests for `addr` until one completes with no invalidate
+    /// request arriving meanwhile, caches it and returns what it grants `access`. A
+    /// completion an invalidation overtook may predate it and is neither cached nor used
+    /// (see [`DevTlb`]); after [`ATS_RETRY_LIMIT`] such completions in a row the request
+    /// fails instead of waiting for the invalidations to stop.
+    fn ats_fill(
+        &self,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, DmaFault> {
+        // A completion that does not grant the access is a translation failure.
+        let refused = DmaFault {
+            reason: 0,
+            recoverable: false,
+        };
+        for _ in 0..ATS_RETRY_LIMIT {
+            let fill = self.devtlb.lock().unwrap().begin_fill();
+            let c = self
+                .port
+                .ats_translate(self.config.sid, pasid, addr, access)?;
+            let mut tlb = self.devtlb.lock().unwrap();
+            if tlb.insert(fill, pasid, addr, c) {
+                return tlb.lookup(pasid, addr, access).ok_or(refused);
+            }
+            bump(&self.counters.ats_overtaken, 1);
+        }
+        Err(refused)
     }
 
     /// Checks a translated request with the IOMMU when ATS is in use.

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, Weak};
 use vsva_vtd::{FaultReason, Hpa, Pasid, SourceId};
 
 use super::port::{
-    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
-    PageResponse, PageResponseCode,
+    AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
+    PageRequest, PageResponse, PageResponseCode,
 };
 use crate::memory::{HostMemory, PAGE_SIZE};
 
@@ -30,6 +30,10 @@ struct State {
     requests: Vec<PageRequest>,
     /// Answer each page request at once, from inside the call, with this code.
     auto_response: Option<(Weak<dyn AtsEndpoint>, PageResponseCode)>,
+    /// After the next translation completion for this device page is made and before it
+    /// is returned: move the page to this frame and invalidate the device TLB (an unmap
+    /// racing the request).
+    remap_in_translate: Option<(Weak<dyn AtsEndpoint>, u64, u64)>,
 }
 
 pub struct MockPort {
@@ -62,6 +66,13 @@ impl MockPort {
 
     pub fn set_auto_response(&self, device: Weak<dyn AtsEndpoint>, code: PageResponseCode) {
         self.state.lock().unwrap().auto_response = Some((device, code));
+    }
+
+    /// Makes the next ATS translation request for the page containing `addr` race an
+    /// unmap: once its completion is made, the page moves to the frame at `hpa` and
+    /// `device`'s TLB is invalidated for it.
+    pub fn set_remap_in_translate(&self, device: Weak<dyn AtsEndpoint>, addr: u64, hpa: u64) {
+        self.state.lock().unwrap().remap_in_translate = Some((device, addr / PAGE_SIZE, hpa));
     }
 
     /// Maps the device page containing `addr` to the frame at `hpa`.
@@ -153,7 +164,7 @@ impl DmaPort for MockPort {
         access: DmaAccess,
     ) -> Result<AtsCompletion, DmaFault> {
         let page = self.walk(pasid, addr, access)?;
-        Ok(AtsCompletion {
+        let completion = AtsCompletion {
             page: DmaTranslation::new(Hpa(page.hpa), PAGE_SIZE).unwrap(),
             perm: DmaAccess {
                 read: true,
@@ -161,7 +172,26 @@ impl DmaPort for MockPort {
                 execute: false,
                 privileged: access.privileged,
             },
-        })
+        };
+        let race = {
+            let mut st = self.state.lock().unwrap();
+            let hit =
+                matches!(st.remap_in_translate, Some((_, page, _)) if page == addr / PAGE_SIZE);
+            if hit {
+                st.remap_in_translate.take()
+            } else {
+                None
+            }
+        };
+        if let Some((device, _, hpa)) = race {
+            self.map(pasid, addr, hpa, page.writable);
+            if let Some(device) = device.upgrade() {
+                device.invalidate_devtlb(DevTlbInvalidation::from_size_bit(
+                    pasid, false, addr, false,
+                ));
+            }
+        }
+        Ok(completion)
     }
 
     fn check_translated(

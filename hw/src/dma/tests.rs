@@ -727,6 +727,37 @@ fn drain_waits_for_a_parked_descriptor() {
 }
 
 #[test]
+fn a_translation_completion_an_invalidation_overtook_is_not_used() {
+    let rig = Rig::new(ALL | CTRL_ATS_EN);
+    let p = pasid(1);
+    let dst = 0x80_0000u64;
+    let (old, new) = (FRAMES, FRAMES + 0x10_0000);
+    rig.map_frames(p, dst, old, 1, true);
+    // The completion for dst is made from the old frame; before it reaches the device
+    // the page moves to the new frame and the device TLB is invalidated.
+    let endpoint: Arc<dyn AtsEndpoint> = rig.dev.clone();
+    rig.port
+        .set_remap_in_translate(Arc::downgrade(&endpoint), dst, new);
+    let fill = desc(
+        p,
+        Operation::Fill {
+            pattern: u64::from_ne_bytes([7; 8]),
+            dst,
+            size: 64,
+        },
+    );
+    assert_eq!(rig.run(fill).status, CompletionStatus::Success);
+    assert_eq!(rig.host(old, 64), vec![0; 64], "the old frame was written");
+    assert_eq!(rig.host(new, 64), vec![7; 64]);
+    let s = rig.dev.stats();
+    assert_eq!((s.ats_overtaken, s.devtlb_invalidations), (1, 1));
+    // What the device TLB keeps is the new frame's translation.
+    assert_eq!(rig.run(fill).status, CompletionStatus::Success);
+    assert_eq!(rig.host(old, 64), vec![0; 64]);
+    assert_eq!(rig.dev.stats().ats_overtaken, 1);
+}
+
+#[test]
 fn stale_devtlb_entry_is_used_until_invalidated() {
     let rig = Rig::new(ALL | CTRL_ATS_EN);
     let p = pasid(1);
