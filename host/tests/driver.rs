@@ -878,6 +878,50 @@ fn bind_refuses_a_guest_table_beyond_the_mapped_memory() {
     assert_eq!(host.unit.pasid_entry(sid(13), p).unwrap().flptptr, PT_GPA);
 }
 
+/// A unit whose MGAW + 1 (46) is below its only second-level width (4-level, 48 bits):
+/// the domain still uses the 4-level table (`iommu_calculate_agaw`) and limits IOVAs to 46
+/// bits (`gaw = min(agaw width, cap_mgaw)`); beyond them MAP_DMA is EINVAL, as VFIO's
+/// aperture check gives.
+#[test]
+fn map_dma_is_limited_to_the_units_address_width() {
+    let mem = HostMemory::new(1 << 28).unwrap();
+    let frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let config = IommuConfig {
+        caps: vsva_vtd::Capabilities::full(46, 0b0100),
+        ..IommuConfig::default()
+    };
+    let hw = Iommu::new(mem.clone(), config).unwrap();
+    let unit = HostIommu::new(hw, frames).unwrap();
+    let host = Host {
+        mem,
+        frames: unit.frames().clone(),
+        hw: unit.hardware().clone(),
+        unit,
+    };
+    let vm = Vm::new(&host, 4 << 20, 2 << 20);
+    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+    c.set_iommu(IommuModel::Type1Nesting).unwrap();
+    assert_eq!(c.backend().levels(), vsva_vtd::SlLevels::Four);
+    assert_eq!(c.backend().addr_width(), 46);
+    assert_eq!(c.get_info().unwrap().nesting.unwrap().addr_width, 46);
+    let at = |iova: u64| DmaMap {
+        iova: Iova(iova),
+        vaddr: vm.vaddr(0),
+        size: 2 << 20,
+        read: true,
+        write: true,
+    };
+    c.map_dma(&at((1 << 46) - (4 << 20))).unwrap();
+    for iova in [(1 << 46) - (1 << 20), 1 << 46, 1 << 47] {
+        assert_eq!(
+            c.map_dma(&at(iova)).unwrap_err().errno(),
+            -libc::EINVAL,
+            "{iova:#x}"
+        );
+        assert_eq!(c.backend().lookup(Iova(iova)), None);
+    }
+}
+
 #[test]
 fn refused_requests_change_nothing() {
     let host = host();
@@ -905,7 +949,7 @@ fn refused_requests_change_nothing() {
     assert_eq!(g.container.map_dma(&m).unwrap_err().errno(), -libc::EFAULT);
     m.vaddr = g.vm.vaddr(0);
     m.iova = Iova(1 << 48);
-    assert_eq!(g.container.map_dma(&m).unwrap_err().errno(), -libc::EFAULT);
+    assert_eq!(g.container.map_dma(&m).unwrap_err().errno(), -libc::EINVAL);
     assert_eq!(g.container.backend().lookup(Iova(1 << 40)), None);
     // Invalidations the granularity table refuses.
     let dom = CacheInvalidate {

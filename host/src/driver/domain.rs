@@ -36,11 +36,14 @@ use vsva_uapi::request::{
 /// The page sizes of a second level, largest first.
 const PAGE_SIZES: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K];
 
-/// The deepest second level the unit supports within its address width (`agaw`).
-fn second_level_depth(cap: &Cap) -> Result<SlLevels, DriverError> {
+/// The deepest second level CAP.SAGAW offers (`iommu_calculate_agaw`, from 5-level down),
+/// and the domain's address width (`gaw`): that level's input width, capped at CAP.MGAW + 1
+/// (`cap_mgaw`), as `prepare_domain_attach_device` computes it.
+fn second_level_depth(cap: &Cap) -> Result<(SlLevels, u32), DriverError> {
     [SlLevels::Five, SlLevels::Four, SlLevels::Three]
         .into_iter()
-        .find(|l| cap.sagaw & (1 << l.aw()) != 0 && l.input_width() <= cap.guest_address_width())
+        .find(|l| cap.sagaw & (1 << l.aw()) != 0)
+        .map(|l| (l, l.input_width().min(cap.guest_address_width())))
         .ok_or(DriverError::Unsupported("a second-level address width"))
 }
 
@@ -59,6 +62,8 @@ pub struct VtdDomain {
     unit: Arc<HostIommu>,
     did: DomainId,
     levels: SlLevels,
+    /// The address width IOVAs must fit in (`dmar_domain->gaw`).
+    addr_width: u32,
     /// The second level; taken only when the domain is dropped.
     sl: Option<PageTableBuilder>,
     devices: BTreeSet<SourceId>,
@@ -73,7 +78,7 @@ impl VtdDomain {
     /// A new domain on `unit`: a domain id and an empty second level.
     pub fn new(unit: &Arc<HostIommu>) -> Result<Self, DriverError> {
         let cap = unit.cap();
-        let levels = second_level_depth(&cap)?;
+        let (levels, addr_width) = second_level_depth(&cap)?;
         let did = unit.alloc_domain_id()?;
         let sl = PageTableBuilder::new(
             TableFormat::SecondLevel(levels),
@@ -85,6 +90,7 @@ impl VtdDomain {
                 unit: unit.clone(),
                 did,
                 levels,
+                addr_width,
                 sl: Some(sl),
                 devices: BTreeSet::new(),
                 bound: GpasidBinds::default(),
@@ -110,6 +116,12 @@ impl VtdDomain {
     /// The depth of the second level.
     pub fn levels(&self) -> SlLevels {
         self.levels
+    }
+
+    /// The address width IOVAs must fit in: the second level's input width, capped at
+    /// CAP.MGAW + 1.
+    pub fn addr_width(&self) -> u32 {
+        self.addr_width
     }
 
     /// The second level's root (SLPTPTR).
@@ -358,7 +370,7 @@ impl IommuBackend for VtdDomain {
             .fold(0, |acc, s| acc | s.bytes());
         let nesting = (ecap.nest && ecap.flts && ecap.pasid).then(|| NestingInfo {
             features: IOMMU_NESTING_FEAT_BIND_PGTBL | IOMMU_NESTING_FEAT_CACHE_INVLD,
-            addr_width: self.levels.input_width() as u16,
+            addr_width: self.addr_width as u16,
             pasid_bits: ecap.pasid_bits() as u16,
             cap_reg: Cap {
                 fl1gp: cap.fl1gp,
@@ -386,8 +398,8 @@ impl IommuBackend for VtdDomain {
 
     /// Resolves the VMM's `vaddr` range to host memory and maps it at `iova` (readable
     /// and/or writable as asked). EINVAL for a mapping with
-    /// neither right or not 4-KiB aligned, EFAULT for memory that is not host memory or an
-    /// IOVA beyond the second level.
+    /// neither right, not 4-KiB aligned, or with IOVAs beyond the domain's address width
+    /// (`vfio_dma_do_map`'s aperture check); EFAULT for memory that is not host memory.
     fn map_dma(&mut self, map: &DmaMap) -> Result<(), HostError> {
         const WHAT: &str = "MAP_DMA";
         if !map.read && !map.write {
@@ -398,11 +410,11 @@ impl IommuBackend for VtdDomain {
             return Err(DriverError::invalid(WHAT, "empty or not 4 KiB aligned").into());
         }
         let end = map.iova.raw().checked_add(map.size);
-        if end.is_none_or(|e| e > 1u64 << self.levels.input_width()) {
+        if end.is_none_or(|e| e > 1u64 << self.addr_width) {
             return Err(DriverError::IovaOutOfRange {
                 iova: map.iova.raw(),
                 size: map.size,
-                width: self.levels.input_width(),
+                width: self.addr_width,
             }
             .into());
         }

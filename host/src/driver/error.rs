@@ -25,7 +25,8 @@ pub enum DriverError {
     /// User memory that does not resolve to host memory (`pin_user_pages` fails: `-EFAULT`).
     #[error("user range {vaddr:#x}+{size:#x} is not backed by host memory")]
     BadUserAddress { vaddr: u64, size: u64 },
-    /// An IOVA range beyond the domain's address width (`-EFAULT`, as `intel_iommu_map`).
+    /// An IOVA range beyond the domain's address width (`-EINVAL`, as `vfio_dma_do_map`
+    /// refuses a range outside the domain's aperture, `__DOMAIN_MAX_ADDR(gaw)`).
     #[error("IOVA range {iova:#x}+{size:#x} is beyond the {width}-bit address width")]
     IovaOutOfRange { iova: u64, size: u64, width: u32 },
     /// An argument the driver refuses (`-EINVAL`).
@@ -76,8 +77,8 @@ impl DriverError {
             Unsupported(_) | NotAttached(_) | NotBound(_) => libc::ENODEV,
             Register(_) | QueueError { .. } => libc::EIO,
             OutOfMemory => libc::ENOMEM,
-            Memory(_) | BadUserAddress { .. } | IovaOutOfRange { .. } => libc::EFAULT,
-            InvalidArgument { .. } => libc::EINVAL,
+            Memory(_) | BadUserAddress { .. } => libc::EFAULT,
+            InvalidArgument { .. } | IovaOutOfRange { .. } => libc::EINVAL,
             Misaligned { .. } => libc::ERANGE,
             NoDomainId => libc::ENOSPC,
             DeviceBusy(_) | PasidBusy { .. } => libc::EBUSY,
