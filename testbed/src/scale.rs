@@ -16,20 +16,25 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, HostMemoryError};
-use vsva_vtd::{Gpa, Pasid, SourceId};
+use vsva_vtd::{Gpa, Iova, Pasid, SourceId};
 
 use vsva_host::container::{Container, SharedPasidAllocator};
 use vsva_host::driver::{DriverError, HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL};
 use vsva_host::error::HostError;
 use vsva_host::pasid::{PasidAllocator, DEFAULT_QUOTA};
-use vsva_uapi::request::BindGpasid;
+use vsva_uapi::request::{BindGpasid, DmaMap};
 use vsva_uapi::{IommuModel, VfioIoctls};
 
 /// The guest page-table root every bound PASID points to: one tiny table shared by all
 /// (binding does not walk it; a DMA would, through each VM's second level).
 const SHARED_GUEST_TABLE: Gpa = Gpa(0x1000);
+
+/// The guest RAM every bound VM maps at GPA 0 before binding, holding the shared table
+/// (the host refuses a table beyond the end of the VM's highest mapping, as Linux does).
+const SHARED_GUEST_RAM: u64 = 0x2000;
 
 /// Host memory for the scenario: sparse, so only the frames the driver writes cost RSS.
 const HOST_MEMORY: u64 = 8 << 30;
@@ -416,6 +421,8 @@ struct Host {
     hw: Arc<Iommu>,
     frames: Arc<FrameAllocator>,
     unit: Arc<HostIommu>,
+    /// [`SHARED_GUEST_RAM`] in this process, the VMM's side of every bound VM's RAM.
+    guest_ram: GuestMemoryMmap,
     pasids: SharedPasidAllocator,
 }
 
@@ -427,10 +434,15 @@ impl Host {
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
         let hw = Iommu::new(mem, IommuConfig::default())?;
         let unit = HostIommu::new(hw.clone(), frames.clone())?;
+        let hpa = frames.alloc_range(SHARED_GUEST_RAM, SHARED_GUEST_RAM)?;
+        let guest_ram = frames
+            .memory()
+            .guest_memory(&[(Gpa(0), hpa, SHARED_GUEST_RAM)])?;
         Ok(Host {
             hw,
             frames,
             unit,
+            guest_ram,
             pasids: Arc::new(Mutex::new(PasidAllocator::new())),
         })
     }
@@ -554,6 +566,18 @@ fn bound_vm(
     let mut vm = host.vm(cfg.quota)?;
     vm.attach_device(device(index))
         .map_err(host_err("attaching the VM's device"))?;
+    let vaddr = host
+        .guest_ram
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| HostMemoryError::GuestWindow(e.to_string()))? as u64;
+    vm.map_dma(&DmaMap {
+        iova: Iova(0),
+        vaddr,
+        size: SHARED_GUEST_RAM,
+        read: true,
+        write: true,
+    })
+    .map_err(host_err("VFIO_IOMMU_MAP_DMA"))?;
     let mut unused = Timing::default();
     let pasids = alloc_pasids(&mut vm, cfg.quota, Pasid::MAX.raw(), &mut unused)?;
     for &hpasid in pasids.iter().take(cfg.bound_per_vm) {
