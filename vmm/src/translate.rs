@@ -178,7 +178,9 @@ impl RemappingUnit for Unit<'_> {
             .filter(|e| e.allows(access))
     }
 
-    fn iotlb_fill(&self) -> u64 {
+    type Fill = u64;
+
+    fn begin_fill(&self) -> u64 {
         self.0.caches.epoch()
     }
 
@@ -228,6 +230,7 @@ impl RemappingUnit for Unit<'_> {
     /// PGTT=001b, and it keeps no paging-structure caches.
     fn walk(
         &self,
+        _fill: u64,
         _rta: u64,
         req: &Request,
         _pasid: Pasid,

@@ -215,14 +215,20 @@ pub trait RemappingUnit {
     /// was found under (strict mode of the physical IOMMU checks it against the tables).
     #[inline(always)]
     fn iotlb_hit(&self, _root_word: u64, _req: &Request, _entry: &Self::IotlbEntry) {}
-    /// The fill token of an IOTLB insert.
-    fn iotlb_fill(&self) -> u64;
+    /// The fill token of a request's IOTLB insert and of the paging-structure-cache fills of
+    /// its walk, taken before the context and PASID entries the walk starts from are read:
+    /// an invalidation that runs after it and before a fill refuses the fill, whatever
+    /// stage of the request it overtook (§6.5.2: when an invalidation completes, no
+    /// translation cached from the entries it removed may be used).
+    type Fill: Copy;
+    /// Starts a request's fills (see [`RemappingUnit::Fill`]).
+    fn begin_fill(&self) -> Self::Fill;
     /// Makes the IOTLB entry of a walk that translated `addr` for `sid` and `pasid` with
     /// the rights of `access`, and caches it unless an invalidation ran since `fill`.
     #[allow(clippy::too_many_arguments)]
     fn iotlb_insert(
         &self,
-        fill: u64,
+        fill: Self::Fill,
         sid: SourceId,
         pasid: Pasid,
         addr: u64,
@@ -244,9 +250,12 @@ pub trait RemappingUnit {
     fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry);
 
     /// Walks the tables `pe` selects for `req` (translated with `pasid` and the rights of
-    /// `access`), through whatever paging-structure caches the unit keeps.
+    /// `access`), through whatever paging-structure caches the unit keeps; they take what
+    /// it reads unless an invalidation ran since `fill`.
+    #[allow(clippy::too_many_arguments)]
     fn walk(
         &self,
+        fill: Self::Fill,
         rta: u64,
         req: &Request,
         pasid: Pasid,
@@ -306,7 +315,7 @@ fn translate_miss<U: RemappingUnit + ?Sized>(
     rta: u64,
     req: Request,
 ) -> Result<U::Output, TranslationFault> {
-    let fill = unit.iotlb_fill();
+    let fill = unit.begin_fill();
     let ctx = context_entry(unit, rta, req.sid).map_err(|f| fault(&req, f.reason, f.fpd, false))?;
     let pasid = ctx
         .pasid_for_request(req.pasid)
@@ -324,7 +333,7 @@ fn translate_miss<U: RemappingUnit + ?Sized>(
     let pe =
         pasid_entry(unit, req.sid, &ctx, pasid).map_err(|f| fault(&req, f.reason, f.fpd, false))?;
     let walked = request_checks(&pe, req.addr, access)
-        .and_then(|()| unit.walk(rta, &req, pasid, &pe, access));
+        .and_then(|()| unit.walk(fill, rta, &req, pasid, &pe, access));
     let t = walked.map_err(|f| {
         let recoverable = ctx.pre && f.page_request_may_resolve();
         fault(&req, f.reason, ctx.fpd || pe.fpd, recoverable)
@@ -474,6 +483,10 @@ mod tests {
         walks: Cell<u32>,
         /// An invalidation runs during the next walk.
         invalidate_in_walk: Cell<bool>,
+        /// An invalidation runs when the next PASID entry is read from the tables.
+        invalidate_in_entry_read: Cell<bool>,
+        /// The fill token each walk was given.
+        walk_fills: RefCell<Vec<u64>>,
     }
 
     impl Unit {
@@ -534,6 +547,8 @@ mod tests {
                 entries: RefCell::default(),
                 walks: Cell::new(0),
                 invalidate_in_walk: Cell::new(false),
+                invalidate_in_entry_read: Cell::new(false),
+                walk_fills: RefCell::default(),
             }
         }
 
@@ -588,7 +603,8 @@ mod tests {
             let key = (sid.rid(), pasid.raw(), addr >> 12);
             self.iotlb.borrow().get(&key).copied()
         }
-        fn iotlb_fill(&self) -> u64 {
+        type Fill = u64;
+        fn begin_fill(&self) -> u64 {
             self.generation.get()
         }
         fn iotlb_insert(
@@ -626,6 +642,9 @@ mod tests {
                 .copied()
         }
         fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
+            if self.invalidate_in_entry_read.take() {
+                self.generation.set(self.generation.get() + 1);
+            }
             if fill == self.generation.get() {
                 self.entries
                     .borrow_mut()
@@ -634,6 +653,7 @@ mod tests {
         }
         fn walk(
             &self,
+            fill: u64,
             _rta: u64,
             req: &Request,
             _pasid: Pasid,
@@ -641,6 +661,7 @@ mod tests {
             access: AccessRequest,
         ) -> Result<Translation, WalkFault> {
             self.walks.set(self.walks.get() + 1);
+            self.walk_fills.borrow_mut().push(fill);
             if self.invalidate_in_walk.take() {
                 self.generation.set(self.generation.get() + 1);
             }
@@ -680,6 +701,21 @@ mod tests {
         assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, false)));
         assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, true)));
         assert_eq!(u.walks.get(), 2);
+    }
+
+    #[test]
+    fn a_walk_fills_with_the_token_taken_before_its_entries_were_read() {
+        let u = Unit::new();
+        // An invalidation between the PASID-entry read and the walk: the walk's own
+        // (paging-structure) fills must still see it, so they get the request's token.
+        u.invalidate_in_entry_read.set(true);
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, false)));
+        assert_eq!(*u.walk_fills.borrow(), [0]);
+        assert_ne!(u.generation.get(), 0);
+        assert!(u.iotlb.borrow().is_empty() && u.entries.borrow().is_empty());
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, false)));
+        assert_eq!(*u.walk_fills.borrow(), [0, 1]);
+        assert_eq!(u.request(Some(pasid(5)), 0x7000), Ok((0x7000, true)));
     }
 
     #[test]

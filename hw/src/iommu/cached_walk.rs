@@ -223,17 +223,19 @@ impl Iommu {
     /// Walks the tables `pe` selects for `addr` (a request of `pasid`, the effective PASID,
     /// that passed [`request_checks`](vsva_vtd::request::request_checks)) through the
     /// paging-structure caches, recording in `used` which cached entries stood
-    /// in for tables.
+    /// in for tables. What it reads is cached unless an invalidation ran since `fill`
+    /// (taken before `pe` was read).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn walk_cached<M: PhysMem + ?Sized>(
         &self,
         mem: &M,
+        fill: u64,
         pe: &PasidEntry,
         pasid: Pasid,
         addr: u64,
         access: AccessRequest,
         used: &mut CacheUse,
     ) -> Result<Translation, WalkFault> {
-        let fill = self.paging_caches.begin_fill();
         let (fl_format, sl_format) = self.formats();
         let tag = |nested| FlTag {
             did: pe.did,

@@ -944,6 +944,44 @@ mod paging_structure_caches {
     }
 
     #[test]
+    fn a_walk_whose_pasid_entry_an_invalidation_overtook_fills_no_paging_structure_cache() {
+        use vsva_vtd::request::{self, RemappingUnit, Request, RootState};
+        let mut rig = Rig::new(false);
+        let mut vm = Vm::new(&rig);
+        vm.map_buffer(&rig, 1);
+        let req = Request {
+            sid: SID,
+            pasid: Some(pasid(P)),
+            addr: GVA,
+            access: AccessRequest::READ,
+        };
+        // A request reads its context and PASID entries, then a PASID-selective
+        // invalidation runs to completion before its walk starts.
+        let unit = rig.iommu.clone();
+        let fill = unit.begin_fill();
+        let rta = RootState::scalable_table(unit.root_word()).unwrap();
+        let ctx = unit.context_entry(rta, SID).unwrap();
+        let pe = request::pasid_entry(&*unit, SID, &ctx, pasid(P)).unwrap();
+        rig.invalidate(&[pasid_selective()]);
+        let t = unit
+            .walk(fill, rta, &req, pasid(P), &pe, AccessRequest::READ)
+            .unwrap();
+        // The walk's result is the request's, but none of what it read is cached: the
+        // entry it started from may be the one the invalidation was for.
+        assert_eq!(t.output, vm.hpa(DATA_GPA));
+        assert!(
+            unit.paging_caches.is_empty(),
+            "{:?}",
+            unit.paging_caches.len()
+        );
+        // A walk that started after the invalidation fills them.
+        let fill = unit.begin_fill();
+        unit.walk(fill, rta, &req, pasid(P), &pe, AccessRequest::READ)
+            .unwrap();
+        assert!(!unit.paging_caches.is_empty());
+    }
+
+    #[test]
     fn a_changed_pde_uses_the_cached_page_table_until_an_invalidation_with_ih_clear() {
         let mut rig = Rig::new(true);
         let mut vm = Vm::new(&rig);

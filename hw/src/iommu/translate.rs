@@ -124,6 +124,14 @@ impl Iommu {
     }
 }
 
+/// A request's fill tokens: of the IOTLB and of the paging-structure caches, taken
+/// before its context and PASID entries are read.
+#[derive(Clone, Copy, Debug)]
+pub struct Fill {
+    iotlb: u64,
+    paging: u64,
+}
+
 /// The physical IOMMU's caches and memory, as the request pipeline uses them.
 impl RemappingUnit for Iommu {
     type Mem = HostMemory;
@@ -191,14 +199,19 @@ impl RemappingUnit for Iommu {
         }
     }
 
-    fn iotlb_fill(&self) -> u64 {
-        self.iotlb.begin_fill()
+    type Fill = Fill;
+
+    fn begin_fill(&self) -> Fill {
+        Fill {
+            iotlb: self.iotlb.begin_fill(),
+            paging: self.paging_caches.begin_fill(),
+        }
     }
 
     /// Pass-through translations are not cached.
     fn iotlb_insert(
         &self,
-        fill: u64,
+        fill: Fill,
         sid: SourceId,
         pasid: Pasid,
         addr: u64,
@@ -208,7 +221,7 @@ impl RemappingUnit for Iommu {
     ) -> IotlbEntry {
         let entry = iotlb_entry(pe, t, access);
         if pe.pgtt != Pgtt::PassThrough {
-            self.iotlb.insert(fill, sid, pasid, addr, entry);
+            self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry);
         }
         entry
     }
@@ -251,6 +264,7 @@ impl RemappingUnit for Iommu {
     /// strict mode a walk that used cached entries is checked against the tables.
     fn walk(
         &self,
+        fill: Fill,
         rta: u64,
         req: &Request,
         pasid: Pasid,
@@ -262,7 +276,7 @@ impl RemappingUnit for Iommu {
             reads: Cell::new(0),
         };
         let mut used = CacheUse::default();
-        let walked = self.walk_cached(&mem, pe, pasid, req.addr, access, &mut used);
+        let walked = self.walk_cached(&mem, fill.paging, pe, pasid, req.addr, access, &mut used);
         self.stats.walks.fetch_add(1, Ordering::Relaxed);
         self.stats
             .table_reads
