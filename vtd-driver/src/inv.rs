@@ -4,7 +4,7 @@
 //! (context cache, PASID cache, global flushes) are `vsva_vtd::InvDesc` values as they are.
 
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidIotlbGranularity};
-use vsva_vtd::regs::Cap;
+use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{DomainId, InvDesc, Pasid, SourceId};
 
 use crate::mask::{ats_address, block_base, covering_order};
@@ -81,20 +81,44 @@ pub fn piotlb_pages(
 
 /// Device-TLB invalidation of `2^order` pages at `addr` for the requests of `sid` without
 /// PASID (§6.5.2.5, `qi_flush_dev_iotlb`) or with `pasid` (PASID-based, §6.5.2.6,
-/// `qi_flush_dev_iotlb_pasid`).
+/// `qi_flush_dev_iotlb_pasid`), with PFSID = `sid`. The host driver uses
+/// [`dev_iotlb_pf`] with [`pfsid`]; the guest driver still sends its requester id.
 pub fn dev_iotlb(sid: SourceId, pasid: Option<Pasid>, addr: u64, order: u8) -> InvDesc {
+    dev_iotlb_pf(sid, sid, pasid, addr, order)
+}
+
+/// The PFSID field of a device-TLB invalidation for device `sid` (§6.5.2.5): the physical
+/// function's source id when ECAP.DIT is set, else 0 (reserved), as
+/// `iommu_enable_dev_iotlb` sets `info->pfsid`. The devices modelled are physical
+/// functions, so their PF is themselves.
+pub fn pfsid(sid: SourceId, ecap: &Ecap) -> SourceId {
+    if ecap.dit {
+        sid
+    } else {
+        SourceId::from_rid(0)
+    }
+}
+
+/// [`dev_iotlb`] with the PFSID field given.
+pub fn dev_iotlb_pf(
+    sid: SourceId,
+    pfsid: SourceId,
+    pasid: Option<Pasid>,
+    addr: u64,
+    order: u8,
+) -> InvDesc {
     let (addr, size) = ats_address(addr, order);
     match pasid {
         None => InvDesc::DevIotlb {
             sid,
-            pfsid: sid,
+            pfsid,
             max_invs_pend: 0,
             addr,
             size,
         },
         Some(pasid) => InvDesc::PasidDevIotlb {
             sid,
-            pfsid: sid,
+            pfsid,
             pasid,
             max_invs_pend: 0,
             addr,
@@ -158,6 +182,27 @@ mod tests {
             dev_iotlb(sid, None, 0, WHOLE_SPACE),
             InvDesc::DevIotlb { size: true, .. }
         ));
+    }
+
+    #[test]
+    fn pfsid_is_zero_without_dit() {
+        let sid = SourceId::from_rid(0x10);
+        let without = Ecap::default();
+        let with = Ecap {
+            dit: true,
+            ..Ecap::default()
+        };
+        assert_eq!(pfsid(sid, &without), SourceId::from_rid(0));
+        assert_eq!(pfsid(sid, &with), sid);
+        let p = Pasid::new(4).unwrap();
+        for (pasid, ecap) in [(None, &without), (Some(p), &with)] {
+            match dev_iotlb_pf(sid, pfsid(sid, ecap), pasid, 0, WHOLE_SPACE) {
+                InvDesc::DevIotlb { pfsid: f, .. } | InvDesc::PasidDevIotlb { pfsid: f, .. } => {
+                    assert_eq!(f, pfsid(sid, ecap))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     proptest! {

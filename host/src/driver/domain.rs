@@ -17,7 +17,7 @@ use vsva_vtd::{
     DomainId, FrameSource, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid,
     SlLevels, SourceId, TableFormat,
 };
-use vsva_vtd_driver::inv::{dev_iotlb, iotlb_range};
+use vsva_vtd_driver::inv::{dev_iotlb_pf, iotlb_range, pfsid};
 use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
 use super::error::DriverError;
@@ -177,12 +177,14 @@ impl VtdDomain {
     /// of every bound PASID (`iommu_flush_iotlb_psi` with `iommu_flush_dev_iotlb`).
     fn flush_range(&self, start: u64, last: u64) {
         let cap = self.unit.cap();
+        let ecap = self.unit.ecap();
         let order = covering_order(start, last);
         let mut descs: Vec<InvDesc> = vec![iotlb_range(self.did, start, last, &cap)];
         for &sid in &self.devices {
-            descs.push(dev_iotlb(sid, None, start, order));
+            let pf = pfsid(sid, &ecap);
+            descs.push(dev_iotlb_pf(sid, pf, None, start, order));
             for pasid in self.bound.pasids() {
-                descs.push(dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE));
+                descs.push(dev_iotlb_pf(sid, pf, Some(pasid), 0, WHOLE_SPACE));
             }
         }
         self.invalidate(&descs);
@@ -478,7 +480,8 @@ impl IommuBackend for VtdDomain {
     /// devices (`intel_iommu_sva_invalidate`; see `cache_invalidation` for the table).
     fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), HostError> {
         let devices: Vec<SourceId> = self.devices.iter().copied().collect();
-        let descs = cache_invalidation(inv, self.did, &devices, &self.unit.cap())?;
+        let descs =
+            cache_invalidation(inv, self.did, &devices, &self.unit.cap(), &self.unit.ecap())?;
         Ok(self.unit.invalidate(&descs)?)
     }
 

@@ -7,7 +7,7 @@
 
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevels, SourceId};
-use vsva_vtd_driver::inv::{dev_iotlb, piotlb_pages, piotlb_pasid};
+use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_order, size_order, WHOLE_SPACE};
 
 use super::error::DriverError;
@@ -235,6 +235,7 @@ pub(crate) fn cache_invalidation(
     did: DomainId,
     devices: &[SourceId],
     cap: &Cap,
+    ecap: &Ecap,
 ) -> Result<Vec<InvDesc>, DriverError> {
     if inv.cache >> IOMMU_CACHE_INV_TYPE_NR != 0 {
         return Err(DriverError::invalid(
@@ -254,18 +255,36 @@ pub(crate) fn cache_invalidation(
             Planned::PasidIotlb => {
                 descs.push(piotlb_pasid(did, pasid));
                 for &sid in devices {
-                    descs.push(dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE));
+                    descs.push(dev_iotlb_pf(
+                        sid,
+                        pfsid(sid, ecap),
+                        Some(pasid),
+                        0,
+                        WHOLE_SPACE,
+                    ));
                 }
             }
             Planned::PasidIotlbPages(pg) => {
                 descs.push(piotlb_pages(did, pasid, pg.addr, pg.order, pg.leaf, cap));
                 for &sid in devices {
-                    descs.push(dev_iotlb(sid, Some(pasid), pg.addr, pg.order));
+                    descs.push(dev_iotlb_pf(
+                        sid,
+                        pfsid(sid, ecap),
+                        Some(pasid),
+                        pg.addr,
+                        pg.order,
+                    ));
                 }
             }
             Planned::DevIotlbPages(pg) => {
                 for &sid in devices {
-                    descs.push(dev_iotlb(sid, Some(pasid), pg.addr, pg.order));
+                    descs.push(dev_iotlb_pf(
+                        sid,
+                        pfsid(sid, ecap),
+                        Some(pasid),
+                        pg.addr,
+                        pg.order,
+                    ));
                 }
             }
         }
@@ -483,19 +502,22 @@ mod tests {
             (iotlb | pc, by_pasid, false),
             (iotlb | dev, by_addr, true),
         ] {
-            let r = cache_invalidation(&inv(cache, g), did, &DEVS, &cap());
+            let r = cache_invalidation(&inv(cache, g), did, &DEVS, &cap(), &ecap());
             assert_eq!(r.is_ok(), ok, "cache {cache:#x} {g:?}: {r:?}");
             if let Err(e) = r {
                 assert_eq!(e.errno(), libc::EINVAL);
             }
         }
-        // PASID-selective: one P_IOTLB, then each device's whole PASID device TLB.
-        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &DEVS, &cap()).unwrap();
+        // PASID-selective: one P_IOTLB, then each device's whole PASID device TLB, PFSID 0
+        // without ECAP.DIT (`iommu_enable_dev_iotlb`).
+        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &DEVS, &cap(), &ecap()).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(d[0], piotlb_pasid(did, pasid(4)));
+        let none = SourceId::from_rid(0);
         for (desc, sid) in d[1..].iter().zip(DEVS) {
             assert!(
-                matches!(desc, InvDesc::PasidDevIotlb { sid: s, pasid: q, .. } if *s == sid && *q == pasid(4))
+                matches!(desc, InvDesc::PasidDevIotlb { sid: s, pfsid, pasid: q, .. } if *s == sid && *q == pasid(4) && *pfsid == none),
+                "{desc:?}"
             );
             assert_eq!(
                 desc.range(),
@@ -505,8 +527,21 @@ mod tests {
                 })
             );
         }
+        // With ECAP.DIT, PFSID is the physical function's source id: the device's own.
+        let dit = Ecap {
+            dit: true,
+            ..ecap()
+        };
+        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &DEVS, &cap(), &dit).unwrap();
+        for (desc, sid) in d[1..].iter().zip(DEVS) {
+            assert!(
+                matches!(desc, InvDesc::PasidDevIotlb { pfsid, .. } if *pfsid == sid),
+                "{desc:?}"
+            );
+        }
         // 16 pages by address: AM 4, leaf hint, and the device TLBs of the same block.
-        let d = cache_invalidation(&inv(iotlb | dev, by_addr), did, &DEVS, &cap()).unwrap();
+        let d =
+            cache_invalidation(&inv(iotlb | dev, by_addr), did, &DEVS, &cap(), &ecap()).unwrap();
         assert_eq!(d.len(), 5, "{d:?}");
         assert_eq!(
             d[0],
@@ -533,10 +568,10 @@ mod tests {
     #[test]
     fn misaligned_ranges_are_erange_and_no_pasid_means_pasid_0() {
         let c = inv(IOMMU_CACHE_INV_TYPE_IOTLB, addr(None, 0x1000, 0x1000, 2));
-        let e = cache_invalidation(&c, DomainId(3), &DEVS, &cap()).unwrap_err();
+        let e = cache_invalidation(&c, DomainId(3), &DEVS, &cap(), &ecap()).unwrap_err();
         assert_eq!(e.errno(), libc::ERANGE);
         let c = inv(IOMMU_CACHE_INV_TYPE_IOTLB, addr(None, 0x2000, 0x1000, 2));
-        let d = cache_invalidation(&c, DomainId(3), &[], &cap()).unwrap();
+        let d = cache_invalidation(&c, DomainId(3), &[], &cap(), &ecap()).unwrap();
         assert!(matches!(d[..], [InvDesc::PasidIotlb { pasid: p, am: 1, .. }] if p.raw() == 0));
     }
 
@@ -634,18 +669,19 @@ mod tests {
             let misaligned = req.misaligned();
             let Request { cache, granularity } = req;
             let pasid = inv(cache, granularity).pasid();
-            let descs = match cache_invalidation(&inv(cache, granularity), did, &DEVS, &cap()) {
-                Ok(descs) => descs,
-                Err(e) => {
-                    let want = if misaligned {
-                        libc::ERANGE
-                    } else {
-                        libc::EINVAL
-                    };
-                    prop_assert_eq!(e.errno(), want, "{:?}", e);
-                    return Ok(());
-                }
-            };
+            let descs =
+                match cache_invalidation(&inv(cache, granularity), did, &DEVS, &cap(), &ecap()) {
+                    Ok(descs) => descs,
+                    Err(e) => {
+                        let want = if misaligned {
+                            libc::ERANGE
+                        } else {
+                            libc::EINVAL
+                        };
+                        prop_assert_eq!(e.errno(), want, "{:?}", e);
+                        return Ok(());
+                    }
+                };
             prop_assert!(
                 !misaligned,
                 "a misaligned IOTLB range was accepted: {:?}",

@@ -22,7 +22,7 @@ use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
 use vsva_vtd::{Capabilities, DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
-use vsva_vtd_driver::inv::{dev_iotlb, iotlb_domain, piotlb_pasid};
+use vsva_vtd_driver::inv::{dev_iotlb_pf, iotlb_domain, pfsid, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
 use vsva_vtd_driver::tables::pdts_for;
 use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue};
@@ -454,7 +454,7 @@ impl HostIommu {
                 pasid,
             },
             piotlb_pasid(entry.did, pasid),
-            dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE),
+            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), Some(pasid), 0, WHOLE_SPACE),
         ]);
         if let Err(e) = flushed {
             if let Err(clear) = tables::clear_pasid_entry(mem, slot) {
@@ -492,9 +492,9 @@ impl HostIommu {
         };
         let iotlb = teardown_iotlb(old.pgtt, old.did, pasid, &self.cap);
         let devtlb = if pasid == RID_PASID {
-            dev_iotlb(sid, None, 0, WHOLE_SPACE)
+            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), None, 0, WHOLE_SPACE)
         } else {
-            dev_iotlb(sid, Some(pasid), 0, WHOLE_SPACE)
+            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), Some(pasid), 0, WHOLE_SPACE)
         };
         let descs = [
             InvDesc::PasidCache {
