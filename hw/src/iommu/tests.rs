@@ -981,6 +981,69 @@ mod paging_structure_caches {
         assert!(!unit.paging_caches.is_empty());
     }
 
+    /// Real threads: one translates a nested PASID's page in a loop while another moves
+    /// the page to a new guest frame and invalidates, again and again. A translation that
+    /// began after invalidation `v` returned must give the frame of version `v` or of a
+    /// later one: an older frame means a walk that raced an invalidation was cached.
+    #[test]
+    fn translations_after_an_invalidation_returned_never_give_an_older_frame() {
+        use std::sync::atomic::AtomicU64;
+        use std::time::{Duration, Instant};
+        const FRAMES: u64 = 64;
+        let mut rig = Rig::new(false);
+        let mut vm = Vm::new(&rig);
+        vm.map_buffer(&rig, 1);
+        let pte = vm.entry(&rig, GVA, 1);
+        let frame = |version: u64| DATA_GPA + (version % FRAMES) * 0x1000;
+        let mem = rig.mem.clone();
+        let ram = vm.ram(&mem);
+        ram.write_u64(pte, frame(0) | 0x7).unwrap();
+        rig.invalidate(&[pasid_selective()]);
+        let published = AtomicU64::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let iommu = rig.iommu.clone();
+        let (checked, versions) = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut checked = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let before = published.load(Ordering::Acquire);
+                    let m = iommu
+                        .translate(SID, Some(pasid(P)), GVA, AccessRequest::READ)
+                        .unwrap();
+                    let after = published.load(Ordering::Acquire);
+                    // Versions the tables may have been at: `before` to one being written
+                    // after `after`. Too many to tell apart by frame: not checked.
+                    if after + 2 - before >= FRAMES {
+                        continue;
+                    }
+                    let ok = (before..=after + 1).any(|v| m.hpa == vm.hpa(frame(v)));
+                    assert!(
+                        ok,
+                        "translation began after invalidation {before} returned and gave \
+                         {:#x} ({:?}); expected a frame of versions {before}..={}",
+                        m.hpa,
+                        m.source,
+                        after + 1
+                    );
+                    checked += 1;
+                }
+                checked
+            });
+            let start = Instant::now();
+            let mut version = 0;
+            while start.elapsed() < Duration::from_millis(1000) && !reader.is_finished() {
+                version += 1;
+                ram.write_u64(pte, frame(version) | 0x7).unwrap();
+                rig.invalidate(&[pasid_selective()]);
+                published.store(version, Ordering::Release);
+            }
+            stop.store(true, Ordering::Release);
+            (reader.join().unwrap(), version)
+        });
+        eprintln!("{checked} translations checked against {versions} invalidations");
+        assert!(checked > 1000 && versions > 100, "{checked} {versions}");
+    }
+
     #[test]
     fn a_changed_pde_uses_the_cached_page_table_until_an_invalidation_with_ih_clear() {
         let mut rig = Rig::new(true);
