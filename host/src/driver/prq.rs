@@ -9,7 +9,7 @@
 //! Invalid Request.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use vsva_hw::iommu::Iommu;
 use vsva_hw::FrameAllocator;
@@ -96,13 +96,18 @@ impl PageRequests {
             }
             return Err(e.into());
         }
-        *self.ring.lock().unwrap() = Some(ring);
+        *self.ring.lock().unwrap_or_else(PoisonError::into_inner) = Some(ring);
         Ok(())
     }
 
     /// Frees the queue memory; the queue must no longer be in use.
     pub fn release(&self, frames: &FrameAllocator) {
-        if let Some(ring) = self.ring.lock().unwrap().take() {
+        if let Some(ring) = self
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             if let Err(e) = frames.free(Hpa(ring.base())) {
                 tracing::error!("vt-d: freeing the page request queue: {e}");
             }
@@ -112,7 +117,7 @@ impl PageRequests {
     /// Takes every descriptor the unit queued (`prq_event_thread`); a descriptor that
     /// does not decode is logged and dropped.
     pub fn drain(&self, hw: &Iommu) -> Result<Vec<PageRequestDesc>, DriverError> {
-        let ring = self.ring.lock().unwrap();
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(ring) = ring.as_ref() else {
             return Ok(Vec::new());
         };
@@ -134,7 +139,13 @@ impl PageRequests {
                 .get(&(desc.rid.rid(), p.raw()))
                 .copied()
         });
-        let sink = did.and_then(|d| self.sinks.read().unwrap().get(&d).cloned());
+        let sink = did.and_then(|d| {
+            self.sinks
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&d)
+                .cloned()
+        });
         match (sink, refusal(desc)) {
             (Some(sink), refuse) => {
                 Dispatch::Report(sink, desc.rid, PageRequest::from(desc), refuse)
@@ -162,17 +173,24 @@ impl PageRequests {
 
     /// Whether the requests of `sid` with `pasid` go to `did`.
     pub fn routed_to(&self, sid: SourceId, pasid: Pasid, did: DomainId) -> bool {
-        self.routes.read().unwrap().get(&(sid.rid(), pasid.raw())) == Some(&did)
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(sid.rid(), pasid.raw()))
+            == Some(&did)
     }
 
     /// Number of routed (device, PASID) pairs.
     pub fn routes(&self) -> usize {
-        self.routes.read().unwrap().len()
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Sets (or with `None` removes) the fault queue of `did`.
     pub fn set_sink(&self, did: DomainId, sink: Option<FaultSink>) {
-        let mut sinks = self.sinks.write().unwrap();
+        let mut sinks = self.sinks.write().unwrap_or_else(PoisonError::into_inner);
         match sink {
             Some(s) => {
                 sinks.insert(did, s);
@@ -185,7 +203,10 @@ impl PageRequests {
 
     /// Number of domains with a fault queue.
     pub fn sinks(&self) -> usize {
-        self.sinks.read().unwrap().len()
+        self.sinks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 

@@ -14,7 +14,7 @@
 //! entry made present), they are issued anyway: they cost one queue submission and keep
 //! the driver correct on units that cache not-present entries.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_hw::iommu::Iommu;
 use vsva_hw::FrameAllocator;
@@ -224,7 +224,7 @@ impl HostIommu {
 
     /// The faults the unit recorded since the last call, oldest first.
     pub fn take_faults(&self) -> Vec<FaultRecord> {
-        std::mem::take(&mut self.faults.lock().unwrap())
+        std::mem::take(&mut self.faults.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Number of domain ids in use.
@@ -601,7 +601,10 @@ impl HostIommu {
                 record.pasid,
                 record.fault_info
             );
-            self.faults.lock().unwrap().push(record);
+            self.faults
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(record);
         }
         Ok(())
     }
