@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vsva_vtd::{Gpa, Hpa, MemError, PhysMem};
@@ -222,7 +222,7 @@ impl HostMemory {
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
             .map_err(|e| HostMemoryError::GuestWindow(e.to_string()))?;
-        let mut windows = self.windows.write().unwrap();
+        let mut windows = self.windows.write().unwrap_or_else(PoisonError::into_inner);
         for region in mem.iter() {
             let start = Gpa(region.start_addr().0);
             if let Some(&(_, hpa, size)) = regions.iter().find(|r| r.0 == start) {
@@ -234,7 +234,7 @@ impl HostMemory {
 
     /// Forgets the user windows of a guest memory object that is being dropped.
     pub fn release_guest_memory(&self, mem: &GuestMemoryMmap) {
-        let mut windows = self.windows.write().unwrap();
+        let mut windows = self.windows.write().unwrap_or_else(PoisonError::into_inner);
         for region in mem.iter() {
             windows.remove(&(region.as_ptr() as u64));
         }
@@ -245,7 +245,7 @@ impl HostMemory {
     /// range must lie in one window.
     pub fn resolve_user(&self, vaddr: u64, len: u64) -> Result<Hpa, HostMemoryError> {
         let err = || HostMemoryError::NotHostMemory { vaddr, len };
-        let windows = self.windows.read().unwrap();
+        let windows = self.windows.read().unwrap_or_else(PoisonError::into_inner);
         let (&start, w) = windows.range(..=vaddr).next_back().ok_or_else(err)?;
         let off = vaddr - start;
         match off.checked_add(len) {
@@ -363,7 +363,7 @@ impl FrameAllocator {
         let oom = || HostMemoryError::OutOfMemory {
             pages: size / PAGE_SIZE,
         };
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let fit = s.free.iter().find_map(|(&start, &len)| {
             let aligned = start.checked_next_multiple_of(align)?;
             (aligned + size <= start + len).then_some((start, len, aligned))
@@ -397,7 +397,7 @@ impl FrameAllocator {
 
     /// Frees a frame or range returned by this allocator.
     pub fn free(&self, hpa: Hpa) -> Result<(), HostMemoryError> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let len = s
             .allocated
             .remove(&hpa.0)
@@ -425,7 +425,10 @@ impl FrameAllocator {
 
     /// Bytes currently allocated: what a leak check compares before and after.
     pub fn allocated_bytes(&self) -> u64 {
-        self.state.lock().unwrap().allocated_bytes
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allocated_bytes
     }
 }
 

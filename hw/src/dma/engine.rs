@@ -34,7 +34,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vsva_vtd::{Hpa, Pasid, PhysMem};
 
@@ -272,7 +272,7 @@ impl DmaEngine {
 
     /// Reads a 64-bit register.
     pub fn mmio_read(&self, offset: u64) -> Result<u64, DmaError> {
-        let regs = self.regs.lock().unwrap();
+        let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(match offset {
             REG_CAP => self.config.cap(),
             REG_CTRL => regs.ctrl,
@@ -308,14 +308,17 @@ impl DmaEngine {
                 if value & !clearable != 0 {
                     return Err(DmaError::ReadOnly(offset));
                 }
-                self.regs.lock().unwrap().status &= !value;
+                self.regs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .status &= !value;
                 Ok(())
             }
             REG_SWERR0 => {
                 if value & !(SWERR_VALID | SWERR_OVERFLOW) != 0 {
                     return Err(DmaError::ReadOnly(offset));
                 }
-                let mut regs = self.regs.lock().unwrap();
+                let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
                 if value & SWERR_VALID != 0 {
                     regs.swerr = None;
                 }
@@ -335,8 +338,8 @@ impl DmaEngine {
             return Err(DmaError::Unsupported(unsupported));
         }
         let exec = self.exec.try_lock().map_err(|_| DmaError::Busy)?;
-        let mut regs = self.regs.lock().unwrap();
-        let wq = self.wq.lock().unwrap();
+        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        let wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
         let old = regs.ctrl;
         if old == value {
             return Ok(());
@@ -350,7 +353,10 @@ impl DmaEngine {
             }
         }
         if (old ^ value) & CTRL_ATS_EN != 0 {
-            self.devtlb.lock().unwrap().clear();
+            self.devtlb
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
         }
         regs.ctrl = value;
         Ok(())
@@ -368,11 +374,11 @@ impl DmaEngine {
         if offset >= PORTAL_SIZE || offset % DESCRIPTOR_SIZE as u64 != 0 {
             return Err(DmaError::PortalOffset(offset));
         }
-        let regs = self.regs.lock().unwrap();
+        let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         if regs.ctrl & CTRL_ENABLE == 0 {
             return Err(DmaError::Disabled);
         }
-        let mut wq = self.wq.lock().unwrap();
+        let mut wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
         if wq.queue.len() >= usize::from(self.config.wq_size) {
             return Err(DmaError::Retry);
         }
@@ -395,14 +401,28 @@ impl DmaEngine {
                 return completed;
             };
             let before = exec.completed;
-            let ctrl = self.regs.lock().unwrap().ctrl;
+            let ctrl = self
+                .regs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .ctrl;
             loop {
-                let responses = std::mem::take(&mut *self.responses.lock().unwrap());
+                let responses = std::mem::take(
+                    &mut *self
+                        .responses
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
                 let answered = !responses.is_empty();
                 for r in responses {
                     self.on_response(&mut exec, ctrl, r);
                 }
-                let next = self.wq.lock().unwrap().queue.pop_front();
+                let next = self
+                    .wq
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .queue
+                    .pop_front();
                 match next {
                     Some((seq, raw)) => self.start(&mut exec, ctrl, seq, raw),
                     None if !answered => break,
@@ -411,8 +431,17 @@ impl DmaEngine {
             }
             completed += exec.completed - before;
             drop(exec);
-            let idle = self.wq.lock().unwrap().queue.is_empty()
-                && self.responses.lock().unwrap().is_empty();
+            let idle = self
+                .wq
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .queue
+                .is_empty()
+                && self
+                    .responses
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_empty();
             if idle {
                 return completed;
             }
@@ -426,8 +455,17 @@ impl DmaEngine {
         };
         exec.parked.is_empty()
             && exec.drains.is_empty()
-            && self.wq.lock().unwrap().queue.is_empty()
-            && self.responses.lock().unwrap().is_empty()
+            && self
+                .wq
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .queue
+                .is_empty()
+            && self
+                .responses
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
     }
 
     /// Descriptors waiting for a page response.
@@ -437,12 +475,18 @@ impl DmaEngine {
 
     /// Valid device-TLB entries.
     pub fn devtlb_len(&self) -> usize {
-        self.devtlb.lock().unwrap().len()
+        self.devtlb
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// The error held in the software error register.
     pub fn software_error(&self) -> Option<SoftwareError> {
-        self.regs.lock().unwrap().swerr
+        self.regs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .swerr
     }
 
     /// A snapshot of the counters.
@@ -479,7 +523,7 @@ impl DmaEngine {
     fn record_software_error(&self, err: SoftwareError) {
         bump(&self.counters.software_errors, 1);
         tracing::debug!(sid = %self.config.sid, ?err, "dma: software error");
-        let mut regs = self.regs.lock().unwrap();
+        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         if regs.swerr.is_some() {
             regs.swerr_overflow = true;
         } else {
@@ -617,7 +661,13 @@ impl DmaEngine {
             record.result = u8::from(is_descending(&job.desc.op));
         }
         let pri_ok = ctrl & CTRL_PRI_EN != 0
-            && self.regs.lock().unwrap().status & STATUS_PRI_RF == 0
+            && self
+                .regs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .status
+                & STATUS_PRI_RF
+                == 0
             && exec.parked.len() < usize::from(self.config.pri_capacity);
         if !pri_ok {
             return Err(record);
@@ -669,7 +719,10 @@ impl DmaEngine {
             .iter()
             .position(|p| p.prgi == resp.prgi && p.job.desc.pasid == resp.pasid);
         let Some(i) = found else {
-            self.regs.lock().unwrap().status |= STATUS_PRI_UPRGI;
+            self.regs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .status |= STATUS_PRI_UPRGI;
             return;
         };
         let parked = exec.parked.swap_remove(i);
@@ -678,7 +731,10 @@ impl DmaEngine {
             self.run(exec, ctrl, job);
         } else {
             if resp.code == PageResponseCode::ResponseFailure {
-                self.regs.lock().unwrap().status |= STATUS_PRI_RF;
+                self.regs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .status |= STATUS_PRI_RF;
             }
             match job.stage {
                 Stage::Execute => {
@@ -816,7 +872,11 @@ impl DmaEngine {
         };
         let sid = self.config.sid;
         let t = if ctrl & CTRL_ATS_EN != 0 {
-            let cached = self.devtlb.lock().unwrap().lookup(pasid, addr, access);
+            let cached = self
+                .devtlb
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .lookup(pasid, addr, access);
             match cached {
                 Some(t) => {
                     bump(&self.counters.devtlb_hits, 1);
@@ -852,11 +912,15 @@ impl DmaEngine {
             recoverable: false,
         };
         for _ in 0..ATS_RETRY_LIMIT {
-            let fill = self.devtlb.lock().unwrap().begin_fill();
+            let fill = self
+                .devtlb
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .begin_fill();
             let c = self
                 .port
                 .ats_translate(self.config.sid, pasid, addr, access)?;
-            let mut tlb = self.devtlb.lock().unwrap();
+            let mut tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
             if tlb.insert(fill, pasid, addr, c) {
                 return tlb.lookup(pasid, addr, access).ok_or(refused);
             }
@@ -1125,11 +1189,17 @@ impl AtsEndpoint for DmaEngine {
 
     fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
         bump(&self.counters.devtlb_invalidations, 1);
-        self.devtlb.lock().unwrap().invalidate(&inv)
+        self.devtlb
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .invalidate(&inv)
     }
 
     fn page_response(&self, resp: PageResponse) {
-        self.responses.lock().unwrap().push(resp);
+        self.responses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(resp);
     }
 }
 

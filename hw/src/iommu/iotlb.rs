@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
@@ -402,7 +402,7 @@ impl Iotlb {
     ) -> bool {
         let key = Key::new(sid, pasid, entry.page_shift, addr);
         // The index lock orders fills against invalidations, which hold it throughout.
-        let mut index = self.index.lock().unwrap();
+        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         if self.generation.load(Ordering::Acquire) != fill {
             return false;
         }
@@ -500,7 +500,7 @@ impl Iotlb {
         mut bucket: impl FnMut(DomainId, u32) -> bool,
         mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> usize {
-        let mut index = self.index.lock().unwrap();
+        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         if fence {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -521,7 +521,7 @@ impl Iotlb {
 
     /// Global invalidation: everything.
     pub fn invalidate_all(&self) -> usize {
-        let mut index = self.index.lock().unwrap();
+        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         self.generation.fetch_add(1, Ordering::AcqRel);
         let mut removed = 0;
         for set in self.sets.iter() {
@@ -910,7 +910,9 @@ mod tests {
                     }
                 }
             }
-            assert!(t.index.lock().unwrap().keys <= 4 * sets * WAYS + 1);
+            assert!(
+                t.index.lock().unwrap_or_else(PoisonError::into_inner).keys <= 4 * sets * WAYS + 1
+            );
             // Every cached entry is still listed under its domain: domain invalidations
             // empty the table.
             let cached = t.len();

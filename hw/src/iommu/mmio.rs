@@ -3,6 +3,7 @@
 //! and the page request queue (§7.5).
 
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{AddressType, Interrupt, Iqei, RegEffect, RegError, Ttm, VcmdResponse};
@@ -16,12 +17,19 @@ use super::{Iommu, ROOT_STRICT};
 impl Iommu {
     /// A register read of `size` bytes (4 or 8) at `offset`.
     pub fn mmio_read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
-        self.regs.lock().unwrap().read(offset, size)
+        self.regs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(offset, size)
     }
 
     /// A register write, with the side effects the written register has.
     pub fn mmio_write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
-        let effects = self.regs.lock().unwrap().write(offset, size, value)?;
+        let effects = self
+            .regs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(offset, size, value)?;
         for effect in effects {
             match effect {
                 RegEffect::RootTableSet(_) | RegEffect::TranslationEnabled(_) => self.latch_root(),
@@ -50,7 +58,7 @@ impl Iommu {
 
     /// Makes the translation state follow GSTS.TES and the latched root table.
     fn latch_root(&self) {
-        let state = RootState::word(&self.regs.lock().unwrap());
+        let state = RootState::word(&self.regs.lock().unwrap_or_else(PoisonError::into_inner));
         // Strict mode shares the word: keep its bit. The update cannot fail: the closure
         // always gives a value.
         let _ = self
@@ -72,7 +80,13 @@ impl Iommu {
             };
             self.drain_invalidation_queue();
             drop(guard);
-            if self.regs.lock().unwrap().next_inv_desc().is_none() {
+            if self
+                .regs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .next_inv_desc()
+                .is_none()
+            {
                 return;
             }
         }
@@ -81,7 +95,7 @@ impl Iommu {
     fn drain_invalidation_queue(&self) {
         loop {
             let (addr, width, scalable) = {
-                let regs = self.regs.lock().unwrap();
+                let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
                 let Some(addr) = regs.next_inv_desc() else {
                     return;
                 };
@@ -91,7 +105,7 @@ impl Iommu {
             let result = self.fetch_descriptor(addr, width, scalable);
             let completion =
                 result.and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
-            let mut regs = self.regs.lock().unwrap();
+            let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
             let irq = match completion {
                 Err(iqei) => {
                     let irq = regs.set_iqe(iqei);
@@ -151,7 +165,11 @@ impl Iommu {
         };
         let record = fault.record(access, address_type);
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        let (_, irq) = self.regs.lock().unwrap().record_fault(&record);
+        let (_, irq) = self
+            .regs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record_fault(&record);
         if let Some(irq) = irq {
             self.raise(irq);
         }
@@ -160,7 +178,7 @@ impl Iommu {
     /// Queues a page request descriptor (§7.5.1); `false` when the queue was full (PRS.PRO
     /// set, the request dropped).
     pub(crate) fn queue_page_request(&self, desc: &PageRequestDesc) -> bool {
-        let mut regs = self.regs.lock().unwrap();
+        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(slot) = regs.pq_tail_slot() else {
             let irq = regs.pq_overflow();
             drop(regs);
@@ -182,7 +200,11 @@ impl Iommu {
 
     /// Delivers an interrupt message to the handler the platform registered.
     fn raise(&self, irq: Interrupt) {
-        let handler = self.irq_handler.read().unwrap().clone();
+        let handler = self
+            .irq_handler
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         if let Some(h) = handler {
             h(irq);
         }

@@ -19,7 +19,7 @@ mod translate;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
@@ -172,7 +172,10 @@ impl Iommu {
 
     /// Registers the receiver of interrupt messages (the platform's MSI delivery).
     pub fn set_interrupt_handler(&self, handler: InterruptHandler) {
-        *self.irq_handler.write().unwrap() = Some(handler);
+        *self
+            .irq_handler
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handler);
     }
 
     /// Connects an ATS/PRI-capable device: device-TLB invalidations and page group
@@ -186,11 +189,18 @@ impl Iommu {
 
     /// Disconnects the device of `sid`.
     pub fn detach_endpoint(&self, sid: SourceId) {
-        self.endpoints.write().unwrap().remove(&sid.rid());
+        self.endpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&sid.rid());
     }
 
     fn endpoint(&self, sid: SourceId) -> Option<Arc<dyn AtsEndpoint>> {
-        self.endpoints.read().unwrap().get(&sid.rid()).cloned()
+        self.endpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&sid.rid())
+            .cloned()
     }
 
     /// Whether strict mode is on.
@@ -209,7 +219,7 @@ impl Iommu {
 
     /// The stale translations strict mode has found, oldest first; empties the list.
     pub fn take_stale_translations(&self) -> Vec<StaleTranslation> {
-        std::mem::take(&mut self.stale.lock().unwrap())
+        std::mem::take(&mut self.stale.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Work counters.
@@ -231,8 +241,14 @@ impl Iommu {
     /// Number of cached context and PASID entries.
     pub fn cached_entries(&self) -> (usize, usize) {
         (
-            self.context_cache.read().unwrap().len(),
-            self.pasid_cache.read().unwrap().len(),
+            self.context_cache
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            self.pasid_cache
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
         )
     }
 }

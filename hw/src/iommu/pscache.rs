@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{PoisonError, RwLock};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
@@ -167,7 +167,10 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
 
     /// The first of `keys` that is cached.
     fn find(&self, did: DomainId, keys: impl IntoIterator<Item = K>) -> Option<V> {
-        let shard = self.shard(did).read().unwrap();
+        let shard = self
+            .shard(did)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         keys.into_iter().find_map(|k| shard.get(&k).copied())
     }
 
@@ -179,7 +182,10 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
         did: DomainId,
         entries: impl IntoIterator<Item = (K, V)>,
     ) {
-        let mut shard = self.shard(did).write().unwrap();
+        let mut shard = self
+            .shard(did)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if generation.0.load(Ordering::Acquire) != fill {
             return;
         }
@@ -204,7 +210,10 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
         candidates: impl FnOnce() -> I,
         select: impl Fn(&K) -> bool,
     ) {
-        let mut shard = self.shard(did).write().unwrap();
+        let mut shard = self
+            .shard(did)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         generation.advance();
         if count < shard.len() as u64 {
             for key in candidates() {
@@ -219,14 +228,17 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
 
     fn clear(&self, generation: &Generation) {
         for shard in self.shards.iter() {
-            let mut shard = shard.write().unwrap();
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
             generation.advance();
             shard.clear();
         }
     }
 
     fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().unwrap().len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 }
 

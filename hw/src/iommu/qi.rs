@@ -7,6 +7,7 @@
 //! (§6.5.3).
 
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use vsva_vtd::inv_desc::{
     IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity, ResponseCode,
@@ -35,7 +36,10 @@ impl Iommu {
                 fm,
                 ..
             } => {
-                let mut cache = self.context_cache.write().unwrap();
+                let mut cache = self
+                    .context_cache
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
                 self.entry_generation.fetch_add(1, Ordering::AcqRel);
                 cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
             }
@@ -44,7 +48,10 @@ impl Iommu {
                 did,
                 pasid,
             } => {
-                let mut cache = self.pasid_cache.write().unwrap();
+                let mut cache = self
+                    .pasid_cache
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
                 self.entry_generation.fetch_add(1, Ordering::AcqRel);
                 match granularity {
                     PasidCacheGranularity::Global => cache.clear(),

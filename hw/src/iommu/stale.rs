@@ -5,6 +5,7 @@
 //! person debugging a driver.
 
 use std::fmt;
+use std::sync::PoisonError;
 
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::pasid::lookup_pasid_entry;
@@ -131,7 +132,10 @@ impl Iommu {
             missing,
         };
         tracing::warn!("{event}");
-        self.stale.lock().unwrap().push(event);
+        self.stale
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event);
     }
 
     /// Compares an IOTLB hit for `req`, from the root table at `rta`, with a fresh walk;

@@ -11,6 +11,7 @@ use vsva_vtd::{
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use vsva_vtd::{MemError, PhysMem};
 
@@ -231,13 +232,20 @@ impl RemappingUnit for Iommu {
     }
 
     fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
-        self.context_cache.read().unwrap().get(&sid.rid()).copied()
+        self.context_cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&sid.rid())
+            .copied()
     }
 
     /// An entry read while a context- or PASID-cache invalidation ran is used but not
     /// cached.
     fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
-        let mut cache = self.context_cache.write().unwrap();
+        let mut cache = self
+            .context_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.entry_generation.load(Ordering::Acquire) == fill {
             cache.insert(sid.rid(), ctx);
         }
@@ -254,7 +262,10 @@ impl RemappingUnit for Iommu {
     /// An entry read afresh retags the IOTLB for its domain.
     fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
         self.iotlb.retag(sid, pasid, pe.did);
-        let mut cache = self.pasid_cache.write().unwrap();
+        let mut cache = self
+            .pasid_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if self.entry_generation.load(Ordering::Acquire) == fill {
             cache.insert((sid.rid(), pasid.raw()), pe);
         }
