@@ -24,18 +24,40 @@ pub enum DriverError {
     Memory(String),
     /// User memory that does not resolve to host memory (`pin_user_pages` fails: `-EFAULT`).
     #[error("user range {vaddr:#x}+{size:#x} is not backed by host memory")]
-    BadUserAddress { vaddr: u64, size: u64 },
+    BadUserAddress {
+        /// Start of the user range (the VMM's virtual address).
+        vaddr: u64,
+        /// Its length in bytes.
+        size: u64,
+    },
     /// An IOVA range beyond the domain's address width (`-EINVAL`, as `vfio_dma_do_map`
     /// refuses a range outside the domain's aperture, `__DOMAIN_MAX_ADDR(gaw)`).
     #[error("IOVA range {iova:#x}+{size:#x} is beyond the {width}-bit address width")]
-    IovaOutOfRange { iova: u64, size: u64, width: u32 },
+    IovaOutOfRange {
+        /// Start of the IOVA range.
+        iova: u64,
+        /// Its length in bytes.
+        size: u64,
+        /// The domain's address width in bits.
+        width: u32,
+    },
     /// An argument the driver refuses (`-EINVAL`).
     #[error("{what}: {detail}")]
-    InvalidArgument { what: &'static str, detail: String },
+    InvalidArgument {
+        /// The argument refused.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
     /// An invalidation whose address is not aligned to its size (`-ERANGE`, as
     /// `intel_iommu_sva_invalidate` answers).
     #[error("invalidation address {addr:#x} is not aligned to its {pages} pages")]
-    Misaligned { addr: u64, pages: u64 },
+    Misaligned {
+        /// The invalidation's address.
+        addr: u64,
+        /// The number of 4 KiB pages it covers.
+        pages: u64,
+    },
     /// Every domain id is in use (`-ENOSPC`).
     #[error("no free domain id")]
     NoDomainId,
@@ -47,7 +69,12 @@ pub enum DriverError {
     NotAttached(SourceId),
     /// The PASID entry is in use (`-EBUSY`, `intel_pasid_setup_nested`).
     #[error("{pasid} of device {sid} is in use")]
-    PasidBusy { sid: SourceId, pasid: Pasid },
+    PasidBusy {
+        /// The device.
+        sid: SourceId,
+        /// The PASID whose entry is present.
+        pasid: Pasid,
+    },
     /// The PASID is not bound in this domain (`-ENODEV`, `intel_svm_page_response`).
     #[error("{0} is not bound in this domain")]
     NotBound(Pasid),
@@ -55,7 +82,12 @@ pub enum DriverError {
     /// replaced with the batch's wait so that the queue could go on (`qi_check_fault`);
     /// the invalidation may not have happened (`-EIO`).
     #[error("the invalidation queue refused descriptor {index} ({iqei:?})")]
-    QueueError { iqei: Iqei, index: u64 },
+    QueueError {
+        /// IQERCD.IQEI: why the unit refused the descriptor (VT-d 10.4.33).
+        iqei: Iqei,
+        /// The refused descriptor's slot in the queue.
+        index: u64,
+    },
     /// An invalidation wait did not complete (`-ETIMEDOUT`).
     #[error("invalidation wait did not complete")]
     QueueTimeout,

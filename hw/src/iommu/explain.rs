@@ -14,8 +14,11 @@ use vsva_vtd::request::walk_pasid_entry;
 /// The explanation of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explanation {
+    /// Requester id of the request.
     pub sid: SourceId,
+    /// Its PASID, if it carried one.
     pub pasid: Option<Pasid>,
+    /// The address it asked to translate.
     pub addr: u64,
     /// Root table address, when translation is enabled in scalable mode.
     pub root: Option<u64>,

@@ -56,8 +56,11 @@ impl TranslationKind {
 pub struct Perms(u8);
 
 impl Perms {
+    /// Read requests allowed.
     pub const READ: Perms = Perms(1);
+    /// Write requests allowed.
     pub const WRITE: Perms = Perms(1 << 1);
+    /// Execute requests allowed.
     pub const EXECUTE: Perms = Perms(1 << 2);
     /// First level: user-mode requests allowed (U/S set on every level).
     pub const USER: Perms = Perms(1 << 3);
@@ -94,14 +97,17 @@ impl Perms {
         Perms(bits & Self::ALL)
     }
 
+    /// Whether reads are allowed.
     pub const fn read(self) -> bool {
         self.contains(Perms::READ)
     }
 
+    /// Whether writes are allowed.
     pub const fn write(self) -> bool {
         self.contains(Perms::WRITE)
     }
 
+    /// Whether execute requests are allowed.
     pub const fn execute(self) -> bool {
         self.contains(Perms::EXECUTE)
     }
@@ -182,7 +188,9 @@ pub struct IotlbEntry {
     pub output: u64,
     /// log2 of the page size: 12, 21 or 30.
     pub page_shift: u8,
+    /// The rights the walk granted, over all levels.
     pub perms: Perms,
+    /// What kind of walk filled it (first level, second level, nested, pass-through).
     pub kind: TranslationKind,
 }
 

@@ -41,6 +41,7 @@ pub use translate::{DmaMapping, Source};
 /// which entries are valid, and the host address width.
 #[derive(Clone, Copy, Debug)]
 pub struct IommuConfig {
+    /// The capability fields (CAP/ECAP) the model reports and checks entries against.
     pub caps: Capabilities,
     /// Re-walk the tables on every IOTLB hit and after every walk that used the
     /// paging-structure caches, and report stale translations.
@@ -94,8 +95,10 @@ pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
 /// An [`IommuConfig`] the model cannot implement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IommuConfigError {
+    /// The host address width is one the entry formats cannot have.
     #[error("host address width: {0}")]
     AddressWidth(#[from] InvalidAddressWidth),
+    /// The capabilities do not make valid CAP/ECAP register values.
     #[error("capability registers: {0}")]
     Registers(#[from] RegError),
 }

@@ -89,6 +89,7 @@ struct MappingKey {
 pub struct SlMapping {
     /// Host physical base of the page.
     pub output: u64,
+    /// Page size of the mapping.
     pub size: PageSize,
     /// The second level's rights over all levels.
     pub perms: Permissions,

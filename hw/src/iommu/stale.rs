@@ -20,8 +20,11 @@ use vsva_vtd::request::walk_pasid_entry;
 /// A cached translation that no longer matches the tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaleTranslation {
+    /// Requester id of the request that used the stale translation.
     pub sid: SourceId,
+    /// Its PASID.
     pub pasid: Pasid,
+    /// The address it translated.
     pub addr: u64,
     /// What the IOTLB, or the walk through the paging-structure caches, returned (and the
     /// request used).
