@@ -185,6 +185,38 @@ pub struct PasidEntry {
 }
 
 impl PasidEntry {
+    /// An entry of translation type `pgtt` in domain `did` with every other field clear:
+    /// no table pointers, no flags, no memory type, and both paging modes at their
+    /// 4-level encodings. Callers set the fields their entry needs with struct update
+    /// syntax (`PasidEntry { slptptr, ..PasidEntry::new(Pgtt::SecondLevel, did) }`).
+    pub const fn new(pgtt: Pgtt, did: DomainId) -> PasidEntry {
+        PasidEntry {
+            fpd: false,
+            aw: SlLevels::Four,
+            slee: false,
+            pgtt,
+            slade: false,
+            slptptr: 0,
+            did,
+            pwsnp: false,
+            pgsnp: false,
+            cd: false,
+            emte: false,
+            emt: 0,
+            pwt: false,
+            pcd: false,
+            pat: 0,
+            sre: false,
+            ere: false,
+            flpm: FlPagingMode::FourLevel,
+            wpe: false,
+            nxe: false,
+            smep: false,
+            eafe: false,
+            flptptr: 0,
+        }
+    }
+
     /// The eight qwords of the entry; qwords 3-7 are reserved and zero.
     pub const fn to_raw(&self) -> [u64; 8] {
         let q0 = P
@@ -488,6 +520,17 @@ mod tests {
     fn nested_entry_matches_the_spec_layout() {
         assert_eq!(nested().to_raw(), NESTED_RAW);
         assert_eq!(PasidEntry::from_raw(NESTED_RAW), Ok(nested()));
+    }
+
+    #[test]
+    fn new_sets_only_present_pgtt_aw_and_did() {
+        // P (bit 0), AW 010b = 4-level (4:2), PGTT 010b = second level (8:6); DID 5 (79:64).
+        let raw = PasidEntry::new(Pgtt::SecondLevel, DomainId(5)).to_raw();
+        assert_eq!(raw, [0x89, 5, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            PasidEntry::from_raw(raw),
+            Ok(PasidEntry::new(Pgtt::SecondLevel, DomainId(5)))
+        );
     }
 
     #[test]

@@ -454,11 +454,9 @@ mod tests {
     use super::*;
     use crate::addr::DomainId;
     use crate::context::context_entry_addr;
-    use crate::flpte::FlPagingMode;
     use crate::pasid::{pasid_entry_addr, PasidDirEntry};
     use crate::root::tests::{put, CAPS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
-    use crate::slpte::SlLevels;
     use crate::testutil::TestMemory;
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
@@ -511,29 +509,7 @@ mod tests {
             };
             put(&mem, DIR, &[pde.to_raw()]);
             let pe = PasidEntry {
-                fpd: false,
-                aw: SlLevels::Four,
-                slee: false,
-                pgtt: Pgtt::PassThrough,
-                slade: false,
-                slptptr: 0,
-                did: DomainId(7),
-                pwsnp: false,
-                pgsnp: false,
-                cd: false,
-                emte: false,
-                emt: 0,
-                pwt: false,
-                pcd: false,
-                pat: 0,
-                sre: false,
-                ere: false,
-                flpm: FlPagingMode::FourLevel,
-                wpe: false,
-                nxe: false,
-                smep: false,
-                eafe: false,
-                flptptr: 0,
+                ..PasidEntry::new(Pgtt::PassThrough, DomainId(7))
             };
             for p in [0, 5] {
                 put(&mem, pasid_entry_addr(TABLE, pasid(p)), &pe.to_raw());

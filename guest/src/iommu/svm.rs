@@ -276,29 +276,12 @@ impl IommuDriver {
             return Err(DriverError::PasidBusy { sid, pasid });
         }
         let entry = PasidEntry {
-            fpd: false,
             aw: self.agaw,
-            slee: false,
-            pgtt: Pgtt::FirstLevel,
-            slade: false,
-            slptptr: 0,
-            did: FLPT_DEFAULT_DID,
             pwsnp: self.ecap.smpwcs,
-            pgsnp: false,
-            cd: false,
-            emte: false,
-            emt: 0,
-            pwt: false,
-            pcd: false,
-            pat: 0,
-            sre: false,
-            ere: false,
             flpm: process.paging_mode(),
-            wpe: false,
             nxe: true,
-            smep: false,
-            eafe: false,
             flptptr: process.cr3().0,
+            ..PasidEntry::new(Pgtt::FirstLevel, FLPT_DEFAULT_DID)
         };
         // Present (qword 0) last, so the unit never sees a half-written entry.
         Ok(write_pasid_entry(&*self.mem, slot, &entry)?)

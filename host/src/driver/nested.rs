@@ -104,29 +104,14 @@ pub(crate) fn nested_entry(
         return Err(DriverError::invalid(WHAT, "no memory type support"));
     }
     Ok(PasidEntry {
-        fpd: false,
         aw: sl.levels,
-        slee: false,
-        pgtt: Pgtt::Nested,
-        slade: false,
         slptptr: sl.root,
-        did: sl.did,
         pwsnp: ecap.smpwcs,
-        pgsnp: false,
-        cd: false,
-        emte: false,
-        emt: 0,
-        pwt: false,
-        pcd: false,
-        pat: 0,
         sre: has(IOMMU_SVA_VTD_GPASID_SRE),
-        ere: false,
         flpm,
-        wpe: false,
-        nxe: false,
-        smep: false,
         eafe: has(IOMMU_SVA_VTD_GPASID_EAFE),
         flptptr: bind.gpgd.raw(),
+        ..PasidEntry::new(Pgtt::Nested, sl.did)
     })
 }
 

@@ -21,7 +21,7 @@ use vsva_hw::FrameAllocator;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
-use vsva_vtd::{Capabilities, DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
+use vsva_vtd::{Capabilities, DomainId, InvDesc, Pasid, PasidEntry, Pgtt, SourceId};
 use vsva_vtd_driver::inv::{dev_iotlb_pf, iotlb_domain, pfsid, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
 use vsva_vtd_driver::tables::pdts_for;
@@ -291,29 +291,11 @@ impl HostIommu {
     /// VFIO (unmanaged) domain when the unit has snoop control.
     fn second_level_entry(&self, sl: &SecondLevel) -> PasidEntry {
         PasidEntry {
-            fpd: false,
             aw: sl.levels,
-            slee: false,
-            pgtt: Pgtt::SecondLevel,
-            slade: false,
             slptptr: sl.root,
-            did: sl.did,
             pwsnp: self.ecap.smpwcs,
             pgsnp: self.ecap.sc,
-            cd: false,
-            emte: false,
-            emt: 0,
-            pwt: false,
-            pcd: false,
-            pat: 0,
-            sre: false,
-            ere: false,
-            flpm: FlPagingMode::FourLevel,
-            wpe: false,
-            nxe: false,
-            smep: false,
-            eafe: false,
-            flptptr: 0,
+            ..PasidEntry::new(Pgtt::SecondLevel, sl.did)
         }
     }
 

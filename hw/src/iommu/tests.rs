@@ -181,29 +181,8 @@ fn pasid(raw: u32) -> Pasid {
 
 fn first_level_entry(root: u64) -> PasidEntry {
     PasidEntry {
-        fpd: false,
-        aw: SlLevels::Four,
-        slee: false,
-        pgtt: Pgtt::FirstLevel,
-        slade: false,
-        slptptr: 0,
-        did: DID,
-        pwsnp: false,
-        pgsnp: false,
-        cd: false,
-        emte: false,
-        emt: 0,
-        pwt: false,
-        pcd: false,
-        pat: 0,
-        sre: false,
-        ere: false,
-        flpm: FlPagingMode::FourLevel,
-        wpe: false,
-        nxe: false,
-        smep: false,
-        eafe: false,
         flptptr: root,
+        ..PasidEntry::new(Pgtt::FirstLevel, DID)
     }
 }
 

@@ -431,29 +431,10 @@ impl Platform {
 /// A PASID entry of domain `did` with 4-level tables.
 fn pasid_entry(did: DomainId, pgtt: Pgtt, slptptr: u64, flptptr: u64) -> PasidEntry {
     PasidEntry {
-        fpd: false,
-        aw: SlLevels::Four,
-        slee: false,
-        pgtt,
-        slade: false,
         slptptr,
-        did,
-        pwsnp: false,
-        pgsnp: false,
-        cd: false,
-        emte: false,
-        emt: 0,
-        pwt: false,
-        pcd: false,
-        pat: 0,
-        sre: false,
-        ere: false,
-        flpm: FlPagingMode::FourLevel,
-        wpe: false,
         nxe: true,
-        smep: false,
-        eafe: false,
         flptptr,
+        ..PasidEntry::new(pgtt, did)
     }
 }
 

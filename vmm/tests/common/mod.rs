@@ -20,7 +20,7 @@ use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
     DomainId, FlPagingMode, FrameSource, Gpa, InvDesc, MapFlags, MemError, PageSize,
     PageTableBuilder, Pasid, PasidDirEntry, PasidEntry, Pgtt, PhysMem, ScalableContextEntry,
-    ScalableRootEntry, SlLevels, SourceId, TableFormat,
+    ScalableRootEntry, SourceId, TableFormat,
 };
 
 /// Guest RAM size.
@@ -43,29 +43,10 @@ pub fn pasid(raw: u32) -> Pasid {
 /// A first-level PASID entry as Linux's `intel_pasid_setup_first_level` writes it.
 pub fn fl_entry(did: u16, cr3: u64, mode: FlPagingMode) -> PasidEntry {
     PasidEntry {
-        fpd: false,
-        aw: SlLevels::Four,
-        slee: false,
-        pgtt: Pgtt::FirstLevel,
-        slade: false,
-        slptptr: 0,
-        did: DomainId(did),
-        pwsnp: false,
-        pgsnp: false,
-        cd: false,
-        emte: false,
-        emt: 0,
-        pwt: false,
-        pcd: false,
-        pat: 0,
-        sre: false,
-        ere: false,
         flpm: mode,
-        wpe: false,
         nxe: true,
-        smep: false,
-        eafe: false,
         flptptr: cr3,
+        ..PasidEntry::new(Pgtt::FirstLevel, DomainId(did))
     }
 }
 
