@@ -22,7 +22,7 @@ use vsva_hw::dma::regs::{
 };
 use vsva_hw::dma::{
     AtsCompletion, CompletionRequest, Descriptor, DmaAccess, DmaEngine, DmaEngineConfig, DmaFault,
-    DmaPort, DmaTranslation, Operation, PageRequest,
+    DmaPort, DmaTranslation, Operation, PageRequestMessage,
 };
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
@@ -270,7 +270,7 @@ impl DmaPort for Recorder {
         Ok(())
     }
 
-    fn page_request(&self, req: PageRequest) {
+    fn page_request(&self, req: PageRequestMessage) {
         self.hw.page_request(req);
     }
 

@@ -807,6 +807,19 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn response_codes_round_trip() {
+        // The PCIe PRG Response Message codes; 0x2 is reserved.
+        for code in [
+            ResponseCode::Success,
+            ResponseCode::InvalidRequest,
+            ResponseCode::ResponseFailure,
+        ] {
+            assert_eq!(ResponseCode::from_bits(code.raw()), Some(code));
+        }
+        assert_eq!(ResponseCode::from_bits(0x2), None);
+    }
+
+    #[test]
     fn the_global_flush_is_context_then_pasid_cache_then_iotlb() {
         let [cc, pc, iotlb] = InvDesc::global_flush(true, false);
         // Type codes 1, 7, 2 with the global granularity; the IOTLB keeps the drain hints.

@@ -36,6 +36,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{Hpa, Pasid, PhysMem};
 
 use super::descriptor::{
@@ -44,8 +45,8 @@ use super::descriptor::{
 };
 use super::devtlb::DevTlb;
 use super::port::{
-    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
-    PageResponse, PageResponseCode, PRG_INDEX_COUNT,
+    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
+    PageRequestMessage, PrgResponse, PRG_INDEX_COUNT,
 };
 use super::regs::*;
 use crate::memory::PAGE_SIZE;
@@ -224,7 +225,7 @@ pub struct DmaEngine {
     port: Arc<dyn DmaPort>,
     regs: Mutex<Regs>,
     wq: Mutex<WorkQueue>,
-    responses: Mutex<Vec<PageResponse>>,
+    responses: Mutex<Vec<PrgResponse>>,
     devtlb: Mutex<DevTlb>,
     exec: Mutex<Exec>,
     counters: Counters,
@@ -684,7 +685,7 @@ impl DmaEngine {
         let prgi = (0..PRG_INDEX_COUNT)
             .find(|i| exec.parked.iter().all(|p| p.prgi != *i))
             .ok_or(record)?;
-        let req = PageRequest {
+        let req = PageRequestMessage {
             sid: self.config.sid,
             pasid: job.desc.pasid,
             addr: addr & !(PAGE_SIZE - 1),
@@ -712,7 +713,7 @@ impl DmaEngine {
         Ok(())
     }
 
-    fn on_response(&self, exec: &mut Exec, ctrl: u64, resp: PageResponse) {
+    fn on_response(&self, exec: &mut Exec, ctrl: u64, resp: PrgResponse) {
         bump(&self.counters.page_responses, 1);
         let found = exec
             .parked
@@ -727,10 +728,10 @@ impl DmaEngine {
         };
         let parked = exec.parked.swap_remove(i);
         let job = parked.job;
-        if resp.code == PageResponseCode::Success {
+        if resp.code == ResponseCode::Success {
             self.run(exec, ctrl, job);
         } else {
-            if resp.code == PageResponseCode::ResponseFailure {
+            if resp.code == ResponseCode::ResponseFailure {
                 self.regs
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -1195,7 +1196,7 @@ impl AtsEndpoint for DmaEngine {
             .invalidate(&inv)
     }
 
-    fn page_response(&self, resp: PageResponse) {
+    fn page_response(&self, resp: PrgResponse) {
         self.responses
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

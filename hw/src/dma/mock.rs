@@ -3,11 +3,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
+use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{FaultReason, Hpa, Pasid, SourceId};
 
 use super::port::{
     AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
-    PageRequest, PageResponse, PageResponseCode,
+    PageRequestMessage, PrgResponse,
 };
 use crate::memory::{HostMemory, PAGE_SIZE};
 
@@ -27,9 +28,9 @@ struct State {
     pri: bool,
     /// The context entry allows translated requests.
     translated_ok: bool,
-    requests: Vec<PageRequest>,
+    requests: Vec<PageRequestMessage>,
     /// Answer each page request at once, from inside the call, with this code.
-    auto_response: Option<(Weak<dyn AtsEndpoint>, PageResponseCode)>,
+    auto_response: Option<(Weak<dyn AtsEndpoint>, ResponseCode)>,
     /// After the next translation completion for this device page is made and before it
     /// is returned: move the page to this frame and invalidate the device TLB (an unmap
     /// racing the request).
@@ -64,7 +65,7 @@ impl MockPort {
         self.state.lock().unwrap().translated_ok = on;
     }
 
-    pub fn set_auto_response(&self, device: Weak<dyn AtsEndpoint>, code: PageResponseCode) {
+    pub fn set_auto_response(&self, device: Weak<dyn AtsEndpoint>, code: ResponseCode) {
         self.state.lock().unwrap().auto_response = Some((device, code));
     }
 
@@ -93,7 +94,7 @@ impl MockPort {
             .remove(&(pasid, addr / PAGE_SIZE));
     }
 
-    pub fn take_requests(&self) -> Vec<PageRequest> {
+    pub fn take_requests(&self) -> Vec<PageRequestMessage> {
         std::mem::take(&mut self.state.lock().unwrap().requests)
     }
 
@@ -211,7 +212,7 @@ impl DmaPort for MockPort {
         }
     }
 
-    fn page_request(&self, req: PageRequest) {
+    fn page_request(&self, req: PageRequestMessage) {
         let auto = {
             let mut st = self.state.lock().unwrap();
             st.requests.push(req);
@@ -219,7 +220,7 @@ impl DmaPort for MockPort {
         };
         if let Some((device, code)) = auto {
             if let Some(device) = device.upgrade() {
-                device.page_response(PageResponse {
+                device.page_response(PrgResponse {
                     pasid: req.pasid,
                     prgi: req.prgi,
                     code,

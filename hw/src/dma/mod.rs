@@ -25,6 +25,6 @@ pub use devtlb::DevTlb;
 pub use engine::{DmaEngine, DmaStats};
 pub use port::{
     AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
-    PageRequest, PageResponse, PageResponseCode,
+    PageRequestMessage, PrgResponse,
 };
 pub use regs::{DmaEngineConfig, DmaError, SoftwareError};

@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{AddrRange, FaultReason, Hpa, Pasid, SourceId};
 
 use crate::memory::{HostMemory, PAGE_SIZE};
@@ -138,11 +139,11 @@ pub struct AtsCompletion {
     pub perm: DmaAccess,
 }
 
-/// A PRI page request message (PCIe PRI; VT-d §7.4.1): "make `addr` accessible for
+/// A PRI Page Request Message (PCIe PRI; VT-d §7.4.1): "make `addr` accessible for
 /// `access`". The device issues one request per group, so `last` (Last Page In Group) is
 /// always set by this device but kept for the IOMMU's page request descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PageRequest {
+pub struct PageRequestMessage {
     /// Requester id of the device.
     pub sid: SourceId,
     /// PASID of the faulting request; `None` for a request without PASID.
@@ -201,54 +202,22 @@ pub trait DmaPort: Send + Sync {
 
     /// A page request message. The answer comes later (or immediately, from inside this
     /// call) through [`AtsEndpoint::page_response`] of the device.
-    fn page_request(&self, req: PageRequest);
+    fn page_request(&self, req: PageRequestMessage);
 
     /// Host memory, where translated HPAs are read and written.
     fn memory(&self) -> &HostMemory;
 }
 
-/// The response code of a PRG response message (PCIe PRI; VT-d §6.5.2.9 page group
-/// response descriptor).
+/// A PRG Response Message to the device (PCIe PRI). Its response code is the one the
+/// page group response descriptor carries (VT-d §6.5.2.9), hence [`ResponseCode`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PageResponseCode {
-    /// The pages are now accessible; the device retries.
-    Success,
-    /// The request is invalid; the device reports the fault to its software.
-    InvalidRequest,
-    /// A catastrophic error; the device stops issuing page requests until its PRI is reset.
-    ResponseFailure,
-}
-
-impl PageResponseCode {
-    /// The 4-bit response code.
-    pub const fn raw(self) -> u8 {
-        match self {
-            PageResponseCode::Success => 0x0,
-            PageResponseCode::InvalidRequest => 0x1,
-            PageResponseCode::ResponseFailure => 0xf,
-        }
-    }
-
-    /// The code from its 4-bit value; reserved values are `None`.
-    pub const fn from_raw(raw: u8) -> Option<Self> {
-        match raw {
-            0x0 => Some(PageResponseCode::Success),
-            0x1 => Some(PageResponseCode::InvalidRequest),
-            0xf => Some(PageResponseCode::ResponseFailure),
-            _ => None,
-        }
-    }
-}
-
-/// A PRG response message to the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PageResponse {
+pub struct PrgResponse {
     /// PASID of the page request answered; `None` for a request without PASID.
     pub pasid: Option<Pasid>,
     /// Page Request Group Index of the group answered.
     pub prgi: u16,
     /// The response code.
-    pub code: PageResponseCode,
+    pub code: ResponseCode,
 }
 
 /// An ATS invalidate request (PCIe ATS; VT-d §6.5.2.5 device-TLB and §6.5.2.6
@@ -300,7 +269,7 @@ pub trait AtsEndpoint: Send + Sync {
     fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize;
 
     /// Delivers a PRG response message. The device acts on it when it next runs.
-    fn page_response(&self, resp: PageResponse);
+    fn page_response(&self, resp: PrgResponse);
 }
 
 #[cfg(test)]
@@ -333,17 +302,5 @@ mod tests {
         let all = DevTlbInvalidation::from_size_bit(p, true, !0xfff, true);
         assert_eq!(range(all), (0, u64::MAX));
         assert_eq!(range(DevTlbInvalidation::all(None)), (0, u64::MAX));
-    }
-
-    #[test]
-    fn response_codes_round_trip() {
-        for code in [
-            PageResponseCode::Success,
-            PageResponseCode::InvalidRequest,
-            PageResponseCode::ResponseFailure,
-        ] {
-            assert_eq!(PageResponseCode::from_raw(code.raw()), Some(code));
-        }
-        assert_eq!(PageResponseCode::from_raw(0x2), None);
     }
 }

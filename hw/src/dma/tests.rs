@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{FaultReason, Pasid, PhysMem, SourceId};
 
 use super::mock::MockPort;
@@ -528,10 +529,10 @@ fn page_request_then_success_resumes_and_completes() {
         );
         // The guest makes the page present and answers.
         rig.map(p, req.addr, PAGE_SIZE, true);
-        rig.dev.page_response(PageResponse {
+        rig.dev.page_response(PrgResponse {
             pasid: req.pasid,
             prgi: req.prgi,
-            code: PageResponseCode::Success,
+            code: ResponseCode::Success,
         });
         served += 1;
     }
@@ -568,10 +569,10 @@ fn page_response_failure_codes_end_the_descriptor() {
     rig.submit(d);
     rig.dev.process();
     let req = rig.port.take_requests()[0];
-    rig.dev.page_response(PageResponse {
+    rig.dev.page_response(PrgResponse {
         pasid: p,
         prgi: req.prgi,
-        code: PageResponseCode::InvalidRequest,
+        code: ResponseCode::InvalidRequest,
     });
     rig.dev.process();
     let r = rig.record(p, COMP);
@@ -583,10 +584,10 @@ fn page_response_failure_codes_end_the_descriptor() {
     rig.submit(d);
     rig.dev.process();
     let req = rig.port.take_requests()[0];
-    rig.dev.page_response(PageResponse {
+    rig.dev.page_response(PrgResponse {
         pasid: p,
         prgi: req.prgi,
-        code: PageResponseCode::ResponseFailure,
+        code: ResponseCode::ResponseFailure,
     });
     rig.dev.process();
     assert_eq!(
@@ -614,10 +615,10 @@ fn page_response_failure_codes_end_the_descriptor() {
 #[test]
 fn unexpected_page_response_sets_uprgi_and_changes_nothing() {
     let rig = Rig::new(ALL);
-    rig.dev.page_response(PageResponse {
+    rig.dev.page_response(PrgResponse {
         pasid: pasid(1),
         prgi: 17,
-        code: PageResponseCode::Success,
+        code: ResponseCode::Success,
     });
     rig.dev.process();
     assert_ne!(rig.dev.mmio_read(REG_STATUS).unwrap() & STATUS_PRI_UPRGI, 0);
@@ -632,7 +633,7 @@ fn an_iommu_answering_success_without_mapping_does_not_hang_the_engine() {
     rig.port.set_pri(true);
     let device: Arc<dyn AtsEndpoint> = rig.dev.clone();
     rig.port
-        .set_auto_response(Arc::downgrade(&device), PageResponseCode::Success);
+        .set_auto_response(Arc::downgrade(&device), ResponseCode::Success);
     let mut d = desc(
         pasid(1),
         Operation::Fill {
@@ -665,10 +666,10 @@ fn completion_record_fault_goes_through_pri_then_swerr() {
     let req = rig.port.take_requests()[0];
     assert_eq!((req.addr, req.access.write), (0xd0_0000, true));
     rig.map(p, rec, 32, true);
-    rig.dev.page_response(PageResponse {
+    rig.dev.page_response(PrgResponse {
         pasid: p,
         prgi: req.prgi,
-        code: PageResponseCode::Success,
+        code: ResponseCode::Success,
     });
     rig.dev.process();
     assert_eq!(rig.record(p, rec).status, CompletionStatus::Success);
@@ -716,10 +717,10 @@ fn drain_waits_for_a_parked_descriptor() {
     assert_eq!(rig.record(p, rec2).status, CompletionStatus::None);
     let req = rig.port.take_requests()[0];
     rig.map(p, req.addr, PAGE_SIZE, true);
-    rig.dev.page_response(PageResponse {
+    rig.dev.page_response(PrgResponse {
         pasid: p,
         prgi: req.prgi,
-        code: PageResponseCode::Success,
+        code: ResponseCode::Success,
     });
     assert_eq!(rig.dev.process(), 2);
     assert_eq!(rig.record(p, COMP).status, CompletionStatus::Success);
@@ -1029,10 +1030,10 @@ fn registers_and_portal_reject_bad_accesses_without_change() {
     rig.dev.process();
     assert_eq!(rig.dev.mmio_write(REG_CTRL, ALL), Err(DmaError::Busy));
     let req = rig.port.take_requests()[0];
-    rig.dev.page_response(PageResponse {
+    rig.dev.page_response(PrgResponse {
         pasid: req.pasid,
         prgi: req.prgi,
-        code: PageResponseCode::InvalidRequest,
+        code: ResponseCode::InvalidRequest,
     });
     rig.dev.process();
     rig.dev.mmio_write(REG_CTRL, ALL).unwrap();
@@ -1141,10 +1142,10 @@ proptest! {
                 break;
             }
             for req in reqs {
-                rig.dev.page_response(PageResponse {
+                rig.dev.page_response(PrgResponse {
                     pasid: req.pasid,
                     prgi: req.prgi,
-                    code: PageResponseCode::InvalidRequest,
+                    code: ResponseCode::InvalidRequest,
                 });
             }
             rig.dev.process();

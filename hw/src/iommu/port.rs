@@ -1,14 +1,15 @@
 //! The IOMMU as a device sees it: untranslated requests, ATS translation requests,
 //! translated requests and PRI page requests (VT-d §4.2, §7.4), over PCIe.
 
+use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::AddressType;
 use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, RootState, SourceId};
 
 use super::{DmaMapping, Iommu};
 use crate::dma::port::{
-    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest,
-    PageResponse, PageResponseCode,
+    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequestMessage,
+    PrgResponse,
 };
 use crate::memory::HostMemory;
 
@@ -150,7 +151,7 @@ impl DmaPort for Iommu {
         })
     }
 
-    fn page_request(&self, req: PageRequest) {
+    fn page_request(&self, req: PageRequestMessage) {
         let pre = match self.root_state() {
             RootState::Scalable(rta) => self
                 .context_entry(rta, req.sid)
@@ -171,7 +172,7 @@ impl DmaPort for Iommu {
                 AddressType::Untranslated,
             );
             if let Some(ep) = endpoint {
-                respond(&*ep, &req, PageResponseCode::InvalidRequest);
+                respond(&*ep, &req, ResponseCode::InvalidRequest);
             }
             return;
         }
@@ -191,7 +192,7 @@ impl DmaPort for Iommu {
             // Queue full (PRS.PRO): hardware answers the group itself with Success, and
             // the device's retry faults and asks again (§7.5.1).
             if let Some(ep) = endpoint {
-                respond(&*ep, &req, PageResponseCode::Success);
+                respond(&*ep, &req, ResponseCode::Success);
             }
         }
     }
@@ -201,8 +202,8 @@ impl DmaPort for Iommu {
     }
 }
 
-fn respond(ep: &dyn AtsEndpoint, req: &PageRequest, code: PageResponseCode) {
-    ep.page_response(PageResponse {
+fn respond(ep: &dyn AtsEndpoint, req: &PageRequestMessage, code: ResponseCode) {
+    ep.page_response(PrgResponse {
         pasid: req.pasid,
         prgi: req.prgi,
         code,

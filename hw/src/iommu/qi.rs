@@ -9,13 +9,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
-use vsva_vtd::inv_desc::{
-    IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity, ResponseCode,
-};
+use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::{AddrRange, InvDesc, MemError, PhysMem, SourceId};
 
 use super::Iommu;
-use crate::dma::port::{DevTlbInvalidation, PageResponse, PageResponseCode};
+use crate::dma::port::{DevTlbInvalidation, PrgResponse};
 
 /// What a processed descriptor asks of the queue processor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,14 +138,10 @@ impl Iommu {
                 ..
             } => {
                 if let Some(ep) = self.endpoint(rid) {
-                    ep.page_response(PageResponse {
+                    ep.page_response(PrgResponse {
                         pasid: pasid_present.then_some(pasid),
                         prgi: prg_index,
-                        code: match response {
-                            ResponseCode::Success => PageResponseCode::Success,
-                            ResponseCode::InvalidRequest => PageResponseCode::InvalidRequest,
-                            ResponseCode::ResponseFailure => PageResponseCode::ResponseFailure,
-                        },
+                        code: response,
                     });
                 }
             }

@@ -20,7 +20,7 @@ use vsva_vtd::{
 };
 
 use super::{Iommu, IommuConfig, IommuConfigError, Source};
-use crate::dma::port::{DmaAccess, DmaPort, PageRequest};
+use crate::dma::port::{DmaAccess, DmaPort, PageRequestMessage};
 use crate::memory::{FrameAllocator, HostMemory};
 
 const SID: SourceId = SourceId::from_rid(0x0010);
@@ -573,7 +573,7 @@ fn faults_are_recorded_unless_recoverable_and_page_requests_are_queued() {
     // The page request lands in the page request queue.
     let pq = rig.frames.alloc_frame().unwrap().0;
     rig.write(offset::PQA, 8, pq);
-    rig.iommu.page_request(PageRequest {
+    rig.iommu.page_request(PageRequestMessage {
         sid: SID,
         pasid: Some(pasid(6)),
         addr: 0xdead_c000,

@@ -9,7 +9,8 @@ use vsva_smmuv3::{Cmd, CmdError, PhysMem, PriResp, SyncCs};
 use vsva_vtd::{AddrRange, Pasid};
 
 use super::Smmu;
-use crate::dma::port::{DevTlbInvalidation, PageResponse, PageResponseCode};
+use crate::dma::port::{DevTlbInvalidation, PrgResponse};
+use vsva_vtd::inv_desc::ResponseCode;
 
 impl Smmu {
     /// Consumes every produced command, in order. Device callbacks (ATC invalidation, page
@@ -86,13 +87,13 @@ impl Smmu {
                 resp,
             } => {
                 if let Some(ep) = self.endpoint(sid) {
-                    ep.page_response(PageResponse {
+                    ep.page_response(PrgResponse {
                         pasid: ssid.and_then(|s| Pasid::new(s).ok()),
                         prgi: prg_index,
                         code: match resp {
-                            PriResp::Success => PageResponseCode::Success,
-                            PriResp::Deny => PageResponseCode::InvalidRequest,
-                            PriResp::Fail => PageResponseCode::ResponseFailure,
+                            PriResp::Success => ResponseCode::Success,
+                            PriResp::Deny => ResponseCode::InvalidRequest,
+                            PriResp::Fail => ResponseCode::ResponseFailure,
                         },
                     });
                 }

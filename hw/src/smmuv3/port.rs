@@ -9,13 +9,13 @@
 //! may send a page request.
 
 use vsva_smmuv3::{AccessRequest, Eats, Event, EventType, PriqEntry};
+use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{Hpa, Pasid, SourceId};
 
 use super::translate::{SmmuFault, SmmuTranslation};
 use super::{PriRefused, Smmu};
 use crate::dma::port::{
-    AtsCompletion, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequest, PageResponse,
-    PageResponseCode,
+    AtsCompletion, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequestMessage, PrgResponse,
 };
 use crate::memory::HostMemory;
 
@@ -151,7 +151,7 @@ impl DmaPort for Smmu {
     /// A request the SMMU cannot queue is answered at once: Response Failure when PRI is
     /// not enabled for the stream, Success when the queue lost it (the device retries and
     /// asks again), so that the device never waits for an answer that cannot come.
-    fn page_request(&self, req: PageRequest) {
+    fn page_request(&self, req: PageRequestMessage) {
         let sid = req.sid.rid() as u32;
         let entry = PriqEntry {
             sid,
@@ -166,12 +166,12 @@ impl DmaPort for Smmu {
         };
         let code = match Smmu::page_request(self, &entry) {
             Ok(()) => return,
-            Err(PriRefused::NotEnabled) => PageResponseCode::ResponseFailure,
-            Err(PriRefused::Lost) if req.last => PageResponseCode::Success,
+            Err(PriRefused::NotEnabled) => ResponseCode::ResponseFailure,
+            Err(PriRefused::Lost) if req.last => ResponseCode::Success,
             Err(PriRefused::Lost) => return,
         };
         if let Some(ep) = self.endpoint(sid) {
-            ep.page_response(PageResponse {
+            ep.page_response(PrgResponse {
                 pasid: req.pasid,
                 prgi: req.prgi,
                 code,

@@ -13,7 +13,7 @@ use vsva_smmuv3::{
 
 use super::*;
 use crate::dma::port::{
-    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaPort, PageRequest, PageResponse,
+    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaPort, PageRequestMessage, PrgResponse,
 };
 use crate::memory::HostMemory;
 use vsva_vtd::{Hpa, Pasid, SourceId};
@@ -726,7 +726,7 @@ impl AtsEndpoint for Device {
         ));
         0
     }
-    fn page_response(&self, resp: PageResponse) {
+    fn page_response(&self, resp: PrgResponse) {
         let pasid = resp.pasid.map(Pasid::raw);
         self.calls
             .lock()
@@ -924,7 +924,7 @@ fn dma_port_tags_requests_with_streamid_and_substreamid() {
         .unwrap_err();
     assert!(f.recoverable);
     // A page request reaches the PRI queue with the StreamID and SubstreamID.
-    let req = PageRequest {
+    let req = PageRequestMessage {
         sid: rid,
         pasid: Some(pasid),
         addr: 0x9000,
@@ -944,7 +944,7 @@ fn dma_port_tags_requests_with_streamid_and_substreamid() {
     // A stream without ATS gets Response Failure at once.
     let other = SourceId::from_rid(SID as u16 + 1);
     rig.smmu.attach_endpoint(SID + 1, dev.clone());
-    DmaPort::page_request(&rig.smmu, PageRequest { sid: other, ..req });
+    DmaPort::page_request(&rig.smmu, PageRequestMessage { sid: other, ..req });
     assert_eq!(
         dev.calls.lock().unwrap().last().unwrap(),
         "resp Some(1) 3 ResponseFailure"
