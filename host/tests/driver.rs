@@ -26,7 +26,7 @@ use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::{
     AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, InvDesc, Iova, MapFlags,
-    MemError, PageSize, PageTableBuilder, Pasid, Pgtt, PhysMem, SourceId, TableFormat,
+    MemWindow, PageSize, PageTableBuilder, Pasid, Pgtt, PhysMem, SourceId, TableFormat,
 };
 
 /// Guest RAM of a VM: 64 MiB at GPA 0.
@@ -120,11 +120,7 @@ impl Vm {
     }
 
     fn phys(&self) -> GuestPhys {
-        GuestPhys {
-            mem: self.mem.clone(),
-            base: self.hpa.0,
-            size: RAM,
-        }
+        MemWindow::new(self.mem.clone(), self.hpa.0, RAM)
     }
 }
 
@@ -136,41 +132,7 @@ impl Drop for Vm {
 }
 
 /// Guest physical memory as the guest's page-table code writes it.
-struct GuestPhys {
-    mem: Arc<HostMemory>,
-    base: u64,
-    size: u64,
-}
-
-impl GuestPhys {
-    fn at(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
-        match gpa.checked_add(len) {
-            Some(end) if end <= self.size => Ok(self.base + gpa),
-            _ => Err(MemError::OutOfRange { addr: gpa, len }),
-        }
-    }
-}
-
-impl PhysMem for GuestPhys {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        self.mem.read_u64(self.at(addr, 8)?)
-    }
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-        self.mem.fetch_or_u64(self.at(addr, 8)?, bits)
-    }
-    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-        self.mem.compare_exchange_u64(self.at(addr, 8)?, old, new)
-    }
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-        self.mem.write_u64(self.at(addr, 8)?, value)
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.mem.read(self.at(addr, buf.len() as u64)?, buf)
-    }
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-        self.mem.write(self.at(addr, buf.len() as u64)?, buf)
-    }
-}
+type GuestPhys = MemWindow<Arc<HostMemory>>;
 
 /// The guest kernel's page-table frames.
 struct GuestFrames(u64);

@@ -29,7 +29,7 @@ pub use context::ScalableContextEntry;
 pub use fault::FaultReason;
 pub use flpte::{FlFormat, FlPagingMode, FlPte, InvalidAddressWidth};
 pub use inv_desc::{AddrRange, InvDesc, InvDescError, InvDescType};
-pub use mem::{MemError, PhysMem};
+pub use mem::{MemError, MemWindow, PhysMem};
 pub use pasid::{PasidDirEntry, PasidEntry, PasidLookup, Pgtt};
 pub use regs::{Cap, Ecap, FaultRecord, RegEffect, RegError, RegisterFile};
 pub use request::{Remapped, RemappingUnit, Request, RootState, TranslationFault};

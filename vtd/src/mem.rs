@@ -79,6 +79,53 @@ macro_rules! forward_phys_mem {
 
 forward_phys_mem!(&M, Box<M>, std::sync::Arc<M>);
 
+/// A window of a larger memory: address `a` of the window is address `base + a` of the
+/// memory behind it, for `a` below `size` (guest RAM that is one range of host memory, as
+/// the guest's page-table code and the tests address it). Accesses that do not lie wholly
+/// inside the window are out of range, reported with the window's own address.
+#[derive(Clone, Copy, Debug)]
+pub struct MemWindow<M> {
+    mem: M,
+    base: u64,
+    size: u64,
+}
+
+impl<M: PhysMem> MemWindow<M> {
+    /// The `size` bytes of `mem` from `base`.
+    pub const fn new(mem: M, base: u64, size: u64) -> Self {
+        MemWindow { mem, base, size }
+    }
+
+    /// Where `[addr, addr + len)` of the window lies in the memory behind it.
+    fn at(&self, addr: u64, len: u64) -> Result<u64, MemError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(self.base + addr),
+            _ => Err(MemError::OutOfRange { addr, len }),
+        }
+    }
+}
+
+impl<M: PhysMem> PhysMem for MemWindow<M> {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.mem.read_u64(self.at(addr, 8)?)
+    }
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+        self.mem.fetch_or_u64(self.at(addr, 8)?, bits)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+        self.mem.compare_exchange_u64(self.at(addr, 8)?, old, new)
+    }
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+        self.mem.write_u64(self.at(addr, 8)?, value)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem.read(self.at(addr, buf.len() as u64)?, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.mem.write(self.at(addr, buf.len() as u64)?, buf)
+    }
+}
+
 /// Guest RAM as the vIOMMU and the guest see it: vm-memory's `GuestMemoryMmap`, addressed
 /// by guest physical address. 64-bit accesses are atomic operations on the host mapping of
 /// the region that holds them; byte copies may span adjacent regions.
@@ -291,5 +338,48 @@ mod guest_ram {
             );
             assert_eq!(mem.read_u64(0x1ff8), Ok(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::{MemError, MemWindow, PhysMem};
+    use crate::testutil::TestMemory;
+
+    #[test]
+    fn a_window_offsets_every_access_and_refuses_what_leaves_it() {
+        let mem = TestMemory::new(0x4000);
+        let w = MemWindow::new(&mem, 0x1000, 0x2000);
+        w.write_u64(0x8, 0xaa).unwrap();
+        assert_eq!(mem.read_u64(0x1008), Ok(0xaa));
+        assert_eq!(w.fetch_or_u64(0x8, 0x100), Ok(0xaa));
+        assert_eq!(w.compare_exchange_u64(0x8, 0x1aa, 7), Ok(0x1aa));
+        assert_eq!(mem.read_u64(0x1008), Ok(7));
+        w.write(0x1ffc, &[1, 2, 3, 4]).unwrap();
+        let mut b = [0; 4];
+        mem.read(0x2ffc, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        // The last 8 bytes fit; one byte more does not, and nothing is written.
+        assert_eq!(w.read_u64(0x1ff8), Ok(0x0403_0201_0000_0000));
+        let out = Err(MemError::OutOfRange {
+            addr: 0x1ffd,
+            len: 4,
+        });
+        assert_eq!(w.write(0x1ffd, &[9; 4]), out);
+        assert_eq!(
+            w.read_u64(0x2000),
+            Err(MemError::OutOfRange {
+                addr: 0x2000,
+                len: 8
+            })
+        );
+        assert_eq!(
+            w.read_u64(u64::MAX - 3),
+            Err(MemError::OutOfRange {
+                addr: u64::MAX - 3,
+                len: 8
+            })
+        );
+        assert_eq!(mem.read_u64(0x3000), Ok(0));
     }
 }

@@ -13,6 +13,7 @@ use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{fsts, gcmd, gsts, iq, offset};
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::root::root_entry_addr;
+use vsva_vtd::MemWindow;
 use vsva_vtd::{
     AccessRequest, Capabilities, DomainId, FaultReason, FlPagingMode, InvDesc, MapFlags, PageSize,
     PageTableBuilder, Pasid, PasidEntry, Pgtt, PhysMem, ScalableRootEntry, SlLevels, SourceId,
@@ -683,7 +684,7 @@ fn a_128_bit_queue_in_scalable_mode_reports_invalid_width() {
 /// stale entries that stay in use until the invalidation the spec names.
 mod paging_structure_caches {
     use super::*;
-    use vsva_vtd::{FlPte, FrameSource, MemError};
+    use vsva_vtd::{FlPte, FrameSource};
 
     const MB: u64 = 1 << 20;
     /// Guest RAM size; the guest's page tables take frames from its first MiB.
@@ -695,31 +696,7 @@ mod paging_structure_caches {
     const P: u32 = 21;
 
     /// Guest physical memory: guest physical address `g` is host physical `base + g`.
-    struct GuestRam<'a> {
-        mem: &'a HostMemory,
-        base: u64,
-    }
-
-    impl PhysMem for GuestRam<'_> {
-        fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-            self.mem.read_u64(self.base + addr)
-        }
-        fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-            self.mem.fetch_or_u64(self.base + addr, bits)
-        }
-        fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-            self.mem.compare_exchange_u64(self.base + addr, old, new)
-        }
-        fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-            self.mem.write_u64(self.base + addr, value)
-        }
-        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-            self.mem.read(self.base + addr, buf)
-        }
-        fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-            self.mem.write(self.base + addr, buf)
-        }
-    }
+    type GuestRam<'a> = MemWindow<&'a HostMemory>;
 
     /// The guest's page-table frames: the first MiB of guest RAM, in order.
     struct GuestFrames {
@@ -760,10 +737,7 @@ mod paging_structure_caches {
                 .unwrap();
             }
             let mut frames = GuestFrames { next: 0x1000 };
-            let ram = GuestRam {
-                mem: &rig.mem,
-                base,
-            };
+            let ram: GuestRam = MemWindow::new(&rig.mem, base, GUEST_RAM);
             let fl = PageTableBuilder::new(
                 TableFormat::FirstLevel(FlPagingMode::FourLevel),
                 &ram,
@@ -793,10 +767,7 @@ mod paging_structure_caches {
         }
 
         fn ram<'a>(&self, mem: &'a HostMemory) -> GuestRam<'a> {
-            GuestRam {
-                mem,
-                base: self.base,
-            }
+            MemWindow::new(mem, self.base, GUEST_RAM)
         }
 
         /// Maps guest virtual page `i` of the buffer to guest physical page `i` of it.

@@ -24,8 +24,8 @@ use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_vtd::regs::layout::{gcmd, gsts, iq, offset, rtaddr};
 use vsva_vtd::{
     context, pasid, root, DomainId, FlConfig, FlFormat, FlPagingMode, FrameSource, InvDesc,
-    MapFlags, MemError, PageSize, PageTableBuilder, Pasid, PasidDirEntry, PasidEntry, Pgtt,
-    PhysMem, ScalableContextEntry, ScalableRootEntry, SlConfig, SlFormat, SlLevels, SourceId,
+    MapFlags, MemError, MemWindow, PageSize, PageTableBuilder, Pasid, PasidDirEntry, PasidEntry,
+    Pgtt, PhysMem, ScalableContextEntry, ScalableRootEntry, SlConfig, SlFormat, SlLevels, SourceId,
     TableFormat,
 };
 
@@ -55,48 +55,8 @@ pub struct PlatformConfig {
     pub buffer: u64,
 }
 
-/// Guest physical memory: a window of host memory at `base`, `size` bytes long.
-#[derive(Clone, Copy)]
-struct GuestRam<'a> {
-    mem: &'a HostMemory,
-    base: u64,
-    size: u64,
-}
-
-impl GuestRam<'_> {
-    fn hpa(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
-        match gpa.checked_add(len) {
-            Some(end) if end <= self.size => Ok(self.base + gpa),
-            _ => Err(MemError::OutOfRange { addr: gpa, len }),
-        }
-    }
-}
-
-impl PhysMem for GuestRam<'_> {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        self.mem.read_u64(self.hpa(addr, 8)?)
-    }
-
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-        self.mem.fetch_or_u64(self.hpa(addr, 8)?, bits)
-    }
-
-    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-        self.mem.compare_exchange_u64(self.hpa(addr, 8)?, old, new)
-    }
-
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-        self.mem.write_u64(self.hpa(addr, 8)?, value)
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.mem.read(self.hpa(addr, buf.len() as u64)?, buf)
-    }
-
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-        self.mem.write(self.hpa(addr, buf.len() as u64)?, buf)
-    }
-}
+/// Guest physical memory: a window of host memory at the guest's base.
+type GuestRam<'a> = MemWindow<&'a HostMemory>;
 
 /// Guest page-table frames: consecutive GPAs from the table region of guest RAM. The
 /// platform never tears its tables down, so nothing is reused.
@@ -181,11 +141,7 @@ impl Platform {
         let mem = HostMemory::new(host)?;
         let frames = FrameAllocator::new(mem.clone());
         let guest_base = frames.alloc_range(ram, 2 << 20)?.0;
-        let guest = GuestRam {
-            mem: &mem,
-            base: guest_base,
-            size: ram,
-        };
+        let guest: GuestRam = MemWindow::new(&mem, guest_base, ram);
 
         let mut host_frames = &frames;
         let mut sl = PageTableBuilder::new(
