@@ -312,6 +312,33 @@ impl PhysMem for HostMemory {
     }
 }
 
+/// Memory seen without writing: the strict-mode re-walk of either IOMMU model must not set
+/// accessed/dirty (or access flag) bits that the hit it checks did not set. Reads pass
+/// through; writes and atomic updates read and change nothing.
+pub(crate) struct ReadOnly<'a, M: ?Sized>(pub(crate) &'a M);
+
+impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, _bits: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn compare_exchange_u64(&self, addr: u64, old: u64, _new: u64) -> Result<u64, MemError> {
+        let now = self.0.read_u64(addr)?;
+        Ok(if now == old { old } else { now })
+    }
+    fn write_u64(&self, addr: u64, _value: u64) -> Result<(), MemError> {
+        self.0.read_u64(addr).map(|_| ())
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0.read(addr, buf)
+    }
+    fn write(&self, _addr: u64, _buf: &[u8]) -> Result<(), MemError> {
+        Ok(())
+    }
+}
+
 /// Allocates 4 KiB frames and contiguous ranges of host memory.
 ///
 /// Frames come back zeroed. Freed memory is returned to the kernel (hole punched), so a freed

@@ -15,8 +15,9 @@ use vsva_vtd::{
 
 use super::iotlb::IotlbEntry;
 use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
-use super::stale::{page_selective_iotlb, CheckedRequest, ReadOnly};
+use super::stale::{page_selective_iotlb, CheckedRequest};
 use super::Iommu;
+use crate::memory::ReadOnly;
 
 /// Non-leaf entries a walk can go through: PML5E to PDE.
 const MAX_STARTS: usize = 4;

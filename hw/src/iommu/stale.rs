@@ -4,13 +4,14 @@
 //! stale entry. Hardware keeps using the stale entry either way; the report is for the
 //! person debugging a driver.
 
+use crate::memory::ReadOnly;
 use std::fmt;
 use std::sync::PoisonError;
 
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::{
-    AccessRequest, DomainId, FaultReason, InvDesc, MemError, Pasid, PasidEntry, PhysMem, SourceId,
+    AccessRequest, DomainId, FaultReason, InvDesc, Pasid, PasidEntry, PhysMem, SourceId,
 };
 
 use super::iotlb::{IotlbEntry, TranslationKind};
@@ -47,32 +48,6 @@ impl fmt::Display for StaleTranslation {
             Err(reason) => write!(f, "fault {reason}")?,
         }
         write!(f, "; missing invalidation: {:?}", self.missing)
-    }
-}
-
-/// Host memory seen without writing: a strict-mode walk must not set accessed or dirty
-/// bits that the hit it checks did not set.
-pub(super) struct ReadOnly<'a, M: ?Sized>(pub(super) &'a M);
-
-impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        self.0.read_u64(addr)
-    }
-    fn fetch_or_u64(&self, addr: u64, _bits: u64) -> Result<u64, MemError> {
-        self.0.read_u64(addr)
-    }
-    fn compare_exchange_u64(&self, addr: u64, old: u64, _new: u64) -> Result<u64, MemError> {
-        let now = self.0.read_u64(addr)?;
-        Ok(if now == old { old } else { now })
-    }
-    fn write_u64(&self, addr: u64, _value: u64) -> Result<(), MemError> {
-        self.0.read_u64(addr).map(|_| ())
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0.read(addr, buf)
-    }
-    fn write(&self, _addr: u64, _buf: &[u8]) -> Result<(), MemError> {
-        Ok(())
     }
 }
 

@@ -3,12 +3,13 @@
 //! that would have removed the stale entry. The model keeps using the stale entry either
 //! way, as hardware does; the report is for the person debugging a driver.
 
+use crate::memory::ReadOnly;
 use std::fmt;
 
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::{
-    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, MemError, PageSize, PhysMem,
-    S2Config, Ste, TlbiAddr, WalkFault, WalkObserver,
+    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, PageSize, S2Config, Ste, TlbiAddr,
+    WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
@@ -112,32 +113,6 @@ impl fmt::Display for StaleTranslation {
             )?,
         }
         write!(f, "; missing command: {:?}", self.missing)
-    }
-}
-
-/// Host memory seen without writing: a strict-mode walk must not set access or dirty
-/// flags the hit it checks did not set.
-pub(super) struct ReadOnly<'a, M: ?Sized>(pub(super) &'a M);
-
-impl<M: PhysMem + ?Sized> PhysMem for ReadOnly<'_, M> {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        self.0.read_u64(addr)
-    }
-    fn fetch_or_u64(&self, addr: u64, _bits: u64) -> Result<u64, MemError> {
-        self.0.read_u64(addr)
-    }
-    fn compare_exchange_u64(&self, addr: u64, old: u64, _new: u64) -> Result<u64, MemError> {
-        let now = self.0.read_u64(addr)?;
-        Ok(if now == old { old } else { now })
-    }
-    fn write_u64(&self, addr: u64, _value: u64) -> Result<(), MemError> {
-        self.0.read_u64(addr).map(|_| ())
-    }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0.read(addr, buf)
-    }
-    fn write(&self, _addr: u64, _buf: &[u8]) -> Result<(), MemError> {
-        Ok(())
     }
 }
 
