@@ -16,8 +16,8 @@ use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::MemWindow;
 use vsva_vtd::{
     AccessRequest, Capabilities, DomainId, FaultReason, FlPagingMode, InvDesc, MapFlags, PageSize,
-    PageTableBuilder, Pasid, PasidEntry, Pgtt, PhysMem, ScalableRootEntry, SlLevels, SourceId,
-    TableFormat,
+    PageTableBuilder, Pasid, PasidEntry, Pgtt, PhysMem, ScalableRootEntry, SlLevels, SlPte,
+    SourceId, TableFormat,
 };
 
 use super::{Iommu, IommuConfig, IommuConfigError, Source};
@@ -1156,4 +1156,156 @@ mod paging_structure_caches {
         assert!(rig.iommu.paging_structure_caches().is_empty());
         assert!(rig.iommu.iotlb().is_empty());
     }
+}
+
+/// Second-level accessed/dirty tracking (VT-d 3.x §3.7.2, §9.8, ECAP.SLADS, PASID-entry
+/// SLADE) on a second-level (RID_PASID) and a nested (PASID 4) entry over one second
+/// level: a write sets D in the leaf that maps the written page, a read does not; a
+/// translation the IOTLB cached from a read does not serve a write, which walks again and
+/// sets D; once software clears D, a cached dirty translation keeps serving writes until
+/// the IOTLB invalidation, after which the next write sets D again; ATS completions grant
+/// write only where D is set. Without SLADE nothing is set.
+#[test]
+fn second_level_dirty_bits_follow_writes_through_the_iotlb_and_ats() {
+    let mut rig = Rig::new(false);
+    let ecap = Ecap::from_raw(rig.read(offset::ECAP, 8));
+    assert!(
+        ecap.slads,
+        "the model advertises second-level A/D (ECAP.SLADS)"
+    );
+    let mut sl = rig.tables(TableFormat::SecondLevel(SlLevels::Four));
+    for page in 0..16u64 {
+        sl.map(
+            &*rig.mem,
+            &mut &rig.frames,
+            page << 12,
+            0x10_0000 + (page << 12),
+            PageSize::Size4K,
+            MapFlags::READ | MapFlags::WRITE,
+        )
+        .unwrap();
+    }
+    let (mem, iommu) = (rig.mem.clone(), rig.iommu.clone());
+    let leaf = |gpa: u64| {
+        let slot = sl.entry_address(&*mem, gpa, 1).unwrap().unwrap();
+        mem.read_u64(slot).unwrap()
+    };
+    let clear_d = |gpa: u64| {
+        let slot = sl.entry_address(&*mem, gpa, 1).unwrap().unwrap();
+        let e = mem.read_u64(slot).unwrap();
+        mem.write_u64(slot, e & !SlPte::D).unwrap();
+    };
+    let second = PasidEntry {
+        slptptr: sl.root(),
+        slade: true,
+        ..PasidEntry::new(Pgtt::SecondLevel, DID)
+    };
+    rig.set_pasid_entry(Pasid::RID_PASID, Some(&second));
+    let t = |gpa: u64, access| iommu.translate(SID, None, gpa, access).unwrap().source;
+
+    // A read sets A, not D; the IOTLB keeps it.
+    assert_eq!(t(0x2000, AccessRequest::READ), Source::Walk);
+    assert_eq!(leaf(0x2000) & (SlPte::A | SlPte::D), SlPte::A);
+    assert_eq!(t(0x2000, AccessRequest::READ), Source::Iotlb);
+    // The first write after that read walks again and sets D; later writes hit.
+    assert_eq!(t(0x2000, AccessRequest::WRITE), Source::Walk);
+    assert_eq!(leaf(0x2000) & SlPte::D, SlPte::D);
+    assert_eq!(t(0x2000, AccessRequest::WRITE), Source::Iotlb);
+    // A page never written stays clean.
+    assert_eq!(t(0x3000, AccessRequest::READ), Source::Walk);
+    assert_eq!(leaf(0x3000) & SlPte::D, 0);
+
+    // Software clears D (a dirty-bitmap harvest). The IOTLB still holds the translation
+    // with D, so a write is served without setting D until the IOTLB is invalidated.
+    clear_d(0x2000);
+    assert_eq!(t(0x2000, AccessRequest::WRITE), Source::Iotlb);
+    assert_eq!(
+        leaf(0x2000) & SlPte::D,
+        0,
+        "the cached translation hid the write"
+    );
+    rig.invalidate(&[InvDesc::Iotlb {
+        granularity: IotlbGranularity::PageSelective,
+        dr: true,
+        dw: true,
+        did: DID,
+        addr: 0x2000,
+        ih: false,
+        am: 0,
+    }]);
+    assert_eq!(t(0x2000, AccessRequest::WRITE), Source::Walk);
+    assert_eq!(leaf(0x2000) & SlPte::D, SlPte::D);
+
+    // ATS: a read-only request on a clean page gets no write permission; a write request
+    // sets D and gets it.
+    let ats = |gpa: u64, access| iommu.ats_translate(SID, None, gpa, access).unwrap();
+    let c = ats(0x4000, DmaAccess::READ);
+    assert!(c.perm.read && !c.perm.write);
+    assert_eq!(leaf(0x4000) & SlPte::D, 0);
+    let c = ats(0x4000, DmaAccess::WRITE);
+    assert!(c.perm.write);
+    assert_eq!(leaf(0x4000) & SlPte::D, SlPte::D);
+
+    // Nested: guest tables in guest RAM map GVA 0x5000 -> GPA 0x9000.
+    let gpa_to_hpa = |gpa: u64| 0x10_0000 + gpa;
+    let (pml4, pdpt, pd, pt) = (0x1000u64, 0xa000u64, 0xb000u64, 0xc000u64);
+    let fl_table = |e: u64| e | 0x7;
+    rig.mem.write_u64(gpa_to_hpa(pml4), fl_table(pdpt)).unwrap();
+    rig.mem.write_u64(gpa_to_hpa(pdpt), fl_table(pd)).unwrap();
+    rig.mem.write_u64(gpa_to_hpa(pd), fl_table(pt)).unwrap();
+    rig.mem
+        .write_u64(gpa_to_hpa(pt) + 8 * 5, 0x9000 | 0x7)
+        .unwrap();
+    let nested = PasidEntry {
+        slptptr: sl.root(),
+        flptptr: pml4,
+        slade: true,
+        ..PasidEntry::new(Pgtt::Nested, DID)
+    };
+    rig.set_pasid_entry(pasid(4), Some(&nested));
+    let n = |gva: u64, access| {
+        iommu
+            .translate(SID, Some(pasid(4)), gva, access)
+            .unwrap()
+            .source
+    };
+    assert_eq!(n(0x5000, AccessRequest::READ), Source::Walk);
+    assert_eq!(
+        leaf(0x9000) & SlPte::D,
+        0,
+        "a nested read leaves the GPA clean"
+    );
+    assert_eq!(n(0x5000, AccessRequest::READ), Source::Iotlb);
+    assert_eq!(n(0x5000, AccessRequest::WRITE), Source::Walk);
+    assert_eq!(leaf(0x9000) & SlPte::D, SlPte::D);
+    // The first-level A/D updates are writes to the guest's table pages through the
+    // second level: the page table page is dirty too.
+    assert_eq!(leaf(pt) & SlPte::D, SlPte::D);
+
+    // Without SLADE the second level is left alone.
+    rig.set_pasid_entry(
+        Pasid::RID_PASID,
+        Some(&PasidEntry {
+            slade: false,
+            ..second
+        }),
+    );
+    rig.invalidate(&[
+        InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::PasidSelective,
+            did: DID,
+            pasid: Pasid::RID_PASID,
+        },
+        InvDesc::Iotlb {
+            granularity: IotlbGranularity::DomainSelective,
+            dr: true,
+            dw: true,
+            did: DID,
+            addr: 0,
+            ih: false,
+            am: 0,
+        },
+    ]);
+    assert_eq!(t(0x6000, AccessRequest::WRITE), Source::Walk);
+    assert_eq!(leaf(0x6000) & (SlPte::A | SlPte::D), 0);
 }
