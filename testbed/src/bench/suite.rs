@@ -18,7 +18,7 @@ use super::pasid::PasidChurn;
 use super::platform::{Platform, PlatformConfig};
 use super::report::BenchReport;
 use super::translate::{
-    ColdWalks, HashMapLookups, IotlbHits, TwoThreadHits, WalkKind, WORKING_SET,
+    ColdWalks, HashMapLookups, IotlbHits, TwoThreadHits, WalkKind, WalkOnly, WORKING_SET,
 };
 use super::uapi::{
     BindCall, BoundPasids, CachedTranslations, HostBind, HostInvalidations, HostMap, MapCall,
@@ -118,6 +118,8 @@ fn cold_sl_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), B
     )?;
     report.set(Figure::SlWalkNs, walk.spread());
     report.set(Figure::DependentLoads4Ns, loads.spread());
+    let alone = measure(&mut WalkOnly::new(&p, WalkKind::SecondLevel)?, budget)?;
+    report.set(Figure::SlWalkOnlyNs, alone.spread());
     let miss = measure(&mut ColdWalks::misses(&p, WalkKind::SecondLevel), budget)?;
     report.set(Figure::SlMissNs, miss.spread());
     Ok(())
@@ -132,6 +134,8 @@ fn cold_nested_walk(budget: &SampleBudget, report: &mut BenchReport) -> Result<(
     )?;
     report.set(Figure::NestedWalkNs, walk.spread());
     report.set(Figure::DependentLoads24Ns, loads.spread());
+    let alone = measure(&mut WalkOnly::new(&p, WalkKind::Nested)?, budget)?;
+    report.set(Figure::NestedWalkOnlyNs, alone.spread());
     let miss = measure(&mut ColdWalks::misses(&p, WalkKind::Nested), budget)?;
     report.set(Figure::NestedMissNs, miss.spread());
     report.set(
@@ -316,13 +320,14 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
         ),
         probe(
             "cold-sl-walk",
-            &[SlWalkNs, DependentLoads4Ns, SlMissNs],
+            &[SlWalkNs, SlWalkOnlyNs, DependentLoads4Ns, SlMissNs],
             cold_sl_walk,
         ),
         probe(
             "cold-nested-walk",
             &[
                 NestedWalkNs,
+                NestedWalkOnlyNs,
                 DependentLoads24Ns,
                 NestedWalkTableReads,
                 NestedMissNs,

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use vsva_hw::iommu::{Iommu, Source};
 use vsva_hw::PAGE_SIZE;
 use vsva_vtd::inv_desc::IotlbGranularity;
-use vsva_vtd::{AccessRequest, DomainId, InvDesc, Pasid, SourceId};
+use vsva_vtd::{
+    walk_nested, walk_second_level, AccessRequest, DomainId, FlConfig, InvDesc, Pasid, SlConfig,
+    SourceId,
+};
 
 use super::platform::Platform;
 use super::{BenchError, Workload};
@@ -425,6 +428,62 @@ impl Workload for ColdWalks<'_> {
     }
 }
 
+/// The walk alone: the VT-d walker the IOMMU's miss path runs, over the same host memory
+/// and tables as [`ColdWalks`], with no IOMMU cache looked up or filled and no context or
+/// PASID entry read (the configurations are the PASID entries'). Each walk's output must be
+/// the expected host address.
+pub struct WalkOnly<'a> {
+    platform: &'a Platform,
+    kind: WalkKind,
+    fl: FlConfig,
+    sl: SlConfig,
+}
+
+impl<'a> WalkOnly<'a> {
+    /// Walks of `kind` of the first byte of `p`'s guest buffer.
+    pub fn new(p: &'a Platform, kind: WalkKind) -> Result<Self, BenchError> {
+        Ok(WalkOnly {
+            platform: p,
+            kind,
+            fl: p.fl_config()?,
+            sl: p.sl_config()?,
+        })
+    }
+}
+
+impl Workload for WalkOnly<'_> {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let p = self.platform;
+        let mem = &**p.memory();
+        let want = p.hpa(0);
+        let mut all_right = true;
+        let start = Instant::now();
+        for _ in 0..iters {
+            let t = match self.kind {
+                WalkKind::SecondLevel => {
+                    walk_second_level(mem, &self.sl, p.gpa(0), AccessRequest::READ, &mut ())
+                }
+                WalkKind::Nested => walk_nested(
+                    mem,
+                    &self.fl,
+                    &self.sl,
+                    p.gva(0),
+                    AccessRequest::READ,
+                    &mut (),
+                ),
+            };
+            all_right &= matches!(black_box(t), Ok(t) if t.output == want);
+        }
+        let elapsed = start.elapsed();
+        all_right.then_some(elapsed).ok_or_else(|| {
+            BenchError::Check(format!(
+                "a {:?} walk did not translate to {want:#x}",
+                self.kind
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +567,20 @@ mod tests {
             let page = map.map[&(map.rid, map.pasid, addr >> 12)];
             assert_eq!(page | (addr & 0xfff), want);
         }
+    }
+
+    #[test]
+    fn walks_alone_translate_and_read_no_cache() {
+        let p = platform();
+        let walks = p.iommu().stats().walks.load(Ordering::Relaxed);
+        for kind in [WalkKind::SecondLevel, WalkKind::Nested] {
+            WalkOnly::new(&p, kind).unwrap().run(50).unwrap();
+        }
+        assert_eq!(p.iommu().stats().walks.load(Ordering::Relaxed), walks);
+        // A walk whose tables no longer give the expected address fails its check.
+        let mut wrong = WalkOnly::new(&p, WalkKind::Nested).unwrap();
+        wrong.sl.root += PAGE_SIZE;
+        assert!(matches!(wrong.run(1), Err(BenchError::Check(_))));
     }
 
     #[test]
