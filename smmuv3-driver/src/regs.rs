@@ -1,0 +1,17 @@
+//! How the driver reaches the SMMU's registers.
+
+use vsva_smmuv3::RegError;
+
+/// 4- and 8-byte reads and writes at offsets of the SMMU's register pages (IHI 0070 §6):
+/// a host driver's go to the physical SMMU, a guest driver's to the virtual one.
+pub trait Registers {
+    /// Reads `size` bytes at `offset`.
+    fn read(&self, offset: u64, size: usize) -> Result<u64, RegError>;
+    /// Writes the low `size` bytes of `value` at `offset`.
+    fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError>;
+
+    /// Reads a 32-bit register.
+    fn read32(&self, offset: u64) -> Result<u32, RegError> {
+        self.read(offset, 4).map(|v| v as u32)
+    }
+}
