@@ -114,6 +114,7 @@ fn main() -> ExitCode {
                         );
                     } else {
                         println!("{summary}");
+                        println!("{}", summary.timing());
                     }
                     if summary.errors == 0 {
                         ExitCode::SUCCESS

@@ -40,6 +40,8 @@ fn a_one_vm_demo_passes_and_says_what_it_skipped() {
         "{stdout}"
     );
     assert!(stdout.contains("; everything released\n"), "{stdout}");
+    assert!(stdout.contains("\ndemo: wall time "), "{stdout}");
+    assert!(stdout.contains(" bytes verified per second\n"), "{stdout}");
 }
 
 #[test]

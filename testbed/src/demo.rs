@@ -10,6 +10,7 @@
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -140,10 +141,28 @@ pub struct DemoSummary {
     pub left_after_shutdown: HostHoldings,
     /// Whether the cross-VM checks ran (they need two VMs).
     pub cross_vm_checked: bool,
+    /// Seconds from the start of the boot to the end of the shutdown.
+    pub wall_seconds: f64,
     /// Every failed check and failed host call: the run succeeded only if this is 0.
     pub errors: usize,
     /// Each VM's report.
     pub per_vm: Vec<VmReport>,
+}
+
+impl DemoSummary {
+    /// `bytes_verified` over the wall time.
+    pub fn bytes_verified_per_second(&self) -> f64 {
+        self.bytes_verified as f64 / self.wall_seconds.max(f64::MIN_POSITIVE)
+    }
+
+    /// The run's wall time and rate of verified bytes, as `vsva demo` prints them.
+    pub fn timing(&self) -> String {
+        format!(
+            "demo: wall time {:.3} s, {:.0} bytes verified per second",
+            self.wall_seconds,
+            self.bytes_verified_per_second()
+        )
+    }
 }
 
 impl fmt::Display for DemoSummary {
@@ -182,6 +201,8 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummar
 /// The demo's host and VMs, booted and not yet run.
 pub struct Demo {
     opts: DemoOptions,
+    /// When the boot began.
+    started: Instant,
     host: Host,
     /// What the host held before the VMs booted.
     before: HostHoldings,
@@ -191,6 +212,7 @@ pub struct Demo {
 impl Demo {
     /// Boots the host and the VMs.
     pub fn boot(opts: &DemoOptions) -> Result<Demo, DemoError> {
+        let started = Instant::now();
         opts.validate()?;
         let len = buffer_len(opts);
         // Each process maps four buffers plus tables; leave room for the guest kernel's own.
@@ -203,6 +225,7 @@ impl Demo {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Demo {
             opts: opts.clone(),
+            started,
             host,
             before,
             vms,
@@ -224,6 +247,7 @@ impl Demo {
     pub fn run(self, log: &mut dyn FnMut(String)) -> Result<DemoSummary, DemoError> {
         let Demo {
             opts,
+            started,
             host,
             before,
             vms,
@@ -344,6 +368,7 @@ impl Demo {
             failed_shutdowns,
             left_after_shutdown: left,
             cross_vm_checked,
+            wall_seconds: started.elapsed().as_secs_f64(),
             errors,
             per_vm: reports,
         })

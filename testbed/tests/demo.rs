@@ -61,6 +61,15 @@ fn the_demo_checks_every_byte_and_counts_what_it_did() {
         line.starts_with("demo: 2 VMs, 4 PASIDs, ") && line.ends_with(" 0 errors"),
         "{line}"
     );
+    assert!(summary.wall_seconds > 0.0);
+    let rate = summary.bytes_verified as f64 / summary.wall_seconds;
+    assert!((summary.bytes_verified_per_second() - rate).abs() <= rate * 1e-9);
+    assert!(
+        summary.timing().starts_with("demo: wall time ")
+            && summary.timing().ends_with(" bytes verified per second"),
+        "{}",
+        summary.timing()
+    );
 }
 
 #[test]
