@@ -2,8 +2,9 @@
 //! `copy_from_slice`, and the table reads of streaming DMA.
 
 use std::hint::black_box;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vsva_hw::dma::regs::CTRL_PASID_EN;
@@ -23,8 +24,13 @@ const STREAM_BATCH: u64 = 64;
 /// A DMA engine of device 0 with PASIDs enabled (no ATS: every page run is an untranslated
 /// request translated by the IOMMU).
 fn engine(p: &Platform) -> Result<DmaEngine, BenchError> {
+    engine_of(p, 0)
+}
+
+/// A DMA engine of device `device`, as [`engine`].
+fn engine_of(p: &Platform, device: u8) -> Result<DmaEngine, BenchError> {
     let port: Arc<dyn vsva_hw::dma::DmaPort> = p.iommu().clone();
-    let engine = DmaEngine::new(DmaEngineConfig::new(p.device(0)), port)?;
+    let engine = DmaEngine::new(DmaEngineConfig::new(p.device(device)), port)?;
     engine.enable(CTRL_PASID_EN)?;
     Ok(engine)
 }
@@ -71,21 +77,28 @@ impl NestedMemmove {
     /// Fills the source with a pattern, copies it once and checks the copy (which also
     /// warms the IOTLB). The guest buffer must hold at least 2 MiB.
     pub fn new(p: &Platform) -> Result<Self, BenchError> {
-        if p.buffer_len() < 2 * MEMMOVE_BYTES {
-            return Err(BenchError::Check(
-                "the guest buffer holds less than 2 MiB".into(),
-            ));
+        NestedMemmove::on_device(p, 0)
+    }
+
+    /// The same on device `device`'s engine (its own requester id, domain and IOTLB
+    /// entries), copying within the guest buffer's `device`-th 2 MiB, which must exist.
+    pub fn on_device(p: &Platform, device: u8) -> Result<Self, BenchError> {
+        let base = u64::from(device) * 2 * MEMMOVE_BYTES;
+        if device >= p.devices() || p.buffer_len() < base + 2 * MEMMOVE_BYTES {
+            return Err(BenchError::Check(format!(
+                "the platform has no device {device} or no 2 MiB of guest buffer at {base:#x}"
+            )));
         }
         let pattern: Vec<u8> = (0..MEMMOVE_BYTES)
-            .map(|i| (i * 7 + i / 4096) as u8)
+            .map(|i| (i * 7 + i / 4096 + u64::from(device)) as u8)
             .collect();
-        p.memory().write(p.hpa(0), &pattern)?;
-        let engine = engine(p)?;
+        p.memory().write(p.hpa(base), &pattern)?;
+        let engine = engine_of(p, device)?;
         let mut w = NestedMemmove {
-            desc: memmove(p, p.gva(0), p.gva(MEMMOVE_BYTES), MEMMOVE_BYTES),
+            desc: memmove(p, p.gva(base), p.gva(base + MEMMOVE_BYTES), MEMMOVE_BYTES),
             engine,
             memory: p.memory().clone(),
-            dst: p.hpa(MEMMOVE_BYTES),
+            dst: p.hpa(base + MEMMOVE_BYTES),
             pattern,
             copy: vec![0; MEMMOVE_BYTES as usize],
         };
@@ -123,22 +136,148 @@ impl NestedMemmove {
             ))),
         }
     }
+
+    /// `iters` copies, untimed and unchecked: the part [`Workload::run`] times.
+    fn copies(&mut self, iters: u64) -> Result<(), BenchError> {
+        let mut ok = true;
+        for _ in 0..iters {
+            ok &= submit(&self.engine, &self.desc)?;
+        }
+        if !ok || self.engine.stats().failed != 0 {
+            return Err(BenchError::Check("a memmove descriptor failed".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Workload for NestedMemmove {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
         self.clear_destination()?;
-        let mut ok = true;
         let start = Instant::now();
-        for _ in 0..iters {
-            ok &= submit(&self.engine, &self.desc)?;
-        }
+        self.copies(iters)?;
         let t = start.elapsed();
-        if !ok || self.engine.stats().failed != 0 {
-            return Err(BenchError::Check("a memmove descriptor failed".into()));
-        }
         self.check_copy()?;
         Ok(t)
+    }
+}
+
+/// Where the two threads of [`TwoEngineMemmove`] meet, by sample number.
+#[derive(Default)]
+struct Lockstep {
+    ready: AtomicU64,
+    go: AtomicU64,
+    done: AtomicU64,
+}
+
+/// Waits for `flag` to reach `sample`, yielding the core between looks (the machine may
+/// have no idle core); `Err` when the other thread has ended meanwhile.
+fn wait_for(flag: &AtomicU64, sample: u64, other: &JoinHandle<()>) -> Result<(), BenchError> {
+    while flag.load(Ordering::Acquire) < sample {
+        if other.is_finished() {
+            return Err(BenchError::Check(
+                "the second DMA thread ended before its sample".into(),
+            ));
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
+/// DMA throughput on two threads: device 0's and device 1's engines (two requester ids and
+/// domains, as two VMs' devices, with their own IOTLB entries) each copying 1 MiB per
+/// operation through nested translation in their own part of the guest buffer, on one
+/// shared IOMMU. An operation is one copy on each engine; its time is wall time, so the
+/// two-thread speedup is `2 × (one-thread ns) / (this ns)`.
+///
+/// The second thread is spawned once and runs each sample's copies when told; the clock
+/// starts when it is ready (its destination cleared) and stops when both are done. Both
+/// copies are checked after every sample.
+pub struct TwoEngineMemmove {
+    mine: NestedMemmove,
+    orders: Option<mpsc::Sender<u64>>,
+    results: mpsc::Receiver<Result<(), BenchError>>,
+    shared: Arc<Lockstep>,
+    other: Option<JoinHandle<()>>,
+    sample: u64,
+}
+
+impl TwoEngineMemmove {
+    /// Engines of devices 0 and 1 of `p` (a guest buffer of 4 MiB at least), each checked
+    /// once; starts the second thread.
+    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+        let mine = NestedMemmove::on_device(p, 0)?;
+        let mut theirs = NestedMemmove::on_device(p, 1)?;
+        let shared = Arc::new(Lockstep::default());
+        let (orders, inbox) = mpsc::channel::<u64>();
+        let (report, results) = mpsc::channel();
+        let flags = Arc::clone(&shared);
+        let other = std::thread::Builder::new()
+            .name("dma-engine-1".into())
+            .spawn(move || {
+                let mut sample = 0;
+                while let Ok(iters) = inbox.recv() {
+                    sample += 1;
+                    let r = theirs.clear_destination().and_then(|()| {
+                        flags.ready.store(sample, Ordering::Release);
+                        while flags.go.load(Ordering::Acquire) < sample {
+                            std::hint::spin_loop();
+                        }
+                        let copied = theirs.copies(iters);
+                        flags.done.store(sample, Ordering::Release);
+                        copied.and_then(|()| theirs.check_copy())
+                    });
+                    // A failure before `ready` still releases the timing thread.
+                    flags.ready.store(sample, Ordering::Release);
+                    flags.done.store(sample, Ordering::Release);
+                    if report.send(r).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(TwoEngineMemmove {
+            mine,
+            orders: Some(orders),
+            results,
+            shared,
+            other: Some(other),
+            sample: 0,
+        })
+    }
+}
+
+impl Workload for TwoEngineMemmove {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let gone = || BenchError::Check("the second DMA thread is gone".into());
+        let (Some(orders), Some(other)) = (&self.orders, &self.other) else {
+            return Err(gone());
+        };
+        self.mine.clear_destination()?;
+        self.sample += 1;
+        let sample = self.sample;
+        orders.send(iters).map_err(|_| gone())?;
+        wait_for(&self.shared.ready, sample, other)?;
+        let start = Instant::now();
+        self.shared.go.store(sample, Ordering::Release);
+        let mine = self.mine.copies(iters);
+        wait_for(&self.shared.done, sample, other)?;
+        let t = start.elapsed();
+        let theirs = self.results.recv().map_err(|_| gone())?;
+        mine?;
+        theirs?;
+        self.mine.check_copy()?;
+        Ok(t)
+    }
+}
+
+impl Drop for TwoEngineMemmove {
+    /// Closes the order channel, which ends the second thread, and joins it.
+    fn drop(&mut self) {
+        drop(self.orders.take());
+        if let Some(other) = self.other.take() {
+            if other.join().is_err() {
+                tracing::warn!("bench: the second DMA thread panicked");
+            }
+        }
     }
 }
 
@@ -284,6 +423,30 @@ mod tests {
 
     fn platform(buffer: u64) -> Platform {
         Platform::new(PlatformConfig { devices: 1, buffer }).unwrap()
+    }
+
+    #[test]
+    fn two_engines_copy_in_lockstep_and_check_both_copies() {
+        let p = Platform::new(PlatformConfig {
+            devices: 2,
+            buffer: 4 * MEMMOVE_BYTES,
+        })
+        .unwrap();
+        let mut two = TwoEngineMemmove::new(&p).unwrap();
+        for _ in 0..3 {
+            two.run(2).unwrap();
+        }
+        assert_eq!(two.shared.done.load(Ordering::Relaxed), 3);
+        // A corrupted source of the second engine fails the sample that copies it.
+        p.memory()
+            .write(p.hpa(2 * MEMMOVE_BYTES + 100), &[0xee])
+            .unwrap();
+        assert!(matches!(two.run(1), Err(BenchError::Check(_))));
+        let shared = Arc::clone(&two.shared);
+        drop(two);
+        assert_eq!(Arc::strong_count(&shared), 1);
+        // Device 2 does not exist on this platform.
+        assert!(NestedMemmove::on_device(&p, 2).is_err());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use vsva_hw::PAGE_SIZE;
 
-use super::dma::{nested_walk_reads, stream_reads, NestedMemmove, PlainCopy, MEMMOVE_BYTES};
+use super::dma::{
+    nested_walk_reads, stream_reads, NestedMemmove, PlainCopy, TwoEngineMemmove, MEMMOVE_BYTES,
+};
 use super::figures::Figure;
 use super::forward::{
     ForwardedInvalidation, GuestBind, GuestCall, PageRequestRoundTrip, ResidentFill,
@@ -175,6 +177,32 @@ fn memmove(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchE
     Ok(())
 }
 
+/// The speedup of each two-engine sample over the one-engine sample taken after it (both
+/// see the same load), with the same number of copies per engine; the throughputs are the
+/// medians of each side.
+fn dma_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let p = Platform::new(PlatformConfig {
+        devices: 2,
+        buffer: 4 * MEMMOVE_BYTES,
+    })?;
+    let (two, one) = measure_pair_same_count(
+        &mut TwoEngineMemmove::new(&p)?,
+        &mut NestedMemmove::on_device(&p, 0)?,
+        budget,
+    )?;
+    let bytes = MEMMOVE_BYTES as f64;
+    report.set(Figure::Dma1ThreadGbps, one.spread().map(|ns| bytes / ns));
+    report.set(
+        Figure::Dma2ThreadsGbps,
+        two.spread().map(|ns| 2.0 * bytes / ns),
+    );
+    report.set(
+        Figure::Dma2ThreadsSpeedup,
+        two.paired(&one, |two, one| 2.0 * one / two),
+    );
+    Ok(())
+}
+
 /// Churn at 0, 50 and 99 % occupancy; the heap per allocated PASID at 1, 10, 50 and 99 %
 /// (each allocator filled at random positions in a process where nothing else allocates
 /// meanwhile).
@@ -339,6 +367,11 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
             "nested-memmove",
             &[MemcpyNestedGbps, MemcpyPlainGbps],
             memmove,
+        ),
+        probe(
+            "dma-2-threads",
+            &[Dma1ThreadGbps, Dma2ThreadsGbps, Dma2ThreadsSpeedup],
+            dma_two_threads,
         ),
         probe(
             "pasid-alloc-free",
