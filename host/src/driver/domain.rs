@@ -20,10 +20,11 @@ use vsva_vtd::{
 use vsva_vtd_driver::inv::{dev_iotlb_pf, iotlb_range, pfsid};
 use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
+use super::dirty::{harvest, DirtyBitmap};
 use super::error::DriverError;
 use super::frames::HostFrames;
 use super::nested::{cache_invalidation, nested_entry, SecondLevel};
-use super::unit::HostIommu;
+use super::unit::{HostIommu, RID_PASID};
 use crate::binds::GpasidBinds;
 use crate::container::{BackendInfo, IommuBackend};
 use crate::error::HostError;
@@ -72,6 +73,11 @@ pub struct VtdDomain {
     /// by a map above it, lowered to `iova` when the mapping ending there is unmapped, as
     /// `intel_iommu_map` and `intel_iommu_unmap` keep it. A bind's `gpgd` must not exceed it.
     max_addr: u64,
+    /// The domain was allocated for dirty tracking (iommufd's
+    /// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`, intel-iommu's `domain->dirty_ops`).
+    dirty_ops: bool,
+    /// SLADE is set in the domain's PASID entries (`dmar_domain->dirty_tracking`).
+    dirty_tracking: bool,
 }
 
 impl VtdDomain {
@@ -95,12 +101,27 @@ impl VtdDomain {
                 devices: BTreeSet::new(),
                 bound: GpasidBinds::default(),
                 max_addr: 0,
+                dirty_ops: false,
+                dirty_tracking: false,
             }),
             Err(e) => {
                 unit.free_domain_id(did);
                 Err(e.into())
             }
         }
+    }
+
+    /// A new domain that can track dirty pages (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING`):
+    /// EOPNOTSUPP when the unit has no second-level A/D bits (ECAP.SLADS), as
+    /// `iommufd_hwpt_paging_alloc` refuses a device without `IOMMU_CAP_DIRTY_TRACKING`.
+    /// Tracking starts off.
+    pub fn new_dirty_tracking(unit: &Arc<HostIommu>) -> Result<Self, DriverError> {
+        if !unit.dirty_tracking_supported() {
+            return Err(DriverError::NotSupported("dirty tracking (ECAP.SLADS)"));
+        }
+        let mut domain = Self::new(unit)?;
+        domain.dirty_ops = true;
+        Ok(domain)
     }
 
     /// The unit.
@@ -158,7 +179,119 @@ impl VtdDomain {
             did: self.did,
             root: self.second_level_root().0,
             levels: self.levels,
+            slade: self.dirty_tracking,
         }
+    }
+
+    /// Whether the domain was allocated for dirty tracking.
+    pub fn dirty_tracking_capable(&self) -> bool {
+        self.dirty_ops
+    }
+
+    /// Whether the domain tracks dirty pages now (SLADE set in its entries).
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty_tracking
+    }
+
+    /// Turns dirty tracking on or off (`IOMMU_HWPT_SET_DIRTY_TRACKING`): EOPNOTSUPP for a
+    /// domain not allocated for it. Turning it on first clears every D bit of the second
+    /// level, with the IOTLB flush that follows, so that no dirty page of an earlier round
+    /// is reported (iommufd's `iopt_set_dirty_tracking`, also when it is on already). Then
+    /// SLADE is set or cleared in the RID_PASID entry of every device and in every nested
+    /// entry bound over the second level (`intel_iommu_set_dirty_tracking` with
+    /// `parent_domain_set_dirty_tracking`), each change followed by its invalidations; if
+    /// one fails, the entries changed so far go back and the domain keeps its old state.
+    pub fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DriverError> {
+        if !self.dirty_ops {
+            return Err(DriverError::NotSupported(
+                "dirty tracking on a domain allocated without it",
+            ));
+        }
+        if enable {
+            self.clear_dirty()?;
+        }
+        if enable == self.dirty_tracking {
+            return Ok(());
+        }
+        let entries: Vec<(SourceId, Pasid)> = self
+            .devices
+            .iter()
+            .flat_map(|&sid| {
+                std::iter::once(RID_PASID)
+                    .chain(self.bound.pasids())
+                    .map(move |p| (sid, p))
+            })
+            .collect();
+        for (done, &(sid, pasid)) in entries.iter().enumerate() {
+            if let Err(e) = self.unit.set_pasid_slade(sid, pasid, enable) {
+                for &(sid, pasid) in &entries[..done] {
+                    if let Err(undo) = self.unit.set_pasid_slade(sid, pasid, !enable) {
+                        tracing::error!("vt-d: restoring SLADE of {pasid} of {sid}: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.dirty_tracking = enable;
+        Ok(())
+    }
+
+    /// Reads the dirty pages of `bitmap`'s range into it (`IOMMU_HWPT_GET_DIRTY_BITMAP`,
+    /// `intel_iommu_read_and_clear_dirty`): every present leaf of the second level that
+    /// maps part of the range and has D set sets the bits of the pages it maps. Unless
+    /// `no_clear` (`IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`), D is cleared in those leaves
+    /// and the IOTLB and device TLBs are invalidated over the range they cover
+    /// (`iommu_iotlb_sync` of the gathered range): a cached translation keeps the
+    /// permission to write without setting D again, so without the flush the next write
+    /// to the page would go unreported. EOPNOTSUPP for a domain not allocated for dirty
+    /// tracking, EINVAL while tracking is off.
+    pub fn read_and_clear_dirty(
+        &self,
+        bitmap: &mut DirtyBitmap<'_>,
+        no_clear: bool,
+    ) -> Result<u64, DriverError> {
+        if !self.dirty_ops {
+            return Err(DriverError::NotSupported(
+                "dirty tracking on a domain allocated without it",
+            ));
+        }
+        if !self.dirty_tracking {
+            return Err(DriverError::invalid(
+                "dirty bitmap",
+                "dirty tracking is off",
+            ));
+        }
+        let found = harvest(
+            &**self.unit.hardware().memory(),
+            self.second_level_root().0,
+            self.levels,
+            bitmap.iova(),
+            bitmap.last(),
+            !no_clear,
+            &mut |iova, len| bitmap.record(iova, len),
+        )?;
+        if let Some((lo, hi)) = found.cleared {
+            self.flush_range(lo, hi);
+        }
+        Ok(found.dirty)
+    }
+
+    /// Clears every D bit of the second level and flushes what they covered (the
+    /// bitmap-less read iommufd's `iopt_clear_dirty_data` does).
+    fn clear_dirty(&self) -> Result<(), DriverError> {
+        let found = harvest(
+            &**self.unit.hardware().memory(),
+            self.second_level_root().0,
+            self.levels,
+            0,
+            u64::MAX,
+            true,
+            &mut |_, _| {},
+        )?;
+        if let Some((lo, hi)) = found.cleared {
+            self.flush_range(lo, hi);
+        }
+        Ok(())
     }
 
     fn nested_entry(&self, bind: &BindGpasid) -> Result<vsva_vtd::PasidEntry, DriverError> {

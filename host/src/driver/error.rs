@@ -13,6 +13,11 @@ pub enum DriverError {
     /// makes intel-iommu refuse the device or domain).
     #[error("the IOMMU does not support {0}")]
     Unsupported(&'static str),
+    /// The operation is understood but not supported for this object (`-EOPNOTSUPP`), as
+    /// intel-iommu and iommufd refuse dirty tracking on a domain without dirty-tracking
+    /// operations or on a PASID entry of a type without a second level.
+    #[error("{0} is not supported")]
+    NotSupported(&'static str),
     /// A register access the model refused (`-EIO`).
     #[error("register access failed: {0}")]
     Register(#[from] RegError),
@@ -29,6 +34,15 @@ pub enum DriverError {
         vaddr: u64,
         /// Its length in bytes.
         size: u64,
+    },
+    /// Arithmetic on a user range overflows (`-EOVERFLOW`, iommufd's
+    /// `iommufd_check_iova_range`).
+    #[error("range {iova:#x}+{length:#x} overflows")]
+    Overflow {
+        /// Start of the range.
+        iova: u64,
+        /// Its length in bytes.
+        length: u64,
     },
     /// An IOVA range beyond the domain's address width (`-EINVAL`, as `vfio_dma_do_map`
     /// refuses a range outside the domain's aperture, `__DOMAIN_MAX_ADDR(gaw)`).
@@ -107,10 +121,12 @@ impl DriverError {
         use DriverError::*;
         match self {
             Unsupported(_) | NotAttached(_) | NotBound(_) => libc::ENODEV,
+            NotSupported(_) => libc::EOPNOTSUPP,
             Register(_) | QueueError { .. } => libc::EIO,
             OutOfMemory => libc::ENOMEM,
             Memory(_) | BadUserAddress { .. } => libc::EFAULT,
             InvalidArgument { .. } | IovaOutOfRange { .. } => libc::EINVAL,
+            Overflow { .. } => libc::EOVERFLOW,
             Misaligned { .. } => libc::ERANGE,
             NoDomainId => libc::ENOSPC,
             DeviceBusy(_) | PasidBusy { .. } => libc::EBUSY,
@@ -187,6 +203,14 @@ mod tests {
             ),
             (DriverError::invalid("x", "y"), libc::EINVAL),
             (DriverError::OutOfMemory, libc::ENOMEM),
+            (DriverError::NotSupported("x"), libc::EOPNOTSUPP),
+            (
+                DriverError::Overflow {
+                    iova: 1,
+                    length: u64::MAX,
+                },
+                libc::EOVERFLOW,
+            ),
         ];
         for (e, errno) in cases {
             let host = HostError::from(e.clone());

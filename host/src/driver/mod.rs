@@ -10,12 +10,15 @@
 //! - [`VtdDomain`]: one container's domain: its second-level table from `MAP_DMA`, its
 //!   devices, the guest page tables bound to its PASIDs (nested translation), and guest
 //!   cache invalidations; it is the container's [`IommuBackend`](crate::IommuBackend).
+//!   A domain allocated for it tracks the pages its devices write (SLADE) and reads them
+//!   out into a [`DirtyBitmap`].
 //!
 //! Page requests on a bound PASID go to the fault queue of the domain's container
 //! ([`crate::fault::FaultSink`]), and the VMM's page responses come back through
 //! [`IommuBackend::page_response`](crate::IommuBackend::page_response).
 
 mod did;
+mod dirty;
 mod domain;
 mod error;
 mod frames;
@@ -27,6 +30,7 @@ mod tables;
 mod unit;
 
 pub use did::{DomainIdAllocator, FIRST_DOMAIN_ID};
+pub use dirty::DirtyBitmap;
 pub use domain::VtdDomain;
 pub use error::DriverError;
 pub use nested::{ADDR_WIDTH_4LEVEL, ADDR_WIDTH_5LEVEL};

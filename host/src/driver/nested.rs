@@ -30,6 +30,8 @@ pub(crate) struct SecondLevel {
     /// SLPTPTR.
     pub root: u64,
     pub levels: SlLevels,
+    /// SLADE: the domain tracks dirty pages (`dmar_domain->dirty_tracking`).
+    pub slade: bool,
 }
 
 /// The nested PASID entry for a bind (PGTT = nested, FLPTPTR = the guest's table root,
@@ -111,6 +113,7 @@ pub(crate) fn nested_entry(
         flpm,
         eafe: has(IOMMU_SVA_VTD_GPASID_EAFE),
         flptptr: bind.gpgd.raw(),
+        slade: sl.slade,
         ..PasidEntry::new(Pgtt::Nested, sl.did)
     })
 }
@@ -317,6 +320,7 @@ mod tests {
         did: DomainId(7),
         root: 0x4000,
         levels: SlLevels::Four,
+        slade: false,
     };
 
     fn bind() -> BindGpasid {
