@@ -46,7 +46,7 @@ fn a_one_vm_demo_passes_and_says_what_it_skipped() {
 
 #[test]
 fn scenarios_whose_checks_pass_exit_zero() {
-    for scenario in ["page-request", "cross-vm", "teardown"] {
+    for scenario in ["page-request", "cross-vm", "teardown", "migrate-dirty"] {
         let out = vsva(&["run", scenario]);
         let stdout = text(&out.stdout);
         assert!(

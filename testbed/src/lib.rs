@@ -11,6 +11,8 @@
 //! - [`scenario`]: the single-behaviour scenarios of `vsva run`.
 //! - [`scale`]: the PASID space full of VMs, thousands of bound PASIDs, timed and checked
 //!   for leaks.
+//! - [`migrate`]: `vsva run migrate-dirty`, a live migration's dirty-page rounds over
+//!   the domain's second-level dirty bits.
 //! - [`holdings`]: what the host holds (memory, cache entries, domain ids, PASIDs), to
 //!   prove a teardown left nothing behind.
 //! - [`bench`]: the workloads of `vsva bench` and the criterion benchmarks, each with a
@@ -19,6 +21,7 @@
 pub mod bench;
 pub mod demo;
 pub mod holdings;
+pub mod migrate;
 pub mod scale;
 pub mod scenario;
 pub mod stack;

@@ -13,6 +13,7 @@ use vsva_uapi::VfioIoctls;
 use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
 
 use crate::holdings::HostHoldings;
+use crate::migrate::{migrate_dirty, MigrateConfig};
 use crate::stack::{Host, StackError, Vm};
 
 /// What a scenario printed, and the checks of it that failed.
@@ -31,7 +32,7 @@ impl Outcome {
     }
 
     /// Records a check: `what` fails the run unless `ok`. Returns `ok`.
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
+    pub(crate) fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
         if !ok {
             self.failed.push(what());
         }
@@ -65,6 +66,10 @@ pub enum Scenario {
     /// more VM refused with -ENOSPC, then 1,000 VMs with 10,000 PASIDs bound; set-up,
     /// memory and teardown measured, leaks checked.
     Scale,
+    /// Live migration's dirty tracking: devices write while the VMM harvests the dirty
+    /// bitmap in rounds and copies the reported pages; every written page is reported,
+    /// none other, and the copy equals the source.
+    MigrateDirty,
 }
 
 fn guest<E: std::fmt::Display>(e: E) -> StackError {
@@ -109,6 +114,7 @@ pub fn run(scenario: Scenario) -> Result<Outcome, StackError> {
             teardown(&host, HostHoldings::of(&host), &mut out)?
         }
         Scenario::Scale => out.text = scale()?,
+        Scenario::MigrateDirty => migrate_dirty(&host()?, &MigrateConfig::RUN, &mut out)?,
     }
     Ok(out)
 }

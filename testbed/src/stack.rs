@@ -57,6 +57,9 @@ pub enum StackError {
     /// The scale scenario could not run.
     #[error("scale scenario: {0}")]
     Scale(String),
+    /// Host memory refused an access.
+    #[error("host memory: {0}")]
+    Memory(#[from] vsva_vtd::MemError),
     /// Page requests were still outstanding after this many service rounds.
     #[error("page requests never resolved after {0} rounds")]
     Stuck(usize),
