@@ -695,11 +695,13 @@ impl<B: IommuBackend> Container<B> {
     }
 
     /// `VFIO_IOMMU_CACHE_INVALIDATE`: an invalidation naming a PASID must name one of the
-    /// caller's (EPERM); one naming none stays within the container's own domain.
+    /// caller's (EPERM); one naming none stays within the container's own domain. While a
+    /// guest PASID table is attached the PASID is a SubstreamID of the guest's own table,
+    /// not a host PASID, and the driver confines it to the container's streams and VMID.
     fn do_cache_invalidate(&mut self, arg: &mut [u8]) -> Result<usize, HostError> {
         let req = VfioIommuType1CacheInvalidate::from_bytes(arg)?;
         let inv = CacheInvalidate::try_from(&req.info)?;
-        if let Some(pasid) = inv.pasid() {
+        if let (Some(pasid), None) = (inv.pasid(), &self.pasid_table) {
             lock(&self.allocator).check_owner(self.set, pasid)?;
         }
         self.backend.cache_invalidate(&inv)?;

@@ -5,6 +5,9 @@
 //!   [`IommuBackend`] trait the host IOMMU driver implements.
 //! - [`driver`]: the host VT-d IOMMU driver: one unit's tables, queued invalidation and
 //!   interrupts, and the per-container domain that implements [`IommuBackend`].
+//! - [`smmu`]: the host SMMUv3 driver: one SMMU's stream table, VMIDs and queues, and the
+//!   per-container domain (stage 2 from `MAP_DMA`, the guest's CD table nested over it) that
+//!   implements [`IommuBackend`].
 //! - [`fault`]: a container's page requests on their way to the VMM, and the groups that
 //!   wait for a page response.
 //! - [`file`]: a container as an open [`vsva_uapi::UapiFile`] ([`ContainerFile`]): ioctls go through
@@ -18,6 +21,7 @@ pub mod error;
 pub mod fault;
 pub mod file;
 pub mod pasid;
+pub mod smmu;
 
 pub use container::{BackendInfo, Container, ContainerState, IommuBackend, SharedPasidAllocator};
 pub use error::HostError;

@@ -1,0 +1,452 @@
+//! The host SMMUv3 driver against the physical SMMUv3 model (strict mode) and the DMA
+//! engine: VFIO containers map guest RAM (stage 2), attach the guest's CD table
+//! (`VFIO_IOMMU_ATTACH_PASID_TABLE`, nested), forward the guest's TLB invalidations
+//! (`VFIO_IOMMU_CACHE_INVALIDATE`) and detach; real bytes move through the guest's
+//! stage-1 tables nested over stage 2; bad input changes nothing; closing leaves nothing.
+
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_host::smmu::{SmmuDomain, SmmuHost};
+use vsva_host::{Container, PasidAllocator, SharedPasidAllocator};
+use vsva_hw::dma::regs::CTRL_PASID_EN;
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
+    Operation,
+};
+use vsva_hw::smmuv3::{Smmu, SmmuConfig};
+use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_smmuv3::desc::Descriptor as D;
+use vsva_smmuv3::{ContextDescriptor, Features, PageSize, TableBuilder};
+use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::request::{CacheInvalidate, DmaMap, InvGranularity, PasidConfig, PasidTableConfig};
+use vsva_uapi::{IommuModel, VfioIoctls};
+use vsva_vtd::{Gpa, Hpa, Iova, MemWindow, Pasid, PhysMem, SourceId};
+
+/// Guest RAM of a VM: 32 MiB at GPA 0.
+const RAM: u64 = 32 << 20;
+/// The guest's CD table (16 CDs, linear) and its stage-1 table frames.
+const CD_GPA: u64 = 0x8_0000;
+const PT_GPA: u64 = 0x10_0000;
+const SRC_GPA: u64 = 0x100_0000;
+const DST_GPA: u64 = 0x140_0000;
+const NEW_DST_GPA: u64 = 0x180_0000;
+const COMP_GPA: u64 = 0x1c0_0000;
+const SRC_GVA: u64 = 0x7f00_1234_0000;
+const DST_GVA: u64 = 0x7f00_5678_0000;
+const COMP_GVA: u64 = 0x7f00_9abc_0000;
+const SSID: u32 = 3;
+const ASID: u16 = 0x21;
+const RW_EL0: u64 = D::AF | D::AP_EL0;
+
+struct Host {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    hw: Arc<Smmu>,
+    smmu: Arc<SmmuHost>,
+}
+
+fn host() -> Host {
+    let mem = HostMemory::new(256 << 20).unwrap();
+    let frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let cfg = SmmuConfig {
+        strict: true,
+        ..SmmuConfig::default()
+    };
+    let hw = Arc::new(Smmu::new(mem.clone(), cfg));
+    let smmu = SmmuHost::new(hw.clone(), frames.clone()).unwrap();
+    Host {
+        mem,
+        frames,
+        hw,
+        smmu,
+    }
+}
+
+fn allocator() -> SharedPasidAllocator {
+    Arc::new(Mutex::new(PasidAllocator::new()))
+}
+
+type GuestPhys = MemWindow<Arc<HostMemory>>;
+
+/// A VM: its RAM mapped into this (VMM) process, its container with one DMA engine
+/// attached and the RAM mapped, and a guest process's AArch64 stage-1 tables in its RAM.
+struct Guest {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    hpa: Hpa,
+    ram: GuestMemoryMmap,
+    container: Option<Container<SmmuDomain>>,
+    dev: Arc<DmaEngine>,
+    sid: SourceId,
+    s1: TableBuilder,
+    next_pt: u64,
+}
+
+impl Guest {
+    fn new(host: &Host, alloc: &SharedPasidAllocator, sid: SourceId) -> Guest {
+        let hpa = host.frames.alloc_range(RAM, 2 << 20).unwrap();
+        let ram = host.mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap();
+        let domain = SmmuDomain::new(&host.smmu).unwrap();
+        let mut container = Container::new(alloc.clone(), 16, domain);
+        container.set_iommu(IommuModel::Type1Nesting).unwrap();
+        let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(sid), host.hw.clone()).unwrap());
+        host.hw.attach_endpoint(sid.rid() as u32, dev.clone());
+        dev.enable(CTRL_PASID_EN).unwrap();
+        container.attach_device(sid).unwrap();
+        let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
+        container
+            .map_dma(&DmaMap {
+                iova: Iova(0),
+                vaddr,
+                size: RAM,
+                read: true,
+                write: true,
+            })
+            .unwrap();
+        let cd = Self::cd();
+        let s1 = TableBuilder::stage1(&cd.s1_config(&Features::VSVA).unwrap());
+        let mut g = Guest {
+            mem: host.mem.clone(),
+            frames: host.frames.clone(),
+            hpa,
+            ram,
+            container: Some(container),
+            dev,
+            sid,
+            s1,
+            next_pt: PT_GPA + PAGE_SIZE,
+        };
+        // The guest driver's CD table: CD SSID for the process (ASID, TTB0 at PT_GPA).
+        let words = cd.encode();
+        for (i, w) in words.iter().enumerate() {
+            g.phys()
+                .write_u64(CD_GPA + SSID as u64 * 64 + 8 * i as u64, *w)
+                .unwrap();
+        }
+        g.map(SRC_GVA, SRC_GPA, 4);
+        g.map(DST_GVA, DST_GPA, 4);
+        g.map(COMP_GVA, COMP_GPA, 1);
+        g
+    }
+
+    fn cd() -> ContextDescriptor {
+        ContextDescriptor::new(PT_GPA, 16, ASID)
+    }
+
+    fn phys(&self) -> GuestPhys {
+        MemWindow::new(self.mem.clone(), self.hpa.0, RAM)
+    }
+
+    fn c(&mut self) -> &mut Container<SmmuDomain> {
+        self.container.as_mut().unwrap()
+    }
+
+    fn map(&mut self, gva: u64, gpa: u64, pages: u64) {
+        let phys = self.phys();
+        for i in 0..pages {
+            let mut next = self.next_pt;
+            let mut alloc = || {
+                let f = next;
+                next += PAGE_SIZE;
+                Some(f)
+            };
+            self.s1
+                .map(
+                    &phys,
+                    &mut alloc,
+                    gva + i * PAGE_SIZE,
+                    gpa + i * PAGE_SIZE,
+                    PageSize::Size4K,
+                    RW_EL0,
+                )
+                .unwrap();
+            self.next_pt = next;
+        }
+    }
+
+    /// Points `gva` at another page, as the guest kernel does, without invalidating.
+    fn remap(&mut self, gva: u64, gpa: u64) {
+        self.s1.unmap(&self.phys(), gva, PageSize::Size4K).unwrap();
+        self.map(gva, gpa, 1);
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        self.mem.write(self.hpa.0 + gpa, bytes).unwrap();
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        self.mem.read(self.hpa.0 + gpa, &mut b).unwrap();
+        b
+    }
+
+    /// A memmove of `len` bytes by the device, with `pasid`, at device addresses; returns
+    /// the completion status (the record is at `comp`, guest physical `comp_gpa`).
+    fn memmove(
+        &self,
+        pasid: Option<Pasid>,
+        src: u64,
+        dst: u64,
+        len: u32,
+        comp: (u64, u64),
+    ) -> CompletionStatus {
+        self.write(comp.1, &[0; 32]);
+        let d = Descriptor {
+            pasid,
+            privileged: false,
+            block_on_fault: false,
+            completion: CompletionRequest::Always(comp.0),
+            op: Operation::Memmove {
+                src,
+                dst,
+                size: len,
+            },
+        };
+        self.dev.portal_write(0, &d.encode()).unwrap();
+        self.dev.process();
+        CompletionRecord::from_bytes(&self.read(comp.1, 32).try_into().unwrap())
+            .map_or(CompletionStatus::None, |r| r.status)
+    }
+
+    fn table(&self) -> PasidTableConfig {
+        PasidTableConfig {
+            base_ptr: Gpa(CD_GPA),
+            pasid_bits: 4,
+            config: PasidConfig::Translate { s1fmt: 0, s1dss: 1 },
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.container = None;
+        self.mem.release_guest_memory(&self.ram);
+        self.frames.free(self.hpa).unwrap();
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn sid(dev: u8) -> SourceId {
+    SourceId::new(0, dev, 0).unwrap()
+}
+
+fn pasid() -> Option<Pasid> {
+    Some(Pasid::new(SSID).unwrap())
+}
+
+fn invalidate_va(gva: u64) -> CacheInvalidate {
+    CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Addr {
+            pasid: pasid(),
+            archid: Some(ASID as u32),
+            addr: gva,
+            granule_size: PAGE_SIZE,
+            nb_granules: 1,
+            leaf: true,
+        },
+    }
+}
+
+#[test]
+fn stage2_dma_then_nested_dma_through_the_guest_cd_table() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(3));
+    // Stage 2 alone: device addresses are guest physical.
+    let data = pattern(8192, 1);
+    g.write(SRC_GPA, &data);
+    let st = g.memmove(None, SRC_GPA, DST_GPA, 8192, (COMP_GPA, COMP_GPA));
+    assert_eq!(st, CompletionStatus::Success);
+    assert_eq!(g.read(DST_GPA, 8192), data);
+    // No PASID table yet: a request with a SubstreamID is refused.
+    let st = g.memmove(pasid(), SRC_GVA, DST_GVA, 64, (COMP_GPA, COMP_GPA));
+    assert_ne!(st, CompletionStatus::Success);
+    // The guest's CD table, nested over stage 2: guest virtual addresses.
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let data = pattern(3 * 4096 + 100, 7);
+    g.write(SRC_GPA + 0x10, &data);
+    let st = g.memmove(
+        pasid(),
+        SRC_GVA + 0x10,
+        DST_GVA + 0x20,
+        data.len() as u32,
+        (COMP_GVA, COMP_GPA),
+    );
+    assert_eq!(st, CompletionStatus::Success);
+    assert_eq!(g.read(DST_GPA + 0x20, data.len()), data);
+    // Requests without SubstreamID bypass stage 1 (S1DSS bypass): stage 2 still serves.
+    let st = g.memmove(None, SRC_GPA, DST_GPA, 64, (COMP_GPA, COMP_GPA));
+    assert_eq!(st, CompletionStatus::Success);
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn guest_tlbi_through_cache_invalidate_removes_the_stale_translation() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(4));
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let one = pattern(256, 3);
+    g.write(SRC_GPA, &one);
+    assert_eq!(
+        g.memmove(pasid(), SRC_GVA, DST_GVA, 256, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(g.read(DST_GPA, 256), one);
+    // The guest moves DST_GVA to another page and forgets to invalidate: the SMMU's TLB
+    // still sends the bytes to the old page, and strict mode names the missing command.
+    g.remap(DST_GVA, NEW_DST_GPA);
+    let two = pattern(256, 9);
+    g.write(SRC_GPA, &two);
+    assert_eq!(
+        g.memmove(pasid(), SRC_GVA, DST_GVA, 256, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(g.read(DST_GPA, 256), two);
+    assert_ne!(g.read(NEW_DST_GPA, 256), two);
+    let stale = host.hw.take_stale();
+    assert!(!stale.is_empty());
+    let vmid = g.c().backend().vmid();
+    assert!(
+        stale.iter().all(|s| matches!(s.missing, vsva_smmuv3::Cmd::TlbiNhVa { vmid: v, asid: ASID, .. } if v == vmid)),
+        "{stale:?}"
+    );
+    // The guest's CMD_TLBI_NH_VA, forwarded: the next DMA reaches the new page.
+    g.c().cache_invalidate(&invalidate_va(DST_GVA)).unwrap();
+    let three = pattern(256, 11);
+    g.write(SRC_GPA, &three);
+    assert_eq!(
+        g.memmove(pasid(), SRC_GVA, DST_GVA, 256, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(g.read(NEW_DST_GPA, 256), three);
+    assert_eq!(g.read(DST_GPA, 256), two);
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn hostile_tables_and_streams_are_refused_and_change_nothing() {
+    let host = host();
+    let alloc = allocator();
+    let mut a = Guest::new(&host, &alloc, sid(5));
+    let sid_a = a.sid.rid() as u32;
+    let before = host.smmu.ste(sid_a);
+    let bad = [
+        // Beyond the VM's memory.
+        PasidTableConfig {
+            base_ptr: Gpa(RAM + 0x1000),
+            ..a.table()
+        },
+        // A linear table of 2^20 CDs (64 MiB) running past the end of the 32 MiB RAM.
+        PasidTableConfig {
+            pasid_bits: 20,
+            ..a.table()
+        },
+        // Reserved S1DSS, S1Fmt (uapi decoding lets nothing like this through; the driver
+        // checks again).
+        PasidTableConfig {
+            config: PasidConfig::Translate { s1fmt: 3, s1dss: 0 },
+            ..a.table()
+        },
+    ];
+    for cfg in bad {
+        let e = a.c().attach_pasid_table(&cfg).unwrap_err();
+        assert_eq!(e.errno(), -libc::EINVAL, "{cfg:?}: {e}");
+        assert_eq!(host.smmu.ste(sid_a), before, "{cfg:?}");
+        assert_eq!(a.c().state().pasid_table, None);
+    }
+    // Another VM cannot take A's stream, nor reach A's TLB entries with A's ASID.
+    let mut b = Guest::new(&host, &alloc, sid(6));
+    let e = b.c().attach_device(a.sid).unwrap_err();
+    assert_eq!(e.errno(), -libc::EBUSY);
+    let table = a.table();
+    a.c().attach_pasid_table(&table).unwrap();
+    // No stage-1 to stage-1 transition: a second translating table is refused.
+    let nested = host.smmu.ste(sid_a);
+    let other = PasidTableConfig {
+        base_ptr: Gpa(CD_GPA + 0x1000),
+        ..a.table()
+    };
+    let e = a.c().attach_pasid_table(&other).unwrap_err();
+    assert_eq!(e.errno(), -libc::EINVAL);
+    assert_eq!(host.smmu.ste(sid_a), nested);
+    assert_eq!(a.c().state().pasid_table, Some(table));
+    let one = pattern(64, 1);
+    a.write(SRC_GPA, &one);
+    assert_eq!(
+        a.memmove(pasid(), SRC_GVA, DST_GVA, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    a.remap(DST_GVA, NEW_DST_GPA);
+    let table_b = b.table();
+    b.c().attach_pasid_table(&table_b).unwrap();
+    b.c().cache_invalidate(&invalidate_va(DST_GVA)).unwrap();
+    let two = pattern(64, 2);
+    a.write(SRC_GPA, &two);
+    assert_eq!(
+        a.memmove(pasid(), SRC_GVA, DST_GVA, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(
+        a.read(DST_GPA, 64),
+        two,
+        "B's invalidation reached A's VMID"
+    );
+    assert!(!host.hw.take_stale().is_empty());
+    a.c().cache_invalidate(&invalidate_va(DST_GVA)).unwrap();
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn detach_and_close_leave_nothing_behind() {
+    let host = host();
+    let alloc = allocator();
+    let baseline = host.frames.allocated_bytes();
+    let (tlb0, _, _) = host.hw.cached_entries();
+    assert_eq!(tlb0, 0);
+    {
+        let mut g = Guest::new(&host, &alloc, sid(7));
+        let table = g.table();
+        g.c().attach_pasid_table(&table).unwrap();
+        let data = pattern(512, 5);
+        g.write(SRC_GPA, &data);
+        assert_eq!(
+            g.memmove(pasid(), SRC_GVA, DST_GVA, 512, (COMP_GVA, COMP_GPA)),
+            CompletionStatus::Success
+        );
+        assert!(host.hw.cached_entries().0 > 0);
+        // DETACH: stage 2 alone again; the guest's stage-1 and nested entries are gone.
+        g.c().detach_pasid_table().unwrap();
+        assert_eq!(host.hw.cached_entries().2, 0, "CDs cached after detach");
+        assert_ne!(
+            g.memmove(pasid(), SRC_GVA, DST_GVA, 64, (COMP_GPA, COMP_GPA)),
+            CompletionStatus::Success
+        );
+        assert_eq!(
+            g.memmove(None, SRC_GPA, DST_GPA, 64, (COMP_GPA, COMP_GPA)),
+            CompletionStatus::Success
+        );
+        assert_eq!(host.hw.take_stale(), []);
+        assert_eq!(host.smmu.vmids().len(), 1);
+    }
+    // Closing the container: no TLB entry, no CD, no owned stream or VMID, no frame.
+    let (tlb, _, cds) = host.hw.cached_entries();
+    assert_eq!((tlb, cds), (0, 0));
+    assert!(host.smmu.owned_streams().is_empty());
+    assert!(host.smmu.vmids().is_empty());
+    // What stays is the level-2 stream table made for the stream, which the driver keeps
+    // for the SMMU's lifetime as Linux does.
+    let l2 = 64u64 << vsva_smmuv3_driver::STRTAB_SPLIT;
+    assert_eq!(host.frames.allocated_bytes(), baseline + l2);
+    let ste = host.smmu.ste(7 << 3).unwrap();
+    assert_eq!(ste[0] & 0xf, 1, "the stream aborts (V=1, Config=abort)");
+}
