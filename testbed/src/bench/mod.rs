@@ -7,11 +7,13 @@
 //! - Workloads ([`Workload`]): [`translate`] (IOTLB hits, cold walks), [`dma`] (DMA engine
 //!   memmove, streaming reads per miss), [`pasid`] (allocator churn) and their baselines
 //!   ([`loads`], hash map, `copy_from_slice`); on the whole stack, [`uapi`] (the host's
-//!   ioctl path, bound-PASID memory) and [`forward`] (the guest's forwarded path).
+//!   ioctl path, bound-PASID memory) and [`forward`] (the guest's forwarded path);
+//!   [`dirty`] (the dirty-bitmap harvest of a 1 GiB domain against reading its words).
 //! - [`suite`]: the probes `vsva bench` runs; [`report`]: the table and JSON object;
 //!   [`plot`]: the SVG; [`cli`]: the command.
 
 pub mod cli;
+pub mod dirty;
 pub mod dma;
 mod error;
 pub mod figures;

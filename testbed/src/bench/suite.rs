@@ -6,6 +6,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use vsva_hw::PAGE_SIZE;
 
+use super::dirty::{DirtyDomain, Harvest, WordReads, HARVEST_BYTES};
 use super::dma::{
     nested_walk_reads, stream_reads, NestedMemmove, PlainCopy, TwoEngineMemmove, MEMMOVE_BYTES,
 };
@@ -286,6 +287,15 @@ fn ioctl_map(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Benc
     Ok(())
 }
 
+/// A clearing harvest of 1 GiB with 4 KiB pages against reading as many words.
+fn dirty_harvest(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let d = DirtyDomain::new(HARVEST_BYTES)?;
+    let (harvest, reads) = measure_pair(&mut Harvest::new(&d), &mut WordReads::new(&d), budget)?;
+    report.set(Figure::DirtyHarvest1gNs, harvest.spread());
+    report.set(Figure::ReadWords1gNs, reads.spread());
+    Ok(())
+}
+
 /// On a new VM, so that the PASID tables the bound PASIDs need are counted.
 fn bound_pasid_bytes(_: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let vm = BenchVm::new()?;
@@ -409,6 +419,11 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
             "page-request",
             &[PrqRoundtripNs, FillResidentNs],
             page_request,
+        ),
+        probe(
+            "dirty-harvest",
+            &[DirtyHarvest1gNs, ReadWords1gNs],
+            dirty_harvest,
         ),
     ]
 }
