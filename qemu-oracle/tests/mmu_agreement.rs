@@ -240,7 +240,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             let pa = match size {
                 PageSize::Size4K => DATA.0 + rng.below((DATA.1 - DATA.0) >> 12) * 4096,
                 PageSize::Size2M => DATA.0 + rng.below((DATA.1 - DATA.0) >> 21) * (2 << 20),
-                PageSize::Size1G => RAM_BASE,
+                _ => RAM_BASE,
             };
             let mut attrs = (rng.below(4) << 6) | (rng.below(8) << 2) | (rng.pick(&[0, 2, 3]) << 8);
             for (bit, p) in [(10, 85), (11, 30), (51, 40), (53, 25), (54, 25)] {

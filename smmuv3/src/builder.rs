@@ -1,11 +1,12 @@
-//! Builds VMSAv8-64 translation tables with the 4 KiB granule in memory: stage 1 under a
-//! CD's TTB0 or stage 2 under an STE's S2TTB (Arm ARM D8), for tests and table owners.
+//! Builds VMSAv8-64 translation tables in memory, with any granule: stage 1 under a CD's
+//! TTB0 or TTB1, or stage 2 under an STE's S2TTB (Arm ARM D8), for tests and table owners.
 //!
 //! Table descriptors carry no hierarchical controls, so the leaf alone decides the rights.
 //! Leaf attributes are given as descriptor bits (AP, AF, UXN, S2AP, ...).
 
-use crate::desc::{Descriptor, DescriptorKind};
-use crate::walk::{table_index, PageSize, S1Config, S2Config};
+use crate::desc::{Descriptor, DescriptorKind, TableFormat};
+use crate::field::bits;
+use crate::walk::{table_index, PageSize, S1Config, S1Table, S2Config};
 use vsva_vtd::{MemError, PhysMem};
 
 /// Why a builder operation was refused. A refused operation writes no descriptor (tables
@@ -23,9 +24,14 @@ pub enum BuildError {
     /// The input address is beyond the table's input size.
     #[error("input address {0:#x} is outside the table's input range")]
     OutOfRange(u64),
-    /// The output address does not fit the 48-bit output address field.
-    #[error("output address {0:#x} does not fit in 48 bits")]
+    /// The output address does not fit the output address field (48 bits, or 52 in the
+    /// 52-bit 64 KiB format).
+    #[error("output address {0:#x} does not fit the output address field")]
     OutputTooWide(u64),
+    /// The table's format has no leaf of that size (another granule's size, or a 4 TiB
+    /// block without a 52-bit SMMU output size).
+    #[error("{0:?} leaves do not exist in this table's format")]
+    NoSuchLeaf(PageSize),
     /// The page size needs a level above the start level.
     #[error("{0:?} blocks sit above this table's start level")]
     SizeAboveStart(PageSize),
@@ -53,8 +59,9 @@ pub enum BuildError {
         /// The level of the block.
         level: u8,
     },
-    /// The frame source returned a frame that is not a 4 KiB-aligned address below 2^48.
-    #[error("table frame {0:#x} is not a 4 KiB-aligned address below 2^48")]
+    /// The frame source returned a frame that is not granule-aligned or does not fit the
+    /// table address field.
+    #[error("table frame {0:#x} is not granule-aligned within the table address field")]
     BadFrame(u64),
     /// The frame source is exhausted.
     #[error("no frame left for a table")]
@@ -76,22 +83,37 @@ pub struct Mapping {
 }
 
 /// A translation table under construction: its start table (which the caller provides,
-/// zeroed) and the frames of the tables the builder added.
+/// zeroed) and the frames of the tables the builder added, each one granule in size.
 #[derive(Debug)]
 pub struct TableBuilder {
     root: u64,
     start: u8,
     input_bits: u32,
+    format: TableFormat,
+    /// A TTB1 table: input addresses have every bit above the input size set.
+    upper: bool,
     tables: Vec<u64>,
 }
 
 impl TableBuilder {
     /// A builder for the stage-1 table at `cfg`'s TTB0.
     pub fn stage1(cfg: &S1Config) -> Self {
+        Self::of_s1_table(cfg, cfg.ttb0(), false)
+    }
+
+    /// A builder for the stage-1 table at `cfg`'s TTB1, if TTB1 walks are enabled. Its
+    /// input addresses are upper-range VAs (every bit above the input size set).
+    pub fn stage1_ttb1(cfg: &S1Config) -> Option<Self> {
+        cfg.ttb1().map(|t| Self::of_s1_table(cfg, t, true))
+    }
+
+    fn of_s1_table(cfg: &S1Config, t: &S1Table, upper: bool) -> Self {
         TableBuilder {
-            root: cfg.root(),
-            start: cfg.start_level(),
-            input_bits: cfg.input_bits(),
+            root: t.root(),
+            start: t.start_level(),
+            input_bits: t.input_bits(),
+            format: cfg.format(t),
+            upper,
             tables: Vec::new(),
         }
     }
@@ -102,8 +124,16 @@ impl TableBuilder {
             root: cfg.root(),
             start: cfg.start_level(),
             input_bits: cfg.input_bits(),
+            format: cfg.format(),
+            upper: false,
             tables: Vec::new(),
         }
+    }
+
+    /// Whether `va` is an input address of the table.
+    fn in_range(&self, va: u64) -> bool {
+        let high = bits(63, self.input_bits);
+        va & high == if self.upper { high } else { 0 }
     }
 
     /// The frames of the tables added below the start table.
@@ -132,29 +162,35 @@ impl TableBuilder {
         if pa & mask != 0 {
             return Err(BuildError::Misaligned { addr: pa, size });
         }
-        if va >> self.input_bits != 0 {
+        if !self.in_range(va) {
             return Err(BuildError::OutOfRange(va));
         }
-        if pa >> 48 != 0 {
+        let fmt = self.format;
+        if PageSize::of(fmt.granule, size.level(), fmt.lpa) != Some(size) {
+            return Err(BuildError::NoSuchLeaf(size));
+        }
+        let oa_field = if fmt.oa52() { 52 } else { 48 };
+        if pa >> oa_field != 0 {
             return Err(BuildError::OutputTooWide(pa));
         }
         if size.level() < self.start {
             return Err(BuildError::SizeAboveStart(size));
         }
+        let table_bytes = 1usize << fmt.granule.shift();
         let mut table = self.root;
         for level in self.start..size.level() {
             let slot = self.slot(table, va, level);
             let desc = Descriptor(mem.read_u64(slot)?);
-            table = match desc.kind(level) {
+            table = match desc.decode(fmt, level) {
                 DescriptorKind::Table(next) => next,
                 DescriptorKind::Leaf { .. } => return Err(BuildError::SizeConflict { va, level }),
                 DescriptorKind::Invalid => {
                     let frame = alloc().ok_or(BuildError::OutOfFrames)?;
-                    if frame & 0xfff != 0 || frame >> 48 != 0 {
+                    if frame & (table_bytes as u64 - 1) != 0 || frame >> oa_field != 0 {
                         return Err(BuildError::BadFrame(frame));
                     }
-                    mem.write(frame, &[0; 4096])?;
-                    mem.write_u64(slot, Descriptor::table(frame, 0).0)?;
+                    mem.write(frame, &vec![0; table_bytes])?;
+                    mem.write_u64(slot, Descriptor::table_in(fmt, frame, 0).0)?;
                     self.tables.push(frame);
                     frame
                 }
@@ -162,7 +198,7 @@ impl TableBuilder {
         }
         let level = size.level();
         let slot = self.slot(table, va, level);
-        if Descriptor(mem.read_u64(slot)?).kind(level) != DescriptorKind::Invalid {
+        if Descriptor(mem.read_u64(slot)?).decode(fmt, level) != DescriptorKind::Invalid {
             return Err(BuildError::AlreadyMapped { va, level });
         }
         mem.write_u64(slot, Descriptor::leaf(pa, size, attrs).0)?;
@@ -174,13 +210,13 @@ impl TableBuilder {
     where
         M: PhysMem + ?Sized,
     {
-        if va >> self.input_bits != 0 {
+        if !self.in_range(va) {
             return Err(BuildError::OutOfRange(va));
         }
         let mut table = self.root;
         for level in self.start..=3 {
             let descriptor = mem.read_u64(self.slot(table, va, level))?;
-            match Descriptor(descriptor).kind(level) {
+            match Descriptor(descriptor).decode(self.format, level) {
                 DescriptorKind::Table(next) => table = next,
                 DescriptorKind::Leaf { base, size } => {
                     return Ok(Some(Mapping {
@@ -228,7 +264,7 @@ impl TableBuilder {
     where
         M: PhysMem + ?Sized,
     {
-        if va >> self.input_bits != 0 {
+        if !self.in_range(va) {
             return Err(BuildError::OutOfRange(va));
         }
         let mut table = self.root;
@@ -237,7 +273,7 @@ impl TableBuilder {
             if l == level {
                 return Ok(Some(slot));
             }
-            match Descriptor(mem.read_u64(slot)?).kind(l) {
+            match Descriptor(mem.read_u64(slot)?).decode(self.format, l) {
                 DescriptorKind::Table(next) => table = next,
                 _ => return Ok(None),
             }
@@ -246,6 +282,6 @@ impl TableBuilder {
     }
 
     fn slot(&self, table: u64, va: u64, level: u8) -> u64 {
-        table + table_index(va, level, self.start, self.input_bits) * 8
+        table + table_index(self.format.granule, va, level, self.start, self.input_bits) * 8
     }
 }

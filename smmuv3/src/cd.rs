@@ -4,17 +4,17 @@
 //!
 //! [`ContextDescriptor::decode`] applies the C_BAD_CD rules (§5.4, "CD validity"): V = 0,
 //! AArch32 (AA64 = 0) or big-endian (ENDI) tables, a granule the SMMU does not implement
-//! or T0SZ outside its range for an enabled TTB0, an ASID beyond 8 bits without
+//! or T0SZ/T1SZ outside its range for an enabled TTB0/TTB1, an ASID beyond 8 bits without
 //! IDR0.ASID16, a stall setting the STALL_MODEL forbids. vsva also refuses nonzero RES0
 //! bits and reserved encodings.
 
 use crate::features::{Features, StallModel};
 use crate::field::{bits, get, put};
 use crate::ste::Granule;
-use crate::walk::{AddressSize, S1Config, S1Flags, TableConfigError};
+use crate::walk::{AddressSize, S1Config, S1Flags, S1Table, TableConfigError};
 use std::fmt;
 
-/// Why a CD is C_BAD_CD (or, for [`BadCd::Ttb1`], not translatable by vsva).
+/// Why a CD is C_BAD_CD.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum BadCd {
     /// V = 0.
@@ -42,10 +42,10 @@ pub enum BadCd {
     /// ENDI = 1: big-endian tables.
     #[error("big-endian stage-1 tables are not supported")]
     BigEndian,
-    /// TG0 names a granule the SMMU does not implement.
+    /// TG0 or TG1 of an enabled table names a granule the SMMU does not implement.
     #[error("stage-1 granule {0:?} is not supported")]
     Granule(Granule),
-    /// T0SZ is outside the granule's range.
+    /// T0SZ or T1SZ of an enabled table is outside the granule's range.
     #[error(transparent)]
     Table(TableConfigError),
     /// An ASID above 8 bits without IDR0.ASID16.
@@ -54,10 +54,6 @@ pub enum BadCd {
     /// CD.S contradicts IDR0.STALL_MODEL.
     #[error("CD.S not allowed by the stall model {0:?}")]
     Stall(StallModel),
-    /// EPD1 = 0: vsva does not walk TTB1 (the upper VA range), so a CD must disable it, as
-    /// every CD the Linux driver writes does.
-    #[error("TTB1 walks (EPD1 = 0) are not modelled by vsva")]
-    Ttb1,
 }
 
 /// A valid context descriptor.
@@ -79,7 +75,8 @@ pub struct ContextDescriptor {
     pub endi: bool,
     /// T1SZ.
     pub t1sz: u8,
-    /// TG1 as encoded (0b01 16 KiB, 0b10 4 KiB, 0b11 64 KiB).
+    /// TG1 as encoded (0b01 16 KiB, 0b10 4 KiB, 0b11 64 KiB: not TG0's encoding; see
+    /// [`ContextDescriptor::tg1_granule`]).
     pub tg1: u8,
     /// IR1.
     pub ir1: u8,
@@ -293,12 +290,17 @@ impl ContextDescriptor {
             return Err(BadCd::BigEndian);
         }
         if !self.epd0 {
-            if self.tg0 != Granule::Size4K {
+            if !f.has_granule(self.tg0) {
                 return Err(BadCd::Granule(self.tg0));
             }
-            if !(16..=39).contains(&self.t0sz) {
-                return Err(BadCd::Table(TableConfigError::T0sz(self.t0sz)));
+            S1Table::ttb0(self.ttb0, self.t0sz, self.tg0).map_err(BadCd::Table)?;
+        }
+        if !self.epd1 {
+            let tg1 = self.tg1_granule();
+            if !f.has_granule(tg1) {
+                return Err(BadCd::Granule(tg1));
             }
+            S1Table::ttb1(self.ttb1, self.t1sz, tg1).map_err(BadCd::Table)?;
         }
         if !f.asid16 && self.asid > 0xff {
             return Err(BadCd::Asid(self.asid));
@@ -314,13 +316,18 @@ impl ContextDescriptor {
         Ok(())
     }
 
-    /// The stage-1 configuration of TTB0: its table, T0SZ, the IPS capped by OAS, the HA
-    /// and HD that IDR0.HTTU allows, AFFD, WXN, PAN, TBI0, EPD0. A CD with EPD1 = 0 is
-    /// refused ([`BadCd::Ttb1`]).
-    pub fn s1_config(&self, f: &Features) -> Result<S1Config, BadCd> {
-        if !self.epd1 {
-            return Err(BadCd::Ttb1);
+    /// The granule TG1 names (decoding refuses the reserved 0b00).
+    pub const fn tg1_granule(&self) -> Granule {
+        match Granule::from_tg1(self.tg1 as u64) {
+            Some(g) => g,
+            None => Granule::Size4K,
         }
+    }
+
+    /// The stage-1 configuration: the TTB0 table with T0SZ and TG0 (a placeholder when
+    /// EPD0 disables it), the TTB1 table with T1SZ and TG1 unless EPD1, the IPS capped by
+    /// OAS, the HA and HD that IDR0.HTTU allows, AFFD, WXN, PAN, TBI0/TBI1, EPD0.
+    pub fn s1_config(&self, f: &Features) -> Result<S1Config, BadCd> {
         let (ha, hd) = f.hardware_updates(self.ha, self.hd);
         let flags = S1Flags {
             ha,
@@ -330,16 +337,37 @@ impl ContextDescriptor {
             pan: self.pan,
             tbi: self.tbi & 1 != 0,
             epd0: self.epd0,
+            tbi1: self.tbi & 2 != 0,
         };
-        // With EPD0 the table is never walked; T0SZ then need not be valid.
-        let t0sz = if self.epd0 { 39 } else { self.t0sz };
-        S1Config::new(self.ttb0, t0sz, f.cap_oas(self.ips), flags).map_err(BadCd::Table)
+        // With EPD0 the table is never walked; T0SZ and TG0 then need not be valid.
+        let ttb0 = if self.epd0 {
+            S1Table::ttb0(self.ttb0, 39, Granule::Size4K)
+        } else {
+            S1Table::ttb0(self.ttb0, self.t0sz, self.tg0)
+        };
+        let ttb1 = if self.epd1 {
+            None
+        } else {
+            Some(S1Table::ttb1(self.ttb1, self.t1sz, self.tg1_granule()).map_err(BadCd::Table)?)
+        };
+        let ttb0 = ttb0.map_err(BadCd::Table)?;
+        let ips = f.cap_oas(self.ips);
+        Ok(S1Config::with_tables(ttb0, ttb1, ips, f.lpa(), flags))
     }
 }
 
-/// One line for `explain`: the ASID, TTB0 and its walk controls.
+/// One line for `explain`: the ASID, TTB0 (and TTB1 when enabled) and the walk controls.
 impl fmt::Display for ContextDescriptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.epd1 {
+            write!(
+                f,
+                "TTB1={:#x} T1SZ={} TG1={:?} ",
+                self.ttb1,
+                self.t1sz,
+                self.tg1_granule()
+            )?;
+        }
         write!(
             f,
             "CD ASID={:#x} TTB0={:#x} T0SZ={} TG0={:?} IPS={}b EPD0={} EPD1={} HA={} HD={} AFFD={} WXN={} PAN={} TBI={}",
@@ -470,9 +498,60 @@ mod tests {
         );
         assert_eq!(with(0, 0, 1 << 41), Err(BadCd::AArch32));
         assert_eq!(with(0, 1 << 15, 0), Err(BadCd::BigEndian));
-        assert_eq!(with(0, 1 << 6, 0), Err(BadCd::Granule(Granule::Size64K)));
         let check =
             |cd: ContextDescriptor, f: &Features| ContextDescriptor::decode(&cd.encode(), f);
+        // A granule the SMMU lacks, for TTB0 or for an enabled TTB1.
+        let tg0_64k = ContextDescriptor {
+            tg0: Granule::Size64K,
+            ..linux_cd()
+        };
+        let no_64k = Features {
+            gran64k: false,
+            ..f
+        };
+        assert_eq!(check(tg0_64k, &f), Ok(tg0_64k));
+        assert_eq!(
+            check(tg0_64k, &no_64k),
+            Err(BadCd::Granule(Granule::Size64K))
+        );
+        let ttb1_16k = ContextDescriptor {
+            epd1: false,
+            t1sz: 25,
+            tg1: 0b01,
+            ttb1: 0x9_0000,
+            ..linux_cd()
+        };
+        assert_eq!(check(ttb1_16k, &f), Ok(ttb1_16k));
+        assert_eq!(
+            check(
+                ttb1_16k,
+                &Features {
+                    gran16k: false,
+                    ..f
+                }
+            ),
+            Err(BadCd::Granule(Granule::Size16K))
+        );
+        // EPD1 disables TTB1: its size and granule are not checked.
+        let t1_off = ContextDescriptor {
+            t1sz: 60,
+            ..ttb1_16k
+        };
+        assert_eq!(
+            check(t1_off, &no_64k),
+            Err(BadCd::Table(TableConfigError::T1sz(60)))
+        );
+        assert_eq!(
+            check(
+                ContextDescriptor {
+                    epd1: true,
+                    ..t1_off
+                },
+                &f
+            )
+            .map(|c| c.t1sz),
+            Ok(60)
+        );
         for t0sz in [15, 40] {
             assert_eq!(
                 check(ContextDescriptor { t0sz, ..linux_cd() }, &f),
@@ -510,15 +589,18 @@ mod tests {
             check(linux_cd(), &forced),
             Err(BadCd::Stall(StallModel::ForceStall))
         );
-        // TTB1 is not walked by vsva.
+        // TTB1 walks: TG1's own encoding (0b01 is 16 KiB), T1SZ, TBI1 from TBI bit 1.
+        let s1 = ContextDescriptor { tbi: 2, ..ttb1_16k }
+            .s1_config(&f)
+            .unwrap();
+        let t1 = s1.ttb1().unwrap();
         assert_eq!(
-            ContextDescriptor {
-                epd1: false,
-                ..linux_cd()
-            }
-            .s1_config(&f),
-            Err(BadCd::Ttb1)
+            (t1.root(), t1.tsz(), t1.granule()),
+            (0x9_0000, 25, Granule::Size16K)
         );
+        assert_eq!(t1.start_level(), 1);
+        assert!(s1.flags().tbi1 && !s1.flags().tbi);
+        assert_eq!(linux_cd().s1_config(&f).unwrap().ttb1(), None);
         // IPS capped by OAS and the granule; HA/HD as HTTU allows.
         let cd = ContextDescriptor {
             ips: AddressSize::Bits52,

@@ -1,20 +1,50 @@
-//! VMSAv8-64 translation table descriptors with the 4 KiB granule (Arm ARM D8, "Translation
-//! table descriptor formats"), as the SMMU reads them for stage 1 (IHI 0070 §5.4, the CD's
-//! TTB0) and stage 2 (§5.2, the STE's S2TTB).
+//! VMSAv8-64 translation table descriptors (Arm ARM D8, "Translation table descriptor
+//! formats"), as the SMMU reads them for stage 1 (IHI 0070 §5.4, the CD's TTB0/TTB1) and
+//! stage 2 (§5.2, the STE's S2TTB), with the 4 KiB, 16 KiB and 64 KiB granules.
 //!
-//! Levels are numbered as the Arm ARM numbers them: level 0 resolves VA bits 47:39, level 3
-//! is the page table. With the 4 KiB granule a block can sit at level 1 (1 GiB) or level 2
-//! (2 MiB); level 0 cannot hold a block and a level-3 entry with `bits[1:0] = 01` is reserved,
-//! and both are treated as invalid (a Translation fault), as the Arm ARM requires.
+//! Levels are numbered as the Arm ARM numbers them: level 3 is the page table, each level
+//! above resolves one stride (9, 11 or 13 bits). A block can sit at levels 1 and 2 with the
+//! 4 KiB granule, level 2 with 16 KiB, level 2 with 64 KiB and level 1 too when the SMMU's
+//! output size is 52 bits (FEAT_LPA); a block anywhere else and a level-3 entry with
+//! `bits[1:0] = 01` are invalid (a Translation fault), as the Arm ARM requires. FEAT_LPA2
+//! (TCR.DS) is not modelled.
 //!
-//! VMSAv8-64 has no reserved-field fault: bits that the 4 KiB granule with a 48-bit output
-//! address does not use (OA bits 51:48, the bits of a block's address below its size, the
-//! ignored and software-defined fields) are ignored, and the output address is bits 47:12.
-//! An output address above the configured output size is an Address size fault, checked by
-//! the walkers.
+//! VMSAv8-64 has no reserved-field fault: bits a format does not use (the bits below the
+//! granule in an address field, OA bits 51:48 outside the 52-bit 64 KiB format, the bits
+//! of a block's address below its size, the ignored and software-defined fields) are
+//! ignored. The output address is bits 47:granule; with the 64 KiB granule and a 52-bit
+//! output size OA bits 51:48 come from bits 15:12. An output address above the configured
+//! output size is an Address size fault, checked by the walkers.
 
 use crate::field::{bits, get, put};
+use crate::ste::Granule;
 use crate::walk::PageSize;
+
+/// How a table's descriptors are read: its granule, the output size in effect and whether
+/// the SMMU's output size is 52 bits (IDR5.OAS, the SMMU's FEAT_LPA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableFormat {
+    /// The translation granule.
+    pub granule: Granule,
+    /// The effective output size in bits (32 to 52; above 48 only with 64 KiB).
+    pub output_bits: u32,
+    /// The SMMU outputs 52 bits: 64 KiB-granule level-1 blocks (4 TiB) exist.
+    pub lpa: bool,
+}
+
+impl TableFormat {
+    /// The 4 KiB granule with a 48-bit output.
+    pub const FOUR_K: TableFormat = TableFormat {
+        granule: Granule::Size4K,
+        output_bits: 48,
+        lpa: false,
+    };
+
+    /// Whether OA bits 51:48 sit in descriptor bits 15:12 (64 KiB granule, 52-bit output).
+    pub const fn oa52(self) -> bool {
+        matches!(self.granule, Granule::Size64K) && self.output_bits > 48
+    }
+}
 
 /// What a descriptor is at a given level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,46 +118,85 @@ impl Descriptor {
     /// Stage 2 XN (`XN[1]` without FEAT_XNX): execute-never.
     pub const XN: u64 = 1 << 54;
 
-    /// A table descriptor pointing to the 4 KiB-aligned table at `table`, with the stage-1
-    /// hierarchical controls in `attrs` (0 for stage 2).
+    /// A table descriptor pointing to the 4 KiB-aligned table at `table` (below 2^48),
+    /// with the stage-1 hierarchical controls in `attrs` (0 for stage 2).
     pub const fn table(table: u64, attrs: u64) -> Self {
         Descriptor((table & Self::ADDR_MASK) | attrs | Self::VALID | Self::TABLE_OR_PAGE)
     }
 
-    /// A block (level 1 or 2) or page (level 3) descriptor mapping `base` with the attribute
-    /// bits `attrs`; the address bits below the size are dropped.
-    pub const fn leaf(base: u64, size: PageSize, attrs: u64) -> Self {
-        let addr = base & Self::ADDR_MASK & !(size.bytes() - 1);
-        let kind = match size {
-            PageSize::Size4K => Self::VALID | Self::TABLE_OR_PAGE,
-            _ => Self::VALID,
-        };
-        Descriptor(addr | (attrs & !(Self::ADDR_MASK | 3)) | kind)
+    /// A table descriptor in `fmt` pointing to the granule-aligned table at `table` (OA
+    /// bits 51:48 in bits 15:12 in the 52-bit 64 KiB format).
+    pub const fn table_in(fmt: TableFormat, table: u64, attrs: u64) -> Self {
+        let oa52 = fmt.oa52();
+        let attrs = if oa52 { attrs & !bits(15, 12) } else { attrs };
+        let addr = table & bits(47, fmt.granule.shift());
+        Descriptor(addr | attrs | Self::VALID | Self::TABLE_OR_PAGE | Self::high_oa(oa52, table))
     }
 
-    /// What the descriptor is at `level` (0 to 3).
+    /// A block or page descriptor mapping `base` with the attribute bits `attrs`, for the
+    /// table format of `size`'s granule; the address bits below the size are dropped, and
+    /// for a 64 KiB-granule size OA bits 51:48 go to bits 15:12 (the 52-bit format; a
+    /// base below 2^48 leaves them clear).
+    pub const fn leaf(base: u64, size: PageSize, attrs: u64) -> Self {
+        let addr = base & Self::ADDR_MASK & !(size.bytes() - 1);
+        let kind = if size.level() == 3 {
+            Self::VALID | Self::TABLE_OR_PAGE
+        } else {
+            Self::VALID
+        };
+        let oa52 = matches!(size.granule(), Granule::Size64K);
+        let attrs = attrs & !(Self::ADDR_MASK | 3);
+        let attrs = if oa52 { attrs & !bits(15, 12) } else { attrs };
+        Descriptor(addr | attrs | kind | Self::high_oa(oa52, base))
+    }
+
+    /// OA bits 51:48 of `addr` placed in bits 15:12, when `oa52`.
+    const fn high_oa(oa52: bool, addr: u64) -> u64 {
+        if oa52 {
+            get(addr, 51, 48) << 12
+        } else {
+            0
+        }
+    }
+
+    /// The address the descriptor holds in `fmt`: bits 47 down to the granule, with OA
+    /// bits 51:48 from bits 15:12 in the 52-bit 64 KiB format. For a block it includes the
+    /// (ignored) bits below the block size, which the Address size check sees.
+    pub const fn address(self, fmt: TableFormat) -> u64 {
+        let high = if fmt.oa52() {
+            get(self.0, 15, 12) << 48
+        } else {
+            0
+        };
+        (self.0 & bits(47, fmt.granule.shift())) | high
+    }
+
+    /// What the descriptor is at `level` (0 to 3) of a 4 KiB-granule, 48-bit table.
     pub const fn kind(self, level: u8) -> DescriptorKind {
-        if self.0 & Self::VALID == 0 {
+        self.decode(TableFormat::FOUR_K, level)
+    }
+
+    /// What the descriptor is at `level` (0 to 3) of a table in `fmt`.
+    pub const fn decode(self, fmt: TableFormat, level: u8) -> DescriptorKind {
+        if self.0 & Self::VALID == 0 || level > 3 {
             return DescriptorKind::Invalid;
         }
-        let table_or_page = self.0 & Self::TABLE_OR_PAGE != 0;
-        match (level, table_or_page) {
-            (0..=2, true) => DescriptorKind::Table(self.0 & Self::ADDR_MASK),
-            (3, true) => DescriptorKind::Leaf {
-                base: self.0 & Self::ADDR_MASK,
-                size: PageSize::Size4K,
-            },
-            (1, false) | (2, false) => {
-                let size = if level == 1 {
-                    PageSize::Size1G
-                } else {
-                    PageSize::Size2M
-                };
+        let addr = self.address(fmt);
+        if self.0 & Self::TABLE_OR_PAGE != 0 {
+            return if level == 3 {
                 DescriptorKind::Leaf {
-                    base: self.0 & Self::ADDR_MASK & !(size.bytes() - 1),
-                    size,
+                    base: addr,
+                    size: fmt.granule.page_size(),
                 }
-            }
+            } else {
+                DescriptorKind::Table(addr)
+            };
+        }
+        match PageSize::of(fmt.granule, level, fmt.lpa) {
+            Some(size) if level < 3 => DescriptorKind::Leaf {
+                base: addr & !(size.bytes() - 1),
+                size,
+            },
             _ => DescriptorKind::Invalid,
         }
     }
@@ -136,6 +205,12 @@ impl Descriptor {
     /// are set: nonzero means an Address size fault when the descriptor is used.
     pub const fn address_beyond(self, oa_bits: u32) -> u64 {
         self.0 & bits(47, 12) & !bits(oa_bits - 1, 0)
+    }
+
+    /// Whether the address the descriptor holds in `fmt` lies beyond the output size: an
+    /// Address size fault when the descriptor is used.
+    pub const fn address_beyond_in(self, fmt: TableFormat) -> bool {
+        self.address(fmt) >> fmt.output_bits != 0
     }
 
     /// Stage 1 `AP[2:1]` as the two-bit field value.

@@ -2,10 +2,12 @@
 //! against: the fields of SMMU_IDR0, IDR1 and IDR5 that decide whether an STE or CD is
 //! ILLEGAL (IHI 0070 §6.3).
 //!
-//! The vsva SMMU walks AArch64 little-endian tables with the 4 KiB granule only (IDR0.TTF
-//! = AArch64, IDR0.TTENDIAN = little-endian, IDR5.GRAN4K alone), so those are not options.
+//! The vsva SMMU walks AArch64 little-endian tables and always has the 4 KiB granule
+//! (IDR0.TTF = AArch64, IDR0.TTENDIAN = little-endian, IDR5.GRAN4K), so those are not
+//! options; the 16 KiB and 64 KiB granules are.
 
 use crate::field::field_enum;
+use crate::ste::Granule;
 use crate::walk::AddressSize;
 
 field_enum! {
@@ -67,13 +69,17 @@ pub struct Features {
     pub sid_bits: u8,
     /// IDR5.OAS: the output address size.
     pub oas: AddressSize,
+    /// IDR5.GRAN16K: the 16 KiB translation granule.
+    pub gran16k: bool,
+    /// IDR5.GRAN64K: the 64 KiB translation granule.
+    pub gran64k: bool,
 }
 
 impl Features {
     /// What the vsva SMMU implements: both stages, 2-level CD tables, 16-bit VMIDs and
     /// ASIDs, ATS (with split-stage), PRI, no EL2 contexts, no range invalidation, A and D
     /// updates, terminate only, 20-bit SubstreamIDs, 16-bit StreamIDs, 48-bit output
-    /// addresses.
+    /// addresses, the 4 KiB, 16 KiB and 64 KiB granules.
     pub const VSVA: Features = Features {
         s1p: true,
         s2p: true,
@@ -90,6 +96,8 @@ impl Features {
         ssid_bits: 20,
         sid_bits: 16,
         oas: AddressSize::Bits48,
+        gran16k: true,
+        gran64k: true,
     };
 
     /// The effective (HA, HD) of a structure asking for `ha` and `hd`: what HTTU supports,
@@ -98,6 +106,20 @@ impl Features {
         let ha = ha && !matches!(self.httu, Httu::None);
         let hd = hd && ha && matches!(self.httu, Httu::AccessDirty);
         (ha, hd)
+    }
+
+    /// Whether the SMMU implements `granule` (IDR5.GRAN4K/16K/64K).
+    pub const fn has_granule(&self, granule: Granule) -> bool {
+        match granule {
+            Granule::Size4K => true,
+            Granule::Size16K => self.gran16k,
+            Granule::Size64K => self.gran64k,
+        }
+    }
+
+    /// Whether OAS is 52 bits (the SMMU's FEAT_LPA: 64 KiB-granule level-1 blocks).
+    pub const fn lpa(&self) -> bool {
+        matches!(self.oas, AddressSize::Bits52)
     }
 
     /// The smaller of `size` and OAS.

@@ -9,8 +9,11 @@
 //!
 //! # What is modelled, and the choices made
 //!
-//! - Translation tables: AArch64, little-endian, 4 KiB granule, 48-bit output; TTB0 only
-//!   (a CD must set EPD1, as Linux's do). No 16/64 KiB granules, LPA/LPA2, HAD, FWB.
+//! - Translation tables: AArch64, little-endian, 4 KiB, 16 KiB and 64 KiB granules (as
+//!   IDR5.GRAN* offer them), TTB0 and TTB1, 48-bit output and 52-bit with the 64 KiB
+//!   granule (FEAT_LPA: OA[51:48] in descriptor bits 15:12, 4 TiB level-1 blocks when
+//!   OAS is 52). No 52-bit VAs (IDR5.VAX), LPA2, small translation tables (IDR3.STT), HAD,
+//!   FWB.
 //! - VMSAv8-64 has no reserved-bit fault: descriptor bits the format does not use are
 //!   ignored; output and table addresses above the configured size are F_ADDR_SIZE (TTB0 or
 //!   S2TTB out of range at level 0, as the Arm ARM's walk does).
@@ -45,7 +48,7 @@ pub mod walk;
 pub use builder::{BuildError, Mapping, TableBuilder};
 pub use cd::{BadCd, ContextDescriptor, L1Cd};
 pub use cmd::{Cmd, CmdError, PriResp, ResumeAction, SyncCs, TlbiAddr};
-pub use desc::{Descriptor, DescriptorKind};
+pub use desc::{Descriptor, DescriptorKind, TableFormat};
 pub use event::{Event, EventType, UnknownEvent};
 pub use features::{Features, Httu, StallModel};
 pub use lookup::{find_cd, BadStreamTable, ConfigFault, L1Std, Stage1Context, StreamTable};
@@ -56,7 +59,7 @@ pub use vsva_vtd::{MemError, PhysMem};
 pub use walk::{
     walk_nested, walk_stage1, walk_stage1_from, walk_stage1_via, walk_stage2, walk_stage2_from,
     AccessRequest, AddressSize, Direct, FaultClass, FaultKind, FaultStage, NestedStage, PageSize,
-    Permissions, S1Config, S1Flags, S1Stage, S1Start, S2Config, S2Flags, S2Start, Stage,
+    Permissions, S1Config, S1Flags, S1Stage, S1Start, S1Table, S2Config, S2Flags, S2Start, Stage,
     StepOutcome, TableConfigError, TableControls, Translation, WalkFault, WalkObserver, WalkRecord,
     WalkStep,
 };

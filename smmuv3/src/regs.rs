@@ -204,9 +204,9 @@ impl Features {
         (self.ril as u32) << 10
     }
 
-    /// SMMU_IDR5 (§6.3): OAS and the 4 KiB granule.
+    /// SMMU_IDR5 (§6.3): OAS and the granules (GRAN4K bit 4, GRAN16K bit 5, GRAN64K bit 6).
     pub fn idr5(&self) -> u32 {
-        self.oas.raw() as u32 | 1 << 4
+        self.oas.raw() as u32 | 1 << 4 | (self.gran16k as u32) << 5 | (self.gran64k as u32) << 6
     }
 
     /// The features ID registers IDR0, IDR1, IDR3 and IDR5 describe, if vsva can model
@@ -241,6 +241,8 @@ impl Features {
             ssid_bits: g(idr1, 10, 6) as u8,
             ril: idr3 & 1 << 10 != 0,
             oas: AddressSize::from_bits(g(idr5, 2, 0)).ok_or(RegError::Unsupported("IDR5.OAS"))?,
+            gran16k: idr5 & 1 << 5 != 0,
+            gran64k: idr5 & 1 << 6 != 0,
         })
     }
 }
@@ -709,7 +711,7 @@ mod tests {
     fn id_registers() {
         assert_eq!(F.idr0(), 0x094d_349b);
         assert_eq!(F.idr1([8, 7, 6]), 0x0107_3510);
-        assert_eq!(F.idr5(), 0x15);
+        assert_eq!(F.idr5(), 0x75);
         let r = regs();
         assert_eq!(r.read(IDR0, 4), Ok(0x094d_349b));
         assert_eq!(r.read(IDR1, 4), Ok(0x0107_3510));

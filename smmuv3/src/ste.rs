@@ -11,7 +11,7 @@
 
 use crate::features::{Features, StallModel};
 use crate::field::{bits, field_enum, get, put};
-use crate::walk::{AddressSize, S2Config, S2Flags, TableConfigError};
+use crate::walk::{AddressSize, PageSize, S2Config, S2Flags, TableConfigError};
 use std::fmt;
 
 field_enum! {
@@ -115,6 +115,69 @@ field_enum! {
         Size64K = 1,
         /// 16 KiB.
         Size16K = 2,
+    }
+}
+
+impl Granule {
+    /// All granules, smallest first.
+    pub const ALL: [Granule; 3] = [Granule::Size4K, Granule::Size16K, Granule::Size64K];
+
+    /// The granule a CD.TG1 value names: its encoding differs from TG0's and S2TG's
+    /// (0b01 16 KiB, 0b10 4 KiB, 0b11 64 KiB; 0b00 is reserved), as TCR_EL1.TG1's does
+    /// (IHI 0070 §5.4).
+    pub const fn from_tg1(bits: u64) -> Option<Granule> {
+        match bits {
+            0b01 => Some(Granule::Size16K),
+            0b10 => Some(Granule::Size4K),
+            0b11 => Some(Granule::Size64K),
+            _ => None,
+        }
+    }
+
+    /// The CD.TG1 encoding of the granule.
+    pub const fn tg1(self) -> u64 {
+        match self {
+            Granule::Size16K => 0b01,
+            Granule::Size4K => 0b10,
+            Granule::Size64K => 0b11,
+        }
+    }
+
+    /// log2 of the granule size: the page offset bits (12, 14 or 16).
+    pub const fn shift(self) -> u32 {
+        match self {
+            Granule::Size4K => 12,
+            Granule::Size16K => 14,
+            Granule::Size64K => 16,
+        }
+    }
+
+    /// The input bits one table resolves: a granule-sized table of 8-byte descriptors
+    /// (9, 11 or 13; Arm ARM D8, "Translation table walk").
+    pub const fn stride(self) -> u32 {
+        self.shift() - 3
+    }
+
+    /// The lowest input-address bit a lookup at `level` (0 to 3) resolves.
+    pub const fn level_shift(self, level: u8) -> u32 {
+        self.shift() + self.stride() * (3 - level as u32)
+    }
+
+    /// The size of a level-3 page.
+    pub const fn page_size(self) -> PageSize {
+        match self {
+            Granule::Size4K => PageSize::Size4K,
+            Granule::Size16K => PageSize::Size16K,
+            Granule::Size64K => PageSize::Size64K,
+        }
+    }
+
+    /// The lookup level whose tables a walk of an `input_bits`-bit input starts at when
+    /// the start table resolves at most one table's worth of bits (stage 1, Arm ARM D8,
+    /// "initial lookup level").
+    pub const fn start_level(self, input_bits: u32) -> u8 {
+        let levels = (input_bits - self.shift()).div_ceil(self.stride());
+        (4 - levels) as u8
     }
 }
 
@@ -455,7 +518,7 @@ impl Ste {
         if self.s2endi {
             return Err(BadSte::S2BigEndian);
         }
-        if self.s2tg != Granule::Size4K {
+        if !f.has_granule(self.s2tg) {
             return Err(BadSte::S2Granule(self.s2tg));
         }
         let (ha, hd) = f.hardware_updates(self.s2ha, self.s2hd);
@@ -466,8 +529,16 @@ impl Ste {
             ptw: self.s2ptw,
         };
         let ps = f.cap_oas(self.s2ps);
-        let cfg = S2Config::new(self.s2ttb, self.s2t0sz, self.s2sl0, ps, flags)
-            .map_err(BadSte::S2Table)?;
+        let cfg = S2Config::with_granule(
+            self.s2ttb,
+            self.s2t0sz,
+            self.s2sl0,
+            self.s2tg,
+            ps,
+            f.lpa(),
+            flags,
+        )
+        .map_err(BadSte::S2Table)?;
         if self.s2ttb >> cfg.output_bits() != 0 {
             return Err(BadSte::S2ttb {
                 s2ttb: self.s2ttb,
@@ -784,10 +855,28 @@ mod tests {
                     s2tg: Granule::Size64K,
                     ..nested()
                 },
-                &f
+                &Features {
+                    gran64k: false,
+                    ..f
+                }
             ),
             Err(BadSte::S2Granule(Granule::Size64K))
         );
+        // With IDR5.GRAN64K the same STE is valid: S2SL0 1 starts at level 2 with 64 KiB,
+        // where a 40-bit IPA takes 11 bits (one table), a 46-bit IPA 17 bits (16 tables).
+        let s2_64k = Ste {
+            s2tg: Granule::Size64K,
+            ..nested()
+        };
+        assert_eq!(check(s2_64k, &f), Ok(s2_64k));
+        let cfg = s2_64k.s2_config(&f).unwrap();
+        assert_eq!((cfg.start_level(), cfg.concatenated_tables()), (2, 1));
+        let wide = Ste {
+            s2t0sz: 18,
+            ..s2_64k
+        };
+        let cfg = wide.s2_config(&f).unwrap();
+        assert_eq!((cfg.start_level(), cfg.concatenated_tables()), (2, 16));
         assert_eq!(
             check(
                 Ste {

@@ -1,4 +1,5 @@
-//! VMSAv8-64 translation walkers with the 4 KiB granule: stage 1 (the CD's TTB0), stage 2
+//! VMSAv8-64 translation walkers with the 4, 16 and 64 KiB granules: stage 1 (the CD's
+//! TTB0 and TTB1), stage 2
 //! (the STE's S2TTB) and nested, in which every stage-1 table address and the final IPA go
 //! through stage 2 (IHI 0070 §3.3, Arm ARM D8 "The AArch64 Virtual Memory System
 //! Architecture").
@@ -8,6 +9,8 @@
 //! translating and the IPA. A walk can be watched entry by entry through a
 //! [`WalkObserver`]; `()` ignores every step at no cost, and no walker allocates.
 
+#[cfg(test)]
+mod granule_tests;
 mod stage1;
 pub(crate) mod stage2;
 #[cfg(test)]
@@ -15,35 +18,57 @@ mod tests;
 
 pub use stage1::{
     walk_nested, walk_stage1, walk_stage1_from, walk_stage1_via, Direct, NestedStage, S1Config,
-    S1Flags, S1Stage, S1Start, TableControls,
+    S1Flags, S1Stage, S1Start, S1Table, TableControls,
 };
 pub use stage2::{walk_stage2, walk_stage2_from, S2Config, S2Flags, S2Start};
 
 use crate::field::field_enum;
+use crate::ste::Granule;
 use std::fmt;
 
-/// The size of a page or block a leaf descriptor maps (4 KiB granule).
+/// The size of a page or block a leaf descriptor maps. Each size belongs to one granule
+/// and one lookup level (Arm ARM D8, "Translation granule"): 4 KiB pages with 2 MiB and
+/// 1 GiB blocks, 16 KiB pages with 32 MiB blocks, 64 KiB pages with 512 MiB blocks and,
+/// when the output size is 52 bits (FEAT_LPA), 4 TiB blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PageSize {
-    /// 4 KiB, a level-3 page.
+    /// 4 KiB, a level-3 page (4 KiB granule).
     Size4K,
-    /// 2 MiB, a level-2 block.
+    /// 16 KiB, a level-3 page (16 KiB granule).
+    Size16K,
+    /// 64 KiB, a level-3 page (64 KiB granule).
+    Size64K,
+    /// 2 MiB, a level-2 block (4 KiB granule).
     Size2M,
-    /// 1 GiB, a level-1 block.
+    /// 32 MiB, a level-2 block (16 KiB granule).
+    Size32M,
+    /// 512 MiB, a level-2 block (64 KiB granule).
+    Size512M,
+    /// 1 GiB, a level-1 block (4 KiB granule).
     Size1G,
+    /// 4 TiB, a level-1 block (64 KiB granule, 52-bit output size).
+    Size4T,
 }
 
 impl PageSize {
     /// All sizes, smallest first.
-    pub const ALL: [PageSize; 3] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G];
+    pub const ALL: [PageSize; 8] = [
+        PageSize::Size4K,
+        PageSize::Size16K,
+        PageSize::Size64K,
+        PageSize::Size2M,
+        PageSize::Size32M,
+        PageSize::Size512M,
+        PageSize::Size1G,
+        PageSize::Size4T,
+    ];
+
+    /// The largest size: the neutral element of `min` when combining stages.
+    pub const MAX: PageSize = PageSize::Size4T;
 
     /// log2 of the size in bytes.
     pub const fn shift(self) -> u32 {
-        match self {
-            PageSize::Size4K => 12,
-            PageSize::Size2M => 21,
-            PageSize::Size1G => 30,
-        }
+        self.granule().level_shift(self.level())
     }
 
     /// The size in bytes.
@@ -51,19 +76,41 @@ impl PageSize {
         1 << self.shift()
     }
 
-    /// The lookup level whose leaf descriptors map this size (3 for 4 KiB).
-    pub const fn level(self) -> u8 {
+    /// The granule whose tables map this size.
+    pub const fn granule(self) -> Granule {
         match self {
-            PageSize::Size4K => 3,
-            PageSize::Size2M => 2,
-            PageSize::Size1G => 1,
+            PageSize::Size4K | PageSize::Size2M | PageSize::Size1G => Granule::Size4K,
+            PageSize::Size16K | PageSize::Size32M => Granule::Size16K,
+            PageSize::Size64K | PageSize::Size512M | PageSize::Size4T => Granule::Size64K,
         }
     }
-}
 
-/// The lowest input-address bit a lookup at `level` (0 to 3) resolves.
-pub(crate) const fn level_shift(level: u8) -> u32 {
-    12 + 9 * (3 - level as u32)
+    /// The lookup level whose leaf descriptors map this size (3 for a page).
+    pub const fn level(self) -> u8 {
+        match self {
+            PageSize::Size4K | PageSize::Size16K | PageSize::Size64K => 3,
+            PageSize::Size2M | PageSize::Size32M | PageSize::Size512M => 2,
+            PageSize::Size1G | PageSize::Size4T => 1,
+        }
+    }
+
+    /// The size a leaf at `level` maps with `granule`, if a leaf can sit there: pages at
+    /// level 3; blocks at levels 1 and 2 with 4 KiB, level 2 with 16 KiB, level 2 with
+    /// 64 KiB and level 1 too with `lpa` (Arm ARM D8, block descriptors; the levels FEAT_LPA2
+    /// adds are not modelled).
+    pub const fn of(granule: Granule, level: u8, lpa: bool) -> Option<PageSize> {
+        Some(match (granule, level) {
+            (Granule::Size4K, 3) => PageSize::Size4K,
+            (Granule::Size4K, 2) => PageSize::Size2M,
+            (Granule::Size4K, 1) => PageSize::Size1G,
+            (Granule::Size16K, 3) => PageSize::Size16K,
+            (Granule::Size16K, 2) => PageSize::Size32M,
+            (Granule::Size64K, 3) => PageSize::Size64K,
+            (Granule::Size64K, 2) => PageSize::Size512M,
+            (Granule::Size64K, 1) if lpa => PageSize::Size4T,
+            _ => return None,
+        })
+    }
 }
 
 field_enum! {
@@ -83,7 +130,7 @@ field_enum! {
         Bits44 = 4,
         /// 48 bits, 256 TiB.
         Bits48 = 5,
-        /// 52 bits, 4 PiB (SMMUv3.1; a 4 KiB-granule table still outputs at most 48 bits).
+        /// 52 bits, 4 PiB (SMMUv3.1; only a 64 KiB-granule table outputs more than 48 bits).
         Bits52 = 6,
     }
 }
@@ -102,10 +149,11 @@ impl AddressSize {
         }
     }
 
-    /// The output size a 4 KiB-granule table can use under this setting: at most 48 bits
-    /// (IHI 0070 §3.4).
-    pub(crate) const fn granule_4k_bits(self) -> u32 {
-        if self.bits() > 48 {
+    /// The output size a `granule` table can use under this setting: 52 bits only with the
+    /// 64 KiB granule (FEAT_LPA: OA bits 51:48 sit in descriptor bits 15:12), otherwise at
+    /// most 48 (IHI 0070 §3.4, Arm ARM D8).
+    pub const fn effective_bits(self, granule: Granule) -> u32 {
+        if self.bits() > 48 && !matches!(granule, Granule::Size64K) {
             48
         } else {
             self.bits()
@@ -117,14 +165,18 @@ impl AddressSize {
 /// is C_BAD_CD or C_BAD_STE (IHI 0070 §5.2, §5.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum TableConfigError {
-    /// T0SZ outside 16..=39, the range of the 4 KiB granule without small translation tables.
+    /// T0SZ outside 16..=39, the range of every granule without 52-bit VAs or small
+    /// translation tables.
     #[error("T0SZ {0} is outside 16..=39")]
     T0sz(u8),
+    /// T1SZ outside 16..=39.
+    #[error("T1SZ {0} is outside 16..=39")]
+    T1sz(u8),
     /// S2T0SZ outside 16..=39.
     #[error("S2T0SZ {0} is outside 16..=39")]
     S2t0sz(u8),
-    /// S2SL0 names no start level, or one at which the IPA size needs fewer than one or more
-    /// than 16 concatenated tables.
+    /// S2SL0 names no start level for the granule, or one at which the IPA size needs fewer
+    /// than one or more than 16 concatenated tables.
     #[error("S2SL0 {s2sl0} is inconsistent with S2T0SZ {s2t0sz}")]
     S2sl0 {
         /// S2SL0.
@@ -430,23 +482,29 @@ impl fmt::Display for WalkRecord {
     }
 }
 
-/// The index of the descriptor for `addr` in a table at `level`, where the walk starts at
-/// `start` with an `input_bits`-bit input: the start table resolves every input bit above
-/// the next level's, the others 9 bits each.
-pub(crate) const fn table_index(addr: u64, level: u8, start: u8, input_bits: u32) -> u64 {
-    let shift = level_shift(level);
+/// The index of the descriptor for `addr` in a `granule` table at `level`, where the walk
+/// starts at `start` with an `input_bits`-bit input: the start table resolves every input
+/// bit above the next level's, the others one stride each.
+pub(crate) const fn table_index(
+    granule: Granule,
+    addr: u64,
+    level: u8,
+    start: u8,
+    input_bits: u32,
+) -> u64 {
+    let shift = granule.level_shift(level);
     let width = if level == start {
         input_bits - shift
     } else {
-        9
+        granule.stride()
     };
     (addr >> shift) & ((1 << width) - 1)
 }
 
-/// The byte alignment of a start table that resolves `input_bits - level_shift(start)`
-/// bits: its size.
-pub(crate) const fn start_table_bytes(start: u8, input_bits: u32) -> u64 {
-    8 << (input_bits - level_shift(start))
+/// The byte alignment of a `granule` start table at `start` that resolves the input bits
+/// above the next level's: its size.
+pub(crate) const fn start_table_bytes(granule: Granule, start: u8, input_bits: u32) -> u64 {
+    8 << (input_bits - granule.level_shift(start))
 }
 
 /// An atomic update of the descriptor at `pa` from `old` to `new`: `Ok(None)` when done,

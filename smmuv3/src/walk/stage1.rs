@@ -1,5 +1,10 @@
-//! The stage-1 walker: VA to IPA (or PA) through the CD's TTB0 (IHI 0070 §3.3, §5.4; Arm
-//! ARM D8, stage 1 permissions), and its use for nested translation.
+//! The stage-1 walker: VA to IPA (or PA) through the CD's TTB0 or TTB1 (IHI 0070 §3.3,
+//! §5.4; Arm ARM D8, stage 1 permissions), and its use for nested translation.
+//!
+//! The two VA ranges follow the Arm ARM's EL1&0 regime: VA bit 55 selects TTB1 (the upper
+//! range) or TTB0; the bits above the range's input size, up to bit 63 or with the range's
+//! TBI up to bit 55, must all equal bit 55, and a range whose walks are disabled (EPD0,
+//! EPD1) translates nothing. Each range has its own granule and size.
 //!
 //! Rights follow the Arm ARM for the EL1&0 regime, with the privilege taken from the
 //! transaction's PnU: `AP[2]` makes a page read-only and `AP[1]` opens it to unprivileged
@@ -19,8 +24,9 @@ use super::{
     FaultStage, PageSize, Permissions, Stage, StepOutcome, TableConfigError, Translation,
     WalkFault, WalkObserver, WalkStep,
 };
-use crate::desc::{Descriptor, DescriptorKind};
+use crate::desc::{Descriptor, DescriptorKind, TableFormat};
 use crate::field::bits;
+use crate::ste::Granule;
 use vsva_vtd::PhysMem;
 
 /// The CD's stage-1 controls that the walk uses.
@@ -37,70 +43,166 @@ pub struct S1Flags {
     /// PAN: privileged data accesses to pages that unprivileged accesses may read or write
     /// are refused.
     pub pan: bool,
-    /// TBI0: the top byte of the VA is ignored.
+    /// TBI0: the top byte of a TTB0 VA is ignored.
     pub tbi: bool,
-    /// EPD0: walks of TTB0 are disabled (every VA is a Translation fault).
+    /// EPD0: walks of TTB0 are disabled (every lower-range VA is a Translation fault).
     pub epd0: bool,
+    /// TBI1: the top byte of a TTB1 VA is ignored.
+    pub tbi1: bool,
 }
 
-/// A checked stage-1 configuration (the CD's TTB0, T0SZ, IPS, 4 KiB TG0).
+/// One of stage 1's two translation tables: TTB0 for the lower VA range or TTB1 for the
+/// upper, with its size (T0SZ/T1SZ) and granule (TG0/TG1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct S1Table {
+    root: u64,
+    tsz: u8,
+    granule: Granule,
+    start: u8,
+}
+
+impl S1Table {
+    /// The TTB0 table at `ttb0` for a `64 - t0sz`-bit lower VA range (16..=39) with
+    /// `granule`, starting at the level that leaves at most one stride to the start table.
+    /// TTB0 bits below the start table's size are ignored.
+    pub fn ttb0(ttb0: u64, t0sz: u8, granule: Granule) -> Result<Self, TableConfigError> {
+        Self::new(ttb0, t0sz, granule).ok_or(TableConfigError::T0sz(t0sz))
+    }
+
+    /// The TTB1 table at `ttb1` for a `64 - t1sz`-bit upper VA range (16..=39), as
+    /// [`S1Table::ttb0`].
+    pub fn ttb1(ttb1: u64, t1sz: u8, granule: Granule) -> Result<Self, TableConfigError> {
+        Self::new(ttb1, t1sz, granule).ok_or(TableConfigError::T1sz(t1sz))
+    }
+
+    fn new(ttb: u64, tsz: u8, granule: Granule) -> Option<Self> {
+        if !(16..=39).contains(&tsz) {
+            return None;
+        }
+        let input_bits = 64 - tsz as u32;
+        let start = granule.start_level(input_bits);
+        Some(S1Table {
+            root: ttb & !(start_table_bytes(granule, start, input_bits) - 1),
+            tsz,
+            granule,
+            start,
+        })
+    }
+
+    /// The start table's address.
+    pub const fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// T0SZ or T1SZ.
+    pub const fn tsz(&self) -> u8 {
+        self.tsz
+    }
+
+    /// The granule.
+    pub const fn granule(&self) -> Granule {
+        self.granule
+    }
+
+    /// The number of VA bits translated.
+    pub const fn input_bits(&self) -> u32 {
+        64 - self.tsz as u32
+    }
+
+    /// The lookup level of the start table.
+    pub const fn start_level(&self) -> u8 {
+        self.start
+    }
+}
+
+/// A checked stage-1 configuration: the CD's TTB0 and, unless EPD1, TTB1, with IPS and the
+/// walk controls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S1Config {
-    root: u64,
-    t0sz: u8,
-    start: u8,
-    output_bits: u32,
+    ttb0: S1Table,
+    ttb1: Option<S1Table>,
+    ips: AddressSize,
+    lpa: bool,
     flags: S1Flags,
 }
 
 impl S1Config {
-    /// The configuration of the table at `ttb0` for a `64 - t0sz`-bit VA range (16..=39),
-    /// starting at the level that leaves at most 9 bits to the start table, with output
-    /// size `ips` (the smaller of the CD's IPS and SMMU_IDR5.OAS, at most 48 bits with this
-    /// granule). TTB0 bits below the start table's size are ignored.
+    /// The configuration of the 4 KiB-granule TTB0 table at `ttb0` for a `64 - t0sz`-bit VA
+    /// range (16..=39), TTB1 disabled (EPD1), with output size `ips` (the smaller of the
+    /// CD's IPS and SMMU_IDR5.OAS, at most 48 bits with this granule). TTB0 bits below the
+    /// start table's size are ignored.
     pub fn new(
         ttb0: u64,
         t0sz: u8,
         ips: AddressSize,
         flags: S1Flags,
     ) -> Result<Self, TableConfigError> {
-        if !(16..=39).contains(&t0sz) {
-            return Err(TableConfigError::T0sz(t0sz));
-        }
-        let input_bits = 64 - t0sz as u32;
-        let start = 4 - (input_bits - 12).div_ceil(9) as u8;
-        Ok(S1Config {
-            root: ttb0 & !(start_table_bytes(start, input_bits) - 1),
-            t0sz,
-            start,
-            output_bits: ips.granule_4k_bits(),
+        let ttb0 = S1Table::ttb0(ttb0, t0sz, Granule::Size4K)?;
+        Ok(Self::with_tables(ttb0, None, ips, false, flags))
+    }
+
+    /// The configuration of `ttb0` (walked unless `flags.epd0`) and `ttb1` (`None`: EPD1),
+    /// with output size `ips` (IPS capped by OAS; above 48 bits only for a 64 KiB-granule
+    /// table) and `lpa` when SMMU_IDR5.OAS is 52 bits (64 KiB-granule level-1 blocks).
+    pub const fn with_tables(
+        ttb0: S1Table,
+        ttb1: Option<S1Table>,
+        ips: AddressSize,
+        lpa: bool,
+        flags: S1Flags,
+    ) -> Self {
+        S1Config {
+            ttb0,
+            ttb1,
+            ips,
+            lpa,
             flags,
-        })
+        }
+    }
+
+    /// The TTB0 table.
+    pub const fn ttb0(&self) -> &S1Table {
+        &self.ttb0
+    }
+
+    /// The TTB1 table, `None` with EPD1.
+    pub const fn ttb1(&self) -> Option<&S1Table> {
+        self.ttb1.as_ref()
     }
 
     /// The start table's address (TTB0).
     pub const fn root(&self) -> u64 {
-        self.root
+        self.ttb0.root
     }
 
     /// T0SZ.
     pub const fn t0sz(&self) -> u8 {
-        self.t0sz
+        self.ttb0.tsz
     }
 
-    /// The number of VA bits translated.
+    /// The number of VA bits TTB0 translates.
     pub const fn input_bits(&self) -> u32 {
-        64 - self.t0sz as u32
+        self.ttb0.input_bits()
     }
 
-    /// The lookup level of the start table: 0 for T0SZ 16..=24, 1 for 25..=33, 2 above.
+    /// The lookup level of the TTB0 start table: with the 4 KiB granule 0 for T0SZ
+    /// 16..=24, 1 for 25..=33, 2 above.
     pub const fn start_level(&self) -> u8 {
-        self.start
+        self.ttb0.start
     }
 
-    /// The effective output size in bits.
+    /// The effective output size of TTB0 walks in bits.
     pub const fn output_bits(&self) -> u32 {
-        self.output_bits
+        self.ips.effective_bits(self.ttb0.granule)
+    }
+
+    /// How `table`'s descriptors are read under this configuration.
+    pub const fn format(&self, table: &S1Table) -> TableFormat {
+        TableFormat {
+            granule: table.granule,
+            output_bits: self.ips.effective_bits(table.granule),
+            lpa: self.lpa,
+        }
     }
 
     /// The walk controls.
@@ -109,10 +211,31 @@ impl S1Config {
     }
 
     /// Whether `va` lies in the TTB0 range: the bits above the input size are zero (only
-    /// up to bit 55 with TBI).
+    /// up to bit 55 with TBI0).
     pub const fn in_range(&self, va: u64) -> bool {
         let top = if self.flags.tbi { 55 } else { 63 };
-        va & bits(top, self.input_bits()) == 0
+        va & bits(top, self.ttb0.input_bits()) == 0
+    }
+
+    /// The table that translates `va`: TTB1 when bit 55 is set, else TTB0, if its walks
+    /// are enabled and the bits above its input size (up to bit 63, or 55 with its TBI) all
+    /// equal bit 55. `None` is a level-0 Translation fault.
+    pub const fn table_for(&self, va: u64) -> Option<&S1Table> {
+        if va & 1 << 55 == 0 {
+            if self.flags.epd0 || !self.in_range(va) {
+                return None;
+            }
+            return Some(&self.ttb0);
+        }
+        let Some(t) = &self.ttb1 else {
+            return None;
+        };
+        let top = if self.flags.tbi1 { 55 } else { 63 };
+        let upper = bits(top, t.input_bits());
+        if va & upper != upper {
+            return None;
+        }
+        Some(t)
     }
 }
 
@@ -176,7 +299,7 @@ impl S1Stage for Direct {
     {
         Ok(Translation {
             output,
-            page_size: PageSize::Size1G,
+            page_size: PageSize::MAX,
             perms: Permissions::ALL,
             dirty: true,
         })
@@ -397,9 +520,14 @@ pub struct S1Start {
 impl S1Start {
     /// The TTB0 table of `cfg`, with no controls yet.
     pub const fn top(cfg: &S1Config) -> S1Start {
+        S1Start::of(&cfg.ttb0)
+    }
+
+    /// The start table of `table` (TTB0 or TTB1), with no controls yet.
+    pub const fn of(table: &S1Table) -> S1Start {
         S1Start {
-            level: cfg.start,
-            table: cfg.root,
+            level: table.start,
+            table: table.root,
             controls: TableControls {
                 read_only: false,
                 no_unprivileged: false,
@@ -409,11 +537,11 @@ impl S1Start {
         }
     }
 
-    /// The start below `desc`, a table descriptor read from this start's table.
-    pub const fn below(self, desc: u64) -> S1Start {
+    /// The start below `desc`, a table descriptor in `fmt` read from this start's table.
+    pub const fn below(self, fmt: TableFormat, desc: u64) -> S1Start {
         S1Start {
             level: self.level.saturating_add(1),
-            table: desc & Descriptor::ADDR_MASK,
+            table: Descriptor(desc).address(fmt),
             controls: self.controls.with(Descriptor(desc)),
         }
     }
@@ -435,12 +563,14 @@ where
     S: S1Stage + ?Sized,
     O: WalkObserver + ?Sized,
 {
-    walk_stage1_from(mem, cfg, stage, S1Start::top(cfg), va, access, obs)
+    let start = cfg.table_for(va).map_or(S1Start::top(cfg), S1Start::of);
+    walk_stage1_from(mem, cfg, stage, start, va, access, obs)
 }
 
-/// [`walk_stage1_via`] from `start`: the descriptors above it are neither read nor
-/// updated, and their controls are `start.controls`. EPD0 and the VA range are checked
-/// either way; a start level outside the table's walks from the top.
+/// [`walk_stage1_via`] from `start`, a table of the range `va` selects (TTB0 or TTB1):
+/// the descriptors above it are neither read nor updated, and their controls are
+/// `start.controls`. The range, its EPD and the VA's top bits are checked either way; a
+/// start level outside the range's table walks from the top.
 pub fn walk_stage1_from<M, S, O>(
     mem: &M,
     cfg: &S1Config,
@@ -462,20 +592,21 @@ where
         input: va,
         fetch_address,
     };
-    if cfg.flags.epd0 || !cfg.in_range(va) {
+    let Some(tbl) = cfg.table_for(va) else {
         return Err(fault(FaultKind::Translation, 0, None));
-    }
-    let top = S1Start::top(cfg);
-    let start = if (cfg.start..=3).contains(&start.level) {
+    };
+    let fmt = cfg.format(tbl);
+    let top = S1Start::of(tbl);
+    let start = if (tbl.start..=3).contains(&start.level) {
         start
     } else {
         top
     };
     // A lower start's table came from a descriptor whose address was checked.
-    if start == top && cfg.root >> cfg.output_bits != 0 {
+    if start == top && tbl.root >> fmt.output_bits != 0 {
         return Err(fault(FaultKind::AddrSize, 0, None));
     }
-    let input_bits = cfg.input_bits();
+    let input_bits = tbl.input_bits();
     let hd = cfg.flags.ha && cfg.flags.hd;
     let mut level = start.level;
     let mut table = start.table;
@@ -483,7 +614,7 @@ where
     loop {
         // A start table from the caller may be anywhere: past the top of the address space
         // there is nothing to read.
-        let offset = table_index(va, level, cfg.start, input_bits) * 8;
+        let offset = table_index(tbl.granule, va, level, tbl.start, input_bits) * 8;
         let Some(desc_addr) = table.checked_add(offset) else {
             return Err(fault(FaultKind::WalkEabt, level, Some(table)));
         };
@@ -512,17 +643,17 @@ where
                 obs.step(step);
                 Err(fault(kind, level, None))
             };
-            let (base, size) = match desc.kind(level) {
+            let (base, size) = match desc.decode(fmt, level) {
                 DescriptorKind::Invalid => return stop(step, obs, FaultKind::Translation),
                 DescriptorKind::Table(next) => {
-                    if desc.address_beyond(cfg.output_bits) != 0 {
+                    if desc.address_beyond_in(fmt) {
                         return stop(step, obs, FaultKind::AddrSize);
                     }
                     break Resolved::Table(next);
                 }
                 DescriptorKind::Leaf { base, size } => (base, size),
             };
-            if desc.address_beyond(cfg.output_bits) != 0 {
+            if desc.address_beyond_in(fmt) {
                 return stop(step, obs, FaultKind::AddrSize);
             }
             let af = desc.has(Descriptor::AF);

@@ -14,8 +14,8 @@ use super::{
     FaultStage, Permissions, Stage, StepOutcome, TableConfigError, Translation, WalkFault,
     WalkObserver, WalkStep,
 };
-use crate::desc::{Descriptor, DescriptorKind};
-use crate::walk::level_shift;
+use crate::desc::{Descriptor, DescriptorKind, TableFormat};
+use crate::ste::Granule;
 use vsva_vtd::PhysMem;
 
 /// The STE's stage-2 hardware-management and fault controls.
@@ -31,22 +31,22 @@ pub struct S2Flags {
     pub ptw: bool,
 }
 
-/// A checked stage-2 configuration (the STE's S2TTB, S2T0SZ, S2SL0, S2PS, 4 KiB S2TG).
+/// A checked stage-2 configuration (the STE's S2TTB, S2T0SZ, S2SL0, S2PS, S2TG).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S2Config {
     root: u64,
     t0sz: u8,
     start: u8,
-    output_bits: u32,
+    format: TableFormat,
     flags: S2Flags,
 }
 
 impl S2Config {
-    /// The configuration of the table at `s2ttb`, with an input of `64 - s2t0sz` bits
-    /// (16..=39), starting at the level S2SL0 names (0: level 2, 1: level 1, 2: level 0),
-    /// which must resolve between 1 bit and 13 bits (16 concatenated tables), and an output
-    /// size of `s2ps` (at most 48 bits with this granule). S2TTB bits below the start
-    /// table's size are ignored.
+    /// The configuration of the 4 KiB-granule table at `s2ttb`, with an input of
+    /// `64 - s2t0sz` bits (16..=39), starting at the level S2SL0 names (0: level 2, 1:
+    /// level 1, 2: level 0), which must resolve between 1 bit and 13 bits (16 concatenated
+    /// tables), and an output size of `s2ps` (at most 48 bits with this granule). S2TTB
+    /// bits below the start table's size are ignored.
     pub fn new(
         s2ttb: u64,
         s2t0sz: u8,
@@ -54,26 +54,48 @@ impl S2Config {
         s2ps: AddressSize,
         flags: S2Flags,
     ) -> Result<Self, TableConfigError> {
+        Self::with_granule(s2ttb, s2t0sz, s2sl0, Granule::Size4K, s2ps, false, flags)
+    }
+
+    /// The configuration of the `granule` table at `s2ttb` (S2TG), with an input of
+    /// `64 - s2t0sz` bits (16..=39), starting at the level S2SL0 names (4 KiB: 0 level 2,
+    /// 1 level 1, 2 level 0; 16 and 64 KiB: 0 level 3, 1 level 2, 2 level 1), which must
+    /// resolve between 1 bit and one stride plus 4 bits (16 concatenated tables; Arm ARM
+    /// D8, "concatenated translation tables"). The output size is `s2ps` (S2PS capped by
+    /// OAS; above 48 bits only with 64 KiB), and `lpa` says SMMU_IDR5.OAS is 52 bits
+    /// (64 KiB-granule level-1 blocks).
+    pub fn with_granule(
+        s2ttb: u64,
+        s2t0sz: u8,
+        s2sl0: u8,
+        granule: Granule,
+        s2ps: AddressSize,
+        lpa: bool,
+        flags: S2Flags,
+    ) -> Result<Self, TableConfigError> {
         if !(16..=39).contains(&s2t0sz) {
             return Err(TableConfigError::S2t0sz(s2t0sz));
         }
         let bad_sl0 = TableConfigError::S2sl0 { s2sl0, s2t0sz };
-        let start = match s2sl0 {
-            0 => 2,
-            1 => 1,
-            2 => 0,
+        let start = match (granule, s2sl0) {
+            (Granule::Size4K, 0..=2) => 2 - s2sl0,
+            (Granule::Size16K | Granule::Size64K, 0..=2) => 3 - s2sl0,
             _ => return Err(bad_sl0),
         };
         let input_bits = 64 - s2t0sz as u32;
-        let shift = level_shift(start);
-        if input_bits <= shift || input_bits - shift > 13 {
+        let shift = granule.level_shift(start);
+        if input_bits <= shift || input_bits - shift > granule.stride() + 4 {
             return Err(bad_sl0);
         }
         Ok(S2Config {
-            root: s2ttb & !(start_table_bytes(start, input_bits) - 1),
+            root: s2ttb & !(start_table_bytes(granule, start, input_bits) - 1),
             t0sz: s2t0sz,
             start,
-            output_bits: s2ps.granule_4k_bits(),
+            format: TableFormat {
+                granule,
+                output_bits: s2ps.effective_bits(granule),
+                lpa,
+            },
             flags,
         })
     }
@@ -100,9 +122,11 @@ impl S2Config {
 
     /// The number of concatenated tables at the start level (1 to 16).
     pub const fn concatenated_tables(&self) -> u64 {
-        let bytes = start_table_bytes(self.start, self.input_bits());
-        if bytes > 4096 {
-            bytes / 4096
+        let granule = self.format.granule;
+        let bytes = start_table_bytes(granule, self.start, self.input_bits());
+        let table = 1 << granule.shift();
+        if bytes > table {
+            bytes / table
         } else {
             1
         }
@@ -110,7 +134,17 @@ impl S2Config {
 
     /// The effective output size in bits.
     pub const fn output_bits(&self) -> u32 {
-        self.output_bits
+        self.format.output_bits
+    }
+
+    /// The granule (S2TG).
+    pub const fn granule(&self) -> Granule {
+        self.format.granule
+    }
+
+    /// How the table's descriptors are read.
+    pub const fn format(&self) -> TableFormat {
+        self.format
     }
 
     /// The hardware-management and fault controls.
@@ -147,11 +181,11 @@ impl S2Start {
         }
     }
 
-    /// The start below `desc`, a table descriptor read from this start's table.
-    pub const fn below(self, desc: u64) -> S2Start {
+    /// The start below `desc`, a table descriptor in `fmt` read from this start's table.
+    pub const fn below(self, fmt: TableFormat, desc: u64) -> S2Start {
         S2Start {
             level: self.level.saturating_add(1),
-            table: desc & Descriptor::ADDR_MASK,
+            table: Descriptor(desc).address(fmt),
         }
     }
 }
@@ -226,7 +260,8 @@ where
         top
     };
     // A lower start's table came from a descriptor whose address was checked.
-    if start == top && cfg.root >> cfg.output_bits != 0 {
+    let fmt = cfg.format;
+    if start == top && cfg.root >> fmt.output_bits != 0 {
         return Err(fault(FaultKind::AddrSize, 0, None));
     }
     let hd = cfg.flags.ha && cfg.flags.hd;
@@ -235,7 +270,7 @@ where
     loop {
         // A start table from the caller may be anywhere: past the top of the address space
         // there is nothing to read.
-        let offset = table_index(ipa, level, cfg.start, input_bits) * 8;
+        let offset = table_index(fmt.granule, ipa, level, cfg.start, input_bits) * 8;
         let Some(entry_address) = table.checked_add(offset) else {
             return Err(fault(FaultKind::WalkEabt, level, Some(table)));
         };
@@ -263,10 +298,10 @@ where
                 obs.step(step);
                 Err(fault(kind, level, None))
             };
-            let (base, size) = match desc.kind(level) {
+            let (base, size) = match desc.decode(fmt, level) {
                 DescriptorKind::Invalid => return stop(step, obs, FaultKind::Translation),
                 DescriptorKind::Table(next) => {
-                    if desc.address_beyond(cfg.output_bits) != 0 {
+                    if desc.address_beyond_in(fmt) {
                         return stop(step, obs, FaultKind::AddrSize);
                     }
                     step.outcome = StepOutcome::Table(next);
@@ -275,7 +310,7 @@ where
                 }
                 DescriptorKind::Leaf { base, size } => (base, size),
             };
-            if desc.address_beyond(cfg.output_bits) != 0 {
+            if desc.address_beyond_in(fmt) {
                 return stop(step, obs, FaultKind::AddrSize);
             }
             let af = desc.has(Descriptor::AF);

@@ -1,6 +1,7 @@
 use super::*;
 use crate::builder::TableBuilder;
-use crate::desc::Descriptor as D;
+use crate::desc::{Descriptor as D, TableFormat};
+use crate::ste::Granule;
 use crate::testutil::TestMemory;
 use proptest::prelude::*;
 use vsva_vtd::{MemError, PhysMem};
@@ -187,7 +188,10 @@ fn stage1_start_level_follows_t0sz() {
 #[test]
 fn stage1_every_block_size_and_start_level() {
     for t0sz in [16u8, 25, 34] {
-        for size in PageSize::ALL {
+        for size in PageSize::ALL
+            .into_iter()
+            .filter(|s| s.granule() == Granule::Size4K)
+        {
             let mut s = S1::new(t0sz, S1Flags::default());
             let va = VA & ((1 << (64 - t0sz)) - 1) & !(size.bytes() - 1);
             if size.level() < s.cfg.start_level() {
@@ -784,7 +788,10 @@ fn stage2_start_level_and_concatenation() {
 
 #[test]
 fn stage2_every_block_size() {
-    for size in PageSize::ALL {
+    for size in PageSize::ALL
+        .into_iter()
+        .filter(|s| s.granule() == Granule::Size4K)
+    {
         let mut s = S2::new(16, 2, S2Flags::default());
         let ipa = 0x80_4000_0000 & !(size.bytes() - 1);
         s.map(ipa, 3 * GB, size, S2_RW);
@@ -1289,7 +1296,7 @@ fn stage1_walks_from_each_start_equal_the_full_walk() {
             assert_eq!(got, want, "{access:?} from level {}", start.level);
             assert_eq!(rec.steps, full.steps[i..]);
             if let StepOutcome::Table(_) = step.outcome {
-                start = start.below(step.entry);
+                start = start.below(TableFormat::FOUR_K, step.entry);
             }
         }
         // The controls came along: below level 1 writes and unprivileged fetches fail.
@@ -1335,13 +1342,13 @@ fn hostile_starts_fault_without_panicking() {
     )
     .unwrap_err();
     assert_eq!((f.kind, f.level), (FaultKind::WalkEabt, 3));
-    assert_eq!(far.below(0).level, 4);
+    assert_eq!(far.below(TableFormat::FOUR_K, 0).level, 4);
     assert_eq!(
         S1Start {
             level: u8::MAX,
             ..far
         }
-        .below(0)
+        .below(TableFormat::FOUR_K, 0)
         .level,
         u8::MAX
     );
@@ -1358,7 +1365,7 @@ fn hostile_starts_fault_without_panicking() {
             level: u8::MAX,
             ..far
         }
-        .below(0)
+        .below(TableFormat::FOUR_K, 0)
         .level,
         u8::MAX
     );
@@ -1386,7 +1393,7 @@ fn stage2_and_nested_walks_from_lower_starts() {
         assert_eq!(got, want);
         assert_eq!(rec.steps, full.steps[i..]);
         if let StepOutcome::Table(_) = step.outcome {
-            start = start.below(step.entry);
+            start = start.below(TableFormat::FOUR_K, step.entry);
         }
     }
 
@@ -1416,7 +1423,7 @@ fn stage2_and_nested_walks_from_lower_starts() {
         );
         assert_eq!(got, Ok(want));
         if let StepOutcome::Table(_) = step.outcome {
-            start = start.below(step.entry);
+            start = start.below(TableFormat::FOUR_K, step.entry);
         }
     }
     // The stage-2 walk of the output: the steps after the last stage-1 one (L1, L2, L3).
@@ -1433,7 +1440,7 @@ fn stage2_and_nested_walks_from_lower_starts() {
         let got = stage.output_from(s2_start, 5 * GB + 0x3000, AccessRequest::WRITE, VA, &mut ());
         assert_eq!(got.map(|t| t.output), Ok(want.output));
         if let StepOutcome::Table(_) = step.outcome {
-            s2_start = s2_start.below(step.entry);
+            s2_start = s2_start.below(TableFormat::FOUR_K, step.entry);
         }
     }
     // A stage-2 start for the table region reads the same stage-1 descriptor address.
