@@ -14,6 +14,6 @@ pub mod a64;
 mod machine;
 
 pub use machine::{
-    fetch_snippet, layout, tcr, Abort, Features, Machine, OracleError, Outcome, Probe, ProbeOp,
-    Results, TCR_EPD0, TCR_TBI0,
+    fetch_snippet, layout, tcr, tcr_tg0, Abort, Features, Machine, OracleError, Outcome, Probe,
+    ProbeOp, Results, TCR_EPD0, TCR_TBI0,
 };

@@ -13,9 +13,9 @@ pub mod layout {
     /// The first byte of the image: above the device tree QEMU puts at the start of RAM.
     pub const IMAGE_BASE: u64 = RAM_BASE + (2 << 20);
     /// RAM given to QEMU.
-    pub const RAM_SIZE: u64 = 64 << 20;
+    pub const RAM_SIZE: u64 = 128 << 20;
     /// The image loaded at [`IMAGE_BASE`].
-    pub const IMAGE_SIZE: u64 = 16 << 20;
+    pub const IMAGE_SIZE: u64 = 64 << 20;
     /// The exception vectors (VBAR_EL1 needs 2 KiB alignment).
     pub const VECTORS: u64 = IMAGE_BASE;
     /// The program's entry point.
@@ -41,10 +41,10 @@ pub mod layout {
     pub const PROGRAM_BYTES: u64 = 0x1_0000;
     /// The page of the program EL0 runs (read-only at EL0 and EL1).
     pub const EL0_STUB: u64 = VECTORS + 0xf000;
-    /// Frames for the tests' translation tables.
-    pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x60_0000);
+    /// Frames for the tests' translation tables (32 MiB: 64 KiB-granule tables are large).
+    pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x220_0000);
     /// Memory the probes may reach.
-    pub const DATA: (u64, u64) = (IMAGE_BASE + 0x60_0000, IMAGE_BASE + IMAGE_SIZE);
+    pub const DATA: (u64, u64) = (IMAGE_BASE + 0x220_0000, IMAGE_BASE + IMAGE_SIZE);
     /// The TTBR1 alias of physical address 0: the program runs at `HIGH + pa`.
     pub const HIGH: u64 = 0xffff_ff80_0000_0000;
     /// T1SZ (and T0SZ while starting): 39-bit ranges, level-1 start tables.
@@ -183,9 +183,19 @@ impl Features {
         (self.mmfr1 >> 20) & 0xf
     }
 
-    /// ID_AA64MMFR0_EL1.PARange.
+    /// ID_AA64MMFR0_EL1.PARange (6: 52 bits, FEAT_LPA).
     pub const fn pa_range(&self) -> u64 {
         self.mmfr0 & 0xf
+    }
+
+    /// Whether stage 1 supports the 16 KiB granule (ID_AA64MMFR0_EL1.TGran16 nonzero).
+    pub const fn gran16k(&self) -> bool {
+        (self.mmfr0 >> 20) & 0xf != 0
+    }
+
+    /// Whether stage 1 supports the 64 KiB granule (ID_AA64MMFR0_EL1.TGran64 not 0xf).
+    pub const fn gran64k(&self) -> bool {
+        (self.mmfr0 >> 24) & 0xf != 0xf
     }
 }
 
@@ -245,7 +255,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OracleError {
 }
 
 /// The longest a run may take.
-const TIMEOUT: Duration = Duration::from_secs(20);
+const TIMEOUT: Duration = Duration::from_secs(60);
 /// Semihosting operations (Arm semihosting specification, version 2).
 const SYS_OPEN: u64 = 0x01;
 const SYS_CLOSE: u64 = 0x02;
@@ -287,9 +297,15 @@ pub const TCR_EPD0: u64 = 1 << 7;
 pub const TCR_TBI0: u64 = 1 << 37;
 
 /// TCR_EL1 for a stage-1 table with `t0sz`, output size `ips` (the IPS encoding), and the
-/// hardware Access flag (HA) and dirty state (HD) updates.
+/// hardware Access flag (HA) and dirty state (HD) updates; the 4 KiB granule (TG0 = 0).
 pub const fn tcr(t0sz: u8, ips: u64, ha: bool, hd: bool) -> u64 {
     TCR_FIXED | (t0sz as u64) | (ips << 32) | ((ha as u64) << 39) | ((hd as u64) << 40)
+}
+
+/// TCR_EL1.TG0 set to `tg0`, which has the encoding of the SMMU's CD.TG0 and STE.S2TG
+/// (0 4 KiB, 1 64 KiB, 2 16 KiB); OR it into a [`tcr`] value.
+pub const fn tcr_tg0(tg0: u64) -> u64 {
+    (tg0 & 3) << 14
 }
 
 /// The RAM image and the QEMU binary that runs it.

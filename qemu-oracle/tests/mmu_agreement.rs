@@ -1,13 +1,16 @@
 //! vsva's stage-1 walker against QEMU's TCG AArch64 MMU.
 //!
-//! Each scenario builds one random VMSAv8-64 stage-1 table (4 KiB granule) with
-//! `vsva_smmuv3::TableBuilder` in the RAM image: a random T0SZ (16 to 39, so start levels 0
-//! to 2) and IPS, 4 KiB pages, 2 MiB and 1 GiB blocks with random AP[2:1], UXN, PXN,
+//! Each scenario builds one random VMSAv8-64 stage-1 table with `vsva_smmuv3::TableBuilder`
+//! in the RAM image: a random granule (4 KiB, or where the CPU has them 16 KiB and 64 KiB,
+//! TCR_EL1.TG0 with the CD.TG0 encoding), a random T0SZ (16 to 39, so every start level
+//! the granule has) and IPS (52 bits with 64 KiB where the CPU has FEAT_LPA: OA[51:48] in
+//! descriptor bits 15:12), pages, level-2 blocks and level-1 blocks (1 GiB; 4 TiB with
+//! 64 KiB and FEAT_LPA) with random AP[2:1], UXN, PXN,
 //! AttrIndx, SH, nG, DBM and software bits, some with AF clear, then random damage on the
 //! way to some mappings: entries made invalid, APTable/UXNTable/PXNTable set, output or table
-//! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a level-0
-//! block, bits 51:48 set (DBM, GP, and two bits the 4 KiB granule with a 48-bit output
-//! leaves RES0 and both sides ignore). Where the CPU has FEAT_HAFDBS, some scenarios enable
+//! addresses beyond IPS, a level-3 entry with the reserved `bits[1:0] = 01`, a block at a
+//! level the granule has none, bits 51:48 set (DBM, GP, and two bits a 48-bit output leaves
+//! RES0 and both sides ignore), address bits below a 16 or 64 KiB granule set (ignored). Where the CPU has FEAT_HAFDBS, some scenarios enable
 //! HA, and HD; where it has FEAT_PAN, some run with PSTATE.PAN set (the CD's PAN for the
 //! walker); some run with SCTLR_EL1.WXN, TCR_EL1.TBI0 (half the data accesses then carry a
 //! tag) or TCR_EL1.EPD0 (the CD's WXN, TBI0, EPD0). Then probes: LDR, STR and BLR (an
@@ -29,16 +32,17 @@
 //!   0b0010LL, Permission 0b0011LL);
 //! - at the end, on every descriptor of every table (hardware AF and AP[2] updates).
 //!
-//! One known QEMU deviation is not compared: a level-0 descriptor with `bits[1:0] = 01` (a
-//! block, which the 4 KiB granule does not allow at level 0 without FEAT_LPA2) is a
-//! Translation fault at level 0 in the Arm ARM (pseudocode `AArch64.BlockDescSupported`)
-//! and in the walker, but QEMU releases before its `lpae_block_desc_valid` check (Debian
-//! 12's 7.2 among them) use it as a 512 GiB block. For those probes the walker must report
-//! F_TRANSLATION at level 0 and QEMU's result is only counted; no store or fetch goes
-//! through such a descriptor, and the Access flag QEMU may set in it is not compared.
+//! One known QEMU deviation is not compared: a descriptor with `bits[1:0] = 01` at a level
+//! where the granule allows no block (level 0 of 4 KiB without FEAT_LPA2, levels 0 and 1
+//! of 16 KiB, level 1 of 64 KiB without FEAT_LPA) is a Translation fault at that level in
+//! the Arm ARM (pseudocode `AArch64.BlockDescSupported`) and in the walker, but QEMU
+//! releases before its `lpae_block_desc_valid` check (Debian 12's 7.2 among them) use it
+//! as a block. For those probes the walker must report F_TRANSLATION at that level and
+//! QEMU's result is only counted; no store or fetch goes through such a descriptor, and
+//! the Access flag QEMU may set in it is not compared.
 //!
-//! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, IPS, HA/HD as
-//! TCR_EL1, PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and EPD0 as TCR_EL1, AFFD
+//! The walker runs as the SMMU would for the same CD: TTB0 = TTBR0, T0SZ, TG0, IPS, HA/HD
+//! as TCR_EL1, an SMMU OAS of 52 bits where the CPU's PARange is (64 KiB level-1 blocks), PAN as PSTATE.PAN, WXN as SCTLR_EL1.WXN, TBI0 and EPD0 as TCR_EL1, AFFD
 //! clear; an EL1 access is PnU = 1, LDTR/STTR and EL0 fetches PnU = 0, a fetch InD = 1.
 //! Probes whose translation would land outside the data region (on the program or the
 //! tables) are not made.
@@ -46,13 +50,13 @@
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, RAM_BASE, TABLES};
+use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, TABLES};
 use vsva_qemu_oracle::{
-    fetch_snippet, Machine, OracleError, Outcome, Probe, ProbeOp, TCR_EPD0, TCR_TBI0,
+    fetch_snippet, tcr_tg0, Machine, OracleError, Outcome, Probe, ProbeOp, TCR_EPD0, TCR_TBI0,
 };
 use vsva_smmuv3::{
-    walk_stage1, AccessRequest, AddressSize, FaultKind, PageSize, PhysMem, S1Config, S1Flags,
-    TableBuilder, WalkFault, WalkRecord,
+    walk_stage1, AccessRequest, AddressSize, FaultKind, Granule, PageSize, PhysMem, S1Config,
+    S1Flags, S1Table, StepOutcome, TableBuilder, WalkFault, WalkRecord,
 };
 
 const SCENARIOS: usize = 60;
@@ -97,13 +101,14 @@ fn nonce(pa: u64) -> u64 {
     pa ^ 0xd47a_0000_0000_0000
 }
 
-const IPS: [(u64, AddressSize); 6] = [
+const IPS: [(u64, AddressSize); 7] = [
     (0, AddressSize::Bits32),
     (1, AddressSize::Bits36),
     (2, AddressSize::Bits40),
     (3, AddressSize::Bits42),
     (4, AddressSize::Bits44),
     (5, AddressSize::Bits48),
+    (6, AddressSize::Bits52),
 ];
 
 /// What the walker expects of one probe.
@@ -127,12 +132,17 @@ fn class(e: &Expect) -> String {
     }
 }
 
-/// The address of the level-0 block descriptor that ended `record`'s walk, if it did.
-fn level0_block(record: &WalkRecord) -> Option<u64> {
+/// The address of the block descriptor at a level its granule has no blocks that ended
+/// `record`'s walk (a Translation fault for the walker), if one did.
+fn invalid_block(record: &WalkRecord) -> Option<u64> {
     record
         .steps
         .last()
-        .filter(|s| s.level == 0 && s.entry & 3 == 1)
+        .filter(|s| {
+            s.level < 3
+                && s.entry & 3 == 1
+                && s.outcome == StepOutcome::Fault(FaultKind::Translation)
+        })
         .map(|s| s.entry_address)
 }
 
@@ -174,11 +184,21 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         .features;
     let hafdbs = features.hafdbs();
     let pan_supported = features.pan() != 0;
+    // The SMMU's OAS is 52 bits where the CPU's PARange is (FEAT_LPA).
+    let lpa = features.pa_range() >= 6;
+    let mut granules = vec![(Granule::Size4K, 5)];
+    if features.gran16k() {
+        granules.push((Granule::Size16K, 3));
+    }
+    if features.gran64k() {
+        granules.push((Granule::Size64K, 2));
+    }
     println!(
-        "seed {seed} (VSVA_QEMU_ORACLE_SEED); cpu max: ID_AA64MMFR0_EL1 {:#x} (PARange {}), \
-         ID_AA64MMFR1_EL1 {:#x} (HAFDBS {hafdbs}, PAN {})",
+        "seed {seed} (VSVA_QEMU_ORACLE_SEED); cpu max: ID_AA64MMFR0_EL1 {:#x} (PARange {}, \
+         granules {:?}), ID_AA64MMFR1_EL1 {:#x} (HAFDBS {hafdbs}, PAN {})",
         features.mmfr0,
         features.pa_range(),
+        granules.iter().map(|g| g.0).collect::<Vec<_>>(),
         features.mmfr1,
         features.pan()
     );
@@ -191,27 +211,53 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         .collect();
     mem.write(DATA.0, &data).unwrap();
 
+    // Table frames of the scenario's granule, aligned to their size.
     let mut next_frame = TABLES.0;
-    let mut alloc = || {
-        (next_frame < TABLES.1).then(|| {
-            next_frame += 4096;
-            next_frame - 4096
+    let mut alloc_frame = |bytes: u64| {
+        let at = next_frame.next_multiple_of(bytes);
+        (at + bytes <= TABLES.1).then(|| {
+            next_frame = at + bytes;
+            at
         })
     };
+    let mut granule_counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut size_counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut ips52 = 0;
     // Build every scenario's tables first: the image must hold them before any probe.
     let mut scenarios = Vec::new();
     let mut damage: BTreeMap<&str, usize> = BTreeMap::new();
     for _ in 0..SCENARIOS {
+        let weights: u64 = granules.iter().map(|g| g.1).sum();
+        let mut roll = rng.below(weights);
+        let granule = granules
+            .iter()
+            .find(|g| {
+                let hit = roll < g.1;
+                roll = roll.saturating_sub(g.1);
+                hit
+            })
+            .map_or(Granule::Size4K, |g| g.0);
+        let frame_bytes = 1 << granule.shift();
         let t0sz = rng.in_range(16, 39) as u8;
-        let (ips_code, ips) = rng.pick(&IPS);
+        let ips_choices = if granule == Granule::Size64K && lpa {
+            &IPS[..]
+        } else {
+            &IPS[..6]
+        };
+        let (ips_code, ips) = rng.pick(ips_choices);
+        if ips == AddressSize::Bits52 {
+            ips52 += 1;
+        }
         let ha = hafdbs >= 1 && rng.percent(50);
         let hd = ha && hafdbs >= 2 && rng.percent(60);
         let pan = pan_supported && rng.percent(40);
         let wxn = rng.percent(30);
         let tbi = rng.percent(30);
         let epd0 = rng.percent(4);
-        let Some(root) = alloc() else { break };
-        mem.write(root, &[0; 4096]).unwrap();
+        let Some(root) = alloc_frame(frame_bytes) else {
+            break;
+        };
+        mem.write(root, &vec![0; frame_bytes as usize]).unwrap();
         let flags = S1Flags {
             ha,
             hd,
@@ -221,26 +267,35 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             epd0,
             ..S1Flags::default()
         };
-        let cfg = S1Config::new(root, t0sz, ips, flags).unwrap();
+        let ttb0 = S1Table::ttb0(root, t0sz, granule).unwrap();
+        let cfg = S1Config::with_tables(ttb0, None, ips, lpa, flags);
+        *granule_counts.entry(format!("{granule:?}")).or_default() += 1;
         let input_mask = (1u64 << cfg.input_bits()) - 1;
         let mut builder = TableBuilder::stage1(&cfg);
-        let mut mappings: Vec<(u64, PageSize)> = Vec::new();
+        let mut alloc = || alloc_frame(frame_bytes);
+        // (VA, size, output address) of each mapping.
+        let mut mappings: Vec<(u64, PageSize, u64)> = Vec::new();
         for _ in 0..MAPPINGS_PER_SCENARIO {
-            let size = match rng.below(100) {
-                0..=59 => PageSize::Size4K,
-                60..=84 => PageSize::Size2M,
-                _ => PageSize::Size1G,
+            let level = match rng.below(100) {
+                0..=59 => 3,
+                60..=84 => 2,
+                _ => 1,
             };
+            let size = PageSize::of(granule, level, lpa)
+                .or(PageSize::of(granule, 2, lpa))
+                .unwrap_or(PageSize::Size4K);
             let near = mappings.last().map(|m| m.0).filter(|_| rng.percent(60));
             let va = match near {
                 Some(v) => v ^ (rng.next() & ((1 << 31) - 1)),
                 None => rng.next(),
             } & input_mask
                 & !(size.bytes() - 1);
-            let pa = match size {
-                PageSize::Size4K => DATA.0 + rng.below((DATA.1 - DATA.0) >> 12) * 4096,
-                PageSize::Size2M => DATA.0 + rng.below((DATA.1 - DATA.0) >> 21) * (2 << 20),
-                _ => RAM_BASE,
+            // Inside the data region when it fits there, else the block holding its start.
+            let pa = if size.bytes() <= (DATA.1 - DATA.0) / 2 {
+                let first = DATA.0.next_multiple_of(size.bytes());
+                first + rng.below((DATA.1 - first) / size.bytes()) * size.bytes()
+            } else {
+                DATA.0 & !(size.bytes() - 1)
             };
             let mut attrs = (rng.below(4) << 6) | (rng.below(8) << 2) | (rng.pick(&[0, 2, 3]) << 8);
             for (bit, p) in [(10, 85), (11, 30), (51, 40), (53, 25), (54, 25)] {
@@ -252,11 +307,13 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
                 attrs |= rng.below(16) << 55;
             }
             if builder.map(mem, &mut alloc, va, pa, size, attrs).is_ok() {
-                mappings.push((va, size));
+                mappings.push((va, size, pa));
+                *size_counts.entry(format!("{size:?}")).or_default() += 1;
             }
         }
         // Damage on the way to some mappings.
-        for &(va, size) in &mappings {
+        let oa52 = cfg.format(cfg.ttb0()).oa52();
+        for &(va, size, _) in &mappings {
             if !rng.percent(30) {
                 continue;
             }
@@ -270,7 +327,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
                 continue;
             }
             let leaf = level == size.level();
-            let (what, new) = match rng.below(6) {
+            let (what, new) = match rng.below(7) {
                 0 => ("invalid", d & !1),
                 1 if !leaf => (
                     "APTable/UXNTable/PXNTable",
@@ -281,7 +338,13 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
                     d | (1 << rng.in_range(ips.bits(), 47)),
                 ),
                 3 if level == 3 => ("level-3 bits[1:0] = 01", d & !2),
-                3 if level == 0 => ("level-0 block", d & !2),
+                3 if PageSize::of(granule, level, lpa).is_none() => {
+                    ("block where the granule has none", d & !2)
+                }
+                5 if granule != Granule::Size4K && !oa52 => (
+                    "address bits below the granule set",
+                    d | (rng.below((1 << (granule.shift() - 12)) - 1) + 1) << 12,
+                ),
                 4 => (
                     "bits 51:48 (DBM, GP, RES0) set",
                     d | (rng.below(15) + 1) << 48,
@@ -295,6 +358,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             mem.write_u64(slot, new).unwrap();
         }
         let tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd)
+            | tcr_tg0(granule.raw())
             | if tbi { TCR_TBI0 } else { 0 }
             | if epd0 { TCR_EPD0 } else { 0 };
         scenarios.push((cfg, tcr, mappings));
@@ -308,8 +372,8 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     let mut probes = Vec::new();
     let mut expect = Vec::new();
     let mut records = Vec::new();
-    // Level-0 block descriptors probes reached.
-    let mut level0_slots = BTreeSet::new();
+    // Block descriptors at levels without blocks that probes reached.
+    let mut invalid_block_slots = BTreeSet::new();
     for (cfg, tcr, mappings) in &scenarios {
         probes.push(Probe {
             op: ProbeOp::Switch {
@@ -323,30 +387,33 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         expect.push(Expect::Switch);
         records.push((*cfg, WalkRecord::default()));
         let input_mask = (1u64 << cfg.input_bits()) - 1;
-        // A walk that changes nothing finds where a probe would land.
-        let dry = S1Config::new(
-            cfg.root(),
-            cfg.t0sz(),
-            AddressSize::Bits48,
+        // A walk that changes nothing finds where a probe would land (IPS as the scenario's:
+        // with 52 bits and 64 KiB, bits 15:12 of a descriptor are address bits).
+        let dry_ips = if cfg.output_bits() > 48 {
+            AddressSize::Bits52
+        } else {
+            AddressSize::Bits48
+        };
+        let dry = S1Config::with_tables(
+            *cfg.ttb0(),
+            None,
+            dry_ips,
+            lpa,
             S1Flags {
                 affd: true,
                 tbi: cfg.flags().tbi,
                 ..S1Flags::default()
             },
-        )
-        .unwrap();
+        );
         let mut made = 0;
         while made < PROBES_PER_SCENARIO {
             let va = match (rng.below(100), mappings.is_empty()) {
                 (0..=74, false) => {
-                    let (base, size) = rng.pick(mappings);
-                    let offset = match size {
-                        PageSize::Size1G => {
-                            DATA.0 - RAM_BASE + rng.below((DATA.1 - DATA.0) / 8) * 8
-                        }
-                        _ => rng.below(size.bytes() / 8) * 8,
-                    };
-                    base + offset
+                    // An offset that lands in the data region.
+                    let (base, size, pa) = rng.pick(mappings);
+                    let lo = DATA.0.max(pa);
+                    let hi = DATA.1.min(pa + size.bytes());
+                    base + (lo - pa) + rng.below((hi - lo) / 8) * 8
                 }
                 (75..=89, _) | (_, true) => rng.next() & input_mask & !7,
                 _ if cfg.input_bits() < 55 => {
@@ -388,12 +455,12 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             let value = 0x5354_0000_0000_0000 | probes.len() as u64;
             let mut record = WalkRecord::default();
             let walk = walk_stage1(mem, cfg, va, access, &mut record);
-            if let Some(at) = level0_block(&record) {
+            if let Some(at) = invalid_block(&record) {
                 // QEMU may use the block: never store or fetch through it (see above).
                 if op.is_store() || fetch {
                     continue;
                 }
-                level0_slots.insert(at);
+                invalid_block_slots.insert(at);
             }
             let (e, check_pa) = match walk {
                 Ok(t) if op.is_store() => {
@@ -439,8 +506,9 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     let mut failures = Vec::new();
     // Accesses with a tag in the top byte that reached memory (TBI0).
     let mut tagged = 0;
-    // Level-0 block probes: whether QEMU reported the Arm ARM's Translation fault.
-    let mut level0_blocks: BTreeMap<bool, usize> = BTreeMap::new();
+    // Probes of blocks at levels without blocks: whether QEMU reported the Arm ARM's
+    // Translation fault.
+    let mut invalid_blocks: BTreeMap<bool, usize> = BTreeMap::new();
     for (i, ((p, e), got)) in probes
         .iter()
         .zip(&expect)
@@ -451,7 +519,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         if p.va >> 56 != 0 && matches!(e, Expect::Load(_) | Expect::Store(_)) {
             tagged += 1;
         }
-        let level0_block = level0_block(&records[i].1).is_some();
+        let invalid_block = invalid_block(&records[i].1).is_some();
         // FAR_EL1[63:56] is UNKNOWN for a tagged address (Arm ARM, FAR_EL1).
         let far_mask = if records[i].0.flags().tbi {
             (1 << 56) - 1
@@ -459,10 +527,10 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             u64::MAX
         };
         let ok = match (e, got) {
-            (Expect::Fault(f), got) if level0_block => {
-                let fixed = matches!(got, Outcome::Abort(a) if a.dfsc() == 0b000100);
-                *level0_blocks.entry(fixed).or_default() += 1;
-                f.kind == FaultKind::Translation && f.level == 0
+            (Expect::Fault(f), got) if invalid_block => {
+                let fixed = matches!(got, Outcome::Abort(a) if a.dfsc() == dfsc(f).unwrap_or(0));
+                *invalid_blocks.entry(fixed).or_default() += 1;
+                f.kind == FaultKind::Translation
             }
             (Expect::Switch, Outcome::Done(_)) => true,
             (Expect::Load(v), Outcome::Done(g)) => v == g,
@@ -483,9 +551,10 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         };
         if !ok {
             failures.push(format!(
-                "probe {i}: {:?} va {:#x} (T0SZ {}, IPS {} bits, {:?}): walker {e:?}, QEMU {got:?}\n{}",
+                "probe {i}: {:?} va {:#x} ({:?}, T0SZ {}, IPS {} bits, {:?}): walker {e:?}, QEMU {got:?}\n{}",
                 p.op,
                 p.va,
+                records[i].0.ttb0().granule(),
                 records[i].0.t0sz(),
                 records[i].0.output_bits(),
                 records[i].0.flags(),
@@ -497,7 +566,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     let mut updates = 0;
     for (k, chunk) in results.tables.chunks_exact(8).enumerate() {
         let pa = TABLES.0 + 8 * k as u64;
-        if level0_slots.contains(&pa) {
+        if invalid_block_slots.contains(&pa) {
             continue;
         }
         let cpu = u64::from_le_bytes(chunk.try_into().unwrap());
@@ -518,6 +587,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         probes.len() - scenarios.len(),
         scenarios.len()
     );
+    println!("granules: {granule_counts:?} ({ips52} with a 52-bit IPS); mappings: {size_counts:?}");
     println!("damage: {damage:?}");
     let with = |f: fn(&S1Flags) -> bool| scenarios.iter().filter(|s| f(&s.0.flags())).count();
     println!(
@@ -531,10 +601,10 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         with(|f| f.epd0)
     );
     println!(
-        "level-0 block probes: {} where QEMU faulted as the Arm ARM says, {} where it used \
-         the block (not compared)",
-        level0_blocks.get(&true).unwrap_or(&0),
-        level0_blocks.get(&false).unwrap_or(&0)
+        "probes of blocks where the granule has none: {} where QEMU faulted as the Arm ARM \
+         says, {} where it used the block (not compared)",
+        invalid_blocks.get(&true).unwrap_or(&0),
+        invalid_blocks.get(&false).unwrap_or(&0)
     );
     for (c, n) in &counts {
         println!("  {n:6}  {c}");
