@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vsva_uapi::{FaultEvent, IommuModel, UapiError, VfioIoctls};
+use vsva_uapi::{FaultEvent, IommuModel, QueuedFault, UapiError, UnrecoverableEvent, VfioIoctls};
 use vsva_vtd::{Iova, Pasid, SourceId};
 
 use crate::binds::GpasidBinds;
@@ -320,9 +320,22 @@ impl<B: IommuBackend> Container<B> {
         self.faults.read()
     }
 
-    /// Takes at most `max` of the page requests reported since the last read, oldest first.
-    pub(crate) fn read_faults_max(&mut self, max: usize) -> Vec<FaultEvent> {
-        self.faults.read_max(max)
+    /// Takes the unrecoverable faults reported since the last read, oldest first. They only
+    /// ever come from the container's devices and carry PASIDs of its set.
+    pub fn read_unrecoverable_faults(&mut self) -> Vec<UnrecoverableEvent> {
+        self.faults.read_unrecoverable()
+    }
+
+    /// Unrecoverable faults the driver reported while their queue was full, which were
+    /// dropped (counted from the container's creation).
+    pub fn unrecoverable_faults_lost(&self) -> u64 {
+        self.faults.unrecoverable_lost()
+    }
+
+    /// Takes at most `max` of the records (page requests and unrecoverable faults) reported
+    /// since the last read, in the order they were reported.
+    pub(crate) fn read_records_max(&mut self, max: usize) -> Vec<QueuedFault> {
+        self.faults.read_records_max(max)
     }
 
     /// The page request groups waiting for a response (the last request of each), oldest
@@ -826,6 +839,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vsva_uapi::iommu::*;
     use vsva_uapi::request::{InvGranularity, PageRequest, PasidConfig};
+    use vsva_uapi::{UnrecoverableFault, UnrecoverableReason};
     use vsva_vtd::Gpa;
 
     /// What the mock IOMMU has been programmed with.
@@ -1562,6 +1576,74 @@ mod tests {
         assert_eq!(c.pending_page_requests().len(), FAULT_QUEUE_DEPTH);
     }
 
+    fn unrecoverable(pasid: Pasid, page: u64) -> UnrecoverableFault {
+        UnrecoverableFault {
+            reason: UnrecoverableReason::Permission,
+            pasid: Some(pasid),
+            read: false,
+            write: true,
+            exec: false,
+            privileged: false,
+            addr: Some(page << 12),
+            fetch_addr: None,
+        }
+    }
+
+    /// Unrecoverable faults are taken only from the container's devices for its own
+    /// PASIDs; their queue is bounded on its own (a flood of them neither grows it nor
+    /// crowds out page requests), and what it drops is counted.
+    #[test]
+    fn unrecoverable_faults_are_routed_and_bounded() {
+        let alloc = shared();
+        let (mut a, p) = vm(&alloc, 3, 2);
+        let (_b, q) = vm(&alloc, 4, 1);
+        let sink = a.fault_sink();
+        let e = sink
+            .report_unrecoverable(dev(0, 4), unrecoverable(p[0], 1))
+            .unwrap_err();
+        assert_eq!(e, HostError::DeviceNotAttached(dev(0, 4)));
+        assert_eq!(e.errno(), -libc::EINVAL);
+        let e = sink
+            .report_unrecoverable(dev(0, 3), unrecoverable(q[0], 1))
+            .unwrap_err();
+        assert_eq!(e.errno(), -libc::EPERM, "another VM's PASID");
+        let mut none = unrecoverable(p[0], 1);
+        none.pasid = None;
+        assert_eq!(
+            sink.report_unrecoverable(dev(0, 3), none)
+                .unwrap_err()
+                .errno(),
+            -libc::EPERM
+        );
+        assert!(a.read_unrecoverable_faults().is_empty());
+
+        for page in 0..FAULT_QUEUE_DEPTH as u64 + 10 {
+            let r = sink.report_unrecoverable(dev(0, 3), unrecoverable(p[page as usize % 2], page));
+            if page < FAULT_QUEUE_DEPTH as u64 {
+                r.unwrap();
+            } else {
+                assert_eq!(r, Err(HostError::FaultQueueFull(FAULT_QUEUE_DEPTH)));
+            }
+        }
+        assert_eq!(a.unrecoverable_faults_lost(), 10);
+        // Page requests still have their room.
+        sink.report(dev(0, 3), pr(p[0], 1, true)).unwrap();
+        assert_eq!(a.read_faults().len(), 1);
+        // Freeing a PASID drops its unread faults; the oldest are kept, in order.
+        a.pasid_free(p[1]).unwrap();
+        let left = a.read_unrecoverable_faults();
+        assert_eq!(left.len(), FAULT_QUEUE_DEPTH / 2);
+        assert!(left
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.sid == dev(0, 3) && e.fault == unrecoverable(p[0], 2 * i as u64)));
+        sink.report_unrecoverable(dev(0, 3), unrecoverable(p[0], 1))
+            .unwrap();
+        // Detaching the device drops its faults too.
+        a.detach_device(dev(0, 3)).unwrap();
+        assert!(a.read_unrecoverable_faults().is_empty());
+    }
+
     #[test]
     fn notifier_signals_each_accepted_request() {
         let alloc = shared();
@@ -2072,21 +2154,37 @@ mod tests {
             }
         })));
         let sink = typed.lock().fault_sink();
+        let fault = UnrecoverableFault {
+            reason: UnrecoverableReason::PteFetch,
+            pasid: Some(q),
+            read: true,
+            write: false,
+            exec: false,
+            privileged: false,
+            addr: Some(0x4000),
+            fetch_addr: None,
+        };
         sink.report(dev(0, 1), pr(q, 2, false)).unwrap();
+        sink.report_unrecoverable(dev(0, 1), fault).unwrap();
         sink.report(dev(0, 1), pr(q, 3, true)).unwrap();
-        assert_eq!(notified.load(Ordering::SeqCst), 2);
+        assert_eq!(notified.load(Ordering::SeqCst), 3);
+        // Records come back in the order they were reported, whatever their kind.
         let events = file2.read_faults().unwrap();
         assert_eq!(
             events,
             vec![
-                FaultEvent {
+                QueuedFault::PageRequest(FaultEvent {
                     sid: dev(0, 1),
                     request: pr(q, 2, false)
-                },
-                FaultEvent {
+                }),
+                QueuedFault::Unrecoverable(UnrecoverableEvent {
+                    sid: dev(0, 1),
+                    fault
+                }),
+                QueuedFault::PageRequest(FaultEvent {
                     sid: dev(0, 1),
                     request: pr(q, 3, true)
-                },
+                }),
             ]
         );
         assert_eq!(file2.read(&mut buf), Err(Errno::EAGAIN));
@@ -2099,7 +2197,7 @@ mod tests {
         assert_eq!(file2.write(&answer), Err(Errno::EINVAL), "answered already");
         file2.set_event_notifier(None);
         sink.report(dev(0, 1), pr(q, 4, true)).unwrap();
-        assert_eq!(notified.load(Ordering::SeqCst), 2);
+        assert_eq!(notified.load(Ordering::SeqCst), 3);
     }
 
     // ----- Property test over arbitrary ioctls -----

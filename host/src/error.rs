@@ -115,6 +115,18 @@ pub enum HostError {
         /// Its PASID, if it carried one.
         pasid: Option<Pasid>,
     },
+    /// An unrecoverable fault without a PASID, or for a PASID outside the container's set,
+    /// which the container does not take (`-EPERM`).
+    #[error("unrecoverable fault of {sid} for {}: not a PASID of the container", match .pasid {
+        Some(p) => p.to_string(),
+        None => "no PASID".to_string(),
+    })]
+    UnownedFault {
+        /// The requester id of the device whose request faulted.
+        sid: SourceId,
+        /// Its PASID, if it carried one.
+        pasid: Option<Pasid>,
+    },
     /// The container's fault queue holds its limit of unread requests or pending groups
     /// (`-ENOSPC`).
     #[error("the fault queue holds its limit of {0} entries")]
@@ -162,7 +174,7 @@ impl HostError {
             QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) | FaultQueueFull(_) => {
                 libc::ENOSPC
             }
-            NotOwner { .. } | UnownedPageRequest { .. } => libc::EPERM,
+            NotOwner { .. } | UnownedPageRequest { .. } | UnownedFault { .. } => libc::EPERM,
             UnknownIoctl(_) => libc::ENOTTY,
             UnsupportedIommuModel(_) | NoDriverOp(_) => libc::ENODEV,
             NotNesting(_) => libc::EOPNOTSUPP,

@@ -1,5 +1,5 @@
-//! Page requests on their way from a container's devices up to its VMM, and the record of
-//! the groups that wait for a page response.
+//! Page requests and unrecoverable faults on their way from a container's devices up to its
+//! VMM, and the record of the groups that wait for a page response.
 //!
 //! This follows the later upstream design of fault reporting to user space: the IOMMU
 //! driver reports each page request of a device (`iommu_report_device_fault`) to the handler
@@ -7,8 +7,16 @@
 //! DMA fault region) and signals an eventfd; the last request of each group stays pending
 //! until the page response for it comes back down (`iommu_page_response`).
 //!
-//! A container's queue accepts only requests from its own devices for PASIDs of its own set,
-//! so one VM never sees another VM's page requests, whatever the driver routes to it.
+//! Unrecoverable faults (`IOMMU_FAULT_DMA_UNRECOV`) take the same way, as the nested-stage
+//! series' DMA fault region carries them: the driver reports each fault its fault recording
+//! registers hold for a PASID bound to the container, and the VMM reads it as one more
+//! record. They have a queue of their own, so a flood of faults cannot crowd out page
+//! requests; when it is full, further faults are counted and dropped, as hardware sets
+//! FSTS.PFO (VT-d §7.2.1) rather than growing.
+//!
+//! A container's queue accepts only records from its own devices for PASIDs of its own set,
+//! so one VM never sees another VM's page requests or faults, whatever the driver routes to
+//! it.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
@@ -17,13 +25,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vsva_vtd::{Pasid, SourceId};
 
 use crate::error::HostError;
-use vsva_uapi::request::{FaultEvent, PageRequest, PageResponse};
+use vsva_uapi::request::{
+    FaultEvent, PageRequest, PageResponse, QueuedFault, UnrecoverableEvent, UnrecoverableFault,
+};
 
-/// Per container, at most this many unread page requests, and as many groups waiting for a
-/// response (the depth of the fault ring; PCI PRI gives a function 512 group indexes).
+/// Per container, at most this many unread page requests, as many groups waiting for a
+/// response (the depth of the fault ring; PCI PRI gives a function 512 group indexes), and
+/// as many unread unrecoverable faults.
 pub const FAULT_QUEUE_DEPTH: usize = 512;
 
-/// Called once for every page request the container accepts, like the eventfd VFIO signals:
+/// Called once for every record the container accepts, like the eventfd VFIO signals:
 /// "there is something to read". It runs on the reporting thread, without the queue's lock
 /// but possibly inside a call on the container, so it must not wait for the container.
 pub type FaultNotifier = Arc<dyn Fn() + Send + Sync>;
@@ -33,7 +44,14 @@ pub type FaultNotifier = Arc<dyn Fn() + Send + Sync>;
 struct Routes {
     devices: BTreeSet<SourceId>,
     pasids: BTreeSet<Pasid>,
-    unread: VecDeque<FaultEvent>,
+    /// Unread page requests, oldest first, each with its record number.
+    unread: VecDeque<(u64, FaultEvent)>,
+    /// Unread unrecoverable faults, oldest first, each with its record number.
+    unrecoverable: VecDeque<(u64, UnrecoverableEvent)>,
+    /// Number the next record read from the queue gets: the order `read` keeps.
+    next_record: u64,
+    /// Unrecoverable faults dropped because their queue was full.
+    unrecoverable_lost: u64,
     /// Last requests of their groups, oldest first, each with a sequence number.
     pending: VecDeque<(u64, FaultEvent)>,
     next_seq: u64,
@@ -62,6 +80,7 @@ impl fmt::Debug for FaultSink {
         f.debug_struct("FaultSink")
             .field("devices", &r.devices)
             .field("unread", &r.unread.len())
+            .field("unrecoverable", &r.unrecoverable.len())
             .field("pending", &r.pending.len())
             .finish()
     }
@@ -95,12 +114,52 @@ impl FaultSink {
                 return Err(HostError::FaultQueueFull(FAULT_QUEUE_DEPTH));
             }
             let event = FaultEvent { sid, request };
-            r.unread.push_back(event);
+            let record = r.next_record;
+            r.next_record += 1;
+            r.unread.push_back((record, event));
             if request.last_page {
                 let seq = r.next_seq;
                 r.next_seq += 1;
                 r.pending.push_back((seq, event));
             }
+            r.notifier.clone()
+        };
+        if let Some(notify) = notifier {
+            notify();
+        }
+        Ok(())
+    }
+
+    /// Reports an unrecoverable fault of device `sid` that the IOMMU recorded, queued for the
+    /// VMM as an `IOMMU_FAULT_DMA_UNRECOV` record.
+    ///
+    /// Refused, with nothing queued: a device not attached to the container (`-EINVAL`), a
+    /// fault without a PASID or with a PASID outside the container's set (`-EPERM`). A full
+    /// queue drops the fault, counts it, and says so (`-ENOSPC`).
+    pub fn report_unrecoverable(
+        &self,
+        sid: SourceId,
+        fault: UnrecoverableFault,
+    ) -> Result<(), HostError> {
+        let notifier = {
+            let mut r = lock(&self.shared);
+            if !r.devices.contains(&sid) {
+                return Err(HostError::DeviceNotAttached(sid));
+            }
+            if !fault.pasid.is_some_and(|p| r.pasids.contains(&p)) {
+                return Err(HostError::UnownedFault {
+                    sid,
+                    pasid: fault.pasid,
+                });
+            }
+            if r.unrecoverable.len() >= FAULT_QUEUE_DEPTH {
+                r.unrecoverable_lost += 1;
+                return Err(HostError::FaultQueueFull(FAULT_QUEUE_DEPTH));
+            }
+            let record = r.next_record;
+            r.next_record += 1;
+            r.unrecoverable
+                .push_back((record, UnrecoverableEvent { sid, fault }));
             r.notifier.clone()
         };
         if let Some(notify) = notifier {
@@ -154,11 +213,12 @@ impl FaultQueue {
         lock(&self.shared).devices.insert(sid);
     }
 
-    /// Stops accepting requests from `sid`, drops its unread requests, and returns its
-    /// pending groups, which the caller answers.
+    /// Stops accepting records from `sid`, drops its unread requests and faults, and returns
+    /// its pending groups, which the caller answers.
     pub(crate) fn detach(&self, sid: SourceId) -> Vec<FaultEvent> {
         let mut r = lock(&self.shared);
         r.devices.remove(&sid);
+        r.unrecoverable.retain(|(_, e)| e.sid != sid);
         Self::drop_where(&mut r, |e| e.sid == sid)
     }
 
@@ -166,11 +226,13 @@ impl FaultQueue {
         lock(&self.shared).pasids.insert(pasid);
     }
 
-    /// Stops accepting requests for `pasid`, drops its unread requests, and returns its
-    /// pending groups, which the caller answers.
+    /// Stops accepting records for `pasid`, drops its unread requests and faults, and
+    /// returns its pending groups, which the caller answers.
     pub(crate) fn remove_pasid(&self, pasid: Pasid) -> Vec<FaultEvent> {
         let mut r = lock(&self.shared);
         r.pasids.remove(&pasid);
+        r.unrecoverable
+            .retain(|(_, e)| e.fault.pasid != Some(pasid));
         Self::drop_where(&mut r, |e| e.request.pasid == Some(pasid))
     }
 
@@ -182,7 +244,7 @@ impl FaultQueue {
     }
 
     fn drop_where(r: &mut Routes, gone: impl Fn(&FaultEvent) -> bool) -> Vec<FaultEvent> {
-        r.unread.retain(|e| !gone(e));
+        r.unread.retain(|(_, e)| !gone(e));
         let (answer, keep) = std::mem::take(&mut r.pending)
             .into_iter()
             .partition(|(_, e)| gone(e));
@@ -190,16 +252,57 @@ impl FaultQueue {
         answer.into_iter().map(|(_, e)| e).collect()
     }
 
-    /// Takes every unread request, oldest first.
+    /// Takes every unread page request, oldest first; unrecoverable faults stay.
     pub(crate) fn read(&self) -> Vec<FaultEvent> {
-        lock(&self.shared).unread.drain(..).collect()
+        lock(&self.shared)
+            .unread
+            .drain(..)
+            .map(|(_, e)| e)
+            .collect()
     }
 
-    /// Takes at most `max` of the unread requests, oldest first.
-    pub(crate) fn read_max(&self, max: usize) -> Vec<FaultEvent> {
+    /// Takes every unread unrecoverable fault, oldest first; page requests stay.
+    pub(crate) fn read_unrecoverable(&self) -> Vec<UnrecoverableEvent> {
+        lock(&self.shared)
+            .unrecoverable
+            .drain(..)
+            .map(|(_, e)| e)
+            .collect()
+    }
+
+    /// Takes at most `max` unread records of either kind, in the order they were reported.
+    pub(crate) fn read_records_max(&self, max: usize) -> Vec<QueuedFault> {
         let mut r = lock(&self.shared);
-        let n = r.unread.len().min(max);
-        r.unread.drain(..n).collect()
+        let mut out = Vec::new();
+        while out.len() < max {
+            let page = r.unread.front().map(|&(n, _)| n);
+            let fault = r.unrecoverable.front().map(|&(n, _)| n);
+            let next = match (page, fault) {
+                (Some(p), Some(f)) if f < p => r
+                    .unrecoverable
+                    .pop_front()
+                    .map(|(_, e)| QueuedFault::Unrecoverable(e)),
+                (Some(_), _) => r
+                    .unread
+                    .pop_front()
+                    .map(|(_, e)| QueuedFault::PageRequest(e)),
+                (None, Some(_)) => r
+                    .unrecoverable
+                    .pop_front()
+                    .map(|(_, e)| QueuedFault::Unrecoverable(e)),
+                (None, None) => None,
+            };
+            match next {
+                Some(q) => out.push(q),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Unrecoverable faults dropped because their queue was full, since the queue was made.
+    pub(crate) fn unrecoverable_lost(&self) -> u64 {
+        lock(&self.shared).unrecoverable_lost
     }
 
     /// The groups waiting for a response, oldest first.
@@ -241,6 +344,8 @@ impl FaultQueue {
         let pending = std::mem::take(&mut r.pending);
         *r = Routes {
             next_seq: r.next_seq,
+            next_record: r.next_record,
+            unrecoverable_lost: r.unrecoverable_lost,
             ..Routes::default()
         };
         pending.into_iter().map(|(_, e)| e).collect()

@@ -62,7 +62,7 @@ impl<B: IommuBackend + Send> UapiFile for ContainerFile<B> {
         if buf.len() < RECORD {
             return Err(Errno::EINVAL);
         }
-        let events = self.lock().read_faults_max(buf.len() / RECORD);
+        let events = self.lock().read_records_max(buf.len() / RECORD);
         if events.is_empty() {
             return Err(Errno::EAGAIN);
         }

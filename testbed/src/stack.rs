@@ -21,7 +21,7 @@ use vsva_hw::dma::{
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::DmaMap;
-use vsva_uapi::{IommuModel, VfioIoctls};
+use vsva_uapi::{Errno, IommuModel, QueuedFault, UapiFile, VfioIoctls};
 use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
 use vsva_vtd::{FlPagingMode, Gpa, Gva, Hpa, Iova, Pasid, SourceId};
 
@@ -60,6 +60,9 @@ pub enum StackError {
     /// Host memory refused an access.
     #[error("host memory: {0}")]
     Memory(#[from] vsva_vtd::MemError),
+    /// Reading the container's fault queue failed.
+    #[error("fault queue: {0}")]
+    FaultQueue(Errno),
     /// Page requests were still outstanding after this many service rounds.
     #[error("page requests never resolved after {0} rounds")]
     Stuck(usize),
@@ -304,12 +307,24 @@ impl Vm {
         Err(StackError::Stuck(ROUNDS))
     }
 
-    /// The VMM's fault handler and the guest's page request interrupt: host-reported page
-    /// requests go into the guest's queue, and the guest handles them.
+    /// The VMM's fault handler and the guest's page request interrupt: the VMM reads the
+    /// container's fault records as bytes (`read`), host-reported page requests go into the
+    /// guest's queue and unrecoverable faults into its fault recording registers, and the
+    /// guest handles the page requests. Returns how many the guest handled.
     pub fn serve_page_requests(&self) -> Result<usize, StackError> {
-        let faults = self.vfio().read_faults();
-        for f in &faults {
-            self.viommu.inject_host_page_request(f.sid, &f.request)?;
+        let records = self
+            .container
+            .read_faults()
+            .map_err(StackError::FaultQueue)?;
+        for record in &records {
+            match record {
+                QueuedFault::PageRequest(f) => {
+                    self.viommu.inject_host_page_request(f.sid, &f.request)?;
+                }
+                QueuedFault::Unrecoverable(f) => {
+                    self.viommu.inject_host_fault(f.sid, &f.fault)?;
+                }
+            }
         }
         Ok(self.driver.handle_page_requests())
     }

@@ -15,8 +15,7 @@ use vsva_vtd::{Iova, Pasid, SourceId};
 use crate::error::{Errno, UapiError};
 use crate::iommu::{IommuCacheInvalidateInfo, IommuGpasidBindData, IommuPageResponse};
 use crate::request::{
-    BindGpasid, CacheInvalidate, DmaMap, FaultEvent, NestingInfo, PageRequest, PageResponse,
-    PasidTableConfig,
+    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse, PasidTableConfig, QueuedFault,
 };
 use crate::vfio::*;
 use crate::wire::read_prefix;
@@ -54,8 +53,8 @@ pub trait UapiFile: Send + Sync {
     /// one), or removes it with `None`.
     fn set_event_notifier(&self, notifier: Option<Arc<dyn EventNotifier>>);
 
-    /// Reads every queued fault record and decodes it.
-    fn read_faults(&self) -> Result<Vec<FaultEvent>, Errno> {
+    /// Reads every queued fault record and decodes it, oldest first.
+    fn read_faults(&self) -> Result<Vec<QueuedFault>, Errno> {
         const RECORD: usize = size_of::<VfioIommuType1Fault>();
         let mut out = Vec::new();
         let mut buf = [0u8; RECORD * 16];
@@ -67,11 +66,7 @@ pub trait UapiFile: Send + Sync {
             };
             for rec in buf[..n].chunks_exact(RECORD) {
                 let r = VfioIommuType1Fault::from_bytes(rec).map_err(|e| Errno::from(&e))?;
-                let raw = r.fault.page_request().ok_or(Errno::EINVAL)?;
-                out.push(FaultEvent {
-                    sid: SourceId::from_rid(r.rid as u16),
-                    request: PageRequest::try_from(&raw).map_err(|e| Errno::from(&e))?,
-                });
+                out.push(QueuedFault::try_from(&r).map_err(|e| Errno::from(&e))?);
             }
             if n < buf.len() {
                 return Ok(out);

@@ -93,6 +93,11 @@ pub const IOMMU_FAULT_UNRECOV_ADDR_VALID: u32 = 1 << 1;
 /// `IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID`: `fetch_addr` is valid.
 pub const IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID: u32 = 1 << 2;
 
+/// Every `IOMMU_FAULT_UNRECOV_*` flag.
+const IOMMU_FAULT_UNRECOV_MASK: u32 = IOMMU_FAULT_UNRECOV_PASID_VALID
+    | IOMMU_FAULT_UNRECOV_ADDR_VALID
+    | IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID;
+
 /// `IOMMU_FAULT_PAGE_REQUEST_PASID_VALID`: `pasid` is valid.
 pub const IOMMU_FAULT_PAGE_REQUEST_PASID_VALID: u32 = 1 << 0;
 /// `IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE`: the last request of its group; the group expects
@@ -123,6 +128,47 @@ c_struct! {
         pub addr: u64,
         /// Address whose fetch aborted.
         pub fetch_addr: u64,
+    }
+}
+
+impl IommuFaultUnrecoverable {
+    /// Validates: a defined reason, known flags and permissions, a 20-bit PASID when it is
+    /// valid, and zero in every field its flag does not declare valid.
+    pub fn validate(&self) -> Result<(), UapiError> {
+        const WHAT: &str = "iommu_fault_unrecoverable";
+        if self.reason > IOMMU_FAULT_REASON_OOR_ADDRESS {
+            return Err(UapiError::field(
+                WHAT,
+                format!("fault reason {} is not defined", self.reason),
+            ));
+        }
+        check_flags(self.flags.into(), IOMMU_FAULT_UNRECOV_MASK.into(), WHAT)?;
+        check_flags(self.perm.into(), IOMMU_FAULT_PERM_MASK.into(), WHAT)?;
+        let valid = |f: u32| self.flags & f != 0;
+        if valid(IOMMU_FAULT_UNRECOV_PASID_VALID) {
+            check_pasid(self.pasid.into(), WHAT)?;
+        }
+        for (flag, value, name) in [
+            (
+                IOMMU_FAULT_UNRECOV_PASID_VALID,
+                u64::from(self.pasid),
+                "pasid",
+            ),
+            (IOMMU_FAULT_UNRECOV_ADDR_VALID, self.addr, "addr"),
+            (
+                IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID,
+                self.fetch_addr,
+                "fetch_addr",
+            ),
+        ] {
+            if !valid(flag) && value != 0 {
+                return Err(UapiError::field(
+                    WHAT,
+                    format!("{name} is set but not flagged valid"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -203,7 +249,10 @@ impl IommuFault {
                 IommuFaultPageRequest::read(&f.union_bytes()).validate()?;
                 size_of::<IommuFaultPageRequest>()
             }
-            IOMMU_FAULT_DMA_UNRECOV => size_of::<IommuFaultUnrecoverable>(),
+            IOMMU_FAULT_DMA_UNRECOV => {
+                IommuFaultUnrecoverable::read(&f.union_bytes()).validate()?;
+                size_of::<IommuFaultUnrecoverable>()
+            }
             t => {
                 return Err(UapiError::field(
                     WHAT,
@@ -1298,6 +1347,39 @@ mod tests {
         p.flags = IOMMU_FAULT_PAGE_REQUEST_LAST_PAGE;
         p.pasid = u32::MAX;
         p.validate().unwrap();
+    }
+
+    #[test]
+    fn unrecoverable_fault_rules() {
+        let good = IommuFaultUnrecoverable {
+            reason: IOMMU_FAULT_REASON_PERMISSION,
+            flags: IOMMU_FAULT_UNRECOV_PASID_VALID | IOMMU_FAULT_UNRECOV_ADDR_VALID,
+            pasid: 0xf_ffff,
+            perm: IOMMU_FAULT_PERM_WRITE | IOMMU_FAULT_PERM_PRIV,
+            addr: 0x7000,
+            fetch_addr: 0,
+        };
+        good.validate().unwrap();
+        for f in [
+            |u: &mut IommuFaultUnrecoverable| u.reason = IOMMU_FAULT_REASON_OOR_ADDRESS + 1,
+            |u: &mut IommuFaultUnrecoverable| u.flags |= 1 << 3,
+            |u: &mut IommuFaultUnrecoverable| u.perm |= 1 << 4,
+            |u: &mut IommuFaultUnrecoverable| u.pasid = 1 << 20,
+            |u: &mut IommuFaultUnrecoverable| u.flags &= !IOMMU_FAULT_UNRECOV_PASID_VALID,
+            |u: &mut IommuFaultUnrecoverable| u.flags &= !IOMMU_FAULT_UNRECOV_ADDR_VALID,
+            |u: &mut IommuFaultUnrecoverable| u.fetch_addr = 0x1000,
+        ] {
+            let mut u = good;
+            f(&mut u);
+            assert_eq!(u.validate().unwrap_err().errno(), -libc::EINVAL, "{u:?}");
+            assert_eq!(
+                IommuFault::from_bytes(&IommuFault::from(&u).to_bytes())
+                    .unwrap_err()
+                    .errno(),
+                -libc::EINVAL,
+                "{u:?}"
+            );
+        }
     }
 
     #[test]

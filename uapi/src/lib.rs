@@ -21,5 +21,6 @@ pub use error::{Errno, UapiError};
 pub use file::{EventNotifier, IommuModel, Type1Info, UapiFile, VfioIoctls};
 pub use request::{
     BindGpasid, CacheInvalidate, DmaMap, FaultEvent, InvGranularity, NestingInfo, PageRequest,
-    PageResponse, PageResponseCode, PasidConfig, PasidTableConfig,
+    PageResponse, PageResponseCode, PasidConfig, PasidTableConfig, QueuedFault, UnrecoverableEvent,
+    UnrecoverableFault, UnrecoverableReason,
 };

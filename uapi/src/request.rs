@@ -476,6 +476,190 @@ impl From<&FaultEvent> for VfioIommuType1Fault {
     }
 }
 
+/// Why an unrecoverable fault happened (`enum iommu_fault_reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnrecoverableReason {
+    /// `IOMMU_FAULT_REASON_UNKNOWN`.
+    Unknown,
+    /// `IOMMU_FAULT_REASON_PASID_FETCH`: the PASID table could not be read.
+    PasidFetch,
+    /// `IOMMU_FAULT_REASON_BAD_PASID_ENTRY`: the PASID entry is invalid.
+    BadPasidEntry,
+    /// `IOMMU_FAULT_REASON_PASID_INVALID`: the PASID is out of range or disabled.
+    PasidInvalid,
+    /// `IOMMU_FAULT_REASON_WALK_EABT`: reading a paging entry aborted.
+    WalkEabt,
+    /// `IOMMU_FAULT_REASON_PTE_FETCH`: no valid paging entry (a translation fault).
+    PteFetch,
+    /// `IOMMU_FAULT_REASON_PERMISSION`: the entry does not allow the access.
+    Permission,
+    /// `IOMMU_FAULT_REASON_ACCESS`: an access-flag check failed.
+    Access,
+    /// `IOMMU_FAULT_REASON_OOR_ADDRESS`: an address is out of range.
+    OorAddress,
+}
+
+impl UnrecoverableReason {
+    const ALL: [(UnrecoverableReason, u32); 9] = [
+        (UnrecoverableReason::Unknown, IOMMU_FAULT_REASON_UNKNOWN),
+        (
+            UnrecoverableReason::PasidFetch,
+            IOMMU_FAULT_REASON_PASID_FETCH,
+        ),
+        (
+            UnrecoverableReason::BadPasidEntry,
+            IOMMU_FAULT_REASON_BAD_PASID_ENTRY,
+        ),
+        (
+            UnrecoverableReason::PasidInvalid,
+            IOMMU_FAULT_REASON_PASID_INVALID,
+        ),
+        (UnrecoverableReason::WalkEabt, IOMMU_FAULT_REASON_WALK_EABT),
+        (UnrecoverableReason::PteFetch, IOMMU_FAULT_REASON_PTE_FETCH),
+        (
+            UnrecoverableReason::Permission,
+            IOMMU_FAULT_REASON_PERMISSION,
+        ),
+        (UnrecoverableReason::Access, IOMMU_FAULT_REASON_ACCESS),
+        (
+            UnrecoverableReason::OorAddress,
+            IOMMU_FAULT_REASON_OOR_ADDRESS,
+        ),
+    ];
+
+    /// The `IOMMU_FAULT_REASON_*` value.
+    pub fn raw(self) -> u32 {
+        Self::ALL
+            .iter()
+            .find(|(r, _)| *r == self)
+            .map_or(IOMMU_FAULT_REASON_UNKNOWN, |&(_, raw)| raw)
+    }
+
+    /// The reason an `IOMMU_FAULT_REASON_*` value names.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Self::ALL.iter().find(|(_, v)| *v == raw).map(|&(r, _)| r)
+    }
+}
+
+/// An unrecoverable fault (`iommu_fault_unrecoverable`): a DMA request of a device that
+/// the IOMMU refused and recorded, and that no page request can resolve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnrecoverableFault {
+    /// Why.
+    pub reason: UnrecoverableReason,
+    /// PASID of the request, when it had one (`IOMMU_FAULT_UNRECOV_PASID_VALID`).
+    pub pasid: Option<Pasid>,
+    /// The request read.
+    pub read: bool,
+    /// The request wrote.
+    pub write: bool,
+    /// The request was an instruction fetch.
+    pub exec: bool,
+    /// The request was privileged (supervisor).
+    pub privileged: bool,
+    /// The faulting page address (`IOMMU_FAULT_UNRECOV_ADDR_VALID`).
+    pub addr: Option<u64>,
+    /// The address whose fetch aborted (`IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID`).
+    pub fetch_addr: Option<u64>,
+}
+
+impl TryFrom<&IommuFaultUnrecoverable> for UnrecoverableFault {
+    type Error = UapiError;
+
+    fn try_from(u: &IommuFaultUnrecoverable) -> Result<Self, UapiError> {
+        u.validate()?;
+        let flag = |f: u32| u.flags & f != 0;
+        Ok(UnrecoverableFault {
+            reason: UnrecoverableReason::from_raw(u.reason)
+                .ok_or_else(|| UapiError::field("iommu_fault_unrecoverable", "undefined reason"))?,
+            pasid: flag(IOMMU_FAULT_UNRECOV_PASID_VALID)
+                .then(|| check_pasid(u.pasid.into(), "iommu_fault_unrecoverable"))
+                .transpose()?,
+            read: u.perm & IOMMU_FAULT_PERM_READ != 0,
+            write: u.perm & IOMMU_FAULT_PERM_WRITE != 0,
+            exec: u.perm & IOMMU_FAULT_PERM_EXEC != 0,
+            privileged: u.perm & IOMMU_FAULT_PERM_PRIV != 0,
+            addr: flag(IOMMU_FAULT_UNRECOV_ADDR_VALID).then_some(u.addr),
+            fetch_addr: flag(IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID).then_some(u.fetch_addr),
+        })
+    }
+}
+
+impl From<&UnrecoverableFault> for IommuFaultUnrecoverable {
+    fn from(f: &UnrecoverableFault) -> Self {
+        let bit = |on: bool, b: u32| if on { b } else { 0 };
+        IommuFaultUnrecoverable {
+            reason: f.reason.raw(),
+            flags: bit(f.pasid.is_some(), IOMMU_FAULT_UNRECOV_PASID_VALID)
+                | bit(f.addr.is_some(), IOMMU_FAULT_UNRECOV_ADDR_VALID)
+                | bit(f.fetch_addr.is_some(), IOMMU_FAULT_UNRECOV_FETCH_ADDR_VALID),
+            pasid: f.pasid.map_or(0, Pasid::raw),
+            perm: bit(f.read, IOMMU_FAULT_PERM_READ)
+                | bit(f.write, IOMMU_FAULT_PERM_WRITE)
+                | bit(f.exec, IOMMU_FAULT_PERM_EXEC)
+                | bit(f.privileged, IOMMU_FAULT_PERM_PRIV),
+            addr: f.addr.unwrap_or(0),
+            fetch_addr: f.fetch_addr.unwrap_or(0),
+        }
+    }
+}
+
+/// An unrecoverable fault of one device (a [`VfioIommuType1Fault`] record of the fault
+/// queue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnrecoverableEvent {
+    /// The device whose request faulted.
+    pub sid: vsva_vtd::SourceId,
+    /// The fault.
+    pub fault: UnrecoverableFault,
+}
+
+/// One record of a container's fault queue, as `read` returns them in the order they were
+/// reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueuedFault {
+    /// A page request (`IOMMU_FAULT_PAGE_REQ`).
+    PageRequest(FaultEvent),
+    /// An unrecoverable fault (`IOMMU_FAULT_DMA_UNRECOV`).
+    Unrecoverable(UnrecoverableEvent),
+}
+
+impl From<&QueuedFault> for VfioIommuType1Fault {
+    fn from(q: &QueuedFault) -> Self {
+        match q {
+            QueuedFault::PageRequest(e) => VfioIommuType1Fault::from(e),
+            QueuedFault::Unrecoverable(e) => VfioIommuType1Fault {
+                flags: VFIO_IOMMU_FAULT_RID_VALID,
+                rid: e.sid.rid().into(),
+                fault: IommuFault::from(&IommuFaultUnrecoverable::from(&e.fault)),
+            },
+        }
+    }
+}
+
+impl TryFrom<&VfioIommuType1Fault> for QueuedFault {
+    type Error = UapiError;
+
+    fn try_from(r: &VfioIommuType1Fault) -> Result<Self, UapiError> {
+        let r = VfioIommuType1Fault::from_bytes(&r.to_bytes())?;
+        let sid = vsva_vtd::SourceId::from_rid(r.rid as u16);
+        if let Some(prm) = r.fault.page_request() {
+            return Ok(QueuedFault::PageRequest(FaultEvent {
+                sid,
+                request: PageRequest::try_from(&prm)?,
+            }));
+        }
+        let event = r
+            .fault
+            .unrecoverable()
+            .ok_or_else(|| UapiError::field("vfio_iommu_type1_fault", "undefined fault type"))?;
+        Ok(QueuedFault::Unrecoverable(UnrecoverableEvent {
+            sid,
+            fault: UnrecoverableFault::try_from(&event)?,
+        }))
+    }
+}
+
 /// The report of a VT-d page request descriptor (§7.5.1.1), as the Linux VT-d driver makes
 /// it (`intel_svm_prq_report`): a request with a PASID needs the PASID back in its response,
 /// and a request with private data (PDP) is reported as the last of its group even with
@@ -616,6 +800,39 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn queued_faults_round_trip(
+            rid in any::<u16>(),
+            r in page_request(),
+            reason in 0u32..=IOMMU_FAULT_REASON_OOR_ADDRESS,
+            pasid in proptest::option::of(pasid()),
+            perm in any::<[bool; 4]>(),
+            addr in proptest::option::of(any::<u64>()),
+            fetch_addr in proptest::option::of(any::<u64>()),
+        ) {
+            let sid = vsva_vtd::SourceId::from_rid(rid);
+            let fault = UnrecoverableFault {
+                reason: UnrecoverableReason::from_raw(reason).unwrap(),
+                pasid,
+                read: perm[0],
+                write: perm[1],
+                exec: perm[2],
+                privileged: perm[3],
+                addr,
+                fetch_addr,
+            };
+            prop_assert_eq!(fault.reason.raw(), reason);
+            for q in [
+                QueuedFault::PageRequest(FaultEvent { sid, request: r }),
+                QueuedFault::Unrecoverable(UnrecoverableEvent { sid, fault }),
+            ] {
+                let raw = VfioIommuType1Fault::from(&q);
+                let bytes = raw.to_bytes();
+                let decoded = VfioIommuType1Fault::from_bytes(&bytes).unwrap();
+                prop_assert_eq!(QueuedFault::try_from(&decoded).unwrap(), q);
+            }
+        }
 
         #[test]
         fn page_request_round_trips(r in page_request()) {

@@ -25,6 +25,14 @@ pub enum VIommuError {
     /// A page request group index beyond the 9 bits a page request carries.
     #[error("page request group index {0:#x} does not fit 9 bits")]
     PageRequestGroup(u32),
+    /// An unrecoverable fault record from the host that the guest cannot be shown.
+    #[error("fault of host device {sid} not recorded: {why}")]
+    HostFault {
+        /// The host requester id the record names.
+        sid: SourceId,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// No passthrough device with this source id.
     #[error("no passthrough device {0} is attached to the vIOMMU")]
     NotAttached(SourceId),

@@ -14,10 +14,13 @@
 //!
 //! Page requests the host reports are injected into the guest's page request queue
 //! ([`VIommu::inject_host_page_request`]); the guest's page group responses go back down.
+//! Unrecoverable faults the host reports are recorded in the guest's fault recording
+//! registers ([`VIommu::inject_host_fault`]).
 
 mod caches;
 mod config;
 mod error;
+mod fault;
 mod host;
 mod prq;
 mod shadow;
@@ -28,6 +31,7 @@ mod viommu;
 
 pub use config::{VIommuConfig, PASID_BITS};
 pub use error::{HostCall, HostCallError, VIommuError};
+pub use fault::HostFaultOutcome;
 pub use host::{HostSva, PasidSource};
 pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};

@@ -13,12 +13,14 @@
 //!   A domain allocated for it tracks the pages its devices write (SLADE) and reads them
 //!   out into a [`DirtyBitmap`].
 //!
-//! Page requests on a bound PASID go to the fault queue of the domain's container
-//! ([`crate::fault::FaultSink`]), and the VMM's page responses come back through
+//! Page requests and first-level unrecoverable faults on a bound PASID go to the fault
+//! queue of the domain's container ([`crate::fault::FaultSink`]), and the VMM's page
+//! responses come back through
 //! [`IommuBackend::page_response`](crate::IommuBackend::page_response).
 
 mod did;
 mod dirty;
+mod dma_fault;
 mod domain;
 mod error;
 mod frames;

@@ -155,6 +155,21 @@ impl PageRequests {
         }
     }
 
+    /// The fault queue of the domain that bound `pasid` on `sid`, if any.
+    pub fn owner(&self, sid: SourceId, pasid: Pasid) -> Option<FaultSink> {
+        let did = self
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(sid.rid(), pasid.raw()))
+            .copied()?;
+        self.sinks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&did)
+            .cloned()
+    }
+
     /// Routes the requests of `sid` with `pasid` to `did`.
     pub fn add_route(&self, sid: SourceId, pasid: Pasid, did: DomainId) {
         self.routes

@@ -28,6 +28,7 @@ use vsva_vtd_driver::tables::pdts_for;
 use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue};
 
 use super::did::DomainIdAllocator;
+use super::dma_fault;
 use super::error::DriverError;
 use super::nested::SecondLevel;
 use super::prq::{self, Dispatch, PageRequests};
@@ -62,6 +63,9 @@ fn teardown_iotlb(pgtt: Pgtt, did: DomainId, pasid: Pasid, cap: &Cap) -> InvDesc
         Pgtt::FirstLevel | Pgtt::PassThrough => piotlb_pasid(did, pasid),
     }
 }
+
+/// How many of the unit's recorded faults [`HostIommu::take_faults`] keeps.
+const FAULT_LOG_DEPTH: usize = 1024;
 
 /// The host driver of one VT-d unit.
 pub struct HostIommu {
@@ -222,7 +226,8 @@ impl HostIommu {
         }
     }
 
-    /// The faults the unit recorded since the last call, oldest first.
+    /// The faults the unit recorded since the last call, oldest first (at most the last
+    /// 1024: a device that faults without end does not grow the log).
     pub fn take_faults(&self) -> Vec<FaultRecord> {
         std::mem::take(&mut self.faults.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -634,7 +639,9 @@ impl HostIommu {
     }
 
     /// The fault event handler (`dmar_fault`): reads the fault recording registers from
-    /// FSTS.FRI while F is set, clearing each, then clears FSTS.PFO.
+    /// FSTS.FRI while F is set, clearing each, then clears FSTS.PFO. A first-level fault on
+    /// a PASID a domain bound for a guest is also reported to that domain's container as
+    /// an unrecoverable fault (`dma_fault`); nobody else's container sees it.
     fn drain_faults(&self) {
         if let Err(e) = self.read_fault_records() {
             tracing::error!("vt-d: reading fault records: {e}");
@@ -650,10 +657,18 @@ impl HostIommu {
                 record.pasid,
                 record.fault_info
             );
-            self.faults
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(record);
+            if let (Some(fault), Some(pasid)) = (dma_fault::guest_fault(&record), record.pasid) {
+                if let Some(sink) = self.prq.owner(record.sid, pasid) {
+                    if let Err(e) = sink.report_unrecoverable(record.sid, fault) {
+                        tracing::debug!("vt-d: fault of {} not reported: {e}", record.sid);
+                    }
+                }
+            }
+            let mut log = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
+            if log.len() == FAULT_LOG_DEPTH {
+                log.remove(0);
+            }
+            log.push(record);
         }
         Ok(())
     }
