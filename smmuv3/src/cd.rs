@@ -639,6 +639,10 @@ mod tests {
                 raw[i] = w[i] & mask[i] & !RES0[i];
             }
             raw[0] |= 1 << 31 | 1 << 41 | 2 << 22;
+            // An enabled TTB1 (EPD1 = 0) needs a T1SZ in range, as TTB0 needs a T0SZ.
+            if raw[0] & 1 << 30 == 0 {
+                raw[0] = (raw[0] & !bits(21, 16)) | 25 << 16;
+            }
             let Ok(cd) = ContextDescriptor::decode(&raw, &Features::VSVA) else {
                 return Ok(false);
             };
