@@ -28,6 +28,16 @@ impl Errno {
     pub const EEXIST: Errno = Errno(libc::EEXIST);
     /// `ENODEV`: no such device (an IOMMU operation the driver lacks).
     pub const ENODEV: Errno = Errno(libc::ENODEV);
+    /// `ENOENT`: no such object (an iommufd id or IOVA that does not exist).
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    /// `E2BIG`: a structure larger than the kernel knows with non-zero trailing bytes.
+    pub const E2BIG: Errno = Errno(libc::E2BIG);
+    /// `EOVERFLOW`: arithmetic overflow.
+    pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
+    /// `EMSGSIZE`: the output array was too small for every element.
+    pub const EMSGSIZE: Errno = Errno(libc::EMSGSIZE);
+    /// `EADDRINUSE`: an address range in use.
+    pub const EADDRINUSE: Errno = Errno(libc::EADDRINUSE);
     /// `EINVAL`: invalid argument.
     pub const EINVAL: Errno = Errno(libc::EINVAL);
     /// `ENOTTY`: not an ioctl of this file.
@@ -124,6 +134,26 @@ pub enum UapiError {
         /// What is wrong.
         detail: String,
     },
+    /// A structure larger than the kernel's whose bytes past the kernel's size are not all
+    /// zero (`copy_struct_from_user` → `-E2BIG`).
+    #[error("{what}: {size} bytes given, bytes past the {known} known are not zero")]
+    TrailingBytes {
+        /// The structure.
+        what: &'static str,
+        /// The caller's size.
+        size: u32,
+        /// The kernel's `sizeof`.
+        known: usize,
+    },
+    /// A field value the structure defines but this kernel does not support: unknown
+    /// flags, non-zero reserved fields, unknown data types (iommufd's `-EOPNOTSUPP`).
+    #[error("{what}: {detail}")]
+    NotSupported {
+        /// The structure.
+        what: &'static str,
+        /// What is not supported.
+        detail: String,
+    },
     /// A PASID range with `min > max` or beyond 20 bits (`-EINVAL`).
     #[error("PASID range [{min:#x}, {max:#x}] is empty or exceeds 20 bits")]
     BadPasidRange {
@@ -151,12 +181,22 @@ impl UapiError {
             detail: detail.into(),
         }
     }
+
+    /// A value not supported (`-EOPNOTSUPP`).
+    pub fn not_supported(what: &'static str, detail: impl Into<String>) -> Self {
+        UapiError::NotSupported {
+            what,
+            detail: detail.into(),
+        }
+    }
 }
 
 impl From<&UapiError> for Errno {
     fn from(e: &UapiError) -> Errno {
         match e {
             UapiError::BufferTooShort { .. } => Errno::EFAULT,
+            UapiError::TrailingBytes { .. } => Errno::E2BIG,
+            UapiError::NotSupported { .. } => Errno::EOPNOTSUPP,
             _ => Errno::EINVAL,
         }
     }

@@ -4,6 +4,8 @@
 //! - [`iommu`] and [`vfio`]: the structures, each with a validating `from_bytes` and a
 //!   `to_bytes`, and the kernel's constant names. VFIO type1 structures Linux merged come
 //!   from `vfio-bindings`; what never merged is hand-written `#[repr(C)]`.
+//! - [`iommufd`]: the iommufd uAPI (`/dev/iommu`) and the VFIO device cdev ioctls, layouts
+//!   from `iommufd-bindings` and `vfio-bindings`, and the kernel's argument size rules.
 //! - [`request`]: typed views of the same requests for Rust callers.
 //! - [`file`]: [`UapiFile`], the kernel as an open file, and [`VfioIoctls`], its typed
 //!   container ioctls.
@@ -13,6 +15,7 @@
 pub mod error;
 pub mod file;
 pub mod iommu;
+pub mod iommufd;
 pub mod request;
 pub mod vfio;
 pub mod wire;

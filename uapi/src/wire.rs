@@ -71,7 +71,7 @@ macro_rules! wire_int {
         }
     )*};
 }
-wire_int!(u8, u16, u32, u64);
+wire_int!(u8, u16, u32, u64, i32);
 
 impl<const N: usize> Wire for [u8; N] {
     fn read(b: &[u8]) -> Self {
