@@ -12,6 +12,8 @@
 //!   wait for a page response.
 //! - [`file`]: a container as an open [`vsva_uapi::UapiFile`] ([`ContainerFile`]): ioctls go through
 //!   one dispatch table, fault records are read from it and page responses written.
+//! - [`iommufd`]: the iommufd uAPI beside the container: an open `/dev/iommu`
+//!   ([`iommufd::IommufdFile`]) with its objects, and the VFIO device cdev.
 //! - [`error`]: one error type whose variants carry the errno Linux returns.
 
 mod binds;
@@ -20,6 +22,7 @@ pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod file;
+pub mod iommufd;
 pub mod pasid;
 pub mod smmu;
 

@@ -34,6 +34,8 @@ impl Errno {
     pub const E2BIG: Errno = Errno(libc::E2BIG);
     /// `EOVERFLOW`: arithmetic overflow.
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
+    /// `EBADF`: not an open file descriptor (of the kind asked for).
+    pub const EBADF: Errno = Errno(libc::EBADF);
     /// `EMSGSIZE`: the output array was too small for every element.
     pub const EMSGSIZE: Errno = Errno(libc::EMSGSIZE);
     /// `EADDRINUSE`: an address range in use.

@@ -174,6 +174,64 @@ impl VtdDomain {
         Some((Hpa(m.page), m.size))
     }
 
+    /// EINVAL for an empty range, one not 4 KiB aligned (IOVA, `addr` and size), or one
+    /// with IOVAs beyond the domain's address width (`vfio_dma_do_map`'s aperture check).
+    fn check_range(
+        &self,
+        what: &'static str,
+        iova: u64,
+        addr: u64,
+        size: u64,
+    ) -> Result<(), DriverError> {
+        let page = PageSize::Size4K.bytes();
+        if size == 0 || (iova | addr | size) % page != 0 {
+            return Err(DriverError::invalid(what, "empty or not 4 KiB aligned"));
+        }
+        let end = iova.checked_add(size);
+        if end.is_none_or(|e| e > 1u64 << self.addr_width) {
+            return Err(DriverError::IovaOutOfRange {
+                iova,
+                size,
+                width: self.addr_width,
+            });
+        }
+        Ok(())
+    }
+
+    /// Maps `[iova, iova + size)` to host memory from `hpa` (readable and/or writable),
+    /// as `iommu_map` does for a domain: the range checks of [`IommuBackend::map_dma`],
+    /// the largest pages alignment allows, one IOTLB descriptor. Host memory the caller
+    /// resolved (a pinned user range, a file's pages) is the caller's to keep.
+    pub(crate) fn map_pages(
+        &mut self,
+        iova: u64,
+        hpa: u64,
+        size: u64,
+        read: bool,
+        write: bool,
+    ) -> Result<(), DriverError> {
+        const WHAT: &str = "map";
+        if !read && !write {
+            return Err(DriverError::invalid(WHAT, "neither readable nor writable"));
+        }
+        self.check_range(WHAT, iova, hpa, size)?;
+        let mut flags = MapFlags::NONE;
+        if read {
+            flags = flags | MapFlags::READ;
+        }
+        if write {
+            flags = flags | MapFlags::WRITE;
+        }
+        let last = iova + (size - 1);
+        self.map_range(iova, hpa, size, flags)?;
+        // Not-present entries made present: only a caching-mode unit (CAP.CM) needs an
+        // invalidation; one IOTLB descriptor is issued anyway, and device TLBs, which
+        // never cache a failed translation, are left alone.
+        self.invalidate(&[iotlb_range(self.did, iova, last, &self.unit.cap())]);
+        self.max_addr = self.max_addr.max(last + 1);
+        Ok(())
+    }
+
     fn second_level(&self) -> SecondLevel {
         SecondLevel {
             did: self.did,
@@ -426,7 +484,9 @@ impl VtdDomain {
         self.unit.remove_pasid_entry(sid, pasid, true);
     }
 
-    fn attach(&mut self, sid: SourceId) -> Result<(), DriverError> {
+    /// Attaches a device: its context entry and RID_PASID entry translate through the
+    /// domain's second level, and the PASIDs bound so far are bound for it too.
+    pub(crate) fn attach(&mut self, sid: SourceId) -> Result<(), DriverError> {
         if self.devices.contains(&sid) {
             return Err(DriverError::DeviceBusy(sid));
         }
@@ -442,6 +502,26 @@ impl VtdDomain {
             }
             installed.push(bind.hpasid);
         }
+        self.devices.insert(sid);
+        Ok(())
+    }
+
+    /// Takes device `sid` over from `from`, the domain its requests without PASID use now,
+    /// by replacing its RID_PASID entry (its PASID entries stay). `from` must have no
+    /// PASID bound (the iommufd path binds none there).
+    pub(crate) fn replace_device(
+        &mut self,
+        sid: SourceId,
+        from: &mut VtdDomain,
+    ) -> Result<(), DriverError> {
+        if !from.devices.contains(&sid) {
+            return Err(DriverError::NotAttached(sid));
+        }
+        if self.devices.contains(&sid) {
+            return Err(DriverError::DeviceBusy(sid));
+        }
+        self.unit.replace_rid_domain(sid, &self.second_level())?;
+        from.devices.remove(&sid);
         self.devices.insert(sid);
         Ok(())
     }
@@ -540,19 +620,7 @@ impl IommuBackend for VtdDomain {
         if !map.read && !map.write {
             return Err(DriverError::invalid(WHAT, "neither readable nor writable").into());
         }
-        let page = PageSize::Size4K.bytes();
-        if map.size == 0 || (map.iova.raw() | map.vaddr | map.size) % page != 0 {
-            return Err(DriverError::invalid(WHAT, "empty or not 4 KiB aligned").into());
-        }
-        let end = map.iova.raw().checked_add(map.size);
-        if end.is_none_or(|e| e > 1u64 << self.addr_width) {
-            return Err(DriverError::IovaOutOfRange {
-                iova: map.iova.raw(),
-                size: map.size,
-                width: self.addr_width,
-            }
-            .into());
-        }
+        self.check_range(WHAT, map.iova.raw(), map.vaddr, map.size)?;
         let hpa = self
             .unit
             .hardware()
@@ -562,21 +630,7 @@ impl IommuBackend for VtdDomain {
                 vaddr: map.vaddr,
                 size: map.size,
             })?;
-        let mut flags = MapFlags::NONE;
-        if map.read {
-            flags = flags | MapFlags::READ;
-        }
-        if map.write {
-            flags = flags | MapFlags::WRITE;
-        }
-        let (start, last) = (map.iova.raw(), map.iova.raw() + (map.size - 1));
-        self.map_range(start, hpa.0, map.size, flags)?;
-        // Not-present entries made present: only a caching-mode unit (CAP.CM) needs an
-        // invalidation; one IOTLB descriptor is issued anyway, and device TLBs, which
-        // never cache a failed translation, are left alone.
-        self.invalidate(&[iotlb_range(self.did, start, last, &self.unit.cap())]);
-        self.max_addr = self.max_addr.max(last + 1);
-        Ok(())
+        Ok(self.map_pages(map.iova.raw(), hpa.0, map.size, map.read, map.write)?)
     }
 
     /// Removes the pages of an earlier mapping, then invalidates the IOTLB with one

@@ -94,6 +94,13 @@ impl Tables {
         self.devices.get(&sid.rid())
     }
 
+    /// Records that `sid`'s RID_PASID entry now belongs to domain `did`.
+    pub fn set_device_domain(&mut self, sid: SourceId, did: DomainId) {
+        if let Some(d) = self.devices.get_mut(&sid.rid()) {
+            d.did = did;
+        }
+    }
+
     /// Number of attached devices.
     pub fn device_count(&self) -> usize {
         self.devices.len()

@@ -360,6 +360,52 @@ impl HostIommu {
         Ok(())
     }
 
+    /// Moves an attached device's requests without PASID to the domain of `sl` in one
+    /// entry write, as `intel_pasid_replace_second_level` does for a domain replace: the
+    /// RID_PASID entry is rewritten whole (the context entry and the device's other PASID
+    /// entries stay), then the PASID cache, IOTLB and device TLB of the old domain are
+    /// invalidated. ENODEV for a device not attached; on failure the old entry is back.
+    pub(crate) fn replace_rid_domain(
+        &self,
+        sid: SourceId,
+        sl: &SecondLevel,
+    ) -> Result<(), DriverError> {
+        let entry = self.second_level_entry(sl);
+        self.check_entry(&entry)?;
+        let mem = &**self.hw.memory();
+        let (slot, old) = {
+            let mut state = self.state_lock();
+            let tables = state.tables.as_mut().ok_or(DriverError::NotAttached(sid))?;
+            let slot = tables
+                .existing_pasid_slot(sid, RID_PASID)
+                .ok_or(DriverError::NotAttached(sid))?;
+            let old = tables::read_pasid_entry(mem, slot).ok_or(DriverError::NotAttached(sid))?;
+            tables::write_pasid_entry(mem, slot, &entry)?;
+            tables.set_device_domain(sid, sl.did);
+            (slot, old)
+        };
+        let flushed = self.invalidate(&[
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::PasidSelective,
+                did: old.did,
+                pasid: RID_PASID,
+            },
+            iotlb_domain(old.did, &self.cap),
+            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), None, 0, WHOLE_SPACE),
+        ]);
+        if let Err(e) = flushed {
+            let mut state = self.state_lock();
+            if let Err(back) = tables::write_pasid_entry(mem, slot, &old) {
+                tracing::error!("vt-d: restoring RID_PASID of {sid}: {back}");
+            }
+            if let Some(t) = state.tables.as_mut() {
+                t.set_device_domain(sid, old.did);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Detaches a device (`__dmar_remove_one_dev_info`): tears down the RID_PASID entry
     /// (PASID-cache, IOTLB, device-TLB invalidations), clears the context entry
     /// (device-selective context-cache and domain IOTLB invalidations), and only then

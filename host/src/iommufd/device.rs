@@ -1,0 +1,198 @@
+//! A VFIO device cdev (`/dev/vfio/devices/vfioN`, `drivers/vfio/device_cdev.c`): the
+//! device's file, through which a VMM binds the device to an iommufd
+//! (`VFIO_DEVICE_BIND_IOMMUFD`, by fd number) and attaches it to a page table
+//! (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` / `DETACH`). Closing the cdev unbinds the device.
+//!
+//! [`Iommufds`] is the VMM process's table of open `/dev/iommu` files by fd number, which
+//! `VFIO_DEVICE_BIND_IOMMUFD` resolves its `iommufd` field through (`fdget`).
+
+use std::collections::BTreeMap;
+use std::mem::{offset_of, size_of};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vsva_uapi::iommufd::*;
+use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
+use vsva_vtd::SourceId;
+
+use super::{IommufdError, IommufdFile};
+use crate::driver::HostIommu;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A process's open `/dev/iommu` files, by fd number.
+#[derive(Debug, Default)]
+pub struct Iommufds {
+    files: Mutex<BTreeMap<i32, Arc<IommufdFile>>>,
+}
+
+impl Iommufds {
+    /// An empty table.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Iommufds::default())
+    }
+
+    /// Opens `/dev/iommu` on `unit`: the lowest free fd number from 3 and the file.
+    pub fn open(&self, unit: &Arc<HostIommu>) -> (i32, Arc<IommufdFile>) {
+        let mut files = lock(&self.files);
+        let mut fd = 3;
+        while files.contains_key(&fd) {
+            fd += 1;
+        }
+        let file = IommufdFile::open(unit);
+        files.insert(fd, file.clone());
+        (fd, file)
+    }
+
+    /// Closes fd `fd`; the file lives on while devices are bound to it.
+    pub fn close(&self, fd: i32) -> Option<Arc<IommufdFile>> {
+        lock(&self.files).remove(&fd)
+    }
+
+    fn get(&self, fd: i32) -> Option<Arc<IommufdFile>> {
+        lock(&self.files).get(&fd).cloned()
+    }
+}
+
+/// The iommufd a device is bound to and its device id there.
+#[derive(Debug)]
+struct Binding {
+    file: Arc<IommufdFile>,
+    dev_id: u32,
+}
+
+/// One device's VFIO cdev.
+#[derive(Debug)]
+pub struct VfioDeviceFile {
+    sid: SourceId,
+    fds: Arc<Iommufds>,
+    bound: Mutex<Option<Binding>>,
+}
+
+fn fail(what: &str, e: IommufdError) -> Errno {
+    tracing::debug!("{what}: {e}");
+    Errno::from(&e)
+}
+
+impl VfioDeviceFile {
+    /// Opens the cdev of the device at `sid`, whose process resolves iommufd fd numbers
+    /// through `fds`.
+    pub fn open(sid: SourceId, fds: Arc<Iommufds>) -> Self {
+        VfioDeviceFile {
+            sid,
+            fds,
+            bound: Mutex::new(None),
+        }
+    }
+
+    /// The device's requester id.
+    pub fn sid(&self) -> SourceId {
+        self.sid
+    }
+
+    /// The device id in the iommufd it is bound to.
+    pub fn dev_id(&self) -> Option<u32> {
+        lock(&self.bound).as_ref().map(|b| b.dev_id)
+    }
+
+    /// `VFIO_DEVICE_BIND_IOMMUFD` (`vfio_df_ioctl_bind_iommufd`): `argsz` must cover
+    /// `out_devid`, flags must be 0 (the VF token is not offered) and `iommufd` an open
+    /// iommufd (EBADF); a bound cdev is EINVAL. Writes back `out_devid`.
+    fn bind(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "vfio_device_bind_iommufd";
+        let req: VfioDeviceBindIommufd = copy_vfio_arg(arg, BIND_IOMMUFD_MINSZ, WHAT)?;
+        if req.flags != 0 || req.iommufd < 0 {
+            return Err(IommufdError::invalid(WHAT, "flags or iommufd"));
+        }
+        let mut bound = lock(&self.bound);
+        if bound.is_some() {
+            return Err(IommufdError::invalid(WHAT, "the device is bound already"));
+        }
+        let file = self
+            .fds
+            .get(req.iommufd)
+            .ok_or(IommufdError::BadFd(req.iommufd))?;
+        let dev_id = file.lock().bind_device(self.sid)?;
+        *bound = Some(Binding { file, dev_id });
+        let at = offset_of!(VfioDeviceBindIommufd, out_devid);
+        arg[at..at + 4].copy_from_slice(&dev_id.to_le_bytes());
+        Ok(())
+    }
+
+    fn binding(&self) -> Result<(Arc<IommufdFile>, u32), IommufdError> {
+        lock(&self.bound)
+            .as_ref()
+            .map(|b| (b.file.clone(), b.dev_id))
+            .ok_or_else(|| IommufdError::invalid("VFIO device", "not bound to an iommufd"))
+    }
+
+    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: flags other than ATTACH_PASID and a PASID flag
+    /// whose `argsz` does not cover `pasid` are EINVAL. Writes back the HWPT id in `pt_id`.
+    fn attach(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "vfio_device_attach_iommufd_pt";
+        let req: VfioDeviceAttachIommufdPt = copy_vfio_arg(arg, ATTACH_IOMMUFD_PT_MINSZ, WHAT)?;
+        if req.flags & !VFIO_DEVICE_ATTACH_PASID != 0 {
+            return Err(IommufdError::invalid(WHAT, "unknown flags"));
+        }
+        if req.flags & VFIO_DEVICE_ATTACH_PASID != 0 {
+            return Err(UapiError::not_supported(WHAT, "PASID attach").into());
+        }
+        let (file, dev_id) = self.binding()?;
+        let hwpt = file.lock().attach_rid(dev_id, req.pt_id)?;
+        let at = offset_of!(VfioDeviceAttachIommufdPt, pt_id);
+        arg[at..at + 4].copy_from_slice(&hwpt.to_le_bytes());
+        Ok(())
+    }
+
+    /// `VFIO_DEVICE_DETACH_IOMMUFD_PT`.
+    fn detach(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "vfio_device_detach_iommufd_pt";
+        let req: VfioDeviceDetachIommufdPt = copy_vfio_arg(arg, DETACH_IOMMUFD_PT_MINSZ, WHAT)?;
+        if req.flags & !VFIO_DEVICE_DETACH_PASID != 0 {
+            return Err(IommufdError::invalid(WHAT, "unknown flags"));
+        }
+        if req.flags & VFIO_DEVICE_DETACH_PASID != 0 {
+            return Err(UapiError::not_supported(WHAT, "PASID detach").into());
+        }
+        let (file, dev_id) = self.binding()?;
+        let result = file.lock().detach_rid(dev_id);
+        result
+    }
+}
+
+impl Drop for VfioDeviceFile {
+    /// Closing the cdev unbinds the device (`vfio_df_unbind_iommufd`).
+    fn drop(&mut self) {
+        if let Some(b) = lock(&self.bound).take() {
+            b.file.lock().unbind_device(b.dev_id);
+        }
+    }
+}
+
+impl UapiFile for VfioDeviceFile {
+    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        let r = match cmd {
+            VFIO_DEVICE_BIND_IOMMUFD => self.bind(arg),
+            VFIO_DEVICE_ATTACH_IOMMUFD_PT => self.attach(arg),
+            VFIO_DEVICE_DETACH_IOMMUFD_PT => self.detach(arg),
+            _ => Err(IommufdError::UnknownIoctl(cmd)),
+        };
+        r.map(|()| 0).map_err(|e| fail("VFIO device ioctl", e))
+    }
+
+    /// The cdev's regions are not modelled.
+    fn read(&self, _buf: &mut [u8]) -> Result<usize, Errno> {
+        Err(Errno::EINVAL)
+    }
+
+    /// The cdev's regions are not modelled.
+    fn write(&self, _buf: &[u8]) -> Result<usize, Errno> {
+        Err(Errno::EINVAL)
+    }
+
+    /// Nothing is queued on a device cdev.
+    fn set_event_notifier(&self, _notifier: Option<Arc<dyn EventNotifier>>) {}
+}
+
+const _: () = assert!(size_of::<VfioDeviceAttachIommufdPt>() == 16);

@@ -1,0 +1,807 @@
+//! The iommufd uAPI (`/dev/iommu`), beside the VFIO type1 container, on the same host
+//! VT-d driver: what `drivers/iommu/iommufd/` does for a VMM.
+//!
+//! - [`IommufdFile`]: one open `/dev/iommu`, a [`UapiFile`]; its ioctls go through one
+//!   table ([`Ctx::IOCTLS`], Linux's `iommufd_ioctl_ops`: number, argument sizes, handler)
+//!   and act on the file's own objects, by id: IOAS, paging HWPT, device.
+//! - [`device::VfioDeviceFile`]: a VFIO device cdev (`/dev/vfio/devices/vfioN`) that binds
+//!   its device to an iommufd and attaches it to a page table.
+//! - [`iopt`]: an IOAS's IOVA space and its rules.
+//!
+//! Objects reference each other (a HWPT its IOAS, a device the HWPT it is attached to);
+//! `IOMMU_DESTROY` of a referenced object is EBUSY, of an unknown id ENOENT. An id never
+//! names an object of another file, so one VMM never reaches another's objects. Every
+//! ioctl checks everything before its first change, and undoes its changes when the
+//! hardware refuses one, so a failed ioctl changes nothing.
+
+pub mod device;
+mod error;
+pub mod iopt;
+mod user;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vsva_uapi::iommufd::*;
+use vsva_uapi::wire::{read_prefix, Wire};
+use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_vtd::{Iova, SourceId};
+
+use crate::container::IommuBackend;
+use crate::driver::{HostIommu, VtdDomain};
+pub use error::IommufdError;
+use iopt::{Area, Iopt, IOVA_ALIGNMENT};
+use user::{copy_from_user, copy_to_user};
+
+/// An IOAS: an IOVA space the VMM maps its memory into.
+#[derive(Debug, Default)]
+struct Ioas {
+    iopt: Iopt,
+}
+
+/// A paging HWPT: a second-level domain holding its IOAS's mappings.
+#[derive(Debug)]
+struct HwptPaging {
+    ioas: u32,
+    domain: VtdDomain,
+    nest_parent: bool,
+    /// `IOMMU_HWPT_ALLOC_PASID`: may serve a device whose PASIDs are attached.
+    pasid: bool,
+    /// Created by attaching a device to the IOAS itself; destroyed with its last device.
+    auto: bool,
+}
+
+/// A device bound to the file (`struct iommufd_device`).
+#[derive(Debug)]
+struct Device {
+    sid: SourceId,
+    /// The HWPT its requests without PASID use.
+    rid: Option<u32>,
+}
+
+#[derive(Debug)]
+enum Object {
+    Ioas(Ioas),
+    HwptPaging(HwptPaging),
+    Device(Device),
+}
+
+impl Object {
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Ioas(_) => "IOAS",
+            Object::HwptPaging(_) => "paging HWPT",
+            Object::Device(_) => "device",
+        }
+    }
+}
+
+/// What a file holds, for diagnostics and tests: each object by id, its type and what it
+/// references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectState {
+    /// An IOAS and its areas (IOVA, length, host address).
+    Ioas(Vec<(u64, u64, u64)>),
+    /// A paging HWPT: its IOAS, and whether it is a nest parent.
+    HwptPaging {
+        /// The IOAS it maps.
+        ioas: u32,
+        /// `IOMMU_HWPT_ALLOC_NEST_PARENT`.
+        nest_parent: bool,
+    },
+    /// A device and the HWPT of its RID.
+    Device {
+        /// Its requester id.
+        sid: SourceId,
+        /// The HWPT its RID is attached to.
+        rid: Option<u32>,
+    },
+}
+
+/// One open `/dev/iommu`: its objects.
+#[derive(Debug)]
+pub struct Ctx {
+    unit: Arc<HostIommu>,
+    objects: BTreeMap<u32, Object>,
+}
+
+/// The handler of one ioctl: the context, the ioctl's argument description, the bytes.
+type Handler = fn(&mut Ctx, &Ucmd, &mut [u8]) -> Result<(), IommufdError>;
+
+/// One row of the ioctl table (`struct iommufd_ioctl_op`).
+struct IoctlOp {
+    ucmd: Ucmd,
+    handler: Handler,
+}
+
+fn check_reserved(value: u64, what: &'static str) -> Result<(), IommufdError> {
+    if value != 0 {
+        return Err(IommufdError::not_supported(
+            what,
+            "reserved field is not zero",
+        ));
+    }
+    Ok(())
+}
+
+impl Ctx {
+    /// The iommufd ioctls: the argument's size and minimum size, and the handler. Adding
+    /// an ioctl is one row here.
+    const IOCTLS: &'static [IoctlOp] = &[
+        IoctlOp {
+            ucmd: UCMD_DESTROY,
+            handler: Ctx::do_destroy,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_ALLOC,
+            handler: Ctx::do_ioas_alloc,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_ALLOW_IOVAS,
+            handler: Ctx::do_ioas_allow_iovas,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_COPY,
+            handler: Ctx::do_ioas_copy,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_IOVA_RANGES,
+            handler: Ctx::do_ioas_iova_ranges,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_MAP,
+            handler: Ctx::do_ioas_map,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_UNMAP,
+            handler: Ctx::do_ioas_unmap,
+        },
+        IoctlOp {
+            ucmd: UCMD_HWPT_ALLOC,
+            handler: Ctx::do_hwpt_alloc,
+        },
+    ];
+
+    fn new(unit: Arc<HostIommu>) -> Self {
+        Ctx {
+            unit,
+            objects: BTreeMap::new(),
+        }
+    }
+
+    /// Performs one ioctl on its argument bytes.
+    pub fn ioctl(&mut self, cmd: u32, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let op = Self::IOCTLS
+            .iter()
+            .find(|op| op.ucmd.cmd == cmd)
+            .ok_or(IommufdError::UnknownIoctl(cmd))?;
+        (op.handler)(self, &op.ucmd, arg)
+    }
+
+    /// The objects, by id.
+    pub fn objects(&self) -> BTreeMap<u32, ObjectState> {
+        self.objects
+            .iter()
+            .map(|(&id, o)| {
+                let s = match o {
+                    Object::Ioas(i) => ObjectState::Ioas(
+                        i.iopt.areas().map(|a| (a.iova, a.length, a.hpa)).collect(),
+                    ),
+                    Object::HwptPaging(h) => ObjectState::HwptPaging {
+                        ioas: h.ioas,
+                        nest_parent: h.nest_parent,
+                    },
+                    Object::Device(d) => ObjectState::Device {
+                        sid: d.sid,
+                        rid: d.rid,
+                    },
+                };
+                (id, s)
+            })
+            .collect()
+    }
+
+    /// The lowest free id from 1 (`xa_alloc` with `XA_FLAGS_ALLOC1`).
+    fn next_id(&self) -> Result<u32, IommufdError> {
+        let mut id = 1u32;
+        for &used in self.objects.keys() {
+            if used != id {
+                break;
+            }
+            id = id
+                .checked_add(1)
+                .ok_or(IommufdError::NoSpace("object ids"))?;
+        }
+        Ok(id)
+    }
+
+    fn ioas(&self, id: u32) -> Result<&Ioas, IommufdError> {
+        match self.objects.get(&id) {
+            Some(Object::Ioas(i)) => Ok(i),
+            _ => Err(IommufdError::NoObject { id, want: "IOAS" }),
+        }
+    }
+
+    fn ioas_mut(&mut self, id: u32) -> Result<&mut Ioas, IommufdError> {
+        match self.objects.get_mut(&id) {
+            Some(Object::Ioas(i)) => Ok(i),
+            _ => Err(IommufdError::NoObject { id, want: "IOAS" }),
+        }
+    }
+
+    fn device(&self, id: u32) -> Result<&Device, IommufdError> {
+        match self.objects.get(&id) {
+            Some(Object::Device(d)) => Ok(d),
+            _ => Err(IommufdError::NoObject { id, want: "device" }),
+        }
+    }
+
+    fn paging_mut(&mut self, id: u32) -> Option<&mut HwptPaging> {
+        match self.objects.get_mut(&id) {
+            Some(Object::HwptPaging(h)) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The paging HWPTs built from IOAS `ioas`.
+    fn hwpts_of(&self, ioas: u32) -> Vec<u32> {
+        self.objects
+            .iter()
+            .filter_map(|(&id, o)| match o {
+                Object::HwptPaging(h) if h.ioas == ioas => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many objects reference `id` (the kernel's `users` count of an object).
+    fn users(&self, id: u32) -> usize {
+        self.objects
+            .values()
+            .filter(|o| match o {
+                Object::HwptPaging(h) => h.ioas == id,
+                Object::Device(d) => d.rid == Some(id),
+                Object::Ioas(_) => false,
+            })
+            .count()
+    }
+
+    /// Maps `areas` into every domain of `ioas`, all or nothing.
+    fn map_into_domains(&mut self, ioas: u32, areas: &[Area]) -> Result<(), IommufdError> {
+        let hwpts = self.hwpts_of(ioas);
+        let mut done: Vec<(u32, Area)> = Vec::new();
+        let mut result = Ok(());
+        'all: for &h in &hwpts {
+            for a in areas {
+                let Some(hwpt) = self.paging_mut(h) else {
+                    continue;
+                };
+                if let Err(e) = hwpt
+                    .domain
+                    .map_pages(a.iova, a.hpa, a.length, a.read, a.write)
+                {
+                    result = Err(e.into());
+                    break 'all;
+                }
+                done.push((h, *a));
+            }
+        }
+        if result.is_err() {
+            for (h, a) in done {
+                if let Some(hwpt) = self.paging_mut(h) {
+                    hwpt.domain.unmap_dma(Iova(a.iova), a.length);
+                }
+            }
+        }
+        result
+    }
+
+    /// Adds `areas` to IOAS `ioas` and its domains.
+    fn add_areas(&mut self, ioas: u32, areas: &[Area]) -> Result<(), IommufdError> {
+        self.map_into_domains(ioas, areas)?;
+        let i = self.ioas_mut(ioas)?;
+        for a in areas {
+            i.iopt.insert(*a);
+        }
+        Ok(())
+    }
+
+    // ----- Handlers -----
+
+    /// `IOMMU_DESTROY`: ENOENT for an unknown id, EBUSY for an object referenced by
+    /// another (an IOAS with HWPTs, a HWPT with devices) or a device (its cdev owns it).
+    fn do_destroy(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let cmd: IommuDestroy = u.copy_in(arg)?;
+        let id = cmd.id;
+        match self.objects.get(&id) {
+            None => return Err(IommufdError::NoObject { id, want: "object" }),
+            Some(Object::Device(_)) => {
+                return Err(IommufdError::Busy(
+                    "a device is destroyed by closing its cdev",
+                ))
+            }
+            Some(_) if self.users(id) > 0 => {
+                return Err(IommufdError::Busy("the object is in use"))
+            }
+            Some(_) => {}
+        }
+        self.remove_object(id);
+        Ok(())
+    }
+
+    /// Removes an object no other references (its domain and reservations go with it).
+    fn remove_object(&mut self, id: u32) {
+        if let Some(Object::HwptPaging(h)) = self.objects.remove(&id) {
+            if let Ok(ioas) = self.ioas_mut(h.ioas) {
+                ioas.iopt.unreserve(id);
+            }
+        }
+    }
+
+    /// `IOMMU_IOAS_ALLOC`: flags must be 0 (EOPNOTSUPP).
+    fn do_ioas_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let mut cmd: IommuIoasAlloc = u.copy_in(arg)?;
+        if cmd.flags != 0 {
+            return Err(IommufdError::not_supported("iommu_ioas_alloc", "flags"));
+        }
+        let id = self.next_id()?;
+        self.objects.insert(id, Object::Ioas(Ioas::default()));
+        cmd.out_ioas_id = id;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
+    /// `IOMMU_IOAS_MAP`: the VMM's memory at `user_va` (resolved through its windows,
+    /// EFAULT otherwise) at `iova` with FIXED_IOVA, else at an IOVA the allocator picks and
+    /// writes back; READABLE and/or WRITEABLE (EINVAL without either); unknown flags or a
+    /// non-zero reserved field EOPNOTSUPP; `iova`/`length` of `U64_MAX` EOVERFLOW.
+    fn do_ioas_map(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_ioas_map";
+        let mut cmd: IommuIoasMap = u.copy_in(arg)?;
+        if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 || cmd.__reserved != 0 {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                "unknown flags or reserved",
+            ));
+        }
+        if cmd.iova == u64::MAX || cmd.length == u64::MAX {
+            return Err(IommufdError::Overflow(WHAT));
+        }
+        if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "neither readable nor writeable",
+            ));
+        }
+        let iopt = &self.ioas(cmd.ioas_id)?.iopt;
+        let iova = if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+            iopt.check_fixed(cmd.iova, cmd.length)?;
+            cmd.iova
+        } else {
+            iopt.alloc_iova(cmd.length, Some(cmd.user_va))?
+        };
+        let hpa = self
+            .unit
+            .hardware()
+            .memory()
+            .resolve_user(cmd.user_va, cmd.length)
+            .map_err(|_| IommufdError::Fault("user_va"))?;
+        if hpa.0 % IOVA_ALIGNMENT != 0 {
+            return Err(IommufdError::invalid(WHAT, "user_va not 4 KiB aligned"));
+        }
+        let area = Area {
+            iova,
+            length: cmd.length,
+            hpa: hpa.0,
+            read: cmd.flags & IOMMU_IOAS_MAP_READABLE != 0,
+            write: cmd.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+        };
+        self.add_areas(cmd.ioas_id, &[area])?;
+        cmd.iova = iova;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
+    /// `IOMMU_IOAS_COPY`: maps the memory behind `[src_iova, +length)` of one IOAS (which
+    /// must be mapped without a hole, ENOENT) into another, with the given flags, at
+    /// `dst_iova` or an allocated IOVA written back.
+    fn do_ioas_copy(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_ioas_copy";
+        let mut cmd: IommuIoasCopy = u.copy_in(arg)?;
+        if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 {
+            return Err(IommufdError::not_supported(WHAT, "unknown flags"));
+        }
+        if cmd.length == u64::MAX || cmd.src_iova == u64::MAX || cmd.dst_iova == u64::MAX {
+            return Err(IommufdError::Overflow(WHAT));
+        }
+        if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "neither readable nor writeable",
+            ));
+        }
+        let pieces = self
+            .ioas(cmd.src_ioas_id)?
+            .iopt
+            .pages(cmd.src_iova, cmd.length)?;
+        let dst = &self.ioas(cmd.dst_ioas_id)?.iopt;
+        let iova = if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+            dst.check_fixed(cmd.dst_iova, cmd.length)?;
+            cmd.dst_iova
+        } else {
+            dst.alloc_iova(cmd.length, pieces.first().map(|p| p.hpa))?
+        };
+        let mut at = iova;
+        let areas: Vec<Area> = pieces
+            .iter()
+            .map(|p| {
+                let a = Area {
+                    iova: at,
+                    length: p.length,
+                    hpa: p.hpa,
+                    read: cmd.flags & IOMMU_IOAS_MAP_READABLE != 0,
+                    write: cmd.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+                };
+                at += p.length;
+                a
+            })
+            .collect();
+        self.add_areas(cmd.dst_ioas_id, &areas)?;
+        cmd.dst_iova = iova;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
+    /// `IOMMU_IOAS_UNMAP`: every area inside `[iova, +length)` (ENOENT for none or for a
+    /// cut one), `0, U64_MAX` every area; `length` returns the bytes unmapped.
+    fn do_ioas_unmap(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let mut cmd: IommuIoasUnmap = u.copy_in(arg)?;
+        let all = cmd.iova == 0 && cmd.length == u64::MAX;
+        if !all && (cmd.iova == u64::MAX || cmd.length == u64::MAX) {
+            return Err(IommufdError::Overflow("iommu_ioas_unmap"));
+        }
+        let plan = self
+            .ioas(cmd.ioas_id)?
+            .iopt
+            .unmap_plan(cmd.iova, cmd.length)?;
+        let hwpts = self.hwpts_of(cmd.ioas_id);
+        let mut unmapped = 0u64;
+        for a in &plan {
+            for &h in &hwpts {
+                if let Some(hwpt) = self.paging_mut(h) {
+                    hwpt.domain.unmap_dma(Iova(a.iova), a.length);
+                }
+            }
+            self.ioas_mut(cmd.ioas_id)?.iopt.remove(a.iova);
+            unmapped += a.length;
+        }
+        cmd.length = unmapped;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
+    /// `IOMMU_IOAS_IOVA_RANGES`: the usable ranges into the user array, as many as
+    /// `num_iovas` allows; `num_iovas` returns how many there are (EMSGSIZE, after the
+    /// write back, when that is more than the array holds) and `out_iova_alignment` 4 KiB.
+    fn do_ioas_iova_ranges(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let mut cmd: IommuIoasIovaRanges = u.copy_in(arg)?;
+        check_reserved(cmd.__reserved.into(), "iommu_ioas_iova_ranges")?;
+        let ranges = self.ioas(cmd.ioas_id)?.iopt.iova_ranges();
+        let max = cmd.num_iovas as usize;
+        let mut out = Vec::new();
+        for &(start, last) in ranges.iter().take(max) {
+            out.extend(IommuIovaRange { start, last }.to_bytes());
+        }
+        copy_to_user(self.unit.hardware().memory(), cmd.allowed_iovas, &out)?;
+        cmd.num_iovas = ranges.len() as u32;
+        cmd.out_iova_alignment = IOVA_ALIGNMENT;
+        u.respond(&cmd, arg);
+        if ranges.len() > max {
+            return Err(IommufdError::MsgSize("iommu_ioas_iova_ranges"));
+        }
+        Ok(())
+    }
+
+    /// `IOMMU_IOAS_ALLOW_IOVAS`: replaces the ranges the IOVA allocator may use.
+    fn do_ioas_allow_iovas(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let cmd: IommuIoasAllowIovas = u.copy_in(arg)?;
+        check_reserved(cmd.__reserved.into(), "iommu_ioas_allow_iovas")?;
+        self.ioas(cmd.ioas_id)?;
+        let len = (cmd.num_iovas as usize) * std::mem::size_of::<IommuIovaRange>();
+        let bytes = copy_from_user(self.unit.hardware().memory(), cmd.allowed_iovas, len)?;
+        let ranges: Vec<(u64, u64)> = bytes
+            .chunks_exact(std::mem::size_of::<IommuIovaRange>())
+            .map(|c| {
+                let r: IommuIovaRange = read_prefix(c, c.len());
+                (r.start, r.last)
+            })
+            .collect();
+        self.ioas_mut(cmd.ioas_id)?.iopt.set_allowed(&ranges)
+    }
+
+    /// `IOMMU_HWPT_ALLOC`. With an IOAS as `pt_id`, a paging HWPT: a new second-level
+    /// domain holding the IOAS's mappings, its IOVAs beyond the domain's address width
+    /// reserved in the IOAS (EADDRINUSE when mapped or allowed). Flags NEST_PARENT (needs
+    /// ECAP.NEST) and PASID; DIRTY_TRACKING, FAULT_ID_VALID and data are not supported
+    /// (EOPNOTSUPP) on a paging HWPT.
+    fn do_hwpt_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_hwpt_alloc";
+        let mut cmd: IommuHwptAlloc = u.copy_in(arg)?;
+        check_reserved(cmd.__reserved.into(), WHAT)?;
+        if (cmd.data_type == IOMMU_HWPT_DATA_NONE) != (cmd.data_len == 0) {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "data_type and data_len disagree",
+            ));
+        }
+        self.device(cmd.dev_id)?;
+        let id = match self.objects.get(&cmd.pt_id) {
+            None => {
+                return Err(IommufdError::NoObject {
+                    id: cmd.pt_id,
+                    want: "page table",
+                })
+            }
+            Some(Object::Ioas(_)) => self.alloc_paging(cmd.pt_id, cmd.flags, cmd.data_type)?,
+            Some(o) => {
+                return Err(IommufdError::WrongType {
+                    id: cmd.pt_id,
+                    is: o.kind(),
+                    what: WHAT,
+                })
+            }
+        };
+        cmd.out_hwpt_id = id;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
+    fn alloc_paging(&mut self, ioas: u32, flags: u32, data_type: u32) -> Result<u32, IommufdError> {
+        const WHAT: &str = "paging HWPT";
+        if flags & !(IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID) != 0 {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                format!("flags {flags:#x}"),
+            ));
+        }
+        if data_type != IOMMU_HWPT_DATA_NONE {
+            return Err(IommufdError::not_supported(WHAT, "driver data"));
+        }
+        let nest_parent = flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0;
+        let ecap = self.unit.ecap();
+        if nest_parent && !(ecap.nest && ecap.flts) {
+            return Err(IommufdError::not_supported(WHAT, "no nested translation"));
+        }
+        let id = self.build_paging(ioas, false)?;
+        if let Some(h) = self.paging_mut(id) {
+            h.nest_parent = nest_parent;
+            h.pasid = flags & IOMMU_HWPT_ALLOC_PASID != 0;
+        }
+        Ok(id)
+    }
+
+    /// A new paging HWPT of `ioas`: domain, reservation, the IOAS's mappings replayed.
+    fn build_paging(&mut self, ioas: u32, auto: bool) -> Result<u32, IommufdError> {
+        let id = self.next_id()?;
+        let mut domain = VtdDomain::new(&self.unit)?;
+        let width = domain.addr_width();
+        let iopt = &mut self.ioas_mut(ioas)?.iopt;
+        if width < 64 {
+            iopt.reserve(id, 1u64 << width, u64::MAX)?;
+        }
+        let areas: Vec<Area> = iopt.areas().copied().collect();
+        let mut done = Vec::new();
+        for a in &areas {
+            if let Err(e) = domain.map_pages(a.iova, a.hpa, a.length, a.read, a.write) {
+                for d in done {
+                    let d: &Area = d;
+                    domain.unmap_dma(Iova(d.iova), d.length);
+                }
+                if let Ok(i) = self.ioas_mut(ioas) {
+                    i.iopt.unreserve(id);
+                }
+                return Err(e.into());
+            }
+            done.push(a);
+        }
+        self.objects.insert(
+            id,
+            Object::HwptPaging(HwptPaging {
+                ioas,
+                domain,
+                nest_parent: false,
+                pasid: false,
+                auto,
+            }),
+        );
+        Ok(id)
+    }
+
+    // ----- Devices (called by the device cdev) -----
+
+    /// Binds device `sid` (`iommufd_device_bind`): a new device object, its id returned.
+    /// EBUSY when the device is bound to this file already.
+    pub(crate) fn bind_device(&mut self, sid: SourceId) -> Result<u32, IommufdError> {
+        if self
+            .objects
+            .values()
+            .any(|o| matches!(o, Object::Device(d) if d.sid == sid))
+        {
+            return Err(IommufdError::Busy("the device is bound already"));
+        }
+        let id = self.next_id()?;
+        self.objects
+            .insert(id, Object::Device(Device { sid, rid: None }));
+        Ok(id)
+    }
+
+    /// Unbinds a device: detached from everything, its object removed.
+    pub(crate) fn unbind_device(&mut self, dev_id: u32) {
+        let _ = self.detach_rid(dev_id);
+        self.objects.remove(&dev_id);
+    }
+
+    /// Attaches (or replaces) device `dev_id`'s RID to `pt_id`: an IOAS (an automatic
+    /// paging HWPT of it is found or made) or a paging HWPT; anything else EINVAL.
+    /// Returns the HWPT id. A failed attach or replace leaves the device where it was.
+    pub(crate) fn attach_rid(&mut self, dev_id: u32, pt_id: u32) -> Result<u32, IommufdError> {
+        const WHAT: &str = "attach";
+        let dev = self.device(dev_id)?;
+        let (sid, old) = (dev.sid, dev.rid);
+        let mut made = None;
+        let hwpt = match self.objects.get(&pt_id) {
+            None => {
+                return Err(IommufdError::NoObject {
+                    id: pt_id,
+                    want: "page table",
+                })
+            }
+            Some(Object::Ioas(_)) => {
+                let found = self.objects.iter().find_map(|(&id, o)| match o {
+                    Object::HwptPaging(h) if h.ioas == pt_id && h.auto => Some(id),
+                    _ => None,
+                });
+                match found {
+                    Some(id) => id,
+                    None => {
+                        let id = self.build_paging(pt_id, true)?;
+                        made = Some(id);
+                        id
+                    }
+                }
+            }
+            Some(Object::HwptPaging(_)) => pt_id,
+            Some(o) => {
+                return Err(IommufdError::WrongType {
+                    id: pt_id,
+                    is: o.kind(),
+                    what: WHAT,
+                })
+            }
+        };
+        if old == Some(hwpt) {
+            return Ok(hwpt);
+        }
+        let result = self.move_rid(sid, old, hwpt);
+        if let Err(e) = result {
+            if let Some(id) = made {
+                self.remove_object(id);
+            }
+            return Err(e);
+        }
+        if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
+            d.rid = Some(hwpt);
+        }
+        if let Some(o) = old {
+            self.drop_auto(o);
+        }
+        Ok(hwpt)
+    }
+
+    /// Points `sid`'s RID at HWPT `to`, from HWPT `from` when it has one.
+    fn move_rid(&mut self, sid: SourceId, from: Option<u32>, to: u32) -> Result<(), IommufdError> {
+        let Some(Object::HwptPaging(mut new)) = self.objects.remove(&to) else {
+            return Err(IommufdError::NoObject {
+                id: to,
+                want: "paging HWPT",
+            });
+        };
+        let result = match from.and_then(|f| self.paging_mut(f)) {
+            Some(old) => new
+                .domain
+                .replace_device(sid, &mut old.domain)
+                .map_err(Into::into),
+            None => new.domain.attach(sid).map_err(Into::into),
+        };
+        self.objects.insert(to, Object::HwptPaging(new));
+        result
+    }
+
+    /// Destroys an automatic HWPT no device uses any more.
+    fn drop_auto(&mut self, id: u32) {
+        let auto = matches!(self.objects.get(&id), Some(Object::HwptPaging(h)) if h.auto);
+        if auto && self.users(id) == 0 {
+            self.remove_object(id);
+        }
+    }
+
+    /// Detaches device `dev_id`'s RID (ENOENT for an unknown device; a device not
+    /// attached is left alone).
+    pub(crate) fn detach_rid(&mut self, dev_id: u32) -> Result<(), IommufdError> {
+        let dev = self.device(dev_id)?;
+        let (sid, rid) = (dev.sid, dev.rid);
+        let Some(h) = rid else {
+            return Ok(());
+        };
+        if let Some(hwpt) = self.paging_mut(h) {
+            hwpt.domain.detach_device(sid);
+        }
+        if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
+            d.rid = None;
+        }
+        self.drop_auto(h);
+        Ok(())
+    }
+}
+
+impl Drop for Ctx {
+    /// Closing the file destroys every object: devices detach, then HWPTs and IOASes go.
+    fn drop(&mut self) {
+        let devices: Vec<u32> = self
+            .objects
+            .iter()
+            .filter_map(|(&id, o)| matches!(o, Object::Device(_)).then_some(id))
+            .collect();
+        for d in devices {
+            let _ = self.detach_rid(d);
+        }
+    }
+}
+
+/// One open `/dev/iommu`.
+#[derive(Debug)]
+pub struct IommufdFile {
+    ctx: Mutex<Ctx>,
+}
+
+impl IommufdFile {
+    /// Opens `/dev/iommu` on the host's VT-d unit.
+    pub fn open(unit: &Arc<HostIommu>) -> Arc<Self> {
+        Arc::new(IommufdFile {
+            ctx: Mutex::new(Ctx::new(unit.clone())),
+        })
+    }
+
+    /// The context, for the host side (device cdevs, diagnostics, tests).
+    pub fn lock(&self) -> MutexGuard<'_, Ctx> {
+        self.ctx.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn errno(what: &str, e: IommufdError) -> Errno {
+    tracing::debug!("{what}: {e}");
+    Errno::from(&e)
+}
+
+impl UapiFile for IommufdFile {
+    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        self.lock()
+            .ioctl(cmd, arg)
+            .map(|()| 0)
+            .map_err(|e| errno("iommufd ioctl", e))
+    }
+
+    /// `/dev/iommu` has no `read`.
+    fn read(&self, _buf: &mut [u8]) -> Result<usize, Errno> {
+        Err(Errno::EINVAL)
+    }
+
+    /// `/dev/iommu` has no `write`.
+    fn write(&self, _buf: &[u8]) -> Result<usize, Errno> {
+        Err(Errno::EINVAL)
+    }
+
+    /// Nothing is ever queued on `/dev/iommu` itself (fault queues are files of their
+    /// own).
+    fn set_event_notifier(&self, _notifier: Option<Arc<dyn EventNotifier>>) {}
+}
