@@ -240,6 +240,85 @@ impl HostMemory {
         }
     }
 
+    /// Makes the first `size` bytes of `file`, a memory file another process (a VMM in its
+    /// own process) created and shares, host memory at `[hpa, hpa + size)`: the range of the
+    /// host's mapping is replaced by a shared mapping of the file, so DMA and table walks at
+    /// those HPAs reach the other process's pages, as pinned user pages are reached through
+    /// their physical frames. The range must be a free allocation of this memory's frame
+    /// allocator (the caller owns it). The file must be a memfd sealed against shrinking
+    /// (`F_SEAL_SHRINK`, so that it can never be truncated under the host's mapping) and hold
+    /// at least `size` bytes; otherwise nothing changes. Returns the user address the range
+    /// is reached at in this process, which [`HostMemory::resolve_user`] resolves back to
+    /// `hpa`.
+    pub fn adopt_window(&self, hpa: Hpa, file: &File, size: u64) -> Result<u64, HostMemoryError> {
+        let refuse = |why: String| Err(HostMemoryError::GuestWindow(why));
+        if size == 0 || size % PAGE_SIZE != 0 || !hpa.is_aligned(PAGE_SIZE) {
+            return refuse(format!(
+                "{hpa} size {size:#x} must be non-empty and 4 KiB aligned"
+            ));
+        }
+        self.check(hpa.0, size)?;
+        // SAFETY: F_GET_SEALS on an open descriptor only reads its seals.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return refuse("the memory file is not a memfd sealed against shrinking".into());
+        }
+        let len = file.metadata().map_err(HostMemoryError::Create)?.len();
+        if len < size {
+            return refuse(format!(
+                "the memory file holds {len:#x} bytes, not {size:#x}"
+            ));
+        }
+        // SAFETY: the target range lies inside our own mapping (checked above) and belongs to
+        // the caller's allocation, which nothing else reaches; MAP_FIXED replaces exactly it.
+        let ptr = unsafe {
+            let at = self.base.as_ptr().add(hpa.0 as usize);
+            libc::mmap(
+                at.cast(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(HostMemoryError::Map(std::io::Error::last_os_error()));
+        }
+        let user = ptr as u64;
+        let mut windows = self.windows.write().unwrap_or_else(PoisonError::into_inner);
+        windows.insert(user, UserWindow { len: size, hpa });
+        Ok(user)
+    }
+
+    /// Undoes [`HostMemory::adopt_window`] of `[hpa, hpa + size)`: the range is host memory
+    /// again (reading as zeros) and its user address no longer resolves. The caller frees
+    /// the frames afterwards, once nothing maps them.
+    pub fn return_window(&self, hpa: Hpa, size: u64) -> Result<(), HostMemoryError> {
+        self.check(hpa.0, size)?;
+        let user = self.base.as_ptr() as u64 + hpa.0;
+        self.windows
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&user);
+        // SAFETY: the range lies inside our own mapping (checked above); the host file is
+        // mapped back over it at its own offset, as `new` mapped it.
+        let ptr = unsafe {
+            libc::mmap(
+                user as *mut libc::c_void,
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                self.file.as_raw_fd(),
+                hpa.0 as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(HostMemoryError::Map(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Resolves a user virtual address range of this process to the host physical range
     /// behind it, as the kernel's `pin_user_pages` does for `VFIO_IOMMU_MAP_DMA`. The whole
     /// range must lie in one window.
@@ -479,6 +558,81 @@ mod tests {
 
     fn mem() -> Arc<HostMemory> {
         HostMemory::new(64 << 20).unwrap()
+    }
+
+    /// A memfd of `size` bytes sealed against shrinking, as a VMM shares its RAM.
+    fn sealed_memfd(size: u64, seal: bool) -> File {
+        // SAFETY: a valid C string; the fd is checked and owned.
+        let fd = unsafe { libc::memfd_create(c"vmm-ram".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0);
+        // SAFETY: fd is fresh and owned.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).unwrap();
+        if seal {
+            // SAFETY: adding seals to our own memfd.
+            assert_eq!(
+                unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+                0
+            );
+        }
+        file
+    }
+
+    #[test]
+    fn an_adopted_window_shares_bytes_with_its_file_and_returns_to_zeros() {
+        use std::os::unix::fs::FileExt;
+        let m = mem();
+        let frames = FrameAllocator::new(m.clone());
+        let hpa = frames.alloc_range(2 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        let file = sealed_memfd(2 * PAGE_SIZE, true);
+        file.write_all_at(b"from the vmm", 100).unwrap();
+        let user = m.adopt_window(hpa, &file, 2 * PAGE_SIZE).unwrap();
+        let mut buf = [0u8; 12];
+        m.read(hpa.0 + 100, &mut buf).unwrap();
+        assert_eq!(&buf, b"from the vmm");
+        m.write(hpa.0 + PAGE_SIZE, b"dma").unwrap();
+        let mut back = [0u8; 3];
+        file.read_exact_at(&mut back, PAGE_SIZE).unwrap();
+        assert_eq!(&back, b"dma");
+        assert_eq!(
+            m.resolve_user(user + PAGE_SIZE, 8).unwrap(),
+            Hpa(hpa.0 + PAGE_SIZE)
+        );
+        assert!(m.resolve_user(user + PAGE_SIZE, PAGE_SIZE + 1).is_err());
+        m.return_window(hpa, 2 * PAGE_SIZE).unwrap();
+        assert!(m.resolve_user(user, 8).is_err());
+        m.read(hpa.0 + 100, &mut buf).unwrap();
+        assert_eq!(buf, [0; 12]);
+        // The file keeps what the host wrote while it was adopted, and no longer sees host
+        // writes.
+        m.write(hpa.0 + PAGE_SIZE, b"xyz").unwrap();
+        file.read_exact_at(&mut back, PAGE_SIZE).unwrap();
+        assert_eq!(&back, b"dma");
+        frames.free(hpa).unwrap();
+    }
+
+    #[test]
+    fn a_window_that_can_shrink_or_lies_about_its_size_is_refused() {
+        let m = mem();
+        let hpa = Hpa(16 * PAGE_SIZE);
+        let unsealed = sealed_memfd(PAGE_SIZE, false);
+        assert!(matches!(
+            m.adopt_window(hpa, &unsealed, PAGE_SIZE),
+            Err(HostMemoryError::GuestWindow(_))
+        ));
+        let short = sealed_memfd(PAGE_SIZE, true);
+        assert!(matches!(
+            m.adopt_window(hpa, &short, 2 * PAGE_SIZE),
+            Err(HostMemoryError::GuestWindow(_))
+        ));
+        assert!(m.adopt_window(hpa, &short, 0).is_err());
+        assert!(m.adopt_window(Hpa(m.size()), &short, PAGE_SIZE).is_err());
+        // Nothing was mapped: the range still reads as host memory.
+        m.write(hpa.0, b"host").unwrap();
+        let mut buf = [0u8; 4];
+        use std::os::unix::fs::FileExt;
+        short.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 4]);
     }
 
     #[test]
