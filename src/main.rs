@@ -1,5 +1,5 @@
-//! The `vsva` command: the end-to-end demo, scripted scenarios, walk explanations and
-//! measurements.
+//! The `vsva` command: the end-to-end demo, scripted scenarios, walk explanations,
+//! measurements, and the host as a service.
 
 use std::process::ExitCode;
 
@@ -59,6 +59,29 @@ enum Command {
     },
     /// Measures the hot paths against baselines in the same run.
     Bench(BenchArgs),
+    /// Serves the host (memory, VT-d model and driver, PASIDs) to VMM processes over a
+    /// UNIX socket until SIGTERM or SIGINT (docs/protocol.md).
+    Host {
+        /// The socket to create (mode 0600).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Host memory (sparse): bytes, or with a K, M or G suffix.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        memory: u64,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        _ => (t, 0),
+    };
+    let n = parse_u64(digits)?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s}: too large"))
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -146,6 +169,26 @@ fn main() -> ExitCode {
             }
         },
         Command::Explain { vm, pasid, addr } => report(scenario::explain(vm, pasid, addr)),
+        Command::Host { socket, memory } => {
+            let config = vsva_service::HostConfig {
+                memory,
+                ..Default::default()
+            };
+            match vsva_service::server::run(&socket, &config) {
+                Ok(report) => {
+                    println!("{report}");
+                    if report.left == report.baseline {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vsva host: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bench(args) => match run_cli(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {

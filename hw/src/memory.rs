@@ -570,10 +570,8 @@ mod tests {
         file.set_len(size).unwrap();
         if seal {
             // SAFETY: adding seals to our own memfd.
-            assert_eq!(
-                unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-                0
-            );
+            let rc = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+            assert_eq!(rc, 0);
         }
         file
     }

@@ -1,0 +1,317 @@
+//! The client transport: [`RemoteFile`] is a uAPI file served by `vsva host` in another
+//! process, implementing the same [`UapiFile`] as the in-process container, so that a VMM
+//! runs unchanged against either.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_uapi::{Errno, EventNotifier, UapiFile};
+
+use crate::protocol::{
+    encode_request, HostState, Reply, Request, Welcome, FILE_VFIO_CONTAINER, VERSION,
+};
+use crate::socket;
+
+/// A failure to reach the host.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot reach vsva host at {path}: {source}")]
+    Connect {
+        /// The socket's path.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host refused the connection's `HELLO`.
+    #[error("vsva host refused the connection: {0}")]
+    Refused(Errno),
+    /// The host's answer did not follow the protocol.
+    #[error("vsva host answered outside the protocol: {0}")]
+    Protocol(String),
+    /// A memory file could not be made or mapped.
+    #[error("memory: {0}")]
+    Memory(String),
+}
+
+/// Connection state behind the call lock: the next request id.
+struct Calls {
+    next_id: u32,
+}
+
+/// A uAPI file (a VFIO container) that `vsva host` serves over a UNIX socket.
+pub struct RemoteFile {
+    sock: OwnedFd,
+    calls: Mutex<Calls>,
+    welcome: Welcome,
+    gone: AtomicBool,
+    events: Mutex<Option<EventPump>>,
+}
+
+impl std::fmt::Debug for RemoteFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteFile")
+            .field("welcome", &self.welcome)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The errno a call gets once the host is gone.
+pub const HOST_GONE: Errno = Errno::new(libc::ENOTCONN);
+
+impl RemoteFile {
+    /// Connects to the host at `path` and opens a VFIO container there.
+    pub fn connect(path: &Path) -> Result<RemoteFile, ClientError> {
+        let sock = socket::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut file = RemoteFile {
+            sock,
+            calls: Mutex::new(Calls { next_id: 1 }),
+            welcome: Welcome {
+                version: VERSION,
+                max_payload: 0,
+                max_in_flight: 1,
+                max_windows: 0,
+                max_window_bytes: 0,
+            },
+            gone: AtomicBool::new(false),
+            events: Mutex::new(None),
+        };
+        let reply = file
+            .call(
+                &Request::Hello {
+                    min_version: VERSION,
+                    max_version: VERSION,
+                    file: FILE_VFIO_CONTAINER,
+                },
+                &[],
+            )
+            .map_err(ClientError::Refused)?;
+        reply.result.map_err(ClientError::Refused)?;
+        file.welcome = Welcome::from_bytes(&reply.data)
+            .ok_or_else(|| ClientError::Protocol("a HELLO reply without its limits".into()))?;
+        Ok(file)
+    }
+
+    /// The version and limits the host granted.
+    pub fn welcome(&self) -> Welcome {
+        self.welcome
+    }
+
+    /// Whether the host closed the connection (every call since fails with
+    /// [`HOST_GONE`]).
+    pub fn host_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `request` (with `fds`) and waits for its reply.
+    fn call(&self, request: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Result<Reply, Errno> {
+        if self.host_gone() {
+            return Err(HOST_GONE);
+        }
+        let mut calls = self.lock();
+        let id = calls.next_id;
+        calls.next_id = calls.next_id.wrapping_add(1);
+        let gone = |what: &str, e: Option<std::io::Error>| {
+            self.gone.store(true, Ordering::Release);
+            tracing::error!("vsva host connection lost ({what}: {e:?})");
+            HOST_GONE
+        };
+        socket::send(self.sock.as_fd(), &encode_request(id, request), fds)
+            .map_err(|e| gone("send", Some(e)))?;
+        let received = match socket::recv(self.sock.as_fd()) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(gone("closed", None)),
+            Err(e) => return Err(gone("receive", Some(e))),
+        };
+        let reply = Reply::decode(&received.bytes).map_err(|e| {
+            tracing::error!("vsva host reply: {e}");
+            Errno::EIO
+        })?;
+        if reply.id != id || !received.fds.is_empty() {
+            tracing::error!("vsva host replied to request {} out of turn", reply.id);
+            return Err(Errno::EIO);
+        }
+        Ok(reply)
+    }
+
+    fn simple(&self, request: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Result<Reply, Errno> {
+        let reply = self.call(request, fds)?;
+        reply.result?;
+        Ok(reply)
+    }
+
+    /// Shares `size` bytes of `file` (a memfd; the host seals it against shrinking),
+    /// mapped at `addr` in this process, with the host: from then on `MAP_DMA` of user
+    /// addresses in `[addr, addr + size)` reaches its pages.
+    pub fn add_memory(&self, file: BorrowedFd<'_>, addr: u64, size: u64) -> Result<(), Errno> {
+        self.simple(&Request::AddMemory { addr, size }, &[file])
+            .map(|_| ())
+    }
+
+    /// What the host holds, host-wide.
+    pub fn host_state(&self) -> Result<HostState, Errno> {
+        let reply = self.simple(&Request::State, &[])?;
+        HostState::from_bytes(&reply.data).ok_or(Errno::EIO)
+    }
+}
+
+impl UapiFile for RemoteFile {
+    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        let reply = self.simple(&Request::Ioctl { cmd, arg }, &[])?;
+        if reply.data.len() != arg.len() {
+            return Err(Errno::EIO);
+        }
+        arg.copy_from_slice(&reply.data);
+        Ok(reply.result? as usize)
+    }
+
+    fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        let count = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        let reply = self.simple(&Request::Read { count }, &[])?;
+        let n = reply.data.len();
+        if n > buf.len() || reply.result? as usize != n {
+            return Err(Errno::EIO);
+        }
+        buf[..n].copy_from_slice(&reply.data);
+        Ok(n)
+    }
+
+    fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
+        Ok(self.simple(&Request::Write(buf), &[])?.result? as usize)
+    }
+
+    fn set_event_notifier(&self, notifier: Option<Arc<dyn EventNotifier>>) {
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        *events = None;
+        let result = match notifier {
+            None => self.simple(&Request::SetEventfd, &[]).map(|_| ()),
+            Some(n) => EventPump::start(n).and_then(|pump| {
+                self.simple(&Request::SetEventfd, &[pump.fd.as_fd()])?;
+                *events = Some(pump);
+                Ok(())
+            }),
+        };
+        if let Err(e) = result {
+            tracing::error!("setting the fault notifier on vsva host: {e}");
+        }
+    }
+}
+
+/// An eventfd the host signals and a thread that turns each signal into a notification.
+struct EventPump {
+    fd: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventPump {
+    fn start(notifier: Arc<dyn EventNotifier>) -> Result<EventPump, Errno> {
+        use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+        let fd = Arc::new(
+            rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(|e| Errno::new(e.raw_os_error()))?,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (pfd, pstop) = (fd.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("vsva-fault-events".into())
+            .spawn(move || {
+                let tick = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 20_000_000,
+                };
+                while !pstop.load(Ordering::Acquire) {
+                    let mut fds = [PollFd::new(&*pfd, PollFlags::IN)];
+                    if !matches!(rustix::event::poll(&mut fds, Some(&tick)), Ok(n) if n > 0) {
+                        continue;
+                    }
+                    let mut count = [0u8; 8];
+                    if rustix::io::read(&*pfd, &mut count) == Ok(8) {
+                        for _ in 0..u64::from_ne_bytes(count) {
+                            notifier.notify();
+                        }
+                    }
+                }
+            })
+            .map_err(|_| Errno::ENOMEM)?;
+        Ok(EventPump {
+            fd,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EventPump {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A VM's RAM as a VMM shares it with the host: a memfd (sealed against shrinking and
+/// growing) mapped into this process through vm-memory at guest address 0.
+pub struct SharedRam {
+    /// The memory file.
+    pub file: File,
+    /// The mapping.
+    pub mem: Arc<GuestMemoryMmap>,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl SharedRam {
+    /// `size` bytes of RAM (a multiple of 4 KiB).
+    pub fn new(size: u64) -> Result<SharedRam, ClientError> {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let err = |e: &dyn std::fmt::Display| ClientError::Memory(e.to_string());
+        let fd = rustix::fs::memfd_create(
+            "vsva-vm-ram",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| err(&e))?;
+        let file = File::from(fd);
+        file.set_len(size).map_err(|e| err(&e))?;
+        rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW)
+            .map_err(|e| err(&e))?;
+        let mapped = file.try_clone().map_err(|e| err(&e))?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size as usize,
+            Some(FileOffset::new(mapped, 0)),
+        )])
+        .map_err(|e| err(&e))?;
+        Ok(SharedRam {
+            file,
+            mem: Arc::new(mem),
+            size,
+        })
+    }
+
+    /// This process's address of the RAM's first byte.
+    pub fn addr(&self) -> u64 {
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .map_or(0, |p| p as u64)
+    }
+
+    /// Shares the RAM with the host through `file`.
+    pub fn share(&self, file: &RemoteFile) -> Result<(), Errno> {
+        file.add_memory(self.file.as_fd(), self.addr(), self.size)
+    }
+}

@@ -1,0 +1,75 @@
+//! The kinds of uAPI file a connection can open. The server is generic over them: a kind
+//! opens a file and names the user addresses its ioctls carry, which the server translates
+//! from the client's address space to the host's before the file sees them (as the kernel
+//! resolves a user pointer in the caller's `mm`).
+
+use std::mem::size_of;
+use std::sync::{Arc, Mutex};
+
+use vsva_host::driver::{HostIommu, VtdDomain};
+use vsva_host::{Container, ContainerFile, PasidAllocator};
+use vsva_uapi::vfio::{VfioIommuType1DmaMap, VFIO_IOMMU_MAP_DMA};
+use vsva_uapi::{Errno, UapiFile};
+
+use crate::protocol::FILE_VFIO_CONTAINER;
+
+/// A user address inside an ioctl argument: 8 little-endian bytes at `at`, naming `len`
+/// bytes of the caller's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserRange {
+    /// Offset of the address in the argument.
+    pub at: usize,
+    /// Bytes the address names.
+    pub len: u64,
+}
+
+/// A kind of uAPI file the host serves.
+pub trait FileKind: Send + Sync {
+    /// The kind's number in `HELLO`.
+    fn id(&self) -> u32;
+
+    /// Opens a new file of this kind (a new container, with its own PASID set).
+    fn open(&self) -> Result<Arc<dyn UapiFile>, Errno>;
+
+    /// The user address the ioctl `cmd` with argument `arg` carries, if any. An argument
+    /// too short to hold it is `EINVAL`, so that the file never sees an untranslated one.
+    fn user_range(&self, cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno>;
+}
+
+/// VFIO type1 containers over the host VT-d driver: each is a nesting-capable container of
+/// its own domain, with a PASID set of `quota` PASIDs from the host's allocator.
+pub struct VfioContainerKind {
+    /// The host VT-d driver's unit.
+    pub unit: Arc<HostIommu>,
+    /// The host's PASID space.
+    pub pasids: Arc<Mutex<PasidAllocator>>,
+    /// PASIDs each container may hold.
+    pub quota: u32,
+}
+
+impl FileKind for VfioContainerKind {
+    fn id(&self) -> u32 {
+        FILE_VFIO_CONTAINER
+    }
+
+    fn open(&self) -> Result<Arc<dyn UapiFile>, Errno> {
+        let domain = VtdDomain::new(&self.unit).map_err(|e| {
+            tracing::warn!("opening a container: {e}");
+            Errno::ENOSPC
+        })?;
+        let container = Container::new(self.pasids.clone(), self.quota, domain);
+        Ok(Arc::new(ContainerFile::new(container)))
+    }
+
+    /// `VFIO_IOMMU_MAP_DMA`'s `vaddr` (offset 8) naming `size` (offset 24) bytes.
+    fn user_range(&self, cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno> {
+        if cmd != VFIO_IOMMU_MAP_DMA {
+            return Ok(None);
+        }
+        if arg.len() < size_of::<VfioIommuType1DmaMap>() {
+            return Err(Errno::EINVAL);
+        }
+        let size = u64::from_le_bytes(arg[24..32].try_into().expect("8 bytes"));
+        Ok(Some(UserRange { at: 8, len: size }))
+    }
+}

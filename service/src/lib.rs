@@ -1,0 +1,17 @@
+//! The host as a service: `vsva host` serves uAPI files to VMMs in other processes over a
+//! UNIX socket, and a VMM reaches it through [`RemoteFile`], the same fd-shaped
+//! [`vsva_uapi::UapiFile`] the in-process host implements.
+//!
+//! - [`protocol`]: frames, messages, limits (docs/protocol.md is the specification).
+//! - [`socket`]: `SOCK_SEQPACKET` frames with `SCM_RIGHTS` file descriptors.
+//! - [`kind`]: the file kinds a connection can open (a VFIO type1 container today).
+//! - [`server`]: the host, one thread per connection.
+
+pub mod client;
+pub mod kind;
+pub mod protocol;
+pub mod server;
+pub mod socket;
+
+pub use client::{ClientError, RemoteFile, SharedRam};
+pub use server::{HostConfig, Limits, Report, Service, ServiceError};

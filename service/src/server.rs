@@ -1,0 +1,706 @@
+//! `vsva host`: the host as a service. One [`Service`] owns host memory, the VT-d model,
+//! its driver and the PASID allocator; every connection is one open uAPI file, served on
+//! its own thread. Connections share no lock on the translation path: each file locks
+//! only itself, and the IOMMU model and host memory are shared as they are in one process.
+//!
+//! A connection that closes, for whatever reason (exit, SIGKILL, a protocol error), loses
+//! exactly what it held: its file is closed (the container unbinds, unmaps and frees its
+//! PASIDs), then its memory windows return to the host.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vsva_host::driver::HostIommu;
+use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
+use vsva_hw::iommu::{Iommu, IommuConfig};
+use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_vtd::Hpa;
+
+use crate::kind::{FileKind, VfioContainerKind};
+use crate::protocol::{
+    decode_request, FrameError, HostState, Reply, Request, Welcome, ERROR_REPLY, HEADER_LEN, MAGIC,
+    MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
+};
+use crate::socket;
+
+/// Per-connection limits, so that one client cannot exhaust the host for the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory files a connection may share.
+    pub max_windows: u32,
+    /// Bytes of memory a connection may share in all.
+    pub max_window_bytes: u64,
+    /// PASIDs a connection's container may hold.
+    pub pasid_quota: u32,
+    /// Malformed frames a connection may send before it is closed.
+    pub max_bad_frames: u32,
+    /// How long a reply may wait for a client that does not read before it is closed.
+    pub send_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_windows: 8,
+            max_window_bytes: 1 << 30,
+            pasid_quota: DEFAULT_QUOTA,
+            max_bad_frames: 64,
+            send_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How the host is built.
+#[derive(Clone, Copy, Debug)]
+pub struct HostConfig {
+    /// Bytes of (sparse) host memory.
+    pub memory: u64,
+    /// Per-connection limits.
+    pub limits: Limits,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            memory: 4 << 30,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A failure to build the host or to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Host memory could not be created.
+    #[error("host memory: {0}")]
+    Memory(#[from] vsva_hw::HostMemoryError),
+    /// The IOMMU model refused its configuration.
+    #[error("IOMMU model: {0}")]
+    Iommu(#[from] vsva_hw::iommu::IommuConfigError),
+    /// The host VT-d driver failed to initialise.
+    #[error("host driver: {0}")]
+    Driver(#[from] vsva_host::driver::DriverError),
+    /// The socket could not be set up or served.
+    #[error("socket {path}: {source}")]
+    Socket {
+        /// The socket's path.
+        path: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another host already serves the socket's path.
+    #[error("socket {0}: another host is serving it")]
+    InUse(String),
+}
+
+#[derive(Default)]
+struct Counters {
+    served: AtomicU64,
+    live: AtomicU64,
+    peak: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    bad_frames: AtomicU64,
+    closed_for_errors: AtomicU64,
+    windows: AtomicU64,
+    window_bytes: AtomicU64,
+}
+
+/// What a host served, reported at teardown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Most connections open at once.
+    pub peak_connections: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests answered with an errno.
+    pub errors: u64,
+    /// Malformed frames received.
+    pub bad_frames: u64,
+    /// Connections closed because of malformed traffic.
+    pub closed_for_errors: u64,
+    /// What the host held after every connection closed.
+    pub left: HostState,
+    /// What the host held before it served anyone.
+    pub baseline: HostState,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let leaked = if self.left == self.baseline {
+            "nothing left behind".to_string()
+        } else {
+            format!(
+                "LEFT BEHIND: {:?} (baseline {:?})",
+                self.left, self.baseline
+            )
+        };
+        write!(
+            f,
+            "vsva host: served {} connections (at most {} at once), {} requests ({} errors), {} malformed frames ({} connections closed for them); {leaked}",
+            self.connections,
+            self.peak_connections,
+            self.requests,
+            self.errors,
+            self.bad_frames,
+            self.closed_for_errors
+        )
+    }
+}
+
+/// The host: memory, the VT-d model and its driver, the PASID space, and what it serves.
+pub struct Service {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    iommu: Arc<Iommu>,
+    unit: Arc<HostIommu>,
+    pasids: Arc<Mutex<PasidAllocator>>,
+    kinds: Vec<Arc<dyn FileKind>>,
+    limits: Limits,
+    counters: Counters,
+    /// The live connections' sockets, to wake their threads at teardown.
+    live: Mutex<HashMap<u64, OwnedFd>>,
+}
+
+impl Service {
+    /// Builds the host: `config.memory` bytes of memory, the VT-d model, its driver, the
+    /// PASID allocator, and the VFIO container file kind.
+    pub fn new(config: &HostConfig) -> Result<Arc<Service>, ServiceError> {
+        let mem = HostMemory::new(config.memory)?;
+        let frames = Arc::new(FrameAllocator::new(mem.clone()));
+        let iommu = Iommu::new(mem.clone(), IommuConfig::default())?;
+        let unit = HostIommu::new(iommu.clone(), frames.clone())?;
+        let pasids = Arc::new(Mutex::new(PasidAllocator::new()));
+        let vfio: Arc<dyn FileKind> = Arc::new(VfioContainerKind {
+            unit: unit.clone(),
+            pasids: pasids.clone(),
+            quota: config.limits.pasid_quota,
+        });
+        Ok(Arc::new(Service {
+            mem,
+            frames,
+            iommu,
+            unit,
+            pasids,
+            kinds: vec![vfio],
+            limits: config.limits,
+            counters: Counters::default(),
+            live: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// What the host holds now.
+    pub fn state(&self) -> HostState {
+        let (context_cache, pasid_cache) = self.iommu.cached_entries();
+        HostState {
+            connections: self.counters.live.load(Ordering::Acquire),
+            allocated_bytes: self.frames.allocated_bytes(),
+            windows: self.counters.windows.load(Ordering::Acquire),
+            window_bytes: self.counters.window_bytes.load(Ordering::Acquire),
+            pasids: self
+                .pasids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .total_allocated() as u64,
+            domain_ids: self.unit.domain_ids_in_use() as u64,
+            devices: self.unit.attached_devices() as u64,
+            page_request_routes: self.unit.page_request_routes() as u64,
+            page_request_sinks: self.unit.page_request_sinks() as u64,
+            iotlb: self.iommu.iotlb().len() as u64,
+            context_cache: context_cache as u64,
+            pasid_cache: pasid_cache as u64,
+        }
+    }
+
+    /// Serves connections on `listener` until `stop` is set, then closes every
+    /// connection (each loses what it held), waits for their threads and reports.
+    pub fn serve(self: &Arc<Self>, listener: OwnedFd, stop: &AtomicBool) -> Report {
+        let baseline = self.state();
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut next = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            let mut fds = [rustix::event::PollFd::new(
+                &listener,
+                rustix::event::PollFlags::IN,
+            )];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("polling the listening socket: {e}");
+                    break;
+                }
+            }
+            let sock = match rustix::net::accept_with(&listener, rustix::net::SocketFlags::CLOEXEC)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            };
+            threads.retain(|t| !t.is_finished());
+            next += 1;
+            let id = next;
+            if let Err(e) = rustix::net::sockopt::set_socket_timeout(
+                &sock,
+                rustix::net::sockopt::Timeout::Send,
+                Some(self.limits.send_timeout),
+            ) {
+                tracing::warn!("connection {id}: send timeout: {e}");
+            }
+            match sock.try_clone() {
+                Ok(waker) => {
+                    self.live
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id, waker);
+                }
+                Err(e) => {
+                    tracing::warn!("connection {id} refused: {e}");
+                    continue;
+                }
+            }
+            let svc = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vsva-conn-{id}"))
+                .spawn(move || svc.run_connection(id, sock));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    tracing::warn!("connection {id}: no thread: {e}");
+                    self.forget(id);
+                }
+            }
+        }
+        for sock in self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            socket::shutdown(sock);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        let c = &self.counters;
+        Report {
+            connections: c.served.load(Ordering::Acquire),
+            peak_connections: c.peak.load(Ordering::Acquire),
+            requests: c.requests.load(Ordering::Acquire),
+            errors: c.errors.load(Ordering::Acquire),
+            bad_frames: c.bad_frames.load(Ordering::Acquire),
+            closed_for_errors: c.closed_for_errors.load(Ordering::Acquire),
+            left: self.state(),
+            baseline,
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    fn run_connection(self: Arc<Self>, id: u64, sock: OwnedFd) {
+        let c = &self.counters;
+        c.served.fetch_add(1, Ordering::AcqRel);
+        let live = c.live.fetch_add(1, Ordering::AcqRel) + 1;
+        c.peak.fetch_max(live, Ordering::AcqRel);
+        let mut conn = Connection {
+            svc: &self,
+            file: None,
+            windows: Vec::new(),
+            bad_frames: 0,
+        };
+        let why = conn.serve(sock.as_fd());
+        tracing::debug!("connection {id} closed: {why}");
+        drop(conn);
+        c.live.fetch_sub(1, Ordering::AcqRel);
+        self.forget(id);
+    }
+}
+
+/// One of a connection's memory windows: a client memory file adopted as host memory.
+struct Window {
+    /// The client's user address of the window.
+    addr: u64,
+    size: u64,
+    hpa: Hpa,
+    /// The address the host resolves for the window.
+    user: u64,
+}
+
+/// Reports each queued fault record to the client's eventfd.
+struct EventfdNotifier(OwnedFd);
+
+impl EventNotifier for EventfdNotifier {
+    fn notify(&self) {
+        if let Err(e) = rustix::io::write(&self.0, &1u64.to_ne_bytes()) {
+            tracing::debug!("fault eventfd: {e}");
+        }
+    }
+}
+
+struct Connection<'s> {
+    svc: &'s Service,
+    file: Option<Arc<dyn UapiFile>>,
+    windows: Vec<Window>,
+    bad_frames: u32,
+}
+
+impl Connection<'_> {
+    /// Serves frames until the client closes, the socket fails or the client sends too
+    /// many malformed frames; returns why it stopped.
+    fn serve(&mut self, sock: std::os::fd::BorrowedFd<'_>) -> String {
+        loop {
+            let received = match socket::recv(sock) {
+                Ok(Some(r)) => r,
+                Ok(None) => return "closed by the client".into(),
+                Err(e) => return format!("receive: {e}"),
+            };
+            let reply = self.handle(received);
+            let c = &self.svc.counters;
+            c.requests.fetch_add(1, Ordering::AcqRel);
+            if reply.result.is_err() {
+                c.errors.fetch_add(1, Ordering::AcqRel);
+            }
+            if let Err(e) = socket::send(sock, &reply.encode(), &[]) {
+                return format!("send: {e}");
+            }
+            if self.bad_frames > self.svc.limits.max_bad_frames {
+                c.closed_for_errors.fetch_add(1, Ordering::AcqRel);
+                return "too many malformed frames".into();
+            }
+        }
+    }
+
+    fn bad(&mut self, kind: u16, id: u32, e: FrameError) -> Reply {
+        self.bad_frames += 1;
+        self.svc.counters.bad_frames.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!("malformed frame: {e}");
+        Reply {
+            kind,
+            id,
+            result: Err(e.errno()),
+            data: Vec::new(),
+        }
+    }
+
+    fn handle(&mut self, received: socket::Received) -> Reply {
+        let frame = &received.bytes;
+        if received.truncated {
+            let (kind, id) = reply_to(frame);
+            return self.bad(kind, id, FrameError::Oversized);
+        }
+        let (header, request) = match decode_request(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                let (kind, id) = match e {
+                    FrameError::UnknownKind(_) => (ERROR_REPLY, reply_to(frame).1),
+                    _ => reply_to(frame),
+                };
+                return self.bad(kind, id, e);
+            }
+        };
+        let reply = |result: Result<u64, Errno>, data: Vec<u8>| Reply {
+            kind: header.kind,
+            id: header.id,
+            result,
+            data,
+        };
+        let takes_fd = matches!(request, Request::AddMemory { .. } | Request::SetEventfd);
+        if !takes_fd && !received.fds.is_empty() {
+            return reply(Err(Errno::EINVAL), Vec::new());
+        }
+        let file = match (&request, &self.file) {
+            (Request::Hello { .. }, None) => None,
+            (Request::Hello { .. }, Some(_)) => {
+                return reply(Err(Errno::new(libc::EISCONN)), Vec::new())
+            }
+            (Request::State, _) => None,
+            (_, None) => return reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
+            (_, Some(f)) => Some(f.clone()),
+        };
+        match (request, file) {
+            (
+                Request::Hello {
+                    min_version,
+                    max_version,
+                    file,
+                },
+                _,
+            ) => match self.hello(min_version, max_version, file) {
+                Ok(w) => reply(Ok(0), w.to_bytes()),
+                Err(e) => reply(Err(e), Vec::new()),
+            },
+            (Request::State, _) => reply(Ok(0), self.svc.state().to_bytes()),
+            (Request::Ioctl { cmd, arg }, Some(f)) => {
+                let mut arg = arg.to_vec();
+                match self.ioctl(f.as_ref(), cmd, &mut arg) {
+                    Ok(n) => reply(Ok(n as u64), arg),
+                    Err(e) => reply(Err(e), Vec::new()),
+                }
+            }
+            (Request::Read { count }, Some(f)) => {
+                let mut buf = vec![0u8; (count as usize).min(MAX_PAYLOAD - 8)];
+                match f.read(&mut buf) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        reply(Ok(n as u64), buf)
+                    }
+                    Err(e) => reply(Err(e), Vec::new()),
+                }
+            }
+            (Request::Write(bytes), Some(f)) => reply(f.write(bytes).map(|n| n as u64), Vec::new()),
+            (Request::AddMemory { addr, size }, Some(_)) => {
+                let mut fds = received.fds;
+                let result = match fds.len() {
+                    1 => self.add_memory(addr, size, fds.remove(0)),
+                    _ => Err(Errno::EINVAL),
+                };
+                reply(result.map(|_| 0), Vec::new())
+            }
+            (Request::SetEventfd, Some(f)) => {
+                let mut fds = received.fds;
+                let result = match fds.len() {
+                    0 => {
+                        f.set_event_notifier(None);
+                        Ok(0)
+                    }
+                    1 => {
+                        let fd = fds.remove(0);
+                        if is_eventfd(&fd) {
+                            f.set_event_notifier(Some(Arc::new(EventfdNotifier(fd))));
+                            Ok(0)
+                        } else {
+                            Err(Errno::EINVAL)
+                        }
+                    }
+                    _ => Err(Errno::EINVAL),
+                };
+                reply(result, Vec::new())
+            }
+            (_, None) => reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
+        }
+    }
+
+    fn hello(&mut self, min: u16, max: u16, kind: u32) -> Result<Welcome, Errno> {
+        if !(min..=max).contains(&VERSION) {
+            return Err(Errno::new(libc::EPROTONOSUPPORT));
+        }
+        let kind = self
+            .svc
+            .kinds
+            .iter()
+            .find(|k| k.id() == kind)
+            .ok_or(Errno::ENODEV)?
+            .clone();
+        self.file = Some(kind.open()?);
+        Ok(Welcome {
+            version: VERSION,
+            max_payload: MAX_PAYLOAD as u32,
+            max_in_flight: MAX_IN_FLIGHT,
+            max_windows: self.svc.limits.max_windows,
+            max_window_bytes: self.svc.limits.max_window_bytes,
+        })
+    }
+
+    /// An ioctl, with the user address its argument carries (if any) translated from the
+    /// client's windows to the host's; an address outside them is `EFAULT` and the file
+    /// never sees it. The client gets its own address back.
+    fn ioctl(&self, file: &dyn UapiFile, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        // Only the first kind is served today; the file's kind decides the user addresses.
+        let kind = &self.svc.kinds[0];
+        let range = kind.user_range(cmd, arg)?;
+        let Some(range) = range else {
+            return file.ioctl(cmd, arg);
+        };
+        let field = range.at..range.at + 8;
+        let addr = u64::from_le_bytes(arg[field.clone()].try_into().expect("8 bytes"));
+        let host = self.translate(addr, range.len).ok_or(Errno::EFAULT)?;
+        arg[field.clone()].copy_from_slice(&host.to_le_bytes());
+        let result = file.ioctl(cmd, arg);
+        arg[field].copy_from_slice(&addr.to_le_bytes());
+        result
+    }
+
+    /// The host address of the client's `[addr, addr + len)`, when it lies in one window.
+    fn translate(&self, addr: u64, len: u64) -> Option<u64> {
+        self.windows.iter().find_map(|w| {
+            let off = addr.checked_sub(w.addr)?;
+            (off.checked_add(len)? <= w.size).then_some(w.user + off)
+        })
+    }
+
+    fn add_memory(&mut self, addr: u64, size: u64, fd: OwnedFd) -> Result<(), Errno> {
+        const PAGE: u64 = vsva_hw::PAGE_SIZE;
+        let limits = &self.svc.limits;
+        if size == 0 || size % PAGE != 0 || addr % PAGE != 0 || addr.checked_add(size).is_none() {
+            return Err(Errno::EINVAL);
+        }
+        let used: u64 = self.windows.iter().map(|w| w.size).sum();
+        if self.windows.len() >= limits.max_windows as usize
+            || used.saturating_add(size) > limits.max_window_bytes
+        {
+            return Err(Errno::ENOSPC);
+        }
+        if self
+            .windows
+            .iter()
+            .any(|w| addr < w.addr + w.size && w.addr < addr + size)
+        {
+            return Err(Errno::EEXIST);
+        }
+        // Sealing the file against shrinking keeps it from being truncated under the host's
+        // mapping; a file that cannot take the seal (not a memfd, or sealed shut without
+        // it) is refused by the adoption below.
+        let _ = rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK);
+        let file = File::from(fd);
+        let hpa = self
+            .svc
+            .frames
+            .alloc_range(size, PAGE)
+            .map_err(|_| Errno::ENOMEM)?;
+        match self.svc.mem.adopt_window(hpa, &file, size) {
+            Ok(user) => {
+                self.windows.push(Window {
+                    addr,
+                    size,
+                    hpa,
+                    user,
+                });
+                let c = &self.svc.counters;
+                c.windows.fetch_add(1, Ordering::AcqRel);
+                c.window_bytes.fetch_add(size, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!("memory window refused: {e}");
+                if let Err(e) = self.svc.frames.free(hpa) {
+                    tracing::error!("freeing a refused window's frames: {e}");
+                }
+                Err(Errno::EINVAL)
+            }
+        }
+    }
+}
+
+impl Drop for Connection<'_> {
+    /// The client is gone: its file closes first (unbinding, unmapping and freeing what it
+    /// set up), then its windows return to host memory and their frames are freed.
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            file.set_event_notifier(None);
+            if Arc::strong_count(&file) != 1 {
+                tracing::error!("a closing connection's file is still referenced");
+            }
+            drop(file);
+        }
+        let c = &self.svc.counters;
+        for w in self.windows.drain(..) {
+            if let Err(e) = self.svc.mem.return_window(w.hpa, w.size) {
+                tracing::error!("returning a window at {}: {e}", w.hpa);
+                continue;
+            }
+            if let Err(e) = self.svc.frames.free(w.hpa) {
+                tracing::error!("freeing a window at {}: {e}", w.hpa);
+            }
+            c.windows.fetch_sub(1, Ordering::AcqRel);
+            c.window_bytes.fetch_sub(w.size, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The kind and id a reply to a malformed `frame` carries: the frame's own when it has a
+/// whole header with the right magic, else [`ERROR_REPLY`] and 0.
+fn reply_to(frame: &[u8]) -> (u16, u32) {
+    match frame.get(..HEADER_LEN) {
+        Some(h) if h[..4] == MAGIC.to_le_bytes() => (
+            u16::from_le_bytes([h[6], h[7]]),
+            u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")),
+        ),
+        _ => (ERROR_REPLY, 0),
+    }
+}
+
+/// Whether `fd` is an eventfd (anything else, a pipe say, could block the thread that
+/// reports a fault).
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+}
+
+/// Where `vsva host` listens: binds `path` (0600), refusing a path another host serves and
+/// replacing a stale socket a dead host left.
+pub fn bind_socket(path: &Path) -> Result<OwnedFd, ServiceError> {
+    let err = |source| ServiceError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if socket::connect(path).is_ok() {
+            return Err(ServiceError::InUse(path.display().to_string()));
+        }
+        use std::os::unix::fs::FileTypeExt;
+        let stale = std::fs::symlink_metadata(path).map_err(err)?;
+        if !stale.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    socket::listen(path).map_err(err)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+/// Sets a flag on SIGTERM and SIGINT, and returns it.
+pub fn stop_on_signals() -> &'static AtomicBool {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
+        // sigaction structure is fully initialised (zeroed, then the handler set).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+    &STOP
+}
+
+/// `vsva host`: builds the host, serves `path` until SIGTERM or SIGINT, tears down and
+/// returns the report.
+pub fn run(path: &Path, config: &HostConfig) -> Result<Report, ServiceError> {
+    let stop = stop_on_signals();
+    let service = Service::new(config)?;
+    let listener = bind_socket(path)?;
+    let report = service.serve(listener, stop);
+    let _ = std::fs::remove_file(path);
+    Ok(report)
+}

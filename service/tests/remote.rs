@@ -1,0 +1,211 @@
+//! A host served on a socket in this process and clients over real `SOCK_SEQPACKET`
+//! connections: every byte crosses the wire protocol, the memory window crosses as an
+//! `SCM_RIGHTS` memfd.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vm_memory::{Bytes, GuestAddress};
+use vsva_service::protocol::HostState;
+use vsva_service::{HostConfig, RemoteFile, Report, Service, SharedRam};
+use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::{
+    BindGpasid, CacheInvalidate, DmaMap, Errno, InvGranularity, IommuModel, VfioIoctls,
+};
+use vsva_vtd::{Gpa, Iova};
+
+struct Served {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Report>>,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn serve() -> Served {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vsva-service-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("host.sock");
+    let service = Service::new(&HostConfig {
+        memory: 256 << 20,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let listener = vsva_service::server::bind_socket(&path).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::spawn(move || service.serve(listener, &s));
+    Served {
+        path,
+        stop,
+        thread: Some(thread),
+        _dir: TempDir(dir),
+    }
+}
+
+impl Served {
+    fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+const RAM: u64 = 4 << 20;
+
+fn bind(hpasid: vsva_vtd::Pasid) -> BindGpasid {
+    BindGpasid {
+        hpasid,
+        gpasid: Some(hpasid),
+        gpgd: Gpa(0x10_0000),
+        addr_width: 48,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
+    }
+}
+
+/// A client: container set to nesting, RAM shared and mapped at IOVA 0.
+fn client(path: &std::path::Path) -> (RemoteFile, SharedRam) {
+    let file = RemoteFile::connect(path).unwrap();
+    let ram = SharedRam::new(RAM).unwrap();
+    (&file).set_iommu(IommuModel::Type1Nesting).unwrap();
+    ram.share(&file).unwrap();
+    (&file)
+        .map_dma(&DmaMap {
+            iova: Iova(0),
+            vaddr: ram.addr(),
+            size: RAM,
+            read: true,
+            write: true,
+        })
+        .unwrap();
+    (file, ram)
+}
+
+#[test]
+fn a_container_over_the_socket_maps_binds_invalidates_and_leaves_nothing() {
+    let served = serve();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let before = probe.host_state().unwrap();
+    {
+        let (file, ram) = client(&served.path);
+        let mut f = &file;
+        assert_eq!(f.api_version().unwrap(), 0);
+        let info = f.get_info().unwrap();
+        assert!(info.nesting.is_some());
+        let p = f.pasid_alloc(1, 100).unwrap();
+        f.bind_gpasid(&bind(p)).unwrap();
+        f.cache_invalidate(&CacheInvalidate {
+            cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+            granularity: InvGranularity::Pasid {
+                pasid: Some(p),
+                archid: None,
+            },
+        })
+        .unwrap();
+        let held = probe.host_state().unwrap();
+        assert_eq!(held.connections, before.connections + 1);
+        assert_eq!(held.pasids, before.pasids + 1);
+        assert_eq!(held.windows, 1);
+        assert_eq!(held.window_bytes, RAM);
+        assert_eq!(held.domain_ids, before.domain_ids + 1);
+        // Bytes the VMM writes are host memory: the host's view is the same file.
+        ram.mem.write_slice(b"guest", GuestAddress(0x2000)).unwrap();
+        f.unbind_gpasid(&bind(p)).unwrap();
+        f.pasid_free(p).unwrap();
+        drop(file);
+    }
+    // The host closes a connection in its own time; wait (bounded) for it.
+    let after = settle(&probe, &before);
+    assert_eq!(after, before);
+    drop(probe);
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+/// Polls the host state until it equals `want` (at most 2 s), returning the last state.
+fn settle(probe: &RemoteFile, want: &HostState) -> HostState {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let s = probe.host_state().unwrap();
+        if s == *want || std::time::Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_client_cannot_reach_another_clients_pasids_or_memory() {
+    let served = serve();
+    let (a, ram_a) = client(&served.path);
+    let (b, _ram_b) = client(&served.path);
+    let p = (&a).pasid_alloc(1, 100).unwrap();
+    assert_eq!((&b).pasid_free(p), Err(Errno::EPERM));
+    assert_eq!((&b).bind_gpasid(&bind(p)), Err(Errno::EPERM));
+    // B names A's RAM by its address in A: outside B's windows, so EFAULT.
+    let m = DmaMap {
+        iova: Iova(RAM),
+        vaddr: ram_a.addr(),
+        size: 4096,
+        read: true,
+        write: true,
+    };
+    if ram_a.addr() != _ram_b.addr() {
+        assert_eq!((&b).map_dma(&m), Err(Errno::EFAULT));
+    }
+    // B names an address beyond its own window: EFAULT, and nothing is mapped.
+    let beyond = DmaMap {
+        vaddr: _ram_b.addr() + RAM - 4096,
+        size: 8192,
+        ..m
+    };
+    assert_eq!((&b).map_dma(&beyond), Err(Errno::EFAULT));
+    (&a).pasid_free(p).unwrap();
+    drop((a, b));
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+#[test]
+fn a_window_that_lies_about_its_size_or_is_no_memfd_is_refused() {
+    let served = serve();
+    let file = RemoteFile::connect(&served.path).unwrap();
+    let ram = SharedRam::new(RAM).unwrap();
+    assert_eq!(
+        file.add_memory(ram.file.as_fd(), ram.addr(), 2 * RAM),
+        Err(Errno::EINVAL)
+    );
+    let not_memfd = std::fs::File::open("/proc/self/exe").unwrap();
+    assert_eq!(
+        file.add_memory(not_memfd.as_fd(), ram.addr(), 4096),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        file.add_memory(ram.file.as_fd(), ram.addr() + 1, 4096),
+        Err(Errno::EINVAL)
+    );
+    let s = file.host_state().unwrap();
+    assert_eq!((s.windows, s.window_bytes), (0, 0));
+    ram.share(&file).unwrap();
+    assert_eq!(ram.share(&file), Err(Errno::EEXIST));
+    drop(file);
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}

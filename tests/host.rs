@@ -1,0 +1,449 @@
+//! `vsva host` as a real process, and clients as real processes: a client killed with
+//! SIGKILL at any point loses exactly its own state; malformed traffic is answered or
+//! closes only its own connection; a host that goes away makes its clients fail with a
+//! clear error and a non-zero exit. Every wait is bounded.
+//!
+//! Client processes are this test binary run again with `VSVA_TEST_CLIENT` set: the
+//! `client_process` test then plays the client instead of testing.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vsva_service::protocol::{self, HostState, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
+use vsva_service::{socket, RemoteFile, SharedRam};
+use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
+use vsva_uapi::{
+    BindGpasid, CacheInvalidate, DmaMap, Errno, InvGranularity, IommuModel, VfioIoctls,
+};
+use vsva_vtd::{Gpa, Iova, Pasid};
+
+const RAM: u64 = 4 << 20;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `vsva host` process, killed when dropped.
+struct Host {
+    child: Child,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Host {
+    fn start(name: &str) -> Host {
+        let dir = std::env::temp_dir().join(format!("vsva-host-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.sock");
+        let host = Host {
+            child: spawn_host(&path),
+            path,
+            dir,
+        };
+        wait_for(
+            || RemoteFile::connect(&host.path).is_ok(),
+            "the host's socket",
+        );
+        host
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM, then the host's exit status and report.
+    fn stop(mut self) -> (bool, String) {
+        self.signal(libc::SIGTERM);
+        let status = wait_exit(&mut self.child);
+        let mut out = String::new();
+        use std::io::Read;
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        (status, out)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn_host(path: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args(["host", "--memory", "256M", "--socket"])
+        .arg(path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("vsva host starts")
+}
+
+fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (bounded) for `child` to exit; whether it succeeded.
+fn wait_exit(child: &mut Child) -> bool {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(Instant::now() < deadline, "a process did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls the host's state until it equals `want` (bounded); returns the last one.
+fn settle(probe: &RemoteFile, want: HostState) -> HostState {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let s = probe.host_state().unwrap();
+        if s == want || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn bind_data(p: Pasid) -> BindGpasid {
+    BindGpasid {
+        hpasid: p,
+        gpasid: Some(p),
+        gpgd: Gpa(0x10_0000),
+        addr_width: 48,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
+    }
+}
+
+/// A connected VMM: nesting container, RAM shared and mapped at IOVA 0.
+fn vmm(path: &Path) -> (RemoteFile, SharedRam) {
+    let file = RemoteFile::connect(path).unwrap();
+    let ram = SharedRam::new(RAM).unwrap();
+    (&file).set_iommu(IommuModel::Type1Nesting).unwrap();
+    ram.share(&file).unwrap();
+    (&file)
+        .map_dma(&DmaMap {
+            iova: Iova(0),
+            vaddr: ram.addr(),
+            size: RAM,
+            read: true,
+            write: true,
+        })
+        .unwrap();
+    (file, ram)
+}
+
+/// The client process: connects, says "ready", then binds, invalidates and unbinds in a
+/// loop until killed; exits 2 with a clear message when the host goes away.
+#[test]
+fn client_process() {
+    let Ok(path) = std::env::var("VSVA_TEST_CLIENT") else {
+        return;
+    };
+    let (file, _ram) = vmm(Path::new(&path));
+    let mut f = &file;
+    let keep = f.pasid_alloc(1, 1000).unwrap();
+    f.bind_gpasid(&bind_data(keep)).unwrap();
+    println!("ready");
+    let inv = |p| CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Pasid {
+            pasid: Some(p),
+            archid: None,
+        },
+    };
+    loop {
+        let step = (|| {
+            let p = f.pasid_alloc(1, 1000)?;
+            f.bind_gpasid(&bind_data(p))?;
+            f.cache_invalidate(&inv(p))?;
+            f.cache_invalidate(&inv(keep))?;
+            f.unbind_gpasid(&bind_data(p))?;
+            f.pasid_free(p)
+        })();
+        if let Err(e) = step {
+            eprintln!(
+                "vsva client: {e}; host connection lost: {}",
+                file.host_gone()
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Starts a client process on `path` and waits (bounded) until it is ready.
+fn spawn_client(path: &Path) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "client_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("VSVA_TEST_CLIENT", path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            // libtest prints "test client_process ... " before the test's own output.
+            if line.is_ok_and(|l| l.trim_end().ends_with("ready")) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(WAIT).is_err() {
+        let _ = child.kill();
+        panic!("the client never got ready");
+    }
+    child
+}
+
+#[test]
+fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
+    let host = Host::start("kill");
+    let probe = RemoteFile::connect(&host.path).unwrap();
+    let empty = probe.host_state().unwrap();
+    // A live client that holds a bound PASID throughout.
+    let (live, _ram) = vmm(&host.path);
+    let p = (&live).pasid_alloc(1, 1000).unwrap();
+    (&live).bind_gpasid(&bind_data(p)).unwrap();
+    let with_live = probe.host_state().unwrap();
+    for round in 0..6 {
+        let mut child = spawn_client(&host.path);
+        // Kill it at a varying point of its bind/invalidate/unbind loop.
+        std::thread::sleep(Duration::from_millis(1 + 7 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let after = settle(&probe, with_live);
+        assert_eq!(
+            after, with_live,
+            "round {round}: the host kept the killed client's state"
+        );
+    }
+    // The live client still owns and uses its PASID; no other connection can free it.
+    assert!((&probe).pasid_free(p).is_err());
+    (&live).unbind_gpasid(&bind_data(p)).unwrap();
+    (&live).pasid_free(p).unwrap();
+    drop(live);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
+
+#[test]
+fn the_socket_is_private_and_a_second_host_is_refused() {
+    let host = Host::start("private");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&host.path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let second = Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args(["host", "--socket"])
+        .arg(&host.path)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another host is serving it"));
+    let path = host.path.clone();
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(!path.exists(), "the host leaves its socket behind");
+}
+
+/// Sends raw bytes (with optional fds) and returns the reply, or None if the host closed.
+fn raw(
+    sock: &std::os::fd::OwnedFd,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Option<Reply> {
+    socket::send(sock.as_fd(), bytes, fds).ok()?;
+    let r = socket::recv(sock.as_fd()).ok()??;
+    Some(Reply::decode(&r.bytes).expect("the host's replies decode"))
+}
+
+fn frame(kind: u16, id: u32, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = protocol::MAGIC.to_le_bytes().to_vec();
+    f.extend_from_slice(&protocol::VERSION.to_le_bytes());
+    f.extend_from_slice(&kind.to_le_bytes());
+    f.extend_from_slice(&id.to_le_bytes());
+    f.extend_from_slice(&len.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
+    let host = Host::start("malformed");
+    let (good, _ram) = vmm(&host.path);
+    let p = (&good).pasid_alloc(1, 1000).unwrap();
+    (&good).bind_gpasid(&bind_data(p)).unwrap();
+    let before = good.host_state().unwrap();
+
+    let bad = socket::connect(&host.path).unwrap();
+    let hello = protocol::encode_request(
+        1,
+        &Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            file: protocol::FILE_VFIO_CONTAINER,
+        },
+    );
+    // Before HELLO, an ioctl has no file.
+    let ioctl = protocol::encode_request(
+        2,
+        &Request::Ioctl {
+            cmd: 0x3b64,
+            arg: &[],
+        },
+    );
+    assert_eq!(
+        raw(&bad, &ioctl, &[]).unwrap().result,
+        Err(Errno::new(libc::ENOTCONN))
+    );
+    assert_eq!(raw(&bad, &hello, &[]).unwrap().result, Ok(0));
+    assert_eq!(
+        raw(&bad, &hello, &[]).unwrap().result,
+        Err(Errno::new(libc::EISCONN))
+    );
+    let cases: Vec<(Vec<u8>, u16, Errno)> = vec![
+        (vec![0x56, 0x53], ERROR_REPLY, Errno::EINVAL),
+        (
+            frame(7, 3, 0, &[])[..HEADER_LEN - 1].to_vec(),
+            ERROR_REPLY,
+            Errno::EINVAL,
+        ),
+        (frame(7, 4, 5, &[]), 7, Errno::EINVAL),
+        (frame(7, 5, 0, &[1]), 7, Errno::EINVAL),
+        (frame(0x42, 6, 0, &[]), ERROR_REPLY, Errno::ENOTTY),
+        (frame(3, 7, 2, &[1, 2]), 3, Errno::EINVAL),
+        (vec![0xAA; 40], ERROR_REPLY, Errno::EINVAL),
+        (
+            frame(2, 8, (MAX_FRAME) as u32, &vec![0; MAX_FRAME]),
+            2,
+            Errno::new(libc::EMSGSIZE),
+        ),
+    ];
+    for (bytes, kind, errno) in &cases {
+        let r = raw(&bad, bytes, &[]).expect("an error reply, not a close");
+        assert_eq!(
+            (r.kind, r.result),
+            (*kind, Err(*errno)),
+            "{:x?}",
+            &bytes[..bytes.len().min(20)]
+        );
+    }
+    // An fd where none belongs: refused, and the fd closed by the host.
+    let ram = SharedRam::new(4096).unwrap();
+    let state = protocol::encode_request(9, &Request::State);
+    let r = raw(&bad, &state, &[ram.file.as_fd()]).unwrap();
+    assert_eq!(r.result, Err(Errno::EINVAL));
+    // Random bytes (a fixed seed, so a failure reproduces).
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..200 {
+        let len = (i * 7) % 90;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        if raw(&bad, &bytes, &[]).is_none() {
+            break; // closed after too many malformed frames: allowed
+        }
+    }
+    // The good client is untouched and still served.
+    assert_eq!(good.host_state().unwrap().pasids, before.pasids);
+    (&good)
+        .cache_invalidate(&CacheInvalidate {
+            cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+            granularity: InvGranularity::Pasid {
+                pasid: Some(p),
+                archid: None,
+            },
+        })
+        .unwrap();
+    drop(bad);
+    (&good).unbind_gpasid(&bind_data(p)).unwrap();
+    (&good).pasid_free(p).unwrap();
+    drop(good);
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
+
+#[test]
+fn a_host_that_goes_away_makes_its_client_fail_clearly() {
+    let mut host = Host::start("restart");
+    let mut client = spawn_client(&host.path);
+    host.child.kill().unwrap();
+    host.child.wait().unwrap();
+    let ok = wait_exit(&mut client);
+    assert!(!ok, "the client must fail");
+    let mut err = String::new();
+    use std::io::Read;
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("host connection lost: true"), "{err}");
+    // A new host on the same path (the dead one's socket is stale) serves again.
+    host.child = spawn_host(&host.path);
+    wait_for(
+        || RemoteFile::connect(&host.path).is_ok(),
+        "the restarted host",
+    );
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipped: python3 is not installed (scripts/test installs it where apt can)");
+        return;
+    }
+    let host = Host::start("python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&host.path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("allocated PASID"), "{text}");
+    assert!(text.trim_end().ends_with("ok"), "{text}");
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
