@@ -21,7 +21,10 @@ use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{Errno, UapiFile};
-use vsva_vtd::{Gpa, SourceId};
+use vsva_vtd::{
+    FlPagingMode, FrameSource, Gpa, MapFlags, PageSize, PageTableBuilder, Pasid, SourceId,
+    TableFormat,
+};
 
 const PAGE: u64 = 4096;
 const SID: SourceId = SourceId::from_rid(0x18);
@@ -583,7 +586,8 @@ fn files_are_isolated() {
         b.lock().objects().get(&id_b),
         Some(&ObjectState::Device {
             sid: SID,
-            rid: None
+            rid: None,
+            pasids: vec![]
         })
     );
     assert_eq!(id_a, id_b, "each file has its own id space");
@@ -617,4 +621,452 @@ proptest! {
             prop_assert_eq!(f.lock().objects(), before);
         }
     }
+}
+
+// ----- Nested HWPTs, PASID attach, invalidation, hardware information -----
+
+const GUEST_PT: (u64, u64) = (0x80000, 0xa0000);
+const GVA: u64 = 0x4000_0000;
+
+/// Guest page-table frames handed out from a range of guest RAM.
+struct GuestFrames {
+    next: u64,
+    end: u64,
+}
+
+impl FrameSource for GuestFrames {
+    fn alloc_table(&mut self) -> Option<u64> {
+        (self.next < self.end).then(|| {
+            self.next += PAGE;
+            self.next - PAGE
+        })
+    }
+
+    fn free_table(&mut self, _frame: u64) {}
+}
+
+/// A guest process's first-level tables in guest RAM mapping each `(gva, gpa)` page.
+struct GuestTables {
+    t: PageTableBuilder,
+    f: GuestFrames,
+}
+
+impl GuestTables {
+    fn new(ram: &Ram, pages: &[(u64, u64)]) -> GuestTables {
+        let mut f = GuestFrames {
+            next: GUEST_PT.0,
+            end: GUEST_PT.1,
+        };
+        let t = PageTableBuilder::new(
+            TableFormat::FirstLevel(FlPagingMode::FourLevel),
+            &ram.mem,
+            &mut f,
+        )
+        .unwrap();
+        let mut g = GuestTables { t, f };
+        for &(gva, gpa) in pages {
+            g.map(ram, gva, gpa);
+        }
+        g
+    }
+
+    fn map(&mut self, ram: &Ram, gva: u64, gpa: u64) {
+        let flags = MapFlags::READ | MapFlags::WRITE | MapFlags::USER;
+        self.t
+            .map(&ram.mem, &mut self.f, gva, gpa, PageSize::Size4K, flags)
+            .unwrap();
+    }
+
+    fn unmap(&mut self, ram: &Ram, gva: u64) {
+        self.t.unmap(&ram.mem, gva, PageSize::Size4K).unwrap();
+    }
+}
+
+fn dma_fill_pasid(engine: &DmaEngine, pasid: u32, dst: u64, size: u32, pattern: u64) {
+    let desc = Descriptor {
+        pasid: Some(Pasid::new(pasid).unwrap()),
+        privileged: false,
+        block_on_fault: false,
+        completion: CompletionRequest::None,
+        op: Operation::Fill { pattern, dst, size },
+    };
+    engine.portal_write(0, &desc.encode()).unwrap();
+    engine.process();
+    engine
+        .mmio_write(REG_SWERR0, SWERR_VALID | SWERR_OVERFLOW)
+        .unwrap();
+}
+
+/// Puts `bytes` in the scratch area of guest RAM; returns their user address.
+fn scratch(ram: &Ram, bytes: &[u8]) -> u64 {
+    ram.mem.write_slice(bytes, GuestAddress(SCRATCH)).unwrap();
+    ram.vaddr + SCRATCH
+}
+
+fn s1(pgtbl_addr: u64, flags: u64) -> IommuHwptVtdS1 {
+    IommuHwptVtdS1 {
+        flags,
+        pgtbl_addr,
+        addr_width: 48,
+        __reserved: 0,
+    }
+}
+
+/// `IOMMU_HWPT_ALLOC` of a nested HWPT for `(dev_id, parent)` with `data` bytes at
+/// `data_uptr` (or those given).
+fn nested_alloc(
+    f: &dyn UapiFile,
+    ram: &Ram,
+    (dev_id, parent): (u32, u32),
+    flags: u32,
+    data_type: u32,
+    data: &[u8],
+    data_uptr: Option<u64>,
+) -> Result<u32, Errno> {
+    let uptr = scratch(ram, data);
+    let c = IommuHwptAlloc {
+        size: 48,
+        flags,
+        dev_id,
+        pt_id: parent,
+        data_type,
+        data_len: data.len() as u32,
+        data_uptr: data_uptr.unwrap_or(uptr),
+        fault_id: u32::MAX,
+        ..Default::default()
+    };
+    Ok(io(f, IOMMU_HWPT_ALLOC, &c)?.out_hwpt_id)
+}
+
+/// `IOMMU_HWPT_INVALIDATE`: the result and `entry_num` written back.
+fn invalidate(
+    f: &dyn UapiFile,
+    ram: &Ram,
+    hwpt: u32,
+    data_type: u32,
+    entry_len: u32,
+    entries: &[IommuHwptVtdS1Invalidate],
+    data_uptr: Option<u64>,
+) -> (Result<(), Errno>, u32) {
+    let mut bytes = Vec::new();
+    for e in entries {
+        let mut b = e.to_bytes();
+        b.resize(entry_len as usize, 0);
+        bytes.extend(b);
+    }
+    let uptr = scratch(ram, &bytes);
+    let c = IommuHwptInvalidate {
+        size: 32,
+        hwpt_id: hwpt,
+        data_uptr: data_uptr.unwrap_or(uptr),
+        data_type,
+        entry_len,
+        entry_num: entries.len() as u32,
+        __reserved: 0,
+    };
+    let mut b = c.to_bytes();
+    let r = f.ioctl(IOMMU_HWPT_INVALIDATE, &mut b).map(|_| ());
+    let out: IommuHwptInvalidate = read_prefix(&b, b.len());
+    (r, out.entry_num)
+}
+
+fn inv(addr: u64, npages: u64, flags: u32) -> IommuHwptVtdS1Invalidate {
+    IommuHwptVtdS1Invalidate {
+        addr,
+        npages,
+        flags,
+        __reserved: 0,
+    }
+}
+
+fn attach_pasid(dev: &VfioDeviceFile, pasid: u32, pt_id: u32) -> Result<u32, Errno> {
+    let c = VfioDeviceAttachIommufdPt {
+        argsz: 16,
+        flags: VFIO_DEVICE_ATTACH_PASID,
+        pt_id,
+        pasid,
+    };
+    Ok(io(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &c)?.pt_id)
+}
+
+fn detach_pasid(dev: &VfioDeviceFile, pasid: u32) -> Result<(), Errno> {
+    let c = VfioDeviceDetachIommufdPt {
+        argsz: 12,
+        flags: VFIO_DEVICE_DETACH_PASID,
+        pasid,
+    };
+    io(dev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &c).map(|_| ())
+}
+
+const VTD_S1_LEN: usize = std::mem::size_of::<IommuHwptVtdS1>();
+const INV_LEN: u32 = std::mem::size_of::<IommuHwptVtdS1Invalidate>() as u32;
+
+/// `iommufd_ioas/alloc_hwpt_nested` without the mock driver: the allocation errors, the
+/// nest-parent rules, EBUSY while referenced, and the invalidation error matrix with
+/// partial success.
+#[test]
+fn alloc_hwpt_nested() {
+    let host = Host::new();
+    let ram = host.ram();
+    let fds = Iommufds::new();
+    let (fd, f) = fds.open(&host.unit);
+    let dev = VfioDeviceFile::open(SID, fds.clone());
+    let dev_id = bind(&dev, fd).unwrap();
+    let ioas = ioas_alloc(&*f).unwrap();
+    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    let parent = hwpt_alloc(&*f, dev_id, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT).unwrap();
+    let not_parent = hwpt_alloc(&*f, dev_id, ioas, 0).unwrap();
+    let data = s1(GUEST_PT.0, 0).to_bytes();
+    let vtd = IOMMU_HWPT_DATA_VTD_S1;
+    let na = |pt, flags, ty, data: &[u8], uptr| {
+        nested_alloc(&*f, &ram, (dev_id, pt), flags, ty, data, uptr)
+    };
+
+    refused(&f, Errno::EINVAL, || {
+        na(parent, 0, IOMMU_HWPT_DATA_NONE, &data, None)
+    });
+    refused(&f, Errno::EOPNOTSUPP, || na(parent, 0, 99, &data, None));
+    refused(&f, Errno::EINVAL, || {
+        na(parent, 0, vtd, &data[..VTD_S1_LEN - 1], None)
+    });
+    refused(&f, Errno::EFAULT, || na(parent, 0, vtd, &data, Some(0)));
+    refused(&f, Errno::EOPNOTSUPP, || {
+        na(parent, IOMMU_HWPT_ALLOC_NEST_PARENT, vtd, &data, None)
+    });
+    refused(&f, Errno::EINVAL, || na(not_parent, 0, vtd, &data, None));
+    refused(&f, Errno::ENOENT, || {
+        na(parent, IOMMU_HWPT_FAULT_ID_VALID, vtd, &data, None)
+    });
+    refused(&f, Errno::EOPNOTSUPP, || {
+        na(parent, 0, vtd, &s1(GUEST_PT.0, 1 << 3).to_bytes(), None)
+    });
+    let mut long = data.clone();
+    long.push(1);
+    refused(&f, Errno::E2BIG, || na(parent, 0, vtd, &long, None));
+    long[VTD_S1_LEN] = 0;
+    let n0 = na(parent, 0, vtd, &long, None).unwrap();
+    let n1 = na(parent, 0, vtd, &data, None).unwrap();
+    refused(&f, Errno::EINVAL, || na(n0, 0, vtd, &data, None));
+    refused(&f, Errno::EBUSY, || destroy(&*f, parent));
+
+    // The invalidation matrix (entry_num written back 0 on each refusal).
+    let ok = [inv(0, 1, 0)];
+    let hv = IOMMU_HWPT_INVALIDATE_DATA_VTD_S1;
+    assert_eq!(
+        invalidate(&*f, &ram, parent, hv, INV_LEN, &ok, None).0,
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, INV_LEN, &[], None),
+        (Ok(()), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, 9, INV_LEN, &ok, None),
+        (Err(Errno::EINVAL), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, 1, &ok, None),
+        (Err(Errno::EINVAL), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, 0, &ok, None),
+        (Err(Errno::EINVAL), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, INV_LEN, &ok, Some(0)),
+        (Err(Errno::EINVAL), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, INV_LEN, &[inv(0, 1, 1 << 1)], None),
+        (Err(Errno::EOPNOTSUPP), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, INV_LEN, &[inv(0x800, 1, 0)], None),
+        (Err(Errno::EINVAL), 0)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, INV_LEN, &[inv(PAGE, u64::MAX, 0)], None),
+        (Err(Errno::EINVAL), 0)
+    );
+    assert_eq!(
+        invalidate(
+            &*f,
+            &ram,
+            n0,
+            hv,
+            INV_LEN,
+            &[inv(0, 1, 0), inv(0, 1, 1 << 4)],
+            None
+        ),
+        (Err(Errno::EOPNOTSUPP), 1),
+        "partial success reports the entries handled"
+    );
+    assert_eq!(
+        invalidate(
+            &*f,
+            &ram,
+            n0,
+            hv,
+            INV_LEN + 8,
+            &[inv(0, 2, IOMMU_VTD_INV_FLAGS_LEAF), inv(0, u64::MAX, 0)],
+            None
+        ),
+        (Ok(()), 2)
+    );
+    assert_eq!(
+        invalidate(&*f, &ram, 1000, hv, INV_LEN, &ok, None).0,
+        Err(Errno::ENOENT)
+    );
+
+    destroy(&*f, n0).unwrap();
+    destroy(&*f, n1).unwrap();
+    destroy(&*f, parent).unwrap();
+}
+
+/// `iommufd_device_pasid/pasid_attach` without the mock driver, and a device that DMAs
+/// through a nested HWPT attached at a PASID: the guest's table over the IOAS, replaced
+/// mappings reached only after `IOMMU_HWPT_INVALIDATE`, nothing after the detach.
+#[test]
+fn pasid_attach_and_nested_dma() {
+    let host = Host::new();
+    let ram = host.ram();
+    let engine = host.engine(SID);
+    let dids = host.unit.domain_ids_in_use();
+    let fds = Iommufds::new();
+    let (fd, f) = fds.open(&host.unit);
+    let dev = VfioDeviceFile::open(SID, fds.clone());
+    let dev_id = bind(&dev, fd).unwrap();
+    let ioas = ioas_alloc(&*f).unwrap();
+    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    let parent = hwpt_alloc(
+        &*f,
+        dev_id,
+        ioas,
+        IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+    )
+    .unwrap();
+    let no_pasid = hwpt_alloc(&*f, dev_id, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT).unwrap();
+    let mut guest = GuestTables::new(&ram, &[(GVA, 0x10000), (GVA + PAGE, 0x11000)]);
+    let root = guest.t.root();
+    let vtd = IOMMU_HWPT_DATA_VTD_S1;
+    let na = |pt, flags, data: IommuHwptVtdS1| {
+        nested_alloc(&*f, &ram, (dev_id, pt), flags, vtd, &data.to_bytes(), None)
+    };
+    let n0 = na(parent, IOMMU_HWPT_ALLOC_PASID, s1(root, 0)).unwrap();
+    let n1 = na(parent, IOMMU_HWPT_ALLOC_PASID, s1(root, IOMMU_VTD_S1_WPE)).unwrap();
+    let n_nopasid = na(parent, 0, s1(root, 0)).unwrap();
+
+    detach_pasid(&dev, 5).unwrap();
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n0));
+    attach(&dev, no_pasid).unwrap();
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n0));
+    attach(&dev, parent).unwrap();
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, ioas));
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, parent));
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n_nopasid));
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 0, n0));
+    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 1 << 20, n0));
+    refused(&f, Errno::ENOENT, || attach_pasid(&dev, 5, 1000));
+    let p5 = Pasid::new(5).unwrap();
+    assert_eq!(host.unit.pasid_entry(SID, p5), None);
+
+    assert_eq!(attach_pasid(&dev, 5, n0).unwrap(), n0);
+    let e0 = host.unit.pasid_entry(SID, p5).unwrap();
+    assert_eq!((e0.flptptr, e0.wpe), (root, false));
+    dma_fill_pasid(&engine, 5, GVA, 64, 0x5a5a_5a5a_5a5a_5a5a);
+    assert_eq!(ram.read(0x10000, 8), vec![0x5a; 8]);
+
+    refused(&f, Errno::EBUSY, || destroy(&*f, n0));
+    refused(&f, Errno::EBUSY, || destroy(&*f, parent));
+    refused(&f, Errno::EINVAL, || attach(&dev, no_pasid));
+    refused(&f, Errno::EBUSY, || detach(&dev));
+
+    // The guest moves GVA to another page: reached after the invalidation.
+    guest.unmap(&ram, GVA);
+    guest.map(&ram, GVA, 0x12000);
+    let hv = IOMMU_HWPT_INVALIDATE_DATA_VTD_S1;
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, INV_LEN, &[inv(GVA, 1, 0)], None),
+        (Ok(()), 1)
+    );
+    dma_fill_pasid(&engine, 5, GVA, 64, 0x6b6b_6b6b_6b6b_6b6b);
+    assert_eq!(ram.read(0x12000, 8), vec![0x6b; 8]);
+    assert_eq!(ram.read(0x10000, 8), vec![0x5a; 8]);
+
+    // Replace n0 -> n1 at the PASID: one entry rewrite, WPE now set; n0 is free.
+    assert_eq!(attach_pasid(&dev, 5, n1).unwrap(), n1);
+    assert!(host.unit.pasid_entry(SID, p5).unwrap().wpe);
+    destroy(&*f, n0).unwrap();
+    dma_fill_pasid(&engine, 5, GVA + PAGE, 8, 0x7c7c_7c7c_7c7c_7c7c);
+    assert_eq!(ram.read(0x11000, 8), vec![0x7c; 8]);
+
+    detach_pasid(&dev, 5).unwrap();
+    assert_eq!(host.unit.pasid_entry(SID, p5), None);
+    dma_fill_pasid(&engine, 5, GVA + PAGE, 8, 0x0d0d_0d0d_0d0d_0d0d);
+    assert_eq!(
+        ram.read(0x11000, 8),
+        vec![0x7c; 8],
+        "DMA after the PASID detach reached memory"
+    );
+
+    attach_pasid(&dev, 7, n1).unwrap();
+    drop(dev);
+    fds.close(fd);
+    drop(f);
+    assert_eq!(host.unit.attached_devices(), 0);
+    assert_eq!(host.unit.domain_ids_in_use(), dids);
+}
+
+/// `iommufd_ioas/get_hw_info`: the unit's own CAP/ECAP, exact, larger (tail zeroed),
+/// smaller (truncated) and empty buffers, the input type rule, an unknown device.
+#[test]
+fn get_hw_info() {
+    let host = Host::new();
+    let ram = host.ram();
+    let fds = Iommufds::new();
+    let (fd, f) = fds.open(&host.unit);
+    let dev = VfioDeviceFile::open(SID, fds.clone());
+    let dev_id = bind(&dev, fd).unwrap();
+    let cap = host.hw.mmio_read(0x08, 8).unwrap();
+    let ecap = host.hw.mmio_read(0x10, 8).unwrap();
+    let call = |flags, dev_id, data_type, data_len: u32| {
+        ram.mem
+            .write_slice(&[0xffu8; 64], GuestAddress(SCRATCH))
+            .unwrap();
+        let mut c = hw_info(40, flags, dev_id, data_type);
+        c.data_len = data_len;
+        c.data_uptr = ram.vaddr + SCRATCH;
+        let out = io(&*f, IOMMU_GET_HW_INFO, &c)?;
+        Ok::<_, Errno>((out, ram.read(SCRATCH, 64)))
+    };
+    let (out, buf) = call(0, dev_id, 0, 24).unwrap();
+    assert_eq!(hw_info_data_type(&out), IOMMU_HW_INFO_TYPE_INTEL_VTD);
+    assert_eq!(out.data_len, 24);
+    let vtd: IommuHwInfoVtd = read_prefix(&buf, 24);
+    assert_eq!((vtd.cap_reg, vtd.ecap_reg), (cap, ecap));
+    assert_eq!(&buf[24..], &[0xff; 40][..], "past data_len untouched");
+    assert!(out.out_max_pasid_log2 > 0 && out.out_max_pasid_log2 <= 20);
+    let (_, buf) = call(0, dev_id, 0, 40).unwrap();
+    assert_eq!(
+        &buf[24..40],
+        &[0; 16][..],
+        "the tail of a larger buffer is zeroed"
+    );
+    let (_, buf) = call(0, dev_id, 0, 8).unwrap();
+    assert_eq!(&buf[..8], &vtd.to_bytes()[..8]);
+    assert_eq!(&buf[8..], &[0xff; 56][..]);
+    call(0, dev_id, 0, 0).unwrap();
+    call(
+        IOMMU_HW_INFO_FLAG_INPUT_TYPE,
+        dev_id,
+        IOMMU_HW_INFO_TYPE_INTEL_VTD,
+        24,
+    )
+    .unwrap();
+    assert_eq!(
+        call(IOMMU_HW_INFO_FLAG_INPUT_TYPE, dev_id, 2, 24).unwrap_err(),
+        Errno::EOPNOTSUPP
+    );
+    assert_eq!(call(1 << 5, dev_id, 0, 24).unwrap_err(), Errno::EOPNOTSUPP);
+    assert_eq!(call(0, dev_id + 1, 0, 24).unwrap_err(), Errno::ENOENT);
 }

@@ -9,7 +9,7 @@
 //! walked through the domain's second level, so the guest reaches nothing but what the
 //! VMM mapped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use vsva_vtd::regs::{Cap, Ecap};
@@ -78,6 +78,10 @@ pub struct VtdDomain {
     dirty_ops: bool,
     /// SLADE is set in the domain's PASID entries (`dmar_domain->dirty_tracking`).
     dirty_tracking: bool,
+    /// Nested PASID entries over this domain made through iommufd, with their domain ids:
+    /// a second-level change flushes their IOTLB entries and device TLBs too
+    /// (`parent_domain_flush`).
+    nested: BTreeMap<(SourceId, Pasid), DomainId>,
 }
 
 impl VtdDomain {
@@ -103,6 +107,7 @@ impl VtdDomain {
                 max_addr: 0,
                 dirty_ops: false,
                 dirty_tracking: false,
+                nested: BTreeMap::new(),
             }),
             Err(e) => {
                 unit.free_domain_id(did);
@@ -230,6 +235,33 @@ impl VtdDomain {
         self.invalidate(&[iotlb_range(self.did, iova, last, &self.unit.cap())]);
         self.max_addr = self.max_addr.max(last + 1);
         Ok(())
+    }
+
+    /// The nested PASID entry of a guest stage-1 table over this domain for an iommufd
+    /// nested HWPT with domain id `did` (`intel_pasid_setup_nested`): the checks of
+    /// the type1 bind (nesting support, address width, table address, SRE/EAFE support),
+    /// and WPE, which the type1 bind data lacks.
+    pub(crate) fn nested_pasid_entry(
+        &self,
+        did: DomainId,
+        bind: &BindGpasid,
+        wpe: bool,
+    ) -> Result<vsva_vtd::PasidEntry, DriverError> {
+        let sl = SecondLevel {
+            did,
+            ..self.second_level()
+        };
+        let entry = nested_entry(bind, &sl, &self.unit.cap(), &self.unit.ecap())?;
+        Ok(vsva_vtd::PasidEntry { wpe, ..entry })
+    }
+
+    /// Records (`Some(did)`) or forgets (`None`) a nested entry of `sid`'s `pasid` over
+    /// this domain, whose domain id second-level flushes must cover.
+    pub(crate) fn track_nested(&mut self, sid: SourceId, pasid: Pasid, did: Option<DomainId>) {
+        match did {
+            Some(d) => self.nested.insert((sid, pasid), d),
+            None => self.nested.remove(&(sid, pasid)),
+        };
     }
 
     fn second_level(&self) -> SecondLevel {
@@ -371,6 +403,21 @@ impl VtdDomain {
         let ecap = self.unit.ecap();
         let order = covering_order(start, last);
         let mut descs: Vec<InvDesc> = vec![iotlb_range(self.did, start, last, &cap)];
+        let nested_dids: BTreeSet<DomainId> = self.nested.values().copied().collect();
+        descs.extend(
+            nested_dids
+                .iter()
+                .map(|&d| iotlb_range(d, start, last, &cap)),
+        );
+        for &(sid, pasid) in self.nested.keys() {
+            descs.push(dev_iotlb_pf(
+                sid,
+                pfsid(sid, &ecap),
+                Some(pasid),
+                0,
+                WHOLE_SPACE,
+            ));
+        }
         for &sid in &self.devices {
             let pf = pfsid(sid, &ecap);
             descs.push(dev_iotlb_pf(sid, pf, None, start, order));

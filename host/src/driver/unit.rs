@@ -361,44 +361,62 @@ impl HostIommu {
     }
 
     /// Moves an attached device's requests without PASID to the domain of `sl` in one
-    /// entry write, as `intel_pasid_replace_second_level` does for a domain replace: the
-    /// RID_PASID entry is rewritten whole (the context entry and the device's other PASID
-    /// entries stay), then the PASID cache, IOTLB and device TLB of the old domain are
-    /// invalidated. ENODEV for a device not attached; on failure the old entry is back.
+    /// entry write, as `intel_pasid_replace_second_level` does for a domain replace (the
+    /// context entry and the device's other PASID entries stay); see
+    /// [`HostIommu::replace_pasid_entry`].
     pub(crate) fn replace_rid_domain(
         &self,
         sid: SourceId,
         sl: &SecondLevel,
     ) -> Result<(), DriverError> {
-        let entry = self.second_level_entry(sl);
-        self.check_entry(&entry)?;
+        self.replace_pasid_entry(sid, RID_PASID, &self.second_level_entry(sl))
+    }
+
+    /// Rewrites the present entry of `pasid` of `sid` whole with `entry`, as the
+    /// `intel_pasid_replace_*` helpers do for an atomic domain replace, then invalidates
+    /// the PASID cache, the IOTLB ([`teardown_iotlb`]) and the device TLB of the old
+    /// entry. ENODEV when no entry is present; on failure the old entry is back.
+    pub(crate) fn replace_pasid_entry(
+        &self,
+        sid: SourceId,
+        pasid: Pasid,
+        entry: &PasidEntry,
+    ) -> Result<(), DriverError> {
+        self.check_entry(entry)?;
         let mem = &**self.hw.memory();
         let (slot, old) = {
             let mut state = self.state_lock();
             let tables = state.tables.as_mut().ok_or(DriverError::NotAttached(sid))?;
             let slot = tables
-                .existing_pasid_slot(sid, RID_PASID)
+                .existing_pasid_slot(sid, pasid)
                 .ok_or(DriverError::NotAttached(sid))?;
             let old = tables::read_pasid_entry(mem, slot).ok_or(DriverError::NotAttached(sid))?;
-            tables::write_pasid_entry(mem, slot, &entry)?;
-            tables.set_device_domain(sid, sl.did);
+            tables::write_pasid_entry(mem, slot, entry)?;
+            if pasid == RID_PASID {
+                tables.set_device_domain(sid, entry.did);
+            }
             (slot, old)
+        };
+        let devtlb = if pasid == RID_PASID {
+            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), None, 0, WHOLE_SPACE)
+        } else {
+            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), Some(pasid), 0, WHOLE_SPACE)
         };
         let flushed = self.invalidate(&[
             InvDesc::PasidCache {
                 granularity: PasidCacheGranularity::PasidSelective,
                 did: old.did,
-                pasid: RID_PASID,
+                pasid,
             },
-            iotlb_domain(old.did, &self.cap),
-            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), None, 0, WHOLE_SPACE),
+            teardown_iotlb(old.pgtt, old.did, pasid, &self.cap),
+            devtlb,
         ]);
         if let Err(e) = flushed {
             let mut state = self.state_lock();
             if let Err(back) = tables::write_pasid_entry(mem, slot, &old) {
-                tracing::error!("vt-d: restoring RID_PASID of {sid}: {back}");
+                tracing::error!("vt-d: restoring {pasid} of {sid}: {back}");
             }
-            if let Some(t) = state.tables.as_mut() {
+            if let (Some(t), true) = (state.tables.as_mut(), pasid == RID_PASID) {
                 t.set_device_domain(sid, old.did);
             }
             return Err(e);

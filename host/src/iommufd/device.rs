@@ -11,7 +11,7 @@ use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_uapi::iommufd::*;
-use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
+use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
 use super::{IommufdError, IommufdFile};
@@ -128,18 +128,25 @@ impl VfioDeviceFile {
     }
 
     /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: flags other than ATTACH_PASID and a PASID flag
-    /// whose `argsz` does not cover `pasid` are EINVAL. Writes back the HWPT id in `pt_id`.
+    /// whose `argsz` does not cover `pasid` are EINVAL. Like `vfio_iommufd_physical_
+    /// pasid_attach_ioas`, attaching an attached PASID (or RID) replaces its page table.
+    /// Writes back the HWPT id in `pt_id`.
     fn attach(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
         const WHAT: &str = "vfio_device_attach_iommufd_pt";
         let req: VfioDeviceAttachIommufdPt = copy_vfio_arg(arg, ATTACH_IOMMUFD_PT_MINSZ, WHAT)?;
         if req.flags & !VFIO_DEVICE_ATTACH_PASID != 0 {
             return Err(IommufdError::invalid(WHAT, "unknown flags"));
         }
-        if req.flags & VFIO_DEVICE_ATTACH_PASID != 0 {
-            return Err(UapiError::not_supported(WHAT, "PASID attach").into());
+        let pasid = req.flags & VFIO_DEVICE_ATTACH_PASID != 0;
+        if pasid && (req.argsz as usize) < size_of::<VfioDeviceAttachIommufdPt>() {
+            return Err(IommufdError::invalid(WHAT, "argsz does not cover pasid"));
         }
         let (file, dev_id) = self.binding()?;
-        let hwpt = file.lock().attach_rid(dev_id, req.pt_id)?;
+        let hwpt = if pasid {
+            file.lock().attach_pasid(dev_id, req.pasid, req.pt_id)?
+        } else {
+            file.lock().attach_rid(dev_id, req.pt_id)?
+        };
         let at = offset_of!(VfioDeviceAttachIommufdPt, pt_id);
         arg[at..at + 4].copy_from_slice(&hwpt.to_le_bytes());
         Ok(())
@@ -152,12 +159,17 @@ impl VfioDeviceFile {
         if req.flags & !VFIO_DEVICE_DETACH_PASID != 0 {
             return Err(IommufdError::invalid(WHAT, "unknown flags"));
         }
-        if req.flags & VFIO_DEVICE_DETACH_PASID != 0 {
-            return Err(UapiError::not_supported(WHAT, "PASID detach").into());
+        let pasid = req.flags & VFIO_DEVICE_DETACH_PASID != 0;
+        if pasid && (req.argsz as usize) < size_of::<VfioDeviceDetachIommufdPt>() {
+            return Err(IommufdError::invalid(WHAT, "argsz does not cover pasid"));
         }
         let (file, dev_id) = self.binding()?;
-        let result = file.lock().detach_rid(dev_id);
-        result
+        let mut ctx = file.lock();
+        if pasid {
+            ctx.detach_pasid(dev_id, req.pasid)
+        } else {
+            ctx.detach_rid(dev_id)
+        }
     }
 }
 
@@ -194,5 +206,3 @@ impl UapiFile for VfioDeviceFile {
     /// Nothing is queued on a device cdev.
     fn set_event_notifier(&self, _notifier: Option<Arc<dyn EventNotifier>>) {}
 }
-
-const _: () = assert!(size_of::<VfioDeviceAttachIommufdPt>() == 16);

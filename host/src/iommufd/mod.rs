@@ -2,8 +2,9 @@
 //! VT-d driver: what `drivers/iommu/iommufd/` does for a VMM.
 //!
 //! - [`IommufdFile`]: one open `/dev/iommu`, a [`UapiFile`]; its ioctls go through one
-//!   table ([`Ctx::IOCTLS`], Linux's `iommufd_ioctl_ops`: number, argument sizes, handler)
-//!   and act on the file's own objects, by id: IOAS, paging HWPT, device.
+//!   table (`Ctx::IOCTLS`, Linux's `iommufd_ioctl_ops`: number, argument sizes, handler)
+//!   and act on the file's own objects, by id: IOAS, paging HWPT, nested HWPT (a guest
+//!   stage-1 table over a nest parent, attached at a PASID), device.
 //! - [`device::VfioDeviceFile`]: a VFIO device cdev (`/dev/vfio/devices/vfioN`) that binds
 //!   its device to an iommufd and attaches it to a page table.
 //! - [`iopt`]: an IOAS's IOVA space and its rules.
@@ -22,10 +23,15 @@ mod user;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use vsva_uapi::iommu::{IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_SRE};
 use vsva_uapi::iommufd::*;
+use vsva_uapi::request::BindGpasid;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
-use vsva_vtd::{Iova, SourceId};
+use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
+use vsva_vtd::regs::layout::offset;
+use vsva_vtd::{DomainId, Gpa, Iova, Pasid, SourceId};
+use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
+use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
 use crate::container::IommuBackend;
 use crate::driver::{HostIommu, VtdDomain};
@@ -51,18 +57,61 @@ struct HwptPaging {
     auto: bool,
 }
 
+/// A nested HWPT: a guest stage-1 table over a nest-parent HWPT, with a domain id of its
+/// own (its IOTLB entries are tagged with it).
+#[derive(Debug)]
+struct HwptNested {
+    parent: u32,
+    did: DomainId,
+    s1: IommuHwptVtdS1,
+    /// `IOMMU_HWPT_ALLOC_PASID`.
+    pasid: bool,
+    unit: Arc<HostIommu>,
+}
+
+impl Drop for HwptNested {
+    fn drop(&mut self) {
+        self.unit.free_domain_id(self.did);
+    }
+}
+
+impl HwptNested {
+    /// The type1 bind data the stage-1 table amounts to, for `pasid`.
+    fn bind(&self, pasid: Pasid) -> BindGpasid {
+        let mut vtd_flags = 0;
+        if self.s1.flags & IOMMU_VTD_S1_SRE != 0 {
+            vtd_flags |= IOMMU_SVA_VTD_GPASID_SRE;
+        }
+        if self.s1.flags & IOMMU_VTD_S1_EAFE != 0 {
+            vtd_flags |= IOMMU_SVA_VTD_GPASID_EAFE;
+        }
+        BindGpasid {
+            hpasid: pasid,
+            gpasid: Some(pasid),
+            gpgd: Gpa(self.s1.pgtbl_addr),
+            addr_width: self.s1.addr_width,
+            vtd_flags,
+            pat: 0,
+            emt: 0,
+        }
+    }
+}
+
 /// A device bound to the file (`struct iommufd_device`).
 #[derive(Debug)]
 struct Device {
     sid: SourceId,
     /// The HWPT its requests without PASID use.
     rid: Option<u32>,
+    /// The nested HWPT of each attached PASID.
+    pasids: BTreeMap<Pasid, u32>,
 }
 
 #[derive(Debug)]
 enum Object {
     Ioas(Ioas),
     HwptPaging(HwptPaging),
+    HwptNested(HwptNested),
     Device(Device),
 }
 
@@ -71,6 +120,7 @@ impl Object {
         match self {
             Object::Ioas(_) => "IOAS",
             Object::HwptPaging(_) => "paging HWPT",
+            Object::HwptNested(_) => "nested HWPT",
             Object::Device(_) => "device",
         }
     }
@@ -89,12 +139,21 @@ pub enum ObjectState {
         /// `IOMMU_HWPT_ALLOC_NEST_PARENT`.
         nest_parent: bool,
     },
+    /// A nested HWPT and its parent.
+    HwptNested {
+        /// The nest-parent HWPT.
+        parent: u32,
+        /// The guest's stage-1 table (a GPA).
+        pgtbl_addr: u64,
+    },
     /// A device and the HWPT of its RID.
     Device {
         /// Its requester id.
         sid: SourceId,
         /// The HWPT its RID is attached to.
         rid: Option<u32>,
+        /// The HWPT of each attached PASID.
+        pasids: Vec<(u32, u32)>,
     },
 }
 
@@ -160,6 +219,14 @@ impl Ctx {
             ucmd: UCMD_HWPT_ALLOC,
             handler: Ctx::do_hwpt_alloc,
         },
+        IoctlOp {
+            ucmd: UCMD_HWPT_INVALIDATE,
+            handler: Ctx::do_hwpt_invalidate,
+        },
+        IoctlOp {
+            ucmd: UCMD_GET_HW_INFO,
+            handler: Ctx::do_get_hw_info,
+        },
     ];
 
     fn new(unit: Arc<HostIommu>) -> Self {
@@ -191,9 +258,14 @@ impl Ctx {
                         ioas: h.ioas,
                         nest_parent: h.nest_parent,
                     },
+                    Object::HwptNested(h) => ObjectState::HwptNested {
+                        parent: h.parent,
+                        pgtbl_addr: h.s1.pgtbl_addr,
+                    },
                     Object::Device(d) => ObjectState::Device {
                         sid: d.sid,
                         rid: d.rid,
+                        pasids: d.pasids.iter().map(|(p, &h)| (p.raw(), h)).collect(),
                     },
                 };
                 (id, s)
@@ -260,7 +332,8 @@ impl Ctx {
             .values()
             .filter(|o| match o {
                 Object::HwptPaging(h) => h.ioas == id,
-                Object::Device(d) => d.rid == Some(id),
+                Object::HwptNested(h) => h.parent == id,
+                Object::Device(d) => d.rid == Some(id) || d.pasids.values().any(|&h| h == id),
                 Object::Ioas(_) => false,
             })
             .count()
@@ -543,6 +616,7 @@ impl Ctx {
                 })
             }
             Some(Object::Ioas(_)) => self.alloc_paging(cmd.pt_id, cmd.flags, cmd.data_type)?,
+            Some(Object::HwptPaging(_)) => self.alloc_nested(&cmd)?,
             Some(o) => {
                 return Err(IommufdError::WrongType {
                     id: cmd.pt_id,
@@ -552,6 +626,295 @@ impl Ctx {
             }
         };
         cmd.out_hwpt_id = id;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
+    /// A nested HWPT over paging HWPT `cmd.pt_id` (`iommufd_hwpt_nested_alloc` and
+    /// `intel_iommu_domain_alloc_nested`): flags FAULT_ID_VALID and PASID only
+    /// (EOPNOTSUPP), data of type VTD_S1 (EOPNOTSUPP for another), at least
+    /// `iommu_hwpt_vtd_s1` up to `__reserved` (EINVAL), read from `data_uptr` (EFAULT)
+    /// with the copy rules of a structure (E2BIG); a parent that is not a nest parent, or
+    /// an automatic one, EINVAL; stage-1 flags SRE/EAFE/WPE only and `__reserved` zero
+    /// (EOPNOTSUPP); the entry checks of the type1 bind (EINVAL/ENODEV). No fault queue
+    /// exists yet, so FAULT_ID_VALID is ENOENT for every `fault_id`.
+    fn alloc_nested(&mut self, cmd: &IommuHwptAlloc) -> Result<u32, IommufdError> {
+        const WHAT: &str = "nested HWPT";
+        if cmd.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                format!("flags {:#x}", cmd.flags),
+            ));
+        }
+        if cmd.data_type != IOMMU_HWPT_DATA_VTD_S1 {
+            return Err(if cmd.data_type == IOMMU_HWPT_DATA_NONE {
+                IommufdError::invalid(WHAT, "no data")
+            } else {
+                IommufdError::not_supported(WHAT, format!("data type {}", cmd.data_type))
+            });
+        }
+        let Some(Object::HwptPaging(parent)) = self.objects.get(&cmd.pt_id) else {
+            return Err(IommufdError::NoObject {
+                id: cmd.pt_id,
+                want: "paging HWPT",
+            });
+        };
+        if !parent.nest_parent || parent.auto {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "the parent is not a nest parent",
+            ));
+        }
+        let known = std::mem::size_of::<IommuHwptVtdS1>();
+        let len = cmd.data_len as usize;
+        if len < known {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "data_len below iommu_hwpt_vtd_s1",
+            ));
+        }
+        let bytes = copy_from_user(self.unit.hardware().memory(), cmd.data_uptr, len)?;
+        if bytes[known..].iter().any(|&b| b != 0) {
+            return Err(UapiError::TrailingBytes {
+                what: WHAT,
+                size: cmd.data_len,
+                known,
+            }
+            .into());
+        }
+        let s1: IommuHwptVtdS1 = read_prefix(&bytes, known);
+        if s1.flags & !(IOMMU_VTD_S1_SRE | IOMMU_VTD_S1_EAFE | IOMMU_VTD_S1_WPE) != 0
+            || s1.__reserved != 0
+        {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                "stage-1 flags or reserved",
+            ));
+        }
+        if cmd.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
+            return Err(IommufdError::NoObject {
+                id: cmd.fault_id,
+                want: "fault queue",
+            });
+        }
+        let id = self.next_id()?;
+        let did = self.unit.alloc_domain_id()?;
+        let nested = HwptNested {
+            parent: cmd.pt_id,
+            did,
+            s1,
+            pasid: cmd.flags & IOMMU_HWPT_ALLOC_PASID != 0,
+            unit: self.unit.clone(),
+        };
+        let probe = Pasid::new(1).map_err(|e| IommufdError::invalid(WHAT, e.to_string()))?;
+        let wpe = s1.flags & IOMMU_VTD_S1_WPE != 0;
+        parent
+            .domain
+            .nested_pasid_entry(did, &nested.bind(probe), wpe)?;
+        self.objects.insert(id, Object::HwptNested(nested));
+        Ok(id)
+    }
+
+    /// `IOMMU_HWPT_INVALIDATE` of a nested HWPT (`intel_nested_cache_invalidate_user`):
+    /// `entry_num` entries of `entry_len` bytes from `data_uptr` (EINVAL for entries
+    /// without a pointer or a length), each an `iommu_hwpt_vtd_s1_invalidate` (type
+    /// VTD_S1, at least its size: EINVAL; a longer entry's tail zero: E2BIG): flags LEAF
+    /// only and `__reserved` zero (EOPNOTSUPP), `addr` 4 KiB aligned and `npages ==
+    /// U64_MAX` only with `addr == 0`, which flushes everything (EINVAL). Each entry
+    /// flushes the PASID-based IOTLB and device TLB of every PASID the HWPT is attached at;
+    /// the first refused entry stops the array and `entry_num` returns how many were done.
+    /// A HWPT that is not nested is EINVAL; `entry_num` 0 is a probe.
+    fn do_hwpt_invalidate(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let mut cmd: IommuHwptInvalidate = u.copy_in(arg)?;
+        let mut done = 0u32;
+        let result = self.invalidate_array(&cmd, &mut done);
+        // As the kernel, `entry_num` is written back on every outcome past the copy-in.
+        cmd.entry_num = done;
+        u.respond(&cmd, arg);
+        result
+    }
+
+    fn invalidate_array(
+        &self,
+        cmd: &IommuHwptInvalidate,
+        done: &mut u32,
+    ) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_hwpt_invalidate";
+        check_reserved(cmd.__reserved.into(), WHAT)?;
+        if cmd.entry_num != 0 && (cmd.data_uptr == 0 || cmd.entry_len == 0) {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "entries without a pointer or length",
+            ));
+        }
+        let nested = match self.objects.get(&cmd.hwpt_id) {
+            None => {
+                return Err(IommufdError::NoObject {
+                    id: cmd.hwpt_id,
+                    want: "HWPT",
+                })
+            }
+            Some(Object::HwptNested(n)) => n,
+            Some(o) => {
+                return Err(IommufdError::WrongType {
+                    id: cmd.hwpt_id,
+                    is: o.kind(),
+                    what: WHAT,
+                })
+            }
+        };
+        let targets: Vec<(SourceId, Pasid)> = self
+            .objects
+            .values()
+            .filter_map(|o| match o {
+                Object::Device(d) => Some(d),
+                _ => None,
+            })
+            .flat_map(|d| {
+                d.pasids
+                    .iter()
+                    .filter(|&(_, &h)| h == cmd.hwpt_id)
+                    .map(|(&p, _)| (d.sid, p))
+            })
+            .collect();
+        for i in 0..cmd.entry_num {
+            self.invalidate_entry(cmd, i, nested.did, &targets)?;
+            *done += 1;
+        }
+        Ok(())
+    }
+
+    fn invalidate_entry(
+        &self,
+        cmd: &IommuHwptInvalidate,
+        index: u32,
+        did: DomainId,
+        targets: &[(SourceId, Pasid)],
+    ) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_hwpt_vtd_s1_invalidate";
+        if cmd.data_type != IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 {
+            return Err(IommufdError::invalid(WHAT, "data type"));
+        }
+        let known = std::mem::size_of::<IommuHwptVtdS1Invalidate>();
+        let len = cmd.entry_len as usize;
+        if len < known {
+            return Err(IommufdError::invalid(WHAT, "entry_len below the entry"));
+        }
+        let at = (index as u64)
+            .checked_mul(len as u64)
+            .and_then(|off| cmd.data_uptr.checked_add(off))
+            .ok_or(IommufdError::Fault(WHAT))?;
+        let bytes = copy_from_user(self.unit.hardware().memory(), at, len)?;
+        if bytes[known..].iter().any(|&b| b != 0) {
+            return Err(UapiError::TrailingBytes {
+                what: WHAT,
+                size: cmd.entry_len,
+                known,
+            }
+            .into());
+        }
+        let e: IommuHwptVtdS1Invalidate = read_prefix(&bytes, known);
+        if e.flags & !IOMMU_VTD_INV_FLAGS_LEAF != 0 || e.__reserved != 0 {
+            return Err(IommufdError::not_supported(WHAT, "flags or reserved"));
+        }
+        if e.addr % IOVA_ALIGNMENT != 0 || (e.npages == u64::MAX && e.addr != 0) {
+            return Err(IommufdError::invalid(WHAT, "address not aligned"));
+        }
+        if e.npages == 0 {
+            return Ok(());
+        }
+        let cap = self.unit.cap();
+        let ecap = self.unit.ecap();
+        let mut descs = Vec::new();
+        for &(sid, pasid) in targets {
+            let pf = pfsid(sid, &ecap);
+            if e.npages == u64::MAX {
+                descs.push(piotlb_pasid(did, pasid));
+                descs.push(dev_iotlb_pf(sid, pf, Some(pasid), 0, WHOLE_SPACE));
+            } else {
+                let last = e
+                    .npages
+                    .checked_mul(IOVA_ALIGNMENT)
+                    .and_then(|b| e.addr.checked_add(b - 1))
+                    .unwrap_or(u64::MAX);
+                let order = covering_order(e.addr, last);
+                let leaf = e.flags & IOMMU_VTD_INV_FLAGS_LEAF != 0;
+                let base = e.addr & !((1u64 << (12 + u32::from(order).min(51))) - 1);
+                descs.push(piotlb_pages(did, pasid, base, order, leaf, &cap));
+                descs.push(dev_iotlb_pf(sid, pf, Some(pasid), base, order));
+            }
+        }
+        if !descs.is_empty() {
+            self.unit.invalidate(&descs)?;
+        }
+        Ok(())
+    }
+
+    /// `IOMMU_GET_HW_INFO` of a bound device: `iommu_hw_info_vtd` with the unit's CAP and
+    /// ECAP registers as read now, copied into the user buffer up to `data_len` (the rest
+    /// of a larger buffer zeroed; `data_len` returns the kernel's length), type INTEL_VTD
+    /// (an input type other than DEFAULT or INTEL_VTD, or unknown flags: EOPNOTSUPP), the
+    /// PASID width and the capabilities (dirty tracking with ECAP.SLADS, PASID execute and
+    /// privileged with ECAP.ERS and SRS).
+    fn do_get_hw_info(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_hw_info";
+        let mut cmd: IommuHwInfo = u.copy_in(arg)?;
+        if cmd.flags & !IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 || cmd.__reserved != [0; 3] {
+            return Err(IommufdError::not_supported(WHAT, "flags or reserved"));
+        }
+        self.device(cmd.dev_id)?;
+        let asked = hw_info_data_type(&cmd);
+        if cmd.flags & IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0
+            && asked != IOMMU_HW_INFO_TYPE_DEFAULT
+            && asked != IOMMU_HW_INFO_TYPE_INTEL_VTD
+        {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                format!("data type {asked}"),
+            ));
+        }
+        let hw = self.unit.hardware();
+        let reg = |off| {
+            hw.mmio_read(off, 8)
+                .map_err(crate::driver::DriverError::from)
+        };
+        let data = IommuHwInfoVtd {
+            flags: 0,
+            __reserved: 0,
+            cap_reg: reg(offset::CAP)?,
+            ecap_reg: reg(offset::ECAP)?,
+        };
+        let image = data.to_bytes();
+        let mut out = vec![0u8; cmd.data_len as usize];
+        let n = out.len().min(image.len());
+        out[..n].copy_from_slice(&image[..n]);
+        copy_to_user(hw.memory(), cmd.data_uptr, &out)?;
+        let ecap = self.unit.ecap();
+        let mut caps = 0;
+        if ecap.slads {
+            caps |= IOMMU_HW_CAP_DIRTY_TRACKING;
+        }
+        if ecap.ers {
+            caps |= IOMMU_HW_CAP_PCI_PASID_EXEC;
+        }
+        if ecap.srs {
+            caps |= IOMMU_HW_CAP_PCI_PASID_PRIV;
+        }
+        cmd = hw_info(
+            cmd.size,
+            cmd.flags,
+            cmd.dev_id,
+            IOMMU_HW_INFO_TYPE_INTEL_VTD,
+        );
+        let original: IommuHwInfo = u.copy_in(arg)?;
+        cmd.data_uptr = original.data_uptr;
+        cmd.data_len = image.len() as u32;
+        cmd.out_max_pasid_log2 = if ecap.pasid {
+            ecap.pasid_bits() as u8
+        } else {
+            0
+        };
+        cmd.out_capabilities = caps;
         u.respond(&cmd, arg);
         Ok(())
     }
@@ -630,15 +993,141 @@ impl Ctx {
             return Err(IommufdError::Busy("the device is bound already"));
         }
         let id = self.next_id()?;
-        self.objects
-            .insert(id, Object::Device(Device { sid, rid: None }));
+        self.objects.insert(
+            id,
+            Object::Device(Device {
+                sid,
+                rid: None,
+                pasids: BTreeMap::new(),
+            }),
+        );
         Ok(id)
     }
 
     /// Unbinds a device: detached from everything, its object removed.
     pub(crate) fn unbind_device(&mut self, dev_id: u32) {
+        let pasids: Vec<Pasid> = match self.objects.get(&dev_id) {
+            Some(Object::Device(d)) => d.pasids.keys().copied().collect(),
+            _ => Vec::new(),
+        };
+        for p in pasids {
+            let _ = self.detach_pasid(dev_id, p.raw());
+        }
         let _ = self.detach_rid(dev_id);
         self.objects.remove(&dev_id);
+    }
+
+    /// Attaches (or, when attached, replaces) `pasid` of device `dev_id` to nested HWPT
+    /// `pt_id` (`iommufd_device_attach`/`replace` with a PASID): the HWPT must be nested
+    /// with ALLOC_PASID (an IOAS, a paging HWPT or another object: EINVAL; a PASID above
+    /// the unit's width or 0: EINVAL), and the device's RID attached to a paging HWPT
+    /// with ALLOC_PASID or an automatic one (EINVAL otherwise). The nested PASID entry is
+    /// written in one go, a replace rewriting the present entry; a refused attach or
+    /// replace leaves the PASID as it was. Returns the HWPT id.
+    pub(crate) fn attach_pasid(
+        &mut self,
+        dev_id: u32,
+        pasid: u32,
+        pt_id: u32,
+    ) -> Result<u32, IommufdError> {
+        const WHAT: &str = "PASID attach";
+        let dev = self.device(dev_id)?;
+        let (sid, rid, old) = (
+            dev.sid,
+            dev.rid,
+            dev.pasids
+                .iter()
+                .find(|(p, _)| p.raw() == pasid)
+                .map(|(_, &h)| h),
+        );
+        let ecap = self.unit.ecap();
+        let p = Pasid::new(pasid)
+            .ok()
+            .filter(|p| p.raw() != 0 && ecap.pasid && u64::from(p.raw()) >> ecap.pasid_bits() == 0)
+            .ok_or_else(|| IommufdError::invalid(WHAT, format!("PASID {pasid:#x}")))?;
+        let nested = match self.objects.get(&pt_id) {
+            None => {
+                return Err(IommufdError::NoObject {
+                    id: pt_id,
+                    want: "page table",
+                })
+            }
+            Some(Object::HwptNested(n)) if n.pasid => n,
+            Some(o) => {
+                return Err(IommufdError::invalid(
+                    WHAT,
+                    format!("a {} without ALLOC_PASID cannot serve a PASID", o.kind()),
+                ))
+            }
+        };
+        let rid_compat = rid.is_some_and(
+            |r| matches!(self.objects.get(&r), Some(Object::HwptPaging(h)) if h.pasid || h.auto),
+        );
+        if !rid_compat {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "the RID is not on a PASID-compatible HWPT",
+            ));
+        }
+        if old == Some(pt_id) {
+            return Ok(pt_id);
+        }
+        let (parent_id, did) = (nested.parent, nested.did);
+        let wpe = nested.s1.flags & IOMMU_VTD_S1_WPE != 0;
+        let bind = nested.bind(p);
+        let Some(Object::HwptPaging(parent)) = self.objects.get(&parent_id) else {
+            return Err(IommufdError::NoObject {
+                id: parent_id,
+                want: "paging HWPT",
+            });
+        };
+        let entry = parent.domain.nested_pasid_entry(did, &bind, wpe)?;
+        match old {
+            Some(_) => self.unit.replace_pasid_entry(sid, p, &entry)?,
+            None => self.unit.install_pasid_entry(sid, p, &entry)?,
+        }
+        if let Some(old_parent) = old.and_then(|o| match self.objects.get(&o) {
+            Some(Object::HwptNested(n)) => Some(n.parent),
+            _ => None,
+        }) {
+            if let Some(h) = self.paging_mut(old_parent) {
+                h.domain.track_nested(sid, p, None);
+            }
+        }
+        if let Some(h) = self.paging_mut(parent_id) {
+            h.domain.track_nested(sid, p, Some(did));
+        }
+        if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
+            d.pasids.insert(p, pt_id);
+        }
+        Ok(pt_id)
+    }
+
+    /// Detaches `pasid` of device `dev_id`: the entry torn down, the PASID's page
+    /// requests drained. A PASID not attached is left alone (as the kernel's detach).
+    pub(crate) fn detach_pasid(&mut self, dev_id: u32, pasid: u32) -> Result<(), IommufdError> {
+        let dev = self.device(dev_id)?;
+        let sid = dev.sid;
+        let Some((p, h)) = dev
+            .pasids
+            .iter()
+            .find(|(p, _)| p.raw() == pasid)
+            .map(|(&p, &h)| (p, h))
+        else {
+            return Ok(());
+        };
+        self.unit.remove_pasid_entry(sid, p, true);
+        let parent = match self.objects.get(&h) {
+            Some(Object::HwptNested(n)) => Some(n.parent),
+            _ => None,
+        };
+        if let Some(hwpt) = parent.and_then(|id| self.paging_mut(id)) {
+            hwpt.domain.track_nested(sid, p, None);
+        }
+        if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
+            d.pasids.remove(&p);
+        }
+        Ok(())
     }
 
     /// Attaches (or replaces) device `dev_id`'s RID to `pt_id`: an IOAS (an automatic
@@ -647,7 +1136,7 @@ impl Ctx {
     pub(crate) fn attach_rid(&mut self, dev_id: u32, pt_id: u32) -> Result<u32, IommufdError> {
         const WHAT: &str = "attach";
         let dev = self.device(dev_id)?;
-        let (sid, old) = (dev.sid, dev.rid);
+        let (sid, old, has_pasids) = (dev.sid, dev.rid, !dev.pasids.is_empty());
         let mut made = None;
         let hwpt = match self.objects.get(&pt_id) {
             None => {
@@ -670,7 +1159,21 @@ impl Ctx {
                     }
                 }
             }
-            Some(Object::HwptPaging(_)) => pt_id,
+            Some(Object::HwptPaging(h)) => {
+                if has_pasids && !h.pasid {
+                    return Err(IommufdError::invalid(
+                        WHAT,
+                        "PASIDs are attached: the RID needs a PASID-compatible HWPT",
+                    ));
+                }
+                pt_id
+            }
+            Some(Object::HwptNested(_)) => {
+                return Err(IommufdError::not_supported(
+                    WHAT,
+                    "a nested HWPT at the RID is not modelled",
+                ))
+            }
             Some(o) => {
                 return Err(IommufdError::WrongType {
                     id: pt_id,
@@ -733,6 +1236,9 @@ impl Ctx {
         let Some(h) = rid else {
             return Ok(());
         };
+        if !dev.pasids.is_empty() {
+            return Err(IommufdError::Busy("PASIDs of the device are attached"));
+        }
         if let Some(hwpt) = self.paging_mut(h) {
             hwpt.domain.detach_device(sid);
         }
@@ -753,7 +1259,7 @@ impl Drop for Ctx {
             .filter_map(|(&id, o)| matches!(o, Object::Device(_)).then_some(id))
             .collect();
         for d in devices {
-            let _ = self.detach_rid(d);
+            self.unbind_device(d);
         }
     }
 }
