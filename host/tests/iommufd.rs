@@ -288,6 +288,8 @@ fn cmd_length() {
         UCMD_IOAS_MAP,
         UCMD_IOAS_UNMAP,
         UCMD_HWPT_ALLOC,
+        UCMD_HWPT_INVALIDATE,
+        UCMD_GET_HW_INFO,
     ] {
         let f = IommufdFile::open(&host.unit);
         let call = |size: usize, tail: u8| {
