@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use vm_memory::{Bytes, GuestAddress};
 use vsva_service::protocol::HostState;
-use vsva_service::{HostConfig, RemoteFile, Report, Service, SharedRam};
+use vsva_service::{HostConfig, Limits, RemoteFile, Report, Service, SharedRam};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{
     BindGpasid, CacheInvalidate, DmaMap, Errno, InvGranularity, IommuModel, VfioIoctls,
@@ -34,6 +34,10 @@ impl Drop for TempDir {
 }
 
 fn serve() -> Served {
+    serve_with(Limits::default())
+}
+
+fn serve_with(limits: Limits) -> Served {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "vsva-service-{}-{}",
@@ -44,7 +48,7 @@ fn serve() -> Served {
     let path = dir.join("host.sock");
     let service = Service::new(&HostConfig {
         memory: 256 << 20,
-        ..HostConfig::default()
+        limits,
     })
     .unwrap();
     let listener = vsva_service::server::bind_socket(&path).unwrap();
@@ -207,5 +211,66 @@ fn a_window_that_lies_about_its_size_or_is_no_memfd_is_refused() {
     assert_eq!(ram.share(&file), Err(Errno::EEXIST));
     drop(file);
     let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+#[test]
+fn per_client_limits_hold_for_each_connection_alone() {
+    let served = serve_with(Limits {
+        max_windows: 2,
+        max_window_bytes: 3 * RAM,
+        pasid_quota: 3,
+        ..Limits::default()
+    });
+    let (a, _ram_a) = client(&served.path);
+    let w = a.welcome();
+    assert_eq!((w.max_windows, w.max_window_bytes), (2, 3 * RAM));
+    // Windows: the second fits; a third, or one over the byte budget, does not.
+    let big = SharedRam::new(2 * RAM + 4096).unwrap();
+    assert_eq!(big.share(&a), Err(Errno::ENOSPC));
+    let second = SharedRam::new(RAM).unwrap();
+    second.share(&a).unwrap();
+    let third = SharedRam::new(4096).unwrap();
+    assert_eq!(third.share(&a), Err(Errno::ENOSPC));
+    // PASIDs: the quota, then ENOSPC; another connection has its own quota.
+    let mut f = &a;
+    let held: Vec<_> = (0..3).map(|_| f.pasid_alloc(1, 1000).unwrap()).collect();
+    assert_eq!(f.pasid_alloc(1, 1000), Err(Errno::ENOSPC));
+    let (b, _ram_b) = client(&served.path);
+    let pb = (&b).pasid_alloc(1, 1000).unwrap();
+    assert!(!held.contains(&pb));
+    drop((a, b));
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+#[test]
+fn connections_are_served_concurrently() {
+    let served = serve();
+    let path = served.path.clone();
+    let all_connected = Arc::new(std::sync::Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            let all_connected = all_connected.clone();
+            std::thread::spawn(move || {
+                let (file, _ram) = client(&path);
+                all_connected.wait();
+                let mut f = &file;
+                for _ in 0..200 {
+                    let p = f.pasid_alloc(1, 1 << 19).unwrap();
+                    f.bind_gpasid(&bind(p)).unwrap();
+                    f.unbind_gpasid(&bind(p)).unwrap();
+                    f.pasid_free(p).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let report = served.finish();
+    assert_eq!(report.peak_connections, 4, "{report}");
+    assert_eq!(report.errors, 0, "{report}");
     assert_eq!(report.left, report.baseline, "{report}");
 }
