@@ -13,7 +13,7 @@ use vsva_host::driver::HostIommu;
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
 use vsva_hw::dma::regs::{
-    CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRIV_EN, REG_SWERR0, SWERR_OVERFLOW, SWERR_VALID,
+    CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRIV_EN, CTRL_PRI_EN, REG_SWERR0, SWERR_OVERFLOW, SWERR_VALID,
 };
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
 use vsva_hw::iommu::{Iommu, IommuConfig};
@@ -27,6 +27,7 @@ use vsva_vtd::{
 };
 
 const PAGE: u64 = 4096;
+const FEATURES: u64 = CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRIV_EN;
 const SID: SourceId = SourceId::from_rid(0x18);
 const RAM: u64 = 1 << 20;
 /// Where the scratch arrays the tests pass by pointer live in guest RAM.
@@ -65,12 +66,10 @@ impl Host {
         }
     }
 
-    fn engine(&self, sid: SourceId) -> Arc<DmaEngine> {
+    fn engine(&self, sid: SourceId, features: u64) -> Arc<DmaEngine> {
         let engine = Arc::new(DmaEngine::new(DmaEngineConfig::new(sid), self.hw.clone()).unwrap());
         self.hw.attach_endpoint(engine.clone());
-        engine
-            .enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRIV_EN)
-            .unwrap();
+        engine.enable(features).unwrap();
         engine
     }
 }
@@ -480,7 +479,7 @@ fn ioas_copy() {
 fn hwpt_paging_attach_replace_and_dma() {
     let host = Host::new();
     let ram = host.ram();
-    let engine = host.engine(SID);
+    let engine = host.engine(SID, FEATURES);
     let (dids, frames) = (host.unit.domain_ids_in_use(), host.frames.allocated_bytes());
     let fds = Iommufds::new();
     let (fd, f) = fds.open(&host.unit);
@@ -932,7 +931,7 @@ fn alloc_hwpt_nested() {
 fn pasid_attach_and_nested_dma() {
     let host = Host::new();
     let ram = host.ram();
-    let engine = host.engine(SID);
+    let engine = host.engine(SID, FEATURES);
     let dids = host.unit.domain_ids_in_use();
     let fds = Iommufds::new();
     let (fd, f) = fds.open(&host.unit);
@@ -1071,4 +1070,140 @@ fn get_hw_info() {
     );
     assert_eq!(call(1 << 5, dev_id, 0, 24).unwrap_err(), Errno::EOPNOTSUPP);
     assert_eq!(call(0, dev_id + 1, 0, 24).unwrap_err(), Errno::ENOENT);
+}
+
+/// `alloc_hwpt_nested`'s fault steps and `pasid_attach`'s IOPF at a PASID, with a real
+/// page request: a device faults on a guest page that is not present, the VMM reads one
+/// whole group from the fault queue file, maps the page and answers with the cookie, and
+/// the device's retried DMA lands. Unknown cookies and partial records are EINVAL.
+#[test]
+fn fault_queue_round_trip() {
+    let host = Host::new();
+    let ram = host.ram();
+    let engine = host.engine(SID, FEATURES | CTRL_PRI_EN);
+    let fds = Iommufds::new();
+    let (fd, f) = fds.open(&host.unit);
+    let dev = VfioDeviceFile::open(SID, fds.clone());
+    let dev_id = bind(&dev, fd).unwrap();
+    let ioas = ioas_alloc(&*f).unwrap();
+    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    let parent = hwpt_alloc(
+        &*f,
+        dev_id,
+        ioas,
+        IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+    )
+    .unwrap();
+    attach(&dev, parent).unwrap();
+    let mut guest = GuestTables::new(&ram, &[(GVA, 0x10000)]);
+    let root = guest.t.root();
+
+    let alloc = IommuFaultAlloc {
+        size: 16,
+        ..Default::default()
+    };
+    assert_eq!(
+        io(
+            &*IommufdFile::open(&host.unit),
+            IOMMU_FAULT_QUEUE_ALLOC,
+            &alloc
+        )
+        .unwrap_err(),
+        Errno::EMFILE
+    );
+    refused(&f, Errno::EOPNOTSUPP, || {
+        io(
+            &*f,
+            IOMMU_FAULT_QUEUE_ALLOC,
+            &IommuFaultAlloc { flags: 1, ..alloc },
+        )
+    });
+    let out = io(&*f, IOMMU_FAULT_QUEUE_ALLOC, &alloc).unwrap();
+    let queue = fds.fault(out.out_fault_fd as i32).unwrap();
+    let data = s1(root, 0).to_bytes();
+    let vtd = IOMMU_HWPT_DATA_VTD_S1;
+    let iopf_flags = IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_FAULT_ID_VALID;
+    let alloc_iopf = |fault_id| {
+        let uptr = scratch(&ram, &data);
+        let c = IommuHwptAlloc {
+            size: 48,
+            flags: iopf_flags,
+            dev_id,
+            pt_id: parent,
+            data_type: vtd,
+            data_len: data.len() as u32,
+            data_uptr: uptr,
+            fault_id,
+            ..Default::default()
+        };
+        io(&*f, IOMMU_HWPT_ALLOC, &c).map(|c| c.out_hwpt_id)
+    };
+    refused(&f, Errno::ENOENT, || alloc_iopf(u32::MAX));
+    refused(&f, Errno::ENOENT, || alloc_iopf(parent));
+    let iopf = alloc_iopf(out.out_fault_id).unwrap();
+    refused(&f, Errno::EBUSY, || destroy(&*f, out.out_fault_id));
+    attach_pasid(&dev, 9, iopf).unwrap();
+
+    let mut rec = [0u8; 40];
+    assert_eq!(queue.read(&mut rec).unwrap_err(), Errno::EAGAIN);
+    // A write to a page the guest has not mapped: the device asks and waits.
+    let missing = GVA + 4 * PAGE;
+    let desc = Descriptor {
+        pasid: Some(Pasid::new(9).unwrap()),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::None,
+        op: Operation::Fill {
+            pattern: 0x4242_4242_4242_4242,
+            dst: missing,
+            size: 8,
+        },
+    };
+    engine.portal_write(0, &desc.encode()).unwrap();
+    engine.process();
+    host.unit.service_page_requests();
+    assert_eq!(engine.waiting_for_page_response(), 1);
+    assert_eq!(queue.read(&mut [0u8; 39]).unwrap_err(), Errno::EINVAL);
+    assert_eq!(queue.read(&mut rec).unwrap(), 40);
+    let fault: IommuHwptPgfault = read_prefix(&rec, 40);
+    assert_eq!(
+        (fault.dev_id, fault.pasid, fault.addr),
+        (dev_id, 9, missing)
+    );
+    assert_eq!(
+        fault.flags,
+        IOMMU_PGFAULT_FLAGS_PASID_VALID | IOMMU_PGFAULT_FLAGS_LAST_PAGE
+    );
+    assert!(fault.perm & IOMMU_PGFAULT_PERM_WRITE != 0);
+    assert_eq!(queue.read(&mut rec).unwrap_err(), Errno::EAGAIN);
+
+    let response = |cookie, code| IommuHwptPageResponse { cookie, code }.to_bytes();
+    assert_eq!(
+        queue
+            .write(&response(fault.cookie + 1, IOMMUFD_PAGE_RESP_SUCCESS))
+            .unwrap_err(),
+        Errno::EINVAL
+    );
+    assert_eq!(queue.write(&[0u8; 7]).unwrap_err(), Errno::EINVAL);
+    guest.map(&ram, missing, 0x20000);
+    assert_eq!(
+        queue
+            .write(&response(fault.cookie, IOMMUFD_PAGE_RESP_SUCCESS))
+            .unwrap(),
+        8
+    );
+    engine.process();
+    assert_eq!(engine.waiting_for_page_response(), 0);
+    assert_eq!(ram.read(0x20000, 8), vec![0x42; 8]);
+    assert_eq!(
+        queue
+            .write(&response(fault.cookie, IOMMUFD_PAGE_RESP_SUCCESS))
+            .unwrap_err(),
+        Errno::EINVAL,
+        "a group is answered once"
+    );
+
+    detach_pasid(&dev, 9).unwrap();
+    destroy(&*f, iopf).unwrap();
+    destroy(&*f, out.out_fault_id).unwrap();
 }

@@ -36,6 +36,8 @@ impl Errno {
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
     /// `EBADF`: not an open file descriptor (of the kind asked for).
     pub const EBADF: Errno = Errno(libc::EBADF);
+    /// `EMFILE`: no file descriptor can be handed out.
+    pub const EMFILE: Errno = Errno(libc::EMFILE);
     /// `EMSGSIZE`: the output array was too small for every element.
     pub const EMSGSIZE: Errno = Errno(libc::EMSGSIZE);
     /// `EADDRINUSE`: an address range in use.

@@ -14,6 +14,7 @@ use vsva_uapi::iommufd::*;
 use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
+use super::fault::FaultFile;
 use super::{IommufdError, IommufdFile};
 use crate::driver::HostIommu;
 
@@ -21,10 +22,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A process's open `/dev/iommu` files, by fd number.
+/// An open file of the table.
+#[derive(Debug, Clone)]
+enum Open {
+    Iommufd(Arc<IommufdFile>),
+    Fault(Arc<FaultFile>),
+}
+
+/// A process's open `/dev/iommu` files and fault queue files, by fd number.
 #[derive(Debug, Default)]
 pub struct Iommufds {
-    files: Mutex<BTreeMap<i32, Arc<IommufdFile>>>,
+    files: Mutex<BTreeMap<i32, Open>>,
 }
 
 impl Iommufds {
@@ -33,25 +41,47 @@ impl Iommufds {
         Arc::new(Iommufds::default())
     }
 
-    /// Opens `/dev/iommu` on `unit`: the lowest free fd number from 3 and the file.
-    pub fn open(&self, unit: &Arc<HostIommu>) -> (i32, Arc<IommufdFile>) {
+    fn install(&self, file: Open) -> i32 {
         let mut files = lock(&self.files);
         let mut fd = 3;
         while files.contains_key(&fd) {
             fd += 1;
         }
-        let file = IommufdFile::open(unit);
-        files.insert(fd, file.clone());
-        (fd, file)
+        files.insert(fd, file);
+        fd
     }
 
-    /// Closes fd `fd`; the file lives on while devices are bound to it.
-    pub fn close(&self, fd: i32) -> Option<Arc<IommufdFile>> {
-        lock(&self.files).remove(&fd)
+    /// Opens `/dev/iommu` on `unit`: the lowest free fd number from 3 and the file, which
+    /// installs its fault queue files in this table.
+    pub fn open(self: &Arc<Self>, unit: &Arc<HostIommu>) -> (i32, Arc<IommufdFile>) {
+        let file = IommufdFile::open_in(unit, Arc::downgrade(self));
+        (self.install(Open::Iommufd(file.clone())), file)
+    }
+
+    /// Installs a fault queue file; its fd number.
+    pub(crate) fn install_fault(&self, file: Arc<FaultFile>) -> i32 {
+        self.install(Open::Fault(file))
+    }
+
+    /// Closes fd `fd`; a file lives on while something else holds it (a device bound to
+    /// an iommufd, a HWPT using a fault queue).
+    pub fn close(&self, fd: i32) {
+        lock(&self.files).remove(&fd);
     }
 
     fn get(&self, fd: i32) -> Option<Arc<IommufdFile>> {
-        lock(&self.files).get(&fd).cloned()
+        match lock(&self.files).get(&fd) {
+            Some(Open::Iommufd(f)) => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// The fault queue file open at `fd`.
+    pub fn fault(&self, fd: i32) -> Option<Arc<FaultFile>> {
+        match lock(&self.files).get(&fd) {
+            Some(Open::Fault(f)) => Some(f.clone()),
+            _ => None,
+        }
     }
 }
 

@@ -70,6 +70,10 @@ pub enum IommufdError {
     /// An fd that is not open (`-EBADF`).
     #[error("fd {0} is not an open iommufd")]
     BadFd(i32),
+    /// No fd can be handed out: the file was not opened through a process's fd table
+    /// (`-EMFILE`).
+    #[error("no fd table to install a file in")]
+    NoFd,
     /// The output array holds fewer elements than there are (`-EMSGSIZE`; the count
     /// written back is the number needed).
     #[error("{0}: output array too small")]
@@ -94,6 +98,7 @@ impl IommufdError {
             MsgSize(_) => libc::EMSGSIZE,
             Fault(_) => libc::EFAULT,
             BadFd(_) => libc::EBADF,
+            NoFd => libc::EMFILE,
         }
     }
 

@@ -17,11 +17,12 @@
 
 pub mod device;
 mod error;
+pub mod fault;
 pub mod iopt;
 mod user;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use vsva_uapi::iommu::{IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_SRE};
 use vsva_uapi::iommufd::*;
@@ -35,7 +36,9 @@ use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
 use crate::container::IommuBackend;
 use crate::driver::{HostIommu, VtdDomain};
+use device::Iommufds;
 pub use error::IommufdError;
+use fault::FaultFile;
 use iopt::{Area, Iopt, IOVA_ALIGNMENT};
 use user::{copy_from_user, copy_to_user};
 
@@ -66,11 +69,16 @@ struct HwptNested {
     s1: IommuHwptVtdS1,
     /// `IOMMU_HWPT_ALLOC_PASID`.
     pasid: bool,
+    /// The fault queue (object id and file) its page requests go to.
+    fault: Option<(u32, Arc<FaultFile>)>,
     unit: Arc<HostIommu>,
 }
 
 impl Drop for HwptNested {
     fn drop(&mut self) {
+        if self.fault.is_some() {
+            self.unit.set_page_request_sink(self.did, None);
+        }
         self.unit.free_domain_id(self.did);
     }
 }
@@ -113,6 +121,7 @@ enum Object {
     HwptPaging(HwptPaging),
     HwptNested(HwptNested),
     Device(Device),
+    Fault(Arc<FaultFile>),
 }
 
 impl Object {
@@ -122,6 +131,7 @@ impl Object {
             Object::HwptPaging(_) => "paging HWPT",
             Object::HwptNested(_) => "nested HWPT",
             Object::Device(_) => "device",
+            Object::Fault(_) => "fault queue",
         }
     }
 }
@@ -146,6 +156,8 @@ pub enum ObjectState {
         /// The guest's stage-1 table (a GPA).
         pgtbl_addr: u64,
     },
+    /// A fault queue.
+    Fault,
     /// A device and the HWPT of its RID.
     Device {
         /// Its requester id.
@@ -162,6 +174,8 @@ pub enum ObjectState {
 pub struct Ctx {
     unit: Arc<HostIommu>,
     objects: BTreeMap<u32, Object>,
+    /// The fd table fault queue files are installed in.
+    fds: Weak<Iommufds>,
 }
 
 /// The handler of one ioctl: the context, the ioctl's argument description, the bytes.
@@ -227,12 +241,17 @@ impl Ctx {
             ucmd: UCMD_GET_HW_INFO,
             handler: Ctx::do_get_hw_info,
         },
+        IoctlOp {
+            ucmd: UCMD_FAULT_QUEUE_ALLOC,
+            handler: Ctx::do_fault_queue_alloc,
+        },
     ];
 
-    fn new(unit: Arc<HostIommu>) -> Self {
+    fn new(unit: Arc<HostIommu>, fds: Weak<Iommufds>) -> Self {
         Ctx {
             unit,
             objects: BTreeMap::new(),
+            fds,
         }
     }
 
@@ -262,6 +281,7 @@ impl Ctx {
                         parent: h.parent,
                         pgtbl_addr: h.s1.pgtbl_addr,
                     },
+                    Object::Fault(_) => ObjectState::Fault,
                     Object::Device(d) => ObjectState::Device {
                         sid: d.sid,
                         rid: d.rid,
@@ -332,9 +352,11 @@ impl Ctx {
             .values()
             .filter(|o| match o {
                 Object::HwptPaging(h) => h.ioas == id,
-                Object::HwptNested(h) => h.parent == id,
+                Object::HwptNested(h) => {
+                    h.parent == id || h.fault.as_ref().is_some_and(|(f, _)| *f == id)
+                }
                 Object::Device(d) => d.rid == Some(id) || d.pasids.values().any(|&h| h == id),
-                Object::Ioas(_) => false,
+                Object::Ioas(_) | Object::Fault(_) => false,
             })
             .count()
     }
@@ -691,12 +713,19 @@ impl Ctx {
                 "stage-1 flags or reserved",
             ));
         }
-        if cmd.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
-            return Err(IommufdError::NoObject {
-                id: cmd.fault_id,
-                want: "fault queue",
-            });
-        }
+        let fault = if cmd.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
+            match self.objects.get(&cmd.fault_id) {
+                Some(Object::Fault(f)) => Some((cmd.fault_id, f.clone())),
+                _ => {
+                    return Err(IommufdError::NoObject {
+                        id: cmd.fault_id,
+                        want: "fault queue",
+                    })
+                }
+            }
+        } else {
+            None
+        };
         let id = self.next_id()?;
         let did = self.unit.alloc_domain_id()?;
         let nested = HwptNested {
@@ -704,6 +733,7 @@ impl Ctx {
             did,
             s1,
             pasid: cmd.flags & IOMMU_HWPT_ALLOC_PASID != 0,
+            fault,
             unit: self.unit.clone(),
         };
         let probe = Pasid::new(1).map_err(|e| IommufdError::invalid(WHAT, e.to_string()))?;
@@ -711,6 +741,9 @@ impl Ctx {
         parent
             .domain
             .nested_pasid_entry(did, &nested.bind(probe), wpe)?;
+        if let Some((_, f)) = &nested.fault {
+            self.unit.set_page_request_sink(did, Some(f.sink()));
+        }
         self.objects.insert(id, Object::HwptNested(nested));
         Ok(id)
     }
@@ -919,6 +952,24 @@ impl Ctx {
         Ok(())
     }
 
+    /// `IOMMU_FAULT_QUEUE_ALLOC`: flags must be 0 (EOPNOTSUPP); a fault queue object and
+    /// its file, installed in the process's fd table (`out_fault_id`, `out_fault_fd`).
+    fn do_fault_queue_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let mut cmd: IommuFaultAlloc = u.copy_in(arg)?;
+        if cmd.flags != 0 {
+            return Err(IommufdError::not_supported("iommu_fault_alloc", "flags"));
+        }
+        let fds = self.fds.upgrade().ok_or(IommufdError::NoFd)?;
+        let id = self.next_id()?;
+        let file = FaultFile::new(&self.unit);
+        let fd = fds.install_fault(file.clone());
+        self.objects.insert(id, Object::Fault(file));
+        cmd.out_fault_id = id;
+        cmd.out_fault_fd = fd as u32;
+        u.respond(&cmd, arg);
+        Ok(())
+    }
+
     fn alloc_paging(&mut self, ioas: u32, flags: u32, data_type: u32) -> Result<u32, IommufdError> {
         const WHAT: &str = "paging HWPT";
         if flags & !(IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID) != 0 {
@@ -1073,6 +1124,7 @@ impl Ctx {
             return Ok(pt_id);
         }
         let (parent_id, did) = (nested.parent, nested.did);
+        let fault = nested.fault.as_ref().map(|(_, f)| f.clone());
         let wpe = nested.s1.flags & IOMMU_VTD_S1_WPE != 0;
         let bind = nested.bind(p);
         let Some(Object::HwptPaging(parent)) = self.objects.get(&parent_id) else {
@@ -1082,14 +1134,35 @@ impl Ctx {
             });
         };
         let entry = parent.domain.nested_pasid_entry(did, &bind, wpe)?;
-        match old {
-            Some(_) => self.unit.replace_pasid_entry(sid, p, &entry)?,
-            None => self.unit.install_pasid_entry(sid, p, &entry)?,
-        }
-        if let Some(old_parent) = old.and_then(|o| match self.objects.get(&o) {
-            Some(Object::HwptNested(n)) => Some(n.parent),
+        let old_nested = old.and_then(|o| match self.objects.get(&o) {
+            Some(Object::HwptNested(n)) => {
+                Some((n.parent, n.fault.as_ref().map(|(_, f)| f.clone())))
+            }
             _ => None,
-        }) {
+        });
+        if let Some((_, Some(f))) = &old_nested {
+            // The old HWPT's requests stop here; its unanswered groups get Invalid.
+            self.unit.unroute_page_requests(sid, p);
+            f.remove(sid, p);
+        }
+        let written = match old {
+            Some(_) => self.unit.replace_pasid_entry(sid, p, &entry),
+            None => self.unit.install_pasid_entry(sid, p, &entry),
+        };
+        if let Err(e) = written {
+            if let Some((_, Some(f))) = &old_nested {
+                if let Some(Object::HwptNested(n)) = old.and_then(|o| self.objects.get(&o)) {
+                    self.unit.route_page_requests(sid, p, n.did);
+                }
+                f.add(sid, dev_id, p);
+            }
+            return Err(e.into());
+        }
+        if let Some(f) = &fault {
+            f.add(sid, dev_id, p);
+            self.unit.route_page_requests(sid, p, did);
+        }
+        if let Some((old_parent, _)) = old_nested {
             if let Some(h) = self.paging_mut(old_parent) {
                 h.domain.track_nested(sid, p, None);
             }
@@ -1116,7 +1189,18 @@ impl Ctx {
         else {
             return Ok(());
         };
+        let fault = match self.objects.get(&h) {
+            Some(Object::HwptNested(n)) => n.fault.as_ref().map(|(_, f)| f.clone()),
+            _ => None,
+        };
+        if fault.is_some() {
+            // Unrouted first: requests the teardown drains are answered Invalid by the unit.
+            self.unit.unroute_page_requests(sid, p);
+        }
         self.unit.remove_pasid_entry(sid, p, true);
+        if let Some(f) = fault {
+            f.remove(sid, p);
+        }
         let parent = match self.objects.get(&h) {
             Some(Object::HwptNested(n)) => Some(n.parent),
             _ => None,
@@ -1271,10 +1355,16 @@ pub struct IommufdFile {
 }
 
 impl IommufdFile {
-    /// Opens `/dev/iommu` on the host's VT-d unit.
+    /// Opens `/dev/iommu` on the host's VT-d unit, outside any fd table (it cannot hand
+    /// out fault queue fds: `IOMMU_FAULT_QUEUE_ALLOC` is EMFILE).
     pub fn open(unit: &Arc<HostIommu>) -> Arc<Self> {
+        Self::open_in(unit, Weak::new())
+    }
+
+    /// Opens `/dev/iommu` on the host's VT-d unit in the fd table `fds`.
+    pub(crate) fn open_in(unit: &Arc<HostIommu>, fds: Weak<Iommufds>) -> Arc<Self> {
         Arc::new(IommufdFile {
-            ctx: Mutex::new(Ctx::new(unit.clone())),
+            ctx: Mutex::new(Ctx::new(unit.clone(), fds)),
         })
     }
 
