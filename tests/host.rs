@@ -461,3 +461,88 @@ fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }
+
+/// The guest's view of the vIOMMU's registers (an MMIO BAR trapped to the VMM).
+struct VIommuRegs(std::sync::Arc<vsva_vmm::VIommu>);
+
+impl vsva_guest::Mmio for VIommuRegs {
+    fn read(&self, offset: u64, size: usize) -> u64 {
+        self.0.read(offset, size).unwrap_or(u64::MAX)
+    }
+
+    fn write(&self, offset: u64, size: usize, value: u64) {
+        self.0.write(offset, size, value).unwrap();
+    }
+}
+
+#[test]
+fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process() {
+    use std::sync::Arc;
+    use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Process, Prot};
+    use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
+    use vsva_vtd::{FlPagingMode, SourceId};
+    const GUEST_SID: SourceId = SourceId::from_rid(0x18);
+    const HOST_SID: SourceId = SourceId::from_rid(0x100);
+
+    let host = Host::start("vmm");
+    let probe = RemoteFile::connect(&host.path).unwrap();
+    let empty = quiet(&probe);
+    let (file, ram) = vmm(&host.path);
+    let file = Arc::new(file);
+    // The vIOMMU, the guest driver and a guest process, exactly as over the in-process
+    // container (testbed/src/stack.rs), with the socket transport in its place.
+    let viommu = VIommu::new(
+        ram.mem.clone(),
+        VIommuConfig::default(),
+        file.clone() as Arc<dyn PasidSource>,
+    )
+    .unwrap();
+    viommu
+        .attach_passthrough(GUEST_SID, HOST_SID, file.clone() as Arc<dyn HostSva>)
+        .unwrap();
+    let frames =
+        Arc::new(GuestFrames::new(ram.mem.clone(), Gpa(1 << 20), RAM - (1 << 20)).unwrap());
+    let driver = IommuDriver::init(Arc::new(VIommuRegs(viommu.clone())), frames.clone()).unwrap();
+    driver
+        .attach_device(DeviceConfig {
+            sid: GUEST_SID,
+            pasid_bits: 20,
+            ats: true,
+            pri: true,
+        })
+        .unwrap();
+    let process =
+        Arc::new(Process::new(ram.mem.clone(), frames.clone(), FlPagingMode::FourLevel).unwrap());
+    let buf = process.mmap(16 << 10, Prot::READ | Prot::WRITE).unwrap();
+    process.write(buf, b"shared through the socket").unwrap();
+
+    let pasid = driver.sva_bind(GUEST_SID, &process).unwrap();
+    let bound = probe.host_state().unwrap();
+    assert_eq!(
+        bound.pasids,
+        empty.pasids + 1,
+        "the guest's PASID comes from the host"
+    );
+    // The vIOMMU shadowed the guest's entry with a BIND the host accepted.
+    let s = viommu.stats();
+    assert_eq!((s.binds, s.host_errors), (1, 0));
+    // The guest unmaps part of its buffer: its IOTLB invalidation is forwarded to the host.
+    let forwarded = s.invalidations_forwarded;
+    process.munmap(buf, 4096).unwrap();
+    let s = viommu.stats();
+    assert!(s.invalidations_forwarded > forwarded, "{s:?}");
+    assert_eq!(s.host_errors, 0);
+
+    driver.sva_unbind(GUEST_SID, pasid).unwrap();
+    let s = viommu.stats();
+    assert_eq!((s.unbinds, s.host_errors), (1, 0));
+    drop((driver, process, frames));
+    viommu.detach_passthrough(GUEST_SID).unwrap();
+    drop(viommu);
+    drop(file);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
