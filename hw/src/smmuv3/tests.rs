@@ -29,7 +29,8 @@ const MSI: u64 = 0x6_0000;
 const SID: u32 = 1;
 const ASID: u16 = 5;
 const VMID: u16 = 3;
-const RW_EL0: u64 = D::AF | D::AP_EL0;
+/// A user page as Linux maps it: AF, EL0 read/write, not global (ASID-tagged).
+const RW_EL0: u64 = D::AF | D::AP_EL0 | D::NG;
 const S2_RW: u64 = D::AF | D::S2AP_R | D::S2AP_W;
 
 /// An enabled SMMU over 16 MiB: a linear stream table of 64 STEs, a command queue of 8
@@ -256,6 +257,7 @@ fn ttl_hint_limits_nh_va_to_its_level() {
         page_size: PageSize::Size4K,
         perms: vsva_smmuv3::Permissions::ALL,
         dirty: true,
+        global: false,
     };
     let tag = tlb::TlbTag::Stage1 { asid: ASID };
     let level2 = Cmd::TlbiNhVa {
@@ -987,4 +989,134 @@ proptest! {
         // Strict mode finds nothing stale: the tables did not change.
         prop_assert!(rig.smmu.take_stale().is_empty());
     }
+}
+
+/// A stage-1 leaf with nG = 0 is global: its TLB entry serves every ASID of the VMID;
+/// TLBI_NH_VA of any ASID and TLBI_NH_VAA remove it, TLBI_NH_ASID does not (IHI 0070 §4.4,
+/// Arm ARM D8 global entries). A non-global entry is the walking ASID's alone.
+#[test]
+fn global_entries_are_shared_by_asids_and_survive_nh_asid() {
+    let t = |global| vsva_smmuv3::Translation {
+        output: 0x40_0000,
+        page_size: PageSize::Size4K,
+        perms: vsva_smmuv3::Permissions::ALL,
+        dirty: true,
+        global,
+    };
+    let as_of = |asid| tlb::TlbTag::Stage1 { asid };
+    let nested = |asid| tlb::TlbTag::Nested { asid };
+    let fresh = || {
+        let mut tlb = tlb::Tlb::default();
+        tlb.insert(VMID, as_of(1), false, 0x1000, t(true));
+        tlb.insert(VMID, nested(1), false, 0x1000, t(true));
+        tlb.insert(VMID, as_of(1), false, 0x2000, t(false));
+        tlb
+    };
+    let tlb = fresh();
+    // Another ASID of the VMID hits the global entries, not the non-global one.
+    assert!(tlb.lookup(VMID, as_of(2), false, 0x1234).is_some());
+    assert!(tlb.lookup(VMID, nested(9), false, 0x1234).is_some());
+    assert!(tlb.lookup(VMID, as_of(2), false, 0x2000).is_none());
+    assert!(tlb.lookup(VMID, as_of(1), false, 0x2000).is_some());
+    // Not another VMID, stage, or privilege.
+    assert!(tlb.lookup(VMID + 1, as_of(1), false, 0x1000).is_none());
+    assert!(tlb
+        .lookup(VMID, tlb::TlbTag::Stage2, false, 0x1000)
+        .is_none());
+    assert!(tlb.lookup(VMID, as_of(1), true, 0x1000).is_none());
+    let va = |addr| va_operand(addr);
+    let cases = [
+        // NH_ASID removes the ASID's non-global entry only.
+        (
+            Cmd::TlbiNhAsid {
+                vmid: VMID,
+                asid: 1,
+            },
+            1,
+        ),
+        // NH_VA of another ASID removes the global entries of the page (both stages).
+        (
+            Cmd::TlbiNhVa {
+                vmid: VMID,
+                asid: 7,
+                addr: va(0x1000),
+            },
+            2,
+        ),
+        // ... and not another ASID's non-global entry.
+        (
+            Cmd::TlbiNhVa {
+                vmid: VMID,
+                asid: 7,
+                addr: va(0x2000),
+            },
+            0,
+        ),
+        (
+            Cmd::TlbiNhVa {
+                vmid: VMID,
+                asid: 1,
+                addr: va(0x2000),
+            },
+            1,
+        ),
+        (
+            Cmd::TlbiNhVaa {
+                vmid: VMID,
+                addr: va(0x1000),
+            },
+            2,
+        ),
+        (Cmd::TlbiNhAll { vmid: VMID }, 3),
+        (
+            Cmd::TlbiNhVa {
+                vmid: VMID + 1,
+                asid: 1,
+                addr: va(0x1000),
+            },
+            0,
+        ),
+    ];
+    for (cmd, removed) in cases {
+        let mut tlb = fresh();
+        assert_eq!(tlb.invalidate(&cmd), removed, "{cmd:?}");
+    }
+    let mut tlb = fresh();
+    tlb.invalidate(&Cmd::TlbiNhAsid {
+        vmid: VMID,
+        asid: 1,
+    });
+    assert!(tlb.lookup(VMID, as_of(1), false, 0x1000).is_some());
+}
+
+/// Through the model: a page mapped global by one CD serves a second CD with another ASID
+/// over the same tables from the TLB; strict mode names TLBI_NH_VA when it goes stale and
+/// TLBI_NH_ASID of either ASID does not cure it.
+#[test]
+fn global_page_serves_another_asid_until_nh_va() {
+    let mut rig = Rig::new();
+    let (mut b, _) = rig.stage1(SID);
+    // CD 1: the same tables, ASID 6.
+    let cd1 = ContextDescriptor::new(TTB0, 16, ASID + 1);
+    rig.write_words(CD_TABLE + 64, &cd1.encode());
+    rig.map(&mut b, 0x1000, 0x40_0000, D::AF | D::AP_EL0);
+    assert_eq!(rig.read(SID, Some(0), 0x1010), Ok(0x40_0010));
+    let other = rig
+        .smmu
+        .translate(SID, Some(1), 0x1010, AccessRequest::READ)
+        .unwrap();
+    assert!(other.tlb_hit, "the global entry serves ASID {}", ASID + 1);
+    rig.remap(&mut b, 0x1000, 0x50_0000, D::AF | D::AP_EL0);
+    for asid in [ASID, ASID + 1] {
+        rig.submit(&[Cmd::TlbiNhAsid { vmid: 0, asid }]);
+        assert_eq!(rig.read(SID, Some(1), 0x1010), Ok(0x40_0010));
+        assert_eq!(rig.missing().len(), 1);
+    }
+    rig.submit(&[Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID + 1,
+        addr: va_operand(0x1000),
+    }]);
+    assert_eq!(rig.read(SID, Some(0), 0x1010), Ok(0x50_0010));
+    assert!(rig.missing().is_empty());
 }

@@ -1,12 +1,14 @@
 //! The TLB (IHI 0070 §16.2): leaf translations tagged by VMID and, for stage 1, ASID;
-//! stage-1-only, stage-2-only and nested (combined stage-1 + stage-2) entries. The
-//! CMD_TLBI_* scopes (§4.4):
+//! stage-1-only, stage-2-only and nested (combined stage-1 + stage-2) entries. A stage-1
+//! leaf with nG = 0 is global: its entry has no ASID and serves every ASID of the VMID
+//! (Arm ARM D8, global entries). The CMD_TLBI_* scopes (§4.4):
 //!
-//! - NH_VA: stage-1 and nested entries of the VMID and ASID covering the address (with a
-//!   range operand, IDR3.RIL, every entry overlapping the range; with a nonzero TTL only
-//!   entries of that level);
+//! - NH_VA: stage-1 and nested entries of the VMID covering the address that are global
+//!   or of the ASID (with a range operand, IDR3.RIL, every entry overlapping the range;
+//!   with a nonzero TTL only entries of that level);
 //! - NH_VAA: the same for every ASID of the VMID;
-//! - NH_ASID: every stage-1 and nested entry of the VMID and ASID;
+//! - NH_ASID: every non-global stage-1 and nested entry of the VMID and ASID (global
+//!   entries survive it);
 //! - NH_ALL: every stage-1 and nested entry of the VMID;
 //! - S2_IPA: stage-2-only entries of the VMID covering the IPA. Nested entries survive, as
 //!   the spec allows: software follows S2_IPA with NH_ALL or S12_VMALL;
@@ -46,14 +48,49 @@ impl TlbTag {
     }
 }
 
-/// A TLB lookup key: the tags, the privilege of the access walked, and the page.
+/// What stage translated an entry, without its ASID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Stage1,
+    Stage2,
+    Nested,
+}
+
+/// A TLB lookup key: the tags (no ASID for a global or stage-2 entry), the privilege of
+/// the access walked, and the page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     vmid: u16,
-    tag: TlbTag,
+    kind: Kind,
+    asid: Option<u16>,
     privileged: bool,
     page: u64,
     size: PageSize,
+}
+
+impl Key {
+    fn new(
+        vmid: u16,
+        tag: TlbTag,
+        global: bool,
+        privileged: bool,
+        page: u64,
+        size: PageSize,
+    ) -> Key {
+        let kind = match tag {
+            TlbTag::Stage1 { .. } => Kind::Stage1,
+            TlbTag::Stage2 => Kind::Stage2,
+            TlbTag::Nested { .. } => Kind::Nested,
+        };
+        Key {
+            vmid,
+            kind,
+            asid: if global { None } else { tag.asid() },
+            privileged,
+            page,
+            size,
+        }
+    }
 }
 
 /// One cached translation.
@@ -68,7 +105,7 @@ pub struct TlbEntry {
     pub privileged: bool,
     /// The input page base.
     pub page: u64,
-    /// The translation of the page's first byte.
+    /// The translation of the page's first byte (`global`: the entry serves every ASID).
     pub translation: Translation,
 }
 
@@ -111,20 +148,35 @@ impl TlbEntry {
 #[derive(Debug, Default)]
 pub struct Tlb {
     entries: HashMap<Key, TlbEntry>,
+    /// The (page size, global) pairs ever inserted, bit `2 * size index + global`: a
+    /// lookup probes only those.
+    present: u16,
+}
+
+/// The bit of `present` for entries of `size`, global or not.
+fn present_bit(size: PageSize, global: bool) -> u16 {
+    let i = PageSize::ALL.iter().position(|&s| s == size).unwrap_or(0);
+    1 << (2 * i + global as usize)
 }
 
 impl Tlb {
-    /// The entry translating `addr` under these tags, if cached.
+    /// The entry translating `addr` under these tags, if cached: the ASID's own entry, or a
+    /// global one.
     pub fn lookup(&self, vmid: u16, tag: TlbTag, privileged: bool, addr: u64) -> Option<TlbEntry> {
+        let globals: &[bool] = if tag.asid().is_some() {
+            &[false, true]
+        } else {
+            &[false]
+        };
         PageSize::ALL.iter().find_map(|&size| {
-            let key = Key {
-                vmid,
-                tag,
-                privileged,
-                page: addr & !(size.bytes() - 1),
-                size,
-            };
-            self.entries.get(&key).copied()
+            globals.iter().find_map(|&global| {
+                if self.present & present_bit(size, global) == 0 {
+                    return None;
+                }
+                let page = addr & !(size.bytes() - 1);
+                let key = Key::new(vmid, tag, global, privileged, page, size);
+                self.entries.get(&key).copied()
+            })
         })
     }
 
@@ -143,25 +195,18 @@ impl Tlb {
             page,
             translation,
         };
-        let key = Key {
-            vmid,
-            tag,
-            privileged,
-            page,
-            size,
-        };
+        let global = t.global && tag.asid().is_some();
+        self.present |= present_bit(size, global);
+        let key = Key::new(vmid, tag, global, privileged, page, size);
         self.entries.insert(key, entry);
     }
 
     /// Drops the entry `e` (strict mode replaces a stale entry it re-walked).
     pub fn remove(&mut self, e: &TlbEntry) {
-        self.entries.remove(&Key {
-            vmid: e.vmid,
-            tag: e.tag,
-            privileged: e.privileged,
-            page: e.page,
-            size: e.translation.page_size,
-        });
+        let global = e.translation.global && e.tag.asid().is_some();
+        let size = e.translation.page_size;
+        self.entries
+            .remove(&Key::new(e.vmid, e.tag, global, e.privileged, e.page, size));
     }
 
     /// Number of entries.
@@ -180,19 +225,22 @@ impl Tlb {
         let before = self.entries.len();
         let stage1 = |e: &TlbEntry| e.tag.asid().is_some();
         match *cmd {
-            Cmd::TlbiNhVa { vmid, asid, addr } => self
-                .entries
-                .retain(|_, e| !(e.vmid == vmid && e.tag.asid() == Some(asid) && e.matches(&addr))),
+            Cmd::TlbiNhVa { vmid, asid, addr } => self.entries.retain(|k, e| {
+                !(e.vmid == vmid
+                    && stage1(e)
+                    && (k.asid.is_none() || k.asid == Some(asid))
+                    && e.matches(&addr))
+            }),
             Cmd::TlbiNhVaa { vmid, addr } => self
                 .entries
                 .retain(|_, e| !(e.vmid == vmid && stage1(e) && e.matches(&addr))),
             Cmd::TlbiNhAsid { vmid, asid } => self
                 .entries
-                .retain(|_, e| !(e.vmid == vmid && e.tag.asid() == Some(asid))),
+                .retain(|k, e| !(e.vmid == vmid && k.asid == Some(asid))),
             Cmd::TlbiNhAll { vmid } => self.entries.retain(|_, e| !(e.vmid == vmid && stage1(e))),
             Cmd::TlbiS2Ipa { vmid, addr } => self
                 .entries
-                .retain(|_, e| !(e.vmid == vmid && e.tag == TlbTag::Stage2 && e.matches(&addr))),
+                .retain(|k, e| !(e.vmid == vmid && k.kind == Kind::Stage2 && e.matches(&addr))),
             Cmd::TlbiS12Vmall { vmid } => self.entries.retain(|_, e| e.vmid != vmid),
             Cmd::TlbiNsnhAll => self.entries.clear(),
             _ => {}

@@ -700,6 +700,7 @@ fn run_case(c: &Case) -> Result<Vec<Outcome>, TestCaseError> {
                     page_size: t1.page_size.min(t2.page_size),
                     perms: t1.perms.intersect(t2.perms),
                     dirty: t1.dirty && t2.dirty,
+                    global: t1.global,
                 })
                 .map_err(|f| WalkFault { input: va, ..f })
         });

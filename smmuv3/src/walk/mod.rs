@@ -284,6 +284,10 @@ pub struct Translation {
     /// Whether every leaf is writable-dirty (stage 1 `AP[2] = 0`, stage 2 `S2AP[1] = 1`), so a
     /// cached copy may serve writes without another walk.
     pub dirty: bool,
+    /// The stage-1 leaf is global (nG = 0): a TLB entry of it serves every ASID of the VMID
+    /// (Arm ARM D8, "Global and process-specific translation table entries"). False for a
+    /// stage-2-only translation, which has no ASID.
+    pub global: bool,
 }
 
 impl Translation {

@@ -302,6 +302,7 @@ impl S1Stage for Direct {
             page_size: PageSize::MAX,
             perms: Permissions::ALL,
             dirty: true,
+            global: true,
         })
     }
 }
@@ -725,6 +726,7 @@ where
                     page_size: size.min(next.page_size),
                     perms: perms.intersect(next.perms),
                     dirty: !desc.has(Descriptor::AP_RO) && next.dirty,
+                    global: !desc.has(Descriptor::NG),
                 });
             }
         }

@@ -366,6 +366,7 @@ where
             page_size: size,
             perms: permissions(desc, hd),
             dirty: desc.has(Descriptor::S2AP_W),
+            global: false,
         });
     }
 }

@@ -1670,6 +1670,7 @@ fn nested_equals_stage1_then_stage2() {
                             page_size: t1.page_size.min(t2.page_size),
                             perms: t1.perms.intersect(t2.perms),
                             dirty: t1.dirty && t2.dirty,
+                            global: t1.global,
                         })
                         .map_err(|f| WalkFault { input: va, ..f })
                 });
