@@ -11,7 +11,9 @@
 //! - closing a container leaves no table frame, cache entry, domain id or route behind.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -24,6 +26,7 @@ use vsva_hw::dma::{
     AtsCompletion, CompletionRequest, Descriptor, DmaAccess, DmaEngine, DmaEngineConfig, DmaFault,
     DmaPort, DmaTranslation, Operation, PageRequestMessage,
 };
+use vsva_hw::drain::RequestDrain;
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::iommu::*;
@@ -276,6 +279,10 @@ impl DmaPort for Recorder {
 
     fn memory(&self) -> &HostMemory {
         self.hw.memory()
+    }
+
+    fn request_drain(&self) -> &RequestDrain {
+        self.hw.request_drain()
     }
 }
 
@@ -1759,4 +1766,319 @@ fn closing_a_container_leaves_nothing_in_the_hardware() {
     assert_eq!(host.frames.allocated_bytes(), baseline2);
     assert!(host.hw.iotlb().is_empty());
     assert_eq!(host.hw.cached_entries(), (0, 0));
+}
+
+// ----- (e) Revocation racing the device (issue 13 §1) -----
+
+/// How VM A's device loses its access to the revoked region in a round of the race.
+#[derive(Clone, Copy, Debug)]
+enum Revoke {
+    /// `VFIO_IOMMU_UNMAP_DMA` of the region's GPA range.
+    UnmapDma,
+    /// `VFIO_IOMMU_UNBIND` of the PASID the device uses.
+    Unbind,
+    /// `VFIO_IOMMU_PASID_REQUEST(FREE)` of that PASID, which unbinds it first.
+    FreePasid,
+}
+
+/// The region whose frames go to VM B: its source half R and destination half W.
+const REVOKED_GPA: u64 = 2 << 20;
+const HALF: u64 = 128 << 10;
+/// VM A's own destination, never revoked.
+const OWN_GPA: u64 = 3 << 20;
+const GVA_R: u64 = 0x7f10_0000_0000;
+const GVA_W: u64 = 0x7f20_0000_0000;
+const GVA_OWN: u64 = 0x7f30_0000_0000;
+/// VM A's bytes, and the bytes VM B writes into the frames it receives (R and W).
+const A_BYTE: u8 = 0xa1;
+const B_BYTES: [u8; 2] = [0xb1, 0xb2];
+
+/// A device slow between translating and moving: after the translation of the last page
+/// of each region (the end of a run), it holds the run's translations until the VMM says
+/// it revoked (or [`LINGER`] passed) when the VMM armed it, as a device behind a busy link may, and then moves
+/// the run's bytes. Every round of the race thus revokes while translations are held.
+struct Lingering {
+    hw: Arc<Iommu>,
+    /// The VMM is about to revoke: the next end of a run lingers.
+    armed: AtomicBool,
+    /// The device holds translations and waits.
+    holding: AtomicBool,
+    /// The VMM revoked and the new owner wrote its bytes: move on.
+    release: AtomicBool,
+}
+
+/// How long [`Lingering`] waits for the VMM at most (many scheduler ticks: the VMM's
+/// thread may wait for a core).
+const LINGER: Duration = Duration::from_millis(50);
+
+impl Lingering {
+    fn linger(&self, addr: u64) {
+        if addr % HALF < HALF - PAGE || !self.armed.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        self.holding.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        while !self.release.swap(false, Ordering::SeqCst) && t.elapsed() < LINGER {
+            std::thread::yield_now();
+        }
+        self.holding.store(false, Ordering::SeqCst);
+    }
+}
+
+impl DmaPort for Lingering {
+    fn remap(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<DmaTranslation, DmaFault> {
+        let t = DmaPort::remap(&*self.hw, sid, pasid, addr, access);
+        self.linger(addr);
+        t
+    }
+
+    fn ats_translate(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<AtsCompletion, DmaFault> {
+        let c = self.hw.ats_translate(sid, pasid, addr, access);
+        self.linger(addr);
+        c
+    }
+
+    fn check_translated(
+        &self,
+        sid: SourceId,
+        hpa: Hpa,
+        len: u64,
+        access: DmaAccess,
+    ) -> Result<(), DmaFault> {
+        self.hw.check_translated(sid, hpa, len, access)
+    }
+
+    fn page_request(&self, req: PageRequestMessage) {
+        self.hw.page_request(req);
+    }
+
+    fn memory(&self) -> &HostMemory {
+        self.hw.memory()
+    }
+
+    fn request_drain(&self) -> &RequestDrain {
+        self.hw.request_drain()
+    }
+}
+
+/// One VM's device moving bytes on a nested PASID while the VMM revokes its access from
+/// another thread, again and again, while the device holds translations of the region
+/// (see [`Lingering`]): after each revocation returns, the region's frames
+/// go to VM B, which fills them with its own bytes, and VM A gets them back (its bytes
+/// restored, re-mapped or re-bound) only after the device has run at least two more
+/// descriptors. The device copies R to W (both revoked) and R to a page A keeps; the test
+/// checks every byte: VM B's frames keep B's bytes (no write by A's device after the
+/// revocation returned) and A's own page only ever holds A's bytes (no read of B's).
+/// Rounds stop after `budget` and [`MIN_ROUNDS`]; returns the rounds run, the descriptors completed and the
+/// runs whose translations a revocation completed on before they moved (translated
+/// again).
+fn revocation_race(revoke: Revoke, features: u64, budget: Duration) -> (u64, u64, u64) {
+    let host = Host::new();
+    let ram = host.ram(4 << 20);
+    let port = Arc::new(Lingering {
+        hw: host.hw.clone(),
+        armed: AtomicBool::new(false),
+        holding: AtomicBool::new(false),
+        release: AtomicBool::new(false),
+    });
+    let engine = Arc::new(DmaEngine::new(DmaEngineConfig::new(SID_A), port.clone()).unwrap());
+    host.hw.attach_endpoint(engine.clone());
+    engine.enable(features).unwrap();
+    let mut c = host.container(SID_A);
+    let revoked = ram.map(REVOKED_GPA, REVOKED_GPA, 2 * HALF, true);
+    c.map_dma(&ram.map(0, 0, REVOKED_GPA, true)).unwrap();
+    c.map_dma(&revoked).unwrap();
+    c.map_dma(&ram.map(OWN_GPA, OWN_GPA, HALF, true)).unwrap();
+    let pages: Vec<(u64, u64)> = (0..HALF / PAGE)
+        .flat_map(|i| {
+            let o = i * PAGE;
+            [
+                (GVA_R + o, REVOKED_GPA + o),
+                (GVA_W + o, REVOKED_GPA + HALF + o),
+                (GVA_OWN + o, OWN_GPA + o),
+            ]
+        })
+        .collect();
+    let root = guest_tables(&ram, FlPagingMode::FourLevel, (0, 1 << 20), &pages);
+    let first = c.pasid_alloc(1, Pasid::MAX.raw()).unwrap();
+    c.bind_gpasid(&bind(first, root, 48, 0)).unwrap();
+    let fill = |gpa: u64, byte: u8| {
+        host.mem
+            .write(ram.hpa + gpa, &vec![byte; HALF as usize])
+            .unwrap();
+    };
+    fill(REVOKED_GPA, A_BYTE);
+    fill(REVOKED_GPA + HALF, A_BYTE);
+    fill(OWN_GPA, A_BYTE);
+    let holds_only = |gpa: u64, byte: u8| -> Option<u64> {
+        let mut buf = vec![0u8; HALF as usize];
+        host.mem.read(ram.hpa + gpa, &mut buf).unwrap();
+        buf.iter().position(|&b| b != byte).map(|i| gpa + i as u64)
+    };
+
+    let pasid = AtomicU32::new(first.raw());
+    let stop = AtomicBool::new(false);
+    let completed = AtomicU64::new(0);
+    let rounds = std::thread::scope(|s| {
+        let device = s.spawn(|| {
+            let copy = |dst| Operation::Memmove {
+                src: GVA_R,
+                dst,
+                size: HALF as u32,
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let p = Pasid::new(pasid.load(Ordering::Relaxed)).unwrap();
+                for op in [copy(GVA_W), copy(GVA_OWN)] {
+                    let desc = Descriptor {
+                        pasid: Some(p),
+                        privileged: false,
+                        block_on_fault: false,
+                        completion: CompletionRequest::None,
+                        op,
+                    };
+                    engine.portal_write(0, &desc.encode()).unwrap();
+                    engine.process();
+                    engine
+                        .mmio_write(REG_SWERR0, SWERR_VALID | SWERR_OVERFLOW)
+                        .unwrap();
+                    completed.fetch_add(1, Ordering::Release);
+                }
+                if let Some(at) = holds_only(OWN_GPA, A_BYTE) {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(format!(
+                        "{revoke:?}: VM A's device read VM B's bytes into its own page at GPA {at:#x}"
+                    ));
+                }
+            }
+            Ok(())
+        });
+        let wait_for = |n: u64| {
+            let target = completed.load(Ordering::Acquire) + n;
+            while completed.load(Ordering::Acquire) < target && !stop.load(Ordering::Relaxed) {
+                std::thread::yield_now();
+            }
+        };
+        let start = Instant::now();
+        let mut rounds = 0u64;
+        let mut p = first;
+        let failure = loop {
+            let elapsed = start.elapsed();
+            let enough = elapsed >= budget && rounds >= MIN_ROUNDS;
+            if enough || elapsed >= 10 * budget || stop.load(Ordering::Relaxed) {
+                break None;
+            }
+            // The device holds translations of the region (or gave up waiting).
+            port.armed.store(true, Ordering::SeqCst);
+            let t = Instant::now();
+            while !port.holding.load(Ordering::SeqCst) && t.elapsed() < LINGER {
+                std::thread::yield_now();
+            }
+            match revoke {
+                Revoke::UnmapDma => {
+                    c.unmap_dma(revoked.iova, revoked.size).unwrap();
+                }
+                Revoke::Unbind => c.unbind_gpasid(&bind(p, root, 48, 0)).unwrap(),
+                Revoke::FreePasid => c.pasid_free(p).unwrap(),
+            }
+            // The call returned: the frames are VM B's, which writes its own bytes.
+            fill(REVOKED_GPA, B_BYTES[0]);
+            fill(REVOKED_GPA + HALF, B_BYTES[1]);
+            port.release.store(true, Ordering::SeqCst);
+            wait_for(2);
+            let moved = [0, 1]
+                .iter()
+                .find_map(|&i| holds_only(REVOKED_GPA + i * HALF, B_BYTES[i as usize]));
+            if let Some(at) = moved {
+                break Some(format!(
+                    "{revoke:?}: VM A's device wrote VM B's frame at GPA {at:#x} after round {rounds}"
+                ));
+            }
+            // Back to VM A, with its bytes.
+            fill(REVOKED_GPA, A_BYTE);
+            fill(REVOKED_GPA + HALF, A_BYTE);
+            match revoke {
+                Revoke::UnmapDma => c.map_dma(&revoked).unwrap(),
+                Revoke::Unbind => c.bind_gpasid(&bind(p, root, 48, 0)).unwrap(),
+                Revoke::FreePasid => {
+                    p = c.pasid_alloc(1, Pasid::MAX.raw()).unwrap();
+                    c.bind_gpasid(&bind(p, root, 48, 0)).unwrap();
+                    pasid.store(p.raw(), Ordering::Relaxed);
+                }
+            }
+            rounds += 1;
+        };
+        stop.store(true, Ordering::Relaxed);
+        let device = device.join().unwrap();
+        if let Some(f) = failure {
+            panic!("{f}");
+        }
+        device.unwrap_or_else(|f| panic!("{f}"));
+        rounds
+    });
+    (
+        rounds,
+        completed.load(Ordering::Relaxed),
+        engine.stats().drain_refused,
+    )
+}
+
+/// Each race runs this long; a round takes two descriptors of the device and, on a loaded
+/// machine, a few scheduler ticks (20-40 rounds on a 2-core machine running 6 races).
+const RACE_BUDGET: Duration = Duration::from_millis(800);
+
+/// Rounds each race runs at least (unless it takes ten times its budget).
+const MIN_ROUNDS: u64 = 8;
+
+/// Runs a race and checks it raced: revocations completed while the device held
+/// translations (which it then refused to use).
+fn race(revoke: Revoke, features: u64) {
+    let (rounds, descriptors, refused) = revocation_race(revoke, features, RACE_BUDGET);
+    eprintln!(
+        "{revoke:?} (features {features:#x}): {rounds} rounds, {descriptors} descriptors, \
+         {refused} runs translated again"
+    );
+    assert!(rounds >= MIN_ROUNDS, "the race ran only {rounds} rounds");
+    assert!(refused > 0, "no revocation overtook a held translation");
+}
+
+#[test]
+fn unmap_dma_racing_untranslated_requests() {
+    race(Revoke::UnmapDma, CTRL_PASID_EN);
+}
+
+#[test]
+fn unmap_dma_racing_the_device_tlb() {
+    race(Revoke::UnmapDma, CTRL_PASID_EN | CTRL_ATS_EN);
+}
+
+#[test]
+fn unbind_racing_untranslated_requests() {
+    race(Revoke::Unbind, CTRL_PASID_EN);
+}
+
+#[test]
+fn unbind_racing_the_device_tlb() {
+    race(Revoke::Unbind, CTRL_PASID_EN | CTRL_ATS_EN);
+}
+
+#[test]
+fn pasid_free_racing_untranslated_requests() {
+    race(Revoke::FreePasid, CTRL_PASID_EN);
+}
+
+#[test]
+fn pasid_free_racing_the_device_tlb() {
+    race(Revoke::FreePasid, CTRL_PASID_EN | CTRL_ATS_EN);
 }

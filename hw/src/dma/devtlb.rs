@@ -7,10 +7,12 @@
 //! allocate.
 //!
 //! A translation completion that was requested before an invalidate request arrived is
-//! cached nor used (PCIe ATS invalidation: a completion of a translation request that was
+//! neither cached nor used (PCIe ATS invalidation: a completion of a translation request that was
 //! outstanding when an invalidate request arrived may be stale for its range): every
 //! invalidation advances a generation, a fill takes it before its translation request
-//! ([`DevTlb::begin_fill`]) and [`DevTlb::insert`] refuses it once it moved.
+//! ([`DevTlb::begin_fill`]) and [`DevTlb::insert`] refuses it once it moved. Entries already
+//! in use by a request when the invalidate request arrives are drained by the engine
+//! (`RequestDrain`) before the invalidation completes.
 
 use vsva_vtd::Pasid;
 

@@ -16,9 +16,12 @@
 //! frames that are contiguous in host memory is a memmove of the bytes; across runs, which
 //! go in the descriptor's direction, an alias that puts the destination above the source
 //! in frames that are not contiguous can overwrite source bytes before they are read.
-//! A run's translations are all taken before its bytes move: the engine does not drain
-//! requests in flight, so an invalidation that arrives from another thread while a run is
-//! being gathered applies to the translations taken after it.
+//! A run's translations are all taken before its bytes move, under a ticket of the
+//! [`RequestDrain`] that the invalidations of those translations complete through (the
+//! IOMMU's, or with ATS the device TLB's own): the run's bytes move in flight, entered
+//! with that ticket, so an invalidation does not complete while they move; and when an
+//! invalidation completed since the ticket the run's translations are dropped and taken
+//! again. After [`DRAIN_RETRY_LIMIT`] refusals in a row without progress the request fails.
 //!
 //! A translation fault that the IOMMU calls recoverable, on a block-on-fault descriptor
 //! with PRI enabled, sends a page request and parks the descriptor; the PRG response
@@ -49,6 +52,7 @@ use super::port::{
     PageRequestMessage, PrgResponse, PRG_INDEX_COUNT,
 };
 use super::regs::*;
+use crate::drain::{InFlight, RequestDrain, Ticket};
 use crate::memory::PAGE_SIZE;
 
 /// Bytes per memory request at most (a page), and the size of each bounce buffer of fill
@@ -64,6 +68,12 @@ pub const PRI_RETRY_LIMIT: u8 = 4;
 /// request gives up with a non-recoverable translation fault: a model guard against a
 /// stream of device-TLB invalidations that would otherwise keep a descriptor retrying.
 pub const ATS_RETRY_LIMIT: u8 = 8;
+
+/// How many times in a row an invalidation may complete between a request's translation
+/// and its bytes moving before the request gives up with a non-recoverable translation
+/// fault (reason 0): the same guard as [`ATS_RETRY_LIMIT`], for a stream of invalidations
+/// that would otherwise keep a request translating again.
+pub const DRAIN_RETRY_LIMIT: u8 = 8;
 
 /// Counters for the demo and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,6 +101,9 @@ pub struct DmaStats {
     pub devtlb_invalidations: u64,
     /// Translation completions an invalidate request overtook, dropped and re-requested.
     pub ats_overtaken: u64,
+    /// Requests whose translations an invalidation completed on before their bytes moved,
+    /// translated again.
+    pub drain_refused: u64,
     /// Page requests issued for recoverable faults (block on fault).
     pub page_requests: u64,
     /// PRG responses received, expected or not.
@@ -112,6 +125,7 @@ struct Counters {
     devtlb_misses: AtomicU64,
     devtlb_invalidations: AtomicU64,
     ats_overtaken: AtomicU64,
+    drain_refused: AtomicU64,
     page_requests: AtomicU64,
     page_responses: AtomicU64,
     software_errors: AtomicU64,
@@ -227,6 +241,9 @@ pub struct DmaEngine {
     wq: Mutex<WorkQueue>,
     responses: Mutex<Vec<PrgResponse>>,
     devtlb: Mutex<DevTlb>,
+    /// What an invalidate request of the device TLB completes through (PCIe ATS: the
+    /// completion follows every request that used a dropped entry).
+    devtlb_drain: RequestDrain,
     exec: Mutex<Exec>,
     counters: Counters,
 }
@@ -243,6 +260,57 @@ impl std::fmt::Debug for DmaEngine {
 /// The per-operand translation in use: re-translated only when the address leaves it.
 type Cursor = Option<(u64, DmaTranslation)>;
 
+/// The ticket an operation's translations are taken under, in the [`RequestDrain`] their
+/// invalidations complete through.
+struct Epoch<'d> {
+    drain: &'d RequestDrain,
+    ticket: Ticket,
+    /// Refusals in a row (see [`DRAIN_RETRY_LIMIT`]).
+    refused: u8,
+}
+
+impl<'d> Epoch<'d> {
+    fn new(drain: &'d RequestDrain) -> Self {
+        Epoch {
+            drain,
+            ticket: drain.ticket(),
+            refused: 0,
+        }
+    }
+
+    /// Puts the bytes about to move with the translations taken so far in flight. `None`
+    /// when an invalidation completed since they were taken: they are forgotten (the
+    /// cursors cleared) and the ticket renewed, to translate again; a fault at `addr` for
+    /// `access` after [`DRAIN_RETRY_LIMIT`] refusals in a row.
+    fn enter(
+        &mut self,
+        counters: &Counters,
+        cursors: &mut [&mut Cursor],
+        addr: u64,
+        access: DmaAccess,
+    ) -> Result<Option<InFlight<'d>>, Stop> {
+        if let Some(guard) = self.drain.enter(self.ticket) {
+            self.refused = 0;
+            return Ok(Some(guard));
+        }
+        bump(&counters.drain_refused, 1);
+        cursors.iter_mut().for_each(|c| **c = None);
+        self.ticket = self.drain.ticket();
+        self.refused += 1;
+        if self.refused >= DRAIN_RETRY_LIMIT {
+            return Err(Stop::Fault {
+                addr,
+                access,
+                fault: DmaFault {
+                    reason: 0,
+                    recoverable: false,
+                },
+            });
+        }
+        Ok(None)
+    }
+}
+
 impl DmaEngine {
     /// An engine with `config`, doing DMA through `port`. It starts disabled.
     pub fn new(config: DmaEngineConfig, port: Arc<dyn DmaPort>) -> Result<Self, DmaError> {
@@ -256,6 +324,7 @@ impl DmaEngine {
             wq: Mutex::new(WorkQueue::default()),
             responses: Mutex::new(Vec::new()),
             devtlb: Mutex::new(DevTlb::new(config.devtlb_entries)),
+            devtlb_drain: RequestDrain::new(),
             exec: Mutex::new(Exec {
                 parked: Vec::with_capacity(usize::from(config.pri_capacity)),
                 drains: Vec::new(),
@@ -506,6 +575,7 @@ impl DmaEngine {
             devtlb_misses: get(&c.devtlb_misses),
             devtlb_invalidations: get(&c.devtlb_invalidations),
             ats_overtaken: get(&c.ats_overtaken),
+            drain_refused: get(&c.drain_refused),
             page_requests: get(&c.page_requests),
             page_responses: get(&c.page_responses),
             software_errors: get(&c.software_errors),
@@ -809,14 +879,23 @@ impl DmaEngine {
         };
         let access = DmaAccess::WRITE.with_privileged(job.desc.privileged);
         let bytes = record.to_bytes();
-        let mut cursor = None;
-        let written = self
-            .translate(&mut cursor, ctrl, job.desc.pasid, addr, access)
-            .and_then(|t| {
-                let hpa = t.hpa_of(addr);
-                self.write_hpa(ctrl, hpa.checked_add(1), &bytes[1..], addr + 1, access)?;
-                self.write_hpa(ctrl, Some(hpa), &bytes[..1], addr, access)
-            });
+        let mut epoch = Epoch::new(self.drain(ctrl));
+        let written = loop {
+            let mut cursor = None;
+            let t = match self.translate(&mut cursor, ctrl, job.desc.pasid, addr, access) {
+                Ok(t) => t,
+                Err(stop) => break Err(stop),
+            };
+            let _in_flight = match epoch.enter(&self.counters, &mut [&mut cursor], addr, access) {
+                Ok(Some(guard)) => guard,
+                Ok(None) => continue,
+                Err(stop) => break Err(stop),
+            };
+            let hpa = t.hpa_of(addr);
+            break self
+                .write_hpa(ctrl, hpa.checked_add(1), &bytes[1..], addr + 1, access)
+                .and_then(|()| self.write_hpa(ctrl, Some(hpa), &bytes[..1], addr, access));
+        };
         match written {
             Ok(()) => self.completed(exec, record.status == CompletionStatus::Success),
             Err(Stop::Fault {
@@ -976,11 +1055,24 @@ impl DmaEngine {
         }
     }
 
-    /// Moves a run of a memmove, HPA to HPA, and counts its bytes done. Every request of
-    /// the run was checked against host memory, so the copy does not fail; should it, the
-    /// descriptor stops with an access error at the run's destination, none of its bytes
-    /// counted.
-    fn move_run(&self, run: Run, job: &mut Job) -> Result<(), Stop> {
+    /// Moves a run of a memmove, HPA to HPA, in flight in `epoch`, and counts its bytes
+    /// done; `false` when its translations may be stale and nothing moved (see
+    /// [`Epoch::enter`]). Every request of the run was checked against host memory, so the
+    /// copy does not fail; should it, the descriptor stops with an access error at the
+    /// run's destination, none of its bytes counted.
+    fn move_run(
+        &self,
+        epoch: &mut Epoch<'_>,
+        cursors: [&mut Cursor; 2],
+        run: Run,
+        job: &mut Job,
+    ) -> Result<bool, Stop> {
+        let mut cursors = cursors;
+        let Some(_in_flight) =
+            epoch.enter(&self.counters, &mut cursors, run.dst, DmaAccess::WRITE)?
+        else {
+            return Ok(false);
+        };
         self.port
             .memory()
             .copy(run.src_hpa, run.dst_hpa, run.len)
@@ -991,7 +1083,18 @@ impl DmaEngine {
         job.done += run.len;
         bump(&self.counters.bytes_moved, run.len);
         bump(&self.counters.memmove_runs, 1);
-        Ok(())
+        Ok(true)
+    }
+
+    /// The drain the translations of requests complete their invalidations through: with
+    /// ATS the device TLB's own (an invalidate request completes once no request uses a
+    /// dropped entry), otherwise the IOMMU's.
+    fn drain(&self, ctrl: u64) -> &RequestDrain {
+        if ctrl & CTRL_ATS_EN != 0 {
+            &self.devtlb_drain
+        } else {
+            self.port.request_drain()
+        }
     }
 
     fn read_hpa(
@@ -1035,6 +1138,7 @@ impl DmaEngine {
         let read = DmaAccess::READ.with_privileged(job.desc.privileged);
         let write = DmaAccess::WRITE.with_privileged(job.desc.privileged);
         let (mut c1, mut c2): (Cursor, Cursor) = (None, None);
+        let mut epoch = Epoch::new(self.drain(ctrl));
         match job.desc.op {
             Operation::Nop | Operation::Drain => Ok(0),
             Operation::Memmove { src, dst, size } => {
@@ -1043,57 +1147,41 @@ impl DmaEngine {
                 let mut run: Option<Run> = None;
                 let stop = loop {
                     let left = size - job.done - run.map_or(0, |r| r.len);
-                    if left == 0 {
-                        break None;
-                    }
-                    // Ascending: the next bytes from the bottom; descending: from the top.
-                    let (s, d) = if descending {
-                        (src + left - 1, dst + left - 1)
-                    } else {
-                        (src + size - left, dst + size - left)
-                    };
-                    let ts = match self.translate(&mut c1, ctrl, pasid, s, read) {
-                        Ok(t) => t,
-                        Err(stop) => break Some(stop),
-                    };
-                    let td = match self.translate(&mut c2, ctrl, pasid, d, write) {
-                        Ok(t) => t,
-                        Err(stop) => break Some(stop),
-                    };
-                    let n = if descending {
-                        let room = |t: DmaTranslation, a: u64| a - t.page_start(a) + 1;
-                        left.min(room(ts, s)).min(room(td, d)).min(REQUEST)
-                    } else {
-                        left.min(to_page_end(ts, s))
-                            .min(to_page_end(td, d))
-                            .min(REQUEST)
-                    };
-                    let (s, d) = if descending {
-                        (s + 1 - n, d + 1 - n)
-                    } else {
-                        (s, d)
-                    };
-                    let piece = Run {
-                        dst: d,
-                        src_hpa: ts.hpa_of(s),
-                        dst_hpa: td.hpa_of(d),
-                        len: n,
-                    };
-                    if let Err(stop) = self
-                        .check_request(ctrl, piece.src_hpa, n, s, read)
-                        .and_then(|()| self.check_request(ctrl, piece.dst_hpa, n, d, write))
-                    {
-                        break Some(stop);
-                    }
-                    if !run.as_mut().is_some_and(|r| r.join(piece, descending)) {
-                        if let Some(r) = run.replace(piece) {
-                            self.move_run(r, job)?;
+                    let next = (left > 0).then(|| {
+                        // Ascending: the next bytes from the bottom; descending: from the
+                        // top.
+                        let at = if descending {
+                            [src + left - 1, dst + left - 1]
+                        } else {
+                            [src + size - left, dst + size - left]
+                        };
+                        self.memmove_request(
+                            ctrl,
+                            pasid,
+                            [&mut c1, &mut c2],
+                            at,
+                            [read, write],
+                            left,
+                            descending,
+                        )
+                    });
+                    if let Some(Ok(piece)) = next {
+                        if run.as_mut().is_some_and(|r| r.join(piece, descending)) {
+                            continue;
                         }
                     }
+                    // The run ends here: its bytes move before the next request's.
+                    if let Some(r) = run.take() {
+                        if !self.move_run(&mut epoch, [&mut c1, &mut c2], r, job)? {
+                            continue;
+                        }
+                    }
+                    match next {
+                        None => break None,
+                        Some(Err(stop)) => break Some(stop),
+                        Some(Ok(piece)) => run = Some(piece),
+                    }
                 };
-                if let Some(r) = run {
-                    self.move_run(r, job)?;
-                }
                 stop.map_or(Ok(0), Err)
             }
             Operation::Fill { pattern, dst, size } => {
@@ -1108,6 +1196,10 @@ impl DmaEngine {
                     for (i, b) in chunk.iter_mut().enumerate() {
                         *b = pattern[(job.done as usize + i) % pattern.len()];
                     }
+                    let Some(_in_flight) = epoch.enter(&self.counters, &mut [&mut c2], d, write)?
+                    else {
+                        continue;
+                    };
                     self.write_hpa(ctrl, Some(td.hpa_of(d)), chunk, d, write)?;
                     job.done += n;
                     bump(&self.counters.bytes_moved, n);
@@ -1125,8 +1217,13 @@ impl DmaEngine {
                         .min(to_page_end(t1, a1))
                         .min(to_page_end(t2, a2))
                         .min(REQUEST) as usize;
+                    let cursors = &mut [&mut c1, &mut c2];
+                    let Some(in_flight) = epoch.enter(&self.counters, cursors, a1, read)? else {
+                        continue;
+                    };
                     self.read_hpa(ctrl, t1.hpa_of(a1), &mut b1[..n], a1, read)?;
                     self.read_hpa(ctrl, t2.hpa_of(a2), &mut b2[..n], a2, read)?;
+                    drop(in_flight);
                     let differ = b1[..n].iter().zip(&b2[..n]).position(|(x, y)| x != y);
                     let same = differ.unwrap_or(n);
                     job.done += same as u64;
@@ -1138,6 +1235,50 @@ impl DmaEngine {
                 Ok(0)
             }
         }
+    }
+
+    /// The next request of a memmove with `left` bytes to go, after the bytes a pending
+    /// run holds: translates both operands at `at` (source, destination: their lowest
+    /// bytes to go, or with `descending` their highest), checks the request with the IOMMU
+    /// and host memory, and returns it as a run of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn memmove_request(
+        &self,
+        ctrl: u64,
+        pasid: Option<Pasid>,
+        cursors: [&mut Cursor; 2],
+        at: [u64; 2],
+        access: [DmaAccess; 2],
+        left: u64,
+        descending: bool,
+    ) -> Result<Run, Stop> {
+        let [c1, c2] = cursors;
+        let [s, d] = at;
+        let [read, write] = access;
+        let ts = self.translate(c1, ctrl, pasid, s, read)?;
+        let td = self.translate(c2, ctrl, pasid, d, write)?;
+        let n = if descending {
+            let room = |t: DmaTranslation, a: u64| a - t.page_start(a) + 1;
+            left.min(room(ts, s)).min(room(td, d)).min(REQUEST)
+        } else {
+            left.min(to_page_end(ts, s))
+                .min(to_page_end(td, d))
+                .min(REQUEST)
+        };
+        let (s, d) = if descending {
+            (s + 1 - n, d + 1 - n)
+        } else {
+            (s, d)
+        };
+        let piece = Run {
+            dst: d,
+            src_hpa: ts.hpa_of(s),
+            dst_hpa: td.hpa_of(d),
+            len: n,
+        };
+        self.check_request(ctrl, piece.src_hpa, n, s, read)?;
+        self.check_request(ctrl, piece.dst_hpa, n, d, write)?;
+        Ok(piece)
     }
 }
 
@@ -1188,12 +1329,14 @@ impl AtsEndpoint for DmaEngine {
         self.config.sid
     }
 
+    /// Drops the entries, then completes once no request that may have used one is
+    /// moving bytes (the device TLB's [`RequestDrain`]). The lock serialises the drains.
     fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
         bump(&self.counters.devtlb_invalidations, 1);
-        self.devtlb
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .invalidate(&inv)
+        let mut tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
+        let dropped = tlb.invalidate(&inv);
+        self.devtlb_drain.drain();
+        dropped
     }
 
     fn page_response(&self, resp: PrgResponse) {

@@ -10,6 +10,7 @@ use super::port::{
     AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
     PageRequestMessage, PrgResponse,
 };
+use crate::drain::RequestDrain;
 use crate::memory::{HostMemory, PAGE_SIZE};
 
 #[derive(Clone, Copy, Debug)]
@@ -40,12 +41,14 @@ struct State {
 pub struct MockPort {
     mem: Arc<HostMemory>,
     state: Mutex<State>,
+    drain: RequestDrain,
 }
 
 impl MockPort {
     pub fn new(mem: Arc<HostMemory>) -> Arc<Self> {
         Arc::new(MockPort {
             mem,
+            drain: RequestDrain::new(),
             state: Mutex::new(State {
                 translated_ok: true,
                 ..State::default()
@@ -231,5 +234,9 @@ impl DmaPort for MockPort {
 
     fn memory(&self) -> &HostMemory {
         &self.mem
+    }
+
+    fn request_drain(&self) -> &RequestDrain {
+        &self.drain
     }
 }

@@ -12,6 +12,7 @@ use std::fmt;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{AddrRange, FaultReason, Hpa, Pasid, SourceId};
 
+use crate::drain::RequestDrain;
 use crate::memory::{HostMemory, PAGE_SIZE};
 
 /// The kind of a DMA access, as the request carries it (PCIe request type plus the PASID
@@ -206,6 +207,12 @@ pub trait DmaPort: Send + Sync {
 
     /// Host memory, where translated HPAs are read and written.
     fn memory(&self) -> &HostMemory;
+
+    /// What the port's invalidations complete through: a device takes a ticket before
+    /// [`DmaPort::remap`] and moves the bytes of the translations it got in flight with
+    /// that ticket, so that an invalidation that removed them does not complete while they
+    /// move, and they are not used after it completed (see [`RequestDrain`]).
+    fn request_drain(&self) -> &RequestDrain;
 }
 
 /// A PRG Response Message to the device (PCIe PRI). Its response code is the one the

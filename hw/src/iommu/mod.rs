@@ -29,6 +29,7 @@ use vsva_vtd::{
 };
 
 use crate::dma::port::AtsEndpoint;
+use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
 use iotlb::Iotlb;
 use pscache::PagingStructureCaches;
@@ -126,6 +127,8 @@ pub struct Iommu {
     iotlb: Iotlb,
     paging_caches: PagingStructureCaches,
     stale: Mutex<Vec<StaleTranslation>>,
+    /// What the invalidation wait descriptor completes through (see [`RequestDrain`]).
+    drain: RequestDrain,
     stats: IommuStats,
 }
 
@@ -151,6 +154,7 @@ impl Iommu {
             iotlb: Iotlb::default(),
             paging_caches: PagingStructureCaches::default(),
             stale: Mutex::default(),
+            drain: RequestDrain::new(),
             stats: IommuStats::default(),
         }))
     }

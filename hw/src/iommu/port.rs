@@ -11,6 +11,7 @@ use crate::dma::port::{
     AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequestMessage,
     PrgResponse,
 };
+use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
 
 /// The page a successful translation maps, as the device sees it.
@@ -199,6 +200,10 @@ impl DmaPort for Iommu {
 
     fn memory(&self) -> &HostMemory {
         &self.mem
+    }
+
+    fn request_drain(&self) -> &RequestDrain {
+        &self.drain
     }
 }
 

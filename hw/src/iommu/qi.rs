@@ -153,6 +153,9 @@ impl Iommu {
                 status_addr,
                 ..
             } => {
+                // The descriptors before it are complete once no request that used a
+                // translation they removed is still moving bytes (§6.5.5 draining).
+                self.drain.drain();
                 if sw {
                     self.mem.write(status_addr, &status_data.to_le_bytes())?;
                 }

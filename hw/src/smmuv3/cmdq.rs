@@ -63,6 +63,11 @@ impl Smmu {
     /// Performs one command.
     fn execute(&self, cmd: &Cmd) {
         Smmu::count(&self.stats.commands);
+        if let Cmd::Sync { .. } = cmd {
+            // The invalidations before it are complete once no transaction that used what
+            // they removed is still moving bytes (§3.21.1 CMD_SYNC).
+            self.drain.drain();
+        }
         match *cmd {
             Cmd::AtcInv {
                 sid,

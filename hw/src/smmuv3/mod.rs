@@ -24,6 +24,7 @@ mod tests;
 pub mod tlb;
 mod translate;
 
+use crate::drain::RequestDrain;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +98,8 @@ pub struct Smmu {
     cmdq_lock: Mutex<()>,
     endpoints: Mutex<HashMap<u32, Arc<dyn AtsEndpoint>>>,
     stats: SmmuStats,
+    /// What CMD_SYNC completes through (see [`RequestDrain`]).
+    drain: RequestDrain,
 }
 
 impl fmt::Debug for Smmu {
@@ -124,6 +127,7 @@ impl Smmu {
             cmdq_lock: Mutex::new(()),
             endpoints: Mutex::new(HashMap::new()),
             stats: SmmuStats::default(),
+            drain: RequestDrain::new(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! F_PERMISSION is recoverable when the stream allows ATS and the SMMU has PRI: the device
 //! may send a page request.
 
+use crate::drain::RequestDrain;
 use vsva_smmuv3::{AccessRequest, Eats, Event, EventType, PriqEntry};
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{Hpa, Pasid, SourceId};
@@ -181,5 +182,9 @@ impl DmaPort for Smmu {
 
     fn memory(&self) -> &HostMemory {
         &self.mem
+    }
+
+    fn request_drain(&self) -> &RequestDrain {
+        &self.drain
     }
 }
