@@ -243,11 +243,23 @@ impl Key {
         range.overlaps(start, start | ((1u64 << shift) - 1))
     }
 
-    /// The set the key lives in: the low bits of the page number, as hardware indexes,
-    /// offset by a multiplicative hash of the tag so that address spaces spread out.
-    /// Contiguous pages of one address space never share a set.
+    /// The way a fill puts the key in when it is empty, and the first a lookup compares:
+    /// the page number's low bits, so that the pages of an aligned group each have their
+    /// own way.
+    fn way(&self) -> usize {
+        self.page as usize % WAYS
+    }
+
+    /// The set the key lives in: the page number's bits above the low two, as hardware
+    /// indexes, offset by a multiplicative hash of the tag so that address spaces spread
+    /// out. An aligned group of [`WAYS`] contiguous pages of one address space shares a
+    /// set, one way each, so that a working set of n pages occupies n / [`WAYS`] sets, all
+    /// ways used, instead of one way of n sets: 1,024 pages read 32 KiB of sets, which
+    /// stays in the L1 data cache.
     fn set(&self, mask: usize) -> usize {
-        (self.page ^ (self.tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32)) as usize & mask
+        ((self.page >> WAYS.trailing_zeros())
+            ^ (self.tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32)) as usize
+            & mask
     }
 }
 
@@ -289,20 +301,22 @@ struct Set {
 }
 
 impl Set {
-    /// The way holding `key`, read consistently: retried while a writer is inside.
+    /// The way holding `key`, read consistently: retried while a writer is inside. The
+    /// key's preferred way ([`Key::way`]) is compared first, so that a hit on a page filled
+    /// into it compares one way and takes a branch the CPU predicts; the others after.
     #[inline]
     fn find(&self, key: &Key) -> Option<(u64, u64)> {
+        let first = key.way();
         loop {
             let seq = self.seq.load(Ordering::Acquire);
             if seq & 1 == 0 {
-                let mut found = None;
-                for w in &self.ways {
+                let matches = |w: &Way| {
                     let tag = w.tag.load(Ordering::Relaxed);
-                    if tag & KEY_MASK == key.tag && w.page.load(Ordering::Relaxed) == key.page {
-                        found = Some((tag, w.value.load(Ordering::Relaxed)));
-                        break;
-                    }
-                }
+                    (tag & KEY_MASK == key.tag && w.page.load(Ordering::Relaxed) == key.page)
+                        .then(|| (tag, w.value.load(Ordering::Relaxed)))
+                };
+                let found = matches(&self.ways[first])
+                    .or_else(|| (1..WAYS).find_map(|i| matches(&self.ways[(first + i) % WAYS])));
                 fence(Ordering::Acquire);
                 if self.seq.load(Ordering::Relaxed) == seq {
                     return found;
@@ -322,13 +336,16 @@ impl Set {
         r
     }
 
-    /// The way of `key` if it holds it, else an empty way, else the next victim.
+    /// The way of `key` if it holds it, else its preferred way if empty, else an empty
+    /// way, else the next victim.
     fn slot(&self, ways: &[Way; WAYS], key: &Key) -> usize {
         let tag = |i: usize| ways[i].tag.load(Ordering::Relaxed);
+        let first = key.way();
         (0..WAYS)
             .find(|&i| {
                 tag(i) & KEY_MASK == key.tag && ways[i].page.load(Ordering::Relaxed) == key.page
             })
+            .or_else(|| (tag(first) == 0).then_some(first))
             .or_else(|| (0..WAYS).find(|&i| tag(i) == 0))
             .unwrap_or_else(|| {
                 let v = self.victim.load(Ordering::Relaxed);
@@ -929,6 +946,44 @@ mod tests {
                 .sum();
             assert_eq!(removed, cached);
             assert!(t.is_empty());
+        }
+    }
+
+    #[test]
+    fn contiguous_pages_fill_every_way_of_a_set_in_turn() {
+        let t = Iotlb::default();
+        let p = Pasid::new(7).unwrap();
+        let pages = 1024u64;
+        let mut sets = std::collections::BTreeMap::<usize, Vec<usize>>::new();
+        for page in 0..pages {
+            let addr = 0x7f00_0000_0000 + (page << 12);
+            assert!(t.insert(
+                t.begin_fill(),
+                sid(),
+                p,
+                addr,
+                entry(3, page << 12, 12, TranslationKind::Nested)
+            ));
+            let key = Key::new(sid(), p, 12, addr);
+            let set = key.set(t.sets.len() - 1);
+            let way = t.sets[set]
+                .ways
+                .iter()
+                .position(|w| w.page.load(Ordering::Relaxed) == key.page)
+                .unwrap();
+            assert_eq!(way, key.way());
+            sets.entry(set).or_default().push(way);
+        }
+        // A quarter as many sets as pages, each with all its ways used once.
+        assert_eq!(sets.len() as u64, pages / WAYS as u64);
+        assert!(sets.values().all(|w| {
+            let mut w = w.clone();
+            w.sort();
+            w == (0..WAYS).collect::<Vec<_>>()
+        }));
+        for page in 0..pages {
+            let addr = 0x7f00_0000_0000 + (page << 12);
+            assert_eq!(t.lookup(sid(), p, addr).unwrap().output, page << 12);
         }
     }
 }
