@@ -274,3 +274,57 @@ fn connections_are_served_concurrently() {
     assert_eq!(report.errors, 0, "{report}");
     assert_eq!(report.left, report.baseline, "{report}");
 }
+
+#[test]
+fn the_fault_queue_file_calls_cross_the_socket() {
+    use std::os::fd::AsFd;
+    use vsva_service::protocol::{encode_request, Reply, Request};
+    let served = serve();
+    let (file, _ram) = client(&served.path);
+    let mut buf = [0u8; 4096];
+    assert_eq!(
+        vsva_uapi::UapiFile::read(&file, &mut buf),
+        Err(Errno::EAGAIN)
+    );
+    assert_eq!(
+        vsva_uapi::UapiFile::read(&file, &mut buf[..8]),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        vsva_uapi::UapiFile::write(&file, &[0; 8]),
+        Err(Errno::EFAULT)
+    );
+    // A notifier goes as an eventfd; anything else (a memfd here) is refused, as are two.
+    vsva_uapi::UapiFile::set_event_notifier(&file, Some(Arc::new(|| {})));
+    vsva_uapi::UapiFile::set_event_notifier(&file, None);
+    let sock = vsva_service::socket::connect(&served.path).unwrap();
+    let call = |frame: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| {
+        vsva_service::socket::send(sock.as_fd(), frame, fds).unwrap();
+        let r = vsva_service::socket::recv(sock.as_fd()).unwrap().unwrap();
+        Reply::decode(&r.bytes).unwrap().result
+    };
+    let hello = Request::Hello {
+        min_version: 1,
+        max_version: 1,
+        file: vsva_service::protocol::FILE_VFIO_CONTAINER,
+    };
+    assert_eq!(call(&encode_request(1, &hello), &[]), Ok(0));
+    let ram = SharedRam::new(4096).unwrap();
+    let set = encode_request(2, &Request::SetEventfd);
+    assert_eq!(call(&set, &[ram.file.as_fd()]), Err(Errno::EINVAL));
+    let efd = new_eventfd();
+    assert_eq!(call(&set, &[efd.as_fd(), efd.as_fd()]), Err(Errno::EINVAL));
+    assert_eq!(call(&set, &[efd.as_fd()]), Ok(0));
+    assert_eq!(call(&set, &[]), Ok(0));
+    drop((file, sock));
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+fn new_eventfd() -> std::os::fd::OwnedFd {
+    // SAFETY: eventfd(2) returns a new descriptor or -1, checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh descriptor this function owns.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}
