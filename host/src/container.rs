@@ -28,7 +28,7 @@ use crate::pasid::{PasidAllocator, PasidSetId};
 use vsva_uapi::iommu::IommuNestingInfo;
 use vsva_uapi::request::{
     BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageRequest, PageResponse, PageResponseCode,
-    PasidTableConfig,
+    PasidConfig, PasidTableConfig,
 };
 use vsva_uapi::vfio::*;
 use vsva_uapi::wire::write_into;
@@ -734,6 +734,9 @@ impl<B: IommuBackend> Container<B> {
         }
         self.backend.attach_pasid_table(&cfg)?;
         self.pasid_table = Some(cfg);
+        let translating = matches!(cfg.config, PasidConfig::Translate { .. });
+        let gone = self.faults.set_guest_table(translating);
+        answer_invalid(&mut self.backend, gone);
         Ok(0)
     }
 
@@ -742,13 +745,16 @@ impl<B: IommuBackend> Container<B> {
     /// nothing to undo and the ioctl returns 0.
     fn do_detach_pasid_table(&mut self, _arg: &mut [u8]) -> Result<usize, HostError> {
         if self.pasid_table.take().is_some() {
+            let gone = self.faults.set_guest_table(false);
+            answer_invalid(&mut self.backend, gone);
             self.backend.detach_pasid_table();
         }
         Ok(0)
     }
 
     /// `VFIO_IOMMU_PAGE_RESPONSE` (vsva extension): a response naming a PASID must name one
-    /// of the caller's (EPERM), and must answer a pending group (EINVAL): of the device the
+    /// of the caller's (EPERM; while a guest PASID table is attached any SubstreamID of it,
+    /// as the fault queue took), and must answer a pending group (EINVAL): of the device the
     /// `rid` names, or else the oldest that matches, matched as `iommu_page_response` does
     /// (group index, and the PASID when the request needs it back; a PASID it does not need
     /// is cleared). The group is done once the driver has sent the response.
@@ -757,7 +763,7 @@ impl<B: IommuBackend> Container<B> {
         let mut resp = PageResponse::try_from(&req.response)?;
         let sid = (req.flags & VFIO_IOMMU_PAGE_RESPONSE_RID_VALID != 0)
             .then(|| SourceId::from_rid(req.rid as u16));
-        if let Some(pasid) = resp.pasid {
+        if let (Some(pasid), None) = (resp.pasid, &self.pasid_table) {
             lock(&self.allocator).check_owner(self.set, pasid)?;
         }
         let (seq, event) = self.faults.find_pending(sid, &resp)?;
@@ -814,6 +820,8 @@ impl<B: IommuBackend> Drop for Container<B> {
             self.backend.unbind_gpasid(&bind);
         }
         if self.pasid_table.take().is_some() {
+            let gone = self.faults.set_guest_table(false);
+            answer_invalid(&mut self.backend, gone);
             self.backend.detach_pasid_table();
         }
         for sid in devices {

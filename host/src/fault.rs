@@ -14,9 +14,10 @@
 //! requests; when it is full, further faults are counted and dropped, as hardware sets
 //! FSTS.PFO (VT-d §7.2.1) rather than growing.
 //!
-//! A container's queue accepts only records from its own devices for PASIDs of its own set,
-//! so one VM never sees another VM's page requests or faults, whatever the driver routes to
-//! it.
+//! A container's queue accepts only records from its own devices for PASIDs of its own set
+//! (or, while a guest PASID table is attached, any SubstreamID of that table: the PASIDs are
+//! the guest's), so one VM never sees another VM's page requests or faults, whatever the
+//! driver routes to it.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
@@ -44,6 +45,9 @@ pub type FaultNotifier = Arc<dyn Fn() + Send + Sync>;
 struct Routes {
     devices: BTreeSet<SourceId>,
     pasids: BTreeSet<Pasid>,
+    /// A guest PASID table is attached: every PASID is a SubstreamID of the guest's own
+    /// table, confined by the driver to the container's streams.
+    guest_table: bool,
     /// Unread page requests, oldest first, each with its record number.
     unread: VecDeque<(u64, FaultEvent)>,
     /// Unread unrecoverable faults, oldest first, each with its record number.
@@ -102,7 +106,10 @@ impl FaultSink {
             if !r.devices.contains(&sid) {
                 return Err(HostError::DeviceNotAttached(sid));
             }
-            if !request.pasid.is_some_and(|p| r.pasids.contains(&p)) {
+            if !request
+                .pasid
+                .is_some_and(|p| r.guest_table || r.pasids.contains(&p))
+            {
                 return Err(HostError::UnownedPageRequest {
                     sid,
                     pasid: request.pasid,
@@ -146,7 +153,10 @@ impl FaultSink {
             if !r.devices.contains(&sid) {
                 return Err(HostError::DeviceNotAttached(sid));
             }
-            if !fault.pasid.is_some_and(|p| r.pasids.contains(&p)) {
+            if !fault
+                .pasid
+                .is_some_and(|p| r.guest_table || r.pasids.contains(&p))
+            {
                 return Err(HostError::UnownedFault {
                     sid,
                     pasid: fault.pasid,
@@ -234,6 +244,21 @@ impl FaultQueue {
         r.unrecoverable
             .retain(|(_, e)| e.fault.pasid != Some(pasid));
         Self::drop_where(&mut r, |e| e.request.pasid == Some(pasid))
+    }
+
+    /// Accepts requests for any PASID of the container's devices while `on` (a guest PASID
+    /// table is attached). Turned off, drops the unread records for PASIDs outside the
+    /// container's set and returns their pending groups, which the caller answers.
+    pub(crate) fn set_guest_table(&self, on: bool) -> Vec<FaultEvent> {
+        let mut r = lock(&self.shared);
+        r.guest_table = on;
+        if on {
+            return Vec::new();
+        }
+        let own = r.pasids.clone();
+        let ours = |p: Option<Pasid>| p.is_some_and(|p| own.contains(&p));
+        r.unrecoverable.retain(|(_, e)| ours(e.fault.pasid));
+        Self::drop_where(&mut r, |e| !ours(e.request.pasid))
     }
 
     /// Drops the unread requests for `pasid` and returns its pending groups, which the

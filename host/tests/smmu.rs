@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
 use vsva_host::{Container, PasidAllocator, SharedPasidAllocator};
-use vsva_hw::dma::regs::CTRL_PASID_EN;
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     Operation,
@@ -18,8 +18,11 @@ use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{ContextDescriptor, Features, PageSize, TableBuilder};
-use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_uapi::request::{CacheInvalidate, DmaMap, InvGranularity, PasidConfig, PasidTableConfig};
+use vsva_uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
+use vsva_uapi::request::{
+    CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode, PasidConfig,
+    PasidTableConfig,
+};
 use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vtd::{Gpa, Hpa, Iova, MemWindow, Pasid, PhysMem, SourceId};
 
@@ -85,6 +88,10 @@ struct Guest {
 
 impl Guest {
     fn new(host: &Host, alloc: &SharedPasidAllocator, sid: SourceId) -> Guest {
+        Guest::with(host, alloc, sid, CTRL_PASID_EN)
+    }
+
+    fn with(host: &Host, alloc: &SharedPasidAllocator, sid: SourceId, ctrl: u64) -> Guest {
         let hpa = host.frames.alloc_range(RAM, 2 << 20).unwrap();
         let ram = host.mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap();
         let domain = SmmuDomain::new(&host.smmu).unwrap();
@@ -92,7 +99,7 @@ impl Guest {
         container.set_iommu(IommuModel::Type1Nesting).unwrap();
         let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(sid), host.hw.clone()).unwrap());
         host.hw.attach_endpoint(sid.rid() as u32, dev.clone());
-        dev.enable(CTRL_PASID_EN).unwrap();
+        dev.enable(ctrl).unwrap();
         container.attach_device(sid).unwrap();
         let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
         container
@@ -449,4 +456,99 @@ fn detach_and_close_leave_nothing_behind() {
     assert_eq!(host.frames.allocated_bytes(), baseline + l2);
     let ste = host.smmu.ste(7 << 3).unwrap();
     assert_eq!(ste[0] & 0xf, 1, "the stream aborts (V=1, Config=abort)");
+}
+
+#[test]
+fn page_requests_reach_the_container_and_responses_resume_the_dma() {
+    let host = host();
+    let alloc = allocator();
+    let ctrl = CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN;
+    let mut g = Guest::with(&host, &alloc, sid(8), ctrl);
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let lazy = 0x7f00_dead_0000;
+    let data = pattern(100, 4);
+    g.write(SRC_GPA, &data);
+    g.write(COMP_GPA, &[0; 32]);
+    let d = Descriptor {
+        pasid: pasid(),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::Always(COMP_GVA),
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst: lazy + 8,
+            size: 100,
+        },
+    };
+    g.dev.portal_write(0, &d.encode()).unwrap();
+    g.dev.process();
+    assert_eq!(g.dev.waiting_for_page_response(), 1);
+    // The PRI queue handler takes the request to the container that owns the stream.
+    assert_eq!(host.smmu.handle_queues(), 1);
+    let faults = g.c().read_faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let req = faults[0].request;
+    assert_eq!((faults[0].sid, req.pasid, req.addr), (g.sid, pasid(), lazy));
+    assert!(req.write && req.last_page && req.needs_pasid);
+    // The guest's fault handler maps the page; its response goes down as CMD_PRI_RESP.
+    g.map(lazy, NEW_DST_GPA, 1);
+    g.c()
+        .page_response(&PageResponse {
+            pasid: pasid(),
+            grpid: req.grpid,
+            code: PageResponseCode::Success,
+        })
+        .unwrap();
+    g.dev.process();
+    let r = CompletionRecord::from_bytes(&g.read(COMP_GPA, 32).try_into().unwrap()).unwrap();
+    assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+    assert_eq!(g.read(NEW_DST_GPA + 8, 100), data);
+    assert!(g.c().pending_page_requests().is_empty());
+    // After DETACH the guest's SubstreamIDs are not the container's any more.
+    let sink = g.c().fault_sink();
+    g.c().detach_pasid_table().unwrap();
+    let e = sink.report(g.sid, req).unwrap_err();
+    assert_eq!(e.errno(), -libc::EPERM);
+    assert!(g.c().read_faults().is_empty());
+}
+
+#[test]
+fn the_device_atc_keeps_a_stale_translation_until_dev_iotlb_invalidation() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::with(&host, &alloc, sid(9), CTRL_PASID_EN | CTRL_ATS_EN);
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let one = pattern(128, 1);
+    g.write(SRC_GPA, &one);
+    assert_eq!(
+        g.memmove(pasid(), SRC_GVA, DST_GVA, 128, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert!(g.dev.devtlb_len() > 0);
+    g.remap(DST_GVA, NEW_DST_GPA);
+    // The SMMU's TLB entry goes, but the device's ATC still holds the old page.
+    g.c().cache_invalidate(&invalidate_va(DST_GVA)).unwrap();
+    let two = pattern(128, 2);
+    g.write(SRC_GPA, &two);
+    assert_eq!(
+        g.memmove(pasid(), SRC_GVA, DST_GVA, 128, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(g.read(DST_GPA, 128), two);
+    // The guest's CMD_ATC_INV, forwarded as a device-TLB invalidation.
+    let atc = CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_DEV_IOTLB,
+        ..invalidate_va(DST_GVA)
+    };
+    g.c().cache_invalidate(&atc).unwrap();
+    let three = pattern(128, 3);
+    g.write(SRC_GPA, &three);
+    assert_eq!(
+        g.memmove(pasid(), SRC_GVA, DST_GVA, 128, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(g.read(NEW_DST_GPA, 128), three);
+    assert_eq!(host.hw.take_stale(), []);
 }
