@@ -3,6 +3,7 @@
 //! through second-level and nested translation; what a missing invalidation leaves
 //! behind is observable, and closing everything leaves nothing.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
@@ -836,8 +837,15 @@ fn bind_refuses_a_guest_table_beyond_the_mapped_memory() {
     assert_eq!(c.unmap_dma(top.iova, top.size).unwrap(), top.size);
     assert_eq!(einval(&mut c, Gpa((16 << 20) + PAGE_SIZE)), -libc::EINVAL);
     assert_eq!(host.unit.pasid_entry(sid(13), p), None);
+    let before = host.hw.stats().descriptors.load(Ordering::Relaxed);
     c.bind_gpasid(&bind_of(p, root)).unwrap();
     assert_eq!(host.unit.pasid_entry(sid(13), p).unwrap().flptptr, PT_GPA);
+    // `pasid_flush_caches`: the PASID cache and the PASID's IOTLB, then the wait; no
+    // device-TLB invalidation for an entry that was not present (F11).
+    assert_eq!(
+        host.hw.stats().descriptors.load(Ordering::Relaxed) - before,
+        3
+    );
 }
 
 /// A unit whose MGAW + 1 (46) is below its only second-level width (4-level, 48 bits):

@@ -81,10 +81,16 @@ pub fn piotlb_pages(
 
 /// Device-TLB invalidation of `2^order` pages at `addr` for the requests of `sid` without
 /// PASID (§6.5.2.5, `qi_flush_dev_iotlb`) or with `pasid` (PASID-based, §6.5.2.6,
-/// `qi_flush_dev_iotlb_pasid`), with PFSID = `sid`. The host driver uses
-/// [`dev_iotlb_pf`] with [`pfsid`]; the guest driver still sends its requester id.
-pub fn dev_iotlb(sid: SourceId, pasid: Option<Pasid>, addr: u64, order: u8) -> InvDesc {
-    dev_iotlb_pf(sid, sid, pasid, addr, order)
+/// `qi_flush_dev_iotlb_pasid`) on a unit with extended capabilities `ecap`: PFSID as
+/// [`pfsid`] gives it (0 without ECAP.DIT).
+pub fn dev_iotlb(
+    sid: SourceId,
+    ecap: &Ecap,
+    pasid: Option<Pasid>,
+    addr: u64,
+    order: u8,
+) -> InvDesc {
+    dev_iotlb_pf(sid, pfsid(sid, ecap), pasid, addr, order)
 }
 
 /// The PFSID field of a device-TLB invalidation for device `sid` (§6.5.2.5): the physical
@@ -170,7 +176,7 @@ mod tests {
     fn device_tlb_descriptors_cover_their_block() {
         let sid = SourceId::from_rid(0x10);
         let p = Pasid::new(4).unwrap();
-        let d = dev_iotlb(sid, Some(p), 0x7000, 2);
+        let d = dev_iotlb(sid, &Ecap::default(), Some(p), 0x7000, 2);
         assert_eq!(
             d.range(),
             Some(AddrRange {
@@ -179,7 +185,7 @@ mod tests {
             })
         );
         assert!(matches!(
-            dev_iotlb(sid, None, 0, WHOLE_SPACE),
+            dev_iotlb(sid, &Ecap::default(), None, 0, WHOLE_SPACE),
             InvDesc::DevIotlb { size: true, .. }
         ));
     }

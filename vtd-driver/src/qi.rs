@@ -342,7 +342,13 @@ mod tests {
     }
 
     fn dev_tlb() -> InvDesc {
-        crate::inv::dev_iotlb(SourceId::from_rid(0x10), None, 0, crate::mask::WHOLE_SPACE)
+        crate::inv::dev_iotlb(
+            SourceId::from_rid(0x10),
+            &vsva_vtd::Ecap::default(),
+            None,
+            0,
+            crate::mask::WHOLE_SPACE,
+        )
     }
 
     fn kinds(log: &[InvDesc]) -> Vec<InvDescType> {

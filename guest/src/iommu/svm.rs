@@ -18,7 +18,7 @@ use vsva_vtd_driver::mask::{covering_block, WHOLE_SPACE};
 use vsva_vtd_driver::tables::{clear_pasid_entry, write_pasid_entry};
 use vsva_vtd_driver::POLL_LIMIT;
 
-use super::{lock, Device, DriverError, IommuDriver};
+use super::{lock, Device, DriverError, IommuDriver, Regs};
 use crate::process::{MmuNotifier, NotifierId, Process};
 
 /// The domain id Linux gives every first-level-only PASID entry of SVA
@@ -219,7 +219,7 @@ impl IommuDriver {
                 }
             }
         }
-        self.flush_pasid(&dev, pasid)?;
+        self.flush_new_pasid(pasid)?;
         Ok(pasid)
     }
 
@@ -279,6 +279,9 @@ impl IommuDriver {
             aw: self.agaw,
             pwsnp: self.ecap.smpwcs,
             flpm: process.paging_mode(),
+            // v5.10 `intel_pasid_setup_first_level` leaves NXE clear; set on purpose (F16):
+            // the process's tables use XD as the CPU does with EFER.NXE, and with NXE clear
+            // the unit would take XD as a reserved bit (SFL.3) on every such page.
             nxe: true,
             flptptr: process.cr3().0,
             ..PasidEntry::new(Pgtt::FirstLevel, FLPT_DEFAULT_DID)
@@ -287,16 +290,44 @@ impl IommuDriver {
         Ok(write_pasid_entry(&*self.mem, slot, &entry)?)
     }
 
-    /// The flushes of a PASID entry that changed, each with its wait.
-    fn flush_pasid(&self, dev: &Device, pasid: Pasid) -> Result<(), DriverError> {
+    /// The flushes after a PASID entry became present (v5.10 `pasid_flush_caches`): with
+    /// CAP.CM the unit may cache not-present entries, so the PASID cache and the PASID's
+    /// IOTLB are invalidated, each with its wait; without CM only the write buffer is
+    /// flushed. No device TLB can hold a translation through an entry that was not
+    /// present, so none is invalidated (F16).
+    fn flush_new_pasid(&self, pasid: Pasid) -> Result<(), DriverError> {
+        if !self.cap.cm {
+            return Ok(self
+                .gcmd
+                .flush_write_buffer(&Regs(&*self.mmio), &self.cap)?);
+        }
+        self.submit(&[InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::PasidSelective,
+            did: FLPT_DEFAULT_DID,
+            pasid,
+        }])?;
+        self.submit(&[piotlb_pasid(FLPT_DEFAULT_DID, pasid)])
+    }
+
+    /// The flushes after a PASID entry was cleared (v5.10 `intel_pasid_tear_down_entry`):
+    /// the PASID cache and the PASID's IOTLB, each with its wait, then the device TLB of a
+    /// device with ATS, but only without CAP.CM (F16): with CM the unit is a virtual one
+    /// whose PASID-cache invalidation already reaches the device TLB on the host.
+    fn flush_cleared_pasid(&self, dev: &Device, pasid: Pasid) -> Result<(), DriverError> {
         self.submit(&[InvDesc::PasidCache {
             granularity: PasidCacheGranularity::PasidSelective,
             did: FLPT_DEFAULT_DID,
             pasid,
         }])?;
         self.submit(&[piotlb_pasid(FLPT_DEFAULT_DID, pasid)])?;
-        if dev.ats {
-            self.submit(&[dev_iotlb(dev.config.sid, Some(pasid), 0, WHOLE_SPACE)])?;
+        if dev.ats && !self.cap.cm {
+            self.submit(&[dev_iotlb(
+                dev.config.sid,
+                &self.ecap,
+                Some(pasid),
+                0,
+                WHOLE_SPACE,
+            )])?;
         }
         Ok(())
     }
@@ -324,7 +355,7 @@ impl IommuDriver {
             let slot = self.pasid_entry_slot(&dev, pasid)?;
             clear_pasid_entry(&*self.mem, slot)?;
         }
-        let flushed = self.flush_pasid(&dev, pasid);
+        let flushed = self.flush_cleared_pasid(&dev, pasid);
         let drained = self.drain_page_requests(&dev, pasid);
         let last = {
             let mut st = lock(&self.state);
@@ -368,7 +399,13 @@ impl IommuDriver {
             piotlb_pasid(FLPT_DEFAULT_DID, pasid),
         ];
         if dev.ats {
-            descs.push(dev_iotlb(dev.config.sid, Some(pasid), 0, WHOLE_SPACE));
+            descs.push(dev_iotlb(
+                dev.config.sid,
+                &self.ecap,
+                Some(pasid),
+                0,
+                WHOLE_SPACE,
+            ));
         }
         self.submit_sync(&descs, true)
     }
@@ -402,7 +439,13 @@ impl IommuDriver {
                 .range_invalidations
                 .fetch_add(1, Ordering::Relaxed);
             if dev.ats {
-                self.submit(&[dev_iotlb(dev.config.sid, Some(pasid), addr, order)])?;
+                self.submit(&[dev_iotlb(
+                    dev.config.sid,
+                    &self.ecap,
+                    Some(pasid),
+                    addr,
+                    order,
+                )])?;
                 self.counters
                     .range_invalidations
                     .fetch_add(1, Ordering::Relaxed);

@@ -414,8 +414,19 @@ fn caching_mode_flushes_the_context_cache_on_attach() {
 
 #[test]
 fn bind_writes_a_first_level_entry_then_flushes_in_linux_order() {
+    // Without CAP.CM, `pasid_flush_caches` flushes only the write buffer: no descriptor.
     let s = setup();
     s.driver.attach_device(device()).unwrap();
+    s.unit.take_log();
+    let p = s.process();
+    s.driver.sva_bind(SID, &p).unwrap();
+    assert!(s.unit.take_log().is_empty());
+    assert_eq!(s.driver.stats().invalidations, 2);
+
+    // With CM, the PASID cache and the PASID's IOTLB, and no device TLB (F16).
+    let s = setup_with(Cap { cm: true, ..cap() }, ecap());
+    s.driver.attach_device(device()).unwrap();
+    s.unit.take_log();
     let p = s.process();
     let pasid = s.driver.sva_bind(SID, &p).unwrap();
     // From the unit's virtual command interface.
@@ -443,20 +454,11 @@ fn bind_writes_a_first_level_entry_then_flushes_in_linux_order() {
                 ih: false,
                 am: 0
             },
-            InvDesc::PasidDevIotlb {
-                sid: SID,
-                pfsid: SID,
-                pasid,
-                max_invs_pend: 0,
-                addr: 0x7fff_ffff_ffff_f000,
-                size: true,
-                global: false
-            },
         ]
     );
-    // After the two of init.
-    assert_eq!(s.driver.stats().invalidations, 2 + 3);
-    assert_eq!(s.driver.stats().waits, 2 + 3);
+    // After the two of init and attach's context-cache flush (CM).
+    assert_eq!(s.driver.stats().invalidations, 2 + 1 + 2);
+    assert_eq!(s.driver.stats().waits, 2 + 1 + 2);
     assert_eq!(s.driver.bound_pasids(), vec![(pasid, p.cr3())]);
 
     // Binding again: the same PASID, nothing written.
@@ -465,6 +467,27 @@ fn bind_writes_a_first_level_entry_then_flushes_in_linux_order() {
     // Another process gets another PASID.
     let q = s.process();
     assert_eq!(s.driver.sva_bind(SID, &q).unwrap().raw(), 101);
+
+    // Unbinding with CM: no device-TLB invalidation in the teardown (F16); the drain
+    // still has its own.
+    s.unit.take_log();
+    s.driver.sva_unbind(SID, pasid).unwrap();
+    s.driver.sva_unbind(SID, pasid).unwrap();
+    let kinds: Vec<InvDescType> = s.unit.take_log().iter().map(InvDesc::desc_type).collect();
+    use InvDescType::*;
+    assert_eq!(
+        kinds,
+        [
+            PasidCache,
+            InvWait,
+            PasidIotlb,
+            InvWait,
+            InvWait,
+            PasidIotlb,
+            PasidDevIotlb,
+            InvWait
+        ]
+    );
 }
 
 #[test]
@@ -531,6 +554,31 @@ fn bind_refusals() {
     );
 }
 
+/// With ECAP.DIT the device-TLB invalidations name the physical function (the device
+/// itself: no VFs), as Linux's `info->pfsid`; without it the field is 0 (F6).
+#[test]
+fn device_tlb_invalidations_carry_the_pfsid_only_with_dit() {
+    for (dit, want) in [(true, SID), (false, SourceId::from_rid(0))] {
+        let s = setup_with(cap(), Ecap { dit, ..ecap() });
+        s.driver.attach_device(device()).unwrap();
+        let p = s.process();
+        let va = p.mmap(4096, Prot::READ_WRITE).unwrap();
+        s.driver.sva_bind(SID, &p).unwrap();
+        s.unit.take_log();
+        p.munmap(va, 4096).unwrap();
+        let pfsids: Vec<SourceId> = s
+            .unit
+            .take_synced()
+            .iter()
+            .filter_map(|d| match d {
+                InvDesc::PasidDevIotlb { pfsid, .. } => Some(*pfsid),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pfsids, [want], "DIT {dit}");
+    }
+}
+
 #[test]
 fn munmap_and_mprotect_invalidate_the_range() {
     let s = setup();
@@ -556,7 +604,8 @@ fn munmap_and_mprotect_invalidate_the_range() {
             },
             InvDesc::PasidDevIotlb {
                 sid: SID,
-                pfsid: SID,
+                // No ECAP.DIT: the field is reserved (F6).
+                pfsid: SourceId::from_rid(0),
                 pasid,
                 max_invs_pend: 0,
                 addr: va.0 | 0x3000,
@@ -682,8 +731,9 @@ fn page_requests_fault_pages_in_and_are_answered() {
         (st.page_requests, st.page_requests_served, st.page_responses),
         (6, 3, 5)
     );
-    // Responses are not invalidations: init's two and bind's three only.
-    assert_eq!(st.invalidations, 2 + 3);
+    // Responses are not invalidations: init's two only (bind without CM flushes the write
+    // buffer).
+    assert_eq!(st.invalidations, 2);
     assert_eq!(s.driver.handle_page_requests(), 0);
 }
 
@@ -772,7 +822,8 @@ fn detach_gives_back_every_frame() {
 
 #[test]
 fn a_queue_error_is_reported_and_the_queue_recovers() {
-    let s = setup();
+    // CM: bind flushes the PASID cache.
+    let s = setup_with(Cap { cm: true, ..cap() }, ecap());
     s.driver.attach_device(device()).unwrap();
     let p = s.process();
     *s.unit.reject.lock().unwrap() = Some(InvDescType::PasidCache);
@@ -796,20 +847,13 @@ fn a_device_tlb_time_out_is_resubmitted() {
     let s = setup();
     s.driver.attach_device(device()).unwrap();
     let p = s.process();
-    s.unit.time_outs.store(1, Ordering::SeqCst);
+    let va = p.mmap(4096, Prot::READ_WRITE).unwrap();
     let pasid = s.driver.sva_bind(SID, &p).unwrap();
+    s.unit.take_log();
+    s.unit.time_outs.store(1, Ordering::SeqCst);
+    p.munmap(va, 4096).unwrap();
     let kinds: Vec<InvDescType> = s.unit.take_log().iter().map(InvDesc::desc_type).collect();
-    assert_eq!(
-        kinds,
-        [
-            PasidCache,
-            InvWait,
-            PasidIotlb,
-            InvWait,
-            PasidDevIotlb,
-            InvWait
-        ]
-    );
+    assert_eq!(kinds, [PasidIotlb, InvWait, PasidDevIotlb, InvWait]);
     assert_eq!(regs(&s.unit).fsts() & fsts::ITE, 0);
     // A device that never completes fails the flush; the queue still works afterwards.
     s.unit.time_outs.store(u32::MAX, Ordering::SeqCst);

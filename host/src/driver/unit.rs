@@ -475,9 +475,11 @@ impl HostIommu {
     }
 
     /// Makes `pasid`'s entry of `sid` present with `entry` (`intel_pasid_setup_*`), the
-    /// PASID table allocated on first use; then PASID-cache, PASID-based IOTLB and
-    /// PASID-based device-TLB invalidations of the PASID. A present entry is left alone
-    /// (EBUSY).
+    /// PASID table allocated on first use; then PASID-cache and PASID-based IOTLB
+    /// invalidations of the PASID (`pasid_flush_caches`; issued whatever CAP.CM says, so
+    /// the driver stays right on a unit that caches not-present entries). No device-TLB
+    /// invalidation, as Linux: no device can hold a translation through an entry that was
+    /// not present (F11). A present entry is left alone (EBUSY).
     pub(crate) fn install_pasid_entry(
         &self,
         sid: SourceId,
@@ -506,7 +508,6 @@ impl HostIommu {
                 pasid,
             },
             piotlb_pasid(entry.did, pasid),
-            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), Some(pasid), 0, WHOLE_SPACE),
         ]);
         if let Err(e) = flushed {
             if let Err(clear) = tables::clear_pasid_entry(mem, slot) {
