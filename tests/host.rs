@@ -163,8 +163,9 @@ fn vmm(path: &Path) -> (RemoteFile, SharedRam) {
     (file, ram)
 }
 
-/// The client process: connects, says "ready", then binds, invalidates and unbinds in a
-/// loop until killed; exits 2 with a clear message when the host goes away.
+/// The client process: connects, binds a PASID, leaves a DMA of its device waiting on a
+/// page request, says "ready", then binds, invalidates and unbinds in a loop until killed;
+/// exits 2 with a clear message when the host goes away.
 #[test]
 fn client_process() {
     let Ok(path) = std::env::var("VSVA_TEST_CLIENT") else {
@@ -174,6 +175,25 @@ fn client_process() {
     let mut f = &file;
     let keep = f.pasid_alloc(1, 1000).unwrap();
     f.bind_gpasid(&bind_data(keep)).unwrap();
+    // The client's device in the host, with a DMA waiting on a page request nobody will
+    // answer: its guest table (a zeroed page) maps nothing.
+    file.device_add().unwrap();
+    let desc = vsva_hw::dma::Descriptor {
+        pasid: Some(keep),
+        privileged: false,
+        block_on_fault: true,
+        completion: vsva_hw::dma::CompletionRequest::None,
+        op: vsva_hw::dma::Operation::Fill {
+            pattern: 0x5a,
+            dst: 0x40_0000,
+            size: 64,
+        },
+    };
+    file.device_write(0, &desc.encode()).unwrap();
+    assert!(
+        file.device_run().unwrap() > 0,
+        "the DMA waits on a page request"
+    );
     println!("ready");
     let inv = |p| CacheInvalidate {
         cache: IOMMU_CACHE_INV_TYPE_IOTLB,
@@ -238,7 +258,9 @@ fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
     let host = Host::start("kill");
     let probe = RemoteFile::connect(&host.path).unwrap();
     let empty = quiet(&probe);
-    // A live client that holds a bound PASID throughout.
+    // A live client that holds a bound PASID throughout. Each killed client held a bound
+    // PASID, a device with a pending page request, a window and a domain, and was
+    // binding, invalidating or unbinding another PASID when it died.
     let (live, _ram) = vmm(&host.path);
     let p = (&live).pasid_alloc(1, 1000).unwrap();
     (&live).bind_gpasid(&bind_data(p)).unwrap();
@@ -476,19 +498,24 @@ impl vsva_guest::Mmio for VIommuRegs {
 }
 
 #[test]
-fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process() {
+fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_page_requests() {
     use std::sync::Arc;
     use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Process, Prot};
+    use vsva_hw::dma::{
+        CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation,
+    };
     use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
-    use vsva_vtd::{FlPagingMode, SourceId};
+    use vsva_vtd::{FlPagingMode, Gva, SourceId};
     const GUEST_SID: SourceId = SourceId::from_rid(0x18);
-    const HOST_SID: SourceId = SourceId::from_rid(0x100);
 
     let host = Host::start("vmm");
     let probe = RemoteFile::connect(&host.path).unwrap();
     let empty = quiet(&probe);
     let (file, ram) = vmm(&host.path);
     let file = Arc::new(file);
+    // The passthrough device lives in the host; the VMM learns its requester id there.
+    let host_sid = file.device_add().unwrap();
+    assert_eq!(file.device_add(), Err(Errno::EEXIST));
     // The vIOMMU, the guest driver and a guest process, exactly as over the in-process
     // container (testbed/src/stack.rs), with the socket transport in its place.
     let viommu = VIommu::new(
@@ -498,7 +525,7 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process() {
     )
     .unwrap();
     viommu
-        .attach_passthrough(GUEST_SID, HOST_SID, file.clone() as Arc<dyn HostSva>)
+        .attach_passthrough(GUEST_SID, host_sid, file.clone() as Arc<dyn HostSva>)
         .unwrap();
     let frames =
         Arc::new(GuestFrames::new(ram.mem.clone(), Gpa(1 << 20), RAM - (1 << 20)).unwrap());
@@ -526,8 +553,54 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process() {
     // The vIOMMU shadowed the guest's entry with a BIND the host accepted.
     let s = viommu.stats();
     assert_eq!((s.binds, s.host_errors), (1, 0));
+    // DMA through the host in the process's address space, to pages not yet present:
+    // each page request goes from the host's IOMMU through the socket to the vIOMMU and
+    // the guest, and the guest's response comes back down the same way.
+    let dst = process
+        .mmap_lazy(16 << 10, Prot::READ | Prot::WRITE)
+        .unwrap();
+    let record = process.mmap(4096, Prot::READ | Prot::WRITE).unwrap();
+    let desc = Descriptor {
+        pasid: Some(pasid),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::Always(record.0),
+        op: Operation::Memmove {
+            src: buf.0,
+            dst: dst.0 + 8192,
+            size: 25,
+        },
+    };
+    file.device_write(0, &desc.encode()).unwrap();
+    let mut rounds = 0;
+    while file.device_run().unwrap() > 0 {
+        rounds += 1;
+        assert!(rounds < 1000, "page requests never resolved");
+        for fault in vsva_uapi::UapiFile::read_faults(&*file).unwrap() {
+            match fault {
+                vsva_uapi::QueuedFault::PageRequest(f) => {
+                    viommu.inject_host_page_request(f.sid, &f.request).unwrap();
+                }
+                other => panic!("an unrecoverable fault: {other:?}"),
+            }
+        }
+        driver.handle_page_requests();
+    }
+    assert!(
+        rounds > 0,
+        "the lazily mapped destination needed a page request"
+    );
+    let mut raw = [0u8; 32];
+    process.read(record, &mut raw).unwrap();
+    let done = CompletionRecord::from_bytes(&raw).unwrap();
+    assert_eq!(done.status, CompletionStatus::Success, "{done:?}");
+    let mut got = [0u8; 25];
+    process.read(Gva(dst.0 + 8192), &mut got).unwrap();
+    assert_eq!(&got, b"shared through the socket");
+    assert!(viommu.stats().page_responses_forwarded > 0);
+
     // The guest unmaps part of its buffer: its IOTLB invalidation is forwarded to the host.
-    let forwarded = s.invalidations_forwarded;
+    let forwarded = viommu.stats().invalidations_forwarded;
     process.munmap(buf, 4096).unwrap();
     let s = viommu.stats();
     assert!(s.invalidations_forwarded > forwarded, "{s:?}");

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_vtd::SourceId;
 
 use crate::protocol::{
     encode_request, HostState, Reply, Request, Welcome, FILE_VFIO_CONTAINER, VERSION,
@@ -159,6 +161,31 @@ impl RemoteFile {
     pub fn add_memory(&self, file: BorrowedFd<'_>, addr: u64, size: u64) -> Result<(), Errno> {
         self.simple(&Request::AddMemory { addr, size }, &[file])
             .map(|_| ())
+    }
+
+    /// Plugs a passthrough DMA engine into the host, attached to this connection's
+    /// container; returns its requester id on the host.
+    pub fn device_add(&self) -> Result<SourceId, Errno> {
+        let rid = self.simple(&Request::DeviceAdd, &[])?.result?;
+        Ok(SourceId::from_rid(
+            u16::try_from(rid).map_err(|_| Errno::EIO)?,
+        ))
+    }
+
+    /// Writes a descriptor to the device's portal at `offset`.
+    pub fn device_write(
+        &self,
+        offset: u64,
+        descriptor: &[u8; DESCRIPTOR_SIZE],
+    ) -> Result<(), Errno> {
+        self.simple(&Request::DeviceWrite { offset, descriptor }, &[])
+            .map(|_| ())
+    }
+
+    /// Lets the device work through what was submitted; returns how many descriptors
+    /// still wait for a page response.
+    pub fn device_run(&self) -> Result<u64, Errno> {
+        self.simple(&Request::DeviceRun, &[])?.result
     }
 
     /// What the host holds, host-wide.

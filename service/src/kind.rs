@@ -10,6 +10,7 @@ use vsva_host::driver::{HostIommu, VtdDomain};
 use vsva_host::{Container, ContainerFile, PasidAllocator};
 use vsva_uapi::vfio::{VfioIommuType1DmaMap, VFIO_IOMMU_MAP_DMA};
 use vsva_uapi::{Errno, UapiFile};
+use vsva_vtd::SourceId;
 
 use crate::protocol::FILE_VFIO_CONTAINER;
 
@@ -23,13 +24,31 @@ pub struct UserRange {
     pub len: u64,
 }
 
+/// An open file as the host serves it: the uAPI calls, and the host-side operations the
+/// file's kind supports.
+pub trait ServedFile: UapiFile {
+    /// Attaches the passthrough device `sid` to the file's domain, as
+    /// `VFIO_GROUP_SET_CONTAINER` does for the device's group; `ENODEV` for a file kind
+    /// without devices.
+    fn attach_device(&self, sid: SourceId) -> Result<(), Errno> {
+        let _ = sid;
+        Err(Errno::ENODEV)
+    }
+}
+
+impl ServedFile for ContainerFile<VtdDomain> {
+    fn attach_device(&self, sid: SourceId) -> Result<(), Errno> {
+        self.lock().attach_device(sid).map_err(|e| Errno::from(&e))
+    }
+}
+
 /// A kind of uAPI file the host serves.
 pub trait FileKind: Send + Sync {
     /// The kind's number in `HELLO`.
     fn id(&self) -> u32;
 
     /// Opens a new file of this kind (a new container, with its own PASID set).
-    fn open(&self) -> Result<Arc<dyn UapiFile>, Errno>;
+    fn open(&self) -> Result<Arc<dyn ServedFile>, Errno>;
 
     /// The user address the ioctl `cmd` with argument `arg` carries, if any. An argument
     /// too short to hold it is `EINVAL`, so that the file never sees an untranslated one.
@@ -52,7 +71,7 @@ impl FileKind for VfioContainerKind {
         FILE_VFIO_CONTAINER
     }
 
-    fn open(&self) -> Result<Arc<dyn UapiFile>, Errno> {
+    fn open(&self) -> Result<Arc<dyn ServedFile>, Errno> {
         let domain = VtdDomain::new(&self.unit).map_err(|e| {
             tracing::warn!("opening a container: {e}");
             Errno::ENOSPC

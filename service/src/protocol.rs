@@ -6,6 +6,7 @@
 //! the errno and the bytes the host gives back. File descriptors (the VM's RAM memfd, the
 //! fault-queue eventfd) travel as `SCM_RIGHTS` on the frame that names them.
 
+use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_uapi::Errno;
 
 /// The first four bytes of every frame: "VSVA".
@@ -122,6 +123,12 @@ pub enum Kind {
     SetEventfd = 6,
     /// What the host holds, host-wide.
     State = 7,
+    /// Plugs a passthrough DMA engine into the host for the connection's file.
+    DeviceAdd = 8,
+    /// Writes a descriptor to the device's portal.
+    DeviceWrite = 9,
+    /// Lets the device work through what was submitted.
+    DeviceRun = 10,
 }
 
 impl Kind {
@@ -135,6 +142,9 @@ impl Kind {
             5 => Kind::AddMemory,
             6 => Kind::SetEventfd,
             7 => Kind::State,
+            8 => Kind::DeviceAdd,
+            9 => Kind::DeviceWrite,
+            10 => Kind::DeviceRun,
             _ => return None,
         })
     }
@@ -177,6 +187,17 @@ pub enum Request<'a> {
     SetEventfd,
     /// `STATE`.
     State,
+    /// `DEVICE_ADD`.
+    DeviceAdd,
+    /// `DEVICE_WRITE` of one descriptor at a portal offset.
+    DeviceWrite {
+        /// Offset in the portal.
+        offset: u64,
+        /// The descriptor's bytes.
+        descriptor: &'a [u8; DESCRIPTOR_SIZE],
+    },
+    /// `DEVICE_RUN`.
+    DeviceRun,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -248,6 +269,12 @@ pub fn decode_request(frame: &[u8]) -> Result<(Header, Request<'_>), FrameError>
         },
         Kind::SetEventfd if p.is_empty() => Request::SetEventfd,
         Kind::State if p.is_empty() => Request::State,
+        Kind::DeviceAdd if p.is_empty() => Request::DeviceAdd,
+        Kind::DeviceWrite if p.len() == 8 + DESCRIPTOR_SIZE => Request::DeviceWrite {
+            offset: u64_at(p, 0),
+            descriptor: p[8..].try_into().expect("descriptor size"),
+        },
+        Kind::DeviceRun if p.is_empty() => Request::DeviceRun,
         _ => return Err(bad()),
     };
     Ok((header, request))
@@ -282,6 +309,13 @@ pub fn encode_request(id: u32, request: &Request<'_>) -> Vec<u8> {
         }
         Request::SetEventfd => (Kind::SetEventfd, Vec::new()),
         Request::State => (Kind::State, Vec::new()),
+        Request::DeviceAdd => (Kind::DeviceAdd, Vec::new()),
+        Request::DeviceWrite { offset, descriptor } => {
+            let mut p = offset.to_le_bytes().to_vec();
+            p.extend_from_slice(&descriptor[..]);
+            (Kind::DeviceWrite, p)
+        }
+        Request::DeviceRun => (Kind::DeviceRun, Vec::new()),
     };
     frame(kind as u16, id, &payload)
 }
@@ -503,6 +537,12 @@ mod tests {
             },
             Request::SetEventfd,
             Request::State,
+            Request::DeviceAdd,
+            Request::DeviceWrite {
+                offset: 64,
+                descriptor: &[7; DESCRIPTOR_SIZE],
+            },
+            Request::DeviceRun,
         ];
         for (i, r) in requests.iter().enumerate() {
             let f = encode_request(i as u32, r);
@@ -604,7 +644,7 @@ mod tests {
 
         /// A valid header with a random kind and payload decodes or fails cleanly.
         #[test]
-        fn random_payloads_after_a_good_header(kind in 0u16..10, payload in proptest::collection::vec(any::<u8>(), 0..40)) {
+        fn random_payloads_after_a_good_header(kind in 0u16..12, payload in proptest::collection::vec(any::<u8>(), 0..40)) {
             let f = frame(kind, 5, &payload);
             if let Ok((h, r)) = decode_request(&f) {
                 prop_assert_eq!(h.kind, kind);

@@ -19,12 +19,14 @@ use std::time::Duration;
 
 use vsva_host::driver::HostIommu;
 use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
-use vsva_vtd::Hpa;
+use vsva_uapi::{Errno, EventNotifier};
+use vsva_vtd::{Hpa, SourceId};
 
-use crate::kind::{FileKind, VfioContainerKind};
+use crate::kind::{FileKind, ServedFile, VfioContainerKind};
 use crate::protocol::{
     decode_request, FrameError, HostState, Reply, Request, Welcome, ERROR_REPLY, HEADER_LEN, MAGIC,
     MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
@@ -171,6 +173,8 @@ pub struct Service {
     counters: Counters,
     /// The live connections' sockets, to wake their threads at teardown.
     live: Mutex<HashMap<u64, OwnedFd>>,
+    /// Requester ids handed to devices so far (each device gets a new one).
+    device_ids: AtomicU64,
 }
 
 impl Service {
@@ -197,6 +201,7 @@ impl Service {
             limits: config.limits,
             counters: Counters::default(),
             live: Mutex::new(HashMap::new()),
+            device_ids: AtomicU64::new(0),
         }))
     }
 
@@ -328,6 +333,7 @@ impl Service {
             svc: &self,
             file: None,
             windows: Vec::new(),
+            device: None,
             bad_frames: 0,
         };
         let why = conn.serve(sock.as_fd());
@@ -361,8 +367,10 @@ impl EventNotifier for EventfdNotifier {
 
 struct Connection<'s> {
     svc: &'s Service,
-    file: Option<Arc<dyn UapiFile>>,
+    file: Option<Arc<dyn ServedFile>>,
     windows: Vec<Window>,
+    /// The connection's passthrough device, if it added one.
+    device: Option<Arc<DmaEngine>>,
     bad_frames: u32,
 }
 
@@ -435,6 +443,7 @@ impl Connection<'_> {
             (Request::Hello { .. }, Some(_)) => {
                 return reply(Err(Errno::new(libc::EISCONN)), Vec::new())
             }
+            (Request::DeviceWrite { .. } | Request::DeviceRun, _) => None,
             (Request::State, _) => None,
             (_, None) => return reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
             (_, Some(f)) => Some(f.clone()),
@@ -498,8 +507,58 @@ impl Connection<'_> {
                 };
                 reply(result, Vec::new())
             }
+            (Request::DeviceAdd, Some(f)) => reply(self.add_device(f.as_ref()), Vec::new()),
+            (Request::DeviceWrite { offset, descriptor }, _) => {
+                let result = match &self.device {
+                    None => Err(Errno::ENODEV),
+                    Some(d) => d.portal_write(offset, descriptor).map(|()| 0).map_err(|e| {
+                        tracing::debug!("portal write: {e}");
+                        Errno::EINVAL
+                    }),
+                };
+                reply(result, Vec::new())
+            }
+            (Request::DeviceRun, _) => match &self.device {
+                None => reply(Err(Errno::ENODEV), Vec::new()),
+                Some(d) => {
+                    let done = d.process() as u64;
+                    reply(
+                        Ok(d.waiting_for_page_response() as u64),
+                        done.to_le_bytes().to_vec(),
+                    )
+                }
+            },
             (_, None) => reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
         }
+    }
+
+    /// Plugs a PASID-capable DMA engine (ATS, PRI) into the host under a new requester id
+    /// and attaches it to the file's domain; returns the requester id.
+    fn add_device(&mut self, file: &dyn ServedFile) -> Result<u64, Errno> {
+        if self.device.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let n = self.svc.device_ids.fetch_add(1, Ordering::AcqRel);
+        // Bus 1 onwards: 0x100 + n, while a 16-bit requester id is left.
+        let rid = u16::try_from(0x100 + n).map_err(|_| Errno::ENOSPC)?;
+        let sid = SourceId::from_rid(rid);
+        let engine = Arc::new(
+            DmaEngine::new(
+                DmaEngineConfig::new(sid),
+                self.svc.iommu.clone() as Arc<dyn DmaPort>,
+            )
+            .map_err(|_| Errno::EINVAL)?,
+        );
+        engine
+            .enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
+            .map_err(|_| Errno::EINVAL)?;
+        self.svc.iommu.attach_endpoint(engine.clone());
+        if let Err(e) = file.attach_device(sid) {
+            self.svc.iommu.detach_endpoint(sid);
+            return Err(e);
+        }
+        self.device = Some(engine);
+        Ok(u64::from(rid))
     }
 
     fn hello(&mut self, min: u16, max: u16, kind: u32) -> Result<Welcome, Errno> {
@@ -526,7 +585,7 @@ impl Connection<'_> {
     /// An ioctl, with the user address its argument carries (if any) translated from the
     /// client's windows to the host's; an address outside them is `EFAULT` and the file
     /// never sees it. The client gets its own address back.
-    fn ioctl(&self, file: &dyn UapiFile, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+    fn ioctl(&self, file: &dyn ServedFile, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
         // Only the first kind is served today; the file's kind decides the user addresses.
         let kind = &self.svc.kinds[0];
         let range = kind.user_range(cmd, arg)?;
@@ -613,6 +672,10 @@ impl Drop for Connection<'_> {
                 tracing::error!("a closing connection's file is still referenced");
             }
             drop(file);
+        }
+        // The container detached the device as it closed; the engine leaves the bus.
+        if let Some(engine) = self.device.take() {
+            self.svc.iommu.detach_endpoint(engine.config().sid);
         }
         let c = &self.svc.counters;
         for w in self.windows.drain(..) {
