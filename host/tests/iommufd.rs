@@ -40,7 +40,39 @@ struct Host {
     unit: Arc<HostIommu>,
 }
 
+/// What a failed ioctl must leave as it was: the file's objects, and in the driver the
+/// domain ids, attached devices and table frames.
+#[derive(Debug, PartialEq)]
+struct Snap {
+    objects: std::collections::BTreeMap<u32, ObjectState>,
+    dids: usize,
+    devices: usize,
+    frames: u64,
+}
+
 impl Host {
+    fn snap(&self, file: &IommufdFile) -> Snap {
+        Snap {
+            objects: file.lock().objects(),
+            dids: self.unit.domain_ids_in_use(),
+            devices: self.unit.attached_devices(),
+            frames: self.frames.allocated_bytes(),
+        }
+    }
+
+    /// Asserts that a failing call fails with `errno` and changes nothing of `file` or of
+    /// the driver.
+    fn refused<T: std::fmt::Debug>(
+        &self,
+        file: &IommufdFile,
+        errno: Errno,
+        call: impl FnOnce() -> Result<T, Errno>,
+    ) {
+        let before = self.snap(file);
+        assert_eq!(call().unwrap_err(), errno);
+        assert_eq!(self.snap(file), before, "a failed call changed something");
+    }
+
     fn new() -> Host {
         let mem = HostMemory::new(16 << 20).unwrap();
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
@@ -248,21 +280,6 @@ fn allow(f: &dyn UapiFile, ram: &Ram, ioas: u32, ranges: &[(u64, u64)]) -> Resul
     io(f, IOMMU_IOAS_ALLOW_IOVAS, &c).map(|_| ())
 }
 
-/// Asserts that a failing call fails with `errno` and changes no object of `file`.
-fn refused<T: std::fmt::Debug>(
-    file: &IommufdFile,
-    errno: Errno,
-    call: impl FnOnce() -> Result<T, Errno>,
-) {
-    let before = file.lock().objects();
-    assert_eq!(call().unwrap_err(), errno);
-    assert_eq!(
-        file.lock().objects(),
-        before,
-        "a failed call changed the objects"
-    );
-}
-
 #[test]
 fn cmd_fail() {
     let host = Host::new();
@@ -324,26 +341,26 @@ fn ioas_map_unmap() {
         map(&*f, ioas, FIXED_RW, va, 4 * PAGE, 0x10000).unwrap(),
         0x10000
     );
-    refused(&f, Errno::EEXIST, || {
+    host.refused(&f, Errno::EEXIST, || {
         map(&*f, ioas, FIXED_RW, va, PAGE, 0x12000)
     });
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         map(&*f, ioas, RW | 1 << 3, va, PAGE, 0)
     });
-    refused(&f, Errno::EINVAL, || {
+    host.refused(&f, Errno::EINVAL, || {
         map(&*f, ioas, IOMMU_IOAS_MAP_FIXED_IOVA, va, PAGE, 0)
     });
-    refused(&f, Errno::EOVERFLOW, || map(&*f, ioas, RW, va, u64::MAX, 0));
-    refused(&f, Errno::EINVAL, || {
+    host.refused(&f, Errno::EOVERFLOW, || map(&*f, ioas, RW, va, u64::MAX, 0));
+    host.refused(&f, Errno::EINVAL, || {
         map(&*f, ioas, FIXED_RW, va, PAGE, 0x20001)
     });
-    refused(&f, Errno::EFAULT, || {
+    host.refused(&f, Errno::EFAULT, || {
         map(&*f, ioas, FIXED_RW, 0x1000, PAGE, 0x20000)
     });
-    refused(&f, Errno::EFAULT, || {
+    host.refused(&f, Errno::EFAULT, || {
         map(&*f, ioas, FIXED_RW, va, RAM + PAGE, 0x20000)
     });
-    refused(&f, Errno::ENOENT, || {
+    host.refused(&f, Errno::ENOENT, || {
         map(&*f, ioas + 7, FIXED_RW, va, PAGE, 0x20000)
     });
     let mut reserved = IommuIoasMap {
@@ -355,17 +372,17 @@ fn ioas_map_unmap() {
         ..Default::default()
     };
     reserved.__reserved = 1;
-    refused(&f, Errno::EOPNOTSUPP, || io(&*f, IOMMU_IOAS_MAP, &reserved));
+    host.refused(&f, Errno::EOPNOTSUPP, || io(&*f, IOMMU_IOAS_MAP, &reserved));
 
     // Without FIXED_IOVA the kernel picks a free IOVA aligned like the user address.
     let auto = map(&*f, ioas, RW, va + 0x20000, 2 * PAGE, 0).unwrap();
     assert_eq!(auto % (2 * PAGE), 0);
     assert!(auto + 2 * PAGE <= 0x10000 || auto >= 0x14000, "{auto:#x}");
 
-    refused(&f, Errno::ENOENT, || unmap(&*f, ioas, 0x11000, PAGE));
-    refused(&f, Errno::ENOENT, || unmap(&*f, ioas, 0x40_0000, PAGE));
-    refused(&f, Errno::EINVAL, || unmap(&*f, ioas, 0x10000, 0));
-    refused(&f, Errno::EOVERFLOW, || unmap(&*f, ioas, u64::MAX, PAGE));
+    host.refused(&f, Errno::ENOENT, || unmap(&*f, ioas, 0x11000, PAGE));
+    host.refused(&f, Errno::ENOENT, || unmap(&*f, ioas, 0x40_0000, PAGE));
+    host.refused(&f, Errno::EINVAL, || unmap(&*f, ioas, 0x10000, 0));
+    host.refused(&f, Errno::EOVERFLOW, || unmap(&*f, ioas, u64::MAX, PAGE));
     assert_eq!(unmap(&*f, ioas, 0x10000, 4 * PAGE).unwrap(), 4 * PAGE);
     assert_eq!(unmap(&*f, ioas, 0, u64::MAX).unwrap(), 2 * PAGE);
     assert_eq!(
@@ -393,10 +410,10 @@ fn ioas_iova_ranges_and_allow_iovas() {
     r.unwrap();
     assert_eq!((num, ranges), (1, vec![(0, u64::MAX)]));
 
-    refused(&f, Errno::EINVAL, || {
+    host.refused(&f, Errno::EINVAL, || {
         allow(&*f, &ram, ioas, &[(0x2000, 0x1000)])
     });
-    refused(&f, Errno::EINVAL, || {
+    host.refused(&f, Errno::EINVAL, || {
         allow(&*f, &ram, ioas, &[(0, 0x1fff), (0x1000, 0x4fff)])
     });
     allow(&*f, &ram, ioas, &[(0x40_0000, 0x7f_ffff)]).unwrap();
@@ -416,15 +433,15 @@ fn ioas_iova_ranges_and_allow_iovas() {
     let (start, last) = ranges[0];
     assert_eq!(start, 0);
     assert!(last < u64::MAX && (last + 1).is_power_of_two(), "{last:#x}");
-    refused(&f2, Errno::EADDRINUSE, || {
+    host.refused(&f2, Errno::EADDRINUSE, || {
         allow(&*f2, &ram, ioas2, &[(0, last + 1)])
     });
-    refused(&f2, Errno::EINVAL, || {
+    host.refused(&f2, Errno::EINVAL, || {
         map(&*f2, ioas2, FIXED_RW, ram.vaddr, PAGE, last + 1)
     });
     destroy(&*f2, hwpt).unwrap();
     allow(&*f2, &ram, ioas2, &[(0, last + 1)]).unwrap();
-    refused(&f2, Errno::EADDRINUSE, || {
+    host.refused(&f2, Errno::EADDRINUSE, || {
         hwpt_alloc(&*f2, dev_id, ioas2, 0)
     });
 }
@@ -461,11 +478,11 @@ fn ioas_copy() {
             (0x51000, PAGE, ram.hpa + 0x8000)
         ]
     );
-    refused(&f, Errno::ENOENT, || {
+    host.refused(&f, Errno::ENOENT, || {
         copy(0x12000, 2 * PAGE, FIXED_RW, 0x60000)
     });
-    refused(&f, Errno::EEXIST, || copy(0x10000, PAGE, FIXED_RW, 0x51000));
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EEXIST, || copy(0x10000, PAGE, FIXED_RW, 0x51000));
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         copy(0x10000, PAGE, RW | 1 << 5, 0)
     });
     let auto = copy(0x10000, 2 * PAGE, RW, 0).unwrap();
@@ -490,10 +507,10 @@ fn hwpt_paging_attach_replace_and_dma() {
     let ioas = ioas_alloc(&*f).unwrap();
     map(&*f, ioas, FIXED_RW, ram.vaddr, 16 * PAGE, 0x10_0000).unwrap();
 
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         hwpt_alloc(&*f, dev_id, ioas, IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
     });
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         hwpt_alloc(
             &*f,
             dev_id,
@@ -501,19 +518,19 @@ fn hwpt_paging_attach_replace_and_dma() {
             IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_FAULT_ID_VALID,
         )
     });
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         hwpt_alloc(&*f, dev_id, ioas, 1 << 31)
     });
-    refused(&f, Errno::ENOENT, || hwpt_alloc(&*f, dev_id, 99, 0));
-    refused(&f, Errno::EINVAL, || hwpt_alloc(&*f, dev_id, dev_id, 0));
-    refused(&f, Errno::ENOENT, || hwpt_alloc(&*f, 99, ioas, 0));
+    host.refused(&f, Errno::ENOENT, || hwpt_alloc(&*f, dev_id, 99, 0));
+    host.refused(&f, Errno::EINVAL, || hwpt_alloc(&*f, dev_id, dev_id, 0));
+    host.refused(&f, Errno::ENOENT, || hwpt_alloc(&*f, 99, ioas, 0));
     let parent = hwpt_alloc(&*f, dev_id, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT).unwrap();
     let plain = hwpt_alloc(&*f, dev_id, ioas, 0).unwrap();
 
     assert_eq!(attach(&dev, parent).unwrap(), parent);
-    refused(&f, Errno::EBUSY, || destroy(&*f, parent));
-    refused(&f, Errno::EBUSY, || destroy(&*f, ioas));
-    refused(&f, Errno::EBUSY, || destroy(&*f, dev_id));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, parent));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, ioas));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, dev_id));
     dma_fill(&engine, 0x10_0000, 64, 0x1111_1111_1111_1111);
     assert_eq!(ram.read(0, 8), vec![0x11; 8]);
     // A mapping made after the attach reaches the device too; an unmapped one does not.
@@ -576,8 +593,8 @@ fn files_are_isolated() {
     let ioas_a = ioas_alloc(&*a).unwrap();
     map(&*a, ioas_a, FIXED_RW, ram.vaddr, PAGE, 0).unwrap();
     attach(&dev_a, ioas_a).unwrap();
-    refused(&b, Errno::ENOENT, || unmap(&*b, ioas_a, 0, PAGE));
-    refused(&b, Errno::ENOENT, || destroy(&*b, ioas_a));
+    host.refused(&b, Errno::ENOENT, || unmap(&*b, ioas_a, 0, PAGE));
+    host.refused(&b, Errno::ENOENT, || destroy(&*b, ioas_a));
     let id_b = bind(&dev_b, fd_b).unwrap();
     let ioas_b = ioas_alloc(&*b).unwrap();
     let before = a.lock().objects();
@@ -595,31 +612,68 @@ fn files_are_isolated() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
-    /// Whatever bytes a VMM passes to whichever ioctl, nothing panics and a failed ioctl
-    /// changes no object.
+    /// Whatever bytes a VMM passes to whichever ioctl or cdev call, on a file holding an
+    /// IOAS with a mapping, a nest parent the device's RID is on, a nested HWPT with a fault
+    /// queue at a PASID, nothing panics, and a failed call changes no object, no domain id,
+    /// no attachment and no table frame; the device still reaches exactly what it did.
     #[test]
     fn arbitrary_ioctls_fail_cleanly(
-        which in 0usize..8,
+        which in 0usize..13,
         bytes in proptest::collection::vec(any::<u8>(), 0..64),
         small_ids in any::<bool>(),
     ) {
         let host = Host::new();
-        let f = IommufdFile::open(&host.unit);
-        ioas_alloc(&*f).unwrap();
+        let ram = host.ram();
+        let fds = Iommufds::new();
+        let (fd, f) = fds.open(&host.unit);
+        let dev = VfioDeviceFile::open(SID, fds.clone());
+        let dev_id = bind(&dev, fd).unwrap();
+        let ioas = ioas_alloc(&*f).unwrap();
+        map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+        let flags = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID;
+        let parent = hwpt_alloc(&*f, dev_id, ioas, flags).unwrap();
+        attach(&dev, parent).unwrap();
+        let guest = GuestTables::new(&ram, &[(GVA, 0x10000)]);
+        let fault = io(&*f, IOMMU_FAULT_QUEUE_ALLOC, &IommuFaultAlloc { size: 16, ..Default::default() })
+            .unwrap();
+        let data = s1(guest.t.root(), 0).to_bytes();
+        let c = IommuHwptAlloc {
+            size: 48,
+            flags: IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_FAULT_ID_VALID,
+            dev_id,
+            pt_id: parent,
+            data_type: IOMMU_HWPT_DATA_VTD_S1,
+            data_len: data.len() as u32,
+            data_uptr: scratch(&ram, &data),
+            fault_id: fault.out_fault_id,
+            ..Default::default()
+        };
+        let nested = io(&*f, IOMMU_HWPT_ALLOC, &c).unwrap().out_hwpt_id;
+        attach_pasid(&dev, 5, nested).unwrap();
+        let entry = host.unit.pasid_entry(SID, Pasid::new(5).unwrap());
+
         let cmds = [
             IOMMU_DESTROY, IOMMU_IOAS_ALLOC, IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_COPY,
             IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP, IOMMU_IOAS_UNMAP, IOMMU_HWPT_ALLOC,
+            IOMMU_HWPT_INVALIDATE, IOMMU_GET_HW_INFO, IOMMU_FAULT_QUEUE_ALLOC,
+            VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_DETACH_IOMMUFD_PT,
         ];
         let mut arg = bytes.clone();
-        if small_ids && arg.len() >= 12 {
-            arg[8] %= 3;
-            arg[4] %= 3;
+        if small_ids && arg.len() >= 16 {
+            for at in [4, 8, 12] {
+                arg[at] %= 8;
+                arg[at + 1] = 0;
+                arg[at + 2] = 0;
+                arg[at + 3] = 0;
+            }
         }
-        let before = f.lock().objects();
-        if f.ioctl(cmds[which], &mut arg).is_err() {
-            prop_assert_eq!(f.lock().objects(), before);
+        let before = host.snap(&f);
+        let file: &dyn UapiFile = if which >= 11 { &dev } else { &*f };
+        if file.ioctl(cmds[which], &mut arg).is_err() {
+            prop_assert_eq!(host.snap(&f), before);
+            prop_assert_eq!(host.unit.pasid_entry(SID, Pasid::new(5).unwrap()), entry);
         }
     }
 }
@@ -823,32 +877,32 @@ fn alloc_hwpt_nested() {
         nested_alloc(&*f, &ram, (dev_id, pt), flags, ty, data, uptr)
     };
 
-    refused(&f, Errno::EINVAL, || {
+    host.refused(&f, Errno::EINVAL, || {
         na(parent, 0, IOMMU_HWPT_DATA_NONE, &data, None)
     });
-    refused(&f, Errno::EOPNOTSUPP, || na(parent, 0, 99, &data, None));
-    refused(&f, Errno::EINVAL, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || na(parent, 0, 99, &data, None));
+    host.refused(&f, Errno::EINVAL, || {
         na(parent, 0, vtd, &data[..VTD_S1_LEN - 1], None)
     });
-    refused(&f, Errno::EFAULT, || na(parent, 0, vtd, &data, Some(0)));
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EFAULT, || na(parent, 0, vtd, &data, Some(0)));
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         na(parent, IOMMU_HWPT_ALLOC_NEST_PARENT, vtd, &data, None)
     });
-    refused(&f, Errno::EINVAL, || na(not_parent, 0, vtd, &data, None));
-    refused(&f, Errno::ENOENT, || {
+    host.refused(&f, Errno::EINVAL, || na(not_parent, 0, vtd, &data, None));
+    host.refused(&f, Errno::ENOENT, || {
         na(parent, IOMMU_HWPT_FAULT_ID_VALID, vtd, &data, None)
     });
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         na(parent, 0, vtd, &s1(GUEST_PT.0, 1 << 3).to_bytes(), None)
     });
     let mut long = data.clone();
     long.push(1);
-    refused(&f, Errno::E2BIG, || na(parent, 0, vtd, &long, None));
+    host.refused(&f, Errno::E2BIG, || na(parent, 0, vtd, &long, None));
     long[VTD_S1_LEN] = 0;
     let n0 = na(parent, 0, vtd, &long, None).unwrap();
     let n1 = na(parent, 0, vtd, &data, None).unwrap();
-    refused(&f, Errno::EINVAL, || na(n0, 0, vtd, &data, None));
-    refused(&f, Errno::EBUSY, || destroy(&*f, parent));
+    host.refused(&f, Errno::EINVAL, || na(n0, 0, vtd, &data, None));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, parent));
 
     // The invalidation matrix (entry_num written back 0 on each refusal).
     let ok = [inv(0, 1, 0)];
@@ -958,16 +1012,16 @@ fn pasid_attach_and_nested_dma() {
     let n_nopasid = na(parent, 0, s1(root, 0)).unwrap();
 
     detach_pasid(&dev, 5).unwrap();
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n0));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n0));
     attach(&dev, no_pasid).unwrap();
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n0));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n0));
     attach(&dev, parent).unwrap();
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, ioas));
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, parent));
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n_nopasid));
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 0, n0));
-    refused(&f, Errno::EINVAL, || attach_pasid(&dev, 1 << 20, n0));
-    refused(&f, Errno::ENOENT, || attach_pasid(&dev, 5, 1000));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, ioas));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, parent));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 5, n_nopasid));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 0, n0));
+    host.refused(&f, Errno::EINVAL, || attach_pasid(&dev, 1 << 20, n0));
+    host.refused(&f, Errno::ENOENT, || attach_pasid(&dev, 5, 1000));
     let p5 = Pasid::new(5).unwrap();
     assert_eq!(host.unit.pasid_entry(SID, p5), None);
 
@@ -977,10 +1031,10 @@ fn pasid_attach_and_nested_dma() {
     dma_fill_pasid(&engine, 5, GVA, 64, 0x5a5a_5a5a_5a5a_5a5a);
     assert_eq!(ram.read(0x10000, 8), vec![0x5a; 8]);
 
-    refused(&f, Errno::EBUSY, || destroy(&*f, n0));
-    refused(&f, Errno::EBUSY, || destroy(&*f, parent));
-    refused(&f, Errno::EINVAL, || attach(&dev, no_pasid));
-    refused(&f, Errno::EBUSY, || detach(&dev));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, n0));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, parent));
+    host.refused(&f, Errno::EINVAL, || attach(&dev, no_pasid));
+    host.refused(&f, Errno::EBUSY, || detach(&dev));
 
     // The guest moves GVA to another page: reached after the invalidation.
     guest.unmap(&ram, GVA);
@@ -1111,7 +1165,7 @@ fn fault_queue_round_trip() {
         .unwrap_err(),
         Errno::EMFILE
     );
-    refused(&f, Errno::EOPNOTSUPP, || {
+    host.refused(&f, Errno::EOPNOTSUPP, || {
         io(
             &*f,
             IOMMU_FAULT_QUEUE_ALLOC,
@@ -1138,10 +1192,10 @@ fn fault_queue_round_trip() {
         };
         io(&*f, IOMMU_HWPT_ALLOC, &c).map(|c| c.out_hwpt_id)
     };
-    refused(&f, Errno::ENOENT, || alloc_iopf(u32::MAX));
-    refused(&f, Errno::ENOENT, || alloc_iopf(parent));
+    host.refused(&f, Errno::ENOENT, || alloc_iopf(u32::MAX));
+    host.refused(&f, Errno::ENOENT, || alloc_iopf(parent));
     let iopf = alloc_iopf(out.out_fault_id).unwrap();
-    refused(&f, Errno::EBUSY, || destroy(&*f, out.out_fault_id));
+    host.refused(&f, Errno::EBUSY, || destroy(&*f, out.out_fault_id));
     attach_pasid(&dev, 9, iopf).unwrap();
 
     let mut rec = [0u8; 40];
