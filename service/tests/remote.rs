@@ -328,3 +328,55 @@ fn new_eventfd() -> std::os::fd::OwnedFd {
     // SAFETY: fd is a fresh descriptor this function owns.
     unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+    /// Random frames (random bytes, and random payloads behind a valid header of a random
+    /// kind) on one connection get a reply or close that connection only: a client on
+    /// another connection keeps its PASID and is served, and the host leaks nothing.
+    #[test]
+    fn random_frames_never_disturb_another_client(
+        frames in proptest::collection::vec(
+            (proptest::prelude::any::<bool>(), 0u16..12, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)),
+            1..24,
+        )
+    ) {
+        use std::os::fd::AsFd;
+        use vsva_service::protocol::{encode_request, Request, FILE_VFIO_CONTAINER};
+        let served = serve();
+        let (good, _ram) = client(&served.path);
+        let p = (&good).pasid_alloc(1, 100).unwrap();
+        let sock = vsva_service::socket::connect(&served.path).unwrap();
+        let hello = encode_request(1, &Request::Hello { min_version: 1, max_version: 1, file: FILE_VFIO_CONTAINER });
+        vsva_service::socket::send(sock.as_fd(), &hello, &[]).unwrap();
+        vsva_service::socket::recv(sock.as_fd()).unwrap().unwrap();
+        for (raw, kind, bytes) in &frames {
+            let frame = if *raw {
+                bytes.clone()
+            } else {
+                let mut f = vsva_service::protocol::MAGIC.to_le_bytes().to_vec();
+                f.extend_from_slice(&1u16.to_le_bytes());
+                f.extend_from_slice(&kind.to_le_bytes());
+                f.extend_from_slice(&9u32.to_le_bytes());
+                f.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                f.extend_from_slice(bytes);
+                f
+            };
+            if vsva_service::socket::send(sock.as_fd(), &frame, &[]).is_err() {
+                break;
+            }
+            match vsva_service::socket::recv(sock.as_fd()) {
+                Ok(Some(r)) => {
+                    proptest::prop_assert!(vsva_service::protocol::Reply::decode(&r.bytes).is_ok());
+                }
+                _ => break,
+            }
+        }
+        // The good client still owns its PASID and is served.
+        (&good).pasid_free(p).unwrap();
+        drop((good, sock));
+        let report = served.finish();
+        proptest::prop_assert_eq!(report.left, report.baseline, "{}", report);
+    }
+}
