@@ -141,7 +141,8 @@ impl FaultSink {
     /// VMM as an `IOMMU_FAULT_DMA_UNRECOV` record.
     ///
     /// Refused, with nothing queued: a device not attached to the container (`-EINVAL`), a
-    /// fault without a PASID or with a PASID outside the container's set (`-EPERM`). A full
+    /// fault without a PASID or with a PASID outside the container's set (and no guest PASID
+    /// table attached) (`-EPERM`). A full
     /// queue drops the fault, counts it, and says so (`-ENOSPC`).
     pub fn report_unrecoverable(
         &self,

@@ -552,3 +552,39 @@ fn the_device_atc_keeps_a_stale_translation_until_dev_iotlb_invalidation() {
     assert_eq!(g.read(NEW_DST_GPA, 128), three);
     assert_eq!(host.hw.take_stale(), []);
 }
+
+#[test]
+fn the_guests_stage1_faults_reach_the_container_and_stage2_faults_do_not() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(10));
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    // A write to a guest virtual page the guest never mapped: F_TRANSLATION at stage 1.
+    let hole = 0x7f00_0bad_0000;
+    assert_ne!(
+        g.memmove(pasid(), SRC_GVA, hole + 0x10, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    // A guest mapping to a guest physical page beyond the VM's RAM: a stage-2 fault.
+    let beyond = 0x7f00_0bee_0000;
+    g.map(beyond, RAM + 0x10_0000, 1);
+    assert_ne!(
+        g.memmove(pasid(), SRC_GVA, beyond, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    host.smmu.handle_queues();
+    let faults = g.c().read_unrecoverable_faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let f = faults[0];
+    assert_eq!(f.sid, g.sid);
+    assert_eq!(
+        f.fault.reason,
+        vsva_uapi::request::UnrecoverableReason::PteFetch
+    );
+    assert_eq!((f.fault.pasid, f.fault.addr), (pasid(), Some(hole)));
+    assert!(f.fault.write);
+    // Another VM sees nothing of it.
+    let mut other = Guest::new(&host, &alloc, sid(11));
+    assert!(other.c().read_unrecoverable_faults().is_empty());
+}

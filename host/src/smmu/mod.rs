@@ -13,6 +13,7 @@
 //!   the domain's VMID. It is the container's [`IommuBackend`](crate::IommuBackend).
 
 mod domain;
+mod event;
 mod unit;
 
 pub use domain::{SmmuDomain, IPA_BITS, TLBI_RANGE_LIMIT};

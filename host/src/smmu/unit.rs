@@ -178,6 +178,12 @@ impl SmmuHost {
         self.state().vmids.iter().copied().collect()
     }
 
+    /// The fault sink of the domain holding stream `sid`.
+    fn sink_of(&self, sid: u32) -> Option<FaultSink> {
+        let s = self.state();
+        s.owners.get(&sid).and_then(|v| s.sinks.get(v)).cloned()
+    }
+
     pub(crate) fn set_sink(&self, vmid: u16, sink: FaultSink) {
         self.state().sinks.insert(vmid, sink);
     }
@@ -186,14 +192,25 @@ impl SmmuHost {
     /// reporting): each page request of a stream a domain holds goes to that domain's
     /// container as an `iommu_fault` page request (PASID = SubstreamID); the last request
     /// of a group the container refuses, or of a stream no domain holds, is answered at
-    /// once with CMD_PRI_RESP Deny. Also drains the event queue (its records are logged)
-    /// and handles global errors. Returns how many page requests were delivered.
+    /// once with CMD_PRI_RESP Deny. Before that, the event queue handler
+    /// (`arm_smmu_evtq_thread`): each record is logged, and the guest's own faults (see
+    /// `event::guest_fault`) go to the container as `IOMMU_FAULT_DMA_UNRECOV` records; then
+    /// global errors are handled. Returns how many page requests were delivered.
     pub fn handle_queues(&self) -> usize {
         let mut drv = self.driver();
         match drv.read_events() {
             Ok(events) => {
                 for e in &events.records {
                     tracing::debug!(?e, "smmuv3: event");
+                    let Some(fault) = super::event::guest_fault(e) else {
+                        continue;
+                    };
+                    let sid = SourceId::from_rid(e.sid as u16);
+                    if let Some(sink) = self.sink_of(e.sid) {
+                        if let Err(err) = sink.report_unrecoverable(sid, fault) {
+                            tracing::debug!("smmuv3: fault of {sid} not reported: {err}");
+                        }
+                    }
                 }
             }
             Err(e) => tracing::error!("smmuv3: event queue: {e}"),
@@ -210,10 +227,7 @@ impl SmmuHost {
         };
         let mut delivered = 0;
         for r in requests {
-            let sink = {
-                let s = self.state();
-                s.owners.get(&r.sid).and_then(|v| s.sinks.get(v)).cloned()
-            };
+            let sink = self.sink_of(r.sid);
             let request = PageRequest {
                 pasid: r.ssid.and_then(|s| Pasid::new(s).ok()),
                 grpid: r.prg_index as u32,
