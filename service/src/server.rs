@@ -332,6 +332,7 @@ impl Service {
         let mut conn = Connection {
             svc: &self,
             file: None,
+            kind: None,
             windows: Vec::new(),
             device: None,
             bad_frames: 0,
@@ -368,6 +369,8 @@ impl EventNotifier for EventfdNotifier {
 struct Connection<'s> {
     svc: &'s Service,
     file: Option<Arc<dyn ServedFile>>,
+    /// The kind of `file`, which names the user addresses its ioctls carry.
+    kind: Option<Arc<dyn FileKind>>,
     windows: Vec<Window>,
     /// The connection's passthrough device, if it added one.
     device: Option<Arc<DmaEngine>>,
@@ -573,6 +576,7 @@ impl Connection<'_> {
             .ok_or(Errno::ENODEV)?
             .clone();
         self.file = Some(kind.open()?);
+        self.kind = Some(kind);
         Ok(Welcome {
             version: VERSION,
             max_payload: MAX_PAYLOAD as u32,
@@ -586,8 +590,7 @@ impl Connection<'_> {
     /// client's windows to the host's; an address outside them is `EFAULT` and the file
     /// never sees it. The client gets its own address back.
     fn ioctl(&self, file: &dyn ServedFile, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        // Only the first kind is served today; the file's kind decides the user addresses.
-        let kind = &self.svc.kinds[0];
+        let kind = self.kind.as_ref().ok_or(Errno::new(libc::ENOTCONN))?;
         let range = kind.user_range(cmd, arg)?;
         let Some(range) = range else {
             return file.ioctl(cmd, arg);
