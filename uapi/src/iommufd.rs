@@ -96,6 +96,12 @@ pub const IOMMU_HWPT_ALLOC_NEST_PARENT: u32 =
 /// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`: a paging HWPT that can track dirty pages.
 pub const IOMMU_HWPT_ALLOC_DIRTY_TRACKING: u32 =
     b::iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
+/// `IOMMU_HWPT_DIRTY_TRACKING_ENABLE`: the flag of `IOMMU_HWPT_SET_DIRTY_TRACKING`.
+pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 =
+    b::iommufd_hwpt_set_dirty_tracking_flags_IOMMU_HWPT_DIRTY_TRACKING_ENABLE;
+/// `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`: read the dirty bits without clearing them.
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: u32 =
+    b::iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR;
 /// `IOMMU_HWPT_FAULT_ID_VALID`: `fault_id` names the fault queue of the HWPT.
 pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = b::iommufd_hwpt_alloc_flags_IOMMU_HWPT_FAULT_ID_VALID;
 /// `IOMMU_HWPT_ALLOC_PASID`: the HWPT may be attached at a PASID (and, as a RID domain,
@@ -247,6 +253,27 @@ wire_fields!(IommuHwptAlloc {
     data_uptr: u64,
     fault_id: u32,
     __reserved2: u32
+});
+/// `struct iommu_hwpt_set_dirty_tracking`.
+pub type IommuHwptSetDirtyTracking = b::iommu_hwpt_set_dirty_tracking;
+wire_fields!(IommuHwptSetDirtyTracking {
+    size: u32,
+    flags: u32,
+    hwpt_id: u32,
+    __reserved: u32
+});
+/// `struct iommu_hwpt_get_dirty_bitmap`: the bitmap at `data` has one bit per `page_size`
+/// bytes of `[iova, iova + length)`, from `iova`, in little-endian 64-bit words.
+pub type IommuHwptGetDirtyBitmap = b::iommu_hwpt_get_dirty_bitmap;
+wire_fields!(IommuHwptGetDirtyBitmap {
+    size: u32,
+    hwpt_id: u32,
+    flags: u32,
+    __reserved: u32,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    data: u64
 });
 /// `struct iommu_hwpt_vtd_s1`: the guest's first-level table of a nested HWPT.
 pub type IommuHwptVtdS1 = b::iommu_hwpt_vtd_s1;
@@ -444,6 +471,15 @@ pub const UCMD_IOAS_UNMAP: Ucmd = ucmd!(IOMMU_IOAS_UNMAP, IommuIoasUnmap, length
 /// `IOMMU_HWPT_ALLOC`, minimum up to `__reserved` (the 6.6 layout: data and fault id are
 /// optional tails).
 pub const UCMD_HWPT_ALLOC: Ucmd = ucmd!(IOMMU_HWPT_ALLOC, IommuHwptAlloc, __reserved: u32);
+/// `IOMMU_HWPT_SET_DIRTY_TRACKING`, minimum up to `__reserved`.
+pub const UCMD_HWPT_SET_DIRTY_TRACKING: Ucmd = ucmd!(
+    IOMMU_HWPT_SET_DIRTY_TRACKING,
+    IommuHwptSetDirtyTracking,
+    __reserved: u32
+);
+/// `IOMMU_HWPT_GET_DIRTY_BITMAP`, minimum up to `data`.
+pub const UCMD_HWPT_GET_DIRTY_BITMAP: Ucmd =
+    ucmd!(IOMMU_HWPT_GET_DIRTY_BITMAP, IommuHwptGetDirtyBitmap, data: u64);
 /// `IOMMU_HWPT_INVALIDATE`, minimum up to `__reserved`.
 pub const UCMD_HWPT_INVALIDATE: Ucmd =
     ucmd!(IOMMU_HWPT_INVALIDATE, IommuHwptInvalidate, __reserved: u32);
@@ -555,6 +591,8 @@ mod tests {
             (UCMD_HWPT_INVALIDATE, 32, 32),
             (UCMD_GET_HW_INFO, 40, 32),
             (UCMD_FAULT_QUEUE_ALLOC, 16, 16),
+            (UCMD_HWPT_SET_DIRTY_TRACKING, 16, 16),
+            (UCMD_HWPT_GET_DIRTY_BITMAP, 48, 48),
         ];
         for (u, size, min) in rows {
             assert_eq!((u.size, u.min_size), (size, min), "{}", u.name);

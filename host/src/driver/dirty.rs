@@ -42,17 +42,11 @@ impl<'a> DirtyBitmap<'a> {
         (length / page_size).div_ceil(64) * 8
     }
 
-    /// A bitmap over `bytes` for `[iova, iova + length)` at `page_size` granularity, with
-    /// iommufd's checks (`iommufd_check_iova_range`): an empty range or one that is not
-    /// aligned to 4 KiB or to `page_size`, or a `page_size` that is not a power of two, is
-    /// EINVAL; a range that wraps is EOVERFLOW; a buffer shorter than
-    /// [`DirtyBitmap::bytes_needed`] is EFAULT, as the kernel's copy out would fault.
-    pub fn new(
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bytes: &'a mut [u8],
-    ) -> Result<Self, DriverError> {
+    /// Checks a bitmap range as iommufd does (`iommufd_check_iova_range`): an empty range
+    /// or one that is not aligned to 4 KiB or to `page_size`, or a `page_size` that is not
+    /// a power of two, is EINVAL; a range that wraps is EOVERFLOW. Returns the bytes its
+    /// bitmap takes ([`DirtyBitmap::bytes_needed`]).
+    pub fn check_range(iova: u64, length: u64, page_size: u64) -> Result<u64, DriverError> {
         const WHAT: &str = "dirty bitmap range";
         if length == 0 {
             return Err(DriverError::invalid(WHAT, "empty"));
@@ -76,7 +70,19 @@ impl<'a> DirtyBitmap<'a> {
                 format!("not aligned to the page size {page_size:#x}"),
             ));
         }
-        let needed = Self::bytes_needed(length, page_size);
+        Ok(Self::bytes_needed(length, page_size))
+    }
+
+    /// A bitmap over `bytes` for `[iova, iova + length)` at `page_size` granularity, the
+    /// range checked by [`DirtyBitmap::check_range`]; a buffer shorter than
+    /// [`DirtyBitmap::bytes_needed`] is EFAULT, as the kernel's copy out would fault.
+    pub fn new(
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bytes: &'a mut [u8],
+    ) -> Result<Self, DriverError> {
+        let needed = Self::check_range(iova, length, page_size)?;
         if (bytes.len() as u64) < needed {
             return Err(DriverError::Memory(format!(
                 "dirty bitmap buffer of {} bytes, {needed} needed",
@@ -85,7 +91,7 @@ impl<'a> DirtyBitmap<'a> {
         }
         Ok(DirtyBitmap {
             iova,
-            last,
+            last: iova + (length - 1),
             shift: page_size.trailing_zeros(),
             bytes,
         })

@@ -35,7 +35,7 @@ use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
 use crate::container::IommuBackend;
-use crate::driver::{HostIommu, VtdDomain};
+use crate::driver::{DirtyBitmap, HostIommu, VtdDomain};
 use device::Iommufds;
 pub use error::IommufdError;
 use fault::FaultFile;
@@ -244,6 +244,14 @@ impl Ctx {
         IoctlOp {
             ucmd: UCMD_FAULT_QUEUE_ALLOC,
             handler: Ctx::do_fault_queue_alloc,
+        },
+        IoctlOp {
+            ucmd: UCMD_HWPT_SET_DIRTY_TRACKING,
+            handler: Ctx::do_hwpt_set_dirty_tracking,
+        },
+        IoctlOp {
+            ucmd: UCMD_HWPT_GET_DIRTY_BITMAP,
+            handler: Ctx::do_hwpt_get_dirty_bitmap,
         },
     ];
 
@@ -972,7 +980,9 @@ impl Ctx {
 
     fn alloc_paging(&mut self, ioas: u32, flags: u32, data_type: u32) -> Result<u32, IommufdError> {
         const WHAT: &str = "paging HWPT";
-        if flags & !(IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID) != 0 {
+        let known =
+            IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
+        if flags & !known != 0 {
             return Err(IommufdError::not_supported(
                 WHAT,
                 format!("flags {flags:#x}"),
@@ -986,7 +996,8 @@ impl Ctx {
         if nest_parent && !(ecap.nest && ecap.flts) {
             return Err(IommufdError::not_supported(WHAT, "no nested translation"));
         }
-        let id = self.build_paging(ioas, false)?;
+        let dirty = flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+        let id = self.build_paging(ioas, false, dirty)?;
         if let Some(h) = self.paging_mut(id) {
             h.nest_parent = nest_parent;
             h.pasid = flags & IOMMU_HWPT_ALLOC_PASID != 0;
@@ -995,9 +1006,15 @@ impl Ctx {
     }
 
     /// A new paging HWPT of `ioas`: domain, reservation, the IOAS's mappings replayed.
-    fn build_paging(&mut self, ioas: u32, auto: bool) -> Result<u32, IommufdError> {
+    /// With `dirty`, a domain that can track dirty pages (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING`:
+    /// EOPNOTSUPP when the unit cannot).
+    fn build_paging(&mut self, ioas: u32, auto: bool, dirty: bool) -> Result<u32, IommufdError> {
         let id = self.next_id()?;
-        let mut domain = VtdDomain::new(&self.unit)?;
+        let mut domain = if dirty {
+            VtdDomain::new_dirty_tracking(&self.unit)?
+        } else {
+            VtdDomain::new(&self.unit)?
+        };
         let width = domain.addr_width();
         let iopt = &mut self.ioas_mut(ioas)?.iopt;
         if width < 64 {
@@ -1029,6 +1046,58 @@ impl Ctx {
             }),
         );
         Ok(id)
+    }
+
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING` (`iommufd_hwpt_set_dirty_tracking`): flags other
+    /// than ENABLE are EOPNOTSUPP, an id that is not a paging HWPT ENOENT, a HWPT not
+    /// allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` EOPNOTSUPP; see
+    /// [`VtdDomain::set_dirty_tracking`].
+    fn do_hwpt_set_dirty_tracking(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        let cmd: IommuHwptSetDirtyTracking = u.copy_in(arg)?;
+        if cmd.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 {
+            return Err(IommufdError::not_supported(
+                "iommu_hwpt_set_dirty_tracking",
+                format!("flags {:#x}", cmd.flags),
+            ));
+        }
+        let h = self.paging_mut(cmd.hwpt_id).ok_or(IommufdError::NoObject {
+            id: cmd.hwpt_id,
+            want: "paging HWPT",
+        })?;
+        h.domain
+            .set_dirty_tracking(cmd.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0)?;
+        Ok(())
+    }
+
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP` (`iommufd_hwpt_get_dirty_bitmap`): flags other than
+    /// NO_CLEAR, or a non-zero `__reserved`, are EOPNOTSUPP; an id that is not a paging
+    /// HWPT ENOENT; the range is checked as `iommufd_check_iova_range` checks it (EOVERFLOW,
+    /// EINVAL) before the bitmap at `data` is touched (EFAULT unless it lies in the VMM's
+    /// memory); then [`VtdDomain::read_and_clear_dirty`] sets the bits of the dirty pages
+    /// in it, leaving the others as they were.
+    fn do_hwpt_get_dirty_bitmap(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_hwpt_get_dirty_bitmap";
+        let cmd: IommuHwptGetDirtyBitmap = u.copy_in(arg)?;
+        if cmd.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || cmd.__reserved != 0 {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                "unknown flags or reserved",
+            ));
+        }
+        let mem = self.unit.hardware().memory().clone();
+        let h = self.paging_mut(cmd.hwpt_id).ok_or(IommufdError::NoObject {
+            id: cmd.hwpt_id,
+            want: "paging HWPT",
+        })?;
+        let needed = DirtyBitmap::check_range(cmd.iova, cmd.length, cmd.page_size)?;
+        let len = usize::try_from(needed).map_err(|_| IommufdError::Fault("bitmap"))?;
+        let mut bytes = copy_from_user(&mem, cmd.data, len)?;
+        let mut bitmap = DirtyBitmap::new(cmd.iova, cmd.length, cmd.page_size, &mut bytes)?;
+        h.domain.read_and_clear_dirty(
+            &mut bitmap,
+            cmd.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0,
+        )?;
+        copy_to_user(&mem, cmd.data, &bytes)
     }
 
     // ----- Devices (called by the device cdev) -----
@@ -1237,7 +1306,7 @@ impl Ctx {
                 match found {
                     Some(id) => id,
                     None => {
-                        let id = self.build_paging(pt_id, true)?;
+                        let id = self.build_paging(pt_id, true, false)?;
                         made = Some(id);
                         id
                     }
