@@ -22,12 +22,12 @@
 //! and no translation taken before it moves another. A device holds [`InFlight`] only while
 //! it moves bytes and never calls back into anything that drains while holding it, so a
 //! drain waits at most for one run's copy. Entering costs one atomic increment and one load
-//! on the device's path; draining with nothing in flight, one increment and one load.
+//! and a fence on the device's path; draining with nothing in flight, the same.
 
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicU64, Ordering};
+use loom::sync::atomic::{fence, AtomicU64, Ordering};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -67,7 +67,9 @@ impl RequestDrain {
 
     /// The current epoch: take it before translating.
     pub fn ticket(&self) -> Ticket {
-        Ticket(self.epoch.load(Ordering::SeqCst))
+        // Acquire: the cache removals before the drain that made this epoch are visible to
+        // the translations taken under it.
+        Ticket(self.epoch.load(Ordering::Acquire))
     }
 
     /// Puts a request in flight with translations taken under `ticket`; `None` when a drain
@@ -75,12 +77,13 @@ impl RequestDrain {
     /// ticket.
     pub fn enter(&self, ticket: Ticket) -> Option<InFlight<'_>> {
         let counter = &*self.in_flight[(ticket.0 & 1) as usize];
-        // SeqCst on both: either the drain's epoch increment comes first in the single
-        // total order, and the load below sees it, or the drain's load of the counter
-        // comes after this increment and sees it.
-        counter.fetch_add(1, Ordering::SeqCst);
+        counter.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight { counter };
-        (self.epoch.load(Ordering::SeqCst) == ticket.0).then_some(guard)
+        // Store, SeqCst fence, load, here and in `drain`: either the drain's epoch
+        // increment is visible to the load below, or this increment is visible to the
+        // drain's load of the counter (or both).
+        fence(Ordering::SeqCst);
+        (self.epoch.load(Ordering::Relaxed) == ticket.0).then_some(guard)
     }
 
     /// Completes an invalidation: refuses every ticket taken so far and returns when the
@@ -88,9 +91,12 @@ impl RequestDrain {
     /// invalidation queue, the command queue, the device-TLB's lock); each waits only for
     /// the requests of the epoch it ends.
     pub fn drain(&self) {
-        let old = self.epoch.fetch_add(1, Ordering::SeqCst);
+        // Release: pairs with the Acquire of `ticket`.
+        let old = self.epoch.fetch_add(1, Ordering::AcqRel);
+        fence(Ordering::SeqCst);
         let counter = &*self.in_flight[(old & 1) as usize];
-        while counter.load(Ordering::SeqCst) != 0 {
+        // Acquire: pairs with the Release of a leaving request, whose bytes moved first.
+        while counter.load(Ordering::Acquire) != 0 {
             spin();
         }
     }
@@ -157,7 +163,7 @@ mod tests {
 }
 
 /// The drain protocol under loom (`RUSTFLAGS="--cfg loom" cargo test -p vsva-hw --lib
-/// --release loom`): a device that translates, enters and moves while another thread
+/// loom`): a device that translates, enters and moves while another thread
 /// invalidates and drains never moves with a translation the completed drain removed.
 #[cfg(all(test, loom))]
 mod loom_model {
