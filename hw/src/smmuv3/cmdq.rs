@@ -121,6 +121,7 @@ impl Smmu {
                 let mut state = self.lock();
                 state.config.invalidate(cmd);
                 state.tlb.invalidate(cmd);
+                state.walk_cache.invalidate(cmd);
             }
         }
     }

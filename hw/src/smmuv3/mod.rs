@@ -23,6 +23,7 @@ mod stale;
 mod tests;
 pub mod tlb;
 mod translate;
+pub mod walkcache;
 
 use crate::drain::RequestDrain;
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
 use config::ConfigCache;
 use tlb::Tlb;
+use walkcache::S1WalkCache;
 
 pub use explain::SmmuExplanation;
 pub use queues::PriRefused;
@@ -85,6 +87,7 @@ struct State {
     regs: RegisterFile,
     config: ConfigCache,
     tlb: Tlb,
+    walk_cache: S1WalkCache,
     stale: Vec<StaleTranslation>,
 }
 
@@ -122,6 +125,7 @@ impl Smmu {
                 regs: RegisterFile::new(cfg.features, cfg.queue_log2),
                 config: ConfigCache::default(),
                 tlb: Tlb::default(),
+                walk_cache: S1WalkCache::default(),
                 stale: Vec::new(),
             }),
             cmdq_lock: Mutex::new(()),

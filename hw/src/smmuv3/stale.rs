@@ -8,13 +8,13 @@ use std::fmt;
 
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::{
-    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, PageSize, S2Config, Ste, TlbiAddr,
-    WalkFault, WalkObserver,
+    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, PageSize, S1Start, S2Config, Ste,
+    TlbiAddr, Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
 use super::tlb::{TlbEntry, TlbTag};
-use super::translate::{cd_index, fetch_ste, path_of, walk, Path};
+use super::translate::{cd_index, fetch_ste, path_of, walk, Path, Stages};
 use super::{Smmu, State};
 
 /// What the tables say now about a cached translation.
@@ -67,6 +67,19 @@ pub enum StaleKind {
         /// What a fresh walk gives.
         now: Fresh,
     },
+    /// A stage-1 walk-cache entry led a walk to a table the tables no longer lead to.
+    WalkCache {
+        /// The SubstreamID of the transaction.
+        ssid: Option<u32>,
+        /// The input address.
+        addr: u64,
+        /// The cached start: the table's level and address.
+        start: S1Start,
+        /// What the walk from the cached start gave.
+        cached: Fresh,
+        /// What a walk from the top gives.
+        now: Fresh,
+    },
 }
 
 /// A stale cached entry that served a transaction.
@@ -110,6 +123,18 @@ impl fmt::Display for StaleTranslation {
                 cached.vmid,
                 cached.translation.page_base(),
                 cached.translation.page_size
+            )?,
+            StaleKind::WalkCache {
+                ssid,
+                addr,
+                start,
+                cached,
+                now,
+            } => write!(
+                f,
+                "stage-1 walk-cache entry: sid {} ssid {ssid:?} addr {addr:#x}: level {} table \
+                 {:#x} gave {cached:?}, tables say {now:?}",
+                self.sid, start.level, start.table
             )?,
         }
         write!(f, "; missing command: {:?}", self.missing)
@@ -210,6 +235,54 @@ impl Smmu {
             addr,
             cached: *cached,
             now,
+        };
+        self.report(state, StaleTranslation { sid, kind, missing });
+    }
+
+    /// Checks a walk that started from the stage-1 walk cache (`start`, giving `got`)
+    /// against a walk of the tables from the top; a difference is a walk-cache entry that
+    /// CMD_TLBI_NH_VA without the Leaf hint should have removed.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn check_walk_cache(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ssid: Option<u32>,
+        vmid: u16,
+        asid: u16,
+        stages: &Stages,
+        addr: u64,
+        access: AccessRequest,
+        start: S1Start,
+        got: &Result<Translation, WalkFault>,
+    ) {
+        let outcome = |r: &Result<Translation, WalkFault>| match r {
+            Ok(t) => Fresh::Page {
+                base: t.page_base(),
+                size: t.page_size,
+            },
+            Err(f) => Fresh::Walk(*f),
+        };
+        let cached = outcome(got);
+        let now = outcome(&walk(&ReadOnly(&*self.mem), stages, addr, access, &mut ()));
+        if now == cached {
+            return;
+        }
+        let kind = StaleKind::WalkCache {
+            ssid,
+            addr,
+            start,
+            cached,
+            now,
+        };
+        let missing = Cmd::TlbiNhVa {
+            vmid,
+            asid,
+            addr: TlbiAddr {
+                addr,
+                leaf: false,
+                ..TlbiAddr::default()
+            },
         };
         self.report(state, StaleTranslation { sid, kind, missing });
     }

@@ -1120,3 +1120,107 @@ fn global_page_serves_another_asid_until_nh_va() {
     assert_eq!(rig.read(SID, Some(0), 0x1010), Ok(0x50_0010));
     assert!(rig.missing().is_empty());
 }
+
+/// The stage-1 walk cache: after a walk, a table descriptor above the leaf changes (the
+/// level-2 entry now points to a new level-3 table). A walk of another page under it starts
+/// from the cached level-3 table and finds the old page; strict mode names CMD_TLBI_NH_VA
+/// without the Leaf hint. Each command that must remove the entry does, the others (Leaf
+/// set, another ASID, VMID or span, stage 2, configuration) do not.
+#[test]
+fn stage1_walk_cache_entry_survives_until_a_non_leaf_tlbi() {
+    let right = |leaf| Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: TlbiAddr {
+            leaf,
+            ..va_operand(0x2000)
+        },
+    };
+    let cures = [
+        right(false),
+        Cmd::TlbiNhVaa {
+            vmid: 0,
+            addr: TlbiAddr {
+                leaf: false,
+                ..va_operand(0x1f_f000)
+            },
+        },
+        Cmd::TlbiNhAsid {
+            vmid: 0,
+            asid: ASID,
+        },
+        Cmd::TlbiNhAll { vmid: 0 },
+        Cmd::TlbiS12Vmall { vmid: 0 },
+        Cmd::TlbiNsnhAll,
+    ];
+    let keeps = [
+        right(true),
+        Cmd::TlbiNhVaa {
+            vmid: 0,
+            addr: va_operand(0x2000),
+        },
+        Cmd::TlbiNhVa {
+            vmid: 0,
+            asid: ASID + 1,
+            addr: TlbiAddr {
+                leaf: false,
+                ..va_operand(0x2000)
+            },
+        },
+        Cmd::TlbiNhVa {
+            vmid: 1,
+            asid: ASID,
+            addr: TlbiAddr {
+                leaf: false,
+                ..va_operand(0x2000)
+            },
+        },
+        // Another 2 MiB span: not the cached level-3 table's.
+        Cmd::TlbiNhVa {
+            vmid: 0,
+            asid: ASID,
+            addr: TlbiAddr {
+                leaf: false,
+                ..va_operand(0x20_0000)
+            },
+        },
+        Cmd::TlbiS2Ipa {
+            vmid: 0,
+            addr: TlbiAddr {
+                leaf: false,
+                ..va_operand(0x2000)
+            },
+        },
+        Cmd::CfgiCdAll { sid: SID },
+    ];
+    for (i, cmd) in cures.iter().enumerate() {
+        let mut rig = Rig::new();
+        let (mut b, _) = rig.stage1(SID);
+        rig.map(&mut b, 0x1000, 0x40_0000, RW_EL0);
+        rig.map(&mut b, 0x2000, 0x41_0000, RW_EL0);
+        assert_eq!(rig.read(SID, None, 0x1000), Ok(0x40_0000));
+        // A new level-3 table for the first 2 MiB, mapping 0x2000 elsewhere.
+        let l3 = rig.frame();
+        let slot = b.descriptor_address(&*rig.mem, 0x2000, 2).unwrap().unwrap();
+        rig.mem
+            .write_u64(l3 + 2 * 8, D::leaf(0x42_0000, PageSize::Size4K, RW_EL0).0)
+            .unwrap();
+        rig.mem.write_u64(slot, D::table(l3, 0).0).unwrap();
+        if i == 0 {
+            for wrong in keeps {
+                rig.submit(&[wrong]);
+                assert_eq!(rig.read(SID, None, 0x2000), Ok(0x41_0000), "{wrong:?}");
+                assert_eq!(rig.missing(), [right(false)], "{wrong:?}");
+                // The walk cached the page: drop it so the next read walks again.
+                rig.submit(&[right(true)]);
+            }
+        } else {
+            assert_eq!(rig.read(SID, None, 0x2000), Ok(0x41_0000));
+            assert_eq!(rig.missing(), [right(false)]);
+            rig.submit(&[right(true)]);
+        }
+        rig.submit(&[*cmd]);
+        assert_eq!(rig.read(SID, None, 0x2000), Ok(0x42_0000), "{cmd:?}");
+        assert!(rig.missing().is_empty(), "{cmd:?}");
+    }
+}

@@ -40,7 +40,7 @@ pub enum TlbTag {
 }
 
 impl TlbTag {
-    fn asid(self) -> Option<u16> {
+    pub(super) fn asid(self) -> Option<u16> {
         match self {
             TlbTag::Stage1 { asid } | TlbTag::Nested { asid } => Some(asid),
             TlbTag::Stage2 => None,

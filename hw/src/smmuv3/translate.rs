@@ -5,13 +5,14 @@
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
 use vsva_smmuv3::{
-    find_cd, walk_nested, walk_stage1, walk_stage2, AccessRequest, Config, ConfigFault, Event,
-    FaultKind, FaultStage, PageSize, Permissions, PhysMem, S1Config, S1Dss, S2Config, Ste,
-    Translation, WalkFault, WalkObserver,
+    find_cd, walk_nested, walk_stage1, walk_stage1_from, walk_stage2, AccessRequest, Config,
+    ConfigFault, Direct, Event, FaultKind, FaultStage, NestedStage, PageSize, Permissions, PhysMem,
+    S1Config, S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
 use super::tlb::TlbTag;
+use super::walkcache::TableSteps;
 use super::{Smmu, State};
 
 /// A translated transaction.
@@ -162,7 +163,13 @@ impl Smmu {
             }
         }
         Smmu::count(&self.stats.walks);
-        match walk(&*self.mem, &stages, addr, access, &mut ()) {
+        let walked = match (tag.asid(), &stages) {
+            (Some(asid), &Stages::S1(s1) | &Stages::Nested(s1, _)) => self.walk_stage1_cached(
+                &mut state, sid, ssid, vmid, asid, &stages, &s1, addr, access,
+            ),
+            _ => walk(&*self.mem, &stages, addr, access, &mut ()),
+        };
+        match walked {
             Ok(t) => {
                 state.tlb.insert(vmid, tag, access.privileged, addr, t);
                 Ok(SmmuTranslation {
@@ -185,6 +192,42 @@ impl Smmu {
                 Err(SmmuFault::Event { event, recorded })
             }
         }
+    }
+
+    /// The walk of `addr` along `stages`, whose stage 1 is `s1` with `asid`, from the deepest
+    /// table the stage-1 walk cache knows; the tables it reads below that are cached. In
+    /// strict mode a walk that started from the cache is checked against a full walk.
+    #[allow(clippy::too_many_arguments)]
+    fn walk_stage1_cached(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ssid: Option<u32>,
+        vmid: u16,
+        asid: u16,
+        stages: &Stages,
+        s1: &S1Config,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<Translation, WalkFault> {
+        let top = s1.table_for(addr).map_or(S1Start::top(s1), S1Start::of);
+        let start = state.walk_cache.lookup(vmid, asid, s1, addr).unwrap_or(top);
+        let mem = &*self.mem;
+        let mut steps = TableSteps::default();
+        let r = match stages {
+            Stages::Nested(_, s2) => {
+                let mut nested = NestedStage { mem, s2 };
+                walk_stage1_from(mem, s1, &mut nested, start, addr, access, &mut steps)
+            }
+            _ => walk_stage1_from(mem, s1, &mut Direct, start, addr, access, &mut steps),
+        };
+        state.walk_cache.fill(vmid, asid, s1, addr, start, &steps);
+        if self.strict && start != top {
+            self.check_walk_cache(
+                state, sid, ssid, vmid, asid, stages, addr, access, start, &r,
+            );
+        }
+        r
     }
 
     /// The cached (or fetched and cached) STE of `sid`.
