@@ -219,11 +219,19 @@ fn bitmap_cmd(
 /// GET_DIRTY_BITMAP with EOPNOTSUPP.
 #[test]
 fn enforce_dirty() {
+    let caps = |s: &Setup| {
+        io(&*s.f, IOMMU_GET_HW_INFO, &hw_info(40, 0, s.dev_id, 0))
+            .unwrap()
+            .out_capabilities
+            & IOMMU_HW_CAP_DIRTY_TRACKING
+    };
     let rig = Rig::new(false);
     let s = setup(&rig, IOMMU_HWPT_ALLOC_DIRTY_TRACKING);
     assert_eq!(s.hwpt.unwrap_err(), Errno::EOPNOTSUPP);
+    assert_eq!(caps(&s), 0);
     let rig = Rig::new(true);
     let s = setup(&rig, 0);
+    assert_eq!(caps(&s), IOMMU_HW_CAP_DIRTY_TRACKING);
     let hwpt = s.hwpt.unwrap();
     assert_eq!(
         s.set(hwpt, IOMMU_HWPT_DIRTY_TRACKING_ENABLE).unwrap_err(),
