@@ -3,15 +3,16 @@
 //! Its registers are `vsva_smmuv3`'s [`RegisterFile`]; the stream table, context
 //! descriptors, translation tables and the three queues live in host memory. The model
 //! caches what it reads as hardware does: STEs per StreamID and CDs per (StreamID,
-//! SubstreamID) in a configuration cache, and leaf translations in a TLB tagged by VMID
-//! and ASID. A cached entry stays until exactly the command that removes it; strict mode
-//! re-walks on every hit and reports stale entries with the command that was missing.
-//! Devices reach it as a [`DmaPort`](crate::dma::port::DmaPort): their requester id is the
-//! StreamID and their PASID the SubstreamID.
+//! SubstreamID) in a configuration cache, leaf translations in a TLB tagged by VMID and
+//! ASID (global, nG = 0, stage-1 entries by VMID alone), and stage-1 table descriptors in a
+//! walk cache tagged by VMID and ASID. A cached entry stays until exactly the command that
+//! removes it; strict mode re-walks on every hit and reports stale entries with the command
+//! that was missing. Devices reach it as a [`DmaPort`](crate::dma::port::DmaPort): their
+//! requester id is the StreamID and their PASID the SubstreamID.
 //!
-//! Simplifications: level-1 descriptors (L1STD, L1CD) and intermediate walk entries are
-//! not cached, so CMD_CFGI_* Leaf makes no difference; stalls are not modelled (every
-//! fault terminates the transaction).
+//! Simplifications: level-1 descriptors (L1STD, L1CD) are not cached, so CMD_CFGI_* Leaf
+//! makes no difference; stage-2 table descriptors are not cached (no stage-2 walk cache);
+//! stalls are not modelled (every fault terminates the transaction).
 
 mod cmdq;
 pub mod config;
