@@ -36,6 +36,10 @@ struct State {
     /// is returned: move the page to this frame and invalidate the device TLB (an unmap
     /// racing the request).
     remap_in_translate: Option<(Weak<dyn AtsEndpoint>, u64, u64)>,
+    /// (page, new HPA, times): an untranslated request's translation of the page is
+    /// answered from the old mapping, then the page moves and the port's invalidation
+    /// completes (a drain) before the device uses it; `times` such requests.
+    drain_in_remap: Option<(u64, u64, u32)>,
 }
 
 pub struct MockPort {
@@ -80,6 +84,10 @@ impl MockPort {
     }
 
     /// Maps the device page containing `addr` to the frame at `hpa`.
+    pub fn set_drain_in_remap(&self, addr: u64, hpa: u64, times: u32) {
+        self.state.lock().unwrap().drain_in_remap = Some((addr / PAGE_SIZE, hpa, times));
+    }
+
     pub fn map(&self, pasid: Option<Pasid>, addr: u64, hpa: u64, writable: bool) {
         assert_eq!(hpa % PAGE_SIZE, 0);
         self.state
@@ -157,6 +165,20 @@ impl DmaPort for MockPort {
         access: DmaAccess,
     ) -> Result<DmaTranslation, DmaFault> {
         let page = self.walk(pasid, addr, access)?;
+        let race = {
+            let mut st = self.state.lock().unwrap();
+            match &mut st.drain_in_remap {
+                Some((p, hpa, times)) if *p == addr / PAGE_SIZE && *times > 0 => {
+                    *times -= 1;
+                    Some(*hpa)
+                }
+                _ => None,
+            }
+        };
+        if let Some(hpa) = race {
+            self.map(pasid, addr, hpa, page.writable);
+            self.drain.drain();
+        }
         Ok(DmaTranslation::new(Hpa(page.hpa), PAGE_SIZE).unwrap())
     }
 

@@ -727,6 +727,73 @@ fn drain_waits_for_a_parked_descriptor() {
     assert_eq!(rig.record(p, rec2).status, CompletionStatus::Success);
 }
 
+/// An invalidation that completes between a run's translation and its bytes moving (the
+/// IOMMU's drain) makes the engine translate again: the bytes go to the page's new frame,
+/// none to the old one.
+#[test]
+fn a_run_translated_before_an_invalidation_completed_is_translated_again() {
+    let rig = Rig::new(ALL);
+    let p = pasid(1);
+    let (src, dst, pages) = (0x40_0000u64, 0x80_0000u64, 2u64);
+    rig.map_frames(p, src, FRAMES, pages, false);
+    let (old, new) = (FRAMES + 0x10_0000, FRAMES + 0x20_0000);
+    rig.map_frames(p, dst, old, pages, true);
+    let len = pages * PAGE_SIZE;
+    let data = pattern(len as usize, 3);
+    rig.port.write_dev(p, src, &data);
+    // The second destination page moves to `new` while its translation is in flight.
+    rig.port
+        .set_drain_in_remap(dst + PAGE_SIZE, new + PAGE_SIZE, 1);
+    let r = rig.run(desc(
+        p,
+        Operation::Memmove {
+            src,
+            dst,
+            size: len as u32,
+        },
+    ));
+    assert_eq!(r.status, CompletionStatus::Success);
+    let page = PAGE_SIZE as usize;
+    assert_eq!(rig.host(old, page), data[..page], "the unmoved page");
+    assert_eq!(
+        rig.host(old + PAGE_SIZE, page),
+        vec![0; page],
+        "the old frame was written after the invalidation completed"
+    );
+    assert_eq!(rig.host(new + PAGE_SIZE, page), data[page..]);
+    assert_eq!(rig.dev.stats().drain_refused, 1);
+}
+
+/// Invalidations that keep completing between translation and move end the request with
+/// a translation failure after [`DRAIN_RETRY_LIMIT`](super::engine::DRAIN_RETRY_LIMIT) refusals, having moved nothing.
+#[test]
+fn a_stream_of_invalidations_fails_the_request_instead_of_looping() {
+    let rig = Rig::new(ALL);
+    let p = pasid(1);
+    let dst = 0x80_0000u64;
+    let old = FRAMES + 0x10_0000;
+    rig.map_frames(p, dst, old, 1, true);
+    rig.port.set_drain_in_remap(dst, old, u32::MAX);
+    let r = rig.run(desc(
+        p,
+        Operation::Fill {
+            pattern: u64::from_ne_bytes([9; 8]),
+            dst,
+            size: 64,
+        },
+    ));
+    assert_eq!(r.status, CompletionStatus::TranslationFail);
+    assert_eq!(
+        (r.fault_reason, r.fault_addr, r.bytes_completed),
+        (0, dst, 0)
+    );
+    assert_eq!(rig.host(old, 64), vec![0; 64]);
+    assert_eq!(
+        rig.dev.stats().drain_refused,
+        u64::from(super::engine::DRAIN_RETRY_LIMIT)
+    );
+}
+
 #[test]
 fn a_translation_completion_an_invalidation_overtook_is_not_used() {
     let rig = Rig::new(ALL | CTRL_ATS_EN);
