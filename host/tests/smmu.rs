@@ -588,3 +588,51 @@ fn the_guests_stage1_faults_reach_the_container_and_stage2_faults_do_not() {
     let mut other = Guest::new(&host, &alloc, sid(11));
     assert!(other.c().read_unrecoverable_faults().is_empty());
 }
+
+#[test]
+fn a_two_level_guest_cd_table_is_walked_through_stage_2() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(12));
+    // 2^12 SubstreamIDs in 64 KiB leaves: the L1CD of SubstreamID 1500 (index 1) points to
+    // a leaf at GPA 0xa_0000, whose CD 476 is the process's.
+    let ssid = 1500u32;
+    let leaf = 0xa_0000u64;
+    let phys = g.phys();
+    phys.write_u64(CD_GPA + 8, vsva_smmuv3::L1Cd::new(leaf).0)
+        .unwrap();
+    for (i, w) in Guest::cd().encode().iter().enumerate() {
+        phys.write_u64(leaf + 476 * 64 + 8 * i as u64, *w).unwrap();
+    }
+    let table = PasidTableConfig {
+        base_ptr: Gpa(CD_GPA),
+        pasid_bits: 12,
+        config: PasidConfig::Translate { s1fmt: 2, s1dss: 1 },
+    };
+    g.c().attach_pasid_table(&table).unwrap();
+    let p = Some(Pasid::new(ssid).unwrap());
+    let data = pattern(300, 6);
+    g.write(SRC_GPA, &data);
+    assert_eq!(
+        g.memmove(p, SRC_GVA, DST_GVA, 300, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(g.read(DST_GPA, 300), data);
+    // A SubstreamID whose L1CD is invalid is the guest's C_BAD_SUBSTREAMID.
+    let q = Some(Pasid::new(3000).unwrap());
+    assert_ne!(
+        g.memmove(q, SRC_GVA, DST_GVA, 64, (COMP_GPA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    host.smmu.handle_queues();
+    // The data write and the completion record write each fault.
+    let faults = g.c().read_unrecoverable_faults();
+    assert!(!faults.is_empty());
+    for f in &faults {
+        assert_eq!(
+            (f.fault.reason, f.fault.pasid),
+            (vsva_uapi::request::UnrecoverableReason::PasidInvalid, q)
+        );
+    }
+    assert_eq!(host.hw.take_stale(), []);
+}
