@@ -5,10 +5,11 @@
 //! last harvest and copy finish the target's RAM.
 //!
 //! The devices' DMA goes through the physical IOMMU model, which sets D in the
-//! second-level leaves (SLADE); the VMM reads them through the host driver's domain
-//! (`VtdDomain::set_dirty_tracking`, `VtdDomain::read_and_clear_dirty`, what iommufd's
-//! `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP` call), not through
-//! an ioctl: the seed's VFIO type1 uAPI has no hardware dirty tracking. The checks: each
+//! second-level leaves (SLADE). The VMM drives it through iommufd, as QEMU's VFIO
+//! migration does: an IOAS mapping guest RAM, a paging HWPT allocated with
+//! `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` that the devices' cdevs attach to,
+//! `IOMMU_HWPT_SET_DIRTY_TRACKING`, and `IOMMU_HWPT_GET_DIRTY_BITMAP` into a bitmap in its
+//! own memory (the seed's VFIO type1 uAPI has no hardware dirty tracking). The checks: each
 //! round's bitmap is exactly the pages the devices wrote in that round (their data
 //! writes and completion records, not the pages they only read), so every written page
 //! is reported and none that no one wrote; and the target's RAM, built from the copies,
@@ -26,16 +27,18 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_host::driver::{DirtyBitmap, VtdDomain};
-use vsva_host::IommuBackend;
+use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
+use vsva_host::iommufd::IommufdFile;
 use vsva_hw::dma::regs::CTRL_ATS_EN;
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     DmaPort, Operation,
 };
 use vsva_hw::PAGE_SIZE;
-use vsva_uapi::DmaMap;
-use vsva_vtd::{Gpa, Iova, PhysMem, SourceId};
+use vsva_uapi::iommufd::*;
+use vsva_uapi::wire::{read_prefix, Wire};
+use vsva_uapi::{Errno, UapiFile};
+use vsva_vtd::{Gpa, PhysMem, SourceId};
 
 use crate::scenario::Outcome;
 use crate::stack::{Host, StackError};
@@ -113,8 +116,85 @@ fn random_op(rng: &mut StdRng, cfg: &MigrateConfig, dev: u8) -> (Operation, Vec<
 }
 
 struct Device {
-    sid: SourceId,
+    cdev: VfioDeviceFile,
     engine: Arc<DmaEngine>,
+}
+
+/// One ioctl with a structure in and out; a refusal is a failed step of the VMM.
+fn io<T: Wire>(f: &dyn UapiFile, cmd: u32, v: &T, what: &str) -> Result<T, StackError> {
+    let mut b = v.to_bytes();
+    f.ioctl(cmd, &mut b)
+        .map_err(|e: Errno| StackError::Guest(format!("VMM: {what}: errno {}", e.raw())))?;
+    Ok(read_prefix(&b, b.len()))
+}
+
+/// The VMM's view of the dirty-tracking HWPT.
+struct Hwpt<'a> {
+    file: Arc<IommufdFile>,
+    id: u32,
+    /// The VMM's bitmap buffer: its address and the window holding it.
+    bitmap_va: u64,
+    bitmap: &'a GuestMemoryMmap,
+}
+
+impl Hwpt<'_> {
+    fn set_dirty_tracking(&self, on: bool) -> Result<(), StackError> {
+        let cmd = IommuHwptSetDirtyTracking {
+            size: 16,
+            flags: if on {
+                IOMMU_HWPT_DIRTY_TRACKING_ENABLE
+            } else {
+                0
+            },
+            hwpt_id: self.id,
+            __reserved: 0,
+        };
+        io(
+            &*self.file,
+            IOMMU_HWPT_SET_DIRTY_TRACKING,
+            &cmd,
+            "SET_DIRTY_TRACKING",
+        )
+        .map(|_| ())
+    }
+
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP` of `[0, ram)` at 4 KiB into the VMM's buffer (zeroed
+    /// first); returns the buffer's bytes.
+    fn dirty_bitmap(&self, ram: u64) -> Result<Vec<u8>, StackError> {
+        let len = (ram / PAGE_SIZE).div_ceil(64) as usize * 8;
+        let mut bytes = vec![0u8; len];
+        write_window(self.bitmap, &bytes)?;
+        let cmd = IommuHwptGetDirtyBitmap {
+            size: 48,
+            hwpt_id: self.id,
+            flags: 0,
+            __reserved: 0,
+            iova: 0,
+            length: ram,
+            page_size: PAGE_SIZE,
+            data: self.bitmap_va,
+        };
+        io(
+            &*self.file,
+            IOMMU_HWPT_GET_DIRTY_BITMAP,
+            &cmd,
+            "GET_DIRTY_BITMAP",
+        )?;
+        read_window(self.bitmap, &mut bytes)?;
+        Ok(bytes)
+    }
+}
+
+fn write_window(w: &GuestMemoryMmap, bytes: &[u8]) -> Result<(), StackError> {
+    use vm_memory::Bytes;
+    w.write_slice(bytes, GuestAddress(0))
+        .map_err(|e| StackError::Guest(e.to_string()))
+}
+
+fn read_window(w: &GuestMemoryMmap, bytes: &mut [u8]) -> Result<(), StackError> {
+    use vm_memory::Bytes;
+    w.read_slice(bytes, GuestAddress(0))
+        .map_err(|e| StackError::Guest(e.to_string()))
 }
 
 /// Runs the scenario on `host`, printing to and checking in `out`.
@@ -123,13 +203,29 @@ pub fn migrate_dirty(
     cfg: &MigrateConfig,
     out: &mut Outcome,
 ) -> Result<(), StackError> {
+    let bitmap_bytes = ((cfg.ram / PAGE_SIZE).div_ceil(64) * 8).next_multiple_of(PAGE_SIZE);
     let ram_hpa = host.frames.alloc_range(cfg.ram, PAGE_SIZE)?;
-    let ram = host.mem.guest_memory(&[(Gpa(0), ram_hpa, cfg.ram)]);
-    let result = ram.map_err(StackError::from).and_then(|ram| {
-        let r = with_ram(host, cfg, &ram, ram_hpa.0, out);
+    let bitmap_hpa = match host.frames.alloc_range(bitmap_bytes, PAGE_SIZE) {
+        Ok(h) => h,
+        Err(e) => {
+            host.frames.free(ram_hpa)?;
+            return Err(e.into());
+        }
+    };
+    let result = (|| {
+        let ram = host.mem.guest_memory(&[(Gpa(0), ram_hpa, cfg.ram)])?;
+        let r = match host.mem.guest_memory(&[(Gpa(0), bitmap_hpa, bitmap_bytes)]) {
+            Ok(bitmap) => {
+                let r = with_ram(host, cfg, &ram, ram_hpa.0, &bitmap, out);
+                host.mem.release_guest_memory(&bitmap);
+                r
+            }
+            Err(e) => Err(e.into()),
+        };
         host.mem.release_guest_memory(&ram);
         r
-    });
+    })();
+    host.frames.free(bitmap_hpa)?;
     host.frames.free(ram_hpa)?;
     result
 }
@@ -139,51 +235,111 @@ fn with_ram(
     cfg: &MigrateConfig,
     ram: &GuestMemoryMmap,
     ram_hpa: u64,
+    bitmap: &GuestMemoryMmap,
     out: &mut Outcome,
 ) -> Result<(), StackError> {
-    let mut domain = VtdDomain::new_dirty_tracking(&host.unit)?;
+    let fds = Iommufds::new();
+    let (fd, file) = fds.open(&host.unit);
     let base = ram
         .get_host_address(GuestAddress(0))
         .map_err(|e| StackError::Guest(e.to_string()))? as u64;
-    const PIECE: u64 = 1 << 20;
-    for at in (0..cfg.ram).step_by(PIECE as usize) {
-        domain.map_dma(&DmaMap {
-            iova: Iova(at),
-            vaddr: base + at,
-            size: PIECE,
-            read: true,
-            write: true,
-        })?;
-    }
+    let bitmap_va = bitmap
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| StackError::Guest(e.to_string()))? as u64;
     let mut devices = Vec::new();
     let result = (|| {
+        let ioas = io(
+            &*file,
+            IOMMU_IOAS_ALLOC,
+            &IommuIoasAlloc {
+                size: 12,
+                ..Default::default()
+            },
+            "IOAS_ALLOC",
+        )?
+        .out_ioas_id;
+        const PIECE: u64 = 1 << 20;
+        for at in (0..cfg.ram).step_by(PIECE as usize) {
+            let map = IommuIoasMap {
+                size: 40,
+                flags: IOMMU_IOAS_MAP_READABLE
+                    | IOMMU_IOAS_MAP_WRITEABLE
+                    | IOMMU_IOAS_MAP_FIXED_IOVA,
+                ioas_id: ioas,
+                user_va: base + at,
+                length: PIECE,
+                iova: at,
+                ..Default::default()
+            };
+            io(&*file, IOMMU_IOAS_MAP, &map, "IOAS_MAP")?;
+        }
+        let mut hwpt = None;
         for dev in 0..cfg.devices {
             let sid = SourceId::new(0x40, dev, 0).expect("device number in range");
+            let cdev = VfioDeviceFile::open(sid, fds.clone());
+            let bind = VfioDeviceBindIommufd {
+                argsz: 24,
+                iommufd: fd,
+                ..Default::default()
+            };
+            let dev_id = io(&cdev, VFIO_DEVICE_BIND_IOMMUFD, &bind, "BIND_IOMMUFD")?.out_devid;
+            let id = match hwpt {
+                Some(id) => id,
+                None => {
+                    let alloc = IommuHwptAlloc {
+                        size: 48,
+                        flags: IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+                        dev_id,
+                        pt_id: ioas,
+                        ..Default::default()
+                    };
+                    let id = io(&*file, IOMMU_HWPT_ALLOC, &alloc, "HWPT_ALLOC")?.out_hwpt_id;
+                    hwpt = Some(id);
+                    id
+                }
+            };
+            let attach = VfioDeviceAttachIommufdPt {
+                argsz: 16,
+                pt_id: id,
+                ..Default::default()
+            };
+            io(
+                &cdev,
+                VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+                &attach,
+                "ATTACH_IOMMUFD_PT",
+            )?;
             let engine = Arc::new(DmaEngine::new(
                 DmaEngineConfig::new(sid),
                 host.iommu.clone() as Arc<dyn DmaPort>,
             )?);
             host.iommu.attach_endpoint(engine.clone());
             devices.push(Device {
-                sid,
+                cdev,
                 engine: engine.clone(),
             });
             engine.enable(CTRL_ATS_EN)?;
-            domain.attach_device(sid)?;
         }
-        migrate(host, cfg, &mut domain, &devices, ram_hpa, out)
+        let hwpt = Hwpt {
+            file: file.clone(),
+            id: hwpt.ok_or_else(|| StackError::Guest("no device".into()))?,
+            bitmap_va,
+            bitmap,
+        };
+        migrate(host, cfg, &hwpt, &devices, ram_hpa, out)
     })();
-    for d in &devices {
-        domain.detach_device(d.sid);
-        host.iommu.detach_endpoint(d.sid);
+    for d in devices {
+        host.iommu.detach_endpoint(d.cdev.sid());
+        drop(d.cdev);
     }
+    drop(file);
     result
 }
 
 fn migrate(
     host: &Host,
     cfg: &MigrateConfig,
-    domain: &mut VtdDomain,
+    hwpt: &Hwpt<'_>,
     devices: &[Device],
     ram_hpa: u64,
     out: &mut Outcome,
@@ -194,11 +350,12 @@ fn migrate(
     for page in 0..npages {
         mem.write(ram_hpa + page * PAGE_SIZE, &[(page % 251) as u8 + 1; 4096])?;
     }
-    domain.set_dirty_tracking(true)?;
+    hwpt.set_dirty_tracking(true)?;
     let _ = writeln!(
         out,
-        "VM: {} MiB of RAM mapped with 4 KiB pages, {} devices (ATS) in one dirty-tracking \
-         domain; SLADE set (host driver API, no uAPI yet)",
+        "VM: {} MiB of RAM mapped with 4 KiB pages (IOMMU_IOAS_MAP), {} devices (ATS) attached \
+         to one HWPT allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING; \
+         IOMMU_HWPT_SET_DIRTY_TRACKING on",
         cfg.ram >> 20,
         devices.len()
     );
@@ -210,7 +367,6 @@ fn migrate(
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut written_ever = BTreeSet::new();
     let mut reported_ever = BTreeSet::new();
-    let mut bitmap = vec![0u8; DirtyBitmap::bytes_needed(cfg.ram, PAGE_SIZE) as usize];
     for round in 1..=cfg.rounds + 1 {
         let last = round > cfg.rounds;
         let mut written = BTreeSet::new();
@@ -243,14 +399,12 @@ fn migrate(
                 }
             }
         }
-        bitmap.fill(0);
         let started = Instant::now();
-        let mut b = DirtyBitmap::new(0, cfg.ram, PAGE_SIZE, &mut bitmap)?;
-        domain.read_and_clear_dirty(&mut b, false)?;
+        let bitmap = hwpt.dirty_bitmap(cfg.ram)?;
         let harvest = started.elapsed();
         let reported: BTreeSet<u64> = (0..npages)
+            .filter(|&p| bitmap[(p / 8) as usize] & (1 << (p % 8)) != 0)
             .map(|p| p * PAGE_SIZE)
-            .filter(|&a| b.is_dirty(a))
             .collect();
         for &page in &reported {
             let at = page as usize;
@@ -260,8 +414,8 @@ fn migrate(
         let _ =
             writeln!(
             out,
-            "{} {round}: {ops} descriptors wrote {} pages; bitmap harvest ({:.0} µs) reported {} \
-             pages, copied{}",
+            "{} {round}: {ops} descriptors wrote {} pages; IOMMU_HWPT_GET_DIRTY_BITMAP ({:.0} µs) \
+             reported {} pages, copied{}",
             if last { "stop-and-copy" } else { "round" },
             written.len(),
             harvest.as_secs_f64() * 1e6,
@@ -279,7 +433,7 @@ fn migrate(
         written_ever.extend(written);
         reported_ever.extend(reported);
     }
-    domain.set_dirty_tracking(false)?;
+    hwpt.set_dirty_tracking(false)?;
 
     let mut source = vec![0u8; cfg.ram as usize];
     mem.read(ram_hpa, &mut source)?;
