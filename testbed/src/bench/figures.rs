@@ -161,6 +161,20 @@ figures! {
     DirtyHarvest1gNs => "dirty_harvest_1g_ns", Nanoseconds;
     /// The same number of 64-bit words (the 262,144 leaf entries) read one by one.
     ReadWords1gNs => "read_words_1g_ns", Nanoseconds;
+    /// iommufd: `IOMMU_HWPT_ALLOC` of a nested HWPT (VT-d stage 1 over a nest parent) and
+    /// its `VFIO_DEVICE_ATTACH_IOMMUFD_PT` at a PASID, through the byte-level ioctls.
+    NestedAllocAttachNs => "nested_alloc_attach_ns", Nanoseconds;
+    /// Two `IOMMU_GET_HW_INFO` calls: the iommufd uAPI path of two ioctls, no hardware work.
+    HwInfoPairNs => "hw_info_pair_ns", Nanoseconds;
+    /// `IOMMU_HWPT_INVALIDATE` of a nested HWPT carrying 1 stage-1 entry (one page).
+    HwptInv1Ns => "hwpt_inv_1_ns", Nanoseconds;
+    /// The same carrying 64 entries (one page each).
+    HwptInv64Ns => "hwpt_inv_64_ns", Nanoseconds;
+    /// iommufd fault round trip: a device write to an unmapped page, its record read from
+    /// the fault queue file, the page mapped, the response written, the retry landed.
+    FaultRoundtripNs => "fault_roundtrip_ns", Nanoseconds;
+    /// The same device write to a mapped page (no fault).
+    FaultFillResidentNs => "fault_fill_resident_ns", Nanoseconds;
 }
 
 /// The limit a goal puts on its compared value.
@@ -332,6 +346,12 @@ pub const GOALS: &[Goal] = &[
         DirtyHarvest1gNs,
         ReadWords1gNs,
         AtMost(3.0),
+    ),
+    ratio(
+        "HWPT_INVALIDATE 64 vs 1 entry",
+        HwptInv64Ns,
+        HwptInv1Ns,
+        AtMost(4.0),
     ),
 ];
 

@@ -18,6 +18,7 @@ pub mod dma;
 mod error;
 pub mod figures;
 pub mod forward;
+pub mod iommufd;
 pub mod loads;
 pub mod measure;
 pub mod pasid;

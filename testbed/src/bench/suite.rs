@@ -15,6 +15,10 @@ use super::forward::{
     ForwardedInvalidation, GuestBind, GuestCall, PageRequestRoundTrip, ResidentFill,
     UnboundMprotect,
 };
+use super::iommufd::{
+    FaultRoundTrip, HwInfoPair, HwptInvalidate, IommufdVm, NestedAttach,
+    ResidentFill as IommufdResidentFill, BATCH,
+};
 use super::loads::DependentLoads;
 use super::measure::measure_pair_same_count;
 use super::pasid::PasidChurn;
@@ -296,6 +300,53 @@ fn dirty_harvest(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), 
     Ok(())
 }
 
+/// iommufd: nested HWPT alloc + PASID attach against two ioctls that do no hardware work.
+fn iommufd_nested_attach(
+    budget: &SampleBudget,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
+    let vm = IommufdVm::new()?;
+    let (attach, floor) = measure_pair(
+        &mut NestedAttach::new(&vm)?,
+        &mut HwInfoPair::new(&vm),
+        budget,
+    )?;
+    report.set(Figure::NestedAllocAttachNs, attach.spread());
+    report.set(Figure::HwInfoPairNs, floor.spread());
+    Ok(())
+}
+
+/// iommufd: `HWPT_INVALIDATE` of 64 entries against 1; each call's check translates
+/// every cached page, so the sampling is shortened as for the type1 invalidations.
+fn iommufd_invalidate(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let budget = SampleBudget {
+        sample: budget.sample / 10,
+        samples: budget.samples / 10 + 1,
+    };
+    let vm = IommufdVm::new()?;
+    let (n64, n1) = measure_pair(
+        &mut HwptInvalidate::new(&vm, BATCH)?,
+        &mut HwptInvalidate::new(&vm, 1)?,
+        &budget,
+    )?;
+    report.set(Figure::HwptInv1Ns, n1.spread());
+    report.set(Figure::HwptInv64Ns, n64.spread());
+    Ok(())
+}
+
+/// iommufd: the fault queue round trip against the same write to a mapped page.
+fn iommufd_fault(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let vm = IommufdVm::new()?;
+    let (round_trip, resident) = measure_pair(
+        &mut FaultRoundTrip::new(&vm)?,
+        &mut IommufdResidentFill::new(&vm),
+        budget,
+    )?;
+    report.set(Figure::FaultRoundtripNs, round_trip.spread());
+    report.set(Figure::FaultFillResidentNs, resident.spread());
+    Ok(())
+}
+
 /// On a new VM, so that the PASID tables the bound PASIDs need are counted.
 fn bound_pasid_bytes(_: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let vm = BenchVm::new()?;
@@ -424,6 +475,21 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
             "dirty-harvest",
             &[DirtyHarvest1gNs, ReadWords1gNs],
             dirty_harvest,
+        ),
+        probe(
+            "iommufd-nested-attach",
+            &[NestedAllocAttachNs, HwInfoPairNs],
+            iommufd_nested_attach,
+        ),
+        probe(
+            "iommufd-invalidate",
+            &[HwptInv1Ns, HwptInv64Ns],
+            iommufd_invalidate,
+        ),
+        probe(
+            "iommufd-fault",
+            &[FaultRoundtripNs, FaultFillResidentNs],
+            iommufd_fault,
         ),
     ]
 }
