@@ -40,7 +40,7 @@ const DST_GVA: u64 = 0x7f00_5678_0000;
 const COMP_GVA: u64 = 0x7f00_9abc_0000;
 const SSID: u32 = 3;
 const ASID: u16 = 0x21;
-const RW_EL0: u64 = D::AF | D::AP_EL0;
+const RW_EL0: u64 = D::AF | D::AP_EL0 | D::NG;
 
 struct Host {
     mem: Arc<HostMemory>,

@@ -16,7 +16,7 @@ use vsva_smmuv3::{
 
 use super::*;
 
-const RW_EL0: u64 = D::AF | D::AP_EL0;
+const RW_EL0: u64 = D::AF | D::AP_EL0 | D::NG;
 const S2_RW: u64 = D::AF | D::S2AP_R | D::S2AP_W;
 
 #[derive(Clone)]
