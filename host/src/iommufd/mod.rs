@@ -30,7 +30,7 @@ use vsva_uapi::request::BindGpasid;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
 use vsva_vtd::regs::layout::offset;
-use vsva_vtd::{DomainId, Gpa, Iova, Pasid, SourceId};
+use vsva_vtd::{DomainId, Gpa, InvDesc, Iova, Pasid, SourceId};
 use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
@@ -818,19 +818,34 @@ impl Ctx {
                     .map(|(&p, _)| (d.sid, p))
             })
             .collect();
+        // The entries' descriptors go to the unit as one batch with one wait; an entry
+        // that is refused ends the array, after the entries before it are carried out.
+        let mut descs = Vec::new();
+        let mut result = Ok(());
         for i in 0..cmd.entry_num {
-            self.invalidate_entry(cmd, i, nested.did, &targets)?;
+            if let Err(e) = self.entry_descs(cmd, i, nested.did, &targets, &mut descs) {
+                result = Err(e);
+                break;
+            }
             *done += 1;
         }
-        Ok(())
+        if !descs.is_empty() {
+            if let Err(e) = self.unit.invalidate(&descs) {
+                *done = 0;
+                return Err(e.into());
+            }
+        }
+        result
     }
 
-    fn invalidate_entry(
+    /// Checks entry `index` of the array and appends the descriptors that carry it out.
+    fn entry_descs(
         &self,
         cmd: &IommuHwptInvalidate,
         index: u32,
         did: DomainId,
         targets: &[(SourceId, Pasid)],
+        descs: &mut Vec<InvDesc>,
     ) -> Result<(), IommufdError> {
         const WHAT: &str = "iommu_hwpt_vtd_s1_invalidate";
         if cmd.data_type != IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 {
@@ -866,7 +881,6 @@ impl Ctx {
         }
         let cap = self.unit.cap();
         let ecap = self.unit.ecap();
-        let mut descs = Vec::new();
         for &(sid, pasid) in targets {
             let pf = pfsid(sid, &ecap);
             if e.npages == u64::MAX {
@@ -884,9 +898,6 @@ impl Ctx {
                 descs.push(piotlb_pages(did, pasid, base, order, leaf, &cap));
                 descs.push(dev_iotlb_pf(sid, pf, Some(pasid), base, order));
             }
-        }
-        if !descs.is_empty() {
-            self.unit.invalidate(&descs)?;
         }
         Ok(())
     }
