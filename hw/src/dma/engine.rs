@@ -49,7 +49,7 @@ use super::descriptor::{
 use super::devtlb::DevTlb;
 use super::port::{
     AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
-    PageRequestMessage, PrgResponse, PRG_INDEX_COUNT,
+    PageRequestMessage, PcieCapabilities, PrgResponse, PRG_INDEX_COUNT,
 };
 use super::regs::*;
 use crate::drain::{InFlight, RequestDrain, Ticket};
@@ -1327,6 +1327,10 @@ fn stop_record(stop: Stop, done: u64) -> CompletionRecord {
 impl AtsEndpoint for DmaEngine {
     fn source_id(&self) -> vsva_vtd::SourceId {
         self.config.sid
+    }
+
+    fn pcie_capabilities(&self) -> PcieCapabilities {
+        self.config.pcie_capabilities()
     }
 
     /// Drops the entries, then completes once no request that may have used one is

@@ -24,7 +24,7 @@ pub use descriptor::{
 pub use devtlb::DevTlb;
 pub use engine::{DmaEngine, DmaStats};
 pub use port::{
-    AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
-    PageRequestMessage, PrgResponse,
+    AtsCapability, AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort,
+    DmaTranslation, PageRequestMessage, PcieCapabilities, PrgResponse,
 };
 pub use regs::{DmaEngineConfig, DmaError, SoftwareError};

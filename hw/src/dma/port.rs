@@ -265,11 +265,47 @@ impl DevTlbInvalidation {
     }
 }
 
+/// The ATS Extended Capability of an endpoint (PCIe Base 4.0 §10.5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtsCapability {
+    /// Invalidate Queue Depth (ATS Capability register bits 4:0): how many invalidate
+    /// requests the device accepts at once; 0 means 32.
+    pub invalidate_queue_depth: u8,
+}
+
+impl AtsCapability {
+    /// Most invalidate requests outstanding at once (PCIe §10.5.1.2).
+    pub const MAX_QUEUE_DEPTH: u8 = 32;
+
+    /// The queue depth the field encodes, 1 to 32 (Linux `pci_ats_queue_depth`).
+    pub const fn queue_depth(&self) -> u8 {
+        match self.invalidate_queue_depth & 0x1f {
+            0 => Self::MAX_QUEUE_DEPTH,
+            q => q,
+        }
+    }
+}
+
+/// The capabilities of an endpoint that an IOMMU driver reads from its configuration
+/// space before enabling them: ATS (PCIe §10.5), PRI (§10.4) and PASID (§7.8.8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PcieCapabilities {
+    /// The ATS capability, if the device has one.
+    pub ats: Option<AtsCapability>,
+    /// A Page Request Interface.
+    pub pri: bool,
+    /// Max PASID Width of the PASID capability, if the device has one.
+    pub pasid_width: Option<u8>,
+}
+
 /// What the IOMMU sends to an ATS/PRI-capable device: invalidations of its device TLB and
 /// responses to its page requests.
 pub trait AtsEndpoint: Send + Sync {
     /// The requester id of the device.
     fn source_id(&self) -> SourceId;
+
+    /// The ATS, PRI and PASID capabilities in the device's configuration space.
+    fn pcie_capabilities(&self) -> PcieCapabilities;
 
     /// Processes an invalidate request; when this returns, no later request of the device
     /// uses a dropped entry (the invalidate completion). Returns how many entries dropped.

@@ -8,6 +8,7 @@
 use vsva_vtd::{Pasid, SourceId};
 
 use super::descriptor::CompletionStatus;
+use super::port::{AtsCapability, PcieCapabilities};
 
 /// Capabilities (read-only).
 pub const REG_CAP: u64 = 0x00;
@@ -72,8 +73,13 @@ pub struct DmaEngineConfig {
     pub sid: SourceId,
     /// Requests with PASID supported (CAP.PASID).
     pub pasid: bool,
+    /// Max PASID Width of the PASID capability (1 to 20 bits; CAP's PASID width).
+    pub pasid_width: u8,
     /// ATS and a device TLB (CAP.ATS).
     pub ats: bool,
+    /// Invalidate Queue Depth of the ATS capability (PCIe ATS Capability register bits
+    /// 4:0; 0 means 32).
+    pub ats_queue_depth: u8,
     /// PRI page requests and block-on-fault descriptors (CAP.PRS).
     pub prs: bool,
     /// Descriptors the work queue holds (1 to 65535).
@@ -92,7 +98,9 @@ impl DmaEngineConfig {
         DmaEngineConfig {
             sid,
             pasid: true,
+            pasid_width: Pasid::BITS as u8,
             ats: true,
+            ats_queue_depth: 0,
             prs: true,
             wq_size: 128,
             devtlb_entries: 64,
@@ -106,7 +114,7 @@ impl DmaEngineConfig {
         let mut cap = (self.max_transfer_shift as u64) << CAP_MAX_XFER_SHIFT
             | (self.wq_size as u64) << CAP_WQ_SIZE_SHIFT;
         if self.pasid {
-            cap |= CAP_PASID | (Pasid::BITS as u64) << CAP_PASID_WIDTH_SHIFT;
+            cap |= CAP_PASID | (self.pasid_width as u64) << CAP_PASID_WIDTH_SHIFT;
         }
         if self.ats {
             cap |= CAP_ATS;
@@ -145,6 +153,28 @@ impl DmaEngineConfig {
             && self.max_transfer_shift <= 31
             && self.pri_capacity > 0
             && self.pri_capacity <= super::port::PRG_INDEX_COUNT
+            && self.pasid_width >= 1
+            && self.pasid_width as u32 <= Pasid::BITS
+            && self.ats_queue_depth < 32
+    }
+
+    /// The PCIe capabilities the engine exposes in its configuration space.
+    pub const fn pcie_capabilities(&self) -> PcieCapabilities {
+        PcieCapabilities {
+            ats: if self.ats {
+                Some(AtsCapability {
+                    invalidate_queue_depth: self.ats_queue_depth,
+                })
+            } else {
+                None
+            },
+            pri: self.prs,
+            pasid_width: if self.pasid {
+                Some(self.pasid_width)
+            } else {
+                None
+            },
+        }
     }
 }
 

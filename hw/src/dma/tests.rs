@@ -1222,3 +1222,52 @@ proptest! {
         prop_assert_eq!(s.completed, descs.len() as u64);
     }
 }
+
+#[test]
+fn pcie_capabilities_follow_the_configuration() {
+    let sid = SourceId::new(1, 2, 3).unwrap();
+    let narrow = DmaEngineConfig {
+        pasid_width: 8,
+        ats_queue_depth: 5,
+        ..DmaEngineConfig::new(sid)
+    };
+    let rig = Rig::with_config(narrow, ALL);
+    let caps = AtsEndpoint::pcie_capabilities(&*rig.dev);
+    assert_eq!(caps.ats.map(|a| a.queue_depth()), Some(5));
+    assert!(caps.pri);
+    assert_eq!(caps.pasid_width, Some(8));
+    assert_eq!(
+        (rig.dev.mmio_read(REG_CAP).unwrap() >> CAP_PASID_WIDTH_SHIFT) & 0xff,
+        8
+    );
+    let full = DmaEngineConfig::new(sid).pcie_capabilities();
+    assert_eq!(full.ats.map(|a| a.queue_depth()), Some(32));
+    assert!(full.pri);
+    assert_eq!(full.pasid_width, Some(20));
+    let none = DmaEngineConfig {
+        ats: false,
+        pasid: false,
+        prs: false,
+        ..narrow
+    };
+    assert_eq!(none.pcie_capabilities(), PcieCapabilities::default());
+    for bad in [
+        DmaEngineConfig {
+            pasid_width: 0,
+            ..narrow
+        },
+        DmaEngineConfig {
+            pasid_width: 21,
+            ..narrow
+        },
+        DmaEngineConfig {
+            ats_queue_depth: 32,
+            ..narrow
+        },
+    ] {
+        assert_eq!(
+            DmaEngine::new(bad, rig.port.clone()).err(),
+            Some(DmaError::BadConfig)
+        );
+    }
+}

@@ -28,7 +28,7 @@ use vsva_vtd::{
     ScalableContextEntry, SlFormat, SourceId,
 };
 
-use crate::dma::port::AtsEndpoint;
+use crate::dma::port::{AtsEndpoint, PcieCapabilities};
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
 use iotlb::Iotlb;
@@ -200,6 +200,12 @@ impl Iommu {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&sid.rid());
+    }
+
+    /// The ATS, PRI and PASID capabilities of the device of `sid` behind this unit, as
+    /// the host reads them from its configuration space; `None` without such a device.
+    pub fn endpoint_capabilities(&self, sid: SourceId) -> Option<PcieCapabilities> {
+        self.endpoint(sid).map(|ep| ep.pcie_capabilities())
     }
 
     fn endpoint(&self, sid: SourceId) -> Option<Arc<dyn AtsEndpoint>> {

@@ -13,7 +13,8 @@ use vsva_smmuv3::{
 
 use super::*;
 use crate::dma::port::{
-    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaPort, PageRequestMessage, PrgResponse,
+    AtsCapability, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaPort, PageRequestMessage,
+    PcieCapabilities, PrgResponse,
 };
 use crate::memory::HostMemory;
 use vsva_vtd::{Hpa, Pasid, SourceId};
@@ -719,6 +720,15 @@ struct Device {
 impl AtsEndpoint for Device {
     fn source_id(&self) -> SourceId {
         SourceId::from_rid(SID as u16)
+    }
+    fn pcie_capabilities(&self) -> PcieCapabilities {
+        PcieCapabilities {
+            ats: Some(AtsCapability {
+                invalidate_queue_depth: 0,
+            }),
+            pri: true,
+            pasid_width: Some(20),
+        }
     }
     fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
         let pasid = inv.pasid.map(Pasid::raw);
