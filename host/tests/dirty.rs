@@ -278,10 +278,11 @@ fn a_page_written_again_after_a_harvest_is_reported_again() {
 #[test]
 fn an_ats_device_writing_again_after_a_harvest_is_reported_again() {
     let rig = Rig::new(true, 4 << 20);
-    let mut d = rig.domain(1 << 20);
-    d.set_dirty_tracking(true).unwrap();
+    // The device is there before it is attached: the driver reads its ATS capability then.
     let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(SID), rig.hw.clone()).unwrap());
     rig.hw.attach_endpoint(dev.clone());
+    let mut d = rig.domain(1 << 20);
+    d.set_dirty_tracking(true).unwrap();
     dev.enable(CTRL_ATS_EN).unwrap();
     let fill = |dst: u64, pattern: u64| {
         let desc = Descriptor {

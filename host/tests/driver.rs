@@ -24,7 +24,9 @@ use vsva_uapi::request::{
     PageResponseCode,
 };
 use vsva_uapi::{IommuModel, VfioIoctls};
+use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
+use vsva_vtd::regs::layout::offset;
 use vsva_vtd::{
     AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, InvDesc, Iova, MapFlags,
     MemWindow, PageSize, PageTableBuilder, Pasid, Pgtt, PhysMem, SourceId, TableFormat,
@@ -1101,4 +1103,47 @@ fn get_info_reports_the_page_sizes_of_cap_sllps() {
         assert_eq!(info.iova_pgsizes, want, "{model:?}: CAP.SLLPS {sllps:#b}");
         assert_eq!(c.backend().info().iova_pgsizes, want);
     }
+}
+
+/// What attach reads of each device's PCIe capabilities decides its context entry's DTE
+/// and PRE (F13, `info->ats_supported` and `info->pri_supported`) and whether an unmap
+/// invalidates its device TLB (F8, `info->ats_enabled`).
+#[test]
+fn device_capabilities_decide_dte_pre_and_device_tlb_invalidations() {
+    let host = host();
+    let vm = Vm::new(&host, RAM, 2 << 20);
+    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+    c.set_iommu(IommuModel::Type1v2).unwrap();
+    let plain = DmaEngineConfig {
+        ats: false,
+        prs: false,
+        ..DmaEngineConfig::new(sid(3))
+    };
+    let ats_only = DmaEngineConfig {
+        prs: false,
+        ats_queue_depth: 5,
+        ..DmaEngineConfig::new(sid(4))
+    };
+    let full = DmaEngineConfig::new(sid(5));
+    for config in [plain, ats_only, full] {
+        let dev = Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap());
+        host.hw.attach_endpoint(dev);
+        c.attach_device(config.sid).unwrap();
+    }
+    let rta = host.hw.mmio_read(offset::RTADDR, 8).unwrap() & !0xfff;
+    let ctx = |s: SourceId| {
+        let e = read_context_entry(&**host.hw.memory(), rta, s, host.hw.capabilities()).unwrap();
+        (e.dte, e.pre)
+    };
+    assert_eq!(ctx(sid(3)), (false, false));
+    assert_eq!(ctx(sid(4)), (true, false));
+    assert_eq!(ctx(sid(5)), (true, true));
+    c.map_dma(&vm.map_all(4 << 20)).unwrap();
+    let before = host.hw.stats().descriptors.load(Ordering::Relaxed);
+    assert_eq!(c.unmap_dma(Iova(0), 4 << 20).unwrap(), 4 << 20);
+    // IOTLB page-selective, the device TLBs of the two ATS devices, wait.
+    assert_eq!(
+        host.hw.stats().descriptors.load(Ordering::Relaxed) - before,
+        4
+    );
 }

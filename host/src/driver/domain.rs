@@ -17,9 +17,10 @@ use vsva_vtd::{
     DomainId, FrameSource, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid,
     SlLevels, SourceId, TableFormat,
 };
-use vsva_vtd_driver::inv::{dev_iotlb_pf, iotlb_range, pfsid};
+use vsva_vtd_driver::inv::iotlb_range;
 use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
 
+use super::device::DeviceInfo;
 use super::dirty::{harvest, DirtyBitmap};
 use super::error::DriverError;
 use super::frames::HostFrames;
@@ -400,7 +401,6 @@ impl VtdDomain {
     /// of every bound PASID (`iommu_flush_iotlb_psi` with `iommu_flush_dev_iotlb`).
     fn flush_range(&self, start: u64, last: u64) {
         let cap = self.unit.cap();
-        let ecap = self.unit.ecap();
         let order = covering_order(start, last);
         let mut descs: Vec<InvDesc> = vec![iotlb_range(self.did, start, last, &cap)];
         let nested_dids: BTreeSet<DomainId> = self.nested.values().copied().collect();
@@ -410,19 +410,16 @@ impl VtdDomain {
                 .map(|&d| iotlb_range(d, start, last, &cap)),
         );
         for &(sid, pasid) in self.nested.keys() {
-            descs.push(dev_iotlb_pf(
-                sid,
-                pfsid(sid, &ecap),
-                Some(pasid),
-                0,
-                WHOLE_SPACE,
-            ));
+            let info = self.unit.device_info(sid);
+            descs.extend(info.and_then(|d| d.dev_iotlb(Some(pasid), 0, WHOLE_SPACE)));
         }
         for &sid in &self.devices {
-            let pf = pfsid(sid, &ecap);
-            descs.push(dev_iotlb_pf(sid, pf, None, start, order));
+            let Some(info) = self.unit.device_info(sid) else {
+                continue;
+            };
+            descs.extend(info.dev_iotlb(None, start, order));
             for pasid in self.bound.pasids() {
-                descs.push(dev_iotlb_pf(sid, pf, Some(pasid), 0, WHOLE_SPACE));
+                descs.extend(info.dev_iotlb(Some(pasid), 0, WHOLE_SPACE));
             }
         }
         self.invalidate(&descs);
@@ -713,9 +710,12 @@ impl IommuBackend for VtdDomain {
     /// Carries out a guest's first-level invalidation in this domain only, for its
     /// devices (`intel_iommu_sva_invalidate`; see `cache_invalidation` for the table).
     fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), HostError> {
-        let devices: Vec<SourceId> = self.devices.iter().copied().collect();
-        let descs =
-            cache_invalidation(inv, self.did, &devices, &self.unit.cap(), &self.unit.ecap())?;
+        let devices: Vec<DeviceInfo> = self
+            .devices
+            .iter()
+            .filter_map(|&sid| self.unit.device_info(sid))
+            .collect();
+        let descs = cache_invalidation(inv, self.did, &devices, &self.unit.cap())?;
         Ok(self.unit.invalidate(&descs)?)
     }
 

@@ -18,6 +18,7 @@
 //! responses come back through
 //! [`IommuBackend::page_response`](crate::IommuBackend::page_response).
 
+mod device;
 mod did;
 mod dirty;
 mod dma_fault;

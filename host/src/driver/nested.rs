@@ -6,10 +6,11 @@
 //! table.
 
 use vsva_vtd::regs::{Cap, Ecap};
-use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevels, SourceId};
-use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
+use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevels};
+use vsva_vtd_driver::inv::{piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_order, size_order, WHOLE_SPACE};
 
+use super::device::DeviceInfo;
 use super::error::DriverError;
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_NR,
@@ -202,7 +203,7 @@ fn bad_combination(cache_type: u8, inv: &InvGranularity) -> DriverError {
 }
 
 /// The descriptors that carry out a guest's invalidation `inv` in domain `did` with the
-/// devices `devices` (all with device TLBs), as `intel_iommu_sva_invalidate` issues them:
+/// devices `devices` (device-TLB invalidations for those with ATS enabled), as `intel_iommu_sva_invalidate` issues them:
 ///
 /// | cache type \ granularity | DOMAIN | PASID                   | ADDR                        |
 /// |--------------------------|--------|-------------------------|-----------------------------|
@@ -221,9 +222,8 @@ fn bad_combination(cache_type: u8, inv: &InvGranularity) -> DriverError {
 pub(crate) fn cache_invalidation(
     inv: &CacheInvalidate,
     did: DomainId,
-    devices: &[SourceId],
+    devices: &[DeviceInfo],
     cap: &Cap,
-    ecap: &Ecap,
 ) -> Result<Vec<InvDesc>, DriverError> {
     if inv.cache >> IOMMU_CACHE_INV_TYPE_NR != 0 {
         return Err(DriverError::invalid(
@@ -242,38 +242,26 @@ pub(crate) fn cache_invalidation(
         match p {
             Planned::PasidIotlb => {
                 descs.push(piotlb_pasid(did, pasid));
-                for &sid in devices {
-                    descs.push(dev_iotlb_pf(
-                        sid,
-                        pfsid(sid, ecap),
-                        Some(pasid),
-                        0,
-                        WHOLE_SPACE,
-                    ));
-                }
+                descs.extend(
+                    devices
+                        .iter()
+                        .filter_map(|d| d.dev_iotlb(Some(pasid), 0, WHOLE_SPACE)),
+                );
             }
             Planned::PasidIotlbPages(pg) => {
                 descs.push(piotlb_pages(did, pasid, pg.addr, pg.order, pg.leaf, cap));
-                for &sid in devices {
-                    descs.push(dev_iotlb_pf(
-                        sid,
-                        pfsid(sid, ecap),
-                        Some(pasid),
-                        pg.addr,
-                        pg.order,
-                    ));
-                }
+                descs.extend(
+                    devices
+                        .iter()
+                        .filter_map(|d| d.dev_iotlb(Some(pasid), pg.addr, pg.order)),
+                );
             }
             Planned::DevIotlbPages(pg) => {
-                for &sid in devices {
-                    descs.push(dev_iotlb_pf(
-                        sid,
-                        pfsid(sid, ecap),
-                        Some(pasid),
-                        pg.addr,
-                        pg.order,
-                    ));
-                }
+                descs.extend(
+                    devices
+                        .iter()
+                        .filter_map(|d| d.dev_iotlb(Some(pasid), pg.addr, pg.order)),
+                );
             }
         }
     }
@@ -284,12 +272,13 @@ pub(crate) fn cache_invalidation(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use vsva_hw::dma::{AtsCapability, PcieCapabilities};
     use vsva_uapi::iommu::{
         IOMMU_CACHE_INV_TYPE_PASID, IOMMU_SVA_VTD_GPASID_CD, IOMMU_SVA_VTD_GPASID_EMTE,
         IOMMU_SVA_VTD_GPASID_PCD, IOMMU_SVA_VTD_GPASID_PWT,
     };
     use vsva_vtd::inv_desc::PasidIotlbGranularity;
-    use vsva_vtd::{AddrRange, Gpa};
+    use vsva_vtd::{AddrRange, Gpa, SourceId};
 
     fn pasid(p: u32) -> Pasid {
         Pasid::new(p).unwrap()
@@ -466,6 +455,22 @@ mod tests {
 
     const DEVS: [SourceId; 2] = [SourceId::from_rid(0x18), SourceId::from_rid(0x20)];
 
+    /// The records of [`DEVS`], each with ATS (queue depth 32), PRI and 20-bit PASIDs,
+    /// behind a unit with `ecap` and device TLBs (ECAP.DT).
+    fn devs(ecap: &Ecap) -> Vec<DeviceInfo> {
+        let caps = PcieCapabilities {
+            ats: Some(AtsCapability {
+                invalidate_queue_depth: 0,
+            }),
+            pri: true,
+            pasid_width: Some(20),
+        };
+        let ecap = Ecap { dt: true, ..*ecap };
+        DEVS.iter()
+            .map(|&sid| DeviceInfo::new(sid, Some(caps), &ecap))
+            .collect()
+    }
+
     #[test]
     fn the_granularity_table() {
         let did = DomainId(3);
@@ -491,7 +496,7 @@ mod tests {
             (iotlb | pc, by_pasid, false),
             (iotlb | dev, by_addr, true),
         ] {
-            let r = cache_invalidation(&inv(cache, g), did, &DEVS, &cap(), &ecap());
+            let r = cache_invalidation(&inv(cache, g), did, &devs(&ecap()), &cap());
             assert_eq!(r.is_ok(), ok, "cache {cache:#x} {g:?}: {r:?}");
             if let Err(e) = r {
                 assert_eq!(e.errno(), libc::EINVAL);
@@ -499,7 +504,7 @@ mod tests {
         }
         // PASID-selective: one P_IOTLB, then each device's whole PASID device TLB, PFSID 0
         // without ECAP.DIT (`iommu_enable_dev_iotlb`).
-        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &DEVS, &cap(), &ecap()).unwrap();
+        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &devs(&ecap()), &cap()).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(d[0], piotlb_pasid(did, pasid(4)));
         let none = SourceId::from_rid(0);
@@ -521,7 +526,7 @@ mod tests {
             dit: true,
             ..ecap()
         };
-        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &DEVS, &cap(), &dit).unwrap();
+        let d = cache_invalidation(&inv(iotlb, by_pasid), did, &devs(&dit), &cap()).unwrap();
         for (desc, sid) in d[1..].iter().zip(DEVS) {
             assert!(
                 matches!(desc, InvDesc::PasidDevIotlb { pfsid, .. } if *pfsid == sid),
@@ -530,7 +535,7 @@ mod tests {
         }
         // 16 pages by address: AM 4, leaf hint, and the device TLBs of the same block.
         let d =
-            cache_invalidation(&inv(iotlb | dev, by_addr), did, &DEVS, &cap(), &ecap()).unwrap();
+            cache_invalidation(&inv(iotlb | dev, by_addr), did, &devs(&ecap()), &cap()).unwrap();
         assert_eq!(d.len(), 5, "{d:?}");
         assert_eq!(
             d[0],
@@ -557,10 +562,10 @@ mod tests {
     #[test]
     fn misaligned_ranges_are_erange_and_no_pasid_means_pasid_0() {
         let c = inv(IOMMU_CACHE_INV_TYPE_IOTLB, addr(None, 0x1000, 0x1000, 2));
-        let e = cache_invalidation(&c, DomainId(3), &DEVS, &cap(), &ecap()).unwrap_err();
+        let e = cache_invalidation(&c, DomainId(3), &devs(&ecap()), &cap()).unwrap_err();
         assert_eq!(e.errno(), libc::ERANGE);
         let c = inv(IOMMU_CACHE_INV_TYPE_IOTLB, addr(None, 0x2000, 0x1000, 2));
-        let d = cache_invalidation(&c, DomainId(3), &[], &cap(), &ecap()).unwrap();
+        let d = cache_invalidation(&c, DomainId(3), &[], &cap()).unwrap();
         assert!(matches!(d[..], [InvDesc::PasidIotlb { pasid: p, am: 1, .. }] if p.raw() == 0));
     }
 
@@ -659,7 +664,7 @@ mod tests {
             let Request { cache, granularity } = req;
             let pasid = inv(cache, granularity).pasid();
             let descs =
-                match cache_invalidation(&inv(cache, granularity), did, &DEVS, &cap(), &ecap()) {
+                match cache_invalidation(&inv(cache, granularity), did, &devs(&ecap()), &cap()) {
                     Ok(descs) => descs,
                     Err(e) => {
                         let want = if misaligned {

@@ -20,6 +20,7 @@ use vsva_vtd::{
 };
 use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, write_entry};
 
+use super::device::DeviceInfo;
 use super::error::DriverError;
 
 /// Context entry bits the driver sets for a device (§9.4).
@@ -43,6 +44,8 @@ struct ContextTable {
 #[derive(Debug)]
 pub(crate) struct DeviceTables {
     pub did: DomainId,
+    /// What the driver enabled of the device at attach.
+    pub info: DeviceInfo,
     dir: Hpa,
     pdts: u8,
     /// PASID tables by directory index.
@@ -113,11 +116,12 @@ impl Tables {
         &mut self,
         mem: &impl PhysMem,
         frames: &FrameAllocator,
-        sid: SourceId,
+        info: DeviceInfo,
         pdts: u8,
         features: ContextFeatures,
         rid_pasid_entry: &PasidEntry,
     ) -> Result<(), DriverError> {
+        let sid = info.sid();
         if self.devices.contains_key(&sid.rid()) {
             return Err(DriverError::DeviceBusy(sid));
         }
@@ -126,6 +130,7 @@ impl Tables {
             sid.rid(),
             DeviceTables {
                 did: rid_pasid_entry.did,
+                info,
                 dir,
                 pdts,
                 tables: BTreeMap::new(),

@@ -22,11 +22,12 @@ use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
 use vsva_vtd::{Capabilities, DomainId, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId};
-use vsva_vtd_driver::inv::{dev_iotlb_pf, iotlb_domain, pfsid, piotlb_pasid};
+use vsva_vtd_driver::inv::{iotlb_domain, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
 use vsva_vtd_driver::tables::pdts_for;
 use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue};
 
+use super::device::DeviceInfo;
 use super::did::DomainIdAllocator;
 use super::dma_fault;
 use super::error::DriverError;
@@ -305,6 +306,22 @@ impl HostIommu {
         }
     }
 
+    /// The record of attached device `sid`.
+    pub(crate) fn device_info(&self, sid: SourceId) -> Option<DeviceInfo> {
+        self.state_lock()
+            .tables
+            .as_ref()
+            .and_then(|t| t.device(sid))
+            .map(|d| d.info)
+    }
+
+    /// The whole device-TLB invalidation of `pasid` of `sid` (of requests without PASID
+    /// for RID_PASID); none for a device without ATS enabled.
+    fn device_tlb(&self, sid: SourceId, pasid: Pasid) -> Option<InvDesc> {
+        let pasid = (pasid != RID_PASID).then_some(pasid);
+        self.device_info(sid)?.dev_iotlb(pasid, 0, WHOLE_SPACE)
+    }
+
     fn check_entry(&self, entry: &PasidEntry) -> Result<(), DriverError> {
         entry
             .validate(&self.caps)
@@ -312,15 +329,18 @@ impl HostIommu {
     }
 
     /// Attaches a device to the domain of `sl` (`domain_context_mapping_one` in scalable
-    /// mode): PASID directory, RID_PASID entry for second-level translation, and a context
-    /// entry with PASIDE, DTE and PRE as the unit supports them; then context-cache
+    /// mode): reads the device's ATS, PRI and PASID capabilities ([`DeviceInfo`]), then
+    /// PASID directory, RID_PASID entry for second-level translation, and a context entry
+    /// with PASIDE as the unit supports it and DTE and PRE as the device's record allows
+    /// (`info->ats_supported`, `info->pri_supported`); then context-cache
     /// (device-selective), PASID-cache (RID_PASID) and IOTLB (domain) invalidations.
     pub(crate) fn attach_device(&self, sid: SourceId, sl: &SecondLevel) -> Result<(), DriverError> {
         let entry = self.second_level_entry(sl);
         self.check_entry(&entry)?;
+        let info = DeviceInfo::new(sid, self.hw.endpoint_capabilities(sid), &self.ecap);
         let features = ContextFeatures {
-            dte: self.ecap.dt,
-            pre: self.ecap.prs,
+            dte: info.ats(),
+            pre: info.pri(),
             paside: self.ecap.pasid,
         };
         let mem = &**self.hw.memory();
@@ -333,7 +353,7 @@ impl HostIommu {
             tables.attach(
                 mem,
                 &self.frames,
-                sid,
+                info,
                 pdts_for(self.ecap.pasid_bits()),
                 features,
                 &entry,
@@ -397,20 +417,19 @@ impl HostIommu {
             }
             (slot, old)
         };
-        let devtlb = if pasid == RID_PASID {
-            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), None, 0, WHOLE_SPACE)
-        } else {
-            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), Some(pasid), 0, WHOLE_SPACE)
-        };
-        let flushed = self.invalidate(&[
+        let devtlb = self.device_tlb(sid, pasid);
+        let descs: Vec<InvDesc> = [
             InvDesc::PasidCache {
                 granularity: PasidCacheGranularity::PasidSelective,
                 did: old.did,
                 pasid,
             },
             teardown_iotlb(old.pgtt, old.did, pasid, &self.cap),
-            devtlb,
-        ]);
+        ]
+        .into_iter()
+        .chain(devtlb)
+        .collect();
+        let flushed = self.invalidate(&descs);
         if let Err(e) = flushed {
             let mut state = self.state_lock();
             if let Err(back) = tables::write_pasid_entry(mem, slot, &old) {
@@ -544,20 +563,18 @@ impl HostIommu {
             return;
         };
         let iotlb = teardown_iotlb(old.pgtt, old.did, pasid, &self.cap);
-        let devtlb = if pasid == RID_PASID {
-            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), None, 0, WHOLE_SPACE)
-        } else {
-            dev_iotlb_pf(sid, pfsid(sid, &self.ecap), Some(pasid), 0, WHOLE_SPACE)
-        };
-        let descs = [
+        let devtlb = self.device_tlb(sid, pasid);
+        let descs: Vec<InvDesc> = [
             InvDesc::PasidCache {
                 granularity: PasidCacheGranularity::PasidSelective,
                 did: old.did,
                 pasid,
             },
             iotlb,
-            devtlb,
-        ];
+        ]
+        .into_iter()
+        .chain(devtlb)
+        .collect();
         self.invalidate_logged(&descs, drain);
         if drain {
             self.service_page_requests();
@@ -613,21 +630,19 @@ impl HostIommu {
             mem.write_u64(slot, raw[0])?;
             entry.did
         };
-        let pf = pfsid(sid, &self.ecap);
-        let devtlb = if pasid == RID_PASID {
-            dev_iotlb_pf(sid, pf, None, 0, WHOLE_SPACE)
-        } else {
-            dev_iotlb_pf(sid, pf, Some(pasid), 0, WHOLE_SPACE)
-        };
-        self.invalidate(&[
+        let devtlb = self.device_tlb(sid, pasid);
+        let descs: Vec<InvDesc> = [
             InvDesc::PasidCache {
                 granularity: PasidCacheGranularity::PasidSelective,
                 did,
                 pasid,
             },
             iotlb_domain(did, &self.cap),
-            devtlb,
-        ])
+        ]
+        .into_iter()
+        .chain(devtlb)
+        .collect();
+        self.invalidate(&descs)
     }
 
     // ----- Page requests -----
