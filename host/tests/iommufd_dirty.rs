@@ -119,6 +119,9 @@ fn setup(rig: &Rig, flags: u32) -> Setup {
         },
     )
     .unwrap();
+    // The device is on the bus before it is attached: the driver reads its ATS then.
+    let engine = Arc::new(DmaEngine::new(DmaEngineConfig::new(SID), rig.hw.clone()).unwrap());
+    rig.hw.attach_endpoint(engine.clone());
     let hwpt = io(
         &*f,
         IOMMU_HWPT_ALLOC,
@@ -143,8 +146,6 @@ fn setup(rig: &Rig, flags: u32) -> Setup {
         )
         .unwrap();
     }
-    let engine = Arc::new(DmaEngine::new(DmaEngineConfig::new(SID), rig.hw.clone()).unwrap());
-    rig.hw.attach_endpoint(engine.clone());
     engine.enable(CTRL_ATS_EN).unwrap();
     Setup {
         f,

@@ -276,6 +276,12 @@ fn with_ram(
         let mut hwpt = None;
         for dev in 0..cfg.devices {
             let sid = SourceId::new(0x40, dev, 0).expect("device number in range");
+            // On the bus before it is attached: the host driver reads its capabilities then.
+            let engine = Arc::new(DmaEngine::new(
+                DmaEngineConfig::new(sid),
+                host.iommu.clone() as Arc<dyn DmaPort>,
+            )?);
+            host.iommu.attach_endpoint(engine.clone());
             let cdev = VfioDeviceFile::open(sid, fds.clone());
             let bind = VfioDeviceBindIommufd {
                 argsz: 24,
@@ -309,11 +315,6 @@ fn with_ram(
                 &attach,
                 "ATTACH_IOMMUFD_PT",
             )?;
-            let engine = Arc::new(DmaEngine::new(
-                DmaEngineConfig::new(sid),
-                host.iommu.clone() as Arc<dyn DmaPort>,
-            )?);
-            host.iommu.attach_endpoint(engine.clone());
             devices.push(Device {
                 cdev,
                 engine: engine.clone(),

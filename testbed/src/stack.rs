@@ -186,15 +186,22 @@ impl Vm {
             read: true,
             write: true,
         })?;
-        container.attach_device(host_sid)?;
-        let container: VmContainer = Arc::new(ContainerFile::new(container));
-
+        // The device is on the bus before VFIO attaches it: the host driver reads its
+        // ATS/PRI/PASID capabilities at attach.
         let engine = Arc::new(DmaEngine::new(
             DmaEngineConfig::new(host_sid),
             host.iommu.clone() as Arc<dyn DmaPort>,
         )?);
         host.iommu.attach_endpoint(engine.clone());
-        engine.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)?;
+        let attached = container
+            .attach_device(host_sid)
+            .map_err(StackError::from)
+            .and_then(|()| Ok(engine.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)?));
+        if let Err(e) = attached {
+            host.iommu.detach_endpoint(host_sid);
+            return Err(e);
+        }
+        let container: VmContainer = Arc::new(ContainerFile::new(container));
 
         let viommu = VIommu::new(
             mem.clone(),
