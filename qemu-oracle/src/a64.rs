@@ -228,24 +228,24 @@ impl Asm {
         (imm / 8) as u32
     }
 
-    /// LDR Xt, [Xn, #imm] (unsigned offset, a multiple of 8 below 32 KiB).
+    /// `LDR Xt, [Xn, #imm]` (unsigned offset, a multiple of 8 below 32 KiB).
     pub fn ldr(&mut self, rt: Reg, rn: Reg, imm: u64) {
         let imm12 = self.scaled(imm);
         self.word(0xf940_0000 | (imm12 << 10) | (rn << 5) | rt);
     }
 
-    /// STR Xt, [Xn, #imm] (unsigned offset, a multiple of 8 below 32 KiB).
+    /// `STR Xt, [Xn, #imm]` (unsigned offset, a multiple of 8 below 32 KiB).
     pub fn str(&mut self, rt: Reg, rn: Reg, imm: u64) {
         let imm12 = self.scaled(imm);
         self.word(0xf900_0000 | (imm12 << 10) | (rn << 5) | rt);
     }
 
-    /// LDTR Xt, [Xn]: a load with EL0's permissions.
+    /// `LDTR Xt, [Xn]`: a load with EL0's permissions.
     pub fn ldtr(&mut self, rt: Reg, rn: Reg) {
         self.word(0xf840_0800 | (rn << 5) | rt);
     }
 
-    /// STTR Xt, [Xn]: a store with EL0's permissions.
+    /// `STTR Xt, [Xn]`: a store with EL0's permissions.
     pub fn sttr(&mut self, rt: Reg, rn: Reg) {
         self.word(0xf800_0800 | (rn << 5) | rt);
     }

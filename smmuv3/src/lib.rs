@@ -11,7 +11,7 @@
 //!
 //! - Translation tables: AArch64, little-endian, 4 KiB, 16 KiB and 64 KiB granules (as
 //!   IDR5.GRAN* offer them), TTB0 and TTB1, 48-bit output and 52-bit with the 64 KiB
-//!   granule (FEAT_LPA: OA[51:48] in descriptor bits 15:12, 4 TiB level-1 blocks when
+//!   granule (FEAT_LPA: `OA[51:48]` in descriptor bits 15:12, 4 TiB level-1 blocks when
 //!   OAS is 52). No 52-bit VAs (IDR5.VAX), LPA2, small translation tables (IDR3.STT), HAD,
 //!   FWB.
 //! - VMSAv8-64 has no reserved-bit fault: descriptor bits the format does not use are

@@ -15,7 +15,7 @@
 //!   the domain's second-level dirty bits.
 //! - [`holdings`]: what the host holds (memory, cache entries, domain ids, PASIDs), to
 //!   prove a teardown left nothing behind.
-//! - [`bench`]: the workloads of `vsva bench` and the criterion benchmarks, each with a
+//! - [`bench`](mod@bench): the workloads of `vsva bench` and the criterion benchmarks, each with a
 //!   same-run baseline and a check that the work was done.
 
 pub mod bench;

@@ -7,7 +7,7 @@
 //! - [`iommufd`]: the iommufd uAPI (`/dev/iommu`) and the VFIO device cdev ioctls, layouts
 //!   from `iommufd-bindings` and `vfio-bindings`, and the kernel's argument size rules.
 //! - [`request`]: typed views of the same requests for Rust callers.
-//! - [`file`]: [`UapiFile`], the kernel as an open file, and [`VfioIoctls`], its typed
+//! - [`file`](mod@file): [`UapiFile`], the kernel as an open file, and [`VfioIoctls`], its typed
 //!   container ioctls.
 //! - [`error`]: [`Errno`] and the decoding errors with the errno each maps to.
 //! - [`wire`]: the little-endian field-by-field encoding the structures share.

@@ -1,6 +1,6 @@
 //! Little-endian encoding of C structures, field by field at their `offset_of!` offsets.
 //!
-//! Structures are declared once with [`c_struct!`]: the macro emits the `#[repr(C)]` Rust
+//! Structures are declared once with `c_struct!`: the macro emits the `#[repr(C)]` Rust
 //! struct and its field-wise byte reader and writer, so the byte offsets used on the wire
 //! are exactly the compiler's C layout (which the layout tests pin to the kernel headers).
 

@@ -2,7 +2,7 @@
 //! the file a VMM reads the page requests of its fault-capable HWPTs from, as 40-byte
 //! `iommu_hwpt_pgfault` records, and writes 8-byte `iommu_hwpt_page_response`s to.
 //!
-//! Page requests arrive from the host driver through a [`FaultQueue`]'s sink (the one
+//! Page requests arrive from the host driver through a `FaultQueue`'s sink (the one
 //! routed to the nested HWPT's domain id). A group is delivered whole once its last
 //! request has arrived, every record of it carrying the group's cookie; the group then
 //! waits for the response that echoes the cookie (an unknown cookie is EINVAL), which the

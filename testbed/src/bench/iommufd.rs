@@ -105,7 +105,7 @@ impl GuestTables {
 }
 
 /// A VMM on iommufd: its RAM mapped in an IOAS, a nest-parent HWPT its device is attached
-/// to, and a nested HWPT over the guest's tables attached at [`PASID`], its page requests
+/// to, and a nested HWPT over the guest's tables attached at `PASID`, its page requests
 /// going to a fault queue.
 pub struct IommufdVm {
     mem: Arc<HostMemory>,
@@ -503,8 +503,8 @@ impl Workload for HwInfoPair<'_> {
 }
 
 /// One operation: an `IOMMU_HWPT_INVALIDATE` of the nested HWPT carrying `n` entries,
-/// one page each from [`GVA`], timed alone. Before each call (untimed) every one of the
-/// [`PAGES`] pages is in the IOTLB; after it, each page it named must walk again (to the
+/// one page each from `GVA`, timed alone. Before each call (untimed) every one of the
+/// `PAGES` pages is in the IOTLB; after it, each page it named must walk again (to the
 /// same host address) and every other page must still hit.
 pub struct HwptInvalidate<'a> {
     vm: &'a IommufdVm,
@@ -516,7 +516,7 @@ pub struct HwptInvalidate<'a> {
 }
 
 impl<'a> HwptInvalidate<'a> {
-    /// `entries` entries (1 to [`PAGES`]).
+    /// `entries` entries (1 to `PAGES`).
     pub fn new(vm: &'a IommufdVm, entries: u64) -> Result<Self, BenchError> {
         if entries == 0 || entries > PAGES {
             return Err(BenchError::Check(format!(
@@ -605,7 +605,7 @@ pub struct FaultRoundTrip<'a> {
 }
 
 impl<'a> FaultRoundTrip<'a> {
-    /// Round trips on `vm`'s nested HWPT at [`PASID`].
+    /// Round trips on `vm`'s nested HWPT at `PASID`.
     pub fn new(vm: &'a IommufdVm) -> Result<Self, BenchError> {
         let unmap = vm.invalidate_arg(&[IommuHwptVtdS1Invalidate {
             addr: FAULT_GVA,
@@ -683,7 +683,7 @@ pub struct ResidentFill<'a> {
 }
 
 impl<'a> ResidentFill<'a> {
-    /// Fills of [`GVA`].
+    /// Fills of `GVA`.
     pub fn new(vm: &'a IommufdVm) -> Self {
         ResidentFill { vm }
     }
