@@ -338,6 +338,9 @@ fn a_large_page_is_reported_whole_within_the_range() {
 #[test]
 fn nested_entries_follow_the_domains_dirty_tracking() {
     let rig = Rig::new(true, 4 << 20);
+    // A device with 20-bit PASIDs on the bus: binding needs them (F15).
+    let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(SID), rig.hw.clone()).unwrap());
+    rig.hw.attach_endpoint(dev);
     let mut d = rig.domain(1 << 20);
     let hpasid = Pasid::new(9).unwrap();
     let bind = BindGpasid {

@@ -1147,3 +1147,34 @@ fn device_capabilities_decide_dte_pre_and_device_tlb_invalidations() {
         4
     );
 }
+
+/// A device whose PASID capability is narrower than 20 bits, or that has none, cannot be
+/// bound: EINVAL and no entry, as `intel_svm_bind_gpasid` (F15); a 20-bit one can.
+#[test]
+fn bind_needs_a_device_with_20_bit_pasids() {
+    let host = host();
+    let vm = Vm::new(&host, RAM, 2 << 20);
+    for (width, ok) in [(Some(16), false), (None, false), (Some(20), true)] {
+        let sid = sid(20 + u8::from(ok) + u8::from(width.is_some()));
+        let config = DmaEngineConfig {
+            pasid: width.is_some(),
+            pasid_width: width.unwrap_or(20),
+            ..DmaEngineConfig::new(sid)
+        };
+        host.hw
+            .attach_endpoint(Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap()));
+        let mut c = Container::new(allocator(), 16, VtdDomain::new(&host.unit).unwrap());
+        c.set_iommu(IommuModel::Type1Nesting).unwrap();
+        c.attach_device(sid).unwrap();
+        c.map_dma(&vm.map_all(8 << 20)).unwrap();
+        let p = c.pasid_alloc(1, 10).unwrap();
+        let r = c.bind_gpasid(&bind_of(p, Gpa(PT_GPA)));
+        assert_eq!(r.is_ok(), ok, "width {width:?}: {r:?}");
+        if !ok {
+            assert_eq!(r.unwrap_err().errno(), -libc::EINVAL);
+            assert_eq!(host.unit.pasid_entry(sid, p), None);
+        } else {
+            assert!(host.unit.pasid_entry(sid, p).is_some());
+        }
+    }
+}

@@ -970,6 +970,8 @@ proptest! {
         let host = Host::new();
         // VM B: a bound PASID over a tiny guest table in its own RAM, all RAM mapped.
         let ram_b = host.ram(2 << 20);
+        // Its device, with 20-bit PASIDs, which the bind needs (F15).
+        let _dev_b = host.device(SID_B);
         let mut b = host.container(SID_B);
         b.map_dma(&ram_b.map(0, 0, 2 << 20, true)).unwrap();
         let pb = b.pasid_alloc(1, Pasid::MAX.raw()).unwrap();

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, HostMemoryError};
 use vsva_vtd::{Gpa, Iova, Pasid, SourceId};
@@ -92,6 +93,9 @@ pub enum ScaleError {
     #[error("IOMMU model: {0}")]
     /// The IOMMU model refused its configuration.
     Iommu(#[from] vsva_hw::iommu::IommuConfigError),
+    #[error("DMA engine: {0}")]
+    /// A VM's device model refused its configuration.
+    Device(#[from] vsva_hw::dma::DmaError),
     #[error("VT-d driver: {0}")]
     /// The host VT-d driver could not bring the unit up.
     Driver(#[from] DriverError),
@@ -564,6 +568,13 @@ fn bound_vm(
     bind: &mut Timing,
 ) -> Result<Vm, ScaleError> {
     let mut vm = host.vm(cfg.quota)?;
+    // The device on the bus before the attach reads its capabilities: binding needs its
+    // 20-bit PASIDs (F15).
+    let engine = DmaEngine::new(
+        DmaEngineConfig::new(device(index)),
+        host.hw.clone() as Arc<dyn DmaPort>,
+    )?;
+    host.hw.attach_endpoint(Arc::new(engine));
     vm.attach_device(device(index))
         .map_err(host_err("attaching the VM's device"))?;
     let vaddr = host

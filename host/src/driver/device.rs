@@ -57,6 +57,13 @@ impl DeviceInfo {
         self.pri
     }
 
+    /// Whether the device takes every PASID the unit gives out: `intel_svm_bind_gpasid`
+    /// refuses a device whose `pci_max_pasids` is not `PASID_MAX` (20 bits).
+    pub fn full_pasid_width(&self) -> bool {
+        self.pasid_width
+            .is_some_and(|w| u32::from(w) >= Pasid::BITS)
+    }
+
     /// The device-TLB invalidation of `2^order` pages at `addr` for requests with `pasid`
     /// (without PASID for `None`), as `qi_flush_dev_iotlb` and `qi_flush_dev_iotlb_pasid`
     /// build it: MIP is the device's queue depth, 0 from 32 up. `None` when ATS is not

@@ -513,7 +513,19 @@ impl VtdDomain {
         self.flush_range(iova, end - 1);
     }
 
+    /// Binds `bind` for device `sid`; a device without 20-bit PASIDs is refused with
+    /// EINVAL, as `intel_svm_bind_gpasid` refuses it (F15).
     fn install_binding(&self, sid: SourceId, bind: &BindGpasid) -> Result<(), DriverError> {
+        let info = self
+            .unit
+            .device_info(sid)
+            .ok_or(DriverError::NotAttached(sid))?;
+        if !info.full_pasid_width() {
+            return Err(DriverError::invalid(
+                "bind",
+                format!("{sid} does not take {}-bit PASIDs", Pasid::BITS),
+            ));
+        }
         self.unit
             .install_pasid_entry(sid, bind.hpasid, &self.nested_entry(bind)?)?;
         self.unit.route_page_requests(sid, bind.hpasid, self.did);
