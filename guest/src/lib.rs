@@ -11,5 +11,5 @@ pub mod iommu;
 pub mod process;
 
 pub use frames::{FrameError, GuestFrames, FRAME_SIZE};
-pub use iommu::{DeviceConfig, DriverError, DriverStats, IommuDriver, Mmio};
+pub use iommu::{DeviceConfig, DriverStats, GuestIommuError, IommuDriver, Mmio};
 pub use process::{MmuNotifier, NotifierId, Process, ProcessError, Prot, Vma};

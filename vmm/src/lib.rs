@@ -37,5 +37,5 @@ pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};
 pub use space::IommuAddressSpace;
 pub use stats::VIommuStats;
-pub use translate::DmaTranslation;
+pub use translate::GpaTranslation;
 pub use viommu::{GuestRam, InterruptHandler, VIommu};

@@ -20,7 +20,7 @@ use crate::viommu::{lock, GuestRam, VIommu};
 
 /// A successful translation of a DMA address to guest physical.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DmaTranslation {
+pub struct GpaTranslation {
     /// The guest physical address of the requested byte.
     pub gpa: Gpa,
     /// The size of the translated page.
@@ -37,7 +37,7 @@ pub struct DmaTranslation {
     pub cached: bool,
 }
 
-impl DmaTranslation {
+impl GpaTranslation {
     /// The guest physical base of the translated page.
     pub fn page_base(&self) -> Gpa {
         Gpa(self.gpa.raw() & !(self.page_size.bytes() - 1))
@@ -58,7 +58,7 @@ impl VIommu {
         pasid: Option<Pasid>,
         addr: u64,
         access: AccessRequest,
-    ) -> Result<DmaTranslation, TranslationFault> {
+    ) -> Result<GpaTranslation, TranslationFault> {
         let req = Request {
             sid,
             pasid,
@@ -114,12 +114,12 @@ struct Unit<'a>(&'a VIommu);
 impl RemappingUnit for Unit<'_> {
     type Mem = GuestRam;
     type IotlbEntry = IotlbEntry;
-    type Output = DmaTranslation;
+    type Output = GpaTranslation;
 
-    fn output(&self, req: &Request, how: Remapped<IotlbEntry>) -> DmaTranslation {
+    fn output(&self, req: &Request, how: Remapped<IotlbEntry>) -> GpaTranslation {
         let addr = req.addr;
         match how {
-            Remapped::Untranslated => DmaTranslation {
+            Remapped::Untranslated => GpaTranslation {
                 gpa: Gpa(addr),
                 page_size: PageSize::Size4K,
                 perms: Permissions::ALL,
@@ -128,7 +128,7 @@ impl RemappingUnit for Unit<'_> {
                 pasid: None,
                 cached: false,
             },
-            Remapped::Cached { entry, pasid } => DmaTranslation {
+            Remapped::Cached { entry, pasid } => GpaTranslation {
                 gpa: Gpa(entry.page | (addr & (entry.page_size.bytes() - 1))),
                 page_size: entry.page_size,
                 perms: entry.perms,
@@ -141,7 +141,7 @@ impl RemappingUnit for Unit<'_> {
                 entry,
                 pasid,
                 output,
-            } => DmaTranslation {
+            } => GpaTranslation {
                 gpa: Gpa(output),
                 page_size: entry.page_size,
                 perms: entry.perms,

@@ -6,7 +6,7 @@
 //!   errors of `qi_check_fault` (VT-d §6.5.2.10).
 //! - [`inv`]: the invalidation descriptors the driver builds for address ranges, and
 //!   [`mask`], the address-mask and ATS-size encodings they use.
-//! - [`PageRequestQueue`]: the page request ring (`prq_event_thread`: PQH/PQT, PPR, PRO)
+//! - [`PageRequestRing`]: the page request ring (`prq_event_thread`: PQH/PQT, PPR, PRO)
 //!   and the page group response to a request.
 //! - [`tables`]: how root, context and PASID entries are written (P last) and cleared (P
 //!   first), and how large a PASID directory is (`intel_pasid_alloc_table`).
@@ -38,7 +38,7 @@ mod testunit;
 pub use error::Error;
 pub use faults::take_fault_records;
 pub use handshake::GlobalCommand;
-pub use prq::{group_response, PageRequestQueue, PRQ_BYTES, PRQ_ORDER};
+pub use prq::{group_response, PageRequestRing, PRQ_BYTES, PRQ_ORDER};
 pub use qi::{InvalidationQueue, QUEUE_BYTES, QUEUE_ENTRIES, QUEUE_ORDER, STATUS_BYTES};
 pub use regs::Registers;
 

@@ -21,14 +21,14 @@ const RING_MASK: u64 = PRQ_BYTES - pq::DESC_SIZE;
 /// The driver's side of a page request queue. The memory ([`PRQ_BYTES`], aligned to its
 /// size) belongs to the user, who frees it once the unit no longer writes it.
 #[derive(Debug)]
-pub struct PageRequestQueue {
+pub struct PageRequestRing {
     base: u64,
 }
 
-impl PageRequestQueue {
+impl PageRequestRing {
     /// The queue at `base`.
     pub fn new(base: u64) -> Self {
-        PageRequestQueue { base }
+        PageRequestRing { base }
     }
 
     /// The queue memory.
@@ -141,7 +141,7 @@ mod tests {
     }
 
     /// Drains the queue; every descriptor must decode.
-    fn drain(unit: &Unit, q: &PageRequestQueue) -> Vec<u16> {
+    fn drain(unit: &Unit, q: &PageRequestRing) -> Vec<u16> {
         let mut got = Vec::new();
         let n = q
             .drain(unit, &unit.mem, |r| got.push(r.unwrap().prg_index))
@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn drains_in_order_across_the_wrap() {
         let unit = Unit::new();
-        let q = PageRequestQueue::new(QUEUE);
+        let q = PageRequestRing::new(QUEUE);
         q.enable(&unit).unwrap();
         for round in 0..3u16 {
             for i in 0..50 {
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn an_overflow_is_cleared_and_the_queued_requests_kept() {
         let unit = Unit::new();
-        let q = PageRequestQueue::new(QUEUE);
+        let q = PageRequestRing::new(QUEUE);
         q.enable(&unit).unwrap();
         // 128 slots hold 127 requests; the 128th overflows.
         let sent = (0..128).filter(|&i| send(&unit, &request(i, true))).count();
@@ -189,7 +189,7 @@ mod tests {
     #[test]
     fn a_bad_descriptor_is_taken_and_reported() {
         let unit = Unit::new();
-        let q = PageRequestQueue::new(QUEUE);
+        let q = PageRequestRing::new(QUEUE);
         q.enable(&unit).unwrap();
         send(&unit, &request(1, true));
         unit.mem.write_u64(QUEUE, 0xf).unwrap();

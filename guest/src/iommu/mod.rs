@@ -39,7 +39,7 @@ use vsva_vtd::{
 };
 use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, pdts_for, write_entry};
 use vsva_vtd_driver::{
-    take_fault_records, GlobalCommand, InvalidationQueue, PageRequestQueue, Registers,
+    take_fault_records, GlobalCommand, InvalidationQueue, PageRequestRing, Registers,
 };
 
 use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
@@ -81,7 +81,7 @@ pub const PAGE_REQUEST_VECTOR: u32 = 0x41;
 /// Why a driver operation failed. A failed operation leaves the unit and the tables as
 /// they were, except where the variant says otherwise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum DriverError {
+pub enum GuestIommuError {
     /// The unit lacks a capability the operation needs.
     #[error("the remapping unit does not support {0}")]
     Unsupported(&'static str),
@@ -156,17 +156,17 @@ pub enum DriverError {
     Driver(vsva_vtd_driver::Error),
 }
 
-impl From<vsva_vtd_driver::Error> for DriverError {
+impl From<vsva_vtd_driver::Error> for GuestIommuError {
     fn from(e: vsva_vtd_driver::Error) -> Self {
         use vsva_vtd_driver::Error as E;
         match e {
-            E::Memory(m) => DriverError::Memory(m),
-            E::Descriptor(d) => DriverError::Descriptor(d),
-            E::QueueError { iqei, .. } => DriverError::InvalidationQueue { iqei: iqei as u8 },
-            E::InvalidationTimeout => DriverError::InvalidationTimeout,
-            E::QueueTimeout => DriverError::Timeout("invalidation wait status"),
-            E::StatusTimeout(what) => DriverError::Timeout(what),
-            other @ (E::Register(_) | E::PageRequest(_)) => DriverError::Driver(other),
+            E::Memory(m) => GuestIommuError::Memory(m),
+            E::Descriptor(d) => GuestIommuError::Descriptor(d),
+            E::QueueError { iqei, .. } => GuestIommuError::InvalidationQueue { iqei: iqei as u8 },
+            E::InvalidationTimeout => GuestIommuError::InvalidationTimeout,
+            E::QueueTimeout => GuestIommuError::Timeout("invalidation wait status"),
+            E::StatusTimeout(what) => GuestIommuError::Timeout(what),
+            other @ (E::Register(_) | E::PageRequest(_)) => GuestIommuError::Driver(other),
         }
     }
 }
@@ -251,7 +251,7 @@ pub struct IommuDriver {
     root: Gpa,
     qi: Mutex<InvalidationQueue>,
     /// The page request queue; `None` without ECAP.PRS.
-    prq: Option<PageRequestQueue>,
+    prq: Option<PageRequestRing>,
     prq_lock: Mutex<()>,
     prq_pending: AtomicBool,
     /// Serialises binds and unbinds (Linux's `pasid_mutex`).
@@ -312,21 +312,26 @@ impl IommuDriver {
     /// the page request queue and the event interrupts, and enables translation.
     ///
     /// The unit must support scalable mode (ECAP.SMTS) and queued invalidation (ECAP.QI).
-    pub fn init(mmio: Arc<dyn Mmio>, frames: Arc<GuestFrames>) -> Result<Arc<Self>, DriverError> {
+    pub fn init(
+        mmio: Arc<dyn Mmio>,
+        frames: Arc<GuestFrames>,
+    ) -> Result<Arc<Self>, GuestIommuError> {
         let cap = Cap::from_raw(mmio.read(offset::CAP, 8));
         let ecap = Ecap::from_raw(mmio.read(offset::ECAP, 8));
         if !ecap.smts {
-            return Err(DriverError::Unsupported(
+            return Err(GuestIommuError::Unsupported(
                 "scalable-mode translation (ECAP.SMTS)",
             ));
         }
         if !ecap.qi {
-            return Err(DriverError::Unsupported("queued invalidation (ECAP.QI)"));
+            return Err(GuestIommuError::Unsupported(
+                "queued invalidation (ECAP.QI)",
+            ));
         }
         let agaw = [SlLevels::Five, SlLevels::Four, SlLevels::Three]
             .into_iter()
             .find(|l| cap.sagaw & (1 << l.aw()) != 0)
-            .ok_or(DriverError::Unsupported(
+            .ok_or(GuestIommuError::Unsupported(
                 "any second-level width (CAP.SAGAW)",
             ))?;
         let vccap = if ecap.vcs {
@@ -356,7 +361,7 @@ impl IommuDriver {
             gcmd: GlobalCommand::new(),
             root: root.keep(),
             qi: Mutex::new(InvalidationQueue::new(queue.keep().0, status.keep().0)),
-            prq: prq.map(|g| PageRequestQueue::new(g.keep().0)),
+            prq: prq.map(|g| PageRequestRing::new(g.keep().0)),
             prq_lock: Mutex::new(()),
             prq_pending: AtomicBool::new(false),
             svm_lock: Mutex::new(()),
@@ -371,7 +376,7 @@ impl IommuDriver {
         Ok(Arc::new(driver))
     }
 
-    fn bring_up(&self) -> Result<(), DriverError> {
+    fn bring_up(&self) -> Result<(), GuestIommuError> {
         let regs = Regs(&*self.mmio);
         let status = self.gcmd.adopt(&regs)?;
         if status & gsts::TES != 0 {
@@ -459,11 +464,11 @@ impl IommuDriver {
     /// present context entry with the directory, PDTS, RID_PASID 0, and DTE, PASIDE and
     /// PRE for what both the device and the unit support; then, in caching mode, a
     /// device-selective context-cache invalidation (else a write-buffer flush).
-    pub fn attach_device(&self, config: DeviceConfig) -> Result<(), DriverError> {
+    pub fn attach_device(&self, config: DeviceConfig) -> Result<(), GuestIommuError> {
         let sid = config.sid;
         let mut st = lock(&self.state);
         if st.devices.contains_key(&sid.rid()) {
-            return Err(DriverError::AlreadyAttached(sid));
+            return Err(GuestIommuError::AlreadyAttached(sid));
         }
         let pasid = config.pasid_bits > 0 && self.ecap.pasid;
         let ats = config.ats && self.ecap.dt;
@@ -481,7 +486,7 @@ impl IommuDriver {
 
         let ctx_addr = self.context_entry_slot(sid)?;
         if self.mem.read_u64(ctx_addr)? & 1 != 0 {
-            return Err(DriverError::AlreadyAttached(sid));
+            return Err(GuestIommuError::AlreadyAttached(sid));
         }
         let entry = ScalableContextEntry {
             fpd: false,
@@ -522,18 +527,18 @@ impl IommuDriver {
 
     /// Detaches a device with no bound PASID: clears its context entry, invalidates the
     /// context cache for it (device-selective) and frees its PASID tables.
-    pub fn detach_device(&self, sid: SourceId) -> Result<(), DriverError> {
+    pub fn detach_device(&self, sid: SourceId) -> Result<(), GuestIommuError> {
         let mut st = lock(&self.state);
         let dev = *st
             .devices
             .get(&sid.rid())
-            .ok_or(DriverError::NotAttached(sid))?;
+            .ok_or(GuestIommuError::NotAttached(sid))?;
         if st
             .svms
             .values()
             .any(|s| s.devices.iter().any(|d| d.sid == sid))
         {
-            return Err(DriverError::Busy(sid));
+            return Err(GuestIommuError::Busy(sid));
         }
         let ctx_addr = self.context_entry_slot(sid)?;
         clear_entry(&*self.mem, ctx_addr, 4)?;
@@ -562,7 +567,7 @@ impl IommuDriver {
 
     /// The address of `sid`'s context entry, allocating the context table (and setting
     /// the root entry's half) on first use.
-    fn context_entry_slot(&self, sid: SourceId) -> Result<u64, DriverError> {
+    fn context_entry_slot(&self, sid: SourceId) -> Result<u64, GuestIommuError> {
         let root_addr = root_entry_addr(self.root.0, sid.bus());
         let upper = sid.devfn() >= 0x80;
         let half_addr = root_addr + 8 * u64::from(upper);

@@ -9,7 +9,7 @@ use std::sync::TryLockError;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::Gva;
-use vsva_vtd_driver::{group_response, PageRequestQueue};
+use vsva_vtd_driver::{group_response, PageRequestRing};
 
 use super::{lock, IommuDriver, Regs};
 use crate::process::Prot;
@@ -42,7 +42,7 @@ impl IommuDriver {
 
     /// One pass over the queue from PQH to PQT (the shared driver's ring): each request is
     /// served as it is taken, then PQH moves to PQT.
-    fn drain_queue(&self, prq: &PageRequestQueue) -> usize {
+    fn drain_queue(&self, prq: &PageRequestRing) -> usize {
         let mut handled = 0;
         let drained = prq.drain(&Regs(&*self.mmio), &*self.mem, |req| {
             match req {

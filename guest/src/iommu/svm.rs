@@ -18,7 +18,7 @@ use vsva_vtd_driver::mask::{covering_block, WHOLE_SPACE};
 use vsva_vtd_driver::tables::{clear_pasid_entry, write_pasid_entry};
 use vsva_vtd_driver::POLL_LIMIT;
 
-use super::{lock, Device, DriverError, IommuDriver, Regs};
+use super::{lock, Device, GuestIommuError, IommuDriver, Regs};
 use crate::process::{MmuNotifier, NotifierId, Process};
 
 /// The domain id Linux gives every first-level-only PASID entry of SVA
@@ -99,23 +99,26 @@ impl MmuNotifier for SvmNotifier {
 impl IommuDriver {
     /// Allocates a PASID: through the virtual command interface when the unit offers it
     /// (`vcmd_alloc_pasid`), else from the driver's own space.
-    fn alloc_pasid(&self) -> Result<Pasid, DriverError> {
+    fn alloc_pasid(&self) -> Result<Pasid, GuestIommuError> {
         if !self.uses_virtual_commands() {
-            return lock(&self.state).pasids.alloc().ok_or(DriverError::NoPasid);
+            return lock(&self.state)
+                .pasids
+                .alloc()
+                .ok_or(GuestIommuError::NoPasid);
         }
         let rsp = self.virtual_command(u64::from(vcmd::ALLOC_PASID))?;
         match (rsp >> vcmd::VCRSP_SC_SHIFT) & 3 {
             0 => {
                 let raw = ((rsp >> vcmd::VCRSP_RESULT_SHIFT) & 0xf_ffff) as u32;
-                Pasid::new(raw).map_err(|_| DriverError::NoPasid)
+                Pasid::new(raw).map_err(|_| GuestIommuError::NoPasid)
             }
-            2 => Err(DriverError::NoPasid),
-            sc => Err(DriverError::VirtualCommand(sc as u8)),
+            2 => Err(GuestIommuError::NoPasid),
+            sc => Err(GuestIommuError::VirtualCommand(sc as u8)),
         }
     }
 
     /// Frees a PASID where it came from (`vcmd_free_pasid`).
-    fn free_pasid(&self, pasid: Pasid) -> Result<(), DriverError> {
+    fn free_pasid(&self, pasid: Pasid) -> Result<(), GuestIommuError> {
         if !self.uses_virtual_commands() {
             lock(&self.state).pasids.free(pasid);
             return Ok(());
@@ -124,12 +127,12 @@ impl IommuDriver {
         let rsp = self.virtual_command(cmd)?;
         match (rsp >> vcmd::VCRSP_SC_SHIFT) & 3 {
             0 => Ok(()),
-            sc => Err(DriverError::VirtualCommand(sc as u8)),
+            sc => Err(GuestIommuError::VirtualCommand(sc as u8)),
         }
     }
 
     /// Writes VCMD and polls VCRSP until IP clears; returns VCRSP.
-    fn virtual_command(&self, cmd: u64) -> Result<u64, DriverError> {
+    fn virtual_command(&self, cmd: u64) -> Result<u64, GuestIommuError> {
         self.gcmd.serialised(|| {
             self.mmio.write(offset::VCMD, 8, cmd);
             for _ in 0..POLL_LIMIT {
@@ -139,7 +142,7 @@ impl IommuDriver {
                 }
                 std::thread::yield_now();
             }
-            Err(DriverError::Timeout("virtual command response"))
+            Err(GuestIommuError::Timeout("virtual command response"))
         })
     }
 
@@ -157,14 +160,14 @@ impl IommuDriver {
         self: &Arc<Self>,
         sid: SourceId,
         process: &Arc<Process>,
-    ) -> Result<Pasid, DriverError> {
+    ) -> Result<Pasid, GuestIommuError> {
         if !self.ecap.flts {
-            return Err(DriverError::Unsupported(
+            return Err(GuestIommuError::Unsupported(
                 "first-level translation (ECAP.FLTS)",
             ));
         }
         if process.paging_mode() == FlPagingMode::FiveLevel && !self.cap.fl5lp {
-            return Err(DriverError::Unsupported(
+            return Err(GuestIommuError::Unsupported(
                 "5-level first-level paging (CAP.FL5LP)",
             ));
         }
@@ -224,14 +227,14 @@ impl IommuDriver {
     }
 
     /// The attached device `sid`, which must have PASIDs enabled.
-    fn pasid_device(&self, sid: SourceId) -> Result<Device, DriverError> {
+    fn pasid_device(&self, sid: SourceId) -> Result<Device, GuestIommuError> {
         let st = lock(&self.state);
         let dev = *st
             .devices
             .get(&sid.rid())
-            .ok_or(DriverError::NotAttached(sid))?;
+            .ok_or(GuestIommuError::NotAttached(sid))?;
         if !dev.pasid {
-            return Err(DriverError::NoPasidSupport(sid));
+            return Err(GuestIommuError::NoPasidSupport(sid));
         }
         Ok(dev)
     }
@@ -239,10 +242,10 @@ impl IommuDriver {
     /// The address of `pasid`'s PASID table entry for `dev`, allocating the PASID table
     /// on first use (`intel_pasid_get_entry`: the directory entry is installed with a
     /// compare-and-exchange so that concurrent users agree on one table).
-    fn pasid_entry_slot(&self, dev: &Device, pasid: Pasid) -> Result<u64, DriverError> {
+    fn pasid_entry_slot(&self, dev: &Device, pasid: Pasid) -> Result<u64, GuestIommuError> {
         let sid = dev.config.sid;
         let pde_addr = pasid_dir_entry_addr(dev.pasid_dir.0, dev.pdts, pasid)
-            .map_err(|_| DriverError::PasidOutOfRange { sid, pasid })?;
+            .map_err(|_| GuestIommuError::PasidOutOfRange { sid, pasid })?;
         let mut pde = self.mem.read_u64(pde_addr)?;
         if pde & 1 == 0 {
             let table = self.frames.alloc()?;
@@ -268,12 +271,12 @@ impl IommuDriver {
         dev: &Device,
         pasid: Pasid,
         process: &Process,
-    ) -> Result<(), DriverError> {
+    ) -> Result<(), GuestIommuError> {
         let sid = dev.config.sid;
         let _st = lock(&self.state);
         let slot = self.pasid_entry_slot(dev, pasid)?;
         if self.mem.read_u64(slot)? & 1 != 0 {
-            return Err(DriverError::PasidBusy { sid, pasid });
+            return Err(GuestIommuError::PasidBusy { sid, pasid });
         }
         let entry = PasidEntry {
             aw: self.agaw,
@@ -295,7 +298,7 @@ impl IommuDriver {
     /// IOTLB are invalidated, each with its wait; without CM only the write buffer is
     /// flushed. No device TLB can hold a translation through an entry that was not
     /// present, so none is invalidated (F16).
-    fn flush_new_pasid(&self, pasid: Pasid) -> Result<(), DriverError> {
+    fn flush_new_pasid(&self, pasid: Pasid) -> Result<(), GuestIommuError> {
         if !self.cap.cm {
             return Ok(self
                 .gcmd
@@ -313,7 +316,7 @@ impl IommuDriver {
     /// the PASID cache and the PASID's IOTLB, each with its wait, then the device TLB of a
     /// device with ATS, but only without CAP.CM (F16): with CM the unit is a virtual one
     /// whose PASID-cache invalidation already reaches the device TLB on the host.
-    fn flush_cleared_pasid(&self, dev: &Device, pasid: Pasid) -> Result<(), DriverError> {
+    fn flush_cleared_pasid(&self, dev: &Device, pasid: Pasid) -> Result<(), GuestIommuError> {
         self.submit(&[InvDesc::PasidCache {
             granularity: PasidCacheGranularity::PasidSelective,
             did: FLPT_DEFAULT_DID,
@@ -336,8 +339,8 @@ impl IommuDriver {
     /// the device goes: the PASID entry is cleared, the PASID cache, IOTLB and device TLB
     /// flushed for it, and the page requests in flight drained. When the last device goes:
     /// the notifier is unregistered and the PASID freed.
-    pub fn sva_unbind(&self, sid: SourceId, pasid: Pasid) -> Result<(), DriverError> {
-        let not_bound = DriverError::NotBound { sid, pasid };
+    pub fn sva_unbind(&self, sid: SourceId, pasid: Pasid) -> Result<(), GuestIommuError> {
+        let not_bound = GuestIommuError::NotBound { sid, pasid };
         let _unbind = lock(&self.svm_lock);
         let dev = self.pasid_device(sid).map_err(|_| not_bound)?;
         {
@@ -382,7 +385,7 @@ impl IommuDriver {
     /// then submits a fenced invalidation wait, a PASID-based IOTLB and a device-TLB
     /// invalidation with a page-request drain, so that no request of the PASID is left
     /// in the unit or the device.
-    fn drain_page_requests(&self, dev: &Device, pasid: Pasid) -> Result<(), DriverError> {
+    fn drain_page_requests(&self, dev: &Device, pasid: Pasid) -> Result<(), GuestIommuError> {
         if self.prq.is_none() {
             return Ok(());
         }
@@ -420,7 +423,7 @@ impl IommuDriver {
         pasid: Pasid,
         start: u64,
         end: u64,
-    ) -> Result<(), DriverError> {
+    ) -> Result<(), GuestIommuError> {
         let devices: Vec<Device> = {
             let st = lock(&self.state);
             let Some(svm) = st.svms.get(&pasid.raw()) else {

@@ -348,7 +348,7 @@ fn init_refuses_units_without_scalable_mode_or_qi() {
         let unit = FakeUnit::new(mem.clone(), cap(), e);
         assert_eq!(
             IommuDriver::init(unit.clone(), frames.clone()).unwrap_err(),
-            DriverError::Unsupported(what)
+            GuestIommuError::Unsupported(what)
         );
         assert_eq!(regs(&unit).gsts(), 0);
     }
@@ -362,7 +362,7 @@ fn a_stuck_unit_is_reported_not_waited_for_forever() {
     unit.stuck.store(true, Ordering::SeqCst);
     assert_eq!(
         IommuDriver::init(unit, frames).unwrap_err(),
-        DriverError::Timeout("invalidation wait status")
+        GuestIommuError::Timeout("invalidation wait status")
     );
 }
 
@@ -379,7 +379,7 @@ fn attach_writes_the_context_entry() {
     assert!(s.unit.take_log().is_empty());
     assert_eq!(
         s.driver.attach_device(device()),
-        Err(DriverError::AlreadyAttached(SID))
+        Err(GuestIommuError::AlreadyAttached(SID))
     );
 
     // A device without ATS and PRI, on the upper context table, with 8 PASID bits.
@@ -516,7 +516,7 @@ fn bind_refusals() {
     let p = s.process();
     assert_eq!(
         s.driver.sva_bind(SID, &p),
-        Err(DriverError::NotAttached(SID))
+        Err(GuestIommuError::NotAttached(SID))
     );
     s.driver
         .attach_device(DeviceConfig {
@@ -526,7 +526,7 @@ fn bind_refusals() {
         .unwrap();
     assert_eq!(
         s.driver.sva_bind(SID, &p),
-        Err(DriverError::NoPasidSupport(SID))
+        Err(GuestIommuError::NoPasidSupport(SID))
     );
     let five =
         Arc::new(Process::new(s.mem.clone(), s.frames.clone(), FlPagingMode::FiveLevel).unwrap());
@@ -540,14 +540,14 @@ fn bind_refusals() {
     no5.driver.attach_device(device()).unwrap();
     assert_eq!(
         no5.driver.sva_bind(SID, &five),
-        Err(DriverError::Unsupported(
+        Err(GuestIommuError::Unsupported(
             "5-level first-level paging (CAP.FL5LP)"
         ))
     );
     assert!(s.unit.freed.lock().unwrap().is_empty());
     assert_eq!(
         s.driver.sva_unbind(SID, Pasid::new(5).unwrap()),
-        Err(DriverError::NotBound {
+        Err(GuestIommuError::NotBound {
             sid: SID,
             pasid: Pasid::new(5).unwrap()
         })
@@ -791,7 +791,7 @@ fn unbind_clears_flushes_drains_and_frees() {
     assert!(s.unit.take_log().is_empty());
     assert_eq!(
         s.driver.sva_unbind(SID, pasid),
-        Err(DriverError::NotBound { sid: SID, pasid })
+        Err(GuestIommuError::NotBound { sid: SID, pasid })
     );
 }
 
@@ -802,7 +802,7 @@ fn detach_gives_back_every_frame() {
     s.driver.attach_device(device()).unwrap();
     let p = s.process();
     let pasid = s.driver.sva_bind(SID, &p).unwrap();
-    assert_eq!(s.driver.detach_device(SID), Err(DriverError::Busy(SID)));
+    assert_eq!(s.driver.detach_device(SID), Err(GuestIommuError::Busy(SID)));
     s.driver.sva_unbind(SID, pasid).unwrap();
     drop(p);
     s.driver.detach_device(SID).unwrap();
@@ -816,7 +816,7 @@ fn detach_gives_back_every_frame() {
     );
     assert_eq!(
         s.driver.detach_device(SID),
-        Err(DriverError::NotAttached(SID))
+        Err(GuestIommuError::NotAttached(SID))
     );
 }
 
@@ -829,7 +829,7 @@ fn a_queue_error_is_reported_and_the_queue_recovers() {
     *s.unit.reject.lock().unwrap() = Some(InvDescType::PasidCache);
     assert_eq!(
         s.driver.sva_bind(SID, &p),
-        Err(DriverError::InvalidationQueue {
+        Err(GuestIommuError::InvalidationQueue {
             iqei: Iqei::InvalidType as u8
         })
     );
@@ -859,7 +859,7 @@ fn a_device_tlb_time_out_is_resubmitted() {
     s.unit.time_outs.store(u32::MAX, Ordering::SeqCst);
     assert_eq!(
         s.driver.sva_unbind(SID, pasid),
-        Err(DriverError::InvalidationTimeout)
+        Err(GuestIommuError::InvalidationTimeout)
     );
     assert_eq!(regs(&s.unit).fsts() & fsts::ITE, 0);
     s.unit.time_outs.store(0, Ordering::SeqCst);

@@ -1,6 +1,6 @@
 //! Page requests (VT-d §7.5): the routing of each request the unit queued to the
 //! container whose domain bound its PASID, and page group responses (§6.5.2.9, §7.7). The
-//! ring itself (PQH/PQT, PPR, PRO) is `vsva_vtd_driver`'s [`PageRequestQueue`].
+//! ring itself (PQH/PQT, PPR, PRO) is `vsva_vtd_driver`'s [`PageRequestRing`].
 //!
 //! A request on a PASID a domain bound for a guest (`SVM_FLAG_GUEST_MODE`) is reported to
 //! that domain's container (`iommu_report_device_fault`), which keeps the group pending
@@ -16,7 +16,7 @@ use vsva_hw::FrameAllocator;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::{DomainId, Hpa, InvDesc, Pasid, SourceId};
-use vsva_vtd_driver::{PageRequestQueue, PRQ_BYTES};
+use vsva_vtd_driver::{PageRequestRing, PRQ_BYTES};
 
 use super::error::DriverError;
 use super::regs::Mmio;
@@ -26,7 +26,7 @@ use vsva_uapi::request::{PageRequest, PageResponse, PageResponseCode};
 /// Page request state of one unit.
 #[derive(Debug, Default)]
 pub(crate) struct PageRequests {
-    ring: Mutex<Option<PageRequestQueue>>,
+    ring: Mutex<Option<PageRequestRing>>,
     /// The domain that bound each (requester id, PASID).
     routes: RwLock<HashMap<(u16, u32), DomainId>>,
     /// Each domain's container fault queue.
@@ -89,7 +89,7 @@ impl PageRequests {
         let base = frames
             .alloc_range(PRQ_BYTES, PRQ_BYTES)
             .map_err(|_| DriverError::OutOfMemory)?;
-        let ring = PageRequestQueue::new(base.0);
+        let ring = PageRequestRing::new(base.0);
         if let Err(e) = ring.enable(&Mmio(hw)) {
             if let Err(f) = frames.free(base) {
                 tracing::error!("vt-d: freeing the page request queue: {f}");

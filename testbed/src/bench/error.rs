@@ -45,7 +45,7 @@ pub enum BenchError {
     Process(#[from] vsva_guest::ProcessError),
     /// A guest IOMMU driver operation failed.
     #[error("guest IOMMU driver: {0}")]
-    GuestDriver(#[from] vsva_guest::DriverError),
+    GuestDriver(#[from] vsva_guest::GuestIommuError),
     /// The model did not behave as the measurement needs (for example a translation that
     /// should hit the IOTLB walked).
     #[error("check failed: {0}")]
