@@ -129,6 +129,36 @@ impl Ram {
 }
 
 /// Fills `size` bytes at `dst` with `pattern` by DMA without PASID.
+/// The set-up most tests share, as a VMM does it: an open iommufd, the device `SID`'s cdev
+/// bound to it, and an IOAS mapping all of guest RAM at IOVA 0 (read and write).
+struct Opened {
+    fds: Arc<Iommufds>,
+    fd: i32,
+    f: Arc<IommufdFile>,
+    dev: VfioDeviceFile,
+    dev_id: u32,
+    ioas: u32,
+}
+
+impl Host {
+    fn open(&self, ram: &Ram) -> Opened {
+        let fds = Iommufds::new();
+        let (fd, f) = fds.open(&self.unit);
+        let dev = VfioDeviceFile::open(SID, fds.clone());
+        let dev_id = bind(&dev, fd).unwrap();
+        let ioas = ioas_alloc(&*f).unwrap();
+        map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+        Opened {
+            fds,
+            fd,
+            f,
+            dev,
+            dev_id,
+            ioas,
+        }
+    }
+}
+
 fn dma_fill(engine: &DmaEngine, dst: u64, size: u32, pattern: u64) {
     let desc = Descriptor {
         pasid: None,
@@ -627,12 +657,7 @@ proptest! {
     ) {
         let host = Host::new();
         let ram = host.ram();
-        let fds = Iommufds::new();
-        let (fd, f) = fds.open(&host.unit);
-        let dev = VfioDeviceFile::open(SID, fds.clone());
-        let dev_id = bind(&dev, fd).unwrap();
-        let ioas = ioas_alloc(&*f).unwrap();
-        map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+        let Opened { fds: _fds, f, dev, dev_id, ioas, .. } = host.open(&ram);
         let flags = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID;
         let parent = hwpt_alloc(&*f, dev_id, ioas, flags).unwrap();
         attach(&dev, parent).unwrap();
@@ -864,12 +889,14 @@ const INV_LEN: u32 = std::mem::size_of::<IommuHwptVtdS1Invalidate>() as u32;
 fn alloc_hwpt_nested() {
     let host = Host::new();
     let ram = host.ram();
-    let fds = Iommufds::new();
-    let (fd, f) = fds.open(&host.unit);
-    let dev = VfioDeviceFile::open(SID, fds.clone());
-    let dev_id = bind(&dev, fd).unwrap();
-    let ioas = ioas_alloc(&*f).unwrap();
-    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    let Opened {
+        fds: _fds,
+        f,
+        dev: _dev,
+        dev_id,
+        ioas,
+        ..
+    } = host.open(&ram);
     let parent = hwpt_alloc(&*f, dev_id, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT).unwrap();
     let not_parent = hwpt_alloc(&*f, dev_id, ioas, 0).unwrap();
     let data = s1(GUEST_PT.0, 0).to_bytes();
@@ -988,12 +1015,14 @@ fn pasid_attach_and_nested_dma() {
     let ram = host.ram();
     let engine = host.engine(SID, FEATURES);
     let dids = host.unit.domain_ids_in_use();
-    let fds = Iommufds::new();
-    let (fd, f) = fds.open(&host.unit);
-    let dev = VfioDeviceFile::open(SID, fds.clone());
-    let dev_id = bind(&dev, fd).unwrap();
-    let ioas = ioas_alloc(&*f).unwrap();
-    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    let Opened {
+        fds,
+        fd,
+        f,
+        dev,
+        dev_id,
+        ioas,
+    } = host.open(&ram);
     let parent = hwpt_alloc(
         &*f,
         dev_id,
@@ -1136,12 +1165,14 @@ fn fault_queue_round_trip() {
     let host = Host::new();
     let ram = host.ram();
     let engine = host.engine(SID, FEATURES | CTRL_PRI_EN);
-    let fds = Iommufds::new();
-    let (fd, f) = fds.open(&host.unit);
-    let dev = VfioDeviceFile::open(SID, fds.clone());
-    let dev_id = bind(&dev, fd).unwrap();
-    let ioas = ioas_alloc(&*f).unwrap();
-    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    let Opened {
+        fds,
+        f,
+        dev,
+        dev_id,
+        ioas,
+        ..
+    } = host.open(&ram);
     let parent = hwpt_alloc(
         &*f,
         dev_id,
