@@ -17,7 +17,7 @@
 //! member-list position: 13 bytes of room, 26 at most with its map's spare room after
 //! allocations, 52 after churn at the peak: see the `owners` module) and a 4-byte member-list slot
 //! (at most 8 with the list's spare capacity); measured by
-//! `tests/pasid_memory.rs` and `vsva bench` (`bytes_per_pasid_*`). A list keeps its
+//! `testbed/tests/bench_heap.rs` and `vsva bench` (`bytes_per_pasid_*`). A list keeps its
 //! capacity when PASIDs are freed, until its set is destroyed.
 
 mod bitmap;
