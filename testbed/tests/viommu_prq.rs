@@ -1,11 +1,11 @@
 //! Page requests: injection into the guest's page request queue, and the guest's page
 //! group responses going back down to the host.
 
-mod common;
+mod viommu;
 
 use std::sync::Arc;
 
-use common::*;
+use viommu::*;
 use vsva_uapi::{PageRequest, PageResponse, PageResponseCode};
 use vsva_vmm::{PageRequestOutcome, VIommuError};
 use vsva_vtd::inv_desc::ResponseCode;

@@ -1,13 +1,13 @@
 //! Passthrough devices: guest PASID entries shadowed into bind/unbind calls, and guest
 //! invalidations turned into host cache invalidations.
 
-mod common;
+mod viommu;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use common::*;
 use proptest::prelude::*;
+use viommu::*;
 use vsva_uapi::iommu::*;
 use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vmm::{

@@ -1,9 +1,9 @@
 //! The vIOMMU's register interface: what it advertises, access rules, the virtual command
 //! interface and the invalidation queue's completion and error handling.
 
-mod common;
+mod viommu;
 
-use common::*;
+use viommu::*;
 use vsva_vmm::{HostCall, VIommuConfig, VIommuError};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::regs::layout::{fsts, ics, offset, vcmd};

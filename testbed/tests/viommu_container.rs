@@ -1,11 +1,11 @@
 //! The vIOMMU over real VFIO containers: every host call goes through the container's
 //! byte-level ioctl path, its validation and ownership checks, to a recording IOMMU driver.
 
-mod common;
+mod viommu;
 
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use viommu::*;
 use vsva_host::{
     BackendInfo, Container, ContainerFile, HostError, IommuBackend, PasidAllocator,
     SharedPasidAllocator,

@@ -2,11 +2,11 @@
 //! caching what it reads until the guest invalidates it, and serves device models written
 //! against vm-memory through an `Iommu` address space.
 
-mod common;
+mod viommu;
 
 use std::sync::Arc;
 
-use common::*;
+use viommu::*;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
 use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, PasidIotlbGranularity};

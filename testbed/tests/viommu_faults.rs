@@ -3,11 +3,11 @@
 //! reason, under the guest's FPD fields and the registers' overflow rule; refused for a
 //! device, PASID or reason that is not the guest's.
 
-mod common;
+mod viommu;
 
 use std::sync::Arc;
 
-use common::*;
+use viommu::*;
 use vsva_uapi::{UnrecoverableFault, UnrecoverableReason};
 use vsva_vmm::{HostFaultOutcome, VIommuError};
 use vsva_vtd::regs::layout::{fsts, offset};

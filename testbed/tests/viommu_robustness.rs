@@ -1,10 +1,10 @@
 //! Whatever the guest writes into the registers, its tables and its invalidation queue,
 //! the vIOMMU answers without panicking, and refused accesses change nothing.
 
-mod common;
+mod viommu;
 
-use common::*;
 use proptest::prelude::*;
+use viommu::*;
 use vsva_vtd::inv_desc::{
     ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
     ResponseCode,
