@@ -68,6 +68,15 @@ enum Command {
         /// Host memory (sparse): bytes, or with a K, M or G suffix.
         #[arg(long, default_value = "4G", value_parser = parse_size)]
         memory: u64,
+        /// Connections served at once (one more is refused with EUSERS).
+        #[arg(long, default_value_t = vsva_service::Limits::default().max_connections)]
+        max_connections: u32,
+        /// Connections one client process may hold at once (one more: EUSERS).
+        #[arg(long, default_value_t = vsva_service::Limits::default().max_connections_per_process)]
+        max_connections_per_process: u32,
+        /// PASIDs one connection's container may hold (one more: ENOSPC).
+        #[arg(long, default_value_t = vsva_service::Limits::default().pasid_quota)]
+        pasid_quota: u32,
     },
 }
 
@@ -169,10 +178,21 @@ fn main() -> ExitCode {
             }
         },
         Command::Explain { vm, pasid, addr } => report(scenario::explain(vm, pasid, addr)),
-        Command::Host { socket, memory } => {
+        Command::Host {
+            socket,
+            memory,
+            max_connections,
+            max_connections_per_process,
+            pasid_quota,
+        } => {
             let config = vsva_service::HostConfig {
                 memory,
-                ..Default::default()
+                limits: vsva_service::Limits {
+                    max_connections,
+                    max_connections_per_process,
+                    pasid_quota,
+                    ..Default::default()
+                },
             };
             match vsva_service::server::run(&socket, &config) {
                 Ok(report) => {

@@ -32,12 +32,17 @@ struct Host {
 
 impl Host {
     fn start(name: &str) -> Host {
+        Host::start_with(name, &[])
+    }
+
+    /// A host started with `args` added to its command line.
+    fn start_with(name: &str, args: &[&str]) -> Host {
         let dir = std::env::temp_dir().join(format!("vsva-host-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("host.sock");
         let host = Host {
-            child: spawn_host(&path),
+            child: spawn_host_with(&path, args),
             path,
             dir,
         };
@@ -78,9 +83,14 @@ impl Drop for Host {
 }
 
 fn spawn_host(path: &Path) -> Child {
+    spawn_host_with(path, &[])
+}
+
+fn spawn_host_with(path: &Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vsva"))
         .args(["host", "--memory", "256M", "--socket"])
         .arg(path)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -287,6 +297,52 @@ fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
     let (ok, report) = host.stop();
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
+}
+
+#[test]
+fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaffected() {
+    let host = Host::start_with(
+        "greedy",
+        &["--max-connections-per-process", "3", "--pasid-quota", "4"],
+    );
+    let probe = RemoteFile::connect(&host.path).unwrap();
+    let empty = quiet(&probe);
+    // This process takes every connection it may: the probe and two more; one more is
+    // refused with EUSERS (and nothing is held for it).
+    let (greedy, _ram) = vmm(&host.path);
+    let third = RemoteFile::connect(&host.path).unwrap();
+    match RemoteFile::connect(&host.path) {
+        Err(vsva_service::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
+        other => panic!("a fourth connection of one process: {other:?}"),
+    }
+    // It takes its whole PASID quota on one connection: the next one is ENOSPC.
+    let mut g = &greedy;
+    let held: Vec<Pasid> = (0..4).map(|_| g.pasid_alloc(1, 1000).unwrap()).collect();
+    assert_eq!(g.pasid_alloc(1, 1000), Err(Errno::ENOSPC));
+    for &p in &held {
+        g.bind_gpasid(&bind_data(p)).unwrap();
+    }
+    let full = probe.host_state().unwrap();
+    assert_eq!(full.connections, empty.connections + 2);
+    // Another process connects, allocates, binds, plugs its device and runs DMA: the
+    // greedy one took nothing from it.
+    let mut other = spawn_client(&host.path);
+    let with_other = probe.host_state().unwrap();
+    assert_eq!(with_other.connections, full.connections + 1);
+    assert!(with_other.pasids > full.pasids);
+    other.kill().unwrap();
+    other.wait().unwrap();
+    assert_eq!(settle(&probe, full), full);
+    for &p in &held {
+        g.unbind_gpasid(&bind_data(p)).unwrap();
+    }
+    drop((greedy, third));
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+    assert!(!report.contains(" 0 refused"), "{report}");
 }
 
 #[test]

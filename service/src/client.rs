@@ -15,7 +15,8 @@ use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
 use crate::protocol::{
-    encode_request, HostState, Reply, Request, Welcome, FILE_VFIO_CONTAINER, VERSION,
+    encode_request, HostState, Reply, Request, Welcome, CONNECTIONS_FULL, FILE_VFIO_CONTAINER,
+    VERSION,
 };
 use crate::socket;
 
@@ -34,6 +35,9 @@ pub enum ClientError {
     /// The host refused the connection's `HELLO`.
     #[error("vsva host refused the connection: {0}")]
     Refused(Errno),
+    /// The host serves its limit of connections, in all or for this process.
+    #[error("vsva host refused the connection: it serves its limit of connections, in all or for this process ({0})")]
+    Full(Errno),
     /// The host's answer did not follow the protocol.
     #[error("vsva host answered outside the protocol: {0}")]
     Protocol(String),
@@ -97,7 +101,10 @@ impl RemoteFile {
                 &[],
             )
             .map_err(ClientError::Refused)?;
-        reply.result.map_err(ClientError::Refused)?;
+        reply.result.map_err(|e| match e {
+            CONNECTIONS_FULL => ClientError::Full(e),
+            e => ClientError::Refused(e),
+        })?;
         file.welcome = Welcome::from_bytes(&reply.data)
             .ok_or_else(|| ClientError::Protocol("a HELLO reply without its limits".into()))?;
         Ok(file)

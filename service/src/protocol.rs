@@ -26,6 +26,9 @@ pub const REPLY: u16 = 0x8000;
 /// The kind of the reply to a frame whose own kind cannot be answered (unknown kind, or a
 /// header that does not decode).
 pub const ERROR_REPLY: u16 = 0xFFFF;
+/// The errno of the frame a host sends a connection it refuses because it, or the
+/// client's process, holds its limit of connections.
+pub const CONNECTIONS_FULL: Errno = Errno::new(libc::EUSERS);
 /// Bytes of the [`HostState`] a `STATE` reply carries.
 pub const HOST_STATE_LEN: usize = 12 * 8;
 /// The file kind of a VFIO type1 container (`/dev/vfio/vfio`).

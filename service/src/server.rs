@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vsva_host::driver::HostIommu;
 use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
@@ -28,8 +28,8 @@ use vsva_vtd::{Hpa, SourceId};
 
 use crate::kind::{FileKind, ServedFile, VfioContainerKind};
 use crate::protocol::{
-    decode_request, FrameError, HostState, Reply, Request, Welcome, ERROR_REPLY, HEADER_LEN, MAGIC,
-    MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
+    decode_header, decode_request, FrameError, HostState, Reply, Request, Welcome,
+    CONNECTIONS_FULL, ERROR_REPLY, HEADER_LEN, MAGIC, MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
 };
 use crate::socket;
 
@@ -46,6 +46,11 @@ pub struct Limits {
     pub max_bad_frames: u32,
     /// How long a reply may wait for a client that does not read before it is closed.
     pub send_timeout: Duration,
+    /// Connections the host serves at once; one more is refused with `EUSERS`.
+    pub max_connections: u32,
+    /// Connections one client process (by its peer credentials) may hold at once; one
+    /// more is refused with `EUSERS`, so one process cannot take every connection.
+    pub max_connections_per_process: u32,
 }
 
 impl Default for Limits {
@@ -56,6 +61,8 @@ impl Default for Limits {
             pasid_quota: DEFAULT_QUOTA,
             max_bad_frames: 64,
             send_timeout: Duration::from_secs(5),
+            max_connections: 256,
+            max_connections_per_process: 64,
         }
     }
 }
@@ -113,6 +120,7 @@ struct Counters {
     errors: AtomicU64,
     bad_frames: AtomicU64,
     closed_for_errors: AtomicU64,
+    refused: AtomicU64,
     windows: AtomicU64,
     window_bytes: AtomicU64,
 }
@@ -132,6 +140,8 @@ pub struct Report {
     pub bad_frames: u64,
     /// Connections closed because of malformed traffic.
     pub closed_for_errors: u64,
+    /// Connections refused because the host or their process held its limit.
+    pub refused: u64,
     /// What the host held after every connection closed.
     pub left: HostState,
     /// What the host held before it served anyone.
@@ -150,15 +160,24 @@ impl fmt::Display for Report {
         };
         write!(
             f,
-            "vsva host: served {} connections (at most {} at once), {} requests ({} errors), {} malformed frames ({} connections closed for them); {leaked}",
+            "vsva host: served {} connections (at most {} at once, {} refused), {} requests ({} errors), {} malformed frames ({} connections closed for them); {leaked}",
             self.connections,
             self.peak_connections,
+            self.refused,
             self.requests,
             self.errors,
             self.bad_frames,
             self.closed_for_errors
         )
     }
+}
+
+/// A live connection as the host keeps track of it.
+struct Live {
+    /// Its socket, to wake its thread at teardown.
+    waker: OwnedFd,
+    /// The client's process id, from the socket's peer credentials.
+    pid: i32,
 }
 
 /// The host: memory, the VT-d model and its driver, the PASID space, and what it serves.
@@ -171,8 +190,8 @@ pub struct Service {
     kinds: Vec<Arc<dyn FileKind>>,
     limits: Limits,
     counters: Counters,
-    /// The live connections' sockets, to wake their threads at teardown.
-    live: Mutex<HashMap<u64, OwnedFd>>,
+    /// The live connections, by id.
+    live: Mutex<HashMap<u64, Live>>,
     /// Requester ids handed to devices so far (each device gets a new one).
     device_ids: AtomicU64,
 }
@@ -234,17 +253,39 @@ impl Service {
         let baseline = self.state();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut next = 0u64;
+        // Refused connections wait here for their first frame, to answer it with EUSERS.
+        let mut refused: Vec<(OwnedFd, Instant)> = Vec::new();
         while !stop.load(Ordering::Acquire) {
-            let mut fds = [rustix::event::PollFd::new(
+            let mut fds = vec![rustix::event::PollFd::new(
                 &listener,
                 rustix::event::PollFlags::IN,
             )];
+            fds.extend(
+                refused
+                    .iter()
+                    .map(|(s, _)| rustix::event::PollFd::new(s, rustix::event::PollFlags::IN)),
+            );
             let timeout = rustix::event::Timespec {
                 tv_sec: 0,
                 tv_nsec: 100_000_000,
             };
-            match rustix::event::poll(&mut fds, Some(&timeout)) {
+            let polled = rustix::event::poll(&mut fds, Some(&timeout));
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop(fds);
+            if ready.len() > 1 {
+                let mut i = 0;
+                refused.retain(|(sock, since)| {
+                    i += 1;
+                    if ready[i] {
+                        refuse(sock);
+                        return false;
+                    }
+                    since.elapsed() < REFUSAL_WAIT
+                });
+            }
+            match polled {
                 Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) if !ready[0] => continue,
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!("polling the listening socket: {e}");
@@ -269,17 +310,12 @@ impl Service {
             ) {
                 tracing::warn!("connection {id}: send timeout: {e}");
             }
-            match sock.try_clone() {
-                Ok(waker) => {
-                    self.live
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(id, waker);
+            if !self.admit(id, &sock) {
+                // At most so many wait for their answer; the others are closed at once.
+                if refused.len() < MAX_REFUSED_WAITING {
+                    refused.push((sock, Instant::now()));
                 }
-                Err(e) => {
-                    tracing::warn!("connection {id} refused: {e}");
-                    continue;
-                }
+                continue;
             }
             let svc = self.clone();
             let spawned = std::thread::Builder::new()
@@ -299,7 +335,7 @@ impl Service {
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
-            socket::shutdown(sock);
+            socket::shutdown(&sock.waker);
         }
         for t in threads {
             let _ = t.join();
@@ -312,9 +348,45 @@ impl Service {
             errors: c.errors.load(Ordering::Acquire),
             bad_frames: c.bad_frames.load(Ordering::Acquire),
             closed_for_errors: c.closed_for_errors.load(Ordering::Acquire),
+            refused: c.refused.load(Ordering::Acquire),
             left: self.state(),
             baseline,
         }
+    }
+
+    /// Registers the new connection `id` if the host and the client's process are under
+    /// their connection limits; whether it did.
+    fn admit(&self, id: u64, sock: &OwnedFd) -> bool {
+        let pid = match rustix::net::sockopt::socket_peercred(sock) {
+            Ok(cred) => cred.pid.as_raw_nonzero().get(),
+            Err(e) => {
+                tracing::warn!("connection {id} refused: no peer credentials: {e}");
+                return false;
+            }
+        };
+        let waker = match sock.try_clone() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("connection {id} refused: {e}");
+                return false;
+            }
+        };
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let of_process = live.values().filter(|l| l.pid == pid).count();
+        let limits = &self.limits;
+        if live.len() >= limits.max_connections as usize
+            || of_process >= limits.max_connections_per_process as usize
+        {
+            drop(live);
+            self.counters.refused.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(
+                "connection {id} of process {pid} refused: {of_process} of its own, {} in all",
+                self.counters.live.load(Ordering::Acquire)
+            );
+            return false;
+        }
+        live.insert(id, Live { waker, pid });
+        true
     }
 
     fn forget(&self, id: u64) {
@@ -704,6 +776,32 @@ fn reply_to(frame: &[u8]) -> (u16, u32) {
             u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")),
         ),
         _ => (ERROR_REPLY, 0),
+    }
+}
+
+/// How long a refused connection's first frame is waited for.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
+/// Refused connections waiting for their first frame at once.
+const MAX_REFUSED_WAITING: usize = 64;
+
+/// Answers the first frame of a refused connection with [`CONNECTIONS_FULL`] (the
+/// connection is closed when the caller drops it).
+fn refuse(sock: &OwnedFd) {
+    let Ok(Some(received)) = socket::recv_nowait(sock.as_fd()) else {
+        return;
+    };
+    let (kind, id) = match decode_header(&received.bytes) {
+        Ok(h) => (h.kind, h.id),
+        Err(_) => (ERROR_REPLY, 0),
+    };
+    let refusal = Reply {
+        kind,
+        id,
+        result: Err(CONNECTIONS_FULL),
+        data: Vec::new(),
+    };
+    if let Err(e) = socket::send_nowait(sock.as_fd(), &refusal.encode()) {
+        tracing::debug!("a refusal was not sent: {e}");
     }
 }
 

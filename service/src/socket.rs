@@ -81,8 +81,27 @@ pub fn send(sock: BorrowedFd<'_>, frame: &[u8], fds: &[BorrowedFd<'_>]) -> std::
     }
 }
 
+/// Sends one frame without fds, failing with `EAGAIN` rather than waiting for room.
+pub fn send_nowait(sock: BorrowedFd<'_>, frame: &[u8]) -> std::io::Result<()> {
+    match rustix::net::send(sock, frame, SendFlags::NOSIGNAL | SendFlags::DONTWAIT) {
+        Ok(n) if n == frame.len() => Ok(()),
+        Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Receives one frame; `Ok(None)` when the peer closed the connection.
 pub fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
+    recv_with(sock, RecvFlags::empty())
+}
+
+/// Receives one frame if one is queued (`EAGAIN` if none); `Ok(None)` when the peer
+/// closed the connection.
+pub fn recv_nowait(sock: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
+    recv_with(sock, RecvFlags::DONTWAIT)
+}
+
+fn recv_with(sock: BorrowedFd<'_>, flags: RecvFlags) -> std::io::Result<Option<Received>> {
     let mut bytes = vec![0u8; MAX_FRAME];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -91,7 +110,7 @@ pub fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
             sock,
             &mut [IoSliceMut::new(&mut bytes)],
             &mut control,
-            RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC | flags,
         ) {
             Ok(m) => break m,
             Err(SysErrno::INTR) => continue,

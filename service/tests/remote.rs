@@ -245,6 +245,49 @@ fn per_client_limits_hold_for_each_connection_alone() {
 }
 
 #[test]
+fn a_host_full_of_connections_refuses_one_more_with_eusers_and_serves_the_rest() {
+    let served = serve_with(Limits {
+        max_connections: 2,
+        ..Limits::default()
+    });
+    let (a, _ram_a) = client(&served.path);
+    let (b, _ram_b) = client(&served.path);
+    let pb = (&b).pasid_alloc(1, 100).unwrap();
+    match RemoteFile::connect(&served.path) {
+        Err(vsva_service::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
+        other => panic!("a third connection: {other:?}"),
+    }
+    // The two admitted clients are served as before.
+    let pa = (&a).pasid_alloc(1, 100).unwrap();
+    (&a).bind_gpasid(&bind(pa)).unwrap();
+    assert_eq!(b.host_state().unwrap().connections, 2);
+    // Once one closes, there is room again.
+    drop((b, _ram_b));
+    let c = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match RemoteFile::connect(&served.path) {
+                Ok(c) => break c,
+                Err(vsva_service::ClientError::Full(_)) => {
+                    assert!(std::time::Instant::now() < deadline, "no room ever");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    (&c).set_iommu(IommuModel::Type1Nesting).unwrap();
+    let pc = (&c).pasid_alloc(1, 100).unwrap();
+    assert_ne!(pc, pa);
+    assert!(pb != pa);
+    (&a).unbind_gpasid(&bind(pa)).unwrap();
+    drop((a, c));
+    let report = served.finish();
+    assert!(report.refused >= 1, "{report}");
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+#[test]
 fn connections_are_served_concurrently() {
     let served = serve();
     let path = served.path.clone();
