@@ -368,4 +368,17 @@ mod tests {
         assert!(out.failed[0].starts_with("the host still holds after shutdown: "));
         assert!(out.text.contains(" (WRONG)"), "{}", out.text);
     }
+
+    /// `vsva explain` of VM 1's buffer, as it printed when the explanation moved to vtd.
+    const EXPLAIN_WALK: &str = include_str!("../tests/golden/explain_walk.txt");
+    /// `vsva explain --pasid 9 --addr 0x1234` of VM 0, as it printed then.
+    const EXPLAIN_FAULT: &str = include_str!("../tests/golden/explain_fault.txt");
+
+    #[test]
+    fn explain_prints_the_walk_as_it_did() {
+        let ok = explain(1, None, None).unwrap();
+        let fault = explain(0, Some(9), Some(0x1234)).unwrap();
+        assert_eq!(ok, EXPLAIN_WALK, "{ok}");
+        assert_eq!(fault, EXPLAIN_FAULT, "{fault}");
+    }
 }
