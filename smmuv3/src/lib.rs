@@ -35,6 +35,7 @@ pub mod cd;
 pub mod cmd;
 pub mod desc;
 pub mod event;
+pub mod explain;
 pub mod features;
 mod field;
 pub mod lookup;

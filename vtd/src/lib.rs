@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod builder;
 pub mod context;
+pub mod explain;
 pub mod fault;
 mod field;
 pub mod flpte;

@@ -34,7 +34,6 @@ use crate::memory::HostMemory;
 use iotlb::Iotlb;
 use pscache::PagingStructureCaches;
 
-pub use explain::Explanation;
 pub use stale::StaleTranslation;
 pub use translate::{DmaMapping, Source};
 

@@ -41,9 +41,8 @@ use config::ConfigCache;
 use tlb::Tlb;
 use walkcache::S1WalkCache;
 
-pub use explain::SmmuExplanation;
 pub use queues::PriRefused;
-pub use stale::{Fresh, StaleKind, StaleTranslation};
+pub use stale::{StaleKind, StaleTranslation};
 pub use translate::{SmmuFault, SmmuTranslation};
 
 /// What the model implements.

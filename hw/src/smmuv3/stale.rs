@@ -6,36 +6,17 @@
 use crate::memory::ReadOnly;
 use std::fmt;
 
+use vsva_smmuv3::explain::Fresh;
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::{
-    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, PageSize, S1Start, S2Config, Ste,
-    TlbiAddr, Translation, WalkFault, WalkObserver,
+    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, S1Start, S2Config, Ste, TlbiAddr,
+    Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
 use super::tlb::{TlbEntry, TlbTag};
 use super::translate::{cd_index, fetch_ste, path_of, walk, Path, Stages};
 use super::{Smmu, State};
-
-/// What the tables say now about a cached translation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fresh {
-    /// A page at `base` of `size`.
-    Page {
-        /// The output page base.
-        base: u64,
-        /// The page size.
-        size: PageSize,
-    },
-    /// The stream bypasses translation.
-    Bypass,
-    /// The stream aborts.
-    Abort,
-    /// A configuration error.
-    Config(ConfigFault),
-    /// A translation fault.
-    Walk(WalkFault),
-}
 
 /// The stale entry strict mode found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

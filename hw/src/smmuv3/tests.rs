@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use vsva_smmuv3::desc::Descriptor as D;
+use vsva_smmuv3::explain::Fresh;
 use vsva_smmuv3::regs::{gerror, offset::*, OVERFLOW};
 use vsva_smmuv3::{
     AccessRequest, AddressSize, Cmd, CmdError, Config, ContextDescriptor, Eats, Event, EventType,
