@@ -3,7 +3,7 @@
 //! and kept as [`HostCallError`]s.
 
 use vsva_uapi::Errno;
-use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
+use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse, PasidTableConfig};
 use vsva_vtd::regs::RegError;
 use vsva_vtd::{InvalidAddressWidth, Pasid, SourceId};
 
@@ -53,6 +53,10 @@ pub enum HostCall {
     CacheInvalidate(CacheInvalidate),
     /// Page group response to the host device.
     PageResponse(SourceId, PageResponse),
+    /// Attach of a guest-owned PASID (CD) table.
+    AttachPasidTable(PasidTableConfig),
+    /// Detach of the guest-owned PASID table.
+    DetachPasidTable,
 }
 
 /// A host call that failed. The guest is not told (hardware has no way to), but the

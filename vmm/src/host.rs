@@ -8,7 +8,9 @@
 //! and go through the byte-level ioctl (the page response through vsva's
 //! `VFIO_IOMMU_PAGE_RESPONSE` extension). A failed call is the errno the host returned.
 
-use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, PageResponse, UapiFile, VfioIoctls};
+use vsva_uapi::{
+    BindGpasid, CacheInvalidate, Errno, PageResponse, PasidTableConfig, UapiFile, VfioIoctls,
+};
 use vsva_vtd::{Pasid, SourceId};
 
 /// Where guest PASIDs come from: the virtual command interface (VT-d §10.4.44) allocates
@@ -40,6 +42,19 @@ pub trait HostSva: PasidSource {
     fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), Errno>;
 }
 
+/// The host calls of a guest-owned PASID table (Arm SMMUv3: the guest's context descriptor
+/// table), `VFIO_IOMMU_ATTACH_PASID_TABLE` and `VFIO_IOMMU_DETACH_PASID_TABLE` of the
+/// nested-stage series; the guest's invalidations and page responses go through
+/// [`HostSva`]'s `cache_invalidate` and `page_response`.
+pub trait HostPasidTable: HostSva {
+    /// Points the host's stream table entry of the container's devices at the guest's
+    /// table (or makes their guest stage bypass or abort).
+    fn attach_pasid_table(&self, cfg: &PasidTableConfig) -> Result<(), Errno>;
+
+    /// Stage 2 alone again.
+    fn detach_pasid_table(&self) -> Result<(), Errno>;
+}
+
 impl<F: UapiFile + ?Sized> PasidSource for F {
     fn pasid_alloc(&self, min: u32, max: u32) -> Result<Pasid, Errno> {
         VfioIoctls::pasid_alloc(&mut &*self, min, max)
@@ -65,5 +80,15 @@ impl<F: UapiFile + ?Sized> HostSva for F {
 
     fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
         VfioIoctls::page_response_to(&mut &*self, host_sid, resp)
+    }
+}
+
+impl<F: UapiFile + ?Sized> HostPasidTable for F {
+    fn attach_pasid_table(&self, cfg: &PasidTableConfig) -> Result<(), Errno> {
+        VfioIoctls::attach_pasid_table(&mut &*self, cfg)
+    }
+
+    fn detach_pasid_table(&self) -> Result<(), Errno> {
+        VfioIoctls::detach_pasid_table(&mut &*self)
     }
 }

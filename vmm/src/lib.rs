@@ -16,6 +16,10 @@
 //! ([`VIommu::inject_host_page_request`]); the guest's page group responses go back down.
 //! Unrecoverable faults the host reports are recorded in the guest's fault recording
 //! registers ([`VIommu::inject_host_fault`]).
+//!
+//! [`vsmmu::VSmmu`] is the arm64 counterpart: a virtual SMMUv3 whose guest owns its
+//! context descriptor tables; a guest STE translating with stage 1 becomes
+//! `VFIO_IOMMU_ATTACH_PASID_TABLE` ([`HostPasidTable`]).
 
 mod caches;
 mod config;
@@ -28,14 +32,18 @@ mod space;
 mod stats;
 mod translate;
 mod viommu;
+pub mod vsmmu;
 
 pub use config::{VIommuConfig, PASID_BITS};
 pub use error::{HostCall, HostCallError, VIommuError};
 pub use fault::HostFaultOutcome;
-pub use host::{HostSva, PasidSource};
+pub use host::{HostPasidTable, HostSva, PasidSource};
 pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};
 pub use space::IommuAddressSpace;
 pub use stats::VIommuStats;
 pub use translate::GpaTranslation;
 pub use viommu::{GuestRam, InterruptHandler, VIommu};
+pub use vsmmu::{
+    HostConfig, PriOutcome, SmmuInterruptHandler, VSmmu, VSmmuConfig, VSmmuError, VSmmuStats,
+};

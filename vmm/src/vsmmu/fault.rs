@@ -1,0 +1,219 @@
+//! What the host reports for a passthrough device, shown to the guest as its SMMU would
+//! have shown it: unrecoverable faults of the guest's stage 1 and CD table as event
+//! records (IHI 0070 §7.3), page requests as PRI queue entries (§8).
+//!
+//! The generic fault reasons map to the event types of the conditions they stand for:
+//!
+//! | `iommu_fault_reason` | Event |
+//! |---|---|
+//! | `PTE_FETCH` | F_TRANSLATION |
+//! | `PERMISSION` | F_PERMISSION |
+//! | `ACCESS` | F_ACCESS |
+//! | `OOR_ADDRESS` | F_ADDR_SIZE |
+//! | `WALK_EABT` | F_WALK_EABT |
+//! | `PASID_INVALID` | C_BAD_SUBSTREAMID |
+//! | `PASID_FETCH` | F_CD_FETCH |
+//! | `BAD_PASID_ENTRY` | C_BAD_CD |
+//!
+//! The fetch address of F_WALK_EABT and F_CD_FETCH is the physical address the host's
+//! SMMU read, a host address the guest must not see: it is recorded as 0.
+
+use vsva_smmuv3::regs::{offset, OVERFLOW};
+use vsva_smmuv3::{Event, EventType, Irq, PriqEntry};
+use vsva_uapi::UnrecoverableReason as R;
+use vsva_uapi::{PageRequest, PageResponse, PageResponseCode, UnrecoverableFault};
+use vsva_vtd::{PhysMem, SourceId};
+
+use super::stream::HostConfig;
+use super::{VSmmu, VSmmuError};
+use crate::error::HostCall;
+use crate::viommu::lock;
+
+/// What became of an injected page request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PriOutcome {
+    /// Written to the guest's PRI queue; the guest answers it with CMD_PRI_RESP.
+    Queued,
+    /// The stream's STE does not translate with ATS enabled, or the SMMU or its PRI queue
+    /// is disabled: answered Failure if an answer was due.
+    NotEnabled,
+    /// The PRI queue is full or in overflow (§8.1): the request was discarded and, the
+    /// last of its group, answered Success so that the device retries.
+    Overflow,
+    /// The queue slot is not in guest RAM: answered Failure if an answer was due.
+    Unwritable,
+}
+
+impl VSmmu {
+    /// Writes `event` to the guest's event queue (lost when the queue is disabled, full or
+    /// unwritable); whether it was written.
+    pub(super) fn record_event(&self, event: &Event, irqs: &mut Vec<Irq>) -> bool {
+        let mut regs = lock(&self.regs);
+        let written = regs.push_event().is_some_and(|addr| {
+            event
+                .encode()
+                .iter()
+                .enumerate()
+                .all(|(i, w)| self.mem.write_u64(addr + 8 * i as u64, *w).is_ok())
+        });
+        drop(regs);
+        if written {
+            self.count(|s| s.events += 1);
+            irqs.push(Irq::Eventq);
+        } else {
+            self.count(|s| s.events_lost += 1);
+        }
+        written
+    }
+
+    /// Records an unrecoverable fault the host reported for the passthrough device
+    /// `host_sid` in the guest's event queue; whether the record was written (false: the
+    /// queue lost it, as hardware would).
+    ///
+    /// Refused, with nothing recorded: a device that is not attached, or whose CD table the
+    /// host does not walk (the fault is then the host's), and a fault without a
+    /// SubstreamID or with a reason that is no stage-1 or CD condition.
+    pub fn inject_host_fault(
+        &self,
+        host_sid: SourceId,
+        fault: &UnrecoverableFault,
+    ) -> Result<bool, VSmmuError> {
+        let (sid, config) = self.stream_of(host_sid)?;
+        let refuse = |why| Err(VSmmuError::HostReport { sid: host_sid, why });
+        if !matches!(config, HostConfig::Translate(_)) {
+            return refuse("the guest's CD table is not attached");
+        }
+        let Some(pasid) = fault.pasid else {
+            return refuse("no SubstreamID");
+        };
+        let (event_type, addressed) = match fault.reason {
+            R::PteFetch => (EventType::Translation, true),
+            R::Permission => (EventType::Permission, true),
+            R::Access => (EventType::Access, true),
+            R::OorAddress => (EventType::AddrSize, true),
+            R::WalkEabt => (EventType::WalkEabt, true),
+            R::PasidInvalid => (EventType::BadSubstreamId, false),
+            R::PasidFetch => (EventType::CdFetch, false),
+            R::BadPasidEntry => (EventType::BadCd, false),
+            R::Unknown => return refuse("an unknown reason"),
+        };
+        if addressed && fault.addr.is_none() {
+            return refuse("no address");
+        }
+        let event = Event {
+            rnw: !fault.write,
+            ind: addressed && fault.exec,
+            pnu: addressed && fault.privileged,
+            input_addr: fault.addr.filter(|_| addressed).unwrap_or(0),
+            ..Event::new(event_type, sid, Some(pasid.raw()))
+        };
+        let mut irqs = Vec::new();
+        let written = self.record_event(&event, &mut irqs);
+        self.deliver(irqs);
+        Ok(written)
+    }
+
+    /// Writes a page request the host reported for the passthrough device `host_sid` into
+    /// the guest's PRI queue. Where the SMMU would answer the request itself, the vSMMU
+    /// sends that answer down (only for the last request of a group).
+    ///
+    /// Refused, with nothing done: a device that is not attached, a group index beyond 9
+    /// bits.
+    pub fn inject_page_request(
+        &self,
+        host_sid: SourceId,
+        req: &PageRequest,
+    ) -> Result<PriOutcome, VSmmuError> {
+        let (sid, config) = self.stream_of(host_sid)?;
+        let prg_index = u16::try_from(req.grpid)
+            .ok()
+            .filter(|&g| g <= 0x1ff)
+            .ok_or(VSmmuError::HostReport {
+                sid: host_sid,
+                why: "a page request group index beyond 9 bits",
+            })?;
+        let answer = |code| {
+            if req.last_page {
+                self.answer(host_sid, req, code);
+            }
+        };
+        let ats = lock(&self.streams).iter().any(|s| s.sid == sid && s.ats);
+        let mut regs = lock(&self.regs);
+        let enabled = self.config.features.pri
+            && ats
+            && matches!(config, HostConfig::Translate(_))
+            && regs.cr0ack() & vsva_smmuv3::regs::cr0::SMMUEN != 0;
+        if !enabled || regs.cr0ack() & vsva_smmuv3::regs::cr0::PRIQEN == 0 {
+            drop(regs);
+            self.count(|s| s.page_requests_dropped += 1);
+            answer(PageResponseCode::Failure);
+            return Ok(PriOutcome::NotEnabled);
+        }
+        // An active overflow inhibits new entries (§8.1).
+        let prod = regs.read(offset::PRIQ_PROD, 4).unwrap_or(0) as u32;
+        let cons = regs.read(offset::PRIQ_CONS, 4).unwrap_or(0) as u32;
+        let slot = if (prod ^ cons) & OVERFLOW != 0 {
+            None
+        } else {
+            regs.push_page_request()
+        };
+        let Some(slot) = slot else {
+            drop(regs);
+            self.count(|s| s.page_requests_dropped += 1);
+            answer(PageResponseCode::Success);
+            return Ok(PriOutcome::Overflow);
+        };
+        let entry = PriqEntry {
+            sid,
+            ssid: req.pasid.map(|p| p.raw()),
+            privileged: req.privileged,
+            exec: req.exec,
+            read: req.read,
+            write: req.write,
+            last: req.last_page,
+            prg_index,
+            addr: req.addr,
+        };
+        let written = entry
+            .encode()
+            .iter()
+            .enumerate()
+            .all(|(i, w)| self.mem.write_u64(slot + 8 * i as u64, *w).is_ok());
+        drop(regs);
+        if !written {
+            self.count(|s| s.page_requests_dropped += 1);
+            answer(PageResponseCode::Failure);
+            return Ok(PriOutcome::Unwritable);
+        }
+        self.count(|s| s.page_requests += 1);
+        self.deliver(vec![Irq::Priq]);
+        Ok(PriOutcome::Queued)
+    }
+
+    /// The guest StreamID and host configuration of the passthrough device `host_sid`.
+    fn stream_of(&self, host_sid: SourceId) -> Result<(u32, HostConfig), VSmmuError> {
+        lock(&self.streams)
+            .iter()
+            .find(|s| s.host_sid == host_sid)
+            .map(|s| (s.sid, s.config))
+            .ok_or(VSmmuError::NotAttached(host_sid))
+    }
+
+    /// The vSMMU's own answer to a page request of `host_sid`.
+    fn answer(&self, host_sid: SourceId, req: &PageRequest, code: PageResponseCode) {
+        let Some((_, _, host, _)) = self
+            .streams_where(|_| true)
+            .into_iter()
+            .find(|(_, h, _, _)| *h == host_sid)
+        else {
+            return;
+        };
+        let response = PageResponse {
+            pasid: req.pasid,
+            grpid: req.grpid,
+            code,
+        };
+        let r = host.page_response(host_sid, &response);
+        self.host_call(r, || HostCall::PageResponse(host_sid, response));
+    }
+}

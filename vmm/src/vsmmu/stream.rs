@@ -1,0 +1,251 @@
+//! Passthrough streams: the guest's STE of each (IHI 0070 §5.2) becomes the host
+//! configuration of the device's container.
+//!
+//! What a stream does follows SMMU_CR0.SMMUEN and SMMU_GBPA (§6.3.9) while the SMMU is
+//! disabled, and its STE once it is enabled: an ILLEGAL STE (or one that cannot be found)
+//! aborts, as do V = 0 and Config = abort; Config = bypass leaves the guest physical
+//! addresses of stage 2; Config = S1 translate hands the guest's CD table to the host.
+
+use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
+use vsva_smmuv3::{BadSte, Config, ConfigFault, Eats, Event, EventType, Irq, Ste};
+use vsva_uapi::{PasidConfig, PasidTableConfig};
+use vsva_vtd::{Gpa, SourceId};
+
+use super::{Host, VSmmu, VSmmuError};
+use crate::error::HostCall;
+use crate::viommu::lock;
+
+/// What the host does with a passthrough device's transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostConfig {
+    /// Stage 2 alone (no PASID table attached): the guest bypasses its stage 1.
+    Stage2,
+    /// Every transaction aborts (an attached table with `IOMMU_PASID_CONFIG_ABORT`).
+    Abort,
+    /// The guest's CD table translates, nested over stage 2.
+    Translate(PasidTableConfig),
+}
+
+/// One passthrough device.
+pub(crate) struct Stream {
+    /// The StreamID the guest sees.
+    pub sid: u32,
+    /// The device's host requester id.
+    pub host_sid: SourceId,
+    /// The device's VFIO container.
+    pub host: Host,
+    /// What the host was last successfully told.
+    pub config: HostConfig,
+    /// Whether the guest's STE enables ATS and PRI for the device (EATS).
+    pub ats: bool,
+}
+
+/// The abort configuration of an attached table.
+const ABORT: PasidTableConfig = PasidTableConfig {
+    base_ptr: Gpa(0),
+    pasid_bits: 0,
+    config: PasidConfig::Abort,
+};
+
+impl VSmmu {
+    /// Attaches the passthrough device with guest StreamID `sid` and host requester id
+    /// `host_sid`, whose VFIO container is `host`. The device follows the vSMMU's current
+    /// state at once (after reset: GBPA aborts its transactions).
+    pub fn attach_passthrough(
+        &self,
+        sid: u32,
+        host_sid: SourceId,
+        host: Host,
+    ) -> Result<(), VSmmuError> {
+        let _serial = lock(&self.cmdq);
+        if (sid as u64) >> self.config.features.sid_bits != 0 {
+            return Err(VSmmuError::BadStreamId(sid));
+        }
+        {
+            let mut streams = lock(&self.streams);
+            if streams.iter().any(|s| s.sid == sid) {
+                return Err(VSmmuError::AlreadyAttached(sid));
+            }
+            if streams.iter().any(|s| s.host_sid == host_sid) {
+                return Err(VSmmuError::HostDeviceAttached(host_sid));
+            }
+            streams.push(Stream {
+                sid,
+                host_sid,
+                host,
+                config: HostConfig::Stage2,
+                ats: false,
+            });
+        }
+        self.resync_streams(|s| s == sid, None);
+        Ok(())
+    }
+
+    /// Detaches the passthrough device with guest StreamID `sid`, detaching the guest's
+    /// table from its container first.
+    pub fn detach_passthrough(&self, sid: u32) -> Result<(), VSmmuError> {
+        let _serial = lock(&self.cmdq);
+        let stream = {
+            let mut streams = lock(&self.streams);
+            let at = streams
+                .iter()
+                .position(|s| s.sid == sid)
+                .ok_or(VSmmuError::NoStream(sid))?;
+            streams.remove(at)
+        };
+        if stream.config != HostConfig::Stage2 {
+            let r = stream.host.detach_pasid_table();
+            self.host_call(r, || HostCall::DetachPasidTable);
+        }
+        Ok(())
+    }
+
+    /// What the host does for the passthrough device with StreamID `sid`.
+    pub fn host_config(&self, sid: u32) -> Result<HostConfig, VSmmuError> {
+        lock(&self.streams)
+            .iter()
+            .find(|s| s.sid == sid)
+            .map(|s| s.config)
+            .ok_or(VSmmuError::NoStream(sid))
+    }
+
+    /// The passthrough streams `which` selects (by StreamID): (StreamID, host, current).
+    pub(super) fn streams_where(
+        &self,
+        which: impl Fn(u32) -> bool,
+    ) -> Vec<(u32, SourceId, Host, HostConfig)> {
+        lock(&self.streams)
+            .iter()
+            .filter(|s| which(s.sid))
+            .map(|s| (s.sid, s.host_sid, s.host.clone(), s.config))
+            .collect()
+    }
+
+    /// Re-reads the configuration of the streams `which` selects and makes the host
+    /// follow it. Host calls are made without the stream lock held. With `report`, an STE
+    /// that cannot be used is recorded in the event queue (see [`VSmmu::guest_config`]).
+    pub(super) fn resync_streams(
+        &self,
+        which: impl Fn(u32) -> bool,
+        mut report: Option<&mut Vec<Irq>>,
+    ) {
+        for (sid, _, host, current) in self.streams_where(which) {
+            let (wanted, ats) = self.guest_config(sid, report.as_deref_mut());
+            let reached = self.reconfigure(&host, current, wanted);
+            if let Some(s) = lock(&self.streams).iter_mut().find(|s| s.sid == sid) {
+                s.config = reached;
+                s.ats = ats && matches!(reached, HostConfig::Translate(_));
+            }
+        }
+    }
+
+    /// The host configuration the guest's registers and STE ask for `sid`, and whether
+    /// the STE enables ATS.
+    ///
+    /// With `report` (the guest invalidated this one STE: it says the STE is ready), a
+    /// C_BAD_STREAMID, F_STE_FETCH or C_BAD_STE condition is recorded in the event queue,
+    /// as the device's next transaction would record it; an STE with V = 0 aborts without
+    /// an event. Enabling the SMMU and the wide invalidations record nothing: no
+    /// transaction has used the STE yet.
+    fn guest_config(&self, sid: u32, report: Option<&mut Vec<Irq>>) -> (HostConfig, bool) {
+        let (enabled, gbpa, table) = {
+            let regs = lock(&self.regs);
+            (
+                regs.cr0ack() & cr0::SMMUEN != 0,
+                regs.read(offset::GBPA, 4).unwrap_or(GBPA_ABORT as u64) as u32,
+                regs.stream_table(),
+            )
+        };
+        if !enabled {
+            let c = if gbpa & GBPA_ABORT != 0 {
+                HostConfig::Abort
+            } else {
+                HostConfig::Stage2
+            };
+            return (c, false);
+        }
+        let features = self.config.features;
+        let found = match table {
+            Ok(t) => t.find_ste(&*self.mem, &features, sid),
+            // A reserved stream table format finds no STE.
+            Err(_) => Err(ConfigFault::BadStreamId),
+        };
+        let ste = match found {
+            Ok(ste) => ste,
+            Err(ConfigFault::BadSte(BadSte::NotValid)) => return (HostConfig::Abort, false),
+            Err(fault) => {
+                let event = match fault {
+                    ConfigFault::SteFetch { addr } => Event {
+                        addr2: addr,
+                        ..Event::new(EventType::SteFetch, sid, None)
+                    },
+                    ConfigFault::BadStreamId => Event::new(EventType::BadStreamId, sid, None),
+                    _ => Event::new(EventType::BadSte, sid, None),
+                };
+                if let Some(irqs) = report {
+                    self.record_event(&event, irqs);
+                }
+                return (HostConfig::Abort, false);
+            }
+        };
+        let ats = ste.eats != Eats::Abort;
+        let config = match ste.config {
+            Config::Abort => HostConfig::Abort,
+            Config::Bypass => HostConfig::Stage2,
+            // Stage 2 is not offered: decode refused the other Configs as ILLEGAL.
+            _ => HostConfig::Translate(table_config(&ste)),
+        };
+        (config, ats)
+    }
+
+    /// Takes the host from `current` to `wanted`; returns where it is afterwards. The host
+    /// allows no direct change from one translating table to another: the table is
+    /// detached first. A refused translating attach leaves the device aborting.
+    fn reconfigure(&self, host: &Host, current: HostConfig, wanted: HostConfig) -> HostConfig {
+        if current == wanted {
+            return current;
+        }
+        let mut at = current;
+        let detach = |at: &mut HostConfig| {
+            let r = host.detach_pasid_table();
+            if self.host_call(r, || HostCall::DetachPasidTable) {
+                *at = HostConfig::Stage2;
+            }
+        };
+        let attach = |at: &mut HostConfig, cfg: PasidTableConfig, to: HostConfig| {
+            let r = host.attach_pasid_table(&cfg);
+            let ok = self.host_call(r, || HostCall::AttachPasidTable(cfg));
+            if ok {
+                *at = to;
+            }
+            ok
+        };
+        match wanted {
+            HostConfig::Stage2 => detach(&mut at),
+            HostConfig::Abort => {
+                attach(&mut at, ABORT, HostConfig::Abort);
+            }
+            HostConfig::Translate(cfg) => {
+                if let HostConfig::Translate(_) = at {
+                    detach(&mut at);
+                }
+                if !attach(&mut at, cfg, wanted) && at != HostConfig::Abort {
+                    attach(&mut at, ABORT, HostConfig::Abort);
+                }
+            }
+        }
+        at
+    }
+}
+
+/// The `iommu_pasid_table_config` of an STE that translates with stage 1.
+fn table_config(ste: &Ste) -> PasidTableConfig {
+    PasidTableConfig {
+        base_ptr: Gpa(ste.s1_context_ptr),
+        pasid_bits: ste.s1cdmax,
+        config: PasidConfig::Translate {
+            s1fmt: ste.s1fmt.raw() as u8,
+            s1dss: ste.s1dss.raw() as u8,
+        },
+    }
+}
