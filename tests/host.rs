@@ -330,6 +330,11 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
     let with_other = probe.host_state().unwrap();
     assert_eq!(with_other.connections, full.connections + 1);
     assert!(with_other.pasids > full.pasids);
+    // It holds a bound PASID (two while its loop has bound another) and a DMA waiting on
+    // a page request nobody read.
+    assert!(with_other.binds > full.binds);
+    assert_eq!(with_other.page_requests, full.page_requests + 1);
+    assert_eq!(with_other.faults_unread, full.faults_unread + 1);
     other.kill().unwrap();
     other.wait().unwrap();
     assert_eq!(settle(&probe, full), full);

@@ -338,6 +338,11 @@ impl<B: IommuBackend> Container<B> {
         self.faults.read_records_max(max)
     }
 
+    /// Fault records (page requests and unrecoverable faults) queued and not read yet.
+    pub fn unread_faults(&self) -> usize {
+        self.faults.unread()
+    }
+
     /// The page request groups waiting for a response (the last request of each), oldest
     /// first.
     pub fn pending_page_requests(&self) -> Vec<FaultEvent> {

@@ -331,6 +331,12 @@ impl FaultQueue {
         lock(&self.shared).unrecoverable_lost
     }
 
+    /// Records (page requests and unrecoverable faults) queued and not read yet.
+    pub(crate) fn unread(&self) -> usize {
+        let r = lock(&self.shared);
+        r.unread.len() + r.unrecoverable.len()
+    }
+
     /// The groups waiting for a response, oldest first.
     pub(crate) fn pending(&self) -> Vec<FaultEvent> {
         lock(&self.shared).pending.iter().map(|&(_, e)| e).collect()

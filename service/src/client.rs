@@ -195,6 +195,14 @@ impl RemoteFile {
         self.simple(&Request::DeviceRun, &[])?.result
     }
 
+    /// Gives the host `eventfd` to add 1 to for each fault record it queues on this file
+    /// (`SET_EVENTFD`), or with `None` takes the notifier away; for a VMM that polls the
+    /// eventfd itself rather than through [`UapiFile::set_event_notifier`].
+    pub fn set_eventfd(&self, eventfd: Option<BorrowedFd<'_>>) -> Result<(), Errno> {
+        let fds: Vec<BorrowedFd<'_>> = eventfd.into_iter().collect();
+        self.simple(&Request::SetEventfd, &fds).map(|_| ())
+    }
+
     /// What the host holds, host-wide.
     pub fn host_state(&self) -> Result<HostState, Errno> {
         let reply = self.simple(&Request::State, &[])?;

@@ -24,9 +24,25 @@ pub struct UserRange {
     pub len: u64,
 }
 
+/// What one open file holds, for the host's `STATE`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holdings {
+    /// DMA mappings.
+    pub dma_mappings: u64,
+    /// Bound PASIDs.
+    pub binds: u64,
+    /// Page request groups waiting for a page response.
+    pub page_requests: u64,
+    /// Fault records queued and not read yet.
+    pub faults_unread: u64,
+}
+
 /// An open file as the host serves it: the uAPI calls, and the host-side operations the
 /// file's kind supports.
 pub trait ServedFile: UapiFile {
+    /// What the file holds.
+    fn holdings(&self) -> Holdings;
+
     /// Attaches the passthrough device `sid` to the file's domain, as
     /// `VFIO_GROUP_SET_CONTAINER` does for the device's group; `ENODEV` for a file kind
     /// without devices.
@@ -37,6 +53,17 @@ pub trait ServedFile: UapiFile {
 }
 
 impl ServedFile for ContainerFile<VtdDomain> {
+    fn holdings(&self) -> Holdings {
+        let c = self.lock();
+        let state = c.state();
+        Holdings {
+            dma_mappings: state.dma.len() as u64,
+            binds: state.bound.len() as u64,
+            page_requests: c.pending_page_requests().len() as u64,
+            faults_unread: c.unread_faults() as u64,
+        }
+    }
+
     fn attach_device(&self, sid: SourceId) -> Result<(), Errno> {
         self.lock().attach_device(sid).map_err(|e| Errno::from(&e))
     }

@@ -30,7 +30,7 @@ pub const ERROR_REPLY: u16 = 0xFFFF;
 /// client's process, holds its limit of connections.
 pub const CONNECTIONS_FULL: Errno = Errno::new(libc::EUSERS);
 /// Bytes of the [`HostState`] a `STATE` reply carries.
-pub const HOST_STATE_LEN: usize = 12 * 8;
+pub const HOST_STATE_LEN: usize = 16 * 8;
 /// The file kind of a VFIO type1 container (`/dev/vfio/vfio`).
 pub const FILE_VFIO_CONTAINER: u32 = 1;
 
@@ -465,10 +465,18 @@ pub struct HostState {
     pub context_cache: u64,
     /// PASID-cache entries of the physical IOMMU.
     pub pasid_cache: u64,
+    /// DMA mappings (`VFIO_IOMMU_MAP_DMA`) the open files hold.
+    pub dma_mappings: u64,
+    /// PASIDs bound (`VFIO_IOMMU_BIND`) in the open files.
+    pub binds: u64,
+    /// Page request groups waiting for a page response, in the open files.
+    pub page_requests: u64,
+    /// Fault records (page requests, unrecoverable faults) queued and not read yet.
+    pub faults_unread: u64,
 }
 
 impl HostState {
-    fn fields(&self) -> [u64; 12] {
+    fn fields(&self) -> [u64; 16] {
         [
             self.connections,
             self.allocated_bytes,
@@ -482,15 +490,19 @@ impl HostState {
             self.iotlb,
             self.context_cache,
             self.pasid_cache,
+            self.dma_mappings,
+            self.binds,
+            self.page_requests,
+            self.faults_unread,
         ]
     }
 
-    /// The twelve u64 fields in declaration order.
+    /// The sixteen u64 fields in declaration order.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.fields().iter().flat_map(|f| f.to_le_bytes()).collect()
     }
 
-    /// Decodes the twelve fields.
+    /// Decodes the sixteen fields.
     pub fn from_bytes(b: &[u8]) -> Option<HostState> {
         if b.len() != HOST_STATE_LEN {
             return None;
@@ -509,6 +521,10 @@ impl HostState {
             iotlb: f(9),
             context_cache: f(10),
             pasid_cache: f(11),
+            dma_mappings: f(12),
+            binds: f(13),
+            page_requests: f(14),
+            faults_unread: f(15),
         })
     }
 }
@@ -632,7 +648,7 @@ mod tests {
             ..HostState::default()
         };
         assert_eq!(HostState::from_bytes(&s.to_bytes()), Some(s));
-        assert_eq!(HostState::from_bytes(&[0; 95]), None);
+        assert_eq!(HostState::from_bytes(&[0; HOST_STATE_LEN - 1]), None);
     }
 
     proptest! {

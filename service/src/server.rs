@@ -26,7 +26,7 @@ use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::{Errno, EventNotifier};
 use vsva_vtd::{Hpa, SourceId};
 
-use crate::kind::{FileKind, ServedFile, VfioContainerKind};
+use crate::kind::{FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
     decode_header, decode_request, FrameError, HostState, Reply, Request, Welcome,
     CONNECTIONS_FULL, ERROR_REPLY, HEADER_LEN, MAGIC, MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
@@ -178,6 +178,8 @@ struct Live {
     waker: OwnedFd,
     /// The client's process id, from the socket's peer credentials.
     pid: i32,
+    /// The connection's file, once `HELLO` opened it.
+    file: Option<Arc<dyn ServedFile>>,
 }
 
 /// The host: memory, the VT-d model and its driver, the PASID space, and what it serves.
@@ -226,6 +228,7 @@ impl Service {
 
     /// What the host holds now.
     pub fn state(&self) -> HostState {
+        let held = self.holdings();
         let (context_cache, pasid_cache) = self.iommu.cached_entries();
         HostState {
             connections: self.counters.live.load(Ordering::Acquire),
@@ -244,6 +247,40 @@ impl Service {
             iotlb: self.iommu.iotlb().len() as u64,
             context_cache: context_cache as u64,
             pasid_cache: pasid_cache as u64,
+            dma_mappings: held.dma_mappings,
+            binds: held.binds,
+            page_requests: held.page_requests,
+            faults_unread: held.faults_unread,
+        }
+    }
+
+    /// What the open files hold, together. The files are asked under the lock of the live
+    /// connections, so that a closing connection, which forgets its file under the same
+    /// lock, is the last to hold it.
+    fn holdings(&self) -> Holdings {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.values()
+            .filter_map(|l| l.file.as_ref())
+            .fold(Holdings::default(), |sum, f| {
+                let h = f.holdings();
+                Holdings {
+                    dma_mappings: sum.dma_mappings + h.dma_mappings,
+                    binds: sum.binds + h.binds,
+                    page_requests: sum.page_requests + h.page_requests,
+                    faults_unread: sum.faults_unread + h.faults_unread,
+                }
+            })
+    }
+
+    /// Records (or, with `None`, forgets) the file connection `id` opened.
+    fn set_file(&self, id: u64, file: Option<Arc<dyn ServedFile>>) {
+        if let Some(l) = self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&id)
+        {
+            l.file = file;
         }
     }
 
@@ -385,7 +422,14 @@ impl Service {
             );
             return false;
         }
-        live.insert(id, Live { waker, pid });
+        live.insert(
+            id,
+            Live {
+                waker,
+                pid,
+                file: None,
+            },
+        );
         true
     }
 
@@ -402,6 +446,7 @@ impl Service {
         let live = c.live.fetch_add(1, Ordering::AcqRel) + 1;
         c.peak.fetch_max(live, Ordering::AcqRel);
         let mut conn = Connection {
+            id,
             svc: &self,
             file: None,
             kind: None,
@@ -439,6 +484,7 @@ impl EventNotifier for EventfdNotifier {
 }
 
 struct Connection<'s> {
+    id: u64,
     svc: &'s Service,
     file: Option<Arc<dyn ServedFile>>,
     /// The kind of `file`, which names the user addresses its ioctls carry.
@@ -647,7 +693,9 @@ impl Connection<'_> {
             .find(|k| k.id() == kind)
             .ok_or(Errno::ENODEV)?
             .clone();
-        self.file = Some(kind.open()?);
+        let file = kind.open()?;
+        self.svc.set_file(self.id, Some(file.clone()));
+        self.file = Some(file);
         self.kind = Some(kind);
         Ok(Welcome {
             version: VERSION,
@@ -742,6 +790,7 @@ impl Drop for Connection<'_> {
     /// set up), then its windows return to host memory and their frames are freed.
     fn drop(&mut self) {
         if let Some(file) = self.file.take() {
+            self.svc.set_file(self.id, None);
             file.set_event_notifier(None);
             if Arc::strong_count(&file) != 1 {
                 tracing::error!("a closing connection's file is still referenced");

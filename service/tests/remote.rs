@@ -129,6 +129,8 @@ fn a_container_over_the_socket_maps_binds_invalidates_and_leaves_nothing() {
         assert_eq!(held.windows, 1);
         assert_eq!(held.window_bytes, RAM);
         assert_eq!(held.domain_ids, before.domain_ids + 1);
+        assert_eq!(held.dma_mappings, before.dma_mappings + 1);
+        assert_eq!(held.binds, before.binds + 1);
         // Bytes the VMM writes are host memory: the host's view is the same file.
         ram.mem.write_slice(b"guest", GuestAddress(0x2000)).unwrap();
         f.unbind_gpasid(&bind(p)).unwrap();
@@ -360,6 +362,71 @@ fn the_fault_queue_file_calls_cross_the_socket() {
     assert_eq!(call(&set, &[efd.as_fd()]), Ok(0));
     assert_eq!(call(&set, &[]), Ok(0));
     drop((file, sock));
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+#[test]
+fn the_eventfd_fires_when_a_page_request_is_queued_and_state_counts_it() {
+    use std::os::fd::AsFd;
+    let served = serve();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let before = probe.host_state().unwrap();
+    let (file, _ram) = client(&served.path);
+    let efd = new_eventfd();
+    file.set_eventfd(Some(efd.as_fd())).unwrap();
+    let mut f = &file;
+    let p = f.pasid_alloc(1, 100).unwrap();
+    f.bind_gpasid(&bind(p)).unwrap();
+    file.device_add().unwrap();
+    // The guest table at 0x10_0000 is a zeroed page: the fill faults on its first page and
+    // the device asks for it.
+    let desc = vsva_hw::dma::Descriptor {
+        pasid: Some(p),
+        privileged: false,
+        block_on_fault: true,
+        completion: vsva_hw::dma::CompletionRequest::None,
+        op: vsva_hw::dma::Operation::Fill {
+            pattern: 0xa5,
+            dst: 0x40_0000,
+            size: 64,
+        },
+    };
+    file.device_write(0, &desc.encode()).unwrap();
+    assert_eq!(
+        probe.host_state().unwrap().faults_unread,
+        before.faults_unread
+    );
+    assert!(
+        file.device_run().unwrap() > 0,
+        "the DMA waits on a page request"
+    );
+    // The eventfd is readable, and says one record was queued.
+    let mut pfd = [libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&efd),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: poll(2) on one valid pollfd for at most 5 s.
+    let n = unsafe { libc::poll(pfd.as_mut_ptr(), 1, 5000) };
+    assert_eq!(n, 1, "the eventfd never fired");
+    let mut count = [0u8; 8];
+    assert_eq!(rustix::io::read(&efd, &mut count), Ok(8));
+    assert_eq!(u64::from_ne_bytes(count), 1);
+    let s = probe.host_state().unwrap();
+    assert_eq!(s.page_requests, before.page_requests + 1);
+    assert_eq!(s.faults_unread, before.faults_unread + 1);
+    assert_eq!(s.binds, before.binds + 1);
+    // Reading the record empties the queue; the group still waits for its response.
+    let faults = vsva_uapi::UapiFile::read_faults(&file).unwrap();
+    assert_eq!(faults.len(), 1);
+    let s = probe.host_state().unwrap();
+    assert_eq!(s.faults_unread, before.faults_unread);
+    assert_eq!(s.page_requests, before.page_requests + 1);
+    // Closing the file answers the group and releases everything.
+    drop(file);
+    assert_eq!(settle(&probe, &before), before);
+    drop(probe);
     let report = served.finish();
     assert_eq!(report.left, report.baseline, "{report}");
 }
