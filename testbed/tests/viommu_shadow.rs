@@ -113,7 +113,8 @@ fn a_first_level_entry_is_bound_when_the_guest_flushes_it() {
             p,
             Binding {
                 bind: bind(p, cr3),
-                did: DomainId(1)
+                did: DomainId(1),
+                wpe: false
             }
         )]
     );
@@ -948,7 +949,7 @@ proptest! {
             InvDesc::PasidIotlb { granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
                                   did: DomainId(4), pasid: p, addr: page << 12, ih, am }
         };
-        let bound = [(p, Binding { bind: bind(p, 0x1000), did: DomainId(4) })].into();
+        let bound = [(p, Binding { bind: bind(p, 0x1000), did: DomainId(4), wpe: false })].into();
         let invs = host_invalidations(&desc, s, &bound);
         let range: AddrRange = desc.range().unwrap();
         // The pieces, in order, cover the range exactly.

@@ -37,6 +37,35 @@ pub trait HostSva: PasidSource {
     /// Propagates a guest first-level cache invalidation to the host caches.
     fn cache_invalidate(&self, inv: &CacheInvalidate) -> Result<(), Errno>;
 
+    /// Propagates the invalidations one queue-tail write gathered, in order: the result
+    /// of each. The seed's uAPI takes one `VFIO_IOMMU_CACHE_INVALIDATE` per invalidation;
+    /// iommufd takes the batch as one `IOMMU_HWPT_INVALIDATE` array per nested HWPT.
+    fn cache_invalidate_batch(&self, invs: &[CacheInvalidate]) -> Vec<Result<(), Errno>> {
+        invs.iter().map(|inv| self.cache_invalidate(inv)).collect()
+    }
+
+    /// Whether a bind can carry the guest entry's WPE (write protect enable): the seed's
+    /// bind data cannot (Linux v5.10 has no flag for it), iommufd's `iommu_hwpt_vtd_s1`
+    /// can (`IOMMU_VTD_S1_WPE`).
+    fn carries_wpe(&self) -> bool {
+        false
+    }
+
+    /// Binds `bind`, with WPE when `wpe` (only asked of a host that [`carries_wpe`]).
+    ///
+    /// [`carries_wpe`]: HostSva::carries_wpe
+    fn bind_first_level(&self, bind: &BindGpasid, wpe: bool) -> Result<(), Errno> {
+        let _ = wpe;
+        self.bind_gpasid(bind)
+    }
+
+    /// Whether a bind of a bound PASID replaces its binding in one step (iommufd's
+    /// atomic replace of the PASID's HWPT). The seed's uAPI has no replace: a changed
+    /// entry is an unbind, then a bind.
+    fn replaces_binding(&self) -> bool {
+        false
+    }
+
     /// Delivers a page group response to the device `host_sid` (the host requester id of
     /// the device that sent the page request).
     fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), Errno>;

@@ -48,6 +48,7 @@
 //! bound: such requests from a passthrough device use the host's second level.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
 use std::sync::Arc;
 
 use vsva_uapi::iommu::{
@@ -55,7 +56,7 @@ use vsva_uapi::iommu::{
     IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE, IOMMU_SVA_VTD_GPASID_PCD,
     IOMMU_SVA_VTD_GPASID_PWT, IOMMU_SVA_VTD_GPASID_SRE,
 };
-use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, InvGranularity};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
 use vsva_vtd::pasid::{read_pasid_dir_entry, read_pasid_entry};
@@ -82,6 +83,16 @@ pub struct Binding {
     pub bind: BindGpasid,
     /// The DID of the guest PASID entry, which the guest's invalidations name.
     pub did: DomainId,
+    /// The guest entry's WPE, passed to a host that carries it ([`HostSva::carries_wpe`]);
+    /// always false for one that does not.
+    pub wpe: bool,
+}
+
+impl Binding {
+    /// Whether `other` asks the host for the same binding.
+    fn same_host_binding(&self, other: &Binding) -> bool {
+        self.bind == other.bind && self.wpe == other.wpe
+    }
 }
 
 /// A device assigned to the VM through VFIO.
@@ -115,7 +126,14 @@ pub enum Refusal {
 /// NXE and SMEP only matter for execute requests, which ERE clear refuses (SPT.5), so with
 /// ERE refused they never make a difference.
 pub fn refusal(entry: &PasidEntry) -> Option<Refusal> {
-    if entry.sre && entry.wpe {
+    refusal_for(entry, false)
+}
+
+/// Whether the vIOMMU refuses to bind `entry` on a host whose bind carries WPE
+/// (`carries_wpe`, iommufd's `IOMMU_VTD_S1_WPE`) or not: with WPE carried, only ERE is
+/// refused.
+pub fn refusal_for(entry: &PasidEntry, carries_wpe: bool) -> Option<Refusal> {
+    if entry.sre && entry.wpe && !carries_wpe {
         Some(Refusal::SupervisorWriteProtect)
     } else if entry.ere {
         Some(Refusal::ExecuteRequests)
@@ -286,7 +304,7 @@ enum SyncScope {
 /// What one pass over the invalidation queue has shadowed (see the module doc): what it
 /// read of the guest's tables and which (device, PASID) it has reconciled. A register-based
 /// invalidation is a pass of its own.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct SyncPass {
     /// The scalable-mode context entry of each device looked at, if valid.
     contexts: HashMap<SourceId, Option<ScalableContextEntry>>,
@@ -300,6 +318,24 @@ pub(crate) struct SyncPass {
     domains: HashSet<DomainId>,
     /// The host invalidations carried out since the pass began or a binding last changed.
     forwarded: HashSet<ForwardKey>,
+    /// The host invalidations gathered and not yet sent, in order: they go down together
+    /// ([`VIommu::flush_invalidations`]) before any other host call, before an
+    /// invalidation wait completes, and when the pass ends.
+    pending: Vec<(Arc<dyn HostSva>, CacheInvalidate)>,
+}
+
+impl fmt::Debug for SyncPass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncPass")
+            .field("contexts", &self.contexts)
+            .field("entries", &self.entries)
+            .field("done", &self.done)
+            .field("all", &self.all)
+            .field("domains", &self.domains)
+            .field("forwarded", &self.forwarded)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
 }
 
 /// One host invalidation on one container, as a set key.
@@ -508,13 +544,22 @@ impl VIommu {
                     continue;
                 }
                 pass.done.insert((sid, pasid));
+                let carries_wpe = dev.host.carries_wpe();
                 let want = match (ctx, entry) {
-                    (Some(ctx), Some(e)) => self.binding(sid, &ctx, pasid, &e, irqs),
+                    (Some(ctx), Some(e)) => self.binding(sid, &ctx, pasid, &e, carries_wpe, irqs),
                     _ => None,
                 };
-                let had = dev.bound.get(&pasid).map(|b| b.bind);
+                let had = dev.bound.get(&pasid).copied();
+                let changes = match (had, want) {
+                    (Some(h), Some(w)) => !h.same_host_binding(&w),
+                    (h, w) => h.is_some() != w.is_some(),
+                };
+                if changes {
+                    // The invalidations gathered so far were asked of the tables as bound.
+                    self.flush_invalidations(pass);
+                }
                 self.reconcile(dev, pasid, want);
-                if dev.bound.get(&pasid).map(|b| b.bind) != had {
+                if dev.bound.get(&pasid).map(|b| (b.bind, b.wpe)) != had.map(|b| (b.bind, b.wpe)) {
                     pass.forwarded.clear();
                 }
             }
@@ -541,12 +586,14 @@ impl VIommu {
         ctx: &ScalableContextEntry,
         pasid: Pasid,
         entry: &PasidEntry,
+        carries_wpe: bool,
         irqs: &mut Vec<Interrupt>,
     ) -> Option<Binding> {
-        let Some(refused) = refusal(entry) else {
+        let Some(refused) = refusal_for(entry, carries_wpe) else {
             return Some(Binding {
                 bind: bind_data(pasid, entry),
                 did: entry.did,
+                wpe: carries_wpe && entry.wpe,
             });
         };
         tracing::warn!("vIOMMU: PASID {pasid} of {sid} not bound: {refused}");
@@ -575,12 +622,25 @@ impl VIommu {
     }
 
     /// Makes the host binding of `pasid` on `dev` the binding `want` (none: unbound).
+    /// A host that replaces bindings gets a changed entry as one bind; if the replace is
+    /// refused, the old binding is removed, so the device never keeps using tables the
+    /// guest changed.
     fn reconcile(&self, dev: &mut Passthrough, pasid: Pasid, want: Option<Binding>) {
         let have = dev.bound.get(&pasid).copied();
         match (have, want) {
             (None, None) => {}
-            (Some(h), Some(w)) if h.bind == w.bind => {
+            (Some(h), Some(w)) if h.same_host_binding(&w) => {
                 dev.bound.insert(pasid, w);
+            }
+            (Some(h), Some(w)) if dev.host.replaces_binding() => {
+                let r = dev.host.bind_first_level(&w.bind, w.wpe);
+                if self.host_result(r, || HostCall::Bind(w.bind)).is_some() {
+                    Counters::bump(&self.counters.binds);
+                    dev.bound.insert(pasid, w);
+                } else {
+                    self.reconcile(dev, pasid, None);
+                    debug_assert!(!dev.bound.contains_key(&pasid), "{h:?} unbound");
+                }
             }
             (have, want) => {
                 if let Some(h) = have {
@@ -591,7 +651,7 @@ impl VIommu {
                     }
                 }
                 if let Some(w) = want {
-                    let r = dev.host.bind_gpasid(&w.bind);
+                    let r = dev.host.bind_first_level(&w.bind, w.wpe);
                     if self.host_result(r, || HostCall::Bind(w.bind)).is_some() {
                         Counters::bump(&self.counters.binds);
                         dev.bound.insert(pasid, w);
@@ -629,14 +689,35 @@ impl VIommu {
         }
         flushed.clear();
         for (host, inv) in calls {
-            let r = host.cache_invalidate(&inv);
-            if self
-                .host_result(r, || HostCall::CacheInvalidate(inv))
-                .is_some()
-            {
-                Counters::bump(&self.counters.invalidations_forwarded);
-                pass.forwarded.insert(ForwardKey::new(&host, &inv));
-                flushed.record(host, &inv);
+            pass.forwarded.insert(ForwardKey::new(&host, &inv));
+            flushed.record(host.clone(), &inv);
+            pass.pending.push((host, inv));
+        }
+    }
+
+    /// Sends the invalidations `pass` gathered, each host's as one batch
+    /// ([`HostSva::cache_invalidate_batch`]), hosts in the order they were first asked;
+    /// each refused invalidation is counted and kept as a failed host call, as a refused
+    /// single call is. Those that were refused were taken as done when later descriptors
+    /// of the pass were gathered: the guest is not told either way (hardware cannot be).
+    pub(crate) fn flush_invalidations(&self, pass: &mut SyncPass) {
+        let mut pending = std::mem::take(&mut pass.pending);
+        while let Some((host, _)) = pending.first() {
+            let host = host.clone();
+            let (mine, rest): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .partition(|(h, _)| Arc::ptr_eq(h, &host));
+            pending = rest;
+            let invs: Vec<CacheInvalidate> = mine.into_iter().map(|(_, inv)| inv).collect();
+            let results = host.cache_invalidate_batch(&invs);
+            for (i, inv) in invs.into_iter().enumerate() {
+                let r = results.get(i).copied().unwrap_or(Err(Errno::EIO));
+                if self
+                    .host_result(r, || HostCall::CacheInvalidate(inv))
+                    .is_some()
+                {
+                    Counters::bump(&self.counters.invalidations_forwarded);
+                }
             }
         }
     }

@@ -174,6 +174,7 @@ impl VIommu {
                 // Register-based invalidations have no status write: nothing can fail.
                 let mut pass = SyncPass::default();
                 let _ = self.execute(&desc, &mut lock(&self.queue), &mut pass, irqs);
+                self.flush_invalidations(&mut pass);
             }
             RegEffect::VirtualCommand(cmd) => self.virtual_command(cmd),
             RegEffect::Interrupt(irq) => irqs.push(irq),
@@ -191,9 +192,21 @@ impl VIommu {
     ///
     /// The descriptors queued when a pass starts (up to the IQT it sees) make one shadow
     /// [`SyncPass`]; when IQH reaches that tail and descriptors remain, a new pass starts.
+    /// The host invalidations a pass gathers go down together when it ends (or earlier:
+    /// see [`SyncPass`]).
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
         let mut flushed = lock(&self.queue);
         let mut pass = SyncPass::default();
+        self.run_invalidation_queue(&mut flushed, &mut pass, irqs);
+        self.flush_invalidations(&mut pass);
+    }
+
+    fn run_invalidation_queue(
+        &self,
+        flushed: &mut InclusiveFlushes,
+        pass: &mut SyncPass,
+        irqs: &mut Vec<Interrupt>,
+    ) {
         let mut pass_tail = None;
         loop {
             let (addr, desc_size) = {
@@ -201,6 +214,7 @@ impl VIommu {
                 match (regs.next_inv_desc(), regs.inv_queue()) {
                     (Some(addr), Some(q)) => {
                         if pass_tail.is_none_or(|tail| tail == q.head) {
+                            self.flush_invalidations(pass);
                             pass.clear();
                             pass_tail = Some(q.tail);
                         }
@@ -214,7 +228,7 @@ impl VIommu {
                 .map_err(|_| Iqei::FetchError)
                 .and_then(|raw| InvDesc::decode(raw).map_err(|e| Iqei::from(&e)))
                 .and_then(|desc| {
-                    self.execute(&desc, &mut flushed, &mut pass, irqs)
+                    self.execute(&desc, flushed, pass, irqs)
                         .map_err(|_| Iqei::FetchError)
                 });
             let mut regs = lock(&self.regs);
@@ -291,6 +305,7 @@ impl VIommu {
                 prg_index,
                 ..
             } => {
+                self.flush_invalidations(pass);
                 self.forward_page_response(rid, pasid_present.then_some(pasid), prg_index, response)
             }
             // Requests without PASID from a passthrough device use the host's second level
@@ -305,7 +320,9 @@ impl VIommu {
                 ..
             } => {
                 // Every earlier descriptor, host calls included, has completed: the queue
-                // is processed in order and each host call returns before the next.
+                // is processed in order, the invalidations gathered go down now, and each
+                // host call returns before the next.
+                self.flush_invalidations(pass);
                 if sw {
                     self.mem.write(status_addr, &status_data.to_le_bytes())?;
                 }
