@@ -7,8 +7,10 @@
 //! first-level translation only (the guest's process page tables), and serves two kinds
 //! of devices:
 //! - passthrough devices ([`VIommu::attach_passthrough`]): the guest's PASID entries and
-//!   invalidations are shadowed to the host through the VM's VFIO container ([`HostSva`]),
-//!   which nests the guest's first level over the host's second level;
+//!   invalidations are shadowed to the host ([`HostSva`]), which nests the guest's first
+//!   level over the host's second level. The host is reached through either uAPI: the
+//!   seed's VFIO type1 container (every [`UapiFile`](vsva_uapi::UapiFile) is a
+//!   [`HostSva`]), or iommufd ([`IommufdDevice`]: nested HWPTs attached at PASIDs);
 //! - emulated devices: the vIOMMU translates by itself ([`VIommu::translate`]), also as a
 //!   vm-memory `Iommu` per address space ([`VIommu::address_space`]).
 //!
@@ -26,6 +28,7 @@ mod config;
 mod error;
 mod fault;
 mod host;
+mod iommufd;
 mod prq;
 mod shadow;
 mod space;
@@ -38,6 +41,7 @@ pub use config::{VIommuConfig, PASID_BITS};
 pub use error::{HostCall, HostCallError, VIommuError};
 pub use fault::HostFaultOutcome;
 pub use host::{HostPasidTable, HostSva, PasidSource};
+pub use iommufd::{GuestPasids, Iommufd, IommufdDevice, UserBuffer};
 pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};
 pub use space::IommuAddressSpace;

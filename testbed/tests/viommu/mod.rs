@@ -278,6 +278,16 @@ impl Guest {
     pub fn with_config(pasids: Arc<dyn PasidSource>, config: VIommuConfig) -> Self {
         let mem =
             Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
+        Self::with_memory(mem, pasids, config)
+    }
+
+    /// A guest whose RAM (`RAM` bytes from GPA 0) is `mem`, for example a window of host
+    /// memory a passthrough device reaches.
+    pub fn with_memory(
+        mem: Arc<GuestMemoryMmap>,
+        pasids: Arc<dyn PasidSource>,
+        config: VIommuConfig,
+    ) -> Self {
         let ram = Arc::new(CountingRam {
             mem: mem.clone(),
             watched: Mutex::new(0..0),
