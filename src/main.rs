@@ -78,6 +78,32 @@ enum Command {
         #[arg(long, default_value_t = vsva_service::Limits::default().pasid_quota)]
         pasid_quota: u32,
     },
+    /// One VMM (vIOMMU, the host's passthrough device, the guest and the demo's workload
+    /// for one VM) against a running `vsva host`; exits non-zero on any failed check or
+    /// when the host goes away.
+    Vm {
+        /// The host's socket.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Seed of the data and of the byte the compare step changes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Guest processes.
+        #[arg(long, default_value_t = 3)]
+        processes: usize,
+        /// Bytes per DMA buffer.
+        #[arg(long, default_value_t = 256 << 10)]
+        bytes: u64,
+        /// The VM's index (names it in the output).
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+        /// Print the VM's report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+        /// Test hook: announce a stage on stdout and wait there for a line on stdin.
+        #[arg(long, value_enum, hide = true)]
+        pause_at: Option<vsva_testbed::remote::Stage>,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -206,6 +232,47 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("vsva host: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Vm {
+            socket,
+            seed,
+            processes,
+            bytes,
+            index,
+            json,
+            pause_at,
+        } => {
+            let opts = vsva_testbed::remote::VmOptions {
+                index,
+                demo: DemoOptions {
+                    seed,
+                    vms: 1,
+                    processes,
+                    bytes,
+                    progress: false,
+                    ..DemoOptions::default()
+                },
+                pause_at,
+            };
+            match vsva_testbed::remote::run(&socket, &opts, &mut |line| println!("{line}")) {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string(&report).expect("a serialisable report")
+                        );
+                    }
+                    if report.error_count() == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vsva vm: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

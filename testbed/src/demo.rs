@@ -15,7 +15,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vsva_guest::{Process, Prot};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
@@ -24,7 +24,7 @@ use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vtd::{FlPagingMode, Gva, Pasid};
 
 use crate::holdings::HostHoldings;
-use crate::stack::{Host, StackError, Vm};
+use crate::stack::{Host, StackError, Vm, Vmm};
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ impl DemoOptions {
 }
 
 /// What happened in one VM.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VmReport {
     /// The VM's index, from 0.
     pub vm: usize,
@@ -184,13 +184,23 @@ impl fmt::Display for DemoSummary {
     }
 }
 
-/// One process's share of the demo.
-struct Job {
+/// One process's share of the demo, kept alive (and bound) after its checks: its source
+/// buffer holds `data` until the VM shuts down.
+pub struct Job {
     process: Arc<Process>,
     pasid: Pasid,
     src: Gva,
     record: Gva,
     len: u64,
+    data: Vec<u8>,
+}
+
+impl Job {
+    /// Whether the process's source buffer still holds what it wrote there, as the CPU
+    /// reads it.
+    pub fn intact(&self) -> Result<bool, StackError> {
+        Ok(cpu_read(&self.process, self.src, self.len)? == self.data)
+    }
 }
 
 /// Runs the demo; `log` receives a line per notable event.
@@ -214,10 +224,7 @@ impl Demo {
     pub fn boot(opts: &DemoOptions) -> Result<Demo, DemoError> {
         let started = Instant::now();
         opts.validate()?;
-        let len = buffer_len(opts);
-        // Each process maps four buffers plus tables; leave room for the guest kernel's own.
-        let ram = ((opts.processes as u64 * (len * 4 + (1 << 20)) + (32 << 20)) + (2 << 20) - 1)
-            & !((2 << 20) - 1);
+        let ram = vm_ram(opts);
         let host = Host::new(opts.host_memory, true)?;
         let before = HostHoldings::of(&host);
         let vms = (0..opts.vms)
@@ -265,21 +272,7 @@ impl Demo {
         let mut jobs: Vec<Vec<Job>> = Vec::new();
 
         for (vm, report) in vms.iter().zip(&mut reports) {
-            let mut vm_jobs = Vec::new();
-            for n in 0..opts.processes {
-                bar.set_message(format!("vm{} process {n}", vm.index));
-                let mode = if n % 2 == 0 {
-                    FlPagingMode::FourLevel
-                } else {
-                    FlPagingMode::FiveLevel
-                };
-                match process_workload(vm, mode, len, &mut rng, report) {
-                    Ok(job) => vm_jobs.push(job),
-                    Err(e) => report.errors.push(format!("process {n}: {e}")),
-                }
-                bar.inc(1);
-            }
-            jobs.push(vm_jobs);
+            jobs.push(vm_workload(vm, opts.processes, len, &mut rng, report, &bar));
         }
         bar.finish_and_clear();
 
@@ -297,30 +290,7 @@ impl Demo {
         }
 
         for (vm, report) in vms.iter().zip(&mut reports) {
-            let stats = vm.viommu.stats();
-            report.invalidations_forwarded = stats.invalidations_forwarded;
-            report.binds = stats.binds;
-            report.host_errors = stats.host_errors;
-            report.page_requests_served = vm.driver.stats().page_requests_served;
-            log(format!(
-                "vm{}: {} processes bound to PASIDs {:?}; {} bytes verified; {} page requests served; {} invalidations forwarded; {} munmap faults and {} cross-VM refusals as expected; {} failed host calls; {} errors",
-                report.vm,
-                report.pasids.len(),
-                report.pasids,
-                report.bytes_verified,
-                report.page_requests_served,
-                report.invalidations_forwarded,
-                report.munmap_faults,
-                report.cross_vm_refusals,
-                report.host_errors,
-                report.error_count()
-            ));
-            for e in &report.errors {
-                log(format!("vm{}: error: {e}", report.vm));
-            }
-            for e in vm.viommu.take_host_errors() {
-                log(format!("vm{}: error: vIOMMU host call: {e}", report.vm));
-            }
+            vm_stats(vm, report, log);
         }
 
         let stale = host.iommu.take_stale_translations();
@@ -375,12 +345,77 @@ impl Demo {
     }
 }
 
+/// One VM's share of the demo: `processes` processes (four-level and five-level paging
+/// in turn) each run [`process_workload`]; returns their jobs, still bound.
+pub fn vm_workload(
+    vm: &Vmm,
+    processes: usize,
+    len: u64,
+    rng: &mut StdRng,
+    report: &mut VmReport,
+    bar: &ProgressBar,
+) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for n in 0..processes {
+        bar.set_message(format!("vm{} process {n}", vm.index));
+        let mode = if n % 2 == 0 {
+            FlPagingMode::FourLevel
+        } else {
+            FlPagingMode::FiveLevel
+        };
+        match process_workload(vm, mode, len, rng, report) {
+            Ok(job) => jobs.push(job),
+            Err(e) => report.errors.push(format!("process {n}: {e}")),
+        }
+        bar.inc(1);
+    }
+    jobs
+}
+
+/// Completes `report` with the VM's vIOMMU and guest driver counts and logs the VM's
+/// line of the demo and its errors.
+pub fn vm_stats(vm: &Vmm, report: &mut VmReport, log: &mut dyn FnMut(String)) {
+    let stats = vm.viommu.stats();
+    report.invalidations_forwarded = stats.invalidations_forwarded;
+    report.binds = stats.binds;
+    report.host_errors = stats.host_errors;
+    report.page_requests_served = vm.driver.stats().page_requests_served;
+    log(format!(
+        "vm{}: {} processes bound to PASIDs {:?}; {} bytes verified; {} page requests served; {} invalidations forwarded; {} munmap faults and {} cross-VM refusals as expected; {} failed host calls; {} errors",
+        report.vm,
+        report.pasids.len(),
+        report.pasids,
+        report.bytes_verified,
+        report.page_requests_served,
+        report.invalidations_forwarded,
+        report.munmap_faults,
+        report.cross_vm_refusals,
+        report.host_errors,
+        report.error_count()
+    ));
+    for e in &report.errors {
+        log(format!("vm{}: error: {e}", report.vm));
+    }
+    for e in vm.viommu.take_host_errors() {
+        log(format!("vm{}: error: vIOMMU host call: {e}", report.vm));
+    }
+}
+
+/// Guest RAM per VM: each process maps four buffers plus tables, with room for the guest
+/// kernel's own; whole 2 MiB.
+pub fn vm_ram(opts: &DemoOptions) -> u64 {
+    let len = buffer_len(opts);
+    ((opts.processes as u64 * (len * 4 + (1 << 20)) + (32 << 20)) + (2 << 20) - 1)
+        & !((2 << 20) - 1)
+}
+
 /// Bytes per buffer: whole pages, at least one.
-fn buffer_len(opts: &DemoOptions) -> u64 {
+pub fn buffer_len(opts: &DemoOptions) -> u64 {
     opts.bytes.div_ceil(4096).max(1) * 4096
 }
 
-fn progress(opts: &DemoOptions, steps: u64) -> ProgressBar {
+/// The demo's progress bar (hidden unless `opts.progress`).
+pub fn progress(opts: &DemoOptions, steps: u64) -> ProgressBar {
     if !opts.progress {
         return ProgressBar::hidden();
     }
@@ -422,7 +457,7 @@ fn found_difference_at(rec: &CompletionRecord, at: u64) -> bool {
 
 /// One process: map buffers (one lazily), bind, copy, fill, compare, munmap and fault.
 fn process_workload(
-    vm: &Vm,
+    vm: &Vmm,
     mode: FlPagingMode,
     len: u64,
     rng: &mut StdRng,
@@ -521,6 +556,7 @@ fn process_workload(
         src,
         record,
         len,
+        data,
     })
 }
 

@@ -13,6 +13,8 @@
 //!   for leaks.
 //! - [`migrate`]: `vsva run migrate-dirty`, a live migration's dirty-page rounds over
 //!   the domain's second-level dirty bits.
+//! - [`remote`]: one VM against a `vsva host` process, as `vsva vm` runs it, and the
+//!   bind → DMA → verify → invalidate → unbind loop.
 //! - [`holdings`]: what the host holds (memory, cache entries, domain ids, PASIDs), to
 //!   prove a teardown left nothing behind.
 //! - [`bench`](mod@bench): the workloads of `vsva bench` and the criterion benchmarks, each with a
@@ -22,6 +24,7 @@ pub mod bench;
 pub mod demo;
 pub mod holdings;
 pub mod migrate;
+pub mod remote;
 pub mod scale;
 pub mod scenario;
 pub mod stack;

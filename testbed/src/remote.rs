@@ -1,0 +1,415 @@
+//! One VM against a `vsva host` process: what `vsva vm` runs. The VMM side is the same
+//! [`Vmm`] as in one process; only its container file is a [`RemoteFile`] (the uAPI over
+//! the socket, docs/protocol.md), its RAM a memfd both processes map ([`SharedRam`]) and
+//! its passthrough device the host's, reached through `DEVICE_WRITE`/`DEVICE_RUN`.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use vsva_guest::Prot;
+use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
+use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_service::{ClientError, RemoteFile, SharedRam};
+use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE};
+use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
+use vsva_vtd::{FlPagingMode, Iova};
+
+use crate::demo::{self, DemoOptions, VmReport};
+use crate::stack::{Passthrough, StackError, Vmm, GUEST_DEVICE_SID};
+
+/// Why a VM against a host process could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The options ask for nothing to check.
+    #[error("{0}")]
+    Options(String),
+    /// The host could not be reached or refused the connection.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The host refused to set up the VM's container, RAM or device.
+    #[error("setting up the VM on the host: {what}: {errno}")]
+    Setup {
+        /// The step that failed.
+        what: &'static str,
+        /// What the host answered.
+        errno: Errno,
+    },
+    /// Booting or running the VM failed.
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    /// The host went away (exited, was killed or restarted) while the VM ran.
+    #[error("the vsva host connection was lost (the host exited or restarted); the VM's checks are incomplete")]
+    HostGone,
+}
+
+/// A point of the VM's run where a test can kill it (`vsva vm --pause-at`): the VM prints
+/// `paused at <stage>` on stdout and, but for `dma`, waits for a line on stdin (or its
+/// end) before it goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// Before the first `VFIO_IOMMU_BIND`: the PASID is allocated on the host, the guest's
+    /// PASID entry written, the host's bind not made.
+    Bind,
+    /// Before the first `VFIO_IOMMU_CACHE_INVALIDATE` after the device ran: the host's
+    /// caches hold the process's translations.
+    Invalidate,
+    /// Right before the first `DEVICE_RUN` (the demo's copy of `--bytes` bytes), without
+    /// waiting: a kill on the announcement lands while the host runs the copy (or just
+    /// before it starts).
+    Dma,
+    /// After the first `DEVICE_RUN` that left a descriptor waiting for a page response:
+    /// the device is stopped on a page request whose record sits unread in the host's
+    /// fault queue.
+    PageRequest,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Bind => "bind",
+            Stage::Invalidate => "invalidate",
+            Stage::Dma => "dma",
+            Stage::PageRequest => "page-request",
+        }
+    }
+}
+
+/// The VM's connection to the host: its container file and its device, with the pause
+/// hook of [`Stage`].
+pub struct HostLink {
+    file: RemoteFile,
+    pause_at: Option<Stage>,
+    paused: AtomicBool,
+    device_ran: AtomicBool,
+}
+
+impl HostLink {
+    /// The connection.
+    pub fn file(&self) -> &RemoteFile {
+        &self.file
+    }
+
+    /// Announces `stage` (once, if it is the one asked for) and waits for a line on stdin
+    /// when `wait`.
+    fn pause(&self, stage: Stage, wait: bool) {
+        if self.pause_at != Some(stage) || self.paused.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "paused at {}", stage.name());
+        let _ = out.flush();
+        drop(out);
+        if wait {
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+        }
+    }
+}
+
+impl UapiFile for HostLink {
+    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        match cmd {
+            VFIO_IOMMU_BIND => self.pause(Stage::Bind, true),
+            VFIO_IOMMU_CACHE_INVALIDATE if self.device_ran.load(Ordering::Acquire) => {
+                self.pause(Stage::Invalidate, true)
+            }
+            _ => {}
+        }
+        self.file.ioctl(cmd, arg)
+    }
+
+    fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.file.read(buf)
+    }
+
+    fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
+        self.file.write(buf)
+    }
+
+    fn set_event_notifier(&self, notifier: Option<Arc<dyn EventNotifier>>) {
+        self.file.set_event_notifier(notifier)
+    }
+}
+
+impl Passthrough for HostLink {
+    fn portal_write(
+        &self,
+        offset: u64,
+        descriptor: &[u8; DESCRIPTOR_SIZE],
+    ) -> Result<(), StackError> {
+        self.file
+            .device_write(offset, descriptor)
+            .map_err(StackError::DeviceCall)
+    }
+
+    fn process(&self) -> Result<usize, StackError> {
+        self.pause(Stage::Dma, false);
+        let waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
+        self.device_ran.store(true, Ordering::Release);
+        if waiting > 0 {
+            self.pause(Stage::PageRequest, true);
+        }
+        usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
+    }
+}
+
+/// A VM whose host is a `vsva host` process: the VMM side, its RAM and its connection.
+pub struct RemoteVm {
+    /// The VMM side (vIOMMU, device, guest), exactly as in one process.
+    pub vmm: Vmm,
+    /// Guest RAM, shared with the host.
+    pub ram: SharedRam,
+    link: Arc<HostLink>,
+}
+
+impl RemoteVm {
+    /// Connects to the host at `path` and boots VM `index` with `ram_size` bytes of RAM:
+    /// a nesting container, the RAM shared and mapped at IOVA 0, the host's passthrough
+    /// device attached, then the vIOMMU and the guest.
+    pub fn connect(
+        path: &Path,
+        index: usize,
+        ram_size: u64,
+        pause_at: Option<Stage>,
+    ) -> Result<RemoteVm, VmError> {
+        let file = RemoteFile::connect(path)?;
+        let ram = SharedRam::new(ram_size)?;
+        let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
+        setup(
+            "VFIO_SET_IOMMU",
+            (&file).set_iommu(IommuModel::Type1Nesting),
+        )?;
+        setup("ADD_MEMORY", ram.share(&file))?;
+        setup(
+            "VFIO_IOMMU_MAP_DMA",
+            (&file).map_dma(&DmaMap {
+                iova: Iova(0),
+                vaddr: ram.addr(),
+                size: ram_size,
+                read: true,
+                write: true,
+            }),
+        )?;
+        let host_sid = file.device_add().map_err(|errno| VmError::Setup {
+            what: "DEVICE_ADD",
+            errno,
+        })?;
+        let link = Arc::new(HostLink {
+            file,
+            pause_at,
+            paused: AtomicBool::new(false),
+            device_ran: AtomicBool::new(false),
+        });
+        let vmm = Vmm::boot(
+            index,
+            ram.mem.clone(),
+            ram_size,
+            link.clone(),
+            link.clone() as Arc<dyn Passthrough>,
+            host_sid,
+        )
+        .map_err(|e| gone_or(&link, e.into()))?;
+        Ok(RemoteVm { vmm, ram, link })
+    }
+
+    /// The connection to the host.
+    pub fn link(&self) -> &HostLink {
+        &self.link
+    }
+
+    /// Whether the host went away.
+    pub fn host_gone(&self) -> bool {
+        self.link.file.host_gone()
+    }
+
+    /// Shuts the VM down as a VMM does: the guest and the vIOMMU go (unbinding what they
+    /// shadowed), then the connection closes, which releases what the host still held for
+    /// it (the container's PASIDs and mappings, the device, the RAM window).
+    pub fn shutdown(self) -> Result<(), VmError> {
+        let RemoteVm { vmm, ram, link } = self;
+        match vmm.shutdown() {
+            Ok((mem, file)) => {
+                drop((mem, file, link, ram));
+                Ok(())
+            }
+            Err(e) => Err(gone_or(&link, e.into())),
+        }
+    }
+}
+
+/// `e`, or [`VmError::HostGone`] when the host went away (which is why it failed).
+fn gone_or(link: &HostLink, e: VmError) -> VmError {
+    if link.file.host_gone() {
+        VmError::HostGone
+    } else {
+        e
+    }
+}
+
+/// What `vsva vm` does.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    /// The VM's index (names it in the output and in `--split` runs).
+    pub index: usize,
+    /// The demo's options: seed, processes, bytes per buffer.
+    pub demo: DemoOptions,
+    /// Where to pause for a test, if anywhere.
+    pub pause_at: Option<Stage>,
+}
+
+/// The per-VM part of the demo against the host at `path`: boots the VM, runs every
+/// process's workload (bind, copy, fill of lazily mapped pages through page requests,
+/// compares, munmap and the DMA that must fault), checks every source buffer is intact at
+/// the end, and shuts down. `log` gets the VM's lines of the demo. The report's errors
+/// are the failed checks; a host that went away is [`VmError::HostGone`].
+pub fn run(
+    path: &Path,
+    opts: &VmOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<VmReport, VmError> {
+    opts.demo
+        .validate()
+        .map_err(|e| VmError::Options(e.to_string()))?;
+    let vm = RemoteVm::connect(path, opts.index, demo::vm_ram(&opts.demo), opts.pause_at)?;
+    let mut rng = StdRng::seed_from_u64(opts.demo.seed);
+    let mut report = VmReport {
+        vm: opts.index,
+        ..VmReport::default()
+    };
+    let bar = demo::progress(&opts.demo, opts.demo.processes as u64);
+    let len = demo::buffer_len(&opts.demo);
+    let jobs = demo::vm_workload(
+        &vm.vmm,
+        opts.demo.processes,
+        len,
+        &mut rng,
+        &mut report,
+        &bar,
+    );
+    bar.finish_and_clear();
+    for (n, job) in jobs.iter().enumerate() {
+        match job.intact() {
+            Ok(true) => {}
+            Ok(false) => report
+                .errors
+                .push(format!("process {n}: its source buffer changed")),
+            Err(e) => report.errors.push(format!("process {n}: {e}")),
+        }
+    }
+    demo::vm_stats(&vm.vmm, &mut report, log);
+    if vm.host_gone() {
+        return Err(VmError::HostGone);
+    }
+    drop(jobs);
+    vm.shutdown()?;
+    Ok(report)
+}
+
+/// What [`workload_loop`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopReport {
+    /// Bind → DMA → verify → invalidate → unbind cycles completed.
+    pub cycles: u64,
+    /// Bytes the device copied and the CPU found right.
+    pub bytes_verified: u64,
+    /// Failed checks and failed calls.
+    pub errors: u64,
+}
+
+/// One cycle of [`workload_loop`]: a new process maps two buffers of `pages` pages, binds,
+/// has the device copy one to the other, checks the copy, unmaps the destination (the
+/// guest's invalidation is forwarded to the host), checks DMA to it now faults, and
+/// unbinds. Returns the bytes verified.
+pub fn cycle(vm: &Vmm, rng: &mut StdRng, pages: u64) -> Result<u64, StackError> {
+    let guest = |e: &dyn std::fmt::Display| StackError::Guest(e.to_string());
+    let len = pages * 4096;
+    let p = vm.spawn(FlPagingMode::FourLevel)?;
+    let src = p.mmap(len, Prot::READ_WRITE).map_err(|e| guest(&e))?;
+    let dst = p.mmap(len, Prot::READ_WRITE).map_err(|e| guest(&e))?;
+    let record = p.mmap(4096, Prot::READ_WRITE).map_err(|e| guest(&e))?;
+    let mut data = vec![0u8; len as usize];
+    rng.fill_bytes(&mut data);
+    p.write(src, &data).map_err(|e| guest(&e))?;
+    let pasid = vm.bind(&p)?;
+    let copy = Operation::Memmove {
+        src: src.0,
+        dst: dst.0,
+        size: len as u32,
+    };
+    let checked = (|| {
+        let rec = vm.run(&p, pasid, copy, record)?;
+        let mut got = vec![0u8; len as usize];
+        p.read(dst, &mut got).map_err(|e| guest(&e))?;
+        if rec.status != CompletionStatus::Success || got != data {
+            return Err(StackError::Guest(format!("copy not verified: {rec:?}")));
+        }
+        p.munmap(dst, len).map_err(|e| guest(&e))?;
+        let rec = vm.run(&p, pasid, copy, record)?;
+        if rec.status != CompletionStatus::PageResponseError || rec.fault_addr != dst.0 {
+            return Err(StackError::Guest(format!(
+                "DMA after munmap did not fault at {:#x}: {rec:?}",
+                dst.0
+            )));
+        }
+        Ok(len)
+    })();
+    let unbound = vm
+        .driver
+        .sva_unbind(GUEST_DEVICE_SID, pasid)
+        .map_err(|e| guest(&e));
+    let verified = checked?;
+    unbound?;
+    Ok(verified)
+}
+
+/// Runs [`cycle`] with buffers of 1 to `max_pages` pages (random, from `seed`) until
+/// `duration` has passed; a failed cycle counts as an error and the loop goes on.
+pub fn workload_loop(vm: &Vmm, seed: u64, duration: Duration, max_pages: u64) -> LoopReport {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut report = LoopReport::default();
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let pages = rng.random_range(1..=max_pages.max(1));
+        match cycle(vm, &mut rng, pages) {
+            Ok(bytes) => {
+                report.cycles += 1;
+                report.bytes_verified += bytes;
+            }
+            Err(e) => {
+                tracing::warn!("vm{}: cycle failed: {e}", vm.index);
+                report.errors += 1;
+            }
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::{Host, Vm};
+
+    #[test]
+    fn the_loop_binds_copies_verifies_invalidates_and_unbinds_leaving_no_pasid() {
+        let host = Host::new(1 << 30, true).unwrap();
+        let vm = Vm::new(&host, 0, 64 << 20, vsva_host::DEFAULT_QUOTA).unwrap();
+        let pasids = || host.pasids.lock().unwrap().total_allocated();
+        let before = pasids();
+        let r = workload_loop(&vm, 7, Duration::from_millis(200), 8);
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert!(r.cycles > 0 && r.bytes_verified >= r.cycles * 4096, "{r:?}");
+        // Each cycle unbound its PASID, and every unmap was forwarded to the host.
+        assert_eq!(pasids(), before);
+        let s = vm.viommu.stats();
+        assert_eq!((s.binds, s.unbinds, s.host_errors), (r.cycles, r.cycles, 0));
+        assert!(s.invalidations_forwarded >= r.cycles, "{s:?}");
+        assert!(host.iommu.take_stale_translations().is_empty());
+        vm.shutdown().unwrap();
+    }
+}

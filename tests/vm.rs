@@ -1,0 +1,257 @@
+//! `vsva vm` as a real process against a `vsva host` process: the per-VM demo runs with
+//! the same vmm and guest code as in one process and finds the same counts; a host that
+//! goes away makes it fail clearly. Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use vsva_service::protocol::HostState;
+use vsva_service::RemoteFile;
+use vsva_testbed::demo::{self, DemoOptions, VmReport};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A `vsva host` process in a directory of its own, killed when dropped.
+struct Host {
+    child: Child,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Host {
+    fn start(name: &str) -> Host {
+        let dir = std::env::temp_dir().join(format!("vsva-vm-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_vsva"))
+            .args(["host", "--memory", "2G", "--socket"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vsva host starts");
+        let host = Host { child, path, dir };
+        let deadline = Instant::now() + WAIT;
+        while RemoteFile::connect(&host.path).is_err() {
+            assert!(Instant::now() < deadline, "the host's socket never came up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        host
+    }
+
+    /// A connection that reads the host's state, once it is the only one.
+    fn probe(&self) -> (RemoteFile, HostState) {
+        let probe = RemoteFile::connect(&self.path).unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = probe.host_state().unwrap();
+            if s.connections == 1 {
+                return (probe, s);
+            }
+            assert!(Instant::now() < deadline, "connections never closed: {s:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM; whether the host exited successfully, and what it printed.
+    fn stop(mut self) -> (bool, String) {
+        // SAFETY: kill(2) on our own child's pid.
+        let sent = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+        let ok = wait_exit(&mut self.child).success();
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        (ok, out)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (bounded) for `child` to exit.
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "a process did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls the host's state until it equals `want` (bounded); returns the last one.
+fn settle(probe: &RemoteFile, want: HostState) -> HostState {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = probe.host_state().unwrap();
+        if s == want || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `vsva vm` process with its stdout read line by line on a thread.
+struct VmProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl VmProcess {
+    fn start(host: &Path, args: &[&str]) -> VmProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
+            .arg("vm")
+            .arg("--socket")
+            .arg(host)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vsva vm starts");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        VmProcess {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for the line `want`.
+    fn wait_line(&mut self, want: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.seen.iter().any(|l| l == want) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("vsva vm never printed {want:?}: {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Lets a paused VM go on.
+    fn resume(&mut self) {
+        drop(self.stdin.take());
+    }
+
+    /// Waits (bounded) for the exit; its status code, stdout lines and stderr.
+    fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
+        self.resume();
+        let status = wait_exit(&mut self.child);
+        self.seen.extend(self.lines.try_iter());
+        let deadline = Instant::now() + WAIT;
+        // The reader thread sees the end of stdout once the process is gone.
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code(), self.seen, err)
+    }
+}
+
+#[test]
+fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_counts() {
+    let host = Host::start("demo");
+    let (probe, empty) = host.probe();
+    let vm = VmProcess::start(
+        &host.path,
+        &[
+            "--seed",
+            "3",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+            "--json",
+        ],
+    );
+    let (code, lines, err) = vm.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    let remote: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert!(
+        lines[0].starts_with("vm0: 2 processes bound to PASIDs") && lines[0].ends_with("0 errors"),
+        "{lines:?}"
+    );
+    // The same workload in one process: the same PASIDs, bytes, page requests,
+    // invalidations and faults.
+    let local = demo::run(
+        &DemoOptions {
+            seed: 3,
+            vms: 1,
+            processes: 2,
+            bytes: 65536,
+            host_memory: 1 << 30,
+            progress: false,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let local = &local.per_vm[0];
+    assert_eq!(remote.pasids, local.pasids);
+    assert_eq!(remote.bytes_verified, local.bytes_verified);
+    assert!(remote.bytes_verified > 2 * 65536);
+    assert_eq!(remote.page_requests_served, local.page_requests_served);
+    assert!(remote.page_requests_served >= 2 * 16);
+    assert_eq!(
+        remote.invalidations_forwarded,
+        local.invalidations_forwarded
+    );
+    assert_eq!((remote.binds, remote.munmap_faults), (2, 2));
+    assert_eq!((remote.host_errors, remote.errors.len()), (0, 0));
+    // The VM's exit left the host as it was.
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
+
+#[test]
+fn a_vm_whose_host_is_killed_fails_clearly_with_a_non_zero_exit() {
+    let mut host = Host::start("gone");
+    let mut vm = VmProcess::start(&host.path, &["--pause-at", "bind"]);
+    vm.wait_line("paused at bind");
+    host.child.kill().unwrap();
+    host.child.wait().unwrap();
+    let (code, lines, err) = vm.finish();
+    assert_eq!(code, Some(2), "{lines:?}\n{err}");
+    assert!(
+        err.contains("vsva vm: the vsva host connection was lost"),
+        "{err}"
+    );
+}
