@@ -104,6 +104,42 @@ enum Command {
         #[arg(long, value_enum, hide = true)]
         pause_at: Option<vsva_testbed::remote::Stage>,
     },
+    /// Starts a host and N VM processes that loop bind → DMA → verify → invalidate →
+    /// unbind with random sizes, optionally killing random VMs; reports throughput, the
+    /// cross-process latencies, bytes verified, kills and errors (which must be 0).
+    Load {
+        /// VM processes at once.
+        #[arg(long, default_value_t = 2)]
+        vms: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Chaos: SIGKILL a random VM process about every MS milliseconds (at a random
+        /// point of its loop) and start a new one.
+        #[arg(long, value_name = "MS")]
+        kill_every: Option<u64>,
+        /// Seed of the sizes, the data and the kills.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Largest DMA buffer, in 4 KiB pages.
+        #[arg(long, default_value_t = 16)]
+        max_pages: u64,
+        /// Print the report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One VM process of `vsva load` (started by it).
+    #[command(hide = true)]
+    LoadWorker {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        millis: u64,
+        #[arg(long)]
+        max_pages: u64,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -275,6 +311,71 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Load {
+            vms,
+            seconds,
+            kill_every,
+            seed,
+            max_pages,
+            json,
+        } => {
+            if vms == 0 || !(seconds > 0.0 && seconds <= 86_400.0) || max_pages == 0 {
+                eprintln!("vsva load: --vms, --seconds and --max-pages must be positive");
+                return ExitCode::FAILURE;
+            }
+            let opts = vsva_service::load::LoadOptions {
+                vms,
+                duration: std::time::Duration::from_secs_f64(seconds),
+                kill_every: kill_every.map(std::time::Duration::from_millis),
+                seed,
+                max_pages: max_pages.min(256),
+            };
+            let exe = match std::env::current_exe() {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("vsva load: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match vsva_service::load::run(&exe, &opts) {
+                Ok(report) => {
+                    for m in &report.messages {
+                        eprintln!("vsva load: {m}");
+                    }
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string(&report).expect("a serialisable report")
+                        );
+                    } else {
+                        println!("{report}");
+                    }
+                    if report.errors == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vsva load: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::LoadWorker {
+            socket,
+            seed,
+            millis,
+            max_pages,
+        } => {
+            let code = vsva_service::load::worker_main(
+                &socket,
+                seed,
+                std::time::Duration::from_millis(millis),
+                max_pages,
+            );
+            ExitCode::from(code as u8)
         }
         Command::Bench(args) => match run_cli(&args) {
             Ok(_) => ExitCode::SUCCESS,

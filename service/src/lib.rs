@@ -6,9 +6,11 @@
 //! - [`socket`]: `SOCK_SEQPACKET` frames with `SCM_RIGHTS` file descriptors.
 //! - [`kind`]: the file kinds a connection can open (a VFIO type1 container today).
 //! - [`server`]: the host, one thread per connection.
+//! - [`load`]: `vsva load`, a host and VM processes under load and chaos.
 
 pub mod client;
 pub mod kind;
+pub mod load;
 pub mod protocol;
 pub mod server;
 pub mod socket;
