@@ -39,6 +39,10 @@ enum Command {
         /// Print the summary as one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Run one `vsva host` process and one `vsva vm` process per VM (VM i with seed
+        /// seed + i) instead of everything in this process.
+        #[arg(long)]
+        split: bool,
     },
     /// A scripted run that shows one behaviour of the stack.
     Run {
@@ -185,6 +189,7 @@ fn main() -> ExitCode {
             processes,
             bytes,
             json,
+            split,
         } => {
             let opts = DemoOptions {
                 seed,
@@ -199,7 +204,17 @@ fn main() -> ExitCode {
                     println!("{line}");
                 }
             };
-            match demo::run(&opts, &mut log) {
+            let summary = if split {
+                std::env::current_exe()
+                    .map_err(|e| e.to_string())
+                    .and_then(|exe| {
+                        vsva_testbed::remote::split_demo(&exe, &opts, &mut log)
+                            .map_err(|e| e.to_string())
+                    })
+            } else {
+                demo::run(&opts, &mut log).map_err(|e| e.to_string())
+            };
+            match summary {
                 Ok(summary) => {
                     if json {
                         println!(

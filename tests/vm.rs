@@ -255,3 +255,77 @@ fn a_vm_whose_host_is_killed_fails_clearly_with_a_non_zero_exit() {
         "{err}"
     );
 }
+
+#[test]
+fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_line() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args([
+            "demo",
+            "--split",
+            "--seed",
+            "5",
+            "--vms",
+            "2",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{out}\n{err}");
+    // VM i runs seed + i: the same counts as each VM's demo alone in one process.
+    let alone = |seed| {
+        let s = demo::run(
+            &DemoOptions {
+                seed,
+                vms: 1,
+                processes: 2,
+                bytes: 65536,
+                host_memory: 1 << 30,
+                progress: false,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(s.errors, 0);
+        s
+    };
+    let (a, b) = (alone(5), alone(6));
+    let want = format!(
+        "demo: 2 VMs, 4 PASIDs, {} bytes verified, {} page requests served, {} invalidations forwarded, 0 errors; cross-VM checks skipped (they need the VMs in one process)",
+        a.bytes_verified + b.bytes_verified,
+        a.page_requests_served + b.page_requests_served,
+        a.invalidations_forwarded + b.invalidations_forwarded,
+    );
+    assert!(out.lines().any(|l| l == want), "want {want:?} in\n{out}");
+    for vm in ["vm0: 2 processes", "vm1: 2 processes"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(vm) && l.ends_with("; 0 errors")),
+            "{out}"
+        );
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("vsva host: served ") && l.ends_with("nothing left behind")),
+        "{out}"
+    );
+}

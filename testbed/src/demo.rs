@@ -178,7 +178,14 @@ impl fmt::Display for DemoSummary {
             self.errors
         )?;
         if !self.cross_vm_checked {
-            write!(f, "; cross-VM checks skipped (they need --vms 2 or more)")?;
+            if self.vms < 2 {
+                write!(f, "; cross-VM checks skipped (they need --vms 2 or more)")?;
+            } else {
+                write!(
+                    f,
+                    "; cross-VM checks skipped (they need the VMs in one process)"
+                )?;
+            }
         }
         Ok(())
     }

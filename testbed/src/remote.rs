@@ -2,9 +2,11 @@
 //! [`Vmm`] as in one process; only its container file is a [`RemoteFile`] (the uAPI over
 //! the socket, docs/protocol.md), its RAM a memfd both processes map ([`SharedRam`]) and
 //! its passthrough device the host's, reached through `DEVICE_WRITE`/`DEVICE_RUN`.
+//! [`split_demo`] runs the whole demo as such processes (`vsva demo --split`).
 
 use std::io::{BufRead, Write};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,12 +17,14 @@ use serde::{Deserialize, Serialize};
 use vsva_guest::Prot;
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_service::protocol::HostState;
 use vsva_service::{ClientError, RemoteFile, SharedRam};
 use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE};
 use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
 use vsva_vtd::{FlPagingMode, Iova};
 
-use crate::demo::{self, DemoOptions, VmReport};
+use crate::demo::{self, DemoOptions, DemoSummary, VmReport};
+use crate::holdings::HostHoldings;
 use crate::stack::{Passthrough, StackError, Vmm, GUEST_DEVICE_SID};
 
 /// Why a VM against a host process could not run.
@@ -43,6 +47,9 @@ pub enum VmError {
     /// Booting or running the VM failed.
     #[error(transparent)]
     Stack(#[from] StackError),
+    /// `vsva demo --split` could not run its processes.
+    #[error("split demo: {0}")]
+    Split(String),
     /// The host went away (exited, was killed or restarted) while the VM ran.
     #[error("the vsva host connection was lost (the host exited or restarted); the VM's checks are incomplete")]
     HostGone,
@@ -309,6 +316,207 @@ pub fn run(
     drop(jobs);
     vm.shutdown()?;
     Ok(report)
+}
+
+/// How long `--split` waits for the host's socket and for the host to release what a VM
+/// that exited held.
+const SPLIT_WAIT: Duration = Duration::from_secs(10);
+
+/// `vsva demo --split`: the demo as one `vsva host` process (`program host`) and one
+/// `vsva vm` process per VM (VM `i` with seed `opts.seed + i`), all started at once. The
+/// summary is computed from the VMs' reports and the host's own: every VM must exit
+/// cleanly with no failed check, and once they have all exited, the host's STATE must be
+/// what it was before they connected (nothing leaked) and its report must say nothing was
+/// left behind. The cross-VM checks need the VMs in one process and are not run.
+pub fn split_demo(
+    program: &Path,
+    opts: &DemoOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<DemoSummary, VmError> {
+    opts.validate()
+        .map_err(|e| VmError::Options(e.to_string()))?;
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("vsva-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| VmError::Split(format!("{}: {e}", dir.display())))?;
+    let socket = dir.join("host.sock");
+    let result = split_demo_in(program, opts, &socket, log);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut summary = result?;
+    summary.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn split_demo_in(
+    program: &Path,
+    opts: &DemoOptions,
+    socket: &Path,
+    log: &mut dyn FnMut(String),
+) -> Result<DemoSummary, VmError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| VmError::Split(format!("{what}: {e}"));
+    let mut host = Command::new(program)
+        .arg("host")
+        .arg("--memory")
+        .arg(opts.host_memory.to_string())
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| failed("starting vsva host", &e))?;
+    let probed = probe_host(&mut host, socket);
+    let (probe, baseline) = match probed {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = host.kill();
+            let _ = host.wait();
+            return Err(e);
+        }
+    };
+    let vms: Vec<_> = (0..opts.vms)
+        .map(|i| {
+            Command::new(program)
+                .arg("vm")
+                .arg("--socket")
+                .arg(socket)
+                .args(["--index", &i.to_string()])
+                .args(["--seed", &opts.seed.wrapping_add(i as u64).to_string()])
+                .args(["--processes", &opts.processes.to_string()])
+                .args(["--bytes", &opts.bytes.to_string()])
+                .arg("--json")
+                .stdout(Stdio::piped())
+                .spawn()
+        })
+        .collect();
+    let mut reports = Vec::new();
+    let mut errors = 0;
+    let mut failed_vms = 0;
+    for (i, vm) in vms.into_iter().enumerate() {
+        let out = match vm.and_then(|c| c.wait_with_output()) {
+            Ok(out) => out,
+            Err(e) => {
+                log(format!("vm{i}: error: vsva vm did not run: {e}"));
+                failed_vms += 1;
+                continue;
+            }
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines: Vec<&str> = text.lines().collect();
+        let report = lines
+            .last()
+            .and_then(|l| serde_json::from_str::<VmReport>(l).ok());
+        if report.is_some() {
+            lines.pop();
+        }
+        for line in lines {
+            log(line.to_string());
+        }
+        match report {
+            Some(r) if out.status.success() || r.error_count() > 0 => reports.push(r),
+            _ => {
+                log(format!("vm{i}: error: vsva vm exited with {}", out.status));
+                failed_vms += 1;
+            }
+        }
+    }
+    // Every VM exited: the host must hold what it held before they connected.
+    let deadline = Instant::now() + SPLIT_WAIT;
+    let left = loop {
+        match probe.host_state() {
+            Ok(s) if s == baseline => break Ok(s),
+            Ok(s) if Instant::now() > deadline => break Ok(s),
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => break Err(e),
+        }
+    };
+    drop(probe);
+    let left = match left {
+        Ok(s) if s == baseline => HostHoldings::default(),
+        Ok(s) => {
+            log(format!(
+                "error: the host still holds after every VM exited: {s:?} (before: {baseline:?})"
+            ));
+            errors += 1;
+            holdings_beyond(&s, &baseline)
+        }
+        Err(e) => {
+            log(format!("error: the host's STATE: {e}"));
+            errors += 1;
+            HostHoldings::default()
+        }
+    };
+    // SAFETY: kill(2) of the host process this function started and has not reaped.
+    let sent = unsafe { libc::kill(host.id() as libc::pid_t, libc::SIGTERM) };
+    if sent != 0 {
+        let _ = host.kill();
+    }
+    let out = host
+        .wait_with_output()
+        .map_err(|e| failed("waiting for vsva host", &e))?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    for line in report.lines() {
+        log(line.to_string());
+    }
+    if !out.status.success() || !report.contains("nothing left behind") {
+        log(format!("error: vsva host exited with {}", out.status));
+        errors += 1;
+    }
+    errors += failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
+    Ok(DemoSummary {
+        vms: opts.vms,
+        pasids: reports.iter().map(|r| r.pasids.len()).sum(),
+        bytes_verified: reports.iter().map(|r| r.bytes_verified).sum(),
+        page_requests_served: reports.iter().map(|r| r.page_requests_served).sum(),
+        invalidations_forwarded: reports.iter().map(|r| r.invalidations_forwarded).sum(),
+        host_errors: reports.iter().map(|r| r.host_errors).sum(),
+        stale_translations: 0,
+        failed_shutdowns: failed_vms,
+        left_after_shutdown: left,
+        cross_vm_checked: false,
+        wall_seconds: 0.0,
+        errors,
+        per_vm: reports,
+    })
+}
+
+/// Waits (bounded) for the host's socket; a connection to it and the host's state while
+/// that connection is its only one.
+fn probe_host(host: &mut Child, socket: &Path) -> Result<(RemoteFile, HostState), VmError> {
+    let deadline = Instant::now() + SPLIT_WAIT;
+    loop {
+        if let Ok(Some(status)) = host.try_wait() {
+            return Err(VmError::Split(format!("vsva host exited with {status}")));
+        }
+        if let Ok(probe) = RemoteFile::connect(socket) {
+            if let Ok(s) = probe.host_state() {
+                if s.connections == 1 {
+                    return Ok((probe, s));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Split("vsva host never served its socket".into()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What `after` holds beyond `before`, in the in-process demo's terms (the paging-structure
+/// caches are not in the host's STATE).
+fn holdings_beyond(after: &HostState, before: &HostState) -> HostHoldings {
+    let d = |a: u64, b: u64| a.saturating_sub(b) as usize;
+    HostHoldings {
+        allocated_bytes: after.allocated_bytes.saturating_sub(before.allocated_bytes),
+        domain_ids: d(after.domain_ids, before.domain_ids),
+        devices: d(after.devices, before.devices),
+        page_request_routes: d(after.page_request_routes, before.page_request_routes),
+        page_request_sinks: d(after.page_request_sinks, before.page_request_sinks),
+        pasids: d(after.pasids, before.pasids),
+        iotlb: d(after.iotlb, before.iotlb),
+        context_and_pasid_cache: (
+            d(after.context_cache, before.context_cache),
+            d(after.pasid_cache, before.pasid_cache),
+        ),
+        ..HostHoldings::default()
+    }
 }
 
 /// What [`workload_loop`] did.
