@@ -329,3 +329,100 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
         "{out}"
     );
 }
+
+/// Each stage a VM is killed at, and what the host must hold for it while it waits there
+/// (beyond the live VM's holdings): checked before the kill, so the kill lands where it
+/// should.
+fn holds_at(stage: &str, during: &HostState, live: &HostState) -> bool {
+    let more = |a: u64, b: u64| a > b;
+    let common = during.connections == live.connections + 1
+        && more(during.windows, live.windows)
+        && more(during.devices, live.devices)
+        && more(during.domain_ids, live.domain_ids);
+    common
+        && match stage {
+            // The PASID is allocated, the bind not made.
+            "bind" => during.pasids == live.pasids + 1 && during.binds == live.binds,
+            // A bound PASID whose translations the host's IOTLB holds.
+            "invalidate" => during.binds > live.binds && more(during.iotlb, live.iotlb),
+            // A page request's group waits for its response, its record unread.
+            "page-request" => {
+                more(during.page_requests, live.page_requests)
+                    && more(during.faults_unread, live.faults_unread)
+            }
+            _ => true,
+        }
+}
+
+#[test]
+fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_state() {
+    let host = Host::start("crash");
+    let (probe, empty) = host.probe();
+    // The live VM stops before an invalidation: it holds a window, its mappings, a device,
+    // a domain id, two bound PASIDs and their cached translations.
+    let mut live = VmProcess::start(
+        &host.path,
+        &[
+            "--seed",
+            "9",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+            "--pause-at",
+            "invalidate",
+            "--json",
+        ],
+    );
+    live.wait_line("paused at invalidate");
+    let with_live = probe.host_state().unwrap();
+    assert!(with_live.binds >= 1 && with_live.iotlb > 0, "{with_live:?}");
+    for stage in ["bind", "invalidate", "page-request", "dma"] {
+        // An 8 MiB copy is the dma stage's long DEVICE_RUN; the kill lands as it runs.
+        let bytes = if stage == "dma" { "8388608" } else { "65536" };
+        let mut victim = VmProcess::start(
+            &host.path,
+            &[
+                "--index",
+                "1",
+                "--processes",
+                "1",
+                "--bytes",
+                bytes,
+                "--pause-at",
+                stage,
+            ],
+        );
+        victim.wait_line(&format!("paused at {stage}"));
+        if stage != "dma" {
+            let during = probe.host_state().unwrap();
+            assert!(
+                holds_at(stage, &during, &with_live),
+                "{stage}: the victim holds {during:?} beyond {with_live:?}"
+            );
+        }
+        victim.child.kill().unwrap();
+        victim.child.wait().unwrap();
+        let after = settle(&probe, with_live);
+        assert_eq!(
+            after, with_live,
+            "killed at {stage}: the host kept the victim's state"
+        );
+    }
+    // The live VM goes on: every check passes, its buffers are intact, and its exit
+    // leaves the host as it was.
+    let (code, lines, err) = live.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    let report: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(
+        (report.errors.len(), report.host_errors),
+        (0, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.munmap_faults, 2);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = host.stop();
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
