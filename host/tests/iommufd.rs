@@ -996,6 +996,49 @@ fn alloc_hwpt_nested() {
         ),
         (Ok(()), 2)
     );
+    // An array running past the end of the VMM's memory: the entries before the first
+    // that does not lie in it are handled (the reads go a chunk at a time).
+    assert_eq!(
+        invalidate(
+            &*f,
+            &ram,
+            n0,
+            hv,
+            INV_LEN,
+            &[inv(0, 1, 0); 4],
+            Some(ram.vaddr + RAM - 2 * u64::from(INV_LEN))
+        ),
+        (Err(Errno::EFAULT), 2)
+    );
+    // Entries longer than a chunk: their tails are checked all the way.
+    let big = 5000;
+    assert_eq!(
+        invalidate(&*f, &ram, n0, hv, big, &[inv(0, 1, 0); 3], None),
+        (Ok(()), 3)
+    );
+    // The same array, its second entry's last byte set.
+    ram.mem
+        .write_slice(&[1], GuestAddress(SCRATCH + 2 * u64::from(big) - 1))
+        .unwrap();
+    let mut c = IommuHwptInvalidate {
+        size: 32,
+        hwpt_id: n0,
+        data_uptr: ram.vaddr + SCRATCH,
+        data_type: hv,
+        entry_len: big,
+        entry_num: 3,
+        __reserved: 0,
+    }
+    .to_bytes();
+    assert_eq!(
+        f.ioctl(IOMMU_HWPT_INVALIDATE, &mut c).map(|_| ()),
+        Err(Errno::E2BIG)
+    );
+    assert_eq!(
+        read_prefix::<IommuHwptInvalidate>(&c, c.len()).entry_num,
+        1,
+        "the entry before the one with a non-zero tail is handled"
+    );
     assert_eq!(
         invalidate(&*f, &ram, 1000, hv, INV_LEN, &ok, None).0,
         Err(Errno::ENOENT)

@@ -32,6 +32,24 @@ pub fn block_base(addr: u64, order: u8) -> u64 {
     }
 }
 
+/// The fewest naturally aligned blocks of pages that together are exactly the pages of
+/// `[start, last]` (`start <= last`), lowest first, as `(address, order)`: what one
+/// page-selective invalidation each (§6.5.2.4, address mask AM) removes. A range is at
+/// most 2 × 52 blocks.
+pub fn aligned_blocks(start: u64, last: u64) -> impl Iterator<Item = (u64, u8)> {
+    let mut next = Some(start >> PAGE_SHIFT);
+    let end = last >> PAGE_SHIFT;
+    std::iter::from_fn(move || {
+        let page = next.filter(|&p| p <= end)?;
+        // The largest block aligned at `page` that ends at or before `end`.
+        let room = end - page;
+        let by_room = u64::BITS - 1 - (room + 1).leading_zeros();
+        let order = page.trailing_zeros().min(by_room);
+        next = Some(page + (1u64 << order));
+        Some((page << PAGE_SHIFT, order as u8))
+    })
+}
+
 /// The order of `bytes` rounded up to whole 4-KiB pages and to a power of two of them,
 /// as `order_base_2` of the page count in intel-iommu.
 pub fn size_order(bytes: u64) -> u8 {
@@ -87,6 +105,19 @@ mod tests {
     }
 
     #[test]
+    fn aligned_blocks_split_at_alignment() {
+        let b = |s, l| aligned_blocks(s, l).collect::<Vec<_>>();
+        assert_eq!(b(0x4000_0000, 0x4003_ffff), vec![(0x4000_0000, 6)]);
+        assert_eq!(b(0x1000, 0x3fff), vec![(0x1000, 0), (0x2000, 1)]);
+        assert_eq!(
+            b(0x1000, 0x4fff),
+            vec![(0x1000, 0), (0x2000, 1), (0x4000, 0)]
+        );
+        assert_eq!(b(0x5123, 0x5456), vec![(0x5000, 0)]);
+        assert_eq!(b(0, u64::MAX), vec![(0, 52)]);
+    }
+
+    #[test]
     fn size_orders_round_up() {
         assert_eq!(size_order(0x1000), 0);
         assert_eq!(size_order(0x2000), 1);
@@ -129,6 +160,28 @@ mod tests {
                 prop_assert_eq!(a, formula);
                 prop_assert_eq!(r.start, addr & !(size - 1));
                 prop_assert_eq!(r.last - r.start, size - 1);
+            }
+        }
+
+        /// The aligned blocks of a range are aligned, follow one another with no gap or
+        /// overlap from its first page to its last, and are no more than 2 × 52.
+        #[test]
+        fn aligned_blocks_are_exactly_the_range(start in any::<u64>(), len in any::<u64>()) {
+            let last = start.saturating_add(len);
+            let blocks: Vec<_> = aligned_blocks(start, last).collect();
+            prop_assert!(!blocks.is_empty() && blocks.len() <= 104);
+            let mut expect = start & !0xfff;
+            for &(base, order) in &blocks {
+                prop_assert_eq!(base, expect);
+                prop_assert_eq!(block_base(base, order), base);
+                let size = 1u64 << (12 + u32::from(order));
+                expect = base.wrapping_add(size);
+            }
+            prop_assert_eq!(expect.wrapping_sub(1), last | 0xfff);
+            // Fewest: no two neighbours could be one block.
+            for w in blocks.windows(2) {
+                let ((a, oa), (_, ob)) = (w[0], w[1]);
+                prop_assert!(!(oa == ob && block_base(a, oa + 1) == a));
             }
         }
 

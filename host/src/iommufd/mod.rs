@@ -18,6 +18,7 @@
 pub mod device;
 mod error;
 pub mod fault;
+mod inval;
 pub mod iopt;
 mod user;
 
@@ -30,17 +31,16 @@ use vsva_uapi::request::BindGpasid;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
 use vsva_vtd::regs::layout::offset;
-use vsva_vtd::{DomainId, Gpa, InvDesc, Iova, Pasid, SourceId};
-use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
-use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
+use vsva_vtd::{DomainId, Gpa, Iova, Pasid, SourceId};
 
 use crate::container::IommuBackend;
 use crate::driver::{DirtyBitmap, HostIommu, VtdDomain};
 use device::Iommufds;
 pub use error::IommufdError;
 use fault::FaultFile;
+use inval::Invalidation;
 use iopt::{Area, Iopt, IOVA_ALIGNMENT};
-use user::{copy_from_user, copy_to_user};
+use user::{copy_from_user, copy_to_user, for_each_user_entry, UserArray};
 
 /// An IOAS: an IOVA space the VMM maps its memory into.
 #[derive(Debug, Default)]
@@ -818,17 +818,22 @@ impl Ctx {
                     .map(|(&p, _)| (d.sid, p))
             })
             .collect();
-        // The entries' descriptors go to the unit as one batch with one wait; an entry
-        // that is refused ends the array, after the entries before it are carried out.
-        let mut descs = Vec::new();
-        let mut result = Ok(());
-        for i in 0..cmd.entry_num {
-            if let Err(e) = self.entry_descs(cmd, i, nested.did, &targets, &mut descs) {
-                result = Err(e);
-                break;
-            }
+        // The entries are read a chunk at a time and coalesced; their descriptors go to
+        // the unit as one batch with one wait. An entry that is refused ends the array,
+        // after the entries before it are carried out.
+        let mut inv = Invalidation::default();
+        let result = self.read_entries(cmd, |e| {
+            inv.add(e.addr, e.npages, e.flags & IOMMU_VTD_INV_FLAGS_LEAF != 0);
             *done += 1;
-        }
+        });
+        let mut descs = Vec::new();
+        inv.descriptors(
+            nested.did,
+            &targets,
+            &self.unit.cap(),
+            &self.unit.ecap(),
+            &mut descs,
+        );
         if !descs.is_empty() {
             if let Err(e) = self.unit.invalidate(&descs) {
                 *done = 0;
@@ -838,68 +843,50 @@ impl Ctx {
         result
     }
 
-    /// Checks entry `index` of the array and appends the descriptors that carry it out.
-    fn entry_descs(
+    /// Reads and checks the array's `iommu_hwpt_vtd_s1_invalidate` entries in order,
+    /// handing each accepted one to `accept`, until the first refused one: a data type
+    /// other than VTD_S1 or an entry shorter than the structure (EINVAL), a longer one
+    /// whose tail is not zero (E2BIG), flags other than LEAF or `__reserved` set
+    /// (EOPNOTSUPP), an address not 4 KiB aligned or `npages == U64_MAX` with a non-zero
+    /// address (EINVAL).
+    fn read_entries(
         &self,
         cmd: &IommuHwptInvalidate,
-        index: u32,
-        did: DomainId,
-        targets: &[(SourceId, Pasid)],
-        descs: &mut Vec<InvDesc>,
+        mut accept: impl FnMut(&IommuHwptVtdS1Invalidate),
     ) -> Result<(), IommufdError> {
         const WHAT: &str = "iommu_hwpt_vtd_s1_invalidate";
+        if cmd.entry_num == 0 {
+            return Ok(());
+        }
         if cmd.data_type != IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 {
             return Err(IommufdError::invalid(WHAT, "data type"));
         }
         let known = std::mem::size_of::<IommuHwptVtdS1Invalidate>();
-        let len = cmd.entry_len as usize;
-        if len < known {
+        if (cmd.entry_len as usize) < known {
             return Err(IommufdError::invalid(WHAT, "entry_len below the entry"));
         }
-        let at = (index as u64)
-            .checked_mul(len as u64)
-            .and_then(|off| cmd.data_uptr.checked_add(off))
-            .ok_or(IommufdError::Fault(WHAT))?;
-        let bytes = copy_from_user(self.unit.hardware().memory(), at, len)?;
-        if bytes[known..].iter().any(|&b| b != 0) {
-            return Err(UapiError::TrailingBytes {
-                what: WHAT,
-                size: cmd.entry_len,
-                known,
-            }
-            .into());
-        }
-        let e: IommuHwptVtdS1Invalidate = read_prefix(&bytes, known);
-        if e.flags & !IOMMU_VTD_INV_FLAGS_LEAF != 0 || e.__reserved != 0 {
-            return Err(IommufdError::not_supported(WHAT, "flags or reserved"));
-        }
-        if e.addr % IOVA_ALIGNMENT != 0 || (e.npages == u64::MAX && e.addr != 0) {
-            return Err(IommufdError::invalid(WHAT, "address not aligned"));
-        }
-        if e.npages == 0 {
-            return Ok(());
-        }
-        let cap = self.unit.cap();
-        let ecap = self.unit.ecap();
-        for &(sid, pasid) in targets {
-            let pf = pfsid(sid, &ecap);
-            if e.npages == u64::MAX {
-                descs.push(piotlb_pasid(did, pasid));
-                descs.push(dev_iotlb_pf(sid, pf, Some(pasid), 0, WHOLE_SPACE));
-            } else {
-                let last = e
-                    .npages
-                    .checked_mul(IOVA_ALIGNMENT)
-                    .and_then(|b| e.addr.checked_add(b - 1))
-                    .unwrap_or(u64::MAX);
-                let order = covering_order(e.addr, last);
-                let leaf = e.flags & IOMMU_VTD_INV_FLAGS_LEAF != 0;
-                let base = e.addr & !((1u64 << (12 + u32::from(order).min(51))) - 1);
-                descs.push(piotlb_pages(did, pasid, base, order, leaf, &cap));
-                descs.push(dev_iotlb_pf(sid, pf, Some(pasid), base, order));
-            }
-        }
-        Ok(())
+        let array = UserArray {
+            uptr: cmd.data_uptr,
+            entry_len: cmd.entry_len,
+            entry_num: cmd.entry_num,
+        };
+        for_each_user_entry(
+            self.unit.hardware().memory(),
+            array,
+            known,
+            WHAT,
+            |_, bytes| {
+                let e: IommuHwptVtdS1Invalidate = read_prefix(bytes, known);
+                if e.flags & !IOMMU_VTD_INV_FLAGS_LEAF != 0 || e.__reserved != 0 {
+                    return Err(IommufdError::not_supported(WHAT, "flags or reserved"));
+                }
+                if e.addr % IOVA_ALIGNMENT != 0 || (e.npages == u64::MAX && e.addr != 0) {
+                    return Err(IommufdError::invalid(WHAT, "address not aligned"));
+                }
+                accept(&e);
+                Ok(())
+            },
+        )
     }
 
     /// `IOMMU_GET_HW_INFO` of a bound device: `iommu_hw_info_vtd` with the unit's CAP and
