@@ -122,6 +122,7 @@ impl Smmu {
                 state.config.invalidate(cmd);
                 state.tlb.invalidate(cmd);
                 state.walk_cache.invalidate(cmd);
+                state.s2_walk_cache.invalidate(cmd);
             }
         }
     }

@@ -4,14 +4,15 @@
 //! descriptors, translation tables and the three queues live in host memory. The model
 //! caches what it reads as hardware does: STEs per StreamID and CDs per (StreamID,
 //! SubstreamID) in a configuration cache, leaf translations in a TLB tagged by VMID and
-//! ASID (global, nG = 0, stage-1 entries by VMID alone), and stage-1 table descriptors in a
-//! walk cache tagged by VMID and ASID. A cached entry stays until exactly the command that
+//! ASID (global, nG = 0, stage-1 entries by VMID alone), stage-1 table descriptors in a
+//! walk cache tagged by VMID and ASID, and stage-2 table descriptors in a walk cache tagged
+//! by VMID. A cached entry stays until exactly the command that
 //! removes it; strict mode re-walks on every hit and reports stale entries with the command
 //! that was missing. Devices reach it as a [`DmaPort`](crate::dma::port::DmaPort): their
 //! requester id is the StreamID and their PASID the SubstreamID.
 //!
 //! Simplifications: level-1 descriptors (L1STD, L1CD) are not cached, so CMD_CFGI_* Leaf
-//! makes no difference; stage-2 table descriptors are not cached (no stage-2 walk cache);
+//! makes no difference; the stage-2 walks of CD fetches do not use the stage-2 walk cache;
 //! stalls are not modelled (every fault terminates the transaction).
 
 mod cmdq;
@@ -19,6 +20,7 @@ pub mod config;
 mod explain;
 mod port;
 mod queues;
+mod s2walk;
 mod stale;
 #[cfg(test)]
 mod tests;
@@ -39,7 +41,7 @@ use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
 use config::ConfigCache;
 use tlb::Tlb;
-use walkcache::S1WalkCache;
+use walkcache::{S1WalkCache, S2WalkCache};
 
 pub use queues::PriRefused;
 pub use stale::{StaleKind, StaleTranslation};
@@ -88,6 +90,7 @@ struct State {
     config: ConfigCache,
     tlb: Tlb,
     walk_cache: S1WalkCache,
+    s2_walk_cache: S2WalkCache,
     stale: Vec<StaleTranslation>,
 }
 
@@ -126,6 +129,7 @@ impl Smmu {
                 config: ConfigCache::default(),
                 tlb: Tlb::default(),
                 walk_cache: S1WalkCache::default(),
+                s2_walk_cache: S2WalkCache::default(),
                 stale: Vec::new(),
             }),
             cmdq_lock: Mutex::new(()),

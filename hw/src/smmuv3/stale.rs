@@ -9,14 +9,26 @@ use std::fmt;
 use vsva_smmuv3::explain::Fresh;
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::{
-    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, S1Start, S2Config, Ste, TlbiAddr,
-    Translation, WalkFault, WalkObserver,
+    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, S1Start, S2Config, S2Start, Ste,
+    TlbiAddr, Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
+use super::s2walk::S2Stale;
 use super::tlb::{TlbEntry, TlbTag};
 use super::translate::{cd_index, fetch_ste, path_of, walk, Path, Stages};
 use super::{Smmu, State};
+
+/// The outcome of a walk, as strict mode compares it: its page, or its fault.
+pub(super) fn outcome(r: &Result<Translation, WalkFault>) -> Fresh {
+    match r {
+        Ok(t) => Fresh::Page {
+            base: t.page_base(),
+            size: t.page_size,
+        },
+        Err(f) => Fresh::Walk(*f),
+    }
+}
 
 /// The stale entry strict mode found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +71,23 @@ pub enum StaleKind {
         /// What the walk from the cached start gave.
         cached: Fresh,
         /// What a walk from the top gives.
+        now: Fresh,
+    },
+    /// A stage-2 walk-cache entry led a stage-2 walk to a table the tables no longer lead
+    /// to.
+    S2WalkCache {
+        /// The SubstreamID of the transaction.
+        ssid: Option<u32>,
+        /// The transaction's input address.
+        addr: u64,
+        /// The IPA the stage-2 walk translated (the transaction's, a stage-1 table's or
+        /// stage 1's output).
+        ipa: u64,
+        /// The cached start: the table's level and address.
+        start: S2Start,
+        /// What the walk from the cached start gave.
+        cached: Fresh,
+        /// What a walk from S2TTB gives.
         now: Fresh,
     },
 }
@@ -115,6 +144,19 @@ impl fmt::Display for StaleTranslation {
                 f,
                 "stage-1 walk-cache entry: sid {} ssid {ssid:?} addr {addr:#x}: level {} table \
                  {:#x} gave {cached:?}, tables say {now:?}",
+                self.sid, start.level, start.table
+            )?,
+            StaleKind::S2WalkCache {
+                ssid,
+                addr,
+                ipa,
+                start,
+                cached,
+                now,
+            } => write!(
+                f,
+                "stage-2 walk-cache entry: sid {} ssid {ssid:?} addr {addr:#x} IPA {ipa:#x}: \
+                 level {} table {:#x} gave {cached:?}, tables say {now:?}",
                 self.sid, start.level, start.table
             )?,
         }
@@ -237,13 +279,6 @@ impl Smmu {
         start: S1Start,
         got: &Result<Translation, WalkFault>,
     ) {
-        let outcome = |r: &Result<Translation, WalkFault>| match r {
-            Ok(t) => Fresh::Page {
-                base: t.page_base(),
-                size: t.page_size,
-            },
-            Err(f) => Fresh::Walk(*f),
-        };
         let cached = outcome(got);
         let now = outcome(&walk(&ReadOnly(&*self.mem), stages, addr, access, &mut ()));
         if now == cached {
@@ -266,6 +301,38 @@ impl Smmu {
             },
         };
         self.report(state, StaleTranslation { sid, kind, missing });
+    }
+
+    /// Reports the stale stage-2 walk-cache entries a transaction's walks used, each with
+    /// the CMD_TLBI_S2_IPA (Leaf = 0) of its IPA that would have removed it.
+    pub(super) fn report_s2_walk_cache(
+        &self,
+        state: &mut State,
+        sid: u32,
+        ssid: Option<u32>,
+        vmid: u16,
+        addr: u64,
+        found: &[S2Stale],
+    ) {
+        for s in found {
+            let kind = StaleKind::S2WalkCache {
+                ssid,
+                addr,
+                ipa: s.ipa,
+                start: s.start,
+                cached: s.cached,
+                now: s.now,
+            };
+            let missing = Cmd::TlbiS2Ipa {
+                vmid,
+                addr: TlbiAddr {
+                    addr: s.ipa & !0xfff,
+                    leaf: false,
+                    ..TlbiAddr::default()
+                },
+            };
+            self.report(state, StaleTranslation { sid, kind, missing });
+        }
     }
 
     fn fresh(
@@ -325,13 +392,7 @@ impl Smmu {
             Err(e) => Fresh::Config(e),
             Ok(Path::Abort) => Fresh::Abort,
             Ok(Path::Bypass) => Fresh::Bypass,
-            Ok(Path::Walk { stages, .. }) => match walk(&mem, &stages, addr, access, obs) {
-                Ok(t) => Fresh::Page {
-                    base: t.page_base(),
-                    size: t.page_size,
-                },
-                Err(f) => Fresh::Walk(f),
-            },
+            Ok(Path::Walk { stages, .. }) => outcome(&walk(&mem, &stages, addr, access, obs)),
         };
         (ste, cd_found, fresh)
     }

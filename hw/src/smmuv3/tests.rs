@@ -282,8 +282,18 @@ fn ttl_hint_limits_nh_va_to_its_level() {
             ..va_operand(0x0)
         },
     };
-    // A range of 2 pages from 0 covers the page at 0x1000.
-    assert_eq!(tlb.invalidate(&level3), 1);
+    // A range of one page from 0 (NUM 0, SCALE 0) leaves the page at 0x1000; a range of
+    // two pages (NUM 1) covers it.
+    assert_eq!(tlb.invalidate(&level3), 0);
+    let Cmd::TlbiNhVa { addr, .. } = level3 else {
+        unreachable!()
+    };
+    let two_pages = Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: TlbiAddr { num: 1, ..addr },
+    };
+    assert_eq!(tlb.invalidate(&two_pages), 1);
     // A huge SCALE covers everything and does not overflow.
     tlb.insert(0, tag, false, 0xffff_f000, t);
     let all = Cmd::TlbiNhVa {
@@ -1302,6 +1312,338 @@ proptest! {
             }]);
         }
         prop_assert_eq!(rig.read(SID, None, va), Ok(0x70_0000));
+        check(&rig)?;
+    }
+}
+
+/// A stage-2-only stream (VMID 3) whose IPAs 0x1000 and 0x2000 map through one level-3
+/// stage-2 table; returns the stage-2 builder.
+fn stage2_stream(rig: &mut Rig) -> TableBuilder {
+    let s2 = S2Config::new(S2TTB, 25, 1, AddressSize::Bits48, S2Flags::default()).unwrap();
+    let mut b2 = TableBuilder::stage2(&s2);
+    rig.map(&mut b2, 0x1000, 0x40_0000, S2_RW);
+    rig.map(&mut b2, 0x2000, 0x41_0000, S2_RW);
+    rig.write_ste(
+        SID,
+        &Ste {
+            s2vmid: VMID,
+            s2t0sz: 25,
+            s2sl0: 1,
+            s2ps: AddressSize::Bits48,
+            s2ttb: S2TTB,
+            ..Ste::new(Config::S2Trans)
+        },
+    );
+    b2
+}
+
+/// Replaces the level-3 stage-2 table of the first 2 MiB of IPA by one mapping IPA 0x2000
+/// to PA 0x42_0000.
+fn replace_stage2_table(rig: &mut Rig, b2: &TableBuilder) {
+    let l3 = rig.frame();
+    let slot = b2
+        .descriptor_address(&*rig.mem, 0x2000, 2)
+        .unwrap()
+        .unwrap();
+    rig.mem
+        .write_u64(l3 + 2 * 8, D::leaf(0x42_0000, PageSize::Size4K, S2_RW).0)
+        .unwrap();
+    rig.mem.write_u64(slot, D::table(l3, 0).0).unwrap();
+}
+
+#[test]
+fn stage2_walk_cache_entry_survives_until_a_non_leaf_s2_ipa() {
+    let ipa = |addr, leaf| TlbiAddr {
+        leaf,
+        ..va_operand(addr)
+    };
+    let right = |leaf| Cmd::TlbiS2Ipa {
+        vmid: VMID,
+        addr: ipa(0x2000, leaf),
+    };
+    let cures = [
+        right(false),
+        Cmd::TlbiS12Vmall { vmid: VMID },
+        Cmd::TlbiNsnhAll,
+    ];
+    let keeps = [
+        right(true),
+        Cmd::TlbiS2Ipa {
+            vmid: VMID + 1,
+            addr: ipa(0x2000, false),
+        },
+        // Another 2 MiB span: not the cached level-3 table's.
+        Cmd::TlbiS2Ipa {
+            vmid: VMID,
+            addr: ipa(0x20_0000, false),
+        },
+        Cmd::TlbiS12Vmall { vmid: VMID + 1 },
+        Cmd::TlbiNhAll { vmid: VMID },
+        Cmd::TlbiNhVaa {
+            vmid: VMID,
+            addr: ipa(0x2000, false),
+        },
+        Cmd::CfgiSte {
+            sid: SID,
+            leaf: false,
+        },
+    ];
+    for (i, cmd) in cures.iter().enumerate() {
+        let mut rig = Rig::new();
+        let b2 = stage2_stream(&mut rig);
+        assert_eq!(rig.read(SID, None, 0x1010), Ok(0x40_0010));
+        assert_eq!(rig.smmu.lock().s2_walk_cache.len(), 2);
+        replace_stage2_table(&mut rig, &b2);
+        let stale = |rig: &Rig| {
+            assert_eq!(rig.read(SID, None, 0x2000), Ok(0x41_0000));
+            let found = rig.smmu.take_stale();
+            assert_eq!(found.len(), 1);
+            assert!(
+                matches!(found[0].kind, StaleKind::S2WalkCache { ipa: 0x2000, .. }),
+                "{}",
+                found[0]
+            );
+            assert_eq!(found[0].missing, right(false));
+            // The walk cached the page: drop it so the next read walks again.
+            rig.submit(&[right(true)]);
+        };
+        if i == 0 {
+            for wrong in keeps {
+                rig.submit(&[wrong]);
+                stale(&rig);
+            }
+        } else {
+            stale(&rig);
+        }
+        rig.submit(&[*cmd]);
+        assert_eq!(rig.read(SID, None, 0x2000), Ok(0x42_0000), "{cmd:?}");
+        assert!(rig.missing().is_empty(), "{cmd:?}");
+    }
+}
+
+#[test]
+fn stage2_walk_cache_ranges_are_num_plus_one_times_two_to_the_scale_pages() {
+    let mut rig = Rig::new();
+    let mut b2 = stage2_stream(&mut rig);
+    rig.map(&mut b2, 0x4000_1000, 0x43_0000, S2_RW);
+    assert_eq!(rig.read(SID, None, 0x1010), Ok(0x40_0010));
+    assert_eq!(rig.read(SID, None, 0x4000_1010), Ok(0x43_0010));
+    let range = |addr, num, scale| Cmd::TlbiS2Ipa {
+        vmid: VMID,
+        addr: TlbiAddr {
+            addr,
+            leaf: false,
+            tg: 1,
+            num,
+            scale,
+            ..TlbiAddr::default()
+        },
+    };
+    let mut state = rig.smmu.lock();
+    let cache = &mut state.s2_walk_cache;
+    // Entries: the level-2 tables of IPA [0, 1 GiB) and [1 GiB, 2 GiB), the level-3
+    // tables of their first 2 MiB.
+    assert_eq!(cache.len(), 4);
+    // (NUM + 1) * 2^SCALE = 3 * 2^1 pages from 1 GiB - 24 KiB end at 1 GiB: only the
+    // first level-2 table's span.
+    assert_eq!(cache.invalidate(&range(0x4000_0000 - 0x6000, 2, 1)), 1);
+    // 2^9 pages from 1 GiB + 2 MiB reach the second level-2 table's span only.
+    assert_eq!(cache.invalidate(&range(0x4020_0000, 0, 9)), 1);
+    // One page just below 2 MiB is in the first level-3 table's span.
+    assert_eq!(cache.invalidate(&range(0x1f_f000, 0, 0)), 1);
+    assert_eq!(cache.invalidate(&range(0x3fff_f000, 0, 0)), 0);
+    assert_eq!(cache.invalidate(&range(0x4000_0000, 0, 0)), 1);
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn nested_stage1_table_walks_use_the_stage2_walk_cache() {
+    let mut rig = Rig::new();
+    let f = Features::VSVA;
+    let s2 = S2Config::new(S2TTB, 25, 1, AddressSize::Bits48, S2Flags::default()).unwrap();
+    let mut b2 = TableBuilder::stage2(&s2);
+    let ipa = |pa: u64| 0x8000_0000 + pa - 0x80_0000;
+    for i in 0..16 {
+        rig.map(
+            &mut b2,
+            ipa(0x80_0000 + i * 0x1000),
+            0x80_0000 + i * 0x1000,
+            S2_RW,
+        );
+    }
+    let cd = ContextDescriptor::new(ipa(0x80_1000), 16, ASID);
+    rig.write_words(0x80_0000, &cd.encode());
+    rig.write_ste(
+        SID,
+        &Ste {
+            s1_context_ptr: ipa(0x80_0000),
+            s2vmid: VMID,
+            s2t0sz: 25,
+            s2sl0: 1,
+            s2ps: AddressSize::Bits48,
+            s2ttb: S2TTB,
+            ..Ste::new(Config::Nested)
+        },
+    );
+    let s1 = cd.s1_config(&f).unwrap();
+    let guest_mem = rig.mem.clone();
+    let guest = GuestView(&guest_mem);
+    let mut b1 = TableBuilder::stage1(&s1);
+    let mut frames = (2..8)
+        .map(|i| ipa(0x80_0000 + i * 0x1000))
+        .rev()
+        .collect::<Vec<_>>();
+    let mut alloc = || frames.pop();
+    for (va, page) in [(0x7f00_0000, 0x80_9000), (0x7f00_1000, 0x80_a000)] {
+        b1.map(&guest, &mut alloc, va, ipa(page), PageSize::Size4K, RW_EL0)
+            .unwrap();
+    }
+    assert_eq!(rig.read(SID, None, 0x7f00_0010), Ok(0x80_9010));
+    // Every stage-2 walk (four stage-1 tables, the output) went through the level-1
+    // table of IPA 0x8000_0000 and its level-2 table: one walk-cache entry each.
+    assert_eq!(rig.smmu.lock().s2_walk_cache.len(), 2);
+    // The host moves the guest's level-3 stage-1 table to another frame and changes stage 2
+    // by a new level-3 stage-2 table (a copy that maps that IPA to the new frame).
+    let l3_ipa = b1
+        .descriptor_address(&guest, 0x7f00_1000, 3)
+        .unwrap()
+        .unwrap()
+        & !0xfff;
+    let moved = rig.frame();
+    let mut page = [0u8; 4096];
+    rig.mem.read(GuestView::pa(l3_ipa), &mut page).unwrap();
+    rig.mem.write(moved, &page).unwrap();
+    // The moved table maps 0x7f00_1000 to another guest page (IPA of PA 0x80_b000).
+    rig.mem
+        .write_u64(
+            moved + 8,
+            D::leaf(ipa(0x80_b000), PageSize::Size4K, RW_EL0).0,
+        )
+        .unwrap();
+    let s2_l3 = rig.frame();
+    let slot = b2
+        .descriptor_address(&*rig.mem, l3_ipa, 2)
+        .unwrap()
+        .unwrap();
+    let old_l3 = D(rig.mem.read_u64(slot).unwrap()).address(s2.format());
+    for i in 0..512 {
+        let d = rig.mem.read_u64(old_l3 + i * 8).unwrap();
+        rig.mem.write_u64(s2_l3 + i * 8, d).unwrap();
+    }
+    let index = (l3_ipa >> 12) & 0x1ff;
+    rig.mem
+        .write_u64(s2_l3 + index * 8, D::leaf(moved, PageSize::Size4K, S2_RW).0)
+        .unwrap();
+    rig.mem.write_u64(slot, D::table(s2_l3, 0).0).unwrap();
+    // The stage-1 walk cache holds the level-3 table (an IPA) and the TLB nothing for
+    // 0x7f00_1000: the stage-2 walk of that table's IPA uses the stale level-3 stage-2
+    // table, which still leads to the old frame.
+    assert_eq!(rig.read(SID, None, 0x7f00_1010), Ok(0x80_a010));
+    let found = rig.smmu.take_stale();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let StaleKind::S2WalkCache { ipa: at, addr, .. } = found[0].kind else {
+        panic!("{}", found[0]);
+    };
+    assert_eq!((at, addr), (l3_ipa + 8, 0x7f00_1010));
+    let cure = Cmd::TlbiS2Ipa {
+        vmid: VMID,
+        addr: TlbiAddr {
+            leaf: false,
+            ..va_operand(l3_ipa)
+        },
+    };
+    assert_eq!(found[0].missing, cure);
+    // A CMD_TLBI_NH_* leaves stage-2 walk-cache entries: NH_VA drops the combined entry,
+    // and the walk reaches the stale table again.
+    let nh_va = Cmd::TlbiNhVa {
+        vmid: VMID,
+        asid: ASID,
+        addr: va_operand(0x7f00_1000),
+    };
+    rig.submit(&[nh_va]);
+    assert_eq!(rig.read(SID, None, 0x7f00_1010), Ok(0x80_a010));
+    assert_eq!(rig.missing(), [cure]);
+    rig.submit(&[cure, nh_va]);
+    assert_eq!(rig.read(SID, None, 0x7f00_1010), Ok(0x80_b010));
+    assert!(rig.missing().is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// With the TLB and the stage-2 walk cache in play, every translation of a stage-2-only
+    /// stream over unchanging tables equals a walk of the tables from S2TTB, and strict mode
+    /// finds nothing; after one level-3 table is replaced under its level-2 descriptor and
+    /// CMD_TLBI_S2_IPA without the Leaf hint is issued for its span, translations follow
+    /// the new table.
+    #[test]
+    fn cached_stage2_walks_equal_walks_from_the_top(
+        pages in proptest::collection::vec((0u64..3, 0u64..16, 0u64..64), 1..12),
+        probes in proptest::collection::vec((0u64..3, 0u64..16, 0u64..0x1000), 1..24),
+        replace in 0usize..12,
+    ) {
+        let mut rig = Rig::new();
+        let s2 = S2Config::new(S2TTB, 25, 1, AddressSize::Bits48, S2Flags::default()).unwrap();
+        let mut b2 = TableBuilder::stage2(&s2);
+        rig.write_ste(
+            SID,
+            &Ste {
+                s2vmid: VMID,
+                s2t0sz: 25,
+                s2sl0: 1,
+                s2ps: AddressSize::Bits48,
+                s2ttb: S2TTB,
+                ..Ste::new(Config::S2Trans)
+            },
+        );
+        // Pages in three 2 MiB spans of two 1 GiB regions.
+        let ipa_of = |r: u64, p: u64| [0, 0x20_0000, 0x4000_0000][r as usize] + p * 0x1000;
+        let mut mapped = Vec::new();
+        for &(r, p, frame) in &pages {
+            let ipa = ipa_of(r, p);
+            if !mapped.contains(&ipa) {
+                rig.map(&mut b2, ipa, 0x80_0000 + frame * 0x1000, S2_RW);
+                mapped.push(ipa);
+            }
+        }
+        let check = |rig: &Rig| -> Result<(), TestCaseError> {
+            for &(r, p, off) in &probes {
+                let ipa = ipa_of(r, p) + (off & !7);
+                let model = rig.read(SID, None, ipa).ok();
+                let tables = vsva_smmuv3::walk_stage2(&*rig.mem, &s2, ipa, AccessRequest::READ, &mut ())
+                    .ok()
+                    .map(|t| t.output);
+                prop_assert_eq!(model, tables, "ipa {:#x}", ipa);
+            }
+            prop_assert!(rig.smmu.take_stale().is_empty());
+            Ok(())
+        };
+        check(&rig)?;
+        check(&rig)?;
+        let ipa = mapped[replace % mapped.len()];
+        let l3 = rig.frame();
+        let slot = b2.descriptor_address(&*rig.mem, ipa, 2).unwrap().unwrap();
+        let index = (ipa >> 12) & 0x1ff;
+        rig.mem
+            .write_u64(l3 + index * 8, D::leaf(0x70_0000, PageSize::Size4K, S2_RW).0)
+            .unwrap();
+        rig.mem.write_u64(slot, D::table(l3, 0).0).unwrap();
+        rig.submit(&[Cmd::TlbiS2Ipa {
+            vmid: VMID,
+            addr: TlbiAddr {
+                leaf: false,
+                ..va_operand(ipa)
+            },
+        }]);
+        // The TLB entries of the span's other pages are still there (S2_IPA names one
+        // page): drop them with the Leaf hint, which leaves the walk cache alone.
+        for &other in mapped.iter().filter(|&&o| o >> 21 == ipa >> 21) {
+            rig.submit(&[Cmd::TlbiS2Ipa {
+                vmid: VMID,
+                addr: va_operand(other),
+            }]);
+        }
+        prop_assert_eq!(rig.read(SID, None, ipa), Ok(0x70_0000));
         check(&rig)?;
     }
 }

@@ -120,25 +120,15 @@ impl TlbEntry {
     }
 
     /// Whether an address operand names this entry: TG 0 names the page holding the
-    /// address; a nonzero TG (IDR3.RIL) names the range of (NUM + 1) * 2^(5 * SCALE + 1)
+    /// address; a nonzero TG (IDR3.RIL) names the range of (NUM + 1) * 2^SCALE
     /// granules from the address, and a nonzero TTL only leaves of that level (§4.4.1).
     fn matches(&self, a: &TlbiAddr) -> bool {
-        let granule_shift = match a.tg {
-            0 => return self.covers(a.addr),
-            1 => 12,
-            2 => 14,
-            _ => 16,
+        let Some(end) = super::walkcache::operand_end(a) else {
+            return self.covers(a.addr);
         };
         if a.ttl != 0 && a.ttl != self.translation.page_size.level() {
             return false;
         }
-        // SCALE is five bits: the range can exceed the address space.
-        let pages = 1u64
-            .checked_shl(5 * a.scale as u32 + 1)
-            .map_or(u64::MAX, |p| p.saturating_mul(a.num as u64 + 1));
-        let end = a
-            .addr
-            .saturating_add(pages.saturating_mul(1 << granule_shift));
         let entry_end = self.page + self.translation.page_size.bytes();
         self.page < end && a.addr < entry_end
     }

@@ -6,14 +6,16 @@ use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
 use vsva_smmuv3::{
     find_cd, walk_nested, walk_stage1, walk_stage1_from, walk_stage2, AccessRequest, Config,
-    ConfigFault, Direct, Event, FaultKind, FaultStage, NestedStage, PageSize, Permissions, PhysMem,
-    S1Config, S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
+    ConfigFault, Direct, Event, FaultKind, FaultStage, PageSize, Permissions, PhysMem, S1Config,
+    S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
+use super::s2walk::{CachedS2, S2Stale};
 use super::tlb::TlbTag;
 use super::walkcache::TableSteps;
 use super::{Smmu, State};
+use vsva_smmuv3::Stage;
 
 /// A translated transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +169,14 @@ impl Smmu {
             (Some(asid), &Stages::S1(s1) | &Stages::Nested(s1, _)) => self.walk_stage1_cached(
                 &mut state, sid, ssid, vmid, asid, &stages, &s1, addr, access,
             ),
+            (_, Stages::S2(s2)) => {
+                let State { s2_walk_cache, .. } = &mut *state;
+                let mut stage = CachedS2::new(&*self.mem, s2, vmid, s2_walk_cache, self.strict);
+                let r = stage.translate(addr, access, &mut ());
+                let stale = stage.stale;
+                self.report_s2_walk_cache(&mut state, sid, ssid, vmid, addr, &stale);
+                r
+            }
             _ => walk(&*self.mem, &stages, addr, access, &mut ()),
         };
         match walked {
@@ -195,8 +205,11 @@ impl Smmu {
     }
 
     /// The walk of `addr` along `stages`, whose stage 1 is `s1` with `asid`, from the deepest
-    /// table the stage-1 walk cache knows; the tables it reads below that are cached. In
-    /// strict mode a walk that started from the cache is checked against a full walk.
+    /// table the stage-1 walk cache knows (and in nested translation each stage-2 walk from
+    /// the deepest table the stage-2 walk cache knows); the tables it reads below those are
+    /// cached. In strict mode a stage-2 walk that started from the cache is checked against
+    /// a walk from S2TTB, and, when none was stale, a walk that started from the stage-1
+    /// cache against a full walk.
     #[allow(clippy::too_many_arguments)]
     fn walk_stage1_cached(
         &self,
@@ -213,16 +226,23 @@ impl Smmu {
         let top = s1.table_for(addr).map_or(S1Start::top(s1), S1Start::of);
         let start = state.walk_cache.lookup(vmid, asid, s1, addr).unwrap_or(top);
         let mem = &*self.mem;
-        let mut steps = TableSteps::default();
+        let mut steps = TableSteps::new(Stage::Stage1);
+        let mut s2_stale: Vec<S2Stale> = Vec::new();
         let r = match stages {
             Stages::Nested(_, s2) => {
-                let mut nested = NestedStage { mem, s2 };
-                walk_stage1_from(mem, s1, &mut nested, start, addr, access, &mut steps)
+                let mut nested =
+                    CachedS2::new(mem, s2, vmid, &mut state.s2_walk_cache, self.strict);
+                let r = walk_stage1_from(mem, s1, &mut nested, start, addr, access, &mut steps);
+                s2_stale = nested.stale;
+                r
             }
             _ => walk_stage1_from(mem, s1, &mut Direct, start, addr, access, &mut steps),
         };
         state.walk_cache.fill(vmid, asid, s1, addr, start, &steps);
-        if self.strict && start != top {
+        if !s2_stale.is_empty() {
+            // The stage-2 entries explain the difference a full walk would show.
+            self.report_s2_walk_cache(state, sid, ssid, vmid, addr, &s2_stale);
+        } else if self.strict && start != top {
             self.check_walk_cache(
                 state, sid, ssid, vmid, asid, stages, addr, access, start, &r,
             );
