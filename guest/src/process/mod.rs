@@ -1,8 +1,9 @@
-//! A guest process: its virtual memory areas and its x86-64 page tables in guest RAM.
+//! A guest process: its virtual memory areas and its page tables in guest RAM, x86-64 or
+//! AArch64 ([`Arch`]).
 //!
-//! The tables are the ones the CPU walks from CR3 (4- or 5-level IA-32e paging) and, once
-//! the process is bound to a device, the ones the IOMMU walks from the PASID entry's
-//! FLPTPTR. Pages are mapped user-accessible with the VMA's rights: writable only with
+//! The tables are the ones the CPU walks from CR3 (4- or 5-level IA-32e paging) or TTBR0
+//! (VMSAv8-64, 4 KiB granule, 48-bit VA) and, once the process is bound to a device, the
+//! ones the IOMMU walks from the PASID entry's FLPTPTR or the context descriptor's TTB0. Pages are mapped user-accessible with the VMA's rights: writable only with
 //! [`Prot::WRITE`], execute-disabled without [`Prot::EXEC`]. A page a VMA covers but the
 //! tables do not map is populated on first touch, by the CPU (a page fault) or by the
 //! device (a page request the IOMMU driver hands to [`Process::handle_fault`]).
@@ -19,10 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::GuestMemoryMmap;
-use vsva_vtd::{
-    walk_first_level, AccessRequest, BuildError, FlConfig, FlFormat, FlPagingMode, Gpa, Gva,
-    MapFlags, MemError, PageSize, PageTableBuilder, PhysMem, TableFormat,
-};
+use vsva_vtd::{BuildError, FlPagingMode, Gpa, Gva, MapFlags, MemError, PhysMem};
 
 use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
 
@@ -32,12 +30,6 @@ pub const MMAP_BASE: u64 = 0x7f00_0000_0000;
 pub const MMAP_MIN_ADDR: u64 = 0x1_0000;
 /// Unmapped bytes [`Process::mmap`] leaves after each mapping, so overruns fault.
 const GUARD: u64 = FRAME_SIZE;
-
-/// The CPU's view of first-level entries: 52-bit physical addresses, 1-GiB pages.
-const CPU_FORMAT: FlFormat = match FlFormat::new(52, true) {
-    Ok(f) => f,
-    Err(_) => panic!("52 bits is a valid address width"),
-};
 
 /// Access rights of a mapping (`PROT_*`). The first level cannot express pages that are
 /// not readable, so every mapping has [`Prot::READ`].
@@ -166,6 +158,9 @@ pub enum ProcessError {
     /// The page-table builder refused an update.
     #[error(transparent)]
     Tables(#[from] BuildError),
+    /// The AArch64 page-table builder refused an update.
+    #[error(transparent)]
+    Aarch64Tables(#[from] vsva_smmuv3::BuildError),
     /// Guest RAM refused an access.
     #[error(transparent)]
     Memory(#[from] MemError),
@@ -173,7 +168,7 @@ pub enum ProcessError {
 
 struct State {
     /// Destroyed only in `Drop`.
-    tables: ManuallyDrop<PageTableBuilder>,
+    tables: ManuallyDrop<Tables>,
     /// By start address; never overlapping.
     vmas: BTreeMap<u64, Vma>,
     /// Resident pages: virtual page to the frame that backs it.
@@ -206,13 +201,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Process {
-    /// A process with an empty address space: one cleared top-level table (PML4 or PML5).
+    /// An x86-64 process with an empty address space: one cleared top-level table (PML4
+    /// or PML5).
     pub fn new(
         mem: Arc<GuestMemoryMmap>,
         frames: Arc<GuestFrames>,
         mode: FlPagingMode,
     ) -> Result<Self, ProcessError> {
-        let tables = PageTableBuilder::new(TableFormat::FirstLevel(mode), &*mem, &mut &*frames)?;
+        Self::with_arch(mem, frames, Arch::X86_64(mode))
+    }
+
+    /// An AArch64 process with an empty address space: one cleared level-0 table for
+    /// TTBR0 (4 KiB granule, 48-bit VA). Its user range is the one an x86-64 process with
+    /// 4-level paging has (below 2^47), which a 48-bit TTBR0 range contains.
+    pub fn new_aarch64(
+        mem: Arc<GuestMemoryMmap>,
+        frames: Arc<GuestFrames>,
+    ) -> Result<Self, ProcessError> {
+        Self::with_arch(mem, frames, Arch::Aarch64)
+    }
+
+    fn with_arch(
+        mem: Arc<GuestMemoryMmap>,
+        frames: Arc<GuestFrames>,
+        arch: Arch,
+    ) -> Result<Self, ProcessError> {
+        let tables = Tables::new(arch, &*mem, &frames)?;
+        let mode = match arch {
+            Arch::X86_64(mode) => mode,
+            Arch::Aarch64 => FlPagingMode::FourLevel,
+        };
         Ok(Process {
             cr3: Gpa(tables.root()),
             mem,
@@ -228,14 +246,20 @@ impl Process {
         })
     }
 
-    /// The physical address of the top-level table: what CR3 holds, and FLPTPTR.
+    /// The physical address of the top-level table: what CR3 holds, and FLPTPTR (on
+    /// AArch64: TTBR0, and a context descriptor's TTB0).
     pub fn cr3(&self) -> Gpa {
         self.cr3
     }
 
-    /// 4- or 5-level paging.
+    /// 4- or 5-level paging (an AArch64 process has the 4-level layout: 48-bit VAs).
     pub fn paging_mode(&self) -> FlPagingMode {
         self.mode
+    }
+
+    /// The architecture of the process's tables.
+    pub fn arch(&self) -> Arch {
+        lock(&self.state).tables.arch()
     }
 
     /// Guest RAM the tables and pages live in.
@@ -266,8 +290,8 @@ impl Process {
     /// The frame `gva` is mapped to now (with its page offset), as the tables say.
     pub fn translate(&self, gva: Gva) -> Option<Gpa> {
         let st = lock(&self.state);
-        let m = st.tables.lookup(&*self.mem, gva.0).ok()??;
-        Some(Gpa(m.page | gva.page_offset(m.size.bytes())))
+        let (page, size) = st.tables.lookup(&*self.mem, gva.0)?;
+        Some(Gpa(page | gva.page_offset(size)))
     }
 
     /// Maps `len` bytes (rounded up to pages) of zeroed, resident memory with `prot` at a
@@ -370,7 +394,7 @@ impl Process {
         let pages: Vec<(u64, u64)> = st.pages.range(start..end).map(|(&v, &f)| (v, f)).collect();
         for (va, frame) in pages {
             // The page was mapped by this process a moment ago: unmapping cannot fail.
-            let _ = st.tables.unmap(&*self.mem, va, PageSize::Size4K);
+            let _ = st.tables.unmap(&*self.mem, va);
             st.pages.remove(&va);
             let _ = self.frames.free(Gpa(frame));
         }
@@ -379,17 +403,10 @@ impl Process {
     /// Maps a fresh zeroed frame at `page` with `prot`.
     fn populate(&self, st: &mut State, page: u64, prot: Prot) -> Result<(), ProcessError> {
         let frame = self.frames.alloc()?;
-        let mapped = st.tables.map(
-            &*self.mem,
-            &mut &*self.frames,
-            page,
-            frame.0,
-            PageSize::Size4K,
-            prot.map_flags(),
-        );
+        let mapped = st.tables.map(&*self.mem, &self.frames, page, frame.0, prot);
         if let Err(e) = mapped {
             let _ = self.frames.free(frame);
-            return Err(e.into());
+            return Err(e);
         }
         st.pages.insert(page, frame.0);
         Ok(())
@@ -414,7 +431,7 @@ impl Process {
             for (va, frame) in resident {
                 // A page whose entry could not be cleared stays resident (and its frame
                 // allocated): the tables may still point to it.
-                match st.tables.unmap(&*self.mem, va, PageSize::Size4K) {
+                match st.tables.unmap(&*self.mem, va) {
                     Ok(_) => {
                         st.pages.remove(&va);
                         freed.push(frame);
@@ -431,7 +448,7 @@ impl Process {
             // Frames recorded in `pages` were allocated by this process.
             let _ = self.frames.free(Gpa(frame));
         }
-        error.map_or(Ok(()), |e| Err(e.into()))
+        error.map_or(Ok(()), Err)
     }
 
     /// Changes the rights of `[gva, gva + len)` (`len` rounded up to pages), which must be
@@ -462,10 +479,7 @@ impl Process {
             let resident: Vec<u64> = st.pages.range(start..end).map(|(&v, _)| v).collect();
             let mut error = None;
             for va in resident {
-                if let Err(e) =
-                    st.tables
-                        .protect(&*self.mem, va, PageSize::Size4K, prot.map_flags())
-                {
+                if let Err(e) = st.tables.protect(&*self.mem, va, prot) {
                     error.get_or_insert(e);
                 }
             }
@@ -473,7 +487,7 @@ impl Process {
         };
         // Reported even after a failed update: some entries may have changed.
         self.notify(&ranges);
-        error.map_or(Ok(()), |e| Err(e.into()))
+        error.map_or(Ok(()), Err)
     }
 
     /// Resolves a fault at `gva` for a read or a `write`, as the kernel's page-fault
@@ -529,27 +543,13 @@ impl Process {
     /// The CPU's walk of the process's tables for a user access, setting accessed and
     /// dirty bits; a fault goes to the page-fault handler and the walk is retried once.
     fn cpu_translate(&self, st: &mut State, gva: Gva, write: bool) -> Result<u64, ProcessError> {
-        let cfg = FlConfig {
-            root: self.cr3.0,
-            mode: self.mode,
-            sre: false,
-            wpe: false,
-            eafe: false,
-            format: CPU_FORMAT,
-        };
-        let access = AccessRequest {
-            write,
-            ..AccessRequest::READ
-        };
-        match walk_first_level(&*self.mem, &cfg, gva.0, access, &mut ()) {
-            Ok(t) => Ok(t.output),
-            Err(_) => {
-                self.fault(st, gva, write)?;
-                walk_first_level(&*self.mem, &cfg, gva.0, access, &mut ())
-                    .map(|t| t.output)
-                    .map_err(|_| ProcessError::Segv { gva, write })
-            }
+        if let Some(pa) = st.tables.cpu_walk(&*self.mem, gva.0, write) {
+            return Ok(pa);
         }
+        self.fault(st, gva, write)?;
+        st.tables
+            .cpu_walk(&*self.mem, gva.0, write)
+            .ok_or(ProcessError::Segv { gva, write })
     }
 
     /// Registers `notifier` for changes to existing translations.
@@ -610,12 +610,16 @@ impl Drop for Process {
         }
         // SAFETY: `tables` is never used again: this is the process's last moment.
         let tables = unsafe { ManuallyDrop::take(&mut st.tables) };
-        tables.destroy(&mut &*self.frames);
+        tables.destroy(&self.frames);
     }
 }
 
+mod tables;
 #[cfg(test)]
 mod tests;
+
+use tables::Tables;
+pub use tables::{Arch, AARCH64_T0SZ};
 
 /// Bytes from `gva` to the end of its page, at most `left`.
 fn chunk(gva: Gva, left: usize) -> usize {

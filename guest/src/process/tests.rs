@@ -470,3 +470,88 @@ proptest! {
         prop_assert_eq!(frames.allocated_frames(), 0);
     }
 }
+
+/// An AArch64 process: the CPU's accesses, the tables an SMMU walks from TTB0 (the
+/// stage-1 walker with the configuration of a context descriptor for that table), the
+/// rights of each page in AP and UXN, munmap and mprotect, and every frame back at the end.
+#[test]
+fn aarch64_tables_are_what_the_smmu_walks() {
+    use vsva_smmuv3::desc::Descriptor as D;
+    use vsva_smmuv3::{walk_stage1, AccessRequest as A, ContextDescriptor, FaultKind, Features};
+    let (mem, frames, p) = {
+        let (mem, frames) = ram_and_frames();
+        let p = Process::new_aarch64(mem.clone(), frames.clone()).unwrap();
+        (mem, frames, p)
+    };
+    assert_eq!(p.arch(), Arch::Aarch64);
+    assert_eq!(p.page_table_frames(), 1);
+    let rec = Arc::new(Recorder::default());
+    p.register_notifier(rec.clone());
+    let rw = p.mmap(2 * 4096, Prot::READ_WRITE).unwrap();
+    let ro = p.mmap(4096, Prot::READ).unwrap();
+    // Level-0, -1, -2 and -3 tables and three pages.
+    assert_eq!(frames.allocated_frames(), 4 + 3);
+    p.write(Gva(rw.0 + 4000), b"nested").unwrap();
+    let cfg = ContextDescriptor::new(p.cr3().0, AARCH64_T0SZ, 9)
+        .s1_config(&Features::VSVA)
+        .unwrap();
+    let write = A {
+        write: true,
+        ..A::READ
+    };
+    let t = walk_stage1(&*mem, &cfg, rw.0 + 4000, A::READ, &mut ()).unwrap();
+    assert_eq!(Some(Gpa(t.output)), p.translate(Gva(rw.0 + 4000)));
+    let mut b = [0; 6];
+    mem.read(t.output, &mut b).unwrap();
+    assert_eq!(&b, b"nested");
+    assert!(walk_stage1(&*mem, &cfg, rw.0, write, &mut ()).is_ok());
+    // The read-only page refuses a write (AP[2] set) and no page is executable (UXN).
+    let f = walk_stage1(&*mem, &cfg, ro.0, write, &mut ()).unwrap_err();
+    assert_eq!(f.kind, FaultKind::Permission);
+    let exec = A {
+        instruction: true,
+        ..A::READ
+    };
+    assert_eq!(
+        walk_stage1(&*mem, &cfg, rw.0, exec, &mut ())
+            .unwrap_err()
+            .kind,
+        FaultKind::Permission
+    );
+    assert!(matches!(
+        p.write(ro, b"x"),
+        Err(ProcessError::Segv { write: true, .. })
+    ));
+    // mprotect makes the first page read-only; munmap clears the second.
+    p.mprotect(rw, 4096, Prot::READ).unwrap();
+    assert_eq!(
+        walk_stage1(&*mem, &cfg, rw.0, write, &mut ())
+            .unwrap_err()
+            .kind,
+        FaultKind::Permission
+    );
+    struct Leaf(u64);
+    impl vsva_smmuv3::WalkObserver for Leaf {
+        fn step(&mut self, step: vsva_smmuv3::WalkStep) {
+            self.0 = step.entry;
+        }
+    }
+    let mut leaf = Leaf(0);
+    walk_stage1(&*mem, &cfg, rw.0, A::READ, &mut leaf).unwrap();
+    let desc = leaf.0;
+    assert_ne!(desc & D::AP_RO, 0);
+    assert_ne!(desc & D::NG, 0, "user pages are ASID-tagged");
+    p.munmap(Gva(rw.0 + 4096), 4096).unwrap();
+    assert_eq!(
+        walk_stage1(&*mem, &cfg, rw.0 + 4096, A::READ, &mut ())
+            .unwrap_err()
+            .kind,
+        FaultKind::Translation
+    );
+    assert_eq!(
+        rec.take(),
+        [(rw.0, rw.0 + 4096), (rw.0 + 4096, rw.0 + 8192)]
+    );
+    drop(p);
+    assert_eq!(frames.allocated_frames(), 0);
+}

@@ -1,0 +1,337 @@
+//! An arm64 guest end to end on an SMMUv3 host: the guest's arm-smmu-v3 driver
+//! (`vsva_guest::SmmuSva`) programs the virtual SMMUv3 (`vsva_vmm::VSmmu`), which hands the
+//! guest's CD table to the VM's VFIO container (`VFIO_IOMMU_ATTACH_PASID_TABLE`) on the
+//! host SMMUv3 driver and the physical SMMUv3 model (strict mode); a DMA engine with the
+//! guest's SubstreamID moves bytes at the process's virtual addresses through its AArch64
+//! tables nested over stage 2; munmap's invalidations reach the host before CMD_SYNC
+//! completes, so the next access faults at the unmapped address and the guest reads that
+//! fault from its event queue; a page request is served by the guest's fault handler.
+
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_guest::{GuestFrames, Process, Prot, SmmuSva};
+use vsva_host::smmu::{SmmuDomain, SmmuHost};
+use vsva_host::{Container, ContainerFile, PasidAllocator};
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
+    Operation,
+};
+use vsva_hw::smmuv3::{Smmu, SmmuConfig};
+use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_smmuv3::{EventType, RegError};
+use vsva_smmuv3_driver::Registers;
+use vsva_uapi::{DmaMap, IommuModel, QueuedFault, UapiFile, VfioIoctls};
+use vsva_vmm::{HostConfig, VSmmu, VSmmuConfig, VSmmuError};
+use vsva_vtd::{Gpa, Gva, Hpa, Iova, Pasid, SourceId};
+
+const RAM: u64 = 64 << 20;
+/// The device's StreamID in the guest, and its requester id on the host.
+const GSID: u32 = 0x18;
+const PAGE: u64 = 4096;
+
+struct Mmio(Arc<VSmmu>);
+
+impl Registers for Mmio {
+    fn read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        self.0.read(offset, size).map_err(reg_error)
+    }
+    fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
+        self.0.write(offset, size, value).map_err(reg_error)
+    }
+}
+
+fn reg_error(e: VSmmuError) -> RegError {
+    match e {
+        VSmmuError::Register(r) => r,
+        e => panic!("a register access failed with {e}"),
+    }
+}
+
+/// The host (memory, SMMUv3 model, its driver), one VM (RAM, container, device, vSMMU)
+/// and the guest's SMMU driver.
+struct Stack {
+    mem: Arc<HostMemory>,
+    host_frames: Arc<FrameAllocator>,
+    hw: Arc<Smmu>,
+    host: Arc<SmmuHost>,
+    hpa: Hpa,
+    ram: Arc<GuestMemoryMmap>,
+    file: Option<Arc<ContainerFile<SmmuDomain>>>,
+    dev: Arc<DmaEngine>,
+    vsmmu: Arc<VSmmu>,
+    guest: Option<Arc<SmmuSva<Mmio>>>,
+    frames: Arc<GuestFrames>,
+}
+
+impl Stack {
+    fn new() -> Stack {
+        let mem = HostMemory::new(256 << 20).unwrap();
+        let host_frames = Arc::new(FrameAllocator::new(mem.clone()));
+        let hw = Arc::new(Smmu::new(
+            mem.clone(),
+            SmmuConfig {
+                strict: true,
+                ..SmmuConfig::default()
+            },
+        ));
+        let host = SmmuHost::new(hw.clone(), host_frames.clone()).unwrap();
+        let hpa = host_frames.alloc_range(RAM, 2 << 20).unwrap();
+        let ram = Arc::new(mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap());
+        let host_sid = SourceId::from_rid(GSID as u16);
+        let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(host_sid), hw.clone()).unwrap());
+        hw.attach_endpoint(GSID, dev.clone());
+        dev.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
+            .unwrap();
+        // The VMM: a container with the device and all guest RAM mapped.
+        let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
+        let mut c = Container::new(allocator, 16, SmmuDomain::new(&host).unwrap());
+        c.set_iommu(IommuModel::Type1Nesting).unwrap();
+        c.attach_device(host_sid).unwrap();
+        let file = Arc::new(ContainerFile::new(c));
+        let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
+        VfioIoctls::map_dma(
+            &mut &*file,
+            &DmaMap {
+                iova: Iova(0),
+                vaddr,
+                size: RAM,
+                read: true,
+                write: true,
+            },
+        )
+        .unwrap();
+        let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).unwrap();
+        vsmmu
+            .attach_passthrough(GSID, host_sid, file.clone())
+            .unwrap();
+        // The guest kernel: frames from 16 MiB, its SMMU driver.
+        let frames = Arc::new(GuestFrames::new(ram.clone(), Gpa(16 << 20), 48 << 20).unwrap());
+        let guest = SmmuSva::new(Mmio(vsmmu.clone()), ram.clone(), frames.clone()).unwrap();
+        Stack {
+            mem,
+            host_frames,
+            hw,
+            host,
+            hpa,
+            ram,
+            file: Some(file),
+            dev,
+            vsmmu,
+            guest: Some(guest),
+            frames,
+        }
+    }
+
+    fn guest(&self) -> &Arc<SmmuSva<Mmio>> {
+        self.guest.as_ref().unwrap()
+    }
+
+    fn file(&self) -> &Arc<ContainerFile<SmmuDomain>> {
+        self.file.as_ref().unwrap()
+    }
+
+    /// The VMM's fault handling: the host driver's queue handlers run, and what the
+    /// container's fault queue holds is injected into the vSMMU.
+    fn pump(&self) -> usize {
+        self.host.handle_queues();
+        let faults = self.file().read_faults().unwrap();
+        for f in &faults {
+            match f {
+                QueuedFault::PageRequest(e) => {
+                    self.vsmmu.inject_page_request(e.sid, &e.request).unwrap();
+                }
+                QueuedFault::Unrecoverable(e) => {
+                    self.vsmmu.inject_host_fault(e.sid, &e.fault).unwrap();
+                }
+            }
+        }
+        faults.len()
+    }
+
+    /// A memmove by the device with SubstreamID `ssid`, its completion record at `comp`
+    /// in `p`; returns the record's status.
+    fn memmove(
+        &self,
+        p: &Process,
+        ssid: u32,
+        src: u64,
+        dst: u64,
+        len: u32,
+        comp: u64,
+    ) -> CompletionStatus {
+        self.submit(p, ssid, src, dst, len, comp, false);
+        self.status(p, comp)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(&self, p: &Process, ssid: u32, src: u64, dst: u64, len: u32, comp: u64, block: bool) {
+        p.write(Gva(comp), &[0; 32]).unwrap();
+        let d = Descriptor {
+            pasid: Some(Pasid::new(ssid).unwrap()),
+            privileged: false,
+            block_on_fault: block,
+            completion: CompletionRequest::Always(comp),
+            op: Operation::Memmove {
+                src,
+                dst,
+                size: len,
+            },
+        };
+        self.dev.portal_write(0, &d.encode()).unwrap();
+        self.dev.process();
+    }
+
+    fn status(&self, p: &Process, comp: u64) -> CompletionStatus {
+        let mut rec = [0; 32];
+        p.read(Gva(comp), &mut rec).unwrap();
+        CompletionRecord::from_bytes(&rec).map_or(CompletionStatus::None, |r| r.status)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(g) = self.guest.take() {
+            g.shutdown().unwrap();
+        }
+        let _ = self.vsmmu.detach_passthrough(GSID);
+        self.file = None;
+        self.mem.release_guest_memory(&self.ram);
+        self.host_frames.free(self.hpa).unwrap();
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn an_arm64_process_bound_through_the_vsmmu_moves_bytes_at_its_virtual_addresses() {
+    let s = Stack::new();
+    // The guest attaches the device: its STE becomes the host's nested configuration.
+    s.guest().attach_device(GSID).unwrap();
+    let HostConfig::Translate(table) = s.vsmmu.host_config(GSID).unwrap() else {
+        panic!("the guest's CD table is not attached");
+    };
+    assert_eq!(
+        s.file().lock().backend().pasid_table(),
+        Some(table),
+        "the container holds the guest's table"
+    );
+    let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
+    let src = p.mmap(3 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let dst = p.mmap(3 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let data = pattern(2 * PAGE as usize + 300, 5);
+    p.write(Gva(src + 0x10), &data).unwrap();
+    let ssid = s.guest().bind(GSID, &p).unwrap();
+    assert_eq!(ssid, 1);
+    assert_eq!(
+        s.memmove(&p, ssid, src + 0x10, dst + 0x20, data.len() as u32, comp),
+        CompletionStatus::Success
+    );
+    let mut back = vec![0; data.len()];
+    p.read(Gva(dst + 0x20), &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(s.hw.take_stale(), [], "strict mode: no stale translation");
+    // munmap of the second destination page: the guest's TLBI and ATC invalidation reach
+    // the host before CMD_SYNC completes, so the device's next access to it faults, and
+    // the fault comes back to the guest's event queue at that address.
+    p.munmap(Gva(dst + PAGE), PAGE).unwrap();
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+    let st = s.memmove(&p, ssid, src, dst, 2 * PAGE as u32, comp);
+    assert_ne!(st, CompletionStatus::Success);
+    assert_eq!(
+        s.hw.take_stale(),
+        [],
+        "the unmapped page was not used from a cache"
+    );
+    assert_eq!(s.pump(), 1);
+    let events = s.guest().read_events().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.event_type, e.sid, e.ssid, e.input_addr, e.rnw),
+        (EventType::Translation, GSID, Some(ssid), dst + PAGE, false)
+    );
+    // A page the process has not touched yet: the device's page request goes to the
+    // guest's PRI queue, its fault handler maps the page, CMD_PRI_RESP resumes the DMA.
+    let lazy = p.mmap_lazy(2 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let small = pattern(100, 9);
+    p.write(Gva(src), &small).unwrap();
+    s.submit(&p, ssid, src, lazy + 8, 100, comp, true);
+    assert_eq!(s.dev.waiting_for_page_response(), 1);
+    // The model's SMMU records the translation fault of the device's first access as
+    // well as its page request: both reach the guest.
+    assert_eq!(s.pump(), 2);
+    let events = s.guest().read_events().unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.event_type, e.input_addr))
+            .collect::<Vec<_>>(),
+        [(EventType::Translation, lazy)]
+    );
+    let stats = s.guest().handle_page_requests().unwrap();
+    assert_eq!((stats.requests, stats.resolved, stats.succeeded), (1, 1, 1));
+    s.dev.process();
+    assert_eq!(s.status(&p, comp), CompletionStatus::Success);
+    let mut back = vec![0; 100];
+    p.read(Gva(lazy + 8), &mut back).unwrap();
+    assert_eq!(back, small);
+    // Unbind: the CD goes; the SubstreamID's requests now fail and report C_BAD_CD.
+    s.guest().unbind(GSID, ssid).unwrap();
+    assert_ne!(
+        s.memmove(&p, ssid, src, dst, 64, comp),
+        CompletionStatus::Success
+    );
+    s.pump();
+    let events = s.guest().read_events().unwrap();
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event_type == EventType::BadCd && e.ssid == Some(ssid)),
+        "{events:?}"
+    );
+    assert_eq!(s.hw.take_stale(), []);
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+}
+
+#[test]
+fn shutting_the_guest_and_the_vm_down_leaves_nothing_on_the_host() {
+    let mut s = Stack::new();
+    s.guest().attach_device(GSID).unwrap();
+    let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
+    let buf = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let ssid = s.guest().bind(GSID, &p).unwrap();
+    assert_eq!(
+        s.memmove(&p, ssid, buf, buf + 64, 64, comp),
+        CompletionStatus::Success
+    );
+    assert_eq!(s.host.vmids().len(), 1);
+    let (tlb, _, cds) = s.hw.cached_entries();
+    assert!(tlb > 0 && cds > 0);
+    // The guest shuts its driver down (the device's STE aborts: an aborting attach), the
+    // VMM detaches the device and closes the container.
+    let guest_frames = s.frames.allocated_frames();
+    s.guest.take().unwrap().shutdown().unwrap();
+    assert_eq!(
+        s.frames.allocated_frames(),
+        guest_frames - vsva_guest::smmu::DMA_REGION / PAGE,
+        "the driver's region is back"
+    );
+    assert_eq!(s.vsmmu.host_config(GSID).unwrap(), HostConfig::Abort);
+    s.vsmmu.detach_passthrough(GSID).unwrap();
+    assert_eq!(s.file().lock().backend().pasid_table(), None);
+    s.file = None;
+    let (tlb, _, cds) = s.hw.cached_entries();
+    assert_eq!((tlb, cds), (0, 0));
+    assert!(s.host.vmids().is_empty());
+    assert!(s.host.owned_streams().is_empty());
+    assert_eq!(s.hw.take_stale(), []);
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+}
