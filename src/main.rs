@@ -384,7 +384,7 @@ fn main() -> ExitCode {
             millis,
             max_pages,
         } => {
-            let code = vsva_service::load::worker_main(
+            let code = vsva_testbed::remote::load_worker(
                 &socket,
                 seed,
                 std::time::Duration::from_millis(millis),

@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use vsva_guest::Prot;
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_service::load::{Held, Samples, WorkerReport};
 use vsva_service::protocol::HostState;
 use vsva_service::{ClientError, RemoteFile, SharedRam};
-use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE};
+use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE};
 use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
 use vsva_vtd::{FlPagingMode, Iova};
 
@@ -94,12 +95,35 @@ pub struct HostLink {
     pause_at: Option<Stage>,
     paused: AtomicBool,
     device_ran: AtomicBool,
+    timings: Mutex<Timings>,
+    /// When the device last stopped on a page request, until its first response.
+    page_request_at: Mutex<Option<Instant>>,
+}
+
+/// Latencies of the calls that cross to the host, as `vsva load` reports them.
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    /// Each forwarded invalidation: a `VFIO_IOMMU_CACHE_INVALIDATE` over the socket.
+    pub fwd_inv: Samples,
+    /// Each page request round trip: from the host's `DEVICE_RUN` saying the device waits
+    /// on a page request, through reading it from the host's fault queue, the vIOMMU and
+    /// the guest's handler, to the host acknowledging the first page response.
+    pub prq: Samples,
 }
 
 impl HostLink {
     /// The connection.
     pub fn file(&self) -> &RemoteFile {
         &self.file
+    }
+
+    /// Takes the latencies timed so far.
+    pub fn take_timings(&self) -> Timings {
+        std::mem::take(&mut *self.timings.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn timings(&self) -> MutexGuard<'_, Timings> {
+        self.timings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Announces `stage` (once, if it is the one asked for) and waits for a line on stdin
@@ -128,7 +152,25 @@ impl UapiFile for HostLink {
             }
             _ => {}
         }
-        self.file.ioctl(cmd, arg)
+        let start = Instant::now();
+        let result = self.file.ioctl(cmd, arg);
+        if result.is_ok() {
+            match cmd {
+                VFIO_IOMMU_CACHE_INVALIDATE => self.timings().fwd_inv.push(start.elapsed()),
+                VFIO_IOMMU_PAGE_RESPONSE => {
+                    let at = self
+                        .page_request_at
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take();
+                    if let Some(at) = at {
+                        self.timings().prq.push(at.elapsed());
+                    }
+                }
+                _ => {}
+            }
+        }
+        result
     }
 
     fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
@@ -160,6 +202,10 @@ impl Passthrough for HostLink {
         let waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
         self.device_ran.store(true, Ordering::Release);
         if waiting > 0 {
+            *self
+                .page_request_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
             self.pause(Stage::PageRequest, true);
         }
         usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
@@ -212,6 +258,8 @@ impl RemoteVm {
             pause_at,
             paused: AtomicBool::new(false),
             device_ran: AtomicBool::new(false),
+            timings: Mutex::default(),
+            page_request_at: Mutex::new(None),
         });
         let vmm = Vmm::boot(
             index,
@@ -596,6 +644,134 @@ pub fn workload_loop(vm: &Vmm, seed: u64, duration: Duration, max_pages: u64) ->
         }
     }
     report
+}
+
+/// RAM of a `vsva load` VM.
+pub const LOAD_VM_RAM: u64 = 32 << 20;
+/// The buffer a `vsva load` VM's device fills at its start and the VM checks at its end.
+const KEEPER_LEN: u64 = 64 << 10;
+
+/// A `vsva load` VM's keeper: a guest process with a bound PASID and a buffer its device
+/// filled with one byte value.
+struct Keeper {
+    process: Arc<vsva_guest::Process>,
+    buf: vsva_vtd::Gva,
+    byte: u8,
+}
+
+impl Keeper {
+    fn start(vm: &Vmm, byte: u8) -> Result<Keeper, StackError> {
+        let guest = |e: &dyn std::fmt::Display| StackError::Guest(e.to_string());
+        let process = vm.spawn(FlPagingMode::FourLevel)?;
+        let buf = process
+            .mmap(KEEPER_LEN, Prot::READ_WRITE)
+            .map_err(|e| guest(&e))?;
+        let record = process
+            .mmap(4096, Prot::READ_WRITE)
+            .map_err(|e| guest(&e))?;
+        let pasid = vm.bind(&process)?;
+        let fill = Operation::Fill {
+            pattern: u64::from_ne_bytes([byte; 8]),
+            dst: buf.0,
+            size: KEEPER_LEN as u32,
+        };
+        let rec = vm.run(&process, pasid, fill, record)?;
+        if rec.status != CompletionStatus::Success {
+            return Err(StackError::Guest(format!("the keeper fill: {rec:?}")));
+        }
+        let keeper = Keeper { process, buf, byte };
+        keeper.check()?;
+        Ok(keeper)
+    }
+
+    /// The bytes checked, or an error if one changed.
+    fn check(&self) -> Result<u64, StackError> {
+        let mut got = vec![0u8; KEEPER_LEN as usize];
+        self.process
+            .read(self.buf, &mut got)
+            .map_err(|e| StackError::Guest(e.to_string()))?;
+        if got.iter().any(|&b| b != self.byte) {
+            return Err(StackError::Guest("the keeper buffer changed".into()));
+        }
+        Ok(KEEPER_LEN)
+    }
+}
+
+/// `vsva load-worker`: one VM process of `vsva load`, the VM of `vsva vm` looping
+/// [`cycle`]. Boots (with a keeper buffer its device fills), prints `ready`, loops for
+/// `duration` with buffers of 1 to `max_pages` pages, checks the keeper, prints `report
+/// <json>` (a [`WorkerReport`] with the link's [`Timings`]), waits for its stdin to close
+/// and shuts down. Returns the exit code: 0, or 1 when it could not start.
+pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
+    let started = RemoteVm::connect(socket, 0, LOAD_VM_RAM, None).and_then(|vm| {
+        let keeper = Keeper::start(&vm.vmm, (seed as u8) | 1)?;
+        Ok((vm, keeper))
+    });
+    let (vm, keeper) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vsva load worker: {e}");
+            return 1;
+        }
+    };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut report = WorkerReport::default();
+    let end = Instant::now() + duration;
+    while Instant::now() < end && !vm.host_gone() {
+        let pages = rng.random_range(1..=max_pages.max(1));
+        match cycle(&vm.vmm, &mut rng, pages) {
+            Ok(bytes) => {
+                report.cycles += 1;
+                report.bytes_verified += bytes;
+            }
+            Err(e) => {
+                report.errors += 1;
+                if report.messages.len() < 5 {
+                    report.messages.push(e.to_string());
+                }
+            }
+        }
+    }
+    match keeper.check() {
+        Ok(n) => report.keeper_bytes = n,
+        Err(e) => {
+            report.errors += 1;
+            report.messages.push(e.to_string());
+        }
+    }
+    let t = vm.link().take_timings();
+    report.fwd_inv_ns = t.fwd_inv;
+    report.prq_ns = t.prq;
+    // Between cycles the VM holds its connection, RAM window and mapping, its device and
+    // domain, and the keeper's PASID, bound.
+    report.held = Held {
+        connections: 1,
+        pasids: 1,
+        binds: 1,
+        windows: 1,
+        window_bytes: LOAD_VM_RAM,
+        dma_mappings: 1,
+        devices: 1,
+        domain_ids: 1,
+        page_requests: 0,
+        faults_unread: 0,
+    };
+    let json = serde_json::to_string(&report).expect("a serialisable report");
+    let _ = writeln!(out, "report {json}");
+    let _ = out.flush();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
+    drop(keeper);
+    match vm.shutdown() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vsva load worker: shutting down: {e}");
+            2
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,11 @@
-//! `vsva load`: a `vsva host` process and N VM processes ([`worker`]) that loop bind → DMA
+//! `vsva load`: a `vsva host` process and N VM processes (`vsva load-worker`, the VM of
+//! `vsva vm` in a loop: `vsva_testbed::remote::load_worker`) that loop bind → DMA
 //! → verify → invalidate → unbind with random sizes; in chaos mode random VM processes are
 //! killed (SIGKILL) at random points and new ones started. At the end every live VM
 //! checks the bytes its device wrote at its start, the host's `STATE` must equal its
 //! baseline plus what the live VMs hold, and after they leave, the baseline again.
 
-pub mod worker;
-
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -544,36 +543,4 @@ fn run_in(exe: &Path, socket: &Path, opts: &LoadOptions) -> Result<LoadReport, L
         );
     }
     Ok(report)
-}
-
-/// `vsva load-worker`: one VM process. Prints `ready` once set up, loops for `duration`,
-/// prints `report <json>`, then waits for its stdin to close and leaves. Returns the exit
-/// code: 0, or 1 when it could not start.
-pub fn worker_main(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
-    let mut vm = match worker::Vm::start(socket, seed) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("vsva load worker: {e}");
-            return 1;
-        }
-    };
-    let mut stdout = std::io::stdout();
-    let _ = writeln!(stdout, "ready");
-    let _ = stdout.flush();
-    let mut report = worker::run_loop(&vm, seed, duration, max_pages);
-    match vm.check_keeper() {
-        Ok(n) => report.keeper_bytes = n,
-        Err(e) => {
-            report.errors += 1;
-            report.messages.push(e.to_string());
-        }
-    }
-    report.held = worker::Vm::held();
-    let json = serde_json::to_string(&report).expect("a serialisable report");
-    let _ = writeln!(stdout, "report {json}");
-    let _ = stdout.flush();
-    let mut rest = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut rest);
-    drop(vm);
-    0
 }
