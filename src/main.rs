@@ -3,10 +3,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use vsva_testbed::bench::cli::{run_cli, BenchArgs};
 use vsva_testbed::demo::{self, DemoOptions};
 use vsva_testbed::scenario::{self, Scenario};
+use vsva_testbed::stack::Uapi;
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +18,24 @@ use vsva_testbed::scenario::{self, Scenario};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// The uAPIs of `vsva demo --uapi`.
+#[derive(Clone, Copy, ValueEnum)]
+enum UapiArg {
+    /// The seed's VFIO type1 nesting container.
+    Type1,
+    /// iommufd (`/dev/iommu` and the device's VFIO cdev).
+    Iommufd,
+}
+
+impl From<UapiArg> for Uapi {
+    fn from(u: UapiArg) -> Uapi {
+        match u {
+            UapiArg::Type1 => Uapi::Type1,
+            UapiArg::Iommufd => Uapi::Iommufd,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -36,13 +55,17 @@ enum Command {
         /// Bytes per DMA buffer.
         #[arg(long, default_value_t = 256 << 10)]
         bytes: u64,
-        /// Print the summary as one JSON object instead of text.
+        /// Print each summary as one JSON object (one line per uAPI) instead of text.
         #[arg(long)]
         json: bool,
         /// Run one `vsva host` process and one `vsva vm` process per VM (VM i with seed
         /// seed + i) instead of everything in this process.
         #[arg(long)]
         split: bool,
+        /// The uAPI the VMMs reach the host through; without it the demo runs over each,
+        /// type1 first, and prints a summary for each.
+        #[arg(long, value_enum)]
+        uapi: Option<UapiArg>,
     },
     /// A scripted run that shows one behaviour of the stack.
     Run {
@@ -190,52 +213,68 @@ fn main() -> ExitCode {
             bytes,
             json,
             split,
+            uapi,
         } => {
-            let opts = DemoOptions {
-                seed,
-                vms,
-                processes,
-                bytes,
-                progress: !json,
-                ..DemoOptions::default()
-            };
-            let mut log = |line: String| {
-                if !json {
-                    println!("{line}");
+            // The socket `vsva host` serves is the type1 container's.
+            let uapis = match (uapi.map(Uapi::from), split) {
+                (Some(Uapi::Iommufd), true) => {
+                    eprintln!(
+                        "demo: --split runs over type1 only (the host's socket serves no iommufd)"
+                    );
+                    return ExitCode::FAILURE;
                 }
+                (Some(u), _) => vec![u],
+                (None, true) => vec![Uapi::Type1],
+                (None, false) => vec![Uapi::Type1, Uapi::Iommufd],
             };
-            let summary = if split {
-                std::env::current_exe()
-                    .map_err(|e| e.to_string())
-                    .and_then(|exe| {
-                        vsva_testbed::remote::split_demo(&exe, &opts, &mut log)
-                            .map_err(|e| e.to_string())
-                    })
-            } else {
-                demo::run(&opts, &mut log).map_err(|e| e.to_string())
-            };
-            match summary {
-                Ok(summary) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string(&summary).expect("a serialisable summary")
-                        );
-                    } else {
-                        println!("{summary}");
-                        println!("{}", summary.timing());
+            let mut code = ExitCode::SUCCESS;
+            for uapi in uapis {
+                let opts = DemoOptions {
+                    seed,
+                    vms,
+                    processes,
+                    bytes,
+                    progress: !json,
+                    uapi,
+                    ..DemoOptions::default()
+                };
+                let mut log = |line: String| {
+                    if !json {
+                        println!("{line}");
                     }
-                    if summary.errors == 0 {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
+                };
+                let summary = if split {
+                    std::env::current_exe()
+                        .map_err(|e| e.to_string())
+                        .and_then(|exe| {
+                            vsva_testbed::remote::split_demo(&exe, &opts, &mut log)
+                                .map_err(|e| e.to_string())
+                        })
+                } else {
+                    demo::run(&opts, &mut log).map_err(|e| e.to_string())
+                };
+                match summary {
+                    Ok(summary) => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::to_string(&summary).expect("a serialisable summary")
+                            );
+                        } else {
+                            println!("{summary}");
+                            println!("{}", summary.timing());
+                        }
+                        if summary.errors != 0 {
+                            code = ExitCode::FAILURE;
+                        }
                     }
-                }
-                Err(e) => {
-                    eprintln!("demo: {e}");
-                    ExitCode::FAILURE
+                    Err(e) => {
+                        eprintln!("demo: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 }
             }
+            code
         }
         Command::Run { scenario } => match scenario::run(scenario) {
             Ok(outcome) => {

@@ -45,6 +45,38 @@ fn a_one_vm_demo_passes_and_says_what_it_skipped() {
 }
 
 #[test]
+fn the_demo_runs_over_each_uapi_or_the_one_asked() {
+    let args = ["demo", "--vms", "2", "--processes", "1", "--bytes", "4096"];
+    let out = vsva(&args);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let summaries: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" VMs, ") && l.ends_with(" 0 errors"))
+        .collect();
+    assert_eq!(summaries.len(), 2, "{stdout}");
+    assert!(
+        summaries[0].starts_with("demo: 2 VMs, 2 PASIDs, "),
+        "{stdout}"
+    );
+    assert!(
+        summaries[1].starts_with("demo (iommufd): 2 VMs, 2 PASIDs, "),
+        "{stdout}"
+    );
+
+    let out = vsva(&[&args[..], &["--uapi", "iommufd"]].concat());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("\ndemo (iommufd): 2 VMs, 2 PASIDs, ") && !stdout.contains("\ndemo: 2 VMs"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("; everything released\n"), "{stdout}");
+    let out = vsva(&[&args[..], &["--uapi", "vfio"]].concat());
+    assert!(!out.status.success());
+}
+
+#[test]
 fn scenarios_whose_checks_pass_exit_zero() {
     for scenario in ["page-request", "cross-vm", "teardown", "migrate-dirty"] {
         let out = vsva(&["run", scenario]);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use vsva_service::protocol::HostState;
 use vsva_service::RemoteFile;
 use vsva_testbed::demo::{self, DemoOptions, VmReport};
+use vsva_testbed::stack::Uapi;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -217,6 +218,7 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
             bytes: 65536,
             host_memory: 1 << 30,
             progress: false,
+            uapi: Uapi::Type1,
         },
         &mut |_| {},
     )
@@ -301,6 +303,7 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
                 bytes: 65536,
                 host_memory: 1 << 30,
                 progress: false,
+                uapi: Uapi::Type1,
             },
             &mut |_| {},
         )

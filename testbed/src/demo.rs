@@ -6,6 +6,12 @@
 //! CPU sees, every host call the vIOMMUs made must have succeeded, and after shutdown the
 //! host must hold what it held before the VMs booted. Every printed count is of checks that
 //! passed; every failed check is an error.
+//!
+//! The VMMs reach the host through one uAPI ([`DemoOptions::uapi`]): the seed's VFIO type1
+//! container, or iommufd. Over iommufd the guest owns its PASID numbers, so two VMs use the
+//! same numbers and there is no container to ask for another VM's PASID: the cross-VM
+//! check is the device's DMA with the victim's PASID number, which must reach only the
+//! attacker's own address space (the victim's bytes do not change).
 
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -24,7 +30,7 @@ use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
 use vsva_vtd::{FlPagingMode, Gva, Pasid};
 
 use crate::holdings::HostHoldings;
-use crate::stack::{Host, StackError, Vm, Vmm};
+use crate::stack::{Host, StackError, Uapi, Vm, Vmm};
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +58,8 @@ pub struct DemoOptions {
     pub host_memory: u64,
     /// Show a progress bar.
     pub progress: bool,
+    /// The uAPI the VMMs use.
+    pub uapi: Uapi,
 }
 
 impl Default for DemoOptions {
@@ -63,6 +71,7 @@ impl Default for DemoOptions {
             bytes: 256 << 10,
             host_memory: vsva_hw::memory::DEFAULT_HOST_MEMORY,
             progress: true,
+            uapi: Uapi::Type1,
         }
     }
 }
@@ -101,8 +110,9 @@ pub struct VmReport {
     pub binds: u64,
     /// DMA after munmap that faulted as it must.
     pub munmap_faults: u64,
-    /// Uses of another VM's PASID that were refused as they must be (-EPERM from VFIO,
-    /// a translation fault from the device).
+    /// Uses of another VM's PASID that were refused as they must be (type1: -EPERM from
+    /// VFIO, a translation fault from the device; iommufd: the device's DMA with the
+    /// victim's PASID number left the victim's bytes as they were).
     pub cross_vm_refusals: u64,
     /// Host calls of the VM's vIOMMU that failed (each is an error).
     pub host_errors: u64,
@@ -120,6 +130,8 @@ impl VmReport {
 /// The whole run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DemoSummary {
+    /// The uAPI the VMMs used.
+    pub uapi: Uapi,
     /// VMs booted.
     pub vms: usize,
     /// PASIDs bound across all VMs.
@@ -158,7 +170,11 @@ impl DemoSummary {
     /// The run's wall time and rate of verified bytes, as `vsva demo` prints them.
     pub fn timing(&self) -> String {
         format!(
-            "demo: wall time {:.3} s, {:.0} bytes verified per second",
+            "{}: wall time {:.3} s, {:.0} bytes verified per second",
+            match self.uapi {
+                Uapi::Type1 => "demo",
+                Uapi::Iommufd => "demo (iommufd)",
+            },
             self.wall_seconds,
             self.bytes_verified_per_second()
         )
@@ -167,9 +183,14 @@ impl DemoSummary {
 
 impl fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The type1 line is the demo's line since before iommufd; the iommufd one names it.
+        let name = match self.uapi {
+            Uapi::Type1 => "demo",
+            Uapi::Iommufd => "demo (iommufd)",
+        };
         write!(
             f,
-            "demo: {} VMs, {} PASIDs, {} bytes verified, {} page requests served, {} invalidations forwarded, {} errors",
+            "{name}: {} VMs, {} PASIDs, {} bytes verified, {} page requests served, {} invalidations forwarded, {} errors",
             self.vms,
             self.pasids,
             self.bytes_verified,
@@ -235,7 +256,7 @@ impl Demo {
         let host = Host::new(opts.host_memory, true)?;
         let before = HostHoldings::of(&host);
         let vms = (0..opts.vms)
-            .map(|i| Vm::new(&host, i, ram, vsva_host::DEFAULT_QUOTA))
+            .map(|i| Vm::with_uapi(&host, i, ram, vsva_host::DEFAULT_QUOTA, opts.uapi))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Demo {
             opts: opts.clone(),
@@ -335,6 +356,7 @@ impl Demo {
             + failed_shutdowns
             + usize::from(!left.is_empty());
         Ok(DemoSummary {
+            uapi: opts.uapi,
             vms: reports.len(),
             pasids: reports.iter().map(|r| r.pasids.len()).sum(),
             bytes_verified: reports.iter().map(|r| r.bytes_verified).sum(),
@@ -567,10 +589,19 @@ fn process_workload(
     })
 }
 
-/// `vm` tries `victim`'s PASID through its VFIO container and through its own device;
-/// every attempt must be refused, and the victim's bytes must not change.
+/// `vm` tries `victim`'s PASID through its VFIO container (type1) and through its own
+/// device; every attempt must be refused, and the victim's bytes must not change.
 fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
     let before = cpu_read(&job.process, job.src, job.len);
+    if vm.container().is_some() {
+        cross_vm_container(vm, job, report);
+    }
+    cross_vm_device(vm, victim, job, before, report);
+}
+
+/// `vm`'s VFIO container asked to bind, invalidate and free another VM's PASID: each
+/// must be -EPERM.
+fn cross_vm_container(vm: &Vm, job: &Job, report: &mut VmReport) {
     let bind = BindGpasid {
         hpasid: job.pasid,
         gpasid: Some(job.pasid),
@@ -605,10 +636,22 @@ fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
             report.cross_vm_refusals += 1;
         }
     }
+}
 
-    // The VM's own device, tagged with the victim's PASID: the IOMMU has no such PASID
-    // for this device, so the DMA faults (and so does its completion record, which the
-    // device then reports in its software error register) without touching the victim.
+/// `vm`'s device DMAs with `victim`'s PASID (`before`: the victim's bytes before).
+fn cross_vm_device(
+    vm: &Vm,
+    victim: &Vm,
+    job: &Job,
+    before: Result<Vec<u8>, StackError>,
+    report: &mut VmReport,
+) {
+    // The VM's own device, tagged with the victim's PASID. Over type1 the IOMMU has no such
+    // PASID for this device, so the DMA faults (and so does its completion record, which
+    // the device then reports in its software error register) without touching the
+    // victim. Over iommufd the VM holds the same PASID number for a process of its own
+    // (guest-owned numbers): the DMA runs in that address space, through this device's
+    // PASID table, and must not touch the victim either.
     let desc = Descriptor {
         pasid: Some(job.pasid),
         privileged: false,
@@ -626,20 +669,23 @@ fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
         .map_err(StackError::from)
         .and_then(|()| vm.run_device());
     let swerr = vm.engine.software_error();
-    let refused = ran.is_ok()
-        && swerr.is_some_and(|e| e.status == CompletionStatus::CompletionAddrTranslation);
+    let after = cpu_read(&job.process, job.src, job.len);
+    let unchanged = before.is_ok() && before.ok() == after.ok();
+    let refused = match vm.uapi() {
+        Uapi::Type1 => {
+            ran.is_ok()
+                && swerr.is_some_and(|e| e.status == CompletionStatus::CompletionAddrTranslation)
+        }
+        Uapi::Iommufd => ran.is_ok() && unchanged,
+    };
     if expect(report, "DMA with another VM's PASID", refused, || {
         format!("{ran:?}, {swerr:?}")
     }) {
         report.cross_vm_refusals += 1;
     }
-    let after = cpu_read(&job.process, job.src, job.len);
-    expect(
-        report,
-        "victim's buffer unchanged",
-        before.is_ok() && before.ok() == after.ok(),
-        || format!("vm{}'s buffer changed", victim.index),
-    );
+    expect(report, "victim's buffer unchanged", unchanged, || {
+        format!("vm{}'s buffer changed", victim.index)
+    });
 }
 
 #[cfg(test)]

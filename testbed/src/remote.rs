@@ -26,7 +26,7 @@ use vsva_vtd::{FlPagingMode, Iova};
 
 use crate::demo::{self, DemoOptions, DemoSummary, VmReport};
 use crate::holdings::HostHoldings;
-use crate::stack::{Passthrough, StackError, Vmm, GUEST_DEVICE_SID};
+use crate::stack::{Passthrough, StackError, Uapi, Vmm, GUEST_DEVICE_SID};
 
 /// Why a VM against a host process could not run.
 #[derive(Debug, thiserror::Error)]
@@ -509,6 +509,7 @@ fn split_demo_in(
     }
     errors += failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
     Ok(DemoSummary {
+        uapi: Uapi::Type1,
         vms: opts.vms,
         pasids: reports.iter().map(|r| r.pasids.len()).sum(),
         bytes_verified: reports.iter().map(|r| r.bytes_verified).sum(),

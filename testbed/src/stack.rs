@@ -3,8 +3,13 @@
 //! a vIOMMU shadowing to the VM's VFIO container, a passthrough DMA engine, and a guest OS
 //! whose IOMMU driver programs the vIOMMU.
 //!
+//! A VM reaches the host through either uAPI ([`Uapi`]): the seed's VFIO type1 container, or
+//! iommufd (`/dev/iommu` with the device's VFIO cdev: an IOAS of guest RAM, a nest-parent
+//! HWPT, nested HWPTs at the guest's PASIDs). The vIOMMU is the same; only its host calls
+//! differ.
+//!
 //! Every layer talks to the next through its public interface only: the guest through the
-//! vIOMMU's registers and its own RAM, the vIOMMU through the container's ioctls, the host
+//! vIOMMU's registers and its own RAM, the vIOMMU through the uAPI's ioctls, the host
 //! driver through the physical IOMMU's registers and host memory, the device through its
 //! portal and the IOMMU's DMA port.
 
@@ -14,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Mmio, Process};
 use vsva_host::driver::{HostIommu, VtdDomain};
+use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::{Container, ContainerFile, HostError, PasidAllocator};
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
@@ -24,7 +30,9 @@ use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::DmaMap;
 use vsva_uapi::{Errno, IommuModel, QueuedFault, UapiFile, VfioIoctls};
-use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
+use vsva_vmm::{
+    GuestPasids, HostSva, Iommufd, IommufdDevice, PasidSource, UserBuffer, VIommu, VIommuConfig,
+};
 use vsva_vtd::{FlPagingMode, Gpa, Gva, Hpa, Iova, Pasid, SourceId};
 
 /// Guest RAM starts at GPA 0; the guest's frame allocator starts above the first MiB.
@@ -65,6 +73,9 @@ pub enum StackError {
     /// Reading the container's fault queue failed.
     #[error("fault queue: {0}")]
     FaultQueue(Errno),
+    /// An iommufd call of the VMM failed.
+    #[error("iommufd: {0}")]
+    Iommufd(Errno),
     /// Page requests were still outstanding after this many service rounds.
     #[error("page requests never resolved after {0} rounds")]
     Stuck(usize),
@@ -161,6 +172,83 @@ impl Passthrough for DmaEngine {
 /// A VM's VFIO container, shared by the VMM's vIOMMU and the VMM itself.
 pub type VmContainer = Arc<ContainerFile<VtdDomain>>;
 
+/// The uAPI a VM's VMM uses to reach the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Uapi {
+    /// The seed's VFIO type1 nesting container (`VFIO_IOMMU_BIND`, `CACHE_INVALIDATE`).
+    #[default]
+    Type1,
+    /// iommufd: nested HWPTs attached at PASIDs, `IOMMU_HWPT_INVALIDATE` arrays, the
+    /// fault queue file.
+    Iommufd,
+}
+
+/// Bytes of the VMM buffer iommufd pointer arguments go through.
+const IOMMUFD_SCRATCH: u64 = 16 << 10;
+
+/// A VM's iommufd, as its VMM holds it: the fd table, the fd number of `/dev/iommu`, the
+/// vIOMMU's view of it ([`Iommufd`], [`IommufdDevice`]), the device's cdev and the VMM
+/// buffer.
+pub struct VmIommufd {
+    /// The VMM process's fd table of iommufd files.
+    pub fds: Arc<Iommufds>,
+    /// The fd number of `/dev/iommu`.
+    pub fd: i32,
+    /// The VM's objects on it.
+    pub iommufd: Arc<Iommufd>,
+    /// The passthrough device on it.
+    pub device: Arc<IommufdDevice>,
+    cdev: Arc<VfioDeviceFile>,
+    /// Last: the buffer goes when everything that could use it has gone.
+    _release: ScratchRelease,
+}
+
+impl VmIommufd {
+    /// The device's HWPTs are destroyed, its cdev closed (unbinding it), then the fault
+    /// queue's fd and `/dev/iommu`'s (which destroys the IOAS and the fault queue).
+    fn close(self) {
+        let VmIommufd {
+            fds,
+            fd,
+            iommufd,
+            device,
+            cdev,
+            _release,
+        } = self;
+        drop(device);
+        drop(cdev);
+        let fault_fd = iommufd.fault_fd();
+        drop(iommufd);
+        fds.close(fault_fd);
+        fds.close(fd);
+    }
+}
+
+/// Releases the VMM buffer's window and frees its frames when dropped.
+struct ScratchRelease {
+    scratch: Arc<GuestMemoryMmap>,
+    hpa: Hpa,
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+}
+
+impl Drop for ScratchRelease {
+    fn drop(&mut self) {
+        self.mem.release_guest_memory(&self.scratch);
+        if let Err(e) = self.frames.free(self.hpa) {
+            tracing::warn!("VMM buffer at {}: {e}", self.hpa);
+        }
+    }
+}
+
+/// How an in-process VM reaches the host.
+pub enum VmHost {
+    /// Its VFIO container.
+    Type1(VmContainer),
+    /// Its iommufd.
+    Iommufd(VmIommufd),
+}
+
 /// What a VMM process holds of its VM: guest RAM, the VM's container as an open uAPI
 /// file, the passthrough device, the vIOMMU shadowing to the container, and the guest OS
 /// booted on them. The same code runs over the in-process container ([`Vm`]) and over a
@@ -172,8 +260,10 @@ pub struct Vmm {
     pub mem: Arc<GuestMemoryMmap>,
     /// Guest RAM size in bytes.
     pub ram_size: u64,
-    /// The VM's VFIO container, as an open file.
+    /// The VM's VFIO container (or, over iommufd, `/dev/iommu`), as an open file.
     pub file: Arc<dyn UapiFile>,
+    /// Over iommufd, the VM's objects there: page requests come from its fault queue.
+    pub iommufd: Option<Arc<Iommufd>>,
     /// The passthrough device (its portal is mapped into the guest).
     pub device: Arc<dyn Passthrough>,
     /// The passthrough device's requester id on the host.
@@ -198,12 +288,46 @@ impl Vmm {
         device: Arc<dyn Passthrough>,
         host_sid: SourceId,
     ) -> Result<Vmm, StackError> {
-        let viommu = VIommu::new(
-            mem.clone(),
-            VIommuConfig::default(),
-            file.clone() as Arc<dyn PasidSource>,
-        )?;
-        viommu.attach_passthrough(GUEST_DEVICE_SID, host_sid, file.clone() as Arc<dyn HostSva>)?;
+        let shadow = Shadow {
+            pasids: file.clone(),
+            sva: file.clone(),
+            iommufd: None,
+        };
+        Self::boot_on(index, mem, ram_size, file, shadow, device, host_sid)
+    }
+
+    /// Boots the VM's VMM side over iommufd: the vIOMMU shadows to `sva` (the device on
+    /// the VM's iommufd `iommufd`, which also holds the VM's own PASID space); its `file`
+    /// is `/dev/iommu`.
+    pub fn boot_iommufd(
+        index: usize,
+        mem: Arc<GuestMemoryMmap>,
+        ram_size: u64,
+        iommufd: Arc<Iommufd>,
+        sva: Arc<IommufdDevice>,
+        device: Arc<dyn Passthrough>,
+        host_sid: SourceId,
+    ) -> Result<Vmm, StackError> {
+        let file = iommufd.file();
+        let shadow = Shadow {
+            pasids: iommufd.pasids(),
+            sva,
+            iommufd: Some(iommufd),
+        };
+        Self::boot_on(index, mem, ram_size, file, shadow, device, host_sid)
+    }
+
+    fn boot_on(
+        index: usize,
+        mem: Arc<GuestMemoryMmap>,
+        ram_size: u64,
+        file: Arc<dyn UapiFile>,
+        shadow: Shadow,
+        device: Arc<dyn Passthrough>,
+        host_sid: SourceId,
+    ) -> Result<Vmm, StackError> {
+        let viommu = VIommu::new(mem.clone(), VIommuConfig::default(), shadow.pasids)?;
+        viommu.attach_passthrough(GUEST_DEVICE_SID, host_sid, shadow.sva)?;
 
         // The guest boots: its frame allocator and IOMMU driver.
         let guest_frames = Arc::new(
@@ -228,7 +352,8 @@ impl Vmm {
             index,
             mem,
             ram_size,
-            file: file as Arc<dyn UapiFile>,
+            file,
+            iommufd: shadow.iommufd,
             device,
             host_sid,
             viommu,
@@ -300,6 +425,17 @@ impl Vmm {
     /// guest's queue and unrecoverable faults into its fault recording registers, and the
     /// guest handles the page requests. Returns how many the guest handled.
     pub fn serve_page_requests(&self) -> Result<usize, StackError> {
+        if let Some(iommufd) = &self.iommufd {
+            // Over iommufd, the fault queue file: whole groups, each group's cookie kept
+            // for the guest's answer.
+            let requests = iommufd
+                .read_page_requests()
+                .map_err(StackError::FaultQueue)?;
+            for (sid, request) in &requests {
+                self.viommu.inject_host_page_request(*sid, request)?;
+            }
+            return Ok(self.driver.handle_page_requests());
+        }
         let records = self.file.read_faults().map_err(StackError::FaultQueue)?;
         for record in &records {
             match record {
@@ -333,15 +469,24 @@ impl Vmm {
     }
 }
 
+/// What the vIOMMU of a VMM shadows to: where its PASIDs come from, the host calls, and
+/// over iommufd the VM's objects there.
+struct Shadow {
+    pasids: Arc<dyn PasidSource>,
+    sva: Arc<dyn HostSva>,
+    iommufd: Option<Arc<Iommufd>>,
+}
+
 /// One VM of an in-process stack: its VMM side ([`Vmm`], which a `Vm` dereferences to)
-/// and what the host side holds for it (its RAM's frames, its container, its device).
+/// and what the host side holds for it (its RAM's frames, its container or iommufd, its
+/// device).
 pub struct Vm {
     /// The VMM side: RAM, container file, device, vIOMMU and guest.
     pub vmm: Vmm,
     /// Where guest RAM starts in host memory.
     pub ram_hpa: Hpa,
-    /// The VM's VFIO container, as an open file.
-    pub container: VmContainer,
+    /// The VM's VFIO container or iommufd.
+    pub host: VmHost,
     /// The passthrough DMA engine (its portal is mapped into the guest).
     pub engine: Arc<DmaEngine>,
     host_mem: Arc<HostMemory>,
@@ -358,14 +503,155 @@ impl Deref for Vm {
 }
 
 impl Vm {
-    /// Boots VM `index` with `ram_size` bytes of RAM on `host`, with a PASID quota.
+    /// Boots VM `index` with `ram_size` bytes of RAM on `host`, with a PASID quota, over
+    /// a VFIO type1 container.
     pub fn new(host: &Host, index: usize, ram_size: u64, quota: u32) -> Result<Vm, StackError> {
+        Self::with_uapi(host, index, ram_size, quota, Uapi::Type1)
+    }
+
+    /// Boots VM `index` with `ram_size` bytes of RAM on `host` over `uapi`; `quota` bounds
+    /// the PASIDs it holds (from the host's PASID space with type1, its own with iommufd).
+    pub fn with_uapi(
+        host: &Host,
+        index: usize,
+        ram_size: u64,
+        quota: u32,
+        uapi: Uapi,
+    ) -> Result<Vm, StackError> {
         let ram_hpa = host.frames.alloc_range(ram_size, 2 << 20)?;
-        let built = Self::build(host, index, ram_hpa, ram_size, quota);
+        let built = match uapi {
+            Uapi::Type1 => Self::build(host, index, ram_hpa, ram_size, quota),
+            Uapi::Iommufd => Self::build_iommufd(host, index, ram_hpa, ram_size, quota),
+        };
         if built.is_err() {
             let _ = host.frames.free(ram_hpa);
         }
         built
+    }
+
+    /// The device's requester id on the host for VM `index`.
+    fn host_sid(index: usize) -> SourceId {
+        SourceId::new(1 + (index / 32) as u8, (index % 32) as u8, 0)
+            .expect("device and function in range")
+    }
+
+    /// The VMM over iommufd: `/dev/iommu` with an IOAS of all guest RAM and a fault queue,
+    /// the device's cdev bound with its RID on a nest-parent HWPT.
+    fn build_iommufd(
+        host: &Host,
+        index: usize,
+        ram_hpa: Hpa,
+        ram_size: u64,
+        quota: u32,
+    ) -> Result<Vm, StackError> {
+        let mem = Arc::new(host.mem.guest_memory(&[(Gpa(0), ram_hpa, ram_size)])?);
+        let host_sid = Self::host_sid(index);
+        let opened = Self::open_iommufd(host, host_sid, quota, &mem);
+        let (vmm_fd, engine) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                host.mem.release_guest_memory(&mem);
+                return Err(e);
+            }
+        };
+        let vmm = Vmm::boot_iommufd(
+            index,
+            mem.clone(),
+            ram_size,
+            vmm_fd.iommufd.clone(),
+            vmm_fd.device.clone(),
+            engine.clone(),
+            host_sid,
+        );
+        match vmm {
+            Ok(vmm) => Ok(Vm {
+                vmm,
+                ram_hpa,
+                host: VmHost::Iommufd(vmm_fd),
+                engine,
+                host_mem: host.mem.clone(),
+                host_frames: host.frames.clone(),
+                host_iommu: host.iommu.clone(),
+            }),
+            Err(e) => {
+                vmm_fd.close();
+                host.iommu.detach_endpoint(host_sid);
+                host.mem.release_guest_memory(&mem);
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the VMM's iommufd (with its buffer) for the device `host_sid`, maps guest RAM
+    /// `mem` into its IOAS at IOVA 0, and puts the device on the bus and on the iommufd.
+    fn open_iommufd(
+        host: &Host,
+        host_sid: SourceId,
+        quota: u32,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(VmIommufd, Arc<DmaEngine>), StackError> {
+        let scratch_hpa = host.frames.alloc_range(IOMMUFD_SCRATCH, 4096)?;
+        let scratch = match host
+            .mem
+            .guest_memory(&[(Gpa(0), scratch_hpa, IOMMUFD_SCRATCH)])
+        {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                let _ = host.frames.free(scratch_hpa);
+                return Err(e.into());
+            }
+        };
+        let release = ScratchRelease {
+            scratch: scratch.clone(),
+            hpa: scratch_hpa,
+            mem: host.mem.clone(),
+            frames: host.frames.clone(),
+        };
+        let fds = Iommufds::new();
+        let (fd, file) = fds.open(&host.unit);
+        let lookup = |n: i32| fds.fault(n).map(|f| f as Arc<dyn UapiFile>);
+        let buffer = UserBuffer::new(scratch).map_err(StackError::Iommufd)?;
+        let iommufd = Iommufd::open(file, fd, &lookup, buffer, GuestPasids::new(quota as usize))
+            .map_err(StackError::Iommufd)?;
+        let vaddr = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| StackError::Guest(e.to_string()))? as u64;
+        let ram_size = mem.last_addr().0 + 1;
+        iommufd
+            .map(vaddr, ram_size, 0)
+            .map_err(StackError::Iommufd)?;
+        // On the bus before the cdev attaches it: the host driver reads its capabilities.
+        let engine = Arc::new(DmaEngine::new(
+            DmaEngineConfig::new(host_sid),
+            host.iommu.clone() as Arc<dyn DmaPort>,
+        )?);
+        host.iommu.attach_endpoint(engine.clone());
+        let cdev = Arc::new(VfioDeviceFile::open(host_sid, fds.clone()));
+        let attached = iommufd
+            .attach_device(cdev.clone(), host_sid)
+            .map_err(StackError::Iommufd)
+            .and_then(|d| {
+                engine.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)?;
+                Ok(d)
+            });
+        let device = match attached {
+            Ok(d) => d,
+            Err(e) => {
+                host.iommu.detach_endpoint(host_sid);
+                return Err(e);
+            }
+        };
+        Ok((
+            VmIommufd {
+                fds,
+                fd,
+                iommufd,
+                device,
+                cdev,
+                _release: release,
+            },
+            engine,
+        ))
     }
 
     fn build(
@@ -377,8 +663,7 @@ impl Vm {
     ) -> Result<Vm, StackError> {
         let mem = Arc::new(host.mem.guest_memory(&[(Gpa(0), ram_hpa, ram_size)])?);
         // The VMM: a nesting VFIO container holding all of guest RAM, and the device.
-        let host_sid = SourceId::new(1 + (index / 32) as u8, (index % 32) as u8, 0)
-            .expect("device and function in range");
+        let host_sid = Self::host_sid(index);
         let domain = VtdDomain::new(&host.unit)?;
         let mut container = Container::new(host.pasids.clone(), quota, domain);
         container.set_iommu(IommuModel::Type1Nesting)?;
@@ -419,7 +704,7 @@ impl Vm {
         Ok(Vm {
             vmm,
             ram_hpa,
-            container,
+            host: VmHost::Type1(container),
             engine,
             host_mem: host.mem.clone(),
             host_frames: host.frames.clone(),
@@ -427,23 +712,55 @@ impl Vm {
         })
     }
 
+    /// The VFIO container, for a VM over type1.
+    pub fn container(&self) -> Option<&VmContainer> {
+        match &self.host {
+            VmHost::Type1(c) => Some(c),
+            VmHost::Iommufd(_) => None,
+        }
+    }
+
+    /// The VMM's iommufd, for a VM over iommufd.
+    pub fn iommufd(&self) -> Option<&VmIommufd> {
+        match &self.host {
+            VmHost::Iommufd(f) => Some(f),
+            VmHost::Type1(_) => None,
+        }
+    }
+
+    /// The uAPI the VM uses.
+    pub fn uapi(&self) -> Uapi {
+        match self.host {
+            VmHost::Type1(_) => Uapi::Type1,
+            VmHost::Iommufd(_) => Uapi::Iommufd,
+        }
+    }
+
     /// The container, locked.
+    ///
+    /// # Panics
+    /// On a VM over iommufd, which has no container (the type1 checks and benchmarks that
+    /// call this boot type1 VMs).
     pub fn vfio(&self) -> std::sync::MutexGuard<'_, Container<VtdDomain>> {
-        self.container.lock()
+        self.container()
+            .expect("a VM over VFIO type1 has a container")
+            .lock()
     }
 }
 
 impl Vm {
     /// Shuts the VM down as a VMM does, leaving nothing on the host: the guest and its
     /// vIOMMU go (unbinding what they shadowed), the device is detached, closing the VFIO
-    /// container unbinds, unmaps and frees its PASID set, and guest RAM is freed. The VM's
+    /// container unbinds, unmaps and frees its PASID set (over iommufd: the device's
+    /// parent HWPT is destroyed, its cdev closed, then `/dev/iommu` with its IOAS and
+    /// fault queue), and guest RAM is freed. The VM's
     /// processes and device models must be gone first: RAM they still map stays allocated,
     /// and the call fails.
     pub fn shutdown(self) -> Result<(), StackError> {
         let Vm {
             vmm,
             ram_hpa,
-            container,
+            host,
             engine,
             host_mem,
             host_frames,
@@ -454,9 +771,14 @@ impl Vm {
         drop(file);
         host_iommu.detach_endpoint(host_sid);
         drop(engine);
-        let container = Arc::try_unwrap(container)
-            .map_err(|_| StackError::Guest("the VFIO container is still in use".into()))?;
-        drop(container.into_inner());
+        match host {
+            VmHost::Type1(container) => {
+                let container = Arc::try_unwrap(container)
+                    .map_err(|_| StackError::Guest("the VFIO container is still in use".into()))?;
+                drop(container.into_inner());
+            }
+            VmHost::Iommufd(f) => f.close(),
+        }
         host_mem.release_guest_memory(&mem);
         // A process or device model of the VM that is still alive maps guest RAM: freed now,
         // the frames would go to the next VM while that mapping still reaches them. They

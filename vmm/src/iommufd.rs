@@ -199,6 +199,7 @@ pub struct Iommufd {
     fd: i32,
     ioas: u32,
     fault_id: u32,
+    fault_fd: i32,
     fault: Arc<dyn UapiFile>,
     pasids: Arc<GuestPasids>,
     /// Serialises the use of the buffer (a structure written, then the ioctl reading it).
@@ -262,11 +263,17 @@ impl Iommufd {
             fd,
             ioas,
             fault_id: queue.out_fault_id,
+            fault_fd: queue.out_fault_fd as i32,
             fault,
             pasids,
             scratch: Mutex::new(scratch),
             faults: Mutex::default(),
         }))
+    }
+
+    /// `/dev/iommu` itself.
+    pub fn file(&self) -> Arc<dyn UapiFile> {
+        self.file.clone()
     }
 
     /// The IOAS id.
@@ -277,6 +284,11 @@ impl Iommufd {
     /// The fault queue's object id.
     pub fn fault_id(&self) -> u32 {
         self.fault_id
+    }
+
+    /// The fault queue's fd number.
+    pub fn fault_fd(&self) -> i32 {
+        self.fault_fd
     }
 
     /// The VM's PASID space.
