@@ -896,8 +896,10 @@ mod tests {
         features: IOMMU_NESTING_FEAT_BIND_PGTBL | IOMMU_NESTING_FEAT_CACHE_INVLD,
         addr_width: 48,
         pasid_bits: 20,
-        cap_reg: 0x00d2_008c_106f_0462,
-        ecap_reg: 0x00f0_50da,
+        vendor: vsva_uapi::request::NestingVendor::IntelVtd {
+            cap_reg: 0x00d2_008c_106f_0462,
+            ecap_reg: 0x00f0_50da,
+        },
     };
 
     impl IommuBackend for MockIommu {

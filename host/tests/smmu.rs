@@ -18,10 +18,13 @@ use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{ContextDescriptor, Features, PageSize, TableBuilder};
-use vsva_uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
+use vsva_uapi::iommu::{
+    ARM_PGTBL_64_LPAE_S1, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
+    IOMMU_NESTING_FEAT_CACHE_INVLD,
+};
 use vsva_uapi::request::{
-    CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode, PasidConfig,
-    PasidTableConfig,
+    CacheInvalidate, DmaMap, InvGranularity, NestingInfo, NestingVendor, PageResponse,
+    PageResponseCode, PasidConfig, PasidTableConfig,
 };
 use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vtd::{Gpa, Hpa, Iova, MemWindow, Pasid, PhysMem, SourceId};
@@ -635,4 +638,27 @@ fn a_two_level_guest_cd_table_is_walked_through_stage_2() {
         );
     }
     assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn get_info_reports_the_smmuv3_nesting_format() {
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(3));
+    let info = g.c().get_info().unwrap();
+    // The SMMUv3 format of iommu_nesting_info: guest CD tables with 16-bit ASIDs and
+    // AArch64 stage-1 tables, 20 SubstreamID bits, stage-1 invalidations to propagate (no
+    // page-table bind).
+    assert_eq!(
+        info.nesting,
+        Some(NestingInfo {
+            features: IOMMU_NESTING_FEAT_CACHE_INVLD,
+            addr_width: 48,
+            pasid_bits: 20,
+            vendor: NestingVendor::ArmSmmuV3 {
+                asid_bits: 16,
+                pgtbl_fmt: ARM_PGTBL_64_LPAE_S1,
+            },
+        })
+    );
 }

@@ -51,8 +51,10 @@ impl IommuBackend for Backend {
                 features: IOMMU_NESTING_FEAT_BIND_PGTBL | IOMMU_NESTING_FEAT_CACHE_INVLD,
                 addr_width: 48,
                 pasid_bits: 20,
-                cap_reg: 0,
-                ecap_reg: 0,
+                vendor: vsva_uapi::request::NestingVendor::IntelVtd {
+                    cap_reg: 0,
+                    ecap_reg: 0,
+                },
             }),
         }
     }

@@ -605,8 +605,12 @@ impl IommuCacheInvalidateInfo {
 pub const IOMMU_GPASID_BIND_VERSION_1: u32 = 1;
 /// `IOMMU_PASID_FORMAT_INTEL_VTD`: VT-d PASID table entry format.
 pub const IOMMU_PASID_FORMAT_INTEL_VTD: u32 = 1;
+/// `IOMMU_PASID_FORMAT_ARM_SMMU_V3`: Arm SMMUv3 nesting information (the arm-smmu-v3
+/// nesting-info patch, Vivek Gautam, Feb 2021, on top of `iommu_nesting_info`); guest
+/// PASID binding does not take it.
+pub const IOMMU_PASID_FORMAT_ARM_SMMU_V3: u32 = 2;
 /// `IOMMU_PASID_FORMAT_LAST`.
-pub const IOMMU_PASID_FORMAT_LAST: u32 = 2;
+pub const IOMMU_PASID_FORMAT_LAST: u32 = 3;
 /// `IOMMU_SVA_GPASID_VAL`: `gpasid` is valid.
 pub const IOMMU_SVA_GPASID_VAL: u64 = 1 << 0;
 /// `IOMMU_SVA_VTD_GPASID_SRE`: supervisor requests allowed (PASID entry SRE).
@@ -867,11 +871,47 @@ c_struct! {
     }
 }
 
+/// `ARM_PGTBL_32_LPAE_S1`: AArch32 LPAE stage-1 tables.
+pub const ARM_PGTBL_32_LPAE_S1: u8 = 0x0;
+/// `ARM_PGTBL_64_LPAE_S1`: AArch64 (VMSAv8-64) stage-1 tables.
+pub const ARM_PGTBL_64_LPAE_S1: u8 = 0x2;
+
 c_struct! {
-    /// The single-member `vendor` union of `iommu_nesting_info`.
+    /// `struct iommu_nesting_info_arm_smmuv3`: what a guest needs to build stage-1 tables
+    /// and CDs the host SMMU accepts.
+    pub struct IommuNestingInfoArmSmmuv3 {
+        /// Reserved, zero.
+        pub flags: u32,
+        /// ASID bits (SMMU_IDR0.ASID16: 16, else 8).
+        pub asid_bits: u16,
+        /// Stage-1 table format, `ARM_PGTBL_*`.
+        pub pgtbl_fmt: u8,
+        /// Reserved, zero.
+        pub padding: [u8; 9],
+    }
+}
+
+c_struct! {
+    /// The `vendor` union of `iommu_nesting_info`, stored as its largest member (`vtd`, 32
+    /// bytes); [`IommuNestingInfoVendor::arm_smmuv3`] reads the same bytes as the SMMUv3
+    /// member.
     pub struct IommuNestingInfoVendor {
         /// VT-d data, for `IOMMU_PASID_FORMAT_INTEL_VTD`.
         pub vtd: IommuNestingInfoVtd,
+    }
+}
+
+impl IommuNestingInfoVendor {
+    /// The union holding the SMMUv3 member (the rest of its bytes zero).
+    pub fn from_arm_smmuv3(s: &IommuNestingInfoArmSmmuv3) -> Self {
+        let mut bytes = vec![0u8; size_of::<Self>()];
+        s.write(&mut bytes);
+        Self::read(&bytes)
+    }
+
+    /// The union's bytes as the SMMUv3 member, for `IOMMU_PASID_FORMAT_ARM_SMMU_V3`.
+    pub fn arm_smmuv3(&self) -> IommuNestingInfoArmSmmuv3 {
+        IommuNestingInfoArmSmmuv3::read(&self.to_bytes())
     }
 }
 
@@ -899,17 +939,13 @@ c_struct! {
 }
 
 impl IommuNestingInfo {
-    /// Decodes and validates the kernel's report: whole structure, VT-d format, known
-    /// features, zero reserved fields, at most 20 PASID bits.
+    /// Decodes and validates the kernel's report: whole structure, VT-d or SMMUv3 format,
+    /// known features, zero reserved fields (the union's bytes past the SMMUv3 member
+    /// included), a known SMMUv3 table format and at most 16 ASID bits, at most 20 PASID
+    /// bits.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
         const WHAT: &str = "iommu_nesting_info";
         let n: Self = read_with_argsz(bytes, size_of::<Self>(), WHAT)?;
-        if n.format != IOMMU_PASID_FORMAT_INTEL_VTD {
-            return Err(UapiError::field(
-                WHAT,
-                format!("PASID format {} is not supported", n.format),
-            ));
-        }
         check_flags(n.flags.into(), 0, WHAT)?;
         check_flags(
             n.features.into(),
@@ -917,8 +953,38 @@ impl IommuNestingInfo {
             WHAT,
         )?;
         check_zero(&n.padding, WHAT)?;
-        check_flags(n.vendor.vtd.flags.into(), 0, "iommu_nesting_info_vtd")?;
-        check_zero(&n.vendor.vtd.padding, "iommu_nesting_info_vtd")?;
+        match n.format {
+            IOMMU_PASID_FORMAT_INTEL_VTD => {
+                check_flags(n.vendor.vtd.flags.into(), 0, "iommu_nesting_info_vtd")?;
+                check_zero(&n.vendor.vtd.padding, "iommu_nesting_info_vtd")?;
+            }
+            IOMMU_PASID_FORMAT_ARM_SMMU_V3 => {
+                const SMMU: &str = "iommu_nesting_info_arm_smmuv3";
+                let s = n.vendor.arm_smmuv3();
+                check_flags(s.flags.into(), 0, SMMU)?;
+                check_zero(&s.padding, SMMU)?;
+                let member = size_of::<IommuNestingInfoArmSmmuv3>();
+                check_zero(&n.vendor.to_bytes()[member..], SMMU)?;
+                if ![ARM_PGTBL_32_LPAE_S1, ARM_PGTBL_64_LPAE_S1].contains(&s.pgtbl_fmt) {
+                    return Err(UapiError::field(
+                        SMMU,
+                        format!("page-table format {} is unknown", s.pgtbl_fmt),
+                    ));
+                }
+                if s.asid_bits > 16 {
+                    return Err(UapiError::field(
+                        SMMU,
+                        format!("{} ASID bits exceed 16", s.asid_bits),
+                    ));
+                }
+            }
+            other => {
+                return Err(UapiError::field(
+                    WHAT,
+                    format!("PASID format {other} is not supported"),
+                ))
+            }
+        }
         if u32::from(n.pasid_bits) > Pasid::BITS {
             return Err(UapiError::field(
                 WHAT,
@@ -1007,6 +1073,10 @@ mod tests {
         assert_eq!(offset_of!(IommuPasidTableConfig, vendor_data), 24);
 
         assert_eq!(size_of::<IommuNestingInfoVtd>(), 32);
+        assert_eq!(size_of::<IommuNestingInfoArmSmmuv3>(), 16);
+        assert_eq!(offset_of!(IommuNestingInfoArmSmmuv3, asid_bits), 4);
+        assert_eq!(offset_of!(IommuNestingInfoArmSmmuv3, pgtbl_fmt), 6);
+        assert_eq!(offset_of!(IommuNestingInfoArmSmmuv3, padding), 7);
         assert_eq!(offset_of!(IommuNestingInfoVtd, cap_reg), 16);
         assert_eq!(offset_of!(IommuNestingInfoVtd, ecap_reg), 24);
         assert_eq!(size_of::<IommuNestingInfo>(), 64);
@@ -1412,6 +1482,41 @@ mod tests {
                 .errno(),
             -libc::EINVAL
         );
+        // The SMMUv3 format: the union's first 16 bytes are the SMMUv3 member.
+        let smmu = IommuNestingInfoArmSmmuv3 {
+            flags: 0,
+            asid_bits: 16,
+            pgtbl_fmt: ARM_PGTBL_64_LPAE_S1,
+            padding: [0; 9],
+        };
+        let s = IommuNestingInfo {
+            format: IOMMU_PASID_FORMAT_ARM_SMMU_V3,
+            features: IOMMU_NESTING_FEAT_CACHE_INVLD,
+            vendor: IommuNestingInfoVendor::from_arm_smmuv3(&smmu),
+            ..n
+        };
+        let b = s.to_bytes();
+        assert_eq!(&b[32..40], &[0, 0, 0, 0, 16, 0, 2, 0]);
+        assert!(b[40..].iter().all(|&x| x == 0));
+        let back = IommuNestingInfo::from_bytes(&b).unwrap();
+        assert_eq!(back.vendor.arm_smmuv3(), smmu);
+        let refused = |bytes: Vec<u8>| IommuNestingInfo::from_bytes(&bytes).unwrap_err().errno();
+        for (at, value) in [
+            (32, 1),
+            (36, 17),
+            (38, 1),
+            (38, 3),
+            (39, 1),
+            (47, 1),
+            (48, 1),
+        ] {
+            let mut bad = b.clone();
+            bad[at] = value;
+            assert_eq!(refused(bad), -libc::EINVAL, "byte {at} = {value}");
+        }
+        x = n;
+        x.format = IOMMU_PASID_FORMAT_LAST;
+        assert_eq!(refused(x.to_bytes()), -libc::EINVAL);
         x = n;
         x.pasid_bits = 21;
         assert_eq!(

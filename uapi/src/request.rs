@@ -682,19 +682,37 @@ impl From<&PageRequestDesc> for PageRequest {
     }
 }
 
-/// What a nesting-capable host IOMMU offers (`iommu_nesting_info`, VT-d format).
+/// What a nesting-capable host IOMMU offers (`iommu_nesting_info`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NestingInfo {
     /// `IOMMU_NESTING_FEAT_*`.
     pub features: u32,
-    /// First-level output address width.
+    /// First-level (stage-1) output address width.
     pub addr_width: u16,
-    /// PASID bits supported.
+    /// PASID (SubstreamID) bits supported.
     pub pasid_bits: u16,
-    /// VT-d capability register.
-    pub cap_reg: u64,
-    /// VT-d extended capability register.
-    pub ecap_reg: u64,
+    /// The format and its vendor data.
+    pub vendor: NestingVendor,
+}
+
+/// The format of a nesting report and its vendor data (`iommu_nesting_info.format` and
+/// `vendor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NestingVendor {
+    /// `IOMMU_PASID_FORMAT_INTEL_VTD`: the VT-d registers a vIOMMU mirrors.
+    IntelVtd {
+        /// Capability register.
+        cap_reg: u64,
+        /// Extended capability register.
+        ecap_reg: u64,
+    },
+    /// `IOMMU_PASID_FORMAT_ARM_SMMU_V3`: what guest CDs and stage-1 tables must fit.
+    ArmSmmuV3 {
+        /// ASID bits.
+        asid_bits: u16,
+        /// Stage-1 table format (`ARM_PGTBL_*`).
+        pgtbl_fmt: u8,
+    },
 }
 
 impl TryFrom<&IommuNestingInfo> for NestingInfo {
@@ -702,34 +720,63 @@ impl TryFrom<&IommuNestingInfo> for NestingInfo {
 
     fn try_from(n: &IommuNestingInfo) -> Result<Self, UapiError> {
         IommuNestingInfo::from_bytes(&n.to_bytes())?;
+        let vendor = if n.format == IOMMU_PASID_FORMAT_ARM_SMMU_V3 {
+            let s = n.vendor.arm_smmuv3();
+            NestingVendor::ArmSmmuV3 {
+                asid_bits: s.asid_bits,
+                pgtbl_fmt: s.pgtbl_fmt,
+            }
+        } else {
+            NestingVendor::IntelVtd {
+                cap_reg: n.vendor.vtd.cap_reg,
+                ecap_reg: n.vendor.vtd.ecap_reg,
+            }
+        };
         Ok(NestingInfo {
             features: n.features,
             addr_width: n.addr_width,
             pasid_bits: n.pasid_bits,
-            cap_reg: n.vendor.vtd.cap_reg,
-            ecap_reg: n.vendor.vtd.ecap_reg,
+            vendor,
         })
     }
 }
 
 impl From<&NestingInfo> for IommuNestingInfo {
     fn from(n: &NestingInfo) -> Self {
+        let (format, vendor) = match n.vendor {
+            NestingVendor::IntelVtd { cap_reg, ecap_reg } => (
+                IOMMU_PASID_FORMAT_INTEL_VTD,
+                IommuNestingInfoVendor {
+                    vtd: IommuNestingInfoVtd {
+                        flags: 0,
+                        padding: [0; 12],
+                        cap_reg,
+                        ecap_reg,
+                    },
+                },
+            ),
+            NestingVendor::ArmSmmuV3 {
+                asid_bits,
+                pgtbl_fmt,
+            } => (
+                IOMMU_PASID_FORMAT_ARM_SMMU_V3,
+                IommuNestingInfoVendor::from_arm_smmuv3(&IommuNestingInfoArmSmmuv3 {
+                    flags: 0,
+                    asid_bits,
+                    pgtbl_fmt,
+                    padding: [0; 9],
+                }),
+            ),
+        };
         IommuNestingInfo {
             argsz: std::mem::size_of::<IommuNestingInfo>() as u32,
             flags: 0,
-            format: IOMMU_PASID_FORMAT_INTEL_VTD,
+            format,
             features: n.features,
             addr_width: n.addr_width,
             pasid_bits: n.pasid_bits,
             padding: [0; 12],
-            vendor: IommuNestingInfoVendor {
-                vtd: IommuNestingInfoVtd {
-                    flags: 0,
-                    padding: [0; 12],
-                    cap_reg: n.cap_reg,
-                    ecap_reg: n.ecap_reg,
-                },
-            },
+            vendor,
         }
     }
 }
@@ -942,9 +989,24 @@ mod tests {
             features: IOMMU_NESTING_FEAT_BIND_PGTBL,
             addr_width: 48,
             pasid_bits: 20,
-            cap_reg: 1,
-            ecap_reg: 2,
+            vendor: NestingVendor::IntelVtd {
+                cap_reg: 1,
+                ecap_reg: 2,
+            },
         };
+        let smmu = NestingInfo {
+            features: IOMMU_NESTING_FEAT_CACHE_INVLD,
+            addr_width: 48,
+            pasid_bits: 20,
+            vendor: NestingVendor::ArmSmmuV3 {
+                asid_bits: 16,
+                pgtbl_fmt: ARM_PGTBL_64_LPAE_S1,
+            },
+        };
+        assert_eq!(
+            NestingInfo::try_from(&IommuNestingInfo::from(&smmu)).unwrap(),
+            smmu
+        );
         assert_eq!(
             NestingInfo::try_from(&IommuNestingInfo::from(&n)).unwrap(),
             n

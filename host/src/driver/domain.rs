@@ -32,7 +32,7 @@ use crate::error::HostError;
 use crate::fault::FaultSink;
 use vsva_uapi::iommu::{IOMMU_NESTING_FEAT_BIND_PGTBL, IOMMU_NESTING_FEAT_CACHE_INVLD};
 use vsva_uapi::request::{
-    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageRequest, PageResponse,
+    BindGpasid, CacheInvalidate, DmaMap, NestingInfo, NestingVendor, PageRequest, PageResponse,
 };
 
 /// The page sizes of a second level, largest first.
@@ -643,23 +643,25 @@ impl IommuBackend for VtdDomain {
             features: IOMMU_NESTING_FEAT_BIND_PGTBL | IOMMU_NESTING_FEAT_CACHE_INVLD,
             addr_width: self.addr_width as u16,
             pasid_bits: ecap.pasid_bits() as u16,
-            cap_reg: Cap {
-                fl1gp: cap.fl1gp,
-                fl5lp: cap.fl5lp,
-                ..Cap::default()
-            }
-            .to_raw()
-            .unwrap_or(0),
-            ecap_reg: Ecap {
-                prs: ecap.prs,
-                ers: ecap.ers,
-                srs: ecap.srs,
-                eafs: ecap.eafs,
-                pasid: ecap.pasid,
-                ..Ecap::default()
-            }
-            .to_raw()
-            .unwrap_or(0),
+            vendor: NestingVendor::IntelVtd {
+                cap_reg: Cap {
+                    fl1gp: cap.fl1gp,
+                    fl5lp: cap.fl5lp,
+                    ..Cap::default()
+                }
+                .to_raw()
+                .unwrap_or(0),
+                ecap_reg: Ecap {
+                    prs: ecap.prs,
+                    ers: ecap.ers,
+                    srs: ecap.srs,
+                    eafs: ecap.eafs,
+                    pasid: ecap.pasid,
+                    ..Ecap::default()
+                }
+                .to_raw()
+                .unwrap_or(0),
+            },
         });
         BackendInfo {
             iova_pgsizes,

@@ -548,8 +548,10 @@ impl IommuBackend for SmmuDomain {
                 features: vsva_uapi::iommu::IOMMU_NESTING_FEAT_CACHE_INVLD,
                 addr_width: IPA_BITS as u16,
                 pasid_bits: f.ssid_bits as u16,
-                cap_reg: 0,
-                ecap_reg: 0,
+                vendor: vsva_uapi::request::NestingVendor::ArmSmmuV3 {
+                    asid_bits: if f.asid16 { 16 } else { 8 },
+                    pgtbl_fmt: vsva_uapi::iommu::ARM_PGTBL_64_LPAE_S1,
+                },
             }),
         }
     }
