@@ -49,6 +49,8 @@ pub enum ClientError {
 /// Connection state behind the call lock: the next request id.
 struct Calls {
     next_id: u32,
+    /// Where replies are received.
+    buf: socket::RecvBuffer,
 }
 
 /// A uAPI file (a VFIO container) that `vsva host` serves over a UNIX socket.
@@ -80,7 +82,10 @@ impl RemoteFile {
         })?;
         let mut file = RemoteFile {
             sock,
-            calls: Mutex::new(Calls { next_id: 1 }),
+            calls: Mutex::new(Calls {
+                next_id: 1,
+                buf: socket::RecvBuffer::default(),
+            }),
             welcome: Welcome {
                 version: VERSION,
                 max_payload: 0,
@@ -140,7 +145,7 @@ impl RemoteFile {
         };
         socket::send(self.sock.as_fd(), &encode_request(id, request), fds)
             .map_err(|e| gone("send", Some(e)))?;
-        let received = match socket::recv(self.sock.as_fd()) {
+        let received = match socket::recv_into(self.sock.as_fd(), &mut calls.buf) {
             Ok(Some(r)) => r,
             Ok(None) => return Err(gone("closed", None)),
             Err(e) => return Err(gone("receive", Some(e))),

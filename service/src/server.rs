@@ -499,8 +499,9 @@ impl Connection<'_> {
     /// Serves frames until the client closes, the socket fails or the client sends too
     /// many malformed frames; returns why it stopped.
     fn serve(&mut self, sock: std::os::fd::BorrowedFd<'_>) -> String {
+        let mut buf = socket::RecvBuffer::default();
         loop {
-            let received = match socket::recv(sock) {
+            let received = match socket::recv_into(sock, &mut buf) {
                 Ok(Some(r)) => r,
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return format!("receive: {e}"),

@@ -90,25 +90,43 @@ pub fn send_nowait(sock: BorrowedFd<'_>, frame: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// A buffer for [`recv_into`]: room for the largest frame, allocated and zeroed once
+/// rather than for every frame.
+pub struct RecvBuffer(Vec<u8>);
+
+impl Default for RecvBuffer {
+    fn default() -> Self {
+        RecvBuffer(vec![0u8; MAX_FRAME])
+    }
+}
+
 /// Receives one frame; `Ok(None)` when the peer closed the connection.
 pub fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
-    recv_with(sock, RecvFlags::empty())
+    recv_into(sock, &mut RecvBuffer::default())
+}
+
+/// [`recv`] through `buf`: only the frame's own bytes are copied out.
+pub fn recv_into(sock: BorrowedFd<'_>, buf: &mut RecvBuffer) -> std::io::Result<Option<Received>> {
+    recv_with(sock, RecvFlags::empty(), &mut buf.0)
 }
 
 /// Receives one frame if one is queued (`EAGAIN` if none); `Ok(None)` when the peer
 /// closed the connection.
 pub fn recv_nowait(sock: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
-    recv_with(sock, RecvFlags::DONTWAIT)
+    recv_with(sock, RecvFlags::DONTWAIT, &mut RecvBuffer::default().0)
 }
 
-fn recv_with(sock: BorrowedFd<'_>, flags: RecvFlags) -> std::io::Result<Option<Received>> {
-    let mut bytes = vec![0u8; MAX_FRAME];
+fn recv_with(
+    sock: BorrowedFd<'_>,
+    flags: RecvFlags,
+    bytes: &mut [u8],
+) -> std::io::Result<Option<Received>> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = loop {
         match rustix::net::recvmsg(
             sock,
-            &mut [IoSliceMut::new(&mut bytes)],
+            &mut [IoSliceMut::new(bytes)],
             &mut control,
             RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC | flags,
         ) {
@@ -127,9 +145,8 @@ fn recv_with(sock: BorrowedFd<'_>, flags: RecvFlags) -> std::io::Result<Option<R
     if msg.bytes == 0 && !truncated && fds.is_empty() {
         return Ok(None);
     }
-    bytes.truncate(msg.bytes.min(MAX_FRAME));
     Ok(Some(Received {
-        bytes,
+        bytes: bytes[..msg.bytes.min(MAX_FRAME)].to_vec(),
         truncated,
         fds,
     }))
