@@ -76,6 +76,12 @@ pub const HOST_GONE: Errno = Errno::new(libc::ENOTCONN);
 impl RemoteFile {
     /// Connects to the host at `path` and opens a VFIO container there.
     pub fn connect(path: &Path) -> Result<RemoteFile, ClientError> {
+        Self::connect_kind(path, FILE_VFIO_CONTAINER)
+    }
+
+    /// Connects to the host at `path` and opens a file of kind `kind` there
+    /// ([`FILE_VFIO_CONTAINER`] or [`crate::protocol::FILE_IOMMUFD`]).
+    pub fn connect_kind(path: &Path, kind: u32) -> Result<RemoteFile, ClientError> {
         let sock = socket::connect(path).map_err(|source| ClientError::Connect {
             path: path.display().to_string(),
             source,
@@ -101,7 +107,7 @@ impl RemoteFile {
                 &Request::Hello {
                     min_version: VERSION,
                     max_version: VERSION,
-                    file: FILE_VFIO_CONTAINER,
+                    file: kind,
                 },
                 &[],
             )
@@ -182,6 +188,20 @@ impl RemoteFile {
         Ok(SourceId::from_rid(
             u16::try_from(rid).map_err(|_| Errno::EIO)?,
         ))
+    }
+
+    /// On an iommufd connection: plugs a passthrough DMA engine into the host, bound to
+    /// this iommufd; returns its requester id and its device id in the iommufd.
+    pub fn device_add_bound(&self) -> Result<(SourceId, u32), Errno> {
+        let reply = self.simple(&Request::DeviceAdd, &[])?;
+        let rid = u16::try_from(reply.result?).map_err(|_| Errno::EIO)?;
+        let dev_id = reply
+            .data
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or(Errno::EIO)?;
+        Ok((SourceId::from_rid(rid), dev_id))
     }
 
     /// Writes a descriptor to the device's portal at `offset`.

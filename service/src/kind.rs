@@ -22,6 +22,10 @@ pub struct UserRange {
     pub at: usize,
     /// Bytes the address names.
     pub len: u64,
+    /// Whether an address naming no bytes that lies in no window reaches the file as 0
+    /// rather than failing with `EFAULT` (iommufd: the kernel dereferences only the bytes
+    /// the argument's count covers, so a probe with a count of 0 takes any pointer).
+    pub empty_ok: bool,
 }
 
 /// What one open file holds, for the host's `STATE`.
@@ -43,10 +47,10 @@ pub trait ServedFile: UapiFile {
     /// What the file holds.
     fn holdings(&self) -> Holdings;
 
-    /// Attaches the passthrough device `sid` to the file's domain, as
-    /// `VFIO_GROUP_SET_CONTAINER` does for the device's group; `ENODEV` for a file kind
-    /// without devices.
-    fn attach_device(&self, sid: SourceId) -> Result<(), Errno> {
+    /// Attaches the passthrough device `sid` to the file, as `VFIO_GROUP_SET_CONTAINER`
+    /// does for the device's group (or binds it, for an iommufd); returns the bytes the
+    /// `DEVICE_ADD` reply carries. `ENODEV` for a file kind without devices.
+    fn attach_device(&self, sid: SourceId) -> Result<Vec<u8>, Errno> {
         let _ = sid;
         Err(Errno::ENODEV)
     }
@@ -64,8 +68,12 @@ impl ServedFile for ContainerFile<VtdDomain> {
         }
     }
 
-    fn attach_device(&self, sid: SourceId) -> Result<(), Errno> {
-        self.lock().attach_device(sid).map_err(|e| Errno::from(&e))
+    /// Attaches the device to the container's domain; the reply carries nothing.
+    fn attach_device(&self, sid: SourceId) -> Result<Vec<u8>, Errno> {
+        self.lock()
+            .attach_device(sid)
+            .map(|()| Vec::new())
+            .map_err(|e| Errno::from(&e))
     }
 }
 
@@ -78,7 +86,8 @@ pub trait FileKind: Send + Sync {
     fn open(&self) -> Result<Arc<dyn ServedFile>, Errno>;
 
     /// The user address the ioctl `cmd` with argument `arg` carries, if any. An argument
-    /// too short to hold it is `EINVAL`, so that the file never sees an untranslated one.
+    /// too short to hold it is `EINVAL`, and an ioctl the kind does not serve `ENOTTY`, so
+    /// that the file never sees an untranslated one.
     fn user_range(&self, cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno>;
 }
 
@@ -116,6 +125,10 @@ impl FileKind for VfioContainerKind {
             return Err(Errno::EINVAL);
         }
         let size = u64::from_le_bytes(arg[24..32].try_into().expect("8 bytes"));
-        Ok(Some(UserRange { at: 8, len: size }))
+        Ok(Some(UserRange {
+            at: 8,
+            len: size,
+            empty_ok: false,
+        }))
     }
 }

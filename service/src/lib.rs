@@ -4,11 +4,13 @@
 //!
 //! - [`protocol`]: frames, messages, limits (docs/protocol.md is the specification).
 //! - [`socket`]: `SOCK_SEQPACKET` frames with `SCM_RIGHTS` file descriptors.
-//! - [`kind`]: the file kinds a connection can open (a VFIO type1 container today).
+//! - [`kind`]: the file kinds a connection can open: a VFIO type1 container, or an
+//!   iommufd ([`iommufd`], with the table of the ioctls it serves and their pointers).
 //! - [`server`]: the host, one thread per connection.
 //! - [`load`]: `vsva load`, a host and VM processes under load and chaos.
 
 pub mod client;
+pub mod iommufd;
 pub mod kind;
 pub mod load;
 pub mod protocol;

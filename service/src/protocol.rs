@@ -33,6 +33,8 @@ pub const CONNECTIONS_FULL: Errno = Errno::new(libc::EUSERS);
 pub const HOST_STATE_LEN: usize = 16 * 8;
 /// The file kind of a VFIO type1 container (`/dev/vfio/vfio`).
 pub const FILE_VFIO_CONTAINER: u32 = 1;
+/// The file kind of an iommufd (`/dev/iommu`), with the connection's device bound to it.
+pub const FILE_IOMMUFD: u32 = 2;
 
 /// The header of every frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,7 +164,7 @@ pub enum Request<'a> {
         min_version: u16,
         /// Highest version the client speaks.
         max_version: u16,
-        /// The file kind ([`FILE_VFIO_CONTAINER`]).
+        /// The file kind ([`FILE_VFIO_CONTAINER`] or [`FILE_IOMMUFD`]).
         file: u32,
     },
     /// `IOCTL`: the command and the argument bytes.

@@ -26,6 +26,7 @@ use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::{Errno, EventNotifier};
 use vsva_vtd::{Hpa, SourceId};
 
+use crate::iommufd::IommufdKind;
 use crate::kind::{FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
     decode_header, decode_request, FrameError, HostState, Reply, Request, Welcome,
@@ -200,7 +201,7 @@ pub struct Service {
 
 impl Service {
     /// Builds the host: `config.memory` bytes of memory, the VT-d model, its driver, the
-    /// PASID allocator, and the VFIO container file kind.
+    /// PASID allocator, and the file kinds: VFIO container and iommufd.
     pub fn new(config: &HostConfig) -> Result<Arc<Service>, ServiceError> {
         let mem = HostMemory::new(config.memory)?;
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
@@ -212,13 +213,14 @@ impl Service {
             pasids: pasids.clone(),
             quota: config.limits.pasid_quota,
         });
+        let iommufd: Arc<dyn FileKind> = Arc::new(IommufdKind { unit: unit.clone() });
         Ok(Arc::new(Service {
             mem,
             frames,
             iommu,
             unit,
             pasids,
-            kinds: vec![vfio],
+            kinds: vec![vfio, iommufd],
             limits: config.limits,
             counters: Counters::default(),
             live: Mutex::new(HashMap::new()),
@@ -629,7 +631,10 @@ impl Connection<'_> {
                 };
                 reply(result, Vec::new())
             }
-            (Request::DeviceAdd, Some(f)) => reply(self.add_device(f.as_ref()), Vec::new()),
+            (Request::DeviceAdd, Some(f)) => match self.add_device(f.as_ref()) {
+                Ok((rid, data)) => reply(Ok(rid), data),
+                Err(e) => reply(Err(e), Vec::new()),
+            },
             (Request::DeviceWrite { offset, descriptor }, _) => {
                 let result = match &self.device {
                     None => Err(Errno::ENODEV),
@@ -655,8 +660,9 @@ impl Connection<'_> {
     }
 
     /// Plugs a PASID-capable DMA engine (ATS, PRI) into the host under a new requester id
-    /// and attaches it to the file's domain; returns the requester id.
-    fn add_device(&mut self, file: &dyn ServedFile) -> Result<u64, Errno> {
+    /// and attaches it to the file (a container's domain; bound, for an iommufd); returns
+    /// the requester id and what the file says of the device.
+    fn add_device(&mut self, file: &dyn ServedFile) -> Result<(u64, Vec<u8>), Errno> {
         if self.device.is_some() {
             return Err(Errno::EEXIST);
         }
@@ -675,12 +681,15 @@ impl Connection<'_> {
             .enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
             .map_err(|_| Errno::EINVAL)?;
         self.svc.iommu.attach_endpoint(engine.clone());
-        if let Err(e) = file.attach_device(sid) {
-            self.svc.iommu.detach_endpoint(sid);
-            return Err(e);
-        }
+        let data = match file.attach_device(sid) {
+            Ok(d) => d,
+            Err(e) => {
+                self.svc.iommu.detach_endpoint(sid);
+                return Err(e);
+            }
+        };
         self.device = Some(engine);
-        Ok(u64::from(rid))
+        Ok((u64::from(rid), data))
     }
 
     fn hello(&mut self, min: u16, max: u16, kind: u32) -> Result<Welcome, Errno> {
@@ -718,7 +727,11 @@ impl Connection<'_> {
         };
         let field = range.at..range.at + 8;
         let addr = u64::from_le_bytes(arg[field.clone()].try_into().expect("8 bytes"));
-        let host = self.translate(addr, range.len).ok_or(Errno::EFAULT)?;
+        let host = match self.translate(addr, range.len) {
+            Some(host) => host,
+            None if range.len == 0 && range.empty_ok => 0,
+            None => return Err(Errno::EFAULT),
+        };
         arg[field.clone()].copy_from_slice(&host.to_le_bytes());
         let result = file.ioctl(cmd, arg);
         arg[field].copy_from_slice(&addr.to_le_bytes());
