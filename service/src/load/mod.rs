@@ -473,9 +473,15 @@ fn run_in(exe: &Path, socket: &Path, opts: &LoadOptions) -> Result<LoadReport, L
         .filter(|v| !v.killed)
         .filter_map(|v| v.report.as_ref())
         .collect();
-    let held = state(&probe)?;
+    // A VM killed just before the end may still be closing on the host: wait (bounded)
+    // for its connection to go.
     let want = live.iter().fold(Held::default(), |sum, r| sum + r.held);
-    let got = Held::of(&held, &baseline);
+    let deadline = Instant::now() + WAIT;
+    let mut got = Held::of(&state(&probe)?, &baseline);
+    while got != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        got = Held::of(&state(&probe)?, &baseline);
+    }
     if got != want {
         fail(
             &mut report,
