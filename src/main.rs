@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vsva_testbed::bench::cli::{run_cli, BenchArgs};
-use vsva_testbed::demo::{self, DemoOptions};
+use vsva_testbed::demo::{self, DemoOptions, DemoSummary};
 use vsva_testbed::scenario::{self, Scenario};
+use vsva_testbed::smmu_demo;
 use vsva_testbed::stack::Uapi;
 
 #[derive(Parser)]
@@ -66,6 +67,11 @@ enum Command {
         /// type1 first, and prints a summary for each.
         #[arg(long, value_enum)]
         uapi: Option<UapiArg>,
+        /// The host IOMMU: VT-d with x86-64 guests, or SMMUv3 with arm64 guests (over the
+        /// type1 container). Without it, both run, each ending with its summary line
+        /// (SMMUv3 only where the uAPI is type1 and the demo is not split).
+        #[arg(long, value_enum)]
+        iommu: Option<IommuArch>,
     },
     /// A scripted run that shows one behaviour of the stack.
     Run {
@@ -202,6 +208,29 @@ fn init_logging() {
         .init();
 }
 
+/// The host IOMMU architecture of `vsva demo --iommu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum IommuArch {
+    /// Intel VT-d, x86-64 guests with a virtual VT-d.
+    Vtd,
+    /// Arm SMMUv3, arm64 guests with a virtual SMMUv3.
+    Smmuv3,
+}
+
+/// Prints a demo's summary (text or JSON); whether it had no error.
+fn print_summary(summary: &DemoSummary, json: bool) -> bool {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).expect("a serialisable summary")
+        );
+    } else {
+        println!("{summary}");
+        println!("{}", summary.timing());
+    }
+    summary.errors == 0
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
@@ -214,7 +243,13 @@ fn main() -> ExitCode {
             json,
             split,
             uapi,
+            iommu,
         } => {
+            let smmu_uapi = matches!(uapi, None | Some(UapiArg::Type1));
+            if iommu == Some(IommuArch::Smmuv3) && (split || !smmu_uapi) {
+                eprintln!("demo: the SMMUv3 demo runs in one process over type1 only");
+                return ExitCode::FAILURE;
+            }
             // The socket `vsva host` serves is the type1 container's.
             let uapis = match (uapi.map(Uapi::from), split) {
                 (Some(Uapi::Iommufd), true) => {
@@ -228,6 +263,11 @@ fn main() -> ExitCode {
                 (None, false) => vec![Uapi::Type1, Uapi::Iommufd],
             };
             let mut code = ExitCode::SUCCESS;
+            let uapis = if iommu == Some(IommuArch::Smmuv3) {
+                Vec::new()
+            } else {
+                uapis
+            };
             for uapi in uapis {
                 let opts = DemoOptions {
                     seed,
@@ -255,16 +295,38 @@ fn main() -> ExitCode {
                 };
                 match summary {
                     Ok(summary) => {
-                        if json {
-                            println!(
-                                "{}",
-                                serde_json::to_string(&summary).expect("a serialisable summary")
-                            );
-                        } else {
-                            println!("{summary}");
-                            println!("{}", summary.timing());
+                        if !print_summary(&summary, json) {
+                            code = ExitCode::FAILURE;
                         }
-                        if summary.errors != 0 {
+                    }
+                    Err(e) => {
+                        eprintln!("demo: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            let smmu = match iommu {
+                Some(IommuArch::Smmuv3) => true,
+                Some(IommuArch::Vtd) => false,
+                None => smmu_uapi && !split,
+            };
+            if smmu {
+                let opts = DemoOptions {
+                    seed,
+                    vms,
+                    processes,
+                    bytes,
+                    progress: !json,
+                    ..DemoOptions::default()
+                };
+                let mut log = |line: String| {
+                    if !json {
+                        println!("{line}");
+                    }
+                };
+                match smmu_demo::run(&opts, &mut log) {
+                    Ok(summary) => {
+                        if !print_summary(&summary, json) {
                             code = ExitCode::FAILURE;
                         }
                     }

@@ -31,6 +31,39 @@ fn the_demo_refuses_to_check_nothing() {
 }
 
 #[test]
+fn the_demo_runs_on_an_smmuv3_host_or_on_vtd_alone() {
+    let args = ["demo", "--vms", "1", "--processes", "1", "--bytes", "4096"];
+    let out = vsva(&[&args[..], &["--iommu", "smmuv3"]].concat());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("smmuv3 VM 0: 1 processes bound"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\ndemo (smmuv3): 1 VMs, 1 PASIDs, ")
+            && !stdout.contains("\ndemo: 1 VMs")
+            && !stdout.contains("\ndemo (iommufd)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(" 0 errors; cross-VM checks skipped"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\ndemo (smmuv3): wall time "), "{stdout}");
+    let out = vsva(&[&args[..], &["--iommu", "vtd"]].concat());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(!stdout.contains("smmuv3"), "{stdout}");
+    assert!(stdout.contains("\ndemo: 1 VMs, 1 PASIDs, "), "{stdout}");
+    // The SMMUv3 demo runs in one process, over type1.
+    for extra in [&["--split"][..], &["--uapi", "iommufd"][..]] {
+        let out = vsva(&[&args[..], &["--iommu", "smmuv3"], extra].concat());
+        assert!(!out.status.success(), "{extra:?}");
+    }
+}
+
+#[test]
 fn a_one_vm_demo_passes_and_says_what_it_skipped() {
     let out = vsva(&["demo", "--vms", "1", "--processes", "1", "--bytes", "4096"]);
     let stdout = text(&out.stdout);
@@ -54,13 +87,18 @@ fn the_demo_runs_over_each_uapi_or_the_one_asked() {
         .lines()
         .filter(|l| l.contains(" VMs, ") && l.ends_with(" 0 errors"))
         .collect();
-    assert_eq!(summaries.len(), 2, "{stdout}");
+    // VT-d over each uAPI, then SMMUv3 (over type1).
+    assert_eq!(summaries.len(), 3, "{stdout}");
     assert!(
         summaries[0].starts_with("demo: 2 VMs, 2 PASIDs, "),
         "{stdout}"
     );
     assert!(
         summaries[1].starts_with("demo (iommufd): 2 VMs, 2 PASIDs, "),
+        "{stdout}"
+    );
+    assert!(
+        summaries[2].starts_with("demo (smmuv3): 2 VMs, 2 PASIDs, "),
         "{stdout}"
     );
 

@@ -130,6 +130,8 @@ impl VmReport {
 /// The whole run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DemoSummary {
+    /// The host IOMMU.
+    pub iommu: DemoIommu,
     /// The uAPI the VMMs used.
     pub uapi: Uapi,
     /// VMs booted.
@@ -161,7 +163,27 @@ pub struct DemoSummary {
     pub per_vm: Vec<VmReport>,
 }
 
+/// The host IOMMU of a demo run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum DemoIommu {
+    /// Intel VT-d, x86-64 guests.
+    #[default]
+    Vtd,
+    /// Arm SMMUv3, arm64 guests ([`crate::smmu_demo`]).
+    Smmuv3,
+}
+
 impl DemoSummary {
+    /// The name the summary lines start with. The VT-d type1 line is the demo's line since
+    /// before iommufd and SMMUv3; the others name what differs.
+    fn name(&self) -> &'static str {
+        match (self.iommu, self.uapi) {
+            (DemoIommu::Smmuv3, _) => "demo (smmuv3)",
+            (DemoIommu::Vtd, Uapi::Type1) => "demo",
+            (DemoIommu::Vtd, Uapi::Iommufd) => "demo (iommufd)",
+        }
+    }
+
     /// `bytes_verified` over the wall time.
     pub fn bytes_verified_per_second(&self) -> f64 {
         self.bytes_verified as f64 / self.wall_seconds.max(f64::MIN_POSITIVE)
@@ -171,10 +193,7 @@ impl DemoSummary {
     pub fn timing(&self) -> String {
         format!(
             "{}: wall time {:.3} s, {:.0} bytes verified per second",
-            match self.uapi {
-                Uapi::Type1 => "demo",
-                Uapi::Iommufd => "demo (iommufd)",
-            },
+            self.name(),
             self.wall_seconds,
             self.bytes_verified_per_second()
         )
@@ -183,11 +202,7 @@ impl DemoSummary {
 
 impl fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The type1 line is the demo's line since before iommufd; the iommufd one names it.
-        let name = match self.uapi {
-            Uapi::Type1 => "demo",
-            Uapi::Iommufd => "demo (iommufd)",
-        };
+        let name = self.name();
         write!(
             f,
             "{name}: {} VMs, {} PASIDs, {} bytes verified, {} page requests served, {} invalidations forwarded, {} errors",
@@ -356,6 +371,7 @@ impl Demo {
             + failed_shutdowns
             + usize::from(!left.is_empty());
         Ok(DemoSummary {
+            iommu: DemoIommu::Vtd,
             uapi: opts.uapi,
             vms: reports.len(),
             pasids: reports.iter().map(|r| r.pasids.len()).sum(),

@@ -27,4 +27,5 @@ pub mod migrate;
 pub mod remote;
 pub mod scale;
 pub mod scenario;
+pub mod smmu_demo;
 pub mod stack;

@@ -509,6 +509,7 @@ fn split_demo_in(
     }
     errors += failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
     Ok(DemoSummary {
+        iommu: crate::demo::DemoIommu::Vtd,
         uapi: Uapi::Type1,
         vms: opts.vms,
         pasids: reports.iter().map(|r| r.pasids.len()).sum(),

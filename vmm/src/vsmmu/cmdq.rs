@@ -205,7 +205,9 @@ impl VSmmu {
                 continue;
             }
             let r = host.cache_invalidate(&inv);
-            self.host_call(r, || HostCall::CacheInvalidate(inv));
+            if self.host_call(r, || HostCall::CacheInvalidate(inv)) {
+                self.count(|s| s.invalidations += 1);
+            }
             done.push(host);
         }
     }

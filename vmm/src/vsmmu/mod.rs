@@ -147,6 +147,10 @@ pub struct VSmmuStats {
     pub host_calls: u64,
     /// Host calls that failed.
     pub host_errors: u64,
+    /// Cache invalidations forwarded to the host (`VFIO_IOMMU_CACHE_INVALIDATE`).
+    pub invalidations: u64,
+    /// Translating CD tables attached on the host (`VFIO_IOMMU_ATTACH_PASID_TABLE`).
+    pub table_attaches: u64,
     /// Events written to the guest's event queue.
     pub events: u64,
     /// Events lost (queue disabled, full or unwritable).

@@ -217,6 +217,9 @@ impl VSmmu {
             let ok = self.host_call(r, || HostCall::AttachPasidTable(cfg));
             if ok {
                 *at = to;
+                if let HostConfig::Translate(_) = to {
+                    self.count(|s| s.table_attaches += 1);
+                }
             }
             ok
         };

@@ -1,0 +1,454 @@
+//! The demo on an SMMUv3 host (`vsva demo --iommu smmuv3`): arm64 VMs whose guest
+//! arm-smmu-v3 driver ([`SmmuSva`]) programs a virtual SMMUv3 ([`VSmmu`]) that hands the
+//! guest's CD tables to each VM's VFIO container on the host SMMUv3 driver and the physical
+//! SMMUv3 model (strict mode). Each process binds its AArch64 address space to its VM's DMA
+//! engine and checks, at virtual addresses: a copy, a fill, a compare that must find the
+//! byte the demo changed, a page request served by the guest's fault handler, and a DMA
+//! after munmap that must fault at the unmapped address in the guest's event queue. With
+//! two VMs or more, each VM's container must refuse a CD table outside the VM's memory and
+//! a page response for another VM's device. The summary line is the VT-d demo's, named
+//! `demo (smmuv3)`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_guest::{GuestFrames, Process, Prot, SmmuSva};
+use vsva_host::smmu::{SmmuDomain, SmmuHost};
+use vsva_host::{Container, ContainerFile, PasidAllocator};
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
+    Operation,
+};
+use vsva_hw::smmuv3::{Smmu, SmmuConfig};
+use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_smmuv3::{EventType, RegError};
+use vsva_smmuv3_driver::Registers;
+use vsva_uapi::{
+    DmaMap, IommuModel, PageResponse, PageResponseCode, PasidConfig, PasidTableConfig, QueuedFault,
+    UapiFile, VfioIoctls,
+};
+use vsva_vmm::{VSmmu, VSmmuConfig, VSmmuError};
+use vsva_vtd::{Gpa, Gva, Hpa, Iova, Pasid, SourceId};
+
+use crate::demo::{DemoError, DemoIommu, DemoOptions, DemoSummary, VmReport};
+
+/// Guest RAM of each VM.
+const RAM: u64 = 64 << 20;
+/// Where the guest kernel's frames start.
+const FRAMES_START: u64 = 16 << 20;
+/// The passthrough device's StreamID in every guest.
+const GSID: u32 = 0x18;
+const PAGE: u64 = 4096;
+
+/// The guest kernel's register accesses: MMIO to its VM's vSMMU.
+pub struct VSmmuMmio(Arc<VSmmu>);
+
+impl Registers for VSmmuMmio {
+    fn read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        self.0.read(offset, size).map_err(reg_error)
+    }
+    fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
+        self.0.write(offset, size, value).map_err(reg_error)
+    }
+}
+
+/// A vSMMU refusal as the register error a guest sees: only register accesses are made.
+fn reg_error(e: VSmmuError) -> RegError {
+    match e {
+        VSmmuError::Register(r) => r,
+        _ => RegError::Unsupported("a vSMMU refusal other than a register access"),
+    }
+}
+
+/// One arm64 VM: RAM, container, passthrough DMA engine, vSMMU and guest driver.
+struct Vm {
+    hpa: Hpa,
+    ram: Arc<GuestMemoryMmap>,
+    host_sid: SourceId,
+    file: Arc<ContainerFile<SmmuDomain>>,
+    dev: Arc<DmaEngine>,
+    vsmmu: Arc<VSmmu>,
+    guest: Arc<SmmuSva<VSmmuMmio>>,
+    frames: Arc<GuestFrames>,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> DemoError {
+    DemoError::Options(format!("smmuv3 demo: {what}: {e}"))
+}
+
+impl Vm {
+    fn boot(
+        i: usize,
+        mem: &Arc<HostMemory>,
+        host_frames: &Arc<FrameAllocator>,
+        hw: &Arc<Smmu>,
+        host: &Arc<SmmuHost>,
+    ) -> Result<Vm, DemoError> {
+        let hpa = host_frames
+            .alloc_range(RAM, 2 << 20)
+            .map_err(|e| err("guest RAM", e))?;
+        let ram = Arc::new(
+            mem.guest_memory(&[(Gpa(0), hpa, RAM)])
+                .map_err(|e| err("guest RAM", e))?,
+        );
+        let host_sid = SourceId::from_rid(0x100 + i as u16);
+        let dev = Arc::new(
+            DmaEngine::new(DmaEngineConfig::new(host_sid), hw.clone())
+                .map_err(|e| err("DMA engine", e))?,
+        );
+        hw.attach_endpoint(host_sid.rid().into(), dev.clone());
+        dev.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
+            .map_err(|e| err("DMA engine", e))?;
+        let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
+        let domain = SmmuDomain::new(host).map_err(|e| err("domain", e))?;
+        let mut c = Container::new(allocator, 16, domain);
+        c.set_iommu(IommuModel::Type1Nesting)
+            .map_err(|e| err("SET_IOMMU", e))?;
+        c.attach_device(host_sid).map_err(|e| err("attach", e))?;
+        let file = Arc::new(ContainerFile::new(c));
+        let vaddr = ram
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| err("guest RAM", e))? as u64;
+        let map = DmaMap {
+            iova: Iova(0),
+            vaddr,
+            size: RAM,
+            read: true,
+            write: true,
+        };
+        VfioIoctls::map_dma(&mut &*file, &map).map_err(|e| err("MAP_DMA", e))?;
+        let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).map_err(|e| err("vSMMU", e))?;
+        vsmmu
+            .attach_passthrough(GSID, host_sid, file.clone())
+            .map_err(|e| err("vSMMU", e))?;
+        let frames = Arc::new(
+            GuestFrames::new(ram.clone(), Gpa(FRAMES_START), RAM - FRAMES_START)
+                .map_err(|e| err("guest frames", e))?,
+        );
+        let guest = SmmuSva::new(VSmmuMmio(vsmmu.clone()), ram.clone(), frames.clone())
+            .map_err(|e| err("guest SMMU driver", e))?;
+        guest
+            .attach_device(GSID)
+            .map_err(|e| err("guest attach", e))?;
+        Ok(Vm {
+            hpa,
+            ram,
+            host_sid,
+            file,
+            dev,
+            vsmmu,
+            guest,
+            frames,
+        })
+    }
+
+    /// The VMM's fault handling: the host's queue handlers, then the container's fault
+    /// queue injected into the vSMMU.
+    fn pump(&self, host: &SmmuHost) {
+        host.handle_queues();
+        for f in self.file.read_faults().unwrap_or_default() {
+            let _ = match f {
+                QueuedFault::PageRequest(e) => self
+                    .vsmmu
+                    .inject_page_request(e.sid, &e.request)
+                    .map(|_| ()),
+                QueuedFault::Unrecoverable(e) => {
+                    self.vsmmu.inject_host_fault(e.sid, &e.fault).map(|_| ())
+                }
+            };
+        }
+    }
+
+    /// Runs `op` on the device with SubstreamID `ssid`; returns the completion record.
+    fn dma(
+        &self,
+        p: &Process,
+        ssid: u32,
+        op: Operation,
+        comp: u64,
+        block: bool,
+    ) -> Option<CompletionRecord> {
+        p.write(Gva(comp), &[0; 32]).ok()?;
+        let d = Descriptor {
+            pasid: Pasid::new(ssid).ok(),
+            privileged: false,
+            block_on_fault: block,
+            completion: CompletionRequest::Always(comp),
+            op,
+        };
+        self.dev.portal_write(0, &d.encode()).ok()?;
+        self.dev.process();
+        self.record(p, comp)
+    }
+
+    fn record(&self, p: &Process, comp: u64) -> Option<CompletionRecord> {
+        let mut rec = [0; 32];
+        p.read(Gva(comp), &mut rec).ok()?;
+        CompletionRecord::from_bytes(&rec)
+    }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(2654435761).wrapping_add(seed) as u8)
+        .collect()
+}
+
+/// One process's checks. The process is pushed to `keep` once it is bound: it stays bound
+/// until its VM shuts down (the guest driver's shutdown unbinds it).
+fn process_checks(
+    vm: &Vm,
+    host: &SmmuHost,
+    seed: u64,
+    bytes: u64,
+    report: &mut VmReport,
+    keep: &mut Vec<Arc<Process>>,
+) -> Result<(), String> {
+    let p = Arc::new(
+        Process::new_aarch64(vm.ram.clone(), vm.frames.clone()).map_err(|e| e.to_string())?,
+    );
+    let len = bytes.div_ceil(PAGE).max(1) * PAGE;
+    let src = p.mmap(len, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+    let dst = p.mmap(len, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+    let data = pattern(len as usize, seed);
+    p.write(Gva(src), &data).map_err(|e| e.to_string())?;
+    let ssid = vm.guest.bind(GSID, &p).map_err(|e| e.to_string())?;
+    report.pasids.push(ssid);
+    keep.push(p.clone());
+    let ok = |r: Option<CompletionRecord>| r.is_some_and(|r| r.status == CompletionStatus::Success);
+    let size = len as u32;
+    // Copy.
+    if !ok(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
+        return Err("copy did not complete".into());
+    }
+    let mut back = vec![0; len as usize];
+    p.read(Gva(dst), &mut back).map_err(|e| e.to_string())?;
+    if back != data {
+        return Err("copy: destination differs".into());
+    }
+    report.bytes_verified += len;
+    // Fill.
+    let fill = 0x0102_0304_0506_0708u64 ^ seed;
+    if !ok(vm.dma(
+        &p,
+        ssid,
+        Operation::Fill {
+            pattern: fill,
+            dst,
+            size,
+        },
+        comp,
+        false,
+    )) {
+        return Err("fill did not complete".into());
+    }
+    p.read(Gva(dst), &mut back).map_err(|e| e.to_string())?;
+    if back.chunks(8).any(|c| c != &fill.to_le_bytes()[..c.len()]) {
+        return Err("fill: destination differs".into());
+    }
+    report.bytes_verified += len;
+    // Compare: equal, then one byte changed.
+    p.write(Gva(dst), &data).map_err(|e| e.to_string())?;
+    let at = (seed % len) as usize;
+    let cmp = Operation::Compare {
+        src1: src,
+        src2: dst,
+        size,
+    };
+    match vm.dma(&p, ssid, cmp, comp, false) {
+        Some(r) if r.status == CompletionStatus::Success && r.result == 0 => {}
+        r => return Err(format!("compare of equal buffers: {r:?}")),
+    }
+    p.write(Gva(dst + at as u64), &[data[at] ^ 0xff])
+        .map_err(|e| e.to_string())?;
+    match vm.dma(&p, ssid, cmp, comp, false) {
+        Some(r) if r.status == CompletionStatus::Success && r.result == 1 => {}
+        r => return Err(format!("compare after a changed byte: {r:?}")),
+    }
+    report.bytes_verified += 2 * len;
+    // A page request: a page the process has not touched.
+    let lazy = p
+        .mmap_lazy(PAGE, Prot::READ_WRITE)
+        .map_err(|e| e.to_string())?
+        .0;
+    vm.dma(
+        &p,
+        ssid,
+        Operation::Memmove {
+            src,
+            dst: lazy,
+            size: 256,
+        },
+        comp,
+        true,
+    );
+    vm.pump(host);
+    vm.guest.read_events().map_err(|e| e.to_string())?;
+    let served = vm.guest.handle_page_requests().map_err(|e| e.to_string())?;
+    vm.dev.process();
+    let mut got = vec![0; 256];
+    p.read(Gva(lazy), &mut got).map_err(|e| e.to_string())?;
+    if served.succeeded != 1 || !ok(vm.record(&p, comp)) || got != data[..256] {
+        return Err(format!("page request: {served:?}"));
+    }
+    report.page_requests_served += 1;
+    report.bytes_verified += 256;
+    // munmap: the next DMA faults at the unmapped address.
+    let gone = dst + len - PAGE;
+    p.munmap(Gva(gone), PAGE).map_err(|e| e.to_string())?;
+    if ok(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
+        return Err("DMA after munmap completed".into());
+    }
+    vm.pump(host);
+    let events = vm.guest.read_events().map_err(|e| e.to_string())?;
+    if !events.iter().any(|e| {
+        e.event_type == EventType::Translation && e.ssid == Some(ssid) && e.input_addr == gone
+    }) {
+        return Err(format!(
+            "no F_TRANSLATION at {gone:#x} after munmap: {events:?}"
+        ));
+    }
+    report.munmap_faults += 1;
+    Ok(())
+}
+
+/// Runs the demo on an SMMUv3 host.
+pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummary, DemoError> {
+    opts.validate()?;
+    let start = Instant::now();
+    let mem = HostMemory::new(opts.host_memory).map_err(|e| err("host memory", e))?;
+    let host_frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let hw = Arc::new(Smmu::new(
+        mem.clone(),
+        SmmuConfig {
+            strict: true,
+            ..SmmuConfig::default()
+        },
+    ));
+    let host = SmmuHost::new(hw.clone(), host_frames.clone()).map_err(|e| err("host SMMU", e))?;
+    let baseline = host_frames.allocated_bytes();
+    let vms = (0..opts.vms)
+        .map(|i| Vm::boot(i, &mem, &host_frames, &hw, &host))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut summary = DemoSummary {
+        iommu: DemoIommu::Smmuv3,
+        vms: vms.len(),
+        ..DemoSummary::default()
+    };
+    let mut processes = Vec::new();
+    for (i, vm) in vms.iter().enumerate() {
+        let mut report = VmReport {
+            vm: i,
+            ..VmReport::default()
+        };
+        for j in 0..opts.processes {
+            let seed = opts.seed.wrapping_add((i * opts.processes + j) as u64);
+            if let Err(e) = process_checks(vm, &host, seed, opts.bytes, &mut report, &mut processes)
+            {
+                report.errors.push(format!("VM {i} process {j}: {e}"));
+            }
+        }
+        let stats = vm.vsmmu.stats();
+        report.invalidations_forwarded = stats.invalidations;
+        report.binds = stats.table_attaches;
+        report.host_errors = stats.host_errors;
+        log(format!(
+            "smmuv3 VM {i}: {} processes bound, {} bytes verified, {} page requests served, {} munmap faults",
+            report.pasids.len(),
+            report.bytes_verified,
+            report.page_requests_served,
+            report.munmap_faults
+        ));
+        summary.per_vm.push(report);
+    }
+    // Cross-VM: a CD table outside the VM's memory, a page response to another VM's device.
+    if vms.len() >= 2 {
+        summary.cross_vm_checked = true;
+        for (i, vm) in vms.iter().enumerate() {
+            let other = &vms[(i + 1) % vms.len()];
+            let outside = PasidTableConfig {
+                base_ptr: Gpa(RAM),
+                pasid_bits: 4,
+                config: PasidConfig::Translate { s1fmt: 0, s1dss: 1 },
+            };
+            let report = &mut summary.per_vm[i];
+            match VfioIoctls::attach_pasid_table(&mut &*vm.file, &outside) {
+                Err(_) => report.cross_vm_refusals += 1,
+                Ok(()) => report
+                    .errors
+                    .push(format!("VM {i}: a CD table beyond its RAM was attached")),
+            }
+            let resp = PageResponse {
+                pasid: Pasid::new(1).ok(),
+                grpid: 0,
+                code: PageResponseCode::Success,
+            };
+            match VfioIoctls::page_response_to(&mut &*vm.file, other.host_sid, &resp) {
+                Err(_) => report.cross_vm_refusals += 1,
+                Ok(()) => report.errors.push(format!(
+                    "VM {i}: a page response reached another VM's device"
+                )),
+            }
+        }
+    }
+    summary.stale_translations = hw.take_stale().len();
+    // The processes stay until their VMs are down: the guest drivers unbind them.
+    let processes = processes;
+    // Shutdown: guest drivers, vSMMUs, containers, RAM.
+    for (i, vm) in vms.into_iter().enumerate() {
+        let Vm {
+            hpa,
+            ram,
+            file,
+            vsmmu,
+            guest,
+            dev,
+            host_sid,
+            ..
+        } = vm;
+        let down = guest
+            .shutdown()
+            .map_err(|e| e.to_string())
+            .and_then(|()| vsmmu.detach_passthrough(GSID).map_err(|e| e.to_string()));
+        if let Err(e) = down {
+            summary.per_vm[i]
+                .errors
+                .push(format!("VM {i} shutdown: {e}"));
+            summary.failed_shutdowns += 1;
+        }
+        drop(file);
+        hw.detach_endpoint(host_sid.rid().into());
+        drop(dev);
+        mem.release_guest_memory(&ram);
+        let _ = host_frames.free(hpa);
+    }
+    drop(processes);
+    let (tlb, _, cds) = hw.cached_entries();
+    let left = host_frames.allocated_bytes().saturating_sub(baseline);
+    // The host keeps the level-2 stream tables it made (one per StreamID group), as
+    // Linux does for the SMMU's lifetime.
+    let l2 = (64u64 << vsva_smmuv3_driver::STRTAB_SPLIT) * opts.vms.div_ceil(256).max(1) as u64;
+    if tlb != 0 || cds != 0 || !host.vmids().is_empty() || left > l2 {
+        summary.per_vm[0].errors.push(format!(
+            "left after shutdown: {tlb} TLB entries, {cds} CDs, VMIDs {:?}, {left} bytes",
+            host.vmids()
+        ));
+    }
+    for r in &summary.per_vm {
+        summary.pasids += r.pasids.len();
+        summary.bytes_verified += r.bytes_verified;
+        summary.page_requests_served += r.page_requests_served;
+        summary.invalidations_forwarded += r.invalidations_forwarded;
+        summary.host_errors += r.host_errors;
+        summary.errors += r.error_count();
+        for e in &r.errors {
+            log(format!("error: {e}"));
+        }
+    }
+    summary.errors += summary.stale_translations + summary.failed_shutdowns;
+    summary.wall_seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
