@@ -89,6 +89,11 @@ enum Command {
         /// The guest virtual address (default: the first byte of the process's buffer).
         #[arg(long, value_parser = parse_u64)]
         addr: Option<u64>,
+        /// The host IOMMU: VT-d (the default), or SMMUv3: the physical SMMU's walk of the
+        /// VM's device with a SubstreamID (`--pasid`): STE, CD, each stage-1 step with
+        /// its stage-2 walk.
+        #[arg(long, value_enum)]
+        iommu: Option<IommuArch>,
     },
     /// Measures the hot paths against baselines in the same run.
     Bench(BenchArgs),
@@ -355,7 +360,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Explain { vm, pasid, addr } => report(scenario::explain(vm, pasid, addr)),
+        Command::Explain {
+            vm,
+            pasid,
+            addr,
+            iommu: Some(IommuArch::Smmuv3),
+        } => match smmu_demo::explain(vm, pasid, addr) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("explain: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Explain {
+            vm, pasid, addr, ..
+        } => report(scenario::explain(vm, pasid, addr)),
         Command::Host {
             socket,
             memory,

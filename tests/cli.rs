@@ -64,6 +64,30 @@ fn the_demo_runs_on_an_smmuv3_host_or_on_vtd_alone() {
 }
 
 #[test]
+fn explain_on_smmuv3_prints_ste_cd_and_each_stage1_step_with_its_stage2_walk() {
+    let out = vsva(&["explain", "--iommu", "smmuv3"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[1].starts_with("STE: STE Config=Nested "), "{stdout}");
+    assert!(lines[2].starts_with("CD: ASID 1 TTB0 "), "{stdout}");
+    for level in 0..4 {
+        let s1 = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("S1 L{level} input 0x7f0000000000")))
+            .unwrap_or_else(|| panic!("no stage-1 level {level}: {stdout}"));
+        // Each stage-1 step is followed by the stage-2 walk of what it points to.
+        assert!(lines[s1 + 1].starts_with("S2 L0 input "), "{stdout}");
+    }
+    assert!(stdout.contains("\nresult: Page {"), "{stdout}");
+    // A SubstreamID no process is bound to: the CD is invalid.
+    let out = vsva(&["explain", "--iommu", "smmuv3", "--pasid", "9"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.contains("result: Page"), "{stdout}");
+}
+
+#[test]
 fn a_one_vm_demo_passes_and_says_what_it_skipped() {
     let out = vsva(&["demo", "--vms", "1", "--processes", "1", "--bytes", "4096"]);
     let stdout = text(&out.stdout);

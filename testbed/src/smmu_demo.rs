@@ -144,6 +144,31 @@ impl Vm {
         })
     }
 
+    /// Shuts the guest driver down, detaches the device from the vSMMU and the SMMU,
+    /// closes the container and gives the RAM back.
+    fn shutdown(
+        self,
+        mem: &HostMemory,
+        host_frames: &FrameAllocator,
+        hw: &Smmu,
+    ) -> Result<(), String> {
+        let down = self
+            .guest
+            .shutdown()
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.vsmmu
+                    .detach_passthrough(GSID)
+                    .map_err(|e| e.to_string())
+            });
+        drop(self.file);
+        hw.detach_endpoint(self.host_sid.rid().into());
+        drop(self.dev);
+        mem.release_guest_memory(&self.ram);
+        let _ = host_frames.free(self.hpa);
+        down
+    }
+
     /// The VMM's fault handling: the host's queue handlers, then the container's fault
     /// queue injected into the vSMMU.
     fn pump(&self, host: &SmmuHost) {
@@ -399,31 +424,12 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummar
     let processes = processes;
     // Shutdown: guest drivers, vSMMUs, containers, RAM.
     for (i, vm) in vms.into_iter().enumerate() {
-        let Vm {
-            hpa,
-            ram,
-            file,
-            vsmmu,
-            guest,
-            dev,
-            host_sid,
-            ..
-        } = vm;
-        let down = guest
-            .shutdown()
-            .map_err(|e| e.to_string())
-            .and_then(|()| vsmmu.detach_passthrough(GSID).map_err(|e| e.to_string()));
-        if let Err(e) = down {
+        if let Err(e) = vm.shutdown(&mem, &host_frames, &hw) {
             summary.per_vm[i]
                 .errors
                 .push(format!("VM {i} shutdown: {e}"));
             summary.failed_shutdowns += 1;
         }
-        drop(file);
-        hw.detach_endpoint(host_sid.rid().into());
-        drop(dev);
-        mem.release_guest_memory(&ram);
-        let _ = host_frames.free(hpa);
     }
     drop(processes);
     let (tlb, _, cds) = hw.cached_entries();
@@ -451,4 +457,40 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummar
     summary.errors += summary.stale_translations + summary.failed_shutdowns;
     summary.wall_seconds = start.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// `vsva explain --iommu smmuv3`: the physical SMMU's walk of one transaction of VM `vm`'s
+/// device (the VM's only one booted) with SubstreamID `ssid` (default: its first process's)
+/// at `addr` (default: the first byte of that process's buffer): STE, CD, and each stage-1
+/// step with the stage-2 walk of its table address, then the result or the fault.
+pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String, DemoError> {
+    let mem =
+        HostMemory::new(DemoOptions::default().host_memory).map_err(|e| err("host memory", e))?;
+    let host_frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let hw = Arc::new(Smmu::new(mem.clone(), SmmuConfig::default()));
+    let host = SmmuHost::new(hw.clone(), host_frames.clone()).map_err(|e| err("host SMMU", e))?;
+    let v = Vm::boot(vm, &mem, &host_frames, &hw, &host)?;
+    let text = (|| {
+        let p = Arc::new(
+            Process::new_aarch64(v.ram.clone(), v.frames.clone()).map_err(|e| err("process", e))?,
+        );
+        let buf = p
+            .mmap(4 * PAGE, Prot::READ_WRITE)
+            .map_err(|e| err("mmap", e))?
+            .0;
+        p.write(Gva(buf), &pattern(4 * PAGE as usize, 1))
+            .map_err(|e| err("process", e))?;
+        let bound = v.guest.bind(GSID, &p).map_err(|e| err("bind", e))?;
+        let e = hw.explain(
+            v.host_sid.rid().into(),
+            Some(ssid.unwrap_or(bound)),
+            addr.unwrap_or(buf),
+            vsva_smmuv3::AccessRequest::READ,
+        );
+        Ok::<_, DemoError>(format!("{e}"))
+    })();
+    let down = v.shutdown(&mem, &host_frames, &hw);
+    let text = text?;
+    down.map_err(|e| err("shutdown", e))?;
+    Ok(text)
 }
