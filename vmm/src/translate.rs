@@ -5,13 +5,12 @@
 
 use std::sync::atomic::Ordering;
 
-use vsva_vtd::inv_desc::IotlbGranularity;
+use vsva_vtd::invalidation::IotlbInvalidation;
 use vsva_vtd::regs::AddressType;
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
-    walk_first_level, AccessRequest, Capabilities, DomainId, Gpa, InvDesc, PageSize, Pasid,
-    PasidEntry, Permissions, ScalableContextEntry, SourceId, Translation, TranslationFault,
-    WalkFault,
+    walk_first_level, AccessRequest, Capabilities, DomainId, Gpa, PageSize, Pasid, PasidEntry,
+    Permissions, ScalableContextEntry, SourceId, Translation, TranslationFault, WalkFault,
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};
@@ -85,21 +84,18 @@ impl VIommu {
     /// Removes what an IOTLB or PASID-based IOTLB invalidation covers from the IOTLB and
     /// from the IOTLBs of the vm-memory address spaces.
     ///
-    /// An IOTLB invalidate descriptor (§6.5.2.3) in scalable mode removes every first-level
-    /// entry of its domain even at page granularity; the vIOMMU caches first-level
-    /// translations only.
-    pub(crate) fn invalidate_iotlb(&self, desc: &InvDesc) {
-        let scope = match *desc {
-            InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                ..
-            } => IotlbScope::All,
-            InvDesc::Iotlb { did, .. } => IotlbScope::Domain(did),
-            InvDesc::PasidIotlb { did, pasid, .. } => match desc.range() {
-                Some(range) => IotlbScope::Range(did, pasid, range),
-                None => IotlbScope::Pasid(did, pasid),
-            },
-            _ => return,
+    /// The vIOMMU caches first-level translations only, so a page-selective IOTLB
+    /// invalidation removes every entry of its domain (§6.5.2.3).
+    pub(crate) fn invalidate_iotlb(&self, inv: IotlbInvalidation) {
+        let scope = match inv {
+            IotlbInvalidation::Global => IotlbScope::All,
+            IotlbInvalidation::Domain(did) | IotlbInvalidation::DomainPages { did, .. } => {
+                IotlbScope::Domain(did)
+            }
+            IotlbInvalidation::Pasid { did, pasid } => IotlbScope::Pasid(did, pasid),
+            IotlbInvalidation::PasidPages {
+                did, pasid, range, ..
+            } => IotlbScope::Range(did, pasid, range),
         };
         self.caches.invalidate_iotlb(scope);
         self.invalidate_spaces(scope);

@@ -13,9 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
 use vsva_uapi::Errno;
+use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
+use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
-    Capabilities, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile, RootState,
+    Capabilities, DomainId, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile, RootState,
+    SourceId,
 };
 
 use crate::caches::{Caches, IotlbScope};
@@ -274,62 +277,20 @@ impl VIommu {
         if !forwards && !matches!(desc, InvDesc::InvWait { .. }) {
             flushed.clear();
         }
-        match *desc {
-            InvDesc::ContextCache {
-                granularity,
-                sid,
-                fm,
-                ..
-            } => {
-                self.caches.invalidate_context(granularity, sid, fm);
-                self.resync_context(granularity, sid, fm, pass, irqs);
-            }
-            InvDesc::PasidCache {
-                granularity,
-                did,
-                pasid,
-            } => {
-                self.caches.invalidate_pasid(granularity, did, pasid);
-                self.sync_pasid_cache(granularity, did, pasid, pass, irqs);
-            }
-            InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } => {
-                self.invalidate_iotlb(desc);
-                self.forward_invalidation(desc, flushed, pass);
-            }
-            InvDesc::PasidDevIotlb { .. } => self.forward_invalidation(desc, flushed, pass),
-            InvDesc::PageGroupResponse {
-                rid,
-                pasid_present,
-                pasid,
-                response,
-                prg_index,
-                ..
-            } => {
-                self.flush_invalidations(pass);
-                self.forward_page_response(rid, pasid_present.then_some(pasid), prg_index, response)
-            }
-            // Requests without PASID from a passthrough device use the host's second level
-            // (GPA), which the guest does not program; nothing of the guest's is cached for
-            // them. Interrupt remapping is not offered.
-            InvDesc::DevIotlb { .. } | InvDesc::InterruptEntryCache { .. } => {}
-            InvDesc::InvWait {
-                sw,
-                interrupt,
-                status_data,
-                status_addr,
-                ..
-            } => {
-                // Every earlier descriptor, host calls included, has completed: the queue
-                // is processed in order, the invalidations gathered go down now, and each
-                // host call returns before the next.
-                self.flush_invalidations(pass);
-                if sw {
-                    self.mem.write(status_addr, &status_data.to_le_bytes())?;
-                }
-                if interrupt {
-                    irqs.extend(lock(&self.regs).set_iwc());
-                }
-            }
+        let unit = &mut Invalidated {
+            viommu: self,
+            pass,
+            irqs,
+        };
+        let done = invalidation::execute(unit, desc)?;
+        if forwards {
+            self.forward_invalidation(desc, flushed, pass);
+        }
+        // A wait completes once every earlier descriptor, host calls included, has: the
+        // queue is processed in order, the invalidations gathered went down before the
+        // status write (`drain`), and each host call returns before the next.
+        if done == Completion::WaitInterrupt {
+            irqs.extend(lock(&self.regs).set_iwc());
         }
         Ok(())
     }
@@ -426,5 +387,70 @@ impl VIommu {
     /// translation).
     pub fn cached_entries(&self) -> (usize, usize, usize) {
         self.caches.len()
+    }
+}
+
+/// The vIOMMU as invalidations reach it, for one descriptor of a shadow pass: its own
+/// caches, and the shadow of what the guest changed. Host IOTLB and device-TLB
+/// invalidations are forwarded by the caller after the caches are done.
+struct Invalidated<'a> {
+    viommu: &'a VIommu,
+    pass: &'a mut SyncPass,
+    irqs: &'a mut Vec<Interrupt>,
+}
+
+impl InvalidationUnit for Invalidated<'_> {
+    type Mem = dyn PhysMem + Send + Sync;
+
+    fn status_memory(&self) -> &Self::Mem {
+        &*self.viommu.mem
+    }
+
+    fn invalidate_context_cache(
+        &mut self,
+        granularity: ContextCacheGranularity,
+        sid: SourceId,
+        fm: u8,
+    ) {
+        let v = self.viommu;
+        v.caches.invalidate_context(granularity, sid, fm);
+        v.resync_context(granularity, sid, fm, self.pass, self.irqs);
+    }
+
+    fn invalidate_pasid_cache(
+        &mut self,
+        granularity: PasidCacheGranularity,
+        did: DomainId,
+        pasid: Pasid,
+    ) {
+        let v = self.viommu;
+        v.caches.invalidate_pasid(granularity, did, pasid);
+        v.sync_pasid_cache(granularity, did, pasid, self.pass, self.irqs);
+    }
+
+    fn invalidate_iotlb(&mut self, inv: IotlbInvalidation) {
+        self.viommu.invalidate_iotlb(inv);
+    }
+
+    /// Requests without PASID from a passthrough device use the host's second level (GPA),
+    /// which the guest does not program: nothing of the guest's is cached for them. A
+    /// PASID-based device-TLB invalidation is forwarded to the host by the caller.
+    fn invalidate_device_tlb(&mut self, _: SourceId, _: Option<Pasid>, _: bool, _: u64, _: bool) {}
+
+    fn page_group_response(
+        &mut self,
+        rid: SourceId,
+        pasid: Option<Pasid>,
+        prg_index: u16,
+        response: ResponseCode,
+    ) {
+        self.viommu.flush_invalidations(self.pass);
+        self.viommu
+            .forward_page_response(rid, pasid, prg_index, response);
+    }
+
+    /// The host invalidations the pass gathered go down before a wait completes.
+    fn drain(&mut self) {
+        self.viommu.flush_invalidations(self.pass);
     }
 }

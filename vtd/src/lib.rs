@@ -12,6 +12,7 @@ pub mod fault;
 mod field;
 pub mod flpte;
 pub mod inv_desc;
+pub mod invalidation;
 pub mod mem;
 pub mod pasid;
 pub mod prq;

@@ -5,13 +5,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
+use vsva_vtd::invalidation::Completion;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{AddressType, Interrupt, Iqei, RegEffect, RegError, Ttm, VcmdResponse};
 use vsva_vtd::{
     AccessRequest, FaultReason, InvDesc, Pasid, PhysMem, RootState, SourceId, TranslationFault,
 };
 
-use super::qi::Completion;
 use super::{Iommu, ROOT_STRICT};
 
 impl Iommu {

@@ -1,169 +1,137 @@
-//! Queued invalidation (VT-d §6.5.2): what each descriptor does to the caches.
+//! Queued invalidation (VT-d §6.5.2) on the model: how its caches and the devices behind it
+//! carry out what [`vsva_vtd::invalidation::execute`] reads from each descriptor.
 //!
-//! IOTLB and PASID-based-IOTLB invalidations also reach the paging-structure caches; their
-//! rules are in [`PagingStructureCaches`](super::pscache::PagingStructureCaches). Context-
-//! and PASID-cache invalidations leave them alone: after changing a context or PASID entry,
-//! software follows with the IOTLB or PASID-based-IOTLB invalidation that removes them
-//! (§6.5.3).
+//! IOTLB invalidations reach the paging-structure caches too; their rules are in
+//! [`PagingStructureCaches`](super::pscache::PagingStructureCaches).
 
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
-use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
-use vsva_vtd::{AddrRange, InvDesc, MemError, PhysMem, SourceId};
+use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
+use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
+use vsva_vtd::{DomainId, InvDesc, MemError, Pasid, SourceId};
 
 use super::Iommu;
 use crate::dma::port::{DevTlbInvalidation, PrgResponse};
-
-/// What a processed descriptor asks of the queue processor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Completion {
-    Done,
-    /// An invalidation wait that asks for a completion interrupt (IF).
-    WaitInterrupt,
-}
+use crate::memory::HostMemory;
 
 impl Iommu {
     /// Carries out one invalidation descriptor.
     pub(crate) fn execute(&self, desc: &InvDesc) -> Result<Completion, MemError> {
         self.stats.descriptors.fetch_add(1, Ordering::Relaxed);
-        match *desc {
-            InvDesc::ContextCache {
-                granularity,
-                sid,
-                fm,
-                ..
-            } => {
-                let mut cache = self
-                    .context_cache
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                self.entry_generation.fetch_add(1, Ordering::AcqRel);
-                cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
-            }
-            InvDesc::PasidCache {
-                granularity,
-                did,
-                pasid,
-            } => {
-                let mut cache = self
-                    .pasid_cache
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                self.entry_generation.fetch_add(1, Ordering::AcqRel);
-                match granularity {
-                    PasidCacheGranularity::Global => cache.clear(),
-                    PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
-                    PasidCacheGranularity::PasidSelective => {
-                        cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
-                    }
-                }
-            }
-            InvDesc::Iotlb {
-                granularity,
-                did,
-                addr,
-                ih,
-                am,
-                ..
-            } => {
-                match granularity {
-                    IotlbGranularity::Global => {
-                        self.iotlb.invalidate_all();
-                        self.paging_caches.invalidate_all();
-                    }
-                    IotlbGranularity::DomainSelective => {
-                        self.iotlb.invalidate_domain(did);
-                        self.paging_caches.invalidate_domain(did);
-                    }
-                    IotlbGranularity::PageSelective => {
-                        let r = AddrRange::from_address_mask(addr, am);
-                        self.iotlb.invalidate_domain_range(did, r);
-                        self.paging_caches.invalidate_domain_range(did, r, ih);
-                    }
-                };
-            }
-            InvDesc::PasidIotlb {
-                granularity,
-                did,
-                pasid,
-                addr,
-                ih,
-                am,
-            } => {
-                match granularity {
-                    PasidIotlbGranularity::PasidSelective => {
-                        self.iotlb.invalidate_pasid(did, pasid);
-                        self.paging_caches.invalidate_pasid(did, pasid);
-                    }
-                    PasidIotlbGranularity::PageSelectiveWithinPasid => {
-                        let r = AddrRange::from_address_mask(addr, am);
-                        self.iotlb.invalidate_pasid_range(did, pasid, r);
-                        self.paging_caches.invalidate_pasid_range(did, pasid, r, ih);
-                    }
-                };
-            }
-            InvDesc::DevIotlb {
-                sid, addr, size, ..
-            } => {
-                if let Some(ep) = self.endpoint(sid) {
-                    ep.invalidate_devtlb(DevTlbInvalidation::from_size_bit(
-                        None, false, addr, size,
-                    ));
-                }
-            }
-            InvDesc::PasidDevIotlb {
-                sid,
-                pasid,
-                addr,
-                size,
-                global,
-                ..
-            } => {
-                if let Some(ep) = self.endpoint(sid) {
-                    ep.invalidate_devtlb(DevTlbInvalidation::from_size_bit(
-                        Some(pasid),
-                        global,
-                        addr,
-                        size,
-                    ));
-                }
-            }
-            InvDesc::PageGroupResponse {
-                rid,
-                pasid_present,
-                pasid,
-                response,
-                prg_index,
-                ..
-            } => {
-                if let Some(ep) = self.endpoint(rid) {
-                    ep.page_response(PrgResponse {
-                        pasid: pasid_present.then_some(pasid),
-                        prgi: prg_index,
-                        code: response,
-                    });
-                }
-            }
-            InvDesc::InterruptEntryCache { .. } => {}
-            InvDesc::InvWait {
-                sw,
-                interrupt,
-                status_data,
-                status_addr,
-                ..
-            } => {
-                // The descriptors before it are complete once no request that used a
-                // translation they removed is still moving bytes (§6.5.5 draining).
-                self.drain.drain();
-                if sw {
-                    self.mem.write(status_addr, &status_data.to_le_bytes())?;
-                }
-                if interrupt {
-                    return Ok(Completion::WaitInterrupt);
-                }
+        invalidation::execute(&mut Invalidated(self), desc)
+    }
+}
+
+/// The model as invalidations reach it.
+struct Invalidated<'a>(&'a Iommu);
+
+impl InvalidationUnit for Invalidated<'_> {
+    type Mem = HostMemory;
+
+    fn status_memory(&self) -> &HostMemory {
+        &self.0.mem
+    }
+
+    fn invalidate_context_cache(
+        &mut self,
+        granularity: ContextCacheGranularity,
+        sid: SourceId,
+        fm: u8,
+    ) {
+        let unit = self.0;
+        let mut cache = unit
+            .context_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
+    }
+
+    fn invalidate_pasid_cache(
+        &mut self,
+        granularity: PasidCacheGranularity,
+        did: DomainId,
+        pasid: Pasid,
+    ) {
+        let unit = self.0;
+        let mut cache = unit
+            .pasid_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
+        match granularity {
+            PasidCacheGranularity::Global => cache.clear(),
+            PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
+            PasidCacheGranularity::PasidSelective => {
+                cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
             }
         }
-        Ok(Completion::Done)
+    }
+
+    fn invalidate_iotlb(&mut self, inv: IotlbInvalidation) {
+        let (iotlb, paging) = (&self.0.iotlb, &self.0.paging_caches);
+        match inv {
+            IotlbInvalidation::Global => {
+                iotlb.invalidate_all();
+                paging.invalidate_all();
+            }
+            IotlbInvalidation::Domain(did) => {
+                iotlb.invalidate_domain(did);
+                paging.invalidate_domain(did);
+            }
+            IotlbInvalidation::DomainPages { did, range, ih } => {
+                iotlb.invalidate_domain_range(did, range);
+                paging.invalidate_domain_range(did, range, ih);
+            }
+            IotlbInvalidation::Pasid { did, pasid } => {
+                iotlb.invalidate_pasid(did, pasid);
+                paging.invalidate_pasid(did, pasid);
+            }
+            IotlbInvalidation::PasidPages {
+                did,
+                pasid,
+                range,
+                ih,
+            } => {
+                iotlb.invalidate_pasid_range(did, pasid, range);
+                paging.invalidate_pasid_range(did, pasid, range, ih);
+            }
+        }
+    }
+
+    fn invalidate_device_tlb(
+        &mut self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        global: bool,
+        addr: u64,
+        size: bool,
+    ) {
+        if let Some(ep) = self.0.endpoint(sid) {
+            ep.invalidate_devtlb(DevTlbInvalidation::from_size_bit(pasid, global, addr, size));
+        }
+    }
+
+    fn page_group_response(
+        &mut self,
+        rid: SourceId,
+        pasid: Option<Pasid>,
+        prg_index: u16,
+        response: ResponseCode,
+    ) {
+        if let Some(ep) = self.0.endpoint(rid) {
+            ep.page_response(PrgResponse {
+                pasid,
+                prgi: prg_index,
+                code: response,
+            });
+        }
+    }
+
+    /// The descriptors before a wait are complete once no request that used a translation
+    /// they removed is still moving bytes (§6.5.5 draining).
+    fn drain(&mut self) {
+        self.0.drain.drain();
     }
 }
