@@ -28,16 +28,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::GuestMemoryMmap;
-use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, InvDescError};
 use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, vcmd};
 use vsva_vtd::regs::{Cap, Ecap, FaultRecord};
-use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, RegError, ScalableContextEntry,
-    ScalableRootEntry, SlLevels, SourceId,
+    DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, RegError, ScalableContextEntry, SlLevels,
+    SourceId,
 };
-use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, pdts_for, write_entry};
+use vsva_vtd_driver::tables::{
+    clear_entry, pasid_dir_bytes, pdts_for, write_entry, ContextTables, TableFrames,
+};
 use vsva_vtd_driver::{
     take_fault_records, GlobalCommand, InvalidationQueue, PageRequestRing, Registers,
 };
@@ -229,6 +229,9 @@ struct Device {
 
 struct State {
     devices: HashMap<u16, Device>,
+    /// The context tables under the root table; kept until the unit goes, as intel-iommu
+    /// keeps them.
+    contexts: ContextTables,
     /// Bindings by PASID.
     svms: HashMap<u32, Svm>,
     pasids: PasidAllocator,
@@ -271,6 +274,19 @@ impl std::fmt::Debug for IommuDriver {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guest frames as the shared table code allocates them.
+impl TableFrames for GuestFrames {
+    type Error = GuestIommuError;
+
+    fn alloc_frame(&self) -> Result<u64, GuestIommuError> {
+        Ok(self.alloc()?.0)
+    }
+
+    fn free_frame(&self, addr: u64) {
+        let _ = self.free(Gpa(addr));
+    }
 }
 
 /// Frees `gpa` on drop unless disarmed: undoes allocations of a failed set-up.
@@ -368,6 +384,7 @@ impl IommuDriver {
             state: Mutex::new(State {
                 devices: HashMap::new(),
                 svms: HashMap::new(),
+                contexts: ContextTables::default(),
                 pasids: PasidAllocator::new(pasid_limit),
             }),
             counters: Counters::default(),
@@ -484,7 +501,9 @@ impl IommuDriver {
         let dir = FrameGuard::new(&self.frames, self.frames.alloc_contiguous(pages)?);
         let dir_gpa = dir.gpa();
 
-        let ctx_addr = self.context_entry_slot(sid)?;
+        let ctx_addr = st
+            .contexts
+            .entry(&*self.mem, &*self.frames, self.root.0, sid)?;
         if self.mem.read_u64(ctx_addr)? & 1 != 0 {
             return Err(GuestIommuError::AlreadyAttached(sid));
         }
@@ -540,7 +559,10 @@ impl IommuDriver {
         {
             return Err(GuestIommuError::Busy(sid));
         }
-        let ctx_addr = self.context_entry_slot(sid)?;
+        let ctx_addr = st
+            .contexts
+            .existing_entry(sid)
+            .ok_or(GuestIommuError::NotAttached(sid))?;
         clear_entry(&*self.mem, ctx_addr, 4)?;
         st.devices.remove(&sid.rid());
         drop(st);
@@ -563,31 +585,6 @@ impl IommuDriver {
     /// The device's configuration as attached.
     pub fn device(&self, sid: SourceId) -> Option<DeviceConfig> {
         lock(&self.state).devices.get(&sid.rid()).map(|d| d.config)
-    }
-
-    /// The address of `sid`'s context entry, allocating the context table (and setting
-    /// the root entry's half) on first use.
-    fn context_entry_slot(&self, sid: SourceId) -> Result<u64, GuestIommuError> {
-        let root_addr = root_entry_addr(self.root.0, sid.bus());
-        let upper = sid.devfn() >= 0x80;
-        let half_addr = root_addr + 8 * u64::from(upper);
-        let half = self.mem.read_u64(half_addr)?;
-        let ctp = if half & 1 != 0 {
-            half & !0xfff
-        } else {
-            let table = self.frames.alloc()?;
-            let entry = ScalableRootEntry {
-                lctp: Some(table.0),
-                uctp: Some(table.0),
-            }
-            .to_raw()[usize::from(upper)];
-            if let Err(e) = self.mem.write_u64(half_addr, entry) {
-                let _ = self.frames.free(table);
-                return Err(e.into());
-            }
-            table.0
-        };
-        Ok(context_entry_addr(ctp, sid.devfn()))
     }
 
     /// Reads and clears the recorded faults, as Linux's `dmar_fault` does (the shared

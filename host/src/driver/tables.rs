@@ -4,21 +4,20 @@
 //! As in intel-iommu, the PASID directory of a device is allocated when it is attached,
 //! sized for every PASID the unit supports, and its PASID tables when a PASID of their
 //! range is first used (`intel_pasid_get_entry`). Unlike intel-iommu, context tables are
-//! freed when their last device goes, so that a detached unit holds nothing but its root
-//! table. Entries are written with P last when made present and P first when cleared, so
+//! freed when their last device goes ([`ContextTables::release`]), so that a detached unit
+//! holds nothing but its root table. Entries are written with P last when made present and P first when cleared, so
 //! hardware never reads a half-written present entry.
 
 use std::collections::{BTreeMap, HashMap};
 
 use vsva_hw::{FrameAllocator, PAGE_SIZE};
-use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
-use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    DomainId, Hpa, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableContextEntry,
-    ScalableRootEntry, SourceId,
+    DomainId, Hpa, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableContextEntry, SourceId,
 };
-use vsva_vtd_driver::tables::{clear_entry, pasid_dir_bytes, write_entry};
+use vsva_vtd_driver::tables::{
+    clear_entry, pasid_dir_bytes, write_entry, ContextTables, TableFrames,
+};
 
 use super::device::DeviceInfo;
 use super::error::DriverError;
@@ -32,12 +31,6 @@ pub(crate) struct ContextFeatures {
     pub pre: bool,
     /// PASIDE: requests with PASID are translated.
     pub paside: bool,
-}
-
-#[derive(Debug)]
-struct ContextTable {
-    hpa: Hpa,
-    users: usize,
 }
 
 /// The tables of one attached device.
@@ -56,8 +49,7 @@ pub(crate) struct DeviceTables {
 #[derive(Debug)]
 pub(crate) struct Tables {
     root: Hpa,
-    /// Context tables by bus and half (upper: device functions 128-255).
-    contexts: HashMap<(u8, bool), ContextTable>,
+    contexts: ContextTables,
     devices: HashMap<u16, DeviceTables>,
 }
 
@@ -73,8 +65,19 @@ fn free(frames: &FrameAllocator, hpa: Hpa) {
     }
 }
 
-fn context_key(sid: SourceId) -> (u8, bool) {
-    (sid.bus(), sid.devfn() >= 128)
+/// The host's frames as the shared table code allocates them.
+struct HostFrames<'a>(&'a FrameAllocator);
+
+impl TableFrames for HostFrames<'_> {
+    type Error = DriverError;
+
+    fn alloc_frame(&self) -> Result<u64, DriverError> {
+        alloc(self.0, PAGE_SIZE).map(|h| h.0)
+    }
+
+    fn free_frame(&self, addr: u64) {
+        free(self.0, Hpa(addr));
+    }
 }
 
 impl Tables {
@@ -82,7 +85,7 @@ impl Tables {
     pub fn new(frames: &FrameAllocator) -> Result<Self, DriverError> {
         Ok(Tables {
             root: alloc(frames, PAGE_SIZE)?,
-            contexts: HashMap::new(),
+            contexts: ContextTables::default(),
             devices: HashMap::new(),
         })
     }
@@ -157,19 +160,9 @@ impl Tables {
         pdts: u8,
         features: ContextFeatures,
     ) -> Result<(), DriverError> {
-        let key = context_key(sid);
-        let ctp = match self.contexts.get(&key) {
-            Some(t) => t.hpa,
-            None => {
-                let hpa = alloc(frames, PAGE_SIZE)?;
-                if let Err(e) = self.set_root_half(mem, key, Some(hpa)) {
-                    free(frames, hpa);
-                    return Err(e);
-                }
-                self.contexts.insert(key, ContextTable { hpa, users: 0 });
-                hpa
-            }
-        };
+        let slot = self
+            .contexts
+            .entry(mem, &HostFrames(frames), self.root.0, sid)?;
         let entry = ScalableContextEntry {
             fpd: false,
             dte: features.dte,
@@ -180,36 +173,8 @@ impl Tables {
             rid_pasid: Pasid::new(0).expect("PASID 0"),
             rid_priv: false,
         };
-        write_entry(mem, context_entry_addr(ctp.0, sid.devfn()), &entry.to_raw())?;
-        if let Some(t) = self.contexts.get_mut(&key) {
-            t.users += 1;
-        }
-        Ok(())
-    }
-
-    /// Points one half of a bus's root entry at a context table, or clears it.
-    fn set_root_half(
-        &self,
-        mem: &impl PhysMem,
-        (bus, upper): (u8, bool),
-        ctp: Option<Hpa>,
-    ) -> Result<(), DriverError> {
-        let addr = root_entry_addr(self.root.0, bus);
-        let other = |u: bool| self.contexts.get(&(bus, u)).map(|t| t.hpa.0);
-        let entry = if upper {
-            ScalableRootEntry {
-                lctp: other(false),
-                uctp: ctp.map(|h| h.0),
-            }
-        } else {
-            ScalableRootEntry {
-                lctp: ctp.map(|h| h.0),
-                uctp: other(true),
-            }
-        };
-        let raw = entry.to_raw();
-        mem.write_u64(addr, raw[0])?;
-        mem.write_u64(addr + 8, raw[1])?;
+        write_entry(mem, slot, &entry.to_raw())?;
+        self.contexts.hold(sid);
         Ok(())
     }
 
@@ -262,12 +227,11 @@ impl Tables {
         if !self.devices.contains_key(&sid.rid()) {
             return Err(DriverError::NotAttached(sid));
         }
-        let ctp = self
+        let slot = self
             .contexts
-            .get(&context_key(sid))
-            .map(|t| t.hpa)
+            .existing_entry(sid)
             .ok_or(DriverError::NotAttached(sid))?;
-        Ok(clear_entry(mem, context_entry_addr(ctp.0, sid.devfn()), 4)?)
+        Ok(clear_entry(mem, slot, 4)?)
     }
 
     /// Frees the PASID tables and directory of a device whose context entry is clear, and
@@ -284,19 +248,9 @@ impl Tables {
             .remove(&sid.rid())
             .ok_or(DriverError::NotAttached(sid))?;
         release_device(frames, dev);
-        let key = context_key(sid);
-        let last = self.contexts.get_mut(&key).is_some_and(|t| {
-            t.users = t.users.saturating_sub(1);
-            t.users == 0
-        });
-        if !last {
-            return Ok(false);
-        }
-        let result = self.set_root_half(mem, key, None);
-        if let Some(t) = self.contexts.remove(&key) {
-            free(frames, t.hpa);
-        }
-        result.map(|()| true)
+        Ok(self
+            .contexts
+            .release(mem, &HostFrames(frames), self.root.0, sid)?)
     }
 
     /// Frees the root table; every device must be detached.
@@ -304,9 +258,7 @@ impl Tables {
         for (_, dev) in self.devices {
             release_device(frames, dev);
         }
-        for (_, t) in self.contexts {
-            free(frames, t.hpa);
-        }
+        self.contexts.free_all(&HostFrames(frames));
         free(frames, self.root);
     }
 }
