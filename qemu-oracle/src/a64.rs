@@ -317,6 +317,19 @@ impl Asm {
         self.word(0xd340_fc00 | (shift << 16) | (rn << 5) | rd);
     }
 
+    /// LSL Xd, Xn, #shift (UBFM Xd, Xn, #(-shift MOD 64), #(63 - shift)).
+    pub fn lsl_imm(&mut self, rd: Reg, rn: Reg, shift: u32) {
+        let shift = if shift > 63 {
+            self.error
+                .get_or_insert(AsmError::Immediate(u64::from(shift)));
+            0
+        } else {
+            shift
+        };
+        let (immr, imms) = ((64 - shift) % 64, 63 - shift);
+        self.word(0xd340_0000 | (immr << 16) | (imms << 10) | (rn << 5) | rd);
+    }
+
     /// BR Xn.
     pub fn br(&mut self, rn: Reg) {
         self.word(0xd61f_0000 | (rn << 5));
@@ -425,6 +438,8 @@ mod tests {
         a.bti_c(); // bti c (-mattr=+bti)
         a.svc(0); // svc #0
         a.msr(SysReg::SPSR_EL1, 24); // msr spsr_el1, x24
+        a.lsl_imm(4, 4, 2); // lsl x4, x4, #2
+        a.lsl_imm(3, 3, 62); // lsl x3, x3, #62
         assert_eq!(
             a.finish().unwrap(),
             [
@@ -465,6 +480,8 @@ mod tests {
                 0xd503_245f,
                 0xd400_0001,
                 0xd518_4018,
+                0xd37e_f484,
+                0xd342_0463,
             ]
         );
     }

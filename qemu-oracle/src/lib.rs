@@ -4,7 +4,7 @@
 //! so an AArch64 CPU walking the same tables is a judge of `vsva_smmuv3::walk_stage1`.
 //! [`Machine`] runs one `qemu-system-aarch64 -M virt -cpu max -accel tcg` per batch: a RAM
 //! image holding the tables a test built, a list of [`Probe`]s and a small EL1 program
-//! (assembled by [`a64`]) that switches TTBR0/TCR/PSTATE.PAN per scenario, performs each
+//! (assembled by [`a64`]) that switches TTBR0/TTBR1/TCR/PSTATE.PAN per scenario, performs each
 //! load, store or fetch (LDR/STR/BLR at EL1, LDTR/STTR with EL0's permissions), catches
 //! synchronous aborts and
 //! records ESR_EL1/FAR_EL1 or the value read, then writes the results and the final

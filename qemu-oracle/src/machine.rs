@@ -69,9 +69,14 @@ pub enum ProbeOp {
     Fetch,
     /// BLR at EL0 (ERET to a stub, SVC back): an unprivileged instruction fetch.
     FetchUnprivileged,
-    /// Not an access: load TTBR0_EL1 and TCR_EL1, set PSTATE.PAN and SCTLR_EL1.WXN, then
-    /// TLBI VMALLE1.
+    /// Not an access: load TTBR0_EL1, TTBR1_EL1 and TCR_EL1, set PSTATE.PAN and
+    /// SCTLR_EL1.WXN, then TLBI VMALLE1.
     Switch {
+        /// TTBR1_EL1 for the probes that follow (T1SZ 25, 4 KiB TG1), 0 for the boot table
+        /// ([`layout::BOOT_TABLE`]). The program runs in the upper range: entry 1 of a test's
+        /// level-1 table must be `BOOT_L2 | 3` (a table descriptor of the boot level-2
+        /// table), which keeps the GiB at `HIGH + RAM_BASE` mapped.
+        ttbr1: u64,
         /// PSTATE.PAN for the probes that follow: EL1 loads and stores of pages EL0 may
         /// access fault.
         pan: bool,
@@ -219,6 +224,9 @@ pub enum OracleError {
     /// Too many probes for the probe area.
     #[error("{0} probes do not fit (at most {MAX_PROBES})")]
     TooManyProbes(usize),
+    /// A switch's TTBR1 is not a 4 KiB-aligned table address.
+    #[error("TTBR1 {0:#x} is not 4 KiB aligned")]
+    BadTtbr1(u64),
     /// The program could not be assembled.
     #[error("assembling the program: {0}")]
     Asm(#[from] AsmError),
@@ -417,9 +425,20 @@ impl Machine {
         put(CLOSE_BLOCK, &[0; 8]);
         put(FILE_NAME, name.as_bytes());
         put(FILE_NAME + name.len() as u64, &[0]);
+        for p in probes {
+            if let ProbeOp::Switch { ttbr1, .. } = p.op {
+                if ttbr1 & 0xfff != 0 {
+                    return Err(OracleError::BadTtbr1(ttbr1));
+                }
+            }
+        }
         for (i, p) in probes.iter().enumerate() {
             let last = match p.op {
-                ProbeOp::Switch { pan, wxn } => u64::from(pan) | (u64::from(wxn) << 1),
+                // TTBR1 (4 KiB aligned) with PAN in bit 0 and WXN in bit 1.
+                ProbeOp::Switch { pan, wxn, ttbr1 } => {
+                    let ttbr1 = if ttbr1 == 0 { BOOT_TABLE } else { ttbr1 };
+                    ttbr1 | u64::from(pan) | (u64::from(wxn) << 1)
+                }
                 _ => p.check_pa,
             };
             let rec = [p.op.code(), p.va, p.value, last];
@@ -586,8 +605,6 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.mov_imm(X0, MAIR);
     a.msr(SysReg::MAIR_EL1, X0);
     boot_map(&mut a);
-    a.mov_imm(X0, BOOT_TABLE);
-    a.msr(SysReg::TTBR1_EL1, X0);
     a.mov_imm(X0, HIGH + VECTORS);
     a.msr(SysReg::VBAR_EL1, X0);
     a.tlbi_vmalle1();
@@ -647,8 +664,13 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     // Switch.
     a.msr(SysReg::TTBR0_EL1, X0);
     a.msr(SysReg::TCR_EL1, X2);
-    // The last word: PAN in bit 0, WXN in bit 1.
+    // The last word: TTBR1 with PAN in bit 0, WXN in bit 1.
     a.ldr(X3, X19, 24);
+    a.lsr_imm(X4, X3, 2);
+    a.lsl_imm(X4, X4, 2);
+    a.msr(SysReg::TTBR1_EL1, X4);
+    a.lsl_imm(X3, X3, 62);
+    a.lsr_imm(X3, X3, 62);
     let set = a.label();
     let cases: Vec<_> = (0..4).map(|_| a.label()).collect();
     for (code, &l) in cases.iter().enumerate() {
@@ -740,6 +762,7 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
         ProbeOp::Switch {
             pan: false,
             wxn: false,
+            ttbr1: 0,
         }
         .code(),
     );
@@ -787,10 +810,12 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.finish()
 }
 
-/// TTBR0 = the boot table with T0SZ = 25: the identity map of the first GiB of RAM.
+/// TTBR0 and TTBR1 = the boot table with T0SZ = T1SZ = 25: the identity map of the first
+/// GiB of RAM and its alias at [`layout::HIGH`].
 fn boot_map(a: &mut Asm) {
     a.mov_imm(X0, BOOT_TABLE);
     a.msr(SysReg::TTBR0_EL1, X0);
+    a.msr(SysReg::TTBR1_EL1, X0);
     a.mov_imm(X0, tcr(BOOT_TSZ as u8, 0, false, false));
     a.msr(SysReg::TCR_EL1, X0);
 }

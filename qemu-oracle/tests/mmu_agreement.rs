@@ -16,7 +16,10 @@
 //! tag) or TCR_EL1.EPD0 (the CD's WXN, TBI0, EPD0). Then probes: LDR, STR and BLR (an
 //! instruction fetch) at EL1, LDTR and STTR (EL0's permissions), BLR at EL0 (ERET to a stub
 //! that SVCs back), at an address in a mapping, a random address or one outside the TTBR0
-//! range. `walk_stage1` walks each over a model of the memory, in probe order (so its
+//! range. Half the scenarios also load a TTBR1 table of their own (T1SZ 25, 4 KiB TG1,
+//! EPD1 clear; the CD's TTB1): a third of their probes are upper-range VAs, in its mappings
+//! or anywhere but the GiB the program runs in (its level-1 entry 1 is the boot level-2
+//! table), and are counted separately. `walk_stage1` walks each over a model of the memory, in probe order (so its
 //! Access flag and dirty-state updates land in the model as the CPU's land in RAM), and
 //! QEMU runs them all in one launch, with a TLB invalidation before each probe. They must
 //! agree:
@@ -50,7 +53,7 @@
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, TABLES};
+use vsva_qemu_oracle::layout::{BOOT_L2, BOOT_TSZ, DATA, HIGH, IMAGE_BASE, TABLES};
 use vsva_qemu_oracle::{
     fetch_snippet, tcr_tg0, Machine, OracleError, Outcome, Probe, ProbeOp, TCR_EPD0, TCR_TBI0,
 };
@@ -268,7 +271,17 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             ..S1Flags::default()
         };
         let ttb0 = S1Table::ttb0(root, t0sz, granule).unwrap();
-        let cfg = S1Config::with_tables(ttb0, None, ips, lpa, flags);
+        // Half the scenarios load a TTBR1 table of their own (T1SZ 25, 4 KiB).
+        let ttb1 = if rng.percent(50) {
+            let Some(root1) = alloc_frame(0x1000) else {
+                break;
+            };
+            mem.write(root1, &[0; 0x1000]).unwrap();
+            Some(S1Table::ttb1(root1, BOOT_TSZ as u8, Granule::Size4K).unwrap())
+        } else {
+            None
+        };
+        let cfg = S1Config::with_tables(ttb0, ttb1, ips, lpa, flags);
         *granule_counts.entry(format!("{granule:?}")).or_default() += 1;
         let input_mask = (1u64 << cfg.input_bits()) - 1;
         let mut builder = TableBuilder::stage1(&cfg);
@@ -357,11 +370,44 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             *damage.entry(what).or_default() += 1;
             mem.write_u64(slot, new).unwrap();
         }
+        // The TTBR1 table's mappings: upper-range VAs outside the program's GiB.
+        let mut upper = Vec::new();
+        if let Some(mut builder1) = TableBuilder::stage1_ttb1(&cfg) {
+            let mut alloc = || alloc_frame(0x1000);
+            for _ in 0..MAPPINGS_PER_SCENARIO / 2 {
+                let level = match rng.below(100) {
+                    0..=59 => 3,
+                    60..=84 => 2,
+                    _ => 1,
+                };
+                let size = PageSize::of(Granule::Size4K, level, lpa).unwrap_or(PageSize::Size4K);
+                let va = upper_va(&mut rng) & !(size.bytes() - 1);
+                let pa = if size.bytes() <= (DATA.1 - DATA.0) / 2 {
+                    let first = DATA.0.next_multiple_of(size.bytes());
+                    first + rng.below((DATA.1 - first) / size.bytes()) * size.bytes()
+                } else {
+                    DATA.0 & !(size.bytes() - 1)
+                };
+                let mut attrs =
+                    (rng.below(4) << 6) | (rng.below(8) << 2) | (rng.pick(&[0, 2, 3]) << 8);
+                for (bit, p) in [(10, 85), (11, 30), (51, 40), (53, 25), (54, 25)] {
+                    if rng.percent(p) {
+                        attrs |= 1 << bit;
+                    }
+                }
+                if builder1.map(mem, &mut alloc, va, pa, size, attrs).is_ok() {
+                    upper.push((va, size, pa));
+                }
+            }
+            // Entry 1: the boot level-2 table, where the program runs.
+            let root1 = cfg.ttb1().map_or(0, |t| t.root());
+            mem.write_u64(root1 + 8, BOOT_L2 | 3).unwrap();
+        }
         let tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd)
             | tcr_tg0(granule.raw())
             | if tbi { TCR_TBI0 } else { 0 }
             | if epd0 { TCR_EPD0 } else { 0 };
-        scenarios.push((cfg, tcr, mappings));
+        scenarios.push((cfg, tcr, mappings, upper));
     }
     let mut image = machine.snapshot().unwrap();
     // Fetch probes run a snippet at the walker's output: in the last 16 bytes of a 64-byte
@@ -374,11 +420,12 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     let mut records = Vec::new();
     // Block descriptors at levels without blocks that probes reached.
     let mut invalid_block_slots = BTreeSet::new();
-    for (cfg, tcr, mappings) in &scenarios {
+    for (cfg, tcr, mappings, upper) in &scenarios {
         probes.push(Probe {
             op: ProbeOp::Switch {
                 pan: cfg.flags().pan,
                 wxn: cfg.flags().wxn,
+                ttbr1: cfg.ttb1().map_or(0, |t| t.root()),
             },
             va: cfg.root(),
             value: *tcr,
@@ -396,7 +443,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         };
         let dry = S1Config::with_tables(
             *cfg.ttb0(),
-            None,
+            cfg.ttb1().copied(),
             dry_ips,
             lpa,
             S1Flags {
@@ -407,19 +454,32 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         );
         let mut made = 0;
         while made < PROBES_PER_SCENARIO {
-            let va = match (rng.below(100), mappings.is_empty()) {
-                (0..=74, false) => {
-                    // An offset that lands in the data region.
-                    let (base, size, pa) = rng.pick(mappings);
+            // A third of a TTBR1 scenario's probes are upper-range VAs: in a mapping (in
+            // the data region) or anywhere outside the program's GiB.
+            let va = if cfg.ttb1().is_some() && rng.percent(33) {
+                if !upper.is_empty() && rng.percent(75) {
+                    let (base, size, pa) = rng.pick(upper);
                     let lo = DATA.0.max(pa);
                     let hi = DATA.1.min(pa + size.bytes());
                     base + (lo - pa) + rng.below((hi - lo) / 8) * 8
+                } else {
+                    upper_va(&mut rng) & !7
                 }
-                (75..=89, _) | (_, true) => rng.next() & input_mask & !7,
-                _ if cfg.input_bits() < 55 => {
-                    (rng.next() & input_mask & !7) | (1 << rng.in_range(cfg.input_bits(), 54))
+            } else {
+                match (rng.below(100), mappings.is_empty()) {
+                    (0..=74, false) => {
+                        // An offset that lands in the data region.
+                        let (base, size, pa) = rng.pick(mappings);
+                        let lo = DATA.0.max(pa);
+                        let hi = DATA.1.min(pa + size.bytes());
+                        base + (lo - pa) + rng.below((hi - lo) / 8) * 8
+                    }
+                    (75..=89, _) | (_, true) => rng.next() & input_mask & !7,
+                    _ if cfg.input_bits() < 55 => {
+                        (rng.next() & input_mask & !7) | (1 << rng.in_range(cfg.input_bits(), 54))
+                    }
+                    _ => continue,
                 }
-                _ => continue,
             };
             let op = rng.pick(&[
                 ProbeOp::Load,
@@ -436,7 +496,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
                 (va & !63) | (rng.below(6) * 8)
             };
             // With TBI0, half the data accesses carry a tag in the top byte.
-            let va = if cfg.flags().tbi && !fetch && rng.percent(50) {
+            let va = if cfg.flags().tbi && !fetch && va >> 55 == 0 && rng.percent(50) {
                 va | (rng.below(256) << 56)
             } else {
                 va
@@ -503,6 +563,8 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     let elapsed = start.elapsed();
 
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    // The upper-range (TTBR1) probes among them.
+    let mut upper_counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     // Accesses with a tag in the top byte that reached memory (TBI0).
     let mut tagged = 0;
@@ -516,6 +578,9 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         .enumerate()
     {
         *counts.entry(class(e)).or_default() += 1;
+        if p.va >> 55 & 1 != 0 && !matches!(e, Expect::Switch) {
+            *upper_counts.entry(class(e)).or_default() += 1;
+        }
         if p.va >> 56 != 0 && matches!(e, Expect::Load(_) | Expect::Store(_)) {
             tagged += 1;
         }
@@ -609,6 +674,14 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     for (c, n) in &counts {
         println!("  {n:6}  {c}");
     }
+    println!(
+        "{} upper-range (TTBR1) probes in {} scenarios with a TTBR1 table:",
+        upper_counts.values().sum::<usize>(),
+        scenarios.iter().filter(|s| s.0.ttb1().is_some()).count()
+    );
+    for (c, n) in &upper_counts {
+        println!("  {n:6}  {c}");
+    }
     assert!(
         probes.len() - scenarios.len() >= MIN_PROBES,
         "only {} probes were compared (at least {MIN_PROBES} must be)",
@@ -621,6 +694,11 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             && counts.contains_key("store reached the walker's output")
             && counts.contains_key("fetch ran the code at the walker's output"),
         "the run did not exercise loads, stores, translation and permission faults: {counts:?}"
+    );
+    assert!(
+        upper_counts.keys().any(|c| c.starts_with("F_TRANSLATION"))
+            && upper_counts.contains_key("load reached the walker's output"),
+        "the run did not exercise upper-range loads and faults: {upper_counts:?}"
     );
     if !failures.is_empty() {
         for f in failures.iter().take(REPORTED) {
@@ -677,6 +755,7 @@ fn harness_runs_a_hand_built_table() {
             ProbeOp::Switch {
                 pan: false,
                 wxn: false,
+                ttbr1: 0,
             },
             l1,
             0,
@@ -690,6 +769,7 @@ fn harness_runs_a_hand_built_table() {
             ProbeOp::Switch {
                 pan: true,
                 wxn: true,
+                ttbr1: 0,
             },
             l1,
             0,
@@ -737,6 +817,17 @@ fn harness_runs_a_hand_built_table() {
     assert_eq!(r.tables.len() as u64, TABLES.1 - TABLES.0);
     assert_eq!(&r.tables[..8], &(l2 | 3).to_le_bytes());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A random upper-range VA for T1SZ 25 whose level-1 index is not 1 (that GiB holds the
+/// program).
+fn upper_va(rng: &mut Rng) -> u64 {
+    let va = HIGH | (rng.next() & ((1 << (64 - BOOT_TSZ)) - 1));
+    if (va >> 30) & 0x1ff == 1 {
+        va ^ (1 << 31)
+    } else {
+        va
+    }
 }
 
 fn tempdir() -> std::path::PathBuf {
