@@ -14,19 +14,18 @@ pub(crate) fn guest_fault(event: &Event) -> Option<UnrecoverableFault> {
     if event.s2 {
         return None;
     }
-    let (reason, addr, fetch_addr) = match event.event_type {
-        EventType::Translation => (R::PteFetch, Some(event.input_addr & !0xfff), None),
-        EventType::AddrSize => (R::OorAddress, Some(event.input_addr & !0xfff), None),
-        EventType::Access => (R::Access, Some(event.input_addr & !0xfff), None),
-        EventType::Permission => (R::Permission, Some(event.input_addr & !0xfff), None),
-        EventType::WalkEabt => (
-            R::WalkEabt,
-            Some(event.input_addr & !0xfff),
-            Some(event.addr2),
-        ),
-        EventType::BadSubstreamId => (R::PasidInvalid, None, None),
-        EventType::CdFetch => (R::PasidFetch, None, Some(event.addr2)),
-        EventType::BadCd => (R::BadPasidEntry, None, None),
+    // F_WALK_EABT and F_CD_FETCH carry FetchAddr, the physical address of the failed
+    // fetch after stage 2 (IHI 0070 §7.3, the two records): a host physical address, which a
+    // VM must not learn, so the record goes out without a fetch address.
+    let (reason, addr) = match event.event_type {
+        EventType::Translation => (R::PteFetch, Some(event.input_addr & !0xfff)),
+        EventType::AddrSize => (R::OorAddress, Some(event.input_addr & !0xfff)),
+        EventType::Access => (R::Access, Some(event.input_addr & !0xfff)),
+        EventType::Permission => (R::Permission, Some(event.input_addr & !0xfff)),
+        EventType::WalkEabt => (R::WalkEabt, Some(event.input_addr & !0xfff)),
+        EventType::BadSubstreamId => (R::PasidInvalid, None),
+        EventType::CdFetch => (R::PasidFetch, None),
+        EventType::BadCd => (R::BadPasidEntry, None),
         _ => return None,
     };
     let pasid = Pasid::new(event.ssid?).ok()?;
@@ -38,7 +37,7 @@ pub(crate) fn guest_fault(event: &Event) -> Option<UnrecoverableFault> {
         exec: event.ind,
         privileged: event.pnu,
         addr,
-        fetch_addr,
+        fetch_addr: None,
     })
 }
 
@@ -54,6 +53,7 @@ mod tests {
             s2,
             class: FaultClass::Tt,
             input_addr: 0x7f00_1234_5678,
+            addr2: 0x8_0000_1000,
             ..Event::new(t, 9, ssid)
         };
         let f = guest_fault(&write(EventType::Translation, false, Some(3))).unwrap();
@@ -70,6 +70,13 @@ mod tests {
             (EventType::BadSubstreamId, UnrecoverableReason::PasidInvalid),
         ] {
             assert_eq!(guest_fault(&write(t, false, Some(1))).unwrap().reason, r);
+        }
+        // A fetch address is a host physical address: never forwarded.
+        for t in [EventType::WalkEabt, EventType::CdFetch] {
+            assert_eq!(
+                guest_fault(&write(t, false, Some(1))).unwrap().fetch_addr,
+                None
+            );
         }
         // Stage 2, no SubstreamID, and the host's own configuration are not forwarded.
         assert_eq!(
