@@ -564,6 +564,71 @@ fn guest_invalidation_makes_the_new_translation_visible_and_its_absence_is_stale
     assert!(host.hw.take_stale_translations().is_empty());
 }
 
+/// A DMA translates once per run of pages that hit in the IOTLB and continue in host
+/// memory; every page of a run is an IOTLB entry of its own, checked by strict mode, and an
+/// invalidated page ends the run there.
+#[test]
+fn runs_of_iotlb_hits_translate_once_and_strict_mode_checks_every_page() {
+    let host = host();
+    let (g, mut tables, p) = bound_guest(&host, &allocator(), 6, 0);
+    host.hw.set_strict(true);
+    let len = 4 * PAGE_SIZE;
+    let copy = |seed| {
+        let bytes = pattern(len as usize, seed);
+        g.vm.write(SRC_GPA, &bytes);
+        let before = g.dev.stats().translations;
+        let desc = memmove(Some(p), SRC_GVA, DST_GVA, len as u32, COMP_GVA);
+        let r = run(&g.vm, &g.dev, desc, COMP_GPA);
+        assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+        (bytes, g.dev.stats().translations - before)
+    };
+    let page = |gpa: u64, i: u64| g.vm.read(gpa + i * PAGE_SIZE, PAGE_SIZE as usize);
+    let part =
+        |bytes: &[u8], i: u64| bytes[(i * PAGE_SIZE) as usize..][..PAGE_SIZE as usize].to_vec();
+
+    // Cold: each page is walked, and a miss ends a run, so each page is a request of its
+    // own (4 source, 4 destination, the completion record).
+    let (one, translated) = copy(1);
+    assert_eq!(translated, 4 + 4 + 1);
+    assert_eq!(g.vm.read(DST_GPA, len as usize), one);
+    // Warm: one run per operand.
+    let (two, translated) = copy(2);
+    assert_eq!(translated, 1 + 1 + 1);
+    assert_eq!(g.vm.read(DST_GPA, len as usize), two);
+    assert!(host.hw.take_stale_translations().is_empty());
+
+    // The third destination page moves without an invalidation: the run still uses its
+    // IOTLB entry, and strict mode names it although it is not the run's first page.
+    let moved = DST_GVA + 2 * PAGE_SIZE;
+    tables.remap(moved, NEW_DST_GPA);
+    let (three, translated) = copy(3);
+    assert_eq!(translated, 1 + 1 + 1);
+    assert_eq!(
+        g.vm.read(DST_GPA, len as usize),
+        three,
+        "stale translation used"
+    );
+    let stale = host.hw.take_stale_translations();
+    assert!(!stale.is_empty());
+    assert!(stale
+        .iter()
+        .all(|s| s.pasid == p && s.addr & !0xfff == moved));
+
+    // Invalidated, the page is a miss: the destination's run stops before it, the page is
+    // walked to its new frame, which does not continue the run, nor does the page after.
+    let mut c = g.container;
+    c.cache_invalidate(&invalidate_page(p, moved, IOMMU_CACHE_INV_TYPE_IOTLB))
+        .unwrap();
+    let (four, translated) = copy(4);
+    assert_eq!(translated, 1 + 3 + 1);
+    for i in [0, 1, 3] {
+        assert_eq!(page(DST_GPA, i), part(&four, i));
+    }
+    assert_eq!(page(DST_GPA, 2), part(&three, 2));
+    assert_eq!(page(NEW_DST_GPA, 0), part(&four, 2));
+    assert!(host.hw.take_stale_translations().is_empty());
+}
+
 #[test]
 fn guest_invalidation_reaches_the_device_tlb() {
     let host = host();

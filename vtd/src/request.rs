@@ -297,6 +297,26 @@ pub fn translate<U: RemappingUnit + ?Sized>(
     translate_miss(unit, rta, req)
 }
 
+/// The request's translation if the unit has it without reading any table: an IOTLB hit
+/// (checked as [`translate`] checks one), or translation disabled; `None` otherwise. For a
+/// unit looking ahead of a device's requests (a run of pages, see `DmaPort::remap_run` in
+/// vsva-hw): it walks nothing, so it sets no Accessed/Dirty bit and records no fault for a
+/// page the device may never reach.
+#[inline(always)]
+pub fn translate_cached<U: RemappingUnit + ?Sized>(unit: &U, req: Request) -> Option<U::Output> {
+    let word = unit.root_word();
+    match RootState::from_word(word) {
+        RootState::Scalable(_) => {
+            let p = req.pasid?;
+            let entry = unit.iotlb_lookup(req.sid, p, req.addr, req.access)?;
+            unit.iotlb_hit(word, &req, &entry);
+            Some(unit.output(&req, Remapped::Cached { entry, pasid: p }))
+        }
+        RootState::Disabled => Some(unit.output(&req, Remapped::Untranslated)),
+        RootState::NotScalable => None,
+    }
+}
+
 fn fault(req: &Request, reason: FaultReason, fpd: bool, recoverable: bool) -> TranslationFault {
     TranslationFault {
         sid: req.sid,

@@ -48,7 +48,7 @@ use super::descriptor::{
 };
 use super::devtlb::DevTlb;
 use super::port::{
-    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
+    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaRun, DmaTranslation,
     PageRequestMessage, PcieCapabilities, PrgResponse, PRG_INDEX_COUNT,
 };
 use super::regs::*;
@@ -257,8 +257,9 @@ impl std::fmt::Debug for DmaEngine {
     }
 }
 
-/// The per-operand translation in use: re-translated only when the address leaves it.
-type Cursor = Option<(u64, DmaTranslation)>;
+/// The per-operand run of translated pages in use: re-translated only when the address
+/// leaves it.
+type Cursor = Option<DmaRun>;
 
 /// The ticket an operation's translations are taken under, in the [`RequestDrain`] their
 /// invalidations complete through.
@@ -882,7 +883,8 @@ impl DmaEngine {
         let mut epoch = Epoch::new(self.drain(ctrl));
         let written = loop {
             let mut cursor = None;
-            let t = match self.translate(&mut cursor, ctrl, job.desc.pasid, addr, access) {
+            let len = COMPLETION_RECORD_SIZE as u64;
+            let t = match self.translate(&mut cursor, ctrl, job.desc.pasid, addr, access, len) {
                 Ok(t) => t,
                 Err(stop) => break Err(stop),
             };
@@ -931,7 +933,9 @@ impl DmaEngine {
     }
 
     /// The translation of `addr` for `access`, reusing `cursor` while `addr` stays in its
-    /// page.
+    /// run. Without ATS the IOMMU answers for the run of pages that continue it in host
+    /// memory over the `len` bytes from `addr` the operation still moves
+    /// ([`DmaPort::remap_run`]); with ATS, for the page (the device TLB caches pages).
     fn translate(
         &self,
         cursor: &mut Cursor,
@@ -939,10 +943,11 @@ impl DmaEngine {
         pasid: Option<Pasid>,
         addr: u64,
         access: DmaAccess,
-    ) -> Result<DmaTranslation, Stop> {
-        if let Some((start, t)) = *cursor {
-            if t.page_start(addr) == start {
-                return Ok(t);
+        len: u64,
+    ) -> Result<DmaRun, Stop> {
+        if let Some(run) = *cursor {
+            if run.contains(addr) {
+                return Ok(run);
             }
         }
         let fault = |fault| Stop::Fault {
@@ -951,13 +956,13 @@ impl DmaEngine {
             fault,
         };
         let sid = self.config.sid;
-        let t = if ctrl & CTRL_ATS_EN != 0 {
+        let run = if ctrl & CTRL_ATS_EN != 0 {
             let cached = self
                 .devtlb
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .lookup(pasid, addr, access);
-            match cached {
+            let t = match cached {
                 Some(t) => {
                     bump(&self.counters.devtlb_hits, 1);
                     t
@@ -966,13 +971,16 @@ impl DmaEngine {
                     bump(&self.counters.devtlb_misses, 1);
                     self.ats_fill(pasid, addr, access).map_err(fault)?
                 }
-            }
+            };
+            DmaRun::page(t, addr)
         } else {
             bump(&self.counters.translations, 1);
-            self.port.remap(sid, pasid, addr, access).map_err(fault)?
+            self.port
+                .remap_run(sid, pasid, addr, access, len)
+                .map_err(fault)?
         };
-        *cursor = Some((t.page_start(addr), t));
-        Ok(t)
+        *cursor = Some(run);
+        Ok(run)
     }
 
     /// Sends translation requests for `addr` until one completes with no invalidate
@@ -1190,8 +1198,8 @@ impl DmaEngine {
                 let buf = &mut bounce[..REQUEST as usize];
                 while job.done < size {
                     let d = dst + job.done;
-                    let td = self.translate(&mut c2, ctrl, pasid, d, write)?;
-                    let n = (size - job.done).min(to_page_end(td, d)).min(REQUEST);
+                    let td = self.translate(&mut c2, ctrl, pasid, d, write, size - job.done)?;
+                    let n = (size - job.done).min(td.bytes_from(d)).min(REQUEST);
                     let chunk = &mut buf[..n as usize];
                     for (i, b) in chunk.iter_mut().enumerate() {
                         *b = pattern[(job.done as usize + i) % pattern.len()];
@@ -1211,11 +1219,12 @@ impl DmaEngine {
                 let (b1, b2) = bounce.split_at_mut(REQUEST as usize);
                 while job.done < size {
                     let (a1, a2) = (src1 + job.done, src2 + job.done);
-                    let t1 = self.translate(&mut c1, ctrl, pasid, a1, read)?;
-                    let t2 = self.translate(&mut c2, ctrl, pasid, a2, read)?;
-                    let n = (size - job.done)
-                        .min(to_page_end(t1, a1))
-                        .min(to_page_end(t2, a2))
+                    let left = size - job.done;
+                    let t1 = self.translate(&mut c1, ctrl, pasid, a1, read, left)?;
+                    let t2 = self.translate(&mut c2, ctrl, pasid, a2, read, left)?;
+                    let n = left
+                        .min(t1.bytes_from(a1))
+                        .min(t2.bytes_from(a2))
                         .min(REQUEST) as usize;
                     let cursors = &mut [&mut c1, &mut c2];
                     let Some(in_flight) = epoch.enter(&self.counters, cursors, a1, read)? else {
@@ -1255,14 +1264,16 @@ impl DmaEngine {
         let [c1, c2] = cursors;
         let [s, d] = at;
         let [read, write] = access;
-        let ts = self.translate(c1, ctrl, pasid, s, read)?;
-        let td = self.translate(c2, ctrl, pasid, d, write)?;
+        // Runs are looked up upwards: a descending copy asks for its page only.
+        let ahead = if descending { 1 } else { left };
+        let ts = self.translate(c1, ctrl, pasid, s, read, ahead)?;
+        let td = self.translate(c2, ctrl, pasid, d, write, ahead)?;
         let n = if descending {
-            let room = |t: DmaTranslation, a: u64| a - t.page_start(a) + 1;
+            let room = |t: DmaRun, a: u64| a - t.start() + 1;
             left.min(room(ts, s)).min(room(td, d)).min(REQUEST)
         } else {
-            left.min(to_page_end(ts, s))
-                .min(to_page_end(td, d))
+            left.min(ts.bytes_from(s))
+                .min(td.bytes_from(d))
                 .min(REQUEST)
         };
         let (s, d) = if descending {
@@ -1280,11 +1291,6 @@ impl DmaEngine {
         self.check_request(ctrl, piece.dst_hpa, n, d, write)?;
         Ok(piece)
     }
-}
-
-/// Bytes from `addr` to the end of its page.
-fn to_page_end(t: DmaTranslation, addr: u64) -> u64 {
-    t.size() - (addr - t.page_start(addr))
 }
 
 /// Whether a memmove must copy from the top down: the destination overlaps the source

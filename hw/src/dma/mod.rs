@@ -25,6 +25,6 @@ pub use devtlb::DevTlb;
 pub use engine::{DmaEngine, DmaStats};
 pub use port::{
     AtsCapability, AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort,
-    DmaTranslation, PageRequestMessage, PcieCapabilities, PrgResponse,
+    DmaRun, DmaTranslation, PageRequestMessage, PcieCapabilities, PrgResponse,
 };
 pub use regs::{DmaEngineConfig, DmaError, SoftwareError};

@@ -130,6 +130,78 @@ impl DmaTranslation {
     }
 }
 
+/// A run of device addresses one untranslated request was answered for
+/// ([`DmaPort::remap_run`]): `len` bytes from `start` map to `len` contiguous bytes at
+/// `hpa`. A run is made of whole translated pages (each a [`DmaTranslation`] of the
+/// IOMMU), so it never splits a page and ends where the next page does not continue it in
+/// host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DmaRun {
+    start: u64,
+    hpa: Hpa,
+    len: u64,
+}
+
+impl DmaRun {
+    /// The run of the one page `t` that contains device address `addr`.
+    pub const fn page(t: DmaTranslation, addr: u64) -> Self {
+        DmaRun {
+            start: t.page_start(addr),
+            hpa: t.hpa(),
+            len: t.size(),
+        }
+    }
+
+    /// Adds the page `next` (the translation of the device address [`DmaRun::end`]) when
+    /// it continues the run in host memory; otherwise leaves the run as it is and returns
+    /// `false`.
+    pub fn extend(&mut self, next: DmaTranslation) -> bool {
+        let Some(end) = self.end() else {
+            return false;
+        };
+        let continues =
+            next.page_start(end) == end && self.hpa.0.checked_add(self.len) == Some(next.hpa().0);
+        match self.len.checked_add(next.size()) {
+            Some(len) if continues => {
+                self.len = len;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The first device address of the run.
+    pub const fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The run's length in bytes (at least a page).
+    pub const fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// The device address after the run; `None` when the run reaches the top of the
+    /// address space.
+    pub const fn end(&self) -> Option<u64> {
+        self.start.checked_add(self.len)
+    }
+
+    /// Whether device address `addr` lies in the run.
+    pub const fn contains(&self, addr: u64) -> bool {
+        addr >= self.start && addr - self.start < self.len
+    }
+
+    /// Bytes from `addr` (in the run) to the run's end.
+    pub const fn bytes_from(&self, addr: u64) -> u64 {
+        self.len - (addr - self.start)
+    }
+
+    /// The host physical address that device address `addr` (in the run) maps to.
+    pub const fn hpa_of(&self, addr: u64) -> Hpa {
+        Hpa(self.hpa.0 + (addr - self.start))
+    }
+}
+
 /// A successful ATS translation completion (PCIe ATS; VT-d §4.2.3): the page with the
 /// permissions the IOMMU grants for it. The device caches it in its device TLB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -174,6 +246,25 @@ pub trait DmaPort: Send + Sync {
         addr: u64,
         access: DmaAccess,
     ) -> Result<DmaTranslation, DmaFault>;
+
+    /// The same untranslated request, answered for the run of pages from the one that
+    /// contains `addr` that continue it in host memory, up to the page that holds byte
+    /// `addr + len - 1`: a device moving `len` bytes from `addr` translates once per run
+    /// instead of once per page. Every page of the run is translated and checked as
+    /// [`DmaPort::remap`] does; the run ends before the first page that does not continue
+    /// it or whose translation fails, and that page's fault is reported when the device
+    /// asks for it. A port that does not look ahead answers the one page.
+    fn remap_run(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+        _len: u64,
+    ) -> Result<DmaRun, DmaFault> {
+        self.remap(sid, pasid, addr, access)
+            .map(|t| DmaRun::page(t, addr))
+    }
 
     /// An ATS translation request for the page containing `addr`, asking for `access`
     /// (PCIe ATS; a request without write asks for a read-only translation). The result
@@ -328,6 +419,34 @@ mod tests {
         let t = DmaTranslation::new(Hpa(0x40_0000), 0x20_0000).unwrap();
         assert_eq!(t.page_start(0x7f_1234_5678), 0x7f_1220_0000);
         assert_eq!(t.hpa_of(0x7f_1234_5678), Hpa(0x54_5678));
+    }
+
+    #[test]
+    fn runs_grow_by_whole_pages_that_continue_them_in_host_memory() {
+        let page = |hpa, size| DmaTranslation::new(Hpa(hpa), size).unwrap();
+        let mut run = DmaRun::page(page(0x40_0000, 0x1000), 0x7000_0123);
+        assert_eq!(
+            (run.start(), run.size(), run.end()),
+            (0x7000_0000, 0x1000, Some(0x7000_1000))
+        );
+        // The next page at the next frame continues it; a 2 MiB page after it would have
+        // to start at the run's end in both spaces.
+        assert!(run.extend(page(0x40_1000, 0x1000)));
+        assert!(!run.extend(page(0x40_3000, 0x1000)), "a gap in host memory");
+        assert!(
+            !run.extend(page(0x40_0000, 0x20_0000)),
+            "a page that does not start at the end"
+        );
+        assert_eq!(run.size(), 0x2000);
+        assert!(
+            run.contains(0x7000_1fff) && !run.contains(0x7000_2000) && !run.contains(0x6fff_ffff)
+        );
+        assert_eq!(run.bytes_from(0x7000_0123), 0x2000 - 0x123);
+        assert_eq!(run.hpa_of(0x7000_1234), Hpa(0x40_1234));
+        // A run at the top of the address space ends there.
+        let mut top = DmaRun::page(page(0x40_0000, 0x1000), u64::MAX);
+        assert_eq!(top.end(), None);
+        assert!(!top.extend(page(0x40_1000, 0x1000)));
     }
 
     #[test]

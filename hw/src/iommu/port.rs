@@ -8,8 +8,8 @@ use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, RootState, SourceId};
 
 use super::{DmaMapping, Iommu};
 use crate::dma::port::{
-    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaTranslation, PageRequestMessage,
-    PrgResponse,
+    AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaRun, DmaTranslation,
+    PageRequestMessage, PrgResponse,
 };
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
@@ -65,6 +65,30 @@ impl DmaPort for Iommu {
                 })
             }
         }
+    }
+
+    /// The first page through the whole pipeline, as [`DmaPort::remap`]; the run then
+    /// grows by the pages after it that hit in the IOTLB (checked as a hit is, in strict
+    /// mode too) and continue it in host memory. A miss ends the run: the page is walked,
+    /// and its fault recorded, only when the device asks for it.
+    fn remap_run(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+        len: u64,
+    ) -> Result<DmaRun, DmaFault> {
+        let mut run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
+        let last = addr.saturating_add(len.max(1) - 1);
+        let req = request(access);
+        while let Some(next) = run.end().filter(|&end| end <= last) {
+            let hit = self.translate_cached(sid, pasid, next, req);
+            if !hit.is_some_and(|m| run.extend(page(&m))) {
+                break;
+            }
+        }
+        Ok(run)
     }
 
     fn ats_translate(

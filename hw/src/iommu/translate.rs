@@ -107,6 +107,25 @@ impl Iommu {
         request::translate(self, req)
     }
 
+    /// The translation of a request if the IOMMU has it without walking: an IOTLB hit
+    /// (checked in strict mode) or translation disabled ([`request::translate_cached`]).
+    #[inline(always)]
+    pub(crate) fn translate_cached(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Option<DmaMapping> {
+        let req = Request {
+            sid,
+            pasid,
+            addr,
+            access,
+        };
+        request::translate_cached(self, req)
+    }
+
     /// Strict mode's check of an IOTLB hit, out of line: the entry is passed by value so
     /// that the hit path keeps it in registers instead of storing it for a reference.
     #[cold]
