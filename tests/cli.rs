@@ -175,3 +175,22 @@ fn the_layers_warnings_reach_stderr() {
         text(&quiet.stderr)
     );
 }
+
+/// Issue 12: the cross-process probe serves a host over a UNIX socket in the bench
+/// process, and its checks (every invalidation forwarded and answered over the socket,
+/// every page request served and answered) pass; its four figures are in the JSON.
+#[test]
+fn the_socket_probe_runs_and_its_checks_pass() {
+    let out = vsva(&["bench", "--quick", "--only", "socket-forwarded", "--json"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let json = stdout.lines().last().expect("a JSON line");
+    for key in [
+        "\"socket_fwd_inv_ns\"",
+        "\"socket_fwd_inv_ratio\"",
+        "\"socket_prq_ns\"",
+        "\"socket_prq_ratio\"",
+    ] {
+        assert!(json.contains(key), "{key} missing from {json}");
+    }
+}

@@ -40,6 +40,12 @@ pub enum BenchError {
     /// Building or running the host/VMM/guest stack failed.
     #[error("stack: {0}")]
     Stack(#[from] crate::stack::StackError),
+    /// The `vsva host` service could not start or listen.
+    #[error("host service: {0}")]
+    Service(#[from] vsva_service::ServiceError),
+    /// A VM could not connect to or boot on the host service.
+    #[error("VM on the host service: {0}")]
+    RemoteVm(#[from] crate::remote::VmError),
     /// A guest process operation was refused.
     #[error("guest process: {0}")]
     Process(#[from] vsva_guest::ProcessError),

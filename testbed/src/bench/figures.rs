@@ -175,6 +175,18 @@ figures! {
     FaultRoundtripNs => "fault_roundtrip_ns", Nanoseconds;
     /// The same device write to a mapped page (no fault).
     FaultFillResidentNs => "fault_fill_resident_ns", Nanoseconds;
+    /// A forwarded invalidation whose `VFIO_IOMMU_CACHE_INVALIDATE` crosses a UNIX socket
+    /// to a `vsva host` service: an mmu-notifier invalidation of one page over the
+    /// invalidations it forwards (issue 12).
+    SocketFwdInvNs => "socket_fwd_inv_ns", Nanoseconds;
+    /// The socket's overhead: [`Figure::SocketFwdInvNs`] over the same invalidation
+    /// forwarded to a host in the same process, sampled in turn.
+    SocketFwdInvRatio => "socket_fwd_inv_ratio", Times;
+    /// Page request round trip across the socket: a device fill of one unmapped page, the
+    /// request read from the host's fault queue and the response written over the socket.
+    SocketPrqNs => "socket_prq_ns", Nanoseconds;
+    /// [`Figure::SocketPrqNs`] over the same round trip in one process, sampled in turn.
+    SocketPrqRatio => "socket_prq_ratio", Times;
 }
 
 /// The limit a goal puts on its compared value.
@@ -341,6 +353,16 @@ pub const GOALS: &[Goal] = &[
         AtMost(64.0),
     ),
     absolute("bytes per bound PASID", BytesPerBoundPasid, AtMost(256.0)),
+    absolute(
+        "forwarded invalidation over a socket",
+        SocketFwdInvNs,
+        AtMost(5000.0),
+    ),
+    absolute(
+        "page request round trip over a socket",
+        SocketPrqNs,
+        AtMost(10000.0),
+    ),
     ratio(
         "dirty harvest of 1 GiB vs reading its words",
         DirtyHarvest1gNs,

@@ -8,6 +8,7 @@
 //!   memmove, streaming reads per miss), [`pasid`] (allocator churn) and their baselines
 //!   ([`loads`], hash map, `copy_from_slice`); on the whole stack, [`uapi`] (the host's
 //!   ioctl path, bound-PASID memory) and [`forward`] (the guest's forwarded path);
+//!   [`socket`] (the forwarded path with the host served over a UNIX socket);
 //!   [`dirty`] (the dirty-bitmap harvest of a 1 GiB domain against reading its words).
 //! - [`suite`]: the probes `vsva bench` runs; [`report`]: the table and JSON object;
 //!   [`plot`]: the SVG; [`cli`]: the command.
@@ -25,6 +26,7 @@ pub mod pasid;
 pub mod platform;
 pub mod plot;
 pub mod report;
+pub mod socket;
 pub mod suite;
 pub mod translate;
 pub mod uapi;

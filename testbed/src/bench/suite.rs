@@ -24,6 +24,7 @@ use super::measure::measure_pair_same_count;
 use super::pasid::PasidChurn;
 use super::platform::{Platform, PlatformConfig};
 use super::report::BenchReport;
+use super::socket::{SocketForwardedInvalidation, SocketPageRequest, SocketVm};
 use super::translate::{
     ColdWalks, HashMapLookups, IotlbHits, TwoThreadHits, WalkKind, WalkOnly, WORKING_SET,
 };
@@ -396,6 +397,40 @@ fn page_request(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), B
     Ok(())
 }
 
+/// Issue 12: the forwarded invalidation and the page request round trip with the host
+/// served over a UNIX socket by a thread of this process, each sampled in turn with its
+/// in-process twin; the ratios are the socket's overhead.
+fn socket_forwarded(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let remote = SocketVm::new()?;
+    let local = BenchVm::new()?;
+    let mut over_socket = SocketForwardedInvalidation::new(&remote)?;
+    let mut in_process = ForwardedInvalidation::new(&local)?;
+    let (socket_waits, local_waits) = (
+        over_socket.waits_per_op() as f64,
+        in_process.waits_per_op() as f64,
+    );
+    let (socket, local_inv) = measure_pair(&mut over_socket, &mut in_process, budget)?;
+    report.set(
+        Figure::SocketFwdInvNs,
+        socket.spread().map(|ns| ns / socket_waits),
+    );
+    report.set(
+        Figure::SocketFwdInvRatio,
+        socket.paired(&local_inv, |s, l| (s / socket_waits) / (l / local_waits)),
+    );
+    let (socket_prq, local_prq) = measure_pair(
+        &mut SocketPageRequest::new(&remote)?,
+        &mut PageRequestRoundTrip::new(&local)?,
+        budget,
+    )?;
+    report.set(Figure::SocketPrqNs, socket_prq.spread());
+    report.set(
+        Figure::SocketPrqRatio,
+        socket_prq.paired(&local_prq, |s, l| s / l),
+    );
+    Ok(())
+}
+
 /// Every measurement, in report order.
 pub fn standard_probes() -> Vec<Box<dyn Probe>> {
     use Figure::*;
@@ -490,6 +525,16 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
             "iommufd-fault",
             &[FaultRoundtripNs, FaultFillResidentNs],
             iommufd_fault,
+        ),
+        probe(
+            "socket-forwarded",
+            &[
+                SocketFwdInvNs,
+                SocketFwdInvRatio,
+                SocketPrqNs,
+                SocketPrqRatio,
+            ],
+            socket_forwarded,
         ),
     ]
 }

@@ -1,0 +1,273 @@
+//! The forwarded path across processes' boundary: the same guest workloads as
+//! [`super::forward`], on a VMM whose host is a `vsva host` [`Service`] served in a thread
+//! of the bench over a real UNIX socket (issue 12's goals). Every host call is a frame on
+//! the socket, answered by the service's connection thread.
+//!
+//! - [`SocketForwardedInvalidation`]: one resident page's `mprotect`, whose IOTLB and
+//!   device-TLB descriptors the vIOMMU forwards as `VFIO_IOMMU_CACHE_INVALIDATE` over the
+//!   socket.
+//! - [`SocketPageRequest`]: a device fill of an unmapped page; the page request is read
+//!   from the host's fault queue over the socket and the response written back.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vsva_guest::{Process, Prot};
+use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_hw::PAGE_SIZE;
+use vsva_service::{HostConfig, Service};
+use vsva_vmm::VIommuStats;
+use vsva_vtd::{FlPagingMode, Gva, Pasid};
+
+use super::{BenchError, Workload};
+use crate::remote::RemoteVm;
+
+/// Guest RAM of the remote VM.
+const RAM: u64 = 32 << 20;
+/// The word the device fills write.
+const FILL_PATTERN: u64 = 0x0f0f_f0f0_5a5a_a5a5;
+
+/// A `vsva host` service in a thread of this process, listening on a socket of its own,
+/// and one VM connected to it with a bound 4-level process that has one resident page.
+/// Dropping it shuts the VM down, stops the service and removes the socket.
+pub struct SocketVm {
+    vm: Option<RemoteVm>,
+    process: Option<Arc<Process>>,
+    pasid: Pasid,
+    page: Gva,
+    record: Gva,
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl SocketVm {
+    /// Starts the service, connects and boots the VM, binds the process and has the
+    /// device fill its page once (so the IOMMU and the device TLB hold it).
+    pub fn new() -> Result<Self, BenchError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vsva-bench-{}-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let service = Service::new(&HostConfig::default())?;
+        let listener = vsva_service::server::bind_socket(&path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                service.serve(listener, &stop);
+            })
+        };
+        let mut this = SocketVm {
+            vm: None,
+            process: None,
+            pasid: Pasid::from_low_bits(0),
+            page: Gva(0),
+            record: Gva(0),
+            path,
+            stop,
+            server: Some(server),
+        };
+        let vm = RemoteVm::connect(&this.path, 0, RAM, None)?;
+        let process = vm.vmm.spawn(FlPagingMode::FourLevel)?;
+        this.vm = Some(vm);
+        this.page = process.mmap(PAGE_SIZE, Prot::READ_WRITE)?;
+        this.record = process.mmap(PAGE_SIZE, Prot::READ_WRITE)?;
+        this.pasid = this.vm().vmm.bind(&process)?;
+        this.process = Some(process);
+        this.fill(this.page)?;
+        Ok(this)
+    }
+
+    fn vm(&self) -> &RemoteVm {
+        self.vm.as_ref().expect("the VM is present until dropped")
+    }
+
+    fn process(&self) -> &Arc<Process> {
+        self.process
+            .as_ref()
+            .expect("the process is present until dropped")
+    }
+
+    fn viommu(&self) -> VIommuStats {
+        self.vm().vmm.viommu.stats()
+    }
+
+    /// The device fills the page at `dst`; the completion record must say success.
+    fn fill(&self, dst: Gva) -> Result<(), BenchError> {
+        let op = Operation::Fill {
+            pattern: FILL_PATTERN,
+            dst: dst.0,
+            size: PAGE_SIZE as u32,
+        };
+        let rec = self
+            .vm()
+            .vmm
+            .run(self.process(), self.pasid, op, self.record)?;
+        if rec.status != CompletionStatus::Success || u64::from(rec.bytes_completed) != PAGE_SIZE {
+            return Err(BenchError::Check(format!(
+                "a device fill of one page at {dst} over the socket completed with {rec:?}"
+            )));
+        }
+        let mut word = [0u8; 8];
+        self.process().read(dst, &mut word)?;
+        if u64::from_le_bytes(word) != FILL_PATTERN {
+            return Err(BenchError::Check(format!(
+                "the device's fill at {dst} is not in guest RAM"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SocketVm {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        if let Some(vm) = self.vm.take() {
+            if let Err(e) = vm.shutdown() {
+                tracing::warn!("socket bench VM shutdown: {e}");
+            }
+        }
+        self.stop.store(true, Ordering::Release);
+        if let Some(server) = self.server.take() {
+            if server.join().is_err() {
+                tracing::warn!("the socket bench's host thread panicked");
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Fails when the vIOMMU's host calls failed between `before` and `after`.
+fn no_host_errors(before: &VIommuStats, after: &VIommuStats) -> Result<(), BenchError> {
+    let errors = after.host_errors - before.host_errors;
+    if errors != 0 {
+        return Err(BenchError::Check(format!(
+            "{errors} of the vIOMMU's host calls over the socket failed"
+        )));
+    }
+    Ok(())
+}
+
+/// `mprotect` of the resident page, rights unchanged: its forwarded invalidations cross
+/// the socket. Each must have been forwarded, each as one `VFIO_IOMMU_CACHE_INVALIDATE` answered
+/// with success (the connection times each), and no host call may fail; after the run the device's next fill of the page must
+/// walk again and succeed. An operation is one `mprotect`.
+pub struct SocketForwardedInvalidation<'a> {
+    vm: &'a SocketVm,
+    /// Invalidations the vIOMMU forwards per operation.
+    waits: u64,
+}
+
+impl<'a> SocketForwardedInvalidation<'a> {
+    /// Runs one operation and counts the invalidations it forwards.
+    pub fn new(vm: &'a SocketVm) -> Result<Self, BenchError> {
+        let before = vm.viommu();
+        vm.process()
+            .mprotect(vm.page, PAGE_SIZE, Prot::READ_WRITE)?;
+        let after = vm.viommu();
+        no_host_errors(&before, &after)?;
+        let waits = after.invalidations_forwarded - before.invalidations_forwarded;
+        let calls = vm.vm().link().take_timings().fwd_inv.len() as u64;
+        if waits == 0 || calls < waits {
+            return Err(BenchError::Check(format!(
+                "an mmu-notifier invalidation forwarded {waits} invalidations in {calls} calls answered over the socket"
+            )));
+        }
+        Ok(SocketForwardedInvalidation { vm, waits })
+    }
+
+    /// Invalidations one operation forwards over the socket.
+    pub fn waits_per_op(&self) -> u64 {
+        self.waits
+    }
+}
+
+impl Workload for SocketForwardedInvalidation<'_> {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let (process, page) = (self.vm.process(), self.vm.page);
+        let _ = self.vm.vm().link().take_timings();
+        let before = self.vm.viommu();
+        let start = Instant::now();
+        for _ in 0..iters {
+            process.mprotect(page, PAGE_SIZE, Prot::READ_WRITE)?;
+        }
+        let t = start.elapsed();
+        let after = self.vm.viommu();
+        no_host_errors(&before, &after)?;
+        let forwarded = after.invalidations_forwarded - before.invalidations_forwarded;
+        let answered = self.vm.vm().link().take_timings().fwd_inv.len() as u64;
+        if forwarded != iters * self.waits || answered != forwarded {
+            return Err(BenchError::Check(format!(
+                "{iters} mmu-notifier invalidations forwarded {forwarded} host invalidations in {answered} calls answered over the socket, not {} each",
+                self.waits
+            )));
+        }
+        self.vm.fill(page)?;
+        Ok(t)
+    }
+}
+
+/// The device fills a page of the process that is reserved but not mapped: the page
+/// request and its response cross the socket, and the retry succeeds. An operation is the
+/// whole descriptor, as [`super::forward::PageRequestRoundTrip`] times it in one process;
+/// between operations, not timed, the page is unmapped and reserved again.
+pub struct SocketPageRequest<'a> {
+    vm: &'a SocketVm,
+    page: Gva,
+}
+
+impl<'a> SocketPageRequest<'a> {
+    /// Reserves the page.
+    pub fn new(vm: &'a SocketVm) -> Result<Self, BenchError> {
+        let page = vm.process().mmap_lazy(PAGE_SIZE, Prot::READ_WRITE)?;
+        Ok(SocketPageRequest { vm, page })
+    }
+}
+
+impl Workload for SocketPageRequest<'_> {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let process = self.vm.process();
+        let served = |vm: &SocketVm| vm.vm().vmm.driver.stats().page_requests_served;
+        let (before, served_before) = (self.vm.viommu(), served(self.vm));
+        let _ = self.vm.vm().link().take_timings();
+        let mut timed = Duration::ZERO;
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            self.vm.fill(self.page)?;
+            timed += t0.elapsed();
+            process.munmap(self.page, PAGE_SIZE)?;
+            process.mmap_fixed(self.page, PAGE_SIZE, Prot::READ_WRITE, false)?;
+        }
+        no_host_errors(&before, &self.vm.viommu())?;
+        let guest = served(self.vm) - served_before;
+        let round_trips = self.vm.vm().link().take_timings().prq.len() as u64;
+        if (guest, round_trips) != (iters, iters) {
+            return Err(BenchError::Check(format!(
+                "{iters} fills of an unmapped page over the socket: {guest} page requests served by the guest, {round_trips} round trips answered by the host"
+            )));
+        }
+        Ok(timed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidations_and_page_requests_cross_the_socket() {
+        let vm = SocketVm::new().unwrap();
+        let mut inv = SocketForwardedInvalidation::new(&vm).unwrap();
+        assert_eq!(inv.waits_per_op(), 2);
+        inv.run(3).unwrap();
+        let resident = vm.process().resident_pages();
+        SocketPageRequest::new(&vm).unwrap().run(3).unwrap();
+        assert_eq!(vm.process().resident_pages(), resident);
+    }
+}
