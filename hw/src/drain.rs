@@ -24,10 +24,7 @@
 //! drain waits at most for one run's copy. Entering costs one atomic increment and one load
 //! and a fence on the device's path; draining with nothing in flight, the same.
 
-#[cfg(loom)]
-use loom::sync::atomic::{fence, AtomicU64, Ordering};
-#[cfg(not(loom))]
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::{fence, yield_now, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -97,7 +94,7 @@ impl RequestDrain {
         let counter = &*self.in_flight[(old & 1) as usize];
         // Acquire: pairs with the Release of a leaving request, whose bytes moved first.
         while counter.load(Ordering::Acquire) != 0 {
-            spin();
+            yield_now();
         }
     }
 
@@ -105,16 +102,6 @@ impl RequestDrain {
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
     }
-}
-
-#[cfg(not(loom))]
-fn spin() {
-    std::thread::yield_now();
-}
-
-#[cfg(loom)]
-fn spin() {
-    loom::thread::yield_now();
 }
 
 #[cfg(all(test, not(loom)))]

@@ -14,14 +14,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::PoisonError;
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
 use vsva_vtd::{AccessRequest, AddrRange, DomainId, Pasid, SourceId};
 
 use super::PAGE_SHIFTS;
+use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Number of sets: a power of two.
 const SETS: usize = 4096;
@@ -322,7 +322,7 @@ impl Set {
                     return found;
                 }
             }
-            std::hint::spin_loop();
+            spin_loop();
         }
     }
 
@@ -640,7 +640,7 @@ impl Iotlb {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -985,5 +985,66 @@ mod tests {
             let addr = 0x7f00_0000_0000 + (page << 12);
             assert_eq!(t.lookup(sid(), p, addr).unwrap().output, page << 12);
         }
+    }
+}
+
+/// The fill/invalidate protocol under loom (`RUSTFLAGS="--cfg loom" cargo test -p vsva-hw
+/// --lib loom`): a walk that read a page-table entry before an invalidation removed it
+/// races the invalidation; once the invalidation has returned, no lookup finds the removed
+/// translation, then or after the walk's fill ends (VT-d §6.5.2.3/§6.5.2.4: a completed
+/// invalidation covers the walks in flight when it began).
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+
+    /// The page the entry maps before the invalidation, and after it.
+    const OLD: u64 = 0xa000;
+    const NEW: u64 = 0xb000;
+
+    fn entry(output: u64) -> IotlbEntry {
+        IotlbEntry {
+            did: DomainId(1),
+            output,
+            page_shift: 12,
+            perms: Perms::READ.with(Perms::WRITE).with(Perms::USER),
+            kind: TranslationKind::Nested,
+        }
+    }
+
+    /// A lookup's answer: nothing, or the new page, read whole (no torn read of a way).
+    fn check(t: &Iotlb, sid: SourceId, pasid: Pasid, when: &str) {
+        if let Some(e) = t.lookup(sid, pasid, 0x1000) {
+            assert_eq!(e, entry(NEW), "{when}: the IOTLB gave {e:?}");
+        }
+    }
+
+    #[test]
+    fn loom_no_fill_outlives_the_invalidation_that_overtook_it() {
+        let mut model = loom::model::Builder::new();
+        // Bounded so that the model runs in seconds in scripts/test.
+        model.preemption_bound.get_or_insert(3);
+        model.check(|| {
+            let sid = SourceId::new(0, 2, 0).unwrap();
+            let pasid = Pasid::new(5).unwrap();
+            // One set, so that the fill and the lookups meet in the same seqlocked set.
+            let t = Arc::new(Iotlb::with_sets(1));
+            // The leaf page-table entry the walk reads: the output page.
+            let pte = Arc::new(AtomicU64::new(OLD));
+            let walker = {
+                let (t, pte) = (t.clone(), pte.clone());
+                loom::thread::spawn(move || {
+                    let fill = t.begin_fill();
+                    let output = pte.load(Ordering::SeqCst);
+                    t.insert(fill, sid, pasid, 0x1000, entry(output))
+                })
+            };
+            // The driver remaps the page, then invalidates (PASID-selective P_IOTLB).
+            pte.store(NEW, Ordering::SeqCst);
+            t.invalidate_pasid(DomainId(1), pasid);
+            check(&t, sid, pasid, "after the invalidation");
+            walker.join().unwrap();
+            check(&t, sid, pasid, "after the fill ended");
+        });
     }
 }
