@@ -8,6 +8,7 @@ mod cached_walk;
 mod explain;
 pub mod iotlb;
 mod mmio;
+mod overtaken;
 mod port;
 pub mod pscache;
 mod qi;
@@ -32,8 +33,10 @@ use crate::dma::port::{AtsEndpoint, PcieCapabilities};
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
 use iotlb::Iotlb;
+use overtaken::FillLog;
 use pscache::PagingStructureCaches;
 
+pub use overtaken::OvertakenFill;
 pub use stale::StaleTranslation;
 pub use translate::{DmaMapping, Source};
 
@@ -126,6 +129,8 @@ pub struct Iommu {
     iotlb: Iotlb,
     paging_caches: PagingStructureCaches,
     stale: Mutex<Vec<StaleTranslation>>,
+    /// Strict mode: recent IOTLB invalidations and the fills they overtook.
+    fills: Mutex<FillLog>,
     /// What the invalidation wait descriptor completes through (see [`RequestDrain`]).
     drain: RequestDrain,
     stats: IommuStats,
@@ -153,6 +158,7 @@ impl Iommu {
             iotlb: Iotlb::default(),
             paging_caches: PagingStructureCaches::default(),
             stale: Mutex::default(),
+            fills: Mutex::default(),
             drain: RequestDrain::new(),
             stats: IommuStats::default(),
         }))

@@ -19,6 +19,9 @@ impl Iommu {
     /// Carries out one invalidation descriptor.
     pub(crate) fn execute(&self, desc: &InvDesc) -> Result<Completion, MemError> {
         self.stats.descriptors.fetch_add(1, Ordering::Relaxed);
+        if matches!(desc, InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. }) {
+            self.note_iotlb_invalidation(desc);
+        }
         invalidation::execute(&mut Invalidated(self), desc)
     }
 }

@@ -931,6 +931,63 @@ mod paging_structure_caches {
         assert!(!unit.paging_caches.is_empty());
     }
 
+    /// Strict mode records a fill an invalidation overtook, with the request and the
+    /// descriptor, although nothing stale is ever used; a fill nothing overtook, and any
+    /// fill outside strict mode, leave no record.
+    #[test]
+    fn strict_mode_records_a_fill_an_invalidation_overtook() {
+        use crate::iommu::OvertakenFill;
+        use vsva_vtd::request::{self, RemappingUnit, Request, RootState};
+        for strict in [true, false] {
+            let mut rig = Rig::new(strict);
+            let mut vm = Vm::new(&rig);
+            vm.map_buffer(&rig, 1);
+            let req = Request {
+                sid: SID,
+                pasid: Some(pasid(P)),
+                addr: GVA,
+                access: AccessRequest::READ,
+            };
+            let unit = rig.iommu.clone();
+            let rta = RootState::scalable_table(unit.root_word()).unwrap();
+            let ctx = unit.context_entry(rta, SID).unwrap();
+            let pe = request::pasid_entry(&*unit, SID, &ctx, pasid(P)).unwrap();
+            // Walk, then an invalidation before the fill: refused and (strict) recorded.
+            let fill = unit.begin_fill();
+            let t = unit
+                .walk(fill, rta, &req, pasid(P), &pe, AccessRequest::READ)
+                .unwrap();
+            rig.invalidate(&[pasid_iotlb(GVA, false), pasid_selective()]);
+            let walked = unit.iotlb_insert(fill, SID, pasid(P), GVA, &pe, &t, AccessRequest::READ);
+            assert!(unit.iotlb.lookup(SID, pasid(P), GVA).is_none());
+            let records = unit.take_overtaken_fills();
+            if strict {
+                assert_eq!(
+                    records,
+                    [OvertakenFill {
+                        sid: SID,
+                        pasid: pasid(P),
+                        addr: GVA,
+                        walked,
+                        // The first of the two: it advanced the IOTLB past the fill's token.
+                        invalidation: Some(pasid_iotlb(GVA, false)),
+                    }]
+                );
+            } else {
+                assert_eq!(records, []);
+            }
+            // A fill nothing overtook is cached and not recorded.
+            let fill = unit.begin_fill();
+            let t = unit
+                .walk(fill, rta, &req, pasid(P), &pe, AccessRequest::READ)
+                .unwrap();
+            unit.iotlb_insert(fill, SID, pasid(P), GVA, &pe, &t, AccessRequest::READ);
+            assert!(unit.iotlb.lookup(SID, pasid(P), GVA).is_some());
+            assert_eq!(unit.take_overtaken_fills(), []);
+            assert_eq!(unit.take_stale_translations(), []);
+        }
+    }
+
     /// Real threads: one translates a nested PASID's page in a loop while another moves
     /// the page to a new guest frame and invalidates, again and again. A translation that
     /// began after invalidation `v` returned must give the frame of version `v` or of a

@@ -228,7 +228,8 @@ impl RemappingUnit for Iommu {
         }
     }
 
-    /// Pass-through translations are not cached.
+    /// Pass-through translations are not cached. In strict mode a fill an invalidation
+    /// overtook is recorded ([`OvertakenFill`](super::OvertakenFill)).
     fn iotlb_insert(
         &self,
         fill: Fill,
@@ -240,8 +241,11 @@ impl RemappingUnit for Iommu {
         access: AccessRequest,
     ) -> IotlbEntry {
         let entry = iotlb_entry(pe, t, access);
-        if pe.pgtt != Pgtt::PassThrough {
-            self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry);
+        if pe.pgtt != Pgtt::PassThrough
+            && !self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry)
+            && self.strict()
+        {
+            self.report_overtaken_fill(fill.iotlb, sid, pasid, addr, entry);
         }
         entry
     }
