@@ -13,6 +13,13 @@
 //! ([`DevTlb::begin_fill`]) and [`DevTlb::insert`] refuses it once it moved. Entries already
 //! in use by a request when the invalidate request arrives are drained by the engine
 //! (`RequestDrain`) before the invalidation completes.
+//!
+//! A refused completion is recorded (as the IOMMU's strict mode records an overtaken
+//! IOTLB fill): the request's PASID and address, the completion, and the invalidate request
+//! that overtook it ([`DevTlb::take_overtaken`]). Refusals are rare, so the device keeps the
+//! record always, bounded.
+
+use std::collections::VecDeque;
 
 use vsva_vtd::Pasid;
 
@@ -34,6 +41,35 @@ impl Entry {
     }
 }
 
+/// Invalidations remembered to name the one that overtook a completion.
+const INVALIDATIONS_KEPT: usize = 16;
+/// Refused completions kept until [`DevTlb::take_overtaken`]; later ones are not kept.
+const OVERTAKEN_KEPT: usize = 64;
+
+/// What made the device TLB refuse a completion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OvertakenBy {
+    /// An ATS invalidate request.
+    Invalidation(DevTlbInvalidation),
+    /// ATS was disabled, which empties the device TLB.
+    AtsDisabled,
+    /// More than 16 invalidations ran meanwhile; the first is no longer remembered.
+    Forgotten,
+}
+
+/// A translation completion an invalidate request overtook: neither cached nor used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OvertakenCompletion {
+    /// The PASID of the translation request, if it had one.
+    pub pasid: Option<Pasid>,
+    /// The device address it asked for.
+    pub addr: u64,
+    /// What the IOMMU completed it with.
+    pub completion: AtsCompletion,
+    /// The first invalidation that arrived between the request and its completion.
+    pub by: OvertakenBy,
+}
+
 /// A device TLB of fixed capacity.
 #[derive(Debug)]
 pub struct DevTlb {
@@ -41,6 +77,9 @@ pub struct DevTlb {
     next: usize,
     /// Invalidations so far (see [`DevTlb::begin_fill`]).
     generation: u64,
+    /// The generation each recent invalidation advanced from, and what it was.
+    recent: VecDeque<(u64, OvertakenBy)>,
+    overtaken: Vec<OvertakenCompletion>,
 }
 
 impl DevTlb {
@@ -50,6 +89,8 @@ impl DevTlb {
             entries: vec![None; capacity.max(1)].into_boxed_slice(),
             next: 0,
             generation: 0,
+            recent: VecDeque::with_capacity(INVALIDATIONS_KEPT),
+            overtaken: Vec::new(),
         }
     }
 
@@ -87,6 +128,19 @@ impl DevTlb {
         completion: AtsCompletion,
     ) -> bool {
         if fill != self.generation {
+            let by = self
+                .recent
+                .iter()
+                .find(|&&(from, _)| from == fill)
+                .map_or(OvertakenBy::Forgotten, |&(_, by)| by);
+            if self.overtaken.len() < OVERTAKEN_KEPT {
+                self.overtaken.push(OvertakenCompletion {
+                    pasid,
+                    addr,
+                    completion,
+                    by,
+                });
+            }
             return false;
         }
         let entry = Entry {
@@ -109,7 +163,7 @@ impl DevTlb {
 
     /// Drops the entries an invalidate request covers; returns how many.
     pub fn invalidate(&mut self, inv: &DevTlbInvalidation) -> usize {
-        self.generation = self.generation.wrapping_add(1);
+        self.advance(OvertakenBy::Invalidation(*inv));
         let mut dropped = 0;
         for slot in self.entries.iter_mut() {
             let Some(e) = slot else { continue };
@@ -129,8 +183,23 @@ impl DevTlb {
 
     /// Drops everything (ATS disabled).
     pub fn clear(&mut self) {
-        self.generation = self.generation.wrapping_add(1);
+        self.advance(OvertakenBy::AtsDisabled);
         self.entries.iter_mut().for_each(|e| *e = None);
+    }
+
+    /// Refuses every completion requested so far, remembering why.
+    fn advance(&mut self, by: OvertakenBy) {
+        if self.recent.len() == INVALIDATIONS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.generation, by));
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// The completions refused since the last call, oldest first (at most 64); empties
+    /// the list.
+    pub fn take_overtaken(&mut self) -> Vec<OvertakenCompletion> {
+        std::mem::take(&mut self.overtaken)
     }
 
     /// Number of valid entries.
@@ -262,17 +331,40 @@ mod tests {
         let mut t = DevTlb::new(4);
         let fill = t.begin_fill();
         // Any invalidate request, even for another PASID or page, may cover it.
-        t.invalidate(&DevTlbInvalidation::from_size_bit(
-            pasid(2),
-            false,
-            0,
-            false,
-        ));
-        assert!(!t.insert(fill, pasid(1), 0x5000, completion(0x9000, 0x1000, true)));
+        let first = DevTlbInvalidation::from_size_bit(pasid(2), false, 0, false);
+        t.invalidate(&first);
+        t.invalidate(&DevTlbInvalidation::all(None));
+        let c = completion(0x9000, 0x1000, true);
+        assert!(!t.insert(fill, pasid(1), 0x5000, c));
         assert!(t.is_empty());
         let fill = t.begin_fill();
         t.clear();
-        assert!(!t.insert(fill, pasid(1), 0x5000, completion(0x9000, 0x1000, true)));
+        assert!(!t.insert(fill, pasid(1), 0x6000, c));
+        // Each refusal is recorded with the first invalidation after its request.
+        let overtaken = |addr, by| OvertakenCompletion {
+            pasid: pasid(1),
+            addr,
+            completion: c,
+            by,
+        };
+        assert_eq!(
+            t.take_overtaken(),
+            [
+                overtaken(0x5000, OvertakenBy::Invalidation(first)),
+                overtaken(0x6000, OvertakenBy::AtsDisabled)
+            ]
+        );
+        assert_eq!(t.take_overtaken(), []);
+        // One that more invalidations overtook than are remembered.
+        let fill = t.begin_fill();
+        for _ in 0..=INVALIDATIONS_KEPT {
+            t.invalidate(&first);
+        }
+        assert!(!t.insert(fill, pasid(1), 0x5000, c));
+        assert_eq!(
+            t.take_overtaken(),
+            [overtaken(0x5000, OvertakenBy::Forgotten)]
+        );
         assert!(t.insert(
             t.begin_fill(),
             pasid(1),

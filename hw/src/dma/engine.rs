@@ -46,7 +46,7 @@ use super::descriptor::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DescriptorError, Operation,
     RawDescriptor, COMPLETION_RECORD_ALIGN, COMPLETION_RECORD_SIZE, DESCRIPTOR_SIZE, FLAG_CRAV,
 };
-use super::devtlb::DevTlb;
+use super::devtlb::{DevTlb, OvertakenCompletion};
 use super::port::{
     AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaRun, DmaTranslation,
     PageRequestMessage, PcieCapabilities, PrgResponse, PRG_INDEX_COUNT,
@@ -550,6 +550,15 @@ impl DmaEngine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// The translation completions the device TLB refused because an invalidate request
+    /// overtook them, since the last call (see [`DevTlb`]).
+    pub fn take_overtaken_completions(&self) -> Vec<OvertakenCompletion> {
+        self.devtlb
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_overtaken()
     }
 
     /// The error held in the software error register.

@@ -21,7 +21,7 @@ pub use descriptor::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DescriptorError, Opcode,
     Operation, RawDescriptor,
 };
-pub use devtlb::DevTlb;
+pub use devtlb::{DevTlb, OvertakenBy, OvertakenCompletion};
 pub use engine::{DmaEngine, DmaStats};
 pub use port::{
     AtsCapability, AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort,

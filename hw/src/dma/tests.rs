@@ -819,10 +819,24 @@ fn a_translation_completion_an_invalidation_overtook_is_not_used() {
     assert_eq!(rig.host(new, 64), vec![7; 64]);
     let s = rig.dev.stats();
     assert_eq!((s.ats_overtaken, s.devtlb_invalidations), (1, 1));
+    // The refused completion is recorded: the request, the old frame, the invalidation.
+    let refused = rig.dev.take_overtaken_completions();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let r = refused[0];
+    assert_eq!((r.pasid, r.addr), (p, dst));
+    assert_eq!(r.completion.page.hpa_of(dst), vsva_vtd::Hpa(old));
+    match r.by {
+        OvertakenBy::Invalidation(inv) => {
+            assert_eq!(inv.pasid, p);
+            assert!(inv.range.overlaps(dst, dst + 0xfff), "{inv:?}");
+        }
+        by => panic!("overtaken by {by:?}"),
+    }
     // What the device TLB keeps is the new frame's translation.
     assert_eq!(rig.run(fill).status, CompletionStatus::Success);
     assert_eq!(rig.host(old, 64), vec![0; 64]);
     assert_eq!(rig.dev.stats().ats_overtaken, 1);
+    assert_eq!(rig.dev.take_overtaken_completions(), []);
 }
 
 #[test]
