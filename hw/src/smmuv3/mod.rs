@@ -11,6 +11,14 @@
 //! that was missing. Devices reach it as a [`DmaPort`](crate::dma::port::DmaPort): their
 //! requester id is the StreamID and their PASID the SubstreamID.
 //!
+//! A translation's walk and its TLB and walk-cache fills run under the one state lock that
+//! every invalidation command also takes, so no TLBI or CFGI can overtake a fill (the VT-d
+//! model walks without a lock and refuses such fills by a generation; its strict mode
+//! records them): there is never a refused fill for strict mode to report here. What a
+//! CMD_SYNC still has to cover, translations already handed to devices, it drains
+//! ([`RequestDrain`]). The test `translations_after_cmd_sync_never_give_a_frame_a_tlbi_removed`
+//! races translations against TLBI + CMD_SYNC with real threads.
+//!
 //! Simplifications: level-1 descriptors (L1STD, L1CD) are not cached, so CMD_CFGI_* Leaf
 //! makes no difference; the stage-2 walks of CD fetches do not use the stage-2 walk cache;
 //! stalls are not modelled (every fault terminates the transaction).
