@@ -597,6 +597,7 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
             pasid_bits: 20,
             ats: true,
             pri: true,
+            ats_queue_depth: 0,
         })
         .unwrap();
     let process =

@@ -100,6 +100,7 @@ fn machine(interrupt_driven: bool) -> Machine {
             pasid_bits: 20,
             ats: true,
             pri: true,
+            ats_queue_depth: engine.config().ats_queue_depth,
         })
         .unwrap();
     Machine {

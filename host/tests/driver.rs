@@ -1243,3 +1243,99 @@ fn bind_needs_a_device_with_20_bit_pasids() {
         }
     }
 }
+
+/// The unbind's page-request drain (`intel_svm_drain_prq`, F12): skipped for a device
+/// without PRI, and for a device with PRI submitted again while PRS.PRO is set after it,
+/// the queue serviced in between (which clears PRO).
+#[test]
+fn the_unbind_drain_repeats_while_pro_is_set_and_needs_pri() {
+    use vsva_hw::dma::port::{DmaAccess, DmaPort, PageRequestMessage};
+    use vsva_vtd::regs::layout::{event_control, pq};
+    let host = host();
+    let vm = Vm::new(&host, RAM, 2 << 20);
+    let (pri, no_pri) = (sid(30), sid(31));
+    let container = |sid: SourceId, prs: bool| {
+        let config = DmaEngineConfig {
+            prs,
+            ..DmaEngineConfig::new(sid)
+        };
+        host.hw
+            .attach_endpoint(Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap()));
+        let mut c = Container::new(allocator(), 16, VtdDomain::new(&host.unit).unwrap());
+        c.set_iommu(IommuModel::Type1Nesting).unwrap();
+        c.attach_device(sid).unwrap();
+        c.map_dma(&vm.map_all(8 << 20)).unwrap();
+        c
+    };
+    let (mut a, mut b) = (container(pri, true), container(no_pri, false));
+    let bound = |c: &mut Container<VtdDomain>| {
+        let p = c.pasid_alloc(1, 10).unwrap();
+        c.bind_gpasid(&bind_of(p, Gpa(PT_GPA))).unwrap();
+        p
+    };
+    let (p1, p2, q) = (bound(&mut a), bound(&mut a), bound(&mut b));
+    let descriptors = || host.hw.stats().descriptors.load(Ordering::Relaxed);
+    let unbind = |c: &mut Container<VtdDomain>, p| {
+        let before = descriptors();
+        c.unbind_gpasid(&bind_of(p, Gpa(PT_GPA))).unwrap();
+        descriptors() - before
+    };
+    let prs = || host.hw.mmio_read(offset::PRS, 4).unwrap() as u32;
+    let queued =
+        || host.hw.mmio_read(offset::PQH, 8).unwrap() != host.hw.mmio_read(offset::PQT, 8).unwrap();
+    // PASID cache, IOTLB (domain-selective, nested), device TLB, wait.
+    let plain = unbind(&mut a, p1);
+    assert_eq!(plain, 4);
+    // Page-request events masked, so that nothing services the queue: it fills up and
+    // one more request overflows (PRO), as if during the drain.
+    host.hw
+        .mmio_write(offset::PECTL, 4, event_control::IM.into())
+        .unwrap();
+    for i in 0..=128u16 {
+        host.hw.page_request(PageRequestMessage {
+            sid: pri,
+            pasid: Some(pasid(99)),
+            addr: u64::from(i) << 12,
+            access: DmaAccess::READ,
+            prgi: i,
+            last: false,
+        });
+    }
+    assert_ne!(prs() & pq::PRO, 0);
+    // Without PRI: no drain, so nothing is serviced and PRO stays.
+    assert_eq!(unbind(&mut b, q), plain);
+    assert_ne!(prs() & pq::PRO, 0);
+    assert!(queued());
+    // With PRI: the drain finds PRO set, services the queue and drains again.
+    assert_eq!(unbind(&mut a, p2), 2 * plain);
+    assert_eq!(prs() & pq::PRO, 0);
+    assert!(!queued());
+}
+
+/// The PASID directory is sized for the smaller of the device's and the unit's PASID
+/// widths, at least one page (`intel_pasid_alloc_table`): PDTS 7 for 20 bits, 3 for 16,
+/// 2 (one page) for 8 bits or no PASID capability.
+#[test]
+fn the_pasid_directory_is_sized_by_the_device_s_pasid_width() {
+    let host = host();
+    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+    c.set_iommu(IommuModel::Type1v2).unwrap();
+    let rta = |h: &Host| h.hw.mmio_read(offset::RTADDR, 8).unwrap() & !0xfff;
+    for (i, (width, pdts)) in [(Some(20), 7), (Some(16), 3), (Some(8), 2), (None, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let sid = sid(24 + i as u8);
+        let config = DmaEngineConfig {
+            pasid: width.is_some(),
+            pasid_width: width.unwrap_or(20),
+            ..DmaEngineConfig::new(sid)
+        };
+        host.hw
+            .attach_endpoint(Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap()));
+        c.attach_device(sid).unwrap();
+        let e = read_context_entry(&**host.hw.memory(), rta(&host), sid, host.hw.capabilities())
+            .unwrap();
+        assert_eq!(e.pdts, pdts, "width {width:?}");
+    }
+}

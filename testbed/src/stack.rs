@@ -346,6 +346,9 @@ impl Vmm {
                 pasid_bits: 20,
                 ats: true,
                 pri: true,
+                // The passthrough engine's ATS capability (every stack builds it with
+                // `DmaEngineConfig::new`'s), as the guest reads it.
+                ats_queue_depth: DmaEngineConfig::new(host_sid).ats_queue_depth,
             })
             .map_err(|e| StackError::Guest(e.to_string()))?;
         Ok(Vmm {

@@ -896,6 +896,7 @@ fn an_emulated_device_and_the_passthrough_device_share_one_process_address_space
             pasid_bits: 20,
             ats: false,
             pri: false,
+            ats_queue_depth: 0,
         })
         .unwrap();
     let p = vm.spawn(FlPagingMode::FiveLevel).unwrap();

@@ -134,12 +134,77 @@ pub fn dev_iotlb_pf(
     }
 }
 
+/// Queue depths from this value up go into a device-TLB invalidation descriptor as MIP 0
+/// (Linux `QI_DEV_IOTLB_MAX_INVS`): the 5-bit field (§6.5.2.5) cannot hold 32.
+pub const MAX_INVS_PEND: u8 = 32;
+
+/// The device-TLB invalidation `desc` (from [`dev_iotlb`] or [`dev_iotlb_pf`]) for a
+/// device whose ATS Invalidate Queue Depth is `qdep` (1 to 32, Linux `info->ats_qdep`):
+/// MIP is the depth, 0 from 32 up, as `qi_flush_dev_iotlb` sets it. Other descriptors are
+/// returned as they are.
+pub fn with_queue_depth(desc: InvDesc, qdep: u8) -> InvDesc {
+    let mip = if qdep >= MAX_INVS_PEND { 0 } else { qdep };
+    match desc {
+        InvDesc::DevIotlb {
+            sid,
+            pfsid,
+            addr,
+            size,
+            ..
+        } => InvDesc::DevIotlb {
+            sid,
+            pfsid,
+            max_invs_pend: mip,
+            addr,
+            size,
+        },
+        InvDesc::PasidDevIotlb {
+            sid,
+            pfsid,
+            pasid,
+            addr,
+            size,
+            global,
+            ..
+        } => InvDesc::PasidDevIotlb {
+            sid,
+            pfsid,
+            pasid,
+            max_invs_pend: mip,
+            addr,
+            size,
+            global,
+        },
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mask::WHOLE_SPACE;
     use proptest::prelude::*;
     use vsva_vtd::AddrRange;
+
+    #[test]
+    fn the_queue_depth_is_the_mip_below_32() {
+        let sid = SourceId::from_rid(0x10);
+        let ecap = Ecap::default();
+        let p = Pasid::new(5).unwrap();
+        for (qdep, mip) in [(1, 1), (5, 5), (31, 31), (32, 0)] {
+            for pasid in [None, Some(p)] {
+                match with_queue_depth(dev_iotlb(sid, &ecap, pasid, 0, WHOLE_SPACE), qdep) {
+                    InvDesc::DevIotlb { max_invs_pend, .. }
+                    | InvDesc::PasidDevIotlb { max_invs_pend, .. } => {
+                        assert_eq!(max_invs_pend, mip, "{qdep} {pasid:?}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let other = piotlb_pasid(DomainId(1), p);
+        assert_eq!(with_queue_depth(other, 5), other);
+    }
 
     fn cap(mamv: u8) -> Cap {
         Cap {

@@ -38,7 +38,7 @@ mod testunit;
 pub use error::Error;
 pub use faults::take_fault_records;
 pub use handshake::GlobalCommand;
-pub use prq::{group_response, PageRequestRing, PRQ_BYTES, PRQ_ORDER};
+pub use prq::{group_response, PageRequestRing, PRO_RETRIES, PRQ_BYTES, PRQ_ORDER};
 pub use qi::{InvalidationQueue, QUEUE_BYTES, QUEUE_ENTRIES, QUEUE_ORDER, STATUS_BYTES};
 pub use regs::Registers;
 

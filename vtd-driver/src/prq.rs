@@ -86,6 +86,12 @@ impl PageRequestRing {
     }
 }
 
+/// How many times a PASID teardown drains page requests again because PRS.PRO is still
+/// set after its draining wait (`intel_svm_drain_prq` repeats for as long as PRO is set): a
+/// device that keeps the queue overflowing must not hold an unbind for ever, so after this
+/// many the teardown goes on, logged.
+pub const PRO_RETRIES: usize = 8;
+
 /// The page group response to `req` with `code` (§6.5.2.9), when the device waits for one
 /// (§7.5.1: the last request of its group, LPIG, or one with private data, PDP): its
 /// requester, PASID, group index and LPIG, and its private data returned.

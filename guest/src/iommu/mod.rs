@@ -35,6 +35,7 @@ use vsva_vtd::{
     DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, RegError, ScalableContextEntry, SlLevels,
     SourceId,
 };
+use vsva_vtd_driver::inv::{dev_iotlb, with_queue_depth, MAX_INVS_PEND};
 use vsva_vtd_driver::tables::{
     clear_entry, pasid_dir_bytes, pdts_for, write_entry, ContextTables, TableFrames,
 };
@@ -182,6 +183,9 @@ pub struct DeviceConfig {
     pub ats: bool,
     /// PRI capability (page requests).
     pub pri: bool,
+    /// The ATS capability's Invalidate Queue Depth field (PCIe ATS; 0 means 32), which
+    /// device-TLB invalidations carry as MIP.
+    pub ats_queue_depth: u8,
 }
 
 /// The driver's work counters.
@@ -221,10 +225,25 @@ struct Device {
     pasid: bool,
     /// DTE set: the device's TLB must be invalidated.
     ats: bool,
+    /// PRE set: the device sends page requests (`info->pri_enabled`).
+    pri: bool,
     /// The PASID directory and its size.
     pasid_dir: Gpa,
     pasid_dir_pages: u64,
     pdts: u8,
+}
+
+impl Device {
+    /// The device-TLB invalidation of `2^order` pages at `addr` for requests with `pasid`
+    /// (without PASID for `None`), as `qi_flush_dev_iotlb(_pasid)` builds it: PFSID as
+    /// `pfsid` gives it, MIP the device's ATS Invalidate Queue Depth (0 from 32 up).
+    fn dev_iotlb(&self, ecap: &Ecap, pasid: Option<Pasid>, addr: u64, order: u8) -> InvDesc {
+        let qdep = match self.config.ats_queue_depth & 0x1f {
+            0 => MAX_INVS_PEND,
+            q => q,
+        };
+        with_queue_depth(dev_iotlb(self.config.sid, ecap, pasid, addr, order), qdep)
+    }
 }
 
 struct State {
@@ -524,6 +543,7 @@ impl IommuDriver {
                 config,
                 pasid,
                 ats,
+                pri,
                 pasid_dir: dir.keep(),
                 pasid_dir_pages: pages,
                 pdts,

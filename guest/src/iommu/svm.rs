@@ -9,14 +9,15 @@ use std::sync::{Arc, Weak};
 
 use vsva_vtd::inv_desc::PasidCacheGranularity;
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
-use vsva_vtd::regs::layout::{offset, vcmd};
+use vsva_vtd::regs::layout::{offset, pq, vcmd};
 use vsva_vtd::{
     DomainId, FlPagingMode, Gpa, Gva, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId,
 };
-use vsva_vtd_driver::inv::{dev_iotlb, piotlb_pages, piotlb_pasid};
+use vsva_vtd_driver::inv::{piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_block, WHOLE_SPACE};
 use vsva_vtd_driver::tables::{clear_pasid_entry, write_pasid_entry};
 use vsva_vtd_driver::POLL_LIMIT;
+use vsva_vtd_driver::PRO_RETRIES;
 
 use super::{lock, Device, GuestIommuError, IommuDriver, Regs};
 use crate::process::{MmuNotifier, NotifierId, Process};
@@ -324,13 +325,7 @@ impl IommuDriver {
         }])?;
         self.submit(&[piotlb_pasid(FLPT_DEFAULT_DID, pasid)])?;
         if dev.ats && !self.cap.cm {
-            self.submit(&[dev_iotlb(
-                dev.config.sid,
-                &self.ecap,
-                Some(pasid),
-                0,
-                WHOLE_SPACE,
-            )])?;
+            self.submit(&[dev.dev_iotlb(&self.ecap, Some(pasid), 0, WHOLE_SPACE)])?;
         }
         Ok(())
     }
@@ -384,9 +379,11 @@ impl IommuDriver {
     /// `intel_svm_drain_prq`: serves the page requests of `pasid` already in the queue,
     /// then submits a fenced invalidation wait, a PASID-based IOTLB and a device-TLB
     /// invalidation with a page-request drain, so that no request of the PASID is left
-    /// in the unit or the device.
+    /// in the unit or the device; submitted again, after serving the queue, while PRS.PRO
+    /// is set after it (at most `PRO_RETRIES` times). Nothing for a device without PRI
+    /// enabled (`info->pri_enabled`).
     fn drain_page_requests(&self, dev: &Device, pasid: Pasid) -> Result<(), GuestIommuError> {
-        if self.prq.is_none() {
+        if self.prq.is_none() || !dev.pri {
             return Ok(());
         }
         self.handle_page_requests();
@@ -402,15 +399,20 @@ impl IommuDriver {
             piotlb_pasid(FLPT_DEFAULT_DID, pasid),
         ];
         if dev.ats {
-            descs.push(dev_iotlb(
-                dev.config.sid,
-                &self.ecap,
-                Some(pasid),
-                0,
-                WHOLE_SPACE,
-            ));
+            descs.push(dev.dev_iotlb(&self.ecap, Some(pasid), 0, WHOLE_SPACE));
         }
-        self.submit_sync(&descs, true)
+        self.submit_sync(&descs, true)?;
+        let mut retries = 0;
+        while self.read32(offset::PRS) & pq::PRO != 0 {
+            if retries == PRO_RETRIES {
+                tracing::warn!(%pasid, "page request queue still overflowing after {retries} drains");
+                break;
+            }
+            retries += 1;
+            self.handle_page_requests();
+            self.submit_sync(&descs, true)?;
+        }
+        Ok(())
     }
 
     /// Invalidates the translations of `[start, end)` in `pasid` on every device bound to
@@ -442,13 +444,7 @@ impl IommuDriver {
                 .range_invalidations
                 .fetch_add(1, Ordering::Relaxed);
             if dev.ats {
-                self.submit(&[dev_iotlb(
-                    dev.config.sid,
-                    &self.ecap,
-                    Some(pasid),
-                    addr,
-                    order,
-                )])?;
+                self.submit(&[dev.dev_iotlb(&self.ecap, Some(pasid), addr, order)])?;
                 self.counters
                     .range_invalidations
                     .fetch_add(1, Ordering::Relaxed);

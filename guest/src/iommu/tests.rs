@@ -31,6 +31,9 @@ struct FakeUnit {
     stuck: AtomicBool,
     /// Time out this many device-TLB invalidations (ITE, aborting the pending waits).
     time_outs: AtomicU32,
+    /// Overflow the page request queue (PRO) while this many page-request-draining waits
+    /// run, as a device sending requests into a full queue during the drain.
+    overflow_in_drains: AtomicU32,
 }
 
 fn cap() -> Cap {
@@ -98,6 +101,7 @@ impl FakeUnit {
             reject: Mutex::new(None),
             stuck: AtomicBool::new(false),
             time_outs: AtomicU32::new(0),
+            overflow_in_drains: AtomicU32::new(0),
         })
     }
 
@@ -153,6 +157,13 @@ impl FakeUnit {
                     regs.advance_iqh().unwrap();
                 }
                 return;
+            }
+            if let InvDesc::InvWait { pd: true, .. } = desc {
+                let left = self.overflow_in_drains.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.overflow_in_drains.store(left - 1, Ordering::SeqCst);
+                    let _ = regs.pq_overflow();
+                }
             }
             if let InvDesc::InvWait {
                 sw: true,
@@ -232,6 +243,8 @@ fn device() -> DeviceConfig {
         pasid_bits: 20,
         ats: true,
         pri: true,
+        // 0: 32, so device-TLB invalidations carry MIP 0.
+        ats_queue_depth: 0,
     }
 }
 
@@ -390,6 +403,7 @@ fn attach_writes_the_context_entry() {
             pasid_bits: 8,
             ats: false,
             pri: false,
+            ats_queue_depth: 0,
         })
         .unwrap();
     let ctx = read_context_entry(&*s.mem, s.driver.root_table().0, other, &CAPS).unwrap();
@@ -896,5 +910,67 @@ proptest! {
             }
             d => prop_assert_eq!(d.range(), Some(dev)),
         }
+    }
+}
+
+/// F12: the unbind's page-request drain (`intel_svm_drain_prq`) is submitted again, the
+/// queue served in between, while PRS.PRO is set after it (a request overflowed the queue
+/// during the drain); at most `PRO_RETRIES` times; and not at all for a device without PRI.
+#[test]
+fn the_unbind_drain_repeats_while_pro_is_set_and_needs_pri() {
+    let bound = vsva_vtd_driver::PRO_RETRIES as u32;
+    for (pri, overflows, drains) in [
+        (true, 0, 1),
+        (true, 1, 2),
+        (true, 3, 4),
+        (true, bound + 5, bound as usize + 1),
+        (false, 1, 0),
+    ] {
+        let s = setup();
+        s.driver
+            .attach_device(DeviceConfig { pri, ..device() })
+            .unwrap();
+        let p = s.process();
+        let pasid = s.driver.sva_bind(SID, &p).unwrap();
+        s.unit.take_log();
+        s.unit.overflow_in_drains.store(overflows, Ordering::SeqCst);
+        s.driver.sva_unbind(SID, pasid).unwrap();
+        let pd_waits = s
+            .unit
+            .take_log()
+            .iter()
+            .filter(|d| matches!(d, InvDesc::InvWait { pd: true, .. }))
+            .count();
+        assert_eq!(pd_waits, drains, "PRI {pri}, {overflows} overflows");
+    }
+}
+
+/// F7: device-TLB invalidations carry the device's ATS Invalidate Queue Depth as MIP,
+/// 0 for a depth of 32 (the capability field's 0).
+#[test]
+fn device_tlb_invalidations_carry_the_queue_depth() {
+    for (ats_queue_depth, want) in [(5, 5), (31, 31), (0, 0)] {
+        let s = setup();
+        s.driver
+            .attach_device(DeviceConfig {
+                ats_queue_depth,
+                ..device()
+            })
+            .unwrap();
+        let p = s.process();
+        let va = p.mmap(4096, Prot::READ_WRITE).unwrap();
+        s.driver.sva_bind(SID, &p).unwrap();
+        s.unit.take_log();
+        p.munmap(va, 4096).unwrap();
+        let mips: Vec<u8> = s
+            .unit
+            .take_synced()
+            .iter()
+            .filter_map(|d| match d {
+                InvDesc::PasidDevIotlb { max_invs_pend, .. } => Some(*max_invs_pend),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(mips, [want], "queue depth field {ats_queue_depth}");
     }
 }

@@ -5,11 +5,7 @@
 use vsva_hw::dma::PcieCapabilities;
 use vsva_vtd::regs::Ecap;
 use vsva_vtd::{InvDesc, Pasid, SourceId};
-use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid};
-
-/// Queue depths from this value up go into a device-TLB invalidation descriptor as 0
-/// (Linux `QI_DEV_IOTLB_MAX_INVS`): the 5-bit MIP field (VT-d 3.3 §6.5.2.5) cannot hold 32.
-const MAX_INVS_PEND: u8 = 32;
+use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, with_queue_depth};
 
 /// An attached device's capabilities as the driver enabled them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +53,11 @@ impl DeviceInfo {
         self.pri
     }
 
+    /// The device's Max PASID Width, when the unit and the device support PASIDs.
+    pub fn pasid_width(&self) -> Option<u8> {
+        self.pasid_width
+    }
+
     /// Whether the device takes every PASID the unit gives out: `intel_svm_bind_gpasid`
     /// refuses a device whose `pci_max_pasids` is not `PASID_MAX` (20 bits).
     pub fn full_pasid_width(&self) -> bool {
@@ -70,42 +71,10 @@ impl DeviceInfo {
     /// enabled: such a device has no device TLB to invalidate (`info->ats_enabled`).
     pub fn dev_iotlb(&self, pasid: Option<Pasid>, addr: u64, order: u8) -> Option<InvDesc> {
         let qdep = self.ats_qdep?;
-        let mip = if qdep >= MAX_INVS_PEND { 0 } else { qdep };
-        Some(
-            match dev_iotlb_pf(self.sid, self.pfsid, pasid, addr, order) {
-                InvDesc::DevIotlb {
-                    sid,
-                    pfsid,
-                    addr,
-                    size,
-                    ..
-                } => InvDesc::DevIotlb {
-                    sid,
-                    pfsid,
-                    max_invs_pend: mip,
-                    addr,
-                    size,
-                },
-                InvDesc::PasidDevIotlb {
-                    sid,
-                    pfsid,
-                    pasid,
-                    addr,
-                    size,
-                    global,
-                    ..
-                } => InvDesc::PasidDevIotlb {
-                    sid,
-                    pfsid,
-                    pasid,
-                    max_invs_pend: mip,
-                    addr,
-                    size,
-                    global,
-                },
-                other => other,
-            },
-        )
+        Some(with_queue_depth(
+            dev_iotlb_pf(self.sid, self.pfsid, pasid, addr, order),
+            qdep,
+        ))
     }
 }
 

@@ -19,13 +19,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vsva_hw::iommu::Iommu;
 use vsva_hw::FrameAllocator;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
-use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset};
+use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset, pq};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
 use vsva_vtd::{Capabilities, DomainId, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId};
 use vsva_vtd_driver::inv::{iotlb_domain, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
 use vsva_vtd_driver::tables::pdts_for;
-use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue};
+use vsva_vtd_driver::PRO_RETRIES;
+use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue, Registers};
 
 use super::device::DeviceInfo;
 use super::did::DomainIdAllocator;
@@ -330,7 +331,9 @@ impl HostIommu {
 
     /// Attaches a device to the domain of `sl` (`domain_context_mapping_one` in scalable
     /// mode): reads the device's ATS, PRI and PASID capabilities ([`DeviceInfo`]), then
-    /// PASID directory, RID_PASID entry for second-level translation, and a context entry
+    /// PASID directory (sized as `intel_pasid_alloc_table` does: for the smaller of the
+    /// device's and the unit's PASID widths, at least one page), RID_PASID entry for
+    /// second-level translation, and a context entry
     /// with PASIDE as the unit supports it and DTE and PRE as the device's record allows
     /// (`info->ats_supported`, `info->pri_supported`); then context-cache
     /// (device-selective), PASID-cache (RID_PASID) and IOTLB (domain) invalidations.
@@ -354,7 +357,11 @@ impl HostIommu {
                 mem,
                 &self.frames,
                 info,
-                pdts_for(self.ecap.pasid_bits()),
+                pdts_for(
+                    info.pasid_width()
+                        .map_or(0, u32::from)
+                        .min(self.ecap.pasid_bits()),
+                ),
                 features,
                 &entry,
             )?;
@@ -540,10 +547,14 @@ impl HostIommu {
     /// Tears down `pasid`'s entry of `sid` (`intel_pasid_tear_down_entry`): clears it, then
     /// invalidates the PASID cache (the entry's domain), the IOTLB as [`teardown_iotlb`]
     /// picks it and the device TLB (all of the PASID, or of requests without PASID for RID_PASID). With
-    /// `drain`, the wait drains page requests (PD) and the page request queue is then
-    /// serviced, so no request of the PASID is left in flight.
+    /// `drain`, for a device with PRI enabled, the wait drains page requests (PD) and the
+    /// page request queue is then serviced, so no request of the PASID is left in flight;
+    /// as `intel_svm_drain_prq` (v5.10), a device without PRI has none to drain, and the
+    /// draining batch is submitted again while PRS.PRO is set after it (a request may have
+    /// been lost to the overflow after the drain began), at most `PRO_RETRIES` times.
     pub(crate) fn remove_pasid_entry(&self, sid: SourceId, pasid: Pasid, drain: bool) {
         let mem = &**self.hw.memory();
+        let drain = drain && self.device_info(sid).is_some_and(|d| d.pri());
         let old = {
             let state = self.state_lock();
             let Some(slot) = state
@@ -576,9 +587,28 @@ impl HostIommu {
         .chain(devtlb)
         .collect();
         self.invalidate_logged(&descs, drain);
-        if drain {
-            self.service_page_requests();
+        if !drain {
+            return;
         }
+        let mut retries = 0;
+        while self.page_request_overflow() {
+            if retries == PRO_RETRIES {
+                tracing::warn!("vt-d: {sid} {pasid}: page request queue still overflowing after {retries} drains");
+                break;
+            }
+            retries += 1;
+            // `prq_event_thread` empties the queue and clears PRO; then drain again.
+            self.service_page_requests();
+            self.invalidate_logged(&descs, true);
+        }
+        self.service_page_requests();
+    }
+
+    /// Whether PRS.PRO is set: the page request queue overflowed and a request was lost.
+    fn page_request_overflow(&self) -> bool {
+        Mmio(&self.hw)
+            .read32(offset::PRS)
+            .is_ok_and(|prs| prs & pq::PRO != 0)
     }
 
     /// Whether the unit tracks dirty pages in its second-level tables (ECAP.SLADS, VT-d
