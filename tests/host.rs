@@ -8,11 +8,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vsva_service::protocol::{self, HostState, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
+use vsva_service::protocol::{self, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
 use vsva_service::{socket, RemoteFile, SharedRam};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{
@@ -20,129 +20,12 @@ use vsva_uapi::{
 };
 use vsva_vtd::{Gpa, Iova, Pasid};
 
+mod common;
+use common::{settle, spawn_host, wait_exit, wait_for, Host, WAIT};
+
 const RAM: u64 = 4 << 20;
-const WAIT: Duration = Duration::from_secs(10);
-
-/// A `vsva host` process, killed when dropped.
-struct Host {
-    child: Child,
-    path: PathBuf,
-    dir: PathBuf,
-}
-
-impl Host {
-    fn start(name: &str) -> Host {
-        Host::start_with(name, &[])
-    }
-
-    /// A host started with `args` added to its command line.
-    fn start_with(name: &str, args: &[&str]) -> Host {
-        let dir = std::env::temp_dir().join(format!("vsva-host-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("host.sock");
-        let host = Host {
-            child: spawn_host_with(&path, args),
-            path,
-            dir,
-        };
-        wait_for(
-            || RemoteFile::connect(&host.path).is_ok(),
-            "the host's socket",
-        );
-        host
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// SIGTERM, then the host's exit status and report.
-    fn stop(mut self) -> (bool, String) {
-        self.signal(libc::SIGTERM);
-        let status = wait_exit(&mut self.child);
-        let mut out = String::new();
-        use std::io::Read;
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        (status, out)
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn spawn_host(path: &Path) -> Child {
-    spawn_host_with(path, &[])
-}
-
-fn spawn_host_with(path: &Path, args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_vsva"))
-        .args(["host", "--memory", "256M", "--socket"])
-        .arg(path)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("vsva host starts")
-}
-
-fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Waits (bounded) for `child` to exit; whether it succeeded.
-fn wait_exit(child: &mut Child) -> bool {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.success();
-        }
-        assert!(Instant::now() < deadline, "a process did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Polls the host's state until it equals `want` (bounded); returns the last one.
-fn settle(probe: &RemoteFile, want: HostState) -> HostState {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = probe.host_state().unwrap();
-        if s == want || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The host's state once `probe` is its only connection (the connections `Host::start`
-/// made to see the socket up close in the host's own time).
-fn quiet(probe: &RemoteFile) -> HostState {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = probe.host_state().unwrap();
-        if s.connections == 1 {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "connections never closed: {s:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
+/// Memory of each `vsva host` these tests start.
+const HOST_MEMORY: &str = "256M";
 fn bind_data(p: Pasid) -> BindGpasid {
     BindGpasid {
         hpasid: p,
@@ -265,9 +148,8 @@ fn spawn_client(path: &Path) -> Child {
 
 #[test]
 fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
-    let host = Host::start("kill");
-    let probe = RemoteFile::connect(&host.path).unwrap();
-    let empty = quiet(&probe);
+    let host = Host::start("kill", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe();
     // A live client that holds a bound PASID throughout. Each killed client held a bound
     // PASID, a device with a pending page request, a window and a domain, and was
     // binding, invalidating or unbinding another PASID when it died.
@@ -301,12 +183,12 @@ fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
 
 #[test]
 fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaffected() {
-    let host = Host::start_with(
+    let host = Host::start(
         "greedy",
+        HOST_MEMORY,
         &["--max-connections-per-process", "3", "--pasid-quota", "4"],
     );
-    let probe = RemoteFile::connect(&host.path).unwrap();
-    let empty = quiet(&probe);
+    let (probe, empty) = host.probe();
     // This process takes every connection it may: the probe and two more; one more is
     // refused with EUSERS (and nothing is held for it).
     let (greedy, _ram) = vmm(&host.path);
@@ -352,7 +234,7 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
 
 #[test]
 fn the_socket_is_private_and_a_second_host_is_refused() {
-    let host = Host::start("private");
+    let host = Host::start("private", HOST_MEMORY, &[]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&host.path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -392,7 +274,7 @@ fn frame(kind: u16, id: u32, len: u32, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
-    let host = Host::start("malformed");
+    let host = Host::start("malformed", HOST_MEMORY, &[]);
     let (good, _ram) = vmm(&host.path);
     let p = (&good).pasid_alloc(1, 1000).unwrap();
     (&good).bind_gpasid(&bind_data(p)).unwrap();
@@ -494,11 +376,11 @@ fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
 
 #[test]
 fn a_host_that_goes_away_makes_its_client_fail_clearly() {
-    let mut host = Host::start("restart");
+    let mut host = Host::start("restart", HOST_MEMORY, &[]);
     let mut client = spawn_client(&host.path);
     host.child.kill().unwrap();
     host.child.wait().unwrap();
-    let ok = wait_exit(&mut client);
+    let ok = wait_exit(&mut client).success();
     assert!(!ok, "the client must fail");
     let mut err = String::new();
     use std::io::Read;
@@ -510,7 +392,7 @@ fn a_host_that_goes_away_makes_its_client_fail_clearly() {
         .unwrap();
     assert!(err.contains("host connection lost: true"), "{err}");
     // A new host on the same path (the dead one's socket is stale) serves again.
-    host.child = spawn_host(&host.path);
+    host.child = spawn_host(&host.path, HOST_MEMORY, &[]);
     wait_for(
         || RemoteFile::connect(&host.path).is_ok(),
         "the restarted host",
@@ -525,7 +407,7 @@ fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
         eprintln!("skipped: python3 is not installed (scripts/test installs it where apt can)");
         return;
     }
-    let host = Host::start("python");
+    let host = Host::start("python", HOST_MEMORY, &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/client.py");
     let out = Command::new("python3")
         .arg(&script)
@@ -569,9 +451,8 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
     use vsva_vtd::{FlPagingMode, Gva, SourceId};
     const GUEST_SID: SourceId = SourceId::from_rid(0x18);
 
-    let host = Host::start("vmm");
-    let probe = RemoteFile::connect(&host.path).unwrap();
-    let empty = quiet(&probe);
+    let host = Host::start("vmm", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe();
     let (file, ram) = vmm(&host.path);
     let file = Arc::new(file);
     // The passthrough device lives in the host; the VMM learns its requester id there.
@@ -703,9 +584,8 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
         f.ioctl(cmd, &mut b)?;
         Ok(read_prefix(&b, b.len()))
     }
-    let host = Host::start("iommufd");
-    let probe = RemoteFile::connect(&host.path).unwrap();
-    let empty = quiet(&probe);
+    let host = Host::start("iommufd", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe();
     let f = RemoteFile::connect_kind(&host.path, FILE_IOMMUFD).unwrap();
     let ram = SharedRam::new(RAM).unwrap();
     ram.share(&f).unwrap();

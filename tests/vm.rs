@@ -3,109 +3,17 @@
 //! goes away makes it fail clearly. Every wait is bounded.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vsva_service::protocol::HostState;
-use vsva_service::RemoteFile;
 use vsva_testbed::demo::{self, DemoOptions, VmReport};
 use vsva_testbed::stack::Uapi;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A `vsva host` process in a directory of its own, killed when dropped.
-struct Host {
-    child: Child,
-    path: PathBuf,
-    dir: PathBuf,
-}
-
-impl Host {
-    fn start(name: &str) -> Host {
-        let dir = std::env::temp_dir().join(format!("vsva-vm-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("host.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vsva"))
-            .args(["host", "--memory", "2G", "--socket"])
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("vsva host starts");
-        let host = Host { child, path, dir };
-        let deadline = Instant::now() + WAIT;
-        while RemoteFile::connect(&host.path).is_err() {
-            assert!(Instant::now() < deadline, "the host's socket never came up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        host
-    }
-
-    /// A connection that reads the host's state, once it is the only one.
-    fn probe(&self) -> (RemoteFile, HostState) {
-        let probe = RemoteFile::connect(&self.path).unwrap();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let s = probe.host_state().unwrap();
-            if s.connections == 1 {
-                return (probe, s);
-            }
-            assert!(Instant::now() < deadline, "connections never closed: {s:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGTERM; whether the host exited successfully, and what it printed.
-    fn stop(mut self) -> (bool, String) {
-        // SAFETY: kill(2) on our own child's pid.
-        let sent = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(sent, 0);
-        let ok = wait_exit(&mut self.child).success();
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        (ok, out)
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Waits (bounded) for `child` to exit.
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "a process did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Polls the host's state until it equals `want` (bounded); returns the last one.
-fn settle(probe: &RemoteFile, want: HostState) -> HostState {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = probe.host_state().unwrap();
-        if s == want || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+mod common;
+use common::{settle, wait_exit, Host, WAIT};
 
 /// A `vsva vm` process with its stdout read line by line on a thread.
 struct VmProcess {
@@ -187,7 +95,7 @@ impl VmProcess {
 
 #[test]
 fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_counts() {
-    let host = Host::start("demo");
+    let host = Host::start("demo", "2G", &[]);
     let (probe, empty) = host.probe();
     let vm = VmProcess::start(
         &host.path,
@@ -245,7 +153,7 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
 
 #[test]
 fn a_vm_whose_host_is_killed_fails_clearly_with_a_non_zero_exit() {
-    let mut host = Host::start("gone");
+    let mut host = Host::start("gone", "2G", &[]);
     let mut vm = VmProcess::start(&host.path, &["--pause-at", "bind"]);
     vm.wait_line("paused at bind");
     host.child.kill().unwrap();
@@ -359,7 +267,7 @@ fn holds_at(stage: &str, during: &HostState, live: &HostState) -> bool {
 
 #[test]
 fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_state() {
-    let host = Host::start("crash");
+    let host = Host::start("crash", "2G", &[]);
     let (probe, empty) = host.probe();
     // The live VM stops before an invalidation: it holds a window, its mappings, a device,
     // a domain id, two bound PASIDs and their cached translations.
