@@ -41,9 +41,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vsva_smmuv3::regs::{cr0, irq_ctrl, offset};
-use vsva_smmuv3::{
-    AddressSize, Features, Httu, Irq, Msi, RegEffect, RegError, RegisterFile, StallModel,
-};
+use vsva_smmuv3::{Features, Irq, Msi, RegEffect, RegError, RegisterFile, StallModel};
 use vsva_uapi::Errno;
 use vsva_vtd::SourceId;
 
@@ -78,24 +76,11 @@ impl Default for VSmmuConfig {
     /// stage-2 input size) and the three granules; queues of up to 2^8 entries.
     fn default() -> Self {
         VSmmuConfig {
+            // The vsva SMMU's own features without stage 2: the guest sees one stage.
             features: Features {
-                s1p: true,
                 s2p: false,
-                cd2l: true,
                 vmid16: false,
-                asid16: true,
-                ats: true,
-                ns1ats: false,
-                hyp: false,
-                pri: true,
-                ril: false,
-                httu: Httu::AccessDirty,
-                stall_model: StallModel::Terminate,
-                ssid_bits: 20,
-                sid_bits: 16,
-                oas: AddressSize::Bits48,
-                gran16k: true,
-                gran64k: true,
+                ..Features::VSVA
             },
             queue_log2: [8, 8, 8],
         }
