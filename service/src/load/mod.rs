@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use crate::protocol::HostState;
 use crate::RemoteFile;
 
@@ -20,26 +23,6 @@ use crate::RemoteFile;
 const MAX_SAMPLES: usize = 200_000;
 /// Bounded waits: for the host's socket, for reports, for exits.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A small xorshift generator: sizes, data and kill times from a seed.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 /// Latency samples in nanoseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -374,7 +357,7 @@ fn run_in(exe: &Path, socket: &Path, opts: &LoadOptions) -> Result<LoadReport, L
     let baseline = state(&probe)?;
 
     let (tx, rx) = mpsc::channel::<Line>();
-    let mut rng = Rng::new(opts.seed);
+    let mut rng = StdRng::seed_from_u64(opts.seed);
     let start = Instant::now();
     let until = start + opts.duration;
     let mut vms: Vec<Vm> = Vec::new();
@@ -391,7 +374,7 @@ fn run_in(exe: &Path, socket: &Path, opts: &LoadOptions) -> Result<LoadReport, L
             &tx,
         )?);
     }
-    let chaos = |rng: &mut Rng, every: Duration| {
+    let chaos = |rng: &mut StdRng, every: Duration| {
         let ms = every.as_millis().max(2) as u64;
         Duration::from_millis(ms / 2 + rng.next_u64() % ms)
     };
