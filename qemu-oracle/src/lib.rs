@@ -9,9 +9,15 @@
 //! synchronous aborts and
 //! records ESR_EL1/FAR_EL1 or the value read, then writes the results and the final
 //! translation tables to a file through semihosting and exits.
+//!
+//! [`x86`] does the same for VT-d's first-level walker with `qemu-system-x86_64 -cpu max`
+//! (assembled by [`x86asm`]): 1 GiB pages, 5-level paging and SMEP, which the KVM oracle
+//! cannot check on a host whose KVM lacks them.
 
 pub mod a64;
 mod machine;
+pub mod x86;
+pub mod x86asm;
 
 pub use machine::{
     fetch_snippet, layout, tcr, tcr_tg0, Abort, Features, Machine, OracleError, Outcome, Probe,
