@@ -21,7 +21,7 @@ use vsva_uapi::{
 use vsva_vtd::{Gpa, Iova, Pasid};
 
 mod common;
-use common::{settle, spawn_host, wait_exit, wait_for, Host, WAIT};
+use common::{settle, start_host, stop, wait_exit, WAIT};
 
 const RAM: u64 = 4 << 20;
 /// Memory of each `vsva host` these tests start.
@@ -148,17 +148,17 @@ fn spawn_client(path: &Path) -> Child {
 
 #[test]
 fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
-    let host = Host::start("kill", HOST_MEMORY, &[]);
-    let (probe, empty) = host.probe();
+    let host = start_host("kill", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe().unwrap();
     // A live client that holds a bound PASID throughout. Each killed client held a bound
     // PASID, a device with a pending page request, a window and a domain, and was
     // binding, invalidating or unbinding another PASID when it died.
-    let (live, _ram) = vmm(&host.path);
+    let (live, _ram) = vmm(host.socket());
     let p = (&live).pasid_alloc(1, 1000).unwrap();
     (&live).bind_gpasid(&bind_data(p)).unwrap();
     let with_live = probe.host_state().unwrap();
     for round in 0..6 {
-        let mut child = spawn_client(&host.path);
+        let mut child = spawn_client(host.socket());
         // Kill it at a varying point of its bind/invalidate/unbind loop.
         std::thread::sleep(Duration::from_millis(1 + 7 * round));
         child.kill().unwrap();
@@ -176,24 +176,24 @@ fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
     drop(live);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }
 
 #[test]
 fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaffected() {
-    let host = Host::start(
+    let host = start_host(
         "greedy",
         HOST_MEMORY,
         &["--max-connections-per-process", "3", "--pasid-quota", "4"],
     );
-    let (probe, empty) = host.probe();
+    let (probe, empty) = host.probe().unwrap();
     // This process takes every connection it may: the probe and two more; one more is
     // refused with EUSERS (and nothing is held for it).
-    let (greedy, _ram) = vmm(&host.path);
-    let third = RemoteFile::connect(&host.path).unwrap();
-    match RemoteFile::connect(&host.path) {
+    let (greedy, _ram) = vmm(host.socket());
+    let third = RemoteFile::connect(host.socket()).unwrap();
+    match RemoteFile::connect(host.socket()) {
         Err(vsva_service::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
         other => panic!("a fourth connection of one process: {other:?}"),
     }
@@ -208,7 +208,7 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
     assert_eq!(full.connections, empty.connections + 2);
     // Another process connects, allocates, binds, plugs its device and runs DMA: the
     // greedy one took nothing from it.
-    let mut other = spawn_client(&host.path);
+    let mut other = spawn_client(host.socket());
     let with_other = probe.host_state().unwrap();
     assert_eq!(with_other.connections, full.connections + 1);
     assert!(with_other.pasids > full.pasids);
@@ -226,7 +226,7 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
     drop((greedy, third));
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
     assert!(!report.contains(" 0 refused"), "{report}");
@@ -234,21 +234,26 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
 
 #[test]
 fn the_socket_is_private_and_a_second_host_is_refused() {
-    let host = Host::start("private", HOST_MEMORY, &[]);
+    let host = start_host("private", HOST_MEMORY, &[]);
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&host.path).unwrap().permissions().mode();
+    let mode = std::fs::metadata(host.socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let second = Command::new(env!("CARGO_BIN_EXE_vsva"))
         .args(["host", "--socket"])
-        .arg(&host.path)
+        .arg(host.socket())
         .output()
         .unwrap();
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("another host is serving it"));
-    let path = host.path.clone();
-    let (ok, report) = host.stop();
-    assert!(ok, "{report}");
-    assert!(!path.exists(), "the host leaves its socket behind");
+    let exit = host.stop().unwrap();
+    assert!(exit.success(), "{exit}");
+    assert!(
+        !exit.socket_left_behind,
+        "the host leaves its socket behind"
+    );
 }
 
 /// Sends raw bytes (with optional fds) and returns the reply, or None if the host closed.
@@ -274,13 +279,13 @@ fn frame(kind: u16, id: u32, len: u32, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
-    let host = Host::start("malformed", HOST_MEMORY, &[]);
-    let (good, _ram) = vmm(&host.path);
+    let host = start_host("malformed", HOST_MEMORY, &[]);
+    let (good, _ram) = vmm(host.socket());
     let p = (&good).pasid_alloc(1, 1000).unwrap();
     (&good).bind_gpasid(&bind_data(p)).unwrap();
     let before = good.host_state().unwrap();
 
-    let bad = socket::connect(&host.path).unwrap();
+    let bad = socket::connect(host.socket()).unwrap();
     let hello = protocol::encode_request(
         1,
         &Request::Hello {
@@ -369,17 +374,16 @@ fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
     (&good).unbind_gpasid(&bind_data(p)).unwrap();
     (&good).pasid_free(p).unwrap();
     drop(good);
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }
 
 #[test]
 fn a_host_that_goes_away_makes_its_client_fail_clearly() {
-    let mut host = Host::start("restart", HOST_MEMORY, &[]);
-    let mut client = spawn_client(&host.path);
-    host.child.kill().unwrap();
-    host.child.wait().unwrap();
+    let host = start_host("restart", HOST_MEMORY, &[]);
+    let mut client = spawn_client(host.socket());
+    host.kill();
     let ok = wait_exit(&mut client).success();
     assert!(!ok, "the client must fail");
     let mut err = String::new();
@@ -392,12 +396,8 @@ fn a_host_that_goes_away_makes_its_client_fail_clearly() {
         .unwrap();
     assert!(err.contains("host connection lost: true"), "{err}");
     // A new host on the same path (the dead one's socket is stale) serves again.
-    host.child = spawn_host(&host.path, HOST_MEMORY, &[]);
-    wait_for(
-        || RemoteFile::connect(&host.path).is_ok(),
-        "the restarted host",
-    );
-    let (ok, report) = host.stop();
+    host.restart().unwrap();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
 }
 
@@ -407,11 +407,11 @@ fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
         eprintln!("skipped: python3 is not installed (scripts/test installs it where apt can)");
         return;
     }
-    let host = Host::start("python", HOST_MEMORY, &[]);
+    let host = start_host("python", HOST_MEMORY, &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/client.py");
     let out = Command::new("python3")
         .arg(&script)
-        .arg(&host.path)
+        .arg(host.socket())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -422,7 +422,7 @@ fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
     );
     assert!(text.contains("allocated PASID"), "{text}");
     assert!(text.trim_end().ends_with("ok"), "{text}");
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }
@@ -451,9 +451,9 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
     use vsva_vtd::{FlPagingMode, Gva, SourceId};
     const GUEST_SID: SourceId = SourceId::from_rid(0x18);
 
-    let host = Host::start("vmm", HOST_MEMORY, &[]);
-    let (probe, empty) = host.probe();
-    let (file, ram) = vmm(&host.path);
+    let host = start_host("vmm", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let (file, ram) = vmm(host.socket());
     let file = Arc::new(file);
     // The passthrough device lives in the host; the VMM learns its requester id there.
     let host_sid = file.device_add().unwrap();
@@ -558,7 +558,7 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
     drop(file);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }
@@ -584,9 +584,9 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
         f.ioctl(cmd, &mut b)?;
         Ok(read_prefix(&b, b.len()))
     }
-    let host = Host::start("iommufd", HOST_MEMORY, &[]);
-    let (probe, empty) = host.probe();
-    let f = RemoteFile::connect_kind(&host.path, FILE_IOMMUFD).unwrap();
+    let host = start_host("iommufd", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let f = RemoteFile::connect_kind(host.socket(), FILE_IOMMUFD).unwrap();
     let ram = SharedRam::new(RAM).unwrap();
     ram.share(&f).unwrap();
     let scratch = RAM - 4096;

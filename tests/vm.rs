@@ -13,7 +13,7 @@ use vsva_testbed::demo::{self, DemoOptions, VmReport};
 use vsva_testbed::stack::Uapi;
 
 mod common;
-use common::{settle, wait_exit, Host, WAIT};
+use common::{settle, start_host, stop, wait_exit, WAIT};
 
 /// A `vsva vm` process with its stdout read line by line on a thread.
 struct VmProcess {
@@ -95,10 +95,10 @@ impl VmProcess {
 
 #[test]
 fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_counts() {
-    let host = Host::start("demo", "2G", &[]);
-    let (probe, empty) = host.probe();
+    let host = start_host("demo", "2G", &[]);
+    let (probe, empty) = host.probe().unwrap();
     let vm = VmProcess::start(
-        &host.path,
+        host.socket(),
         &[
             "--seed",
             "3",
@@ -146,18 +146,17 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
     // The VM's exit left the host as it was.
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }
 
 #[test]
 fn a_vm_whose_host_is_killed_fails_clearly_with_a_non_zero_exit() {
-    let mut host = Host::start("gone", "2G", &[]);
-    let mut vm = VmProcess::start(&host.path, &["--pause-at", "bind"]);
+    let host = start_host("gone", "2G", &[]);
+    let mut vm = VmProcess::start(host.socket(), &["--pause-at", "bind"]);
     vm.wait_line("paused at bind");
-    host.child.kill().unwrap();
-    host.child.wait().unwrap();
+    host.kill();
     let (code, lines, err) = vm.finish();
     assert_eq!(code, Some(2), "{lines:?}\n{err}");
     assert!(
@@ -267,12 +266,12 @@ fn holds_at(stage: &str, during: &HostState, live: &HostState) -> bool {
 
 #[test]
 fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_state() {
-    let host = Host::start("crash", "2G", &[]);
-    let (probe, empty) = host.probe();
+    let host = start_host("crash", "2G", &[]);
+    let (probe, empty) = host.probe().unwrap();
     // The live VM stops before an invalidation: it holds a window, its mappings, a device,
     // a domain id, two bound PASIDs and their cached translations.
     let mut live = VmProcess::start(
-        &host.path,
+        host.socket(),
         &[
             "--seed",
             "9",
@@ -292,7 +291,7 @@ fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_s
         // An 8 MiB copy is the dma stage's long DEVICE_RUN; the kill lands as it runs.
         let bytes = if stage == "dma" { "8388608" } else { "65536" };
         let mut victim = VmProcess::start(
-            &host.path,
+            host.socket(),
             &[
                 "--index",
                 "1",
@@ -333,7 +332,7 @@ fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_s
     assert_eq!(report.munmap_faults, 2);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = host.stop();
+    let (ok, report) = stop(host);
     assert!(ok, "{report}");
     assert!(report.contains("nothing left behind"), "{report}");
 }

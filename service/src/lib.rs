@@ -7,15 +7,18 @@
 //! - [`kind`]: the file kinds a connection can open: a VFIO type1 container, or an
 //!   iommufd ([`iommufd`], with the table of the ioctls it serves and their pointers).
 //! - [`server`]: the host, one thread per connection.
+//! - [`process`]: a `vsva host` child process, started, probed and stopped.
 //! - [`load`]: `vsva load`, a host and VM processes under load and chaos.
 
 pub mod client;
 pub mod iommufd;
 pub mod kind;
 pub mod load;
+pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod socket;
 
 pub use client::{ClientError, RemoteFile, SharedRam};
+pub use process::{HostExit, HostProcess, HostProcessError};
 pub use server::{HostConfig, Limits, Report, Service, ServiceError};

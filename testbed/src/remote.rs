@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_service::load::{Held, Samples, WorkerReport};
 use vsva_service::protocol::HostState;
-use vsva_service::{ClientError, RemoteFile, SharedRam};
+use vsva_service::{ClientError, HostProcess, RemoteFile, SharedRam};
 use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE};
 use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
 use vsva_vtd::{FlPagingMode, Iova};
@@ -366,8 +366,7 @@ pub fn run(
     Ok(report)
 }
 
-/// How long `--split` waits for the host's socket and for the host to release what a VM
-/// that exited held.
+/// How long `--split` waits for the host to release what a VM that exited held.
 const SPLIT_WAIT: Duration = Duration::from_secs(10);
 
 /// `vsva demo --split`: the demo as one `vsva host` process (`program host`) and one
@@ -384,41 +383,11 @@ pub fn split_demo(
     opts.validate()
         .map_err(|e| VmError::Options(e.to_string()))?;
     let started = Instant::now();
-    let dir = std::env::temp_dir().join(format!("vsva-split-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| VmError::Split(format!("{}: {e}", dir.display())))?;
-    let socket = dir.join("host.sock");
-    let result = split_demo_in(program, opts, &socket, log);
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut summary = result?;
-    summary.wall_seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
-
-fn split_demo_in(
-    program: &Path,
-    opts: &DemoOptions,
-    socket: &Path,
-    log: &mut dyn FnMut(String),
-) -> Result<DemoSummary, VmError> {
-    let failed = |what: &str, e: &dyn std::fmt::Display| VmError::Split(format!("{what}: {e}"));
-    let mut host = Command::new(program)
-        .arg("host")
-        .arg("--memory")
-        .arg(opts.host_memory.to_string())
-        .arg("--socket")
-        .arg(socket)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed("starting vsva host", &e))?;
-    let probed = probe_host(&mut host, socket);
-    let (probe, baseline) = match probed {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = host.kill();
-            let _ = host.wait();
-            return Err(e);
-        }
-    };
+    let memory = opts.host_memory.to_string();
+    let host = HostProcess::start(program, "split", &["--memory", memory.as_str()])
+        .map_err(|e| VmError::Split(e.to_string()))?;
+    let (probe, baseline) = host.probe().map_err(|e| VmError::Split(e.to_string()))?;
+    let socket = host.socket();
     let vms: Vec<_> = (0..opts.vms)
         .map(|i| {
             Command::new(program)
@@ -491,21 +460,20 @@ fn split_demo_in(
             HostHoldings::default()
         }
     };
-    // SAFETY: kill(2) of the host process this function started and has not reaped.
-    let sent = unsafe { libc::kill(host.id() as libc::pid_t, libc::SIGTERM) };
-    if sent != 0 {
-        let _ = host.kill();
-    }
-    let out = host
-        .wait_with_output()
-        .map_err(|e| failed("waiting for vsva host", &e))?;
-    let report = String::from_utf8_lossy(&out.stdout);
-    for line in report.lines() {
-        log(line.to_string());
-    }
-    if !out.status.success() || !report.contains("nothing left behind") {
-        log(format!("error: vsva host exited with {}", out.status));
-        errors += 1;
+    match host.stop() {
+        Ok(exit) => {
+            for line in exit.report.lines() {
+                log(line.to_string());
+            }
+            if !exit.success() || !exit.nothing_left_behind() {
+                log(format!("error: vsva host exited with {}", exit.status));
+                errors += 1;
+            }
+        }
+        Err(e) => {
+            log(format!("error: {e}"));
+            errors += 1;
+        }
     }
     errors += failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
     Ok(DemoSummary {
@@ -521,32 +489,10 @@ fn split_demo_in(
         failed_shutdowns: failed_vms,
         left_after_shutdown: left,
         cross_vm_checked: false,
-        wall_seconds: 0.0,
+        wall_seconds: started.elapsed().as_secs_f64(),
         errors,
         per_vm: reports,
     })
-}
-
-/// Waits (bounded) for the host's socket; a connection to it and the host's state while
-/// that connection is its only one.
-fn probe_host(host: &mut Child, socket: &Path) -> Result<(RemoteFile, HostState), VmError> {
-    let deadline = Instant::now() + SPLIT_WAIT;
-    loop {
-        if let Ok(Some(status)) = host.try_wait() {
-            return Err(VmError::Split(format!("vsva host exited with {status}")));
-        }
-        if let Ok(probe) = RemoteFile::connect(socket) {
-            if let Ok(s) = probe.host_state() {
-                if s.connections == 1 {
-                    return Ok((probe, s));
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(VmError::Split("vsva host never served its socket".into()));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// What `after` holds beyond `before`, in the in-process demo's terms (the paging-structure

@@ -5,8 +5,8 @@
 //! checks the bytes its device wrote at its start, the host's `STATE` must equal its
 //! baseline plus what the live VMs hold, and after they leave, the baseline again.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -17,11 +17,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::protocol::HostState;
-use crate::RemoteFile;
+use crate::{HostProcess, RemoteFile};
 
 /// Samples kept per VM process and series (the first ones; enough for seconds of load).
 const MAX_SAMPLES: usize = 200_000;
-/// Bounded waits: for the host's socket, for reports, for exits.
+/// Bounded waits: for reports, for exits, for the host to settle.
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Latency samples in nanoseconds.
@@ -317,44 +317,20 @@ fn fail(report: &mut LoadReport, what: String) {
 
 /// Runs the load: `exe` is the `vsva` binary (its `host` and `load-worker` commands).
 pub fn run(exe: &Path, opts: &LoadOptions) -> Result<LoadReport, LoadError> {
-    let dir: PathBuf = std::env::temp_dir().join(format!("vsva-load-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| LoadError::Setup(format!("{}: {e}", dir.display())))?;
-    let socket = dir.join("host.sock");
-    let result = run_in(exe, &socket, opts);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-fn run_in(exe: &Path, socket: &Path, opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     let mut report = LoadReport {
         vms: opts.vms,
         seconds: opts.duration.as_secs_f64(),
         ..LoadReport::default()
     };
-    let host = Command::new(exe)
-        .args(["host", "--memory", "4G", "--socket"])
-        .arg(socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| LoadError::Setup(format!("starting vsva host: {e}")))?;
-    let mut host = Reaper(vec![host]);
-    let deadline = Instant::now() + WAIT;
-    let probe = loop {
-        match RemoteFile::connect(socket) {
-            Ok(p) => break p,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(LoadError::Setup(format!("vsva host never served: {e}"))),
-        }
-    };
+    let host = HostProcess::start(exe, "load", &["--memory", "4G"])
+        .map_err(|e| LoadError::Setup(e.to_string()))?;
+    let socket = host.socket();
+    let (probe, baseline) = host.probe().map_err(|e| LoadError::Setup(e.to_string()))?;
     let state = |probe: &RemoteFile| {
         probe
             .host_state()
             .map_err(|e| LoadError::Setup(format!("host STATE: {e}")))
     };
-    let baseline = state(&probe)?;
 
     let (tx, rx) = mpsc::channel::<Line>();
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -517,19 +493,10 @@ fn run_in(exe: &Path, socket: &Path, opts: &LoadOptions) -> Result<LoadReport, L
         );
     }
     drop(probe);
-    let mut h = host.0.pop().expect("the host");
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(h.id() as i32, libc::SIGTERM) };
-    let clean = wait_exit(&mut h, WAIT);
-    let mut said = String::new();
-    if let Some(mut out) = h.stdout.take() {
-        let _ = out.read_to_string(&mut said);
-    }
-    if !clean || !said.contains("nothing left behind") {
-        fail(
-            &mut report,
-            format!("vsva host at teardown: {}", said.trim()),
-        );
+    match host.stop() {
+        Ok(exit) if exit.success() && exit.nothing_left_behind() => {}
+        Ok(exit) => fail(&mut report, format!("at teardown: {exit}")),
+        Err(e) => fail(&mut report, format!("at teardown: {e}")),
     }
     Ok(report)
 }
