@@ -357,18 +357,28 @@ mod tests {
 
     #[test]
     fn a_program_that_exits_before_serving_is_an_error_with_its_stderr() {
-        // sh takes `host` for a script to run, finds none, says so and exits non-zero.
-        let sh = Path::new("/bin/sh");
-        let err = HostProcess::start(sh, "process-test", &[] as &[&str])
-            .err()
-            .expect("sh serves no socket");
+        use std::os::unix::fs::PermissionsExt;
+        // A stand-in for the binary that complains on stderr and exits 3, whatever its
+        // arguments and working directory.
+        let dir = std::env::temp_dir().join(format!("vsva-not-a-host-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("not-a-host");
+        std::fs::write(&exe, "#!/bin/sh\necho \"no socket here: $1\" >&2\nexit 3\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = HostProcess::start(&exe, "process-test", &["--memory", "1M"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = started.err().expect("the stand-in serves no socket");
         match &err {
             HostProcessError::Exited { status, stderr } => {
-                assert!(!status.success());
-                assert!(stderr.contains("host"), "{stderr:?}");
+                assert_eq!(status.code(), Some(3));
+                assert_eq!(stderr, "no socket here: host\n");
             }
             other => panic!("{other:?}"),
         }
-        assert!(err.to_string().contains("its stderr"), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("its stderr:\nno socket here: host"),
+            "{err}"
+        );
     }
 }
