@@ -2,9 +2,8 @@
 //! `copy_from_slice`, and the table reads of streaming DMA.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vsva_hw::dma::regs::CTRL_PASID_EN;
@@ -12,6 +11,7 @@ use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Op
 use vsva_hw::{HostMemory, PAGE_SIZE};
 use vsva_vtd::{walk_nested, AccessRequest, PhysMem, WalkObserver, WalkStep};
 
+use super::lockstep::{SampleHalf, SecondThread};
 use super::platform::Platform;
 use super::{BenchError, Workload};
 
@@ -161,44 +161,32 @@ impl Workload for NestedMemmove {
     }
 }
 
-/// Where the two threads of [`TwoEngineMemmove`] meet, by sample number.
-#[derive(Default)]
-struct Lockstep {
-    ready: AtomicU64,
-    go: AtomicU64,
-    done: AtomicU64,
-}
-
-/// Waits for `flag` to reach `sample`, yielding the core between looks (the machine may
-/// have no idle core); `Err` when the other thread has ended meanwhile.
-fn wait_for(flag: &AtomicU64, sample: u64, other: &JoinHandle<()>) -> Result<(), BenchError> {
-    while flag.load(Ordering::Acquire) < sample {
-        if other.is_finished() {
-            return Err(BenchError::Check(
-                "the second DMA thread ended before its sample".into(),
-            ));
-        }
-        std::thread::yield_now();
-    }
-    Ok(())
-}
-
 /// DMA throughput on two threads: device 0's and device 1's engines (two requester ids and
 /// domains, as two VMs' devices, with their own IOTLB entries) each copying 1 MiB per
 /// operation through nested translation in their own part of the guest buffer, on one
 /// shared IOMMU. An operation is one copy on each engine; its time is wall time, so the
 /// two-thread speedup is `2 × (one-thread ns) / (this ns)`.
 ///
-/// The second thread is spawned once and runs each sample's copies when told; the clock
-/// starts when it is ready (its destination cleared) and stops when both are done. Both
-/// copies are checked after every sample.
+/// The second engine copies in lockstep with the timing thread ([`SecondThread`]): the
+/// clock starts when its destination is cleared and stops when both are done. Both copies
+/// are checked after every sample.
 pub struct TwoEngineMemmove {
     mine: NestedMemmove,
-    orders: Option<mpsc::Sender<u64>>,
-    results: mpsc::Receiver<Result<(), BenchError>>,
-    shared: Arc<Lockstep>,
-    other: Option<JoinHandle<()>>,
-    sample: u64,
+    other: SecondThread,
+}
+
+impl SampleHalf for NestedMemmove {
+    fn prepare(&mut self) -> Result<(), BenchError> {
+        self.clear_destination()
+    }
+
+    fn work(&mut self, iters: u64) -> Result<(), BenchError> {
+        self.copies(iters)
+    }
+
+    fn check(&mut self) -> Result<(), BenchError> {
+        self.check_copy()
+    }
 }
 
 impl TwoEngineMemmove {
@@ -206,78 +194,22 @@ impl TwoEngineMemmove {
     /// once; starts the second thread.
     pub fn new(p: &Platform) -> Result<Self, BenchError> {
         let mine = NestedMemmove::on_device(p, 0)?;
-        let mut theirs = NestedMemmove::on_device(p, 1)?;
-        let shared = Arc::new(Lockstep::default());
-        let (orders, inbox) = mpsc::channel::<u64>();
-        let (report, results) = mpsc::channel();
-        let flags = Arc::clone(&shared);
-        let other = std::thread::Builder::new()
-            .name("dma-engine-1".into())
-            .spawn(move || {
-                let mut sample = 0;
-                while let Ok(iters) = inbox.recv() {
-                    sample += 1;
-                    let r = theirs.clear_destination().and_then(|()| {
-                        flags.ready.store(sample, Ordering::Release);
-                        while flags.go.load(Ordering::Acquire) < sample {
-                            std::hint::spin_loop();
-                        }
-                        let copied = theirs.copies(iters);
-                        flags.done.store(sample, Ordering::Release);
-                        copied.and_then(|()| theirs.check_copy())
-                    });
-                    // A failure before `ready` still releases the timing thread.
-                    flags.ready.store(sample, Ordering::Release);
-                    flags.done.store(sample, Ordering::Release);
-                    if report.send(r).is_err() {
-                        break;
-                    }
-                }
-            })?;
+        let theirs = NestedMemmove::on_device(p, 1)?;
         Ok(TwoEngineMemmove {
             mine,
-            orders: Some(orders),
-            results,
-            shared,
-            other: Some(other),
-            sample: 0,
+            other: SecondThread::spawn("dma-engine-1", theirs)?,
         })
     }
 }
 
 impl Workload for TwoEngineMemmove {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
-        let gone = || BenchError::Check("the second DMA thread is gone".into());
-        let (Some(orders), Some(other)) = (&self.orders, &self.other) else {
-            return Err(gone());
-        };
         self.mine.clear_destination()?;
-        self.sample += 1;
-        let sample = self.sample;
-        orders.send(iters).map_err(|_| gone())?;
-        wait_for(&self.shared.ready, sample, other)?;
-        let start = Instant::now();
-        self.shared.go.store(sample, Ordering::Release);
-        let mine = self.mine.copies(iters);
-        wait_for(&self.shared.done, sample, other)?;
-        let t = start.elapsed();
-        let theirs = self.results.recv().map_err(|_| gone())?;
-        mine?;
-        theirs?;
+        let mine = &mut self.mine;
+        let (t, copied) = self.other.sample(iters, || mine.copies(iters))?;
+        copied?;
         self.mine.check_copy()?;
         Ok(t)
-    }
-}
-
-impl Drop for TwoEngineMemmove {
-    /// Closes the order channel, which ends the second thread, and joins it.
-    fn drop(&mut self) {
-        drop(self.orders.take());
-        if let Some(other) = self.other.take() {
-            if other.join().is_err() {
-                tracing::warn!("bench: the second DMA thread panicked");
-            }
-        }
     }
 }
 
@@ -436,15 +368,12 @@ mod tests {
         for _ in 0..3 {
             two.run(2).unwrap();
         }
-        assert_eq!(two.shared.done.load(Ordering::Relaxed), 3);
+        assert_eq!(two.other.samples_done(), 3);
         // A corrupted source of the second engine fails the sample that copies it.
         p.memory()
             .write(p.hpa(2 * MEMMOVE_BYTES + 100), &[0xee])
             .unwrap();
         assert!(matches!(two.run(1), Err(BenchError::Check(_))));
-        let shared = Arc::clone(&two.shared);
-        drop(two);
-        assert_eq!(Arc::strong_count(&shared), 1);
         // Device 2 does not exist on this platform.
         assert!(NestedMemmove::on_device(&p, 2).is_err());
     }

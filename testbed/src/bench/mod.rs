@@ -21,6 +21,7 @@ pub mod figures;
 pub mod forward;
 pub mod iommufd;
 pub mod loads;
+mod lockstep;
 pub mod measure;
 pub mod pasid;
 pub mod platform;

@@ -6,9 +6,8 @@
 //! other than the one it names.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vsva_hw::iommu::{Iommu, Source};
@@ -19,6 +18,7 @@ use vsva_vtd::{
     SourceId,
 };
 
+use super::lockstep::{SampleHalf, SecondThread};
 use super::platform::Platform;
 use super::{BenchError, Workload};
 
@@ -185,112 +185,40 @@ impl Workload for HashMapLookups {
     }
 }
 
-/// Where the two threads of [`TwoThreadHits`] meet: each sample's generation number, set
-/// by the other thread when it is ready and when it is done, and by the timing thread to
-/// start it.
-#[derive(Default)]
-struct Handshake {
-    ready: AtomicU64,
-    go: AtomicU64,
-    done: AtomicU64,
-    all_hits: AtomicBool,
-}
-
-/// Spins until `flag` reaches `generation`, yielding the core between looks (the machine
-/// may have no idle core); `Err` when `other` has ended meanwhile.
-fn wait_for(flag: &AtomicU64, generation: u64, other: &JoinHandle<()>) -> Result<(), BenchError> {
-    while flag.load(Ordering::Acquire) < generation {
-        if other.is_finished() {
-            return Err(BenchError::Check(
-                "the second IOTLB-hit thread ended before its sample".into(),
-            ));
-        }
-        std::thread::yield_now();
-    }
-    Ok(())
-}
-
 /// IOTLB hits on two threads sharing one IOMMU, each with its own random sequence over the
 /// same working set. An operation is one hit on each thread; its time is wall time, so
 /// the two-thread speedup is `2 × (one-thread ns) / (this ns)`.
 ///
-/// The second thread is spawned once and waits for each sample's number of hits; the
-/// clock starts once it is awake and ready, and stops when both threads are done, so a
-/// sample times hits, not thread start-up or wake-up.
+/// The second thread runs its hits in lockstep with the timing thread
+/// ([`SecondThread`]), so a sample times hits, not thread start-up or wake-up.
 pub struct TwoThreadHits {
     hits: HitLoop,
-    orders: Option<mpsc::Sender<u64>>,
-    shared: Arc<Handshake>,
-    other: Option<JoinHandle<()>>,
-    generation: u64,
+    other: SecondThread,
+}
+
+impl SampleHalf for HitLoop {
+    fn work(&mut self, iters: u64) -> Result<(), BenchError> {
+        self.hits(iters).then_some(()).ok_or_else(not_a_hit)
+    }
 }
 
 impl TwoThreadHits {
     /// Warms the IOTLB as [`IotlbHits::new`] does and starts the second thread.
     pub fn new(p: &Platform) -> Result<Self, BenchError> {
         let hits = HitLoop::new(p, 0x243f_6a88_85a3_08d3)?;
-        let mut other_hits = HitLoop::new(p, 0x1319_8a2e_0370_7344)?;
-        let shared = Arc::new(Handshake::default());
-        let (orders, inbox) = mpsc::channel::<u64>();
-        let theirs = Arc::clone(&shared);
-        let other = std::thread::Builder::new()
-            .name("iotlb-hits".into())
-            .spawn(move || {
-                let mut generation = 0;
-                while let Ok(iters) = inbox.recv() {
-                    generation += 1;
-                    theirs.ready.store(generation, Ordering::Release);
-                    while theirs.go.load(Ordering::Acquire) < generation {
-                        std::hint::spin_loop();
-                    }
-                    let ok = other_hits.hits(iters);
-                    theirs.all_hits.store(ok, Ordering::Relaxed);
-                    theirs.done.store(generation, Ordering::Release);
-                }
-            })?;
+        let other_hits = HitLoop::new(p, 0x1319_8a2e_0370_7344)?;
         Ok(TwoThreadHits {
             hits,
-            orders: Some(orders),
-            shared,
-            other: Some(other),
-            generation: 0,
+            other: SecondThread::spawn("iotlb-hits", other_hits)?,
         })
     }
 }
 
 impl Workload for TwoThreadHits {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
-        let (Some(orders), Some(other)) = (&self.orders, &self.other) else {
-            return Err(BenchError::Check(
-                "the second IOTLB-hit thread is gone".into(),
-            ));
-        };
-        self.generation += 1;
-        let generation = self.generation;
-        orders
-            .send(iters)
-            .map_err(|_| BenchError::Check("the second IOTLB-hit thread is gone".into()))?;
-        wait_for(&self.shared.ready, generation, other)?;
-        let start = Instant::now();
-        self.shared.go.store(generation, Ordering::Release);
-        let ok = self.hits.hits(iters);
-        wait_for(&self.shared.done, generation, other)?;
-        let t = start.elapsed();
-        (ok && self.shared.all_hits.load(Ordering::Relaxed))
-            .then_some(t)
-            .ok_or_else(not_a_hit)
-    }
-}
-
-impl Drop for TwoThreadHits {
-    /// Closes the order channel, which ends the second thread, and joins it.
-    fn drop(&mut self) {
-        drop(self.orders.take());
-        if let Some(other) = self.other.take() {
-            if other.join().is_err() {
-                tracing::warn!("bench: the second IOTLB-hit thread panicked");
-            }
-        }
+        let hits = &mut self.hits;
+        let (t, ok) = self.other.sample(iters, || hits.hits(iters))?;
+        ok.then_some(t).ok_or_else(not_a_hit)
     }
 }
 
@@ -541,18 +469,13 @@ mod tests {
     }
 
     #[test]
-    fn the_second_thread_is_spawned_once_and_ends_on_drop() {
+    fn the_second_thread_hits_in_every_sample() {
         let p = platform();
         let mut two = TwoThreadHits::new(&p).unwrap();
-        let id = two.other.as_ref().unwrap().thread().id();
         for _ in 0..5 {
             two.run(100).unwrap();
-            assert_eq!(two.other.as_ref().unwrap().thread().id(), id);
         }
-        assert_eq!(two.shared.done.load(Ordering::Relaxed), 5);
-        let shared = Arc::clone(&two.shared);
-        drop(two);
-        assert_eq!(Arc::strong_count(&shared), 1);
+        assert_eq!(two.other.samples_done(), 5);
     }
 
     #[test]

@@ -1,0 +1,229 @@
+//! A second thread that runs its half of each sample in lockstep with the timing thread:
+//! what the two-thread workloads ([`super::translate::TwoThreadHits`],
+//! [`super::dma::TwoEngineMemmove`]) share.
+//!
+//! The thread is spawned once. For each sample it prepares (untimed), says it is ready,
+//! spins until told to go, does the timed work, says it is done, then checks (untimed) and
+//! reports. The timing thread starts the clock once the second thread is ready and stops
+//! it when both are done, so a sample times the work, not thread start-up or wake-up.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+
+/// The second thread's half of a sample.
+pub(super) trait SampleHalf: Send + 'static {
+    /// Untimed, before the clock starts.
+    fn prepare(&mut self) -> Result<(), BenchError> {
+        Ok(())
+    }
+
+    /// The timed work: `iters` operations.
+    fn work(&mut self, iters: u64) -> Result<(), BenchError>;
+
+    /// Untimed, after the clock stopped: whether the work was really done.
+    fn check(&mut self) -> Result<(), BenchError> {
+        Ok(())
+    }
+}
+
+/// Each sample's number, set by the second thread when it is ready and when it is done,
+/// and by the timing thread to start it.
+#[derive(Default)]
+struct Flags {
+    ready: AtomicU64,
+    go: AtomicU64,
+    done: AtomicU64,
+}
+
+/// The second thread and its way of meeting the timing thread.
+pub(super) struct SecondThread {
+    name: &'static str,
+    orders: Option<mpsc::Sender<u64>>,
+    results: mpsc::Receiver<Result<(), BenchError>>,
+    flags: Arc<Flags>,
+    thread: Option<JoinHandle<()>>,
+    sample: u64,
+}
+
+impl SecondThread {
+    /// Starts the thread `name`, which runs `half` for each sample.
+    pub(super) fn spawn(name: &'static str, mut half: impl SampleHalf) -> Result<Self, BenchError> {
+        let flags = Arc::new(Flags::default());
+        let (orders, inbox) = mpsc::channel::<u64>();
+        let (report, results) = mpsc::channel();
+        let theirs = Arc::clone(&flags);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut sample = 0;
+                while let Ok(iters) = inbox.recv() {
+                    sample += 1;
+                    let r = half.prepare().and_then(|()| {
+                        theirs.ready.store(sample, Ordering::Release);
+                        while theirs.go.load(Ordering::Acquire) < sample {
+                            std::hint::spin_loop();
+                        }
+                        let worked = half.work(iters);
+                        theirs.done.store(sample, Ordering::Release);
+                        worked.and_then(|()| half.check())
+                    });
+                    // A failure before `ready` still releases the timing thread.
+                    theirs.ready.store(sample, Ordering::Release);
+                    theirs.done.store(sample, Ordering::Release);
+                    if report.send(r).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(SecondThread {
+            name,
+            orders: Some(orders),
+            results,
+            flags,
+            thread: Some(thread),
+            sample: 0,
+        })
+    }
+
+    /// One sample of `iters` operations on each thread: `mine` runs on the calling thread
+    /// while the second thread does its half. The wall time from both starting to both
+    /// done, and what `mine` returned; `Err` when the second thread's half failed or the
+    /// thread is gone.
+    pub(super) fn sample<R>(
+        &mut self,
+        iters: u64,
+        mine: impl FnOnce() -> R,
+    ) -> Result<(Duration, R), BenchError> {
+        let (Some(orders), Some(thread)) = (&self.orders, &self.thread) else {
+            return Err(self.gone());
+        };
+        self.sample += 1;
+        let sample = self.sample;
+        orders.send(iters).map_err(|_| self.gone())?;
+        self.wait_for(&self.flags.ready, sample, thread)?;
+        let start = Instant::now();
+        self.flags.go.store(sample, Ordering::Release);
+        let r = mine();
+        self.wait_for(&self.flags.done, sample, thread)?;
+        let t = start.elapsed();
+        self.results.recv().map_err(|_| self.gone())??;
+        Ok((t, r))
+    }
+
+    /// Samples the second thread has finished.
+    #[cfg(test)]
+    pub(super) fn samples_done(&self) -> u64 {
+        self.flags.done.load(Ordering::Acquire)
+    }
+
+    fn gone(&self) -> BenchError {
+        BenchError::Check(format!("the bench thread {} is gone", self.name))
+    }
+
+    /// Spins until `flag` reaches `sample`, yielding the core between looks (the machine
+    /// may have no idle core); `Err` when the thread has ended meanwhile.
+    fn wait_for(
+        &self,
+        flag: &AtomicU64,
+        sample: u64,
+        thread: &JoinHandle<()>,
+    ) -> Result<(), BenchError> {
+        while flag.load(Ordering::Acquire) < sample {
+            if thread.is_finished() {
+                return Err(BenchError::Check(format!(
+                    "the bench thread {} ended before its sample",
+                    self.name
+                )));
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SecondThread {
+    /// Closes the order channel, which ends the thread, and joins it.
+    fn drop(&mut self) {
+        drop(self.orders.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::warn!("bench: the thread {} panicked", self.name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts its operations; fails its check when told to.
+    struct Counter {
+        ops: Arc<AtomicU64>,
+        fail_check: bool,
+    }
+
+    impl SampleHalf for Counter {
+        fn work(&mut self, iters: u64) -> Result<(), BenchError> {
+            self.ops.fetch_add(iters, Ordering::Relaxed);
+            Ok(())
+        }
+
+        fn check(&mut self) -> Result<(), BenchError> {
+            if self.fail_check {
+                Err(BenchError::Check("told to fail".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn both_halves_run_every_sample_and_a_failed_check_fails_the_sample() {
+        let ops = Arc::new(AtomicU64::new(0));
+        let half = Counter {
+            ops: Arc::clone(&ops),
+            fail_check: false,
+        };
+        let mut second = SecondThread::spawn("lockstep-test", half).unwrap();
+        let mut mine = 0;
+        for iters in [3, 5, 7] {
+            let (_, r) = second.sample(iters, || iters * 2).unwrap();
+            mine += r;
+        }
+        assert_eq!((ops.load(Ordering::Relaxed), mine), (15, 30));
+        drop(second);
+
+        let half = Counter {
+            ops: Arc::clone(&ops),
+            fail_check: true,
+        };
+        let mut failing = SecondThread::spawn("lockstep-test", half).unwrap();
+        let e = failing.sample(1, || ()).unwrap_err();
+        assert!(e.to_string().contains("told to fail"), "{e}");
+        assert_eq!(ops.load(Ordering::Relaxed), 16);
+    }
+
+    #[test]
+    fn the_thread_is_spawned_once_and_ends_on_drop() {
+        let ops = Arc::new(AtomicU64::new(0));
+        let half = Counter {
+            ops: Arc::clone(&ops),
+            fail_check: false,
+        };
+        let mut second = SecondThread::spawn("lockstep-test", half).unwrap();
+        let id = second.thread.as_ref().unwrap().thread().id();
+        for _ in 0..5 {
+            second.sample(1, || ()).unwrap();
+            assert_eq!(second.thread.as_ref().unwrap().thread().id(), id);
+        }
+        assert_eq!(second.samples_done(), 5);
+        let flags = Arc::clone(&second.flags);
+        drop(second);
+        assert_eq!((Arc::strong_count(&flags), Arc::strong_count(&ops)), (1, 1));
+    }
+}
