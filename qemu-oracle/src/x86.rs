@@ -56,8 +56,10 @@ pub mod layout {
     pub const MAX_PROBES: usize = ((RESULTS - PROBES) / RECORD) as usize;
     /// Frames for the tests' page tables.
     pub const TABLES: (u64, u64) = (0x100_0000, 0x400_0000);
-    /// Memory the tests' pages may map.
-    pub const DATA: (u64, u64) = (0x400_0000, RAM_SIZE);
+    /// Memory the tests' pages may map and probes may reach: up to 64 MiB below the top
+    /// of RAM, where the firmware (SeaBIOS, the multiboot loader) keeps its tables (it
+    /// wrote into the top 17 MiB when measured).
+    pub const DATA: (u64, u64) = (0x400_0000, RAM_SIZE - (64 << 20));
     /// Offset of the TSS in [`DESCRIPTORS`].
     pub const TSS_OFFSET: u64 = 0x800;
 }
