@@ -441,3 +441,283 @@ fn enabling_translation_drops_what_address_spaces_cached_untranslated() {
     g.enable();
     assert_eq!(io_read(&io, ADDR, 8).unwrap(), b"mapped!!");
 }
+
+/// Pages of the buffer the stress test's device reads in one access.
+const STRESS_PAGES: u64 = 4;
+/// Guest frames (`STRESS_PAGES` contiguous pages each) the guest maps the buffer to in
+/// turn; the one it just unmapped is filled with another owner's bytes.
+const STRESS_BLOCKS: u64 = 3;
+/// Rounds of remap (or unmap) + invalidation + reuse of the old frames.
+const STRESS_ROUNDS: u64 = 600;
+/// Mapping generations the device's checks can look back on (an access spans two rounds
+/// at most: each round waits for the device first).
+const STRESS_RING: u64 = 8;
+/// What the old frames hold once they belong to someone else.
+const POISON: u64 = u64::MAX;
+/// How long one side waits for the other before declaring it stuck (never reached when
+/// both run; generous for a loaded machine).
+const STRESS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The address of the first-level leaf entry of `va` in the 4-level table at `root`.
+fn leaf_slot(mem: &GuestMemoryMmap, root: u64, va: u64) -> u64 {
+    let mut table = root;
+    for level in (2..=4u32).rev() {
+        let index = (va >> (12 + 9 * (level - 1))) & 0x1ff;
+        let entry = mem.read_u64(table + index * 8).unwrap();
+        assert_ne!(entry & FlPte::P, 0);
+        table = entry & FlPte::ADDR_MASK;
+    }
+    table + ((va >> 12) & 0x1ff) * 8
+}
+
+/// Fills `STRESS_PAGES` pages at `gpa` with the 8-byte word `word`.
+fn fill_block(mem: &GuestMemoryMmap, gpa: u64, word: u64) {
+    let bytes: Vec<u8> = std::iter::repeat_n(word.to_le_bytes(), (STRESS_PAGES * 512) as usize)
+        .flatten()
+        .collect();
+    mem.write(gpa, &bytes).unwrap();
+}
+
+/// Waits until `done` holds; false if `stop` came first.
+fn wait_until(done: impl Fn() -> bool, stop: impl Fn() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while !done() {
+        if stop() {
+            return false;
+        }
+        assert!(
+            start.elapsed() < STRESS_PATIENCE,
+            "the other side made no progress"
+        );
+        std::thread::yield_now();
+    }
+    true
+}
+
+/// What the stress test's guest has published: the mapping generations it installed and
+/// those whose invalidation wait completed, the frame block of each (0: unmapped), and
+/// the hold it puts on the device's next walk.
+#[derive(Default)]
+struct Published {
+    installed: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+    blocks: [std::sync::atomic::AtomicU64; STRESS_RING as usize],
+    /// The next walk that reads a leaf of the buffer is held after the read...
+    hold: std::sync::atomic::AtomicBool,
+    /// ...and says so here...
+    holding: std::sync::atomic::AtomicBool,
+    /// ...until the guest has completed another invalidation.
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Published {
+    /// Whether some generation from `from` to `to` (an access began after `from`'s
+    /// invalidation completed and ended before `to + 1` was installed) had a frame block
+    /// for which `ok` holds.
+    fn any(&self, from: u64, to: u64, ok: impl Fn(u64) -> bool) -> bool {
+        use std::sync::atomic::Ordering;
+        assert!(
+            to - from < STRESS_RING,
+            "generations {from}..={to} overran the ring"
+        );
+        (from..=to).any(|g| ok(self.blocks[(g % STRESS_RING) as usize].load(Ordering::Acquire)))
+    }
+}
+
+/// The vIOMMU's promise to emulated devices, with real threads: once the guest's
+/// invalidation wait descriptor completes, no access of an emulated device uses a
+/// translation it removed, whether the access went through a vm-memory address space (which
+/// holds its IOTLB's read guard from translation to the last byte copied) or asked the
+/// vIOMMU for a translation. One thread is the device; the other is the guest, which
+/// remaps (or unmaps) the buffer, invalidates with a wait, and then hands the old frames
+/// to another owner (fills them with `POISON`). Every word the device reads, and every
+/// translation it gets, must belong to a mapping no older than the last one whose wait had
+/// completed when the access began.
+///
+/// Every other round the guest first makes the device walk, holds that walk after it read
+/// the old leaf entry, and only then remaps and invalidates: the walk's fill races the
+/// invalidation (the case the vIOMMU's and the address spaces' fill epochs are for). The
+/// other rounds invalidate while the device copies through cached translations (the case
+/// the read guard is for). Bounded by rounds, not time.
+#[test]
+fn no_emulated_dma_uses_a_translation_after_its_invalidation_wait_completed() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let s = setup(false);
+    let (g, dev, p) = (&s.g, s.dev, s.p);
+    let block_gpa = |gen: u64| 0x80_0000 + (gen % STRESS_BLOCKS) * STRESS_PAGES * 4096;
+    // The buffer: STRESS_PAGES pages at VA, mapped to the block of generation 0.
+    let mut pt = g.page_table();
+    for i in 0..STRESS_PAGES {
+        g.map(&mut pt, VA + i * 4096, block_gpa(0) + i * 4096);
+    }
+    g.set_pasid_entry(
+        dev,
+        p,
+        Some(fl_entry(1, pt.root(), FlPagingMode::FourLevel)),
+    );
+    let slots: Vec<u64> = (0..STRESS_PAGES)
+        .map(|i| leaf_slot(&g.mem, pt.root(), VA + i * 4096))
+        .collect();
+    // Accessed already, so that a walk reads the leaf and writes nothing back to it.
+    let leaf_flags: Vec<u64> = slots
+        .iter()
+        .map(|&at| g.mem.read_u64(at).unwrap() & !FlPte::ADDR_MASK | FlPte::A)
+        .collect();
+    fill_block(&g.mem, block_gpa(0), 0);
+
+    let published = Arc::new(Published::default());
+    published.blocks[0].store(block_gpa(0), Ordering::Release);
+    let (hold_slots, hold) = (slots.clone(), published.clone());
+    g.ram.on_read(Arc::new(move |addr| {
+        if hold_slots.contains(&addr) && hold.hold.swap(false, Ordering::AcqRel) {
+            let seen = hold.completed.load(Ordering::Acquire);
+            hold.holding.store(true, Ordering::Release);
+            wait_until(
+                || hold.completed.load(Ordering::Acquire) != seen,
+                || hold.stop.load(Ordering::Acquire),
+            );
+            hold.holding.store(false, Ordering::Release);
+        }
+    }));
+    let accesses = AtomicU64::new(0);
+    let io: IoMem = IommuMemory::new(
+        (*g.mem).clone(),
+        g.viommu.address_space(dev, Some(p), false),
+        true,
+        (),
+    );
+
+    std::thread::scope(|scope| {
+        let device = scope.spawn(|| -> Result<(u64, u64), String> {
+            let len = (STRESS_PAGES * 4096) as usize;
+            let (mut read, mut refused) = (0, 0);
+            while !published.stop.load(Ordering::Acquire) {
+                // An access through the vm-memory address space.
+                let from = published.completed.load(Ordering::Acquire);
+                let got = io_read(&io, VA, len);
+                let to = published.installed.load(Ordering::Acquire);
+                match got {
+                    Ok(bytes) => {
+                        read += 1;
+                        for (i, w) in bytes.chunks_exact(8).enumerate() {
+                            let w = u64::from_le_bytes(w.try_into().unwrap());
+                            if !(from..=to).contains(&w) {
+                                return Err(format!(
+                                    "word {i} of an access that began after generation {from}'s \
+                                     invalidation completed holds {w:#x} (generations {from}..={to} \
+                                     are current): a translation outlived its invalidation"
+                                ));
+                            }
+                        }
+                    }
+                    // Invalidations raced each of its fills: nothing was read.
+                    Err(e) if e.to_string().contains("invalidations kept removing") => {}
+                    Err(e) => {
+                        refused += 1;
+                        if !published.any(from, to, |block| block == 0) {
+                            return Err(format!(
+                                "an access during generations {from}..={to}, all mapped, failed: {e}"
+                            ));
+                        }
+                    }
+                }
+                // Translations asked of the vIOMMU, page by page, every other access.
+                let raw = if read % 2 == 0 { STRESS_PAGES } else { 0 };
+                for i in 0..raw {
+                    let from = published.completed.load(Ordering::Acquire);
+                    let t = g.viommu.translate(dev, Some(p), VA + i * 4096, AccessRequest::READ);
+                    let to = published.installed.load(Ordering::Acquire);
+                    let fits = match &t {
+                        Ok(t) => published.any(from, to, |block| {
+                            block != 0 && t.gpa.raw() == block + i * 4096
+                        }),
+                        Err(_) => published.any(from, to, |block| block == 0),
+                    };
+                    if !fits {
+                        return Err(format!(
+                            "page {i} translated to {t:?} during generations {from}..={to}"
+                        ));
+                    }
+                }
+                accesses.fetch_add(1, Ordering::AcqRel);
+            }
+            Ok((read, refused))
+        });
+        let stopped = || device.is_finished();
+        let flush = |gen: u64| match gen % 3 {
+            0 => InvDesc::PasidIotlb {
+                granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+                did: DomainId(1),
+                pasid: p,
+                addr: VA,
+                ih: false,
+                am: STRESS_PAGES.trailing_zeros() as u8,
+            },
+            1 => piotlb(1, p, None),
+            _ => InvDesc::Iotlb {
+                granularity: vsva_vtd::inv_desc::IotlbGranularity::Global,
+                dr: true,
+                dw: true,
+                did: DomainId(0),
+                addr: 0,
+                ih: false,
+                am: 0,
+            },
+        };
+
+        let (mut held, mut copying) = (0, 0);
+        for gen in 1..=STRESS_ROUNDS {
+            if gen % 2 == 1 {
+                // Make the device walk, and hold the walk once it read the leaf.
+                published.hold.store(true, Ordering::Release);
+                assert!(g.submit_sync(&[piotlb(1, p, None)]));
+                if !wait_until(|| published.holding.load(Ordering::Acquire), stopped) {
+                    break;
+                }
+                held += 1;
+            } else {
+                // The device translated the current mapping and is copying through it.
+                let target = accesses.load(Ordering::Acquire) + 2;
+                if !wait_until(|| accesses.load(Ordering::Acquire) >= target, stopped) {
+                    break;
+                }
+                copying += 1;
+            }
+            // Every fifth generation leaves the buffer unmapped.
+            let block = if gen % 5 == 0 { 0 } else { block_gpa(gen) };
+            if block != 0 {
+                fill_block(&g.mem, block, gen);
+            }
+            published.blocks[(gen % STRESS_RING) as usize].store(block, Ordering::Release);
+            published.installed.store(gen, Ordering::Release);
+            for (i, (&at, &flags)) in slots.iter().zip(&leaf_flags).enumerate() {
+                let leaf = if block == 0 {
+                    0
+                } else {
+                    (block + i as u64 * 4096) | flags
+                };
+                g.mem.write_u64(at, leaf).unwrap();
+            }
+            assert!(
+                g.submit_sync(&[flush(gen)]),
+                "generation {gen}: the wait did not complete"
+            );
+            published.completed.store(gen, Ordering::Release);
+            // The wait completed: the old frames belong to someone else now.
+            let old = published.blocks[((gen - 1) % STRESS_RING) as usize].load(Ordering::Acquire);
+            if old != 0 {
+                fill_block(&g.mem, old, POISON);
+            }
+        }
+        published.stop.store(true, Ordering::Release);
+        let (read, refused) = device.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        // The race ran: every round raced a held walk or copies.
+        assert_eq!(held + copying, STRESS_ROUNDS);
+        assert!(
+            read > 0 && refused > 0,
+            "{read} accesses read, {refused} refused"
+        );
+        eprintln!("{held} walks held, {copying} rounds during copies; {read} accesses read, {refused} refused");
+    });
+}

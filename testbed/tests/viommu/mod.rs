@@ -200,12 +200,16 @@ impl PasidSource for LocalPasids {
     }
 }
 
+/// Called with the address of each 8-byte word the vIOMMU reads, after the read.
+pub type ReadHook = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// Guest RAM as the vIOMMU sees it: counts the vIOMMU's reads of 8-byte words in a
-/// watched range.
+/// watched range, and lets a test act on each word read (to hold a walk between two reads).
 pub struct CountingRam {
     mem: Arc<GuestMemoryMmap>,
     watched: Mutex<std::ops::Range<u64>>,
     reads: AtomicU64,
+    hook: Mutex<Option<ReadHook>>,
 }
 
 impl CountingRam {
@@ -213,6 +217,11 @@ impl CountingRam {
     pub fn watch(&self, range: std::ops::Range<u64>) -> u64 {
         *self.watched.lock().unwrap() = range;
         self.reads.swap(0, Ordering::Relaxed)
+    }
+
+    /// Calls `hook` after each word the vIOMMU reads from now on.
+    pub fn on_read(&self, hook: ReadHook) {
+        *self.hook.lock().unwrap() = Some(hook);
     }
 
     /// The words read in the watched range since the last `watch` or `reads`; resets it.
@@ -233,7 +242,12 @@ impl CountingRam {
 impl PhysMem for CountingRam {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         self.count(addr, 8);
-        self.mem.read_u64(addr)
+        let value = self.mem.read_u64(addr);
+        let hook = self.hook.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(addr);
+        }
+        value
     }
     fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
         self.mem.fetch_or_u64(addr, bits)
@@ -292,6 +306,7 @@ impl Guest {
             mem: mem.clone(),
             watched: Mutex::new(0..0),
             reads: AtomicU64::new(0),
+            hook: Mutex::default(),
         });
         let viommu = VIommu::new(ram.clone(), config, pasids).unwrap();
         let irqs = Arc::new(Mutex::new(Vec::new()));
