@@ -33,7 +33,7 @@ ALLOC, FREE = 1, 2
 STATE_FIELDS = (
     "connections allocated_bytes windows window_bytes pasids domain_ids devices "
     "page_request_routes page_request_sinks iotlb context_cache pasid_cache "
-    "dma_mappings binds page_requests faults_unread"
+    "dma_mappings binds page_requests faults_unread strict_violations"
 ).split()
 
 
@@ -84,7 +84,7 @@ class Client:
 
     def state(self):
         _, data = self.call(STATE)
-        return dict(zip(STATE_FIELDS, struct.unpack("<16Q", data)))
+        return dict(zip(STATE_FIELDS, struct.unpack("<%dQ" % len(STATE_FIELDS), data)))
 
 
 def main():

@@ -115,6 +115,11 @@ enum Command {
         /// PASIDs one connection's container may hold (one more: ENOSPC).
         #[arg(long, default_value_t = vsva_service::Limits::default().pasid_quota)]
         pasid_quota: u32,
+        /// The IOMMU model in strict mode: a cached translation used after the tables
+        /// changed without its invalidation is a violation, counted in STATE and listed
+        /// at exit (exit 1 if any).
+        #[arg(long)]
+        strict: bool,
     },
     /// One VMM (vIOMMU, the host's passthrough device, the guest and the demo's workload
     /// for one VM) against a running `vsva host`; exits non-zero on any failed check or
@@ -384,9 +389,11 @@ fn main() -> ExitCode {
             max_connections,
             max_connections_per_process,
             pasid_quota,
+            strict,
         } => {
             let config = vsva_service::HostConfig {
                 memory,
+                strict,
                 limits: vsva_service::Limits {
                     max_connections,
                     max_connections_per_process,
@@ -397,7 +404,7 @@ fn main() -> ExitCode {
             match vsva_service::server::run(&socket, &config) {
                 Ok(report) => {
                     println!("{report}");
-                    if report.left == report.baseline {
+                    if report.clean() {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

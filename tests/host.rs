@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use vsva_service::protocol::{self, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
+use vsva_service::protocol::{self, HostState, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
 use vsva_service::{socket, RemoteFile, SharedRam};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{
@@ -805,4 +805,121 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
     drop(ram);
     let after = settle(&probe, empty);
     assert_eq!(after, empty);
+}
+
+/// `vsva host --strict` with a client that plays a guest and its driver by hand: its
+/// stage-1 table (in its shared RAM) sends GVA 0x40_0000.. through a PDE the IOMMU's
+/// paging-structure cache keeps. Moving the PDE to another page table with the PASID's
+/// invalidation forwarded is clean (STATE counts 0 violations); moving it back without
+/// one lets the device's next walk go through the cached PDE, which strict mode finds:
+/// STATE counts 1, and the exit report lists it (exit 1).
+#[test]
+fn strict_mode_counts_a_missing_invalidation_in_state_and_lists_it_at_exit() {
+    use vm_memory::{Bytes, GuestAddress};
+    use vsva_hw::dma::{CompletionRequest, Descriptor, Operation};
+    use vsva_vtd::{FlPte, PageSize};
+
+    const PDPT: u64 = 0x10_1000;
+    const PD: u64 = 0x10_2000;
+    const PT1: u64 = 0x10_3000;
+    const PT2: u64 = 0x10_4000;
+    const GVA: u64 = 0x40_0000;
+    let rights = FlPte::RW | FlPte::US;
+    let host = start_host("strict", HOST_MEMORY, &["--strict"]);
+    let (probe, empty) = host.probe().unwrap();
+    assert_eq!(empty.strict_violations, 0);
+    let (file, ram) = vmm(host.socket());
+    let put = |at: u64, entry: FlPte| ram.mem.write_obj(entry.0, GuestAddress(at)).unwrap();
+    let page = |pa: u64| FlPte::page(pa, PageSize::Size4K, rights);
+    // PML4 (the bind's gpgd, 0x10_0000) -> PDPT -> PD; PD[2] covers GVA 0x40_0000.
+    put(
+        bind_data(Pasid::new(1).unwrap()).gpgd.0,
+        FlPte::table(PDPT, rights),
+    );
+    put(PDPT, FlPte::table(PD, rights));
+    put(PD + 2 * 8, FlPte::table(PT1, rights));
+    // Page i of the range: PT1 maps it to 0x20_i000, PT2 to 0x28_i000.
+    for i in 0..3 {
+        put(PT1 + i * 8, page(0x20_0000 + i * 0x1000));
+        put(PT2 + i * 8, page(0x28_0000 + i * 0x1000));
+    }
+    let mut f = &file;
+    let pasid = f.pasid_alloc(1, 1000).unwrap();
+    f.bind_gpasid(&bind_data(pasid)).unwrap();
+    file.device_add().unwrap();
+    // The device fills 64 bytes at page i of the range with `byte`.
+    let fill = |i: u64, byte: u8| {
+        let desc = Descriptor {
+            pasid: Some(pasid),
+            privileged: false,
+            block_on_fault: false,
+            completion: CompletionRequest::None,
+            op: Operation::Fill {
+                pattern: u64::from_ne_bytes([byte; 8]),
+                dst: GVA + i * 0x1000,
+                size: 64,
+            },
+        };
+        file.device_write(0, &desc.encode()).unwrap();
+        assert_eq!(file.device_run().unwrap(), 0, "no page request");
+    };
+    let at = |gpa: u64| {
+        let mut b = [0u8; 64];
+        ram.mem.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+        b
+    };
+    let violations = || probe.host_state().unwrap().strict_violations;
+
+    fill(0, 0x11);
+    assert_eq!(at(0x20_0000), [0x11; 64]);
+    // The clean path: PD[2] to PT2, and the PASID's IOTLB invalidation (which takes the
+    // paging-structure caches with it) forwarded; the next page goes through PT2.
+    put(PD + 2 * 8, FlPte::table(PT2, rights));
+    f.cache_invalidate(&CacheInvalidate {
+        cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+        granularity: InvGranularity::Pasid {
+            pasid: Some(pasid),
+            archid: None,
+        },
+    })
+    .unwrap();
+    fill(1, 0x22);
+    assert_eq!(at(0x28_1000), [0x22; 64]);
+    assert_eq!(at(0x20_1000), [0; 64]);
+    assert_eq!(violations(), 0, "the clean path");
+
+    // PD[2] back to PT1 without the invalidation: the walk of page 2 starts at the cached
+    // PDE and writes where PT2 says (as hardware would); strict mode counts it.
+    put(PD + 2 * 8, FlPte::table(PT1, rights));
+    fill(2, 0x33);
+    assert_eq!(at(0x28_2000), [0x33; 64], "the stale PDE was used");
+    assert_eq!(violations(), 1);
+    // The count stays (it is no holding); everything else goes back to the baseline.
+    f.unbind_gpasid(&bind_data(pasid)).unwrap();
+    drop(file);
+    drop(ram);
+    let after = settle(
+        &probe,
+        HostState {
+            strict_violations: 1,
+            ..empty
+        },
+    );
+    assert!(after.holds_as(&empty), "{after:?} vs {empty:?}");
+    assert_eq!(after.strict_violations, 1);
+    drop(probe);
+    let exit = host.stop().unwrap();
+    assert!(!exit.success(), "{exit}");
+    assert!(exit.nothing_left_behind(), "{exit}");
+    assert!(exit.report.contains("strict mode: 1 VIOLATIONS"), "{exit}");
+    let listed: Vec<&str> = exit
+        .report
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .starts_with("strict violation: stale translation")
+        })
+        .collect();
+    assert_eq!(listed.len(), 1, "{exit}");
+    assert!(listed[0].contains("addr 0x402000"), "{exit}");
 }

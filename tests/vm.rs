@@ -234,9 +234,9 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
         );
     }
     assert!(
-        out.lines()
-            .any(|l| l.starts_with("vsva host: served ") && l.ends_with("nothing left behind")),
-        "{out}"
+        out.lines().any(|l| l.starts_with("vsva host: served ")
+            && l.ends_with("nothing left behind; strict mode clean")),
+        "the host runs in strict mode and finds nothing: {out}"
     );
 }
 

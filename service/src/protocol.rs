@@ -30,7 +30,7 @@ pub const ERROR_REPLY: u16 = 0xFFFF;
 /// client's process, holds its limit of connections.
 pub const CONNECTIONS_FULL: Errno = Errno::new(libc::EUSERS);
 /// Bytes of the [`HostState`] a `STATE` reply carries.
-pub const HOST_STATE_LEN: usize = 16 * 8;
+pub const HOST_STATE_LEN: usize = 17 * 8;
 /// The file kind of a VFIO type1 container (`/dev/vfio/vfio`).
 pub const FILE_VFIO_CONTAINER: u32 = 1;
 /// The file kind of an iommufd (`/dev/iommu`), with the connection's device bound to it.
@@ -475,10 +475,14 @@ pub struct HostState {
     pub page_requests: u64,
     /// Fault records (page requests, unrecoverable faults) queued and not read yet.
     pub faults_unread: u64,
+    /// Strict-mode violations found since the host started (`vsva host --strict`): each
+    /// a cached translation used after the tables changed without the invalidation that
+    /// would have removed it. A count, not a holding: it never goes down.
+    pub strict_violations: u64,
 }
 
 impl HostState {
-    fn fields(&self) -> [u64; 16] {
+    fn fields(&self) -> [u64; 17] {
         [
             self.connections,
             self.allocated_bytes,
@@ -496,15 +500,21 @@ impl HostState {
             self.binds,
             self.page_requests,
             self.faults_unread,
+            self.strict_violations,
         ]
     }
 
-    /// The sixteen u64 fields in declaration order.
+    /// Whether `self` holds what `other` does: every field but `strict_violations`.
+    pub fn holds_as(&self, other: &HostState) -> bool {
+        self.fields()[..16] == other.fields()[..16]
+    }
+
+    /// The seventeen u64 fields in declaration order.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.fields().iter().flat_map(|f| f.to_le_bytes()).collect()
     }
 
-    /// Decodes the sixteen fields.
+    /// Decodes the seventeen fields.
     pub fn from_bytes(b: &[u8]) -> Option<HostState> {
         if b.len() != HOST_STATE_LEN {
             return None;
@@ -527,6 +537,7 @@ impl HostState {
             binds: f(13),
             page_requests: f(14),
             faults_unread: f(15),
+            strict_violations: f(16),
         })
     }
 }
@@ -647,10 +658,19 @@ mod tests {
             connections: 1,
             pasid_cache: 12,
             iotlb: 3,
+            strict_violations: 2,
             ..HostState::default()
         };
         assert_eq!(HostState::from_bytes(&s.to_bytes()), Some(s));
+        assert_eq!(s.to_bytes()[16 * 8..], 2u64.to_le_bytes());
         assert_eq!(HostState::from_bytes(&[0; HOST_STATE_LEN - 1]), None);
+        // Holding the same is every field but the violations.
+        let clean = HostState {
+            strict_violations: 0,
+            ..s
+        };
+        assert!(s.holds_as(&clean) && s != clean);
+        assert!(!s.holds_as(&HostState { iotlb: 4, ..s }));
     }
 
     proptest! {

@@ -21,7 +21,7 @@ use vsva_host::driver::HostIommu;
 use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaPort};
-use vsva_hw::iommu::{Iommu, IommuConfig};
+use vsva_hw::iommu::{Iommu, IommuConfig, StaleTranslation};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::{Errno, EventNotifier};
 use vsva_vtd::{Hpa, SourceId};
@@ -75,6 +75,11 @@ pub struct HostConfig {
     pub memory: u64,
     /// Per-connection limits.
     pub limits: Limits,
+    /// The IOMMU model in strict mode (`vsva host --strict`): every IOTLB hit and every
+    /// walk the paging-structure caches shortened is checked against the tables, and a
+    /// difference (an invalidation the driver did not make) is a violation, counted in
+    /// `STATE` and listed in the exit report.
+    pub strict: bool,
 }
 
 impl Default for HostConfig {
@@ -82,6 +87,7 @@ impl Default for HostConfig {
         HostConfig {
             memory: 4 << 30,
             limits: Limits::default(),
+            strict: false,
         }
     }
 }
@@ -127,7 +133,7 @@ struct Counters {
 }
 
 /// What a host served, reported at teardown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
     /// Connections accepted.
     pub connections: u64,
@@ -147,11 +153,24 @@ pub struct Report {
     pub left: HostState,
     /// What the host held before it served anyone.
     pub baseline: HostState,
+    /// Whether the IOMMU model ran in strict mode.
+    pub strict: bool,
+    /// The strict-mode violations found (the first [`VIOLATIONS_KEPT`]; `left` counts
+    /// them all).
+    pub violations: Vec<StaleTranslation>,
+}
+
+impl Report {
+    /// Whether the host held at the end what it held at the start (its violations
+    /// aside), and strict mode found nothing.
+    pub fn clean(&self) -> bool {
+        self.left.holds_as(&self.baseline) && self.left.strict_violations == 0
+    }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let leaked = if self.left == self.baseline {
+        let leaked = if self.left.holds_as(&self.baseline) {
             "nothing left behind".to_string()
         } else {
             format!(
@@ -169,7 +188,24 @@ impl fmt::Display for Report {
             self.errors,
             self.bad_frames,
             self.closed_for_errors
-        )
+        )?;
+        if self.strict {
+            match self.left.strict_violations {
+                0 => write!(f, "; strict mode clean")?,
+                n => write!(f, "; strict mode: {n} VIOLATIONS")?,
+            }
+            for v in &self.violations {
+                write!(f, "\n  strict violation: {v}")?;
+            }
+            let more = self
+                .left
+                .strict_violations
+                .saturating_sub(self.violations.len() as u64);
+            if more > 0 {
+                write!(f, "\n  ... and {more} more")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -197,6 +233,20 @@ pub struct Service {
     live: Mutex<HashMap<u64, Live>>,
     /// Requester ids handed to devices so far (each device gets a new one).
     device_ids: AtomicU64,
+    /// What strict mode found.
+    violations: Mutex<Violations>,
+}
+
+/// Strict-mode violations kept for the exit report.
+pub const VIOLATIONS_KEPT: usize = 64;
+
+/// The strict-mode violations taken from the IOMMU model so far.
+#[derive(Default)]
+struct Violations {
+    /// All of them.
+    count: u64,
+    /// The first [`VIOLATIONS_KEPT`].
+    kept: Vec<StaleTranslation>,
 }
 
 impl Service {
@@ -205,7 +255,13 @@ impl Service {
     pub fn new(config: &HostConfig) -> Result<Arc<Service>, ServiceError> {
         let mem = HostMemory::new(config.memory)?;
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
-        let iommu = Iommu::new(mem.clone(), IommuConfig::default())?;
+        let iommu = Iommu::new(
+            mem.clone(),
+            IommuConfig {
+                strict: config.strict,
+                ..IommuConfig::default()
+            },
+        )?;
         let unit = HostIommu::new(iommu.clone(), frames.clone())?;
         let pasids = Arc::new(Mutex::new(PasidAllocator::new()));
         let vfio: Arc<dyn FileKind> = Arc::new(VfioContainerKind {
@@ -225,7 +281,23 @@ impl Service {
             counters: Counters::default(),
             live: Mutex::new(HashMap::new()),
             device_ids: AtomicU64::new(0),
+            violations: Mutex::default(),
         }))
+    }
+
+    /// Takes what strict mode found from the IOMMU model; the violations so far.
+    fn violations(&self) -> std::sync::MutexGuard<'_, Violations> {
+        let mut v = self
+            .violations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for stale in self.iommu.take_stale_translations() {
+            v.count += 1;
+            if v.kept.len() < VIOLATIONS_KEPT {
+                v.kept.push(stale);
+            }
+        }
+        v
     }
 
     /// What the host holds now.
@@ -253,6 +325,7 @@ impl Service {
             binds: held.binds,
             page_requests: held.page_requests,
             faults_unread: held.faults_unread,
+            strict_violations: self.violations().count,
         }
     }
 
@@ -390,6 +463,8 @@ impl Service {
             refused: c.refused.load(Ordering::Acquire),
             left: self.state(),
             baseline,
+            strict: self.iommu.strict(),
+            violations: self.violations().kept.clone(),
         }
     }
 

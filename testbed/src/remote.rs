@@ -369,12 +369,12 @@ pub fn run(
 /// How long `--split` waits for the host to release what a VM that exited held.
 const SPLIT_WAIT: Duration = Duration::from_secs(10);
 
-/// `vsva demo --split`: the demo as one `vsva host` process (`program host`) and one
-/// `vsva vm` process per VM (VM `i` with seed `opts.seed + i`), all started at once. The
-/// summary is computed from the VMs' reports and the host's own: every VM must exit
+/// `vsva demo --split`: the demo as one `vsva host --strict` process (`program host`) and
+/// one `vsva vm` process per VM (VM `i` with seed `opts.seed + i`), all started at once.
+/// The summary is computed from the VMs' reports and the host's own: every VM must exit
 /// cleanly with no failed check, and once they have all exited, the host's STATE must be
-/// what it was before they connected (nothing leaked) and its report must say nothing was
-/// left behind. The cross-VM checks need the VMs in one process and are not run.
+/// what it was before they connected (nothing leaked) with no strict-mode violation (each
+/// is a stale translation, an error) and its report must say nothing was left behind. The cross-VM checks need the VMs in one process and are not run.
 pub fn split_demo(
     program: &Path,
     opts: &DemoOptions,
@@ -384,7 +384,7 @@ pub fn split_demo(
         .map_err(|e| VmError::Options(e.to_string()))?;
     let started = Instant::now();
     let memory = opts.host_memory.to_string();
-    let host = HostProcess::start(program, "split", &["--memory", memory.as_str()])
+    let host = HostProcess::start(program, "split", &["--memory", memory.as_str(), "--strict"])
         .map_err(|e| VmError::Split(e.to_string()))?;
     let (probe, baseline) = host.probe().map_err(|e| VmError::Split(e.to_string()))?;
     let socket = host.socket();
@@ -434,25 +434,36 @@ pub fn split_demo(
             }
         }
     }
-    // Every VM exited: the host must hold what it held before they connected.
+    // Every VM exited: the host must hold what it held before they connected, and its
+    // strict mode must have found nothing.
     let deadline = Instant::now() + SPLIT_WAIT;
     let left = loop {
         match probe.host_state() {
-            Ok(s) if s == baseline => break Ok(s),
+            Ok(s) if s.holds_as(&baseline) => break Ok(s),
             Ok(s) if Instant::now() > deadline => break Ok(s),
             Ok(_) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => break Err(e),
         }
     };
     drop(probe);
+    let mut stale_translations = 0;
     let left = match left {
-        Ok(s) if s == baseline => HostHoldings::default(),
         Ok(s) => {
-            log(format!(
-                "error: the host still holds after every VM exited: {s:?} (before: {baseline:?})"
-            ));
-            errors += 1;
-            holdings_beyond(&s, &baseline)
+            stale_translations = s.strict_violations as usize;
+            if stale_translations > 0 {
+                log(format!(
+                    "error: the host's strict mode found {stale_translations} stale translations (its exit report lists them)"
+                ));
+            }
+            if s.holds_as(&baseline) {
+                HostHoldings::default()
+            } else {
+                log(format!(
+                    "error: the host still holds after every VM exited: {s:?} (before: {baseline:?})"
+                ));
+                errors += 1;
+                holdings_beyond(&s, &baseline)
+            }
         }
         Err(e) => {
             log(format!("error: the host's STATE: {e}"));
@@ -475,7 +486,8 @@ pub fn split_demo(
             errors += 1;
         }
     }
-    errors += failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
+    errors +=
+        stale_translations + failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
     Ok(DemoSummary {
         iommu: crate::demo::DemoIommu::Vtd,
         uapi: Uapi::Type1,
@@ -485,7 +497,7 @@ pub fn split_demo(
         page_requests_served: reports.iter().map(|r| r.page_requests_served).sum(),
         invalidations_forwarded: reports.iter().map(|r| r.invalidations_forwarded).sum(),
         host_errors: reports.iter().map(|r| r.host_errors).sum(),
-        stale_translations: 0,
+        stale_translations,
         failed_shutdowns: failed_vms,
         left_after_shutdown: left,
         cross_vm_checked: false,
