@@ -49,6 +49,7 @@ fn serve_with(limits: Limits) -> Served {
     let service = Service::new(&HostConfig {
         memory: 256 << 20,
         limits,
+        strict: false,
     })
     .unwrap();
     let listener = vsva_service::server::bind_socket(&path).unwrap();
