@@ -523,12 +523,57 @@ impl Machine {
         Ok(())
     }
 
+    /// The program's record of probe `i`, or why it cannot run.
+    fn record(&self, i: usize, p: &Probe) -> Result<Vec<u8>, OracleError> {
+        let bad = |why| OracleError::BadProbe { index: i, why };
+        let top = match self.mode {
+            PagingMode::Level4 => (p.va >> 39) & 511,
+            PagingMode::Level5 => (p.va >> 48) & 511,
+        };
+        if top == HARNESS_INDEX {
+            return Err(bad("the address is in the harness's slot"));
+        }
+        if p.cr3 & 0xfff != 0 || p.cr3 >= RAM_SIZE {
+            return Err(bad("CR3 is not a 4 KiB-aligned address in RAM"));
+        }
+        let in_ram = |pa: u64| pa == 0 || (pa % 8 == 0 && pa < RAM_SIZE);
+        if !in_ram(p.check_pa) || !p.entries.iter().all(|&e| in_ram(e)) {
+            return Err(bad("a read-back address is not an aligned address in RAM"));
+        }
+        let (op, value) = match p.access {
+            Access::Read => (OP_READ, 0),
+            Access::Write(v) => (OP_WRITE, v),
+            Access::Execute => (OP_EXECUTE, 0),
+        };
+        let cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG | if p.wp { CR0_WP } else { 0 };
+        let cr4 = self.cr4() | if p.smep { CR4_SMEP } else { 0 };
+        let mut rec = vec![
+            op,
+            p.va,
+            value,
+            p.cr3,
+            cr0,
+            cr4,
+            u64::from(p.user),
+            p.check_pa,
+            p.restore,
+        ];
+        rec.extend_from_slice(&p.entries);
+        Ok(rec.iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+
     /// Runs `probes` in order and returns what each did. The RAM keeps what the run left
-    /// (accessed/dirty bits, stores).
+    /// (accessed/dirty bits, stores). A probe the program cannot run is an error before
+    /// anything is written.
     pub fn run(&self, probes: &[Probe]) -> Result<Results, OracleError> {
         if probes.len() > MAX_PROBES {
             return Err(OracleError::TooManyProbes(probes.len()));
         }
+        let records = probes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.record(i, p))
+            .collect::<Result<Vec<_>, _>>()?;
         self.install_harness()?;
         let (code, handlers) = program(probes.len() as u64, self.cr4())?;
         // The IDT: an interrupt gate a vector, DPL 3 for the stub's "done" vector.
@@ -543,43 +588,8 @@ impl Machine {
             self.write_u64(at, low)?;
             self.write_u64(at + 8, handler >> 32)?;
         }
-        for (i, p) in probes.iter().enumerate() {
-            let bad = |why| OracleError::BadProbe { index: i, why };
-            let top = match self.mode {
-                PagingMode::Level4 => (p.va >> 39) & 511,
-                PagingMode::Level5 => (p.va >> 48) & 511,
-            };
-            if top == HARNESS_INDEX {
-                return Err(bad("the address is in the harness's slot"));
-            }
-            if p.cr3 & 0xfff != 0 || p.cr3 >= RAM_SIZE {
-                return Err(bad("CR3 is not a 4 KiB-aligned address in RAM"));
-            }
-            let in_ram = |pa: u64| pa == 0 || (pa % 8 == 0 && pa < RAM_SIZE);
-            if !in_ram(p.check_pa) || !p.entries.iter().all(|&e| in_ram(e)) {
-                return Err(bad("a read-back address is not an aligned address in RAM"));
-            }
-            let (op, value) = match p.access {
-                Access::Read => (OP_READ, 0),
-                Access::Write(v) => (OP_WRITE, v),
-                Access::Execute => (OP_EXECUTE, 0),
-            };
-            let cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG | if p.wp { CR0_WP } else { 0 };
-            let cr4 = self.cr4() | if p.smep { CR4_SMEP } else { 0 };
-            let mut rec = vec![
-                op,
-                p.va,
-                value,
-                p.cr3,
-                cr0,
-                cr4,
-                u64::from(p.user),
-                p.check_pa,
-                p.restore,
-            ];
-            rec.extend_from_slice(&p.entries);
-            let bytes: Vec<u8> = rec.iter().flat_map(|w| w.to_le_bytes()).collect();
-            self.write(PROBES + RECORD * i as u64, &bytes)?;
+        for (i, rec) in records.iter().enumerate() {
+            self.write(PROBES + RECORD * i as u64, rec)?;
         }
         self.write(HEADER, &[0; 64])?;
         self.write(RESULTS, &vec![0; (RECORD as usize) * probes.len().max(1)])?;

@@ -5,7 +5,7 @@
 use vm_memory::{Bytes, GuestAddress};
 use vsva_qemu_oracle::x86::{
     exec_snippet, layout, pf, Access, Machine, OracleError, Outcome, PagingMode, Probe,
-    HARNESS_INDEX,
+    HARNESS_BASE, HARNESS_INDEX,
 };
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
@@ -53,6 +53,18 @@ fn build(m: &Machine, leaf_flags: u64) -> (u64, Vec<u64>) {
         }
     }
     (root, entries)
+}
+
+/// The run's header and its first probe records.
+fn snapshot(m: &Machine) -> Vec<u8> {
+    let mut bytes = vec![0; 0x1000];
+    m.mem()
+        .read_slice(&mut bytes[..0x800], GuestAddress(layout::HEADER))
+        .unwrap();
+    m.mem()
+        .read_slice(&mut bytes[0x800..], GuestAddress(layout::PROBES))
+        .unwrap();
+    bytes
 }
 
 fn probe(root: u64, user: bool, access: Access, entries: &[u64]) -> Probe {
@@ -187,6 +199,53 @@ fn boots_and_probes(mode: PagingMode) {
             if error_code == pf::PRESENT | pf::USER | pf::FETCH),
         "{:?}",
         r.reports[0].outcome
+    );
+
+    // Probes the program cannot run are refused before anything is written: the harness's
+    // own slot, an unaligned CR3, a read-back address outside RAM, too many probes.
+    let fine = probe(root, false, Access::Read, &[]);
+    let before = snapshot(&m);
+    for (bad, index) in [
+        (
+            Probe {
+                va: HARNESS_BASE,
+                ..fine
+            },
+            1,
+        ),
+        (
+            Probe {
+                cr3: root | 8,
+                ..fine
+            },
+            1,
+        ),
+        (
+            Probe {
+                check_pa: layout::RAM_SIZE,
+                ..fine
+            },
+            1,
+        ),
+        (
+            Probe {
+                entries: [8, 3, 0, 0, 0],
+                ..fine
+            },
+            1,
+        ),
+    ] {
+        let e = m.run(&[fine, bad]).unwrap_err();
+        assert!(
+            matches!(e, OracleError::BadProbe { index: i, .. } if i == index),
+            "{e}"
+        );
+    }
+    let e = m.run(&vec![fine; layout::MAX_PROBES + 1]).unwrap_err();
+    assert!(matches!(e, OracleError::TooManyProbes(n) if n == layout::MAX_PROBES + 1));
+    assert!(
+        snapshot(&m) == before,
+        "a refused run changed the header or the probe records"
     );
     drop(m);
     let _ = std::fs::remove_dir_all(&dir);

@@ -24,10 +24,10 @@
 //!   write).
 //!
 //! How VT-d's rules map onto the CPU's (VT-d 3.x §3.6.1, §3.6.2): WPE is CR0.WP (random
-//! per table); supervisor execute requests to user pages always fault in VT-d, which is
-//! CR4.SMEP = 1 (always set here, where the KVM oracle's host has no SMEP); NX is always
-//! honoured in VT-d first-level entries, so EFER.NXE = 1; VT-d has no SMAP (CR4.SMAP clear)
-//! and no protection keys. SRE has no CPU equivalent: every supervisor probe is also walked
+//! per table); the walker has no switch for the PASID entry's SMEP and NXE fields and acts
+//! as with both set (supervisor execute requests to user pages fault; XD is honoured, not
+//! reserved), which is CR4.SMEP = 1 (always set here, where the KVM oracle's host has no
+//! SMEP) and EFER.NXE = 1; VT-d has no SMAP (CR4.SMAP clear) and no protection keys. SRE has no CPU equivalent: every supervisor probe is also walked
 //! with SRE = 0, which must fault SPT.6 before reading an entry. With EAFE (random per
 //! table) the walker also sets the extended-accessed bit 10, which the CPU ignores: it is
 //! masked in comparisons and required in every entry of a successful walk. The walker runs
