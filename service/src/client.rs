@@ -2,8 +2,9 @@
 //! process, implementing the same [`UapiFile`] as the in-process container, so that a VMM
 //! runs unchanged against either.
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -15,8 +16,8 @@ use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
 use crate::protocol::{
-    encode_request, HostState, Reply, Request, Welcome, CONNECTIONS_FULL, FILE_VFIO_CONTAINER,
-    VERSION,
+    encode_request, HostState, Reply, Request, Welcome, CONNECTIONS_FULL, FILE_IOMMUFD,
+    FILE_VFIO_CONTAINER, VERSION,
 };
 use crate::socket;
 
@@ -60,6 +61,10 @@ pub struct RemoteFile {
     welcome: Welcome,
     gone: AtomicBool,
     events: Mutex<Option<EventPump>>,
+    /// The kind of file opened.
+    kind: u32,
+    /// File descriptors ioctls gave, by their number in this process, until taken.
+    given: Mutex<BTreeMap<i32, OwnedFd>>,
 }
 
 impl std::fmt::Debug for RemoteFile {
@@ -101,6 +106,8 @@ impl RemoteFile {
             },
             gone: AtomicBool::new(false),
             events: Mutex::new(None),
+            kind,
+            given: Mutex::new(BTreeMap::new()),
         };
         let reply = file
             .call(
@@ -136,8 +143,25 @@ impl RemoteFile {
         self.calls.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends `request` (with `fds`) and waits for its reply.
+    /// Sends `request` (with `fds`) and waits for its reply, which carries no fd.
     fn call(&self, request: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Result<Reply, Errno> {
+        let (reply, given) = self.call_fds(request, fds)?;
+        if !given.is_empty() {
+            tracing::error!(
+                "vsva host gave {} fds with a reply that has none",
+                given.len()
+            );
+            return Err(Errno::EIO);
+        }
+        Ok(reply)
+    }
+
+    /// Sends `request` (with `fds`) and waits for its reply and the fds it carries.
+    fn call_fds(
+        &self,
+        request: &Request<'_>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Reply, Vec<OwnedFd>), Errno> {
         if self.host_gone() {
             return Err(HOST_GONE);
         }
@@ -160,11 +184,11 @@ impl RemoteFile {
             tracing::error!("vsva host reply: {e}");
             Errno::EIO
         })?;
-        if reply.id != id || !received.fds.is_empty() {
+        if reply.id != id {
             tracing::error!("vsva host replied to request {} out of turn", reply.id);
             return Err(Errno::EIO);
         }
-        Ok(reply)
+        Ok((reply, received.fds))
     }
 
     fn simple(&self, request: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Result<Reply, Errno> {
@@ -233,10 +257,86 @@ impl RemoteFile {
         let reply = self.simple(&Request::State, &[])?;
         HostState::from_bytes(&reply.data).ok_or(Errno::EIO)
     }
+
+    /// Takes the file descriptor an ioctl gave as `fd` (its number in this process, as
+    /// the ioctl wrote it in its argument): from then on the caller owns it.
+    pub fn take_fd(&self, fd: i32) -> Option<OwnedFd> {
+        self.given
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&fd)
+    }
+
+    /// Takes the fault queue `IOMMU_FAULT_QUEUE_ALLOC` gave as `fd`, as a file.
+    pub fn fault_queue(&self, fd: i32) -> Option<Arc<dyn UapiFile>> {
+        self.take_fd(fd)
+            .map(|fd| Arc::new(FaultQueueFd(fd)) as Arc<dyn UapiFile>)
+    }
+
+    /// An ioctl whose reply gives a file descriptor, in the u32 field at `at`: the fd is
+    /// kept for [`RemoteFile::take_fd`] and its number written in the field.
+    fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8], at: usize) -> Result<usize, Errno> {
+        let (reply, mut fds) = self.call_fds(&Request::Ioctl { cmd, arg }, &[])?;
+        let n = reply.result? as usize;
+        if reply.data.len() != arg.len() || fds.len() != 1 || arg.len() < at + 4 {
+            tracing::error!("vsva host's reply to ioctl {cmd:#x} does not give one fd");
+            return Err(Errno::EIO);
+        }
+        arg.copy_from_slice(&reply.data);
+        let fd = fds.remove(0);
+        let raw = fd.as_raw_fd();
+        arg[at..at + 4].copy_from_slice(&raw.to_le_bytes());
+        self.given
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(raw, fd);
+        Ok(n)
+    }
+}
+
+/// A fault queue file `vsva host` serves ([`crate::fault`]): one end of a socket pair,
+/// non-blocking. `read` gives one whole group of `iommu_hwpt_pgfault` records (`EAGAIN`
+/// when none waits), `write` sends `iommu_hwpt_page_response`s. Readiness is the fd's
+/// own (poll it for `POLLIN`).
+#[derive(Debug)]
+pub struct FaultQueueFd(pub OwnedFd);
+
+impl AsFd for FaultQueueFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl UapiFile for FaultQueueFd {
+    /// A fault queue file has no ioctl.
+    fn ioctl(&self, _cmd: u32, _arg: &mut [u8]) -> Result<usize, Errno> {
+        Err(Errno::ENOTTY)
+    }
+
+    fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        rustix::io::read(&self.0, buf).map_err(|e| Errno::new(e.raw_os_error()))
+    }
+
+    fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
+        rustix::io::write(&self.0, buf).map_err(|e| Errno::new(e.raw_os_error()))
+    }
+
+    /// The socket's readiness is the notification: a VMM polls the fd, as it polls a
+    /// kernel fault queue file; a notifier is not taken.
+    fn set_event_notifier(&self, notifier: Option<Arc<dyn EventNotifier>>) {
+        if notifier.is_some() {
+            tracing::warn!("a served fault queue notifies through its fd's readiness only");
+        }
+    }
 }
 
 impl UapiFile for RemoteFile {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        if self.kind == FILE_IOMMUFD {
+            if let Some(at) = crate::iommufd::served(cmd).and_then(|s| s.fd_out) {
+                return self.ioctl_giving_fd(cmd, arg, at);
+            }
+        }
         let reply = self.simple(&Request::Ioctl { cmd, arg }, &[])?;
         if reply.data.len() != arg.len() {
             return Err(Errno::EIO);

@@ -5,21 +5,25 @@
 //! fields, so that the server translates exactly the range the file will touch (as the
 //! kernel's `copy_from_user`/`copy_to_user` of that range would fault outside the
 //! caller's memory). An ioctl that is not in the table never reaches the file (ENOTTY):
-//! one whose pointer is not described cannot pass untranslated. Ioctls that hand file
-//! descriptors across (`IOAS_MAP_FILE`, `FAULT_QUEUE_ALLOC`, the cdev's
-//! `BIND_IOMMUFD`) are not served; `DEVICE_ADD` binds the connection's device instead.
+//! one whose pointer is not described cannot pass untranslated. The table also names the
+//! field where an ioctl gives a file descriptor: `FAULT_QUEUE_ALLOC`'s fault queue reaches
+//! the client as one end of a socket pair the host serves ([`crate::fault`]), sent with
+//! the reply. The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD` binds the
+//! connection's device instead.
 
 use std::mem::{offset_of, size_of};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vsva_host::driver::{DirtyBitmap, HostIommu};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
 use vsva_uapi::iommufd::*;
-use vsva_uapi::wire::Wire;
+use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
+use crate::fault::FaultPump;
 use crate::kind::{FileKind, Holdings, ServedFile, UserRange};
 use crate::protocol::FILE_IOMMUFD;
 
@@ -73,6 +77,9 @@ pub struct Served {
     pub name: &'static str,
     /// The user pointer its argument carries.
     pub pointer: Option<Pointer>,
+    /// The offset of the u32 field where it gives a file descriptor: the reply carries
+    /// the file as `SCM_RIGHTS` and the field holds its index there (0).
+    pub fd_out: Option<usize>,
 }
 
 const fn plain(cmd: u32, name: &'static str) -> Served {
@@ -80,6 +87,7 @@ const fn plain(cmd: u32, name: &'static str) -> Served {
         cmd,
         name,
         pointer: None,
+        fd_out: None,
     }
 }
 
@@ -88,8 +96,22 @@ const fn with(cmd: u32, name: &'static str, at: usize, count: Count) -> Served {
         cmd,
         name,
         pointer: Some(Pointer { at, count }),
+        fd_out: None,
     }
 }
+
+const fn giving_fd(cmd: u32, name: &'static str, at: usize) -> Served {
+    Served {
+        cmd,
+        name,
+        pointer: None,
+        fd_out: Some(at),
+    }
+}
+
+/// Fault queues one connection may have served at once (each is a socket pair and a
+/// thread of the host); one more is `EMFILE`, as a process out of file descriptors.
+pub const MAX_FAULT_QUEUES: usize = 4;
 
 /// Every ioctl an iommufd connection serves; docs/protocol.md lists the same.
 pub const IOCTLS: &[Served] = &[
@@ -155,6 +177,11 @@ pub const IOCTLS: &[Served] = &[
             len: offset_of!(IommuHwptInvalidate, entry_len),
         },
     ),
+    giving_fd(
+        IOMMU_FAULT_QUEUE_ALLOC,
+        "IOMMU_FAULT_QUEUE_ALLOC",
+        offset_of!(IommuFaultAlloc, out_fault_fd),
+    ),
     plain(
         VFIO_DEVICE_ATTACH_IOMMUFD_PT,
         "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
@@ -164,6 +191,11 @@ pub const IOCTLS: &[Served] = &[
         "VFIO_DEVICE_DETACH_IOMMUFD_PT",
     ),
 ];
+
+/// The table's row for `cmd`.
+pub fn served(cmd: u32) -> Option<&'static Served> {
+    IOCTLS.iter().find(|s| s.cmd == cmd)
+}
 
 fn u32_at(arg: &[u8], at: usize) -> Result<u64, Errno> {
     let b = arg.get(at..at + 4).ok_or(Errno::EINVAL)?;
@@ -217,6 +249,7 @@ impl FileKind for IommufdKind {
             fd,
             file,
             device: Mutex::new(None),
+            pumps: Mutex::new(Vec::new()),
         }))
     }
 
@@ -228,7 +261,7 @@ impl FileKind for IommufdKind {
 /// The user range [`IOCTLS`] gives the ioctl `cmd` with argument `arg`; ENOTTY for an
 /// ioctl not in the table, EINVAL for an argument too short to hold its fields.
 pub fn user_range(cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno> {
-    let served = IOCTLS.iter().find(|s| s.cmd == cmd).ok_or(Errno::ENOTTY)?;
+    let served = served(cmd).ok_or(Errno::ENOTTY)?;
     served.pointer.map(|p| p.range(arg)).transpose()
 }
 
@@ -239,17 +272,61 @@ pub struct ServedIommufd {
     fd: i32,
     file: Arc<IommufdFile>,
     device: Mutex<Option<VfioDeviceFile>>,
+    /// The fault queues handed to the client.
+    pumps: Mutex<Vec<FaultPump>>,
 }
 
 impl ServedIommufd {
     fn device(&self) -> std::sync::MutexGuard<'_, Option<VfioDeviceFile>> {
         self.device.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn pumps(&self) -> std::sync::MutexGuard<'_, Vec<FaultPump>> {
+        self.pumps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `IOMMU_FAULT_QUEUE_ALLOC`: the fault queue is made in the file's fd table, taken
+    /// out of it and served on a socket pair whose other end the client gets. If it cannot
+    /// be served the queue is destroyed again, so a failed call leaves nothing.
+    fn fault_queue_alloc(&self, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
+        let mut pumps = self.pumps();
+        pumps.retain(|p| p.file().is_some());
+        if pumps.len() >= MAX_FAULT_QUEUES {
+            return Err(Errno::new(libc::EMFILE));
+        }
+        let n = self.file.ioctl(IOMMU_FAULT_QUEUE_ALLOC, arg)?;
+        let out: IommuFaultAlloc = read_prefix(arg, arg.len());
+        let fd = out.out_fault_fd as i32;
+        let queue = self.fds.fault(fd);
+        self.fds.close(fd);
+        let started = queue.ok_or(Errno::EIO).and_then(|q| FaultPump::start(&q));
+        match started {
+            Ok((pump, theirs)) => {
+                pumps.push(pump);
+                let at = offset_of!(IommuFaultAlloc, out_fault_fd);
+                arg[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+                Ok((n, Some(theirs)))
+            }
+            Err(e) => {
+                let mut destroy = IommuDestroy {
+                    size: size_of::<IommuDestroy>() as u32,
+                    id: out.out_fault_id,
+                }
+                .to_bytes();
+                if let Err(d) = self.file.ioctl(IOMMU_DESTROY, &mut destroy) {
+                    tracing::error!("destroying a fault queue that was not served: {d}");
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Drop for ServedIommufd {
-    /// The device's cdev closes first (detaching it), then the iommufd's fd.
+    /// The fault queues' pumps stop (the client's ends read EOF), the device's cdev
+    /// closes (detaching it), then the iommufd's fd.
     fn drop(&mut self) {
+        self.pumps().clear();
         self.device().take();
         self.fds.close(self.fd);
     }
@@ -281,9 +358,15 @@ impl UapiFile for ServedIommufd {
 
 impl ServedFile for ServedIommufd {
     /// The IOAS areas mapped and the PASIDs attached (what the type1 container counts as
-    /// DMA mappings and binds); no fault queue is served, so no page requests or records.
+    /// DMA mappings and binds); the fault queues' groups waiting for a response (those
+    /// sent to the client's socket and not answered included) and records not sent yet.
     fn holdings(&self) -> Holdings {
         let mut h = Holdings::default();
+        for f in self.pumps().iter().filter_map(FaultPump::file) {
+            let (waiting, unread) = f.pending();
+            h.page_requests += waiting as u64;
+            h.faults_unread += unread as u64;
+        }
         for o in self.file.lock().objects().values() {
             match o {
                 ObjectState::Ioas(areas) => h.dma_mappings += areas.len() as u64,
@@ -292,6 +375,13 @@ impl ServedFile for ServedIommufd {
             }
         }
         h
+    }
+
+    fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
+        if cmd == IOMMU_FAULT_QUEUE_ALLOC {
+            return self.fault_queue_alloc(arg);
+        }
+        self.ioctl(cmd, arg).map(|n| (n, None))
     }
 
     /// Opens the device's cdev and binds it to this iommufd (`VFIO_DEVICE_BIND_IOMMUFD`);
@@ -386,9 +476,9 @@ mod tests {
     fn short_arguments_and_unserved_ioctls_never_reach_the_file() {
         assert_eq!(range(IOMMU_IOAS_MAP, &[0; 24]), Err(Errno::EINVAL));
         assert_eq!(range(IOMMU_HWPT_INVALIDATE, &[0; 20]), Err(Errno::EINVAL));
+        assert_eq!(range(IOMMU_FAULT_QUEUE_ALLOC, &[0; 16]), Ok(None));
         for cmd in [
             IOMMU_IOAS_MAP_FILE,
-            IOMMU_FAULT_QUEUE_ALLOC,
             IOMMU_VIOMMU_ALLOC,
             VFIO_DEVICE_BIND_IOMMUFD,
             0,

@@ -4,6 +4,7 @@
 //! resolves a user pointer in the caller's `mm`).
 
 use std::mem::size_of;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use vsva_host::driver::{HostIommu, VtdDomain};
@@ -46,6 +47,12 @@ pub struct Holdings {
 pub trait ServedFile: UapiFile {
     /// What the file holds.
     fn holdings(&self) -> Holdings;
+
+    /// An ioctl, and the file descriptor it gives the caller, if any (the kind's table
+    /// names the field that says where it is).
+    fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
+        self.ioctl(cmd, arg).map(|n| (n, None))
+    }
 
     /// Attaches the passthrough device `sid` to the file, as `VFIO_GROUP_SET_CONTAINER`
     /// does for the device's group (or binds it, for an iommufd); returns the bytes the

@@ -6,11 +6,13 @@
 //! - [`socket`]: `SOCK_SEQPACKET` frames with `SCM_RIGHTS` file descriptors.
 //! - [`kind`]: the file kinds a connection can open: a VFIO type1 container, or an
 //!   iommufd ([`iommufd`], with the table of the ioctls it serves and their pointers).
+//! - [`fault`]: an iommufd fault queue served to the client on a socket pair.
 //! - [`server`]: the host, one thread per connection.
 //! - [`process`]: a `vsva host` child process, started, probed and stopped.
 //! - [`load`]: `vsva load`, a host and VM processes under load and chaos.
 
 pub mod client;
+pub mod fault;
 pub mod iommufd;
 pub mod kind;
 pub mod load;

@@ -23,9 +23,10 @@ use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig, StaleTranslation};
 use vsva_hw::{FrameAllocator, HostMemory};
-use vsva_uapi::{Errno, EventNotifier};
+use vsva_uapi::Errno;
 use vsva_vtd::{Hpa, SourceId};
 
+use crate::fault::EventfdNotifier;
 use crate::iommufd::IommufdKind;
 use crate::kind::{FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
@@ -530,6 +531,7 @@ impl Service {
             windows: Vec::new(),
             device: None,
             bad_frames: 0,
+            given: None,
         };
         let why = conn.serve(sock.as_fd());
         tracing::debug!("connection {id} closed: {why}");
@@ -549,17 +551,6 @@ struct Window {
     user: u64,
 }
 
-/// Reports each queued fault record to the client's eventfd.
-struct EventfdNotifier(OwnedFd);
-
-impl EventNotifier for EventfdNotifier {
-    fn notify(&self) {
-        if let Err(e) = rustix::io::write(&self.0, &1u64.to_ne_bytes()) {
-            tracing::debug!("fault eventfd: {e}");
-        }
-    }
-}
-
 struct Connection<'s> {
     id: u64,
     svc: &'s Service,
@@ -570,6 +561,8 @@ struct Connection<'s> {
     /// The connection's passthrough device, if it added one.
     device: Option<Arc<DmaEngine>>,
     bad_frames: u32,
+    /// The file descriptor the request being served gives the client.
+    given: Option<OwnedFd>,
 }
 
 impl Connection<'_> {
@@ -584,12 +577,16 @@ impl Connection<'_> {
                 Err(e) => return format!("receive: {e}"),
             };
             let reply = self.handle(received);
+            // The file descriptor the request gives the client goes with the reply, and is
+            // closed here once sent.
+            let given = self.given.take();
             let c = &self.svc.counters;
             c.requests.fetch_add(1, Ordering::AcqRel);
             if reply.result.is_err() {
                 c.errors.fetch_add(1, Ordering::AcqRel);
             }
-            if let Err(e) = socket::send(sock, &reply.encode(), &[]) {
+            let fds: Vec<_> = given.iter().map(AsFd::as_fd).collect();
+            if let Err(e) = socket::send(sock, &reply.encode(), &fds) {
                 return format!("send: {e}");
             }
             if self.bad_frames > self.svc.limits.max_bad_frames {
@@ -663,7 +660,10 @@ impl Connection<'_> {
             (Request::Ioctl { cmd, arg }, Some(f)) => {
                 let mut arg = arg.to_vec();
                 match self.ioctl(f.as_ref(), cmd, &mut arg) {
-                    Ok(n) => reply(Ok(n as u64), arg),
+                    Ok((n, given)) => {
+                        self.given = given;
+                        reply(Ok(n as u64), arg)
+                    }
                     Err(e) => reply(Err(e), Vec::new()),
                 }
             }
@@ -794,11 +794,16 @@ impl Connection<'_> {
     /// An ioctl, with the user address its argument carries (if any) translated from the
     /// client's windows to the host's; an address outside them is `EFAULT` and the file
     /// never sees it. The client gets its own address back.
-    fn ioctl(&self, file: &dyn ServedFile, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+    fn ioctl(
+        &self,
+        file: &dyn ServedFile,
+        cmd: u32,
+        arg: &mut [u8],
+    ) -> Result<(usize, Option<OwnedFd>), Errno> {
         let kind = self.kind.as_ref().ok_or(Errno::new(libc::ENOTCONN))?;
         let range = kind.user_range(cmd, arg)?;
         let Some(range) = range else {
-            return file.ioctl(cmd, arg);
+            return file.ioctl_giving_fd(cmd, arg);
         };
         let field = range.at..range.at + 8;
         let addr = u64::from_le_bytes(arg[field.clone()].try_into().expect("8 bytes"));
@@ -808,7 +813,7 @@ impl Connection<'_> {
             None => return Err(Errno::EFAULT),
         };
         arg[field.clone()].copy_from_slice(&host.to_le_bytes());
-        let result = file.ioctl(cmd, arg);
+        let result = file.ioctl_giving_fd(cmd, arg);
         arg[field].copy_from_slice(&addr.to_le_bytes());
         result
     }

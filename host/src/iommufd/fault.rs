@@ -73,6 +73,14 @@ impl FaultFile {
         self.groups.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Groups read and waiting for their response, and records of whole groups not
+    /// read yet.
+    pub fn pending(&self) -> (usize, usize) {
+        let mut g = self.groups();
+        self.collect(&mut g);
+        (g.waiting.len(), g.ready.iter().map(Vec::len).sum())
+    }
+
     /// The sink the driver reports this queue's page requests to.
     pub(crate) fn sink(&self) -> FaultSink {
         self.queue.sink()

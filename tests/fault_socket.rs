@@ -1,0 +1,417 @@
+//! The iommufd fault queue over a real `vsva host` process: `IOMMU_FAULT_QUEUE_ALLOC`
+//! gives the client a file descriptor (SCM_RIGHTS) it reads whole page request groups from
+//! and writes page responses to, by cookie; refused calls change nothing, the queues a
+//! connection may hold are bounded, and a killed client's queue and groups are released.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+use vsva_service::protocol::FILE_IOMMUFD;
+use vsva_service::{RemoteFile, SharedRam};
+use vsva_uapi::iommufd::*;
+use vsva_uapi::wire::{read_prefix, Wire};
+use vsva_uapi::{Errno, UapiFile};
+use vsva_vtd::{
+    FlPagingMode, FrameSource, MapFlags, PageSize, PageTableBuilder, Pasid, TableFormat,
+};
+
+mod common;
+use common::{settle, start_host, stop, wait_exit, WAIT};
+
+const RAM: u64 = 4 << 20;
+const HOST_MEMORY: &str = "256M";
+const PAGE: u64 = 4096;
+/// Guest RAM the guest's first-level tables are built in.
+const GUEST_PT: (u64, u64) = (0x80000, 0xa0000);
+/// Where structures passed by pointer are put.
+const SCRATCH: u64 = RAM - PAGE;
+const GVA: u64 = 0x4000_0000;
+/// The guest page the faulting GVA gets once the VMM answers.
+const TARGET: u64 = 0x20000;
+const PASID: u32 = 9;
+const RECORD: usize = std::mem::size_of::<IommuHwptPgfault>();
+
+fn io<T: Wire>(f: &dyn UapiFile, cmd: u32, v: &T) -> Result<T, Errno> {
+    let mut b = v.to_bytes();
+    f.ioctl(cmd, &mut b)?;
+    Ok(read_prefix(&b, b.len()))
+}
+
+struct GuestFrames(u64);
+
+impl FrameSource for GuestFrames {
+    fn alloc_table(&mut self) -> Option<u64> {
+        (self.0 < GUEST_PT.1).then(|| {
+            self.0 += PAGE;
+            self.0 - PAGE
+        })
+    }
+
+    fn free_table(&mut self, _frame: u64) {}
+}
+
+/// A VMM on an iommufd connection: its RAM mapped at IOVA 0 in an IOAS, its device's RID
+/// on a nest-parent HWPT, a fault queue, and PASID 9 attached to a nested HWPT whose guest
+/// first-level table maps nothing yet.
+struct Vmm {
+    f: RemoteFile,
+    ram: SharedRam,
+    tables: PageTableBuilder,
+    frames: GuestFrames,
+    dev_id: u32,
+    fault_id: u32,
+    queue: Arc<dyn UapiFile>,
+    queue_fd: std::os::fd::OwnedFd,
+}
+
+fn fault_alloc(f: &RemoteFile, flags: u32) -> Result<IommuFaultAlloc, Errno> {
+    io(
+        f,
+        IOMMU_FAULT_QUEUE_ALLOC,
+        &IommuFaultAlloc {
+            size: 16,
+            flags,
+            ..Default::default()
+        },
+    )
+}
+
+fn vmm(path: &Path) -> Vmm {
+    let f = RemoteFile::connect_kind(path, FILE_IOMMUFD).unwrap();
+    let ram = SharedRam::new(RAM).unwrap();
+    ram.share(&f).unwrap();
+    let (_, dev_id) = f.device_add_bound().unwrap();
+    let ioas = io(
+        &f,
+        IOMMU_IOAS_ALLOC,
+        &IommuIoasAlloc {
+            size: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .out_ioas_id;
+    let rw = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
+    io(
+        &f,
+        IOMMU_IOAS_MAP,
+        &IommuIoasMap {
+            size: 40,
+            flags: rw,
+            ioas_id: ioas,
+            __reserved: 0,
+            user_va: ram.addr(),
+            length: RAM,
+            iova: 0,
+        },
+    )
+    .unwrap();
+    let parent = io(
+        &f,
+        IOMMU_HWPT_ALLOC,
+        &IommuHwptAlloc {
+            size: 48,
+            flags: IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+            dev_id,
+            pt_id: ioas,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .out_hwpt_id;
+    io(
+        &f,
+        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        &VfioDeviceAttachIommufdPt {
+            argsz: 16,
+            flags: 0,
+            pt_id: parent,
+            pasid: 0,
+        },
+    )
+    .unwrap();
+    let out = fault_alloc(&f, 0).unwrap();
+    let queue_fd = f.take_fd(out.out_fault_fd as i32).expect("the fault fd");
+    let queue: Arc<dyn UapiFile> = Arc::new(vsva_service::client::FaultQueueFd(
+        queue_fd.try_clone().unwrap(),
+    ));
+    let mut frames = GuestFrames(GUEST_PT.0);
+    let tables = PageTableBuilder::new(
+        TableFormat::FirstLevel(FlPagingMode::FourLevel),
+        &*ram.mem,
+        &mut frames,
+    )
+    .unwrap();
+    let s1 = IommuHwptVtdS1 {
+        flags: 0,
+        pgtbl_addr: tables.root(),
+        addr_width: 48,
+        __reserved: 0,
+    };
+    ram.mem
+        .write_slice(&s1.to_bytes(), GuestAddress(SCRATCH))
+        .unwrap();
+    let nested = io(
+        &f,
+        IOMMU_HWPT_ALLOC,
+        &IommuHwptAlloc {
+            size: 48,
+            flags: IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_FAULT_ID_VALID,
+            dev_id,
+            pt_id: parent,
+            data_type: IOMMU_HWPT_DATA_VTD_S1,
+            data_len: s1.to_bytes().len() as u32,
+            data_uptr: ram.addr() + SCRATCH,
+            fault_id: out.out_fault_id,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .out_hwpt_id;
+    io(
+        &f,
+        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        &VfioDeviceAttachIommufdPt {
+            argsz: 16,
+            flags: VFIO_DEVICE_ATTACH_PASID,
+            pt_id: nested,
+            pasid: PASID,
+        },
+    )
+    .unwrap();
+    Vmm {
+        f,
+        ram,
+        tables,
+        frames,
+        dev_id,
+        fault_id: out.out_fault_id,
+        queue,
+        queue_fd,
+    }
+}
+
+impl Vmm {
+    /// The device writes 8 bytes at `gva` through PASID 9, waiting on a page request if
+    /// the page is missing; returns the descriptors waiting for a page response.
+    fn dma(&self, gva: u64) -> u64 {
+        let desc = vsva_hw::dma::Descriptor {
+            pasid: Some(Pasid::new(PASID).unwrap()),
+            privileged: false,
+            block_on_fault: true,
+            completion: vsva_hw::dma::CompletionRequest::None,
+            op: vsva_hw::dma::Operation::Fill {
+                pattern: 0x4242_4242_4242_4242,
+                dst: gva,
+                size: 8,
+            },
+        };
+        self.f.device_write(0, &desc.encode()).unwrap();
+        self.f.device_run().unwrap()
+    }
+
+    fn map(&mut self, gva: u64, gpa: u64) {
+        let flags = MapFlags::READ | MapFlags::WRITE | MapFlags::USER;
+        self.tables
+            .map(
+                &*self.ram.mem,
+                &mut self.frames,
+                gva,
+                gpa,
+                PageSize::Size4K,
+                flags,
+            )
+            .unwrap();
+    }
+}
+
+/// Waits (bounded) until `fd` is readable.
+fn readable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let timeout = Timespec {
+        tv_sec: WAIT.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+}
+
+/// A page request round trip through the fault fd the host passed: the device faults on a
+/// page its guest has not mapped, the VMM reads the whole group (one record, the cookie),
+/// maps the page and writes the response; the device's retried DMA lands in the VMM's RAM.
+/// Refused allocations change nothing; a connection holds at most four queues.
+#[test]
+fn a_page_request_round_trip_through_the_passed_fault_fd() {
+    let host = start_host("faultq", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let mut v = vmm(host.socket());
+    let set_up = probe.host_state().unwrap();
+    assert_eq!((set_up.page_requests, set_up.faults_unread), (0, 0));
+
+    // Refused: unknown flags (EOPNOTSUPP), nothing made.
+    assert_eq!(fault_alloc(&v.f, 1).unwrap_err(), Errno::EOPNOTSUPP);
+    assert_eq!(probe.host_state().unwrap(), set_up);
+    // Three more queues fit; the fifth is EMFILE and changes nothing.
+    let extra: Vec<IommuFaultAlloc> = (0..3).map(|_| fault_alloc(&v.f, 0).unwrap()).collect();
+    assert_eq!(fault_alloc(&v.f, 0).unwrap_err(), Errno::new(libc::EMFILE));
+    // A destroyed queue's fd reads end-of-file; its room is free again.
+    let gone = v.f.take_fd(extra[0].out_fault_fd as i32).unwrap();
+    io(
+        &v.f,
+        IOMMU_DESTROY,
+        &IommuDestroy {
+            size: 8,
+            id: extra[0].out_fault_id,
+        },
+    )
+    .unwrap();
+    assert!(readable(gone.as_fd()));
+    assert_eq!(rustix::io::read(&gone, &mut [0u8; RECORD]), Ok(0));
+    fault_alloc(&v.f, 0).unwrap();
+    // A queue with a HWPT using it is busy.
+    assert_eq!(
+        io(
+            &v.f,
+            IOMMU_DESTROY,
+            &IommuDestroy {
+                size: 8,
+                id: v.fault_id
+            }
+        )
+        .unwrap_err(),
+        Errno::EBUSY
+    );
+
+    let mut rec = [0u8; RECORD * 4];
+    assert_eq!(v.queue.read(&mut rec).unwrap_err(), Errno::EAGAIN);
+    // The device writes a page its guest has not mapped: it asks and waits.
+    let missing = GVA + 4 * PAGE;
+    assert_eq!(v.dma(missing), 1);
+    assert!(readable(v.queue_fd.as_fd()), "no page request arrived");
+    assert_eq!(v.queue.read(&mut rec).unwrap(), RECORD, "one whole group");
+    let fault: IommuHwptPgfault = read_prefix(&rec, RECORD);
+    assert_eq!(
+        (fault.dev_id, fault.pasid, fault.addr),
+        (v.dev_id, PASID, missing)
+    );
+    assert_eq!(
+        fault.flags,
+        IOMMU_PGFAULT_FLAGS_PASID_VALID | IOMMU_PGFAULT_FLAGS_LAST_PAGE
+    );
+    assert!(fault.perm & IOMMU_PGFAULT_PERM_WRITE != 0);
+    assert_eq!(v.queue.read(&mut rec).unwrap_err(), Errno::EAGAIN);
+    let waiting = probe.host_state().unwrap();
+    assert_eq!((waiting.page_requests, waiting.faults_unread), (1, 0));
+
+    // A response with an unknown cookie answers nothing; the group's own cookie does.
+    let response = |cookie| {
+        IommuHwptPageResponse {
+            cookie,
+            code: IOMMUFD_PAGE_RESP_SUCCESS,
+        }
+        .to_bytes()
+    };
+    assert_eq!(v.queue.write(&response(fault.cookie + 1)).unwrap(), 8);
+    v.map(missing, TARGET);
+    assert_eq!(v.queue.write(&response(fault.cookie)).unwrap(), 8);
+    let deadline = std::time::Instant::now() + WAIT;
+    while v.f.device_run().unwrap() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device's DMA was never retried"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut got = [0u8; 8];
+    v.ram
+        .mem
+        .read_slice(&mut got, GuestAddress(TARGET))
+        .unwrap();
+    assert_eq!(got, [0x42; 8], "the retried DMA landed in the VMM's RAM");
+    let answered = probe.host_state().unwrap();
+    assert_eq!((answered.page_requests, answered.faults_unread), (0, 0));
+
+    // Closing the connection releases everything, the queues' fds read end-of-file.
+    let Vmm {
+        f, ram, queue_fd, ..
+    } = v;
+    drop(f);
+    drop(ram);
+    assert!(readable(queue_fd.as_fd()));
+    assert_eq!(rustix::io::read(&queue_fd, &mut [0u8; RECORD]), Ok(0));
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = stop(host);
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
+
+/// The client process: sets up the fault queue, leaves its device waiting on a page
+/// request it does not answer, says "ready" and waits to be killed.
+#[test]
+fn fault_client_process() {
+    let Ok(path) = std::env::var("VSVA_TEST_FAULT_CLIENT") else {
+        return;
+    };
+    let v = vmm(Path::new(&path));
+    assert_eq!(v.dma(GVA), 1);
+    assert!(readable(v.queue_fd.as_fd()));
+    println!("ready");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn spawn_fault_client(path: &Path) -> Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fault_client_process",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("VSVA_TEST_FAULT_CLIENT", path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if line.is_ok_and(|l| l.trim_end().ends_with("ready")) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(WAIT).is_err() {
+        let _ = child.kill();
+        panic!("the fault client never got ready");
+    }
+    child
+}
+
+/// A client killed with its fault fd open and a page request group unanswered: the host
+/// releases the queue, the group, the device and everything else it held.
+#[test]
+fn a_client_killed_with_an_open_fault_fd_is_cleaned_up() {
+    let host = start_host("faultkill", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let mut child = spawn_fault_client(host.socket());
+    let held = probe.host_state().unwrap();
+    assert_eq!(held.connections, 2);
+    assert_eq!(held.page_requests + held.faults_unread, 1, "{held:?}");
+    assert!(held.windows == 1 && held.devices == 1, "{held:?}");
+    child.kill().unwrap();
+    wait_exit(&mut child);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = stop(host);
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
