@@ -6,7 +6,7 @@ mod viommu;
 use viommu::*;
 use vsva_vmm::{HostCall, VIommuConfig, VIommuError};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity};
-use vsva_vtd::regs::layout::{fsts, ics, offset, vcmd};
+use vsva_vtd::regs::layout::{fsts, gcmd, gsts, ics, offset, vcmd};
 use vsva_vtd::regs::{Cap, EventSource, RegError};
 use vsva_vtd::{DomainId, Ecap, InvDesc};
 
@@ -231,4 +231,42 @@ fn an_invalid_descriptor_stops_the_queue_until_iqe_is_cleared() {
     assert_eq!(g.read(offset::FSTS, 4) as u32 & fsts::IQE, 0);
     assert_eq!(g.read(offset::IQH, 8), head + 32);
     assert!(host.take().is_empty());
+}
+
+#[test]
+fn a_128_bit_queue_in_scalable_mode_reports_invalid_width() {
+    let host = MockHost::new();
+    let g = Guest::new(host.clone());
+    g.enable();
+    // With queued invalidation off, the driver moves the queue to 128-bit descriptors
+    // (IQA.DW = 0) while the root table stays in scalable mode.
+    g.write(
+        offset::GCMD,
+        4,
+        u64::from(g.read(offset::GSTS, 4) as u32 & gsts::TES),
+    );
+    let iqa = g.read(offset::IQA, 8) & !0xfff;
+    g.write(offset::IQA, 8, iqa);
+    g.write(offset::IQT, 8, 0);
+    g.gcmd(gcmd::QIE);
+    g.write(offset::FECTL, 4, 0);
+    let raw = InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::Global,
+        did: DomainId(0),
+        pasid: pasid(0),
+    }
+    .encode()
+    .unwrap();
+    for (i, q) in raw[..2].iter().enumerate() {
+        vsva_vtd::PhysMem::write_u64(&*g.mem, iqa + 8 * i as u64, *q).unwrap();
+    }
+    g.write(offset::IQT, 8, 16);
+    assert_eq!(g.read(offset::FSTS, 4) as u32 & fsts::IQE, fsts::IQE);
+    assert_eq!(
+        g.read(offset::IQERCD, 8) & 0xf,
+        5,
+        "invalid descriptor width (§6.5.2)"
+    );
+    assert_eq!(g.read(offset::IQH, 8), 0, "IQH stays on the descriptor");
+    assert!(host.take().is_empty(), "nothing reached the host");
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use vsva_uapi::Errno;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
-use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, VcmdResponse, VirtualCommand};
+use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
     Capabilities, DomainId, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile, RootState,
     SourceId,
@@ -212,7 +212,7 @@ impl VIommu {
     ) {
         let mut pass_tail = None;
         loop {
-            let (addr, desc_size) = {
+            let (addr, desc_size, scalable) = {
                 let regs = lock(&self.regs);
                 match (regs.next_inv_desc(), regs.inv_queue()) {
                     (Some(addr), Some(q)) => {
@@ -221,16 +221,13 @@ impl VIommu {
                             pass.clear();
                             pass_tail = Some(q.tail);
                         }
-                        (addr, q.desc_size)
+                        (addr, q.desc_size, regs.root_table().ttm == Ttm::Scalable)
                     }
                     _ => return,
                 }
             };
-            let done = self
-                .fetch_descriptor(addr, desc_size)
-                .map_err(|_| Iqei::FetchError)
-                .and_then(|raw| InvDesc::decode(raw).map_err(|e| Iqei::from(&e)))
-                .and_then(|desc| {
+            let done =
+                invalidation::fetch(&*self.mem, addr, desc_size, scalable).and_then(|desc| {
                     self.execute(&desc, flushed, pass, irqs)
                         .map_err(|_| Iqei::FetchError)
                 });
@@ -247,15 +244,6 @@ impl VIommu {
                 }
             }
         }
-    }
-
-    /// Reads one descriptor; a 128-bit descriptor (IQA.DW = 0) has its upper half zero.
-    fn fetch_descriptor(&self, addr: u64, desc_size: u64) -> Result<[u64; 4], MemError> {
-        let mut raw = [0u64; 4];
-        for (i, q) in raw.iter_mut().take((desc_size / 8) as usize).enumerate() {
-            *q = self.mem.read_u64(addr + 8 * i as u64)?;
-        }
-        Ok(raw)
     }
 
     /// Carries out one invalidation descriptor; `flushed` holds the host IOTLB

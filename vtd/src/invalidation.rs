@@ -14,6 +14,7 @@ use crate::inv_desc::{
     PasidIotlbGranularity, ResponseCode,
 };
 use crate::mem::{MemError, PhysMem};
+use crate::regs::Iqei;
 
 /// What an IOTLB invalidation (§6.5.2.3) or PASID-based-IOTLB invalidation (§6.5.2.4)
 /// removes from the IOTLB and the paging-structure caches.
@@ -160,6 +161,28 @@ pub trait InvalidationUnit {
     /// Before an invalidation wait completes: the descriptors before it must be complete,
     /// so no request that used a translation they removed may still be in flight (§6.5.5).
     fn drain(&mut self) {}
+}
+
+/// Reads and decodes the descriptor at `addr` of a queue of `width`-byte descriptors
+/// (IQA.DW: 16 or 32 bytes; a 128-bit descriptor has its upper half zero). Scalable mode
+/// (`scalable`: RTADDR.TTM = 01b) takes only 256-bit descriptors: a queue of 128-bit ones
+/// reports an invalid descriptor width (§6.5.2).
+pub fn fetch(
+    mem: &(impl PhysMem + ?Sized),
+    addr: u64,
+    width: u64,
+    scalable: bool,
+) -> Result<InvDesc, Iqei> {
+    if width != 32 && scalable {
+        return Err(Iqei::InvalidWidth);
+    }
+    let mut raw = [0u64; 4];
+    for (i, q) in raw.iter_mut().take(width as usize / 8).enumerate() {
+        *q = mem
+            .read_u64(addr + 8 * i as u64)
+            .map_err(|_| Iqei::FetchError)?;
+    }
+    InvDesc::decode(raw).map_err(|e| Iqei::from(&e))
 }
 
 /// Carries out one invalidation descriptor on `unit`. Fails only when the status write of

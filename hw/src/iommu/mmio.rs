@@ -5,12 +5,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
-use vsva_vtd::invalidation::Completion;
+use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{AddressType, Interrupt, Iqei, RegEffect, RegError, Ttm, VcmdResponse};
-use vsva_vtd::{
-    AccessRequest, FaultReason, InvDesc, Pasid, PhysMem, RootState, SourceId, TranslationFault,
-};
+use vsva_vtd::{AccessRequest, FaultReason, Pasid, PhysMem, RootState, SourceId, TranslationFault};
 
 use super::{Iommu, ROOT_STRICT};
 
@@ -102,7 +100,7 @@ impl Iommu {
                 let width = regs.inv_queue().map_or(32, |q| q.desc_size);
                 (addr, width, regs.root_table().ttm == Ttm::Scalable)
             };
-            let result = self.fetch_descriptor(addr, width, scalable);
+            let result = invalidation::fetch(&*self.mem, addr, width, scalable);
             let completion =
                 result.and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
             let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
@@ -126,23 +124,6 @@ impl Iommu {
             drop(regs);
             irq.into_iter().for_each(|i| self.raise(i));
         }
-    }
-
-    /// Reads and decodes the descriptor at `addr`. 128-bit descriptors (IQA.DW = 0) are
-    /// refused with an invalid-width error in scalable mode, which needs 256-bit ones
-    /// (§6.5.2).
-    fn fetch_descriptor(&self, addr: u64, width: u64, scalable: bool) -> Result<InvDesc, Iqei> {
-        if width != 32 && scalable {
-            return Err(Iqei::InvalidWidth);
-        }
-        let mut raw = [0u64; 4];
-        for (i, q) in raw.iter_mut().take(width as usize / 8).enumerate() {
-            *q = self
-                .mem
-                .read_u64(addr + 8 * i as u64)
-                .map_err(|_| Iqei::FetchError)?;
-        }
-        InvDesc::decode(raw).map_err(|e| Iqei::from(&e))
     }
 
     /// Records a non-recoverable fault in the fault recording registers (§7.2.1).
