@@ -19,7 +19,8 @@
 //!   token names the slot), a write is read back there, a call runs that snippet;
 //! - on failure, on the #PF: not present (SFL.2) = P clear, reserved (SFL.3) = P and RSVD,
 //!   protection (SGN.2/3/6) = P without RSVD; W/R, U/S and I/D as the access; CR2 the
-//!   address; and a refused write leaves the slot as it was;
+//!   address; and a refused write leaves the slot as it was; or, for the 3 % of addresses
+//!   made non-canonical for the paging mode, on SGN.1 before any entry is read = #GP(0);
 //! - after a successful access, on every entry of the walk (A, and D in the leaf of a
 //!   write).
 //!
@@ -712,8 +713,15 @@ fn run_mode(rng: &mut Rng, machine: &Machine, features: Features, tally: &mut Ta
             };
             // Only addresses whose walk ends outside data memory (in the firmware's top of
             // RAM, through a 1 GiB page) are drawn again.
+            // 3 % of the addresses are made non-canonical for the paging mode (one bit from
+            // the input width up flipped; with 4-level paging most are canonical with 57
+            // bits): SGN.1 before any entry is read, #GP(0) on the CPU.
+            let non_canonical = rng.percent(3);
             let va = loop {
-                let va = probe_address(rng, sc, req.execute);
+                let mut va = probe_address(rng, sc, req.execute);
+                if non_canonical {
+                    va ^= 1 << rng.in_range(63, sc.cfg.mode.input_width());
+                }
                 let mut rec = WalkRecord::default();
                 let _ = walk_first_level(&DryRun(&view), &sc.cfg, va, req, &mut rec);
                 match reached(&rec, va) {
@@ -908,6 +916,20 @@ fn compare(p: &Planned, report: &Report, sc: &Scenario, slots: &Slots, tally: &m
             tally.count(format!(
                 "both fault: {theirs:?} at level {} ({who} {what})",
                 f.level
+            ));
+        }
+        (
+            Err(f),
+            Outcome::Exception {
+                vector: 13,
+                error_code: 0,
+                ..
+            },
+        ) if f.reason == FaultReason::Sgn1 && f.level == 0 && p.rec.steps.is_empty() => {
+            faulted = true;
+            tally.faults += 1;
+            tally.count(format!(
+                "both fault: non-canonical address, SGN.1 / #GP(0) ({who} {what})"
             ));
         }
         (walk, outcome) => {
