@@ -4,7 +4,8 @@
 //! (`VFIO_IOMMU_CACHE_INVALIDATE`) and detach; real bytes move through the guest's
 //! stage-1 tables nested over stage 2; bad input changes nothing; closing leaves nothing.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
@@ -53,12 +54,15 @@ struct Host {
 }
 
 fn host() -> Host {
-    let mem = HostMemory::new(256 << 20).unwrap();
-    let frames = Arc::new(FrameAllocator::new(mem.clone()));
-    let cfg = SmmuConfig {
+    host_with(SmmuConfig {
         strict: true,
         ..SmmuConfig::default()
-    };
+    })
+}
+
+fn host_with(cfg: SmmuConfig) -> Host {
+    let mem = HostMemory::new(256 << 20).unwrap();
+    let frames = Arc::new(FrameAllocator::new(mem.clone()));
     let hw = Arc::new(Smmu::new(mem.clone(), cfg));
     let smmu = SmmuHost::new(hw.clone(), frames.clone()).unwrap();
     Host {
@@ -661,4 +665,263 @@ fn get_info_reports_the_smmuv3_nesting_format() {
             },
         })
     );
+}
+
+// ----- The interrupt path: nothing below calls `handle_queues`. -----
+
+/// How long a test waits for the interrupt thread: generous, as the machine may be loaded.
+const IRQ_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `cond` holds, at most [`IRQ_WAIT`].
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + IRQ_WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A channel the container's fault notifier sends on.
+fn notified(g: &mut Guest) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    g.c().set_fault_notifier(move || {
+        let _ = tx.send(());
+    });
+    rx
+}
+
+fn active_gerrors(host: &Host) -> u32 {
+    use vsva_smmuv3::regs::offset::{GERROR, GERRORN};
+    (host.hw.mmio_read(GERROR, 4).unwrap() ^ host.hw.mmio_read(GERRORN, 4).unwrap()) as u32
+}
+
+#[test]
+fn the_interrupt_thread_delivers_a_page_request_and_the_response_resumes_the_dma() {
+    let host = host();
+    host.smmu.enable_interrupts().unwrap();
+    assert!(host.smmu.interrupts_enabled());
+    let alloc = allocator();
+    let ctrl = CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN;
+    let mut g = Guest::with(&host, &alloc, sid(13), ctrl);
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let note = notified(&mut g);
+    let lazy = 0x7f00_dead_0000;
+    let data = pattern(100, 5);
+    g.write(SRC_GPA, &data);
+    g.write(COMP_GPA, &[0; 32]);
+    let d = Descriptor {
+        pasid: pasid(),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::Always(COMP_GVA),
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst: lazy + 8,
+            size: 100,
+        },
+    };
+    g.dev.portal_write(0, &d.encode()).unwrap();
+    g.dev.process();
+    assert_eq!(g.dev.waiting_for_page_response(), 1);
+    // The PRI queue's MSI woke the interrupt thread, which gave the request to the
+    // container that owns the stream.
+    note.recv_timeout(IRQ_WAIT)
+        .expect("the page request reaches the container");
+    let faults = g.c().read_faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let req = faults[0].request;
+    assert_eq!((faults[0].sid, req.pasid, req.addr), (g.sid, pasid(), lazy));
+    let stats = host.smmu.irq_stats();
+    assert_eq!(stats.page_requests, 1);
+    assert!(stats.msis >= 1);
+    // The VMM's response goes down as CMD_PRI_RESP and the device finishes the copy.
+    g.map(lazy, NEW_DST_GPA, 1);
+    g.c()
+        .page_response(&PageResponse {
+            pasid: pasid(),
+            grpid: req.grpid,
+            code: PageResponseCode::Success,
+        })
+        .unwrap();
+    g.dev.process();
+    let r = CompletionRecord::from_bytes(&g.read(COMP_GPA, 32).try_into().unwrap()).unwrap();
+    assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+    assert_eq!(g.read(NEW_DST_GPA + 8, 100), data);
+    assert_eq!(host.hw.take_stale(), []);
+    host.smmu.disable_interrupts().unwrap();
+    assert!(!host.smmu.interrupts_enabled());
+}
+
+#[test]
+fn the_interrupt_thread_finds_and_acknowledges_an_event_queue_overflow() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use vsva_smmuv3::regs::{offset, OVERFLOW};
+    // An event queue of two records.
+    let host = host_with(SmmuConfig {
+        strict: true,
+        queue_log2: [8, 1, 8],
+        ..SmmuConfig::default()
+    });
+    host.smmu.enable_interrupts().unwrap();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(14));
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    // The container's notifier holds the interrupt thread, inside its first drain, until
+    // the test opens the gate: meanwhile the device's faults overflow the queue.
+    let (note_tx, note) = mpsc::channel();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let gate = Mutex::new(Some(gate_rx));
+    g.c().set_fault_notifier(move || {
+        let _ = note_tx.send(());
+        if let Some(rx) = gate.lock().unwrap().take() {
+            let _ = rx.recv_timeout(IRQ_WAIT);
+        }
+    });
+    let hole = 0x7f00_0bad_0000;
+    assert_ne!(
+        g.memmove(pasid(), SRC_GVA, hole, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    note.recv_timeout(IRQ_WAIT)
+        .expect("the first fault reaches the container");
+    for i in 1..=4 {
+        assert_ne!(
+            g.memmove(
+                pasid(),
+                SRC_GVA,
+                hole + i * PAGE_SIZE,
+                64,
+                (COMP_GVA, COMP_GPA)
+            ),
+            CompletionStatus::Success
+        );
+    }
+    let hw = host.hw.stats();
+    assert!(hw.events_lost.load(Relaxed) > 0, "the queue overflowed");
+    gate_tx.send(()).unwrap();
+    // Every record the SMMU wrote is served, and the overflow found once.
+    wait_until("the overflow to be served", || {
+        let s = host.smmu.irq_stats();
+        s.event_overflows == 1 && s.events == hw.events.load(Relaxed)
+    });
+    let prod = host.hw.mmio_read(offset::EVENTQ_PROD, 4).unwrap() as u32;
+    let cons = host.hw.mmio_read(offset::EVENTQ_CONS, 4).unwrap() as u32;
+    assert_eq!(prod, cons, "consumed, OVACKFLG = OVFLG");
+    assert_ne!(prod & OVERFLOW, 0, "the overflow flag toggled once");
+    // After the acknowledgement the queue records again: one more fault is delivered.
+    let before = hw.events.load(Relaxed);
+    assert_ne!(
+        g.memmove(
+            pasid(),
+            SRC_GVA,
+            hole + 9 * PAGE_SIZE,
+            64,
+            (COMP_GVA, COMP_GPA)
+        ),
+        CompletionStatus::Success
+    );
+    assert!(hw.events.load(Relaxed) > before);
+    wait_until("the last fault to be served", || {
+        host.smmu.irq_stats().events == hw.events.load(Relaxed)
+    });
+    // Joined: every report the thread made is in the container.
+    host.smmu.disable_interrupts().unwrap();
+    let stats = host.smmu.irq_stats();
+    assert_eq!(stats.event_overflows, 1);
+    let faults = g.c().read_unrecoverable_faults();
+    assert_eq!(faults.len() as u64, stats.events, "{faults:?}");
+    assert!(faults
+        .iter()
+        .any(|f| f.fault.addr == Some(hole + 9 * PAGE_SIZE)));
+    assert_eq!(stats.gerrors, 0);
+    assert_eq!(active_gerrors(&host), 0);
+}
+
+#[test]
+fn an_aborted_msi_is_a_global_error_the_interrupt_thread_acknowledges() {
+    use vsva_smmuv3::regs::{gerror, offset};
+    let host = host();
+    host.smmu.enable_interrupts().unwrap();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(15));
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let note = notified(&mut g);
+    // The event queue's MSI target now lies beyond host memory: its MSI write aborts.
+    host.hw
+        .mmio_write(offset::EVENTQ_IRQ_CFG0, 8, 1 << 40)
+        .unwrap();
+    let hole = 0x7f00_0bad_0000;
+    let before = host
+        .hw
+        .stats()
+        .events
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_ne!(
+        g.memmove(pasid(), SRC_GVA, hole, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    // One record, whose MSI aborted once.
+    let events = host
+        .hw
+        .stats()
+        .events
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(events - before, 1);
+    // GERROR's MSI still arrives: the thread acknowledges MSI_EVENTQ_ABT_ERR in GERRORN
+    // and serves the event queue whose interrupt was lost.
+    note.recv_timeout(IRQ_WAIT)
+        .expect("the fault reaches the container");
+    // (The thread's first pass, for what was queued before the MSIs were enabled, may
+    // have drained the record before GERROR's MSI came; the acknowledgement follows.)
+    wait_until("GERROR to be acknowledged", || {
+        host.smmu.irq_stats().gerrors == 1
+    });
+    let stats = host.smmu.irq_stats();
+    assert_eq!(stats.gerror_bits, gerror::MSI_EVENTQ_ABT_ERR);
+    assert_eq!(active_gerrors(&host), 0);
+    let faults = g.c().read_unrecoverable_faults();
+    assert!(!faults.is_empty());
+    assert_eq!(faults[0].fault.addr, Some(hole));
+    host.smmu.disable_interrupts().unwrap();
+}
+
+#[test]
+fn interrupts_stop_cleanly_and_records_queued_meanwhile_are_served_on_enable() {
+    use vsva_smmuv3::regs::offset;
+    let host = host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(16));
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let note = notified(&mut g);
+    host.smmu.enable_interrupts().unwrap();
+    // Enabling twice changes nothing.
+    host.smmu.enable_interrupts().unwrap();
+    host.smmu.disable_interrupts().unwrap();
+    assert!(!host.smmu.interrupts_enabled());
+    assert_eq!(host.hw.mmio_read(offset::IRQ_CTRLACK, 4).unwrap(), 0);
+    host.smmu.disable_interrupts().unwrap();
+    // With interrupts off a fault waits in the event queue.
+    let hole = 0x7f00_0bad_0000;
+    assert_ne!(
+        g.memmove(pasid(), SRC_GVA, hole, 64, (COMP_GVA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(host.smmu.irq_stats().msis, 0);
+    assert!(note.try_recv().is_err());
+    // Enabled again, the thread serves what was queued before.
+    host.smmu.enable_interrupts().unwrap();
+    note.recv_timeout(IRQ_WAIT)
+        .expect("the queued fault reaches the container");
+    assert_eq!(g.c().read_unrecoverable_faults()[0].fault.addr, Some(hole));
+    // Dropping the test's last reference with the thread running stops it: the SMMU host
+    // goes at once, or, when the thread still serves the fault above, as the thread ends.
+    drop(g);
+    let Host { smmu, .. } = host;
+    let weak = Arc::downgrade(&smmu);
+    drop(smmu);
+    wait_until("the SMMU host to be dropped", || weak.strong_count() == 0);
 }

@@ -1,7 +1,7 @@
 //! One SMMU under the driver: probe, reset and enable, STE and CD updates, invalidations,
 //! page responses, the output queues and global errors.
 
-use vsva_smmuv3::regs::{cr0, gerror, offset, GBPA_ABORT, GBPA_UPDATE};
+use vsva_smmuv3::regs::{cr0, gerror, offset, Irq, GBPA_ABORT, GBPA_UPDATE};
 use vsva_smmuv3::{
     Cmd, Config, ContextDescriptor, Event, Features, PhysMem, PriResp, PriqEntry, Ste, TlbiAddr,
 };
@@ -106,6 +106,21 @@ fn write_cr0<R: Registers>(regs: &R, value: u32) -> Result<(), Error> {
     }
     Err(Error::AckTimeout(value))
 }
+
+/// Waits for IRQ_CTRLACK to show `value` after writing it to IRQ_CTRL
+/// (`arm_smmu_write_reg_sync`).
+fn write_irq_ctrl<R: Registers>(regs: &R, value: u32) -> Result<(), Error> {
+    regs.write(offset::IRQ_CTRL, 4, value as u64)?;
+    for _ in 0..POLL_LIMIT {
+        if regs.read32(offset::IRQ_CTRLACK)? == value {
+            return Ok(());
+        }
+    }
+    Err(Error::AckTimeout(value))
+}
+
+/// IRQ_CFG2 of an MSI: MemAttr Device-nGnRE, as Linux's `ARM_SMMU_MEMATTR_DEVICE_nGnRE`.
+const MSI_MEMATTR_DEVICE_NGNRE: u64 = 0x1;
 
 /// Queue BASE register value: RA, the address, LOG2SIZE.
 fn queue_base(base: u64, log2size: u8) -> u64 {
@@ -517,6 +532,54 @@ impl<R: Registers, M: PhysMem, A: DmaAlloc> SmmuDriver<R, M, A> {
         };
         self.regs.write(offset::GERRORN, 4, g as u64)?;
         Ok((active, cmdq))
+    }
+
+    /// The interrupt sources this SMMU has: GERROR and the event queue, and the PRI queue
+    /// with PRI.
+    pub fn irq_sources(&self) -> Vec<Irq> {
+        let mut irqs = vec![Irq::Gerror, Irq::Eventq];
+        if self.priq.is_some() {
+            irqs.push(Irq::Priq);
+        }
+        irqs
+    }
+
+    /// `arm_smmu_setup_irqs` with message-signalled interrupts (`arm_smmu_setup_msis`):
+    /// interrupts are disabled in IRQ_CTRL, each source's IRQ_CFG0/1/2 get the MSI address
+    /// `doorbell`, the data `data(irq)` and Device-nGnRE attributes, then GERROR, the event
+    /// queue and (with PRI) the PRI queue interrupts are enabled. Returns the IRQ_CTRL
+    /// value written.
+    pub fn enable_msis(&mut self, doorbell: u64, data: impl Fn(Irq) -> u32) -> Result<u32, Error> {
+        use vsva_smmuv3::regs::irq_ctrl;
+        write_irq_ctrl(&self.regs, 0)?;
+        let mut enables = 0;
+        for irq in self.irq_sources() {
+            let (cfg0, enable) = match irq {
+                Irq::Gerror => (offset::GERROR_IRQ_CFG0, irq_ctrl::GERROR_IRQEN),
+                Irq::Eventq => (offset::EVENTQ_IRQ_CFG0, irq_ctrl::EVENTQ_IRQEN),
+                Irq::Priq => (offset::PRIQ_IRQ_CFG0, irq_ctrl::PRIQ_IRQEN),
+            };
+            self.regs.write(cfg0, 8, doorbell)?;
+            self.regs.write(cfg0 + 8, 4, data(irq) as u64)?;
+            self.regs.write(cfg0 + 0xc, 4, MSI_MEMATTR_DEVICE_NGNRE)?;
+            enables |= enable;
+        }
+        write_irq_ctrl(&self.regs, enables)?;
+        Ok(enables)
+    }
+
+    /// Disables every interrupt in IRQ_CTRL and clears the MSI addresses, as
+    /// `arm_smmu_setup_irqs` does first and `arm_smmu_device_disable` leaves it.
+    pub fn disable_msis(&mut self) -> Result<(), Error> {
+        write_irq_ctrl(&self.regs, 0)?;
+        for cfg0 in [
+            offset::GERROR_IRQ_CFG0,
+            offset::EVENTQ_IRQ_CFG0,
+            offset::PRIQ_IRQ_CFG0,
+        ] {
+            self.regs.write(cfg0, 8, 0)?;
+        }
+        Ok(())
     }
 
     /// Disables the SMMU (GBPA aborting, CR0 cleared) and gives every table and queue

@@ -21,7 +21,8 @@
 //!
 //! Differences from Linux: one thread submits commands at a time (the caller's lock), so
 //! the lock-free command-queue protocol of `arm_smmu_cmdq_issue_cmdlist` is not needed;
-//! interrupts are not used (the owner drains the queues and checks GERROR when it chooses);
+//! interrupts are the owner's to take: [`SmmuDriver::enable_msis`] programs the MSIs, and
+//! the owner drains the queues and checks GERROR when one arrives or whenever it chooses;
 //! a command the SMMU's features make illegal is refused before anything is queued; an
 //! STE update that cannot be made without a transaction seeing a mix of old and new
 //! fields goes through an aborting STE (Linux instead requires the old STE not to be live).

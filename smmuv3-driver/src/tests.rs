@@ -372,6 +372,53 @@ fn event_queue_reports_faults_and_overflow() {
 }
 
 #[test]
+fn msis_are_programmed_and_enabled_for_each_source() {
+    use std::sync::Mutex;
+    use vsva_smmuv3::regs::{irq_ctrl, offset, Irq};
+    let mut rig = Rig::new();
+    let bell = 0x8_0000_0001_0040;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    rig.smmu
+        .set_msi_doorbell(bell, Arc::new(move |d| sink.lock().unwrap().push(d)));
+    assert_eq!(rig.drv.irq_sources(), [Irq::Gerror, Irq::Eventq, Irq::Priq]);
+    let enabled = rig.drv.enable_msis(bell, |irq| 0x20 + irq as u32).unwrap();
+    let all = irq_ctrl::GERROR_IRQEN | irq_ctrl::EVENTQ_IRQEN | irq_ctrl::PRIQ_IRQEN;
+    assert_eq!(enabled, all);
+    let reg = |off| rig.smmu.mmio_read(off, 4).unwrap();
+    assert_eq!(reg(offset::IRQ_CTRLACK), all as u64);
+    assert_eq!(
+        rig.smmu.mmio_read(offset::EVENTQ_IRQ_CFG0, 8).unwrap(),
+        bell
+    );
+    assert_eq!(reg(offset::PRIQ_IRQ_CFG1), 0x22);
+    assert_eq!(reg(offset::GERROR_IRQ_CFG2), 1);
+    // A fault's event arrives as the event queue's MSI.
+    rig.drv.write_ste(6, Some(&s2_ste(2, 0x30_0000))).unwrap();
+    let _ = rig.read(6, None, 0x5000);
+    assert_eq!(*got.lock().unwrap(), [0x21]);
+    assert_eq!(rig.drv.read_events().unwrap().records.len(), 1);
+    // Disabled: no MSI, no address left.
+    rig.drv.disable_msis().unwrap();
+    assert_eq!(reg(offset::IRQ_CTRLACK), 0);
+    assert_eq!(rig.smmu.mmio_read(offset::EVENTQ_IRQ_CFG0, 8).unwrap(), 0);
+    let _ = rig.read(6, None, 0x6000);
+    assert_eq!(got.lock().unwrap().len(), 1);
+    assert_eq!(rig.drv.read_events().unwrap().records.len(), 1);
+    // Without PRI there is no PRI queue interrupt.
+    let no_pri = Features {
+        pri: false,
+        ..Features::VSVA
+    };
+    let mut rig = Rig::with(no_pri, DriverConfig::default());
+    assert_eq!(rig.drv.irq_sources(), [Irq::Gerror, Irq::Eventq]);
+    assert_eq!(
+        rig.drv.enable_msis(bell, |_| 0).unwrap(),
+        irq_ctrl::GERROR_IRQEN | irq_ctrl::EVENTQ_IRQEN
+    );
+}
+
+#[test]
 fn pri_queue_delivers_page_requests() {
     let mut rig = Rig::new();
     let ste = Ste {

@@ -401,6 +401,17 @@ impl RegisterFile {
         self.gerror ^ self.gerrorn
     }
 
+    /// Activates the global error `bit` (a [`gerror`] bit) by toggling it in GERROR, unless
+    /// it is active already (§6.3.17: an error stays active, and is not raised again, until
+    /// software acknowledges it in GERRORN). Returns whether it became active.
+    pub fn activate_gerror(&mut self, bit: u32) -> bool {
+        if self.active_gerrors() & bit != 0 {
+            return false;
+        }
+        self.gerror ^= bit;
+        true
+    }
+
     /// STRTAB_BASE and STRTAB_BASE_CFG.
     pub fn strtab(&self) -> (u64, u32) {
         (self.strtab_base, self.strtab_base_cfg)
@@ -657,8 +668,8 @@ impl RegisterFile {
         let ptr = cons & ((2 << q.log2size) - 1);
         let err = error.map_or(0, |e| put(e.code() as u64, 30, 24) as u32);
         self.queues[CMDQ].2 = ptr | err;
-        if error.is_some() && self.active_gerrors() & gerror::CMDQ_ERR == 0 {
-            self.gerror ^= gerror::CMDQ_ERR;
+        if error.is_some() {
+            self.activate_gerror(gerror::CMDQ_ERR);
         }
     }
 
@@ -906,6 +917,25 @@ mod tests {
         assert_eq!(r.active_gerrors(), gerror::CMDQ_ERR);
         r.cmdq_consumed(5, None);
         assert_eq!(r.read(CMDQ_CONS, 4), Ok(5));
+    }
+
+    #[test]
+    fn an_active_global_error_is_not_raised_again_until_acknowledged() {
+        let mut r = regs();
+        assert!(r.activate_gerror(gerror::MSI_EVENTQ_ABT_ERR));
+        assert!(!r.activate_gerror(gerror::MSI_EVENTQ_ABT_ERR));
+        assert_eq!(r.read(GERROR, 4), Ok(gerror::MSI_EVENTQ_ABT_ERR as u64));
+        assert!(r.activate_gerror(gerror::EVENTQ_ABT_ERR));
+        assert_eq!(
+            r.active_gerrors(),
+            gerror::MSI_EVENTQ_ABT_ERR | gerror::EVENTQ_ABT_ERR
+        );
+        // Acknowledging one leaves the other active; the acknowledged one can come back.
+        r.write(GERRORN, 4, gerror::MSI_EVENTQ_ABT_ERR as u64)
+            .unwrap();
+        assert_eq!(r.active_gerrors(), gerror::EVENTQ_ABT_ERR);
+        assert!(r.activate_gerror(gerror::MSI_EVENTQ_ABT_ERR));
+        assert_eq!(r.read(GERROR, 4), Ok(gerror::EVENTQ_ABT_ERR as u64));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! holds the host's policy and bookkeeping.
 //!
 //! - [`SmmuHost`]: one SMMU: the shared driver behind a lock, VMIDs, which domain holds
-//!   each stream, and the page requests of the PRI queue routed to the containers.
+//!   each stream, and the page requests of the PRI queue routed to the containers, served
+//!   by an interrupt thread once [`SmmuHost::enable_interrupts`] took the MSIs (`irq`), or
+//!   by [`SmmuHost::handle_queues`] when the owner polls.
 //! - [`SmmuDomain`]: one container's domain: a VMID and the stage-2 table built from
 //!   `MAP_DMA`; `VFIO_IOMMU_ATTACH_PASID_TABLE` makes its streams nested, stage 1 from the
 //!   guest's CD table (at a guest physical address, walked through stage 2); the guest's
@@ -14,9 +16,11 @@
 
 mod domain;
 mod event;
+mod irq;
 mod unit;
 
 pub use domain::{SmmuDomain, IPA_BITS, TLBI_RANGE_LIMIT};
+pub use irq::{IrqStats, IRQ_JOIN_TIMEOUT, MSI_DOORBELL};
 pub use unit::{HostDma, HwRegisters, SmmuHost};
 
 use crate::error::HostError;

@@ -11,6 +11,7 @@ use vsva_uapi::request::PageRequest;
 use vsva_vtd::{Hpa, Pasid, SourceId};
 
 use super::driver_error;
+use super::irq::{self, Counters, IrqStats, IrqThread, MSI_DOORBELL};
 use crate::error::HostError;
 use crate::fault::FaultSink;
 
@@ -69,6 +70,9 @@ pub struct SmmuHost {
     features: Features,
     driver: Mutex<Driver>,
     state: Mutex<HostState>,
+    /// The interrupt thread, while the SMMU's interrupts are taken.
+    irq: Mutex<Option<IrqThread>>,
+    irq_counters: Arc<Counters>,
 }
 
 impl SmmuHost {
@@ -93,6 +97,8 @@ impl SmmuHost {
             features,
             driver: Mutex::new(driver),
             state: Mutex::new(HostState::default()),
+            irq: Mutex::new(None),
+            irq_counters: Arc::default(),
         }))
     }
 
@@ -188,45 +194,79 @@ impl SmmuHost {
         self.state().sinks.insert(vmid, sink);
     }
 
-    /// The PRI queue handler (`arm_smmu_priq_thread` with the nested series' fault
-    /// reporting): each page request of a stream a domain holds goes to that domain's
-    /// container as an `iommu_fault` page request (PASID = SubstreamID); the last request
-    /// of a group the container refuses, or of a stream no domain holds, is answered at
-    /// once with CMD_PRI_RESP Deny. Before that, the event queue handler
+    /// Serves both queues and GERROR once, as the interrupt thread does when all three
+    /// MSIs arrived (for an owner that polls instead): the event queue handler
     /// (`arm_smmu_evtq_thread`): each record is logged, and the guest's own faults (see
     /// `event::guest_fault`) go to the container as `IOMMU_FAULT_DMA_UNRECOV` records; then
-    /// global errors are handled. Returns how many page requests were delivered.
+    /// global errors are handled; then the PRI queue handler (`arm_smmu_priq_thread` with
+    /// the nested series' fault reporting): each page request of a stream a domain holds
+    /// goes to that domain's container as an `iommu_fault` page request (PASID =
+    /// SubstreamID); the last request of a group the container refuses, or of a stream no
+    /// domain holds, is answered at once with CMD_PRI_RESP Deny. Returns how many page
+    /// requests were delivered.
     pub fn handle_queues(&self) -> usize {
+        self.evtq_irq();
+        self.gerror_irq();
+        self.priq_irq()
+    }
+
+    /// The event queue handler (see [`SmmuHost::handle_queues`]).
+    pub(super) fn evtq_irq(&self) {
         let mut drv = self.driver();
-        match drv.read_events() {
-            Ok(events) => {
-                for e in &events.records {
-                    tracing::debug!(?e, "smmuv3: event");
-                    let Some(fault) = super::event::guest_fault(e) else {
-                        continue;
-                    };
-                    let sid = SourceId::from_rid(e.sid as u16);
-                    if let Some(sink) = self.sink_of(e.sid) {
-                        if let Err(err) = sink.report_unrecoverable(sid, fault) {
-                            tracing::debug!("smmuv3: fault of {sid} not reported: {err}");
-                        }
-                    }
+        let events = match drv.read_events() {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!("smmuv3: event queue: {e}");
+                return;
+            }
+        };
+        self.irq_counters
+            .events(events.records.len(), events.overflowed);
+        for e in &events.records {
+            tracing::debug!(?e, "smmuv3: event");
+            let Some(fault) = super::event::guest_fault(e) else {
+                continue;
+            };
+            let sid = SourceId::from_rid(e.sid as u16);
+            if let Some(sink) = self.sink_of(e.sid) {
+                if let Err(err) = sink.report_unrecoverable(sid, fault) {
+                    tracing::debug!("smmuv3: fault of {sid} not reported: {err}");
                 }
             }
-            Err(e) => tracing::error!("smmuv3: event queue: {e}"),
         }
-        if let Err(e) = drv.handle_gerror() {
-            tracing::error!("smmuv3: GERROR: {e}");
+    }
+
+    /// The global error handler (`arm_smmu_gerror_handler`): logs and acknowledges every
+    /// active error in GERRORN, recovering a stopped command queue. Returns the errors
+    /// that were active.
+    pub(super) fn gerror_irq(&self) -> u32 {
+        match self.driver().handle_gerror() {
+            Ok((active, _)) => {
+                self.irq_counters.gerror(active);
+                active
+            }
+            Err(e) => {
+                tracing::error!("smmuv3: GERROR: {e}");
+                0
+            }
         }
+    }
+
+    /// The PRI queue handler (see [`SmmuHost::handle_queues`]); returns how many page
+    /// requests were delivered.
+    pub(super) fn priq_irq(&self) -> usize {
+        let mut drv = self.driver();
         let requests = match drv.read_page_requests() {
-            Ok(d) => d.records,
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!("smmuv3: PRI queue: {e}");
                 return 0;
             }
         };
+        self.irq_counters
+            .page_requests(requests.records.len(), requests.overflowed);
         let mut delivered = 0;
-        for r in requests {
+        for r in requests.records {
             let sink = self.sink_of(r.sid);
             let request = PageRequest {
                 pasid: r.ssid.and_then(|s| Pasid::new(s).ok()),
@@ -251,5 +291,81 @@ impl SmmuHost {
             }
         }
         delivered
+    }
+
+    /// Takes the SMMU's interrupts (`arm_smmu_setup_irqs`): the platform's doorbell at
+    /// [`MSI_DOORBELL`] wakes an interrupt thread, each source's MSI is programmed and
+    /// enabled, and the thread serves once whatever was queued before. From then on the
+    /// queues and GERROR are served without anyone calling [`SmmuHost::handle_queues`].
+    /// Enabling them twice changes nothing.
+    pub fn enable_interrupts(self: &Arc<Self>) -> Result<(), HostError> {
+        let mut irq = self.irq.lock().unwrap_or_else(PoisonError::into_inner);
+        if irq.is_some() {
+            return Ok(());
+        }
+        let (thread, handler) = IrqThread::spawn(Arc::downgrade(self), self.irq_counters.clone())
+            .map_err(|e| HostError::Driver {
+            errno: libc::EAGAIN,
+            detail: format!("smmuv3: interrupt thread: {e}"),
+        })?;
+        self.hw.set_msi_doorbell(MSI_DOORBELL, handler);
+        if let Err(e) = self.driver().enable_msis(MSI_DOORBELL, irq::msi_data) {
+            self.hw.clear_msi_doorbell();
+            if !thread.stop() {
+                tracing::error!("smmuv3: the interrupt thread did not stop");
+            }
+            return Err(driver_error(e));
+        }
+        thread.kick();
+        *irq = Some(thread);
+        Ok(())
+    }
+
+    /// Whether the interrupt thread runs.
+    pub fn interrupts_enabled(&self) -> bool {
+        self.irq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Gives the interrupts back (`arm_smmu_device_disable`'s part): disabled in IRQ_CTRL,
+    /// the doorbell disconnected, the thread stopped and joined, waiting at most
+    /// [`IRQ_JOIN_TIMEOUT`](super::IRQ_JOIN_TIMEOUT) for the interrupt it serves (`-ETIMEDOUT` after that, the
+    /// thread then ends by itself). The queues are then the caller's to drain.
+    pub fn disable_interrupts(&self) -> Result<(), HostError> {
+        let Some(thread) = self
+            .irq
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return Ok(());
+        };
+        let disabled = self.driver().disable_msis();
+        self.hw.clear_msi_doorbell();
+        if std::thread::current().id() == thread.id() {
+            thread.detach();
+        } else if !thread.stop() {
+            return Err(HostError::Driver {
+                errno: libc::ETIMEDOUT,
+                detail: "smmuv3: the interrupt thread did not stop".into(),
+            });
+        }
+        disabled.map_err(driver_error)
+    }
+
+    /// What the interrupt path served so far.
+    pub fn irq_stats(&self) -> IrqStats {
+        self.irq_counters.snapshot()
+    }
+}
+
+impl Drop for SmmuHost {
+    /// Stops the interrupt thread, if it runs.
+    fn drop(&mut self) {
+        if let Err(e) = self.disable_interrupts() {
+            tracing::error!("smmuv3: {e}");
+        }
     }
 }

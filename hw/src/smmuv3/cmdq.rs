@@ -56,7 +56,7 @@ impl Smmu {
         let mut state = self.lock();
         state.regs.cmdq_consumed(cons, error);
         if error.is_some() {
-            self.signal(&state.regs, Irq::Gerror);
+            self.signal(&mut state.regs, Irq::Gerror);
         }
     }
 
@@ -108,7 +108,12 @@ impl Smmu {
                 msi_data,
                 msi_addr,
                 ..
-            } if msi_addr != 0 => self.msi_write(msi_addr, msi_data),
+            } if msi_addr != 0 => {
+                if !self.msi_write(msi_addr, msi_data) {
+                    let mut state = self.lock();
+                    self.raise_gerror(&mut state.regs, gerror::MSI_CMDQ_ABT_ERR);
+                }
+            }
             // CS=SEV and CS=NONE signal nothing a model can observe beyond CMDQ_CONS
             // moving past the command; prefetches are hints; no transaction ever stalls, so
             // CMD_RESUME and CMD_STALL_TERM find nothing.

@@ -19,6 +19,12 @@
 //! ([`RequestDrain`]). The test `translations_after_cmd_sync_never_give_a_frame_a_tlbi_removed`
 //! races translations against TLBI + CMD_SYNC with real threads.
 //!
+//! Interrupts are MSIs (§7.5): the event queue's, the PRI queue's and GERROR's, sent when
+//! IRQ_CTRL enables them, and CMD_SYNC's with CS = SIG_IRQ. An MSI to the platform's doorbell
+//! ([`Smmu::set_msi_doorbell`]) reaches its handler; any other is a memory write, and one that
+//! aborts activates its GERROR.MSI_*_ABT_ERR, as an aborted queue write activates
+//! EVENTQ_ABT_ERR or PRIQ_ABT_ERR.
+//!
 //! Simplifications: level-1 descriptors (L1STD, L1CD) are not cached, so CMD_CFGI_* Leaf
 //! makes no difference; the stage-2 walks of CD fetches do not use the stage-2 walk cache;
 //! stalls are not modelled (every fault terminates the transaction).
@@ -114,7 +120,13 @@ pub struct Smmu {
     stats: SmmuStats,
     /// What CMD_SYNC completes through (see [`RequestDrain`]).
     drain: RequestDrain,
+    /// The MSI controller's doorbell address and what it does with an MSI's data.
+    doorbell: Mutex<Option<(u64, MsiHandler)>>,
 }
+
+/// What the platform's MSI controller does with an MSI's data (see
+/// [`Smmu::set_msi_doorbell`]).
+pub type MsiHandler = Arc<dyn Fn(u32) + Send + Sync>;
 
 impl fmt::Debug for Smmu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -144,6 +156,7 @@ impl Smmu {
             endpoints: Mutex::new(HashMap::new()),
             stats: SmmuStats::default(),
             drain: RequestDrain::new(),
+            doorbell: Mutex::new(None),
         }
     }
 
@@ -223,24 +236,66 @@ impl Smmu {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Writes `msi`'s data to its address when the interrupt is enabled in IRQ_CTRL.
-    fn signal(&self, regs: &RegisterFile, irq: Irq) {
-        let enable = match irq {
-            Irq::Gerror => vsva_smmuv3::regs::irq_ctrl::GERROR_IRQEN,
-            Irq::Eventq => vsva_smmuv3::regs::irq_ctrl::EVENTQ_IRQEN,
-            Irq::Priq => vsva_smmuv3::regs::irq_ctrl::PRIQ_IRQEN,
+    /// Connects the platform's MSI controller: an MSI whose address is `addr` (a GICv3
+    /// ITS's GITS_TRANSLATER, say) is delivered to `handler` with its data instead of
+    /// being written to memory. The handler runs on the thread that raised the interrupt,
+    /// with the SMMU's state locked: it may only take note (wake a thread, signal an
+    /// eventfd), never call back into the SMMU.
+    pub fn set_msi_doorbell(&self, addr: u64, handler: MsiHandler) {
+        *self.doorbell.lock().unwrap_or_else(|e| e.into_inner()) = Some((addr, handler));
+    }
+
+    /// Disconnects the MSI controller: MSIs are memory writes again.
+    pub fn clear_msi_doorbell(&self) {
+        *self.doorbell.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Sends `irq`'s MSI when the interrupt is enabled in IRQ_CTRL and has an address. An
+    /// MSI write that aborts activates its GERROR.MSI_*_ABT_ERR, and for the event and PRI
+    /// queues' interrupts signals GERROR in turn (§7.5).
+    fn signal(&self, regs: &mut RegisterFile, irq: Irq) {
+        use vsva_smmuv3::regs::{gerror, irq_ctrl};
+        let (enable, abort) = match irq {
+            Irq::Gerror => (irq_ctrl::GERROR_IRQEN, gerror::MSI_GERROR_ABT_ERR),
+            Irq::Eventq => (irq_ctrl::EVENTQ_IRQEN, gerror::MSI_EVENTQ_ABT_ERR),
+            Irq::Priq => (irq_ctrl::PRIQ_IRQEN, gerror::MSI_PRIQ_ABT_ERR),
         };
         let irq_ctrl = regs.read(offset::IRQ_CTRL, 4).unwrap_or(0) as u32;
         let msi = regs.msi(irq);
-        if irq_ctrl & enable != 0 && msi.addr != 0 {
-            self.msi_write(msi.addr, msi.data);
+        if irq_ctrl & enable == 0 || msi.addr == 0 || self.msi_write(msi.addr, msi.data) {
+            return;
+        }
+        self.raise_gerror(regs, abort);
+    }
+
+    /// Activates the global error `bit` and signals GERROR's interrupt, unless the bit was
+    /// active already or is the abort of GERROR's own MSI.
+    fn raise_gerror(&self, regs: &mut RegisterFile, bit: u32) {
+        if regs.activate_gerror(bit) && bit != vsva_smmuv3::regs::gerror::MSI_GERROR_ABT_ERR {
+            self.signal(regs, Irq::Gerror);
         }
     }
 
-    fn msi_write(&self, addr: u64, data: u32) {
+    /// One MSI write: to the doorbell's handler, or to memory. False when it aborted.
+    fn msi_write(&self, addr: u64, data: u32) -> bool {
         use vsva_smmuv3::PhysMem;
-        if let Err(e) = self.mem.write(addr, &data.to_le_bytes()) {
-            tracing::warn!(addr, %e, "SMMU MSI write aborted");
+        let doorbell = self
+            .doorbell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((bell, handler)) = doorbell {
+            if bell == addr {
+                handler(data);
+                return true;
+            }
+        }
+        match self.mem.write(addr, &data.to_le_bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(addr, %e, "SMMU MSI write aborted");
+                false
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (16 bytes) written to host memory at EVENTQ_PROD / PRIQ_PROD. A full queue sets its
 //! overflow flag (PROD.OVFLG toggles away from CONS.OVACKFLG) and the record is lost.
 
-use vsva_smmuv3::regs::Irq;
+use vsva_smmuv3::regs::{gerror, Irq};
 use vsva_smmuv3::{Eats, Event, PhysMem, PriqEntry};
 
 use super::{Smmu, State};
@@ -20,8 +20,7 @@ pub enum PriRefused {
 
 impl Smmu {
     /// Writes `event` to the event queue; false when it was lost (queue disabled, full, or
-    /// its memory unwritable, which raises GERROR.EVENTQ_ABT_ERR in hardware and is only
-    /// logged here).
+    /// its memory unwritable, which activates GERROR.EVENTQ_ABT_ERR).
     pub(super) fn record_event(&self, state: &mut State, event: &Event) -> bool {
         let Some(addr) = state.regs.push_event() else {
             Smmu::count(&self.stats.events_lost);
@@ -29,10 +28,11 @@ impl Smmu {
         };
         if !self.write_words(addr, &event.encode()) {
             Smmu::count(&self.stats.events_lost);
+            self.raise_gerror(&mut state.regs, gerror::EVENTQ_ABT_ERR);
             return false;
         }
         Smmu::count(&self.stats.events);
-        self.signal(&state.regs, Irq::Eventq);
+        self.signal(&mut state.regs, Irq::Eventq);
         true
     }
 
@@ -51,10 +51,11 @@ impl Smmu {
             return Err(PriRefused::Lost);
         };
         if !self.write_words(addr, &entry.encode()) {
+            self.raise_gerror(&mut state.regs, gerror::PRIQ_ABT_ERR);
             return Err(PriRefused::Lost);
         }
         Smmu::count(&self.stats.page_requests);
-        self.signal(&state.regs, Irq::Priq);
+        self.signal(&mut state.regs, Irq::Priq);
         Ok(())
     }
 

@@ -803,6 +803,76 @@ fn event_queue_overflow_drops_and_flags() {
     assert_eq!(rig.event(0).input_addr, 0x4000);
 }
 
+/// Interrupts go to the platform's MSI doorbell with their IRQ_CFG1 data while IRQ_CTRL
+/// enables them; an MSI that aborts activates its GERROR.MSI_*_ABT_ERR, and GERROR's own
+/// MSI tells software.
+#[test]
+fn msis_reach_the_doorbell_and_an_aborted_msi_is_a_global_error() {
+    let mut rig = Rig::new();
+    let (_b, _) = rig.stage1(SID);
+    let bell = 0x8_0000_0001_0040u64;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    rig.smmu
+        .set_msi_doorbell(bell, Arc::new(move |data| sink.lock().unwrap().push(data)));
+    let w = |off, size, v| rig.smmu.mmio_write(off, size, v).unwrap();
+    w(GERROR_IRQ_CFG0, 8, bell);
+    w(GERROR_IRQ_CFG1, 4, 10);
+    w(EVENTQ_IRQ_CFG0, 8, bell);
+    w(EVENTQ_IRQ_CFG1, 4, 11);
+    // Disabled in IRQ_CTRL: nothing is sent.
+    assert!(rig.read(SID, None, 0x1000).is_err());
+    assert!(got.lock().unwrap().is_empty());
+    w(IRQ_CTRL, 4, 0x7);
+    let consume = |rig: &Rig| {
+        let prod = rig.smmu.mmio_read(EVENTQ_PROD, 4).unwrap();
+        rig.smmu.mmio_write(EVENTQ_CONS, 4, prod).unwrap();
+    };
+    consume(&rig);
+    assert!(rig.read(SID, None, 0x2000).is_err());
+    assert_eq!(*got.lock().unwrap(), [11]);
+    // The event queue's MSI address is beyond memory: the record is written, its MSI
+    // aborts, GERROR.MSI_EVENTQ_ABT_ERR becomes active and GERROR's MSI is sent.
+    consume(&rig);
+    w(EVENTQ_IRQ_CFG0, 8, 0x1_0000_0000);
+    assert!(rig.read(SID, None, 0x3000).is_err());
+    assert_eq!(rig.event(0).input_addr, 0x3000);
+    let active = |rig: &Rig| {
+        (rig.smmu.mmio_read(GERROR, 4).unwrap() ^ rig.smmu.mmio_read(GERRORN, 4).unwrap()) as u32
+    };
+    assert_eq!(active(&rig), gerror::MSI_EVENTQ_ABT_ERR);
+    assert_eq!(*got.lock().unwrap(), [11, 10]);
+    // Still active: a second abort raises nothing new.
+    consume(&rig);
+    assert!(rig.read(SID, None, 0x4000).is_err());
+    assert_eq!(got.lock().unwrap().len(), 2);
+    // Acknowledged, the error can be raised again.
+    let g = rig.smmu.mmio_read(GERROR, 4).unwrap();
+    w(GERRORN, 4, g);
+    assert_eq!(active(&rig), 0);
+    consume(&rig);
+    assert!(rig.read(SID, None, 0x5000).is_err());
+    assert_eq!(*got.lock().unwrap(), [11, 10, 10]);
+    // GERROR's own MSI aborting only records MSI_GERROR_ABT_ERR.
+    let g = rig.smmu.mmio_read(GERROR, 4).unwrap();
+    w(GERRORN, 4, g);
+    w(GERROR_IRQ_CFG0, 8, 0x1_0000_0000);
+    consume(&rig);
+    assert!(rig.read(SID, None, 0x6000).is_err());
+    assert_eq!(
+        active(&rig),
+        gerror::MSI_EVENTQ_ABT_ERR | gerror::MSI_GERROR_ABT_ERR
+    );
+    assert_eq!(got.lock().unwrap().len(), 3);
+    // Without the doorbell, an MSI is a memory write again.
+    rig.smmu.clear_msi_doorbell();
+    w(EVENTQ_IRQ_CFG0, 8, MSI);
+    consume(&rig);
+    assert!(rig.read(SID, None, 0x7000).is_err());
+    assert_eq!(msi_value(&rig), 11);
+    assert_eq!(got.lock().unwrap().len(), 3);
+}
+
 #[derive(Default)]
 struct Device {
     calls: Mutex<Vec<String>>,
