@@ -45,18 +45,20 @@
 //!
 //! Set `VSVA_ORACLE_SEED` to replay a run.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use vsva_hw::HostMemory;
+use vsva_kvm_oracle::tables::{
+    cpu_class, level_shift, map_flags, reached, read_frame, walker_class, Rng, Tables, WalkerView,
+};
 use vsva_kvm_oracle::{
     guest, pf, Access, CpuFeatures, Machine, OracleError, Outcome, PagingMode, Privilege, Probe,
 };
 use vsva_vtd::walk::WalkStep;
 use vsva_vtd::{
     walk_first_level, AccessRequest, FaultReason, FlConfig, FlFormat, FlPagingMode, FlPte,
-    FrameSource, MapFlags, MemError, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
+    FrameSource, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
 };
 
 /// Guest RAM: sparse, so only the pages probes touch cost memory.
@@ -69,38 +71,8 @@ const SMALL_PAGES: (u64, u64) = (64 << 20, 1 << 30);
 const HUGE_PAGES: (u64, u64) = (1 << 30, RAM);
 const SCENARIOS: usize = 120;
 const PROBES_PER_SCENARIO: usize = 100;
-const MAPPINGS_PER_SCENARIO: usize = 24;
 /// Disagreements described in full before the test fails.
 const REPORTED: usize = 12;
-
-/// SplitMix64: small, seedable, good enough to spread probes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn in_range(&mut self, hi: u32, lo: u32) -> u32 {
-        lo + self.below(u64::from(hi - lo + 1)) as u32
-    }
-}
 
 /// Table frames for the builder: a bump allocator over [`TABLES`] that remembers every
 /// frame it handed out, so the test knows which memory holds tables.
@@ -140,153 +112,27 @@ impl FrameSource for TableFrames {
     }
 }
 
-/// The walker's view of memory: the table frames are private copies, so that its
-/// accessed/dirty updates land beside the vCPU's instead of on top of them; any other
-/// address reads through to RAM and cannot be written.
-struct WalkerView<'a> {
-    ram: &'a HostMemory,
-    tables: RefCell<HashMap<u64, Box<[u64; 512]>>>,
-}
-
-impl<'a> WalkerView<'a> {
-    fn new(ram: &'a HostMemory, frames: &[u64]) -> Self {
-        let view = WalkerView {
-            ram,
-            tables: RefCell::new(frames.iter().map(|&f| (f, Box::new([0; 512]))).collect()),
-        };
-        for &f in frames {
-            view.sync(f);
-        }
-        view
-    }
-
-    /// Copies the RAM frame `frame` into the view.
-    fn sync(&self, frame: u64) {
-        let ram = read_frame(self.ram, frame);
-        self.tables.borrow_mut().insert(frame, Box::new(ram));
-    }
-
-    fn entry(&self, frame: u64, index: usize) -> u64 {
-        self.tables.borrow()[&frame][index]
-    }
-
-    fn update(&self, addr: u64, f: impl FnOnce(&mut u64) -> u64) -> Result<u64, MemError> {
-        if addr % 8 != 0 {
-            return Err(MemError::Unaligned { addr, align: 8 });
-        }
-        let mut tables = self.tables.borrow_mut();
-        let table = tables
-            .get_mut(&(addr & !0xfff))
-            .ok_or(MemError::OutOfRange { addr, len: 8 })?;
-        Ok(f(&mut table[(addr & 0xfff) as usize / 8]))
-    }
-}
-
-impl PhysMem for WalkerView<'_> {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        if addr % 8 == 0 {
-            if let Some(t) = self.tables.borrow().get(&(addr & !0xfff)) {
-                return Ok(t[(addr & 0xfff) as usize / 8]);
-            }
-        }
-        self.ram.read_u64(addr)
-    }
-
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-        self.update(addr, |e| {
-            let old = *e;
-            *e |= bits;
-            old
-        })
-    }
-
-    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-        self.update(addr, |e| {
-            let found = *e;
-            if found == old {
-                *e = new;
-            }
-            found
-        })
-    }
-
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-        self.update(addr, |e| {
-            *e = value;
-            value
-        })
-        .map(|_| ())
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            let a = addr + i as u64;
-            *b = self.read_u64(a & !7)?.to_le_bytes()[(a & 7) as usize];
-        }
-        Ok(())
-    }
-
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-        Err(MemError::OutOfRange {
-            addr,
-            len: buf.len() as u64,
-        })
-    }
-}
-
-fn read_frame(ram: &HostMemory, frame: u64) -> [u64; 512] {
-    let mut bytes = [0u8; 4096];
-    ram.read(frame, &mut bytes).expect("table frame in RAM");
-    let mut entries = [0u64; 512];
-    for (e, chunk) in entries.iter_mut().zip(bytes.chunks_exact(8)) {
-        *e = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-    }
-    entries
-}
-
-/// One mapping the scenario asked the builder for.
-#[derive(Clone, Copy, Debug)]
-struct Leaf {
-    va: u64,
-    size: PageSize,
-}
-
 /// One random page table and the VT-d configuration it is walked with.
 struct Scenario {
-    builder: PageTableBuilder,
+    tables: Tables,
     frames: TableFrames,
     /// Frames holding only harness tables.
     harness: HashSet<u64>,
-    leaves: Vec<Leaf>,
-    cfg: FlConfig,
-    /// What was done to the tables, for reports.
-    damage: Vec<String>,
 }
 
-impl Scenario {
-    fn levels(&self) -> u8 {
-        self.cfg.mode.levels()
-    }
+impl std::ops::Deref for Scenario {
+    type Target = Tables;
 
-    fn input_width(&self) -> u32 {
-        self.cfg.mode.input_width()
+    fn deref(&self) -> &Tables {
+        &self.tables
     }
+}
 
-    fn canonical(&self, va: u64) -> u64 {
-        let shift = 64 - self.input_width();
-        (((va << shift) as i64) >> shift) as u64
-    }
-
-    fn top_index(&self, va: u64) -> u64 {
-        (va >> level_shift(self.levels())) & 511
-    }
-
-    /// Whether probes and mappings may use `va`: outside the harness's top-level slot and
-    /// outside the hypervisor hole.
-    fn usable(&self, va: u64) -> bool {
-        self.top_index(va) != guest::HARNESS_TOP_INDEX
-            && !guest::hypervisor_hole(paging_mode(self.cfg.mode)).contains(&va)
-    }
+/// Whether probes and mappings may use `va` in `mode`: outside the harness's top-level
+/// slot and outside the hypervisor hole.
+fn usable(mode: FlPagingMode, va: u64) -> bool {
+    (va >> level_shift(mode.levels())) & 511 != guest::HARNESS_TOP_INDEX
+        && !guest::hypervisor_hole(paging_mode(mode)).contains(&va)
 }
 
 fn paging_mode(mode: FlPagingMode) -> PagingMode {
@@ -294,24 +140,6 @@ fn paging_mode(mode: FlPagingMode) -> PagingMode {
         FlPagingMode::FourLevel => PagingMode::Level4,
         FlPagingMode::FiveLevel => PagingMode::Level5,
     }
-}
-
-fn map_flags(writable: bool, user: bool, executable: bool) -> MapFlags {
-    let mut f = MapFlags::READ;
-    if writable {
-        f = f | MapFlags::WRITE;
-    }
-    if user {
-        f = f | MapFlags::USER;
-    }
-    if executable {
-        f = f | MapFlags::EXECUTE;
-    }
-    f
-}
-
-fn level_shift(level: u8) -> u32 {
-    12 + 9 * (u32::from(level) - 1)
 }
 
 /// Builds one random scenario in `ram` with vsva's builder.
@@ -345,49 +173,13 @@ fn build_scenario(rng: &mut Rng, ram: &HostMemory, cpu: &CpuFeatures) -> Scenari
         eafe: rng.percent(30),
         format: FlFormat::new(cpu.max_phys_bits, cpu.gbpages).expect("address width"),
     };
-    let mut sc = Scenario {
-        builder,
-        frames,
-        harness,
-        leaves: Vec::new(),
-        cfg,
-        damage: Vec::new(),
-    };
-
-    // Cluster the mappings: each level picks its index from a small pool, so they share
-    // tables and damage to an upper entry covers several of them.
-    let levels = sc.levels();
-    let pools: BTreeMap<u8, Vec<u64>> = (1..=levels)
-        .map(|l| {
-            let n = if l == levels { 2 } else { 3 };
-            let pool = (0..n)
-                .map(|_| loop {
-                    let i = rng.below(512);
-                    if l != levels || sc.usable(sc.canonical(i << level_shift(l))) {
-                        break i;
-                    }
-                })
-                .collect();
-            (l, pool)
-        })
-        .collect();
-    for _ in 0..MAPPINGS_PER_SCENARIO {
-        let size = match rng.below(10) {
-            0..=4 => PageSize::Size4K,
-            5..=7 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        };
-        let mut va = 0;
-        for l in size.level()..=levels {
-            let index = if l == size.level() && rng.percent(50) {
-                rng.below(512)
-            } else {
-                rng.pick(&pools[&l])
-            };
-            va |= index << level_shift(l);
-        }
-        let va = sc.canonical(va);
-        let pa = match size {
+    let mut tables = Tables::new(builder, cfg);
+    tables.populate(
+        rng,
+        ram,
+        &mut frames,
+        &|va| usable(mode, va),
+        |rng, size| match size {
             PageSize::Size1G => {
                 HUGE_PAGES.0 + (rng.below((HUGE_PAGES.1 - HUGE_PAGES.0) >> 30) << 30)
             }
@@ -395,192 +187,16 @@ fn build_scenario(rng: &mut Rng, ram: &HostMemory, cpu: &CpuFeatures) -> Scenari
                 let n = (SMALL_PAGES.1 - SMALL_PAGES.0) >> size.shift();
                 SMALL_PAGES.0 + (rng.below(n) << size.shift())
             }
-        };
-        let flags = map_flags(rng.percent(60), rng.percent(60), rng.percent(60));
-        if sc
-            .builder
-            .map(ram, &mut sc.frames, va, pa, size, flags)
-            .is_err()
-        {
-            continue; // already mapped, or a page of another size in the way
-        }
-        sc.leaves.push(Leaf { va, size });
-        if rng.percent(40) {
-            let extra = leaf_extra_bits(rng, size);
-            let slot = sc
-                .builder
-                .entry_address(ram, va, size.level())
-                .expect("valid level")
-                .expect("just mapped");
-            let entry = ram.read_u64(slot).expect("table in RAM");
-            sc.builder
-                .write_entry(ram, va, size.level(), entry | extra)
-                .expect("just mapped");
-        }
-    }
+        },
+    );
     for _ in 0..rng.below(7) {
-        damage(rng, ram, cpu, &mut sc);
+        tables.damage(rng, ram, cpu.amd);
     }
-    sc
-}
-
-/// Bits a leaf may carry that change nothing about the translation: A, D, G, PWT, PCD,
-/// PAT, the software-available bits 11:9 and the ignored bits 62:52.
-fn leaf_extra_bits(rng: &mut Rng, size: PageSize) -> u64 {
-    let pat = if size == PageSize::Size4K {
-        FlPte::PAT_4K
-    } else {
-        FlPte::PAT_LARGE
-    };
-    let candidates = [
-        FlPte::A,
-        FlPte::D,
-        FlPte::G,
-        FlPte::PWT,
-        FlPte::PCD,
-        pat,
-        1 << 9,
-        1 << 10,
-        1 << 11,
-        1 << rng.in_range(62, 52),
-    ];
-    (0..1 + rng.below(3)).fold(0, |acc, _| acc | rng.pick(&candidates))
-}
-
-/// Damages one entry on the path of a random mapping.
-fn damage(rng: &mut Rng, ram: &HostMemory, cpu: &CpuFeatures, sc: &mut Scenario) {
-    let Some(&leaf) = sc
-        .leaves
-        .get(rng.below(sc.leaves.len().max(1) as u64) as usize)
-    else {
-        return;
-    };
-    let level = rng.in_range(u32::from(sc.levels()), u32::from(leaf.size.level())) as u8;
-    let Ok(Some(slot)) = sc.builder.entry_address(ram, leaf.va, level) else {
-        return;
-    };
-    // An earlier damage may have sent the path outside RAM (address bits above the width).
-    let Ok(entry) = ram.read_u64(slot) else {
-        return;
-    };
-    if entry & FlPte::P == 0 {
-        return;
+    Scenario {
+        tables,
+        frames,
+        harness,
     }
-    let is_leaf = level == leaf.size.level();
-    let width = u32::from(cpu.max_phys_bits);
-    let (what, new) = match rng.below(7) {
-        // Not present: every other bit is then ignored, reserved ones included.
-        0 => (
-            "not present",
-            (entry | (rng.next() & !FlPte::ADDR_MASK)) & !FlPte::P,
-        ),
-        1 => ("read-only", entry & !FlPte::RW),
-        2 => ("supervisor-only", entry & !FlPte::US),
-        3 => ("execute-disable", entry | FlPte::XD),
-        4 => {
-            let mut candidates = Vec::new();
-            if width < 52 {
-                candidates.push(rng.in_range(51, width));
-            }
-            match (level, is_leaf) {
-                (4 | 5, _) => candidates.push(7),
-                (2, true) => candidates.push(rng.in_range(20, 13)),
-                (3, true) if cpu.gbpages => candidates.push(rng.in_range(29, 13)),
-                _ => {}
-            }
-            let Some(&bit) = candidates.get(rng.below(candidates.len().max(1) as u64) as usize)
-            else {
-                return;
-            };
-            ("reserved bit", entry | 1 << bit)
-        }
-        _ => {
-            // Ignored bits: 62:52 and 11:9 everywhere, D and G in non-leaf entries (but
-            // AMD reserves bit 8 of PML4 and PML5 entries, see the module comment).
-            let mut candidates = vec![rng.in_range(62, 52), rng.in_range(11, 9)];
-            if !is_leaf {
-                candidates.push(6);
-                if !(cpu.amd && level >= 4) {
-                    candidates.push(8);
-                }
-            }
-            ("ignored bit", entry | 1 << rng.pick(&candidates))
-        }
-    };
-    sc.builder
-        .write_entry(ram, leaf.va, level, new)
-        .expect("entry exists");
-    sc.damage.push(format!(
-        "{what}: level {level} entry of {:#x} {entry:#x} -> {new:#x}",
-        leaf.va
-    ));
-}
-
-/// A random probe address: mostly inside a mapping, sometimes beside one (an absent entry
-/// at some level), sometimes anywhere. Never where [`Scenario::usable`] forbids.
-fn probe_address(rng: &mut Rng, sc: &Scenario, execute: bool) -> u64 {
-    let va = loop {
-        let va = match (rng.below(10), sc.leaves.is_empty()) {
-            (0..=6, false) => {
-                let leaf = rng.pick(&sc.leaves);
-                leaf.va + rng.below(leaf.size.bytes())
-            }
-            (7..=8, false) => {
-                let leaf = rng.pick(&sc.leaves);
-                let level = rng.in_range(u32::from(sc.levels()), 1) as u8;
-                let shift = level_shift(level);
-                (leaf.va & !(511 << shift)) | rng.below(512) << shift
-            }
-            _ => rng.next(),
-        };
-        let va = sc.canonical(va);
-        if sc.usable(va) {
-            break va;
-        }
-    };
-    // Data accesses are 8 bytes and never cross a page; the execute snippet needs 16.
-    if execute {
-        va & !(guest::EXEC_SNIPPET_LEN as u64 - 1)
-    } else {
-        va & !7
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum FaultClass {
-    NotPresent,
-    Reserved,
-    Protection,
-}
-
-fn walker_class(reason: FaultReason) -> Option<FaultClass> {
-    match reason {
-        FaultReason::Sfl2 => Some(FaultClass::NotPresent),
-        FaultReason::Sfl3 => Some(FaultClass::Reserved),
-        FaultReason::Sgn2 | FaultReason::Sgn3 | FaultReason::Sgn6 => Some(FaultClass::Protection),
-        _ => None,
-    }
-}
-
-fn cpu_class(error_code: u64) -> FaultClass {
-    if error_code & pf::PRESENT == 0 {
-        FaultClass::NotPresent
-    } else if error_code & pf::RESERVED != 0 {
-        FaultClass::Reserved
-    } else {
-        FaultClass::Protection
-    }
-}
-
-/// The byte a walk reached, from its record, whether or not the request was allowed: the
-/// last entry read, if it is a present leaf.
-fn reached(rec: &WalkRecord, va: u64) -> Option<u64> {
-    let last = rec.steps.last()?;
-    let entry = FlPte(last.entry);
-    let size = PageSize::from_level(last.level).filter(|_| entry.is_leaf(last.level))?;
-    entry
-        .present()
-        .then(|| entry.page_address(size) | (va & (size.bytes() - 1)))
 }
 
 /// Whether the only thing refusing the walk is VT-d's supervisor-execute rule: a
@@ -645,7 +261,7 @@ fn first_level_walker_agrees_with_the_mmu() {
         machine
             .forget_translations()
             .expect("dropping KVM's translations");
-        let view = WalkerView::new(&ram, &sc.frames.live);
+        let view = WalkerView::new(&*ram, sc.frames.live.iter().copied());
         for _ in 0..PROBES_PER_SCENARIO {
             run_probe(
                 &mut rng,
@@ -659,11 +275,9 @@ fn first_level_walker_agrees_with_the_mmu() {
             );
         }
         let Scenario {
-            builder,
-            mut frames,
-            ..
+            tables, mut frames, ..
         } = sc;
-        builder.destroy(&mut frames);
+        tables.builder.destroy(&mut frames);
     }
 
     let elapsed = started.elapsed();
@@ -694,12 +308,12 @@ fn run_probe(
     machine: &mut Machine,
     ram: &HostMemory,
     sc: &Scenario,
-    view: &WalkerView<'_>,
+    view: &WalkerView<'_, HostMemory>,
     cpu: &CpuFeatures,
     tally: &mut Tally,
     scenario: usize,
 ) {
-    let nonce = rng.next() | 1;
+    let nonce = rng.next_u64() | 1;
     let access = match rng.below(10) {
         0..=3 => Access::Read,
         4..=6 => Access::Write(nonce),
@@ -710,7 +324,13 @@ fn run_probe(
     } else {
         Privilege::Supervisor
     };
-    let va = probe_address(rng, sc, access == Access::Execute);
+    // Data accesses are 8 bytes and never cross a page; the execute snippet needs 16.
+    let align = if access == Access::Execute {
+        guest::EXEC_SNIPPET_LEN as u64
+    } else {
+        8
+    };
+    let va = sc.probe_address(rng, &|va| usable(sc.cfg.mode, va), align);
     let req = AccessRequest {
         write: matches!(access, Access::Write(_)),
         execute: access == Access::Execute,
@@ -871,7 +491,7 @@ fn run_probe(
         if !sc.harness.contains(&frame) {
             for (i, &theirs) in real.iter().enumerate() {
                 let harness_slot = frame == sc.cfg.root && i as u64 == guest::HARNESS_TOP_INDEX;
-                let ours = view.entry(frame, i);
+                let ours = view.entry(frame + 8 * i as u64);
                 if !harness_slot && (ours ^ theirs) & ea_mask != 0 {
                     only[0] |= ours & !theirs & ea_mask != 0;
                     only[1] |= theirs & !ours & ea_mask != 0;

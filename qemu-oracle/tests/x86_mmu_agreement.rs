@@ -3,8 +3,8 @@
 //! paging (LA57) and SMEP.
 //!
 //! One run per paging mode (CR4.LA57 cannot change in long mode). Each run builds many
-//! random IA-32e tables with vsva's `PageTableBuilder` in the machine's RAM, the way the
-//! KVM oracle's test does: 4 KiB, 2 MiB and 1 GiB pages clustered so that they share
+//! random IA-32e tables with vsva's `PageTableBuilder` in the machine's RAM, with the KVM
+//! oracle's generator (`vsva_kvm_oracle::tables`): 4 KiB, 2 MiB and 1 GiB pages clustered so that they share
 //! tables, random R/W, U/S and XD, random attribute and ignored bits in leaves, and random
 //! damage on the way to some mappings (entries made not present, read-only,
 //! supervisor-only or execute-disabled at any level, reserved bits, ignored bits). Then
@@ -53,22 +53,23 @@
 //!
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run with another seed.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use vm_memory::GuestMemoryMmap;
+use vsva_kvm_oracle::tables::{
+    cpu_class, level_shift, reached, read_frame, walker_class, FaultClass, Rng, Tables, WalkerView,
+};
 use vsva_qemu_oracle::x86::{
     exec_snippet, layout, pf, Access, Features, Machine, OracleError, Outcome, PagingMode, Probe,
     Report, HARNESS_INDEX,
 };
 use vsva_vtd::{
     walk_first_level, AccessRequest, FaultReason, FlConfig, FlFormat, FlPagingMode, FlPte,
-    FrameSource, MapFlags, MemError, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
+    FrameSource, MemError, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
 };
 
 const SCENARIOS: usize = 60;
 const PROBES_PER_SCENARIO: usize = 100;
-const MAPPINGS_PER_SCENARIO: usize = 24;
 /// The fewest probes the two runs together must compare.
 const MIN_PROBES: usize = 10_000;
 /// Frames of 4 KiB and 2 MiB pages.
@@ -77,35 +78,6 @@ const SMALL_PAGES: (u64, u64) = (layout::DATA.0, 1 << 30);
 const HUGE_PAGE: u64 = 1 << 30;
 /// Disagreements described in full before the test fails.
 const REPORTED: usize = 12;
-
-/// SplitMix64: small, seedable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn in_range(&mut self, hi: u32, lo: u32) -> u32 {
-        lo + self.below(u64::from(hi - lo + 1)) as u32
-    }
-}
 
 /// Table frames: a bump allocator over [`layout::TABLES`] shared by every table of a run.
 struct TableFrames {
@@ -123,94 +95,9 @@ impl FrameSource for TableFrames {
     fn free_table(&mut self, _frame: u64) {}
 }
 
-/// The walker's view of memory: private copies of the table frames, so that its
-/// accessed/dirty updates land beside the CPU's; any other address reads RAM and cannot be
-/// written.
-struct WalkerView<'a> {
-    ram: &'a GuestMemoryMmap,
-    tables: RefCell<HashMap<u64, Box<[u64; 512]>>>,
-}
-
-impl<'a> WalkerView<'a> {
-    fn new(ram: &'a GuestMemoryMmap, frames: impl Iterator<Item = u64>) -> Self {
-        let tables = frames.map(|f| (f, Box::new(read_frame(ram, f)))).collect();
-        WalkerView {
-            ram,
-            tables: RefCell::new(tables),
-        }
-    }
-
-    fn entry(&self, addr: u64) -> u64 {
-        self.tables.borrow()[&(addr & !0xfff)][(addr & 0xfff) as usize / 8]
-    }
-
-    fn update(&self, addr: u64, f: impl FnOnce(&mut u64) -> u64) -> Result<u64, MemError> {
-        if addr % 8 != 0 {
-            return Err(MemError::Unaligned { addr, align: 8 });
-        }
-        let mut tables = self.tables.borrow_mut();
-        let table = tables
-            .get_mut(&(addr & !0xfff))
-            .ok_or(MemError::OutOfRange { addr, len: 8 })?;
-        Ok(f(&mut table[(addr & 0xfff) as usize / 8]))
-    }
-}
-
-impl PhysMem for WalkerView<'_> {
-    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
-        if addr % 8 == 0 {
-            if let Some(t) = self.tables.borrow().get(&(addr & !0xfff)) {
-                return Ok(t[(addr & 0xfff) as usize / 8]);
-            }
-        }
-        PhysMem::read_u64(self.ram, addr)
-    }
-
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
-        self.update(addr, |e| {
-            let old = *e;
-            *e |= bits;
-            old
-        })
-    }
-
-    fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
-        self.update(addr, |e| {
-            let found = *e;
-            if found == old {
-                *e = new;
-            }
-            found
-        })
-    }
-
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
-        self.update(addr, |e| {
-            *e = value;
-            value
-        })
-        .map(|_| ())
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            let a = addr + i as u64;
-            *b = self.read_u64(a & !7)?.to_le_bytes()[(a & 7) as usize];
-        }
-        Ok(())
-    }
-
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-        Err(MemError::OutOfRange {
-            addr,
-            len: buf.len() as u64,
-        })
-    }
-}
-
 /// The walker's view without its updates: walks that find out where an address leads
 /// without setting accessed or dirty bits.
-struct DryRun<'a, 'b>(&'a WalkerView<'b>);
+struct DryRun<'a, 'b>(&'a WalkerView<'b, GuestMemoryMmap>);
 
 impl PhysMem for DryRun<'_, '_> {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
@@ -238,71 +125,13 @@ impl PhysMem for DryRun<'_, '_> {
     }
 }
 
-fn read_frame(ram: &GuestMemoryMmap, frame: u64) -> [u64; 512] {
-    let mut entries = [0u64; 512];
-    for (i, e) in entries.iter_mut().enumerate() {
-        *e = PhysMem::read_u64(ram, frame + 8 * i as u64).expect("table frame in RAM");
-    }
-    entries
-}
-
-/// One mapping a table was asked for.
-#[derive(Clone, Copy, Debug)]
-struct Leaf {
-    va: u64,
-    size: PageSize,
-}
-
-/// One random table and the VT-d configuration it is walked with.
-struct Scenario {
-    builder: PageTableBuilder,
-    leaves: Vec<Leaf>,
-    cfg: FlConfig,
-    /// What was done to the table, for reports.
-    damage: Vec<String>,
-}
-
-impl Scenario {
-    fn levels(&self) -> u8 {
-        self.cfg.mode.levels()
-    }
-
-    fn canonical(&self, va: u64) -> u64 {
-        let shift = 64 - self.cfg.mode.input_width();
-        (((va << shift) as i64) >> shift) as u64
-    }
-
-    /// Whether probes and mappings may use `va`: outside the harness's top-level slot.
-    fn usable(&self, va: u64) -> bool {
-        (va >> level_shift(self.levels())) & 511 != HARNESS_INDEX
-    }
-}
-
-fn map_flags(writable: bool, user: bool, executable: bool) -> MapFlags {
-    let mut f = MapFlags::READ;
-    if writable {
-        f = f | MapFlags::WRITE;
-    }
-    if user {
-        f = f | MapFlags::USER;
-    }
-    if executable {
-        f = f | MapFlags::EXECUTE;
-    }
-    f
-}
-
-fn level_shift(level: u8) -> u32 {
-    12 + 9 * (u32::from(level) - 1)
-}
-
 /// Builds one random table in `machine`'s RAM with vsva's builder.
 fn build_scenario(
     rng: &mut Rng,
     machine: &Machine,
     frames: &mut TableFrames,
     format: FlFormat,
-) -> Scenario {
+) -> Tables {
     let ram = machine.mem();
     let mode = match machine.mode() {
         PagingMode::Level4 => FlPagingMode::FourLevel,
@@ -323,230 +152,25 @@ fn build_scenario(
         eafe: rng.percent(30),
         format,
     };
-    let mut sc = Scenario {
-        builder,
-        leaves: Vec::new(),
-        cfg,
-        damage: Vec::new(),
-    };
-    // Cluster the mappings: each level picks its index from a small pool, so they share
-    // tables and damage to an upper entry covers several of them.
-    let levels = sc.levels();
-    let pools: BTreeMap<u8, Vec<u64>> = (1..=levels)
-        .map(|l| {
-            let n = if l == levels { 2 } else { 3 };
-            let pool = (0..n)
-                .map(|_| loop {
-                    let i = rng.below(512);
-                    if l != levels || sc.usable(sc.canonical(i << level_shift(l))) {
-                        break i;
-                    }
-                })
-                .collect();
-            (l, pool)
-        })
-        .collect();
-    for _ in 0..MAPPINGS_PER_SCENARIO {
-        let size = match rng.below(10) {
-            0..=4 => PageSize::Size4K,
-            5..=7 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        };
-        let mut va = 0;
-        for l in size.level()..=levels {
-            let index = if l == size.level() && rng.percent(50) {
-                rng.below(512)
-            } else {
-                rng.pick(&pools[&l])
-            };
-            va |= index << level_shift(l);
-        }
-        let va = sc.canonical(va);
-        let pa = match size {
-            PageSize::Size1G => HUGE_PAGE,
-            _ => {
-                let n = (SMALL_PAGES.1 - SMALL_PAGES.0) >> size.shift();
-                SMALL_PAGES.0 + (rng.below(n) << size.shift())
-            }
-        };
-        let flags = map_flags(rng.percent(60), rng.percent(60), rng.percent(60));
-        if sc.builder.map(ram, frames, va, pa, size, flags).is_err() {
-            continue; // already mapped, or a page of another size in the way
-        }
-        sc.leaves.push(Leaf { va, size });
-        if rng.percent(40) {
-            let extra = leaf_extra_bits(rng, size);
-            let slot = sc
-                .builder
-                .entry_address(ram, va, size.level())
-                .expect("valid level")
-                .expect("just mapped");
-            let entry = PhysMem::read_u64(ram, slot).expect("table in RAM");
-            sc.builder
-                .write_entry(ram, va, size.level(), entry | extra)
-                .expect("just mapped");
-        }
-    }
-    for _ in 0..rng.below(7) {
-        damage(rng, ram, format, &mut sc);
-    }
-    sc
-}
-
-/// Bits a leaf may carry that change nothing about the translation: A, D, G, PWT, PCD,
-/// PAT, the software-available bits 11:9 and the ignored bits 62:52.
-fn leaf_extra_bits(rng: &mut Rng, size: PageSize) -> u64 {
-    let pat = if size == PageSize::Size4K {
-        FlPte::PAT_4K
-    } else {
-        FlPte::PAT_LARGE
-    };
-    let candidates = [
-        FlPte::A,
-        FlPte::D,
-        FlPte::G,
-        FlPte::PWT,
-        FlPte::PCD,
-        pat,
-        1 << 9,
-        1 << 10,
-        1 << 11,
-        1 << rng.in_range(62, 52),
-    ];
-    (0..1 + rng.below(3)).fold(0, |acc, _| acc | rng.pick(&candidates))
-}
-
-/// Damages one entry on the path of a random mapping.
-fn damage(rng: &mut Rng, ram: &GuestMemoryMmap, format: FlFormat, sc: &mut Scenario) {
-    let Some(&leaf) = sc
-        .leaves
-        .get(rng.below(sc.leaves.len().max(1) as u64) as usize)
-    else {
-        return;
-    };
-    let level = rng.in_range(u32::from(sc.levels()), u32::from(leaf.size.level())) as u8;
-    let Ok(Some(slot)) = sc.builder.entry_address(ram, leaf.va, level) else {
-        return;
-    };
-    // An earlier damage may have sent the path outside RAM.
-    let Ok(entry) = PhysMem::read_u64(ram, slot) else {
-        return;
-    };
-    if entry & FlPte::P == 0 {
-        return;
-    }
-    let is_leaf = level == leaf.size.level();
-    let width = u32::from(format.address_width());
-    let (what, new) = match rng.below(7) {
-        // Not present: every other bit is then ignored, reserved ones included.
-        0 => (
-            "not present",
-            (entry | (rng.next() & !FlPte::ADDR_MASK)) & !FlPte::P,
-        ),
-        1 => ("read-only", entry & !FlPte::RW),
-        2 => ("supervisor-only", entry & !FlPte::US),
-        3 => ("execute-disable", entry | FlPte::XD),
-        4 => {
-            let mut candidates = Vec::new();
-            if width < 52 {
-                candidates.push(rng.in_range(51, width));
-            }
-            match (level, is_leaf) {
-                (4 | 5, _) => candidates.push(7),
-                (2, true) => candidates.push(rng.in_range(20, 13)),
-                (3, true) => candidates.push(rng.in_range(29, 13)),
-                _ => {}
-            }
-            let Some(&bit) = candidates.get(rng.below(candidates.len().max(1) as u64) as usize)
-            else {
-                return;
-            };
-            ("reserved bit", entry | 1 << bit)
-        }
+    let mut tables = Tables::new(builder, cfg);
+    let levels = mode.levels();
+    let usable = move |va: u64| (va >> level_shift(levels)) & 511 != HARNESS_INDEX;
+    tables.populate(rng, ram, frames, &usable, |rng, size| match size {
+        PageSize::Size1G => HUGE_PAGE,
         _ => {
-            // Ignored bits: 62:52 and 11:9 everywhere, D and G in non-leaf entries.
-            let mut candidates = vec![rng.in_range(62, 52), rng.in_range(11, 9)];
-            if !is_leaf {
-                candidates.extend([6, 8]);
-            }
-            ("ignored bit", entry | 1 << rng.pick(&candidates))
+            let n = (SMALL_PAGES.1 - SMALL_PAGES.0) >> size.shift();
+            SMALL_PAGES.0 + (rng.below(n) << size.shift())
         }
-    };
-    sc.builder
-        .write_entry(ram, leaf.va, level, new)
-        .expect("entry exists");
-    sc.damage.push(format!(
-        "{what}: level {level} entry of {:#x} {entry:#x} -> {new:#x}",
-        leaf.va
-    ));
-}
-
-/// A random probe address: mostly inside a mapping, sometimes beside one (an absent entry
-/// at some level), sometimes anywhere; never in the harness's slot.
-fn probe_address(rng: &mut Rng, sc: &Scenario, execute: bool) -> u64 {
-    let va = loop {
-        let va = match (rng.below(10), sc.leaves.is_empty()) {
-            (0..=6, false) => {
-                let leaf = rng.pick(&sc.leaves);
-                leaf.va + rng.below(leaf.size.bytes())
-            }
-            (7..=8, false) => {
-                let leaf = rng.pick(&sc.leaves);
-                let level = rng.in_range(u32::from(sc.levels()), 1) as u8;
-                let shift = level_shift(level);
-                (leaf.va & !(511 << shift)) | rng.below(512) << shift
-            }
-            _ => rng.next(),
-        };
-        let va = sc.canonical(va);
-        if sc.usable(va) {
-            break va;
-        }
-    };
-    // Data accesses are 8 bytes; a call runs the 16-byte slot from its start.
-    if execute {
-        va & !15
-    } else {
-        va & !7
+    });
+    for _ in 0..rng.below(7) {
+        tables.damage(rng, ram, false);
     }
+    tables
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum FaultClass {
-    NotPresent,
-    Reserved,
-    Protection,
-}
-
-fn walker_class(reason: FaultReason) -> Option<FaultClass> {
-    match reason {
-        FaultReason::Sfl2 => Some(FaultClass::NotPresent),
-        FaultReason::Sfl3 => Some(FaultClass::Reserved),
-        FaultReason::Sgn2 | FaultReason::Sgn3 | FaultReason::Sgn6 => Some(FaultClass::Protection),
-        _ => None,
-    }
-}
-
-/// The class of a #PF: RSVD first, since QEMU 7.2 leaves P clear with it.
-fn cpu_class(error_code: u64) -> FaultClass {
-    if error_code & pf::RESERVED != 0 {
-        FaultClass::Reserved
-    } else if error_code & pf::PRESENT == 0 {
-        FaultClass::NotPresent
-    } else {
-        FaultClass::Protection
-    }
-}
-
-/// The byte a walk reached, from its record, whether or not the request was allowed: the
-/// last entry read, if it is a present leaf.
-fn reached(rec: &WalkRecord, va: u64) -> Option<u64> {
-    let last = rec.steps.last()?;
-    let entry = FlPte(last.entry);
-    let size = PageSize::from_level(last.level).filter(|_| entry.is_leaf(last.level))?;
-    entry
-        .present()
-        .then(|| entry.page_address(size) | (va & (size.bytes() - 1)))
+/// Whether probes may use `va`: outside the harness's top-level slot.
+fn usable(tables: &Tables, va: u64) -> bool {
+    tables.top_index(va) != HARNESS_INDEX
 }
 
 /// The token of the snippet in the slot at `slot`.
@@ -690,7 +314,7 @@ fn run_mode(rng: &mut Rng, machine: &Machine, features: Features, tally: &mut Ta
     let mut frames = TableFrames {
         next: layout::TABLES.0,
     };
-    let scenarios: Vec<Scenario> = (0..SCENARIOS)
+    let scenarios: Vec<Tables> = (0..SCENARIOS)
         .map(|_| build_scenario(rng, machine, &mut frames, format))
         .collect();
     let view = WalkerView::new(ram, (layout::TABLES.0..frames.next).step_by(4096));
@@ -699,7 +323,7 @@ fn run_mode(rng: &mut Rng, machine: &Machine, features: Features, tally: &mut Ta
     let mut probes = Vec::new();
     for (n, sc) in scenarios.iter().enumerate() {
         for _ in 0..PROBES_PER_SCENARIO {
-            let nonce = rng.next() | 1;
+            let nonce = rng.next_u64() | 1;
             let access = match rng.below(10) {
                 0..=3 => Access::Read,
                 4..=6 => Access::Write(nonce),
@@ -718,7 +342,8 @@ fn run_mode(rng: &mut Rng, machine: &Machine, features: Features, tally: &mut Ta
             // bits): SGN.1 before any entry is read, #GP(0) on the CPU.
             let non_canonical = rng.percent(3);
             let va = loop {
-                let mut va = probe_address(rng, sc, req.execute);
+                let align = if req.execute { 16 } else { 8 };
+                let mut va = sc.probe_address(rng, &|va| usable(sc, va), align);
                 if non_canonical {
                     va ^= 1 << rng.in_range(63, sc.cfg.mode.input_width());
                 }
@@ -828,7 +453,7 @@ fn run_mode(rng: &mut Rng, machine: &Machine, features: Features, tally: &mut Ta
     }
 }
 
-fn compare(p: &Planned, report: &Report, sc: &Scenario, slots: &Slots, tally: &mut Tally) {
+fn compare(p: &Planned, report: &Report, sc: &Tables, slots: &Slots, tally: &mut Tally) {
     tally.probes += 1;
     let what = match p.access {
         Access::Read => "read",
