@@ -32,6 +32,10 @@ pub mod offset {
     pub const IDR4: u64 = 0x10;
     /// SMMU_IDR5.
     pub const IDR5: u64 = 0x14;
+    /// SMMU_IIDR: implementer and revision (reads 0 here: no implementer is named).
+    pub const IIDR: u64 = 0x18;
+    /// SMMU_AIDR: architecture revision (reads 0: SMMUv3.0).
+    pub const AIDR: u64 = 0x1c;
     /// SMMU_CR0.
     pub const CR0: u64 = 0x20;
     /// SMMU_CR0ACK.

@@ -112,6 +112,20 @@ pub const IOMMU_HWPT_ALLOC_PASID: u32 = b::iommufd_hwpt_alloc_flags_IOMMU_HWPT_A
 pub const IOMMU_HWPT_DATA_NONE: u32 = b::iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE;
 /// `IOMMU_HWPT_DATA_VTD_S1`: a nested HWPT with [`IommuHwptVtdS1`] data.
 pub const IOMMU_HWPT_DATA_VTD_S1: u32 = b::iommu_hwpt_data_type_IOMMU_HWPT_DATA_VTD_S1;
+/// `IOMMU_HWPT_DATA_ARM_SMMUV3`: a nested HWPT under an SMMUv3 vIOMMU with
+/// [`IommuHwptArmSmmuv3`] data (the guest's STE).
+pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = b::iommu_hwpt_data_type_IOMMU_HWPT_DATA_ARM_SMMUV3;
+
+/// `IOMMU_VIOMMU_TYPE_DEFAULT`: reserved, never allocated.
+pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = b::iommu_viommu_type_IOMMU_VIOMMU_TYPE_DEFAULT;
+/// `IOMMU_VIOMMU_TYPE_ARM_SMMUV3`: a vSMMUv3 over a nest parent.
+pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = b::iommu_viommu_type_IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
+/// `IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3`: an array of
+/// [`IommuViommuArmSmmuv3Invalidate`] given to `IOMMU_HWPT_INVALIDATE` with a vIOMMU id.
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
+    b::iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
+/// `IOMMU_HW_INFO_TYPE_ARM_SMMUV3`: [`IommuHwInfoArmSmmuv3`] data.
+pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = b::iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
 
 /// `IOMMU_VTD_S1_SRE`: supervisor requests allowed.
 pub const IOMMU_VTD_S1_SRE: u64 = b::iommu_hwpt_vtd_s1_flags_IOMMU_VTD_S1_SRE as u64;
@@ -310,6 +324,43 @@ wire_fields!(IommuHwInfoVtd {
     cap_reg: u64,
     ecap_reg: u64
 });
+/// `struct iommu_hwpt_arm_smmuv3`: words 0 and 1 of the guest's STE.
+pub type IommuHwptArmSmmuv3 = b::iommu_hwpt_arm_smmuv3;
+wire_fields!(IommuHwptArmSmmuv3 { ste: [u64; 2] });
+/// `struct iommu_viommu_arm_smmuv3_invalidate`: one 16-byte SMMUv3 command.
+pub type IommuViommuArmSmmuv3Invalidate = b::iommu_viommu_arm_smmuv3_invalidate;
+wire_fields!(IommuViommuArmSmmuv3Invalidate { cmd: [u64; 2] });
+/// `struct iommu_hw_info_arm_smmuv3`: SMMU_IDR0..5, SMMU_IIDR and SMMU_AIDR.
+pub type IommuHwInfoArmSmmuv3 = b::iommu_hw_info_arm_smmuv3;
+wire_fields!(IommuHwInfoArmSmmuv3 {
+    flags: u32,
+    __reserved: u32,
+    idr: [u32; 6],
+    iidr: u32,
+    aidr: u32
+});
+/// `struct iommu_viommu_alloc`.
+pub type IommuViommuAlloc = b::iommu_viommu_alloc;
+wire_fields!(IommuViommuAlloc {
+    size: u32,
+    flags: u32,
+    type_: u32,
+    dev_id: u32,
+    hwpt_id: u32,
+    out_viommu_id: u32,
+    data_len: u32,
+    __reserved: u32,
+    data_uptr: u64
+});
+/// `struct iommu_vdevice_alloc`.
+pub type IommuVdeviceAlloc = b::iommu_vdevice_alloc;
+wire_fields!(IommuVdeviceAlloc {
+    size: u32,
+    viommu_id: u32,
+    dev_id: u32,
+    out_vdevice_id: u32,
+    virt_id: u64
+});
 /// `struct iommu_fault_alloc`.
 pub type IommuFaultAlloc = b::iommu_fault_alloc;
 wire_fields!(IommuFaultAlloc {
@@ -490,6 +541,11 @@ pub const UCMD_GET_HW_INFO: Ucmd = ucmd!(IOMMU_GET_HW_INFO, IommuHwInfo, __reser
 pub const UCMD_FAULT_QUEUE_ALLOC: Ucmd =
     ucmd!(IOMMU_FAULT_QUEUE_ALLOC, IommuFaultAlloc, out_fault_fd: u32);
 
+/// `IOMMU_VIOMMU_ALLOC`, minimum up to `out_viommu_id` (the data tail is optional).
+pub const UCMD_VIOMMU_ALLOC: Ucmd = ucmd!(IOMMU_VIOMMU_ALLOC, IommuViommuAlloc, out_viommu_id: u32);
+/// `IOMMU_VDEVICE_ALLOC`, minimum up to `virt_id`.
+pub const UCMD_VDEVICE_ALLOC: Ucmd = ucmd!(IOMMU_VDEVICE_ALLOC, IommuVdeviceAlloc, virt_id: u64);
+
 impl Ucmd {
     /// Copies the argument in as `iommufd_fops_ioctl` does: `-EFAULT` when the buffer
     /// ends before `size` or before the bytes `size` covers, `-EINVAL` for a `size` below
@@ -571,6 +627,8 @@ mod tests {
         assert_eq!(IOMMU_HWPT_INVALIDATE, 0x3b8d);
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC, 0x3b8e);
         assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
+        assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
+        assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
         assert_eq!(VFIO_DEVICE_BIND_IOMMUFD, 15222);
         assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, 0x3b77);
         assert_eq!(VFIO_DEVICE_DETACH_IOMMUFD_PT, 0x3b78);
@@ -593,6 +651,8 @@ mod tests {
             (UCMD_FAULT_QUEUE_ALLOC, 16, 16),
             (UCMD_HWPT_SET_DIRTY_TRACKING, 16, 16),
             (UCMD_HWPT_GET_DIRTY_BITMAP, 48, 48),
+            (UCMD_VIOMMU_ALLOC, 40, 24),
+            (UCMD_VDEVICE_ALLOC, 24, 24),
         ];
         for (u, size, min) in rows {
             assert_eq!((u.size, u.min_size), (size, min), "{}", u.name);
@@ -600,6 +660,9 @@ mod tests {
         assert_eq!(size_of::<IommuHwptVtdS1>(), 24);
         assert_eq!(size_of::<IommuHwptVtdS1Invalidate>(), 24);
         assert_eq!(size_of::<IommuHwInfoVtd>(), 24);
+        assert_eq!(size_of::<IommuHwInfoArmSmmuv3>(), 40);
+        assert_eq!(size_of::<IommuHwptArmSmmuv3>(), 16);
+        assert_eq!(size_of::<IommuViommuArmSmmuv3Invalidate>(), 16);
         assert_eq!(size_of::<IommuHwptPgfault>(), 40);
         assert_eq!(size_of::<IommuHwptPageResponse>(), 8);
         assert_eq!(size_of::<VfioDeviceBindIommufd>(), 24);

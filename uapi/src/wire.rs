@@ -84,16 +84,21 @@ impl<const N: usize> Wire for [u8; N] {
     }
 }
 
-impl<const N: usize> Wire for [u64; N] {
-    fn read(b: &[u8]) -> Self {
-        std::array::from_fn(|i| u64::read(&b[i * 8..]))
-    }
-    fn write(&self, b: &mut [u8]) {
-        for (i, v) in self.iter().enumerate() {
-            v.write(&mut b[i * 8..]);
+macro_rules! wire_array {
+    ($($t:ty),*) => {$(
+        impl<const N: usize> Wire for [$t; N] {
+            fn read(b: &[u8]) -> Self {
+                std::array::from_fn(|i| <$t>::read(&b[i * size_of::<$t>()..]))
+            }
+            fn write(&self, b: &mut [u8]) {
+                for (i, v) in self.iter().enumerate() {
+                    v.write(&mut b[i * size_of::<$t>()..]);
+                }
+            }
         }
-    }
+    )*};
 }
+wire_array!(u32, u64);
 
 /// Declares a `#[repr(C)]` structure with public fields and its [`Wire`] encoding.
 macro_rules! c_struct {

@@ -4,7 +4,9 @@
 //! (`VFIO_DEVICE_ATTACH_IOMMUFD_PT` / `DETACH`). Closing the cdev unbinds the device.
 //!
 //! [`Iommufds`] is the VMM process's table of open `/dev/iommu` files by fd number, which
-//! `VFIO_DEVICE_BIND_IOMMUFD` resolves its `iommufd` field through (`fdget`).
+//! `VFIO_DEVICE_BIND_IOMMUFD` resolves its `iommufd` field through (`fdget`). A file is
+//! on the host's VT-d unit ([`IommufdFile`]) or on its SMMUv3 ([`SmmuIommufdFile`]); the
+//! cdev drives either through [`BindTarget`].
 
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
@@ -15,17 +17,54 @@ use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
 use super::fault::FaultFile;
+use super::smmu::SmmuIommufdFile;
 use super::{IommufdError, IommufdFile};
 use crate::driver::HostIommu;
+use crate::smmu::SmmuHost;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a device cdev binds to: an open `/dev/iommu` (`iommufd_device_bind` and the
+/// attach calls of `drivers/iommu/iommufd/device.c`).
+pub(crate) trait BindTarget: std::fmt::Debug + Send + Sync {
+    /// Binds device `sid`; its device id.
+    fn bind_device(&self, sid: SourceId) -> Result<u32, IommufdError>;
+    /// Unbinds device `dev_id`: detached from everything, its object removed.
+    fn unbind_device(&self, dev_id: u32);
+    /// Attaches (or replaces) the RID, or `pasid`, of `dev_id` to `pt_id`; the HWPT id.
+    fn attach(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32, IommufdError>;
+    /// Detaches the RID, or `pasid`, of `dev_id`.
+    fn detach(&self, dev_id: u32, pasid: Option<u32>) -> Result<(), IommufdError>;
+}
+
+impl BindTarget for IommufdFile {
+    fn bind_device(&self, sid: SourceId) -> Result<u32, IommufdError> {
+        self.lock().bind_device(sid)
+    }
+    fn unbind_device(&self, dev_id: u32) {
+        self.lock().unbind_device(dev_id);
+    }
+    fn attach(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32, IommufdError> {
+        match pasid {
+            Some(p) => self.lock().attach_pasid(dev_id, p, pt_id),
+            None => self.lock().attach_rid(dev_id, pt_id),
+        }
+    }
+    fn detach(&self, dev_id: u32, pasid: Option<u32>) -> Result<(), IommufdError> {
+        match pasid {
+            Some(p) => self.lock().detach_pasid(dev_id, p),
+            None => self.lock().detach_rid(dev_id),
+        }
+    }
 }
 
 /// An open file of the table.
 #[derive(Debug, Clone)]
 enum Open {
     Iommufd(Arc<IommufdFile>),
+    Smmu(Arc<SmmuIommufdFile>),
     Fault(Arc<FaultFile>),
 }
 
@@ -58,6 +97,13 @@ impl Iommufds {
         (self.install(Open::Iommufd(file.clone())), file)
     }
 
+    /// Opens `/dev/iommu` on the SMMU `smmu`: the lowest free fd number from 3 and the
+    /// file.
+    pub fn open_smmu(&self, smmu: &Arc<SmmuHost>) -> (i32, Arc<SmmuIommufdFile>) {
+        let file = SmmuIommufdFile::open(smmu);
+        (self.install(Open::Smmu(file.clone())), file)
+    }
+
     /// Installs a fault queue file; its fd number.
     pub(crate) fn install_fault(&self, file: Arc<FaultFile>) -> i32 {
         self.install(Open::Fault(file))
@@ -69,9 +115,10 @@ impl Iommufds {
         lock(&self.files).remove(&fd);
     }
 
-    fn get(&self, fd: i32) -> Option<Arc<IommufdFile>> {
+    fn get(&self, fd: i32) -> Option<Arc<dyn BindTarget>> {
         match lock(&self.files).get(&fd) {
             Some(Open::Iommufd(f)) => Some(f.clone()),
+            Some(Open::Smmu(f)) => Some(f.clone()),
             _ => None,
         }
     }
@@ -88,7 +135,7 @@ impl Iommufds {
 /// The iommufd a device is bound to and its device id there.
 #[derive(Debug)]
 struct Binding {
-    file: Arc<IommufdFile>,
+    file: Arc<dyn BindTarget>,
     dev_id: u32,
 }
 
@@ -143,14 +190,14 @@ impl VfioDeviceFile {
             .fds
             .get(req.iommufd)
             .ok_or(IommufdError::BadFd(req.iommufd))?;
-        let dev_id = file.lock().bind_device(self.sid)?;
+        let dev_id = file.bind_device(self.sid)?;
         *bound = Some(Binding { file, dev_id });
         let at = offset_of!(VfioDeviceBindIommufd, out_devid);
         arg[at..at + 4].copy_from_slice(&dev_id.to_le_bytes());
         Ok(())
     }
 
-    fn binding(&self) -> Result<(Arc<IommufdFile>, u32), IommufdError> {
+    fn binding(&self) -> Result<(Arc<dyn BindTarget>, u32), IommufdError> {
         lock(&self.bound)
             .as_ref()
             .map(|b| (b.file.clone(), b.dev_id))
@@ -172,11 +219,7 @@ impl VfioDeviceFile {
             return Err(IommufdError::invalid(WHAT, "argsz does not cover pasid"));
         }
         let (file, dev_id) = self.binding()?;
-        let hwpt = if pasid {
-            file.lock().attach_pasid(dev_id, req.pasid, req.pt_id)?
-        } else {
-            file.lock().attach_rid(dev_id, req.pt_id)?
-        };
+        let hwpt = file.attach(dev_id, pasid.then_some(req.pasid), req.pt_id)?;
         let at = offset_of!(VfioDeviceAttachIommufdPt, pt_id);
         arg[at..at + 4].copy_from_slice(&hwpt.to_le_bytes());
         Ok(())
@@ -194,12 +237,7 @@ impl VfioDeviceFile {
             return Err(IommufdError::invalid(WHAT, "argsz does not cover pasid"));
         }
         let (file, dev_id) = self.binding()?;
-        let mut ctx = file.lock();
-        if pasid {
-            ctx.detach_pasid(dev_id, req.pasid)
-        } else {
-            ctx.detach_rid(dev_id)
-        }
+        file.detach(dev_id, pasid.then_some(req.pasid))
     }
 }
 
@@ -207,7 +245,7 @@ impl Drop for VfioDeviceFile {
     /// Closing the cdev unbinds the device (`vfio_df_unbind_iommufd`).
     fn drop(&mut self) {
         if let Some(b) = lock(&self.bound).take() {
-            b.file.lock().unbind_device(b.dev_id);
+            b.file.unbind_device(b.dev_id);
         }
     }
 }

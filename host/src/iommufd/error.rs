@@ -5,6 +5,7 @@
 use vsva_uapi::{Errno, UapiError};
 
 use crate::driver::DriverError;
+use crate::error::HostError;
 
 /// A failed iommufd operation; nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -15,6 +16,18 @@ pub enum IommufdError {
     /// The host IOMMU driver refused.
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// The host SMMUv3 driver refused.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Data the SMMU must not be given: an STE field or a command a VM may not set
+    /// (`-EIO`, which arm-smmu-v3's iommufd code keeps for exactly this).
+    #[error("{what}: {detail}")]
+    Io {
+        /// What was refused.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
     /// Not an ioctl of this file (`-ENOTTY`).
     #[error("ioctl {0:#x} is not an ioctl of this file")]
     UnknownIoctl(u32),
@@ -87,6 +100,8 @@ impl IommufdError {
         match self {
             Uapi(e) => Errno::from(e).raw(),
             Driver(e) => e.errno(),
+            Host(e) => -e.errno(),
+            Io { .. } => libc::EIO,
             UnknownIoctl(_) => libc::ENOTTY,
             NoObject { .. } | NoEntry(_) => libc::ENOENT,
             WrongType { .. } | Invalid { .. } => libc::EINVAL,
@@ -105,6 +120,14 @@ impl IommufdError {
     /// A field error (`-EINVAL`).
     pub fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
         IommufdError::Invalid {
+            what,
+            detail: detail.into(),
+        }
+    }
+
+    /// Data the SMMU must not be given (`-EIO`).
+    pub fn io(what: &'static str, detail: impl Into<String>) -> Self {
+        IommufdError::Io {
             what,
             detail: detail.into(),
         }

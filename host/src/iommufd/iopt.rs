@@ -5,6 +5,12 @@
 
 use std::collections::BTreeMap;
 
+use vsva_hw::HostMemory;
+use vsva_uapi::iommufd::{
+    IommuIoasMap, IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_FLAGS, IOMMU_IOAS_MAP_READABLE,
+    IOMMU_IOAS_MAP_WRITEABLE,
+};
+
 use super::error::IommufdError;
 
 /// The IOVA alignment every IOAS reports and requires (`iopt->iova_alignment`, the 4 KiB
@@ -31,6 +37,49 @@ impl Area {
     pub fn last(&self) -> u64 {
         self.iova + (self.length - 1)
     }
+}
+
+/// The area an `IOMMU_IOAS_MAP` adds to `iopt` (`iommufd_ioas_map`): the VMM's memory at
+/// `user_va` (resolved through its windows in `mem`, EFAULT otherwise; 4 KiB aligned,
+/// EINVAL) at `iova` with FIXED_IOVA, else at an IOVA the allocator picks; READABLE
+/// and/or WRITEABLE (EINVAL without either); unknown flags or a non-zero reserved field
+/// EOPNOTSUPP; `iova`/`length` of `U64_MAX` EOVERFLOW. Nothing is changed.
+pub fn map_area(iopt: &Iopt, mem: &HostMemory, cmd: &IommuIoasMap) -> Result<Area, IommufdError> {
+    const WHAT: &str = "iommu_ioas_map";
+    if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 || cmd.__reserved != 0 {
+        return Err(IommufdError::not_supported(
+            WHAT,
+            "unknown flags or reserved",
+        ));
+    }
+    if cmd.iova == u64::MAX || cmd.length == u64::MAX {
+        return Err(IommufdError::Overflow(WHAT));
+    }
+    if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
+        return Err(IommufdError::invalid(
+            WHAT,
+            "neither readable nor writeable",
+        ));
+    }
+    let iova = if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+        iopt.check_fixed(cmd.iova, cmd.length)?;
+        cmd.iova
+    } else {
+        iopt.alloc_iova(cmd.length, Some(cmd.user_va))?
+    };
+    let hpa = mem
+        .resolve_user(cmd.user_va, cmd.length)
+        .map_err(|_| IommufdError::Fault("user_va"))?;
+    if hpa.0 % IOVA_ALIGNMENT != 0 {
+        return Err(IommufdError::invalid(WHAT, "user_va not 4 KiB aligned"));
+    }
+    Ok(Area {
+        iova,
+        length: cmd.length,
+        hpa: hpa.0,
+        read: cmd.flags & IOMMU_IOAS_MAP_READABLE != 0,
+        write: cmd.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+    })
 }
 
 /// The IOVA space of one IOAS.

@@ -20,6 +20,7 @@ mod error;
 pub mod fault;
 mod inval;
 pub mod iopt;
+pub mod smmu;
 mod user;
 
 use std::collections::BTreeMap;
@@ -454,53 +455,14 @@ impl Ctx {
         Ok(())
     }
 
-    /// `IOMMU_IOAS_MAP`: the VMM's memory at `user_va` (resolved through its windows,
-    /// EFAULT otherwise) at `iova` with FIXED_IOVA, else at an IOVA the allocator picks and
-    /// writes back; READABLE and/or WRITEABLE (EINVAL without either); unknown flags or a
-    /// non-zero reserved field EOPNOTSUPP; `iova`/`length` of `U64_MAX` EOVERFLOW.
+    /// `IOMMU_IOAS_MAP`: the area [`iopt::map_area`] checks, mapped into every domain of
+    /// the IOAS; the IOVA written back.
     fn do_ioas_map(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        const WHAT: &str = "iommu_ioas_map";
         let mut cmd: IommuIoasMap = u.copy_in(arg)?;
-        if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 || cmd.__reserved != 0 {
-            return Err(IommufdError::not_supported(
-                WHAT,
-                "unknown flags or reserved",
-            ));
-        }
-        if cmd.iova == u64::MAX || cmd.length == u64::MAX {
-            return Err(IommufdError::Overflow(WHAT));
-        }
-        if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
-            return Err(IommufdError::invalid(
-                WHAT,
-                "neither readable nor writeable",
-            ));
-        }
         let iopt = &self.ioas(cmd.ioas_id)?.iopt;
-        let iova = if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
-            iopt.check_fixed(cmd.iova, cmd.length)?;
-            cmd.iova
-        } else {
-            iopt.alloc_iova(cmd.length, Some(cmd.user_va))?
-        };
-        let hpa = self
-            .unit
-            .hardware()
-            .memory()
-            .resolve_user(cmd.user_va, cmd.length)
-            .map_err(|_| IommufdError::Fault("user_va"))?;
-        if hpa.0 % IOVA_ALIGNMENT != 0 {
-            return Err(IommufdError::invalid(WHAT, "user_va not 4 KiB aligned"));
-        }
-        let area = Area {
-            iova,
-            length: cmd.length,
-            hpa: hpa.0,
-            read: cmd.flags & IOMMU_IOAS_MAP_READABLE != 0,
-            write: cmd.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
-        };
+        let area = iopt::map_area(iopt, self.unit.hardware().memory(), &cmd)?;
         self.add_areas(cmd.ioas_id, &[area])?;
-        cmd.iova = iova;
+        cmd.iova = area.iova;
         u.respond(&cmd, arg);
         Ok(())
     }

@@ -60,6 +60,8 @@ pub struct SmmuDomain {
     /// Mappings by IPA: size.
     mapped: BTreeMap<u64, u64>,
     pasid_table: Option<PasidTableConfig>,
+    /// Streams whose STE nests a guest CD table of their own (iommufd nested HWPTs).
+    nested: BTreeSet<u32>,
 }
 
 impl SmmuDomain {
@@ -95,6 +97,7 @@ impl SmmuDomain {
             devices: BTreeSet::new(),
             mapped: BTreeMap::new(),
             pasid_table: None,
+            nested: BTreeSet::new(),
         })
     }
 
@@ -130,12 +133,33 @@ impl SmmuDomain {
         Some(m.base + (ipa & (m.size.bytes() - 1)))
     }
 
-    /// The stream table entry of the domain's streams under `table`: stage 2 alone
-    /// (no table, or the guest's stage 1 bypassed), nested (the guest's CD table
-    /// translates), or `None` for an aborting STE.
-    fn ste(&self, table: Option<&PasidTableConfig>) -> Result<Option<Ste>, HostError> {
+    /// Maps `[ipa, ipa + size)` to host memory from `hpa` (both 4 KiB aligned, checked by
+    /// the caller), readable and/or writable: stage-2 entries made valid need no
+    /// invalidation.
+    pub(crate) fn map_pages(
+        &mut self,
+        ipa: u64,
+        hpa: u64,
+        size: u64,
+        read: bool,
+        write: bool,
+    ) -> Result<(), HostError> {
+        let mut attrs = D::AF | S2_NORMAL;
+        if read {
+            attrs |= D::S2AP_R;
+        }
+        if write {
+            attrs |= D::S2AP_W;
+        }
+        self.map_range(ipa, hpa, size, attrs)?;
+        self.mapped.insert(ipa, size);
+        Ok(())
+    }
+
+    /// The STE of a stream translated by stage 2 alone (`arm_smmu_make_s2_domain_ste`).
+    pub(crate) fn s2_ste(&self) -> Ste {
         let f = self.host.features();
-        let s2 = Ste {
+        Ste {
             s2vmid: self.vmid,
             s2t0sz: 64 - IPA_BITS as u8,
             s2sl0: 2,
@@ -151,7 +175,70 @@ impl SmmuDomain {
                 vsva_smmuv3::Eats::Abort
             },
             ..Ste::new(Config::S2Trans)
-        };
+        }
+    }
+
+    /// Points stream `sid` at `ste` (`None`: abort) as a stream of this domain, claiming it
+    /// when it is new here (`-EBUSY` when another domain holds it); `nested` says the STE
+    /// walks a guest CD table, whose stage-1 and nested entries then go with every unmap.
+    /// A stream already here changes STE in one write, then its CDs, the VMID's stage-1
+    /// entries and its ATC entries are flushed, as the guest's old configuration may have
+    /// left them. On failure nothing changed.
+    pub(crate) fn set_stream(
+        &mut self,
+        sid: u32,
+        ste: Option<&Ste>,
+        nested: bool,
+    ) -> Result<(), HostError> {
+        let present = self.devices.contains(&sid);
+        if !present {
+            self.host.claim_stream(sid, self.vmid)?;
+        }
+        if let Err(e) = self.host.driver().write_ste(sid, ste) {
+            if !present {
+                self.host.release_stream(sid);
+            }
+            return Err(driver_error(e));
+        }
+        self.devices.insert(sid);
+        if present {
+            let mut cmds = vec![Cmd::CfgiCdAll { sid }, Cmd::TlbiNhAll { vmid: self.vmid }];
+            if self.host.features().ats {
+                cmds.push(Cmd::AtcInv {
+                    sid,
+                    ssid: None,
+                    global: true,
+                    addr: 0,
+                    size: 52,
+                });
+            }
+            self.issue(&cmds);
+        }
+        if nested {
+            self.nested.insert(sid);
+        } else {
+            self.nested.remove(&sid);
+        }
+        Ok(())
+    }
+
+    /// Stream `sid` leaves the domain: it aborts, its CDs and ATC entries go.
+    pub(crate) fn release(&mut self, sid: u32) {
+        self.nested.remove(&sid);
+        self.detach(sid);
+    }
+
+    /// Issues guest commands already confined to this domain (tagged with its VMID or
+    /// naming its streams), then CMD_SYNC.
+    pub(crate) fn issue_guest(&self, cmds: &[Cmd]) -> Result<(), HostError> {
+        self.host.driver().issue(cmds).map_err(driver_error)
+    }
+
+    /// The stream table entry of the domain's streams under `table`: stage 2 alone
+    /// (no table, or the guest's stage 1 bypassed), nested (the guest's CD table
+    /// translates), or `None` for an aborting STE.
+    fn ste(&self, table: Option<&PasidTableConfig>) -> Result<Option<Ste>, HostError> {
+        let s2 = self.s2_ste();
         Ok(match table.map(|t| t.config) {
             None | Some(PasidConfig::Bypass) => Some(s2),
             Some(PasidConfig::Abort) => None,
@@ -357,7 +444,7 @@ impl SmmuDomain {
                 })
                 .collect()
         };
-        if self.pasid_table.is_some() {
+        if self.pasid_table.is_some() || !self.nested.is_empty() {
             cmds.push(Cmd::TlbiNhAll { vmid: self.vmid });
         }
         self.atc_all(&mut cmds);
@@ -585,16 +672,7 @@ impl IommuBackend for SmmuDomain {
                 errno: libc::EFAULT,
                 detail: format!("smmuv3: MAP_DMA of {:#x}: {e}", map.vaddr),
             })?;
-        let mut attrs = D::AF | S2_NORMAL;
-        if map.read {
-            attrs |= D::S2AP_R;
-        }
-        if map.write {
-            attrs |= D::S2AP_W;
-        }
-        self.map_range(map.iova.raw(), hpa.0, map.size, attrs)?;
-        self.mapped.insert(map.iova.raw(), map.size);
-        Ok(())
+        self.map_pages(map.iova.raw(), hpa.0, map.size, map.read, map.write)
     }
 
     fn unmap_dma(&mut self, iova: Iova, size: u64) {

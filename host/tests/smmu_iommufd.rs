@@ -1,0 +1,904 @@
+//! iommufd on the host SMMUv3 against the physical SMMUv3 model (strict mode) and the DMA
+//! engine: `IOMMU_GET_HW_INFO` with the SMMU's ID registers, a nest-parent stage 2, a
+//! vIOMMU and vDEVICE, a nested HWPT carrying the guest's STE, guest commands through
+//! `IOMMU_HWPT_INVALIDATE` on the vIOMMU; real bytes move at guest virtual addresses
+//! through the guest's CD table and stage 1 nested over stage 2; every refused call gives
+//! Linux's errno and changes nothing; closing leaves nothing.
+
+use std::collections::BTreeMap;
+use std::mem::size_of;
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
+use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
+use vsva_host::smmu::SmmuHost;
+use vsva_hw::dma::regs::CTRL_PASID_EN;
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
+    Operation,
+};
+use vsva_hw::smmuv3::{Smmu, SmmuConfig};
+use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_smmuv3::desc::Descriptor as D;
+use vsva_smmuv3::regs::offset;
+use vsva_smmuv3::{Cmd, ContextDescriptor, Features, PageSize, TableBuilder, TlbiAddr};
+use vsva_uapi::iommufd::*;
+use vsva_uapi::wire::Wire;
+use vsva_uapi::{Errno, UapiFile};
+use vsva_vtd::{Gpa, Hpa, Pasid, PhysMem, SourceId};
+
+/// Guest RAM: 32 MiB at GPA 0, mapped at IOVA (IPA) 0.
+const RAM: u64 = 32 << 20;
+/// The guest's CD table (16 CDs, linear), its stage-1 tables, a second stage-1 table.
+const CD_GPA: u64 = 0x8_0000;
+const PT_GPA: u64 = 0x10_0000;
+const PT2_GPA: u64 = 0x20_0000;
+const SRC_GPA: u64 = 0x100_0000;
+const DST_GPA: u64 = 0x140_0000;
+const NEW_DST_GPA: u64 = 0x180_0000;
+const COMP_GPA: u64 = 0x1c0_0000;
+/// VMM scratch memory for ioctl data (inside the RAM window, never DMA'd).
+const SCRATCH_GPA: u64 = 0x1e0_0000;
+const SRC_GVA: u64 = 0x7f00_1234_0000;
+const DST_GVA: u64 = 0x7f00_5678_0000;
+const COMP_GVA: u64 = 0x7f00_9abc_0000;
+const SSID: u32 = 3;
+const ASID: u16 = 0x21;
+const ASID2: u16 = 0x22;
+const VSID: u64 = 0x99;
+const RW_EL0: u64 = D::AF | D::AP_EL0 | D::NG;
+
+struct Host {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    hw: Arc<Smmu>,
+    smmu: Arc<SmmuHost>,
+}
+
+fn host() -> Host {
+    let mem = HostMemory::new(256 << 20).unwrap();
+    let frames = Arc::new(FrameAllocator::new(mem.clone()));
+    let cfg = SmmuConfig {
+        strict: true,
+        ..SmmuConfig::default()
+    };
+    let hw = Arc::new(Smmu::new(mem.clone(), cfg));
+    let smmu = SmmuHost::new(hw.clone(), frames.clone()).unwrap();
+    Host {
+        mem,
+        frames,
+        hw,
+        smmu,
+    }
+}
+
+/// A VMM with one VM: its RAM, an SMMU iommufd with the RAM mapped in an IOAS, one DMA
+/// engine bound through its cdev, and a guest process's stage-1 tables and CD.
+struct Vm {
+    mem: Arc<HostMemory>,
+    frames: Arc<FrameAllocator>,
+    hpa: Hpa,
+    ram: GuestMemoryMmap,
+    vaddr: u64,
+    file: Arc<SmmuIommufdFile>,
+    cdev: Option<VfioDeviceFile>,
+    dev: Arc<DmaEngine>,
+    sid: u32,
+    dev_id: u32,
+    ioas: u32,
+    /// The guest process's stage-1 table (taken while it is changed).
+    s1: Option<TableBuilder>,
+    next_pt: u64,
+}
+
+fn arg<T: Wire>(v: &T) -> Vec<u8> {
+    v.to_bytes()
+}
+
+impl Vm {
+    fn new(host: &Host, rid: SourceId) -> Vm {
+        let hpa = host.frames.alloc_range(RAM, 2 << 20).unwrap();
+        let ram = host.mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap();
+        let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let fds = Iommufds::new();
+        let (fd, file) = fds.open_smmu(&host.smmu);
+        let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(rid), host.hw.clone()).unwrap());
+        host.hw.attach_endpoint(u32::from(rid.rid()), dev.clone());
+        dev.enable(CTRL_PASID_EN).unwrap();
+        let cdev = VfioDeviceFile::open(rid, fds);
+        let mut bind = VfioDeviceBindIommufd {
+            argsz: size_of::<VfioDeviceBindIommufd>() as u32,
+            flags: 0,
+            iommufd: fd,
+            out_devid: 0,
+            token_uuid_ptr: 0,
+        }
+        .to_bytes();
+        cdev.ioctl(VFIO_DEVICE_BIND_IOMMUFD, &mut bind).unwrap();
+        let dev_id = VfioDeviceBindIommufd::read(&bind).out_devid;
+        let mut vm = Vm {
+            mem: host.mem.clone(),
+            frames: host.frames.clone(),
+            hpa,
+            ram,
+            vaddr,
+            file,
+            cdev: Some(cdev),
+            dev,
+            sid: u32::from(rid.rid()),
+            dev_id,
+            ioas: 0,
+            s1: None,
+            next_pt: PT_GPA + PAGE_SIZE,
+        };
+        let mut alloc = IommuIoasAlloc {
+            size: size_of::<IommuIoasAlloc>() as u32,
+            ..Default::default()
+        };
+        vm.call(IOMMU_IOAS_ALLOC, &mut alloc).unwrap();
+        vm.ioas = alloc.out_ioas_id;
+        let mut map = IommuIoasMap {
+            size: size_of::<IommuIoasMap>() as u32,
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+            ioas_id: vm.ioas,
+            user_va: vaddr,
+            length: RAM,
+            iova: 0,
+            ..Default::default()
+        };
+        vm.call(IOMMU_IOAS_MAP, &mut map).unwrap();
+        // The guest process: stage 1 at PT_GPA, its CD at SSID of the CD table.
+        let mut s1 =
+            TableBuilder::stage1(&Self::cd(PT_GPA, ASID).s1_config(&Features::VSVA).unwrap());
+        for (gva, gpa, n) in [
+            (SRC_GVA, SRC_GPA, 4),
+            (DST_GVA, DST_GPA, 4),
+            (COMP_GVA, COMP_GPA, 1),
+        ] {
+            vm.map(&mut s1, gva, gpa, n);
+        }
+        vm.s1 = Some(s1);
+        vm.write_cd(Self::cd(PT_GPA, ASID));
+        vm
+    }
+
+    fn cd(ttb0: u64, asid: u16) -> ContextDescriptor {
+        ContextDescriptor::new(ttb0, 16, asid)
+    }
+
+    fn write_cd(&self, cd: ContextDescriptor) {
+        for (i, w) in cd.encode().iter().enumerate() {
+            self.write(CD_GPA + SSID as u64 * 64 + 8 * i as u64, &w.to_le_bytes());
+        }
+    }
+
+    fn phys(&self) -> vsva_vtd::MemWindow<Arc<HostMemory>> {
+        vsva_vtd::MemWindow::new(self.mem.clone(), self.hpa.0, RAM)
+    }
+
+    fn map(&mut self, s1: &mut TableBuilder, gva: u64, gpa: u64, pages: u64) {
+        let phys = self.phys();
+        for i in 0..pages {
+            let mut next = self.next_pt;
+            let mut alloc = || {
+                let f = next;
+                next += PAGE_SIZE;
+                Some(f)
+            };
+            s1.map(
+                &phys,
+                &mut alloc,
+                gva + i * PAGE_SIZE,
+                gpa + i * PAGE_SIZE,
+                PageSize::Size4K,
+                RW_EL0,
+            )
+            .unwrap();
+            self.next_pt = next;
+        }
+    }
+
+    /// Points `gva` at another page, as the guest kernel does, without invalidating.
+    fn remap(&mut self, gva: u64, gpa: u64) {
+        let mut s1 = self.s1.take().unwrap();
+        s1.unmap(&self.phys(), gva, PageSize::Size4K).unwrap();
+        self.map(&mut s1, gva, gpa, 1);
+        self.s1 = Some(s1);
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        PhysMem::write(&*self.mem, self.hpa.0 + gpa, bytes).unwrap();
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0; len];
+        PhysMem::read(&*self.mem, self.hpa.0 + gpa, &mut b).unwrap();
+        b
+    }
+
+    /// Puts `bytes` in the VMM's scratch memory; their user address.
+    fn user(&self, bytes: &[u8]) -> u64 {
+        self.write(SCRATCH_GPA, bytes);
+        self.vaddr + SCRATCH_GPA
+    }
+
+    /// An iommufd ioctl on `v`, which gets what the kernel wrote back.
+    fn call<T: Wire>(&self, cmd: u32, v: &mut T) -> Result<(), Errno> {
+        let mut bytes = arg(v);
+        let r = self.file.ioctl(cmd, &mut bytes);
+        *v = T::read(&bytes);
+        r.map(|_| ())
+    }
+
+    fn objects(&self) -> BTreeMap<u32, SmmuObjectState> {
+        self.file.lock().objects()
+    }
+
+    fn attach(&self, pt_id: u32) -> Result<(), Errno> {
+        let mut a = VfioDeviceAttachIommufdPt {
+            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
+            flags: 0,
+            pt_id,
+            pasid: 0,
+        }
+        .to_bytes();
+        self.cdev
+            .as_ref()
+            .unwrap()
+            .ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut a)
+            .map(|_| ())
+    }
+
+    fn hwpt_alloc(&self, flags: u32, pt_id: u32, data: Option<&[u8]>) -> Result<u32, Errno> {
+        let (data_type, data_len, data_uptr) = match data {
+            Some(d) => (IOMMU_HWPT_DATA_ARM_SMMUV3, d.len() as u32, self.user(d)),
+            None => (IOMMU_HWPT_DATA_NONE, 0, 0),
+        };
+        let mut a = IommuHwptAlloc {
+            size: size_of::<IommuHwptAlloc>() as u32,
+            flags,
+            dev_id: self.dev_id,
+            pt_id,
+            data_type,
+            data_len,
+            data_uptr,
+            ..Default::default()
+        };
+        self.call(IOMMU_HWPT_ALLOC, &mut a).map(|()| a.out_hwpt_id)
+    }
+
+    fn nested(&self, viommu: u32, vste: [u64; 2]) -> Result<u32, Errno> {
+        let data = IommuHwptArmSmmuv3 { ste: vste }.to_bytes();
+        self.hwpt_alloc(0, viommu, Some(&data))
+    }
+
+    fn viommu(&self, hwpt_id: u32, type_: u32) -> Result<u32, Errno> {
+        let mut a = IommuViommuAlloc {
+            size: size_of::<IommuViommuAlloc>() as u32,
+            type_,
+            dev_id: self.dev_id,
+            hwpt_id,
+            ..Default::default()
+        };
+        self.call(IOMMU_VIOMMU_ALLOC, &mut a)
+            .map(|()| a.out_viommu_id)
+    }
+
+    fn vdevice(&self, viommu_id: u32, virt_id: u64) -> Result<u32, Errno> {
+        let mut a = IommuVdeviceAlloc {
+            size: size_of::<IommuVdeviceAlloc>() as u32,
+            viommu_id,
+            dev_id: self.dev_id,
+            out_vdevice_id: 0,
+            virt_id,
+        };
+        self.call(IOMMU_VDEVICE_ALLOC, &mut a)
+            .map(|()| a.out_vdevice_id)
+    }
+
+    fn destroy(&self, id: u32) -> Result<(), Errno> {
+        let mut d = IommuDestroy {
+            size: size_of::<IommuDestroy>() as u32,
+            id,
+        };
+        self.call(IOMMU_DESTROY, &mut d)
+    }
+
+    /// `IOMMU_HWPT_INVALIDATE` of `cmds` through `viommu`: the result and `entry_num`.
+    fn invalidate(&self, viommu: u32, cmds: &[[u64; 2]]) -> (Result<(), Errno>, u32) {
+        let bytes: Vec<u8> = cmds
+            .iter()
+            .flat_map(|c| IommuViommuArmSmmuv3Invalidate { cmd: *c }.to_bytes())
+            .collect();
+        let mut inv = IommuHwptInvalidate {
+            size: size_of::<IommuHwptInvalidate>() as u32,
+            hwpt_id: viommu,
+            data_uptr: self.user(&bytes),
+            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+            entry_len: 16,
+            entry_num: cmds.len() as u32,
+            __reserved: 0,
+        };
+        let r = self.call(IOMMU_HWPT_INVALIDATE, &mut inv);
+        (r, inv.entry_num)
+    }
+
+    /// A memmove of `len` bytes by the device, with `pasid`, at device addresses; the
+    /// completion status (the record is at `comp`, guest physical `comp_gpa`).
+    fn memmove(
+        &self,
+        pasid: Option<u32>,
+        src: u64,
+        dst: u64,
+        len: u32,
+        comp: (u64, u64),
+    ) -> CompletionStatus {
+        self.write(comp.1, &[0; 32]);
+        let d = Descriptor {
+            pasid: pasid.map(|p| Pasid::new(p).unwrap()),
+            privileged: false,
+            block_on_fault: false,
+            completion: CompletionRequest::Always(comp.0),
+            op: Operation::Memmove {
+                src,
+                dst,
+                size: len,
+            },
+        };
+        self.dev.portal_write(0, &d.encode()).unwrap();
+        self.dev.process();
+        CompletionRecord::from_bytes(&self.read(comp.1, 32).try_into().unwrap())
+            .map_or(CompletionStatus::None, |r| r.status)
+    }
+
+    /// A copy at guest virtual addresses, SubstreamID SSID; whether it succeeded.
+    fn copy_gva(&self, data: &[u8]) -> bool {
+        self.write(SRC_GPA, data);
+        self.memmove(
+            Some(SSID),
+            SRC_GVA,
+            DST_GVA,
+            data.len() as u32,
+            (COMP_GVA, COMP_GPA),
+        ) == CompletionStatus::Success
+    }
+
+    /// A copy at guest physical addresses, without SubstreamID; whether it succeeded.
+    fn copy_gpa(&self, data: &[u8]) -> bool {
+        self.write(SRC_GPA, data);
+        self.memmove(
+            None,
+            SRC_GPA,
+            DST_GPA,
+            data.len() as u32,
+            (COMP_GPA, COMP_GPA),
+        ) == CompletionStatus::Success
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.cdev = None;
+        self.mem.release_guest_memory(&self.ram);
+        self.frames.free(self.hpa).unwrap();
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn rid(dev: u8) -> SourceId {
+    SourceId::new(0, dev, 0).unwrap()
+}
+
+/// The guest's STE words: stage 1 through the CD table at CD_GPA (16 CDs, linear),
+/// S1DSS bypass, write-back cacheable inner shareable table walks.
+fn vste_s1() -> [u64; 2] {
+    [
+        1 | 0b101 << 1 | CD_GPA | 4 << 59,
+        1 | 1 << 2 | 1 << 4 | 3 << 6,
+    ]
+}
+
+fn tlbi_nh_va(vmid: u16, asid: u16, va: u64) -> [u64; 2] {
+    Cmd::TlbiNhVa {
+        vmid,
+        asid,
+        addr: TlbiAddr {
+            addr: va,
+            leaf: true,
+            ..TlbiAddr::default()
+        },
+    }
+    .encode()
+}
+
+fn errno(e: i32) -> Result<(), Errno> {
+    Err(Errno::new(e))
+}
+
+#[test]
+fn hw_info_gives_the_smmu_id_registers_and_a_nest_parent_is_stage_2() {
+    let host = host();
+    let vm = Vm::new(&host, rid(3));
+    // GET_HW_INFO: iommu_hw_info_arm_smmuv3 with IDR0..5 as the registers read.
+    let want: Vec<u32> = (0..6)
+        .map(|i| host.hw.mmio_read(offset::IDR0 + 4 * i, 4).unwrap() as u32)
+        .collect();
+    let info_at = |len: u32, flags: u32, ty: u32| {
+        vm.write(SCRATCH_GPA, &[0xa5; 64]);
+        let mut i = hw_info(size_of::<IommuHwInfo>() as u32, flags, vm.dev_id, ty);
+        i.data_len = len;
+        i.data_uptr = vm.vaddr + SCRATCH_GPA;
+        let r = vm.call(IOMMU_GET_HW_INFO, &mut i);
+        (r, i, vm.read(SCRATCH_GPA, 64))
+    };
+    let (r, i, buf) = info_at(48, 0, 0);
+    r.unwrap();
+    assert_eq!(hw_info_data_type(&i), IOMMU_HW_INFO_TYPE_ARM_SMMUV3);
+    assert_eq!(i.data_len, 40);
+    assert_eq!(i.out_max_pasid_log2, host.smmu.features().ssid_bits);
+    let data = IommuHwInfoArmSmmuv3::read(&buf);
+    assert_eq!(data.idr.to_vec(), want);
+    assert_ne!(data.idr[0], 0);
+    assert_eq!(&buf[40..48], &[0; 8], "a larger buffer's tail is zeroed");
+    assert_eq!(&buf[48..], &[0xa5; 16]);
+    // A smaller buffer gets the head; the type can be asked for; VT-d's cannot.
+    let (r, _, buf) = info_at(
+        12,
+        IOMMU_HW_INFO_FLAG_INPUT_TYPE,
+        IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+    );
+    r.unwrap();
+    assert_eq!(&buf[8..12], &want[0].to_le_bytes());
+    assert_eq!(&buf[12..16], &[0xa5; 4]);
+    let (r, _, _) = info_at(
+        40,
+        IOMMU_HW_INFO_FLAG_INPUT_TYPE,
+        IOMMU_HW_INFO_TYPE_INTEL_VTD,
+    );
+    assert_eq!(r, errno(libc::EOPNOTSUPP));
+    let mut i = hw_info(size_of::<IommuHwInfo>() as u32, 0, 77, 0);
+    assert_eq!(vm.call(IOMMU_GET_HW_INFO, &mut i), errno(libc::ENOENT));
+
+    // HWPT_ALLOC on the IOAS: NEST_PARENT is a stage-2 domain with a VMID of its own;
+    // dirty tracking and PASID flags are not offered (EOPNOTSUPP), nothing made.
+    let before = vm.objects();
+    for flags in [
+        IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+        IOMMU_HWPT_ALLOC_PASID,
+        1 << 31,
+    ] {
+        assert_eq!(
+            vm.hwpt_alloc(flags | IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None),
+            Err(Errno::new(libc::EOPNOTSUPP))
+        );
+    }
+    assert_eq!(vm.objects(), before);
+    assert!(host.smmu.vmids().is_empty());
+    let parent = vm
+        .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+        .unwrap();
+    let Some(SmmuObjectState::HwptPaging {
+        nest_parent: true,
+        vmid,
+        ..
+    }) = vm.objects().get(&parent).cloned()
+    else {
+        panic!("{:?}", vm.objects());
+    };
+    assert_eq!(host.smmu.vmids(), [vmid]);
+    // Before the attach, the stream has no STE: DMA fails. Attached: stage 2 serves GPAs.
+    assert!(!vm.copy_gpa(&pattern(64, 1)));
+    vm.attach(parent).unwrap();
+    let ste = host.smmu.ste(vm.sid).unwrap();
+    assert_eq!((ste[0] >> 1) & 7, 0b110, "Config stage 2 alone");
+    assert_eq!(ste[2] & 0xffff, u64::from(vmid));
+    let data = pattern(8192, 2);
+    assert!(vm.copy_gpa(&data));
+    assert_eq!(vm.read(DST_GPA, 8192), data);
+    // No stage 1: a request with a SubstreamID is refused.
+    assert!(!vm.copy_gva(&pattern(64, 3)));
+    // The attached parent cannot be destroyed.
+    assert_eq!(vm.destroy(parent), errno(libc::EBUSY));
+    // A stage-2 unmap reaches the device: the page is gone, with its TLB entries.
+    let mut unmap = IommuIoasUnmap {
+        size: size_of::<IommuIoasUnmap>() as u32,
+        ioas_id: vm.ioas,
+        iova: 0,
+        length: u64::MAX,
+    };
+    vm.call(IOMMU_IOAS_UNMAP, &mut unmap).unwrap();
+    assert_eq!(unmap.length, RAM);
+    assert!(!vm.copy_gpa(&pattern(64, 4)));
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn a_nested_hwpt_translates_the_guests_substreams_through_its_cd_table() {
+    let host = host();
+    let vm = Vm::new(&host, rid(4));
+    let parent = vm
+        .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+        .unwrap();
+    let plain = vm.hwpt_alloc(0, vm.ioas, None).unwrap();
+    vm.attach(parent).unwrap();
+
+    // VIOMMU_ALLOC: refusals change nothing.
+    let before = vm.objects();
+    assert_eq!(
+        vm.viommu(parent, IOMMU_VIOMMU_TYPE_DEFAULT),
+        Err(Errno::new(libc::EOPNOTSUPP))
+    );
+    assert_eq!(vm.viommu(parent, 2), Err(Errno::new(libc::EOPNOTSUPP)));
+    assert_eq!(
+        vm.viommu(0, IOMMU_VIOMMU_TYPE_ARM_SMMUV3),
+        Err(Errno::new(libc::ENOENT))
+    );
+    assert_eq!(
+        vm.viommu(vm.ioas, IOMMU_VIOMMU_TYPE_ARM_SMMUV3),
+        Err(Errno::new(libc::ENOENT))
+    );
+    assert_eq!(
+        vm.viommu(plain, IOMMU_VIOMMU_TYPE_ARM_SMMUV3),
+        Err(Errno::new(libc::EINVAL))
+    );
+    assert_eq!(vm.objects(), before);
+    let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
+
+    // Nested HWPT allocation: the guest STE's fields are checked (EIO), the data rules
+    // (EINVAL, EOPNOTSUPP, E2BIG), nothing made by a refused one.
+    let before = vm.objects();
+    let s1 = vste_s1();
+    let bad_vstes = [
+        // A stage-2 field in word 0's reserved bits, S2 fields in word 1 (STRW, SHCFG).
+        [s1[0] | 1 << 55, s1[1]],
+        [s1[0], s1[1] | 1 << 30],
+        [s1[0], s1[1] | 1 << 44],
+        // Config stage 2 or nested: the host's.
+        [(s1[0] & !0xe) | 0b110 << 1, s1[1]],
+        [(s1[0] & !0xe) | 0b111 << 1, s1[1]],
+        // EATS split-stage.
+        [s1[0], s1[1] | 2 << 28],
+        // S1CDMax beyond the SMMU's SSIDSIZE: the STE would be C_BAD_STE.
+        [(s1[0] & !(0x1f << 59)) | 31 << 59, s1[1]],
+    ];
+    for v in bad_vstes {
+        assert_eq!(vm.nested(viommu, v), Err(Errno::new(libc::EIO)), "{v:#x?}");
+    }
+    let data = IommuHwptArmSmmuv3 { ste: s1 }.to_bytes();
+    assert_eq!(
+        vm.hwpt_alloc(0, viommu, Some(&data[..8])),
+        Err(Errno::new(libc::EINVAL))
+    );
+    let mut long = data.clone();
+    long.extend([0, 0, 0, 1]);
+    assert_eq!(
+        vm.hwpt_alloc(0, viommu, Some(&long)),
+        Err(Errno::new(libc::E2BIG))
+    );
+    assert_eq!(
+        vm.hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, viommu, Some(&data)),
+        Err(Errno::new(libc::EOPNOTSUPP))
+    );
+    assert_eq!(
+        vm.hwpt_alloc(0, parent, Some(&data)),
+        Err(Errno::new(libc::EOPNOTSUPP))
+    );
+    let mut vtd = IommuHwptAlloc {
+        size: size_of::<IommuHwptAlloc>() as u32,
+        dev_id: vm.dev_id,
+        pt_id: viommu,
+        data_type: IOMMU_HWPT_DATA_VTD_S1,
+        data_len: 24,
+        data_uptr: vm.user(&[0; 24]),
+        ..Default::default()
+    };
+    assert_eq!(vm.call(IOMMU_HWPT_ALLOC, &mut vtd), errno(libc::EOPNOTSUPP));
+    assert_eq!(vm.objects(), before);
+    let nested = vm.nested(viommu, s1).unwrap();
+
+    // A translating nested HWPT needs the device's vDEVICE first (ENOENT), and the
+    // refused attach leaves the stage-2 STE.
+    let ste = host.smmu.ste(vm.sid);
+    assert_eq!(vm.attach(nested), errno(libc::ENOENT));
+    assert_eq!(host.smmu.ste(vm.sid), ste);
+    let vdev = vm.vdevice(viommu, VSID).unwrap();
+    assert_eq!(vm.vdevice(viommu, VSID), Err(Errno::new(libc::EEXIST)));
+    assert_eq!(vm.vdevice(viommu, VSID + 1), Err(Errno::new(libc::EEXIST)));
+    assert_eq!(vm.vdevice(parent, VSID + 1), Err(Errno::new(libc::ENOENT)));
+    vm.attach(nested).unwrap();
+    let ste = host.smmu.ste(vm.sid).unwrap();
+    assert_eq!((ste[0] >> 1) & 7, 0b111, "Config nested");
+    assert_eq!(
+        ste[0] & ((1 << 52) - 64),
+        CD_GPA,
+        "S1ContextPtr: the guest's IPA"
+    );
+
+    // Real bytes at guest virtual addresses through the CD table and stage 1, every table
+    // and the output through stage 2; without a SubstreamID, S1DSS bypass: GPAs.
+    let data = pattern(3 * 4096 + 100, 7);
+    assert!(vm.copy_gva(&data));
+    assert_eq!(vm.read(DST_GPA, data.len()), data);
+    let data = pattern(512, 8);
+    assert!(vm.copy_gpa(&data));
+    assert_eq!(vm.read(DST_GPA, 512), data);
+
+    // Everything in use is EBUSY to destroy; the vDEVICE is not referenced.
+    for id in [parent, viommu, nested] {
+        assert_eq!(vm.destroy(id), errno(libc::EBUSY), "{id}");
+    }
+    assert_eq!(vm.destroy(vm.dev_id), errno(libc::EBUSY));
+
+    // The guest turns its STE to bypass, then abort: a replace each, no vDEVICE needed.
+    let bypass = vm.nested(viommu, [1 | 0b100 << 1, 0]).unwrap();
+    let abort = vm.nested(viommu, [1, 0]).unwrap();
+    let invalid = vm.nested(viommu, [0, 0]).unwrap();
+    vm.attach(bypass).unwrap();
+    assert!(vm.copy_gpa(&pattern(64, 9)));
+    assert!(!vm.copy_gva(&pattern(64, 10)));
+    for stop in [abort, invalid] {
+        vm.attach(stop).unwrap();
+        assert_eq!(
+            host.smmu.ste(vm.sid).unwrap()[0] & 0xf,
+            1,
+            "V=1, Config abort"
+        );
+        assert!(!vm.copy_gpa(&pattern(64, 11)));
+    }
+    // Back to stage 1, then to the plain stage 2 of another domain, and back again.
+    vm.attach(nested).unwrap();
+    assert!(vm.copy_gva(&pattern(64, 12)));
+    vm.attach(plain).unwrap();
+    assert!(vm.copy_gpa(&pattern(64, 13)));
+    assert!(!vm.copy_gva(&pattern(64, 14)));
+    vm.attach(nested).unwrap();
+    let data = pattern(64, 15);
+    assert!(vm.copy_gva(&data));
+    assert_eq!(vm.read(DST_GPA, 64), data);
+    vm.destroy(vdev).unwrap();
+    for id in [bypass, abort, invalid] {
+        vm.destroy(id).unwrap();
+    }
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn guest_commands_through_the_viommu_reach_only_its_vmid_and_streams() {
+    let host = host();
+    let mut vm = Vm::new(&host, rid(5));
+    let parent = vm
+        .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+        .unwrap();
+    let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
+    vm.vdevice(viommu, VSID).unwrap();
+    let nested = vm.nested(viommu, vste_s1()).unwrap();
+    vm.attach(nested).unwrap();
+    let one = pattern(256, 1);
+    assert!(vm.copy_gva(&one));
+    assert_eq!(vm.read(DST_GPA, 256), one);
+
+    // The guest moves DST_GVA and does not invalidate yet: the TLB sends bytes to the old
+    // page and strict mode names the missing CMD_TLBI_NH_VA.
+    vm.remap(DST_GVA, NEW_DST_GPA);
+    let two = pattern(256, 2);
+    assert!(vm.copy_gva(&two));
+    assert_eq!(vm.read(DST_GPA, 256), two);
+    assert!(!host.hw.take_stale().is_empty());
+
+    // The array's rules: a probe, then refusals with entry_num 0 and nothing issued.
+    let inv = |hwpt_id: u32, data_type: u32, entry_len: u32, num: u32| {
+        let mut i = IommuHwptInvalidate {
+            size: size_of::<IommuHwptInvalidate>() as u32,
+            hwpt_id,
+            data_uptr: vm.user(&[0; 64]),
+            data_type,
+            entry_len,
+            entry_num: num,
+            __reserved: 0,
+        };
+        let r = vm.call(IOMMU_HWPT_INVALIDATE, &mut i);
+        (r, i.entry_num)
+    };
+    let ty = IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
+    assert_eq!(inv(viommu, ty, 16, 0), (Ok(()), 0));
+    assert_eq!(
+        inv(viommu, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, 16, 1),
+        (errno(libc::EINVAL), 0)
+    );
+    assert_eq!(inv(viommu, ty, 8, 1), (errno(libc::EINVAL), 0));
+    assert_eq!(inv(viommu, ty, 0, 1), (errno(libc::EINVAL), 0));
+    assert_eq!(inv(nested, ty, 16, 1), (errno(libc::EOPNOTSUPP), 0));
+    assert_eq!(inv(parent, ty, 16, 1), (errno(libc::EINVAL), 0));
+    assert_eq!(inv(77, ty, 16, 1), (errno(libc::ENOENT), 0));
+    // Commands a VM may not send: EIO, none issued, the stale entry still there.
+    let other_vmid = 0x55;
+    let refused = [
+        Cmd::CfgiSte {
+            sid: VSID as u32,
+            leaf: true,
+        }
+        .encode(),
+        Cmd::TlbiS12Vmall { vmid: other_vmid }.encode(),
+        Cmd::TlbiS2Ipa {
+            vmid: other_vmid,
+            addr: TlbiAddr::default(),
+        }
+        .encode(),
+        Cmd::CFGI_ALL.encode(),
+        // A vSID no vDEVICE has.
+        Cmd::CfgiCdAll { sid: 0x98 }.encode(),
+        // A bit outside the command's fields.
+        {
+            let mut c = tlbi_nh_va(0, ASID, DST_GVA);
+            c[0] |= 1 << 20;
+            c
+        },
+    ];
+    for c in refused {
+        assert_eq!(
+            vm.invalidate(viommu, &[c]),
+            (errno(libc::EIO), 0),
+            "{c:#x?}"
+        );
+    }
+    assert!(vm.copy_gva(&pattern(256, 3)));
+    assert_ne!(vm.read(NEW_DST_GPA, 256), pattern(256, 3));
+    assert!(!host.hw.take_stale().is_empty());
+
+    // Partial success: TLBI_NH_VA, whatever VMID the guest wrote, runs under the VM's;
+    // CMD_SYNC (the host's to issue) stops the array at index 1.
+    let sync = Cmd::Sync {
+        cs: vsva_smmuv3::SyncCs::None,
+        msh: 0,
+        msi_attr: 0,
+        msi_data: 0,
+        msi_addr: 0,
+    }
+    .encode();
+    let (r, done) = vm.invalidate(viommu, &[tlbi_nh_va(other_vmid, ASID, DST_GVA), sync]);
+    assert_eq!((r, done), (errno(libc::EIO), 1));
+    let three = pattern(256, 4);
+    assert!(vm.copy_gva(&three));
+    assert_eq!(vm.read(NEW_DST_GPA, 256), three);
+    assert_eq!(host.hw.take_stale(), []);
+
+    // A new CD (another table, another ASID) at SSID: the SMMU keeps the cached CD until
+    // CMD_CFGI_CD names the vSID, which the host turns into the device's StreamID.
+    let mut s2 = TableBuilder::stage1(&Vm::cd(PT2_GPA, ASID2).s1_config(&Features::VSVA).unwrap());
+    vm.next_pt = PT2_GPA + PAGE_SIZE;
+    for (gva, gpa, n) in [
+        (SRC_GVA, SRC_GPA, 4),
+        (DST_GVA, DST_GPA + 0x10_0000, 1),
+        (COMP_GVA, COMP_GPA, 1),
+    ] {
+        vm.map(&mut s2, gva, gpa, n);
+    }
+    vm.write_cd(Vm::cd(PT2_GPA, ASID2));
+    let four = pattern(256, 5);
+    assert!(vm.copy_gva(&four));
+    assert_eq!(
+        vm.read(NEW_DST_GPA, 256),
+        four,
+        "the cached CD still serves"
+    );
+    let stale = host.hw.take_stale();
+    assert!(
+        stale
+            .iter()
+            .any(|s| matches!(s.missing, Cmd::CfgiCd { sid, .. } if sid == vm.sid)),
+        "{stale:?}"
+    );
+    let cfgi = Cmd::CfgiCd {
+        sid: VSID as u32,
+        ssid: SSID,
+        leaf: true,
+    }
+    .encode();
+    let asid = Cmd::TlbiNhAsid {
+        vmid: 0,
+        asid: ASID,
+    }
+    .encode();
+    assert_eq!(vm.invalidate(viommu, &[cfgi, asid]), (Ok(()), 2));
+    let five = pattern(256, 6);
+    assert!(vm.copy_gva(&five));
+    assert_eq!(vm.read(DST_GPA + 0x10_0000, 256), five);
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
+    let host = host();
+    let baseline = host.frames.allocated_bytes();
+    {
+        let a = Vm::new(&host, rid(6));
+        let b = Vm::new(&host, rid(7));
+        let mut ids = Vec::new();
+        for vm in [&a, &b] {
+            let parent = vm
+                .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+                .unwrap();
+            let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
+            vm.vdevice(viommu, VSID).unwrap();
+            let nested = vm.nested(viommu, vste_s1()).unwrap();
+            vm.attach(nested).unwrap();
+            assert!(vm.copy_gva(&pattern(128, 1)));
+            ids.push((parent, viommu, nested));
+        }
+        // B's ids name B's objects only: A's vIOMMU id in B is B's own, its commands run
+        // under B's VMID, so A's stale entry stays until A invalidates.
+        assert_eq!(host.smmu.vmids().len(), 2);
+        let mut a = a;
+        a.remap(DST_GVA, NEW_DST_GPA);
+        let (_, viommu_b, _) = ids[1];
+        assert_eq!(
+            b.invalidate(viommu_b, &[tlbi_nh_va(0, ASID, DST_GVA)]),
+            (Ok(()), 1)
+        );
+        let data = pattern(128, 2);
+        assert!(a.copy_gva(&data));
+        assert_eq!(a.read(DST_GPA, 128), data, "B's TLBI reached A's VMID");
+        assert!(!host.hw.take_stale().is_empty());
+        let (_, viommu_a, _) = ids[0];
+        assert_eq!(
+            a.invalidate(viommu_a, &[tlbi_nh_va(0, ASID, DST_GVA)]),
+            (Ok(()), 1)
+        );
+        assert_eq!(host.hw.take_stale(), []);
+        // A third file binding A's device cannot take A's stream: the attach is EBUSY, A's
+        // STE is unchanged, and the automatic HWPT the attach made is gone again.
+        let ste_a = host.smmu.ste(a.sid);
+        let fds = Iommufds::new();
+        let (fd, c) = fds.open_smmu(&host.smmu);
+        let cdev = VfioDeviceFile::open(rid(6), fds);
+        let mut bind = VfioDeviceBindIommufd {
+            argsz: size_of::<VfioDeviceBindIommufd>() as u32,
+            flags: 0,
+            iommufd: fd,
+            out_devid: 0,
+            token_uuid_ptr: 0,
+        }
+        .to_bytes();
+        cdev.ioctl(VFIO_DEVICE_BIND_IOMMUFD, &mut bind).unwrap();
+        let mut alloc = IommuIoasAlloc {
+            size: size_of::<IommuIoasAlloc>() as u32,
+            ..Default::default()
+        }
+        .to_bytes();
+        c.ioctl(IOMMU_IOAS_ALLOC, &mut alloc).unwrap();
+        let ioas = IommuIoasAlloc::read(&alloc).out_ioas_id;
+        let before = c.lock().objects();
+        let mut at = VfioDeviceAttachIommufdPt {
+            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
+            flags: 0,
+            pt_id: ioas,
+            pasid: 0,
+        }
+        .to_bytes();
+        assert_eq!(
+            cdev.ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut at),
+            Err(Errno::new(libc::EBUSY))
+        );
+        assert_eq!(c.lock().objects(), before);
+        assert_eq!(host.smmu.ste(a.sid), ste_a);
+        assert_eq!(host.smmu.vmids().len(), 2);
+        drop(cdev);
+        drop(c);
+        drop(b);
+        assert_eq!(host.smmu.vmids().len(), 1);
+        drop(a);
+    }
+    let (tlb, _, cds) = host.hw.cached_entries();
+    assert_eq!((tlb, cds), (0, 0));
+    assert!(host.smmu.owned_streams().is_empty());
+    assert!(host.smmu.vmids().is_empty());
+    // What stays is the level-2 stream table of each stream, kept as Linux keeps it.
+    let l2 = 64u64 << vsva_smmuv3_driver::STRTAB_SPLIT;
+    assert!(host.frames.allocated_bytes() <= baseline + 2 * l2);
+}
