@@ -676,7 +676,7 @@ fn guest_commands_through_the_viommu_reach_only_its_vmid_and_streams() {
         .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
         .unwrap();
     let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
-    vm.vdevice(viommu, VSID).unwrap();
+    let vdev = vm.vdevice(viommu, VSID).unwrap();
     let nested = vm.nested(viommu, vste_s1()).unwrap();
     vm.attach(nested).unwrap();
     let one = pattern(256, 1);
@@ -810,6 +810,22 @@ fn guest_commands_through_the_viommu_reach_only_its_vmid_and_streams() {
     assert!(vm.copy_gva(&five));
     assert_eq!(vm.read(DST_GPA + 0x10_0000, 256), five);
     assert_eq!(host.hw.take_stale(), []);
+
+    // Closing the device's cdev takes its vDEVICE with it (the kernel's tombstone): its
+    // id is gone, its vSID no longer names a stream, and the stream aborts.
+    vm.cdev = None;
+    assert_eq!(vm.destroy(vdev), errno(libc::ENOENT));
+    assert_eq!(vm.invalidate(viommu, &[cfgi]), (errno(libc::EIO), 0));
+    assert_eq!(
+        host.smmu.ste(vm.sid).unwrap()[0] & 0xf,
+        1,
+        "V=1, Config abort"
+    );
+    assert!(host.smmu.owned_streams().is_empty());
+    for id in [nested, viommu, parent] {
+        vm.destroy(id).unwrap();
+    }
+    assert!(host.smmu.vmids().is_empty());
 }
 
 #[test]
