@@ -780,10 +780,9 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
         .unwrap();
     assert_eq!(got, [0x3c; 64], "the device's fill landed in the VMM's RAM");
 
-    // Not served: MAP_FILE, the cdev's BIND (DEVICE_ADD binds), unknown ioctls, and the
-    // type1 container's.
+    // Not served: the cdev's BIND (DEVICE_ADD binds), unknown ioctls, and the type1
+    // container's.
     for cmd in [
-        IOMMU_IOAS_MAP_FILE,
         VFIO_DEVICE_BIND_IOMMUFD,
         IOMMU_VIOMMU_ALLOC,
         vsva_uapi::vfio::VFIO_IOMMU_MAP_DMA,

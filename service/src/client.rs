@@ -294,6 +294,14 @@ impl RemoteFile {
     }
 }
 
+/// The caller's fd number `fd`, borrowed for one call.
+fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
+    // SAFETY: the number comes from an ioctl argument the caller filled with one of its
+    // open fds, as the kernel's `fget` takes it; it is only used for the call the caller
+    // is making (an fcntl, then sendmsg), during which the caller keeps it open.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
 /// A fault queue file `vsva host` serves ([`crate::fault`]): one end of a socket pair,
 /// non-blocking. `read` gives one whole group of `iommu_hwpt_pgfault` records (`EAGAIN`
 /// when none waits), `write` sends `iommu_hwpt_page_response`s. Readiness is the fd's
@@ -332,12 +340,19 @@ impl UapiFile for FaultQueueFd {
 
 impl UapiFile for RemoteFile {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        if self.kind == FILE_IOMMUFD {
-            if let Some(at) = crate::iommufd::served(cmd).and_then(|s| s.fd_out) {
-                return self.ioctl_giving_fd(cmd, arg, at);
-            }
+        let served = crate::iommufd::served(cmd).filter(|_| self.kind == FILE_IOMMUFD);
+        if let Some(at) = served.and_then(|s| s.fd_out) {
+            return self.ioctl_giving_fd(cmd, arg, at);
         }
-        let reply = self.simple(&Request::Ioctl { cmd, arg }, &[])?;
+        let file = served
+            .and_then(|s| s.file)
+            .and_then(|how| arg.get(how.fd_at..how.fd_at + 4))
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .filter(|&fd| fd >= 0 && rustix::io::fcntl_getfd(borrow(fd)).is_ok());
+        // The memory file the argument names goes with the request; a number that is not
+        // an open fd sends none, which the host answers with EBADF.
+        let fds: Vec<BorrowedFd<'_>> = file.map(borrow).into_iter().collect();
+        let reply = self.simple(&Request::Ioctl { cmd, arg }, &fds)?;
         if reply.data.len() != arg.len() {
             return Err(Errno::EIO);
         }

@@ -8,7 +8,9 @@
 //! one whose pointer is not described cannot pass untranslated. The table also names the
 //! field where an ioctl gives a file descriptor: `FAULT_QUEUE_ALLOC`'s fault queue reaches
 //! the client as one end of a socket pair the host serves ([`crate::fault`]), sent with
-//! the reply. The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD` binds the
+//! the reply. It names the fields of a memory file too: `IOAS_MAP_FILE` takes the memfd
+//! with the request and the server maps the file's own pages as `IOAS_MAP` of their host
+//! address. The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD` binds the
 //! connection's device instead.
 
 use std::mem::{offset_of, size_of};
@@ -24,7 +26,7 @@ use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vtd::SourceId;
 
 use crate::fault::FaultPump;
-use crate::kind::{FileKind, Holdings, ServedFile, UserRange};
+use crate::kind::{FileArg, FileKind, Holdings, ServedFile, UserRange};
 use crate::protocol::FILE_IOMMUFD;
 
 /// How many bytes a user pointer names, from fields of the same argument (offsets in
@@ -80,6 +82,8 @@ pub struct Served {
     /// The offset of the u32 field where it gives a file descriptor: the reply carries
     /// the file as `SCM_RIGHTS` and the field holds its index there (0).
     pub fd_out: Option<usize>,
+    /// How it names a range of a memory file the request carries.
+    pub file: Option<FileArg>,
 }
 
 const fn plain(cmd: u32, name: &'static str) -> Served {
@@ -88,6 +92,7 @@ const fn plain(cmd: u32, name: &'static str) -> Served {
         name,
         pointer: None,
         fd_out: None,
+        file: None,
     }
 }
 
@@ -97,6 +102,7 @@ const fn with(cmd: u32, name: &'static str, at: usize, count: Count) -> Served {
         name,
         pointer: Some(Pointer { at, count }),
         fd_out: None,
+        file: None,
     }
 }
 
@@ -106,8 +112,24 @@ const fn giving_fd(cmd: u32, name: &'static str, at: usize) -> Served {
         name,
         pointer: None,
         fd_out: Some(at),
+        file: None,
     }
 }
+
+/// `IOMMU_IOAS_MAP_FILE`: the memfd's range is mapped as `IOMMU_IOAS_MAP` of the host
+/// address of its own pages (the two arguments share their layout).
+const MAP_FILE: Served = Served {
+    cmd: IOMMU_IOAS_MAP_FILE,
+    name: "IOMMU_IOAS_MAP_FILE",
+    pointer: None,
+    fd_out: None,
+    file: Some(FileArg {
+        fd_at: offset_of!(IommuIoasMapFile, fd),
+        start_at: offset_of!(IommuIoasMapFile, start),
+        len_at: offset_of!(IommuIoasMapFile, length),
+        becomes: IOMMU_IOAS_MAP,
+    }),
+};
 
 /// Fault queues one connection may have served at once (each is a socket pair and a
 /// thread of the host); one more is `EMFILE`, as a process out of file descriptors.
@@ -142,6 +164,7 @@ pub const IOCTLS: &[Served] = &[
         offset_of!(IommuIoasMap, user_va),
         Count::Bytes64(offset_of!(IommuIoasMap, length)),
     ),
+    MAP_FILE,
     plain(IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP"),
     with(
         IOMMU_HWPT_ALLOC,
@@ -255,6 +278,10 @@ impl FileKind for IommufdKind {
 
     fn user_range(&self, cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno> {
         user_range(cmd, arg)
+    }
+
+    fn file_arg(&self, cmd: u32) -> Option<FileArg> {
+        served(cmd).and_then(|s| s.file)
     }
 }
 
@@ -477,12 +504,8 @@ mod tests {
         assert_eq!(range(IOMMU_IOAS_MAP, &[0; 24]), Err(Errno::EINVAL));
         assert_eq!(range(IOMMU_HWPT_INVALIDATE, &[0; 20]), Err(Errno::EINVAL));
         assert_eq!(range(IOMMU_FAULT_QUEUE_ALLOC, &[0; 16]), Ok(None));
-        for cmd in [
-            IOMMU_IOAS_MAP_FILE,
-            IOMMU_VIOMMU_ALLOC,
-            VFIO_DEVICE_BIND_IOMMUFD,
-            0,
-        ] {
+        assert_eq!(range(IOMMU_IOAS_MAP_FILE, &[0; 40]), Ok(None));
+        for cmd in [IOMMU_VIOMMU_ALLOC, VFIO_DEVICE_BIND_IOMMUFD, 0] {
             assert_eq!(range(cmd, &[0; 64]), Err(Errno::ENOTTY));
         }
     }

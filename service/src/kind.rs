@@ -29,6 +29,21 @@ pub struct UserRange {
     pub empty_ok: bool,
 }
 
+/// How an ioctl names a range of a memory file the frame carries (`SCM_RIGHTS`): the
+/// host serves it as the mapping ioctl `becomes`, whose argument has the same layout with
+/// a user address in place of the file offset (`IOMMU_IOAS_MAP_FILE` as `IOMMU_IOAS_MAP`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileArg {
+    /// Offset of the i32 fd number (zero in the call made).
+    pub fd_at: usize,
+    /// Offset of the u64 offset in the file (the host address of that byte in the call).
+    pub start_at: usize,
+    /// Offset of the u64 length.
+    pub len_at: usize,
+    /// The ioctl the host makes.
+    pub becomes: u32,
+}
+
 /// What one open file holds, for the host's `STATE`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Holdings {
@@ -96,6 +111,12 @@ pub trait FileKind: Send + Sync {
     /// too short to hold it is `EINVAL`, and an ioctl the kind does not serve `ENOTTY`, so
     /// that the file never sees an untranslated one.
     fn user_range(&self, cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno>;
+
+    /// How the ioctl `cmd` names a memory file, if it does.
+    fn file_arg(&self, cmd: u32) -> Option<FileArg> {
+        let _ = cmd;
+        None
+    }
 }
 
 /// VFIO type1 containers over the host VT-d driver: each is a nesting-capable container of

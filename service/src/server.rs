@@ -28,7 +28,7 @@ use vsva_vtd::{Hpa, SourceId};
 
 use crate::fault::EventfdNotifier;
 use crate::iommufd::IommufdKind;
-use crate::kind::{FileKind, Holdings, ServedFile, VfioContainerKind};
+use crate::kind::{FileArg, FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
     decode_header, decode_request, FrameError, HostState, Reply, Request, Welcome,
     CONNECTIONS_FULL, ERROR_REPLY, HEADER_LEN, MAGIC, MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
@@ -543,8 +543,11 @@ impl Service {
 
 /// One of a connection's memory windows: a client memory file adopted as host memory.
 struct Window {
-    /// The client's user address of the window.
-    addr: u64,
+    /// The client's user address of the window: where `ADD_MEMORY` said it maps the file
+    /// (none for a file the client only named in a file mapping ioctl).
+    addr: Option<u64>,
+    /// The file's device and inode, which find the window again for a file mapping.
+    ino: (u64, u64),
     size: u64,
     hpa: Hpa,
     /// The address the host resolves for the window.
@@ -630,7 +633,11 @@ impl Connection<'_> {
             result,
             data,
         };
-        let takes_fd = matches!(request, Request::AddMemory { .. } | Request::SetEventfd);
+        let takes_fd = match request {
+            Request::AddMemory { .. } | Request::SetEventfd => true,
+            Request::Ioctl { cmd, .. } => self.file_arg(cmd).is_some(),
+            _ => false,
+        };
         if !takes_fd && !received.fds.is_empty() {
             return reply(Err(Errno::EINVAL), Vec::new());
         }
@@ -659,7 +666,11 @@ impl Connection<'_> {
             (Request::State, _) => reply(Ok(0), self.svc.state().to_bytes()),
             (Request::Ioctl { cmd, arg }, Some(f)) => {
                 let mut arg = arg.to_vec();
-                match self.ioctl(f.as_ref(), cmd, &mut arg) {
+                let result = match self.file_arg(cmd) {
+                    Some(how) => self.map_file(f.as_ref(), how, &mut arg, received.fds),
+                    None => self.ioctl(f.as_ref(), cmd, &mut arg),
+                };
+                match result {
                     Ok((n, given)) => {
                         self.given = given;
                         reply(Ok(n as u64), arg)
@@ -791,6 +802,11 @@ impl Connection<'_> {
         })
     }
 
+    /// How the ioctl `cmd` names a memory file, if it does.
+    fn file_arg(&self, cmd: u32) -> Option<FileArg> {
+        self.kind.as_ref().and_then(|k| k.file_arg(cmd))
+    }
+
     /// An ioctl, with the user address its argument carries (if any) translated from the
     /// client's windows to the host's; an address outside them is `EFAULT` and the file
     /// never sees it. The client gets its own address back.
@@ -821,30 +837,40 @@ impl Connection<'_> {
     /// The host address of the client's `[addr, addr + len)`, when it lies in one window.
     fn translate(&self, addr: u64, len: u64) -> Option<u64> {
         self.windows.iter().find_map(|w| {
-            let off = addr.checked_sub(w.addr)?;
+            let off = addr.checked_sub(w.addr?)?;
             (off.checked_add(len)? <= w.size).then_some(w.user + off)
         })
     }
 
     fn add_memory(&mut self, addr: u64, size: u64, fd: OwnedFd) -> Result<(), Errno> {
         const PAGE: u64 = vsva_hw::PAGE_SIZE;
-        let limits = &self.svc.limits;
         if size == 0 || size % PAGE != 0 || addr % PAGE != 0 || addr.checked_add(size).is_none() {
             return Err(Errno::EINVAL);
         }
+        if self.windows.iter().any(|w| {
+            w.addr
+                .is_some_and(|at| addr < at + w.size && at < addr + size)
+        }) {
+            return Err(Errno::EEXIST);
+        }
+        self.adopt(Some(addr), size, fd)
+    }
+
+    /// Adopts the first `size` bytes of the memory file `fd` as a window of host memory
+    /// (its own pages, [`vsva_hw::HostMemory::adopt_window`]), within the connection's
+    /// window limits (`ENOSPC`); a file that is not a sealable memfd holding `size` bytes
+    /// is `EINVAL`.
+    fn adopt(&mut self, addr: Option<u64>, size: u64, fd: OwnedFd) -> Result<(), Errno> {
+        const PAGE: u64 = vsva_hw::PAGE_SIZE;
+        let limits = &self.svc.limits;
         let used: u64 = self.windows.iter().map(|w| w.size).sum();
         if self.windows.len() >= limits.max_windows as usize
             || used.saturating_add(size) > limits.max_window_bytes
         {
             return Err(Errno::ENOSPC);
         }
-        if self
-            .windows
-            .iter()
-            .any(|w| addr < w.addr + w.size && w.addr < addr + size)
-        {
-            return Err(Errno::EEXIST);
-        }
+        let stat = rustix::fs::fstat(&fd).map_err(|_| Errno::EINVAL)?;
+        let ino = (stat.st_dev as u64, stat.st_ino as u64);
         // Sealing the file against shrinking keeps it from being truncated under the host's
         // mapping; a file that cannot take the seal (not a memfd, or sealed shut without
         // it) is refused by the adoption below.
@@ -859,6 +885,7 @@ impl Connection<'_> {
             Ok(user) => {
                 self.windows.push(Window {
                     addr,
+                    ino,
                     size,
                     hpa,
                     user,
@@ -874,6 +901,96 @@ impl Connection<'_> {
                     tracing::error!("freeing a refused window's frames: {e}");
                 }
                 Err(Errno::EINVAL)
+            }
+        }
+    }
+}
+
+impl Connection<'_> {
+    /// Returns a window to host memory and frees its frames.
+    fn release(&self, w: Window) {
+        if let Err(e) = self.svc.mem.return_window(w.hpa, w.size) {
+            tracing::error!("returning a window at {}: {e}", w.hpa);
+            return;
+        }
+        if let Err(e) = self.svc.frames.free(w.hpa) {
+            tracing::error!("freeing a window at {}: {e}", w.hpa);
+        }
+        let c = &self.svc.counters;
+        c.windows.fetch_sub(1, Ordering::AcqRel);
+        c.window_bytes.fetch_sub(w.size, Ordering::AcqRel);
+    }
+
+    /// A file mapping ioctl (`IOMMU_IOAS_MAP_FILE`): the range `[start, start + length)`
+    /// of the memory file the frame carries becomes a map of the host address of those
+    /// very pages. A file the connection shared already (same inode) is found in its
+    /// window; another is adopted as a window of its own, which lives until the
+    /// connection closes, or is returned at once if the map fails. `EBADF` without a file,
+    /// `EOVERFLOW` when the range wraps, `EINVAL` for a range beyond the file or a file
+    /// that is not a sealable memfd; then the mapping ioctl's own rules.
+    fn map_file(
+        &mut self,
+        file: &dyn ServedFile,
+        how: FileArg,
+        arg: &mut [u8],
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(usize, Option<OwnedFd>), Errno> {
+        const PAGE: u64 = vsva_hw::PAGE_SIZE;
+        let field = |at: usize| {
+            arg.get(at..at + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        let (Some(start), Some(length)) = (field(how.start_at), field(how.len_at)) else {
+            return Err(Errno::EINVAL);
+        };
+        if arg.len() < how.fd_at + 4 {
+            return Err(Errno::EINVAL);
+        }
+        let fd = match fds.len() {
+            0 => return Err(Errno::EBADF),
+            1 => fds.remove(0),
+            _ => return Err(Errno::EINVAL),
+        };
+        let end = start
+            .checked_add(length)
+            .ok_or(Errno::new(libc::EOVERFLOW))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|_| Errno::EBADF)?;
+        let ino = (stat.st_dev as u64, stat.st_ino as u64);
+        let (at, new) = match self.windows.iter().position(|w| w.ino == ino) {
+            Some(i) => (i, false),
+            None => {
+                let size = (stat.st_size as u64) & !(PAGE - 1);
+                if size == 0 || end > size {
+                    return Err(Errno::EINVAL);
+                }
+                self.adopt(None, size, fd)?;
+                (self.windows.len() - 1, true)
+            }
+        };
+        let undo = |conn: &mut Self| {
+            if new {
+                let w = conn.windows.remove(at);
+                conn.release(w);
+            }
+        };
+        let w = &self.windows[at];
+        if end > w.size {
+            undo(self);
+            return Err(Errno::EINVAL);
+        }
+        let mut map = arg.to_vec();
+        map[how.fd_at..how.fd_at + 4].copy_from_slice(&0u32.to_le_bytes());
+        map[how.start_at..how.start_at + 8].copy_from_slice(&(w.user + start).to_le_bytes());
+        match file.ioctl(how.becomes, &mut map) {
+            Ok(n) => {
+                map[how.fd_at..how.fd_at + 4].copy_from_slice(&arg[how.fd_at..how.fd_at + 4]);
+                map[how.start_at..how.start_at + 8].copy_from_slice(&start.to_le_bytes());
+                arg.copy_from_slice(&map);
+                Ok((n, None))
+            }
+            Err(e) => {
+                undo(self);
+                Err(e)
             }
         }
     }
@@ -895,17 +1012,8 @@ impl Drop for Connection<'_> {
         if let Some(engine) = self.device.take() {
             self.svc.iommu.detach_endpoint(engine.config().sid);
         }
-        let c = &self.svc.counters;
-        for w in self.windows.drain(..) {
-            if let Err(e) = self.svc.mem.return_window(w.hpa, w.size) {
-                tracing::error!("returning a window at {}: {e}", w.hpa);
-                continue;
-            }
-            if let Err(e) = self.svc.frames.free(w.hpa) {
-                tracing::error!("freeing a window at {}: {e}", w.hpa);
-            }
-            c.windows.fetch_sub(1, Ordering::AcqRel);
-            c.window_bytes.fetch_sub(w.size, Ordering::AcqRel);
+        for w in std::mem::take(&mut self.windows) {
+            self.release(w);
         }
     }
 }

@@ -1,15 +1,23 @@
-//! The iommufd fault queue over a real `vsva host` process: `IOMMU_FAULT_QUEUE_ALLOC`
-//! gives the client a file descriptor (SCM_RIGHTS) it reads whole page request groups from
-//! and writes page responses to, by cookie; refused calls change nothing, the queues a
-//! connection may hold are bounded, and a killed client's queue and groups are released.
+//! The iommufd ioctls that pass file descriptors, over a real `vsva host` process.
+//!
+//! `IOMMU_FAULT_QUEUE_ALLOC` gives the client a file descriptor (SCM_RIGHTS) it reads
+//! whole page request groups from and writes page responses to, by cookie; refused calls
+//! change nothing, the queues a connection may hold are bounded, and a killed client's
+//! queue and groups are released.
+//!
+//! `IOMMU_IOAS_MAP_FILE`: the memfd travels with the request and the host maps the file's
+//! own pages: the VMM's shared RAM is found by its inode, another memfd becomes a window of
+//! its own, and the device's DMA lands in the file. Bad fds and bad offsets are refused
+//! with the kernel's errnos and change nothing.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
-use vsva_service::protocol::FILE_IOMMUFD;
+use vsva_service::protocol::{HostState, FILE_IOMMUFD};
 use vsva_service::{RemoteFile, SharedRam};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
@@ -409,6 +417,215 @@ fn a_client_killed_with_an_open_fault_fd_is_cleaned_up() {
     assert!(held.windows == 1 && held.devices == 1, "{held:?}");
     child.kill().unwrap();
     wait_exit(&mut child);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = stop(host);
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
+
+/// Bytes of each memfd `IOMMU_IOAS_MAP_FILE` is given.
+const FILE: u64 = 64 << 10;
+
+fn memfd(sealing: bool) -> std::fs::File {
+    use rustix::fs::MemfdFlags;
+    let mut flags = MemfdFlags::CLOEXEC;
+    if sealing {
+        flags |= MemfdFlags::ALLOW_SEALING;
+    }
+    let f = std::fs::File::from(rustix::fs::memfd_create("vsva-map-file", flags).unwrap());
+    f.set_len(FILE).unwrap();
+    f
+}
+
+/// The device fills 64 bytes at `iova` (no PASID: through the IOAS).
+fn fill_iova(f: &RemoteFile, iova: u64, pattern: u64) {
+    let desc = vsva_hw::dma::Descriptor {
+        pasid: None,
+        privileged: false,
+        block_on_fault: false,
+        completion: vsva_hw::dma::CompletionRequest::None,
+        op: vsva_hw::dma::Operation::Fill {
+            pattern,
+            dst: iova,
+            size: 64,
+        },
+    };
+    f.device_write(0, &desc.encode()).unwrap();
+    f.device_run().unwrap();
+}
+
+/// MAP_FILE of the shared RAM memfd and of another memfd, each with the device's DMA
+/// landing in the file; every refusal leaves the host's STATE as it was; unmapped and
+/// closed, the host is as before.
+#[test]
+fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
+    let host = start_host("mapfile", "256M", &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let f = RemoteFile::connect_kind(host.socket(), FILE_IOMMUFD).unwrap();
+    let ram = SharedRam::new(RAM).unwrap();
+    ram.share(&f).unwrap();
+    f.device_add_bound().unwrap();
+    let ioas = io(
+        &f,
+        IOMMU_IOAS_ALLOC,
+        &IommuIoasAlloc {
+            size: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .out_ioas_id;
+    io(
+        &f,
+        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        &VfioDeviceAttachIommufdPt {
+            argsz: 16,
+            flags: 0,
+            pt_id: ioas,
+            pasid: 0,
+        },
+    )
+    .unwrap();
+    let rw = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
+    let map = |fd: i32, start: u64, length: u64, iova: u64| IommuIoasMapFile {
+        size: 40,
+        flags: rw,
+        ioas_id: ioas,
+        fd,
+        start,
+        length,
+        iova,
+    };
+    let state = || probe.host_state().unwrap();
+    let refused = |m: IommuIoasMapFile, want: Errno| {
+        let before: HostState = state();
+        assert_eq!(io(&f, IOMMU_IOAS_MAP_FILE, &m).unwrap_err(), want, "{m:?}");
+        assert_eq!(
+            state(),
+            before,
+            "a refused MAP_FILE changed the host: {m:?}"
+        );
+    };
+
+    // The VMM's RAM memfd, shared already: found by its inode, no new window.
+    let shared = state();
+    let out = io(
+        &f,
+        IOMMU_IOAS_MAP_FILE,
+        &map(ram.file.as_raw_fd(), 1 << 20, 1 << 20, 4 << 20),
+    )
+    .unwrap();
+    assert_eq!(
+        (out.fd, out.start, out.iova),
+        (ram.file.as_raw_fd(), 1 << 20, 4 << 20),
+        "the client gets its own fields back"
+    );
+    let mapped = state();
+    assert_eq!(
+        (mapped.windows, mapped.dma_mappings),
+        (shared.windows, shared.dma_mappings + 1)
+    );
+    fill_iova(&f, (4 << 20) + 0x1000, 0x1111_1111_1111_1111);
+    let mut got = [0u8; 64];
+    ram.mem
+        .read_slice(&mut got, GuestAddress((1 << 20) + 0x1000))
+        .unwrap();
+    assert_eq!(got, [0x11; 64], "the DMA landed in the shared file's page");
+
+    // Another memfd: its own window, the DMA lands in the file.
+    let other = memfd(true);
+    io(
+        &f,
+        IOMMU_IOAS_MAP_FILE,
+        &map(other.as_raw_fd(), 0x2000, 0x4000, 8 << 20),
+    )
+    .unwrap();
+    let adopted = state();
+    assert_eq!(
+        (adopted.windows, adopted.window_bytes),
+        (mapped.windows + 1, mapped.window_bytes + FILE)
+    );
+    fill_iova(&f, (8 << 20) + 0x1000, 0x2222_2222_2222_2222);
+    let mut got = [0u8; 64];
+    other.read_exact_at(&mut got, 0x3000).unwrap();
+    assert_eq!(got, [0x22; 64], "the DMA landed in the other file");
+    // The same file again takes no second window.
+    io(
+        &f,
+        IOMMU_IOAS_MAP_FILE,
+        &map(other.as_raw_fd(), 0x8000, 0x1000, 12 << 20),
+    )
+    .unwrap();
+    assert_eq!(state().windows, adopted.windows);
+
+    // Refused, nothing changed: no fd (EBADF), a range that wraps (EOVERFLOW), beyond
+    // the file, unaligned, not a memfd, a memfd that cannot be sealed (EINVAL); and a
+    // fresh memfd whose map fails (no access, unknown IOAS) takes no window.
+    refused(map(-1, 0, 0x1000, 16 << 20), Errno::EBADF);
+    refused(map(9999, 0, 0x1000, 16 << 20), Errno::EBADF);
+    refused(
+        map(other.as_raw_fd(), u64::MAX - 0xfff, 0x2000, 16 << 20),
+        Errno::new(libc::EOVERFLOW),
+    );
+    refused(
+        map(other.as_raw_fd(), FILE, 0x1000, 16 << 20),
+        Errno::EINVAL,
+    );
+    refused(
+        map(ram.file.as_raw_fd(), RAM - 0x1000, 0x2000, 16 << 20),
+        Errno::EINVAL,
+    );
+    refused(
+        map(other.as_raw_fd(), 0x800, 0x1000, 16 << 20),
+        Errno::EINVAL,
+    );
+    let dir = std::env::temp_dir().join(format!("vsva-map-file-{}", std::process::id()));
+    let plain = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&dir)
+        .unwrap();
+    plain.set_len(FILE).unwrap();
+    refused(map(plain.as_raw_fd(), 0, 0x1000, 16 << 20), Errno::EINVAL);
+    drop(plain);
+    let _ = std::fs::remove_file(&dir);
+    let unsealable = memfd(false);
+    refused(
+        map(unsealable.as_raw_fd(), 0, 0x1000, 16 << 20),
+        Errno::EINVAL,
+    );
+    let fresh = memfd(true);
+    refused(
+        IommuIoasMapFile {
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA,
+            ..map(fresh.as_raw_fd(), 0, 0x1000, 16 << 20)
+        },
+        Errno::EINVAL,
+    );
+    refused(
+        IommuIoasMapFile {
+            ioas_id: 999,
+            ..map(fresh.as_raw_fd(), 0, 0x1000, 16 << 20)
+        },
+        Errno::ENOENT,
+    );
+    // Over an IOVA mapped already: the map's own EEXIST.
+    refused(map(fresh.as_raw_fd(), 0, 0x1000, 8 << 20), Errno::EEXIST);
+
+    // Unmapped, closed: the host is as it was.
+    let unmap = IommuIoasUnmap {
+        size: 24,
+        ioas_id: ioas,
+        iova: 0,
+        length: u64::MAX,
+    };
+    io(&f, IOMMU_IOAS_UNMAP, &unmap).unwrap();
+    assert_eq!(state().dma_mappings, 0);
+    drop(f);
+    drop(ram);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
     let (ok, report) = stop(host);
