@@ -1,7 +1,9 @@
 //! Writing the scalable-mode structures above the page tables (VT-d §3.4.3, §9.4, §9.5):
-//! root, context and PASID entries, the size of a PASID directory, and the context tables
-//! under a root table ([`ContextTables`]: allocated on first use of a bus half, freed when a
-//! driver that frees them releases their last device).
+//! root, context and PASID entries, the context tables under a root table
+//! ([`ContextTables`]: allocated on first use of a bus half, freed when a driver that frees
+//! them releases their last device), and a device's PASID directory with the PASID tables
+//! under it ([`PasidTables`]: the directory sized at attach, a table on the first use of
+//! its range, all freed after the device is detached).
 //!
 //! Entries are written with P last when made present and P first when cleared, so the
 //! unit never reads a half-written present entry (as `context_set_present` and
@@ -10,9 +12,9 @@
 use std::collections::HashMap;
 
 use vsva_vtd::context::context_entry_addr;
-use vsva_vtd::pasid::PASID_ENTRY_SIZE;
+use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PASID_ENTRY_SIZE};
 use vsva_vtd::root::root_entry_addr;
-use vsva_vtd::{MemError, Pasid, PasidEntry, PhysMem, ScalableRootEntry, SourceId};
+use vsva_vtd::{MemError, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableRootEntry, SourceId};
 
 use crate::Error;
 
@@ -78,8 +80,108 @@ pub trait TableFrames {
     type Error: From<MemError>;
     /// A zeroed 4-KiB frame.
     fn alloc_frame(&self) -> Result<u64, Self::Error>;
-    /// Gives back a frame of [`TableFrames::alloc_frame`].
+    /// `pages` zeroed, contiguous 4-KiB frames.
+    fn alloc_frames(&self, pages: u64) -> Result<u64, Self::Error>;
+    /// Gives back what [`TableFrames::alloc_frame`] or [`TableFrames::alloc_frames`]
+    /// returned at `addr`.
     fn free_frame(&self, addr: u64);
+}
+
+/// A device's PASID directory and the PASID tables under it (§3.4.3, §9.5), as
+/// intel-iommu keeps them: the directory allocated when the device is attached, sized for
+/// the PASID width both the device and the unit support (`intel_pasid_alloc_table`); a
+/// PASID table allocated when a PASID of its 64 is first used and installed with a
+/// compare-and-exchange of the directory entry, so that concurrent users agree on one
+/// table (`intel_pasid_get_entry`); every table freed with the directory, after the
+/// device's context entry is cleared and invalidated (`intel_pasid_free_table`). The
+/// directory in memory is the only record of the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PasidTables {
+    dir: u64,
+    pdts: u8,
+}
+
+impl PasidTables {
+    /// An empty directory covering `pasid_bits` bits of PASID ([`pdts_for`]).
+    pub fn alloc<F: TableFrames + ?Sized>(frames: &F, pasid_bits: u32) -> Result<Self, F::Error> {
+        let pdts = pdts_for(pasid_bits);
+        let dir = frames.alloc_frames(pasid_dir_bytes(pdts) / 4096)?;
+        Ok(PasidTables { dir, pdts })
+    }
+
+    /// The directory's address: the context entry's PASIDDIRPTR.
+    pub fn dir(&self) -> u64 {
+        self.dir
+    }
+
+    /// The directory's size: the context entry's PDTS.
+    pub fn pdts(&self) -> u8 {
+        self.pdts
+    }
+
+    /// The address of `pasid`'s entry, allocating its PASID table on first use; `Ok(None)`
+    /// when `pasid` is beyond the directory. On failure nothing is left allocated.
+    pub fn entry<M, F>(&self, mem: &M, frames: &F, pasid: Pasid) -> Result<Option<u64>, F::Error>
+    where
+        M: PhysMem + ?Sized,
+        F: TableFrames + ?Sized,
+    {
+        let Ok(pde_addr) = pasid_dir_entry_addr(self.dir, self.pdts, pasid) else {
+            return Ok(None);
+        };
+        let mut pde = mem.read_u64(pde_addr)?;
+        let mut table = None;
+        loop {
+            if let Ok(present) = PasidDirEntry::from_raw(pde) {
+                if let Some(unused) = table {
+                    frames.free_frame(unused);
+                }
+                return Ok(Some(pasid_entry_addr(present.smptblptr, pasid)));
+            }
+            let t = match table {
+                Some(t) => t,
+                None => *table.insert(frames.alloc_frame()?),
+            };
+            let new = PasidDirEntry {
+                fpd: false,
+                smptblptr: t,
+            };
+            // Another user may install a table meanwhile: take theirs, as
+            // `intel_pasid_get_entry` retries.
+            match mem.compare_exchange_u64(pde_addr, pde, new.to_raw()) {
+                Ok(found) if found == pde => return Ok(Some(pasid_entry_addr(t, pasid))),
+                Ok(found) => pde = found,
+                Err(e) => {
+                    frames.free_frame(t);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// The address of `pasid`'s entry if its PASID table exists.
+    pub fn existing_entry<M: PhysMem + ?Sized>(&self, mem: &M, pasid: Pasid) -> Option<u64> {
+        let pde_addr = pasid_dir_entry_addr(self.dir, self.pdts, pasid).ok()?;
+        let pde = PasidDirEntry::from_raw(mem.read_u64(pde_addr).ok()?).ok()?;
+        Some(pasid_entry_addr(pde.smptblptr, pasid))
+    }
+
+    /// Frees every PASID table of the directory, then the directory. The device's context
+    /// entry must be clear and the caches that may hold the tables invalidated. A
+    /// directory entry that cannot be read is left (its table leaks rather than being
+    /// freed twice).
+    pub fn free<M, F>(self, mem: &M, frames: &F)
+    where
+        M: PhysMem + ?Sized,
+        F: TableFrames + ?Sized,
+    {
+        for i in 0..pasid_dir_bytes(self.pdts) / 8 {
+            if let Ok(Ok(pde)) = mem.read_u64(self.dir + 8 * i).map(PasidDirEntry::from_raw) {
+                frames.free_frame(pde.smptblptr);
+            }
+        }
+        frames.free_frame(self.dir);
+    }
 }
 
 /// One context table: its address and the attached devices whose entries it holds.
@@ -225,12 +327,16 @@ mod tests {
     impl TableFrames for Frames {
         type Error = MemError;
         fn alloc_frame(&self) -> Result<u64, MemError> {
+            self.alloc_frames(1)
+        }
+        fn alloc_frames(&self, pages: u64) -> Result<u64, MemError> {
             if self.fail {
                 return Err(MemError::OutOfRange { addr: 0, len: 4096 });
             }
             let mut next = self.next.borrow_mut();
-            *next += 0x1000;
-            Ok(0x1_0000 + *next)
+            let addr = 0x1_1000 + *next;
+            *next += 0x1000 * pages;
+            Ok(addr)
         }
         fn free_frame(&self, addr: u64) {
             self.freed.borrow_mut().push(addr);
@@ -305,5 +411,97 @@ mod tests {
         assert_eq!(pasid_dir_bytes(2), 4096);
         assert_eq!(pdts_for(0), 2);
         assert_eq!(pdts_for(32), 7);
+    }
+
+    fn pasid(raw: u32) -> Pasid {
+        Pasid::new(raw).unwrap()
+    }
+
+    #[test]
+    fn a_pasid_table_serves_its_64_pasids_and_goes_with_the_directory() {
+        let (mem, frames) = (ram(), Frames::default());
+        let t = PasidTables::alloc(&frames, 20).unwrap();
+        assert_eq!(t.pdts(), 7);
+        assert_eq!(t.existing_entry(&mem, pasid(5)), None);
+        let e5 = t.entry(&mem, &frames, pasid(5)).unwrap().unwrap();
+        let e63 = t.entry(&mem, &frames, pasid(63)).unwrap().unwrap();
+        let e64 = t.entry(&mem, &frames, pasid(64)).unwrap().unwrap();
+        let top = t.entry(&mem, &frames, Pasid::MAX).unwrap().unwrap();
+        assert_eq!(e63 - e5, 58 * PASID_ENTRY_SIZE, "one table for PASIDs 0-63");
+        assert_ne!(e5 & !0xfff, e64 & !0xfff, "another for 64-127");
+        assert_eq!(t.existing_entry(&mem, pasid(5)), Some(e5));
+        assert_eq!(t.entry(&mem, &frames, pasid(5)).unwrap(), Some(e5));
+        let pde = mem.read_u64(t.dir()).unwrap();
+        assert_eq!(PasidDirEntry::from_raw(pde).unwrap().smptblptr, e5 & !0xfff);
+        let tables = [e5, e64, top].map(|e| e & !0xfff);
+        t.free(&mem, &frames);
+        let mut freed = frames.freed.borrow().clone();
+        freed.sort_unstable();
+        let mut want = vec![t.dir(), tables[0], tables[1], tables[2]];
+        want.sort_unstable();
+        assert_eq!(freed, want, "every table and the directory, once each");
+    }
+
+    #[test]
+    fn a_narrow_directory_refuses_pasids_beyond_it_and_a_failed_table_leaves_nothing() {
+        let (mem, mut frames) = (ram(), Frames::default());
+        let t = PasidTables::alloc(&frames, 8).unwrap();
+        assert_eq!((t.pdts(), pasid_dir_bytes(t.pdts())), (2, 4096));
+        assert_eq!(t.entry(&mem, &frames, pasid(1 << 15)).unwrap(), None);
+        assert_eq!(t.existing_entry(&mem, pasid(1 << 15)), None);
+        frames.fail = true;
+        assert!(t.entry(&mem, &frames, pasid(7)).is_err());
+        assert_eq!(mem.read_u64(t.dir()).unwrap(), 0, "no directory entry");
+        assert!(frames.freed.borrow().is_empty());
+    }
+
+    /// Memory whose next compare-and-exchange finds another user's table installed first.
+    struct Racing<'a> {
+        mem: &'a GuestMemoryMmap,
+        theirs: RefCell<Option<u64>>,
+    }
+
+    impl PhysMem for Racing<'_> {
+        fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+            self.mem.read_u64(addr)
+        }
+        fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(addr, bits)
+        }
+        fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
+            if let Some(table) = self.theirs.borrow_mut().take() {
+                let pde = PasidDirEntry {
+                    fpd: false,
+                    smptblptr: table,
+                };
+                self.mem.write_u64(addr, pde.to_raw())?;
+            }
+            self.mem.compare_exchange_u64(addr, old, new)
+        }
+        fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
+            self.mem.write_u64(addr, value)
+        }
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.mem.read(addr, buf)
+        }
+        fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.mem.write(addr, buf)
+        }
+    }
+
+    #[test]
+    fn a_table_installed_meanwhile_is_taken_and_ours_given_back() {
+        let (ram, frames) = (ram(), Frames::default());
+        let t = PasidTables::alloc(&frames, 20).unwrap();
+        let theirs = 0x8_0000;
+        let mem = Racing {
+            mem: &ram,
+            theirs: RefCell::new(Some(theirs)),
+        };
+        let e = t.entry(&mem, &frames, pasid(3)).unwrap().unwrap();
+        assert_eq!(e, pasid_entry_addr(theirs, pasid(3)));
+        let freed = frames.freed.borrow().clone();
+        assert_eq!(freed.len(), 1, "our table went back");
+        assert_ne!(freed[0], theirs);
     }
 }

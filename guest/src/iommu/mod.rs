@@ -36,14 +36,12 @@ use vsva_vtd::{
     SourceId,
 };
 use vsva_vtd_driver::inv::{dev_iotlb, with_queue_depth, MAX_INVS_PEND};
-use vsva_vtd_driver::tables::{
-    clear_entry, pasid_dir_bytes, pdts_for, write_entry, ContextTables, TableFrames,
-};
+use vsva_vtd_driver::tables::{clear_entry, write_entry, ContextTables, PasidTables, TableFrames};
 use vsva_vtd_driver::{
     take_fault_records, GlobalCommand, InvalidationQueue, PageRequestRing, Registers,
 };
 
-use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
+use crate::frames::{FrameError, GuestFrames};
 use svm::{PasidAllocator, Svm};
 
 pub use svm::FLPT_DEFAULT_DID;
@@ -227,10 +225,8 @@ struct Device {
     ats: bool,
     /// PRE set: the device sends page requests (`info->pri_enabled`).
     pri: bool,
-    /// The PASID directory and its size.
-    pasid_dir: Gpa,
-    pasid_dir_pages: u64,
-    pdts: u8,
+    /// The PASID directory and the PASID tables under it.
+    pasid_tables: PasidTables,
 }
 
 impl Device {
@@ -303,6 +299,10 @@ impl TableFrames for GuestFrames {
         Ok(self.alloc()?.0)
     }
 
+    fn alloc_frames(&self, pages: u64) -> Result<u64, GuestIommuError> {
+        Ok(self.alloc_contiguous(pages)?.0)
+    }
+
     fn free_frame(&self, addr: u64) {
         let _ = self.free(Gpa(addr));
     }
@@ -320,10 +320,6 @@ impl<'a> FrameGuard<'a> {
             frames,
             gpa: Some(gpa),
         }
-    }
-
-    fn gpa(&self) -> Gpa {
-        self.gpa.unwrap_or_default()
     }
 
     fn keep(mut self) -> Gpa {
@@ -515,10 +511,9 @@ impl IommuDriver {
         } else {
             0
         };
-        let pdts = pdts_for(pasid_bits);
-        let pages = pasid_dir_bytes(pdts) / FRAME_SIZE;
-        let dir = FrameGuard::new(&self.frames, self.frames.alloc_contiguous(pages)?);
-        let dir_gpa = dir.gpa();
+        let pasid_tables = PasidTables::alloc(&*self.frames, pasid_bits)?;
+        // A new directory has no tables: freeing it frees the directory alone.
+        let dir = FrameGuard::new(&self.frames, Gpa(pasid_tables.dir()));
 
         let ctx_addr = st
             .contexts
@@ -531,12 +526,13 @@ impl IommuDriver {
             dte: ats,
             paside: pasid,
             pre: pri,
-            pdts,
-            pasiddirptr: dir_gpa.0,
+            pdts: pasid_tables.pdts(),
+            pasiddirptr: pasid_tables.dir(),
             rid_pasid: Pasid::RID_PASID,
             rid_priv: false,
         };
         write_entry(&*self.mem, ctx_addr, &entry.to_raw())?;
+        dir.keep();
         st.devices.insert(
             sid.rid(),
             Device {
@@ -544,9 +540,7 @@ impl IommuDriver {
                 pasid,
                 ats,
                 pri,
-                pasid_dir: dir.keep(),
-                pasid_dir_pages: pages,
-                pdts,
+                pasid_tables,
             },
         );
         drop(st);
@@ -592,13 +586,7 @@ impl IommuDriver {
             sid,
             fm: 0,
         }]);
-        for i in 0..dev.pasid_dir_pages * FRAME_SIZE / 8 {
-            let pde = self.mem.read_u64(dev.pasid_dir.0 + 8 * i)?;
-            if pde & 1 != 0 {
-                let _ = self.frames.free(Gpa(pde & !0xfff));
-            }
-        }
-        let _ = self.frames.free(dev.pasid_dir);
+        dev.pasid_tables.free(&*self.mem, &*self.frames);
         flushed
     }
 

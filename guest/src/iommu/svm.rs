@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use vsva_vtd::inv_desc::PasidCacheGranularity;
-use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
 use vsva_vtd::regs::layout::{offset, pq, vcmd};
 use vsva_vtd::{
     DomainId, FlPagingMode, Gpa, Gva, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId,
@@ -241,29 +240,12 @@ impl IommuDriver {
     }
 
     /// The address of `pasid`'s PASID table entry for `dev`, allocating the PASID table
-    /// on first use (`intel_pasid_get_entry`: the directory entry is installed with a
-    /// compare-and-exchange so that concurrent users agree on one table).
+    /// on first use (`intel_pasid_get_entry`).
     fn pasid_entry_slot(&self, dev: &Device, pasid: Pasid) -> Result<u64, GuestIommuError> {
         let sid = dev.config.sid;
-        let pde_addr = pasid_dir_entry_addr(dev.pasid_dir.0, dev.pdts, pasid)
-            .map_err(|_| GuestIommuError::PasidOutOfRange { sid, pasid })?;
-        let mut pde = self.mem.read_u64(pde_addr)?;
-        if pde & 1 == 0 {
-            let table = self.frames.alloc()?;
-            let found = self.mem.compare_exchange_u64(pde_addr, 0, table.0 | 1);
-            match found {
-                Ok(0) => pde = table.0 | 1,
-                Ok(other) => {
-                    let _ = self.frames.free(table);
-                    pde = other;
-                }
-                Err(e) => {
-                    let _ = self.frames.free(table);
-                    return Err(e.into());
-                }
-            }
-        }
-        Ok(pasid_entry_addr(pde & !0xfff, pasid))
+        dev.pasid_tables
+            .entry(&*self.mem, &*self.frames, pasid)?
+            .ok_or(GuestIommuError::PasidOutOfRange { sid, pasid })
     }
 
     /// `intel_pasid_setup_first_level` for a user address space.

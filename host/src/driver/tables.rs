@@ -8,16 +8,11 @@
 //! holds nothing but its root table. Entries are written with P last when made present and P first when cleared, so
 //! hardware never reads a half-written present entry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use vsva_hw::{FrameAllocator, PAGE_SIZE};
-use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr};
-use vsva_vtd::{
-    DomainId, Hpa, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableContextEntry, SourceId,
-};
-use vsva_vtd_driver::tables::{
-    clear_entry, pasid_dir_bytes, write_entry, ContextTables, TableFrames,
-};
+use vsva_vtd::{DomainId, Hpa, Pasid, PasidEntry, PhysMem, ScalableContextEntry, SourceId};
+use vsva_vtd_driver::tables::{clear_entry, write_entry, ContextTables, PasidTables, TableFrames};
 
 use super::device::DeviceInfo;
 use super::error::DriverError;
@@ -39,10 +34,7 @@ pub(crate) struct DeviceTables {
     pub did: DomainId,
     /// What the driver enabled of the device at attach.
     pub info: DeviceInfo,
-    dir: Hpa,
-    pdts: u8,
-    /// PASID tables by directory index.
-    tables: BTreeMap<usize, Hpa>,
+    pasid_tables: PasidTables,
 }
 
 /// The root table and everything below it.
@@ -73,6 +65,10 @@ impl TableFrames for HostFrames<'_> {
 
     fn alloc_frame(&self) -> Result<u64, DriverError> {
         alloc(self.0, PAGE_SIZE).map(|h| h.0)
+    }
+
+    fn alloc_frames(&self, pages: u64) -> Result<u64, DriverError> {
+        alloc(self.0, pages * PAGE_SIZE).map(|h| h.0)
     }
 
     fn free_frame(&self, addr: u64) {
@@ -112,15 +108,15 @@ impl Tables {
         self.devices.len()
     }
 
-    /// Sets up a device: a PASID directory of `2^(pdts + 7)` entries, the PASID entry of
-    /// RID_PASID (PASID 0) from `rid_pasid_entry`, then the present context entry (root
+    /// Sets up a device: a PASID directory for `pasid_bits` bits of PASID, the PASID entry
+    /// of RID_PASID (PASID 0) from `rid_pasid_entry`, then the present context entry (root
     /// entry and context table as needed). On failure nothing is left behind.
     pub fn attach(
         &mut self,
         mem: &impl PhysMem,
         frames: &FrameAllocator,
         info: DeviceInfo,
-        pdts: u8,
+        pasid_bits: u32,
         features: ContextFeatures,
         rid_pasid_entry: &PasidEntry,
     ) -> Result<(), DriverError> {
@@ -128,24 +124,22 @@ impl Tables {
         if self.devices.contains_key(&sid.rid()) {
             return Err(DriverError::DeviceBusy(sid));
         }
-        let dir = alloc(frames, pasid_dir_bytes(pdts).max(PAGE_SIZE))?;
+        let pasid_tables = PasidTables::alloc(&HostFrames(frames), pasid_bits)?;
         self.devices.insert(
             sid.rid(),
             DeviceTables {
                 did: rid_pasid_entry.did,
                 info,
-                dir,
-                pdts,
-                tables: BTreeMap::new(),
+                pasid_tables,
             },
         );
         let result = self
-            .pasid_entry_slot(mem, frames, sid, Pasid::new(0).expect("PASID 0"))
+            .pasid_entry_slot(mem, frames, sid, Pasid::RID_PASID)
             .and_then(|slot| Ok(write_entry(mem, slot, &rid_pasid_entry.to_raw())?))
-            .and_then(|()| self.set_context(mem, frames, sid, dir, pdts, features));
+            .and_then(|()| self.set_context(mem, frames, sid, pasid_tables, features));
         if result.is_err() {
             if let Some(dev) = self.devices.remove(&sid.rid()) {
-                release_device(frames, dev);
+                dev.pasid_tables.free(mem, &HostFrames(frames));
             }
         }
         result
@@ -156,8 +150,7 @@ impl Tables {
         mem: &impl PhysMem,
         frames: &FrameAllocator,
         sid: SourceId,
-        dir: Hpa,
-        pdts: u8,
+        pasid_tables: PasidTables,
         features: ContextFeatures,
     ) -> Result<(), DriverError> {
         let slot = self
@@ -168,9 +161,9 @@ impl Tables {
             dte: features.dte,
             paside: features.paside,
             pre: features.pre,
-            pdts,
-            pasiddirptr: dir.0,
-            rid_pasid: Pasid::new(0).expect("PASID 0"),
+            pdts: pasid_tables.pdts(),
+            pasiddirptr: pasid_tables.dir(),
+            rid_pasid: Pasid::RID_PASID,
             rid_priv: false,
         };
         write_entry(mem, slot, &entry.to_raw())?;
@@ -189,36 +182,24 @@ impl Tables {
     ) -> Result<u64, DriverError> {
         let dev = self
             .devices
-            .get_mut(&sid.rid())
+            .get(&sid.rid())
             .ok_or(DriverError::NotAttached(sid))?;
-        let dir_entry = pasid_dir_entry_addr(dev.dir.0, dev.pdts, pasid).map_err(|_| {
-            DriverError::invalid("PASID", format!("{pasid} is beyond the PASID directory"))
-        })?;
-        let index = pasid.dir_index();
-        let table = match dev.tables.get(&index) {
-            Some(t) => *t,
-            None => {
-                let t = alloc(frames, PAGE_SIZE)?;
-                let pde = PasidDirEntry {
-                    fpd: false,
-                    smptblptr: t.0,
-                };
-                if let Err(e) = mem.write_u64(dir_entry, pde.to_raw()) {
-                    free(frames, t);
-                    return Err(e.into());
-                }
-                dev.tables.insert(index, t);
-                t
-            }
-        };
-        Ok(pasid_entry_addr(table.0, pasid))
+        dev.pasid_tables
+            .entry(mem, &HostFrames(frames), pasid)?
+            .ok_or_else(|| {
+                DriverError::invalid("PASID", format!("{pasid} is beyond the PASID directory"))
+            })
     }
 
     /// The address of `pasid`'s entry if its PASID table exists.
-    pub fn existing_pasid_slot(&self, sid: SourceId, pasid: Pasid) -> Option<u64> {
+    pub fn existing_pasid_slot(
+        &self,
+        mem: &impl PhysMem,
+        sid: SourceId,
+        pasid: Pasid,
+    ) -> Option<u64> {
         let dev = self.devices.get(&sid.rid())?;
-        let table = dev.tables.get(&pasid.dir_index())?;
-        Some(pasid_entry_addr(table.0, pasid))
+        dev.pasid_tables.existing_entry(mem, pasid)
     }
 
     /// Clears the context entry of an attached device; its tables stay until
@@ -247,27 +228,20 @@ impl Tables {
             .devices
             .remove(&sid.rid())
             .ok_or(DriverError::NotAttached(sid))?;
-        release_device(frames, dev);
+        dev.pasid_tables.free(mem, &HostFrames(frames));
         Ok(self
             .contexts
             .release(mem, &HostFrames(frames), self.root.0, sid)?)
     }
 
     /// Frees the root table; every device must be detached.
-    pub fn release(self, frames: &FrameAllocator) {
+    pub fn release(self, mem: &impl PhysMem, frames: &FrameAllocator) {
         for (_, dev) in self.devices {
-            release_device(frames, dev);
+            dev.pasid_tables.free(mem, &HostFrames(frames));
         }
         self.contexts.free_all(&HostFrames(frames));
         free(frames, self.root);
     }
-}
-
-fn release_device(frames: &FrameAllocator, dev: DeviceTables) {
-    for (_, t) in dev.tables {
-        free(frames, t);
-    }
-    free(frames, dev.dir);
 }
 
 pub(crate) use vsva_vtd_driver::tables::{clear_pasid_entry, read_pasid_entry, write_pasid_entry};

@@ -24,7 +24,6 @@ use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
 use vsva_vtd::{Capabilities, DomainId, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId};
 use vsva_vtd_driver::inv::{iotlb_domain, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
-use vsva_vtd_driver::tables::pdts_for;
 use vsva_vtd_driver::PRO_RETRIES;
 use vsva_vtd_driver::{take_fault_records, GlobalCommand, InvalidationQueue, Registers};
 
@@ -264,8 +263,12 @@ impl HostIommu {
     /// The present PASID entry of `pasid` for `sid`, as the unit would read it.
     pub fn pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
         let state = self.state_lock();
-        let slot = state.tables.as_ref()?.existing_pasid_slot(sid, pasid)?;
-        tables::read_pasid_entry(&**self.hw.memory(), slot)
+        let mem = &**self.hw.memory();
+        let slot = state
+            .tables
+            .as_ref()?
+            .existing_pasid_slot(mem, sid, pasid)?;
+        tables::read_pasid_entry(mem, slot)
     }
 
     /// Number of (device, PASID) pairs whose page requests are routed to a domain.
@@ -357,11 +360,9 @@ impl HostIommu {
                 mem,
                 &self.frames,
                 info,
-                pdts_for(
-                    info.pasid_width()
-                        .map_or(0, u32::from)
-                        .min(self.ecap.pasid_bits()),
-                ),
+                info.pasid_width()
+                    .map_or(0, u32::from)
+                    .min(self.ecap.pasid_bits()),
                 features,
                 &entry,
             )?;
@@ -415,7 +416,7 @@ impl HostIommu {
             let mut state = self.state_lock();
             let tables = state.tables.as_mut().ok_or(DriverError::NotAttached(sid))?;
             let slot = tables
-                .existing_pasid_slot(sid, pasid)
+                .existing_pasid_slot(mem, sid, pasid)
                 .ok_or(DriverError::NotAttached(sid))?;
             let old = tables::read_pasid_entry(mem, slot).ok_or(DriverError::NotAttached(sid))?;
             tables::write_pasid_entry(mem, slot, entry)?;
@@ -560,7 +561,7 @@ impl HostIommu {
             let Some(slot) = state
                 .tables
                 .as_ref()
-                .and_then(|t| t.existing_pasid_slot(sid, pasid))
+                .and_then(|t| t.existing_pasid_slot(mem, sid, pasid))
             else {
                 return;
             };
@@ -641,7 +642,7 @@ impl HostIommu {
             let slot = state
                 .tables
                 .as_ref()
-                .and_then(|t| t.existing_pasid_slot(sid, pasid))
+                .and_then(|t| t.existing_pasid_slot(mem, sid, pasid))
                 .ok_or(DriverError::NotAttached(sid))?;
             let entry = tables::read_pasid_entry(mem, slot).ok_or(DriverError::NotAttached(sid))?;
             if !matches!(entry.pgtt, Pgtt::SecondLevel | Pgtt::Nested) {
@@ -810,7 +811,7 @@ impl Drop for HostIommu {
         }
         self.prq.release(&frames);
         if let Some(tables) = self.state_lock().tables.take() {
-            tables.release(&frames);
+            tables.release(&**self.hw.memory(), &frames);
         }
     }
 }
