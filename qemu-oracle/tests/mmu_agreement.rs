@@ -161,17 +161,16 @@ fn dfsc(f: &WalkFault) -> Option<u64> {
     Some(base | u64::from(f.level))
 }
 
+/// The seed a run without `VSVA_QEMU_ORACLE_SEED` uses: the same probes in every CI run,
+/// so that a result does not depend on when the test ran (the x86 oracle does the same).
+const DEFAULT_SEED: u64 = 0x5eed_a64;
+
 #[test]
 fn aarch64_stage1_walker_agrees_with_qemu() {
     let seed = std::env::var("VSVA_QEMU_ORACLE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+        .unwrap_or(DEFAULT_SEED);
     let dir = tempdir();
     let machine = match Machine::new(&dir) {
         Err(OracleError::NoQemu) => {
