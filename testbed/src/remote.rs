@@ -446,29 +446,16 @@ pub fn split_demo(
         }
     };
     drop(probe);
-    let mut stale_translations = 0;
-    let left = match left {
+    let (left, stale_translations) = match left {
         Ok(s) => {
-            stale_translations = s.strict_violations as usize;
-            if stale_translations > 0 {
-                log(format!(
-                    "error: the host's strict mode found {stale_translations} stale translations (its exit report lists them)"
-                ));
-            }
-            if s.holds_as(&baseline) {
-                HostHoldings::default()
-            } else {
-                log(format!(
-                    "error: the host still holds after every VM exited: {s:?} (before: {baseline:?})"
-                ));
-                errors += 1;
-                holdings_beyond(&s, &baseline)
-            }
+            let verdict = judge_host(&s, &baseline, log);
+            errors += verdict.leaks;
+            (verdict.left, verdict.stale_translations)
         }
         Err(e) => {
             log(format!("error: the host's STATE: {e}"));
             errors += 1;
-            HostHoldings::default()
+            (HostHoldings::default(), 0)
         }
     };
     match host.stop() {
@@ -505,6 +492,43 @@ pub fn split_demo(
         errors,
         per_vm: reports,
     })
+}
+
+/// What the host's `STATE` after every VM exited says of the run.
+#[derive(Debug, PartialEq)]
+struct HostVerdict {
+    /// What it still holds beyond its baseline.
+    left: HostHoldings,
+    /// Leak errors: 1 if it holds anything beyond its baseline.
+    leaks: usize,
+    /// The stale translations its strict mode found (each an error of the summary).
+    stale_translations: usize,
+}
+
+/// Judges the host's state `after` every VM exited against its `baseline`, logging each
+/// error.
+fn judge_host(after: &HostState, baseline: &HostState, log: &mut dyn FnMut(String)) -> HostVerdict {
+    let stale_translations = after.strict_violations as usize;
+    if stale_translations > 0 {
+        log(format!(
+            "error: the host's strict mode found {stale_translations} stale translations (its exit report lists them)"
+        ));
+    }
+    if after.holds_as(baseline) {
+        return HostVerdict {
+            left: HostHoldings::default(),
+            leaks: 0,
+            stale_translations,
+        };
+    }
+    log(format!(
+        "error: the host still holds after every VM exited: {after:?} (before: {baseline:?})"
+    ));
+    HostVerdict {
+        left: holdings_beyond(after, baseline),
+        leaks: 1,
+        stale_translations,
+    }
 }
 
 /// What `after` holds beyond `before`, in the in-process demo's terms (the paging-structure
@@ -738,6 +762,38 @@ pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64)
 mod tests {
     use super::*;
     use crate::stack::{Host, Vm};
+
+    #[test]
+    fn the_split_demo_counts_the_host_s_strict_violations_and_leaks_as_errors() {
+        let baseline = HostState {
+            connections: 1,
+            pasids: 3,
+            ..HostState::default()
+        };
+        let mut lines = Vec::new();
+        let mut log = |l: String| lines.push(l);
+        let clean = judge_host(&baseline, &baseline, &mut log);
+        assert_eq!((clean.leaks, clean.stale_translations), (0, 0));
+        assert!(clean.left.is_empty());
+        // Violations are counted, and are no leak: the holdings are the baseline's.
+        let strict = HostState {
+            strict_violations: 2,
+            ..baseline
+        };
+        let v = judge_host(&strict, &baseline, &mut log);
+        assert_eq!((v.leaks, v.stale_translations), (0, 2));
+        assert!(v.left.is_empty());
+        // A PASID left behind is a leak, named in the holdings.
+        let leaked = HostState {
+            pasids: 4,
+            ..baseline
+        };
+        let v = judge_host(&leaked, &baseline, &mut log);
+        assert_eq!((v.leaks, v.stale_translations, v.left.pasids), (1, 0, 1));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("strict mode found 2 stale translations"));
+        assert!(lines[1].contains("still holds"));
+    }
 
     #[test]
     fn the_loop_binds_copies_verifies_invalidates_and_unbinds_leaving_no_pasid() {
