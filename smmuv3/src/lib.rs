@@ -52,7 +52,9 @@ pub use cmd::{Cmd, CmdError, PriResp, ResumeAction, SyncCs, TlbiAddr};
 pub use desc::{Descriptor, DescriptorKind, TableFormat};
 pub use event::{Event, EventType, UnknownEvent};
 pub use features::{Features, Httu, StallModel};
-pub use lookup::{find_cd, BadStreamTable, ConfigFault, L1Std, Stage1Context, StreamTable};
+pub use lookup::{
+    find_cd, find_cd_with, BadStreamTable, ConfigFault, L1Std, Stage1Context, StreamTable,
+};
 pub use priq::PriqEntry;
 pub use regs::{Irq, Msi, Queue, RegEffect, RegError, RegisterFile};
 pub use ste::{BadSte, Config, Eats, Granule, S1Dss, S1Fmt, Ste, Strw};

@@ -11,8 +11,8 @@ use crate::cd::{BadCd, ContextDescriptor, L1Cd};
 use crate::features::Features;
 use crate::field::{bits, get};
 use crate::ste::{BadSte, S1Dss, Ste};
-use crate::walk::stage2::{self, S2Start, S2Use};
-use crate::walk::{AccessRequest, FaultClass, S1Config, S2Config, WalkFault, WalkObserver};
+use crate::walk::stage2::S2Start;
+use crate::walk::{S1Config, S2Config, WalkFault, WalkObserver};
 use vsva_vtd::PhysMem;
 
 /// A configuration error found while looking up a transaction's STE or CD.
@@ -199,8 +199,8 @@ pub enum Stage1Context {
 
 /// The stage-1 context of a transaction with SubstreamID `ssid` (`None` without SSV) on a
 /// stream whose STE `ste` enables stage 1; `s2` is the STE's stage 2 when it translates
-/// (CD table addresses are then IPAs, and `obs` sees each of their stage-2 walks).
-/// `input` is the transaction's address, for stage-2 fault records.
+/// (CD table addresses are then IPAs, and `obs` sees each of their stage-2 walks from
+/// S2TTB). `input` is the transaction's address, for stage-2 fault records.
 pub fn find_cd<M, O>(
     mem: &M,
     ste: &Ste,
@@ -213,6 +213,34 @@ pub fn find_cd<M, O>(
 where
     M: PhysMem + ?Sized,
     O: WalkObserver + ?Sized,
+{
+    let mut to_pa = |addr: u64| -> Result<u64, ConfigFault> {
+        match s2 {
+            None => Ok(addr),
+            Some(s2) => {
+                let stage = crate::walk::NestedStage { mem, s2 };
+                stage
+                    .cd_fetch_from(S2Start::top(s2), addr, input, obs)
+                    .map(|t| t.output)
+                    .map_err(ConfigFault::Stage2)
+            }
+        }
+    };
+    find_cd_with(mem, ste, f, ssid, &mut to_pa)
+}
+
+/// [`find_cd`] with the physical address of each L1CD and CD fetch given by `to_pa` (the
+/// identity without stage 2; with it, a stage-2 walk that may start from a walk cache,
+/// CLASS CD, as [`NestedStage::cd_fetch_from`](crate::NestedStage::cd_fetch_from) walks).
+pub fn find_cd_with<M>(
+    mem: &M,
+    ste: &Ste,
+    f: &Features,
+    ssid: Option<u32>,
+    to_pa: &mut dyn FnMut(u64) -> Result<u64, ConfigFault>,
+) -> Result<Stage1Context, ConfigFault>
+where
+    M: PhysMem + ?Sized,
 {
     let index = match (ste.s1cdmax, ssid) {
         (0, Some(_)) => return Err(ConfigFault::BadSubstreamId),
@@ -230,26 +258,6 @@ where
             S1Dss::Bypass => return Ok(Stage1Context::Bypass),
             S1Dss::Substream0 => 0,
         },
-    };
-    let mut to_pa = |addr: u64| -> Result<u64, ConfigFault> {
-        match s2 {
-            None => Ok(addr),
-            Some(s2) => {
-                let read = S2Use::Input(AccessRequest::READ);
-                stage2::walk(
-                    mem,
-                    s2,
-                    S2Start::top(s2),
-                    addr,
-                    read,
-                    FaultClass::Cd,
-                    input,
-                    obs,
-                )
-                .map(|t| t.output)
-                .map_err(ConfigFault::Stage2)
-            }
-        }
     };
     let cd_addr = match ste.s1fmt.split().filter(|_| ste.s1cdmax != 0) {
         None => ste.s1_context_ptr + index as u64 * 64,
@@ -281,7 +289,9 @@ mod tests {
     use crate::desc::Descriptor as D;
     use crate::ste::{Config, S1Fmt};
     use crate::testutil::TestMemory;
-    use crate::walk::{AddressSize, FaultKind, FaultStage, PageSize, S2Flags, WalkRecord};
+    use crate::walk::{
+        AddressSize, FaultClass, FaultKind, FaultStage, PageSize, S2Flags, WalkRecord,
+    };
 
     const F: Features = Features::VSVA;
 

@@ -6,7 +6,8 @@
 //! SubstreamID) in a configuration cache, leaf translations in a TLB tagged by VMID and
 //! ASID (global, nG = 0, stage-1 entries by VMID alone), stage-1 table descriptors in a
 //! walk cache tagged by VMID and ASID, and stage-2 table descriptors in a walk cache tagged
-//! by VMID. A cached entry stays until exactly the command that
+//! by VMID, which every stage-2 walk of a nested stream uses: its L1CD and CD fetches', its
+//! stage-1 tables' and its output's. A cached entry stays until exactly the command that
 //! removes it; strict mode re-walks on every hit and reports stale entries with the command
 //! that was missing. Devices reach it as a [`DmaPort`](crate::dma::port::DmaPort): their
 //! requester id is the StreamID and their PASID the SubstreamID.
@@ -26,8 +27,7 @@
 //! EVENTQ_ABT_ERR or PRIQ_ABT_ERR.
 //!
 //! Simplifications: level-1 descriptors (L1STD, L1CD) are not cached, so CMD_CFGI_* Leaf
-//! makes no difference; the stage-2 walks of CD fetches do not use the stage-2 walk cache;
-//! stalls are not modelled (every fault terminates the transaction).
+//! makes no difference; stalls are not modelled (every fault terminates the transaction).
 
 mod cmdq;
 pub mod config;

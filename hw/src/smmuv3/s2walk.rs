@@ -1,5 +1,6 @@
 //! Stage-2 walks through the stage-2 walk cache: the IPA of a stage-2-only stream, and in
-//! nested translation every stage-1 table address and the final IPA (IHI 0070 §3.3, §16.2).
+//! nested translation every L1CD and CD fetch, every stage-1 table address and the final IPA
+//! (IHI 0070 §3.3, §16.2).
 //! Each walk starts from the deepest table the cache knows for its IPA and caches the
 //! tables it reads below that. In strict mode a walk from a cached table is checked against
 //! a walk from S2TTB; a difference is a stale entry that CMD_TLBI_S2_IPA without the Leaf
@@ -22,6 +23,8 @@ enum S2Use {
     Table { write: bool },
     /// The transaction's IPA with its access (CLASS IN).
     Input(AccessRequest),
+    /// An L1CD or CD fetch (a read, CLASS CD).
+    CdFetch,
 }
 
 /// A walk from a cached table that a walk from S2TTB contradicts.
@@ -88,6 +91,13 @@ impl<'a, M: PhysMem + ?Sized> CachedS2<'a, M> {
         self.walk(ipa, S2Use::Input(access), ipa, obs)
     }
 
+    /// The physical address of the L1CD or CD at IPA `ipa`, fetched for a transaction to
+    /// `input`.
+    pub(super) fn cd_fetch(&mut self, ipa: u64, input: u64) -> Result<u64, WalkFault> {
+        self.walk(ipa, S2Use::CdFetch, input, &mut ())
+            .map(|t| t.output)
+    }
+
     fn walk<O: WalkObserver + ?Sized>(
         &mut self,
         ipa: u64,
@@ -141,6 +151,7 @@ fn walk_from<M: PhysMem + ?Sized, O: WalkObserver + ?Sized>(
     match use_ {
         S2Use::Table { write } => stage.descriptor_from(start, ipa, write, input, obs),
         S2Use::Input(access) => stage.output_from(start, ipa, access, input, obs),
+        S2Use::CdFetch => stage.cd_fetch_from(start, ipa, input, obs),
     }
 }
 

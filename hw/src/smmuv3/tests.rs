@@ -1718,6 +1718,137 @@ fn nested_stage1_table_walks_use_the_stage2_walk_cache() {
     assert!(rig.missing().is_empty());
 }
 
+/// A CD fetch's stage-2 walk goes through the stage-2 walk cache (§16.2: a walk-cache
+/// entry serves every stage-2 walk of its VMID, CD fetches included): after the host
+/// replaces the level-3 stage-2 table under the CD table's IPA, the refetched CD still
+/// comes from the old frame until a CMD_TLBI_S2_IPA without the Leaf hint (or one of
+/// wider scope) removes the entry; CMD_CFGI_CD alone, or the TLBI with Leaf = 1, does
+/// not. Strict mode names the missing command.
+#[test]
+fn cd_fetches_walk_stage2_through_the_stage2_walk_cache() {
+    let ipa = |pa: u64| 0x8000_0000 + pa - 0x80_0000;
+    let s2 = S2Config::new(S2TTB, 25, 1, AddressSize::Bits48, S2Flags::default()).unwrap();
+    let cd_ipa = ipa(0x80_0000);
+    let s2_ipa = |leaf| Cmd::TlbiS2Ipa {
+        vmid: VMID,
+        addr: TlbiAddr {
+            leaf,
+            ..va_operand(cd_ipa)
+        },
+    };
+    let cfgi = Cmd::CfgiCd {
+        sid: SID,
+        ssid: 0,
+        leaf: true,
+    };
+    // Two CDs of the guest: the one at the CD table's frame, and its copy in another frame
+    // whose ASID differs (so the TLB never mixes their translations).
+    let old_cd = ContextDescriptor::new(ipa(0x80_1000), 16, ASID);
+    let new_cd = ContextDescriptor::new(ipa(0x80_1000), 16, ASID + 1);
+    let setup = || {
+        let mut rig = Rig::new();
+        let mut b2 = TableBuilder::stage2(&s2);
+        for i in 0..16 {
+            let pa = 0x80_0000 + i * 0x1000;
+            rig.map(&mut b2, ipa(pa), pa, S2_RW);
+        }
+        rig.write_words(0x80_0000, &old_cd.encode());
+        rig.write_ste(
+            SID,
+            &Ste {
+                s1_context_ptr: cd_ipa,
+                s2vmid: VMID,
+                s2t0sz: 25,
+                s2sl0: 1,
+                s2ps: AddressSize::Bits48,
+                s2ttb: S2TTB,
+                ..Ste::new(Config::Nested)
+            },
+        );
+        // The first transaction fetches the CD: no stage-1 table is mapped, so it faults
+        // at stage 1 after the fetch, which cached the stage-2 tables of the CD's IPA.
+        assert!(matches!(
+            rig.read(SID, None, 0x7f00_0000),
+            Err(SmmuFault::Event { event, .. }) if event.event_type == EventType::Translation
+        ));
+        assert_eq!(rig.smmu.lock().config.cds(), 1);
+        assert_eq!(rig.smmu.lock().s2_walk_cache.len(), 2);
+        assert!(rig.missing().is_empty());
+        // The host moves the CD table's IPA to another frame through a new level-3
+        // stage-2 table; the frame holds the other CD.
+        let moved = rig.frame();
+        rig.write_words(moved, &new_cd.encode());
+        let slot = b2
+            .descriptor_address(&*rig.mem, cd_ipa, 2)
+            .unwrap()
+            .unwrap();
+        let old_l3 = D(rig.mem.read_u64(slot).unwrap()).address(s2.format());
+        let l3 = rig.frame();
+        for i in 0..512 {
+            let d = rig.mem.read_u64(old_l3 + i * 8).unwrap();
+            rig.mem.write_u64(l3 + i * 8, d).unwrap();
+        }
+        let index = (cd_ipa >> 12) & 0x1ff;
+        rig.mem
+            .write_u64(l3 + index * 8, D::leaf(moved, PageSize::Size4K, S2_RW).0)
+            .unwrap();
+        rig.mem.write_u64(slot, D::table(l3, 0).0).unwrap();
+        rig
+    };
+    let fetched_asid = |rig: &Rig| {
+        let _ = rig.read(SID, None, 0x7f00_0000);
+        let state = rig.smmu.lock();
+        state.config.cd(SID, 0).map(|c| c.cd.asid)
+    };
+    // CMD_CFGI_CD drops the cached CD, but the refetch's stage-2 walk starts from the
+    // cached level-3 table: the old CD, and strict mode names the missing TLBI.
+    for keep in [
+        vec![cfgi],
+        vec![s2_ipa(true), cfgi],
+        vec![Cmd::TlbiNhAll { vmid: VMID }, cfgi],
+        vec![Cmd::TlbiS12Vmall { vmid: VMID + 1 }, cfgi],
+    ] {
+        let rig = setup();
+        rig.submit(&keep);
+        assert_eq!(fetched_asid(&rig), Some(ASID), "{keep:?}");
+        let found = rig.smmu.take_stale();
+        assert_eq!(found.len(), 1, "{keep:?}: {found:?}");
+        let StaleKind::S2WalkCache { ipa: at, addr, .. } = found[0].kind else {
+            panic!("{}", found[0]);
+        };
+        assert_eq!((at, addr), (cd_ipa, 0x7f00_0000));
+        assert_eq!(found[0].missing, s2_ipa(false));
+    }
+    // The entry removed, the refetch walks from S2TTB and finds the new CD.
+    for cure in [
+        s2_ipa(false),
+        Cmd::TlbiS12Vmall { vmid: VMID },
+        Cmd::TlbiNsnhAll,
+    ] {
+        let rig = setup();
+        rig.submit(&[cure, cfgi]);
+        assert_eq!(fetched_asid(&rig), Some(ASID + 1), "{cure:?}");
+        assert!(rig.missing().is_empty(), "{cure:?}");
+    }
+    // Without CMD_CFGI_CD the configuration cache keeps the old CD whatever the TLBI, and
+    // strict mode names CMD_CFGI_CD.
+    let rig = setup();
+    rig.submit(&[s2_ipa(false)]);
+    assert_eq!(fetched_asid(&rig), Some(ASID));
+    let found = rig.smmu.take_stale();
+    assert!(
+        found.iter().any(|f| matches!(
+            f.missing,
+            Cmd::CfgiCd {
+                sid: SID,
+                ssid: 0,
+                ..
+            }
+        )),
+        "{found:?}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -5,9 +5,9 @@
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
 use vsva_smmuv3::{
-    find_cd, walk_nested, walk_stage1, walk_stage1_from, walk_stage2, AccessRequest, Config,
-    ConfigFault, Direct, Event, FaultKind, FaultStage, PageSize, Permissions, PhysMem, S1Config,
-    S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
+    find_cd, find_cd_with, walk_nested, walk_stage1, walk_stage1_from, walk_stage2, AccessRequest,
+    Config, ConfigFault, Direct, Event, FaultKind, FaultStage, PageSize, Permissions, PhysMem,
+    S1Config, S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
 };
 
 use super::config::CachedCd;
@@ -303,7 +303,21 @@ impl Smmu {
             }
             return Ok(Some(cd));
         }
-        let found = find_cd(&*self.mem, ste, &self.features, ssid, s2, addr, &mut ())?;
+        let found = match s2 {
+            None => find_cd(&*self.mem, ste, &self.features, ssid, None, addr, &mut ()),
+            Some(s2) => {
+                // The fetches' stage-2 walks go through the stage-2 walk cache as the
+                // transaction's own do; strict mode reports a stale entry one used.
+                let vmid = ste.s2vmid;
+                let mut stage =
+                    CachedS2::new(&*self.mem, s2, vmid, &mut state.s2_walk_cache, self.strict);
+                let mut to_pa = |ipa: u64| stage.cd_fetch(ipa, addr).map_err(ConfigFault::Stage2);
+                let found = find_cd_with(&*self.mem, ste, &self.features, ssid, &mut to_pa);
+                let stale = stage.stale;
+                self.report_s2_walk_cache(state, sid, ssid, vmid, addr, &stale);
+                found
+            }
+        }?;
         Ok(match found {
             Stage1Context::Bypass => None,
             Stage1Context::Cd { index, cd, s1, .. } => {

@@ -346,6 +346,30 @@ impl<M: PhysMem + ?Sized> NestedStage<'_, M> {
         )
     }
 
+    /// The stage-2 walk from `start` of an L1CD or CD fetch at IPA `addr`: a read, CLASS CD
+    /// (§3.3.2: CD and L1CD addresses are IPAs when stage 2 translates).
+    pub fn cd_fetch_from<O>(
+        &self,
+        start: S2Start,
+        addr: u64,
+        input: u64,
+        obs: &mut O,
+    ) -> Result<Translation, WalkFault>
+    where
+        O: WalkObserver + ?Sized,
+    {
+        stage2::walk(
+            self.mem,
+            self.s2,
+            start,
+            addr,
+            S2Use::Input(AccessRequest::READ),
+            FaultClass::Cd,
+            input,
+            obs,
+        )
+    }
+
     /// The stage-2 walk from `start` of stage 1's output `output` for `access` (CLASS IN);
     /// [`S1Stage::output`] is this walk from [`S2Start::top`].
     pub fn output_from<O>(
