@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::HostIommu;
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
+use vsva_hw::dma::port::{DmaAccess, DmaPort, PageRequestMessage};
 use vsva_hw::dma::regs::{
     CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRIV_EN, CTRL_PRI_EN, REG_SWERR0, SWERR_OVERFLOW, SWERR_VALID,
 };
@@ -318,6 +319,22 @@ fn cmd_fail() {
     assert_eq!(f.ioctl(0x3b7f, &mut [0; 8]).unwrap_err(), Errno::ENOTTY);
     assert_eq!(f.ioctl(IOMMU_DESTROY, &mut []).unwrap_err(), Errno::EFAULT);
     assert_eq!(f.read(&mut [0; 8]).unwrap_err(), Errno::EINVAL);
+    // The ioctls the host does not serve (README's uAPI table), with a full-size argument.
+    for cmd in [
+        IOMMU_IOAS_MAP_FILE,
+        IOMMU_OPTION,
+        IOMMU_VFIO_IOAS,
+        IOMMU_VIOMMU_ALLOC,
+        IOMMU_VDEVICE_ALLOC,
+    ] {
+        let mut arg = [0u8; 64];
+        arg[..4].copy_from_slice(&64u32.to_le_bytes());
+        assert_eq!(
+            f.ioctl(cmd, &mut arg).unwrap_err(),
+            Errno::ENOTTY,
+            "{cmd:#x}"
+        );
+    }
 }
 
 /// `iommufd/cmd_length`: one byte below the minimum size EINVAL; one byte past the known
@@ -421,6 +438,11 @@ fn ioas_map_unmap() {
         "unmap all of nothing"
     );
     assert_eq!(f.lock().objects()[&ioas], ObjectState::Ioas(vec![]));
+    // No room for an allocated IOVA in the allowed ranges: ENOSPC.
+    allow(&*f, &ram, ioas, &[(0x100_0000, 0x100_1fff)]).unwrap();
+    host.refused(&f, Errno::ENOSPC, || map(&*f, ioas, RW, va, 4 * PAGE, 0));
+    assert_eq!(map(&*f, ioas, RW, va, 2 * PAGE, 0).unwrap(), 0x100_0000);
+    assert_eq!(unmap(&*f, ioas, 0, u64::MAX).unwrap(), 2 * PAGE);
     destroy(&*f, ioas).unwrap();
     assert_eq!(destroy(&*f, ioas).unwrap_err(), Errno::ENOENT);
 }
@@ -534,6 +556,31 @@ fn hwpt_paging_attach_replace_and_dma() {
     assert_eq!(bind(&dev, fd + 1).unwrap_err(), Errno::EBADF);
     let dev_id = bind(&dev, fd).unwrap();
     assert_eq!(bind(&dev, fd).unwrap_err(), Errno::EINVAL);
+    let flagged = VfioDeviceBindIommufd {
+        argsz: 24,
+        flags: 1,
+        iommufd: fd,
+        ..Default::default()
+    };
+    let other = VfioDeviceFile::open(SourceId::from_rid(SID.rid() + 1), fds.clone());
+    assert_eq!(
+        io(&other, VFIO_DEVICE_BIND_IOMMUFD, &flagged).unwrap_err(),
+        Errno::EINVAL
+    );
+    assert_eq!(bind(&other, -1).unwrap_err(), Errno::EINVAL);
+    // An open fd that is not an iommufd (a fault queue's): EBADFD, as iommufd_ctx_from_fd.
+    let queue = IommuFaultAlloc {
+        size: 16,
+        ..Default::default()
+    };
+    let queue = io(&*f, IOMMU_FAULT_QUEUE_ALLOC, &queue).unwrap();
+    assert_eq!(
+        bind(&other, queue.out_fault_fd as i32).unwrap_err(),
+        Errno::EBADFD
+    );
+    assert_eq!(other.dev_id(), None);
+    destroy(&*f, queue.out_fault_id).unwrap();
+    fds.close(queue.out_fault_fd as i32);
     let ioas = ioas_alloc(&*f).unwrap();
     map(&*f, ioas, FIXED_RW, ram.vaddr, 16 * PAGE, 0x10_0000).unwrap();
 
@@ -1107,6 +1154,7 @@ fn pasid_attach_and_nested_dma() {
     host.refused(&f, Errno::EBUSY, || destroy(&*f, n0));
     host.refused(&f, Errno::EBUSY, || destroy(&*f, parent));
     host.refused(&f, Errno::EINVAL, || attach(&dev, no_pasid));
+    host.refused(&f, Errno::EOPNOTSUPP, || attach(&dev, n1));
     host.refused(&f, Errno::EBUSY, || detach(&dev));
 
     // The guest moves GVA to another page: reached after the invalidation.
@@ -1314,6 +1362,11 @@ fn fault_queue_round_trip() {
         Errno::EINVAL
     );
     assert_eq!(queue.write(&[0u8; 7]).unwrap_err(), Errno::EINVAL);
+    assert_eq!(
+        queue.write(&response(fault.cookie, 7)).unwrap_err(),
+        Errno::EINVAL,
+        "an unknown response code"
+    );
     guest.map(&ram, missing, 0x20000);
     assert_eq!(
         queue
@@ -1330,6 +1383,38 @@ fn fault_queue_round_trip() {
             .unwrap_err(),
         Errno::EINVAL,
         "a group is answered once"
+    );
+
+    // A group of two page requests is read whole: a buffer for one record is EINVAL.
+    for (page, last) in [(8, false), (9, true)] {
+        DmaPort::page_request(
+            &**host.unit.hardware(),
+            PageRequestMessage {
+                sid: SID,
+                pasid: Some(Pasid::new(9).unwrap()),
+                addr: GVA + page * PAGE,
+                access: DmaAccess {
+                    read: true,
+                    ..Default::default()
+                },
+                prgi: 7,
+                last,
+            },
+        );
+    }
+    host.unit.service_page_requests();
+    assert_eq!(queue.read(&mut rec).unwrap_err(), Errno::EINVAL);
+    let mut two = [0u8; 80];
+    assert_eq!(queue.read(&mut two).unwrap(), 80);
+    let (first, second): (IommuHwptPgfault, IommuHwptPgfault) =
+        (read_prefix(&two, 40), read_prefix(&two[40..], 40));
+    assert_eq!(
+        (first.addr, second.addr, first.cookie),
+        (GVA + 8 * PAGE, GVA + 9 * PAGE, second.cookie)
+    );
+    assert_eq!(
+        second.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE,
+        IOMMU_PGFAULT_FLAGS_LAST_PAGE
     );
 
     detach_pasid(&dev, 9).unwrap();

@@ -34,8 +34,10 @@ impl Errno {
     pub const E2BIG: Errno = Errno(libc::E2BIG);
     /// `EOVERFLOW`: arithmetic overflow.
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
-    /// `EBADF`: not an open file descriptor (of the kind asked for).
+    /// `EBADF`: not an open file descriptor.
     pub const EBADF: Errno = Errno(libc::EBADF);
+    /// `EBADFD`: an open file descriptor of another kind than the one asked for.
+    pub const EBADFD: Errno = Errno(libc::EBADFD);
     /// `EMFILE`: no file descriptor can be handed out.
     pub const EMFILE: Errno = Errno(libc::EMFILE);
     /// `EMSGSIZE`: the output array was too small for every element.

@@ -115,11 +115,14 @@ impl Iommufds {
         lock(&self.files).remove(&fd);
     }
 
-    fn get(&self, fd: i32) -> Option<Arc<dyn BindTarget>> {
+    /// The iommufd open at `fd` (`iommufd_ctx_from_fd`): EBADF when nothing is open
+    /// there, EBADFD for another kind of file.
+    fn get(&self, fd: i32) -> Result<Arc<dyn BindTarget>, IommufdError> {
         match lock(&self.files).get(&fd) {
-            Some(Open::Iommufd(f)) => Some(f.clone()),
-            Some(Open::Smmu(f)) => Some(f.clone()),
-            _ => None,
+            Some(Open::Iommufd(f)) => Ok(f.clone()),
+            Some(Open::Smmu(f)) => Ok(f.clone()),
+            Some(Open::Fault(_)) => Err(IommufdError::NotIommufd(fd)),
+            None => Err(IommufdError::BadFd(fd)),
         }
     }
 
@@ -174,8 +177,9 @@ impl VfioDeviceFile {
     }
 
     /// `VFIO_DEVICE_BIND_IOMMUFD` (`vfio_df_ioctl_bind_iommufd`): `argsz` must cover
-    /// `out_devid`, flags must be 0 (the VF token is not offered) and `iommufd` an open
-    /// iommufd (EBADF); a bound cdev is EINVAL. Writes back `out_devid`.
+    /// `out_devid`, flags must be 0 (the VF token is not offered) and `iommufd` not
+    /// negative (EINVAL), an open fd (EBADF) of an iommufd (EBADFD); a bound cdev is
+    /// EINVAL. Writes back `out_devid`.
     fn bind(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
         const WHAT: &str = "vfio_device_bind_iommufd";
         let req: VfioDeviceBindIommufd = copy_vfio_arg(arg, BIND_IOMMUFD_MINSZ, WHAT)?;
@@ -186,10 +190,7 @@ impl VfioDeviceFile {
         if bound.is_some() {
             return Err(IommufdError::invalid(WHAT, "the device is bound already"));
         }
-        let file = self
-            .fds
-            .get(req.iommufd)
-            .ok_or(IommufdError::BadFd(req.iommufd))?;
+        let file = self.fds.get(req.iommufd)?;
         let dev_id = file.bind_device(self.sid)?;
         *bound = Some(Binding { file, dev_id });
         let at = offset_of!(VfioDeviceBindIommufd, out_devid);

@@ -81,8 +81,11 @@ pub enum IommufdError {
     #[error("{0}: bad address")]
     Fault(&'static str),
     /// An fd that is not open (`-EBADF`).
-    #[error("fd {0} is not an open iommufd")]
+    #[error("fd {0} is not open")]
     BadFd(i32),
+    /// An open fd that is not an iommufd (`-EBADFD`, as `iommufd_ctx_from_fd`).
+    #[error("fd {0} is not an iommufd")]
+    NotIommufd(i32),
     /// No fd can be handed out: the file was not opened through a process's fd table
     /// (`-EMFILE`).
     #[error("no fd table to install a file in")]
@@ -113,6 +116,7 @@ impl IommufdError {
             MsgSize(_) => libc::EMSGSIZE,
             Fault(_) => libc::EFAULT,
             BadFd(_) => libc::EBADF,
+            NotIommufd(_) => libc::EBADFD,
             NoFd => libc::EMFILE,
         }
     }

@@ -587,8 +587,8 @@ impl Ctx {
     /// `IOMMU_HWPT_ALLOC`. With an IOAS as `pt_id`, a paging HWPT: a new second-level
     /// domain holding the IOAS's mappings, its IOVAs beyond the domain's address width
     /// reserved in the IOAS (EADDRINUSE when mapped or allowed). Flags NEST_PARENT (needs
-    /// ECAP.NEST) and PASID; DIRTY_TRACKING, FAULT_ID_VALID and data are not supported
-    /// (EOPNOTSUPP) on a paging HWPT.
+    /// ECAP.NEST), PASID and DIRTY_TRACKING (needs ECAP.SLADS); FAULT_ID_VALID and data are
+    /// not supported (EOPNOTSUPP) on a paging HWPT.
     fn do_hwpt_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
         const WHAT: &str = "iommu_hwpt_alloc";
         let mut cmd: IommuHwptAlloc = u.copy_in(arg)?;
