@@ -23,6 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use vsva_guest::{Process, Prot};
+use vsva_host::driver::VtdDomain;
+use vsva_host::Container;
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::VfioIoctls;
@@ -609,15 +611,15 @@ fn process_workload(
 /// device; every attempt must be refused, and the victim's bytes must not change.
 fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
     let before = cpu_read(&job.process, job.src, job.len);
-    if vm.container().is_some() {
-        cross_vm_container(vm, job, report);
+    if let Ok(mut vfio) = vm.vfio() {
+        cross_vm_container(&mut vfio, job, report);
     }
     cross_vm_device(vm, victim, job, before, report);
 }
 
 /// `vm`'s VFIO container asked to bind, invalidate and free another VM's PASID: each
 /// must be -EPERM.
-fn cross_vm_container(vm: &Vm, job: &Job, report: &mut VmReport) {
+fn cross_vm_container(vfio: &mut Container<VtdDomain>, job: &Job, report: &mut VmReport) {
     let bind = BindGpasid {
         hpasid: job.pasid,
         gpasid: Some(job.pasid),
@@ -634,7 +636,6 @@ fn cross_vm_container(vm: &Vm, job: &Job, report: &mut VmReport) {
             archid: None,
         },
     };
-    let mut vfio = vm.vfio();
     let attempts = [
         ("bind of another VM's PASID", vfio.bind_gpasid(&bind)),
         (
@@ -643,7 +644,6 @@ fn cross_vm_container(vm: &Vm, job: &Job, report: &mut VmReport) {
         ),
         ("free of another VM's PASID", vfio.pasid_free(job.pasid)),
     ];
-    drop(vfio);
     for (what, result) in attempts {
         let refused = result.map_err(|e| e.errno());
         if expect(report, what, refused == Err(-libc::EPERM), || {

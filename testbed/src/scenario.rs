@@ -191,7 +191,7 @@ fn cross_vm(host: &Host, out: &mut Outcome) -> Result<(), StackError> {
         .write(victim.buffer, &[0x11; 4096])
         .map_err(guest)?;
     let _ = writeln!(out, "vm0 bound {}; vm1 tries it", victim.pasid);
-    let free = b_vm.vfio().pasid_free(victim.pasid);
+    let free = b_vm.vfio()?.pasid_free(victim.pasid);
     let _ = writeln!(
         out,
         "vm1 VFIO_IOMMU_PASID_REQUEST(free {}): {}",

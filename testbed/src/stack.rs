@@ -73,6 +73,9 @@ pub enum StackError {
     /// Reading the container's fault queue failed.
     #[error("fault queue: {0}")]
     FaultQueue(Errno),
+    /// A VFIO type1 container was asked of a VM over iommufd.
+    #[error("the VM runs over iommufd: it has no VFIO type1 container")]
+    NoContainer,
     /// An iommufd call of the VMM failed.
     #[error("iommufd: {0}")]
     Iommufd(Errno),
@@ -739,15 +742,10 @@ impl Vm {
         }
     }
 
-    /// The container, locked.
-    ///
-    /// # Panics
-    /// On a VM over iommufd, which has no container (the type1 checks and benchmarks that
-    /// call this boot type1 VMs).
-    pub fn vfio(&self) -> std::sync::MutexGuard<'_, Container<VtdDomain>> {
-        self.container()
-            .expect("a VM over VFIO type1 has a container")
-            .lock()
+    /// The container, locked; [`StackError::NoContainer`] for a VM over iommufd, which
+    /// has none.
+    pub fn vfio(&self) -> Result<std::sync::MutexGuard<'_, Container<VtdDomain>>, StackError> {
+        Ok(self.container().ok_or(StackError::NoContainer)?.lock())
     }
 }
 

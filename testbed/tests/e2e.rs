@@ -11,7 +11,7 @@ use vsva_host::HostError;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_testbed::holdings::HostHoldings;
-use vsva_testbed::stack::{Host, Vm, GUEST_DEVICE_SID};
+use vsva_testbed::stack::{Host, StackError, Uapi, Vm, GUEST_DEVICE_SID};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
@@ -124,8 +124,8 @@ fn copy_fill_compare(vm: &Vm, p: &Process, pasid: Pasid, b: &Buffers, len: usize
 fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     let host = host();
     let vm = Vm::new(&host, 0, RAM, 100).unwrap();
-    let did = vm.vfio().backend().did();
-    let sl_root = vm.vfio().backend().second_level_root();
+    let did = vm.vfio().unwrap().backend().did();
+    let sl_root = vm.vfio().unwrap().backend().second_level_root();
     let walks = host.iommu.stats().walks.load(Ordering::Relaxed);
 
     let p4 = vm.spawn(FlPagingMode::FourLevel).unwrap();
@@ -162,7 +162,7 @@ fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
         assert_eq!(entry.slptptr, sl_root.0);
         assert_eq!(entry.did, did);
         // The container knows the binding with the guest's table pointer.
-        let state = vm.vfio().state();
+        let state = vm.vfio().unwrap().state();
         let bound = state.bound.iter().find(|b| b.hpasid == pasid).unwrap();
         assert_eq!(bound.gpgd, p.cr3());
         assert!(state.pasids.contains(&pasid));
@@ -187,7 +187,7 @@ fn four_and_five_level_processes_share_their_address_spaces_with_the_device() {
     // completion record is written) while the 5-level process carries on.
     vm.driver.sva_unbind(GUEST_DEVICE_SID, pasid4).unwrap();
     assert_eq!(host.unit.pasid_entry(vm.host_sid, pasid4), None);
-    let state = vm.vfio().state();
+    let state = vm.vfio().unwrap().state();
     assert!(state.bound.iter().all(|b| b.hpasid != pasid4));
     assert!(!state.pasids.contains(&pasid4));
     assert_eq!(host.pasids.lock().unwrap().owner(pasid4), None);
@@ -398,7 +398,7 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     let vm = Vm::new(&host, 0, RAM, 100).unwrap();
     let faults = Arc::new(AtomicU64::new(0));
     let counter = faults.clone();
-    vm.vfio().set_fault_notifier(move || {
+    vm.vfio().unwrap().set_fault_notifier(move || {
         counter.fetch_add(1, Ordering::Relaxed);
     });
     let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
@@ -418,7 +418,7 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     run_ok(&vm, &p, pasid, memmove(src, dst, len), record);
     assert_eq!(p.resident_pages(), resident + 5);
     assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(5, 5));
-    assert!(vm.vfio().pending_page_requests().is_empty());
+    assert!(vm.vfio().unwrap().pending_page_requests().is_empty());
     same(&read(&p, dst, len), &data);
 
     // Reads of lazy read-only pages populate zeroed pages.
@@ -442,7 +442,7 @@ fn lazily_mapped_pages_are_served_by_the_guest_through_every_layer() {
     assert_eq!((rec.fault_addr, rec.fault_write), (ro.0, true));
     assert_eq!(page_request_counts(&host, &vm, &faults), round_trips(8, 7));
     assert_eq!(p.resident_pages(), resident + 7);
-    assert!(vm.vfio().pending_page_requests().is_empty());
+    assert!(vm.vfio().unwrap().pending_page_requests().is_empty());
     assert!(vm.viommu.take_host_errors().is_empty());
     drop(p);
     vm.shutdown().unwrap();
@@ -506,8 +506,8 @@ fn shutting_a_vm_down_leaves_nothing_on_the_host() {
     let p5 = a.vm.spawn(FlPagingMode::FiveLevel).unwrap();
     let lazy5 = p5.mmap_lazy(PAGE as u64, Prot::READ_WRITE).unwrap();
     let pasid5 = a.vm.bind(&p5).unwrap();
-    let a_did = a.vm.vfio().backend().did();
-    let (a_sid, a_set) = (a.vm.host_sid, a.vm.vfio().pasid_set());
+    let a_did = a.vm.vfio().unwrap().backend().did();
+    let (a_sid, a_set) = (a.vm.host_sid, a.vm.vfio().unwrap().pasid_set());
     let a_pasids = [a.pasid, pasid5];
     let parked = Descriptor {
         pasid: Some(pasid5),
@@ -523,7 +523,7 @@ fn shutting_a_vm_down_leaves_nothing_on_the_host() {
     a.vm.engine.portal_write(0, &parked.encode()).unwrap();
     a.vm.engine.process();
     assert_eq!(a.vm.engine.waiting_for_page_response(), 1);
-    assert_eq!(a.vm.vfio().pending_page_requests().len(), 1);
+    assert_eq!(a.vm.vfio().unwrap().pending_page_requests().len(), 1);
     for pasid in a_pasids {
         assert!(host.unit.pasid_entry(a_sid, pasid).is_some());
     }
@@ -601,11 +601,11 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
     a.p.write(a.b.record, &[0; 32]).unwrap();
     a.vm.engine.portal_write(0, &parked.encode()).unwrap();
     a.vm.engine.process();
-    assert_eq!(a.vm.vfio().pending_page_requests().len(), 1);
+    assert_eq!(a.vm.vfio().unwrap().pending_page_requests().len(), 1);
 
     let a_bytes = read(&a.p, a.b.dst, TENANT_LEN);
-    let a_state = a.vm.vfio().state();
-    let b_state = b.vm.vfio().state();
+    let a_state = a.vm.vfio().unwrap().state();
+    let b_state = b.vm.vfio().unwrap().state();
     let a_entry = host.unit.pasid_entry(a.vm.host_sid, pa).unwrap();
     let a_cached = host
         .iommu
@@ -647,11 +647,13 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
     };
     let answer = PageResponse {
         pasid: Some(pa),
-        grpid: a.vm.vfio().pending_page_requests()[0].request.grpid,
+        grpid: a.vm.vfio().unwrap().pending_page_requests()[0]
+            .request
+            .grpid,
         code: PageResponseCode::Success,
     };
     {
-        let mut vfio = b.vm.vfio();
+        let mut vfio = b.vm.vfio().unwrap();
         let refusals = [
             ("bind", vfio.bind_gpasid(&bind)),
             ("unbind", vfio.unbind_gpasid(&bind)),
@@ -671,8 +673,8 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
 
     // Nothing changed: both containers, A's PASID entry, ownership and cached translation,
     // A's waiting DMA.
-    assert_eq!(a.vm.vfio().state(), a_state);
-    assert_eq!(b.vm.vfio().state(), b_state);
+    assert_eq!(a.vm.vfio().unwrap().state(), a_state);
+    assert_eq!(b.vm.vfio().unwrap().state(), b_state);
     assert_eq!(host.unit.pasid_entry(a.vm.host_sid, pa), Some(a_entry));
     assert_eq!(host.unit.pasid_entry(b.vm.host_sid, pa), None);
     assert_eq!(host.pasids.lock().unwrap().owner(pa), a_owner);
@@ -681,7 +683,7 @@ fn another_vm_can_neither_program_nor_reach_a_vms_pasid() {
         Some(a_cached)
     );
     assert_eq!(a.vm.engine.waiting_for_page_response(), 1);
-    assert_eq!(a.vm.vfio().pending_page_requests().len(), 1);
+    assert_eq!(a.vm.vfio().unwrap().pending_page_requests().len(), 1);
 
     // B's device tags a DMA with A's PASID at A's addresses: B's PASID table has no entry
     // for it, so the physical IOMMU faults (SPT.2) and records it; not even the completion
@@ -768,7 +770,7 @@ fn set_device_features(vm: &Vm, features: u64) {
 fn a_missing_guest_invalidation_leaves_the_device_on_the_old_page_until_it_is_sent() {
     let host = host();
     let vm = Vm::new(&host, 0, RAM, 100).unwrap();
-    let did = vm.vfio().backend().did();
+    let did = vm.vfio().unwrap().backend().did();
     let p = vm.spawn(FlPagingMode::FourLevel).unwrap();
     let b = buffers(&p, 2 * PAGE);
     let pasid = vm.bind(&p).unwrap();
@@ -1032,4 +1034,18 @@ fn two_vms_share_the_host_iommu_from_two_threads() {
         Arc::into_inner(vm).unwrap().shutdown().unwrap();
     }
     assert_eq!(holdings(&host), empty);
+}
+
+/// A VM over iommufd has no VFIO type1 container: asking one for it is an error the caller
+/// handles, not a panic; a type1 VM's is there.
+#[test]
+fn only_a_type1_vm_has_a_vfio_container() {
+    let host = host();
+    let over_iommufd = Vm::with_uapi(&host, 0, RAM, 16, Uapi::Iommufd).unwrap();
+    assert!(matches!(over_iommufd.vfio(), Err(StackError::NoContainer)));
+    assert!(over_iommufd.iommufd().is_some());
+    let type1 = Vm::new(&host, 1, RAM, 16).unwrap();
+    assert!(type1.vfio().unwrap().state().bound.is_empty());
+    over_iommufd.shutdown().unwrap();
+    type1.shutdown().unwrap();
 }

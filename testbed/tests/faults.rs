@@ -85,7 +85,7 @@ fn a_dma_the_guest_never_mapped_reaches_its_fault_records_only() {
 
     // The other VM saw nothing: not in its container, not in its registers.
     b.serve_page_requests().unwrap();
-    assert!(b.vfio().read_unrecoverable_faults().is_empty());
+    assert!(b.vfio().unwrap().read_unrecoverable_faults().is_empty());
     assert!(b.driver.take_faults().is_empty());
     assert_eq!(b.viommu.stats().faults_recorded, 0);
 

@@ -303,7 +303,7 @@ mod tests {
     fn guest_binds_are_shadowed_and_undone() {
         let vm = BenchVm::new().unwrap();
         let bound = vm.vm().driver.bound_pasids();
-        let host = vm.vm().vfio().state();
+        let host = vm.vm().vfio().unwrap().state();
         GuestBind::new(&vm, GuestCall::Bind)
             .unwrap()
             .run(3)
@@ -313,7 +313,7 @@ mod tests {
             .run(2)
             .unwrap();
         assert_eq!(vm.vm().driver.bound_pasids(), bound);
-        assert_eq!(vm.vm().vfio().state(), host);
+        assert_eq!(vm.vm().vfio().unwrap().state(), host);
     }
 
     #[test]

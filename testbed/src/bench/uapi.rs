@@ -213,7 +213,7 @@ impl<'a> HostInvalidations<'a> {
         };
         let vm = cached.vm;
         let before = processed(vm);
-        vm.vm().vfio().cache_invalidate(&inv)?;
+        vm.vm().vfio()?.cache_invalidate(&inv)?;
         let per_call = processed(vm) - before;
         if per_call < 2 {
             return Err(BenchError::Check(format!(
@@ -265,7 +265,7 @@ impl Workload for HostInvalidations<'_> {
         for _ in 0..iters {
             let held = caches.len();
             let start = Instant::now();
-            vm.vm().vfio().cache_invalidate(&self.inv)?;
+            vm.vm().vfio()?.cache_invalidate(&self.inv)?;
             total += start.elapsed().saturating_sub(self.overhead);
             let left = caches.len();
             if left.first_level >= held.first_level || left.second_level < held.second_level {
@@ -315,7 +315,7 @@ impl<'a> HostBind<'a> {
     /// Allocates the PASID (freed when the workload is dropped) and binds and unbinds it
     /// once, checking the host PASID entry comes and goes.
     pub fn new(vm: &'a BenchVm, timed: BindCall) -> Result<Self, BenchError> {
-        let pasid = vm.vm().vfio().pasid_alloc(1, Pasid::MAX.raw())?;
+        let pasid = vm.vm().vfio()?.pasid_alloc(1, Pasid::MAX.raw())?;
         let w = HostBind {
             vm,
             bind: BindGpasid {
@@ -330,9 +330,9 @@ impl<'a> HostBind<'a> {
             timed,
         };
         let entry = || vm.host().unit.pasid_entry(vm.vm().host_sid, pasid);
-        vm.vm().vfio().bind_gpasid(&w.bind)?;
+        vm.vm().vfio()?.bind_gpasid(&w.bind)?;
         let bound = entry().is_some();
-        vm.vm().vfio().unbind_gpasid(&w.bind)?;
+        vm.vm().vfio()?.unbind_gpasid(&w.bind)?;
         if !bound || entry().is_some() {
             return Err(BenchError::Check(format!(
                 "binding {pasid} did not install, or unbinding did not remove, its host PASID entry"
@@ -347,9 +347,9 @@ impl Workload for HostBind<'_> {
         let mut timed = Duration::ZERO;
         for _ in 0..iters {
             let t0 = Instant::now();
-            self.vm.vm().vfio().bind_gpasid(&self.bind)?;
+            self.vm.vm().vfio()?.bind_gpasid(&self.bind)?;
             let t1 = Instant::now();
-            self.vm.vm().vfio().unbind_gpasid(&self.bind)?;
+            self.vm.vm().vfio()?.unbind_gpasid(&self.bind)?;
             let t2 = Instant::now();
             timed += match self.timed {
                 BindCall::Bind => t1 - t0,
@@ -362,7 +362,13 @@ impl Workload for HostBind<'_> {
 
 impl Drop for HostBind<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.vm.vm().vfio().pasid_free(self.bind.hpasid) {
+        let freed = self
+            .vm
+            .vm()
+            .vfio()
+            .map_err(BenchError::from)
+            .and_then(|mut vfio| Ok(vfio.pasid_free(self.bind.hpasid)?));
+        if let Err(e) = freed {
             tracing::warn!("bench: freeing {}: {e}", self.bind.hpasid);
         }
     }
@@ -412,12 +418,13 @@ impl<'a> HostMap<'a> {
             },
             timed,
         };
-        let lookup = || vm.vm().vfio().backend().lookup(Iova(MAP_IOVA));
-        vm.vm().vfio().map_dma(&w.map)?;
-        let mapped = lookup();
-        let unmapped = vm.vm().vfio().unmap_dma(Iova(MAP_IOVA), PAGE_SIZE)?;
+        let lookup =
+            || -> Result<_, BenchError> { Ok(vm.vm().vfio()?.backend().lookup(Iova(MAP_IOVA))) };
+        vm.vm().vfio()?.map_dma(&w.map)?;
+        let mapped = lookup()?;
+        let unmapped = vm.vm().vfio()?.unmap_dma(Iova(MAP_IOVA), PAGE_SIZE)?;
         let want = Some((Hpa(vm.vm().ram_hpa.0 + gpa), PageSize::Size4K));
-        if mapped != want || unmapped != PAGE_SIZE || lookup().is_some() {
+        if mapped != want || unmapped != PAGE_SIZE || lookup()?.is_some() {
             return Err(BenchError::Check(format!(
                 "MAP_DMA at {MAP_IOVA:#x} mapped {mapped:?} (expected {want:?}), UNMAP_DMA unmapped {unmapped} bytes"
             )));
@@ -432,9 +439,9 @@ impl Workload for HostMap<'_> {
         let mut unmapped = 0;
         for _ in 0..iters {
             let t0 = Instant::now();
-            self.vm.vm().vfio().map_dma(&self.map)?;
+            self.vm.vm().vfio()?.map_dma(&self.map)?;
             let t1 = Instant::now();
-            unmapped += self.vm.vm().vfio().unmap_dma(self.map.iova, PAGE_SIZE)?;
+            unmapped += self.vm.vm().vfio()?.unmap_dma(self.map.iova, PAGE_SIZE)?;
             let t2 = Instant::now();
             timed += match self.timed {
                 MapCall::Map => t1 - t0,
@@ -522,7 +529,7 @@ impl<'a> BoundPasids<'a> {
         let frames = &vm.host().frames;
         let (heap, tables) = (heap_in_use(), frames.allocated_bytes());
         {
-            let mut vfio = vm.vm().vfio();
+            let mut vfio = vm.vm().vfio()?;
             for _ in 0..n {
                 let pasid = vfio.pasid_alloc(1, Pasid::MAX.raw())?;
                 pasids.push(pasid);
@@ -553,7 +560,10 @@ impl<'a> BoundPasids<'a> {
 
 impl Drop for BoundPasids<'_> {
     fn drop(&mut self) {
-        let mut vfio = self.vm.vm().vfio();
+        // `new` bound them through the container, so the VM has one.
+        let Ok(mut vfio) = self.vm.vm().vfio() else {
+            return;
+        };
         for &pasid in &self.pasids {
             if let Err(e) = vfio.pasid_free(pasid) {
                 tracing::warn!("bench: freeing {pasid}: {e}");
@@ -627,25 +637,25 @@ mod tests {
     #[test]
     fn bind_and_map_pairs_leave_nothing_behind() {
         let vm = BenchVm::new().unwrap();
-        let before = vm.vm().vfio().state();
+        let before = vm.vm().vfio().unwrap().state();
         {
             let mut bind = HostBind::new(&vm, BindCall::Unbind).unwrap();
             bind.run(3).unwrap();
             let mut map = HostMap::new(&vm, MapCall::Map).unwrap();
             map.run(3).unwrap();
         }
-        assert_eq!(vm.vm().vfio().state(), before);
+        assert_eq!(vm.vm().vfio().unwrap().state(), before);
     }
 
     #[test]
     fn bound_pasids_count_the_pasid_tables_and_are_freed() {
         let vm = BenchVm::new().unwrap();
-        let before = vm.vm().vfio().state();
+        let before = vm.vm().vfio().unwrap().state();
         let m = BoundPasids::new(&vm, 128).unwrap().memory().unwrap();
         assert_eq!(m.pasids, 128);
         // 64 entries of 64 bytes per PASID table page: two new pages at least.
         assert!(m.tables >= 2 * PAGE_SIZE, "{m:?}");
-        assert_eq!(vm.vm().vfio().state(), before);
+        assert_eq!(vm.vm().vfio().unwrap().state(), before);
         // The tables stay for the device (as Linux keeps them until it is detached), and
         // the same PASIDs bound again take none.
         let again = BoundPasids::new(&vm, 128).unwrap().memory().unwrap();
