@@ -22,7 +22,9 @@ use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::regs::offset;
-use vsva_smmuv3::{Cmd, ContextDescriptor, Features, PageSize, TableBuilder, TlbiAddr};
+use vsva_smmuv3::{
+    Cmd, ContextDescriptor, Event, EventType, Features, PageSize, TableBuilder, TlbiAddr,
+};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
 use vsva_uapi::{Errno, UapiFile};
@@ -82,6 +84,7 @@ struct Vm {
     ram: GuestMemoryMmap,
     vaddr: u64,
     file: Arc<SmmuIommufdFile>,
+    fds: Arc<Iommufds>,
     cdev: Option<VfioDeviceFile>,
     dev: Arc<DmaEngine>,
     sid: u32,
@@ -106,7 +109,7 @@ impl Vm {
         let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(rid), host.hw.clone()).unwrap());
         host.hw.attach_endpoint(u32::from(rid.rid()), dev.clone());
         dev.enable(CTRL_PASID_EN).unwrap();
-        let cdev = VfioDeviceFile::open(rid, fds);
+        let cdev = VfioDeviceFile::open(rid, fds.clone());
         let mut bind = VfioDeviceBindIommufd {
             argsz: size_of::<VfioDeviceBindIommufd>() as u32,
             flags: 0,
@@ -124,6 +127,7 @@ impl Vm {
             ram,
             vaddr,
             file,
+            fds,
             cdev: Some(cdev),
             dev,
             sid: u32::from(rid.rid()),
@@ -917,4 +921,127 @@ fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
     // What stays is the level-2 stream table of each stream, kept as Linux keeps it.
     let l2 = 64u64 << vsva_smmuv3_driver::STRTAB_SPLIT;
     assert!(host.frames.allocated_bytes() <= baseline + 2 * l2);
+}
+
+/// `IOMMU_VEVENTQ_ALLOC` on a vIOMMU (depth 2).
+fn veventq(vm: &Vm, viommu_id: u32, type_: u32, depth: u32) -> Result<(u32, i32), Errno> {
+    let mut a = IommuVeventqAlloc {
+        size: size_of::<IommuVeventqAlloc>() as u32,
+        viommu_id,
+        type_,
+        veventq_depth: depth,
+        ..Default::default()
+    };
+    vm.call(IOMMU_VEVENTQ_ALLOC, &mut a)
+        .map(|()| (a.out_veventq_id, a.out_veventq_fd as i32))
+}
+
+/// The vEVENTs in `bytes`: (flags, sequence, event record or none).
+fn vevents(bytes: &[u8]) -> Vec<(u32, u32, Option<Event>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let h = IommufdVeventHeader::read(&bytes[at..]);
+        at += 8;
+        if h.flags & IOMMU_VEVENTQ_FLAG_LOST_EVENTS != 0 {
+            out.push((h.flags, h.sequence, None));
+            continue;
+        }
+        let e = IommuVeventArmSmmuv3::read(&bytes[at..]);
+        out.push((h.flags, h.sequence, Some(Event::decode(e.evt).unwrap())));
+        at += 32;
+    }
+    out
+}
+
+#[test]
+fn stage_1_faults_reach_the_vevent_queue_with_the_vsid() {
+    let host = host();
+    let mut vm = Vm::new(&host, rid(9));
+    let parent = vm
+        .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+        .unwrap();
+    let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
+    vm.vdevice(viommu, VSID).unwrap();
+    let nested = vm.nested(viommu, vste_s1()).unwrap();
+    vm.attach(nested).unwrap();
+
+    // Refusals: nothing made, no fd installed.
+    let before = vm.objects();
+    let ty = IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
+    assert_eq!(
+        veventq(&vm, viommu, IOMMU_VEVENTQ_TYPE_DEFAULT, 2),
+        Err(Errno::new(libc::EOPNOTSUPP))
+    );
+    assert_eq!(
+        veventq(&vm, viommu, 2, 2),
+        Err(Errno::new(libc::EOPNOTSUPP))
+    );
+    assert_eq!(veventq(&vm, viommu, ty, 0), Err(Errno::new(libc::EINVAL)));
+    assert_eq!(veventq(&vm, parent, ty, 2), Err(Errno::new(libc::ENOENT)));
+    assert_eq!(vm.objects(), before);
+    let (qid, fd) = veventq(&vm, viommu, ty, 2).unwrap();
+    assert_eq!(veventq(&vm, viommu, ty, 2), Err(Errno::new(libc::EEXIST)));
+    let q = vm.fds.veventq(fd).unwrap();
+    let mut buf = [0u8; 256];
+    assert_eq!(q.read(&mut buf), Ok(0));
+
+    // A guest process reads an address its stage 1 does not map: F_TRANSLATION, with
+    // the vSID, its SubstreamID and address.
+    let hole = 0x7f00_0000_0000;
+    fault(&vm, &host, hole);
+    let n = q.read(&mut buf).unwrap();
+    let got = vevents(&buf[..n]);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (flags, seq, e) = &got[0];
+    let e = e.unwrap();
+    assert_eq!((*flags, *seq), (0, 0));
+    assert_eq!(e.event_type, EventType::Translation);
+    assert_eq!((e.sid, e.ssid, e.s2), (VSID as u32, Some(SSID), false));
+    assert_eq!(e.input_addr, hole);
+
+    // A stage-2 fault is the host's: the guest maps a GVA to an IPA the VMM never mapped.
+    let outside = 0x7f00_0001_0000;
+    let mut s1 = vm.s1.take().unwrap();
+    vm.map(&mut s1, outside, RAM + 0x10_0000, 1);
+    vm.s1 = Some(s1);
+    fault(&vm, &host, outside);
+    assert_eq!(q.read(&mut buf), Ok(0));
+
+    // Depth 2: the third fault is lost, one header says so with its sequence; then room
+    // again.
+    for i in 0..3 {
+        fault(&vm, &host, hole + (i + 1) * PAGE_SIZE);
+    }
+    let n = q.read(&mut buf).unwrap();
+    let got = vevents(&buf[..n]);
+    let seqs: Vec<(u32, u32, bool)> = got.iter().map(|(f, s, e)| (*f, *s, e.is_some())).collect();
+    assert_eq!(
+        seqs,
+        [
+            (0, 1, true),
+            (0, 2, true),
+            (IOMMU_VEVENTQ_FLAG_LOST_EVENTS, 3, false)
+        ]
+    );
+    fault(&vm, &host, hole);
+    let n = q.read(&mut buf).unwrap();
+    assert_eq!(vevents(&buf[..n])[0].1, 4);
+
+    // Detached (back on the parent's stage 2), the stream reports nothing to the vIOMMU;
+    // the vEVENT queue object keeps its vIOMMU busy until destroyed.
+    vm.attach(parent).unwrap();
+    fault(&vm, &host, hole);
+    assert_eq!(q.read(&mut buf), Ok(0));
+    vm.destroy(nested).unwrap();
+    assert_eq!(vm.destroy(viommu), errno(libc::EBUSY));
+    vm.destroy(qid).unwrap();
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+/// A DMA read at `gva` (SubstreamID SSID) that faults, then the host serves its queues.
+fn fault(vm: &Vm, host: &Host, gva: u64) {
+    let st = vm.memmove(Some(SSID), gva, DST_GVA, 64, (COMP_GVA, COMP_GPA));
+    assert_ne!(st, CompletionStatus::Success);
+    host.smmu.handle_queues();
 }

@@ -69,6 +69,9 @@ pub const IOMMU_VIOMMU_ALLOC: u32 = iommufd_io(b::IOMMUFD_CMD_VIOMMU_ALLOC);
 /// `IOMMU_VDEVICE_ALLOC`: `struct iommu_vdevice_alloc`.
 pub const IOMMU_VDEVICE_ALLOC: u32 = iommufd_io(b::IOMMUFD_CMD_VDEVICE_ALLOC);
 
+/// `IOMMU_VEVENTQ_ALLOC`: [`IommuVeventqAlloc`].
+pub const IOMMU_VEVENTQ_ALLOC: u32 = iommufd_io(b::IOMMUFD_CMD_VEVENTQ_ALLOC);
+
 /// `VFIO_DEVICE_BIND_IOMMUFD` (device cdev): [`VfioDeviceBindIommufd`].
 pub const VFIO_DEVICE_BIND_IOMMUFD: u32 = io(VFIO_TYPE, VFIO_BASE + 18);
 /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` (device cdev): [`VfioDeviceAttachIommufdPt`].
@@ -124,6 +127,13 @@ pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = b::iommu_viommu_type_IOMMU_VIOMMU_
 /// [`IommuViommuArmSmmuv3Invalidate`] given to `IOMMU_HWPT_INVALIDATE` with a vIOMMU id.
 pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 =
     b::iommu_hwpt_invalidate_data_type_IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
+/// `IOMMU_VEVENTQ_TYPE_DEFAULT`: reserved, never allocated.
+pub const IOMMU_VEVENTQ_TYPE_DEFAULT: u32 = b::iommu_veventq_type_IOMMU_VEVENTQ_TYPE_DEFAULT;
+/// `IOMMU_VEVENTQ_TYPE_ARM_SMMUV3`: [`IommuVeventArmSmmuv3`] events.
+pub const IOMMU_VEVENTQ_TYPE_ARM_SMMUV3: u32 = b::iommu_veventq_type_IOMMU_VEVENTQ_TYPE_ARM_SMMUV3;
+/// `IOMMU_VEVENTQ_FLAG_LOST_EVENTS`: a header with no event after it: events were lost.
+pub const IOMMU_VEVENTQ_FLAG_LOST_EVENTS: u32 =
+    b::iommu_veventq_flag_IOMMU_VEVENTQ_FLAG_LOST_EVENTS;
 /// `IOMMU_HW_INFO_TYPE_ARM_SMMUV3`: [`IommuHwInfoArmSmmuv3`] data.
 pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = b::iommu_hw_info_type_IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
 
@@ -361,6 +371,27 @@ wire_fields!(IommuVdeviceAlloc {
     out_vdevice_id: u32,
     virt_id: u64
 });
+/// `struct iommu_veventq_alloc`.
+pub type IommuVeventqAlloc = b::iommu_veventq_alloc;
+wire_fields!(IommuVeventqAlloc {
+    size: u32,
+    flags: u32,
+    viommu_id: u32,
+    type_: u32,
+    veventq_depth: u32,
+    out_veventq_id: u32,
+    out_veventq_fd: u32,
+    __reserved: u32
+});
+/// `struct iommufd_vevent_header`: before each event read from a vEVENT queue.
+pub type IommufdVeventHeader = b::iommufd_vevent_header;
+wire_fields!(IommufdVeventHeader {
+    flags: u32,
+    sequence: u32
+});
+/// `struct iommu_vevent_arm_smmuv3`: an SMMUv3 event record, StreamID = the vSID.
+pub type IommuVeventArmSmmuv3 = b::iommu_vevent_arm_smmuv3;
+wire_fields!(IommuVeventArmSmmuv3 { evt: [u64; 4] });
 /// `struct iommu_fault_alloc`.
 pub type IommuFaultAlloc = b::iommu_fault_alloc;
 wire_fields!(IommuFaultAlloc {
@@ -545,6 +576,8 @@ pub const UCMD_FAULT_QUEUE_ALLOC: Ucmd =
 pub const UCMD_VIOMMU_ALLOC: Ucmd = ucmd!(IOMMU_VIOMMU_ALLOC, IommuViommuAlloc, out_viommu_id: u32);
 /// `IOMMU_VDEVICE_ALLOC`, minimum up to `virt_id`.
 pub const UCMD_VDEVICE_ALLOC: Ucmd = ucmd!(IOMMU_VDEVICE_ALLOC, IommuVdeviceAlloc, virt_id: u64);
+/// `IOMMU_VEVENTQ_ALLOC`, minimum up to `__reserved`.
+pub const UCMD_VEVENTQ_ALLOC: Ucmd = ucmd!(IOMMU_VEVENTQ_ALLOC, IommuVeventqAlloc, __reserved: u32);
 
 impl Ucmd {
     /// Copies the argument in as `iommufd_fops_ioctl` does: `-EFAULT` when the buffer
@@ -629,6 +662,7 @@ mod tests {
         assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
         assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
         assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
+        assert_eq!(IOMMU_VEVENTQ_ALLOC, 0x3b93);
         assert_eq!(VFIO_DEVICE_BIND_IOMMUFD, 15222);
         assert_eq!(VFIO_DEVICE_ATTACH_IOMMUFD_PT, 0x3b77);
         assert_eq!(VFIO_DEVICE_DETACH_IOMMUFD_PT, 0x3b78);
@@ -653,6 +687,7 @@ mod tests {
             (UCMD_HWPT_GET_DIRTY_BITMAP, 48, 48),
             (UCMD_VIOMMU_ALLOC, 40, 24),
             (UCMD_VDEVICE_ALLOC, 24, 24),
+            (UCMD_VEVENTQ_ALLOC, 32, 32),
         ];
         for (u, size, min) in rows {
             assert_eq!((u.size, u.min_size), (size, min), "{}", u.name);

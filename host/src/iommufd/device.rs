@@ -18,6 +18,7 @@ use vsva_vtd::SourceId;
 
 use super::fault::FaultFile;
 use super::smmu::SmmuIommufdFile;
+use super::vevent::VeventqFile;
 use super::{IommufdError, IommufdFile};
 use crate::driver::HostIommu;
 use crate::smmu::SmmuHost;
@@ -66,6 +67,7 @@ enum Open {
     Iommufd(Arc<IommufdFile>),
     Smmu(Arc<SmmuIommufdFile>),
     Fault(Arc<FaultFile>),
+    Vevent(Arc<VeventqFile>),
 }
 
 /// A process's open `/dev/iommu` files and fault queue files, by fd number.
@@ -99,9 +101,22 @@ impl Iommufds {
 
     /// Opens `/dev/iommu` on the SMMU `smmu`: the lowest free fd number from 3 and the
     /// file.
-    pub fn open_smmu(&self, smmu: &Arc<SmmuHost>) -> (i32, Arc<SmmuIommufdFile>) {
-        let file = SmmuIommufdFile::open(smmu);
+    pub fn open_smmu(self: &Arc<Self>, smmu: &Arc<SmmuHost>) -> (i32, Arc<SmmuIommufdFile>) {
+        let file = SmmuIommufdFile::open_in(smmu, Arc::downgrade(self));
         (self.install(Open::Smmu(file.clone())), file)
+    }
+
+    /// Installs a vEVENT queue file; its fd number.
+    pub(crate) fn install_veventq(&self, file: Arc<VeventqFile>) -> i32 {
+        self.install(Open::Vevent(file))
+    }
+
+    /// The vEVENT queue file open at `fd`.
+    pub fn veventq(&self, fd: i32) -> Option<Arc<VeventqFile>> {
+        match lock(&self.files).get(&fd) {
+            Some(Open::Vevent(f)) => Some(f.clone()),
+            _ => None,
+        }
     }
 
     /// Installs a fault queue file; its fd number.

@@ -22,6 +22,7 @@ mod inval;
 pub mod iopt;
 pub mod smmu;
 mod user;
+pub mod vevent;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};

@@ -13,15 +13,18 @@
 //!   abort, bypass or stage-1 translate, S1ContextPtr as an IPA, S1CDMax, S1Fmt, S1DSS,
 //!   cache attributes, EATS); attaching it writes the physical STE: stage 2 from the
 //!   parent, stage 1 from the guest's CD table walked through stage 2;
-//! - device: bound through its VFIO cdev ([`super::device::VfioDeviceFile`]).
+//! - device: bound through its VFIO cdev ([`super::device::VfioDeviceFile`]);
+//! - vEVENT queue (`IOMMU_VEVENTQ_TYPE_ARM_SMMUV3`): the file a vIOMMU's events go to,
+//!   each SMMU event record of a stream attached to a nested HWPT of the vIOMMU with a
+//!   vDEVICE (other than stage-2 faults and stalls), its StreamID replaced by the vSID.
 //!
 //! `IOMMU_DESTROY` of a referenced object is EBUSY; every ioctl checks before its first
 //! change, so a refused one changes nothing. Not served on this file (ENOTTY):
-//! IOAS_COPY, IOAS_IOVA_RANGES, IOAS_ALLOW_IOVAS, IOAS_MAP_FILE, dirty tracking, fault and
-//! vEVENT queues.
+//! IOAS_COPY, IOAS_IOVA_RANGES, IOAS_ALLOW_IOVAS, IOAS_MAP_FILE, dirty tracking, fault
+//! queues.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use vsva_smmuv3::regs::offset;
 use vsva_smmuv3::{Cmd, Config, Features, Ste};
@@ -30,12 +33,13 @@ use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
 use vsva_vtd::{Iova, SourceId};
 
-use super::device::BindTarget;
+use super::device::{BindTarget, Iommufds};
 use super::iopt::{self, Area, Iopt};
 use super::user::{copy_from_user, copy_to_user, for_each_user_entry, UserArray};
+use super::vevent::VeventqFile;
 use super::IommufdError;
 use crate::container::IommuBackend;
-use crate::smmu::{SmmuDomain, SmmuHost, IPA_BITS};
+use crate::smmu::{SmmuDomain, SmmuHost, VeventSink, IPA_BITS};
 
 /// A paging HWPT: a stage-2 domain holding its IOAS's mappings.
 #[derive(Debug)]
@@ -51,6 +55,29 @@ struct HwptPaging {
 #[derive(Debug)]
 struct Viommu {
     parent: u32,
+    events: Arc<ViommuEvents>,
+}
+
+/// Where a vIOMMU's events go: its vEVENT queue, when it has one.
+#[derive(Debug, Default)]
+struct ViommuEvents {
+    queue: Mutex<Option<Arc<VeventqFile>>>,
+}
+
+impl ViommuEvents {
+    fn set(&self, queue: Option<Arc<VeventqFile>>) {
+        *self.queue.lock().unwrap_or_else(PoisonError::into_inner) = queue;
+    }
+}
+
+impl VeventSink for ViommuEvents {
+    /// `iommufd_viommu_report_event`: into the vEVENT queue, or nowhere without one.
+    fn report(&self, record: [u64; 4]) {
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(q) = queue.as_ref() {
+            q.report(&IommuVeventArmSmmuv3 { evt: record }.to_bytes());
+        }
+    }
 }
 
 /// A vDEVICE: `dev`'s virtual StreamID in `viommu`.
@@ -86,6 +113,7 @@ enum Object {
     HwptNested(HwptNested),
     Viommu(Viommu),
     Vdevice(Vdevice),
+    Veventq { viommu: u32 },
     Device(Device),
 }
 
@@ -97,6 +125,7 @@ impl Object {
             Object::HwptNested(_) => "nested HWPT",
             Object::Viommu(_) => "vIOMMU",
             Object::Vdevice(_) => "vDEVICE",
+            Object::Veventq { .. } => "vEVENT queue",
             Object::Device(_) => "device",
         }
     }
@@ -137,6 +166,11 @@ pub enum SmmuObjectState {
         /// The virtual StreamID.
         virt_id: u64,
     },
+    /// A vEVENT queue of a vIOMMU.
+    Veventq {
+        /// The vIOMMU.
+        viommu: u32,
+    },
     /// A device and the HWPT of its STE.
     Device {
         /// Its StreamID.
@@ -151,6 +185,8 @@ pub enum SmmuObjectState {
 pub struct SmmuCtx {
     smmu: Arc<SmmuHost>,
     objects: BTreeMap<u32, Object>,
+    /// The fd table vEVENT queue files are installed in.
+    fds: Weak<Iommufds>,
 }
 
 /// The handler of one ioctl.
@@ -287,6 +323,10 @@ impl SmmuCtx {
             ucmd: UCMD_VDEVICE_ALLOC,
             handler: SmmuCtx::do_vdevice_alloc,
         },
+        IoctlOp {
+            ucmd: UCMD_VEVENTQ_ALLOC,
+            handler: SmmuCtx::do_veventq_alloc,
+        },
     ];
 
     /// Performs one ioctl on its argument bytes.
@@ -317,6 +357,7 @@ impl SmmuCtx {
                         vste: n.vste,
                     },
                     Object::Viommu(v) => SmmuObjectState::Viommu { parent: v.parent },
+                    Object::Veventq { viommu } => SmmuObjectState::Veventq { viommu: *viommu },
                     Object::Vdevice(v) => SmmuObjectState::Vdevice {
                         viommu: v.viommu,
                         dev: v.dev,
@@ -389,6 +430,7 @@ impl SmmuCtx {
                 Object::HwptPaging(h) => h.ioas == id,
                 Object::Viommu(v) => v.parent == id,
                 Object::Vdevice(v) => v.viommu == id,
+                Object::Veventq { viommu } => *viommu == id,
                 Object::HwptNested(n) => n.viommu == id,
                 Object::Device(d) => d.hwpt == Some(id),
                 Object::Ioas(_) => false,
@@ -432,13 +474,94 @@ impl SmmuCtx {
         Ok(())
     }
 
-    /// Removes an object no other references (a paging HWPT's reservation goes with it).
+    /// Removes an object no other references (a paging HWPT's reservation goes with it, a
+    /// vEVENT queue leaves its vIOMMU, a vDEVICE's stream stops reporting to it).
     fn remove_object(&mut self, id: u32) {
-        if let Some(Object::HwptPaging(h)) = self.objects.remove(&id) {
-            if let Ok(iopt) = self.iopt_mut(h.ioas) {
-                iopt.unreserve(id);
+        match self.objects.remove(&id) {
+            Some(Object::HwptPaging(h)) => {
+                if let Ok(iopt) = self.iopt_mut(h.ioas) {
+                    iopt.unreserve(id);
+                }
             }
+            Some(Object::Veventq { viommu }) => {
+                if let Some(Object::Viommu(v)) = self.objects.get(&viommu) {
+                    v.events.set(None);
+                }
+            }
+            Some(Object::Vdevice(v)) => self.update_vmaster(v.dev),
+            _ => {}
         }
+    }
+
+    /// Points the SMMU's event reporting for device `dev_id`'s stream at the vIOMMU of its
+    /// nested HWPT, with its vSID, when it has a vDEVICE there; clears it otherwise.
+    fn update_vmaster(&self, dev_id: u32) {
+        let Ok(dev) = self.device(dev_id) else {
+            return;
+        };
+        let vmaster = dev.hwpt.and_then(|h| {
+            let Some(Object::HwptNested(n)) = self.objects.get(&h) else {
+                return None;
+            };
+            let Some(Object::Viommu(viommu)) = self.objects.get(&n.viommu) else {
+                return None;
+            };
+            self.objects.values().find_map(|o| match o {
+                Object::Vdevice(v) if v.viommu == n.viommu && v.dev == dev_id => {
+                    let sink: Arc<dyn VeventSink> = viommu.events.clone();
+                    Some((sink, v.virt_id as u32))
+                }
+                _ => None,
+            })
+        });
+        self.smmu.set_vmaster(dev.sid, vmaster);
+    }
+
+    /// `IOMMU_VEVENTQ_ALLOC` (`iommufd_veventq_alloc`): flags and reserved 0 and a type
+    /// other than DEFAULT (EOPNOTSUPP; ARM_SMMUV3 the only one served), a depth (EINVAL for
+    /// 0), a vIOMMU (ENOENT) without a queue of that type (EEXIST); the queue's file is
+    /// installed in the process's fd table (EMFILE for a file opened outside one).
+    fn do_veventq_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_veventq_alloc";
+        let mut cmd: IommuVeventqAlloc = u.copy_in(arg)?;
+        if cmd.flags != 0 || cmd.__reserved != 0 || cmd.type_ == IOMMU_VEVENTQ_TYPE_DEFAULT {
+            return Err(IommufdError::not_supported(WHAT, "flags, reserved or type"));
+        }
+        if cmd.type_ != IOMMU_VEVENTQ_TYPE_ARM_SMMUV3 {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                format!("vEVENT queue type {}", cmd.type_),
+            ));
+        }
+        if cmd.veventq_depth == 0 {
+            return Err(IommufdError::invalid(WHAT, "depth 0"));
+        }
+        let Some(Object::Viommu(viommu)) = self.objects.get(&cmd.viommu_id) else {
+            return Err(no_object(cmd.viommu_id, "vIOMMU"));
+        };
+        let events = viommu.events.clone();
+        let taken = self
+            .objects
+            .values()
+            .any(|o| matches!(o, Object::Veventq { viommu } if *viommu == cmd.viommu_id));
+        if taken {
+            return Err(IommufdError::Exists("vEVENT queue of the type"));
+        }
+        let fds = self.fds.upgrade().ok_or(IommufdError::NoFd)?;
+        let id = self.next_id()?;
+        let file = VeventqFile::new(cmd.veventq_depth);
+        let fd = fds.install_veventq(file.clone());
+        events.set(Some(file));
+        self.objects.insert(
+            id,
+            Object::Veventq {
+                viommu: cmd.viommu_id,
+            },
+        );
+        cmd.out_veventq_id = id;
+        cmd.out_veventq_fd = fd as u32;
+        u.respond(&cmd, arg);
+        Ok(())
     }
 
     /// `IOMMU_IOAS_ALLOC`: flags must be 0 (EOPNOTSUPP).
@@ -711,6 +834,7 @@ impl SmmuCtx {
             id,
             Object::Viommu(Viommu {
                 parent: cmd.hwpt_id,
+                events: Arc::default(),
             }),
         );
         cmd.out_viommu_id = id;
@@ -1034,6 +1158,7 @@ impl SmmuCtx {
         if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
             d.hwpt = Some(hwpt);
         }
+        self.update_vmaster(dev_id);
         if let Some(o) = old.filter(|&o| o != hwpt) {
             self.drop_auto(o);
         }
@@ -1104,6 +1229,7 @@ impl SmmuCtx {
             if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
                 d.hwpt = None;
             }
+            self.update_vmaster(dev_id);
             if let Some(o) = old {
                 self.drop_auto(o);
             }
@@ -1133,6 +1259,7 @@ impl SmmuCtx {
         if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
             d.hwpt = None;
         }
+        self.update_vmaster(dev_id);
         self.drop_auto(h);
         Ok(())
     }
@@ -1160,12 +1287,19 @@ pub struct SmmuIommufdFile {
 }
 
 impl SmmuIommufdFile {
-    /// Opens `/dev/iommu` on the SMMU `smmu`.
+    /// Opens `/dev/iommu` on the SMMU `smmu`, outside any fd table (it cannot hand out
+    /// vEVENT queue fds: `IOMMU_VEVENTQ_ALLOC` is EMFILE).
     pub fn open(smmu: &Arc<SmmuHost>) -> Arc<Self> {
+        Self::open_in(smmu, Weak::new())
+    }
+
+    /// Opens `/dev/iommu` on the SMMU `smmu` in the fd table `fds`.
+    pub(crate) fn open_in(smmu: &Arc<SmmuHost>, fds: Weak<Iommufds>) -> Arc<Self> {
         Arc::new(SmmuIommufdFile {
             ctx: Mutex::new(SmmuCtx {
                 smmu: smmu.clone(),
                 objects: BTreeMap::new(),
+                fds,
             }),
         })
     }

@@ -21,6 +21,7 @@ mod unit;
 
 pub use domain::{SmmuDomain, IPA_BITS, TLBI_RANGE_LIMIT};
 pub use irq::{IrqStats, IRQ_JOIN_TIMEOUT, MSI_DOORBELL};
+pub(crate) use unit::VeventSink;
 pub use unit::{HostDma, HwRegisters, SmmuHost};
 
 use crate::error::HostError;

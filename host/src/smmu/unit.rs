@@ -51,6 +51,12 @@ impl DmaAlloc for HostDma {
 /// The shared driver as the host instantiates it.
 pub(crate) type Driver = SmmuDriver<HwRegisters, Arc<HostMemory>, HostDma>;
 
+/// Where the events of a stream nested under a vIOMMU go (`struct arm_smmu_vmaster`).
+pub(crate) trait VeventSink: Send + Sync + std::fmt::Debug {
+    /// Reports an event record whose StreamID is already the vSID.
+    fn report(&self, record: [u64; 4]);
+}
+
 /// What the SMMU's domains share.
 #[derive(Debug, Default)]
 struct HostState {
@@ -60,6 +66,8 @@ struct HostState {
     owners: BTreeMap<u32, u16>,
     /// Each domain's fault sink, by VMID.
     sinks: BTreeMap<u16, FaultSink>,
+    /// The vIOMMU event sink and vSID of each stream nested under a vIOMMU.
+    vmasters: BTreeMap<u32, (Arc<dyn VeventSink>, u32)>,
 }
 
 /// One physical SMMU.
@@ -190,14 +198,30 @@ impl SmmuHost {
         s.owners.get(&sid).and_then(|v| s.sinks.get(v)).cloned()
     }
 
+    /// Sets (or clears) where the events of stream `sid` go as a vIOMMU's, with its vSID
+    /// (`arm_smmu_attach_commit_vmaster`).
+    pub(crate) fn set_vmaster(&self, sid: u32, vmaster: Option<(Arc<dyn VeventSink>, u32)>) {
+        let mut s = self.state();
+        match vmaster {
+            Some(v) => s.vmasters.insert(sid, v),
+            None => s.vmasters.remove(&sid),
+        };
+    }
+
+    fn vmaster_of(&self, sid: u32) -> Option<(Arc<dyn VeventSink>, u32)> {
+        self.state().vmasters.get(&sid).cloned()
+    }
+
     pub(crate) fn set_sink(&self, vmid: u16, sink: FaultSink) {
         self.state().sinks.insert(vmid, sink);
     }
 
     /// Serves both queues and GERROR once, as the interrupt thread does when all three
     /// MSIs arrived (for an owner that polls instead): the event queue handler
-    /// (`arm_smmu_evtq_thread`): each record is logged, and the guest's own faults (see
-    /// `event::guest_fault`) go to the container as `IOMMU_FAULT_DMA_UNRECOV` records; then
+    /// (`arm_smmu_evtq_thread`): each record is logged; a stream nested under a vIOMMU
+    /// gets its records that are not stage 2's nor stalls in the vIOMMU's vEVENT queue,
+    /// with its vSID; otherwise the guest's own faults (see `event::guest_fault`) go to the
+    /// container as `IOMMU_FAULT_DMA_UNRECOV` records; then
     /// global errors are handled; then the PRI queue handler (`arm_smmu_priq_thread` with
     /// the nested series' fault reporting): each page request of a stream a domain holds
     /// goes to that domain's container as an `iommu_fault` page request (PASID =
@@ -224,6 +248,12 @@ impl SmmuHost {
             .events(events.records.len(), events.overflowed);
         for e in &events.records {
             tracing::debug!(?e, "smmuv3: event");
+            if !e.stall && !e.s2 {
+                if let Some((sink, vsid)) = self.vmaster_of(e.sid) {
+                    sink.report(vevent(e, vsid));
+                    continue;
+                }
+            }
             let Some(fault) = super::event::guest_fault(e) else {
                 continue;
             };
@@ -368,4 +398,19 @@ impl Drop for SmmuHost {
             tracing::error!("smmuv3: {e}");
         }
     }
+}
+
+/// The record a vIOMMU gets for `event` of one of its streams (`arm_vmaster_report_event`):
+/// the StreamID replaced by the vSID. The fetch address of F_WALK_EABT and F_CD_FETCH is
+/// a host physical address, which a VM must not learn: it goes out as zero.
+fn vevent(event: &vsva_smmuv3::Event, vsid: u32) -> [u64; 4] {
+    use vsva_smmuv3::EventType;
+    let mut e = vsva_smmuv3::Event {
+        sid: vsid,
+        ..*event
+    };
+    if matches!(e.event_type, EventType::WalkEabt | EventType::CdFetch) {
+        e.addr2 = 0;
+    }
+    e.encode()
 }
