@@ -24,8 +24,8 @@ use vsva_uapi::{
     PageResponseCode, PasidConfig, PasidTableConfig, UnrecoverableFault, UnrecoverableReason,
 };
 use vsva_vmm::{
-    vsmmu::host_invalidation, HostCall, HostConfig, HostPasidTable, HostSva, PasidSource,
-    PriOutcome, VSmmu, VSmmuConfig, VSmmuError,
+    host_invalidation, HostCall, HostConfig, HostPasidTable, HostSva, PasidSource, PriOutcome,
+    VSmmu, VSmmuConfig, VSmmuError,
 };
 use vsva_vtd::{Gpa, Pasid, PhysMem, SourceId};
 

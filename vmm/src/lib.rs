@@ -19,7 +19,7 @@
 //! Unrecoverable faults the host reports are recorded in the guest's fault recording
 //! registers ([`VIommu::inject_host_fault`]).
 //!
-//! [`vsmmu::VSmmu`] is the arm64 counterpart: a virtual SMMUv3 whose guest owns its
+//! [`VSmmu`] is the arm64 counterpart: a virtual SMMUv3 whose guest owns its
 //! context descriptor tables; a guest STE translating with stage 1 becomes
 //! `VFIO_IOMMU_ATTACH_PASID_TABLE` ([`HostPasidTable`]).
 
@@ -35,7 +35,7 @@ mod space;
 mod stats;
 mod translate;
 mod viommu;
-pub mod vsmmu;
+mod vsmmu;
 
 pub use config::{VIommuConfig, PASID_BITS};
 pub use error::{HostCall, HostCallError, VIommuError};
@@ -49,5 +49,6 @@ pub use stats::VIommuStats;
 pub use translate::GpaTranslation;
 pub use viommu::{GuestRam, InterruptHandler, VIommu};
 pub use vsmmu::{
-    HostConfig, PriOutcome, SmmuInterruptHandler, VSmmu, VSmmuConfig, VSmmuError, VSmmuStats,
+    host_invalidation, HostConfig, PriOutcome, SmmuInterruptHandler, VSmmu, VSmmuConfig,
+    VSmmuError, VSmmuStats,
 };
