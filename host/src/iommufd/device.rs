@@ -136,7 +136,7 @@ impl Iommufds {
         match lock(&self.files).get(&fd) {
             Some(Open::Iommufd(f)) => Ok(f.clone()),
             Some(Open::Smmu(f)) => Ok(f.clone()),
-            Some(Open::Fault(_)) => Err(IommufdError::NotIommufd(fd)),
+            Some(Open::Fault(_) | Open::Vevent(_)) => Err(IommufdError::NotIommufd(fd)),
             None => Err(IommufdError::BadFd(fd)),
         }
     }
