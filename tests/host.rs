@@ -6,7 +6,6 @@
 //! Client processes are this test binary run again with `VSVA_TEST_CLIENT` set: the
 //! `client_process` test then plays the client instead of testing.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,7 +20,10 @@ use vsva_uapi::{
 use vsva_vtd::{Gpa, Iova, Pasid};
 
 mod common;
-use common::{settle, start_host, stop, wait_exit, WAIT};
+#[path = "common/rerun.rs"]
+mod rerun;
+use common::{settle, start_host, stop, stop_clean, wait_exit};
+use rerun::spawn_ready;
 
 const RAM: u64 = 4 << 20;
 /// Memory of each `vsva host` these tests start.
@@ -116,34 +118,7 @@ fn client_process() {
 
 /// Starts a client process on `path` and waits (bounded) until it is ready.
 fn spawn_client(path: &Path) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "client_process",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("VSVA_TEST_CLIENT", path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines() {
-            // libtest prints "test client_process ... " before the test's own output.
-            if line.is_ok_and(|l| l.trim_end().ends_with("ready")) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(WAIT).is_err() {
-        let _ = child.kill();
-        panic!("the client never got ready");
-    }
-    child
+    spawn_ready("client_process", "VSVA_TEST_CLIENT", path, Stdio::piped())
 }
 
 #[test]
@@ -176,9 +151,7 @@ fn a_killed_client_loses_exactly_its_own_state_and_the_host_serves_on() {
     drop(live);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 #[test]
@@ -226,9 +199,7 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
     drop((greedy, third));
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    let report = stop_clean(host);
     assert!(!report.contains(" 0 refused"), "{report}");
 }
 
@@ -374,9 +345,7 @@ fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
     (&good).unbind_gpasid(&bind_data(p)).unwrap();
     (&good).pasid_free(p).unwrap();
     drop(good);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 #[test]
@@ -422,9 +391,7 @@ fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
     );
     assert!(text.contains("allocated PASID"), "{text}");
     assert!(text.trim_end().ends_with("ok"), "{text}");
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 /// The guest's view of the vIOMMU's registers (an MMIO BAR trapped to the VMM).
@@ -558,9 +525,7 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
     drop(file);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 /// The iommufd selftest's sequences that need no mock driver, over a real `vsva host`

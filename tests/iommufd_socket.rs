@@ -13,7 +13,7 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -27,7 +27,10 @@ use vsva_vtd::{
 };
 
 mod common;
-use common::{settle, start_host, stop, wait_exit, WAIT};
+#[path = "common/rerun.rs"]
+mod rerun;
+use common::{settle, start_host, stop_clean, wait_exit, WAIT};
+use rerun::spawn_ready;
 
 const RAM: u64 = 4 << 20;
 const HOST_MEMORY: &str = "256M";
@@ -352,9 +355,7 @@ fn a_page_request_round_trip_through_the_passed_fault_fd() {
     assert_eq!(rustix::io::read(&queue_fd, &mut [0u8; RECORD]), Ok(0));
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 /// The client process: sets up the fault queue, leaves its device waiting on a page
@@ -374,34 +375,12 @@ fn fault_client_process() {
 }
 
 fn spawn_fault_client(path: &Path) -> Child {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fault_client_process",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("VSVA_TEST_FAULT_CLIENT", path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines() {
-            if line.is_ok_and(|l| l.trim_end().ends_with("ready")) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(WAIT).is_err() {
-        let _ = child.kill();
-        panic!("the fault client never got ready");
-    }
-    child
+    spawn_ready(
+        "fault_client_process",
+        "VSVA_TEST_FAULT_CLIENT",
+        path,
+        Stdio::inherit(),
+    )
 }
 
 /// A client killed with its fault fd open and a page request group unanswered: the host
@@ -419,9 +398,7 @@ fn a_client_killed_with_an_open_fault_fd_is_cleaned_up() {
     wait_exit(&mut child);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 /// Bytes of each memfd `IOMMU_IOAS_MAP_FILE` is given.
@@ -628,7 +605,5 @@ fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
     drop(ram);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }

@@ -13,7 +13,7 @@ use vsva_testbed::demo::{self, DemoOptions, VmReport};
 use vsva_testbed::stack::Uapi;
 
 mod common;
-use common::{settle, start_host, stop, wait_exit, WAIT};
+use common::{settle, start_host, stop_clean, wait_exit, WAIT};
 
 /// A `vsva vm` process with its stdout read line by line on a thread.
 struct VmProcess {
@@ -146,9 +146,7 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
     // The VM's exit left the host as it was.
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }
 
 #[test]
@@ -332,7 +330,5 @@ fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_s
     assert_eq!(report.munmap_faults, 2);
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
-    let (ok, report) = stop(host);
-    assert!(ok, "{report}");
-    assert!(report.contains("nothing left behind"), "{report}");
+    stop_clean(host);
 }

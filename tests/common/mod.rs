@@ -1,6 +1,6 @@
 //! The `vsva host` process of the tests that run real processes (`tests/host.rs`,
-//! `tests/vm.rs`): [`vsva_service::HostProcess`] on this build's binary, and the bounded
-//! waits these tests share.
+//! `tests/vm.rs`, `tests/iommufd_socket.rs`): [`vsva_service::HostProcess`] on this
+//! build's binary, and the bounded waits these tests share.
 
 use std::path::Path;
 use std::process::{Child, ExitStatus};
@@ -25,6 +25,15 @@ pub fn start_host(name: &str, memory: &str, args: &[&str]) -> HostProcess {
 pub fn stop(host: HostProcess) -> (bool, String) {
     let exit = host.stop().unwrap_or_else(|e| panic!("{e}"));
     (exit.success(), exit.report)
+}
+
+/// Stops the host and asserts it exited successfully with nothing left behind; returns
+/// its report.
+pub fn stop_clean(host: HostProcess) -> String {
+    let (ok, report) = stop(host);
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+    report
 }
 
 /// Waits (bounded) for `child` to exit.
