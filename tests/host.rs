@@ -23,6 +23,8 @@ mod common;
 #[path = "common/rerun.rs"]
 mod rerun;
 use common::{settle, start_host, stop, stop_clean, wait_exit};
+#[path = "common/iommufd.rs"]
+mod iommufd;
 use rerun::spawn_ready;
 
 const RAM: u64 = 4 << 20;
@@ -538,38 +540,22 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
 /// memory EFAULT, and the connection's close releasing everything.
 #[test]
 fn iommufd_over_the_socket_runs_the_selftest_sequence() {
+    use iommufd::{attach_pt, connect, destroy, fill_iova, io, ioas_alloc};
     use vm_memory::{Bytes, GuestAddress};
-    use vsva_service::protocol::FILE_IOMMUFD;
     use vsva_uapi::iommufd::*;
     use vsva_uapi::wire::{read_prefix, Wire};
     use vsva_uapi::UapiFile;
 
-    fn io<T: Wire>(f: &RemoteFile, cmd: u32, v: &T) -> Result<T, Errno> {
-        let mut b = v.to_bytes();
-        f.ioctl(cmd, &mut b)?;
-        Ok(read_prefix(&b, b.len()))
-    }
     let host = start_host("iommufd", HOST_MEMORY, &[]);
     let (probe, empty) = host.probe().unwrap();
-    let f = RemoteFile::connect_kind(host.socket(), FILE_IOMMUFD).unwrap();
-    let ram = SharedRam::new(RAM).unwrap();
-    ram.share(&f).unwrap();
+    let (f, ram) = connect(host.socket(), RAM);
     let scratch = RAM - 4096;
     let uscratch = ram.addr() + scratch;
     let (sid, dev_id) = f.device_add_bound().unwrap();
     assert!(dev_id != 0 && sid.rid() >= 0x100);
     assert_eq!(f.device_add_bound(), Err(Errno::EEXIST));
 
-    let ioas = io(
-        &f,
-        IOMMU_IOAS_ALLOC,
-        &IommuIoasAlloc {
-            size: 12,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .out_ioas_id;
+    let ioas = ioas_alloc(&f);
     // IOVA_RANGES: the count probe with no array, then the array in the VMM's memory.
     let mut r = IommuIoasIovaRanges {
         size: 32,
@@ -691,23 +677,8 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
     )
     .unwrap()
     .out_hwpt_id;
-    let attach = VfioDeviceAttachIommufdPt {
-        argsz: 16,
-        flags: 0,
-        pt_id: parent,
-        pasid: 0,
-    };
-    assert_eq!(
-        io(&f, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &attach)
-            .unwrap()
-            .pt_id,
-        parent
-    );
-    let destroy = IommuDestroy {
-        size: 8,
-        id: parent,
-    };
-    assert_eq!(io(&f, IOMMU_DESTROY, &destroy), Err(Errno::EBUSY));
+    assert_eq!(attach_pt(&f, 0, parent, 0).unwrap().pt_id, parent);
+    assert_eq!(destroy(&f, parent), Err(Errno::EBUSY));
     // Invalidating a paging HWPT is EINVAL, the probe of a nested type is not reached.
     let inv = IommuHwptInvalidate {
         size: 32,
@@ -726,19 +697,7 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
     assert_eq!(io(&f, IOMMU_HWPT_INVALIDATE, &far), Err(Errno::EFAULT));
 
     // The device's DMA goes through the IOAS into the VMM's memory.
-    let desc = vsva_hw::dma::Descriptor {
-        pasid: None,
-        privileged: false,
-        block_on_fault: false,
-        completion: vsva_hw::dma::CompletionRequest::None,
-        op: vsva_hw::dma::Operation::Fill {
-            pattern: 0x3c3c_3c3c_3c3c_3c3c,
-            dst: 0x20_0000,
-            size: 64,
-        },
-    };
-    f.device_write(0, &desc.encode()).unwrap();
-    f.device_run().unwrap();
+    fill_iova(&f, 0x20_0000, 0x3c3c_3c3c_3c3c_3c3c);
     let mut got = [0u8; 64];
     ram.mem
         .read_slice(&mut got, GuestAddress(0x20_0000))
@@ -764,7 +723,7 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
         pasid: 0,
     };
     io(&f, VFIO_DEVICE_DETACH_IOMMUFD_PT, &detach).unwrap();
-    io(&f, IOMMU_DESTROY, &destroy).unwrap();
+    destroy(&f, parent).unwrap();
     drop(f);
     drop(ram);
     let after = settle(&probe, empty);

@@ -17,7 +17,7 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
-use vsva_service::protocol::{HostState, FILE_IOMMUFD};
+use vsva_service::protocol::HostState;
 use vsva_service::{RemoteFile, SharedRam};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
@@ -30,6 +30,9 @@ mod common;
 #[path = "common/rerun.rs"]
 mod rerun;
 use common::{settle, start_host, stop_clean, wait_exit, WAIT};
+#[path = "common/iommufd.rs"]
+mod iommufd;
+use iommufd::{attach_pt, connect, destroy, fill_iova, io, ioas_alloc};
 use rerun::spawn_ready;
 
 const RAM: u64 = 4 << 20;
@@ -44,12 +47,6 @@ const GVA: u64 = 0x4000_0000;
 const TARGET: u64 = 0x20000;
 const PASID: u32 = 9;
 const RECORD: usize = std::mem::size_of::<IommuHwptPgfault>();
-
-fn io<T: Wire>(f: &dyn UapiFile, cmd: u32, v: &T) -> Result<T, Errno> {
-    let mut b = v.to_bytes();
-    f.ioctl(cmd, &mut b)?;
-    Ok(read_prefix(&b, b.len()))
-}
 
 struct GuestFrames(u64);
 
@@ -91,20 +88,9 @@ fn fault_alloc(f: &RemoteFile, flags: u32) -> Result<IommuFaultAlloc, Errno> {
 }
 
 fn vmm(path: &Path) -> Vmm {
-    let f = RemoteFile::connect_kind(path, FILE_IOMMUFD).unwrap();
-    let ram = SharedRam::new(RAM).unwrap();
-    ram.share(&f).unwrap();
+    let (f, ram) = connect(path, RAM);
     let (_, dev_id) = f.device_add_bound().unwrap();
-    let ioas = io(
-        &f,
-        IOMMU_IOAS_ALLOC,
-        &IommuIoasAlloc {
-            size: 12,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .out_ioas_id;
+    let ioas = ioas_alloc(&f);
     let rw = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
     io(
         &f,
@@ -133,17 +119,7 @@ fn vmm(path: &Path) -> Vmm {
     )
     .unwrap()
     .out_hwpt_id;
-    io(
-        &f,
-        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-        &VfioDeviceAttachIommufdPt {
-            argsz: 16,
-            flags: 0,
-            pt_id: parent,
-            pasid: 0,
-        },
-    )
-    .unwrap();
+    attach_pt(&f, 0, parent, 0).unwrap();
     let out = fault_alloc(&f, 0).unwrap();
     let queue_fd = f.take_fd(out.out_fault_fd as i32).expect("the fault fd");
     let queue: Arc<dyn UapiFile> = Arc::new(vsva_service::client::FaultQueueFd(
@@ -182,17 +158,7 @@ fn vmm(path: &Path) -> Vmm {
     )
     .unwrap()
     .out_hwpt_id;
-    io(
-        &f,
-        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-        &VfioDeviceAttachIommufdPt {
-            argsz: 16,
-            flags: VFIO_DEVICE_ATTACH_PASID,
-            pt_id: nested,
-            pasid: PASID,
-        },
-    )
-    .unwrap();
+    attach_pt(&f, VFIO_DEVICE_ATTACH_PASID, nested, PASID).unwrap();
     Vmm {
         f,
         ram,
@@ -270,31 +236,12 @@ fn a_page_request_round_trip_through_the_passed_fault_fd() {
     assert_eq!(fault_alloc(&v.f, 0).unwrap_err(), Errno::new(libc::EMFILE));
     // A destroyed queue's fd reads end-of-file; its room is free again.
     let gone = v.f.take_fd(extra[0].out_fault_fd as i32).unwrap();
-    io(
-        &v.f,
-        IOMMU_DESTROY,
-        &IommuDestroy {
-            size: 8,
-            id: extra[0].out_fault_id,
-        },
-    )
-    .unwrap();
+    destroy(&v.f, extra[0].out_fault_id).unwrap();
     assert!(readable(gone.as_fd()));
     assert_eq!(rustix::io::read(&gone, &mut [0u8; RECORD]), Ok(0));
     fault_alloc(&v.f, 0).unwrap();
     // A queue with a HWPT using it is busy.
-    assert_eq!(
-        io(
-            &v.f,
-            IOMMU_DESTROY,
-            &IommuDestroy {
-                size: 8,
-                id: v.fault_id
-            }
-        )
-        .unwrap_err(),
-        Errno::EBUSY
-    );
+    assert_eq!(destroy(&v.f, v.fault_id).unwrap_err(), Errno::EBUSY);
 
     let mut rec = [0u8; RECORD * 4];
     assert_eq!(v.queue.read(&mut rec).unwrap_err(), Errno::EAGAIN);
@@ -415,23 +362,6 @@ fn memfd(sealing: bool) -> std::fs::File {
     f
 }
 
-/// The device fills 64 bytes at `iova` (no PASID: through the IOAS).
-fn fill_iova(f: &RemoteFile, iova: u64, pattern: u64) {
-    let desc = vsva_hw::dma::Descriptor {
-        pasid: None,
-        privileged: false,
-        block_on_fault: false,
-        completion: vsva_hw::dma::CompletionRequest::None,
-        op: vsva_hw::dma::Operation::Fill {
-            pattern,
-            dst: iova,
-            size: 64,
-        },
-    };
-    f.device_write(0, &desc.encode()).unwrap();
-    f.device_run().unwrap();
-}
-
 /// MAP_FILE of the shared RAM memfd and of another memfd, each with the device's DMA
 /// landing in the file; every refusal leaves the host's STATE as it was; unmapped and
 /// closed, the host is as before.
@@ -439,31 +369,10 @@ fn fill_iova(f: &RemoteFile, iova: u64, pattern: u64) {
 fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
     let host = start_host("mapfile", "256M", &[]);
     let (probe, empty) = host.probe().unwrap();
-    let f = RemoteFile::connect_kind(host.socket(), FILE_IOMMUFD).unwrap();
-    let ram = SharedRam::new(RAM).unwrap();
-    ram.share(&f).unwrap();
+    let (f, ram) = connect(host.socket(), RAM);
     f.device_add_bound().unwrap();
-    let ioas = io(
-        &f,
-        IOMMU_IOAS_ALLOC,
-        &IommuIoasAlloc {
-            size: 12,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .out_ioas_id;
-    io(
-        &f,
-        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-        &VfioDeviceAttachIommufdPt {
-            argsz: 16,
-            flags: 0,
-            pt_id: ioas,
-            pasid: 0,
-        },
-    )
-    .unwrap();
+    let ioas = ioas_alloc(&f);
+    attach_pt(&f, 0, ioas, 0).unwrap();
     let rw = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
     let map = |fd: i32, start: u64, length: u64, iova: u64| IommuIoasMapFile {
         size: 40,
