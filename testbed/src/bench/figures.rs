@@ -168,8 +168,11 @@ figures! {
     HwInfoPairNs => "hw_info_pair_ns", Nanoseconds;
     /// `IOMMU_HWPT_INVALIDATE` of a nested HWPT carrying 1 stage-1 entry (one page).
     HwptInv1Ns => "hwpt_inv_1_ns", Nanoseconds;
-    /// The same carrying 64 entries (one page each).
+    /// The same carrying 64 entries (one page each), neighbouring pages: one block.
     HwptInv64Ns => "hwpt_inv_64_ns", Nanoseconds;
+    /// The same carrying 64 entries of every other page: 64 blocks, each a PASID-based
+    /// IOTLB and a device-TLB invalidation descriptor.
+    HwptInv64ScatteredNs => "hwpt_inv_64_scattered_ns", Nanoseconds;
     /// iommufd fault round trip: a device write to an unmapped page, its record read from
     /// the fault queue file, the page mapped, the response written, the retry landed.
     FaultRoundtripNs => "fault_roundtrip_ns", Nanoseconds;
@@ -372,6 +375,12 @@ pub const GOALS: &[Goal] = &[
     ratio(
         "HWPT_INVALIDATE 64 vs 1 entry",
         HwptInv64Ns,
+        HwptInv1Ns,
+        AtMost(4.0),
+    ),
+    ratio(
+        "HWPT_INVALIDATE 64 scattered vs 1 entry",
+        HwptInv64ScatteredNs,
         HwptInv1Ns,
         AtMost(4.0),
     ),

@@ -7,7 +7,8 @@
 //!   [`HwInfoPair`], two `IOMMU_GET_HW_INFO` calls: the same number of ioctls with no
 //!   hardware work.
 //! - [`HwptInvalidate`]: `IOMMU_HWPT_INVALIDATE` of 1 and of 64 stage-1 entries, each
-//!   against an IOTLB holding the pages it removes and others it must keep.
+//!   against an IOTLB holding the pages it removes and others it must keep; the 64 are
+//!   neighbouring pages (one block) or every other page (64 blocks: 128 descriptors).
 //! - [`FaultRoundTrip`]: a device write to a page the guest has not mapped, read from the
 //!   fault queue file, the page mapped and the response written, the retried write landed;
 //!   baseline [`ResidentFill`], the same write to a mapped page.
@@ -503,12 +504,13 @@ impl Workload for HwInfoPair<'_> {
 }
 
 /// One operation: an `IOMMU_HWPT_INVALIDATE` of the nested HWPT carrying `n` entries,
-/// one page each from `GVA`, timed alone. Before each call (untimed) every one of the
-/// `PAGES` pages is in the IOTLB; after it, each page it named must walk again (to the
-/// same host address) and every other page must still hit.
+/// one page each, every `stride`-th page from `GVA`, timed alone. Before each call
+/// (untimed) every one of the `PAGES` pages is in the IOTLB; after it, each page it named
+/// must walk again (to the same host address) and every other page must still hit.
 pub struct HwptInvalidate<'a> {
     vm: &'a IommufdVm,
     entries: u64,
+    stride: u64,
     arg: Vec<u8>,
     /// Every page's host address, from its first translation.
     hpa: Vec<u64>,
@@ -516,16 +518,16 @@ pub struct HwptInvalidate<'a> {
 }
 
 impl<'a> HwptInvalidate<'a> {
-    /// `entries` entries (1 to `PAGES`).
-    pub fn new(vm: &'a IommufdVm, entries: u64) -> Result<Self, BenchError> {
-        if entries == 0 || entries > PAGES {
+    /// `entries` entries, `stride` pages apart (all within the `PAGES` pages).
+    pub fn new(vm: &'a IommufdVm, entries: u64, stride: u64) -> Result<Self, BenchError> {
+        if entries == 0 || stride == 0 || (entries - 1).saturating_mul(stride) >= PAGES {
             return Err(BenchError::Check(format!(
-                "{entries} entries is not 1 to {PAGES}"
+                "{entries} entries {stride} pages apart do not fit in {PAGES} pages"
             )));
         }
         let list: Vec<_> = (0..entries)
             .map(|i| IommuHwptVtdS1Invalidate {
-                addr: GVA + i * PAGE_SIZE,
+                addr: GVA + i * stride * PAGE_SIZE,
                 npages: 1,
                 flags: 0,
                 __reserved: 0,
@@ -537,18 +539,20 @@ impl<'a> HwptInvalidate<'a> {
         Ok(HwptInvalidate {
             vm,
             entries,
+            stride,
             arg: vm.invalidate_arg(&list)?,
             hpa,
             overhead: timer_overhead(),
         })
     }
 
-    /// Checks every page translates to its address, walking if `i < walked` and hitting
-    /// the IOTLB otherwise (which leaves every page cached).
+    /// Checks every page translates to its address, walking if it is one of the first
+    /// `walked` pages named and hitting the IOTLB otherwise (which leaves every page
+    /// cached).
     fn expect(&self, walked: u64) -> Result<(), BenchError> {
         for (i, &hpa) in (0..PAGES).zip(&self.hpa) {
             let gva = GVA + i * PAGE_SIZE;
-            let want = if i < walked {
+            let want = if i % self.stride == 0 && i / self.stride < walked {
                 Source::Walk
             } else {
                 Source::Iotlb
@@ -726,16 +730,17 @@ mod tests {
                 .walks
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
-        for n in [1, BATCH] {
-            let mut w = HwptInvalidate::new(&vm, n).unwrap();
+        for (n, stride) in [(1, 1), (BATCH, 1), (BATCH, 2)] {
+            let mut w = HwptInvalidate::new(&vm, n, stride).unwrap();
             w.run(1).unwrap();
             let before = walks();
             w.run(2).unwrap();
             assert_eq!(walks() - before, 2 * n);
         }
-        assert!(HwptInvalidate::new(&vm, 0).is_err());
+        assert!(HwptInvalidate::new(&vm, 0, 1).is_err());
+        assert!(HwptInvalidate::new(&vm, BATCH, 3).is_err());
         // Claiming the 1-entry call removes two pages fails the check: the second hits.
-        let mut w = HwptInvalidate::new(&vm, 1).unwrap();
+        let mut w = HwptInvalidate::new(&vm, 1, 1).unwrap();
         w.run(1).unwrap();
         w.entries = 2;
         let e = w.expect(2).unwrap_err().to_string();

@@ -317,8 +317,9 @@ fn iommufd_nested_attach(
     Ok(())
 }
 
-/// iommufd: `HWPT_INVALIDATE` of 64 entries against 1; each call's check translates
-/// every cached page, so the sampling is shortened as for the type1 invalidations.
+/// iommufd: `HWPT_INVALIDATE` of 64 entries against 1, the 64 neighbouring pages (one
+/// block) and then every other page (64 blocks); each call's check translates every
+/// cached page, so the sampling is shortened as for the type1 invalidations.
 fn iommufd_invalidate(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let budget = SampleBudget {
         sample: budget.sample / 10,
@@ -326,12 +327,18 @@ fn iommufd_invalidate(budget: &SampleBudget, report: &mut BenchReport) -> Result
     };
     let vm = IommufdVm::new()?;
     let (n64, n1) = measure_pair(
-        &mut HwptInvalidate::new(&vm, BATCH)?,
-        &mut HwptInvalidate::new(&vm, 1)?,
+        &mut HwptInvalidate::new(&vm, BATCH, 1)?,
+        &mut HwptInvalidate::new(&vm, 1, 1)?,
+        &budget,
+    )?;
+    let (scattered, _) = measure_pair(
+        &mut HwptInvalidate::new(&vm, BATCH, 2)?,
+        &mut HwptInvalidate::new(&vm, 1, 1)?,
         &budget,
     )?;
     report.set(Figure::HwptInv1Ns, n1.spread());
     report.set(Figure::HwptInv64Ns, n64.spread());
+    report.set(Figure::HwptInv64ScatteredNs, scattered.spread());
     Ok(())
 }
 
@@ -518,7 +525,7 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
         ),
         probe(
             "iommufd-invalidate",
-            &[HwptInv1Ns, HwptInv64Ns],
+            &[HwptInv1Ns, HwptInv64Ns, HwptInv64ScatteredNs],
             iommufd_invalidate,
         ),
         probe(
