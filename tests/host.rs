@@ -205,6 +205,73 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
     assert!(!report.contains(" 0 refused"), "{report}");
 }
 
+/// The device's registers over DEVICE_REG_READ and DEVICE_REG_WRITE: none before
+/// DEVICE_ADD (ENODEV); after it, CAP reads what the engine offers, a DMA with a PASID the
+/// container never bound leaves its untranslatable completion record in SWERR0/SWERR1,
+/// refused writes (read-only bits, read-only or absent registers) change nothing, and
+/// SWERR0 is write-1-to-clear.
+#[test]
+fn the_device_registers_show_a_refused_dma_and_clear_as_the_hardware_does() {
+    use vsva_hw::dma::regs::{
+        CAP_PASID, REG_CAP, REG_SWERR0, REG_SWERR1, SWERR_OVERFLOW, SWERR_VALID,
+    };
+    use vsva_hw::dma::{CompletionStatus, SoftwareError};
+
+    let host = start_host("regs", HOST_MEMORY, &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let (file, ram) = vmm(host.socket());
+    assert_eq!(file.device_reg_read(REG_SWERR0), Err(Errno::ENODEV));
+    assert_eq!(
+        file.device_reg_write(REG_SWERR0, SWERR_VALID),
+        Err(Errno::ENODEV)
+    );
+    file.device_add().unwrap();
+    assert_ne!(file.device_reg_read(REG_CAP).unwrap() & CAP_PASID, 0);
+    assert_eq!(file.device_reg_read(REG_SWERR0), Ok(0));
+
+    // PASID 77 is no PASID of this container: the fill and its completion record fault.
+    let pasid = Pasid::new(77).unwrap();
+    let desc = vsva_hw::dma::Descriptor {
+        pasid: Some(pasid),
+        privileged: false,
+        block_on_fault: true,
+        completion: vsva_hw::dma::CompletionRequest::Always(0x1000),
+        op: vsva_hw::dma::Operation::Fill {
+            pattern: 0x5a,
+            dst: 0x40_0000,
+            size: 64,
+        },
+    };
+    file.device_write(0, &desc.encode()).unwrap();
+    assert_eq!(file.device_run(), Ok(0));
+    let w0 = file.device_reg_read(REG_SWERR0).unwrap();
+    let w1 = file.device_reg_read(REG_SWERR1).unwrap();
+    let err = SoftwareError::from_regs(w0, w1).expect("a software error");
+    assert_eq!(err.status, CompletionStatus::CompletionAddrTranslation);
+    assert_eq!((err.pasid, err.addr), (Some(pasid), 0x1000));
+
+    // Refused writes change nothing.
+    assert_eq!(
+        file.device_reg_write(REG_SWERR0, 1 << 8),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(file.device_reg_write(REG_SWERR1, 0), Err(Errno::EINVAL));
+    assert_eq!(file.device_reg_write(REG_CAP, 0), Err(Errno::EINVAL));
+    assert_eq!(file.device_reg_read(0x1000), Err(Errno::EINVAL));
+    assert_eq!(file.device_reg_read(REG_SWERR0), Ok(w0));
+    // Write 1 to clear.
+    file.device_reg_write(REG_SWERR0, SWERR_VALID | SWERR_OVERFLOW)
+        .unwrap();
+    assert_eq!(file.device_reg_read(REG_SWERR0), Ok(0));
+
+    drop((file, ram));
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let (ok, report) = stop(host);
+    assert!(ok, "{report}");
+    assert!(report.contains("nothing left behind"), "{report}");
+}
+
 #[test]
 fn the_socket_is_private_and_a_second_host_is_refused() {
     let host = start_host("private", HOST_MEMORY, &[]);

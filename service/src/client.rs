@@ -244,6 +244,25 @@ impl RemoteFile {
         self.simple(&Request::DeviceRun, &[])?.result
     }
 
+    /// Reads the device's 64-bit register at `offset` in its register BAR
+    /// (`DEVICE_REG_READ`).
+    pub fn device_reg_read(&self, offset: u64) -> Result<u64, Errno> {
+        let reply = self.simple(&Request::DeviceRegRead { offset }, &[])?;
+        reply
+            .data
+            .as_slice()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| Errno::EIO)
+    }
+
+    /// Writes `value` to the device's 64-bit register at `offset` in its register BAR
+    /// (`DEVICE_REG_WRITE`).
+    pub fn device_reg_write(&self, offset: u64, value: u64) -> Result<(), Errno> {
+        self.simple(&Request::DeviceRegWrite { offset, value }, &[])
+            .map(|_| ())
+    }
+
     /// Gives the host `eventfd` to add 1 to for each fault record it queues on this file
     /// (`SET_EVENTFD`), or with `None` takes the notifier away; for a VMM that polls the
     /// eventfd itself rather than through [`UapiFile::set_event_notifier`].

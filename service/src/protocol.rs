@@ -134,6 +134,10 @@ pub enum Kind {
     DeviceWrite = 9,
     /// Lets the device work through what was submitted.
     DeviceRun = 10,
+    /// Reads one of the device's 64-bit registers (BAR 0).
+    DeviceRegRead = 11,
+    /// Writes one of the device's 64-bit registers (BAR 0).
+    DeviceRegWrite = 12,
 }
 
 impl Kind {
@@ -150,6 +154,8 @@ impl Kind {
             8 => Kind::DeviceAdd,
             9 => Kind::DeviceWrite,
             10 => Kind::DeviceRun,
+            11 => Kind::DeviceRegRead,
+            12 => Kind::DeviceRegWrite,
             _ => return None,
         })
     }
@@ -203,6 +209,18 @@ pub enum Request<'a> {
     },
     /// `DEVICE_RUN`.
     DeviceRun,
+    /// `DEVICE_REG_READ` of the register at a BAR 0 offset.
+    DeviceRegRead {
+        /// Offset of the register.
+        offset: u64,
+    },
+    /// `DEVICE_REG_WRITE` of a value to the register at a BAR 0 offset.
+    DeviceRegWrite {
+        /// Offset of the register.
+        offset: u64,
+        /// The value written.
+        value: u64,
+    },
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -280,6 +298,13 @@ pub fn decode_request(frame: &[u8]) -> Result<(Header, Request<'_>), FrameError>
             descriptor: p[8..].try_into().expect("descriptor size"),
         },
         Kind::DeviceRun if p.is_empty() => Request::DeviceRun,
+        Kind::DeviceRegRead if p.len() == 8 => Request::DeviceRegRead {
+            offset: u64_at(p, 0),
+        },
+        Kind::DeviceRegWrite if p.len() == 16 => Request::DeviceRegWrite {
+            offset: u64_at(p, 0),
+            value: u64_at(p, 8),
+        },
         _ => return Err(bad()),
     };
     Ok((header, request))
@@ -321,6 +346,12 @@ pub fn encode_request(id: u32, request: &Request<'_>) -> Vec<u8> {
             (Kind::DeviceWrite, p)
         }
         Request::DeviceRun => (Kind::DeviceRun, Vec::new()),
+        Request::DeviceRegRead { offset } => (Kind::DeviceRegRead, offset.to_le_bytes().to_vec()),
+        Request::DeviceRegWrite { offset, value } => {
+            let mut p = offset.to_le_bytes().to_vec();
+            p.extend_from_slice(&value.to_le_bytes());
+            (Kind::DeviceRegWrite, p)
+        }
     };
     frame(kind as u16, id, &payload)
 }
@@ -575,6 +606,11 @@ mod tests {
                 descriptor: &[7; DESCRIPTOR_SIZE],
             },
             Request::DeviceRun,
+            Request::DeviceRegRead { offset: 0x20 },
+            Request::DeviceRegWrite {
+                offset: 0x20,
+                value: 3,
+            },
         ];
         for (i, r) in requests.iter().enumerate() {
             let f = encode_request(i as u32, r);
@@ -685,7 +721,7 @@ mod tests {
 
         /// A valid header with a random kind and payload decodes or fails cleanly.
         #[test]
-        fn random_payloads_after_a_good_header(kind in 0u16..12, payload in proptest::collection::vec(any::<u8>(), 0..40)) {
+        fn random_payloads_after_a_good_header(kind in 0u16..14, payload in proptest::collection::vec(any::<u8>(), 0..40)) {
             let f = frame(kind, 5, &payload);
             if let Ok((h, r)) = decode_request(&f) {
                 prop_assert_eq!(h.kind, kind);

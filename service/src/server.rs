@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use vsva_host::driver::HostIommu;
 use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
-use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaPort};
+use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaError, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig, StaleTranslation};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::Errno;
@@ -646,7 +646,13 @@ impl Connection<'_> {
             (Request::Hello { .. }, Some(_)) => {
                 return reply(Err(Errno::new(libc::EISCONN)), Vec::new())
             }
-            (Request::DeviceWrite { .. } | Request::DeviceRun, _) => None,
+            (
+                Request::DeviceWrite { .. }
+                | Request::DeviceRun
+                | Request::DeviceRegRead { .. }
+                | Request::DeviceRegWrite { .. },
+                _,
+            ) => None,
             (Request::State, _) => None,
             (_, None) => return reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
             (_, Some(f)) => Some(f.clone()),
@@ -741,6 +747,23 @@ impl Connection<'_> {
                     )
                 }
             },
+            (Request::DeviceRegRead { offset }, _) => {
+                match self.device.as_ref().map(|d| d.mmio_read(offset)) {
+                    None => reply(Err(Errno::ENODEV), Vec::new()),
+                    Some(Ok(value)) => reply(Ok(0), value.to_le_bytes().to_vec()),
+                    Some(Err(e)) => reply(Err(register_errno(e)), Vec::new()),
+                }
+            }
+            (Request::DeviceRegWrite { offset, value }, _) => {
+                let result = match &self.device {
+                    None => Err(Errno::ENODEV),
+                    Some(d) => d
+                        .mmio_write(offset, value)
+                        .map(|()| 0)
+                        .map_err(register_errno),
+                };
+                reply(result, Vec::new())
+            }
             (_, None) => reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
         }
     }
@@ -1015,6 +1038,17 @@ impl Drop for Connection<'_> {
         for w in std::mem::take(&mut self.windows) {
             self.release(w);
         }
+    }
+}
+
+/// The errno of a refused register access: `EBUSY` while the engine has work in progress,
+/// `EINVAL` otherwise (no register there, read-only bits, a configuration the engine
+/// refuses). The access changed nothing.
+fn register_errno(e: DmaError) -> Errno {
+    tracing::debug!("device register access: {e}");
+    match e {
+        DmaError::Busy => Errno::EBUSY,
+        _ => Errno::EINVAL,
     }
 }
 

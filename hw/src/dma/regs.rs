@@ -207,6 +207,27 @@ impl SoftwareError {
         }
         (w0, self.addr)
     }
+
+    /// The error SWERR0 and SWERR1 hold, as a driver reads them: `None` while SWERR0's
+    /// valid bit is clear, or when its status or PASID fields hold values this device
+    /// never writes. The overflow bit is not part of the error.
+    pub fn from_regs(w0: u64, w1: u64) -> Option<SoftwareError> {
+        if w0 & SWERR_VALID == 0 {
+            return None;
+        }
+        let status = CompletionStatus::from_raw((w0 >> SWERR_STATUS_SHIFT) as u8)?;
+        let pasid = if w0 & SWERR_PASID_VALID != 0 {
+            Some(Pasid::new((w0 >> SWERR_PASID_SHIFT) as u32 & 0xf_ffff).ok()?)
+        } else {
+            None
+        };
+        Some(SoftwareError {
+            status,
+            opcode: (w0 >> SWERR_OPCODE_SHIFT) as u8,
+            pasid,
+            addr: w1,
+        })
+    }
 }
 
 /// Errors of register and portal accesses. An access that fails changes nothing.
@@ -241,4 +262,36 @@ pub enum DmaError {
     /// [`DmaEngineConfig::is_valid`] refused the configuration.
     #[error("invalid engine configuration")]
     BadConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_software_error_reads_back_from_its_registers() {
+        let errors = [
+            SoftwareError {
+                status: CompletionStatus::CompletionAddrTranslation,
+                opcode: 3,
+                pasid: Some(Pasid::new(0xf_fffe).unwrap()),
+                addr: 0x7fff_1000,
+            },
+            SoftwareError {
+                status: CompletionStatus::BadOpcode,
+                opcode: 0xff,
+                pasid: None,
+                addr: 0,
+            },
+        ];
+        for e in errors {
+            let (w0, w1) = e.to_regs();
+            assert_eq!(SoftwareError::from_regs(w0, w1), Some(e));
+            // Overflow is beside the error; without the valid bit there is none.
+            assert_eq!(SoftwareError::from_regs(w0 | SWERR_OVERFLOW, w1), Some(e));
+            assert_eq!(SoftwareError::from_regs(w0 & !SWERR_VALID, w1), None);
+        }
+        // A status byte the device never writes is no error it reported.
+        assert_eq!(SoftwareError::from_regs(SWERR_VALID | 0x7f << 8, 0), None);
+    }
 }
