@@ -146,6 +146,10 @@ enum Command {
         /// Test hook: announce a stage on stdout and wait there for a line on stdin.
         #[arg(long, value_enum, hide = true)]
         pause_at: Option<vsva_testbed::remote::Stage>,
+        /// After the workload, take part in `vsva demo --split`'s cross-VM checks: list
+        /// the processes on stdout and follow the commands read from stdin.
+        #[arg(long, hide = true)]
+        cross_vm: bool,
     },
     /// Starts a host and N VM processes that loop bind → DMA → verify → invalidate →
     /// unbind with random sizes, optionally killing random VMs; reports throughput, the
@@ -424,6 +428,7 @@ fn main() -> ExitCode {
             index,
             json,
             pause_at,
+            cross_vm,
         } => {
             let opts = vsva_testbed::remote::VmOptions {
                 index,
@@ -436,6 +441,7 @@ fn main() -> ExitCode {
                     ..DemoOptions::default()
                 },
                 pause_at,
+                cross_vm,
             };
             match vsva_testbed::remote::run(&socket, &opts, &mut |line| println!("{line}")) {
                 Ok(report) => {

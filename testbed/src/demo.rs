@@ -23,13 +23,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use vsva_guest::{Process, Prot};
-use vsva_host::driver::VtdDomain;
-use vsva_host::Container;
-use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation, SoftwareError,
+};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_uapi::VfioIoctls;
-use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
-use vsva_vtd::{FlPagingMode, Gva, Pasid};
+use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, InvGranularity, VfioIoctls};
+use vsva_vtd::{FlPagingMode, Gpa, Gva, Pasid};
 
 use crate::holdings::HostHoldings;
 use crate::stack::{Host, StackError, Uapi, Vm, Vmm};
@@ -219,10 +218,7 @@ impl fmt::Display for DemoSummary {
             if self.vms < 2 {
                 write!(f, "; cross-VM checks skipped (they need --vms 2 or more)")?;
             } else {
-                write!(
-                    f,
-                    "; cross-VM checks skipped (they need the VMs in one process)"
-                )?;
+                write!(f, "; cross-VM checks not run (a VM did not reach them)")?;
             }
         }
         Ok(())
@@ -607,23 +603,82 @@ fn process_workload(
     })
 }
 
+/// Another VM's process as a VM is told to attack it: the victim's PASID, its page table
+/// root and the GVAs of its source buffer and completion record (in the victim's address
+/// space). `vsva demo --split` sends it from one VM process to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// The victim VM's index.
+    pub vm: usize,
+    /// The PASID the victim's process is bound to.
+    pub pasid: u32,
+    /// The GPA of the process's first-level page table (its CR3).
+    pub gpgd: u64,
+    /// The GVA of its source buffer.
+    pub src: u64,
+    /// The buffer's length in bytes.
+    pub len: u64,
+    /// The GVA of its completion record.
+    pub record: u64,
+}
+
+impl Job {
+    /// The job as another VM's target, `vm` being the job's own VM.
+    pub fn target(&self, vm: usize) -> Target {
+        Target {
+            vm,
+            pasid: self.pasid.raw(),
+            gpgd: self.process.cr3().0,
+            src: self.src.0,
+            len: self.len,
+            record: self.record.0,
+        }
+    }
+
+    /// The process's source buffer as the CPU reads it now.
+    pub fn snapshot(&self) -> Result<Vec<u8>, StackError> {
+        cpu_read(&self.process, self.src, self.len)
+    }
+}
+
 /// `vm` tries `victim`'s PASID through its VFIO container (type1) and through its own
 /// device; every attempt must be refused, and the victim's bytes must not change.
 fn cross_vm(vm: &Vm, victim: &Vm, job: &Job, report: &mut VmReport) {
-    let before = cpu_read(&job.process, job.src, job.len);
-    if let Ok(mut vfio) = vm.vfio() {
-        cross_vm_container(&mut vfio, job, report);
+    let before = job.snapshot();
+    let attempt = attack(vm, vm.uapi(), &job.target(victim.index), report);
+    let after = job.snapshot();
+    let unchanged = before.is_ok() && before.ok() == after.ok();
+    attempt.judge(unchanged, report);
+}
+
+/// `vm`, over `uapi`, tries `target`'s PASID: over type1 its VFIO container is asked to
+/// bind, invalidate and free it (each must be -EPERM, counted in `report` at once); then
+/// its own device DMAs with it. The device's attempt is judged by
+/// [`DeviceAttempt::judge`] once the victim's bytes have been compared.
+pub fn attack(vm: &Vmm, uapi: Uapi, target: &Target, report: &mut VmReport) -> DeviceAttempt {
+    match Pasid::new(target.pasid) {
+        Ok(pasid) => {
+            if uapi == Uapi::Type1 {
+                attack_container(vm, pasid, target, report);
+            }
+            attack_device(vm, uapi, pasid, target)
+        }
+        Err(e) => DeviceAttempt {
+            uapi,
+            victim: target.vm,
+            ran: Err(format!("PASID {}: {e}", target.pasid)),
+            swerr: None,
+        },
     }
-    cross_vm_device(vm, victim, job, before, report);
 }
 
 /// `vm`'s VFIO container asked to bind, invalidate and free another VM's PASID: each
 /// must be -EPERM.
-fn cross_vm_container(vfio: &mut Container<VtdDomain>, job: &Job, report: &mut VmReport) {
+fn attack_container(vm: &Vmm, pasid: Pasid, target: &Target, report: &mut VmReport) {
     let bind = BindGpasid {
-        hpasid: job.pasid,
-        gpasid: Some(job.pasid),
-        gpgd: job.process.cr3(),
+        hpasid: pasid,
+        gpasid: Some(pasid),
+        gpgd: Gpa(target.gpgd),
         addr_width: 48,
         vtd_flags: 0,
         pat: 0,
@@ -632,76 +687,99 @@ fn cross_vm_container(vfio: &mut Container<VtdDomain>, job: &Job, report: &mut V
     let inv = CacheInvalidate {
         cache: IOMMU_CACHE_INV_TYPE_IOTLB,
         granularity: InvGranularity::Pasid {
-            pasid: Some(job.pasid),
+            pasid: Some(pasid),
             archid: None,
         },
     };
+    let mut vfio = &*vm.file;
     let attempts = [
         ("bind of another VM's PASID", vfio.bind_gpasid(&bind)),
         (
             "invalidation of another VM's PASID",
             vfio.cache_invalidate(&inv),
         ),
-        ("free of another VM's PASID", vfio.pasid_free(job.pasid)),
+        ("free of another VM's PASID", vfio.pasid_free(pasid)),
     ];
     for (what, result) in attempts {
-        let refused = result.map_err(|e| e.errno());
-        if expect(report, what, refused == Err(-libc::EPERM), || {
-            format!("{refused:?}, not -EPERM")
+        if expect(report, what, result == Err(Errno::EPERM), || {
+            format!("{result:?}, not -EPERM")
         }) {
             report.cross_vm_refusals += 1;
         }
     }
 }
 
-/// `vm`'s device DMAs with `victim`'s PASID (`before`: the victim's bytes before).
-fn cross_vm_device(
-    vm: &Vm,
-    victim: &Vm,
-    job: &Job,
-    before: Result<Vec<u8>, StackError>,
-    report: &mut VmReport,
-) {
-    // The VM's own device, tagged with the victim's PASID. Over type1 the IOMMU has no such
-    // PASID for this device, so the DMA faults (and so does its completion record, which
-    // the device then reports in its software error register) without touching the
-    // victim. Over iommufd the VM holds the same PASID number for a process of its own
-    // (guest-owned numbers): the DMA runs in that address space, through this device's
-    // PASID table, and must not touch the victim either.
+/// `vm`'s own device, tagged with the victim's PASID, fills the victim's buffer's GVA.
+/// Over type1 the IOMMU has no such PASID for this device, so the DMA faults (and so does
+/// its completion record, which the device then reports in its software error register)
+/// without touching the victim. Over iommufd the VM holds the same PASID number for a
+/// process of its own (guest-owned numbers): the DMA runs in that address space, through
+/// this device's PASID table, and must not touch the victim either. The software error
+/// register is cleared first, so what it holds after is this DMA's.
+fn attack_device(vm: &Vmm, uapi: Uapi, pasid: Pasid, target: &Target) -> DeviceAttempt {
     let desc = Descriptor {
-        pasid: Some(job.pasid),
+        pasid: Some(pasid),
         privileged: false,
         block_on_fault: true,
-        completion: CompletionRequest::Always(job.record.0),
+        completion: CompletionRequest::Always(target.record),
         op: Operation::Fill {
             pattern: 0xbad,
-            dst: job.src.0,
-            size: job.len as u32,
+            dst: target.src,
+            size: target.len as u32,
         },
     };
     let ran = vm
-        .engine
-        .portal_write(0, &desc.encode())
-        .map_err(StackError::from)
-        .and_then(|()| vm.run_device());
-    let swerr = vm.engine.software_error();
-    let after = cpu_read(&job.process, job.src, job.len);
-    let unchanged = before.is_ok() && before.ok() == after.ok();
-    let refused = match vm.uapi() {
-        Uapi::Type1 => {
-            ran.is_ok()
-                && swerr.is_some_and(|e| e.status == CompletionStatus::CompletionAddrTranslation)
-        }
-        Uapi::Iommufd => ran.is_ok() && unchanged,
+        .take_software_error()
+        .and_then(|_| vm.device.portal_write(0, &desc.encode()))
+        .and_then(|()| vm.run_device())
+        .and_then(|()| vm.take_software_error());
+    let (ran, swerr) = match ran {
+        Ok(swerr) => (Ok(()), swerr),
+        Err(e) => (Err(e.to_string()), None),
     };
-    if expect(report, "DMA with another VM's PASID", refused, || {
-        format!("{ran:?}, {swerr:?}")
-    }) {
-        report.cross_vm_refusals += 1;
+    DeviceAttempt {
+        uapi,
+        victim: target.vm,
+        ran,
+        swerr,
     }
-    expect(report, "victim's buffer unchanged", unchanged, || {
-        format!("vm{}'s buffer changed", victim.index)
-    });
+}
+
+/// A VM's device DMA with another VM's PASID, waiting to be judged against the victim's
+/// bytes.
+#[derive(Debug)]
+pub struct DeviceAttempt {
+    uapi: Uapi,
+    victim: usize,
+    /// Whether the device ran to completion (the error if not).
+    ran: Result<(), String>,
+    /// The software error the device reported for the DMA.
+    swerr: Option<SoftwareError>,
+}
+
+impl DeviceAttempt {
+    /// Counts the attempt in `report`: refused as it must be (type1: the device ran and
+    /// reported the untranslatable completion record; iommufd: it ran and the victim's
+    /// bytes are `unchanged`), and the victim's bytes unchanged.
+    pub fn judge(self, unchanged: bool, report: &mut VmReport) {
+        let refused = match self.uapi {
+            Uapi::Type1 => {
+                self.ran.is_ok()
+                    && self
+                        .swerr
+                        .is_some_and(|e| e.status == CompletionStatus::CompletionAddrTranslation)
+            }
+            Uapi::Iommufd => self.ran.is_ok() && unchanged,
+        };
+        if expect(report, "DMA with another VM's PASID", refused, || {
+            format!("{:?}, {:?}", self.ran, self.swerr)
+        }) {
+            report.cross_vm_refusals += 1;
+        }
+        expect(report, "victim's buffer unchanged", unchanged, || {
+            format!("vm{}'s buffer changed", self.victim)
+        });
+    }
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@
 
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -24,7 +24,7 @@ use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_P
 use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
 use vsva_vtd::{FlPagingMode, Iova};
 
-use crate::demo::{self, DemoOptions, DemoSummary, VmReport};
+use crate::demo::{self, DemoOptions, DemoSummary, Target, VmReport};
 use crate::holdings::HostHoldings;
 use crate::stack::{Passthrough, StackError, Uapi, Vmm, GUEST_DEVICE_SID};
 
@@ -210,6 +210,18 @@ impl Passthrough for HostLink {
         }
         usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
     }
+
+    fn reg_read(&self, offset: u64) -> Result<u64, StackError> {
+        self.file
+            .device_reg_read(offset)
+            .map_err(StackError::DeviceCall)
+    }
+
+    fn reg_write(&self, offset: u64, value: u64) -> Result<(), StackError> {
+        self.file
+            .device_reg_write(offset, value)
+            .map_err(StackError::DeviceCall)
+    }
 }
 
 /// A VM whose host is a `vsva host` process: the VMM side, its RAM and its connection.
@@ -316,6 +328,9 @@ pub struct VmOptions {
     pub demo: DemoOptions,
     /// Where to pause for a test, if anywhere.
     pub pause_at: Option<Stage>,
+    /// Whether to take part in `vsva demo --split`'s cross-VM checks after the workload
+    /// ([`cross_vm_phase`]).
+    pub cross_vm: bool,
 }
 
 /// The per-VM part of the demo against the host at `path`: boots the VM, runs every
@@ -357,6 +372,18 @@ pub fn run(
             Err(e) => report.errors.push(format!("process {n}: {e}")),
         }
     }
+    if opts.cross_vm {
+        let targets: Vec<Target> = jobs.iter().map(|j| j.target(opts.index)).collect();
+        cross_vm_phase(
+            &vm.vmm,
+            Uapi::Type1,
+            &jobs,
+            &targets,
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout(),
+            &mut report,
+        );
+    }
     demo::vm_stats(&vm.vmm, &mut report, log);
     if vm.host_gone() {
         return Err(VmError::HostGone);
@@ -366,15 +393,256 @@ pub fn run(
     Ok(report)
 }
 
+/// The prefix of the lines of the cross-VM phase on a VM's stdout.
+const CROSS_VM: &str = "cross-vm ";
+
+/// A VM's part in `vsva demo --split`'s cross-VM checks, after its workload (`vsva vm
+/// --cross-vm`). The VM prints `cross-vm ready <targets>` (its `targets`, one per job of
+/// `jobs`, as a JSON array of [`Target`]) on `output`, then follows one command a line
+/// from `input`, each answered with one `cross-vm ...` line, until `end` or the end of
+/// `input`:
+/// - `mark N`: keeps a copy of job N's source buffer (`cross-vm marked`);
+/// - `check N`: whether job N's buffer still holds that copy (`cross-vm unchanged
+///   true|false`);
+/// - `attack <target>`: the VM (over `uapi`) tries another VM's process ([`demo::attack`]:
+///   over type1 its container is asked to bind, invalidate and free the PASID, each
+///   counted in `report`; then its device DMAs with it) (`cross-vm attacked`);
+/// - `judge true|false`: whether the victim's bytes were unchanged by the last attack,
+///   which completes its check ([`demo::DeviceAttempt::judge`]) (`cross-vm judged`).
+///
+/// A command it cannot follow is an error of `report`, answered `cross-vm error ...`.
+pub fn cross_vm_phase(
+    vm: &Vmm,
+    uapi: Uapi,
+    jobs: &[demo::Job],
+    targets: &[Target],
+    input: &mut dyn BufRead,
+    output: &mut dyn Write,
+    report: &mut VmReport,
+) {
+    let mut say = |line: String| {
+        let _ = writeln!(output, "{CROSS_VM}{line}");
+        let _ = output.flush();
+    };
+    let listed = serde_json::to_string(targets).expect("serialisable targets");
+    say(format!("ready {listed}"));
+    let mut marks: Vec<Option<Vec<u8>>> = vec![None; jobs.len()];
+    let mut pending = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if !matches!(input.read_line(&mut line), Ok(n) if n > 0) {
+            break;
+        }
+        let (cmd, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        let job = || arg.parse::<usize>().ok().filter(|&n| n < jobs.len());
+        let answer = match (cmd, job()) {
+            ("end", _) => break,
+            ("mark", Some(n)) => jobs[n].snapshot().map(|b| {
+                marks[n] = Some(b);
+                "marked".to_string()
+            }),
+            ("check", Some(n)) => jobs[n].snapshot().map(|now| {
+                let unchanged = marks[n].take().is_some_and(|before| before == now);
+                format!("unchanged {unchanged}")
+            }),
+            ("attack", _) => match serde_json::from_str::<Target>(arg) {
+                Ok(target) => {
+                    pending = Some(demo::attack(vm, uapi, &target, report));
+                    Ok("attacked".to_string())
+                }
+                Err(e) => Err(StackError::Guest(format!("a target: {e}"))),
+            },
+            ("judge", _) => match (arg.parse::<bool>(), pending.take()) {
+                (Ok(unchanged), Some(attempt)) => {
+                    attempt.judge(unchanged, report);
+                    Ok("judged".to_string())
+                }
+                _ => Err(StackError::Guest("judge: no attack to judge".into())),
+            },
+            _ => Err(StackError::Guest(format!(
+                "cross-VM command {:?} not understood",
+                line.trim()
+            ))),
+        };
+        match answer {
+            Ok(a) => say(a),
+            Err(e) => {
+                report.errors.push(format!("cross-VM phase: {e}"));
+                say(format!("error {e}"));
+            }
+        }
+    }
+}
+
 /// How long `--split` waits for the host to release what a VM that exited held.
 const SPLIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long `--split` waits for one answer of a VM process: its workload, then each step
+/// of the cross-VM checks (generous: a loaded machine runs many VMs on few cores).
+const VM_STEP_WAIT: Duration = Duration::from_secs(600);
+
+/// A `vsva vm` process of `vsva demo --split`, its stdout read line by line by a thread
+/// of its own so that every wait for it is bounded.
+struct VmProcess {
+    index: usize,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    /// Its lines that are not answers of the cross-VM phase, in order.
+    log: Vec<String>,
+}
+
+impl VmProcess {
+    fn spawn(
+        program: &Path,
+        socket: &Path,
+        opts: &DemoOptions,
+        index: usize,
+        cross_vm: bool,
+    ) -> std::io::Result<VmProcess> {
+        let mut cmd = Command::new(program);
+        cmd.arg("vm")
+            .arg("--socket")
+            .arg(socket)
+            .args(["--index", &index.to_string()])
+            .args(["--seed", &opts.seed.wrapping_add(index as u64).to_string()])
+            .args(["--processes", &opts.processes.to_string()])
+            .args(["--bytes", &opts.bytes.to_string()])
+            .arg("--json")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if cross_vm {
+            cmd.arg("--cross-vm");
+        }
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("vsva-vm{index}-out"))
+            .spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(VmProcess {
+            index,
+            child,
+            stdin,
+            lines,
+            log: Vec::new(),
+        })
+    }
+
+    /// The VM's next answer of the cross-VM phase (without its prefix); its other lines go
+    /// to its log. `None` when it closed its stdout or did not answer in time.
+    fn answer(&mut self) -> Option<String> {
+        let deadline = Instant::now() + VM_STEP_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            match line.strip_prefix(CROSS_VM) {
+                Some(answer) => return Some(answer.to_string()),
+                None => self.log.push(line),
+            }
+        }
+    }
+
+    /// Sends `command` and waits for its answer, which must start with `want`; returns the
+    /// rest of it.
+    fn step(&mut self, command: &str, want: &str) -> Result<String, String> {
+        let sent = self
+            .stdin
+            .as_mut()
+            .map(|s| writeln!(s, "{command}").and_then(|()| s.flush()));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(format!("vm{}: could not send {command:?}", self.index));
+        }
+        match self.answer() {
+            Some(a) => match a.strip_prefix(want) {
+                Some(rest) => Ok(rest.trim().to_string()),
+                None => Err(format!("vm{}: {command:?} answered {a:?}", self.index)),
+            },
+            None => Err(format!(
+                "vm{}: no answer to {command:?} (exited or stuck)",
+                self.index
+            )),
+        }
+    }
+
+    /// Closes its stdin (which ends its cross-VM phase), collects the rest of its output
+    /// and waits for it to exit, killing it if it does not in time: its report (the last
+    /// line, JSON) and its exit status.
+    fn finish(mut self) -> (Vec<String>, Option<VmReport>, std::io::Result<ExitStatus>) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + VM_STEP_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    break;
+                }
+            }
+        }
+        let status = self.child.wait();
+        let report = self
+            .log
+            .last()
+            .and_then(|l| serde_json::from_str::<VmReport>(l).ok());
+        if report.is_some() {
+            self.log.pop();
+        }
+        (self.log, report, status)
+    }
+}
+
+/// The cross-VM checks of `vsva demo --split`: every VM attacks each process of the next
+/// VM (as the in-process demo's do). Per target the victim marks its buffer, the attacker
+/// attacks, the victim checks its buffer and the attacker judges its attempt by that.
+/// Fails with why the checks stopped.
+fn split_cross_vm(vms: &mut [VmProcess]) -> Result<(), String> {
+    let mut targets = Vec::new();
+    for vm in vms.iter_mut() {
+        let ready = vm.answer().ok_or_else(|| {
+            format!(
+                "vm{}: never reached the cross-VM checks (exited or stuck)",
+                vm.index
+            )
+        })?;
+        let listed = ready
+            .strip_prefix("ready ")
+            .and_then(|t| serde_json::from_str::<Vec<Target>>(t).ok())
+            .ok_or_else(|| format!("vm{}: {ready:?} is not its targets", vm.index))?;
+        targets.push(listed);
+    }
+    for attacker in 0..vms.len() {
+        let victim = (attacker + 1) % vms.len();
+        for (n, target) in targets[victim].iter().enumerate() {
+            let target = serde_json::to_string(target).expect("a serialisable target");
+            vms[victim].step(&format!("mark {n}"), "marked")?;
+            vms[attacker].step(&format!("attack {target}"), "attacked")?;
+            let unchanged = vms[victim].step(&format!("check {n}"), "unchanged")?;
+            vms[attacker].step(&format!("judge {unchanged}"), "judged")?;
+        }
+    }
+    Ok(())
+}
 
 /// `vsva demo --split`: the demo as one `vsva host --strict` process (`program host`) and
 /// one `vsva vm` process per VM (VM `i` with seed `opts.seed + i`), all started at once.
 /// The summary is computed from the VMs' reports and the host's own: every VM must exit
 /// cleanly with no failed check, and once they have all exited, the host's STATE must be
 /// what it was before they connected (nothing leaked) with no strict-mode violation (each
-/// is a stale translation, an error) and its report must say nothing was left behind. The cross-VM checks need the VMs in one process and are not run.
+/// is a stale translation, an error) and its report must say nothing was left behind.
+/// With two VMs or more, the cross-VM checks run between the workloads and the
+/// shutdowns, across the VM processes ([`cross_vm_phase`]).
 pub fn split_demo(
     program: &Path,
     opts: &DemoOptions,
@@ -388,48 +656,41 @@ pub fn split_demo(
         .map_err(|e| VmError::Split(e.to_string()))?;
     let (probe, baseline) = host.probe().map_err(|e| VmError::Split(e.to_string()))?;
     let socket = host.socket();
-    let vms: Vec<_> = (0..opts.vms)
-        .map(|i| {
-            Command::new(program)
-                .arg("vm")
-                .arg("--socket")
-                .arg(socket)
-                .args(["--index", &i.to_string()])
-                .args(["--seed", &opts.seed.wrapping_add(i as u64).to_string()])
-                .args(["--processes", &opts.processes.to_string()])
-                .args(["--bytes", &opts.bytes.to_string()])
-                .arg("--json")
-                .stdout(Stdio::piped())
-                .spawn()
-        })
-        .collect();
-    let mut reports = Vec::new();
+    let cross_vm = opts.vms > 1;
+    let mut vms = Vec::new();
     let mut errors = 0;
     let mut failed_vms = 0;
-    for (i, vm) in vms.into_iter().enumerate() {
-        let out = match vm.and_then(|c| c.wait_with_output()) {
-            Ok(out) => out,
+    for i in 0..opts.vms {
+        match VmProcess::spawn(program, socket, opts, i, cross_vm) {
+            Ok(vm) => vms.push(vm),
             Err(e) => {
                 log(format!("vm{i}: error: vsva vm did not run: {e}"));
                 failed_vms += 1;
-                continue;
             }
-        };
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut lines: Vec<&str> = text.lines().collect();
-        let report = lines
-            .last()
-            .and_then(|l| serde_json::from_str::<VmReport>(l).ok());
-        if report.is_some() {
-            lines.pop();
         }
+    }
+    let cross_vm_checked = cross_vm && failed_vms == 0 && {
+        match split_cross_vm(&mut vms) {
+            Ok(()) => true,
+            Err(e) => {
+                log(format!("error: cross-VM checks: {e}"));
+                errors += 1;
+                false
+            }
+        }
+    };
+    let mut reports = Vec::new();
+    for vm in vms {
+        let i = vm.index;
+        let (lines, report, status) = vm.finish();
         for line in lines {
-            log(line.to_string());
+            log(line);
         }
-        match report {
-            Some(r) if out.status.success() || r.error_count() > 0 => reports.push(r),
-            _ => {
-                log(format!("vm{i}: error: vsva vm exited with {}", out.status));
+        match (report, status) {
+            (Some(r), Ok(s)) if s.success() || r.error_count() > 0 => reports.push(r),
+            (_, status) => {
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                log(format!("vm{i}: error: vsva vm exited with {status}"));
                 failed_vms += 1;
             }
         }
@@ -487,7 +748,7 @@ pub fn split_demo(
         stale_translations,
         failed_shutdowns: failed_vms,
         left_after_shutdown: left,
-        cross_vm_checked: false,
+        cross_vm_checked,
         wall_seconds: started.elapsed().as_secs_f64(),
         errors,
         per_vm: reports,
@@ -811,5 +1072,80 @@ mod tests {
         assert!(s.invalidations_forwarded >= r.cycles, "{s:?}");
         assert!(host.iommu.take_stale_translations().is_empty());
         vm.shutdown().unwrap();
+    }
+
+    /// Runs `vm`'s cross-VM phase on `input`; its answers without the prefix.
+    fn phase(
+        vm: &Vmm,
+        jobs: &[demo::Job],
+        targets: &[Target],
+        input: &str,
+        report: &mut VmReport,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        cross_vm_phase(
+            vm,
+            Uapi::Type1,
+            jobs,
+            targets,
+            &mut input.as_bytes(),
+            &mut out,
+            report,
+        );
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                l.strip_prefix(CROSS_VM)
+                    .expect("every line is an answer")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_cross_vm_phase_answers_each_command_and_refuses_what_it_cannot_follow() {
+        let host = Host::new(1 << 30, true).unwrap();
+        let a = Vm::new(&host, 0, 64 << 20, vsva_host::DEFAULT_QUOTA).unwrap();
+        let b = Vm::new(&host, 1, 64 << 20, vsva_host::DEFAULT_QUOTA).unwrap();
+        let mut rng = StdRng::seed_from_u64(3);
+        let bar = indicatif::ProgressBar::hidden();
+        let (mut ra, mut rb) = (VmReport::default(), VmReport::default());
+        let ja = demo::vm_workload(&a, 1, 4096, &mut rng, &mut ra, &bar);
+        let jb = demo::vm_workload(&b, 1, 4096, &mut rng, &mut rb, &bar);
+        assert!(
+            ra.errors.is_empty() && rb.errors.is_empty(),
+            "{ra:?} {rb:?}"
+        );
+        let ta: Vec<Target> = ja.iter().map(|j| j.target(0)).collect();
+        let tb: Vec<Target> = jb.iter().map(|j| j.target(1)).collect();
+
+        // The victim marks and checks its buffer; a check takes the mark with it.
+        let got = phase(&b, &jb, &tb, "mark 0\ncheck 0\ncheck 0\n", &mut rb);
+        let ready = format!("ready {}", serde_json::to_string(&tb).unwrap());
+        assert_eq!(
+            got,
+            [&ready, "marked", "unchanged true", "unchanged false"],
+            "{rb:?}"
+        );
+        assert!(rb.errors.is_empty(), "{rb:?}");
+
+        // The attacker: over type1, three container refusals and the device's; then what
+        // it cannot follow is an error each, and nothing after `end` is read.
+        let attack = format!("attack {}", serde_json::to_string(&tb[0]).unwrap());
+        let input =
+            format!("{attack}\njudge true\nmark 9\njudge true\nattack {{\nfly\nend\nmark 0\n");
+        let got = phase(&a, &ja, &ta, &input, &mut ra);
+        assert_eq!(got.len(), 7, "{got:?}");
+        assert_eq!(&got[1..3], ["attacked", "judged"]);
+        assert!(got[3..].iter().all(|l| l.starts_with("error ")), "{got:?}");
+        assert_eq!(ra.cross_vm_refusals, 4, "{ra:?}");
+        assert_eq!(ra.errors.len(), 4, "{ra:?}");
+        // The victim's bytes did not change.
+        assert!(jb[0].intact().unwrap());
+
+        drop((ja, jb));
+        a.shutdown().unwrap();
+        b.shutdown().unwrap();
     }
 }

@@ -22,9 +22,12 @@ use vsva_host::driver::{HostIommu, VtdDomain};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::{Container, ContainerFile, HostError, PasidAllocator};
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
-use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::regs::{
+    CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN, REG_SWERR0, REG_SWERR1, SWERR_OVERFLOW, SWERR_VALID,
+};
 use vsva_hw::dma::{
-    CompletionRecord, CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, DmaPort, Operation,
+    CompletionRecord, CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, DmaPort,
+    Operation, SoftwareError,
 };
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
@@ -155,6 +158,12 @@ pub trait Passthrough: Send + Sync {
     /// Lets the device work through what was submitted; returns how many descriptors wait
     /// for a page response.
     fn process(&self) -> Result<usize, StackError>;
+
+    /// Reads the 64-bit register at `offset` of its register BAR.
+    fn reg_read(&self, offset: u64) -> Result<u64, StackError>;
+
+    /// Writes `value` to the 64-bit register at `offset` of its register BAR.
+    fn reg_write(&self, offset: u64, value: u64) -> Result<(), StackError>;
 }
 
 impl Passthrough for DmaEngine {
@@ -169,6 +178,14 @@ impl Passthrough for DmaEngine {
     fn process(&self) -> Result<usize, StackError> {
         DmaEngine::process(self);
         Ok(self.waiting_for_page_response())
+    }
+
+    fn reg_read(&self, offset: u64) -> Result<u64, StackError> {
+        Ok(self.mmio_read(offset)?)
+    }
+
+    fn reg_write(&self, offset: u64, value: u64) -> Result<(), StackError> {
+        Ok(self.mmio_write(offset, value)?)
     }
 }
 
@@ -412,6 +429,21 @@ impl Vmm {
             .map_err(|e| StackError::Guest(e.to_string()))?;
         CompletionRecord::from_bytes(&raw)
             .ok_or_else(|| StackError::Guest("unreadable completion record".into()))
+    }
+
+    /// Reads the device's software error register (SWERR0 and SWERR1) and clears it (its
+    /// valid and overflow bits are write-1-to-clear), as a driver's error handler does:
+    /// the first error the device could not report in a completion record since the
+    /// register was last cleared, if any.
+    pub fn take_software_error(&self) -> Result<Option<SoftwareError>, StackError> {
+        let w0 = self.device.reg_read(REG_SWERR0)?;
+        let held = w0 & (SWERR_VALID | SWERR_OVERFLOW);
+        if held == 0 {
+            return Ok(None);
+        }
+        let w1 = self.device.reg_read(REG_SWERR1)?;
+        self.device.reg_write(REG_SWERR0, held)?;
+        Ok(SoftwareError::from_regs(w0, w1))
     }
 
     /// Runs the device until it has nothing to do, serving its page requests.
