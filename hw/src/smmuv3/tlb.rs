@@ -14,6 +14,9 @@
 //!   the spec allows: software follows S2_IPA with NH_ALL or S12_VMALL;
 //! - S12_VMALL: every entry of the VMID; NSNH_ALL: every entry.
 //!
+//! NH_VA and S2_IPA look up the pages their operand names, for each page size cached,
+//! when that is fewer lookups than the entries cached, rather than scanning every entry.
+//!
 //! The TLB holds leaf entries only, so a Leaf hint removes the same entries as none. No
 //! EL2 entries are ever created (STRW EL2 is not modelled), so CMD_TLBI_EL2_* remove
 //! nothing.
@@ -209,18 +212,84 @@ impl Tlb {
         self.entries.is_empty()
     }
 
+    /// Removes the entries `select` accepts among `vmid`'s entries of `tags` (stage and
+    /// ASID key, `None` for global or stage-2 entries) that the address operand `a` names,
+    /// as [`TlbEntry::matches`] does: looked up page by page, for each page size cached,
+    /// when that is fewer lookups than the entries cached, else by a scan. `select` must
+    /// accept only entries `a` names.
+    fn remove_named(
+        &mut self,
+        vmid: u16,
+        tags: &[(Kind, Option<u16>)],
+        a: &TlbiAddr,
+        select: impl Fn(&Key, &TlbEntry) -> bool,
+    ) {
+        let end = super::walkcache::operand_end(a);
+        // The first and last page numbers of `size` the operand names.
+        let pages = |size: PageSize| {
+            let last = end.map_or(a.addr, |e| e - 1);
+            (a.addr >> size.shift(), last >> size.shift())
+        };
+        let present = self.present;
+        let cached = move |size: PageSize, &(kind, asid): &(Kind, Option<u16>)| {
+            present & present_bit(size, kind != Kind::Stage2 && asid.is_none()) != 0
+        };
+        let lookups = PageSize::ALL
+            .iter()
+            .flat_map(|&size| {
+                let (first, last) = pages(size);
+                let n = (last - first).saturating_add(1).saturating_mul(2);
+                tags.iter().filter(move |t| cached(size, t)).map(move |_| n)
+            })
+            .fold(0u64, u64::saturating_add);
+        if lookups >= self.entries.len() as u64 {
+            self.entries.retain(|k, e| !select(k, e));
+            return;
+        }
+        for size in PageSize::ALL {
+            let (first, last) = pages(size);
+            for &(kind, asid) in tags.iter().filter(|t| cached(size, t)) {
+                for page in first..=last {
+                    for privileged in [false, true] {
+                        let key = Key {
+                            vmid,
+                            kind,
+                            asid,
+                            privileged,
+                            page: page << size.shift(),
+                            size,
+                        };
+                        if self.entries.get(&key).is_some_and(|e| select(&key, e)) {
+                            self.entries.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Applies a CMD_TLBI_* command; other commands change nothing. Returns how many
     /// entries it removed.
     pub fn invalidate(&mut self, cmd: &Cmd) -> usize {
         let before = self.entries.len();
         let stage1 = |e: &TlbEntry| e.tag.asid().is_some();
         match *cmd {
-            Cmd::TlbiNhVa { vmid, asid, addr } => self.entries.retain(|k, e| {
-                !(e.vmid == vmid
-                    && stage1(e)
-                    && (k.asid.is_none() || k.asid == Some(asid))
-                    && e.matches(&addr))
-            }),
+            Cmd::TlbiNhVa { vmid, asid, addr } => self.remove_named(
+                vmid,
+                &[
+                    (Kind::Stage1, Some(asid)),
+                    (Kind::Stage1, None),
+                    (Kind::Nested, Some(asid)),
+                    (Kind::Nested, None),
+                ],
+                &addr,
+                |k, e| {
+                    e.vmid == vmid
+                        && stage1(e)
+                        && (k.asid.is_none() || k.asid == Some(asid))
+                        && e.matches(&addr)
+                },
+            ),
             Cmd::TlbiNhVaa { vmid, addr } => self
                 .entries
                 .retain(|_, e| !(e.vmid == vmid && stage1(e) && e.matches(&addr))),
@@ -228,13 +297,137 @@ impl Tlb {
                 .entries
                 .retain(|k, e| !(e.vmid == vmid && k.asid == Some(asid))),
             Cmd::TlbiNhAll { vmid } => self.entries.retain(|_, e| !(e.vmid == vmid && stage1(e))),
-            Cmd::TlbiS2Ipa { vmid, addr } => self
-                .entries
-                .retain(|k, e| !(e.vmid == vmid && k.kind == Kind::Stage2 && e.matches(&addr))),
+            Cmd::TlbiS2Ipa { vmid, addr } => {
+                self.remove_named(vmid, &[(Kind::Stage2, None)], &addr, |k, e| {
+                    e.vmid == vmid && k.kind == Kind::Stage2 && e.matches(&addr)
+                })
+            }
             Cmd::TlbiS12Vmall { vmid } => self.entries.retain(|_, e| e.vmid != vmid),
             Cmd::TlbiNsnhAll => self.entries.clear(),
             _ => {}
         }
         before - self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use vsva_smmuv3::Permissions;
+
+    /// One step of the equivalence property.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Insert {
+            vmid: u16,
+            tag: TlbTag,
+            privileged: bool,
+            addr: u64,
+            size: PageSize,
+            global: bool,
+        },
+        Invalidate(Cmd),
+    }
+
+    /// Addresses of a few 4-KiB pages inside two 2-MiB blocks inside two 1-GiB blocks.
+    fn addr() -> impl Strategy<Value = u64> {
+        (0u64..2, 0u64..2, 0u64..8).prop_map(|(g, m, p)| g << 30 | m << 21 | p << 12)
+    }
+
+    fn operand() -> impl Strategy<Value = TlbiAddr> {
+        let range = prop_oneof![
+            Just((0u8, 0u8, 0u8, 0u8)),
+            (0u8..4, 1u8..4, 0u8..4, 0u8..10),
+        ];
+        (addr(), any::<bool>(), range).prop_map(|(addr, leaf, (ttl, tg, num, scale))| TlbiAddr {
+            addr,
+            leaf,
+            ttl,
+            tg,
+            num,
+            scale,
+        })
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let tag = prop_oneof![
+            (0u16..3).prop_map(|asid| TlbTag::Stage1 { asid }),
+            Just(TlbTag::Stage2),
+            (0u16..3).prop_map(|asid| TlbTag::Nested { asid }),
+        ];
+        let size = prop_oneof![
+            Just(PageSize::Size4K),
+            Just(PageSize::Size2M),
+            Just(PageSize::Size1G)
+        ];
+        let insert = (0u16..2, tag, any::<bool>(), addr(), size, any::<bool>()).prop_map(
+            |(vmid, tag, privileged, addr, size, global)| Step::Insert {
+                vmid,
+                tag,
+                privileged,
+                addr,
+                size,
+                global,
+            },
+        );
+        let cmd = prop_oneof![
+            (0u16..2, 0u16..3, operand()).prop_map(|(vmid, asid, addr)| Cmd::TlbiNhVa {
+                vmid,
+                asid,
+                addr
+            }),
+            (0u16..2, operand()).prop_map(|(vmid, addr)| Cmd::TlbiS2Ipa { vmid, addr }),
+        ];
+        prop_oneof![6 => insert, 1 => cmd.prop_map(Step::Invalidate)]
+    }
+
+    /// The reference: the command's rule (IHI 0070 §4.4) applied to every entry.
+    fn scan(tlb: &mut Tlb, cmd: &Cmd) -> usize {
+        let before = tlb.entries.len();
+        match *cmd {
+            Cmd::TlbiNhVa { vmid, asid, addr } => tlb.entries.retain(|k, e| {
+                !(e.vmid == vmid
+                    && k.kind != Kind::Stage2
+                    && (k.asid.is_none() || k.asid == Some(asid))
+                    && e.matches(&addr))
+            }),
+            Cmd::TlbiS2Ipa { vmid, addr } => tlb
+                .entries
+                .retain(|k, e| !(e.vmid == vmid && k.kind == Kind::Stage2 && e.matches(&addr))),
+            _ => unreachable!("only NH_VA and S2_IPA are generated"),
+        }
+        before - tlb.entries.len()
+    }
+
+    proptest! {
+        /// For arbitrary fills and TLBI_NH_VA / TLBI_S2_IPA commands (one page, or a
+        /// range with TTL), looking the named pages up removes exactly what a scan of
+        /// every entry with the command's rule removes.
+        #[test]
+        fn address_invalidations_remove_what_a_scan_removes(
+            steps in proptest::collection::vec(step(), 1..200),
+        ) {
+            let (mut tlb, mut reference) = (Tlb::default(), Tlb::default());
+            for s in steps {
+                match s {
+                    Step::Insert { vmid, tag, privileged, addr, size, global } => {
+                        let t = Translation {
+                            output: 0x8000_0000 | addr,
+                            page_size: size,
+                            perms: Permissions::ALL,
+                            dirty: true,
+                            global: global && tag.asid().is_some(),
+                        };
+                        tlb.insert(vmid, tag, privileged, addr, t);
+                        reference.insert(vmid, tag, privileged, addr, t);
+                    }
+                    Step::Invalidate(cmd) => {
+                        prop_assert_eq!(tlb.invalidate(&cmd), scan(&mut reference, &cmd));
+                        prop_assert_eq!(&tlb.entries, &reference.entries);
+                    }
+                }
+            }
+        }
     }
 }
