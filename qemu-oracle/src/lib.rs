@@ -15,6 +15,7 @@
 //! cannot check on a host whose KVM lacks them.
 
 pub mod a64;
+mod child;
 mod machine;
 pub mod x86;
 pub mod x86asm;

@@ -1,9 +1,10 @@
 //! The QEMU run: the RAM image, the EL1 program and the results file.
 
 use crate::a64::{Asm, AsmError, Cond, SysReg};
+use crate::child::{wait_bounded, Ended};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Where things sit in the guest's physical address space (`-M virt` RAM starts at 1 GiB).
@@ -455,7 +456,7 @@ impl Machine {
             cmd.args(["-d", "int,guest_errors,unimp", "-D"])
                 .arg(self.dir.join("qemu.log"));
         }
-        let mut child = cmd
+        let child = cmd
             .args(["-M", "virt", "-cpu", "max", "-accel", "tcg", "-smp", "1"])
             .args(["-m", &format!("{}M", RAM_SIZE >> 20)])
             .args(["-nodefaults", "-display", "none", "-monitor", "none"])
@@ -477,23 +478,10 @@ impl Machine {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(io("starting qemu-system-aarch64"))?;
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(io("waiting for qemu"))? {
-                break s;
-            }
-            if start.elapsed() > TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(OracleError::Timeout(TIMEOUT));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let (status, stderr) = match wait_bounded(child, TIMEOUT).map_err(io("waiting for qemu"))? {
+            Ended::Exited { status, stderr } => (status, stderr),
+            Ended::TimedOut => return Err(OracleError::Timeout(TIMEOUT)),
         };
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut stderr);
-        }
         if !status.success() {
             return Err(OracleError::QemuFailed {
                 status: status.to_string(),

@@ -17,11 +17,12 @@
 //! must be [`Machine::harness_entry`]. Slot 511 also maps all RAM at [`PHYS_MAP`], supervisor
 //! only, which is how the program reads entries and check addresses by physical address.
 
+use crate::child::{wait_bounded, Ended};
 use crate::x86asm::{Asm, AsmError, Cond, Reg, Seg};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// Where things sit in physical memory.
@@ -602,7 +603,7 @@ impl Machine {
             cmd.args(["-d", "int,guest_errors,unimp", "-D"])
                 .arg(self.dir.join("qemu-x86.log"));
         }
-        let mut child = cmd
+        let child = cmd
             .args([
                 "-M",
                 "pc,memory-backend=ram",
@@ -629,23 +630,10 @@ impl Machine {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(io("starting qemu-system-x86_64"))?;
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(io("waiting for qemu"))? {
-                break s;
-            }
-            if start.elapsed() > TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(OracleError::Timeout(TIMEOUT));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let (status, stderr) = match wait_bounded(child, TIMEOUT).map_err(io("waiting for qemu"))? {
+            Ended::Exited { status, stderr } => (status, stderr),
+            Ended::TimedOut => return Err(OracleError::Timeout(TIMEOUT)),
         };
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut stderr);
-        }
         if status.code() != Some(EXIT_STATUS) {
             return Err(OracleError::QemuFailed {
                 status: status.to_string(),
