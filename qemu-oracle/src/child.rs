@@ -1,8 +1,9 @@
-//! Waiting for a QEMU run, what both oracles ([`crate::Machine`], [`crate::x86`]) do after
+//! Finding the emulator and waiting for a QEMU run, what both oracles ([`crate::Machine`], [`crate::x86`]) do after
 //! starting their `qemu-system-*` child: bounded in time, killed and reaped when it takes
 //! longer, its standard error kept for the report.
 
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -33,4 +34,12 @@ pub(crate) fn wait_bounded(mut child: Child, timeout: Duration) -> std::io::Resu
         let _ = e.read_to_string(&mut stderr);
     }
     Ok(Ended::Exited { status, stderr })
+}
+
+/// The first `name` in a directory of PATH, if any.
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }

@@ -16,11 +16,13 @@
 
 pub mod a64;
 mod child;
+mod error;
 mod machine;
 pub mod x86;
 pub mod x86asm;
 
+pub use error::OracleError;
 pub use machine::{
-    fetch_snippet, layout, tcr, tcr_tg0, Abort, Features, Machine, OracleError, Outcome, Probe,
-    ProbeOp, Results, TCR_EPD0, TCR_TBI0,
+    fetch_snippet, layout, tcr, tcr_tg0, Abort, Features, Machine, Outcome, Probe, ProbeOp,
+    Results, TCR_EPD0, TCR_TBI0,
 };

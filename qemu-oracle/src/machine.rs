@@ -1,7 +1,8 @@
 //! The QEMU run: the RAM image, the EL1 program and the results file.
 
 use crate::a64::{Asm, AsmError, Cond, SysReg};
-use crate::child::{wait_bounded, Ended};
+use crate::child::{find_on_path, wait_bounded, Ended};
+use crate::error::{io, mem_err, OracleError};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -216,53 +217,6 @@ pub struct Results {
     pub tables: Vec<u8>,
 }
 
-/// Why a run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OracleError {
-    /// qemu-system-aarch64 is not installed.
-    #[error("qemu-system-aarch64 not found on PATH")]
-    NoQemu,
-    /// Too many probes for the probe area.
-    #[error("{0} probes do not fit (at most {MAX_PROBES})")]
-    TooManyProbes(usize),
-    /// A switch's TTBR1 is not a 4 KiB-aligned table address.
-    #[error("TTBR1 {0:#x} is not 4 KiB aligned")]
-    BadTtbr1(u64),
-    /// The program could not be assembled.
-    #[error("assembling the program: {0}")]
-    Asm(#[from] AsmError),
-    /// The RAM image could not be read or written.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// A file or process operation failed.
-    #[error("{what}: {err}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The error.
-        err: std::io::Error,
-    },
-    /// QEMU did not finish in time.
-    #[error("qemu did not finish within {0:?}")]
-    Timeout(Duration),
-    /// QEMU exited with a failure.
-    #[error("qemu exited with {status}: {stderr}")]
-    QemuFailed {
-        /// Its exit status.
-        status: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
-    /// The results file is not what the program writes.
-    #[error("results file has {0} bytes, expected {1}")]
-    BadResults(usize, usize),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OracleError {
-    let what = what.into();
-    move |err| OracleError::Io { what, err }
-}
-
 /// The longest a run may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Semihosting operations (Arm semihosting specification, version 2).
@@ -329,9 +283,10 @@ impl Machine {
     /// A machine with zeroed RAM, if `qemu-system-aarch64` is on PATH; `dir` takes the image
     /// and results files.
     pub fn new(dir: &Path) -> Result<Self, OracleError> {
-        let qemu = find_on_path("qemu-system-aarch64").ok_or(OracleError::NoQemu)?;
+        let qemu = find_on_path("qemu-system-aarch64")
+            .ok_or(OracleError::NoQemu("qemu-system-aarch64"))?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(IMAGE_BASE), IMAGE_SIZE as usize)])
-            .map_err(|e| OracleError::Memory(e.to_string()))?;
+            .map_err(mem_err)?;
         let m = Machine {
             qemu,
             mem,
@@ -370,7 +325,7 @@ impl Machine {
     fn write_u64(&self, addr: u64, value: u64) -> Result<(), OracleError> {
         self.mem
             .write_obj(value, GuestAddress(addr))
-            .map_err(|e| OracleError::Memory(e.to_string()))
+            .map_err(mem_err)
     }
 
     /// The image as it stands.
@@ -378,7 +333,7 @@ impl Machine {
         let mut bytes = vec![0; IMAGE_SIZE as usize];
         self.mem
             .read_slice(&mut bytes, GuestAddress(IMAGE_BASE))
-            .map_err(|e| OracleError::Memory(e.to_string()))?;
+            .map_err(mem_err)?;
         Ok(bytes)
     }
 
@@ -386,7 +341,10 @@ impl Machine {
     /// probe) and returns what they did.
     pub fn run(&self, image: &[u8], probes: &[Probe]) -> Result<Results, OracleError> {
         if probes.len() > MAX_PROBES {
-            return Err(OracleError::TooManyProbes(probes.len()));
+            return Err(OracleError::TooManyProbes {
+                count: probes.len(),
+                max: MAX_PROBES,
+            });
         }
         if image.len() != IMAGE_SIZE as usize {
             return Err(OracleError::Memory(format!(
@@ -426,10 +384,13 @@ impl Machine {
         put(CLOSE_BLOCK, &[0; 8]);
         put(FILE_NAME, name.as_bytes());
         put(FILE_NAME + name.len() as u64, &[0]);
-        for p in probes {
+        for (index, p) in probes.iter().enumerate() {
             if let ProbeOp::Switch { ttbr1, .. } = p.op {
                 if ttbr1 & 0xfff != 0 {
-                    return Err(OracleError::BadTtbr1(ttbr1));
+                    return Err(OracleError::BadProbe {
+                        index,
+                        why: "TTBR1 is not 4 KiB aligned",
+                    });
                 }
             }
         }
@@ -517,13 +478,6 @@ impl Machine {
             tables,
         })
     }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 // Registers: x19 the probe, x20 its result record, x21 probes left, x22 the results fd,

@@ -17,7 +17,9 @@
 //! must be [`Machine::harness_entry`]. Slot 511 also maps all RAM at [`PHYS_MAP`], supervisor
 //! only, which is how the program reads entries and check addresses by physical address.
 
-use crate::child::{wait_bounded, Ended};
+use crate::child::{find_on_path, wait_bounded, Ended};
+pub use crate::error::OracleError;
+use crate::error::{io, mem_err};
 use crate::x86asm::{Asm, AsmError, Cond, Reg, Seg};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -253,62 +255,6 @@ pub struct Results {
     pub reports: Vec<Report>,
 }
 
-/// Why a run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OracleError {
-    /// qemu-system-x86_64 is not installed.
-    #[error("qemu-system-x86_64 not found on PATH")]
-    NoQemu,
-    /// Too many probes for the probe area.
-    #[error("{0} probes do not fit (at most {MAX_PROBES})")]
-    TooManyProbes(usize),
-    /// A probe the program cannot run as asked.
-    #[error("probe {index}: {why}")]
-    BadProbe {
-        /// Its index.
-        index: usize,
-        /// What is wrong.
-        why: &'static str,
-    },
-    /// The program could not be assembled.
-    #[error("assembling the program: {0}")]
-    Asm(#[from] AsmError),
-    /// The RAM file could not be set up or read.
-    #[error("guest memory: {0}")]
-    Memory(String),
-    /// A file or process operation failed.
-    #[error("{what}: {err}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The error.
-        err: std::io::Error,
-    },
-    /// QEMU did not finish in time.
-    #[error("qemu did not finish within {0:?}")]
-    Timeout(Duration),
-    /// QEMU did not exit through isa-debug-exit with the program's value.
-    #[error("qemu exited with {status} (the program exits with {EXIT_STATUS}): {stderr}")]
-    QemuFailed {
-        /// Its exit status.
-        status: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
-    /// The program did not mark the run finished.
-    #[error("the program did not finish its probes")]
-    Unfinished,
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OracleError {
-    let what = what.into();
-    move |err| OracleError::Io { what, err }
-}
-
-fn mem_err(e: impl std::fmt::Display) -> OracleError {
-    OracleError::Memory(e.to_string())
-}
-
 /// The longest a run may take.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -384,7 +330,8 @@ impl Machine {
     /// A machine in `mode` with zeroed RAM in a file in `dir`, if `qemu-system-x86_64` is
     /// on PATH.
     pub fn new(dir: &Path, mode: PagingMode) -> Result<Self, OracleError> {
-        let qemu = find_on_path("qemu-system-x86_64").ok_or(OracleError::NoQemu)?;
+        let qemu =
+            find_on_path("qemu-system-x86_64").ok_or(OracleError::NoQemu("qemu-system-x86_64"))?;
         let ram_path = dir.join(match mode {
             PagingMode::Level4 => "ram4.bin",
             PagingMode::Level5 => "ram5.bin",
@@ -568,7 +515,10 @@ impl Machine {
     /// anything is written.
     pub fn run(&self, probes: &[Probe]) -> Result<Results, OracleError> {
         if probes.len() > MAX_PROBES {
-            return Err(OracleError::TooManyProbes(probes.len()));
+            return Err(OracleError::TooManyProbes {
+                count: probes.len(),
+                max: MAX_PROBES,
+            });
         }
         let records = probes
             .iter()
@@ -636,7 +586,7 @@ impl Machine {
         };
         if status.code() != Some(EXIT_STATUS) {
             return Err(OracleError::QemuFailed {
-                status: status.to_string(),
+                status: format!("{status} (the program exits with {EXIT_STATUS})"),
                 stderr,
             });
         }
@@ -680,13 +630,6 @@ impl Drop for Machine {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.ram_path);
     }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// A flat 64-bit code or data segment descriptor, accessed bit preset.

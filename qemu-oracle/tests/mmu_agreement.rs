@@ -173,7 +173,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         .unwrap_or(DEFAULT_SEED);
     let dir = tempdir();
     let machine = match Machine::new(&dir) {
-        Err(OracleError::NoQemu) => {
+        Err(OracleError::NoQemu(_)) => {
             eprintln!("SKIPPED: qemu-system-aarch64 is not installed; nothing was checked");
             return;
         }
@@ -716,7 +716,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
 fn harness_runs_a_hand_built_table() {
     let dir = tempdir();
     let machine = match Machine::new(&dir) {
-        Err(OracleError::NoQemu) => {
+        Err(OracleError::NoQemu(_)) => {
             eprintln!("SKIPPED: qemu-system-aarch64 is not installed; nothing was checked");
             return;
         }
