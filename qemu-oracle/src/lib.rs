@@ -8,7 +8,9 @@
 //! load, store or fetch (LDR/STR/BLR at EL1, LDTR/STTR with EL0's permissions), catches
 //! synchronous aborts and
 //! records ESR_EL1/FAR_EL1 or the value read, then writes the results and the final
-//! translation tables to a file through semihosting and exits.
+//! translation tables to a file through semihosting and exits. It probes from TTBR1's
+//! range, or from TTBR0's at its physical address when a scenario's TTBR1 is its own
+//! ([`Harness`]: EPD1, T1SZ, TG1, TBI1).
 //!
 //! [`x86`] does the same for VT-d's first-level walker with `qemu-system-x86_64 -cpu max`
 //! (assembled by [`x86asm`]): 1 GiB pages, 5-level paging and SMEP, which the KVM oracle
@@ -23,6 +25,6 @@ pub mod x86asm;
 
 pub use error::OracleError;
 pub use machine::{
-    fetch_snippet, layout, tcr, tcr_tg0, Abort, Features, Machine, Outcome, Probe, ProbeOp,
-    Results, TCR_EPD0, TCR_TBI0,
+    fetch_snippet, layout, tcr, tcr_tg0, tcr_ttbr1, Abort, Features, Harness, Machine, Outcome,
+    Probe, ProbeOp, Results, TCR_EPD0, TCR_EPD1, TCR_TBI0, TCR_TBI1,
 };

@@ -74,10 +74,11 @@ pub enum ProbeOp {
     /// Not an access: load TTBR0_EL1, TTBR1_EL1 and TCR_EL1, set PSTATE.PAN and
     /// SCTLR_EL1.WXN, then TLBI VMALLE1.
     Switch {
-        /// TTBR1_EL1 for the probes that follow (T1SZ 25, 4 KiB TG1), 0 for the boot table
-        /// ([`layout::BOOT_TABLE`]). The program runs in the upper range: entry 1 of a test's
-        /// level-1 table must be `BOOT_L2 | 3` (a table descriptor of the boot level-2
-        /// table), which keeps the GiB at `HIGH + RAM_BASE` mapped.
+        /// TTBR1_EL1 for the probes that follow, 0 for the boot table
+        /// ([`layout::BOOT_TABLE`]). With [`Harness::Upper`] the program runs in the upper
+        /// range (T1SZ 25, 4 KiB TG1): entry 1 of a test's level-1 table must be
+        /// `BOOT_L2 | 3` (a table descriptor of the boot level-2 table), which keeps the
+        /// GiB at `HIGH + RAM_BASE` mapped.
         ttbr1: u64,
         /// PSTATE.PAN for the probes that follow: EL1 loads and stores of pages EL0 may
         /// access fault.
@@ -103,6 +104,32 @@ impl ProbeOp {
     /// Whether it writes.
     pub const fn is_store(self) -> bool {
         matches!(self, ProbeOp::Store | ProbeOp::StoreUnprivileged)
+    }
+}
+
+/// Where the program runs while it probes, which decides what a [`ProbeOp::Switch`]'s
+/// tables must map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Harness {
+    /// At the TTBR1 alias [`layout::HIGH`]: a switch's TTBR1 table keeps the program's GiB
+    /// (its level-1 entry 1 is `BOOT_L2 | 3`) with T1SZ 25, the 4 KiB TG1 and EPD1 clear;
+    /// TTBR0 and the rest of TCR_EL1 are the test's.
+    Upper,
+    /// At its physical address, through TTBR0: a switch's TTBR0 table (4 KiB TG0, T0SZ at
+    /// most 33, EPD0 clear) maps VA [`layout::IMAGE_BASE`]'s 2 MiB through the boot
+    /// level-3 table (its level-2 descriptor is `BOOT_L3 | 3`); TTBR1 and TCR_EL1's T1SZ,
+    /// TG1, EPD1 and TBI1 are the test's (see [`tcr_ttbr1`]). The program switches with the
+    /// MMU off.
+    Identity,
+}
+
+impl Harness {
+    /// The VA of physical address 0 while probing.
+    const fn base(self) -> u64 {
+        match self {
+            Harness::Upper => HIGH,
+            Harness::Identity => 0,
+        }
     }
 }
 
@@ -258,6 +285,22 @@ const SCTLR: u64 = 0x30d0_0800 | 1 | (1 << 2) | (1 << 12);
 pub const TCR_EPD0: u64 = 1 << 7;
 /// TCR_EL1.TBI0: the top byte of TTBR0 addresses is ignored.
 pub const TCR_TBI0: u64 = 1 << 37;
+/// TCR_EL1.EPD1: no walks of TTBR1 (every TTBR1 address is a Translation fault, level 0).
+pub const TCR_EPD1: u64 = 1 << 23;
+/// TCR_EL1.TBI1: the top byte of TTBR1 addresses is ignored.
+pub const TCR_TBI1: u64 = 1 << 38;
+
+/// `tcr` with T1SZ = `t1sz` and TG1 the granule `tg`, given in the encoding of the SMMU's
+/// CD.TG0 (0 4 KiB, 1 64 KiB, 2 16 KiB; TG1 encodes them 2, 3 and 1). For
+/// [`Harness::Identity`], where TTBR1 is the test's.
+pub const fn tcr_ttbr1(tcr: u64, t1sz: u8, tg: u64) -> u64 {
+    let tg1 = match tg & 3 {
+        1 => 3,
+        2 => 1,
+        _ => 2,
+    };
+    (tcr & !(0x3f << 16) & !(3 << 30)) | ((t1sz as u64 & 0x3f) << 16) | (tg1 << 30)
+}
 
 /// TCR_EL1 for a stage-1 table with `t0sz`, output size `ips` (the IPS encoding), and the
 /// hardware Access flag (HA) and dirty state (HD) updates; the 4 KiB granule (TG0 = 0).
@@ -338,8 +381,13 @@ impl Machine {
     }
 
     /// Runs `probes` in order on `image` (a [`Machine::snapshot`], the memory before any
-    /// probe) and returns what they did.
-    pub fn run(&self, image: &[u8], probes: &[Probe]) -> Result<Results, OracleError> {
+    /// probe) with the program at `harness`, and returns what they did.
+    pub fn run(
+        &self,
+        image: &[u8],
+        probes: &[Probe],
+        harness: Harness,
+    ) -> Result<Results, OracleError> {
         if probes.len() > MAX_PROBES {
             return Err(OracleError::TooManyProbes {
                 count: probes.len(),
@@ -363,7 +411,7 @@ impl Machine {
             let at = (pa - IMAGE_BASE) as usize;
             image[at..at + bytes.len()].copy_from_slice(bytes);
         };
-        let program = Asm::bytes(&program(probes.len() as u64)?);
+        let program = Asm::bytes(&program(probes.len() as u64, harness)?);
         if program.len() as u64 > PROGRAM_BYTES {
             return Err(OracleError::Asm(AsmError::Immediate(program.len() as u64)));
         }
@@ -499,9 +547,11 @@ const X23: u32 = 23;
 const X24: u32 = 24;
 const X30: u32 = 30;
 
-/// The EL1 program for `count` probes, to be placed at [`layout::VECTORS`] (entry at
-/// [`layout::ENTRY`]).
-fn program(count: u64) -> Result<Vec<u32>, AsmError> {
+/// The EL1 program for `count` probes run from `harness`, to be placed at
+/// [`layout::VECTORS`] (entry at [`layout::ENTRY`]).
+fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
+    // The VA of physical address 0 while probing.
+    let base = harness.base();
     let mut a = Asm::new();
     // 16 vector entries of 0x80 bytes: each records the exception in x20's record and
     // returns past the faulting instruction.
@@ -547,7 +597,7 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.mov_imm(X0, MAIR);
     a.msr(SysReg::MAIR_EL1, X0);
     boot_map(&mut a);
-    a.mov_imm(X0, HIGH + VECTORS);
+    a.mov_imm(X0, base + VECTORS);
     a.msr(SysReg::VBAR_EL1, X0);
     a.tlbi_vmalle1();
     a.dsb_sy();
@@ -558,7 +608,7 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     // Still on the identity map: continue at the TTBR1 alias.
     let high = a.label();
     let high_at = a.offset() + 5 * 4;
-    a.mov_imm(X0, HIGH + VECTORS + high_at);
+    a.mov_imm(X0, base + VECTORS + high_at);
     while a.offset() < high_at - 4 {
         a.nop();
     }
@@ -567,8 +617,8 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     if a.offset() != high_at {
         return Err(AsmError::Immediate(high_at));
     }
-    a.mov_imm(X19, HIGH + PROBES);
-    a.mov_imm(X20, HIGH + RESULTS + HEADER);
+    a.mov_imm(X19, base + PROBES);
+    a.mov_imm(X20, base + RESULTS + HEADER);
     a.mov_imm(X21, count);
     let next_probe = a.label();
     let done = a.label();
@@ -603,7 +653,14 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
         a.cmp_imm(X1, code);
         a.b_cond(Cond::Eq, l);
     }
-    // Switch.
+    // Switch. From the identity map the program turns the MMU off first (it runs at its
+    // physical address either way), so that no fetch sees a TTBR0 paired with another
+    // scenario's TCR; the SCTLR_EL1 write below turns it back on.
+    if harness == Harness::Identity {
+        a.mov_imm(X4, SCTLR & !1);
+        a.msr(SysReg::SCTLR_EL1, X4);
+        a.isb();
+    }
     a.msr(SysReg::TTBR0_EL1, X0);
     a.msr(SysReg::TCR_EL1, X2);
     // The last word: TTBR1 with PAN in bit 0, WXN in bit 1.
@@ -653,9 +710,9 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.bind(fetch_el0);
     let start = a.offset();
     let back_at = start + 48;
-    a.mov_imm(X23, HIGH + VECTORS + back_at);
+    a.mov_imm(X23, base + VECTORS + back_at);
     a.pad_to(start + 16);
-    a.mov_imm(X4, HIGH + EL0_STUB);
+    a.mov_imm(X4, base + EL0_STUB);
     a.pad_to(start + 32);
     a.msr(SysReg::ELR_EL1, X4);
     a.movz(X4, 0x3c0, 0);
@@ -674,7 +731,13 @@ fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.subs_imm(X21, X21, 1);
     a.b(next_probe);
     a.bind(done);
-    // Back to the identity map, then to the physical address.
+    // Back to the identity map, then to the physical address (from the identity harness,
+    // with the MMU off: the read-back below is of physical addresses either way).
+    if harness == Harness::Identity {
+        a.mov_imm(X4, SCTLR & !1);
+        a.msr(SysReg::SCTLR_EL1, X4);
+        a.isb();
+    }
     boot_map(&mut a);
     a.tlbi_vmalle1();
     a.dsb_sy();

@@ -53,9 +53,10 @@
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use vsva_qemu_oracle::layout::{BOOT_L2, BOOT_TSZ, DATA, HIGH, IMAGE_BASE, TABLES};
+use vsva_qemu_oracle::layout::{BOOT_L2, BOOT_L3, BOOT_TSZ, DATA, HIGH, IMAGE_BASE, TABLES};
 use vsva_qemu_oracle::{
-    fetch_snippet, tcr_tg0, Machine, OracleError, Outcome, Probe, ProbeOp, TCR_EPD0, TCR_TBI0,
+    fetch_snippet, tcr_tg0, tcr_ttbr1, Harness, Machine, OracleError, Outcome, Probe, ProbeOp,
+    TCR_EPD0, TCR_EPD1, TCR_TBI0, TCR_TBI1,
 };
 use vsva_smmuv3::{
     walk_stage1, AccessRequest, AddressSize, FaultKind, Granule, PageSize, PhysMem, S1Config,
@@ -167,6 +168,22 @@ const DEFAULT_SEED: u64 = 0x05ee_da64;
 
 #[test]
 fn aarch64_stage1_walker_agrees_with_qemu() {
+    compare_with_qemu(Harness::Upper);
+}
+
+/// The same comparison from the identity harness, where each scenario's TTBR1 is its own:
+/// EPD1 (a level-0 Translation fault for every upper-range VA), T1SZ 16 to 39, TG1 of
+/// every granule the CPU has and TBI1, with upper-range VAs in mappings, anywhere in the
+/// range and outside it.
+#[test]
+fn aarch64_stage1_ttbr1_epd1_walker_agrees_with_qemu() {
+    compare_with_qemu(Harness::Identity);
+}
+
+/// Builds the scenarios for `harness`, runs their probes in QEMU and compares.
+fn compare_with_qemu(harness: Harness) {
+    // The program at its physical address: TTBR1 is each scenario's own.
+    let identity = harness == Harness::Identity;
     let seed = std::env::var("VSVA_QEMU_ORACLE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -181,7 +198,7 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     };
     // A first run with no probe reports the CPU's features.
     let features = machine
-        .run(&machine.snapshot().unwrap(), &[])
+        .run(&machine.snapshot().unwrap(), &[], harness)
         .expect("running the empty program")
         .features;
     let hafdbs = features.hafdbs();
@@ -228,10 +245,20 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     // Build every scenario's tables first: the image must hold them before any probe.
     let mut scenarios = Vec::new();
     let mut damage: BTreeMap<&str, usize> = BTreeMap::new();
+    // EPD1 scenarios and the upper-range probes they made.
+    let mut epd1 = 0;
+    let mut t1sz_counts: BTreeMap<u8, usize> = BTreeMap::new();
+    let mut tg1_counts: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..SCENARIOS {
-        let weights: u64 = granules.iter().map(|g| g.1).sum();
+        // The identity harness's TTBR0 maps the program with 4 KiB tables.
+        let ttb0_granules = if identity {
+            &granules[..1]
+        } else {
+            &granules[..]
+        };
+        let weights: u64 = ttb0_granules.iter().map(|g| g.1).sum();
         let mut roll = rng.below(weights);
-        let granule = granules
+        let granule = ttb0_granules
             .iter()
             .find(|g| {
                 let hit = roll < g.1;
@@ -240,7 +267,8 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             })
             .map_or(Granule::Size4K, |g| g.0);
         let frame_bytes = 1 << granule.shift();
-        let t0sz = rng.in_range(16, 39) as u8;
+        // The identity harness's TTBR0 range holds the program (below 2 GiB).
+        let t0sz = rng.in_range(16, if identity { 33 } else { 39 }) as u8;
         let ips_choices = if granule == Granule::Size64K && lpa {
             &IPS[..]
         } else {
@@ -255,7 +283,8 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         let pan = pan_supported && rng.percent(40);
         let wxn = rng.percent(30);
         let tbi = rng.percent(30);
-        let epd0 = rng.percent(4);
+        let epd0 = !identity && rng.percent(4);
+        let tbi1 = identity && rng.percent(30);
         let Some(root) = alloc_frame(frame_bytes) else {
             break;
         };
@@ -267,11 +296,40 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             wxn,
             tbi,
             epd0,
+            tbi1,
             ..S1Flags::default()
         };
         let ttb0 = S1Table::ttb0(root, t0sz, granule).unwrap();
-        // Half the scenarios load a TTBR1 table of their own (T1SZ 25, 4 KiB).
-        let ttb1 = if rng.percent(50) {
+        // With the identity harness, TTBR1 is each scenario's own: disabled (EPD1) in a
+        // quarter of them, else T1SZ 16 to 39 with any granule.
+        let mut t1sz = BOOT_TSZ as u8;
+        let ttb1 = if identity {
+            t1sz = rng.in_range(16, 39) as u8;
+            let weights: u64 = granules.iter().map(|g| g.1).sum();
+            let mut roll = rng.below(weights);
+            let g1 = granules
+                .iter()
+                .find(|g| {
+                    let hit = roll < g.1;
+                    roll = roll.saturating_sub(g.1);
+                    hit
+                })
+                .map_or(Granule::Size4K, |g| g.0);
+            if rng.percent(25) {
+                epd1 += 1;
+                None
+            } else {
+                let Some(root1) = alloc_frame(1 << g1.shift()) else {
+                    break;
+                };
+                mem.write(root1, &vec![0; 1 << g1.shift()]).unwrap();
+                *t1sz_counts.entry(t1sz).or_default() += 1;
+                *tg1_counts.entry(format!("{g1:?}")).or_default() += 1;
+                Some(S1Table::ttb1(root1, t1sz, g1).unwrap())
+            }
+        } else if rng.percent(50) {
+            // Half the Upper harness's scenarios load a TTBR1 table of their own (T1SZ 25,
+            // 4 KiB).
             let Some(root1) = alloc_frame(0x1000) else {
                 break;
             };
@@ -285,6 +343,19 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         let input_mask = (1u64 << cfg.input_bits()) - 1;
         let mut builder = TableBuilder::stage1(&cfg);
         let mut alloc = || alloc_frame(frame_bytes);
+        // The identity harness's program: the 2 MiB at VA IMAGE_BASE through the boot
+        // level-3 table (a page mapped there first builds the tables on the way).
+        if identity {
+            builder
+                .map(mem, &mut alloc, IMAGE_BASE, DATA.0, PageSize::Size4K, 0x403)
+                .expect("mapping the program's page");
+            let slot = builder
+                .descriptor_address(mem, IMAGE_BASE, 2)
+                .expect("the program's level-2 descriptor")
+                .expect("the program's level-2 descriptor");
+            mem.write_u64(slot, BOOT_L3 | 3).unwrap();
+        }
+        let program = IMAGE_BASE..IMAGE_BASE + (2 << 20);
         // (VA, size, output address) of each mapping.
         let mut mappings: Vec<(u64, PageSize, u64)> = Vec::new();
         for _ in 0..MAPPINGS_PER_SCENARIO {
@@ -318,6 +389,10 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             if rng.percent(20) {
                 attrs |= rng.below(16) << 55;
             }
+            // Nothing is mapped over the identity harness's program.
+            if identity && va < program.end && program.start < va + size.bytes() {
+                continue;
+            }
             if builder.map(mem, &mut alloc, va, pa, size, attrs).is_ok() {
                 mappings.push((va, size, pa));
                 *size_counts.entry(format!("{size:?}")).or_default() += 1;
@@ -333,6 +408,10 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             let Ok(Some(slot)) = builder.descriptor_address(mem, va, level) else {
                 continue;
             };
+            // Nor is the way to the identity harness's program damaged.
+            if identity && builder.descriptor_address(mem, IMAGE_BASE, level) == Ok(Some(slot)) {
+                continue;
+            }
             // A table address damaged beyond IPS (or RAM) leads nowhere.
             let Ok(d) = mem.read_u64(slot) else { continue };
             if d & 1 == 0 {
@@ -369,18 +448,29 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             *damage.entry(what).or_default() += 1;
             mem.write_u64(slot, new).unwrap();
         }
-        // The TTBR1 table's mappings: upper-range VAs outside the program's GiB.
+        // The TTBR1 table's mappings: upper-range VAs (with the Upper harness, outside the
+        // program's GiB).
         let mut upper = Vec::new();
         if let Some(mut builder1) = TableBuilder::stage1_ttb1(&cfg) {
-            let mut alloc = || alloc_frame(0x1000);
+            let ttb1 = *cfg.ttb1().expect("a TTBR1 table");
+            let g1 = ttb1.granule();
+            let mut alloc = || alloc_frame(1 << g1.shift());
             for _ in 0..MAPPINGS_PER_SCENARIO / 2 {
                 let level = match rng.below(100) {
                     0..=59 => 3,
                     60..=84 => 2,
                     _ => 1,
                 };
-                let size = PageSize::of(Granule::Size4K, level, lpa).unwrap_or(PageSize::Size4K);
-                let va = upper_va(&mut rng) & !(size.bytes() - 1);
+                let size = PageSize::of(g1, level, lpa)
+                    .or(PageSize::of(g1, 2, lpa))
+                    .or(PageSize::of(g1, 3, lpa))
+                    .unwrap_or(PageSize::Size4K);
+                let va = if identity {
+                    let mask = (1u64 << ttb1.input_bits()) - 1;
+                    !mask | (rng.next() & mask)
+                } else {
+                    upper_va(&mut rng)
+                } & !(size.bytes() - 1);
                 let pa = if size.bytes() <= (DATA.1 - DATA.0) / 2 {
                     let first = DATA.0.next_multiple_of(size.bytes());
                     first + rng.below((DATA.1 - first) / size.bytes()) * size.bytes()
@@ -398,14 +488,21 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
                     upper.push((va, size, pa));
                 }
             }
-            // Entry 1: the boot level-2 table, where the program runs.
-            let root1 = cfg.ttb1().map_or(0, |t| t.root());
-            mem.write_u64(root1 + 8, BOOT_L2 | 3).unwrap();
+            // Entry 1: the boot level-2 table, where the Upper harness's program runs.
+            if !identity {
+                mem.write_u64(ttb1.root() + 8, BOOT_L2 | 3).unwrap();
+            }
         }
-        let tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd)
+        let mut tcr = vsva_qemu_oracle::tcr(t0sz, ips_code, ha, hd)
             | tcr_tg0(granule.raw())
             | if tbi { TCR_TBI0 } else { 0 }
             | if epd0 { TCR_EPD0 } else { 0 };
+        if identity {
+            let tg1 = cfg.ttb1().map_or(Granule::Size4K, |t| t.granule());
+            tcr = tcr_ttbr1(tcr, t1sz, tg1.raw())
+                | if cfg.ttb1().is_none() { TCR_EPD1 } else { 0 }
+                | if tbi1 { TCR_TBI1 } else { 0 };
+        }
         scenarios.push((cfg, tcr, mappings, upper));
     }
     let mut image = machine.snapshot().unwrap();
@@ -448,21 +545,38 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             S1Flags {
                 affd: true,
                 tbi: cfg.flags().tbi,
+                tbi1: cfg.flags().tbi1,
                 ..S1Flags::default()
             },
         );
         let mut made = 0;
         while made < PROBES_PER_SCENARIO {
             // A third of a TTBR1 scenario's probes are upper-range VAs: in a mapping (in
-            // the data region) or anywhere outside the program's GiB.
-            let va = if cfg.ttb1().is_some() && rng.percent(33) {
-                if !upper.is_empty() && rng.percent(75) {
+            // the data region) or anywhere outside the program's GiB; with the identity
+            // harness also in EPD1 scenarios, and outside the TTBR1 range.
+            let va = if (cfg.ttb1().is_some() || identity) && rng.percent(33) {
+                if identity && (cfg.ttb1().is_none() || rng.percent(25)) {
+                    // Bit 55 set; the bits above T1SZ's range all set (in range) or not.
+                    let bits = cfg.ttb1().map_or(rng.in_range(25, 48), |t| t.input_bits());
+                    let mask = (1u64 << bits) - 1;
+                    let in_range = !mask | (rng.next() & mask);
+                    if rng.percent(50) {
+                        in_range & !7
+                    } else {
+                        (in_range & !(1 << rng.in_range(bits, 63)) | (1 << 55)) & !7
+                    }
+                } else if !upper.is_empty() && rng.percent(75) {
                     let (base, size, pa) = rng.pick(upper);
                     let lo = DATA.0.max(pa);
                     let hi = DATA.1.min(pa + size.bytes());
                     base + (lo - pa) + rng.below((hi - lo) / 8) * 8
                 } else {
-                    upper_va(&mut rng) & !7
+                    let mask = cfg.ttb1().map_or(0, |t| (1u64 << t.input_bits()) - 1);
+                    if identity {
+                        (!mask | (rng.next() & mask)) & !7
+                    } else {
+                        upper_va(&mut rng) & !7
+                    }
                 }
             } else {
                 match (rng.below(100), mappings.is_empty()) {
@@ -497,6 +611,8 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
             // With TBI0, half the data accesses carry a tag in the top byte.
             let va = if cfg.flags().tbi && !fetch && va >> 55 == 0 && rng.percent(50) {
                 va | (rng.below(256) << 56)
+            } else if cfg.flags().tbi1 && !fetch && va >> 55 & 1 != 0 && rng.percent(50) {
+                (va & ((1 << 56) - 1)) | (rng.below(256) << 56)
             } else {
                 va
             };
@@ -558,12 +674,16 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     }
 
     let start = std::time::Instant::now();
-    let results = machine.run(&image, &probes).expect("running the probes");
+    let results = machine
+        .run(&image, &probes, harness)
+        .expect("running the probes");
     let elapsed = start.elapsed();
 
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     // The upper-range (TTBR1) probes among them.
     let mut upper_counts: BTreeMap<String, usize> = BTreeMap::new();
+    // Those of scenarios with EPD1.
+    let mut epd1_counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     // Accesses with a tag in the top byte that reached memory (TBI0).
     let mut tagged = 0;
@@ -580,16 +700,25 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         if p.va >> 55 & 1 != 0 && !matches!(e, Expect::Switch) {
             *upper_counts.entry(class(e)).or_default() += 1;
         }
-        if p.va >> 56 != 0 && matches!(e, Expect::Load(_) | Expect::Store(_)) {
+        if p.va >> 55 & 1 != 0 && records[i].0.ttb1().is_none() {
+            *epd1_counts.entry(class(e)).or_default() += 1;
+        }
+        let tag = if p.va >> 55 & 1 != 0 {
+            !(p.va >> 56) & 0xff
+        } else {
+            p.va >> 56
+        };
+        if tag != 0 && matches!(e, Expect::Load(_) | Expect::Store(_)) {
             tagged += 1;
         }
         let invalid_block = invalid_block(&records[i].1).is_some();
         // FAR_EL1[63:56] is UNKNOWN for a tagged address (Arm ARM, FAR_EL1).
-        let far_mask = if records[i].0.flags().tbi {
-            (1 << 56) - 1
+        let tbi = if p.va >> 55 & 1 != 0 {
+            records[i].0.flags().tbi1
         } else {
-            u64::MAX
+            records[i].0.flags().tbi
         };
+        let far_mask = if tbi { (1 << 56) - 1 } else { u64::MAX };
         let ok = match (e, got) {
             (Expect::Fault(f), got) if invalid_block => {
                 let fixed = matches!(got, Outcome::Abort(a) if a.dfsc() == dfsc(f).unwrap_or(0));
@@ -647,7 +776,8 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
         }
     }
     println!(
-        "{} probes in {} scenarios, one QEMU run of {elapsed:?}; {updates} descriptors updated by HA/HD",
+        "{harness:?} harness: {} probes in {} scenarios, one QEMU run of {elapsed:?}; {updates} \
+         descriptors updated by HA/HD",
         probes.len() - scenarios.len(),
         scenarios.len()
     );
@@ -680,6 +810,20 @@ fn aarch64_stage1_walker_agrees_with_qemu() {
     );
     for (c, n) in &upper_counts {
         println!("  {n:6}  {c}");
+    }
+    if identity {
+        println!(
+            "identity harness: {epd1} scenarios with EPD1, {} with TBI1; TTBR1 tables' T1SZ \
+             {t1sz_counts:?}, TG1 {tg1_counts:?}; upper-range probes of EPD1 scenarios:",
+            with(|f| f.tbi1)
+        );
+        for (c, n) in &epd1_counts {
+            println!("  {n:6}  {c}");
+        }
+        assert!(
+            epd1_counts.contains_key("F_TRANSLATION level 0") && tg1_counts.len() == granules.len(),
+            "the run did not exercise EPD1 and every TG1: {epd1_counts:?} {tg1_counts:?}"
+        );
     }
     assert!(
         probes.len() - scenarios.len() >= MIN_PROBES,
@@ -791,7 +935,7 @@ fn harness_runs_a_hand_built_table() {
             ..*p
         })
         .collect();
-    let r = machine.run(&image, &probes).unwrap();
+    let r = machine.run(&image, &probes, Harness::Upper).unwrap();
     assert_ne!(r.features.mmfr0, 0);
     assert_eq!(r.outcomes[1], Outcome::Done(0x1234_5678));
     assert_eq!(r.outcomes[2], Outcome::Done(0xabcd));
