@@ -19,7 +19,12 @@
 //! range. Half the scenarios also load a TTBR1 table of their own (T1SZ 25, 4 KiB TG1,
 //! EPD1 clear; the CD's TTB1): a third of their probes are upper-range VAs, in its mappings
 //! or anywhere but the GiB the program runs in (its level-1 entry 1 is the boot level-2
-//! table), and are counted separately. `walk_stage1` walks each over a model of the memory, in probe order (so its
+//! table), and are counted separately. The second test runs the same comparison from the
+//! identity harness (`Harness::Identity`: the program at its physical address through each
+//! scenario's 4 KiB TTBR0 table, T0SZ at most 33, whose level-2 entry for the program's
+//! 2 MiB is the boot level-3 table), where TTBR1 is each scenario's own: EPD1 in a quarter
+//! of them, else T1SZ 16 to 39 with any granule the CPU has, some with TBI1; a third of the
+//! probes are upper-range VAs in a mapping, anywhere in the range or outside it. `walk_stage1` walks each over a model of the memory, in probe order (so its
 //! Access flag and dirty-state updates land in the model as the CPU's land in RAM), and
 //! QEMU runs them all in one launch, with a TLB invalidation before each probe. They must
 //! agree:
