@@ -97,9 +97,13 @@ enum Command {
     },
     /// Measures the hot paths against baselines in the same run.
     Bench(BenchArgs),
-    /// Serves the host (memory, VT-d model and driver, PASIDs) to VMM processes over a
-    /// UNIX socket until SIGTERM or SIGINT (docs/protocol.md).
+    /// Serves the host (memory, the IOMMU model and its driver, PASIDs) to VMM processes
+    /// over a UNIX socket until SIGTERM or SIGINT (docs/protocol.md).
     Host {
+        /// The host IOMMU: VT-d (VFIO containers and iommufd), or SMMUv3 with its
+        /// interrupt thread (VFIO type1 containers, VFIO_IOMMU_ATTACH_PASID_TABLE).
+        #[arg(long, value_enum, default_value = "vtd")]
+        iommu: IommuArch,
         /// The socket to create (mode 0600).
         #[arg(long)]
         socket: std::path::PathBuf,
@@ -388,6 +392,7 @@ fn main() -> ExitCode {
             vm, pasid, addr, ..
         } => report(scenario::explain(vm, pasid, addr)),
         Command::Host {
+            iommu,
             socket,
             memory,
             max_connections,
@@ -396,6 +401,10 @@ fn main() -> ExitCode {
             strict,
         } => {
             let config = vsva_service::HostConfig {
+                iommu: match iommu {
+                    IommuArch::Vtd => vsva_service::IommuArch::Vtd,
+                    IommuArch::Smmuv3 => vsva_service::IommuArch::Smmuv3,
+                },
                 memory,
                 strict,
                 limits: vsva_service::Limits {

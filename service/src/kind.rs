@@ -8,7 +8,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use vsva_host::driver::{HostIommu, VtdDomain};
-use vsva_host::{Container, ContainerFile, PasidAllocator};
+use vsva_host::smmu::{SmmuDomain, SmmuHost};
+use vsva_host::{Container, ContainerFile, IommuBackend, PasidAllocator};
 use vsva_uapi::vfio::{VfioIommuType1DmaMap, VFIO_IOMMU_MAP_DMA};
 use vsva_uapi::{Errno, UapiFile};
 use vsva_vtd::SourceId;
@@ -78,7 +79,7 @@ pub trait ServedFile: UapiFile {
     }
 }
 
-impl ServedFile for ContainerFile<VtdDomain> {
+impl<B: IommuBackend + Send + 'static> ServedFile for ContainerFile<B> {
     fn holdings(&self) -> Holdings {
         let c = self.lock();
         let state = c.state();
@@ -119,11 +120,21 @@ pub trait FileKind: Send + Sync {
     }
 }
 
-/// VFIO type1 containers over the host VT-d driver: each is a nesting-capable container of
+/// The host IOMMU driver whose domains back the containers.
+#[derive(Clone)]
+pub enum Domains {
+    /// The host VT-d driver's unit: each container a [`VtdDomain`] (a domain id).
+    Vtd(Arc<HostIommu>),
+    /// The host SMMUv3 driver: each container an [`SmmuDomain`] (a VMID and its stage 2;
+    /// `VFIO_IOMMU_ATTACH_PASID_TABLE` nests the guest's CD table over it).
+    Smmu(Arc<SmmuHost>),
+}
+
+/// VFIO type1 containers over a host IOMMU driver: each is a nesting-capable container of
 /// its own domain, with a PASID set of `quota` PASIDs from the host's allocator.
 pub struct VfioContainerKind {
-    /// The host VT-d driver's unit.
-    pub unit: Arc<HostIommu>,
+    /// The host driver the containers' domains come from.
+    pub domains: Domains,
     /// The host's PASID space.
     pub pasids: Arc<Mutex<PasidAllocator>>,
     /// PASIDs each container may hold.
@@ -136,12 +147,22 @@ impl FileKind for VfioContainerKind {
     }
 
     fn open(&self) -> Result<Arc<dyn ServedFile>, Errno> {
-        let domain = VtdDomain::new(&self.unit).map_err(|e| {
+        fn refused(e: impl std::fmt::Display) -> Errno {
             tracing::warn!("opening a container: {e}");
             Errno::ENOSPC
-        })?;
-        let container = Container::new(self.pasids.clone(), self.quota, domain);
-        Ok(Arc::new(ContainerFile::new(container)))
+        }
+        Ok(match &self.domains {
+            Domains::Vtd(unit) => {
+                let domain = VtdDomain::new(unit).map_err(refused)?;
+                let container = Container::new(self.pasids.clone(), self.quota, domain);
+                Arc::new(ContainerFile::new(container))
+            }
+            Domains::Smmu(host) => {
+                let domain = SmmuDomain::new(host).map_err(refused)?;
+                let container = Container::new(self.pasids.clone(), self.quota, domain);
+                Arc::new(ContainerFile::new(container))
+            }
+        })
     }
 
     /// `VFIO_IOMMU_MAP_DMA`'s `vaddr` (offset 8) naming `size` (offset 24) bytes.

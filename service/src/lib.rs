@@ -23,4 +23,4 @@ pub mod socket;
 
 pub use client::{ClientError, RemoteFile, SharedRam};
 pub use process::{HostExit, HostProcess, HostProcessError};
-pub use server::{HostConfig, Limits, Report, Service, ServiceError};
+pub use server::{HostConfig, IommuArch, Limits, Report, Service, ServiceError};

@@ -1,6 +1,6 @@
-//! `vsva host`: the host as a service. One [`Service`] owns host memory, the VT-d model,
-//! its driver and the PASID allocator; every connection is one open uAPI file, served on
-//! its own thread. Connections share no lock on the translation path: each file locks
+//! `vsva host`: the host as a service. One [`Service`] owns host memory, the IOMMU model
+//! (VT-d, or SMMUv3 with its interrupt thread: [`IommuArch`]), its driver and the PASID
+//! allocator; every connection is one open uAPI file, served on its own thread. Connections share no lock on the translation path: each file locks
 //! only itself, and the IOMMU model and host memory are shared as they are in one process.
 //!
 //! A connection that closes, for whatever reason (exit, SIGKILL, a protocol error), loses
@@ -18,17 +18,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vsva_host::driver::HostIommu;
+use vsva_host::smmu::SmmuHost;
 use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaError, DmaPort};
-use vsva_hw::iommu::{Iommu, IommuConfig, StaleTranslation};
+use vsva_hw::iommu::{Iommu, IommuConfig};
+use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
 use vsva_uapi::Errno;
 use vsva_vtd::{Hpa, SourceId};
 
 use crate::fault::EventfdNotifier;
 use crate::iommufd::IommufdKind;
-use crate::kind::{FileArg, FileKind, Holdings, ServedFile, VfioContainerKind};
+use crate::kind::{Domains, FileArg, FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
     decode_header, decode_request, FrameError, HostState, Reply, Request, Welcome,
     CONNECTIONS_FULL, ERROR_REPLY, HEADER_LEN, MAGIC, MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
@@ -69,9 +71,24 @@ impl Default for Limits {
     }
 }
 
+/// The host IOMMU `vsva host` serves on (`--iommu`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IommuArch {
+    /// The physical VT-d model and the host intel-iommu driver; VFIO containers and
+    /// iommufd.
+    #[default]
+    Vtd,
+    /// The physical SMMUv3 model and the host arm-smmu-v3 driver with its interrupt
+    /// thread; VFIO type1 containers (stage 2 from `MAP_DMA`, the guest's CD table from
+    /// `VFIO_IOMMU_ATTACH_PASID_TABLE`). No iommufd: `HELLO` for one is `ENODEV`.
+    Smmuv3,
+}
+
 /// How the host is built.
 #[derive(Clone, Copy, Debug)]
 pub struct HostConfig {
+    /// The host IOMMU.
+    pub iommu: IommuArch,
     /// Bytes of (sparse) host memory.
     pub memory: u64,
     /// Per-connection limits.
@@ -86,6 +103,7 @@ pub struct HostConfig {
 impl Default for HostConfig {
     fn default() -> Self {
         HostConfig {
+            iommu: IommuArch::Vtd,
             memory: 4 << 30,
             limits: Limits::default(),
             strict: false,
@@ -105,6 +123,9 @@ pub enum ServiceError {
     /// The host VT-d driver failed to initialise.
     #[error("host driver: {0}")]
     Driver(#[from] vsva_host::driver::DriverError),
+    /// The host SMMUv3 driver failed to initialise or to take its interrupts.
+    #[error("host SMMUv3 driver: {0}")]
+    SmmuDriver(#[from] vsva_host::HostError),
     /// The socket could not be set up or served.
     #[error("socket {path}: {source}")]
     Socket {
@@ -156,9 +177,11 @@ pub struct Report {
     pub baseline: HostState,
     /// Whether the IOMMU model ran in strict mode.
     pub strict: bool,
-    /// The strict-mode violations found (the first [`VIOLATIONS_KEPT`]; `left` counts
-    /// them all).
-    pub violations: Vec<StaleTranslation>,
+    /// The strict-mode violations found, as the IOMMU model describes them (the first
+    /// [`VIOLATIONS_KEPT`]; `left` counts them all).
+    pub violations: Vec<String>,
+    /// On an SMMUv3 host, what its interrupt thread served.
+    pub smmu_irq: Option<vsva_host::smmu::IrqStats>,
 }
 
 impl Report {
@@ -206,6 +229,17 @@ impl fmt::Display for Report {
                 write!(f, "\n  ... and {more} more")?;
             }
         }
+        if let Some(irq) = &self.smmu_irq {
+            write!(
+                f,
+                "\nvsva host: SMMUv3 interrupt thread: {} MSIs, {} events, {} page requests, {} queue overflows, {} global errors",
+                irq.msis,
+                irq.events,
+                irq.page_requests,
+                irq.event_overflows + irq.priq_overflows,
+                irq.gerrors
+            )?;
+        }
         Ok(())
     }
 }
@@ -220,23 +254,43 @@ struct Live {
     file: Option<Arc<dyn ServedFile>>,
 }
 
-/// The host: memory, the VT-d model and its driver, the PASID space, and what it serves.
+/// The IOMMU model and its host driver.
+enum Hardware {
+    /// VT-d.
+    Vtd {
+        iommu: Arc<Iommu>,
+        unit: Arc<HostIommu>,
+    },
+    /// SMMUv3.
+    Smmu {
+        smmu: Arc<Smmu>,
+        host: Arc<SmmuHost>,
+    },
+}
+
+/// The host: memory, the IOMMU model and its driver, the PASID space, and what it serves.
 pub struct Service {
     mem: Arc<HostMemory>,
     frames: Arc<FrameAllocator>,
-    iommu: Arc<Iommu>,
-    unit: Arc<HostIommu>,
+    hw: Hardware,
     pasids: Arc<Mutex<PasidAllocator>>,
     kinds: Vec<Arc<dyn FileKind>>,
     limits: Limits,
     counters: Counters,
     /// The live connections, by id.
     live: Mutex<HashMap<u64, Live>>,
-    /// Requester ids handed to devices so far (each device gets a new one).
+    /// Requester ids handed to devices so far (on VT-d each device gets a new one).
     device_ids: AtomicU64,
+    /// On an SMMUv3 host, the StreamIDs of [`SMMU_STREAMS`] plugged devices hold.
+    streams: Mutex<std::collections::BTreeSet<u32>>,
     /// What strict mode found.
     violations: Mutex<Violations>,
 }
+
+/// The StreamIDs of the devices an SMMUv3 host plugs in (`DEVICE_ADD`), probed at start:
+/// one level-2 stream table. A device takes the lowest free one and gives it back when its
+/// connection closes; with all taken, `DEVICE_ADD` is `ENOSPC`.
+pub const SMMU_STREAMS: std::ops::Range<u32> = 0x100..0x200;
 
 /// Strict-mode violations kept for the exit report.
 pub const VIOLATIONS_KEPT: usize = 64;
@@ -246,44 +300,142 @@ pub const VIOLATIONS_KEPT: usize = 64;
 struct Violations {
     /// All of them.
     count: u64,
-    /// The first [`VIOLATIONS_KEPT`].
-    kept: Vec<StaleTranslation>,
+    /// The first [`VIOLATIONS_KEPT`], described.
+    kept: Vec<String>,
 }
 
 impl Service {
-    /// Builds the host: `config.memory` bytes of memory, the VT-d model, its driver, the
-    /// PASID allocator, and the file kinds: VFIO container and iommufd.
+    /// Builds the host: `config.memory` bytes of memory, the IOMMU model of
+    /// `config.iommu` and its driver (on SMMUv3 with its interrupts taken by the interrupt
+    /// thread), the PASID allocator, and the file kinds: VFIO container, and on VT-d
+    /// iommufd.
     pub fn new(config: &HostConfig) -> Result<Arc<Service>, ServiceError> {
         let mem = HostMemory::new(config.memory)?;
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
-        let iommu = Iommu::new(
-            mem.clone(),
-            IommuConfig {
-                strict: config.strict,
-                ..IommuConfig::default()
-            },
-        )?;
-        let unit = HostIommu::new(iommu.clone(), frames.clone())?;
         let pasids = Arc::new(Mutex::new(PasidAllocator::new()));
-        let vfio: Arc<dyn FileKind> = Arc::new(VfioContainerKind {
-            unit: unit.clone(),
+        let (hw, domains) = match config.iommu {
+            IommuArch::Vtd => {
+                let iommu = Iommu::new(
+                    mem.clone(),
+                    IommuConfig {
+                        strict: config.strict,
+                        ..IommuConfig::default()
+                    },
+                )?;
+                let unit = HostIommu::new(iommu.clone(), frames.clone())?;
+                let domains = Domains::Vtd(unit.clone());
+                (Hardware::Vtd { iommu, unit }, domains)
+            }
+            IommuArch::Smmuv3 => {
+                let smmu = Arc::new(Smmu::new(
+                    mem.clone(),
+                    SmmuConfig {
+                        strict: config.strict,
+                        ..SmmuConfig::default()
+                    },
+                ));
+                let host = SmmuHost::new(smmu.clone(), frames.clone())?;
+                host.probe_streams(SMMU_STREAMS)?;
+                host.enable_interrupts()?;
+                let domains = Domains::Smmu(host.clone());
+                (Hardware::Smmu { smmu, host }, domains)
+            }
+        };
+        let mut kinds: Vec<Arc<dyn FileKind>> = vec![Arc::new(VfioContainerKind {
+            domains,
             pasids: pasids.clone(),
             quota: config.limits.pasid_quota,
-        });
-        let iommufd: Arc<dyn FileKind> = Arc::new(IommufdKind { unit: unit.clone() });
+        })];
+        if let Hardware::Vtd { unit, .. } = &hw {
+            kinds.push(Arc::new(IommufdKind { unit: unit.clone() }));
+        }
         Ok(Arc::new(Service {
             mem,
             frames,
-            iommu,
-            unit,
+            hw,
             pasids,
-            kinds: vec![vfio, iommufd],
+            kinds,
             limits: config.limits,
             counters: Counters::default(),
             live: Mutex::new(HashMap::new()),
             device_ids: AtomicU64::new(0),
+            streams: Mutex::default(),
             violations: Mutex::default(),
         }))
+    }
+
+    /// The host SMMUv3 driver, on an SMMUv3 host (for tests and diagnostics: its stream
+    /// table, VMIDs and the model's caches).
+    pub fn smmu(&self) -> Option<&Arc<SmmuHost>> {
+        match &self.hw {
+            Hardware::Smmu { host, .. } => Some(host),
+            Hardware::Vtd { .. } => None,
+        }
+    }
+
+    /// Whether the IOMMU model runs in strict mode.
+    fn strict(&self) -> bool {
+        match &self.hw {
+            Hardware::Vtd { iommu, .. } => iommu.strict(),
+            Hardware::Smmu { smmu, .. } => smmu.strict(),
+        }
+    }
+
+    /// The IOMMU model as the DMA engines' port.
+    fn dma_port(&self) -> Arc<dyn DmaPort> {
+        match &self.hw {
+            Hardware::Vtd { iommu, .. } => iommu.clone(),
+            Hardware::Smmu { smmu, .. } => smmu.clone(),
+        }
+    }
+
+    /// Connects a device to the IOMMU model (its ATS invalidations and page responses).
+    fn attach_endpoint(&self, engine: &Arc<DmaEngine>) {
+        match &self.hw {
+            Hardware::Vtd { iommu, .. } => iommu.attach_endpoint(engine.clone()),
+            Hardware::Smmu { smmu, .. } => {
+                let sid = engine.config().sid;
+                smmu.attach_endpoint(u32::from(sid.rid()), engine.clone())
+            }
+        }
+    }
+
+    /// The requester id (StreamID) of a device plugged in now: on VT-d a new one, bus 1
+    /// onwards (0x100 + n, while a 16-bit requester id is left); on SMMUv3 the lowest free
+    /// one of [`SMMU_STREAMS`]. `ENOSPC` when none is left.
+    fn new_device_id(&self) -> Result<SourceId, Errno> {
+        let rid = match &self.hw {
+            Hardware::Vtd { .. } => {
+                let n = self.device_ids.fetch_add(1, Ordering::AcqRel);
+                u16::try_from(0x100 + n).map_err(|_| Errno::ENOSPC)?
+            }
+            Hardware::Smmu { .. } => {
+                let mut taken = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+                let sid = SMMU_STREAMS
+                    .clone()
+                    .find(|s| !taken.contains(s))
+                    .ok_or(Errno::ENOSPC)?;
+                taken.insert(sid);
+                sid as u16
+            }
+        };
+        Ok(SourceId::from_rid(rid))
+    }
+
+    /// Gives the StreamID of an unplugged device back (on SMMUv3).
+    fn release_device_id(&self, sid: SourceId) {
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&u32::from(sid.rid()));
+    }
+
+    /// Disconnects the device `sid` from the IOMMU model.
+    fn detach_endpoint(&self, sid: SourceId) {
+        match &self.hw {
+            Hardware::Vtd { iommu, .. } => iommu.detach_endpoint(sid),
+            Hardware::Smmu { smmu, .. } => smmu.detach_endpoint(u32::from(sid.rid())),
+        }
     }
 
     /// Takes what strict mode found from the IOMMU model; the violations so far.
@@ -292,7 +444,17 @@ impl Service {
             .violations
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for stale in self.iommu.take_stale_translations() {
+        let found: Vec<String> = match &self.hw {
+            Hardware::Vtd { iommu, .. } => iommu
+                .take_stale_translations()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            Hardware::Smmu { smmu, .. } => {
+                smmu.take_stale().iter().map(ToString::to_string).collect()
+            }
+        };
+        for stale in found {
             v.count += 1;
             if v.kept.len() < VIOLATIONS_KEPT {
                 v.kept.push(stale);
@@ -301,10 +463,40 @@ impl Service {
         v
     }
 
-    /// What the host holds now.
+    /// What the host holds now. On an SMMUv3 host the driver's and the model's fields
+    /// are the SMMU's: `domain_ids` the VMIDs in use, `devices` the streams a domain
+    /// holds, `page_request_routes` those of them whose domain registered a fault sink,
+    /// `page_request_sinks` the sinks, `iotlb` the TLB entries, `context_cache` the
+    /// configuration cache's STEs and `pasid_cache` its CDs.
     pub fn state(&self) -> HostState {
         let held = self.holdings();
-        let (context_cache, pasid_cache) = self.iommu.cached_entries();
+        let (domain_ids, devices, routes, sinks, iotlb, context_cache, pasid_cache) = match &self.hw
+        {
+            Hardware::Vtd { iommu, unit } => {
+                let (context, pasid) = iommu.cached_entries();
+                (
+                    unit.domain_ids_in_use(),
+                    unit.attached_devices(),
+                    unit.page_request_routes(),
+                    unit.page_request_sinks(),
+                    iommu.iotlb().len(),
+                    context,
+                    pasid,
+                )
+            }
+            Hardware::Smmu { smmu, host } => {
+                let (tlb, stes, cds) = smmu.cached_entries();
+                (
+                    host.vmids().len(),
+                    host.owned_streams().len(),
+                    host.fault_routes(),
+                    host.fault_sinks(),
+                    tlb,
+                    stes,
+                    cds,
+                )
+            }
+        };
         HostState {
             connections: self.counters.live.load(Ordering::Acquire),
             allocated_bytes: self.frames.allocated_bytes(),
@@ -315,11 +507,11 @@ impl Service {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .total_allocated() as u64,
-            domain_ids: self.unit.domain_ids_in_use() as u64,
-            devices: self.unit.attached_devices() as u64,
-            page_request_routes: self.unit.page_request_routes() as u64,
-            page_request_sinks: self.unit.page_request_sinks() as u64,
-            iotlb: self.iommu.iotlb().len() as u64,
+            domain_ids: domain_ids as u64,
+            devices: devices as u64,
+            page_request_routes: routes as u64,
+            page_request_sinks: sinks as u64,
+            iotlb: iotlb as u64,
             context_cache: context_cache as u64,
             pasid_cache: pasid_cache as u64,
             dma_mappings: held.dma_mappings,
@@ -464,8 +656,9 @@ impl Service {
             refused: c.refused.load(Ordering::Acquire),
             left: self.state(),
             baseline,
-            strict: self.iommu.strict(),
+            strict: self.strict(),
             violations: self.violations().kept.clone(),
+            smmu_irq: self.smmu().map(|h| h.irq_stats()),
         }
     }
 
@@ -775,25 +968,27 @@ impl Connection<'_> {
         if self.device.is_some() {
             return Err(Errno::EEXIST);
         }
-        let n = self.svc.device_ids.fetch_add(1, Ordering::AcqRel);
-        // Bus 1 onwards: 0x100 + n, while a 16-bit requester id is left.
-        let rid = u16::try_from(0x100 + n).map_err(|_| Errno::ENOSPC)?;
-        let sid = SourceId::from_rid(rid);
+        let sid = self.svc.new_device_id()?;
+        let rid = sid.rid();
         let engine = Arc::new(
-            DmaEngine::new(
-                DmaEngineConfig::new(sid),
-                self.svc.iommu.clone() as Arc<dyn DmaPort>,
-            )
-            .map_err(|_| Errno::EINVAL)?,
+            DmaEngine::new(DmaEngineConfig::new(sid), self.svc.dma_port()).map_err(|_| {
+                self.svc.release_device_id(sid);
+                Errno::EINVAL
+            })?,
         );
-        engine
+        if engine
             .enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
-            .map_err(|_| Errno::EINVAL)?;
-        self.svc.iommu.attach_endpoint(engine.clone());
+            .is_err()
+        {
+            self.svc.release_device_id(sid);
+            return Err(Errno::EINVAL);
+        }
+        self.svc.attach_endpoint(&engine);
         let data = match file.attach_device(sid) {
             Ok(d) => d,
             Err(e) => {
-                self.svc.iommu.detach_endpoint(sid);
+                self.svc.detach_endpoint(sid);
+                self.svc.release_device_id(sid);
                 return Err(e);
             }
         };
@@ -1033,7 +1228,8 @@ impl Drop for Connection<'_> {
         }
         // The container detached the device as it closed; the engine leaves the bus.
         if let Some(engine) = self.device.take() {
-            self.svc.iommu.detach_endpoint(engine.config().sid);
+            self.svc.detach_endpoint(engine.config().sid);
+            self.svc.release_device_id(engine.config().sid);
         }
         for w in std::mem::take(&mut self.windows) {
             self.release(w);

@@ -50,6 +50,7 @@ fn serve_with(limits: Limits) -> Served {
         memory: 256 << 20,
         limits,
         strict: false,
+        ..HostConfig::default()
     })
     .unwrap();
     let listener = vsva_service::server::bind_socket(&path).unwrap();

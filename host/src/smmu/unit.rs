@@ -177,6 +177,18 @@ impl SmmuHost {
         self.state().owners.remove(&sid);
     }
 
+    /// Probes the StreamIDs `sids` of devices the platform may plug in later
+    /// (`arm_smmu_init_sid_strtab` of each master's probe): each gets an aborting STE,
+    /// which makes the level-2 stream tables holding them; they stay for the SMMU's
+    /// lifetime, as Linux's do, so a device plugged in later allocates nothing.
+    pub fn probe_streams(&self, sids: std::ops::Range<u32>) -> Result<(), HostError> {
+        let mut drv = self.driver();
+        for sid in sids {
+            drv.write_ste(sid, None).map_err(driver_error)?;
+        }
+        Ok(())
+    }
+
     /// Streams held by domains, for tests and diagnostics.
     pub fn owned_streams(&self) -> Vec<(u32, u16)> {
         self.state().owners.iter().map(|(&s, &v)| (s, v)).collect()
@@ -190,6 +202,21 @@ impl SmmuHost {
     /// VMIDs in use.
     pub fn vmids(&self) -> Vec<u16> {
         self.state().vmids.iter().copied().collect()
+    }
+
+    /// Fault sinks (container fault queues) registered, one per domain that has one.
+    pub fn fault_sinks(&self) -> usize {
+        self.state().sinks.len()
+    }
+
+    /// Streams whose page requests and faults reach a fault sink: held by a domain that
+    /// registered one.
+    pub fn fault_routes(&self) -> usize {
+        let s = self.state();
+        s.owners
+            .values()
+            .filter(|v| s.sinks.contains_key(v))
+            .count()
     }
 
     /// The fault sink of the domain holding stream `sid`.

@@ -232,6 +232,16 @@ impl Smmu {
         (s.tlb.len(), s.config.stes(), s.config.cds())
     }
 
+    /// Number of TLB entries tagged with `vmid`.
+    pub fn tlb_entries_of(&self, vmid: u16) -> usize {
+        self.lock().tlb.len_of_vmid(vmid)
+    }
+
+    /// Whether strict mode checks every cached translation.
+    pub fn strict(&self) -> bool {
+        self.strict
+    }
+
     fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -207,6 +207,11 @@ impl Tlb {
         self.entries.len()
     }
 
+    /// Number of entries tagged with `vmid`.
+    pub fn len_of_vmid(&self, vmid: u16) -> usize {
+        self.entries.values().filter(|e| e.vmid == vmid).count()
+    }
+
     /// Whether the TLB is empty.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

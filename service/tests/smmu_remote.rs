@@ -1,0 +1,310 @@
+//! An SMMUv3 host (`vsva host --iommu smmuv3`) served on a socket in this process, and
+//! clients over real `SOCK_SEQPACKET` connections: VFIO type1 containers whose stage 2 is
+//! the shared memfd, whose device is the host's DMA engine behind the physical SMMUv3,
+//! with `VFIO_IOMMU_ATTACH_PASID_TABLE` pointing the STE at the guest's CD table. A
+//! closed connection leaves nothing: its STE aborts again with no CD-table pointer, its
+//! VMID is free and no TLB entry carries it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_service::protocol::HostState;
+use vsva_service::{HostConfig, IommuArch, RemoteFile, Report, Service, SharedRam};
+use vsva_uapi::request::NestingVendor;
+use vsva_uapi::{BindGpasid, DmaMap, Errno, IommuModel, PasidConfig, PasidTableConfig, VfioIoctls};
+use vsva_vtd::{Gpa, Iova, Pasid};
+
+const RAM: u64 = 4 << 20;
+const CD_GPA: u64 = 0x8_0000;
+
+struct Served {
+    path: PathBuf,
+    service: Arc<Service>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Report>>,
+    dir: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn serve(strict: bool) -> Served {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vsva-smmu-service-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("host.sock");
+    let service = Service::new(&HostConfig {
+        iommu: IommuArch::Smmuv3,
+        memory: 256 << 20,
+        strict,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let listener = vsva_service::server::bind_socket(&path).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, svc) = (stop.clone(), service.clone());
+    let thread = std::thread::spawn(move || svc.serve(listener, &s));
+    Served {
+        path,
+        service,
+        stop,
+        thread: Some(thread),
+        dir,
+    }
+}
+
+impl Served {
+    fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// A VM's connection: a nesting container, RAM shared and mapped at IOVA 0, a device.
+struct Client {
+    file: RemoteFile,
+    ram: SharedRam,
+    sid: u32,
+}
+
+fn client(path: &std::path::Path) -> Client {
+    let file = RemoteFile::connect(path).unwrap();
+    let ram = SharedRam::new(RAM).unwrap();
+    (&file).set_iommu(IommuModel::Type1Nesting).unwrap();
+    ram.share(&file).unwrap();
+    (&file)
+        .map_dma(&DmaMap {
+            iova: Iova(0),
+            vaddr: ram.addr(),
+            size: RAM,
+            read: true,
+            write: true,
+        })
+        .unwrap();
+    let sid = u32::from(file.device_add().unwrap().rid());
+    Client { file, ram, sid }
+}
+
+fn table(base: u64) -> PasidTableConfig {
+    PasidTableConfig {
+        base_ptr: Gpa(base),
+        pasid_bits: 4,
+        config: PasidConfig::Translate { s1fmt: 0, s1dss: 1 },
+    }
+}
+
+impl Client {
+    /// A copy of `len` bytes from GPA `src` to `dst` by the device without a SubstreamID
+    /// (the STE's S1DSS bypass: stage 2 alone); the completion record's status.
+    fn copy(&self, src: u64, dst: u64, len: u32) -> CompletionStatus {
+        let comp = 0x3f_0000;
+        self.ram
+            .mem
+            .write_slice(&[0; 32], GuestAddress(comp))
+            .unwrap();
+        let d = Descriptor {
+            pasid: None,
+            privileged: false,
+            block_on_fault: false,
+            completion: CompletionRequest::Always(comp),
+            op: Operation::Memmove {
+                src,
+                dst,
+                size: len,
+            },
+        };
+        self.file.device_write(0, &d.encode()).unwrap();
+        self.file.device_run().unwrap();
+        let mut rec = [0; 32];
+        self.ram
+            .mem
+            .read_slice(&mut rec, GuestAddress(comp))
+            .unwrap();
+        CompletionRecord::from_bytes(&rec).unwrap().status
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Polls the host state until `ok` accepts it (at most 20 s), returning the last state.
+fn settle(probe: &RemoteFile, ok: impl Fn(&HostState) -> bool) -> HostState {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = probe.host_state().unwrap();
+        if ok(&s) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Word 0 of an STE: V=1 Config=abort, no S1ContextPtr.
+fn aborts(ste: Option<[u64; 8]>) -> bool {
+    ste.is_some_and(|s| s[0] & 0xf == 1 && s[0] & 0x000f_ffff_ffff_ffc0 == 0)
+}
+
+#[test]
+fn an_smmu_container_over_the_socket_moves_bytes_nests_and_leaves_nothing() {
+    let served = serve(true);
+    let smmu = served.service.smmu().unwrap().clone();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let before = probe.host_state().unwrap();
+    let a = client(&served.path);
+    let b = client(&served.path);
+    assert_ne!(a.sid, b.sid);
+    // GET_INFO reports the SMMUv3 PASID-table format; BIND is not for this host.
+    let info = (&a.file).get_info().unwrap();
+    assert!(matches!(
+        info.nesting.map(|n| n.vendor),
+        Some(NestingVendor::ArmSmmuV3 { .. })
+    ));
+    let p = Pasid::new(1).unwrap();
+    let bind = BindGpasid {
+        hpasid: p,
+        gpasid: Some(p),
+        gpgd: Gpa(0x10_0000),
+        addr_width: 48,
+        vtd_flags: 0,
+        pat: 0,
+        emt: 0,
+    };
+    assert!((&a.file).bind_gpasid(&bind).is_err());
+    let vmid_a = smmu
+        .owned_streams()
+        .into_iter()
+        .find(|&(s, _)| s == a.sid)
+        .unwrap()
+        .1;
+    let held = probe.host_state().unwrap();
+    assert_eq!(held.connections, before.connections + 2);
+    assert_eq!(held.domain_ids, before.domain_ids + 2, "a VMID each");
+    assert_eq!(held.devices, before.devices + 2, "a stream each");
+    assert_eq!(held.windows, 2);
+    assert_eq!(held.dma_mappings, before.dma_mappings + 2);
+    // The nested STE points at the CD table (a host physical address: A's RAM).
+    (&a.file).attach_pasid_table(&table(CD_GPA)).unwrap();
+    let nested = smmu.ste(a.sid).unwrap();
+    assert_eq!(nested[0] & 1, 1);
+    assert_ne!(nested[0] & 0x000f_ffff_ffff_ffc0, 0, "S1ContextPtr set");
+    // B's bad tables change nothing of A's, nor B's.
+    let b_before = smmu.ste(b.sid);
+    for bad in [table(RAM), table(RAM - 0x40), table(!0x3f)] {
+        let e = (&b.file).attach_pasid_table(&bad).unwrap_err();
+        assert_eq!(e, Errno::EINVAL, "{bad:?}");
+        assert_eq!(smmu.ste(a.sid), Some(nested));
+        assert_eq!(smmu.ste(b.sid), b_before);
+    }
+    // Bytes move through stage 2 (S1DSS bypass for requests without a SubstreamID).
+    for (c, seed) in [(&a, 1u8), (&b, 2u8)] {
+        let data = pattern(8192, seed);
+        c.ram
+            .mem
+            .write_slice(&data, GuestAddress(0x20_0000))
+            .unwrap();
+        assert_eq!(
+            c.copy(0x20_0000, 0x30_0000, 8192),
+            CompletionStatus::Success
+        );
+        let mut got = vec![0; 8192];
+        c.ram
+            .mem
+            .read_slice(&mut got, GuestAddress(0x30_0000))
+            .unwrap();
+        assert_eq!(got, data);
+    }
+    assert!(
+        served
+            .service
+            .smmu()
+            .unwrap()
+            .hardware()
+            .tlb_entries_of(vmid_a)
+            > 0
+    );
+    let with_a = probe.host_state().unwrap();
+    // A closes: its STE aborts with no CD table, its VMID is free, its TLB entries gone;
+    // B's stream and entries stay.
+    let Client { file, ram, sid } = a;
+    drop(file);
+    drop(ram);
+    let after = settle(&probe, |s| {
+        s.connections == with_a.connections - 1 && s.windows == 1
+    });
+    assert_eq!(after.domain_ids, before.domain_ids + 1);
+    assert_eq!(after.devices, before.devices + 1);
+    assert_eq!(after.dma_mappings, before.dma_mappings + 1);
+    assert!(aborts(smmu.ste(sid)), "{:x?}", smmu.ste(sid));
+    assert!(!smmu.vmids().contains(&vmid_a));
+    assert_eq!(smmu.hardware().tlb_entries_of(vmid_a), 0);
+    assert_eq!(smmu.ste(b.sid), b_before);
+    // B still moves bytes.
+    let data = pattern(4096, 9);
+    b.ram
+        .mem
+        .write_slice(&data, GuestAddress(0x21_0000))
+        .unwrap();
+    assert_eq!(
+        b.copy(0x21_0000, 0x31_0000, 4096),
+        CompletionStatus::Success
+    );
+    let Client { file, ram, sid } = b;
+    drop(file);
+    drop(ram);
+    let left = settle(&probe, |s| s.holds_as(&before));
+    assert!(left.holds_as(&before), "{left:?} vs {before:?}");
+    assert!(aborts(smmu.ste(sid)));
+    assert_eq!(left.strict_violations, 0);
+    drop(probe);
+    drop(smmu);
+    let report = served.finish();
+    assert!(report.clean(), "{report}");
+    assert!(report.smmu_irq.is_some());
+    assert!(
+        report.to_string().contains("SMMUv3 interrupt thread"),
+        "{report}"
+    );
+}
+
+#[test]
+fn stream_ids_are_reused_and_an_smmu_host_serves_no_iommufd() {
+    let served = serve(false);
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let before = probe.host_state().unwrap();
+    let a = client(&served.path);
+    let first = a.sid;
+    drop(a);
+    settle(&probe, |s| s.holds_as(&before));
+    // The StreamID comes back, and the level-2 stream table probed at start is reused:
+    // nothing more is allocated.
+    let again = client(&served.path);
+    assert_eq!(again.sid, first);
+    drop(again);
+    let left = settle(&probe, |s| s.holds_as(&before));
+    assert!(left.holds_as(&before), "{left:?} vs {before:?}");
+    let e =
+        RemoteFile::connect_kind(&served.path, vsva_service::protocol::FILE_IOMMUFD).unwrap_err();
+    assert!(
+        e.to_string().contains("ENODEV") || e.to_string().contains("19"),
+        "{e}"
+    );
+}
