@@ -64,6 +64,26 @@ impl SysReg {
     pub const ID_AA64MMFR0_EL1: SysReg = SysReg::new(3, 0, 0, 7, 0);
     /// ID_AA64MMFR1_EL1.
     pub const ID_AA64MMFR1_EL1: SysReg = SysReg::new(3, 0, 0, 7, 1);
+    /// HCR_EL2.
+    pub const HCR_EL2: SysReg = SysReg::new(3, 4, 1, 1, 0);
+    /// VTTBR_EL2.
+    pub const VTTBR_EL2: SysReg = SysReg::new(3, 4, 2, 1, 0);
+    /// VTCR_EL2.
+    pub const VTCR_EL2: SysReg = SysReg::new(3, 4, 2, 1, 2);
+    /// SPSR_EL2.
+    pub const SPSR_EL2: SysReg = SysReg::new(3, 4, 4, 0, 0);
+    /// ELR_EL2.
+    pub const ELR_EL2: SysReg = SysReg::new(3, 4, 4, 0, 1);
+    /// ESR_EL2.
+    pub const ESR_EL2: SysReg = SysReg::new(3, 4, 5, 2, 0);
+    /// FAR_EL2.
+    pub const FAR_EL2: SysReg = SysReg::new(3, 4, 6, 0, 0);
+    /// HPFAR_EL2.
+    pub const HPFAR_EL2: SysReg = SysReg::new(3, 4, 6, 0, 4);
+    /// VBAR_EL2.
+    pub const VBAR_EL2: SysReg = SysReg::new(3, 4, 12, 0, 0);
+    /// CurrentEL.
+    pub const CURRENT_EL: SysReg = SysReg::new(3, 0, 4, 2, 2);
 }
 
 /// A branch condition (Arm ARM C1.2.4).
@@ -355,6 +375,11 @@ impl Asm {
         self.word(0xd508_871f);
     }
 
+    /// TLBI VMALLS12E1: every stage-1 and stage-2 EL1&0 translation of the current VMID.
+    pub fn tlbi_vmalls12e1(&mut self) {
+        self.word(0xd50c_87df);
+    }
+
     /// DSB SY.
     pub fn dsb_sy(&mut self) {
         self.word(0xd503_3f9f);
@@ -379,6 +404,11 @@ impl Asm {
     /// SVC #imm16.
     pub fn svc(&mut self, imm16: u16) {
         self.word(0xd400_0001 | (u32::from(imm16) << 5));
+    }
+
+    /// HVC #imm16.
+    pub fn hvc(&mut self, imm16: u16) {
+        self.word(0xd400_0002 | (u32::from(imm16) << 5));
     }
 
     /// NOP.
@@ -440,6 +470,18 @@ mod tests {
         a.msr(SysReg::SPSR_EL1, 24); // msr spsr_el1, x24
         a.lsl_imm(4, 4, 2); // lsl x4, x4, #2
         a.lsl_imm(3, 3, 62); // lsl x3, x3, #62
+        a.hvc(0); // hvc #0
+        a.msr(SysReg::VTTBR_EL2, 0); // msr vttbr_el2, x0
+        a.msr(SysReg::VTCR_EL2, 2); // msr vtcr_el2, x2
+        a.msr(SysReg::HCR_EL2, 0); // msr hcr_el2, x0
+        a.msr(SysReg::VBAR_EL2, 0); // msr vbar_el2, x0
+        a.mrs(9, SysReg::ESR_EL2); // mrs x9, esr_el2
+        a.mrs(10, SysReg::FAR_EL2); // mrs x10, far_el2
+        a.mrs(11, SysReg::HPFAR_EL2); // mrs x11, hpfar_el2
+        a.msr(SysReg::ELR_EL2, 4); // msr elr_el2, x4
+        a.msr(SysReg::SPSR_EL2, 4); // msr spsr_el2, x4
+        a.tlbi_vmalls12e1(); // tlbi vmalls12e1
+        a.mrs(0, SysReg::CURRENT_EL); // mrs x0, currentel
         assert_eq!(
             a.finish().unwrap(),
             [
@@ -482,6 +524,18 @@ mod tests {
                 0xd518_4018,
                 0xd37e_f484,
                 0xd342_0463,
+                0xd400_0002,
+                0xd51c_2100,
+                0xd51c_2142,
+                0xd51c_1100,
+                0xd51c_c000,
+                0xd53c_5209,
+                0xd53c_600a,
+                0xd53c_608b,
+                0xd51c_4024,
+                0xd51c_4004,
+                0xd50c_87df,
+                0xd538_4240,
             ]
         );
     }

@@ -18,11 +18,13 @@
 
 pub mod a64;
 mod child;
+pub mod el2;
 mod error;
 mod machine;
 pub mod x86;
 pub mod x86asm;
 
+pub use el2::S2_STUB_IPA;
 pub use error::OracleError;
 pub use machine::{
     fetch_snippet, layout, tcr, tcr_tg0, tcr_ttbr1, Abort, Features, Harness, Machine, Outcome,

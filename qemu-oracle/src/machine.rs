@@ -43,6 +43,9 @@ pub mod layout {
     pub const PROGRAM_BYTES: u64 = 0x1_0000;
     /// The page of the program EL0 runs (read-only at EL0 and EL1).
     pub const EL0_STUB: u64 = VECTORS + 0xf000;
+    /// The page of the program EL1 runs in the stage-2 harness (at IPA
+    /// [`crate::S2_STUB_IPA`]).
+    pub const S2_STUB: u64 = VECTORS + 0xe000;
     /// Frames for the tests' translation tables (32 MiB: 64 KiB-granule tables are large).
     pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x220_0000);
     /// Memory the probes may reach.
@@ -71,6 +74,10 @@ pub enum ProbeOp {
     Fetch,
     /// BLR at EL0 (ERET to a stub, SVC back): an unprivileged instruction fetch.
     FetchUnprivileged,
+    /// Not an access, for [`Harness::Stage2`] only: load VTTBR_EL2 (the probe's `va`: the
+    /// stage-2 table with the VMID in bits 63:48) and VTCR_EL2 (its `value`), then TLBI
+    /// VMALLS12E1.
+    Stage2Switch,
     /// Not an access: load TTBR0_EL1, TTBR1_EL1 and TCR_EL1, set PSTATE.PAN and
     /// SCTLR_EL1.WXN, then TLBI VMALLE1.
     Switch {
@@ -89,7 +96,7 @@ pub enum ProbeOp {
 }
 
 impl ProbeOp {
-    const fn code(self) -> u64 {
+    pub(crate) const fn code(self) -> u64 {
         match self {
             ProbeOp::Load => 0,
             ProbeOp::Store => 1,
@@ -98,6 +105,7 @@ impl ProbeOp {
             ProbeOp::Switch { .. } => 4,
             ProbeOp::Fetch => 5,
             ProbeOp::FetchUnprivileged => 6,
+            ProbeOp::Stage2Switch => 7,
         }
     }
 
@@ -121,6 +129,14 @@ pub enum Harness {
     /// TG1, EPD1 and TBI1 are the test's (see [`tcr_ttbr1`]). The program switches with the
     /// MMU off.
     Identity,
+    /// At EL2 with its MMU off (`-M virt,virtualization=on`): each [`ProbeOp::Load`],
+    /// [`ProbeOp::Store`] or [`ProbeOp::Fetch`] runs at EL1 with stage 1 off, so its `va`
+    /// is an IPA, through the stage-2 table of the last [`ProbeOp::Stage2Switch`]
+    /// (HCR_EL2.VM set), which must map IPA 0 to [`layout::VECTORS`] for the program's
+    /// 64 KiB (readable, executable, AF set): the EL1 stub runs at
+    /// [`crate::S2_STUB_IPA`]. A stage-2 fault is an
+    /// [`Abort`] with ESR_EL2, FAR_EL2 and HPFAR_EL2 (see [`crate::el2`]).
+    Stage2,
 }
 
 impl Harness {
@@ -128,7 +144,7 @@ impl Harness {
     const fn base(self) -> u64 {
         match self {
             Harness::Upper => HIGH,
-            Harness::Identity => 0,
+            Harness::Identity | Harness::Stage2 => 0,
         }
     }
 }
@@ -151,10 +167,12 @@ pub struct Probe {
 /// fetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Abort {
-    /// ESR_EL1.
+    /// ESR_EL1 (ESR_EL2 in the stage-2 harness).
     pub esr: u64,
-    /// FAR_EL1.
+    /// FAR_EL1 (FAR_EL2).
     pub far: u64,
+    /// HPFAR_EL2 in the stage-2 harness (FIPA, IPA[51:12], in bits 43:4); 0 otherwise.
+    pub hpfar: u64,
 }
 
 impl Abort {
@@ -171,6 +189,11 @@ impl Abort {
     /// ISS.WnR for a data abort.
     pub const fn wnr(&self) -> bool {
         self.esr & (1 << 6) != 0
+    }
+
+    /// ISS.S1PTW: a stage-2 fault on a stage-1 table walk.
+    pub const fn s1ptw(&self) -> bool {
+        self.esr & (1 << 7) != 0
     }
 }
 
@@ -204,6 +227,8 @@ pub struct Features {
     pub mmfr0: u64,
     /// ID_AA64MMFR1_EL1.
     pub mmfr1: u64,
+    /// CurrentEL where the program started (the Exception level in bits 3:2).
+    pub current_el: u64,
 }
 
 impl Features {
@@ -263,9 +288,9 @@ const EXIT_OK: u64 = BLOCKS + 0x60;
 const EXIT_FAIL: u64 = BLOCKS + 0x80;
 const FILE_NAME: u64 = BLOCKS + 0x100;
 const FILE_NAME_MAX: usize = 0xf00;
-/// The results header: ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1, pad, then a scratch record for
-/// exceptions before the first probe.
-const HEADER: u64 = 64;
+/// The results header: ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1, CurrentEL, pad, then a scratch
+/// record for exceptions before the first probe.
+pub(crate) const HEADER: u64 = 64;
 /// MAIR_EL1: every attribute Normal, Inner/Outer Write-Back (the tests vary AttrIndx).
 const MAIR: u64 = u64::MAX;
 /// TCR_EL1 apart from T0SZ, IPS, HA and HD: IRGN/ORGN write-back, inner shareable, 4 KiB
@@ -411,7 +436,24 @@ impl Machine {
             let at = (pa - IMAGE_BASE) as usize;
             image[at..at + bytes.len()].copy_from_slice(bytes);
         };
-        let program = Asm::bytes(&program(probes.len() as u64, harness)?);
+        for (index, p) in probes.iter().enumerate() {
+            let fits = match p.op {
+                ProbeOp::Load | ProbeOp::Store | ProbeOp::Fetch => true,
+                ProbeOp::Stage2Switch => harness == Harness::Stage2,
+                _ => harness != Harness::Stage2,
+            };
+            if !fits {
+                return Err(OracleError::BadProbe {
+                    index,
+                    why: "the op does not run in this harness",
+                });
+            }
+        }
+        let program = match harness {
+            Harness::Stage2 => crate::el2::program(probes.len() as u64)?,
+            _ => program(probes.len() as u64, harness)?,
+        };
+        let program = Asm::bytes(&program);
         if program.len() as u64 > PROGRAM_BYTES {
             return Err(OracleError::Asm(AsmError::Immediate(program.len() as u64)));
         }
@@ -466,7 +508,14 @@ impl Machine {
                 .arg(self.dir.join("qemu.log"));
         }
         let child = cmd
-            .args(["-M", "virt", "-cpu", "max", "-accel", "tcg", "-smp", "1"])
+            .args([
+                "-M",
+                match harness {
+                    Harness::Stage2 => "virt,virtualization=on",
+                    _ => "virt",
+                },
+            ])
+            .args(["-cpu", "max", "-accel", "tcg", "-smp", "1"])
             .args(["-m", &format!("{}M", RAM_SIZE >> 20)])
             .args(["-nodefaults", "-display", "none", "-monitor", "none"])
             .args([
@@ -505,6 +554,7 @@ impl Machine {
         let features = Features {
             mmfr0: word(0),
             mmfr1: word(8),
+            current_el: word(16),
         };
         let outcomes = (0..probes.len())
             .map(|i| {
@@ -513,6 +563,7 @@ impl Machine {
                     Outcome::Abort(Abort {
                         esr: word(rec + 8),
                         far: word(rec + 16),
+                        hpfar: word(rec + 24),
                     })
                 } else {
                     Outcome::Done(word(rec + 24))
@@ -594,6 +645,8 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
     a.str(X0, X1, 0);
     a.mrs(X0, SysReg::ID_AA64MMFR1_EL1);
     a.str(X0, X1, 8);
+    a.mrs(X0, SysReg::CURRENT_EL);
+    a.str(X0, X1, 16);
     a.mov_imm(X0, MAIR);
     a.msr(SysReg::MAIR_EL1, X0);
     boot_map(&mut a);
@@ -753,6 +806,18 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
     if a.offset() != low_at {
         return Err(AsmError::Immediate(low_at));
     }
+    read_back_and_exit(&mut a, count);
+    // The EL0 stub: call the probe's VA, then SVC back to EL1.
+    a.pad_to(EL0_STUB - VECTORS);
+    a.blr(X0);
+    a.svc(0);
+    a.finish()
+}
+
+/// The end of a run, with the MMU off (or through the identity map): reads back each
+/// store's check address into its record, writes the results and the tables to the file
+/// through semihosting, and exits.
+pub(crate) fn read_back_and_exit(a: &mut Asm, count: u64) {
     // Read back each store's check address.
     a.mov_imm(X19, PROBES);
     a.mov_imm(X20, RESULTS + HEADER);
@@ -808,11 +873,6 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
     a.mov_imm(X0, SYS_EXIT);
     a.hlt(0xf000);
     a.b(fail);
-    // The EL0 stub: call the probe's VA, then SVC back to EL1.
-    a.pad_to(EL0_STUB - VECTORS);
-    a.blr(X0);
-    a.svc(0);
-    a.finish()
 }
 
 /// TTBR0 and TTBR1 = the boot table with T0SZ = T1SZ = 25: the identity map of the first

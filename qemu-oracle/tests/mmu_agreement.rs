@@ -57,6 +57,9 @@
 //!
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run.
 
+mod common;
+
+use common::{dfsc, nonce, seed, tempdir, Rng, IPS};
 use std::collections::{BTreeMap, BTreeSet};
 use vsva_qemu_oracle::layout::{BOOT_L2, BOOT_L3, BOOT_TSZ, DATA, HIGH, IMAGE_BASE, TABLES};
 use vsva_qemu_oracle::{
@@ -75,50 +78,6 @@ const PROBES_PER_SCENARIO: usize = 170;
 const MIN_PROBES: usize = 10_000;
 /// Disagreements described in full before the test fails.
 const REPORTED: usize = 12;
-
-/// SplitMix64: small, seedable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    fn in_range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + self.below(u64::from(hi - lo + 1)) as u32
-    }
-}
-
-/// The nonce a data word holds before any store: its own address, marked.
-fn nonce(pa: u64) -> u64 {
-    pa ^ 0xd47a_0000_0000_0000
-}
-
-const IPS: [(u64, AddressSize); 7] = [
-    (0, AddressSize::Bits32),
-    (1, AddressSize::Bits36),
-    (2, AddressSize::Bits40),
-    (3, AddressSize::Bits42),
-    (4, AddressSize::Bits44),
-    (5, AddressSize::Bits48),
-    (6, AddressSize::Bits52),
-];
 
 /// What the walker expects of one probe.
 #[derive(Clone, Debug)]
@@ -155,22 +114,6 @@ fn invalid_block(record: &WalkRecord) -> Option<u64> {
         .map(|s| s.entry_address)
 }
 
-/// The walker's fault as the DFSC a CPU reports (Arm ARM D17.2, ESR_ELx ISS for a Data Abort).
-fn dfsc(f: &WalkFault) -> Option<u64> {
-    let base = match f.kind {
-        FaultKind::AddrSize => 0b00_0000,
-        FaultKind::Translation => 0b00_0100,
-        FaultKind::Access => 0b00_1000,
-        FaultKind::Permission => 0b00_1100,
-        FaultKind::WalkEabt => return None,
-    };
-    Some(base | u64::from(f.level))
-}
-
-/// The seed a run without `VSVA_QEMU_ORACLE_SEED` uses: the same probes in every CI run,
-/// so that a result does not depend on when the test ran (the x86 oracle does the same).
-const DEFAULT_SEED: u64 = 0x05ee_da64;
-
 #[test]
 fn aarch64_stage1_walker_agrees_with_qemu() {
     compare_with_qemu(Harness::Upper);
@@ -189,11 +132,8 @@ fn aarch64_stage1_ttbr1_epd1_walker_agrees_with_qemu() {
 fn compare_with_qemu(harness: Harness) {
     // The program at its physical address: TTBR1 is each scenario's own.
     let identity = harness == Harness::Identity;
-    let seed = std::env::var("VSVA_QEMU_ORACLE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED);
-    let dir = tempdir();
+    let seed = seed();
+    let dir = tempdir("s1");
     let machine = match Machine::new(&dir) {
         Err(OracleError::NoQemu(_)) => {
             eprintln!("SKIPPED: qemu-system-aarch64 is not installed; nothing was checked");
@@ -863,7 +803,7 @@ fn compare_with_qemu(harness: Harness) {
 /// The harness alone, on a hand-built table: a load, a store and a fault with known answers.
 #[test]
 fn harness_runs_a_hand_built_table() {
-    let dir = tempdir();
+    let dir = tempdir("s1");
     let machine = match Machine::new(&dir) {
         Err(OracleError::NoQemu(_)) => {
             eprintln!("SKIPPED: qemu-system-aarch64 is not installed; nothing was checked");
@@ -976,14 +916,4 @@ fn upper_va(rng: &mut Rng) -> u64 {
     } else {
         va
     }
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-qemu-oracle-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    dir
 }

@@ -1,0 +1,141 @@
+//! The stage-2 harness ([`crate::Harness::Stage2`]): a program at EL2 (`-M
+//! virt,virtualization=on` starts the CPU there) with its own MMU off, which installs a
+//! test's stage-2 tables (VTTBR_EL2, VTCR_EL2, HCR_EL2.VM; Arm ARM D8, "stage 2
+//! translation") and performs each probe at EL1 with stage 1 off, so that the probe's
+//! address is its IPA. A stage-2 fault is taken to EL2 (ESR_EL2, FAR_EL2, HPFAR_EL2); a
+//! probe that completes returns with HVC.
+
+use crate::a64::{Asm, AsmError, Cond, SysReg};
+use crate::machine::layout::{PROBES, RESULTS, S2_STUB, VECTORS};
+use crate::machine::{read_back_and_exit, ProbeOp, HEADER};
+
+/// The IPA of the EL1 stub: a test's stage-2 table maps IPA 0 to [`VECTORS`] for the
+/// program's 64 KiB (readable, executable, AF set), one page or block of any granule.
+pub const S2_STUB_IPA: u64 = S2_STUB - VECTORS;
+/// SCTLR_EL1 while probing: the v8.0 RES1 bits, stage 1 off (M, C and I clear).
+const SCTLR_EL1_OFF: u64 = 0x30d0_0800;
+/// HCR_EL2: VM (stage 2 on) and RW (EL1 is AArch64).
+const HCR: u64 = 1 | (1 << 31);
+/// SPSR_EL2 for the ERET to a probe: EL1h, DAIF masked.
+const SPSR_EL1H: u64 = 0x3c5;
+/// ESR_ELx.EC of an HVC from AArch64.
+const EC_HVC: u64 = 0x16;
+
+const X0: u32 = 0;
+const X1: u32 = 1;
+const X2: u32 = 2;
+const X3: u32 = 3;
+const X4: u32 = 4;
+const X9: u32 = 9;
+const X10: u32 = 10;
+const X11: u32 = 11;
+const X12: u32 = 12;
+const X19: u32 = 19;
+const X20: u32 = 20;
+const X21: u32 = 21;
+
+/// The EL2 program for `count` probes, to be placed at [`VECTORS`] (entry 0x800 on), and
+/// its EL1 stub at [`S2_STUB`].
+pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
+    let mut a = Asm::new();
+    let (keep, next) = (a.label(), a.label());
+    // 16 vector entries: an HVC from the stub ends a probe that completed (X3 its value);
+    // anything else is recorded in X20's record (ESR, FAR, HPFAR) and ends the probe.
+    for slot in 0..16 {
+        a.pad_to(slot * 0x80);
+        a.mrs(X9, SysReg::ESR_EL2);
+        a.lsr_imm(X11, X9, 26);
+        a.cmp_imm(X11, EC_HVC);
+        a.b_cond(Cond::Eq, keep);
+        a.movz(X12, 1, 0);
+        a.str(X12, X20, 0);
+        a.str(X9, X20, 8);
+        a.mrs(X10, SysReg::FAR_EL2);
+        a.str(X10, X20, 16);
+        a.mrs(X10, SysReg::HPFAR_EL2);
+        a.str(X10, X20, 24);
+        a.b(next);
+    }
+    a.pad_to(0x800);
+    a.mov_imm(X20, RESULTS + 32);
+    a.mov_imm(X1, RESULTS);
+    a.mrs(X0, SysReg::ID_AA64MMFR0_EL1);
+    a.str(X0, X1, 0);
+    a.mrs(X0, SysReg::ID_AA64MMFR1_EL1);
+    a.str(X0, X1, 8);
+    a.mrs(X0, SysReg::CURRENT_EL);
+    a.str(X0, X1, 16);
+    a.mov_imm(X0, VECTORS);
+    a.msr(SysReg::VBAR_EL2, X0);
+    a.mov_imm(X0, SCTLR_EL1_OFF);
+    a.msr(SysReg::SCTLR_EL1, X0);
+    a.mov_imm(X0, HCR);
+    a.msr(SysReg::HCR_EL2, X0);
+    a.isb();
+    a.mov_imm(X19, PROBES);
+    a.mov_imm(X20, RESULTS + HEADER);
+    a.mov_imm(X21, count);
+    let (next_probe, done, switch, go) = (a.label(), a.label(), a.label(), a.label());
+    a.bind(next_probe);
+    a.cbz(X21, done);
+    a.ldr(X1, X19, 0);
+    a.ldr(X0, X19, 8);
+    a.ldr(X2, X19, 16);
+    a.movz(X3, 0, 0);
+    // Every probe walks the tables afresh.
+    a.tlbi_vmalls12e1();
+    a.dsb_sy();
+    a.isb();
+    a.cmp_imm(X1, ProbeOp::Stage2Switch.code());
+    a.b_cond(Cond::Eq, switch);
+    // The stub's entry for the op: LDR at +0, STR at +8, BLR at +16.
+    for (op, at) in [
+        (ProbeOp::Load, 0),
+        (ProbeOp::Store, 8),
+        (ProbeOp::Fetch, 16),
+    ] {
+        let skip = a.label();
+        a.cmp_imm(X1, op.code());
+        a.b_cond(Cond::Ne, skip);
+        a.mov_imm(X4, S2_STUB_IPA + at);
+        a.b(go);
+        a.bind(skip);
+    }
+    // Machine::run refuses other ops; skip one anyway.
+    a.b(next);
+    a.bind(go);
+    a.msr(SysReg::ELR_EL2, X4);
+    a.mov_imm(X4, SPSR_EL1H);
+    a.msr(SysReg::SPSR_EL2, X4);
+    a.eret();
+    a.bind(switch);
+    a.msr(SysReg::VTTBR_EL2, X0);
+    a.msr(SysReg::VTCR_EL2, X2);
+    a.isb();
+    a.tlbi_vmalls12e1();
+    a.dsb_sy();
+    a.isb();
+    a.b(next);
+    a.bind(keep);
+    a.str(X3, X20, 24);
+    a.bind(next);
+    a.add_imm(X19, X19, 32);
+    a.add_imm(X20, X20, 32);
+    a.subs_imm(X21, X21, 1);
+    a.b(next_probe);
+    a.bind(done);
+    // Stage 2 off for the read-back (EL2's MMU is off throughout).
+    a.movz(X0, 0, 0);
+    a.msr(SysReg::HCR_EL2, X0);
+    a.isb();
+    read_back_and_exit(&mut a, count);
+    // The EL1 stub: the access, then HVC back to EL2.
+    a.pad_to(S2_STUB - VECTORS);
+    a.ldr(X3, X0, 0);
+    a.hvc(0);
+    a.str(X2, X0, 0);
+    a.hvc(0);
+    a.blr(X0);
+    a.hvc(0);
+    a.finish()
+}
