@@ -1,6 +1,7 @@
-//! A tiny A64 assembler: the handful of instructions the oracle's EL1 program uses, encoded
-//! as the Arm ARM (DDI 0487, chapter C6 "A64 Base Instruction Descriptions") lays them out,
-//! with labels for branches. No cross toolchain is needed to build the program.
+//! A tiny A64 assembler: the handful of instructions the oracle's EL1 and EL2 programs
+//! use, encoded as the Arm ARM (DDI 0487, chapter C6 "A64 Base Instruction Descriptions")
+//! lays them out, with labels for branches. No cross toolchain is needed to build the
+//! programs.
 
 use std::fmt;
 
