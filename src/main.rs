@@ -154,6 +154,10 @@ enum Command {
         /// the processes on stdout and follow the commands read from stdin.
         #[arg(long, hide = true)]
         cross_vm: bool,
+        /// The uAPI the VMM reaches the host through: a VFIO type1 container, or
+        /// `/dev/iommu` with the device's cdev.
+        #[arg(long, value_enum, default_value = "type1")]
+        uapi: UapiArg,
     },
     /// Starts a host and N VM processes that loop bind → DMA → verify → invalidate →
     /// unbind with random sizes, optionally killing random VMs; reports throughput, the
@@ -438,6 +442,7 @@ fn main() -> ExitCode {
             json,
             pause_at,
             cross_vm,
+            uapi,
         } => {
             let opts = vsva_testbed::remote::VmOptions {
                 index,
@@ -451,6 +456,7 @@ fn main() -> ExitCode {
                 },
                 pause_at,
                 cross_vm,
+                uapi: uapi.into(),
             };
             match vsva_testbed::remote::run(&socket, &opts, &mut |line| println!("{line}")) {
                 Ok(report) => {

@@ -93,9 +93,10 @@ impl VmProcess {
     }
 }
 
-#[test]
-fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_counts() {
-    let host = start_host("demo", "2G", &[]);
+/// `vsva vm --uapi <uapi>` against a host process finds the counts of the same workload
+/// over the same uAPI in one process, and its exit leaves the host as it was.
+fn the_vm_process_finds_the_in_process_counts(name: &str, uapi: Uapi) {
+    let host = start_host(name, "2G", &[]);
     let (probe, empty) = host.probe().unwrap();
     let vm = VmProcess::start(
         host.socket(),
@@ -106,6 +107,8 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
             "2",
             "--bytes",
             "65536",
+            "--uapi",
+            uapi_arg(uapi),
             "--json",
         ],
     );
@@ -126,11 +129,12 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
             bytes: 65536,
             host_memory: 1 << 30,
             progress: false,
-            uapi: Uapi::Type1,
+            uapi,
         },
         &mut |_| {},
     )
     .unwrap();
+    assert_eq!(local.errors, 0, "{local:?}");
     let local = &local.per_vm[0];
     assert_eq!(remote.pasids, local.pasids);
     assert_eq!(remote.bytes_verified, local.bytes_verified);
@@ -147,6 +151,24 @@ fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_co
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
     stop_clean(host);
+}
+
+/// The `--uapi` value of `uapi`.
+fn uapi_arg(uapi: Uapi) -> &'static str {
+    match uapi {
+        Uapi::Type1 => "type1",
+        Uapi::Iommufd => "iommufd",
+    }
+}
+
+#[test]
+fn a_vm_process_runs_the_demo_against_a_host_process_and_finds_the_in_process_counts() {
+    the_vm_process_finds_the_in_process_counts("demo", Uapi::Type1);
+}
+
+#[test]
+fn a_vm_process_over_iommufd_runs_the_demo_and_finds_the_in_process_iommufd_counts() {
+    the_vm_process_finds_the_in_process_counts("demo-iommufd", Uapi::Iommufd);
 }
 
 #[test]

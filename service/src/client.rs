@@ -328,6 +328,20 @@ fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
 #[derive(Debug)]
 pub struct FaultQueueFd(pub OwnedFd);
 
+impl FaultQueueFd {
+    /// Waits at most `timeout` for the queue to be readable (a group waits, or the host
+    /// closed its end); whether it is.
+    pub fn wait_readable(&self, timeout: std::time::Duration) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let timeout = Timespec {
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&self.0, PollFlags::IN)];
+        matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+    }
+}
+
 impl AsFd for FaultQueueFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()

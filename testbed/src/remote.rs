@@ -1,14 +1,17 @@
 //! One VM against a `vsva host` process: what `vsva vm` runs. The VMM side is the same
-//! [`Vmm`] as in one process; only its container file is a [`RemoteFile`] (the uAPI over
-//! the socket, docs/protocol.md), its RAM a memfd both processes map ([`SharedRam`]) and
-//! its passthrough device the host's, reached through `DEVICE_WRITE`/`DEVICE_RUN`.
+//! [`Vmm`] as in one process; only its container file (or its `/dev/iommu`) is a
+//! [`RemoteFile`] (the uAPI over the socket, docs/protocol.md), its RAM a memfd both
+//! processes map ([`SharedRam`]) and its passthrough device the host's, reached through
+//! `DEVICE_WRITE`/`DEVICE_RUN`. Over iommufd the host binds the device to the connection
+//! on `DEVICE_ADD`, the VMM's pointer arguments go through a second shared memfd (its
+//! buffer) and its fault queue is the fd `IOMMU_FAULT_QUEUE_ALLOC` passed.
 //! [`split_demo`] runs the whole demo as such processes (`vsva demo --split`).
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -17,11 +20,16 @@ use serde::{Deserialize, Serialize};
 use vsva_guest::Prot;
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::{CompletionStatus, Operation};
+use vsva_service::client::FaultQueueFd;
 use vsva_service::load::{Held, Samples, WorkerReport};
-use vsva_service::protocol::HostState;
+use vsva_service::protocol::{HostState, FILE_IOMMUFD};
 use vsva_service::{ClientError, HostProcess, RemoteFile, SharedRam};
+use vsva_uapi::iommufd::{
+    IOMMU_HWPT_INVALIDATE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
+};
 use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE};
 use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
+use vsva_vmm::{GuestPasids, Iommufd, UserBuffer};
 use vsva_vtd::{FlPagingMode, Iova};
 
 use crate::demo::{self, DemoOptions, DemoSummary, Target, VmReport};
@@ -61,11 +69,13 @@ pub enum VmError {
 /// end) before it goes on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
-    /// Before the first `VFIO_IOMMU_BIND`: the PASID is allocated on the host, the guest's
-    /// PASID entry written, the host's bind not made.
+    /// Before the first `VFIO_IOMMU_BIND` (over iommufd: the first
+    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` at a PASID): the PASID is allocated (on the host;
+    /// over iommufd by the VM), the guest's PASID entry written, the host's bind not made.
     Bind,
-    /// Before the first `VFIO_IOMMU_CACHE_INVALIDATE` after the device ran: the host's
-    /// caches hold the process's translations.
+    /// Before the first `VFIO_IOMMU_CACHE_INVALIDATE` (over iommufd:
+    /// `IOMMU_HWPT_INVALIDATE`) after the device ran: the host's caches hold the process's
+    /// translations.
     Invalidate,
     /// Right before the first `DEVICE_RUN` (the demo's copy of `--bytes` bytes), without
     /// waiting: a kill on the announcement lands while the host runs the copy (or just
@@ -88,10 +98,15 @@ impl Stage {
     }
 }
 
-/// The VM's connection to the host: its container file and its device, with the pause
-/// hook of [`Stage`].
+/// The VM's connection to the host: its container file (or `/dev/iommu`) and its device,
+/// with the pause hook of [`Stage`].
 pub struct HostLink {
     file: RemoteFile,
+    /// The uAPI of `file`: the ioctl numbers of the two overlap (`IOMMU_DESTROY` is the
+    /// seed's `VFIO_IOMMU_BIND`), so the hooks go by it.
+    uapi: Uapi,
+    /// Over iommufd, the fault queue the host passed.
+    fault_queue: OnceLock<Arc<FaultQueueFd>>,
     pause_at: Option<Stage>,
     paused: AtomicBool,
     device_ran: AtomicBool,
@@ -112,6 +127,70 @@ pub struct Timings {
 }
 
 impl HostLink {
+    fn new(file: RemoteFile, uapi: Uapi, pause_at: Option<Stage>) -> HostLink {
+        HostLink {
+            file,
+            uapi,
+            fault_queue: OnceLock::new(),
+            pause_at,
+            paused: AtomicBool::new(false),
+            device_ran: AtomicBool::new(false),
+            timings: Mutex::default(),
+            page_request_at: Mutex::new(None),
+        }
+    }
+
+    /// Takes the fault queue fd `fd` an `IOMMU_FAULT_QUEUE_ALLOC` gave, keeping it to
+    /// wait on.
+    fn take_fault_queue(&self, fd: i32) -> Option<Arc<dyn UapiFile>> {
+        let queue = Arc::new(FaultQueueFd(self.file.take_fd(fd)?));
+        self.fault_queue.set(queue.clone()).ok()?;
+        Some(queue)
+    }
+
+    /// Whether `cmd` (argument `arg`) is the call that binds a PASID, and whether it is a
+    /// forwarded invalidation, over the link's uAPI.
+    fn kind_of(&self, cmd: u32, arg: &[u8]) -> (bool, bool) {
+        match self.uapi {
+            Uapi::Type1 => (cmd == VFIO_IOMMU_BIND, cmd == VFIO_IOMMU_CACHE_INVALIDATE),
+            Uapi::Iommufd => {
+                // `vfio_device_attach_iommufd_pt`: u32 argsz, u32 flags, ...
+                let flags = arg
+                    .get(4..8)
+                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                (
+                    cmd == VFIO_DEVICE_ATTACH_IOMMUFD_PT && flags & VFIO_DEVICE_ATTACH_PASID != 0,
+                    cmd == IOMMU_HWPT_INVALIDATE,
+                )
+            }
+        }
+    }
+
+    /// Over iommufd a group the host queues reaches the VMM on the fault queue's own
+    /// socket, and a response the VMM writes there reaches the device apart from the
+    /// connection: while the device waits on a page request and no group is readable
+    /// yet, the device is run again after a short wait (the response may be on its way),
+    /// bounded by [`FAULT_WAIT`]. Returns how many descriptors still wait, with a group
+    /// readable when any do.
+    fn settle_fault_queue(&self, queue: &FaultQueueFd, mut waiting: u64) -> Result<u64, Errno> {
+        let deadline = Instant::now() + FAULT_WAIT;
+        let mut pause = Duration::from_micros(20);
+        while waiting > 0 {
+            if queue.wait_readable(pause) {
+                return Ok(waiting);
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    "the device waits on a page request and no group reached the fault queue"
+                );
+                return Err(Errno::ETIMEDOUT);
+            }
+            pause = (pause * 2).min(Duration::from_millis(10));
+            waiting = self.file.device_run()?;
+        }
+        Ok(0)
+    }
+
     /// The connection.
     pub fn file(&self) -> &RemoteFile {
         &self.file
@@ -145,19 +224,18 @@ impl HostLink {
 
 impl UapiFile for HostLink {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        match cmd {
-            VFIO_IOMMU_BIND => self.pause(Stage::Bind, true),
-            VFIO_IOMMU_CACHE_INVALIDATE if self.device_ran.load(Ordering::Acquire) => {
-                self.pause(Stage::Invalidate, true)
-            }
-            _ => {}
+        let (bind, invalidate) = self.kind_of(cmd, arg);
+        if bind {
+            self.pause(Stage::Bind, true);
+        } else if invalidate && self.device_ran.load(Ordering::Acquire) {
+            self.pause(Stage::Invalidate, true);
         }
         let start = Instant::now();
         let result = self.file.ioctl(cmd, arg);
         if result.is_ok() {
             match cmd {
-                VFIO_IOMMU_CACHE_INVALIDATE => self.timings().fwd_inv.push(start.elapsed()),
-                VFIO_IOMMU_PAGE_RESPONSE => {
+                _ if invalidate => self.timings().fwd_inv.push(start.elapsed()),
+                VFIO_IOMMU_PAGE_RESPONSE if self.uapi == Uapi::Type1 => {
                     let at = self
                         .page_request_at
                         .lock()
@@ -199,7 +277,12 @@ impl Passthrough for HostLink {
 
     fn process(&self) -> Result<usize, StackError> {
         self.pause(Stage::Dma, false);
-        let waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
+        let mut waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
+        if let Some(queue) = self.fault_queue.get() {
+            waiting = self
+                .settle_fault_queue(queue, waiting)
+                .map_err(StackError::DeviceCall)?;
+        }
         self.device_ran.store(true, Ordering::Release);
         if waiting > 0 {
             *self
@@ -230,19 +313,34 @@ pub struct RemoteVm {
     pub vmm: Vmm,
     /// Guest RAM, shared with the host.
     pub ram: SharedRam,
+    /// Over iommufd, the VMM's buffer its pointer arguments go through, shared with the
+    /// host.
+    buffer: Option<SharedRam>,
     link: Arc<HostLink>,
 }
 
+/// How long a VM over iommufd waits for a page request group to reach its fault queue
+/// (generous: a loaded machine runs many processes on few cores).
+const FAULT_WAIT: Duration = Duration::from_secs(60);
+
+/// Bytes of the VMM buffer iommufd pointer arguments go through.
+const IOMMUFD_BUFFER: u64 = 16 << 10;
+
 impl RemoteVm {
-    /// Connects to the host at `path` and boots VM `index` with `ram_size` bytes of RAM:
-    /// a nesting container, the RAM shared and mapped at IOVA 0, the host's passthrough
-    /// device attached, then the vIOMMU and the guest.
+    /// Connects to the host at `path` and boots VM `index` with `ram_size` bytes of RAM
+    /// over `uapi`: a nesting container (or an iommufd, [`RemoteVm::connect_iommufd`]),
+    /// the RAM shared and mapped at IOVA 0, the host's passthrough device attached, then
+    /// the vIOMMU and the guest.
     pub fn connect(
         path: &Path,
         index: usize,
         ram_size: u64,
         pause_at: Option<Stage>,
+        uapi: Uapi,
     ) -> Result<RemoteVm, VmError> {
+        if uapi == Uapi::Iommufd {
+            return Self::connect_iommufd(path, index, ram_size, pause_at);
+        }
         let file = RemoteFile::connect(path)?;
         let ram = SharedRam::new(ram_size)?;
         let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
@@ -265,14 +363,7 @@ impl RemoteVm {
             what: "DEVICE_ADD",
             errno,
         })?;
-        let link = Arc::new(HostLink {
-            file,
-            pause_at,
-            paused: AtomicBool::new(false),
-            device_ran: AtomicBool::new(false),
-            timings: Mutex::default(),
-            page_request_at: Mutex::new(None),
-        });
+        let link = Arc::new(HostLink::new(file, Uapi::Type1, pause_at));
         let vmm = Vmm::boot(
             index,
             ram.mem.clone(),
@@ -282,7 +373,77 @@ impl RemoteVm {
             host_sid,
         )
         .map_err(|e| gone_or(&link, e.into()))?;
-        Ok(RemoteVm { vmm, ram, link })
+        Ok(RemoteVm {
+            vmm,
+            ram,
+            buffer: None,
+            link,
+        })
+    }
+
+    /// [`RemoteVm::connect`] over iommufd, as the in-process stack's VMM over iommufd:
+    /// the connection opens `/dev/iommu` (`HELLO` file kind 2), guest RAM and the VMM's
+    /// buffer are shared (`ADD_MEMORY`), the host's device is plugged and bound
+    /// (`DEVICE_ADD`), then [`Iommufd::open`] (an IOAS and a fault queue, whose fd the
+    /// host passes), guest RAM mapped into the IOAS at IOVA 0 (`IOMMU_IOAS_MAP`), the
+    /// device's RID attached to a nest-parent HWPT ([`Iommufd::attach_bound`]), and
+    /// [`Vmm::boot_iommufd`]. A step that fails closes the connection, which releases
+    /// what the host made.
+    fn connect_iommufd(
+        path: &Path,
+        index: usize,
+        ram_size: u64,
+        pause_at: Option<Stage>,
+    ) -> Result<RemoteVm, VmError> {
+        let file = RemoteFile::connect_kind(path, FILE_IOMMUFD)?;
+        let ram = SharedRam::new(ram_size)?;
+        let buffer = SharedRam::new(IOMMUFD_BUFFER)?;
+        let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
+        setup("ADD_MEMORY (guest RAM)", ram.share(&file))?;
+        setup("ADD_MEMORY (the VMM's buffer)", buffer.share(&file))?;
+        let (host_sid, dev_id) = file.device_add_bound().map_err(|errno| VmError::Setup {
+            what: "DEVICE_ADD",
+            errno,
+        })?;
+        let link = Arc::new(HostLink::new(file, Uapi::Iommufd, pause_at));
+        let gone = |what, errno| {
+            if link.file.host_gone() {
+                VmError::HostGone
+            } else {
+                VmError::Setup { what, errno }
+            }
+        };
+        let user = UserBuffer::new(buffer.mem.clone()).map_err(|e| gone("the VMM's buffer", e))?;
+        let iommufd = Iommufd::open(
+            link.clone(),
+            -1,
+            &|fd| link.take_fault_queue(fd),
+            user,
+            GuestPasids::new(vsva_host::DEFAULT_QUOTA as usize),
+        )
+        .map_err(|e| gone("IOMMU_IOAS_ALLOC, IOMMU_FAULT_QUEUE_ALLOC", e))?;
+        iommufd
+            .map(ram.addr(), ram_size, 0)
+            .map_err(|e| gone("IOMMU_IOAS_MAP", e))?;
+        let device = iommufd
+            .attach_bound(link.clone(), dev_id, host_sid)
+            .map_err(|e| gone("IOMMU_HWPT_ALLOC, VFIO_DEVICE_ATTACH_IOMMUFD_PT", e))?;
+        let vmm = Vmm::boot_iommufd(
+            index,
+            ram.mem.clone(),
+            ram_size,
+            iommufd,
+            device,
+            link.clone() as Arc<dyn Passthrough>,
+            host_sid,
+        )
+        .map_err(|e| gone_or(&link, e.into()))?;
+        Ok(RemoteVm {
+            vmm,
+            ram,
+            buffer: Some(buffer),
+            link,
+        })
     }
 
     /// The connection to the host.
@@ -299,10 +460,15 @@ impl RemoteVm {
     /// shadowed), then the connection closes, which releases what the host still held for
     /// it (the container's PASIDs and mappings, the device, the RAM window).
     pub fn shutdown(self) -> Result<(), VmError> {
-        let RemoteVm { vmm, ram, link } = self;
+        let RemoteVm {
+            vmm,
+            ram,
+            buffer,
+            link,
+        } = self;
         match vmm.shutdown() {
             Ok((mem, file)) => {
-                drop((mem, file, link, ram));
+                drop((mem, file, link, ram, buffer));
                 Ok(())
             }
             Err(e) => Err(gone_or(&link, e.into())),
@@ -328,6 +494,8 @@ pub struct VmOptions {
     pub demo: DemoOptions,
     /// Where to pause for a test, if anywhere.
     pub pause_at: Option<Stage>,
+    /// The uAPI the VMM reaches the host through.
+    pub uapi: Uapi,
     /// Whether to take part in `vsva demo --split`'s cross-VM checks after the workload
     /// ([`cross_vm_phase`]).
     pub cross_vm: bool,
@@ -346,7 +514,13 @@ pub fn run(
     opts.demo
         .validate()
         .map_err(|e| VmError::Options(e.to_string()))?;
-    let vm = RemoteVm::connect(path, opts.index, demo::vm_ram(&opts.demo), opts.pause_at)?;
+    let vm = RemoteVm::connect(
+        path,
+        opts.index,
+        demo::vm_ram(&opts.demo),
+        opts.pause_at,
+        opts.uapi,
+    )?;
     let mut rng = StdRng::seed_from_u64(opts.demo.seed);
     let mut report = VmReport {
         vm: opts.index,
@@ -376,7 +550,7 @@ pub fn run(
         let targets: Vec<Target> = jobs.iter().map(|j| j.target(opts.index)).collect();
         cross_vm_phase(
             &vm.vmm,
-            Uapi::Type1,
+            opts.uapi,
             &jobs,
             &targets,
             &mut std::io::stdin().lock(),
@@ -948,7 +1122,7 @@ impl Keeper {
 /// <json>` (a [`WorkerReport`] with the link's [`Timings`]), waits for its stdin to close
 /// and shuts down. Returns the exit code: 0, or 1 when it could not start.
 pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
-    let started = RemoteVm::connect(socket, 0, LOAD_VM_RAM, None).and_then(|vm| {
+    let started = RemoteVm::connect(socket, 0, LOAD_VM_RAM, None, Uapi::Type1).and_then(|vm| {
         let keeper = Keeper::start(&vm.vmm, (seed as u8) | 1)?;
         Ok((vm, keeper))
     });

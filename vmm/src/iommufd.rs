@@ -195,7 +195,7 @@ struct FaultState {
 pub struct Iommufd {
     file: Arc<dyn UapiFile>,
     /// The fd number of `file` in the VMM's fd table (what `VFIO_DEVICE_BIND_IOMMUFD`
-    /// names).
+    /// names); -1 for a VMM that never binds through it ([`Iommufd::attach_bound`]).
     fd: i32,
     ioas: u32,
     fault_id: u32,
@@ -312,9 +312,8 @@ impl Iommufd {
     }
 
     /// Binds the device of VFIO cdev `cdev` (host requester id `sid`) to the iommufd
-    /// (`VFIO_DEVICE_BIND_IOMMUFD`), allocates its nest-parent HWPT on the IOAS
-    /// (`IOMMU_HWPT_ALLOC` with NEST_PARENT and PASID) and attaches its RID there. On
-    /// failure the HWPT is destroyed (closing the cdev unbinds the device).
+    /// (`VFIO_DEVICE_BIND_IOMMUFD`), then attaches it as [`Iommufd::attach_bound`] does.
+    /// On failure closing the cdev unbinds the device.
     pub fn attach_device(
         self: &Arc<Self>,
         cdev: Arc<dyn UapiFile>,
@@ -326,6 +325,20 @@ impl Iommufd {
             ..Default::default()
         };
         let dev_id = io(&*cdev, VFIO_DEVICE_BIND_IOMMUFD, &bind)?.out_devid;
+        self.attach_bound(cdev, dev_id, sid)
+    }
+
+    /// The device of VFIO cdev `cdev` (host requester id `sid`), already bound to the
+    /// iommufd as `dev_id` (a VMM whose host bound it, as `vsva host` does on
+    /// `DEVICE_ADD`): allocates its nest-parent HWPT on the IOAS (`IOMMU_HWPT_ALLOC` with
+    /// NEST_PARENT and PASID) and attaches its RID there. On failure the HWPT is
+    /// destroyed.
+    pub fn attach_bound(
+        self: &Arc<Self>,
+        cdev: Arc<dyn UapiFile>,
+        dev_id: u32,
+        sid: SourceId,
+    ) -> Result<Arc<IommufdDevice>, Errno> {
         let alloc = IommuHwptAlloc {
             size: size_of::<IommuHwptAlloc>() as u32,
             flags: IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,

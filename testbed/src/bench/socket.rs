@@ -24,6 +24,7 @@ use vsva_vtd::{FlPagingMode, Gva, Pasid};
 
 use super::{BenchError, Workload};
 use crate::remote::RemoteVm;
+use crate::stack::Uapi;
 
 /// Guest RAM of the remote VM.
 const RAM: u64 = 32 << 20;
@@ -73,7 +74,7 @@ impl SocketVm {
             stop,
             server: Some(server),
         };
-        let vm = RemoteVm::connect(&this.path, 0, RAM, None)?;
+        let vm = RemoteVm::connect(&this.path, 0, RAM, None, Uapi::Type1)?;
         let process = vm.vmm.spawn(FlPagingMode::FourLevel)?;
         this.vm = Some(vm);
         this.page = process.mmap(PAGE_SIZE, Prot::READ_WRITE)?;
