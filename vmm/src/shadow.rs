@@ -47,7 +47,9 @@
 //! The PASID that requests without PASID use (the context entry's RID_PASID) is never
 //! bound: such requests from a passthrough device use the host's second level.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashSet, HashSetExt};
 use std::fmt;
 use std::sync::Arc;
 
@@ -377,9 +379,25 @@ impl ForwardKey {
 }
 
 impl SyncPass {
-    /// Starts a new pass: nothing read, nothing reconciled.
+    /// Starts a new pass: nothing read, nothing reconciled (the sets keep their room, so
+    /// a pass allocates only when it outgrows the largest before it).
     pub(crate) fn clear(&mut self) {
-        *self = SyncPass::default();
+        let SyncPass {
+            contexts,
+            entries,
+            done,
+            all,
+            domains,
+            forwarded,
+            pending,
+        } = self;
+        contexts.clear();
+        entries.clear();
+        done.clear();
+        *all = false;
+        domains.clear();
+        forwarded.clear();
+        pending.clear();
     }
 
     /// Whether an earlier synchronisation of the pass covered all of `scope`; notes that
@@ -702,24 +720,30 @@ impl VIommu {
     /// of the pass were gathered: the guest is not told either way (hardware cannot be).
     pub(crate) fn flush_invalidations(&self, pass: &mut SyncPass) {
         let mut pending = std::mem::take(&mut pass.pending);
+        let mut invs = Vec::new();
         while let Some((host, _)) = pending.first() {
             let host = host.clone();
-            let (mine, rest): (Vec<_>, Vec<_>) = pending
-                .into_iter()
-                .partition(|(h, _)| Arc::ptr_eq(h, &host));
-            pending = rest;
-            let invs: Vec<CacheInvalidate> = mine.into_iter().map(|(_, inv)| inv).collect();
+            invs.clear();
+            pending.retain(|(h, inv)| {
+                let mine = Arc::ptr_eq(h, &host);
+                if mine {
+                    invs.push(*inv);
+                }
+                !mine
+            });
             let results = host.cache_invalidate_batch(&invs);
-            for (i, inv) in invs.into_iter().enumerate() {
+            for (i, inv) in invs.iter().enumerate() {
                 let r = results.get(i).copied().unwrap_or(Err(Errno::EIO));
                 if self
-                    .host_result(r, || HostCall::CacheInvalidate(inv))
+                    .host_result(r, || HostCall::CacheInvalidate(*inv))
                     .is_some()
                 {
                     Counters::bump(&self.counters.invalidations_forwarded);
                 }
             }
         }
+        // Empty now; kept for its room.
+        pass.pending = pending;
     }
 
     /// The passthrough device with guest requester id `sid`: its host id and container.

@@ -63,8 +63,8 @@ pub struct VIommu {
     pub(crate) caches: Caches,
     pub(crate) spaces: Mutex<Vec<Weak<SpaceTlb>>>,
     /// Serialises invalidation processing; holds the host IOTLB invalidations the last
-    /// descriptor forwarded.
-    queue: Mutex<InclusiveFlushes>,
+    /// descriptor forwarded, and the shadow pass (reused, so a pass does not allocate).
+    queue: Mutex<(InclusiveFlushes, SyncPass)>,
     pub(crate) counters: Counters,
     host_errors: Mutex<Vec<HostCallError>>,
 }
@@ -103,7 +103,7 @@ impl VIommu {
             devices: Mutex::default(),
             caches: Caches::default(),
             spaces: Mutex::default(),
-            queue: Mutex::new(InclusiveFlushes::default()),
+            queue: Mutex::default(),
             counters: Counters::default(),
             host_errors: Mutex::default(),
         }))
@@ -175,9 +175,10 @@ impl VIommu {
             RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(irqs),
             RegEffect::RegisterInvalidation(desc) => {
                 // Register-based invalidations have no status write: nothing can fail.
-                let mut pass = SyncPass::default();
-                let _ = self.execute(&desc, &mut lock(&self.queue), &mut pass, irqs);
-                self.flush_invalidations(&mut pass);
+                let (flushed, pass) = &mut *lock(&self.queue);
+                pass.clear();
+                let _ = self.execute(&desc, flushed, pass, irqs);
+                self.flush_invalidations(pass);
             }
             RegEffect::VirtualCommand(cmd) => self.virtual_command(cmd),
             RegEffect::Interrupt(irq) => irqs.push(irq),
@@ -198,10 +199,10 @@ impl VIommu {
     /// The host invalidations a pass gathers go down together when it ends (or earlier:
     /// see [`SyncPass`]).
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
-        let mut flushed = lock(&self.queue);
-        let mut pass = SyncPass::default();
-        self.run_invalidation_queue(&mut flushed, &mut pass, irqs);
-        self.flush_invalidations(&mut pass);
+        let (flushed, pass) = &mut *lock(&self.queue);
+        pass.clear();
+        self.run_invalidation_queue(flushed, pass, irqs);
+        self.flush_invalidations(pass);
     }
 
     fn run_invalidation_queue(

@@ -8,7 +8,7 @@
 //! or one with private data), and one the container refuses, is answered at once with
 //! Invalid Request.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use vsva_hw::iommu::Iommu;

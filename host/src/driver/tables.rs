@@ -8,7 +8,7 @@
 //! holds nothing but its root table. Entries are written with P last when made present and P first when cleared, so
 //! hardware never reads a half-written present entry.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use vsva_hw::{FrameAllocator, PAGE_SIZE};
 use vsva_vtd::{DomainId, Hpa, Pasid, PasidEntry, PhysMem, ScalableContextEntry, SourceId};
