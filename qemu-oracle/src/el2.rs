@@ -12,14 +12,23 @@ use crate::machine::{read_back_and_exit, ProbeOp, HEADER};
 /// The IPA of the EL1 stub: a test's stage-2 table maps IPA 0 to [`VECTORS`] for the
 /// program's 64 KiB (readable, executable, AF set), one page or block of any granule.
 pub const S2_STUB_IPA: u64 = S2_STUB - VECTORS;
-/// SCTLR_EL1 while probing: the v8.0 RES1 bits, stage 1 off (M, C and I clear).
+/// SCTLR_EL1 with stage 1 off: the v8.0 RES1 bits (M, C and I clear).
 const SCTLR_EL1_OFF: u64 = 0x30d0_0800;
+/// SCTLR_EL1 with stage 1 on: M, C and I set; no alignment checks, WXN clear.
+const SCTLR_EL1_ON: u64 = SCTLR_EL1_OFF | 1 | (1 << 2) | (1 << 12);
+/// MAIR_EL1: every attribute Normal, Inner/Outer Write-Back.
+const MAIR: u64 = u64::MAX;
+/// The EL1 vectors, in the stub's page (VBAR_EL1 needs 2 KiB alignment): each sends the
+/// exception to EL2 with HVC #1, ESR_EL1 in X13 and FAR_EL1 in X14.
+const EL1_VECTORS: u64 = 0x800;
 /// HCR_EL2: VM (stage 2 on) and RW (EL1 is AArch64).
 const HCR: u64 = 1 | (1 << 31);
 /// SPSR_EL2 for the ERET to a probe: EL1h, DAIF masked.
 const SPSR_EL1H: u64 = 0x3c5;
 /// ESR_ELx.EC of an HVC from AArch64.
 const EC_HVC: u64 = 0x16;
+/// The HVC immediate of an exception the EL1 vectors pass on.
+const HVC_EL1_FAULT: u16 = 1;
 
 const X0: u32 = 0;
 const X1: u32 = 1;
@@ -30,6 +39,8 @@ const X9: u32 = 9;
 const X10: u32 = 10;
 const X11: u32 = 11;
 const X12: u32 = 12;
+const X13: u32 = 13;
+const X14: u32 = 14;
 const X19: u32 = 19;
 const X20: u32 = 20;
 const X21: u32 = 21;
@@ -39,14 +50,23 @@ const X21: u32 = 21;
 pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     let mut a = Asm::new();
     let (keep, next) = (a.label(), a.label());
-    // 16 vector entries: an HVC from the stub ends a probe that completed (X3 its value);
-    // anything else is recorded in X20's record (ESR, FAR, HPFAR) and ends the probe.
+    let el1_fault = a.label();
+    // 16 vector entries: an HVC #0 from the stub ends a probe that completed (X3 its
+    // value), an HVC #1 from the EL1 vectors one that took a stage-1 fault at EL1; anything
+    // else is recorded in X20's record (ESR, FAR, HPFAR) and ends the probe.
     for slot in 0..16 {
         a.pad_to(slot * 0x80);
         a.mrs(X9, SysReg::ESR_EL2);
         a.lsr_imm(X11, X9, 26);
+        let other = a.label();
         a.cmp_imm(X11, EC_HVC);
-        a.b_cond(Cond::Eq, keep);
+        a.b_cond(Cond::Ne, other);
+        a.lsl_imm(X11, X9, 48);
+        a.lsr_imm(X11, X11, 48);
+        a.cmp_imm(X11, u64::from(HVC_EL1_FAULT));
+        a.b_cond(Cond::Eq, el1_fault);
+        a.b(keep);
+        a.bind(other);
         a.movz(X12, 1, 0);
         a.str(X12, X20, 0);
         a.str(X9, X20, 8);
@@ -69,6 +89,10 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.msr(SysReg::VBAR_EL2, X0);
     a.mov_imm(X0, SCTLR_EL1_OFF);
     a.msr(SysReg::SCTLR_EL1, X0);
+    a.mov_imm(X0, MAIR);
+    a.msr(SysReg::MAIR_EL1, X0);
+    a.mov_imm(X0, S2_STUB_IPA + EL1_VECTORS);
+    a.msr(SysReg::VBAR_EL1, X0);
     a.mov_imm(X0, HCR);
     a.msr(SysReg::HCR_EL2, X0);
     a.isb();
@@ -76,6 +100,7 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.mov_imm(X20, RESULTS + HEADER);
     a.mov_imm(X21, count);
     let (next_probe, done, switch, go) = (a.label(), a.label(), a.label(), a.label());
+    let switch1 = a.label();
     a.bind(next_probe);
     a.cbz(X21, done);
     a.ldr(X1, X19, 0);
@@ -88,6 +113,8 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.isb();
     a.cmp_imm(X1, ProbeOp::Stage2Switch.code());
     a.b_cond(Cond::Eq, switch);
+    a.cmp_imm(X1, ProbeOp::Stage1Switch { enable: false }.code());
+    a.b_cond(Cond::Eq, switch1);
     // The stub's entry for the op: LDR at +0, STR at +8, BLR at +16.
     for (op, at) in [
         (ProbeOp::Load, 0),
@@ -116,6 +143,31 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.dsb_sy();
     a.isb();
     a.b(next);
+    // Stage 1: TTBR0_EL1, TCR_EL1, then SCTLR_EL1 off or on as the last word says.
+    a.bind(switch1);
+    a.msr(SysReg::TTBR0_EL1, X0);
+    a.msr(SysReg::TCR_EL1, X2);
+    a.ldr(X3, X19, 24);
+    let (on, set) = (a.label(), a.label());
+    a.cbnz(X3, on);
+    a.mov_imm(X4, SCTLR_EL1_OFF);
+    a.b(set);
+    a.bind(on);
+    a.mov_imm(X4, SCTLR_EL1_ON);
+    a.bind(set);
+    a.msr(SysReg::SCTLR_EL1, X4);
+    a.isb();
+    a.tlbi_vmalls12e1();
+    a.dsb_sy();
+    a.isb();
+    a.b(next);
+    // A stage-1 fault the EL1 vectors passed on.
+    a.bind(el1_fault);
+    a.movz(X12, 1, 0);
+    a.str(X12, X20, 0);
+    a.str(X13, X20, 8);
+    a.str(X14, X20, 16);
+    a.b(next);
     a.bind(keep);
     a.str(X3, X20, 24);
     a.bind(next);
@@ -137,5 +189,12 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.hvc(0);
     a.blr(X0);
     a.hvc(0);
+    // The EL1 vectors.
+    for slot in 0..16 {
+        a.pad_to(S2_STUB - VECTORS + EL1_VECTORS + slot * 0x80);
+        a.mrs(X13, SysReg::ESR_EL1);
+        a.mrs(X14, SysReg::FAR_EL1);
+        a.hvc(HVC_EL1_FAULT);
+    }
     a.finish()
 }

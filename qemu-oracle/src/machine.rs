@@ -78,6 +78,16 @@ pub enum ProbeOp {
     /// stage-2 table with the VMID in bits 63:48) and VTCR_EL2 (its `value`), then TLBI
     /// VMALLS12E1.
     Stage2Switch,
+    /// Not an access, for [`Harness::Stage2`] only: load TTBR0_EL1 (the probe's `va`, an
+    /// IPA) and TCR_EL1 (its `value`), and turn EL1's stage 1 on or off (SCTLR_EL1.M, with
+    /// C and I; MAIR_EL1 makes every attribute Normal write-back). With stage 1 on, the
+    /// probes are nested: the table must map VA 0 to IPA 0 for the program's 64 KiB
+    /// (EL1-executable) so that the stub and its EL1 vectors run, and TCR_EL1 should set
+    /// EPD1. A stage-1 fault is taken to EL1 and reported with ESR_EL1 and FAR_EL1.
+    Stage1Switch {
+        /// SCTLR_EL1.M for the probes that follow.
+        enable: bool,
+    },
     /// Not an access: load TTBR0_EL1, TTBR1_EL1 and TCR_EL1, set PSTATE.PAN and
     /// SCTLR_EL1.WXN, then TLBI VMALLE1.
     Switch {
@@ -106,6 +116,7 @@ impl ProbeOp {
             ProbeOp::Fetch => 5,
             ProbeOp::FetchUnprivileged => 6,
             ProbeOp::Stage2Switch => 7,
+            ProbeOp::Stage1Switch { .. } => 8,
         }
     }
 
@@ -439,7 +450,7 @@ impl Machine {
         for (index, p) in probes.iter().enumerate() {
             let fits = match p.op {
                 ProbeOp::Load | ProbeOp::Store | ProbeOp::Fetch => true,
-                ProbeOp::Stage2Switch => harness == Harness::Stage2,
+                ProbeOp::Stage2Switch | ProbeOp::Stage1Switch { .. } => harness == Harness::Stage2,
                 _ => harness != Harness::Stage2,
             };
             if !fits {
@@ -491,6 +502,7 @@ impl Machine {
                     let ttbr1 = if ttbr1 == 0 { BOOT_TABLE } else { ttbr1 };
                     ttbr1 | u64::from(pan) | (u64::from(wxn) << 1)
                 }
+                ProbeOp::Stage1Switch { enable } => u64::from(enable),
                 _ => p.check_pa,
             };
             let rec = [p.op.code(), p.va, p.value, last];
@@ -825,7 +837,7 @@ pub(crate) fn read_back_and_exit(a: &mut Asm, count: u64) {
     let (rb, rb_next, rb_done) = (a.label(), a.label(), a.label());
     a.bind(rb);
     a.cbz(X21, rb_done);
-    // A switch's last word is its PAN, not an address.
+    // A switch's last word is its PAN or stage-1 enable, not an address.
     a.ldr(X1, X19, 0);
     a.cmp_imm(
         X1,
@@ -836,6 +848,8 @@ pub(crate) fn read_back_and_exit(a: &mut Asm, count: u64) {
         }
         .code(),
     );
+    a.b_cond(Cond::Eq, rb_next);
+    a.cmp_imm(X1, ProbeOp::Stage1Switch { enable: false }.code());
     a.b_cond(Cond::Eq, rb_next);
     a.ldr(X0, X19, 24);
     a.cbz(X0, rb_next);

@@ -202,6 +202,77 @@ fn stage2_harness_runs_a_hand_built_table() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A stage-2 configuration: a granule of `granules` (weighted), T0SZ and an SL0 the walker
+/// accepts, PS, and HA/HD where `hafdbs` allows; with the PS encoding.
+fn pick_s2(
+    rng: &mut Rng,
+    granules: &[(Granule, u64)],
+    lpa: bool,
+    hafdbs: u64,
+) -> (Granule, u8, u8, u64, AddressSize, S2Flags) {
+    let weights: u64 = granules.iter().map(|g| g.1).sum();
+    let mut roll = rng.below(weights);
+    let granule = granules
+        .iter()
+        .find(|g| {
+            let hit = roll < g.1;
+            roll = roll.saturating_sub(g.1);
+            hit
+        })
+        .map_or(Granule::Size4K, |g| g.0);
+    // T0SZ and an SL0 the walker accepts for it.
+    let (t0sz, sl0) = loop {
+        let t0sz = rng.in_range(16, 39) as u8;
+        let sl0s: Vec<u8> = (0..=2)
+            .filter(|&sl0| {
+                S2Config::with_granule(
+                    0,
+                    t0sz,
+                    sl0,
+                    granule,
+                    AddressSize::Bits48,
+                    lpa,
+                    S2Flags::default(),
+                )
+                .is_ok()
+            })
+            .collect();
+        if !sl0s.is_empty() {
+            break (t0sz, rng.pick(&sl0s));
+        }
+    };
+    let input_bits = 64 - u32::from(t0sz);
+    // QEMU 7.2 checks a level-0 start (4 KiB) or level-1 start (16 and 64 KiB) against
+    // PS where the Arm ARM (S2InvalidSL) checks the implemented PA size: those starts
+    // get a PS above the size QEMU refuses.
+    let start = match granule {
+        Granule::Size4K => 2 - sl0,
+        _ => 3 - sl0,
+    };
+    let min_ps = match (granule, start) {
+        (Granule::Size4K, 0) | (Granule::Size64K, 1) => 43,
+        (Granule::Size16K, 1) => 41,
+        _ => 0,
+    };
+    let ps_choices: Vec<_> = IPS
+        .iter()
+        .copied()
+        .filter(|(_, size)| {
+            size.bits() >= input_bits.max(min_ps)
+                && (size.bits() < 52 || (granule == Granule::Size64K && lpa))
+        })
+        .collect();
+    let (ps_code, ps) = rng.pick(&ps_choices);
+    let ha = hafdbs >= 1 && rng.percent(50);
+    let hd = ha && hafdbs >= 2 && rng.percent(60);
+    let flags = S2Flags {
+        ha,
+        hd,
+        ..S2Flags::default()
+    };
+    (granule, t0sz, sl0, ps_code, ps, flags)
+}
+
 #[test]
 fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
     let seed = seed();
@@ -266,67 +337,9 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
     let mut damage: BTreeMap<&str, usize> = BTreeMap::new();
     let mut scenarios = Vec::new();
     for _ in 0..SCENARIOS {
-        let weights: u64 = granules.iter().map(|g| g.1).sum();
-        let mut roll = rng.below(weights);
-        let granule = granules
-            .iter()
-            .find(|g| {
-                let hit = roll < g.1;
-                roll = roll.saturating_sub(g.1);
-                hit
-            })
-            .map_or(Granule::Size4K, |g| g.0);
+        let (granule, t0sz, sl0, ps_code, ps, flags) = pick_s2(&mut rng, &granules, lpa, hafdbs);
         let frame_bytes = 1u64 << granule.shift();
-        // T0SZ and an SL0 the walker accepts for it.
-        let (t0sz, sl0) = loop {
-            let t0sz = rng.in_range(16, 39) as u8;
-            let sl0s: Vec<u8> = (0..=2)
-                .filter(|&sl0| {
-                    S2Config::with_granule(
-                        0,
-                        t0sz,
-                        sl0,
-                        granule,
-                        AddressSize::Bits48,
-                        lpa,
-                        S2Flags::default(),
-                    )
-                    .is_ok()
-                })
-                .collect();
-            if !sl0s.is_empty() {
-                break (t0sz, rng.pick(&sl0s));
-            }
-        };
         let input_bits = 64 - u32::from(t0sz);
-        // QEMU 7.2 checks a level-0 start (4 KiB) or level-1 start (16 and 64 KiB) against
-        // PS where the Arm ARM (S2InvalidSL) checks the implemented PA size: those starts
-        // get a PS above the size QEMU refuses.
-        let start = match granule {
-            Granule::Size4K => 2 - sl0,
-            _ => 3 - sl0,
-        };
-        let min_ps = match (granule, start) {
-            (Granule::Size4K, 0) | (Granule::Size64K, 1) => 43,
-            (Granule::Size16K, 1) => 41,
-            _ => 0,
-        };
-        let ps_choices: Vec<_> = IPS
-            .iter()
-            .copied()
-            .filter(|(_, size)| {
-                size.bits() >= input_bits.max(min_ps)
-                    && (size.bits() < 52 || (granule == Granule::Size64K && lpa))
-            })
-            .collect();
-        let (ps_code, ps) = rng.pick(&ps_choices);
-        let ha = hafdbs >= 1 && rng.percent(50);
-        let hd = ha && hafdbs >= 2 && rng.percent(60);
-        let flags = S2Flags {
-            ha,
-            hd,
-            ..S2Flags::default()
-        };
         let probe_cfg =
             S2Config::with_granule(0, t0sz, sl0, granule, ps, lpa, flags).expect("a checked SL0");
         let start_bytes = probe_cfg.concatenated_tables() * frame_bytes;
@@ -450,8 +463,8 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
             u64::from(sl0),
             granule.raw(),
             ps_code,
-            ha,
-            hd,
+            flags.ha,
+            flags.hd,
         );
         scenarios.push((cfg, (vmid << 48) | root, vtcr, mappings));
     }
