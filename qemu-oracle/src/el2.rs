@@ -2,8 +2,10 @@
 //! virt,virtualization=on` starts the CPU there) with its own MMU off, which installs a
 //! test's stage-2 tables (VTTBR_EL2, VTCR_EL2, HCR_EL2.VM; Arm ARM D8, "stage 2
 //! translation") and performs each probe at EL1 with stage 1 off, so that the probe's
-//! address is its IPA. A stage-2 fault is taken to EL2 (ESR_EL2, FAR_EL2, HPFAR_EL2); a
-//! probe that completes returns with HVC.
+//! address is its IPA, or on (nested: TTBR0_EL1/TCR_EL1 of a test's stage-1 table in IPA
+//! space). A stage-2 fault is taken to EL2 (ESR_EL2, FAR_EL2, HPFAR_EL2); a stage-1 fault
+//! to EL1, whose vectors pass ESR_EL1 and FAR_EL1 on with HVC #1; a probe that completes
+//! returns with HVC #0.
 
 use crate::a64::{Asm, AsmError, Cond, SysReg};
 use crate::machine::layout::{PROBES, RESULTS, S2_STUB, VECTORS};

@@ -145,8 +145,10 @@ pub enum Harness {
     /// is an IPA, through the stage-2 table of the last [`ProbeOp::Stage2Switch`]
     /// (HCR_EL2.VM set), which must map IPA 0 to [`layout::VECTORS`] for the program's
     /// 64 KiB (readable, executable, AF set): the EL1 stub runs at
-    /// [`crate::S2_STUB_IPA`]. A stage-2 fault is an
-    /// [`Abort`] with ESR_EL2, FAR_EL2 and HPFAR_EL2 (see [`crate::el2`]).
+    /// [`crate::S2_STUB_IPA`]. A stage-2 fault is an [`Abort`] with ESR_EL2, FAR_EL2 and
+    /// HPFAR_EL2 (see [`crate::el2`]). After a [`ProbeOp::Stage1Switch`] that enables it,
+    /// EL1's stage 1 translates first (nested), and a stage-1 fault is an [`Abort`] with
+    /// ESR_EL1 and FAR_EL1.
     Stage2,
 }
 
