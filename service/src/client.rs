@@ -52,6 +52,8 @@ struct Calls {
     next_id: u32,
     /// Where replies are received.
     buf: socket::RecvBuffer,
+    /// How replies are waited for.
+    poller: socket::Poller,
 }
 
 /// A uAPI file (a VFIO container) that `vsva host` serves over a UNIX socket.
@@ -96,6 +98,7 @@ impl RemoteFile {
             calls: Mutex::new(Calls {
                 next_id: 1,
                 buf: socket::RecvBuffer::default(),
+                poller: socket::Poller::new(socket::SPIN),
             }),
             welcome: Welcome {
                 version: VERSION,
@@ -175,7 +178,10 @@ impl RemoteFile {
         };
         socket::send(self.sock.as_fd(), &encode_request(id, request), fds)
             .map_err(|e| gone("send", Some(e)))?;
-        let received = match socket::recv_into(self.sock.as_fd(), &mut calls.buf) {
+        // The host answers most calls within microseconds: poll for the reply before
+        // sleeping on it.
+        let Calls { buf, poller, .. } = &mut *calls;
+        let received = match poller.recv(self.sock.as_fd(), buf) {
             Ok(Some(r)) => r,
             Ok(None) => return Err(gone("closed", None)),
             Err(e) => return Err(gone("receive", Some(e))),

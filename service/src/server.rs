@@ -50,6 +50,9 @@ pub struct Limits {
     pub max_bad_frames: u32,
     /// How long a reply may wait for a client that does not read before it is closed.
     pub send_timeout: Duration,
+    /// How long a connection's thread polls for the client's next frame after a reply
+    /// before it sleeps ([`socket::Poller`]); zero sleeps at once.
+    pub spin: Duration,
     /// Connections the host serves at once; one more is refused with `EUSERS`.
     pub max_connections: u32,
     /// Connections one client process (by its peer credentials) may hold at once; one
@@ -65,6 +68,7 @@ impl Default for Limits {
             pasid_quota: DEFAULT_QUOTA,
             max_bad_frames: 64,
             send_timeout: Duration::from_secs(5),
+            spin: socket::SPIN,
             max_connections: 256,
             max_connections_per_process: 64,
         }
@@ -766,8 +770,9 @@ impl Connection<'_> {
     /// many malformed frames; returns why it stopped.
     fn serve(&mut self, sock: std::os::fd::BorrowedFd<'_>) -> String {
         let mut buf = socket::RecvBuffer::default();
+        let mut poller = socket::Poller::new(self.svc.limits.spin);
         loop {
-            let received = match socket::recv_into(sock, &mut buf) {
+            let received = match poller.recv(sock, &mut buf) {
                 Ok(Some(r)) => r,
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return format!("receive: {e}"),
