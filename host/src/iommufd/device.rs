@@ -40,27 +40,6 @@ pub(crate) trait BindTarget: std::fmt::Debug + Send + Sync {
     fn detach(&self, dev_id: u32, pasid: Option<u32>) -> Result<(), IommufdError>;
 }
 
-impl BindTarget for IommufdFile {
-    fn bind_device(&self, sid: SourceId) -> Result<u32, IommufdError> {
-        self.lock().bind_device(sid)
-    }
-    fn unbind_device(&self, dev_id: u32) {
-        self.lock().unbind_device(dev_id);
-    }
-    fn attach(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32, IommufdError> {
-        match pasid {
-            Some(p) => self.lock().attach_pasid(dev_id, p, pt_id),
-            None => self.lock().attach_rid(dev_id, pt_id),
-        }
-    }
-    fn detach(&self, dev_id: u32, pasid: Option<u32>) -> Result<(), IommufdError> {
-        match pasid {
-            Some(p) => self.lock().detach_pasid(dev_id, p),
-            None => self.lock().detach_rid(dev_id),
-        }
-    }
-}
-
 /// An open file of the table.
 #[derive(Debug, Clone)]
 enum Open {

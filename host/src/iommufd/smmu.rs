@@ -18,42 +18,62 @@
 //!   each SMMU event record of a stream attached to a nested HWPT of the vIOMMU with a
 //!   vDEVICE (other than stage-2 faults and stalls), its StreamID replaced by the vSID.
 //!
-//! `IOMMU_DESTROY` of a referenced object is EBUSY; every ioctl checks before its first
-//! change, so a refused one changes nothing. Not served on this file (ENOTTY):
-//! IOAS_COPY, IOAS_IOVA_RANGES, IOAS_ALLOW_IOVAS, IOAS_MAP_FILE, dirty tracking, fault
-//! queues.
+//! The core ([`super::IommufdCtx`]) holds the objects, IOASes, paging HWPTs and devices;
+//! this is its SMMUv3 configuration ([`Smmu`]). `IOMMU_DESTROY` of a referenced object
+//! is EBUSY; every ioctl checks before its first change, so a refused one changes
+//! nothing. Not served on this file (ENOTTY): IOAS_COPY, IOAS_IOVA_RANGES,
+//! IOAS_ALLOW_IOVAS, IOAS_MAP_FILE, dirty tracking, fault queues.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
+use vsva_hw::HostMemory;
 use vsva_smmuv3::regs::offset;
 use vsva_smmuv3::{Cmd, Config, Features, Ste};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
 use vsva_vtd::{Iova, SourceId};
 
-use super::device::{BindTarget, Iommufds};
-use super::iopt::{self, Area, Iopt};
-use super::user::{copy_from_user, copy_to_user, for_each_user_entry, UserArray};
+use super::ctx::{
+    self, Device, File, HwInfo, HwptPaging, IoctlOp, IommuOps, IommufdCtx, PagingDomain,
+};
+use super::device::Iommufds;
+use super::user::{for_each_user_entry, UserArray};
 use super::vevent::VeventqFile;
 use super::IommufdError;
 use crate::container::IommuBackend;
+use crate::driver::DirtyBitmap;
 use crate::smmu::{SmmuDomain, SmmuHost, VeventSink, IPA_BITS};
 
-/// A paging HWPT: a stage-2 domain holding its IOAS's mappings.
+type Object = ctx::Object<Smmu>;
+
+/// The SMMUv3 configuration of the iommufd core: the host's SMMU.
 #[derive(Debug)]
-struct HwptPaging {
-    ioas: u32,
-    domain: SmmuDomain,
-    nest_parent: bool,
-    /// Created by attaching a device to the IOAS itself; destroyed with its last device.
-    auto: bool,
+pub struct Smmu {
+    smmu: Arc<SmmuHost>,
+}
+
+/// One open `/dev/iommu` on an SMMU: its objects.
+pub type SmmuCtx = IommufdCtx<Smmu>;
+
+/// One open `/dev/iommu` on an SMMU.
+pub type SmmuIommufdFile = File<Smmu>;
+
+impl File<Smmu> {
+    /// Opens `/dev/iommu` on the SMMU `smmu`, outside any fd table (it cannot hand out
+    /// vEVENT queue fds: `IOMMU_VEVENTQ_ALLOC` is EMFILE).
+    pub fn open(smmu: &Arc<SmmuHost>) -> Arc<Self> {
+        Self::open_in(smmu, Weak::new())
+    }
+
+    /// Opens `/dev/iommu` on the SMMU `smmu` in the fd table `fds`.
+    pub(crate) fn open_in(smmu: &Arc<SmmuHost>, fds: Weak<Iommufds>) -> Arc<Self> {
+        File::new(Smmu { smmu: smmu.clone() }, fds)
+    }
 }
 
 /// A vIOMMU: the VM's slice of the SMMU over a nest parent (`struct arm_vsmmu`).
 #[derive(Debug)]
-struct Viommu {
+pub struct Viommu {
     parent: u32,
     events: Arc<ViommuEvents>,
 }
@@ -82,7 +102,7 @@ impl VeventSink for ViommuEvents {
 
 /// A vDEVICE: `dev`'s virtual StreamID in `viommu`.
 #[derive(Debug)]
-struct Vdevice {
+pub struct Vdevice {
     viommu: u32,
     dev: u32,
     virt_id: u64,
@@ -91,44 +111,24 @@ struct Vdevice {
 /// A nested HWPT: the guest's STE words 0 and 1 (checked, EATS cleared) and whether the
 /// guest asked for ATS (`struct arm_smmu_nested_domain`).
 #[derive(Debug)]
-struct HwptNested {
+pub struct HwptNested {
     viommu: u32,
     vste: [u64; 2],
     ats: bool,
 }
 
-/// A device bound to the file.
+/// The SMMU's own objects.
 #[derive(Debug)]
-struct Device {
-    /// Its StreamID.
-    sid: u32,
-    /// The HWPT its STE comes from.
-    hwpt: Option<u32>,
-}
-
-#[derive(Debug)]
-enum Object {
-    Ioas(Iopt),
-    HwptPaging(HwptPaging),
-    HwptNested(HwptNested),
+pub enum Vobj {
+    /// A vIOMMU.
     Viommu(Viommu),
+    /// A vDEVICE.
     Vdevice(Vdevice),
-    Veventq { viommu: u32 },
-    Device(Device),
-}
-
-impl Object {
-    fn kind(&self) -> &'static str {
-        match self {
-            Object::Ioas(_) => "IOAS",
-            Object::HwptPaging(_) => "paging HWPT",
-            Object::HwptNested(_) => "nested HWPT",
-            Object::Viommu(_) => "vIOMMU",
-            Object::Vdevice(_) => "vDEVICE",
-            Object::Veventq { .. } => "vEVENT queue",
-            Object::Device(_) => "device",
-        }
-    }
+    /// A vEVENT queue of a vIOMMU.
+    Veventq {
+        /// The vIOMMU.
+        viommu: u32,
+    },
 }
 
 /// What a file holds, for diagnostics and tests.
@@ -171,6 +171,8 @@ pub enum SmmuObjectState {
         /// The vIOMMU.
         viommu: u32,
     },
+    /// A fault queue.
+    Fault,
     /// A device and the HWPT of its STE.
     Device {
         /// Its StreamID.
@@ -178,24 +180,6 @@ pub enum SmmuObjectState {
         /// The HWPT it is attached to.
         hwpt: Option<u32>,
     },
-}
-
-/// One open `/dev/iommu` on an SMMU: its objects.
-#[derive(Debug)]
-pub struct SmmuCtx {
-    smmu: Arc<SmmuHost>,
-    objects: BTreeMap<u32, Object>,
-    /// The fd table vEVENT queue files are installed in.
-    fds: Weak<Iommufds>,
-}
-
-/// The handler of one ioctl.
-type Handler = fn(&mut SmmuCtx, &Ucmd, &mut [u8]) -> Result<(), IommufdError>;
-
-/// One row of the ioctl table (`struct iommufd_ioctl_op`).
-struct IoctlOp {
-    ucmd: Ucmd,
-    handler: Handler,
 }
 
 fn no_object(id: u32, want: &'static str) -> IommufdError {
@@ -284,9 +268,55 @@ fn physical_ste(
     }
 }
 
-impl SmmuCtx {
-    /// The ioctls this file serves: the argument's size and minimum size, the handler.
-    const IOCTLS: &'static [IoctlOp] = &[
+impl PagingDomain for SmmuDomain {
+    fn map_area(
+        &mut self,
+        iova: u64,
+        hpa: u64,
+        length: u64,
+        read: bool,
+        write: bool,
+    ) -> Result<(), IommufdError> {
+        SmmuDomain::map_pages(self, iova, hpa, length, read, write).map_err(Into::into)
+    }
+
+    fn unmap_area(&mut self, iova: u64, length: u64) {
+        IommuBackend::unmap_dma(self, Iova(iova), length);
+    }
+
+    /// The stage-2 input size: IPAs from `1 << IPA_BITS` are reserved.
+    fn iova_bits(&self) -> u32 {
+        IPA_BITS
+    }
+
+    /// The stage 2 keeps no dirty state here: EOPNOTSUPP, as Linux without HTTU.
+    fn set_dirty(&mut self, _enable: bool) -> Result<(), IommufdError> {
+        Err(IommufdError::not_supported(
+            "iommu_hwpt_set_dirty_tracking",
+            "no stage-2 dirty state (HTTU)",
+        ))
+    }
+
+    /// As [`PagingDomain::set_dirty`].
+    fn read_dirty(
+        &mut self,
+        _bitmap: &mut DirtyBitmap,
+        _no_clear: bool,
+    ) -> Result<(), IommufdError> {
+        Err(IommufdError::not_supported(
+            "iommu_hwpt_get_dirty_bitmap",
+            "no stage-2 dirty state (HTTU)",
+        ))
+    }
+}
+
+impl IommuOps for Smmu {
+    type Domain = SmmuDomain;
+    type Nested = HwptNested;
+    type Object = Vobj;
+    type State = SmmuObjectState;
+
+    const IOCTLS: &'static [IoctlOp<Self>] = &[
         IoctlOp {
             ucmd: UCMD_DESTROY,
             handler: SmmuCtx::do_destroy,
@@ -328,168 +358,214 @@ impl SmmuCtx {
             handler: SmmuCtx::do_veventq_alloc,
         },
     ];
+    const PAGING_FLAGS: u32 = IOMMU_HWPT_ALLOC_NEST_PARENT;
+    const HW_INFO_TYPE: u32 = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+    const NAME: &'static str = "smmuv3 iommufd";
 
-    /// Performs one ioctl on its argument bytes.
-    pub fn ioctl(&mut self, cmd: u32, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let op = Self::IOCTLS
-            .iter()
-            .find(|op| op.ucmd.cmd == cmd)
-            .ok_or(IommufdError::UnknownIoctl(cmd))?;
-        (op.handler)(self, &op.ucmd, arg)
+    fn memory(&self) -> &Arc<HostMemory> {
+        self.smmu.frames().memory()
     }
 
-    /// The objects, by id.
-    pub fn objects(&self) -> BTreeMap<u32, SmmuObjectState> {
-        self.objects
-            .iter()
-            .map(|(&id, o)| {
-                let s = match o {
-                    Object::Ioas(i) => SmmuObjectState::Ioas(
-                        i.areas().map(|a| (a.iova, a.length, a.hpa)).collect(),
-                    ),
-                    Object::HwptPaging(h) => SmmuObjectState::HwptPaging {
-                        ioas: h.ioas,
-                        nest_parent: h.nest_parent,
-                        vmid: h.domain.vmid(),
-                    },
-                    Object::HwptNested(n) => SmmuObjectState::HwptNested {
-                        viommu: n.viommu,
-                        vste: n.vste,
-                    },
-                    Object::Viommu(v) => SmmuObjectState::Viommu { parent: v.parent },
-                    Object::Veventq { viommu } => SmmuObjectState::Veventq { viommu: *viommu },
-                    Object::Vdevice(v) => SmmuObjectState::Vdevice {
-                        viommu: v.viommu,
-                        dev: v.dev,
-                        virt_id: v.virt_id,
-                    },
-                    Object::Device(d) => SmmuObjectState::Device {
-                        sid: d.sid,
-                        hwpt: d.hwpt,
-                    },
-                };
-                (id, s)
-            })
-            .collect()
+    /// A stage-2 domain (a VMID, a stage-2 table).
+    fn new_domain(&self, dirty: bool) -> Result<SmmuDomain, IommufdError> {
+        if dirty {
+            return Err(IommufdError::not_supported(
+                "paging HWPT",
+                "no stage-2 dirty state (HTTU)",
+            ));
+        }
+        Ok(SmmuDomain::new(&self.smmu)?)
     }
 
-    /// The lowest free id from 1 (`xa_alloc` with `XA_FLAGS_ALLOC1`).
-    fn next_id(&self) -> Result<u32, IommufdError> {
-        let mut id = 1u32;
-        for &used in self.objects.keys() {
-            if used != id {
-                break;
+    /// A nest parent needs stage 1 and stage 2 (IDR0.S1P and S2P).
+    fn check_nest_parent(&self) -> Result<(), IommufdError> {
+        let f = self.smmu.features();
+        if !(f.s1p && f.s2p) {
+            return Err(IommufdError::not_supported(
+                "paging HWPT",
+                "no nesting (S1P, S2P)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `arm_smmu_hw_info`: SMMU_IDR0..5, IIDR and AIDR as read now, as
+    /// `iommu_hw_info_arm_smmuv3`; the SubstreamID width as `out_max_pasid_log2`; no
+    /// capabilities (dirty tracking is not offered on the SMMU file).
+    fn hw_info(&self) -> Result<HwInfo, IommufdError> {
+        const WHAT: &str = "iommu_hw_info";
+        let hw = self.smmu.hardware();
+        let reg = |off: u64| {
+            hw.mmio_read(off, 4)
+                .map(|v| v as u32)
+                .map_err(|e| IommufdError::io(WHAT, format!("register {off:#x}: {e}")))
+        };
+        let mut idr = [0u32; 6];
+        for (i, r) in idr.iter_mut().enumerate() {
+            *r = reg(offset::IDR0 + 4 * i as u64)?;
+        }
+        let data = IommuHwInfoArmSmmuv3 {
+            flags: 0,
+            __reserved: 0,
+            idr,
+            iidr: reg(offset::IIDR)?,
+            aidr: reg(offset::AIDR)?,
+        };
+        Ok(HwInfo {
+            data: data.to_bytes().to_vec(),
+            max_pasid_log2: self.smmu.features().ssid_bits,
+            capabilities: 0,
+        })
+    }
+
+    fn kind(o: &Vobj) -> &'static str {
+        match o {
+            Vobj::Viommu(_) => "vIOMMU",
+            Vobj::Vdevice(_) => "vDEVICE",
+            Vobj::Veventq { .. } => "vEVENT queue",
+        }
+    }
+
+    fn nested_refers(n: &HwptNested, id: u32) -> bool {
+        n.viommu == id
+    }
+
+    fn object_refers(o: &Vobj, id: u32) -> bool {
+        match o {
+            Vobj::Viommu(v) => v.parent == id,
+            Vobj::Vdevice(v) => v.viommu == id,
+            Vobj::Veventq { viommu } => *viommu == id,
+        }
+    }
+
+    fn state(o: &Object) -> SmmuObjectState {
+        match o {
+            Object::Ioas(i) => {
+                SmmuObjectState::Ioas(i.areas().map(|a| (a.iova, a.length, a.hpa)).collect())
             }
-            id = id
-                .checked_add(1)
-                .ok_or(IommufdError::NoSpace("object ids"))?;
-        }
-        Ok(id)
-    }
-
-    fn iopt(&self, id: u32) -> Result<&Iopt, IommufdError> {
-        match self.objects.get(&id) {
-            Some(Object::Ioas(i)) => Ok(i),
-            _ => Err(no_object(id, "IOAS")),
-        }
-    }
-
-    fn iopt_mut(&mut self, id: u32) -> Result<&mut Iopt, IommufdError> {
-        match self.objects.get_mut(&id) {
-            Some(Object::Ioas(i)) => Ok(i),
-            _ => Err(no_object(id, "IOAS")),
-        }
-    }
-
-    fn device(&self, id: u32) -> Result<&Device, IommufdError> {
-        match self.objects.get(&id) {
-            Some(Object::Device(d)) => Ok(d),
-            _ => Err(no_object(id, "device")),
+            Object::HwptPaging(h) => SmmuObjectState::HwptPaging {
+                ioas: h.ioas,
+                nest_parent: h.nest_parent,
+                vmid: h.domain.vmid(),
+            },
+            Object::HwptNested(n) => SmmuObjectState::HwptNested {
+                viommu: n.viommu,
+                vste: n.vste,
+            },
+            Object::Vendor(Vobj::Viommu(v)) => SmmuObjectState::Viommu { parent: v.parent },
+            Object::Vendor(Vobj::Veventq { viommu }) => {
+                SmmuObjectState::Veventq { viommu: *viommu }
+            }
+            Object::Vendor(Vobj::Vdevice(v)) => SmmuObjectState::Vdevice {
+                viommu: v.viommu,
+                dev: v.dev,
+                virt_id: v.virt_id,
+            },
+            Object::Fault(_) => SmmuObjectState::Fault,
+            Object::Device(d) => SmmuObjectState::Device {
+                sid: u32::from(d.sid.rid()),
+                hwpt: d.rid,
+            },
         }
     }
 
-    fn paging(&self, id: u32) -> Option<&HwptPaging> {
-        match self.objects.get(&id) {
-            Some(Object::HwptPaging(h)) => Some(h),
-            _ => None,
+    /// From a vIOMMU, a nested HWPT; from a paging HWPT EOPNOTSUPP (the SMMU nests only
+    /// through a vIOMMU); from anything else EINVAL.
+    fn alloc_hwpt_on(ctx: &mut SmmuCtx, cmd: &IommuHwptAlloc) -> Result<u32, IommufdError> {
+        const WHAT: &str = "iommu_hwpt_alloc";
+        match ctx.objects.get(&cmd.pt_id) {
+            None => Err(no_object(cmd.pt_id, "page table")),
+            Some(Object::Vendor(Vobj::Viommu(_))) => ctx.alloc_nested(cmd),
+            Some(Object::HwptPaging(_)) => Err(IommufdError::not_supported(
+                WHAT,
+                "an SMMUv3 nests through a vIOMMU",
+            )),
+            Some(o) => Err(IommufdError::WrongType {
+                id: cmd.pt_id,
+                is: o.kind(),
+                what: WHAT,
+            }),
         }
     }
 
-    fn paging_mut(&mut self, id: u32) -> Option<&mut HwptPaging> {
-        match self.objects.get_mut(&id) {
-            Some(Object::HwptPaging(h)) => Some(h),
-            _ => None,
+    /// Through a vIOMMU, as [`SmmuCtx::invalidate_array`] says.
+    fn invalidate(
+        ctx: &SmmuCtx,
+        cmd: &IommuHwptInvalidate,
+        done: &mut u32,
+    ) -> Result<(), IommufdError> {
+        ctx.invalidate_array(cmd, done)
+    }
+
+    /// A paging HWPT (stage 2 alone) or a nested one (the STE [`physical_ste`] builds);
+    /// anything else EINVAL.
+    fn rid_target(ctx: &SmmuCtx, _dev: &Device, pt_id: u32) -> Result<u32, IommufdError> {
+        match ctx.objects.get(&pt_id) {
+            None => Err(no_object(pt_id, "page table")),
+            Some(Object::HwptPaging(_) | Object::HwptNested(_)) => Ok(pt_id),
+            Some(o) => Err(IommufdError::WrongType {
+                id: pt_id,
+                is: o.kind(),
+                what: "attach",
+            }),
         }
     }
 
-    /// How many objects reference `id`.
-    fn users(&self, id: u32) -> usize {
-        self.objects
-            .values()
-            .filter(|o| match o {
-                Object::HwptPaging(h) => h.ioas == id,
-                Object::Viommu(v) => v.parent == id,
-                Object::Vdevice(v) => v.viommu == id,
-                Object::Veventq { viommu } => *viommu == id,
-                Object::HwptNested(n) => n.viommu == id,
-                Object::Device(d) => d.hwpt == Some(id),
-                Object::Ioas(_) => false,
-            })
-            .count()
+    /// `arm_smmu_attach_dev`, `arm_smmu_attach_dev_nested`: as
+    /// [`SmmuCtx::point_stream`] says.
+    fn set_rid(
+        ctx: &mut SmmuCtx,
+        dev_id: u32,
+        old: Option<u32>,
+        hwpt: u32,
+    ) -> Result<(), IommufdError> {
+        let sid = u32::from(ctx.device(dev_id)?.sid.rid());
+        ctx.point_stream(dev_id, sid, old, hwpt)
     }
 
+    /// The stream leaves its stage-2 domain and aborts.
+    fn release_rid(ctx: &mut SmmuCtx, sid: SourceId, hwpt: u32) {
+        if let Some(p) = ctx.domain_of(hwpt).and_then(|d| ctx.paging_mut(d)) {
+            p.domain.release(u32::from(sid.rid()));
+        }
+    }
+
+    fn rid_changed(ctx: &SmmuCtx, dev_id: u32) {
+        ctx.update_vmaster(dev_id);
+    }
+
+    /// Its vDEVICEs go with it (the kernel's tombstone: a later `IOMMU_DESTROY` of their
+    /// ids is ENOENT).
+    fn unbound(ctx: &mut SmmuCtx, dev_id: u32) {
+        ctx.objects
+            .retain(|_, o| !matches!(o, Object::Vendor(Vobj::Vdevice(v)) if v.dev == dev_id));
+    }
+
+    /// A vEVENT queue leaves its vIOMMU; a vDEVICE's stream stops reporting to it.
+    fn removed(ctx: &mut SmmuCtx, o: Object) {
+        match o {
+            Object::Vendor(Vobj::Veventq { viommu }) => {
+                if let Some(Object::Vendor(Vobj::Viommu(v))) = ctx.objects.get(&viommu) {
+                    v.events.set(None);
+                }
+            }
+            Object::Vendor(Vobj::Vdevice(v)) => ctx.update_vmaster(v.dev),
+            _ => {}
+        }
+    }
+}
+
+impl IommufdCtx<Smmu> {
     /// The paging HWPT whose domain a HWPT's streams use: itself, or a nested HWPT's
     /// vIOMMU's nest parent.
     fn domain_of(&self, hwpt: u32) -> Option<u32> {
         match self.objects.get(&hwpt)? {
             Object::HwptPaging(_) => Some(hwpt),
             Object::HwptNested(n) => match self.objects.get(&n.viommu)? {
-                Object::Viommu(v) => Some(v.parent),
+                Object::Vendor(Vobj::Viommu(v)) => Some(v.parent),
                 _ => None,
             },
             _ => None,
-        }
-    }
-
-    // ----- Handlers -----
-
-    /// `IOMMU_DESTROY`: ENOENT for an unknown id, EBUSY for an object another references
-    /// or a device (its cdev owns it).
-    fn do_destroy(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let cmd: IommuDestroy = u.copy_in(arg)?;
-        let id = cmd.id;
-        match self.objects.get(&id) {
-            None => return Err(no_object(id, "object")),
-            Some(Object::Device(_)) => {
-                return Err(IommufdError::Busy(
-                    "a device is destroyed by closing its cdev",
-                ))
-            }
-            Some(_) if self.users(id) > 0 => {
-                return Err(IommufdError::Busy("the object is in use"))
-            }
-            Some(_) => {}
-        }
-        self.remove_object(id);
-        Ok(())
-    }
-
-    /// Removes an object no other references (a paging HWPT's reservation goes with it, a
-    /// vEVENT queue leaves its vIOMMU, a vDEVICE's stream stops reporting to it).
-    fn remove_object(&mut self, id: u32) {
-        match self.objects.remove(&id) {
-            Some(Object::HwptPaging(h)) => {
-                if let Ok(iopt) = self.iopt_mut(h.ioas) {
-                    iopt.unreserve(id);
-                }
-            }
-            Some(Object::Veventq { viommu }) => {
-                if let Some(Object::Viommu(v)) = self.objects.get(&viommu) {
-                    v.events.set(None);
-                }
-            }
-            Some(Object::Vdevice(v)) => self.update_vmaster(v.dev),
-            _ => {}
         }
     }
 
@@ -499,22 +575,22 @@ impl SmmuCtx {
         let Ok(dev) = self.device(dev_id) else {
             return;
         };
-        let vmaster = dev.hwpt.and_then(|h| {
+        let vmaster = dev.rid.and_then(|h| {
             let Some(Object::HwptNested(n)) = self.objects.get(&h) else {
                 return None;
             };
-            let Some(Object::Viommu(viommu)) = self.objects.get(&n.viommu) else {
+            let Some(Object::Vendor(Vobj::Viommu(viommu))) = self.objects.get(&n.viommu) else {
                 return None;
             };
             self.objects.values().find_map(|o| match o {
-                Object::Vdevice(v) if v.viommu == n.viommu && v.dev == dev_id => {
+                Object::Vendor(Vobj::Vdevice(v)) if v.viommu == n.viommu && v.dev == dev_id => {
                     let sink: Arc<dyn VeventSink> = viommu.events.clone();
                     Some((sink, v.virt_id as u32))
                 }
                 _ => None,
             })
         });
-        self.smmu.set_vmaster(dev.sid, vmaster);
+        self.ops.smmu.set_vmaster(u32::from(dev.sid.rid()), vmaster);
     }
 
     /// `IOMMU_VEVENTQ_ALLOC` (`iommufd_veventq_alloc`): flags and reserved 0 and a type
@@ -536,14 +612,13 @@ impl SmmuCtx {
         if cmd.veventq_depth == 0 {
             return Err(IommufdError::invalid(WHAT, "depth 0"));
         }
-        let Some(Object::Viommu(viommu)) = self.objects.get(&cmd.viommu_id) else {
+        let Some(Object::Vendor(Vobj::Viommu(viommu))) = self.objects.get(&cmd.viommu_id) else {
             return Err(no_object(cmd.viommu_id, "vIOMMU"));
         };
         let events = viommu.events.clone();
-        let taken = self
-            .objects
-            .values()
-            .any(|o| matches!(o, Object::Veventq { viommu } if *viommu == cmd.viommu_id));
+        let taken = self.objects.values().any(
+            |o| matches!(o, Object::Vendor(Vobj::Veventq { viommu }) if *viommu == cmd.viommu_id),
+        );
         if taken {
             return Err(IommufdError::Exists("vEVENT queue of the type"));
         }
@@ -554,188 +629,14 @@ impl SmmuCtx {
         events.set(Some(file));
         self.objects.insert(
             id,
-            Object::Veventq {
+            Object::Vendor(Vobj::Veventq {
                 viommu: cmd.viommu_id,
-            },
+            }),
         );
         cmd.out_veventq_id = id;
         cmd.out_veventq_fd = fd as u32;
         u.respond(&cmd, arg);
         Ok(())
-    }
-
-    /// `IOMMU_IOAS_ALLOC`: flags must be 0 (EOPNOTSUPP).
-    fn do_ioas_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let mut cmd: IommuIoasAlloc = u.copy_in(arg)?;
-        if cmd.flags != 0 {
-            return Err(IommufdError::not_supported("iommu_ioas_alloc", "flags"));
-        }
-        let id = self.next_id()?;
-        self.objects.insert(id, Object::Ioas(Iopt::default()));
-        cmd.out_ioas_id = id;
-        u.respond(&cmd, arg);
-        Ok(())
-    }
-
-    /// `IOMMU_IOAS_MAP`: the area [`iopt::map_area`] checks, mapped into the stage 2 of
-    /// every paging HWPT of the IOAS (all or none); the IOVA written back.
-    fn do_ioas_map(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let mut cmd: IommuIoasMap = u.copy_in(arg)?;
-        let area = iopt::map_area(self.iopt(cmd.ioas_id)?, self.smmu.frames().memory(), &cmd)?;
-        let hwpts: Vec<u32> = self.hwpts_of(cmd.ioas_id);
-        let mut done = Vec::new();
-        for &h in &hwpts {
-            let Some(hwpt) = self.paging_mut(h) else {
-                continue;
-            };
-            if let Err(e) =
-                hwpt.domain
-                    .map_pages(area.iova, area.hpa, area.length, area.read, area.write)
-            {
-                for d in done {
-                    if let Some(hwpt) = self.paging_mut(d) {
-                        hwpt.domain.unmap_dma(Iova(area.iova), area.length);
-                    }
-                }
-                return Err(e.into());
-            }
-            done.push(h);
-        }
-        self.iopt_mut(cmd.ioas_id)?.insert(area);
-        cmd.iova = area.iova;
-        u.respond(&cmd, arg);
-        Ok(())
-    }
-
-    /// The paging HWPTs built from IOAS `ioas`.
-    fn hwpts_of(&self, ioas: u32) -> Vec<u32> {
-        self.objects
-            .iter()
-            .filter_map(|(&id, o)| match o {
-                Object::HwptPaging(h) if h.ioas == ioas => Some(id),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// `IOMMU_IOAS_UNMAP`: every area inside `[iova, +length)` (ENOENT for none or for a
-    /// cut one), `0, U64_MAX` every area, removed from every stage 2 with its TLB
-    /// invalidation; `length` returns the bytes unmapped.
-    fn do_ioas_unmap(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let mut cmd: IommuIoasUnmap = u.copy_in(arg)?;
-        let all = cmd.iova == 0 && cmd.length == u64::MAX;
-        if !all && (cmd.iova == u64::MAX || cmd.length == u64::MAX) {
-            return Err(IommufdError::Overflow("iommu_ioas_unmap"));
-        }
-        let plan = self.iopt(cmd.ioas_id)?.unmap_plan(cmd.iova, cmd.length)?;
-        let hwpts = self.hwpts_of(cmd.ioas_id);
-        let mut unmapped = 0u64;
-        for a in &plan {
-            for &h in &hwpts {
-                if let Some(hwpt) = self.paging_mut(h) {
-                    hwpt.domain.unmap_dma(Iova(a.iova), a.length);
-                }
-            }
-            self.iopt_mut(cmd.ioas_id)?.remove(a.iova);
-            unmapped += a.length;
-        }
-        cmd.length = unmapped;
-        u.respond(&cmd, arg);
-        Ok(())
-    }
-
-    /// `IOMMU_HWPT_ALLOC`. From an IOAS, a paging HWPT (a stage-2 domain); from a vIOMMU,
-    /// a nested HWPT; from anything else EINVAL (a paging HWPT: EOPNOTSUPP, the SMMU
-    /// nests only through a vIOMMU). `data_type` and `data_len` must agree (EINVAL), the
-    /// device must be bound (ENOENT).
-    fn do_hwpt_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        const WHAT: &str = "iommu_hwpt_alloc";
-        let mut cmd: IommuHwptAlloc = u.copy_in(arg)?;
-        if cmd.__reserved != 0 {
-            return Err(IommufdError::not_supported(WHAT, "reserved field"));
-        }
-        if (cmd.data_type == IOMMU_HWPT_DATA_NONE) != (cmd.data_len == 0) {
-            return Err(IommufdError::invalid(
-                WHAT,
-                "data_type and data_len disagree",
-            ));
-        }
-        self.device(cmd.dev_id)?;
-        let id = match self.objects.get(&cmd.pt_id) {
-            None => return Err(no_object(cmd.pt_id, "page table")),
-            Some(Object::Ioas(_)) => self.alloc_paging(cmd.pt_id, cmd.flags, cmd.data_type)?,
-            Some(Object::Viommu(_)) => self.alloc_nested(&cmd)?,
-            Some(Object::HwptPaging(_)) => {
-                return Err(IommufdError::not_supported(
-                    WHAT,
-                    "an SMMUv3 nests through a vIOMMU",
-                ))
-            }
-            Some(o) => {
-                return Err(IommufdError::WrongType {
-                    id: cmd.pt_id,
-                    is: o.kind(),
-                    what: WHAT,
-                })
-            }
-        };
-        cmd.out_hwpt_id = id;
-        u.respond(&cmd, arg);
-        Ok(())
-    }
-
-    /// A paging HWPT: flags NEST_PARENT only (needs stage 1 and stage 2, IDR0.S1P and
-    /// S2P), no data (EOPNOTSUPP otherwise).
-    fn alloc_paging(&mut self, ioas: u32, flags: u32, data_type: u32) -> Result<u32, IommufdError> {
-        const WHAT: &str = "paging HWPT";
-        if flags & !IOMMU_HWPT_ALLOC_NEST_PARENT != 0 {
-            return Err(IommufdError::not_supported(
-                WHAT,
-                format!("flags {flags:#x}"),
-            ));
-        }
-        if data_type != IOMMU_HWPT_DATA_NONE {
-            return Err(IommufdError::not_supported(WHAT, "driver data"));
-        }
-        let f = self.smmu.features();
-        let nest_parent = flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0;
-        if nest_parent && !(f.s1p && f.s2p) {
-            return Err(IommufdError::not_supported(WHAT, "no nesting (S1P, S2P)"));
-        }
-        let id = self.build_paging(ioas, false)?;
-        if let Some(h) = self.paging_mut(id) {
-            h.nest_parent = nest_parent;
-        }
-        Ok(id)
-    }
-
-    /// A new paging HWPT of `ioas`: a stage-2 domain, the IPAs beyond its size reserved,
-    /// the IOAS's mappings replayed; on failure nothing is left.
-    fn build_paging(&mut self, ioas: u32, auto: bool) -> Result<u32, IommufdError> {
-        let id = self.next_id()?;
-        let mut domain = SmmuDomain::new(&self.smmu)?;
-        let iopt = self.iopt_mut(ioas)?;
-        iopt.reserve(id, 1u64 << IPA_BITS, u64::MAX)?;
-        let areas: Vec<Area> = iopt.areas().copied().collect();
-        for a in &areas {
-            if let Err(e) = domain.map_pages(a.iova, a.hpa, a.length, a.read, a.write) {
-                if let Ok(i) = self.iopt_mut(ioas) {
-                    i.unreserve(id);
-                }
-                // The domain and its mappings go when it drops.
-                return Err(e.into());
-            }
-        }
-        self.objects.insert(
-            id,
-            Object::HwptPaging(HwptPaging {
-                ioas,
-                domain,
-                nest_parent: false,
-                auto,
-            }),
-        );
-        Ok(id)
     }
 
     /// A nested HWPT under vIOMMU `cmd.pt_id` (`arm_vsmmu_alloc_domain_nested`): flags
@@ -759,32 +660,15 @@ impl SmmuCtx {
                 IommufdError::not_supported(WHAT, format!("data type {}", cmd.data_type))
             });
         }
-        let known = std::mem::size_of::<IommuHwptArmSmmuv3>();
-        let len = cmd.data_len as usize;
-        if len < known {
-            return Err(IommufdError::invalid(
-                WHAT,
-                "data_len below iommu_hwpt_arm_smmuv3",
-            ));
-        }
-        let bytes = copy_from_user(self.smmu.frames().memory(), cmd.data_uptr, len)?;
-        if bytes[known..].iter().any(|&b| b != 0) {
-            return Err(UapiError::TrailingBytes {
-                what: WHAT,
-                size: cmd.data_len,
-                known,
-            }
-            .into());
-        }
+        let data: IommuHwptArmSmmuv3 = self.hwpt_data(cmd, WHAT)?;
         if cmd.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
             return Err(no_object(cmd.fault_id, "fault queue"));
         }
-        let data: IommuHwptArmSmmuv3 = read_prefix(&bytes, known);
         let (vste, ats) = validate_vste(data.ste)?;
         let parent = self
             .domain_of_viommu(cmd.pt_id)
             .ok_or(no_object(cmd.pt_id, "vIOMMU"))?;
-        physical_ste(&parent.domain, &vste, ats, self.smmu.features())?;
+        physical_ste(&parent.domain, &vste, ats, self.ops.smmu.features())?;
         let id = self.next_id()?;
         self.objects.insert(
             id,
@@ -797,9 +681,9 @@ impl SmmuCtx {
         Ok(id)
     }
 
-    fn domain_of_viommu(&self, viommu: u32) -> Option<&HwptPaging> {
+    fn domain_of_viommu(&self, viommu: u32) -> Option<&HwptPaging<SmmuDomain>> {
         match self.objects.get(&viommu)? {
-            Object::Viommu(v) => self.paging(v.parent),
+            Object::Vendor(Vobj::Viommu(v)) => self.paging(v.parent),
             _ => None,
         }
     }
@@ -816,7 +700,7 @@ impl SmmuCtx {
             return Err(IommufdError::not_supported(WHAT, "flags, reserved or type"));
         }
         self.device(cmd.dev_id)?;
-        let f = self.smmu.features();
+        let f = self.ops.smmu.features();
         if cmd.type_ != IOMMU_VIOMMU_TYPE_ARM_SMMUV3 || !(f.s1p && f.s2p) {
             return Err(IommufdError::not_supported(
                 WHAT,
@@ -832,10 +716,10 @@ impl SmmuCtx {
         let id = self.next_id()?;
         self.objects.insert(
             id,
-            Object::Viommu(Viommu {
+            Object::Vendor(Vobj::Viommu(Viommu {
                 parent: cmd.hwpt_id,
                 events: Arc::default(),
-            }),
+            })),
         );
         cmd.out_viommu_id = id;
         u.respond(&cmd, arg);
@@ -848,12 +732,12 @@ impl SmmuCtx {
     fn do_vdevice_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
         let mut cmd: IommuVdeviceAlloc = u.copy_in(arg)?;
         match self.objects.get(&cmd.viommu_id) {
-            Some(Object::Viommu(_)) => {}
+            Some(Object::Vendor(Vobj::Viommu(_))) => {}
             _ => return Err(no_object(cmd.viommu_id, "vIOMMU")),
         }
         self.device(cmd.dev_id)?;
         let taken = self.objects.values().any(|o| {
-            matches!(o, Object::Vdevice(v) if v.viommu == cmd.viommu_id
+            matches!(o, Object::Vendor(Vobj::Vdevice(v)) if v.viommu == cmd.viommu_id
                 && (v.virt_id == cmd.virt_id || v.dev == cmd.dev_id))
         });
         if taken {
@@ -862,11 +746,11 @@ impl SmmuCtx {
         let id = self.next_id()?;
         self.objects.insert(
             id,
-            Object::Vdevice(Vdevice {
+            Object::Vendor(Vobj::Vdevice(Vdevice {
                 viommu: cmd.viommu_id,
                 dev: cmd.dev_id,
                 virt_id: cmd.virt_id,
-            }),
+            })),
         );
         cmd.out_vdevice_id = id;
         u.respond(&cmd, arg);
@@ -880,34 +764,15 @@ impl SmmuCtx {
     /// least 16 bytes (EINVAL) with a zero tail (E2BIG). Each command is checked and
     /// confined to the VM by [`SmmuCtx::confine`]; the first refused one (EIO) ends the
     /// array, the commands before it are issued as one batch with one CMD_SYNC, and
-    /// `entry_num` returns how many were. `entry_num` 0 probes the type.
-    fn do_hwpt_invalidate(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let mut cmd: IommuHwptInvalidate = u.copy_in(arg)?;
-        let mut done = 0u32;
-        let result = self.invalidate_array(&cmd, &mut done);
-        cmd.entry_num = done;
-        u.respond(&cmd, arg);
-        result
-    }
-
     fn invalidate_array(
         &self,
         cmd: &IommuHwptInvalidate,
         done: &mut u32,
     ) -> Result<(), IommufdError> {
         const WHAT: &str = "iommu_hwpt_invalidate";
-        if cmd.__reserved != 0 {
-            return Err(IommufdError::not_supported(WHAT, "reserved field"));
-        }
-        if cmd.entry_num != 0 && (cmd.data_uptr == 0 || cmd.entry_len == 0) {
-            return Err(IommufdError::invalid(
-                WHAT,
-                "entries without a pointer or length",
-            ));
-        }
         let parent = match self.objects.get(&cmd.hwpt_id) {
             None => return Err(no_object(cmd.hwpt_id, "HWPT or vIOMMU")),
-            Some(Object::Viommu(v)) => self
+            Some(Object::Vendor(Vobj::Viommu(v))) => self
                 .paging(v.parent)
                 .ok_or(no_object(v.parent, "paging HWPT"))?,
             Some(Object::HwptNested(_)) => {
@@ -942,7 +807,7 @@ impl SmmuCtx {
         let vmid = parent.domain.vmid();
         let mut cmds = Vec::new();
         let result = for_each_user_entry(
-            self.smmu.frames().memory(),
+            self.ops.smmu.frames().memory(),
             array,
             known,
             "iommu_viommu_arm_smmuv3_invalidate",
@@ -968,16 +833,18 @@ impl SmmuCtx {
     /// EIO.
     fn confine(&self, viommu: u32, vmid: u16, raw: [u64; 2]) -> Result<Cmd, IommufdError> {
         const WHAT: &str = "vIOMMU command";
-        let f = self.smmu.features();
+        let f = self.ops.smmu.features();
         let cmd =
             Cmd::decode(raw, f).map_err(|e| IommufdError::io(WHAT, format!("{raw:#x?}: {e}")))?;
         let psid = |vsid: u32| {
             self.objects
                 .values()
                 .find_map(|o| match o {
-                    Object::Vdevice(v) if v.viommu == viommu && v.virt_id == u64::from(vsid) => {
+                    Object::Vendor(Vobj::Vdevice(v))
+                        if v.viommu == viommu && v.virt_id == u64::from(vsid) =>
+                    {
                         match self.objects.get(&v.dev) {
-                            Some(Object::Device(d)) => Some(d.sid),
+                            Some(Object::Device(d)) => Some(u32::from(d.sid.rid())),
                             _ => None,
                         }
                     }
@@ -1026,145 +893,6 @@ impl SmmuCtx {
     /// `IOMMU_GET_HW_INFO` of a bound device (`arm_smmu_hw_info`): SMMU_IDR0..5, IIDR and
     /// AIDR as read now, as `iommu_hw_info_arm_smmuv3`, copied into the user buffer up to
     /// `data_len` (a larger buffer's tail zeroed; `data_len` returns the kernel's length),
-    /// type ARM_SMMUV3 (an input type other than DEFAULT or ARM_SMMUV3, unknown flags or
-    /// reserved bytes: EOPNOTSUPP), the SubstreamID width as `out_max_pasid_log2`, no
-    /// capabilities (dirty tracking is not offered on the SMMU file).
-    fn do_get_hw_info(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        const WHAT: &str = "iommu_hw_info";
-        let mut cmd: IommuHwInfo = u.copy_in(arg)?;
-        if cmd.flags & !IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 || cmd.__reserved != [0; 3] {
-            return Err(IommufdError::not_supported(WHAT, "flags or reserved"));
-        }
-        self.device(cmd.dev_id)?;
-        let asked = hw_info_data_type(&cmd);
-        if cmd.flags & IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0
-            && asked != IOMMU_HW_INFO_TYPE_DEFAULT
-            && asked != IOMMU_HW_INFO_TYPE_ARM_SMMUV3
-        {
-            return Err(IommufdError::not_supported(
-                WHAT,
-                format!("data type {asked}"),
-            ));
-        }
-        let hw = self.smmu.hardware();
-        let reg = |off: u64| {
-            hw.mmio_read(off, 4)
-                .map(|v| v as u32)
-                .map_err(|e| IommufdError::io(WHAT, format!("register {off:#x}: {e}")))
-        };
-        let mut idr = [0u32; 6];
-        for (i, r) in idr.iter_mut().enumerate() {
-            *r = reg(offset::IDR0 + 4 * i as u64)?;
-        }
-        let data = IommuHwInfoArmSmmuv3 {
-            flags: 0,
-            __reserved: 0,
-            idr,
-            iidr: reg(offset::IIDR)?,
-            aidr: reg(offset::AIDR)?,
-        };
-        let image = data.to_bytes();
-        let mut out = vec![0u8; cmd.data_len as usize];
-        let n = out.len().min(image.len());
-        out[..n].copy_from_slice(&image[..n]);
-        copy_to_user(self.smmu.frames().memory(), cmd.data_uptr, &out)?;
-        let data_uptr = cmd.data_uptr;
-        cmd = hw_info(
-            cmd.size,
-            cmd.flags,
-            cmd.dev_id,
-            IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
-        );
-        cmd.data_uptr = data_uptr;
-        cmd.data_len = image.len() as u32;
-        cmd.out_max_pasid_log2 = self.smmu.features().ssid_bits;
-        u.respond(&cmd, arg);
-        Ok(())
-    }
-
-    // ----- Devices (called by the device cdev) -----
-
-    fn bind_device(&mut self, sid: SourceId) -> Result<u32, IommufdError> {
-        let sid = u32::from(sid.rid());
-        if self
-            .objects
-            .values()
-            .any(|o| matches!(o, Object::Device(d) if d.sid == sid))
-        {
-            return Err(IommufdError::Busy("the device is bound already"));
-        }
-        let id = self.next_id()?;
-        self.objects
-            .insert(id, Object::Device(Device { sid, hwpt: None }));
-        Ok(id)
-    }
-
-    /// Unbinds a device: detached, its vDEVICEs gone with it (the kernel's tombstone: a
-    /// later `IOMMU_DESTROY` of their ids is ENOENT), its object removed.
-    fn unbind_device(&mut self, dev_id: u32) {
-        if self.detach(dev_id).is_err() {
-            return;
-        }
-        self.objects
-            .retain(|_, o| !matches!(o, Object::Vdevice(v) if v.dev == dev_id));
-        self.objects.remove(&dev_id);
-    }
-
-    /// Attaches (or replaces) device `dev_id`'s STE to `pt_id` (`arm_smmu_attach_dev`,
-    /// `arm_smmu_attach_dev_nested`): an IOAS (an automatic paging HWPT of it found or
-    /// made) or a paging HWPT: stage 2 alone; a nested HWPT: the STE
-    /// [`physical_ste`] builds, which for a translating guest STE needs a vDEVICE of the
-    /// device in the HWPT's vIOMMU (ENOENT). Anything else EINVAL. Within one stage-2
-    /// domain the STE is rewritten in place; across domains the stream leaves the old one
-    /// (aborting meanwhile) and, if the new one refuses it, goes back. Returns the HWPT
-    /// id; a refused attach leaves the device where it was.
-    fn attach(&mut self, dev_id: u32, pt_id: u32) -> Result<u32, IommufdError> {
-        const WHAT: &str = "attach";
-        let dev = self.device(dev_id)?;
-        let (sid, old) = (dev.sid, dev.hwpt);
-        let mut made = None;
-        let hwpt = match self.objects.get(&pt_id) {
-            None => return Err(no_object(pt_id, "page table")),
-            Some(Object::Ioas(_)) => {
-                let found = self.objects.iter().find_map(|(&id, o)| match o {
-                    Object::HwptPaging(h) if h.ioas == pt_id && h.auto => Some(id),
-                    _ => None,
-                });
-                match found {
-                    Some(id) => id,
-                    None => {
-                        let id = self.build_paging(pt_id, true)?;
-                        made = Some(id);
-                        id
-                    }
-                }
-            }
-            Some(Object::HwptPaging(_) | Object::HwptNested(_)) => pt_id,
-            Some(o) => {
-                return Err(IommufdError::WrongType {
-                    id: pt_id,
-                    is: o.kind(),
-                    what: WHAT,
-                })
-            }
-        };
-        let result = self.point_stream(dev_id, sid, old, hwpt);
-        if let Err(e) = result {
-            if let Some(id) = made {
-                self.remove_object(id);
-            }
-            return Err(e);
-        }
-        if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
-            d.hwpt = Some(hwpt);
-        }
-        self.update_vmaster(dev_id);
-        if let Some(o) = old.filter(|&o| o != hwpt) {
-            self.drop_auto(o);
-        }
-        Ok(hwpt)
-    }
-
     /// The physical STE of HWPT `hwpt` for device `dev_id`, and whether it nests.
     fn ste_of(&self, dev_id: u32, hwpt: u32) -> Result<(Option<Ste>, bool), IommufdError> {
         match self.objects.get(&hwpt) {
@@ -1172,7 +900,7 @@ impl SmmuCtx {
             Some(Object::HwptNested(n)) => {
                 let cfg = vste_config(&n.vste);
                 let has_vdev = self.objects.values().any(
-                    |o| matches!(o, Object::Vdevice(v) if v.viommu == n.viommu && v.dev == dev_id),
+                    |o| matches!(o, Object::Vendor(Vobj::Vdevice(v)) if v.viommu == n.viommu && v.dev == dev_id),
                 );
                 if cfg == Some(Config::S1Trans) && !has_vdev {
                     return Err(no_object(n.viommu, "vDEVICE of the device in the vIOMMU"));
@@ -1180,7 +908,7 @@ impl SmmuCtx {
                 let parent = self
                     .domain_of_viommu(n.viommu)
                     .ok_or(no_object(n.viommu, "vIOMMU"))?;
-                let ste = physical_ste(&parent.domain, &n.vste, n.ats, self.smmu.features())?;
+                let ste = physical_ste(&parent.domain, &n.vste, n.ats, self.ops.smmu.features())?;
                 Ok((ste, cfg == Some(Config::S1Trans)))
             }
             _ => Err(no_object(hwpt, "HWPT")),
@@ -1227,7 +955,7 @@ impl SmmuCtx {
         if restore.is_none() || restored.is_err() {
             tracing::error!("smmuv3 iommufd: stream {sid:#x} left detached");
             if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
-                d.hwpt = None;
+                d.rid = None;
             }
             self.update_vmaster(dev_id);
             if let Some(o) = old {
@@ -1236,130 +964,4 @@ impl SmmuCtx {
         }
         Err(e.into())
     }
-
-    /// Destroys an automatic HWPT no device uses any more.
-    fn drop_auto(&mut self, id: u32) {
-        let auto = matches!(self.objects.get(&id), Some(Object::HwptPaging(h)) if h.auto);
-        if auto && self.users(id) == 0 {
-            self.remove_object(id);
-        }
-    }
-
-    /// Detaches device `dev_id` (ENOENT for an unknown device; one not attached is left
-    /// alone): its stream aborts.
-    fn detach(&mut self, dev_id: u32) -> Result<(), IommufdError> {
-        let dev = self.device(dev_id)?;
-        let (sid, hwpt) = (dev.sid, dev.hwpt);
-        let Some(h) = hwpt else {
-            return Ok(());
-        };
-        if let Some(p) = self.domain_of(h).and_then(|d| self.paging_mut(d)) {
-            p.domain.release(sid);
-        }
-        if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
-            d.hwpt = None;
-        }
-        self.update_vmaster(dev_id);
-        self.drop_auto(h);
-        Ok(())
-    }
-}
-
-impl Drop for SmmuCtx {
-    /// Closing the file destroys every object: devices detach, then the rest goes (each
-    /// stage-2 domain invalidates its VMID and frees its tables).
-    fn drop(&mut self) {
-        let devices: Vec<u32> = self
-            .objects
-            .iter()
-            .filter_map(|(&id, o)| matches!(o, Object::Device(_)).then_some(id))
-            .collect();
-        for d in devices {
-            self.unbind_device(d);
-        }
-    }
-}
-
-/// One open `/dev/iommu` on an SMMU.
-#[derive(Debug)]
-pub struct SmmuIommufdFile {
-    ctx: Mutex<SmmuCtx>,
-}
-
-impl SmmuIommufdFile {
-    /// Opens `/dev/iommu` on the SMMU `smmu`, outside any fd table (it cannot hand out
-    /// vEVENT queue fds: `IOMMU_VEVENTQ_ALLOC` is EMFILE).
-    pub fn open(smmu: &Arc<SmmuHost>) -> Arc<Self> {
-        Self::open_in(smmu, Weak::new())
-    }
-
-    /// Opens `/dev/iommu` on the SMMU `smmu` in the fd table `fds`.
-    pub(crate) fn open_in(smmu: &Arc<SmmuHost>, fds: Weak<Iommufds>) -> Arc<Self> {
-        Arc::new(SmmuIommufdFile {
-            ctx: Mutex::new(SmmuCtx {
-                smmu: smmu.clone(),
-                objects: BTreeMap::new(),
-                fds,
-            }),
-        })
-    }
-
-    /// The context, for the host side (diagnostics, tests).
-    pub fn lock(&self) -> MutexGuard<'_, SmmuCtx> {
-        self.ctx.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl BindTarget for SmmuIommufdFile {
-    fn bind_device(&self, sid: SourceId) -> Result<u32, IommufdError> {
-        self.lock().bind_device(sid)
-    }
-
-    fn unbind_device(&self, dev_id: u32) {
-        self.lock().unbind_device(dev_id);
-    }
-
-    /// A PASID attach is EOPNOTSUPP: on the SMMU the guest owns the CD table, whose
-    /// SubstreamIDs come with the nested STE.
-    fn attach(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32, IommufdError> {
-        if pasid.is_some() {
-            return Err(IommufdError::not_supported(
-                "PASID attach",
-                "the guest's CD table holds the SubstreamIDs",
-            ));
-        }
-        self.lock().attach(dev_id, pt_id)
-    }
-
-    fn detach(&self, dev_id: u32, pasid: Option<u32>) -> Result<(), IommufdError> {
-        if pasid.is_some() {
-            return Err(IommufdError::not_supported(
-                "PASID detach",
-                "the guest's CD table holds the SubstreamIDs",
-            ));
-        }
-        self.lock().detach(dev_id)
-    }
-}
-
-impl UapiFile for SmmuIommufdFile {
-    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        self.lock().ioctl(cmd, arg).map(|()| 0).map_err(|e| {
-            tracing::debug!("smmuv3 iommufd ioctl: {e}");
-            Errno::from(&e)
-        })
-    }
-
-    /// `/dev/iommu` has no `read`.
-    fn read(&self, _buf: &mut [u8]) -> Result<usize, Errno> {
-        Err(Errno::EINVAL)
-    }
-
-    /// `/dev/iommu` has no `write`.
-    fn write(&self, _buf: &[u8]) -> Result<usize, Errno> {
-        Err(Errno::EINVAL)
-    }
-
-    /// Nothing is queued on `/dev/iommu` itself.
-    fn set_event_notifier(&self, _notifier: Option<Arc<dyn EventNotifier>>) {}
 }
