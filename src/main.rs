@@ -69,7 +69,7 @@ enum Command {
         uapi: Option<UapiArg>,
         /// The host IOMMU: VT-d with x86-64 guests, or SMMUv3 with arm64 guests (over the
         /// type1 container). Without it, both run, each ending with its summary line
-        /// (SMMUv3 only where the uAPI is type1 and the demo is not split).
+        /// (SMMUv3 only where the uAPI is type1 and, with --split, only when asked for).
         #[arg(long, value_enum)]
         iommu: Option<IommuArch>,
     },
@@ -158,6 +158,10 @@ enum Command {
         /// `/dev/iommu` with the device's cdev.
         #[arg(long, value_enum, default_value = "type1")]
         uapi: UapiArg,
+        /// The host's IOMMU: VT-d (an x86-64 guest with a virtual VT-d), or SMMUv3 (an
+        /// arm64 guest with a virtual SMMUv3, against `vsva host --iommu smmuv3`).
+        #[arg(long, value_enum, default_value = "vtd")]
+        iommu: IommuArch,
     },
     /// Starts a host and N VM processes that loop bind → DMA → verify → invalidate →
     /// unbind with random sizes, optionally killing random VMs; reports throughput, the
@@ -268,8 +272,8 @@ fn main() -> ExitCode {
             iommu,
         } => {
             let smmu_uapi = matches!(uapi, None | Some(UapiArg::Type1));
-            if iommu == Some(IommuArch::Smmuv3) && (split || !smmu_uapi) {
-                eprintln!("demo: the SMMUv3 demo runs in one process over type1 only");
+            if iommu == Some(IommuArch::Smmuv3) && !smmu_uapi {
+                eprintln!("demo: the SMMUv3 demo runs over type1 only");
                 return ExitCode::FAILURE;
             }
             // The socket `vsva host` serves is the type1 container's.
@@ -309,8 +313,13 @@ fn main() -> ExitCode {
                     std::env::current_exe()
                         .map_err(|e| e.to_string())
                         .and_then(|exe| {
-                            vsva_testbed::remote::split_demo(&exe, &opts, &mut log)
-                                .map_err(|e| e.to_string())
+                            vsva_testbed::remote::split_demo(
+                                &exe,
+                                &opts,
+                                vsva_testbed::demo::DemoIommu::Vtd,
+                                &mut log,
+                            )
+                            .map_err(|e| e.to_string())
                         })
                 } else {
                     demo::run(&opts, &mut log).map_err(|e| e.to_string())
@@ -346,7 +355,22 @@ fn main() -> ExitCode {
                         println!("{line}");
                     }
                 };
-                match smmu_demo::run(&opts, &mut log) {
+                let summary = if split {
+                    std::env::current_exe()
+                        .map_err(|e| e.to_string())
+                        .and_then(|exe| {
+                            vsva_testbed::remote::split_demo(
+                                &exe,
+                                &opts,
+                                vsva_testbed::demo::DemoIommu::Smmuv3,
+                                &mut log,
+                            )
+                            .map_err(|e| e.to_string())
+                        })
+                } else {
+                    smmu_demo::run(&opts, &mut log).map_err(|e| e.to_string())
+                };
+                match summary {
                     Ok(summary) => {
                         if !print_summary(&summary, json) {
                             code = ExitCode::FAILURE;
@@ -443,6 +467,7 @@ fn main() -> ExitCode {
             pause_at,
             cross_vm,
             uapi,
+            iommu,
         } => {
             let opts = vsva_testbed::remote::VmOptions {
                 index,
@@ -458,7 +483,15 @@ fn main() -> ExitCode {
                 cross_vm,
                 uapi: uapi.into(),
             };
-            match vsva_testbed::remote::run(&socket, &opts, &mut |line| println!("{line}")) {
+            let ran = match iommu {
+                IommuArch::Vtd => {
+                    vsva_testbed::remote::run(&socket, &opts, &mut |line| println!("{line}"))
+                }
+                IommuArch::Smmuv3 => {
+                    smmu_demo::run_vm(&socket, &opts, &mut |line| println!("{line}"))
+                }
+            };
+            match ran {
                 Ok(report) => {
                     if json {
                         println!(

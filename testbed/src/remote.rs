@@ -32,7 +32,7 @@ use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
 use vsva_vmm::{GuestPasids, Iommufd, UserBuffer};
 use vsva_vtd::{FlPagingMode, Iova};
 
-use crate::demo::{self, DemoOptions, DemoSummary, Target, VmReport};
+use crate::demo::{self, DemoIommu, DemoOptions, DemoSummary, Target, VmReport};
 use crate::holdings::HostHoldings;
 use crate::stack::{Passthrough, StackError, Uapi, Vmm, GUEST_DEVICE_SID};
 
@@ -568,7 +568,7 @@ pub fn run(
 }
 
 /// The prefix of the lines of the cross-VM phase on a VM's stdout.
-const CROSS_VM: &str = "cross-vm ";
+pub(crate) const CROSS_VM: &str = "cross-vm ";
 
 /// A VM's part in `vsva demo --split`'s cross-VM checks, after its workload (`vsva vm
 /// --cross-vm`). The VM prints `cross-vm ready <targets>` (its `targets`, one per job of
@@ -674,6 +674,7 @@ impl VmProcess {
         opts: &DemoOptions,
         index: usize,
         cross_vm: bool,
+        iommu: DemoIommu,
     ) -> std::io::Result<VmProcess> {
         let mut cmd = Command::new(program);
         cmd.arg("vm")
@@ -688,6 +689,9 @@ impl VmProcess {
             .stdout(Stdio::piped());
         if cross_vm {
             cmd.arg("--cross-vm");
+        }
+        if iommu == DemoIommu::Smmuv3 {
+            cmd.args(["--iommu", "smmuv3"]);
         }
         let mut child = cmd.spawn()?;
         let stdin = child.stdin.take();
@@ -809,8 +813,37 @@ fn split_cross_vm(vms: &mut [VmProcess]) -> Result<(), String> {
     Ok(())
 }
 
-/// `vsva demo --split`: the demo as one `vsva host --strict` process (`program host`) and
-/// one `vsva vm` process per VM (VM `i` with seed `opts.seed + i`), all started at once.
+/// The cross-VM checks of `vsva demo --split --iommu smmuv3`: each VM's container must
+/// refuse a page response for each other VM's device (by its StreamID, which the VM lists
+/// when ready; [`crate::smmu_demo::run_vm`]).
+fn split_cross_vm_smmu(vms: &mut [VmProcess]) -> Result<(), String> {
+    let mut sids = Vec::new();
+    for vm in vms.iter_mut() {
+        let ready = vm.answer().ok_or_else(|| {
+            format!(
+                "vm{}: never reached the cross-VM checks (exited or stuck)",
+                vm.index
+            )
+        })?;
+        let sid = ready
+            .strip_prefix("ready ")
+            .and_then(|t| t.parse::<u16>().ok())
+            .ok_or_else(|| format!("vm{}: {ready:?} is not its StreamID", vm.index))?;
+        sids.push(sid);
+    }
+    for (attacker, vm) in vms.iter_mut().enumerate() {
+        for (victim, sid) in sids.iter().enumerate() {
+            if victim != attacker {
+                vm.step(&format!("refuse {sid}"), "refused")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `vsva demo --split`: the demo as one `vsva host --strict` process (`program host`, with
+/// `--iommu smmuv3` for `iommu` SMMUv3) and one `vsva vm` process per VM (VM `i` with seed
+/// `opts.seed + i`), all started at once.
 /// The summary is computed from the VMs' reports and the host's own: every VM must exit
 /// cleanly with no failed check, and once they have all exited, the host's STATE must be
 /// what it was before they connected (nothing leaked) with no strict-mode violation (each
@@ -820,13 +853,18 @@ fn split_cross_vm(vms: &mut [VmProcess]) -> Result<(), String> {
 pub fn split_demo(
     program: &Path,
     opts: &DemoOptions,
+    iommu: DemoIommu,
     log: &mut dyn FnMut(String),
 ) -> Result<DemoSummary, VmError> {
     opts.validate()
         .map_err(|e| VmError::Options(e.to_string()))?;
     let started = Instant::now();
     let memory = opts.host_memory.to_string();
-    let host = HostProcess::start(program, "split", &["--memory", memory.as_str(), "--strict"])
+    let mut host_args = vec!["--memory", memory.as_str(), "--strict"];
+    if iommu == DemoIommu::Smmuv3 {
+        host_args.extend(["--iommu", "smmuv3"]);
+    }
+    let host = HostProcess::start(program, "split", &host_args)
         .map_err(|e| VmError::Split(e.to_string()))?;
     let (probe, baseline) = host.probe().map_err(|e| VmError::Split(e.to_string()))?;
     let socket = host.socket();
@@ -835,7 +873,7 @@ pub fn split_demo(
     let mut errors = 0;
     let mut failed_vms = 0;
     for i in 0..opts.vms {
-        match VmProcess::spawn(program, socket, opts, i, cross_vm) {
+        match VmProcess::spawn(program, socket, opts, i, cross_vm, iommu) {
             Ok(vm) => vms.push(vm),
             Err(e) => {
                 log(format!("vm{i}: error: vsva vm did not run: {e}"));
@@ -844,7 +882,11 @@ pub fn split_demo(
         }
     }
     let cross_vm_checked = cross_vm && failed_vms == 0 && {
-        match split_cross_vm(&mut vms) {
+        let checked = match iommu {
+            DemoIommu::Vtd => split_cross_vm(&mut vms),
+            DemoIommu::Smmuv3 => split_cross_vm_smmu(&mut vms),
+        };
+        match checked {
             Ok(()) => true,
             Err(e) => {
                 log(format!("error: cross-VM checks: {e}"));
@@ -911,7 +953,7 @@ pub fn split_demo(
     errors +=
         stale_translations + failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
     Ok(DemoSummary {
-        iommu: crate::demo::DemoIommu::Vtd,
+        iommu,
         uapi: Uapi::Type1,
         vms: opts.vms,
         pasids: reports.iter().map(|r| r.pasids.len()).sum(),

@@ -8,9 +8,16 @@
 //! two VMs or more, each VM's container must refuse a CD table outside the VM's memory and
 //! a page response for another VM's device. The summary line is the VT-d demo's, named
 //! `demo (smmuv3)`.
+//!
+//! [`run_vm`] is one such VM against a `vsva host --iommu smmuv3` process (`vsva vm
+//! --iommu smmuv3`): the same guest, vSMMU and checks, its container a
+//! [`SmmuLink`] over the socket, its RAM a shared memfd, its device the host's; the host's
+//! interrupt thread queues the SMMU's faults and page requests for the VMM to read.
+//! [`split_demo`] runs the demo as such processes (`vsva demo --split --iommu smmuv3`).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{GuestFrames, Process, Prot, SmmuSva};
@@ -23,16 +30,19 @@ use vsva_hw::dma::{
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_service::{RemoteFile, SharedRam};
 use vsva_smmuv3::{EventType, RegError};
 use vsva_smmuv3_driver::Registers;
 use vsva_uapi::{
-    DmaMap, IommuModel, PageResponse, PageResponseCode, PasidConfig, PasidTableConfig, QueuedFault,
-    UapiFile, VfioIoctls,
+    DmaMap, Errno, IommuModel, PageResponse, PageResponseCode, PasidConfig, PasidTableConfig,
+    QueuedFault, UapiFile, VfioIoctls,
 };
-use vsva_vmm::{VSmmu, VSmmuConfig, VSmmuError};
+use vsva_vmm::{HostPasidTable, VSmmu, VSmmuConfig, VSmmuError};
 use vsva_vtd::{Gpa, Gva, Hpa, Iova, Pasid, SourceId};
 
 use crate::demo::{DemoError, DemoIommu, DemoOptions, DemoSummary, VmReport};
+use crate::remote::{Stage, VmError, VmOptions, CROSS_VM};
+use crate::stack::{Passthrough, StackError, Uapi};
 
 /// Guest RAM of each VM.
 const RAM: u64 = 64 << 20;
@@ -62,30 +72,78 @@ fn reg_error(e: VSmmuError) -> RegError {
     }
 }
 
-/// One arm64 VM: RAM, container, passthrough DMA engine, vSMMU and guest driver.
+/// One arm64 VM: RAM, container, passthrough device, vSMMU and guest driver.
 struct Vm {
-    hpa: Hpa,
     ram: Arc<GuestMemoryMmap>,
     host_sid: SourceId,
-    file: Arc<ContainerFile<SmmuDomain>>,
-    dev: Arc<DmaEngine>,
+    file: Arc<dyn UapiFile>,
+    dev: Arc<dyn Passthrough>,
     vsmmu: Arc<VSmmu>,
     guest: Arc<SmmuSva<VSmmuMmio>>,
     frames: Arc<GuestFrames>,
+    /// The host SMMU in this process, whose queue handlers the VMM's fault pump runs; a
+    /// host process's interrupt thread runs them there.
+    host: Option<Arc<SmmuHost>>,
+}
+
+/// The in-process host side of a VM: its RAM and its DMA engine.
+struct Local {
+    hpa: Hpa,
+    dev: Arc<DmaEngine>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> DemoError {
     DemoError::Options(format!("smmuv3 demo: {what}: {e}"))
 }
 
+/// How long the fault pump waits for the host's interrupt thread to queue a fault the VMM
+/// expects (generous: a loaded machine).
+const FAULT_WAIT: Duration = Duration::from_secs(20);
+
 impl Vm {
+    /// The VMM and guest side of a VM whose container is `file` (`table`, the same file,
+    /// as the vSMMU's host) and whose device `host_sid` is `dev`: the vSMMU with the
+    /// device passed through, the guest kernel's frames and its arm-smmu-v3 driver.
+    fn boot_guest(
+        ram: Arc<GuestMemoryMmap>,
+        host_sid: SourceId,
+        table: Arc<dyn HostPasidTable>,
+        file: Arc<dyn UapiFile>,
+        dev: Arc<dyn Passthrough>,
+        host: Option<Arc<SmmuHost>>,
+    ) -> Result<Vm, DemoError> {
+        let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).map_err(|e| err("vSMMU", e))?;
+        vsmmu
+            .attach_passthrough(GSID, host_sid, table)
+            .map_err(|e| err("vSMMU", e))?;
+        let frames = Arc::new(
+            GuestFrames::new(ram.clone(), Gpa(FRAMES_START), RAM - FRAMES_START)
+                .map_err(|e| err("guest frames", e))?,
+        );
+        let guest = SmmuSva::new(VSmmuMmio(vsmmu.clone()), ram.clone(), frames.clone())
+            .map_err(|e| err("guest SMMU driver", e))?;
+        guest
+            .attach_device(GSID)
+            .map_err(|e| err("guest attach", e))?;
+        Ok(Vm {
+            ram,
+            host_sid,
+            file,
+            dev,
+            vsmmu,
+            guest,
+            frames,
+            host,
+        })
+    }
+
     fn boot(
         i: usize,
         mem: &Arc<HostMemory>,
         host_frames: &Arc<FrameAllocator>,
         hw: &Arc<Smmu>,
         host: &Arc<SmmuHost>,
-    ) -> Result<Vm, DemoError> {
+    ) -> Result<(Vm, Local), DemoError> {
         let hpa = host_frames
             .alloc_range(RAM, 2 << 20)
             .map_err(|e| err("guest RAM", e))?;
@@ -119,39 +177,20 @@ impl Vm {
             write: true,
         };
         VfioIoctls::map_dma(&mut &*file, &map).map_err(|e| err("MAP_DMA", e))?;
-        let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).map_err(|e| err("vSMMU", e))?;
-        vsmmu
-            .attach_passthrough(GSID, host_sid, file.clone())
-            .map_err(|e| err("vSMMU", e))?;
-        let frames = Arc::new(
-            GuestFrames::new(ram.clone(), Gpa(FRAMES_START), RAM - FRAMES_START)
-                .map_err(|e| err("guest frames", e))?,
-        );
-        let guest = SmmuSva::new(VSmmuMmio(vsmmu.clone()), ram.clone(), frames.clone())
-            .map_err(|e| err("guest SMMU driver", e))?;
-        guest
-            .attach_device(GSID)
-            .map_err(|e| err("guest attach", e))?;
-        Ok(Vm {
-            hpa,
+        let vm = Vm::boot_guest(
             ram,
             host_sid,
+            file.clone(),
             file,
-            dev,
-            vsmmu,
-            guest,
-            frames,
-        })
+            dev.clone(),
+            Some(host.clone()),
+        )?;
+        Ok((vm, Local { hpa, dev }))
     }
 
-    /// Shuts the guest driver down, detaches the device from the vSMMU and the SMMU,
-    /// closes the container and gives the RAM back.
-    fn shutdown(
-        self,
-        mem: &HostMemory,
-        host_frames: &FrameAllocator,
-        hw: &Smmu,
-    ) -> Result<(), String> {
+    /// Shuts the guest driver down and detaches the device from the vSMMU; returns the
+    /// container and the RAM, which the caller closes and gives back.
+    fn shutdown_guest(self) -> (Result<(), String>, Arc<dyn UapiFile>, Arc<GuestMemoryMmap>) {
         let down = self
             .guest
             .shutdown()
@@ -161,18 +200,34 @@ impl Vm {
                     .detach_passthrough(GSID)
                     .map_err(|e| e.to_string())
             });
-        drop(self.file);
-        hw.detach_endpoint(self.host_sid.rid().into());
-        drop(self.dev);
-        mem.release_guest_memory(&self.ram);
-        let _ = host_frames.free(self.hpa);
+        (down, self.file, self.ram)
+    }
+
+    /// Shuts the guest driver down, detaches the device from the vSMMU and the SMMU,
+    /// closes the container and gives the RAM back.
+    fn shutdown(
+        self,
+        local: Local,
+        mem: &HostMemory,
+        host_frames: &FrameAllocator,
+        hw: &Smmu,
+    ) -> Result<(), String> {
+        let host_sid = self.host_sid;
+        let (down, file, ram) = self.shutdown_guest();
+        drop(file);
+        hw.detach_endpoint(host_sid.rid().into());
+        drop(local.dev);
+        mem.release_guest_memory(&ram);
+        let _ = host_frames.free(local.hpa);
         down
     }
 
-    /// The VMM's fault handling: the host's queue handlers, then the container's fault
-    /// queue injected into the vSMMU.
-    fn pump(&self, host: &SmmuHost) {
-        host.handle_queues();
+    /// The VMM's fault handling: the host's queue handlers (in this process), then the
+    /// container's fault queue injected into the vSMMU.
+    fn pump(&self) {
+        if let Some(host) = &self.host {
+            host.handle_queues();
+        }
         for f in self.file.read_faults().unwrap_or_default() {
             let _ = match f {
                 QueuedFault::PageRequest(e) => self
@@ -183,6 +238,26 @@ impl Vm {
                     self.vsmmu.inject_host_fault(e.sid, &e.fault).map(|_| ())
                 }
             };
+        }
+    }
+
+    /// Pumps faults until `seen`, which looks at what reached the guest, finds what it
+    /// waits for (a host process's interrupt thread queues the SMMU's records on its own
+    /// time); `None` when it did not within [`FAULT_WAIT`].
+    fn await_faults<T>(
+        &self,
+        mut seen: impl FnMut() -> Result<Option<T>, String>,
+    ) -> Result<Option<T>, String> {
+        let deadline = Instant::now() + FAULT_WAIT;
+        loop {
+            self.pump();
+            if let Some(t) = seen()? {
+                return Ok(Some(t));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -204,7 +279,7 @@ impl Vm {
             op,
         };
         self.dev.portal_write(0, &d.encode()).ok()?;
-        self.dev.process();
+        self.dev.process().ok()?;
         self.record(p, comp)
     }
 
@@ -225,7 +300,6 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// until its VM shuts down (the guest driver's shutdown unbinds it).
 fn process_checks(
     vm: &Vm,
-    host: &SmmuHost,
     seed: u64,
     bytes: u64,
     report: &mut VmReport,
@@ -310,10 +384,15 @@ fn process_checks(
         comp,
         true,
     );
-    vm.pump(host);
-    vm.guest.read_events().map_err(|e| e.to_string())?;
-    let served = vm.guest.handle_page_requests().map_err(|e| e.to_string())?;
-    vm.dev.process();
+    let served = vm.await_faults(|| {
+        vm.guest.read_events().map_err(|e| e.to_string())?;
+        let served = vm.guest.handle_page_requests().map_err(|e| e.to_string())?;
+        Ok((served.requests > 0).then_some(served))
+    })?;
+    let Some(served) = served else {
+        return Err("page request: none reached the guest".into());
+    };
+    vm.dev.process().map_err(|e| e.to_string())?;
     let mut got = vec![0; 256];
     p.read(Gva(lazy), &mut got).map_err(|e| e.to_string())?;
     if served.succeeded != 1 || !ok(vm.record(&p, comp)) || got != data[..256] {
@@ -327,17 +406,74 @@ fn process_checks(
     if ok(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
         return Err("DMA after munmap completed".into());
     }
-    vm.pump(host);
-    let events = vm.guest.read_events().map_err(|e| e.to_string())?;
-    if !events.iter().any(|e| {
-        e.event_type == EventType::Translation && e.ssid == Some(ssid) && e.input_addr == gone
-    }) {
+    let mut events = Vec::new();
+    let found = vm.await_faults(|| {
+        events.extend(vm.guest.read_events().map_err(|e| e.to_string())?);
+        Ok(events
+            .iter()
+            .any(|e| {
+                e.event_type == EventType::Translation
+                    && e.ssid == Some(ssid)
+                    && e.input_addr == gone
+            })
+            .then_some(()))
+    })?;
+    if found.is_none() {
         return Err(format!(
             "no F_TRANSLATION at {gone:#x} after munmap: {events:?}"
         ));
     }
     report.munmap_faults += 1;
     Ok(())
+}
+
+/// The VM's vSMMU counts into `report`, and its line of the demo.
+fn vm_stats(vm: &Vm, report: &mut VmReport, log: &mut dyn FnMut(String)) {
+    let stats = vm.vsmmu.stats();
+    report.invalidations_forwarded = stats.invalidations;
+    report.binds = stats.table_attaches;
+    report.host_errors = stats.host_errors;
+    log(format!(
+        "smmuv3 VM {}: {} processes bound, {} bytes verified, {} page requests served, {} munmap faults",
+        report.vm,
+        report.pasids.len(),
+        report.bytes_verified,
+        report.page_requests_served,
+        report.munmap_faults
+    ));
+}
+
+/// The VM's container must refuse a CD table beyond the VM's RAM (counted in `report`).
+fn refuse_outside_table(vm: &Vm, report: &mut VmReport) {
+    let outside = PasidTableConfig {
+        base_ptr: Gpa(RAM),
+        pasid_bits: 4,
+        config: PasidConfig::Translate { s1fmt: 0, s1dss: 1 },
+    };
+    match VfioIoctls::attach_pasid_table(&mut &*vm.file, &outside) {
+        Err(_) => report.cross_vm_refusals += 1,
+        Ok(()) => report.errors.push(format!(
+            "VM {}: a CD table beyond its RAM was attached",
+            report.vm
+        )),
+    }
+}
+
+/// The VM's container must refuse a page response for the device `other` of another VM
+/// (counted in `report`).
+fn refuse_response_to(vm: &Vm, other: SourceId, report: &mut VmReport) {
+    let resp = PageResponse {
+        pasid: Pasid::new(1).ok(),
+        grpid: 0,
+        code: PageResponseCode::Success,
+    };
+    match VfioIoctls::page_response_to(&mut &*vm.file, other, &resp) {
+        Err(_) => report.cross_vm_refusals += 1,
+        Ok(()) => report.errors.push(format!(
+            "VM {}: a page response reached another VM's device",
+            report.vm
+        )),
+    }
 }
 
 /// Runs the demo on an SMMUv3 host.
@@ -355,9 +491,11 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummar
     ));
     let host = SmmuHost::new(hw.clone(), host_frames.clone()).map_err(|e| err("host SMMU", e))?;
     let baseline = host_frames.allocated_bytes();
-    let vms = (0..opts.vms)
+    let (vms, locals): (Vec<Vm>, Vec<Local>) = (0..opts.vms)
         .map(|i| Vm::boot(i, &mem, &host_frames, &hw, &host))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     let mut summary = DemoSummary {
         iommu: DemoIommu::Smmuv3,
         vms: vms.len(),
@@ -371,22 +509,11 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummar
         };
         for j in 0..opts.processes {
             let seed = opts.seed.wrapping_add((i * opts.processes + j) as u64);
-            if let Err(e) = process_checks(vm, &host, seed, opts.bytes, &mut report, &mut processes)
-            {
+            if let Err(e) = process_checks(vm, seed, opts.bytes, &mut report, &mut processes) {
                 report.errors.push(format!("VM {i} process {j}: {e}"));
             }
         }
-        let stats = vm.vsmmu.stats();
-        report.invalidations_forwarded = stats.invalidations;
-        report.binds = stats.table_attaches;
-        report.host_errors = stats.host_errors;
-        log(format!(
-            "smmuv3 VM {i}: {} processes bound, {} bytes verified, {} page requests served, {} munmap faults",
-            report.pasids.len(),
-            report.bytes_verified,
-            report.page_requests_served,
-            report.munmap_faults
-        ));
+        vm_stats(vm, &mut report, log);
         summary.per_vm.push(report);
     }
     // Cross-VM: a CD table outside the VM's memory, a page response to another VM's device.
@@ -394,37 +521,17 @@ pub fn run(opts: &DemoOptions, log: &mut dyn FnMut(String)) -> Result<DemoSummar
         summary.cross_vm_checked = true;
         for (i, vm) in vms.iter().enumerate() {
             let other = &vms[(i + 1) % vms.len()];
-            let outside = PasidTableConfig {
-                base_ptr: Gpa(RAM),
-                pasid_bits: 4,
-                config: PasidConfig::Translate { s1fmt: 0, s1dss: 1 },
-            };
             let report = &mut summary.per_vm[i];
-            match VfioIoctls::attach_pasid_table(&mut &*vm.file, &outside) {
-                Err(_) => report.cross_vm_refusals += 1,
-                Ok(()) => report
-                    .errors
-                    .push(format!("VM {i}: a CD table beyond its RAM was attached")),
-            }
-            let resp = PageResponse {
-                pasid: Pasid::new(1).ok(),
-                grpid: 0,
-                code: PageResponseCode::Success,
-            };
-            match VfioIoctls::page_response_to(&mut &*vm.file, other.host_sid, &resp) {
-                Err(_) => report.cross_vm_refusals += 1,
-                Ok(()) => report.errors.push(format!(
-                    "VM {i}: a page response reached another VM's device"
-                )),
-            }
+            refuse_outside_table(vm, report);
+            refuse_response_to(vm, other.host_sid, report);
         }
     }
     summary.stale_translations = hw.take_stale().len();
     // The processes stay until their VMs are down: the guest drivers unbind them.
     let processes = processes;
     // Shutdown: guest drivers, vSMMUs, containers, RAM.
-    for (i, vm) in vms.into_iter().enumerate() {
-        if let Err(e) = vm.shutdown(&mem, &host_frames, &hw) {
+    for (i, (vm, local)) in vms.into_iter().zip(locals).enumerate() {
+        if let Err(e) = vm.shutdown(local, &mem, &host_frames, &hw) {
             summary.per_vm[i]
                 .errors
                 .push(format!("VM {i} shutdown: {e}"));
@@ -469,7 +576,7 @@ pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String
     let host_frames = Arc::new(FrameAllocator::new(mem.clone()));
     let hw = Arc::new(Smmu::new(mem.clone(), SmmuConfig::default()));
     let host = SmmuHost::new(hw.clone(), host_frames.clone()).map_err(|e| err("host SMMU", e))?;
-    let v = Vm::boot(vm, &mem, &host_frames, &hw, &host)?;
+    let (v, local) = Vm::boot(vm, &mem, &host_frames, &hw, &host)?;
     let text = (|| {
         let p = Arc::new(
             Process::new_aarch64(v.ram.clone(), v.frames.clone()).map_err(|e| err("process", e))?,
@@ -489,8 +596,258 @@ pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String
         );
         Ok::<_, DemoError>(format!("{e}"))
     })();
-    let down = v.shutdown(&mem, &host_frames, &hw);
+    let down = v.shutdown(local, &mem, &host_frames, &hw);
     let text = text?;
     down.map_err(|e| err("shutdown", e))?;
     Ok(text)
+}
+
+/// An SMMU VM's connection to a `vsva host --iommu smmuv3`: its container file and its
+/// device, with the pause hook of `vsva vm --pause-at` ([`Stage`]: `bind` before the
+/// first `VFIO_IOMMU_ATTACH_PASID_TABLE`, `invalidate` before the first
+/// `VFIO_IOMMU_CACHE_INVALIDATE` after the device ran, `dma` before the first
+/// `DEVICE_RUN`, `page-request` after a `DEVICE_RUN` that left the device waiting).
+pub struct SmmuLink {
+    file: RemoteFile,
+    pause_at: Option<Stage>,
+    paused: std::sync::atomic::AtomicBool,
+    device_ran: std::sync::atomic::AtomicBool,
+}
+
+impl SmmuLink {
+    /// The link over `file`, pausing at `pause_at`.
+    pub fn new(file: RemoteFile, pause_at: Option<Stage>) -> SmmuLink {
+        SmmuLink {
+            file,
+            pause_at,
+            paused: Default::default(),
+            device_ran: Default::default(),
+        }
+    }
+
+    /// Announces `stage` (once, if it is the one asked for) on stdout and waits for a
+    /// line on stdin (or its end) when `wait`.
+    fn pause(&self, stage: Stage, wait: bool) {
+        use std::io::{BufRead, Write};
+        use std::sync::atomic::Ordering;
+        if self.pause_at != Some(stage) || self.paused.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let name = match stage {
+            Stage::Bind => "bind",
+            Stage::Invalidate => "invalidate",
+            Stage::Dma => "dma",
+            Stage::PageRequest => "page-request",
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "paused at {name}");
+        let _ = out.flush();
+        drop(out);
+        if wait {
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+        }
+    }
+}
+
+impl UapiFile for SmmuLink {
+    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        use std::sync::atomic::Ordering;
+        use vsva_uapi::vfio::{VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_CACHE_INVALIDATE};
+        match cmd {
+            VFIO_IOMMU_ATTACH_PASID_TABLE => self.pause(Stage::Bind, true),
+            VFIO_IOMMU_CACHE_INVALIDATE if self.device_ran.load(Ordering::Acquire) => {
+                self.pause(Stage::Invalidate, true)
+            }
+            _ => {}
+        }
+        self.file.ioctl(cmd, arg)
+    }
+
+    fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.file.read(buf)
+    }
+
+    fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
+        self.file.write(buf)
+    }
+
+    fn set_event_notifier(&self, notifier: Option<Arc<dyn vsva_uapi::EventNotifier>>) {
+        self.file.set_event_notifier(notifier)
+    }
+}
+
+impl Passthrough for SmmuLink {
+    fn portal_write(
+        &self,
+        offset: u64,
+        descriptor: &[u8; vsva_hw::dma::descriptor::DESCRIPTOR_SIZE],
+    ) -> Result<(), StackError> {
+        self.file
+            .device_write(offset, descriptor)
+            .map_err(StackError::DeviceCall)
+    }
+
+    fn process(&self) -> Result<usize, StackError> {
+        use std::sync::atomic::Ordering;
+        self.pause(Stage::Dma, false);
+        let waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
+        self.device_ran.store(true, Ordering::Release);
+        if waiting > 0 {
+            self.pause(Stage::PageRequest, true);
+        }
+        usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
+    }
+
+    fn reg_read(&self, offset: u64) -> Result<u64, StackError> {
+        self.file
+            .device_reg_read(offset)
+            .map_err(StackError::DeviceCall)
+    }
+
+    fn reg_write(&self, offset: u64, value: u64) -> Result<(), StackError> {
+        self.file
+            .device_reg_write(offset, value)
+            .map_err(StackError::DeviceCall)
+    }
+}
+
+/// `vsva vm --iommu smmuv3`: the per-VM part of the SMMUv3 demo against the host process
+/// at `path`: boots the VM (a nesting container, its memfd RAM mapped at IOVA 0, the
+/// host's device, the vSMMU and the arm64 guest), runs each process's checks as the
+/// in-process demo does (copy, fill, compare, a page request, a fault after munmap), and
+/// shuts down. With `opts.cross_vm` (`vsva demo --split`), its container must first
+/// refuse a CD table beyond its RAM; then it prints `cross-vm ready <its StreamID>` and
+/// follows lines from stdin: `refuse <StreamID>`: a page response for that (another
+/// VM's) device must be refused (`cross-vm refused`), until `end` or the end of stdin.
+/// The report's errors are the failed checks; a host that went away is
+/// [`VmError::HostGone`].
+pub fn run_vm(
+    path: &Path,
+    opts: &VmOptions,
+    log: &mut dyn FnMut(String),
+) -> Result<VmReport, VmError> {
+    opts.demo
+        .validate()
+        .map_err(|e| VmError::Options(e.to_string()))?;
+    if opts.uapi != Uapi::Type1 {
+        return Err(VmError::Options(
+            "the SMMUv3 VM reaches its host over a VFIO type1 container only".into(),
+        ));
+    }
+    let file = RemoteFile::connect(path)?;
+    let ram = SharedRam::new(RAM)?;
+    let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
+    setup(
+        "VFIO_SET_IOMMU",
+        (&file).set_iommu(IommuModel::Type1Nesting),
+    )?;
+    setup("ADD_MEMORY", ram.share(&file))?;
+    setup(
+        "VFIO_IOMMU_MAP_DMA",
+        (&file).map_dma(&DmaMap {
+            iova: Iova(0),
+            vaddr: ram.addr(),
+            size: RAM,
+            read: true,
+            write: true,
+        }),
+    )?;
+    let host_sid = file.device_add().map_err(|errno| VmError::Setup {
+        what: "DEVICE_ADD",
+        errno,
+    })?;
+    let link = Arc::new(SmmuLink::new(file, opts.pause_at));
+    let gone = |link: &SmmuLink, e: String| {
+        if link.file.host_gone() {
+            VmError::HostGone
+        } else {
+            VmError::Stack(StackError::Guest(e))
+        }
+    };
+    let vm = Vm::boot_guest(
+        ram.mem.clone(),
+        host_sid,
+        link.clone(),
+        link.clone(),
+        link.clone(),
+        None,
+    )
+    .map_err(|e| gone(&link, e.to_string()))?;
+    let mut report = VmReport {
+        vm: opts.index,
+        ..VmReport::default()
+    };
+    let mut processes = Vec::new();
+    for j in 0..opts.demo.processes {
+        let seed = opts.demo.seed.wrapping_add(j as u64);
+        if let Err(e) = process_checks(&vm, seed, opts.demo.bytes, &mut report, &mut processes) {
+            report
+                .errors
+                .push(format!("VM {} process {j}: {e}", opts.index));
+        }
+        if link.file.host_gone() {
+            return Err(VmError::HostGone);
+        }
+    }
+    if opts.cross_vm {
+        refuse_outside_table(&vm, &mut report);
+        cross_vm_phase(
+            &vm,
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout(),
+            &mut report,
+        );
+    }
+    vm_stats(&vm, &mut report, log);
+    if link.file.host_gone() {
+        return Err(VmError::HostGone);
+    }
+    let (down, file, _ram) = vm.shutdown_guest();
+    drop(processes);
+    if let Err(e) = down {
+        if link.file.host_gone() {
+            return Err(VmError::HostGone);
+        }
+        report
+            .errors
+            .push(format!("VM {} shutdown: {e}", opts.index));
+    }
+    drop((file, link, ram));
+    Ok(report)
+}
+
+/// The SMMU VM's side of `vsva demo --split`'s cross-VM checks (see [`run_vm`]).
+fn cross_vm_phase(
+    vm: &Vm,
+    input: &mut dyn std::io::BufRead,
+    output: &mut dyn std::io::Write,
+    report: &mut VmReport,
+) {
+    let mut say = |line: String| {
+        let _ = writeln!(output, "{CROSS_VM}{line}");
+        let _ = output.flush();
+    };
+    say(format!("ready {}", vm.host_sid.rid()));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if !matches!(input.read_line(&mut line), Ok(n) if n > 0) {
+            break;
+        }
+        let (cmd, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        match (cmd, arg.parse::<u16>()) {
+            ("end", _) => break,
+            ("refuse", Ok(sid)) if sid != vm.host_sid.rid() => {
+                refuse_response_to(vm, SourceId::from_rid(sid), report);
+                say("refused".into());
+            }
+            _ => {
+                report
+                    .errors
+                    .push(format!("cross-VM command {:?} not understood", line.trim()));
+                say(format!("error {:?}", line.trim()));
+            }
+        }
+    }
 }

@@ -1,0 +1,364 @@
+//! `vsva vm --iommu smmuv3` as real processes against an SMMUv3 host (issue 12 + 10): the
+//! per-VM SMMUv3 demo finds the in-process counts; `vsva demo --split --iommu smmuv3`
+//! prints the in-process demo's summary line; a VM process SIGKILLed at any stage leaves
+//! the host with exactly the live VM's holdings: its STE aborts again with no CD-table
+//! pointer, its VMID is free and no TLB entry carries it. Every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vsva_service::{HostConfig, IommuArch, RemoteFile, Report, Service};
+use vsva_testbed::demo::{DemoOptions, VmReport};
+use vsva_testbed::smmu_demo;
+
+mod common;
+use common::{settle, start_host, stop_clean, wait_exit, WAIT};
+
+/// A `vsva vm --iommu smmuv3` process with its stdout read line by line on a thread.
+struct VmProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl VmProcess {
+    fn start(host: &Path, args: &[&str]) -> VmProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
+            .args(["vm", "--iommu", "smmuv3", "--socket"])
+            .arg(host)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vsva vm starts");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        VmProcess {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for the line `want`.
+    fn wait_line(&mut self, want: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.seen.iter().any(|l| l == want) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("vsva vm never printed {want:?}: {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Lets it go on, waits (bounded) for its exit; its status code, stdout and stderr.
+    fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
+        drop(self.stdin.take());
+        let status = wait_exit(&mut self.child);
+        let deadline = Instant::now() + WAIT;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code(), self.seen, err)
+    }
+}
+
+fn in_process(seed: u64, vms: usize) -> vsva_testbed::demo::DemoSummary {
+    smmu_demo::run(
+        &DemoOptions {
+            seed,
+            vms,
+            processes: 2,
+            bytes: 65536,
+            host_memory: 1 << 30,
+            progress: false,
+            ..DemoOptions::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_smmu_vm_process_runs_the_demo_against_an_smmu_host_process_with_the_in_process_counts() {
+    let host = start_host("smmu-demo", "2G", &["--iommu", "smmuv3", "--strict"]);
+    let (probe, empty) = host.probe().unwrap();
+    let vm = VmProcess::start(
+        host.socket(),
+        &[
+            "--seed",
+            "3",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+            "--json",
+        ],
+    );
+    let (code, lines, err) = vm.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    let remote: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let local = in_process(3, 1);
+    assert_eq!(local.errors, 0);
+    let local = &local.per_vm[0];
+    assert_eq!(remote.pasids, local.pasids);
+    assert_eq!(remote.bytes_verified, local.bytes_verified);
+    assert!(remote.bytes_verified > 2 * 65536);
+    assert_eq!(remote.page_requests_served, 2);
+    assert_eq!(remote.munmap_faults, 2);
+    assert_eq!(
+        remote.invalidations_forwarded,
+        local.invalidations_forwarded
+    );
+    assert!(remote.invalidations_forwarded > 0);
+    assert_eq!((remote.host_errors, remote.errors.len()), (0, 0));
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let report = stop_clean(host);
+    assert!(report.contains("strict mode clean"), "{report}");
+    assert!(
+        report.contains("SMMUv3 interrupt thread:") && report.contains(", 2 page requests,"),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_split_smmu_demo_prints_the_in_process_summary_line() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args([
+            "demo",
+            "--split",
+            "--iommu",
+            "smmuv3",
+            "--seed",
+            "5",
+            "--vms",
+            "2",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{out}\n{err}");
+    let local = in_process(5, 2);
+    assert_eq!(local.errors, 0);
+    let want = local.to_string();
+    assert!(
+        want.starts_with("demo (smmuv3): 2 VMs, 4 PASIDs, "),
+        "{want}"
+    );
+    assert!(out.lines().any(|l| l == want), "want {want:?} in\n{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("vsva host: served ")
+            && l.ends_with("nothing left behind; strict mode clean")),
+        "{out}"
+    );
+}
+
+/// An SMMUv3 host served in this process (so that the test sees its stream table, VMIDs
+/// and TLB), for VM processes.
+struct Served {
+    path: PathBuf,
+    service: Arc<Service>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Report>>,
+    dir: PathBuf,
+}
+
+impl Served {
+    fn start() -> Served {
+        let dir = std::env::temp_dir().join(format!("vsva-smmu-vm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.sock");
+        let service = Service::new(&HostConfig {
+            iommu: IommuArch::Smmuv3,
+            memory: 2 << 30,
+            strict: true,
+            ..HostConfig::default()
+        })
+        .unwrap();
+        let listener = vsva_service::server::bind_socket(&path).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, svc) = (stop.clone(), service.clone());
+        let thread = std::thread::spawn(move || svc.serve(listener, &s));
+        Served {
+            path,
+            service,
+            stop,
+            thread: Some(thread),
+            dir,
+        }
+    }
+
+    fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Word 0 of an aborting STE: V=1, Config=abort, no S1ContextPtr.
+fn aborts(ste: Option<[u64; 8]>) -> bool {
+    ste.is_some_and(|s| s[0] & 0xf == 1 && s[0] & 0x000f_ffff_ffff_ffc0 == 0)
+}
+
+/// Whether word 0 points at a CD table.
+fn nested(ste: Option<[u64; 8]>) -> bool {
+    ste.is_some_and(|s| s[0] & 1 == 1 && s[0] & 0x000f_ffff_ffff_ffc0 != 0)
+}
+
+#[test]
+fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
+    let served = Served::start();
+    let smmu = served.service.smmu().unwrap().clone();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let empty = probe.host_state().unwrap();
+    // The probe's own container holds a VMID.
+    let probe_vmids = smmu.vmids();
+    assert_eq!(probe_vmids.len(), 1);
+    // The live VM stops before an invalidation after its device ran: a nested STE, a
+    // VMID, TLB entries tagged with it.
+    let mut live = VmProcess::start(
+        &served.path,
+        &[
+            "--seed",
+            "9",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+            "--pause-at",
+            "invalidate",
+            "--json",
+        ],
+    );
+    live.wait_line("paused at invalidate");
+    let with_live = probe.host_state().unwrap();
+    let [(live_sid, live_vmid)] = smmu.owned_streams()[..] else {
+        panic!("{:?}", smmu.owned_streams());
+    };
+    let live_ste = smmu.ste(live_sid);
+    assert!(nested(live_ste), "{live_ste:x?}");
+    let live_tlb = smmu.hardware().tlb_entries_of(live_vmid);
+    assert!(live_tlb > 0);
+    for stage in ["bind", "invalidate", "page-request", "dma"] {
+        let bytes = if stage == "dma" { "8388608" } else { "65536" };
+        let mut victim = VmProcess::start(
+            &served.path,
+            &[
+                "--index",
+                "1",
+                "--processes",
+                "1",
+                "--bytes",
+                bytes,
+                "--pause-at",
+                stage,
+            ],
+        );
+        victim.wait_line(&format!("paused at {stage}"));
+        let (sid, vmid) = smmu
+            .owned_streams()
+            .into_iter()
+            .find(|&(s, _)| s != live_sid)
+            .unwrap_or_else(|| panic!("{stage}: the victim holds no stream"));
+        let during = probe.host_state().unwrap();
+        assert_eq!(during.connections, with_live.connections + 1, "{stage}");
+        assert_eq!(during.domain_ids, with_live.domain_ids + 1, "{stage}");
+        assert_eq!(during.devices, with_live.devices + 1, "{stage}");
+        match stage {
+            // Before its ATTACH_PASID_TABLE: stage 2 alone.
+            "bind" => assert!(!nested(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid)),
+            // Its device ran through its CD table: TLB entries with its VMID.
+            "invalidate" => {
+                assert!(nested(smmu.ste(sid)), "{stage}");
+                assert!(smmu.hardware().tlb_entries_of(vmid) > 0, "{stage}");
+            }
+            // Its device waits for a page response.
+            "page-request" => assert!(nested(smmu.ste(sid)), "{stage}"),
+            _ => {}
+        }
+        victim.child.kill().unwrap();
+        victim.child.wait().unwrap();
+        let after = settle(&probe, with_live);
+        assert_eq!(
+            after, with_live,
+            "killed at {stage}: the host kept its state"
+        );
+        assert!(aborts(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
+        assert!(!smmu.vmids().contains(&vmid), "{stage}");
+        assert_eq!(smmu.hardware().tlb_entries_of(vmid), 0, "{stage}");
+        assert_eq!(smmu.ste(live_sid), live_ste, "{stage}");
+        assert_eq!(
+            smmu.hardware().tlb_entries_of(live_vmid),
+            live_tlb,
+            "{stage}"
+        );
+    }
+    // The live VM goes on: every check passes, and its exit leaves the host as it was.
+    let (code, lines, err) = live.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    let report: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!((report.errors.len(), report.host_errors), (0, 0));
+    assert_eq!(report.munmap_faults, 2);
+    assert_eq!(settle(&probe, empty), empty);
+    assert!(aborts(smmu.ste(live_sid)));
+    assert_eq!(smmu.vmids(), probe_vmids);
+    drop((probe, smmu));
+    let report = served.finish();
+    assert!(report.clean(), "{report}");
+}
