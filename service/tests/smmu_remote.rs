@@ -308,3 +308,52 @@ fn stream_ids_are_reused_and_an_smmu_host_serves_no_iommufd() {
         "{e}"
     );
 }
+
+#[test]
+fn malformed_pasid_table_ioctls_over_the_socket_change_nothing() {
+    use vsva_uapi::vfio::{VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_DETACH_PASID_TABLE};
+    use vsva_uapi::UapiFile;
+    let served = serve(true);
+    let smmu = served.service.smmu().unwrap().clone();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let a = client(&served.path);
+    (&a.file).attach_pasid_table(&table(CD_GPA)).unwrap();
+    let nested = smmu.ste(a.sid);
+    let held = probe.host_state().unwrap();
+    // The well-formed argument, then each byte of it damaged in turn where the seed's
+    // checks look: argsz, flags, version, format, pasid_bits, config, padding, vendor data.
+    let good = vsva_uapi::vfio::VfioIommuType1AttachPasidTable {
+        argsz: std::mem::size_of::<vsva_uapi::vfio::VfioIommuType1AttachPasidTable>() as u32,
+        flags: 0,
+        config: (&table(CD_GPA)).into(),
+    }
+    .to_bytes();
+    assert!(good.len() >= 32);
+    let mut bad: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        good[..4].to_vec(),
+        good[..good.len() - 1].to_vec(),
+    ];
+    for at in [0usize, 4, 8, 12, 24, 25, 26, 31, 32] {
+        let mut b = good.clone();
+        b[at] ^= 0xff;
+        bad.push(b);
+    }
+    for mut b in bad {
+        let r = a.file.ioctl(VFIO_IOMMU_ATTACH_PASID_TABLE, &mut b);
+        assert!(r.is_err(), "{b:x?} was taken");
+        assert_eq!(smmu.ste(a.sid), nested, "{b:x?}");
+        assert_eq!(probe.host_state().unwrap(), held);
+    }
+    // DETACH: stage 2 alone again, the CD-table pointer gone.
+    a.file
+        .ioctl(VFIO_IOMMU_DETACH_PASID_TABLE, &mut [])
+        .unwrap();
+    let s2 = smmu.ste(a.sid).unwrap();
+    assert_eq!(s2[0] & 1, 1);
+    assert_eq!(s2[0] & 0x000f_ffff_ffff_ffc0, 0, "no CD table after DETACH");
+    drop(a);
+    drop(probe);
+    drop(smmu);
+    assert!(served.finish().clean());
+}
