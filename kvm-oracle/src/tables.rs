@@ -44,7 +44,7 @@ impl Rng {
     }
 
     /// A number in `lo..=hi`.
-    pub fn in_range(&mut self, hi: u32, lo: u32) -> u32 {
+    pub fn in_range(&mut self, lo: u32, hi: u32) -> u32 {
         lo + self.below(u64::from(hi - lo + 1)) as u32
     }
 }
@@ -200,7 +200,7 @@ impl Tables {
         else {
             return;
         };
-        let level = rng.in_range(u32::from(self.levels()), u32::from(leaf.size.level())) as u8;
+        let level = rng.in_range(u32::from(leaf.size.level()), u32::from(self.levels())) as u8;
         let Ok(Some(slot)) = self.builder.entry_address(mem, leaf.va, level) else {
             return;
         };
@@ -225,13 +225,13 @@ impl Tables {
             4 => {
                 let mut candidates = Vec::new();
                 if width < 52 {
-                    candidates.push(rng.in_range(51, width));
+                    candidates.push(rng.in_range(width, 51));
                 }
                 match (level, is_leaf) {
                     (4 | 5, _) => candidates.push(7),
-                    (2, true) => candidates.push(rng.in_range(20, 13)),
+                    (2, true) => candidates.push(rng.in_range(13, 20)),
                     (3, true) if self.cfg.format.one_gib_pages() => {
-                        candidates.push(rng.in_range(29, 13))
+                        candidates.push(rng.in_range(13, 29))
                     }
                     _ => {}
                 }
@@ -242,7 +242,7 @@ impl Tables {
                 ("reserved bit", entry | 1 << bit)
             }
             _ => {
-                let mut candidates = vec![rng.in_range(62, 52), rng.in_range(11, 9)];
+                let mut candidates = vec![rng.in_range(52, 62), rng.in_range(9, 11)];
                 if !is_leaf {
                     candidates.push(6);
                     if !(amd && level >= 4) {
@@ -273,7 +273,7 @@ impl Tables {
                 }
                 (7..=8, false) => {
                     let leaf = rng.pick(&self.leaves);
-                    let level = rng.in_range(u32::from(self.levels()), 1) as u8;
+                    let level = rng.in_range(1, u32::from(self.levels())) as u8;
                     let shift = level_shift(level);
                     (leaf.va & !(511 << shift)) | rng.below(512) << shift
                 }
@@ -306,7 +306,7 @@ pub fn leaf_extra_bits(rng: &mut Rng, size: PageSize) -> u64 {
         1 << 9,
         1 << 10,
         1 << 11,
-        1 << rng.in_range(62, 52),
+        1 << rng.in_range(52, 62),
     ];
     (0..1 + rng.below(3)).fold(0, |acc, _| acc | rng.pick(&candidates))
 }

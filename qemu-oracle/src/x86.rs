@@ -18,8 +18,7 @@
 //! only, which is how the program reads entries and check addresses by physical address.
 
 use crate::child::{find_on_path, wait_bounded, Ended};
-pub use crate::error::OracleError;
-use crate::error::{io, mem_err};
+use crate::error::{io, mem_err, OracleError};
 use crate::x86asm::{Asm, AsmError, Cond, Reg, Seg};
 use std::fs::File;
 use std::path::{Path, PathBuf};

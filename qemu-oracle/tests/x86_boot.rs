@@ -4,9 +4,10 @@
 
 use vm_memory::{Bytes, GuestAddress};
 use vsva_qemu_oracle::x86::{
-    exec_snippet, layout, pf, Access, Machine, OracleError, Outcome, PagingMode, Probe,
-    HARNESS_BASE, HARNESS_INDEX,
+    exec_snippet, layout, pf, Access, Machine, Outcome, PagingMode, Probe, HARNESS_BASE,
+    HARNESS_INDEX,
 };
+use vsva_qemu_oracle::OracleError;
 
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(

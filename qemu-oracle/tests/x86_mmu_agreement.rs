@@ -60,9 +60,10 @@ use vsva_kvm_oracle::tables::{
     cpu_class, level_shift, reached, read_frame, walker_class, FaultClass, Rng, Tables, WalkerView,
 };
 use vsva_qemu_oracle::x86::{
-    exec_snippet, layout, pf, Access, Features, Machine, OracleError, Outcome, PagingMode, Probe,
-    Report, HARNESS_INDEX,
+    exec_snippet, layout, pf, Access, Features, Machine, Outcome, PagingMode, Probe, Report,
+    HARNESS_INDEX,
 };
+use vsva_qemu_oracle::OracleError;
 use vsva_vtd::{
     walk_first_level, AccessRequest, FaultReason, FlConfig, FlFormat, FlPagingMode, FlPte,
     FrameSource, MemError, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
@@ -345,7 +346,7 @@ fn run_mode(rng: &mut Rng, machine: &Machine, features: Features, tally: &mut Ta
                 let align = if req.execute { 16 } else { 8 };
                 let mut va = sc.probe_address(rng, &|va| usable(sc, va), align);
                 if non_canonical {
-                    va ^= 1 << rng.in_range(63, sc.cfg.mode.input_width());
+                    va ^= 1 << rng.in_range(sc.cfg.mode.input_width(), 63);
                 }
                 let mut rec = WalkRecord::default();
                 let _ = walk_first_level(&DryRun(&view), &sc.cfg, va, req, &mut rec);

@@ -1,35 +1,115 @@
-//! What the AArch64 oracle tests share: the seeded generator, the data nonces, the IPS
-//! encodings, the fault syndrome of a walker fault and a scratch directory.
+//! What the AArch64 oracle tests share: the machine (skipped where QEMU is missing), the
+//! data nonces, the table frames, the IPS encodings, the fault syndrome of a walker fault,
+//! a scratch directory, and the probe driver [`Batch`]: the walker's expectation of each
+//! probe, the snippets fetches run, the run in QEMU and the comparison of its outcomes
+//! and of the final tables. Each test keeps its own scenarios, fault checks and report.
+//! Their seeded generator is the x86 oracles' one, `vsva_kvm_oracle::tables::Rng`.
 
-use vsva_smmuv3::{AddressSize, FaultKind, WalkFault};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vsva_kvm_oracle::tables::Rng;
+use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, TABLES};
+use vsva_qemu_oracle::{
+    fetch_snippet, Abort, Features, Harness, Machine, OracleError, Outcome, Probe, ProbeOp, Results,
+};
+use vsva_smmuv3::{
+    AddressSize, FaultKind, Granule, PageSize, PhysMem, StepOutcome, Translation, WalkFault,
+    WalkRecord,
+};
 
-/// SplitMix64: small, seedable.
-pub struct Rng(pub u64);
+/// Disagreements described in full before a test fails.
+const REPORTED: usize = 12;
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+/// The AArch64 machine in `dir`, or `None` (said on stderr) where `qemu-system-aarch64` is
+/// not installed.
+pub fn machine(dir: &Path) -> Option<Machine> {
+    match Machine::new(dir) {
+        Err(OracleError::NoQemu(_)) => {
+            eprintln!("SKIPPED: qemu-system-aarch64 is not installed; nothing was checked");
+            None
+        }
+        m => Some(m.expect("setting up the machine")),
+    }
+}
+
+/// The CPU's features, from a first run of `harness` with no probe.
+pub fn features(machine: &Machine, harness: Harness) -> Features {
+    machine
+        .run(&machine.snapshot().unwrap(), &[], harness)
+        .expect("running the empty program")
+        .features
+}
+
+/// Fills the data region with its nonces.
+pub fn write_nonces<M: PhysMem + ?Sized>(mem: &M) {
+    let data: Vec<u8> = (DATA.0..DATA.1)
+        .step_by(8)
+        .flat_map(|pa| nonce(pa).to_le_bytes())
+        .collect();
+    mem.write(DATA.0, &data).unwrap();
+}
+
+/// Table frames in the table region, each aligned to its size.
+pub struct Frames(u64);
+
+impl Frames {
+    /// The whole table region free.
+    pub fn new() -> Self {
+        Frames(TABLES.0)
     }
 
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    /// A frame of `bytes`, if the region has room.
+    pub fn alloc(&mut self, bytes: u64) -> Option<u64> {
+        let at = self.0.next_multiple_of(bytes);
+        (at + bytes <= TABLES.1).then(|| {
+            self.0 = at + bytes;
+            at
+        })
     }
+}
 
-    pub fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
+/// One of `granules`, drawn by its weight (4 KiB if the list is empty).
+pub fn pick_granule(rng: &mut Rng, granules: &[(Granule, u64)]) -> Granule {
+    let weights: u64 = granules.iter().map(|g| g.1).sum();
+    let mut roll = rng.below(weights);
+    granules
+        .iter()
+        .find(|g| {
+            let hit = roll < g.1;
+            roll = roll.saturating_sub(g.1);
+            hit
+        })
+        .map_or(Granule::Size4K, |g| g.0)
+}
 
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
+/// The level a random mapping asks for: 3 (60 %), 2 (25 %) or 1.
+pub fn mapping_level(rng: &mut Rng) -> u8 {
+    match rng.below(100) {
+        0..=59 => 3,
+        60..=84 => 2,
+        _ => 1,
     }
+}
 
-    pub fn in_range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + self.below(u64::from(hi - lo + 1)) as u32
+/// The output address of a random mapping of `size`: inside the data region when it fits
+/// there, else the block holding the region's start.
+pub fn data_pa(rng: &mut Rng, size: PageSize) -> u64 {
+    if size.bytes() <= (DATA.1 - DATA.0) / 2 {
+        let first = DATA.0.next_multiple_of(size.bytes());
+        first + rng.below((DATA.1 - first) / size.bytes()) * size.bytes()
+    } else {
+        DATA.0 & !(size.bytes() - 1)
     }
+}
+
+/// A random 8-byte-aligned input address in one of `mappings` (input address, size,
+/// output address) whose output lands in the data region.
+pub fn in_data(rng: &mut Rng, mappings: &[(u64, PageSize, u64)]) -> u64 {
+    let (base, size, pa) = rng.pick(mappings);
+    let lo = DATA.0.max(pa);
+    let hi = DATA.1.min(pa + size.bytes());
+    base + (lo - pa) + rng.below((hi - lo) / 8) * 8
 }
 
 /// The nonce a data word holds before any store: its own address, marked.
@@ -81,4 +161,230 @@ pub fn seed() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEED)
+}
+
+/// What the walker expects of one probe.
+#[derive(Clone, Debug)]
+pub enum Expect {
+    Switch,
+    Load(u64),
+    Store(u64),
+    Fetch(u32),
+    Fault(WalkFault),
+}
+
+/// The class a probe is counted in.
+pub fn class(e: &Expect) -> String {
+    match e {
+        Expect::Switch => "scenario switch".into(),
+        Expect::Load(_) => "load reached the walker's output".into(),
+        Expect::Store(_) => "store reached the walker's output".into(),
+        Expect::Fetch(_) => "fetch ran the code at the walker's output".into(),
+        Expect::Fault(f) => format!("{} level {}", f.kind, f.level),
+    }
+}
+
+/// The address of the block descriptor at a level its granule has no blocks that ended
+/// `record`'s walk (a Translation fault for the walker), if one did.
+///
+/// QEMU releases before its `lpae_block_desc_valid` check (Debian 12's 7.2 among them)
+/// use such a descriptor as a block: no store or fetch goes through one, the outcome of a
+/// load is only counted, and the Access flag QEMU may set in it is not compared.
+pub fn invalid_block(record: &WalkRecord) -> Option<u64> {
+    record
+        .steps
+        .last()
+        .filter(|s| {
+            s.level < 3
+                && s.entry & 3 == 1
+                && s.outcome == StepOutcome::Fault(FaultKind::Translation)
+        })
+        .map(|s| s.entry_address)
+}
+
+/// One batch of probes for one QEMU run: each probe with the walker's expectation and the
+/// walk it made over the model memory, in probe order, with `C` the configuration it was
+/// walked with.
+pub struct Batch<C> {
+    pub probes: Vec<Probe>,
+    pub expect: Vec<Expect>,
+    pub records: Vec<(C, WalkRecord)>,
+    /// The tag of the snippet at each output address a fetch reaches.
+    snippets: BTreeMap<u64, u32>,
+    /// Block descriptors at levels without blocks that probes reached.
+    invalid_block_slots: BTreeSet<u64>,
+    /// Probes of blocks at levels without blocks: whether QEMU reported the Arm ARM's
+    /// Translation fault.
+    pub invalid_blocks: BTreeMap<bool, usize>,
+}
+
+impl<C: Copy> Batch<C> {
+    pub fn new() -> Self {
+        Batch {
+            probes: Vec::new(),
+            expect: Vec::new(),
+            records: Vec::new(),
+            snippets: BTreeMap::new(),
+            invalid_block_slots: BTreeSet::new(),
+            invalid_blocks: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a switch of the scenario walked with `cfg`.
+    pub fn switch(&mut self, op: ProbeOp, va: u64, value: u64, cfg: C) {
+        self.probes.push(Probe {
+            op,
+            va,
+            value,
+            check_pa: 0,
+        });
+        self.expect.push(Expect::Switch);
+        self.records.push((cfg, WalkRecord::default()));
+    }
+
+    /// Adds the probe `op` at `va` that the walker walked with `cfg` (`walk`, `record`):
+    /// a store writes its value at the walker's output in `mem`, and any fetch that
+    /// reaches memory (`reached`, the walk that changes nothing) finds its snippet there,
+    /// in `mem` and in `image`, whatever the walker says. Returns false, adding nothing,
+    /// for a store or fetch through a block at a level without blocks.
+    pub fn push<M: PhysMem + ?Sized>(
+        &mut self,
+        mem: &M,
+        image: &mut [u8],
+        (op, va): (ProbeOp, u64),
+        (cfg, walk, record): (C, Result<Translation, WalkFault>, WalkRecord),
+        reached: Result<Translation, WalkFault>,
+    ) -> bool {
+        let fetch = matches!(op, ProbeOp::Fetch | ProbeOp::FetchUnprivileged);
+        if let Some(at) = invalid_block(&record) {
+            if op.is_store() || fetch {
+                return false;
+            }
+            self.invalid_block_slots.insert(at);
+        }
+        let value = 0x5354_0000_0000_0000 | self.probes.len() as u64;
+        let tag = 0x5e00_0000 | self.probes.len() as u32;
+        let (e, check_pa) = match walk {
+            Ok(t) if op.is_store() => {
+                mem.write_u64(t.output, value).unwrap();
+                (Expect::Store(t.output), t.output)
+            }
+            Ok(t) if fetch => (
+                Expect::Fetch(*self.snippets.entry(t.output).or_insert(tag)),
+                0,
+            ),
+            Ok(t) => (Expect::Load(mem.read_u64(t.output).unwrap()), 0),
+            Err(f) => (Expect::Fault(f), 0),
+        };
+        if let (true, Ok(t)) = (fetch, reached) {
+            let code = fetch_snippet(*self.snippets.entry(t.output).or_insert(tag));
+            mem.write(t.output, &code).unwrap();
+            let at = (t.output - IMAGE_BASE) as usize;
+            image[at..at + code.len()].copy_from_slice(&code);
+        }
+        self.probes.push(Probe {
+            op,
+            va,
+            value,
+            check_pa,
+        });
+        self.expect.push(e);
+        self.records.push((cfg, record));
+        true
+    }
+
+    /// Runs the batch in one QEMU launch of `image` with `harness`; and how long it took.
+    pub fn run(&self, machine: &Machine, image: &[u8], harness: Harness) -> (Results, Duration) {
+        let start = Instant::now();
+        let results = machine
+            .run(image, &self.probes, harness)
+            .expect("running the probes");
+        (results, start.elapsed())
+    }
+
+    /// The probes whose outcome in `outcomes` disagrees with the walker: a switch, load,
+    /// store or fetch must have its value (a store's found at its output in `mem`), a
+    /// fault an abort that `fault` accepts (given the probe and its configuration); a probe of a block at a level without blocks
+    /// only needs the walker's Translation fault (QEMU's answer is counted).
+    pub fn disagreements<M: PhysMem + ?Sized>(
+        &mut self,
+        mem: &M,
+        outcomes: &[Outcome],
+        mut fault: impl FnMut(&Probe, &C, &WalkFault, &Abort) -> bool,
+    ) -> Vec<usize> {
+        let mut bad = Vec::new();
+        for (i, ((p, e), got)) in self
+            .probes
+            .iter()
+            .zip(&self.expect)
+            .zip(outcomes)
+            .enumerate()
+        {
+            let ok = match (e, got) {
+                (Expect::Fault(f), got) if invalid_block(&self.records[i].1).is_some() => {
+                    let fixed =
+                        matches!(got, Outcome::Abort(a) if a.dfsc() == dfsc(f).unwrap_or(0));
+                    *self.invalid_blocks.entry(fixed).or_default() += 1;
+                    f.kind == FaultKind::Translation
+                }
+                (Expect::Switch, Outcome::Done(_)) => true,
+                (Expect::Load(v), Outcome::Done(g)) => v == g,
+                (Expect::Store(pa), Outcome::Done(g)) => mem.read_u64(*pa).unwrap() == *g,
+                (Expect::Fetch(tag), Outcome::Done(g)) => u64::from(*tag) == *g,
+                (Expect::Fault(f), Outcome::Abort(a)) => fault(p, &self.records[i].0, f, a),
+                _ => false,
+            };
+            if !ok {
+                bad.push(i);
+            }
+        }
+        bad
+    }
+
+    /// Compares every table descriptor QEMU left (`tables`, the table region) with the
+    /// walker's in `mem`, but those of blocks at levels without blocks, adding each
+    /// difference to `failures`; returns how many descriptors the walker changed from
+    /// `image`.
+    pub fn compare_tables<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        image: &[u8],
+        tables: &[u8],
+        failures: &mut Vec<String>,
+    ) -> usize {
+        let mut updates = 0;
+        for (k, chunk) in tables.chunks_exact(8).enumerate() {
+            let pa = TABLES.0 + 8 * k as u64;
+            if self.invalid_block_slots.contains(&pa) {
+                continue;
+            }
+            let cpu = u64::from_le_bytes(chunk.try_into().unwrap());
+            let model = mem.read_u64(pa).unwrap();
+            let before =
+                u64::from_le_bytes(image[(pa - IMAGE_BASE) as usize..][..8].try_into().unwrap());
+            if model != before {
+                updates += 1;
+            }
+            if cpu != model {
+                failures.push(format!(
+                    "descriptor at {pa:#x}: was {before:#018x}, QEMU left {cpu:#018x}, the walker {model:#018x}"
+                ));
+            }
+        }
+        updates
+    }
+}
+
+/// Fails with the first [`REPORTED`] of `failures` described, if there are any, naming
+/// `what` disagreed and the seed that replays the run.
+pub fn report(failures: &[String], what: &str, seed: u64) {
+    if !failures.is_empty() {
+        for f in failures.iter().take(REPORTED) {
+            eprintln!("{f}");
+        }
+        panic!(
+            "{} disagreements between {what} (seed {seed})",
+            failures.len()
+        );
+    }
 }
