@@ -57,6 +57,12 @@ pub enum HostCall {
     AttachPasidTable(PasidTableConfig),
     /// Detach of the guest-owned PASID table.
     DetachPasidTable,
+    /// iommufd: a nested HWPT with these guest STE words (`IOMMU_HWPT_ALLOC` under the
+    /// vIOMMU) attached to the device (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`); for stage 2
+    /// alone, the bypass STE's words.
+    NestedHwpt([u64; 2]),
+    /// iommufd: the command `IOMMU_HWPT_INVALIDATE` on the vIOMMU refused.
+    ViommuInvalidate([u64; 2]),
 }
 
 /// A host call that failed. The guest is not told (hardware has no way to), but the

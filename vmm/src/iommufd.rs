@@ -55,14 +55,14 @@ const RECORD: usize = size_of::<IommuHwptPgfault>();
 const ENTRY: usize = size_of::<IommuHwptVtdS1Invalidate>();
 
 /// One ioctl with a structure in and out.
-fn io<T: Wire>(file: &dyn UapiFile, cmd: u32, arg: &T) -> Result<T, Errno> {
+pub(crate) fn io<T: Wire>(file: &dyn UapiFile, cmd: u32, arg: &T) -> Result<T, Errno> {
     let mut bytes = arg.to_bytes();
     file.ioctl(cmd, &mut bytes)?;
     Ok(read_prefix(&bytes, bytes.len()))
 }
 
 /// `IOMMU_DESTROY` of `id`.
-fn destroy(file: &dyn UapiFile, id: u32) -> Result<(), Errno> {
+pub(crate) fn destroy(file: &dyn UapiFile, id: u32) -> Result<(), Errno> {
     let arg = IommuDestroy {
         size: size_of::<IommuDestroy>() as u32,
         id,
@@ -102,7 +102,7 @@ impl UserBuffer {
 
     /// Writes `bytes` at the buffer's start; their user address. EMSGSIZE if they do not
     /// fit.
-    fn put(&self, bytes: &[u8]) -> Result<u64, Errno> {
+    pub(crate) fn put(&self, bytes: &[u8]) -> Result<u64, Errno> {
         if bytes.len() > self.len {
             return Err(Errno::EMSGSIZE);
         }
@@ -110,6 +110,11 @@ impl UserBuffer {
             .write_slice(bytes, GuestAddress(0))
             .map_err(|_| Errno::EFAULT)?;
         Ok(self.va)
+    }
+
+    /// Its size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 }
 

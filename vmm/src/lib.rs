@@ -49,6 +49,6 @@ pub use stats::VIommuStats;
 pub use translate::GpaTranslation;
 pub use viommu::{GuestRam, InterruptHandler, VIommu};
 pub use vsmmu::{
-    host_invalidation, HostConfig, PriOutcome, SmmuInterruptHandler, VSmmu, VSmmuConfig,
-    VSmmuError, VSmmuStats,
+    host_invalidation, HostConfig, PriOutcome, SmmuInterruptHandler, SmmuIommufd,
+    SmmuIommufdDevice, VSmmu, VSmmuConfig, VSmmuError, VSmmuStats, Vevent,
 };

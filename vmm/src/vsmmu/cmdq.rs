@@ -11,8 +11,10 @@ use vsva_uapi::iommu::{
 use vsva_uapi::{CacheInvalidate, InvGranularity, PageResponse, PageResponseCode};
 use vsva_vtd::{Pasid, PhysMem};
 
+use std::sync::Arc;
+
 use super::stream::HostConfig;
-use super::VSmmu;
+use super::{SmmuIommufd, StreamHost, VSmmu};
 use crate::error::HostCall;
 use crate::viommu::lock;
 
@@ -101,8 +103,38 @@ pub fn host_invalidation(cmd: &Cmd) -> Option<CacheInvalidate> {
     })
 }
 
+/// A gathered guest command: its place in the pass, its CMDQ_CONS value, its words.
+type Gathered = (usize, u32, [u64; 2]);
+
+/// Guest commands waiting to go to the host as one `IOMMU_HWPT_INVALIDATE` array per
+/// vIOMMU.
+#[derive(Default)]
+struct Batch {
+    arrays: Vec<(Arc<SmmuIommufd>, Vec<Gathered>)>,
+}
+
+impl Batch {
+    fn push(&mut self, fd: &Arc<SmmuIommufd>, at: (usize, u32), cmd: [u64; 2]) {
+        let entry = (at.0, at.1, cmd);
+        match self.arrays.iter_mut().find(|(f, _)| Arc::ptr_eq(f, fd)) {
+            Some((_, cmds)) => cmds.push(entry),
+            None => self.arrays.push((fd.clone(), vec![entry])),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.arrays.is_empty()
+    }
+}
+
 impl VSmmu {
     /// Consumes every produced command, in order (the caller holds the command lock).
+    ///
+    /// The invalidations for devices on an iommufd are gathered and sent as one array per
+    /// vIOMMU when a command that needs them done comes (CMD_SYNC, an STE or a page
+    /// response) and at the end of the pass; CMDQ_CONS passes them only once the host
+    /// has carried them out. A command the host refuses stops the queue at it with
+    /// CERROR_ILL, as an illegal command would.
     pub(super) fn consume_commands(&self, irqs: &mut Vec<Irq>) {
         let (queue, enabled) = {
             let regs = lock(&self.regs);
@@ -115,6 +147,8 @@ impl VSmmu {
         }
         let mut cons = queue.cons;
         let mut error = None;
+        let mut batch = Batch::default();
+        let mut n = 0;
         while !(Queue { cons, ..queue }).is_empty() {
             let addr = queue.entry_address(cons, 16);
             let raw = match (
@@ -129,8 +163,22 @@ impl VSmmu {
             };
             match Cmd::decode(raw, &self.config.features) {
                 Ok(cmd) => {
+                    let ordered = matches!(
+                        cmd,
+                        Cmd::Sync { .. }
+                            | Cmd::CfgiSte { .. }
+                            | Cmd::CfgiSteRange { .. }
+                            | Cmd::PriResp { .. }
+                    );
+                    if ordered {
+                        if let Err(at) = self.flush(&mut batch) {
+                            (cons, error) = (at, Some(CmdError::Ill));
+                            break;
+                        }
+                    }
                     self.count(|s| s.commands += 1);
                     self.execute(&cmd, irqs);
+                    self.gather(&cmd, (n, cons), &mut batch);
                 }
                 Err(e) => {
                     tracing::debug!(?raw, %e, "vSMMU command queue error");
@@ -139,17 +187,93 @@ impl VSmmu {
                 }
             }
             cons = queue.next(cons);
-            // CMDQ_CONS shows each command consumed as soon as it is.
-            lock(&self.regs).cmdq_consumed(cons, None);
+            n += 1;
+            // CMDQ_CONS shows each command consumed as soon as it is (host included).
+            if batch.is_empty() {
+                lock(&self.regs).cmdq_consumed(cons, None);
+            }
+        }
+        // The commands before the end (or before an illegal one) are carried out.
+        let pending = !batch.is_empty();
+        if let Err(at) = self.flush(&mut batch) {
+            (cons, error) = (at, Some(CmdError::Ill));
         }
         if error.is_some() {
             self.count(|s| s.command_errors += 1);
             lock(&self.regs).cmdq_consumed(cons, error);
             irqs.push(Irq::Gerror);
+        } else if pending {
+            lock(&self.regs).cmdq_consumed(cons, None);
         }
     }
 
-    /// Carries out one legal command.
+    /// Sends the gathered commands, one `IOMMU_HWPT_INVALIDATE` per vIOMMU. `Err` with
+    /// the CMDQ_CONS value of the first command (in queue order) a host refused.
+    fn flush(&self, batch: &mut Batch) -> Result<(), u32> {
+        let mut failed: Option<(usize, u32)> = None;
+        for (fd, entries) in batch.arrays.drain(..) {
+            let cmds: Vec<[u64; 2]> = entries.iter().map(|e| e.2).collect();
+            let (done, r) = match fd.invalidate(&cmds) {
+                Ok(()) => (cmds.len(), Ok(())),
+                Err((k, e)) => (k, Err(e)),
+            };
+            self.count(|s| s.invalidations += done as u64);
+            if !self.host_call(r, || HostCall::ViommuInvalidate(cmds[done])) {
+                let (n, cons, _) = entries[done];
+                if failed.is_none_or(|(m, _)| n < m) {
+                    failed = Some((n, cons));
+                }
+            }
+        }
+        failed.map_or(Ok(()), |(_, cons)| Err(cons))
+    }
+
+    /// Adds what `cmd` (the `at`-th of the pass, at CMDQ_CONS `at.1`) asks of the
+    /// translating devices on an iommufd to the batch: TLB invalidations go to every
+    /// vIOMMU with one, CD and ATC invalidations to the vIOMMU of their StreamID (its
+    /// vSID), CMD_CFGI_ALL as CMD_CFGI_CD_ALL of each (the host writes STEs itself).
+    fn gather(&self, cmd: &Cmd, at: (usize, u32), batch: &mut Batch) {
+        let to = |which: &dyn Fn(u32) -> bool| {
+            self.streams_where(which)
+                .into_iter()
+                .filter_map(|(sid, _, host, config)| match host {
+                    StreamHost::Iommufd(dev) if matches!(config, HostConfig::Translate(_)) => {
+                        Some((sid, dev.iommufd().clone()))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        match *cmd {
+            Cmd::TlbiNhAll { .. }
+            | Cmd::TlbiNhAsid { .. }
+            | Cmd::TlbiNhVa { .. }
+            | Cmd::TlbiNhVaa { .. }
+            | Cmd::TlbiNsnhAll => {
+                let mut fds: Vec<Arc<SmmuIommufd>> = Vec::new();
+                for (_, fd) in to(&|_| true) {
+                    if !fds.iter().any(|f| Arc::ptr_eq(f, &fd)) {
+                        batch.push(&fd, at, cmd.encode());
+                        fds.push(fd);
+                    }
+                }
+            }
+            Cmd::CfgiCd { sid, .. } | Cmd::CfgiCdAll { sid } | Cmd::AtcInv { sid, .. } => {
+                for (_, fd) in to(&|s| s == sid) {
+                    batch.push(&fd, at, cmd.encode());
+                }
+            }
+            Cmd::CfgiSteRange { range: 31, .. } => {
+                for (sid, fd) in to(&|_| true) {
+                    batch.push(&fd, at, Cmd::CfgiCdAll { sid }.encode());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Carries out one legal command (for the devices on an iommufd, what changes their
+    /// STE; their invalidations are gathered by [`VSmmu::gather`]).
     fn execute(&self, cmd: &Cmd, irqs: &mut Vec<Irq>) {
         match *cmd {
             Cmd::CfgiSte { sid, .. } => self.resync_streams(|s| s == sid, Some(irqs)),
@@ -201,6 +325,9 @@ impl VSmmu {
         };
         let mut done: Vec<super::Host> = Vec::new();
         for (_, _, host, config) in self.streams_where(which) {
+            let StreamHost::Container(host) = host else {
+                continue;
+            };
             if !matches!(config, HostConfig::Translate(_)) || done.iter().any(|h| same(h, &host)) {
                 continue;
             }
@@ -214,7 +341,11 @@ impl VSmmu {
 
     /// CMD_PRI_RESP to a passthrough device: its page response through the container.
     fn forward_page_response(&self, sid: u32, ssid: Option<u32>, prg_index: u16, resp: PriResp) {
-        let Some((_, host_sid, host, _)) = self.streams_where(|s| s == sid).pop() else {
+        // The host SMMU's iommufd has no fault queue: no page request reached the guest
+        // from a device on it.
+        let Some((_, host_sid, StreamHost::Container(host), _)) =
+            self.streams_where(|s| s == sid).pop()
+        else {
             return;
         };
         let response = PageResponse {

@@ -25,7 +25,7 @@ use vsva_uapi::{PageRequest, PageResponse, PageResponseCode, UnrecoverableFault}
 use vsva_vtd::{PhysMem, SourceId};
 
 use super::stream::HostConfig;
-use super::{VSmmu, VSmmuError};
+use super::{StreamHost, VSmmu, VSmmuError};
 use crate::error::HostCall;
 use crate::viommu::lock;
 
@@ -107,6 +107,30 @@ impl VSmmu {
             input_addr: fault.addr.filter(|_| addressed).unwrap_or(0),
             ..Event::new(event_type, sid, Some(pasid.raw()))
         };
+        let mut irqs = Vec::new();
+        let written = self.record_event(&event, &mut irqs);
+        self.deliver(irqs);
+        Ok(written)
+    }
+
+    /// Records an event the host reported on the vEVENT queue of a vIOMMU (its StreamID
+    /// is the vSID, which is the guest's StreamID) in the guest's event queue, as decoded
+    /// and re-encoded; whether the record was written (false: the queue lost it).
+    ///
+    /// Refused, with nothing recorded: a record that does not decode, a StreamID of no
+    /// device on an iommufd, or of one whose CD table the host does not walk.
+    pub fn inject_vevent(&self, record: [u64; 4]) -> Result<bool, VSmmuError> {
+        let event = Event::decode(record).map_err(|_| VSmmuError::Vevent("an unknown event"))?;
+        let translating = lock(&self.streams).iter().any(|s| {
+            s.sid == event.sid
+                && matches!(s.host, StreamHost::Iommufd(_))
+                && matches!(s.config, HostConfig::Translate(_))
+        });
+        if !translating {
+            return Err(VSmmuError::Vevent(
+                "a StreamID of no translating device on an iommufd",
+            ));
+        }
         let mut irqs = Vec::new();
         let written = self.record_event(&event, &mut irqs);
         self.deliver(irqs);
@@ -201,7 +225,7 @@ impl VSmmu {
 
     /// The vSMMU's own answer to a page request of `host_sid`.
     fn answer(&self, host_sid: SourceId, req: &PageRequest, code: PageResponseCode) {
-        let Some((_, _, host, _)) = self
+        let Some((_, _, StreamHost::Container(host), _)) = self
             .streams_where(|_| true)
             .into_iter()
             .find(|(_, h, _, _)| *h == host_sid)

@@ -26,6 +26,18 @@
 //! - faults and page requests the host reports are written to the guest's event and PRI
 //!   queues ([`VSmmu::inject_host_fault`], [`VSmmu::inject_page_request`]).
 //!
+//! Or they are attached on the VM's iommufd ([`VSmmu::attach_iommufd`], [`SmmuIommufd`]):
+//! - the guest's STE of a device becomes a nested HWPT under the VM's vIOMMU carrying STE
+//!   words 0 and 1 (abort: V = 0; bypass: Config bypass), attached to the device;
+//! - CMD_TLBI_NH_*, CMD_TLBI_NSNH_ALL, CMD_CFGI_CD(_ALL) and CMD_ATC_INV (and CMD_CFGI_ALL
+//!   as CMD_CFGI_CD_ALL per device) are gathered up to the next CMD_SYNC, STE
+//!   invalidation or page response and sent as one `IOMMU_HWPT_INVALIDATE` array per
+//!   vIOMMU; CMDQ_CONS passes them once the host returned, and the first command the
+//!   host refused stops the queue with CERROR_ILL there;
+//! - events from the vIOMMU's vEVENT queue are written to the guest's event queue
+//!   ([`VSmmu::inject_vevent`]). The host SMMU's iommufd has no fault queue for nested
+//!   HWPTs: no page request comes this way.
+//!
 //! A hostile guest gets what hardware would give it: an illegal command stops the queue
 //! with CERROR_ILL (CERROR_ABT when it cannot be read) and GERROR.CMDQ_ERR; an STE that is
 //! ILLEGAL, out of the stream table or unreadable is recorded as C_BAD_STE,
@@ -35,6 +47,7 @@
 
 mod cmdq;
 mod fault;
+mod iommufd;
 mod stream;
 
 use std::fmt;
@@ -51,6 +64,7 @@ use crate::viommu::{lock, GuestRam};
 
 pub use cmdq::host_invalidation;
 pub use fault::PriOutcome;
+pub use iommufd::{SmmuIommufd, SmmuIommufdDevice, Vevent};
 pub use stream::HostConfig;
 
 /// Receives the vSMMU's interrupts (GERROR, event queue, PRI queue) with the MSI the guest
@@ -111,6 +125,9 @@ pub enum VSmmuError {
     /// No passthrough device with this StreamID.
     #[error("no passthrough device has StreamID {0:#x}")]
     NoStream(u32),
+    /// A vEVENT record the guest cannot be shown.
+    #[error("vEVENT not injected: {0}")]
+    Vevent(&'static str),
     /// A host report the guest cannot be shown.
     #[error("report of host device {sid} not injected: {why}")]
     HostReport {
@@ -315,3 +332,12 @@ impl VSmmu {
 
 /// A host source of the streams' host calls.
 pub(crate) type Host = Arc<dyn HostPasidTable>;
+
+/// Where a passthrough stream's host calls go.
+#[derive(Clone)]
+pub(crate) enum StreamHost {
+    /// The VM's VFIO type1 container (the nested-stage series' ioctls).
+    Container(Host),
+    /// The device on the VM's iommufd (nested HWPTs under a vIOMMU).
+    Iommufd(Arc<SmmuIommufdDevice>),
+}

@@ -11,9 +11,11 @@ use vsva_smmuv3::{BadSte, Config, ConfigFault, Eats, Event, EventType, Irq, Ste}
 use vsva_uapi::{PasidConfig, PasidTableConfig};
 use vsva_vtd::{Gpa, SourceId};
 
-use super::{Host, VSmmu, VSmmuError};
+use super::iommufd::{nested_ste, VSTE_ABORT, VSTE_BYPASS};
+use super::{Host, SmmuIommufdDevice, StreamHost, VSmmu, VSmmuError};
 use crate::error::HostCall;
 use crate::viommu::lock;
+use std::sync::Arc;
 
 /// What the host does with a passthrough device's transactions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,8 +34,8 @@ pub(crate) struct Stream {
     pub sid: u32,
     /// The device's host requester id.
     pub host_sid: SourceId,
-    /// The device's VFIO container.
-    pub host: Host,
+    /// The device's VFIO container or its device on the VM's iommufd.
+    pub host: StreamHost,
     /// What the host was last successfully told.
     pub config: HostConfig,
     /// Whether the guest's STE enables ATS and PRI for the device (EATS).
@@ -56,6 +58,33 @@ impl VSmmu {
         sid: u32,
         host_sid: SourceId,
         host: Host,
+    ) -> Result<(), VSmmuError> {
+        self.attach_stream(sid, host_sid, StreamHost::Container(host))
+    }
+
+    /// Attaches the passthrough device with guest StreamID `sid` and host requester id
+    /// `host_sid` on the VM's iommufd: `dev`, whose vDEVICE's virtual StreamID must be
+    /// `sid` (the host turns the vSIDs of the guest's commands into the device's). Its
+    /// STE follows the vSMMU's current state at once as a nested HWPT.
+    pub fn attach_iommufd(
+        &self,
+        sid: u32,
+        host_sid: SourceId,
+        dev: Arc<SmmuIommufdDevice>,
+    ) -> Result<(), VSmmuError> {
+        if dev.vsid() != sid {
+            return Err(VSmmuError::Unsupported(
+                "a vDEVICE whose vSID is not the StreamID",
+            ));
+        }
+        self.attach_stream(sid, host_sid, StreamHost::Iommufd(dev))
+    }
+
+    fn attach_stream(
+        &self,
+        sid: u32,
+        host_sid: SourceId,
+        host: StreamHost,
     ) -> Result<(), VSmmuError> {
         let _serial = lock(&self.cmdq);
         if (sid as u64) >> self.config.features.sid_bits != 0 {
@@ -94,8 +123,16 @@ impl VSmmu {
             streams.remove(at)
         };
         if stream.config != HostConfig::Stage2 {
-            let r = stream.host.detach_pasid_table();
-            self.host_call(r, || HostCall::DetachPasidTable);
+            match &stream.host {
+                StreamHost::Container(host) => {
+                    let r = host.detach_pasid_table();
+                    self.host_call(r, || HostCall::DetachPasidTable);
+                }
+                StreamHost::Iommufd(dev) => {
+                    let r = dev.stage2();
+                    self.host_call(r, || HostCall::NestedHwpt(VSTE_BYPASS));
+                }
+            }
         }
         Ok(())
     }
@@ -113,7 +150,7 @@ impl VSmmu {
     pub(super) fn streams_where(
         &self,
         which: impl Fn(u32) -> bool,
-    ) -> Vec<(u32, SourceId, Host, HostConfig)> {
+    ) -> Vec<(u32, SourceId, StreamHost, HostConfig)> {
         lock(&self.streams)
             .iter()
             .filter(|s| which(s.sid))
@@ -130,8 +167,11 @@ impl VSmmu {
         mut report: Option<&mut Vec<Irq>>,
     ) {
         for (sid, _, host, current) in self.streams_where(which) {
-            let (wanted, ats) = self.guest_config(sid, report.as_deref_mut());
-            let reached = self.reconfigure(&host, current, wanted);
+            let (wanted, ats, vste) = self.guest_config(sid, report.as_deref_mut());
+            let reached = match &host {
+                StreamHost::Container(host) => self.reconfigure(host, current, wanted),
+                StreamHost::Iommufd(dev) => self.reconfigure_nested(dev, current, wanted, vste),
+            };
             if let Some(s) = lock(&self.streams).iter_mut().find(|s| s.sid == sid) {
                 s.config = reached;
                 s.ats = ats && matches!(reached, HostConfig::Translate(_));
@@ -139,15 +179,19 @@ impl VSmmu {
         }
     }
 
-    /// The host configuration the guest's registers and STE ask for `sid`, and whether
-    /// the STE enables ATS.
+    /// The host configuration the guest's registers and STE ask for `sid`, whether the STE
+    /// enables ATS, and the STE words of a nested HWPT standing for it (iommufd).
     ///
     /// With `report` (the guest invalidated this one STE: it says the STE is ready), a
     /// C_BAD_STREAMID, F_STE_FETCH or C_BAD_STE condition is recorded in the event queue,
     /// as the device's next transaction would record it; an STE with V = 0 aborts without
     /// an event. Enabling the SMMU and the wide invalidations record nothing: no
     /// transaction has used the STE yet.
-    fn guest_config(&self, sid: u32, report: Option<&mut Vec<Irq>>) -> (HostConfig, bool) {
+    fn guest_config(
+        &self,
+        sid: u32,
+        report: Option<&mut Vec<Irq>>,
+    ) -> (HostConfig, bool, [u64; 2]) {
         let (enabled, gbpa, table) = {
             let regs = lock(&self.regs);
             (
@@ -157,12 +201,11 @@ impl VSmmu {
             )
         };
         if !enabled {
-            let c = if gbpa & GBPA_ABORT != 0 {
-                HostConfig::Abort
+            return if gbpa & GBPA_ABORT != 0 {
+                (HostConfig::Abort, false, VSTE_ABORT)
             } else {
-                HostConfig::Stage2
+                (HostConfig::Stage2, false, VSTE_BYPASS)
             };
-            return (c, false);
         }
         let features = self.config.features;
         let found = match table {
@@ -172,7 +215,9 @@ impl VSmmu {
         };
         let ste = match found {
             Ok(ste) => ste,
-            Err(ConfigFault::BadSte(BadSte::NotValid)) => return (HostConfig::Abort, false),
+            Err(ConfigFault::BadSte(BadSte::NotValid)) => {
+                return (HostConfig::Abort, false, VSTE_ABORT)
+            }
             Err(fault) => {
                 let event = match fault {
                     ConfigFault::SteFetch { addr } => Event {
@@ -185,17 +230,48 @@ impl VSmmu {
                 if let Some(irqs) = report {
                     self.record_event(&event, irqs);
                 }
-                return (HostConfig::Abort, false);
+                return (HostConfig::Abort, false, VSTE_ABORT);
             }
         };
         let ats = ste.eats != Eats::Abort;
-        let config = match ste.config {
-            Config::Abort => HostConfig::Abort,
-            Config::Bypass => HostConfig::Stage2,
+        match ste.config {
+            Config::Abort => (HostConfig::Abort, false, VSTE_ABORT),
+            Config::Bypass => (HostConfig::Stage2, false, VSTE_BYPASS),
             // Stage 2 is not offered: decode refused the other Configs as ILLEGAL.
-            _ => HostConfig::Translate(table_config(&ste)),
-        };
-        (config, ats)
+            _ => (
+                HostConfig::Translate(table_config(&ste)),
+                ats,
+                nested_ste(&ste.encode()),
+            ),
+        }
+    }
+
+    /// Takes a device on the VM's iommufd from `current` to `wanted`, whose STE words are
+    /// `vste`; returns where it is afterwards. A refused translating STE leaves the device
+    /// aborting.
+    fn reconfigure_nested(
+        &self,
+        dev: &SmmuIommufdDevice,
+        current: HostConfig,
+        wanted: HostConfig,
+        vste: [u64; 2],
+    ) -> HostConfig {
+        let r = dev.set_vste(vste);
+        if self.host_call(r, || HostCall::NestedHwpt(vste)) {
+            if let HostConfig::Translate(_) = wanted {
+                if current != wanted {
+                    self.count(|s| s.table_attaches += 1);
+                }
+            }
+            return wanted;
+        }
+        if matches!(wanted, HostConfig::Translate(_)) {
+            let r = dev.set_vste(VSTE_ABORT);
+            if self.host_call(r, || HostCall::NestedHwpt(VSTE_ABORT)) {
+                return HostConfig::Abort;
+            }
+        }
+        current
     }
 
     /// Takes the host from `current` to `wanted`; returns where it is afterwards. The host
