@@ -33,9 +33,10 @@
 
 mod common;
 
+use common::scratch::{seed, tempdir};
 use common::{
-    class, data_pa, dfsc, features, in_data, machine, mapping_level, pick_granule, report, seed,
-    tempdir, write_nonces, Batch, Expect, Frames, IPS,
+    class, damage_site, data_pa, dfsc, features, in_data, machine, mapping_level, pick_granule,
+    report, write_nonces, Batch, Expect, Frames, DEFAULT_SEED, IPS,
 };
 use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress};
@@ -247,7 +248,7 @@ fn pick_s2(
 
 #[test]
 fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
-    let seed = seed();
+    let seed = seed(DEFAULT_SEED);
     let dir = tempdir("s2");
     let Some(machine) = machine(&dir) else {
         return;
@@ -361,23 +362,17 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
         // Damage on the way to some mappings, never on the way to the program.
         let oa52 = cfg.format().oa52();
         for &(ipa, size, _) in &mappings {
-            if !rng.percent(30) {
-                continue;
-            }
-            let level = rng.in_range(u32::from(cfg.start_level()), u32::from(size.level())) as u8;
-            let Ok(Some(slot)) = builder.descriptor_address(mem, ipa, level) else {
+            let spared = |level, slot| {
+                (0..PROGRAM_BYTES)
+                    .step_by(page.bytes() as usize)
+                    .any(|at| builder.descriptor_address(mem, at, level) == Ok(Some(slot)))
+            };
+            let start = cfg.start_level();
+            let Some((slot, d, level)) =
+                damage_site(&mut rng, mem, &builder, (ipa, size), start, spared)
+            else {
                 continue;
             };
-            if (0..PROGRAM_BYTES)
-                .step_by(page.bytes() as usize)
-                .any(|at| builder.descriptor_address(mem, at, level) == Ok(Some(slot)))
-            {
-                continue;
-            }
-            let Ok(d) = mem.read_u64(slot) else { continue };
-            if d & 1 == 0 {
-                continue;
-            }
             let leaf = level == size.level();
             let (what, new) = match rng.below(7) {
                 0 => ("invalid", d & !1),
@@ -478,26 +473,21 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
     for e in &batch.expect {
         *counts.entry(class(e)).or_default() += 1;
     }
-    let bad = batch.disagreements(mem, &results.outcomes, |p, _, f, a| {
-        a.ec() == if p.op == ProbeOp::Fetch { 0x20 } else { 0x24 }
-            && a.far == p.va
-            && a.hpfar == (p.va >> 12) << 4
-            && a.wnr() == p.op.is_store()
-            && !a.s1ptw()
-            && dfsc(f) == Some(a.dfsc())
-    });
-    let mut failures: Vec<String> = bad
-        .into_iter()
-        .map(|i| {
-            let (p, e, got, (cfg, record)) = (
-                &batch.probes[i],
-                &batch.expect[i],
-                &results.outcomes[i],
-                &batch.records[i],
-            );
+    let mut failures = batch.disagreements(
+        mem,
+        &results.outcomes,
+        |p, _, f, a| {
+            a.ec() == if p.op == ProbeOp::Fetch { 0x20 } else { 0x24 }
+                && a.far == p.va
+                && a.hpfar == (p.va >> 12) << 4
+                && a.wnr() == p.op.is_store()
+                && !a.s1ptw()
+                && dfsc(f) == Some(a.dfsc())
+        },
+        |p, cfg, e, got| {
             format!(
-                "probe {i}: {:?} ipa {:#x} ({:?}, T0SZ {}, start level {}, PS {} bits, {:?}): \
-                 walker {e:?}, QEMU {got:x?}\n{record}",
+                "{:?} ipa {:#x} ({:?}, T0SZ {}, start level {}, PS {} bits, {:?}): \
+                 walker {e:?}, QEMU {got:x?}",
                 p.op,
                 p.va,
                 cfg.granule(),
@@ -506,8 +496,8 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
                 cfg.output_bits(),
                 cfg.flags(),
             )
-        })
-        .collect();
+        },
+    );
     let updates = batch.compare_tables(mem, &image, &results.tables, &mut failures);
     let compared = batch.probes.len() - scenarios.len();
     println!(
@@ -566,7 +556,7 @@ const NESTED_MIN_PROBES: usize = 5_000;
 /// refused a stage-1 table access (WnR is then not compared).
 #[test]
 fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
-    let seed = seed();
+    let seed = seed(DEFAULT_SEED);
     let dir = tempdir("nested");
     let Some(machine) = machine(&dir) else {
         return;
@@ -924,52 +914,47 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
     }
     // Stage-2 faults on stage-1 table accesses: whether QEMU gave the stage-2 level.
     let mut s1ptw_levels: BTreeMap<bool, usize> = BTreeMap::new();
-    let bad = batch.disagreements(mem, &results.outcomes, |p, _, f, a| {
-        let fetch = p.op == ProbeOp::Fetch;
-        let same_level = dfsc(f) == Some(a.dfsc());
-        let common = a.far == p.va && dfsc(f).map(|d| d & !3) == Some(a.dfsc() & !3);
-        match f.stage {
-            FaultStage::Stage1 => {
-                common
-                    && same_level
-                    && a.ec() == if fetch { 0x21 } else { 0x25 }
-                    && a.wnr() == p.op.is_store()
-            }
-            FaultStage::Stage2 { class: c, ipa } => {
-                let s1ptw = c == FaultClass::Tt;
-                // QEMU 7.2 gives a stage-2 fault on a stage-1 table access the stage-1
-                // lookup's level; the Arm ARM the stage-2 walk's.
-                if s1ptw {
-                    *s1ptw_levels.entry(same_level).or_default() += 1;
+    let mut failures = batch.disagreements(
+        mem,
+        &results.outcomes,
+        |p, _, f, a| {
+            let fetch = p.op == ProbeOp::Fetch;
+            let same_level = dfsc(f) == Some(a.dfsc());
+            let common = a.far == p.va && dfsc(f).map(|d| d & !3) == Some(a.dfsc() & !3);
+            match f.stage {
+                FaultStage::Stage1 => {
+                    common
+                        && same_level
+                        && a.ec() == if fetch { 0x21 } else { 0x25 }
+                        && a.wnr() == p.op.is_store()
                 }
-                common
-                    && (same_level || s1ptw)
-                    && a.ec() == if fetch { 0x20 } else { 0x24 }
-                    && a.hpfar == (ipa >> 12) << 4
-                    && a.s1ptw() == s1ptw
-                    && (s1ptw || a.wnr() == p.op.is_store())
+                FaultStage::Stage2 { class: c, ipa } => {
+                    let s1ptw = c == FaultClass::Tt;
+                    // QEMU 7.2 gives a stage-2 fault on a stage-1 table access the stage-1
+                    // lookup's level; the Arm ARM the stage-2 walk's.
+                    if s1ptw {
+                        *s1ptw_levels.entry(same_level).or_default() += 1;
+                    }
+                    common
+                        && (same_level || s1ptw)
+                        && a.ec() == if fetch { 0x20 } else { 0x24 }
+                        && a.hpfar == (ipa >> 12) << 4
+                        && a.s1ptw() == s1ptw
+                        && (s1ptw || a.wnr() == p.op.is_store())
+                }
             }
-        }
-    });
-    let mut failures: Vec<String> = bad
-        .into_iter()
-        .map(|i| {
-            let (p, e, got, (s1, record)) = (
-                &batch.probes[i],
-                &batch.expect[i],
-                &results.outcomes[i],
-                &batch.records[i],
-            );
+        },
+        |p, s1, e, got| {
             format!(
-                "probe {i}: {:?} va {:#x} (stage 1 {:?} T0SZ {}, {:?}): walker {e:?}, QEMU {got:x?}\n{record}",
+                "{:?} va {:#x} (stage 1 {:?} T0SZ {}, {:?}): walker {e:?}, QEMU {got:x?}",
                 p.op,
                 p.va,
                 s1.ttb0().granule(),
                 s1.t0sz(),
                 s1.flags(),
             )
-        })
-        .collect();
+        },
+    );
     let updates = batch.compare_tables(mem, &image, &results.tables, &mut failures);
     let compared = batch.probes.len() - 2 * scenarios.len();
     println!(

@@ -2,22 +2,18 @@
 //! paging) and a handful of hand-made probes do what the architecture says, so that the
 //! random comparison (`x86_mmu_agreement`) rests on a harness that is known to work.
 
+// The scratch directory; these probes are hand-made, so `scratch::seed` goes unused here.
+#[allow(dead_code)]
+#[path = "common/scratch.rs"]
+mod scratch;
+
+use scratch::tempdir;
 use vm_memory::{Bytes, GuestAddress};
 use vsva_qemu_oracle::x86::{
     exec_snippet, layout, pf, Access, Machine, Outcome, PagingMode, Probe, HARNESS_BASE,
     HARNESS_INDEX,
 };
 use vsva_qemu_oracle::OracleError;
-
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-qemu-x86-{tag}-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    dir
-}
 
 const P: u64 = 1;
 const RW: u64 = 2;
@@ -89,7 +85,11 @@ fn probe(root: u64, user: bool, access: Access, entries: &[u64]) -> Probe {
 }
 
 fn boots_and_probes(mode: PagingMode) {
-    let dir = tempdir(if mode == PagingMode::Level4 { "4" } else { "5" });
+    let dir = tempdir(if mode == PagingMode::Level4 {
+        "x86-4"
+    } else {
+        "x86-5"
+    });
     let m = match Machine::new(&dir, mode) {
         Err(OracleError::NoQemu(_)) => {
             eprintln!("SKIPPED: qemu-system-x86_64 is not installed; nothing was checked");

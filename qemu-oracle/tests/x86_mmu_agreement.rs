@@ -53,6 +53,10 @@
 //!
 //! Set `VSVA_QEMU_ORACLE_SEED` to replay a run with another seed.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
+use scratch::{seed, tempdir};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use vm_memory::GuestMemoryMmap;
@@ -242,23 +246,10 @@ impl Tally {
     }
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-qemu-x86-oracle-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    dir
-}
-
 #[test]
 fn x86_first_level_walker_agrees_with_qemu() {
-    let seed = std::env::var("VSVA_QEMU_ORACLE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_0086);
-    let dir = tempdir();
+    let seed = seed(0x5eed_0086);
+    let dir = tempdir("x86");
     let mut tally = Tally::default();
     let mut rng = Rng(seed);
     for mode in [PagingMode::Level4, PagingMode::Level5] {

@@ -3,7 +3,10 @@
 //! a scratch directory, and the probe driver [`Batch`]: the walker's expectation of each
 //! probe, the snippets fetches run, the run in QEMU and the comparison of its outcomes
 //! and of the final tables. Each test keeps its own scenarios, fault checks and report.
-//! Their seeded generator is the x86 oracles' one, `vsva_kvm_oracle::tables::Rng`.
+//! Their seeded generator is the x86 oracles' one, `vsva_kvm_oracle::tables::Rng`; the
+//! scratch directory and the seed are every QEMU oracle test's ([`scratch`]).
+
+pub mod scratch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -14,8 +17,8 @@ use vsva_qemu_oracle::{
     fetch_snippet, Abort, Features, Harness, Machine, OracleError, Outcome, Probe, ProbeOp, Results,
 };
 use vsva_smmuv3::{
-    AddressSize, FaultKind, Granule, PageSize, PhysMem, StepOutcome, Translation, WalkFault,
-    WalkRecord,
+    AddressSize, FaultKind, Granule, PageSize, PhysMem, StepOutcome, TableBuilder, Translation,
+    WalkFault, WalkRecord,
 };
 
 /// Disagreements described in full before a test fails.
@@ -140,27 +143,33 @@ pub fn dfsc(f: &WalkFault) -> Option<u64> {
     Some(base | u64::from(f.level))
 }
 
-/// A fresh directory for this process and thread, named with `tag`.
-pub fn tempdir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-qemu-oracle-{tag}-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    dir
-}
+/// The seed an AArch64 run without `VSVA_QEMU_ORACLE_SEED` uses: the same probes in every
+/// CI run, so that a result does not depend on when the test ran.
+pub const DEFAULT_SEED: u64 = 0x05ee_da64;
 
-/// The seed a run without `VSVA_QEMU_ORACLE_SEED` uses: the same probes in every CI run,
-/// so that a result does not depend on when the test ran (the x86 oracle does the same).
-const DEFAULT_SEED: u64 = 0x05ee_da64;
-
-/// `VSVA_QEMU_ORACLE_SEED` if set (to replay another run), else [`DEFAULT_SEED`].
-pub fn seed() -> u64 {
-    std::env::var("VSVA_QEMU_ORACLE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED)
+/// Where random damage goes on the way to the mapping at `va` of `size` (30 % of
+/// mappings): the present descriptor `builder` placed at a random level from `start` to
+/// the mapping's, unless `spared` (given its level and address) keeps it from harm.
+/// Returns its address, the descriptor and its level.
+pub fn damage_site<M: PhysMem + ?Sized>(
+    rng: &mut Rng,
+    mem: &M,
+    builder: &TableBuilder,
+    (va, size): (u64, PageSize),
+    start: u8,
+    spared: impl Fn(u8, u64) -> bool,
+) -> Option<(u64, u64, u8)> {
+    if !rng.percent(30) {
+        return None;
+    }
+    let level = rng.in_range(u32::from(start), u32::from(size.level())) as u8;
+    let slot = builder.descriptor_address(mem, va, level).ok()??;
+    if spared(level, slot) {
+        return None;
+    }
+    // A table address damaged beyond the output size (or RAM) leads nowhere.
+    let d = mem.read_u64(slot).ok()?;
+    (d & 1 != 0).then_some((slot, d, level))
 }
 
 /// What the walker expects of one probe.
@@ -302,16 +311,19 @@ impl<C: Copy> Batch<C> {
         (results, start.elapsed())
     }
 
-    /// The probes whose outcome in `outcomes` disagrees with the walker: a switch, load,
-    /// store or fetch must have its value (a store's found at its output in `mem`), a
-    /// fault an abort that `fault` accepts (given the probe and its configuration); a probe of a block at a level without blocks
-    /// only needs the walker's Translation fault (QEMU's answer is counted).
+    /// The probes whose outcome in `outcomes` disagrees with the walker, each told as
+    /// `describe` tells its probe, its configuration, the walker's expectation and QEMU's
+    /// outcome, then the walk: a switch, load, store or fetch must have its value (a
+    /// store's found at its output in `mem`), a fault an abort that `fault` accepts (given
+    /// the probe and its configuration); a probe of a block at a level without blocks only
+    /// needs the walker's Translation fault (QEMU's answer is counted).
     pub fn disagreements<M: PhysMem + ?Sized>(
         &mut self,
         mem: &M,
         outcomes: &[Outcome],
         mut fault: impl FnMut(&Probe, &C, &WalkFault, &Abort) -> bool,
-    ) -> Vec<usize> {
+        describe: impl Fn(&Probe, &C, &Expect, &Outcome) -> String,
+    ) -> Vec<String> {
         let mut bad = Vec::new();
         for (i, ((p, e), got)) in self
             .probes
@@ -335,7 +347,8 @@ impl<C: Copy> Batch<C> {
                 _ => false,
             };
             if !ok {
-                bad.push(i);
+                let (cfg, record) = &self.records[i];
+                bad.push(format!("probe {i}: {}\n{record}", describe(p, cfg, e, got)));
             }
         }
         bad
