@@ -276,17 +276,9 @@ fn main() -> ExitCode {
                 eprintln!("demo: the SMMUv3 demo runs over type1 only");
                 return ExitCode::FAILURE;
             }
-            // The socket `vsva host` serves is the type1 container's.
-            let uapis = match (uapi.map(Uapi::from), split) {
-                (Some(Uapi::Iommufd), true) => {
-                    eprintln!(
-                        "demo: --split runs over type1 only (the host's socket serves no iommufd)"
-                    );
-                    return ExitCode::FAILURE;
-                }
-                (Some(u), _) => vec![u],
-                (None, true) => vec![Uapi::Type1],
-                (None, false) => vec![Uapi::Type1, Uapi::Iommufd],
+            let uapis = match uapi {
+                Some(u) => vec![u.into()],
+                None => vec![Uapi::Type1, Uapi::Iommufd],
             };
             let mut code = ExitCode::SUCCESS;
             let uapis = if iommu == Some(IommuArch::Smmuv3) {

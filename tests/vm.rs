@@ -185,8 +185,10 @@ fn a_vm_whose_host_is_killed_fails_clearly_with_a_non_zero_exit() {
     );
 }
 
-#[test]
-fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_line() {
+/// `vsva demo --split --uapi <uapi>` prints the summary line of the VMs' in-process
+/// demos (each alone, its seed) over that uAPI; each VM's cross-VM checks found
+/// `refusals` refusals.
+fn the_split_demo_prints_the_demos_summary_line(uapi: Uapi, refusals: usize) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
         .args([
             "demo",
@@ -199,6 +201,8 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
             "2",
             "--bytes",
             "65536",
+            "--uapi",
+            uapi_arg(uapi),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -230,7 +234,7 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
                 bytes: 65536,
                 host_memory: 1 << 30,
                 progress: false,
-                uapi: Uapi::Type1,
+                uapi,
             },
             &mut |_| {},
         )
@@ -239,21 +243,22 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
         s
     };
     let (a, b) = (alone(5), alone(6));
+    let title = match uapi {
+        Uapi::Type1 => "demo",
+        Uapi::Iommufd => "demo (iommufd)",
+    };
     let want = format!(
-        "demo: 2 VMs, 4 PASIDs, {} bytes verified, {} page requests served, {} invalidations forwarded, 0 errors",
+        "{title}: 2 VMs, 4 PASIDs, {} bytes verified, {} page requests served, {} invalidations forwarded, 0 errors",
         a.bytes_verified + b.bytes_verified,
         a.page_requests_served + b.page_requests_served,
         a.invalidations_forwarded + b.invalidations_forwarded,
     );
     assert!(out.lines().any(|l| l == want), "want {want:?} in\n{out}");
-    // The cross-VM checks ran across the processes: each VM's container refused the bind,
-    // invalidation and free of each of the other VM's two PASIDs with -EPERM, and its
-    // device's DMA with them was refused.
+    let per_vm = format!("; 2 munmap faults and {refusals} cross-VM refusals as expected;");
     for vm in ["vm0: 2 processes", "vm1: 2 processes"] {
         assert!(
-            out.lines().any(|l| l.starts_with(vm)
-                && l.contains("; 2 munmap faults and 8 cross-VM refusals as expected;")
-                && l.ends_with("; 0 errors")),
+            out.lines()
+                .any(|l| l.starts_with(vm) && l.contains(&per_vm) && l.ends_with("; 0 errors")),
             "{out}"
         );
     }
@@ -264,33 +269,113 @@ fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_
     );
 }
 
+#[test]
+fn the_split_demo_without_uapi_runs_type1_then_iommufd_with_a_summary_each() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
+        .args([
+            "demo",
+            "--split",
+            "--vms",
+            "1",
+            "--processes",
+            "1",
+            "--bytes",
+            "4096",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut child);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{out}");
+    let summaries: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let uapis: Vec<&serde_json::Value> = summaries.iter().map(|s| &s["uapi"]).collect();
+    assert_eq!(uapis, ["Type1", "Iommufd"], "{out}");
+    assert!(
+        summaries
+            .iter()
+            .all(|s| s["errors"] == 0 && s["bytes_verified"].as_u64() > Some(4096)),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_split_demo_runs_a_host_and_a_process_per_vm_and_prints_the_demos_summary_line() {
+    // The cross-VM checks ran across the processes: each VM's container refused the bind,
+    // invalidation and free of each of the other VM's two PASIDs with -EPERM, and its
+    // device's DMA with them was refused.
+    the_split_demo_prints_the_demos_summary_line(Uapi::Type1, 8);
+}
+
+#[test]
+fn the_split_demo_over_iommufd_prints_the_iommufd_demos_summary_line() {
+    // Over iommufd the guest owns PASID numbers: each VM's device DMA with the other VM's
+    // two PASID numbers ran in its own address spaces and left the other's bytes as they
+    // were.
+    the_split_demo_prints_the_demos_summary_line(Uapi::Iommufd, 2);
+}
+
 /// Each stage a VM is killed at, and what the host must hold for it while it waits there
 /// (beyond the live VM's holdings): checked before the kill, so the kill lands where it
 /// should.
-fn holds_at(stage: &str, during: &HostState, live: &HostState) -> bool {
+fn holds_at(uapi: Uapi, stage: &str, during: &HostState, live: &HostState) -> bool {
     let more = |a: u64, b: u64| a > b;
     let common = during.connections == live.connections + 1
         && more(during.windows, live.windows)
         && more(during.devices, live.devices)
-        && more(during.domain_ids, live.domain_ids);
+        && more(during.domain_ids, live.domain_ids)
+        && more(during.dma_mappings, live.dma_mappings);
     common
-        && match stage {
+        && match (uapi, stage) {
             // The PASID is allocated, the bind not made.
-            "bind" => during.pasids == live.pasids + 1 && during.binds == live.binds,
+            (Uapi::Type1, "bind") => during.pasids == live.pasids + 1 && during.binds == live.binds,
+            // The guest allocated the PASID (the host has none), its HWPT not attached.
+            (Uapi::Iommufd, "bind") => {
+                during.pasids == live.pasids
+                    && during.binds == live.binds
+                    && more(during.page_request_sinks, live.page_request_sinks)
+            }
             // A bound PASID whose translations the host's IOTLB holds.
-            "invalidate" => during.binds > live.binds && more(during.iotlb, live.iotlb),
+            (_, "invalidate") => during.binds > live.binds && more(during.iotlb, live.iotlb),
             // A page request's group waits for its response, its record unread.
-            "page-request" => {
+            (Uapi::Type1, "page-request") => {
                 more(during.page_requests, live.page_requests)
                     && more(during.faults_unread, live.faults_unread)
             }
+            // The group waits for its response (its records on the fault fd, unread).
+            (Uapi::Iommufd, "page-request") => more(during.page_requests, live.page_requests),
             _ => true,
         }
 }
 
 #[test]
 fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_state() {
-    let host = start_host("crash", "2G", &[]);
+    a_killed_vm_loses_exactly_its_own_state("crash", Uapi::Type1);
+}
+
+/// Over iommufd the killed VM's IOAS and its mapping, its HWPTs (their domains and
+/// attachments), its fault queue and the device's binding go with its connection.
+#[test]
+fn an_iommufd_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_state() {
+    a_killed_vm_loses_exactly_its_own_state("crash-iommufd", Uapi::Iommufd);
+}
+
+/// A live VM over `uapi` paused before an invalidation; a VM over `uapi` killed at each
+/// stage: the host comes back to what it held with the live VM alone, which then finishes
+/// every check.
+fn a_killed_vm_loses_exactly_its_own_state(name: &str, uapi: Uapi) {
+    let host = start_host(name, "2G", &[]);
     let (probe, empty) = host.probe().unwrap();
     // The live VM stops before an invalidation: it holds a window, its mappings, a device,
     // a domain id, two bound PASIDs and their cached translations.
@@ -305,6 +390,8 @@ fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_s
             "65536",
             "--pause-at",
             "invalidate",
+            "--uapi",
+            uapi_arg(uapi),
             "--json",
         ],
     );
@@ -325,13 +412,15 @@ fn a_vm_killed_mid_bind_invalidation_dma_or_page_request_loses_exactly_its_own_s
                 bytes,
                 "--pause-at",
                 stage,
+                "--uapi",
+                uapi_arg(uapi),
             ],
         );
         victim.wait_line(&format!("paused at {stage}"));
         if stage != "dma" {
             let during = probe.host_state().unwrap();
             assert!(
-                holds_at(stage, &during, &with_live),
+                holds_at(uapi, stage, &during, &with_live),
                 "{stage}: the victim holds {during:?} beyond {with_live:?}"
             );
         }

@@ -684,6 +684,13 @@ impl VmProcess {
             .args(["--seed", &opts.seed.wrapping_add(index as u64).to_string()])
             .args(["--processes", &opts.processes.to_string()])
             .args(["--bytes", &opts.bytes.to_string()])
+            .args([
+                "--uapi",
+                match opts.uapi {
+                    Uapi::Type1 => "type1",
+                    Uapi::Iommufd => "iommufd",
+                },
+            ])
             .arg("--json")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -843,7 +850,7 @@ fn split_cross_vm_smmu(vms: &mut [VmProcess]) -> Result<(), String> {
 
 /// `vsva demo --split`: the demo as one `vsva host --strict` process (`program host`, with
 /// `--iommu smmuv3` for `iommu` SMMUv3) and one `vsva vm` process per VM (VM `i` with seed
-/// `opts.seed + i`), all started at once.
+/// `opts.seed + i`, over `opts.uapi`), all started at once.
 /// The summary is computed from the VMs' reports and the host's own: every VM must exit
 /// cleanly with no failed check, and once they have all exited, the host's STATE must be
 /// what it was before they connected (nothing leaked) with no strict-mode violation (each
@@ -954,7 +961,7 @@ pub fn split_demo(
         stale_translations + failed_vms + reports.iter().map(VmReport::error_count).sum::<usize>();
     Ok(DemoSummary {
         iommu,
-        uapi: Uapi::Type1,
+        uapi: opts.uapi,
         vms: opts.vms,
         pasids: reports.iter().map(|r| r.pasids.len()).sum(),
         bytes_verified: reports.iter().map(|r| r.bytes_verified).sum(),
