@@ -11,6 +11,22 @@ pub type Reg = u32;
 /// The zero register (or SP, by instruction).
 pub const XZR: Reg = 31;
 
+macro_rules! registers {
+    ($($name:ident = $n:literal),* $(,)?) => {
+        $(
+            #[doc = concat!("General-purpose register ", stringify!($name), ".")]
+            pub const $name: Reg = $n;
+        )*
+    };
+}
+
+registers! {
+    X0 = 0, X1 = 1, X2 = 2, X3 = 3, X4 = 4, X5 = 5, X6 = 6, X7 = 7, X8 = 8, X9 = 9,
+    X10 = 10, X11 = 11, X12 = 12, X13 = 13, X14 = 14, X15 = 15, X16 = 16, X17 = 17,
+    X18 = 18, X19 = 19, X20 = 20, X21 = 21, X22 = 22, X23 = 23, X24 = 24, X25 = 25,
+    X26 = 26, X27 = 27, X28 = 28, X29 = 29, X30 = 30,
+}
+
 /// A system register as MRS/MSR name it: op0, op1, CRn, CRm, op2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SysReg {

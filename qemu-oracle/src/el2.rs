@@ -7,9 +7,13 @@
 //! to EL1, whose vectors pass ESR_EL1 and FAR_EL1 on with HVC #1; a probe that completes
 //! returns with HVC #0.
 
-use crate::a64::{Asm, AsmError, Cond, SysReg};
+use crate::a64::{
+    Asm, AsmError, Cond, SysReg, X0, X1, X10, X11, X12, X13, X14, X19, X2, X20, X21, X3, X4, X9,
+};
 use crate::machine::layout::{PROBES, RESULTS, S2_STUB, VECTORS};
-use crate::machine::{read_back_and_exit, ProbeOp, HEADER};
+use crate::machine::{
+    probe_loop_end, probe_loop_head, read_back_and_exit, record_features, ProbeOp, HEADER,
+};
 
 /// The IPA of the EL1 stub: a test's stage-2 table maps IPA 0 to [`VECTORS`] for the
 /// program's 64 KiB (readable, executable, AF set), one page or block of any granule.
@@ -31,21 +35,6 @@ const SPSR_EL1H: u64 = 0x3c5;
 const EC_HVC: u64 = 0x16;
 /// The HVC immediate of an exception the EL1 vectors pass on.
 const HVC_EL1_FAULT: u16 = 1;
-
-const X0: u32 = 0;
-const X1: u32 = 1;
-const X2: u32 = 2;
-const X3: u32 = 3;
-const X4: u32 = 4;
-const X9: u32 = 9;
-const X10: u32 = 10;
-const X11: u32 = 11;
-const X12: u32 = 12;
-const X13: u32 = 13;
-const X14: u32 = 14;
-const X19: u32 = 19;
-const X20: u32 = 20;
-const X21: u32 = 21;
 
 /// The EL2 program for `count` probes, to be placed at [`VECTORS`] (entry 0x800 on), and
 /// its EL1 stub at [`S2_STUB`].
@@ -79,14 +68,7 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
         a.b(next);
     }
     a.pad_to(0x800);
-    a.mov_imm(X20, RESULTS + 32);
-    a.mov_imm(X1, RESULTS);
-    a.mrs(X0, SysReg::ID_AA64MMFR0_EL1);
-    a.str(X0, X1, 0);
-    a.mrs(X0, SysReg::ID_AA64MMFR1_EL1);
-    a.str(X0, X1, 8);
-    a.mrs(X0, SysReg::CURRENT_EL);
-    a.str(X0, X1, 16);
+    record_features(&mut a);
     a.mov_imm(X0, VECTORS);
     a.msr(SysReg::VBAR_EL2, X0);
     a.mov_imm(X0, SCTLR_EL1_OFF);
@@ -103,12 +85,7 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.mov_imm(X21, count);
     let (next_probe, done, switch, go) = (a.label(), a.label(), a.label(), a.label());
     let switch1 = a.label();
-    a.bind(next_probe);
-    a.cbz(X21, done);
-    a.ldr(X1, X19, 0);
-    a.ldr(X0, X19, 8);
-    a.ldr(X2, X19, 16);
-    a.movz(X3, 0, 0);
+    probe_loop_head(&mut a, next_probe, done);
     // Every probe walks the tables afresh.
     a.tlbi_vmalls12e1();
     a.dsb_sy();
@@ -170,14 +147,7 @@ pub(crate) fn program(count: u64) -> Result<Vec<u32>, AsmError> {
     a.str(X13, X20, 8);
     a.str(X14, X20, 16);
     a.b(next);
-    a.bind(keep);
-    a.str(X3, X20, 24);
-    a.bind(next);
-    a.add_imm(X19, X19, 32);
-    a.add_imm(X20, X20, 32);
-    a.subs_imm(X21, X21, 1);
-    a.b(next_probe);
-    a.bind(done);
+    probe_loop_end(&mut a, (keep, next), next_probe, done);
     // Stage 2 off for the read-back (EL2's MMU is off throughout).
     a.movz(X0, 0, 0);
     a.msr(SysReg::HCR_EL2, X0);

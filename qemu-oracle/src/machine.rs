@@ -1,6 +1,9 @@
 //! The QEMU run: the RAM image, the EL1 program and the results file.
 
-use crate::a64::{Asm, AsmError, Cond, SysReg};
+use crate::a64::{
+    Asm, AsmError, Cond, Label, SysReg, X0, X1, X10, X11, X12, X19, X2, X20, X21, X22, X23, X24,
+    X3, X30, X4, X9,
+};
 use crate::child::{find_on_path, wait_bounded, Ended};
 use crate::error::{io, mem_err, OracleError};
 use std::path::{Path, PathBuf};
@@ -595,22 +598,6 @@ impl Machine {
 
 // Registers: x19 the probe, x20 its result record, x21 probes left, x22 the results fd,
 // x30 the return address of a fetch probe.
-const X0: u32 = 0;
-const X1: u32 = 1;
-const X2: u32 = 2;
-const X3: u32 = 3;
-const X4: u32 = 4;
-const X9: u32 = 9;
-const X10: u32 = 10;
-const X11: u32 = 11;
-const X19: u32 = 19;
-const X20: u32 = 20;
-const X21: u32 = 21;
-const X12: u32 = 12;
-const X22: u32 = 22;
-const X23: u32 = 23;
-const X24: u32 = 24;
-const X30: u32 = 30;
 
 /// The EL1 program for `count` probes run from `harness`, to be placed at
 /// [`layout::VECTORS`] (entry at [`layout::ENTRY`]).
@@ -653,14 +640,7 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
     }
     a.pad_to(ENTRY - VECTORS);
     // MMU off, at the physical address.
-    a.mov_imm(X20, RESULTS + 32);
-    a.mov_imm(X1, RESULTS);
-    a.mrs(X0, SysReg::ID_AA64MMFR0_EL1);
-    a.str(X0, X1, 0);
-    a.mrs(X0, SysReg::ID_AA64MMFR1_EL1);
-    a.str(X0, X1, 8);
-    a.mrs(X0, SysReg::CURRENT_EL);
-    a.str(X0, X1, 16);
+    record_features(&mut a);
     a.mov_imm(X0, MAIR);
     a.msr(SysReg::MAIR_EL1, X0);
     boot_map(&mut a);
@@ -697,12 +677,7 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
         a.label(),
         a.label(),
     );
-    a.bind(next_probe);
-    a.cbz(X21, done);
-    a.ldr(X1, X19, 0);
-    a.ldr(X0, X19, 8);
-    a.ldr(X2, X19, 16);
-    a.movz(X3, 0, 0);
+    probe_loop_head(&mut a, next_probe, done);
     // Every probe walks the tables afresh, as the walker does: no translation the CPU
     // cached before its own AF or dirty-state update (or an earlier probe's) is used.
     a.tlbi_vmalle1();
@@ -790,14 +765,7 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
         return Err(AsmError::Immediate(back_at));
     }
     a.b(keep);
-    a.bind(keep);
-    a.str(X3, X20, 24);
-    a.bind(next);
-    a.add_imm(X19, X19, 32);
-    a.add_imm(X20, X20, 32);
-    a.subs_imm(X21, X21, 1);
-    a.b(next_probe);
-    a.bind(done);
+    probe_loop_end(&mut a, (keep, next), next_probe, done);
     // Back to the identity map, then to the physical address (from the identity harness,
     // with the MMU off: the read-back below is of physical addresses either way).
     if harness == Harness::Identity {
@@ -826,6 +794,51 @@ fn program(count: u64, harness: Harness) -> Result<Vec<u32>, AsmError> {
     a.blr(X0);
     a.svc(0);
     a.finish()
+}
+
+/// The start of either program, with the MMU off: X20 at the header's spare record (an
+/// exception before the first probe is recorded there), then ID_AA64MMFR0_EL1,
+/// ID_AA64MMFR1_EL1 and CurrentEL in the header's first three words.
+pub(crate) fn record_features(a: &mut Asm) {
+    a.mov_imm(X20, RESULTS + 32);
+    a.mov_imm(X1, RESULTS);
+    a.mrs(X0, SysReg::ID_AA64MMFR0_EL1);
+    a.str(X0, X1, 0);
+    a.mrs(X0, SysReg::ID_AA64MMFR1_EL1);
+    a.str(X0, X1, 8);
+    a.mrs(X0, SysReg::CURRENT_EL);
+    a.str(X0, X1, 16);
+}
+
+/// The head of either program's probe loop, bound at `next_probe`: to `done` when X21
+/// probes are left no more, else the probe at X19 loaded (X1 its op, X0 its address, X2
+/// its value) and X3 cleared.
+pub(crate) fn probe_loop_head(a: &mut Asm, next_probe: Label, done: Label) {
+    a.bind(next_probe);
+    a.cbz(X21, done);
+    a.ldr(X1, X19, 0);
+    a.ldr(X0, X19, 8);
+    a.ldr(X2, X19, 16);
+    a.movz(X3, 0, 0);
+}
+
+/// The end of either program's probe loop: `keep` stores X3 as the probe's value, `next`
+/// steps X19 and X20 to the next probe and record and counts X21 down, back to
+/// `next_probe`; `done` is bound after it.
+pub(crate) fn probe_loop_end(
+    a: &mut Asm,
+    (keep, next): (Label, Label),
+    next_probe: Label,
+    done: Label,
+) {
+    a.bind(keep);
+    a.str(X3, X20, 24);
+    a.bind(next);
+    a.add_imm(X19, X19, 32);
+    a.add_imm(X20, X20, 32);
+    a.subs_imm(X21, X21, 1);
+    a.b(next_probe);
+    a.bind(done);
 }
 
 /// The end of a run, with the MMU off (or through the identity map): reads back each
