@@ -823,8 +823,8 @@ pub(crate) fn probe_loop_head(a: &mut Asm, next_probe: Label, done: Label) {
 }
 
 /// The end of either program's probe loop: `keep` stores X3 as the probe's value, `next`
-/// steps X19 and X20 to the next probe and record and counts X21 down, back to
-/// `next_probe`; `done` is bound after it.
+/// steps to the next probe ([`step_probe`]), back to `next_probe`; `done` is bound after
+/// it.
 pub(crate) fn probe_loop_end(
     a: &mut Asm,
     (keep, next): (Label, Label),
@@ -834,11 +834,16 @@ pub(crate) fn probe_loop_end(
     a.bind(keep);
     a.str(X3, X20, 24);
     a.bind(next);
+    step_probe(a, next_probe);
+    a.bind(done);
+}
+
+/// X19 and X20 to the next probe and its record, X21 counted down, then to `back`.
+fn step_probe(a: &mut Asm, back: Label) {
     a.add_imm(X19, X19, 32);
     a.add_imm(X20, X20, 32);
     a.subs_imm(X21, X21, 1);
-    a.b(next_probe);
-    a.bind(done);
+    a.b(back);
 }
 
 /// The end of a run, with the MMU off (or through the identity map): reads back each
@@ -871,10 +876,7 @@ pub(crate) fn read_back_and_exit(a: &mut Asm, count: u64) {
     a.ldr(X3, X0, 0);
     a.str(X3, X20, 24);
     a.bind(rb_next);
-    a.add_imm(X19, X19, 32);
-    a.add_imm(X20, X20, 32);
-    a.subs_imm(X21, X21, 1);
-    a.b(rb);
+    step_probe(a, rb);
     a.bind(rb_done);
     // Write the results and the tables to the file, and exit.
     let fail = a.label();
