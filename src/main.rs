@@ -68,8 +68,9 @@ enum Command {
         #[arg(long, value_enum)]
         uapi: Option<UapiArg>,
         /// The host IOMMU: VT-d with x86-64 guests, or SMMUv3 with arm64 guests (over the
-        /// type1 container). Without it, both run, each ending with its summary line
-        /// (SMMUv3 only where the uAPI is type1 and, with --split, only when asked for).
+        /// type1 container, or in one process over iommufd with `--uapi iommufd`). Without
+        /// it, both run, each ending with its summary line (SMMUv3 only where the uAPI is
+        /// type1 and, with --split, only when asked for).
         #[arg(long, value_enum)]
         iommu: Option<IommuArch>,
     },
@@ -272,8 +273,8 @@ fn main() -> ExitCode {
             iommu,
         } => {
             let smmu_uapi = matches!(uapi, None | Some(UapiArg::Type1));
-            if iommu == Some(IommuArch::Smmuv3) && !smmu_uapi {
-                eprintln!("demo: the SMMUv3 demo runs over type1 only");
+            if iommu == Some(IommuArch::Smmuv3) && !smmu_uapi && split {
+                eprintln!("demo: the SMMUv3 demo runs over iommufd in one process only");
                 return ExitCode::FAILURE;
             }
             let uapis = match uapi {
@@ -334,12 +335,19 @@ fn main() -> ExitCode {
                 None => smmu_uapi && !split,
             };
             if smmu {
+                // `--iommu smmuv3 --uapi iommufd` runs it over iommufd (in one process: the
+                // split case was refused above); otherwise over type1.
+                let uapi = match (iommu, uapi) {
+                    (Some(IommuArch::Smmuv3), Some(u)) => Uapi::from(u),
+                    _ => Uapi::Type1,
+                };
                 let opts = DemoOptions {
                     seed,
                     vms,
                     processes,
                     bytes,
                     progress: !json,
+                    uapi,
                     ..DemoOptions::default()
                 };
                 let mut log = |line: String| {

@@ -179,7 +179,8 @@ impl DemoSummary {
     /// before iommufd and SMMUv3; the others name what differs.
     fn name(&self) -> &'static str {
         match (self.iommu, self.uapi) {
-            (DemoIommu::Smmuv3, _) => "demo (smmuv3)",
+            (DemoIommu::Smmuv3, Uapi::Type1) => "demo (smmuv3)",
+            (DemoIommu::Smmuv3, Uapi::Iommufd) => "demo (smmuv3, iommufd)",
             (DemoIommu::Vtd, Uapi::Type1) => "demo",
             (DemoIommu::Vtd, Uapi::Iommufd) => "demo (iommufd)",
         }
