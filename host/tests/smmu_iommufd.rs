@@ -1045,3 +1045,209 @@ fn fault(vm: &Vm, host: &Host, gva: u64) {
     assert_ne!(st, CompletionStatus::Success);
     host.smmu.handle_queues();
 }
+
+/// What `IOMMU_IOAS_IOVA_RANGES` gave: the result, `num_iovas`, the ranges written and
+/// `out_iova_alignment`.
+type IovaRanges = (Result<(), Errno>, u32, Vec<(u64, u64)>, u64);
+
+impl Vm {
+    fn ioas_alloc(&self) -> u32 {
+        let mut a = IommuIoasAlloc {
+            size: size_of::<IommuIoasAlloc>() as u32,
+            ..Default::default()
+        };
+        self.call(IOMMU_IOAS_ALLOC, &mut a).unwrap();
+        a.out_ioas_id
+    }
+
+    /// `IOMMU_IOAS_COPY` of `[src, +length)` of the VM's IOAS into `dst_ioas`, at `dst`
+    /// with FIXED_IOVA or allocated; the IOVA written back.
+    fn ioas_copy(
+        &self,
+        dst_ioas: u32,
+        flags: u32,
+        src: u64,
+        length: u64,
+        dst: u64,
+    ) -> Result<u64, Errno> {
+        let mut c = IommuIoasCopy {
+            size: size_of::<IommuIoasCopy>() as u32,
+            flags,
+            dst_ioas_id: dst_ioas,
+            src_ioas_id: self.ioas,
+            length,
+            dst_iova: dst,
+            src_iova: src,
+        };
+        self.call(IOMMU_IOAS_COPY, &mut c).map(|()| c.dst_iova)
+    }
+
+    /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges: the result, `num_iovas`,
+    /// the ranges written and `out_iova_alignment`.
+    fn iova_ranges(&self, ioas: u32, room: u32) -> IovaRanges {
+        self.write(SCRATCH_GPA, &[0xa5; 64]);
+        let mut r = IommuIoasIovaRanges {
+            size: size_of::<IommuIoasIovaRanges>() as u32,
+            ioas_id: ioas,
+            num_iovas: room,
+            __reserved: 0,
+            allowed_iovas: self.vaddr + SCRATCH_GPA,
+            out_iova_alignment: 0,
+        };
+        let res = self.call(IOMMU_IOAS_IOVA_RANGES, &mut r);
+        let n = r.num_iovas.min(room) as usize;
+        let bytes = self.read(SCRATCH_GPA, 16 * n);
+        let ranges = bytes
+            .chunks(16)
+            .map(|c| {
+                let r = IommuIovaRange::read(c);
+                (r.start, r.last)
+            })
+            .collect();
+        (res, r.num_iovas, ranges, r.out_iova_alignment)
+    }
+
+    fn allow_iovas(&self, ioas: u32, ranges: &[(u64, u64)]) -> Result<(), Errno> {
+        let bytes: Vec<u8> = ranges
+            .iter()
+            .flat_map(|&(start, last)| IommuIovaRange { start, last }.to_bytes())
+            .collect();
+        let mut a = IommuIoasAllowIovas {
+            size: size_of::<IommuIoasAllowIovas>() as u32,
+            ioas_id: ioas,
+            num_iovas: ranges.len() as u32,
+            __reserved: 0,
+            allowed_iovas: self.user(&bytes),
+        };
+        self.call(IOMMU_IOAS_ALLOW_IOVAS, &mut a)
+    }
+}
+
+/// IOAS_IOVA_RANGES, IOAS_ALLOW_IOVAS and IOAS_COPY on the SMMU file (the selftest's
+/// `iommufd_ioas` sequences): a second IOAS gets pieces of the VM's by copy, and the
+/// device attached to a stage 2 of it moves bytes exactly through the copied pages and
+/// no others, with the copy's permissions.
+#[test]
+fn ioas_copy_ranges_and_allowed_iovas_serve_a_second_stage_2() {
+    let host = host();
+    let vm = Vm::new(&host, rid(6));
+    let b = vm.ioas_alloc();
+
+    // IOVA_RANGES: everything before a stage 2 exists; after, the IPA space (48 bits),
+    // EMSGSIZE with the count written back when the array is too small.
+    let (r, n, ranges, align) = vm.iova_ranges(b, 4);
+    r.unwrap();
+    assert_eq!((n, ranges, align), (1, vec![(0, u64::MAX)], PAGE_SIZE));
+    let hwpt = vm.hwpt_alloc(0, b, None).unwrap();
+    let (r, n, _, _) = vm.iova_ranges(b, 0);
+    assert_eq!((r, n), (errno(libc::EMSGSIZE), 1));
+    let (r, n, ranges, _) = vm.iova_ranges(b, 1);
+    r.unwrap();
+    assert_eq!((n, ranges), (1, vec![(0, (1 << 48) - 1)]));
+    let (r, ..) = vm.iova_ranges(77, 1);
+    assert_eq!(r, errno(libc::ENOENT));
+
+    // ALLOW_IOVAS: a range in the reserved part EADDRINUSE, a bad or overlapping one
+    // EINVAL, changing nothing; then the allocator uses only the allowed window.
+    let window = (0x4000_0000, 0x4fff_ffff);
+    assert_eq!(
+        vm.allow_iovas(b, &[(1 << 48, (1 << 48) + 0xfff)]),
+        errno(libc::EADDRINUSE)
+    );
+    assert_eq!(vm.allow_iovas(b, &[(0x5000, 0x4000)]), errno(libc::EINVAL));
+    assert_eq!(
+        vm.allow_iovas(b, &[window, (0x4800_0000, 0x5000_0000)]),
+        errno(libc::EINVAL)
+    );
+    assert_eq!(vm.allow_iovas(77, &[window]), errno(libc::ENOENT));
+    vm.allow_iovas(b, &[window]).unwrap();
+
+    // COPY: refusals change nothing.
+    let rw = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
+    let fixed = IOMMU_IOAS_MAP_FIXED_IOVA;
+    let before = vm.objects();
+    let len = 4 * PAGE_SIZE;
+    assert_eq!(
+        vm.ioas_copy(b, rw | 1 << 20, SRC_GPA, len, 0),
+        Err(Errno::new(libc::EOPNOTSUPP))
+    );
+    assert_eq!(
+        vm.ioas_copy(b, 0, SRC_GPA, len, 0),
+        Err(Errno::new(libc::EINVAL))
+    );
+    assert_eq!(
+        vm.ioas_copy(b, rw, RAM, len, 0),
+        Err(Errno::new(libc::ENOENT)),
+        "a hole"
+    );
+    assert_eq!(
+        vm.ioas_copy(77, rw, SRC_GPA, len, 0),
+        Err(Errno::new(libc::ENOENT))
+    );
+    assert_eq!(
+        vm.ioas_copy(b, rw | fixed, SRC_GPA, len, 1 << 48),
+        Err(Errno::new(libc::EINVAL)),
+        "beyond the stage 2's IPA size"
+    );
+    assert_eq!(vm.objects(), before);
+
+    // An allocated IOVA lies in the allowed window; fixed ones are where asked. The
+    // source at its own IPAs, the destination read-only at first, the completion page.
+    let src_copy = vm.ioas_copy(b, rw, SRC_GPA, len, 0).unwrap();
+    assert!(
+        (window.0..=window.1 - len + 1).contains(&src_copy),
+        "{src_copy:#x}"
+    );
+    assert_eq!(
+        vm.ioas_copy(b, rw | fixed, SRC_GPA, len, SRC_GPA),
+        Ok(SRC_GPA)
+    );
+    assert_eq!(
+        vm.ioas_copy(b, IOMMU_IOAS_MAP_READABLE | fixed, DST_GPA, len, DST_GPA),
+        Ok(DST_GPA)
+    );
+    assert_eq!(
+        vm.ioas_copy(b, rw | fixed, DST_GPA, len, DST_GPA),
+        Err(Errno::new(libc::EEXIST))
+    );
+    assert_eq!(
+        vm.ioas_copy(b, rw | fixed, COMP_GPA, PAGE_SIZE, COMP_GPA),
+        Ok(COMP_GPA)
+    );
+
+    // DMA through b's stage 2: a write to the read-only copy fails, nothing written.
+    vm.attach(hwpt).unwrap();
+    vm.write(DST_GPA, &[0; 4096]);
+    assert!(!vm.copy_gpa(&pattern(4096, 7)));
+    assert_eq!(vm.read(DST_GPA, 4096), vec![0; 4096]);
+    // Made writable (unmapped and copied again): the bytes arrive; the allocated copy of
+    // the source reads the same memory.
+    let mut unmap = IommuIoasUnmap {
+        size: size_of::<IommuIoasUnmap>() as u32,
+        ioas_id: b,
+        iova: DST_GPA,
+        length: len,
+    };
+    vm.call(IOMMU_IOAS_UNMAP, &mut unmap).unwrap();
+    assert_eq!(unmap.length, len);
+    assert_eq!(
+        vm.ioas_copy(b, rw | fixed, DST_GPA, len, DST_GPA),
+        Ok(DST_GPA)
+    );
+    let data = pattern(3 * 4096, 8);
+    assert!(vm.copy_gpa(&data));
+    assert_eq!(vm.read(DST_GPA, data.len()), data);
+    vm.write(DST_GPA, &[0; 4096]);
+    vm.write(SRC_GPA, &pattern(4096, 9));
+    assert_eq!(
+        vm.memmove(None, src_copy, DST_GPA, 4096, (COMP_GPA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(vm.read(DST_GPA, 4096), pattern(4096, 9));
+    // A page b never got (mapped in the VM's IOAS) is not reachable.
+    assert_ne!(
+        vm.memmove(None, NEW_DST_GPA, DST_GPA, 64, (COMP_GPA, COMP_GPA)),
+        CompletionStatus::Success
+    );
+    assert_eq!(vm.read(DST_GPA, 4096), pattern(4096, 9));
+}

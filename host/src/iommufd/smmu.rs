@@ -21,8 +21,9 @@
 //! The core ([`super::IommufdCtx`]) holds the objects, IOASes, paging HWPTs and devices;
 //! this is its SMMUv3 configuration ([`Smmu`]). `IOMMU_DESTROY` of a referenced object
 //! is EBUSY; every ioctl checks before its first change, so a refused one changes
-//! nothing. Not served on this file (ENOTTY): IOAS_COPY, IOAS_IOVA_RANGES,
-//! IOAS_ALLOW_IOVAS, IOAS_MAP_FILE, dirty tracking, fault queues.
+//! nothing. The IOAS ioctls are the core's (IOAS_COPY, IOAS_IOVA_RANGES and
+//! IOAS_ALLOW_IOVAS as on VT-d, IPAs from `1 << IPA_BITS` reserved by each stage 2). Not
+//! served on this file (ENOTTY): IOAS_MAP_FILE, dirty tracking, fault queues.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -324,6 +325,18 @@ impl IommuOps for Smmu {
         IoctlOp {
             ucmd: UCMD_IOAS_ALLOC,
             handler: SmmuCtx::do_ioas_alloc,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_ALLOW_IOVAS,
+            handler: SmmuCtx::do_ioas_allow_iovas,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_COPY,
+            handler: SmmuCtx::do_ioas_copy,
+        },
+        IoctlOp {
+            ucmd: UCMD_IOAS_IOVA_RANGES,
+            handler: SmmuCtx::do_ioas_iova_ranges,
         },
         IoctlOp {
             ucmd: UCMD_IOAS_MAP,
