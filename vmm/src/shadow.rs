@@ -49,7 +49,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use foldhash::{HashMap, HashSet, HashSetExt};
+use foldhash::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -692,24 +692,24 @@ impl VIommu {
         flushed: &mut InclusiveFlushes,
         pass: &mut SyncPass,
     ) {
-        let mut calls: Vec<(Arc<dyn HostSva>, CacheInvalidate)> = Vec::new();
-        let mut seen = HashSet::new();
+        // This descriptor's calls are appended to the pass's pending ones and marked
+        // forwarded as they are found (which also keeps a container shared by several
+        // devices from getting one twice): no set or list of its own per descriptor.
+        let first = pass.pending.len();
         for dev in lock(&self.devices).iter() {
             for inv in host_invalidations(desc, dev.guest_sid, &dev.bound) {
                 let key = ForwardKey::new(&dev.host, &inv);
                 if !pass.forwarded.contains(&key)
                     && !flushed.covers(&dev.host, &inv)
-                    && seen.insert(key)
+                    && pass.forwarded.insert(key)
                 {
-                    calls.push((dev.host.clone(), inv));
+                    pass.pending.push((dev.host.clone(), inv));
                 }
             }
         }
         flushed.clear();
-        for (host, inv) in calls {
-            pass.forwarded.insert(ForwardKey::new(&host, &inv));
-            flushed.record(host.clone(), &inv);
-            pass.pending.push((host, inv));
+        for (host, inv) in &pass.pending[first..] {
+            flushed.record(host.clone(), inv);
         }
     }
 

@@ -212,27 +212,28 @@ impl VIommu {
         irqs: &mut Vec<Interrupt>,
     ) {
         let mut pass_tail = None;
+        // The register lock is taken once per descriptor: IQH moves past a descriptor and
+        // the next one is looked up under the same guard.
+        let mut regs = lock(&self.regs);
         loop {
-            let (addr, desc_size, scalable) = {
-                let regs = lock(&self.regs);
-                match (regs.next_inv_desc(), regs.inv_queue()) {
-                    (Some(addr), Some(q)) => {
-                        if pass_tail.is_none_or(|tail| tail == q.head) {
-                            self.flush_invalidations(pass);
-                            pass.clear();
-                            pass_tail = Some(q.tail);
-                        }
-                        (addr, q.desc_size, regs.root_table().ttm == Ttm::Scalable)
+            let (addr, desc_size, scalable) = match (regs.next_inv_desc(), regs.inv_queue()) {
+                (Some(addr), Some(q)) => {
+                    if pass_tail.is_none_or(|tail| tail == q.head) {
+                        self.flush_invalidations(pass);
+                        pass.clear();
+                        pass_tail = Some(q.tail);
                     }
-                    _ => return,
+                    (addr, q.desc_size, regs.root_table().ttm == Ttm::Scalable)
                 }
+                _ => return,
             };
+            drop(regs);
             let done =
                 invalidation::fetch(&*self.mem, addr, desc_size, scalable).and_then(|desc| {
                     self.execute(&desc, flushed, pass, irqs)
                         .map_err(|_| Iqei::FetchError)
                 });
-            let mut regs = lock(&self.regs);
+            regs = lock(&self.regs);
             match done {
                 Ok(()) => {
                     // Fails only if a tail write meanwhile stopped the queue (IQE): IQH
