@@ -129,6 +129,7 @@ impl HostMemory {
         &self.file
     }
 
+    #[inline]
     fn check(&self, addr: u64, len: u64) -> Result<(), MemError> {
         match addr.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -136,6 +137,7 @@ impl HostMemory {
         }
     }
 
+    #[inline]
     fn atomic(&self, addr: u64) -> Result<&AtomicU64, MemError> {
         if addr % 8 != 0 {
             return Err(MemError::Unaligned { addr, align: 8 });
@@ -342,6 +344,7 @@ impl Drop for HostMemory {
 }
 
 impl PhysMem for HostMemory {
+    #[inline]
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         Ok(self.atomic(addr)?.load(Ordering::Acquire))
     }
@@ -350,6 +353,7 @@ impl PhysMem for HostMemory {
         Ok(self.atomic(addr)?.fetch_or(bits, Ordering::AcqRel))
     }
 
+    #[inline]
     fn compare_exchange_u64(&self, addr: u64, old: u64, new: u64) -> Result<u64, MemError> {
         let a = self.atomic(addr)?;
         Ok(

@@ -485,6 +485,7 @@ impl FlRights {
 
 /// Checks one entry: presence, reserved bits, and at the leaf the request's rights.
 /// Returns the rights accumulated down to this entry and, for a leaf, its page size.
+#[inline(always)]
 fn decide(
     cfg: &FlConfig,
     level: u8,

@@ -235,6 +235,7 @@ where
 
 /// Checks one entry: presence, reserved bits, and at the leaf the request's rights.
 /// Returns the rights accumulated down to this entry and, for a leaf, its page size.
+#[inline(always)]
 fn decide(
     cfg: &SlConfig,
     level: u8,
