@@ -5,9 +5,10 @@
 //! until software acknowledges it in GERRORN (§7.1).
 
 use vsva_smmuv3::regs::{cr0, gerror, Irq};
-use vsva_smmuv3::{Cmd, CmdError, PhysMem, PriResp, SyncCs};
+use vsva_smmuv3::{Cmd, CmdError, PhysMem, PriResp, ResumeAction, SyncCs};
 use vsva_vtd::{AddrRange, Pasid};
 
+use super::stall::Outcome;
 use super::Smmu;
 use crate::dma::port::{DevTlbInvalidation, PrgResponse};
 use vsva_vtd::inv_desc::ResponseCode;
@@ -114,16 +115,37 @@ impl Smmu {
                     self.raise_gerror(&mut state.regs, gerror::MSI_CMDQ_ABT_ERR);
                 }
             }
+            // §4.7.2: a resume of a STAG the stream has not stalled is ignored.
+            Cmd::Resume { sid, action, stag } => {
+                let outcome = match action {
+                    ResumeAction::Retry => Outcome::Retry,
+                    ResumeAction::Abort | ResumeAction::Terminate => Outcome::Terminate,
+                };
+                if self.lock().stalls.resume(sid, stag, outcome) && outcome == Outcome::Terminate {
+                    Smmu::count(&self.stats.stalls_terminated);
+                }
+            }
+            Cmd::StallTerm { sid } => {
+                let n = self.lock().stalls.terminate_where(|s| s == sid);
+                self.count_n(&self.stats.stalls_terminated, n);
+            }
             // CS=SEV and CS=NONE signal nothing a model can observe beyond CMDQ_CONS
-            // moving past the command; prefetches are hints; no transaction ever stalls, so
-            // CMD_RESUME and CMD_STALL_TERM find nothing.
-            Cmd::Sync { .. }
-            | Cmd::PrefetchConfig { .. }
-            | Cmd::PrefetchAddr { .. }
-            | Cmd::Resume { .. }
-            | Cmd::StallTerm { .. } => {}
+            // moving past the command; prefetches are hints.
+            Cmd::Sync { .. } | Cmd::PrefetchConfig { .. } | Cmd::PrefetchAddr { .. } => {}
             _ => {
                 let mut state = self.lock();
+                // vsva terminates the stalled transactions of a stream whose STE is
+                // invalidated: the configuration they stalled under may be gone.
+                let n = match *cmd {
+                    Cmd::CfgiSte { sid, .. } => state.stalls.terminate_where(|s| s == sid),
+                    Cmd::CfgiSteRange { range: 31, .. } => state.stalls.terminate_where(|_| true),
+                    Cmd::CfgiSteRange { sid, range } => {
+                        let shift = range as u32 + 1;
+                        state.stalls.terminate_where(|s| s >> shift == sid >> shift)
+                    }
+                    _ => 0,
+                };
+                self.count_n(&self.stats.stalls_terminated, n);
                 state.config.invalidate(cmd);
                 state.tlb.invalidate(cmd);
                 state.walk_cache.invalidate(cmd);

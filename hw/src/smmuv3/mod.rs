@@ -26,8 +26,13 @@
 //! aborts activates its GERROR.MSI_*_ABT_ERR, as an aborted queue write activates
 //! EVENTQ_ABT_ERR or PRIQ_ABT_ERR.
 //!
+//! Faults terminate the transaction, or under the stall model (IDR0.STALL_MODEL 0 or 2, CD.S,
+//! STE.S2S) hold it until CMD_RESUME or CMD_STALL_TERM ([`stall`]): a stalled untranslated
+//! request waits in [`Smmu::translate`] without the state lock. ATS translation requests
+//! never stall (PCIe completes them at once).
+//!
 //! Simplifications: level-1 descriptors (L1STD, L1CD) are not cached, so CMD_CFGI_* Leaf
-//! makes no difference; stalls are not modelled (every fault terminates the transaction).
+//! makes no difference; stage-2 faults of CD fetches and external aborts terminate.
 
 mod cmdq;
 pub mod config;
@@ -36,6 +41,7 @@ mod port;
 mod queues;
 mod s2walk;
 mod stale;
+mod stall;
 #[cfg(test)]
 mod tests;
 pub mod tlb;
@@ -47,6 +53,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vsva_smmuv3::regs::{cr0, offset, Irq};
 use vsva_smmuv3::{Features, RegEffect, RegError, RegisterFile};
@@ -54,6 +61,7 @@ use vsva_smmuv3::{Features, RegEffect, RegError, RegisterFile};
 use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
 use config::ConfigCache;
+use stall::StallTable;
 use tlb::Tlb;
 use walkcache::{S1WalkCache, S2WalkCache};
 
@@ -70,15 +78,23 @@ pub struct SmmuConfig {
     pub queue_log2: [u8; 3],
     /// Re-walk on every TLB and configuration cache hit and report stale entries.
     pub strict: bool,
+    /// Most transactions stalled at once; a stalling fault beyond it terminates.
+    pub stall_limit: usize,
+    /// How long a stalled transaction waits for CMD_RESUME or CMD_STALL_TERM before the
+    /// model terminates it (a guard against software that went away).
+    pub stall_timeout: Duration,
 }
 
 impl Default for SmmuConfig {
-    /// vsva's SMMU ([`Features::VSVA`]) with queues of up to 2^8 entries.
+    /// vsva's SMMU ([`Features::VSVA`]) with queues of up to 2^8 entries, up to 64
+    /// stalled transactions, each waiting at most 60 s.
     fn default() -> Self {
         SmmuConfig {
             features: Features::VSVA,
             queue_log2: [8, 8, 8],
             strict: false,
+            stall_limit: 64,
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -96,6 +112,15 @@ pub struct SmmuStats {
     pub events_lost: AtomicU64,
     /// Page requests written to the PRI queue.
     pub page_requests: AtomicU64,
+    /// Transactions stalled (their fault recorded with Stall = 1).
+    pub stalls: AtomicU64,
+    /// Stalling faults terminated instead: the stall limit was reached or the stall
+    /// record could not be written.
+    pub stalls_refused: AtomicU64,
+    /// Stalled transactions that CMD_RESUME Retry translated again.
+    pub stalls_retried: AtomicU64,
+    /// Stalled transactions terminated (by command, STE change, SMMUEN cleared or timeout).
+    pub stalls_terminated: AtomicU64,
 }
 
 /// The state one lock guards.
@@ -106,6 +131,7 @@ struct State {
     walk_cache: S1WalkCache,
     s2_walk_cache: S2WalkCache,
     stale: Vec<StaleTranslation>,
+    stalls: StallTable,
 }
 
 /// The physical SMMUv3.
@@ -113,6 +139,8 @@ pub struct Smmu {
     mem: Arc<HostMemory>,
     features: Features,
     strict: bool,
+    stall_limit: usize,
+    stall_timeout: Duration,
     state: Mutex<State>,
     /// Held while one thread consumes the command queue.
     cmdq_lock: Mutex<()>,
@@ -144,6 +172,8 @@ impl Smmu {
             mem,
             features: cfg.features,
             strict: cfg.strict,
+            stall_limit: cfg.stall_limit,
+            stall_timeout: cfg.stall_timeout,
             state: Mutex::new(State {
                 regs: RegisterFile::new(cfg.features, cfg.queue_log2),
                 config: ConfigCache::default(),
@@ -151,6 +181,7 @@ impl Smmu {
                 walk_cache: S1WalkCache::default(),
                 s2_walk_cache: S2WalkCache::default(),
                 stale: Vec::new(),
+                stalls: StallTable::default(),
             }),
             cmdq_lock: Mutex::new(()),
             endpoints: Mutex::new(HashMap::new()),
@@ -207,7 +238,18 @@ impl Smmu {
     /// A software write of `size` bytes at `offset`: a CMDQ_PROD write consumes the
     /// commands it produced before returning.
     pub fn mmio_write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
-        let effect = self.lock().regs.write(offset, size, value)?;
+        let effect = {
+            let mut state = self.lock();
+            let effect = state.regs.write(offset, size, value)?;
+            if let RegEffect::Cr0 { old, new } = effect {
+                if old & cr0::SMMUEN != 0 && new & cr0::SMMUEN == 0 {
+                    // Translation is off: no stalled transaction can be resumed.
+                    let n = state.stalls.terminate_where(|_| true);
+                    self.count_n(&self.stats.stalls_terminated, n);
+                }
+            }
+            effect
+        };
         match effect {
             RegEffect::CmdqProd => self.consume_commands(),
             // Enabling the command queue, or acknowledging CMDQ_ERR, resumes consumption
@@ -244,6 +286,16 @@ impl Smmu {
 
     fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_n(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Number of transactions stalled now, of every stream or of `sid`'s.
+    pub fn stalled(&self, sid: Option<u32>) -> usize {
+        let s = self.lock();
+        sid.map_or(s.stalls.len(), |sid| s.stalls.of_stream(sid))
     }
 
     /// Connects the platform's MSI controller: an MSI whose address is `addr` (a GICv3

@@ -6,7 +6,8 @@
 //! [`DmaFault::reason`] carries the SMMU event type of the fault (§7.3), 0 for an abort
 //! without a record (STE.Config abort, GBPA.ABORT). A stage-1 F_TRANSLATION, F_ACCESS or
 //! F_PERMISSION is recoverable when the stream allows ATS and the SMMU has PRI: the device
-//! may send a page request.
+//! may send a page request. An untranslated request may stall (§3.12.2): `remap` then
+//! waits until software resumes or terminates it; an ATS translation request never stalls.
 
 use crate::drain::RequestDrain;
 use vsva_smmuv3::{AccessRequest, Eats, Event, EventType, PriqEntry};
@@ -79,9 +80,12 @@ impl Smmu {
                     event.event_type,
                     EventType::Translation | EventType::Access | EventType::Permission
                 );
+                // A stalled transaction that was terminated was already reported to
+                // software, which chose to end it.
                 DmaFault {
                     reason: event.event_type as u8,
                     recoverable: page_fault
+                        && !event.stall
                         && !event.s2
                         && self.features.pri
                         && self.ats_allowed(sid).is_some(),
@@ -119,7 +123,7 @@ impl DmaPort for Smmu {
             return Err(self.refuse(EventType::BadAtsTreq, sid, ssid, addr, access));
         }
         let t = self
-            .translate(sid, pasid.map(Pasid::raw), addr, request(access))
+            .translate_terminating(sid, pasid.map(Pasid::raw), addr, request(access))
             .map_err(|f| self.dma_fault(sid, f))?;
         Ok(AtsCompletion {
             page: page(&t),

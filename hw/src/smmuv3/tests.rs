@@ -39,7 +39,7 @@ const S2_RW: u64 = D::AF | D::S2AP_R | D::S2AP_W;
 /// entries, an event queue of 2 and a PRI queue of 4.
 struct Rig {
     mem: Arc<HostMemory>,
-    smmu: Smmu,
+    smmu: Arc<Smmu>,
     next_frame: u64,
 }
 
@@ -49,12 +49,15 @@ impl Rig {
     }
 
     fn with_strict(strict: bool) -> Self {
-        let mem = HostMemory::new(16 << 20).unwrap();
-        let cfg = SmmuConfig {
+        Rig::with_config(SmmuConfig {
             strict,
             ..SmmuConfig::default()
-        };
-        let smmu = Smmu::new(mem.clone(), cfg);
+        })
+    }
+
+    fn with_config(cfg: SmmuConfig) -> Self {
+        let mem = HostMemory::new(16 << 20).unwrap();
+        let smmu = Arc::new(Smmu::new(mem.clone(), cfg));
         let w = |off, size, v| smmu.mmio_write(off, size, v).unwrap();
         w(STRTAB_BASE, 8, STRTAB);
         w(STRTAB_BASE_CFG, 4, 6);
@@ -158,6 +161,8 @@ impl Rig {
         Event::decode(w).unwrap()
     }
 }
+
+mod stall;
 
 fn va_operand(addr: u64) -> TlbiAddr {
     TlbiAddr {
@@ -1105,7 +1110,7 @@ fn dma_port_tags_requests_with_streamid_and_substreamid() {
         prgi: 3,
         last: true,
     };
-    DmaPort::page_request(&rig.smmu, req);
+    DmaPort::page_request(&*rig.smmu, req);
     let got = PriqEntry::decode([
         rig.mem.read_u64(PRIQ).unwrap(),
         rig.mem.read_u64(PRIQ + 8).unwrap(),
@@ -1117,7 +1122,7 @@ fn dma_port_tags_requests_with_streamid_and_substreamid() {
     // A stream without ATS gets Response Failure at once.
     let other = SourceId::from_rid(SID as u16 + 1);
     rig.smmu.attach_endpoint(SID + 1, dev.clone());
-    DmaPort::page_request(&rig.smmu, PageRequestMessage { sid: other, ..req });
+    DmaPort::page_request(&*rig.smmu, PageRequestMessage { sid: other, ..req });
     assert_eq!(
         dev.calls.lock().unwrap().last().unwrap(),
         "resp Some(1) 3 ResponseFailure"

@@ -10,8 +10,11 @@ use vsva_smmuv3::{
     S1Config, S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
 };
 
+use std::sync::Arc;
+
 use super::config::CachedCd;
 use super::s2walk::{CachedS2, S2Stale};
+use super::stall::{Outcome, Stalled};
 use super::tlb::TlbTag;
 use super::walkcache::TableSteps;
 use super::{Smmu, State};
@@ -67,7 +70,19 @@ pub(super) enum Path {
         record_s1: bool,
         /// STE.S2R: stage-2 faults are recorded.
         record_s2: bool,
+        /// CD.S with STE.S1STALLD clear: stage-1 faults stall.
+        stall_s1: bool,
+        /// STE.S2S: stage-2 faults stall.
+        stall_s2: bool,
     },
+}
+
+/// Why one translation of a transaction did not complete.
+enum Stop {
+    /// Terminated.
+    Fault(SmmuFault),
+    /// Stalled, with the record `event` (Stall = 1, its STAG) written.
+    Stalled(Event, Arc<Stalled>),
 }
 
 /// The CD index a transaction's SubstreamID selects when it selects one (the cases in
@@ -113,6 +128,11 @@ pub(super) fn fetch_ste<M: PhysMem + ?Sized>(
 impl Smmu {
     /// Translates an access of `access` to `addr` by the device with StreamID `sid`, with
     /// SubstreamID `ssid` when the transaction carries one.
+    ///
+    /// A fault the stream's configuration stalls holds the transaction: this call waits,
+    /// without the SMMU's state lock, until CMD_RESUME Retry (it translates again),
+    /// CMD_RESUME Abort/Terminate or CMD_STALL_TERM (the fault is returned, its record
+    /// showing Stall = 1).
     pub fn translate(
         &self,
         sid: u32,
@@ -120,11 +140,72 @@ impl Smmu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<SmmuTranslation, SmmuFault> {
+        loop {
+            let (event, slot) = match self.translate_once(sid, ssid, addr, access, true) {
+                Ok(t) => return Ok(t),
+                Err(Stop::Fault(f)) => return Err(f),
+                Err(Stop::Stalled(event, slot)) => (event, slot),
+            };
+            let outcome = slot.wait(self.stall_timeout).unwrap_or_else(|| {
+                // Timed out: terminate it unless a command resolved it meanwhile.
+                self.lock().stalls.release(sid, event.stag, &slot);
+                if slot.resolve(Outcome::Terminate) {
+                    Smmu::count(&self.stats.stalls_terminated);
+                    tracing::warn!(sid, stag = event.stag, "SMMU stall timed out");
+                }
+                slot.outcome().unwrap_or(Outcome::Terminate)
+            });
+            match outcome {
+                Outcome::Retry => Smmu::count(&self.stats.stalls_retried),
+                Outcome::Terminate => {
+                    return Err(SmmuFault::Event {
+                        event,
+                        recorded: true,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Translates as [`Smmu::translate`] does, but a fault never stalls: a request that
+    /// needs an answer at once (a PCIe ATS translation request, §3.12.2) is terminated.
+    pub fn translate_terminating(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<SmmuTranslation, SmmuFault> {
+        self.translate_once(sid, ssid, addr, access, false)
+            .map_err(|stop| match stop {
+                Stop::Fault(f) => f,
+                // Unreachable by construction; terminate rather than hold it.
+                Stop::Stalled(event, slot) => {
+                    self.lock().stalls.release(sid, event.stag, &slot);
+                    slot.resolve(Outcome::Terminate);
+                    SmmuFault::Event {
+                        event,
+                        recorded: true,
+                    }
+                }
+            })
+    }
+
+    /// One translation of the transaction; a stalling fault is recorded and left for
+    /// [`Smmu::translate`] to wait on.
+    fn translate_once(
+        &self,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+        may_stall: bool,
+    ) -> Result<SmmuTranslation, Stop> {
         let mut state = self.lock();
         if state.regs.cr0ack() & cr0::SMMUEN == 0 {
             let gbpa = state.regs.read(offset::GBPA, 4).unwrap_or(0) as u32;
             return if gbpa & GBPA_ABORT != 0 {
-                Err(SmmuFault::Abort)
+                Err(Stop::Fault(SmmuFault::Abort))
             } else {
                 Ok(identity(addr))
             };
@@ -134,7 +215,7 @@ impl Smmu {
             Err(f) => {
                 let event = Event::from_config_fault(sid, ssid, access, &f);
                 let recorded = self.record_event(&mut state, &event);
-                return Err(SmmuFault::Event { event, recorded });
+                return Err(Stop::Fault(SmmuFault::Event { event, recorded }));
             }
         };
         let Path::Walk {
@@ -143,11 +224,13 @@ impl Smmu {
             stages,
             record_s1,
             record_s2,
+            stall_s1,
+            stall_s2,
         } = path
         else {
             return match path {
                 Path::Bypass => Ok(identity(addr)),
-                _ => Err(SmmuFault::Abort),
+                _ => Err(Stop::Fault(SmmuFault::Abort)),
             };
         };
         if let Some(e) = state.tlb.lookup(vmid, tag, access.privileged, addr) {
@@ -190,16 +273,39 @@ impl Smmu {
                 })
             }
             Err(f) => {
-                let event = Event::from_walk_fault(sid, ssid, access, &f);
-                // CD.R and STE.S2R govern the translation-related faults (§5.4, §5.2);
-                // external aborts are always recorded.
-                let record = match (f.kind, f.stage) {
-                    (FaultKind::WalkEabt, _) => true,
-                    (_, FaultStage::Stage1) => record_s1,
-                    (_, FaultStage::Stage2 { .. }) => record_s2,
+                let mut event = Event::from_walk_fault(sid, ssid, access, &f);
+                // CD.S and STE.S2S choose the stall model for the translation-related
+                // faults (§3.12.2); external aborts terminate.
+                let (record, stall) = match (f.kind, f.stage) {
+                    (FaultKind::WalkEabt, _) => (true, false),
+                    (_, FaultStage::Stage1) => (record_s1, stall_s1),
+                    (_, FaultStage::Stage2 { .. }) => (record_s2, stall_s2),
                 };
+                if stall && may_stall {
+                    // A stalled fault is recorded whatever CD.R or STE.S2R say: software
+                    // needs its STAG to resume it.
+                    match state.stalls.hold(sid, self.stall_limit) {
+                        Some((stag, slot)) => {
+                            event.stall = true;
+                            event.stag = stag;
+                            if self.record_event(&mut state, &event) {
+                                Smmu::count(&self.stats.stalls);
+                                return Err(Stop::Stalled(event, slot));
+                            }
+                            // Nobody can learn the STAG: terminate it.
+                            state.stalls.release(sid, stag, &slot);
+                            slot.resolve(Outcome::Terminate);
+                            Smmu::count(&self.stats.stalls_refused);
+                            return Err(Stop::Fault(SmmuFault::Event {
+                                event,
+                                recorded: false,
+                            }));
+                        }
+                        None => Smmu::count(&self.stats.stalls_refused),
+                    }
+                }
                 let recorded = record && self.record_event(&mut state, &event);
-                Err(SmmuFault::Event { event, recorded })
+                Err(Stop::Fault(SmmuFault::Event { event, recorded }))
             }
         }
     }
@@ -332,12 +438,14 @@ impl Smmu {
 /// The path of a transaction through `ste` (stage 2 `s2` when it translates) and its CD.
 pub(super) fn path_of(ste: &Ste, s2: Option<S2Config>, cd: Option<CachedCd>) -> Path {
     let vmid = ste.s2vmid;
-    let walk = |tag, stages, record_s1| Path::Walk {
+    let walk = |tag, stages, cd: Option<&CachedCd>| Path::Walk {
         vmid,
         tag,
         stages,
-        record_s1,
+        record_s1: cd.is_some_and(|cd| cd.cd.r),
         record_s2: ste.s2r,
+        stall_s1: cd.is_some_and(|cd| cd.cd.s) && !ste.s1stalld,
+        stall_s2: ste.s2s,
     };
     match (ste.config, cd, s2) {
         (Config::Abort, ..) => Path::Abort,
@@ -345,15 +453,15 @@ pub(super) fn path_of(ste: &Ste, s2: Option<S2Config>, cd: Option<CachedCd>) -> 
         (Config::S1Trans, Some(cd), _) => walk(
             TlbTag::Stage1 { asid: cd.cd.asid },
             Stages::S1(cd.s1),
-            cd.cd.r,
+            Some(&cd),
         ),
         (Config::Nested, Some(cd), Some(s2)) => walk(
             TlbTag::Nested { asid: cd.cd.asid },
             Stages::Nested(cd.s1, s2),
-            cd.cd.r,
+            Some(&cd),
         ),
         (Config::S2Trans | Config::Nested, _, Some(s2)) => {
-            walk(TlbTag::Stage2, Stages::S2(s2), false)
+            walk(TlbTag::Stage2, Stages::S2(s2), None)
         }
         // Stage 2 translates for these Configs, so `s2` is present.
         (Config::S2Trans | Config::Nested, _, None) => Path::Abort,
