@@ -18,7 +18,7 @@ use vsva_hw::dma::{
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_smmuv3::desc::Descriptor as D;
-use vsva_smmuv3::{ContextDescriptor, Features, PageSize, TableBuilder};
+use vsva_smmuv3::{ContextDescriptor, Features, PageSize, StallModel, TableBuilder};
 use vsva_uapi::iommu::{
     ARM_PGTBL_64_LPAE_S1, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
     IOMMU_NESTING_FEAT_CACHE_INVLD,
@@ -924,4 +924,143 @@ fn interrupts_stop_cleanly_and_records_queued_meanwhile_are_served_on_enable() {
     let weak = Arc::downgrade(&smmu);
     drop(smmu);
     wait_until("the SMMU host to be dropped", || weak.strong_count() == 0);
+}
+
+/// A host whose SMMU can stall (IDR0.STALL_MODEL 0b00).
+fn stall_host() -> Host {
+    host_with(SmmuConfig {
+        strict: true,
+        features: Features {
+            stall_model: StallModel::StallAndTerminate,
+            ..Features::VSVA
+        },
+        ..SmmuConfig::default()
+    })
+}
+
+/// The guest driver sets CD.S in its process's CD: its faults stall (Linux sets it for a
+/// master with `stall_enabled`).
+fn stall_faults(g: &Guest) {
+    let cd = ContextDescriptor {
+        s: true,
+        ..Guest::cd()
+    };
+    for (i, w) in cd.encode().iter().enumerate() {
+        g.phys()
+            .write_u64(CD_GPA + SSID as u64 * 64 + 8 * i as u64, *w)
+            .unwrap();
+    }
+}
+
+/// Starts a copy of 100 bytes from SRC_GVA to `dst` on a thread of the device; the thread
+/// returns how many descriptors completed.
+fn copy_on_a_thread(g: &Guest, dst: u64) -> std::thread::JoinHandle<usize> {
+    g.write(COMP_GPA, &[0; 32]);
+    let d = Descriptor {
+        pasid: pasid(),
+        privileged: false,
+        block_on_fault: false,
+        completion: CompletionRequest::Always(COMP_GVA),
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst,
+            size: 100,
+        },
+    };
+    g.dev.portal_write(0, &d.encode()).unwrap();
+    let dev = g.dev.clone();
+    std::thread::spawn(move || dev.process())
+}
+
+#[test]
+fn a_stalled_dma_reaches_the_container_and_its_response_resumes_it() {
+    let host = stall_host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(9));
+    host.smmu.set_stall_capable(g.sid.rid() as u32, true);
+    stall_faults(&g);
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let mut other = Guest::new(&host, &alloc, sid(10));
+    let lazy = 0x7f00_dead_0000;
+    let data = pattern(100, 7);
+    g.write(SRC_GPA, &data);
+    let dma = copy_on_a_thread(&g, lazy + 8);
+    wait_until("the stall", || {
+        host.hw.stalled(Some(g.sid.rid() as u32)) == 1
+    });
+    // The event queue handler gives the stalled transaction to the container as a page
+    // request whose group is the STAG.
+    host.smmu.handle_queues();
+    let faults = g.c().read_faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    let req = faults[0].request;
+    assert_eq!((faults[0].sid, req.pasid, req.addr), (g.sid, pasid(), lazy));
+    assert!(req.write && req.last_page && req.needs_pasid);
+    assert_eq!(host.smmu.irq_stats().stalls, 1);
+    // Another VM cannot resume it: it has no such group pending.
+    let resume = PageResponse {
+        pasid: pasid(),
+        grpid: req.grpid,
+        code: PageResponseCode::Success,
+    };
+    assert!(other.c().page_response(&resume).is_err());
+    assert_eq!(host.hw.stalled(None), 1);
+    // The guest maps the page; the response goes down as CMD_RESUME Retry.
+    g.map(lazy, NEW_DST_GPA, 1);
+    g.c().page_response(&resume).unwrap();
+    assert_eq!(dma.join().unwrap(), 1);
+    let r = CompletionRecord::from_bytes(&g.read(COMP_GPA, 32).try_into().unwrap()).unwrap();
+    assert_eq!(r.status, CompletionStatus::Success, "{r:?}");
+    assert_eq!(g.read(NEW_DST_GPA + 8, 100), data);
+    assert_eq!(host.hw.stalled(None), 0);
+    assert!(g.c().pending_page_requests().is_empty());
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+#[test]
+fn a_device_that_cannot_stall_never_stalls_whatever_the_guests_cd_says() {
+    let host = stall_host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(11));
+    stall_faults(&g);
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    // STE.S1STALLD: the fault terminates at once, as an unrecoverable fault.
+    let status = g.memmove(
+        pasid(),
+        SRC_GVA,
+        0x7f00_dead_0000,
+        100,
+        (COMP_GVA, COMP_GPA),
+    );
+    assert_eq!(status, CompletionStatus::PageFault);
+    assert_eq!(host.hw.stalled(None), 0);
+    host.smmu.handle_queues();
+    let faults = g.c().read_unrecoverable_faults();
+    assert_eq!(faults.len(), 1, "{faults:?}");
+    assert!(g.c().read_faults().is_empty());
+    assert_eq!(host.smmu.irq_stats().stalls, 0);
+}
+
+#[test]
+fn a_vm_that_dies_with_a_stall_outstanding_leaves_nothing_held() {
+    let host = stall_host();
+    let alloc = allocator();
+    let mut g = Guest::new(&host, &alloc, sid(12));
+    let stream = g.sid.rid() as u32;
+    host.smmu.set_stall_capable(stream, true);
+    stall_faults(&g);
+    let table = g.table();
+    g.c().attach_pasid_table(&table).unwrap();
+    let dma = copy_on_a_thread(&g, 0x7f00_dead_0000);
+    wait_until("the stall", || host.hw.stalled(Some(stream)) == 1);
+    host.smmu.handle_queues();
+    assert_eq!(g.c().pending_page_requests().len(), 1);
+    // The VMM exits: closing the container aborts the stalled transaction.
+    g.container = None;
+    dma.join().unwrap();
+    assert_eq!(host.hw.stalled(None), 0);
+    assert!(host.smmu.owned_streams().is_empty());
+    assert!(host.smmu.vmids().is_empty());
 }

@@ -194,7 +194,8 @@ impl SmmuDomain {
         if !present {
             self.host.claim_stream(sid, self.vmid)?;
         }
-        if let Err(e) = self.host.driver().write_ste(sid, ste) {
+        let ste = self.host.stream_ste(sid, ste);
+        if let Err(e) = self.host.driver().write_ste(sid, ste.as_ref()) {
             if !present {
                 self.host.release_stream(sid);
             }
@@ -320,9 +321,9 @@ impl SmmuDomain {
         let mut drv = self.host.driver();
         let mut done = Vec::new();
         for &sid in &self.devices {
-            if let Err(e) = drv.write_ste(sid, ste) {
+            if let Err(e) = drv.write_ste(sid, self.host.stream_ste(sid, ste).as_ref()) {
                 for &s in &done {
-                    if let Err(e) = drv.write_ste(s, previous) {
+                    if let Err(e) = drv.write_ste(s, self.host.stream_ste(s, previous).as_ref()) {
                         tracing::error!("smmuv3: restoring the STE of {s:#x}: {e}");
                     }
                 }
@@ -459,6 +460,7 @@ impl SmmuDomain {
             });
         }
         let ste = self.ste(self.pasid_table.as_ref())?;
+        let ste = self.host.stream_ste(sid, ste.as_ref());
         self.host.claim_stream(sid, self.vmid)?;
         if let Err(e) = self.host.driver().write_ste(sid, ste.as_ref()) {
             self.host.release_stream(sid);
@@ -752,8 +754,10 @@ impl IommuBackend for SmmuDomain {
         self.host.set_sink(self.vmid, sink);
     }
 
-    /// CMD_PRI_RESP to the stream (the nested series' `arm_smmu_page_response`): Success,
-    /// Invalid → Deny, Failure → Fail.
+    /// The response to a page request (the nested series' `arm_smmu_page_response`): for a
+    /// stream that may stall, CMD_RESUME of the stalled transaction whose STAG is the
+    /// group id (Success → Retry, Invalid and Failure → Abort); otherwise CMD_PRI_RESP
+    /// (Success, Invalid → Deny, Failure → Fail).
     fn page_response(
         &mut self,
         sid: SourceId,
@@ -763,6 +767,25 @@ impl IommuBackend for SmmuDomain {
         let s = sid.rid() as u32;
         if !self.devices.contains(&s) {
             return Err(HostError::DeviceNotAttached(sid));
+        }
+        if self.host.stall_enabled(s) {
+            let stag = u16::try_from(request.grpid)
+                .map_err(|_| invalid(format!("STAG {} is wider than 16 bits", request.grpid)))?;
+            let action = match response.code {
+                PageResponseCode::Success => vsva_smmuv3::ResumeAction::Retry,
+                PageResponseCode::Invalid | PageResponseCode::Failure => {
+                    vsva_smmuv3::ResumeAction::Abort
+                }
+            };
+            return self
+                .host
+                .driver()
+                .issue(&[Cmd::Resume {
+                    sid: s,
+                    action,
+                    stag,
+                }])
+                .map_err(driver_error);
         }
         let resp = match response.code {
             PageResponseCode::Success => vsva_smmuv3::PriResp::Success,

@@ -58,6 +58,10 @@ pub struct IrqStats {
     pub page_requests: u64,
     /// PRI queue overflows found and acknowledged.
     pub priq_overflows: u64,
+    /// Stalled transactions delivered to a container as page requests.
+    pub stalls: u64,
+    /// Stalled transactions aborted at once (no container took them).
+    pub stalls_aborted: u64,
     /// GERROR interrupts that found active errors, which were then acknowledged.
     pub gerrors: u64,
     /// Every global error bit acknowledged so far, OR-ed.
@@ -71,6 +75,8 @@ pub(super) struct Counters {
     event_overflows: AtomicU64,
     page_requests: AtomicU64,
     priq_overflows: AtomicU64,
+    stalls: AtomicU64,
+    stalls_aborted: AtomicU64,
     gerrors: AtomicU64,
     gerror_bits: AtomicU64,
 }
@@ -84,6 +90,8 @@ impl Counters {
             event_overflows: l(&self.event_overflows),
             page_requests: l(&self.page_requests),
             priq_overflows: l(&self.priq_overflows),
+            stalls: l(&self.stalls),
+            stalls_aborted: l(&self.stalls_aborted),
             gerrors: l(&self.gerrors),
             gerror_bits: l(&self.gerror_bits) as u32,
         }
@@ -95,6 +103,16 @@ impl Counters {
         if overflowed {
             self.event_overflows.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts one stall event, `delivered` to a container or aborted.
+    pub(super) fn stall(&self, delivered: bool) {
+        let c = if delivered {
+            &self.stalls
+        } else {
+            &self.stalls_aborted
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one drain of the PRI queue.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_hw::smmuv3::Smmu;
 use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
-use vsva_smmuv3::{Features, PriResp, RegError};
+use vsva_smmuv3::{Cmd, Event, Features, PriResp, RegError, ResumeAction, StallModel, Ste};
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver};
 use vsva_uapi::request::PageRequest;
 use vsva_vtd::{Hpa, Pasid, SourceId};
@@ -68,6 +68,8 @@ struct HostState {
     sinks: BTreeMap<u16, FaultSink>,
     /// The vIOMMU event sink and vSID of each stream nested under a vIOMMU.
     vmasters: BTreeMap<u32, (Arc<dyn VeventSink>, u32)>,
+    /// Streams whose devices can stall (the firmware's `dma-can-stall`).
+    can_stall: BTreeSet<u32>,
 }
 
 /// One physical SMMU.
@@ -194,6 +196,75 @@ impl SmmuHost {
         self.state().owners.iter().map(|(&s, &v)| (s, v)).collect()
     }
 
+    /// Declares whether the device of stream `sid` can stall its transactions (the
+    /// firmware's `dma-can-stall` property, which Linux reads into `stall_enabled`): a
+    /// platform device that waits while the SMMU holds a faulting transaction. It takes
+    /// effect for the STEs written from then on, and only when the SMMU can stall
+    /// (IDR0.STALL_MODEL 0b00 or 0b10).
+    pub fn set_stall_capable(&self, sid: u32, can_stall: bool) {
+        let mut s = self.state();
+        if can_stall {
+            s.can_stall.insert(sid);
+        } else {
+            s.can_stall.remove(&sid);
+        }
+    }
+
+    /// Whether stream `sid`'s faults may stall (Linux's `master->stall_enabled`).
+    pub(crate) fn stall_enabled(&self, sid: u32) -> bool {
+        self.features.stall_model != StallModel::Terminate && self.state().can_stall.contains(&sid)
+    }
+
+    /// `ste` as stream `sid` gets it: when streams may choose (STALL_MODEL 0b00), STE.S1STALLD
+    /// keeps the stage-1 faults of a device that cannot stall from stalling whatever the
+    /// (guest's) CD.S says (`arm_smmu_write_strtab_ent`).
+    pub(crate) fn stream_ste(&self, sid: u32, ste: Option<&Ste>) -> Option<Ste> {
+        ste.map(|ste| Ste {
+            s1stalld: ste.config.stage1()
+                && self.features.stall_model == StallModel::StallAndTerminate
+                && !self.stall_enabled(sid),
+            ..*ste
+        })
+    }
+
+    /// A stalled transaction's event (`arm_smmu_handle_evt` for a stall-enabled master):
+    /// a stage-1 stall of a stream that may stall goes to the owning domain's container as
+    /// an `iommu_fault` page request whose group id is the STAG, answered through
+    /// [`page_response`](crate::IommuBackend::page_response) by CMD_RESUME; any other
+    /// stall, or one nobody takes, is aborted at once. Whether it was delivered.
+    fn stall_event(&self, drv: &mut Driver, e: &Event) -> bool {
+        let sid = SourceId::from_rid(e.sid as u16);
+        let request = PageRequest {
+            pasid: e.ssid.and_then(|s| Pasid::new(s).ok()),
+            grpid: e.stag as u32,
+            read: e.rnw,
+            write: !e.rnw,
+            exec: e.ind,
+            privileged: e.pnu,
+            addr: e.input_addr & !0xfff,
+            last_page: true,
+            needs_pasid: e.ssid.is_some(),
+            private_data: None,
+        };
+        let taken = !e.s2
+            && e.sid <= u16::MAX as u32
+            && self.stall_enabled(e.sid)
+            && self
+                .sink_of(e.sid)
+                .is_some_and(|s| s.report(sid, request).is_ok());
+        if !taken {
+            let abort = Cmd::Resume {
+                sid: e.sid,
+                action: ResumeAction::Abort,
+                stag: e.stag,
+            };
+            if let Err(err) = drv.issue(&[abort]) {
+                tracing::error!("smmuv3: CMD_RESUME: {err}");
+            }
+        }
+        taken
+    }
+
     /// The STE of stream `sid` as the table holds it (`None` while it has none).
     pub fn ste(&self, sid: u32) -> Option<[u64; 8]> {
         self.driver().read_ste(sid).ok().flatten()
@@ -246,9 +317,10 @@ impl SmmuHost {
     /// Serves both queues and GERROR once, as the interrupt thread does when all three
     /// MSIs arrived (for an owner that polls instead): the event queue handler
     /// (`arm_smmu_evtq_thread`): each record is logged; a stream nested under a vIOMMU
-    /// gets its records that are not stage 2's nor stalls in the vIOMMU's vEVENT queue,
-    /// with its vSID; otherwise the guest's own faults (see `event::guest_fault`) go to the
-    /// container as `IOMMU_FAULT_DMA_UNRECOV` records; then
+    /// gets its records that are not stage 2's in the vIOMMU's vEVENT queue, with its
+    /// vSID; a stalled transaction goes to the container as a page request (see
+    /// `stall_event`); otherwise the guest's own faults (see `event::guest_fault`) go to
+    /// the container as `IOMMU_FAULT_DMA_UNRECOV` records; then
     /// global errors are handled; then the PRI queue handler (`arm_smmu_priq_thread` with
     /// the nested series' fault reporting): each page request of a stream a domain holds
     /// goes to that domain's container as an `iommu_fault` page request (PASID =
@@ -275,7 +347,12 @@ impl SmmuHost {
             .events(events.records.len(), events.overflowed);
         for e in &events.records {
             tracing::debug!(?e, "smmuv3: event");
-            if !e.stall && !e.s2 {
+            if e.stall {
+                let delivered = self.stall_event(&mut drv, e);
+                self.irq_counters.stall(delivered);
+                continue;
+            }
+            if !e.s2 {
                 if let Some((sink, vsid)) = self.vmaster_of(e.sid) {
                     sink.report(vevent(e, vsid));
                     continue;
