@@ -2,11 +2,12 @@
 //! allocated PASID (at most 64 bytes beyond the fixed bitmap, at most 64 with it at 1 %
 //! occupancy, everything returned on destroy), and the heap cost per PASID and per bound
 //! PASID that `vsva bench` reports (from glibc's allocator statistics) against that count.
-//! In their own process, one test at a time, so that no other test allocates meanwhile.
+//! In their own process, as one test that runs the checks in turn: no other test thread
+//! exists, so none allocates meanwhile, and none exits meanwhile (a thread's exit hands its
+//! allocator cache back, which glibc's statistics would see as freed).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use vsva_host::PasidAllocator;
 use vsva_testbed::bench::pasid::PasidChurn;
@@ -44,16 +45,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Held by each test: the counts are of the whole process.
-static ALONE: Mutex<()> = Mutex::new(());
-
-fn alone() -> MutexGuard<'static, ()> {
-    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+/// The counts are of the whole process: the checks run one after the other in one test.
+#[test]
+fn heap_figures_agree_with_a_count_of_every_allocation() {
+    heap_per_pasid_agrees_with_a_count_of_every_allocation();
+    heap_per_bound_pasid_agrees_with_a_count_of_every_allocation();
+    at_most_64_bytes_per_pasid();
+    at_most_64_bytes_per_pasid_at_one_percent_with_the_fixed_tables();
 }
 
-#[test]
 fn heap_per_pasid_agrees_with_a_count_of_every_allocation() {
-    let _alone = alone();
     let before = LIVE.load(Ordering::Relaxed);
     let churn = PasidChurn::new(0.1).unwrap();
     // The count includes the workload's own list of held PASIDs, which the reported
@@ -68,9 +69,7 @@ fn heap_per_pasid_agrees_with_a_count_of_every_allocation() {
     );
 }
 
-#[test]
 fn heap_per_bound_pasid_agrees_with_a_count_of_every_allocation() {
-    let _alone = alone();
     let vm = BenchVm::new().unwrap();
     let n = 512;
     let before = LIVE.load(Ordering::Relaxed);
@@ -87,9 +86,7 @@ fn heap_per_bound_pasid_agrees_with_a_count_of_every_allocation() {
     assert_eq!(m.per_pasid(), (m.heap + m.tables) as f64 / f64::from(n));
 }
 
-#[test]
 fn at_most_64_bytes_per_pasid() {
-    let _alone = alone();
     let mut a = PasidAllocator::new();
     let sets: Vec<_> = (0..200).map(|_| a.create_set(1000)).collect();
     let base = LIVE.load(Ordering::Relaxed);
@@ -120,9 +117,7 @@ fn at_most_64_bytes_per_pasid() {
 
 /// Everything counted (bitmap, owner table, set table, member lists) at 1 % occupancy,
 /// the PASIDs at random positions across the space: at most 64 bytes per PASID.
-#[test]
 fn at_most_64_bytes_per_pasid_at_one_percent_with_the_fixed_tables() {
-    let _alone = alone();
     let base = LIVE.load(Ordering::Relaxed);
     let mut a = PasidAllocator::new();
     let sets: Vec<_> = (0..1000).map(|_| a.create_set(12)).collect();
