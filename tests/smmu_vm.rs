@@ -4,90 +4,21 @@
 //! the host with exactly the live VM's holdings: its STE aborts again with no CD-table
 //! pointer, its VMID is free and no TLB entry carries it. Every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Instant;
 
 use vsva_service::{HostConfig, IommuArch, RemoteFile, Report, Service};
 use vsva_testbed::demo::{DemoOptions, VmReport};
 use vsva_testbed::smmu_demo;
 
 mod common;
-use common::{settle, start_host, stop_clean, wait_exit, WAIT};
-
-/// A `vsva vm --iommu smmuv3` process with its stdout read line by line on a thread.
-struct VmProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl VmProcess {
-    fn start(host: &Path, args: &[&str]) -> VmProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
-            .args(["vm", "--iommu", "smmuv3", "--socket"])
-            .arg(host)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("vsva vm starts");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        VmProcess {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (bounded) for the line `want`.
-    fn wait_line(&mut self, want: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.seen.iter().any(|l| l == want) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!("vsva vm never printed {want:?}: {:?}", self.seen),
-            }
-        }
-    }
-
-    /// Lets it go on, waits (bounded) for its exit; its status code, stdout and stderr.
-    fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
-        drop(self.stdin.take());
-        let status = wait_exit(&mut self.child);
-        let deadline = Instant::now() + WAIT;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(line);
-        }
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status.code(), self.seen, err)
-    }
-}
+use common::{settle, start_host, stop_clean, wait_exit};
+#[path = "common/vm_process.rs"]
+mod vm_process;
+use vm_process::VmProcess;
 
 fn in_process(seed: u64, vms: usize) -> vsva_testbed::demo::DemoSummary {
     smmu_demo::run(
@@ -112,6 +43,8 @@ fn an_smmu_vm_process_runs_the_demo_against_an_smmu_host_process_with_the_in_pro
     let vm = VmProcess::start(
         host.socket(),
         &[
+            "--iommu",
+            "smmuv3",
             "--seed",
             "3",
             "--processes",
@@ -275,6 +208,8 @@ fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
     let mut live = VmProcess::start(
         &served.path,
         &[
+            "--iommu",
+            "smmuv3",
             "--seed",
             "9",
             "--processes",
@@ -300,6 +235,8 @@ fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
         let mut victim = VmProcess::start(
             &served.path,
             &[
+                "--iommu",
+                "smmuv3",
                 "--index",
                 "1",
                 "--processes",

@@ -2,96 +2,18 @@
 //! the same vmm and guest code as in one process and finds the same counts; a host that
 //! goes away makes it fail clearly. Every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::Receiver;
-use std::time::Instant;
+use std::io::Read;
+use std::process::{Command, Stdio};
 
 use vsva_service::protocol::HostState;
 use vsva_testbed::demo::{self, DemoOptions, VmReport};
 use vsva_testbed::stack::Uapi;
 
 mod common;
-use common::{settle, start_host, stop_clean, wait_exit, WAIT};
-
-/// A `vsva vm` process with its stdout read line by line on a thread.
-struct VmProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl VmProcess {
-    fn start(host: &Path, args: &[&str]) -> VmProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
-            .arg("vm")
-            .arg("--socket")
-            .arg(host)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("vsva vm starts");
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        VmProcess {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (bounded) for the line `want`.
-    fn wait_line(&mut self, want: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.seen.iter().any(|l| l == want) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!("vsva vm never printed {want:?}: {:?}", self.seen),
-            }
-        }
-    }
-
-    /// Lets a paused VM go on.
-    fn resume(&mut self) {
-        drop(self.stdin.take());
-    }
-
-    /// Waits (bounded) for the exit; its status code, stdout lines and stderr.
-    fn finish(mut self) -> (Option<i32>, Vec<String>, String) {
-        self.resume();
-        let status = wait_exit(&mut self.child);
-        self.seen.extend(self.lines.try_iter());
-        let deadline = Instant::now() + WAIT;
-        // The reader thread sees the end of stdout once the process is gone.
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.seen.push(line);
-        }
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status.code(), self.seen, err)
-    }
-}
+use common::{settle, start_host, stop_clean, wait_exit};
+#[path = "common/vm_process.rs"]
+mod vm_process;
+use vm_process::VmProcess;
 
 /// `vsva vm --uapi <uapi>` against a host process finds the counts of the same workload
 /// over the same uAPI in one process, and its exit leaves the host as it was.
