@@ -4,9 +4,7 @@
 //! the host with exactly the live VM's holdings: its STE aborts again with no CD-table
 //! pointer, its VMID is free and no TLB entry carries it. Every wait is bounded.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -15,10 +13,10 @@ use vsva_testbed::demo::{DemoOptions, VmReport};
 use vsva_testbed::smmu_demo;
 
 mod common;
-use common::{settle, start_host, stop_clean, wait_exit};
+use common::{settle, start_host, stop_clean};
 #[path = "common/vm_process.rs"]
 mod vm_process;
-use vm_process::VmProcess;
+use vm_process::{run_vsva, VmProcess};
 
 fn in_process(seed: u64, vms: usize) -> vsva_testbed::demo::DemoSummary {
     smmu_demo::run(
@@ -83,40 +81,20 @@ fn an_smmu_vm_process_runs_the_demo_against_an_smmu_host_process_with_the_in_pro
 
 #[test]
 fn the_split_smmu_demo_prints_the_in_process_summary_line() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
-        .args([
-            "demo",
-            "--split",
-            "--iommu",
-            "smmuv3",
-            "--seed",
-            "5",
-            "--vms",
-            "2",
-            "--processes",
-            "2",
-            "--bytes",
-            "65536",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_exit(&mut child);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, out, err) = run_vsva(&[
+        "demo",
+        "--split",
+        "--iommu",
+        "smmuv3",
+        "--seed",
+        "5",
+        "--vms",
+        "2",
+        "--processes",
+        "2",
+        "--bytes",
+        "65536",
+    ]);
     assert!(status.success(), "{out}\n{err}");
     let local = in_process(5, 2);
     assert_eq!(local.errors, 0);

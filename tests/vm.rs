@@ -2,18 +2,15 @@
 //! the same vmm and guest code as in one process and finds the same counts; a host that
 //! goes away makes it fail clearly. Every wait is bounded.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-
 use vsva_service::protocol::HostState;
 use vsva_testbed::demo::{self, DemoOptions, VmReport};
 use vsva_testbed::stack::Uapi;
 
 mod common;
-use common::{settle, start_host, stop_clean, wait_exit};
+use common::{settle, start_host, stop_clean};
 #[path = "common/vm_process.rs"]
 mod vm_process;
-use vm_process::VmProcess;
+use vm_process::{run_vsva, VmProcess};
 
 /// `vsva vm --uapi <uapi>` against a host process finds the counts of the same workload
 /// over the same uAPI in one process, and its exit leaves the host as it was.
@@ -111,40 +108,20 @@ fn a_vm_whose_host_is_killed_fails_clearly_with_a_non_zero_exit() {
 /// demos (each alone, its seed) over that uAPI; each VM's cross-VM checks found
 /// `refusals` refusals.
 fn the_split_demo_prints_the_demos_summary_line(uapi: Uapi, refusals: usize) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
-        .args([
-            "demo",
-            "--split",
-            "--seed",
-            "5",
-            "--vms",
-            "2",
-            "--processes",
-            "2",
-            "--bytes",
-            "65536",
-            "--uapi",
-            uapi_arg(uapi),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_exit(&mut child);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, out, err) = run_vsva(&[
+        "demo",
+        "--split",
+        "--seed",
+        "5",
+        "--vms",
+        "2",
+        "--processes",
+        "2",
+        "--bytes",
+        "65536",
+        "--uapi",
+        uapi_arg(uapi),
+    ]);
     assert!(status.success(), "{out}\n{err}");
     // VM i runs seed + i: the same counts as each VM's demo alone in one process.
     let alone = |seed| {
@@ -193,30 +170,17 @@ fn the_split_demo_prints_the_demos_summary_line(uapi: Uapi, refusals: usize) {
 
 #[test]
 fn the_split_demo_without_uapi_runs_type1_then_iommufd_with_a_summary_each() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vsva"))
-        .args([
-            "demo",
-            "--split",
-            "--vms",
-            "1",
-            "--processes",
-            "1",
-            "--bytes",
-            "4096",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_exit(&mut child);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let (status, out, _) = run_vsva(&[
+        "demo",
+        "--split",
+        "--vms",
+        "1",
+        "--processes",
+        "1",
+        "--bytes",
+        "4096",
+        "--json",
+    ]);
     assert!(status.success(), "{out}");
     let summaries: Vec<serde_json::Value> = out
         .lines()
