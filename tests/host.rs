@@ -14,10 +14,8 @@ use std::time::Duration;
 use vsva_service::protocol::{self, HostState, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
 use vsva_service::{socket, RemoteFile, SharedRam};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_uapi::{
-    BindGpasid, CacheInvalidate, DmaMap, Errno, InvGranularity, IommuModel, VfioIoctls,
-};
-use vsva_vtd::{Gpa, Iova, Pasid};
+use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, InvGranularity, VfioIoctls};
+use vsva_vtd::{Gpa, Pasid};
 
 mod common;
 #[path = "common/rerun.rs"]
@@ -46,17 +44,7 @@ fn bind_data(p: Pasid) -> BindGpasid {
 fn vmm(path: &Path) -> (RemoteFile, SharedRam) {
     let file = RemoteFile::connect(path).unwrap();
     let ram = SharedRam::new(RAM).unwrap();
-    (&file).set_iommu(IommuModel::Type1Nesting).unwrap();
-    ram.share(&file).unwrap();
-    (&file)
-        .map_dma(&DmaMap {
-            iova: Iova(0),
-            vaddr: ram.addr(),
-            size: RAM,
-            read: true,
-            write: true,
-        })
-        .unwrap();
+    ram.nesting_container(&file).unwrap();
     (file, ram)
 }
 

@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
-use vsva_vtd::SourceId;
+use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
+use vsva_vtd::{Iova, SourceId};
 
 use crate::protocol::{
     encode_request, HostState, Reply, Request, Welcome, CONNECTIONS_FULL, FILE_IOMMUFD,
@@ -534,5 +534,26 @@ impl SharedRam {
     /// Shares the RAM with the host through `file`.
     pub fn share(&self, file: &RemoteFile) -> Result<(), Errno> {
         file.add_memory(self.file.as_fd(), self.addr(), self.size)
+    }
+
+    /// A type1 VMM's set-up of its container `file`: nested translation
+    /// (`VFIO_SET_IOMMU` with the nesting type), this RAM shared (`ADD_MEMORY`) and all of
+    /// it mapped readable and writable at IOVA 0 (`VFIO_IOMMU_MAP_DMA`). A refusal names
+    /// the step and its errno.
+    pub fn nesting_container(&self, file: &RemoteFile) -> Result<(), (&'static str, Errno)> {
+        let mut ioctls = file;
+        ioctls
+            .set_iommu(IommuModel::Type1Nesting)
+            .map_err(|e| ("VFIO_SET_IOMMU", e))?;
+        self.share(file).map_err(|e| ("ADD_MEMORY", e))?;
+        ioctls
+            .map_dma(&DmaMap {
+                iova: Iova(0),
+                vaddr: self.addr(),
+                size: self.size,
+                read: true,
+                write: true,
+            })
+            .map_err(|e| ("VFIO_IOMMU_MAP_DMA", e))
     }
 }

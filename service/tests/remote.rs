@@ -90,17 +90,7 @@ fn bind(hpasid: vsva_vtd::Pasid) -> BindGpasid {
 fn client(path: &std::path::Path) -> (RemoteFile, SharedRam) {
     let file = RemoteFile::connect(path).unwrap();
     let ram = SharedRam::new(RAM).unwrap();
-    (&file).set_iommu(IommuModel::Type1Nesting).unwrap();
-    ram.share(&file).unwrap();
-    (&file)
-        .map_dma(&DmaMap {
-            iova: Iova(0),
-            vaddr: ram.addr(),
-            size: RAM,
-            read: true,
-            write: true,
-        })
-        .unwrap();
+    ram.nesting_container(&file).unwrap();
     (file, ram)
 }
 

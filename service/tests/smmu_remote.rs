@@ -16,8 +16,8 @@ use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descri
 use vsva_service::protocol::HostState;
 use vsva_service::{HostConfig, IommuArch, RemoteFile, Report, Service, SharedRam};
 use vsva_uapi::request::NestingVendor;
-use vsva_uapi::{BindGpasid, DmaMap, Errno, IommuModel, PasidConfig, PasidTableConfig, VfioIoctls};
-use vsva_vtd::{Gpa, Iova, Pasid};
+use vsva_uapi::{BindGpasid, Errno, PasidConfig, PasidTableConfig, VfioIoctls};
+use vsva_vtd::{Gpa, Pasid};
 
 const RAM: u64 = 4 << 20;
 const CD_GPA: u64 = 0x8_0000;
@@ -86,17 +86,7 @@ struct Client {
 fn client(path: &std::path::Path) -> Client {
     let file = RemoteFile::connect(path).unwrap();
     let ram = SharedRam::new(RAM).unwrap();
-    (&file).set_iommu(IommuModel::Type1Nesting).unwrap();
-    ram.share(&file).unwrap();
-    (&file)
-        .map_dma(&DmaMap {
-            iova: Iova(0),
-            vaddr: ram.addr(),
-            size: RAM,
-            read: true,
-            write: true,
-        })
-        .unwrap();
+    ram.nesting_container(&file).unwrap();
     let sid = u32::from(file.device_add().unwrap().rid());
     Client { file, ram, sid }
 }

@@ -28,9 +28,9 @@ use vsva_uapi::iommufd::{
     IOMMU_HWPT_INVALIDATE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
 };
 use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE};
-use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
+use vsva_uapi::{Errno, EventNotifier, UapiFile};
 use vsva_vmm::{GuestPasids, Iommufd, UserBuffer};
-use vsva_vtd::{FlPagingMode, Iova};
+use vsva_vtd::FlPagingMode;
 
 use crate::demo::{self, DemoIommu, DemoOptions, DemoSummary, Target, VmReport};
 use crate::holdings::HostHoldings;
@@ -343,22 +343,8 @@ impl RemoteVm {
         }
         let file = RemoteFile::connect(path)?;
         let ram = SharedRam::new(ram_size)?;
-        let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
-        setup(
-            "VFIO_SET_IOMMU",
-            (&file).set_iommu(IommuModel::Type1Nesting),
-        )?;
-        setup("ADD_MEMORY", ram.share(&file))?;
-        setup(
-            "VFIO_IOMMU_MAP_DMA",
-            (&file).map_dma(&DmaMap {
-                iova: Iova(0),
-                vaddr: ram.addr(),
-                size: ram_size,
-                read: true,
-                write: true,
-            }),
-        )?;
+        ram.nesting_container(&file)
+            .map_err(|(what, errno)| VmError::Setup { what, errno })?;
         let host_sid = file.device_add().map_err(|errno| VmError::Setup {
             what: "DEVICE_ADD",
             errno,

@@ -900,22 +900,8 @@ pub fn run_vm(
     }
     let file = RemoteFile::connect(path)?;
     let ram = SharedRam::new(RAM)?;
-    let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
-    setup(
-        "VFIO_SET_IOMMU",
-        (&file).set_iommu(IommuModel::Type1Nesting),
-    )?;
-    setup("ADD_MEMORY", ram.share(&file))?;
-    setup(
-        "VFIO_IOMMU_MAP_DMA",
-        (&file).map_dma(&DmaMap {
-            iova: Iova(0),
-            vaddr: ram.addr(),
-            size: RAM,
-            read: true,
-            write: true,
-        }),
-    )?;
+    ram.nesting_container(&file)
+        .map_err(|(what, errno)| VmError::Setup { what, errno })?;
     let host_sid = file.device_add().map_err(|errno| VmError::Setup {
         what: "DEVICE_ADD",
         errno,
