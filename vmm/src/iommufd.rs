@@ -70,6 +70,64 @@ pub(crate) fn destroy(file: &dyn UapiFile, id: u32) -> Result<(), Errno> {
     io(file, IOMMU_DESTROY, &arg).map(|_| ())
 }
 
+/// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova` of `ioas`, readable
+/// and writeable.
+pub(crate) fn ioas_map(
+    file: &dyn UapiFile,
+    ioas: u32,
+    user_va: u64,
+    length: u64,
+    iova: u64,
+) -> Result<(), Errno> {
+    let map = IommuIoasMap {
+        size: size_of::<IommuIoasMap>() as u32,
+        flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+        ioas_id: ioas,
+        user_va,
+        length,
+        iova,
+        ..Default::default()
+    };
+    io(file, IOMMU_IOAS_MAP, &map).map(|_| ())
+}
+
+/// `VFIO_DEVICE_BIND_IOMMUFD` of the device of `cdev` to the iommufd numbered `iommufd`:
+/// its device id.
+pub(crate) fn bind_cdev(cdev: &dyn UapiFile, iommufd: i32) -> Result<u32, Errno> {
+    let bind = VfioDeviceBindIommufd {
+        argsz: size_of::<VfioDeviceBindIommufd>() as u32,
+        iommufd,
+        ..Default::default()
+    };
+    Ok(io(cdev, VFIO_DEVICE_BIND_IOMMUFD, &bind)?.out_devid)
+}
+
+/// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` of the device's RID (`pasid` `None`) or of a PASID
+/// (`VFIO_DEVICE_ATTACH_PASID`) to `pt_id`.
+pub(crate) fn attach_cdev(
+    cdev: &dyn UapiFile,
+    pasid: Option<u32>,
+    pt_id: u32,
+) -> Result<(), Errno> {
+    let arg = VfioDeviceAttachIommufdPt {
+        argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
+        flags: pasid.map_or(0, |_| VFIO_DEVICE_ATTACH_PASID),
+        pt_id,
+        pasid: pasid.unwrap_or(0),
+    };
+    io(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &arg).map(|_| ())
+}
+
+/// `VFIO_DEVICE_DETACH_IOMMUFD_PT` of the device's RID (`pasid` `None`) or of a PASID.
+pub(crate) fn detach_cdev(cdev: &dyn UapiFile, pasid: Option<u32>) -> Result<(), Errno> {
+    let arg = VfioDeviceDetachIommufdPt {
+        argsz: size_of::<VfioDeviceDetachIommufdPt>() as u32,
+        flags: pasid.map_or(0, |_| VFIO_DEVICE_DETACH_PASID),
+        pasid: pasid.unwrap_or(0),
+    };
+    io(cdev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &arg).map(|_| ())
+}
+
 /// A buffer of the VMM's own memory (a window of host memory mapped in the VMM, as
 /// guest RAM is), which the host reads structures passed by pointer from.
 pub struct UserBuffer {
@@ -304,16 +362,7 @@ impl Iommufd {
     /// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova`, readable and
     /// writeable (guest RAM at its GPA).
     pub fn map(&self, user_va: u64, length: u64, iova: u64) -> Result<(), Errno> {
-        let map = IommuIoasMap {
-            size: size_of::<IommuIoasMap>() as u32,
-            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id: self.ioas,
-            user_va,
-            length,
-            iova,
-            ..Default::default()
-        };
-        io(&*self.file, IOMMU_IOAS_MAP, &map).map(|_| ())
+        ioas_map(&*self.file, self.ioas, user_va, length, iova)
     }
 
     /// Binds the device of VFIO cdev `cdev` (host requester id `sid`) to the iommufd
@@ -324,12 +373,7 @@ impl Iommufd {
         cdev: Arc<dyn UapiFile>,
         sid: SourceId,
     ) -> Result<Arc<IommufdDevice>, Errno> {
-        let bind = VfioDeviceBindIommufd {
-            argsz: size_of::<VfioDeviceBindIommufd>() as u32,
-            iommufd: self.fd,
-            ..Default::default()
-        };
-        let dev_id = io(&*cdev, VFIO_DEVICE_BIND_IOMMUFD, &bind)?.out_devid;
+        let dev_id = bind_cdev(&*cdev, self.fd)?;
         self.attach_bound(cdev, dev_id, sid)
     }
 
@@ -352,12 +396,7 @@ impl Iommufd {
             ..Default::default()
         };
         let parent = io(&*self.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id;
-        let attach = VfioDeviceAttachIommufdPt {
-            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
-            pt_id: parent,
-            ..Default::default()
-        };
-        if let Err(e) = io(&*cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &attach) {
+        if let Err(e) = attach_cdev(&*cdev, None, parent) {
             let _ = destroy(&*self.file, parent);
             return Err(e);
         }
@@ -625,22 +664,11 @@ impl IommufdDevice {
     }
 
     fn attach_pasid(&self, pasid: Pasid, hwpt: u32) -> Result<(), Errno> {
-        let arg = VfioDeviceAttachIommufdPt {
-            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
-            flags: VFIO_DEVICE_ATTACH_PASID,
-            pt_id: hwpt,
-            pasid: pasid.raw(),
-        };
-        io(&*self.cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &arg).map(|_| ())
+        attach_cdev(&*self.cdev, Some(pasid.raw()), hwpt)
     }
 
     fn detach(&self, pasid: Option<Pasid>) -> Result<(), Errno> {
-        let arg = VfioDeviceDetachIommufdPt {
-            argsz: size_of::<VfioDeviceDetachIommufdPt>() as u32,
-            flags: pasid.map_or(0, |_| VFIO_DEVICE_DETACH_PASID),
-            pasid: pasid.map_or(0, Pasid::raw),
-        };
-        io(&*self.cdev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &arg).map(|_| ())
+        detach_cdev(&*self.cdev, pasid.map(Pasid::raw))
     }
 }
 

@@ -27,7 +27,7 @@ use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{Errno, UapiFile};
 
-use crate::iommufd::{destroy, io, UserBuffer};
+use crate::iommufd::{attach_cdev, bind_cdev, destroy, detach_cdev, io, ioas_map, UserBuffer};
 use crate::viommu::lock;
 
 /// Depth of the vEVENT queue.
@@ -146,16 +146,7 @@ impl SmmuIommufd {
     /// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova`, readable and
     /// writeable (guest RAM at its IPA).
     pub fn map(&self, user_va: u64, length: u64, iova: u64) -> Result<(), Errno> {
-        let map = IommuIoasMap {
-            size: size_of::<IommuIoasMap>() as u32,
-            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id: self.ioas,
-            user_va,
-            length,
-            iova,
-            ..Default::default()
-        };
-        io(&*self.file, IOMMU_IOAS_MAP, &map).map(|_| ())
+        ioas_map(&*self.file, self.ioas, user_va, length, iova)
     }
 
     /// Binds the device of VFIO cdev `cdev` (`VFIO_DEVICE_BIND_IOMMUFD`), attaches its STE
@@ -170,12 +161,7 @@ impl SmmuIommufd {
         vsid: u32,
         open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
     ) -> Result<Arc<SmmuIommufdDevice>, Errno> {
-        let bind = VfioDeviceBindIommufd {
-            argsz: size_of::<VfioDeviceBindIommufd>() as u32,
-            iommufd: self.fd,
-            ..Default::default()
-        };
-        let dev_id = io(&*cdev, VFIO_DEVICE_BIND_IOMMUFD, &bind)?.out_devid;
+        let dev_id = bind_cdev(&*cdev, self.fd)?;
         let mut viommu = lock(&self.viommu);
         let made = viommu.is_none();
         if made {
@@ -192,7 +178,7 @@ impl SmmuIommufd {
                 }
             }
         };
-        if let Err(e) = attach(&*cdev, parent) {
+        if let Err(e) = attach_cdev(&*cdev, None, parent) {
             undo(&mut viommu);
             return Err(e);
         }
@@ -206,7 +192,7 @@ impl SmmuIommufd {
         let vdevice = match io(&*self.file, IOMMU_VDEVICE_ALLOC, &alloc) {
             Ok(a) => a.out_vdevice_id,
             Err(e) => {
-                let _ = detach(&*cdev);
+                let _ = detach_cdev(&*cdev, None);
                 undo(&mut viommu);
                 return Err(e);
             }
@@ -367,25 +353,6 @@ impl Drop for SmmuIommufd {
     }
 }
 
-/// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` of the device's STE (no PASID) to `pt_id`.
-fn attach(cdev: &dyn UapiFile, pt_id: u32) -> Result<(), Errno> {
-    let arg = VfioDeviceAttachIommufdPt {
-        argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
-        pt_id,
-        ..Default::default()
-    };
-    io(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &arg).map(|_| ())
-}
-
-/// `VFIO_DEVICE_DETACH_IOMMUFD_PT` of the device's STE.
-fn detach(cdev: &dyn UapiFile) -> Result<(), Errno> {
-    let arg = VfioDeviceDetachIommufdPt {
-        argsz: size_of::<VfioDeviceDetachIommufdPt>() as u32,
-        ..Default::default()
-    };
-    io(cdev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &arg).map(|_| ())
-}
-
 /// One passthrough device on the VM's iommufd: its cdev, device id, vDEVICE, and the
 /// nested HWPT its STE comes from with the STE words it carries.
 pub struct SmmuIommufdDevice {
@@ -460,7 +427,7 @@ impl SmmuIommufdDevice {
             };
             io(&*self.fd.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id
         };
-        if let Err(e) = attach(&*self.cdev, hwpt) {
+        if let Err(e) = attach_cdev(&*self.cdev, None, hwpt) {
             let _ = destroy(&*self.fd.file, hwpt);
             return Err(e);
         }
@@ -480,7 +447,7 @@ impl SmmuIommufdDevice {
             return Ok(());
         };
         let parent = self.fd.parent().ok_or(Errno::ENOENT)?;
-        attach(&*self.cdev, parent)?;
+        attach_cdev(&*self.cdev, None, parent)?;
         *nested = None;
         destroy(&*self.fd.file, hwpt)
     }
@@ -489,7 +456,7 @@ impl SmmuIommufdDevice {
 impl Drop for SmmuIommufdDevice {
     /// The STE is detached, then its nested HWPT and the vDEVICE are destroyed.
     fn drop(&mut self) {
-        let _ = detach(&*self.cdev);
+        let _ = detach_cdev(&*self.cdev, None);
         if let Some((hwpt, _)) = lock(&self.nested).take() {
             let _ = destroy(&*self.fd.file, hwpt);
         }
