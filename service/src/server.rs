@@ -472,7 +472,12 @@ impl Service {
     /// holds, `page_request_routes` those of them whose domain registered a fault sink,
     /// `page_request_sinks` the sinks, `iotlb` the TLB entries, `context_cache` the
     /// configuration cache's STEs and `pasid_cache` its CDs.
+    ///
+    /// `connections` is read first: a closing connection releases what it held before it
+    /// stops being counted, so a state that counts one connection holds nothing of a
+    /// connection that was closing when it was read.
     pub fn state(&self) -> HostState {
+        let connections = self.counters.live.load(Ordering::Acquire);
         let held = self.holdings();
         let (domain_ids, devices, routes, sinks, iotlb, context_cache, pasid_cache) = match &self.hw
         {
@@ -502,7 +507,7 @@ impl Service {
             }
         };
         HostState {
-            connections: self.counters.live.load(Ordering::Acquire),
+            connections,
             allocated_bytes: self.frames.allocated_bytes(),
             windows: self.counters.windows.load(Ordering::Acquire),
             window_bytes: self.counters.window_bytes.load(Ordering::Acquire),
