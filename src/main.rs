@@ -112,13 +112,13 @@ enum Command {
         #[arg(long, default_value = "4G", value_parser = parse_size)]
         memory: u64,
         /// Connections served at once (one more is refused with EUSERS).
-        #[arg(long, default_value_t = vsva_service::Limits::default().max_connections)]
+        #[arg(long, default_value_t = vsva_service::server::Limits::default().max_connections)]
         max_connections: u32,
         /// Connections one client process may hold at once (one more: EUSERS).
-        #[arg(long, default_value_t = vsva_service::Limits::default().max_connections_per_process)]
+        #[arg(long, default_value_t = vsva_service::server::Limits::default().max_connections_per_process)]
         max_connections_per_process: u32,
         /// PASIDs one connection's container may hold (one more: ENOSPC).
-        #[arg(long, default_value_t = vsva_service::Limits::default().pasid_quota)]
+        #[arg(long, default_value_t = vsva_service::server::Limits::default().pasid_quota)]
         pasid_quota: u32,
         /// The IOMMU model in strict mode: a cached translation used after the tables
         /// changed without its invalidation is a violation, counted in STATE and listed
@@ -428,14 +428,14 @@ fn main() -> ExitCode {
             pasid_quota,
             strict,
         } => {
-            let config = vsva_service::HostConfig {
+            let config = vsva_service::server::HostConfig {
                 iommu: match iommu {
-                    IommuArch::Vtd => vsva_service::IommuArch::Vtd,
-                    IommuArch::Smmuv3 => vsva_service::IommuArch::Smmuv3,
+                    IommuArch::Vtd => vsva_service::server::IommuArch::Vtd,
+                    IommuArch::Smmuv3 => vsva_service::server::IommuArch::Smmuv3,
                 },
                 memory,
                 strict,
-                limits: vsva_service::Limits {
+                limits: vsva_service::server::Limits {
                     max_connections,
                     max_connections_per_process,
                     pasid_quota,

@@ -12,10 +12,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vsva_service::protocol::{self, HostState, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
-use vsva_service::{socket, RemoteFile, SharedRam};
+use vsva_service::{client::RemoteFile, client::SharedRam, socket};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, InvGranularity, VfioIoctls};
-use vsva_vtd::{Gpa, Pasid};
+use vsva_uapi::{
+    error::Errno, file::VfioIoctls, request::BindGpasid, request::CacheInvalidate,
+    request::InvGranularity,
+};
+use vsva_vtd::{addr::Gpa, addr::Pasid};
 
 mod common;
 #[path = "common/rerun.rs"]
@@ -157,7 +160,7 @@ fn a_greedy_client_hits_its_limits_with_clear_errnos_and_another_client_is_unaff
     let (greedy, _ram) = vmm(host.socket());
     let third = RemoteFile::connect(host.socket()).unwrap();
     match RemoteFile::connect(host.socket()) {
-        Err(vsva_service::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
+        Err(vsva_service::client::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
         other => panic!("a fourth connection of one process: {other:?}"),
     }
     // It takes its whole PASID quota on one connection: the next one is ENOSPC.
@@ -454,7 +457,7 @@ fn the_python_client_written_from_the_protocol_spec_runs_against_the_host() {
 /// The guest's view of the vIOMMU's registers (an MMIO BAR trapped to the VMM).
 struct VIommuRegs(std::sync::Arc<vsva_vmm::VIommu>);
 
-impl vsva_guest::Mmio for VIommuRegs {
+impl vsva_guest::iommu::Mmio for VIommuRegs {
     fn read(&self, offset: u64, size: usize) -> u64 {
         self.0.read(offset, size).unwrap_or(u64::MAX)
     }
@@ -467,12 +470,15 @@ impl vsva_guest::Mmio for VIommuRegs {
 #[test]
 fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_page_requests() {
     use std::sync::Arc;
-    use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Process, Prot};
+    use vsva_guest::{
+        frames::GuestFrames, iommu::DeviceConfig, iommu::IommuDriver, process::Process,
+        process::Prot,
+    };
     use vsva_hw::dma::{
         CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation,
     };
     use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
-    use vsva_vtd::{FlPagingMode, Gva, SourceId};
+    use vsva_vtd::{addr::Gva, addr::SourceId, flpte::FlPagingMode};
     const GUEST_SID: SourceId = SourceId::from_rid(0x18);
 
     let host = start_host("vmm", HOST_MEMORY, &[]);
@@ -543,9 +549,9 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
     while file.device_run().unwrap() > 0 {
         rounds += 1;
         assert!(rounds < 1000, "page requests never resolved");
-        for fault in vsva_uapi::UapiFile::read_faults(&*file).unwrap() {
+        for fault in vsva_uapi::file::UapiFile::read_faults(&*file).unwrap() {
             match fault {
-                vsva_uapi::QueuedFault::PageRequest(f) => {
+                vsva_uapi::request::QueuedFault::PageRequest(f) => {
                     viommu.inject_host_page_request(f.sid, &f.request).unwrap();
                 }
                 other => panic!("an unrecoverable fault: {other:?}"),
@@ -597,9 +603,9 @@ fn the_vmm_and_the_guest_run_unchanged_over_a_real_host_process_with_dma_and_pag
 fn iommufd_over_the_socket_runs_the_selftest_sequence() {
     use iommufd::{attach_pt, connect, destroy, fill_iova, io, ioas_alloc};
     use vm_memory::{Bytes, GuestAddress};
+    use vsva_uapi::file::UapiFile;
     use vsva_uapi::iommufd::*;
     use vsva_uapi::wire::{read_prefix, Wire};
-    use vsva_uapi::UapiFile;
 
     let host = start_host("iommufd", HOST_MEMORY, &[]);
     let (probe, empty) = host.probe().unwrap();
@@ -795,7 +801,7 @@ fn iommufd_over_the_socket_runs_the_selftest_sequence() {
 fn strict_mode_counts_a_missing_invalidation_in_state_and_lists_it_at_exit() {
     use vm_memory::{Bytes, GuestAddress};
     use vsva_hw::dma::{CompletionRequest, Descriptor, Operation};
-    use vsva_vtd::{FlPte, PageSize};
+    use vsva_vtd::{flpte::FlPte, walk::PageSize};
 
     const PDPT: u64 = 0x10_1000;
     const PD: u64 = 0x10_2000;

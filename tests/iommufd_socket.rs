@@ -18,12 +18,13 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 use vsva_service::protocol::HostState;
-use vsva_service::{RemoteFile, SharedRam};
+use vsva_service::{client::RemoteFile, client::SharedRam};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
+use vsva_uapi::{error::Errno, file::UapiFile};
 use vsva_vtd::{
-    FlPagingMode, FrameSource, MapFlags, PageSize, PageTableBuilder, Pasid, TableFormat,
+    addr::Pasid, builder::FrameSource, builder::MapFlags, builder::PageTableBuilder,
+    builder::TableFormat, flpte::FlPagingMode, walk::PageSize,
 };
 
 mod common;

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vsva_service::{HostConfig, IommuArch, RemoteFile, Report, Service};
+use vsva_service::{
+    client::RemoteFile, server::HostConfig, server::IommuArch, server::Report, server::Service,
+};
 use vsva_testbed::demo::{DemoOptions, VmReport};
 use vsva_testbed::smmu_demo;
 

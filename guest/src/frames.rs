@@ -5,11 +5,14 @@
 //! driver's queues and PASID directory. Frames come back zeroed, as `__GFP_ZERO` pages do.
 //! Counters let tests check that everything handed out was given back.
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_vtd::{FrameSource, Gpa, MemError, PhysMem};
+use vsva_vtd::{addr::Gpa, builder::FrameSource};
 
 /// The size of a guest frame.
 pub const FRAME_SIZE: u64 = 4096;
@@ -174,7 +177,7 @@ impl GuestFrames {
     }
 }
 
-/// Page-table frames for the vtd [`PageTableBuilder`](vsva_vtd::PageTableBuilder).
+/// Page-table frames for the vtd [`PageTableBuilder`](vsva_vtd::builder::PageTableBuilder).
 impl FrameSource for &GuestFrames {
     fn alloc_table(&mut self) -> Option<u64> {
         self.alloc().ok().map(|gpa| gpa.0)
@@ -252,7 +255,10 @@ pub(crate) mod tests {
 
     #[test]
     fn page_table_builder_takes_and_returns_frames() {
-        use vsva_vtd::{FlPagingMode, MapFlags, PageSize, PageTableBuilder, TableFormat};
+        use vsva_vtd::{
+            builder::MapFlags, builder::PageTableBuilder, builder::TableFormat,
+            flpte::FlPagingMode, walk::PageSize,
+        };
         let (mem, frames) = ram_and_frames();
         let fmt = TableFormat::FirstLevel(FlPagingMode::FourLevel);
         let mut b = PageTableBuilder::new(fmt, &*mem, &mut &*frames).unwrap();

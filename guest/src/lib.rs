@@ -11,8 +11,3 @@ pub mod frames;
 pub mod iommu;
 pub mod process;
 pub mod smmu;
-
-pub use frames::{FrameError, GuestFrames, FRAME_SIZE};
-pub use iommu::{DeviceConfig, DriverStats, GuestIommuError, IommuDriver, Mmio};
-pub use process::{Arch, MmuNotifier, NotifierId, Process, ProcessError, Prot, Vma};
-pub use smmu::{PageRequestStats, SmmuSva, SmmuSvaError};

@@ -25,9 +25,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use vm_memory::GuestMemoryMmap;
-use vsva_smmuv3::{Config, ContextDescriptor, Eats, Event, Httu, PriResp, S1Dss, Ste};
+use vsva_smmuv3::{
+    cd::ContextDescriptor, cmd::PriResp, event::Event, features::Httu, ste::Config, ste::Eats,
+    ste::S1Dss, ste::Ste,
+};
 use vsva_smmuv3_driver::{CdTable, DmaAlloc, DriverConfig, Registers, SmmuDriver, TlbiStage};
-use vsva_vtd::{Gpa, Gva};
+use vsva_vtd::{addr::Gpa, addr::Gva};
 
 use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
 use crate::process::{MmuNotifier, NotifierId, Process, AARCH64_T0SZ};

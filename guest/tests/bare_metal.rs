@@ -9,16 +9,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use vm_memory::GuestMemoryMmap;
-use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Mmio, Process, Prot};
+use vsva_guest::{
+    frames::GuestFrames, iommu::DeviceConfig, iommu::IommuDriver, iommu::Mmio, process::Process,
+    process::Prot,
+};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     DmaPort, Operation,
 };
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::HostMemory;
+use vsva_hw::memory::HostMemory;
 use vsva_vtd::regs::EventSource;
-use vsva_vtd::{FaultReason, FlPagingMode, Gpa, Gva, Hpa, Pasid, SourceId};
+use vsva_vtd::{
+    addr::Gpa, addr::Gva, addr::Hpa, addr::Pasid, addr::SourceId, fault::FaultReason,
+    flpte::FlPagingMode,
+};
 
 /// Guest RAM: 64 MiB at 1 MiB, identity-mapped onto host memory.
 const RAM_BASE: u64 = 0x10_0000;

@@ -4,7 +4,7 @@
 //! bytes and at most a quarter more after growing (half more after removals), where a
 //! B-tree map spends about 85 bytes a bind on keys, links and half-empty nodes.
 
-use vsva_vtd::Pasid;
+use vsva_vtd::addr::Pasid;
 
 use vsva_uapi::request::BindGpasid;
 
@@ -80,7 +80,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use proptest::prelude::*;
-    use vsva_vtd::Gpa;
+    use vsva_vtd::addr::Gpa;
 
     use super::*;
 

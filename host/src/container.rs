@@ -18,8 +18,11 @@ use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vsva_uapi::{FaultEvent, IommuModel, QueuedFault, UapiError, UnrecoverableEvent, VfioIoctls};
-use vsva_vtd::{Iova, Pasid, SourceId};
+use vsva_uapi::{
+    error::UapiError, file::IommuModel, file::VfioIoctls, request::FaultEvent,
+    request::QueuedFault, request::UnrecoverableEvent,
+};
+use vsva_vtd::{addr::Iova, addr::Pasid, addr::SourceId};
 
 use crate::binds::GpasidBinds;
 use crate::error::HostError;
@@ -783,7 +786,7 @@ impl<B: IommuBackend> Container<B> {
 }
 
 /// The typed ioctls on the container itself, with the host's error detail (the
-/// [`vsva_uapi::UapiFile`] of a container gives the errno only).
+/// [`vsva_uapi::file::UapiFile`] of a container gives the errno only).
 impl<B: IommuBackend> VfioIoctls for Container<B> {
     type Error = HostError;
 
@@ -852,8 +855,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vsva_uapi::iommu::*;
     use vsva_uapi::request::{InvGranularity, PageRequest, PasidConfig};
-    use vsva_uapi::{UnrecoverableFault, UnrecoverableReason};
-    use vsva_vtd::Gpa;
+    use vsva_uapi::{request::UnrecoverableFault, request::UnrecoverableReason};
+    use vsva_vtd::addr::Gpa;
 
     /// What the mock IOMMU has been programmed with.
     #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -2120,7 +2123,7 @@ mod tests {
     #[test]
     fn typed_wrappers_round_trip_through_the_file() {
         use crate::file::ContainerFile;
-        use vsva_uapi::{Errno, Type1Info, UapiFile};
+        use vsva_uapi::{error::Errno, file::Type1Info, file::UapiFile};
 
         let file: Arc<dyn UapiFile> =
             Arc::new(ContainerFile::new(Container::new(shared(), 4, Answering)));

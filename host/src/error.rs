@@ -3,9 +3,9 @@
 //! The choice of errno follows the seed series' `vfio_iommu_type1.c` and the Linux v5.10
 //! IOMMU core where they define one; each variant's doc names its source.
 
-use vsva_vtd::{Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
-use vsva_uapi::{Errno, UapiError};
+use vsva_uapi::{error::Errno, error::UapiError};
 
 use crate::pasid::PasidSetId;
 

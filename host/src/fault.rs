@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use vsva_vtd::{Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use crate::error::HostError;
 use vsva_uapi::request::{

@@ -6,7 +6,7 @@ use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_uapi::vfio::{VfioIommuType1Fault, VFIO_IOMMU_PAGE_RESPONSE};
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 
 use crate::container::{Container, IommuBackend};
 use crate::error::HostError;

@@ -10,7 +10,7 @@
 //!   implements [`IommuBackend`].
 //! - [`fault`]: a container's page requests on their way to the VMM, and the groups that
 //!   wait for a page response.
-//! - [`file`](mod@file): a container as an open [`vsva_uapi::UapiFile`] ([`ContainerFile`]): ioctls go through
+//! - [`file`](mod@file): a container as an open [`vsva_uapi::file::UapiFile`] ([`ContainerFile`]): ioctls go through
 //!   one dispatch table, fault records are read from it and page responses written.
 //! - [`iommufd`]: the iommufd uAPI beside the container: an open `/dev/iommu`
 //!   ([`iommufd::IommufdFile`]) with its objects, and the VFIO device cdev.
@@ -25,9 +25,3 @@ pub mod file;
 pub mod iommufd;
 pub mod pasid;
 pub mod smmu;
-
-pub use container::{BackendInfo, Container, ContainerState, IommuBackend, SharedPasidAllocator};
-pub use error::HostError;
-pub use fault::{FaultNotifier, FaultSink, FAULT_QUEUE_DEPTH};
-pub use file::ContainerFile;
-pub use pasid::{PasidAllocator, PasidSetId, DEFAULT_QUOTA};

@@ -5,22 +5,24 @@
 //! keep a harvested page trackable through the IOTLB and the device TLB, nested entries,
 //! and a property: the harvested bitmaps are exactly the pages the device wrote.
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_host::container::IommuBackend;
 use vsva_host::driver::{DirtyBitmap, DriverError, HostIommu, VtdDomain, RID_PASID};
-use vsva_host::IommuBackend;
 use vsva_hw::dma::regs::CTRL_ATS_EN;
 use vsva_hw::dma::{
     CompletionRequest, Descriptor, DmaAccess, DmaEngine, DmaEngineConfig, DmaPort, Operation,
 };
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
 use vsva_uapi::request::{BindGpasid, DmaMap};
-use vsva_vtd::{Gpa, Hpa, Iova, Pasid, PhysMem, SourceId};
+use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 const SID: SourceId = SourceId::from_rid(0x0028);
 
@@ -322,7 +324,7 @@ fn a_large_page_is_reported_whole_within_the_range() {
     let mut d = rig.domain(2 << 20);
     assert_eq!(
         d.lookup(Iova(0)).map(|(_, s)| s),
-        Some(vsva_vtd::PageSize::Size2M)
+        Some(vsva_vtd::walk::PageSize::Size2M)
     );
     d.set_dirty_tracking(true).unwrap();
     rig.write(0x12_3458, 7);

@@ -3,6 +3,9 @@
 //! through second-level and nested translation; what a missing invalidation leaves
 //! behind is observable, and closing everything leaves nothing.
 
+use vsva_mem::MemWindow;
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -10,26 +13,30 @@ use proptest::prelude::*;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::{HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL, RID_PASID};
-use vsva_host::{Container, IommuBackend, PasidAllocator, SharedPasidAllocator};
+use vsva_host::{
+    container::Container, container::IommuBackend, container::SharedPasidAllocator,
+    pasid::PasidAllocator,
+};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     Operation,
 };
 use vsva_hw::iommu::{Iommu, IommuConfig, Source};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
 use vsva_uapi::iommu::{IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB};
 use vsva_uapi::request::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageRequest, PageResponse,
     PageResponseCode,
 };
-use vsva_uapi::{IommuModel, VfioIoctls};
+use vsva_uapi::{file::IommuModel, file::VfioIoctls};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::regs::layout::offset;
 use vsva_vtd::{
-    AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, InvDesc, Iova, MapFlags,
-    MemWindow, PageSize, PageTableBuilder, Pasid, Pgtt, PhysMem, SourceId, TableFormat,
+    addr::Gpa, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId, builder::FrameSource,
+    builder::MapFlags, builder::PageTableBuilder, builder::TableFormat, fault::FaultReason,
+    flpte::FlPagingMode, inv_desc::InvDesc, pasid::Pgtt, walk::AccessRequest, walk::PageSize,
 };
 
 /// Guest RAM of a VM: 64 MiB at GPA 0.
@@ -924,7 +931,7 @@ fn map_dma_is_limited_to_the_units_address_width() {
     let mem = HostMemory::new(1 << 28).unwrap();
     let frames = Arc::new(FrameAllocator::new(mem.clone()));
     let config = IommuConfig {
-        caps: vsva_vtd::Capabilities::full(46, 0b0100),
+        caps: vsva_vtd::root::Capabilities::full(46, 0b0100),
         ..IommuConfig::default()
     };
     let hw = Iommu::new(mem.clone(), config).unwrap();
@@ -938,7 +945,7 @@ fn map_dma_is_limited_to_the_units_address_width() {
     let vm = Vm::new(&host, 4 << 20, 2 << 20);
     let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
     c.set_iommu(IommuModel::Type1Nesting).unwrap();
-    assert_eq!(c.backend().levels(), vsva_vtd::SlLevels::Four);
+    assert_eq!(c.backend().levels(), vsva_vtd::slpte::SlLevels::Four);
     assert_eq!(c.backend().addr_width(), 46);
     assert_eq!(c.get_info().unwrap().nesting.unwrap().addr_width, 46);
     let at = |iova: u64| DmaMap {

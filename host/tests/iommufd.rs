@@ -18,13 +18,13 @@ use vsva_hw::dma::regs::{
 };
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
+use vsva_uapi::{error::Errno, file::UapiFile};
 use vsva_vtd::{
-    FlPagingMode, FrameSource, Gpa, MapFlags, PageSize, PageTableBuilder, Pasid, SourceId,
-    TableFormat,
+    addr::Gpa, addr::Pasid, addr::SourceId, builder::FrameSource, builder::MapFlags,
+    builder::PageTableBuilder, builder::TableFormat, flpte::FlPagingMode, walk::PageSize,
 };
 
 const PAGE: u64 = 4096;

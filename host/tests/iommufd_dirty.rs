@@ -14,11 +14,11 @@ use vsva_host::iommufd::IommufdFile;
 use vsva_hw::dma::regs::CTRL_ATS_EN;
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
-use vsva_vtd::{Gpa, SourceId};
+use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_vtd::{addr::Gpa, addr::SourceId};
 
 const PAGE: u64 = 4096;
 const SID: SourceId = SourceId::from_rid(0x20);

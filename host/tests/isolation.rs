@@ -10,6 +10,8 @@
 //! - arbitrary ioctl bytes never panic, and a failed ioctl changes nothing;
 //! - closing a container leaves no table frame, cache entry, domain id or route behind.
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,10 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::driver::{HostIommu, VtdDomain, RID_PASID};
-use vsva_host::{Container, ContainerState, PasidAllocator, SharedPasidAllocator, DEFAULT_QUOTA};
+use vsva_host::{
+    container::Container, container::ContainerState, container::SharedPasidAllocator,
+    pasid::PasidAllocator, pasid::DEFAULT_QUOTA,
+};
 use vsva_hw::dma::regs::{
     CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRIV_EN, CTRL_PRI_EN, REG_SWERR0, SWERR_OVERFLOW, SWERR_VALID,
 };
@@ -28,16 +33,18 @@ use vsva_hw::dma::{
 };
 use vsva_hw::drain::RequestDrain;
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_uapi::iommu::*;
 use vsva_uapi::vfio::*;
+use vsva_uapi::{file::IommuModel, file::VfioIoctls, request::FaultEvent};
 use vsva_uapi::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageResponse, PageResponseCode,
+    request::BindGpasid, request::CacheInvalidate, request::DmaMap, request::InvGranularity,
+    request::PageResponse, request::PageResponseCode,
 };
-use vsva_uapi::{FaultEvent, IommuModel, VfioIoctls};
 use vsva_vtd::{
-    AccessRequest, FaultReason, FlPagingMode, FrameSource, Gpa, Hpa, Iova, MapFlags, PageSize,
-    PageTableBuilder, Pasid, PasidEntry, PhysMem, SourceId, Stage, TableFormat,
+    addr::Gpa, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId, builder::FrameSource,
+    builder::MapFlags, builder::PageTableBuilder, builder::TableFormat, fault::FaultReason,
+    flpte::FlPagingMode, pasid::PasidEntry, walk::AccessRequest, walk::PageSize, walk::Stage,
 };
 
 const PAGE: u64 = 4096;
@@ -1158,7 +1165,8 @@ fn a_vm_cannot_touch_another_vms_pasid() {
         v
     };
     let unallocated = Pasid::new(0xf_ff00).unwrap();
-    type Attempt = Box<dyn Fn(&mut Container<VtdDomain>) -> Result<(), vsva_host::HostError>>;
+    type Attempt =
+        Box<dyn Fn(&mut Container<VtdDomain>) -> Result<(), vsva_host::error::HostError>>;
     let mut attempts: Vec<(&str, i32, Attempt)> = vec![
         (
             "bind A's PASID over B's table",

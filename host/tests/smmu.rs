@@ -4,21 +4,27 @@
 //! (`VFIO_IOMMU_CACHE_INVALIDATE`) and detach; real bytes move through the guest's
 //! stage-1 tables nested over stage 2; bad input changes nothing; closing leaves nothing.
 
+use vsva_mem::MemWindow;
+use vsva_mem::PhysMem;
+
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
-use vsva_host::{Container, PasidAllocator, SharedPasidAllocator};
+use vsva_host::{container::Container, container::SharedPasidAllocator, pasid::PasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     Operation,
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
 use vsva_smmuv3::desc::Descriptor as D;
-use vsva_smmuv3::{ContextDescriptor, Features, PageSize, StallModel, TableBuilder};
+use vsva_smmuv3::{
+    builder::TableBuilder, cd::ContextDescriptor, features::Features, features::StallModel,
+    walk::PageSize,
+};
 use vsva_uapi::iommu::{
     ARM_PGTBL_64_LPAE_S1, IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB,
     IOMMU_NESTING_FEAT_CACHE_INVLD,
@@ -27,8 +33,8 @@ use vsva_uapi::request::{
     CacheInvalidate, DmaMap, InvGranularity, NestingInfo, NestingVendor, PageResponse,
     PageResponseCode, PasidConfig, PasidTableConfig,
 };
-use vsva_uapi::{IommuModel, VfioIoctls};
-use vsva_vtd::{Gpa, Hpa, Iova, MemWindow, Pasid, PhysMem, SourceId};
+use vsva_uapi::{file::IommuModel, file::VfioIoctls};
+use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 /// Guest RAM of a VM: 32 MiB at GPA 0.
 const RAM: u64 = 32 << 20;
@@ -331,7 +337,7 @@ fn guest_tlbi_through_cache_invalidate_removes_the_stale_translation() {
     assert!(!stale.is_empty());
     let vmid = g.c().backend().vmid();
     assert!(
-        stale.iter().all(|s| matches!(s.missing, vsva_smmuv3::Cmd::TlbiNhVa { vmid: v, asid: ASID, .. } if v == vmid)),
+        stale.iter().all(|s| matches!(s.missing, vsva_smmuv3::cmd::Cmd::TlbiNhVa { vmid: v, asid: ASID, .. } if v == vmid)),
         "{stale:?}"
     );
     // The guest's CMD_TLBI_NH_VA, forwarded: the next DMA reaches the new page.
@@ -606,7 +612,7 @@ fn a_two_level_guest_cd_table_is_walked_through_stage_2() {
     let ssid = 1500u32;
     let leaf = 0xa_0000u64;
     let phys = g.phys();
-    phys.write_u64(CD_GPA + 8, vsva_smmuv3::L1Cd::new(leaf).0)
+    phys.write_u64(CD_GPA + 8, vsva_smmuv3::cd::L1Cd::new(leaf).0)
         .unwrap();
     for (i, w) in Guest::cd().encode().iter().enumerate() {
         phys.write_u64(leaf + 476 * 64 + 8 * i as u64, *w).unwrap();

@@ -5,6 +5,8 @@
 //! through the guest's CD table and stage 1 nested over stage 2; every refused call gives
 //! Linux's errno and changes nothing; closing leaves nothing.
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::sync::Arc;
@@ -19,16 +21,17 @@ use vsva_hw::dma::{
     Operation,
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::regs::offset;
 use vsva_smmuv3::{
-    Cmd, ContextDescriptor, Event, EventType, Features, PageSize, TableBuilder, TlbiAddr,
+    builder::TableBuilder, cd::ContextDescriptor, cmd::Cmd, cmd::TlbiAddr, event::Event,
+    event::EventType, features::Features, walk::PageSize,
 };
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
-use vsva_uapi::{Errno, UapiFile};
-use vsva_vtd::{Gpa, Hpa, Pasid, PhysMem, SourceId};
+use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Pasid, addr::SourceId};
 
 /// Guest RAM: 32 MiB at GPA 0, mapped at IOVA (IPA) 0.
 const RAM: u64 = 32 << 20;
@@ -177,8 +180,8 @@ impl Vm {
         }
     }
 
-    fn phys(&self) -> vsva_vtd::MemWindow<Arc<HostMemory>> {
-        vsva_vtd::MemWindow::new(self.mem.clone(), self.hpa.0, RAM)
+    fn phys(&self) -> vsva_mem::MemWindow<Arc<HostMemory>> {
+        vsva_mem::MemWindow::new(self.mem.clone(), self.hpa.0, RAM)
     }
 
     fn map(&mut self, s1: &mut TableBuilder, gva: u64, gpa: u64, pages: u64) {
@@ -758,7 +761,7 @@ fn guest_commands_through_the_viommu_reach_only_its_vmid_and_streams() {
     // Partial success: TLBI_NH_VA, whatever VMID the guest wrote, runs under the VM's;
     // CMD_SYNC (the host's to issue) stops the array at index 1.
     let sync = Cmd::Sync {
-        cs: vsva_smmuv3::SyncCs::None,
+        cs: vsva_smmuv3::cmd::SyncCs::None,
         msh: 0,
         msi_attr: 0,
         msi_data: 0,

@@ -6,5 +6,3 @@ pub mod iommu;
 pub mod memory;
 pub mod smmuv3;
 mod sync;
-
-pub use memory::{FrameAllocator, HostMemory, HostMemoryError, PAGE_SIZE};

@@ -4,6 +4,9 @@
 //! A VM's RAM is a window of the same file mapped into the VMM through vm-memory, so the two
 //! views share bytes. Pages are allocated lazily by the kernel on first touch.
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vsva_vtd::{Gpa, Hpa, MemError, PhysMem};
+use vsva_vtd::{addr::Gpa, addr::Hpa};
 
 /// The page size of host frames.
 pub const PAGE_SIZE: u64 = 4096;
@@ -543,7 +546,7 @@ impl FrameAllocator {
 }
 
 /// Page-table frames for the vtd table builder, from host memory.
-impl vsva_vtd::FrameSource for &FrameAllocator {
+impl vsva_vtd::builder::FrameSource for &FrameAllocator {
     fn alloc_table(&mut self) -> Option<u64> {
         self.alloc_frame().ok().map(|h| h.0)
     }

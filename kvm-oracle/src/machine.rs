@@ -7,6 +7,8 @@
 //! requested privilege; the result comes back as an MMIO exit (a store to the report
 //! page) or, from the exception handlers, as a port-I/O exit.
 
+use vsva_mem::PhysMem;
+
 use std::ffi::CStr;
 use std::sync::Arc;
 
@@ -15,8 +17,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_hw::{HostMemory, HostMemoryError};
-use vsva_vtd::{Gpa, Hpa, PhysMem};
+use vsva_hw::{memory::HostMemory, memory::HostMemoryError};
+use vsva_vtd::{addr::Gpa, addr::Hpa};
 
 use crate::guest::{self, HarnessPage};
 

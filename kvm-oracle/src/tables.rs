@@ -6,12 +6,15 @@
 //! so that they share tables, random R/W, U/S and XD, attribute and ignored bits in leaves
 //! ([`leaf_extra_bits`]), and [`Tables::damage`] to entries on the way to a mapping.
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
 use vsva_vtd::{
-    FaultReason, FlConfig, FlPte, FrameSource, MapFlags, MemError, PageSize, PageTableBuilder,
-    PhysMem, WalkRecord,
+    builder::FrameSource, builder::MapFlags, builder::PageTableBuilder, fault::FaultReason,
+    flpte::FlPte, walk::FlConfig, walk::PageSize, walk::WalkRecord,
 };
 
 /// SplitMix64: small, seedable, good enough to spread probes.

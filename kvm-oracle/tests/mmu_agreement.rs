@@ -45,10 +45,12 @@
 //!
 //! Set `VSVA_ORACLE_SEED` to replay a run.
 
+use vsva_mem::PhysMem;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use vsva_hw::HostMemory;
+use vsva_hw::memory::HostMemory;
 use vsva_kvm_oracle::tables::{
     cpu_class, level_shift, map_flags, reached, read_frame, walker_class, Rng, Tables, WalkerView,
 };
@@ -57,8 +59,9 @@ use vsva_kvm_oracle::{
 };
 use vsva_vtd::walk::WalkStep;
 use vsva_vtd::{
-    walk_first_level, AccessRequest, FaultReason, FlConfig, FlFormat, FlPagingMode, FlPte,
-    FrameSource, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
+    builder::FrameSource, builder::PageTableBuilder, builder::TableFormat, fault::FaultReason,
+    flpte::FlFormat, flpte::FlPagingMode, flpte::FlPte, walk::walk_first_level,
+    walk::AccessRequest, walk::FlConfig, walk::PageSize, walk::WalkRecord,
 };
 
 /// Guest RAM: sparse, so only the pages probes touch cost memory.

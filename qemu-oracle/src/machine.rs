@@ -47,7 +47,7 @@ pub mod layout {
     /// The page of the program EL0 runs (read-only at EL0 and EL1).
     pub const EL0_STUB: u64 = VECTORS + 0xf000;
     /// The page of the program EL1 runs in the stage-2 harness (at IPA
-    /// [`crate::S2_STUB_IPA`]).
+    /// [`crate::el2::S2_STUB_IPA`]).
     pub const S2_STUB: u64 = VECTORS + 0xe000;
     /// Frames for the tests' translation tables (32 MiB: 64 KiB-granule tables are large).
     pub const TABLES: (u64, u64) = (IMAGE_BASE + 0x20_0000, IMAGE_BASE + 0x220_0000);
@@ -148,7 +148,7 @@ pub enum Harness {
     /// is an IPA, through the stage-2 table of the last [`ProbeOp::Stage2Switch`]
     /// (HCR_EL2.VM set), which must map IPA 0 to [`layout::VECTORS`] for the program's
     /// 64 KiB (readable, executable, AF set): the EL1 stub runs at
-    /// [`crate::S2_STUB_IPA`]. A stage-2 fault is an [`Abort`] with ESR_EL2, FAR_EL2 and
+    /// [`crate::el2::S2_STUB_IPA`]. A stage-2 fault is an [`Abort`] with ESR_EL2, FAR_EL2 and
     /// HPFAR_EL2 (see [`crate::el2`]). After a [`ProbeOp::Stage1Switch`] that enables it,
     /// EL1's stage 1 translates first (nested), and a stage-1 fault is an [`Abort`] with
     /// ESR_EL1 and FAR_EL1.

@@ -1,6 +1,6 @@
 //! vsva's stage-1 walker against QEMU's TCG AArch64 MMU.
 //!
-//! Each scenario builds one random VMSAv8-64 stage-1 table with `vsva_smmuv3::TableBuilder`
+//! Each scenario builds one random VMSAv8-64 stage-1 table with `vsva_smmuv3::builder::TableBuilder`
 //! in the RAM image: a random granule (4 KiB, or where the CPU has them 16 KiB and 64 KiB,
 //! TCR_EL1.TG0 with the CD.TG0 encoding), a random T0SZ (16 to 39, so every start level
 //! the granule has) and IPS (52 bits with 64 KiB where the CPU has FEAT_LPA: OA[51:48] in
@@ -59,6 +59,8 @@
 
 mod common;
 
+use vsva_mem::PhysMem;
+
 use common::scratch::{seed, tempdir};
 use common::{
     class, damage_site, data_pa, dfsc, features, in_data, machine, mapping_level, pick_granule,
@@ -72,8 +74,8 @@ use vsva_qemu_oracle::{
     TCR_TBI0, TCR_TBI1,
 };
 use vsva_smmuv3::{
-    walk_stage1, AccessRequest, AddressSize, Granule, PageSize, PhysMem, S1Config, S1Flags,
-    S1Table, TableBuilder, WalkRecord,
+    builder::TableBuilder, ste::Granule, walk::walk_stage1, walk::AccessRequest, walk::AddressSize,
+    walk::PageSize, walk::S1Config, walk::S1Flags, walk::S1Table, walk::WalkRecord,
 };
 
 const SCENARIOS: usize = 60;

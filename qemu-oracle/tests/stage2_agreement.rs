@@ -2,7 +2,7 @@
 //! `Harness::Stage2`: `-M virt,virtualization=on`, the program at EL2 with its MMU off,
 //! each probe an EL1 access with stage 1 off so that its address is the IPA).
 //!
-//! Each scenario builds one random stage-2 table with `vsva_smmuv3::TableBuilder`: a random
+//! Each scenario builds one random stage-2 table with `vsva_smmuv3::builder::TableBuilder`: a random
 //! granule (VTCR_EL2.TG0 with the STE's S2TG encoding; 16 and 64 KiB where the CPU has them
 //! at stage 2), T0SZ 16 to 39 with every SL0 the walker accepts for it (so every start
 //! level and concatenated start tables), PS at least the input size (QEMU faults every
@@ -33,6 +33,8 @@
 
 mod common;
 
+use vsva_mem::PhysMem;
+
 use common::scratch::{seed, tempdir};
 use common::{
     class, damage_site, data_pa, dfsc, features, in_data, machine, mapping_level, pick_granule,
@@ -43,11 +45,13 @@ use vm_memory::{Bytes, GuestAddress};
 use vsva_kvm_oracle::tables::Rng;
 use vsva_qemu_oracle::layout::{DATA, PROGRAM_BYTES, S2_STUB, TABLES, VECTORS};
 use vsva_qemu_oracle::{
-    fetch_snippet, tcr_tg0, Harness, OracleError, Outcome, Probe, ProbeOp, S2_STUB_IPA, TCR_EPD1,
+    el2::S2_STUB_IPA, fetch_snippet, tcr_tg0, Harness, OracleError, Outcome, Probe, ProbeOp,
+    TCR_EPD1,
 };
 use vsva_smmuv3::{
-    walk_nested, walk_stage2, AccessRequest, AddressSize, FaultClass, FaultStage, Granule,
-    PageSize, PhysMem, S1Config, S1Flags, S1Table, S2Config, S2Flags, TableBuilder, WalkRecord,
+    builder::TableBuilder, ste::Granule, walk::walk_nested, walk::walk_stage2, walk::AccessRequest,
+    walk::AddressSize, walk::FaultClass, walk::FaultStage, walk::PageSize, walk::S1Config,
+    walk::S1Flags, walk::S1Table, walk::S2Config, walk::S2Flags, walk::WalkRecord,
 };
 
 const SCENARIOS: usize = 60;

@@ -56,6 +56,9 @@
 #[path = "common/scratch.rs"]
 mod scratch;
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use scratch::{seed, tempdir};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -69,8 +72,9 @@ use vsva_qemu_oracle::x86::{
 };
 use vsva_qemu_oracle::OracleError;
 use vsva_vtd::{
-    walk_first_level, AccessRequest, FaultReason, FlConfig, FlFormat, FlPagingMode, FlPte,
-    FrameSource, MemError, PageSize, PageTableBuilder, PhysMem, TableFormat, WalkRecord,
+    builder::FrameSource, builder::PageTableBuilder, builder::TableFormat, fault::FaultReason,
+    flpte::FlFormat, flpte::FlPagingMode, flpte::FlPte, walk::walk_first_level,
+    walk::AccessRequest, walk::FlConfig, walk::PageSize, walk::WalkRecord,
 };
 
 const SCENARIOS: usize = 60;

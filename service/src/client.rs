@@ -12,8 +12,11 @@ use std::thread::JoinHandle;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
-use vsva_uapi::{DmaMap, Errno, EventNotifier, IommuModel, UapiFile, VfioIoctls};
-use vsva_vtd::{Iova, SourceId};
+use vsva_uapi::{
+    error::Errno, file::EventNotifier, file::IommuModel, file::UapiFile, file::VfioIoctls,
+    request::DmaMap,
+};
+use vsva_vtd::{addr::Iova, addr::SourceId};
 
 use crate::protocol::{
     encode_request, HostState, Reply, Request, Welcome, CONNECTIONS_FULL, FILE_IOMMUFD,

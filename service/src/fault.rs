@@ -28,7 +28,7 @@ use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 use vsva_host::iommufd::fault::FaultFile;
 use vsva_uapi::iommufd::IommuHwptPgfault;
 use vsva_uapi::wire::read_prefix;
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 
 /// Bytes of one `iommu_hwpt_pgfault` record.
 const RECORD: usize = std::mem::size_of::<IommuHwptPgfault>();

@@ -22,8 +22,8 @@ use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
-use vsva_vtd::SourceId;
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
+use vsva_vtd::addr::SourceId;
 
 use crate::fault::FaultPump;
 use crate::kind::{FileArg, FileKind, Holdings, ServedFile, UserRange};

@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use vsva_host::driver::{HostIommu, VtdDomain};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
-use vsva_host::{Container, ContainerFile, IommuBackend, PasidAllocator};
+use vsva_host::{
+    container::Container, container::IommuBackend, file::ContainerFile, pasid::PasidAllocator,
+};
 use vsva_uapi::vfio::{VfioIommuType1DmaMap, VFIO_IOMMU_MAP_DMA};
-use vsva_uapi::{Errno, UapiFile};
-use vsva_vtd::SourceId;
+use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_vtd::addr::SourceId;
 
 use crate::protocol::FILE_VFIO_CONTAINER;
 

@@ -1,6 +1,6 @@
 //! The host as a service: `vsva host` serves uAPI files to VMMs in other processes over a
 //! UNIX socket, and a VMM reaches it through [`RemoteFile`], the same fd-shaped
-//! [`vsva_uapi::UapiFile`] the in-process host implements.
+//! [`vsva_uapi::file::UapiFile`] the in-process host implements.
 //!
 //! - [`protocol`]: frames, messages, limits (docs/protocol.md is the specification).
 //! - [`socket`]: `SOCK_SEQPACKET` frames with `SCM_RIGHTS` file descriptors.
@@ -20,7 +20,3 @@ pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod socket;
-
-pub use client::{ClientError, RemoteFile, SharedRam};
-pub use process::{HostExit, HostProcess, HostProcessError};
-pub use server::{HostConfig, IommuArch, Limits, Report, Service, ServiceError};

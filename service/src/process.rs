@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::client::RemoteFile;
 use crate::protocol::HostState;
-use crate::RemoteFile;
 
 /// The longest a start, a probe or a stop waits for the host.
 pub const HOST_WAIT: Duration = Duration::from_secs(30);
@@ -44,7 +44,7 @@ pub enum HostProcessError {
     },
     /// Its `STATE` failed.
     #[error("vsva host STATE: {0}")]
-    State(vsva_uapi::Errno),
+    State(vsva_uapi::error::Errno),
 }
 
 fn stderr_tail(stderr: &str) -> String {
@@ -225,7 +225,7 @@ impl HostProcess {
     }
 
     /// Connects a new VFIO container.
-    pub fn connect(&self) -> Result<RemoteFile, crate::ClientError> {
+    pub fn connect(&self) -> Result<RemoteFile, crate::client::ClientError> {
         RemoteFile::connect(&self.socket)
     }
 

@@ -7,7 +7,7 @@
 //! fault-queue eventfd) travel as `SCM_RIGHTS` on the frame that names them.
 
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
-use vsva_uapi::Errno;
+use vsva_uapi::error::Errno;
 
 /// The first four bytes of every frame: "VSVA".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"VSVA");

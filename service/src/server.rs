@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 
 use vsva_host::driver::HostIommu;
 use vsva_host::smmu::SmmuHost;
-use vsva_host::{PasidAllocator, DEFAULT_QUOTA};
+use vsva_host::{pasid::PasidAllocator, pasid::DEFAULT_QUOTA};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaError, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
-use vsva_uapi::Errno;
-use vsva_vtd::{Hpa, SourceId};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
+use vsva_uapi::error::Errno;
+use vsva_vtd::{addr::Hpa, addr::SourceId};
 
 use crate::fault::EventfdNotifier;
 use crate::iommufd::IommufdKind;
@@ -120,7 +120,7 @@ impl Default for HostConfig {
 pub enum ServiceError {
     /// Host memory could not be created.
     #[error("host memory: {0}")]
-    Memory(#[from] vsva_hw::HostMemoryError),
+    Memory(#[from] vsva_hw::memory::HostMemoryError),
     /// The IOMMU model refused its configuration.
     #[error("IOMMU model: {0}")]
     Iommu(#[from] vsva_hw::iommu::IommuConfigError),
@@ -129,7 +129,7 @@ pub enum ServiceError {
     Driver(#[from] vsva_host::driver::DriverError),
     /// The host SMMUv3 driver failed to initialise or to take its interrupts.
     #[error("host SMMUv3 driver: {0}")]
-    SmmuDriver(#[from] vsva_host::HostError),
+    SmmuDriver(#[from] vsva_host::error::HostError),
     /// The socket could not be set up or served.
     #[error("socket {path}: {source}")]
     Socket {
@@ -1071,7 +1071,7 @@ impl Connection<'_> {
     }
 
     fn add_memory(&mut self, addr: u64, size: u64, fd: OwnedFd) -> Result<(), Errno> {
-        const PAGE: u64 = vsva_hw::PAGE_SIZE;
+        const PAGE: u64 = vsva_hw::memory::PAGE_SIZE;
         if size == 0 || size % PAGE != 0 || addr % PAGE != 0 || addr.checked_add(size).is_none() {
             return Err(Errno::EINVAL);
         }
@@ -1085,11 +1085,11 @@ impl Connection<'_> {
     }
 
     /// Adopts the first `size` bytes of the memory file `fd` as a window of host memory
-    /// (its own pages, [`vsva_hw::HostMemory::adopt_window`]), within the connection's
+    /// (its own pages, [`vsva_hw::memory::HostMemory::adopt_window`]), within the connection's
     /// window limits (`ENOSPC`); a file that is not a sealable memfd holding `size` bytes
     /// is `EINVAL`.
     fn adopt(&mut self, addr: Option<u64>, size: u64, fd: OwnedFd) -> Result<(), Errno> {
-        const PAGE: u64 = vsva_hw::PAGE_SIZE;
+        const PAGE: u64 = vsva_hw::memory::PAGE_SIZE;
         let limits = &self.svc.limits;
         let used: u64 = self.windows.iter().map(|w| w.size).sum();
         if self.windows.len() >= limits.max_windows as usize
@@ -1163,7 +1163,7 @@ impl Connection<'_> {
         arg: &mut [u8],
         mut fds: Vec<OwnedFd>,
     ) -> Result<(usize, Option<OwnedFd>), Errno> {
-        const PAGE: u64 = vsva_hw::PAGE_SIZE;
+        const PAGE: u64 = vsva_hw::memory::PAGE_SIZE;
         let field = |at: usize| {
             arg.get(at..at + 8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))

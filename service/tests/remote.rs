@@ -10,12 +10,16 @@ use std::thread::JoinHandle;
 
 use vm_memory::{Bytes, GuestAddress};
 use vsva_service::protocol::HostState;
-use vsva_service::{HostConfig, Limits, RemoteFile, Report, Service, SharedRam};
+use vsva_service::{
+    client::RemoteFile, client::SharedRam, server::HostConfig, server::Limits, server::Report,
+    server::Service,
+};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{
-    BindGpasid, CacheInvalidate, DmaMap, Errno, InvGranularity, IommuModel, VfioIoctls,
+    error::Errno, file::IommuModel, file::VfioIoctls, request::BindGpasid,
+    request::CacheInvalidate, request::DmaMap, request::InvGranularity,
 };
-use vsva_vtd::{Gpa, Iova};
+use vsva_vtd::{addr::Gpa, addr::Iova};
 
 struct Served {
     path: PathBuf,
@@ -74,7 +78,7 @@ impl Served {
 
 const RAM: u64 = 4 << 20;
 
-fn bind(hpasid: vsva_vtd::Pasid) -> BindGpasid {
+fn bind(hpasid: vsva_vtd::addr::Pasid) -> BindGpasid {
     BindGpasid {
         hpasid,
         gpasid: Some(hpasid),
@@ -248,7 +252,7 @@ fn a_host_full_of_connections_refuses_one_more_with_eusers_and_serves_the_rest()
     let (b, _ram_b) = client(&served.path);
     let pb = (&b).pasid_alloc(1, 100).unwrap();
     match RemoteFile::connect(&served.path) {
-        Err(vsva_service::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
+        Err(vsva_service::client::ClientError::Full(e)) => assert_eq!(e, Errno::new(libc::EUSERS)),
         other => panic!("a third connection: {other:?}"),
     }
     // The two admitted clients are served as before.
@@ -262,7 +266,7 @@ fn a_host_full_of_connections_refuses_one_more_with_eusers_and_serves_the_rest()
         loop {
             match RemoteFile::connect(&served.path) {
                 Ok(c) => break c,
-                Err(vsva_service::ClientError::Full(_)) => {
+                Err(vsva_service::client::ClientError::Full(_)) => {
                     assert!(std::time::Instant::now() < deadline, "no room ever");
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
@@ -320,20 +324,20 @@ fn the_fault_queue_file_calls_cross_the_socket() {
     let (file, _ram) = client(&served.path);
     let mut buf = [0u8; 4096];
     assert_eq!(
-        vsva_uapi::UapiFile::read(&file, &mut buf),
+        vsva_uapi::file::UapiFile::read(&file, &mut buf),
         Err(Errno::EAGAIN)
     );
     assert_eq!(
-        vsva_uapi::UapiFile::read(&file, &mut buf[..8]),
+        vsva_uapi::file::UapiFile::read(&file, &mut buf[..8]),
         Err(Errno::EINVAL)
     );
     assert_eq!(
-        vsva_uapi::UapiFile::write(&file, &[0; 8]),
+        vsva_uapi::file::UapiFile::write(&file, &[0; 8]),
         Err(Errno::EFAULT)
     );
     // A notifier goes as an eventfd; anything else (a memfd here) is refused, as are two.
-    vsva_uapi::UapiFile::set_event_notifier(&file, Some(Arc::new(|| {})));
-    vsva_uapi::UapiFile::set_event_notifier(&file, None);
+    vsva_uapi::file::UapiFile::set_event_notifier(&file, Some(Arc::new(|| {})));
+    vsva_uapi::file::UapiFile::set_event_notifier(&file, None);
     let sock = vsva_service::socket::connect(&served.path).unwrap();
     let call = |frame: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| {
         vsva_service::socket::send(sock.as_fd(), frame, fds).unwrap();
@@ -410,7 +414,7 @@ fn the_eventfd_fires_when_a_page_request_is_queued_and_state_counts_it() {
     assert_eq!(s.faults_unread, before.faults_unread + 1);
     assert_eq!(s.binds, before.binds + 1);
     // Reading the record empties the queue; the group still waits for its response.
-    let faults = vsva_uapi::UapiFile::read_faults(&file).unwrap();
+    let faults = vsva_uapi::file::UapiFile::read_faults(&file).unwrap();
     assert_eq!(faults.len(), 1);
     let s = probe.host_state().unwrap();
     assert_eq!(s.faults_unread, before.faults_unread);

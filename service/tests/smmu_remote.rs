@@ -14,10 +14,16 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_service::protocol::HostState;
-use vsva_service::{HostConfig, IommuArch, RemoteFile, Report, Service, SharedRam};
+use vsva_service::{
+    client::RemoteFile, client::SharedRam, server::HostConfig, server::IommuArch, server::Report,
+    server::Service,
+};
 use vsva_uapi::request::NestingVendor;
-use vsva_uapi::{BindGpasid, Errno, PasidConfig, PasidTableConfig, VfioIoctls};
-use vsva_vtd::{Gpa, Pasid};
+use vsva_uapi::{
+    error::Errno, file::VfioIoctls, request::BindGpasid, request::PasidConfig,
+    request::PasidTableConfig,
+};
+use vsva_vtd::{addr::Gpa, addr::Pasid};
 
 const RAM: u64 = 4 << 20;
 const CD_GPA: u64 = 0x8_0000;
@@ -301,8 +307,8 @@ fn stream_ids_are_reused_and_an_smmu_host_serves_no_iommufd() {
 
 #[test]
 fn malformed_pasid_table_ioctls_over_the_socket_change_nothing() {
+    use vsva_uapi::file::UapiFile;
     use vsva_uapi::vfio::{VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_DETACH_PASID_TABLE};
-    use vsva_uapi::UapiFile;
     let served = serve(true);
     let smmu = served.service.smmu().unwrap().clone();
     let probe = RemoteFile::connect(&served.path).unwrap();

@@ -3,7 +3,9 @@
 //! most [`CTXDESC_L2_ENTRIES`] CDs, else 2-level with 64 KiB leaf tables made when a
 //! SubstreamID is first used (`arm_smmu_get_cd_ptr`).
 
-use vsva_smmuv3::{Features, L1Cd, PhysMem, S1Fmt};
+use vsva_mem::PhysMem;
+
+use vsva_smmuv3::{cd::L1Cd, features::Features, ste::S1Fmt};
 
 use crate::strtab::zero;
 use crate::{DmaAlloc, Error};

@@ -3,8 +3,10 @@
 //! complete once CMDQ_CONS has moved past it (`arm_smmu_cmdq_issue_cmdlist` with `sync`,
 //! polling for completion as `__arm_smmu_cmdq_poll_until_consumed` does).
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::regs::{gerror, offset};
-use vsva_smmuv3::{Cmd, CmdError, Features, PhysMem, Queue, SyncCs};
+use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::SyncCs, features::Features, regs::Queue};
 
 use crate::{Error, Registers, POLL_LIMIT};
 
@@ -153,10 +155,10 @@ impl CommandQueue {
 
 #[cfg(test)]
 mod tests {
+    use vsva_hw::memory::HostMemory;
     use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-    use vsva_hw::HostMemory;
     use vsva_smmuv3::regs::{cr0, gerror, offset};
-    use vsva_smmuv3::{Cmd, CmdError, Features, PhysMem, RegError};
+    use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, features::Features, regs::RegError};
 
     use super::*;
 

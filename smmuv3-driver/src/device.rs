@@ -1,9 +1,12 @@
 //! One SMMU under the driver: probe, reset and enable, STE and CD updates, invalidations,
 //! page responses, the output queues and global errors.
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::regs::{cr0, gerror, offset, Irq, GBPA_ABORT, GBPA_UPDATE};
 use vsva_smmuv3::{
-    Cmd, Config, ContextDescriptor, Event, Features, PhysMem, PriResp, PriqEntry, Ste, TlbiAddr,
+    cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::TlbiAddr, event::Event, features::Features,
+    priq::PriqEntry, ste::Config, ste::Ste,
 };
 
 use crate::cdtab::CdTable;

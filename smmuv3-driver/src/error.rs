@@ -1,6 +1,8 @@
 //! What the driver reports.
 
-use vsva_smmuv3::{BadCd, BadSte, Cmd, CmdError, MemError, RegError};
+use vsva_mem::MemError;
+
+use vsva_smmuv3::{cd::BadCd, cmd::Cmd, cmd::CmdError, regs::RegError, ste::BadSte};
 
 /// Why a driver operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

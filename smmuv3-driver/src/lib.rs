@@ -46,7 +46,6 @@ pub use error::Error;
 pub use queues::{Drained, OutputQueue};
 pub use regs::Registers;
 pub use strtab::{StrtabFormat, STRTAB_SPLIT};
-pub use vsva_smmuv3::PhysMem;
 
 /// How many register reads a wait for the SMMU may take before the driver gives up: a
 /// bound on work, not a time (Linux's `ARM_SMMU_POLL_TIMEOUT_US` bounds a time instead).

@@ -3,8 +3,10 @@
 //! CONS.OVACKFLG) is reported and acknowledged by copying OVFLG into CONS, as
 //! `queue_sync_prod_in` and `queue_sync_cons_ovf` do.
 
+use vsva_mem::PhysMem;
+
+use vsva_smmuv3::regs::Queue;
 use vsva_smmuv3::regs::OVERFLOW;
-use vsva_smmuv3::{PhysMem, Queue};
 
 use crate::{Error, Registers};
 

@@ -1,6 +1,6 @@
 //! How the driver reaches the SMMU's registers.
 
-use vsva_smmuv3::RegError;
+use vsva_smmuv3::regs::RegError;
 
 /// 4- and 8-byte reads and writes at offsets of the SMMU's register pages (IHI 0070 §6):
 /// a host driver's go to the physical SMMU, a guest driver's to the virtual one.

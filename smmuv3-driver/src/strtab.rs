@@ -3,7 +3,9 @@
 //! (`arm_smmu_init_l2_strtab`), each filled with aborting STEs before its L1STD points to
 //! it (`arm_smmu_init_bypass_stes` with `disable_bypass`).
 
-use vsva_smmuv3::{Config, L1Std, PhysMem, Ste};
+use vsva_mem::PhysMem;
+
+use vsva_smmuv3::{lookup::L1Std, ste::Config, ste::Ste};
 
 use crate::{DmaAlloc, Error};
 

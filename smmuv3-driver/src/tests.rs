@@ -1,17 +1,20 @@
 //! The driver against vsva's physical SMMUv3 model (strict mode: every cached entry the
 //! driver failed to invalidate is reported).
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use vsva_hw::memory::HostMemory;
 use vsva_hw::smmuv3::{Smmu, SmmuConfig, SmmuFault};
-use vsva_hw::HostMemory;
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::regs::{cr0, offset};
 use vsva_smmuv3::{
-    AccessRequest, AddressSize, Config, ContextDescriptor, EventType, Features, PageSize, PhysMem,
-    PriqEntry, RegError, S1Dss, S2Config, S2Flags, Ste, TableBuilder,
+    builder::TableBuilder, cd::ContextDescriptor, event::EventType, features::Features,
+    priq::PriqEntry, regs::RegError, ste::Config, ste::S1Dss, ste::Ste, walk::AccessRequest,
+    walk::AddressSize, walk::PageSize, walk::S2Config, walk::S2Flags,
 };
 
 use super::*;
@@ -254,7 +257,7 @@ fn cd_updates_and_asid_invalidation() {
     let f = *rig.drv.features();
     // A 2-level CD table (4096 SubstreamIDs) and a stage-1-only stream.
     let mut cds = rig.drv.alloc_cd_table(12).unwrap();
-    assert_eq!(cds.s1fmt(), vsva_smmuv3::S1Fmt::TwoLevel64K);
+    assert_eq!(cds.s1fmt(), vsva_smmuv3::ste::S1Fmt::TwoLevel64K);
     let ttb0 = 0x60_0000;
     let cd = ContextDescriptor::new(ttb0, 16, 0x42);
     let mut b1 = TableBuilder::stage1(&cd.s1_config(&f).unwrap());
@@ -320,7 +323,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         rig.drv.write_ste(1 << 16, None),
         Err(Error::BadStreamId(1 << 16))
     );
-    let ill = vsva_smmuv3::Cmd::TlbiEl2All;
+    let ill = vsva_smmuv3::cmd::Cmd::TlbiEl2All;
     assert_eq!(rig.drv.issue(&[ill]), Err(Error::IllegalCommand(ill)));
     let bad_cd = ContextDescriptor {
         t0sz: 70,
@@ -422,7 +425,7 @@ fn msis_are_programmed_and_enabled_for_each_source() {
 fn pri_queue_delivers_page_requests() {
     let mut rig = Rig::new();
     let ste = Ste {
-        eats: vsva_smmuv3::Eats::Full,
+        eats: vsva_smmuv3::ste::Eats::Full,
         ..s2_ste(2, 0x30_0000)
     };
     rig.drv.write_ste(8, Some(&ste)).unwrap();
@@ -441,7 +444,7 @@ fn pri_queue_delivers_page_requests() {
     let drained = rig.drv.read_page_requests().unwrap();
     assert_eq!(drained.records, [req]);
     rig.drv
-        .pri_resp(8, Some(5), 17, vsva_smmuv3::PriResp::Success)
+        .pri_resp(8, Some(5), 17, vsva_smmuv3::cmd::PriResp::Success)
         .unwrap();
     assert!(rig.drv.read_page_requests().unwrap().records.is_empty());
 }

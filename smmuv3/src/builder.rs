@@ -7,7 +7,7 @@
 use crate::desc::{Descriptor, DescriptorKind, TableFormat};
 use crate::field::bits;
 use crate::walk::{table_index, PageSize, S1Config, S1Table, S2Config};
-use vsva_vtd::{MemError, PhysMem};
+use {vsva_mem::MemError, vsva_mem::PhysMem};
 
 /// Why a builder operation was refused. A refused operation writes no descriptor (tables
 /// already created for it stay, empty).

@@ -13,7 +13,7 @@ use crate::field::{bits, get};
 use crate::ste::{BadSte, S1Dss, Ste};
 use crate::walk::stage2::S2Start;
 use crate::walk::{S1Config, S2Config, WalkFault, WalkObserver};
-use vsva_vtd::PhysMem;
+use vsva_mem::PhysMem;
 
 /// A configuration error found while looking up a transaction's STE or CD.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
@@ -231,7 +231,7 @@ where
 
 /// [`find_cd`] with the physical address of each L1CD and CD fetch given by `to_pa` (the
 /// identity without stage 2; with it, a stage-2 walk that may start from a walk cache,
-/// CLASS CD, as [`NestedStage::cd_fetch_from`](crate::NestedStage::cd_fetch_from) walks).
+/// CLASS CD, as [`NestedStage::cd_fetch_from`](crate::walk::NestedStage::cd_fetch_from) walks).
 pub fn find_cd_with<M>(
     mem: &M,
     ste: &Ste,

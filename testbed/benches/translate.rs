@@ -6,7 +6,7 @@
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vsva_hw::PAGE_SIZE;
+use vsva_hw::memory::PAGE_SIZE;
 use vsva_testbed::bench::loads::DependentLoads;
 use vsva_testbed::bench::platform::{Platform, PlatformConfig};
 use vsva_testbed::bench::translate::{

@@ -22,13 +22,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use vsva_guest::{Process, Prot};
+use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation, SoftwareError,
 };
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, InvGranularity, VfioIoctls};
-use vsva_vtd::{FlPagingMode, Gpa, Gva, Pasid};
+use vsva_uapi::{
+    error::Errno, file::VfioIoctls, request::BindGpasid, request::CacheInvalidate,
+    request::InvGranularity,
+};
+use vsva_vtd::{addr::Gpa, addr::Gva, addr::Pasid, flpte::FlPagingMode};
 
 use crate::holdings::HostHoldings;
 use crate::stack::{Host, StackError, Uapi, Vm, Vmm};
@@ -270,7 +273,7 @@ impl Demo {
         let host = Host::new(opts.host_memory, true)?;
         let before = HostHoldings::of(&host);
         let vms = (0..opts.vms)
-            .map(|i| Vm::with_uapi(&host, i, ram, vsva_host::DEFAULT_QUOTA, opts.uapi))
+            .map(|i| Vm::with_uapi(&host, i, ram, vsva_host::pasid::DEFAULT_QUOTA, opts.uapi))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Demo {
             opts: opts.clone(),

@@ -19,6 +19,8 @@
 //! pages the bitmap would report whole 2 MiB blocks (as it does on a host with huge
 //! pages), and "none that no one wrote" would not hold at 4 KiB.
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -34,11 +36,11 @@ use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     DmaPort, Operation,
 };
-use vsva_hw::PAGE_SIZE;
+use vsva_hw::memory::PAGE_SIZE;
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
-use vsva_vtd::{Gpa, PhysMem, SourceId};
+use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_vtd::{addr::Gpa, addr::SourceId};
 
 use crate::scenario::Outcome;
 use crate::stack::{Host, StackError};

@@ -17,20 +17,22 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
-use vsva_guest::Prot;
+use vsva_guest::process::Prot;
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_service::client::FaultQueueFd;
 use vsva_service::load::{Held, Samples, WorkerReport};
 use vsva_service::protocol::{HostState, FILE_IOMMUFD};
-use vsva_service::{ClientError, HostProcess, RemoteFile, SharedRam};
+use vsva_service::{
+    client::ClientError, client::RemoteFile, client::SharedRam, process::HostProcess,
+};
 use vsva_uapi::iommufd::{
     IOMMU_HWPT_INVALIDATE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
 };
 use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE};
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 use vsva_vmm::{GuestPasids, Iommufd, UserBuffer};
-use vsva_vtd::FlPagingMode;
+use vsva_vtd::flpte::FlPagingMode;
 
 use crate::demo::{self, DemoIommu, DemoOptions, DemoSummary, Target, VmReport};
 use crate::holdings::HostHoldings;
@@ -405,7 +407,7 @@ impl RemoteVm {
             -1,
             &|fd| link.take_fault_queue(fd),
             user,
-            GuestPasids::new(vsva_host::DEFAULT_QUOTA as usize),
+            GuestPasids::new(vsva_host::pasid::DEFAULT_QUOTA as usize),
         )
         .map_err(|e| gone("IOMMU_IOAS_ALLOC, IOMMU_FAULT_QUEUE_ALLOC", e))?;
         iommufd
@@ -1108,8 +1110,8 @@ const KEEPER_LEN: u64 = 64 << 10;
 /// A `vsva load` VM's keeper: a guest process with a bound PASID and a buffer its device
 /// filled with one byte value.
 struct Keeper {
-    process: Arc<vsva_guest::Process>,
-    buf: vsva_vtd::Gva,
+    process: Arc<vsva_guest::process::Process>,
+    buf: vsva_vtd::addr::Gva,
     byte: u8,
 }
 
@@ -1268,7 +1270,7 @@ mod tests {
     #[test]
     fn the_loop_binds_copies_verifies_invalidates_and_unbinds_leaving_no_pasid() {
         let host = Host::new(1 << 30, true).unwrap();
-        let vm = Vm::new(&host, 0, 64 << 20, vsva_host::DEFAULT_QUOTA).unwrap();
+        let vm = Vm::new(&host, 0, 64 << 20, vsva_host::pasid::DEFAULT_QUOTA).unwrap();
         let pasids = || host.pasids.lock().unwrap().total_allocated();
         let before = pasids();
         let r = workload_loop(&vm, 7, Duration::from_millis(200), 8);
@@ -1315,8 +1317,8 @@ mod tests {
     #[test]
     fn the_cross_vm_phase_answers_each_command_and_refuses_what_it_cannot_follow() {
         let host = Host::new(1 << 30, true).unwrap();
-        let a = Vm::new(&host, 0, 64 << 20, vsva_host::DEFAULT_QUOTA).unwrap();
-        let b = Vm::new(&host, 1, 64 << 20, vsva_host::DEFAULT_QUOTA).unwrap();
+        let a = Vm::new(&host, 0, 64 << 20, vsva_host::pasid::DEFAULT_QUOTA).unwrap();
+        let b = Vm::new(&host, 1, 64 << 20, vsva_host::pasid::DEFAULT_QUOTA).unwrap();
         let mut rng = StdRng::seed_from_u64(3);
         let bar = indicatif::ProgressBar::hidden();
         let (mut ra, mut rb) = (VmReport::default(), VmReport::default());

@@ -19,15 +19,15 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_hw::dma::{DmaEngine, DmaEngineConfig, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory, HostMemoryError};
-use vsva_vtd::{Gpa, Iova, Pasid, SourceId};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::HostMemoryError};
+use vsva_vtd::{addr::Gpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use vsva_host::container::{Container, SharedPasidAllocator};
 use vsva_host::driver::{DriverError, HostIommu, VtdDomain, ADDR_WIDTH_4LEVEL};
 use vsva_host::error::HostError;
 use vsva_host::pasid::{PasidAllocator, DEFAULT_QUOTA};
 use vsva_uapi::request::{BindGpasid, DmaMap};
-use vsva_uapi::{IommuModel, VfioIoctls};
+use vsva_uapi::{file::IommuModel, file::VfioIoctls};
 
 /// The guest page-table root every bound PASID points to: one tiny table shared by all
 /// (binding does not walk it; a DMA would, through each VM's second level).

@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::scale::{run_scale, ScaleConfig};
-use vsva_guest::{Process, Prot};
+use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
-use vsva_uapi::VfioIoctls;
-use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Pasid};
+use vsva_uapi::file::VfioIoctls;
+use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode, walk::AccessRequest};
 
 use crate::holdings::HostHoldings;
 use crate::migrate::{migrate_dirty, MigrateConfig};

@@ -20,29 +20,30 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_guest::{GuestFrames, Process, Prot, SmmuSva};
+use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
-use vsva_host::{Container, ContainerFile, PasidAllocator};
+use vsva_host::{container::Container, file::ContainerFile, pasid::PasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     Operation,
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
-use vsva_service::{RemoteFile, SharedRam};
-use vsva_smmuv3::{Cmd, EventType, RegError};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
+use vsva_service::{client::RemoteFile, client::SharedRam};
+use vsva_smmuv3::{cmd::Cmd, event::EventType, regs::RegError};
 use vsva_smmuv3_driver::Registers;
 use vsva_uapi::{
-    DmaMap, Errno, IommuModel, PageResponse, PageResponseCode, PasidConfig, PasidTableConfig,
-    QueuedFault, UapiFile, VfioIoctls,
+    error::Errno, file::IommuModel, file::UapiFile, file::VfioIoctls, request::DmaMap,
+    request::PageResponse, request::PageResponseCode, request::PasidConfig,
+    request::PasidTableConfig, request::QueuedFault,
 };
 use vsva_vmm::{
     HostPasidTable, SmmuIommufd, SmmuIommufdDevice, UserBuffer, VSmmu, VSmmuConfig, VSmmuError,
     Vevent,
 };
-use vsva_vtd::{Gpa, Gva, Hpa, Iova, Pasid, SourceId};
+use vsva_vtd::{addr::Gpa, addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use crate::demo::{DemoError, DemoIommu, DemoOptions, DemoSummary, VmReport};
 use crate::remote::{Stage, VmError, VmOptions, CROSS_VM};
@@ -755,7 +756,7 @@ pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String
             v.host_sid.rid().into(),
             Some(ssid.unwrap_or(bound)),
             addr.unwrap_or(buf),
-            vsva_smmuv3::AccessRequest::READ,
+            vsva_smmuv3::walk::AccessRequest::READ,
         );
         Ok::<_, DemoError>(format!("{e}"))
     })();
@@ -835,7 +836,7 @@ impl UapiFile for SmmuLink {
         self.file.write(buf)
     }
 
-    fn set_event_notifier(&self, notifier: Option<Arc<dyn vsva_uapi::EventNotifier>>) {
+    fn set_event_notifier(&self, notifier: Option<Arc<dyn vsva_uapi::file::EventNotifier>>) {
         self.file.set_event_notifier(notifier)
     }
 }

@@ -17,10 +17,14 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_guest::{DeviceConfig, GuestFrames, IommuDriver, Mmio, Process};
+use vsva_guest::{
+    frames::GuestFrames, iommu::DeviceConfig, iommu::IommuDriver, iommu::Mmio, process::Process,
+};
 use vsva_host::driver::{HostIommu, VtdDomain};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
-use vsva_host::{Container, ContainerFile, HostError, PasidAllocator};
+use vsva_host::{
+    container::Container, error::HostError, file::ContainerFile, pasid::PasidAllocator,
+};
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_hw::dma::regs::{
     CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN, REG_SWERR0, REG_SWERR1, SWERR_OVERFLOW, SWERR_VALID,
@@ -30,13 +34,17 @@ use vsva_hw::dma::{
     Operation, SoftwareError,
 };
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
-use vsva_uapi::DmaMap;
-use vsva_uapi::{Errno, IommuModel, QueuedFault, UapiFile, VfioIoctls};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
+use vsva_uapi::request::DmaMap;
+use vsva_uapi::{
+    error::Errno, file::IommuModel, file::UapiFile, file::VfioIoctls, request::QueuedFault,
+};
 use vsva_vmm::{
     GuestPasids, HostSva, Iommufd, IommufdDevice, PasidSource, UserBuffer, VIommu, VIommuConfig,
 };
-use vsva_vtd::{FlPagingMode, Gpa, Gva, Hpa, Iova, Pasid, SourceId};
+use vsva_vtd::{
+    addr::Gpa, addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId, flpte::FlPagingMode,
+};
 
 /// Guest RAM starts at GPA 0; the guest's frame allocator starts above the first MiB.
 const GUEST_FRAMES_START: u64 = 1 << 20;
@@ -48,7 +56,7 @@ pub const GUEST_DEVICE_SID: SourceId = SourceId::from_rid(0x0018);
 pub enum StackError {
     /// The sparse host memory could not be created.
     #[error("host memory: {0}")]
-    HostMemory(#[from] vsva_hw::HostMemoryError),
+    HostMemory(#[from] vsva_hw::memory::HostMemoryError),
     /// The IOMMU model refused its configuration.
     #[error("IOMMU model: {0}")]
     Iommu(#[from] vsva_hw::iommu::IommuConfigError),
@@ -72,7 +80,7 @@ pub enum StackError {
     Scale(String),
     /// Host memory refused an access.
     #[error("host memory: {0}")]
-    Memory(#[from] vsva_vtd::MemError),
+    Memory(#[from] vsva_mem::MemError),
     /// Reading the container's fault queue failed.
     #[error("fault queue: {0}")]
     FaultQueue(Errno),

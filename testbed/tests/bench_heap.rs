@@ -9,7 +9,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use vsva_host::PasidAllocator;
+use vsva_host::pasid::PasidAllocator;
 use vsva_testbed::bench::pasid::PasidChurn;
 use vsva_testbed::bench::uapi::BoundPasids;
 use vsva_testbed::bench::vm::BenchVm;

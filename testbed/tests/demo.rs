@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use vsva_testbed::demo::{run, Demo, DemoError, DemoOptions};
 use vsva_testbed::stack::{Uapi, VmContainer, GUEST_DEVICE_SID};
-use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, PageResponse};
+use vsva_uapi::{
+    error::Errno, request::BindGpasid, request::CacheInvalidate, request::PageResponse,
+};
 use vsva_vmm::{HostSva, PasidSource};
-use vsva_vtd::{Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 #[test]
 fn the_demo_checks_every_byte_and_counts_what_it_did() {

@@ -2,26 +2,32 @@
 //! driver → nested translation in the physical IOMMU → device DMA, with real bytes, each
 //! checked through the guest process's CPU view.
 
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
-use vsva_guest::{DeviceConfig, Process, Prot};
-use vsva_host::HostError;
+use vsva_guest::{iommu::DeviceConfig, process::Process, process::Prot};
+use vsva_host::error::HostError;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_testbed::holdings::HostHoldings;
 use vsva_testbed::stack::{Host, StackError, Uapi, Vm, GUEST_DEVICE_SID};
+use vsva_uapi::file::VfioIoctls;
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
-use vsva_uapi::VfioIoctls;
-use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity, PageResponse, PageResponseCode};
+use vsva_uapi::{
+    request::BindGpasid, request::CacheInvalidate, request::InvGranularity, request::PageResponse,
+    request::PageResponseCode,
+};
 use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::PasidIotlbGranularity;
 use vsva_vtd::regs::{AddressType, RequestType};
 use vsva_vtd::{
-    FaultReason, FlPagingMode, FlPte, Gpa, Gva, InvDesc, Pasid, Pgtt, PhysMem, SourceId,
+    addr::Gpa, addr::Gva, addr::Pasid, addr::SourceId, fault::FaultReason, flpte::FlPagingMode,
+    flpte::FlPte, inv_desc::InvDesc, pasid::Pgtt,
 };
 
 const RAM: u64 = 64 << 20;

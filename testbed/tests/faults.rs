@@ -5,13 +5,13 @@
 //! VM that owns the PASID sees it, and a flood of faults obeys the registers' overflow
 //! rule.
 
-use vsva_guest::Prot;
+use vsva_guest::process::Prot;
 use vsva_hw::dma::regs::{CTRL_ENABLE, CTRL_PASID_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_testbed::stack::{Host, Vm, GUEST_DEVICE_SID};
 use vsva_vtd::regs::layout::{fsts, offset};
 use vsva_vtd::regs::{AddressType, RequestType};
-use vsva_vtd::{FaultReason, FlPagingMode, Gva, Pasid};
+use vsva_vtd::{addr::Gva, addr::Pasid, fault::FaultReason, flpte::FlPagingMode};
 
 const RAM: u64 = 64 << 20;
 const PAGE: u64 = 4096;
@@ -24,7 +24,7 @@ const NEVER_MAPPED: u64 = 0x5555_0000_0000;
 fn vm_without_ats(
     host: &Host,
     index: usize,
-) -> (Vm, std::sync::Arc<vsva_guest::Process>, Pasid, Gva) {
+) -> (Vm, std::sync::Arc<vsva_guest::process::Process>, Pasid, Gva) {
     let vm = Vm::new(host, index, RAM, 100).unwrap();
     let ctrl = vm.engine.mmio_read(REG_CTRL).unwrap();
     vm.engine.mmio_write(REG_CTRL, ctrl & !CTRL_ENABLE).unwrap();

@@ -7,21 +7,23 @@ use std::sync::{Arc, Mutex};
 
 use viommu::*;
 use vsva_host::{
-    BackendInfo, Container, ContainerFile, HostError, IommuBackend, PasidAllocator,
-    SharedPasidAllocator,
+    container::BackendInfo, container::Container, container::IommuBackend,
+    container::SharedPasidAllocator, error::HostError, file::ContainerFile, pasid::PasidAllocator,
 };
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_NESTING_FEAT_BIND_PGTBL,
     IOMMU_NESTING_FEAT_CACHE_INVLD,
 };
+use vsva_uapi::{file::IommuModel, file::VfioIoctls};
 use vsva_uapi::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, NestingInfo, PageRequest, PageResponse,
-    PageResponseCode,
+    request::BindGpasid, request::CacheInvalidate, request::DmaMap, request::InvGranularity,
+    request::NestingInfo, request::PageRequest, request::PageResponse, request::PageResponseCode,
 };
-use vsva_uapi::{IommuModel, VfioIoctls};
 use vsva_vmm::{bind_data, HostSva, PageRequestOutcome};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity, ResponseCode};
-use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Iova, Pasid, SourceId};
+use vsva_vtd::{
+    addr::DomainId, addr::Iova, addr::Pasid, addr::SourceId, flpte::FlPagingMode, inv_desc::InvDesc,
+};
 
 /// What the host IOMMU driver was asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,7 +286,7 @@ fn a_vm_cannot_bind_another_vms_pasid() {
         .unwrap_err();
     assert!(matches!(error, HostError::NotOwner { pasid, .. } if pasid == pa));
     let through_fd = HostSva::bind_gpasid(&*b.container, &bind_data(pa, &entry));
-    assert_eq!(through_fd, Err(vsva_uapi::Errno::EPERM));
+    assert_eq!(through_fd, Err(vsva_uapi::error::Errno::EPERM));
     assert!(b.backend.take().is_empty(), "the driver is never asked");
     // Nor free it.
     let rsp = b.g.vcmd((pa.raw() as u64) << 8 | 2);

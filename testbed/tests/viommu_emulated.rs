@@ -4,6 +4,8 @@
 
 mod viommu;
 
+use vsva_mem::PhysMem;
+
 use std::sync::Arc;
 
 use viommu::*;
@@ -13,8 +15,9 @@ use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, PasidIo
 use vsva_vtd::regs::layout::{fsts, offset};
 use vsva_vtd::regs::{Cap, EventSource, FaultRecord, FRCD_F};
 use vsva_vtd::{
-    AccessRequest, DomainId, FaultReason, FlPagingMode, FlPte, Gpa, InvDesc, MapFlags, PageSize,
-    PageTableBuilder, Pasid, PhysMem, SourceId,
+    addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, builder::MapFlags,
+    builder::PageTableBuilder, fault::FaultReason, flpte::FlPagingMode, flpte::FlPte,
+    inv_desc::InvDesc, walk::AccessRequest, walk::PageSize,
 };
 
 const VA: u64 = 0x7f00_0000_0000;

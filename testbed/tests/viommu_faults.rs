@@ -8,11 +8,11 @@ mod viommu;
 use std::sync::Arc;
 
 use viommu::*;
-use vsva_uapi::{UnrecoverableFault, UnrecoverableReason};
+use vsva_uapi::{request::UnrecoverableFault, request::UnrecoverableReason};
 use vsva_vmm::{HostFaultOutcome, VIommuError};
 use vsva_vtd::regs::layout::{fsts, offset};
 use vsva_vtd::regs::{AddressType, EventSource, FaultOutcome, FaultRecord, RequestType};
-use vsva_vtd::{FaultReason, FlPagingMode, Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, fault::FaultReason, flpte::FlPagingMode};
 
 const HOST_SID: SourceId = SourceId::from_rid(0x8100);
 

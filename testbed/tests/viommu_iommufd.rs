@@ -20,17 +20,23 @@ use vsva_host::iommufd::{IommufdFile, ObjectState};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::iommufd::IOMMU_HWPT_INVALIDATE;
-use vsva_uapi::{CacheInvalidate, Errno, EventNotifier, InvGranularity, UapiFile};
+use vsva_uapi::{
+    error::Errno, file::EventNotifier, file::UapiFile, request::CacheInvalidate,
+    request::InvGranularity,
+};
 use vsva_vmm::{
     GuestPasids, HostSva, Iommufd, IommufdDevice, PageRequestOutcome, PasidSource, UserBuffer,
     VIommuConfig,
 };
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity, ResponseCode};
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::{DomainId, FlPagingMode, InvDesc, PageSize, Pasid, SourceId};
+use vsva_vtd::{
+    addr::DomainId, addr::Pasid, addr::SourceId, flpte::FlPagingMode, inv_desc::InvDesc,
+    walk::PageSize,
+};
 
 const HOST_SID: SourceId = SourceId::from_rid(0x8100);
 const VA: u64 = 0x4000_0000;
@@ -97,12 +103,12 @@ fn vm() -> Vm {
     let unit = HostIommu::new(hw.clone(), frames.clone()).unwrap();
     let ram_hpa = frames.alloc_range(RAM, 2 << 20).unwrap();
     let ram = Arc::new(
-        mem.guest_memory(&[(vsva_vtd::Gpa(0), ram_hpa, RAM)])
+        mem.guest_memory(&[(vsva_vtd::addr::Gpa(0), ram_hpa, RAM)])
             .unwrap(),
     );
     let scratch_hpa = frames.alloc_range(4 * PAGE, PAGE).unwrap();
     let scratch = Arc::new(
-        mem.guest_memory(&[(vsva_vtd::Gpa(0), scratch_hpa, 4 * PAGE)])
+        mem.guest_memory(&[(vsva_vtd::addr::Gpa(0), scratch_hpa, 4 * PAGE)])
             .unwrap(),
     );
 

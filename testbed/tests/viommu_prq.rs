@@ -6,13 +6,13 @@ mod viommu;
 use std::sync::Arc;
 
 use viommu::*;
-use vsva_uapi::{PageRequest, PageResponse, PageResponseCode};
+use vsva_uapi::{request::PageRequest, request::PageResponse, request::PageResponseCode};
 use vsva_vmm::{PageRequestOutcome, VIommuError};
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{offset, pq};
 use vsva_vtd::regs::EventSource;
-use vsva_vtd::{InvDesc, Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 
 const HOST_SID: SourceId = SourceId::from_rid(0x8100);
 

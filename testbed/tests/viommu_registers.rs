@@ -8,7 +8,7 @@ use vsva_vmm::{HostCall, VIommuConfig, VIommuError};
 use vsva_vtd::inv_desc::{PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::regs::layout::{fsts, gcmd, gsts, ics, offset, vcmd};
 use vsva_vtd::regs::{Cap, EventSource, RegError};
-use vsva_vtd::{DomainId, Ecap, InvDesc};
+use vsva_vtd::{addr::DomainId, inv_desc::InvDesc, regs::Ecap};
 
 #[test]
 fn advertises_a_first_level_scalable_unit() {
@@ -201,7 +201,7 @@ fn an_invalid_descriptor_stops_the_queue_until_iqe_is_cleared() {
     // Write the raw descriptor by hand, followed by a wait.
     let iqa = g.read(offset::IQA, 8) & !0xfff;
     for (i, q) in raw.iter().enumerate() {
-        vsva_vtd::PhysMem::write_u64(&*g.mem, iqa + head + 8 * i as u64, *q).unwrap();
+        vsva_mem::PhysMem::write_u64(&*g.mem, iqa + head + 8 * i as u64, *q).unwrap();
     }
     g.write(offset::IQT, 8, head + 32);
     assert_eq!(g.read(offset::FSTS, 4) as u32 & fsts::IQE, fsts::IQE);
@@ -225,7 +225,7 @@ fn an_invalid_descriptor_stops_the_queue_until_iqe_is_cleared() {
     .encode()
     .unwrap();
     for (i, q) in fixed.iter().enumerate() {
-        vsva_vtd::PhysMem::write_u64(&*g.mem, iqa + head + 8 * i as u64, *q).unwrap();
+        vsva_mem::PhysMem::write_u64(&*g.mem, iqa + head + 8 * i as u64, *q).unwrap();
     }
     g.write(offset::FSTS, 4, fsts::IQE as u64);
     assert_eq!(g.read(offset::FSTS, 4) as u32 & fsts::IQE, 0);
@@ -258,7 +258,7 @@ fn a_128_bit_queue_in_scalable_mode_reports_invalid_width() {
     .encode()
     .unwrap();
     for (i, q) in raw[..2].iter().enumerate() {
-        vsva_vtd::PhysMem::write_u64(&*g.mem, iqa + 8 * i as u64, *q).unwrap();
+        vsva_mem::PhysMem::write_u64(&*g.mem, iqa + 8 * i as u64, *q).unwrap();
     }
     g.write(offset::IQT, 8, 16);
     assert_eq!(g.read(offset::FSTS, 4) as u32 & fsts::IQE, fsts::IQE);

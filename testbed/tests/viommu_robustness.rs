@@ -3,6 +3,8 @@
 
 mod viommu;
 
+use vsva_mem::PhysMem;
+
 use proptest::prelude::*;
 use viommu::*;
 use vsva_vtd::inv_desc::{
@@ -11,8 +13,8 @@ use vsva_vtd::inv_desc::{
 };
 use vsva_vtd::regs::layout::offset;
 use vsva_vtd::{
-    AccessRequest, DomainId, FlPagingMode, InvDesc, Pasid, PasidDirEntry, PhysMem,
-    ScalableContextEntry, SourceId,
+    addr::DomainId, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    flpte::FlPagingMode, inv_desc::InvDesc, pasid::PasidDirEntry, walk::AccessRequest,
 };
 
 /// A PASID-cache invalidation of `granularity`.
@@ -342,7 +344,7 @@ proptest! {
             g.attach(*d, true);
         }
         let p = g.alloc_pasid();
-        g.set_pasid_entry(devs[0], p, Some(fl_entry(1, g.alloc_frame(), vsva_vtd::FlPagingMode::FourLevel)));
+        g.set_pasid_entry(devs[0], p, Some(fl_entry(1, g.alloc_frame(), vsva_vtd::flpte::FlPagingMode::FourLevel)));
         let iq_tail = std::cell::Cell::new(0u64);
         let queue = |raw: [u64; 4]| {
             let iqa = g.viommu.read(offset::IQA, 8).unwrap() & !0xfff;
@@ -382,7 +384,7 @@ proptest! {
                     let _ = g.mem.write_u64(addr, value);
                 }
                 Action::Translate { dev, pasid, addr } => {
-                    let pasid = pasid.map(|p| vsva_vtd::Pasid::new(p).unwrap());
+                    let pasid = pasid.map(|p| vsva_vtd::addr::Pasid::new(p).unwrap());
                     let _ = g.viommu.translate(devs[dev as usize], pasid, addr, AccessRequest::WRITE);
                 }
             }

@@ -3,13 +3,15 @@
 
 mod viommu;
 
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use viommu::*;
 use vsva_uapi::iommu::*;
-use vsva_uapi::{BindGpasid, CacheInvalidate, InvGranularity};
+use vsva_uapi::{request::BindGpasid, request::CacheInvalidate, request::InvGranularity};
 use vsva_vmm::{
     bind_data, host_invalidations, refusal, Binding, HostCall, Refusal, VIommuConfig, VIommuError,
 };
@@ -19,7 +21,8 @@ use vsva_vtd::inv_desc::{
 use vsva_vtd::regs::layout::{fsts, offset};
 use vsva_vtd::regs::{Cap, EventSource, FaultRecord, RequestType, FRCD_F};
 use vsva_vtd::{
-    AddrRange, DomainId, FaultReason, FlPagingMode, Gpa, InvDesc, Pasid, PhysMem, SourceId,
+    addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, fault::FaultReason,
+    flpte::FlPagingMode, inv_desc::AddrRange, inv_desc::InvDesc,
 };
 
 /// Attaches `dev` as a passthrough of the host device `host_sid` and gives it a
@@ -166,12 +169,12 @@ fn bind_data_carries_the_entry_attributes() {
     // One flag at a time.
     let plain = fl_entry(7, 0x1000, FlPagingMode::FourLevel);
     assert_eq!(bind_data(pasid(9), &plain).vtd_flags, 0);
-    let sre = vsva_vtd::PasidEntry { sre: true, ..plain };
+    let sre = vsva_vtd::pasid::PasidEntry { sre: true, ..plain };
     assert_eq!(
         bind_data(pasid(9), &sre).vtd_flags,
         IOMMU_SVA_VTD_GPASID_SRE
     );
-    let pwt = vsva_vtd::PasidEntry { pwt: true, ..plain };
+    let pwt = vsva_vtd::pasid::PasidEntry { pwt: true, ..plain };
     assert_eq!(
         bind_data(pasid(9), &pwt).vtd_flags,
         IOMMU_SVA_VTD_GPASID_PWT
@@ -191,7 +194,7 @@ fn bind_data_carries_the_entry_attributes() {
     let dev = sid(2, 0, 1);
     attach(&g, &host, dev, sid(0x81, 0, 0));
     let p = g.alloc_pasid();
-    let e = vsva_vtd::PasidEntry {
+    let e = vsva_vtd::pasid::PasidEntry {
         flptptr: g.alloc_frame(),
         ..e
     };
@@ -209,15 +212,18 @@ fn entries_the_unit_does_not_offer_are_not_bound() {
     let p = g.alloc_pasid();
     host.take();
     // Memory-type fields without ECAP.MTS: reserved, the entry is invalid.
-    let e = vsva_vtd::PasidEntry {
+    let e = vsva_vtd::pasid::PasidEntry {
         pcd: true,
         ..fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel)
     };
     g.set_pasid_entry(dev, p, Some(e));
     assert!(g.submit_sync(&[pasid_cache(1, p)]));
     // Nested and pass-through are not offered to the guest.
-    for pgtt in [vsva_vtd::Pgtt::Nested, vsva_vtd::Pgtt::PassThrough] {
-        let e = vsva_vtd::PasidEntry {
+    for pgtt in [
+        vsva_vtd::pasid::Pgtt::Nested,
+        vsva_vtd::pasid::Pgtt::PassThrough,
+    ] {
+        let e = vsva_vtd::pasid::PasidEntry {
             pgtt,
             ..fl_entry(1, g.alloc_frame(), FlPagingMode::FourLevel)
         };
@@ -257,7 +263,7 @@ fn entries_the_host_entry_cannot_reproduce_are_refused_with_a_fault() {
 
     // SRE and WPE: the bind data has no WPE, and SRE without it would let supervisor
     // writes through read-only pages. What was bound goes; nothing replaces it.
-    let wpe = vsva_vtd::PasidEntry {
+    let wpe = vsva_vtd::pasid::PasidEntry {
         sre: true,
         wpe: true,
         ..plain
@@ -282,7 +288,7 @@ fn entries_the_host_entry_cannot_reproduce_are_refused_with_a_fault() {
     assert!(fault_record(&g, 1).is_some());
 
     // ERE: the host entry's ERE is clear, execute requests the guest allowed would fault.
-    let ere = vsva_vtd::PasidEntry { ere: true, ..plain };
+    let ere = vsva_vtd::pasid::PasidEntry { ere: true, ..plain };
     assert_eq!(refusal(&ere), Some(Refusal::ExecuteRequests));
     g.set_pasid_entry(dev, p, Some(ere));
     assert!(g.submit_sync(&[pasid_cache(1, p)]));
@@ -295,7 +301,7 @@ fn entries_the_host_entry_cannot_reproduce_are_refused_with_a_fault() {
     assert_eq!(stats.host_errors, 0);
 
     // With FPD set the refusal stays, the fault is not reported (§7.1.1).
-    let quiet = vsva_vtd::PasidEntry { fpd: true, ..wpe };
+    let quiet = vsva_vtd::pasid::PasidEntry { fpd: true, ..wpe };
     g.set_pasid_entry(dev, p, Some(quiet));
     assert!(g.submit_sync(&[pasid_cache(1, p)]));
     assert!(host.take().is_empty());
@@ -307,8 +313,8 @@ fn entries_the_host_entry_cannot_reproduce_are_refused_with_a_fault() {
     // ignore R/W on both sides), and NXE/SMEP, which only execute requests see, and those
     // ERE clear refuses on both sides.
     for e in [
-        vsva_vtd::PasidEntry { sre: true, ..plain },
-        vsva_vtd::PasidEntry {
+        vsva_vtd::pasid::PasidEntry { sre: true, ..plain },
+        vsva_vtd::pasid::PasidEntry {
             wpe: true,
             smep: true,
             nxe: false,
@@ -347,50 +353,53 @@ fn each_field_the_unit_does_not_offer_keeps_the_entry_unbound() {
     let invalid = [
         (
             "SLADE without SLADS",
-            vsva_vtd::PasidEntry {
+            vsva_vtd::pasid::PasidEntry {
                 slade: true,
                 ..plain
             },
         ),
         (
             "PWSNP without SMPWC",
-            vsva_vtd::PasidEntry {
+            vsva_vtd::pasid::PasidEntry {
                 pwsnp: true,
                 ..plain
             },
         ),
         (
             "PGSNP without SC",
-            vsva_vtd::PasidEntry {
+            vsva_vtd::pasid::PasidEntry {
                 pgsnp: true,
                 ..plain
             },
         ),
         (
             "EAFE without EAFS",
-            vsva_vtd::PasidEntry {
+            vsva_vtd::pasid::PasidEntry {
                 eafe: true,
                 ..plain
             },
         ),
-        ("PAT without MTS", vsva_vtd::PasidEntry { pat: 6, ..plain }),
+        (
+            "PAT without MTS",
+            vsva_vtd::pasid::PasidEntry { pat: 6, ..plain },
+        ),
         (
             "second level",
-            vsva_vtd::PasidEntry {
-                pgtt: vsva_vtd::Pgtt::SecondLevel,
+            vsva_vtd::pasid::PasidEntry {
+                pgtt: vsva_vtd::pasid::Pgtt::SecondLevel,
                 ..plain
             },
         ),
         (
             "5-level without FL5LP",
-            vsva_vtd::PasidEntry {
+            vsva_vtd::pasid::PasidEntry {
                 flpm: FlPagingMode::FiveLevel,
                 ..plain
             },
         ),
         (
             "FLPTPTR beyond the guest address width",
-            vsva_vtd::PasidEntry {
+            vsva_vtd::pasid::PasidEntry {
                 flptptr: 1 << 48,
                 ..plain
             },

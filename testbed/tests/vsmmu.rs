@@ -5,6 +5,8 @@
 //! guest's queues, and a hostile guest gets CERROR_ILL, C_BAD_STE and C_BAD_STREAMID with
 //! no host call.
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -12,22 +14,24 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_smmuv3::regs::{cr0, gerror, offset, GBPA_UPDATE};
 use vsva_smmuv3::{
-    Cmd, Config, ContextDescriptor, Eats, Event, EventType, L1Std, PriResp, PriqEntry, RegError,
-    S1Dss, S1Fmt, Ste, SyncCs, TlbiAddr,
+    cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::SyncCs, cmd::TlbiAddr, event::Event,
+    event::EventType, lookup::L1Std, priq::PriqEntry, regs::RegError, ste::Config, ste::Eats,
+    ste::S1Dss, ste::S1Fmt, ste::Ste,
 };
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver, TlbiStage, STRTAB_SPLIT};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
 use vsva_uapi::{
-    BindGpasid, CacheInvalidate, Errno, InvGranularity, PageRequest, PageResponse,
-    PageResponseCode, PasidConfig, PasidTableConfig, UnrecoverableFault, UnrecoverableReason,
+    error::Errno, request::BindGpasid, request::CacheInvalidate, request::InvGranularity,
+    request::PageRequest, request::PageResponse, request::PageResponseCode, request::PasidConfig,
+    request::PasidTableConfig, request::UnrecoverableFault, request::UnrecoverableReason,
 };
 use vsva_vmm::{
     host_invalidation, HostCall, HostConfig, HostPasidTable, HostSva, PasidSource, PriOutcome,
     VSmmu, VSmmuConfig, VSmmuError,
 };
-use vsva_vtd::{Gpa, Pasid, PhysMem, SourceId};
+use vsva_vtd::{addr::Gpa, addr::Pasid, addr::SourceId};
 
 const RAM: u64 = 32 << 20;
 const SID: u32 = 0x10;

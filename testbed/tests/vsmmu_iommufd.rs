@@ -5,6 +5,8 @@
 //! queue at it with CERROR_ILL, another VM's vSID is refused, and teardown leaves the
 //! host's file empty.
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::sync::Arc;
@@ -15,18 +17,21 @@ use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
 use vsva_host::smmu::SmmuHost;
 use vsva_hw::dma::{DmaEngine, DmaEngineConfig};
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_smmuv3::regs::{gerror, offset};
-use vsva_smmuv3::{Cmd, Config, ContextDescriptor, Eats, RegError, S1Dss, Ste, SyncCs, TlbiAddr};
+use vsva_smmuv3::{
+    cd::ContextDescriptor, cmd::Cmd, cmd::SyncCs, cmd::TlbiAddr, regs::RegError, ste::Config,
+    ste::Eats, ste::S1Dss, ste::Ste,
+};
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver};
 use vsva_uapi::iommufd::{IommuDestroy, IOMMU_DESTROY};
 use vsva_uapi::wire::Wire;
-use vsva_uapi::{Errno, UapiFile};
+use vsva_uapi::{error::Errno, file::UapiFile};
 use vsva_vmm::{
     HostCall, HostConfig, SmmuIommufd, SmmuIommufdDevice, UserBuffer, VSmmu, VSmmuConfig,
     VSmmuError,
 };
-use vsva_vtd::{Gpa, Hpa, PhysMem, SourceId};
+use vsva_vtd::{addr::Gpa, addr::Hpa, addr::SourceId};
 
 const RAM: u64 = 32 << 20;
 const SCRATCH: u64 = 16 << 10;

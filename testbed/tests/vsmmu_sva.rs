@@ -1,5 +1,5 @@
 //! An arm64 guest end to end on an SMMUv3 host: the guest's arm-smmu-v3 driver
-//! (`vsva_guest::SmmuSva`) programs the virtual SMMUv3 (`vsva_vmm::VSmmu`), which hands the
+//! (`vsva_guest::smmu::SmmuSva`) programs the virtual SMMUv3 (`vsva_vmm::VSmmu`), which hands the
 //! guest's CD table to the VM's VFIO container (`VFIO_IOMMU_ATTACH_PASID_TABLE`) on the
 //! host SMMUv3 driver and the physical SMMUv3 model (strict mode); a DMA engine with the
 //! guest's SubstreamID moves bytes at the process's virtual addresses through its AArch64
@@ -10,21 +10,23 @@
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_guest::{GuestFrames, Process, Prot, SmmuSva};
+use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
-use vsva_host::{Container, ContainerFile, PasidAllocator};
+use vsva_host::{container::Container, file::ContainerFile, pasid::PasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     Operation,
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
-use vsva_hw::{FrameAllocator, HostMemory};
-use vsva_smmuv3::{EventType, RegError};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
+use vsva_smmuv3::{event::EventType, regs::RegError};
 use vsva_smmuv3_driver::Registers;
-use vsva_uapi::{DmaMap, IommuModel, QueuedFault, UapiFile, VfioIoctls};
+use vsva_uapi::{
+    file::IommuModel, file::UapiFile, file::VfioIoctls, request::DmaMap, request::QueuedFault,
+};
 use vsva_vmm::{HostConfig, VSmmu, VSmmuConfig, VSmmuError};
-use vsva_vtd::{Gpa, Gva, Hpa, Iova, Pasid, SourceId};
+use vsva_vtd::{addr::Gpa, addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 const RAM: u64 = 64 << 20;
 /// The device's StreamID in the guest, and its requester id on the host.

@@ -4,13 +4,13 @@
 use std::path::Path;
 
 use vsva_service::protocol::FILE_IOMMUFD;
-use vsva_service::{RemoteFile, SharedRam};
+use vsva_service::{client::RemoteFile, client::SharedRam};
 use vsva_uapi::iommufd::{
     IommuDestroy, IommuIoasAlloc, VfioDeviceAttachIommufdPt, IOMMU_DESTROY, IOMMU_IOAS_ALLOC,
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
 };
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
+use vsva_uapi::{error::Errno, file::UapiFile};
 
 /// One ioctl with `v` as its argument; the argument as the host left it.
 pub fn io<T: Wire>(f: &dyn UapiFile, cmd: u32, v: &T) -> Result<T, Errno> {

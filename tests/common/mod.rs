@@ -1,5 +1,5 @@
 //! The `vsva host` process of the tests that run real processes (`tests/host.rs`,
-//! `tests/vm.rs`, `tests/iommufd_socket.rs`): [`vsva_service::HostProcess`] on this
+//! `tests/vm.rs`, `tests/iommufd_socket.rs`): [`vsva_service::process::HostProcess`] on this
 //! build's binary, and the bounded waits these tests share.
 
 use std::path::Path;
@@ -7,7 +7,7 @@ use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use vsva_service::protocol::HostState;
-use vsva_service::{HostProcess, RemoteFile};
+use vsva_service::{client::RemoteFile, process::HostProcess};
 
 /// The longest any wait of these tests lasts.
 pub const WAIT: Duration = Duration::from_secs(20);

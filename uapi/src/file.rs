@@ -10,7 +10,7 @@
 use std::mem::size_of;
 use std::sync::Arc;
 
-use vsva_vtd::{Iova, Pasid, SourceId};
+use vsva_vtd::{addr::Iova, addr::Pasid, addr::SourceId};
 
 use crate::error::{Errno, UapiError};
 use crate::iommu::{IommuCacheInvalidateInfo, IommuGpasidBindData, IommuPageResponse};

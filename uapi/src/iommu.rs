@@ -17,7 +17,7 @@
 
 use std::mem::{offset_of, size_of};
 
-use vsva_vtd::Pasid;
+use vsva_vtd::addr::Pasid;
 
 use super::wire::{check_flags, check_zero, read_prefix, read_with_argsz, Wire};
 use crate::error::UapiError;

@@ -19,11 +19,3 @@ pub mod iommufd;
 pub mod request;
 pub mod vfio;
 pub mod wire;
-
-pub use error::{Errno, UapiError};
-pub use file::{EventNotifier, IommuModel, Type1Info, UapiFile, VfioIoctls};
-pub use request::{
-    BindGpasid, CacheInvalidate, DmaMap, FaultEvent, InvGranularity, NestingInfo, PageRequest,
-    PageResponse, PageResponseCode, PasidConfig, PasidTableConfig, QueuedFault, UnrecoverableEvent,
-    UnrecoverableFault, UnrecoverableReason,
-};

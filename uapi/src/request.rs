@@ -4,7 +4,7 @@
 //! type promises) and to it (`From`), so the byte ABI stays the single source of truth.
 
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::{Gpa, Iova, Pasid};
+use vsva_vtd::{addr::Gpa, addr::Iova, addr::Pasid};
 
 use super::iommu::*;
 use super::vfio::*;
@@ -461,7 +461,7 @@ impl From<&PageRequest> for IommuFaultPageRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultEvent {
     /// The requesting device.
-    pub sid: vsva_vtd::SourceId,
+    pub sid: vsva_vtd::addr::SourceId,
     /// The request.
     pub request: PageRequest,
 }
@@ -609,7 +609,7 @@ impl From<&UnrecoverableFault> for IommuFaultUnrecoverable {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnrecoverableEvent {
     /// The device whose request faulted.
-    pub sid: vsva_vtd::SourceId,
+    pub sid: vsva_vtd::addr::SourceId,
     /// The fault.
     pub fault: UnrecoverableFault,
 }
@@ -642,7 +642,7 @@ impl TryFrom<&VfioIommuType1Fault> for QueuedFault {
 
     fn try_from(r: &VfioIommuType1Fault) -> Result<Self, UapiError> {
         let r = VfioIommuType1Fault::from_bytes(&r.to_bytes())?;
-        let sid = vsva_vtd::SourceId::from_rid(r.rid as u16);
+        let sid = vsva_vtd::addr::SourceId::from_rid(r.rid as u16);
         if let Some(prm) = r.fault.page_request() {
             return Ok(QueuedFault::PageRequest(FaultEvent {
                 sid,
@@ -815,7 +815,7 @@ mod tests {
     #[test]
     fn page_request_from_vtd_descriptor() {
         let d = PageRequestDesc {
-            rid: vsva_vtd::SourceId::new(0, 3, 0).unwrap(),
+            rid: vsva_vtd::addr::SourceId::new(0, 3, 0).unwrap(),
             pasid: Some(Pasid::new(0x22).unwrap()),
             exe: false,
             pm: true,
@@ -858,7 +858,7 @@ mod tests {
             addr in proptest::option::of(any::<u64>()),
             fetch_addr in proptest::option::of(any::<u64>()),
         ) {
-            let sid = vsva_vtd::SourceId::from_rid(rid);
+            let sid = vsva_vtd::addr::SourceId::from_rid(rid);
             let fault = UnrecoverableFault {
                 reason: UnrecoverableReason::from_raw(reason).unwrap(),
                 pasid,

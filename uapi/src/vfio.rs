@@ -314,7 +314,7 @@ impl VfioIommuType1PasidRequest {
                 "exactly one of ALLOC_PASID and FREE_PASID is required",
             ));
         }
-        if r.range.min > r.range.max || r.range.max > vsva_vtd::Pasid::MAX.raw() {
+        if r.range.min > r.range.max || r.range.max > vsva_vtd::addr::Pasid::MAX.raw() {
             return Err(UapiError::BadPasidRange {
                 min: r.range.min,
                 max: r.range.max,

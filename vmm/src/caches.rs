@@ -12,8 +12,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::{
-    AccessRequest, AddrRange, DomainId, PageSize, Pasid, PasidEntry, Permissions,
-    ScalableContextEntry, SourceId,
+    addr::DomainId, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    inv_desc::AddrRange, pasid::PasidEntry, walk::AccessRequest, walk::PageSize, walk::Permissions,
 };
 
 /// One cached first-level translation of a page.

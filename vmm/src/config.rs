@@ -6,7 +6,9 @@
 //! every virtual VT-d that shadows: it makes the guest driver invalidate after it makes an
 //! entry present (Linux `pasid_flush_caches`), which is when the vIOMMU reads the entry.
 
-use vsva_vtd::{Cap, Capabilities, Ecap, FlFormat, InvalidAddressWidth};
+use vsva_vtd::{
+    flpte::FlFormat, flpte::InvalidAddressWidth, regs::Cap, regs::Ecap, root::Capabilities,
+};
 
 /// PASID width the vIOMMU supports: ECAP.PSS + 1.
 pub const PASID_BITS: u32 = 20;

@@ -2,10 +2,12 @@
 //! request injection). Host call failures are not errors of the caller: they are counted
 //! and kept as [`HostCallError`]s.
 
-use vsva_uapi::Errno;
-use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse, PasidTableConfig};
+use vsva_uapi::error::Errno;
+use vsva_uapi::{
+    request::BindGpasid, request::CacheInvalidate, request::PageResponse, request::PasidTableConfig,
+};
 use vsva_vtd::regs::RegError;
-use vsva_vtd::{InvalidAddressWidth, Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, flpte::InvalidAddressWidth};
 
 /// A refused vIOMMU operation; it changed nothing.
 #[derive(Debug, thiserror::Error)]

@@ -23,11 +23,11 @@
 //! guest's: such a record is refused. An FPD field set in the guest's context entry,
 //! PASID directory entry or PASID entry disables recording, as it would in hardware.
 
-use vsva_uapi::{UnrecoverableFault, UnrecoverableReason};
+use vsva_uapi::{request::UnrecoverableFault, request::UnrecoverableReason};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::pasid::{read_pasid_dir_entry, read_pasid_entry};
 use vsva_vtd::regs::{AddressType, FaultOutcome, FaultRecord, RequestType};
-use vsva_vtd::{FaultReason, Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, fault::FaultReason};
 
 use crate::error::VIommuError;
 use crate::stats::Counters;

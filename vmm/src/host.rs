@@ -9,9 +9,10 @@
 //! `VFIO_IOMMU_PAGE_RESPONSE` extension). A failed call is the errno the host returned.
 
 use vsva_uapi::{
-    BindGpasid, CacheInvalidate, Errno, PageResponse, PasidTableConfig, UapiFile, VfioIoctls,
+    error::Errno, file::UapiFile, file::VfioIoctls, request::BindGpasid, request::CacheInvalidate,
+    request::PageResponse, request::PasidTableConfig,
 };
-use vsva_vtd::{Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 /// Where guest PASIDs come from: the virtual command interface (VT-d §10.4.44) allocates
 /// and frees them here.

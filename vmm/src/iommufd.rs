@@ -38,10 +38,11 @@ use vsva_uapi::iommu::{
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{
-    BindGpasid, CacheInvalidate, Errno, InvGranularity, PageRequest, PageResponse,
-    PageResponseCode, UapiFile,
+    error::Errno, file::UapiFile, request::BindGpasid, request::CacheInvalidate,
+    request::InvGranularity, request::PageRequest, request::PageResponse,
+    request::PageResponseCode,
 };
-use vsva_vtd::{Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use crate::config::PASID_BITS;
 use crate::host::{HostSva, PasidSource};

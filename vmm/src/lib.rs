@@ -9,7 +9,7 @@
 //! - passthrough devices ([`VIommu::attach_passthrough`]): the guest's PASID entries and
 //!   invalidations are shadowed to the host ([`HostSva`]), which nests the guest's first
 //!   level over the host's second level. The host is reached through either uAPI: the
-//!   seed's VFIO type1 container (every [`UapiFile`](vsva_uapi::UapiFile) is a
+//!   seed's VFIO type1 container (every [`UapiFile`](vsva_uapi::file::UapiFile) is a
 //!   [`HostSva`]), or iommufd ([`IommufdDevice`]: nested HWPTs attached at PASIDs);
 //! - emulated devices: the vIOMMU translates by itself ([`VIommu::translate`]), also as a
 //!   vm-memory `Iommu` per address space ([`VIommu::address_space`]).

@@ -8,11 +8,13 @@
 //! set and the device retries). An answer is only due for the last request of a group or
 //! one with private data.
 
-use vsva_uapi::{PageRequest, PageResponse, PageResponseCode};
+use vsva_mem::PhysMem;
+
+use vsva_uapi::{request::PageRequest, request::PageResponse, request::PageResponseCode};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::{Pasid, PhysMem, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use crate::error::{HostCall, VIommuError};
 use crate::stats::Counters;

@@ -58,14 +58,16 @@ use vsva_uapi::iommu::{
     IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_EMTE, IOMMU_SVA_VTD_GPASID_PCD,
     IOMMU_SVA_VTD_GPASID_PWT, IOMMU_SVA_VTD_GPASID_SRE,
 };
-use vsva_uapi::{BindGpasid, CacheInvalidate, Errno, InvGranularity};
+use vsva_uapi::{
+    error::Errno, request::BindGpasid, request::CacheInvalidate, request::InvGranularity,
+};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity};
 use vsva_vtd::pasid::{read_pasid_dir_entry, read_pasid_entry};
 use vsva_vtd::regs::{AddressType, FaultRecord, Interrupt, RequestType};
 use vsva_vtd::{
-    AddrRange, DomainId, FaultReason, Gpa, InvDesc, Pasid, PasidEntry, Pgtt, ScalableContextEntry,
-    SourceId,
+    addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    fault::FaultReason, inv_desc::AddrRange, inv_desc::InvDesc, pasid::PasidEntry, pasid::Pgtt,
 };
 
 use crate::error::{HostCall, VIommuError};

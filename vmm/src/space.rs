@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error, IotlbFails, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Iommu, Iotlb, Permissions};
-use vsva_vtd::{AccessRequest, DomainId, Pasid, SourceId};
+use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, walk::AccessRequest};
 
 use crate::caches::IotlbScope;
 use crate::viommu::{lock, VIommu};

@@ -9,8 +9,9 @@ use vsva_vtd::invalidation::IotlbInvalidation;
 use vsva_vtd::regs::AddressType;
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
-    walk_first_level, AccessRequest, Capabilities, DomainId, Gpa, PageSize, Pasid, PasidEntry,
-    Permissions, ScalableContextEntry, SourceId, Translation, TranslationFault, WalkFault,
+    addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    pasid::PasidEntry, request::TranslationFault, root::Capabilities, walk::walk_first_level,
+    walk::AccessRequest, walk::PageSize, walk::Permissions, walk::Translation, walk::WalkFault,
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};

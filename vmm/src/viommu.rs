@@ -7,18 +7,21 @@
 //! every host call of the descriptors before it has returned. Interrupts are delivered
 //! after the vIOMMU's locks are released, so a handler may access the registers.
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
-use vsva_uapi::Errno;
+use vsva_uapi::error::Errno;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
-    Capabilities, DomainId, FlFormat, InvDesc, MemError, Pasid, PhysMem, RegisterFile, RootState,
-    SourceId,
+    addr::DomainId, addr::Pasid, addr::SourceId, flpte::FlFormat, inv_desc::InvDesc,
+    regs::RegisterFile, request::RootState, root::Capabilities,
 };
 
 use crate::caches::{Caches, IotlbScope};

@@ -1,8 +1,10 @@
 //! What the shared driver machinery reports.
 
+use vsva_mem::MemError;
+
 use vsva_vtd::prq::PageRequestDescError;
 use vsva_vtd::regs::Iqei;
-use vsva_vtd::{InvDescError, MemError, RegError};
+use vsva_vtd::{inv_desc::InvDescError, regs::RegError};
 
 /// Why a driver operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -47,7 +47,7 @@ mod tests {
     use super::*;
     use crate::testunit::Unit;
     use vsva_vtd::regs::{AddressType, RequestType};
-    use vsva_vtd::{Pasid, SourceId};
+    use vsva_vtd::{addr::Pasid, addr::SourceId};
 
     fn record(i: u64) -> FaultRecord {
         FaultRecord {

@@ -1,11 +1,11 @@
 //! Invalidation descriptors the driver issues (VT-d §6.5.2), built for address ranges as
 //! intel-iommu builds them: one descriptor per range, its size given by the address mask
 //! (AM) or the ATS size bit, never one descriptor per page. Descriptors with no range
-//! (context cache, PASID cache, global flushes) are `vsva_vtd::InvDesc` values as they are.
+//! (context cache, PASID cache, global flushes) are `vsva_vtd::inv_desc::InvDesc` values as they are.
 
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidIotlbGranularity};
 use vsva_vtd::regs::{Cap, Ecap};
-use vsva_vtd::{DomainId, InvDesc, Pasid, SourceId};
+use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 
 use crate::mask::{ats_address, block_base, covering_order};
 
@@ -184,7 +184,7 @@ mod tests {
     use super::*;
     use crate::mask::WHOLE_SPACE;
     use proptest::prelude::*;
-    use vsva_vtd::AddrRange;
+    use vsva_vtd::inv_desc::AddrRange;
 
     #[test]
     fn the_queue_depth_is_the_mip_below_32() {

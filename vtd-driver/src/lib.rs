@@ -21,7 +21,7 @@
 //! Policy (domains and nested binds on the host, SVA binds and virtual commands in the
 //! guest) stays with the users.
 //!
-//! [`PhysMem`]: vsva_vtd::PhysMem
+//! [`PhysMem`]: vsva_mem::PhysMem
 
 mod error;
 mod faults;

@@ -77,7 +77,7 @@ pub fn ats_address(addr: u64, order: u8) -> (u64, bool) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use vsva_vtd::AddrRange;
+    use vsva_vtd::inv_desc::AddrRange;
 
     #[test]
     fn ats_encoding_matches_the_spec_examples() {

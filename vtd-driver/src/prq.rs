@@ -4,10 +4,12 @@
 //! PQT, then clear PRS.PRO if the queue overflowed meanwhile. What a request means, and
 //! who answers it, is the user's policy; [`group_response`] is the answer's descriptor.
 
+use vsva_mem::PhysMem;
+
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{offset, pq};
-use vsva_vtd::{InvDesc, Pasid, PhysMem};
+use vsva_vtd::{addr::Pasid, inv_desc::InvDesc};
 
 use crate::{Error, Registers};
 
@@ -112,7 +114,7 @@ pub fn group_response(req: &PageRequestDesc, code: ResponseCode) -> Option<InvDe
 mod tests {
     use super::*;
     use crate::testunit::Unit;
-    use vsva_vtd::SourceId;
+    use vsva_vtd::addr::SourceId;
 
     const QUEUE: u64 = 0x4_0000;
 

@@ -13,9 +13,11 @@
 //!   [`ITE_RETRIES`] resubmissions.
 //! - ICE (a device's invalidation completion error): cleared.
 
+use vsva_mem::PhysMem;
+
+use vsva_vtd::inv_desc::InvDesc;
 use vsva_vtd::regs::layout::{fsts, iq, iqercd, offset};
 use vsva_vtd::regs::Iqei;
-use vsva_vtd::{InvDesc, PhysMem};
 
 use crate::{Error, Registers, POLL_LIMIT};
 
@@ -309,7 +311,7 @@ mod tests {
     use crate::testunit::Unit;
     use crate::GlobalCommand;
     use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity};
-    use vsva_vtd::{DomainId, InvDescType, Pasid, SourceId};
+    use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDescType};
 
     const QUEUE: u64 = 0x2_0000;
     const STATUS: u64 = 0x3_0000;
@@ -344,7 +346,7 @@ mod tests {
     fn dev_tlb() -> InvDesc {
         crate::inv::dev_iotlb(
             SourceId::from_rid(0x10),
-            &vsva_vtd::Ecap::default(),
+            &vsva_vtd::regs::Ecap::default(),
             None,
             0,
             crate::mask::WHOLE_SPACE,

@@ -1,6 +1,6 @@
 //! How the driver reaches a remapping unit's registers.
 
-use vsva_vtd::RegError;
+use vsva_vtd::regs::RegError;
 
 /// 4- and 8-byte reads and writes at offsets of a remapping unit's register page (VT-d
 /// §10.4): the host driver's go to the physical unit, the guest driver's to the vIOMMU.

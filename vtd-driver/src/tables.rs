@@ -9,12 +9,17 @@
 //! unit never reads a half-written present entry (as `context_set_present` and
 //! `pasid_set_present` come last in intel-iommu).
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::HashMap;
 
 use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PASID_ENTRY_SIZE};
 use vsva_vtd::root::root_entry_addr;
-use vsva_vtd::{MemError, Pasid, PasidDirEntry, PasidEntry, PhysMem, ScalableRootEntry, SourceId};
+use vsva_vtd::{
+    addr::Pasid, addr::SourceId, pasid::PasidDirEntry, pasid::PasidEntry, root::ScalableRootEntry,
+};
 
 use crate::Error;
 

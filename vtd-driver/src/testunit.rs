@@ -2,13 +2,17 @@
 //! with guest-RAM-like memory, for the unit tests: it can refuse a descriptor (IQE), time
 //! out device-TLB invalidations (ITE) or never complete waits.
 
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_vtd::inv_desc::InvDescType;
 use vsva_vtd::regs::{Iqei, RegEffect};
-use vsva_vtd::{Cap, Ecap, InvDesc, PhysMem, RegError, RegisterFile, SourceId};
+use vsva_vtd::{
+    addr::SourceId, inv_desc::InvDesc, regs::Cap, regs::Ecap, regs::RegError, regs::RegisterFile,
+};
 
 use crate::Registers;
 

@@ -13,11 +13,11 @@
 //! table frame the builder still holds.
 
 use crate::flpte::{FlPagingMode, FlPte};
-use crate::mem::{MemError, PhysMem};
 use crate::pte;
 use crate::slpte::{SlLevels, SlPte};
 use crate::walk::{table_index, PageSize};
 use std::ops::BitOr;
+use vsva_mem::{MemError, PhysMem};
 
 /// Where table frames come from.
 pub trait FrameSource {

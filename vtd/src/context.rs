@@ -7,8 +7,8 @@
 use crate::addr::{Pasid, SourceId};
 use crate::fault::FaultReason;
 use crate::field::flag;
-use crate::mem::PhysMem;
 use crate::root::{context_table_addr, Capabilities, EntryFault, PTR_MASK};
+use vsva_mem::PhysMem;
 
 /// Size of a scalable-mode context entry in bytes.
 pub const CONTEXT_ENTRY_SIZE: u64 = 32;

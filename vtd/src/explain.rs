@@ -7,12 +7,12 @@ use std::fmt;
 use crate::addr::{Pasid, SourceId};
 use crate::fault::FaultReason;
 use crate::flpte::FlFormat;
-use crate::mem::PhysMem;
 use crate::pasid::{lookup_pasid_entry, PasidLookup};
 use crate::request::{walk_pasid_entry, Request, RootState};
 use crate::root::Capabilities;
 use crate::slpte::SlFormat;
 use crate::walk::{Translation, WalkRecord};
+use vsva_mem::PhysMem;
 
 /// The explanation of one request.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -13,8 +13,8 @@ use crate::inv_desc::{
     AddrRange, ContextCacheGranularity, InvDesc, IotlbGranularity, PasidCacheGranularity,
     PasidIotlbGranularity, ResponseCode,
 };
-use crate::mem::{MemError, PhysMem};
 use crate::regs::Iqei;
+use vsva_mem::{MemError, PhysMem};
 
 /// What an IOTLB invalidation (§6.5.2.3) or PASID-based-IOTLB invalidation (§6.5.2.4)
 /// removes from the IOTLB and the paging-structure caches.

@@ -11,10 +11,10 @@ use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
 use crate::field::flag;
 use crate::flpte::{FlFormat, FlPagingMode};
-use crate::mem::PhysMem;
 use crate::root::{Capabilities, EntryFault, PTR_MASK};
 use crate::slpte::{SlFormat, SlLevels};
 use crate::walk::{FlConfig, SlConfig};
+use vsva_mem::PhysMem;
 
 /// Size of a PASID directory entry in bytes.
 pub const PASID_DIR_ENTRY_SIZE: u64 = 8;

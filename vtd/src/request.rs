@@ -14,7 +14,6 @@ use crate::addr::{Pasid, SourceId};
 use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
 use crate::flpte::FlFormat;
-use crate::mem::PhysMem;
 use crate::pasid::{read_pasid_entry, PasidEntry, Pgtt};
 use crate::regs::{AddressType, FaultRecord, RegisterFile, RequestType, Ttm};
 use crate::root::{Capabilities, EntryFault};
@@ -23,6 +22,7 @@ use crate::walk::{
     walk_first_level, walk_nested, walk_second_level, AccessRequest, PageSize, Permissions, Stage,
     Translation, WalkFault, WalkObserver,
 };
+use vsva_mem::PhysMem;
 
 /// How requests are translated now: GSTS.TES and the root table RTADDR_REG latched (§10.4.5,
 /// §10.4.6).

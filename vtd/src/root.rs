@@ -7,8 +7,8 @@
 
 use crate::addr::SourceId;
 use crate::fault::FaultReason;
-use crate::mem::PhysMem;
 use crate::regs::{Cap, Ecap};
+use vsva_mem::PhysMem;
 
 /// Size of a scalable-mode root entry in bytes.
 pub const ROOT_ENTRY_SIZE: u64 = 16;

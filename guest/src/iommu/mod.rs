@@ -5,7 +5,7 @@
 //! descriptors, latches a scalable-mode root table, sets up the page request queue, and
 //! enables translation ([`IommuDriver::init`]). Devices get a scalable-mode context entry
 //! with their PASID directory ([`IommuDriver::attach_device`]). Shared virtual addressing
-//! binds a [`Process`](crate::Process) to a PASID of a device with a first-level PASID
+//! binds a [`Process`](crate::process::Process) to a PASID of a device with a first-level PASID
 //! entry pointing at the process's page tables (`svm`), keeps the IOMMU and device TLBs
 //! coherent with the process's tables through an mmu notifier, and serves the device's
 //! page requests by faulting pages into the process (`prq`).
@@ -23,6 +23,9 @@ mod svm;
 #[cfg(test)]
 mod tests;
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,8 +35,8 @@ use vsva_vtd::inv_desc::{ContextCacheGranularity, InvDescError};
 use vsva_vtd::regs::layout::{event_control, fsts, gcmd, gsts, offset, vcmd};
 use vsva_vtd::regs::{Cap, Ecap, FaultRecord};
 use vsva_vtd::{
-    DomainId, Gpa, InvDesc, MemError, Pasid, PhysMem, RegError, ScalableContextEntry, SlLevels,
-    SourceId,
+    addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    inv_desc::InvDesc, regs::RegError, slpte::SlLevels,
 };
 use vsva_vtd_driver::inv::{dev_iotlb, with_queue_depth, MAX_INVS_PEND};
 use vsva_vtd_driver::tables::{clear_entry, write_entry, ContextTables, PasidTables, TableFrames};

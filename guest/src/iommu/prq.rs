@@ -6,9 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::TryLockError;
 
+use vsva_vtd::addr::Gva;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::Gva;
 use vsva_vtd_driver::{group_response, PageRequestRing};
 
 use super::{lock, IommuDriver, Regs};

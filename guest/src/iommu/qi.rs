@@ -4,8 +4,8 @@
 
 use std::sync::atomic::Ordering;
 
+use vsva_vtd::inv_desc::InvDesc;
 use vsva_vtd::inv_desc::InvDescType;
-use vsva_vtd::InvDesc;
 use vsva_vtd_driver::QUEUE_BYTES;
 
 use super::{lock, GuestIommuError, IommuDriver, Regs};

@@ -3,6 +3,8 @@
 //! (`intel_pasid_tear_down_entry`, `intel_svm_drain_prq`), and the mmu-notifier range
 //! invalidations (`intel_invalidate_range`).
 
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -10,7 +12,8 @@ use std::sync::{Arc, Weak};
 use vsva_vtd::inv_desc::PasidCacheGranularity;
 use vsva_vtd::regs::layout::{offset, pq, vcmd};
 use vsva_vtd::{
-    DomainId, FlPagingMode, Gpa, Gva, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId,
+    addr::DomainId, addr::Gpa, addr::Gva, addr::Pasid, addr::SourceId, flpte::FlPagingMode,
+    inv_desc::InvDesc, pasid::PasidEntry, pasid::Pgtt,
 };
 use vsva_vtd_driver::inv::{piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_block, WHOLE_SPACE};

@@ -16,7 +16,10 @@ use vsva_vtd::inv_desc::{
 use vsva_vtd::pasid::read_pasid_entry;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{Iqei, RegEffect, RegisterFile, Ttm, VcmdResponse, VirtualCommand};
-use vsva_vtd::{AddrRange, Capabilities, FlPagingMode, Gva, InvDescType, PasidEntry, Pgtt};
+use vsva_vtd::{
+    addr::Gva, flpte::FlPagingMode, inv_desc::AddrRange, inv_desc::InvDescType, pasid::PasidEntry,
+    pasid::Pgtt, root::Capabilities,
+};
 
 /// A remapping unit reduced to its registers and queue.
 struct FakeUnit {
@@ -284,7 +287,7 @@ impl Setup {
         )
     }
 
-    fn pasid_entry(&self, pasid: Pasid) -> Result<PasidEntry, vsva_vtd::EntryFault> {
+    fn pasid_entry(&self, pasid: Pasid) -> Result<PasidEntry, vsva_vtd::root::EntryFault> {
         let ctx = read_context_entry(&*self.mem, self.driver.root_table().0, SID, &CAPS)?;
         read_pasid_entry(&*self.mem, &ctx, pasid, &CAPS)
     }
@@ -768,7 +771,7 @@ fn unbind_clears_flushes_drains_and_frees() {
     s.driver.sva_unbind(SID, pasid).unwrap();
     assert_eq!(
         s.pasid_entry(pasid).unwrap_err().reason,
-        vsva_vtd::FaultReason::Spt2
+        vsva_vtd::fault::FaultReason::Spt2
     );
     let log = s.unit.take_log();
     let kinds: Vec<InvDescType> = log.iter().map(InvDesc::desc_type).collect();
@@ -826,7 +829,7 @@ fn detach_gives_back_every_frame() {
         read_context_entry(&*s.mem, s.driver.root_table().0, SID, &CAPS)
             .unwrap_err()
             .reason,
-        vsva_vtd::FaultReason::Sct2
+        vsva_vtd::fault::FaultReason::Sct2
     );
     assert_eq!(
         s.driver.detach_device(SID),

@@ -13,6 +13,9 @@
 //! Linux's mmu notifiers report it to the IOMMU driver, which must then invalidate the
 //! IOMMU's and the device's caches.
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::ops::BitOr;
@@ -20,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::GuestMemoryMmap;
-use vsva_vtd::{BuildError, FlPagingMode, Gpa, Gva, MapFlags, MemError, PhysMem};
+use vsva_vtd::{addr::Gpa, addr::Gva, builder::BuildError, builder::MapFlags, flpte::FlPagingMode};
 
 use crate::frames::{FrameError, GuestFrames, FRAME_SIZE};
 
@@ -160,7 +163,7 @@ pub enum ProcessError {
     Tables(#[from] BuildError),
     /// The AArch64 page-table builder refused an update.
     #[error(transparent)]
-    Aarch64Tables(#[from] vsva_smmuv3::BuildError),
+    Aarch64Tables(#[from] vsva_smmuv3::builder::BuildError),
     /// Guest RAM refused an access.
     #[error(transparent)]
     Memory(#[from] MemError),

@@ -3,13 +3,16 @@
 //! or AArch64 stage-1 tables (VMSAv8-64 with the 4 KiB granule and a 48-bit VA, Arm ARM
 //! D8, what TTBR0_EL1 and an SMMUv3 context descriptor's TTB0 point to).
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{
-    walk_stage1, ContextDescriptor, Features, PageSize as ArmPageSize, S1Config, TableBuilder,
+    builder::TableBuilder, cd::ContextDescriptor, features::Features, walk::walk_stage1,
+    walk::PageSize as ArmPageSize, walk::S1Config,
 };
 use vsva_vtd::{
-    walk_first_level, AccessRequest, FlConfig, FlFormat, FlPagingMode, PageSize, PageTableBuilder,
-    PhysMem, TableFormat,
+    builder::PageTableBuilder, builder::TableFormat, flpte::FlFormat, flpte::FlPagingMode,
+    walk::walk_first_level, walk::AccessRequest, walk::FlConfig, walk::PageSize,
 };
 
 use super::{ProcessError, Prot};
@@ -181,7 +184,7 @@ impl Tables {
             Tables::Aarch64 { builder, .. } => {
                 let slot = builder
                     .descriptor_address(mem, va, ArmPageSize::Size4K.level())?
-                    .ok_or(vsva_smmuv3::BuildError::NotMapped {
+                    .ok_or(vsva_smmuv3::builder::BuildError::NotMapped {
                         va,
                         size: ArmPageSize::Size4K,
                     })?;
@@ -236,7 +239,7 @@ impl Tables {
                     .map(|t| t.output)
             }
             Tables::Aarch64 { cfg, .. } => {
-                let access = vsva_smmuv3::AccessRequest {
+                let access = vsva_smmuv3::walk::AccessRequest {
                     write,
                     instruction: false,
                     privileged: false,
@@ -256,9 +259,9 @@ impl Tables {
             }
             Tables::Aarch64 { builder, root, .. } => {
                 for &f in builder.tables() {
-                    let _ = frames.free(vsva_vtd::Gpa(f));
+                    let _ = frames.free(vsva_vtd::addr::Gpa(f));
                 }
-                let _ = frames.free(vsva_vtd::Gpa(root));
+                let _ = frames.free(vsva_vtd::addr::Gpa(root));
             }
         }
     }

@@ -2,7 +2,7 @@ use super::*;
 use crate::frames::tests::ram_and_frames;
 use proptest::prelude::*;
 use std::collections::HashMap;
-use vsva_vtd::FlPte;
+use vsva_vtd::flpte::FlPte;
 
 /// Records the ranges it is told about.
 #[derive(Default)]
@@ -477,7 +477,10 @@ proptest! {
 #[test]
 fn aarch64_tables_are_what_the_smmu_walks() {
     use vsva_smmuv3::desc::Descriptor as D;
-    use vsva_smmuv3::{walk_stage1, AccessRequest as A, ContextDescriptor, FaultKind, Features};
+    use vsva_smmuv3::{
+        cd::ContextDescriptor, features::Features, walk::walk_stage1, walk::AccessRequest as A,
+        walk::FaultKind,
+    };
     let (mem, frames, p) = {
         let (mem, frames) = ram_and_frames();
         let p = Process::new_aarch64(mem.clone(), frames.clone()).unwrap();
@@ -531,8 +534,8 @@ fn aarch64_tables_are_what_the_smmu_walks() {
         FaultKind::Permission
     );
     struct Leaf(u64);
-    impl vsva_smmuv3::WalkObserver for Leaf {
-        fn step(&mut self, step: vsva_smmuv3::WalkStep) {
+    impl vsva_smmuv3::walk::WalkObserver for Leaf {
+        fn step(&mut self, step: vsva_smmuv3::walk::WalkStep) {
             self.0 = step.entry;
         }
     }

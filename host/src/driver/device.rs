@@ -4,7 +4,7 @@
 
 use vsva_hw::dma::PcieCapabilities;
 use vsva_vtd::regs::Ecap;
-use vsva_vtd::{InvDesc, Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, with_queue_depth};
 
 /// An attached device's capabilities as the driver enabled them.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use vsva_vtd::DomainId;
+use vsva_vtd::addr::DomainId;
 
 /// Ids below this are reserved.
 pub const FIRST_DOMAIN_ID: u16 = 2;

@@ -10,7 +10,9 @@
 //! tables' entries above; a dirty leaf is cleared with one compare-exchange, which retries
 //! only while the unit sets other bits (A) in the same entry.
 
-use vsva_vtd::{PhysMem, SlLevels, SlPte};
+use vsva_mem::PhysMem;
+
+use vsva_vtd::{slpte::SlLevels, slpte::SlPte};
 
 use super::error::DriverError;
 

@@ -8,9 +8,9 @@
 //! nested second-level checks SFL.6–SFL.9, SGN.5, SGN.8) stay in the host's log: the guest
 //! cannot see or fix them, and reporting them would tell it about the host's tables.
 
-use vsva_uapi::{UnrecoverableFault, UnrecoverableReason};
+use vsva_uapi::{request::UnrecoverableFault, request::UnrecoverableReason};
+use vsva_vtd::fault::FaultReason;
 use vsva_vtd::regs::{FaultRecord, RequestType};
-use vsva_vtd::FaultReason;
 
 /// The generic reason of a first-level fault condition, or `None` for a fault that is not
 /// the guest's.
@@ -48,7 +48,7 @@ pub(crate) fn guest_fault(record: &FaultRecord) -> Option<UnrecoverableFault> {
 mod tests {
     use super::*;
     use vsva_vtd::regs::AddressType;
-    use vsva_vtd::{Pasid, SourceId};
+    use vsva_vtd::{addr::Pasid, addr::SourceId};
 
     fn record(reason: FaultReason, pasid: Option<Pasid>) -> FaultRecord {
         FaultRecord {

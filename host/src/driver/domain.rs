@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{
-    DomainId, FrameSource, Hpa, InvDesc, Iova, MapFlags, PageSize, PageTableBuilder, Pasid,
-    SlLevels, SourceId, TableFormat,
+    addr::DomainId, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId, builder::FrameSource,
+    builder::MapFlags, builder::PageTableBuilder, builder::TableFormat, inv_desc::InvDesc,
+    slpte::SlLevels, walk::PageSize,
 };
 use vsva_vtd_driver::inv::iotlb_range;
 use vsva_vtd_driver::mask::{covering_order, WHOLE_SPACE};
@@ -247,13 +248,13 @@ impl VtdDomain {
         did: DomainId,
         bind: &BindGpasid,
         wpe: bool,
-    ) -> Result<vsva_vtd::PasidEntry, DriverError> {
+    ) -> Result<vsva_vtd::pasid::PasidEntry, DriverError> {
         let sl = SecondLevel {
             did,
             ..self.second_level()
         };
         let entry = nested_entry(bind, &sl, &self.unit.cap(), &self.unit.ecap())?;
-        Ok(vsva_vtd::PasidEntry { wpe, ..entry })
+        Ok(vsva_vtd::pasid::PasidEntry { wpe, ..entry })
     }
 
     /// Records (`Some(did)`) or forgets (`None`) a nested entry of `sid`'s `pasid` over
@@ -385,7 +386,7 @@ impl VtdDomain {
         Ok(())
     }
 
-    fn nested_entry(&self, bind: &BindGpasid) -> Result<vsva_vtd::PasidEntry, DriverError> {
+    fn nested_entry(&self, bind: &BindGpasid) -> Result<vsva_vtd::pasid::PasidEntry, DriverError> {
         nested_entry(
             bind,
             &self.second_level(),

@@ -2,7 +2,7 @@
 //! same failure.
 
 use vsva_vtd::regs::Iqei;
-use vsva_vtd::{BuildError, Pasid, RegError, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, builder::BuildError, regs::RegError};
 
 use crate::error::HostError;
 
@@ -153,8 +153,8 @@ impl From<BuildError> for DriverError {
     }
 }
 
-impl From<vsva_vtd::MemError> for DriverError {
-    fn from(e: vsva_vtd::MemError) -> Self {
+impl From<vsva_mem::MemError> for DriverError {
+    fn from(e: vsva_mem::MemError) -> Self {
         DriverError::Memory(e.to_string())
     }
 }

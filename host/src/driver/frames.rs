@@ -1,7 +1,7 @@
 //! Host frames for the tables the driver builds, from the host's [`FrameAllocator`].
 
-use vsva_hw::FrameAllocator;
-use vsva_vtd::{FrameSource, Hpa};
+use vsva_hw::memory::FrameAllocator;
+use vsva_vtd::{addr::Hpa, builder::FrameSource};
 
 /// The [`FrameSource`] of page-table builders over a [`FrameAllocator`].
 #[derive(Clone, Copy, Debug)]

@@ -9,14 +9,14 @@
 //!   interrupts, page responses.
 //! - [`VtdDomain`]: one container's domain: its second-level table from `MAP_DMA`, its
 //!   devices, the guest page tables bound to its PASIDs (nested translation), and guest
-//!   cache invalidations; it is the container's [`IommuBackend`](crate::IommuBackend).
+//!   cache invalidations; it is the container's [`IommuBackend`](crate::container::IommuBackend).
 //!   A domain allocated for it tracks the pages its devices write (SLADE) and reads them
 //!   out into a [`DirtyBitmap`].
 //!
 //! Page requests and first-level unrecoverable faults on a bound PASID go to the fault
 //! queue of the domain's container ([`crate::fault::FaultSink`]), and the VMM's page
 //! responses come back through
-//! [`IommuBackend::page_response`](crate::IommuBackend::page_response).
+//! [`IommuBackend::page_response`](crate::container::IommuBackend::page_response).
 
 mod device;
 mod did;

@@ -6,7 +6,10 @@
 //! table.
 
 use vsva_vtd::regs::{Cap, Ecap};
-use vsva_vtd::{DomainId, FlPagingMode, InvDesc, Pasid, PasidEntry, Pgtt, SlLevels};
+use vsva_vtd::{
+    addr::DomainId, addr::Pasid, flpte::FlPagingMode, inv_desc::InvDesc, pasid::PasidEntry,
+    pasid::Pgtt, slpte::SlLevels,
+};
 use vsva_vtd_driver::inv::{piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_order, size_order, WHOLE_SPACE};
 
@@ -278,7 +281,7 @@ mod tests {
         IOMMU_SVA_VTD_GPASID_PCD, IOMMU_SVA_VTD_GPASID_PWT,
     };
     use vsva_vtd::inv_desc::PasidIotlbGranularity;
-    use vsva_vtd::{AddrRange, Gpa, SourceId};
+    use vsva_vtd::{addr::Gpa, addr::SourceId, inv_desc::AddrRange};
 
     fn pasid(p: u32) -> Pasid {
         Pasid::new(p).unwrap()

@@ -12,10 +12,10 @@ use foldhash::HashMap;
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use vsva_hw::iommu::Iommu;
-use vsva_hw::FrameAllocator;
+use vsva_hw::memory::FrameAllocator;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::{DomainId, Hpa, InvDesc, Pasid, SourceId};
+use vsva_vtd::{addr::DomainId, addr::Hpa, addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 use vsva_vtd_driver::{PageRequestRing, PRQ_BYTES};
 
 use super::error::DriverError;

@@ -1,7 +1,7 @@
 //! The host's invalidation queue: the shared driver's [`InvalidationQueue`] in host frames.
 
-use vsva_hw::FrameAllocator;
-use vsva_vtd::Hpa;
+use vsva_hw::memory::FrameAllocator;
+use vsva_vtd::addr::Hpa;
 use vsva_vtd_driver::{InvalidationQueue, QUEUE_BYTES};
 
 use super::error::DriverError;
@@ -42,11 +42,11 @@ mod tests {
     use super::*;
     use crate::driver::regs::Mmio;
     use vsva_hw::iommu::{Iommu, IommuConfig};
-    use vsva_hw::HostMemory;
+    use vsva_hw::memory::HostMemory;
     use vsva_vtd::inv_desc::IotlbGranularity;
     use vsva_vtd::regs::layout::{fsts, offset};
     use vsva_vtd::regs::Iqei;
-    use vsva_vtd::{DomainId, InvDesc};
+    use vsva_vtd::{addr::DomainId, inv_desc::InvDesc};
     use vsva_vtd_driver::{Error, GlobalCommand};
 
     fn unit() -> (Arc<Iommu>, FrameAllocator, InvalidationQueue) {

@@ -1,7 +1,7 @@
 //! The physical unit's registers as the shared driver reaches them.
 
 use vsva_hw::iommu::Iommu;
-use vsva_vtd::RegError;
+use vsva_vtd::regs::RegError;
 use vsva_vtd_driver::Registers;
 
 /// MMIO of the physical VT-d model.

@@ -8,10 +8,15 @@
 //! holds nothing but its root table. Entries are written with P last when made present and P first when cleared, so
 //! hardware never reads a half-written present entry.
 
+use vsva_mem::PhysMem;
+
 use foldhash::{HashMap, HashMapExt};
 
-use vsva_hw::{FrameAllocator, PAGE_SIZE};
-use vsva_vtd::{DomainId, Hpa, Pasid, PasidEntry, PhysMem, ScalableContextEntry, SourceId};
+use vsva_hw::{memory::FrameAllocator, memory::PAGE_SIZE};
+use vsva_vtd::{
+    addr::DomainId, addr::Hpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    pasid::PasidEntry,
+};
 use vsva_vtd_driver::tables::{clear_entry, write_entry, ContextTables, PasidTables, TableFrames};
 
 use super::device::DeviceInfo;

@@ -14,14 +14,19 @@
 //! entry made present), they are issued anyway: they cost one queue submission and keep
 //! the driver correct on units that cache not-present entries.
 
+use vsva_mem::PhysMem;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_hw::iommu::Iommu;
-use vsva_hw::FrameAllocator;
+use vsva_hw::memory::FrameAllocator;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::regs::layout::{event_control, gcmd, gsts, offset, pq};
 use vsva_vtd::regs::{Cap, Ecap, EventSource, FaultRecord, Interrupt};
-use vsva_vtd::{Capabilities, DomainId, InvDesc, Pasid, PasidEntry, Pgtt, PhysMem, SourceId};
+use vsva_vtd::{
+    addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc, pasid::PasidEntry, pasid::Pgtt,
+    root::Capabilities,
+};
 use vsva_vtd_driver::inv::{iotlb_domain, piotlb_pasid};
 use vsva_vtd_driver::mask::WHOLE_SPACE;
 use vsva_vtd_driver::PRO_RETRIES;

@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use vsva_hw::HostMemory;
+use vsva_hw::memory::HostMemory;
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, EventNotifier, UapiError, UapiFile};
-use vsva_vtd::{Pasid, SourceId};
+use vsva_uapi::{error::Errno, error::UapiError, file::EventNotifier, file::UapiFile};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use super::device::{BindTarget, Iommufds};
 use super::fault::FaultFile;

@@ -13,8 +13,8 @@ use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_uapi::iommufd::*;
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
-use vsva_vtd::SourceId;
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
+use vsva_vtd::addr::SourceId;
 
 use super::fault::FaultFile;
 use super::smmu::SmmuIommufdFile;

@@ -2,7 +2,7 @@
 //! same failure (`drivers/iommu/iommufd/`: main.c, ioas.c, io_pagetable.c,
 //! hw_pagetable.c, device.c).
 
-use vsva_uapi::{Errno, UapiError};
+use vsva_uapi::{error::Errno, error::UapiError};
 
 use crate::driver::DriverError;
 use crate::error::HostError;

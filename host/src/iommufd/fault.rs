@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::request::{FaultEvent, PageResponse, PageResponseCode};
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
-use vsva_vtd::{Pasid, SourceId};
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use crate::driver::HostIommu;
 use crate::fault::{FaultQueue, FaultSink};

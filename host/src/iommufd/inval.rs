@@ -10,7 +10,7 @@
 //! entries' blocks is invalidated.
 
 use vsva_vtd::regs::{Cap, Ecap};
-use vsva_vtd::{DomainId, InvDesc, Pasid, SourceId};
+use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 use vsva_vtd_driver::inv::{dev_iotlb_pf, pfsid, piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{aligned_blocks, covering_block, PAGE_SHIFT, WHOLE_SPACE};
 

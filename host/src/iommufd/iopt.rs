@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use vsva_hw::HostMemory;
+use vsva_hw::memory::HostMemory;
 use vsva_uapi::iommufd::{
     IommuIoasMap, IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_FLAGS, IOMMU_IOAS_MAP_READABLE,
     IOMMU_IOAS_MAP_WRITEABLE,

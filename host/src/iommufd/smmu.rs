@@ -27,12 +27,12 @@
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use vsva_hw::HostMemory;
+use vsva_hw::memory::HostMemory;
 use vsva_smmuv3::regs::offset;
-use vsva_smmuv3::{Cmd, Config, Features, Ste};
+use vsva_smmuv3::{cmd::Cmd, features::Features, ste::Config, ste::Ste};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_vtd::{Iova, SourceId};
+use vsva_vtd::{addr::Iova, addr::SourceId};
 
 use super::ctx::{
     self, Device, File, HwInfo, HwptPaging, IoctlOp, IommuOps, IommufdCtx, PagingDomain,
@@ -252,7 +252,7 @@ fn physical_ste(
         Some(Config::Bypass) => Ok(Some(parent.s2_ste())),
         Some(Config::S1Trans) => {
             let mut words = Ste {
-                eats: vsva_smmuv3::Eats::Abort,
+                eats: vsva_smmuv3::ste::Eats::Abort,
                 ..parent.s2_ste()
             }
             .encode();

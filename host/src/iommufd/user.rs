@@ -3,9 +3,9 @@
 //! (its registered windows, [`HostMemory::resolve_user`]), so a pointer is resolved there
 //! and anything else faults, whatever the VMM passes.
 
-use vsva_hw::HostMemory;
-use vsva_uapi::UapiError;
-use vsva_vtd::PhysMem;
+use vsva_hw::memory::HostMemory;
+use vsva_mem::PhysMem;
+use vsva_uapi::error::UapiError;
 
 use super::error::IommufdError;
 

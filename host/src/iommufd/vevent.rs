@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_uapi::iommufd::{IommufdVeventHeader, IOMMU_VEVENTQ_FLAG_LOST_EVENTS};
 use vsva_uapi::wire::Wire;
-use vsva_uapi::{Errno, EventNotifier, UapiFile};
+use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 
 /// One queued entry: an event, or the lost-events header.
 #[derive(Debug)]

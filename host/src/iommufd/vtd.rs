@@ -8,13 +8,13 @@
 use std::convert::Infallible;
 use std::sync::{Arc, Weak};
 
-use vsva_hw::HostMemory;
+use vsva_hw::memory::HostMemory;
 use vsva_uapi::iommu::{IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_SRE};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::request::BindGpasid;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_vtd::regs::layout::offset;
-use vsva_vtd::{DomainId, Gpa, Iova, Pasid, SourceId};
+use vsva_vtd::{addr::DomainId, addr::Gpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use super::ctx::{self, Device, File, HwInfo, IoctlOp, IommuOps, IommufdCtx, PagingDomain};
 use super::device::Iommufds;

@@ -26,8 +26,8 @@ mod sets;
 
 use std::fmt;
 
-use vsva_uapi::UapiError;
-use vsva_vtd::Pasid;
+use vsva_uapi::error::UapiError;
+use vsva_vtd::addr::Pasid;
 
 use crate::error::HostError;
 use bitmap::FreeBitmap;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{
-    AddressSize, Cmd, Config, PageSize, S1Dss, S1Fmt, S2Config, S2Flags, Ste, TableBuilder,
-    TlbiAddr,
+    builder::TableBuilder, cmd::Cmd, cmd::TlbiAddr, ste::Config, ste::S1Dss, ste::S1Fmt, ste::Ste,
+    walk::AddressSize, walk::PageSize, walk::S2Config, walk::S2Flags,
 };
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
@@ -24,7 +24,7 @@ use vsva_uapi::request::{
     BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageRequest, PageResponse,
     PageResponseCode, PasidConfig, PasidTableConfig,
 };
-use vsva_vtd::{Hpa, Iova, SourceId};
+use vsva_vtd::{addr::Hpa, addr::Iova, addr::SourceId};
 
 use super::unit::SmmuHost;
 use super::{driver_error, invalid};
@@ -170,9 +170,9 @@ impl SmmuDomain {
             s2or0: 1,
             s2sh0: 3,
             eats: if f.ats {
-                vsva_smmuv3::Eats::Full
+                vsva_smmuv3::ste::Eats::Full
             } else {
-                vsva_smmuv3::Eats::Abort
+                vsva_smmuv3::ste::Eats::Abort
             },
             ..Ste::new(Config::S2Trans)
         }
@@ -772,9 +772,9 @@ impl IommuBackend for SmmuDomain {
             let stag = u16::try_from(request.grpid)
                 .map_err(|_| invalid(format!("STAG {} is wider than 16 bits", request.grpid)))?;
             let action = match response.code {
-                PageResponseCode::Success => vsva_smmuv3::ResumeAction::Retry,
+                PageResponseCode::Success => vsva_smmuv3::cmd::ResumeAction::Retry,
                 PageResponseCode::Invalid | PageResponseCode::Failure => {
-                    vsva_smmuv3::ResumeAction::Abort
+                    vsva_smmuv3::cmd::ResumeAction::Abort
                 }
             };
             return self
@@ -788,9 +788,9 @@ impl IommuBackend for SmmuDomain {
                 .map_err(driver_error);
         }
         let resp = match response.code {
-            PageResponseCode::Success => vsva_smmuv3::PriResp::Success,
-            PageResponseCode::Invalid => vsva_smmuv3::PriResp::Deny,
-            PageResponseCode::Failure => vsva_smmuv3::PriResp::Fail,
+            PageResponseCode::Success => vsva_smmuv3::cmd::PriResp::Success,
+            PageResponseCode::Invalid => vsva_smmuv3::cmd::PriResp::Deny,
+            PageResponseCode::Failure => vsva_smmuv3::cmd::PriResp::Fail,
         };
         let ssid = response.pasid.map(|p| p.raw());
         let grp = u16::try_from(request.grpid)

@@ -4,9 +4,9 @@
 //! fault (S2 = 1: the IPA, a CD or a stage-1 table fetched through stage 2) is the host's
 //! and is not forwarded, nor is anything without a SubstreamID.
 
-use vsva_smmuv3::{Event, EventType};
+use vsva_smmuv3::{event::Event, event::EventType};
 use vsva_uapi::request::{UnrecoverableFault, UnrecoverableReason};
-use vsva_vtd::Pasid;
+use vsva_vtd::addr::Pasid;
 
 /// The guest's unrecoverable fault for `event`, if the guest owns it.
 pub(crate) fn guest_fault(event: &Event) -> Option<UnrecoverableFault> {

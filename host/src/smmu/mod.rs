@@ -12,7 +12,7 @@
 //!   `MAP_DMA`; `VFIO_IOMMU_ATTACH_PASID_TABLE` makes its streams nested, stage 1 from the
 //!   guest's CD table (at a guest physical address, walked through stage 2); the guest's
 //!   invalidations come back through `VFIO_IOMMU_CACHE_INVALIDATE` as commands tagged with
-//!   the domain's VMID. It is the container's [`IommuBackend`](crate::IommuBackend).
+//!   the domain's VMID. It is the container's [`IommuBackend`](crate::container::IommuBackend).
 
 mod domain;
 mod event;

@@ -4,11 +4,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_hw::smmuv3::Smmu;
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
-use vsva_smmuv3::{Cmd, Event, Features, PriResp, RegError, ResumeAction, StallModel, Ste};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
+use vsva_smmuv3::{
+    cmd::Cmd, cmd::PriResp, cmd::ResumeAction, event::Event, features::Features,
+    features::StallModel, regs::RegError, ste::Ste,
+};
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver};
 use vsva_uapi::request::PageRequest;
-use vsva_vtd::{Hpa, Pasid, SourceId};
+use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId};
 
 use super::driver_error;
 use super::irq::{self, Counters, IrqStats, IrqThread, MSI_DOORBELL};
@@ -230,7 +233,7 @@ impl SmmuHost {
     /// A stalled transaction's event (`arm_smmu_handle_evt` for a stall-enabled master):
     /// a stage-1 stall of a stream that may stall goes to the owning domain's container as
     /// an `iommu_fault` page request whose group id is the STAG, answered through
-    /// [`page_response`](crate::IommuBackend::page_response) by CMD_RESUME; any other
+    /// [`page_response`](crate::container::IommuBackend::page_response) by CMD_RESUME; any other
     /// stall, or one nobody takes, is aborted at once. Whether it was delivered.
     fn stall_event(&self, drv: &mut Driver, e: &Event) -> bool {
         let sid = SourceId::from_rid(e.sid as u16);
@@ -507,9 +510,9 @@ impl Drop for SmmuHost {
 /// The record a vIOMMU gets for `event` of one of its streams (`arm_vmaster_report_event`):
 /// the StreamID replaced by the vSID. The fetch address of F_WALK_EABT and F_CD_FETCH is
 /// a host physical address, which a VM must not learn: it goes out as zero.
-fn vevent(event: &vsva_smmuv3::Event, vsid: u32) -> [u64; 4] {
-    use vsva_smmuv3::EventType;
-    let mut e = vsva_smmuv3::Event {
+fn vevent(event: &vsva_smmuv3::event::Event, vsid: u32) -> [u64; 4] {
+    use vsva_smmuv3::event::EventType;
+    let mut e = vsva_smmuv3::event::Event {
         sid: vsid,
         ..*event
     };

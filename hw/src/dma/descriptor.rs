@@ -6,7 +6,7 @@
 //! bit 30 (PASID valid, where DSA takes it from the submission) and completion-record byte 2
 //! (the VT-d fault reason code of a translation failure).
 
-use vsva_vtd::Pasid;
+use vsva_vtd::addr::Pasid;
 
 /// Size of a descriptor and of a portal write.
 pub const DESCRIPTOR_SIZE: usize = 64;

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 
-use vsva_vtd::Pasid;
+use vsva_vtd::addr::Pasid;
 
 use super::port::{AtsCompletion, DevTlbInvalidation, DmaAccess, DmaTranslation};
 
@@ -216,7 +216,7 @@ impl DevTlb {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vsva_vtd::Hpa;
+    use vsva_vtd::addr::Hpa;
 
     fn completion(hpa: u64, size: u64, write: bool) -> AtsCompletion {
         AtsCompletion {

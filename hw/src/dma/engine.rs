@@ -35,12 +35,14 @@
 //!
 //! [`HostMemory::copy`]: crate::memory::HostMemory::copy
 
+use vsva_mem::PhysMem;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vsva_vtd::inv_desc::ResponseCode;
-use vsva_vtd::{Hpa, Pasid, PhysMem};
+use vsva_vtd::{addr::Hpa, addr::Pasid};
 
 use super::descriptor::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DescriptorError, Operation,
@@ -1340,7 +1342,7 @@ fn stop_record(stop: Stop, done: u64) -> CompletionRecord {
 }
 
 impl AtsEndpoint for DmaEngine {
-    fn source_id(&self) -> vsva_vtd::SourceId {
+    fn source_id(&self) -> vsva_vtd::addr::SourceId {
         self.config.sid
     }
 

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use vsva_vtd::inv_desc::ResponseCode;
-use vsva_vtd::{FaultReason, Hpa, Pasid, SourceId};
+use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId, fault::FaultReason};
 
 use super::port::{
     AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
@@ -117,7 +117,7 @@ impl MockPort {
                 let a = addr + i;
                 let page = st.pages[&(pasid, a / PAGE_SIZE)];
                 let mut b = [0u8];
-                vsva_vtd::PhysMem::read(&*self.mem, page.hpa + a % PAGE_SIZE, &mut b).unwrap();
+                vsva_mem::PhysMem::read(&*self.mem, page.hpa + a % PAGE_SIZE, &mut b).unwrap();
                 b[0]
             })
             .collect()
@@ -129,7 +129,7 @@ impl MockPort {
         for (i, b) in data.iter().enumerate() {
             let a = addr + i as u64;
             let page = st.pages[&(pasid, a / PAGE_SIZE)];
-            vsva_vtd::PhysMem::write(&*self.mem, page.hpa + a % PAGE_SIZE, &[*b]).unwrap();
+            vsva_mem::PhysMem::write(&*self.mem, page.hpa + a % PAGE_SIZE, &[*b]).unwrap();
         }
     }
 

@@ -10,7 +10,7 @@
 use std::fmt;
 
 use vsva_vtd::inv_desc::ResponseCode;
-use vsva_vtd::{AddrRange, FaultReason, Hpa, Pasid, SourceId};
+use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId, fault::FaultReason, inv_desc::AddrRange};
 
 use crate::drain::RequestDrain;
 use crate::memory::{HostMemory, PAGE_SIZE};

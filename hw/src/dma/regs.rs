@@ -5,7 +5,7 @@
 //! bits, and a software error register for errors no completion record can report. All
 //! registers are 64 bits wide and accessed 64 bits at a time.
 
-use vsva_vtd::{Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use super::descriptor::CompletionStatus;
 use super::port::{AtsCapability, PcieCapabilities};

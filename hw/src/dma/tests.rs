@@ -1,11 +1,13 @@
 //! Engine tests against the mock IOMMU, moving real bytes in host memory.
 
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use vsva_vtd::inv_desc::ResponseCode;
-use vsva_vtd::{FaultReason, Pasid, PhysMem, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, fault::FaultReason};
 
 use super::mock::MockPort;
 use super::regs::*;
@@ -824,7 +826,7 @@ fn a_translation_completion_an_invalidation_overtook_is_not_used() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     let r = refused[0];
     assert_eq!((r.pasid, r.addr), (p, dst));
-    assert_eq!(r.completion.page.hpa_of(dst), vsva_vtd::Hpa(old));
+    assert_eq!(r.completion.page.hpa_of(dst), vsva_vtd::addr::Hpa(old));
     match r.by {
         OvertakenBy::Invalidation(inv) => {
             assert_eq!(inv.pasid, p);

@@ -4,13 +4,16 @@
 //! What the walk reads fills the caches. In strict mode a walk that used cached entries is
 //! checked against the tables, as IOTLB hits are.
 
+use vsva_mem::PhysMem;
+
 use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::request::pass_through;
 use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
 use vsva_vtd::{
-    walk_first_level_from, walk_second_level, walk_second_level_from, AccessRequest, Direct,
-    DomainId, FlConfig, FlStage, FlStart, NestedStage, Pasid, PasidEntry, Pgtt, PhysMem, SlConfig,
-    SlStart, Translation, WalkFault,
+    addr::DomainId, addr::Pasid, pasid::PasidEntry, pasid::Pgtt, walk::walk_first_level_from,
+    walk::walk_second_level, walk::walk_second_level_from, walk::AccessRequest, walk::Direct,
+    walk::FlConfig, walk::FlStage, walk::FlStart, walk::NestedStage, walk::SlConfig, walk::SlStart,
+    walk::Translation, walk::WalkFault,
 };
 
 use super::iotlb::IotlbEntry;

@@ -2,7 +2,7 @@
 //! the model's root table, capabilities and paging formats.
 
 use vsva_vtd::explain::Explanation;
-use vsva_vtd::{AccessRequest, Pasid, Request, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, request::Request, walk::AccessRequest};
 
 use super::Iommu;
 

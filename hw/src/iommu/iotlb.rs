@@ -18,7 +18,9 @@ use std::sync::PoisonError;
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
-use vsva_vtd::{AccessRequest, AddrRange, DomainId, Pasid, SourceId};
+use vsva_vtd::{
+    addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::AddrRange, walk::AccessRequest,
+};
 
 use super::PAGE_SHIFTS;
 use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};

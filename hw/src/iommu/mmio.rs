@@ -2,13 +2,18 @@
 //! table pointer, translation enable, queued invalidation (§6.5.2), fault recording (§7.2)
 //! and the page request queue (§7.5).
 
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
 use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{AddressType, Interrupt, Iqei, RegEffect, RegError, Ttm, VcmdResponse};
-use vsva_vtd::{AccessRequest, FaultReason, Pasid, PhysMem, RootState, SourceId, TranslationFault};
+use vsva_vtd::{
+    addr::Pasid, addr::SourceId, fault::FaultReason, request::RootState, request::TranslationFault,
+    walk::AccessRequest,
+};
 
 use super::{Iommu, ROOT_STRICT};
 

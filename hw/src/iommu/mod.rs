@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
 use vsva_vtd::{
-    Capabilities, FlFormat, InvalidAddressWidth, PageSize, PasidEntry, RootState,
-    ScalableContextEntry, SlFormat, SourceId,
+    addr::SourceId, context::ScalableContextEntry, flpte::FlFormat, flpte::InvalidAddressWidth,
+    pasid::PasidEntry, request::RootState, root::Capabilities, slpte::SlFormat, walk::PageSize,
 };
 
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::PoisonError;
 
-use vsva_vtd::{InvDesc, Pasid, SourceId};
+use vsva_vtd::{addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 
 use super::iotlb::IotlbEntry;
 use super::Iommu;

@@ -4,7 +4,10 @@
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::AddressType;
-use vsva_vtd::{AccessRequest, FaultReason, Hpa, Pasid, RootState, SourceId};
+use vsva_vtd::{
+    addr::Hpa, addr::Pasid, addr::SourceId, fault::FaultReason, request::RootState,
+    walk::AccessRequest,
+};
 
 use super::{DmaMapping, Iommu};
 use crate::dma::port::{

@@ -27,7 +27,8 @@ use std::sync::{PoisonError, RwLock};
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
 use vsva_vtd::{
-    AccessRequest, AddrRange, DomainId, FlStart, PageSize, Pasid, Permissions, SlStart, Translation,
+    addr::DomainId, addr::Pasid, inv_desc::AddrRange, walk::AccessRequest, walk::FlStart,
+    walk::PageSize, walk::Permissions, walk::SlStart, walk::Translation,
 };
 
 use super::PAGE_SHIFTS;
@@ -493,7 +494,7 @@ fn region_meets(index: u64, shift: u32, first: u64, last: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vsva_vtd::FlRights;
+    use vsva_vtd::walk::FlRights;
 
     const D1: DomainId = DomainId(1);
     const D2: DomainId = DomainId(2);

@@ -4,12 +4,14 @@
 //! IOTLB invalidations reach the paging-structure caches too; their rules are in
 //! [`PagingStructureCaches`](super::pscache::PagingStructureCaches).
 
+use vsva_mem::MemError;
+
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
-use vsva_vtd::{DomainId, InvDesc, MemError, Pasid, SourceId};
+use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 
 use super::Iommu;
 use crate::dma::port::{DevTlbInvalidation, PrgResponse};

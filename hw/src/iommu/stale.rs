@@ -4,6 +4,8 @@
 //! stale entry. Hardware keeps using the stale entry either way; the report is for the
 //! person debugging a driver.
 
+use vsva_mem::PhysMem;
+
 use crate::memory::ReadOnly;
 use std::fmt;
 use std::sync::PoisonError;
@@ -11,7 +13,8 @@ use std::sync::PoisonError;
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::{
-    AccessRequest, DomainId, FaultReason, InvDesc, Pasid, PasidEntry, PhysMem, SourceId,
+    addr::DomainId, addr::Pasid, addr::SourceId, fault::FaultReason, inv_desc::InvDesc,
+    pasid::PasidEntry, walk::AccessRequest,
 };
 
 use super::iotlb::{IotlbEntry, TranslationKind};

@@ -1,9 +1,12 @@
 //! Tests of the IOMMU model programmed as a driver does: tables in host memory, registers
 //! by MMIO, invalidations through the queue.
 
+use vsva_mem::PhysMem;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use vsva_mem::MemWindow;
 use vsva_vtd::context::{context_entry_addr, ScalableContextEntry};
 use vsva_vtd::inv_desc::{
     ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
@@ -13,11 +16,11 @@ use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{fsts, gcmd, gsts, iq, offset};
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::root::root_entry_addr;
-use vsva_vtd::MemWindow;
 use vsva_vtd::{
-    AccessRequest, Capabilities, DomainId, FaultReason, FlPagingMode, InvDesc, MapFlags, PageSize,
-    PageTableBuilder, Pasid, PasidEntry, Pgtt, PhysMem, ScalableRootEntry, SlLevels, SlPte,
-    SourceId, TableFormat,
+    addr::DomainId, addr::Pasid, addr::SourceId, builder::MapFlags, builder::PageTableBuilder,
+    builder::TableFormat, fault::FaultReason, flpte::FlPagingMode, inv_desc::InvDesc,
+    pasid::PasidEntry, pasid::Pgtt, root::Capabilities, root::ScalableRootEntry, slpte::SlLevels,
+    slpte::SlPte, walk::AccessRequest, walk::PageSize,
 };
 
 use super::{Iommu, IommuConfig, IommuConfigError, Source};
@@ -229,7 +232,7 @@ fn an_address_width_the_formats_cannot_have_is_refused() {
         config.caps.haw = haw;
         assert_eq!(
             Iommu::new(mem.clone(), config).unwrap_err(),
-            IommuConfigError::AddressWidth(vsva_vtd::InvalidAddressWidth(haw))
+            IommuConfigError::AddressWidth(vsva_vtd::flpte::InvalidAddressWidth(haw))
         );
     }
 }
@@ -684,7 +687,7 @@ fn a_128_bit_queue_in_scalable_mode_reports_invalid_width() {
 /// stale entries that stay in use until the invalidation the spec names.
 mod paging_structure_caches {
     use super::*;
-    use vsva_vtd::{FlPte, FrameSource};
+    use vsva_vtd::{builder::FrameSource, flpte::FlPte};
 
     const MB: u64 = 1 << 20;
     /// Guest RAM size; the guest's page tables take frames from its first MiB.

@@ -5,15 +5,16 @@
 
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
-    AccessRequest, Capabilities, EntryFault, Pasid, PasidEntry, Pgtt, ScalableContextEntry,
-    SourceId, Translation, TranslationFault, WalkFault,
+    addr::Pasid, addr::SourceId, context::ScalableContextEntry, pasid::PasidEntry, pasid::Pgtt,
+    request::TranslationFault, root::Capabilities, root::EntryFault, walk::AccessRequest,
+    walk::Translation, walk::WalkFault,
 };
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
-use vsva_vtd::{MemError, PhysMem};
+use {vsva_mem::MemError, vsva_mem::PhysMem};
 
 use super::cached_walk::CacheUse;
 use super::iotlb::{IotlbEntry, Perms, RequestMask, TranslationKind};

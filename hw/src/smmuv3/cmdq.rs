@@ -4,9 +4,11 @@
 //! CMDQ_CONS pointing at it, CMDQ_CONS.ERR naming the error and GERROR.CMDQ_ERR active
 //! until software acknowledges it in GERRORN (§7.1).
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::regs::{cr0, gerror, Irq};
-use vsva_smmuv3::{Cmd, CmdError, PhysMem, PriResp, ResumeAction, SyncCs};
-use vsva_vtd::{AddrRange, Pasid};
+use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::PriResp, cmd::ResumeAction, cmd::SyncCs};
+use vsva_vtd::{addr::Pasid, inv_desc::AddrRange};
 
 use super::stall::Outcome;
 use super::Smmu;
@@ -32,7 +34,7 @@ impl Smmu {
         let mut cons = queue.cons;
         let mut error = None;
         // PROD is fixed for this pass; each step moves CONS one entry closer to it.
-        while !(vsva_smmuv3::Queue { cons, ..queue }).is_empty() {
+        while !(vsva_smmuv3::regs::Queue { cons, ..queue }).is_empty() {
             let addr = queue.entry_address(cons, 16);
             let raw = match (
                 self.mem.read_u64(addr),

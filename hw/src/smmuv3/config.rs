@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use vsva_smmuv3::{Cmd, ContextDescriptor, S1Config, Ste};
+use vsva_smmuv3::{cd::ContextDescriptor, cmd::Cmd, ste::Ste, walk::S1Config};
 
 /// A cached CD with the stage-1 configuration derived from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! stream table, with the caches neither used nor changed and no access or dirty flag set.
 
 use vsva_smmuv3::explain::SmmuExplanation;
-use vsva_smmuv3::{AccessRequest, WalkRecord};
+use vsva_smmuv3::{walk::AccessRequest, walk::WalkRecord};
 
 use super::Smmu;
 

@@ -56,7 +56,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vsva_smmuv3::regs::{cr0, offset, Irq};
-use vsva_smmuv3::{Features, RegEffect, RegError, RegisterFile};
+use vsva_smmuv3::{features::Features, regs::RegEffect, regs::RegError, regs::RegisterFile};
 
 use crate::dma::port::AtsEndpoint;
 use crate::memory::HostMemory;
@@ -340,7 +340,7 @@ impl Smmu {
 
     /// One MSI write: to the doorbell's handler, or to memory. False when it aborted.
     fn msi_write(&self, addr: u64, data: u32) -> bool {
-        use vsva_smmuv3::PhysMem;
+        use vsva_mem::PhysMem;
         let doorbell = self
             .doorbell
             .lock()

@@ -10,9 +10,11 @@
 //! waits until software resumes or terminates it; an ATS translation request never stalls.
 
 use crate::drain::RequestDrain;
-use vsva_smmuv3::{AccessRequest, Eats, Event, EventType, PriqEntry};
+use vsva_smmuv3::{
+    event::Event, event::EventType, priq::PriqEntry, ste::Eats, walk::AccessRequest,
+};
 use vsva_vtd::inv_desc::ResponseCode;
-use vsva_vtd::{Hpa, Pasid, SourceId};
+use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId};
 
 use super::translate::{SmmuFault, SmmuTranslation};
 use super::{PriRefused, Smmu};

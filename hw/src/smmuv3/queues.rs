@@ -2,8 +2,10 @@
 //! (16 bytes) written to host memory at EVENTQ_PROD / PRIQ_PROD. A full queue sets its
 //! overflow flag (PROD.OVFLG toggles away from CONS.OVACKFLG) and the record is lost.
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::regs::{gerror, Irq};
-use vsva_smmuv3::{Eats, Event, PhysMem, PriqEntry};
+use vsva_smmuv3::{event::Event, priq::PriqEntry, ste::Eats};
 
 use super::{Smmu, State};
 

@@ -6,9 +6,11 @@
 //! a walk from S2TTB; a difference is a stale entry that CMD_TLBI_S2_IPA without the Leaf
 //! hint should have removed.
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::{
-    AccessRequest, NestedStage, PhysMem, S1Stage, S2Config, S2Start, Stage, Translation, WalkFault,
-    WalkObserver, WalkStep,
+    walk::AccessRequest, walk::NestedStage, walk::S1Stage, walk::S2Config, walk::S2Start,
+    walk::Stage, walk::Translation, walk::WalkFault, walk::WalkObserver, walk::WalkStep,
 };
 
 use super::stale::outcome;

@@ -9,8 +9,9 @@ use std::fmt;
 use vsva_smmuv3::explain::Fresh;
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::{
-    find_cd, AccessRequest, Cmd, ConfigFault, ContextDescriptor, S1Start, S2Config, S2Start, Ste,
-    TlbiAddr, Translation, WalkFault, WalkObserver,
+    cd::ContextDescriptor, cmd::Cmd, cmd::TlbiAddr, lookup::find_cd, lookup::ConfigFault, ste::Ste,
+    walk::AccessRequest, walk::S1Start, walk::S2Config, walk::S2Start, walk::Translation,
+    walk::WalkFault, walk::WalkObserver,
 };
 
 use super::config::CachedCd;

@@ -1,5 +1,7 @@
 //! Tests of the physical SMMUv3 model through its registers, queues and real tables.
 
+use vsva_mem::PhysMem;
+
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
@@ -7,9 +9,10 @@ use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::explain::Fresh;
 use vsva_smmuv3::regs::{gerror, offset::*, OVERFLOW};
 use vsva_smmuv3::{
-    AccessRequest, AddressSize, Cmd, CmdError, Config, ContextDescriptor, Eats, Event, EventType,
-    PageSize, PhysMem, PriResp, PriqEntry, S1Config, S1Dss, S1Fmt, S2Config, S2Flags, Ste, SyncCs,
-    TableBuilder, TlbiAddr,
+    builder::TableBuilder, cd::ContextDescriptor, cmd::Cmd, cmd::CmdError, cmd::PriResp,
+    cmd::SyncCs, cmd::TlbiAddr, event::Event, event::EventType, priq::PriqEntry, ste::Config,
+    ste::Eats, ste::S1Dss, ste::S1Fmt, ste::Ste, walk::AccessRequest, walk::AddressSize,
+    walk::PageSize, walk::S1Config, walk::S2Config, walk::S2Flags,
 };
 
 use super::*;
@@ -18,7 +21,7 @@ use crate::dma::port::{
     PcieCapabilities, PrgResponse,
 };
 use crate::memory::HostMemory;
-use vsva_vtd::{Hpa, Pasid, SourceId};
+use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId};
 
 const STRTAB: u64 = 0x1_0000;
 const CMDQ: u64 = 0x2_0000;
@@ -339,10 +342,10 @@ fn every_stage1_tlbi_scope_removes_the_entry() {
 #[test]
 fn ttl_hint_limits_nh_va_to_its_level() {
     let mut tlb = tlb::Tlb::default();
-    let t = vsva_smmuv3::Translation {
+    let t = vsva_smmuv3::walk::Translation {
         output: 0x40_0000,
         page_size: PageSize::Size4K,
-        perms: vsva_smmuv3::Permissions::ALL,
+        perms: vsva_smmuv3::walk::Permissions::ALL,
         dirty: true,
         global: false,
     };
@@ -591,7 +594,7 @@ fn nested_translation_through_real_tables() {
         .walk
         .steps
         .iter()
-        .filter(|s| s.stage == vsva_smmuv3::Stage::Stage1)
+        .filter(|s| s.stage == vsva_smmuv3::walk::Stage::Stage1)
         .count();
     assert_eq!(s1_steps, 4);
     // Stage 2 maps 4 KiB pages from level 1: 3 steps for the CD, 3 for each of the 4
@@ -615,10 +618,10 @@ impl GuestView<'_> {
 }
 
 impl PhysMem for GuestView<'_> {
-    fn read_u64(&self, addr: u64) -> Result<u64, vsva_smmuv3::MemError> {
+    fn read_u64(&self, addr: u64) -> Result<u64, vsva_mem::MemError> {
         self.0.read_u64(Self::pa(addr))
     }
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, vsva_smmuv3::MemError> {
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, vsva_mem::MemError> {
         self.0.fetch_or_u64(Self::pa(addr), bits)
     }
     fn compare_exchange_u64(
@@ -626,16 +629,16 @@ impl PhysMem for GuestView<'_> {
         addr: u64,
         old: u64,
         new: u64,
-    ) -> Result<u64, vsva_smmuv3::MemError> {
+    ) -> Result<u64, vsva_mem::MemError> {
         self.0.compare_exchange_u64(Self::pa(addr), old, new)
     }
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), vsva_smmuv3::MemError> {
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), vsva_mem::MemError> {
         self.0.write_u64(Self::pa(addr), value)
     }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), vsva_smmuv3::MemError> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), vsva_mem::MemError> {
         self.0.read(Self::pa(addr), buf)
     }
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), vsva_smmuv3::MemError> {
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), vsva_mem::MemError> {
         self.0.write(Self::pa(addr), buf)
     }
 }
@@ -1172,10 +1175,10 @@ proptest! {
 /// Arm ARM D8 global entries). A non-global entry is the walking ASID's alone.
 #[test]
 fn global_entries_are_shared_by_asids_and_survive_nh_asid() {
-    let t = |global| vsva_smmuv3::Translation {
+    let t = |global| vsva_smmuv3::walk::Translation {
         output: 0x40_0000,
         page_size: PageSize::Size4K,
-        perms: vsva_smmuv3::Permissions::ALL,
+        perms: vsva_smmuv3::walk::Permissions::ALL,
         dirty: true,
         global,
     };
@@ -1430,7 +1433,7 @@ proptest! {
             for &(r, p, off) in &probes {
                 let va = va_of(r, p) + (off & !7);
                 let model = rig.read(SID, None, va).ok();
-                let tables = vsva_smmuv3::walk_stage1(&*rig.mem, &s1, va, AccessRequest::READ, &mut ())
+                let tables = vsva_smmuv3::walk::walk_stage1(&*rig.mem, &s1, va, AccessRequest::READ, &mut ())
                     .ok()
                     .map(|t| t.output);
                 prop_assert_eq!(model, tables, "va {:#x}", va);
@@ -1896,7 +1899,7 @@ proptest! {
             for &(r, p, off) in &probes {
                 let ipa = ipa_of(r, p) + (off & !7);
                 let model = rig.read(SID, None, ipa).ok();
-                let tables = vsva_smmuv3::walk_stage2(&*rig.mem, &s2, ipa, AccessRequest::READ, &mut ())
+                let tables = vsva_smmuv3::walk::walk_stage2(&*rig.mem, &s2, ipa, AccessRequest::READ, &mut ())
                     .ok()
                     .map(|t| t.output);
                 prop_assert_eq!(model, tables, "ipa {:#x}", ipa);

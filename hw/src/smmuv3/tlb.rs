@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 
-use vsva_smmuv3::{Cmd, PageSize, TlbiAddr, Translation};
+use vsva_smmuv3::{cmd::Cmd, cmd::TlbiAddr, walk::PageSize, walk::Translation};
 
 /// What a TLB entry translates, and its ASID when stage 1 does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -319,7 +319,7 @@ impl Tlb {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use vsva_smmuv3::Permissions;
+    use vsva_smmuv3::walk::Permissions;
 
     /// One step of the equivalence property.
     #[derive(Clone, Debug)]

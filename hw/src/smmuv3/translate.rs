@@ -2,12 +2,16 @@
 //! StreamID, the CD of its SubstreamID, then the TLB or a walk of stage 1, stage 2 or
 //! both; every fault other than an STE abort becomes an event record.
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
 use vsva_smmuv3::{
-    find_cd, find_cd_with, walk_nested, walk_stage1, walk_stage1_from, walk_stage2, AccessRequest,
-    Config, ConfigFault, Direct, Event, FaultKind, FaultStage, PageSize, Permissions, PhysMem,
-    S1Config, S1Dss, S1Start, S2Config, Ste, Translation, WalkFault, WalkObserver,
+    event::Event, lookup::find_cd, lookup::find_cd_with, lookup::ConfigFault, ste::Config,
+    ste::S1Dss, ste::Ste, walk::walk_nested, walk::walk_stage1, walk::walk_stage1_from,
+    walk::walk_stage2, walk::AccessRequest, walk::Direct, walk::FaultKind, walk::FaultStage,
+    walk::PageSize, walk::Permissions, walk::S1Config, walk::S1Start, walk::S2Config,
+    walk::Translation, walk::WalkFault, walk::WalkObserver,
 };
 
 use std::sync::Arc;
@@ -18,7 +22,7 @@ use super::stall::{Outcome, Stalled};
 use super::tlb::TlbTag;
 use super::walkcache::TableSteps;
 use super::{Smmu, State};
-use vsva_smmuv3::Stage;
+use vsva_smmuv3::walk::Stage;
 
 /// A translated transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

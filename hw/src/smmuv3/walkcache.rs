@@ -23,8 +23,8 @@
 use std::collections::HashMap;
 
 use vsva_smmuv3::{
-    Cmd, Granule, S1Config, S1Start, S2Config, S2Start, Stage, StepOutcome, TlbiAddr, WalkObserver,
-    WalkStep,
+    cmd::Cmd, cmd::TlbiAddr, ste::Granule, walk::S1Config, walk::S1Start, walk::S2Config,
+    walk::S2Start, walk::Stage, walk::StepOutcome, walk::WalkObserver, walk::WalkStep,
 };
 
 /// A walk-cache key: the tags, the table walked from, and the VA bits the tables above

@@ -8,6 +8,8 @@
 
 pub mod scratch;
 
+use vsva_mem::PhysMem;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,8 +19,8 @@ use vsva_qemu_oracle::{
     fetch_snippet, Abort, Features, Harness, Machine, OracleError, Outcome, Probe, ProbeOp, Results,
 };
 use vsva_smmuv3::{
-    AddressSize, FaultKind, Granule, PageSize, PhysMem, StepOutcome, TableBuilder, Translation,
-    WalkFault, WalkRecord,
+    builder::TableBuilder, ste::Granule, walk::AddressSize, walk::FaultKind, walk::PageSize,
+    walk::StepOutcome, walk::Translation, walk::WalkFault, walk::WalkRecord,
 };
 
 /// Disagreements described in full before a test fails.

@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::protocol::HostState;
-use crate::{HostProcess, RemoteFile};
+use crate::{client::RemoteFile, process::HostProcess};
 
 /// Samples kept per VM process and series (the first ones; enough for seconds of load).
 const MAX_SAMPLES: usize = 200_000;

@@ -8,7 +8,7 @@ use crate::ste::Granule;
 use crate::testutil::TestMemory;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
-use vsva_vtd::PhysMem;
+use vsva_mem::PhysMem;
 
 const MB: u64 = 1 << 20;
 const GB: u64 = 1 << 30;
@@ -245,15 +245,15 @@ fn output_52_bits_with_64k() {
     let pa52 = 0xa_0000_0000_0000;
     assert_eq!(
         b48.map(&mem, &mut || None, va, pa52, PageSize::Size64K, 0),
-        Err(crate::BuildError::OutputTooWide(pa52))
+        Err(crate::builder::BuildError::OutputTooWide(pa52))
     );
     assert_eq!(
         b48.map(&mem, &mut || None, 0, 0, PageSize::Size4T, 0),
-        Err(crate::BuildError::NoSuchLeaf(PageSize::Size4T))
+        Err(crate::builder::BuildError::NoSuchLeaf(PageSize::Size4T))
     );
     assert_eq!(
         b48.map(&mem, &mut || None, 0, 0, PageSize::Size2M, 0),
-        Err(crate::BuildError::NoSuchLeaf(PageSize::Size2M))
+        Err(crate::builder::BuildError::NoSuchLeaf(PageSize::Size2M))
     );
     // With the 4 KiB granule a 52-bit IPS is 48 bits: bits 15:12 are address bits.
     assert_eq!(AddressSize::Bits52.effective_bits(Granule::Size4K), 48);
@@ -363,11 +363,11 @@ fn ttb1_upper_range() {
     // A TTB1 builder refuses lower-range VAs and the other way round.
     assert_eq!(
         upper.lookup(&mem, 0x12_3456_0000),
-        Err(crate::BuildError::OutOfRange(0x12_3456_0000))
+        Err(crate::builder::BuildError::OutOfRange(0x12_3456_0000))
     );
     assert_eq!(
         lower.lookup(&mem, hi),
-        Err(crate::BuildError::OutOfRange(hi))
+        Err(crate::builder::BuildError::OutOfRange(hi))
     );
 }
 
@@ -583,10 +583,10 @@ struct Offset<'a> {
 }
 
 impl PhysMem for Offset<'_> {
-    fn read_u64(&self, addr: u64) -> Result<u64, vsva_vtd::MemError> {
+    fn read_u64(&self, addr: u64) -> Result<u64, vsva_mem::MemError> {
         self.inner.read_u64(self.base + addr)
     }
-    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, vsva_vtd::MemError> {
+    fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, vsva_mem::MemError> {
         self.inner.fetch_or_u64(self.base + addr, bits)
     }
     fn compare_exchange_u64(
@@ -594,16 +594,16 @@ impl PhysMem for Offset<'_> {
         addr: u64,
         old: u64,
         new: u64,
-    ) -> Result<u64, vsva_vtd::MemError> {
+    ) -> Result<u64, vsva_mem::MemError> {
         self.inner.compare_exchange_u64(self.base + addr, old, new)
     }
-    fn write_u64(&self, addr: u64, value: u64) -> Result<(), vsva_vtd::MemError> {
+    fn write_u64(&self, addr: u64, value: u64) -> Result<(), vsva_mem::MemError> {
         self.inner.write_u64(self.base + addr, value)
     }
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), vsva_vtd::MemError> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), vsva_mem::MemError> {
         self.inner.read(self.base + addr, buf)
     }
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), vsva_vtd::MemError> {
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), vsva_mem::MemError> {
         self.inner.write(self.base + addr, buf)
     }
 }

@@ -513,12 +513,12 @@ pub(crate) const fn start_table_bytes(granule: Granule, start: u8, input_bits: u
 
 /// An atomic update of the descriptor at `pa` from `old` to `new`: `Ok(None)` when done,
 /// `Ok(Some(found))` when the descriptor changed meanwhile, `Err` when memory refused it.
-pub(crate) fn update<M: vsva_vtd::PhysMem + ?Sized>(
+pub(crate) fn update<M: vsva_mem::PhysMem + ?Sized>(
     mem: &M,
     pa: u64,
     old: u64,
     new: u64,
-) -> Result<Option<u64>, vsva_vtd::MemError> {
+) -> Result<Option<u64>, vsva_mem::MemError> {
     let found = mem.compare_exchange_u64(pa, old, new)?;
     Ok((found != old).then_some(found))
 }

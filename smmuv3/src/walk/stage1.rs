@@ -27,7 +27,7 @@ use super::{
 use crate::desc::{Descriptor, DescriptorKind, TableFormat};
 use crate::field::bits;
 use crate::ste::Granule;
-use vsva_vtd::PhysMem;
+use vsva_mem::PhysMem;
 
 /// The CD's stage-1 controls that the walk uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::desc::{Descriptor, DescriptorKind, TableFormat};
 use crate::ste::Granule;
-use vsva_vtd::PhysMem;
+use vsva_mem::PhysMem;
 
 /// The STE's stage-2 hardware-management and fault controls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -4,7 +4,7 @@ use crate::desc::{Descriptor as D, TableFormat};
 use crate::ste::Granule;
 use crate::testutil::TestMemory;
 use proptest::prelude::*;
-use vsva_vtd::{MemError, PhysMem};
+use {vsva_mem::MemError, vsva_mem::PhysMem};
 
 const MB: u64 = 1 << 20;
 const GB: u64 = 1 << 30;
@@ -267,7 +267,7 @@ fn builder_lookup_and_unmap() {
     assert_eq!(s.tables.tables().len(), frames + 1);
     assert_eq!(
         s.tables.unmap(&s.mem, 1 << 60, PageSize::Size4K),
-        Err(crate::BuildError::OutOfRange(1 << 60))
+        Err(crate::builder::BuildError::OutOfRange(1 << 60))
     );
 }
 
@@ -960,7 +960,7 @@ impl Nested {
         ipa: u64,
         size: PageSize,
         attrs: u64,
-    ) -> Result<(), crate::BuildError> {
+    ) -> Result<(), crate::builder::BuildError> {
         let frames = &mut self.s1_frames;
         let guest = Offset {
             inner: &self.mem,

@@ -9,18 +9,20 @@
 //! IOMMU instead, and the harvest must find exactly them. Every timed harvest is checked
 //! the same way afterwards.
 
+use vsva_mem::PhysMem;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_host::container::IommuBackend;
 use vsva_host::driver::{DirtyBitmap, HostIommu, VtdDomain};
-use vsva_host::IommuBackend;
 use vsva_hw::dma::{DmaAccess, DmaPort};
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
-use vsva_uapi::DmaMap;
-use vsva_vtd::{Gpa, Hpa, Iova, PhysMem, SlPte, SourceId};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
+use vsva_uapi::request::DmaMap;
+use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Iova, addr::SourceId, slpte::SlPte};
 
 use super::{BenchError, Workload};
 

@@ -1,6 +1,8 @@
 //! DMA workloads: the DMA engine's memmove through nested translation against
 //! `copy_from_slice`, and the table reads of streaming DMA.
 
+use vsva_mem::PhysMem;
+
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use vsva_hw::dma::regs::CTRL_PASID_EN;
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
-use vsva_hw::{HostMemory, PAGE_SIZE};
-use vsva_vtd::{walk_nested, AccessRequest, PhysMem, WalkObserver, WalkStep};
+use vsva_hw::{memory::HostMemory, memory::PAGE_SIZE};
+use vsva_vtd::{walk::walk_nested, walk::AccessRequest, walk::WalkObserver, walk::WalkStep};
 
 use super::lockstep::{SampleHalf, SecondThread};
 use super::platform::Platform;

@@ -1,10 +1,12 @@
 //! Why a measurement could not be taken.
 
+use vsva_mem::MemError;
+
 use vsva_hw::dma::DmaError;
-use vsva_hw::HostMemoryError;
+use vsva_hw::memory::HostMemoryError;
 use vsva_vtd::regs::RegError;
-use vsva_vtd::TranslationFault;
-use vsva_vtd::{BuildError, InvDescError, MemError};
+use vsva_vtd::request::TranslationFault;
+use vsva_vtd::{builder::BuildError, inv_desc::InvDescError};
 
 /// A measurement failed: its set-up was refused, or a check of what it measures found the
 /// model not doing what the measurement assumes (then no figure is reported for it).
@@ -36,22 +38,22 @@ pub enum BenchError {
     Dma(#[from] DmaError),
     /// A host operation failed.
     #[error("host: {0}")]
-    Host(#[from] vsva_host::HostError),
+    Host(#[from] vsva_host::error::HostError),
     /// Building or running the host/VMM/guest stack failed.
     #[error("stack: {0}")]
     Stack(#[from] crate::stack::StackError),
     /// The `vsva host` service could not start or listen.
     #[error("host service: {0}")]
-    Service(#[from] vsva_service::ServiceError),
+    Service(#[from] vsva_service::server::ServiceError),
     /// A VM could not connect to or boot on the host service.
     #[error("VM on the host service: {0}")]
     RemoteVm(#[from] crate::remote::VmError),
     /// A guest process operation was refused.
     #[error("guest process: {0}")]
-    Process(#[from] vsva_guest::ProcessError),
+    Process(#[from] vsva_guest::process::ProcessError),
     /// A guest IOMMU driver operation failed.
     #[error("guest IOMMU driver: {0}")]
-    GuestDriver(#[from] vsva_guest::GuestIommuError),
+    GuestDriver(#[from] vsva_guest::iommu::GuestIommuError),
     /// The model did not behave as the measurement needs (for example a translation that
     /// should hit the IOTLB walked).
     #[error("check failed: {0}")]

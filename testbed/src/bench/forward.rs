@@ -24,10 +24,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vsva_guest::{DriverStats, Process, Prot};
-use vsva_hw::PAGE_SIZE;
+use vsva_guest::{iommu::DriverStats, process::Process, process::Prot};
+use vsva_hw::memory::PAGE_SIZE;
 use vsva_vmm::VIommuStats;
-use vsva_vtd::{FlPagingMode, Gva};
+use vsva_vtd::{addr::Gva, flpte::FlPagingMode};
 
 use super::vm::BenchVm;
 use super::{BenchError, Workload};

@@ -25,13 +25,14 @@ use vsva_host::iommufd::IommufdFile;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};
 use vsva_hw::iommu::{Iommu, IommuConfig, Source};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
+use vsva_uapi::{error::Errno, file::UapiFile};
 use vsva_vtd::{
-    AccessRequest, FlPagingMode, FrameSource, Gpa, MapFlags, PageSize, PageTableBuilder, Pasid,
-    SourceId, TableFormat,
+    addr::Gpa, addr::Pasid, addr::SourceId, builder::FrameSource, builder::MapFlags,
+    builder::PageTableBuilder, builder::TableFormat, flpte::FlPagingMode, walk::AccessRequest,
+    walk::PageSize,
 };
 
 use super::translate::timer_overhead;
@@ -386,7 +387,7 @@ impl Drop for IommufdVm {
         self.dev = None;
         self.fds.close(self.fd);
         self.mem.release_guest_memory(&self.ram);
-        if let Err(e) = self.frames.free(vsva_vtd::Hpa(self.ram_hpa)) {
+        if let Err(e) = self.frames.free(vsva_vtd::addr::Hpa(self.ram_hpa)) {
             tracing::error!("bench: freeing the iommufd VM's RAM: {e}");
         }
     }

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use vsva_host::{HostError, PasidAllocator, PasidSetId};
-use vsva_vtd::Pasid;
+use vsva_host::{error::HostError, pasid::PasidAllocator, pasid::PasidSetId};
+use vsva_vtd::addr::Pasid;
 
 use super::{BenchError, Workload};
 

@@ -17,16 +17,21 @@
 //! second-level walk, plus the walk of the final GPA). Invalidations go through the
 //! invalidation queue (§6.5.2) with a wait descriptor.
 
+use vsva_mem::MemError;
+use vsva_mem::MemWindow;
+use vsva_mem::PhysMem;
+
 use std::sync::{Arc, Mutex};
 
 use vsva_hw::iommu::{Iommu, IommuConfig};
-use vsva_hw::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};
 use vsva_vtd::regs::layout::{gcmd, gsts, iq, offset, rtaddr};
 use vsva_vtd::{
-    context, pasid, root, DomainId, FlConfig, FlFormat, FlPagingMode, FrameSource, InvDesc,
-    MapFlags, MemError, MemWindow, PageSize, PageTableBuilder, Pasid, PasidDirEntry, PasidEntry,
-    Pgtt, PhysMem, ScalableContextEntry, ScalableRootEntry, SlConfig, SlFormat, SlLevels, SourceId,
-    TableFormat,
+    addr::DomainId, addr::Pasid, addr::SourceId, builder::FrameSource, builder::MapFlags,
+    builder::PageTableBuilder, builder::TableFormat, context, context::ScalableContextEntry,
+    flpte::FlFormat, flpte::FlPagingMode, inv_desc::InvDesc, pasid, pasid::PasidDirEntry,
+    pasid::PasidEntry, pasid::Pgtt, root, root::ScalableRootEntry, slpte::SlFormat,
+    slpte::SlLevels, walk::FlConfig, walk::PageSize, walk::SlConfig,
 };
 
 use super::BenchError;
@@ -399,7 +404,7 @@ mod tests {
     use super::*;
     use vsva_hw::iommu::Source;
     use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity};
-    use vsva_vtd::AccessRequest;
+    use vsva_vtd::walk::AccessRequest;
 
     fn small() -> Platform {
         Platform::new(PlatformConfig {

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vsva_guest::{Process, Prot};
+use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
-use vsva_hw::PAGE_SIZE;
-use vsva_service::{HostConfig, Service};
+use vsva_hw::memory::PAGE_SIZE;
+use vsva_service::{server::HostConfig, server::Service};
 use vsva_vmm::VIommuStats;
-use vsva_vtd::{FlPagingMode, Gva, Pasid};
+use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode};
 
 use super::{BenchError, Workload};
 use crate::remote::RemoteVm;

@@ -4,7 +4,7 @@
 //! table, `null` in JSON); the standard probes declare every figure.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use vsva_hw::PAGE_SIZE;
+use vsva_hw::memory::PAGE_SIZE;
 
 use super::dirty::{DirtyDomain, Harvest, WordReads, HARVEST_BYTES};
 use super::dma::{

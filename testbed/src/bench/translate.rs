@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vsva_hw::iommu::{Iommu, Source};
-use vsva_hw::PAGE_SIZE;
+use vsva_hw::memory::PAGE_SIZE;
 use vsva_vtd::inv_desc::IotlbGranularity;
 use vsva_vtd::{
-    walk_nested, walk_second_level, AccessRequest, DomainId, FlConfig, InvDesc, Pasid, SlConfig,
-    SourceId,
+    addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc, walk::walk_nested,
+    walk::walk_second_level, walk::AccessRequest, walk::FlConfig, walk::SlConfig,
 };
 
 use super::lockstep::{SampleHalf, SecondThread};

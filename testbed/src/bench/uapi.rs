@@ -13,13 +13,18 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use vsva_guest::{Process, Prot};
+use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::iommu::{DmaMapping, Source};
-use vsva_hw::PAGE_SIZE;
+use vsva_hw::memory::PAGE_SIZE;
+use vsva_uapi::file::VfioIoctls;
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
-use vsva_uapi::VfioIoctls;
-use vsva_uapi::{BindGpasid, CacheInvalidate, DmaMap, InvGranularity};
-use vsva_vtd::{AccessRequest, FlPagingMode, Gva, Hpa, Iova, PageSize, Pasid};
+use vsva_uapi::{
+    request::BindGpasid, request::CacheInvalidate, request::DmaMap, request::InvGranularity,
+};
+use vsva_vtd::{
+    addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, flpte::FlPagingMode, walk::AccessRequest,
+    walk::PageSize,
+};
 
 use super::pasid::heap_in_use;
 use super::translate::timer_overhead;

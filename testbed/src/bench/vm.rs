@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use vsva_guest::{Process, Prot};
+use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
-use vsva_hw::PAGE_SIZE;
-use vsva_vtd::{FlPagingMode, Gva, Pasid};
+use vsva_hw::memory::PAGE_SIZE;
+use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode};
 
 use super::BenchError;
 use crate::stack::{Host, Vm};

@@ -3,14 +3,17 @@
 //! host stand-in that records every call.
 #![allow(dead_code)]
 
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vsva_host::{PasidAllocator, PasidSetId};
-use vsva_uapi::Errno;
-use vsva_uapi::{BindGpasid, CacheInvalidate, PageResponse};
+use vsva_host::{pasid::PasidAllocator, pasid::PasidSetId};
+use vsva_uapi::error::Errno;
+use vsva_uapi::{request::BindGpasid, request::CacheInvalidate, request::PageResponse};
 use vsva_vmm::{HostSva, PasidSource, VIommu, VIommuConfig};
 use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::pasid::pasid_entry_addr;
@@ -18,9 +21,10 @@ use vsva_vtd::regs::layout::{gcmd, gsts, offset, pq, rtaddr, vcmd};
 use vsva_vtd::regs::Interrupt;
 use vsva_vtd::root::root_entry_addr;
 use vsva_vtd::{
-    DomainId, FlPagingMode, FrameSource, Gpa, InvDesc, MapFlags, MemError, PageSize,
-    PageTableBuilder, Pasid, PasidDirEntry, PasidEntry, Pgtt, PhysMem, ScalableContextEntry,
-    ScalableRootEntry, SourceId, TableFormat,
+    addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, builder::FrameSource,
+    builder::MapFlags, builder::PageTableBuilder, builder::TableFormat,
+    context::ScalableContextEntry, flpte::FlPagingMode, inv_desc::InvDesc, pasid::PasidDirEntry,
+    pasid::PasidEntry, pasid::Pgtt, root::ScalableRootEntry, walk::PageSize,
 };
 
 /// Guest RAM size.

@@ -3,13 +3,18 @@
 //! carried out in order; an illegal command stops the queue at it with CERROR_ILL, an
 //! unreadable one with CERROR_ABT (§7.1).
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::regs::{cr0, gerror};
-use vsva_smmuv3::{Cmd, CmdError, Irq, PriResp, Queue, SyncCs};
+use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::PriResp, cmd::SyncCs, regs::Irq, regs::Queue};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
-use vsva_uapi::{CacheInvalidate, InvGranularity, PageResponse, PageResponseCode};
-use vsva_vtd::{Pasid, PhysMem};
+use vsva_uapi::{
+    request::CacheInvalidate, request::InvGranularity, request::PageResponse,
+    request::PageResponseCode,
+};
+use vsva_vtd::addr::Pasid;
 
 use std::sync::Arc;
 

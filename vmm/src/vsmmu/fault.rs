@@ -18,11 +18,16 @@
 //! The fetch address of F_WALK_EABT and F_CD_FETCH is the physical address the host's
 //! SMMU read, a host address the guest must not see: it is recorded as 0.
 
+use vsva_mem::PhysMem;
+
 use vsva_smmuv3::regs::{offset, OVERFLOW};
-use vsva_smmuv3::{Event, EventType, Irq, PriqEntry};
-use vsva_uapi::UnrecoverableReason as R;
-use vsva_uapi::{PageRequest, PageResponse, PageResponseCode, UnrecoverableFault};
-use vsva_vtd::{PhysMem, SourceId};
+use vsva_smmuv3::{event::Event, event::EventType, priq::PriqEntry, regs::Irq};
+use vsva_uapi::request::UnrecoverableReason as R;
+use vsva_uapi::{
+    request::PageRequest, request::PageResponse, request::PageResponseCode,
+    request::UnrecoverableFault,
+};
+use vsva_vtd::addr::SourceId;
 
 use super::stream::HostConfig;
 use super::{StreamHost, VSmmu, VSmmuError};

@@ -22,10 +22,10 @@ use std::fmt;
 use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
-use vsva_smmuv3::Config;
+use vsva_smmuv3::ste::Config;
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{Errno, UapiFile};
+use vsva_uapi::{error::Errno, file::UapiFile};
 
 use crate::iommufd::{attach_cdev, bind_cdev, destroy, detach_cdev, io, ioas_map, UserBuffer};
 use crate::viommu::lock;
@@ -467,7 +467,7 @@ impl Drop for SmmuIommufdDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vsva_smmuv3::{Features, Ste};
+    use vsva_smmuv3::{features::Features, ste::Ste};
 
     #[test]
     fn nested_ste_keeps_only_the_fields_a_vm_may_set() {

@@ -54,9 +54,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vsva_smmuv3::regs::{cr0, irq_ctrl, offset};
-use vsva_smmuv3::{Features, Irq, Msi, RegEffect, RegError, RegisterFile, StallModel};
-use vsva_uapi::Errno;
-use vsva_vtd::SourceId;
+use vsva_smmuv3::{
+    features::Features, features::StallModel, regs::Irq, regs::Msi, regs::RegEffect,
+    regs::RegError, regs::RegisterFile,
+};
+use vsva_uapi::error::Errno;
+use vsva_vtd::addr::SourceId;
 
 use crate::error::{HostCall, HostCallError};
 use crate::host::HostPasidTable;

@@ -7,9 +7,12 @@
 //! addresses of stage 2; Config = S1 translate hands the guest's CD table to the host.
 
 use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
-use vsva_smmuv3::{BadSte, Config, ConfigFault, Eats, Event, EventType, Irq, Ste};
-use vsva_uapi::{PasidConfig, PasidTableConfig};
-use vsva_vtd::{Gpa, SourceId};
+use vsva_smmuv3::{
+    event::Event, event::EventType, lookup::ConfigFault, regs::Irq, ste::BadSte, ste::Config,
+    ste::Eats, ste::Ste,
+};
+use vsva_uapi::{request::PasidConfig, request::PasidTableConfig};
+use vsva_vtd::{addr::Gpa, addr::SourceId};
 
 use super::iommufd::{nested_ste, VSTE_ABORT, VSTE_BYPASS};
 use super::{Host, SmmuIommufdDevice, StreamHost, VSmmu, VSmmuError};

@@ -40,7 +40,7 @@ pub struct FaultRecord {
     pub fault_info: u64,
     /// Requester id of the faulted request (SID).
     pub sid: SourceId,
-    /// Fault reason (FR), such as [`crate::FaultReason::code`].
+    /// Fault reason (FR), such as [`crate::fault::FaultReason::code`].
     pub reason: u8,
     /// PASID of the request, if it carried one (PP and PV).
     pub pasid: Option<Pasid>,

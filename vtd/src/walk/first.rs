@@ -23,7 +23,7 @@ use super::{
 };
 use crate::fault::FaultReason;
 use crate::flpte::{FlFormat, FlPagingMode, FlPte};
-use crate::mem::PhysMem;
+use vsva_mem::PhysMem;
 
 /// What the PASID entry says about a first-level table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -11,8 +11,8 @@ use super::{
     WalkObserver, WalkStep,
 };
 use crate::fault::FaultReason;
-use crate::mem::PhysMem;
 use crate::slpte::{SlFormat, SlLevels, SlPte};
+use vsva_mem::PhysMem;
 
 /// What the PASID entry (or the context) says about a second-level table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

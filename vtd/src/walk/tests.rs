@@ -2,11 +2,11 @@ use super::*;
 use crate::builder::{MapFlags, PageTableBuilder, TableFormat};
 use crate::fault::FaultReason::{self, *};
 use crate::flpte::{FlFormat, FlPagingMode, FlPte};
-use crate::mem::{MemError, PhysMem};
 use crate::slpte::{SlFormat, SlLevels, SlPte};
 use crate::testutil::{TestFrames, TestMemory};
 use proptest::prelude::*;
 use std::cell::Cell;
+use vsva_mem::{MemError, PhysMem};
 
 const MB: u64 = 1 << 20;
 const R: MapFlags = MapFlags::READ;

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use vsva_smmuv3::{ResumeAction, StallModel};
+use vsva_smmuv3::{cmd::ResumeAction, features::StallModel};
 
 use super::*;
 use crate::dma::{

@@ -1,7 +1,8 @@
-//! The memory a VT-d implementation reads its tables from and writes results to.
+//! The memory an IOMMU model reads its tables from and writes results to.
 //!
-//! The physical IOMMU reads host physical memory; the vIOMMU reads guest physical memory.
-//! Walkers and table decoders are written against this trait so both use the same code.
+//! A physical IOMMU (VT-d or SMMUv3) reads host physical memory; a vIOMMU reads guest
+//! physical memory. Walkers and table decoders of both architectures are written against
+//! [`PhysMem`] so every model uses the same code.
 
 /// A failed access to physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -229,7 +230,7 @@ mod guest_ram {
 
     #[cfg(test)]
     mod tests {
-        use crate::mem::{MemError, PhysMem};
+        use crate::{MemError, PhysMem};
         use vm_memory::{GuestAddress, GuestMemoryMmap};
 
         /// Two regions with a hole between them: [0x1000, 0x3000) and [0x3000, 0x4000)
@@ -383,3 +384,7 @@ mod window_tests {
         assert_eq!(mem.read_u64(0x3000), Ok(0));
     }
 }
+
+/// Memory for unit tests, for this crate and (with the `testutil` feature) the IOMMU cores'.
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
