@@ -12,6 +12,8 @@
 
 use crate::features::{Features, StallModel};
 use crate::field::{bits, field_enum, get, put};
+use crate::regs::Queue;
+use vsva_mem::PhysMem;
 
 /// The error a command queue records in SMMU_CMDQ_CONS.ERR (§7.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
@@ -421,6 +423,23 @@ impl Cmd {
             ),
         };
         [d0 | self.opcode() as u64, d1]
+    }
+
+    /// Reads the command at `cons` of the command queue `queue` from `mem` (16 bytes, §4.1)
+    /// and decodes it for an SMMU with `features`: CERROR_ABT when it cannot be read,
+    /// CERROR_ILL when it is not a legal command. The words read come back with the error.
+    pub fn fetch<M: PhysMem + ?Sized>(
+        mem: &M,
+        queue: &Queue,
+        cons: u32,
+        features: &Features,
+    ) -> Result<Cmd, (CmdError, Option<[u64; 2]>)> {
+        let addr = queue.entry_address(cons, 16);
+        let raw = match (mem.read_u64(addr), mem.read_u64(addr.wrapping_add(8))) {
+            (Ok(d0), Ok(d1)) => [d0, d1],
+            _ => return Err((CmdError::Abt, None)),
+        };
+        Cmd::decode(raw, features).map_err(|e| (e, Some(raw)))
     }
 
     /// Decodes the command `raw` for an SMMU with `features`, or CERROR_ILL.

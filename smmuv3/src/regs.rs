@@ -455,6 +455,15 @@ impl RegisterFile {
         self.queue(CMDQ)
     }
 
+    /// The command queue if the SMMU consumes it now: CMDQEN acknowledged in CR0ACK and no
+    /// CMDQ_ERR active (§3.5.2, §6.3.17: the queue stops at an error until it is
+    /// acknowledged).
+    pub fn cmdq_to_consume(&self) -> Option<Queue> {
+        let enabled =
+            self.cr0ack() & cr0::CMDQEN != 0 && self.active_gerrors() & gerror::CMDQ_ERR == 0;
+        enabled.then(|| self.cmdq())
+    }
+
     /// The event queue.
     pub fn eventq(&self) -> Queue {
         self.queue(EVENTQ)

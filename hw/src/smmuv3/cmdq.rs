@@ -4,10 +4,8 @@
 //! CMDQ_CONS pointing at it, CMDQ_CONS.ERR naming the error and GERROR.CMDQ_ERR active
 //! until software acknowledges it in GERRORN (§7.1).
 
-use vsva_mem::PhysMem;
-
-use vsva_smmuv3::regs::{cr0, gerror, Irq};
-use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::PriResp, cmd::ResumeAction, cmd::SyncCs};
+use vsva_smmuv3::regs::{gerror, Irq};
+use vsva_smmuv3::{cmd::Cmd, cmd::PriResp, cmd::ResumeAction, cmd::SyncCs};
 use vsva_vtd::{addr::Pasid, inv_desc::AddrRange};
 
 use super::stall::Outcome;
@@ -21,34 +19,16 @@ impl Smmu {
     /// earlier command has.
     pub(super) fn consume_commands(&self) {
         let _serial = self.cmdq_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (queue, enabled) = {
-            let state = self.lock();
-            let regs = &state.regs;
-            let enabled =
-                regs.cr0ack() & cr0::CMDQEN != 0 && regs.active_gerrors() & gerror::CMDQ_ERR == 0;
-            (regs.cmdq(), enabled)
-        };
-        if !enabled {
+        let Some(queue) = self.lock().regs.cmdq_to_consume() else {
             return;
-        }
+        };
         let mut cons = queue.cons;
         let mut error = None;
         // PROD is fixed for this pass; each step moves CONS one entry closer to it.
         while !(vsva_smmuv3::regs::Queue { cons, ..queue }).is_empty() {
-            let addr = queue.entry_address(cons, 16);
-            let raw = match (
-                self.mem.read_u64(addr),
-                self.mem.read_u64(addr.wrapping_add(8)),
-            ) {
-                (Ok(d0), Ok(d1)) => [d0, d1],
-                _ => {
-                    error = Some(CmdError::Abt);
-                    break;
-                }
-            };
-            match Cmd::decode(raw, &self.features) {
+            match Cmd::fetch(&self.mem, &queue, cons, &self.features) {
                 Ok(cmd) => self.execute(&cmd),
-                Err(e) => {
+                Err((e, raw)) => {
                     tracing::debug!(?raw, %e, "SMMU command queue error");
                     error = Some(e);
                     break;

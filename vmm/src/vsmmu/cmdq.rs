@@ -5,7 +5,6 @@
 
 use vsva_mem::PhysMem;
 
-use vsva_smmuv3::regs::{cr0, gerror};
 use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::PriResp, cmd::SyncCs, regs::Irq, regs::Queue};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
@@ -141,32 +140,15 @@ impl VSmmu {
     /// has carried them out. A command the host refuses stops the queue at it with
     /// CERROR_ILL, as an illegal command would.
     pub(super) fn consume_commands(&self, irqs: &mut Vec<Irq>) {
-        let (queue, enabled) = {
-            let regs = lock(&self.regs);
-            let enabled =
-                regs.cr0ack() & cr0::CMDQEN != 0 && regs.active_gerrors() & gerror::CMDQ_ERR == 0;
-            (regs.cmdq(), enabled)
-        };
-        if !enabled {
+        let Some(queue) = lock(&self.regs).cmdq_to_consume() else {
             return;
-        }
+        };
         let mut cons = queue.cons;
         let mut error = None;
         let mut batch = Batch::default();
         let mut n = 0;
         while !(Queue { cons, ..queue }).is_empty() {
-            let addr = queue.entry_address(cons, 16);
-            let raw = match (
-                self.mem.read_u64(addr),
-                self.mem.read_u64(addr.wrapping_add(8)),
-            ) {
-                (Ok(d0), Ok(d1)) => [d0, d1],
-                _ => {
-                    error = Some(CmdError::Abt);
-                    break;
-                }
-            };
-            match Cmd::decode(raw, &self.config.features) {
+            match Cmd::fetch(&self.mem, &queue, cons, &self.config.features) {
                 Ok(cmd) => {
                     let ordered = matches!(
                         cmd,
@@ -185,7 +167,7 @@ impl VSmmu {
                     self.execute(&cmd, irqs);
                     self.gather(&cmd, (n, cons), &mut batch);
                 }
-                Err(e) => {
+                Err((e, raw)) => {
                     tracing::debug!(?raw, %e, "vSMMU command queue error");
                     error = Some(e);
                     break;
