@@ -176,13 +176,18 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
         keys.into_iter().find_map(|k| shard.get(&k).copied())
     }
 
-    /// Caches `entries` unless an invalidation ran since `fill` (a [`Generation`] value).
+    /// Caches each of `values` under its key (`key_of`) unless an invalidation ran since
+    /// `fill` (a [`Generation`] value). The values are read in place from the slice: an
+    /// iterator of `(key, value)` pairs was copied through the stack piecewise (its `Option`
+    /// niche sits in the value's flags), and the reload of each pair stalled on the
+    /// partial stores (store-to-load forwarding), more than half of a fill's time.
     fn insert(
         &self,
         generation: &Generation,
         fill: u64,
         did: DomainId,
-        entries: impl IntoIterator<Item = (K, V)>,
+        values: &[V],
+        key_of: impl Fn(&V) -> K,
     ) {
         let mut shard = self
             .shard(did)
@@ -191,14 +196,15 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
         if generation.0.load(Ordering::Acquire) != fill {
             return;
         }
-        for (key, value) in entries {
-            if shard.capacity() < self.capacity {
-                shard.reserve(self.capacity);
-            }
+        if shard.capacity() < self.capacity {
+            shard.reserve(self.capacity);
+        }
+        for value in values {
+            let key = key_of(value);
             if shard.len() >= self.capacity && !shard.contains_key(&key) {
                 shard.clear();
             }
-            shard.insert(key, value);
+            shard.insert(key, *value);
         }
     }
 
@@ -295,17 +301,15 @@ impl PagingStructureCaches {
     /// Caches the first-level tables a walk of `input` went down to: each start with the
     /// level of the entry that pointed to it.
     pub(crate) fn fill_first_level(&self, fill: u64, tag: FlTag, input: u64, starts: &[FlStart]) {
-        let entries = starts.iter().map(|s| {
-            let level = s.level + 1;
-            let key = FlKey {
-                tag,
-                level,
-                region: input >> span_shift(level),
-            };
-            (key, *s)
-        });
         self.first_level
-            .insert(&self.generation, fill, tag.did, entries);
+            .insert(&self.generation, fill, tag.did, starts, |s| {
+                let level = s.level + 1;
+                FlKey {
+                    tag,
+                    level,
+                    region: input >> span_shift(level),
+                }
+            });
     }
 
     /// The deepest cached second-level table for `gpa` below a `top`-level root.
@@ -320,17 +324,15 @@ impl PagingStructureCaches {
 
     /// Caches the second-level tables a walk of `gpa` went down to.
     pub(crate) fn fill_second_level(&self, fill: u64, did: DomainId, gpa: u64, starts: &[SlStart]) {
-        let entries = starts.iter().map(|s| {
-            let level = s.level + 1;
-            let key = SlKey {
-                did,
-                level,
-                region: gpa >> span_shift(level),
-            };
-            (key, *s)
-        });
         self.second_level
-            .insert(&self.generation, fill, did, entries);
+            .insert(&self.generation, fill, did, starts, |s| {
+                let level = s.level + 1;
+                SlKey {
+                    did,
+                    level,
+                    region: gpa >> span_shift(level),
+                }
+            });
     }
 
     /// The cached second-level mapping of the page holding `gpa`.
@@ -352,7 +354,7 @@ impl PagingStructureCaches {
             page: gpa >> shift,
         };
         self.mappings
-            .insert(&self.generation, fill, did, [(key, mapping)]);
+            .insert(&self.generation, fill, did, &[mapping], |_| key);
     }
 
     /// Global IOTLB invalidation (§6.5.2.3): every paging-structure-cache entry and every
