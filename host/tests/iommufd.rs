@@ -5,6 +5,8 @@
 //! (`iommufd_ioas`), paging HWPTs with device attach, replace and EBUSY destroy
 //! (`iommufd_mock_domain/alloc_hwpt`, `replace`), and isolation between two files.
 
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -321,7 +323,6 @@ fn cmd_fail() {
     assert_eq!(f.read(&mut [0; 8]).unwrap_err(), Errno::EINVAL);
     // The ioctls the host does not serve (README's uAPI table), with a full-size argument.
     for cmd in [
-        IOMMU_IOAS_MAP_FILE,
         IOMMU_OPTION,
         IOMMU_VFIO_IOAS,
         IOMMU_VIOMMU_ALLOC,
@@ -335,6 +336,162 @@ fn cmd_fail() {
             "{cmd:#x}"
         );
     }
+}
+
+/// Bytes of each memfd `IOMMU_IOAS_MAP_FILE` is given.
+const FILE: u64 = 64 << 10;
+
+/// A memfd of [`FILE`] bytes; with `sealing`, one that can take seals.
+fn memfd(sealing: bool) -> std::fs::File {
+    let flags = libc::MFD_CLOEXEC | if sealing { libc::MFD_ALLOW_SEALING } else { 0 };
+    // SAFETY: the name is a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"vsva-map-file".as_ptr(), flags) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor this test owns.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(FILE).unwrap();
+    f
+}
+
+fn map_file(
+    f: &dyn UapiFile,
+    ioas: u32,
+    flags: u32,
+    fd: i32,
+    (start, length): (u64, u64),
+    iova: u64,
+) -> Result<IommuIoasMapFile, Errno> {
+    let c = IommuIoasMapFile {
+        size: 40,
+        flags,
+        ioas_id: ioas,
+        fd,
+        start,
+        length,
+        iova,
+    };
+    io(f, IOMMU_IOAS_MAP_FILE, &c)
+}
+
+/// `IOMMU_IOAS_MAP_FILE` on the host's own file: a memfd's range is mapped in place (the
+/// device's DMA lands in the file, beside what the file held), the same file again takes
+/// no second window, and the kernel's refusals (unknown flags EOPNOTSUPP, U64_MAX
+/// EOVERFLOW, no access EINVAL, unknown IOAS ENOENT, no open fd EBADF, a wrapping range
+/// EOVERFLOW, a range beyond the file, unaligned or empty, a file that is not a memfd or
+/// cannot be sealed (the host memory's own file among them) EINVAL, an IOVA in use
+/// EEXIST) change nothing and keep no window; closing gives the window back.
+#[test]
+fn map_file_maps_a_memfd_in_place() {
+    let host = Host::new();
+    let ram = host.ram();
+    let baseline = host.frames.allocated_bytes();
+    let engine = host.engine(SID, 0);
+    let o = host.open(&ram);
+    attach(&o.dev, o.ioas).unwrap();
+    let f = &*o.f;
+    let file = memfd(true);
+    file.write_all_at(&[0x5a; 128], 0x3000).unwrap();
+    let iova = 8 << 20;
+    let out = map_file(
+        f,
+        o.ioas,
+        FIXED_RW,
+        file.as_raw_fd(),
+        (0x2000, 0x4000),
+        iova,
+    )
+    .unwrap();
+    assert_eq!(
+        (out.fd, out.start, out.length, out.iova),
+        (file.as_raw_fd(), 0x2000, 0x4000, iova),
+        "the caller gets its own fields back"
+    );
+    dma_fill(&engine, iova + 0x1000, 64, 0x2222_2222_2222_2222);
+    let mut got = [0u8; 128];
+    file.read_exact_at(&mut got, 0x3000).unwrap();
+    assert_eq!(got[..64], [0x22; 64], "the DMA landed in the file");
+    assert_eq!(
+        got[64..],
+        [0x5a; 64],
+        "the file's own bytes are what is mapped"
+    );
+    // The same file again (the same leaf table): no second window.
+    let frames = host.frames.allocated_bytes();
+    let out = map_file(f, o.ioas, RW, file.as_raw_fd(), (0x8000, 0x1000), 0).unwrap();
+    assert_ne!(out.iova, 0, "an IOVA was allocated");
+    assert_eq!(host.frames.allocated_bytes(), frames);
+    map_file(
+        f,
+        o.ioas,
+        FIXED_RW,
+        file.as_raw_fd(),
+        (0xa000, 0x1000),
+        iova + 0x10000,
+    )
+    .unwrap();
+    assert_eq!(host.frames.allocated_bytes(), frames);
+
+    let fd = file.as_raw_fd();
+    let at = (0, 0x1000);
+    let spare = iova + (1 << 20);
+    let refused = |errno: Errno, flags: u32, ioas: u32, fd: i32, range: (u64, u64), iova: u64| {
+        host.refused(f, errno, || map_file(f, ioas, flags, fd, range, iova));
+    };
+    refused(Errno::EOPNOTSUPP, FIXED_RW | 1 << 7, o.ioas, fd, at, spare);
+    refused(Errno::EOVERFLOW, FIXED_RW, o.ioas, fd, at, u64::MAX);
+    refused(Errno::EOVERFLOW, FIXED_RW, o.ioas, fd, (0, u64::MAX), spare);
+    refused(
+        Errno::EINVAL,
+        IOMMU_IOAS_MAP_FIXED_IOVA,
+        o.ioas,
+        fd,
+        at,
+        spare,
+    );
+    refused(Errno::ENOENT, FIXED_RW, 999, fd, at, spare);
+    refused(Errno::EBADF, FIXED_RW, o.ioas, -1, at, spare);
+    refused(Errno::EBADF, FIXED_RW, o.ioas, i32::MAX, at, spare);
+    refused(
+        Errno::EOVERFLOW,
+        FIXED_RW,
+        o.ioas,
+        fd,
+        (u64::MAX - 0xfff, 0x2000),
+        spare,
+    );
+    refused(Errno::EINVAL, FIXED_RW, o.ioas, fd, (FILE, 0x1000), spare);
+    refused(
+        Errno::EINVAL,
+        FIXED_RW,
+        o.ioas,
+        fd,
+        (FILE - 0x1000, 0x2000),
+        spare,
+    );
+    refused(Errno::EINVAL, FIXED_RW, o.ioas, fd, (0x800, 0x1000), spare);
+    refused(Errno::EINVAL, FIXED_RW, o.ioas, fd, (0, 0), spare);
+    let unsealable = memfd(false);
+    refused(
+        Errno::EINVAL,
+        FIXED_RW,
+        o.ioas,
+        unsealable.as_raw_fd(),
+        at,
+        spare,
+    );
+    let hostmem = host.mem.file().as_raw_fd();
+    refused(Errno::EINVAL, FIXED_RW, o.ioas, hostmem, at, spare);
+    let exe = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+    refused(Errno::EINVAL, FIXED_RW, o.ioas, exe.as_raw_fd(), at, spare);
+    // A fresh memfd whose map fails keeps no window (`refused` counts the frames).
+    let fresh = memfd(true);
+    refused(Errno::EEXIST, FIXED_RW, o.ioas, fresh.as_raw_fd(), at, iova);
+
+    assert_eq!(unmap(f, o.ioas, 0, u64::MAX).unwrap(), RAM + 0x6000);
+    drop(o);
+    assert_eq!(host.frames.allocated_bytes(), baseline);
+    file.read_exact_at(&mut got, 0x3000).unwrap();
+    assert_eq!(got[..64], [0x22; 64], "the file keeps its bytes");
 }
 
 /// `iommufd/cmd_length`: one byte below the minimum size EINVAL; one byte past the known
@@ -656,8 +813,10 @@ fn hwpt_paging_attach_replace_and_dma() {
     assert_eq!(host.frames.allocated_bytes(), frames);
 }
 
-/// Two files: one never reaches the other's objects; a device held by one cannot be
-/// attached through the other.
+/// Two files: one never reaches the other's objects; a device bound to one through a cdev
+/// is refused at the other's bind through a second cdev (EINVAL, as `vfio_df_open` lets one
+/// cdev open a device at a time), which changes neither file; once the first cdev closes,
+/// the second binds and attaches, and the first is refused in turn.
 #[test]
 fn files_are_isolated() {
     let host = Host::new();
@@ -673,20 +832,31 @@ fn files_are_isolated() {
     attach(&dev_a, ioas_a).unwrap();
     host.refused(&b, Errno::ENOENT, || unmap(&*b, ioas_a, 0, PAGE));
     host.refused(&b, Errno::ENOENT, || destroy(&*b, ioas_a));
+    let before = a.lock().objects();
+    host.refused(&b, Errno::EINVAL, || bind(&dev_b, fd_b));
+    assert_eq!(a.lock().objects(), before);
+    assert_eq!(dev_b.dev_id(), None);
+    // A refused bind leaves the cdev unbound: attach is EINVAL (not bound), nothing moves.
+    host.refused(&b, Errno::EINVAL, || attach(&dev_b, ioas_a));
+    let rid_a = host.unit.attached_devices();
+    drop(dev_a);
+    assert_eq!(host.unit.attached_devices(), rid_a - 1);
     let id_b = bind(&dev_b, fd_b).unwrap();
     let ioas_b = ioas_alloc(&*b).unwrap();
-    let before = a.lock().objects();
-    assert_eq!(attach(&dev_b, ioas_b).unwrap_err(), Errno::EBUSY);
-    assert_eq!(a.lock().objects(), before);
+    let hwpt_b = attach(&dev_b, ioas_b).unwrap();
     assert_eq!(
         b.lock().objects().get(&id_b),
         Some(&ObjectState::Device {
             sid: SID,
-            rid: None,
+            rid: Some(hwpt_b),
             pasids: vec![]
         })
     );
     assert_eq!(id_a, id_b, "each file has its own id space");
+    // B's cdev has the device now: a new cdev is refused, on A as on B.
+    let dev_a = VfioDeviceFile::open(SID, fds.clone());
+    host.refused(&a, Errno::EINVAL, || bind(&dev_a, fd_a));
+    host.refused(&b, Errno::EINVAL, || bind(&dev_a, fd_b));
 }
 
 proptest! {

@@ -874,8 +874,9 @@ fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
             (Ok(()), 1)
         );
         assert_eq!(host.hw.take_stale(), []);
-        // A third file binding A's device cannot take A's stream: the attach is EBUSY, A's
-        // STE is unchanged, and the automatic HWPT the attach made is gone again.
+        // A third file cannot bind A's device through a cdev of its own: the bind is
+        // EINVAL (A's cdev has the device open, `vfio_df_open`), the third file and A's
+        // STE are unchanged, and the unbound cdev cannot attach.
         let ste_a = host.smmu.ste(a.sid);
         let fds = Iommufds::new();
         let (fd, c) = fds.open_smmu(&host.smmu);
@@ -888,7 +889,6 @@ fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
             token_uuid_ptr: 0,
         }
         .to_bytes();
-        cdev.ioctl(VFIO_DEVICE_BIND_IOMMUFD, &mut bind).unwrap();
         let mut alloc = IommuIoasAlloc {
             size: size_of::<IommuIoasAlloc>() as u32,
             ..Default::default()
@@ -897,6 +897,11 @@ fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
         c.ioctl(IOMMU_IOAS_ALLOC, &mut alloc).unwrap();
         let ioas = IommuIoasAlloc::read(&alloc).out_ioas_id;
         let before = c.lock().objects();
+        assert_eq!(
+            cdev.ioctl(VFIO_DEVICE_BIND_IOMMUFD, &mut bind),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(cdev.dev_id(), None);
         let mut at = VfioDeviceAttachIommufdPt {
             argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
             flags: 0,
@@ -906,7 +911,7 @@ fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
         .to_bytes();
         assert_eq!(
             cdev.ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut at),
-            Err(Errno::new(libc::EBUSY))
+            Err(Errno::EINVAL)
         );
         assert_eq!(c.lock().objects(), before);
         assert_eq!(host.smmu.ste(a.sid), ste_a);

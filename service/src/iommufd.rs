@@ -8,9 +8,9 @@
 //! one whose pointer is not described cannot pass untranslated. The table also names the
 //! field where an ioctl gives a file descriptor: `FAULT_QUEUE_ALLOC`'s fault queue reaches
 //! the client as one end of a socket pair the host serves ([`crate::fault`]), sent with
-//! the reply. It names the fields of a memory file too: `IOAS_MAP_FILE` takes the memfd
-//! with the request and the server maps the file's own pages as `IOAS_MAP` of their host
-//! address. The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD` binds the
+//! the reply. It names the field of a memory file too: `IOAS_MAP_FILE` takes the memfd
+//! with the request and the host file maps the file's own pages in place, through the
+//! connection's windows (`vsva_host::iommufd::map_file`, the same code as in process). The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD` binds the
 //! connection's device instead.
 
 use std::mem::{offset_of, size_of};
@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vsva_host::driver::{DirtyBitmap, HostIommu};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
+use vsva_host::iommufd::map_file::MemoryFiles;
 use vsva_host::iommufd::{IommufdFile, ObjectState};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
@@ -116,8 +117,8 @@ const fn giving_fd(cmd: u32, name: &'static str, at: usize) -> Served {
     }
 }
 
-/// `IOMMU_IOAS_MAP_FILE`: the memfd's range is mapped as `IOMMU_IOAS_MAP` of the host
-/// address of its own pages (the two arguments share their layout).
+/// `IOMMU_IOAS_MAP_FILE`: the memfd goes with the request and the host file maps it
+/// ([`ServedFile::map_file`]).
 const MAP_FILE: Served = Served {
     cmd: IOMMU_IOAS_MAP_FILE,
     name: "IOMMU_IOAS_MAP_FILE",
@@ -125,9 +126,6 @@ const MAP_FILE: Served = Served {
     fd_out: None,
     file: Some(FileArg {
         fd_at: offset_of!(IommuIoasMapFile, fd),
-        start_at: offset_of!(IommuIoasMapFile, start),
-        len_at: offset_of!(IommuIoasMapFile, length),
-        becomes: IOMMU_IOAS_MAP,
     }),
 };
 
@@ -384,6 +382,15 @@ impl UapiFile for ServedIommufd {
 }
 
 impl ServedFile for ServedIommufd {
+    fn map_file(
+        &self,
+        arg: &mut [u8],
+        file: Option<OwnedFd>,
+        files: &mut dyn MemoryFiles,
+    ) -> Result<usize, Errno> {
+        self.file.map_file(arg, file, files).map(|()| 0)
+    }
+
     /// The IOAS areas mapped and the PASIDs attached (what the type1 container counts as
     /// DMA mappings and binds); the fault queues' groups waiting for a response (those
     /// sent to the client's socket and not answered included) and records not sent yet.

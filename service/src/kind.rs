@@ -8,6 +8,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use vsva_host::driver::{HostIommu, VtdDomain};
+use vsva_host::iommufd::map_file::MemoryFiles;
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
 use vsva_host::{
     container::Container, container::IommuBackend, file::ContainerFile, pasid::PasidAllocator,
@@ -32,19 +33,12 @@ pub struct UserRange {
     pub empty_ok: bool,
 }
 
-/// How an ioctl names a range of a memory file the frame carries (`SCM_RIGHTS`): the
-/// host serves it as the mapping ioctl `becomes`, whose argument has the same layout with
-/// a user address in place of the file offset (`IOMMU_IOAS_MAP_FILE` as `IOMMU_IOAS_MAP`).
+/// How an ioctl names a memory file the frame carries (`SCM_RIGHTS`): the host maps it
+/// through [`ServedFile::map_file`] (`IOMMU_IOAS_MAP_FILE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileArg {
-    /// Offset of the i32 fd number (zero in the call made).
+    /// Offset of the i32 fd number (the client sends the file open there).
     pub fd_at: usize,
-    /// Offset of the u64 offset in the file (the host address of that byte in the call).
-    pub start_at: usize,
-    /// Offset of the u64 length.
-    pub len_at: usize,
-    /// The ioctl the host makes.
-    pub becomes: u32,
 }
 
 /// What one open file holds, for the host's `STATE`.
@@ -70,6 +64,19 @@ pub trait ServedFile: UapiFile {
     /// names the field that says where it is).
     fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
         self.ioctl(cmd, arg).map(|n| (n, None))
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` of the memory file the request carried (`None`: it carried
+    /// none), its pages a window of `files` (the connection's). `ENOTTY` for a kind that
+    /// maps no files.
+    fn map_file(
+        &self,
+        arg: &mut [u8],
+        file: Option<OwnedFd>,
+        files: &mut dyn MemoryFiles,
+    ) -> Result<usize, Errno> {
+        let _ = (arg, file, files);
+        Err(Errno::ENOTTY)
     }
 
     /// Attaches the passthrough device `sid` to the file, as `VFIO_GROUP_SET_CONTAINER`

@@ -18,6 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vsva_host::driver::HostIommu;
+use vsva_host::iommufd::map_file::{Inode, MemoryFiles};
+use vsva_host::iommufd::IommufdError;
 use vsva_host::smmu::SmmuHost;
 use vsva_host::{pasid::PasidAllocator, pasid::DEFAULT_QUOTA};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
@@ -876,7 +878,7 @@ impl Connection<'_> {
             (Request::Ioctl { cmd, arg }, Some(f)) => {
                 let mut arg = arg.to_vec();
                 let result = match self.file_arg(cmd) {
-                    Some(how) => self.map_file(f.as_ref(), how, &mut arg, received.fds),
+                    Some(_) => self.map_file(f.as_ref(), &mut arg, received.fds),
                     None => self.ioctl(f.as_ref(), cmd, &mut arg),
                 };
                 match result {
@@ -1149,77 +1151,52 @@ impl Connection<'_> {
         c.window_bytes.fetch_sub(w.size, Ordering::AcqRel);
     }
 
-    /// A file mapping ioctl (`IOMMU_IOAS_MAP_FILE`): the range `[start, start + length)`
-    /// of the memory file the frame carries becomes a map of the host address of those
-    /// very pages. A file the connection shared already (same inode) is found in its
-    /// window; another is adopted as a window of its own, which lives until the
-    /// connection closes, or is returned at once if the map fails. `EBADF` without a file,
-    /// `EOVERFLOW` when the range wraps, `EINVAL` for a range beyond the file or a file
-    /// that is not a sealable memfd; then the mapping ioctl's own rules.
+    /// A file mapping ioctl (`IOMMU_IOAS_MAP_FILE`): the host file maps the memory file
+    /// the frame carries ([`ServedFile::map_file`], the in-process code), through the
+    /// connection's windows: a file the connection shared already (same inode) is found
+    /// in its window; another is adopted as a window of its own, which lives until the
+    /// connection closes, or is returned at once if the map fails. More than one file is
+    /// `EINVAL`.
     fn map_file(
         &mut self,
         file: &dyn ServedFile,
-        how: FileArg,
         arg: &mut [u8],
         mut fds: Vec<OwnedFd>,
     ) -> Result<(usize, Option<OwnedFd>), Errno> {
-        const PAGE: u64 = vsva_hw::memory::PAGE_SIZE;
-        let field = |at: usize| {
-            arg.get(at..at + 8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-        };
-        let (Some(start), Some(length)) = (field(how.start_at), field(how.len_at)) else {
-            return Err(Errno::EINVAL);
-        };
-        if arg.len() < how.fd_at + 4 {
-            return Err(Errno::EINVAL);
-        }
         let fd = match fds.len() {
-            0 => return Err(Errno::EBADF),
-            1 => fds.remove(0),
+            0 => None,
+            1 => Some(fds.remove(0)),
             _ => return Err(Errno::EINVAL),
         };
-        let end = start
-            .checked_add(length)
-            .ok_or(Errno::new(libc::EOVERFLOW))?;
-        let stat = rustix::fs::fstat(&fd).map_err(|_| Errno::EBADF)?;
-        let ino = (stat.st_dev as u64, stat.st_ino as u64);
-        let (at, new) = match self.windows.iter().position(|w| w.ino == ino) {
-            Some(i) => (i, false),
-            None => {
-                let size = (stat.st_size as u64) & !(PAGE - 1);
-                if size == 0 || end > size {
-                    return Err(Errno::EINVAL);
-                }
-                self.adopt(None, size, fd)?;
-                (self.windows.len() - 1, true)
-            }
-        };
-        let undo = |conn: &mut Self| {
-            if new {
-                let w = conn.windows.remove(at);
-                conn.release(w);
-            }
-        };
-        let w = &self.windows[at];
-        if end > w.size {
-            undo(self);
-            return Err(Errno::EINVAL);
+        file.map_file(arg, fd, self).map(|n| (n, None))
+    }
+}
+
+/// The connection's windows as the memory files a file mapping reaches.
+impl MemoryFiles for Connection<'_> {
+    fn find(&self, ino: Inode) -> Option<(u64, u64)> {
+        self.windows
+            .iter()
+            .find(|w| w.ino == ino)
+            .map(|w| (w.user, w.size))
+    }
+
+    fn adopt(&mut self, file: OwnedFd, _ino: Inode, size: u64) -> Result<u64, IommufdError> {
+        match Connection::adopt(self, None, size, file) {
+            Ok(()) => Ok(self.windows.last().map_or(0, |w| w.user)),
+            Err(e) if e == Errno::ENOSPC => Err(IommufdError::NoSpace("memory windows")),
+            Err(e) if e == Errno::ENOMEM => Err(IommufdError::NoMemory("memory window")),
+            Err(_) => Err(IommufdError::invalid(
+                "iommu_ioas_map_file",
+                "not a memfd that can be sealed against shrinking",
+            )),
         }
-        let mut map = arg.to_vec();
-        map[how.fd_at..how.fd_at + 4].copy_from_slice(&0u32.to_le_bytes());
-        map[how.start_at..how.start_at + 8].copy_from_slice(&(w.user + start).to_le_bytes());
-        match file.ioctl(how.becomes, &mut map) {
-            Ok(n) => {
-                map[how.fd_at..how.fd_at + 4].copy_from_slice(&arg[how.fd_at..how.fd_at + 4]);
-                map[how.start_at..how.start_at + 8].copy_from_slice(&start.to_le_bytes());
-                arg.copy_from_slice(&map);
-                Ok((n, None))
-            }
-            Err(e) => {
-                undo(self);
-                Err(e)
-            }
+    }
+
+    fn give_back(&mut self, ino: Inode) {
+        if let Some(i) = self.windows.iter().position(|w| w.ino == ino) {
+            let w = self.windows.remove(i);
+            self.release(w);
         }
     }
 }

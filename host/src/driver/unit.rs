@@ -42,6 +42,7 @@ use super::qi;
 use super::regs::Mmio;
 use super::tables::{self, ContextFeatures, Tables};
 use crate::fault::FaultSink;
+use crate::iommufd::device::OpenDevices;
 use vsva_uapi::request::{PageRequest, PageResponse};
 
 /// The PASID that requests without PASID are translated with (`PASID_RID2PASID`).
@@ -86,6 +87,8 @@ pub struct HostIommu {
     state: Mutex<UnitState>,
     prq: PageRequests,
     faults: Mutex<Vec<FaultRecord>>,
+    /// The devices a VFIO cdev has bound.
+    open_devices: OpenDevices,
 }
 
 impl std::fmt::Debug for HostIommu {
@@ -136,6 +139,7 @@ impl HostIommu {
             }),
             prq: PageRequests::default(),
             faults: Mutex::new(Vec::new()),
+            open_devices: OpenDevices::default(),
         });
         let weak = Arc::downgrade(&unit);
         unit.hw
@@ -188,6 +192,11 @@ impl HostIommu {
     /// The unit.
     pub fn hardware(&self) -> &Arc<Iommu> {
         &self.hw
+    }
+
+    /// The devices a VFIO cdev has bound.
+    pub(crate) fn open_devices(&self) -> &OpenDevices {
+        &self.open_devices
     }
 
     /// Where the driver's tables come from.

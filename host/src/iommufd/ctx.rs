@@ -11,17 +11,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use vsva_hw::memory::HostMemory;
+use vsva_hw::memory::{FrameAllocator, HostMemory};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{error::Errno, error::UapiError, file::EventNotifier, file::UapiFile};
 use vsva_vtd::{addr::Pasid, addr::SourceId};
 
-use super::device::{BindTarget, Iommufds};
+use super::device::{BindTarget, Iommufds, OpenDevices};
 use super::fault::FaultFile;
 use super::iopt::{self, Area, Iopt, IOVA_ALIGNMENT};
+use super::map_file::{self, FileWindows, MemoryFiles};
 use super::user::{copy_from_user, copy_to_user};
 use super::IommufdError;
 use crate::driver::DirtyBitmap;
@@ -82,6 +84,10 @@ pub trait IommuOps: Debug + Send + Sized + 'static {
 
     /// The VMM's memory, where user pointers resolve.
     fn memory(&self) -> &Arc<HostMemory>;
+    /// Where the IOMMU's tables, and the file's memory-file windows, come from.
+    fn frames(&self) -> &Arc<FrameAllocator>;
+    /// The devices of the IOMMU a cdev has bound.
+    fn open_devices(&self) -> &OpenDevices;
     /// A new paging domain; with `dirty`, one that tracks dirty pages (EOPNOTSUPP when
     /// the IOMMU cannot).
     fn new_domain(&self, dirty: bool) -> Result<Self::Domain, IommufdError>;
@@ -245,6 +251,8 @@ pub struct IommufdCtx<V: IommuOps> {
     pub(crate) objects: BTreeMap<u32, Object<V>>,
     /// The fd table the file's queue files (fault, vEVENT) are installed in.
     pub(crate) fds: Weak<Iommufds>,
+    /// The memory files `IOMMU_IOAS_MAP_FILE` mapped, as host memory.
+    windows: FileWindows,
 }
 
 impl<V: IommuOps> IommufdCtx<V> {
@@ -431,11 +439,88 @@ impl<V: IommuOps> IommufdCtx<V> {
     /// the IOAS (all or none); the IOVA written back.
     pub(crate) fn do_ioas_map(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
         let mut cmd: IommuIoasMap = u.copy_in(arg)?;
-        let area = iopt::map_area(self.iopt(cmd.ioas_id)?, self.ops.memory(), &cmd)?;
-        self.add_areas(cmd.ioas_id, &[area])?;
-        cmd.iova = area.iova;
+        cmd.iova = self.map_user(&cmd)?;
         u.respond(&cmd, arg);
         Ok(())
+    }
+
+    /// Maps what `cmd` names; the IOVA.
+    fn map_user(&mut self, cmd: &IommuIoasMap) -> Result<u64, IommufdError> {
+        let area = iopt::map_area(self.iopt(cmd.ioas_id)?, self.ops.memory(), cmd)?;
+        self.add_areas(cmd.ioas_id, &[area])?;
+        Ok(area.iova)
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` on the host's own file: the fd is one of this process
+    /// (`fget`), its window one of the file's.
+    pub(crate) fn do_ioas_map_file(
+        &mut self,
+        u: &Ucmd,
+        arg: &mut [u8],
+    ) -> Result<(), IommufdError> {
+        let cmd: IommuIoasMapFile = u.copy_in(arg)?;
+        let file = map_file::dup_fd(cmd.fd);
+        let mut windows = std::mem::replace(
+            &mut self.windows,
+            FileWindows::new(self.ops.frames().clone()),
+        );
+        let result = self.map_file(arg, file, &mut windows);
+        self.windows = windows;
+        result
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` (`iommufd_ioas_map_file`) of `file`, the file the caller's
+    /// `fd` names (`None`: nothing is open there), its pages host memory as a window of
+    /// `files`: flags beyond the map flags EOPNOTSUPP, an IOVA or length of `U64_MAX`
+    /// EOVERFLOW, neither readable nor writeable EINVAL, an unknown IOAS ENOENT; then the
+    /// file's rules ([`map_file::window_of`]: EBADF, EOVERFLOW, EINVAL) and
+    /// `IOMMU_IOAS_MAP`'s of the window's address. The IOVA is written back; a failed map
+    /// gives back a window made for it.
+    pub fn map_file(
+        &mut self,
+        arg: &mut [u8],
+        file: Option<OwnedFd>,
+        files: &mut dyn MemoryFiles,
+    ) -> Result<(), IommufdError> {
+        const WHAT: &str = "iommu_ioas_map_file";
+        let u = &UCMD_IOAS_MAP_FILE;
+        let mut cmd: IommuIoasMapFile = u.copy_in(arg)?;
+        if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 {
+            return Err(IommufdError::not_supported(WHAT, "unknown flags"));
+        }
+        if cmd.iova == u64::MAX || cmd.length == u64::MAX {
+            return Err(IommufdError::Overflow(WHAT));
+        }
+        if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
+            return Err(IommufdError::invalid(
+                WHAT,
+                "neither readable nor writeable",
+            ));
+        }
+        self.iopt(cmd.ioas_id)?;
+        let (user_va, adopted) = map_file::window_of(files, cmd.fd, file, cmd.start, cmd.length)?;
+        let map = IommuIoasMap {
+            size: std::mem::size_of::<IommuIoasMap>() as u32,
+            flags: cmd.flags,
+            ioas_id: cmd.ioas_id,
+            __reserved: 0,
+            user_va,
+            length: cmd.length,
+            iova: cmd.iova,
+        };
+        match self.map_user(&map) {
+            Ok(iova) => {
+                cmd.iova = iova;
+                u.respond(&cmd, arg);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(ino) = adopted {
+                    files.give_back(ino);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// `IOMMU_IOAS_COPY`: maps the memory behind `[src_iova, +length)` of one IOAS (which
@@ -812,16 +897,11 @@ impl<V: IommuOps> IommufdCtx<V> {
     // ----- Devices (called by the device cdev) -----
 
     /// Binds device `sid` (`iommufd_device_bind`): a new device object, its id returned.
-    /// EBUSY when the device is bound to this file already.
+    /// EINVAL while the device is bound, to this file or another (`vfio_df_open` lets one
+    /// cdev open a device at a time).
     pub(crate) fn bind_device(&mut self, sid: SourceId) -> Result<u32, IommufdError> {
-        if self
-            .objects
-            .values()
-            .any(|o| matches!(o, Object::Device(d) if d.sid == sid))
-        {
-            return Err(IommufdError::Busy("the device is bound already"));
-        }
         let id = self.next_id()?;
+        self.ops.open_devices().open(sid)?;
         self.objects.insert(
             id,
             Object::Device(Device {
@@ -845,7 +925,9 @@ impl<V: IommuOps> IommufdCtx<V> {
         }
         let _ = self.detach_rid(dev_id);
         V::unbound(self, dev_id);
-        self.objects.remove(&dev_id);
+        if let Some(Object::Device(d)) = self.objects.remove(&dev_id) {
+            self.ops.open_devices().close(d.sid);
+        }
     }
 
     /// Attaches (or replaces) device `dev_id`'s RID to `pt_id`: an IOAS (an automatic
@@ -935,6 +1017,9 @@ impl<V: IommuOps> Drop for IommufdCtx<V> {
         for d in devices {
             self.unbind_device(d);
         }
+        // The domains go before the memory-file windows they map.
+        self.objects.clear();
+        self.windows.release_all();
     }
 }
 
@@ -947,12 +1032,28 @@ pub struct File<V: IommuOps> {
 impl<V: IommuOps> File<V> {
     /// A file on `ops`, installing its queue files in `fds`.
     pub(crate) fn new(ops: V, fds: Weak<Iommufds>) -> Arc<Self> {
+        let windows = FileWindows::new(ops.frames().clone());
         Arc::new(File {
             ctx: Mutex::new(IommufdCtx {
                 ops,
                 objects: BTreeMap::new(),
                 fds,
+                windows,
             }),
+        })
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` of `file` through the windows `files` (the service's
+    /// connection, whose client sent the file): [`IommufdCtx::map_file`].
+    pub fn map_file(
+        &self,
+        arg: &mut [u8],
+        file: Option<OwnedFd>,
+        files: &mut dyn MemoryFiles,
+    ) -> Result<(), Errno> {
+        self.lock().map_file(arg, file, files).map_err(|e| {
+            tracing::debug!("{} IOMMU_IOAS_MAP_FILE: {e}", V::NAME);
+            Errno::from(&e)
         })
     }
 

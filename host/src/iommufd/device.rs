@@ -8,7 +8,7 @@
 //! on the host's VT-d unit ([`IommufdFile`]) or on its SMMUv3 ([`SmmuIommufdFile`]); the
 //! cdev drives either through [`BindTarget`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -25,6 +25,33 @@ use crate::smmu::SmmuHost;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The devices of one IOMMU a VFIO cdev has bound (`vfio_device`'s `open_count` on the
+/// cdev path): `vfio_df_open` lets a device be opened through one cdev file at a time, so
+/// a second bind, to whichever iommufd, is EINVAL until the first cdev unbinds.
+#[derive(Debug, Default)]
+pub struct OpenDevices {
+    open: Mutex<BTreeSet<SourceId>>,
+}
+
+impl OpenDevices {
+    /// Opens device `sid`: EINVAL while a cdev has it open.
+    pub(crate) fn open(&self, sid: SourceId) -> Result<(), IommufdError> {
+        if lock(&self.open).insert(sid) {
+            Ok(())
+        } else {
+            Err(IommufdError::invalid(
+                "vfio_device_bind_iommufd",
+                "the device is open through another cdev",
+            ))
+        }
+    }
+
+    /// Closes device `sid`.
+    pub(crate) fn close(&self, sid: SourceId) {
+        lock(&self.open).remove(&sid);
+    }
 }
 
 /// What a device cdev binds to: an open `/dev/iommu` (`iommufd_device_bind` and the
@@ -173,7 +200,8 @@ impl VfioDeviceFile {
     /// `VFIO_DEVICE_BIND_IOMMUFD` (`vfio_df_ioctl_bind_iommufd`): `argsz` must cover
     /// `out_devid`, flags must be 0 (the VF token is not offered) and `iommufd` not
     /// negative (EINVAL), an open fd (EBADF) of an iommufd (EBADFD); a bound cdev is
-    /// EINVAL. Writes back `out_devid`.
+    /// EINVAL, and so is a device another cdev has bound (`vfio_df_open`), whichever
+    /// iommufd it is bound to. Writes back `out_devid`.
     fn bind(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
         const WHAT: &str = "vfio_device_bind_iommufd";
         let req: VfioDeviceBindIommufd = copy_vfio_arg(arg, BIND_IOMMUFD_MINSZ, WHAT)?;

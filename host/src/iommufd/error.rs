@@ -74,6 +74,9 @@ pub enum IommufdError {
     /// No room left (`-ENOSPC`).
     #[error("{0}: no space left")]
     NoSpace(&'static str),
+    /// Host memory ran out (`-ENOMEM`).
+    #[error("{0}: out of memory")]
+    NoMemory(&'static str),
     /// A range in use by a mapping or a reservation (`-EADDRINUSE`).
     #[error("{0}: address range in use")]
     AddrInUse(&'static str),
@@ -112,6 +115,7 @@ impl IommufdError {
             Overflow(_) => libc::EOVERFLOW,
             Exists(_) => libc::EEXIST,
             NoSpace(_) => libc::ENOSPC,
+            NoMemory(_) => libc::ENOMEM,
             AddrInUse(_) => libc::EADDRINUSE,
             MsgSize(_) => libc::EMSGSIZE,
             Fault(_) => libc::EFAULT,

@@ -24,6 +24,7 @@ mod error;
 pub mod fault;
 mod inval;
 pub mod iopt;
+pub mod map_file;
 pub mod smmu;
 mod user;
 pub mod vevent;

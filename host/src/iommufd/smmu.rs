@@ -22,12 +22,12 @@
 //! this is its SMMUv3 configuration ([`Smmu`]). `IOMMU_DESTROY` of a referenced object
 //! is EBUSY; every ioctl checks before its first change, so a refused one changes
 //! nothing. The IOAS ioctls are the core's (IOAS_COPY, IOAS_IOVA_RANGES and
-//! IOAS_ALLOW_IOVAS as on VT-d, IPAs from `1 << IPA_BITS` reserved by each stage 2). Not
-//! served on this file (ENOTTY): IOAS_MAP_FILE, dirty tracking, fault queues.
+//! IOAS_ALLOW_IOVAS and IOAS_MAP_FILE as on VT-d, IPAs from `1 << IPA_BITS` reserved by
+//! each stage 2). Not served on this file (ENOTTY): dirty tracking, fault queues.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use vsva_hw::memory::HostMemory;
+use vsva_hw::memory::{FrameAllocator, HostMemory};
 use vsva_smmuv3::regs::offset;
 use vsva_smmuv3::{cmd::Cmd, features::Features, ste::Config, ste::Ste};
 use vsva_uapi::iommufd::*;
@@ -37,7 +37,7 @@ use vsva_vtd::{addr::Iova, addr::SourceId};
 use super::ctx::{
     self, Device, File, HwInfo, HwptPaging, IoctlOp, IommuOps, IommufdCtx, PagingDomain,
 };
-use super::device::Iommufds;
+use super::device::{Iommufds, OpenDevices};
 use super::user::{for_each_user_entry, UserArray};
 use super::vevent::VeventqFile;
 use super::IommufdError;
@@ -343,6 +343,10 @@ impl IommuOps for Smmu {
             handler: SmmuCtx::do_ioas_map,
         },
         IoctlOp {
+            ucmd: UCMD_IOAS_MAP_FILE,
+            handler: SmmuCtx::do_ioas_map_file,
+        },
+        IoctlOp {
             ucmd: UCMD_IOAS_UNMAP,
             handler: SmmuCtx::do_ioas_unmap,
         },
@@ -377,6 +381,14 @@ impl IommuOps for Smmu {
 
     fn memory(&self) -> &Arc<HostMemory> {
         self.smmu.frames().memory()
+    }
+
+    fn frames(&self) -> &Arc<FrameAllocator> {
+        self.smmu.frames()
+    }
+
+    fn open_devices(&self) -> &OpenDevices {
+        self.smmu.open_devices()
     }
 
     /// A stage-2 domain (a VMID, a stage-2 table).

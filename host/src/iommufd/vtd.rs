@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::sync::{Arc, Weak};
 
-use vsva_hw::memory::HostMemory;
+use vsva_hw::memory::{FrameAllocator, HostMemory};
 use vsva_uapi::iommu::{IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_SRE};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::request::BindGpasid;
@@ -17,7 +17,7 @@ use vsva_vtd::regs::layout::offset;
 use vsva_vtd::{addr::DomainId, addr::Gpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use super::ctx::{self, Device, File, HwInfo, IoctlOp, IommuOps, IommufdCtx, PagingDomain};
-use super::device::Iommufds;
+use super::device::{Iommufds, OpenDevices};
 use super::fault::FaultFile;
 use super::inval::Invalidation;
 use super::iopt::IOVA_ALIGNMENT;
@@ -196,6 +196,10 @@ impl IommuOps for Vtd {
             handler: Ctx::do_ioas_map,
         },
         IoctlOp {
+            ucmd: UCMD_IOAS_MAP_FILE,
+            handler: Ctx::do_ioas_map_file,
+        },
+        IoctlOp {
             ucmd: UCMD_IOAS_UNMAP,
             handler: Ctx::do_ioas_unmap,
         },
@@ -231,6 +235,14 @@ impl IommuOps for Vtd {
 
     fn memory(&self) -> &Arc<HostMemory> {
         self.unit.hardware().memory()
+    }
+
+    fn frames(&self) -> &Arc<FrameAllocator> {
+        self.unit.frames()
+    }
+
+    fn open_devices(&self) -> &OpenDevices {
+        self.unit.open_devices()
     }
 
     /// With `dirty`, a domain that can track dirty pages (EOPNOTSUPP without ECAP.SLADS).

@@ -17,6 +17,7 @@ use super::driver_error;
 use super::irq::{self, Counters, IrqStats, IrqThread, MSI_DOORBELL};
 use crate::error::HostError;
 use crate::fault::FaultSink;
+use crate::iommufd::device::OpenDevices;
 
 /// The physical SMMU's register page.
 #[derive(Clone, Debug)]
@@ -86,6 +87,8 @@ pub struct SmmuHost {
     /// The interrupt thread, while the SMMU's interrupts are taken.
     irq: Mutex<Option<IrqThread>>,
     irq_counters: Arc<Counters>,
+    /// The devices a VFIO cdev has bound.
+    open_devices: OpenDevices,
 }
 
 impl SmmuHost {
@@ -112,12 +115,18 @@ impl SmmuHost {
             state: Mutex::new(HostState::default()),
             irq: Mutex::new(None),
             irq_counters: Arc::default(),
+            open_devices: OpenDevices::default(),
         }))
     }
 
     /// The physical SMMU.
     pub fn hardware(&self) -> &Arc<Smmu> {
         &self.hw
+    }
+
+    /// The devices a VFIO cdev has bound.
+    pub(crate) fn open_devices(&self) -> &OpenDevices {
+        &self.open_devices
     }
 
     /// Where stage-2 tables come from.
