@@ -190,6 +190,14 @@ figures! {
     SocketPrqNs => "socket_prq_ns", Nanoseconds;
     /// [`Figure::SocketPrqNs`] over the same round trip in one process, sampled in turn.
     SocketPrqRatio => "socket_prq_ratio", Times;
+    /// A forwarded invalidation with the vIOMMU over iommufd: an mmu-notifier
+    /// invalidation of one page over the invalidations it forwards, the guest's IOTLB
+    /// descriptor reaching the host as one `IOMMU_HWPT_INVALIDATE` of the nested HWPT at
+    /// the process's PASID (issue 11).
+    IommufdFwdInvNs => "iommufd_fwd_inv_ns", Nanoseconds;
+    /// [`Figure::IommufdFwdInvNs`] over the same invalidation forwarded as
+    /// `VFIO_IOMMU_CACHE_INVALIDATE` to a type1 container, sampled in turn.
+    IommufdFwdInvRatio => "iommufd_fwd_inv_ratio", Times;
 }
 
 /// The limit a goal puts on its compared value.

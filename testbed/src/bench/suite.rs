@@ -34,6 +34,7 @@ use super::uapi::{
 };
 use super::vm::BenchVm;
 use super::{measure, measure_pair, BenchError, SampleBudget, Spread};
+use crate::stack::Uapi;
 
 /// A measurement: records its figures in the report.
 pub trait Probe {
@@ -404,6 +405,31 @@ fn page_request(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), B
     Ok(())
 }
 
+/// Issue 11: the forwarded invalidation with the vIOMMU over iommufd (the guest's IOTLB
+/// descriptor as one `IOMMU_HWPT_INVALIDATE` of the PASID's nested HWPT) and over the
+/// type1 container (`VFIO_IOMMU_CACHE_INVALIDATE`), sampled in turn in one run; each
+/// operation checked to forward every descriptor it waits for.
+fn iommufd_forwarded(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
+    let over_iommufd = BenchVm::with_uapi(Uapi::Iommufd)?;
+    let over_type1 = BenchVm::new()?;
+    if (over_iommufd.vm().uapi(), over_type1.vm().uapi()) != (Uapi::Iommufd, Uapi::Type1) {
+        return Err(BenchError::Check("the VMs are not on the two uAPIs".into()));
+    }
+    let mut iommufd = ForwardedInvalidation::new(&over_iommufd)?;
+    let mut type1 = ForwardedInvalidation::new(&over_type1)?;
+    let (iommufd_waits, type1_waits) = (iommufd.waits_per_op() as f64, type1.waits_per_op() as f64);
+    let (on_iommufd, on_type1) = measure_pair(&mut iommufd, &mut type1, budget)?;
+    report.set(
+        Figure::IommufdFwdInvNs,
+        on_iommufd.spread().map(|ns| ns / iommufd_waits),
+    );
+    report.set(
+        Figure::IommufdFwdInvRatio,
+        on_iommufd.paired(&on_type1, |i, t| (i / iommufd_waits) / (t / type1_waits)),
+    );
+    Ok(())
+}
+
 /// Issue 12: the forwarded invalidation and the page request round trip with the host
 /// served over a UNIX socket by a thread of this process, each sampled in turn with its
 /// in-process twin; the ratios are the socket's overhead.
@@ -532,6 +558,11 @@ pub fn standard_probes() -> Vec<Box<dyn Probe>> {
             "iommufd-fault",
             &[FaultRoundtripNs, FaultFillResidentNs],
             iommufd_fault,
+        ),
+        probe(
+            "iommufd-forwarded",
+            &[IommufdFwdInvNs, IommufdFwdInvRatio],
+            iommufd_forwarded,
         ),
         probe(
             "socket-forwarded",

@@ -10,7 +10,7 @@ use vsva_hw::memory::PAGE_SIZE;
 use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode};
 
 use super::BenchError;
-use crate::stack::{Host, Vm};
+use crate::stack::{Host, Uapi, Vm};
 
 /// Sparse host memory.
 const HOST_MEMORY: u64 = 1 << 30;
@@ -42,11 +42,16 @@ pub struct BenchVm {
 }
 
 impl BenchVm {
-    /// Boots the VM with a PASID quota of [`QUOTA`], binds the process and fills its
-    /// buffer.
+    /// Boots the VM on the VFIO type1 container with a PASID quota of [`QUOTA`], binds
+    /// the process and fills its buffer.
     pub fn new() -> Result<Self, BenchError> {
+        Self::with_uapi(Uapi::Type1)
+    }
+
+    /// The same with the VM reaching the host through `uapi`.
+    pub fn with_uapi(uapi: Uapi) -> Result<Self, BenchError> {
         let host = Host::new(HOST_MEMORY, false)?;
-        let vm = Vm::new(&host, 0, RAM, QUOTA)?;
+        let vm = Vm::with_uapi(&host, 0, RAM, QUOTA, uapi)?;
         let started = Self::start(&vm);
         let (process, pasid, buffer, record) = match started {
             Ok(parts) => parts,
