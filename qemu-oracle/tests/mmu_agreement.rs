@@ -59,15 +59,15 @@
 
 mod common;
 
-use vsva_mem::PhysMem;
-
 use common::scratch::{seed, tempdir};
 use common::{
-    class, damage_site, data_pa, dfsc, features, in_data, machine, mapping_level, pick_granule,
-    report, write_nonces, Batch, Expect, Frames, DEFAULT_SEED, IPS,
+    class, damage_mappings, data_pa, dfsc, features, in_data, machine, mapping_input, mapping_size,
+    pick_granule, probe_input, probe_offset, report, with_chances, write_nonces, Batch, Expect,
+    Frames, DEFAULT_SEED, IPS,
 };
 use std::collections::BTreeMap;
 use vsva_kvm_oracle::tables::Rng;
+use vsva_mem::PhysMem;
 use vsva_qemu_oracle::layout::{BOOT_L2, BOOT_L3, BOOT_TSZ, DATA, HIGH, IMAGE_BASE, TABLES};
 use vsva_qemu_oracle::{
     fetch_snippet, tcr_tg0, tcr_ttbr1, Harness, Outcome, Probe, ProbeOp, TCR_EPD0, TCR_EPD1,
@@ -238,23 +238,12 @@ fn compare_with_qemu(harness: Harness) {
         // (VA, size, output address) of each mapping.
         let mut mappings: Vec<(u64, PageSize, u64)> = Vec::new();
         for _ in 0..MAPPINGS_PER_SCENARIO {
-            let level = mapping_level(&mut rng);
-            let size = PageSize::of(granule, level, lpa)
-                .or(PageSize::of(granule, 2, lpa))
-                .unwrap_or(PageSize::Size4K);
-            let near = mappings.last().map(|m| m.0).filter(|_| rng.percent(60));
-            let va = match near {
-                Some(v) => v ^ (rng.next_u64() & ((1 << 31) - 1)),
-                None => rng.next_u64(),
-            } & input_mask
-                & !(size.bytes() - 1);
+            let size = mapping_size(&mut rng, granule, lpa);
+            let va = mapping_input(&mut rng, mappings.last().map(|m| m.0), input_mask, size);
             let pa = data_pa(&mut rng, size);
-            let mut attrs = (rng.below(4) << 6) | (rng.below(8) << 2) | (rng.pick(&[0, 2, 3]) << 8);
-            for (bit, p) in [(10, 85), (11, 30), (51, 40), (53, 25), (54, 25)] {
-                if rng.percent(p) {
-                    attrs |= 1 << bit;
-                }
-            }
+            let attrs = (rng.below(4) << 6) | (rng.below(8) << 2) | (rng.pick(&[0, 2, 3]) << 8);
+            let optional = [(10, 85), (11, 30), (51, 40), (53, 25), (54, 25)];
+            let mut attrs = with_chances(&mut rng, attrs, &optional.map(|(b, p)| (1 << b, p)));
             if rng.percent(20) {
                 attrs |= rng.below(16) << 55;
             }
@@ -269,19 +258,20 @@ fn compare_with_qemu(harness: Harness) {
         }
         // Damage on the way to some mappings.
         let oa52 = cfg.format(cfg.ttb0()).oa52();
-        for &(va, size, _) in &mappings {
-            // Nor is the way to the identity harness's program damaged.
-            let spared = |level, slot| {
-                identity && builder.descriptor_address(mem, IMAGE_BASE, level) == Ok(Some(slot))
-            };
-            let start = cfg.start_level();
-            let Some((slot, d, level)) =
-                damage_site(&mut rng, mem, &builder, (va, size), start, spared)
-            else {
-                continue;
-            };
-            let leaf = level == size.level();
-            let (what, new) = match rng.below(7) {
+        // Nor is the way to the identity harness's program damaged.
+        let spared = |level, slot| {
+            identity && builder.descriptor_address(mem, IMAGE_BASE, level) == Ok(Some(slot))
+        };
+        let start = cfg.start_level();
+        damage_mappings(
+            &mut rng,
+            mem,
+            &builder,
+            &mappings,
+            start,
+            spared,
+            &mut damage,
+            |rng, d, level, leaf| match rng.below(7) {
                 0 => ("invalid", d & !1),
                 1 if !leaf => (
                     "APTable/UXNTable/PXNTable",
@@ -307,10 +297,8 @@ fn compare_with_qemu(harness: Harness) {
                     "AP[2:1] and AF changed",
                     d ^ (rng.below(4) << 6) ^ (rng.below(2) << 10),
                 ),
-            };
-            *damage.entry(what).or_default() += 1;
-            mem.write_u64(slot, new).unwrap();
-        }
+            },
+        );
         // The TTBR1 table's mappings: upper-range VAs (with the Upper harness, outside the
         // program's GiB).
         let mut upper = Vec::new();
@@ -319,11 +307,7 @@ fn compare_with_qemu(harness: Harness) {
             let g1 = ttb1.granule();
             let mut alloc = || frames.alloc(1 << g1.shift());
             for _ in 0..MAPPINGS_PER_SCENARIO / 2 {
-                let level = mapping_level(&mut rng);
-                let size = PageSize::of(g1, level, lpa)
-                    .or(PageSize::of(g1, 2, lpa))
-                    .or(PageSize::of(g1, 3, lpa))
-                    .unwrap_or(PageSize::Size4K);
+                let size = mapping_size(&mut rng, g1, lpa);
                 let va = if identity {
                     let mask = (1u64 << ttb1.input_bits()) - 1;
                     !mask | (rng.next_u64() & mask)
@@ -375,7 +359,6 @@ fn compare_with_qemu(harness: Harness) {
             *tcr,
             *cfg,
         );
-        let input_mask = (1u64 << cfg.input_bits()) - 1;
         // A walk that changes nothing finds where a probe would land (IPS as the scenario's:
         // with 52 bits and 64 KiB, bits 15:12 of a descriptor are address bits).
         let dry_ips = if cfg.output_bits() > 48 {
@@ -422,14 +405,11 @@ fn compare_with_qemu(harness: Harness) {
                     }
                 }
             } else {
-                match (rng.below(100), mappings.is_empty()) {
-                    (0..=74, false) => in_data(&mut rng, mappings),
-                    (75..=89, _) | (_, true) => rng.next_u64() & input_mask & !7,
-                    _ if cfg.input_bits() < 55 => {
-                        (rng.next_u64() & input_mask & !7)
-                            | (1 << rng.in_range(cfg.input_bits(), 54))
-                    }
-                    _ => continue,
+                let in_mapping = |rng: &mut Rng| in_data(rng, mappings);
+                let mapped = !mappings.is_empty();
+                match probe_input(&mut rng, mapped, in_mapping, cfg.input_bits(), 55) {
+                    Some(va) => va,
+                    None => continue,
                 }
             };
             let op = rng.pick(&[
@@ -441,11 +421,7 @@ fn compare_with_qemu(harness: Harness) {
                 ProbeOp::FetchUnprivileged,
             ]);
             let fetch = matches!(op, ProbeOp::Fetch | ProbeOp::FetchUnprivileged);
-            let va = if fetch {
-                (va & !63) | 48
-            } else {
-                (va & !63) | (rng.below(6) * 8)
-            };
+            let va = probe_offset(&mut rng, va, fetch);
             // With TBI0, half the data accesses carry a tag in the top byte.
             let va = if cfg.flags().tbi && !fetch && va >> 55 == 0 && rng.percent(50) {
                 va | (rng.below(256) << 56)

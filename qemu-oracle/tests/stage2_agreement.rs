@@ -33,16 +33,16 @@
 
 mod common;
 
-use vsva_mem::PhysMem;
-
 use common::scratch::{seed, tempdir};
 use common::{
-    class, damage_site, data_pa, dfsc, features, in_data, machine, mapping_level, pick_granule,
-    report, write_nonces, Batch, Expect, Frames, DEFAULT_SEED, IPS,
+    class, damage_mappings, data_pa, dfsc, features, in_data, machine, mapping_input, mapping_size,
+    pick_granule, probe_input, probe_offset, report, with_chances, write_nonces, Batch, Expect,
+    Frames, DEFAULT_SEED, IPS,
 };
 use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress};
 use vsva_kvm_oracle::tables::Rng;
+use vsva_mem::PhysMem;
 use vsva_qemu_oracle::layout::{DATA, PROGRAM_BYTES, S2_STUB, TABLES, VECTORS};
 use vsva_qemu_oracle::{
     el2::S2_STUB_IPA, fetch_snippet, tcr_tg0, Harness, OracleError, Outcome, Probe, ProbeOp,
@@ -63,6 +63,9 @@ const MIN_PROBES: usize = 10_000;
 const MEMATTR_WB: u64 = 0xf << 2;
 /// Bit 54 of a stage-2 leaf: XN (XN[1] with FEAT_XNX).
 const XN: u64 = 1 << 54;
+
+/// A random stage-2 leaf's optional bits and the chance of each: AF, bit 51, XN.
+const S2_OPTIONAL: [(u64, u64); 3] = [(1 << 10, 85), (1 << 51, 40), (XN, 25)];
 
 /// VTCR_EL2: T0SZ, SL0, TG0 (the S2TG encoding), PS, HA, HD; IRGN0/ORGN0 write-back,
 /// inner shareable, RES1 bit 31.
@@ -335,26 +338,14 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
         }
         let mut mappings: Vec<(u64, PageSize, u64)> = Vec::new();
         for _ in 0..MAPPINGS_PER_SCENARIO {
-            let level = mapping_level(&mut rng);
-            let size = PageSize::of(granule, level, lpa)
-                .or(PageSize::of(granule, 2, lpa))
-                .unwrap_or(page);
-            let near = mappings.last().map(|m| m.0).filter(|_| rng.percent(60));
-            let ipa = match near {
-                Some(v) => v ^ (rng.next_u64() & ((1 << 31) - 1)),
-                None => rng.next_u64(),
-            } & input_mask
-                & !(size.bytes() - 1);
+            let size = mapping_size(&mut rng, granule, lpa);
+            let ipa = mapping_input(&mut rng, mappings.last().map(|m| m.0), input_mask, size);
             if ipa < PROGRAM_BYTES {
                 continue;
             }
             let pa = data_pa(&mut rng, size);
-            let mut attrs = MEMATTR_WB | (rng.below(4) << 6) | (rng.pick(&[0, 2, 3]) << 8);
-            for (bit, p) in [(1 << 10, 85), (1 << 51, 40), (XN, 25)] {
-                if rng.percent(p) {
-                    attrs |= bit;
-                }
-            }
+            let attrs = MEMATTR_WB | (rng.below(4) << 6) | (rng.pick(&[0, 2, 3]) << 8);
+            let mut attrs = with_chances(&mut rng, attrs, &S2_OPTIONAL);
             if rng.percent(20) {
                 attrs |= rng.below(16) << 55;
             }
@@ -365,20 +356,21 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
         }
         // Damage on the way to some mappings, never on the way to the program.
         let oa52 = cfg.format().oa52();
-        for &(ipa, size, _) in &mappings {
-            let spared = |level, slot| {
-                (0..PROGRAM_BYTES)
-                    .step_by(page.bytes() as usize)
-                    .any(|at| builder.descriptor_address(mem, at, level) == Ok(Some(slot)))
-            };
-            let start = cfg.start_level();
-            let Some((slot, d, level)) =
-                damage_site(&mut rng, mem, &builder, (ipa, size), start, spared)
-            else {
-                continue;
-            };
-            let leaf = level == size.level();
-            let (what, new) = match rng.below(7) {
+        let spared = |level, slot| {
+            (0..PROGRAM_BYTES)
+                .step_by(page.bytes() as usize)
+                .any(|at| builder.descriptor_address(mem, at, level) == Ok(Some(slot)))
+        };
+        let start = cfg.start_level();
+        damage_mappings(
+            &mut rng,
+            mem,
+            &builder,
+            &mappings,
+            start,
+            spared,
+            &mut damage,
+            |rng, d, level, leaf| match rng.below(7) {
                 0 => ("invalid", d & !1),
                 1 if !leaf => (
                     "table bits 63:59 (ignored at stage 2)",
@@ -396,10 +388,8 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
                     "S2AP and AF changed",
                     d ^ (rng.below(4) << 6) ^ (rng.below(2) << 10),
                 ),
-            };
-            *damage.entry(what).or_default() += 1;
-            mem.write_u64(slot, new).unwrap();
-        }
+            },
+        );
         let vmid = rng.below(256);
         let vtcr = vtcr(
             u64::from(t0sz),
@@ -416,7 +406,6 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
     for (cfg, vttbr, vtcr, mappings) in &scenarios {
         batch.switch(ProbeOp::Stage2Switch, *vttbr, *vtcr, *cfg);
         let input_bits = cfg.input_bits();
-        let input_mask = (1u64 << input_bits) - 1;
         // A walk that changes nothing and ignores AF finds where a probe would land.
         let oas = if cfg.output_bits() > 48 {
             AddressSize::Bits52
@@ -426,21 +415,14 @@ fn aarch64_stage2_walker_agrees_with_qemu_at_el2() {
         let dry = dry_s2(cfg, oas, lpa);
         let mut made = 0;
         while made < PROBES_PER_SCENARIO {
-            let ipa = match (rng.below(100), mappings.is_empty()) {
-                (0..=74, false) => in_data(&mut rng, mappings),
-                (75..=89, _) | (_, true) => rng.next_u64() & input_mask & !7,
-                _ if input_bits < 48 => {
-                    (rng.next_u64() & input_mask & !7) | (1 << rng.in_range(input_bits, 47))
-                }
-                _ => continue,
+            let in_mapping = |rng: &mut Rng| in_data(rng, mappings);
+            let mapped = !mappings.is_empty();
+            let Some(ipa) = probe_input(&mut rng, mapped, in_mapping, input_bits, 48) else {
+                continue;
             };
             let op = rng.pick(&[ProbeOp::Load, ProbeOp::Store, ProbeOp::Fetch]);
             let fetch = op == ProbeOp::Fetch;
-            let ipa = if fetch {
-                (ipa & !63) | 48
-            } else {
-                (ipa & !63) | (rng.below(6) * 8)
-            };
+            let ipa = probe_offset(&mut rng, ipa, fetch);
             let access = AccessRequest {
                 write: op.is_store(),
                 instruction: fetch,
@@ -597,10 +579,7 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
         // The stage-2 data mappings, placed once stage 1's frames are mapped.
         let mut planned: Vec<(u64, PageSize, u64)> = Vec::new();
         for _ in 0..MAPPINGS_PER_SCENARIO {
-            let level = mapping_level(&mut rng);
-            let size = PageSize::of(g2, level, lpa)
-                .or(PageSize::of(g2, 2, lpa))
-                .unwrap_or(page2);
+            let size = mapping_size(&mut rng, g2, lpa);
             let ipa = rng.next_u64() & ((1u64 << input2) - 1) & !(size.bytes() - 1);
             if ipa < PROGRAM_BYTES {
                 continue;
@@ -659,10 +638,7 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
         let input1_mask = (1u64 << s1.input_bits()) - 1;
         let mut mappings1: Vec<(u64, PageSize, u64)> = Vec::new();
         for _ in 0..MAPPINGS_PER_SCENARIO {
-            let level = mapping_level(&mut rng);
-            let size = PageSize::of(g1, level, lpa)
-                .or(PageSize::of(g1, 2, lpa))
-                .unwrap_or(page1);
+            let size = mapping_size(&mut rng, g1, lpa);
             let va = rng.next_u64() & input1_mask & !(size.bytes() - 1);
             if va < PROGRAM_BYTES {
                 continue;
@@ -675,12 +651,9 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
                 }
                 _ => rng.next_u64() & ((1u64 << input2) - 1) & !(size.bytes() - 1),
             };
-            let mut attrs = (rng.below(4) << 6) | (rng.pick(&[0, 2, 3]) << 8);
-            for (bit, p) in [(10, 85), (51, 40), (53, 25), (54, 25)] {
-                if rng.percent(p) {
-                    attrs |= 1 << bit;
-                }
-            }
+            let attrs = (rng.below(4) << 6) | (rng.pick(&[0, 2, 3]) << 8);
+            let optional = [(10, 85), (51, 40), (53, 25), (54, 25)];
+            let attrs = with_chances(&mut rng, attrs, &optional.map(|(b, p)| (1 << b, p)));
             let mut alloc = || {
                 let f = frames.alloc(frame1);
                 frames1.extend(f);
@@ -728,12 +701,8 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
         }
         let mut mappings2 = Vec::new();
         for &(ipa, size, pa) in &planned {
-            let mut attrs = MEMATTR_WB | (rng.below(4) << 6) | (rng.pick(&[0, 2, 3]) << 8);
-            for (bit, p) in [(1 << 10, 85), (1 << 51, 40), (XN, 25)] {
-                if rng.percent(p) {
-                    attrs |= bit;
-                }
-            }
+            let attrs = MEMATTR_WB | (rng.below(4) << 6) | (rng.pick(&[0, 2, 3]) << 8);
+            let attrs = with_chances(&mut rng, attrs, &S2_OPTIONAL);
             if b2.map(mem, &mut alloc2, ipa, pa, size, attrs).is_ok() {
                 mappings2.push((ipa, size, pa));
             }
@@ -838,7 +807,6 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
         batch.switch(ProbeOp::Stage2Switch, *vttbr, *vtcr, *s1);
         batch.switch(ProbeOp::Stage1Switch { enable: true }, s1.root(), *tcr, *s1);
         let input_bits = s1.input_bits();
-        let input_mask = (1u64 << input_bits) - 1;
         let dry1 = S1Config::with_tables(
             *s1.ttb0(),
             None,
@@ -852,27 +820,20 @@ fn aarch64_nested_walker_agrees_with_qemu_at_el2() {
         let dry2 = dry_s2(s2, AddressSize::Bits48, lpa);
         let mut made = 0;
         while made < NESTED_PROBES_PER_SCENARIO {
-            let va = match (rng.below(100), mappings1.is_empty()) {
-                (0..=74, false) => {
-                    let (base, size, _) = rng.pick(mappings1);
-                    base + rng.below(size.bytes() / 8) * 8
-                }
-                (75..=89, _) | (_, true) => rng.next_u64() & input_mask & !7,
-                _ if input_bits < 48 => {
-                    (rng.next_u64() & input_mask & !7) | (1 << rng.in_range(input_bits, 47))
-                }
-                _ => continue,
+            let in_mapping = |rng: &mut Rng| {
+                let (base, size, _) = rng.pick(mappings1);
+                base + rng.below(size.bytes() / 8) * 8
+            };
+            let mapped = !mappings1.is_empty();
+            let Some(va) = probe_input(&mut rng, mapped, in_mapping, input_bits, 48) else {
+                continue;
             };
             if va < PROGRAM_BYTES {
                 continue;
             }
             let op = rng.pick(&[ProbeOp::Load, ProbeOp::Store, ProbeOp::Fetch]);
             let fetch = op == ProbeOp::Fetch;
-            let va = if fetch {
-                (va & !63) | 48
-            } else {
-                (va & !63) | (rng.below(6) * 8)
-            };
+            let va = probe_offset(&mut rng, va, fetch);
             let access = AccessRequest {
                 write: op.is_store(),
                 instruction: fetch,

@@ -56,11 +56,10 @@
 #[path = "common/scratch.rs"]
 mod scratch;
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use scratch::{seed, tempdir};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vm_memory::GuestMemoryMmap;
 use vsva_kvm_oracle::tables::{

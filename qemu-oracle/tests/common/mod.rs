@@ -8,12 +8,11 @@
 
 pub mod scratch;
 
-use vsva_mem::PhysMem;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use vsva_kvm_oracle::tables::Rng;
+use vsva_mem::PhysMem;
 use vsva_qemu_oracle::layout::{DATA, IMAGE_BASE, TABLES};
 use vsva_qemu_oracle::{
     fetch_snippet, Abort, Features, Harness, Machine, OracleError, Outcome, Probe, ProbeOp, Results,
@@ -94,6 +93,91 @@ pub fn mapping_level(rng: &mut Rng) -> u8 {
         0..=59 => 3,
         60..=84 => 2,
         _ => 1,
+    }
+}
+
+/// The size of a random mapping with `granule`: the page or block of a random level
+/// ([`mapping_level`]), a level-2 block where the granule has no block at that level.
+pub fn mapping_size(rng: &mut Rng, granule: Granule, lpa: bool) -> PageSize {
+    let level = mapping_level(rng);
+    PageSize::of(granule, level, lpa)
+        .or(PageSize::of(granule, 2, lpa))
+        .or(PageSize::of(granule, 3, lpa))
+        .expect("every granule has pages")
+}
+
+/// A random input address of a mapping of `size` under `mask`: near the previous mapping's
+/// `last` (60 % of the time, to share tables), else anywhere.
+pub fn mapping_input(rng: &mut Rng, last: Option<u64>, mask: u64, size: PageSize) -> u64 {
+    let near = last.filter(|_| rng.percent(60));
+    let input = match near {
+        Some(v) => v ^ (rng.next_u64() & ((1 << 31) - 1)),
+        None => rng.next_u64(),
+    };
+    input & mask & !(size.bytes() - 1)
+}
+
+/// `attrs` with each of `optional`'s bits set at its percentage.
+pub fn with_chances(rng: &mut Rng, attrs: u64, optional: &[(u64, u64)]) -> u64 {
+    optional.iter().fold(
+        attrs,
+        |a, &(bits, p)| if rng.percent(p) { a | bits } else { a },
+    )
+}
+
+/// Damages the descriptor on the way to some of `mappings` (input address, size, output
+/// address) at a [`damage_site`]: `choose` says what becomes of descriptor `d` at `level`
+/// (a leaf when `leaf`), and its name, counted in `damage`.
+#[allow(clippy::too_many_arguments)]
+pub fn damage_mappings<M: PhysMem + ?Sized>(
+    rng: &mut Rng,
+    mem: &M,
+    builder: &TableBuilder,
+    mappings: &[(u64, PageSize, u64)],
+    start: u8,
+    spared: impl Fn(u8, u64) -> bool,
+    damage: &mut BTreeMap<&'static str, usize>,
+    choose: impl Fn(&mut Rng, u64, u8, bool) -> (&'static str, u64),
+) {
+    for &(input, size, _) in mappings {
+        let Some((slot, d, level)) = damage_site(rng, mem, builder, (input, size), start, &spared)
+        else {
+            continue;
+        };
+        let (what, new) = choose(rng, d, level, level == size.level());
+        *damage.entry(what).or_default() += 1;
+        mem.write_u64(slot, new).unwrap();
+    }
+}
+
+/// A probe's input address: in a mapping (`in_mapping`, 75 %), anywhere under
+/// `input_bits` (15 %), or with one bit set between `input_bits` and `top` (out of range;
+/// `None` when there is no such bit).
+pub fn probe_input(
+    rng: &mut Rng,
+    mapped: bool,
+    in_mapping: impl FnOnce(&mut Rng) -> u64,
+    input_bits: u32,
+    top: u32,
+) -> Option<u64> {
+    let mask = (1u64 << input_bits) - 1;
+    match (rng.below(100), mapped) {
+        (0..=74, true) => Some(in_mapping(rng)),
+        (75..=89, _) | (_, false) => Some(rng.next_u64() & mask & !7),
+        _ if input_bits < top => {
+            Some((rng.next_u64() & mask & !7) | (1 << rng.in_range(input_bits, top - 1)))
+        }
+        _ => None,
+    }
+}
+
+/// Where in its 64-byte line a probe of `addr` goes: a fetch runs the stub at offset 48;
+/// a load or store uses one of the six data words.
+pub fn probe_offset(rng: &mut Rng, addr: u64, fetch: bool) -> u64 {
+    if fetch {
+        (addr & !63) | 48
+    } else {
+        (addr & !63) | (rng.below(6) * 8)
     }
 }
 
