@@ -5,11 +5,10 @@
 //! driver's queues and PASID directory. Frames come back zeroed, as `__GFP_ZERO` pages do.
 //! Counters let tests check that everything handed out was given back.
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_vtd::{addr::Gpa, builder::FrameSource};

@@ -5,10 +5,9 @@
 //! keep a harvested page trackable through the IOTLB and the device TLB, nested entries,
 //! and a property: the harvested bitmaps are exactly the pages the device wrote.
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 

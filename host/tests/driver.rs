@@ -3,11 +3,10 @@
 //! through second-level and nested translation; what a missing invalidation leaves
 //! behind is observable, and closing everything leaves nothing.
 
-use vsva_mem::MemWindow;
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use vsva_mem::MemWindow;
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 

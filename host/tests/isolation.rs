@@ -10,12 +10,11 @@
 //! - arbitrary ioctl bytes never panic, and a failed ioctl changes nothing;
 //! - closing a container leaves no table frame, cache entry, domain id or route behind.
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};

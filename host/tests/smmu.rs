@@ -4,11 +4,10 @@
 //! (`VFIO_IOMMU_CACHE_INVALIDATE`) and detach; real bytes move through the guest's
 //! stage-1 tables nested over stage 2; bad input changes nothing; closing leaves nothing.
 
-use vsva_mem::MemWindow;
-use vsva_mem::PhysMem;
-
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+use vsva_mem::MemWindow;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};

@@ -5,11 +5,10 @@
 //! through the guest's CD table and stage 1 nested over stage 2; every refused call gives
 //! Linux's errno and changes nothing; closing leaves nothing.
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};

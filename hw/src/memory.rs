@@ -4,15 +4,14 @@
 //! A VM's RAM is a window of the same file mapped into the VMM through vm-memory, so the two
 //! views share bytes. Pages are allocated lazily by the kernel on first touch.
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vsva_vtd::{addr::Gpa, addr::Hpa};

@@ -7,10 +7,9 @@
 //! requested privilege; the result comes back as an MMIO exit (a store to the report
 //! page) or, from the exception handlers, as a port-I/O exit.
 
-use vsva_mem::PhysMem;
-
 use std::ffi::CStr;
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use kvm_bindings::{
     kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,

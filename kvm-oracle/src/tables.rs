@@ -6,11 +6,10 @@
 //! so that they share tables, random R/W, U/S and XD, attribute and ignored bits in leaves
 //! ([`leaf_extra_bits`]), and [`Tables::damage`] to entries on the way to a mapping.
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vsva_vtd::{
     builder::FrameSource, builder::MapFlags, builder::PageTableBuilder, fault::FaultReason,

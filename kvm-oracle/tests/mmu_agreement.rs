@@ -45,10 +45,9 @@
 //!
 //! Set `VSVA_ORACLE_SEED` to replay a run.
 
-use vsva_mem::PhysMem;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use vsva_hw::memory::HostMemory;
 use vsva_kvm_oracle::tables::{

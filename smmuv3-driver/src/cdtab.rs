@@ -4,7 +4,6 @@
 //! SubstreamID is first used (`arm_smmu_get_cd_ptr`).
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::{cd::L1Cd, features::Features, ste::S1Fmt};
 
 use crate::strtab::zero;

@@ -4,7 +4,6 @@
 //! polling for completion as `__arm_smmu_cmdq_poll_until_consumed` does).
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::regs::{gerror, offset};
 use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::SyncCs, features::Features, regs::Queue};
 

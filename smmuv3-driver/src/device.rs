@@ -2,7 +2,6 @@
 //! page responses, the output queues and global errors.
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::regs::{cr0, gerror, offset, Irq, GBPA_ABORT, GBPA_UPDATE};
 use vsva_smmuv3::{
     cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::TlbiAddr, event::Event, features::Features,

@@ -1,7 +1,6 @@
 //! What the driver reports.
 
 use vsva_mem::MemError;
-
 use vsva_smmuv3::{cd::BadCd, cmd::Cmd, cmd::CmdError, regs::RegError, ste::BadSte};
 
 /// Why a driver operation failed.

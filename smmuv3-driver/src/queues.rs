@@ -4,7 +4,6 @@
 //! `queue_sync_prod_in` and `queue_sync_cons_ovf` do.
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::regs::Queue;
 use vsva_smmuv3::regs::OVERFLOW;
 

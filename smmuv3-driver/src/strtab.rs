@@ -4,7 +4,6 @@
 //! it (`arm_smmu_init_bypass_stes` with `disable_bypass`).
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::{lookup::L1Std, ste::Config, ste::Ste};
 
 use crate::{DmaAlloc, Error};

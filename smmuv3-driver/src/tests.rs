@@ -1,10 +1,9 @@
 //! The driver against vsva's physical SMMUv3 model (strict mode: every cached entry the
 //! driver failed to invalidate is reported).
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 use vsva_hw::memory::HostMemory;

@@ -19,12 +19,11 @@
 //! pages the bitmap would report whole 2 MiB blocks (as it does on a host with huge
 //! pages), and "none that no one wrote" would not hold at 4 KiB.
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
+use vsva_mem::PhysMem;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -2,10 +2,9 @@
 //! driver → nested translation in the physical IOMMU → device DMA, with real bytes, each
 //! checked through the guest process's CPU view.
 
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
 use vsva_guest::{iommu::DeviceConfig, process::Process, process::Prot};

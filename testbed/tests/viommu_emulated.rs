@@ -4,9 +4,8 @@
 
 mod viommu;
 
-use vsva_mem::PhysMem;
-
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use viommu::*;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};

@@ -3,10 +3,9 @@
 
 mod viommu;
 
-use vsva_mem::PhysMem;
-
 use proptest::prelude::*;
 use viommu::*;
+use vsva_mem::PhysMem;
 use vsva_vtd::inv_desc::{
     ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
     ResponseCode,

@@ -3,10 +3,9 @@
 
 mod viommu;
 
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 use viommu::*;

@@ -5,11 +5,10 @@
 //! guest's queues, and a hostile guest gets CERROR_ILL, C_BAD_STE and C_BAD_STREAMID with
 //! no host call.
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_smmuv3::regs::{cr0, gerror, offset, GBPA_UPDATE};

@@ -5,11 +5,10 @@
 //! queue at it with CERROR_ILL, another VM's vSID is refused, and teardown leaves the
 //! host's file empty.
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};

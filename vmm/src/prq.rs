@@ -9,7 +9,6 @@
 //! one with private data.
 
 use vsva_mem::PhysMem;
-
 use vsva_uapi::{request::PageRequest, request::PageResponse, request::PageResponseCode};
 use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::ResponseCode;

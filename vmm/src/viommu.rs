@@ -7,13 +7,12 @@
 //! every host call of the descriptors before it has returned. Interrupts are delivered
 //! after the vIOMMU's locks are released, so a handler may access the registers.
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vsva_uapi::error::Errno;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};

@@ -1,7 +1,6 @@
 //! What the shared driver machinery reports.
 
 use vsva_mem::MemError;
-
 use vsva_vtd::prq::PageRequestDescError;
 use vsva_vtd::regs::Iqei;
 use vsva_vtd::{inv_desc::InvDescError, regs::RegError};

@@ -5,7 +5,6 @@
 //! who answers it, is the user's policy; [`group_response`] is the answer's descriptor.
 
 use vsva_mem::PhysMem;
-
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{offset, pq};

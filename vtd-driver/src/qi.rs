@@ -14,7 +14,6 @@
 //! - ICE (a device's invalidation completion error): cleared.
 
 use vsva_mem::PhysMem;
-
 use vsva_vtd::inv_desc::InvDesc;
 use vsva_vtd::regs::layout::{fsts, iq, iqercd, offset};
 use vsva_vtd::regs::Iqei;

@@ -9,10 +9,9 @@
 //! unit never reads a half-written present entry (as `context_set_present` and
 //! `pasid_set_present` come last in intel-iommu).
 
+use std::collections::HashMap;
 use vsva_mem::MemError;
 use vsva_mem::PhysMem;
-
-use std::collections::HashMap;
 
 use vsva_vtd::context::context_entry_addr;
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PASID_ENTRY_SIZE};

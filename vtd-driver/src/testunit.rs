@@ -2,10 +2,9 @@
 //! with guest-RAM-like memory, for the unit tests: it can refuse a descriptor (IQE), time
 //! out device-TLB invalidations (ITE) or never complete waits.
 
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_vtd::inv_desc::InvDescType;

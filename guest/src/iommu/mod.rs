@@ -23,12 +23,11 @@ mod svm;
 #[cfg(test)]
 mod tests;
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vm_memory::GuestMemoryMmap;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, InvDescError};

@@ -3,11 +3,10 @@
 //! (`intel_pasid_tear_down_entry`, `intel_svm_drain_prq`), and the mmu-notifier range
 //! invalidations (`intel_invalidate_range`).
 
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use vsva_mem::PhysMem;
 
 use vsva_vtd::inv_desc::PasidCacheGranularity;
 use vsva_vtd::regs::layout::{offset, pq, vcmd};

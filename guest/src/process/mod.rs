@@ -13,14 +13,13 @@
 //! Linux's mmu notifiers report it to the IOMMU driver, which must then invalidate the
 //! IOMMU's and the device's caches.
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::ops::BitOr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vm_memory::GuestMemoryMmap;
 use vsva_vtd::{addr::Gpa, addr::Gva, builder::BuildError, builder::MapFlags, flpte::FlPagingMode};

@@ -4,7 +4,6 @@
 //! D8, what TTBR0_EL1 and an SMMUv3 context descriptor's TTB0 point to).
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{
     builder::TableBuilder, cd::ContextDescriptor, features::Features, walk::walk_stage1,

@@ -11,7 +11,6 @@
 //! only while the unit sets other bits (A) in the same entry.
 
 use vsva_mem::PhysMem;
-
 use vsva_vtd::{slpte::SlLevels, slpte::SlPte};
 
 use super::error::DriverError;

@@ -8,9 +8,8 @@
 //! holds nothing but its root table. Entries are written with P last when made present and P first when cleared, so
 //! hardware never reads a half-written present entry.
 
-use vsva_mem::PhysMem;
-
 use foldhash::{HashMap, HashMapExt};
+use vsva_mem::PhysMem;
 
 use vsva_hw::{memory::FrameAllocator, memory::PAGE_SIZE};
 use vsva_vtd::{

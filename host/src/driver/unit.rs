@@ -14,9 +14,8 @@
 //! entry made present), they are issued anyway: they cost one queue submission and keep
 //! the driver correct on units that cache not-present entries.
 
-use vsva_mem::PhysMem;
-
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use vsva_mem::PhysMem;
 
 use vsva_hw::iommu::Iommu;
 use vsva_hw::memory::FrameAllocator;

@@ -35,11 +35,10 @@
 //!
 //! [`HostMemory::copy`]: crate::memory::HostMemory::copy
 
-use vsva_mem::PhysMem;
-
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use vsva_mem::PhysMem;
 
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{addr::Hpa, addr::Pasid};

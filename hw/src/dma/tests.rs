@@ -1,9 +1,8 @@
 //! Engine tests against the mock IOMMU, moving real bytes in host memory.
 
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 use vsva_vtd::inv_desc::ResponseCode;

@@ -5,7 +5,6 @@
 //! checked against the tables, as IOTLB hits are.
 
 use vsva_mem::PhysMem;
-
 use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::request::pass_through;
 use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};

@@ -2,10 +2,9 @@
 //! table pointer, translation enable, queued invalidation (§6.5.2), fault recording (§7.2)
 //! and the page request queue (§7.5).
 
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
+use vsva_mem::PhysMem;
 
 use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;

@@ -4,10 +4,9 @@
 //! IOTLB invalidations reach the paging-structure caches too; their rules are in
 //! [`PagingStructureCaches`](super::pscache::PagingStructureCaches).
 
-use vsva_mem::MemError;
-
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
+use vsva_mem::MemError;
 
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};

@@ -4,11 +4,10 @@
 //! stale entry. Hardware keeps using the stale entry either way; the report is for the
 //! person debugging a driver.
 
-use vsva_mem::PhysMem;
-
 use crate::memory::ReadOnly;
 use std::fmt;
 use std::sync::PoisonError;
+use vsva_mem::PhysMem;
 
 use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::pasid::lookup_pasid_entry;

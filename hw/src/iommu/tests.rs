@@ -1,10 +1,9 @@
 //! Tests of the IOMMU model programmed as a driver does: tables in host memory, registers
 //! by MMIO, invalidations through the queue.
 
-use vsva_mem::PhysMem;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use vsva_mem::PhysMem;
 
 use vsva_mem::MemWindow;
 use vsva_vtd::context::{context_entry_addr, ScalableContextEntry};

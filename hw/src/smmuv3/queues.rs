@@ -3,7 +3,6 @@
 //! overflow flag (PROD.OVFLG toggles away from CONS.OVACKFLG) and the record is lost.
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::regs::{gerror, Irq};
 use vsva_smmuv3::{event::Event, priq::PriqEntry, ste::Eats};
 

@@ -7,7 +7,6 @@
 //! hint should have removed.
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::{
     walk::AccessRequest, walk::NestedStage, walk::S1Stage, walk::S2Config, walk::S2Start,
     walk::Stage, walk::Translation, walk::WalkFault, walk::WalkObserver, walk::WalkStep,

@@ -1,8 +1,7 @@
 //! Tests of the physical SMMUv3 model through its registers, queues and real tables.
 
-use vsva_mem::PhysMem;
-
 use std::sync::{Arc, Mutex};
+use vsva_mem::PhysMem;
 
 use proptest::prelude::*;
 use vsva_smmuv3::desc::Descriptor as D;

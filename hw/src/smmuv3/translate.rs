@@ -3,7 +3,6 @@
 //! both; every fault other than an STE abort becomes an event record.
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::lookup::Stage1Context;
 use vsva_smmuv3::regs::{cr0, offset, GBPA_ABORT};
 use vsva_smmuv3::{

@@ -9,11 +9,10 @@
 //! IOMMU instead, and the harvest must find exactly them. Every timed harvest is checked
 //! the same way afterwards.
 
-use vsva_mem::PhysMem;
-
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::container::IommuBackend;

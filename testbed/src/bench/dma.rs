@@ -1,12 +1,11 @@
 //! DMA workloads: the DMA engine's memmove through nested translation against
 //! `copy_from_slice`, and the table reads of streaming DMA.
 
-use vsva_mem::PhysMem;
-
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vsva_mem::PhysMem;
 
 use vsva_hw::dma::regs::CTRL_PASID_EN;
 use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Operation};

@@ -1,9 +1,8 @@
 //! Why a measurement could not be taken.
 
-use vsva_mem::MemError;
-
 use vsva_hw::dma::DmaError;
 use vsva_hw::memory::HostMemoryError;
+use vsva_mem::MemError;
 use vsva_vtd::regs::RegError;
 use vsva_vtd::request::TranslationFault;
 use vsva_vtd::{builder::BuildError, inv_desc::InvDescError};

@@ -17,11 +17,10 @@
 //! second-level walk, plus the walk of the final GPA). Invalidations go through the
 //! invalidation queue (§6.5.2) with a wait descriptor.
 
+use std::sync::{Arc, Mutex};
 use vsva_mem::MemError;
 use vsva_mem::MemWindow;
 use vsva_mem::PhysMem;
-
-use std::sync::{Arc, Mutex};
 
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory, memory::PAGE_SIZE};

@@ -3,12 +3,11 @@
 //! host stand-in that records every call.
 #![allow(dead_code)]
 
-use vsva_mem::MemError;
-use vsva_mem::PhysMem;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use vsva_mem::MemError;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_host::{pasid::PasidAllocator, pasid::PasidSetId};

@@ -4,7 +4,6 @@
 //! unreadable one with CERROR_ABT (§7.1).
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::{cmd::Cmd, cmd::CmdError, cmd::PriResp, cmd::SyncCs, regs::Irq, regs::Queue};
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,

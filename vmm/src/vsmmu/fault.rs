@@ -19,7 +19,6 @@
 //! SMMU read, a host address the guest must not see: it is recorded as 0.
 
 use vsva_mem::PhysMem;
-
 use vsva_smmuv3::regs::{offset, OVERFLOW};
 use vsva_smmuv3::{event::Event, event::EventType, priq::PriqEntry, regs::Irq};
 use vsva_uapi::request::UnrecoverableReason as R;
