@@ -14,7 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
 use vsva_host::smmu::SmmuHost;
-use vsva_hw::dma::regs::CTRL_PASID_EN;
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     Operation,
@@ -25,7 +25,7 @@ use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::regs::offset;
 use vsva_smmuv3::{
     builder::TableBuilder, cd::ContextDescriptor, cmd::Cmd, cmd::TlbiAddr, event::Event,
-    event::EventType, features::Features, walk::PageSize,
+    event::EventType, features::Features, features::StallModel, walk::PageSize,
 };
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
@@ -61,10 +61,16 @@ struct Host {
 }
 
 fn host() -> Host {
+    host_with(SmmuConfig::default().features)
+}
+
+/// A host whose SMMU (strict mode) has `features`.
+fn host_with(features: Features) -> Host {
     let mem = HostMemory::new(256 << 20).unwrap();
     let frames = Arc::new(FrameAllocator::new(mem.clone()));
     let cfg = SmmuConfig {
         strict: true,
+        features,
         ..SmmuConfig::default()
     };
     let hw = Arc::new(Smmu::new(mem.clone(), cfg));
@@ -103,6 +109,11 @@ fn arg<T: Wire>(v: &T) -> Vec<u8> {
 
 impl Vm {
     fn new(host: &Host, rid: SourceId) -> Vm {
+        Vm::with(host, rid, CTRL_PASID_EN)
+    }
+
+    /// A VM whose device is enabled with `ctrl`.
+    fn with(host: &Host, rid: SourceId, ctrl: u64) -> Vm {
         let hpa = host.frames.alloc_range(RAM, 2 << 20).unwrap();
         let ram = host.mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap();
         let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
@@ -110,7 +121,7 @@ impl Vm {
         let (fd, file) = fds.open_smmu(&host.smmu);
         let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(rid), host.hw.clone()).unwrap());
         host.hw.attach_endpoint(u32::from(rid.rid()), dev.clone());
-        dev.enable(CTRL_PASID_EN).unwrap();
+        dev.enable(ctrl).unwrap();
         let cdev = VfioDeviceFile::open(rid, fds.clone());
         let mut bind = VfioDeviceBindIommufd {
             argsz: size_of::<VfioDeviceBindIommufd>() as u32,
@@ -257,6 +268,17 @@ impl Vm {
     }
 
     fn hwpt_alloc(&self, flags: u32, pt_id: u32, data: Option<&[u8]>) -> Result<u32, Errno> {
+        self.hwpt_alloc_fault(flags, pt_id, data, 0)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` with `fault_id`.
+    fn hwpt_alloc_fault(
+        &self,
+        flags: u32,
+        pt_id: u32,
+        data: Option<&[u8]>,
+        fault_id: u32,
+    ) -> Result<u32, Errno> {
         let (data_type, data_len, data_uptr) = match data {
             Some(d) => (IOMMU_HWPT_DATA_ARM_SMMUV3, d.len() as u32, self.user(d)),
             None => (IOMMU_HWPT_DATA_NONE, 0, 0),
@@ -269,6 +291,7 @@ impl Vm {
             data_type,
             data_len,
             data_uptr,
+            fault_id,
             ..Default::default()
         };
         self.call(IOMMU_HWPT_ALLOC, &mut a).map(|()| a.out_hwpt_id)
@@ -1257,4 +1280,268 @@ fn ioas_copy_ranges_and_allowed_iovas_serve_a_second_stage_2() {
         CompletionStatus::Success
     );
     assert_eq!(vm.read(DST_GPA, 4096), pattern(4096, 9));
+}
+
+/// `IOMMU_FAULT_QUEUE_ALLOC` with `flags`: the object id and fd number.
+fn fault_queue(vm: &Vm, flags: u32) -> Result<(u32, i32), Errno> {
+    let mut a = IommuFaultAlloc {
+        size: size_of::<IommuFaultAlloc>() as u32,
+        flags,
+        ..Default::default()
+    };
+    vm.call(IOMMU_FAULT_QUEUE_ALLOC, &mut a)
+        .map(|()| (a.out_fault_id, a.out_fault_fd as i32))
+}
+
+/// The records in `bytes` read from a fault queue file.
+fn pgfaults(bytes: &[u8]) -> Vec<IommuHwptPgfault> {
+    bytes.chunks(40).map(IommuHwptPgfault::read).collect()
+}
+
+/// Writes one response to the fault queue file.
+fn respond(q: &dyn UapiFile, cookie: u32, code: u32) -> Result<usize, Errno> {
+    q.write(&IommuHwptPageResponse { cookie, code }.to_bytes())
+}
+
+/// The guest's STE words of [`vste_s1`] with EATS full: the device may use ATS and PRI.
+fn vste_s1_ats() -> [u64; 2] {
+    let [w0, w1] = vste_s1();
+    [w0, w1 | 1 << 28]
+}
+
+/// Queues a 100-byte copy from SRC_GVA to `dst` (SubstreamID SSID) whose faults wait for
+/// a page response.
+fn copy_waiting_on_faults(vm: &Vm, dst: u64) {
+    vm.write(COMP_GPA, &[0; 32]);
+    let d = Descriptor {
+        pasid: Some(Pasid::new(SSID).unwrap()),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::Always(COMP_GVA),
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst,
+            size: 100,
+        },
+    };
+    vm.dev.portal_write(0, &d.encode()).unwrap();
+}
+
+fn completion(vm: &Vm) -> CompletionStatus {
+    CompletionRecord::from_bytes(&vm.read(COMP_GPA, 32).try_into().unwrap())
+        .map_or(CompletionStatus::None, |r| r.status)
+}
+
+#[test]
+fn a_fault_queue_on_a_nested_hwpt_takes_page_requests_and_answers_with_cmd_pri_resp() {
+    let host = host();
+    let mut vm = Vm::with(&host, rid(12), CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN);
+    let parent = vm
+        .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+        .unwrap();
+    let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
+    vm.vdevice(viommu, VSID).unwrap();
+
+    // Refusals change nothing: flags on the queue, FAULT_ID_VALID naming no queue.
+    let before = vm.objects();
+    assert_eq!(fault_queue(&vm, 1), Err(Errno::new(libc::EOPNOTSUPP)));
+    let data = IommuHwptArmSmmuv3 { ste: vste_s1_ats() }.to_bytes();
+    for not_a_queue in [parent, viommu, 999] {
+        assert_eq!(
+            vm.hwpt_alloc_fault(IOMMU_HWPT_FAULT_ID_VALID, viommu, Some(&data), not_a_queue),
+            Err(Errno::new(libc::ENOENT))
+        );
+    }
+    assert_eq!(vm.objects(), before);
+
+    let (fid, fd) = fault_queue(&vm, 0).unwrap();
+    assert_eq!(vm.objects()[&fid], SmmuObjectState::Fault);
+    let nested = vm
+        .hwpt_alloc_fault(IOMMU_HWPT_FAULT_ID_VALID, viommu, Some(&data), fid)
+        .unwrap();
+    assert_eq!(vm.destroy(fid), errno(libc::EBUSY));
+    vm.attach(nested).unwrap();
+    assert_eq!(host.smmu.fault_routes(), 1);
+    let q = vm.fds.fault(fd).unwrap();
+    let mut buf = [0u8; 4 * 40];
+    assert_eq!(q.read(&mut buf), Err(Errno::EAGAIN));
+
+    // The device writes a page the guest process has not mapped yet: a PRI page request,
+    // read as one record of a whole group with its cookie.
+    let lazy = 0x7f00_dead_0000;
+    let data = pattern(100, 5);
+    vm.write(SRC_GPA, &data);
+    copy_waiting_on_faults(&vm, lazy + 8);
+    vm.dev.process();
+    assert_eq!(vm.dev.waiting_for_page_response(), 1);
+    assert_eq!(host.smmu.handle_queues(), 1);
+    assert_eq!(q.read(&mut buf[..39]), Err(Errno::EINVAL));
+    let n = q.read(&mut buf).unwrap();
+    let recs = pgfaults(&buf[..n]);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = recs[0];
+    assert_eq!(
+        (r.flags, r.dev_id, r.pasid, r.addr, r.perm),
+        (
+            IOMMU_PGFAULT_FLAGS_PASID_VALID | IOMMU_PGFAULT_FLAGS_LAST_PAGE,
+            vm.dev_id,
+            SSID,
+            lazy,
+            IOMMU_PGFAULT_PERM_WRITE
+        )
+    );
+    assert_eq!(q.read(&mut buf), Err(Errno::EAGAIN));
+
+    // An unknown cookie or code is EINVAL and answers nothing.
+    assert_eq!(
+        respond(&*q, r.cookie + 1, IOMMUFD_PAGE_RESP_SUCCESS),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(respond(&*q, r.cookie, 7), Err(Errno::EINVAL));
+    vm.dev.process();
+    assert_eq!(vm.dev.waiting_for_page_response(), 1);
+
+    // The guest maps the page; SUCCESS goes down as CMD_PRI_RESP and the copy finishes.
+    let mut s1 = vm.s1.take().unwrap();
+    vm.map(&mut s1, lazy, NEW_DST_GPA, 1);
+    vm.s1 = Some(s1);
+    assert_eq!(respond(&*q, r.cookie, IOMMUFD_PAGE_RESP_SUCCESS), Ok(8));
+    vm.dev.process();
+    assert_eq!(completion(&vm), CompletionStatus::Success);
+    assert_eq!(vm.read(NEW_DST_GPA + 8, 100), data);
+    assert_eq!(
+        respond(&*q, r.cookie, IOMMUFD_PAGE_RESP_SUCCESS),
+        Err(Errno::EINVAL),
+        "a group is answered once"
+    );
+
+    // A group read and not answered when the stream moves to a HWPT without the queue
+    // is answered Invalid (CMD_PRI_RESP Deny): the device stops waiting and reports it.
+    let lazy2 = lazy + 0x10_0000;
+    copy_waiting_on_faults(&vm, lazy2);
+    vm.dev.process();
+    assert_eq!(host.smmu.handle_queues(), 1);
+    let n = q.read(&mut buf).unwrap();
+    let cookie = pgfaults(&buf[..n])[0].cookie;
+    let plain = vm.nested(viommu, vste_s1_ats()).unwrap();
+    vm.attach(plain).unwrap();
+    assert_eq!(host.smmu.fault_routes(), 0);
+    vm.dev.process();
+    assert_eq!(vm.dev.waiting_for_page_response(), 0);
+    assert_eq!(completion(&vm), CompletionStatus::PageResponseError);
+    assert_eq!(
+        respond(&*q, cookie, IOMMUFD_PAGE_RESP_SUCCESS),
+        Err(Errno::EINVAL)
+    );
+    vm.destroy(nested).unwrap();
+    vm.destroy(fid).unwrap();
+    assert_eq!(host.smmu.fault_sinks(), 0);
+    assert_eq!(host.hw.take_stale(), []);
+}
+
+/// Starts the queued descriptors on a thread of the device; the thread returns how many
+/// completed.
+fn process_on_a_thread(vm: &Vm) -> std::thread::JoinHandle<usize> {
+    let dev = vm.dev.clone();
+    std::thread::spawn(move || dev.process())
+}
+
+/// Waits until `cond` holds, at most 60 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_stalled_transaction_reaches_the_fault_queue_and_its_response_resumes_it() {
+    let host = host_with(Features {
+        stall_model: StallModel::StallAndTerminate,
+        ..Features::VSVA
+    });
+    let rid = rid(13);
+    let stream = u32::from(rid.rid());
+    host.smmu.set_stall_capable(stream, true);
+    let mut vm = Vm::new(&host, rid);
+    // The guest driver sets CD.S: the process's faults stall.
+    vm.write_cd(ContextDescriptor {
+        s: true,
+        ..Vm::cd(PT_GPA, ASID)
+    });
+    let parent = vm
+        .hwpt_alloc(IOMMU_HWPT_ALLOC_NEST_PARENT, vm.ioas, None)
+        .unwrap();
+    let viommu = vm.viommu(parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3).unwrap();
+    vm.vdevice(viommu, VSID).unwrap();
+    let (fid, fd) = fault_queue(&vm, 0).unwrap();
+    let vste = IommuHwptArmSmmuv3 { ste: vste_s1() }.to_bytes();
+    let nested = vm
+        .hwpt_alloc_fault(IOMMU_HWPT_FAULT_ID_VALID, viommu, Some(&vste), fid)
+        .unwrap();
+    vm.attach(nested).unwrap();
+    assert_eq!(vm.destroy(fid), errno(libc::EBUSY));
+    let q = vm.fds.fault(fd).unwrap();
+    let data = pattern(100, 6);
+    vm.write(SRC_GPA, &data);
+    vm.write(COMP_GPA, &[0; 32]);
+    let lazy = 0x7f00_beef_0000;
+    let d = Descriptor {
+        pasid: Some(Pasid::new(SSID).unwrap()),
+        privileged: false,
+        block_on_fault: false,
+        completion: CompletionRequest::Always(COMP_GVA),
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst: lazy + 8,
+            size: 100,
+        },
+    };
+    vm.dev.portal_write(0, &d.encode()).unwrap();
+    let dma = process_on_a_thread(&vm);
+    wait_until("the stall", || host.hw.stalled(Some(stream)) == 1);
+    host.smmu.handle_queues();
+    assert_eq!(host.smmu.irq_stats().stalls, 1);
+    let mut buf = [0u8; 40];
+    let n = q.read(&mut buf).unwrap();
+    let r = pgfaults(&buf[..n])[0];
+    assert_eq!((r.dev_id, r.pasid, r.addr), (vm.dev_id, SSID, lazy));
+    assert_ne!(r.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE, 0);
+    assert_eq!(host.hw.stalled(None), 1);
+    // The guest maps the page; SUCCESS goes down as CMD_RESUME Retry.
+    let mut s1 = vm.s1.take().unwrap();
+    vm.map(&mut s1, lazy, NEW_DST_GPA, 1);
+    vm.s1 = Some(s1);
+    assert_eq!(respond(&*q, r.cookie, IOMMUFD_PAGE_RESP_SUCCESS), Ok(8));
+    assert_eq!(dma.join().unwrap(), 1);
+    assert_eq!(completion(&vm), CompletionStatus::Success);
+    assert_eq!(vm.read(NEW_DST_GPA + 8, 100), data);
+    assert_eq!(host.hw.stalled(None), 0);
+
+    // Another stall, read and never answered: the VMM exits (its device cdev closes,
+    // then its files), and the stalled transaction is aborted (CMD_RESUME Abort).
+    let d = Descriptor {
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst: lazy + 0x10_0000,
+            size: 100,
+        },
+        ..d
+    };
+    vm.write(COMP_GPA, &[0; 32]);
+    vm.dev.portal_write(0, &d.encode()).unwrap();
+    let dma = process_on_a_thread(&vm);
+    wait_until("the second stall", || host.hw.stalled(Some(stream)) == 1);
+    host.smmu.handle_queues();
+    assert_eq!(q.read(&mut buf), Ok(40));
+    drop(q);
+    drop(vm);
+    dma.join().unwrap();
+    assert_eq!(host.hw.stalled(None), 0);
+    assert_eq!(host.smmu.fault_sinks(), 0);
+    assert!(host.smmu.owned_streams().is_empty());
 }

@@ -21,7 +21,7 @@ use vsva_uapi::{error::Errno, error::UapiError, file::EventNotifier, file::UapiF
 use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use super::device::{BindTarget, Iommufds, OpenDevices};
-use super::fault::FaultFile;
+use super::fault::{FaultFile, PageResponder};
 use super::iopt::{self, Area, Iopt, IOVA_ALIGNMENT};
 use super::map_file::{self, FileWindows, MemoryFiles};
 use super::user::{copy_from_user, copy_to_user};
@@ -95,6 +95,8 @@ pub trait IommuOps: Debug + Send + Sized + 'static {
     fn check_nest_parent(&self) -> Result<(), IommufdError>;
     /// `IOMMU_GET_HW_INFO`'s data, read from the hardware now.
     fn hw_info(&self) -> Result<HwInfo, IommufdError>;
+    /// Where the page responses of the file's fault queues go.
+    fn responder(&self) -> Arc<dyn PageResponder>;
     /// A vendor object's type name.
     fn kind(o: &Self::Object) -> &'static str;
     /// Whether nested HWPT `n` references object `id`.
@@ -420,6 +422,29 @@ impl<V: IommuOps> IommufdCtx<V> {
             Some(o) => V::removed(self, o),
             None => {}
         }
+    }
+
+    /// `IOMMU_FAULT_QUEUE_ALLOC`: flags must be 0 (EOPNOTSUPP); a fault queue object and
+    /// its file, installed in the process's fd table (`out_fault_id`, `out_fault_fd`;
+    /// EMFILE for a file opened outside one), answering through [`IommuOps::responder`].
+    pub(crate) fn do_fault_queue_alloc(
+        &mut self,
+        u: &Ucmd,
+        arg: &mut [u8],
+    ) -> Result<(), IommufdError> {
+        let mut cmd: IommuFaultAlloc = u.copy_in(arg)?;
+        if cmd.flags != 0 {
+            return Err(IommufdError::not_supported("iommu_fault_alloc", "flags"));
+        }
+        let fds = self.fds.upgrade().ok_or(IommufdError::NoFd)?;
+        let id = self.next_id()?;
+        let file = FaultFile::new(self.ops.responder());
+        let fd = fds.install_fault(file.clone());
+        self.objects.insert(id, Object::Fault(file));
+        cmd.out_fault_id = id;
+        cmd.out_fault_fd = fd as u32;
+        u.respond(&cmd, arg);
+        Ok(())
     }
 
     /// `IOMMU_IOAS_ALLOC`: flags must be 0 (EOPNOTSUPP).

@@ -7,18 +7,34 @@
 //! request has arrived, every record of it carrying the group's cookie; the group then
 //! waits for the response that echoes the cookie (an unknown cookie is EINVAL), which the
 //! driver sends to the device as a page group response.
+//!
+//! The response goes down through the file's [`PageResponder`], one per IOMMU: on VT-d a
+//! page group response descriptor, on an SMMUv3 CMD_PRI_RESP for a PRI group or
+//! CMD_RESUME for a stalled transaction (whose STAG is the group id).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vsva_uapi::iommufd::*;
-use vsva_uapi::request::{FaultEvent, PageResponse, PageResponseCode};
+use vsva_uapi::request::{FaultEvent, PageRequest, PageResponse, PageResponseCode};
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 use vsva_vtd::{addr::Pasid, addr::SourceId};
 
-use crate::driver::HostIommu;
 use crate::fault::{FaultQueue, FaultSink};
+
+/// Where a fault queue's page responses go: the IOMMU driver's `page_response`
+/// (`iommu_ops.page_response`).
+pub trait PageResponder: Send + Sync + std::fmt::Debug {
+    /// Answers the group whose last request is `request`, from device `sid`, with
+    /// `response`; the errno of a refusal.
+    fn page_response(
+        &self,
+        sid: SourceId,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), Errno>;
+}
 
 const RECORD: usize = std::mem::size_of::<IommuHwptPgfault>();
 const RESPONSE: usize = std::mem::size_of::<IommuHwptPageResponse>();
@@ -47,7 +63,7 @@ struct Groups {
 /// One fault queue file.
 #[derive(Debug)]
 pub struct FaultFile {
-    unit: Arc<HostIommu>,
+    responder: Arc<dyn PageResponder>,
     queue: FaultQueue,
     groups: Mutex<Groups>,
 }
@@ -61,9 +77,9 @@ fn respond_to(e: &FaultEvent, code: PageResponseCode) -> PageResponse {
 }
 
 impl FaultFile {
-    pub(crate) fn new(unit: &Arc<HostIommu>) -> Arc<Self> {
+    pub(crate) fn new(responder: Arc<dyn PageResponder>) -> Arc<Self> {
         Arc::new(FaultFile {
-            unit: unit.clone(),
+            responder,
             queue: FaultQueue::new(),
             groups: Mutex::new(Groups::default()),
         })
@@ -107,22 +123,41 @@ impl FaultFile {
             self.queue.add_pasid(pasid);
             answer.retain(|e| gone(e));
         }
-        g.partial.retain(|_, v| !v.first().is_some_and(gone));
-        g.ready.retain(|v| !v.first().is_some_and(gone));
-        let cookies: Vec<u32> = g
-            .waiting
-            .iter()
-            .filter(|(_, w)| gone(&w.last))
-            .map(|(&c, _)| c)
-            .collect();
-        for c in cookies {
-            if let Some(w) = g.waiting.remove(&c) {
-                answer.push(w.last);
-            }
-        }
+        self.forget(g, gone, answer);
+    }
+
+    /// Accepts the page requests of stream `sid` (iommufd id `dev_id`) whatever their
+    /// SubstreamID: on an SMMU the guest's CD table owns them.
+    pub(crate) fn add_stream(&self, sid: SourceId, dev_id: u32) {
+        self.queue.attach(sid);
+        self.queue.set_guest_table(true);
+        self.groups().dev_ids.insert(sid, dev_id);
+    }
+
+    /// Stops taking page requests of stream `sid` and answers its groups still unanswered
+    /// with Invalid (`iommufd_auto_response_faults`).
+    pub(crate) fn remove_stream(&self, sid: SourceId) {
+        let mut g = self.groups();
+        let answer = self.queue.detach(sid);
+        g.dev_ids.remove(&sid);
+        self.forget(g, |e: &FaultEvent| e.sid == sid, answer);
+    }
+
+    /// Drops the groups `gone` picks, read or not, and answers `answer` (the queue's
+    /// pending groups of them, which include the read ones waiting for a response) with
+    /// Invalid, each once.
+    fn forget(
+        &self,
+        mut g: MutexGuard<'_, Groups>,
+        gone: impl Fn(&FaultEvent) -> bool,
+        answer: Vec<FaultEvent>,
+    ) {
+        g.partial.retain(|_, v| !v.first().is_some_and(&gone));
+        g.ready.retain(|v| !v.first().is_some_and(&gone));
+        g.waiting.retain(|_, w| !gone(&w.last));
         drop(g);
         for e in answer {
-            if let Err(err) = self.unit.page_response(
+            if let Err(err) = self.responder.page_response(
                 e.sid,
                 &e.request,
                 &respond_to(&e, PageResponseCode::Invalid),
@@ -259,11 +294,11 @@ impl UapiFile for FaultFile {
                 self.queue.remove_pending(seq);
             }
             if let Err(e) = self
-                .unit
+                .responder
                 .page_response(w.last.sid, &w.last.request, &answer)
             {
                 tracing::debug!("fault queue: page response: {e}");
-                return Err(Errno::new(e.errno()));
+                return Err(e);
             }
             done += RESPONSE;
         }

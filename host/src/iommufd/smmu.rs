@@ -16,21 +16,31 @@
 //! - device: bound through its VFIO cdev ([`super::device::VfioDeviceFile`]);
 //! - vEVENT queue (`IOMMU_VEVENTQ_TYPE_ARM_SMMUV3`): the file a vIOMMU's events go to,
 //!   each SMMU event record of a stream attached to a nested HWPT of the vIOMMU with a
-//!   vDEVICE (other than stage-2 faults and stalls), its StreamID replaced by the vSID.
+//!   vDEVICE (other than stage-2 faults and stalls), its StreamID replaced by the vSID;
+//! - fault queue (`IOMMU_FAULT_QUEUE_ALLOC`, [`FaultFile`]): a nested HWPT allocated with
+//!   `IOMMU_HWPT_FAULT_ID_VALID` sends the page requests (PRI queue) and stalled
+//!   transactions (event queue, the STAG as group id) of the streams attached to it
+//!   there, whatever their SubstreamID; the VMM's response goes down as CMD_PRI_RESP or
+//!   CMD_RESUME ([`SmmuHost`]'s `page_response`). A stream leaving the HWPT has its
+//!   unanswered groups answered Invalid (Deny, or Abort for a stall).
 //!
 //! The core ([`super::IommufdCtx`]) holds the objects, IOASes, paging HWPTs and devices;
 //! this is its SMMUv3 configuration ([`Smmu`]). `IOMMU_DESTROY` of a referenced object
 //! is EBUSY; every ioctl checks before its first change, so a refused one changes
 //! nothing. The IOAS ioctls are the core's (IOAS_COPY, IOAS_IOVA_RANGES and
 //! IOAS_ALLOW_IOVAS and IOAS_MAP_FILE as on VT-d, IPAs from `1 << IPA_BITS` reserved by
-//! each stage 2). Not served on this file (ENOTTY): dirty tracking, fault queues.
+//! each stage 2), and so is IOMMU_FAULT_QUEUE_ALLOC. Not served on this file (ENOTTY):
+//! dirty tracking.
 
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use vsva_hw::memory::{FrameAllocator, HostMemory};
 use vsva_smmuv3::regs::offset;
 use vsva_smmuv3::{cmd::Cmd, features::Features, ste::Config, ste::Ste};
+use vsva_uapi::error::Errno;
 use vsva_uapi::iommufd::*;
+use vsva_uapi::request::{PageRequest, PageResponse};
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_vtd::{addr::Iova, addr::SourceId};
 
@@ -38,6 +48,7 @@ use super::ctx::{
     self, Device, File, HwInfo, HwptPaging, IoctlOp, IommuOps, IommufdCtx, PagingDomain,
 };
 use super::device::{Iommufds, OpenDevices};
+use super::fault::{FaultFile, PageResponder};
 use super::user::{for_each_user_entry, UserArray};
 use super::vevent::VeventqFile;
 use super::IommufdError;
@@ -51,6 +62,27 @@ type Object = ctx::Object<Smmu>;
 #[derive(Debug)]
 pub struct Smmu {
     smmu: Arc<SmmuHost>,
+    /// The fault queue each stream's page requests go to, by StreamID.
+    faults: Mutex<BTreeMap<u32, Arc<FaultFile>>>,
+}
+
+impl Smmu {
+    fn faults(&self) -> MutexGuard<'_, BTreeMap<u32, Arc<FaultFile>>> {
+        self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// CMD_PRI_RESP or CMD_RESUME, as [`SmmuHost::page_response`] chooses.
+impl PageResponder for SmmuHost {
+    fn page_response(
+        &self,
+        sid: SourceId,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), Errno> {
+        SmmuHost::page_response(self, u32::from(sid.rid()), request, response)
+            .map_err(|e| Errno::new(-e.errno()))
+    }
 }
 
 /// One open `/dev/iommu` on an SMMU: its objects.
@@ -68,7 +100,13 @@ impl File<Smmu> {
 
     /// Opens `/dev/iommu` on the SMMU `smmu` in the fd table `fds`.
     pub(crate) fn open_in(smmu: &Arc<SmmuHost>, fds: Weak<Iommufds>) -> Arc<Self> {
-        File::new(Smmu { smmu: smmu.clone() }, fds)
+        File::new(
+            Smmu {
+                smmu: smmu.clone(),
+                faults: Mutex::default(),
+            },
+            fds,
+        )
     }
 }
 
@@ -109,13 +147,15 @@ pub struct Vdevice {
     virt_id: u64,
 }
 
-/// A nested HWPT: the guest's STE words 0 and 1 (checked, EATS cleared) and whether the
-/// guest asked for ATS (`struct arm_smmu_nested_domain`).
+/// A nested HWPT: the guest's STE words 0 and 1 (checked, EATS cleared), whether the
+/// guest asked for ATS (`struct arm_smmu_nested_domain`), and the fault queue (object id
+/// and file) its streams' page requests go to.
 #[derive(Debug)]
 pub struct HwptNested {
     viommu: u32,
     vste: [u64; 2],
     ats: bool,
+    fault: Option<(u32, Arc<FaultFile>)>,
 }
 
 /// The SMMU's own objects.
@@ -374,6 +414,10 @@ impl IommuOps for Smmu {
             ucmd: UCMD_VEVENTQ_ALLOC,
             handler: SmmuCtx::do_veventq_alloc,
         },
+        IoctlOp {
+            ucmd: UCMD_FAULT_QUEUE_ALLOC,
+            handler: SmmuCtx::do_fault_queue_alloc,
+        },
     ];
     const PAGING_FLAGS: u32 = IOMMU_HWPT_ALLOC_NEST_PARENT;
     const HW_INFO_TYPE: u32 = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
@@ -443,6 +487,10 @@ impl IommuOps for Smmu {
         })
     }
 
+    fn responder(&self) -> Arc<dyn PageResponder> {
+        self.smmu.clone()
+    }
+
     fn kind(o: &Vobj) -> &'static str {
         match o {
             Vobj::Viommu(_) => "vIOMMU",
@@ -452,7 +500,7 @@ impl IommuOps for Smmu {
     }
 
     fn nested_refers(n: &HwptNested, id: u32) -> bool {
-        n.viommu == id
+        n.viommu == id || n.fault.as_ref().is_some_and(|(f, _)| *f == id)
     }
 
     fn object_refers(o: &Vobj, id: u32) -> bool {
@@ -557,6 +605,7 @@ impl IommuOps for Smmu {
 
     fn rid_changed(ctx: &SmmuCtx, dev_id: u32) {
         ctx.update_vmaster(dev_id);
+        ctx.update_fault_route(dev_id);
     }
 
     /// Its vDEVICEs go with it (the kernel's tombstone: a later `IOMMU_DESTROY` of their
@@ -618,6 +667,40 @@ impl IommufdCtx<Smmu> {
         self.ops.smmu.set_vmaster(u32::from(dev.sid.rid()), vmaster);
     }
 
+    /// Routes the page requests and stalls of device `dev_id`'s stream to the fault queue
+    /// of the nested HWPT it is attached to, if that has one
+    /// (`iommufd_fault_domain_replace_dev`): the new queue takes the stream first, then
+    /// the SMMU's route moves, then a queue the stream leaves answers its unanswered
+    /// groups of the stream with Invalid.
+    fn update_fault_route(&self, dev_id: u32) {
+        let Ok(dev) = self.device(dev_id) else {
+            return;
+        };
+        let (sid, stream) = (dev.sid, u32::from(dev.sid.rid()));
+        let want = dev.rid.and_then(|h| match self.objects.get(&h) {
+            Some(Object::HwptNested(n)) => n.fault.as_ref().map(|(_, f)| f.clone()),
+            _ => None,
+        });
+        let mut faults = self.ops.faults();
+        let have = faults.get(&stream).cloned();
+        if have.as_ref().map(Arc::as_ptr) == want.as_ref().map(Arc::as_ptr) {
+            return;
+        }
+        if let Some(f) = &want {
+            f.add_stream(sid, dev_id);
+            faults.insert(stream, f.clone());
+        } else {
+            faults.remove(&stream);
+        }
+        drop(faults);
+        self.ops
+            .smmu
+            .set_stream_sink(stream, want.as_ref().map(|f| f.sink()));
+        if let Some(f) = have {
+            f.remove_stream(sid);
+        }
+    }
+
     /// `IOMMU_VEVENTQ_ALLOC` (`iommufd_veventq_alloc`): flags and reserved 0 and a type
     /// other than DEFAULT (EOPNOTSUPP; ARM_SMMUV3 the only one served), a depth (EINVAL for
     /// 0), a vIOMMU (ENOENT) without a queue of that type (EEXIST); the queue's file is
@@ -665,8 +748,8 @@ impl IommufdCtx<Smmu> {
     }
 
     /// A nested HWPT under vIOMMU `cmd.pt_id` (`arm_vsmmu_alloc_domain_nested`): flags
-    /// other than FAULT_ID_VALID EOPNOTSUPP, and no fault queue exists on this file, so
-    /// FAULT_ID_VALID is ENOENT; data of type ARM_SMMUV3 (NONE: EINVAL, another:
+    /// other than FAULT_ID_VALID EOPNOTSUPP, FAULT_ID_VALID with a `fault_id` that is not
+    /// a fault queue ENOENT; data of type ARM_SMMUV3 (NONE: EINVAL, another:
     /// EOPNOTSUPP), at least `iommu_hwpt_arm_smmuv3` (EINVAL), read from `data_uptr`
     /// (EFAULT) with a zero tail (E2BIG); the STE words as [`validate_vste`] takes them
     /// and the nested STE they make as [`physical_ste`] builds it (EIO).
@@ -686,9 +769,14 @@ impl IommufdCtx<Smmu> {
             });
         }
         let data: IommuHwptArmSmmuv3 = self.hwpt_data(cmd, WHAT)?;
-        if cmd.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
-            return Err(no_object(cmd.fault_id, "fault queue"));
-        }
+        let fault = if cmd.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
+            match self.objects.get(&cmd.fault_id) {
+                Some(Object::Fault(f)) => Some((cmd.fault_id, f.clone())),
+                _ => return Err(no_object(cmd.fault_id, "fault queue")),
+            }
+        } else {
+            None
+        };
         let (vste, ats) = validate_vste(data.ste)?;
         let parent = self
             .domain_of_viommu(cmd.pt_id)
@@ -701,6 +789,7 @@ impl IommufdCtx<Smmu> {
                 viommu: cmd.pt_id,
                 vste,
                 ats,
+                fault,
             }),
         );
         Ok(id)
@@ -983,6 +1072,7 @@ impl IommufdCtx<Smmu> {
                 d.rid = None;
             }
             self.update_vmaster(dev_id);
+            self.update_fault_route(dev_id);
             if let Some(o) = old {
                 self.drop_auto(o);
             }

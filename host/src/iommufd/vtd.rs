@@ -9,16 +9,17 @@ use std::convert::Infallible;
 use std::sync::{Arc, Weak};
 
 use vsva_hw::memory::{FrameAllocator, HostMemory};
+use vsva_uapi::error::Errno;
 use vsva_uapi::iommu::{IOMMU_SVA_VTD_GPASID_EAFE, IOMMU_SVA_VTD_GPASID_SRE};
 use vsva_uapi::iommufd::*;
-use vsva_uapi::request::BindGpasid;
+use vsva_uapi::request::{BindGpasid, PageRequest, PageResponse};
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_vtd::regs::layout::offset;
 use vsva_vtd::{addr::DomainId, addr::Gpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use super::ctx::{self, Device, File, HwInfo, IoctlOp, IommuOps, IommufdCtx, PagingDomain};
 use super::device::{Iommufds, OpenDevices};
-use super::fault::FaultFile;
+use super::fault::{FaultFile, PageResponder};
 use super::inval::Invalidation;
 use super::iopt::IOVA_ALIGNMENT;
 use super::user::{for_each_user_entry, UserArray};
@@ -129,6 +130,18 @@ pub enum ObjectState {
         /// The HWPT of each attached PASID.
         pasids: Vec<(u32, u32)>,
     },
+}
+
+/// A page group response descriptor (`intel_iommu_page_response`).
+impl PageResponder for HostIommu {
+    fn page_response(
+        &self,
+        sid: SourceId,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), Errno> {
+        HostIommu::page_response(self, sid, request, response).map_err(|e| Errno::new(e.errno()))
+    }
 }
 
 impl PagingDomain for VtdDomain {
@@ -301,6 +314,10 @@ impl IommuOps for Vtd {
             },
             capabilities,
         })
+    }
+
+    fn responder(&self) -> Arc<dyn PageResponder> {
+        self.unit.clone()
     }
 
     fn kind(o: &Infallible) -> &'static str {
@@ -619,24 +636,6 @@ impl IommufdCtx<Vtd> {
                 Ok(())
             },
         )
-    }
-
-    /// `IOMMU_FAULT_QUEUE_ALLOC`: flags must be 0 (EOPNOTSUPP); a fault queue object and
-    /// its file, installed in the process's fd table (`out_fault_id`, `out_fault_fd`).
-    fn do_fault_queue_alloc(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
-        let mut cmd: IommuFaultAlloc = u.copy_in(arg)?;
-        if cmd.flags != 0 {
-            return Err(IommufdError::not_supported("iommu_fault_alloc", "flags"));
-        }
-        let fds = self.fds.upgrade().ok_or(IommufdError::NoFd)?;
-        let id = self.next_id()?;
-        let file = FaultFile::new(&self.ops.unit);
-        let fd = fds.install_fault(file.clone());
-        self.objects.insert(id, Object::Fault(file));
-        cmd.out_fault_id = id;
-        cmd.out_fault_fd = fd as u32;
-        u.respond(&cmd, arg);
-        Ok(())
     }
 
     /// Attaches (or, when attached, replaces) `pasid` of device `dev_id` to nested HWPT

@@ -21,8 +21,8 @@ use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
 };
 use vsva_uapi::request::{
-    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageRequest, PageResponse,
-    PageResponseCode, PasidConfig, PasidTableConfig,
+    BindGpasid, CacheInvalidate, DmaMap, InvGranularity, PageRequest, PageResponse, PasidConfig,
+    PasidTableConfig,
 };
 use vsva_vtd::{addr::Hpa, addr::Iova, addr::SourceId};
 
@@ -754,10 +754,8 @@ impl IommuBackend for SmmuDomain {
         self.host.set_sink(self.vmid, sink);
     }
 
-    /// The response to a page request (the nested series' `arm_smmu_page_response`): for a
-    /// stream that may stall, CMD_RESUME of the stalled transaction whose STAG is the
-    /// group id (Success → Retry, Invalid and Failure → Abort); otherwise CMD_PRI_RESP
-    /// (Success, Invalid → Deny, Failure → Fail).
+    /// The response to a page request of one of the domain's streams, as
+    /// [`SmmuHost::page_response`] gives it.
     fn page_response(
         &mut self,
         sid: SourceId,
@@ -768,37 +766,7 @@ impl IommuBackend for SmmuDomain {
         if !self.devices.contains(&s) {
             return Err(HostError::DeviceNotAttached(sid));
         }
-        if self.host.stall_enabled(s) {
-            let stag = u16::try_from(request.grpid)
-                .map_err(|_| invalid(format!("STAG {} is wider than 16 bits", request.grpid)))?;
-            let action = match response.code {
-                PageResponseCode::Success => vsva_smmuv3::cmd::ResumeAction::Retry,
-                PageResponseCode::Invalid | PageResponseCode::Failure => {
-                    vsva_smmuv3::cmd::ResumeAction::Abort
-                }
-            };
-            return self
-                .host
-                .driver()
-                .issue(&[Cmd::Resume {
-                    sid: s,
-                    action,
-                    stag,
-                }])
-                .map_err(driver_error);
-        }
-        let resp = match response.code {
-            PageResponseCode::Success => vsva_smmuv3::cmd::PriResp::Success,
-            PageResponseCode::Invalid => vsva_smmuv3::cmd::PriResp::Deny,
-            PageResponseCode::Failure => vsva_smmuv3::cmd::PriResp::Fail,
-        };
-        let ssid = response.pasid.map(|p| p.raw());
-        let grp = u16::try_from(request.grpid)
-            .map_err(|_| invalid(format!("PRG index {} is wider than 9 bits", request.grpid)))?;
-        self.host
-            .driver()
-            .pri_resp(s, ssid, grp, resp)
-            .map_err(driver_error)
+        self.host.page_response(s, request, response)
     }
 }
 

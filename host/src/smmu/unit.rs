@@ -10,11 +10,11 @@ use vsva_smmuv3::{
     features::StallModel, regs::RegError, ste::Ste,
 };
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver};
-use vsva_uapi::request::PageRequest;
+use vsva_uapi::request::{PageRequest, PageResponse, PageResponseCode};
 use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId};
 
-use super::driver_error;
 use super::irq::{self, Counters, IrqStats, IrqThread, MSI_DOORBELL};
+use super::{driver_error, invalid};
 use crate::error::HostError;
 use crate::fault::FaultSink;
 use crate::iommufd::device::OpenDevices;
@@ -70,6 +70,9 @@ struct HostState {
     owners: BTreeMap<u32, u16>,
     /// Each domain's fault sink, by VMID.
     sinks: BTreeMap<u16, FaultSink>,
+    /// The fault sink of each stream attached to an iommufd HWPT with a fault queue: its
+    /// page requests and stalls go there rather than to the domain's sink.
+    stream_sinks: BTreeMap<u32, FaultSink>,
     /// The vIOMMU event sink and vSID of each stream nested under a vIOMMU.
     vmasters: BTreeMap<u32, (Arc<dyn VeventSink>, u32)>,
     /// Streams whose devices can stall (the firmware's `dma-can-stall`).
@@ -262,7 +265,7 @@ impl SmmuHost {
             && e.sid <= u16::MAX as u32
             && self.stall_enabled(e.sid)
             && self
-                .sink_of(e.sid)
+                .request_sink_of(e.sid)
                 .is_some_and(|s| s.report(sid, request).is_ok());
         if !taken {
             let abort = Cmd::Resume {
@@ -287,18 +290,20 @@ impl SmmuHost {
         self.state().vmids.iter().copied().collect()
     }
 
-    /// Fault sinks (container fault queues) registered, one per domain that has one.
+    /// Fault sinks registered: one per domain that has one (a container's fault queue),
+    /// one per stream routed to an iommufd fault queue.
     pub fn fault_sinks(&self) -> usize {
-        self.state().sinks.len()
+        let s = self.state();
+        s.sinks.len() + s.stream_sinks.len()
     }
 
-    /// Streams whose page requests and faults reach a fault sink: held by a domain that
-    /// registered one.
+    /// Streams whose page requests reach a fault sink: held by a domain that registered
+    /// one, or routed to an iommufd fault queue.
     pub fn fault_routes(&self) -> usize {
         let s = self.state();
         s.owners
-            .values()
-            .filter(|v| s.sinks.contains_key(v))
+            .iter()
+            .filter(|(sid, v)| s.sinks.contains_key(v) || s.stream_sinks.contains_key(sid))
             .count()
     }
 
@@ -306,6 +311,63 @@ impl SmmuHost {
     fn sink_of(&self, sid: u32) -> Option<FaultSink> {
         let s = self.state();
         s.owners.get(&sid).and_then(|v| s.sinks.get(v)).cloned()
+    }
+
+    /// Where stream `sid`'s page requests and stalls go: the iommufd fault queue of its
+    /// HWPT, else its domain's sink (the domain's `iopf_handler`).
+    fn request_sink_of(&self, sid: u32) -> Option<FaultSink> {
+        let s = self.state();
+        s.stream_sinks
+            .get(&sid)
+            .or_else(|| s.owners.get(&sid).and_then(|v| s.sinks.get(v)))
+            .cloned()
+    }
+
+    /// Sets (or clears) the iommufd fault queue stream `sid`'s page requests and stalls go
+    /// to (`iommufd_fault_domain_attach_dev`).
+    pub(crate) fn set_stream_sink(&self, sid: u32, sink: Option<FaultSink>) {
+        let mut s = self.state();
+        match sink {
+            Some(k) => s.stream_sinks.insert(sid, k),
+            None => s.stream_sinks.remove(&sid),
+        };
+    }
+
+    /// The response to a page request of stream `sid` (the nested series'
+    /// `arm_smmu_page_response`): for a stream that may stall, CMD_RESUME of the stalled
+    /// transaction whose STAG is the group id (Success → Retry, Invalid and Failure →
+    /// Abort); otherwise CMD_PRI_RESP (Success, Invalid → Deny, Failure → Fail) of the
+    /// group, with its SubstreamID when the request needs it back.
+    pub(crate) fn page_response(
+        &self,
+        sid: u32,
+        request: &PageRequest,
+        response: &PageResponse,
+    ) -> Result<(), HostError> {
+        use vsva_smmuv3::cmd::PriResp as R;
+        if self.stall_enabled(sid) {
+            let stag = u16::try_from(request.grpid)
+                .map_err(|_| invalid(format!("STAG {} is wider than 16 bits", request.grpid)))?;
+            let action = match response.code {
+                PageResponseCode::Success => ResumeAction::Retry,
+                PageResponseCode::Invalid | PageResponseCode::Failure => ResumeAction::Abort,
+            };
+            return self
+                .driver()
+                .issue(&[Cmd::Resume { sid, action, stag }])
+                .map_err(driver_error);
+        }
+        let resp = match response.code {
+            PageResponseCode::Success => R::Success,
+            PageResponseCode::Invalid => R::Deny,
+            PageResponseCode::Failure => R::Fail,
+        };
+        let ssid = response.pasid.map(|p| p.raw());
+        let grp = u16::try_from(request.grpid)
+            .map_err(|_| invalid(format!("PRG index {} is wider than 9 bits", request.grpid)))?;
+        self.driver()
+            .pri_resp(sid, ssid, grp, resp)
+            .map_err(driver_error)
     }
 
     /// Sets (or clears) where the events of stream `sid` go as a vIOMMU's, with its vSID
@@ -413,7 +475,7 @@ impl SmmuHost {
             .page_requests(requests.records.len(), requests.overflowed);
         let mut delivered = 0;
         for r in requests.records {
-            let sink = self.sink_of(r.sid);
+            let sink = self.request_sink_of(r.sid);
             let request = PageRequest {
                 pasid: r.ssid.and_then(|s| Pasid::new(s).ok()),
                 grpid: r.prg_index as u32,
