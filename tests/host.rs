@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vsva_service::protocol::{self, HostState, Reply, Request, ERROR_REPLY, HEADER_LEN, MAX_FRAME};
-use vsva_service::{client::RemoteFile, client::SharedRam, socket};
+use vsva_service::{client::RemoteFile, client::SharedRam, ring, socket};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{
     error::Errno, file::VfioIoctls, request::BindGpasid, request::CacheInvalidate,
@@ -323,6 +323,7 @@ fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
             min_version: 1,
             max_version: 1,
             file: protocol::FILE_VFIO_CONTAINER,
+            ring: false,
         },
     );
     // Before HELLO, an ioctl has no file.
@@ -353,6 +354,8 @@ fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
         (frame(7, 5, 0, &[1]), 7, Errno::EINVAL),
         (frame(0x42, 6, 0, &[]), ERROR_REPLY, Errno::ENOTTY),
         (frame(3, 7, 2, &[1, 2]), 3, Errno::EINVAL),
+        // A doorbell on a connection without a call ring.
+        (frame(13, 10, 0, &[]), 13, Errno::EINVAL),
         (vec![0xAA; 40], ERROR_REPLY, Errno::EINVAL),
         (
             frame(2, 8, (MAX_FRAME) as u32, &vec![0; MAX_FRAME]),
@@ -406,6 +409,230 @@ fn malformed_traffic_gets_error_replies_and_changes_no_other_client() {
     (&good).pasid_free(p).unwrap();
     drop(good);
     stop_clean(host);
+}
+
+/// A client's hand-made call ring (docs/protocol.md, "The call ring"), for tests that
+/// play a client writing the ring word by word.
+struct RawRing {
+    file: std::fs::File,
+    region: vm_memory::mmap::MmapRegion<()>,
+}
+
+impl RawRing {
+    /// A memfd of `size` bytes that can be sealed, mapped shared.
+    fn new(size: usize) -> RawRing {
+        use rustix::fs::MemfdFlags;
+        let fd =
+            rustix::fs::memfd_create("test-ring", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+                .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(size as u64).unwrap();
+        let region = vm_memory::mmap::MmapRegion::from_file(
+            vm_memory::FileOffset::new(file.try_clone().unwrap(), 0),
+            size,
+        )
+        .unwrap();
+        RawRing { file, region }
+    }
+
+    fn word(&self, at: usize) -> &std::sync::atomic::AtomicU32 {
+        use vm_memory::VolatileMemory;
+        self.region.get_atomic_ref(at).unwrap()
+    }
+
+    fn set(&self, at: usize, value: u32) {
+        self.word(at)
+            .store(value, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn get(&self, at: usize) -> u32 {
+        self.word(at).load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The reply slot's frame, decoded.
+    fn reply(&self) -> Reply {
+        use vm_memory::VolatileMemory;
+        let len = self.get(ring::RESP_LEN) as usize;
+        assert!(len <= ring::REPLY_MAX);
+        let mut bytes = vec![0u8; len];
+        self.region
+            .get_slice(ring::REPLY_AT, len)
+            .unwrap()
+            .copy_to(&mut bytes);
+        Reply::decode(&bytes).expect("the host's ring replies decode")
+    }
+
+    /// Posts `frame` as request `seq` saying it is `len` bytes long, says the client
+    /// sleeps for its reply and rings the doorbell; the reply once the host's doorbell
+    /// says it is there, or `None` when the host closes the connection (a bounded wait:
+    /// 30 s, then the test fails).
+    fn call(&self, sock: &std::os::fd::OwnedFd, seq: u32, frame: &[u8], len: u32) -> Option<Reply> {
+        use vm_memory::VolatileMemory;
+        self.region
+            .get_slice(ring::REQUEST_AT, frame.len())
+            .unwrap()
+            .copy_from(frame);
+        self.set(ring::REQ_LEN, len);
+        self.set(ring::CLIENT_WAITING, 1);
+        self.set(ring::REQ_SEQ, seq);
+        socket::send(
+            sock.as_fd(),
+            &protocol::encode_request(0, &Request::Doorbell),
+            &[],
+        )
+        .ok()?;
+        loop {
+            match socket::recv(sock.as_fd()) {
+                Ok(Some(r)) => {
+                    assert!(protocol::is_host_doorbell(&r.bytes), "only doorbells come");
+                    if self.get(ring::RESP_SEQ) == seq {
+                        return Some(self.reply());
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    panic!("no answer from the host within 30 s")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// A socket connected to the host whose receives give up after 30 s.
+fn raw_connection(host: &vsva_service::process::HostProcess) -> std::os::fd::OwnedFd {
+    let sock = socket::connect(host.socket()).unwrap();
+    rustix::net::sockopt::set_socket_timeout(
+        &sock,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(Duration::from_secs(30)),
+    )
+    .unwrap();
+    sock
+}
+
+fn ring_hello(ring: bool) -> Vec<u8> {
+    protocol::encode_request(
+        1,
+        &Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            file: protocol::FILE_VFIO_CONTAINER,
+            ring,
+        },
+    )
+}
+
+#[test]
+fn a_lying_ring_client_closes_only_its_own_connection() {
+    let host = start_host("ring", HOST_MEMORY, &[]);
+    let (good, _ram) = vmm(host.socket());
+    assert!(good.has_ring(), "the Rust client calls through a ring");
+    let p = (&good).pasid_alloc(1, 1000).unwrap();
+    (&good).bind_gpasid(&bind_data(p)).unwrap();
+    let before = good.host_state().unwrap();
+
+    // Offers the host refuses, each opening nothing: no ring file, a file of the wrong
+    // size, a socket, unknown flags.
+    let a = raw_connection(&host);
+    let einval = Err(Errno::EINVAL);
+    assert_eq!(raw(&a, &ring_hello(true), &[]).unwrap().result, einval);
+    let small = RawRing::new(4096);
+    assert_eq!(
+        raw(&a, &ring_hello(true), &[small.file.as_fd()])
+            .unwrap()
+            .result,
+        einval
+    );
+    let other = raw_connection(&host);
+    assert_eq!(
+        raw(&a, &ring_hello(true), &[other.as_fd()]).unwrap().result,
+        einval
+    );
+    let mut flags = ring_hello(true);
+    flags[HEADER_LEN + 8] = 2;
+    let good_ring = RawRing::new(ring::RING_BYTES);
+    assert_eq!(
+        raw(&a, &flags, &[good_ring.file.as_fd()]).unwrap().result,
+        einval
+    );
+    // Then the ring is taken, and sealed against resizing.
+    let r = raw(&a, &ring_hello(true), &[good_ring.file.as_fd()]).unwrap();
+    assert_eq!(r.result, Ok(0));
+    let welcome = protocol::Welcome::from_bytes(&r.data).unwrap();
+    assert_eq!(welcome.flags, protocol::WELCOME_RING);
+    assert!(good_ring.file.set_len(0).is_err());
+    // Calls through it: a good one, then malformed frames answered in the ring.
+    let state = protocol::encode_request(2, &Request::State);
+    let r = good_ring.call(&a, 1, &state, state.len() as u32).unwrap();
+    assert_eq!(
+        (r.id, r.result, r.data.len()),
+        (2, Ok(0), protocol::HOST_STATE_LEN)
+    );
+    let garbage = [0xA5u8; 40];
+    let r = good_ring.call(&a, 2, &garbage, 40).unwrap();
+    assert_eq!((r.kind, r.result), (ERROR_REPLY, Err(Errno::EINVAL)));
+    let doorbell = protocol::encode_request(3, &Request::Doorbell);
+    let r = good_ring
+        .call(&a, 3, &doorbell, doorbell.len() as u32)
+        .unwrap();
+    assert_eq!(r.result, Err(Errno::EINVAL));
+    let r = good_ring.call(&a, 4, &ring_hello(false), 24).unwrap();
+    assert_eq!(r.result, Err(Errno::new(libc::EISCONN)));
+    let add = protocol::encode_request(
+        5,
+        &Request::AddMemory {
+            addr: 0,
+            size: 4096,
+        },
+    );
+    let r = good_ring.call(&a, 5, &add, add.len() as u32).unwrap();
+    assert_eq!(r.result, Err(Errno::EINVAL), "no fd rides the ring");
+    // A number that skips one closes the connection.
+    assert!(good_ring.call(&a, 7, &state, state.len() as u32).is_none());
+
+    // A length beyond the slot closes the connection.
+    let b = raw_connection(&host);
+    let ring_b = RawRing::new(ring::RING_BYTES);
+    assert_eq!(
+        raw(&b, &ring_hello(true), &[ring_b.file.as_fd()])
+            .unwrap()
+            .result,
+        Ok(0)
+    );
+    assert!(ring_b
+        .call(&b, 1, &state, ring::REQUEST_MAX as u32 + 1)
+        .is_none());
+
+    // A number that goes back closes the connection.
+    let c = raw_connection(&host);
+    let ring_c = RawRing::new(ring::RING_BYTES);
+    assert_eq!(
+        raw(&c, &ring_hello(true), &[ring_c.file.as_fd()])
+            .unwrap()
+            .result,
+        Ok(0)
+    );
+    assert!(ring_c.call(&c, 1, &state, state.len() as u32).is_some());
+    assert!(ring_c.call(&c, 0, &state, state.len() as u32).is_none());
+    drop((a, b, c, other));
+
+    // The good client is untouched and still served.
+    assert_eq!(settle(&good, before), before);
+    (&good)
+        .cache_invalidate(&CacheInvalidate {
+            cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+            granularity: InvGranularity::Pasid {
+                pasid: Some(p),
+                archid: None,
+            },
+        })
+        .unwrap();
+    (&good).unbind_gpasid(&bind_data(p)).unwrap();
+    (&good).pasid_free(p).unwrap();
+    drop(good);
+    let report = stop_clean(host);
+    assert!(report.contains("3 connections closed for them"), "{report}");
 }
 
 #[test]

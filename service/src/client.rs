@@ -19,9 +19,10 @@ use vsva_uapi::{
 use vsva_vtd::{addr::Iova, addr::SourceId};
 
 use crate::protocol::{
-    encode_request, HostState, Reply, Request, Welcome, CONNECTIONS_FULL, FILE_IOMMUFD,
-    FILE_VFIO_CONTAINER, VERSION,
+    encode_request, is_host_doorbell, HostState, Reply, Request, Welcome, CONNECTIONS_FULL,
+    FILE_IOMMUFD, FILE_VFIO_CONTAINER, HEADER_LEN, VERSION, WELCOME_RING,
 };
+use crate::ring::{self, ClientRing};
 use crate::socket;
 
 /// A failure to reach the host.
@@ -57,6 +58,19 @@ struct Calls {
     buf: socket::RecvBuffer,
     /// How replies are waited for.
     poller: socket::Poller,
+    /// The call ring, once the host took it.
+    ring: Option<ClientRing>,
+}
+
+/// How a [`RemoteFile`]'s calls travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Through a call ring offered with `HELLO` (docs/protocol.md, "The call ring") when
+    /// the host takes it, else frames on the socket; calls that pass file descriptors, and
+    /// any too large for the ring, take the socket either way.
+    Ring,
+    /// Frames on the socket only.
+    Socket,
 }
 
 /// A uAPI file (a VFIO container) that `vsva host` serves over a UNIX socket.
@@ -90,8 +104,30 @@ impl RemoteFile {
     }
 
     /// Connects to the host at `path` and opens a file of kind `kind` there
-    /// ([`FILE_VFIO_CONTAINER`] or [`crate::protocol::FILE_IOMMUFD`]).
+    /// ([`FILE_VFIO_CONTAINER`] or [`crate::protocol::FILE_IOMMUFD`]), with a call ring
+    /// unless the environment says `VSVA_TRANSPORT=socket` (to compare the two with the
+    /// same programs: `vsva bench`, `vsva load`).
     pub fn connect_kind(path: &Path, kind: u32) -> Result<RemoteFile, ClientError> {
+        let transport = match std::env::var_os("VSVA_TRANSPORT") {
+            Some(t) if t == "socket" => Transport::Socket,
+            _ => Transport::Ring,
+        };
+        Self::connect_with(path, kind, transport)
+    }
+
+    /// Connects to the host at `path` and opens a file of kind `kind` there, its calls
+    /// travelling by `transport`.
+    pub fn connect_with(
+        path: &Path,
+        kind: u32,
+        transport: Transport,
+    ) -> Result<RemoteFile, ClientError> {
+        let ring = match transport {
+            Transport::Ring => Some(
+                ClientRing::new().map_err(|e| ClientError::Memory(format!("call ring: {e}")))?,
+            ),
+            Transport::Socket => None,
+        };
         let sock = socket::connect(path).map_err(|source| ClientError::Connect {
             path: path.display().to_string(),
             source,
@@ -102,9 +138,11 @@ impl RemoteFile {
                 next_id: 1,
                 buf: socket::RecvBuffer::default(),
                 poller: socket::Poller::new(socket::SPIN),
+                ring: None,
             }),
             welcome: Welcome {
                 version: VERSION,
+                flags: 0,
                 max_payload: 0,
                 max_in_flight: 1,
                 max_windows: 0,
@@ -115,28 +153,44 @@ impl RemoteFile {
             kind,
             given: Mutex::new(BTreeMap::new()),
         };
+        let ring_fd: Vec<BorrowedFd<'_>> = ring.iter().map(ClientRing::fd).collect();
         let reply = file
             .call(
                 &Request::Hello {
                     min_version: VERSION,
                     max_version: VERSION,
                     file: kind,
+                    ring: ring.is_some(),
                 },
-                &[],
+                &ring_fd,
             )
             .map_err(ClientError::Refused)?;
+        drop(ring_fd);
         reply.result.map_err(|e| match e {
             CONNECTIONS_FULL => ClientError::Full(e),
             e => ClientError::Refused(e),
         })?;
         file.welcome = Welcome::from_bytes(&reply.data)
             .ok_or_else(|| ClientError::Protocol("a HELLO reply without its limits".into()))?;
+        if file.welcome.flags & WELCOME_RING != 0 {
+            let Some(ring) = ring else {
+                return Err(ClientError::Protocol(
+                    "the host took a call ring it was not offered".into(),
+                ));
+            };
+            file.lock().ring = Some(ring);
+        }
         Ok(file)
     }
 
     /// The version and limits the host granted.
     pub fn welcome(&self) -> Welcome {
         self.welcome
+    }
+
+    /// Whether the connection's calls go through a call ring.
+    pub fn has_ring(&self) -> bool {
+        self.lock().ring.is_some()
     }
 
     /// Whether the host closed the connection (every call since fails with
@@ -151,7 +205,7 @@ impl RemoteFile {
 
     /// Sends `request` (with `fds`) and waits for its reply, which carries no fd.
     fn call(&self, request: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Result<Reply, Errno> {
-        let (reply, given) = self.call_fds(request, fds)?;
+        let (reply, given) = self.call_fds(request, fds, true)?;
         if !given.is_empty() {
             tracing::error!(
                 "vsva host gave {} fds with a reply that has none",
@@ -162,11 +216,14 @@ impl RemoteFile {
         Ok(reply)
     }
 
-    /// Sends `request` (with `fds`) and waits for its reply and the fds it carries.
+    /// Sends `request` (with `fds`) and waits for its reply and the fds it carries;
+    /// through the call ring if there is one, `ring_ok` (the reply carries no fd), no fd
+    /// goes with the request and the request and its reply fit the ring's slots.
     fn call_fds(
         &self,
         request: &Request<'_>,
         fds: &[BorrowedFd<'_>],
+        ring_ok: bool,
     ) -> Result<(Reply, Vec<OwnedFd>), Errno> {
         if self.host_gone() {
             return Err(HOST_GONE);
@@ -179,15 +236,34 @@ impl RemoteFile {
             tracing::error!("vsva host connection lost ({what}: {e:?})");
             HOST_GONE
         };
-        socket::send(self.sock.as_fd(), &encode_request(id, request), fds)
-            .map_err(|e| gone("send", Some(e)))?;
+        let frame = encode_request(id, request);
+        let reply_fits = match request {
+            Request::Read { count } => HEADER_LEN + 8 + (*count as usize) <= ring::REPLY_MAX,
+            _ => true,
+        };
+        let Calls {
+            buf, poller, ring, ..
+        } = &mut *calls;
+        if let Some(ring) = ring
+            .as_mut()
+            .filter(|_| ring_ok && fds.is_empty() && reply_fits)
+            .filter(|_| frame.len() <= ring::REQUEST_MAX)
+        {
+            return self
+                .ring_call(ring, buf, &frame, id)
+                .map(|reply| (reply, Vec::new()));
+        }
+        socket::send(self.sock.as_fd(), &frame, fds).map_err(|e| gone("send", Some(e)))?;
         // The host answers most calls within microseconds: poll for the reply before
-        // sleeping on it.
-        let Calls { buf, poller, .. } = &mut *calls;
-        let received = match poller.recv(self.sock.as_fd(), buf) {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(gone("closed", None)),
-            Err(e) => return Err(gone("receive", Some(e))),
+        // sleeping on it. A doorbell the host sent for an earlier ring reply the client
+        // had found already is passed over.
+        let received = loop {
+            match poller.recv(self.sock.as_fd(), buf) {
+                Ok(Some(r)) if r.fds.is_empty() && is_host_doorbell(&r.bytes) => continue,
+                Ok(Some(r)) => break r,
+                Ok(None) => return Err(gone("closed", None)),
+                Err(e) => return Err(gone("receive", Some(e))),
+            }
         };
         let reply = Reply::decode(&received.bytes).map_err(|e| {
             tracing::error!("vsva host reply: {e}");
@@ -198,6 +274,61 @@ impl RemoteFile {
             return Err(Errno::EIO);
         }
         Ok((reply, received.fds))
+    }
+
+    /// One call through the call ring: `frame` (request `id`) is posted, with a doorbell
+    /// if the host sleeps; the reply is spun for ([`ring::SPIN`]), then slept for on the
+    /// socket until the host's doorbell, the client having published that it sleeps. A
+    /// host that breaks the ring's rules, or sends another frame meanwhile, loses the
+    /// connection.
+    fn ring_call(
+        &self,
+        ring: &mut ClientRing,
+        buf: &mut socket::RecvBuffer,
+        frame: &[u8],
+        id: u32,
+    ) -> Result<Reply, Errno> {
+        let gone = |what: String| {
+            self.gone.store(true, Ordering::Release);
+            tracing::error!("vsva host connection lost ({what})");
+            HOST_GONE
+        };
+        if ring.post(frame) {
+            socket::send(
+                self.sock.as_fd(),
+                &encode_request(0, &Request::Doorbell),
+                &[],
+            )
+            .map_err(|e| gone(format!("doorbell: {e}")))?;
+        }
+        let found = match ring::spin(ring::SPIN, || ring.reply()) {
+            Some(found) => found,
+            None => {
+                ring.set_waiting(true);
+                let found = loop {
+                    if let Some(found) = ring.reply() {
+                        break Ok(found);
+                    }
+                    match socket::recv_into(self.sock.as_fd(), buf) {
+                        Ok(Some(r)) if r.fds.is_empty() && is_host_doorbell(&r.bytes) => {}
+                        Ok(Some(_)) => break Err("a frame while a ring reply was due".into()),
+                        Ok(None) => break Err("closed".into()),
+                        Err(e) => break Err(format!("receive: {e}")),
+                    }
+                };
+                ring.set_waiting(false);
+                found.map_err(gone)?
+            }
+        };
+        let bytes = found.map_err(|e| gone(format!("call ring: {e}")))?;
+        let reply = Reply::decode(&bytes).map_err(|e| gone(format!("ring reply: {e}")))?;
+        if reply.id != id {
+            return Err(gone(format!(
+                "ring reply to request {} where {id} was due",
+                reply.id
+            )));
+        }
+        Ok(reply)
     }
 
     fn simple(&self, request: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Result<Reply, Errno> {
@@ -304,7 +435,7 @@ impl RemoteFile {
     /// An ioctl whose reply gives a file descriptor, in the u32 field at `at`: the fd is
     /// kept for [`RemoteFile::take_fd`] and its number written in the field.
     fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8], at: usize) -> Result<usize, Errno> {
-        let (reply, mut fds) = self.call_fds(&Request::Ioctl { cmd, arg }, &[])?;
+        let (reply, mut fds) = self.call_fds(&Request::Ioctl { cmd, arg }, &[], false)?;
         let n = reply.result? as usize;
         if reply.data.len() != arg.len() || fds.len() != 1 || arg.len() < at + 4 {
             tracing::error!("vsva host's reply to ioctl {cmd:#x} does not give one fd");

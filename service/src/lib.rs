@@ -4,6 +4,7 @@
 //!
 //! - [`protocol`]: frames, messages, limits (docs/protocol.md is the specification).
 //! - [`socket`]: `SOCK_SEQPACKET` frames with `SCM_RIGHTS` file descriptors.
+//! - [`ring`]: the shared-memory call ring a client may offer with `HELLO`.
 //! - [`kind`]: the file kinds a connection can open: a VFIO type1 container, or an
 //!   iommufd ([`iommufd`], with the table of the ioctls it serves and their pointers).
 //! - [`fault`]: an iommufd fault queue served to the client on a socket pair.
@@ -18,5 +19,6 @@ pub mod kind;
 pub mod load;
 pub mod process;
 pub mod protocol;
+pub mod ring;
 pub mod server;
 pub mod socket;

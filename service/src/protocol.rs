@@ -35,6 +35,14 @@ pub const HOST_STATE_LEN: usize = 17 * 8;
 pub const FILE_VFIO_CONTAINER: u32 = 1;
 /// The file kind of an iommufd (`/dev/iommu`), with the connection's device bound to it.
 pub const FILE_IOMMUFD: u32 = 2;
+/// The `HELLO` flag that offers a call ring (the ring file rides as `SCM_RIGHTS`).
+pub const HELLO_RING: u32 = 1;
+/// The welcome flag that says the host took the call ring: the connection's calls may go
+/// through it.
+pub const WELCOME_RING: u16 = 1;
+/// The kind of the doorbell a host sends a client that sleeps for its ring reply
+/// ([`Kind::Doorbell`] with [`REPLY`] set); it is not a reply and has no payload.
+pub const HOST_DOORBELL: u16 = Kind::Doorbell as u16 | REPLY;
 
 /// The header of every frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +146,9 @@ pub enum Kind {
     DeviceRegRead = 11,
     /// Writes one of the device's 64-bit registers (BAR 0).
     DeviceRegWrite = 12,
+    /// The client posted a request on the call ring while the host slept: look at the
+    /// ring. Not answered.
+    Doorbell = 13,
 }
 
 impl Kind {
@@ -156,6 +167,7 @@ impl Kind {
             10 => Kind::DeviceRun,
             11 => Kind::DeviceRegRead,
             12 => Kind::DeviceRegWrite,
+            13 => Kind::Doorbell,
             _ => return None,
         })
     }
@@ -164,7 +176,8 @@ impl Kind {
 /// A decoded request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request<'a> {
-    /// `HELLO`: the versions the client speaks and the file it opens.
+    /// `HELLO`: the versions the client speaks, the file it opens, and whether it offers
+    /// a call ring.
     Hello {
         /// Lowest version the client speaks.
         min_version: u16,
@@ -172,6 +185,8 @@ pub enum Request<'a> {
         max_version: u16,
         /// The file kind ([`FILE_VFIO_CONTAINER`] or [`FILE_IOMMUFD`]).
         file: u32,
+        /// A call ring is offered ([`HELLO_RING`]; the ring file rides as `SCM_RIGHTS`).
+        ring: bool,
     },
     /// `IOCTL`: the command and the argument bytes.
     Ioctl {
@@ -221,6 +236,8 @@ pub enum Request<'a> {
         /// The value written.
         value: u64,
     },
+    /// `DOORBELL`: a request waits on the call ring.
+    Doorbell,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -273,11 +290,14 @@ pub fn decode_request(frame: &[u8]) -> Result<(Header, Request<'_>), FrameError>
     let p = &frame[HEADER_LEN..];
     let bad = || FrameError::Payload { kind, len: p.len() };
     let request = match kind {
-        Kind::Hello if p.len() == 8 => Request::Hello {
-            min_version: u16_at(p, 0),
-            max_version: u16_at(p, 2),
-            file: u32_at(p, 4),
-        },
+        Kind::Hello if p.len() == 8 || (p.len() == 16 && u64_at(p, 8) == u64::from(HELLO_RING)) => {
+            Request::Hello {
+                min_version: u16_at(p, 0),
+                max_version: u16_at(p, 2),
+                file: u32_at(p, 4),
+                ring: p.len() == 16,
+            }
+        }
         Kind::Ioctl if p.len() >= 4 => Request::Ioctl {
             cmd: u32_at(p, 0),
             arg: &p[4..],
@@ -305,6 +325,7 @@ pub fn decode_request(frame: &[u8]) -> Result<(Header, Request<'_>), FrameError>
             offset: u64_at(p, 0),
             value: u64_at(p, 8),
         },
+        Kind::Doorbell if p.is_empty() => Request::Doorbell,
         _ => return Err(bad()),
     };
     Ok((header, request))
@@ -317,11 +338,16 @@ pub fn encode_request(id: u32, request: &Request<'_>) -> Vec<u8> {
             min_version,
             max_version,
             file,
+            ring,
         } => {
-            let mut p = Vec::with_capacity(8);
+            let mut p = Vec::with_capacity(16);
             p.extend_from_slice(&min_version.to_le_bytes());
             p.extend_from_slice(&max_version.to_le_bytes());
             p.extend_from_slice(&file.to_le_bytes());
+            if *ring {
+                p.extend_from_slice(&HELLO_RING.to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes());
+            }
             (Kind::Hello, p)
         }
         Request::Ioctl { cmd, arg } => {
@@ -352,8 +378,19 @@ pub fn encode_request(id: u32, request: &Request<'_>) -> Vec<u8> {
             p.extend_from_slice(&value.to_le_bytes());
             (Kind::DeviceRegWrite, p)
         }
+        Request::Doorbell => (Kind::Doorbell, Vec::new()),
     };
     frame(kind as u16, id, &payload)
+}
+
+/// The doorbell a host sends a client ([`HOST_DOORBELL`], id 0, no payload).
+pub fn host_doorbell() -> Vec<u8> {
+    frame(HOST_DOORBELL, 0, &[])
+}
+
+/// Whether `frame` is a host's doorbell.
+pub fn is_host_doorbell(frame: &[u8]) -> bool {
+    decode_header(frame).is_ok_and(|h| h.kind == HOST_DOORBELL && h.len == 0)
 }
 
 fn frame(kind: u16, id: u32, payload: &[u8]) -> Vec<u8> {
@@ -432,6 +469,8 @@ impl Reply {
 pub struct Welcome {
     /// The version the connection speaks.
     pub version: u16,
+    /// [`WELCOME_RING`] when the host took the call ring `HELLO` offered.
+    pub flags: u16,
     /// The largest payload the host accepts.
     pub max_payload: u32,
     /// Requests the client may have unanswered.
@@ -446,12 +485,12 @@ impl Welcome {
     /// Bytes of the encoding.
     pub const LEN: usize = 24;
 
-    /// The 24 bytes: u16 version, u16 zero, u32 max_payload, u32 max_in_flight,
+    /// The 24 bytes: u16 version, u16 flags, u32 max_payload, u32 max_in_flight,
     /// u32 max_windows, u64 max_window_bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(Self::LEN);
         b.extend_from_slice(&self.version.to_le_bytes());
-        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&self.flags.to_le_bytes());
         b.extend_from_slice(&self.max_payload.to_le_bytes());
         b.extend_from_slice(&self.max_in_flight.to_le_bytes());
         b.extend_from_slice(&self.max_windows.to_le_bytes());
@@ -463,6 +502,7 @@ impl Welcome {
     pub fn from_bytes(b: &[u8]) -> Option<Welcome> {
         (b.len() == Self::LEN).then(|| Welcome {
             version: u16_at(b, 0),
+            flags: u16_at(b, 2),
             max_payload: u32_at(b, 4),
             max_in_flight: u32_at(b, 8),
             max_windows: u32_at(b, 12),
@@ -586,6 +626,13 @@ mod tests {
                 min_version: 1,
                 max_version: 1,
                 file: FILE_VFIO_CONTAINER,
+                ring: false,
+            },
+            Request::Hello {
+                min_version: 1,
+                max_version: 1,
+                file: FILE_IOMMUFD,
+                ring: true,
             },
             Request::Ioctl {
                 cmd: 0x3b71,
@@ -611,6 +658,7 @@ mod tests {
                 offset: 0x20,
                 value: 3,
             },
+            Request::Doorbell,
         ];
         for (i, r) in requests.iter().enumerate() {
             let f = encode_request(i as u32, r);
@@ -684,6 +732,7 @@ mod tests {
     fn welcome_and_state_round_trip() {
         let w = Welcome {
             version: 1,
+            flags: WELCOME_RING,
             max_payload: MAX_PAYLOAD as u32,
             max_in_flight: 16,
             max_windows: 4,
@@ -721,7 +770,7 @@ mod tests {
 
         /// A valid header with a random kind and payload decodes or fails cleanly.
         #[test]
-        fn random_payloads_after_a_good_header(kind in 0u16..14, payload in proptest::collection::vec(any::<u8>(), 0..40)) {
+        fn random_payloads_after_a_good_header(kind in 0u16..15, payload in proptest::collection::vec(any::<u8>(), 0..40)) {
             let f = frame(kind, 5, &payload);
             if let Ok((h, r)) = decode_request(&f) {
                 prop_assert_eq!(h.kind, kind);

@@ -34,9 +34,11 @@ use crate::fault::EventfdNotifier;
 use crate::iommufd::IommufdKind;
 use crate::kind::{Domains, FileArg, FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
-    decode_header, decode_request, FrameError, HostState, Reply, Request, Welcome,
-    CONNECTIONS_FULL, ERROR_REPLY, HEADER_LEN, MAGIC, MAX_IN_FLIGHT, MAX_PAYLOAD, VERSION,
+    decode_header, decode_request, host_doorbell, FrameError, HostState, Kind, Reply, Request,
+    Welcome, CONNECTIONS_FULL, ERROR_REPLY, FILE_IOMMUFD, HEADER_LEN, MAGIC, MAX_IN_FLIGHT,
+    MAX_PAYLOAD, VERSION, WELCOME_RING,
 };
+use crate::ring::{self, HostRing, Ring, RingError};
 use crate::socket;
 
 /// Per-connection limits, so that one client cannot exhaust the host for the others.
@@ -55,6 +57,9 @@ pub struct Limits {
     /// How long a connection's thread polls for the client's next frame after a reply
     /// before it sleeps ([`socket::Poller`]); zero sleeps at once.
     pub spin: Duration,
+    /// On a connection with a call ring, how long its thread spins on the ring for the
+    /// next request after each reply before it sleeps on the socket ([`ring::SPIN`]).
+    pub ring_spin: Duration,
     /// Connections the host serves at once; one more is refused with `EUSERS`.
     pub max_connections: u32,
     /// Connections one client process (by its peer credentials) may hold at once; one
@@ -71,6 +76,7 @@ impl Default for Limits {
             max_bad_frames: 64,
             send_timeout: Duration::from_secs(5),
             spin: socket::SPIN,
+            ring_spin: ring::SPIN,
             max_connections: 256,
             max_connections_per_process: 64,
         }
@@ -291,6 +297,9 @@ pub struct Service {
     streams: Mutex<std::collections::BTreeSet<u32>>,
     /// What strict mode found.
     violations: Mutex<Violations>,
+    /// Set when the host stops serving: a connection whose client keeps its call ring
+    /// busy (and so never sleeps on the socket the teardown shuts down) closes on it.
+    stopping: AtomicBool,
 }
 
 /// The StreamIDs of the devices an SMMUv3 host plugs in (`DEVICE_ADD`), probed at start:
@@ -367,6 +376,7 @@ impl Service {
             device_ids: AtomicU64::new(0),
             streams: Mutex::default(),
             violations: Mutex::default(),
+            stopping: AtomicBool::new(false),
         }))
     }
 
@@ -645,6 +655,7 @@ impl Service {
                 }
             }
         }
+        self.stopping.store(true, Ordering::Release);
         for sock in self
             .live
             .lock()
@@ -736,6 +747,7 @@ impl Service {
             device: None,
             bad_frames: 0,
             given: None,
+            ring: None,
         };
         let why = conn.serve(sock.as_fd());
         tracing::debug!("connection {id} closed: {why}");
@@ -770,6 +782,8 @@ struct Connection<'s> {
     bad_frames: u32,
     /// The file descriptor the request being served gives the client.
     given: Option<OwnedFd>,
+    /// The call ring the client offered with `HELLO`, if the host took it.
+    ring: Option<HostRing>,
 }
 
 impl Connection<'_> {
@@ -779,12 +793,40 @@ impl Connection<'_> {
         let mut buf = socket::RecvBuffer::default();
         let mut poller = socket::Poller::new(self.svc.limits.spin);
         loop {
-            let received = match poller.recv(sock, &mut buf) {
+            if self.ring.is_some() {
+                if self.svc.stopping.load(Ordering::Acquire) {
+                    return "the host stops".into();
+                }
+                match self.ring_request() {
+                    Ok(Some(frame)) => match self.serve_ring(sock, frame) {
+                        Ok(()) => continue,
+                        Err(why) => return why,
+                    },
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.svc
+                            .counters
+                            .closed_for_errors
+                            .fetch_add(1, Ordering::AcqRel);
+                        return format!("call ring: {e}");
+                    }
+                }
+            }
+            // With a ring, the socket carries doorbells and the calls that pass file
+            // descriptors: the ring was spun on already, so the thread sleeps at once.
+            let received = match self.ring {
+                Some(_) => socket::recv_into(sock, &mut buf),
+                None => poller.recv(sock, &mut buf),
+            };
+            let received = match received {
                 Ok(Some(r)) => r,
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return format!("receive: {e}"),
             };
-            let reply = self.handle(received);
+            if self.ring.is_some() && is_doorbell(&received) {
+                continue;
+            }
+            let reply = self.handle(received, false);
             // The file descriptor the request gives the client goes with the reply, and is
             // closed here once sent.
             let given = self.given.take();
@@ -804,6 +846,70 @@ impl Connection<'_> {
         }
     }
 
+    /// The next request on the call ring: the thread spins for it (bounded,
+    /// [`Limits::ring_spin`]) and, if none came, publishes that it sleeps and looks once
+    /// more; `None` when the thread is to sleep on the socket until a doorbell or a frame.
+    fn ring_request(&mut self) -> Result<Option<Vec<u8>>, RingError> {
+        let spin = self.svc.limits.ring_spin;
+        let ring = self.ring.as_mut().expect("called with a ring");
+        ring.set_sleeping(false);
+        if let Some(taken) = ring::spin(spin, || ring.take().transpose()) {
+            return taken.map(Some);
+        }
+        ring.set_sleeping(true);
+        let taken = ring.take()?;
+        if taken.is_some() {
+            ring.set_sleeping(false);
+        }
+        Ok(taken)
+    }
+
+    /// Serves one request taken from the call ring: its reply goes into the ring, with a
+    /// doorbell on the socket if the client sleeps for it. `Err` says why the connection
+    /// closes.
+    fn serve_ring(
+        &mut self,
+        sock: std::os::fd::BorrowedFd<'_>,
+        frame: Vec<u8>,
+    ) -> Result<(), String> {
+        let reply = self.handle(
+            socket::Received {
+                bytes: frame,
+                truncated: false,
+                fds: Vec::new(),
+            },
+            true,
+        );
+        if self.given.take().is_some() {
+            tracing::error!("a call on the ring gave a file descriptor; it was closed");
+        }
+        let c = &self.svc.counters;
+        c.requests.fetch_add(1, Ordering::AcqRel);
+        if reply.result.is_err() {
+            c.errors.fetch_add(1, Ordering::AcqRel);
+        }
+        let ring = self.ring.as_ref().expect("called with a ring");
+        match ring.answer(&reply.encode()) {
+            Ok(true) => {
+                socket::send(sock, &host_doorbell(), &[]).map_err(|e| format!("send: {e}"))?
+            }
+            Ok(false) => {}
+            Err(e) => return Err(format!("call ring reply: {e}")),
+        }
+        if self.bad_frames > self.svc.limits.max_bad_frames {
+            c.closed_for_errors.fetch_add(1, Ordering::AcqRel);
+            return Err("too many malformed frames".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the ioctl `cmd` of the connection's file gives the client a file
+    /// descriptor (which only a socket frame can carry).
+    fn gives_fd(&self, cmd: u32) -> bool {
+        self.kind.as_ref().is_some_and(|k| k.id() == FILE_IOMMUFD)
+            && crate::iommufd::served(cmd).is_some_and(|s| s.fd_out.is_some())
+    }
+
     fn bad(&mut self, kind: u16, id: u32, e: FrameError) -> Reply {
         self.bad_frames += 1;
         self.svc.counters.bad_frames.fetch_add(1, Ordering::AcqRel);
@@ -816,7 +922,9 @@ impl Connection<'_> {
         }
     }
 
-    fn handle(&mut self, received: socket::Received) -> Reply {
+    /// Serves one request frame; `on_ring` when it came through the call ring (and so
+    /// carries no file descriptor, and its reply can carry none).
+    fn handle(&mut self, received: socket::Received, on_ring: bool) -> Reply {
         let frame = &received.bytes;
         if received.truncated {
             let (kind, id) = reply_to(frame);
@@ -840,6 +948,7 @@ impl Connection<'_> {
         };
         let takes_fd = match request {
             Request::AddMemory { .. } | Request::SetEventfd => true,
+            Request::Hello { ring, .. } => ring,
             Request::Ioctl { cmd, .. } => self.file_arg(cmd).is_some(),
             _ => false,
         };
@@ -859,6 +968,21 @@ impl Connection<'_> {
                 _,
             ) => None,
             (Request::State, _) => None,
+            // A doorbell is only taken, unanswered, before a frame is handled; one that
+            // comes here (without a ring, or on the ring itself) is malformed.
+            (Request::Doorbell, _) => {
+                return self.bad(
+                    header.kind,
+                    header.id,
+                    FrameError::Payload {
+                        kind: Kind::Doorbell,
+                        len: 0,
+                    },
+                )
+            }
+            (Request::Ioctl { cmd, .. }, Some(_)) if on_ring && self.gives_fd(*cmd) => {
+                return reply(Err(Errno::EINVAL), Vec::new())
+            }
             (_, None) => return reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
             (_, Some(f)) => Some(f.clone()),
         };
@@ -868,9 +992,10 @@ impl Connection<'_> {
                     min_version,
                     max_version,
                     file,
+                    ring,
                 },
                 _,
-            ) => match self.hello(min_version, max_version, file) {
+            ) => match self.hello(min_version, max_version, file, ring, received.fds) {
                 Ok(w) => reply(Ok(0), w.to_bytes()),
                 Err(e) => reply(Err(e), Vec::new()),
             },
@@ -890,7 +1015,11 @@ impl Connection<'_> {
                 }
             }
             (Request::Read { count }, Some(f)) => {
-                let mut buf = vec![0u8; (count as usize).min(MAX_PAYLOAD - 8)];
+                let most = match on_ring {
+                    true => ring::REPLY_MAX - HEADER_LEN - 8,
+                    false => MAX_PAYLOAD - 8,
+                };
+                let mut buf = vec![0u8; (count as usize).min(most)];
                 match f.read(&mut buf) {
                     Ok(n) => {
                         buf.truncate(n);
@@ -969,7 +1098,10 @@ impl Connection<'_> {
                 };
                 reply(result, Vec::new())
             }
-            (_, None) => reply(Err(Errno::new(libc::ENOTCONN)), Vec::new()),
+            // A doorbell was answered as malformed above.
+            (Request::Doorbell, _) | (_, None) => {
+                reply(Err(Errno::new(libc::ENOTCONN)), Vec::new())
+            }
         }
     }
 
@@ -1008,7 +1140,17 @@ impl Connection<'_> {
         Ok((u64::from(rid), data))
     }
 
-    fn hello(&mut self, min: u16, max: u16, kind: u32) -> Result<Welcome, Errno> {
+    /// Opens the connection's file of kind `kind`; with `ring`, first maps the call ring
+    /// file, the one fd in `fds` (`EINVAL`, and nothing opened, for anything but a memfd
+    /// of [`ring::RING_BYTES`] that takes the seals against resizing).
+    fn hello(
+        &mut self,
+        min: u16,
+        max: u16,
+        kind: u32,
+        ring: bool,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Welcome, Errno> {
         if !(min..=max).contains(&VERSION) {
             return Err(Errno::new(libc::EPROTONOSUPPORT));
         }
@@ -1019,12 +1161,23 @@ impl Connection<'_> {
             .find(|k| k.id() == kind)
             .ok_or(Errno::ENODEV)?
             .clone();
+        let ring = match (ring, fds.len()) {
+            (false, _) => None,
+            (true, 1) => Some(HostRing::new(Ring::adopt(fds.remove(0)).map_err(|e| {
+                tracing::debug!("call ring refused: {e}");
+                Errno::EINVAL
+            })?)),
+            (true, _) => return Err(Errno::EINVAL),
+        };
         let file = kind.open()?;
+        let flags = if ring.is_some() { WELCOME_RING } else { 0 };
+        self.ring = ring;
         self.svc.set_file(self.id, Some(file.clone()));
         self.file = Some(file);
         self.kind = Some(kind);
         Ok(Welcome {
             version: VERSION,
+            flags,
             max_payload: MAX_PAYLOAD as u32,
             max_in_flight: MAX_IN_FLIGHT,
             max_windows: self.svc.limits.max_windows,
@@ -1271,6 +1424,13 @@ fn refuse(sock: &OwnedFd) {
     if let Err(e) = socket::send_nowait(sock.as_fd(), &refusal.encode()) {
         tracing::debug!("a refusal was not sent: {e}");
     }
+}
+
+/// Whether `received` is a client's doorbell (a well-formed `DOORBELL` without fds).
+fn is_doorbell(received: &socket::Received) -> bool {
+    received.fds.is_empty()
+        && !received.truncated
+        && matches!(decode_request(&received.bytes), Ok((_, Request::Doorbell)))
 }
 
 /// Whether `fd` is an eventfd (anything else, a pipe say, could block the thread that

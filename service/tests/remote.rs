@@ -286,6 +286,51 @@ fn a_host_full_of_connections_refuses_one_more_with_eusers_and_serves_the_rest()
 }
 
 #[test]
+fn a_client_with_a_ring_and_one_without_are_served_alike() {
+    use vsva_service::client::Transport;
+    use vsva_service::protocol::FILE_VFIO_CONTAINER;
+    let served = serve();
+    let path = served.path.clone();
+    let mut results = Vec::new();
+    for transport in [Transport::Ring, Transport::Socket] {
+        let file = RemoteFile::connect_with(&path, FILE_VFIO_CONTAINER, transport).unwrap();
+        assert_eq!(file.has_ring(), transport == Transport::Ring);
+        assert_eq!(
+            file.welcome().flags,
+            u16::from(transport == Transport::Ring)
+        );
+        let ram = SharedRam::new(RAM).unwrap();
+        ram.nesting_container(&file).unwrap();
+        let mut f = &file;
+        let p = f.pasid_alloc(1, 1 << 19).unwrap();
+        f.bind_gpasid(&bind(p)).unwrap();
+        f.cache_invalidate(&CacheInvalidate {
+            cache: IOMMU_CACHE_INV_TYPE_IOTLB,
+            granularity: InvGranularity::Pasid {
+                pasid: Some(p),
+                archid: None,
+            },
+        })
+        .unwrap();
+        assert!(file.host_state().unwrap().binds >= 1);
+        // A second bind of the same PASID is refused alike; a read of an empty fault
+        // queue is EAGAIN alike.
+        let again = f.bind_gpasid(&bind(p));
+        let mut buf = [0u8; 256];
+        let read = vsva_uapi::file::UapiFile::read(&file, &mut buf);
+        f.unbind_gpasid(&bind(p)).unwrap();
+        f.pasid_free(p).unwrap();
+        results.push((again, read));
+    }
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0].1, Err(Errno::EAGAIN));
+    assert!(results[0].0.is_err());
+    let report = served.finish();
+    assert_eq!(report.errors, 4, "{report}");
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
+#[test]
 fn connections_are_served_concurrently() {
     let served = serve();
     let path = served.path.clone();
@@ -348,6 +393,7 @@ fn the_fault_queue_file_calls_cross_the_socket() {
         min_version: 1,
         max_version: 1,
         file: vsva_service::protocol::FILE_VFIO_CONTAINER,
+        ring: false,
     };
     assert_eq!(call(&encode_request(1, &hello), &[]), Ok(0));
     let ram = SharedRam::new(4096).unwrap();
@@ -454,7 +500,7 @@ proptest::proptest! {
         let (good, _ram) = client(&served.path);
         let p = (&good).pasid_alloc(1, 100).unwrap();
         let sock = vsva_service::socket::connect(&served.path).unwrap();
-        let hello = encode_request(1, &Request::Hello { min_version: 1, max_version: 1, file: FILE_VFIO_CONTAINER });
+        let hello = encode_request(1, &Request::Hello { min_version: 1, max_version: 1, file: FILE_VFIO_CONTAINER, ring: false });
         vsva_service::socket::send(sock.as_fd(), &hello, &[]).unwrap();
         vsva_service::socket::recv(sock.as_fd()).unwrap().unwrap();
         for (raw, kind, bytes) in &frames {
