@@ -714,6 +714,19 @@ impl RegisterFile {
         self.produce(PRIQ, 16)
     }
 
+    /// Events were lost before reaching the event queue (§7.4: the queue's overflow
+    /// condition): EVENTQ_PROD.OVFLG toggled to differ from EVENTQ_CONS.OVACKFLG, unless an
+    /// overflow is unacknowledged already. Whether the flag changed (false also while the
+    /// queue is disabled, which records nothing).
+    pub fn eventq_overflow(&mut self) -> bool {
+        if self.cr0 & Self::enable_bit(EVENTQ) == 0 || self.eventq_overflowed() {
+            return false;
+        }
+        let (_, prod, cons) = self.queues[EVENTQ];
+        self.queues[EVENTQ].1 = (prod & !OVERFLOW) | (!cons & OVERFLOW);
+        true
+    }
+
     /// Whether an overflow of the event queue is unacknowledged.
     pub fn eventq_overflowed(&self) -> bool {
         (self.queues[EVENTQ].1 ^ self.queues[EVENTQ].2) & OVERFLOW != 0
@@ -980,6 +993,16 @@ mod tests {
         assert!(!r.eventq_overflowed());
         assert_eq!(r.push_event(), Some(0x4_0000));
         assert_eq!(r.eventq().prod, 0b101);
+        // Events lost elsewhere: the same overflow flag, once until acknowledged, PROD's
+        // index kept.
+        assert!(r.eventq_overflow());
+        assert!(r.eventq_overflowed());
+        assert!(!r.eventq_overflow());
+        assert_eq!(r.read(EVENTQ_PROD, 4), Ok(0b101));
+        r.write(EVENTQ_CONS, 4, 1).unwrap();
+        assert!(!r.eventq_overflowed());
+        assert!(r.eventq_overflow());
+        assert_eq!(r.read(EVENTQ_PROD, 4), Ok((OVERFLOW | 0b101) as u64));
         // The PRI queue has 16-byte entries.
         r.write(PRIQ_BASE, 8, 0x5_0000 | 4).unwrap();
         r.write(CR0, 4, (cr0::EVENTQEN | cr0::PRIQEN) as u64)

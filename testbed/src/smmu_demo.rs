@@ -123,7 +123,11 @@ impl VmIommufd {
         let fds = Iommufds::new();
         let (fd, file) = fds.open_smmu(host);
         let cdev = Arc::new(VfioDeviceFile::open(host_sid, fds.clone()));
-        let lookup = |n: i32| fds.veventq(n).map(|f| f as Arc<dyn UapiFile>);
+        let lookup = |n: i32| {
+            fds.veventq(n)
+                .map(|f| f as Arc<dyn UapiFile>)
+                .or_else(|| fds.fault(n).map(|f| f as Arc<dyn UapiFile>))
+        };
         let opened = UserBuffer::new(scratch.clone())
             .and_then(|buffer| SmmuIommufd::open(file, fd, buffer))
             .and_then(|iommufd| {
@@ -352,8 +356,13 @@ impl Vm {
         }
         if let Some(fd) = &self.ifd {
             for e in fd.iommufd.read_events().unwrap_or_default() {
-                if let Vevent::Event(record) = e {
-                    let _ = self.vsmmu.inject_vevent(record);
+                match e {
+                    Vevent::Event(record) => {
+                        let _ = self.vsmmu.inject_vevent(record);
+                    }
+                    Vevent::Lost => {
+                        self.vsmmu.inject_vevents_lost();
+                    }
                 }
             }
             return;

@@ -14,23 +14,29 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
 use vsva_host::smmu::SmmuHost;
-use vsva_hw::dma::{DmaEngine, DmaEngineConfig};
+use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
+use vsva_hw::dma::{
+    CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
+    Operation,
+};
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
+use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::regs::{gerror, offset};
 use vsva_smmuv3::{
-    cd::ContextDescriptor, cmd::Cmd, cmd::SyncCs, cmd::TlbiAddr, regs::RegError, ste::Config,
-    ste::Eats, ste::S1Dss, ste::Ste,
+    builder::TableBuilder, cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::SyncCs,
+    cmd::TlbiAddr, features::Features, regs::RegError, ste::Config, ste::Eats, ste::S1Dss,
+    ste::Ste, walk::PageSize,
 };
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver};
 use vsva_uapi::iommufd::{IommuDestroy, IOMMU_DESTROY};
 use vsva_uapi::wire::Wire;
 use vsva_uapi::{error::Errno, file::UapiFile};
 use vsva_vmm::{
-    HostCall, HostConfig, SmmuIommufd, SmmuIommufdDevice, UserBuffer, VSmmu, VSmmuConfig,
-    VSmmuError,
+    HostCall, HostConfig, PriOutcome, SmmuIommufd, SmmuIommufdDevice, UserBuffer, VSmmu,
+    VSmmuConfig, VSmmuError, Vevent,
 };
-use vsva_vtd::{addr::Gpa, addr::Hpa, addr::SourceId};
+use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Pasid, addr::SourceId};
 
 const RAM: u64 = 32 << 20;
 const SCRATCH: u64 = 16 << 10;
@@ -107,7 +113,7 @@ struct Vm {
     device: Option<Arc<SmmuIommufdDevice>>,
     cdev: Option<Arc<VfioDeviceFile>>,
     vsmmu: Arc<VSmmu>,
-    _dev: Arc<DmaEngine>,
+    dev: Arc<DmaEngine>,
 }
 
 impl Vm {
@@ -131,7 +137,11 @@ impl Vm {
             SmmuIommufd::open(file.clone(), fd, UserBuffer::new(scratch).unwrap()).unwrap();
         iommufd.map(vaddr, RAM, 0).unwrap();
         let cdev = Arc::new(VfioDeviceFile::open(host_sid, fds.clone()));
-        let lookup = |n: i32| fds.veventq(n).map(|f| f as Arc<dyn UapiFile>);
+        let lookup = |n: i32| {
+            fds.veventq(n)
+                .map(|f| f as Arc<dyn UapiFile>)
+                .or_else(|| fds.fault(n).map(|f| f as Arc<dyn UapiFile>))
+        };
         let device = iommufd.attach_device(cdev.clone(), SID, &lookup).unwrap();
         let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).unwrap();
         vsmmu.attach_iommufd(SID, host_sid, device.clone()).unwrap();
@@ -144,7 +154,7 @@ impl Vm {
             device: Some(device),
             cdev: Some(cdev),
             vsmmu,
-            _dev: dev,
+            dev,
         }
     }
 
@@ -381,4 +391,151 @@ fn another_vms_vsid_is_refused_and_teardown_leaves_the_host_empty() {
     assert!(h.smmu.vmids().is_empty());
     let (tlb, _, cds) = h.hw.cached_entries();
     assert_eq!((tlb, cds), (0, 0));
+}
+
+#[test]
+fn events_the_host_lost_show_as_the_guest_event_queues_overflow() {
+    let h = host();
+    let vm = Vm::new(&h, 0x124);
+    vm.dev.enable(CTRL_PASID_EN).unwrap();
+    let mut drv = vm.driver();
+    translate(&vm, &mut drv);
+    // 65 reads through CD 1, whose stage 1 maps nothing: 65 F_TRANSLATION events for the
+    // vIOMMU's queue of 64, which keeps 64 and says it lost the rest.
+    for i in 0..65u64 {
+        let d = Descriptor {
+            pasid: Some(Pasid::new(1).unwrap()),
+            privileged: false,
+            block_on_fault: false,
+            completion: CompletionRequest::None,
+            op: Operation::Memmove {
+                src: 0x7f00_0000_0000 + i * 4096,
+                dst: 0x7f10_0000_0000,
+                size: 64,
+            },
+        };
+        vm.dev.portal_write(0, &d.encode()).unwrap();
+        vm.dev.process();
+    }
+    h.smmu.handle_queues();
+    let got = vm.iommufd.as_ref().unwrap().read_events().unwrap();
+    assert_eq!(got.len(), 65);
+    assert_eq!(got[64], Vevent::Lost);
+    for e in got {
+        match e {
+            Vevent::Event(record) => assert!(vm.vsmmu.inject_vevent(record).unwrap()),
+            Vevent::Lost => assert!(vm.vsmmu.inject_vevents_lost()),
+        }
+    }
+    assert!(
+        !vm.vsmmu.inject_vevents_lost(),
+        "one overflow until acknowledged"
+    );
+    let prod = vm.vsmmu.read(offset::EVENTQ_PROD, 4).unwrap();
+    let cons = vm.vsmmu.read(offset::EVENTQ_CONS, 4).unwrap();
+    assert_ne!((prod ^ cons) & 1 << 31, 0, "EVENTQ_PROD.OVFLG toggled");
+    // The guest driver finds the 64 events and the overflow, and acknowledges it; a later
+    // loss shows again.
+    let events = drv.read_events().unwrap();
+    assert_eq!(events.records.len(), 64);
+    assert!(events.overflowed);
+    assert!(vm.vsmmu.inject_vevents_lost());
+    assert_eq!(vm.vsmmu.stats().vevents_lost, 3);
+    assert!(drv.read_events().unwrap().overflowed);
+}
+
+#[test]
+fn a_guest_page_request_through_the_fault_queue_resolves_and_the_bytes_move() {
+    const SRC_GVA: u64 = 0x7f00_0000_0000;
+    const COMP_GVA: u64 = 0x7f00_0001_0000;
+    const LAZY_GVA: u64 = 0x7f00_0002_0000;
+    const SRC_GPA: u64 = 0x140_0000;
+    const COMP_GPA: u64 = 0x141_0000;
+    const DST_GPA: u64 = 0x142_0000;
+    let h = host();
+    let vm = Vm::new(&h, 0x125);
+    vm.dev
+        .enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
+        .unwrap();
+    let mut drv = vm.driver();
+    translate(&vm, &mut drv);
+    // The guest process's stage 1 at CD 1's TTB0 (0x40_0000): its source and completion
+    // pages, not the page it writes to.
+    let cd = ContextDescriptor::new(0x40_0000, 16, ASID);
+    let mut s1 = TableBuilder::stage1(&cd.s1_config(&Features::VSVA).unwrap());
+    let mut next = 0x40_1000;
+    let mut map = |s1: &mut TableBuilder, gva: u64, gpa: u64| {
+        let mut alloc = || {
+            let f = next;
+            next += 4096;
+            Some(f)
+        };
+        let attrs = D::AF | D::AP_EL0 | D::NG;
+        s1.map(&*vm.ram, &mut alloc, gva, gpa, PageSize::Size4K, attrs)
+            .unwrap();
+    };
+    map(&mut s1, SRC_GVA, SRC_GPA);
+    map(&mut s1, COMP_GVA, COMP_GPA);
+    let data: Vec<u8> = (0..100u8).map(|i| i.wrapping_mul(7) ^ 0x5a).collect();
+    vm.ram.write(SRC_GPA, &data).unwrap();
+    vm.ram.write(COMP_GPA, &[0; 32]).unwrap();
+    let d = Descriptor {
+        pasid: Some(Pasid::new(1).unwrap()),
+        privileged: false,
+        block_on_fault: true,
+        completion: CompletionRequest::Always(COMP_GVA),
+        op: Operation::Memmove {
+            src: SRC_GVA,
+            dst: LAZY_GVA + 8,
+            size: 100,
+        },
+    };
+    vm.dev.portal_write(0, &d.encode()).unwrap();
+    vm.dev.process();
+    assert_eq!(vm.dev.waiting_for_page_response(), 1);
+    // Host: the PRI queue to the vIOMMU's fault queue; VMM: the group to the guest's PRI
+    // queue.
+    assert_eq!(h.smmu.handle_queues(), 1);
+    let reqs = vm.iommufd.as_ref().unwrap().read_page_requests().unwrap();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    let (host_sid, req) = reqs[0];
+    assert_eq!(host_sid, SourceId::from_rid(0x125));
+    assert_eq!(
+        vm.vsmmu.inject_page_request(host_sid, &req),
+        Ok(PriOutcome::Queued)
+    );
+    // Guest: its PRI queue names its StreamID, CD 1 and the address; it maps the page
+    // and answers with CMD_PRI_RESP Success.
+    let entries = drv.read_page_requests().unwrap().records;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = entries[0];
+    assert_eq!((e.sid, e.ssid, e.addr & !0xfff), (SID, Some(1), LAZY_GVA));
+    assert!(e.write && e.last);
+    map(&mut s1, LAZY_GVA, DST_GPA);
+    drv.pri_resp(e.sid, e.ssid, e.prg_index, PriResp::Success)
+        .unwrap();
+    // The response went down with the group's cookie: the device retries and the copy
+    // lands in the page the guest mapped.
+    vm.dev.process();
+    assert_eq!(vm.dev.waiting_for_page_response(), 0);
+    let rec = CompletionRecord::from_bytes(&{
+        let mut b = [0u8; 32];
+        vm.ram.read(COMP_GPA, &mut b).unwrap();
+        b
+    })
+    .unwrap();
+    assert_eq!(rec.status, CompletionStatus::Success, "{rec:?}");
+    let mut got = vec![0u8; 100];
+    vm.ram.read(DST_GPA + 8, &mut got).unwrap();
+    assert_eq!(got, data);
+    assert_eq!(
+        vm.vsmmu.stats().host_errors,
+        0,
+        "{:?}",
+        vm.vsmmu.take_host_errors()
+    );
+    // A second response for the group is refused by the host (no such cookie left).
+    drv.pri_resp(e.sid, e.ssid, e.prg_index, PriResp::Success)
+        .unwrap();
+    assert_eq!(vm.vsmmu.stats().host_errors, 1);
 }

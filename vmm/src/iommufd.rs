@@ -254,6 +254,152 @@ struct FaultState {
     unanswered: Vec<Unanswered>,
 }
 
+/// The VM's fault queue (`IOMMU_FAULT_QUEUE_ALLOC`), for the virtual VT-d and the virtual
+/// SMMUv3 alike: page request groups read from its file with the devices they came from,
+/// each group's cookie kept until the guest's response goes back with it.
+pub(crate) struct FaultQueue {
+    id: u32,
+    fd: i32,
+    file: Arc<dyn UapiFile>,
+    state: Mutex<FaultState>,
+}
+
+impl fmt::Debug for FaultQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultQueue")
+            .field("id", &self.id)
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultQueue {
+    /// `IOMMU_FAULT_QUEUE_ALLOC` on `iommufd`, whose fd number `open_fd` resolves to its
+    /// file (EBADF if it does not; the object is then destroyed).
+    pub(crate) fn alloc(
+        iommufd: &dyn UapiFile,
+        open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
+    ) -> Result<Self, Errno> {
+        let alloc = IommuFaultAlloc {
+            size: size_of::<IommuFaultAlloc>() as u32,
+            ..Default::default()
+        };
+        let q = io(iommufd, IOMMU_FAULT_QUEUE_ALLOC, &alloc)?;
+        let Some(file) = open_fd(q.out_fault_fd as i32) else {
+            let _ = destroy(iommufd, q.out_fault_id);
+            return Err(Errno::EBADF);
+        };
+        Ok(FaultQueue {
+            id: q.out_fault_id,
+            fd: q.out_fault_fd as i32,
+            file,
+            state: Mutex::default(),
+        })
+    }
+
+    /// The object id.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The fd number.
+    pub(crate) fn fd(&self) -> i32 {
+        self.fd
+    }
+
+    /// Records of device `dev_id` come from the host device `sid`.
+    pub(crate) fn add_device(&self, dev_id: u32, sid: SourceId) {
+        lock(&self.state).devices.insert(dev_id, sid);
+    }
+
+    /// Device `dev_id` is gone.
+    pub(crate) fn remove_device(&self, dev_id: u32) {
+        lock(&self.state).devices.remove(&dev_id);
+    }
+
+    /// Reads every whole page request group queued on the fault queue file: each request
+    /// with its device's host requester id, the group's cookie kept for the response.
+    /// Records of devices not added here, or with a PASID beyond 20 bits, are EIO.
+    pub(crate) fn read_page_requests(&self) -> Result<Vec<(SourceId, PageRequest)>, Errno> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; RECORD * 16];
+        loop {
+            let n = match self.file.read(&mut buf) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            let mut faults = lock(&self.state);
+            for rec in buf[..n].chunks_exact(RECORD) {
+                let r: IommuHwptPgfault = read_prefix(rec, RECORD);
+                let sid = *faults.devices.get(&r.dev_id).ok_or(Errno::EIO)?;
+                let pasid = if r.flags & IOMMU_PGFAULT_FLAGS_PASID_VALID != 0 {
+                    Some(Pasid::new(r.pasid).map_err(|_| Errno::EIO)?)
+                } else {
+                    None
+                };
+                let last_page = r.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE != 0;
+                if last_page {
+                    faults.unanswered.push(Unanswered {
+                        sid,
+                        pasid,
+                        grpid: r.grpid,
+                        cookie: r.cookie,
+                    });
+                }
+                out.push((
+                    sid,
+                    PageRequest {
+                        pasid,
+                        grpid: r.grpid,
+                        read: r.perm & IOMMU_PGFAULT_PERM_READ != 0,
+                        write: r.perm & IOMMU_PGFAULT_PERM_WRITE != 0,
+                        exec: r.perm & IOMMU_PGFAULT_PERM_EXEC != 0,
+                        privileged: r.perm & IOMMU_PGFAULT_PERM_PRIV != 0,
+                        addr: r.addr & !(PAGE - 1),
+                        last_page,
+                        needs_pasid: pasid.is_some(),
+                        private_data: None,
+                    },
+                ));
+            }
+            if n < buf.len() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Answers the unanswered group of `sid` that `resp` names (its group index, and its
+    /// PASID when the response carries one) by writing its cookie and the code to the fault
+    /// queue file. iommufd's codes are SUCCESS and INVALID: Response Failure goes down as
+    /// INVALID (the device stops asking for the group either way). EINVAL when no such
+    /// group is unanswered (as the kernel answers an unknown cookie).
+    pub(crate) fn respond(&self, sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
+        let mut faults = lock(&self.state);
+        let at = faults
+            .unanswered
+            .iter()
+            .position(|u| {
+                u.sid == sid
+                    && u.grpid == resp.grpid
+                    && resp.pasid.is_none_or(|p| u.pasid == Some(p))
+            })
+            .ok_or(Errno::EINVAL)?;
+        let group = faults.unanswered.remove(at);
+        drop(faults);
+        let code = match resp.code {
+            PageResponseCode::Success => IOMMUFD_PAGE_RESP_SUCCESS,
+            PageResponseCode::Invalid | PageResponseCode::Failure => IOMMUFD_PAGE_RESP_INVALID,
+        };
+        let bytes = IommuHwptPageResponse {
+            cookie: group.cookie,
+            code,
+        }
+        .to_bytes();
+        self.file.write(&bytes).map(|_| ())
+    }
+}
+
 /// One VM's `/dev/iommu`: its IOAS of guest RAM, its fault queue and the buffer its
 /// pointer arguments go through.
 pub struct Iommufd {
@@ -262,13 +408,10 @@ pub struct Iommufd {
     /// names); -1 for a VMM that never binds through it ([`Iommufd::attach_bound`]).
     fd: i32,
     ioas: u32,
-    fault_id: u32,
-    fault_fd: i32,
-    fault: Arc<dyn UapiFile>,
+    fault: FaultQueue,
     pasids: Arc<GuestPasids>,
     /// Serialises the use of the buffer (a structure written, then the ioctl reading it).
     scratch: Mutex<UserBuffer>,
-    faults: Mutex<FaultState>,
 }
 
 impl fmt::Debug for Iommufd {
@@ -276,7 +419,7 @@ impl fmt::Debug for Iommufd {
         f.debug_struct("Iommufd")
             .field("fd", &self.fd)
             .field("ioas", &self.ioas)
-            .field("fault_id", &self.fault_id)
+            .field("fault_id", &self.fault.id())
             .finish_non_exhaustive()
     }
 }
@@ -302,36 +445,20 @@ impl Iommufd {
             },
         )?
         .out_ioas_id;
-        let queue = io(
-            &*file,
-            IOMMU_FAULT_QUEUE_ALLOC,
-            &IommuFaultAlloc {
-                size: size_of::<IommuFaultAlloc>() as u32,
-                ..Default::default()
-            },
-        );
-        let queue = match queue {
+        let fault = match FaultQueue::alloc(&*file, open_fd) {
             Ok(q) => q,
             Err(e) => {
                 let _ = destroy(&*file, ioas);
                 return Err(e);
             }
         };
-        let Some(fault) = open_fd(queue.out_fault_fd as i32) else {
-            let _ = destroy(&*file, queue.out_fault_id);
-            let _ = destroy(&*file, ioas);
-            return Err(Errno::EBADF);
-        };
         Ok(Arc::new(Iommufd {
             file,
             fd,
             ioas,
-            fault_id: queue.out_fault_id,
-            fault_fd: queue.out_fault_fd as i32,
             fault,
             pasids,
             scratch: Mutex::new(scratch),
-            faults: Mutex::default(),
         }))
     }
 
@@ -347,12 +474,12 @@ impl Iommufd {
 
     /// The fault queue's object id.
     pub fn fault_id(&self) -> u32 {
-        self.fault_id
+        self.fault.id()
     }
 
     /// The fault queue's fd number.
     pub fn fault_fd(&self) -> i32 {
-        self.fault_fd
+        self.fault.fd()
     }
 
     /// The VM's PASID space.
@@ -401,7 +528,7 @@ impl Iommufd {
             let _ = destroy(&*self.file, parent);
             return Err(e);
         }
-        lock(&self.faults).devices.insert(dev_id, sid);
+        self.fault.add_device(dev_id, sid);
         Ok(Arc::new(IommufdDevice {
             fd: self.clone(),
             cdev,
@@ -412,86 +539,10 @@ impl Iommufd {
         }))
     }
 
-    /// Reads every whole page request group queued on the fault queue file: each request
-    /// with its device's host requester id, the group's cookie kept for the response.
-    /// Records of devices not attached here, or with a PASID beyond 20 bits, are EIO.
+    /// Reads every whole page request group queued on the fault queue file, as
+    /// [`FaultQueue::read_page_requests`] does.
     pub fn read_page_requests(&self) -> Result<Vec<(SourceId, PageRequest)>, Errno> {
-        let mut out = Vec::new();
-        let mut buf = [0u8; RECORD * 16];
-        loop {
-            let n = match self.fault.read(&mut buf) {
-                Ok(n) => n,
-                Err(Errno::EAGAIN) => return Ok(out),
-                Err(e) => return Err(e),
-            };
-            let mut faults = lock(&self.faults);
-            for rec in buf[..n].chunks_exact(RECORD) {
-                let r: IommuHwptPgfault = read_prefix(rec, RECORD);
-                let sid = *faults.devices.get(&r.dev_id).ok_or(Errno::EIO)?;
-                let pasid = if r.flags & IOMMU_PGFAULT_FLAGS_PASID_VALID != 0 {
-                    Some(Pasid::new(r.pasid).map_err(|_| Errno::EIO)?)
-                } else {
-                    None
-                };
-                let last_page = r.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE != 0;
-                if last_page {
-                    faults.unanswered.push(Unanswered {
-                        sid,
-                        pasid,
-                        grpid: r.grpid,
-                        cookie: r.cookie,
-                    });
-                }
-                out.push((
-                    sid,
-                    PageRequest {
-                        pasid,
-                        grpid: r.grpid,
-                        read: r.perm & IOMMU_PGFAULT_PERM_READ != 0,
-                        write: r.perm & IOMMU_PGFAULT_PERM_WRITE != 0,
-                        exec: r.perm & IOMMU_PGFAULT_PERM_EXEC != 0,
-                        privileged: r.perm & IOMMU_PGFAULT_PERM_PRIV != 0,
-                        addr: r.addr & !(PAGE - 1),
-                        last_page,
-                        needs_pasid: pasid.is_some(),
-                        private_data: None,
-                    },
-                ));
-            }
-            if n < buf.len() {
-                return Ok(out);
-            }
-        }
-    }
-
-    /// Answers the unanswered group of `sid` that `resp` names (its group index, and its
-    /// PASID when the response carries one) by writing its cookie and the code to the fault
-    /// queue file. iommufd's codes are SUCCESS and INVALID: Response Failure goes down as
-    /// INVALID (the device stops asking for the group either way). EINVAL when no such
-    /// group is unanswered (as the kernel answers an unknown cookie).
-    fn respond(&self, sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
-        let mut faults = lock(&self.faults);
-        let at = faults
-            .unanswered
-            .iter()
-            .position(|u| {
-                u.sid == sid
-                    && u.grpid == resp.grpid
-                    && resp.pasid.is_none_or(|p| u.pasid == Some(p))
-            })
-            .ok_or(Errno::EINVAL)?;
-        let group = faults.unanswered.remove(at);
-        drop(faults);
-        let code = match resp.code {
-            PageResponseCode::Success => IOMMUFD_PAGE_RESP_SUCCESS,
-            PageResponseCode::Invalid | PageResponseCode::Failure => IOMMUFD_PAGE_RESP_INVALID,
-        };
-        let bytes = IommuHwptPageResponse {
-            cookie: group.cookie,
-            code,
-        }
-        .to_bytes();
-        self.fault.write(&bytes).map(|_| ())
+        self.fault.read_page_requests()
     }
 
     /// `IOMMU_HWPT_ALLOC` of a nested HWPT over `parent` for `dev_id` with stage-1 data
@@ -508,7 +559,7 @@ impl Iommufd {
             data_type: IOMMU_HWPT_DATA_VTD_S1,
             data_len: data.len() as u32,
             data_uptr,
-            fault_id: self.fault_id,
+            fault_id: self.fault.id(),
             ..Default::default()
         };
         Ok(io(&*self.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id)
@@ -683,7 +734,7 @@ impl Drop for IommufdDevice {
         }
         let _ = self.detach(None);
         let _ = destroy(&*self.fd.file, self.parent);
-        lock(&self.fd.faults).devices.remove(&self.dev_id);
+        self.fd.fault.remove_device(self.dev_id);
     }
 }
 
@@ -788,7 +839,7 @@ impl HostSva for IommufdDevice {
     }
 
     fn page_response(&self, host_sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
-        self.fd.respond(host_sid, resp)
+        self.fd.fault.respond(host_sid, resp)
     }
 }
 

@@ -325,13 +325,10 @@ impl VSmmu {
         }
     }
 
-    /// CMD_PRI_RESP to a passthrough device: its page response through the container.
+    /// CMD_PRI_RESP to a passthrough device: its page response through the container or
+    /// the iommufd's fault queue.
     fn forward_page_response(&self, sid: u32, ssid: Option<u32>, prg_index: u16, resp: PriResp) {
-        // The host SMMU's iommufd has no fault queue: no page request reached the guest
-        // from a device on it.
-        let Some((_, host_sid, StreamHost::Container(host), _)) =
-            self.streams_where(|s| s == sid).pop()
-        else {
+        let Some((_, host_sid, host, _)) = self.streams_where(|s| s == sid).pop() else {
             return;
         };
         let response = PageResponse {
@@ -343,8 +340,7 @@ impl VSmmu {
                 PriResp::Fail => PageResponseCode::Failure,
             },
         };
-        let r = host.page_response(host_sid, &response);
-        self.host_call(r, || HostCall::PageResponse(host_sid, response));
+        self.page_response(&host, host_sid, response);
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the host reports for a passthrough device, shown to the guest as its SMMU would
 //! have shown it: unrecoverable faults of the guest's stage 1 and CD table as event
-//! records (IHI 0070 §7.3), page requests as PRI queue entries (§8).
+//! records (IHI 0070 §7.3), page requests as PRI queue entries (§8), whether they came
+//! from a VFIO container's fault region or an iommufd fault queue.
 //!
 //! The generic fault reasons map to the event types of the conditions they stand for:
 //!
@@ -141,6 +142,20 @@ impl VSmmu {
         Ok(written)
     }
 
+    /// The host's vEVENT queue lost events of the vIOMMU (`IOMMU_VEVENTQ_FLAG_LOST_EVENTS`):
+    /// the guest sees what its SMMU shows when events are lost, the event queue's overflow
+    /// (EVENTQ_PROD.OVFLG toggled, IHI 0070 §7.4), and an event queue interrupt so that its
+    /// driver looks. Whether the overflow was recorded (false while the guest's queue is
+    /// disabled or an overflow is not acknowledged yet).
+    pub fn inject_vevents_lost(&self) -> bool {
+        let recorded = lock(&self.regs).eventq_overflow();
+        self.count(|s| s.vevents_lost += 1);
+        if recorded {
+            self.deliver(vec![Irq::Eventq]);
+        }
+        recorded
+    }
+
     /// Writes a page request the host reported for the passthrough device `host_sid` into
     /// the guest's PRI queue. Where the SMMU would answer the request itself, the vSMMU
     /// sends that answer down (only for the last request of a group).
@@ -229,7 +244,7 @@ impl VSmmu {
 
     /// The vSMMU's own answer to a page request of `host_sid`.
     fn answer(&self, host_sid: SourceId, req: &PageRequest, code: PageResponseCode) {
-        let Some((_, _, StreamHost::Container(host), _)) = self
+        let Some((_, _, host, _)) = self
             .streams_where(|_| true)
             .into_iter()
             .find(|(_, h, _, _)| *h == host_sid)
@@ -241,7 +256,21 @@ impl VSmmu {
             grpid: req.grpid,
             code,
         };
-        let r = host.page_response(host_sid, &response);
+        self.page_response(&host, host_sid, response);
+    }
+
+    /// Sends `response` down for the device `host_sid` of `host`: through the container,
+    /// or on the iommufd's fault queue with the group's cookie.
+    pub(super) fn page_response(
+        &self,
+        host: &StreamHost,
+        host_sid: SourceId,
+        response: PageResponse,
+    ) {
+        let r = match host {
+            StreamHost::Container(c) => c.page_response(host_sid, &response),
+            StreamHost::Iommufd(d) => d.iommufd().respond(host_sid, &response),
+        };
         self.host_call(r, || HostCall::PageResponse(host_sid, response));
     }
 }

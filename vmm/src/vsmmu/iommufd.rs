@@ -13,10 +13,11 @@
 //!   commands given to `IOMMU_HWPT_INVALIDATE` on the vIOMMU, which replaces the VMID and
 //!   turns vSIDs into StreamIDs; the answer's `entry_num` says how many were carried out;
 //! - events of the VM's streams: read from the vEVENT queue (header and 32-byte record,
-//!   StreamID already the vSID).
-//!
-//! The host SMMU's iommufd has no fault queue for nested HWPTs: page requests are not
-//! forwarded on this path.
+//!   StreamID already the vSID);
+//! - page requests: a fault queue made with the vIOMMU, named by every nested HWPT
+//!   (`IOMMU_HWPT_FAULT_ID_VALID`); its groups are read with their devices and the guest's
+//!   CMD_PRI_RESP goes back with the group's cookie (the same [`FaultQueue`] as the
+//!   virtual VT-d's).
 
 use std::fmt;
 use std::mem::size_of;
@@ -27,7 +28,12 @@ use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{error::Errno, file::UapiFile};
 
-use crate::iommufd::{attach_cdev, bind_cdev, destroy, detach_cdev, io, ioas_map, UserBuffer};
+use vsva_uapi::request::{PageRequest, PageResponse};
+use vsva_vtd::addr::SourceId;
+
+use crate::iommufd::{
+    attach_cdev, bind_cdev, destroy, detach_cdev, io, ioas_map, FaultQueue, UserBuffer,
+};
 use crate::viommu::lock;
 
 /// Depth of the vEVENT queue.
@@ -71,13 +77,15 @@ pub enum Vevent {
     Lost,
 }
 
-/// The objects made with the first device: nest parent, vIOMMU, vEVENT queue.
+/// The objects made with the first device: nest parent, vIOMMU, vEVENT queue, fault
+/// queue.
 struct Viommu {
     parent: u32,
     id: u32,
     veventq_id: u32,
     veventq_fd: i32,
     veventq: Arc<dyn UapiFile>,
+    fault: FaultQueue,
 }
 
 /// One VM's `/dev/iommu` on an SMMUv3 host: its IOAS of guest RAM, its vIOMMU, and the
@@ -143,6 +151,11 @@ impl SmmuIommufd {
         lock(&self.viommu).as_ref().map(|v| v.veventq_fd)
     }
 
+    /// The fault queue's fd number, once a device made it.
+    pub fn fault_fd(&self) -> Option<i32> {
+        lock(&self.viommu).as_ref().map(|v| v.fault.fd())
+    }
+
     /// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova`, readable and
     /// writeable (guest RAM at its IPA).
     pub fn map(&self, user_va: u64, length: u64, iova: u64) -> Result<(), Errno> {
@@ -152,8 +165,8 @@ impl SmmuIommufd {
     /// Binds the device of VFIO cdev `cdev` (`VFIO_DEVICE_BIND_IOMMUFD`), attaches its STE
     /// to the nest parent (stage 2 alone) and gives it the virtual StreamID `vsid` in the
     /// vIOMMU (`IOMMU_VDEVICE_ALLOC`). The first device also makes the nest parent, the
-    /// vIOMMU and its vEVENT queue, whose fd number `open_fd` resolves to its file (EBADF
-    /// if it does not). On failure what this call made is destroyed (closing the cdev
+    /// vIOMMU, its vEVENT queue and a fault queue, whose fd numbers `open_fd` resolves to
+    /// their files (EBADF if it does not). On failure what this call made is destroyed (closing the cdev
     /// unbinds the device).
     pub fn attach_device(
         self: &Arc<Self>,
@@ -207,8 +220,8 @@ impl SmmuIommufd {
         }))
     }
 
-    /// The nest parent of the IOAS, the vIOMMU over it and its vEVENT queue, made for
-    /// device `dev_id`; on failure nothing is left.
+    /// The nest parent of the IOAS, the vIOMMU over it, its vEVENT queue and the fault
+    /// queue, made for device `dev_id`; on failure nothing is left.
     fn make_viommu(
         &self,
         dev_id: u32,
@@ -250,13 +263,21 @@ impl SmmuIommufd {
             }
             Ok((q, file.ok_or(Errno::EBADF)?))
         });
-        match queue {
-            Ok((q, veventq)) => Ok(Viommu {
+        let made = queue.and_then(|(q, veventq)| {
+            FaultQueue::alloc(&*self.file, open_fd)
+                .inspect_err(|_| {
+                    let _ = destroy(&*self.file, q.out_veventq_id);
+                })
+                .map(|fault| (q, veventq, fault))
+        });
+        match made {
+            Ok((q, veventq, fault)) => Ok(Viommu {
                 parent,
                 id,
                 veventq_id: q.out_veventq_id,
                 veventq_fd: q.out_veventq_fd as i32,
                 veventq,
+                fault,
             }),
             Err(e) => {
                 let _ = destroy(&*self.file, id);
@@ -267,7 +288,7 @@ impl SmmuIommufd {
     }
 
     fn destroy_viommu(&self, v: Viommu) {
-        for id in [v.veventq_id, v.id, v.parent] {
+        for id in [v.fault.id(), v.veventq_id, v.id, v.parent] {
             if let Err(e) = destroy(&*self.file, id) {
                 tracing::warn!("vSMMU iommufd: destroying object {id}: {e}");
             }
@@ -308,6 +329,24 @@ impl SmmuIommufd {
             }
         }
         Ok(())
+    }
+
+    /// Every whole page request group queued on the fault queue (nothing before the first
+    /// device), as [`FaultQueue::read_page_requests`] reads them.
+    pub fn read_page_requests(&self) -> Result<Vec<(SourceId, PageRequest)>, Errno> {
+        match lock(&self.viommu).as_ref() {
+            Some(v) => v.fault.read_page_requests(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The guest's answer to a group of device `sid`, as [`FaultQueue::respond`] sends it
+    /// (ENOENT before the first device).
+    pub(crate) fn respond(&self, sid: SourceId, resp: &PageResponse) -> Result<(), Errno> {
+        match lock(&self.viommu).as_ref() {
+            Some(v) => v.fault.respond(sid, resp),
+            None => Err(Errno::ENOENT),
+        }
     }
 
     /// Everything queued on the vEVENT queue (nothing before the first device). A record
@@ -396,6 +435,14 @@ impl SmmuIommufdDevice {
         self.vdevice
     }
 
+    /// The device's page requests come from host device `sid` (what the fault queue's
+    /// records name it by).
+    pub(crate) fn serve_page_requests(&self, sid: SourceId) {
+        if let Some(v) = lock(&self.fd.viommu).as_ref() {
+            v.fault.add_device(self.dev_id, sid);
+        }
+    }
+
     /// The nested HWPT the device's STE comes from and its STE words (`None`: the nest
     /// parent, stage 2 alone).
     pub fn nested(&self) -> Option<(u32, [u64; 2])> {
@@ -403,26 +450,31 @@ impl SmmuIommufdDevice {
     }
 
     /// Makes the device's STE the guest STE words `vste`: a nested HWPT carrying them
-    /// (`IOMMU_HWPT_ALLOC` under the vIOMMU), attached over the current one, which is then
-    /// destroyed. Nothing is done when the words are those attached; a refused
+    /// (`IOMMU_HWPT_ALLOC` under the vIOMMU, its page requests to the fault queue),
+    /// attached over the current one, which is then destroyed. Nothing is done when the words are those attached; a refused
     /// allocation or attach leaves the device as it was.
     pub fn set_vste(&self, vste: [u64; 2]) -> Result<(), Errno> {
         let mut nested = lock(&self.nested);
         if nested.is_some_and(|(_, v)| v == vste) {
             return Ok(());
         }
-        let viommu = self.fd.viommu_id().ok_or(Errno::ENOENT)?;
+        let (viommu, fault_id) = lock(&self.fd.viommu)
+            .as_ref()
+            .map(|v| (v.id, v.fault.id()))
+            .ok_or(Errno::ENOENT)?;
         let hwpt = {
             let scratch = lock(&self.fd.scratch);
             let data = IommuHwptArmSmmuv3 { ste: vste }.to_bytes();
             let data_uptr = scratch.put(&data)?;
             let alloc = IommuHwptAlloc {
                 size: size_of::<IommuHwptAlloc>() as u32,
+                flags: IOMMU_HWPT_FAULT_ID_VALID,
                 dev_id: self.dev_id,
                 pt_id: viommu,
                 data_type: IOMMU_HWPT_DATA_ARM_SMMUV3,
                 data_len: data.len() as u32,
                 data_uptr,
+                fault_id,
                 ..Default::default()
             };
             io(&*self.fd.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id
@@ -457,6 +509,9 @@ impl Drop for SmmuIommufdDevice {
     /// The STE is detached, then its nested HWPT and the vDEVICE are destroyed.
     fn drop(&mut self) {
         let _ = detach_cdev(&*self.cdev, None);
+        if let Some(v) = lock(&self.fd.viommu).as_ref() {
+            v.fault.remove_device(self.dev_id);
+        }
         if let Some((hwpt, _)) = lock(&self.nested).take() {
             let _ = destroy(&*self.fd.file, hwpt);
         }

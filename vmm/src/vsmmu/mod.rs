@@ -35,8 +35,10 @@
 //!   vIOMMU; CMDQ_CONS passes them once the host returned, and the first command the
 //!   host refused stops the queue with CERROR_ILL there;
 //! - events from the vIOMMU's vEVENT queue are written to the guest's event queue
-//!   ([`VSmmu::inject_vevent`]). The host SMMU's iommufd has no fault queue for nested
-//!   HWPTs: no page request comes this way.
+//!   ([`VSmmu::inject_vevent`]), a loss the queue reports as the event queue's overflow
+//!   ([`VSmmu::inject_vevents_lost`]); page requests from the vIOMMU's fault queue go to
+//!   the guest's PRI queue ([`VSmmu::inject_page_request`]) and its CMD_PRI_RESP back to
+//!   the fault queue with the group's cookie.
 //!
 //! A hostile guest gets what hardware would give it: an illegal command stops the queue
 //! with CERROR_ILL (CERROR_ABT when it cannot be read) and GERROR.CMDQ_ERR; an STE that is
@@ -160,6 +162,8 @@ pub struct VSmmuStats {
     pub events: u64,
     /// Events lost (queue disabled, full or unwritable).
     pub events_lost: u64,
+    /// Losses the host's vEVENT queue reported (each shown as an event queue overflow).
+    pub vevents_lost: u64,
     /// Page requests written to the guest's PRI queue.
     pub page_requests: u64,
     /// Page requests not queued (answered by the vSMMU where an answer was due).

@@ -80,7 +80,9 @@ impl VSmmu {
                 "a vDEVICE whose vSID is not the StreamID",
             ));
         }
-        self.attach_stream(sid, host_sid, StreamHost::Iommufd(dev))
+        self.attach_stream(sid, host_sid, StreamHost::Iommufd(dev.clone()))?;
+        dev.serve_page_requests(host_sid);
+        Ok(())
     }
 
     fn attach_stream(
