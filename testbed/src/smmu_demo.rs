@@ -507,8 +507,8 @@ fn process_checks(
         r => return Err(format!("compare after a changed byte: {r:?}")),
     }
     report.bytes_verified += 2 * len;
-    // A page request: a page the process has not touched. The host SMMU's iommufd has
-    // no fault queue for nested HWPTs: over iommufd no page request reaches the guest.
+    // A page request: a page the process has not touched. Over iommufd the demo does not
+    // use the vIOMMU's fault queue yet: no page request reaches the guest that way.
     if vm.ifd.is_none() {
         let lazy = p
             .mmap_lazy(PAGE, Prot::READ_WRITE)

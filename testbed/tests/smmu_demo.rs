@@ -69,8 +69,8 @@ fn two_arm64_vms_over_iommufd_pass_every_check() {
     assert_eq!(s.errors, 0, "{lines:?}");
     assert_eq!((s.vms, s.pasids), (2, 4));
     assert!(s.cross_vm_checked);
-    // Per process: copy, fill and two compares of 4 pages; no page request (the host
-    // SMMU's iommufd has no fault queue for nested HWPTs).
+    // Per process: copy, fill and two compares of 4 pages; no page request (the demo does
+    // not use the vIOMMU's fault queue over iommufd yet).
     assert_eq!(s.bytes_verified, 4 * (4 * 4 * 4096));
     assert_eq!(s.page_requests_served, 0);
     assert_eq!(s.stale_translations, 0);
