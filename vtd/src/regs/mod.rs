@@ -383,6 +383,27 @@ const FIXED: [(u64, Reg, u64); 33] = [
     (offset::VCRSP, Reg::Vcrsp, 8),
 ];
 
+/// The dwords the fixed registers span: every fixed register ends below this.
+const FIXED_DWORDS: usize = ((offset::VCRSP + 8) / 4) as usize;
+
+/// For each dword below [`FIXED_DWORDS`], 1 + the index in [`FIXED`] of the register
+/// holding it, or 0: the offset's register in one load instead of a scan of [`FIXED`].
+const FIXED_BY_DWORD: [u8; FIXED_DWORDS] = {
+    let mut table = [0; FIXED_DWORDS];
+    let mut i = 0;
+    while i < FIXED.len() {
+        let (base, _, width) = FIXED[i];
+        let mut dword = base / 4;
+        while dword < (base + width) / 4 {
+            // Fixed registers never overlap (checked by the `fixed_registers_index` test).
+            table[dword as usize] = i as u8 + 1;
+            dword += 1;
+        }
+        i += 1;
+    }
+    table
+};
+
 /// The architecture version the unit reports (VER_REG): 1.0.
 const VERSION: u64 = 0x10;
 /// The smallest register page.
@@ -628,30 +649,30 @@ impl RegisterFile {
 
     /// The implemented register holding the byte at `offset`: register, its offset, width.
     fn locate(&self, offset: u64) -> Option<(Reg, u64, u64)> {
-        let found = FIXED
-            .iter()
-            .copied()
-            .find(|&(base, _, width)| (base..base + width).contains(&offset))
-            .or_else(|| {
-                let iro = self.ecap.iotlb_offset();
-                let frcd = self.cap.fault_recording_offset();
-                let frcd_end = frcd + 16 * self.frcd.len() as u64;
-                if (iro..iro + 8).contains(&offset) {
-                    Some((iro, Reg::Iva, 8))
-                } else if (iro + 8..iro + 16).contains(&offset) {
-                    Some((iro + 8, Reg::Iotlb, 8))
-                } else if (frcd..frcd_end).contains(&offset) {
-                    let index = ((offset - frcd) / 16) as usize;
-                    let base = frcd + 16 * index as u64;
-                    if offset - base < 8 {
-                        Some((base, Reg::FrcdLow(index), 8))
-                    } else {
-                        Some((base + 8, Reg::FrcdHigh(index), 8))
-                    }
+        let fixed = match FIXED_BY_DWORD.get((offset / 4) as usize) {
+            Some(&slot) if slot != 0 => Some(FIXED[slot as usize - 1]),
+            _ => None,
+        };
+        let found = fixed.or_else(|| {
+            let iro = self.ecap.iotlb_offset();
+            let frcd = self.cap.fault_recording_offset();
+            let frcd_end = frcd + 16 * self.frcd.len() as u64;
+            if (iro..iro + 8).contains(&offset) {
+                Some((iro, Reg::Iva, 8))
+            } else if (iro + 8..iro + 16).contains(&offset) {
+                Some((iro + 8, Reg::Iotlb, 8))
+            } else if (frcd..frcd_end).contains(&offset) {
+                let index = ((offset - frcd) / 16) as usize;
+                let base = frcd + 16 * index as u64;
+                if offset - base < 8 {
+                    Some((base, Reg::FrcdLow(index), 8))
                 } else {
-                    None
+                    Some((base + 8, Reg::FrcdHigh(index), 8))
                 }
-            });
+            } else {
+                None
+            }
+        });
         found
             .filter(|&(_, reg, _)| self.present(reg))
             .map(|(base, reg, width)| (reg, base, width))

@@ -868,3 +868,24 @@ proptest! {
         prop_assert_eq!(r.fsts() & fsts::PPF, 0, "software cannot create faults");
     }
 }
+
+#[test]
+fn fixed_registers_index() {
+    // The direct lookup gives, for every byte, the one fixed register whose span holds it.
+    for offset in 0..FIXED_DWORDS as u64 * 4 + 64 {
+        let mut holders = FIXED
+            .iter()
+            .enumerate()
+            .filter(|(_, &(base, _, width))| (base..base + width).contains(&offset));
+        let expected = holders.next().map_or(0, |(i, _)| i + 1);
+        assert!(
+            holders.next().is_none(),
+            "fixed registers overlap at {offset:#x}"
+        );
+        let slot = FIXED_BY_DWORD
+            .get((offset / 4) as usize)
+            .copied()
+            .unwrap_or(0);
+        assert_eq!(slot as usize, expected, "offset {offset:#x}");
+    }
+}
