@@ -15,8 +15,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_service::protocol::HostState;
 use vsva_service::{
-    client::RemoteFile, client::SharedRam, server::HostConfig, server::IommuArch, server::Report,
-    server::Service,
+    client::RemoteFile, client::SharedRam, server::HostConfig, server::IommuArch, server::Limits,
+    server::Report, server::Service, server::SMMU_STREAMS,
 };
 use vsva_uapi::request::NestingVendor;
 use vsva_uapi::{
@@ -47,6 +47,10 @@ impl Drop for Served {
 }
 
 fn serve(strict: bool) -> Served {
+    serve_with(strict, Limits::default())
+}
+
+fn serve_with(strict: bool, limits: Limits) -> Served {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "vsva-smmu-service-{}-{}",
@@ -59,7 +63,7 @@ fn serve(strict: bool) -> Served {
         iommu: IommuArch::Smmuv3,
         memory: 256 << 20,
         strict,
-        ..HostConfig::default()
+        limits,
     })
     .unwrap();
     let listener = vsva_service::server::bind_socket(&path).unwrap();
@@ -303,6 +307,74 @@ fn stream_ids_are_reused_and_an_smmu_host_serves_no_iommufd() {
         e.to_string().contains("ENODEV") || e.to_string().contains("19"),
         "{e}"
     );
+}
+
+#[test]
+fn device_add_with_every_stream_id_taken_is_enospc_changes_nothing_and_a_freed_one_is_reused() {
+    // Room for a connection per StreamID and more, all from this process.
+    let served = serve_with(
+        false,
+        Limits {
+            max_connections: 2 * SMMU_STREAMS.len() as u32,
+            max_connections_per_process: 2 * SMMU_STREAMS.len() as u32,
+            ..Limits::default()
+        },
+    );
+    let smmu = served.service.smmu().unwrap().clone();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let before = probe.host_state().unwrap();
+    // A device on each connection (a nesting container; no RAM, which 256 VMs would not
+    // be given) until the 256 StreamIDs are gone: the lowest free one each time.
+    let mut vms: Vec<RemoteFile> = Vec::new();
+    for want in SMMU_STREAMS {
+        let c = nesting(&served.path);
+        assert_eq!(u32::from(c.device_add().unwrap().rid()), want);
+        vms.push(c);
+    }
+    // One more connection, a nesting container like the others: its DEVICE_ADD is ENOSPC
+    // and the host holds what it held with the connection open.
+    let late = nesting(&served.path);
+    let full = probe.host_state().unwrap();
+    let stes: Vec<_> = SMMU_STREAMS.map(|sid| smmu.ste(sid)).collect();
+    for _ in 0..2 {
+        assert_eq!(late.device_add().unwrap_err(), Errno::ENOSPC);
+        assert_eq!(probe.host_state().unwrap(), full);
+        assert_eq!(
+            SMMU_STREAMS.map(|sid| smmu.ste(sid)).collect::<Vec<_>>(),
+            stes
+        );
+    }
+    // It has no device: its device calls are ENODEV, as before the refusal.
+    assert_eq!(late.device_run().unwrap_err(), Errno::ENODEV);
+    // A VM leaves: its StreamID is free again, and the next DEVICE_ADD gets that one.
+    drop(vms.remove(0x42));
+    let freed = SMMU_STREAMS.start + 0x42;
+    let s = settle(&probe, |s| s.devices + 1 == full.devices);
+    assert_eq!(s.devices + 1, full.devices, "{s:?}");
+    assert!(aborts(smmu.ste(freed)), "the freed stream aborts again");
+    let sid = u32::from(late.device_add().unwrap().rid());
+    assert_eq!(sid, freed);
+    let again = probe.host_state().unwrap();
+    assert_eq!(again.devices, full.devices);
+    // And with every StreamID taken again, another connection is refused in turn.
+    let later = nesting(&served.path);
+    assert_eq!(later.device_add().unwrap_err(), Errno::ENOSPC);
+    drop((vms, late, later));
+    let left = settle(&probe, |s| s.holds_as(&before));
+    assert!(left.holds_as(&before), "{left:?} vs {before:?}");
+    drop(probe);
+    drop(smmu);
+    let report = served.finish();
+    assert!(report.clean(), "{report}");
+}
+
+/// A connection whose container is set to the nesting model, without RAM or a device.
+fn nesting(path: &std::path::Path) -> RemoteFile {
+    let file = RemoteFile::connect(path).unwrap();
+    (&file)
+        .set_iommu(vsva_uapi::file::IommuModel::Type1Nesting)
+        .unwrap();
+    file
 }
 
 #[test]
