@@ -187,6 +187,10 @@ enum Command {
         /// Print the report as one JSON object on the last line.
         #[arg(long)]
         json: bool,
+        /// The host's IOMMU: VT-d (x86-64 VMs with a virtual VT-d), or SMMUv3 (arm64 VMs
+        /// with a virtual SMMUv3 whose CD tables the host's STEs point at).
+        #[arg(long, value_enum, default_value = "vtd")]
+        iommu: IommuArch,
     },
     /// One VM process of `vsva load` (started by it).
     #[command(hide = true)]
@@ -199,6 +203,8 @@ enum Command {
         millis: u64,
         #[arg(long)]
         max_pages: u64,
+        #[arg(long, value_enum, default_value = "vtd")]
+        iommu: IommuArch,
     },
 }
 
@@ -242,6 +248,15 @@ enum IommuArch {
     Vtd,
     /// Arm SMMUv3, arm64 guests with a virtual SMMUv3.
     Smmuv3,
+}
+
+impl From<IommuArch> for vsva_service::server::IommuArch {
+    fn from(a: IommuArch) -> Self {
+        match a {
+            IommuArch::Vtd => vsva_service::server::IommuArch::Vtd,
+            IommuArch::Smmuv3 => vsva_service::server::IommuArch::Smmuv3,
+        }
+    }
 }
 
 /// Prints a demo's summary (text or JSON); whether it had no error.
@@ -429,10 +444,7 @@ fn main() -> ExitCode {
             strict,
         } => {
             let config = vsva_service::server::HostConfig {
-                iommu: match iommu {
-                    IommuArch::Vtd => vsva_service::server::IommuArch::Vtd,
-                    IommuArch::Smmuv3 => vsva_service::server::IommuArch::Smmuv3,
-                },
+                iommu: iommu.into(),
                 memory,
                 strict,
                 limits: vsva_service::server::Limits {
@@ -518,6 +530,7 @@ fn main() -> ExitCode {
             seed,
             max_pages,
             json,
+            iommu,
         } => {
             if vms == 0 || !(seconds > 0.0 && seconds <= 86_400.0) || max_pages == 0 {
                 eprintln!("vsva load: --vms, --seconds and --max-pages must be positive");
@@ -529,6 +542,7 @@ fn main() -> ExitCode {
                 kill_every: kill_every.map(std::time::Duration::from_millis),
                 seed,
                 max_pages: max_pages.min(256),
+                iommu: iommu.into(),
             };
             let exe = match std::env::current_exe() {
                 Ok(e) => e,
@@ -567,8 +581,13 @@ fn main() -> ExitCode {
             seed,
             millis,
             max_pages,
+            iommu,
         } => {
-            let code = vsva_testbed::remote::load_worker(
+            let worker = match iommu {
+                IommuArch::Vtd => vsva_testbed::remote::load_worker,
+                IommuArch::Smmuv3 => smmu_demo::load_worker,
+            };
+            let code = worker(
                 &socket,
                 seed,
                 std::time::Duration::from_millis(millis),

@@ -101,7 +101,7 @@ impl Stage {
 }
 
 /// The VM's connection to the host: its container file (or `/dev/iommu`) and its device,
-/// with the pause hook of [`Stage`].
+/// with the pause hook of [`Stage`] and the timings of [`LinkHooks`].
 pub struct HostLink {
     file: RemoteFile,
     /// The uAPI of `file`: the ioctl numbers of the two overlap (`IOMMU_DESTROY` is the
@@ -109,12 +109,103 @@ pub struct HostLink {
     uapi: Uapi,
     /// Over iommufd, the fault queue the host passed.
     fault_queue: OnceLock<Arc<FaultQueueFd>>,
+    hooks: LinkHooks,
+}
+
+/// What a VM's link to a host process does around the calls that cross to it, for the
+/// VT-d link ([`HostLink`]) and the SMMUv3 one (`smmu_demo::SmmuLink`): the pause of
+/// `vsva vm --pause-at` ([`Stage`], announced once) and the latencies `vsva load`
+/// reports ([`Timings`]).
+pub(crate) struct LinkHooks {
     pause_at: Option<Stage>,
     paused: AtomicBool,
     device_ran: AtomicBool,
     timings: Mutex<Timings>,
     /// When the device last stopped on a page request, until its first response.
     page_request_at: Mutex<Option<Instant>>,
+}
+
+impl LinkHooks {
+    /// Hooks pausing at `pause_at`.
+    pub(crate) fn new(pause_at: Option<Stage>) -> LinkHooks {
+        LinkHooks {
+            pause_at,
+            paused: AtomicBool::new(false),
+            device_ran: AtomicBool::new(false),
+            timings: Mutex::default(),
+            page_request_at: Mutex::new(None),
+        }
+    }
+
+    /// Announces `stage` (once, if it is the one asked for) and waits for a line on stdin
+    /// when `wait`.
+    fn pause(&self, stage: Stage, wait: bool) {
+        if self.pause_at != Some(stage) || self.paused.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "paused at {}", stage.name());
+        let _ = out.flush();
+        drop(out);
+        if wait {
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+        }
+    }
+
+    /// Before an ioctl: the bind pause before the call that binds, the invalidate pause
+    /// before a forwarded invalidation once the device ran.
+    pub(crate) fn before_ioctl(&self, bind: bool, invalidate: bool) {
+        if bind {
+            self.pause(Stage::Bind, true);
+        } else if invalidate && self.device_ran.load(Ordering::Acquire) {
+            self.pause(Stage::Invalidate, true);
+        }
+    }
+
+    /// After an ioctl the host took, started at `start`: a forwarded invalidation is
+    /// timed, and a page response ends the page request round trip waiting, if one is.
+    pub(crate) fn after_ioctl(&self, start: Instant, invalidate: bool, page_response: bool) {
+        if invalidate {
+            self.timings().fwd_inv.push(start.elapsed());
+        } else if page_response {
+            let at = self
+                .page_request_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(at) = at {
+                self.timings().prq.push(at.elapsed());
+            }
+        }
+    }
+
+    /// Before `DEVICE_RUN`: the dma pause (without waiting).
+    pub(crate) fn before_run(&self) {
+        self.pause(Stage::Dma, false);
+    }
+
+    /// After `DEVICE_RUN` left `waiting` descriptors waiting for a page response: a page
+    /// request round trip starts, and the page-request pause.
+    pub(crate) fn after_run(&self, waiting: u64) {
+        self.device_ran.store(true, Ordering::Release);
+        if waiting > 0 {
+            *self
+                .page_request_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            self.pause(Stage::PageRequest, true);
+        }
+    }
+
+    /// Takes the latencies timed so far.
+    pub(crate) fn take_timings(&self) -> Timings {
+        std::mem::take(&mut *self.timings())
+    }
+
+    fn timings(&self) -> MutexGuard<'_, Timings> {
+        self.timings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Latencies of the calls that cross to the host, as `vsva load` reports them.
@@ -134,11 +225,7 @@ impl HostLink {
             file,
             uapi,
             fault_queue: OnceLock::new(),
-            pause_at,
-            paused: AtomicBool::new(false),
-            device_ran: AtomicBool::new(false),
-            timings: Mutex::default(),
-            page_request_at: Mutex::new(None),
+            hooks: LinkHooks::new(pause_at),
         }
     }
 
@@ -200,55 +287,19 @@ impl HostLink {
 
     /// Takes the latencies timed so far.
     pub fn take_timings(&self) -> Timings {
-        std::mem::take(&mut *self.timings.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    fn timings(&self) -> MutexGuard<'_, Timings> {
-        self.timings.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Announces `stage` (once, if it is the one asked for) and waits for a line on stdin
-    /// when `wait`.
-    fn pause(&self, stage: Stage, wait: bool) {
-        if self.pause_at != Some(stage) || self.paused.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "paused at {}", stage.name());
-        let _ = out.flush();
-        drop(out);
-        if wait {
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
-        }
+        self.hooks.take_timings()
     }
 }
 
 impl UapiFile for HostLink {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
         let (bind, invalidate) = self.kind_of(cmd, arg);
-        if bind {
-            self.pause(Stage::Bind, true);
-        } else if invalidate && self.device_ran.load(Ordering::Acquire) {
-            self.pause(Stage::Invalidate, true);
-        }
+        self.hooks.before_ioctl(bind, invalidate);
         let start = Instant::now();
         let result = self.file.ioctl(cmd, arg);
         if result.is_ok() {
-            match cmd {
-                _ if invalidate => self.timings().fwd_inv.push(start.elapsed()),
-                VFIO_IOMMU_PAGE_RESPONSE if self.uapi == Uapi::Type1 => {
-                    let at = self
-                        .page_request_at
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .take();
-                    if let Some(at) = at {
-                        self.timings().prq.push(at.elapsed());
-                    }
-                }
-                _ => {}
-            }
+            let page_response = cmd == VFIO_IOMMU_PAGE_RESPONSE && self.uapi == Uapi::Type1;
+            self.hooks.after_ioctl(start, invalidate, page_response);
         }
         result
     }
@@ -278,21 +329,14 @@ impl Passthrough for HostLink {
     }
 
     fn process(&self) -> Result<usize, StackError> {
-        self.pause(Stage::Dma, false);
+        self.hooks.before_run();
         let mut waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
         if let Some(queue) = self.fault_queue.get() {
             waiting = self
                 .settle_fault_queue(queue, waiting)
                 .map_err(StackError::DeviceCall)?;
         }
-        self.device_ran.store(true, Ordering::Release);
-        if waiting > 0 {
-            *self
-                .page_request_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-            self.pause(Stage::PageRequest, true);
-        }
+        self.hooks.after_run(waiting);
         usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
     }
 
@@ -1154,10 +1198,8 @@ impl Keeper {
 }
 
 /// `vsva load-worker`: one VM process of `vsva load`, the VM of `vsva vm` looping
-/// [`cycle`]. Boots (with a keeper buffer its device fills), prints `ready`, loops for
-/// `duration` with buffers of 1 to `max_pages` pages, checks the keeper, prints `report
-/// <json>` (a [`WorkerReport`] with the link's [`Timings`]), waits for its stdin to close
-/// and shuts down. Returns the exit code: 0, or 1 when it could not start.
+/// [`cycle`]. Boots (with a keeper buffer its device fills), runs [`load_loop`] for
+/// `duration` with buffers of 1 to `max_pages` pages, and shuts down. Returns the exit code: 0, or 1 when it could not start.
 pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
     let started = RemoteVm::connect(socket, 0, LOAD_VM_RAM, None, Uapi::Type1).and_then(|vm| {
         let keeper = Keeper::start(&vm.vmm, (seed as u8) | 1)?;
@@ -1170,56 +1212,17 @@ pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64)
             return 1;
         }
     };
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "ready");
-    let _ = out.flush();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut report = WorkerReport::default();
-    let end = Instant::now() + duration;
-    while Instant::now() < end && !vm.host_gone() {
-        let pages = rng.random_range(1..=max_pages.max(1));
-        match cycle(&vm.vmm, &mut rng, pages) {
-            Ok(bytes) => {
-                report.cycles += 1;
-                report.bytes_verified += bytes;
-            }
-            Err(e) => {
-                report.errors += 1;
-                if report.messages.len() < 5 {
-                    report.messages.push(e.to_string());
-                }
-            }
-        }
-    }
-    match keeper.check() {
-        Ok(n) => report.keeper_bytes = n,
-        Err(e) => {
-            report.errors += 1;
-            report.messages.push(e.to_string());
-        }
-    }
-    let t = vm.link().take_timings();
-    report.fwd_inv_ns = t.fwd_inv;
-    report.prq_ns = t.prq;
-    // Between cycles the VM holds its connection, RAM window and mapping, its device and
-    // domain, and the keeper's PASID, bound.
-    report.held = Held {
-        connections: 1,
-        pasids: 1,
-        binds: 1,
-        windows: 1,
-        window_bytes: LOAD_VM_RAM,
-        dma_mappings: 1,
-        devices: 1,
-        domain_ids: 1,
-        page_requests: 0,
-        faults_unread: 0,
-    };
-    let json = serde_json::to_string(&report).expect("a serialisable report");
-    let _ = writeln!(out, "report {json}");
-    let _ = out.flush();
-    let mut rest = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
+    // Between cycles the VM holds the keeper's PASID, allocated and bound.
+    load_loop(
+        seed,
+        duration,
+        max_pages,
+        &|| vm.host_gone(),
+        &mut |rng, pages| cycle(&vm.vmm, rng, pages).map_err(|e| e.to_string()),
+        &|| keeper.check().map_err(|e| e.to_string()),
+        &|| vm.link().take_timings(),
+        Held::load_vm(LOAD_VM_RAM, 1),
+    );
     drop(keeper);
     match vm.shutdown() {
         Ok(()) => 0,
@@ -1228,6 +1231,63 @@ pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64)
             2
         }
     }
+}
+
+/// The loop of a `vsva load` VM process, on either host IOMMU: prints `ready`, runs
+/// `cycle` (which returns the bytes it verified) with 1 to `max_pages` pages (random, from
+/// `seed`) until `duration` has passed or the host is gone, and checks the keeper buffer
+/// with `keeper`; a failed cycle or check is an error in the report, and the loop goes
+/// on. Then prints `report <json>`: a [`WorkerReport`] with the link's [`Timings`] and
+/// what the VM holds on the host (`held`), and waits for stdin to close (the VM then
+/// shuts down).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_loop(
+    seed: u64,
+    duration: Duration,
+    max_pages: u64,
+    host_gone: &dyn Fn() -> bool,
+    cycle: &mut dyn FnMut(&mut StdRng, u64) -> Result<u64, String>,
+    keeper: &dyn Fn() -> Result<u64, String>,
+    timings: &dyn Fn() -> Timings,
+    held: Held,
+) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut report = WorkerReport::default();
+    let end = Instant::now() + duration;
+    while Instant::now() < end && !host_gone() {
+        let pages = rng.random_range(1..=max_pages.max(1));
+        match cycle(&mut rng, pages) {
+            Ok(bytes) => {
+                report.cycles += 1;
+                report.bytes_verified += bytes;
+            }
+            Err(e) => {
+                report.errors += 1;
+                if report.messages.len() < 5 {
+                    report.messages.push(e);
+                }
+            }
+        }
+    }
+    match keeper() {
+        Ok(n) => report.keeper_bytes = n,
+        Err(e) => {
+            report.errors += 1;
+            report.messages.push(e);
+        }
+    }
+    let t = timings();
+    report.fwd_inv_ns = t.fwd_inv;
+    report.prq_ns = t.prq;
+    report.held = held;
+    let json = serde_json::to_string(&report).expect("a serialisable report");
+    let _ = writeln!(out, "report {json}");
+    let _ = out.flush();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
 }
 
 #[cfg(test)]

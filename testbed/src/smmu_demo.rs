@@ -19,6 +19,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::Rng;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
@@ -31,6 +33,7 @@ use vsva_hw::dma::{
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
+use vsva_service::load::Held;
 use vsva_service::{client::RemoteFile, client::SharedRam};
 use vsva_smmuv3::{cmd::Cmd, event::EventType, regs::RegError};
 use vsva_smmuv3_driver::Registers;
@@ -46,7 +49,7 @@ use vsva_vmm::{
 use vsva_vtd::{addr::Gpa, addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use crate::demo::{DemoError, DemoIommu, DemoOptions, DemoSummary, VmReport};
-use crate::remote::{Stage, VmError, VmOptions, CROSS_VM};
+use crate::remote::{load_loop, LinkHooks, Stage, Timings, VmError, VmOptions, CROSS_VM};
 use crate::stack::{Passthrough, StackError, Uapi};
 
 /// Guest RAM of each VM.
@@ -427,7 +430,90 @@ impl Vm {
         p.read(Gva(comp), &mut rec).ok()?;
         CompletionRecord::from_bytes(&rec)
     }
+
+    /// A page request: the device copies [`PRQ_BYTES`] of `src` to the page at `lazy`,
+    /// which `p` has not touched, waiting on the page request the guest's fault handler
+    /// serves; then the copy completes and its bytes are `data`'s first ones.
+    fn page_request_check(
+        &self,
+        p: &Process,
+        ssid: u32,
+        src: u64,
+        lazy: u64,
+        comp: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let op = Operation::Memmove {
+            src,
+            dst: lazy,
+            size: PRQ_BYTES,
+        };
+        self.dma(p, ssid, op, comp, true);
+        let served = self.await_faults(|| {
+            self.guest.read_events().map_err(|e| e.to_string())?;
+            let served = self
+                .guest
+                .handle_page_requests()
+                .map_err(|e| e.to_string())?;
+            Ok((served.requests > 0).then_some(served))
+        })?;
+        let Some(served) = served else {
+            return Err("page request: none reached the guest".into());
+        };
+        self.dev.process().map_err(|e| e.to_string())?;
+        let mut got = vec![0; PRQ_BYTES as usize];
+        p.read(Gva(lazy), &mut got).map_err(|e| e.to_string())?;
+        if served.succeeded != 1
+            || !succeeded(self.record(p, comp))
+            || data.get(..got.len()) != Some(&got[..])
+        {
+            return Err(format!("page request: {served:?}"));
+        }
+        Ok(())
+    }
+
+    /// Unmaps the page of `p` at `gone`, then `op` (which reaches it) must fail and an
+    /// F_TRANSLATION at `gone` reach the guest's event queue.
+    fn munmap_check(
+        &self,
+        p: &Process,
+        ssid: u32,
+        gone: u64,
+        op: Operation,
+        comp: u64,
+    ) -> Result<(), String> {
+        p.munmap(Gva(gone), PAGE).map_err(|e| e.to_string())?;
+        if succeeded(self.dma(p, ssid, op, comp, false)) {
+            return Err("DMA after munmap completed".into());
+        }
+        let mut events = Vec::new();
+        let found = self.await_faults(|| {
+            events.extend(self.guest.read_events().map_err(|e| e.to_string())?);
+            Ok(events
+                .iter()
+                .any(|e| {
+                    e.event_type == EventType::Translation
+                        && e.ssid == Some(ssid)
+                        && e.input_addr == gone
+                })
+                .then_some(()))
+        })?;
+        if found.is_none() {
+            return Err(format!(
+                "no F_TRANSLATION at {gone:#x} after munmap: {events:?}"
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// Whether a completion record came back and says Success.
+fn succeeded(r: Option<CompletionRecord>) -> bool {
+    r.is_some_and(|r| r.status == CompletionStatus::Success)
+}
+
+/// Bytes of the untouched page a page request check copies to.
+const PRQ_BYTES: u32 = 256;
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)
@@ -456,10 +542,9 @@ fn process_checks(
     let ssid = vm.guest.bind(GSID, &p).map_err(|e| e.to_string())?;
     report.pasids.push(ssid);
     keep.push(p.clone());
-    let ok = |r: Option<CompletionRecord>| r.is_some_and(|r| r.status == CompletionStatus::Success);
     let size = len as u32;
     // Copy.
-    if !ok(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
+    if !succeeded(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
         return Err("copy did not complete".into());
     }
     let mut back = vec![0; len as usize];
@@ -470,7 +555,7 @@ fn process_checks(
     report.bytes_verified += len;
     // Fill.
     let fill = 0x0102_0304_0506_0708u64 ^ seed;
-    if !ok(vm.dma(
+    if !succeeded(vm.dma(
         &p,
         ssid,
         Operation::Fill {
@@ -514,57 +599,18 @@ fn process_checks(
             .mmap_lazy(PAGE, Prot::READ_WRITE)
             .map_err(|e| e.to_string())?
             .0;
-        vm.dma(
-            &p,
-            ssid,
-            Operation::Memmove {
-                src,
-                dst: lazy,
-                size: 256,
-            },
-            comp,
-            true,
-        );
-        let served = vm.await_faults(|| {
-            vm.guest.read_events().map_err(|e| e.to_string())?;
-            let served = vm.guest.handle_page_requests().map_err(|e| e.to_string())?;
-            Ok((served.requests > 0).then_some(served))
-        })?;
-        let Some(served) = served else {
-            return Err("page request: none reached the guest".into());
-        };
-        vm.dev.process().map_err(|e| e.to_string())?;
-        let mut got = vec![0; 256];
-        p.read(Gva(lazy), &mut got).map_err(|e| e.to_string())?;
-        if served.succeeded != 1 || !ok(vm.record(&p, comp)) || got != data[..256] {
-            return Err(format!("page request: {served:?}"));
-        }
+        vm.page_request_check(&p, ssid, src, lazy, comp, &data)?;
         report.page_requests_served += 1;
-        report.bytes_verified += 256;
+        report.bytes_verified += u64::from(PRQ_BYTES);
     }
     // munmap: the next DMA faults at the unmapped address.
-    let gone = dst + len - PAGE;
-    p.munmap(Gva(gone), PAGE).map_err(|e| e.to_string())?;
-    if ok(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
-        return Err("DMA after munmap completed".into());
-    }
-    let mut events = Vec::new();
-    let found = vm.await_faults(|| {
-        events.extend(vm.guest.read_events().map_err(|e| e.to_string())?);
-        Ok(events
-            .iter()
-            .any(|e| {
-                e.event_type == EventType::Translation
-                    && e.ssid == Some(ssid)
-                    && e.input_addr == gone
-            })
-            .then_some(()))
-    })?;
-    if found.is_none() {
-        return Err(format!(
-            "no F_TRANSLATION at {gone:#x} after munmap: {events:?}"
-        ));
-    }
+    vm.munmap_check(
+        &p,
+        ssid,
+        dst + len - PAGE,
+        Operation::Memmove { src, dst, size },
+        comp,
+    )?;
     report.munmap_faults += 1;
     Ok(())
 }
@@ -779,12 +825,13 @@ pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String
 /// device, with the pause hook of `vsva vm --pause-at` ([`Stage`]: `bind` before the
 /// first `VFIO_IOMMU_ATTACH_PASID_TABLE`, `invalidate` before the first
 /// `VFIO_IOMMU_CACHE_INVALIDATE` after the device ran, `dma` before the first
-/// `DEVICE_RUN`, `page-request` after a `DEVICE_RUN` that left the device waiting).
+/// `DEVICE_RUN`, `page-request` after a `DEVICE_RUN` that left the device waiting) and the
+/// latencies `vsva load` reports ([`Timings`]: each `VFIO_IOMMU_CACHE_INVALIDATE`, and
+/// from a `DEVICE_RUN` that left the device waiting to the first
+/// `VFIO_IOMMU_PAGE_RESPONSE` after it).
 pub struct SmmuLink {
     file: RemoteFile,
-    pause_at: Option<Stage>,
-    paused: std::sync::atomic::AtomicBool,
-    device_ran: std::sync::atomic::AtomicBool,
+    hooks: LinkHooks,
 }
 
 impl SmmuLink {
@@ -792,49 +839,31 @@ impl SmmuLink {
     pub fn new(file: RemoteFile, pause_at: Option<Stage>) -> SmmuLink {
         SmmuLink {
             file,
-            pause_at,
-            paused: Default::default(),
-            device_ran: Default::default(),
+            hooks: LinkHooks::new(pause_at),
         }
     }
 
-    /// Announces `stage` (once, if it is the one asked for) on stdout and waits for a
-    /// line on stdin (or its end) when `wait`.
-    fn pause(&self, stage: Stage, wait: bool) {
-        use std::io::{BufRead, Write};
-        use std::sync::atomic::Ordering;
-        if self.pause_at != Some(stage) || self.paused.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let name = match stage {
-            Stage::Bind => "bind",
-            Stage::Invalidate => "invalidate",
-            Stage::Dma => "dma",
-            Stage::PageRequest => "page-request",
-        };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "paused at {name}");
-        let _ = out.flush();
-        drop(out);
-        if wait {
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
-        }
+    /// Takes the latencies timed so far.
+    pub fn take_timings(&self) -> Timings {
+        self.hooks.take_timings()
     }
 }
 
 impl UapiFile for SmmuLink {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        use std::sync::atomic::Ordering;
-        use vsva_uapi::vfio::{VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_CACHE_INVALIDATE};
-        match cmd {
-            VFIO_IOMMU_ATTACH_PASID_TABLE => self.pause(Stage::Bind, true),
-            VFIO_IOMMU_CACHE_INVALIDATE if self.device_ran.load(Ordering::Acquire) => {
-                self.pause(Stage::Invalidate, true)
-            }
-            _ => {}
+        use vsva_uapi::vfio::{
+            VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE,
+        };
+        let invalidate = cmd == VFIO_IOMMU_CACHE_INVALIDATE;
+        self.hooks
+            .before_ioctl(cmd == VFIO_IOMMU_ATTACH_PASID_TABLE, invalidate);
+        let start = Instant::now();
+        let result = self.file.ioctl(cmd, arg);
+        if result.is_ok() {
+            self.hooks
+                .after_ioctl(start, invalidate, cmd == VFIO_IOMMU_PAGE_RESPONSE);
         }
-        self.file.ioctl(cmd, arg)
+        result
     }
 
     fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
@@ -862,13 +891,9 @@ impl Passthrough for SmmuLink {
     }
 
     fn process(&self) -> Result<usize, StackError> {
-        use std::sync::atomic::Ordering;
-        self.pause(Stage::Dma, false);
+        self.hooks.before_run();
         let waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
-        self.device_ran.store(true, Ordering::Release);
-        if waiting > 0 {
-            self.pause(Stage::PageRequest, true);
-        }
+        self.hooks.after_run(waiting);
         usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
     }
 
@@ -883,6 +908,44 @@ impl Passthrough for SmmuLink {
             .device_reg_write(offset, value)
             .map_err(StackError::DeviceCall)
     }
+}
+
+/// `e`, or [`VmError::HostGone`] when the host went away (which is why it failed).
+fn gone_or(link: &SmmuLink, e: String) -> VmError {
+    if link.file.host_gone() {
+        VmError::HostGone
+    } else {
+        VmError::Stack(StackError::Guest(e))
+    }
+}
+
+/// Connects to the SMMUv3 host at `path` and boots an arm64 VM on it: a nesting
+/// container, its memfd RAM mapped at IOVA 0, the host's device, the vSMMU with the
+/// device passed through and the guest's arm-smmu-v3 driver. Returns the VM, its link
+/// and its RAM.
+fn connect_vm(
+    path: &Path,
+    pause_at: Option<Stage>,
+) -> Result<(Vm, Arc<SmmuLink>, SharedRam), VmError> {
+    let file = RemoteFile::connect(path)?;
+    let ram = SharedRam::new(RAM)?;
+    ram.nesting_container(&file)
+        .map_err(|(what, errno)| VmError::Setup { what, errno })?;
+    let host_sid = file.device_add().map_err(|errno| VmError::Setup {
+        what: "DEVICE_ADD",
+        errno,
+    })?;
+    let link = Arc::new(SmmuLink::new(file, pause_at));
+    let vm = Vm::boot_guest(
+        ram.mem.clone(),
+        host_sid,
+        HostDev::Container(link.clone()),
+        link.clone(),
+        link.clone(),
+        None,
+    )
+    .map_err(|e| gone_or(&link, e.to_string()))?;
+    Ok((vm, link, ram))
 }
 
 /// `vsva vm --iommu smmuv3`: the per-VM part of the SMMUv3 demo against the host process
@@ -908,31 +971,7 @@ pub fn run_vm(
             "the SMMUv3 VM reaches its host over a VFIO type1 container only".into(),
         ));
     }
-    let file = RemoteFile::connect(path)?;
-    let ram = SharedRam::new(RAM)?;
-    ram.nesting_container(&file)
-        .map_err(|(what, errno)| VmError::Setup { what, errno })?;
-    let host_sid = file.device_add().map_err(|errno| VmError::Setup {
-        what: "DEVICE_ADD",
-        errno,
-    })?;
-    let link = Arc::new(SmmuLink::new(file, opts.pause_at));
-    let gone = |link: &SmmuLink, e: String| {
-        if link.file.host_gone() {
-            VmError::HostGone
-        } else {
-            VmError::Stack(StackError::Guest(e))
-        }
-    };
-    let vm = Vm::boot_guest(
-        ram.mem.clone(),
-        host_sid,
-        HostDev::Container(link.clone()),
-        link.clone(),
-        link.clone(),
-        None,
-    )
-    .map_err(|e| gone(&link, e.to_string()))?;
+    let (vm, link, ram) = connect_vm(path, opts.pause_at)?;
     let mut report = VmReport {
         vm: opts.index,
         ..VmReport::default()
@@ -974,6 +1013,148 @@ pub fn run_vm(
     }
     drop((file, link, ram));
     Ok(report)
+}
+
+/// The buffer a `vsva load --iommu smmuv3` VM's device fills at its start and the VM
+/// checks at its end.
+const KEEPER_LEN: u64 = 64 << 10;
+
+/// A `vsva load` SMMU VM's keeper: a guest process bound to the device and a buffer the
+/// device filled with one byte value.
+struct Keeper {
+    process: Arc<Process>,
+    buf: u64,
+    byte: u8,
+}
+
+impl Keeper {
+    fn start(vm: &Vm, byte: u8) -> Result<Keeper, String> {
+        let p = Arc::new(
+            Process::new_aarch64(vm.ram.clone(), vm.frames.clone()).map_err(|e| e.to_string())?,
+        );
+        let buf = p
+            .mmap(KEEPER_LEN, Prot::READ_WRITE)
+            .map_err(|e| e.to_string())?
+            .0;
+        let comp = p.mmap(PAGE, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+        let ssid = vm.guest.bind(GSID, &p).map_err(|e| e.to_string())?;
+        let fill = Operation::Fill {
+            pattern: u64::from_ne_bytes([byte; 8]),
+            dst: buf,
+            size: KEEPER_LEN as u32,
+        };
+        match vm.dma(&p, ssid, fill, comp, false) {
+            Some(r) if r.status == CompletionStatus::Success => {}
+            r => return Err(format!("the keeper fill: {r:?}")),
+        }
+        let keeper = Keeper {
+            process: p,
+            buf,
+            byte,
+        };
+        keeper.check()?;
+        Ok(keeper)
+    }
+
+    /// The bytes checked, or an error if one changed.
+    fn check(&self) -> Result<u64, String> {
+        let mut got = vec![0u8; KEEPER_LEN as usize];
+        self.process
+            .read(Gva(self.buf), &mut got)
+            .map_err(|e| e.to_string())?;
+        if got.iter().any(|&b| b != self.byte) {
+            return Err("the keeper buffer changed".into());
+        }
+        Ok(KEEPER_LEN)
+    }
+}
+
+/// One cycle of a `vsva load --iommu smmuv3` VM: a new process maps two buffers of
+/// `pages` pages and a page it has not touched, binds (a CD in the guest's table, which
+/// the host's STE points at), has the device copy one buffer to the other and checks the
+/// copy; copies into the untouched page with the device waiting on the page request
+/// (PRI) the guest's fault handler serves; unmaps the destination's last page (the
+/// guest's TLBI is forwarded as `VFIO_IOMMU_CACHE_INVALIDATE`) and checks that DMA to it
+/// now faults (an F_TRANSLATION at that address reaches the guest's event queue); and
+/// unbinds. Returns the bytes verified.
+fn cycle(vm: &Vm, rng: &mut StdRng, pages: u64) -> Result<u64, String> {
+    let p = Arc::new(
+        Process::new_aarch64(vm.ram.clone(), vm.frames.clone()).map_err(|e| e.to_string())?,
+    );
+    let len = pages * PAGE;
+    let src = p.mmap(len, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+    let dst = p.mmap(len, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+    let lazy = p
+        .mmap_lazy(PAGE, Prot::READ_WRITE)
+        .map_err(|e| e.to_string())?
+        .0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).map_err(|e| e.to_string())?.0;
+    let mut data = vec![0u8; len as usize];
+    rng.fill_bytes(&mut data);
+    p.write(Gva(src), &data).map_err(|e| e.to_string())?;
+    let ssid = vm.guest.bind(GSID, &p).map_err(|e| e.to_string())?;
+    let checked = (|| {
+        let size = len as u32;
+        if !succeeded(vm.dma(&p, ssid, Operation::Memmove { src, dst, size }, comp, false)) {
+            return Err("copy did not complete".to_string());
+        }
+        let mut got = vec![0u8; len as usize];
+        p.read(Gva(dst), &mut got).map_err(|e| e.to_string())?;
+        if got != data {
+            return Err("copy: destination differs".into());
+        }
+        // The page request round trip.
+        vm.page_request_check(&p, ssid, src, lazy, comp, &data)?;
+        // munmap: the invalidation is forwarded, and DMA there faults.
+        let op = Operation::Memmove { src, dst, size };
+        vm.munmap_check(&p, ssid, dst + len - PAGE, op, comp)?;
+        Ok(len + u64::from(PRQ_BYTES))
+    })();
+    let unbound = vm.guest.unbind(GSID, ssid).map_err(|e| e.to_string());
+    let verified = checked?;
+    unbound?;
+    Ok(verified)
+}
+
+/// `vsva load-worker --iommu smmuv3`: one VM process of `vsva load --iommu smmuv3`, the
+/// arm64 VM of `vsva vm --iommu smmuv3` looping [`cycle`]. Boots (with a keeper buffer
+/// its device fills), runs the VT-d worker's loop (`remote::load_loop`, with the link's
+/// [`Timings`]) for `duration` with buffers of 1 to `max_pages` pages, and shuts down. Returns the exit
+/// code: 0, or 1 when it could not start.
+pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
+    let started = connect_vm(socket, None).and_then(|(vm, link, ram)| {
+        let keeper = Keeper::start(&vm, (seed as u8) | 1).map_err(|e| gone_or(&link, e))?;
+        Ok((vm, link, ram, keeper))
+    });
+    let (vm, link, ram, keeper) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("vsva load worker: {e}");
+            return 1;
+        }
+    };
+    // Between cycles the VM holds no PASID on the host: the guest's CD table is attached
+    // (VFIO_IOMMU_ATTACH_PASID_TABLE), which allocates none and binds none.
+    load_loop(
+        seed,
+        duration,
+        max_pages,
+        &|| link.file.host_gone(),
+        &mut |rng, pages| cycle(&vm, rng, pages),
+        &|| keeper.check(),
+        &|| link.take_timings(),
+        Held::load_vm(RAM, 0),
+    );
+    let (down, file, _ram) = vm.shutdown_guest();
+    drop(keeper);
+    drop((file, link, ram));
+    match down {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vsva load worker: shutting down: {e}");
+            2
+        }
+    }
 }
 
 /// The SMMU VM's side of `vsva demo --split`'s cross-VM checks (see [`run_vm`]).

@@ -1,6 +1,8 @@
 //! `vsva load`: a `vsva host` process and N VM processes (`vsva load-worker`, the VM of
-//! `vsva vm` in a loop: `vsva_testbed::remote::load_worker`) that loop bind → DMA
-//! → verify → invalidate → unbind with random sizes; in chaos mode random VM processes are
+//! `vsva vm` in a loop: `vsva_testbed::remote::load_worker`, or on an SMMUv3 host
+//! (`--iommu smmuv3`) the arm64 VM of `vsva vm --iommu smmuv3`:
+//! `vsva_testbed::smmu_demo::load_worker`) that loop bind → DMA → verify → invalidate →
+//! unbind with random sizes; in chaos mode random VM processes are
 //! killed (SIGKILL) at random points and new ones started. At the end every live VM
 //! checks the bytes its device wrote at its start, the host's `STATE` must equal its
 //! baseline plus what the live VMs hold, and after they leave, the baseline again.
@@ -17,6 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::protocol::HostState;
+use crate::server::IommuArch;
 use crate::{client::RemoteFile, process::HostProcess};
 
 /// Samples kept per VM process and series (the first ones; enough for seconds of load).
@@ -82,6 +85,25 @@ pub struct Held {
 }
 
 impl Held {
+    /// What a `vsva load` VM holds between its cycles: its connection, one window of
+    /// `ram` bytes (its RAM) mapped once, its device and its domain's id, and `pasids`
+    /// PASIDs, each allocated and bound (a VT-d VM's keeper; an SMMUv3 VM's guest owns its
+    /// SubstreamIDs and asks the host for none).
+    pub fn load_vm(ram: u64, pasids: u64) -> Held {
+        Held {
+            connections: 1,
+            pasids,
+            binds: pasids,
+            windows: 1,
+            window_bytes: ram,
+            dma_mappings: 1,
+            devices: 1,
+            domain_ids: 1,
+            page_requests: 0,
+            faults_unread: 0,
+        }
+    }
+
     /// The same fields of `s` less `base`.
     fn of(s: &HostState, base: &HostState) -> Held {
         let d = |a: u64, b: u64| a.wrapping_sub(b);
@@ -154,11 +176,23 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Largest buffer, in pages.
     pub max_pages: u64,
+    /// The host's IOMMU (and so the VMs': a virtual VT-d, or a virtual SMMUv3).
+    pub iommu: IommuArch,
+}
+
+/// The `--iommu` argument of `vsva host` and `vsva load-worker` naming `iommu`.
+fn iommu_arg(iommu: IommuArch) -> &'static str {
+    match iommu {
+        IommuArch::Vtd => "vtd",
+        IommuArch::Smmuv3 => "smmuv3",
+    }
 }
 
 /// What `vsva load` measured and checked.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LoadReport {
+    /// The host's IOMMU: `vtd` or `smmuv3`.
+    pub iommu: &'static str,
     /// VM processes at once.
     pub vms: usize,
     /// Seconds of load.
@@ -196,7 +230,8 @@ impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "vsva load: {} VMs for {:.1} s: {} ops ({:.0} ops/s); forwarded invalidation p50 {:.1} µs p99 {:.1} µs ({} timed); page request round trip p50 {:.1} µs p99 {:.1} µs ({} timed); {} bytes verified; {} kills survived ({} VM processes started); {} errors",
+            "vsva load ({}): {} VMs for {:.1} s: {} ops ({:.0} ops/s); forwarded invalidation p50 {:.1} µs p99 {:.1} µs ({} timed); page request round trip p50 {:.1} µs p99 {:.1} µs ({} timed); {} bytes verified; {} kills survived ({} VM processes started); {} errors",
+            self.iommu,
             self.vms,
             self.seconds,
             self.ops,
@@ -241,7 +276,7 @@ fn spawn_vm(
     n: usize,
     seed: u64,
     until: Instant,
-    max_pages: u64,
+    opts: &LoadOptions,
     lines: &mpsc::Sender<Line>,
 ) -> Result<Vm, LoadError> {
     let millis = until.saturating_duration_since(Instant::now()).as_millis();
@@ -254,7 +289,9 @@ fn spawn_vm(
             "--millis",
             &millis.to_string(),
             "--max-pages",
-            &max_pages.to_string(),
+            &opts.max_pages.to_string(),
+            "--iommu",
+            iommu_arg(opts.iommu),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -318,12 +355,17 @@ fn fail(report: &mut LoadReport, what: String) {
 /// Runs the load: `exe` is the `vsva` binary (its `host` and `load-worker` commands).
 pub fn run(exe: &Path, opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     let mut report = LoadReport {
+        iommu: iommu_arg(opts.iommu),
         vms: opts.vms,
         seconds: opts.duration.as_secs_f64(),
         ..LoadReport::default()
     };
-    let host = HostProcess::start(exe, "load", &["--memory", "4G"])
-        .map_err(|e| LoadError::Setup(e.to_string()))?;
+    let host = HostProcess::start(
+        exe,
+        "load",
+        &["--memory", "4G", "--iommu", iommu_arg(opts.iommu)],
+    )
+    .map_err(|e| LoadError::Setup(e.to_string()))?;
     let socket = host.socket();
     let (probe, baseline) = host.probe().map_err(|e| LoadError::Setup(e.to_string()))?;
     let state = |probe: &RemoteFile| {
@@ -340,15 +382,7 @@ pub fn run(exe: &Path, opts: &LoadOptions) -> Result<LoadReport, LoadError> {
     let mut reaper = Reaper(Vec::new());
     for _ in 0..opts.vms {
         let n = vms.len();
-        vms.push(spawn_vm(
-            exe,
-            socket,
-            n,
-            rng.next_u64(),
-            until,
-            opts.max_pages,
-            &tx,
-        )?);
+        vms.push(spawn_vm(exe, socket, n, rng.next_u64(), until, opts, &tx)?);
     }
     let chaos = |rng: &mut StdRng, every: Duration| {
         let ms = every.as_millis().max(2) as u64;
@@ -379,15 +413,7 @@ pub fn run(exe: &Path, opts: &LoadOptions) -> Result<LoadReport, LoadError> {
                     report.kills += 1;
                     let n = vms.len();
                     if until.saturating_duration_since(Instant::now()) > Duration::from_millis(50) {
-                        vms.push(spawn_vm(
-                            exe,
-                            socket,
-                            n,
-                            rng.next_u64(),
-                            until,
-                            opts.max_pages,
-                            &tx,
-                        )?);
+                        vms.push(spawn_vm(exe, socket, n, rng.next_u64(), until, opts, &tx)?);
                     }
                 }
                 next_kill = Some(Instant::now() + chaos(&mut rng, every));
