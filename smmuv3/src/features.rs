@@ -29,7 +29,7 @@ field_enum! {
     pub enum StallModel {
         /// Stall and terminate are both supported.
         StallAndTerminate = 0,
-        /// Only terminate: STE.S2S and CD.S must be 0.
+        /// Only terminate: STE.S2S, STE.S1STALLD and CD.S must be 0.
         Terminate = 1,
         /// Stall is forced: STE.S2S and CD.S must be 1 (and S1STALLD 0).
         ForceStall = 2,

@@ -246,7 +246,9 @@ pub enum BadSte {
         /// The effective output size in bits.
         bits: u32,
     },
-    /// S1STALLD or S2S contradicts IDR0.STALL_MODEL.
+    /// S1STALLD or S2S contradicts IDR0.STALL_MODEL: S1STALLD = 1 with stage 1 under
+    /// any model but stall-and-terminate, S2S = 1 under terminate-only, S2S = 0 under
+    /// forced stall.
     #[error("stall setting not allowed by the stall model {0:?}")]
     Stall(StallModel),
 }
@@ -483,7 +485,11 @@ impl Ste {
             if self.strw == Strw::El2 && (!f.hyp || c.stage2()) {
                 return Err(BadSte::Strw);
             }
-            if self.s1stalld && f.stall_model == StallModel::ForceStall {
+            // S1STALLD = 1 is ILLEGAL unless the SMMU lets streams choose (STALL_MODEL
+            // 0b00): it cannot disable forced stalls (0b10), and an SMMU without stalls
+            // (0b01) has no stall to disable (§5.2 S1STALLD; Linux sets it only with
+            // ARM_SMMU_FEAT_STALLS for a master that cannot stall).
+            if self.s1stalld && f.stall_model != StallModel::StallAndTerminate {
                 return Err(BadSte::Stall(f.stall_model));
             }
         }
@@ -940,6 +946,31 @@ mod tests {
             ),
             Err(BadSte::Stall(StallModel::ForceStall))
         );
+        // S1STALLD under terminate-only (0b01): ILLEGAL for a stage-1 Config, whether
+        // stage 2 translates or not; ignored when stage 1 does not translate.
+        let stalld = |ste: Ste| Ste {
+            s1stalld: true,
+            ..ste
+        };
+        for ste in [nested(), s1_only] {
+            assert_eq!(
+                check(stalld(ste), &f),
+                Err(BadSte::Stall(StallModel::Terminate))
+            );
+        }
+        let s2_only = Ste {
+            config: Config::S2Trans,
+            ..nested()
+        };
+        assert!(check(stalld(s2_only), &f).is_ok());
+        // Under stall-and-terminate (0b00) a stream may disable stage-1 stalls.
+        let choose = Features {
+            stall_model: StallModel::StallAndTerminate,
+            ..f
+        };
+        for ste in [nested(), s1_only] {
+            assert_eq!(check(stalld(ste), &choose), Ok(stalld(ste)));
+        }
         // S2 fields are ignored unless stage 2 translates.
         assert!(check(
             Ste {
