@@ -17,6 +17,11 @@
 //!   entries invalidated, ASID and SubstreamID freed.
 //! - [`SmmuSva::handle_page_requests`]: the PRI queue drained, each request resolved by the
 //!   process's fault handler and each group answered with CMD_PRI_RESP (`iopf` in Linux).
+//! - Stall-capable devices ([`SmmuSva::set_stall_capable`], the firmware's
+//!   `dma-can-stall`) get CD.S in their CDs where the SMMU can stall, and every other
+//!   device STE.S1STALLD where streams may choose (`arm_smmu_make_cdtable_ste`);
+//!   [`SmmuSva::handle_events`] resolves a stall event by the process's fault handler and
+//!   answers it with CMD_RESUME (`arm_smmu_handle_evt` to `iopf`, `arm_smmu_page_response`).
 //!
 //! The tables and queues come from a contiguous region of guest RAM the driver takes at
 //! probe ([`DMA_REGION`] bytes) and gives back at [`SmmuSva::shutdown`].
@@ -26,8 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use vm_memory::GuestMemoryMmap;
 use vsva_smmuv3::{
-    cd::ContextDescriptor, cmd::PriResp, event::Event, features::Httu, ste::Config, ste::Eats,
-    ste::S1Dss, ste::Ste,
+    cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::ResumeAction, event::Event, features::Httu,
+    features::StallModel, ste::Config, ste::Eats, ste::S1Dss, ste::Ste,
 };
 use vsva_smmuv3_driver::{CdTable, DmaAlloc, DriverConfig, Registers, SmmuDriver, TlbiStage};
 use vsva_vtd::{addr::Gpa, addr::Gva};
@@ -128,6 +133,8 @@ struct Bond {
 struct Device {
     table: CdTable,
     bonds: BTreeMap<u32, Bond>,
+    /// Its faults stall (Linux's `master->stall_enabled`): its CDs set S.
+    stall: bool,
 }
 
 struct Inner<R: Registers> {
@@ -136,6 +143,8 @@ struct Inner<R: Registers> {
     asids: BTreeSet<u16>,
     /// Page request groups with a request the process could not resolve.
     failed_groups: BTreeSet<(u32, Option<u32>, u16)>,
+    /// StreamIDs of the devices that can stall (`dma-can-stall`).
+    can_stall: BTreeSet<u32>,
 }
 
 /// What one pass over the PRI queue did.
@@ -226,6 +235,7 @@ impl<R: Registers + Send + 'static> SmmuSva<R> {
                 devices: BTreeMap::new(),
                 asids: BTreeSet::new(),
                 failed_groups: BTreeSet::new(),
+                can_stall: BTreeSet::new(),
             }),
             frames,
             region,
@@ -245,6 +255,11 @@ impl<R: Registers + Send + 'static> SmmuSva<R> {
             return Err(SmmuSvaError::AlreadyAttached(sid));
         }
         let f = *inner.drv.features();
+        let stall = match f.stall_model {
+            StallModel::ForceStall => true,
+            StallModel::StallAndTerminate => inner.can_stall.contains(&sid),
+            StallModel::Terminate => false,
+        };
         let table = inner.drv.alloc_cd_table(SSID_BITS.min(f.ssid_bits))?;
         let ste = Ste {
             s1_context_ptr: table.base(),
@@ -255,6 +270,8 @@ impl<R: Registers + Send + 'static> SmmuSva<R> {
             s1cor: 1,
             s1csh: 3,
             eats: if f.ats { Eats::Full } else { Eats::Abort },
+            // Where streams may choose, a device that cannot stall never does.
+            s1stalld: f.stall_model == StallModel::StallAndTerminate && !stall,
             ..Ste::new(Config::S1Trans)
         };
         if let Err(e) = inner.drv.write_ste(sid, Some(&ste)) {
@@ -266,6 +283,7 @@ impl<R: Registers + Send + 'static> SmmuSva<R> {
             Device {
                 table,
                 bonds: BTreeMap::new(),
+                stall,
             },
         );
         Ok(())
@@ -320,6 +338,7 @@ impl<R: Registers + Send + 'static> SmmuSva<R> {
             ha,
             hd,
             mair: MAIR,
+            s: dev.stall,
             ..ContextDescriptor::new(process.cr3().0, AARCH64_T0SZ, asid)
         };
         drv.write_cd(&mut dev.table, &[sid], ssid, Some(&cd))?;
@@ -379,6 +398,60 @@ impl<R: Registers + Send + 'static> SmmuSva<R> {
     /// Drains the event queue.
     pub fn read_events(&self) -> Result<Vec<Event>, SmmuSvaError> {
         Ok(self.lock().drv.read_events()?.records)
+    }
+
+    /// Declares whether the device `sid` can stall its transactions (the firmware's
+    /// `dma-can-stall`), for the attaches that follow.
+    pub fn set_stall_capable(&self, sid: u32, can_stall: bool) {
+        let mut inner = self.lock();
+        if can_stall {
+            inner.can_stall.insert(sid);
+        } else {
+            inner.can_stall.remove(&sid);
+        }
+    }
+
+    /// Drains the event queue: each stall event (Stall = 1) goes to the fault handler of
+    /// the process bound to its SubstreamID and is answered with CMD_RESUME, Retry when
+    /// it resolved the fault, Abort otherwise; the other events are returned. The stats
+    /// count stalls as requests and their answers as groups.
+    pub fn handle_events(&self) -> Result<(Vec<Event>, PageRequestStats), SmmuSvaError> {
+        let events = self.lock().drv.read_events()?.records;
+        let mut stats = PageRequestStats::default();
+        let mut others = Vec::new();
+        for e in events {
+            if !e.stall {
+                others.push(e);
+                continue;
+            }
+            stats.requests += 1;
+            let process = e.ssid.and_then(|ssid| {
+                let inner = self.lock();
+                let dev = inner.devices.get(&e.sid).filter(|d| d.stall)?;
+                dev.bonds.get(&ssid).map(|b| b.process.clone())
+            });
+            // The fault handler runs without the driver's lock: it may invalidate.
+            let resolved = process.is_some_and(|p| p.handle_fault(Gva(e.input_addr), !e.rnw));
+            let action = if resolved {
+                stats.resolved += 1;
+                stats.succeeded += 1;
+                ResumeAction::Retry
+            } else {
+                stats.denied += 1;
+                ResumeAction::Abort
+            };
+            self.resume(e.sid, e.stag, action)?;
+        }
+        Ok((others, stats))
+    }
+
+    /// Ends the stalled transaction `stag` of the device `sid` with CMD_RESUME `action`,
+    /// then CMD_SYNC (`arm_smmu_page_response` for a stall-capable master).
+    pub fn resume(&self, sid: u32, stag: u16, action: ResumeAction) -> Result<(), SmmuSvaError> {
+        Ok(self
+            .lock()
+            .drv
+            .issue(&[Cmd::Resume { sid, action, stag }])?)
     }
 
     /// Drains the PRI queue: each request goes to the fault handler of the process bound

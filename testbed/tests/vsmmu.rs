@@ -13,9 +13,9 @@ use vsva_mem::PhysMem;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_smmuv3::regs::{cr0, gerror, offset, GBPA_UPDATE};
 use vsva_smmuv3::{
-    cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::SyncCs, cmd::TlbiAddr, event::Event,
-    event::EventType, lookup::L1Std, priq::PriqEntry, regs::RegError, ste::Config, ste::Eats,
-    ste::S1Dss, ste::S1Fmt, ste::Ste,
+    cd::ContextDescriptor, cmd::Cmd, cmd::PriResp, cmd::ResumeAction, cmd::SyncCs, cmd::TlbiAddr,
+    event::Event, event::EventType, features::StallModel, lookup::L1Std, priq::PriqEntry,
+    regs::RegError, ste::Config, ste::Eats, ste::S1Dss, ste::S1Fmt, ste::Ste,
 };
 use vsva_smmuv3_driver::{DmaAlloc, DriverConfig, Registers, SmmuDriver, TlbiStage, STRTAB_SPLIT};
 use vsva_uapi::iommu::{
@@ -172,9 +172,22 @@ struct Vm {
 impl Vm {
     /// A VM with one passthrough device (StreamID `SID`) before the guest driver runs.
     fn new() -> Vm {
+        Vm::with_config(VSmmuConfig::default())
+    }
+
+    /// A VM whose vSMMU offers stalls (IDR0.STALL_MODEL 0b00) and whose device stalls.
+    fn stalling() -> Vm {
+        let mut config = VSmmuConfig::default();
+        config.features.stall_model = StallModel::StallAndTerminate;
+        let vm = Vm::with_config(config);
+        vm.smmu.set_stall_capable(SID, true).unwrap();
+        vm
+    }
+
+    fn with_config(config: VSmmuConfig) -> Vm {
         let mem =
             Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
-        let smmu = VSmmu::new(mem.clone(), VSmmuConfig::default()).unwrap();
+        let smmu = VSmmu::new(mem.clone(), config).unwrap();
         let host = Arc::new(MockHost::default());
         host.smmu.set(Arc::downgrade(&smmu)).unwrap();
         smmu.attach_passthrough(SID, host_sid(), host.clone())
@@ -226,7 +239,10 @@ const ABORT: PasidTableConfig = PasidTableConfig {
 /// A VM whose guest has enabled the vSMMU and given the device a CD table of 2^4 CDs with
 /// CD 1 live; returns the table base.
 fn translating() -> (Vm, GuestDriver, u64) {
-    let vm = Vm::new();
+    translating_on(Vm::new())
+}
+
+fn translating_on(vm: Vm) -> (Vm, GuestDriver, u64) {
     let mut drv = vm.driver();
     let mut table = drv.alloc_cd_table(4).unwrap();
     drv.write_cd(
@@ -886,6 +902,134 @@ fn page_requests_reach_the_pri_queue_and_responses_go_back() {
             }
         )]
     );
+}
+
+#[test]
+fn host_stalls_become_stall_events_under_a_vstag_and_cmd_resume_goes_back() {
+    let (vm, mut drv, base) = translating_on(Vm::stalling());
+    // The host's STAG (the page request's group id) is 0xbeef; the guest sees the
+    // vSMMU's own.
+    assert_eq!(
+        vm.smmu
+            .inject_page_request(host_sid(), &request(0xbeef, true)),
+        Ok(PriOutcome::Queued)
+    );
+    let events = drv.read_events().unwrap().records;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let vstag = events[0].stag;
+    assert_eq!(
+        events[0],
+        Event {
+            stall: true,
+            stag: vstag,
+            rnw: false,
+            input_addr: 0x7f00_1234_5000,
+            ..Event::new(EventType::Translation, SID, Some(1))
+        }
+    );
+    assert_ne!(vstag, 0xbeef);
+    assert_eq!((vm.smmu.stalled(Some(SID)), vm.smmu.stats().stalls), (1, 1));
+    // CMD_RESUME of the host's STAG, of the vSTAG under another StreamID: nothing.
+    let resume = |sid, stag, action| Cmd::Resume { sid, action, stag };
+    drv.issue(&[
+        resume(SID, 0xbeef, ResumeAction::Retry),
+        resume(SID + 1, vstag, ResumeAction::Retry),
+    ])
+    .unwrap();
+    assert_eq!(vm.host.take(), []);
+    assert_eq!(vm.smmu.stalled(Some(SID)), 1);
+    // The vSTAG: the host's transaction is resumed (its STAG as the group id), once.
+    let response = |grpid, code| {
+        Call::Response(
+            host_sid(),
+            PageResponse {
+                pasid: Some(pasid(1)),
+                grpid,
+                code,
+            },
+        )
+    };
+    drv.issue(&[resume(SID, vstag, ResumeAction::Retry)])
+        .unwrap();
+    assert_eq!(
+        vm.host.take(),
+        [response(0xbeef, PageResponseCode::Success)]
+    );
+    drv.issue(&[resume(SID, vstag, ResumeAction::Abort)])
+        .unwrap();
+    assert_eq!(vm.host.take(), [], "a vSTAG is answered once");
+    // CMD_STALL_TERM aborts every stall of the stream.
+    for g in [0x10, 0x11] {
+        assert_eq!(
+            vm.smmu.inject_page_request(host_sid(), &request(g, true)),
+            Ok(PriOutcome::Queued)
+        );
+    }
+    drv.issue(&[Cmd::StallTerm { sid: SID }]).unwrap();
+    assert_eq!(
+        vm.host.take(),
+        [
+            response(0x10, PageResponseCode::Failure),
+            response(0x11, PageResponseCode::Failure)
+        ]
+    );
+    assert_eq!(vm.smmu.stalled(None), 0);
+    // A stall that is not a whole group, or whose STAG is wider than 16 bits: refused.
+    for r in [request(1, false), request(0x1_0000, true)] {
+        assert!(vm.smmu.inject_page_request(host_sid(), &r).is_err());
+    }
+    assert_eq!(vm.host.take(), []);
+    // The guest's STE disables stage-1 stalls (S1STALLD): the stall ends at once and the
+    // guest sees the fault it would have seen, without Stall.
+    drv.read_events().unwrap();
+    drv.write_ste(
+        SID,
+        Some(&Ste {
+            s1stalld: true,
+            ..s1_ste(base, 4, S1Fmt::Linear)
+        }),
+    )
+    .unwrap();
+    vm.host.take();
+    assert_eq!(
+        vm.smmu
+            .inject_page_request(host_sid(), &request(0x20, true)),
+        Ok(PriOutcome::Terminated)
+    );
+    assert_eq!(vm.host.take(), [response(0x20, PageResponseCode::Failure)]);
+    let events = drv.read_events().unwrap().records;
+    assert_eq!(events.len(), 1);
+    assert!(!events[0].stall);
+    // A stall held when the guest's STE stops translating ends with an Abort first.
+    drv.write_ste(SID, Some(&s1_ste(base, 4, S1Fmt::Linear)))
+        .unwrap();
+    vm.host.take();
+    assert_eq!(
+        vm.smmu
+            .inject_page_request(host_sid(), &request(0x30, true)),
+        Ok(PriOutcome::Queued)
+    );
+    drv.write_ste(SID, None).unwrap();
+    let calls = vm.host.take();
+    let at = |c: &Call| calls.iter().position(|x| x == c);
+    let (resp, abort) = (
+        at(&response(0x30, PageResponseCode::Failure)),
+        at(&Call::Attach(ABORT)),
+    );
+    assert!(resp.is_some() && resp < abort, "{calls:?}");
+    assert_eq!(vm.smmu.stalled(None), 0);
+    assert_eq!(vm.smmu.stats().stalls_aborted, 4);
+    assert_eq!(vm.smmu.take_host_errors(), []);
+}
+
+#[test]
+fn a_terminate_only_vsmmu_has_no_stalls() {
+    let vm = Vm::new();
+    assert!(vm.smmu.set_stall_capable(SID, true).is_err());
+    let mut config = VSmmuConfig::default();
+    config.features.stall_model = StallModel::ForceStall;
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
+    assert!(VSmmu::new(mem, config).is_err());
 }
 
 #[test]

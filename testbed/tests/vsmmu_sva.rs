@@ -20,7 +20,9 @@ use vsva_hw::dma::{
 };
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
-use vsva_smmuv3::{event::EventType, regs::RegError};
+use vsva_smmuv3::{
+    cmd::ResumeAction, event::EventType, features::Features, features::StallModel, regs::RegError,
+};
 use vsva_smmuv3_driver::Registers;
 use vsva_uapi::{
     file::IommuModel, file::UapiFile, file::VfioIoctls, request::DmaMap, request::QueuedFault,
@@ -51,6 +53,41 @@ fn reg_error(e: VSmmuError) -> RegError {
     }
 }
 
+/// The host: its memory, the SMMUv3 model (strict mode) and the host's SMMU driver.
+#[derive(Clone)]
+struct HostParts {
+    mem: Arc<HostMemory>,
+    host_frames: Arc<FrameAllocator>,
+    hw: Arc<Smmu>,
+    host: Arc<SmmuHost>,
+}
+
+impl HostParts {
+    fn new(stall_model: StallModel) -> HostParts {
+        let mem = HostMemory::new(256 << 20).unwrap();
+        let host_frames = Arc::new(FrameAllocator::new(mem.clone()));
+        let defaults = SmmuConfig::default();
+        let hw = Arc::new(Smmu::new(
+            mem.clone(),
+            SmmuConfig {
+                strict: true,
+                features: Features {
+                    stall_model,
+                    ..defaults.features
+                },
+                ..defaults
+            },
+        ));
+        let host = SmmuHost::new(hw.clone(), host_frames.clone()).unwrap();
+        HostParts {
+            mem,
+            host_frames,
+            hw,
+            host,
+        }
+    }
+}
+
 /// The host (memory, SMMUv3 model, its driver), one VM (RAM, container, device, vSMMU)
 /// and the guest's SMMU driver.
 struct Stack {
@@ -69,23 +106,43 @@ struct Stack {
 
 impl Stack {
     fn new() -> Stack {
-        let mem = HostMemory::new(256 << 20).unwrap();
-        let host_frames = Arc::new(FrameAllocator::new(mem.clone()));
-        let hw = Arc::new(Smmu::new(
-            mem.clone(),
-            SmmuConfig {
-                strict: true,
-                ..SmmuConfig::default()
-            },
-        ));
-        let host = SmmuHost::new(hw.clone(), host_frames.clone()).unwrap();
+        Stack::build(false)
+    }
+
+    /// With `stall`, SMMUs that can stall (IDR0.STALL_MODEL 0b00, host and vSMMU) and a
+    /// device that stalls its faults instead of using ATS and PRI, declared so to the
+    /// host, the vSMMU and the guest.
+    fn build(stall: bool) -> Stack {
+        let stall_model = if stall {
+            StallModel::StallAndTerminate
+        } else {
+            StallModel::Terminate
+        };
+        Stack::on(&HostParts::new(stall_model), GSID, stall)
+    }
+
+    /// A VM on `parts` whose device is the host's StreamID `host_rid` (StreamID
+    /// [`GSID`] in the guest whatever it is on the host).
+    fn on(parts: &HostParts, host_rid: u32, stall: bool) -> Stack {
+        let stall_model = parts.hw.features().stall_model;
+        let HostParts {
+            mem,
+            host_frames,
+            hw,
+            host,
+        } = parts.clone();
+        host.set_stall_capable(host_rid, stall);
         let hpa = host_frames.alloc_range(RAM, 2 << 20).unwrap();
         let ram = Arc::new(mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap());
-        let host_sid = SourceId::from_rid(GSID as u16);
+        let host_sid = SourceId::from_rid(host_rid as u16);
         let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(host_sid), hw.clone()).unwrap());
-        hw.attach_endpoint(GSID, dev.clone());
-        dev.enable(CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN)
-            .unwrap();
+        hw.attach_endpoint(host_rid, dev.clone());
+        let ctrl = if stall {
+            CTRL_PASID_EN
+        } else {
+            CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN
+        };
+        dev.enable(ctrl).unwrap();
         // The VMM: a container with the device and all guest RAM mapped.
         let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
         let mut c = Container::new(allocator, 16, SmmuDomain::new(&host).unwrap());
@@ -104,13 +161,19 @@ impl Stack {
             },
         )
         .unwrap();
-        let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).unwrap();
+        let mut config = VSmmuConfig::default();
+        config.features.stall_model = stall_model;
+        let vsmmu = VSmmu::new(ram.clone(), config).unwrap();
         vsmmu
             .attach_passthrough(GSID, host_sid, file.clone())
             .unwrap();
+        if stall {
+            vsmmu.set_stall_capable(GSID, true).unwrap();
+        }
         // The guest kernel: frames from 16 MiB, its SMMU driver.
         let frames = Arc::new(GuestFrames::new(ram.clone(), Gpa(16 << 20), 48 << 20).unwrap());
         let guest = SmmuSva::new(Mmio(vsmmu.clone()), ram.clone(), frames.clone()).unwrap();
+        guest.set_stall_capable(GSID, stall);
         Stack {
             mem,
             host_frames,
@@ -335,5 +398,136 @@ fn shutting_the_guest_and_the_vm_down_leaves_nothing_on_the_host() {
     assert!(s.host.vmids().is_empty());
     assert!(s.host.owned_streams().is_empty());
     assert_eq!(s.hw.take_stale(), []);
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+}
+
+/// Waits (bounded) until `done` holds.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Starts a memmove by the device on a thread of its own (a stalled transaction holds the
+/// device's thread); the thread returns how many descriptors completed.
+fn submit_on_a_thread(
+    s: &Stack,
+    p: &Process,
+    ssid: u32,
+    src: u64,
+    dst: u64,
+    len: u32,
+    comp: u64,
+) -> std::thread::JoinHandle<usize> {
+    p.write(Gva(comp), &[0; 32]).unwrap();
+    let d = Descriptor {
+        pasid: Some(Pasid::new(ssid).unwrap()),
+        privileged: false,
+        block_on_fault: false,
+        completion: CompletionRequest::Always(comp),
+        op: Operation::Memmove {
+            src,
+            dst,
+            size: len,
+        },
+    };
+    s.dev.portal_write(0, &d.encode()).unwrap();
+    let dev = s.dev.clone();
+    std::thread::spawn(move || dev.process())
+}
+
+#[test]
+fn a_stalled_dma_resumes_after_the_guest_maps_the_page_and_its_bytes_land() {
+    let s = Stack::build(true);
+    s.guest().attach_device(GSID).unwrap();
+    let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
+    let src = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let lazy = p.mmap_lazy(2 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let data = pattern(100, 3);
+    p.write(Gva(src), &data).unwrap();
+    let ssid = s.guest().bind(GSID, &p).unwrap();
+    // The device writes to a page the process has not touched: the host SMMU stalls the
+    // write and the VMM shows the stall to the guest under a vSTAG.
+    let dma = submit_on_a_thread(&s, &p, ssid, src, lazy + 8, 100, comp);
+    wait_until("the stall", || s.hw.stalled(Some(GSID)) == 1);
+    assert_eq!(s.pump(), 1);
+    assert_eq!(s.vsmmu.stalled(Some(GSID)), 1);
+    assert_eq!(s.vsmmu.stats().stalls, 1);
+    // A CMD_RESUME naming a STAG the guest was not given, or another StreamID, changes
+    // nothing: no host call, the transaction stays stalled.
+    let calls = s.vsmmu.stats().host_calls;
+    let vstag = {
+        let events = s.guest().read_events().unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = events[0];
+        assert!(e.stall);
+        assert_eq!(
+            (e.event_type, e.sid, e.ssid, e.input_addr, e.rnw),
+            (EventType::Translation, GSID, Some(ssid), lazy, false)
+        );
+        e.stag
+    };
+    for (sid, stag) in [(GSID, vstag.wrapping_add(1)), (GSID + 1, vstag)] {
+        s.guest().resume(sid, stag, ResumeAction::Retry).unwrap();
+    }
+    assert_eq!(s.vsmmu.stats().host_calls, calls);
+    assert_eq!(s.hw.stalled(Some(GSID)), 1);
+    assert_eq!(s.vsmmu.stalled(Some(GSID)), 1);
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+    // The guest maps the page and resumes the transaction with its vSTAG: CMD_RESUME
+    // Retry becomes the host's CMD_RESUME of the host's STAG.
+    assert!(p.handle_fault(Gva(lazy), true));
+    s.guest().resume(GSID, vstag, ResumeAction::Retry).unwrap();
+    assert_eq!(dma.join().unwrap(), 1);
+    assert_eq!(s.status(&p, comp), CompletionStatus::Success);
+    let mut back = vec![0; 100];
+    p.read(Gva(lazy + 8), &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(s.vsmmu.stalled(None), 0);
+    assert_eq!(s.hw.stalled(None), 0);
+    assert!(s.file().lock().pending_page_requests().is_empty());
+    // Second page: the guest driver's own event handling maps it and resumes.
+    let dma = submit_on_a_thread(&s, &p, ssid, src, lazy + PAGE, 100, comp);
+    wait_until("the second stall", || s.hw.stalled(Some(GSID)) == 1);
+    assert_eq!(s.pump(), 1);
+    let (others, stats) = s.guest().handle_events().unwrap();
+    assert_eq!(others, []);
+    assert_eq!((stats.requests, stats.resolved, stats.succeeded), (1, 1, 1));
+    assert_eq!(dma.join().unwrap(), 1);
+    assert_eq!(s.status(&p, comp), CompletionStatus::Success);
+    p.read(Gva(lazy + PAGE), &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(s.hw.take_stale(), []);
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+}
+
+#[test]
+fn a_stall_the_guest_never_answers_ends_with_the_device_and_holds_nothing() {
+    let s = Stack::build(true);
+    s.guest().attach_device(GSID).unwrap();
+    let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
+    let src = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let lazy = p.mmap_lazy(PAGE, Prot::READ_WRITE).unwrap().0;
+    let ssid = s.guest().bind(GSID, &p).unwrap();
+    let dma = submit_on_a_thread(&s, &p, ssid, src, lazy, 64, comp);
+    wait_until("the stall", || s.hw.stalled(Some(GSID)) == 1);
+    assert_eq!(s.pump(), 1);
+    assert_eq!(s.vsmmu.stalled(Some(GSID)), 1);
+    // The guest ignores it. The VMM detaches the device: the stall ends with an Abort
+    // and nothing stays held on the host or in the vSMMU.
+    s.vsmmu.detach_passthrough(GSID).unwrap();
+    dma.join().unwrap();
+    assert_ne!(s.status(&p, comp), CompletionStatus::Success);
+    assert_eq!(s.vsmmu.stalled(None), 0);
+    assert_eq!(s.hw.stalled(None), 0);
+    assert!(s.file().lock().pending_page_requests().is_empty());
+    assert_eq!(s.vsmmu.stats().stalls_aborted, 1);
     assert_eq!(s.vsmmu.take_host_errors(), []);
 }

@@ -285,6 +285,8 @@ impl VSmmu {
                 prg_index,
                 resp,
             } => self.forward_page_response(sid, ssid, prg_index, resp),
+            Cmd::Resume { sid, action, stag } => self.resume(sid, stag, action),
+            Cmd::StallTerm { sid } => self.terminate_stalls(sid),
             Cmd::Sync {
                 cs: SyncCs::Irq,
                 msi_data,
@@ -297,7 +299,7 @@ impl VSmmu {
                 }
             }
             // CS=SEV and CS=NONE complete by CMDQ_CONS passing the command; prefetches are
-            // hints; nothing stalls. The EL2 and stage-2 commands are ILLEGAL here (decode
+            // hints. The EL2 and stage-2 commands are ILLEGAL here (decode
             // refused them).
             _ => {}
         }

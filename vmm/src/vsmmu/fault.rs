@@ -47,6 +47,9 @@ pub enum PriOutcome {
     Overflow,
     /// The queue slot is not in guest RAM: answered Failure if an answer was due.
     Unwritable,
+    /// A stall the guest's STE does not let stall (S1STALLD): answered Failure (the
+    /// host aborts the transaction) and recorded as a fault without Stall.
+    Terminated,
 }
 
 impl VSmmu {
@@ -160,14 +163,33 @@ impl VSmmu {
     /// the guest's PRI queue. Where the SMMU would answer the request itself, the vSMMU
     /// sends that answer down (only for the last request of a group).
     ///
+    /// For a stall-capable device ([`VSmmu::set_stall_capable`]) the request is a stalled
+    /// transaction (its group id the host's STAG): it goes to the event queue as a stall
+    /// record (`Queued`), see `stall.rs`; where it cannot stall or be recorded there
+    /// (`NotEnabled`, `Terminated`, `Overflow`: too many stalls held, `Unwritable`: the
+    /// event queue lost it) it is answered Failure.
+    ///
     /// Refused, with nothing done: a device that is not attached, a group index beyond 9
-    /// bits.
+    /// bits (16 bits for a stall).
     pub fn inject_page_request(
         &self,
         host_sid: SourceId,
         req: &PageRequest,
     ) -> Result<PriOutcome, VSmmuError> {
         let (sid, config) = self.stream_of(host_sid)?;
+        let (can_stall, s1stalld) = lock(&self.streams)
+            .iter()
+            .find(|s| s.sid == sid)
+            .map_or((false, false), |s| (s.can_stall, s.s1stalld));
+        if can_stall {
+            if req.grpid > u16::MAX.into() || !req.last_page {
+                return Err(VSmmuError::HostReport {
+                    sid: host_sid,
+                    why: "a stall whose STAG is beyond 16 bits or that is not a whole group",
+                });
+            }
+            return Ok(self.inject_stall(sid, host_sid, config, s1stalld, req));
+        }
         let prg_index = u16::try_from(req.grpid)
             .ok()
             .filter(|&g| g <= 0x1ff)
@@ -243,7 +265,7 @@ impl VSmmu {
     }
 
     /// The vSMMU's own answer to a page request of `host_sid`.
-    fn answer(&self, host_sid: SourceId, req: &PageRequest, code: PageResponseCode) {
+    pub(super) fn answer(&self, host_sid: SourceId, req: &PageRequest, code: PageResponseCode) {
         let Some((_, _, host, _)) = self
             .streams_where(|_| true)
             .into_iter()

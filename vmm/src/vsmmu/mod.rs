@@ -20,6 +20,10 @@
 //!   `VFIO_IOMMU_CACHE_INVALIDATE` with the series' SMMU semantics (arch id = ASID,
 //!   PASID = SubstreamID) for the devices whose CD table is attached;
 //! - CMD_PRI_RESP becomes a page response to the host device;
+//! - a host stall of a stall-capable device (a page request whose group id is the host's
+//!   STAG) is a stall event in the guest's event queue under a vSTAG of the vSMMU's own,
+//!   and the guest's CMD_RESUME or CMD_STALL_TERM naming it becomes the page response
+//!   that resumes or aborts the host's transaction (`stall.rs`);
 //! - CMD_SYNC completes (CMDQ_CONS passes it, its MSI is written) once every host call of
 //!   the commands before it has returned: commands are carried out in order, each host
 //!   call before the next command;
@@ -50,6 +54,7 @@
 mod cmdq;
 mod fault;
 mod iommufd;
+mod stall;
 mod stream;
 
 use std::fmt;
@@ -82,8 +87,9 @@ const HOST_ERRORS_KEPT: usize = 256;
 /// What the vSMMU advertises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VSmmuConfig {
-    /// The ID registers' features. Stage 2, EL2 contexts, range invalidations and stalls
-    /// are never offered (`new` refuses them).
+    /// The ID registers' features. Stage 2, EL2 contexts, range invalidations and forced
+    /// stalls are never offered (`new` refuses them); STALL_MODEL 0b00 offers stalls
+    /// to the passthrough devices declared stall-capable ([`VSmmu::set_stall_capable`]).
     pub features: Features,
     /// log2 of the largest command, event and PRI queues (IDR1).
     pub queue_log2: [u8; 3],
@@ -168,6 +174,11 @@ pub struct VSmmuStats {
     pub page_requests: u64,
     /// Page requests not queued (answered by the vSMMU where an answer was due).
     pub page_requests_dropped: u64,
+    /// Host stalls written to the guest's event queue with Stall = 1.
+    pub stalls: u64,
+    /// Host stalls ended with an Abort response: by the vSMMU (not shown as a stall) or
+    /// by the guest's CMD_STALL_TERM, a configuration change or a detach.
+    pub stalls_aborted: u64,
 }
 
 /// The guest-visible SMMUv3 of one VM.
@@ -182,6 +193,8 @@ pub struct VSmmu {
     irq_handler: RwLock<Option<SmmuInterruptHandler>>,
     stats: Mutex<VSmmuStats>,
     host_errors: Mutex<Vec<HostCallError>>,
+    /// The host stalls shown to the guest, by vSTAG.
+    stalls: Mutex<stall::StallTags>,
 }
 
 impl fmt::Debug for VSmmu {
@@ -196,7 +209,7 @@ impl fmt::Debug for VSmmu {
 impl VSmmu {
     /// A vSMMU over guest RAM `mem` in its reset state (everything disabled, GBPA
     /// aborting). Refused: features with stage 2, EL2 contexts, range invalidations or
-    /// stalls, which the vSMMU does not implement.
+    /// forced stalls (STALL_MODEL 0b10), which the vSMMU does not implement.
     pub fn new(mem: GuestRam, config: VSmmuConfig) -> Result<Arc<Self>, VSmmuError> {
         let f = &config.features;
         if f.s2p || f.hyp {
@@ -208,8 +221,8 @@ impl VSmmu {
         if f.ril {
             return Err(VSmmuError::Unsupported("range invalidations"));
         }
-        if f.stall_model != StallModel::Terminate {
-            return Err(VSmmuError::Unsupported("stalls"));
+        if f.stall_model == StallModel::ForceStall {
+            return Err(VSmmuError::Unsupported("forced stalls"));
         }
         Ok(Arc::new(VSmmu {
             mem,
@@ -220,6 +233,7 @@ impl VSmmu {
             irq_handler: RwLock::new(None),
             stats: Mutex::default(),
             host_errors: Mutex::default(),
+            stalls: Mutex::default(),
         }))
     }
 

@@ -43,7 +43,14 @@ pub(crate) struct Stream {
     pub config: HostConfig,
     /// Whether the guest's STE enables ATS and PRI for the device (EATS).
     pub ats: bool,
+    /// Whether the device stalls its faults (`VSmmu::set_stall_capable`).
+    pub can_stall: bool,
+    /// Whether the guest's STE disables stage-1 stalls (S1STALLD).
+    pub s1stalld: bool,
 }
+
+/// STE word 1's S1STALLD (IHI 0070 §5.2).
+const STE1_S1STALLD: u64 = 1 << 27;
 
 /// The abort configuration of an attached table.
 const ABORT: PasidTableConfig = PasidTableConfig {
@@ -109,6 +116,8 @@ impl VSmmu {
                 host,
                 config: HostConfig::Stage2,
                 ats: false,
+                can_stall: false,
+                s1stalld: false,
             });
         }
         self.resync_streams(|s| s == sid, None);
@@ -119,6 +128,8 @@ impl VSmmu {
     /// table from its container first.
     pub fn detach_passthrough(&self, sid: u32) -> Result<(), VSmmuError> {
         let _serial = lock(&self.cmdq);
+        // Stalls the guest never answered end before the device goes.
+        self.terminate_stalls(sid);
         let stream = {
             let mut streams = lock(&self.streams);
             let at = streams
@@ -173,6 +184,12 @@ impl VSmmu {
     ) {
         for (sid, _, host, current) in self.streams_where(which) {
             let (wanted, ats, vste) = self.guest_config(sid, report.as_deref_mut());
+            let s1stalld = vste[1] & STE1_S1STALLD != 0;
+            if wanted != current {
+                // The host's STE changes, which ends its stalled transactions (§3.12.2):
+                // the guest's stalls of the device are answered Abort.
+                self.terminate_stalls(sid);
+            }
             let reached = match &host {
                 StreamHost::Container(host) => self.reconfigure(host, current, wanted),
                 StreamHost::Iommufd(dev) => self.reconfigure_nested(dev, current, wanted, vste),
@@ -180,6 +197,7 @@ impl VSmmu {
             if let Some(s) = lock(&self.streams).iter_mut().find(|s| s.sid == sid) {
                 s.config = reached;
                 s.ats = ats && matches!(reached, HostConfig::Translate(_));
+                s.s1stalld = s1stalld;
             }
         }
     }
