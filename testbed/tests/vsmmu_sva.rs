@@ -9,6 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use proptest::prelude::*;
+
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
@@ -530,4 +532,95 @@ fn a_stall_the_guest_never_answers_ends_with_the_device_and_holds_nothing() {
     assert!(s.file().lock().pending_page_requests().is_empty());
     assert_eq!(s.vsmmu.stats().stalls_aborted, 1);
     assert_eq!(s.vsmmu.take_host_errors(), []);
+}
+
+/// Pages of the process each VM binds in [`two_vms_with_equal_asids_and_ssids_stay_apart`].
+const PAGES: u64 = 4;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Two VMs on one host SMMU, each guest binding a process with the same SubstreamID
+    /// and ASID at the same virtual addresses, each page holding bytes of its own VM.
+    /// Whatever the VMs do (their devices read a page, a process unmaps a page and maps
+    /// it again with new bytes, or only unmaps it): every host TLB entry is tagged by one
+    /// of the two VMs' VMIDs (a guest ASID never stands alone), each device reads its own
+    /// VM's bytes or faults where its process unmapped, no stale translation is ever
+    /// used (strict mode), and one VM's invalidations remove none of the other's entries.
+    #[test]
+    fn two_vms_with_equal_asids_and_ssids_stay_apart(
+        ops in proptest::collection::vec((0usize..2, 0u8..3, 0..PAGES), 1..20)
+    ) {
+        let parts = HostParts::new(StallModel::Terminate);
+        let vms = [Stack::on(&parts, GSID, false), Stack::on(&parts, GSID + 1, false)];
+        let vmid = vms.each_ref().map(|s| s.file().lock().backend().vmid());
+        prop_assert_ne!(vmid[0], vmid[1]);
+        let mut procs = Vec::new();
+        let mut contents = [[0u8; PAGES as usize]; 2];
+        let mut mapped = [[true; PAGES as usize]; 2];
+        for (i, s) in vms.iter().enumerate() {
+            s.guest().attach_device(GSID).unwrap();
+            let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
+            let buf = p.mmap(PAGES * PAGE, Prot::READ_WRITE).unwrap().0;
+            let dst = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+            let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+            for k in 0..PAGES as usize {
+                contents[i][k] = (i * 16 + k) as u8;
+                p.write(Gva(buf + k as u64 * PAGE), &pattern(64, contents[i][k])).unwrap();
+            }
+            s.guest().bind(GSID, &p).unwrap();
+            procs.push((p, buf, dst, comp));
+        }
+        let bonds = vms.each_ref().map(|s| s.guest().bonds(GSID));
+        prop_assert_eq!(&bonds[0], &bonds[1], "the same SubstreamID and ASID");
+        let ssid = bonds[0][0].0;
+        prop_assert_eq!((procs[0].1, procs[0].2), (procs[1].1, procs[1].2));
+        let mut next_seed = 0x80u8;
+        for (i, op, k) in ops {
+            let (s, (p, buf, dst, comp)) = (&vms[i], &procs[i]);
+            let (page, k) = (buf + k * PAGE, k as usize);
+            let other = parts.hw.tlb_entries_of(vmid[1 - i]);
+            match op {
+                0 => {
+                    let st = s.memmove(p, ssid, page, *dst, 64, *comp);
+                    if mapped[i][k] {
+                        prop_assert_eq!(st, CompletionStatus::Success);
+                        let mut back = vec![0; 64];
+                        p.read(Gva(*dst), &mut back).unwrap();
+                        prop_assert_eq!(back, pattern(64, contents[i][k]));
+                    } else {
+                        prop_assert_ne!(st, CompletionStatus::Success);
+                        s.pump();
+                        s.guest().read_events().unwrap();
+                    }
+                }
+                _ => {
+                    p.munmap(Gva(page), PAGE).unwrap();
+                    mapped[i][k] = false;
+                    prop_assert_eq!(
+                        parts.hw.tlb_entries_of(vmid[1 - i]),
+                        other,
+                        "VM {}'s invalidations removed VM {}'s entries", i, 1 - i
+                    );
+                    if op == 1 {
+                        p.mmap_fixed(Gva(page), PAGE, Prot::READ_WRITE, true).unwrap();
+                        contents[i][k] = next_seed;
+                        next_seed = next_seed.wrapping_add(1);
+                        p.write(Gva(page), &pattern(64, contents[i][k])).unwrap();
+                        mapped[i][k] = true;
+                    }
+                }
+            }
+            prop_assert_eq!(parts.hw.take_stale(), []);
+            let (tlb, _, _) = parts.hw.cached_entries();
+            prop_assert_eq!(
+                tlb,
+                parts.hw.tlb_entries_of(vmid[0]) + parts.hw.tlb_entries_of(vmid[1]),
+                "a TLB entry outside the VMs' VMIDs"
+            );
+        }
+        for s in &vms {
+            prop_assert_eq!(s.vsmmu.take_host_errors(), []);
+        }
+    }
 }
