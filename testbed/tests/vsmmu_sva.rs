@@ -564,9 +564,9 @@ proptest! {
             let buf = p.mmap(PAGES * PAGE, Prot::READ_WRITE).unwrap().0;
             let dst = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
             let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
-            for k in 0..PAGES as usize {
-                contents[i][k] = (i * 16 + k) as u8;
-                p.write(Gva(buf + k as u64 * PAGE), &pattern(64, contents[i][k])).unwrap();
+            for (k, seed) in contents[i].iter_mut().enumerate() {
+                *seed = (i * 16 + k) as u8;
+                p.write(Gva(buf + k as u64 * PAGE), &pattern(64, *seed)).unwrap();
             }
             s.guest().bind(GSID, &p).unwrap();
             procs.push((p, buf, dst, comp));
