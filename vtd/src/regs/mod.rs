@@ -33,6 +33,7 @@ use crate::inv_desc::{ContextCacheGranularity, InvDesc, InvDescError, IotlbGranu
 use layout::{
     ccmd, event_control, fsts, gcmd, gsts, ics, iotlb, iq, iqercd, offset, pq, rtaddr, vcmd,
 };
+use smallvec::SmallVec;
 
 /// A register access or configuration error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -230,6 +231,14 @@ impl VcmdResponse {
         }
     }
 }
+
+/// Most effects one register write can have: GCMD's SRTP, SIRTP, WBF, QIE (with the
+/// tail check it makes), IRE and TE in one write.
+pub const MAX_REG_EFFECTS: usize = 7;
+
+/// What one register write asks the owning model to do, in order; held inline, so a
+/// write allocates nothing.
+pub type RegEffects = SmallVec<[RegEffect; MAX_REG_EFFECTS]>;
 
 /// What a register write asks the owning model to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -730,17 +739,12 @@ impl RegisterFile {
     }
 
     /// Writes `size` (4 or 8) bytes at `offset` and returns what the owner must do.
-    pub fn write(
-        &mut self,
-        offset: u64,
-        size: usize,
-        value: u64,
-    ) -> Result<Vec<RegEffect>, RegError> {
+    pub fn write(&mut self, offset: u64, size: usize, value: u64) -> Result<RegEffects, RegError> {
         self.check_access(offset, size)?;
         if size == 4 && value > u32::MAX as u64 {
             return Err(RegError::ValueWidth { value });
         }
-        let mut effects = Vec::new();
+        let mut effects = RegEffects::new();
         match (size, self.locate(offset)) {
             (8, Some((reg, base, 8))) if base == offset => {
                 self.write_reg(reg, value, u64::MAX, &mut effects)
@@ -754,7 +758,7 @@ impl RegisterFile {
         Ok(effects)
     }
 
-    fn write_dword(&mut self, offset: u64, value: u32, effects: &mut Vec<RegEffect>) {
+    fn write_dword(&mut self, offset: u64, value: u32, effects: &mut RegEffects) {
         if let Some((reg, base, _)) = self.locate(offset) {
             let shift = (offset - base) * 8;
             self.write_reg(reg, (value as u64) << shift, 0xffff_ffff << shift, effects);
@@ -762,7 +766,7 @@ impl RegisterFile {
     }
 
     /// Applies a write of the `mask`ed bits of `value` to `reg`.
-    fn write_reg(&mut self, reg: Reg, value: u64, mask: u64, effects: &mut Vec<RegEffect>) {
+    fn write_reg(&mut self, reg: Reg, value: u64, mask: u64, effects: &mut RegEffects) {
         let eim_data = if self.ecap.eim { 0xffff_ffff } else { 0xffff };
         match reg {
             Reg::Ver
@@ -867,7 +871,7 @@ impl RegisterFile {
 
     /// GCMD_REG write (§10.4.4): one-shot commands act when set; enables act when they
     /// differ from the status.
-    fn global_command(&mut self, cmd: u32, effects: &mut Vec<RegEffect>) {
+    fn global_command(&mut self, cmd: u32, effects: &mut RegEffects) {
         if cmd & gcmd::SRTP != 0 {
             self.root_table = RootTable::from_reg(self.rtaddr);
             self.gsts |= gsts::RTPS;
@@ -912,7 +916,7 @@ impl RegisterFile {
 
     /// CCMD_REG with ICC set (§10.4.7): a register-based context-cache invalidation,
     /// refused while queued invalidation is enabled.
-    fn context_command(&mut self, effects: &mut Vec<RegEffect>) {
+    fn context_command(&mut self, effects: &mut RegEffects) {
         let cirg = (self.ccmd >> ccmd::CIRG_SHIFT) & 3;
         let granularity = match cirg {
             1 => Some(ContextCacheGranularity::Global),
@@ -939,7 +943,7 @@ impl RegisterFile {
     /// IOTLB_REG with IVT set (§10.4.8.1): a register-based IOTLB invalidation, refused
     /// while queued invalidation is enabled. Without CAP.PSI, or with an address mask above
     /// CAP.MAMV, a page-selective request is performed domain-selective.
-    fn iotlb_command(&mut self, effects: &mut Vec<RegEffect>) {
+    fn iotlb_command(&mut self, effects: &mut RegEffects) {
         let am = (self.iva & iotlb::IVA_AM) as u8;
         let granularity = match (self.iotlb >> iotlb::IIRG_SHIFT) & 3 {
             1 => Some(IotlbGranularity::Global),
@@ -1130,7 +1134,7 @@ impl RegisterFile {
     }
 
     /// IQT written (or QI enabled): check the tail and ask for processing.
-    fn tail_written(&mut self, effects: &mut Vec<RegEffect>) {
+    fn tail_written(&mut self, effects: &mut RegEffects) {
         let Some(q) = self.inv_queue() else {
             return;
         };

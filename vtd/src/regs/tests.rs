@@ -46,7 +46,13 @@ fn regs() -> RegisterFile {
 }
 
 fn write(r: &mut RegisterFile, offset: u64, size: usize, value: u64) -> Vec<RegEffect> {
-    r.write(offset, size, value).unwrap()
+    let effects = r.write(offset, size, value).unwrap();
+    assert!(
+        !effects.spilled(),
+        "a write allocated for {} effects",
+        effects.len()
+    );
+    effects.to_vec()
 }
 
 fn read(r: &RegisterFile, offset: u64, size: usize) -> u64 {
@@ -845,6 +851,7 @@ proptest! {
                 (slot * 4, 4, value & 0xffff_ffff)
             };
             let effects = r.write(offset, size, value).unwrap();
+            prop_assert!(!effects.spilled());
             for effect in effects {
                 match effect {
                     RegEffect::ProcessInvalidationQueue => prop_assert!(r.next_inv_desc().is_some()),
@@ -888,4 +895,15 @@ fn fixed_registers_index() {
             .unwrap_or(0);
         assert_eq!(slot as usize, expected, "offset {offset:#x}");
     }
+}
+
+#[test]
+fn the_busiest_write_fits_inline() {
+    // Every GCMD command bit at once, with a bad tail waiting for QIE: the most effects one
+    // write has, and they stay inline.
+    let mut r = regs();
+    write(&mut r, offset::IQT, 8, 1 << 4);
+    let effects = r.write(offset::GCMD, 8, u32::MAX as u64).unwrap();
+    assert!(!effects.spilled());
+    assert_eq!(effects.len(), MAX_REG_EFFECTS, "{effects:?}");
 }
