@@ -510,18 +510,7 @@ impl<V: IommuOps> IommufdCtx<V> {
         const WHAT: &str = "iommu_ioas_map_file";
         let u = &UCMD_IOAS_MAP_FILE;
         let mut cmd: IommuIoasMapFile = u.copy_in(arg)?;
-        if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 {
-            return Err(IommufdError::not_supported(WHAT, "unknown flags"));
-        }
-        if cmd.iova == u64::MAX || cmd.length == u64::MAX {
-            return Err(IommufdError::Overflow(WHAT));
-        }
-        if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
-            return Err(IommufdError::invalid(
-                WHAT,
-                "neither readable nor writeable",
-            ));
-        }
+        iopt::check_map(WHAT, cmd.flags, cmd.iova, cmd.length)?;
         self.iopt(cmd.ioas_id)?;
         let (user_va, adopted) = map_file::window_of(files, cmd.fd, file, cmd.start, cmd.length)?;
         let map = IommuIoasMap {

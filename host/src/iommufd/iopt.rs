@@ -39,6 +39,30 @@ impl Area {
     }
 }
 
+/// The checks `IOMMU_IOAS_MAP` and `IOMMU_IOAS_MAP_FILE` make before anything is looked up
+/// (`iommufd_ioas_map`, `iommufd_ioas_map_file`): unknown flags EOPNOTSUPP, an IOVA or
+/// length of `U64_MAX` EOVERFLOW, neither readable nor writeable EINVAL.
+pub(crate) fn check_map(
+    what: &'static str,
+    flags: u32,
+    iova: u64,
+    length: u64,
+) -> Result<(), IommufdError> {
+    if flags & !IOMMU_IOAS_MAP_FLAGS != 0 {
+        return Err(IommufdError::not_supported(what, "unknown flags"));
+    }
+    if iova == u64::MAX || length == u64::MAX {
+        return Err(IommufdError::Overflow(what));
+    }
+    if flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
+        return Err(IommufdError::invalid(
+            what,
+            "neither readable nor writeable",
+        ));
+    }
+    Ok(())
+}
+
 /// The area an `IOMMU_IOAS_MAP` adds to `iopt` (`iommufd_ioas_map`): the VMM's memory at
 /// `user_va` (resolved through its windows in `mem`, EFAULT otherwise; 4 KiB aligned,
 /// EINVAL) at `iova` with FIXED_IOVA, else at an IOVA the allocator picks; READABLE
@@ -46,21 +70,10 @@ impl Area {
 /// EOPNOTSUPP; `iova`/`length` of `U64_MAX` EOVERFLOW. Nothing is changed.
 pub fn map_area(iopt: &Iopt, mem: &HostMemory, cmd: &IommuIoasMap) -> Result<Area, IommufdError> {
     const WHAT: &str = "iommu_ioas_map";
-    if cmd.flags & !IOMMU_IOAS_MAP_FLAGS != 0 || cmd.__reserved != 0 {
-        return Err(IommufdError::not_supported(
-            WHAT,
-            "unknown flags or reserved",
-        ));
+    if cmd.__reserved != 0 {
+        return Err(IommufdError::not_supported(WHAT, "reserved"));
     }
-    if cmd.iova == u64::MAX || cmd.length == u64::MAX {
-        return Err(IommufdError::Overflow(WHAT));
-    }
-    if cmd.flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 {
-        return Err(IommufdError::invalid(
-            WHAT,
-            "neither readable nor writeable",
-        ));
-    }
+    check_map(WHAT, cmd.flags, cmd.iova, cmd.length)?;
     let iova = if cmd.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
         iopt.check_fixed(cmd.iova, cmd.length)?;
         cmd.iova
