@@ -60,6 +60,8 @@ struct Calls {
     poller: socket::Poller,
     /// The call ring, once the host took it.
     ring: Option<ClientRing>,
+    /// How ring replies are waited for.
+    spinner: ring::Spinner,
 }
 
 /// How a [`RemoteFile`]'s calls travel.
@@ -139,6 +141,7 @@ impl RemoteFile {
                 buf: socket::RecvBuffer::default(),
                 poller: socket::Poller::new(socket::SPIN),
                 ring: None,
+                spinner: ring::Spinner::new(ring::SPIN),
             }),
             welcome: Welcome {
                 version: VERSION,
@@ -242,7 +245,11 @@ impl RemoteFile {
             _ => true,
         };
         let Calls {
-            buf, poller, ring, ..
+            buf,
+            poller,
+            ring,
+            spinner,
+            ..
         } = &mut *calls;
         if let Some(ring) = ring
             .as_mut()
@@ -250,7 +257,7 @@ impl RemoteFile {
             .filter(|_| frame.len() <= ring::REQUEST_MAX)
         {
             return self
-                .ring_call(ring, buf, &frame, id)
+                .ring_call(ring, spinner, buf, &frame, id)
                 .map(|reply| (reply, Vec::new()));
         }
         socket::send(self.sock.as_fd(), &frame, fds).map_err(|e| gone("send", Some(e)))?;
@@ -277,13 +284,15 @@ impl RemoteFile {
     }
 
     /// One call through the call ring: `frame` (request `id`) is posted, with a doorbell
-    /// if the host sleeps; the reply is spun for ([`ring::SPIN`]), then slept for on the
+    /// if the host sleeps; the reply is spun for ([`ring::SPIN`], backing off after empty
+    /// spins: [`ring::Spinner`]), then slept for on the
     /// socket until the host's doorbell, the client having published that it sleeps. A
     /// host that breaks the ring's rules, or sends another frame meanwhile, loses the
     /// connection.
     fn ring_call(
         &self,
         ring: &mut ClientRing,
+        spinner: &mut ring::Spinner,
         buf: &mut socket::RecvBuffer,
         frame: &[u8],
         id: u32,
@@ -301,7 +310,7 @@ impl RemoteFile {
             )
             .map_err(|e| gone(format!("doorbell: {e}")))?;
         }
-        let found = match ring::spin(ring::SPIN, || ring.reply()) {
+        let found = match spinner.wait(|| ring.reply()) {
             Some(found) => found,
             None => {
                 ring.set_waiting(true);

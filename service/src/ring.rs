@@ -51,10 +51,9 @@ pub const REPLY_MAX: usize = 0x2000;
 /// README "Performance"), so a side that would wake the other finds it still spinning.
 pub const SPIN: Duration = Duration::from_micros(50);
 
-/// Spinning this long with only `spin_loop` hints, then yielding the core between looks,
-/// so a spinning thread gives way to a runnable one (the peer it waits for, on a busy
-/// machine) instead of holding the core for the whole budget.
-const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(2);
+/// Longest run of waits a [`Spinner`] makes without spinning after its spins came up
+/// empty (a power of two).
+const MAX_BACKOFF: u32 = 64;
 
 /// A broken ring: the peer wrote what the protocol does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -157,22 +156,63 @@ impl Ring {
     }
 }
 
-/// Spins until `ready` gives something or `budget` has passed: `spin_loop` hints for the
-/// first [`SPIN_BEFORE_YIELD`], then a yield of the core between looks.
+/// Spins until `ready` gives something or `budget` has passed, with `spin_loop` hints.
+/// The core is not yielded: on a machine with more runnable threads than cores a yield
+/// can hand it to another process for a whole time slice (milliseconds), far longer than
+/// the sleep and wake-up the spin tries to spare.
 pub fn spin<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(t) = ready() {
             return Some(t);
         }
-        let spent = start.elapsed();
-        if spent >= budget {
+        if start.elapsed() >= budget {
             return None;
         }
-        if spent < SPIN_BEFORE_YIELD {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
+        std::hint::spin_loop();
+    }
+}
+
+/// Bounded spins that back off: after a spin that found nothing (the peer did not run,
+/// or had nothing to send) the next waits look once and sleep at once, twice as many
+/// after each further empty spin (up to [`MAX_BACKOFF`]), and a spin that finds what it
+/// waits for spins on every wait again; so a busy machine loses at most one budget per
+/// so many waits to spinning.
+#[derive(Debug)]
+pub struct Spinner {
+    budget: Duration,
+    /// Waits left that do not spin.
+    skip: u32,
+    /// How many waits the next empty spin skips.
+    backoff: u32,
+}
+
+impl Spinner {
+    /// A spinner with `budget` per spin (zero never spins).
+    pub fn new(budget: Duration) -> Spinner {
+        Spinner {
+            budget,
+            skip: 0,
+            backoff: 1,
+        }
+    }
+
+    /// [`spin`] for `ready`, or one look when the last spins came up empty.
+    pub fn wait<T>(&mut self, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
+        if self.budget.is_zero() || self.skip > 0 {
+            self.skip = self.skip.saturating_sub(1);
+            return ready();
+        }
+        match spin(self.budget, ready) {
+            Some(t) => {
+                self.backoff = 1;
+                Some(t)
+            }
+            None => {
+                self.skip = self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                None
+            }
         }
     }
 }
@@ -428,6 +468,42 @@ mod tests {
         let keep = fd.try_clone().unwrap();
         let _ring = Ring::adopt(fd).unwrap();
         assert!(rustix::fs::ftruncate(&keep, 0).is_err());
+    }
+
+    #[test]
+    fn empty_spins_back_off_and_a_find_resets_them() {
+        let mut spinner = Spinner::new(Duration::from_micros(1));
+        let mut spun = Vec::new();
+        for _ in 0..12 {
+            let skipping = spinner.skip > 0;
+            assert_eq!(spinner.wait(|| None::<()>), None);
+            spun.push(!skipping);
+        }
+        let at: Vec<usize> = (0..12).filter(|&i| spun[i]).collect();
+        assert_eq!(at, [0, 2, 5, 10]);
+        assert_eq!(spinner.backoff, 16);
+        // A skipped wait still takes what is there.
+        assert_eq!(spinner.wait(|| Some(1)), Some(1));
+        while spinner.skip > 0 {
+            spinner.wait(|| None::<()>);
+        }
+        assert_eq!(spinner.wait(|| Some(2)), Some(2));
+        assert_eq!((spinner.skip, spinner.backoff), (0, 1));
+        for _ in 0..(MAX_BACKOFF as usize * 3) {
+            spinner.wait(|| None::<()>);
+            assert!(spinner.backoff <= MAX_BACKOFF && spinner.skip <= MAX_BACKOFF);
+        }
+        assert_eq!(spinner.backoff, MAX_BACKOFF);
+        let mut never = Spinner::new(Duration::ZERO);
+        let mut looks = 0;
+        assert_eq!(
+            never.wait(|| {
+                looks += 1;
+                None::<()>
+            }),
+            None
+        );
+        assert_eq!((looks, never.skip, never.backoff), (1, 0, 1));
     }
 
     #[test]

@@ -792,12 +792,13 @@ impl Connection<'_> {
     fn serve(&mut self, sock: std::os::fd::BorrowedFd<'_>) -> String {
         let mut buf = socket::RecvBuffer::default();
         let mut poller = socket::Poller::new(self.svc.limits.spin);
+        let mut spinner = ring::Spinner::new(self.svc.limits.ring_spin);
         loop {
             if self.ring.is_some() {
                 if self.svc.stopping.load(Ordering::Acquire) {
                     return "the host stops".into();
                 }
-                match self.ring_request() {
+                match self.ring_request(&mut spinner) {
                     Ok(Some(frame)) => match self.serve_ring(sock, frame) {
                         Ok(()) => continue,
                         Err(why) => return why,
@@ -847,13 +848,12 @@ impl Connection<'_> {
     }
 
     /// The next request on the call ring: the thread spins for it (bounded,
-    /// [`Limits::ring_spin`]) and, if none came, publishes that it sleeps and looks once
+    /// [`Limits::ring_spin`], backing off after empty spins) and, if none came, publishes that it sleeps and looks once
     /// more; `None` when the thread is to sleep on the socket until a doorbell or a frame.
-    fn ring_request(&mut self) -> Result<Option<Vec<u8>>, RingError> {
-        let spin = self.svc.limits.ring_spin;
+    fn ring_request(&mut self, spinner: &mut ring::Spinner) -> Result<Option<Vec<u8>>, RingError> {
         let ring = self.ring.as_mut().expect("called with a ring");
         ring.set_sleeping(false);
-        if let Some(taken) = ring::spin(spin, || ring.take().transpose()) {
+        if let Some(taken) = spinner.wait(|| ring.take().transpose()) {
             return taken.map(Some);
         }
         ring.set_sleeping(true);
