@@ -102,7 +102,8 @@ enum Command {
     /// over a UNIX socket until SIGTERM or SIGINT (docs/protocol.md).
     Host {
         /// The host IOMMU: VT-d (VFIO containers and iommufd), or SMMUv3 with its
-        /// interrupt thread (VFIO type1 containers, VFIO_IOMMU_ATTACH_PASID_TABLE).
+        /// interrupt thread (VFIO type1 containers with VFIO_IOMMU_ATTACH_PASID_TABLE, and
+        /// iommufd with vIOMMU, vDEVICE, nested HWPTs and vEVENT queues).
         #[arg(long, value_enum, default_value = "vtd")]
         iommu: IommuArch,
         /// The socket to create (mode 0600).

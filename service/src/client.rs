@@ -441,6 +441,12 @@ impl RemoteFile {
             .map(|fd| Arc::new(FaultQueueFd(fd)) as Arc<dyn UapiFile>)
     }
 
+    /// Takes the vEVENT queue `IOMMU_VEVENTQ_ALLOC` gave as `fd` (an SMMUv3 host), as a
+    /// file: each `read` gives one event, `EAGAIN` when none waits.
+    pub fn veventq(&self, fd: i32) -> Option<Arc<dyn UapiFile>> {
+        self.fault_queue(fd)
+    }
+
     /// An ioctl whose reply gives a file descriptor, in the u32 field at `at`: the fd is
     /// kept for [`RemoteFile::take_fd`] and its number written in the field.
     fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8], at: usize) -> Result<usize, Errno> {
@@ -470,10 +476,10 @@ fn borrow<'a>(fd: i32) -> BorrowedFd<'a> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-/// A fault queue file `vsva host` serves ([`crate::fault`]): one end of a socket pair,
-/// non-blocking. `read` gives one whole group of `iommu_hwpt_pgfault` records (`EAGAIN`
-/// when none waits), `write` sends `iommu_hwpt_page_response`s. Readiness is the fd's
-/// own (poll it for `POLLIN`).
+/// A queue file `vsva host` serves ([`crate::fault`]): one end of a socket pair,
+/// non-blocking. On a fault queue `read` gives one whole group of `iommu_hwpt_pgfault`
+/// records (`EAGAIN` when none waits), `write` sends `iommu_hwpt_page_response`s; on a
+/// vEVENT queue `read` gives one event. Readiness is the fd's own (poll it for `POLLIN`).
 #[derive(Debug)]
 pub struct FaultQueueFd(pub OwnedFd);
 
@@ -534,12 +540,20 @@ impl UapiFile for RemoteFile {
         // The memory file the argument names goes with the request; a number that is not
         // an open fd sends none, which the host answers with EBADF.
         let fds: Vec<BorrowedFd<'_>> = file.map(borrow).into_iter().collect();
-        let reply = self.simple(&Request::Ioctl { cmd, arg }, &fds)?;
-        if reply.data.len() != arg.len() {
-            return Err(Errno::EIO);
+        let reply = self.call(&Request::Ioctl { cmd, arg }, &fds)?;
+        // A failed call's argument comes back as the call left it, when the host gives it.
+        match (reply.result, reply.data.len() == arg.len()) {
+            (Ok(n), true) => {
+                arg.copy_from_slice(&reply.data);
+                Ok(n as usize)
+            }
+            (Ok(_), false) => Err(Errno::EIO),
+            (Err(e), true) => {
+                arg.copy_from_slice(&reply.data);
+                Err(e)
+            }
+            (Err(e), false) => Err(e),
         }
-        arg.copy_from_slice(&reply.data);
-        Ok(reply.result? as usize)
     }
 
     fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {

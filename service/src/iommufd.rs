@@ -1,16 +1,20 @@
-//! The iommufd file kind: a connection that opens `/dev/iommu` on the host VT-d driver.
+//! The iommufd file kind: a connection that opens `/dev/iommu` on the host VT-d driver or
+//! on the host SMMUv3 driver.
 //!
-//! Every ioctl the kind serves is in [`IOCTLS`], with the user pointer its argument
+//! Every ioctl the kind serves is in its table ([`IOCTLS`] on VT-d, [`SMMU_IOCTLS`] on
+//! SMMUv3), with the user pointer its argument
 //! carries, if any, and how the bytes it names are counted from the argument's own
 //! fields, so that the server translates exactly the range the file will touch (as the
 //! kernel's `copy_from_user`/`copy_to_user` of that range would fault outside the
 //! caller's memory). An ioctl that is not in the table never reaches the file (ENOTTY):
 //! one whose pointer is not described cannot pass untranslated. The table also names the
-//! field where an ioctl gives a file descriptor: `FAULT_QUEUE_ALLOC`'s fault queue reaches
-//! the client as one end of a socket pair the host serves ([`crate::fault`]), sent with
-//! the reply. It names the field of a memory file too: `IOAS_MAP_FILE` takes the memfd
-//! with the request and the host file maps the file's own pages in place, through the
-//! connection's windows (`vsva_host::iommufd::map_file`, the same code as in process). The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD` binds the
+//! field where an ioctl gives a file descriptor: `FAULT_QUEUE_ALLOC`'s fault queue and
+//! `VEVENTQ_ALLOC`'s vEVENT queue reach the client as one end of a socket pair the host
+//! serves ([`crate::fault`]), sent with the reply. It names the field of a memory file
+//! too: `IOAS_MAP_FILE` takes the memfd with the request and the host file maps the file's
+//! own pages in place, through the connection's windows (`vsva_host::iommufd::map_file`,
+//! the same code as in process). The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD`
+//! binds the
 //! connection's device instead.
 
 use std::mem::{offset_of, size_of};
@@ -20,13 +24,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use vsva_host::driver::{DirtyBitmap, HostIommu};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::map_file::MemoryFiles;
+use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
+use vsva_host::smmu::SmmuHost;
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 use vsva_vtd::addr::SourceId;
 
-use crate::fault::FaultPump;
+use crate::fault::{FaultPump, VeventPump};
 use crate::kind::{FileArg, FileKind, Holdings, ServedFile, UserRange};
 use crate::protocol::FILE_IOMMUFD;
 
@@ -129,53 +135,83 @@ const MAP_FILE: Served = Served {
     }),
 };
 
-/// Fault queues one connection may have served at once (each is a socket pair and a
-/// thread of the host); one more is `EMFILE`, as a process out of file descriptors.
-pub const MAX_FAULT_QUEUES: usize = 4;
+/// Queue files (fault queues and vEVENT queues together) one connection may have served
+/// at once (each is a socket pair and a thread of the host); one more is `EMFILE`, as a
+/// process out of file descriptors.
+pub const MAX_QUEUES: usize = 4;
 
-/// Every ioctl an iommufd connection serves; docs/protocol.md lists the same.
+const ALLOW_IOVAS: Served = with(
+    IOMMU_IOAS_ALLOW_IOVAS,
+    "IOMMU_IOAS_ALLOW_IOVAS",
+    offset_of!(IommuIoasAllowIovas, allowed_iovas),
+    Count::Elements {
+        count: offset_of!(IommuIoasAllowIovas, num_iovas),
+        size: size_of::<IommuIovaRange>() as u64,
+    },
+);
+const IOVA_RANGES: Served = with(
+    IOMMU_IOAS_IOVA_RANGES,
+    "IOMMU_IOAS_IOVA_RANGES",
+    offset_of!(IommuIoasIovaRanges, allowed_iovas),
+    Count::Elements {
+        count: offset_of!(IommuIoasIovaRanges, num_iovas),
+        size: size_of::<IommuIovaRange>() as u64,
+    },
+);
+const MAP: Served = with(
+    IOMMU_IOAS_MAP,
+    "IOMMU_IOAS_MAP",
+    offset_of!(IommuIoasMap, user_va),
+    Count::Bytes64(offset_of!(IommuIoasMap, length)),
+);
+const HWPT_ALLOC: Served = with(
+    IOMMU_HWPT_ALLOC,
+    "IOMMU_HWPT_ALLOC",
+    offset_of!(IommuHwptAlloc, data_uptr),
+    Count::Bytes32(offset_of!(IommuHwptAlloc, data_len)),
+);
+const GET_HW_INFO: Served = with(
+    IOMMU_GET_HW_INFO,
+    "IOMMU_GET_HW_INFO",
+    offset_of!(IommuHwInfo, data_uptr),
+    Count::Bytes32(offset_of!(IommuHwInfo, data_len)),
+);
+const HWPT_INVALIDATE: Served = with(
+    IOMMU_HWPT_INVALIDATE,
+    "IOMMU_HWPT_INVALIDATE",
+    offset_of!(IommuHwptInvalidate, data_uptr),
+    Count::Entries {
+        count: offset_of!(IommuHwptInvalidate, entry_num),
+        len: offset_of!(IommuHwptInvalidate, entry_len),
+    },
+);
+const FAULT_QUEUE_ALLOC: Served = giving_fd(
+    IOMMU_FAULT_QUEUE_ALLOC,
+    "IOMMU_FAULT_QUEUE_ALLOC",
+    offset_of!(IommuFaultAlloc, out_fault_fd),
+);
+const ATTACH: Served = plain(
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
+);
+const DETACH: Served = plain(
+    VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    "VFIO_DEVICE_DETACH_IOMMUFD_PT",
+);
+
+/// Every ioctl an iommufd connection on a VT-d host serves; docs/protocol.md lists the
+/// same.
 pub const IOCTLS: &[Served] = &[
     plain(IOMMU_DESTROY, "IOMMU_DESTROY"),
     plain(IOMMU_IOAS_ALLOC, "IOMMU_IOAS_ALLOC"),
-    with(
-        IOMMU_IOAS_ALLOW_IOVAS,
-        "IOMMU_IOAS_ALLOW_IOVAS",
-        offset_of!(IommuIoasAllowIovas, allowed_iovas),
-        Count::Elements {
-            count: offset_of!(IommuIoasAllowIovas, num_iovas),
-            size: size_of::<IommuIovaRange>() as u64,
-        },
-    ),
+    ALLOW_IOVAS,
     plain(IOMMU_IOAS_COPY, "IOMMU_IOAS_COPY"),
-    with(
-        IOMMU_IOAS_IOVA_RANGES,
-        "IOMMU_IOAS_IOVA_RANGES",
-        offset_of!(IommuIoasIovaRanges, allowed_iovas),
-        Count::Elements {
-            count: offset_of!(IommuIoasIovaRanges, num_iovas),
-            size: size_of::<IommuIovaRange>() as u64,
-        },
-    ),
-    with(
-        IOMMU_IOAS_MAP,
-        "IOMMU_IOAS_MAP",
-        offset_of!(IommuIoasMap, user_va),
-        Count::Bytes64(offset_of!(IommuIoasMap, length)),
-    ),
+    IOVA_RANGES,
+    MAP,
     MAP_FILE,
     plain(IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP"),
-    with(
-        IOMMU_HWPT_ALLOC,
-        "IOMMU_HWPT_ALLOC",
-        offset_of!(IommuHwptAlloc, data_uptr),
-        Count::Bytes32(offset_of!(IommuHwptAlloc, data_len)),
-    ),
-    with(
-        IOMMU_GET_HW_INFO,
-        "IOMMU_GET_HW_INFO",
-        offset_of!(IommuHwInfo, data_uptr),
-        Count::Bytes32(offset_of!(IommuHwInfo, data_len)),
-    ),
+    HWPT_ALLOC,
+    GET_HW_INFO,
     plain(
         IOMMU_HWPT_SET_DIRTY_TRACKING,
         "IOMMU_HWPT_SET_DIRTY_TRACKING",
@@ -189,33 +225,49 @@ pub const IOCTLS: &[Served] = &[
             page_size: offset_of!(IommuHwptGetDirtyBitmap, page_size),
         },
     ),
-    with(
-        IOMMU_HWPT_INVALIDATE,
-        "IOMMU_HWPT_INVALIDATE",
-        offset_of!(IommuHwptInvalidate, data_uptr),
-        Count::Entries {
-            count: offset_of!(IommuHwptInvalidate, entry_num),
-            len: offset_of!(IommuHwptInvalidate, entry_len),
-        },
-    ),
-    giving_fd(
-        IOMMU_FAULT_QUEUE_ALLOC,
-        "IOMMU_FAULT_QUEUE_ALLOC",
-        offset_of!(IommuFaultAlloc, out_fault_fd),
-    ),
-    plain(
-        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-        "VFIO_DEVICE_ATTACH_IOMMUFD_PT",
-    ),
-    plain(
-        VFIO_DEVICE_DETACH_IOMMUFD_PT,
-        "VFIO_DEVICE_DETACH_IOMMUFD_PT",
-    ),
+    HWPT_INVALIDATE,
+    FAULT_QUEUE_ALLOC,
+    ATTACH,
+    DETACH,
 ];
 
-/// The table's row for `cmd`.
+/// Every ioctl an iommufd connection on an SMMUv3 host serves; docs/protocol.md lists the
+/// same. The IOAS and HWPT rows are VT-d's, without dirty tracking (the SMMU file has
+/// none); the vIOMMU family, `VEVENTQ_ALLOC` giving its queue as `FAULT_QUEUE_ALLOC` gives
+/// a fault queue. `FAULT_QUEUE_ALLOC` reaches the SMMU file, which answers for itself.
+pub const SMMU_IOCTLS: &[Served] = &[
+    plain(IOMMU_DESTROY, "IOMMU_DESTROY"),
+    plain(IOMMU_IOAS_ALLOC, "IOMMU_IOAS_ALLOC"),
+    ALLOW_IOVAS,
+    plain(IOMMU_IOAS_COPY, "IOMMU_IOAS_COPY"),
+    IOVA_RANGES,
+    MAP,
+    MAP_FILE,
+    plain(IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP"),
+    HWPT_ALLOC,
+    GET_HW_INFO,
+    HWPT_INVALIDATE,
+    FAULT_QUEUE_ALLOC,
+    with(
+        IOMMU_VIOMMU_ALLOC,
+        "IOMMU_VIOMMU_ALLOC",
+        offset_of!(IommuViommuAlloc, data_uptr),
+        Count::Bytes32(offset_of!(IommuViommuAlloc, data_len)),
+    ),
+    plain(IOMMU_VDEVICE_ALLOC, "IOMMU_VDEVICE_ALLOC"),
+    giving_fd(
+        IOMMU_VEVENTQ_ALLOC,
+        "IOMMU_VEVENTQ_ALLOC",
+        offset_of!(IommuVeventqAlloc, out_veventq_fd),
+    ),
+    ATTACH,
+    DETACH,
+];
+
+/// The row for `cmd` in either table (a row both tables have is the same in each): how a
+/// client finds the descriptors an ioctl gives or takes, whatever the host's IOMMU.
 pub fn served(cmd: u32) -> Option<&'static Served> {
-    IOCTLS.iter().find(|s| s.cmd == cmd)
+    row(IOCTLS, cmd).or_else(|| row(SMMU_IOCTLS, cmd))
 }
 
 fn u32_at(arg: &[u8], at: usize) -> Result<u64, Errno> {
@@ -251,10 +303,22 @@ impl Pointer {
     }
 }
 
-/// iommufd files over the host VT-d driver, each in its own fd table (one VMM process).
-pub struct IommufdKind {
-    /// The host VT-d driver's unit.
-    pub unit: Arc<HostIommu>,
+/// iommufd files over a host IOMMU driver, each in its own fd table (one VMM process).
+pub enum IommufdKind {
+    /// On the host VT-d driver's unit ([`IOCTLS`]).
+    Vtd(Arc<HostIommu>),
+    /// On the host SMMUv3 driver ([`SMMU_IOCTLS`]).
+    Smmu(Arc<SmmuHost>),
+}
+
+impl IommufdKind {
+    /// The ioctls its files serve.
+    fn table(&self) -> &'static [Served] {
+        match self {
+            IommufdKind::Vtd(_) => IOCTLS,
+            IommufdKind::Smmu(_) => SMMU_IOCTLS,
+        }
+    }
 }
 
 impl FileKind for IommufdKind {
@@ -264,30 +328,68 @@ impl FileKind for IommufdKind {
 
     fn open(&self) -> Result<Arc<dyn ServedFile>, Errno> {
         let fds = Iommufds::new();
-        let (fd, file) = fds.open(&self.unit);
+        let (fd, file) = match self {
+            IommufdKind::Vtd(unit) => {
+                let (fd, file) = fds.open(unit);
+                (fd, Opened::Vtd(file))
+            }
+            IommufdKind::Smmu(smmu) => {
+                let (fd, file) = fds.open_smmu(smmu);
+                (fd, Opened::Smmu(file))
+            }
+        };
         Ok(Arc::new(ServedIommufd {
             fds,
             fd,
             file,
             device: Mutex::new(None),
             pumps: Mutex::new(Vec::new()),
+            vevents: Mutex::new(Vec::new()),
         }))
     }
 
     fn user_range(&self, cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno> {
-        user_range(cmd, arg)
+        user_range_in(self.table(), cmd, arg)
     }
 
     fn file_arg(&self, cmd: u32) -> Option<FileArg> {
-        served(cmd).and_then(|s| s.file)
+        row(self.table(), cmd).and_then(|s| s.file)
     }
+}
+
+fn row(table: &'static [Served], cmd: u32) -> Option<&'static Served> {
+    table.iter().find(|s| s.cmd == cmd)
 }
 
 /// The user range [`IOCTLS`] gives the ioctl `cmd` with argument `arg`; ENOTTY for an
 /// ioctl not in the table, EINVAL for an argument too short to hold its fields.
 pub fn user_range(cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno> {
-    let served = served(cmd).ok_or(Errno::ENOTTY)?;
+    user_range_in(IOCTLS, cmd, arg)
+}
+
+/// As [`user_range`], in `table`.
+pub fn user_range_in(
+    table: &'static [Served],
+    cmd: u32,
+    arg: &[u8],
+) -> Result<Option<UserRange>, Errno> {
+    let served = row(table, cmd).ok_or(Errno::ENOTTY)?;
     served.pointer.map(|p| p.range(arg)).transpose()
+}
+
+/// The `/dev/iommu` a connection opened, on the host's VT-d or SMMUv3.
+enum Opened {
+    Vtd(Arc<IommufdFile>),
+    Smmu(Arc<SmmuIommufdFile>),
+}
+
+impl Opened {
+    fn uapi(&self) -> &dyn UapiFile {
+        match self {
+            Opened::Vtd(f) => &**f,
+            Opened::Smmu(f) => &**f,
+        }
+    }
 }
 
 /// An open `/dev/iommu` and the VFIO cdev of the connection's device, bound to it: the
@@ -295,37 +397,63 @@ pub fn user_range(cmd: u32, arg: &[u8]) -> Result<Option<UserRange>, Errno> {
 pub struct ServedIommufd {
     fds: Arc<Iommufds>,
     fd: i32,
-    file: Arc<IommufdFile>,
+    file: Opened,
     device: Mutex<Option<VfioDeviceFile>>,
     /// The fault queues handed to the client.
     pumps: Mutex<Vec<FaultPump>>,
+    /// The vEVENT queues handed to the client.
+    vevents: Mutex<Vec<VeventPump>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ServedIommufd {
     fn device(&self) -> std::sync::MutexGuard<'_, Option<VfioDeviceFile>> {
-        self.device.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.device)
     }
 
-    fn pumps(&self) -> std::sync::MutexGuard<'_, Vec<FaultPump>> {
-        self.pumps.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Queue files served now, forgetting those whose object is gone; `EMFILE` when
+    /// [`MAX_QUEUES`] are.
+    fn room_for_a_queue(
+        pumps: &mut Vec<FaultPump>,
+        vevents: &mut Vec<VeventPump>,
+    ) -> Result<(), Errno> {
+        pumps.retain(|p| p.file().is_some());
+        vevents.retain(|p| p.file().is_some());
+        if pumps.len() + vevents.len() >= MAX_QUEUES {
+            return Err(Errno::new(libc::EMFILE));
+        }
+        Ok(())
+    }
+
+    /// Destroys object `id` made by a call whose queue could not be served.
+    fn destroy(&self, id: u32) {
+        let mut destroy = IommuDestroy {
+            size: size_of::<IommuDestroy>() as u32,
+            id,
+        }
+        .to_bytes();
+        if let Err(d) = self.file.uapi().ioctl(IOMMU_DESTROY, &mut destroy) {
+            tracing::error!("destroying a queue that was not served: {d}");
+        }
     }
 
     /// `IOMMU_FAULT_QUEUE_ALLOC`: the fault queue is made in the file's fd table, taken
     /// out of it and served on a socket pair whose other end the client gets. If it cannot
-    /// be served the queue is destroyed again, so a failed call leaves nothing.
+    /// be served the queue is destroyed again and the argument is as it came, so a failed
+    /// call leaves nothing.
     fn fault_queue_alloc(&self, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
-        let mut pumps = self.pumps();
-        pumps.retain(|p| p.file().is_some());
-        if pumps.len() >= MAX_FAULT_QUEUES {
-            return Err(Errno::new(libc::EMFILE));
-        }
-        let n = self.file.ioctl(IOMMU_FAULT_QUEUE_ALLOC, arg)?;
+        let (mut pumps, mut vevents) = (lock(&self.pumps), lock(&self.vevents));
+        Self::room_for_a_queue(&mut pumps, &mut vevents)?;
+        let asked = arg.to_vec();
+        let n = self.file.uapi().ioctl(IOMMU_FAULT_QUEUE_ALLOC, arg)?;
         let out: IommuFaultAlloc = read_prefix(arg, arg.len());
         let fd = out.out_fault_fd as i32;
         let queue = self.fds.fault(fd);
         self.fds.close(fd);
-        let started = queue.ok_or(Errno::EIO).and_then(|q| FaultPump::start(&q));
-        match started {
+        match queue.ok_or(Errno::EIO).and_then(|q| FaultPump::start(&q)) {
             Ok((pump, theirs)) => {
                 pumps.push(pump);
                 let at = offset_of!(IommuFaultAlloc, out_fault_fd);
@@ -333,14 +461,34 @@ impl ServedIommufd {
                 Ok((n, Some(theirs)))
             }
             Err(e) => {
-                let mut destroy = IommuDestroy {
-                    size: size_of::<IommuDestroy>() as u32,
-                    id: out.out_fault_id,
-                }
-                .to_bytes();
-                if let Err(d) = self.file.ioctl(IOMMU_DESTROY, &mut destroy) {
-                    tracing::error!("destroying a fault queue that was not served: {d}");
-                }
+                self.destroy(out.out_fault_id);
+                arg.copy_from_slice(&asked);
+                Err(e)
+            }
+        }
+    }
+
+    /// `IOMMU_VEVENTQ_ALLOC` on an SMMUv3 host: as [`Self::fault_queue_alloc`], the
+    /// vEVENT queue's file served on a socket pair.
+    fn veventq_alloc(&self, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
+        let (mut pumps, mut vevents) = (lock(&self.pumps), lock(&self.vevents));
+        Self::room_for_a_queue(&mut pumps, &mut vevents)?;
+        let asked = arg.to_vec();
+        let n = self.file.uapi().ioctl(IOMMU_VEVENTQ_ALLOC, arg)?;
+        let out: IommuVeventqAlloc = read_prefix(arg, arg.len());
+        let fd = out.out_veventq_fd as i32;
+        let queue = self.fds.veventq(fd);
+        self.fds.close(fd);
+        match queue.ok_or(Errno::EIO).and_then(|q| VeventPump::start(&q)) {
+            Ok((pump, theirs)) => {
+                vevents.push(pump);
+                let at = offset_of!(IommuVeventqAlloc, out_veventq_fd);
+                arg[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+                Ok((n, Some(theirs)))
+            }
+            Err(e) => {
+                self.destroy(out.out_veventq_id);
+                arg.copy_from_slice(&asked);
                 Err(e)
             }
         }
@@ -348,10 +496,11 @@ impl ServedIommufd {
 }
 
 impl Drop for ServedIommufd {
-    /// The fault queues' pumps stop (the client's ends read EOF), the device's cdev
-    /// closes (detaching it), then the iommufd's fd.
+    /// The queues' pumps stop (the client's ends read EOF), the device's cdev closes
+    /// (detaching it), then the iommufd's fd.
     fn drop(&mut self) {
-        self.pumps().clear();
+        lock(&self.pumps).clear();
+        lock(&self.vevents).clear();
         self.device().take();
         self.fds.close(self.fd);
     }
@@ -365,19 +514,19 @@ impl UapiFile for ServedIommufd {
                 None => Err(Errno::ENODEV),
             };
         }
-        self.file.ioctl(cmd, arg)
+        self.file.uapi().ioctl(cmd, arg)
     }
 
     fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
-        self.file.read(buf)
+        self.file.uapi().read(buf)
     }
 
     fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
-        self.file.write(buf)
+        self.file.uapi().write(buf)
     }
 
     fn set_event_notifier(&self, notifier: Option<Arc<dyn EventNotifier>>) {
-        self.file.set_event_notifier(notifier);
+        self.file.uapi().set_event_notifier(notifier);
     }
 }
 
@@ -388,34 +537,65 @@ impl ServedFile for ServedIommufd {
         file: Option<OwnedFd>,
         files: &mut dyn MemoryFiles,
     ) -> Result<usize, Errno> {
-        self.file.map_file(arg, file, files).map(|()| 0)
+        match &self.file {
+            Opened::Vtd(f) => f.map_file(arg, file, files),
+            Opened::Smmu(f) => f.map_file(arg, file, files),
+        }
+        .map(|()| 0)
     }
 
-    /// The IOAS areas mapped and the PASIDs attached (what the type1 container counts as
-    /// DMA mappings and binds); the fault queues' groups waiting for a response (those
-    /// sent to the client's socket and not answered included) and records not sent yet.
+    /// The IOAS areas mapped (what the type1 container counts as DMA mappings); as binds,
+    /// on VT-d the PASIDs attached, on SMMUv3 the devices whose STE is a guest's (attached
+    /// to a nested HWPT); the fault queues' groups waiting for a response (those sent to
+    /// the client's socket and not answered included); as unread faults, the fault records
+    /// not sent yet and the vEVENTs waiting in their queues.
     fn holdings(&self) -> Holdings {
         let mut h = Holdings::default();
-        for f in self.pumps().iter().filter_map(FaultPump::file) {
+        for f in lock(&self.pumps).iter().filter_map(FaultPump::file) {
             let (waiting, unread) = f.pending();
             h.page_requests += waiting as u64;
             h.faults_unread += unread as u64;
         }
-        for o in self.file.lock().objects().values() {
-            match o {
-                ObjectState::Ioas(areas) => h.dma_mappings += areas.len() as u64,
-                ObjectState::Device { pasids, .. } => h.binds += pasids.len() as u64,
-                _ => {}
+        for q in lock(&self.vevents).iter().filter_map(VeventPump::file) {
+            h.faults_unread += q.pending() as u64;
+        }
+        match &self.file {
+            Opened::Vtd(file) => {
+                for o in file.lock().objects().values() {
+                    match o {
+                        ObjectState::Ioas(areas) => h.dma_mappings += areas.len() as u64,
+                        ObjectState::Device { pasids, .. } => h.binds += pasids.len() as u64,
+                        _ => {}
+                    }
+                }
+            }
+            Opened::Smmu(file) => {
+                let objects = file.lock().objects();
+                for o in objects.values() {
+                    match o {
+                        SmmuObjectState::Ioas(areas) => h.dma_mappings += areas.len() as u64,
+                        SmmuObjectState::Device {
+                            hwpt: Some(hwpt), ..
+                        } => {
+                            if matches!(objects.get(hwpt), Some(SmmuObjectState::HwptNested { .. }))
+                            {
+                                h.binds += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         h
     }
 
     fn ioctl_giving_fd(&self, cmd: u32, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
-        if cmd == IOMMU_FAULT_QUEUE_ALLOC {
-            return self.fault_queue_alloc(arg);
+        match cmd {
+            IOMMU_FAULT_QUEUE_ALLOC => self.fault_queue_alloc(arg),
+            IOMMU_VEVENTQ_ALLOC => self.veventq_alloc(arg),
+            _ => self.ioctl(cmd, arg).map(|n| (n, None)),
         }
-        self.ioctl(cmd, arg).map(|n| (n, None))
     }
 
     /// Opens the device's cdev and binds it to this iommufd (`VFIO_DEVICE_BIND_IOMMUFD`);

@@ -92,7 +92,8 @@ pub enum IommuArch {
     Vtd,
     /// The physical SMMUv3 model and the host arm-smmu-v3 driver with its interrupt
     /// thread; VFIO type1 containers (stage 2 from `MAP_DMA`, the guest's CD table from
-    /// `VFIO_IOMMU_ATTACH_PASID_TABLE`). No iommufd: `HELLO` for one is `ENODEV`.
+    /// `VFIO_IOMMU_ATTACH_PASID_TABLE`) and iommufd (a nest parent, a vIOMMU, vDEVICEs,
+    /// nested HWPTs carrying the guest's STEs, vEVENT queues).
     Smmuv3,
 }
 
@@ -322,8 +323,7 @@ struct Violations {
 impl Service {
     /// Builds the host: `config.memory` bytes of memory, the IOMMU model of
     /// `config.iommu` and its driver (on SMMUv3 with its interrupts taken by the interrupt
-    /// thread), the PASID allocator, and the file kinds: VFIO container, and on VT-d
-    /// iommufd.
+    /// thread), the PASID allocator, and the file kinds: VFIO container and iommufd.
     pub fn new(config: &HostConfig) -> Result<Arc<Service>, ServiceError> {
         let mem = HostMemory::new(config.memory)?;
         let frames = Arc::new(FrameAllocator::new(mem.clone()));
@@ -361,9 +361,10 @@ impl Service {
             pasids: pasids.clone(),
             quota: config.limits.pasid_quota,
         })];
-        if let Hardware::Vtd { unit, .. } = &hw {
-            kinds.push(Arc::new(IommufdKind { unit: unit.clone() }));
-        }
+        kinds.push(Arc::new(match &hw {
+            Hardware::Vtd { unit, .. } => IommufdKind::Vtd(unit.clone()),
+            Hardware::Smmu { host, .. } => IommufdKind::Smmu(host.clone()),
+        }));
         Ok(Arc::new(Service {
             mem,
             frames,
@@ -1006,12 +1007,14 @@ impl Connection<'_> {
                     Some(_) => self.map_file(f.as_ref(), &mut arg, received.fds),
                     None => self.ioctl(f.as_ref(), cmd, &mut arg),
                 };
+                // A failed call gives its argument back too, as the call left it: an
+                // ioctl may write it before it fails (HWPT_INVALIDATE's `entry_num`).
                 match result {
                     Ok((n, given)) => {
                         self.given = given;
                         reply(Ok(n as u64), arg)
                     }
-                    Err(e) => reply(Err(e), Vec::new()),
+                    Err(e) => reply(Err(e), arg),
                 }
             }
             (Request::Read { count }, Some(f)) => {

@@ -93,9 +93,8 @@ impl VeventqFile {
         }
     }
 
-    /// Entries waiting (events and a lost-events header).
-    #[cfg(test)]
-    fn pending(&self) -> usize {
+    /// Entries waiting to be read (events and a lost-events header).
+    pub fn pending(&self) -> usize {
         lock(&self.queue).entries.len()
     }
 }
