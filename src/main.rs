@@ -68,9 +68,9 @@ enum Command {
         #[arg(long, value_enum)]
         uapi: Option<UapiArg>,
         /// The host IOMMU: VT-d with x86-64 guests, or SMMUv3 with arm64 guests (over the
-        /// type1 container, or in one process over iommufd with `--uapi iommufd`). Without
-        /// it, both run, each ending with its summary line (SMMUv3 only where the uAPI is
-        /// type1 and, with --split, only when asked for).
+        /// type1 container, or over iommufd with `--uapi iommufd`; with --split and no
+        /// --uapi, over each). Without it, both run, each ending with its summary line
+        /// (SMMUv3 only where the uAPI is type1 and, with --split, only when asked for).
         #[arg(long, value_enum)]
         iommu: Option<IommuArch>,
     },
@@ -289,10 +289,6 @@ fn main() -> ExitCode {
             iommu,
         } => {
             let smmu_uapi = matches!(uapi, None | Some(UapiArg::Type1));
-            if iommu == Some(IommuArch::Smmuv3) && !smmu_uapi && split {
-                eprintln!("demo: the SMMUv3 demo runs over iommufd in one process only");
-                return ExitCode::FAILURE;
-            }
             let uapis = match uapi {
                 Some(u) => vec![u.into()],
                 None => vec![Uapi::Type1, Uapi::Iommufd],
@@ -350,13 +346,17 @@ fn main() -> ExitCode {
                 Some(IommuArch::Vtd) => false,
                 None => smmu_uapi && !split,
             };
-            if smmu {
-                // `--iommu smmuv3 --uapi iommufd` runs it over iommufd (in one process: the
-                // split case was refused above); otherwise over type1.
-                let uapi = match (iommu, uapi) {
-                    (Some(IommuArch::Smmuv3), Some(u)) => Uapi::from(u),
-                    _ => Uapi::Type1,
-                };
+            // `--iommu smmuv3 --uapi U` runs it over U; `--iommu smmuv3 --split` alone over
+            // each, type1 first, as VT-d's; otherwise over type1.
+            let smmu_uapis = match (smmu, iommu, uapi) {
+                (false, _, _) => Vec::new(),
+                (true, Some(IommuArch::Smmuv3), Some(u)) => vec![Uapi::from(u)],
+                (true, Some(IommuArch::Smmuv3), None) if split => {
+                    vec![Uapi::Type1, Uapi::Iommufd]
+                }
+                (true, _, _) => vec![Uapi::Type1],
+            };
+            for uapi in smmu_uapis {
                 let opts = DemoOptions {
                     seed,
                     vms,

@@ -1,8 +1,10 @@
-//! `vsva vm --iommu smmuv3` as real processes against an SMMUv3 host (issue 12 + 10): the
-//! per-VM SMMUv3 demo finds the in-process counts; `vsva demo --split --iommu smmuv3`
-//! prints the in-process demo's summary line; a VM process SIGKILLed at any stage leaves
-//! the host with exactly the live VM's holdings: its STE aborts again with no CD-table
-//! pointer, its VMID is free and no TLB entry carries it. Every wait is bounded.
+//! `vsva vm --iommu smmuv3` as real processes against an SMMUv3 host (issue 12 + 10 + 11):
+//! the per-VM SMMUv3 demo finds the in-process counts, over a type1 container and over
+//! iommufd; `vsva demo --split --iommu smmuv3` prints the in-process demo's summary line
+//! for each uAPI; a VM process SIGKILLed at any stage leaves the host with exactly the live
+//! VM's holdings: its STE aborts again with no CD-table pointer, its VMID is free and no
+//! TLB entry carries it (over iommufd: its vIOMMU, vDEVICE and HWPTs are gone with its
+//! connection). Every wait is bounded.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +15,7 @@ use vsva_service::{
 };
 use vsva_testbed::demo::{DemoOptions, VmReport};
 use vsva_testbed::smmu_demo;
+use vsva_testbed::stack::Uapi;
 
 mod common;
 use common::{settle, start_host, stop_clean};
@@ -21,6 +24,10 @@ mod vm_process;
 use vm_process::{run_vsva, VmProcess};
 
 fn in_process(seed: u64, vms: usize) -> vsva_testbed::demo::DemoSummary {
+    in_process_over(seed, vms, Uapi::Type1)
+}
+
+fn in_process_over(seed: u64, vms: usize, uapi: Uapi) -> vsva_testbed::demo::DemoSummary {
     smmu_demo::run(
         &DemoOptions {
             seed,
@@ -29,7 +36,7 @@ fn in_process(seed: u64, vms: usize) -> vsva_testbed::demo::DemoSummary {
             bytes: 65536,
             host_memory: 1 << 30,
             progress: false,
-            ..DemoOptions::default()
+            uapi,
         },
         &mut |_| {},
     )
@@ -82,6 +89,88 @@ fn an_smmu_vm_process_runs_the_demo_against_an_smmu_host_process_with_the_in_pro
 }
 
 #[test]
+fn an_iommufd_smmu_vm_process_finds_the_in_process_iommufd_counts() {
+    let host = start_host("smmu-ifd-demo", "2G", &["--iommu", "smmuv3", "--strict"]);
+    let (probe, empty) = host.probe().unwrap();
+    let vm = VmProcess::start(
+        host.socket(),
+        &[
+            "--iommu",
+            "smmuv3",
+            "--uapi",
+            "iommufd",
+            "--seed",
+            "3",
+            "--processes",
+            "2",
+            "--bytes",
+            "65536",
+            "--json",
+        ],
+    );
+    let (code, lines, err) = vm.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    let remote: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let local = in_process_over(3, 1, Uapi::Iommufd);
+    assert_eq!(local.errors, 0);
+    let local = &local.per_vm[0];
+    assert_eq!(remote.pasids, local.pasids);
+    assert_eq!(remote.bytes_verified, local.bytes_verified);
+    assert!(remote.bytes_verified > 2 * 65536);
+    // No page request over the SMMU's iommufd (no fault queue on nested HWPTs), as in
+    // one process; the munmap faults come through the vEVENT queue's fd.
+    assert_eq!(remote.page_requests_served, 0);
+    assert_eq!(remote.munmap_faults, 2);
+    assert_eq!(
+        remote.invalidations_forwarded,
+        local.invalidations_forwarded
+    );
+    assert!(remote.invalidations_forwarded > 0);
+    assert_eq!((remote.host_errors, remote.errors.len()), (0, 0));
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    let report = stop_clean(host);
+    assert!(report.contains("strict mode clean"), "{report}");
+}
+
+#[test]
+fn the_split_smmu_demo_without_a_uapi_prints_the_in_process_line_of_each() {
+    let (status, out, err) = run_vsva(&[
+        "demo",
+        "--split",
+        "--iommu",
+        "smmuv3",
+        "--seed",
+        "6",
+        "--vms",
+        "2",
+        "--processes",
+        "2",
+        "--bytes",
+        "65536",
+    ]);
+    assert!(status.success(), "{out}\n{err}");
+    for (uapi, head) in [
+        (Uapi::Type1, "demo (smmuv3): 2 VMs, 4 PASIDs, "),
+        (Uapi::Iommufd, "demo (smmuv3, iommufd): 2 VMs, 4 PASIDs, "),
+    ] {
+        let local = in_process_over(6, 2, uapi);
+        assert_eq!(local.errors, 0);
+        let want = local.to_string();
+        assert!(want.starts_with(head), "{want}");
+        assert!(out.lines().any(|l| l == want), "want {want:?} in\n{out}");
+    }
+    let clean = out
+        .lines()
+        .filter(|l| {
+            l.starts_with("vsva host: served ")
+                && l.ends_with("nothing left behind; strict mode clean")
+        })
+        .count();
+    assert_eq!(clean, 2, "{out}");
+}
+
+#[test]
 fn the_split_smmu_demo_prints_the_in_process_summary_line() {
     let (status, out, err) = run_vsva(&[
         "demo",
@@ -125,7 +214,12 @@ struct Served {
 
 impl Served {
     fn start() -> Served {
-        let dir = std::env::temp_dir().join(format!("vsva-smmu-vm-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vsva-smmu-vm-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("host.sock");
         let service = Service::new(&HostConfig {
@@ -275,6 +369,128 @@ fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
     assert_eq!(settle(&probe, empty), empty);
     assert!(aborts(smmu.ste(live_sid)));
     assert_eq!(smmu.vmids(), probe_vmids);
+    drop((probe, smmu));
+    let report = served.finish();
+    assert!(report.clean(), "{report}");
+}
+
+#[test]
+fn an_iommufd_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
+    let served = Served::start();
+    let smmu = served.service.smmu().unwrap().clone();
+    let probe =
+        RemoteFile::connect_kind(&served.path, vsva_service::protocol::FILE_IOMMUFD).unwrap();
+    let empty = probe.host_state().unwrap();
+    assert!(smmu.vmids().is_empty(), "an iommufd probe holds no VMID");
+    let iommufd = ["--iommu", "smmuv3", "--uapi", "iommufd"];
+    // The live VM stops before an invalidation after its device ran: its guest's STE
+    // nested over its stage 2, a VMID, TLB entries tagged with it.
+    let mut live = VmProcess::start(
+        &served.path,
+        &[
+            &iommufd[..],
+            &[
+                "--seed",
+                "9",
+                "--processes",
+                "2",
+                "--bytes",
+                "65536",
+                "--pause-at",
+                "invalidate",
+                "--json",
+            ],
+        ]
+        .concat(),
+    );
+    live.wait_line("paused at invalidate");
+    let with_live = probe.host_state().unwrap();
+    assert_eq!(
+        with_live.binds,
+        empty.binds + 1,
+        "the guest's STE installed"
+    );
+    let [(live_sid, live_vmid)] = smmu.owned_streams()[..] else {
+        panic!("{:?}", smmu.owned_streams());
+    };
+    let live_ste = smmu.ste(live_sid);
+    assert!(nested(live_ste), "{live_ste:x?}");
+    let live_tlb = smmu.hardware().tlb_entries_of(live_vmid);
+    assert!(live_tlb > 0);
+    for stage in ["bind", "invalidate", "dma"] {
+        let bytes = if stage == "dma" { "8388608" } else { "65536" };
+        let mut victim = VmProcess::start(
+            &served.path,
+            &[
+                &iommufd[..],
+                &[
+                    "--index",
+                    "1",
+                    "--processes",
+                    "1",
+                    "--bytes",
+                    bytes,
+                    "--pause-at",
+                    stage,
+                ],
+            ]
+            .concat(),
+        );
+        victim.wait_line(&format!("paused at {stage}"));
+        let (sid, vmid) = smmu
+            .owned_streams()
+            .into_iter()
+            .find(|&(s, _)| s != live_sid)
+            .unwrap_or_else(|| panic!("{stage}: the victim holds no stream"));
+        let during = probe.host_state().unwrap();
+        assert_eq!(during.connections, with_live.connections + 1, "{stage}");
+        assert_eq!(during.domain_ids, with_live.domain_ids + 1, "{stage}");
+        assert_eq!(during.devices, with_live.devices + 1, "{stage}");
+        assert_eq!(
+            during.windows,
+            with_live.windows + 2,
+            "{stage}: RAM, buffer"
+        );
+        match stage {
+            // Before its first nested HWPT: its nest parent's stage 2 alone.
+            "bind" => {
+                assert!(!nested(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
+                assert_eq!(during.binds, with_live.binds, "{stage}");
+            }
+            // Its device ran through its CD table: TLB entries with its VMID.
+            "invalidate" => {
+                assert!(nested(smmu.ste(sid)), "{stage}");
+                assert_eq!(during.binds, with_live.binds + 1, "{stage}");
+                assert!(smmu.hardware().tlb_entries_of(vmid) > 0, "{stage}");
+            }
+            _ => {}
+        }
+        victim.child.kill().unwrap();
+        victim.child.wait().unwrap();
+        let after = settle(&probe, with_live);
+        assert_eq!(
+            after, with_live,
+            "killed at {stage}: the host kept its state"
+        );
+        assert!(aborts(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
+        assert!(!smmu.vmids().contains(&vmid), "{stage}");
+        assert_eq!(smmu.hardware().tlb_entries_of(vmid), 0, "{stage}");
+        assert_eq!(smmu.ste(live_sid), live_ste, "{stage}");
+        assert_eq!(
+            smmu.hardware().tlb_entries_of(live_vmid),
+            live_tlb,
+            "{stage}"
+        );
+    }
+    // The live VM goes on: every check passes, and its exit leaves the host as it was.
+    let (code, lines, err) = live.finish();
+    assert_eq!(code, Some(0), "{lines:?}\n{err}");
+    let report: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!((report.errors.len(), report.host_errors), (0, 0));
+    assert_eq!(report.munmap_faults, 2);
+    assert_eq!(settle(&probe, empty), empty);
+    assert!(aborts(smmu.ste(live_sid)));
+    assert!(smmu.vmids().is_empty());
     drop((probe, smmu));
     let report = served.finish();
     assert!(report.clean(), "{report}");

@@ -34,7 +34,7 @@ use vsva_hw::dma::{
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_service::load::Held;
-use vsva_service::{client::RemoteFile, client::SharedRam};
+use vsva_service::{client::RemoteFile, client::SharedRam, protocol::FILE_IOMMUFD};
 use vsva_smmuv3::{cmd::Cmd, event::EventType, regs::RegError};
 use vsva_smmuv3_driver::Registers;
 use vsva_uapi::{
@@ -91,13 +91,21 @@ enum HostDev {
     Iommufd(VmIommufd),
 }
 
-/// A VM's iommufd as its VMM holds it: the fd table, the fd number of `/dev/iommu`, the
-/// vSMMU's view of it, the device's cdev and the VMM buffer (host frames at `scratch_hpa`).
+/// A VM's iommufd as its VMM holds it: the vSMMU's view of it and of its device and, in
+/// one process, the host side the VMM made.
 struct VmIommufd {
-    fds: Arc<Iommufds>,
-    fd: i32,
     iommufd: Arc<SmmuIommufd>,
     device: Arc<SmmuIommufdDevice>,
+    /// In one process: the fd table and `/dev/iommu`'s number in it, the device's cdev and
+    /// the VMM buffer (host frames at `scratch_hpa`). Over `vsva host` the connection is
+    /// `/dev/iommu`, and closing it releases what the host made.
+    local: Option<LocalIommufd>,
+}
+
+/// The in-process side of a VM's iommufd (see [`VmIommufd`]).
+struct LocalIommufd {
+    fds: Arc<Iommufds>,
+    fd: i32,
     cdev: Arc<VfioDeviceFile>,
     scratch: Arc<GuestMemoryMmap>,
     scratch_hpa: Hpa,
@@ -140,13 +148,15 @@ impl VmIommufd {
             });
         match opened {
             Ok((iommufd, device)) => Ok(VmIommufd {
-                fds,
-                fd,
                 iommufd,
                 device,
-                cdev,
-                scratch,
-                scratch_hpa,
+                local: Some(LocalIommufd {
+                    fds,
+                    fd,
+                    cdev,
+                    scratch,
+                    scratch_hpa,
+                }),
             }),
             Err(e) => {
                 drop(cdev);
@@ -158,18 +168,22 @@ impl VmIommufd {
         }
     }
 
-    /// The device's objects, the vIOMMU's and the IOAS, then the files and the buffer.
+    /// The device's objects, the vIOMMU's and the IOAS, then (in one process) the files
+    /// and the buffer.
     fn close(self, mem: &HostMemory, host_frames: &FrameAllocator) {
         let veventq = self.iommufd.veventq_fd();
         drop(self.device);
         drop(self.iommufd);
+        let Some(local) = self.local else {
+            return;
+        };
         if let Some(q) = veventq {
-            self.fds.close(q);
+            local.fds.close(q);
         }
-        self.fds.close(self.fd);
-        drop(self.cdev);
-        mem.release_guest_memory(&self.scratch);
-        let _ = host_frames.free(self.scratch_hpa);
+        local.fds.close(local.fd);
+        drop(local.cdev);
+        mem.release_guest_memory(&local.scratch);
+        let _ = host_frames.free(local.scratch_hpa);
     }
 }
 
@@ -823,12 +837,13 @@ pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String
 
 /// An SMMU VM's connection to a `vsva host --iommu smmuv3`: its container file and its
 /// device, with the pause hook of `vsva vm --pause-at` ([`Stage`]: `bind` before the
-/// first `VFIO_IOMMU_ATTACH_PASID_TABLE`, `invalidate` before the first
-/// `VFIO_IOMMU_CACHE_INVALIDATE` after the device ran, `dma` before the first
-/// `DEVICE_RUN`, `page-request` after a `DEVICE_RUN` that left the device waiting) and the
-/// latencies `vsva load` reports ([`Timings`]: each `VFIO_IOMMU_CACHE_INVALIDATE`, and
-/// from a `DEVICE_RUN` that left the device waiting to the first
-/// `VFIO_IOMMU_PAGE_RESPONSE` after it).
+/// first `VFIO_IOMMU_ATTACH_PASID_TABLE`, or over iommufd the first `IOMMU_HWPT_ALLOC` of
+/// a nested HWPT (a guest STE); `invalidate` before the first
+/// `VFIO_IOMMU_CACHE_INVALIDATE` (`IOMMU_HWPT_INVALIDATE`) after the device ran, `dma`
+/// before the first `DEVICE_RUN`, `page-request` after a `DEVICE_RUN` that left the device
+/// waiting; the ioctl numbers of the two uAPIs do not overlap) and the latencies `vsva
+/// load` reports ([`Timings`]: each cache invalidation, and from a `DEVICE_RUN` that left
+/// the device waiting to the first `VFIO_IOMMU_PAGE_RESPONSE` after it).
 pub struct SmmuLink {
     file: RemoteFile,
     hooks: LinkHooks,
@@ -851,12 +866,20 @@ impl SmmuLink {
 
 impl UapiFile for SmmuLink {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+        use vsva_uapi::iommufd::{
+            IommuHwptAlloc, IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_INVALIDATE,
+        };
         use vsva_uapi::vfio::{
             VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE,
         };
-        let invalidate = cmd == VFIO_IOMMU_CACHE_INVALIDATE;
-        self.hooks
-            .before_ioctl(cmd == VFIO_IOMMU_ATTACH_PASID_TABLE, invalidate);
+        let at = std::mem::offset_of!(IommuHwptAlloc, data_type);
+        let nested = cmd == IOMMU_HWPT_ALLOC
+            && arg
+                .get(at..at + 4)
+                .is_some_and(|b| b == IOMMU_HWPT_DATA_ARM_SMMUV3.to_le_bytes());
+        let bind = cmd == VFIO_IOMMU_ATTACH_PASID_TABLE || nested;
+        let invalidate = cmd == VFIO_IOMMU_CACHE_INVALIDATE || cmd == IOMMU_HWPT_INVALIDATE;
+        self.hooks.before_ioctl(bind, invalidate);
         let start = Instant::now();
         let result = self.file.ioctl(cmd, arg);
         if result.is_ok() {
@@ -949,14 +972,16 @@ fn connect_vm(
 }
 
 /// `vsva vm --iommu smmuv3`: the per-VM part of the SMMUv3 demo against the host process
-/// at `path`: boots the VM (a nesting container, its memfd RAM mapped at IOVA 0, the
-/// host's device, the vSMMU and the arm64 guest), runs each process's checks as the
-/// in-process demo does (copy, fill, compare, a page request, a fault after munmap), and
-/// shuts down. With `opts.cross_vm` (`vsva demo --split`), its container must first
-/// refuse a CD table beyond its RAM; then it prints `cross-vm ready <its StreamID>` and
-/// follows lines from stdin: `refuse <StreamID>`: a page response for that (another
-/// VM's) device must be refused (`cross-vm refused`), until `end` or the end of stdin.
-/// The report's errors are the failed checks; a host that went away is
+/// at `path`: boots the VM (a nesting container, or with `opts.uapi` iommufd an iommufd
+/// connection ([`iommufd_vm`]); its memfd RAM mapped at IOVA 0, the host's device, the
+/// vSMMU and the arm64 guest), runs each process's checks as the in-process demo does
+/// (copy, fill, compare, a page request (not over iommufd, as in one process), a fault
+/// after munmap), and shuts down. With `opts.cross_vm` (`vsva demo --split`), its
+/// container must first refuse a CD table beyond its RAM; then it prints `cross-vm ready
+/// <its StreamID>` and follows lines from stdin: `refuse <StreamID>`: a page response for
+/// that (another VM's) device must be refused (over iommufd: a CFGI_CD_ALL and an ATC_INV
+/// naming it, by the vIOMMU) (`cross-vm refused`), until `end` or the end of stdin. The
+/// report's errors are the failed checks; a host that went away is
 /// [`VmError::HostGone`].
 pub fn run_vm(
     path: &Path,
@@ -966,12 +991,26 @@ pub fn run_vm(
     opts.demo
         .validate()
         .map_err(|e| VmError::Options(e.to_string()))?;
-    if opts.uapi != Uapi::Type1 {
-        return Err(VmError::Options(
-            "the SMMUv3 VM reaches its host over a VFIO type1 container only".into(),
-        ));
-    }
-    let (vm, link, ram) = connect_vm(path, opts.pause_at)?;
+    let (vm, link, ram, buffer) = match opts.uapi {
+        Uapi::Type1 => {
+            let (vm, link, ram) = connect_vm(path, opts.pause_at)?;
+            (vm, link, ram, None)
+        }
+        Uapi::Iommufd => {
+            let ram = SharedRam::new(RAM)?;
+            let (link, host_sid, fd, buffer) = iommufd_vm(path, &ram, opts.pause_at)?;
+            let vm = Vm::boot_guest(
+                ram.mem.clone(),
+                host_sid,
+                HostDev::Iommufd(fd),
+                link.clone(),
+                link.clone(),
+                None,
+            )
+            .map_err(|e| gone_or(&link, e.to_string()))?;
+            (vm, link, ram, Some(buffer))
+        }
+    };
     let mut report = VmReport {
         vm: opts.index,
         ..VmReport::default()
@@ -989,7 +1028,9 @@ pub fn run_vm(
         }
     }
     if opts.cross_vm {
-        refuse_outside_table(&vm, &mut report);
+        if vm.ifd.is_none() {
+            refuse_outside_table(&vm, &mut report);
+        }
         cross_vm_phase(
             &vm,
             &mut std::io::stdin().lock(),
@@ -1011,7 +1052,7 @@ pub fn run_vm(
             .errors
             .push(format!("VM {} shutdown: {e}", opts.index));
     }
-    drop((file, link, ram));
+    drop((file, link, ram, buffer));
     Ok(report)
 }
 
@@ -1157,6 +1198,56 @@ pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64)
     }
 }
 
+/// An SMMU VM's iommufd connection to the host at `path`, as the in-process VMM over
+/// iommufd sets it up: `/dev/iommu` (`HELLO` file kind 2), guest RAM and the VMM's buffer
+/// shared (`ADD_MEMORY`), the host's device plugged and bound (`DEVICE_ADD`), an IOAS
+/// with guest RAM at IPA 0 (`IOMMU_IOAS_MAP`), then the device's nest parent, vIOMMU,
+/// vEVENT queue (its fd passed by the host) and vDEVICE ([`SmmuIommufd::attach_bound`]).
+/// A step that fails closes the connection, which releases what the host made.
+fn iommufd_vm(
+    path: &Path,
+    ram: &SharedRam,
+    pause_at: Option<Stage>,
+) -> Result<(Arc<SmmuLink>, SourceId, VmIommufd, SharedRam), VmError> {
+    let file = RemoteFile::connect_kind(path, FILE_IOMMUFD)?;
+    let buffer = SharedRam::new(SCRATCH)?;
+    let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
+    setup("ADD_MEMORY (guest RAM)", ram.share(&file))?;
+    setup("ADD_MEMORY (the VMM's buffer)", buffer.share(&file))?;
+    let (host_sid, dev_id) = file.device_add_bound().map_err(|errno| VmError::Setup {
+        what: "DEVICE_ADD",
+        errno,
+    })?;
+    let link = Arc::new(SmmuLink::new(file, pause_at));
+    let gone = |what, errno| {
+        if link.file.host_gone() {
+            VmError::HostGone
+        } else {
+            VmError::Setup { what, errno }
+        }
+    };
+    let user = UserBuffer::new(buffer.mem.clone()).map_err(|e| gone("the VMM's buffer", e))?;
+    let iommufd =
+        SmmuIommufd::open(link.clone(), -1, user).map_err(|e| gone("IOMMU_IOAS_ALLOC", e))?;
+    iommufd
+        .map(ram.addr(), RAM, 0)
+        .map_err(|e| gone("IOMMU_IOAS_MAP", e))?;
+    let device = iommufd
+        .attach_bound(link.clone(), dev_id, GSID, &|fd| link.file.veventq(fd))
+        .map_err(|e| {
+            gone(
+                "the nest parent, IOMMU_VIOMMU_ALLOC, IOMMU_VEVENTQ_ALLOC, IOMMU_VDEVICE_ALLOC",
+                e,
+            )
+        })?;
+    let fd = VmIommufd {
+        iommufd,
+        device,
+        local: None,
+    };
+    Ok((link, host_sid, fd, buffer))
+}
+
 /// The SMMU VM's side of `vsva demo --split`'s cross-VM checks (see [`run_vm`]).
 fn cross_vm_phase(
     vm: &Vm,
@@ -1179,7 +1270,10 @@ fn cross_vm_phase(
         match (cmd, arg.parse::<u16>()) {
             ("end", _) => break,
             ("refuse", Ok(sid)) if sid != vm.host_sid.rid() => {
-                refuse_response_to(vm, SourceId::from_rid(sid), report);
+                match &vm.ifd {
+                    Some(fd) => iommufd_cross_vm(fd, SourceId::from_rid(sid), report),
+                    None => refuse_response_to(vm, SourceId::from_rid(sid), report),
+                }
                 say("refused".into());
             }
             _ => {

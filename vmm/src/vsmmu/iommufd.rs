@@ -175,6 +175,19 @@ impl SmmuIommufd {
         open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
     ) -> Result<Arc<SmmuIommufdDevice>, Errno> {
         let dev_id = bind_cdev(&*cdev, self.fd)?;
+        self.attach_bound(cdev, dev_id, vsid, open_fd)
+    }
+
+    /// [`SmmuIommufd::attach_device`] for a device bound already, as device `dev_id`
+    /// (over `vsva host`, `DEVICE_ADD` binds it; `cdev` is then the connection, which
+    /// takes the cdev's attach and detach ioctls).
+    pub fn attach_bound(
+        self: &Arc<Self>,
+        cdev: Arc<dyn UapiFile>,
+        dev_id: u32,
+        vsid: u32,
+        open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
+    ) -> Result<Arc<SmmuIommufdDevice>, Errno> {
         let mut viommu = lock(&self.viommu);
         let made = viommu.is_none();
         if made {
