@@ -28,7 +28,7 @@ use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
 use vsva_host::smmu::SmmuHost;
 use vsva_uapi::iommufd::*;
-use vsva_uapi::wire::{read_prefix, Wire};
+use vsva_uapi::wire::Wire;
 use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 use vsva_vtd::addr::SourceId;
 
@@ -441,53 +441,74 @@ impl ServedIommufd {
     }
 
     /// `IOMMU_FAULT_QUEUE_ALLOC`: the fault queue is made in the file's fd table, taken
-    /// out of it and served on a socket pair whose other end the client gets. If it cannot
-    /// be served the queue is destroyed again and the argument is as it came, so a failed
-    /// call leaves nothing.
+    /// out of it and served on a socket pair whose other end the client gets
+    /// ([`Self::queue_alloc`]).
     fn fault_queue_alloc(&self, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
-        let (mut pumps, mut vevents) = (lock(&self.pumps), lock(&self.vevents));
-        Self::room_for_a_queue(&mut pumps, &mut vevents)?;
-        let asked = arg.to_vec();
-        let n = self.file.uapi().ioctl(IOMMU_FAULT_QUEUE_ALLOC, arg)?;
-        let out: IommuFaultAlloc = read_prefix(arg, arg.len());
-        let fd = out.out_fault_fd as i32;
-        let queue = self.fds.fault(fd);
-        self.fds.close(fd);
-        match queue.ok_or(Errno::EIO).and_then(|q| FaultPump::start(&q)) {
-            Ok((pump, theirs)) => {
-                pumps.push(pump);
-                let at = offset_of!(IommuFaultAlloc, out_fault_fd);
-                arg[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
-                Ok((n, Some(theirs)))
-            }
-            Err(e) => {
-                self.destroy(out.out_fault_id);
-                arg.copy_from_slice(&asked);
-                Err(e)
-            }
-        }
+        let at = (
+            offset_of!(IommuFaultAlloc, out_fault_id),
+            offset_of!(IommuFaultAlloc, out_fault_fd),
+        );
+        self.queue_alloc(
+            IOMMU_FAULT_QUEUE_ALLOC,
+            arg,
+            at,
+            |fd| self.fds.fault(fd),
+            FaultPump::start,
+            |pumps, _, pump| pumps.push(pump),
+        )
     }
 
     /// `IOMMU_VEVENTQ_ALLOC` on an SMMUv3 host: as [`Self::fault_queue_alloc`], the
     /// vEVENT queue's file served on a socket pair.
     fn veventq_alloc(&self, arg: &mut [u8]) -> Result<(usize, Option<OwnedFd>), Errno> {
+        let at = (
+            offset_of!(IommuVeventqAlloc, out_veventq_id),
+            offset_of!(IommuVeventqAlloc, out_veventq_fd),
+        );
+        self.queue_alloc(
+            IOMMU_VEVENTQ_ALLOC,
+            arg,
+            at,
+            |fd| self.fds.veventq(fd),
+            VeventPump::start,
+            |_, vevents, pump| vevents.push(pump),
+        )
+    }
+
+    /// Runs `cmd`, which makes a queue object (its id at `id_at` and its fd in the file's
+    /// fd table at `fd_at` of the argument), then `take`s the queue out of the table,
+    /// `start`s serving it on a socket pair and `keep`s the pump; the client gets the
+    /// pair's other end (the argument's fd reads 0). If the queue cannot be served the
+    /// object is destroyed again and the argument is as it came, so a failed call leaves
+    /// nothing.
+    fn queue_alloc<Q, P>(
+        &self,
+        cmd: u32,
+        arg: &mut [u8],
+        (id_at, fd_at): (usize, usize),
+        take: impl FnOnce(i32) -> Option<Q>,
+        start: impl FnOnce(&Q) -> Result<(P, OwnedFd), Errno>,
+        keep: impl FnOnce(&mut Vec<FaultPump>, &mut Vec<VeventPump>, P),
+    ) -> Result<(usize, Option<OwnedFd>), Errno> {
         let (mut pumps, mut vevents) = (lock(&self.pumps), lock(&self.vevents));
         Self::room_for_a_queue(&mut pumps, &mut vevents)?;
         let asked = arg.to_vec();
-        let n = self.file.uapi().ioctl(IOMMU_VEVENTQ_ALLOC, arg)?;
-        let out: IommuVeventqAlloc = read_prefix(arg, arg.len());
-        let fd = out.out_veventq_fd as i32;
-        let queue = self.fds.veventq(fd);
+        let n = self.file.uapi().ioctl(cmd, arg)?;
+        let word = |at: usize| {
+            arg.get(at..at + 4)
+                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let (id, fd) = (word(id_at), word(fd_at) as i32);
+        let queue = take(fd);
         self.fds.close(fd);
-        match queue.ok_or(Errno::EIO).and_then(|q| VeventPump::start(&q)) {
+        match queue.ok_or(Errno::EIO).and_then(|q| start(&q)) {
             Ok((pump, theirs)) => {
-                vevents.push(pump);
-                let at = offset_of!(IommuVeventqAlloc, out_veventq_fd);
-                arg[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+                keep(&mut pumps, &mut vevents, pump);
+                arg[fd_at..fd_at + 4].copy_from_slice(&0u32.to_le_bytes());
                 Ok((n, Some(theirs)))
             }
             Err(e) => {
-                self.destroy(out.out_veventq_id);
+                self.destroy(id);
                 arg.copy_from_slice(&asked);
                 Err(e)
             }
