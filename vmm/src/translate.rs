@@ -50,8 +50,8 @@ impl VIommu {
     /// request pipeline ([`request::translate`]); a fault is recorded in the fault
     /// recording registers unless an FPD field disables it.
     ///
-    /// An IOTLB hit serves the request without reading any table, whatever the tables say
-    /// now: a translation stays in use until the guest invalidates it.
+    /// A translation the IOTLB holds stays in use, with no table read, until the guest
+    /// invalidates it, whatever its tables say meanwhile.
     pub fn translate(
         &self,
         sid: SourceId,
@@ -59,12 +59,7 @@ impl VIommu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<GpaTranslation, TranslationFault> {
-        let req = Request {
-            sid,
-            pasid,
-            addr,
-            access,
-        };
+        let req = Request::new(sid, pasid, addr, access);
         let result = request::translate(&Unit(self), req);
         if let Err(fault) = &result {
             if !fault.fpd {

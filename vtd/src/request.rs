@@ -157,6 +157,24 @@ pub struct Request {
     pub access: AccessRequest,
 }
 
+impl Request {
+    /// A request from `sid` (with `pasid`, or without PASID) for `access` at `addr`.
+    #[inline(always)]
+    pub const fn new(
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Request {
+        Request {
+            sid,
+            pasid,
+            addr,
+            access,
+        }
+    }
+}
+
 /// How the pipeline translated a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Remapped<E> {

@@ -16,12 +16,7 @@ impl Iommu {
         addr: u64,
         access: AccessRequest,
     ) -> Explanation {
-        let req = Request {
-            sid,
-            pasid,
-            addr,
-            access,
-        };
+        let req = Request::new(sid, pasid, addr, access);
         Explanation::of(
             &*self.mem,
             self.root_state(),

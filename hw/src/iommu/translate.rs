@@ -99,12 +99,7 @@ impl Iommu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<DmaMapping, TranslationFault> {
-        let req = Request {
-            sid,
-            pasid,
-            addr,
-            access,
-        };
+        let req = Request::new(sid, pasid, addr, access);
         request::translate(self, req)
     }
 
@@ -118,12 +113,7 @@ impl Iommu {
         addr: u64,
         access: AccessRequest,
     ) -> Option<DmaMapping> {
-        let req = Request {
-            sid,
-            pasid,
-            addr,
-            access,
-        };
+        let req = Request::new(sid, pasid, addr, access);
         request::translate_cached(self, req)
     }
 
