@@ -8,6 +8,7 @@
 //! [`split_demo`] runs the whole demo as such processes (`vsva demo --split`).
 
 use std::io::{BufRead, Write};
+use std::mem::offset_of;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,11 +26,16 @@ use vsva_service::load::{Held, Samples, WorkerReport};
 use vsva_service::protocol::{HostState, FILE_IOMMUFD};
 use vsva_service::{
     client::ClientError, client::RemoteFile, client::SharedRam, process::HostProcess,
+    server::IommuArch,
 };
 use vsva_uapi::iommufd::{
-    IOMMU_HWPT_INVALIDATE, VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
+    IommuHwptAlloc, IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_INVALIDATE,
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
 };
-use vsva_uapi::vfio::{VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE};
+use vsva_uapi::vfio::{
+    VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE,
+    VFIO_IOMMU_PAGE_RESPONSE,
+};
 use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 use vsva_vmm::{GuestPasids, Iommufd, UserBuffer};
 use vsva_vtd::flpte::FlPagingMode;
@@ -101,9 +107,12 @@ impl Stage {
 }
 
 /// The VM's connection to the host: its container file (or `/dev/iommu`) and its device,
-/// with the pause hook of [`Stage`] and the timings of [`LinkHooks`].
+/// with the pause hook of [`Stage`] and the timings of [`LinkHooks`]; a VT-d or an SMMUv3
+/// VM's.
 pub struct HostLink {
-    file: RemoteFile,
+    pub(crate) file: RemoteFile,
+    /// The host's IOMMU: which calls bind and invalidate follows it.
+    iommu: IommuArch,
     /// The uAPI of `file`: the ioctl numbers of the two overlap (`IOMMU_DESTROY` is the
     /// seed's `VFIO_IOMMU_BIND`), so the hooks go by it.
     uapi: Uapi,
@@ -113,7 +122,7 @@ pub struct HostLink {
 }
 
 /// What a VM's link to a host process does around the calls that cross to it, for the
-/// VT-d link ([`HostLink`]) and the SMMUv3 one (`smmu_demo::SmmuLink`): the pause of
+/// links ([`HostLink`]) of both IOMMUs: the pause of
 /// `vsva vm --pause-at` ([`Stage`], announced once) and the latencies `vsva load`
 /// reports ([`Timings`]).
 pub(crate) struct LinkHooks {
@@ -220,9 +229,16 @@ pub struct Timings {
 }
 
 impl HostLink {
-    fn new(file: RemoteFile, uapi: Uapi, pause_at: Option<Stage>) -> HostLink {
+    /// The link over `file` to a host with `iommu`, over `uapi`, pausing at `pause_at`.
+    pub(crate) fn new(
+        file: RemoteFile,
+        iommu: IommuArch,
+        uapi: Uapi,
+        pause_at: Option<Stage>,
+    ) -> HostLink {
         HostLink {
             file,
+            iommu,
             uapi,
             fault_queue: OnceLock::new(),
             hooks: LinkHooks::new(pause_at),
@@ -237,22 +253,37 @@ impl HostLink {
         Some(queue)
     }
 
-    /// Whether `cmd` (argument `arg`) is the call that binds a PASID, and whether it is a
-    /// forwarded invalidation, over the link's uAPI.
-    fn kind_of(&self, cmd: u32, arg: &[u8]) -> (bool, bool) {
-        match self.uapi {
-            Uapi::Type1 => (cmd == VFIO_IOMMU_BIND, cmd == VFIO_IOMMU_CACHE_INVALIDATE),
-            Uapi::Iommufd => {
-                // `vfio_device_attach_iommufd_pt`: u32 argsz, u32 flags, ...
-                let flags = arg
-                    .get(4..8)
-                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                (
-                    cmd == VFIO_DEVICE_ATTACH_IOMMUFD_PT && flags & VFIO_DEVICE_ATTACH_PASID != 0,
-                    cmd == IOMMU_HWPT_INVALIDATE,
-                )
+    /// Whether `cmd` (argument `arg`) is the call that binds (a PASID on VT-d; on SMMUv3
+    /// the guest's CD table: `VFIO_IOMMU_ATTACH_PASID_TABLE`, or over iommufd a nested
+    /// HWPT carrying the guest's STE), whether it is a forwarded invalidation, and whether
+    /// it is a page response, over the link's uAPI.
+    fn kind_of(&self, cmd: u32, arg: &[u8]) -> (bool, bool, bool) {
+        let word = |at: usize| {
+            arg.get(at..at + 4)
+                .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        };
+        let type1 = self.uapi == Uapi::Type1;
+        let page_response = type1 && cmd == VFIO_IOMMU_PAGE_RESPONSE;
+        let (bind, invalidate) = match (self.iommu, self.uapi) {
+            (IommuArch::Vtd, Uapi::Type1) => {
+                (cmd == VFIO_IOMMU_BIND, cmd == VFIO_IOMMU_CACHE_INVALIDATE)
             }
-        }
+            // `vfio_device_attach_iommufd_pt`: u32 argsz, u32 flags, ...
+            (IommuArch::Vtd, Uapi::Iommufd) => (
+                cmd == VFIO_DEVICE_ATTACH_IOMMUFD_PT && word(4) & VFIO_DEVICE_ATTACH_PASID != 0,
+                cmd == IOMMU_HWPT_INVALIDATE,
+            ),
+            (IommuArch::Smmuv3, Uapi::Type1) => (
+                cmd == VFIO_IOMMU_ATTACH_PASID_TABLE,
+                cmd == VFIO_IOMMU_CACHE_INVALIDATE,
+            ),
+            (IommuArch::Smmuv3, Uapi::Iommufd) => (
+                cmd == IOMMU_HWPT_ALLOC
+                    && word(offset_of!(IommuHwptAlloc, data_type)) == IOMMU_HWPT_DATA_ARM_SMMUV3,
+                cmd == IOMMU_HWPT_INVALIDATE,
+            ),
+        };
+        (bind, invalidate, page_response)
     }
 
     /// Over iommufd a group the host queues reaches the VMM on the fault queue's own
@@ -293,12 +324,11 @@ impl HostLink {
 
 impl UapiFile for HostLink {
     fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        let (bind, invalidate) = self.kind_of(cmd, arg);
+        let (bind, invalidate, page_response) = self.kind_of(cmd, arg);
         self.hooks.before_ioctl(bind, invalidate);
         let start = Instant::now();
         let result = self.file.ioctl(cmd, arg);
         if result.is_ok() {
-            let page_response = cmd == VFIO_IOMMU_PAGE_RESPONSE && self.uapi == Uapi::Type1;
             self.hooks.after_ioctl(start, invalidate, page_response);
         }
         result
@@ -395,7 +425,7 @@ impl RemoteVm {
             what: "DEVICE_ADD",
             errno,
         })?;
-        let link = Arc::new(HostLink::new(file, Uapi::Type1, pause_at));
+        let link = Arc::new(HostLink::new(file, IommuArch::Vtd, Uapi::Type1, pause_at));
         let vmm = Vmm::boot(
             index,
             ram.mem.clone(),
@@ -437,7 +467,7 @@ impl RemoteVm {
             what: "DEVICE_ADD",
             errno,
         })?;
-        let link = Arc::new(HostLink::new(file, Uapi::Iommufd, pause_at));
+        let link = Arc::new(HostLink::new(file, IommuArch::Vtd, Uapi::Iommufd, pause_at));
         let gone = |what, errno| {
             if link.file.host_gone() {
                 VmError::HostGone

@@ -11,7 +11,7 @@
 //!
 //! [`run_vm`] is one such VM against a `vsva host --iommu smmuv3` process (`vsva vm
 //! --iommu smmuv3`): the same guest, vSMMU and checks, its container a
-//! [`SmmuLink`] over the socket, its RAM a shared memfd, its device the host's; the host's
+//! [`HostLink`] over the socket, its RAM a shared memfd, its device the host's; the host's
 //! interrupt thread queues the SMMU's faults and page requests for the VMM to read.
 //! [`split_demo`] runs the demo as such processes (`vsva demo --split --iommu smmuv3`).
 
@@ -34,7 +34,9 @@ use vsva_hw::dma::{
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_service::load::Held;
-use vsva_service::{client::RemoteFile, client::SharedRam, protocol::FILE_IOMMUFD};
+use vsva_service::{
+    client::RemoteFile, client::SharedRam, protocol::FILE_IOMMUFD, server::IommuArch,
+};
 use vsva_smmuv3::{cmd::Cmd, event::EventType, regs::RegError};
 use vsva_smmuv3_driver::Registers;
 use vsva_uapi::{
@@ -49,7 +51,7 @@ use vsva_vmm::{
 use vsva_vtd::{addr::Gpa, addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 use crate::demo::{DemoError, DemoIommu, DemoOptions, DemoSummary, VmReport};
-use crate::remote::{load_loop, LinkHooks, Stage, Timings, VmError, VmOptions, CROSS_VM};
+use crate::remote::{load_loop, HostLink, Stage, VmError, VmOptions, CROSS_VM};
 use crate::stack::{Passthrough, StackError, Uapi};
 
 /// Guest RAM of each VM.
@@ -835,106 +837,8 @@ pub fn explain(vm: usize, ssid: Option<u32>, addr: Option<u64>) -> Result<String
     Ok(text)
 }
 
-/// An SMMU VM's connection to a `vsva host --iommu smmuv3`: its container file and its
-/// device, with the pause hook of `vsva vm --pause-at` ([`Stage`]: `bind` before the
-/// first `VFIO_IOMMU_ATTACH_PASID_TABLE`, or over iommufd the first `IOMMU_HWPT_ALLOC` of
-/// a nested HWPT (a guest STE); `invalidate` before the first
-/// `VFIO_IOMMU_CACHE_INVALIDATE` (`IOMMU_HWPT_INVALIDATE`) after the device ran, `dma`
-/// before the first `DEVICE_RUN`, `page-request` after a `DEVICE_RUN` that left the device
-/// waiting; the ioctl numbers of the two uAPIs do not overlap) and the latencies `vsva
-/// load` reports ([`Timings`]: each cache invalidation, and from a `DEVICE_RUN` that left
-/// the device waiting to the first `VFIO_IOMMU_PAGE_RESPONSE` after it).
-pub struct SmmuLink {
-    file: RemoteFile,
-    hooks: LinkHooks,
-}
-
-impl SmmuLink {
-    /// The link over `file`, pausing at `pause_at`.
-    pub fn new(file: RemoteFile, pause_at: Option<Stage>) -> SmmuLink {
-        SmmuLink {
-            file,
-            hooks: LinkHooks::new(pause_at),
-        }
-    }
-
-    /// Takes the latencies timed so far.
-    pub fn take_timings(&self) -> Timings {
-        self.hooks.take_timings()
-    }
-}
-
-impl UapiFile for SmmuLink {
-    fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
-        use vsva_uapi::iommufd::{
-            IommuHwptAlloc, IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_INVALIDATE,
-        };
-        use vsva_uapi::vfio::{
-            VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE,
-        };
-        let at = std::mem::offset_of!(IommuHwptAlloc, data_type);
-        let nested = cmd == IOMMU_HWPT_ALLOC
-            && arg
-                .get(at..at + 4)
-                .is_some_and(|b| b == IOMMU_HWPT_DATA_ARM_SMMUV3.to_le_bytes());
-        let bind = cmd == VFIO_IOMMU_ATTACH_PASID_TABLE || nested;
-        let invalidate = cmd == VFIO_IOMMU_CACHE_INVALIDATE || cmd == IOMMU_HWPT_INVALIDATE;
-        self.hooks.before_ioctl(bind, invalidate);
-        let start = Instant::now();
-        let result = self.file.ioctl(cmd, arg);
-        if result.is_ok() {
-            self.hooks
-                .after_ioctl(start, invalidate, cmd == VFIO_IOMMU_PAGE_RESPONSE);
-        }
-        result
-    }
-
-    fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
-        self.file.read(buf)
-    }
-
-    fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
-        self.file.write(buf)
-    }
-
-    fn set_event_notifier(&self, notifier: Option<Arc<dyn vsva_uapi::file::EventNotifier>>) {
-        self.file.set_event_notifier(notifier)
-    }
-}
-
-impl Passthrough for SmmuLink {
-    fn portal_write(
-        &self,
-        offset: u64,
-        descriptor: &[u8; vsva_hw::dma::descriptor::DESCRIPTOR_SIZE],
-    ) -> Result<(), StackError> {
-        self.file
-            .device_write(offset, descriptor)
-            .map_err(StackError::DeviceCall)
-    }
-
-    fn process(&self) -> Result<usize, StackError> {
-        self.hooks.before_run();
-        let waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
-        self.hooks.after_run(waiting);
-        usize::try_from(waiting).map_err(|_| StackError::DeviceCall(Errno::EIO))
-    }
-
-    fn reg_read(&self, offset: u64) -> Result<u64, StackError> {
-        self.file
-            .device_reg_read(offset)
-            .map_err(StackError::DeviceCall)
-    }
-
-    fn reg_write(&self, offset: u64, value: u64) -> Result<(), StackError> {
-        self.file
-            .device_reg_write(offset, value)
-            .map_err(StackError::DeviceCall)
-    }
-}
-
 /// `e`, or [`VmError::HostGone`] when the host went away (which is why it failed).
-fn gone_or(link: &SmmuLink, e: String) -> VmError {
+fn gone_or(link: &HostLink, e: String) -> VmError {
     if link.file.host_gone() {
         VmError::HostGone
     } else {
@@ -949,7 +853,7 @@ fn gone_or(link: &SmmuLink, e: String) -> VmError {
 fn connect_vm(
     path: &Path,
     pause_at: Option<Stage>,
-) -> Result<(Vm, Arc<SmmuLink>, SharedRam), VmError> {
+) -> Result<(Vm, Arc<HostLink>, SharedRam), VmError> {
     let file = RemoteFile::connect(path)?;
     let ram = SharedRam::new(RAM)?;
     ram.nesting_container(&file)
@@ -958,7 +862,12 @@ fn connect_vm(
         what: "DEVICE_ADD",
         errno,
     })?;
-    let link = Arc::new(SmmuLink::new(file, pause_at));
+    let link = Arc::new(HostLink::new(
+        file,
+        IommuArch::Smmuv3,
+        Uapi::Type1,
+        pause_at,
+    ));
     let vm = Vm::boot_guest(
         ram.mem.clone(),
         host_sid,
@@ -1208,7 +1117,7 @@ fn iommufd_vm(
     path: &Path,
     ram: &SharedRam,
     pause_at: Option<Stage>,
-) -> Result<(Arc<SmmuLink>, SourceId, VmIommufd, SharedRam), VmError> {
+) -> Result<(Arc<HostLink>, SourceId, VmIommufd, SharedRam), VmError> {
     let file = RemoteFile::connect_kind(path, FILE_IOMMUFD)?;
     let buffer = SharedRam::new(SCRATCH)?;
     let setup = |what, r: Result<(), Errno>| r.map_err(|errno| VmError::Setup { what, errno });
@@ -1218,7 +1127,12 @@ fn iommufd_vm(
         what: "DEVICE_ADD",
         errno,
     })?;
-    let link = Arc::new(SmmuLink::new(file, pause_at));
+    let link = Arc::new(HostLink::new(
+        file,
+        IommuArch::Smmuv3,
+        Uapi::Iommufd,
+        pause_at,
+    ));
     let gone = |what, errno| {
         if link.file.host_gone() {
             VmError::HostGone
