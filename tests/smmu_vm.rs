@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vsva_service::{
-    client::RemoteFile, server::HostConfig, server::IommuArch, server::Report, server::Service,
+    client::RemoteFile, protocol::HostState, server::HostConfig, server::IommuArch, server::Report,
+    server::Service,
 };
 use vsva_testbed::demo::{DemoOptions, VmReport};
 use vsva_testbed::smmu_demo;
@@ -268,22 +269,23 @@ fn nested(ste: Option<[u64; 8]>) -> bool {
     ste.is_some_and(|s| s[0] & 1 == 1 && s[0] & 0x000f_ffff_ffff_ffc0 != 0)
 }
 
-#[test]
-fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
-    let served = Served::start();
-    let smmu = served.service.smmu().unwrap().clone();
-    let probe = RemoteFile::connect(&served.path).unwrap();
-    let empty = probe.host_state().unwrap();
-    // The probe's own container holds a VMID.
-    let probe_vmids = smmu.vmids();
-    assert_eq!(probe_vmids.len(), 1);
-    // The live VM stops before an invalidation after its device ran: a nested STE, a
-    // VMID, TLB entries tagged with it.
-    let mut live = VmProcess::start(
-        &served.path,
-        &[
-            "--iommu",
-            "smmuv3",
+/// A VM paused at `invalidate` after its device ran, beside which other VMs are killed:
+/// its stream's nested STE, its VMID's TLB entries and the host's state with it.
+struct Live {
+    vm: VmProcess,
+    sid: u32,
+    vmid: u16,
+    ste: Option<[u64; 8]>,
+    tlb: usize,
+    state: HostState,
+}
+
+impl Live {
+    /// Starts `vsva vm` with `uapi`'s arguments (2 processes, seed 9) and waits for its
+    /// pause: a nested STE, a VMID, TLB entries tagged with it.
+    fn start(served: &Served, probe: &RemoteFile, uapi: &[&str]) -> Live {
+        let smmu = served.service.smmu().unwrap();
+        let args = [
             "--seed",
             "9",
             "--processes",
@@ -293,82 +295,124 @@ fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
             "--pause-at",
             "invalidate",
             "--json",
-        ],
-    );
-    live.wait_line("paused at invalidate");
-    let with_live = probe.host_state().unwrap();
-    let [(live_sid, live_vmid)] = smmu.owned_streams()[..] else {
-        panic!("{:?}", smmu.owned_streams());
-    };
-    let live_ste = smmu.ste(live_sid);
-    assert!(nested(live_ste), "{live_ste:x?}");
-    let live_tlb = smmu.hardware().tlb_entries_of(live_vmid);
-    assert!(live_tlb > 0);
-    for stage in ["bind", "invalidate", "page-request", "dma"] {
+        ];
+        let mut vm = VmProcess::start(&served.path, &[uapi, &args[..]].concat());
+        vm.wait_line("paused at invalidate");
+        let state = probe.host_state().unwrap();
+        let [(sid, vmid)] = smmu.owned_streams()[..] else {
+            panic!("{:?}", smmu.owned_streams());
+        };
+        let ste = smmu.ste(sid);
+        assert!(nested(ste), "{ste:x?}");
+        let tlb = smmu.hardware().tlb_entries_of(vmid);
+        assert!(tlb > 0);
+        Live {
+            vm,
+            sid,
+            vmid,
+            ste,
+            tlb,
+            state,
+        }
+    }
+
+    /// Starts a victim VM with `uapi`'s arguments paused at `stage`, lets `check` look at
+    /// the host with it (its state, stream and VMID), kills it, and checks that the host
+    /// is back to what it held with the live VM alone: the victim's STE aborts, its VMID
+    /// is free with no TLB entry, the live VM's STE and TLB entries are untouched.
+    fn kill_victim(
+        &self,
+        served: &Served,
+        probe: &RemoteFile,
+        uapi: &[&str],
+        stage: &str,
+        check: impl Fn(&HostState, u32, u16),
+    ) {
+        let smmu = served.service.smmu().unwrap();
         let bytes = if stage == "dma" { "8388608" } else { "65536" };
-        let mut victim = VmProcess::start(
-            &served.path,
-            &[
-                "--iommu",
-                "smmuv3",
-                "--index",
-                "1",
-                "--processes",
-                "1",
-                "--bytes",
-                bytes,
-                "--pause-at",
-                stage,
-            ],
-        );
+        let args = [
+            "--index",
+            "1",
+            "--processes",
+            "1",
+            "--bytes",
+            bytes,
+            "--pause-at",
+            stage,
+        ];
+        let mut victim = VmProcess::start(&served.path, &[uapi, &args[..]].concat());
         victim.wait_line(&format!("paused at {stage}"));
         let (sid, vmid) = smmu
             .owned_streams()
             .into_iter()
-            .find(|&(s, _)| s != live_sid)
+            .find(|&(s, _)| s != self.sid)
             .unwrap_or_else(|| panic!("{stage}: the victim holds no stream"));
         let during = probe.host_state().unwrap();
-        assert_eq!(during.connections, with_live.connections + 1, "{stage}");
-        assert_eq!(during.domain_ids, with_live.domain_ids + 1, "{stage}");
-        assert_eq!(during.devices, with_live.devices + 1, "{stage}");
-        match stage {
-            // Before its ATTACH_PASID_TABLE: stage 2 alone.
-            "bind" => assert!(!nested(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid)),
-            // Its device ran through its CD table: TLB entries with its VMID.
-            "invalidate" => {
-                assert!(nested(smmu.ste(sid)), "{stage}");
-                assert!(smmu.hardware().tlb_entries_of(vmid) > 0, "{stage}");
-            }
-            // Its device waits for a page response.
-            "page-request" => assert!(nested(smmu.ste(sid)), "{stage}"),
-            _ => {}
-        }
+        assert_eq!(during.connections, self.state.connections + 1, "{stage}");
+        assert_eq!(during.domain_ids, self.state.domain_ids + 1, "{stage}");
+        assert_eq!(during.devices, self.state.devices + 1, "{stage}");
+        check(&during, sid, vmid);
         victim.child.kill().unwrap();
         victim.child.wait().unwrap();
-        let after = settle(&probe, with_live);
+        let after = settle(probe, self.state);
         assert_eq!(
-            after, with_live,
+            after, self.state,
             "killed at {stage}: the host kept its state"
         );
         assert!(aborts(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
         assert!(!smmu.vmids().contains(&vmid), "{stage}");
         assert_eq!(smmu.hardware().tlb_entries_of(vmid), 0, "{stage}");
-        assert_eq!(smmu.ste(live_sid), live_ste, "{stage}");
+        assert_eq!(smmu.ste(self.sid), self.ste, "{stage}");
         assert_eq!(
-            smmu.hardware().tlb_entries_of(live_vmid),
-            live_tlb,
+            smmu.hardware().tlb_entries_of(self.vmid),
+            self.tlb,
             "{stage}"
         );
     }
-    // The live VM goes on: every check passes, and its exit leaves the host as it was.
-    let (code, lines, err) = live.finish();
-    assert_eq!(code, Some(0), "{lines:?}\n{err}");
-    let report: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
-    assert_eq!((report.errors.len(), report.host_errors), (0, 0));
-    assert_eq!(report.munmap_faults, 2);
-    assert_eq!(settle(&probe, empty), empty);
-    assert!(aborts(smmu.ste(live_sid)));
-    assert_eq!(smmu.vmids(), probe_vmids);
+
+    /// The live VM goes on: every check passes, and its exit leaves the host as it was
+    /// (`empty`, the probe's VMIDs `probe_vmids` alone).
+    fn finish(self, served: &Served, probe: &RemoteFile, empty: HostState, probe_vmids: &[u16]) {
+        let smmu = served.service.smmu().unwrap();
+        let (code, lines, err) = self.vm.finish();
+        assert_eq!(code, Some(0), "{lines:?}\n{err}");
+        let report: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
+        assert_eq!((report.errors.len(), report.host_errors), (0, 0));
+        assert_eq!(report.munmap_faults, 2);
+        assert_eq!(settle(probe, empty), empty);
+        assert!(aborts(smmu.ste(self.sid)));
+        assert_eq!(smmu.vmids(), probe_vmids);
+    }
+}
+
+#[test]
+fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
+    let served = Served::start();
+    let smmu = served.service.smmu().unwrap().clone();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let empty = probe.host_state().unwrap();
+    // The probe's own container holds a VMID.
+    let probe_vmids = smmu.vmids();
+    assert_eq!(probe_vmids.len(), 1);
+    let type1 = ["--iommu", "smmuv3"];
+    let live = Live::start(&served, &probe, &type1);
+    for stage in ["bind", "invalidate", "page-request", "dma"] {
+        live.kill_victim(&served, &probe, &type1, stage, |_, sid, vmid| {
+            match stage {
+                // Before its ATTACH_PASID_TABLE: stage 2 alone.
+                "bind" => assert!(!nested(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid)),
+                // Its device ran through its CD table: TLB entries with its VMID.
+                "invalidate" => {
+                    assert!(nested(smmu.ste(sid)), "{stage}");
+                    assert!(smmu.hardware().tlb_entries_of(vmid) > 0, "{stage}");
+                }
+                // Its device waits for a page response.
+                "page-request" => assert!(nested(smmu.ste(sid)), "{stage}"),
+                _ => {}
+            }
+        });
+    }
+    live.finish(&served, &probe, empty, &probe_vmids);
     drop((probe, smmu));
     let report = served.finish();
     assert!(report.clean(), "{report}");
@@ -383,114 +427,38 @@ fn an_iommufd_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings()
     let empty = probe.host_state().unwrap();
     assert!(smmu.vmids().is_empty(), "an iommufd probe holds no VMID");
     let iommufd = ["--iommu", "smmuv3", "--uapi", "iommufd"];
-    // The live VM stops before an invalidation after its device ran: its guest's STE
-    // nested over its stage 2, a VMID, TLB entries tagged with it.
-    let mut live = VmProcess::start(
-        &served.path,
-        &[
-            &iommufd[..],
-            &[
-                "--seed",
-                "9",
-                "--processes",
-                "2",
-                "--bytes",
-                "65536",
-                "--pause-at",
-                "invalidate",
-                "--json",
-            ],
-        ]
-        .concat(),
-    );
-    live.wait_line("paused at invalidate");
-    let with_live = probe.host_state().unwrap();
+    // The live VM's guest STE is nested over its stage 2.
+    let live = Live::start(&served, &probe, &iommufd);
     assert_eq!(
-        with_live.binds,
+        live.state.binds,
         empty.binds + 1,
         "the guest's STE installed"
     );
-    let [(live_sid, live_vmid)] = smmu.owned_streams()[..] else {
-        panic!("{:?}", smmu.owned_streams());
-    };
-    let live_ste = smmu.ste(live_sid);
-    assert!(nested(live_ste), "{live_ste:x?}");
-    let live_tlb = smmu.hardware().tlb_entries_of(live_vmid);
-    assert!(live_tlb > 0);
+    let with_live = live.state;
     for stage in ["bind", "invalidate", "dma"] {
-        let bytes = if stage == "dma" { "8388608" } else { "65536" };
-        let mut victim = VmProcess::start(
-            &served.path,
-            &[
-                &iommufd[..],
-                &[
-                    "--index",
-                    "1",
-                    "--processes",
-                    "1",
-                    "--bytes",
-                    bytes,
-                    "--pause-at",
-                    stage,
-                ],
-            ]
-            .concat(),
-        );
-        victim.wait_line(&format!("paused at {stage}"));
-        let (sid, vmid) = smmu
-            .owned_streams()
-            .into_iter()
-            .find(|&(s, _)| s != live_sid)
-            .unwrap_or_else(|| panic!("{stage}: the victim holds no stream"));
-        let during = probe.host_state().unwrap();
-        assert_eq!(during.connections, with_live.connections + 1, "{stage}");
-        assert_eq!(during.domain_ids, with_live.domain_ids + 1, "{stage}");
-        assert_eq!(during.devices, with_live.devices + 1, "{stage}");
-        assert_eq!(
-            during.windows,
-            with_live.windows + 2,
-            "{stage}: RAM, buffer"
-        );
-        match stage {
-            // Before its first nested HWPT: its nest parent's stage 2 alone.
-            "bind" => {
-                assert!(!nested(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
-                assert_eq!(during.binds, with_live.binds, "{stage}");
+        live.kill_victim(&served, &probe, &iommufd, stage, |during, sid, vmid| {
+            assert_eq!(
+                during.windows,
+                with_live.windows + 2,
+                "{stage}: RAM, buffer"
+            );
+            match stage {
+                // Before its first nested HWPT: its nest parent's stage 2 alone.
+                "bind" => {
+                    assert!(!nested(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
+                    assert_eq!(during.binds, with_live.binds, "{stage}");
+                }
+                // Its device ran through its CD table: TLB entries with its VMID.
+                "invalidate" => {
+                    assert!(nested(smmu.ste(sid)), "{stage}");
+                    assert_eq!(during.binds, with_live.binds + 1, "{stage}");
+                    assert!(smmu.hardware().tlb_entries_of(vmid) > 0, "{stage}");
+                }
+                _ => {}
             }
-            // Its device ran through its CD table: TLB entries with its VMID.
-            "invalidate" => {
-                assert!(nested(smmu.ste(sid)), "{stage}");
-                assert_eq!(during.binds, with_live.binds + 1, "{stage}");
-                assert!(smmu.hardware().tlb_entries_of(vmid) > 0, "{stage}");
-            }
-            _ => {}
-        }
-        victim.child.kill().unwrap();
-        victim.child.wait().unwrap();
-        let after = settle(&probe, with_live);
-        assert_eq!(
-            after, with_live,
-            "killed at {stage}: the host kept its state"
-        );
-        assert!(aborts(smmu.ste(sid)), "{stage}: {:x?}", smmu.ste(sid));
-        assert!(!smmu.vmids().contains(&vmid), "{stage}");
-        assert_eq!(smmu.hardware().tlb_entries_of(vmid), 0, "{stage}");
-        assert_eq!(smmu.ste(live_sid), live_ste, "{stage}");
-        assert_eq!(
-            smmu.hardware().tlb_entries_of(live_vmid),
-            live_tlb,
-            "{stage}"
-        );
+        });
     }
-    // The live VM goes on: every check passes, and its exit leaves the host as it was.
-    let (code, lines, err) = live.finish();
-    assert_eq!(code, Some(0), "{lines:?}\n{err}");
-    let report: VmReport = serde_json::from_str(lines.last().unwrap()).unwrap();
-    assert_eq!((report.errors.len(), report.host_errors), (0, 0));
-    assert_eq!(report.munmap_faults, 2);
-    assert_eq!(settle(&probe, empty), empty);
-    assert!(aborts(smmu.ste(live_sid)));
-    assert!(smmu.vmids().is_empty());
+    live.finish(&served, &probe, empty, &[]);
     drop((probe, smmu));
     let report = served.finish();
     assert!(report.clean(), "{report}");
