@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vsva_testbed::bench::cli::{run_cli, BenchArgs};
-use vsva_testbed::demo::{self, DemoOptions, DemoSummary};
+use vsva_testbed::demo::{self, DemoIommu, DemoOptions, DemoSummary};
 use vsva_testbed::scenario::{self, Scenario};
 use vsva_testbed::smmu_demo;
 use vsva_testbed::stack::Uapi;
@@ -293,54 +293,11 @@ fn main() -> ExitCode {
                 Some(u) => vec![u.into()],
                 None => vec![Uapi::Type1, Uapi::Iommufd],
             };
-            let mut code = ExitCode::SUCCESS;
-            let uapis = if iommu == Some(IommuArch::Smmuv3) {
+            let vtd_uapis = if iommu == Some(IommuArch::Smmuv3) {
                 Vec::new()
             } else {
                 uapis
             };
-            for uapi in uapis {
-                let opts = DemoOptions {
-                    seed,
-                    vms,
-                    processes,
-                    bytes,
-                    progress: !json,
-                    uapi,
-                    ..DemoOptions::default()
-                };
-                let mut log = |line: String| {
-                    if !json {
-                        println!("{line}");
-                    }
-                };
-                let summary = if split {
-                    std::env::current_exe()
-                        .map_err(|e| e.to_string())
-                        .and_then(|exe| {
-                            vsva_testbed::remote::split_demo(
-                                &exe,
-                                &opts,
-                                vsva_testbed::demo::DemoIommu::Vtd,
-                                &mut log,
-                            )
-                            .map_err(|e| e.to_string())
-                        })
-                } else {
-                    demo::run(&opts, &mut log).map_err(|e| e.to_string())
-                };
-                match summary {
-                    Ok(summary) => {
-                        if !print_summary(&summary, json) {
-                            code = ExitCode::FAILURE;
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("demo: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
             let smmu = match iommu {
                 Some(IommuArch::Smmuv3) => true,
                 Some(IommuArch::Vtd) => false,
@@ -356,7 +313,12 @@ fn main() -> ExitCode {
                 }
                 (true, _, _) => vec![Uapi::Type1],
             };
-            for uapi in smmu_uapis {
+            let runs = vtd_uapis
+                .into_iter()
+                .map(|u| (DemoIommu::Vtd, u))
+                .chain(smmu_uapis.into_iter().map(|u| (DemoIommu::Smmuv3, u)));
+            let mut code = ExitCode::SUCCESS;
+            for (arch, uapi) in runs {
                 let opts = DemoOptions {
                     seed,
                     vms,
@@ -375,16 +337,15 @@ fn main() -> ExitCode {
                     std::env::current_exe()
                         .map_err(|e| e.to_string())
                         .and_then(|exe| {
-                            vsva_testbed::remote::split_demo(
-                                &exe,
-                                &opts,
-                                vsva_testbed::demo::DemoIommu::Smmuv3,
-                                &mut log,
-                            )
-                            .map_err(|e| e.to_string())
+                            vsva_testbed::remote::split_demo(&exe, &opts, arch, &mut log)
+                                .map_err(|e| e.to_string())
                         })
                 } else {
-                    smmu_demo::run(&opts, &mut log).map_err(|e| e.to_string())
+                    match arch {
+                        DemoIommu::Vtd => demo::run(&opts, &mut log),
+                        DemoIommu::Smmuv3 => smmu_demo::run(&opts, &mut log),
+                    }
+                    .map_err(|e| e.to_string())
                 };
                 match summary {
                     Ok(summary) => {
