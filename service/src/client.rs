@@ -284,9 +284,8 @@ impl RemoteFile {
     }
 
     /// One call through the call ring: `frame` (request `id`) is posted, with a doorbell
-    /// if the host sleeps; the reply is spun for ([`ring::SPIN`], backing off after empty
-    /// spins: [`ring::Spinner`]), then slept for on the
-    /// socket until the host's doorbell, the client having published that it sleeps. A
+    /// if the host sleeps; the reply is spun for ([`ring::SPIN`], only while it can pay
+    /// off: [`ring::Spinner`]), then slept for on the socket until the host's doorbell, the client having published that it sleeps. A
     /// host that breaks the ring's rules, or sends another frame meanwhile, loses the
     /// connection.
     fn ring_call(

@@ -14,7 +14,8 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rustix::fs::SealFlags;
@@ -52,8 +53,12 @@ pub const REPLY_MAX: usize = 0x2000;
 pub const SPIN: Duration = Duration::from_micros(50);
 
 /// Longest run of waits a [`Spinner`] makes without spinning after its spins came up
-/// empty (a power of two).
+/// empty on a busy machine (a power of two).
 const MAX_BACKOFF: u32 = 64;
+
+/// How long a reading of the machine's runnable threads stands before it is read again
+/// (per process).
+const LOAD_FRESH: Duration = Duration::from_millis(1);
 
 /// A broken ring: the peer wrote what the protocol does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -173,18 +178,63 @@ pub fn spin<T>(budget: Duration, mut ready: impl FnMut() -> Option<T>) -> Option
     }
 }
 
-/// Bounded spins that back off: after a spin that found nothing (the peer did not run,
-/// or had nothing to send) the next waits look once and sleep at once, twice as many
-/// after each further empty spin (up to [`MAX_BACKOFF`]), and a spin that finds what it
-/// waits for spins on every wait again; so a busy machine loses at most one budget per
-/// so many waits to spinning.
+/// Whether `loadavg` (the text of `/proc/loadavg`) counts more runnable threads than
+/// `cores`: its fourth field is `running/total`, the threads running or ready to run
+/// right now, the reader included. `None` when the text does not say.
+fn runnable_beyond(loadavg: &str, cores: usize) -> Option<bool> {
+    let field = loadavg.split_ascii_whitespace().nth(3)?;
+    let (running, _) = field.split_once('/')?;
+    Some(running.parse::<usize>().ok()? > cores)
+}
+
+/// Whether the machine now has more runnable threads than cores this process may use,
+/// so that a thread that spins may be holding the core its peer waits for. Read from
+/// `/proc/loadavg` at most once per [`LOAD_FRESH`] per process (a stale answer is used
+/// meanwhile); `true` when it cannot be read, the cautious answer.
+pub fn oversubscribed() -> bool {
+    static EPOCH: OnceLock<(Instant, usize)> = OnceLock::new();
+    /// Nanoseconds after the epoch of the last reading, plus one (0: never read).
+    static READ_AT: AtomicU64 = AtomicU64::new(0);
+    static BUSY: AtomicBool = AtomicBool::new(true);
+    let (epoch, cores) = *EPOCH.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        (Instant::now(), cores)
+    });
+    let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+    let last = READ_AT.load(Ordering::Acquire);
+    let fresh = u64::try_from(LOAD_FRESH.as_nanos()).expect("a millisecond fits");
+    // One thread reads; the others keep the last answer until it has.
+    if (last == 0 || now.saturating_sub(last) >= fresh)
+        && READ_AT
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
+        let busy = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|text| runnable_beyond(&text, cores))
+            .unwrap_or(true);
+        BUSY.store(busy, Ordering::Release);
+        return busy;
+    }
+    BUSY.load(Ordering::Acquire)
+}
+
+/// Bounded spins that spin only while they can pay off. A wait spins only when every
+/// runnable thread of the machine has a core ([`oversubscribed`] says no), so the peer
+/// it waits for is running, and can answer, while it spins. A spin that comes up empty
+/// on such a machine changes nothing (the peer was busy with other work, and the spin
+/// took a core nobody wanted); one that comes up empty on a busy machine makes the next
+/// waits look once and sleep at once, 1, 2, 4, ... up to [`MAX_BACKOFF`] of them after
+/// each further empty spin, and a spin that finds what it waits for ends the back-off.
 #[derive(Debug)]
 pub struct Spinner {
     budget: Duration,
     /// Waits left that do not spin.
     skip: u32,
-    /// How many waits the next empty spin skips.
+    /// How many waits the next empty spin on a busy machine skips.
     backoff: u32,
+    /// Whether the machine has more runnable threads than cores ([`oversubscribed`]).
+    busy: fn() -> bool,
 }
 
 impl Spinner {
@@ -194,12 +244,13 @@ impl Spinner {
             budget,
             skip: 0,
             backoff: 1,
+            busy: oversubscribed,
         }
     }
 
-    /// [`spin`] for `ready`, or one look when the last spins came up empty.
+    /// [`spin`] for `ready`, or one look when spinning cannot pay off now.
     pub fn wait<T>(&mut self, mut ready: impl FnMut() -> Option<T>) -> Option<T> {
-        if self.budget.is_zero() || self.skip > 0 {
+        if self.budget.is_zero() || self.skip > 0 || (self.busy)() {
             self.skip = self.skip.saturating_sub(1);
             return ready();
         }
@@ -209,8 +260,10 @@ impl Spinner {
                 Some(t)
             }
             None => {
-                self.skip = self.backoff;
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                if (self.busy)() {
+                    self.skip = self.backoff;
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
                 None
             }
         }
@@ -470,12 +523,35 @@ mod tests {
         assert!(rustix::fs::ftruncate(&keep, 0).is_err());
     }
 
+    thread_local! {
+        /// The answers [`scripted`] gives, in order.
+        static SCRIPT: std::cell::RefCell<std::collections::VecDeque<bool>> =
+            std::cell::RefCell::default();
+    }
+
+    /// A machine-load probe that gives the answers the test scripted, and fails the test
+    /// when asked once more than scripted.
+    fn scripted() -> bool {
+        SCRIPT.with(|s| s.borrow_mut().pop_front()).expect("a probe the test did not script")
+    }
+
+    fn script(answers: &[bool]) {
+        SCRIPT.with(|s| s.borrow_mut().extend(answers));
+    }
+
     #[test]
-    fn empty_spins_back_off_and_a_find_resets_them() {
-        let mut spinner = Spinner::new(Duration::from_micros(1));
+    fn empty_spins_on_a_busy_machine_back_off_and_a_find_resets_them() {
+        let mut spinner = Spinner {
+            busy: scripted,
+            ..Spinner::new(Duration::from_micros(1))
+        };
+        // Each spin starts on an idle machine and comes up empty on a busy one.
         let mut spun = Vec::new();
         for _ in 0..12 {
             let skipping = spinner.skip > 0;
+            if !skipping {
+                script(&[false, true]);
+            }
             assert_eq!(spinner.wait(|| None::<()>), None);
             spun.push(!skipping);
         }
@@ -487,14 +563,22 @@ mod tests {
         while spinner.skip > 0 {
             spinner.wait(|| None::<()>);
         }
+        script(&[false]);
         assert_eq!(spinner.wait(|| Some(2)), Some(2));
         assert_eq!((spinner.skip, spinner.backoff), (0, 1));
         for _ in 0..(MAX_BACKOFF as usize * 3) {
+            if spinner.skip == 0 {
+                script(&[false, true]);
+            }
             spinner.wait(|| None::<()>);
             assert!(spinner.backoff <= MAX_BACKOFF && spinner.skip <= MAX_BACKOFF);
         }
         assert_eq!(spinner.backoff, MAX_BACKOFF);
-        let mut never = Spinner::new(Duration::ZERO);
+        assert_eq!(SCRIPT.with(|s| s.borrow().len()), 0, "every answer was asked for");
+        let mut never = Spinner {
+            busy: scripted,
+            ..Spinner::new(Duration::ZERO)
+        };
         let mut looks = 0;
         assert_eq!(
             never.wait(|| {
@@ -504,6 +588,52 @@ mod tests {
             None
         );
         assert_eq!((looks, never.skip, never.backoff), (1, 0, 1));
+    }
+
+    #[test]
+    fn empty_spins_on_an_idle_machine_skip_no_later_spin() {
+        let mut spinner = Spinner {
+            busy: || false,
+            ..Spinner::new(Duration::from_micros(1))
+        };
+        for _ in 0..10 {
+            assert_eq!(spinner.wait(|| None::<()>), None);
+            assert_eq!((spinner.skip, spinner.backoff), (0, 1));
+        }
+        assert_eq!(spinner.wait(|| Some(7)), Some(7));
+    }
+
+    #[test]
+    fn on_a_busy_machine_a_wait_looks_once_and_does_not_spin() {
+        // A budget no test could sit out: a wait that spun would look far more than once.
+        let mut spinner = Spinner {
+            busy: || true,
+            ..Spinner::new(Duration::from_secs(3600))
+        };
+        for _ in 0..5 {
+            let mut looks = 0;
+            assert_eq!(
+                spinner.wait(|| {
+                    looks += 1;
+                    None::<()>
+                }),
+                None
+            );
+            assert_eq!(looks, 1);
+        }
+        assert_eq!(spinner.wait(|| Some(3)), Some(3));
+        assert_eq!((spinner.skip, spinner.backoff), (0, 1));
+    }
+
+    #[test]
+    fn the_runnable_count_is_read_from_loadavg_s_fourth_field() {
+        assert_eq!(runnable_beyond("0.91 1.58 2.40 1/111 28393\n", 2), Some(false));
+        assert_eq!(runnable_beyond("0.91 1.58 2.40 2/111 28393\n", 2), Some(false));
+        assert_eq!(runnable_beyond("16.0 17.2 18.9 3/540 1234\n", 2), Some(true));
+        assert_eq!(runnable_beyond("16.0 17.2 18.9 17/540 1234", 16), Some(true));
+        for bad in ["", "0.1 0.2 0.3", "0.1 0.2 0.3 x/1 5", "0.1 0.2 0.3 4 5", "a b c -1/2"] {
+            assert_eq!(runnable_beyond(bad, 2), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -849,8 +849,8 @@ impl Connection<'_> {
     }
 
     /// The next request on the call ring: the thread spins for it (bounded,
-    /// [`Limits::ring_spin`], backing off after empty spins) and, if none came, publishes that it sleeps and looks once
-    /// more; `None` when the thread is to sleep on the socket until a doorbell or a frame.
+    /// [`Limits::ring_spin`], only while it can pay off: [`ring::Spinner`]) and, if none
+    /// came, publishes that it sleeps and looks once more; `None` when the thread is to sleep on the socket until a doorbell or a frame.
     fn ring_request(&mut self, spinner: &mut ring::Spinner) -> Result<Option<Vec<u8>>, RingError> {
         let ring = self.ring.as_mut().expect("called with a ring");
         ring.set_sleeping(false);
