@@ -264,6 +264,9 @@ fn a_page_request_round_trip_through_the_passed_fault_fd() {
     assert_eq!(v.queue.read(&mut rec).unwrap_err(), Errno::EAGAIN);
     let waiting = probe.host_state().unwrap();
     assert_eq!((waiting.page_requests, waiting.faults_unread), (1, 0));
+    // Fault records ride with `DEVICE_RUN` only on a container: refused here, unrun.
+    assert_eq!(v.f.device_run_taking_records(), Err(Errno::EINVAL));
+    assert_eq!(probe.host_state().unwrap(), waiting);
 
     // A response with an unknown cookie answers nothing; the group's own cookie does.
     let response = |cookie| {

@@ -14,13 +14,13 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_hw::dma::descriptor::DESCRIPTOR_SIZE;
 use vsva_uapi::{
     error::Errno, file::EventNotifier, file::IommuModel, file::UapiFile, file::VfioIoctls,
-    request::DmaMap,
+    request::DmaMap, vfio::VfioIommuType1Fault,
 };
 use vsva_vtd::{addr::Iova, addr::SourceId};
 
 use crate::protocol::{
     encode_request, is_host_doorbell, HostState, Reply, Request, Welcome, CONNECTIONS_FULL,
-    FILE_IOMMUFD, FILE_VFIO_CONTAINER, HEADER_LEN, VERSION, WELCOME_RING,
+    FILE_IOMMUFD, FILE_VFIO_CONTAINER, HEADER_LEN, RUN_RECORDS_MAX, VERSION, WELCOME_RING,
 };
 use crate::ring::{self, ClientRing};
 use crate::socket;
@@ -389,7 +389,28 @@ impl RemoteFile {
     /// Lets the device work through what was submitted; returns how many descriptors
     /// still wait for a page response.
     pub fn device_run(&self) -> Result<u64, Errno> {
-        self.simple(&Request::DeviceRun, &[])?.result
+        self.simple(
+            &Request::DeviceRun {
+                take_records: false,
+            },
+            &[],
+        )?
+        .result
+    }
+
+    /// [`RemoteFile::device_run`] on a container that also takes, when descriptors wait,
+    /// the fault records queued (up to [`RUN_RECORDS_MAX`], as `READ` would give them), so
+    /// that a page request needs no `READ` of its own: how many descriptors wait, and the
+    /// records' bytes. A reply whose records are not whole, or too many, is `EIO`.
+    pub fn device_run_taking_records(&self) -> Result<(u64, Vec<u8>), Errno> {
+        const RECORD: usize = std::mem::size_of::<VfioIommuType1Fault>();
+        let reply = self.simple(&Request::DeviceRun { take_records: true }, &[])?;
+        let waiting = reply.result?;
+        let records = reply.data.get(8..).ok_or(Errno::EIO)?;
+        if records.len() % RECORD != 0 || records.len() > RUN_RECORDS_MAX * RECORD {
+            return Err(Errno::EIO);
+        }
+        Ok((waiting, records.to_vec()))
     }
 
     /// Reads the device's 64-bit register at `offset` in its register BAR

@@ -40,6 +40,11 @@ pub const HELLO_RING: u32 = 1;
 /// The welcome flag that says the host took the call ring: the connection's calls may go
 /// through it.
 pub const WELCOME_RING: u16 = 1;
+/// `DEVICE_RUN` `flags` bit 0: the reply also carries the fault records the container
+/// queued, when descriptors wait for a page response (docs/protocol.md, `DEVICE_RUN`).
+pub const RUN_TAKE_RECORDS: u32 = 1;
+/// The most fault records one `DEVICE_RUN` reply carries.
+pub const RUN_RECORDS_MAX: usize = 16;
 /// The kind of the doorbell a host sends a client that sleeps for its ring reply
 /// ([`Kind::Doorbell`] with [`REPLY`] set); it is not a reply and has no payload.
 pub const HOST_DOORBELL: u16 = Kind::Doorbell as u16 | REPLY;
@@ -222,8 +227,12 @@ pub enum Request<'a> {
         /// The descriptor's bytes.
         descriptor: &'a [u8; DESCRIPTOR_SIZE],
     },
-    /// `DEVICE_RUN`.
-    DeviceRun,
+    /// `DEVICE_RUN`; with `take_records` ([`RUN_TAKE_RECORDS`]) the reply carries the
+    /// fault records queued while descriptors wait.
+    DeviceRun {
+        /// The payload's `flags` held [`RUN_TAKE_RECORDS`].
+        take_records: bool,
+    },
     /// `DEVICE_REG_READ` of the register at a BAR 0 offset.
     DeviceRegRead {
         /// Offset of the register.
@@ -317,7 +326,14 @@ pub fn decode_request(frame: &[u8]) -> Result<(Header, Request<'_>), FrameError>
             offset: u64_at(p, 0),
             descriptor: p[8..].try_into().expect("descriptor size"),
         },
-        Kind::DeviceRun if p.is_empty() => Request::DeviceRun,
+        Kind::DeviceRun if p.is_empty() => Request::DeviceRun {
+            take_records: false,
+        },
+        Kind::DeviceRun
+            if p.len() == 8 && u32_at(p, 0) == RUN_TAKE_RECORDS && u32_at(p, 4) == 0 =>
+        {
+            Request::DeviceRun { take_records: true }
+        }
         Kind::DeviceRegRead if p.len() == 8 => Request::DeviceRegRead {
             offset: u64_at(p, 0),
         },
@@ -371,7 +387,13 @@ pub fn encode_request(id: u32, request: &Request<'_>) -> Vec<u8> {
             p.extend_from_slice(&descriptor[..]);
             (Kind::DeviceWrite, p)
         }
-        Request::DeviceRun => (Kind::DeviceRun, Vec::new()),
+        Request::DeviceRun { take_records } => match take_records {
+            false => (Kind::DeviceRun, Vec::new()),
+            true => (
+                Kind::DeviceRun,
+                [RUN_TAKE_RECORDS, 0].map(u32::to_le_bytes).concat(),
+            ),
+        },
         Request::DeviceRegRead { offset } => (Kind::DeviceRegRead, offset.to_le_bytes().to_vec()),
         Request::DeviceRegWrite { offset, value } => {
             let mut p = offset.to_le_bytes().to_vec();
@@ -652,7 +674,10 @@ mod tests {
                 offset: 64,
                 descriptor: &[7; DESCRIPTOR_SIZE],
             },
-            Request::DeviceRun,
+            Request::DeviceRun {
+                take_records: false,
+            },
+            Request::DeviceRun { take_records: true },
             Request::DeviceRegRead { offset: 0x20 },
             Request::DeviceRegWrite {
                 offset: 0x20,
@@ -697,6 +722,24 @@ mod tests {
         );
         let stateful = frame(Kind::State as u16, 1, &[0]);
         assert!(decode_request(&stateful).is_err());
+        // `DEVICE_RUN` takes no payload or exactly `flags` = 1 and a zero word.
+        for payload in [
+            &[0u8; 4][..],
+            &[0; 8],
+            &[2, 0, 0, 0, 0, 0, 0, 0],
+            &[3, 0, 0, 0, 0, 0, 0, 0],
+            &[1, 0, 0, 0, 1, 0, 0, 0],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0],
+        ] {
+            assert_eq!(
+                decode_request(&frame(Kind::DeviceRun as u16, 1, payload)),
+                Err(FrameError::Payload {
+                    kind: Kind::DeviceRun,
+                    len: payload.len()
+                }),
+                "{payload:?}"
+            );
+        }
         assert_eq!(
             decode_request(&vec![0; MAX_FRAME + 1]),
             Err(FrameError::Oversized)

@@ -532,7 +532,9 @@ mod tests {
     /// A machine-load probe that gives the answers the test scripted, and fails the test
     /// when asked once more than scripted.
     fn scripted() -> bool {
-        SCRIPT.with(|s| s.borrow_mut().pop_front()).expect("a probe the test did not script")
+        SCRIPT
+            .with(|s| s.borrow_mut().pop_front())
+            .expect("a probe the test did not script")
     }
 
     fn script(answers: &[bool]) {
@@ -574,7 +576,11 @@ mod tests {
             assert!(spinner.backoff <= MAX_BACKOFF && spinner.skip <= MAX_BACKOFF);
         }
         assert_eq!(spinner.backoff, MAX_BACKOFF);
-        assert_eq!(SCRIPT.with(|s| s.borrow().len()), 0, "every answer was asked for");
+        assert_eq!(
+            SCRIPT.with(|s| s.borrow().len()),
+            0,
+            "every answer was asked for"
+        );
         let mut never = Spinner {
             busy: scripted,
             ..Spinner::new(Duration::ZERO)
@@ -627,11 +633,29 @@ mod tests {
 
     #[test]
     fn the_runnable_count_is_read_from_loadavg_s_fourth_field() {
-        assert_eq!(runnable_beyond("0.91 1.58 2.40 1/111 28393\n", 2), Some(false));
-        assert_eq!(runnable_beyond("0.91 1.58 2.40 2/111 28393\n", 2), Some(false));
-        assert_eq!(runnable_beyond("16.0 17.2 18.9 3/540 1234\n", 2), Some(true));
-        assert_eq!(runnable_beyond("16.0 17.2 18.9 17/540 1234", 16), Some(true));
-        for bad in ["", "0.1 0.2 0.3", "0.1 0.2 0.3 x/1 5", "0.1 0.2 0.3 4 5", "a b c -1/2"] {
+        assert_eq!(
+            runnable_beyond("0.91 1.58 2.40 1/111 28393\n", 2),
+            Some(false)
+        );
+        assert_eq!(
+            runnable_beyond("0.91 1.58 2.40 2/111 28393\n", 2),
+            Some(false)
+        );
+        assert_eq!(
+            runnable_beyond("16.0 17.2 18.9 3/540 1234\n", 2),
+            Some(true)
+        );
+        assert_eq!(
+            runnable_beyond("16.0 17.2 18.9 17/540 1234", 16),
+            Some(true)
+        );
+        for bad in [
+            "",
+            "0.1 0.2 0.3",
+            "0.1 0.2 0.3 x/1 5",
+            "0.1 0.2 0.3 4 5",
+            "a b c -1/2",
+        ] {
             assert_eq!(runnable_beyond(bad, 2), None, "{bad:?}");
         }
     }

@@ -35,11 +35,16 @@ use crate::iommufd::IommufdKind;
 use crate::kind::{Domains, FileArg, FileKind, Holdings, ServedFile, VfioContainerKind};
 use crate::protocol::{
     decode_header, decode_request, host_doorbell, FrameError, HostState, Kind, Reply, Request,
-    Welcome, CONNECTIONS_FULL, ERROR_REPLY, FILE_IOMMUFD, HEADER_LEN, MAGIC, MAX_IN_FLIGHT,
-    MAX_PAYLOAD, VERSION, WELCOME_RING,
+    Welcome, CONNECTIONS_FULL, ERROR_REPLY, FILE_IOMMUFD, FILE_VFIO_CONTAINER, HEADER_LEN, MAGIC,
+    MAX_IN_FLIGHT, MAX_PAYLOAD, RUN_RECORDS_MAX, VERSION, WELCOME_RING,
 };
 use crate::ring::{self, HostRing, Ring, RingError};
 use crate::socket;
+
+/// Bytes of one fault record of a container's `READ`.
+const FAULT_RECORD: usize = std::mem::size_of::<vsva_uapi::vfio::VfioIommuType1Fault>();
+// A `DEVICE_RUN` reply with its records fits the call ring's reply slot.
+const _: () = assert!(HEADER_LEN + 8 + 8 + RUN_RECORDS_MAX * FAULT_RECORD <= ring::REPLY_MAX);
 
 /// Per-connection limits, so that one client cannot exhaust the host for the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -904,6 +909,13 @@ impl Connection<'_> {
         Ok(())
     }
 
+    /// Whether the connection's file is a VFIO container (whose `READ` gives fault records).
+    fn is_container(&self) -> bool {
+        self.kind
+            .as_ref()
+            .is_some_and(|k| k.id() == FILE_VFIO_CONTAINER)
+    }
+
     /// Whether the ioctl `cmd` of the connection's file gives the client a file
     /// descriptor (which only a socket frame can carry).
     fn gives_fd(&self, cmd: u32) -> bool {
@@ -963,7 +975,9 @@ impl Connection<'_> {
             }
             (
                 Request::DeviceWrite { .. }
-                | Request::DeviceRun
+                | Request::DeviceRun {
+                    take_records: false,
+                }
                 | Request::DeviceRegRead { .. }
                 | Request::DeviceRegWrite { .. },
                 _,
@@ -1074,14 +1088,23 @@ impl Connection<'_> {
                 };
                 reply(result, Vec::new())
             }
-            (Request::DeviceRun, _) => match &self.device {
+            (Request::DeviceRun { take_records }, file) => match &self.device {
                 None => reply(Err(Errno::ENODEV), Vec::new()),
+                Some(_) if take_records && !self.is_container() => {
+                    reply(Err(Errno::EINVAL), Vec::new())
+                }
                 Some(d) => {
                     let done = d.process() as u64;
-                    reply(
-                        Ok(d.waiting_for_page_response() as u64),
-                        done.to_le_bytes().to_vec(),
-                    )
+                    let waiting = d.waiting_for_page_response() as u64;
+                    let mut data = done.to_le_bytes().to_vec();
+                    if let Some(f) = file.filter(|_| take_records && waiting > 0) {
+                        // As `READ` takes them; records the read leaves stay queued.
+                        let mut records = vec![0u8; RUN_RECORDS_MAX * FAULT_RECORD];
+                        if let Ok(n) = f.read(&mut records) {
+                            data.extend_from_slice(&records[..n]);
+                        }
+                    }
+                    reply(Ok(waiting), data)
                 }
             },
             (Request::DeviceRegRead { offset }, _) => {

@@ -473,6 +473,62 @@ fn the_eventfd_fires_when_a_page_request_is_queued_and_state_counts_it() {
     assert_eq!(report.left, report.baseline, "{report}");
 }
 
+#[test]
+fn a_device_run_taking_records_carries_the_page_request_read_would_give() {
+    use vsva_uapi::{file::UapiFile, request::QueuedFault, vfio::VfioIommuType1Fault};
+    let served = serve();
+    let probe = RemoteFile::connect(&served.path).unwrap();
+    let before = probe.host_state().unwrap();
+    let (file, _ram) = client(&served.path);
+    let mut f = &file;
+    let p = f.pasid_alloc(1, 100).unwrap();
+    f.bind_gpasid(&bind(p)).unwrap();
+    let rid = file.device_add().unwrap();
+    // Nothing submitted: nothing waits, nothing is taken.
+    assert_eq!(file.device_run_taking_records(), Ok((0, Vec::new())));
+    // The guest table at 0x10_0000 is a zeroed page: the fill faults on its first page.
+    let desc = vsva_hw::dma::Descriptor {
+        pasid: Some(p),
+        privileged: false,
+        block_on_fault: true,
+        completion: vsva_hw::dma::CompletionRequest::None,
+        op: vsva_hw::dma::Operation::Fill {
+            pattern: 0xa5,
+            dst: 0x40_0000,
+            size: 64,
+        },
+    };
+    file.device_write(0, &desc.encode()).unwrap();
+    let (waiting, records) = file.device_run_taking_records().unwrap();
+    assert!(waiting > 0, "the DMA waits on a page request");
+    assert_eq!(
+        records.len(),
+        size_of::<VfioIommuType1Fault>(),
+        "one record"
+    );
+    let record = VfioIommuType1Fault::from_bytes(&records).unwrap();
+    let QueuedFault::PageRequest(event) = QueuedFault::try_from(&record).unwrap() else {
+        panic!("not a page request: {record:?}");
+    };
+    assert_eq!(event.sid, rid);
+    assert_eq!(
+        (event.request.pasid, event.request.addr),
+        (Some(p), 0x40_0000)
+    );
+    assert!(event.request.write && event.request.last_page);
+    // Taken as `READ` takes it: none left unread, the group still waits for its response.
+    let s = probe.host_state().unwrap();
+    assert_eq!(s.faults_unread, before.faults_unread);
+    assert_eq!(s.page_requests, before.page_requests + 1);
+    assert_eq!(file.read_faults(), Ok(Vec::new()));
+    // Closing the file answers the group and releases everything.
+    drop(file);
+    assert_eq!(settle(&probe, &before), before);
+    drop(probe);
+    let report = served.finish();
+    assert_eq!(report.left, report.baseline, "{report}");
+}
+
 fn new_eventfd() -> std::os::fd::OwnedFd {
     // SAFETY: eventfd(2) returns a new descriptor or -1, checked below.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };

@@ -8,7 +8,7 @@
 //! [`split_demo`] runs the whole demo as such processes (`vsva demo --split`).
 
 use std::io::{BufRead, Write};
-use std::mem::offset_of;
+use std::mem::{offset_of, size_of};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +33,8 @@ use vsva_uapi::iommufd::{
     VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
 };
 use vsva_uapi::vfio::{
-    VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_BIND, VFIO_IOMMU_CACHE_INVALIDATE,
-    VFIO_IOMMU_PAGE_RESPONSE,
+    VfioIommuType1Fault, VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_BIND,
+    VFIO_IOMMU_CACHE_INVALIDATE, VFIO_IOMMU_PAGE_RESPONSE,
 };
 use vsva_uapi::{error::Errno, file::EventNotifier, file::UapiFile};
 use vsva_vmm::{GuestPasids, Iommufd, UserBuffer};
@@ -91,7 +91,7 @@ pub enum Stage {
     Dma,
     /// After the first `DEVICE_RUN` that left a descriptor waiting for a page response:
     /// the device is stopped on a page request whose record sits unread in the host's
-    /// fault queue.
+    /// fault queue (a VM pausing here does not take records with `DEVICE_RUN`).
     PageRequest,
 }
 
@@ -118,6 +118,11 @@ pub struct HostLink {
     uapi: Uapi,
     /// Over iommufd, the fault queue the host passed.
     fault_queue: OnceLock<Arc<FaultQueueFd>>,
+    /// Over a container, whether `DEVICE_RUN` takes the fault records queued with its
+    /// reply (not when pausing at [`Stage::PageRequest`], whose record stays unread).
+    take_records: bool,
+    /// Fault records a `DEVICE_RUN` took, not yet read: `read` gives them first.
+    taken: Mutex<Vec<u8>>,
     hooks: LinkHooks,
 }
 
@@ -223,7 +228,8 @@ pub struct Timings {
     /// Each forwarded invalidation: a `VFIO_IOMMU_CACHE_INVALIDATE` over the socket.
     pub fwd_inv: Samples,
     /// Each page request round trip: from the host's `DEVICE_RUN` saying the device waits
-    /// on a page request, through reading it from the host's fault queue, the vIOMMU and
+    /// on a page request (over a container, its reply carrying the record), through
+    /// reading it from the host's fault queue over iommufd, the vIOMMU and
     /// the guest's handler, to the host acknowledging the first page response.
     pub prq: Samples,
 }
@@ -241,8 +247,14 @@ impl HostLink {
             iommu,
             uapi,
             fault_queue: OnceLock::new(),
+            take_records: uapi == Uapi::Type1 && pause_at != Some(Stage::PageRequest),
+            taken: Mutex::default(),
             hooks: LinkHooks::new(pause_at),
         }
+    }
+
+    fn taken(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.taken.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Takes the fault queue fd `fd` an `IOMMU_FAULT_QUEUE_ALLOC` gave, keeping it to
@@ -334,8 +346,22 @@ impl UapiFile for HostLink {
         result
     }
 
+    /// The records the last `DEVICE_RUN` took, as many whole ones as fit, before any the
+    /// host still queues.
     fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
-        self.file.read(buf)
+        const RECORD: usize = size_of::<VfioIommuType1Fault>();
+        let mut taken = self.taken();
+        if taken.is_empty() {
+            drop(taken);
+            return self.file.read(buf);
+        }
+        if buf.len() < RECORD {
+            return Err(Errno::EINVAL);
+        }
+        let n = taken.len().min(buf.len() / RECORD * RECORD);
+        buf[..n].copy_from_slice(&taken[..n]);
+        taken.drain(..n);
+        Ok(n)
     }
 
     fn write(&self, buf: &[u8]) -> Result<usize, Errno> {
@@ -360,7 +386,17 @@ impl Passthrough for HostLink {
 
     fn process(&self) -> Result<usize, StackError> {
         self.hooks.before_run();
-        let mut waiting = self.file.device_run().map_err(StackError::DeviceCall)?;
+        let mut waiting = match self.take_records {
+            true => {
+                let (waiting, records) = self
+                    .file
+                    .device_run_taking_records()
+                    .map_err(StackError::DeviceCall)?;
+                self.taken().extend_from_slice(&records);
+                waiting
+            }
+            false => self.file.device_run().map_err(StackError::DeviceCall)?,
+        };
         if let Some(queue) = self.fault_queue.get() {
             waiting = self
                 .settle_fault_queue(queue, waiting)
