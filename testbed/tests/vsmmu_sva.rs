@@ -6,13 +6,18 @@
 //! tables nested over stage 2; munmap's invalidations reach the host before CMD_SYNC
 //! completes, so the next access faults at the unmapped address and the guest reads that
 //! fault from its event queue; a page request is served by the guest's fault handler.
+//! The stall tests run the same VM over iommufd as well (a nested HWPT under the VM's
+//! vIOMMU, stalls from its fault queue, the guest's CMD_RESUME back by the group's
+//! cookie).
 
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
+use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
+use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::smmu::{SmmuDomain, SmmuHost};
 use vsva_host::{container::Container, file::ContainerFile, pasid::PasidAllocator};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
@@ -23,13 +28,16 @@ use vsva_hw::dma::{
 use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_smmuv3::{
-    cmd::ResumeAction, event::EventType, features::Features, features::StallModel, regs::RegError,
+    cmd::ResumeAction, event::EventType, features::Features, features::Httu, features::StallModel,
+    regs::RegError,
 };
 use vsva_smmuv3_driver::Registers;
 use vsva_uapi::{
     file::IommuModel, file::UapiFile, file::VfioIoctls, request::DmaMap, request::QueuedFault,
 };
-use vsva_vmm::{HostConfig, VSmmu, VSmmuConfig, VSmmuError};
+use vsva_vmm::{
+    HostConfig, SmmuIommufd, SmmuIommufdDevice, UserBuffer, VSmmu, VSmmuConfig, VSmmuError, Vevent,
+};
 use vsva_vtd::{addr::Gpa, addr::Gva, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId};
 
 const RAM: u64 = 64 << 20;
@@ -90,9 +98,89 @@ impl HostParts {
     }
 }
 
-/// The host (memory, SMMUv3 model, its driver), one VM (RAM, container, device, vSMMU)
-/// and the guest's SMMU driver.
+/// Which uAPI the VMM gives the guest's STE to the host through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Uapi {
+    /// A VFIO type1 nesting container (`VFIO_IOMMU_ATTACH_PASID_TABLE`).
+    Type1,
+    /// iommufd: a nested HWPT under the VM's vIOMMU, page requests and stalls from its
+    /// fault queue.
+    Iommufd,
+}
+
+/// Bytes of the VMM buffer iommufd pointer arguments go through.
+const SCRATCH: u64 = 16 << 10;
+
+/// A VM's iommufd as its VMM holds it.
+struct VmIommufd {
+    fds: Arc<Iommufds>,
+    fd: i32,
+    iommufd: Arc<SmmuIommufd>,
+    device: Arc<SmmuIommufdDevice>,
+    cdev: Arc<VfioDeviceFile>,
+    scratch_hpa: Hpa,
+    scratch: Arc<GuestMemoryMmap>,
+}
+
+impl VmIommufd {
+    /// `/dev/iommu` with guest RAM (at VMM address `vaddr`) mapped at IPA 0 and the
+    /// device `host_sid` bound, attached to the nest parent and given vSID [`GSID`].
+    fn open(parts: &HostParts, host_sid: SourceId, vaddr: u64) -> VmIommufd {
+        let scratch_hpa = parts.host_frames.alloc_range(SCRATCH, 4096).unwrap();
+        let scratch = Arc::new(
+            parts
+                .mem
+                .guest_memory(&[(Gpa(0), scratch_hpa, SCRATCH)])
+                .unwrap(),
+        );
+        let fds = Iommufds::new();
+        let (fd, file) = fds.open_smmu(&parts.host);
+        let iommufd =
+            SmmuIommufd::open(file, fd, UserBuffer::new(scratch.clone()).unwrap()).unwrap();
+        iommufd.map(vaddr, RAM, 0).unwrap();
+        let cdev = Arc::new(VfioDeviceFile::open(host_sid, fds.clone()));
+        let lookup = |n: i32| {
+            fds.veventq(n)
+                .map(|f| f as Arc<dyn UapiFile>)
+                .or_else(|| fds.fault(n).map(|f| f as Arc<dyn UapiFile>))
+        };
+        let device = iommufd.attach_device(cdev.clone(), GSID, &lookup).unwrap();
+        VmIommufd {
+            fds,
+            fd,
+            iommufd,
+            device,
+            cdev,
+            scratch_hpa,
+            scratch,
+        }
+    }
+
+    /// Groups the host's fault queue holds: read and unanswered, and not read yet.
+    fn pending(&self) -> (usize, usize) {
+        let fd = self.iommufd.fault_fd().unwrap();
+        self.fds.fault(fd).unwrap().pending()
+    }
+
+    /// Closes every object and file (the device detached from the vSMMU already).
+    fn close(self, parts: &HostParts) {
+        let queues = [self.iommufd.veventq_fd(), self.iommufd.fault_fd()];
+        drop(self.device);
+        drop(self.iommufd);
+        for fd in queues.into_iter().flatten() {
+            self.fds.close(fd);
+        }
+        self.fds.close(self.fd);
+        drop(self.cdev);
+        parts.mem.release_guest_memory(&self.scratch);
+        parts.host_frames.free(self.scratch_hpa).unwrap();
+    }
+}
+
+/// The host (memory, SMMUv3 model, its driver), one VM (RAM, container or iommufd,
+/// device, vSMMU) and the guest's SMMU driver.
 struct Stack {
+    parts: HostParts,
     mem: Arc<HostMemory>,
     host_frames: Arc<FrameAllocator>,
     hw: Arc<Smmu>,
@@ -100,6 +188,7 @@ struct Stack {
     hpa: Hpa,
     ram: Arc<GuestMemoryMmap>,
     file: Option<Arc<ContainerFile<SmmuDomain>>>,
+    ifd: Option<VmIommufd>,
     dev: Arc<DmaEngine>,
     vsmmu: Arc<VSmmu>,
     guest: Option<Arc<SmmuSva<Mmio>>>,
@@ -115,17 +204,33 @@ impl Stack {
     /// device that stalls its faults instead of using ATS and PRI, declared so to the
     /// host, the vSMMU and the guest.
     fn build(stall: bool) -> Stack {
+        Stack::over(Uapi::Type1, stall, VSmmuConfig::default())
+    }
+
+    /// [`Stack::build`] over `uapi`, its vSMMU offering `config`'s features (and stalls
+    /// with `stall`).
+    fn over(uapi: Uapi, stall: bool, config: VSmmuConfig) -> Stack {
         let stall_model = if stall {
             StallModel::StallAndTerminate
         } else {
             StallModel::Terminate
         };
-        Stack::on(&HostParts::new(stall_model), GSID, stall)
+        Stack::on_with(&HostParts::new(stall_model), GSID, stall, uapi, config)
     }
 
     /// A VM on `parts` whose device is the host's StreamID `host_rid` (StreamID
     /// [`GSID`] in the guest whatever it is on the host).
     fn on(parts: &HostParts, host_rid: u32, stall: bool) -> Stack {
+        Stack::on_with(parts, host_rid, stall, Uapi::Type1, VSmmuConfig::default())
+    }
+
+    fn on_with(
+        parts: &HostParts,
+        host_rid: u32,
+        stall: bool,
+        uapi: Uapi,
+        mut config: VSmmuConfig,
+    ) -> Stack {
         let stall_model = parts.hw.features().stall_model;
         let HostParts {
             mem,
@@ -145,30 +250,41 @@ impl Stack {
             CTRL_PASID_EN | CTRL_ATS_EN | CTRL_PRI_EN
         };
         dev.enable(ctrl).unwrap();
-        // The VMM: a container with the device and all guest RAM mapped.
-        let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
-        let mut c = Container::new(allocator, 16, SmmuDomain::new(&host).unwrap());
-        c.set_iommu(IommuModel::Type1Nesting).unwrap();
-        c.attach_device(host_sid).unwrap();
-        let file = Arc::new(ContainerFile::new(c));
-        let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
-        VfioIoctls::map_dma(
-            &mut &*file,
-            &DmaMap {
-                iova: Iova(0),
-                vaddr,
-                size: RAM,
-                read: true,
-                write: true,
-            },
-        )
-        .unwrap();
-        let mut config = VSmmuConfig::default();
         config.features.stall_model = stall_model;
         let vsmmu = VSmmu::new(ram.clone(), config).unwrap();
-        vsmmu
-            .attach_passthrough(GSID, host_sid, file.clone())
-            .unwrap();
+        let vaddr = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let (file, ifd) = match uapi {
+            Uapi::Type1 => {
+                // The VMM: a container with the device and all guest RAM mapped.
+                let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
+                let mut c = Container::new(allocator, 16, SmmuDomain::new(&host).unwrap());
+                c.set_iommu(IommuModel::Type1Nesting).unwrap();
+                c.attach_device(host_sid).unwrap();
+                let file = Arc::new(ContainerFile::new(c));
+                VfioIoctls::map_dma(
+                    &mut &*file,
+                    &DmaMap {
+                        iova: Iova(0),
+                        vaddr,
+                        size: RAM,
+                        read: true,
+                        write: true,
+                    },
+                )
+                .unwrap();
+                vsmmu
+                    .attach_passthrough(GSID, host_sid, file.clone())
+                    .unwrap();
+                (Some(file), None)
+            }
+            Uapi::Iommufd => {
+                let ifd = VmIommufd::open(parts, host_sid, vaddr);
+                vsmmu
+                    .attach_iommufd(GSID, host_sid, ifd.device.clone())
+                    .unwrap();
+                (None, Some(ifd))
+            }
+        };
         if stall {
             vsmmu.set_stall_capable(GSID, true).unwrap();
         }
@@ -177,13 +293,15 @@ impl Stack {
         let guest = SmmuSva::new(Mmio(vsmmu.clone()), ram.clone(), frames.clone()).unwrap();
         guest.set_stall_capable(GSID, stall);
         Stack {
+            parts: parts.clone(),
             mem,
             host_frames,
             hw,
             host,
             hpa,
             ram,
-            file: Some(file),
+            file,
+            ifd,
             dev,
             vsmmu,
             guest: Some(guest),
@@ -200,9 +318,28 @@ impl Stack {
     }
 
     /// The VMM's fault handling: the host driver's queue handlers run, and what the
-    /// container's fault queue holds is injected into the vSMMU.
+    /// container's fault queue holds (over iommufd: the fault queue's page requests and
+    /// the vEVENT queue's events) is injected into the vSMMU; how many records.
     fn pump(&self) -> usize {
         self.host.handle_queues();
+        if let Some(ifd) = &self.ifd {
+            let reqs = ifd.iommufd.read_page_requests().unwrap();
+            for (sid, req) in &reqs {
+                self.vsmmu.inject_page_request(*sid, req).unwrap();
+            }
+            let events = ifd.iommufd.read_events().unwrap();
+            for e in &events {
+                match *e {
+                    Vevent::Event(record) => {
+                        self.vsmmu.inject_vevent(record).unwrap();
+                    }
+                    Vevent::Lost => {
+                        self.vsmmu.inject_vevents_lost();
+                    }
+                }
+            }
+            return reqs.len() + events.len();
+        }
         let faults = self.file().read_faults().unwrap();
         for f in &faults {
             match f {
@@ -215,6 +352,15 @@ impl Stack {
             }
         }
         faults.len()
+    }
+
+    /// Whether the host holds no page request group of the VM: none unanswered in the
+    /// container, or none read or unread on the fault queue.
+    fn no_host_groups(&self) -> bool {
+        match &self.ifd {
+            Some(ifd) => ifd.pending() == (0, 0),
+            None => self.file().lock().pending_page_requests().is_empty(),
+        }
     }
 
     /// A memmove by the device with SubstreamID `ssid`, its completion record at `comp`
@@ -264,6 +410,9 @@ impl Drop for Stack {
         }
         let _ = self.vsmmu.detach_passthrough(GSID);
         self.file = None;
+        if let Some(ifd) = self.ifd.take() {
+            ifd.close(&self.parts);
+        }
         self.mem.release_guest_memory(&self.ram);
         self.host_frames.free(self.hpa).unwrap();
     }
@@ -443,9 +592,10 @@ fn submit_on_a_thread(
     std::thread::spawn(move || dev.process())
 }
 
-#[test]
-fn a_stalled_dma_resumes_after_the_guest_maps_the_page_and_its_bytes_land() {
-    let s = Stack::build(true);
+/// A stalled DMA over `uapi` resumes after the guest maps the page; a CMD_RESUME of a
+/// vSTAG the guest was not given changes nothing.
+fn stalled_dma_resumes(uapi: Uapi) {
+    let s = Stack::over(uapi, true, VSmmuConfig::default());
     s.guest().attach_device(GSID).unwrap();
     let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
     let src = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
@@ -493,7 +643,7 @@ fn a_stalled_dma_resumes_after_the_guest_maps_the_page_and_its_bytes_land() {
     assert_eq!(back, data);
     assert_eq!(s.vsmmu.stalled(None), 0);
     assert_eq!(s.hw.stalled(None), 0);
-    assert!(s.file().lock().pending_page_requests().is_empty());
+    assert!(s.no_host_groups());
     // Second page: the guest driver's own event handling maps it and resumes.
     let dma = submit_on_a_thread(&s, &p, ssid, src, lazy + PAGE, 100, comp);
     wait_until("the second stall", || s.hw.stalled(Some(GSID)) == 1);
@@ -510,8 +660,28 @@ fn a_stalled_dma_resumes_after_the_guest_maps_the_page_and_its_bytes_land() {
 }
 
 #[test]
-fn a_stall_the_guest_never_answers_ends_with_the_device_and_holds_nothing() {
-    let s = Stack::build(true);
+fn a_stalled_dma_resumes_after_the_guest_maps_the_page_and_its_bytes_land() {
+    stalled_dma_resumes(Uapi::Type1);
+}
+
+#[test]
+fn over_iommufd_a_stalled_dma_resumes_after_the_guest_maps_the_page_and_its_bytes_land() {
+    stalled_dma_resumes(Uapi::Iommufd);
+}
+
+/// How a stall the guest does not answer ends.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// The VMM detaches the device from the vSMMU.
+    Detach,
+    /// The guest detaches the device (its STE aborts: the host configuration changes).
+    GuestDetach,
+}
+
+/// A stall over `uapi` the guest never answers ends with Abort as `ending` says, and
+/// nothing stays held on the host or in the vSMMU.
+fn unanswered_stall_ends(uapi: Uapi, ending: Ending) {
+    let s = Stack::over(uapi, true, VSmmuConfig::default());
     s.guest().attach_device(GSID).unwrap();
     let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
     let src = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
@@ -522,16 +692,161 @@ fn a_stall_the_guest_never_answers_ends_with_the_device_and_holds_nothing() {
     wait_until("the stall", || s.hw.stalled(Some(GSID)) == 1);
     assert_eq!(s.pump(), 1);
     assert_eq!(s.vsmmu.stalled(Some(GSID)), 1);
-    // The guest ignores it. The VMM detaches the device: the stall ends with an Abort
-    // and nothing stays held on the host or in the vSMMU.
-    s.vsmmu.detach_passthrough(GSID).unwrap();
+    // The guest ignores it; the device goes: the stall ends with an Abort and nothing
+    // stays held on the host or in the vSMMU.
+    match ending {
+        Ending::Detach => s.vsmmu.detach_passthrough(GSID).unwrap(),
+        Ending::GuestDetach => s.guest().detach_device(GSID).unwrap(),
+    }
     dma.join().unwrap();
     assert_ne!(s.status(&p, comp), CompletionStatus::Success);
     assert_eq!(s.vsmmu.stalled(None), 0);
     assert_eq!(s.hw.stalled(None), 0);
-    assert!(s.file().lock().pending_page_requests().is_empty());
+    assert!(s.no_host_groups());
     assert_eq!(s.vsmmu.stats().stalls_aborted, 1);
     assert_eq!(s.vsmmu.take_host_errors(), []);
+}
+
+#[test]
+fn a_stall_the_guest_never_answers_ends_with_the_device_and_holds_nothing() {
+    unanswered_stall_ends(Uapi::Type1, Ending::Detach);
+    unanswered_stall_ends(Uapi::Type1, Ending::GuestDetach);
+}
+
+#[test]
+fn over_iommufd_a_stall_the_guest_never_answers_ends_with_the_device_and_holds_nothing() {
+    unanswered_stall_ends(Uapi::Iommufd, Ending::Detach);
+    unanswered_stall_ends(Uapi::Iommufd, Ending::GuestDetach);
+}
+
+/// The stage-1 leaf descriptor's address of `va` in `p`'s tables (4 KiB granule, four
+/// levels from TTB0), read from guest RAM as the SMMU walks it.
+fn leaf_address(s: &Stack, p: &Process, va: u64) -> u64 {
+    let mut table = p.cr3().0;
+    for level in 0..3 {
+        let entry = table + ((va >> (39 - 9 * level)) & 0x1ff) * 8;
+        let desc = s.ram.read_u64(entry).unwrap();
+        assert_eq!(desc & 0b11, 0b11, "a table descriptor at level {level}");
+        table = desc & 0x0000_ffff_ffff_f000;
+    }
+    table + ((va >> 12) & 0x1ff) * 8
+}
+
+/// The class of a stall over `uapi`: the device writes to `page` of a process that
+/// `setup` prepared, the host stalls it, `meanwhile` runs before the VMM reads the stall,
+/// and the guest's stall record must say `class` (found by the vSMMU from the guest's
+/// stage 1: the host's page request does not say which fault it was) with the guest's
+/// tables left as they were; the guest aborts it and nothing stays held.
+fn stall_class(
+    uapi: Uapi,
+    config: VSmmuConfig,
+    class: EventType,
+    setup: impl FnOnce(&Stack, &Process) -> u64,
+    meanwhile: impl FnOnce(&Stack, &Process, u64),
+) {
+    let s = Stack::over(uapi, true, config);
+    s.guest().attach_device(GSID).unwrap();
+    let p = Arc::new(Process::new_aarch64(s.ram.clone(), s.frames.clone()).unwrap());
+    let src = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let comp = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let page = setup(&s, &p);
+    let ssid = s.guest().bind(GSID, &p).unwrap();
+    let dma = submit_on_a_thread(&s, &p, ssid, src, page + 8, 64, comp);
+    wait_until("the stall", || s.hw.stalled(Some(GSID)) == 1);
+    meanwhile(&s, &p, page);
+    let before = s.ram_digest(&p, page);
+    assert_eq!(s.pump(), 1);
+    let events = s.guest().read_events().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert!(e.stall);
+    assert_eq!(
+        (e.event_type, e.sid, e.ssid, e.input_addr, e.rnw),
+        (class, GSID, Some(ssid), page, false),
+        "{uapi:?}"
+    );
+    assert_eq!(
+        s.ram_digest(&p, page),
+        before,
+        "the vSMMU's walk changed no descriptor"
+    );
+    s.guest().resume(GSID, e.stag, ResumeAction::Abort).unwrap();
+    dma.join().unwrap();
+    assert_ne!(s.status(&p, comp), CompletionStatus::Success);
+    assert_eq!((s.vsmmu.stalled(None), s.hw.stalled(None)), (0, 0));
+    assert!(s.no_host_groups());
+    assert_eq!(s.vsmmu.take_host_errors(), []);
+}
+
+impl Stack {
+    /// The leaf descriptor of `page` in `p`'s tables (0 where it has none).
+    fn ram_digest(&self, p: &Process, page: u64) -> u64 {
+        match p.translate(Gva(page)) {
+            Some(_) => self.ram.read_u64(leaf_address(self, p, page)).unwrap(),
+            None => 0,
+        }
+    }
+}
+
+/// A page the process has not touched: no leaf, F_TRANSLATION.
+fn untouched(_: &Stack, p: &Process) -> u64 {
+    p.mmap_lazy(PAGE, Prot::READ_WRITE).unwrap().0
+}
+
+/// A read-only page the device writes to: F_PERMISSION.
+fn read_only(_: &Stack, p: &Process) -> u64 {
+    p.mmap(PAGE, Prot::READ).unwrap().0
+}
+
+/// A page whose leaf has AF = 0, on a vSMMU without hardware Access flag updates (so the
+/// guest's CD clears HA): F_ACCESS.
+fn not_accessed(s: &Stack, p: &Process) -> u64 {
+    let page = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let leaf = leaf_address(s, p, page);
+    let desc = s.ram.read_u64(leaf).unwrap();
+    s.ram.write_u64(leaf, desc & !(1 << 10)).unwrap();
+    page
+}
+
+fn no_httu() -> VSmmuConfig {
+    let mut config = VSmmuConfig::default();
+    config.features.httu = Httu::None;
+    config
+}
+
+#[test]
+fn a_stall_shows_the_class_of_its_fault_over_both_uapis() {
+    let nothing = |_: &Stack, _: &Process, _: u64| {};
+    for uapi in [Uapi::Type1, Uapi::Iommufd] {
+        let config = VSmmuConfig::default();
+        stall_class(uapi, config, EventType::Translation, untouched, nothing);
+        stall_class(uapi, config, EventType::Permission, read_only, nothing);
+        stall_class(uapi, no_httu(), EventType::Access, not_accessed, nothing);
+    }
+}
+
+#[test]
+fn the_vsmmus_walk_sets_no_access_flag_of_a_page_mapped_meanwhile() {
+    // The page is mapped, with AF = 0, after the host stalled the write: the vSMMU's walk
+    // finds a leaf its hardware Access flag update would set, and must neither set it nor
+    // call it a fault of its own (the tables changed: F_TRANSLATION).
+    let map_not_accessed = |s: &Stack, p: &Process, page: u64| {
+        assert!(p.handle_fault(Gva(page), true));
+        let leaf = leaf_address(s, p, page);
+        let desc = s.ram.read_u64(leaf).unwrap();
+        s.ram.write_u64(leaf, desc & !(1 << 10)).unwrap();
+    };
+    for uapi in [Uapi::Type1, Uapi::Iommufd] {
+        let config = VSmmuConfig::default();
+        assert_ne!(config.features.httu, Httu::None);
+        stall_class(
+            uapi,
+            config,
+            EventType::Translation,
+            untouched,
+            map_not_accessed,
+        );
+    }
 }
 
 /// Pages of the process each VM binds in [`two_vms_with_equal_asids_and_ssids_stay_apart`].

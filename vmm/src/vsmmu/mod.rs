@@ -42,7 +42,9 @@
 //!   ([`VSmmu::inject_vevent`]), a loss the queue reports as the event queue's overflow
 //!   ([`VSmmu::inject_vevents_lost`]); page requests from the vIOMMU's fault queue go to
 //!   the guest's PRI queue ([`VSmmu::inject_page_request`]) and its CMD_PRI_RESP back to
-//!   the fault queue with the group's cookie.
+//!   the fault queue with the group's cookie; stalls of a stall-capable device, which
+//!   come from the fault queue too, take the same vSTAG path as over a container
+//!   (`stall.rs`) and its CMD_RESUME goes back with the group's cookie.
 //!
 //! A hostile guest gets what hardware would give it: an illegal command stops the queue
 //! with CERROR_ILL (CERROR_ABT when it cannot be read) and GERROR.CMDQ_ERR; an STE that is

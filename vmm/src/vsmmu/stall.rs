@@ -1,6 +1,7 @@
 //! Stalled transactions of passthrough devices shown to the guest (IHI 0070 §3.12.2, the
 //! stall fault model): the host SMMU stalls a device's stage-1 fault and reports it to the
-//! VM's container as a page request whose group id is the host's STAG; the vSMMU writes
+//! VM's container, or to the fault queue of the device's nested HWPT over iommufd, as a
+//! page request whose group id is the host's STAG; the vSMMU writes
 //! it to the guest's event queue as a fault record with Stall = 1 and a STAG of its own
 //! (a vSTAG), and the guest's CMD_RESUME (§4.7.2) or CMD_STALL_TERM (§4.7.3) naming that
 //! vSTAG becomes the page response that resumes or ends the host's transaction.
@@ -9,10 +10,20 @@
 //! [`StallTags`] map is the only way from one to the other, and a CMD_RESUME naming a
 //! vSTAG the vSMMU did not give for that StreamID changes nothing (the spec's CMD_RESUME
 //! of no stalled transaction).
+//!
+//! The page request says which page and access stalled, not which fault it was (Linux's
+//! `iommu_fault_page_request` and iommufd's `iommu_hwpt_pgfault` have no reason): the
+//! vSMMU finds the class itself by walking the guest's stage 1 for the faulting address
+//! ([`VSmmu::stall_class`]), as the host SMMU found it (§7.3: no valid leaf is
+//! F_TRANSLATION, a leaf without the access's permission F_PERMISSION, AF = 0 without
+//! hardware Access flag update F_ACCESS, an address beyond the table's sizes F_ADDR_SIZE).
 
 use std::collections::BTreeMap;
 
+use vsva_mem::{MemError, PhysMem};
 use vsva_smmuv3::cmd::ResumeAction;
+use vsva_smmuv3::lookup::{find_cd, Stage1Context};
+use vsva_smmuv3::walk::{walk_stage1, AccessRequest, FaultKind};
 use vsva_smmuv3::{event::Event, event::EventType, features::StallModel};
 use vsva_uapi::{request::PageRequest, request::PageResponse, request::PageResponseCode};
 use vsva_vtd::addr::{Pasid, SourceId};
@@ -139,7 +150,7 @@ impl VSmmu {
             ind: req.exec,
             pnu: req.privileged,
             input_addr: req.addr,
-            ..Event::new(EventType::Translation, sid, req.pasid.map(|p| p.raw()))
+            ..Event::new(self.stall_class(sid, req), sid, req.pasid.map(|p| p.raw()))
         };
         let mut irqs = Vec::new();
         if s1stalld {
@@ -172,6 +183,42 @@ impl VSmmu {
         self.count(|s| s.stalls += 1);
         self.deliver(irqs);
         PriOutcome::Queued
+    }
+
+    /// The fault a stalled transaction of stream `sid` met, found by walking the guest's
+    /// stage 1 (its STE, the CD of the request's SubstreamID, the CD's TTB0 table) for the
+    /// request's page and access, the descriptors only read: F_PERMISSION, F_ACCESS or
+    /// F_ADDR_SIZE where the walk ends so; F_TRANSLATION otherwise (no valid leaf, and
+    /// also a configuration the vSMMU cannot read or a walk that now succeeds: the guest
+    /// changed its tables meanwhile, and Linux's iopf treats the classes alike).
+    pub(super) fn stall_class(&self, sid: u32, req: &PageRequest) -> EventType {
+        let features = self.config.features;
+        let Ok(table) = lock(&self.regs).stream_table() else {
+            return EventType::Translation;
+        };
+        let mem = ReadOnly(&*self.mem);
+        let access = AccessRequest {
+            write: req.write,
+            instruction: req.exec,
+            privileged: req.privileged,
+        };
+        let ssid = req.pasid.map(|p| p.raw());
+        let fault = table
+            .find_ste(&mem, &features, sid)
+            .ok()
+            .and_then(|ste| find_cd(&mem, &ste, &features, ssid, None, req.addr, &mut ()).ok())
+            .and_then(|ctx| match ctx {
+                Stage1Context::Cd { s1, .. } => {
+                    walk_stage1(&mem, &s1, req.addr, access, &mut ()).err()
+                }
+                Stage1Context::Bypass => None,
+            });
+        match fault.map(|f| f.kind) {
+            Some(FaultKind::Permission) => EventType::Permission,
+            Some(FaultKind::Access) => EventType::Access,
+            Some(FaultKind::AddrSize) => EventType::AddrSize,
+            _ => EventType::Translation,
+        }
     }
 
     /// CMD_RESUME of the guest: the stall it names goes back to the host as a page
@@ -214,6 +261,38 @@ impl VSmmu {
             code,
         };
         self.page_response(&host, stall.host_sid, response);
+    }
+}
+
+/// Guest RAM for a classification walk: reads pass, every write is refused, so the walk
+/// never sets an Access flag or a dirty state in the guest's tables (the host's SMMU does
+/// that when the transaction is retried).
+struct ReadOnly<'a>(&'a (dyn PhysMem + Send + Sync));
+
+impl ReadOnly<'_> {
+    fn refused(addr: u64, len: u64) -> MemError {
+        MemError::OutOfRange { addr, len }
+    }
+}
+
+impl PhysMem for ReadOnly<'_> {
+    fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
+        self.0.read_u64(addr)
+    }
+    fn fetch_or_u64(&self, addr: u64, _bits: u64) -> Result<u64, MemError> {
+        Err(Self::refused(addr, 8))
+    }
+    fn compare_exchange_u64(&self, addr: u64, _old: u64, _new: u64) -> Result<u64, MemError> {
+        Err(Self::refused(addr, 8))
+    }
+    fn write_u64(&self, addr: u64, _value: u64) -> Result<(), MemError> {
+        Err(Self::refused(addr, 8))
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.0.read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        Err(Self::refused(addr, buf.len() as u64))
     }
 }
 
