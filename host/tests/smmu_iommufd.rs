@@ -495,7 +495,8 @@ fn hw_info_gives_the_smmu_id_registers_and_a_nest_parent_is_stage_2() {
     assert_eq!(vm.call(IOMMU_GET_HW_INFO, &mut i), errno(libc::ENOENT));
 
     // HWPT_ALLOC on the IOAS: NEST_PARENT is a stage-2 domain with a VMID of its own;
-    // dirty tracking and PASID flags are not offered (EOPNOTSUPP), nothing made.
+    // with dirty tracking (stage 1's, never a nest parent's) or the PASID flag it is
+    // EOPNOTSUPP, nothing made.
     let before = vm.objects();
     for flags in [
         IOMMU_HWPT_ALLOC_DIRTY_TRACKING,

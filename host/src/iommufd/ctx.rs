@@ -77,6 +77,8 @@ pub trait IommuOps: Debug + Send + Sized + 'static {
     const IOCTLS: &'static [IoctlOp<Self>];
     /// The `IOMMU_HWPT_ALLOC_*` flags a paging HWPT may be allocated with.
     const PAGING_FLAGS: u32;
+    /// Whether a nest parent may track dirty pages (NEST_PARENT with DIRTY_TRACKING).
+    const DIRTY_NEST_PARENT: bool;
     /// `IOMMU_GET_HW_INFO`'s data type.
     const HW_INFO_TYPE: u32;
     /// For diagnostics.
@@ -691,7 +693,8 @@ impl<V: IommuOps> IommufdCtx<V> {
 
     /// A paging HWPT: flags of [`IommuOps::PAGING_FLAGS`] only and no data (EOPNOTSUPP);
     /// NEST_PARENT as [`IommuOps::check_nest_parent`] allows; DIRTY_TRACKING a domain
-    /// that tracks dirty pages.
+    /// that tracks dirty pages, with NEST_PARENT only as [`IommuOps::DIRTY_NEST_PARENT`]
+    /// allows (EOPNOTSUPP).
     fn alloc_paging(&mut self, ioas: u32, flags: u32, data_type: u32) -> Result<u32, IommufdError> {
         const WHAT: &str = "paging HWPT";
         if flags & !V::PAGING_FLAGS != 0 {
@@ -708,6 +711,12 @@ impl<V: IommuOps> IommufdCtx<V> {
             self.ops.check_nest_parent()?;
         }
         let dirty = flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+        if nest_parent && dirty && !V::DIRTY_NEST_PARENT {
+            return Err(IommufdError::not_supported(
+                WHAT,
+                "a nest parent that tracks dirty pages",
+            ));
+        }
         let id = self.build_paging(ioas, false, dirty)?;
         if let Some(h) = self.paging_mut(id) {
             h.nest_parent = nest_parent;

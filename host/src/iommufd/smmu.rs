@@ -5,7 +5,11 @@
 //! The objects, by id in the file's own id space:
 //! - IOAS: an IOVA (here, IPA) space the VMM maps its memory into ([`Iopt`]);
 //! - paging HWPT: a stage-2 [`SmmuDomain`] (a VMID, a stage-2 table) holding its IOAS's
-//!   mappings; with `IOMMU_HWPT_ALLOC_NEST_PARENT` a vIOMMU may be built on it;
+//!   mappings; with `IOMMU_HWPT_ALLOC_NEST_PARENT` a vIOMMU may be built on it; with
+//!   `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` a stage-1 domain instead (its own CD table with HA
+//!   and HD), whose dirty pages `IOMMU_HWPT_GET_DIRTY_BITMAP` reads, as Linux v6.13's
+//!   arm-smmu-v3 gives dirty tracking to stage-1 domains only (with NEST_PARENT:
+//!   EOPNOTSUPP);
 //! - vIOMMU (`IOMMU_VIOMMU_TYPE_ARM_SMMUV3`): the VM's slice of the SMMU, tagged with the
 //!   nest parent's VMID, through which guest commands are invalidated;
 //! - vDEVICE: a device's virtual StreamID (vSID) in a vIOMMU;
@@ -29,8 +33,8 @@
 //! is EBUSY; every ioctl checks before its first change, so a refused one changes
 //! nothing. The IOAS ioctls are the core's (IOAS_COPY, IOAS_IOVA_RANGES and
 //! IOAS_ALLOW_IOVAS and IOAS_MAP_FILE as on VT-d, IPAs from `1 << IPA_BITS` reserved by
-//! each stage 2), and so is IOMMU_FAULT_QUEUE_ALLOC. Not served on this file (ENOTTY):
-//! dirty tracking.
+//! each stage 2), and so are IOMMU_FAULT_QUEUE_ALLOC, IOMMU_HWPT_SET_DIRTY_TRACKING and
+//! IOMMU_HWPT_GET_DIRTY_BITMAP.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -330,24 +334,27 @@ impl PagingDomain for SmmuDomain {
         IPA_BITS
     }
 
-    /// The stage 2 keeps no dirty state here: EOPNOTSUPP, as Linux without HTTU.
-    fn set_dirty(&mut self, _enable: bool) -> Result<(), IommufdError> {
-        Err(IommufdError::not_supported(
-            "iommu_hwpt_set_dirty_tracking",
-            "no stage-2 dirty state (HTTU)",
-        ))
+    /// `iopt_set_dirty_tracking` over `arm_smmu_set_dirty_tracking`: EOPNOTSUPP for a
+    /// stage-2 domain (no dirty ops); turning it on makes every dirty leaf clean first, so
+    /// no page of an earlier round is reported; the hardware itself always tracks (CD.HD
+    /// is set at allocation), so turning it off changes nothing.
+    fn set_dirty(&mut self, enable: bool) -> Result<(), IommufdError> {
+        if !self.dirty_tracking() {
+            return Err(IommufdError::not_supported(
+                "iommu_hwpt_set_dirty_tracking",
+                "a HWPT allocated without IOMMU_HWPT_ALLOC_DIRTY_TRACKING",
+            ));
+        }
+        if enable {
+            self.clear_dirty()?;
+        }
+        Ok(())
     }
 
-    /// As [`PagingDomain::set_dirty`].
-    fn read_dirty(
-        &mut self,
-        _bitmap: &mut DirtyBitmap,
-        _no_clear: bool,
-    ) -> Result<(), IommufdError> {
-        Err(IommufdError::not_supported(
-            "iommu_hwpt_get_dirty_bitmap",
-            "no stage-2 dirty state (HTTU)",
-        ))
+    /// [`SmmuDomain::read_and_clear_dirty`]; EOPNOTSUPP for a stage-2 domain.
+    fn read_dirty(&mut self, bitmap: &mut DirtyBitmap, no_clear: bool) -> Result<(), IommufdError> {
+        self.read_and_clear_dirty(bitmap, no_clear)?;
+        Ok(())
     }
 }
 
@@ -418,8 +425,19 @@ impl IommuOps for Smmu {
             ucmd: UCMD_FAULT_QUEUE_ALLOC,
             handler: SmmuCtx::do_fault_queue_alloc,
         },
+        IoctlOp {
+            ucmd: UCMD_HWPT_SET_DIRTY_TRACKING,
+            handler: SmmuCtx::do_hwpt_set_dirty_tracking,
+        },
+        IoctlOp {
+            ucmd: UCMD_HWPT_GET_DIRTY_BITMAP,
+            handler: SmmuCtx::do_hwpt_get_dirty_bitmap,
+        },
     ];
-    const PAGING_FLAGS: u32 = IOMMU_HWPT_ALLOC_NEST_PARENT;
+    const PAGING_FLAGS: u32 = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
+    /// `arm_smmu_domain_alloc_paging_flags`: a nest parent is a stage 2, dirty tracking
+    /// is stage 1's.
+    const DIRTY_NEST_PARENT: bool = false;
     const HW_INFO_TYPE: u32 = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
     const NAME: &'static str = "smmuv3 iommufd";
 
@@ -435,15 +453,14 @@ impl IommuOps for Smmu {
         self.smmu.open_devices()
     }
 
-    /// A stage-2 domain (a VMID, a stage-2 table).
+    /// A stage-2 domain (a VMID, a stage-2 table); with `dirty` a stage-1 domain that
+    /// tracks dirty pages (EOPNOTSUPP without stage 1 and HTTU A and D).
     fn new_domain(&self, dirty: bool) -> Result<SmmuDomain, IommufdError> {
-        if dirty {
-            return Err(IommufdError::not_supported(
-                "paging HWPT",
-                "no stage-2 dirty state (HTTU)",
-            ));
-        }
-        Ok(SmmuDomain::new(&self.smmu)?)
+        Ok(if dirty {
+            SmmuDomain::new_dirty_tracking(&self.smmu)?
+        } else {
+            SmmuDomain::new(&self.smmu)?
+        })
     }
 
     /// A nest parent needs stage 1 and stage 2 (IDR0.S1P and S2P).
@@ -459,8 +476,9 @@ impl IommuOps for Smmu {
     }
 
     /// `arm_smmu_hw_info`: SMMU_IDR0..5, IIDR and AIDR as read now, as
-    /// `iommu_hw_info_arm_smmuv3`; the SubstreamID width as `out_max_pasid_log2`; no
-    /// capabilities (dirty tracking is not offered on the SMMU file).
+    /// `iommu_hw_info_arm_smmuv3`; the SubstreamID width as `out_max_pasid_log2`;
+    /// `IOMMU_HW_CAP_DIRTY_TRACKING` when the SMMU can track dirty pages
+    /// (`arm_smmu_capable`'s `IOMMU_CAP_DIRTY_TRACKING`, from IDR0.HTTU and S1P).
     fn hw_info(&self) -> Result<HwInfo, IommufdError> {
         const WHAT: &str = "iommu_hw_info";
         let hw = self.smmu.hardware();
@@ -483,7 +501,11 @@ impl IommuOps for Smmu {
         Ok(HwInfo {
             data: data.to_bytes().to_vec(),
             max_pasid_log2: self.smmu.features().ssid_bits,
-            capabilities: 0,
+            capabilities: if SmmuDomain::dirty_tracking_supported(&self.smmu) {
+                IOMMU_HW_CAP_DIRTY_TRACKING
+            } else {
+                0
+            },
         })
     }
 
@@ -1010,7 +1032,7 @@ impl IommufdCtx<Smmu> {
     /// The physical STE of HWPT `hwpt` for device `dev_id`, and whether it nests.
     fn ste_of(&self, dev_id: u32, hwpt: u32) -> Result<(Option<Ste>, bool), IommufdError> {
         match self.objects.get(&hwpt) {
-            Some(Object::HwptPaging(h)) => Ok((Some(h.domain.s2_ste()), false)),
+            Some(Object::HwptPaging(h)) => Ok((Some(h.domain.paging_ste()), false)),
             Some(Object::HwptNested(n)) => {
                 let cfg = vste_config(&n.vste);
                 let has_vdev = self.objects.values().any(

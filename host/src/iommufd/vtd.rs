@@ -243,6 +243,8 @@ impl IommuOps for Vtd {
     ];
     const PAGING_FLAGS: u32 =
         IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
+    /// `intel_iommu_domain_alloc_paging_flags` takes both: the second level tracks.
+    const DIRTY_NEST_PARENT: bool = true;
     const HW_INFO_TYPE: u32 = IOMMU_HW_INFO_TYPE_INTEL_VTD;
     const NAME: &'static str = "iommufd";
 

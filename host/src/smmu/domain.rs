@@ -12,10 +12,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use vsva_mem::PhysMem;
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{
-    builder::TableBuilder, cmd::Cmd, cmd::TlbiAddr, ste::Config, ste::S1Dss, ste::S1Fmt, ste::Ste,
-    walk::AddressSize, walk::PageSize, walk::S2Config, walk::S2Flags,
+    builder::TableBuilder, cd::ContextDescriptor, cmd::Cmd, cmd::TlbiAddr, features::Httu,
+    ste::Config, ste::S1Dss, ste::S1Fmt, ste::Ste, walk::AddressSize, walk::PageSize,
+    walk::S1Config, walk::S1Flags, walk::S2Config, walk::S2Flags,
 };
 use vsva_uapi::iommu::{
     IOMMU_CACHE_INV_TYPE_DEV_IOTLB, IOMMU_CACHE_INV_TYPE_IOTLB, IOMMU_CACHE_INV_TYPE_PASID,
@@ -26,9 +28,11 @@ use vsva_uapi::request::{
 };
 use vsva_vtd::{addr::Hpa, addr::Iova, addr::SourceId};
 
+use super::dirty::harvest;
 use super::unit::SmmuHost;
 use super::{driver_error, invalid};
 use crate::container::{BackendInfo, IommuBackend};
+use crate::driver::DirtyBitmap;
 use crate::error::HostError;
 use crate::fault::FaultSink;
 
@@ -46,12 +50,38 @@ const PAGE_SIZES: [PageSize; 3] = [PageSize::Size1G, PageSize::Size2M, PageSize:
 /// Normal memory, inner and outer write-back (S2 MemAttr 0b1111), inner shareable.
 const S2_NORMAL: u64 = 0b1111 << 2 | 3 << 8;
 
+/// A stage-1 leaf as io-pgtable-arm makes it: MAIR index 1 (write-back), inner
+/// shareable, AF, not global, unprivileged access (`AP[1]`).
+const S1_NORMAL: u64 = 1 << 2 | 3 << 8 | D::AF | D::NG | D::AP_EL0;
+
+/// The MAIR of a stage-1 domain's CD (Linux's `ARM_LPAE_MAIR_ATTR_*`): index 0
+/// non-cacheable, 1 write-back read/write-allocate, 2 Device-nGnRE, 3 inner
+/// non-cacheable outer write-back.
+const S1_MAIR: u64 = 0x44 | 0xff << 8 | 0x04 << 16 | 0xf4 << 24;
+
+/// The ASID of every stage-1 domain: each domain has a VMID of its own, which tags its
+/// TLB entries with the ASID, so one ASID serves them all.
+const S1_ASID: u16 = 1;
+
+/// A stage-1 domain's context (`arm_smmu_domain` at `ARM_SMMU_DOMAIN_S1`, the domain
+/// Linux allocates for `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`): a CD table of one CD in a frame
+/// of its own, whose CD has HA and HD set.
+#[derive(Debug)]
+struct Stage1 {
+    asid: u16,
+    /// The CD table's address.
+    cd_table: u64,
+}
+
 /// One container's domain.
 #[derive(Debug)]
 pub struct SmmuDomain {
     host: Arc<SmmuHost>,
     vmid: u16,
-    s2: S2Config,
+    /// The table's start table: S2TTB, or TTB0 of a stage-1 domain.
+    root: u64,
+    /// Set for a stage-1 domain.
+    stage1: Option<Stage1>,
     /// STE.S2PS: the output size, OAS capped at 48 bits.
     s2ps: AddressSize,
     /// The stage-2 table; taken only when the domain is dropped.
@@ -91,7 +121,8 @@ impl SmmuDomain {
         Ok(SmmuDomain {
             host: host.clone(),
             vmid,
-            s2,
+            root,
+            stage1: None,
             s2ps: oas,
             table: Some(TableBuilder::stage2(&s2)),
             devices: BTreeSet::new(),
@@ -99,6 +130,193 @@ impl SmmuDomain {
             pasid_table: None,
             nested: BTreeSet::new(),
         })
+    }
+
+    /// Whether the SMMU can track dirty pages (`arm_smmu_dbm_capable`): stage 1 with
+    /// IDR0.HTTU reporting A and D updates (IDR0.COHACC, which Linux also needs, is always
+    /// set by the model).
+    pub fn dirty_tracking_supported(host: &SmmuHost) -> bool {
+        let f = host.features();
+        f.s1p && f.httu == Httu::AccessDirty
+    }
+
+    /// A stage-1 domain that tracks dirty pages, as `arm_smmu_domain_alloc_paging_flags`
+    /// makes for `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` (`arm_smmu_domain_finalise_s1` with
+    /// `IO_PGTABLE_QUIRK_ARM_HD`): a VMID, an empty 48-bit stage-1 table, and a CD table of
+    /// one CD with HA and HD set; writable pages are mapped writable-clean. EOPNOTSUPP
+    /// unless [`SmmuDomain::dirty_tracking_supported`].
+    pub fn new_dirty_tracking(host: &Arc<SmmuHost>) -> Result<Self, HostError> {
+        if !Self::dirty_tracking_supported(host) {
+            return Err(HostError::Driver {
+                errno: libc::EOPNOTSUPP,
+                detail: "smmuv3: dirty tracking needs stage 1 and IDR0.HTTU A and D".into(),
+            });
+        }
+        let frames = host.frames();
+        let oom = |e| HostError::Driver {
+            errno: libc::ENOMEM,
+            detail: format!("smmuv3: stage-1 domain: {e}"),
+        };
+        let vmid = host.alloc_vmid()?;
+        let root = match frames.alloc_frame() {
+            Ok(r) => r.0,
+            Err(e) => {
+                host.free_vmid(vmid);
+                return Err(oom(e));
+            }
+        };
+        let cd_table = match frames.alloc_frame() {
+            Ok(c) => c.0,
+            Err(e) => {
+                let _ = frames.free(Hpa(root));
+                host.free_vmid(vmid);
+                return Err(oom(e));
+            }
+        };
+        let undo = || {
+            let _ = frames.free(Hpa(cd_table));
+            let _ = frames.free(Hpa(root));
+            host.free_vmid(vmid);
+        };
+        let oas = host.features().cap_oas(AddressSize::Bits48);
+        let t0sz = 64 - IPA_BITS as u8;
+        let flags = S1Flags {
+            ha: true,
+            hd: true,
+            ..S1Flags::default()
+        };
+        let s1 = match S1Config::new(root, t0sz, oas, flags) {
+            Ok(s1) => s1,
+            Err(e) => {
+                undo();
+                return Err(invalid(format!("stage-1 configuration: {e}")));
+            }
+        };
+        let cd = ContextDescriptor {
+            ir0: 1,
+            or0: 1,
+            sh0: 3,
+            ips: oas,
+            ha: true,
+            hd: true,
+            mair: S1_MAIR,
+            ..ContextDescriptor::new(root, t0sz, S1_ASID)
+        };
+        let mem = frames.memory();
+        for (i, w) in cd.encode().iter().enumerate() {
+            if let Err(e) = mem.write_u64(cd_table + 8 * i as u64, *w) {
+                undo();
+                return Err(invalid(format!("writing the CD: {e}")));
+            }
+        }
+        Ok(SmmuDomain {
+            host: host.clone(),
+            vmid,
+            root,
+            stage1: Some(Stage1 {
+                asid: S1_ASID,
+                cd_table,
+            }),
+            s2ps: oas,
+            table: Some(TableBuilder::stage1(&s1)),
+            devices: BTreeSet::new(),
+            mapped: BTreeMap::new(),
+            pasid_table: None,
+            nested: BTreeSet::new(),
+        })
+    }
+
+    /// Whether the domain tracks dirty pages (a stage-1 domain).
+    pub fn dirty_tracking(&self) -> bool {
+        self.stage1.is_some()
+    }
+
+    /// Reads the dirty pages of `bitmap`'s range into it (`IOMMU_HWPT_GET_DIRTY_BITMAP`,
+    /// `arm_smmu_read_and_clear_dirty`): every writable-dirty leaf that maps part of the
+    /// range sets the bits of the pages it maps. Unless `no_clear`, those leaves are made
+    /// writable-clean and their TLB entries and the streams' ATC entries invalidated
+    /// (`iommu_iotlb_sync` of the gathered range): a TLB entry of a writable-dirty leaf
+    /// would let the next write through without marking the leaf. Returns the number of
+    /// dirty leaves. EOPNOTSUPP for a stage-2 domain. The hardware tracks from the
+    /// domain's allocation: there is no off state to refuse a read in, as in Linux.
+    pub fn read_and_clear_dirty(
+        &self,
+        bitmap: &mut DirtyBitmap<'_>,
+        no_clear: bool,
+    ) -> Result<u64, HostError> {
+        self.harvest(bitmap.iova(), bitmap.last(), !no_clear, &mut |iova, len| {
+            bitmap.record(iova, len)
+        })
+    }
+
+    /// Makes every writable-dirty leaf clean, with the invalidations that follow (the
+    /// bitmap-less read iommufd's `iopt_clear_dirty_data` does when tracking is turned on).
+    pub fn clear_dirty(&self) -> Result<(), HostError> {
+        self.harvest(0, u64::MAX, true, &mut |_, _| {}).map(|_| ())
+    }
+
+    fn harvest(
+        &self,
+        start: u64,
+        last: u64,
+        clear: bool,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64, HostError> {
+        let Some(s1) = &self.stage1 else {
+            return Err(HostError::Driver {
+                errno: libc::EOPNOTSUPP,
+                detail: "smmuv3: dirty tracking on a stage-2 domain".into(),
+            });
+        };
+        let mem = self.host.frames().memory().clone();
+        let found = harvest(&*mem, self.root, start, last, clear, record)?;
+        if !found.cleaned.is_empty() {
+            let addrs: Vec<u64> = found.cleaned.iter().map(|l| l.0).collect();
+            let mut cmds = self.tlbi_stage1(s1.asid, &addrs);
+            self.atc_leaves(&found.cleaned, &mut cmds);
+            self.issue(&cmds);
+        }
+        Ok(found.dirty)
+    }
+
+    /// CMD_TLBI_NH_VA with the Leaf hint per leaf at `leaves` under the domain's VMID and
+    /// `asid`; past [`TLBI_RANGE_LIMIT`] leaves, CMD_TLBI_NH_ASID.
+    fn tlbi_stage1(&self, asid: u16, leaves: &[u64]) -> Vec<Cmd> {
+        let vmid = self.vmid;
+        if leaves.len() as u64 > TLBI_RANGE_LIMIT {
+            return vec![Cmd::TlbiNhAsid { vmid, asid }];
+        }
+        leaves
+            .iter()
+            .map(|&addr| Cmd::TlbiNhVa {
+                vmid,
+                asid,
+                addr: TlbiAddr {
+                    addr,
+                    leaf: true,
+                    ..TlbiAddr::default()
+                },
+            })
+            .collect()
+    }
+
+    /// CMD_ATC_INV of the span covering `leaves`, per stream (`arm_smmu_atc_inv_domain`).
+    fn atc_leaves(&self, leaves: &[(u64, u64)], cmds: &mut Vec<Cmd>) {
+        if !self.host.features().ats || leaves.is_empty() {
+            return;
+        }
+        let lo = leaves.iter().map(|l| l.0).min().unwrap_or(0);
+        let hi = leaves.iter().map(|l| l.0 + l.1).max().unwrap_or(0);
+        let (addr, size) = atc_span(lo, hi - lo);
+        for &sid in &self.devices {
+            cmds.push(Cmd::AtcInv {
+                sid,
+                ssid: None,
+                global: false,
+                addr,
+                size,
+            });
+        }
     }
 
     /// The SMMU.
@@ -144,16 +362,41 @@ impl SmmuDomain {
         read: bool,
         write: bool,
     ) -> Result<(), HostError> {
-        let mut attrs = D::AF | S2_NORMAL;
-        if read {
-            attrs |= D::S2AP_R;
-        }
-        if write {
-            attrs |= D::S2AP_W;
-        }
+        let attrs = if self.stage1.is_some() {
+            // io-pgtable-arm's stage-1 leaf: read-only, or writable-clean under
+            // IO_PGTABLE_QUIRK_ARM_HD (DBM with AP[2] set, the SMMU clears AP[2]).
+            S1_NORMAL | D::AP_RO | if write { D::DBM } else { 0 }
+        } else {
+            let mut attrs = D::AF | S2_NORMAL;
+            if read {
+                attrs |= D::S2AP_R;
+            }
+            if write {
+                attrs |= D::S2AP_W;
+            }
+            attrs
+        };
         self.map_range(ipa, hpa, size, attrs)?;
         self.mapped.insert(ipa, size);
         Ok(())
+    }
+
+    /// The STE of a stream attached to the domain itself: for a stage-1 domain its CD
+    /// table's (`arm_smmu_make_cdtable_ste`: stage 1 alone, one CD, the domain's VMID
+    /// tagging its TLB entries), otherwise [`SmmuDomain::s2_ste`].
+    pub(crate) fn paging_ste(&self) -> Ste {
+        let Some(s1) = &self.stage1 else {
+            return self.s2_ste();
+        };
+        Ste {
+            s1_context_ptr: s1.cd_table,
+            s1cir: 1,
+            s1cor: 1,
+            s1csh: 3,
+            s2vmid: self.vmid,
+            eats: self.s2_ste().eats,
+            ..Ste::new(Config::S1Trans)
+        }
     }
 
     /// The STE of a stream translated by stage 2 alone (`arm_smmu_make_s2_domain_ste`).
@@ -164,7 +407,7 @@ impl SmmuDomain {
             s2t0sz: 64 - IPA_BITS as u8,
             s2sl0: 2,
             s2ps: self.s2ps,
-            s2ttb: self.s2.root(),
+            s2ttb: self.root,
             s2r: true,
             s2ir0: 1,
             s2or0: 1,
@@ -408,7 +651,8 @@ impl SmmuDomain {
     /// removed (the whole VMID past [`TLBI_RANGE_LIMIT`] leaves); nested (combined) entries
     /// are not removed by CMD_TLBI_S2_IPA (IHI 0070 §4.4), so CMD_TLBI_NH_ALL under the VMID
     /// follows while a guest table is attached; the ATCs, which cache guest virtual
-    /// addresses when nested, are invalidated whole; then CMD_SYNC.
+    /// addresses when nested, are invalidated whole; then CMD_SYNC. A stage-1 domain's
+    /// leaves go with CMD_TLBI_NH_VA (NH_ASID past the limit) and the ATCs whole.
     fn unmap_range(&mut self, ipa: u64, size: u64) {
         let mem = self.host.frames().memory().clone();
         let Some(table) = self.table.as_mut() else {
@@ -429,6 +673,12 @@ impl SmmuDomain {
                 }
                 _ => at += PageSize::Size4K.bytes(),
             }
+        }
+        if let Some(s1) = &self.stage1 {
+            let mut cmds = self.tlbi_stage1(s1.asid, &leaves);
+            self.atc_all(&mut cmds);
+            self.issue(&cmds);
+            return;
         }
         let mut cmds: Vec<Cmd> = if leaves.len() as u64 > TLBI_RANGE_LIMIT {
             vec![Cmd::TlbiS12Vmall { vmid: self.vmid }]
@@ -784,7 +1034,10 @@ impl Drop for SmmuDomain {
             for &f in t.tables() {
                 let _ = frames.free(Hpa(f));
             }
-            let _ = frames.free(Hpa(self.s2.root()));
+            let _ = frames.free(Hpa(self.root));
+        }
+        if let Some(s1) = self.stage1.take() {
+            let _ = self.host.frames().free(Hpa(s1.cd_table));
         }
         self.host.free_vmid(self.vmid);
     }

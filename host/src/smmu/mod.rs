@@ -13,7 +13,12 @@
 //!   guest's CD table (at a guest physical address, walked through stage 2); the guest's
 //!   invalidations come back through `VFIO_IOMMU_CACHE_INVALIDATE` as commands tagged with
 //!   the domain's VMID. It is the container's [`IommuBackend`](crate::container::IommuBackend).
+//!   On iommufd a paging HWPT allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` is a
+//!   stage-1 domain instead, as Linux v6.13's `arm_smmu_domain_alloc_paging_flags` makes
+//!   it: its own CD table with HA and HD, writable pages mapped writable-clean, their
+//!   dirty state read and cleared by `dirty`.
 
+mod dirty;
 mod domain;
 mod event;
 mod irq;
