@@ -44,11 +44,11 @@ pub use host::{HostPasidTable, HostSva, PasidSource};
 pub use iommufd::{GuestPasids, Iommufd, IommufdDevice, UserBuffer};
 pub use prq::PageRequestOutcome;
 pub use shadow::{bind_data, host_invalidations, refusal, Binding, Refusal};
-pub use space::IommuAddressSpace;
+pub use space::{IommuAddressSpace, SmmuAddressSpace};
 pub use stats::VIommuStats;
 pub use translate::GpaTranslation;
 pub use viommu::{GuestRam, InterruptHandler, VIommu};
 pub use vsmmu::{
-    host_invalidation, HostConfig, PriOutcome, SmmuInterruptHandler, SmmuIommufd,
-    SmmuIommufdDevice, VSmmu, VSmmuConfig, VSmmuError, VSmmuStats, Vevent,
+    host_invalidation, HostConfig, PriOutcome, SmmuGpa, SmmuInterruptHandler, SmmuIommufd,
+    SmmuIommufdDevice, VSmmu, VSmmuConfig, VSmmuError, VSmmuFault, VSmmuStats, Vevent,
 };

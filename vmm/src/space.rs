@@ -1,175 +1,241 @@
-//! One (requester, PASID) address space of the vIOMMU as a vm-memory [`Iommu`], so that
-//! device models written against vm-memory's `IoMemory` (`IommuMemory` over the guest's
-//! `GuestMemoryMmap`) DMA through the guest's first-level tables unchanged.
+//! Address spaces of a virtual IOMMU as vm-memory [`Iommu`](vm_memory::Iommu)s, so that device models written
+//! against vm-memory's `IoMemory` (`IommuMemory` over the guest's `GuestMemoryMmap`) DMA
+//! through the guest's tables unchanged: one (requester, PASID) space of the vIOMMU
+//! ([`IommuAddressSpace`]), one (StreamID, SubstreamID) space of the vSMMU
+//! ([`SmmuAddressSpace`]).
 //!
-//! The address space keeps a vm-memory [`Iotlb`] filled from the vIOMMU's translations.
-//! It is one more IOTLB of the vIOMMU: the guest's invalidations remove from it what they
-//! remove from the vIOMMU's own, and nothing else does, so a stale translation stays in use
-//! until the guest invalidates it, exactly as with the vIOMMU's translations.
+//! Each address space keeps a vm-memory [`Iotlb`] filled from its unit's translations. It
+//! is one more TLB of the unit: the guest's invalidations remove from it what they remove
+//! from a TLB of that unit, and nothing else does, so a stale translation stays in use
+//! until the guest invalidates it. Both units share this machinery ([`SpaceUnit`]); what
+//! differs is how they translate a page and which cached pages an invalidation covers
+//! ([`SpaceScope`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, Weak};
 
 use vm_memory::iommu::{Error, IotlbFails, IotlbIterator, IovaRange};
-use vm_memory::{GuestAddress, Iommu, Iotlb, Permissions};
-use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, walk::AccessRequest};
+use vm_memory::{GuestAddress, Iotlb, Permissions};
 
-use crate::caches::IotlbScope;
-use crate::viommu::{lock, VIommu};
+use crate::viommu::lock;
 
 /// How many times a translation is retried when invalidations keep racing with it.
 const FILL_ATTEMPTS: usize = 4;
 
-/// The IOTLB of one address space, as the vIOMMU's invalidations see it.
-pub(crate) struct SpaceTlb {
-    sid: SourceId,
-    pasid: Option<Pasid>,
-    /// Domain id and effective PASID of the PASID entry the cached translations came from.
-    tag: Mutex<Option<(DomainId, Pasid)>>,
+/// Which cached pages of an address space an invalidation removes.
+pub(crate) trait SpaceScope: Copy + Send + Sync + 'static {
+    /// Which address space of the unit (its requester, PASID or SubstreamID, privilege).
+    type Key: Copy + fmt::Debug + Send + Sync + 'static;
+    /// What a translated page's TLB entry is tagged with (domain id and PASID, ASID).
+    type Tag: Copy + PartialEq + fmt::Debug + Send + Sync + 'static;
+
+    /// Whether the invalidation removes the cached page `page` of the space `key`, whose
+    /// entries came from `tag` (`None`: untranslated pages, cached while the unit did not
+    /// translate); `global`: the page's leaf serves every tag.
+    fn covers(&self, key: &Self::Key, tag: Option<Self::Tag>, page: &CachedPage) -> bool;
+}
+
+/// One page an address space holds: its input bytes `start..=last`, and whether its leaf
+/// is global (nG = 0: the TLB entry serves every ASID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CachedPage {
+    pub start: u64,
+    pub last: u64,
+    pub global: bool,
+}
+
+/// A page the unit translated for an address space.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SpacePage<T> {
+    /// The tag of the structure the translation came from (`None`: untranslated).
+    pub tag: Option<T>,
+    /// The leaf is global.
+    pub global: bool,
+    /// The page's size in bytes (a power of two).
+    pub size: u64,
+    /// The guest physical address of the page's first byte.
+    pub output: u64,
+    /// Writes are allowed without another walk (writable and dirty).
+    pub writable: bool,
+}
+
+/// A virtual IOMMU whose address spaces an [`AddressSpace`] serves.
+pub(crate) trait SpaceUnit: Send + Sync + 'static {
+    /// Its invalidations.
+    type Scope: SpaceScope;
+
+    /// Translates the page holding `addr` for the space `key`, `write` or read; a fault is
+    /// recorded as the unit records it, and its text returned.
+    fn translate_page(
+        &self,
+        key: &<Self::Scope as SpaceScope>::Key,
+        addr: u64,
+        write: bool,
+    ) -> Result<SpacePage<<Self::Scope as SpaceScope>::Tag>, String>;
+
+    /// The unit's address spaces.
+    fn spaces(&self) -> &Spaces<Self::Scope>;
+}
+
+/// What one address space caches: the vm-memory IOTLB and the pages in it.
+struct Cached<S: SpaceScope> {
+    /// The tag of every translated page cached (one structure at a time).
+    tag: Option<S::Tag>,
+    /// The pages cached, by first input byte.
+    pages: BTreeMap<u64, CachedPage>,
+}
+
+/// The IOTLB of one address space, as the unit's invalidations see it.
+pub(crate) struct SpaceTlb<S: SpaceScope> {
+    key: S::Key,
+    cached: Mutex<Cached<S>>,
     iotlb: RwLock<Iotlb>,
     /// Advanced by every invalidation: a translation started before one is not cached.
     epoch: AtomicU64,
 }
 
-impl SpaceTlb {
+impl<S: SpaceScope> SpaceTlb<S> {
     fn read(&self) -> RwLockReadGuard<'_, Iotlb> {
         self.iotlb.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Removes what `scope` covers. The epoch advances whatever the scope, so that a
+    /// Removes the pages `scope` covers. The epoch advances whatever the scope, so that a
     /// translation in flight, whose tag is not known yet, is not cached.
-    pub fn invalidate(&self, scope: IotlbScope) {
-        let mut tag = lock(&self.tag);
+    fn invalidate(&self, scope: S) {
+        let mut cached = lock(&self.cached);
         let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        let covered = match *tag {
-            Some((did, pasid)) => scope.covers(did, pasid, 0, u64::MAX),
-            // Untranslated pages, cached while translation was off.
-            None => scope == IotlbScope::All,
+        let tag = cached.tag;
+        cached.pages.retain(|_, page| {
+            let covered = scope.covers(&self.key, tag, page);
+            if covered {
+                iotlb.invalidate_mapping(GuestAddress(page.start), span(page));
+            }
+            !covered
+        });
+        if cached.pages.is_empty() {
+            cached.tag = None;
+        }
+    }
+
+    /// Caches one translated page at `base`, unless an invalidation happened since the translation
+    /// started (`epoch`) or the page's tag is not the tag of what is cached (then what is
+    /// cached goes: it came from a structure the unit no longer uses).
+    fn cache(&self, epoch: u64, base: u64, page: &SpacePage<S::Tag>) -> Result<(), Error> {
+        let mut cached = lock(&self.cached);
+        let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return Ok(());
+        }
+        if cached.tag != page.tag {
+            iotlb.invalidate_all();
+            cached.pages.clear();
+            cached.tag = page.tag;
+        }
+        // The last page of the address space ends at 2^64, which the IOTLB's ranges
+        // cannot hold: its last byte stays untranslated.
+        let last = base + (page.size - 1).min(u64::MAX - 1 - base);
+        let entry = CachedPage {
+            start: base,
+            last,
+            global: page.global,
         };
-        if !covered {
-            return;
-        }
-        match scope {
-            IotlbScope::Range(_, _, r) if r.last < u64::MAX => {
-                iotlb.invalidate_mapping(GuestAddress(r.start), (r.last - r.start + 1) as usize)
-            }
-            _ => {
-                iotlb.invalidate_all();
-                *tag = None;
-            }
-        }
+        let perms = if page.writable {
+            Permissions::ReadWrite
+        } else {
+            Permissions::Read
+        };
+        iotlb.set_mapping(
+            GuestAddress(base),
+            GuestAddress(page.output),
+            span(&entry),
+            perms,
+        )?;
+        cached.pages.insert(base, entry);
+        Ok(())
     }
 }
 
-/// A (requester id, PASID) address space of the vIOMMU, for vm-memory's `IommuMemory`.
-pub struct IommuAddressSpace {
-    viommu: Arc<VIommu>,
-    tlb: Arc<SpaceTlb>,
-    supervisor: bool,
+/// The length of a cached page (below 2^64 by construction).
+fn span(page: &CachedPage) -> usize {
+    (page.last - page.start + 1) as usize
 }
 
-impl fmt::Debug for IommuAddressSpace {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IommuAddressSpace")
-            .field("sid", &self.tlb.sid)
-            .field("pasid", &self.tlb.pasid)
-            .field("supervisor", &self.supervisor)
-            .finish_non_exhaustive()
+/// The live address spaces of a unit.
+pub(crate) struct Spaces<S: SpaceScope>(Mutex<Vec<Weak<SpaceTlb<S>>>>);
+
+impl<S: SpaceScope> Default for Spaces<S> {
+    fn default() -> Self {
+        Spaces(Mutex::default())
     }
 }
 
-impl VIommu {
-    /// The address space that requests of `sid` with `pasid` (or without PASID) see, with
-    /// user or supervisor privilege.
-    pub fn address_space(
-        self: &Arc<Self>,
-        sid: SourceId,
-        pasid: Option<Pasid>,
-        supervisor: bool,
-    ) -> IommuAddressSpace {
+impl<S: SpaceScope> Spaces<S> {
+    /// A new, empty IOTLB for the space `key`, which the unit's invalidations reach.
+    fn register(&self, key: S::Key) -> Arc<SpaceTlb<S>> {
         let tlb = Arc::new(SpaceTlb {
-            sid,
-            pasid,
-            tag: Mutex::new(None),
+            key,
+            cached: Mutex::new(Cached {
+                tag: None,
+                pages: BTreeMap::new(),
+            }),
             iotlb: RwLock::new(Iotlb::new()),
             epoch: AtomicU64::new(0),
         });
-        let mut spaces = lock(&self.spaces);
+        let mut spaces = lock(&self.0);
         spaces.retain(|w| w.strong_count() > 0);
         spaces.push(Arc::downgrade(&tlb));
-        IommuAddressSpace {
-            viommu: self.clone(),
-            tlb,
-            supervisor,
-        }
+        tlb
     }
 
-    /// Passes an IOTLB invalidation to the address spaces.
-    pub(crate) fn invalidate_spaces(&self, scope: IotlbScope) {
-        let spaces: Vec<_> = lock(&self.spaces)
-            .iter()
-            .filter_map(|w| w.upgrade())
-            .collect();
+    /// Passes an invalidation to every address space.
+    pub fn invalidate(&self, scope: S) {
+        let spaces: Vec<_> = lock(&self.0).iter().filter_map(|w| w.upgrade()).collect();
         for s in spaces {
             s.invalidate(scope);
         }
     }
 }
 
-impl IommuAddressSpace {
-    /// The requester id of the address space.
-    pub fn source_id(&self) -> SourceId {
-        self.tlb.sid
+/// One address space of `U`, for vm-memory's `IommuMemory`.
+pub(crate) struct AddressSpace<U: SpaceUnit> {
+    unit: Arc<U>,
+    tlb: Arc<SpaceTlb<U::Scope>>,
+}
+
+impl<U: SpaceUnit> AddressSpace<U> {
+    pub(crate) fn new(unit: Arc<U>, key: <U::Scope as SpaceScope>::Key) -> Self {
+        let tlb = unit.spaces().register(key);
+        AddressSpace { unit, tlb }
     }
 
-    /// The PASID of the address space (`None`: requests without PASID).
-    pub fn pasid(&self) -> Option<Pasid> {
-        self.tlb.pasid
+    /// Which address space it is.
+    pub(crate) fn key(&self) -> &<U::Scope as SpaceScope>::Key {
+        &self.tlb.key
     }
 
     /// Translates the pages the lookup could not serve and caches them.
     fn fill(&self, fails: &IotlbFails, access: Permissions) -> Result<(), Error> {
-        let request = AccessRequest {
-            write: access.has_write(),
-            execute: false,
-            supervisor: self.supervisor,
-        };
         for range in fails.misses.iter().chain(&fails.access_fails) {
             let end = range.base.0 + range.length as u64;
             let mut addr = range.base.0;
             while addr < end {
                 let epoch = self.tlb.epoch.load(Ordering::Acquire);
-                let t = self
-                    .viommu
-                    .translate(self.tlb.sid, self.tlb.pasid, addr, request)
-                    .map_err(|f| Error::CannotResolve {
+                let page = self
+                    .unit
+                    .translate_page(&self.tlb.key, addr, access.has_write())
+                    .map_err(|reason| Error::CannotResolve {
                         iova_range: IovaRange {
                             base: GuestAddress(addr),
                             length: (end - addr) as usize,
                         },
-                        reason: f.to_string(),
+                        reason,
                     })?;
-                let size = t.page_size.bytes();
-                let base = addr & !(size - 1);
-                let perms = if t.perms.write && t.dirty {
-                    Permissions::ReadWrite
-                } else {
-                    Permissions::Read
-                };
-                // The last page of the address space ends at 2^64, which the IOTLB's
-                // ranges cannot hold: its last byte stays untranslated.
-                let len = size.min(u64::MAX - base) as usize;
-                self.cache(
-                    epoch,
-                    t.did.zip(t.pasid),
-                    base,
-                    t.page_base().raw(),
-                    len,
-                    perms,
-                )?;
-                match base.checked_add(size) {
+                let base = addr & !(page.size - 1);
+                self.tlb.cache(epoch, base, &page)?;
+                match base.checked_add(page.size) {
                     Some(next) => addr = next,
                     None => break,
                 }
@@ -178,43 +244,12 @@ impl IommuAddressSpace {
         Ok(())
     }
 
-    /// Caches one translated page, unless an invalidation happened since the translation
-    /// started or the PASID entry's domain changed (then the old domain's pages go).
-    fn cache(
-        &self,
-        epoch: u64,
-        tag: Option<(DomainId, Pasid)>,
-        iova: u64,
-        gpa: u64,
-        len: usize,
-        perms: Permissions,
-    ) -> Result<(), Error> {
-        let mut current = lock(&self.tlb.tag);
-        let mut iotlb = self
-            .tlb
-            .iotlb
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.tlb.epoch.load(Ordering::Acquire) != epoch {
-            return Ok(());
-        }
-        if *current != tag {
-            iotlb.invalidate_all();
-            *current = tag;
-        }
-        iotlb.set_mapping(GuestAddress(iova), GuestAddress(gpa), len, perms)
-    }
-}
-
-impl Iommu for IommuAddressSpace {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
-
     fn translate(
         &self,
         iova: GuestAddress,
         length: usize,
         access: Permissions,
-    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
+    ) -> Result<IotlbIterator<RwLockReadGuard<'_, Iotlb>>, Error> {
         let range = || IovaRange { base: iova, length };
         if iova.0.checked_add(length as u64).is_none() {
             return Err(Error::CannotResolve {
@@ -233,4 +268,86 @@ impl Iommu for IommuAddressSpace {
             reason: "invalidations kept removing the translation".into(),
         })
     }
+}
+
+/// A public address space type over [`AddressSpace`] of a unit whose spaces are keyed by
+/// three values: the type with its `Iommu` and `Debug`, the unit's `address_space`
+/// constructor and an accessor for each value.
+macro_rules! address_space {
+    (
+        $(#[$doc:meta])* $name:ident of $unit:ty;
+        $(#[$new_doc:meta])* fn address_space;
+        $($(#[$field_doc:meta])* $field:ident: $ty:ty = $idx:tt),+ $(,)?
+    ) => {
+        $(#[$doc])*
+        pub struct $name(crate::space::AddressSpace<$unit>);
+
+        impl $unit {
+            $(#[$new_doc])*
+            pub fn address_space(self: &std::sync::Arc<Self>, $($field: $ty),+) -> $name {
+                $name(crate::space::AddressSpace::new(self.clone(), ($($field),+)))
+            }
+        }
+
+        impl $name {
+            $(
+                $(#[$field_doc])*
+                pub fn $field(&self) -> $ty {
+                    self.0.key().$idx
+                }
+            )+
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name))
+                    $(.field(stringify!($field), &self.$field()))+
+                    .finish_non_exhaustive()
+            }
+        }
+
+        impl vm_memory::Iommu for $name {
+            type IotlbGuard<'a> = std::sync::RwLockReadGuard<'a, vm_memory::Iotlb>;
+
+            fn translate(
+                &self,
+                iova: vm_memory::GuestAddress,
+                length: usize,
+                access: vm_memory::Permissions,
+            ) -> Result<vm_memory::iommu::IotlbIterator<Self::IotlbGuard<'_>>, vm_memory::iommu::Error>
+            {
+                self.0.translate(iova, length, access)
+            }
+        }
+    };
+}
+
+address_space! {
+    /// A (requester id, PASID) address space of the vIOMMU, for vm-memory's
+    /// `IommuMemory`.
+    IommuAddressSpace of crate::viommu::VIommu;
+    /// The address space that requests of `source_id` with `pasid` (or without PASID) see,
+    /// with user or `supervisor` privilege.
+    fn address_space;
+    /// The requester id of the address space.
+    source_id: vsva_vtd::addr::SourceId = 0,
+    /// The PASID of the address space (`None`: requests without PASID).
+    pasid: Option<vsva_vtd::addr::Pasid> = 1,
+    /// Whether its requests are supervisor requests.
+    supervisor: bool = 2,
+}
+
+address_space! {
+    /// A (StreamID, SubstreamID) address space of the vSMMU, for vm-memory's
+    /// `IommuMemory`.
+    SmmuAddressSpace of crate::vsmmu::VSmmu;
+    /// The address space that transactions of the emulated device `stream_id` with
+    /// `substream_id` (or without SubstreamID) see, privileged (PnU) or not.
+    fn address_space;
+    /// The StreamID of the address space.
+    stream_id: u32 = 0,
+    /// The SubstreamID of the address space (`None`: transactions without one).
+    substream_id: Option<u32> = 1,
+    /// Whether its transactions are privileged (PnU).
+    privileged: bool = 2,
 }

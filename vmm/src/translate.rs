@@ -15,6 +15,7 @@ use vsva_vtd::{
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};
+use crate::space::{CachedPage, SpacePage, SpaceScope, SpaceUnit, Spaces};
 use crate::stats::Counters;
 use crate::viommu::{lock, GuestRam, VIommu};
 
@@ -94,7 +95,7 @@ impl VIommu {
             } => IotlbScope::Range(did, pasid, range),
         };
         self.caches.invalidate_iotlb(scope);
-        self.invalidate_spaces(scope);
+        self.spaces.invalidate(scope);
     }
 }
 
@@ -237,5 +238,52 @@ impl RemappingUnit for Unit<'_> {
             access,
             &mut (),
         )
+    }
+}
+
+/// The vIOMMU's invalidations as its address spaces see them: a page tagged with the domain
+/// id and PASID of its PASID entry goes when the IOTLB invalidation covers that tag and
+/// the page's input bytes; untranslated pages only with a global invalidation.
+impl SpaceScope for IotlbScope {
+    /// Requester id, PASID (`None`: requests without PASID), supervisor privilege.
+    type Key = (SourceId, Option<Pasid>, bool);
+    type Tag = (DomainId, Pasid);
+
+    fn covers(&self, _key: &Self::Key, tag: Option<Self::Tag>, page: &CachedPage) -> bool {
+        match tag {
+            Some((did, pasid)) => IotlbScope::covers(self, did, pasid, page.start, page.last),
+            None => *self == IotlbScope::All,
+        }
+    }
+}
+
+impl SpaceUnit for VIommu {
+    type Scope = IotlbScope;
+
+    fn translate_page(
+        &self,
+        &(sid, pasid, supervisor): &(SourceId, Option<Pasid>, bool),
+        addr: u64,
+        write: bool,
+    ) -> Result<SpacePage<(DomainId, Pasid)>, String> {
+        let access = AccessRequest {
+            write,
+            execute: false,
+            supervisor,
+        };
+        let t = self
+            .translate(sid, pasid, addr, access)
+            .map_err(|f| f.to_string())?;
+        Ok(SpacePage {
+            tag: t.did.zip(t.pasid),
+            global: false,
+            size: t.page_size.bytes(),
+            output: t.page_base().raw(),
+            writable: t.perms.write && t.dirty,
+        })
+    }
+
+    fn spaces(&self) -> &Spaces<IotlbScope> {
+        &self.spaces
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use vsva_mem::MemError;
 use vsva_mem::PhysMem;
 
@@ -28,7 +28,7 @@ use crate::config::{VIommuConfig, PASID_BITS};
 use crate::error::{HostCall, HostCallError, VIommuError};
 use crate::host::PasidSource;
 use crate::shadow::{InclusiveFlushes, Passthrough, SyncPass};
-use crate::space::SpaceTlb;
+use crate::space::Spaces;
 use crate::stats::{Counters, VIommuStats};
 
 /// Receives the interrupt messages the vIOMMU raises (fault, invalidation completion and
@@ -63,7 +63,7 @@ pub struct VIommu {
     pub(crate) guest_pasids: Mutex<BTreeSet<Pasid>>,
     pub(crate) devices: Mutex<Vec<Passthrough>>,
     pub(crate) caches: Caches,
-    pub(crate) spaces: Mutex<Vec<Weak<SpaceTlb>>>,
+    pub(crate) spaces: Spaces<IotlbScope>,
     /// Serialises invalidation processing; holds the host IOTLB invalidations the last
     /// descriptor forwarded, and the shadow pass (reused, so a pass does not allocate).
     queue: Mutex<(InclusiveFlushes, SyncPass)>,
@@ -104,7 +104,7 @@ impl VIommu {
             guest_pasids: Mutex::default(),
             devices: Mutex::default(),
             caches: Caches::default(),
-            spaces: Mutex::default(),
+            spaces: Spaces::default(),
             queue: Mutex::default(),
             counters: Counters::default(),
             host_errors: Mutex::default(),
@@ -145,7 +145,7 @@ impl VIommu {
             if regs.translation_enabled() != translating {
                 // What the address spaces cached with translation off (or on) is not what
                 // requests see now.
-                self.invalidate_spaces(IotlbScope::All);
+                self.spaces.invalidate(IotlbScope::All);
             }
             effects
         };

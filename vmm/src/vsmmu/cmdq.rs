@@ -16,6 +16,7 @@ use vsva_vtd::addr::Pasid;
 
 use std::sync::Arc;
 
+use super::space::SmmuScope;
 use super::stream::HostConfig;
 use super::{SmmuIommufd, StreamHost, VSmmu};
 use crate::error::HostCall;
@@ -261,6 +262,9 @@ impl VSmmu {
     /// Carries out one legal command (for the devices on an iommufd, what changes their
     /// STE; their invalidations are gathered by [`VSmmu::gather`]).
     fn execute(&self, cmd: &Cmd, irqs: &mut Vec<Irq>) {
+        if let Some(scope) = SmmuScope::of(cmd) {
+            self.spaces.invalidate(scope);
+        }
         match *cmd {
             Cmd::CfgiSte { sid, .. } => self.resync_streams(|s| s == sid, Some(irqs)),
             Cmd::CfgiSteRange { range: 31, .. } => {

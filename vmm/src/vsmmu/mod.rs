@@ -56,6 +56,7 @@
 mod cmdq;
 mod fault;
 mod iommufd;
+mod space;
 mod stall;
 mod stream;
 
@@ -72,11 +73,13 @@ use vsva_vtd::addr::SourceId;
 
 use crate::error::{HostCall, HostCallError};
 use crate::host::HostPasidTable;
+use crate::space::Spaces;
 use crate::viommu::{lock, GuestRam};
 
 pub use cmdq::host_invalidation;
 pub use fault::PriOutcome;
 pub use iommufd::{SmmuIommufd, SmmuIommufdDevice, Vevent};
+pub use space::{SmmuGpa, VSmmuFault};
 pub use stream::HostConfig;
 
 /// Receives the vSMMU's interrupts (GERROR, event queue, PRI queue) with the MSI the guest
@@ -197,6 +200,8 @@ pub struct VSmmu {
     host_errors: Mutex<Vec<HostCallError>>,
     /// The host stalls shown to the guest, by vSTAG.
     stalls: Mutex<stall::StallTags>,
+    /// The vm-memory address spaces of emulated devices.
+    spaces: Spaces<space::SmmuScope>,
 }
 
 impl fmt::Debug for VSmmu {
@@ -236,6 +241,7 @@ impl VSmmu {
             stats: Mutex::default(),
             host_errors: Mutex::default(),
             stalls: Mutex::default(),
+            spaces: Spaces::default(),
         }))
     }
 
@@ -272,6 +278,7 @@ impl VSmmu {
             RegEffect::CmdqProd => self.consume_commands(&mut irqs),
             RegEffect::Cr0 { old, new } => {
                 if (old ^ new) & cr0::SMMUEN != 0 {
+                    self.spaces.invalidate(space::SmmuScope::All);
                     self.resync_streams(|_| true, None);
                 }
                 if old & cr0::CMDQEN == 0 && new & cr0::CMDQEN != 0 {
@@ -279,7 +286,10 @@ impl VSmmu {
                 }
             }
             // GBPA decides what the streams do while SMMUEN is clear.
-            RegEffect::Config if offset == offset::GBPA => self.resync_streams(|_| true, None),
+            RegEffect::Config if offset == offset::GBPA => {
+                self.spaces.invalidate(space::SmmuScope::All);
+                self.resync_streams(|_| true, None)
+            }
             // Acknowledging CMDQ_ERR resumes the commands already produced.
             _ if offset == offset::GERRORN => self.consume_commands(&mut irqs),
             _ => {}

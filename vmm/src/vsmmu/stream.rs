@@ -215,26 +215,10 @@ impl VSmmu {
         sid: u32,
         report: Option<&mut Vec<Irq>>,
     ) -> (HostConfig, bool, [u64; 2]) {
-        let (enabled, gbpa, table) = {
-            let regs = lock(&self.regs);
-            (
-                regs.cr0ack() & cr0::SMMUEN != 0,
-                regs.read(offset::GBPA, 4).unwrap_or(GBPA_ABORT as u64) as u32,
-                regs.stream_table(),
-            )
-        };
-        if !enabled {
-            return if gbpa & GBPA_ABORT != 0 {
-                (HostConfig::Abort, false, VSTE_ABORT)
-            } else {
-                (HostConfig::Stage2, false, VSTE_BYPASS)
-            };
-        }
-        let features = self.config.features;
-        let found = match table {
-            Ok(t) => t.find_ste(&*self.mem, &features, sid),
-            // A reserved stream table format finds no STE.
-            Err(_) => Err(ConfigFault::BadStreamId),
+        let found = match self.guest_ste(sid) {
+            GuestSte::Disabled { abort: true } => return (HostConfig::Abort, false, VSTE_ABORT),
+            GuestSte::Disabled { abort: false } => return (HostConfig::Stage2, false, VSTE_BYPASS),
+            GuestSte::Enabled(found) => found,
         };
         let ste = match found {
             Ok(ste) => ste,
@@ -337,6 +321,42 @@ impl VSmmu {
             }
         }
         at
+    }
+}
+
+/// What the guest's registers make of a stream's transactions.
+pub(super) enum GuestSte {
+    /// SMMU_CR0.SMMUEN is clear: SMMU_GBPA aborts them (`abort`) or lets them bypass.
+    Disabled {
+        /// GBPA.ABORT.
+        abort: bool,
+    },
+    /// The SMMU is enabled: the stream's STE, or why it has none.
+    Enabled(Result<Ste, ConfigFault>),
+}
+
+impl VSmmu {
+    /// The guest's configuration of the stream `sid` (§6.3.9, §3.3): GBPA while the SMMU
+    /// is disabled, its STE in the stream table otherwise.
+    pub(super) fn guest_ste(&self, sid: u32) -> GuestSte {
+        let (enabled, gbpa, table) = {
+            let regs = lock(&self.regs);
+            (
+                regs.cr0ack() & cr0::SMMUEN != 0,
+                regs.read(offset::GBPA, 4).unwrap_or(GBPA_ABORT as u64) as u32,
+                regs.stream_table(),
+            )
+        };
+        if !enabled {
+            return GuestSte::Disabled {
+                abort: gbpa & GBPA_ABORT != 0,
+            };
+        }
+        GuestSte::Enabled(match table {
+            Ok(t) => t.find_ste(&*self.mem, &self.config.features, sid),
+            // A reserved stream table format finds no STE.
+            Err(_) => Err(ConfigFault::BadStreamId),
+        })
     }
 }
 
