@@ -63,7 +63,7 @@ const GSID: u32 = 0x18;
 const PAGE: u64 = 4096;
 
 /// The guest kernel's register accesses: MMIO to its VM's vSMMU.
-pub struct VSmmuMmio(Arc<VSmmu>);
+pub struct VSmmuMmio(pub Arc<VSmmu>);
 
 impl Registers for VSmmuMmio {
     fn read(&self, offset: u64, size: usize) -> Result<u64, RegError> {

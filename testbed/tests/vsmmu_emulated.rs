@@ -1,0 +1,432 @@
+//! Emulated devices on an arm64 guest: the virtual SMMUv3 translates their transactions
+//! itself, through the guest's STE, CD and AArch64 stage-1 tables, and serves device
+//! models written against vm-memory through an `Iommu` address space whose IOTLB keeps
+//! what it translated until the guest's own commands invalidate it. The guest is the
+//! arm64 guest model: its arm-smmu-v3 driver (`SmmuSva`) binds processes to SubstreamIDs.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Permissions};
+use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
+use vsva_mem::PhysMem;
+use vsva_smmuv3::regs::{cr0, offset};
+use vsva_smmuv3::walk::{walk_stage1, AccessRequest, PageSize, S1Config, WalkRecord};
+use vsva_smmuv3::{
+    builder::TableBuilder, cd::ContextDescriptor, desc::Descriptor as D, event::Event,
+    event::EventType, features::Features, ste::Config, ste::S1Dss, ste::S1Fmt, ste::Ste,
+};
+use vsva_testbed::smmu_demo::VSmmuMmio;
+use vsva_vmm::{SmmuAddressSpace, VSmmu, VSmmuConfig};
+use vsva_vtd::addr::{Gpa, Gva};
+
+const RAM: u64 = 64 << 20;
+/// The emulated device's StreamID.
+const SID: u32 = 0x20;
+const PAGE: u64 = 4096;
+
+type IoMem = IommuMemory<GuestMemoryMmap, SmmuAddressSpace>;
+
+/// An arm64 VM whose guest kernel drives the vSMMU, with an emulated device attached.
+struct Vm {
+    ram: Arc<GuestMemoryMmap>,
+    vsmmu: Arc<VSmmu>,
+    guest: Option<Arc<SmmuSva<VSmmuMmio>>>,
+    frames: Arc<GuestFrames>,
+}
+
+impl Vm {
+    fn new() -> Vm {
+        let ram =
+            Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
+        let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).unwrap();
+        let frames = Arc::new(GuestFrames::new(ram.clone(), Gpa(16 << 20), 48 << 20).unwrap());
+        let guest = SmmuSva::new(VSmmuMmio(vsmmu.clone()), ram.clone(), frames.clone()).unwrap();
+        guest.attach_device(SID).unwrap();
+        Vm {
+            ram,
+            vsmmu,
+            guest: Some(guest),
+            frames,
+        }
+    }
+
+    fn guest(&self) -> &Arc<SmmuSva<VSmmuMmio>> {
+        self.guest.as_ref().unwrap()
+    }
+
+    fn process(&self) -> Arc<Process> {
+        Arc::new(Process::new_aarch64(self.ram.clone(), self.frames.clone()).unwrap())
+    }
+
+    /// The device's unprivileged address space of `ssid`, as vm-memory sees it.
+    fn io(&self, ssid: Option<u32>) -> IoMem {
+        let space = self.vsmmu.address_space(SID, ssid, false);
+        IommuMemory::new((*self.ram).clone(), space, true, ())
+    }
+
+    /// The events the guest's driver reads from its event queue.
+    fn events(&self) -> Vec<Event> {
+        self.guest().read_events().unwrap()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(g) = self.guest.take() {
+            g.shutdown().unwrap();
+        }
+    }
+}
+
+fn io_read(mem: &IoMem, addr: u64, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+    use vm_memory::GuestMemory;
+    let mut out = vec![0u8; len];
+    let mut at = 0;
+    for slice in mem.get_slices(GuestAddress(addr), len, Permissions::Read)? {
+        at += slice?.copy_to(&mut out[at..]);
+    }
+    Ok(out)
+}
+
+fn io_write(mem: &IoMem, addr: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::GuestMemory;
+    let mut at = 0;
+    for slice in mem.get_slices(GuestAddress(addr), data.len(), Permissions::Write)? {
+        let slice = slice?;
+        slice.copy_from(&data[at..at + slice.len()]);
+        at += slice.len();
+    }
+    Ok(())
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// The guest physical address of the level-3 descriptor that maps `va` in `p`'s tables.
+fn leaf_slot(p: &Process, ram: &GuestMemoryMmap, va: u64) -> u64 {
+    let cfg = ContextDescriptor::new(p.cr3().0, 16, 1)
+        .s1_config(&Features::VSVA)
+        .unwrap();
+    let mut rec = WalkRecord::default();
+    walk_stage1(ram, &cfg, va, AccessRequest::READ, &mut rec).unwrap();
+    rec.steps.last().unwrap().entry_address
+}
+
+/// Points the page at `va` to `frame` in `p`'s tables behind the guest driver's back:
+/// nothing is invalidated.
+fn retarget(p: &Process, ram: &GuestMemoryMmap, va: u64, frame: u64) {
+    let slot = leaf_slot(p, ram, va);
+    let leaf = ram.read_u64(slot).unwrap();
+    ram.write_u64(slot, (leaf & !D::ADDR_MASK) | frame).unwrap();
+}
+
+#[test]
+fn an_emulated_device_reads_and_writes_process_memory_at_virtual_addresses() {
+    let vm = Vm::new();
+    let p = vm.process();
+    let buf = p.mmap(3 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let data = pattern(2 * PAGE as usize, 3);
+    p.write(Gva(buf), &data).unwrap();
+    let ssid = vm.guest().bind(SID, &p).unwrap();
+    let io = vm.io(Some(ssid));
+    assert_eq!(io.iommu().substream_id(), Some(ssid));
+    // A read across page boundaries gathers the process's pages (not contiguous in RAM).
+    assert_eq!(
+        io_read(&io, buf + 0x10, 2 * PAGE as usize - 0x10).unwrap(),
+        data[0x10..]
+    );
+    // A write lands in guest RAM where the process's tables put it.
+    io_write(&io, buf + PAGE + 0xff8, b"written by DMA").unwrap();
+    let mut back = [0u8; 14];
+    p.read(Gva(buf + PAGE + 0xff8), &mut back).unwrap();
+    assert_eq!(&back, b"written by DMA");
+    let gpa = p.translate(Gva(buf + 2 * PAGE)).unwrap().0;
+    let mut raw = [0u8; 6];
+    vm.ram.read(gpa, &mut raw).unwrap();
+    assert_eq!(&raw, b"by DMA");
+    assert_eq!(vm.events(), [], "no fault");
+    // The vSMMU's own translation says the same, with the CD's ASID.
+    let (_, asid) = vm.guest().bonds(SID)[0];
+    let t = vm
+        .vsmmu
+        .translate(SID, Some(ssid), buf + 2 * PAGE + 5, AccessRequest::READ)
+        .unwrap();
+    assert_eq!((t.translation.output, t.asid), (gpa + 5, Some(asid)));
+    assert_eq!(t.translation.page_size, PageSize::Size4K);
+}
+
+#[test]
+fn unmapped_and_read_only_pages_fault_at_the_exact_address() {
+    let vm = Vm::new();
+    let p = vm.process();
+    let buf = p.mmap(2 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let ro = p.mmap(PAGE, Prot::READ).unwrap().0;
+    let ssid = vm.guest().bind(SID, &p).unwrap();
+    let io = vm.io(Some(ssid));
+    assert!(io_read(&io, buf + PAGE, 8).is_ok());
+    p.munmap(Gva(buf + PAGE), PAGE).unwrap();
+    // The munmap's TLBI removed the page: the access fails and the guest sees why.
+    let at = buf + PAGE + 0x123;
+    assert!(io_read(&io, at, 8).is_err());
+    let events = vm.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.event_type, e.sid, e.ssid, e.input_addr, e.rnw, e.pnu),
+        (EventType::Translation, SID, Some(ssid), at, true, false)
+    );
+    // The page before it is still there.
+    assert!(io_read(&io, buf + 0xff0, 0x10).is_ok());
+    // A read-only page reads, and a write to it is F_PERMISSION with RnW clear.
+    assert!(io_read(&io, ro, 8).is_ok());
+    assert!(io_write(&io, ro + 0x40, &[1; 8]).is_err());
+    let events = vm.events();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.event_type, e.input_addr, e.rnw))
+            .collect::<Vec<_>>(),
+        [(EventType::Permission, ro + 0x40, false)]
+    );
+    let mut back = [0xffu8; 8];
+    p.read(Gva(ro + 0x40), &mut back).unwrap();
+    assert_eq!(back, [0; 8], "nothing written");
+    // A privileged address space: the process's pages are EL0 pages, which PAN does not
+    // forbid here (the CD leaves PAN clear), so a privileged read succeeds as well.
+    let sup: IoMem = IommuMemory::new(
+        (*vm.ram).clone(),
+        vm.vsmmu.address_space(SID, Some(ssid), true),
+        true,
+        (),
+    );
+    assert!(io_read(&sup, buf, 8).is_ok());
+}
+
+#[test]
+fn a_stale_translation_is_used_until_the_guest_invalidates_it() {
+    let vm = Vm::new();
+    let p = vm.process();
+    let buf = p.mmap(2 * PAGE, Prot::READ_WRITE).unwrap().0;
+    let other = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    p.write(Gva(buf), b"old page").unwrap();
+    p.write(Gva(other), b"new page").unwrap();
+    let ssid = vm.guest().bind(SID, &p).unwrap();
+    let io = vm.io(Some(ssid));
+    assert_eq!(io_read(&io, buf, 8).unwrap(), b"old page");
+    // The guest's table now says `other`'s frame, but nobody invalidated: the address
+    // space keeps the translation it holds, as an SMMU's TLB does.
+    let frame = p.translate(Gva(other)).unwrap().0;
+    retarget(&p, &vm.ram, buf, frame);
+    assert_eq!(io_read(&io, buf, 8).unwrap(), b"old page");
+    // Invalidations that do not cover it leave it: another page of the ASID (munmap's
+    // CMD_TLBI_NH_VA), another SubstreamID's CD (CMD_CFGI_CD of a second bond, its unbind).
+    p.munmap(Gva(buf + PAGE), PAGE).unwrap();
+    let q = vm.process();
+    let ssid2 = vm.guest().bind(SID, &q).unwrap();
+    vm.guest().unbind(SID, ssid2).unwrap();
+    assert_eq!(io_read(&io, buf, 8).unwrap(), b"old page");
+    // mprotect of the page: its CMD_TLBI_NH_VA reaches the address space, and the next
+    // access walks the table again.
+    p.mprotect(Gva(buf), PAGE, Prot::READ_WRITE).unwrap();
+    assert_eq!(io_read(&io, buf, 8).unwrap(), b"new page");
+    // Unbinding the process (CD cleared, CMD_CFGI_CD, CMD_TLBI_NH_ASID) ends it: C_BAD_CD.
+    vm.guest().unbind(SID, ssid).unwrap();
+    assert!(io_read(&io, buf, 8).is_err());
+    let events = vm.events();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.event_type, e.ssid))
+            .collect::<Vec<_>>(),
+        [(EventType::BadCd, Some(ssid))]
+    );
+}
+
+#[test]
+fn aborting_streams_and_substream_ids_beyond_s1cdmax_are_refused() {
+    let vm = Vm::new();
+    let p = vm.process();
+    let buf = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    p.write(Gva(buf), b"process!").unwrap();
+    let ssid = vm.guest().bind(SID, &p).unwrap();
+    // Without a SubstreamID stage 1 is bypassed (S1DSS): the address is a GPA.
+    let gpa = p.translate(Gva(buf)).unwrap().0;
+    let plain = vm.io(None);
+    assert_eq!(io_read(&plain, gpa, 8).unwrap(), b"process!");
+    // A SubstreamID beyond the CD table (S1CDMax = SSID_BITS): C_BAD_SUBSTREAMID.
+    let beyond = 1 << vsva_guest::smmu::SSID_BITS;
+    assert!(io_read(&vm.io(Some(beyond)), buf, 8).is_err());
+    let events = vm.events();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.event_type, e.sid, e.ssid))
+            .collect::<Vec<_>>(),
+        [(EventType::BadSubstreamId, SID, Some(beyond))]
+    );
+    // Detached: the guest's STE aborts (CMD_CFGI_STE removes what the spaces held), with
+    // no event, whatever the SubstreamID.
+    let io = vm.io(Some(ssid));
+    assert!(io_read(&io, buf, 8).is_ok());
+    vm.guest().unbind(SID, ssid).unwrap();
+    vm.guest().detach_device(SID).unwrap();
+    assert!(io_read(&io, buf, 8).is_err());
+    assert!(io_read(&plain, gpa, 8).is_err());
+    assert_eq!(vm.events(), [], "an aborting STE records nothing");
+    // A stream the guest never attached has an STE that aborts too.
+    let stranger: IoMem = IommuMemory::new(
+        (*vm.ram).clone(),
+        vm.vsmmu.address_space(SID + 1, None, false),
+        true,
+        (),
+    );
+    assert!(io_read(&stranger, gpa, 8).is_err());
+}
+
+#[test]
+fn two_address_spaces_never_see_each_others_entries() {
+    let vm = Vm::new();
+    let (p, q) = (vm.process(), vm.process());
+    // Both processes map their buffer at the same virtual address.
+    let a = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    let b = q.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    assert_eq!(a, b);
+    p.write(Gva(a), b"process p").unwrap();
+    q.write(Gva(b), b"process q").unwrap();
+    let sp = vm.guest().bind(SID, &p).unwrap();
+    let sq = vm.guest().bind(SID, &q).unwrap();
+    let bonds = vm.guest().bonds(SID);
+    assert_ne!(bonds[0].1, bonds[1].1, "two ASIDs");
+    let (iop, ioq) = (vm.io(Some(sp)), vm.io(Some(sq)));
+    assert_eq!(io_read(&iop, a, 9).unwrap(), b"process p");
+    assert_eq!(io_read(&ioq, a, 9).unwrap(), b"process q");
+    // p's page goes stale; q's munmap invalidates the same address under q's ASID, which
+    // leaves p's entry where it is.
+    let spare = p.mmap(PAGE, Prot::READ_WRITE).unwrap().0;
+    p.write(Gva(spare), b"p's spare").unwrap();
+    retarget(&p, &vm.ram, a, p.translate(Gva(spare)).unwrap().0);
+    q.munmap(Gva(b), PAGE).unwrap();
+    assert_eq!(io_read(&iop, a, 9).unwrap(), b"process p");
+    assert!(io_read(&ioq, a, 9).is_err());
+    let events = vm.events();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.event_type, e.ssid, e.input_addr))
+            .collect::<Vec<_>>(),
+        [(EventType::Translation, Some(sq), a)]
+    );
+    // p's own invalidation of the address takes it.
+    p.mprotect(Gva(a), PAGE, Prot::READ_WRITE).unwrap();
+    assert_eq!(io_read(&iop, a, 9).unwrap(), b"p's spare");
+}
+
+/// Guest RAM layout of the property test: the stream table, the CD, the stage-1 tables'
+/// frames, and the pages they map.
+const STRTAB: u64 = 0x10_0000;
+const CD: u64 = 0x11_0000;
+const TABLES: u64 = 0x20_0000;
+const DATA: u64 = 0x100_0000;
+
+/// A vSMMU programmed by hand (no command queue needed: nothing is invalidated) whose
+/// StreamID 0 translates with the stage-1 table at `root` through one CD with ASID 5.
+fn hand_programmed(ram: &Arc<GuestMemoryMmap>, root: u64) -> Arc<VSmmu> {
+    let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).unwrap();
+    let cd = ContextDescriptor::new(root, 16, 5);
+    for (i, w) in cd.encode().iter().enumerate() {
+        ram.write_u64(CD + 8 * i as u64, *w).unwrap();
+    }
+    let ste = Ste {
+        s1_context_ptr: CD,
+        s1fmt: S1Fmt::Linear,
+        s1cdmax: 0,
+        s1dss: S1Dss::Terminate,
+        ..Ste::new(Config::S1Trans)
+    };
+    for (i, w) in ste.encode().iter().enumerate() {
+        ram.write_u64(STRTAB + 8 * i as u64, *w).unwrap();
+    }
+    vsmmu.write(offset::STRTAB_BASE, 8, STRTAB).unwrap();
+    vsmmu.write(offset::STRTAB_BASE_CFG, 4, 1).unwrap();
+    vsmmu.write(offset::CR0, 4, cr0::SMMUEN as u64).unwrap();
+    vsmmu
+}
+
+/// One random leaf: index of a 2 MiB slot, whether it is a block, attribute bits.
+fn leaf() -> impl Strategy<Value = (u64, bool, u64)> {
+    let attr = prop::sample::select(vec![D::AF, D::AP_EL0, D::AP_RO, D::NG, D::PXN, D::UXN]);
+    (0u64..8, any::<bool>(), prop::collection::vec(attr, 0..6))
+        .prop_map(|(slot, block, attrs)| (slot, block, attrs.into_iter().fold(0, |a, b| a | b)))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// For random guest mappings (pages and 2 MiB blocks with random AF, AP[2:1], nG,
+    /// PXN/UXN), every probe (address, read or write, privileged or not) translates
+    /// through the vSMMU's vm-memory `Iommu` to what the smmuv3 stage-1 walker gives, and
+    /// faults where the walker faults.
+    #[test]
+    fn the_iommu_translates_as_the_stage1_walker(
+        leaves in prop::collection::vec(leaf(), 1..6),
+        probes in prop::collection::vec(
+            (0u64..8, 0u64..(2 << 20), any::<bool>(), any::<bool>()), 1..24),
+    ) {
+        const VA: u64 = 0x40_0000_0000;
+        let ram = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap());
+        let cfg: S1Config = ContextDescriptor::new(TABLES, 16, 5)
+            .s1_config(&Features::VSVA)
+            .unwrap();
+        let mut builder = TableBuilder::stage1(&cfg);
+        let mut next = TABLES + PAGE;
+        let mut alloc = || {
+            let f = next;
+            next += PAGE;
+            Some(f)
+        };
+        for (i, &(slot, block, attrs)) in leaves.iter().enumerate() {
+            let va = VA + slot * (2 << 20);
+            let (size, pa) = if block {
+                (PageSize::Size2M, DATA)
+            } else {
+                (PageSize::Size4K, DATA + i as u64 * PAGE)
+            };
+            // A slot already used keeps its first leaf.
+            let _ = builder.map(&*ram, &mut alloc, va, pa, size, attrs);
+        }
+        let vsmmu = hand_programmed(&ram, TABLES);
+        let spaces = [
+            vsmmu.address_space(0, None, false),
+            vsmmu.address_space(0, None, true),
+        ];
+        for &(slot, off, write, privileged) in &probes {
+            let va = VA + slot * (2 << 20) + off;
+            let access = AccessRequest { write, instruction: false, privileged };
+            let want = walk_stage1(&*ram, &cfg, va, access, &mut ())
+                .map(|t| t.output)
+                .map_err(|f| f.kind);
+            let perms = if write { Permissions::Write } else { Permissions::Read };
+            let got = spaces[privileged as usize]
+                .translate(GuestAddress(va), 1, perms)
+                .map(|mut it| it.next().unwrap().base.0);
+            prop_assert_eq!(got.is_ok(), want.is_ok(), "{:#x} {:?}", va, access);
+            if let (Ok(g), Ok(w)) = (&got, &want) {
+                prop_assert_eq!(g, w);
+            }
+            let direct = vsmmu
+                .translate(0, None, va, access)
+                .map(|t| t.translation.output)
+                .map_err(|f| f.event.map(|e| e.event_type));
+            match (&direct, &want) {
+                (Ok(d), Ok(w)) => prop_assert_eq!(d, w),
+                (Err(Some(d)), Err(w)) => prop_assert_eq!(d.raw(), w.raw()),
+                _ => prop_assert!(false, "{:?} vs {:?}", direct, want),
+            }
+        }
+    }
+}
