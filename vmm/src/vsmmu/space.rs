@@ -238,3 +238,97 @@ impl SpaceUnit for VSmmu {
         &self.spaces
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsva_smmuv3::cmd::TlbiAddr;
+
+    const PAGE: CachedPage = CachedPage {
+        start: 0x20_0000,
+        last: 0x3f_ffff,
+        global: false,
+    };
+
+    fn va(addr: u64) -> TlbiAddr {
+        TlbiAddr {
+            addr,
+            leaf: true,
+            ttl: 0,
+            ..TlbiAddr::default()
+        }
+    }
+
+    /// Whether `cmd` removes `page` (tagged with ASID 7 unless untranslated) from the space
+    /// of StreamID 0x12, SubstreamID 3.
+    fn removes(cmd: Cmd, tag: Option<u16>, page: CachedPage) -> bool {
+        SmmuScope::of(&cmd).is_some_and(|scope| scope.covers(&(0x12, Some(3), false), tag, &page))
+    }
+
+    #[test]
+    fn commands_remove_the_pages_the_tlb_rules_name() {
+        let global = CachedPage {
+            global: true,
+            ..PAGE
+        };
+        let t = Some(7);
+        let asid = |asid| Cmd::TlbiNhAsid { vmid: 0, asid };
+        let nh_va = |asid, addr| Cmd::TlbiNhVa {
+            vmid: 0,
+            asid,
+            addr: va(addr),
+        };
+        // The address anywhere in a 2 MiB block names the whole block.
+        assert!(removes(nh_va(7, 0x3f_f000), t, PAGE));
+        assert!(!removes(nh_va(7, 0x40_0000), t, PAGE));
+        // Another ASID's NH_VA leaves a non-global page, not a global one.
+        assert!(!removes(nh_va(8, 0x20_0000), t, PAGE));
+        assert!(removes(nh_va(8, 0x20_0000), t, global));
+        // NH_ASID: the ASID's non-global pages only.
+        assert!(removes(asid(7), t, PAGE));
+        assert!(!removes(asid(8), t, PAGE));
+        assert!(!removes(asid(7), t, global));
+        let vaa = Cmd::TlbiNhVaa {
+            vmid: 0,
+            addr: va(0x21_0000),
+        };
+        assert!(removes(vaa, t, PAGE));
+        assert!(removes(Cmd::TlbiNhAll { vmid: 0 }, t, global));
+        assert!(removes(Cmd::TlbiNsnhAll, t, PAGE));
+        // TLB invalidations leave untranslated (bypass) pages; configuration ones do not.
+        assert!(!removes(Cmd::TlbiNsnhAll, None, PAGE));
+        assert!(removes(
+            Cmd::CfgiSte {
+                sid: 0x12,
+                leaf: true
+            },
+            None,
+            PAGE
+        ));
+        assert!(!removes(
+            Cmd::CfgiSte {
+                sid: 0x13,
+                leaf: true
+            },
+            t,
+            PAGE
+        ));
+        // CFGI_STE_RANGE names 2^(range + 1) StreamIDs; range 31 all of them.
+        let range = |sid, range| Cmd::CfgiSteRange { sid, range };
+        assert!(removes(range(0x10, 1), t, PAGE));
+        assert!(!removes(range(0x10, 0), t, PAGE));
+        assert!(removes(Cmd::CFGI_ALL, t, PAGE));
+        // CFGI_CD names one SubstreamID's CD.
+        let cd = |sid, ssid| Cmd::CfgiCd {
+            sid,
+            ssid,
+            leaf: true,
+        };
+        assert!(removes(cd(0x12, 3), t, PAGE));
+        assert!(!removes(cd(0x12, 4), t, PAGE));
+        assert!(!removes(cd(0x11, 3), t, PAGE));
+        assert!(removes(Cmd::CfgiCdAll { sid: 0x12 }, t, PAGE));
+        // Commands that invalidate no cache of the vSMMU's are no scope.
+        assert!(SmmuScope::of(&Cmd::StallTerm { sid: 0x12 }).is_none());
+    }
+}
