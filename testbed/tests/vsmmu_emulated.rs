@@ -12,9 +12,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Permissions};
 use vsva_guest::{frames::GuestFrames, process::Process, process::Prot, smmu::SmmuSva};
 use vsva_mem::PhysMem;
 use vsva_smmuv3::regs::{cr0, offset};
-use vsva_smmuv3::walk::{walk_stage1, AccessRequest, PageSize, S1Config, WalkRecord};
+use vsva_smmuv3::walk::{walk_stage1, AccessRequest, AddressSize, PageSize, S1Config, WalkRecord};
 use vsva_smmuv3::{
-    builder::TableBuilder, cd::ContextDescriptor, desc::Descriptor as D, event::Event,
+    builder::TableBuilder, cd::ContextDescriptor, cd::L1Cd, desc::Descriptor as D, event::Event,
     event::EventType, features::Features, ste::Config, ste::S1Dss, ste::S1Fmt, ste::Ste,
 };
 use vsva_testbed::smmu_demo::VSmmuMmio;
@@ -355,6 +355,112 @@ fn hand_programmed(ram: &Arc<GuestMemoryMmap>, root: u64) -> Arc<VSmmu> {
     vsmmu.write(offset::STRTAB_BASE_CFG, 4, 1).unwrap();
     vsmmu.write(offset::CR0, 4, cr0::SMMUEN as u64).unwrap();
     vsmmu
+}
+
+/// Where the hand-programmed event queue (2^4 records) lives.
+const EVENTQ: u64 = 0x12_0000;
+
+/// The events the vSMMU wrote to the hand-programmed event queue.
+fn queued_events(vsmmu: &VSmmu, ram: &GuestMemoryMmap) -> Vec<Event> {
+    let prod = vsmmu.read(offset::EVENTQ_PROD, 4).unwrap() & 0xf;
+    (0..prod)
+        .map(|i| {
+            let at = EVENTQ + 32 * i;
+            let raw: [u64; 4] = std::array::from_fn(|w| ram.read_u64(at + 8 * w as u64).unwrap());
+            Event::decode(raw).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_two_level_cd_table_and_each_fault_class() {
+    const VA: u64 = 0x40_0000_0000;
+    let ram = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap());
+    let mut next = TABLES;
+    let mut alloc = || {
+        let f = next;
+        next += PAGE;
+        Some(f)
+    };
+    // One stage-1 table per CD, mapping VA with `attrs` to `pa`, the CD written at `slot`.
+    let mut cd_at =
+        |slot: u64, asid: u16, pa: u64, attrs: u64, edit: &dyn Fn(&mut ContextDescriptor)| {
+            let root = alloc().unwrap();
+            let mut cd = ContextDescriptor::new(root, 16, asid);
+            edit(&mut cd);
+            let cfg = ContextDescriptor::new(root, 16, asid)
+                .s1_config(&Features::VSVA)
+                .unwrap();
+            TableBuilder::stage1(&cfg)
+                .map(&*ram, &mut alloc, VA, pa, PageSize::Size4K, attrs)
+                .unwrap();
+            for (i, w) in cd.encode().iter().enumerate() {
+                ram.write_u64(slot + 8 * i as u64, *w).unwrap();
+            }
+        };
+    // L1CD 0 and 2 point to leaf tables of 64 CDs; L1CD 1 and 3 are invalid.
+    let (leaf0, leaf2) = (CD + 0x1000, CD + 0x2000);
+    ram.write_u64(CD, L1Cd::new(leaf0).0).unwrap();
+    ram.write_u64(CD + 16, L1Cd::new(leaf2).0).unwrap();
+    let rw = D::AF | D::NG | D::AP_EL0;
+    cd_at(leaf0, 1, DATA, rw, &|_| {});
+    cd_at(leaf2 + 64, 2, DATA + PAGE, rw, &|_| {});
+    // SubstreamID 0x82: a 32-bit output size and a page above it.
+    cd_at(leaf2 + 2 * 64, 3, 1 << 32, rw, &|cd| {
+        cd.ips = AddressSize::Bits32
+    });
+    // 0x83: a leaf without AF, and no hardware AF update.
+    cd_at(leaf2 + 3 * 64, 4, DATA, D::NG | D::AP_EL0, &|_| {});
+    // 0x84: a T0SZ no granule allows.
+    cd_at(leaf2 + 4 * 64, 5, DATA, rw, &|cd| cd.t0sz = 8);
+    ram.write(DATA, b"CD 0 page").unwrap();
+    ram.write(DATA + PAGE, b"0x81 page").unwrap();
+    let ste = Ste {
+        s1_context_ptr: CD,
+        s1fmt: S1Fmt::TwoLevel4K,
+        s1cdmax: 8,
+        s1dss: S1Dss::Substream0,
+        ..Ste::new(Config::S1Trans)
+    };
+    for (i, w) in ste.encode().iter().enumerate() {
+        ram.write_u64(STRTAB + 8 * i as u64, *w).unwrap();
+    }
+    let vsmmu = VSmmu::new(ram.clone(), VSmmuConfig::default()).unwrap();
+    vsmmu.write(offset::STRTAB_BASE, 8, STRTAB).unwrap();
+    vsmmu.write(offset::STRTAB_BASE_CFG, 4, 1).unwrap();
+    vsmmu.write(offset::EVENTQ_BASE, 8, EVENTQ | 4).unwrap();
+    vsmmu
+        .write(offset::CR0, 4, (cr0::SMMUEN | cr0::EVENTQEN) as u64)
+        .unwrap();
+    let io = |ssid| -> IoMem {
+        IommuMemory::new(
+            (*ram).clone(),
+            vsmmu.address_space(0, ssid, false),
+            true,
+            (),
+        )
+    };
+    // Without SubstreamID: CD 0 (S1DSS substream 0); SubstreamID 0x81 through L1CD 2.
+    assert_eq!(io_read(&io(None), VA, 9).unwrap(), b"CD 0 page");
+    assert_eq!(io_read(&io(Some(0x81)), VA, 9).unwrap(), b"0x81 page");
+    assert_eq!(queued_events(&vsmmu, &ram), []);
+    for ssid in [0x82, 0x83, 0x84, 0x45, 0x100] {
+        assert!(io_read(&io(Some(ssid)), VA + 0x10, 4).is_err(), "{ssid:#x}");
+    }
+    assert_eq!(
+        queued_events(&vsmmu, &ram)
+            .iter()
+            .map(|e| (e.event_type, e.ssid, e.input_addr))
+            .collect::<Vec<_>>(),
+        [
+            (EventType::AddrSize, Some(0x82), VA + 0x10),
+            (EventType::Access, Some(0x83), VA + 0x10),
+            (EventType::BadCd, Some(0x84), 0),
+            // L1CD 1 is invalid; 0x100 is beyond S1CDMax.
+            (EventType::BadSubstreamId, Some(0x45), 0),
+            (EventType::BadSubstreamId, Some(0x100), 0),
+        ]
+    );
 }
 
 /// One random leaf: index of a 2 MiB slot, whether it is a block, attribute bits.
