@@ -21,7 +21,9 @@
 //!
 //! [`VSmmu`] is the arm64 counterpart: a virtual SMMUv3 whose guest owns its
 //! context descriptor tables; a guest STE translating with stage 1 becomes
-//! `VFIO_IOMMU_ATTACH_PASID_TABLE` ([`HostPasidTable`]).
+//! `VFIO_IOMMU_ATTACH_PASID_TABLE` ([`HostPasidTable`]) for passthrough devices,
+//! and emulated devices translate through it ([`VSmmu::translate`], also as a vm-memory
+//! `Iommu` per address space: [`VSmmu::address_space`]).
 
 mod caches;
 mod config;

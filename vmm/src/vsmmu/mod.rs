@@ -46,6 +46,11 @@
 //!   come from the fault queue too, take the same vSTAG path as over a container
 //!   (`stall.rs`) and its CMD_RESUME goes back with the group's cookie.
 //!
+//! Emulated devices are translated by the vSMMU itself, through the guest's STE, CD and
+//! stage-1 tables, with faults recorded in the guest's event queue; each of their address
+//! spaces is a vm-memory `Iommu` whose IOTLB only the guest's invalidation commands empty
+//! (`space.rs`).
+//!
 //! A hostile guest gets what hardware would give it: an illegal command stops the queue
 //! with CERROR_ILL (CERROR_ABT when it cannot be read) and GERROR.CMDQ_ERR; an STE that is
 //! ILLEGAL, out of the stream table or unreadable is recorded as C_BAD_STE,
