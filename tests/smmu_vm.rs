@@ -118,9 +118,9 @@ fn an_iommufd_smmu_vm_process_finds_the_in_process_iommufd_counts() {
     assert_eq!(remote.pasids, local.pasids);
     assert_eq!(remote.bytes_verified, local.bytes_verified);
     assert!(remote.bytes_verified > 2 * 65536);
-    // No page request over the SMMU's iommufd (no fault queue on nested HWPTs), as in
-    // one process; the munmap faults come through the vEVENT queue's fd.
-    assert_eq!(remote.page_requests_served, 0);
+    // The page requests come through the fault queue's fd, the munmap faults through the
+    // vEVENT queue's fd.
+    assert_eq!(remote.page_requests_served, 2);
     assert_eq!(remote.munmap_faults, 2);
     assert_eq!(
         remote.invalidations_forwarded,
@@ -132,6 +132,10 @@ fn an_iommufd_smmu_vm_process_finds_the_in_process_iommufd_counts() {
     drop(probe);
     let report = stop_clean(host);
     assert!(report.contains("strict mode clean"), "{report}");
+    assert!(
+        report.contains("SMMUv3 interrupt thread:") && report.contains(", 2 page requests,"),
+        "{report}"
+    );
 }
 
 #[test]

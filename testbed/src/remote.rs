@@ -29,8 +29,9 @@ use vsva_service::{
     server::IommuArch,
 };
 use vsva_uapi::iommufd::{
-    IommuHwptAlloc, IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_INVALIDATE,
-    VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_ATTACH_PASID,
+    IommuFaultAlloc, IommuHwptAlloc, IOMMU_FAULT_QUEUE_ALLOC, IOMMU_HWPT_ALLOC,
+    IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_INVALIDATE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_ATTACH_PASID,
 };
 use vsva_uapi::vfio::{
     VfioIommuType1Fault, VFIO_IOMMU_ATTACH_PASID_TABLE, VFIO_IOMMU_BIND,
@@ -118,6 +119,8 @@ pub struct HostLink {
     uapi: Uapi,
     /// Over iommufd, the fault queue the host passed.
     fault_queue: OnceLock<Arc<FaultQueueFd>>,
+    /// Over iommufd, the fd number `IOMMU_FAULT_QUEUE_ALLOC` gave the fault queue.
+    fault_fd: OnceLock<i32>,
     /// Over a container, whether `DEVICE_RUN` takes the fault records queued with its
     /// reply (not when pausing at [`Stage::PageRequest`], whose record stays unread).
     take_records: bool,
@@ -247,6 +250,7 @@ impl HostLink {
             iommu,
             uapi,
             fault_queue: OnceLock::new(),
+            fault_fd: OnceLock::new(),
             take_records: uapi == Uapi::Type1 && pause_at != Some(Stage::PageRequest),
             taken: Mutex::default(),
             hooks: LinkHooks::new(pause_at),
@@ -263,6 +267,16 @@ impl HostLink {
         let queue = Arc::new(FaultQueueFd(self.file.take_fd(fd)?));
         self.fault_queue.set(queue.clone()).ok()?;
         Some(queue)
+    }
+
+    /// The queue file of fd `fd` an allocation on the link gave: the fault queue (kept
+    /// to wait on, as [`HostLink::take_fault_queue`] keeps it), or else a vEVENT queue.
+    pub(crate) fn queue_file(&self, fd: i32) -> Option<Arc<dyn UapiFile>> {
+        if self.fault_fd.get() == Some(&fd) {
+            self.take_fault_queue(fd)
+        } else {
+            self.file.veventq(fd)
+        }
     }
 
     /// Whether `cmd` (argument `arg`) is the call that binds (a PASID on VT-d; on SMMUv3
@@ -342,6 +356,13 @@ impl UapiFile for HostLink {
         let result = self.file.ioctl(cmd, arg);
         if result.is_ok() {
             self.hooks.after_ioctl(start, invalidate, page_response);
+            if self.uapi == Uapi::Iommufd && cmd == IOMMU_FAULT_QUEUE_ALLOC {
+                let at = offset_of!(IommuFaultAlloc, out_fault_fd);
+                if let Some(fd) = arg.get(at..at + 4) {
+                    let fd = i32::from_le_bytes(fd.try_into().expect("4 bytes"));
+                    let _ = self.fault_fd.set(fd);
+                }
+            }
         }
         result
     }

@@ -368,12 +368,16 @@ impl Vm {
     }
 
     /// The VMM's fault handling: the host's queue handlers (in this process), then the
-    /// container's fault queue injected into the vSMMU.
+    /// container's fault queue (over iommufd: the fault queue's page requests and the
+    /// vEVENT queue's events) injected into the vSMMU.
     fn pump(&self) {
         if let Some(host) = &self.host {
             host.handle_queues();
         }
         if let Some(fd) = &self.ifd {
+            for (sid, req) in fd.iommufd.read_page_requests().unwrap_or_default() {
+                let _ = self.vsmmu.inject_page_request(sid, &req);
+            }
             for e in fd.iommufd.read_events().unwrap_or_default() {
                 match e {
                     Vevent::Event(record) => {
@@ -608,17 +612,15 @@ fn process_checks(
         r => return Err(format!("compare after a changed byte: {r:?}")),
     }
     report.bytes_verified += 2 * len;
-    // A page request: a page the process has not touched. Over iommufd the demo does not
-    // use the vIOMMU's fault queue yet: no page request reaches the guest that way.
-    if vm.ifd.is_none() {
-        let lazy = p
-            .mmap_lazy(PAGE, Prot::READ_WRITE)
-            .map_err(|e| e.to_string())?
-            .0;
-        vm.page_request_check(&p, ssid, src, lazy, comp, &data)?;
-        report.page_requests_served += 1;
-        report.bytes_verified += u64::from(PRQ_BYTES);
-    }
+    // A page request: a page the process has not touched (over iommufd, through the
+    // vIOMMU's fault queue).
+    let lazy = p
+        .mmap_lazy(PAGE, Prot::READ_WRITE)
+        .map_err(|e| e.to_string())?
+        .0;
+    vm.page_request_check(&p, ssid, src, lazy, comp, &data)?;
+    report.page_requests_served += 1;
+    report.bytes_verified += u64::from(PRQ_BYTES);
     // munmap: the next DMA faults at the unmapped address.
     vm.munmap_check(
         &p,
@@ -884,8 +886,7 @@ fn connect_vm(
 /// at `path`: boots the VM (a nesting container, or with `opts.uapi` iommufd an iommufd
 /// connection ([`iommufd_vm`]); its memfd RAM mapped at IOVA 0, the host's device, the
 /// vSMMU and the arm64 guest), runs each process's checks as the in-process demo does
-/// (copy, fill, compare, a page request (not over iommufd, as in one process), a fault
-/// after munmap), and shuts down. With `opts.cross_vm` (`vsva demo --split`), its
+/// (copy, fill, compare, a page request, a fault after munmap), and shuts down. With `opts.cross_vm` (`vsva demo --split`), its
 /// container must first refuse a CD table beyond its RAM; then it prints `cross-vm ready
 /// <its StreamID>` and follows lines from stdin: `refuse <StreamID>`: a page response for
 /// that (another VM's) device must be refused (over iommufd: a CFGI_CD_ALL and an ATC_INV
@@ -1111,7 +1112,8 @@ pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64)
 /// iommufd sets it up: `/dev/iommu` (`HELLO` file kind 2), guest RAM and the VMM's buffer
 /// shared (`ADD_MEMORY`), the host's device plugged and bound (`DEVICE_ADD`), an IOAS
 /// with guest RAM at IPA 0 (`IOMMU_IOAS_MAP`), then the device's nest parent, vIOMMU,
-/// vEVENT queue (its fd passed by the host) and vDEVICE ([`SmmuIommufd::attach_bound`]).
+/// vEVENT and fault queues (their fds passed by the host) and vDEVICE
+/// ([`SmmuIommufd::attach_bound`]).
 /// A step that fails closes the connection, which releases what the host made.
 fn iommufd_vm(
     path: &Path,
@@ -1147,7 +1149,7 @@ fn iommufd_vm(
         .map(ram.addr(), RAM, 0)
         .map_err(|e| gone("IOMMU_IOAS_MAP", e))?;
     let device = iommufd
-        .attach_bound(link.clone(), dev_id, GSID, &|fd| link.file.veventq(fd))
+        .attach_bound(link.clone(), dev_id, GSID, &|fd| link.queue_file(fd))
         .map_err(|e| {
             gone(
                 "the nest parent, IOMMU_VIOMMU_ALLOC, IOMMU_VEVENTQ_ALLOC, IOMMU_VDEVICE_ALLOC",
