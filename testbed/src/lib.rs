@@ -8,6 +8,8 @@
 //! - [`stack`]: a host (memory, physical IOMMU, driver, PASID allocator) and VMs (RAM,
 //!   container, passthrough device, vIOMMU, guest) assembled the way a real system is.
 //! - [`demo`]: the end-to-end demo `vsva demo` runs, every claim computed from a check.
+//! - [`dma_io`]: an emulated device's reads and writes through a vm-memory IOMMU address
+//!   space.
 //! - [`scenario`]: the single-behaviour scenarios of `vsva run`.
 //! - [`scale`]: the PASID space full of VMs, thousands of bound PASIDs, timed and checked
 //!   for leaks.
@@ -22,6 +24,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod dma_io;
 pub mod holdings;
 pub mod migrate;
 pub mod remote;

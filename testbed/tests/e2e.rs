@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vsva_mem::PhysMem;
 
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
+use vm_memory::{GuestMemoryMmap, IommuMemory};
 use vsva_guest::{iommu::DeviceConfig, process::Process, process::Prot};
 use vsva_host::error::HostError;
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_ENABLE, CTRL_PASID_EN, CTRL_PRI_EN, REG_CTRL};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
+use vsva_testbed::dma_io::{read as io_read, write as io_write};
 use vsva_testbed::holdings::HostHoldings;
 use vsva_testbed::stack::{Host, StackError, Uapi, Vm, GUEST_DEVICE_SID};
 use vsva_uapi::file::VfioIoctls;
@@ -873,25 +874,6 @@ fn a_missing_guest_invalidation_leaves_the_device_on_the_old_page_until_it_is_se
 /// An emulated device's view of guest memory through the vIOMMU (vm-memory's IoMemory).
 type IoMem = IommuMemory<GuestMemoryMmap, IommuAddressSpace>;
 
-fn io_read(io: &IoMem, addr: Gva, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
-    let mut out = vec![0u8; len];
-    let mut at = 0;
-    for slice in io.get_slices(GuestAddress(addr.0), len, Permissions::Read)? {
-        at += slice?.copy_to(&mut out[at..]);
-    }
-    Ok(out)
-}
-
-fn io_write(io: &IoMem, addr: Gva, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut at = 0;
-    for slice in io.get_slices(GuestAddress(addr.0), data.len(), Permissions::Write)? {
-        let slice = slice?;
-        slice.copy_from(&data[at..at + slice.len()]);
-        at += slice.len();
-    }
-    Ok(())
-}
-
 #[test]
 fn an_emulated_device_and_the_passthrough_device_share_one_process_address_space() {
     const EMULATED: SourceId = SourceId::from_rid(0x0020);
@@ -927,16 +909,16 @@ fn an_emulated_device_and_the_passthrough_device_share_one_process_address_space
     let data = pattern(len, 17);
     p.write(b.src, &data).unwrap();
     run_ok(&vm, &p, pasid, memmove(b.src, b.dst, len), b.record);
-    same(&io_read(&io, b.dst, len).unwrap(), &data);
+    same(&io_read(&io, b.dst.0, len).unwrap(), &data);
     same(
-        &io_read(&io, Gva(b.dst.0 + PAGE as u64 - 7), 14).unwrap(),
+        &io_read(&io, b.dst.0 + PAGE as u64 - 7, 14).unwrap(),
         &data[PAGE - 7..PAGE + 7],
     );
     let walks = vm.viommu.stats().walks;
     assert!(walks > 0);
 
     // The emulated device writes; the process and the passthrough device see it.
-    io_write(&io, Gva(b.src.0 + 100), b"written by an emulated device").unwrap();
+    io_write(&io, b.src.0 + 100, b"written by an emulated device").unwrap();
     let mut want = data.clone();
     want[100..129].copy_from_slice(b"written by an emulated device");
     same(&read(&p, b.src, len), &want);
@@ -950,9 +932,9 @@ fn an_emulated_device_and_the_passthrough_device_share_one_process_address_space
 
     // munmap reaches the vIOMMU's caches too: the emulated device faults there.
     p.munmap(b.dst, len as u64).unwrap();
-    assert!(io_read(&io, b.dst, 4).is_err());
-    assert!(io_read(&io, Gva(b.dst.0 + 2 * PAGE as u64), 4).is_err());
-    same(&io_read(&io, b.src, len).unwrap(), &want);
+    assert!(io_read(&io, b.dst.0, 4).is_err());
+    assert!(io_read(&io, b.dst.0 + 2 * PAGE as u64, 4).is_err());
+    same(&io_read(&io, b.src.0, len).unwrap(), &want);
     drop(io);
     drop(p);
     vm.shutdown().unwrap();

@@ -9,6 +9,7 @@ use vsva_mem::PhysMem;
 
 use viommu::*;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
+use vsva_testbed::dma_io::{read as io_read, write as io_write};
 use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, PasidIotlbGranularity};
 use vsva_vtd::regs::layout::{fsts, offset};
@@ -323,25 +324,6 @@ fn requests_without_pasid_use_rid_pasid_and_disabled_translation_is_identity() {
 }
 
 type IoMem = IommuMemory<GuestMemoryMmap, IommuAddressSpace>;
-
-fn io_read(mem: &IoMem, addr: u64, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
-    let mut out = vec![0u8; len];
-    let mut at = 0;
-    for slice in mem.get_slices(GuestAddress(addr), len, Permissions::Read)? {
-        at += slice?.copy_to(&mut out[at..]);
-    }
-    Ok(out)
-}
-
-fn io_write(mem: &IoMem, addr: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut at = 0;
-    for slice in mem.get_slices(GuestAddress(addr), data.len(), Permissions::Write)? {
-        let slice = slice?;
-        slice.copy_from(&data[at..at + slice.len()]);
-        at += slice.len();
-    }
-    Ok(())
-}
 
 #[test]
 fn vm_memory_device_models_dma_through_the_guest_page_tables() {

@@ -17,6 +17,7 @@ use vsva_smmuv3::{
     builder::TableBuilder, cd::ContextDescriptor, cd::L1Cd, desc::Descriptor as D, event::Event,
     event::EventType, features::Features, ste::Config, ste::S1Dss, ste::S1Fmt, ste::Ste,
 };
+use vsva_testbed::dma_io::{read as io_read, write as io_write};
 use vsva_testbed::smmu_demo::VSmmuMmio;
 use vsva_vmm::{SmmuAddressSpace, VSmmu, VSmmuConfig};
 use vsva_vtd::addr::{Gpa, Gva};
@@ -78,27 +79,6 @@ impl Drop for Vm {
             g.shutdown().unwrap();
         }
     }
-}
-
-fn io_read(mem: &IoMem, addr: u64, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
-    use vm_memory::GuestMemory;
-    let mut out = vec![0u8; len];
-    let mut at = 0;
-    for slice in mem.get_slices(GuestAddress(addr), len, Permissions::Read)? {
-        at += slice?.copy_to(&mut out[at..]);
-    }
-    Ok(out)
-}
-
-fn io_write(mem: &IoMem, addr: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
-    use vm_memory::GuestMemory;
-    let mut at = 0;
-    for slice in mem.get_slices(GuestAddress(addr), data.len(), Permissions::Write)? {
-        let slice = slice?;
-        slice.copy_from(&data[at..at + slice.len()]);
-        at += slice.len();
-    }
-    Ok(())
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
