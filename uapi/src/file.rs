@@ -5,7 +5,9 @@
 //!
 //! [`VfioIoctls`] holds the typed wrappers, one method per container ioctl (struct in,
 //! struct out, as rust-vmm's `vfio-ioctls` does): each encodes its argument, makes the
-//! ioctl and decodes what the kernel wrote back.
+//! ioctl and decodes what the kernel wrote back. [`IommufdIoctls`] does the same for the
+//! iommufd ioctls and the VFIO device cdev calls that join a device to an iommufd, so a
+//! VMM's vIOMMU can be written against it.
 
 use std::mem::size_of;
 use std::sync::Arc;
@@ -14,11 +16,23 @@ use vsva_vtd::{addr::Iova, addr::Pasid, addr::SourceId};
 
 use crate::error::{Errno, UapiError};
 use crate::iommu::{IommuCacheInvalidateInfo, IommuGpasidBindData, IommuPageResponse};
+use crate::iommufd::{
+    hw_info, IommuDestroy, IommuFaultAlloc, IommuHwInfo, IommuHwptAlloc, IommuHwptArmSmmuv3,
+    IommuHwptInvalidate, IommuHwptVtdS1, IommuIoasAlloc, IommuIoasMap, IommuIoasMapFile,
+    IommuIoasUnmap, IommuVdeviceAlloc, IommuVeventqAlloc, IommuViommuAlloc,
+    VfioDeviceAttachIommufdPt, VfioDeviceBindIommufd, VfioDeviceDetachIommufdPt, IOMMU_DESTROY,
+    IOMMU_FAULT_QUEUE_ALLOC, IOMMU_GET_HW_INFO, IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3,
+    IOMMU_HWPT_DATA_NONE, IOMMU_HWPT_DATA_VTD_S1, IOMMU_HWPT_INVALIDATE, IOMMU_IOAS_ALLOC,
+    IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, IOMMU_VDEVICE_ALLOC,
+    IOMMU_VEVENTQ_ALLOC, IOMMU_VIOMMU_ALLOC, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    VFIO_DEVICE_DETACH_PASID,
+};
 use crate::request::{
     BindGpasid, CacheInvalidate, DmaMap, NestingInfo, PageResponse, PasidTableConfig, QueuedFault,
 };
 use crate::vfio::*;
-use crate::wire::read_prefix;
+use crate::wire::{read_prefix, Wire};
 
 /// Signalled once for each record the file queues, as the eventfd VFIO signals for its
 /// fault region: it only says "read me". It may run on the reporting thread inside a call
@@ -305,4 +319,457 @@ pub fn page_response_bytes(sid: Option<SourceId>, resp: &PageResponse) -> Vec<u8
         response: IommuPageResponse::from(resp),
     }
     .to_bytes()
+}
+
+/// The data of `IOMMU_HWPT_ALLOC` (`data_type`, `data_len`, `data_uptr` of
+/// `struct iommu_hwpt_alloc`): what kind of HWPT, and where its driver-specific structure
+/// lies in the caller's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HwptData {
+    /// `enum iommu_hwpt_data_type`.
+    pub data_type: u32,
+    /// `data_len`: the bytes at `uptr`.
+    pub len: u32,
+    /// `data_uptr`: a user address the caller resolved (its memory, not the kernel's).
+    pub uptr: u64,
+}
+
+impl HwptData {
+    /// `IOMMU_HWPT_DATA_NONE`: a paging HWPT on an IOAS.
+    pub const NONE: HwptData = HwptData {
+        data_type: IOMMU_HWPT_DATA_NONE,
+        len: 0,
+        uptr: 0,
+    };
+
+    /// `IOMMU_HWPT_DATA_VTD_S1`: an [`IommuHwptVtdS1`] at `uptr`.
+    pub const fn vtd_s1(uptr: u64) -> HwptData {
+        HwptData {
+            data_type: IOMMU_HWPT_DATA_VTD_S1,
+            len: size_of::<IommuHwptVtdS1>() as u32,
+            uptr,
+        }
+    }
+
+    /// `IOMMU_HWPT_DATA_ARM_SMMUV3`: an [`IommuHwptArmSmmuv3`] (the guest's STE) at `uptr`.
+    pub const fn arm_smmuv3(uptr: u64) -> HwptData {
+        HwptData {
+            data_type: IOMMU_HWPT_DATA_ARM_SMMUV3,
+            len: size_of::<IommuHwptArmSmmuv3>() as u32,
+            uptr,
+        }
+    }
+}
+
+/// An array in the caller's memory, as `IOMMU_HWPT_INVALIDATE` takes it: `entry_num`
+/// entries of `entry_len` bytes of `data_type` at user address `data_uptr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserArray {
+    /// `enum iommu_hwpt_invalidate_data_type`.
+    pub data_type: u32,
+    /// The bytes of one entry.
+    pub entry_len: u32,
+    /// How many entries.
+    pub entry_num: u32,
+    /// Their user address (resolved by the caller).
+    pub data_uptr: u64,
+}
+
+/// The iommufd ioctls (`include/uapi/linux/iommufd.h`) and the VFIO device cdev calls that
+/// join a device to an iommufd (`include/uapi/linux/vfio.h`), typed: one method per ioctl.
+/// Each fills `size` (`argsz`) with the size of the structure of [`crate::iommufd`],
+/// makes the ioctl through [`UapiFile::ioctl`] and returns what the kernel wrote back.
+/// Pointer fields (`user_va`, `data_uptr`) are user addresses the caller resolved through
+/// its own memory; no method reads or writes through them. Implemented for every
+/// [`UapiFile`] (an iommufd, or a device cdev for the `device_*` calls).
+pub trait IommufdIoctls: UapiFile {
+    /// `IOMMU_DESTROY` of object `id`.
+    fn destroy(&self, id: u32) -> Result<(), Errno> {
+        let arg = IommuDestroy {
+            size: size_of::<IommuDestroy>() as u32,
+            id,
+        };
+        call(self, IOMMU_DESTROY, &arg).0.map(drop)
+    }
+
+    /// `IOMMU_IOAS_ALLOC`: `out_ioas_id`.
+    fn ioas_alloc(&self) -> Result<u32, Errno> {
+        let arg = IommuIoasAlloc {
+            size: size_of::<IommuIoasAlloc>() as u32,
+            ..Default::default()
+        };
+        out(call(self, IOMMU_IOAS_ALLOC, &arg)).map(|a| a.out_ioas_id)
+    }
+
+    /// `IOMMU_IOAS_MAP` of `length` bytes of the caller's memory at `user_va`, at `iova`
+    /// with `IOMMU_IOAS_MAP_FIXED_IOVA` in `flags`: the IOVA used.
+    fn ioas_map(
+        &self,
+        ioas_id: u32,
+        flags: u32,
+        user_va: u64,
+        length: u64,
+        iova: u64,
+    ) -> Result<u64, Errno> {
+        let arg = IommuIoasMap {
+            size: size_of::<IommuIoasMap>() as u32,
+            flags,
+            ioas_id,
+            user_va,
+            length,
+            iova,
+            ..Default::default()
+        };
+        out(call(self, IOMMU_IOAS_MAP, &arg)).map(|a| a.iova)
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` of `length` bytes of the memfd numbered `fd` from `start`:
+    /// the IOVA used.
+    fn ioas_map_file(
+        &self,
+        ioas_id: u32,
+        flags: u32,
+        fd: i32,
+        start: u64,
+        length: u64,
+        iova: u64,
+    ) -> Result<u64, Errno> {
+        let arg = IommuIoasMapFile {
+            size: size_of::<IommuIoasMapFile>() as u32,
+            flags,
+            ioas_id,
+            fd,
+            start,
+            length,
+            iova,
+        };
+        out(call(self, IOMMU_IOAS_MAP_FILE, &arg)).map(|a| a.iova)
+    }
+
+    /// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`: the bytes unmapped.
+    fn ioas_unmap(&self, ioas_id: u32, iova: u64, length: u64) -> Result<u64, Errno> {
+        let arg = IommuIoasUnmap {
+            size: size_of::<IommuIoasUnmap>() as u32,
+            ioas_id,
+            iova,
+            length,
+        };
+        out(call(self, IOMMU_IOAS_UNMAP, &arg)).map(|a| a.length)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` for device `dev_id` over `pt_id` (an IOAS, a nest parent or a
+    /// vIOMMU) with `data`; `fault_id` is read with `IOMMU_HWPT_FAULT_ID_VALID` in
+    /// `flags`: `out_hwpt_id`.
+    fn hwpt_alloc(
+        &self,
+        dev_id: u32,
+        pt_id: u32,
+        flags: u32,
+        data: HwptData,
+        fault_id: u32,
+    ) -> Result<u32, Errno> {
+        let arg = IommuHwptAlloc {
+            size: size_of::<IommuHwptAlloc>() as u32,
+            flags,
+            dev_id,
+            pt_id,
+            data_type: data.data_type,
+            data_len: data.len,
+            data_uptr: data.uptr,
+            fault_id,
+            ..Default::default()
+        };
+        out(call(self, IOMMU_HWPT_ALLOC, &arg)).map(|a| a.out_hwpt_id)
+    }
+
+    /// `IOMMU_HWPT_INVALIDATE` of `array` on `hwpt_id` (a nested HWPT, or a vIOMMU): the
+    /// number of entries handled, which the kernel writes back to `entry_num` whether it
+    /// fails or not (on failure, the index of the entry refused).
+    fn hwpt_invalidate(&self, hwpt_id: u32, array: UserArray) -> (Result<(), Errno>, u32) {
+        let arg = IommuHwptInvalidate {
+            size: size_of::<IommuHwptInvalidate>() as u32,
+            hwpt_id,
+            data_uptr: array.data_uptr,
+            data_type: array.data_type,
+            entry_len: array.entry_len,
+            entry_num: array.entry_num,
+            __reserved: 0,
+        };
+        let (r, back) = call(self, IOMMU_HWPT_INVALIDATE, &arg);
+        (r.map(drop), back.entry_num)
+    }
+
+    /// `IOMMU_GET_HW_INFO` of device `dev_id`, its driver data written to `data_len`
+    /// bytes at `data_uptr`; `data_type` is read with `IOMMU_HW_INFO_FLAG_INPUT_TYPE` in
+    /// `flags`. Returns the structure as the kernel wrote it back (`data_len` the bytes it
+    /// filled, `out_data_type`, `out_capabilities`, `out_max_pasid_log2`).
+    fn get_hw_info(
+        &self,
+        dev_id: u32,
+        flags: u32,
+        data_type: u32,
+        data_len: u32,
+        data_uptr: u64,
+    ) -> Result<IommuHwInfo, Errno> {
+        let mut arg = hw_info(size_of::<IommuHwInfo>() as u32, flags, dev_id, data_type);
+        arg.data_len = data_len;
+        arg.data_uptr = data_uptr;
+        out(call(self, IOMMU_GET_HW_INFO, &arg))
+    }
+
+    /// `IOMMU_FAULT_QUEUE_ALLOC`: `out_fault_id` and `out_fault_fd` (an fd number of the
+    /// process that made the call).
+    fn fault_queue_alloc(&self, flags: u32) -> Result<(u32, i32), Errno> {
+        let arg = IommuFaultAlloc {
+            size: size_of::<IommuFaultAlloc>() as u32,
+            flags,
+            ..Default::default()
+        };
+        out(call(self, IOMMU_FAULT_QUEUE_ALLOC, &arg))
+            .map(|a| (a.out_fault_id, a.out_fault_fd as i32))
+    }
+
+    /// `IOMMU_VIOMMU_ALLOC` of a vIOMMU of `type_` over nest parent `hwpt_id` of device
+    /// `dev_id`, without driver data: `out_viommu_id`.
+    fn viommu_alloc(&self, dev_id: u32, hwpt_id: u32, type_: u32) -> Result<u32, Errno> {
+        let arg = IommuViommuAlloc {
+            size: size_of::<IommuViommuAlloc>() as u32,
+            type_,
+            dev_id,
+            hwpt_id,
+            ..Default::default()
+        };
+        out(call(self, IOMMU_VIOMMU_ALLOC, &arg)).map(|a| a.out_viommu_id)
+    }
+
+    /// `IOMMU_VDEVICE_ALLOC` of device `dev_id` under `viommu_id` with the guest's ID
+    /// `virt_id` (the vSID of an SMMUv3): `out_vdevice_id`.
+    fn vdevice_alloc(&self, viommu_id: u32, dev_id: u32, virt_id: u64) -> Result<u32, Errno> {
+        let arg = IommuVdeviceAlloc {
+            size: size_of::<IommuVdeviceAlloc>() as u32,
+            viommu_id,
+            dev_id,
+            out_vdevice_id: 0,
+            virt_id,
+        };
+        out(call(self, IOMMU_VDEVICE_ALLOC, &arg)).map(|a| a.out_vdevice_id)
+    }
+
+    /// `IOMMU_VEVENTQ_ALLOC` of a vEVENT queue of `type_` and `depth` on `viommu_id`:
+    /// `out_veventq_id` and `out_veventq_fd` (an fd number of the calling process).
+    fn veventq_alloc(&self, viommu_id: u32, type_: u32, depth: u32) -> Result<(u32, i32), Errno> {
+        let arg = IommuVeventqAlloc {
+            size: size_of::<IommuVeventqAlloc>() as u32,
+            viommu_id,
+            type_,
+            veventq_depth: depth,
+            ..Default::default()
+        };
+        out(call(self, IOMMU_VEVENTQ_ALLOC, &arg))
+            .map(|a| (a.out_veventq_id, a.out_veventq_fd as i32))
+    }
+
+    /// `VFIO_DEVICE_BIND_IOMMUFD` of this device cdev to the iommufd numbered `iommufd`:
+    /// `out_devid`.
+    fn device_bind_iommufd(&self, iommufd: i32) -> Result<u32, Errno> {
+        let arg = VfioDeviceBindIommufd {
+            argsz: size_of::<VfioDeviceBindIommufd>() as u32,
+            flags: 0,
+            iommufd,
+            out_devid: 0,
+            token_uuid_ptr: 0,
+        };
+        out(call(self, VFIO_DEVICE_BIND_IOMMUFD, &arg)).map(|a| a.out_devid)
+    }
+
+    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` of the device's RID (`pasid` `None`), or of a PASID
+    /// (`VFIO_DEVICE_ATTACH_PASID`), to `pt_id`: the `pt_id` the kernel wrote back (the
+    /// HWPT it attached when `pt_id` is an IOAS).
+    fn device_attach_pt(&self, pt_id: u32, pasid: Option<u32>) -> Result<u32, Errno> {
+        let arg = VfioDeviceAttachIommufdPt {
+            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
+            flags: pasid.map_or(0, |_| VFIO_DEVICE_ATTACH_PASID),
+            pt_id,
+            pasid: pasid.unwrap_or(0),
+        };
+        out(call(self, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &arg)).map(|a| a.pt_id)
+    }
+
+    /// `VFIO_DEVICE_DETACH_IOMMUFD_PT` of the device's RID (`pasid` `None`), or of a PASID
+    /// (`VFIO_DEVICE_DETACH_PASID`).
+    fn device_detach_pt(&self, pasid: Option<u32>) -> Result<(), Errno> {
+        let arg = VfioDeviceDetachIommufdPt {
+            argsz: size_of::<VfioDeviceDetachIommufdPt>() as u32,
+            flags: pasid.map_or(0, |_| VFIO_DEVICE_DETACH_PASID),
+            pasid: pasid.unwrap_or(0),
+        };
+        call(self, VFIO_DEVICE_DETACH_IOMMUFD_PT, &arg).0.map(drop)
+    }
+}
+
+impl<F: UapiFile + ?Sized> IommufdIoctls for F {}
+
+/// One ioctl with `arg` in: its result, and the structure as the kernel left it.
+fn call<F: UapiFile + ?Sized, T: Wire>(file: &F, cmd: u32, arg: &T) -> (Result<usize, Errno>, T) {
+    let mut bytes = arg.to_bytes();
+    let r = file.ioctl(cmd, &mut bytes);
+    (r, T::read(&bytes))
+}
+
+/// What the kernel wrote back, when the ioctl succeeded.
+fn out<T>((r, back): (Result<usize, Errno>, T)) -> Result<T, Errno> {
+    r.map(|_| back)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::iommufd::*;
+
+    /// A file that keeps every ioctl's argument and answers with `reply`: the bytes it
+    /// writes over the argument's first bytes, and the result.
+    struct Recorder {
+        calls: Mutex<Vec<(u32, Vec<u8>)>>,
+        reply: (Vec<u8>, Result<usize, Errno>),
+    }
+
+    impl Recorder {
+        fn new(reply: Vec<u8>, r: Result<usize, Errno>) -> Recorder {
+            Recorder {
+                calls: Mutex::new(Vec::new()),
+                reply: (reply, r),
+            }
+        }
+
+        fn last(&self) -> (u32, Vec<u8>) {
+            self.calls.lock().unwrap().last().cloned().unwrap()
+        }
+    }
+
+    impl UapiFile for Recorder {
+        fn ioctl(&self, cmd: u32, arg: &mut [u8]) -> Result<usize, Errno> {
+            self.calls.lock().unwrap().push((cmd, arg.to_vec()));
+            let n = self.reply.0.len().min(arg.len());
+            arg[..n].copy_from_slice(&self.reply.0[..n]);
+            self.reply.1
+        }
+        fn read(&self, _: &mut [u8]) -> Result<usize, Errno> {
+            Err(Errno::EINVAL)
+        }
+        fn write(&self, _: &[u8]) -> Result<usize, Errno> {
+            Err(Errno::EINVAL)
+        }
+        fn set_event_notifier(&self, _: Option<Arc<dyn EventNotifier>>) {}
+    }
+
+    #[test]
+    fn each_iommufd_call_passes_the_kernel_structure_and_reads_its_out_field() {
+        let f = Recorder::new(Vec::new(), Ok(0));
+        let echo = |out: Vec<u8>| Recorder::new(out, Ok(0));
+        // IOAS map: fields where iommufd.h puts them, size = sizeof.
+        f.ioas_map(3, IOMMU_IOAS_MAP_READABLE, 0x7000, 0x2000, 0x4000)
+            .unwrap();
+        let map = IommuIoasMap {
+            size: 40,
+            flags: IOMMU_IOAS_MAP_READABLE,
+            ioas_id: 3,
+            user_va: 0x7000,
+            length: 0x2000,
+            iova: 0x4000,
+            ..Default::default()
+        };
+        assert_eq!(f.last(), (IOMMU_IOAS_MAP, map.to_bytes()));
+        f.hwpt_alloc(5, 9, IOMMU_HWPT_FAULT_ID_VALID, HwptData::vtd_s1(0x1234), 7)
+            .unwrap();
+        let (cmd, bytes) = f.last();
+        let a = IommuHwptAlloc::read(&bytes);
+        assert_eq!(cmd, IOMMU_HWPT_ALLOC);
+        assert_eq!(
+            (a.size, a.flags, a.dev_id, a.pt_id, a.fault_id),
+            (48, IOMMU_HWPT_FAULT_ID_VALID, 5, 9, 7)
+        );
+        assert_eq!(
+            (a.data_type, a.data_len, a.data_uptr),
+            (IOMMU_HWPT_DATA_VTD_S1, 24, 0x1234)
+        );
+        f.device_attach_pt(4, Some(2)).unwrap();
+        let (cmd, bytes) = f.last();
+        assert_eq!(cmd, VFIO_DEVICE_ATTACH_IOMMUFD_PT);
+        assert_eq!(
+            VfioDeviceAttachIommufdPt::read(&bytes),
+            VfioDeviceAttachIommufdPt {
+                argsz: 16,
+                flags: VFIO_DEVICE_ATTACH_PASID,
+                pt_id: 4,
+                pasid: 2
+            }
+        );
+        f.device_detach_pt(None).unwrap();
+        assert_eq!(
+            f.last(),
+            (
+                VFIO_DEVICE_DETACH_IOMMUFD_PT,
+                VfioDeviceDetachIommufdPt {
+                    argsz: 12,
+                    flags: 0,
+                    pasid: 0
+                }
+                .to_bytes()
+            )
+        );
+        // Out fields come from what the kernel wrote back.
+        let ioas = IommuIoasAlloc {
+            out_ioas_id: 11,
+            ..Default::default()
+        };
+        assert_eq!(echo(ioas.to_bytes()).ioas_alloc(), Ok(11));
+        let q = IommuVeventqAlloc {
+            out_veventq_id: 6,
+            out_veventq_fd: 40,
+            ..Default::default()
+        };
+        assert_eq!(echo(q.to_bytes()).veventq_alloc(1, 1, 8), Ok((6, 40)));
+        let v = IommuVdeviceAlloc {
+            out_vdevice_id: 12,
+            ..Default::default()
+        };
+        assert_eq!(echo(v.to_bytes()).vdevice_alloc(1, 2, 0x99), Ok(12));
+    }
+
+    #[test]
+    fn a_refused_call_is_its_errno_and_invalidate_reports_the_entry_refused() {
+        let back = IommuHwptInvalidate {
+            entry_num: 2,
+            ..Default::default()
+        };
+        let f = Recorder::new(back.to_bytes(), Err(Errno::EINVAL));
+        let array = UserArray {
+            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+            entry_len: 16,
+            entry_num: 5,
+            data_uptr: 0x8000,
+        };
+        assert_eq!(f.hwpt_invalidate(8, array), (Err(Errno::EINVAL), 2));
+        let (cmd, bytes) = f.last();
+        assert_eq!(cmd, IOMMU_HWPT_INVALIDATE);
+        let sent = IommuHwptInvalidate::read(&bytes);
+        assert_eq!(
+            (sent.size, sent.hwpt_id, sent.entry_num, sent.entry_len),
+            (32, 8, 5, 16)
+        );
+        assert_eq!((sent.data_uptr, sent.data_type), (0x8000, array.data_type));
+        // An out field is not taken from a failed call.
+        let f = Recorder::new(
+            IommuIoasAlloc {
+                out_ioas_id: 3,
+                ..Default::default()
+            }
+            .to_bytes(),
+            Err(Errno::ENOMEM),
+        );
+        assert_eq!(f.ioas_alloc(), Err(Errno::ENOMEM));
+        assert_eq!(f.destroy(3), Err(Errno::ENOMEM));
+    }
 }

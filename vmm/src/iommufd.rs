@@ -38,9 +38,9 @@ use vsva_uapi::iommu::{
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{
-    error::Errno, file::UapiFile, request::BindGpasid, request::CacheInvalidate,
-    request::InvGranularity, request::PageRequest, request::PageResponse,
-    request::PageResponseCode,
+    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+    request::BindGpasid, request::CacheInvalidate, request::InvGranularity, request::PageRequest,
+    request::PageResponse, request::PageResponseCode,
 };
 use vsva_vtd::{addr::Pasid, addr::SourceId};
 
@@ -54,80 +54,6 @@ const PAGE: u64 = 4096;
 const RECORD: usize = size_of::<IommuHwptPgfault>();
 /// Size of one invalidation entry.
 const ENTRY: usize = size_of::<IommuHwptVtdS1Invalidate>();
-
-/// One ioctl with a structure in and out.
-pub(crate) fn io<T: Wire>(file: &dyn UapiFile, cmd: u32, arg: &T) -> Result<T, Errno> {
-    let mut bytes = arg.to_bytes();
-    file.ioctl(cmd, &mut bytes)?;
-    Ok(read_prefix(&bytes, bytes.len()))
-}
-
-/// `IOMMU_DESTROY` of `id`.
-pub(crate) fn destroy(file: &dyn UapiFile, id: u32) -> Result<(), Errno> {
-    let arg = IommuDestroy {
-        size: size_of::<IommuDestroy>() as u32,
-        id,
-    };
-    io(file, IOMMU_DESTROY, &arg).map(|_| ())
-}
-
-/// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova` of `ioas`, readable
-/// and writeable.
-pub(crate) fn ioas_map(
-    file: &dyn UapiFile,
-    ioas: u32,
-    user_va: u64,
-    length: u64,
-    iova: u64,
-) -> Result<(), Errno> {
-    let map = IommuIoasMap {
-        size: size_of::<IommuIoasMap>() as u32,
-        flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-        ioas_id: ioas,
-        user_va,
-        length,
-        iova,
-        ..Default::default()
-    };
-    io(file, IOMMU_IOAS_MAP, &map).map(|_| ())
-}
-
-/// `VFIO_DEVICE_BIND_IOMMUFD` of the device of `cdev` to the iommufd numbered `iommufd`:
-/// its device id.
-pub(crate) fn bind_cdev(cdev: &dyn UapiFile, iommufd: i32) -> Result<u32, Errno> {
-    let bind = VfioDeviceBindIommufd {
-        argsz: size_of::<VfioDeviceBindIommufd>() as u32,
-        iommufd,
-        ..Default::default()
-    };
-    Ok(io(cdev, VFIO_DEVICE_BIND_IOMMUFD, &bind)?.out_devid)
-}
-
-/// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` of the device's RID (`pasid` `None`) or of a PASID
-/// (`VFIO_DEVICE_ATTACH_PASID`) to `pt_id`.
-pub(crate) fn attach_cdev(
-    cdev: &dyn UapiFile,
-    pasid: Option<u32>,
-    pt_id: u32,
-) -> Result<(), Errno> {
-    let arg = VfioDeviceAttachIommufdPt {
-        argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
-        flags: pasid.map_or(0, |_| VFIO_DEVICE_ATTACH_PASID),
-        pt_id,
-        pasid: pasid.unwrap_or(0),
-    };
-    io(cdev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &arg).map(|_| ())
-}
-
-/// `VFIO_DEVICE_DETACH_IOMMUFD_PT` of the device's RID (`pasid` `None`) or of a PASID.
-pub(crate) fn detach_cdev(cdev: &dyn UapiFile, pasid: Option<u32>) -> Result<(), Errno> {
-    let arg = VfioDeviceDetachIommufdPt {
-        argsz: size_of::<VfioDeviceDetachIommufdPt>() as u32,
-        flags: pasid.map_or(0, |_| VFIO_DEVICE_DETACH_PASID),
-        pasid: pasid.unwrap_or(0),
-    };
-    io(cdev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &arg).map(|_| ())
-}
 
 /// A buffer of the VMM's own memory (a window of host memory mapped in the VMM, as
 /// guest RAM is), which the host reads structures passed by pointer from.
@@ -280,18 +206,14 @@ impl FaultQueue {
         iommufd: &dyn UapiFile,
         open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
     ) -> Result<Self, Errno> {
-        let alloc = IommuFaultAlloc {
-            size: size_of::<IommuFaultAlloc>() as u32,
-            ..Default::default()
-        };
-        let q = io(iommufd, IOMMU_FAULT_QUEUE_ALLOC, &alloc)?;
-        let Some(file) = open_fd(q.out_fault_fd as i32) else {
-            let _ = destroy(iommufd, q.out_fault_id);
+        let (id, fd) = iommufd.fault_queue_alloc(0)?;
+        let Some(file) = open_fd(fd) else {
+            let _ = iommufd.destroy(id);
             return Err(Errno::EBADF);
         };
         Ok(FaultQueue {
-            id: q.out_fault_id,
-            fd: q.out_fault_fd as i32,
+            id,
+            fd,
             file,
             state: Mutex::default(),
         })
@@ -436,19 +358,11 @@ impl Iommufd {
         scratch: UserBuffer,
         pasids: Arc<GuestPasids>,
     ) -> Result<Arc<Self>, Errno> {
-        let ioas = io(
-            &*file,
-            IOMMU_IOAS_ALLOC,
-            &IommuIoasAlloc {
-                size: size_of::<IommuIoasAlloc>() as u32,
-                ..Default::default()
-            },
-        )?
-        .out_ioas_id;
+        let ioas = file.ioas_alloc()?;
         let fault = match FaultQueue::alloc(&*file, open_fd) {
             Ok(q) => q,
             Err(e) => {
-                let _ = destroy(&*file, ioas);
+                let _ = file.destroy(ioas);
                 return Err(e);
             }
         };
@@ -490,7 +404,9 @@ impl Iommufd {
     /// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova`, readable and
     /// writeable (guest RAM at its GPA).
     pub fn map(&self, user_va: u64, length: u64, iova: u64) -> Result<(), Errno> {
-        ioas_map(&*self.file, self.ioas, user_va, length, iova)
+        self.file
+            .ioas_map(self.ioas, IOMMU_IOAS_MAP_FLAGS, user_va, length, iova)
+            .map(drop)
     }
 
     /// Binds the device of VFIO cdev `cdev` (host requester id `sid`) to the iommufd
@@ -501,7 +417,7 @@ impl Iommufd {
         cdev: Arc<dyn UapiFile>,
         sid: SourceId,
     ) -> Result<Arc<IommufdDevice>, Errno> {
-        let dev_id = bind_cdev(&*cdev, self.fd)?;
+        let dev_id = cdev.device_bind_iommufd(self.fd)?;
         self.attach_bound(cdev, dev_id, sid)
     }
 
@@ -516,16 +432,15 @@ impl Iommufd {
         dev_id: u32,
         sid: SourceId,
     ) -> Result<Arc<IommufdDevice>, Errno> {
-        let alloc = IommuHwptAlloc {
-            size: size_of::<IommuHwptAlloc>() as u32,
-            flags: IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+        let parent = self.file.hwpt_alloc(
             dev_id,
-            pt_id: self.ioas,
-            ..Default::default()
-        };
-        let parent = io(&*self.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id;
-        if let Err(e) = attach_cdev(&*cdev, None, parent) {
-            let _ = destroy(&*self.file, parent);
+            self.ioas,
+            IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+            HwptData::NONE,
+            0,
+        )?;
+        if let Err(e) = cdev.device_attach_pt(parent, None) {
+            let _ = self.file.destroy(parent);
             return Err(e);
         }
         self.fault.add_device(dev_id, sid);
@@ -549,20 +464,14 @@ impl Iommufd {
     /// `s1`, page requests to the fault queue.
     fn alloc_nested(&self, dev_id: u32, parent: u32, s1: &IommuHwptVtdS1) -> Result<u32, Errno> {
         let scratch = lock(&self.scratch);
-        let data = s1.to_bytes();
-        let data_uptr = scratch.put(&data)?;
-        let alloc = IommuHwptAlloc {
-            size: size_of::<IommuHwptAlloc>() as u32,
-            flags: IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_FAULT_ID_VALID,
+        let data_uptr = scratch.put(&s1.to_bytes())?;
+        self.file.hwpt_alloc(
             dev_id,
-            pt_id: parent,
-            data_type: IOMMU_HWPT_DATA_VTD_S1,
-            data_len: data.len() as u32,
-            data_uptr,
-            fault_id: self.fault.id(),
-            ..Default::default()
-        };
-        Ok(io(&*self.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id)
+            parent,
+            IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_FAULT_ID_VALID,
+            HwptData::vtd_s1(data_uptr),
+            self.fault.id(),
+        )
     }
 
     /// `IOMMU_HWPT_INVALIDATE` of nested HWPT `hwpt` with `entries` as one array (as many
@@ -579,19 +488,14 @@ impl Iommufd {
             let base = c * per_call;
             let bytes: Vec<u8> = chunk.iter().flat_map(|e| e.to_bytes()).collect();
             let data_uptr = scratch.put(&bytes).map_err(|e| (base, e))?;
-            let arg = IommuHwptInvalidate {
-                size: size_of::<IommuHwptInvalidate>() as u32,
-                hwpt_id: hwpt,
-                data_uptr,
+            let array = UserArray {
                 data_type: IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
                 entry_len: ENTRY as u32,
                 entry_num: chunk.len() as u32,
-                __reserved: 0,
+                data_uptr,
             };
-            let mut b = arg.to_bytes();
-            if let Err(e) = self.file.ioctl(IOMMU_HWPT_INVALIDATE, &mut b) {
-                let out: IommuHwptInvalidate = read_prefix(&b, b.len());
-                let done = (out.entry_num as usize).min(chunk.len().saturating_sub(1));
+            if let (Err(e), entry_num) = self.file.hwpt_invalidate(hwpt, array) {
+                let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
                 return Err((base + done, e));
             }
         }
@@ -716,11 +620,13 @@ impl IommufdDevice {
     }
 
     fn attach_pasid(&self, pasid: Pasid, hwpt: u32) -> Result<(), Errno> {
-        attach_cdev(&*self.cdev, Some(pasid.raw()), hwpt)
+        self.cdev
+            .device_attach_pt(hwpt, Some(pasid.raw()))
+            .map(drop)
     }
 
     fn detach(&self, pasid: Option<Pasid>) -> Result<(), Errno> {
-        detach_cdev(&*self.cdev, pasid.map(Pasid::raw))
+        self.cdev.device_detach_pt(pasid.map(Pasid::raw))
     }
 }
 
@@ -730,10 +636,10 @@ impl Drop for IommufdDevice {
         let hwpts = std::mem::take(&mut *lock(&self.hwpts));
         for (pasid, hwpt) in hwpts {
             let _ = self.detach(Some(pasid));
-            let _ = destroy(&*self.fd.file, hwpt);
+            let _ = self.fd.file.destroy(hwpt);
         }
         let _ = self.detach(None);
-        let _ = destroy(&*self.fd.file, self.parent);
+        let _ = self.fd.file.destroy(self.parent);
         self.fd.fault.remove_device(self.dev_id);
     }
 }
@@ -762,11 +668,11 @@ impl HostSva for IommufdDevice {
             .fd
             .alloc_nested(self.dev_id, self.parent, &vtd_s1(bind, wpe))?;
         if let Err(e) = self.attach_pasid(pasid, hwpt) {
-            let _ = destroy(&*self.fd.file, hwpt);
+            let _ = self.fd.file.destroy(hwpt);
             return Err(e);
         }
         if let Some(old) = lock(&self.hwpts).insert(pasid, hwpt) {
-            if let Err(e) = destroy(&*self.fd.file, old) {
+            if let Err(e) = self.fd.file.destroy(old) {
                 tracing::warn!("iommufd: destroying replaced HWPT {old}: {e}");
             }
         }
@@ -779,7 +685,7 @@ impl HostSva for IommufdDevice {
         let hwpt = *lock(&self.hwpts).get(&pasid).ok_or(Errno::ENOENT)?;
         self.detach(Some(pasid))?;
         lock(&self.hwpts).remove(&pasid);
-        destroy(&*self.fd.file, hwpt)
+        self.fd.file.destroy(hwpt)
     }
 
     fn cache_invalidate(&self, inv: &CacheInvalidate) -> Result<(), Errno> {

@@ -26,14 +26,14 @@ use std::sync::{Arc, Mutex};
 use vsva_smmuv3::ste::Config;
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_uapi::{
+    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+};
 
 use vsva_uapi::request::{PageRequest, PageResponse};
 use vsva_vtd::addr::SourceId;
 
-use crate::iommufd::{
-    attach_cdev, bind_cdev, destroy, detach_cdev, io, ioas_map, FaultQueue, UserBuffer,
-};
+use crate::iommufd::{FaultQueue, UserBuffer};
 use crate::viommu::lock;
 
 /// Depth of the vEVENT queue.
@@ -112,11 +112,7 @@ impl fmt::Debug for SmmuIommufd {
 impl SmmuIommufd {
     /// An IOAS (`IOMMU_IOAS_ALLOC`) on the open iommufd `file` (fd number `fd`).
     pub fn open(file: Arc<dyn UapiFile>, fd: i32, scratch: UserBuffer) -> Result<Arc<Self>, Errno> {
-        let alloc = IommuIoasAlloc {
-            size: size_of::<IommuIoasAlloc>() as u32,
-            ..Default::default()
-        };
-        let ioas = io(&*file, IOMMU_IOAS_ALLOC, &alloc)?.out_ioas_id;
+        let ioas = file.ioas_alloc()?;
         Ok(Arc::new(SmmuIommufd {
             file,
             fd,
@@ -159,7 +155,9 @@ impl SmmuIommufd {
     /// `IOMMU_IOAS_MAP` of the VMM's memory at `user_va` at IOVA `iova`, readable and
     /// writeable (guest RAM at its IPA).
     pub fn map(&self, user_va: u64, length: u64, iova: u64) -> Result<(), Errno> {
-        ioas_map(&*self.file, self.ioas, user_va, length, iova)
+        self.file
+            .ioas_map(self.ioas, IOMMU_IOAS_MAP_FLAGS, user_va, length, iova)
+            .map(drop)
     }
 
     /// Binds the device of VFIO cdev `cdev` (`VFIO_DEVICE_BIND_IOMMUFD`), attaches its STE
@@ -174,7 +172,7 @@ impl SmmuIommufd {
         vsid: u32,
         open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
     ) -> Result<Arc<SmmuIommufdDevice>, Errno> {
-        let dev_id = bind_cdev(&*cdev, self.fd)?;
+        let dev_id = cdev.device_bind_iommufd(self.fd)?;
         self.attach_bound(cdev, dev_id, vsid, open_fd)
     }
 
@@ -204,21 +202,14 @@ impl SmmuIommufd {
                 }
             }
         };
-        if let Err(e) = attach_cdev(&*cdev, None, parent) {
+        if let Err(e) = cdev.device_attach_pt(parent, None) {
             undo(&mut viommu);
             return Err(e);
         }
-        let alloc = IommuVdeviceAlloc {
-            size: size_of::<IommuVdeviceAlloc>() as u32,
-            viommu_id,
-            dev_id,
-            virt_id: vsid.into(),
-            ..Default::default()
-        };
-        let vdevice = match io(&*self.file, IOMMU_VDEVICE_ALLOC, &alloc) {
-            Ok(a) => a.out_vdevice_id,
+        let vdevice = match self.file.vdevice_alloc(viommu_id, dev_id, vsid.into()) {
+            Ok(id) => id,
             Err(e) => {
-                let _ = detach_cdev(&*cdev, None);
+                let _ = cdev.device_detach_pt(None);
                 undo(&mut viommu);
                 return Err(e);
             }
@@ -240,61 +231,52 @@ impl SmmuIommufd {
         dev_id: u32,
         open_fd: &dyn Fn(i32) -> Option<Arc<dyn UapiFile>>,
     ) -> Result<Viommu, Errno> {
-        let alloc = IommuHwptAlloc {
-            size: size_of::<IommuHwptAlloc>() as u32,
-            flags: IOMMU_HWPT_ALLOC_NEST_PARENT,
+        let parent = self.file.hwpt_alloc(
             dev_id,
-            pt_id: self.ioas,
-            ..Default::default()
-        };
-        let parent = io(&*self.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id;
-        let alloc = IommuViommuAlloc {
-            size: size_of::<IommuViommuAlloc>() as u32,
-            type_: IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
-            dev_id,
-            hwpt_id: parent,
-            ..Default::default()
-        };
-        let id = match io(&*self.file, IOMMU_VIOMMU_ALLOC, &alloc) {
-            Ok(a) => a.out_viommu_id,
+            self.ioas,
+            IOMMU_HWPT_ALLOC_NEST_PARENT,
+            HwptData::NONE,
+            0,
+        )?;
+        let id = match self
+            .file
+            .viommu_alloc(dev_id, parent, IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
+        {
+            Ok(id) => id,
             Err(e) => {
-                let _ = destroy(&*self.file, parent);
+                let _ = self.file.destroy(parent);
                 return Err(e);
             }
         };
-        let alloc = IommuVeventqAlloc {
-            size: size_of::<IommuVeventqAlloc>() as u32,
-            viommu_id: id,
-            type_: IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
-            veventq_depth: VEVENTQ_DEPTH,
-            ..Default::default()
-        };
-        let queue = io(&*self.file, IOMMU_VEVENTQ_ALLOC, &alloc).and_then(|q| {
-            let file = open_fd(q.out_veventq_fd as i32);
-            if file.is_none() {
-                let _ = destroy(&*self.file, q.out_veventq_id);
-            }
-            Ok((q, file.ok_or(Errno::EBADF)?))
-        });
+        let queue = self
+            .file
+            .veventq_alloc(id, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_DEPTH)
+            .and_then(|(qid, qfd)| {
+                let file = open_fd(qfd);
+                if file.is_none() {
+                    let _ = self.file.destroy(qid);
+                }
+                Ok(((qid, qfd), file.ok_or(Errno::EBADF)?))
+            });
         let made = queue.and_then(|(q, veventq)| {
             FaultQueue::alloc(&*self.file, open_fd)
                 .inspect_err(|_| {
-                    let _ = destroy(&*self.file, q.out_veventq_id);
+                    let _ = self.file.destroy(q.0);
                 })
                 .map(|fault| (q, veventq, fault))
         });
         match made {
-            Ok((q, veventq, fault)) => Ok(Viommu {
+            Ok(((veventq_id, veventq_fd), veventq, fault)) => Ok(Viommu {
                 parent,
                 id,
-                veventq_id: q.out_veventq_id,
-                veventq_fd: q.out_veventq_fd as i32,
+                veventq_id,
+                veventq_fd,
                 veventq,
                 fault,
             }),
             Err(e) => {
-                let _ = destroy(&*self.file, id);
-                let _ = destroy(&*self.file, parent);
+                let _ = self.file.destroy(id);
+                let _ = self.file.destroy(parent);
                 Err(e)
             }
         }
@@ -302,7 +284,7 @@ impl SmmuIommufd {
 
     fn destroy_viommu(&self, v: Viommu) {
         for id in [v.fault.id(), v.veventq_id, v.id, v.parent] {
-            if let Err(e) = destroy(&*self.file, id) {
+            if let Err(e) = self.file.destroy(id) {
                 tracing::warn!("vSMMU iommufd: destroying object {id}: {e}");
             }
         }
@@ -325,19 +307,14 @@ impl SmmuIommufd {
                 .flat_map(|&cmd| IommuViommuArmSmmuv3Invalidate { cmd }.to_bytes())
                 .collect();
             let data_uptr = scratch.put(&bytes).map_err(|e| (base, e))?;
-            let arg = IommuHwptInvalidate {
-                size: size_of::<IommuHwptInvalidate>() as u32,
-                hwpt_id: viommu,
-                data_uptr,
+            let array = UserArray {
                 data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
                 entry_len: CMD as u32,
                 entry_num: chunk.len() as u32,
-                __reserved: 0,
+                data_uptr,
             };
-            let mut b = arg.to_bytes();
-            if let Err(e) = self.file.ioctl(IOMMU_HWPT_INVALIDATE, &mut b) {
-                let out: IommuHwptInvalidate = read_prefix(&b, b.len());
-                let done = (out.entry_num as usize).min(chunk.len().saturating_sub(1));
+            if let (Err(e), entry_num) = self.file.hwpt_invalidate(viommu, array) {
+                let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
                 return Err((base + done, e));
             }
         }
@@ -401,7 +378,7 @@ impl Drop for SmmuIommufd {
         if let Some(v) = lock(&self.viommu).take() {
             self.destroy_viommu(v);
         }
-        let _ = destroy(&*self.file, self.ioas);
+        let _ = self.file.destroy(self.ioas);
     }
 }
 
@@ -477,27 +454,21 @@ impl SmmuIommufdDevice {
             .ok_or(Errno::ENOENT)?;
         let hwpt = {
             let scratch = lock(&self.fd.scratch);
-            let data = IommuHwptArmSmmuv3 { ste: vste }.to_bytes();
-            let data_uptr = scratch.put(&data)?;
-            let alloc = IommuHwptAlloc {
-                size: size_of::<IommuHwptAlloc>() as u32,
-                flags: IOMMU_HWPT_FAULT_ID_VALID,
-                dev_id: self.dev_id,
-                pt_id: viommu,
-                data_type: IOMMU_HWPT_DATA_ARM_SMMUV3,
-                data_len: data.len() as u32,
-                data_uptr,
+            let data_uptr = scratch.put(&IommuHwptArmSmmuv3 { ste: vste }.to_bytes())?;
+            self.fd.file.hwpt_alloc(
+                self.dev_id,
+                viommu,
+                IOMMU_HWPT_FAULT_ID_VALID,
+                HwptData::arm_smmuv3(data_uptr),
                 fault_id,
-                ..Default::default()
-            };
-            io(&*self.fd.file, IOMMU_HWPT_ALLOC, &alloc)?.out_hwpt_id
+            )?
         };
-        if let Err(e) = attach_cdev(&*self.cdev, None, hwpt) {
-            let _ = destroy(&*self.fd.file, hwpt);
+        if let Err(e) = self.cdev.device_attach_pt(hwpt, None) {
+            let _ = self.fd.file.destroy(hwpt);
             return Err(e);
         }
         if let Some((old, _)) = nested.replace((hwpt, vste)) {
-            if let Err(e) = destroy(&*self.fd.file, old) {
+            if let Err(e) = self.fd.file.destroy(old) {
                 tracing::warn!("vSMMU iommufd: destroying replaced HWPT {old}: {e}");
             }
         }
@@ -512,23 +483,23 @@ impl SmmuIommufdDevice {
             return Ok(());
         };
         let parent = self.fd.parent().ok_or(Errno::ENOENT)?;
-        attach_cdev(&*self.cdev, None, parent)?;
+        self.cdev.device_attach_pt(parent, None)?;
         *nested = None;
-        destroy(&*self.fd.file, hwpt)
+        self.fd.file.destroy(hwpt)
     }
 }
 
 impl Drop for SmmuIommufdDevice {
     /// The STE is detached, then its nested HWPT and the vDEVICE are destroyed.
     fn drop(&mut self) {
-        let _ = detach_cdev(&*self.cdev, None);
+        let _ = self.cdev.device_detach_pt(None);
         if let Some(v) = lock(&self.fd.viommu).as_ref() {
             v.fault.remove_device(self.dev_id);
         }
         if let Some((hwpt, _)) = lock(&self.nested).take() {
-            let _ = destroy(&*self.fd.file, hwpt);
+            let _ = self.fd.file.destroy(hwpt);
         }
-        let _ = destroy(&*self.fd.file, self.vdevice);
+        let _ = self.fd.file.destroy(self.vdevice);
     }
 }
 
