@@ -29,7 +29,9 @@ use vsva_smmuv3::{
 };
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
-use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_uapi::{
+    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+};
 use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Pasid, addr::SourceId};
 
 /// Guest RAM: 32 MiB at GPA 0, mapped at IOVA (IPA) 0.
@@ -123,16 +125,7 @@ impl Vm {
         host.hw.attach_endpoint(u32::from(rid.rid()), dev.clone());
         dev.enable(ctrl).unwrap();
         let cdev = VfioDeviceFile::open(rid, fds.clone());
-        let mut bind = VfioDeviceBindIommufd {
-            argsz: size_of::<VfioDeviceBindIommufd>() as u32,
-            flags: 0,
-            iommufd: fd,
-            out_devid: 0,
-            token_uuid_ptr: 0,
-        }
-        .to_bytes();
-        cdev.ioctl(VFIO_DEVICE_BIND_IOMMUFD, &mut bind).unwrap();
-        let dev_id = VfioDeviceBindIommufd::read(&bind).out_devid;
+        let dev_id = cdev.device_bind_iommufd(fd).unwrap();
         let mut vm = Vm {
             mem: host.mem.clone(),
             frames: host.frames.clone(),
@@ -149,22 +142,10 @@ impl Vm {
             s1: None,
             next_pt: PT_GPA + PAGE_SIZE,
         };
-        let mut alloc = IommuIoasAlloc {
-            size: size_of::<IommuIoasAlloc>() as u32,
-            ..Default::default()
-        };
-        vm.call(IOMMU_IOAS_ALLOC, &mut alloc).unwrap();
-        vm.ioas = alloc.out_ioas_id;
-        let mut map = IommuIoasMap {
-            size: size_of::<IommuIoasMap>() as u32,
-            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id: vm.ioas,
-            user_va: vaddr,
-            length: RAM,
-            iova: 0,
-            ..Default::default()
-        };
-        vm.call(IOMMU_IOAS_MAP, &mut map).unwrap();
+        vm.ioas = vm.file.ioas_alloc().unwrap();
+        vm.file
+            .ioas_map(vm.ioas, IOMMU_IOAS_MAP_FLAGS, vaddr, RAM, 0)
+            .unwrap();
         // The guest process: stage 1 at PT_GPA, its CD at SSID of the CD table.
         let mut s1 =
             TableBuilder::stage1(&Self::cd(PT_GPA, ASID).s1_config(&Features::VSVA).unwrap());
@@ -253,18 +234,8 @@ impl Vm {
     }
 
     fn attach(&self, pt_id: u32) -> Result<(), Errno> {
-        let mut a = VfioDeviceAttachIommufdPt {
-            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
-            flags: 0,
-            pt_id,
-            pasid: 0,
-        }
-        .to_bytes();
-        self.cdev
-            .as_ref()
-            .unwrap()
-            .ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut a)
-            .map(|_| ())
+        let cdev = self.cdev.as_ref().unwrap();
+        cdev.device_attach_pt(pt_id, None).map(drop)
     }
 
     fn hwpt_alloc(&self, flags: u32, pt_id: u32, data: Option<&[u8]>) -> Result<u32, Errno> {
@@ -279,22 +250,12 @@ impl Vm {
         data: Option<&[u8]>,
         fault_id: u32,
     ) -> Result<u32, Errno> {
-        let (data_type, data_len, data_uptr) = match data {
-            Some(d) => (IOMMU_HWPT_DATA_ARM_SMMUV3, d.len() as u32, self.user(d)),
-            None => (IOMMU_HWPT_DATA_NONE, 0, 0),
-        };
-        let mut a = IommuHwptAlloc {
-            size: size_of::<IommuHwptAlloc>() as u32,
-            flags,
-            dev_id: self.dev_id,
-            pt_id,
-            data_type,
-            data_len,
-            data_uptr,
-            fault_id,
-            ..Default::default()
-        };
-        self.call(IOMMU_HWPT_ALLOC, &mut a).map(|()| a.out_hwpt_id)
+        let data = data.map_or(HwptData::NONE, |d| HwptData {
+            len: d.len() as u32,
+            ..HwptData::arm_smmuv3(self.user(d))
+        });
+        self.file
+            .hwpt_alloc(self.dev_id, pt_id, flags, data, fault_id)
     }
 
     fn nested(&self, viommu: u32, vste: [u64; 2]) -> Result<u32, Errno> {
@@ -303,35 +264,15 @@ impl Vm {
     }
 
     fn viommu(&self, hwpt_id: u32, type_: u32) -> Result<u32, Errno> {
-        let mut a = IommuViommuAlloc {
-            size: size_of::<IommuViommuAlloc>() as u32,
-            type_,
-            dev_id: self.dev_id,
-            hwpt_id,
-            ..Default::default()
-        };
-        self.call(IOMMU_VIOMMU_ALLOC, &mut a)
-            .map(|()| a.out_viommu_id)
+        self.file.viommu_alloc(self.dev_id, hwpt_id, type_)
     }
 
     fn vdevice(&self, viommu_id: u32, virt_id: u64) -> Result<u32, Errno> {
-        let mut a = IommuVdeviceAlloc {
-            size: size_of::<IommuVdeviceAlloc>() as u32,
-            viommu_id,
-            dev_id: self.dev_id,
-            out_vdevice_id: 0,
-            virt_id,
-        };
-        self.call(IOMMU_VDEVICE_ALLOC, &mut a)
-            .map(|()| a.out_vdevice_id)
+        self.file.vdevice_alloc(viommu_id, self.dev_id, virt_id)
     }
 
     fn destroy(&self, id: u32) -> Result<(), Errno> {
-        let mut d = IommuDestroy {
-            size: size_of::<IommuDestroy>() as u32,
-            id,
-        };
-        self.call(IOMMU_DESTROY, &mut d)
+        self.file.destroy(id)
     }
 
     /// `IOMMU_HWPT_INVALIDATE` of `cmds` through `viommu`: the result and `entry_num`.
@@ -340,17 +281,13 @@ impl Vm {
             .iter()
             .flat_map(|c| IommuViommuArmSmmuv3Invalidate { cmd: *c }.to_bytes())
             .collect();
-        let mut inv = IommuHwptInvalidate {
-            size: size_of::<IommuHwptInvalidate>() as u32,
-            hwpt_id: viommu,
-            data_uptr: self.user(&bytes),
+        let array = UserArray {
             data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
             entry_len: 16,
             entry_num: cmds.len() as u32,
-            __reserved: 0,
+            data_uptr: self.user(&bytes),
         };
-        let r = self.call(IOMMU_HWPT_INVALIDATE, &mut inv);
-        (r, inv.entry_num)
+        self.file.hwpt_invalidate(viommu, array)
     }
 
     /// A memmove of `len` bytes by the device, with `pasid`, at device addresses; the
@@ -460,14 +397,13 @@ fn hw_info_gives_the_smmu_id_registers_and_a_nest_parent_is_stage_2() {
         .collect();
     let info_at = |len: u32, flags: u32, ty: u32| {
         vm.write(SCRATCH_GPA, &[0xa5; 64]);
-        let mut i = hw_info(size_of::<IommuHwInfo>() as u32, flags, vm.dev_id, ty);
-        i.data_len = len;
-        i.data_uptr = vm.vaddr + SCRATCH_GPA;
-        let r = vm.call(IOMMU_GET_HW_INFO, &mut i);
-        (r, i, vm.read(SCRATCH_GPA, 64))
+        let r = vm
+            .file
+            .get_hw_info(vm.dev_id, flags, ty, len, vm.vaddr + SCRATCH_GPA);
+        (r, vm.read(SCRATCH_GPA, 64))
     };
-    let (r, i, buf) = info_at(48, 0, 0);
-    r.unwrap();
+    let (r, buf) = info_at(48, 0, 0);
+    let i = r.unwrap();
     assert_eq!(hw_info_data_type(&i), IOMMU_HW_INFO_TYPE_ARM_SMMUV3);
     assert_eq!(i.data_len, 40);
     assert_eq!(i.out_max_pasid_log2, host.smmu.features().ssid_bits);
@@ -477,7 +413,7 @@ fn hw_info_gives_the_smmu_id_registers_and_a_nest_parent_is_stage_2() {
     assert_eq!(&buf[40..48], &[0; 8], "a larger buffer's tail is zeroed");
     assert_eq!(&buf[48..], &[0xa5; 16]);
     // A smaller buffer gets the head; the type can be asked for; VT-d's cannot.
-    let (r, _, buf) = info_at(
+    let (r, buf) = info_at(
         12,
         IOMMU_HW_INFO_FLAG_INPUT_TYPE,
         IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
@@ -485,14 +421,16 @@ fn hw_info_gives_the_smmu_id_registers_and_a_nest_parent_is_stage_2() {
     r.unwrap();
     assert_eq!(&buf[8..12], &want[0].to_le_bytes());
     assert_eq!(&buf[12..16], &[0xa5; 4]);
-    let (r, _, _) = info_at(
+    let (r, _) = info_at(
         40,
         IOMMU_HW_INFO_FLAG_INPUT_TYPE,
         IOMMU_HW_INFO_TYPE_INTEL_VTD,
     );
-    assert_eq!(r, errno(libc::EOPNOTSUPP));
-    let mut i = hw_info(size_of::<IommuHwInfo>() as u32, 0, 77, 0);
-    assert_eq!(vm.call(IOMMU_GET_HW_INFO, &mut i), errno(libc::ENOENT));
+    assert_eq!(r.map(drop), errno(libc::EOPNOTSUPP));
+    assert_eq!(
+        vm.file.get_hw_info(77, 0, 0, 0, 0).map(drop),
+        errno(libc::ENOENT)
+    );
 
     // HWPT_ALLOC on the IOAS: NEST_PARENT is a stage-2 domain with a VMID of its own;
     // with dirty tracking (stage 1's, never a nest parent's) or the PASID flag it is
@@ -536,14 +474,7 @@ fn hw_info_gives_the_smmu_id_registers_and_a_nest_parent_is_stage_2() {
     // The attached parent cannot be destroyed.
     assert_eq!(vm.destroy(parent), errno(libc::EBUSY));
     // A stage-2 unmap reaches the device: the page is gone, with its TLB entries.
-    let mut unmap = IommuIoasUnmap {
-        size: size_of::<IommuIoasUnmap>() as u32,
-        ioas_id: vm.ioas,
-        iova: 0,
-        length: u64::MAX,
-    };
-    vm.call(IOMMU_IOAS_UNMAP, &mut unmap).unwrap();
-    assert_eq!(unmap.length, RAM);
+    assert_eq!(vm.file.ioas_unmap(vm.ioas, 0, u64::MAX), Ok(RAM));
     assert!(!vm.copy_gpa(&pattern(64, 4)));
     assert_eq!(host.hw.take_stale(), []);
 }
@@ -956,15 +887,7 @@ fn two_vms_on_one_smmu_stay_apart_and_closing_leaves_nothing() {
 
 /// `IOMMU_VEVENTQ_ALLOC` on a vIOMMU (depth 2).
 fn veventq(vm: &Vm, viommu_id: u32, type_: u32, depth: u32) -> Result<(u32, i32), Errno> {
-    let mut a = IommuVeventqAlloc {
-        size: size_of::<IommuVeventqAlloc>() as u32,
-        viommu_id,
-        type_,
-        veventq_depth: depth,
-        ..Default::default()
-    };
-    vm.call(IOMMU_VEVENTQ_ALLOC, &mut a)
-        .map(|()| (a.out_veventq_id, a.out_veventq_fd as i32))
+    vm.file.veventq_alloc(viommu_id, type_, depth)
 }
 
 /// The vEVENTs in `bytes`: (flags, sequence, event record or none).
@@ -1083,12 +1006,7 @@ type IovaRanges = (Result<(), Errno>, u32, Vec<(u64, u64)>, u64);
 
 impl Vm {
     fn ioas_alloc(&self) -> u32 {
-        let mut a = IommuIoasAlloc {
-            size: size_of::<IommuIoasAlloc>() as u32,
-            ..Default::default()
-        };
-        self.call(IOMMU_IOAS_ALLOC, &mut a).unwrap();
-        a.out_ioas_id
+        self.file.ioas_alloc().unwrap()
     }
 
     /// `IOMMU_IOAS_COPY` of `[src, +length)` of the VM's IOAS into `dst_ioas`, at `dst`
@@ -1101,31 +1019,17 @@ impl Vm {
         length: u64,
         dst: u64,
     ) -> Result<u64, Errno> {
-        let mut c = IommuIoasCopy {
-            size: size_of::<IommuIoasCopy>() as u32,
-            flags,
-            dst_ioas_id: dst_ioas,
-            src_ioas_id: self.ioas,
-            length,
-            dst_iova: dst,
-            src_iova: src,
-        };
-        self.call(IOMMU_IOAS_COPY, &mut c).map(|()| c.dst_iova)
+        self.file
+            .ioas_copy(dst_ioas, self.ioas, flags, length, dst, src)
     }
 
     /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges: the result, `num_iovas`,
     /// the ranges written and `out_iova_alignment`.
     fn iova_ranges(&self, ioas: u32, room: u32) -> IovaRanges {
         self.write(SCRATCH_GPA, &[0xa5; 64]);
-        let mut r = IommuIoasIovaRanges {
-            size: size_of::<IommuIoasIovaRanges>() as u32,
-            ioas_id: ioas,
-            num_iovas: room,
-            __reserved: 0,
-            allowed_iovas: self.vaddr + SCRATCH_GPA,
-            out_iova_alignment: 0,
-        };
-        let res = self.call(IOMMU_IOAS_IOVA_RANGES, &mut r);
+        let (res, r) = self
+            .file
+            .ioas_iova_ranges(ioas, room, self.vaddr + SCRATCH_GPA);
         let n = r.num_iovas.min(room) as usize;
         let bytes = self.read(SCRATCH_GPA, 16 * n);
         let ranges = bytes
@@ -1143,14 +1047,8 @@ impl Vm {
             .iter()
             .flat_map(|&(start, last)| IommuIovaRange { start, last }.to_bytes())
             .collect();
-        let mut a = IommuIoasAllowIovas {
-            size: size_of::<IommuIoasAllowIovas>() as u32,
-            ioas_id: ioas,
-            num_iovas: ranges.len() as u32,
-            __reserved: 0,
-            allowed_iovas: self.user(&bytes),
-        };
-        self.call(IOMMU_IOAS_ALLOW_IOVAS, &mut a)
+        self.file
+            .ioas_allow_iovas(ioas, ranges.len() as u32, self.user(&bytes))
     }
 }
 
@@ -1253,14 +1151,7 @@ fn ioas_copy_ranges_and_allowed_iovas_serve_a_second_stage_2() {
     assert_eq!(vm.read(DST_GPA, 4096), vec![0; 4096]);
     // Made writable (unmapped and copied again): the bytes arrive; the allocated copy of
     // the source reads the same memory.
-    let mut unmap = IommuIoasUnmap {
-        size: size_of::<IommuIoasUnmap>() as u32,
-        ioas_id: b,
-        iova: DST_GPA,
-        length: len,
-    };
-    vm.call(IOMMU_IOAS_UNMAP, &mut unmap).unwrap();
-    assert_eq!(unmap.length, len);
+    assert_eq!(vm.file.ioas_unmap(b, DST_GPA, len), Ok(len));
     assert_eq!(
         vm.ioas_copy(b, rw | fixed, DST_GPA, len, DST_GPA),
         Ok(DST_GPA)
@@ -1285,13 +1176,7 @@ fn ioas_copy_ranges_and_allowed_iovas_serve_a_second_stage_2() {
 
 /// `IOMMU_FAULT_QUEUE_ALLOC` with `flags`: the object id and fd number.
 fn fault_queue(vm: &Vm, flags: u32) -> Result<(u32, i32), Errno> {
-    let mut a = IommuFaultAlloc {
-        size: size_of::<IommuFaultAlloc>() as u32,
-        flags,
-        ..Default::default()
-    };
-    vm.call(IOMMU_FAULT_QUEUE_ALLOC, &mut a)
-        .map(|()| (a.out_fault_id, a.out_fault_fd as i32))
+    vm.file.fault_queue_alloc(flags)
 }
 
 /// The records in `bytes` read from a fault queue file.

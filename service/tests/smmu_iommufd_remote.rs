@@ -28,7 +28,9 @@ use vsva_smmuv3::{
 };
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
-use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_uapi::{
+    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+};
 use vsva_vtd::addr::Pasid;
 
 const RAM: u64 = 8 << 20;
@@ -145,12 +147,7 @@ impl Vmm {
             ioas: 0,
             next_pt: PT_GPA + PAGE,
         };
-        let mut alloc = IommuIoasAlloc {
-            size: size_of::<IommuIoasAlloc>() as u32,
-            ..Default::default()
-        };
-        vmm.call(IOMMU_IOAS_ALLOC, &mut alloc).unwrap();
-        vmm.ioas = alloc.out_ioas_id;
+        vmm.ioas = vmm.f.ioas_alloc().unwrap();
         vmm.map_file(vmm.ram.file.as_raw_fd(), 0, RAM, 0).unwrap();
         let cd = ContextDescriptor::new(PT_GPA, 16, ASID);
         let mut s1 = TableBuilder::stage1(&cd.s1_config(&Features::VSVA).unwrap());
@@ -211,44 +208,21 @@ impl Vmm {
     }
 
     fn map_file(&self, fd: i32, start: u64, length: u64, iova: u64) -> Result<(), Errno> {
-        let mut m = IommuIoasMapFile {
-            size: size_of::<IommuIoasMapFile>() as u32,
-            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id: self.ioas,
-            fd,
-            start,
-            length,
-            iova,
-        };
-        self.call(IOMMU_IOAS_MAP_FILE, &mut m)
+        self.f
+            .ioas_map_file(self.ioas, IOMMU_IOAS_MAP_FLAGS, fd, start, length, iova)
+            .map(drop)
     }
 
     fn attach(&self, pt_id: u32) -> Result<(), Errno> {
-        let mut a = VfioDeviceAttachIommufdPt {
-            argsz: size_of::<VfioDeviceAttachIommufdPt>() as u32,
-            flags: 0,
-            pt_id,
-            pasid: 0,
-        };
-        self.call(VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut a)
+        self.f.device_attach_pt(pt_id, None).map(drop)
     }
 
     fn hwpt_alloc(&self, flags: u32, pt_id: u32, data: Option<&[u8]>) -> Result<u32, Errno> {
-        let (data_type, data_len, data_uptr) = match data {
-            Some(d) => (IOMMU_HWPT_DATA_ARM_SMMUV3, d.len() as u32, self.user(d)),
-            None => (IOMMU_HWPT_DATA_NONE, 0, 0),
-        };
-        let mut a = IommuHwptAlloc {
-            size: size_of::<IommuHwptAlloc>() as u32,
-            flags,
-            dev_id: self.dev_id,
-            pt_id,
-            data_type,
-            data_len,
-            data_uptr,
-            ..Default::default()
-        };
-        self.call(IOMMU_HWPT_ALLOC, &mut a).map(|()| a.out_hwpt_id)
+        let data = data.map_or(HwptData::NONE, |d| HwptData {
+            len: d.len() as u32,
+            ..HwptData::arm_smmuv3(self.user(d))
+        });
+        self.f.hwpt_alloc(self.dev_id, pt_id, flags, data, 0)
     }
 
     fn nested(&self, viommu: u32, vste: [u64; 2]) -> Result<u32, Errno> {
@@ -257,52 +231,24 @@ impl Vmm {
     }
 
     fn viommu(&self, hwpt_id: u32, type_: u32) -> Result<u32, Errno> {
-        let mut a = IommuViommuAlloc {
-            size: size_of::<IommuViommuAlloc>() as u32,
-            type_,
-            dev_id: self.dev_id,
-            hwpt_id,
-            ..Default::default()
-        };
-        self.call(IOMMU_VIOMMU_ALLOC, &mut a)
-            .map(|()| a.out_viommu_id)
+        self.f.viommu_alloc(self.dev_id, hwpt_id, type_)
     }
 
     fn vdevice(&self, viommu_id: u32, virt_id: u64) -> Result<u32, Errno> {
-        let mut a = IommuVdeviceAlloc {
-            size: size_of::<IommuVdeviceAlloc>() as u32,
-            viommu_id,
-            dev_id: self.dev_id,
-            out_vdevice_id: 0,
-            virt_id,
-        };
-        self.call(IOMMU_VDEVICE_ALLOC, &mut a)
-            .map(|()| a.out_vdevice_id)
+        self.f.vdevice_alloc(viommu_id, self.dev_id, virt_id)
     }
 
     /// `IOMMU_VEVENTQ_ALLOC`: the queue's id and its fd, taken from the connection.
     fn veventq(&self, viommu_id: u32, depth: u32) -> Result<(u32, FaultQueueFd), Errno> {
-        let mut a = IommuVeventqAlloc {
-            size: size_of::<IommuVeventqAlloc>() as u32,
-            viommu_id,
-            type_: IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
-            veventq_depth: depth,
-            ..Default::default()
-        };
-        self.call(IOMMU_VEVENTQ_ALLOC, &mut a)?;
-        let fd = self
+        let (id, fd) = self
             .f
-            .take_fd(a.out_veventq_fd as i32)
-            .expect("the fd given");
-        Ok((a.out_veventq_id, FaultQueueFd(fd)))
+            .veventq_alloc(viommu_id, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, depth)?;
+        let fd = self.f.take_fd(fd).expect("the fd given");
+        Ok((id, FaultQueueFd(fd)))
     }
 
     fn destroy(&self, id: u32) -> Result<(), Errno> {
-        let mut d = IommuDestroy {
-            size: size_of::<IommuDestroy>() as u32,
-            id,
-        };
-        self.call(IOMMU_DESTROY, &mut d)
+        self.f.destroy(id)
     }
 
     /// `IOMMU_HWPT_INVALIDATE` of `cmds` through `viommu`: the result and `entry_num`.
@@ -311,17 +257,13 @@ impl Vmm {
             .iter()
             .flat_map(|c| IommuViommuArmSmmuv3Invalidate { cmd: *c }.to_bytes())
             .collect();
-        let mut inv = IommuHwptInvalidate {
-            size: size_of::<IommuHwptInvalidate>() as u32,
-            hwpt_id: viommu,
-            data_uptr: self.user(&bytes),
+        let array = UserArray {
             data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
             entry_len: 16,
             entry_num: cmds.len() as u32,
-            __reserved: 0,
+            data_uptr: self.user(&bytes),
         };
-        let r = self.call(IOMMU_HWPT_INVALIDATE, &mut inv);
-        (r, inv.entry_num)
+        self.f.hwpt_invalidate(viommu, array)
     }
 
     /// A memmove of `len` bytes by the device at device addresses, with `ssid`; the

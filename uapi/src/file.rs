@@ -18,13 +18,14 @@ use crate::error::{Errno, UapiError};
 use crate::iommu::{IommuCacheInvalidateInfo, IommuGpasidBindData, IommuPageResponse};
 use crate::iommufd::{
     hw_info, IommuDestroy, IommuFaultAlloc, IommuHwInfo, IommuHwptAlloc, IommuHwptArmSmmuv3,
-    IommuHwptInvalidate, IommuHwptVtdS1, IommuIoasAlloc, IommuIoasMap, IommuIoasMapFile,
-    IommuIoasUnmap, IommuVdeviceAlloc, IommuVeventqAlloc, IommuViommuAlloc,
-    VfioDeviceAttachIommufdPt, VfioDeviceBindIommufd, VfioDeviceDetachIommufdPt, IOMMU_DESTROY,
-    IOMMU_FAULT_QUEUE_ALLOC, IOMMU_GET_HW_INFO, IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3,
-    IOMMU_HWPT_DATA_NONE, IOMMU_HWPT_DATA_VTD_S1, IOMMU_HWPT_INVALIDATE, IOMMU_IOAS_ALLOC,
-    IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, IOMMU_VDEVICE_ALLOC,
-    IOMMU_VEVENTQ_ALLOC, IOMMU_VIOMMU_ALLOC, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    IommuHwptInvalidate, IommuHwptVtdS1, IommuIoasAlloc, IommuIoasAllowIovas, IommuIoasCopy,
+    IommuIoasIovaRanges, IommuIoasMap, IommuIoasMapFile, IommuIoasUnmap, IommuVdeviceAlloc,
+    IommuVeventqAlloc, IommuViommuAlloc, VfioDeviceAttachIommufdPt, VfioDeviceBindIommufd,
+    VfioDeviceDetachIommufdPt, IOMMU_DESTROY, IOMMU_FAULT_QUEUE_ALLOC, IOMMU_GET_HW_INFO,
+    IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_DATA_NONE, IOMMU_HWPT_DATA_VTD_S1,
+    IOMMU_HWPT_INVALIDATE, IOMMU_IOAS_ALLOC, IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_COPY,
+    IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP,
+    IOMMU_VDEVICE_ALLOC, IOMMU_VEVENTQ_ALLOC, IOMMU_VIOMMU_ALLOC, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT,
     VFIO_DEVICE_DETACH_PASID,
 };
@@ -455,6 +456,70 @@ pub trait IommufdIoctls: UapiFile {
             length,
         };
         out(call(self, IOMMU_IOAS_UNMAP, &arg)).map(|a| a.length)
+    }
+
+    /// `IOMMU_IOAS_COPY` of `[src_iova, src_iova + length)` of `src_ioas_id` into
+    /// `dst_ioas_id`, at `dst_iova` with `IOMMU_IOAS_MAP_FIXED_IOVA` in `flags`: the IOVA
+    /// used.
+    fn ioas_copy(
+        &self,
+        dst_ioas_id: u32,
+        src_ioas_id: u32,
+        flags: u32,
+        length: u64,
+        dst_iova: u64,
+        src_iova: u64,
+    ) -> Result<u64, Errno> {
+        let arg = IommuIoasCopy {
+            size: size_of::<IommuIoasCopy>() as u32,
+            flags,
+            dst_ioas_id,
+            src_ioas_id,
+            length,
+            dst_iova,
+            src_iova,
+        };
+        out(call(self, IOMMU_IOAS_COPY, &arg)).map(|a| a.dst_iova)
+    }
+
+    /// `IOMMU_IOAS_IOVA_RANGES` of `ioas_id` with room for `num_iovas` ranges
+    /// ([`crate::iommufd::IommuIovaRange`]) at user address `allowed_iovas`: the result
+    /// and the structure the kernel wrote back (`num_iovas` the ranges there are, also on
+    /// `EMSGSIZE`; `out_iova_alignment`).
+    fn ioas_iova_ranges(
+        &self,
+        ioas_id: u32,
+        num_iovas: u32,
+        allowed_iovas: u64,
+    ) -> (Result<(), Errno>, IommuIoasIovaRanges) {
+        let arg = IommuIoasIovaRanges {
+            size: size_of::<IommuIoasIovaRanges>() as u32,
+            ioas_id,
+            num_iovas,
+            __reserved: 0,
+            allowed_iovas,
+            out_iova_alignment: 0,
+        };
+        let (r, back) = call(self, IOMMU_IOAS_IOVA_RANGES, &arg);
+        (r.map(drop), back)
+    }
+
+    /// `IOMMU_IOAS_ALLOW_IOVAS` of `ioas_id`: the `num_iovas` ranges
+    /// ([`crate::iommufd::IommuIovaRange`]) at user address `allowed_iovas`.
+    fn ioas_allow_iovas(
+        &self,
+        ioas_id: u32,
+        num_iovas: u32,
+        allowed_iovas: u64,
+    ) -> Result<(), Errno> {
+        let arg = IommuIoasAllowIovas {
+            size: size_of::<IommuIoasAllowIovas>() as u32,
+            ioas_id,
+            num_iovas,
+            __reserved: 0,
+            allowed_iovas,
+        };
+        call(self, IOMMU_IOAS_ALLOW_IOVAS, &arg).0.map(drop)
     }
 
     /// `IOMMU_HWPT_ALLOC` for device `dev_id` over `pt_id` (an IOAS, a nest parent or a
