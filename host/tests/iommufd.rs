@@ -23,7 +23,9 @@ use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
-use vsva_uapi::{error::Errno, file::UapiFile};
+use vsva_uapi::{
+    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+};
 use vsva_vtd::{
     addr::Gpa, addr::Pasid, addr::SourceId, builder::FrameSource, builder::MapFlags,
     builder::PageTableBuilder, builder::TableFormat, flpte::FlPagingMode, walk::PageSize,
@@ -185,11 +187,7 @@ fn io<T: Wire>(f: &dyn UapiFile, cmd: u32, v: &T) -> Result<T, Errno> {
 }
 
 fn ioas_alloc(f: &dyn UapiFile) -> Result<u32, Errno> {
-    let c = IommuIoasAlloc {
-        size: 12,
-        ..Default::default()
-    };
-    Ok(io(f, IOMMU_IOAS_ALLOC, &c)?.out_ioas_id)
+    f.ioas_alloc()
 }
 
 fn map(
@@ -200,70 +198,34 @@ fn map(
     length: u64,
     iova: u64,
 ) -> Result<u64, Errno> {
-    let c = IommuIoasMap {
-        size: 40,
-        flags,
-        ioas_id: ioas,
-        user_va,
-        length,
-        iova,
-        ..Default::default()
-    };
-    Ok(io(f, IOMMU_IOAS_MAP, &c)?.iova)
+    f.ioas_map(ioas, flags, user_va, length, iova)
 }
 
 const RW: u32 = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE;
 const FIXED_RW: u32 = RW | IOMMU_IOAS_MAP_FIXED_IOVA;
 
 fn unmap(f: &dyn UapiFile, ioas: u32, iova: u64, length: u64) -> Result<u64, Errno> {
-    let c = IommuIoasUnmap {
-        size: 24,
-        ioas_id: ioas,
-        iova,
-        length,
-    };
-    Ok(io(f, IOMMU_IOAS_UNMAP, &c)?.length)
+    f.ioas_unmap(ioas, iova, length)
 }
 
 fn destroy(f: &dyn UapiFile, id: u32) -> Result<(), Errno> {
-    io(f, IOMMU_DESTROY, &IommuDestroy { size: 8, id }).map(|_| ())
+    f.destroy(id)
 }
 
 fn hwpt_alloc(f: &dyn UapiFile, dev_id: u32, pt_id: u32, flags: u32) -> Result<u32, Errno> {
-    let c = IommuHwptAlloc {
-        size: 48,
-        flags,
-        dev_id,
-        pt_id,
-        ..Default::default()
-    };
-    Ok(io(f, IOMMU_HWPT_ALLOC, &c)?.out_hwpt_id)
+    f.hwpt_alloc(dev_id, pt_id, flags, HwptData::NONE, 0)
 }
 
 fn bind(dev: &VfioDeviceFile, fd: i32) -> Result<u32, Errno> {
-    let c = VfioDeviceBindIommufd {
-        argsz: 24,
-        iommufd: fd,
-        ..Default::default()
-    };
-    Ok(io(dev, VFIO_DEVICE_BIND_IOMMUFD, &c)?.out_devid)
+    dev.device_bind_iommufd(fd)
 }
 
 fn attach(dev: &VfioDeviceFile, pt_id: u32) -> Result<u32, Errno> {
-    let c = VfioDeviceAttachIommufdPt {
-        argsz: 16,
-        pt_id,
-        ..Default::default()
-    };
-    Ok(io(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &c)?.pt_id)
+    dev.device_attach_pt(pt_id, None)
 }
 
 fn detach(dev: &VfioDeviceFile) -> Result<(), Errno> {
-    let c = VfioDeviceDetachIommufdPt {
-        argsz: 12,
-        ..Default::default()
-    };
-    io(dev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &c).map(|_| ())
+    dev.device_detach_pt(None)
 }
 
 fn iova_ranges(
@@ -272,16 +234,7 @@ fn iova_ranges(
     ioas: u32,
     num: u32,
 ) -> (Result<(), Errno>, u32, Vec<(u64, u64)>) {
-    let c = IommuIoasIovaRanges {
-        size: 32,
-        ioas_id: ioas,
-        num_iovas: num,
-        allowed_iovas: ram.vaddr + SCRATCH,
-        ..Default::default()
-    };
-    let mut b = c.to_bytes();
-    let r = f.ioctl(IOMMU_IOAS_IOVA_RANGES, &mut b).map(|_| ());
-    let out: IommuIoasIovaRanges = read_prefix(&b, b.len());
+    let (r, out) = f.ioas_iova_ranges(ioas, num, ram.vaddr + SCRATCH);
     if r.is_ok() {
         assert_eq!(out.out_iova_alignment, PAGE);
     }
@@ -303,14 +256,7 @@ fn allow(f: &dyn UapiFile, ram: &Ram, ioas: u32, ranges: &[(u64, u64)]) -> Resul
         bytes.extend(IommuIovaRange { start, last }.to_bytes());
     }
     ram.mem.write_slice(&bytes, GuestAddress(SCRATCH)).unwrap();
-    let c = IommuIoasAllowIovas {
-        size: 24,
-        ioas_id: ioas,
-        num_iovas: ranges.len() as u32,
-        allowed_iovas: ram.vaddr + SCRATCH,
-        ..Default::default()
-    };
-    io(f, IOMMU_IOAS_ALLOW_IOVAS, &c).map(|_| ())
+    f.ioas_allow_iovas(ioas, ranges.len() as u32, ram.vaddr + SCRATCH)
 }
 
 #[test]
@@ -1022,18 +968,12 @@ fn nested_alloc(
     data_uptr: Option<u64>,
 ) -> Result<u32, Errno> {
     let uptr = scratch(ram, data);
-    let c = IommuHwptAlloc {
-        size: 48,
-        flags,
-        dev_id,
-        pt_id: parent,
+    let data = HwptData {
         data_type,
-        data_len: data.len() as u32,
-        data_uptr: data_uptr.unwrap_or(uptr),
-        fault_id: u32::MAX,
-        ..Default::default()
+        len: data.len() as u32,
+        uptr: data_uptr.unwrap_or(uptr),
     };
-    Ok(io(f, IOMMU_HWPT_ALLOC, &c)?.out_hwpt_id)
+    f.hwpt_alloc(dev_id, parent, flags, data, u32::MAX)
 }
 
 /// `IOMMU_HWPT_INVALIDATE`: the result and `entry_num` written back.
@@ -1053,19 +993,13 @@ fn invalidate(
         bytes.extend(b);
     }
     let uptr = scratch(ram, &bytes);
-    let c = IommuHwptInvalidate {
-        size: 32,
-        hwpt_id: hwpt,
-        data_uptr: data_uptr.unwrap_or(uptr),
+    let array = UserArray {
         data_type,
         entry_len,
         entry_num: entries.len() as u32,
-        __reserved: 0,
+        data_uptr: data_uptr.unwrap_or(uptr),
     };
-    let mut b = c.to_bytes();
-    let r = f.ioctl(IOMMU_HWPT_INVALIDATE, &mut b).map(|_| ());
-    let out: IommuHwptInvalidate = read_prefix(&b, b.len());
-    (r, out.entry_num)
+    f.hwpt_invalidate(hwpt, array)
 }
 
 fn inv(addr: u64, npages: u64, flags: u32) -> IommuHwptVtdS1Invalidate {
@@ -1078,22 +1012,11 @@ fn inv(addr: u64, npages: u64, flags: u32) -> IommuHwptVtdS1Invalidate {
 }
 
 fn attach_pasid(dev: &VfioDeviceFile, pasid: u32, pt_id: u32) -> Result<u32, Errno> {
-    let c = VfioDeviceAttachIommufdPt {
-        argsz: 16,
-        flags: VFIO_DEVICE_ATTACH_PASID,
-        pt_id,
-        pasid,
-    };
-    Ok(io(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &c)?.pt_id)
+    dev.device_attach_pt(pt_id, Some(pasid))
 }
 
 fn detach_pasid(dev: &VfioDeviceFile, pasid: u32) -> Result<(), Errno> {
-    let c = VfioDeviceDetachIommufdPt {
-        argsz: 12,
-        flags: VFIO_DEVICE_DETACH_PASID,
-        pasid,
-    };
-    io(dev, VFIO_DEVICE_DETACH_IOMMUFD_PT, &c).map(|_| ())
+    dev.device_detach_pt(Some(pasid))
 }
 
 const VTD_S1_LEN: usize = std::mem::size_of::<IommuHwptVtdS1>();
