@@ -111,7 +111,9 @@ impl DmaPort for Smmu {
             .map_err(|f| self.dma_fault(sid, f))
     }
 
-    /// Full ATS (EATS 0b01) only: split-stage ATS would return an IPA.
+    /// Full ATS (EATS 0b01) only: split-stage ATS would return an IPA. Under HTTU a
+    /// writable-clean page is returned without write permission unless the request was
+    /// for writing, which marks it dirty.
     fn ats_translate(
         &self,
         sid: SourceId,
@@ -131,7 +133,10 @@ impl DmaPort for Smmu {
             page: page(&t),
             perm: DmaAccess {
                 read: t.perms.read,
-                write: t.perms.write,
+                // Write permission only for a page already dirty (a write request's walk
+                // made it so): a writable-clean page granted W would take the device's
+                // writes from its ATC without ever being marked (HTTU, IHI 0070 §3.13).
+                write: t.perms.write && t.dirty,
                 execute: t.perms.execute,
                 privileged: access.privileged,
             },

@@ -995,6 +995,69 @@ fn atc_inv_pri_resp_and_page_requests() {
     assert_eq!(dev.calls.lock().unwrap().len(), 2);
 }
 
+/// HTTU (CD.HA and HD) with a writable-clean leaf (DBM, `AP[2]` set): a read, or an ATS
+/// read request, leaves it clean and an ATS completion for reading grants no write; a
+/// write marks it dirty (`AP[2]` cleared) and an ATS write request is granted W. Software
+/// making it clean again must invalidate the TLB entry: until CMD_TLBI_NH_VA the cached
+/// writable-dirty entry serves writes and the leaf stays clean.
+#[test]
+fn dirty_state_under_httu_with_the_tlb_and_ats() {
+    let mut rig = Rig::new();
+    let dev = Arc::new(Device::default());
+    rig.smmu.attach_endpoint(SID, dev.clone());
+    let rid = SourceId::from_rid(SID as u16);
+    let (mut b, _) = rig.stage1(SID);
+    let cd = ContextDescriptor {
+        ha: true,
+        hd: true,
+        ..ContextDescriptor::new(TTB0, 16, ASID)
+    };
+    rig.write_words(CD_TABLE, &cd.encode());
+    let ste = Ste {
+        s1_context_ptr: CD_TABLE,
+        s1cdmax: 2,
+        s1dss: S1Dss::Substream0,
+        eats: Eats::Full,
+        ..Ste::new(Config::S1Trans)
+    };
+    rig.write_ste(SID, &ste);
+    rig.map(&mut b, 0x5000, 0x60_0000, RW_EL0 | D::DBM | D::AP_RO);
+    let leaf = b.descriptor_address(&*rig.mem, 0x5000, 3).unwrap().unwrap();
+    let clean = |rig: &Rig| rig.mem.read_u64(leaf).unwrap() & D::AP_RO != 0;
+    let c = rig
+        .smmu
+        .ats_translate(rid, None, 0x5000, DmaAccess::READ)
+        .unwrap();
+    assert!(c.perm.read && !c.perm.write, "{c:?}");
+    assert!(clean(&rig));
+    assert_eq!(rig.read(SID, None, 0x5008), Ok(0x60_0008));
+    assert!(clean(&rig));
+    let c = rig
+        .smmu
+        .ats_translate(rid, None, 0x5000, DmaAccess::WRITE)
+        .unwrap();
+    assert!(c.perm.write, "{c:?}");
+    assert!(!clean(&rig));
+    // Software makes it clean; the TLB's writable-dirty entry hides the next write.
+    let d = rig.mem.read_u64(leaf).unwrap();
+    rig.mem.write_u64(leaf, d | D::AP_RO).unwrap();
+    let w = rig
+        .smmu
+        .translate(SID, None, 0x5010, AccessRequest::WRITE)
+        .unwrap();
+    assert!(w.tlb_hit && clean(&rig));
+    rig.submit(&[Cmd::TlbiNhVa {
+        vmid: 0,
+        asid: ASID,
+        addr: va_operand(0x5000),
+    }]);
+    let w = rig
+        .smmu
+        .translate(SID, None, 0x5010, AccessRequest::WRITE)
+        .unwrap();
+    assert!(!w.tlb_hit && !clean(&rig));
+}
+
 #[test]
 fn configuration_errors_become_events() {
     let mut rig = Rig::new();

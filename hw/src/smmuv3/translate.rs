@@ -32,6 +32,10 @@ pub struct SmmuTranslation {
     pub page_size: PageSize,
     /// The rights granted for accesses of the transaction's privilege.
     pub perms: Permissions,
+    /// Whether writes need no hardware dirty-state update: every leaf is writable-dirty
+    /// (or the page is not writable). A writable-clean page (DBM under HD) is writable
+    /// only through the SMMU, which marks it dirty first.
+    pub dirty: bool,
     /// Whether the TLB served it.
     pub tlb_hit: bool,
 }
@@ -246,6 +250,7 @@ impl Smmu {
                     output: e.output(addr),
                     page_size: t.page_size,
                     perms: t.perms,
+                    dirty: t.dirty,
                     tlb_hit: true,
                 });
             }
@@ -272,6 +277,7 @@ impl Smmu {
                     output: t.output,
                     page_size: t.page_size,
                     perms: t.perms,
+                    dirty: t.dirty,
                     tlb_hit: false,
                 })
             }
@@ -476,6 +482,7 @@ fn identity(addr: u64) -> SmmuTranslation {
         output: addr,
         page_size: PageSize::Size4K,
         perms: Permissions::ALL,
+        dirty: true,
         tlb_hit: false,
     }
 }
