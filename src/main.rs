@@ -78,6 +78,10 @@ enum Command {
     Run {
         #[arg(value_enum)]
         scenario: Scenario,
+        /// The host IOMMU: VT-d (the default), or SMMUv3 (`migrate-dirty` only: dirty
+        /// tracking over a stage-1 domain with hardware dirty-state updates).
+        #[arg(long, value_enum)]
+        iommu: Option<IommuArch>,
     },
     /// Prints the nested walk of one request, step by step, on the demo's state.
     Explain {
@@ -361,7 +365,10 @@ fn main() -> ExitCode {
             }
             code
         }
-        Command::Run { scenario } => match scenario::run(scenario) {
+        Command::Run { scenario, iommu } => match match iommu {
+            Some(IommuArch::Smmuv3) => scenario::run_smmuv3(scenario),
+            _ => scenario::run(scenario),
+        } {
             Ok(outcome) => {
                 print!("{}", outcome.text);
                 for f in &outcome.failed {

@@ -182,6 +182,17 @@ fn scenarios_whose_checks_pass_exit_zero() {
         );
         assert!(!stdout.contains("WRONG"), "{stdout}");
     }
+    // migrate-dirty runs on the SMMUv3 host too; the other scenarios are VT-d's.
+    let out = vsva(&["run", "migrate-dirty", "--iommu", "smmuv3"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        !stdout.contains("WRONG") && stdout.contains("0 pages differ"),
+        "{stdout}"
+    );
+    assert!(!vsva(&["run", "page-request", "--iommu", "smmuv3"])
+        .status
+        .success());
 }
 
 #[test]

@@ -199,6 +199,21 @@ const DETACH: Served = plain(
     "VFIO_DEVICE_DETACH_IOMMUFD_PT",
 );
 
+const SET_DIRTY_TRACKING: Served = plain(
+    IOMMU_HWPT_SET_DIRTY_TRACKING,
+    "IOMMU_HWPT_SET_DIRTY_TRACKING",
+);
+
+const GET_DIRTY_BITMAP: Served = with(
+    IOMMU_HWPT_GET_DIRTY_BITMAP,
+    "IOMMU_HWPT_GET_DIRTY_BITMAP",
+    offset_of!(IommuHwptGetDirtyBitmap, data),
+    Count::Bitmap {
+        length: offset_of!(IommuHwptGetDirtyBitmap, length),
+        page_size: offset_of!(IommuHwptGetDirtyBitmap, page_size),
+    },
+);
+
 /// Every ioctl an iommufd connection on a VT-d host serves; docs/protocol.md lists the
 /// same.
 pub const IOCTLS: &[Served] = &[
@@ -212,19 +227,8 @@ pub const IOCTLS: &[Served] = &[
     plain(IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP"),
     HWPT_ALLOC,
     GET_HW_INFO,
-    plain(
-        IOMMU_HWPT_SET_DIRTY_TRACKING,
-        "IOMMU_HWPT_SET_DIRTY_TRACKING",
-    ),
-    with(
-        IOMMU_HWPT_GET_DIRTY_BITMAP,
-        "IOMMU_HWPT_GET_DIRTY_BITMAP",
-        offset_of!(IommuHwptGetDirtyBitmap, data),
-        Count::Bitmap {
-            length: offset_of!(IommuHwptGetDirtyBitmap, length),
-            page_size: offset_of!(IommuHwptGetDirtyBitmap, page_size),
-        },
-    ),
+    SET_DIRTY_TRACKING,
+    GET_DIRTY_BITMAP,
     HWPT_INVALIDATE,
     FAULT_QUEUE_ALLOC,
     ATTACH,
@@ -246,6 +250,8 @@ pub const SMMU_IOCTLS: &[Served] = &[
     plain(IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP"),
     HWPT_ALLOC,
     GET_HW_INFO,
+    SET_DIRTY_TRACKING,
+    GET_DIRTY_BITMAP,
     HWPT_INVALIDATE,
     FAULT_QUEUE_ALLOC,
     with(

@@ -524,14 +524,9 @@ fn refused_smmu_iommufd_calls_over_the_socket_change_nothing() {
         assert_eq!(smmu.ste(a.sid), ste, "{what}");
     };
 
-    // Not on the SMMU file's table (no dirty tracking, BIND is DEVICE_ADD's): ENOTTY
-    // before the file sees them.
-    for cmd in [
-        IOMMU_HWPT_SET_DIRTY_TRACKING,
-        IOMMU_HWPT_GET_DIRTY_BITMAP,
-        VFIO_DEVICE_BIND_IOMMUFD,
-        IOMMU_OPTION,
-    ] {
+    // Not on the SMMU file's table (BIND is DEVICE_ADD's): ENOTTY before the file sees
+    // them.
+    for cmd in [VFIO_DEVICE_BIND_IOMMUFD, IOMMU_OPTION] {
         assert_eq!(
             a.f.ioctl(cmd, &mut [0u8; 64]),
             errno(libc::ENOTTY),
@@ -539,6 +534,18 @@ fn refused_smmu_iommufd_calls_over_the_socket_change_nothing() {
         );
         unchanged("an unserved ioctl");
     }
+    // Dirty tracking reaches the file, which refuses it on a stage-2 (nest-parent) HWPT.
+    let set = IommuHwptSetDirtyTracking {
+        size: 16,
+        flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+        hwpt_id: na.parent,
+        __reserved: 0,
+    };
+    assert_eq!(
+        a.f.ioctl(IOMMU_HWPT_SET_DIRTY_TRACKING, &mut set.to_bytes()),
+        errno(libc::EOPNOTSUPP)
+    );
+    unchanged("dirty tracking on a stage 2");
     // Arguments too short for their own fields.
     for cmd in [
         IOMMU_VIOMMU_ALLOC,

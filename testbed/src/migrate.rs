@@ -4,8 +4,10 @@
 //! dirty bitmap in rounds and copies only the pages it reports; after the devices stop, a
 //! last harvest and copy finish the target's RAM.
 //!
-//! The devices' DMA goes through the physical IOMMU model, which sets D in the
-//! second-level leaves (SLADE). The VMM drives it through iommufd, as QEMU's VFIO
+//! The devices' DMA goes through the physical IOMMU model: on VT-d it sets D in the
+//! second-level leaves (SLADE); on SMMUv3 (`--iommu smmuv3`) the HWPT is a stage-1 domain
+//! whose CD has HA and HD, and the SMMU clears `AP[2]` in the writable-clean (DBM) leaves
+//! it writes through. The VMM drives it through iommufd, as QEMU's VFIO
 //! migration does: an IOAS mapping guest RAM, a paging HWPT allocated with
 //! `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` that the devices' cdevs attach to,
 //! `IOMMU_HWPT_SET_DIRTY_TRACKING`, and `IOMMU_HWPT_GET_DIRTY_BITMAP` into a bitmap in its
@@ -29,13 +31,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
-use vsva_host::iommufd::IommufdFile;
+use vsva_host::smmu::SmmuHost;
 use vsva_hw::dma::regs::CTRL_ATS_EN;
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
     DmaPort, Operation,
 };
-use vsva_hw::memory::PAGE_SIZE;
+use vsva_hw::memory::{FrameAllocator, HostMemory, PAGE_SIZE};
+use vsva_hw::smmuv3::{Smmu, SmmuConfig};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{error::Errno, file::UapiFile};
@@ -68,6 +71,123 @@ impl MigrateConfig {
         ops_per_round: 24,
         seed: 0x5eed,
     };
+}
+
+/// The host IOMMU the VMM's iommufd and the devices are on.
+pub trait DirtyHost {
+    /// Host physical memory.
+    fn memory(&self) -> &Arc<HostMemory>;
+    /// Host frames for the VM's RAM and the VMM's bitmap.
+    fn frames(&self) -> &Arc<FrameAllocator>;
+    /// `/dev/iommu` on the IOMMU, in `fds`.
+    fn open(&self, fds: &Arc<Iommufds>) -> (i32, Arc<dyn UapiFile>);
+    /// A DMA engine with `sid`, on the IOMMU's bus.
+    fn plug(&self, sid: SourceId) -> Result<Arc<DmaEngine>, StackError>;
+    /// Takes the device with `sid` off the bus.
+    fn unplug(&self, sid: SourceId);
+    /// The IOMMU and where it keeps the dirty state, for the scenario's first line.
+    fn tracking(&self) -> &'static str;
+}
+
+impl DirtyHost for Host {
+    fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+
+    fn frames(&self) -> &Arc<FrameAllocator> {
+        &self.frames
+    }
+
+    fn open(&self, fds: &Arc<Iommufds>) -> (i32, Arc<dyn UapiFile>) {
+        let (fd, f) = fds.open(&self.unit);
+        (fd, f)
+    }
+
+    fn plug(&self, sid: SourceId) -> Result<Arc<DmaEngine>, StackError> {
+        let engine = Arc::new(DmaEngine::new(
+            DmaEngineConfig::new(sid),
+            self.iommu.clone() as Arc<dyn DmaPort>,
+        )?);
+        self.iommu.attach_endpoint(engine.clone());
+        Ok(engine)
+    }
+
+    fn unplug(&self, sid: SourceId) {
+        self.iommu.detach_endpoint(sid);
+    }
+
+    fn tracking(&self) -> &'static str {
+        "VT-d: D in the second-level leaves (SLADE)"
+    }
+}
+
+/// The SMMUv3 host of `vsva run migrate-dirty --iommu smmuv3`: memory, the physical SMMU
+/// model and the host's arm-smmu-v3 driver.
+pub struct SmmuDirtyHost {
+    /// Host physical memory.
+    pub mem: Arc<HostMemory>,
+    /// Host frames.
+    pub frames: Arc<FrameAllocator>,
+    /// The physical SMMU.
+    pub hw: Arc<Smmu>,
+    /// The host driver.
+    pub smmu: Arc<SmmuHost>,
+}
+
+impl SmmuDirtyHost {
+    /// A host with `size` bytes of sparse memory and a strict-mode SMMU when `strict`.
+    pub fn new(size: u64, strict: bool) -> Result<Self, StackError> {
+        let mem = HostMemory::new(size)?;
+        let frames = Arc::new(FrameAllocator::new(mem.clone()));
+        let hw = Arc::new(Smmu::new(
+            mem.clone(),
+            SmmuConfig {
+                strict,
+                ..SmmuConfig::default()
+            },
+        ));
+        let smmu = SmmuHost::new(hw.clone(), frames.clone())
+            .map_err(|e| StackError::Guest(format!("host SMMU: {e}")))?;
+        Ok(SmmuDirtyHost {
+            mem,
+            frames,
+            hw,
+            smmu,
+        })
+    }
+}
+
+impl DirtyHost for SmmuDirtyHost {
+    fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+
+    fn frames(&self) -> &Arc<FrameAllocator> {
+        &self.frames
+    }
+
+    fn open(&self, fds: &Arc<Iommufds>) -> (i32, Arc<dyn UapiFile>) {
+        let (fd, f) = fds.open_smmu(&self.smmu);
+        (fd, f)
+    }
+
+    fn plug(&self, sid: SourceId) -> Result<Arc<DmaEngine>, StackError> {
+        let engine = Arc::new(DmaEngine::new(
+            DmaEngineConfig::new(sid),
+            self.hw.clone() as Arc<dyn DmaPort>,
+        )?);
+        self.hw
+            .attach_endpoint(u32::from(sid.rid()), engine.clone());
+        Ok(engine)
+    }
+
+    fn unplug(&self, sid: SourceId) {
+        self.hw.detach_endpoint(u32::from(sid.rid()));
+    }
+
+    fn tracking(&self) -> &'static str {
+        "SMMUv3: a stage-1 domain with CD.HA and HD, AP[2] of its DBM leaves"
+    }
 }
 
 /// Where each device's completion records go: one page per device at the top of RAM.
@@ -131,7 +251,7 @@ fn io<T: Wire>(f: &dyn UapiFile, cmd: u32, v: &T, what: &str) -> Result<T, Stack
 
 /// The VMM's view of the dirty-tracking HWPT.
 struct Hwpt<'a> {
-    file: Arc<IommufdFile>,
+    file: Arc<dyn UapiFile>,
     id: u32,
     /// The VMM's bitmap buffer: its address and the window holding it.
     bitmap_va: u64,
@@ -200,39 +320,40 @@ fn read_window(w: &GuestMemoryMmap, bytes: &mut [u8]) -> Result<(), StackError> 
 
 /// Runs the scenario on `host`, printing to and checking in `out`.
 pub fn migrate_dirty(
-    host: &Host,
+    host: &dyn DirtyHost,
     cfg: &MigrateConfig,
     out: &mut Outcome,
 ) -> Result<(), StackError> {
+    let (mem, frames) = (host.memory(), host.frames());
     let bitmap_bytes = ((cfg.ram / PAGE_SIZE).div_ceil(64) * 8).next_multiple_of(PAGE_SIZE);
-    let ram_hpa = host.frames.alloc_range(cfg.ram, PAGE_SIZE)?;
-    let bitmap_hpa = match host.frames.alloc_range(bitmap_bytes, PAGE_SIZE) {
+    let ram_hpa = frames.alloc_range(cfg.ram, PAGE_SIZE)?;
+    let bitmap_hpa = match frames.alloc_range(bitmap_bytes, PAGE_SIZE) {
         Ok(h) => h,
         Err(e) => {
-            host.frames.free(ram_hpa)?;
+            frames.free(ram_hpa)?;
             return Err(e.into());
         }
     };
     let result = (|| {
-        let ram = host.mem.guest_memory(&[(Gpa(0), ram_hpa, cfg.ram)])?;
-        let r = match host.mem.guest_memory(&[(Gpa(0), bitmap_hpa, bitmap_bytes)]) {
+        let ram = mem.guest_memory(&[(Gpa(0), ram_hpa, cfg.ram)])?;
+        let r = match mem.guest_memory(&[(Gpa(0), bitmap_hpa, bitmap_bytes)]) {
             Ok(bitmap) => {
                 let r = with_ram(host, cfg, &ram, ram_hpa.0, &bitmap, out);
-                host.mem.release_guest_memory(&bitmap);
+                mem.release_guest_memory(&bitmap);
                 r
             }
             Err(e) => Err(e.into()),
         };
-        host.mem.release_guest_memory(&ram);
+        mem.release_guest_memory(&ram);
         r
     })();
-    host.frames.free(bitmap_hpa)?;
-    host.frames.free(ram_hpa)?;
+    frames.free(bitmap_hpa)?;
+    frames.free(ram_hpa)?;
     result
 }
 
 fn with_ram(
-    host: &Host,
+    host: &dyn DirtyHost,
     cfg: &MigrateConfig,
     ram: &GuestMemoryMmap,
     ram_hpa: u64,
@@ -240,7 +361,7 @@ fn with_ram(
     out: &mut Outcome,
 ) -> Result<(), StackError> {
     let fds = Iommufds::new();
-    let (fd, file) = fds.open(&host.unit);
+    let (fd, file) = host.open(&fds);
     let base = ram
         .get_host_address(GuestAddress(0))
         .map_err(|e| StackError::Guest(e.to_string()))? as u64;
@@ -278,11 +399,7 @@ fn with_ram(
         for dev in 0..cfg.devices {
             let sid = SourceId::new(0x40, dev, 0).expect("device number in range");
             // On the bus before it is attached: the host driver reads its capabilities then.
-            let engine = Arc::new(DmaEngine::new(
-                DmaEngineConfig::new(sid),
-                host.iommu.clone() as Arc<dyn DmaPort>,
-            )?);
-            host.iommu.attach_endpoint(engine.clone());
+            let engine = host.plug(sid)?;
             let cdev = VfioDeviceFile::open(sid, fds.clone());
             let bind = VfioDeviceBindIommufd {
                 argsz: 24,
@@ -331,7 +448,7 @@ fn with_ram(
         migrate(host, cfg, &hwpt, &devices, ram_hpa, out)
     })();
     for d in devices {
-        host.iommu.detach_endpoint(d.cdev.sid());
+        host.unplug(d.cdev.sid());
         drop(d.cdev);
     }
     drop(file);
@@ -339,20 +456,21 @@ fn with_ram(
 }
 
 fn migrate(
-    host: &Host,
+    host: &dyn DirtyHost,
     cfg: &MigrateConfig,
     hwpt: &Hwpt<'_>,
     devices: &[Device],
     ram_hpa: u64,
     out: &mut Outcome,
 ) -> Result<(), StackError> {
-    let mem = &*host.mem;
+    let mem = &**host.memory();
     let npages = cfg.ram / PAGE_SIZE;
     // The guest's RAM before migration starts: every page distinct.
     for page in 0..npages {
         mem.write(ram_hpa + page * PAGE_SIZE, &[(page % 251) as u8 + 1; 4096])?;
     }
     hwpt.set_dirty_tracking(true)?;
+    let _ = writeln!(out, "host IOMMU: {}", host.tracking());
     let _ = writeln!(
         out,
         "VM: {} MiB of RAM mapped with 4 KiB pages (IOMMU_IOAS_MAP), {} devices (ATS) attached \

@@ -13,7 +13,7 @@ use vsva_uapi::file::VfioIoctls;
 use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode, walk::AccessRequest};
 
 use crate::holdings::HostHoldings;
-use crate::migrate::{migrate_dirty, MigrateConfig};
+use crate::migrate::{migrate_dirty, MigrateConfig, SmmuDirtyHost};
 use crate::stack::{Host, StackError, Vm};
 
 /// What a scenario printed, and the checks of it that failed.
@@ -115,6 +115,25 @@ pub fn run(scenario: Scenario) -> Result<Outcome, StackError> {
         }
         Scenario::Scale => out.text = scale()?,
         Scenario::MigrateDirty => migrate_dirty(&host()?, &MigrateConfig::RUN, &mut out)?,
+    }
+    Ok(out)
+}
+
+/// Runs `scenario` on an SMMUv3 host (`vsva run --iommu smmuv3`): `migrate-dirty` over a
+/// stage-1 domain that tracks dirty pages; the other scenarios are VT-d's only (an error).
+pub fn run_smmuv3(scenario: Scenario) -> Result<Outcome, StackError> {
+    let mut out = Outcome::default();
+    match scenario {
+        Scenario::MigrateDirty => migrate_dirty(
+            &SmmuDirtyHost::new(HOST_MEMORY, true)?,
+            &MigrateConfig::RUN,
+            &mut out,
+        )?,
+        other => {
+            return Err(StackError::Guest(format!(
+                "{other:?} runs on VT-d only (no --iommu smmuv3)"
+            )))
+        }
     }
     Ok(out)
 }
