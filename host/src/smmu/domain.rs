@@ -8,6 +8,11 @@
 //! the guest's CD table is attached; then each is nested: STE.S1ContextPtr is the table's
 //! IPA, so every CD and stage-1 table read, and every output, goes through stage 2, and the
 //! guest reaches nothing but what the VMM mapped.
+//!
+//! An iommufd paging HWPT allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` is a stage-1
+//! domain instead ([`SmmuDomain::new_dirty_tracking`]): a VMID, a stage-1 table and a CD
+//! table of its own whose CD has HA and HD, writable pages mapped writable-clean, their
+//! dirty state read and cleared by [`SmmuDomain::read_and_clear_dirty`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
