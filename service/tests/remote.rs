@@ -2,18 +2,14 @@
 //! connections: every byte crosses the wire protocol, the memory window crosses as an
 //! `SCM_RIGHTS` memfd.
 
-use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+mod common;
 
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use common::{settle, Served};
 use vm_memory::{Bytes, GuestAddress};
-use vsva_service::protocol::HostState;
-use vsva_service::{
-    client::RemoteFile, client::SharedRam, server::HostConfig, server::Limits, server::Report,
-    server::Service,
-};
+use vsva_service::{client::RemoteFile, client::SharedRam, server::HostConfig, server::Limits};
 use vsva_uapi::iommu::IOMMU_CACHE_INV_TYPE_IOTLB;
 use vsva_uapi::{
     error::Errno, file::IommuModel, file::VfioIoctls, request::BindGpasid,
@@ -21,59 +17,17 @@ use vsva_uapi::{
 };
 use vsva_vtd::{addr::Gpa, addr::Iova};
 
-struct Served {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Report>>,
-    _dir: TempDir,
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn serve() -> Served {
     serve_with(Limits::default())
 }
 
 fn serve_with(limits: Limits) -> Served {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-service-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("host.sock");
-    let service = Service::new(&HostConfig {
+    common::serve(&HostConfig {
         memory: 256 << 20,
         limits,
         strict: false,
         ..HostConfig::default()
     })
-    .unwrap();
-    let listener = vsva_service::server::bind_socket(&path).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::spawn(move || service.serve(listener, &s));
-    Served {
-        path,
-        stop,
-        thread: Some(thread),
-        _dir: TempDir(dir),
-    }
-}
-
-impl Served {
-    fn finish(mut self) -> Report {
-        self.stop.store(true, Ordering::Release);
-        self.thread.take().unwrap().join().unwrap()
-    }
 }
 
 const RAM: u64 = 4 << 20;
@@ -134,23 +88,11 @@ fn a_container_over_the_socket_maps_binds_invalidates_and_leaves_nothing() {
         drop(file);
     }
     // The host closes a connection in its own time; wait (bounded) for it.
-    let after = settle(&probe, &before);
+    let after = settle(&probe, |s| *s == before);
     assert_eq!(after, before);
     drop(probe);
     let report = served.finish();
     assert_eq!(report.left, report.baseline, "{report}");
-}
-
-/// Polls the host state until it equals `want` (at most 2 s), returning the last state.
-fn settle(probe: &RemoteFile, want: &HostState) -> HostState {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let s = probe.host_state().unwrap();
-        if s == *want || std::time::Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -467,7 +409,7 @@ fn the_eventfd_fires_when_a_page_request_is_queued_and_state_counts_it() {
     assert_eq!(s.page_requests, before.page_requests + 1);
     // Closing the file answers the group and releases everything.
     drop(file);
-    assert_eq!(settle(&probe, &before), before);
+    assert_eq!(settle(&probe, |s| *s == before), before);
     drop(probe);
     let report = served.finish();
     assert_eq!(report.left, report.baseline, "{report}");
@@ -523,7 +465,7 @@ fn a_device_run_taking_records_carries_the_page_request_read_would_give() {
     assert_eq!(file.read_faults(), Ok(Vec::new()));
     // Closing the file answers the group and releases everything.
     drop(file);
-    assert_eq!(settle(&probe, &before), before);
+    assert_eq!(settle(&probe, |s| *s == before), before);
     drop(probe);
     let report = served.finish();
     assert_eq!(report.left, report.baseline, "{report}");

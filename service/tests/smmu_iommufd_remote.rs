@@ -8,19 +8,18 @@
 //! reach the vEVENT queue fd the reply passed. A closed connection leaves nothing (no
 //! VMID, its STE aborting, no TLB entry, no object); refused calls change nothing.
 
+mod common;
+
 use std::mem::size_of;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
+use common::{settle, Served, WAIT};
 use vm_memory::{Bytes, GuestAddress};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
 use vsva_service::client::{FaultQueueFd, RemoteFile, SharedRam};
-use vsva_service::protocol::{HostState, FILE_IOMMUFD};
-use vsva_service::{server::HostConfig, server::IommuArch, server::Report, server::Service};
+use vsva_service::protocol::FILE_IOMMUFD;
+use vsva_service::{server::HostConfig, server::IommuArch};
 use vsva_smmuv3::desc::Descriptor as D;
 use vsva_smmuv3::{
     builder::TableBuilder, cd::ContextDescriptor, cmd::Cmd, cmd::TlbiAddr, event::Event,
@@ -52,73 +51,14 @@ const SSID: u32 = 3;
 const ASID: u16 = 0x21;
 const VSID: u64 = 0x42;
 const RW_EL0: u64 = D::AF | D::AP_EL0 | D::NG;
-/// How long a test waits for the host (its interrupt thread, a closing connection).
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Served {
-    path: PathBuf,
-    service: Arc<Service>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Report>>,
-    dir: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn serve() -> Served {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-smmu-iommufd-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("host.sock");
-    let service = Service::new(&HostConfig {
+    common::serve(&HostConfig {
         iommu: IommuArch::Smmuv3,
         memory: 256 << 20,
         strict: true,
         ..HostConfig::default()
     })
-    .unwrap();
-    let listener = vsva_service::server::bind_socket(&path).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (s, svc) = (stop.clone(), service.clone());
-    let thread = std::thread::spawn(move || svc.serve(listener, &s));
-    Served {
-        path,
-        service,
-        stop,
-        thread: Some(thread),
-        dir,
-    }
-}
-
-impl Served {
-    fn finish(mut self) -> Report {
-        self.stop.store(true, Ordering::Release);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-/// Polls the host state until `ok` accepts it (at most [`WAIT`]), returning the last one.
-fn settle(probe: &RemoteFile, ok: impl Fn(&HostState) -> bool) -> HostState {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = probe.host_state().unwrap();
-        if ok(&s) || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A VMM on an iommufd connection to the SMMUv3 host: its RAM shared (`ADD_MEMORY`, for

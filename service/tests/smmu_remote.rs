@@ -5,18 +5,14 @@
 //! closed connection leaves nothing: its STE aborts again with no CD-table pointer, its
 //! VMID is free and no TLB entry carries it.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{settle, Served};
 use vm_memory::{Bytes, GuestAddress};
 use vsva_hw::dma::{CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, Operation};
-use vsva_service::protocol::HostState;
 use vsva_service::{
     client::RemoteFile, client::SharedRam, server::HostConfig, server::IommuArch, server::Limits,
-    server::Report, server::Service, server::SMMU_STREAMS,
+    server::SMMU_STREAMS,
 };
 use vsva_uapi::request::NestingVendor;
 use vsva_uapi::{
@@ -28,62 +24,17 @@ use vsva_vtd::{addr::Gpa, addr::Pasid};
 const RAM: u64 = 4 << 20;
 const CD_GPA: u64 = 0x8_0000;
 
-struct Served {
-    path: PathBuf,
-    service: Arc<Service>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Report>>,
-    dir: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn serve(strict: bool) -> Served {
     serve_with(strict, Limits::default())
 }
 
 fn serve_with(strict: bool, limits: Limits) -> Served {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "vsva-smmu-service-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("host.sock");
-    let service = Service::new(&HostConfig {
+    common::serve(&HostConfig {
         iommu: IommuArch::Smmuv3,
         memory: 256 << 20,
         strict,
         limits,
     })
-    .unwrap();
-    let listener = vsva_service::server::bind_socket(&path).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (s, svc) = (stop.clone(), service.clone());
-    let thread = std::thread::spawn(move || svc.serve(listener, &s));
-    Served {
-        path,
-        service,
-        stop,
-        thread: Some(thread),
-        dir,
-    }
-}
-
-impl Served {
-    fn finish(mut self) -> Report {
-        self.stop.store(true, Ordering::Release);
-        self.thread.take().unwrap().join().unwrap()
-    }
 }
 
 /// A VM's connection: a nesting container, RAM shared and mapped at IOVA 0, a device.
@@ -144,18 +95,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
-}
-
-/// Polls the host state until `ok` accepts it (at most 20 s), returning the last state.
-fn settle(probe: &RemoteFile, ok: impl Fn(&HostState) -> bool) -> HostState {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = probe.host_state().unwrap();
-        if ok(&s) || Instant::now() > deadline {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Word 0 of an STE: V=1 Config=abort, no S1ContextPtr.
