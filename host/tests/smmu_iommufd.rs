@@ -30,7 +30,8 @@ use vsva_smmuv3::{
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
 use vsva_uapi::{
-    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+    error::Errno, file::arm_smmuv3_commands, file::HwptData, file::IommufdIoctls, file::UapiFile,
+    file::UserArray,
 };
 use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Pasid, addr::SourceId};
 
@@ -277,17 +278,9 @@ impl Vm {
 
     /// `IOMMU_HWPT_INVALIDATE` of `cmds` through `viommu`: the result and `entry_num`.
     fn invalidate(&self, viommu: u32, cmds: &[[u64; 2]]) -> (Result<(), Errno>, u32) {
-        let bytes: Vec<u8> = cmds
-            .iter()
-            .flat_map(|c| IommuViommuArmSmmuv3Invalidate { cmd: *c }.to_bytes())
-            .collect();
-        let array = UserArray {
-            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-            entry_len: 16,
-            entry_num: cmds.len() as u32,
-            data_uptr: self.user(&bytes),
-        };
-        self.file.hwpt_invalidate(viommu, array)
+        let uptr = self.user(&arm_smmuv3_commands(cmds));
+        self.file
+            .hwpt_invalidate(viommu, UserArray::arm_smmuv3(uptr, cmds.len() as u32))
     }
 
     /// A memmove of `len` bytes by the device, with `pasid`, at device addresses; the

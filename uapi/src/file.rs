@@ -18,14 +18,16 @@ use crate::error::{Errno, UapiError};
 use crate::iommu::{IommuCacheInvalidateInfo, IommuGpasidBindData, IommuPageResponse};
 use crate::iommufd::{
     hw_info, IommuDestroy, IommuFaultAlloc, IommuHwInfo, IommuHwptAlloc, IommuHwptArmSmmuv3,
-    IommuHwptInvalidate, IommuHwptVtdS1, IommuIoasAlloc, IommuIoasAllowIovas, IommuIoasCopy,
-    IommuIoasIovaRanges, IommuIoasMap, IommuIoasMapFile, IommuIoasUnmap, IommuVdeviceAlloc,
-    IommuVeventqAlloc, IommuViommuAlloc, VfioDeviceAttachIommufdPt, VfioDeviceBindIommufd,
+    IommuHwptInvalidate, IommuHwptVtdS1, IommuHwptVtdS1Invalidate, IommuIoasAlloc,
+    IommuIoasAllowIovas, IommuIoasCopy, IommuIoasIovaRanges, IommuIoasMap, IommuIoasMapFile,
+    IommuIoasUnmap, IommuVdeviceAlloc, IommuVeventqAlloc, IommuViommuAlloc,
+    IommuViommuArmSmmuv3Invalidate, VfioDeviceAttachIommufdPt, VfioDeviceBindIommufd,
     VfioDeviceDetachIommufdPt, IOMMU_DESTROY, IOMMU_FAULT_QUEUE_ALLOC, IOMMU_GET_HW_INFO,
     IOMMU_HWPT_ALLOC, IOMMU_HWPT_DATA_ARM_SMMUV3, IOMMU_HWPT_DATA_NONE, IOMMU_HWPT_DATA_VTD_S1,
-    IOMMU_HWPT_INVALIDATE, IOMMU_IOAS_ALLOC, IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_COPY,
-    IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP,
-    IOMMU_VDEVICE_ALLOC, IOMMU_VEVENTQ_ALLOC, IOMMU_VIOMMU_ALLOC, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    IOMMU_HWPT_INVALIDATE, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, IOMMU_IOAS_ALLOC,
+    IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_COPY, IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP,
+    IOMMU_IOAS_MAP_FILE, IOMMU_IOAS_UNMAP, IOMMU_VDEVICE_ALLOC, IOMMU_VEVENTQ_ALLOC,
+    IOMMU_VIOMMU_ALLOC, IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT,
     VFIO_DEVICE_DETACH_PASID,
 };
@@ -374,6 +376,38 @@ pub struct UserArray {
     pub entry_num: u32,
     /// Their user address (resolved by the caller).
     pub data_uptr: u64,
+}
+
+impl UserArray {
+    /// `entry_num` [`IommuHwptVtdS1Invalidate`] entries at `data_uptr`
+    /// (`IOMMU_HWPT_INVALIDATE_DATA_VTD_S1`).
+    pub const fn vtd_s1(data_uptr: u64, entry_num: u32) -> UserArray {
+        UserArray {
+            data_type: IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+            entry_len: size_of::<IommuHwptVtdS1Invalidate>() as u32,
+            entry_num,
+            data_uptr,
+        }
+    }
+
+    /// `entry_num` SMMUv3 commands ([`IommuViommuArmSmmuv3Invalidate`]) at `data_uptr`
+    /// (`IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3`).
+    pub const fn arm_smmuv3(data_uptr: u64, entry_num: u32) -> UserArray {
+        UserArray {
+            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+            entry_len: size_of::<IommuViommuArmSmmuv3Invalidate>() as u32,
+            entry_num,
+            data_uptr,
+        }
+    }
+}
+
+/// The bytes of an array of SMMUv3 commands as `IOMMU_HWPT_INVALIDATE` reads it from a
+/// vIOMMU's caller ([`UserArray::arm_smmuv3`]), to be placed in the caller's memory.
+pub fn arm_smmuv3_commands(cmds: &[[u64; 2]]) -> Vec<u8> {
+    cmds.iter()
+        .flat_map(|&cmd| IommuViommuArmSmmuv3Invalidate { cmd }.to_bytes())
+        .collect()
 }
 
 /// The iommufd ioctls (`include/uapi/linux/iommufd.h`) and the VFIO device cdev calls that
@@ -810,12 +844,12 @@ mod tests {
             ..Default::default()
         };
         let f = Recorder::new(back.to_bytes(), Err(Errno::EINVAL));
-        let array = UserArray {
-            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-            entry_len: 16,
-            entry_num: 5,
-            data_uptr: 0x8000,
-        };
+        let array = UserArray::arm_smmuv3(0x8000, 5);
+        assert_eq!(
+            (array.data_type, array.entry_len),
+            (IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, 16)
+        );
+        assert_eq!(UserArray::vtd_s1(0, 1).entry_len, 24);
         assert_eq!(f.hwpt_invalidate(8, array), (Err(Errno::EINVAL), 2));
         let (cmd, bytes) = f.last();
         assert_eq!(cmd, IOMMU_HWPT_INVALIDATE);
@@ -825,6 +859,13 @@ mod tests {
             (32, 8, 5, 16)
         );
         assert_eq!((sent.data_uptr, sent.data_type), (0x8000, array.data_type));
+        // Commands as the kernel reads them: two little-endian words each.
+        let bytes = arm_smmuv3_commands(&[[1, 2], [3, 4]]);
+        let words: Vec<u64> = bytes
+            .chunks(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .collect();
+        assert_eq!(words, [1, 2, 3, 4]);
         // An out field is not taken from a failed call.
         let f = Recorder::new(
             IommuIoasAlloc {

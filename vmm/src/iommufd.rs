@@ -488,12 +488,7 @@ impl Iommufd {
             let base = c * per_call;
             let bytes: Vec<u8> = chunk.iter().flat_map(|e| e.to_bytes()).collect();
             let data_uptr = scratch.put(&bytes).map_err(|e| (base, e))?;
-            let array = UserArray {
-                data_type: IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
-                entry_len: ENTRY as u32,
-                entry_num: chunk.len() as u32,
-                data_uptr,
-            };
+            let array = UserArray::vtd_s1(data_uptr, chunk.len() as u32);
             if let (Err(e), entry_num) = self.file.hwpt_invalidate(hwpt, array) {
                 let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
                 return Err((base + done, e));

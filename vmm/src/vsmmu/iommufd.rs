@@ -27,7 +27,8 @@ use vsva_smmuv3::ste::Config;
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{
-    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+    error::Errno, file::arm_smmuv3_commands, file::HwptData, file::IommufdIoctls, file::UapiFile,
+    file::UserArray,
 };
 
 use vsva_uapi::request::{PageRequest, PageResponse};
@@ -302,17 +303,10 @@ impl SmmuIommufd {
         let per_call = (scratch.len() / CMD).max(1);
         for (c, chunk) in cmds.chunks(per_call).enumerate() {
             let base = c * per_call;
-            let bytes: Vec<u8> = chunk
-                .iter()
-                .flat_map(|&cmd| IommuViommuArmSmmuv3Invalidate { cmd }.to_bytes())
-                .collect();
-            let data_uptr = scratch.put(&bytes).map_err(|e| (base, e))?;
-            let array = UserArray {
-                data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
-                entry_len: CMD as u32,
-                entry_num: chunk.len() as u32,
-                data_uptr,
-            };
+            let data_uptr = scratch
+                .put(&arm_smmuv3_commands(chunk))
+                .map_err(|e| (base, e))?;
+            let array = UserArray::arm_smmuv3(data_uptr, chunk.len() as u32);
             if let (Err(e), entry_num) = self.file.hwpt_invalidate(viommu, array) {
                 let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
                 return Err((base + done, e));
