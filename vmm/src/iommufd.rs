@@ -52,8 +52,6 @@ use crate::viommu::lock;
 const PAGE: u64 = 4096;
 /// Size of one fault queue record.
 const RECORD: usize = size_of::<IommuHwptPgfault>();
-/// Size of one invalidation entry.
-const ENTRY: usize = size_of::<IommuHwptVtdS1Invalidate>();
 
 /// A buffer of the VMM's own memory (a window of host memory mapped in the VMM, as
 /// guest RAM is), which the host reads structures passed by pointer from.
@@ -482,20 +480,41 @@ impl Iommufd {
         hwpt: u32,
         entries: &[IommuHwptVtdS1Invalidate],
     ) -> Result<(), (usize, Errno)> {
-        let scratch = lock(&self.scratch);
-        let per_call = (scratch.len / ENTRY).max(1);
-        for (c, chunk) in entries.chunks(per_call).enumerate() {
-            let base = c * per_call;
-            let bytes: Vec<u8> = chunk.iter().flat_map(|e| e.to_bytes()).collect();
-            let data_uptr = scratch.put(&bytes).map_err(|e| (base, e))?;
-            let array = UserArray::vtd_s1(data_uptr, chunk.len() as u32);
-            if let (Err(e), entry_num) = self.file.hwpt_invalidate(hwpt, array) {
-                let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
-                return Err((base + done, e));
-            }
-        }
-        Ok(())
+        invalidate_arrays(
+            &*self.file,
+            &lock(&self.scratch),
+            hwpt,
+            entries,
+            |chunk| chunk.iter().flat_map(|e| e.to_bytes()).collect(),
+            UserArray::vtd_s1,
+        )
     }
+}
+
+/// `IOMMU_HWPT_INVALIDATE` of `entries` on `id` (a nested HWPT or a vIOMMU): each run of
+/// entries that fits `scratch` encoded by `encode` there and passed as the array `array`
+/// describes, one call per run. `Ok(())`, or the index of the entry the host refused and
+/// its errno (those before it were done, those after it were not).
+pub(crate) fn invalidate_arrays<E>(
+    file: &dyn UapiFile,
+    scratch: &UserBuffer,
+    id: u32,
+    entries: &[E],
+    encode: impl Fn(&[E]) -> Vec<u8>,
+    array: fn(u64, u32) -> UserArray,
+) -> Result<(), (usize, Errno)> {
+    let entry_len = array(0, 0).entry_len as usize;
+    let per_call = (scratch.len() / entry_len).max(1);
+    for (c, chunk) in entries.chunks(per_call).enumerate() {
+        let base = c * per_call;
+        let data_uptr = scratch.put(&encode(chunk)).map_err(|e| (base, e))?;
+        if let (Err(e), entry_num) = file.hwpt_invalidate(id, array(data_uptr, chunk.len() as u32))
+        {
+            let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
+            return Err((base + done, e));
+        }
+    }
+    Ok(())
 }
 
 /// The `iommu_hwpt_vtd_s1_invalidate` entry of an IOTLB invalidation and the PASID whose

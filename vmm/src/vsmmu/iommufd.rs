@@ -34,13 +34,11 @@ use vsva_uapi::{
 use vsva_uapi::request::{PageRequest, PageResponse};
 use vsva_vtd::addr::SourceId;
 
-use crate::iommufd::{FaultQueue, UserBuffer};
+use crate::iommufd::{invalidate_arrays, FaultQueue, UserBuffer};
 use crate::viommu::lock;
 
 /// Depth of the vEVENT queue.
 const VEVENTQ_DEPTH: u32 = 64;
-/// Size of one command in an invalidation array.
-const CMD: usize = size_of::<IommuViommuArmSmmuv3Invalidate>();
 /// Size of a vEVENT header.
 const HEADER: usize = size_of::<IommufdVeventHeader>();
 /// Size of an SMMUv3 vEVENT.
@@ -299,20 +297,14 @@ impl SmmuIommufd {
         let Some(viommu) = self.viommu_id() else {
             return Err((0, Errno::ENOENT));
         };
-        let scratch = lock(&self.scratch);
-        let per_call = (scratch.len() / CMD).max(1);
-        for (c, chunk) in cmds.chunks(per_call).enumerate() {
-            let base = c * per_call;
-            let data_uptr = scratch
-                .put(&arm_smmuv3_commands(chunk))
-                .map_err(|e| (base, e))?;
-            let array = UserArray::arm_smmuv3(data_uptr, chunk.len() as u32);
-            if let (Err(e), entry_num) = self.file.hwpt_invalidate(viommu, array) {
-                let done = (entry_num as usize).min(chunk.len().saturating_sub(1));
-                return Err((base + done, e));
-            }
-        }
-        Ok(())
+        invalidate_arrays(
+            &*self.file,
+            &lock(&self.scratch),
+            viommu,
+            cmds,
+            arm_smmuv3_commands,
+            UserArray::arm_smmuv3,
+        )
     }
 
     /// Every whole page request group queued on the fault queue (nothing before the first
