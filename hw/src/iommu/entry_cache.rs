@@ -132,6 +132,7 @@ impl EntryCaches {
                     w.clear(way);
                 }
             }
+            w.forget_if_empty();
         }
     }
 
@@ -149,6 +150,7 @@ impl EntryCaches {
                     w.clear(way);
                 }
             }
+            w.forget_if_empty();
         }
     }
 

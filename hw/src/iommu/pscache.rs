@@ -246,6 +246,7 @@ impl Cache {
                         w.clear(way);
                     }
                 }
+                w.forget_if_empty();
             }
         }
     }
