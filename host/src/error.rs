@@ -100,6 +100,11 @@ pub enum HostError {
     /// that is in a container).
     #[error("device {0} is already attached to the container")]
     DeviceAttached(SourceId),
+    /// The device is bound to an iommufd through its VFIO cdev, so its group cannot join a
+    /// container (`-EBUSY`, as `vfio_group_fops_open` answers while a device of the group
+    /// is open through its cdev).
+    #[error("device {0} is bound to an iommufd through its cdev")]
+    DeviceOpenedByCdev(SourceId),
     /// The device is not attached to the container (`-EINVAL`).
     #[error("device {0} is not attached to the container")]
     DeviceNotAttached(SourceId),
@@ -179,7 +184,9 @@ impl HostError {
             UnsupportedIommuModel(_) | NoDriverOp(_) => libc::ENODEV,
             NotNesting(_) => libc::EOPNOTSUPP,
             DmaExists { .. } => libc::EEXIST,
-            AlreadyBound(_) | ModelConflict(_) | DeviceAttached(_) => libc::EBUSY,
+            AlreadyBound(_) | ModelConflict(_) | DeviceAttached(_) | DeviceOpenedByCdev(_) => {
+                libc::EBUSY
+            }
             Driver { errno, .. } => *errno,
         }
     }

@@ -7,13 +7,15 @@
 
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vsva_host::driver::HostIommu;
+use vsva_host::container::{Container, SharedPasidAllocator};
+use vsva_host::driver::{HostIommu, VtdDomain};
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::{IommufdFile, ObjectState};
+use vsva_host::pasid::PasidAllocator;
 use vsva_hw::dma::port::{DmaAccess, DmaPort, PageRequestMessage};
 use vsva_hw::dma::regs::{
     CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRIV_EN, CTRL_PRI_EN, REG_SWERR0, SWERR_OVERFLOW, SWERR_VALID,
@@ -22,12 +24,14 @@ use vsva_hw::dma::{CompletionRequest, Descriptor, DmaEngine, DmaEngineConfig, Op
 use vsva_hw::iommu::{Iommu, IommuConfig};
 use vsva_hw::{memory::FrameAllocator, memory::HostMemory};
 use vsva_uapi::iommufd::*;
+use vsva_uapi::request::DmaMap;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{
-    error::Errno, file::HwptData, file::IommufdIoctls, file::UapiFile, file::UserArray,
+    error::Errno, file::HwptData, file::IommuModel, file::IommufdIoctls, file::UapiFile,
+    file::UserArray, file::VfioIoctls,
 };
 use vsva_vtd::{
-    addr::Gpa, addr::Pasid, addr::SourceId, builder::FrameSource, builder::MapFlags,
+    addr::Gpa, addr::Iova, addr::Pasid, addr::SourceId, builder::FrameSource, builder::MapFlags,
     builder::PageTableBuilder, builder::TableFormat, flpte::FlPagingMode, walk::PageSize,
 };
 
@@ -282,6 +286,67 @@ fn cmd_fail() {
             "{cmd:#x}"
         );
     }
+}
+
+/// One VFIO path at a time (`vfio_device_block_group`): while a type1 container holds the
+/// device, `VFIO_DEVICE_BIND_IOMMUFD` is EBUSY and changes nothing (the container keeps
+/// the device and its DMA); once the container lets it go, a cdev binds it; while the cdev
+/// has it bound, attached or not, the container's attach (`VFIO_GROUP_SET_CONTAINER`,
+/// `vfio_group_fops_open`) is EBUSY and changes nothing; once the cdev closes, a container
+/// takes it again, and closing that container lets a cdev bind it.
+#[test]
+fn a_device_is_used_through_a_type1_container_or_a_cdev_not_both() {
+    let host = Host::new();
+    let ram = host.ram();
+    let engine = host.engine(SID, 0);
+    let alloc: SharedPasidAllocator = Arc::new(Mutex::new(PasidAllocator::new()));
+    let mut c = Container::new(alloc.clone(), 4, VtdDomain::new(&host.unit).unwrap());
+    c.set_iommu(IommuModel::Type1v2).unwrap();
+    c.attach_device(SID).unwrap();
+    c.map_dma(&DmaMap {
+        vaddr: ram.vaddr,
+        iova: Iova(0),
+        size: RAM,
+        read: true,
+        write: true,
+    })
+    .unwrap();
+
+    let fds = Iommufds::new();
+    let (fd, f) = fds.open(&host.unit);
+    let dev = VfioDeviceFile::open(SID, fds.clone());
+    host.refused(&f, Errno::EBUSY, || bind(&dev, fd));
+    assert_eq!(dev.dev_id(), None);
+    assert_eq!(c.devices(), vec![SID], "the container keeps the device");
+    dma_fill(&engine, 0x3000, 64, 0x1111_1111_1111_1111);
+    assert_eq!(ram.read(0x3000, 64), [0x11; 64], "and its DMA");
+
+    c.detach_device(SID).unwrap();
+    let dev_id = bind(&dev, fd).unwrap();
+    let refused_container = |c: &mut Container<VtdDomain>| {
+        let devices = host.unit.attached_devices();
+        let e = c.attach_device(SID).unwrap_err();
+        assert_eq!(e.errno(), -libc::EBUSY, "{e}");
+        assert!(c.devices().is_empty());
+        assert_eq!(host.unit.attached_devices(), devices);
+    };
+    refused_container(&mut c);
+    let ioas = ioas_alloc(&*f).unwrap();
+    map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
+    attach(&dev, ioas).unwrap();
+    refused_container(&mut c);
+    let mut other = Container::new(alloc.clone(), 4, VtdDomain::new(&host.unit).unwrap());
+    refused_container(&mut other);
+    dma_fill(&engine, 0x5000, 64, 0x2222_2222_2222_2222);
+    assert_eq!(ram.read(0x5000, 64), [0x22; 64], "the iommufd keeps it");
+    assert_eq!(dev.dev_id(), Some(dev_id));
+
+    drop(dev);
+    other.attach_device(SID).unwrap();
+    let again = VfioDeviceFile::open(SID, fds.clone());
+    host.refused(&f, Errno::EBUSY, || bind(&again, fd));
+    drop(other);
+    bind(&again, fd).unwrap();
 }
 
 /// Bytes of each memfd `IOMMU_IOAS_MAP_FILE` is given.

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vsva_host::container::Container;
 use vsva_host::iommufd::device::{Iommufds, VfioDeviceFile};
 use vsva_host::iommufd::smmu::{SmmuIommufdFile, SmmuObjectState};
-use vsva_host::smmu::SmmuHost;
+use vsva_host::pasid::PasidAllocator;
+use vsva_host::smmu::{SmmuDomain, SmmuHost};
 use vsva_hw::dma::regs::{CTRL_ATS_EN, CTRL_PASID_EN, CTRL_PRI_EN};
 use vsva_hw::dma::{
     CompletionRecord, CompletionRequest, CompletionStatus, Descriptor, DmaEngine, DmaEngineConfig,
@@ -30,8 +32,8 @@ use vsva_smmuv3::{
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::Wire;
 use vsva_uapi::{
-    error::Errno, file::arm_smmuv3_commands, file::HwptData, file::IommufdIoctls, file::UapiFile,
-    file::UserArray,
+    error::Errno, file::arm_smmuv3_commands, file::HwptData, file::IommuModel, file::IommufdIoctls,
+    file::UapiFile, file::UserArray, file::VfioIoctls,
 };
 use vsva_vtd::{addr::Gpa, addr::Hpa, addr::Pasid, addr::SourceId};
 
@@ -378,6 +380,44 @@ fn tlbi_nh_va(vmid: u16, asid: u16, va: u64) -> [u64; 2] {
 
 fn errno(e: i32) -> Result<(), Errno> {
     Err(Errno::new(e))
+}
+
+/// One VFIO path at a time on the SMMU too (`vfio_device_block_group`): while the cdev
+/// has the device bound (and attached), a type1 container's attach is EBUSY and leaves the
+/// device's DMA where it was; once the cdev closes, the container takes it, and a cdev
+/// bind is EBUSY and changes nothing of the iommufd; when the container lets it go, a cdev
+/// binds it again.
+#[test]
+fn a_device_is_used_through_a_type1_container_or_a_cdev_not_both() {
+    let host = host();
+    let mut vm = Vm::new(&host, rid(6));
+    let alloc = Arc::new(std::sync::Mutex::new(PasidAllocator::new()));
+    let mut c = Container::new(alloc, 4, SmmuDomain::new(&host.smmu).unwrap());
+    c.set_iommu(IommuModel::Type1v2).unwrap();
+    vm.attach(vm.ioas).unwrap();
+    let e = c.attach_device(rid(6)).unwrap_err();
+    assert_eq!(e.errno(), -libc::EBUSY, "{e}");
+    assert!(c.devices().is_empty());
+    let data = pattern(64, 9);
+    assert!(
+        vm.copy_gpa(&data),
+        "the iommufd keeps the device and its DMA"
+    );
+    assert_eq!(vm.read(DST_GPA, 64), data);
+
+    vm.cdev = None;
+    c.attach_device(rid(6)).unwrap();
+    let (fd, other) = vm.fds.open_smmu(&host.smmu);
+    let cdev = VfioDeviceFile::open(rid(6), vm.fds.clone());
+    let before = other.lock().objects();
+    assert_eq!(cdev.device_bind_iommufd(fd), Err(Errno::EBUSY));
+    assert_eq!(other.lock().objects(), before);
+    assert_eq!(cdev.dev_id(), None);
+    assert_eq!(c.devices(), vec![rid(6)], "the container keeps the device");
+
+    c.detach_device(rid(6)).unwrap();
+    let dev_id = cdev.device_bind_iommufd(fd).unwrap();
+    assert_eq!(cdev.dev_id(), Some(dev_id));
 }
 
 #[test]

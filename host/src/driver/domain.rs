@@ -735,15 +735,23 @@ impl IommuBackend for VtdDomain {
     }
 
     /// Attaches a device: its context entry and RID_PASID entry translate through the
-    /// domain's second level, and the PASIDs bound so far are bound for it too.
+    /// domain's second level, and the PASIDs bound so far are bound for it too. A device
+    /// bound to an iommufd through its cdev is EBUSY (`vfio_group_fops_open`).
     fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
-        Ok(self.attach(sid)?)
+        let claimed = self.unit.open_devices().claim_for_container(sid)?;
+        self.attach(sid).map_err(|e| {
+            if claimed {
+                self.unit.open_devices().release_from_container(sid);
+            }
+            e.into()
+        })
     }
 
     /// Detaches a device: its bound PASIDs, RID_PASID entry, context entry and PASID
-    /// tables go, with their invalidations.
+    /// tables go, with their invalidations; a cdev may bind it again.
     fn detach_device(&mut self, sid: SourceId) {
         self.detach(sid);
+        self.unit.open_devices().release_from_container(sid);
     }
 
     /// Sends the domain's page requests to the container's fault queue: each request on

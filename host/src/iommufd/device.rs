@@ -8,7 +8,7 @@
 //! on the host's VT-d unit ([`IommufdFile`]) or on its SMMUv3 ([`SmmuIommufdFile`]); the
 //! cdev drives either through [`BindTarget`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -21,36 +21,85 @@ use super::smmu::SmmuIommufdFile;
 use super::vevent::VeventqFile;
 use super::{IommufdError, IommufdFile};
 use crate::driver::HostIommu;
+use crate::error::HostError;
 use crate::smmu::SmmuHost;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The devices of one IOMMU a VFIO cdev has bound (`vfio_device`'s `open_count` on the
-/// cdev path): `vfio_df_open` lets a device be opened through one cdev file at a time, so
-/// a second bind, to whichever iommufd, is EINVAL until the first cdev unbinds.
+/// Who holds each device of one IOMMU, as VFIO keeps it: a cdev that bound it
+/// (`vfio_device`'s `open_count` on the cdev path), or a VFIO type1 container its group
+/// joined (the group file open, `group->opened_file`). The two paths exclude each other
+/// (`vfio_device_block_group`): a cdev bind of a device a container holds is EBUSY, and so
+/// is a container's attach of a device a cdev has bound (`vfio_group_fops_open` while
+/// `cdev_device_open_cnt` is not zero). `vfio_df_open` lets a device be opened through one
+/// cdev file at a time, so a second bind, to whichever iommufd, is EINVAL until the first
+/// cdev unbinds.
 #[derive(Debug, Default)]
 pub struct OpenDevices {
-    open: Mutex<BTreeSet<SourceId>>,
+    held: Mutex<BTreeMap<SourceId, Holder>>,
+}
+
+/// Which path holds a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    /// A VFIO cdev bound it to an iommufd.
+    Cdev,
+    /// A VFIO type1 container has it attached.
+    Container,
 }
 
 impl OpenDevices {
-    /// Opens device `sid`: EINVAL while a cdev has it open.
+    /// Opens device `sid` through a cdev: EBUSY while a type1 container holds it, EINVAL
+    /// while a cdev has it open.
     pub(crate) fn open(&self, sid: SourceId) -> Result<(), IommufdError> {
-        if lock(&self.open).insert(sid) {
-            Ok(())
-        } else {
-            Err(IommufdError::invalid(
+        let mut held = lock(&self.held);
+        match held.get(&sid) {
+            Some(Holder::Container) => Err(IommufdError::Busy(
+                "the device's group is in use by a VFIO type1 container",
+            )),
+            Some(Holder::Cdev) => Err(IommufdError::invalid(
                 "vfio_device_bind_iommufd",
                 "the device is open through another cdev",
-            ))
+            )),
+            None => {
+                held.insert(sid, Holder::Cdev);
+                Ok(())
+            }
         }
     }
 
-    /// Closes device `sid`.
+    /// Closes device `sid`'s cdev.
     pub(crate) fn close(&self, sid: SourceId) {
-        lock(&self.open).remove(&sid);
+        let mut held = lock(&self.held);
+        if held.get(&sid) == Some(&Holder::Cdev) {
+            held.remove(&sid);
+        }
+    }
+
+    /// Claims device `sid` for a type1 container about to attach it: EBUSY while a cdev
+    /// has it bound. `Ok(false)` when a container holds it already (the driver refuses
+    /// the attach then), `Ok(true)` when this call claimed it.
+    pub(crate) fn claim_for_container(&self, sid: SourceId) -> Result<bool, HostError> {
+        let mut held = lock(&self.held);
+        match held.get(&sid) {
+            Some(Holder::Cdev) => Err(HostError::DeviceOpenedByCdev(sid)),
+            Some(Holder::Container) => Ok(false),
+            None => {
+                held.insert(sid, Holder::Container);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Gives back a claim of [`OpenDevices::claim_for_container`] (the container detached
+    /// the device, or its attach failed).
+    pub(crate) fn release_from_container(&self, sid: SourceId) {
+        let mut held = lock(&self.held);
+        if held.get(&sid) == Some(&Holder::Container) {
+            held.remove(&sid);
+        }
     }
 }
 
@@ -201,7 +250,9 @@ impl VfioDeviceFile {
     /// `out_devid`, flags must be 0 (the VF token is not offered) and `iommufd` not
     /// negative (EINVAL), an open fd (EBADF) of an iommufd (EBADFD); a bound cdev is
     /// EINVAL, and so is a device another cdev has bound (`vfio_df_open`), whichever
-    /// iommufd it is bound to. Writes back `out_devid`.
+    /// iommufd it is bound to; a device a VFIO type1 container holds is EBUSY
+    /// (`vfio_device_block_group`; checked once the iommufd names the IOMMU, so a bad fd
+    /// is EBADF first). Writes back `out_devid`.
     fn bind(&self, arg: &mut [u8]) -> Result<(), IommufdError> {
         const WHAT: &str = "vfio_device_bind_iommufd";
         let req: VfioDeviceBindIommufd = copy_vfio_arg(arg, BIND_IOMMUFD_MINSZ, WHAT)?;

@@ -997,12 +997,20 @@ impl IommuBackend for SmmuDomain {
         self.flush_stage1();
     }
 
+    /// A device bound to an iommufd through its cdev is EBUSY (`vfio_group_fops_open`).
     fn attach_device(&mut self, sid: SourceId) -> Result<(), HostError> {
-        self.attach(sid.rid() as u32)
+        let claimed = self.host.open_devices().claim_for_container(sid)?;
+        self.attach(sid.rid() as u32).inspect_err(|_| {
+            if claimed {
+                self.host.open_devices().release_from_container(sid);
+            }
+        })
     }
 
+    /// A cdev may bind the device again.
     fn detach_device(&mut self, sid: SourceId) {
         self.detach(sid.rid() as u32);
+        self.host.open_devices().release_from_container(sid);
     }
 
     fn set_fault_sink(&mut self, sink: FaultSink) {
