@@ -6,8 +6,8 @@
 //! queue and groups are released.
 //!
 //! `IOMMU_IOAS_MAP_FILE`: the memfd travels with the request and the host maps the file's
-//! own pages: the VMM's shared RAM is found by its inode, another memfd becomes a window of
-//! its own, and the device's DMA lands in the file. Bad fds and bad offsets are refused
+//! own pages: the VMM's shared RAM is found by its inode, of another memfd the range mapped
+//! becomes host memory until its area is unmapped, and the device's DMA lands in the file. Bad fds and bad offsets are refused
 //! with the kernel's errnos and change nothing.
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -367,8 +367,9 @@ fn memfd(sealing: bool) -> std::fs::File {
 }
 
 /// MAP_FILE of the shared RAM memfd and of another memfd, each with the device's DMA
-/// landing in the file; every refusal leaves the host's STATE as it was; unmapped and
-/// closed, the host is as before.
+/// landing in the file (of the other, only the range mapped is held, an unmap releases it,
+/// and the map works on once the fd passed is closed); every refusal leaves the host's
+/// STATE as it was; unmapped and closed, the host is as before.
 #[test]
 fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
     let host = start_host("mapfile", "256M", &[]);
@@ -423,31 +424,53 @@ fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
         .unwrap();
     assert_eq!(got, [0x11; 64], "the DMA landed in the shared file's page");
 
-    // Another memfd: its own window, the DMA lands in the file.
+    // Another memfd: the pages of the range mapped (not the whole file) are host memory
+    // of their own; the DMA lands in the file, also once the client closed the fd it
+    // passed.
     let other = memfd(true);
+    let passed = other.try_clone().unwrap();
     io(
         &f,
         IOMMU_IOAS_MAP_FILE,
-        &map(other.as_raw_fd(), 0x2000, 0x4000, 8 << 20),
+        &map(passed.as_raw_fd(), 0x2000, 0x4000, 8 << 20),
     )
     .unwrap();
+    drop(passed);
     let adopted = state();
     assert_eq!(
         (adopted.windows, adopted.window_bytes),
-        (mapped.windows + 1, mapped.window_bytes + FILE)
+        (mapped.windows + 1, mapped.window_bytes + 0x4000)
     );
     fill_iova(&f, (8 << 20) + 0x1000, 0x2222_2222_2222_2222);
     let mut got = [0u8; 64];
     other.read_exact_at(&mut got, 0x3000).unwrap();
     assert_eq!(got, [0x22; 64], "the DMA landed in the other file");
-    // The same file again takes no second window.
+    // The same file again holds the pages of its own range.
     io(
         &f,
         IOMMU_IOAS_MAP_FILE,
         &map(other.as_raw_fd(), 0x8000, 0x1000, 12 << 20),
     )
     .unwrap();
-    assert_eq!(state().windows, adopted.windows);
+    let again = state();
+    assert_eq!(
+        (again.windows, again.window_bytes),
+        (adopted.windows + 1, adopted.window_bytes + 0x1000)
+    );
+    // Unmapping an area releases its pages (and nothing else).
+    let unmap = |iova: u64, length: u64| IommuIoasUnmap {
+        size: 24,
+        ioas_id: ioas,
+        iova,
+        length,
+    };
+    io(&f, IOMMU_IOAS_UNMAP, &unmap(12 << 20, 0x1000)).unwrap();
+    let after = state();
+    assert_eq!(
+        (after.windows, after.window_bytes, after.dma_mappings),
+        (adopted.windows, adopted.window_bytes, adopted.dma_mappings),
+        "the unmap released the second map's pages"
+    );
 
     // Refused, nothing changed: no fd (EBADF), a range that wraps (EOVERFLOW), beyond
     // the file, unaligned, not a memfd, a memfd that cannot be sealed (EINVAL); and a
@@ -506,14 +529,14 @@ fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
     refused(map(fresh.as_raw_fd(), 0, 0x1000, 8 << 20), Errno::EEXIST);
 
     // Unmapped, closed: the host is as it was.
-    let unmap = IommuIoasUnmap {
-        size: 24,
-        ioas_id: ioas,
-        iova: 0,
-        length: u64::MAX,
-    };
-    io(&f, IOMMU_IOAS_UNMAP, &unmap).unwrap();
-    assert_eq!(state().dma_mappings, 0);
+    io(&f, IOMMU_IOAS_UNMAP, &unmap(0, u64::MAX)).unwrap();
+    let unmapped = state();
+    assert_eq!(unmapped.dma_mappings, 0);
+    assert_eq!(
+        (unmapped.windows, unmapped.window_bytes),
+        (shared.windows, shared.window_bytes),
+        "the file's pages went with their area"
+    );
     drop(f);
     drop(ram);
     assert_eq!(settle(&probe, empty), empty);

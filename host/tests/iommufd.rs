@@ -385,12 +385,12 @@ fn map_file(
 }
 
 /// `IOMMU_IOAS_MAP_FILE` on the host's own file: a memfd's range is mapped in place (the
-/// device's DMA lands in the file, beside what the file held), the same file again takes
-/// no second window, and the kernel's refusals (unknown flags EOPNOTSUPP, U64_MAX
+/// device's DMA lands in the file, beside what the file held), the same file again holds
+/// the pages of its new range, and the kernel's refusals (unknown flags EOPNOTSUPP, U64_MAX
 /// EOVERFLOW, no access EINVAL, unknown IOAS ENOENT, no open fd EBADF, a wrapping range
 /// EOVERFLOW, a range beyond the file, unaligned or empty, a file that is not a memfd or
 /// cannot be sealed (the host memory's own file among them) EINVAL, an IOVA in use
-/// EEXIST) change nothing and keep no window; closing gives the window back.
+/// EEXIST) change nothing and hold no pages; unmapping and closing give everything back.
 #[test]
 fn map_file_maps_a_memfd_in_place() {
     let host = Host::new();
@@ -426,11 +426,11 @@ fn map_file_maps_a_memfd_in_place() {
         [0x5a; 64],
         "the file's own bytes are what is mapped"
     );
-    // The same file again (the same leaf table): no second window.
+    // The same file again (the same leaf table): each map holds the page of its own range.
     let frames = host.frames.allocated_bytes();
     let out = map_file(f, o.ioas, RW, file.as_raw_fd(), (0x8000, 0x1000), 0).unwrap();
     assert_ne!(out.iova, 0, "an IOVA was allocated");
-    assert_eq!(host.frames.allocated_bytes(), frames);
+    assert_eq!(host.frames.allocated_bytes(), frames + 0x1000);
     map_file(
         f,
         o.ioas,
@@ -440,7 +440,7 @@ fn map_file_maps_a_memfd_in_place() {
         iova + 0x10000,
     )
     .unwrap();
-    assert_eq!(host.frames.allocated_bytes(), frames);
+    assert_eq!(host.frames.allocated_bytes(), frames + 0x2000);
 
     let fd = file.as_raw_fd();
     let at = (0, 0x1000);
@@ -494,7 +494,7 @@ fn map_file_maps_a_memfd_in_place() {
     refused(Errno::EINVAL, FIXED_RW, o.ioas, hostmem, at, spare);
     let exe = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
     refused(Errno::EINVAL, FIXED_RW, o.ioas, exe.as_raw_fd(), at, spare);
-    // A fresh memfd whose map fails keeps no window (`refused` counts the frames).
+    // A fresh memfd whose map fails holds no pages (`refused` counts the frames).
     let fresh = memfd(true);
     refused(Errno::EEXIST, FIXED_RW, o.ioas, fresh.as_raw_fd(), at, iova);
 
@@ -503,6 +503,95 @@ fn map_file_maps_a_memfd_in_place() {
     assert_eq!(host.frames.allocated_bytes(), baseline);
     file.read_exact_at(&mut got, 0x3000).unwrap();
     assert_eq!(got[..64], [0x22; 64], "the file keeps its bytes");
+}
+
+/// How many mappings of this process map the memfd named `name`.
+fn mappings_of(name: &str) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = format!("/memfd:{name} ");
+    maps.lines().filter(|l| l.contains(&name)).count()
+}
+
+/// `IOMMU_IOAS_MAP_FILE` holds what Linux pins (`iopt_alloc_file_pages`, 6.14): each map
+/// the pages of its own range of the file only, even of a file mapped already;
+/// `IOMMU_IOAS_COPY` of an area shares its pages; they go, and the host's hold on the file
+/// with them, with the last area that maps them (an unmap, the IOAS's destruction); and a
+/// map keeps working once the caller closes the fd it passed.
+#[test]
+fn map_file_holds_its_range_until_its_last_area_goes() {
+    let host = Host::new();
+    let ram = host.ram();
+    let engine = host.engine(SID, 0);
+    let o = host.open(&ram);
+    attach(&o.dev, o.ioas).unwrap();
+    let f = &*o.f;
+    let name = format!("vsva-pin-{}", std::process::id());
+    let cname = std::ffi::CString::new(name.clone()).unwrap();
+    // SAFETY: a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor this test owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(FILE).unwrap();
+    // IOVAs in the leaf table RAM's mapping uses already: the frames the maps take are
+    // the file's pages.
+    let base = RAM;
+    let held = |bytes: u64| host.frames.allocated_bytes() - bytes;
+    let frames = host.frames.allocated_bytes();
+    let passed = file.try_clone().unwrap();
+    let fd = passed.as_raw_fd();
+    map_file(f, o.ioas, FIXED_RW, fd, (0x4000, 0x2000), base).unwrap();
+    assert_eq!(held(frames), 0x2000, "the range's pages, not the file's");
+    map_file(f, o.ioas, FIXED_RW, fd, (0x4000, 0x1000), base + 0x4000).unwrap();
+    assert_eq!(held(frames), 0x3000, "a second map holds pages of its own");
+    drop(passed);
+    assert_eq!(mappings_of(&name), 2);
+
+    // The fd passed is closed: the maps work on.
+    let mut got = [0u8; 64];
+    dma_fill(&engine, base + 0x1000, 64, 0x3333_3333_3333_3333);
+    file.read_exact_at(&mut got, 0x5000).unwrap();
+    assert_eq!(got, [0x33; 64]);
+    dma_fill(&engine, base + 0x4000, 64, 0x4444_4444_4444_4444);
+    file.read_exact_at(&mut got, 0x4000).unwrap();
+    assert_eq!(got, [0x44; 64]);
+
+    // A copy shares the first map's pages: they stay while it maps them.
+    let copy = IommuIoasCopy {
+        size: 40,
+        flags: FIXED_RW,
+        dst_ioas_id: o.ioas,
+        src_ioas_id: o.ioas,
+        length: 0x2000,
+        dst_iova: base + 0x8000,
+        src_iova: base,
+    };
+    io(f, IOMMU_IOAS_COPY, &copy).unwrap();
+    assert_eq!(held(frames), 0x3000, "a copy holds nothing more");
+    assert_eq!(unmap(f, o.ioas, base, 0x2000).unwrap(), 0x2000);
+    assert_eq!(held(frames), 0x3000, "the copy keeps the pages");
+    dma_fill(&engine, base + 0x9000, 64, 0x5555_5555_5555_5555);
+    file.read_exact_at(&mut got, 0x5000).unwrap();
+    assert_eq!(got, [0x55; 64], "through the copy");
+    assert_eq!(unmap(f, o.ioas, base + 0x8000, 0x2000).unwrap(), 0x2000);
+    assert_eq!(held(frames), 0x1000, "the last area took them along");
+    assert_eq!(mappings_of(&name), 1);
+    assert_eq!(unmap(f, o.ioas, base + 0x4000, 0x1000).unwrap(), 0x1000);
+    assert_eq!(held(frames), 0, "an unmap releases");
+    assert_eq!(mappings_of(&name), 0, "and the host's hold on the file");
+
+    // An IOAS destroyed with its areas releases theirs.
+    let other = ioas_alloc(f).unwrap();
+    map_file(f, other, FIXED_RW, file.as_raw_fd(), (0, 0x3000), 0).unwrap();
+    assert_eq!(held(frames), 0x3000);
+    destroy(f, other).unwrap();
+    assert_eq!(held(frames), 0);
+    assert_eq!(mappings_of(&name), 0);
+    // Closing the iommufd releases what its IOASes still map.
+    map_file(f, o.ioas, FIXED_RW, file.as_raw_fd(), (0, 0x1000), base).unwrap();
+    assert_eq!(mappings_of(&name), 1);
+    drop(o);
+    assert_eq!(mappings_of(&name), 0);
 }
 
 /// `iommufd/cmd_length`: one byte below the minimum size EINVAL; one byte past the known

@@ -244,23 +244,37 @@ impl HostMemory {
         }
     }
 
-    /// Makes the first `size` bytes of `file`, a memory file another process (a VMM in its
-    /// own process) created and shares, host memory at `[hpa, hpa + size)`: the range of the
+    /// Makes the `size` bytes of `file` from byte `offset`, a memory file another process (a
+    /// VMM in its own process) created and shares, host memory at `[hpa, hpa + size)`: the
+    /// range of the
     /// host's mapping is replaced by a shared mapping of the file, so DMA and table walks at
     /// those HPAs reach the other process's pages, as pinned user pages are reached through
     /// their physical frames. The range must be a free allocation of this memory's frame
     /// allocator (the caller owns it). The file must be a memfd sealed against shrinking
     /// (`F_SEAL_SHRINK`, so that it can never be truncated under the host's mapping) and hold
-    /// at least `size` bytes; otherwise nothing changes. Returns the user address the range
+    /// at least `offset + size` bytes, `offset` in whole pages; otherwise nothing changes.
+    /// The mapping holds the file: closing every descriptor of it keeps the window. Returns the user address the range
     /// is reached at in this process, which [`HostMemory::resolve_user`] resolves back to
     /// `hpa`.
-    pub fn adopt_window(&self, hpa: Hpa, file: &File, size: u64) -> Result<u64, HostMemoryError> {
+    pub fn adopt_window(
+        &self,
+        hpa: Hpa,
+        file: &File,
+        offset: u64,
+        size: u64,
+    ) -> Result<u64, HostMemoryError> {
         let refuse = |why: String| Err(HostMemoryError::GuestWindow(why));
-        if size == 0 || size % PAGE_SIZE != 0 || !hpa.is_aligned(PAGE_SIZE) {
+        if size == 0 || (size | offset) % PAGE_SIZE != 0 || !hpa.is_aligned(PAGE_SIZE) {
             return refuse(format!(
-                "{hpa} size {size:#x} must be non-empty and 4 KiB aligned"
+                "{hpa} size {size:#x} offset {offset:#x} must be non-empty and 4 KiB aligned"
             ));
         }
+        let Some(end) = offset
+            .checked_add(size)
+            .filter(|&e| libc::off_t::try_from(e).is_ok())
+        else {
+            return refuse(format!("offset {offset:#x} size {size:#x} overflows"));
+        };
         self.check(hpa.0, size)?;
         // SAFETY: F_GET_SEALS on an open descriptor only reads its seals.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
@@ -268,9 +282,9 @@ impl HostMemory {
             return refuse("the memory file is not a memfd sealed against shrinking".into());
         }
         let len = file.metadata().map_err(HostMemoryError::Create)?.len();
-        if len < size {
+        if len < end {
             return refuse(format!(
-                "the memory file holds {len:#x} bytes, not {size:#x}"
+                "the memory file holds {len:#x} bytes, not {end:#x}"
             ));
         }
         // SAFETY: the target range lies inside our own mapping (checked above) and belongs to
@@ -283,7 +297,7 @@ impl HostMemory {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 file.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -590,7 +604,7 @@ mod tests {
         let hpa = frames.alloc_range(2 * PAGE_SIZE, PAGE_SIZE).unwrap();
         let file = sealed_memfd(2 * PAGE_SIZE, true);
         file.write_all_at(b"from the vmm", 100).unwrap();
-        let user = m.adopt_window(hpa, &file, 2 * PAGE_SIZE).unwrap();
+        let user = m.adopt_window(hpa, &file, 0, 2 * PAGE_SIZE).unwrap();
         let mut buf = [0u8; 12];
         m.read(hpa.0 + 100, &mut buf).unwrap();
         assert_eq!(&buf, b"from the vmm");
@@ -616,21 +630,48 @@ mod tests {
     }
 
     #[test]
+    fn a_window_from_an_offset_maps_that_range_of_the_file_and_outlives_its_fd() {
+        use std::os::unix::fs::FileExt;
+        let m = mem();
+        let frames = FrameAllocator::new(m.clone());
+        let hpa = frames.alloc_range(PAGE_SIZE, PAGE_SIZE).unwrap();
+        let file = sealed_memfd(3 * PAGE_SIZE, true);
+        file.write_all_at(b"page one", PAGE_SIZE).unwrap();
+        let keep = file.try_clone().unwrap();
+        m.adopt_window(hpa, &file, PAGE_SIZE, PAGE_SIZE).unwrap();
+        drop(file);
+        let mut buf = [0u8; 8];
+        m.read(hpa.0, &mut buf).unwrap();
+        assert_eq!(&buf, b"page one");
+        m.write(hpa.0 + 8, b"!").unwrap();
+        let mut back = [0u8; 9];
+        keep.read_exact_at(&mut back, PAGE_SIZE).unwrap();
+        assert_eq!(&back, b"page one!");
+        m.return_window(hpa, PAGE_SIZE).unwrap();
+        frames.free(hpa).unwrap();
+    }
+
+    #[test]
     fn a_window_that_can_shrink_or_lies_about_its_size_is_refused() {
         let m = mem();
         let hpa = Hpa(16 * PAGE_SIZE);
         let unsealed = sealed_memfd(PAGE_SIZE, false);
         assert!(matches!(
-            m.adopt_window(hpa, &unsealed, PAGE_SIZE),
+            m.adopt_window(hpa, &unsealed, 0, PAGE_SIZE),
             Err(HostMemoryError::GuestWindow(_))
         ));
         let short = sealed_memfd(PAGE_SIZE, true);
         assert!(matches!(
-            m.adopt_window(hpa, &short, 2 * PAGE_SIZE),
+            m.adopt_window(hpa, &short, 0, 2 * PAGE_SIZE),
             Err(HostMemoryError::GuestWindow(_))
         ));
-        assert!(m.adopt_window(hpa, &short, 0).is_err());
-        assert!(m.adopt_window(Hpa(m.size()), &short, PAGE_SIZE).is_err());
+        assert!(m.adopt_window(hpa, &short, 0, 0).is_err());
+        assert!(m.adopt_window(hpa, &short, PAGE_SIZE, PAGE_SIZE).is_err());
+        assert!(m.adopt_window(hpa, &short, 0x800, PAGE_SIZE).is_err());
+        assert!(m
+            .adopt_window(hpa, &short, !(PAGE_SIZE - 1), PAGE_SIZE)
+            .is_err());
+        assert!(m.adopt_window(Hpa(m.size()), &short, 0, PAGE_SIZE).is_err());
         // Nothing was mapped: the range still reads as host memory.
         m.write(hpa.0, b"host").unwrap();
         let mut buf = [0u8; 4];

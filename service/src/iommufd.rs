@@ -12,8 +12,8 @@
 //! `VEVENTQ_ALLOC`'s vEVENT queue reach the client as one end of a socket pair the host
 //! serves ([`crate::fault`]), sent with the reply. It names the field of a memory file
 //! too: `IOAS_MAP_FILE` takes the memfd with the request and the host file maps the file's
-//! own pages in place, through the connection's windows (`vsva_host::iommufd::map_file`,
-//! the same code as in process). The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD`
+//! own pages in place, through the connection (`vsva_host::iommufd::map_file`, the same
+//! code as in process). The cdev's `BIND_IOMMUFD` is not served; `DEVICE_ADD`
 //! binds the
 //! connection's device instead.
 

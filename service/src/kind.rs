@@ -67,8 +67,8 @@ pub trait ServedFile: UapiFile {
     }
 
     /// `IOMMU_IOAS_MAP_FILE` of the memory file the request carried (`None`: it carried
-    /// none), its pages a window of `files` (the connection's). `ENOTTY` for a kind that
-    /// maps no files.
+    /// none), its pages host memory through `files` (the connection's). `ENOTTY` for a
+    /// kind that maps no files.
     fn map_file(
         &self,
         arg: &mut [u8],

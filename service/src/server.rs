@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vsva_host::driver::HostIommu;
-use vsva_host::iommufd::map_file::{Inode, MemoryFiles};
+use vsva_host::iommufd::map_file::{FilePages, Inode, MemoryFiles};
 use vsva_host::iommufd::IommufdError;
 use vsva_host::smmu::SmmuHost;
 use vsva_host::{pasid::PasidAllocator, pasid::DEFAULT_QUOTA};
@@ -294,7 +294,9 @@ pub struct Service {
     pasids: Arc<Mutex<PasidAllocator>>,
     kinds: Vec<Arc<dyn FileKind>>,
     limits: Limits,
-    counters: Counters,
+    /// Shared with the memory file pages the connections' maps hold, which count down as
+    /// they go.
+    counters: Arc<Counters>,
     /// The live connections, by id.
     live: Mutex<HashMap<u64, Live>>,
     /// Requester ids handed to devices so far (on VT-d each device gets a new one).
@@ -377,7 +379,7 @@ impl Service {
             pasids,
             kinds,
             limits: config.limits,
-            counters: Counters::default(),
+            counters: Arc::default(),
             live: Mutex::new(HashMap::new()),
             device_ids: AtomicU64::new(0),
             streams: Mutex::default(),
@@ -750,6 +752,7 @@ impl Service {
             file: None,
             kind: None,
             windows: Vec::new(),
+            pinned: Arc::default(),
             device: None,
             bad_frames: 0,
             given: None,
@@ -765,15 +768,22 @@ impl Service {
 
 /// One of a connection's memory windows: a client memory file adopted as host memory.
 struct Window {
-    /// The client's user address of the window: where `ADD_MEMORY` said it maps the file
-    /// (none for a file the client only named in a file mapping ioctl).
-    addr: Option<u64>,
+    /// The client's user address of the window: where `ADD_MEMORY` said it maps the file.
+    addr: u64,
     /// The file's device and inode, which find the window again for a file mapping.
     ino: (u64, u64),
     size: u64,
     hpa: Hpa,
     /// The address the host resolves for the window.
     user: u64,
+}
+
+/// The memory file pages a connection's file mappings hold (`IOMMU_IOAS_MAP_FILE`): how
+/// many and their bytes.
+#[derive(Default)]
+struct Pinned {
+    count: AtomicU64,
+    bytes: AtomicU64,
 }
 
 struct Connection<'s> {
@@ -783,6 +793,8 @@ struct Connection<'s> {
     /// The kind of `file`, which names the user addresses its ioctls carry.
     kind: Option<Arc<dyn FileKind>>,
     windows: Vec<Window>,
+    /// The memory file pages its file mappings hold, counted in its window limits.
+    pinned: Arc<Pinned>,
     /// The connection's passthrough device, if it added one.
     device: Option<Arc<DmaEngine>>,
     bad_frames: u32,
@@ -1246,7 +1258,7 @@ impl Connection<'_> {
     /// The host address of the client's `[addr, addr + len)`, when it lies in one window.
     fn translate(&self, addr: u64, len: u64) -> Option<u64> {
         self.windows.iter().find_map(|w| {
-            let off = addr.checked_sub(w.addr?)?;
+            let off = addr.checked_sub(w.addr)?;
             (off.checked_add(len)? <= w.size).then_some(w.user + off)
         })
     }
@@ -1256,28 +1268,38 @@ impl Connection<'_> {
         if size == 0 || size % PAGE != 0 || addr % PAGE != 0 || addr.checked_add(size).is_none() {
             return Err(Errno::EINVAL);
         }
-        if self.windows.iter().any(|w| {
-            w.addr
-                .is_some_and(|at| addr < at + w.size && at < addr + size)
-        }) {
+        if self
+            .windows
+            .iter()
+            .any(|w| addr < w.addr + w.size && w.addr < addr + size)
+        {
             return Err(Errno::EEXIST);
         }
-        self.adopt(Some(addr), size, fd)
+        self.adopt(addr, size, fd)
+    }
+
+    /// `ENOSPC` unless `size` more bytes in one more window fit the connection's window
+    /// limits, with the memory file pages its file mappings hold.
+    fn room_for(&self, size: u64) -> Result<(), Errno> {
+        let limits = &self.svc.limits;
+        let count = self.windows.len() as u64 + self.pinned.count.load(Ordering::Acquire);
+        let used = self.windows.iter().map(|w| w.size).sum::<u64>()
+            + self.pinned.bytes.load(Ordering::Acquire);
+        if count >= u64::from(limits.max_windows)
+            || used.saturating_add(size) > limits.max_window_bytes
+        {
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
     }
 
     /// Adopts the first `size` bytes of the memory file `fd` as a window of host memory
     /// (its own pages, [`vsva_hw::memory::HostMemory::adopt_window`]), within the connection's
     /// window limits (`ENOSPC`); a file that is not a sealable memfd holding `size` bytes
     /// is `EINVAL`.
-    fn adopt(&mut self, addr: Option<u64>, size: u64, fd: OwnedFd) -> Result<(), Errno> {
+    fn adopt(&mut self, addr: u64, size: u64, fd: OwnedFd) -> Result<(), Errno> {
         const PAGE: u64 = vsva_hw::memory::PAGE_SIZE;
-        let limits = &self.svc.limits;
-        let used: u64 = self.windows.iter().map(|w| w.size).sum();
-        if self.windows.len() >= limits.max_windows as usize
-            || used.saturating_add(size) > limits.max_window_bytes
-        {
-            return Err(Errno::ENOSPC);
-        }
+        self.room_for(size)?;
         let stat = rustix::fs::fstat(&fd).map_err(|_| Errno::EINVAL)?;
         let ino = (stat.st_dev as u64, stat.st_ino as u64);
         // Sealing the file against shrinking keeps it from being truncated under the host's
@@ -1290,7 +1312,7 @@ impl Connection<'_> {
             .frames
             .alloc_range(size, PAGE)
             .map_err(|_| Errno::ENOMEM)?;
-        match self.svc.mem.adopt_window(hpa, &file, size) {
+        match self.svc.mem.adopt_window(hpa, &file, 0, size) {
             Ok(user) => {
                 self.windows.push(Window {
                     addr,
@@ -1332,10 +1354,10 @@ impl Connection<'_> {
 
     /// A file mapping ioctl (`IOMMU_IOAS_MAP_FILE`): the host file maps the memory file
     /// the frame carries ([`ServedFile::map_file`], the in-process code), through the
-    /// connection's windows: a file the connection shared already (same inode) is found
-    /// in its window; another is adopted as a window of its own, which lives until the
-    /// connection closes, or is returned at once if the map fails. More than one file is
-    /// `EINVAL`.
+    /// connection ([`MemoryFiles`]): a file the connection shared already (same inode) is
+    /// found in its window; of another, the range mapped becomes host memory of its own,
+    /// which lives until the mapping's last area is unmapped (or the connection closes),
+    /// or goes at once if the map fails. More than one file is `EINVAL`.
     fn map_file(
         &mut self,
         file: &dyn ServedFile,
@@ -1351,32 +1373,35 @@ impl Connection<'_> {
     }
 }
 
-/// The connection's windows as the memory files a file mapping reaches.
+/// Where a file mapping of the connection finds its memory: in a window the client shared
+/// with `ADD_MEMORY` (the same inode), or in pages of the file made host memory for the
+/// mapping, which count in the connection's window limits (and the host's windows) until
+/// the mapping's last area goes.
 impl MemoryFiles for Connection<'_> {
-    fn find(&self, ino: Inode) -> Option<(u64, u64)> {
+    fn shared(&self, ino: Inode) -> Option<(u64, u64)> {
         self.windows
             .iter()
             .find(|w| w.ino == ino)
             .map(|w| (w.user, w.size))
     }
 
-    fn adopt(&mut self, file: OwnedFd, _ino: Inode, size: u64) -> Result<u64, IommufdError> {
-        match Connection::adopt(self, None, size, file) {
-            Ok(()) => Ok(self.windows.last().map_or(0, |w| w.user)),
-            Err(e) if e == Errno::ENOSPC => Err(IommufdError::NoSpace("memory windows")),
-            Err(e) if e == Errno::ENOMEM => Err(IommufdError::NoMemory("memory window")),
-            Err(_) => Err(IommufdError::invalid(
-                "iommu_ioas_map_file",
-                "not a memfd that can be sealed against shrinking",
-            )),
-        }
-    }
-
-    fn give_back(&mut self, ino: Inode) {
-        if let Some(i) = self.windows.iter().position(|w| w.ino == ino) {
-            let w = self.windows.remove(i);
-            self.release(w);
-        }
+    fn pin(&mut self, file: &File, start: u64, length: u64) -> Result<FilePages, IommufdError> {
+        self.room_for(length)
+            .map_err(|_| IommufdError::NoSpace("memory windows"))?;
+        let (pinned, counters) = (self.pinned.clone(), self.svc.counters.clone());
+        let released = Box::new(move || {
+            pinned.count.fetch_sub(1, Ordering::AcqRel);
+            pinned.bytes.fetch_sub(length, Ordering::AcqRel);
+            counters.windows.fetch_sub(1, Ordering::AcqRel);
+            counters.window_bytes.fetch_sub(length, Ordering::AcqRel);
+        });
+        let pages = FilePages::adopt(&self.svc.frames, file, start, length, released)?;
+        self.pinned.count.fetch_add(1, Ordering::AcqRel);
+        self.pinned.bytes.fetch_add(length, Ordering::AcqRel);
+        let c = &self.svc.counters;
+        c.windows.fetch_add(1, Ordering::AcqRel);
+        c.window_bytes.fetch_add(length, Ordering::AcqRel);
+        Ok(pages)
     }
 }
 

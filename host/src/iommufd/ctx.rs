@@ -23,7 +23,7 @@ use vsva_vtd::{addr::Pasid, addr::SourceId};
 use super::device::{BindTarget, Iommufds, OpenDevices};
 use super::fault::{FaultFile, PageResponder};
 use super::iopt::{self, Area, Iopt, IOVA_ALIGNMENT};
-use super::map_file::{self, FileWindows, MemoryFiles};
+use super::map_file::{self, FilePages, FileWindows, MemoryFiles};
 use super::user::{copy_from_user, copy_to_user};
 use super::IommufdError;
 use crate::driver::DirtyBitmap;
@@ -86,7 +86,7 @@ pub trait IommuOps: Debug + Send + Sized + 'static {
 
     /// The VMM's memory, where user pointers resolve.
     fn memory(&self) -> &Arc<HostMemory>;
-    /// Where the IOMMU's tables, and the file's memory-file windows, come from.
+    /// Where the IOMMU's tables, and the pages of the memory files mapped, come from.
     fn frames(&self) -> &Arc<FrameAllocator>;
     /// The devices of the IOMMU a cdev has bound.
     fn open_devices(&self) -> &OpenDevices;
@@ -255,8 +255,9 @@ pub struct IommufdCtx<V: IommuOps> {
     pub(crate) objects: BTreeMap<u32, Object<V>>,
     /// The fd table the file's queue files (fault, vEVENT) are installed in.
     pub(crate) fds: Weak<Iommufds>,
-    /// The memory files `IOMMU_IOAS_MAP_FILE` mapped, as host memory.
-    windows: FileWindows,
+    /// The pages of memory files `IOMMU_IOAS_MAP_FILE` mapped, while an area of an IOAS
+    /// maps them.
+    pins: Vec<FilePages>,
 }
 
 impl<V: IommuOps> IommufdCtx<V> {
@@ -413,7 +414,8 @@ impl<V: IommuOps> IommufdCtx<V> {
     }
 
     /// Removes an object no other references (a paging HWPT's domain and reservation go
-    /// with it; the vendor's part of others as [`IommuOps::removed`] says).
+    /// with it, an IOAS's areas and the memory file pages only they mapped; the vendor's
+    /// part of others as [`IommuOps::removed`] says).
     pub(crate) fn remove_object(&mut self, id: u32) {
         match self.objects.remove(&id) {
             Some(Object::HwptPaging(h)) => {
@@ -421,9 +423,22 @@ impl<V: IommuOps> IommufdCtx<V> {
                     iopt.unreserve(id);
                 }
             }
+            Some(Object::Ioas(_)) => self.unpin_unused(),
             Some(o) => V::removed(self, o),
             None => {}
         }
+    }
+
+    /// Drops the memory file pages no area of an IOAS maps any more (`iopt_release_pages`
+    /// with the last area of an `iopt_pages`).
+    fn unpin_unused(&mut self) {
+        let objects = &self.objects;
+        self.pins.retain(|p| {
+            objects.values().any(|o| match o {
+                Object::Ioas(i) => i.areas().any(|a| p.used_by(a)),
+                _ => false,
+            })
+        });
     }
 
     /// `IOMMU_FAULT_QUEUE_ALLOC`: flags must be 0 (EOPNOTSUPP); a fault queue object and
@@ -487,22 +502,17 @@ impl<V: IommuOps> IommufdCtx<V> {
     ) -> Result<(), IommufdError> {
         let cmd: IommuIoasMapFile = u.copy_in(arg)?;
         let file = map_file::dup_fd(cmd.fd);
-        let mut windows = std::mem::replace(
-            &mut self.windows,
-            FileWindows::new(self.ops.frames().clone()),
-        );
-        let result = self.map_file(arg, file, &mut windows);
-        self.windows = windows;
-        result
+        let mut windows = FileWindows(self.ops.frames().clone());
+        self.map_file(arg, file, &mut windows)
     }
 
     /// `IOMMU_IOAS_MAP_FILE` (`iommufd_ioas_map_file`) of `file`, the file the caller's
-    /// `fd` names (`None`: nothing is open there), its pages host memory as a window of
-    /// `files`: flags beyond the map flags EOPNOTSUPP, an IOVA or length of `U64_MAX`
-    /// EOVERFLOW, neither readable nor writeable EINVAL, an unknown IOAS ENOENT; then the
-    /// file's rules ([`map_file::window_of`]: EBADF, EOVERFLOW, EINVAL) and
-    /// `IOMMU_IOAS_MAP`'s of the window's address. The IOVA is written back; a failed map
-    /// gives back a window made for it.
+    /// `fd` names (`None`: nothing is open there), the pages of `[start, +length)` of it
+    /// made host memory by `files`: flags beyond the map flags EOPNOTSUPP, an IOVA or
+    /// length of `U64_MAX` EOVERFLOW, neither readable nor writeable EINVAL, an unknown
+    /// IOAS ENOENT; then the file's rules ([`map_file::pages_of`]: EBADF, EOVERFLOW,
+    /// EINVAL) and `IOMMU_IOAS_MAP`'s of the pages' address. The IOVA is written back. The
+    /// file keeps the pages until no area maps them; a failed map drops them at once.
     pub fn map_file(
         &mut self,
         arg: &mut [u8],
@@ -514,7 +524,7 @@ impl<V: IommuOps> IommufdCtx<V> {
         let mut cmd: IommuIoasMapFile = u.copy_in(arg)?;
         iopt::check_map(WHAT, cmd.flags, cmd.iova, cmd.length)?;
         self.iopt(cmd.ioas_id)?;
-        let (user_va, adopted) = map_file::window_of(files, cmd.fd, file, cmd.start, cmd.length)?;
+        let (user_va, pages) = map_file::pages_of(files, cmd.fd, file, cmd.start, cmd.length)?;
         let map = IommuIoasMap {
             size: std::mem::size_of::<IommuIoasMap>() as u32,
             flags: cmd.flags,
@@ -524,19 +534,10 @@ impl<V: IommuOps> IommufdCtx<V> {
             length: cmd.length,
             iova: cmd.iova,
         };
-        match self.map_user(&map) {
-            Ok(iova) => {
-                cmd.iova = iova;
-                u.respond(&cmd, arg);
-                Ok(())
-            }
-            Err(e) => {
-                if let Some(ino) = adopted {
-                    files.give_back(ino);
-                }
-                Err(e)
-            }
-        }
+        cmd.iova = self.map_user(&map)?;
+        self.pins.extend(pages);
+        u.respond(&cmd, arg);
+        Ok(())
     }
 
     /// `IOMMU_IOAS_COPY`: maps the memory behind `[src_iova, +length)` of one IOAS (which
@@ -590,7 +591,8 @@ impl<V: IommuOps> IommufdCtx<V> {
 
     /// `IOMMU_IOAS_UNMAP`: every area inside `[iova, +length)` (ENOENT for none or for a
     /// cut one), `0, U64_MAX` every area, removed from every domain with its TLB
-    /// invalidation; `length` returns the bytes unmapped.
+    /// invalidation, and the memory file pages no area maps any more released; `length`
+    /// returns the bytes unmapped.
     pub(crate) fn do_ioas_unmap(&mut self, u: &Ucmd, arg: &mut [u8]) -> Result<(), IommufdError> {
         let mut cmd: IommuIoasUnmap = u.copy_in(arg)?;
         let all = cmd.iova == 0 && cmd.length == u64::MAX;
@@ -609,6 +611,7 @@ impl<V: IommuOps> IommufdCtx<V> {
             self.iopt_mut(cmd.ioas_id)?.remove(a.iova);
             unmapped += a.length;
         }
+        self.unpin_unused();
         cmd.length = unmapped;
         u.respond(&cmd, arg);
         Ok(())
@@ -1040,9 +1043,9 @@ impl<V: IommuOps> Drop for IommufdCtx<V> {
         for d in devices {
             self.unbind_device(d);
         }
-        // The domains go before the memory-file windows they map.
+        // The domains go before the memory file pages they map.
         self.objects.clear();
-        self.windows.release_all();
+        self.pins.clear();
     }
 }
 
@@ -1055,19 +1058,18 @@ pub struct File<V: IommuOps> {
 impl<V: IommuOps> File<V> {
     /// A file on `ops`, installing its queue files in `fds`.
     pub(crate) fn new(ops: V, fds: Weak<Iommufds>) -> Arc<Self> {
-        let windows = FileWindows::new(ops.frames().clone());
         Arc::new(File {
             ctx: Mutex::new(IommufdCtx {
                 ops,
                 objects: BTreeMap::new(),
                 fds,
-                windows,
+                pins: Vec::new(),
             }),
         })
     }
 
-    /// `IOMMU_IOAS_MAP_FILE` of `file` through the windows `files` (the service's
-    /// connection, whose client sent the file): [`IommufdCtx::map_file`].
+    /// `IOMMU_IOAS_MAP_FILE` of `file` through `files` (the service's connection, whose
+    /// client sent the file): [`IommufdCtx::map_file`].
     pub fn map_file(
         &self,
         arg: &mut [u8],

@@ -2,12 +2,17 @@
 //! `io_pagetable.c`): a range of a memory file mapped into an IOAS in place, for the
 //! host's own iommufd files and for the service, which hands its connection's windows in.
 //!
-//! The kernel pins the file's folios (`memfd_pin_folios`: a shmem or hugetlbfs file, the
-//! range inside it); here the file's pages become host memory as a window
-//! ([`HostMemory::adopt_window`]: a memfd that takes `F_SEAL_SHRINK`, so it can never be
-//! truncated under the mapping), and the range is mapped as `IOMMU_IOAS_MAP` of the
-//! window's user address. A file adopted once (same inode) is found again; a window made
-//! for a map that fails is given back at once.
+//! The kernel gives each map an `iopt_pages` of `[start, start + length)` of the file
+//! (`iopt_alloc_file_pages`): it holds a reference on the file and pins the folios of that
+//! range only (`memfd_pin_folios`), and it goes, unpinning them and dropping the file, with
+//! the last area that uses it (`IOMMU_IOAS_COPY` of an area shares it; an unmap or the
+//! IOAS's destruction removes areas). Here the range becomes host memory of its own
+//! ([`FilePages`]: [`HostMemory::adopt_window`] of the file from `start`), which the
+//! iommufd keeps until no area of its IOASes reaches into it. The window's mapping holds
+//! the file, so closing the descriptor keeps the mapping working, as the kernel's file
+//! reference does. The file must be a memfd that takes `F_SEAL_SHRINK`, so that it can
+//! never be truncated under the mapping. Memory the caller shares already (the service's
+//! `ADD_MEMORY` windows) is found by the file's inode and mapped where it is.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,36 +22,121 @@ use std::sync::Arc;
 use vsva_hw::memory::{FrameAllocator, HostMemory, PAGE_SIZE};
 use vsva_vtd::addr::Hpa;
 
+use super::iopt::Area;
 use super::IommufdError;
 
 /// A file's identity: device and inode numbers.
 pub type Inode = (u64, u64);
 
-/// Where memory files' pages are host memory: the windows a file (or a service
-/// connection) has adopted.
-pub trait MemoryFiles {
-    /// The user address and size of the window of file `ino`, if it has one.
-    fn find(&self, ino: Inode) -> Option<(u64, u64)>;
-    /// Adopts the first `size` bytes of `file` (`ino`) as a window: its user address.
-    /// EINVAL for a file that is not a memfd sealed against shrinking.
-    fn adopt(&mut self, file: OwnedFd, ino: Inode, size: u64) -> Result<u64, IommufdError>;
-    /// Gives back the window of `ino` that [`MemoryFiles::adopt`] made for a map that
-    /// then failed.
-    fn give_back(&mut self, ino: Inode);
+/// What runs when [`FilePages`] go (the service's accounting).
+pub type OnRelease = Box<dyn FnOnce() + Send>;
+
+/// The pages of `[start, start + length)` of a memory file that areas of an IOAS map
+/// (`struct iopt_pages` of a file): host memory at `hpa` while this lives; dropping it
+/// returns the range to host memory, which drops the file.
+pub struct FilePages {
+    frames: Arc<FrameAllocator>,
+    hpa: Hpa,
+    length: u64,
+    user: u64,
+    on_release: Option<OnRelease>,
 }
 
-/// The file `fd` names as the window a map of `[start, +length)` of it reaches: its
-/// user address and whether it was adopted now. EBADF without a file; EOVERFLOW when the
-/// range wraps; EINVAL for an empty range or one not in whole pages, a range beyond the
-/// file (or beyond the window of a file adopted already), or a file that is not a memfd
-/// (or cannot be sealed against shrinking).
-pub(crate) fn window_of(
+impl std::fmt::Debug for FilePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilePages")
+            .field("hpa", &self.hpa)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FilePages {
+    /// `[start, start + length)` of `file` (whole pages, inside the file, a memfd sealed
+    /// against shrinking) as host memory from `frames`: ENOMEM without frames, EINVAL when
+    /// the memory refuses the file. `on_release` runs when the pages go.
+    pub fn adopt(
+        frames: &Arc<FrameAllocator>,
+        file: &File,
+        start: u64,
+        length: u64,
+        on_release: OnRelease,
+    ) -> Result<FilePages, IommufdError> {
+        let hpa = frames
+            .alloc_range(length, PAGE_SIZE)
+            .map_err(|_| IommufdError::NoMemory("memory file pages"))?;
+        match frames.memory().adopt_window(hpa, file, start, length) {
+            Ok(user) => Ok(FilePages {
+                frames: frames.clone(),
+                hpa,
+                length,
+                user,
+                on_release: Some(on_release),
+            }),
+            Err(e) => {
+                if let Err(f) = frames.free(hpa) {
+                    tracing::error!("freeing refused memory file pages at {hpa}: {f}");
+                }
+                Err(IommufdError::invalid("iommu_ioas_map_file", e.to_string()))
+            }
+        }
+    }
+
+    /// The user address the pages are reached at.
+    pub fn user(&self) -> u64 {
+        self.user
+    }
+
+    /// Whether area `a` maps any of the pages.
+    pub(crate) fn used_by(&self, a: &Area) -> bool {
+        a.hpa < self.hpa.0 + self.length && self.hpa.0 < a.hpa + a.length
+    }
+
+    fn memory(&self) -> &Arc<HostMemory> {
+        self.frames.memory()
+    }
+}
+
+impl Drop for FilePages {
+    /// Unpins: the range is host memory again and its frames are free.
+    fn drop(&mut self) {
+        match self.memory().return_window(self.hpa, self.length) {
+            Ok(()) => {
+                if let Err(e) = self.frames.free(self.hpa) {
+                    tracing::error!("freeing memory file pages at {}: {e}", self.hpa);
+                }
+            }
+            Err(e) => tracing::error!("returning memory file pages at {}: {e}", self.hpa),
+        }
+        if let Some(f) = self.on_release.take() {
+            f();
+        }
+    }
+}
+
+/// Where a memory file's pages become host memory for a map.
+pub trait MemoryFiles {
+    /// The user address and size of memory the caller shares already that is file `ino`
+    /// from its first byte (the service's `ADD_MEMORY` windows), if any.
+    fn shared(&self, ino: Inode) -> Option<(u64, u64)>;
+    /// Makes `[start, start + length)` of `file` host memory for a map
+    /// ([`FilePages::adopt`], within the caller's limits: ENOSPC past them).
+    fn pin(&mut self, file: &File, start: u64, length: u64) -> Result<FilePages, IommufdError>;
+}
+
+/// The memory a map of `[start, +length)` of the file `fd` names reaches: its user
+/// address, and the file's pages made host memory for it (none for memory the caller
+/// shares already). EBADF without a file; EOVERFLOW when the range wraps; EINVAL for an
+/// empty range or one not in whole pages, a range beyond the file (or beyond the shared
+/// memory of a shared file), or a file that is not a memfd (or cannot be sealed against
+/// shrinking).
+pub(crate) fn pages_of(
     files: &mut dyn MemoryFiles,
     fd: i32,
     file: Option<OwnedFd>,
     start: u64,
     length: u64,
-) -> Result<(u64, Option<Inode>), IommufdError> {
+) -> Result<(u64, Option<FilePages>), IommufdError> {
     const WHAT: &str = "iommu_ioas_map_file";
     let file = file.ok_or(IommufdError::BadFd(fd))?;
     let end = start
@@ -60,16 +150,14 @@ pub(crate) fn window_of(
     }
     let file = File::from(file);
     let meta = file.metadata().map_err(|_| IommufdError::BadFd(fd))?;
-    let ino = (meta.dev(), meta.ino());
     let beyond = || IommufdError::invalid(WHAT, "the range ends beyond the file");
-    if let Some((user, size)) = files.find(ino) {
+    if let Some((user, size)) = files.shared((meta.dev(), meta.ino())) {
         if end > size {
             return Err(beyond());
         }
         return Ok((user + start, None));
     }
-    let size = meta.len() & !(PAGE_SIZE - 1);
-    if end > size {
+    if end > meta.len() {
         return Err(beyond());
     }
     // SAFETY: F_ADD_SEALS and F_GET_SEALS on an open descriptor we own only add a seal
@@ -84,94 +172,22 @@ pub(crate) fn window_of(
             "not a memfd that can be sealed against shrinking",
         ));
     }
-    let user = files.adopt(OwnedFd::from(file), ino, size)?;
-    Ok((user + start, Some(ino)))
+    let pages = files.pin(&file, start, length)?;
+    Ok((pages.user(), Some(pages)))
 }
 
-/// A window of one of a file's memory files.
+/// The memory files of an open `/dev/iommu` of the host (the in-process path): pages from
+/// the IOMMU's frame allocator, nothing shared beforehand.
 #[derive(Debug)]
-struct Window {
-    ino: Inode,
-    hpa: Hpa,
-    size: u64,
-    user: u64,
-}
-
-/// The windows of an open `/dev/iommu` of the host (the in-process path): host memory
-/// from the IOMMU's frame allocator; they go back when the file closes.
-#[derive(Debug)]
-pub(crate) struct FileWindows {
-    frames: Arc<FrameAllocator>,
-    windows: Vec<Window>,
-}
-
-impl FileWindows {
-    pub(crate) fn new(frames: Arc<FrameAllocator>) -> Self {
-        FileWindows {
-            frames,
-            windows: Vec::new(),
-        }
-    }
-
-    fn memory(&self) -> &Arc<HostMemory> {
-        self.frames.memory()
-    }
-
-    fn release(&self, w: &Window) {
-        if let Err(e) = self.memory().return_window(w.hpa, w.size) {
-            tracing::error!("returning a memory file's window at {}: {e}", w.hpa);
-            return;
-        }
-        if let Err(e) = self.frames.free(w.hpa) {
-            tracing::error!("freeing a memory file's window at {}: {e}", w.hpa);
-        }
-    }
-
-    /// Returns every window (the file closes; nothing maps them any more).
-    pub(crate) fn release_all(&mut self) {
-        for w in std::mem::take(&mut self.windows) {
-            self.release(&w);
-        }
-    }
-}
+pub(crate) struct FileWindows(pub(crate) Arc<FrameAllocator>);
 
 impl MemoryFiles for FileWindows {
-    fn find(&self, ino: Inode) -> Option<(u64, u64)> {
-        self.windows
-            .iter()
-            .find(|w| w.ino == ino)
-            .map(|w| (w.user, w.size))
+    fn shared(&self, _ino: Inode) -> Option<(u64, u64)> {
+        None
     }
 
-    fn adopt(&mut self, file: OwnedFd, ino: Inode, size: u64) -> Result<u64, IommufdError> {
-        let hpa = self
-            .frames
-            .alloc_range(size, PAGE_SIZE)
-            .map_err(|_| IommufdError::NoMemory("memory file window"))?;
-        match self.memory().adopt_window(hpa, &File::from(file), size) {
-            Ok(user) => {
-                self.windows.push(Window {
-                    ino,
-                    hpa,
-                    size,
-                    user,
-                });
-                Ok(user)
-            }
-            Err(e) => {
-                if let Err(f) = self.frames.free(hpa) {
-                    tracing::error!("freeing a refused window at {hpa}: {f}");
-                }
-                Err(IommufdError::invalid("iommu_ioas_map_file", e.to_string()))
-            }
-        }
-    }
-
-    fn give_back(&mut self, ino: Inode) {
-        if let Some(i) = self.windows.iter().position(|w| w.ino == ino) {
-            let w = self.windows.remove(i);
-            self.release(&w);
-        }
+    fn pin(&mut self, file: &File, start: u64, length: u64) -> Result<FilePages, IommufdError> {
+        FilePages::adopt(&self.0, file, start, length, Box::new(|| {}))
     }
 }
 
