@@ -7,8 +7,16 @@
 //!
 //! `IOMMU_IOAS_MAP_FILE`: the memfd travels with the request and the host maps the file's
 //! own pages: the VMM's shared RAM is found by its inode, of another memfd the range mapped
-//! becomes host memory until its area is unmapped, and the device's DMA lands in the file. Bad fds and bad offsets are refused
-//! with the kernel's errnos and change nothing.
+//! becomes host memory until its area is unmapped, and the device's DMA lands in the file.
+//! Bad fds and bad offsets are refused with the kernel's errnos and change nothing.
+//!
+//! Issue 12: a VM cannot use another VM's iommufd objects. Each connection is its own
+//! `/dev/iommu`, whose ids name its own objects only (the kernel's per-file `xarray` of
+//! objects): the ids of VM A's device, IOAS, HWPTs and fault queue, and on SMMUv3 its
+//! vIOMMU, vDEVICE and vEVENT queue, are unknown to VM B (ENOENT) in every ioctl that names
+//! an object, over the call ring and over the socket, and nothing of A or of the host
+//! changes: the host's `STATE` is as before each refused call, and A's objects are all
+//! there, in use, and move A's bytes.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
@@ -17,8 +25,8 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
-use vsva_service::protocol::HostState;
-use vsva_service::{client::RemoteFile, client::SharedRam};
+use vsva_service::protocol::{HostState, FILE_IOMMUFD};
+use vsva_service::{client::RemoteFile, client::SharedRam, client::Transport};
 use vsva_uapi::iommufd::*;
 use vsva_uapi::wire::{read_prefix, Wire};
 use vsva_uapi::{error::Errno, file::UapiFile};
@@ -542,4 +550,590 @@ fn map_file_maps_the_file_s_own_pages_and_refuses_bad_fds_and_offsets() {
     assert_eq!(settle(&probe, empty), empty);
     drop(probe);
     stop_clean(host);
+}
+
+/// IOASes VM A allocates before anything else, so that the ids of its own objects lie
+/// above every id VM B holds.
+const SPARE: u32 = 4;
+
+/// A VMM on an iommufd connection, its RAM shared.
+struct Vm {
+    f: RemoteFile,
+    ram: SharedRam,
+}
+
+impl Vm {
+    fn connect(path: &Path, transport: Transport) -> Vm {
+        let f = RemoteFile::connect_with(path, FILE_IOMMUFD, transport).unwrap();
+        assert_eq!(f.has_ring(), transport == Transport::Ring);
+        let ram = SharedRam::new(RAM).unwrap();
+        ram.share(&f).unwrap();
+        Vm { f, ram }
+    }
+
+    fn call<T: Wire>(&self, cmd: u32, v: &T) -> Result<T, Errno> {
+        io(&self.f, cmd, v)
+    }
+
+    /// Puts `bytes` in the VMM's scratch page; their address in this process.
+    fn user(&self, bytes: &[u8]) -> u64 {
+        self.ram
+            .mem
+            .write_slice(bytes, GuestAddress(SCRATCH))
+            .unwrap();
+        self.ram.addr() + SCRATCH
+    }
+
+    /// An IOAS with all of the RAM mapped at IOVA 0.
+    fn ioas_with_ram(&self) -> u32 {
+        let ioas = ioas_alloc(&self.f);
+        self.map(ioas).unwrap();
+        ioas
+    }
+
+    fn map(&self, ioas: u32) -> Result<u64, Errno> {
+        let m = IommuIoasMap {
+            size: 40,
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+            ioas_id: ioas,
+            __reserved: 0,
+            user_va: self.ram.addr(),
+            length: RAM,
+            iova: 0,
+        };
+        self.call(IOMMU_IOAS_MAP, &m).map(|m| m.iova)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` of device `dev_id` on `pt_id`, with driver data `data` (its
+    /// type and bytes) and `fault_id` when not 0.
+    fn hwpt(
+        &self,
+        flags: u32,
+        dev_id: u32,
+        pt_id: u32,
+        data: Option<(u32, &[u8])>,
+        fault_id: u32,
+    ) -> Result<u32, Errno> {
+        let (data_type, data_len, data_uptr) = match data {
+            Some((t, d)) => (t, d.len() as u32, self.user(d)),
+            None => (IOMMU_HWPT_DATA_NONE, 0, 0),
+        };
+        let fault = if fault_id != 0 {
+            IOMMU_HWPT_FAULT_ID_VALID
+        } else {
+            0
+        };
+        let a = IommuHwptAlloc {
+            size: 48,
+            flags: flags | fault,
+            dev_id,
+            pt_id,
+            data_type,
+            data_len,
+            data_uptr,
+            fault_id,
+            ..Default::default()
+        };
+        self.call(IOMMU_HWPT_ALLOC, &a).map(|a| a.out_hwpt_id)
+    }
+
+    fn fault_queue(&self) -> u32 {
+        let a = IommuFaultAlloc {
+            size: 16,
+            ..Default::default()
+        };
+        self.call(IOMMU_FAULT_QUEUE_ALLOC, &a).unwrap().out_fault_id
+    }
+
+    fn hw_info(&self, dev_id: u32) -> Result<(), Errno> {
+        let h = IommuHwInfo {
+            size: std::mem::size_of::<IommuHwInfo>() as u32,
+            dev_id,
+            data_len: 64,
+            data_uptr: self.ram.addr() + SCRATCH,
+            ..Default::default()
+        };
+        self.call(IOMMU_GET_HW_INFO, &h).map(drop)
+    }
+
+    fn invalidate(&self, hwpt_id: u32, data_type: u32, entry: &[u8]) -> Result<(), Errno> {
+        let inv = IommuHwptInvalidate {
+            size: 32,
+            hwpt_id,
+            data_uptr: self.user(entry),
+            data_type,
+            entry_len: entry.len() as u32,
+            entry_num: 1,
+            __reserved: 0,
+        };
+        let mut b = inv.to_bytes();
+        let r = self.f.ioctl(IOMMU_HWPT_INVALIDATE, &mut b).map(drop);
+        assert_eq!(
+            IommuHwptInvalidate::read(&b).entry_num,
+            0,
+            "no entry handled"
+        );
+        r
+    }
+
+    /// The device fills 64 bytes at IOVA `at` (no PASID); whether they reached the RAM.
+    fn dma_reaches(&self, at: u64, pattern: u64) -> bool {
+        fill_iova(&self.f, at, pattern);
+        let mut got = [0u8; 64];
+        self.ram.mem.read_slice(&mut got, GuestAddress(at)).unwrap();
+        got == [pattern as u8; 64]
+    }
+}
+
+/// One call VM B makes that names an object of VM A.
+type Attempt<'a> = (&'a str, Box<dyn Fn(&Vm) -> Result<(), Errno> + 'a>);
+
+/// The calls that name A's IOAS `ioas`, paging HWPT `parent`, device `dev` and every other
+/// id in `others` (besides those of `attempts`, the IOMMU's own), each made by B (which holds its own IOAS
+/// `b_ioas` and device `b_dev`): ENOENT, and the host's state as before each.
+fn refused_for_b<'a>(
+    b: &'a Vm,
+    probe: &RemoteFile,
+    a_ids: (u32, u32, u32),
+    b_ids: (u32, u32),
+    others: &[u32],
+    mut attempts: Vec<Attempt<'a>>,
+) {
+    let (ioas, parent, dev) = a_ids;
+    let (b_ioas, b_dev) = b_ids;
+    for &id in [ioas, parent, dev].iter().chain(others) {
+        attempts.push(("IOMMU_DESTROY", Box::new(move |b| destroy(&b.f, id))));
+    }
+    let common: Vec<Attempt<'a>> = vec![
+        (
+            "IOAS_MAP into A's IOAS",
+            Box::new(move |b| b.map(ioas).map(drop)),
+        ),
+        (
+            "IOAS_UNMAP of A's IOAS",
+            Box::new(move |b| {
+                let u = IommuIoasUnmap {
+                    size: 24,
+                    ioas_id: ioas,
+                    iova: 0,
+                    length: u64::MAX,
+                };
+                b.call(IOMMU_IOAS_UNMAP, &u).map(drop)
+            }),
+        ),
+        (
+            "IOAS_IOVA_RANGES of A's IOAS",
+            Box::new(move |b| {
+                let r = IommuIoasIovaRanges {
+                    size: 32,
+                    ioas_id: ioas,
+                    num_iovas: 4,
+                    allowed_iovas: b.ram.addr() + SCRATCH,
+                    ..Default::default()
+                };
+                b.call(IOMMU_IOAS_IOVA_RANGES, &r).map(drop)
+            }),
+        ),
+        (
+            "IOAS_ALLOW_IOVAS of A's IOAS",
+            Box::new(move |b| {
+                let r = IommuIoasAllowIovas {
+                    size: 24,
+                    ioas_id: ioas,
+                    ..Default::default()
+                };
+                b.call(IOMMU_IOAS_ALLOW_IOVAS, &r).map(drop)
+            }),
+        ),
+        (
+            "IOAS_COPY out of A's IOAS",
+            Box::new(move |b| copy(b, ioas, b_ioas)),
+        ),
+        (
+            "IOAS_COPY into A's IOAS",
+            Box::new(move |b| copy(b, b_ioas, ioas)),
+        ),
+        (
+            "HWPT_ALLOC on A's IOAS",
+            Box::new(move |b| b.hwpt(0, b_dev, ioas, None, 0).map(drop)),
+        ),
+        (
+            "HWPT_ALLOC for A's device",
+            Box::new(move |b| b.hwpt(0, dev, b_ioas, None, 0).map(drop)),
+        ),
+        (
+            "ATTACH_IOMMUFD_PT to A's HWPT",
+            Box::new(move |b| attach_pt(&b.f, 0, parent, 0).map(drop)),
+        ),
+        (
+            "GET_HW_INFO of A's device",
+            Box::new(move |b| b.hw_info(dev)),
+        ),
+    ];
+    attempts.extend(common);
+    for (what, call) in &attempts {
+        let before: HostState = probe.host_state().unwrap();
+        assert_eq!(call(b), Err(Errno::ENOENT), "{what}");
+        assert_eq!(
+            probe.host_state().unwrap(),
+            before,
+            "{what} changed the host"
+        );
+    }
+}
+
+/// `IOMMU_IOAS_COPY` of the first page of IOAS `src` into IOAS `dst` at 8 MiB.
+fn copy(b: &Vm, src: u32, dst: u32) -> Result<(), Errno> {
+    let c = IommuIoasCopy {
+        size: 40,
+        flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+        dst_ioas_id: dst,
+        src_ioas_id: src,
+        length: PAGE,
+        dst_iova: 8 << 20,
+        src_iova: 0,
+    };
+    b.call(IOMMU_IOAS_COPY, &c).map(drop)
+}
+
+/// VM A on VT-d: after [`SPARE`] IOASes, its device, an IOAS with its RAM, a nest parent
+/// its RID is attached to, a fault queue, and a nested HWPT at [`PASID`] reporting to it.
+struct VtdA {
+    vm: Vm,
+    dev: u32,
+    ioas: u32,
+    parent: u32,
+    fault: u32,
+    nested: u32,
+}
+
+fn vtd_a(path: &Path) -> VtdA {
+    let vm = Vm::connect(path, Transport::Ring);
+    for _ in 0..SPARE {
+        ioas_alloc(&vm.f);
+    }
+    let (_, dev) = vm.f.device_add_bound().unwrap();
+    let ioas = vm.ioas_with_ram();
+    let parent = vm
+        .hwpt(
+            IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+            dev,
+            ioas,
+            None,
+            0,
+        )
+        .unwrap();
+    attach_pt(&vm.f, 0, parent, 0).unwrap();
+    let fault = vm.fault_queue();
+    let nested = vm.hwpt(IOMMU_HWPT_ALLOC_PASID, dev, parent, Some(vtd_s1()), fault);
+    let nested = nested.unwrap();
+    attach_pt(&vm.f, VFIO_DEVICE_ATTACH_PASID, nested, PASID).unwrap();
+    assert!(dev > SPARE, "A's ids lie above B's");
+    VtdA {
+        vm,
+        dev,
+        ioas,
+        parent,
+        fault,
+        nested,
+    }
+}
+
+/// `iommu_hwpt_vtd_s1` of a guest stage 1 at the start of [`GUEST_PT`] (zeroes: it maps
+/// nothing).
+fn vtd_s1() -> (u32, &'static [u8]) {
+    static S1: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let bytes = S1.get_or_init(|| {
+        IommuHwptVtdS1 {
+            flags: 0,
+            pgtbl_addr: GUEST_PT.0,
+            addr_width: 48,
+            __reserved: 0,
+        }
+        .to_bytes()
+    });
+    (IOMMU_HWPT_DATA_VTD_S1, bytes)
+}
+
+/// On the VT-d host, VM B (through the call ring, then through the socket only) names
+/// the ids of VM A's device, IOAS, nest parent, nested HWPT and fault queue: ENOENT each
+/// time, nothing of the host changes, and A's objects stay in use and move A's bytes.
+#[test]
+fn a_vm_cannot_name_another_vm_s_iommufd_objects_on_vtd() {
+    let host = start_host("ifd-isolation-vtd", "256M", &[]);
+    let (probe, empty) = host.probe().unwrap();
+    let a = vtd_a(host.socket());
+    assert!(a.vm.dma_reaches(0x3000, 0x1111_1111_1111_1111));
+    let with_a = probe.host_state().unwrap();
+    for transport in [Transport::Ring, Transport::Socket] {
+        let b = Vm::connect(host.socket(), transport);
+        let (_, b_dev) = b.f.device_add_bound().unwrap();
+        let b_ioas = b.ioas_with_ram();
+        let b_parent = b
+            .hwpt(
+                IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_PASID,
+                b_dev,
+                b_ioas,
+                None,
+                0,
+            )
+            .unwrap();
+        assert!(b_parent < a.dev, "B's ids lie below A's");
+        let (nested, fault) = (a.nested, a.fault);
+        let inv = IommuHwptVtdS1Invalidate {
+            addr: 0,
+            npages: u64::MAX,
+            flags: 0,
+            __reserved: 0,
+        }
+        .to_bytes();
+        let attempts: Vec<Attempt<'_>> = vec![
+            (
+                "HWPT_ALLOC nested on A's nest parent",
+                Box::new(|b| {
+                    b.hwpt(IOMMU_HWPT_ALLOC_PASID, b_dev, a.parent, Some(vtd_s1()), 0)
+                        .map(drop)
+                }),
+            ),
+            (
+                "HWPT_ALLOC with A's fault queue",
+                Box::new(move |b| {
+                    b.hwpt(
+                        IOMMU_HWPT_ALLOC_PASID,
+                        b_dev,
+                        b_parent,
+                        Some(vtd_s1()),
+                        fault,
+                    )
+                    .map(drop)
+                }),
+            ),
+            (
+                "HWPT_INVALIDATE of A's nested HWPT",
+                Box::new(move |b| b.invalidate(nested, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, &inv)),
+            ),
+            (
+                "HWPT_SET_DIRTY_TRACKING of A's HWPT",
+                Box::new(|b| {
+                    let d = IommuHwptSetDirtyTracking {
+                        size: 16,
+                        hwpt_id: a.parent,
+                        ..Default::default()
+                    };
+                    b.call(IOMMU_HWPT_SET_DIRTY_TRACKING, &d).map(drop)
+                }),
+            ),
+            (
+                "HWPT_GET_DIRTY_BITMAP of A's HWPT",
+                Box::new(|b| {
+                    let d = IommuHwptGetDirtyBitmap {
+                        size: 48,
+                        hwpt_id: a.parent,
+                        iova: 0,
+                        length: PAGE,
+                        page_size: PAGE,
+                        data: b.ram.addr() + SCRATCH,
+                        ..Default::default()
+                    };
+                    b.call(IOMMU_HWPT_GET_DIRTY_BITMAP, &d).map(drop)
+                }),
+            ),
+            (
+                "ATTACH_IOMMUFD_PT at a PASID to A's nested HWPT",
+                Box::new(move |b| {
+                    attach_pt(&b.f, VFIO_DEVICE_ATTACH_PASID, nested, PASID).map(drop)
+                }),
+            ),
+        ];
+        refused_for_b(
+            &b,
+            &probe,
+            (a.ioas, a.parent, a.dev),
+            (b_ioas, b_dev),
+            &[a.fault, a.nested],
+            attempts,
+        );
+        // B's own objects serve B.
+        assert_eq!(attach_pt(&b.f, 0, b_parent, 0).map(drop), Ok(()));
+        assert!(b.dma_reaches(0x5000, 0x2222_2222_2222_2222));
+        // B goes; the host is back to what A holds before the next B comes.
+        drop(b);
+        assert_eq!(settle(&probe, with_a), with_a);
+    }
+    // A's objects are all there, in use, and move A's bytes.
+    for id in [a.ioas, a.parent, a.fault] {
+        assert_eq!(destroy(&a.vm.f, id), Err(Errno::EBUSY), "{id}");
+    }
+    assert_eq!(a.vm.hw_info(a.dev), Ok(()));
+    assert!(a.vm.dma_reaches(0x7000, 0x3333_3333_3333_3333));
+    drop(a);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    stop_clean(host);
+}
+
+/// An STE word 0 of a guest STE that bypasses stage 1 (V=1, Config=bypass): the nested
+/// HWPT translates through its vIOMMU's stage 2 alone.
+const VSTE_BYPASS: [u64; 2] = [1 | 0b100 << 1, 0];
+
+/// On the SMMUv3 host, VM B (through the call ring, then through the socket only) names
+/// the ids of VM A's device, IOAS, nest parent, vIOMMU, vDEVICE, vEVENT queue, nested HWPT
+/// and fault queue: ENOENT each time, nothing of the host changes, and A's objects stay in
+/// use and move A's bytes.
+#[test]
+fn a_vm_cannot_name_another_vm_s_iommufd_objects_on_smmuv3() {
+    let host = start_host("ifd-isolation-smmu", "256M", &["--iommu", "smmuv3"]);
+    let (probe, empty) = host.probe().unwrap();
+    let a = Vm::connect(host.socket(), Transport::Ring);
+    for _ in 0..SPARE {
+        ioas_alloc(&a.f);
+    }
+    let (_, dev) = a.f.device_add_bound().unwrap();
+    assert!(dev > SPARE, "A's ids lie above B's");
+    let ioas = a.ioas_with_ram();
+    let parent = a
+        .hwpt(IOMMU_HWPT_ALLOC_NEST_PARENT, dev, ioas, None, 0)
+        .unwrap();
+    let viommu = viommu_alloc(&a, dev, parent).unwrap();
+    let vdevice = vdevice_alloc(&a, viommu, dev).unwrap();
+    let veventq = veventq_alloc(&a, viommu).unwrap();
+    let data = IommuHwptArmSmmuv3 { ste: VSTE_BYPASS }.to_bytes();
+    let nested = a
+        .hwpt(0, dev, viommu, Some((IOMMU_HWPT_DATA_ARM_SMMUV3, &data)), 0)
+        .unwrap();
+    attach_pt(&a.f, 0, nested, 0).unwrap();
+    let fault = a.fault_queue();
+    assert!(a.dma_reaches(0x3000, 0x1111_1111_1111_1111));
+    let with_a = probe.host_state().unwrap();
+
+    for transport in [Transport::Ring, Transport::Socket] {
+        let b = Vm::connect(host.socket(), transport);
+        let (_, b_dev) = b.f.device_add_bound().unwrap();
+        let b_ioas = b.ioas_with_ram();
+        let b_parent = b
+            .hwpt(IOMMU_HWPT_ALLOC_NEST_PARENT, b_dev, b_ioas, None, 0)
+            .unwrap();
+        let b_viommu = viommu_alloc(&b, b_dev, b_parent).unwrap();
+        assert!(b_viommu < dev, "B's ids lie below A's");
+        let cmd = IommuViommuArmSmmuv3Invalidate { cmd: [0x11, 0] }.to_bytes();
+        let data = data.clone();
+        let attempts: Vec<Attempt<'_>> = vec![
+            (
+                "VIOMMU_ALLOC on A's nest parent",
+                Box::new(move |b| viommu_alloc(b, b_dev, parent).map(drop)),
+            ),
+            (
+                "VIOMMU_ALLOC for A's device",
+                Box::new(move |b| viommu_alloc(b, dev, b_parent).map(drop)),
+            ),
+            (
+                "VDEVICE_ALLOC on A's vIOMMU",
+                Box::new(move |b| vdevice_alloc(b, viommu, b_dev).map(drop)),
+            ),
+            (
+                "VDEVICE_ALLOC of A's device",
+                Box::new(move |b| vdevice_alloc(b, b_viommu, dev).map(drop)),
+            ),
+            (
+                "VEVENTQ_ALLOC on A's vIOMMU",
+                Box::new(move |b| veventq_alloc(b, viommu).map(drop)),
+            ),
+            (
+                "HWPT_ALLOC nested on A's vIOMMU",
+                Box::new({
+                    let data = data.clone();
+                    move |b| {
+                        b.hwpt(
+                            0,
+                            b_dev,
+                            viommu,
+                            Some((IOMMU_HWPT_DATA_ARM_SMMUV3, &data)),
+                            0,
+                        )
+                        .map(drop)
+                    }
+                }),
+            ),
+            (
+                "HWPT_ALLOC with A's fault queue",
+                Box::new(move |b| {
+                    b.hwpt(
+                        0,
+                        b_dev,
+                        b_viommu,
+                        Some((IOMMU_HWPT_DATA_ARM_SMMUV3, &data)),
+                        fault,
+                    )
+                    .map(drop)
+                }),
+            ),
+            (
+                "HWPT_INVALIDATE of A's vIOMMU",
+                Box::new({
+                    let cmd = cmd.clone();
+                    move |b| b.invalidate(viommu, IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, &cmd)
+                }),
+            ),
+            (
+                "ATTACH_IOMMUFD_PT to A's nested HWPT",
+                Box::new(move |b| attach_pt(&b.f, 0, nested, 0).map(drop)),
+            ),
+        ];
+        refused_for_b(
+            &b,
+            &probe,
+            (ioas, parent, dev),
+            (b_ioas, b_dev),
+            &[viommu, vdevice, veventq, nested, fault],
+            attempts,
+        );
+        assert_eq!(attach_pt(&b.f, 0, b_parent, 0).map(drop), Ok(()));
+        assert!(b.dma_reaches(0x5000, 0x2222_2222_2222_2222));
+        // B goes; the host is back to what A holds before the next B comes.
+        drop(b);
+        assert_eq!(settle(&probe, with_a), with_a);
+    }
+    for id in [ioas, parent, viommu] {
+        assert_eq!(destroy(&a.f, id), Err(Errno::EBUSY), "{id}");
+    }
+    assert_eq!(a.hw_info(dev), Ok(()));
+    assert!(a.dma_reaches(0x7000, 0x3333_3333_3333_3333));
+    drop(a);
+    assert_eq!(settle(&probe, empty), empty);
+    drop(probe);
+    stop_clean(host);
+}
+
+fn viommu_alloc(vm: &Vm, dev_id: u32, hwpt_id: u32) -> Result<u32, Errno> {
+    let a = IommuViommuAlloc {
+        size: std::mem::size_of::<IommuViommuAlloc>() as u32,
+        type_: IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+        dev_id,
+        hwpt_id,
+        ..Default::default()
+    };
+    vm.call(IOMMU_VIOMMU_ALLOC, &a).map(|a| a.out_viommu_id)
+}
+
+fn vdevice_alloc(vm: &Vm, viommu_id: u32, dev_id: u32) -> Result<u32, Errno> {
+    let a = IommuVdeviceAlloc {
+        size: std::mem::size_of::<IommuVdeviceAlloc>() as u32,
+        viommu_id,
+        dev_id,
+        out_vdevice_id: 0,
+        virt_id: 0x99,
+    };
+    vm.call(IOMMU_VDEVICE_ALLOC, &a).map(|a| a.out_vdevice_id)
+}
+
+/// `IOMMU_VEVENTQ_ALLOC` on `viommu_id`: the queue's id.
+fn veventq_alloc(vm: &Vm, viommu_id: u32) -> Result<u32, Errno> {
+    let a = IommuVeventqAlloc {
+        size: std::mem::size_of::<IommuVeventqAlloc>() as u32,
+        viommu_id,
+        type_: IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
+        veventq_depth: 4,
+        ..Default::default()
+    };
+    vm.call(IOMMU_VEVENTQ_ALLOC, &a).map(|a| a.out_veventq_id)
 }
