@@ -132,7 +132,6 @@ impl EntryCaches {
                     w.clear(way);
                 }
             }
-            w.forget_if_empty();
         }
     }
 
@@ -150,7 +149,6 @@ impl EntryCaches {
                     w.clear(way);
                 }
             }
-            w.forget_if_empty();
         }
     }
 

@@ -520,7 +520,7 @@ impl Iotlb {
         }
         let (tag, value) = encode(&key, &entry);
         let listed = {
-            let w = self.sets.write_excluded(self.set(&key));
+            let w = self.sets.write(self.set(&key));
             let way = w.slot(key.way(), |way| key.held_by(way));
             let listed = w.tag(way) == tag && w.word(way, PAGE) == key.page;
             w.put(way, [tag, key.page, value]);
@@ -572,18 +572,20 @@ impl Iotlb {
         key: &Key,
         select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> Found {
-        let w = self.sets.write_excluded(self.set(key));
-        let Some(way) = w.position(|way| key.held_by(way)) else {
+        let Some((tag, value)) = self.find(key) else {
             return Found::Absent;
         };
-        let e = decode(w.tag(way), w.word(way, VALUE));
+        let e = decode(tag, value);
         if e.did != did {
             return Found::Absent;
         }
         if !select(key, &e) {
             return Found::Kept(e.kind);
         }
-        w.clear(way);
+        let w = self.sets.write(self.set(key));
+        if let Some(way) = w.position(|way| key.held_by(way)) {
+            w.clear(way);
+        }
         Found::Removed
     }
 

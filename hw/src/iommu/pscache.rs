@@ -246,7 +246,6 @@ impl Cache {
                         w.clear(way);
                     }
                 }
-                w.forget_if_empty();
             }
         }
     }

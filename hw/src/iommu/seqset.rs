@@ -40,7 +40,7 @@ impl<const N: usize, const W: usize> Default for Set<N, W> {
 pub(crate) struct SeqSets<const N: usize, const W: usize> {
     sets: Box<[Set<N, W>]>,
     /// One bit per set that may hold an entry: set by a writer that fills a way, cleared by
-    /// a scan that finds the set empty.
+    /// one that leaves the set empty.
     occupied: Box<[AtomicU64]>,
 }
 
@@ -101,21 +101,6 @@ impl<const N: usize, const W: usize> SeqSets<N, W> {
             spin_loop();
         };
         // The odd word is seen before any store to the ways (a lookup's fence pairs with it).
-        fence(Ordering::Release);
-        SetWriter {
-            table: self,
-            set,
-            seq,
-        }
-    }
-
-    /// Enters set `set` as its writer when the caller already excludes every other writer
-    /// of the table (it holds a lock they all take): no atomic read-modify-write.
-    #[inline]
-    pub(crate) fn write_excluded(&self, set: usize) -> SetWriter<'_, N, W> {
-        let s = &self.sets[set];
-        let seq = s.seq.load(Ordering::Relaxed);
-        s.seq.store(seq + 1, Ordering::Relaxed);
         fence(Ordering::Release);
         SetWriter {
             table: self,
@@ -189,7 +174,6 @@ impl<const N: usize, const W: usize> SeqSets<N, W> {
                     removed += 1;
                 }
             }
-            w.forget_if_empty();
         }
         removed
     }
@@ -225,25 +209,21 @@ pub(crate) struct SetWriter<'a, const N: usize, const W: usize> {
 }
 
 impl<const N: usize, const W: usize> SetWriter<'_, N, W> {
-    #[inline]
     fn ways(&self) -> &[Way<N>; W] {
         &self.table.sets[self.set].ways
     }
 
     /// The tag of way `way`.
-    #[inline]
     pub(crate) fn tag(&self, way: usize) -> u64 {
         self.ways()[way][0].load(Ordering::Relaxed)
     }
 
     /// Word `word` of way `way`.
-    #[inline]
     pub(crate) fn word(&self, way: usize, word: usize) -> u64 {
         self.ways()[way][word].load(Ordering::Relaxed)
     }
 
     /// The first way `holds` accepts.
-    #[inline]
     pub(crate) fn position(&self, holds: impl Fn(&Way<N>) -> bool) -> Option<usize> {
         (0..W).find(|&i| holds(&self.ways()[i]))
     }
@@ -277,32 +257,25 @@ impl<const N: usize, const W: usize> SetWriter<'_, N, W> {
         }
     }
 
-    /// Clears the set's occupied bit if no way is full. Writers that empty ways leave the
-    /// bit set (the set may hold entries); the scans that visit the set clear it.
-    pub(crate) fn forget_if_empty(&self) {
-        if (0..W).all(|i| self.tag(i) == 0) {
-            let (bits, bit) = self.occupied_bit();
-            if bits.load(Ordering::Relaxed) & bit != 0 {
-                bits.fetch_and(!bit, Ordering::SeqCst);
-            }
-        }
-    }
-
     /// The bitmap word and bit of the set.
     fn occupied_bit(&self) -> (&AtomicU64, u64) {
         (&self.table.occupied[self.set / 64], 1 << (self.set % 64))
     }
 
     /// Empties way `way`.
-    #[inline]
     pub(crate) fn clear(&self, way: usize) {
         self.ways()[way][0].store(0, Ordering::Relaxed);
     }
 }
 
 impl<const N: usize, const W: usize> Drop for SetWriter<'_, N, W> {
-    #[inline]
     fn drop(&mut self) {
+        if (0..W).all(|i| self.tag(i) == 0) {
+            let (bits, bit) = self.occupied_bit();
+            if bits.load(Ordering::Relaxed) & bit != 0 {
+                bits.fetch_and(!bit, Ordering::SeqCst);
+            }
+        }
         self.table.sets[self.set]
             .seq
             .store(self.seq + 2, Ordering::Release);
