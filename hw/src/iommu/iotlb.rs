@@ -22,9 +22,8 @@ use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::AddrRange, walk::AccessRequest,
 };
 
-use super::seqset::{SeqSets, Way};
 use super::PAGE_SHIFTS;
-use crate::sync::{AtomicU64, Mutex, Ordering};
+use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Number of sets: a power of two.
 const SETS: usize = 4096;
@@ -296,16 +295,76 @@ fn decode(tag: u64, value: u64) -> IotlbEntry {
     }
 }
 
-/// The words of a way: the tag (with the domain id), the input page number, the value.
-const TAG: usize = 0;
-const PAGE: usize = 1;
-const VALUE: usize = 2;
+/// One way of a set; `tag` 0 is an empty way.
+#[derive(Debug, Default)]
+struct Way {
+    tag: AtomicU64,
+    page: AtomicU64,
+    value: AtomicU64,
+}
 
-impl Key {
-    /// Whether `way` holds the key (for any domain).
-    fn held_by(&self, way: &Way<3>) -> bool {
-        way[TAG].load(Ordering::Relaxed) & KEY_MASK == self.tag
-            && way[PAGE].load(Ordering::Relaxed) == self.page
+/// One set: its sequence word, the way a fill into the full set replaces next, the ways;
+/// in this order, so that a hit in the first two ways reads one cache line.
+#[derive(Debug, Default)]
+#[repr(C, align(128))]
+struct Set {
+    seq: AtomicU64,
+    victim: AtomicU32,
+    ways: [Way; WAYS],
+}
+
+impl Set {
+    /// The way holding `key`, read consistently: retried while a writer is inside. The
+    /// key's preferred way ([`Key::way`]) is compared first, so that a hit on a page filled
+    /// into it compares one way and takes a branch the CPU predicts; the others after.
+    #[inline]
+    fn find(&self, key: &Key) -> Option<(u64, u64)> {
+        let first = key.way();
+        loop {
+            let seq = self.seq.load(Ordering::Acquire);
+            if seq & 1 == 0 {
+                let matches = |w: &Way| {
+                    let tag = w.tag.load(Ordering::Relaxed);
+                    (tag & KEY_MASK == key.tag && w.page.load(Ordering::Relaxed) == key.page)
+                        .then(|| (tag, w.value.load(Ordering::Relaxed)))
+                };
+                let found = matches(&self.ways[first])
+                    .or_else(|| (1..WAYS).find_map(|i| matches(&self.ways[(first + i) % WAYS])));
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == seq {
+                    return found;
+                }
+            }
+            spin_loop();
+        }
+    }
+
+    /// Runs `write` with the set marked as being written. Writers hold the index lock.
+    fn write<R>(&self, write: impl FnOnce(&[Way; WAYS]) -> R) -> R {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let r = write(&self.ways);
+        self.seq.store(seq + 2, Ordering::Release);
+        r
+    }
+
+    /// The way of `key` if it holds it, else its preferred way if empty, else an empty
+    /// way, else the next victim.
+    fn slot(&self, ways: &[Way; WAYS], key: &Key) -> usize {
+        let tag = |i: usize| ways[i].tag.load(Ordering::Relaxed);
+        let first = key.way();
+        (0..WAYS)
+            .find(|&i| {
+                tag(i) & KEY_MASK == key.tag && ways[i].page.load(Ordering::Relaxed) == key.page
+            })
+            .or_else(|| (tag(first) == 0).then_some(first))
+            .or_else(|| (0..WAYS).find(|&i| tag(i) == 0))
+            .unwrap_or_else(|| {
+                let v = self.victim.load(Ordering::Relaxed);
+                self.victim.store(v.wrapping_add(1), Ordering::Relaxed);
+                v as usize % WAYS
+            })
     }
 }
 
@@ -374,38 +433,6 @@ struct KeyIndex {
     buckets: HashMap<(DomainId, u32), Bucket, FixedState>,
     /// Keys in all buckets.
     keys: usize,
-    /// Emptied buckets, kept with their lists' capacity for the next domain and PASID
-    /// filled: a fill after a global invalidation does not allocate.
-    spare: Vec<Bucket>,
-}
-
-/// Emptied buckets kept for reuse.
-const SPARE_BUCKETS: usize = 64;
-
-impl KeyIndex {
-    /// Keeps `bucket`, emptied, for reuse.
-    fn recycle(&mut self, bucket: Bucket) {
-        recycle(&mut self.spare, bucket);
-    }
-
-    /// Lists nothing; the map and the lists keep their capacity.
-    fn empty_buckets(&mut self) {
-        for (_, bucket) in self.buckets.drain() {
-            recycle(&mut self.spare, bucket);
-        }
-        self.keys = 0;
-    }
-}
-
-/// Keeps `bucket`, emptied, in `spare` unless it holds enough.
-fn recycle(spare: &mut Vec<Bucket>, mut bucket: Bucket) {
-    if spare.len() < SPARE_BUCKETS {
-        bucket.keys.clear();
-        bucket.rids.clear();
-        bucket.shifts = 0;
-        bucket.first_level = false;
-        spare.push(bucket);
-    }
 }
 
 /// What removal found for one key.
@@ -444,7 +471,7 @@ impl Pages {
 /// The IOTLB.
 #[derive(Debug)]
 pub struct Iotlb {
-    sets: SeqSets<3, WAYS>,
+    sets: Box<[Set]>,
     /// Keys by domain and PASID, for selective invalidation without a full scan. Every
     /// writer locks it: padded, so that the set table a hit reads is not on its cache line.
     index: CachePadded<Mutex<KeyIndex>>,
@@ -462,24 +489,14 @@ impl Iotlb {
     /// An IOTLB of `sets` sets (a power of two).
     fn with_sets(sets: usize) -> Self {
         Iotlb {
-            sets: SeqSets::new(sets),
+            sets: (0..sets).map(|_| Set::default()).collect(),
             index: CachePadded::default(),
             generation: AtomicU64::new(0),
         }
     }
 
-    fn set(&self, key: &Key) -> usize {
-        key.set(self.sets.mask())
-    }
-
-    /// The tag and value of the way holding `key`, read consistently.
-    #[inline(always)]
-    fn find(&self, key: &Key) -> Option<(u64, u64)> {
-        self.sets.find(self.set(key), key.way(), |w| {
-            let tag = w[TAG].load(Ordering::Relaxed);
-            (tag & KEY_MASK == key.tag && w[PAGE].load(Ordering::Relaxed) == key.page)
-                .then(|| (tag, w[VALUE].load(Ordering::Relaxed)))
-        })
+    fn set(&self, key: &Key) -> &Set {
+        &self.sets[key.set(self.sets.len() - 1)]
     }
 
     /// The cached translation covering `addr` for this requester and PASID, if any.
@@ -487,7 +504,7 @@ impl Iotlb {
     pub fn lookup(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<IotlbEntry> {
         for shift in PAGE_SHIFTS {
             let key = Key::new(sid, pasid, shift, addr);
-            if let Some((tag, value)) = self.find(&key) {
+            if let Some((tag, value)) = self.set(&key).find(&key) {
                 return Some(decode(tag, value));
             }
         }
@@ -519,18 +536,17 @@ impl Iotlb {
             return false;
         }
         let (tag, value) = encode(&key, &entry);
-        let listed = {
-            let w = self.sets.write(self.set(&key));
-            let way = w.slot(key.way(), |way| key.held_by(way));
-            let listed = w.tag(way) == tag && w.word(way, PAGE) == key.page;
-            w.put(way, [tag, key.page, value]);
+        let set = self.set(&key);
+        let listed = set.write(|ways| {
+            let w = &ways[set.slot(ways, &key)];
+            let listed =
+                w.tag.load(Ordering::Relaxed) == tag && w.page.load(Ordering::Relaxed) == key.page;
+            w.tag.store(tag, Ordering::Relaxed);
+            w.page.store(key.page, Ordering::Relaxed);
+            w.value.store(value, Ordering::Relaxed);
             listed
-        };
-        let index = &mut *index;
-        let bucket = index
-            .buckets
-            .entry((entry.did, pasid.raw()))
-            .or_insert_with(|| index.spare.pop().unwrap_or_default());
+        });
+        let bucket = index.buckets.entry((entry.did, pasid.raw())).or_default();
         if listed {
             // The key refilled in place: only the walk's kind may differ.
             bucket.first_level |= entry.kind.is_first_level();
@@ -538,8 +554,8 @@ impl Iotlb {
             bucket.list(key, entry.kind);
             index.keys += 1;
             // Stale keys are bounded: past four times the capacity, list only live ones.
-            if index.keys > 4 * (self.sets.mask() + 1) * WAYS {
-                self.rebuild(index);
+            if index.keys > 4 * self.sets.len() * WAYS {
+                self.rebuild(&mut index);
             }
         }
         true
@@ -547,20 +563,24 @@ impl Iotlb {
 
     /// Lists exactly the keys the table holds; the caller holds the index lock, so no set
     /// changes meanwhile.
-    fn rebuild(&self, index: &mut KeyIndex) {
-        index.empty_buckets();
-        for [tag, page, value] in self.sets.entries() {
-            let key = Key {
-                tag: tag & KEY_MASK,
-                page,
-            };
-            let e = decode(tag, value);
-            index
-                .buckets
-                .entry((e.did, key.pasid()))
-                .or_insert_with(|| index.spare.pop().unwrap_or_default())
-                .list(key, e.kind);
-            index.keys += 1;
+    fn rebuild(&self, index: &mut MutexGuard<'_, KeyIndex>) {
+        index.buckets.clear();
+        index.keys = 0;
+        for w in self.sets.iter().flat_map(|s| s.ways.iter()) {
+            let tag = w.tag.load(Ordering::Relaxed);
+            if tag != 0 {
+                let key = Key {
+                    tag: tag & KEY_MASK,
+                    page: w.page.load(Ordering::Relaxed),
+                };
+                let e = decode(tag, w.value.load(Ordering::Relaxed));
+                index
+                    .buckets
+                    .entry((e.did, key.pasid()))
+                    .or_default()
+                    .list(key, e.kind);
+                index.keys += 1;
+            }
         }
     }
 
@@ -572,20 +592,25 @@ impl Iotlb {
         key: &Key,
         select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> Found {
-        let Some((tag, value)) = self.find(key) else {
+        let set = self.set(key);
+        let found = set.ways.iter().find(|w| {
+            w.tag.load(Ordering::Relaxed) & KEY_MASK == key.tag
+                && w.page.load(Ordering::Relaxed) == key.page
+        });
+        let Some(w) = found else {
             return Found::Absent;
         };
-        let e = decode(tag, value);
+        let e = decode(
+            w.tag.load(Ordering::Relaxed),
+            w.value.load(Ordering::Relaxed),
+        );
         if e.did != did {
             return Found::Absent;
         }
         if !select(key, &e) {
             return Found::Kept(e.kind);
         }
-        let w = self.sets.write(self.set(key));
-        if let Some(way) = w.position(|way| key.held_by(way)) {
-            w.clear(way);
-        }
+        set.write(|_| w.tag.store(0, Ordering::Relaxed));
         Found::Removed
     }
 
@@ -670,21 +695,14 @@ impl Iotlb {
         }
         let mut removed = 0;
         let mut keys = 0;
-        let mut emptied = Vec::new();
         index.buckets.retain(|&(did, pasid), listed| {
             if bucket(did, pasid) {
                 removed += self.remove_from((did, pasid), listed, pages, &mut select);
             }
             keys += listed.keys.len();
-            if listed.keys.is_empty() {
-                emptied.push(std::mem::take(listed));
-            }
             !listed.keys.is_empty()
         });
         index.keys = keys;
-        for b in emptied {
-            index.recycle(b);
-        }
         removed
     }
 
@@ -707,9 +725,7 @@ impl Iotlb {
         let removed = self.remove_from(at, listed, pages, &mut select);
         let after = listed.keys.len();
         if after == 0 {
-            if let Some(b) = index.buckets.remove(&at) {
-                index.recycle(b);
-            }
+            index.buckets.remove(&at);
         }
         index.keys = index.keys - before + after;
         removed
@@ -719,8 +735,19 @@ impl Iotlb {
     pub fn invalidate_all(&self) -> usize {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let removed = self.sets.clear();
-        index.empty_buckets();
+        let mut removed = 0;
+        for set in self.sets.iter() {
+            set.write(|ways| {
+                for w in ways {
+                    if w.tag.load(Ordering::Relaxed) != 0 {
+                        w.tag.store(0, Ordering::Relaxed);
+                        removed += 1;
+                    }
+                }
+            });
+        }
+        index.buckets.clear();
+        index.keys = 0;
         removed
     }
 
@@ -773,7 +800,11 @@ impl Iotlb {
 
     /// Number of cached translations.
     pub fn len(&self) -> usize {
-        self.sets.len()
+        self.sets
+            .iter()
+            .flat_map(|s| s.ways.iter())
+            .filter(|w| w.tag.load(Ordering::Relaxed) != 0)
+            .count()
     }
 
     /// Whether nothing is cached.
@@ -1108,12 +1139,11 @@ mod tests {
                 entry(3, page << 12, 12, TranslationKind::Nested)
             ));
             let key = Key::new(sid(), p, 12, addr);
-            let set = key.set(t.sets.mask());
-            let way = t
-                .sets
-                .ways_of(set)
+            let set = key.set(t.sets.len() - 1);
+            let way = t.sets[set]
+                .ways
                 .iter()
-                .position(|w| w[PAGE].load(Ordering::Relaxed) == key.page)
+                .position(|w| w.page.load(Ordering::Relaxed) == key.page)
                 .unwrap();
             assert_eq!(way, key.way());
             sets.entry(set).or_default().push(way);
@@ -1237,16 +1267,17 @@ mod tests {
 
     /// Every way's tag, page and value.
     fn ways(t: &Iotlb) -> Vec<(u64, u64, u64)> {
-        (0..=t.sets.mask())
-            .flat_map(|s| t.sets.ways_of(s).iter())
+        t.sets
+            .iter()
+            .flat_map(|s| s.ways.iter())
             .map(|w| {
-                let tag = w[TAG].load(Ordering::Relaxed);
+                let tag = w.tag.load(Ordering::Relaxed);
                 let (page, value) = if tag == 0 {
                     (0, 0)
                 } else {
                     (
-                        w[PAGE].load(Ordering::Relaxed),
-                        w[VALUE].load(Ordering::Relaxed),
+                        w.page.load(Ordering::Relaxed),
+                        w.value.load(Ordering::Relaxed),
                     )
                 };
                 (tag, page, value)
@@ -1258,14 +1289,14 @@ mod tests {
     /// whole table that does not use the index.
     fn scan_remove(t: &Iotlb, select: impl Fn(&Key, &IotlbEntry) -> bool) -> usize {
         let mut removed = 0;
-        for w in (0..=t.sets.mask()).flat_map(|s| t.sets.ways_of(s).iter()) {
-            let tag = w[TAG].load(Ordering::Relaxed);
+        for w in t.sets.iter().flat_map(|s| s.ways.iter()) {
+            let tag = w.tag.load(Ordering::Relaxed);
             let key = Key {
                 tag: tag & KEY_MASK,
-                page: w[PAGE].load(Ordering::Relaxed),
+                page: w.page.load(Ordering::Relaxed),
             };
-            if tag != 0 && select(&key, &decode(tag, w[VALUE].load(Ordering::Relaxed))) {
-                w[TAG].store(0, Ordering::Relaxed);
+            if tag != 0 && select(&key, &decode(tag, w.value.load(Ordering::Relaxed))) {
+                w.tag.store(0, Ordering::Relaxed);
                 removed += 1;
             }
         }

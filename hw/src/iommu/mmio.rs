@@ -149,7 +149,7 @@ impl Iommu {
             recoverable: false,
         };
         let record = fault.record(access, address_type);
-        self.stats.faults.add(1);
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
         let (_, irq) = self
             .regs
             .lock()
@@ -178,7 +178,7 @@ impl Iommu {
         }
         let irq = regs.pq_advance_tail().ok().flatten();
         drop(regs);
-        self.stats.page_requests.add(1);
+        self.stats.page_requests.fetch_add(1, Ordering::Relaxed);
         irq.into_iter().for_each(|i| self.raise(i));
         true
     }

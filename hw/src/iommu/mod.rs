@@ -5,7 +5,6 @@
 //! descriptor removes it.
 
 mod cached_walk;
-mod entry_cache;
 mod explain;
 pub mod iotlb;
 mod mmio;
@@ -13,7 +12,6 @@ mod overtaken;
 mod port;
 pub mod pscache;
 mod qi;
-mod seqset;
 mod stale;
 #[cfg(test)]
 mod tests;
@@ -21,20 +19,19 @@ mod translate;
 
 use foldhash::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
 use vsva_vtd::{
-    addr::SourceId, flpte::FlFormat, flpte::InvalidAddressWidth, request::RootState,
-    root::Capabilities, slpte::SlFormat, walk::PageSize,
+    addr::SourceId, context::ScalableContextEntry, flpte::FlFormat, flpte::InvalidAddressWidth,
+    pasid::PasidEntry, request::RootState, root::Capabilities, slpte::SlFormat, walk::PageSize,
 };
 
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
-use entry_cache::EntryCaches;
 use iotlb::Iotlb;
 use overtaken::FillLog;
 use pscache::PagingStructureCaches;
@@ -70,53 +67,15 @@ impl Default for IommuConfig {
 #[derive(Debug, Default)]
 pub struct IommuStats {
     /// Page walks done after IOTLB misses.
-    pub walks: Counter,
+    pub walks: AtomicU64,
     /// Page-table entries read by those walks (first and second level).
-    pub table_reads: Counter,
+    pub table_reads: AtomicU64,
     /// Invalidation descriptors processed.
-    pub descriptors: Counter,
+    pub descriptors: AtomicU64,
     /// Faults handed to the fault recording registers.
-    pub faults: Counter,
+    pub faults: AtomicU64,
     /// Page requests queued.
-    pub page_requests: Counter,
-}
-
-/// Shards of a [`Counter`].
-const COUNTER_SHARDS: usize = 8;
-
-/// The shard of [`Counter`]s the calling thread adds to.
-fn counter_shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % COUNTER_SHARDS;
-    }
-    SHARD.with(|s| *s)
-}
-
-/// A counter of work that threads add to at once: one word per shard on a cache line of
-/// its own, each thread adding to its shard, so that a miss path counting its walk writes
-/// no cache line that other threads' misses write; read as the sum of the shards.
-#[derive(Default)]
-pub struct Counter {
-    shards: [CachePadded<AtomicU64>; COUNTER_SHARDS],
-}
-
-impl Counter {
-    /// The count (`order` applies to each shard's load).
-    pub fn load(&self, order: Ordering) -> u64 {
-        self.shards.iter().map(|s| s.load(order)).sum()
-    }
-
-    /// Counts `n` more.
-    pub(crate) fn add(&self, n: u64) {
-        self.shards[counter_shard()].fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-impl fmt::Debug for Counter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.load(Ordering::Relaxed))
-    }
+    pub page_requests: AtomicU64,
 }
 
 /// log2 of the page sizes a translation can have, smallest first: what a lookup by page
@@ -162,8 +121,11 @@ pub struct Iommu {
     root: CachePadded<AtomicU64>,
     irq_handler: RwLock<Option<InterruptHandler>>,
     endpoints: RwLock<HashMap<u16, Arc<dyn AtsEndpoint>>>,
-    /// The context cache and the PASID cache.
-    entries: EntryCaches,
+    context_cache: RwLock<HashMap<u16, ScalableContextEntry>>,
+    /// Counts context- and PASID-cache invalidations, so that an entry read before one
+    /// is not cached after it.
+    entry_generation: AtomicU64,
+    pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
     iotlb: Iotlb,
     paging_caches: PagingStructureCaches,
     stale: Mutex<Vec<StaleTranslation>>,
@@ -190,7 +152,9 @@ impl Iommu {
             root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),
-            entries: EntryCaches::default(),
+            context_cache: RwLock::default(),
+            entry_generation: AtomicU64::new(0),
+            pasid_cache: RwLock::default(),
             iotlb: Iotlb::default(),
             paging_caches: PagingStructureCaches::default(),
             stale: Mutex::default(),
@@ -294,7 +258,16 @@ impl Iommu {
 
     /// Number of cached context and PASID entries.
     pub fn cached_entries(&self) -> (usize, usize) {
-        self.entries.len()
+        (
+            self.context_cache
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            self.pasid_cache
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+        )
     }
 }
 

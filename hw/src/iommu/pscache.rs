@@ -13,32 +13,32 @@
 //!   the second level's rights, for first-level table pages and final output pages.
 //!
 //! Entries carry the spec's tags only, so requesters with the same domain id (and PASID)
-//! share them, as on hardware. Each cache is a sequence-locked set-associative table
-//! ([`SeqSets`]): a lookup writes nothing and takes no lock, a fill into a full set
-//! replaces one of its ways (hardware may drop entries at any time), and an invalidation
-//! looks up the keys a range names or scans the sets that hold entries. Lookups, fills and
-//! invalidations do not allocate.
+//! share them, as on hardware. Each cache is sharded by domain id, so that an invalidation
+//! locks one shard; a shard that fills up is emptied, as hardware may drop entries at any
+//! time. Lookups, fills and invalidations do not allocate once a shard has reached its
+//! capacity.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 
+use crossbeam_utils::CachePadded;
+use foldhash::fast::FixedState;
 use vsva_vtd::{
-    addr::DomainId, addr::Pasid, inv_desc::AddrRange, walk::AccessRequest, walk::FlRights,
-    walk::FlStart, walk::PageSize, walk::Permissions, walk::SlStart, walk::Translation,
+    addr::DomainId, addr::Pasid, inv_desc::AddrRange, walk::AccessRequest, walk::FlStart,
+    walk::PageSize, walk::Permissions, walk::SlStart, walk::Translation,
 };
 
-use super::seqset::{Generation, SeqSets};
 use super::PAGE_SHIFTS;
-use crate::sync::Ordering;
 
-/// Ways per set.
-const WAYS: usize = 3;
-/// Sets of each paging-structure cache.
-const TABLE_SETS: usize = 1024;
-/// Sets of the second-level mappings.
-const MAPPING_SETS: usize = 4096;
-/// Entries the second-level mappings hold at most.
-#[cfg(test)]
-const MAPPING_CAPACITY: usize = MAPPING_SETS * WAYS;
+/// Shards per cache: domain ids spread over them.
+const SHARDS: usize = 16;
+/// Entries per shard of a paging-structure cache.
+const TABLE_CAPACITY: usize = 1024;
+/// Entries per shard of the second-level mappings.
+const MAPPING_CAPACITY: usize = 4096;
 /// Paging levels whose non-leaf entries are cached: PDE (2) to PML5E (5).
 const CACHED_LEVELS: RangeInclusive<u8> = 2..=5;
 
@@ -53,11 +53,36 @@ fn blocks(first: u64, last: u64, shift: u32) -> (RangeInclusive<u64>, u64) {
     (a..=b, (b - a).saturating_add(1))
 }
 
+/// Which first-level caches a walk uses: the PASID entry's domain id and PASID, and whether
+/// the table addresses are guest physical (nested) or host physical (first level only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct FlTag {
     pub did: DomainId,
     pub pasid: Pasid,
     pub nested: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlKey {
+    tag: FlTag,
+    /// The level of the cached entry (2 = PDE).
+    level: u8,
+    /// The input address shifted right by the region the entry maps.
+    region: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SlKey {
+    did: DomainId,
+    level: u8,
+    region: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct MappingKey {
+    did: DomainId,
+    shift: u8,
+    page: u64,
 }
 
 /// A second-level mapping of one guest physical page, as a nested walk caches it.
@@ -106,153 +131,122 @@ impl SlMapping {
     }
 }
 
-/// Tag bits: domain id in 15:0, PASID in 35:16, nested in 36, level (or page shift) in
-/// 47:40, valid in 63.
-const VALID: u64 = 1 << 63;
-const PASID_SHIFT: u32 = 16;
-const NESTED: u64 = 1 << 36;
-const LEVEL_SHIFT: u32 = 40;
+/// Counts invalidations, so that a walk that began before one does not fill the caches
+/// after it: an invalidation's completion covers the walks in flight when it began. The
+/// count is advanced under the shard lock an invalidation takes, and a fill checks it under
+/// the lock of the shard it fills.
+#[derive(Debug, Default)]
+struct Generation(AtomicU64);
 
-/// The words of a way: tag, region (input address shifted right by the span of the
-/// entry), the table or output address, its flags.
-const TAG: usize = 0;
-const REGION: usize = 1;
-const ADDR: usize = 2;
-const FLAGS: usize = 3;
-
-fn tag_did(tag: u64) -> DomainId {
-    DomainId(tag as u16)
-}
-
-fn tag_pasid(tag: u64) -> u32 {
-    (tag >> PASID_SHIFT) as u32 & 0xf_ffff
-}
-
-fn tag_level(tag: u64) -> u8 {
-    (tag >> LEVEL_SHIFT) as u8
-}
-
-fn fl_tag(tag: FlTag, level: u8) -> u64 {
-    VALID
-        | tag.did.0 as u64
-        | (tag.pasid.raw() as u64) << PASID_SHIFT
-        | if tag.nested { NESTED } else { 0 }
-        | (level as u64) << LEVEL_SHIFT
-}
-
-/// The tag of a second-level entry at `level`, or of a mapping of 2^`level`-byte pages.
-fn did_tag(did: DomainId, level: u8) -> u64 {
-    VALID | did.0 as u64 | (level as u64) << LEVEL_SHIFT
-}
-
-fn bit(on: bool, n: u32) -> u64 {
-    (on as u64) << n
-}
-
-fn perms_bits(p: Permissions) -> u64 {
-    bit(p.read, 8) | bit(p.write, 9) | bit(p.execute, 10) | bit(p.user, 11)
-}
-
-fn perms_of(flags: u64) -> Permissions {
-    Permissions {
-        read: flags & 1 << 8 != 0,
-        write: flags & 1 << 9 != 0,
-        execute: flags & 1 << 10 != 0,
-        user: flags & 1 << 11 != 0,
+impl Generation {
+    fn advance(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
     }
 }
 
-/// One cache of the paging-structure caches: entries of four words, by tag and region.
+type Shard<K, V> = CachePadded<RwLock<HashMap<K, V, FixedState>>>;
+
+/// One cache, sharded by domain id.
 #[derive(Debug)]
-struct Cache {
-    sets: SeqSets<4, WAYS>,
+struct ByDomain<K, V> {
+    shards: Box<[Shard<K, V>]>,
+    capacity: usize,
 }
 
-impl Cache {
-    fn new(sets: usize) -> Self {
-        Cache {
-            sets: SeqSets::new(sets),
+impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
+    fn new(capacity: usize) -> Self {
+        ByDomain {
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(RwLock::default()))
+                .collect(),
+            capacity,
         }
     }
 
-    /// The set of a key: the region's low bits, offset by a hash of the tag, so that
-    /// contiguous regions of one address space take consecutive sets.
-    fn set(&self, tag: u64, region: u64) -> usize {
-        (region ^ (tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32)) as usize & self.sets.mask()
+    fn shard(&self, did: DomainId) -> &RwLock<HashMap<K, V, FixedState>> {
+        &self.shards[did.0 as usize % SHARDS]
     }
 
-    fn find(&self, tag: u64, region: u64) -> Option<(u64, u64)> {
-        self.sets.find(self.set(tag, region), 0, |w| {
-            (w[TAG].load(Ordering::Relaxed) == tag && w[REGION].load(Ordering::Relaxed) == region)
-                .then(|| {
-                    (
-                        w[ADDR].load(Ordering::Relaxed),
-                        w[FLAGS].load(Ordering::Relaxed),
-                    )
-                })
-        })
+    /// The first of `keys` that is cached.
+    fn find(&self, did: DomainId, keys: impl IntoIterator<Item = K>) -> Option<V> {
+        let shard = self
+            .shard(did)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.into_iter().find_map(|k| shard.get(&k).copied())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fill(
+    /// Caches each of `values` under its key (`key_of`) unless an invalidation ran since
+    /// `fill` (a [`Generation`] value). The values are read in place from the slice: an
+    /// iterator of `(key, value)` pairs was copied through the stack piecewise (its `Option`
+    /// niche sits in the value's flags), and the reload of each pair stalled on the
+    /// partial stores (store-to-load forwarding), more than half of a fill's time.
+    fn insert(
         &self,
         generation: &Generation,
         fill: u64,
-        tag: u64,
-        region: u64,
-        addr: u64,
-        flags: u64,
+        did: DomainId,
+        values: &[V],
+        key_of: impl Fn(&V) -> K,
     ) {
-        self.sets.fill(
-            generation,
-            fill,
-            self.set(tag, region),
-            0,
-            |w| {
-                w[TAG].load(Ordering::Relaxed) == tag && w[REGION].load(Ordering::Relaxed) == region
-            },
-            [tag, region, addr, flags],
-        );
-    }
-
-    /// Removes the entries `select` accepts (by tag and region): by looking up the `count`
-    /// `candidates` when they are no more than the ways of the sets holding entries, else
-    /// by a scan of those sets. The caller advanced the generation.
-    fn remove<I: Iterator<Item = (u64, u64)>>(
-        &self,
-        count: u64,
-        candidates: impl FnOnce() -> I,
-        select: impl Fn(u64, u64) -> bool,
-    ) {
-        if count <= (self.sets.occupied_sets() * WAYS) as u64 {
-            for (tag, region) in candidates() {
-                if select(tag, region) && self.find(tag, region).is_some() {
-                    let w = self.sets.write(self.set(tag, region));
-                    let held = w.position(|w| {
-                        w[TAG].load(Ordering::Relaxed) == tag
-                            && w[REGION].load(Ordering::Relaxed) == region
-                    });
-                    if let Some(way) = held {
-                        w.clear(way);
-                    }
-                }
+        let mut shard = self
+            .shard(did)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if generation.0.load(Ordering::Acquire) != fill {
+            return;
+        }
+        if shard.capacity() < self.capacity {
+            shard.reserve(self.capacity);
+        }
+        for value in values {
+            let key = key_of(value);
+            if shard.len() >= self.capacity && !shard.contains_key(&key) {
+                shard.clear();
             }
-        } else {
-            for set in self.sets.occupied() {
-                let w = self.sets.write(set);
-                for way in 0..WAYS {
-                    let tag = w.tag(way);
-                    if tag != 0 && select(tag, w.word(way, REGION)) {
-                        w.clear(way);
-                    }
-                }
-            }
+            shard.insert(key, *value);
         }
     }
 
-    /// Removes every entry whose tag `select` accepts.
-    fn remove_tags(&self, select: impl Fn(u64) -> bool) {
-        self.remove(u64::MAX, std::iter::empty, |tag, _| select(tag));
+    /// Removes the entries of `did`'s shard that `select` accepts: key by key when the
+    /// `count` candidate keys are fewer than the entries, else by a scan.
+    fn remove<I: Iterator<Item = K>>(
+        &self,
+        generation: &Generation,
+        did: DomainId,
+        count: u64,
+        candidates: impl FnOnce() -> I,
+        select: impl Fn(&K) -> bool,
+    ) {
+        let mut shard = self
+            .shard(did)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        generation.advance();
+        if count < shard.len() as u64 {
+            for key in candidates() {
+                if select(&key) {
+                    shard.remove(&key);
+                }
+            }
+        } else {
+            shard.retain(|k, _| !select(k));
+        }
+    }
+
+    fn clear(&self, generation: &Generation) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            generation.advance();
+            shard.clear();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
     }
 }
 
@@ -270,21 +264,18 @@ pub struct CachedTables {
 /// The paging-structure caches of one IOMMU and the second-level mappings of nested walks.
 #[derive(Debug)]
 pub struct PagingStructureCaches {
-    first_level: Cache,
-    second_level: Cache,
-    mappings: Cache,
-    /// Counts invalidations, so that a walk that began before one does not fill the
-    /// caches after it: an invalidation's completion covers the walks in flight when it
-    /// began.
+    first_level: ByDomain<FlKey, FlStart>,
+    second_level: ByDomain<SlKey, SlStart>,
+    mappings: ByDomain<MappingKey, SlMapping>,
     generation: Generation,
 }
 
 impl Default for PagingStructureCaches {
     fn default() -> Self {
         PagingStructureCaches {
-            first_level: Cache::new(TABLE_SETS),
-            second_level: Cache::new(TABLE_SETS),
-            mappings: Cache::new(MAPPING_SETS),
+            first_level: ByDomain::new(TABLE_CAPACITY),
+            second_level: ByDomain::new(TABLE_CAPACITY),
+            mappings: ByDomain::new(MAPPING_CAPACITY),
             generation: Generation::default(),
         }
     }
@@ -294,119 +285,101 @@ impl PagingStructureCaches {
     /// Starts a walk: what it reads may fill the caches only if no invalidation runs
     /// before the fill.
     pub(crate) fn begin_fill(&self) -> u64 {
-        self.generation.begin()
+        self.generation.0.load(Ordering::Acquire)
     }
 
     /// The deepest cached first-level table for `input` below a `top`-level root.
     pub(crate) fn first_level_start(&self, tag: FlTag, input: u64, top: u8) -> Option<FlStart> {
-        (2..=top).find_map(|level| {
-            let (table, flags) = self
-                .first_level
-                .find(fl_tag(tag, level), input >> span_shift(level))?;
-            Some(FlStart {
-                level: level - 1,
-                table,
-                rights: FlRights {
-                    user: flags & 1 << 8 != 0,
-                    writable: flags & 1 << 9 != 0,
-                    execute_disable: flags & 1 << 10 != 0,
-                },
-            })
-        })
+        let keys = (2..=top).map(|level| FlKey {
+            tag,
+            level,
+            region: input >> span_shift(level),
+        });
+        self.first_level.find(tag.did, keys)
     }
 
     /// Caches the first-level tables a walk of `input` went down to: each start with the
     /// level of the entry that pointed to it.
     pub(crate) fn fill_first_level(&self, fill: u64, tag: FlTag, input: u64, starts: &[FlStart]) {
-        for s in starts {
-            let level = s.level + 1;
-            let r = s.rights;
-            let flags = bit(r.user, 8) | bit(r.writable, 9) | bit(r.execute_disable, 10);
-            self.first_level.fill(
-                &self.generation,
-                fill,
-                fl_tag(tag, level),
-                input >> span_shift(level),
-                s.table,
-                flags,
-            );
-        }
+        self.first_level
+            .insert(&self.generation, fill, tag.did, starts, |s| {
+                let level = s.level + 1;
+                FlKey {
+                    tag,
+                    level,
+                    region: input >> span_shift(level),
+                }
+            });
     }
 
     /// The deepest cached second-level table for `gpa` below a `top`-level root.
     pub(crate) fn second_level_start(&self, did: DomainId, gpa: u64, top: u8) -> Option<SlStart> {
-        (2..=top).find_map(|level| {
-            let (table, flags) = self
-                .second_level
-                .find(did_tag(did, level), gpa >> span_shift(level))?;
-            Some(SlStart {
-                level: level - 1,
-                table,
-                rights: perms_of(flags),
-            })
-        })
+        let keys = (2..=top).map(|level| SlKey {
+            did,
+            level,
+            region: gpa >> span_shift(level),
+        });
+        self.second_level.find(did, keys)
     }
 
     /// Caches the second-level tables a walk of `gpa` went down to.
     pub(crate) fn fill_second_level(&self, fill: u64, did: DomainId, gpa: u64, starts: &[SlStart]) {
-        for s in starts {
-            let level = s.level + 1;
-            self.second_level.fill(
-                &self.generation,
-                fill,
-                did_tag(did, level),
-                gpa >> span_shift(level),
-                s.table,
-                perms_bits(s.rights),
-            );
-        }
+        self.second_level
+            .insert(&self.generation, fill, did, starts, |s| {
+                let level = s.level + 1;
+                SlKey {
+                    did,
+                    level,
+                    region: gpa >> span_shift(level),
+                }
+            });
     }
 
     /// The cached second-level mapping of the page holding `gpa`.
     pub(crate) fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
-        PageSize::ALL.into_iter().find_map(|size| {
-            let shift = size.shift();
-            let (output, flags) = self
-                .mappings
-                .find(did_tag(did, shift as u8), gpa >> shift)?;
-            Some(SlMapping {
-                output,
-                size,
-                perms: perms_of(flags),
-                dirty: flags & 1 != 0,
-            })
-        })
+        let keys = PAGE_SHIFTS.map(|shift| MappingKey {
+            did,
+            shift,
+            page: gpa >> shift,
+        });
+        self.mappings.find(did, keys)
     }
 
     /// Caches the second-level mapping of the page holding `gpa`.
     pub(crate) fn insert_mapping(&self, fill: u64, did: DomainId, gpa: u64, mapping: SlMapping) {
-        let shift = mapping.size.shift();
-        self.mappings.fill(
-            &self.generation,
-            fill,
-            did_tag(did, shift as u8),
-            gpa >> shift,
-            mapping.output,
-            perms_bits(mapping.perms) | mapping.dirty as u64,
-        );
+        let shift = mapping.size.shift() as u8;
+        let key = MappingKey {
+            did,
+            shift,
+            page: gpa >> shift,
+        };
+        self.mappings
+            .insert(&self.generation, fill, did, &[mapping], |_| key);
     }
 
     /// Global IOTLB invalidation (§6.5.2.3): every paging-structure-cache entry and every
     /// cached second-level mapping is removed.
     pub fn invalidate_all(&self) {
-        self.generation.advance();
-        self.first_level.sets.clear();
-        self.second_level.sets.clear();
-        self.mappings.sets.clear();
+        self.first_level.clear(&self.generation);
+        self.second_level.clear(&self.generation);
+        self.mappings.clear(&self.generation);
     }
 
     /// Domain-selective IOTLB invalidation (§6.5.2.3): the entries caching first-level,
     /// second-level and nested mappings of `did` are removed, whatever their PASID.
     pub fn invalidate_domain(&self, did: DomainId) {
-        self.generation.advance();
-        for cache in [&self.first_level, &self.second_level, &self.mappings] {
-            cache.remove_tags(|tag| tag_did(tag) == did);
-        }
+        self.first_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.tag.did == did
+            });
+        self.second_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.did == did
+            });
+        self.mappings
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.did == did
+            });
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3) of `range`, a
@@ -421,8 +394,10 @@ impl PagingStructureCaches {
     ///   whatever the address, since a second-level input address cannot select them.
     pub fn invalidate_domain_range(&self, did: DomainId, range: AddrRange, ih: bool) {
         let (addr, last) = (range.start, range.last);
-        self.generation.advance();
-        self.first_level.remove_tags(|tag| tag_did(tag) == did);
+        self.first_level
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.tag.did == did
+            });
         if !ih {
             let count = CACHED_LEVELS
                 .map(|l| blocks(addr, last, span_shift(l)).1)
@@ -430,12 +405,13 @@ impl PagingStructureCaches {
             let candidates = || {
                 CACHED_LEVELS.flat_map(|level| {
                     let (regions, _) = blocks(addr, last, span_shift(level));
-                    regions.map(move |region| (did_tag(did, level), region))
+                    regions.map(move |region| SlKey { did, level, region })
                 })
             };
-            self.second_level.remove(count, candidates, |tag, region| {
-                tag_did(tag) == did && region_meets(region, span_shift(tag_level(tag)), addr, last)
-            });
+            self.second_level
+                .remove(&self.generation, did, count, candidates, |k| {
+                    k.did == did && region_meets(k.region, span_shift(k.level), addr, last)
+                });
         }
         let count = PAGE_SHIFTS
             .iter()
@@ -444,12 +420,13 @@ impl PagingStructureCaches {
         let candidates = || {
             PAGE_SHIFTS.iter().flat_map(|&shift| {
                 let (pages, _) = blocks(addr, last, shift as u32);
-                pages.map(move |page| (did_tag(did, shift), page))
+                pages.map(move |page| MappingKey { did, shift, page })
             })
         };
-        self.mappings.remove(count, candidates, |tag, page| {
-            tag_did(tag) == did && region_meets(page, tag_level(tag) as u32, addr, last)
-        });
+        self.mappings
+            .remove(&self.generation, did, count, candidates, |k| {
+                k.did == did && region_meets(k.page, k.shift as u32, addr, last)
+            });
     }
 
     /// PASID-selective PASID-based-IOTLB invalidation (§6.5.2.4): the first-level
@@ -457,9 +434,10 @@ impl PagingStructureCaches {
     /// Second-level paging-structure entries and second-level mappings carry no PASID and
     /// stay.
     pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) {
-        self.generation.advance();
         self.first_level
-            .remove_tags(|tag| tag_did(tag) == did && tag_pasid(tag) == pasid.raw());
+            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
+                k.tag.did == did && k.tag.pasid == pasid
+            });
     }
 
     /// Page-selective-within-PASID PASID-based-IOTLB invalidation (§6.5.2.4) of `range`, a
@@ -472,7 +450,6 @@ impl PagingStructureCaches {
         if ih {
             return;
         }
-        self.generation.advance();
         let count = CACHED_LEVELS
             .map(|l| blocks(addr, last, span_shift(l)).1.saturating_mul(2))
             .fold(0u64, u64::saturating_add);
@@ -480,24 +457,28 @@ impl PagingStructureCaches {
             CACHED_LEVELS.flat_map(|level| {
                 let (regions, _) = blocks(addr, last, span_shift(level));
                 regions.flat_map(move |region| {
-                    [false, true]
-                        .map(|nested| (fl_tag(FlTag { did, pasid, nested }, level), region))
+                    [false, true].map(|nested| FlKey {
+                        tag: FlTag { did, pasid, nested },
+                        level,
+                        region,
+                    })
                 })
             })
         };
-        self.first_level.remove(count, candidates, |tag, region| {
-            tag_did(tag) == did
-                && tag_pasid(tag) == pasid.raw()
-                && region_meets(region, span_shift(tag_level(tag)), addr, last)
-        });
+        self.first_level
+            .remove(&self.generation, did, count, candidates, |k| {
+                k.tag.did == did
+                    && k.tag.pasid == pasid
+                    && region_meets(k.region, span_shift(k.level), addr, last)
+            });
     }
 
     /// How many entries each cache holds.
     pub fn len(&self) -> CachedTables {
         CachedTables {
-            first_level: self.first_level.sets.len(),
-            second_level: self.second_level.sets.len(),
-            nested_mappings: self.mappings.sets.len(),
+            first_level: self.first_level.len(),
+            second_level: self.second_level.len(),
+            nested_mappings: self.mappings.len(),
         }
     }
 
@@ -515,7 +496,7 @@ fn region_meets(index: u64, shift: u32, first: u64, last: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use vsva_vtd::walk::FlRights;
 
     const D1: DomainId = DomainId(1);
     const D2: DomainId = DomainId(2);
@@ -764,128 +745,6 @@ mod tests {
         }
         assert!(c.len().nested_mappings <= MAPPING_CAPACITY);
         assert_eq!(c.mapping(D1, (MAPPING_CAPACITY as u64 + 9) << 12), Some(m));
-    }
-
-    /// An IOTLB or PASID-based-IOTLB invalidation of the paging-structure caches.
-    #[derive(Clone, Debug)]
-    enum Inv {
-        All,
-        Domain(DomainId),
-        DomainRange(DomainId, u64, bool),
-        Pasid(DomainId, u32),
-        PasidRange(DomainId, u32, u64, bool),
-    }
-
-    impl Inv {
-        fn run(&self, c: &PagingStructureCaches) {
-            match *self {
-                Inv::All => c.invalidate_all(),
-                Inv::Domain(did) => c.invalidate_domain(did),
-                Inv::DomainRange(did, a, ih) => c.invalidate_domain_range(did, range(a, MB), ih),
-                Inv::Pasid(did, p) => c.invalidate_pasid(did, pasid(p)),
-                Inv::PasidRange(did, p, a, ih) => {
-                    c.invalidate_pasid_range(did, pasid(p), range(a, MB), ih)
-                }
-            }
-        }
-
-        /// Whether the first-level entry of `t` at `level` for `input` is removed.
-        fn covers_fl(&self, t: FlTag, level: u8, input: u64) -> bool {
-            let meets =
-                |a: u64| region_meets(input >> span_shift(level), span_shift(level), a, a + MB - 1);
-            match *self {
-                Inv::All => true,
-                Inv::Domain(did) | Inv::DomainRange(did, _, _) => t.did == did,
-                Inv::Pasid(did, p) => t.did == did && t.pasid == pasid(p),
-                Inv::PasidRange(did, p, a, ih) => {
-                    !ih && t.did == did && t.pasid == pasid(p) && meets(a)
-                }
-            }
-        }
-
-        /// Whether the second-level entry of `did` at `level` for `gpa` is removed.
-        fn covers_sl(&self, did: DomainId, level: u8, gpa: u64) -> bool {
-            match *self {
-                Inv::All => true,
-                Inv::Domain(d) => d == did,
-                Inv::DomainRange(d, a, ih) => {
-                    !ih && d == did
-                        && region_meets(gpa >> span_shift(level), span_shift(level), a, a + MB - 1)
-                }
-                Inv::Pasid(..) | Inv::PasidRange(..) => false,
-            }
-        }
-
-        /// Whether the mapping of `did` of a page of 2^`shift` bytes at `gpa` is removed.
-        fn covers_mapping(&self, did: DomainId, shift: u32, gpa: u64) -> bool {
-            match *self {
-                Inv::All => true,
-                Inv::Domain(d) => d == did,
-                Inv::DomainRange(d, a, _) => {
-                    d == did && region_meets(gpa >> shift, shift, a, a + MB - 1)
-                }
-                Inv::Pasid(..) | Inv::PasidRange(..) => false,
-            }
-        }
-    }
-
-    fn did() -> impl Strategy<Value = DomainId> {
-        (1u16..3).prop_map(DomainId)
-    }
-
-    /// Addresses in a 1-GiB window, in 1-MiB steps.
-    fn addr() -> impl Strategy<Value = u64> {
-        (0u64..1024).prop_map(|mb| GPA + mb * MB)
-    }
-
-    fn inv() -> impl Strategy<Value = Inv> {
-        prop_oneof![
-            Just(Inv::All),
-            did().prop_map(Inv::Domain),
-            (did(), addr(), any::<bool>()).prop_map(|(d, a, ih)| Inv::DomainRange(d, a, ih)),
-            (did(), 1u32..3).prop_map(|(d, p)| Inv::Pasid(d, p)),
-            (did(), 1u32..3, addr(), any::<bool>())
-                .prop_map(|(d, p, a, ih)| Inv::PasidRange(d, p, a, ih)),
-        ]
-    }
-
-    proptest::proptest! {
-        /// A lookup after a fill finds the entry filled; after an invalidation that covers
-        /// it (§6.5.2.3, §6.5.2.4), never.
-        #[test]
-        fn lookups_see_fills_until_a_covering_invalidation(
-            fills in proptest::collection::vec((did(), 1u32..3, any::<bool>(), addr()), 1..48),
-            inv in inv(),
-        ) {
-            let c = PagingStructureCaches::default();
-            let big = mapping(0x4000_0000, PageSize::Size2M, true, true);
-            for &(did, p, nested, a) in &fills {
-                let t = tag(did, p, nested);
-                fill_fl(&c, t, a);
-                proptest::prop_assert_eq!(c.first_level_start(t, a, 4), Some(fl(1, 0x1000)));
-                fill_sl(&c, did, a);
-                proptest::prop_assert_eq!(c.second_level_start(did, a, 4), Some(sl(1, 0xc000)));
-                insert_mapping(&c, did, a, big);
-                proptest::prop_assert_eq!(c.mapping(did, a), Some(big));
-            }
-            inv.run(&c);
-            for &(did, p, nested, a) in &fills {
-                let t = tag(did, p, nested);
-                for level in 2..=4u8 {
-                    let cached = c.first_level.find(fl_tag(t, level), a >> span_shift(level));
-                    if inv.covers_fl(t, level, a) {
-                        proptest::prop_assert_eq!(cached, None);
-                    }
-                    let cached = c.second_level.find(did_tag(did, level), a >> span_shift(level));
-                    if inv.covers_sl(did, level, a) {
-                        proptest::prop_assert_eq!(cached, None);
-                    }
-                }
-                if inv.covers_mapping(did, 21, a) {
-                    proptest::prop_assert_eq!(c.mapping(did, a), None);
-                }
-            }
-        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! IOTLB invalidations reach the paging-structure caches too; their rules are in
 //! [`PagingStructureCaches`](super::pscache::PagingStructureCaches).
 
+use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 use vsva_mem::MemError;
 
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
@@ -17,7 +19,7 @@ use crate::memory::HostMemory;
 impl Iommu {
     /// Carries out one invalidation descriptor.
     pub(crate) fn execute(&self, desc: &InvDesc) -> Result<Completion, MemError> {
-        self.stats.descriptors.add(1);
+        self.stats.descriptors.fetch_add(1, Ordering::Relaxed);
         if matches!(desc, InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. }) {
             self.note_iotlb_invalidation(desc);
         }
@@ -41,9 +43,13 @@ impl InvalidationUnit for Invalidated<'_> {
         sid: SourceId,
         fm: u8,
     ) {
-        self.0
-            .entries
-            .invalidate_contexts(|rid| granularity.covers(sid, fm, SourceId::from_rid(rid)));
+        let unit = self.0;
+        let mut cache = unit
+            .context_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
     }
 
     fn invalidate_pasid_cache(
@@ -52,13 +58,19 @@ impl InvalidationUnit for Invalidated<'_> {
         did: DomainId,
         pasid: Pasid,
     ) {
-        self.0
-            .entries
-            .invalidate_pasid_entries(|p, d| match granularity {
-                PasidCacheGranularity::Global => true,
-                PasidCacheGranularity::DomainSelective => d == did,
-                PasidCacheGranularity::PasidSelective => d == did && p == pasid.raw(),
-            });
+        let unit = self.0;
+        let mut cache = unit
+            .pasid_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
+        match granularity {
+            PasidCacheGranularity::Global => cache.clear(),
+            PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
+            PasidCacheGranularity::PasidSelective => {
+                cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
+            }
+        }
     }
 
     fn invalidate_iotlb(&mut self, inv: IotlbInvalidation) {

@@ -130,7 +130,12 @@ impl Iommu {
         if now == Ok((cached.output, cached.page_shift)) {
             return;
         }
-        let cached_pe = self.entries.pasid_entry(req.sid.rid(), req.eff.raw());
+        let cached_pe = self
+            .pasid_cache
+            .read()
+            .unwrap()
+            .get(&(req.sid.rid(), req.eff.raw()))
+            .copied();
         let entry_changed = match (&lookup, cached_pe) {
             (Ok(l), Some(pe)) => l.entry != pe,
             _ => true,

@@ -12,6 +12,7 @@ use vsva_vtd::{
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use {vsva_mem::MemError, vsva_mem::PhysMem};
 
@@ -241,28 +242,47 @@ impl RemappingUnit for Iommu {
     }
 
     fn entry_fill(&self) -> u64 {
-        self.entries.begin_fill()
+        self.entry_generation.load(Ordering::Acquire)
     }
 
     fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
-        self.entries.context(sid.rid())
+        self.context_cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&sid.rid())
+            .copied()
     }
 
     /// An entry read while a context- or PASID-cache invalidation ran is used but not
     /// cached.
     fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
-        self.entries.fill_context(fill, sid.rid(), &ctx);
+        let mut cache = self
+            .context_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.entry_generation.load(Ordering::Acquire) == fill {
+            cache.insert(sid.rid(), ctx);
+        }
     }
 
     fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
-        self.entries.pasid_entry(sid.rid(), pasid.raw())
+        self.pasid_cache
+            .read()
+            .unwrap()
+            .get(&(sid.rid(), pasid.raw()))
+            .copied()
     }
 
     /// An entry read afresh retags the IOTLB for its domain.
     fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
         self.iotlb.retag(sid, pasid, pe.did);
-        self.entries
-            .fill_pasid_entry(fill, sid.rid(), pasid.raw(), &pe);
+        let mut cache = self
+            .pasid_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.entry_generation.load(Ordering::Acquire) == fill {
+            cache.insert((sid.rid(), pasid.raw()), pe);
+        }
     }
 
     /// Through the paging-structure caches; counts the walk and the entries it read. In
@@ -282,8 +302,10 @@ impl RemappingUnit for Iommu {
         };
         let mut used = CacheUse::default();
         let walked = self.walk_cached(&mem, fill.paging, pe, pasid, req.addr, access, &mut used);
-        self.stats.walks.add(1);
-        self.stats.table_reads.add(mem.reads.get());
+        self.stats.walks.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .table_reads
+            .fetch_add(mem.reads.get(), Ordering::Relaxed);
         if let Ok(t) = &walked {
             if self.strict() && used.any() {
                 let checked = CheckedRequest {
