@@ -8,7 +8,9 @@ use vsva_mem::PhysMem;
 
 use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::regs::{AddressType, Interrupt, Iqei, RegEffect, RegError, Ttm, VcmdResponse};
+use vsva_vtd::regs::{
+    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegError, Ttm, VcmdResponse,
+};
 use vsva_vtd::{
     addr::Pasid, addr::SourceId, fault::FaultReason, request::RootState, request::TranslationFault,
     walk::AccessRequest,
@@ -74,60 +76,70 @@ impl Iommu {
     /// the invalidation queue error (IQE) set and IQH left on it.
     ///
     /// One thread drains at a time; a thread that finds another draining leaves the new
-    /// descriptors to it, and the drainer looks again after letting go, so none is missed.
+    /// descriptors to it. The register lock is taken once to see what is queued and once
+    /// to move IQH past what was carried out (and to look for more); the drainer lets the
+    /// drain go while it still holds the register lock, so a tail written after its last
+    /// look finds the drain free, and none is missed.
     fn process_invalidation_queue(&self) {
+        let Ok(draining) = self.qi_lock.try_lock() else {
+            return;
+        };
+        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            let Ok(guard) = self.qi_lock.try_lock() else {
+            let queued = regs.next_inv_desc().and(regs.inv_queue());
+            let Some(queue) = queued else {
+                drop(draining);
                 return;
             };
-            self.drain_invalidation_queue();
-            drop(guard);
-            if self
-                .regs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .next_inv_desc()
-                .is_none()
-            {
+            let scalable = regs.root_table().ttm == Ttm::Scalable;
+            drop(regs);
+            let (done, error) = self.drain_invalidation_queue(queue, scalable);
+            regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+            // Fails only if a register write meanwhile stopped the queue (IQE, QI
+            // disabled): IQH then stays, as the error requires.
+            for _ in 0..done {
+                if regs.advance_iqh().is_err() {
+                    break;
+                }
+            }
+            if let Some(iqei) = error {
+                let irq = regs.set_iqe(iqei);
+                drop(draining);
+                drop(regs);
+                irq.into_iter().for_each(|i| self.raise(i));
                 return;
             }
         }
     }
 
-    fn drain_invalidation_queue(&self) {
-        loop {
-            let (addr, width, scalable) = {
-                let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(addr) = regs.next_inv_desc() else {
-                    return;
-                };
-                let width = regs.inv_queue().map_or(32, |q| q.desc_size);
-                (addr, width, regs.root_table().ttm == Ttm::Scalable)
-            };
-            let result = invalidation::fetch(&*self.mem, addr, width, scalable);
-            let completion =
-                result.and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
-            let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
-            let irq = match completion {
-                Err(iqei) => {
-                    let irq = regs.set_iqe(iqei);
-                    drop(regs);
+    /// Carries out the descriptors `queue` holds from its head up to its tail, without
+    /// the register lock; the number carried out, and the error that stopped the drain at
+    /// the next one.
+    fn drain_invalidation_queue(&self, queue: InvQueue, scalable: bool) -> (u64, Option<Iqei>) {
+        let pending = queue
+            .tail
+            .wrapping_add(queue.entries)
+            .wrapping_sub(queue.head)
+            % queue.entries;
+        for done in 0..pending {
+            let slot = queue.head.wrapping_add(done) % queue.entries;
+            let addr = queue.base + slot * queue.desc_size;
+            let completion = invalidation::fetch(&*self.mem, addr, queue.desc_size, scalable)
+                .and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
+            match completion {
+                Err(iqei) => return (done, Some(iqei)),
+                Ok(Completion::WaitInterrupt) => {
+                    let irq = self
+                        .regs
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .set_iwc();
                     irq.into_iter().for_each(|i| self.raise(i));
-                    return;
                 }
-                Ok(done) => {
-                    let irq = (done == Completion::WaitInterrupt)
-                        .then(|| regs.set_iwc())
-                        .flatten();
-                    if regs.advance_iqh().is_err() {
-                        return;
-                    }
-                    irq
-                }
-            };
-            drop(regs);
-            irq.into_iter().for_each(|i| self.raise(i));
+                Ok(_) => {}
+            }
         }
+        (pending, None)
     }
 
     /// Records a non-recoverable fault in the fault recording registers (§7.2.1).

@@ -607,6 +607,75 @@ fn an_invalid_descriptor_stops_the_queue_with_iqe() {
     );
 }
 
+/// A wait descriptor writing `marker` to `addr`.
+fn status_wait(addr: u64, marker: u32) -> InvDesc {
+    InvDesc::InvWait {
+        sw: true,
+        interrupt: false,
+        fence: false,
+        pd: false,
+        status_data: marker,
+        status_addr: addr,
+    }
+}
+
+#[test]
+fn one_tail_write_drains_a_wrapping_batch_up_to_the_first_bad_descriptor() {
+    let mut rig = Rig::new(false);
+    // Move IQH and IQT to three slots before the end of the 128-slot queue.
+    while rig.tail != 125 {
+        rig.invalidate(&[]);
+    }
+    let status = rig.frames.alloc_frame().unwrap().0;
+    let slots = [125u64, 126, 127, 0, 1];
+    let good = |i: u32| {
+        status_wait(status + 4 * u64::from(i), 0x100 + i)
+            .encode()
+            .unwrap()
+    };
+    // Slots 125, 126, 127 and 0 hold waits; slot 1 a reserved type; slot 2 a wait again.
+    for (i, &slot) in slots[..4].iter().enumerate() {
+        write_qwords(&rig.mem, rig.iq + slot * 32, &good(i as u32));
+    }
+    write_qwords(&rig.mem, rig.iq + 32, &[0xf, 0, 0, 0]);
+    write_qwords(&rig.mem, rig.iq + 2 * 32, &good(5));
+    let before = rig.iommu.stats().descriptors.load(Ordering::Relaxed);
+    rig.write(offset::IQT, 8, 3 * 32);
+    let word = |i: u64| {
+        let mut b = [0u8; 4];
+        rig.mem.read(status + 4 * i, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(
+        [word(0), word(1), word(2), word(3)],
+        [0x100, 0x101, 0x102, 0x103],
+        "every descriptor before the bad one, across the wrap, was carried out"
+    );
+    assert_eq!(
+        word(5),
+        0,
+        "nothing after the bad descriptor was carried out"
+    );
+    assert_eq!(
+        rig.iommu.stats().descriptors.load(Ordering::Relaxed) - before,
+        4
+    );
+    assert_ne!(rig.read(offset::FSTS, 4) as u32 & fsts::IQE, 0);
+    assert_eq!(
+        rig.read(offset::IQH, 8),
+        32,
+        "IQH stays on the bad descriptor"
+    );
+    // Software replaces it and clears IQE; the next tail write goes on from IQH.
+    write_qwords(&rig.mem, rig.iq + 32, &good(4));
+    rig.write(offset::FSTS, 4, u64::from(fsts::IQE));
+    rig.write(offset::IQT, 8, 3 * 32);
+    assert_eq!([word(4), word(5)], [0x104, 0x105]);
+    assert_eq!(rig.read(offset::IQH, 8), 3 * 32, "the queue is empty again");
+    rig.tail = 3;
+    rig.invalidate(&[]);
+}
+
 #[test]
 fn context_cache_invalidation_makes_a_new_context_entry_visible() {
     let mut rig = Rig::new(false);
