@@ -108,18 +108,19 @@ impl InvalidationQueue {
         R: Registers + ?Sized,
         M: PhysMem + ?Sized,
     {
-        let encoded = descs
-            .iter()
-            .map(InvDesc::encode)
-            .collect::<Result<Vec<_>, _>>()?;
-        if encoded.is_empty() {
+        // Every descriptor is checked before any is queued; each is encoded again as it
+        // is written to its slot (cheap bit packing), so a submission allocates nothing.
+        for desc in descs {
+            desc.encode()?;
+        }
+        if descs.is_empty() {
             return self.submit_batch(regs, mem, &[], drain_page_requests);
         }
         // A batch leaves a slot for its wait and one free (a full queue has IQT one
         // behind IQH).
         let batch = (QUEUE_ENTRIES - 2) as usize;
         let mut first_error = None;
-        for chunk in encoded.chunks(batch) {
+        for chunk in descs.chunks(batch) {
             if let Err(e) = self.submit_batch(regs, mem, chunk, drain_page_requests) {
                 first_error.get_or_insert(e);
             }
@@ -131,7 +132,7 @@ impl InvalidationQueue {
         &mut self,
         regs: &R,
         mem: &M,
-        descs: &[[u64; 4]],
+        descs: &[InvDesc],
         pd: bool,
     ) -> Result<(), Error>
     where
@@ -152,7 +153,7 @@ impl InvalidationQueue {
         &mut self,
         regs: &R,
         mem: &M,
-        descs: &[[u64; 4]],
+        descs: &[InvDesc],
         pd: bool,
     ) -> Result<Completion, Error>
     where
@@ -174,9 +175,10 @@ impl InvalidationQueue {
         }
         .encode()?;
         mem.write(status_addr, &QI_IN_USE.to_le_bytes())?;
-        for (i, raw) in descs.iter().chain([&wait]).enumerate() {
-            self.put(mem, (index + i as u64) % QUEUE_ENTRIES, raw)?;
+        for (i, desc) in descs.iter().enumerate() {
+            self.put(mem, (index + i as u64) % QUEUE_ENTRIES, &desc.encode()?)?;
         }
+        self.put(mem, wait_index, &wait)?;
         self.tail = (wait_index + 1) % QUEUE_ENTRIES;
         regs.write(offset::IQT, 8, self.tail * DESC_SIZE)?;
         for _ in 0..POLL_LIMIT {
