@@ -182,7 +182,8 @@ fn range_invalidations(
     pasid: Pasid,
     range: AddrRange,
     leaf: bool,
-) -> Vec<CacheInvalidate> {
+    out: &mut impl FnMut(CacheInvalidate),
+) {
     let addr = |addr, granule_size, nb_granules| CacheInvalidate {
         cache,
         granularity: InvGranularity::Addr {
@@ -195,9 +196,12 @@ fn range_invalidations(
         },
     };
     match (range.start, range.last) {
-        (0, u64::MAX) if cache == IOMMU_CACHE_INV_TYPE_IOTLB => vec![pasid_selective(cache, pasid)],
-        (0, u64::MAX) => vec![addr(0, HALF_SPACE, 1), addr(HALF_SPACE, HALF_SPACE, 1)],
-        (start, last) => vec![addr(start, GRANULE, (last - start) / GRANULE + 1)],
+        (0, u64::MAX) if cache == IOMMU_CACHE_INV_TYPE_IOTLB => out(pasid_selective(cache, pasid)),
+        (0, u64::MAX) => {
+            out(addr(0, HALF_SPACE, 1));
+            out(addr(HALF_SPACE, HALF_SPACE, 1));
+        }
+        (start, last) => out(addr(start, GRANULE, (last - start) / GRANULE + 1)),
     }
 }
 
@@ -226,6 +230,19 @@ pub fn host_invalidations(
     guest_sid: SourceId,
     bound: &BTreeMap<Pasid, Binding>,
 ) -> Vec<CacheInvalidate> {
+    let mut invs = Vec::new();
+    each_host_invalidation(desc, guest_sid, bound, &mut |inv| invs.push(inv));
+    invs
+}
+
+/// [`host_invalidations`], each handed to `out` in order as it is made: the forwarding
+/// path gathers them without a list of their own.
+fn each_host_invalidation(
+    desc: &InvDesc,
+    guest_sid: SourceId,
+    bound: &BTreeMap<Pasid, Binding>,
+    out: &mut impl FnMut(CacheInvalidate),
+) {
     let iotlb = IOMMU_CACHE_INV_TYPE_IOTLB;
     match *desc {
         InvDesc::Iotlb {
@@ -233,31 +250,28 @@ pub fn host_invalidations(
         } => bound
             .iter()
             .filter(|(_, b)| granularity == IotlbGranularity::Global || b.did == did)
-            .map(|(&p, _)| pasid_selective(iotlb, p))
-            .collect(),
+            .for_each(|(&p, _)| out(pasid_selective(iotlb, p))),
         InvDesc::PasidIotlb { did, pasid, .. } => match bound.get(&pasid) {
             Some(b) if b.did == did => match desc.range() {
                 Some(range) => {
                     let ih = matches!(desc, InvDesc::PasidIotlb { ih: true, .. });
-                    range_invalidations(iotlb, pasid, range, ih)
+                    range_invalidations(iotlb, pasid, range, ih, out);
                 }
-                None => vec![pasid_selective(iotlb, pasid)],
+                None => out(pasid_selective(iotlb, pasid)),
             },
-            _ => Vec::new(),
+            _ => {}
         },
         InvDesc::PasidDevIotlb {
             sid, pasid, global, ..
         } if sid == guest_sid => {
             let Some(range) = desc.range() else {
-                return Vec::new();
+                return;
             };
-            bound
-                .keys()
-                .filter(|&&p| p == pasid || global)
-                .flat_map(|&p| range_invalidations(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, range, false))
-                .collect()
+            for &p in bound.keys().filter(|&&p| p == pasid || global) {
+                range_invalidations(IOMMU_CACHE_INV_TYPE_DEV_IOTLB, p, range, false, out);
+            }
         }
-        _ => Vec::new(),
+        _ => {}
     }
 }
 
@@ -326,6 +340,9 @@ pub(crate) struct SyncPass {
     /// ([`VIommu::flush_invalidations`]) before any other host call, before an
     /// invalidation wait completes, and when the pass ends.
     pending: Vec<(Arc<dyn HostSva>, CacheInvalidate)>,
+    /// One host's share of `pending` while it is sent (empty between sends, kept for its
+    /// room).
+    batch: Vec<CacheInvalidate>,
 }
 
 impl fmt::Debug for SyncPass {
@@ -392,6 +409,7 @@ impl SyncPass {
             domains,
             forwarded,
             pending,
+            batch,
         } = self;
         contexts.clear();
         entries.clear();
@@ -400,6 +418,7 @@ impl SyncPass {
         domains.clear();
         forwarded.clear();
         pending.clear();
+        batch.clear();
     }
 
     /// Whether an earlier synchronisation of the pass covered all of `scope`; notes that
@@ -699,7 +718,7 @@ impl VIommu {
         // devices from getting one twice): no set or list of its own per descriptor.
         let first = pass.pending.len();
         for dev in lock(&self.devices).iter() {
-            for inv in host_invalidations(desc, dev.guest_sid, &dev.bound) {
+            each_host_invalidation(desc, dev.guest_sid, &dev.bound, &mut |inv| {
                 let key = ForwardKey::new(&dev.host, &inv);
                 if !pass.forwarded.contains(&key)
                     && !flushed.covers(&dev.host, &inv)
@@ -707,7 +726,7 @@ impl VIommu {
                 {
                     pass.pending.push((dev.host.clone(), inv));
                 }
-            }
+            });
         }
         flushed.clear();
         for (host, inv) in &pass.pending[first..] {
@@ -722,7 +741,7 @@ impl VIommu {
     /// of the pass were gathered: the guest is not told either way (hardware cannot be).
     pub(crate) fn flush_invalidations(&self, pass: &mut SyncPass) {
         let mut pending = std::mem::take(&mut pass.pending);
-        let mut invs = Vec::new();
+        let mut invs = std::mem::take(&mut pass.batch);
         while let Some((host, _)) = pending.first() {
             let host = host.clone();
             invs.clear();
@@ -733,7 +752,16 @@ impl VIommu {
                 }
                 !mine
             });
-            let results = host.cache_invalidate_batch(&invs);
+            // A batch of one is the single call (what a batch is to each host), without
+            // a list of results to allocate.
+            let (one, batch);
+            let results: &[Result<(), Errno>] = if let [inv] = &invs[..] {
+                one = [host.cache_invalidate(inv)];
+                &one
+            } else {
+                batch = host.cache_invalidate_batch(&invs);
+                &batch
+            };
             for (i, inv) in invs.iter().enumerate() {
                 let r = results.get(i).copied().unwrap_or(Err(Errno::EIO));
                 if self
@@ -744,8 +772,9 @@ impl VIommu {
                 }
             }
         }
-        // Empty now; kept for its room.
+        // Empty now; both kept for their room.
         pass.pending = pending;
+        pass.batch = invs;
     }
 
     /// The passthrough device with guest requester id `sid`: its host id and container.

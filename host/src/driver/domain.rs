@@ -12,6 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use vsva_vtd::regs::{Cap, Ecap};
 use vsva_vtd::{
     addr::DomainId, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId, builder::FrameSource,
@@ -725,7 +727,8 @@ impl IommuBackend for VtdDomain {
     /// Carries out a guest's first-level invalidation in this domain only, for its
     /// devices (`intel_iommu_sva_invalidate`; see `cache_invalidation` for the table).
     fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), HostError> {
-        let devices: Vec<DeviceInfo> = self
+        // Held inline for the usual few devices: an invalidation allocates nothing.
+        let devices: SmallVec<[DeviceInfo; 4]> = self
             .devices
             .iter()
             .filter_map(|&sid| self.unit.device_info(sid))

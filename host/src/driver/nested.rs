@@ -13,6 +13,8 @@ use vsva_vtd::{
 use vsva_vtd_driver::inv::{piotlb_pages, piotlb_pasid};
 use vsva_vtd_driver::mask::{covering_order, size_order, WHOLE_SPACE};
 
+use smallvec::SmallVec;
+
 use super::device::DeviceInfo;
 use super::error::DriverError;
 use vsva_uapi::iommu::{
@@ -205,6 +207,10 @@ fn bad_combination(cache_type: u8, inv: &InvGranularity) -> DriverError {
     )
 }
 
+/// The descriptors of one cache invalidation: a P_IOTLB and a device-TLB descriptor per
+/// device held inline, so that the common request allocates nothing.
+pub(crate) type InvDescs = SmallVec<[InvDesc; 4]>;
+
 /// The descriptors that carry out a guest's invalidation `inv` in domain `did` with the
 /// devices `devices` (device-TLB invalidations for those with ATS enabled), as `intel_iommu_sva_invalidate` issues them:
 ///
@@ -227,21 +233,25 @@ pub(crate) fn cache_invalidation(
     did: DomainId,
     devices: &[DeviceInfo],
     cap: &Cap,
-) -> Result<Vec<InvDesc>, DriverError> {
+) -> Result<InvDescs, DriverError> {
     if inv.cache >> IOMMU_CACHE_INV_TYPE_NR != 0 {
         return Err(DriverError::invalid(
             "cache invalidation",
             format!("unknown cache types {:#x}", inv.cache),
         ));
     }
-    let plans = (0..IOMMU_CACHE_INV_TYPE_NR)
-        .map(|b| 1u8 << b)
-        .filter(|t| inv.cache & t != 0)
-        .map(|t| plan(t, &inv.granularity))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Every type is planned before any descriptor is made, so a refused one fails the
+    // whole call; at most one plan per type, kept without allocating.
+    let mut plans = [None; IOMMU_CACHE_INV_TYPE_NR as usize];
+    for (b, slot) in plans.iter_mut().enumerate() {
+        let t = 1u8 << b;
+        if inv.cache & t != 0 {
+            *slot = Some(plan(t, &inv.granularity)?);
+        }
+    }
     let pasid = inv.pasid().unwrap_or(Pasid::new(0).expect("PASID 0"));
-    let mut descs = Vec::new();
-    for p in plans {
+    let mut descs = InvDescs::new();
+    for p in plans.into_iter().flatten() {
         match p {
             Planned::PasidIotlb => {
                 descs.push(piotlb_pasid(did, pasid));
