@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vsva_service::{
     client::RemoteFile, protocol::HostState, server::HostConfig, server::IommuArch, server::Report,
@@ -19,7 +20,7 @@ use vsva_testbed::smmu_demo;
 use vsva_testbed::stack::Uapi;
 
 mod common;
-use common::{settle, start_host, stop_clean};
+use common::{settle, start_host, stop_clean, WAIT};
 #[path = "common/vm_process.rs"]
 mod vm_process;
 use vm_process::{run_vsva, VmProcess};
@@ -284,6 +285,23 @@ struct Live {
     state: HostState,
 }
 
+/// The host's state once it holds still: the same in ten reads 10 ms apart (within
+/// [`WAIT`]). A paused VM's host-side work in flight when it printed its pause line (a
+/// fault record the host's pump has yet to send, a page-request group it has yet to
+/// answer) lands after the line, so a baseline read at once may miss it.
+fn steady(probe: &RemoteFile) -> HostState {
+    let deadline = Instant::now() + WAIT;
+    let mut last = probe.host_state().unwrap();
+    let mut same = 0;
+    while same < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let s = probe.host_state().unwrap();
+        same = if s == last { same + 1 } else { 0 };
+        last = s;
+    }
+    last
+}
+
 impl Live {
     /// Starts `vsva vm` with `uapi`'s arguments (2 processes, seed 9) and waits for its
     /// pause: a nested STE, a VMID, TLB entries tagged with it.
@@ -302,7 +320,7 @@ impl Live {
         ];
         let mut vm = VmProcess::start(&served.path, &[uapi, &args[..]].concat());
         vm.wait_line("paused at invalidate");
-        let state = probe.host_state().unwrap();
+        let state = steady(probe);
         let [(sid, vmid)] = smmu.owned_streams()[..] else {
             panic!("{:?}", smmu.owned_streams());
         };
