@@ -22,6 +22,7 @@ pub mod driver;
 pub mod error;
 pub mod fault;
 pub mod file;
+mod harvest;
 pub mod iommufd;
 pub mod pasid;
 pub mod smmu;

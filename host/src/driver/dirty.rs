@@ -5,15 +5,14 @@
 //! (`iova_bitmap`), filled by `intel_iommu_read_and_clear_dirty`'s walk, which tests
 //! and clears D leaf by leaf.
 //!
-//! The walk here visits the tables once, top-down, skipping every entry outside the range
-//! and every non-present one, so a range costs one 64-bit read per present leaf plus its
-//! tables' entries above; a dirty leaf is cleared with one compare-exchange, which retries
-//! only while the unit sets other bits (A) in the same entry.
+//! The walk is [`crate::harvest`]'s over second-level entries: a range costs one 64-bit
+//! read per present leaf plus its tables' entries above.
 
 use vsva_mem::PhysMem;
 use vsva_vtd::{slpte::SlLevels, slpte::SlPte};
 
 use super::error::DriverError;
+use crate::harvest::{DirtyFormat, DirtyWalk, Slot};
 
 /// The IOVA alignment of a bitmap range: the smallest page the second level maps
 /// (iommufd's `iopt->iova_alignment`).
@@ -170,72 +169,59 @@ pub(crate) fn harvest<M: PhysMem + ?Sized>(
 ) -> Result<Harvest, DriverError> {
     let top = levels.levels();
     let last = last.min((1u64 << levels.input_width()) - 1);
-    let mut out = Harvest::default();
-    if start <= last {
-        visit(mem, root, top, 0, start, last, clear, record, &mut out)?;
-    }
-    Ok(out)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn visit<M: PhysMem + ?Sized>(
-    mem: &M,
-    table: u64,
-    level: u8,
-    base: u64,
-    start: u64,
-    last: u64,
-    clear: bool,
-    record: &mut dyn FnMut(u64, u64),
-    out: &mut Harvest,
-) -> Result<(), DriverError> {
-    let shift = 12 + 9 * (level as u32 - 1);
-    let span = 1u64 << shift;
-    let first = (start.max(base) - base) >> shift;
-    let final_index = ((last - base) >> shift).min(511);
-    for index in first..=final_index {
-        let slot = table + index * 8;
-        let iova = base + (index << shift);
-        let mut entry = mem.read_u64(slot)?;
-        if !SlPte(entry).present() {
-            continue;
-        }
-        if !SlPte(entry).is_leaf(level) {
-            visit(
-                mem,
-                SlPte(entry).table_address(),
-                level - 1,
-                iova,
-                start,
-                last,
-                clear,
-                record,
-                out,
-            )?;
-            continue;
-        }
-        if entry & SlPte::D == 0 {
-            continue;
-        }
-        out.dirty += 1;
-        record(iova, span);
-        if !clear {
-            continue;
-        }
-        while entry & SlPte::D != 0 {
-            let found = mem.compare_exchange_u64(slot, entry, entry & !SlPte::D)?;
-            if found == entry {
-                break;
-            }
-            entry = found;
-        }
+    let mut cleared: Option<(u64, u64)> = None;
+    let mut widen = |iova: u64, span: u64| {
         let page_last = iova + (span - 1);
-        out.cleared = Some(match out.cleared {
+        cleared = Some(match cleared {
             Some((lo, hi)) => (lo.min(iova), hi.max(page_last)),
             None => (iova, page_last),
         });
+    };
+    let mut walk = DirtyWalk {
+        start,
+        last,
+        clear,
+        record,
+        cleaned: &mut widen,
+        dirty: 0,
+    };
+    if start <= last {
+        walk.visit::<SecondLevel, M>(mem, root, top, 0)?;
     }
-    Ok(())
+    let dirty = walk.dirty;
+    Ok(Harvest { cleared, dirty })
+}
+
+/// The second level as [`DirtyFormat`]: levels count down to 1, D is bit 9.
+struct SecondLevel;
+
+impl DirtyFormat for SecondLevel {
+    fn shift(level: u8) -> u32 {
+        12 + 9 * (u32::from(level) - 1)
+    }
+
+    fn below(level: u8) -> u8 {
+        level - 1
+    }
+
+    fn slot(entry: u64, level: u8) -> Slot {
+        let pte = SlPte(entry);
+        if !pte.present() {
+            Slot::Invalid
+        } else if pte.is_leaf(level) {
+            Slot::Leaf
+        } else {
+            Slot::Table(pte.table_address())
+        }
+    }
+
+    fn dirty(entry: u64) -> bool {
+        entry & SlPte::D != 0
+    }
+
+    fn cleaned(entry: u64) -> u64 {
+        entry & !SlPte::D
+    }
 }
 
 #[cfg(test)]

@@ -9,14 +9,13 @@
 //! without touching the descriptor, so every leaf made clean must have its TLB (and ATC)
 //! entries invalidated before the next harvest, or writes after this one go unreported.
 //!
-//! The walk visits the tables once, top-down, skipping every entry outside the range and
-//! every invalid one; a dirty leaf is made clean with one compare-exchange, which retries
-//! only while the SMMU changes the same descriptor.
+//! The walk is [`crate::harvest`]'s, over the stage-1 descriptors.
 
 use vsva_mem::PhysMem;
 use vsva_smmuv3::desc::Descriptor as D;
 
 use crate::error::HostError;
+use crate::harvest::{DirtyFormat, DirtyWalk, Slot};
 
 /// The start level of a 48-bit, 4 KiB-granule stage-1 table.
 const START_LEVEL: u8 = 0;
@@ -47,94 +46,62 @@ pub(super) fn harvest<M: PhysMem + ?Sized>(
     clear: bool,
     record: &mut dyn FnMut(u64, u64),
 ) -> Result<Harvest, HostError> {
-    let mut out = Harvest::default();
     let last = last.min((1u64 << super::IPA_BITS) - 1);
+    let mut cleaned = Vec::new();
+    let mut clean = |address, span| cleaned.push((address, span));
+    let mut walk = DirtyWalk {
+        start,
+        last,
+        clear,
+        record,
+        cleaned: &mut clean,
+        dirty: 0,
+    };
     if start <= last {
-        visit(
-            mem,
-            root,
-            START_LEVEL,
-            0,
-            start,
-            last,
-            clear,
-            record,
-            &mut out,
-        )?;
+        walk.visit::<Stage1, M>(mem, root, START_LEVEL, 0)
+            .map_err(|e| HostError::Driver {
+                errno: libc::EFAULT,
+                detail: format!("smmuv3: reading the stage-1 table: {e}"),
+            })?;
     }
-    Ok(out)
+    let dirty = walk.dirty;
+    Ok(Harvest { cleaned, dirty })
 }
 
-fn memory_error(e: vsva_mem::MemError) -> HostError {
-    HostError::Driver {
-        errno: libc::EFAULT,
-        detail: format!("smmuv3: reading the stage-1 table: {e}"),
-    }
-}
+/// The 4 KiB-granule stage 1 as [`DirtyFormat`]: levels count up to 3; a leaf is dirty
+/// when writable-dirty, made clean by setting `AP[2]`.
+struct Stage1;
 
-#[allow(clippy::too_many_arguments)]
-fn visit<M: PhysMem + ?Sized>(
-    mem: &M,
-    table: u64,
-    level: u8,
-    base: u64,
-    start: u64,
-    last: u64,
-    clear: bool,
-    record: &mut dyn FnMut(u64, u64),
-    out: &mut Harvest,
-) -> Result<(), HostError> {
-    let shift = 12 + 9 * u32::from(3 - level);
-    let span = 1u64 << shift;
-    let first = (start.max(base) - base) >> shift;
-    let final_index = ((last - base) >> shift).min(511);
-    for index in first..=final_index {
-        let slot = table + index * 8;
-        let address = base + (index << shift);
-        let mut entry = mem.read_u64(slot).map_err(memory_error)?;
-        if entry & D::VALID == 0 {
-            continue;
-        }
+impl DirtyFormat for Stage1 {
+    fn shift(level: u8) -> u32 {
+        12 + 9 * u32::from(3 - level)
+    }
+
+    fn below(level: u8) -> u8 {
+        level + 1
+    }
+
+    fn slot(entry: u64, level: u8) -> Slot {
         let table_or_page = entry & D::TABLE_OR_PAGE != 0;
-        if level < 3 && table_or_page {
-            let next = entry & D::ADDR_MASK;
-            visit(
-                mem,
-                next,
-                level + 1,
-                address,
-                start,
-                last,
-                clear,
-                record,
-                out,
-            )?;
-            continue;
+        if entry & D::VALID == 0 {
+            Slot::Invalid
+        } else if level < 3 && table_or_page {
+            Slot::Table(entry & D::ADDR_MASK)
+        } else if (level == 0 || level == 3) && !table_or_page {
+            // A level-0 block or a level-3 entry without the page bit is invalid.
+            Slot::Invalid
+        } else {
+            Slot::Leaf
         }
-        // A level-0 block or a level-3 entry without the page bit is invalid: no leaf.
-        if (level == 0 || level == 3) && !table_or_page {
-            continue;
-        }
-        if !writable_dirty(entry) {
-            continue;
-        }
-        out.dirty += 1;
-        record(address, span);
-        if !clear {
-            continue;
-        }
-        while writable_dirty(entry) {
-            let found = mem
-                .compare_exchange_u64(slot, entry, entry | D::AP_RO)
-                .map_err(memory_error)?;
-            if found == entry {
-                break;
-            }
-            entry = found;
-        }
-        out.cleaned.push((address, span));
     }
-    Ok(())
+
+    fn dirty(entry: u64) -> bool {
+        writable_dirty(entry)
+    }
+
+    fn cleaned(entry: u64) -> u64 {
+        entry | D::AP_RO
+    }
 }
 
 #[cfg(test)]
