@@ -365,18 +365,7 @@ fn the_eventfd_fires_when_a_page_request_is_queued_and_state_counts_it() {
     file.device_add().unwrap();
     // The guest table at 0x10_0000 is a zeroed page: the fill faults on its first page and
     // the device asks for it.
-    let desc = vsva_hw::dma::Descriptor {
-        pasid: Some(p),
-        privileged: false,
-        block_on_fault: true,
-        completion: vsva_hw::dma::CompletionRequest::None,
-        op: vsva_hw::dma::Operation::Fill {
-            pattern: 0xa5,
-            dst: 0x40_0000,
-            size: 64,
-        },
-    };
-    file.device_write(0, &desc.encode()).unwrap();
+    file.device_write(0, &faulting_fill(p).encode()).unwrap();
     assert_eq!(
         probe.host_state().unwrap().faults_unread,
         before.faults_unread
@@ -415,6 +404,22 @@ fn the_eventfd_fires_when_a_page_request_is_queued_and_state_counts_it() {
     assert_eq!(report.left, report.baseline, "{report}");
 }
 
+/// A 64-byte fill at 0x40_0000 on PASID `p` that blocks on its fault: bound to the zeroed
+/// guest table at 0x10_0000, it faults on its first page and the device asks for it.
+fn faulting_fill(p: vsva_vtd::addr::Pasid) -> vsva_hw::dma::Descriptor {
+    vsva_hw::dma::Descriptor {
+        pasid: Some(p),
+        privileged: false,
+        block_on_fault: true,
+        completion: vsva_hw::dma::CompletionRequest::None,
+        op: vsva_hw::dma::Operation::Fill {
+            pattern: 0xa5,
+            dst: 0x40_0000,
+            size: 64,
+        },
+    }
+}
+
 #[test]
 fn a_device_run_taking_records_carries_the_page_request_read_would_give() {
     use vsva_uapi::{file::UapiFile, request::QueuedFault, vfio::VfioIommuType1Fault};
@@ -429,18 +434,7 @@ fn a_device_run_taking_records_carries_the_page_request_read_would_give() {
     // Nothing submitted: nothing waits, nothing is taken.
     assert_eq!(file.device_run_taking_records(), Ok((0, Vec::new())));
     // The guest table at 0x10_0000 is a zeroed page: the fill faults on its first page.
-    let desc = vsva_hw::dma::Descriptor {
-        pasid: Some(p),
-        privileged: false,
-        block_on_fault: true,
-        completion: vsva_hw::dma::CompletionRequest::None,
-        op: vsva_hw::dma::Operation::Fill {
-            pattern: 0xa5,
-            dst: 0x40_0000,
-            size: 64,
-        },
-    };
-    file.device_write(0, &desc.encode()).unwrap();
+    file.device_write(0, &faulting_fill(p).encode()).unwrap();
     let (waiting, records) = file.device_run_taking_records().unwrap();
     assert!(waiting > 0, "the DMA waits on a page request");
     assert_eq!(
