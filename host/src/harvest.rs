@@ -58,7 +58,9 @@ impl DirtyWalk<'_> {
         let span = 1u64 << shift;
         let first = (self.start.max(base) - base) >> shift;
         let final_index = ((self.last - base) >> shift).min(511);
-        for index in first..=final_index {
+        // Half-open: over `first..=final_index` the loop compiled to one a third slower
+        // (`vsva bench --only dirty`).
+        for index in first..final_index + 1 {
             let slot = table + index * 8;
             let address = base + (index << shift);
             let mut entry = mem.read_u64(slot)?;
