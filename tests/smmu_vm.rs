@@ -6,14 +6,11 @@
 //! TLB entry carries it (over iommufd: its vIOMMU, vDEVICE and HWPTs are gone with its
 //! connection). Every wait is bounded.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vsva_service::{
-    client::RemoteFile, protocol::HostState, server::HostConfig, server::IommuArch, server::Report,
-    server::Service,
+    client::RemoteFile, protocol::HostState, server::HostConfig, server::IommuArch,
+    thread::HostThread,
 };
 use vsva_testbed::demo::{DemoOptions, VmReport};
 use vsva_testbed::smmu_demo;
@@ -210,58 +207,14 @@ fn the_split_smmu_demo_prints_the_in_process_summary_line() {
 
 /// An SMMUv3 host served in this process (so that the test sees its stream table, VMIDs
 /// and TLB), for VM processes.
-struct Served {
-    path: PathBuf,
-    service: Arc<Service>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Report>>,
-    dir: PathBuf,
-}
-
-impl Served {
-    fn start() -> Served {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "vsva-smmu-vm-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("host.sock");
-        let service = Service::new(&HostConfig {
-            iommu: IommuArch::Smmuv3,
-            memory: 2 << 30,
-            strict: true,
-            ..HostConfig::default()
-        })
-        .unwrap();
-        let listener = vsva_service::server::bind_socket(&path).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, svc) = (stop.clone(), service.clone());
-        let thread = std::thread::spawn(move || svc.serve(listener, &s));
-        Served {
-            path,
-            service,
-            stop,
-            thread: Some(thread),
-            dir,
-        }
-    }
-
-    fn finish(mut self) -> Report {
-        self.stop.store(true, Ordering::Release);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn smmu_host() -> HostThread {
+    let config = HostConfig {
+        iommu: IommuArch::Smmuv3,
+        memory: 2 << 30,
+        strict: true,
+        ..HostConfig::default()
+    };
+    HostThread::start("smmu-vm", &config).unwrap()
 }
 
 /// Word 0 of an aborting STE: V=1, Config=abort, no S1ContextPtr.
@@ -305,7 +258,7 @@ fn steady(probe: &RemoteFile) -> HostState {
 impl Live {
     /// Starts `vsva vm` with `uapi`'s arguments (2 processes, seed 9) and waits for its
     /// pause: a nested STE, a VMID, TLB entries tagged with it.
-    fn start(served: &Served, probe: &RemoteFile, uapi: &[&str]) -> Live {
+    fn start(served: &HostThread, probe: &RemoteFile, uapi: &[&str]) -> Live {
         let smmu = served.service.smmu().unwrap();
         let args = [
             "--seed",
@@ -344,7 +297,7 @@ impl Live {
     /// is free with no TLB entry, the live VM's STE and TLB entries are untouched.
     fn kill_victim(
         &self,
-        served: &Served,
+        served: &HostThread,
         probe: &RemoteFile,
         uapi: &[&str],
         stage: &str,
@@ -394,7 +347,13 @@ impl Live {
 
     /// The live VM goes on: every check passes, and its exit leaves the host as it was
     /// (`empty`, the probe's VMIDs `probe_vmids` alone).
-    fn finish(self, served: &Served, probe: &RemoteFile, empty: HostState, probe_vmids: &[u16]) {
+    fn finish(
+        self,
+        served: &HostThread,
+        probe: &RemoteFile,
+        empty: HostState,
+        probe_vmids: &[u16],
+    ) {
         let smmu = served.service.smmu().unwrap();
         let (code, lines, err) = self.vm.finish();
         assert_eq!(code, Some(0), "{lines:?}\n{err}");
@@ -409,7 +368,7 @@ impl Live {
 
 #[test]
 fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
-    let served = Served::start();
+    let served = smmu_host();
     let smmu = served.service.smmu().unwrap().clone();
     let probe = RemoteFile::connect(&served.path).unwrap();
     let empty = probe.host_state().unwrap();
@@ -442,7 +401,7 @@ fn an_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
 
 #[test]
 fn an_iommufd_smmu_vm_killed_at_any_stage_leaves_exactly_the_live_vms_holdings() {
-    let served = Served::start();
+    let served = smmu_host();
     let smmu = served.service.smmu().unwrap().clone();
     let probe =
         RemoteFile::connect_kind(&served.path, vsva_service::protocol::FILE_IOMMUFD).unwrap();

@@ -22,3 +22,4 @@ pub mod protocol;
 pub mod ring;
 pub mod server;
 pub mod socket;
+pub mod thread;

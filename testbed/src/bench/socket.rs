@@ -1,5 +1,5 @@
 //! The forwarded path across processes' boundary: the same guest workloads as
-//! [`super::forward`], on a VMM whose host is a `vsva host` [`Service`] served in a thread
+//! [`super::forward`], on a VMM whose host is a `vsva host` service served in a thread ([`HostThread`])
 //! of the bench over a real UNIX socket (issue 12's goals). Every host call is a frame on
 //! the socket, answered by the service's connection thread.
 //!
@@ -9,16 +9,13 @@
 //! - [`SocketPageRequest`]: a device fill of an unmapped page; the page request is read
 //!   from the host's fault queue over the socket and the response written back.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_hw::memory::PAGE_SIZE;
-use vsva_service::{server::HostConfig, server::Service};
+use vsva_service::{server::HostConfig, thread::HostThread};
 use vsva_vmm::VIommuStats;
 use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode};
 
@@ -40,41 +37,22 @@ pub struct SocketVm {
     pasid: Pasid,
     page: Gva,
     record: Gva,
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    server: Option<JoinHandle<()>>,
+    host: HostThread,
 }
 
 impl SocketVm {
     /// Starts the service, connects and boots the VM, binds the process and has the
     /// device fill its page once (so the IOMMU and the device TLB hold it).
     pub fn new() -> Result<Self, BenchError> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "vsva-bench-{}-{}.sock",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let service = Service::new(&HostConfig::default())?;
-        let listener = vsva_service::server::bind_socket(&path)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                service.serve(listener, &stop);
-            })
-        };
         let mut this = SocketVm {
             vm: None,
             process: None,
             pasid: Pasid::from_low_bits(0),
             page: Gva(0),
             record: Gva(0),
-            path,
-            stop,
-            server: Some(server),
+            host: HostThread::start("bench", &HostConfig::default())?,
         };
-        let vm = RemoteVm::connect(&this.path, 0, RAM, None, Uapi::Type1)?;
+        let vm = RemoteVm::connect(&this.host.path, 0, RAM, None, Uapi::Type1)?;
         let process = vm.vmm.spawn(FlPagingMode::FourLevel)?;
         this.vm = Some(vm);
         this.page = process.mmap(PAGE_SIZE, Prot::READ_WRITE)?;
@@ -134,13 +112,7 @@ impl Drop for SocketVm {
                 tracing::warn!("socket bench VM shutdown: {e}");
             }
         }
-        self.stop.store(true, Ordering::Release);
-        if let Some(server) = self.server.take() {
-            if server.join().is_err() {
-                tracing::warn!("the socket bench's host thread panicked");
-            }
-        }
-        let _ = std::fs::remove_file(&self.path);
+        // Dropping `host` then stops the service and removes its socket.
     }
 }
 
