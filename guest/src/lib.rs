@@ -5,7 +5,7 @@
 //! modelled on Linux's intel-iommu in scalable mode that binds a process's address space
 //! to a PASID of a device, keeps the IOMMU's caches coherent with the process's tables, and
 //! serves the device's page requests; and, for arm64 guests, processes with AArch64 tables
-//! and an arm-smmu-v3 driver ([`SmmuSva`]) that binds them through context descriptors.
+//! and an arm-smmu-v3 driver ([`SmmuSva`](smmu::SmmuSva)) that binds them through context descriptors.
 
 pub mod frames;
 pub mod iommu;

@@ -187,7 +187,7 @@ pub struct Abort {
     pub esr: u64,
     /// FAR_EL1 (FAR_EL2).
     pub far: u64,
-    /// HPFAR_EL2 in the stage-2 harness (FIPA, IPA[51:12], in bits 43:4); 0 otherwise.
+    /// HPFAR_EL2 in the stage-2 harness (FIPA, IPA\[51:12\], in bits 43:4); 0 otherwise.
     pub hpfar: u64,
 }
 

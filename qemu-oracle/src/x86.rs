@@ -219,27 +219,27 @@ pub struct Features {
 }
 
 impl Features {
-    /// 5-level paging (CPUID.7.0:ECX[16]).
+    /// 5-level paging (CPUID.7.0:ECX\[16\]).
     pub const fn la57(&self) -> bool {
         self.leaf7_ecx & (1 << 16) != 0
     }
 
-    /// SMEP (CPUID.7.0:EBX[7]).
+    /// SMEP (CPUID.7.0:EBX\[7\]).
     pub const fn smep(&self) -> bool {
         self.leaf7_ebx & (1 << 7) != 0
     }
 
-    /// 1 GiB pages (CPUID.80000001h:EDX[26]).
+    /// 1 GiB pages (CPUID.80000001h:EDX\[26\]).
     pub const fn gbpages(&self) -> bool {
         self.ext_edx & (1 << 26) != 0
     }
 
-    /// Execute-disable (CPUID.80000001h:EDX[20]).
+    /// Execute-disable (CPUID.80000001h:EDX\[20\]).
     pub const fn nx(&self) -> bool {
         self.ext_edx & (1 << 20) != 0
     }
 
-    /// MAXPHYADDR (CPUID.80000008h:EAX[7:0]).
+    /// MAXPHYADDR (CPUID.80000008h:EAX\[7:0\]).
     pub const fn max_phys_bits(&self) -> u8 {
         (self.ext_addr & 0xff) as u8
     }

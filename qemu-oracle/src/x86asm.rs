@@ -353,7 +353,7 @@ impl Asm {
         self.modrm(3, 3, r.low());
     }
 
-    /// `wrmsr` (0F 30): MSR[ECX] = EDX:EAX.
+    /// `wrmsr` (0F 30): MSR\[ECX\] = EDX:EAX.
     pub fn wrmsr(&mut self) {
         self.code.extend_from_slice(&[0x0f, 0x30]);
     }

@@ -1,5 +1,5 @@
 //! The host as a service: `vsva host` serves uAPI files to VMMs in other processes over a
-//! UNIX socket, and a VMM reaches it through [`RemoteFile`], the same fd-shaped
+//! UNIX socket, and a VMM reaches it through [`RemoteFile`](client::RemoteFile), the same fd-shaped
 //! [`vsva_uapi::file::UapiFile`] the in-process host implements.
 //!
 //! - [`protocol`]: frames, messages, limits (docs/protocol.md is the specification).

@@ -189,7 +189,7 @@ fn runnable_beyond(loadavg: &str, cores: usize) -> Option<bool> {
 
 /// Whether the machine now has more runnable threads than cores this process may use,
 /// so that a thread that spins may be holding the core its peer waits for. Read from
-/// `/proc/loadavg` at most once per [`LOAD_FRESH`] per process (a stale answer is used
+/// `/proc/loadavg` at most once per `LOAD_FRESH` per process (a stale answer is used
 /// meanwhile); `true` when it cannot be read, the cautious answer.
 pub fn oversubscribed() -> bool {
     static EPOCH: OnceLock<(Instant, usize)> = OnceLock::new();
@@ -224,7 +224,7 @@ pub fn oversubscribed() -> bool {
 /// it waits for is running, and can answer, while it spins. A spin that comes up empty
 /// on such a machine changes nothing (the peer was busy with other work, and the spin
 /// took a core nobody wanted); one that comes up empty on a busy machine makes the next
-/// waits look once and sleep at once, 1, 2, 4, ... up to [`MAX_BACKOFF`] of them after
+/// waits look once and sleep at once, 1, 2, 4, ... up to `MAX_BACKOFF` of them after
 /// each further empty spin, and a spin that finds what it waits for ends the back-off.
 #[derive(Debug)]
 pub struct Spinner {

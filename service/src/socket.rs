@@ -129,7 +129,7 @@ const MAX_BACKOFF: u32 = 64;
 /// answers soon. When the peer does not (it is busy, or the machine has more runnable
 /// threads than cores and the peer waits for one), a poll only burns a core the peer may
 /// need: after a poll that came up empty the next receives sleep at once, twice as many
-/// after each further empty poll (up to [`MAX_BACKOFF`]), and a poll that finds its frame
+/// after each further empty poll (up to `MAX_BACKOFF`), and a poll that finds its frame
 /// polls every receive again.
 #[derive(Debug)]
 pub struct Poller {

@@ -16,7 +16,7 @@
 //!
 //! What is parameterised: how the registers are reached ([`Registers`]: the physical SMMU
 //! for the host, a virtual one for a guest), the memory the tables and queues live in (any
-//! [`PhysMem`]), and where that memory comes from ([`DmaAlloc`]). Policy (domains, VMIDs,
+//! [`PhysMem`](vsva_mem::PhysMem)), and where that memory comes from ([`DmaAlloc`]). Policy (domains, VMIDs,
 //! nesting on the host; SVA binds in a guest) stays with the users.
 //!
 //! Differences from Linux: one thread submits commands at a time (the caller's lock), so

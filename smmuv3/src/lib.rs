@@ -25,7 +25,7 @@
 //!   ignored. A SubstreamID of 0 selects CD 0 whatever S1DSS says; an invalid L1STD or
 //!   L1CD is C_BAD_STREAMID or C_BAD_SUBSTREAMID.
 //! - Commands: unknown opcodes, RES0 bits, reserved encodings and commands the
-//!   [`Features`] lack are CERROR_ILL; ignored fields decode as absent.
+//!   [`Features`](features::Features) lack are CERROR_ILL; ignored fields decode as absent.
 //! - Events: the E_PAGE_REQUEST Span field is not modelled.
 //! - Registers: enables complete at once (CR0ACK = CR0); writes the spec leaves
 //!   unpredictable (a live queue's BASE, a live stream table) are ignored.

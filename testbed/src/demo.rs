@@ -393,7 +393,7 @@ impl Demo {
 }
 
 /// One VM's share of the demo: `processes` processes (four-level and five-level paging
-/// in turn) each run [`process_workload`]; returns their jobs, still bound.
+/// in turn) each run `process_workload`; returns their jobs, still bound.
 pub fn vm_workload(
     vm: &Vmm,
     processes: usize,

@@ -108,7 +108,7 @@ impl Stage {
 }
 
 /// The VM's connection to the host: its container file (or `/dev/iommu`) and its device,
-/// with the pause hook of [`Stage`] and the timings of [`LinkHooks`]; a VT-d or an SMMUv3
+/// with the pause hook of [`Stage`] and the timings of `LinkHooks`; a VT-d or an SMMUv3
 /// VM's.
 pub struct HostLink {
     pub(crate) file: RemoteFile,
@@ -461,7 +461,7 @@ const IOMMUFD_BUFFER: u64 = 16 << 10;
 
 impl RemoteVm {
     /// Connects to the host at `path` and boots VM `index` with `ram_size` bytes of RAM
-    /// over `uapi`: a nesting container (or an iommufd, [`RemoteVm::connect_iommufd`]),
+    /// over `uapi`: a nesting container (or an iommufd, `RemoteVm::connect_iommufd`),
     /// the RAM shared and mapped at IOVA 0, the host's passthrough device attached, then
     /// the vIOMMU and the guest.
     pub fn connect(
@@ -1285,7 +1285,7 @@ impl Keeper {
 }
 
 /// `vsva load-worker`: one VM process of `vsva load`, the VM of `vsva vm` looping
-/// [`cycle`]. Boots (with a keeper buffer its device fills), runs [`load_loop`] for
+/// [`cycle`]. Boots (with a keeper buffer its device fills), runs `load_loop` for
 /// `duration` with buffers of 1 to `max_pages` pages, and shuts down. Returns the exit code: 0, or 1 when it could not start.
 pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
     let started = RemoteVm::connect(socket, 0, LOAD_VM_RAM, None, Uapi::Type1).and_then(|vm| {

@@ -13,7 +13,7 @@
 //! --iommu smmuv3`): the same guest, vSMMU and checks, its container a
 //! [`HostLink`] over the socket, its RAM a shared memfd, its device the host's; the host's
 //! interrupt thread queues the SMMU's faults and page requests for the VMM to read.
-//! [`split_demo`] runs the demo as such processes (`vsva demo --split --iommu smmuv3`).
+//! [`split_demo`](crate::remote::split_demo) runs the demo as such processes (`vsva demo --split --iommu smmuv3`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -884,7 +884,7 @@ fn connect_vm(
 
 /// `vsva vm --iommu smmuv3`: the per-VM part of the SMMUv3 demo against the host process
 /// at `path`: boots the VM (a nesting container, or with `opts.uapi` iommufd an iommufd
-/// connection ([`iommufd_vm`]); its memfd RAM mapped at IOVA 0, the host's device, the
+/// connection (`iommufd_vm`); its memfd RAM mapped at IOVA 0, the host's device, the
 /// vSMMU and the arm64 guest), runs each process's checks as the in-process demo does
 /// (copy, fill, compare, a page request, a fault after munmap), and shuts down. With `opts.cross_vm` (`vsva demo --split`), its
 /// container must first refuse a CD table beyond its RAM; then it prints `cross-vm ready
@@ -1068,9 +1068,9 @@ fn cycle(vm: &Vm, rng: &mut StdRng, pages: u64) -> Result<u64, String> {
 }
 
 /// `vsva load-worker --iommu smmuv3`: one VM process of `vsva load --iommu smmuv3`, the
-/// arm64 VM of `vsva vm --iommu smmuv3` looping [`cycle`]. Boots (with a keeper buffer
+/// arm64 VM of `vsva vm --iommu smmuv3` looping `cycle`. Boots (with a keeper buffer
 /// its device fills), runs the VT-d worker's loop (`remote::load_loop`, with the link's
-/// [`Timings`]) for `duration` with buffers of 1 to `max_pages` pages, and shuts down. Returns the exit
+/// [`Timings`](crate::remote::Timings)) for `duration` with buffers of 1 to `max_pages` pages, and shuts down. Returns the exit
 /// code: 0, or 1 when it could not start.
 pub fn load_worker(socket: &Path, seed: u64, duration: Duration, max_pages: u64) -> i32 {
     let started = connect_vm(socket, None).and_then(|(vm, link, ram)| {

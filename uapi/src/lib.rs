@@ -7,9 +7,9 @@
 //! - [`iommufd`]: the iommufd uAPI (`/dev/iommu`) and the VFIO device cdev ioctls, layouts
 //!   from `iommufd-bindings` and `vfio-bindings`, and the kernel's argument size rules.
 //! - [`request`]: typed views of the same requests for Rust callers.
-//! - [`file`](mod@file): [`UapiFile`], the kernel as an open file, and [`VfioIoctls`], its typed
+//! - [`file`](mod@file): [`UapiFile`](file::UapiFile), the kernel as an open file, and [`VfioIoctls`](file::VfioIoctls), its typed
 //!   container ioctls.
-//! - [`error`]: [`Errno`] and the decoding errors with the errno each maps to.
+//! - [`error`]: [`Errno`](error::Errno) and the decoding errors with the errno each maps to.
 //! - [`wire`]: the little-endian field-by-field encoding the structures share.
 
 pub mod error;

@@ -453,7 +453,7 @@ impl Iommufd {
     }
 
     /// Reads every whole page request group queued on the fault queue file, as
-    /// [`FaultQueue::read_page_requests`] does.
+    /// `FaultQueue::read_page_requests` does.
     pub fn read_page_requests(&self) -> Result<Vec<(SourceId, PageRequest)>, Errno> {
         self.fault.read_page_requests()
     }

@@ -510,7 +510,7 @@ impl<V: IommuOps> IommufdCtx<V> {
     /// `fd` names (`None`: nothing is open there), the pages of `[start, +length)` of it
     /// made host memory by `files`: flags beyond the map flags EOPNOTSUPP, an IOVA or
     /// length of `U64_MAX` EOVERFLOW, neither readable nor writeable EINVAL, an unknown
-    /// IOAS ENOENT; then the file's rules ([`map_file::pages_of`]: EBADF, EOVERFLOW,
+    /// IOAS ENOENT; then the file's rules (`map_file::pages_of`: EBADF, EOVERFLOW,
     /// EINVAL) and `IOMMU_IOAS_MAP`'s of the pages' address. The IOVA is written back. The
     /// file keeps the pages until no area maps them; a failed map drops them at once.
     pub fn map_file(

@@ -6,7 +6,7 @@
 //! [`Iommufds`] is the VMM process's table of open `/dev/iommu` files by fd number, which
 //! `VFIO_DEVICE_BIND_IOMMUFD` resolves its `iommufd` field through (`fdget`). A file is
 //! on the host's VT-d unit ([`IommufdFile`]) or on its SMMUv3 ([`SmmuIommufdFile`]); the
-//! cdev drives either through [`BindTarget`].
+//! cdev drives either through `BindTarget`.
 
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};

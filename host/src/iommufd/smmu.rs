@@ -3,7 +3,7 @@
 //! guest's stream table entries over a stage 2 the host owns.
 //!
 //! The objects, by id in the file's own id space:
-//! - IOAS: an IOVA (here, IPA) space the VMM maps its memory into ([`Iopt`]);
+//! - IOAS: an IOVA (here, IPA) space the VMM maps its memory into ([`Iopt`](super::iopt::Iopt));
 //! - paging HWPT: a stage-2 [`SmmuDomain`] (a VMID, a stage-2 table) holding its IOAS's
 //!   mappings; with `IOMMU_HWPT_ALLOC_NEST_PARENT` a vIOMMU may be built on it; with
 //!   `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` a stage-1 domain instead (its own CD table with HA
@@ -76,7 +76,7 @@ impl Smmu {
     }
 }
 
-/// CMD_PRI_RESP or CMD_RESUME, as [`SmmuHost::page_response`] chooses.
+/// CMD_PRI_RESP or CMD_RESUME, as `SmmuHost::page_response` chooses.
 impl PageResponder for SmmuHost {
     fn page_response(
         &self,
@@ -583,7 +583,7 @@ impl IommuOps for Smmu {
         }
     }
 
-    /// Through a vIOMMU, as [`SmmuCtx::invalidate_array`] says.
+    /// Through a vIOMMU, as `SmmuCtx::invalidate_array` says.
     fn invalidate(
         ctx: &SmmuCtx,
         cmd: &IommuHwptInvalidate,
@@ -592,7 +592,7 @@ impl IommuOps for Smmu {
         ctx.invalidate_array(cmd, done)
     }
 
-    /// A paging HWPT (stage 2 alone) or a nested one (the STE [`physical_ste`] builds);
+    /// A paging HWPT (stage 2 alone) or a nested one (the STE `physical_ste` builds);
     /// anything else EINVAL.
     fn rid_target(ctx: &SmmuCtx, _dev: &Device, pt_id: u32) -> Result<u32, IommufdError> {
         match ctx.objects.get(&pt_id) {
@@ -607,7 +607,7 @@ impl IommuOps for Smmu {
     }
 
     /// `arm_smmu_attach_dev`, `arm_smmu_attach_dev_nested`: as
-    /// [`SmmuCtx::point_stream`] says.
+    /// `SmmuCtx::point_stream` says.
     fn set_rid(
         ctx: &mut SmmuCtx,
         dev_id: u32,

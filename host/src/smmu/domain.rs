@@ -1018,7 +1018,7 @@ impl IommuBackend for SmmuDomain {
     }
 
     /// The response to a page request of one of the domain's streams, as
-    /// [`SmmuHost::page_response`] gives it.
+    /// `SmmuHost::page_response` gives it.
     fn page_response(
         &mut self,
         sid: SourceId,

@@ -27,7 +27,7 @@
 //! EVENTQ_ABT_ERR or PRIQ_ABT_ERR.
 //!
 //! Faults terminate the transaction, or under the stall model (IDR0.STALL_MODEL 0 or 2, CD.S,
-//! STE.S2S) hold it until CMD_RESUME or CMD_STALL_TERM ([`stall`]): a stalled untranslated
+//! STE.S2S) hold it until CMD_RESUME or CMD_STALL_TERM (`stall`): a stalled untranslated
 //! request waits in [`Smmu::translate`] without the state lock. ATS translation requests
 //! never stall (PCIe completes them at once).
 //!

@@ -32,7 +32,7 @@ const WAIT: Duration = Duration::from_secs(60);
 pub struct Samples(Vec<u64>);
 
 impl Samples {
-    /// Adds one (past [`MAX_SAMPLES`] they are dropped).
+    /// Adds one (past `MAX_SAMPLES` they are dropped).
     pub fn push(&mut self, d: Duration) {
         if self.0.len() < MAX_SAMPLES {
             self.0.push(d.as_nanos().min(u128::from(u64::MAX)) as u64);

@@ -168,7 +168,7 @@ impl Workload for NestedMemmove {
 /// shared IOMMU. An operation is one copy on each engine; its time is wall time, so the
 /// two-thread speedup is `2 × (one-thread ns) / (this ns)`.
 ///
-/// The second engine copies in lockstep with the timing thread ([`SecondThread`]): the
+/// The second engine copies in lockstep with the timing thread (`SecondThread`): the
 /// clock starts when its destination is cleared and stops when both are done. Both copies
 /// are checked after every sample.
 pub struct TwoEngineMemmove {

@@ -208,7 +208,7 @@ impl Workload for GuestBind<'_> {
 
 /// The device fills one page of the bound process that is reserved but not mapped: one
 /// page request goes up to the guest and its response down, and the device's retry
-/// succeeds. An operation is the whole descriptor as [`crate::stack::Vm::run`] runs it:
+/// succeeds. An operation is the whole descriptor as [`crate::stack::Vmm::run`] runs it:
 /// the process clears its completion record, the descriptor goes to the device's portal,
 /// the device faults, the request and response make their round trip, the device fills
 /// the page and writes the record, and the process reads it. Between operations, not

@@ -190,7 +190,7 @@ impl Workload for HashMapLookups {
 /// the two-thread speedup is `2 × (one-thread ns) / (this ns)`.
 ///
 /// The second thread runs its hits in lockstep with the timing thread
-/// ([`SecondThread`]), so a sample times hits, not thread start-up or wake-up.
+/// (`SecondThread`), so a sample times hits, not thread start-up or wake-up.
 pub struct TwoThreadHits {
     hits: HitLoop,
     other: SecondThread,

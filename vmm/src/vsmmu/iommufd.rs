@@ -308,7 +308,7 @@ impl SmmuIommufd {
     }
 
     /// Every whole page request group queued on the fault queue (nothing before the first
-    /// device), as [`FaultQueue::read_page_requests`] reads them.
+    /// device), as `FaultQueue::read_page_requests` reads them.
     pub fn read_page_requests(&self) -> Result<Vec<(SourceId, PageRequest)>, Errno> {
         match lock(&self.viommu).as_ref() {
             Some(v) => v.fault.read_page_requests(),
