@@ -6,6 +6,8 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+
+use smallvec::SmallVec;
 use vsva_mem::PhysMem;
 
 use vsva_vtd::inv_desc::PasidCacheGranularity;
@@ -410,7 +412,7 @@ impl IommuDriver {
         start: u64,
         end: u64,
     ) -> Result<(), GuestIommuError> {
-        let devices: Vec<Device> = {
+        let devices: SmallVec<[Device; 2]> = {
             let st = lock(&self.state);
             let Some(svm) = st.svms.get(&pasid.raw()) else {
                 return Ok(());

@@ -13,6 +13,7 @@
 //! Linux's mmu notifiers report it to the IOMMU driver, which must then invalidate the
 //! IOMMU's and the device's caches.
 
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::ops::BitOr;
@@ -105,6 +106,13 @@ pub trait MmuNotifier: Send + Sync {
     fn invalidate_range(&self, start: Gva, end: Gva);
 }
 
+/// The registered notifiers, in registration order.
+type Notifiers = Vec<(NotifierId, Arc<dyn MmuNotifier>)>;
+
+/// The areas a change covers, as `(start, end)` ranges ([`split_vmas`]); a change
+/// usually covers one.
+type Ranges = SmallVec<[(u64, u64); 2]>;
+
 /// A registration of an [`MmuNotifier`], for [`Process::unregister_notifier`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NotifierId(u64);
@@ -184,7 +192,9 @@ pub struct Process {
     mode: FlPagingMode,
     cr3: Gpa,
     state: Mutex<State>,
-    notifiers: Mutex<Vec<(NotifierId, Arc<dyn MmuNotifier>)>>,
+    /// Replaced, not changed in place, when a notifier comes or goes, so a change to the
+    /// tables takes the list with one reference count and no copy.
+    notifiers: Mutex<Arc<Notifiers>>,
     next_notifier: AtomicU64,
 }
 
@@ -243,7 +253,7 @@ impl Process {
                 vmas: BTreeMap::new(),
                 pages: BTreeMap::new(),
             }),
-            notifiers: Mutex::new(Vec::new()),
+            notifiers: Mutex::default(),
             next_notifier: AtomicU64::new(0),
         })
     }
@@ -478,10 +488,10 @@ impl Process {
             for vma in st.vmas.range_mut(start..end).map(|(_, v)| v) {
                 vma.prot = prot;
             }
-            let resident: Vec<u64> = st.pages.range(start..end).map(|(&v, _)| v).collect();
+            let State { tables, pages, .. } = &mut *st;
             let mut error = None;
-            for va in resident {
-                if let Err(e) = st.tables.protect(&*self.mem, va, prot) {
+            for &va in pages.range(start..end).map(|(v, _)| v) {
+                if let Err(e) = tables.protect(&*self.mem, va, prot) {
                     error.get_or_insert(e);
                 }
             }
@@ -557,25 +567,28 @@ impl Process {
     /// Registers `notifier` for changes to existing translations.
     pub fn register_notifier(&self, notifier: Arc<dyn MmuNotifier>) -> NotifierId {
         let id = NotifierId(self.next_notifier.fetch_add(1, Ordering::Relaxed));
-        lock(&self.notifiers).push((id, notifier));
+        let mut list = lock(&self.notifiers);
+        let mut next = Notifiers::clone(&list);
+        next.push((id, notifier));
+        *list = Arc::new(next);
         id
     }
 
     /// Removes a registration; returns whether it existed.
     pub fn unregister_notifier(&self, id: NotifierId) -> bool {
         let mut list = lock(&self.notifiers);
-        let before = list.len();
-        list.retain(|(i, _)| *i != id);
-        list.len() != before
+        if !list.iter().any(|(i, _)| *i == id) {
+            return false;
+        }
+        let next: Notifiers = list.iter().filter(|(i, _)| *i != id).cloned().collect();
+        *list = Arc::new(next);
+        true
     }
 
     fn notify(&self, ranges: &[(u64, u64)]) {
-        let notifiers: Vec<Arc<dyn MmuNotifier>> = lock(&self.notifiers)
-            .iter()
-            .map(|(_, n)| n.clone())
-            .collect();
+        let notifiers = Arc::clone(&lock(&self.notifiers));
         for &(start, end) in ranges {
-            for n in &notifiers {
+            for (_, n) in notifiers.iter() {
                 n.invalidate_range(Gva(start), Gva(end));
             }
         }
@@ -645,7 +658,7 @@ fn overlapping(st: &State, start: u64, end: u64) -> impl Iterator<Item = Vma> + 
 
 /// Splits the areas that straddle `start` or `end` so that every area is inside or
 /// outside `[start, end)`; returns the parts inside, as `(start, end)` ranges.
-fn split_vmas(st: &mut State, start: u64, end: u64) -> Vec<(u64, u64)> {
+fn split_vmas(st: &mut State, start: u64, end: u64) -> Ranges {
     for cut in [start, end] {
         if let Some(v) = vma_at(st, Gva(cut)).filter(|v| v.start.0 < cut) {
             let head = Vma {
