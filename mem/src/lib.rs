@@ -136,8 +136,17 @@ mod guest_ram {
     use std::sync::atomic::{AtomicU64, Ordering};
     use vm_memory::{
         Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-        MemoryRegionAddress,
+        GuestRegionMmap, MemoryRegionAddress,
     };
+
+    /// The region that holds all of `[addr, addr + len)`, with `addr`'s offset in it; one
+    /// region lookup and one bounds check, no error built on the way.
+    fn within(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<(&GuestRegionMmap, u64)> {
+        let region = mem.find_region(GuestAddress(addr))?;
+        let offset = addr - region.start_addr().0;
+        let end = offset.checked_add(len)?;
+        (end <= region.len()).then_some((region, offset))
+    }
 
     /// The atomic view of the 8 bytes at `addr`, which must lie inside one region and be
     /// 8-byte aligned both as a guest address and in the host mapping.
@@ -145,13 +154,9 @@ mod guest_ram {
         if addr % 8 != 0 {
             return Err(MemError::Unaligned { addr, align: 8 });
         }
-        let out_of_range = MemError::OutOfRange { addr, len: 8 };
-        let (region, offset): (_, MemoryRegionAddress) =
-            mem.to_region_addr(GuestAddress(addr)).ok_or(out_of_range)?;
-        if offset.0.checked_add(8).is_none_or(|end| end > region.len()) {
-            return Err(out_of_range);
-        }
-        let ptr = region.get_host_address(offset).map_err(|_| out_of_range)?;
+        let (region, offset) = within(mem, addr, 8).ok_or(MemError::OutOfRange { addr, len: 8 })?;
+        // `offset + 8` is inside the region's mapping (`within`), so the pointer is too.
+        let ptr = region.as_ptr().wrapping_add(offset as usize);
         if ptr as usize % 8 != 0 {
             return Err(MemError::Unaligned { addr, align: 8 });
         }
@@ -204,6 +209,14 @@ mod guest_ram {
         }
 
         fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            // Inside one region (a table entry, a descriptor, a page): one bounds check and
+            // one copy; a copy across regions, or a refused one, takes the general path.
+            if let Some((region, offset)) = within(self, addr, buf.len() as u64) {
+                if let Ok(slice) = region.get_slice(MemoryRegionAddress(offset), buf.len()) {
+                    slice.copy_to(buf);
+                    return Ok(());
+                }
+            }
             check(self, addr, buf.len())?;
             if buf.is_empty() {
                 return Ok(());
@@ -216,6 +229,12 @@ mod guest_ram {
         }
 
         fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+            if let Some((region, offset)) = within(self, addr, buf.len() as u64) {
+                if let Ok(slice) = region.get_slice(MemoryRegionAddress(offset), buf.len()) {
+                    slice.copy_from(buf);
+                    return Ok(());
+                }
+            }
             check(self, addr, buf.len())?;
             if buf.is_empty() {
                 return Ok(());
