@@ -5,9 +5,12 @@
 //! operation runs a request at a time, a request being at most a page: each operand is
 //! translated once per page (an untranslated request, or with ATS a device-TLB lookup or
 //! translation request followed by translated requests). Memmove moves bytes HPA to HPA:
-//! consecutive requests whose source and destination both continue in host memory join a
-//! run, and a run is one overlap-safe copy there ([`HostMemory::copy`]). Fill and compare
-//! go through a bounce buffer of a page.
+//! copying upwards, the requests up to the end of either operand's translated run are
+//! checked at once (one check of each operand's bytes with the IOMMU and host memory; the
+//! IOMMU translated and checked each page of the runs), and consecutive requests whose
+//! source and destination both continue in host memory join a run, which is one
+//! overlap-safe copy there ([`HostMemory::copy`]). Fill and compare go through a bounce
+//! buffer of a page.
 //!
 //! Memmove copies from the top down when the descriptor's destination overlaps its source
 //! from above (result 1 in the record). The direction is decided on the descriptor's
@@ -1262,10 +1265,18 @@ impl DmaEngine {
         }
     }
 
-    /// The next request of a memmove with `left` bytes to go, after the bytes a pending
+    /// The next requests of a memmove with `left` bytes to go, after the bytes a pending
     /// run holds: translates both operands at `at` (source, destination: their lowest
-    /// bytes to go, or with `descending` their highest), checks the request with the IOMMU
-    /// and host memory, and returns it as a run of its own.
+    /// bytes to go, or with `descending` their highest), checks the requests with the IOMMU
+    /// and host memory, and returns them as a run of their own.
+    ///
+    /// Ascending, the run is every request up to the end of either operand's translated
+    /// run: its pages were each translated and checked for the access by the IOMMU
+    /// ([`DmaPort::remap_run`]), and a translated request's check does not depend on where
+    /// in host memory it goes but for the range, so one check of the run's bytes in each
+    /// operand stands for the check of each request. When a run leaves host memory it ends
+    /// before the first request that does, which is then checked alone and fails at its
+    /// own address, as it would have request by request. Descending, a run is one request.
     #[allow(clippy::too_many_arguments)]
     fn memmove_request(
         &self,
@@ -1284,27 +1295,39 @@ impl DmaEngine {
         let ahead = if descending { 1 } else { left };
         let ts = self.translate(c1, ctrl, pasid, s, read, ahead)?;
         let td = self.translate(c2, ctrl, pasid, d, write, ahead)?;
-        let n = if descending {
+        let piece = if descending {
             let room = |t: DmaRun, a: u64| a - t.start() + 1;
-            left.min(room(ts, s)).min(room(td, d)).min(REQUEST)
+            let n = left.min(room(ts, s)).min(room(td, d)).min(REQUEST);
+            let (s, d) = (s + 1 - n, d + 1 - n);
+            Run {
+                dst: d,
+                src_hpa: ts.hpa_of(s),
+                dst_hpa: td.hpa_of(d),
+                len: n,
+            }
         } else {
-            left.min(ts.bytes_from(s))
-                .min(td.bytes_from(d))
-                .min(REQUEST)
+            let n = left.min(ts.bytes_from(s)).min(td.bytes_from(d));
+            let (src_hpa, dst_hpa) = (ts.hpa_of(s), td.hpa_of(d));
+            // The whole requests from `hpa` on that lie in host memory, up to `n` bytes.
+            let size = self.port.memory().size();
+            let in_memory = |hpa: Hpa| match hpa.0.checked_add(n) {
+                Some(end) if end <= size => n,
+                _ => size.saturating_sub(hpa.0) / REQUEST * REQUEST,
+            };
+            let n = match in_memory(src_hpa).min(in_memory(dst_hpa)) {
+                0 => n.min(REQUEST),
+                whole => whole,
+            };
+            Run {
+                dst: d,
+                src_hpa,
+                dst_hpa,
+                len: n,
+            }
         };
-        let (s, d) = if descending {
-            (s + 1 - n, d + 1 - n)
-        } else {
-            (s, d)
-        };
-        let piece = Run {
-            dst: d,
-            src_hpa: ts.hpa_of(s),
-            dst_hpa: td.hpa_of(d),
-            len: n,
-        };
-        self.check_request(ctrl, piece.src_hpa, n, s, read)?;
-        self.check_request(ctrl, piece.dst_hpa, n, d, write)?;
+        let s = if descending { s + 1 - piece.len } else { s };
+        self.check_request(ctrl, piece.src_hpa, piece.len, s, read)?;
+        self.check_request(ctrl, piece.dst_hpa, piece.len, piece.dst, write)?;
         Ok(piece)
     }
 }

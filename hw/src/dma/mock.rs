@@ -1,4 +1,5 @@
-//! A stand-in IOMMU for the engine's tests: a map of 4 KiB pages per PASID.
+//! A stand-in IOMMU for the engine's tests: a map of 4 KiB pages per PASID, each part of
+//! a translated page of 4 KiB or more.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -7,16 +8,25 @@ use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::{addr::Hpa, addr::Pasid, addr::SourceId, fault::FaultReason};
 
 use super::port::{
-    AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaTranslation,
-    PageRequestMessage, PrgResponse,
+    AtsCompletion, AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaFault, DmaPort, DmaRun,
+    DmaTranslation, PageRequestMessage, PrgResponse,
 };
 use crate::drain::RequestDrain;
 use crate::memory::{HostMemory, PAGE_SIZE};
 
 #[derive(Clone, Copy, Debug)]
 struct Page {
+    /// The frame of this 4 KiB of the page.
     hpa: u64,
     writable: bool,
+    /// The size of the translated page it is part of.
+    size: u64,
+}
+
+impl Page {
+    fn translation(&self) -> DmaTranslation {
+        DmaTranslation::new(Hpa(self.hpa & !(self.size - 1)), self.size).unwrap()
+    }
 }
 
 #[derive(Default)]
@@ -29,6 +39,11 @@ struct State {
     pri: bool,
     /// The context entry allows translated requests.
     translated_ok: bool,
+    /// Translated requests checked.
+    translated_checks: u64,
+    /// Untranslated requests answer for runs of pages ([`DmaPort::remap_run`]), not for
+    /// one page.
+    lookahead: bool,
     requests: Vec<PageRequestMessage>,
     /// Answer each page request at once, from inside the call, with this code.
     auto_response: Option<(Weak<dyn AtsEndpoint>, ResponseCode)>,
@@ -72,6 +87,15 @@ impl MockPort {
         self.state.lock().unwrap().translated_ok = on;
     }
 
+    /// How many translated requests the port checked.
+    pub fn translated_checks(&self) -> u64 {
+        self.state.lock().unwrap().translated_checks
+    }
+
+    pub fn set_lookahead(&self, on: bool) {
+        self.state.lock().unwrap().lookahead = on;
+    }
+
     pub fn set_auto_response(&self, device: Weak<dyn AtsEndpoint>, code: ResponseCode) {
         self.state.lock().unwrap().auto_response = Some((device, code));
     }
@@ -89,12 +113,23 @@ impl MockPort {
     }
 
     pub fn map(&self, pasid: Option<Pasid>, addr: u64, hpa: u64, writable: bool) {
-        assert_eq!(hpa % PAGE_SIZE, 0);
-        self.state
-            .lock()
-            .unwrap()
-            .pages
-            .insert((pasid, addr / PAGE_SIZE), Page { hpa, writable });
+        self.map_page(pasid, addr, hpa, PAGE_SIZE, writable);
+    }
+
+    /// Maps the device page of `size` bytes (a power of two of 4 KiB or more) containing
+    /// `addr` to the frames from `hpa` (aligned to `size`) on.
+    pub fn map_page(&self, pasid: Option<Pasid>, addr: u64, hpa: u64, size: u64, writable: bool) {
+        assert!(size.is_power_of_two() && size >= PAGE_SIZE && hpa % size == 0);
+        let base = addr & !(size - 1);
+        let mut st = self.state.lock().unwrap();
+        for off in (0..size).step_by(PAGE_SIZE as usize) {
+            let page = Page {
+                hpa: hpa + off,
+                writable,
+                size,
+            };
+            st.pages.insert((pasid, (base + off) / PAGE_SIZE), page);
+        }
     }
 
     pub fn unmap(&self, pasid: Option<Pasid>, addr: u64) {
@@ -179,7 +214,31 @@ impl DmaPort for MockPort {
             self.map(pasid, addr, hpa, page.writable);
             self.drain.drain();
         }
-        Ok(DmaTranslation::new(Hpa(page.hpa), PAGE_SIZE).unwrap())
+        Ok(page.translation())
+    }
+
+    /// With lookahead, the pages after the first that translate for `access` and
+    /// continue the run in host memory, up to the one holding byte `addr + len - 1`.
+    fn remap_run(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: DmaAccess,
+        len: u64,
+    ) -> Result<DmaRun, DmaFault> {
+        let mut run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
+        if !self.state.lock().unwrap().lookahead {
+            return Ok(run);
+        }
+        let last = addr.saturating_add(len.max(1) - 1);
+        while let Some(next) = run.end().filter(|&end| end <= last) {
+            match self.walk(pasid, next, access) {
+                Ok(page) if run.extend(page.translation()) => {}
+                _ => break,
+            }
+        }
+        Ok(run)
     }
 
     fn ats_translate(
@@ -191,7 +250,7 @@ impl DmaPort for MockPort {
     ) -> Result<AtsCompletion, DmaFault> {
         let page = self.walk(pasid, addr, access)?;
         let completion = AtsCompletion {
-            page: DmaTranslation::new(Hpa(page.hpa), PAGE_SIZE).unwrap(),
+            page: page.translation(),
             perm: DmaAccess {
                 read: true,
                 write: page.writable,
@@ -227,7 +286,9 @@ impl DmaPort for MockPort {
         _len: u64,
         _access: DmaAccess,
     ) -> Result<(), DmaFault> {
-        if self.state.lock().unwrap().translated_ok {
+        let mut st = self.state.lock().unwrap();
+        st.translated_checks += 1;
+        if st.translated_ok {
             Ok(())
         } else {
             Err(DmaFault {

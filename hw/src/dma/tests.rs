@@ -1286,3 +1286,274 @@ fn pcie_capabilities_follow_the_configuration() {
         );
     }
 }
+
+/// What a page of a random device window is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PageKind {
+    Hole,
+    ReadOnly,
+    Writable,
+}
+
+/// A page of a random device window: its kind, and whether its frame follows the previous
+/// page's in host memory.
+fn page_spec() -> impl Strategy<Value = (PageKind, bool)> {
+    let kind = prop_oneof![
+        1 => Just(PageKind::Hole),
+        1 => Just(PageKind::ReadOnly),
+        6 => Just(PageKind::Writable),
+    ];
+    (kind, proptest::bool::weighted(0.75))
+}
+
+/// 4 KiB pages of each random window.
+const WINDOW_PAGES: u64 = 16;
+/// The size of a large page of a random window.
+const LARGE: u64 = 4 * PAGE_SIZE;
+
+/// A random device window of [`WINDOW_PAGES`] pages at `base`: 4 KiB pages and 16 KiB
+/// pages (`large[i]`: the `i`-th 16 KiB of the window is one page, of its first 4 KiB's
+/// kind), each page's frames contiguous with the page before or elsewhere. `pages` holds
+/// each 4 KiB's frame and kind: the model of the mappings.
+#[derive(Clone, Debug)]
+struct Window {
+    base: u64,
+    pages: Vec<(u64, PageKind)>,
+}
+
+impl Window {
+    fn build(base: u64, next: &mut u64, specs: &[(PageKind, bool)], large: &[bool]) -> Window {
+        let mut pages = Vec::new();
+        for (slot, &big) in large.iter().enumerate() {
+            let specs = &specs[slot * 4..slot * 4 + 4];
+            if big {
+                if !specs[0].1 {
+                    *next += 3 * PAGE_SIZE;
+                }
+                *next = next.next_multiple_of(LARGE);
+                (0..4).for_each(|i| pages.push((*next + i * PAGE_SIZE, specs[0].0)));
+                *next += LARGE;
+            } else {
+                for &(kind, follows) in specs {
+                    if !follows {
+                        *next += 2 * PAGE_SIZE;
+                    }
+                    pages.push((*next, kind));
+                    *next += PAGE_SIZE;
+                }
+            }
+        }
+        Window { base, pages }
+    }
+
+    /// Maps the window in `rig`'s port.
+    fn map(&self, rig: &Rig, p: Option<Pasid>, large: &[bool]) {
+        for (i, &(hpa, kind)) in self.pages.iter().enumerate() {
+            let addr = self.base + i as u64 * PAGE_SIZE;
+            let big = large[i / 4];
+            if kind == PageKind::Hole || (big && i % 4 != 0) {
+                continue;
+            }
+            let size = if big { LARGE } else { PAGE_SIZE };
+            rig.port
+                .map_page(p, addr, hpa, size, kind == PageKind::Writable);
+        }
+    }
+
+    /// The frame of device address `addr` if the window maps it for `write`.
+    fn frame(&self, addr: u64, write: bool) -> Option<u64> {
+        let i = addr.checked_sub(self.base)? / PAGE_SIZE;
+        let &(hpa, kind) = self.pages.get(i as usize)?;
+        let allowed = match kind {
+            PageKind::Hole => false,
+            PageKind::ReadOnly => !write,
+            PageKind::Writable => true,
+        };
+        allowed.then_some(hpa + addr % PAGE_SIZE)
+    }
+}
+
+/// The outcome of a memmove byte by byte, in the descriptor's direction, each byte's
+/// source translated before its destination: the bytes of host memory from `FRAMES` on,
+/// and the record's status, fault address, fault direction and bytes completed.
+fn memmove_byte_by_byte(
+    host: &mut [u8],
+    src: (&Window, u64),
+    dst: (&Window, u64),
+    len: u64,
+) -> (CompletionStatus, u64, bool, u64) {
+    let descending = dst.1 > src.1 && dst.1 - src.1 < len;
+    for k in 0..len {
+        let i = if descending { len - 1 - k } else { k };
+        let (s, d) = (src.1 + i, dst.1 + i);
+        let Some(hs) = src.0.frame(s, false) else {
+            return (CompletionStatus::TranslationFail, s, false, k);
+        };
+        let Some(hd) = dst.0.frame(d, true) else {
+            return (CompletionStatus::TranslationFail, d, true, k);
+        };
+        host[(hd - FRAMES) as usize] = host[(hs - FRAMES) as usize];
+    }
+    (CompletionStatus::Success, 0, false, len)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A memmove over random mappings (holes, read-only pages, 4 KiB and 16 KiB pages,
+    /// frames contiguous or not), between two windows or within one (either direction),
+    /// leaves the same bytes and the same record whether the IOMMU answers for runs of
+    /// pages or for one page at a time, and both are the memmove done byte by byte up to
+    /// the first byte that faults.
+    #[test]
+    fn memmove_over_runs_matches_the_page_by_page_memmove(
+        src_specs in proptest::collection::vec(page_spec(), WINDOW_PAGES as usize),
+        dst_specs in proptest::collection::vec(page_spec(), WINDOW_PAGES as usize),
+        src_large in proptest::collection::vec(proptest::bool::weighted(0.3), 4),
+        dst_large in proptest::collection::vec(proptest::bool::weighted(0.3), 4),
+        same_window: bool,
+        src_off in 0..WINDOW_PAGES * PAGE_SIZE,
+        dst_off in 0..WINDOW_PAGES * PAGE_SIZE,
+        len_seed: u64,
+        ats: bool,
+    ) {
+        let p = pasid(1);
+        let mut next = FRAMES;
+        let a = Window::build(0x100_0000, &mut next, &src_specs, &src_large);
+        let b = Window::build(0x200_0000, &mut next, &dst_specs, &dst_large);
+        let (dst_window, dst_large) = if same_window { (&a, &src_large) } else { (&b, &dst_large) };
+        let room = WINDOW_PAGES * PAGE_SIZE - src_off.max(dst_off);
+        let len = 1 + len_seed % room;
+        let (src, dst) = (a.base + src_off, dst_window.base + dst_off);
+        let span = (next - FRAMES) as usize;
+        let init = pattern(span, len as u8);
+        let mut model = init.clone();
+        let (status, fault_addr, fault_write, done) =
+            memmove_byte_by_byte(&mut model, (&a, src), (dst_window, dst), len);
+        let descending = dst > src && dst - src < len;
+
+        let mut outcomes = Vec::new();
+        for lookahead in [false, true] {
+            let rig = Rig::new(ALL | if ats { CTRL_ATS_EN } else { 0 });
+            rig.port.set_lookahead(lookahead);
+            a.map(&rig, p, &src_large);
+            if !same_window {
+                b.map(&rig, p, dst_large);
+            }
+            rig.port.memory().write(FRAMES, &init).unwrap();
+            let r = rig.run(desc(p, Operation::Memmove { src, dst, size: len as u32 }));
+            prop_assert_eq!(r.status, status, "lookahead {}", lookahead);
+            prop_assert_eq!(u64::from(r.bytes_completed), done);
+            prop_assert_eq!(r.result, u8::from(descending));
+            if status != CompletionStatus::Success {
+                prop_assert_eq!((r.fault_addr, r.fault_write), (fault_addr, fault_write));
+            }
+            prop_assert!(rig.host(FRAMES, span) == model, "bytes differ, lookahead {}", lookahead);
+            outcomes.push(rig.dev.stats());
+        }
+        prop_assert!(outcomes[1].translations <= outcomes[0].translations);
+        prop_assert!(outcomes[1].memmove_runs <= outcomes[0].memmove_runs);
+    }
+}
+
+/// A run of one translation is checked once in each operand: with ATS, a 16 KiB page is
+/// one translated request of the source and one of the destination, not four of each;
+/// without ATS and with the IOMMU answering for runs, 64 KiB contiguous in both operands is
+/// one translation of each and one copy.
+#[test]
+fn a_run_of_one_translation_is_checked_and_moved_once() {
+    let p = pasid(1);
+    let (src, dst) = (0x40_0000u64, 0x80_0000u64);
+    let no_record = |op| Descriptor {
+        completion: CompletionRequest::None,
+        ..desc(p, op)
+    };
+    let rig = Rig::new(ALL | CTRL_ATS_EN);
+    rig.port.map_page(p, src, FRAMES, LARGE, false);
+    rig.port.map_page(p, dst, FRAMES + LARGE, LARGE, true);
+    let data = pattern(LARGE as usize, 4);
+    rig.port.memory().write(FRAMES, &data).unwrap();
+    let op = Operation::Memmove {
+        src,
+        dst,
+        size: LARGE as u32,
+    };
+    rig.submit(no_record(op));
+    assert_eq!(rig.dev.process(), 1);
+    assert_eq!(rig.host(FRAMES + LARGE, LARGE as usize), data);
+    assert_eq!(rig.port.translated_checks(), 2);
+    let s = rig.dev.stats();
+    assert_eq!((s.completed, s.failed, s.memmove_runs), (1, 0, 1));
+    assert_eq!(s.devtlb_misses, 2);
+
+    let rig = Rig::new(ALL);
+    rig.port.set_lookahead(true);
+    let pages = 16;
+    rig.map_frames(p, src, FRAMES, pages, false);
+    rig.map_frames(p, dst, FRAMES + 0x10_0000, pages, true);
+    let data = pattern((pages * PAGE_SIZE) as usize, 9);
+    rig.port.memory().write(FRAMES, &data).unwrap();
+    rig.submit(no_record(Operation::Memmove {
+        src,
+        dst,
+        size: (pages * PAGE_SIZE) as u32,
+    }));
+    assert_eq!(rig.dev.process(), 1);
+    assert_eq!(rig.host(FRAMES + 0x10_0000, data.len()), data);
+    let s = rig.dev.stats();
+    assert_eq!((s.translations, s.memmove_runs), (2, 1));
+}
+
+/// A run that leaves host memory several pages in moves the requests before the first
+/// one outside it, which fails at its own address, whether the IOMMU answers for runs or
+/// for pages (which only changes where requests begin).
+#[test]
+fn a_long_run_that_leaves_host_memory_stops_at_the_first_request_outside_it() {
+    for lookahead in [false, true] {
+        let rig = Rig::new(ALL);
+        rig.port.set_lookahead(lookahead);
+        let p = pasid(2);
+        let end = rig.port.memory().size();
+        let (src, dst, pages) = (0x40_0000u64, 0x80_0000u64, 6);
+        rig.map_frames(p, src, FRAMES, pages, false);
+        // The destination's last two pages map past the end of host memory.
+        rig.map_frames(p, dst, end - 4 * PAGE_SIZE, pages, true);
+        let data = pattern((pages * PAGE_SIZE) as usize, 8);
+        rig.port.memory().write(FRAMES, &data).unwrap();
+        let r = rig.run(desc(
+            p,
+            Operation::Memmove {
+                src: src + 0x100,
+                dst: dst + 0x100,
+                size: (pages * PAGE_SIZE - 0x100) as u32,
+            },
+        ));
+        assert_eq!(
+            r.status,
+            CompletionStatus::AccessError,
+            "lookahead {lookahead}"
+        );
+        assert!(r.fault_write);
+        // Page by page, requests end at page ends and the fifth page's is the first
+        // outside memory; over runs they are 4 KiB from 0x100 on, and the fourth ends
+        // past it.
+        let done = if lookahead {
+            3 * PAGE_SIZE
+        } else {
+            4 * PAGE_SIZE - 0x100
+        };
+        assert_eq!(r.fault_addr, dst + 0x100 + done);
+        assert_eq!(u64::from(r.bytes_completed), done);
+        let moved = end - 4 * PAGE_SIZE + 0x100;
+        assert_eq!(
+            rig.host(moved, done as usize),
+            data[0x100..0x100 + done as usize]
+        );
+        let untouched = (end - moved - done) as usize;
+        assert_eq!(
+            rig.host(moved + done, untouched),
+            vec![0; untouched],
+            "nothing of the request that leaves memory"
+        );
+    }
+}
