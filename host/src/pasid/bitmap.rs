@@ -54,6 +54,12 @@ impl FreeBitmap {
         self.levels[0][i / WORD_BITS] & (1 << (i % WORD_BITS)) != 0
     }
 
+    /// Word `w` of the leaf level: bit `i` set when entry `64 w + i` is free. `w` must be
+    /// below the number of words.
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.levels[0][w]
+    }
+
     /// Marks entry `i` taken (moving the lower bound past it if it was there). `i` must be
     /// below the bitmap size.
     pub(crate) fn take(&mut self, i: usize) {

@@ -6,19 +6,20 @@
 //!
 //! Costs: `alloc` finds the first free PASID in a constant number of bitmap word operations
 //! (one when the low part of the space is full: the search starts at the bitmap's bound
-//! below which nothing is free), records its owner and appends it to its set's member
-//! list; `free` swap-removes it from that list at the position the owner table keeps for
-//! it; both are O(1) whatever the occupancy (the owner table's maps rehash at most 4,096
-//! entries when they grow), and `owner` is one hash lookup. Sets are found by id in a
-//! direct-mapped table, without hashing. Listing a set's PASIDs in order sorts its k
-//! members (O(k log k)).
+//! below which nothing is free), records its owner in the leaf of its bitmap word and
+//! appends it to its set's member list; `free` swap-removes it from that list at the
+//! position the owner table keeps for it; both are O(1) whatever the occupancy (a leaf
+//! moves at most 64 entries when it grows or shrinks), and `owner` is a bitmap word, a
+//! directory slot and an entry, without hashing. Sets are found by id in a direct-mapped
+//! table, without hashing. Listing a set's PASIDs in order sorts its k members
+//! (O(k log k)).
 //!
-//! Memory: a fixed 132 KiB bitmap, and per allocated PASID an owner entry (set id and
-//! member-list position: 13 bytes of room, 26 at most with its map's spare room after
-//! allocations, 52 after churn at the peak: see the `owners` module) and a 4-byte member-list slot
-//! (at most 8 with the list's spare capacity); measured by
-//! `testbed/tests/bench_heap.rs` and `vsva bench` (`bytes_per_pasid_*`). A list keeps its
-//! capacity when PASIDs are freed, until its set is destroyed.
+//! Memory: a fixed 132 KiB bitmap and 64 KiB leaf directory, and per allocated PASID an
+//! 8-byte owner entry (set id and member-list position; with its leaf's spare room fewer
+//! than 32 bytes: see the `owners` module) and a 4-byte member-list slot (at most 8 with
+//! the list's spare capacity); measured by `testbed/tests/bench_heap.rs` and `vsva bench`
+//! (`bytes_per_pasid_*`). A list keeps its capacity when PASIDs are freed, until its set
+//! is destroyed.
 
 mod bitmap;
 mod owners;
@@ -30,7 +31,6 @@ use vsva_uapi::error::UapiError;
 use vsva_vtd::addr::Pasid;
 
 use crate::error::HostError;
-use bitmap::FreeBitmap;
 use owners::{Owner, OwnerTable};
 use sets::SetTable;
 
@@ -41,9 +41,7 @@ pub const DEFAULT_QUOTA: u32 = 1000;
 /// Number of PASIDs in the space, PASID 0 included.
 const PASID_SPACE: usize = 1 << Pasid::BITS;
 
-/// A set id no set gets (the owner-table marker of a free PASID before the owner table
-/// kept entries for allocated PASIDs only; still never handed out, so that set ids keep
-/// their range).
+/// A set id no set gets: the owner of the reserved PASID 0 in the owner table.
 const NO_OWNER: u32 = u32::MAX;
 
 /// The identifier of one VM's PASID set.
@@ -72,8 +70,7 @@ impl fmt::Display for PasidSetId {
 /// The global PASID allocator.
 #[derive(Clone, Debug)]
 pub struct PasidAllocator {
-    free: FreeBitmap,
-    /// Each allocated PASID's owner and position in its member list.
+    /// The free PASIDs, and each allocated PASID's owner and position in its member list.
     owners: OwnerTable,
     allocated: usize,
     sets: SetTable,
@@ -88,10 +85,7 @@ impl Default for PasidAllocator {
 impl PasidAllocator {
     /// An allocator with every PASID but 0 free and no sets.
     pub fn new() -> Self {
-        let mut free = FreeBitmap::all_free(PASID_SPACE);
-        free.take(Pasid::RID_PASID.raw() as usize);
         PasidAllocator {
-            free,
             owners: OwnerTable::new(),
             allocated: 0,
             sets: SetTable::new(),
@@ -118,12 +112,11 @@ impl PasidAllocator {
                 quota: members.quota,
             });
         }
-        let raw = match self.free.first_free_from(min as usize) {
-            Some(p) if p <= max as usize => p as u32,
+        let raw = match self.owners.first_free_from(min) {
+            Some(p) if p <= max => p,
             _ => return Err(HostError::NoFreePasid { min, max }),
         };
         let pasid = Pasid::new(raw).map_err(|e| HostError::field("PASID", e.to_string()))?;
-        self.free.take(raw as usize);
         self.owners.insert(
             raw,
             Owner {
@@ -140,17 +133,14 @@ impl PasidAllocator {
     /// `vfio_iommu_type1_pasid_free` answers for a PASID of another owner or none).
     pub fn free(&mut self, set: PasidSetId, pasid: Pasid) -> Result<(), HostError> {
         let raw = pasid.raw();
-        let owner = match self.owners.get(raw) {
-            Some(owner) if owner.set == set.0 => owner,
-            owner => {
-                return Err(HostError::NotOwner {
-                    pasid,
-                    set,
-                    owner: owner.map(|o| PasidSetId(o.set)),
-                })
-            }
-        };
-        self.owners.remove(raw);
+        let owner = self
+            .owners
+            .remove(raw, set.0)
+            .map_err(|owner| HostError::NotOwner {
+                pasid,
+                set,
+                owner: owner.map(|o| PasidSetId(o.set)),
+            })?;
         self.allocated -= 1;
         if let Some(members) = self.sets.get_mut(set) {
             members.pasids.swap_remove(owner.index as usize);
@@ -158,7 +148,6 @@ impl PasidAllocator {
                 self.owners.set_index(moved, owner.index);
             }
         }
-        self.free.release(raw as usize);
         Ok(())
     }
 
@@ -214,16 +203,17 @@ impl PasidAllocator {
     pub fn destroy_set(&mut self, set: PasidSetId) -> Result<Vec<Pasid>, HostError> {
         let members = self.sets.remove(set).ok_or(HostError::UnknownSet(set))?;
         for &raw in &members.pasids {
-            self.owners.remove(raw);
-            self.free.release(raw as usize);
+            let removed = self.owners.remove(raw, set.0);
+            debug_assert!(removed.is_ok(), "member {raw} of {set} not held by it");
         }
         self.allocated -= members.pasids.len();
         Ok(ascending(members.pasids))
     }
 
-    /// Heap bytes of the fixed free bitmap.
-    pub fn bitmap_bytes(&self) -> usize {
-        self.free.heap_bytes()
+    /// Heap bytes of the fixed tables (the free bitmap and the owner table's leaf
+    /// directory), taken whatever the occupancy.
+    pub fn fixed_bytes(&self) -> usize {
+        self.owners.fixed_bytes()
     }
 }
 
@@ -380,9 +370,9 @@ mod tests {
                     set.and_then(|s| s.pasids.get(entry.index as usize)),
                     Some(&raw)
                 );
-                prop_assert!(!a.free.is_free(raw as usize));
+                prop_assert!(!a.owners.is_free(raw));
             } else {
-                prop_assert_eq!(a.free.is_free(raw as usize), raw != 0);
+                prop_assert_eq!(a.owners.is_free(raw), raw != 0);
             }
         }
         Ok(())
