@@ -166,10 +166,16 @@ impl FlPte {
 }
 
 /// The reserved-bit layout of first-level entries for one IOMMU configuration.
+///
+/// The reserved bits of every level, with PS clear and set, are computed when the format
+/// is made, so that a walker checks an entry with one mask compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlFormat {
     address_width: u8,
     one_gib_pages: bool,
+    /// The reserved-bit mask of level `i / 2` with PS equal to `i % 2`; level 0 (no such
+    /// level) reserves every bit.
+    masks: [u64; 12],
 }
 
 impl FlFormat {
@@ -181,9 +187,37 @@ impl FlFormat {
             Ok(address_width) => Ok(FlFormat {
                 address_width,
                 one_gib_pages,
+                masks: Self::masks(address_width, one_gib_pages),
             }),
             Err(e) => Err(e),
         }
+    }
+
+    /// The mask table of a format (§9.7's reserved bits): the address bits above the width
+    /// at every level; the address bits below a large page's size but above its PAT bit
+    /// (bit 12); PS where no page can be mapped (levels 4 and 5, and a PDPE without 1-GiB
+    /// pages). In a PTE bit 7 is PAT, never reserved.
+    const fn masks(address_width: u8, one_gib_pages: bool) -> [u64; 12] {
+        let above_width = bits(51, address_width as u32);
+        let one_gib = if one_gib_pages {
+            above_width | bits(29, 13)
+        } else {
+            above_width | FlPte::PS
+        };
+        [
+            u64::MAX,
+            u64::MAX,
+            above_width,
+            above_width,
+            above_width,
+            above_width | bits(20, 13),
+            above_width,
+            one_gib,
+            above_width | FlPte::PS,
+            above_width | FlPte::PS,
+            above_width | FlPte::PS,
+            above_width | FlPte::PS,
+        ]
     }
 
     /// The address width.
@@ -198,19 +232,21 @@ impl FlFormat {
 
     /// The bits of `pte` that are reserved at `level` and set: non-zero means fault SFL.3.
     /// At a level outside 1..=5 every bit is reserved.
+    #[inline(always)]
     pub const fn reserved_bits(&self, level: u8, pte: FlPte) -> u64 {
-        let above_width = bits(51, self.address_width as u32);
-        let ps = pte.0 & FlPte::PS != 0;
-        let mask = match level {
-            1 => above_width,
-            2 if ps => above_width | bits(20, 13),
-            3 if ps && self.one_gib_pages => above_width | bits(29, 13),
-            3 if ps => above_width | FlPte::PS,
-            2 | 3 => above_width,
-            4 | 5 => above_width | FlPte::PS,
-            _ => u64::MAX,
-        };
-        pte.0 & mask
+        pte.0 & self.reserved(level, pte.0)
+    }
+
+    /// The mask of the bits reserved at `level` in the entry `raw` (which of its two masks
+    /// depends on PS): one table read.
+    #[inline(always)]
+    pub(crate) const fn reserved(&self, level: u8, raw: u64) -> u64 {
+        let i = (level as usize) << 1 | (raw & FlPte::PS != 0) as usize;
+        if i < self.masks.len() {
+            self.masks[i]
+        } else {
+            u64::MAX
+        }
     }
 }
 

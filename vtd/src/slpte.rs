@@ -148,6 +148,9 @@ impl SlPte {
 }
 
 /// The reserved-bit layout of second-level entries for one IOMMU configuration.
+///
+/// The reserved bits of every level, with PS clear and set, are computed when the format
+/// is made, so that a walker checks an entry with one mask compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SlFormat {
     address_width: u8,
@@ -155,6 +158,9 @@ pub struct SlFormat {
     one_gib_pages: bool,
     snoop_control: bool,
     transient_mapping: bool,
+    /// The reserved-bit mask of level `i / 2` with PS equal to `i % 2`; level 0 (no such
+    /// level) reserves every bit.
+    masks: [u64; 12],
 }
 
 impl SlFormat {
@@ -169,8 +175,56 @@ impl SlFormat {
                 one_gib_pages: true,
                 snoop_control: true,
                 transient_mapping: true,
-            }),
+                masks: [0; 12],
+            }
+            .with_masks()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The format with its mask table computed from its fields (§9.8's reserved bits):
+    /// the address bits above the width at every level; SNP and TM in non-leaf
+    /// entries, and in leaves without snoop control or device-TLB support; the address bits
+    /// below a large page's size; PS where no page can be mapped (levels 4 and 5, and a
+    /// large-page size that is not supported).
+    const fn with_masks(self) -> Self {
+        let above_width = bits(51, self.address_width as u32);
+        let mut leaf_extra = 0;
+        if !self.snoop_control {
+            leaf_extra |= SlPte::SNP;
+        }
+        if !self.transient_mapping {
+            leaf_extra |= SlPte::TM;
+        }
+        let non_leaf = above_width | SlPte::SNP | SlPte::TM;
+        let unsupported = above_width | SlPte::PS;
+        let two_mib = if self.two_mib_pages {
+            above_width | bits(20, 12) | leaf_extra
+        } else {
+            unsupported
+        };
+        let one_gib = if self.one_gib_pages {
+            above_width | bits(29, 12) | leaf_extra
+        } else {
+            unsupported
+        };
+        let level_1 = above_width | leaf_extra;
+        SlFormat {
+            masks: [
+                u64::MAX,
+                u64::MAX,
+                level_1,
+                level_1,
+                non_leaf,
+                two_mib,
+                non_leaf,
+                one_gib,
+                non_leaf | SlPte::PS,
+                non_leaf | SlPte::PS,
+                non_leaf | SlPte::PS,
+                non_leaf | SlPte::PS,
+            ],
+            ..self
         }
     }
 
@@ -182,6 +236,7 @@ impl SlFormat {
             one_gib_pages: one_gib,
             ..self
         }
+        .with_masks()
     }
 
     /// The same format with or without snoop control; without it SNP is reserved.
@@ -190,6 +245,7 @@ impl SlFormat {
             snoop_control,
             ..self
         }
+        .with_masks()
     }
 
     /// The same format with or without device-TLB support; without it TM is reserved.
@@ -198,6 +254,7 @@ impl SlFormat {
             transient_mapping,
             ..self
         }
+        .with_masks()
     }
 
     /// The address width.
@@ -217,27 +274,21 @@ impl SlFormat {
     /// The bits of `pte` that are reserved at `level` and set: non-zero means fault SSL.3.
     /// SNP and TM are reserved in non-leaf entries; at a level outside 1..=5 every bit is
     /// reserved.
+    #[inline(always)]
     pub const fn reserved_bits(&self, level: u8, pte: SlPte) -> u64 {
-        let above_width = bits(51, self.address_width as u32);
-        let mut leaf_extra = 0;
-        if !self.snoop_control {
-            leaf_extra |= SlPte::SNP;
+        pte.0 & self.reserved(level, pte.0)
+    }
+
+    /// The mask of the bits reserved at `level` in the entry `raw` (which of its two masks
+    /// depends on PS): one table read.
+    #[inline(always)]
+    pub(crate) const fn reserved(&self, level: u8, raw: u64) -> u64 {
+        let i = (level as usize) << 1 | (raw & SlPte::PS != 0) as usize;
+        if i < self.masks.len() {
+            self.masks[i]
+        } else {
+            u64::MAX
         }
-        if !self.transient_mapping {
-            leaf_extra |= SlPte::TM;
-        }
-        let non_leaf = above_width | SlPte::SNP | SlPte::TM;
-        let ps = pte.0 & SlPte::PS != 0;
-        let mask = match level {
-            1 => above_width | leaf_extra,
-            2 if ps && self.two_mib_pages => above_width | bits(20, 12) | leaf_extra,
-            3 if ps && self.one_gib_pages => above_width | bits(29, 12) | leaf_extra,
-            2 | 3 if ps => above_width | SlPte::PS,
-            2 | 3 => non_leaf,
-            4 | 5 => non_leaf | SlPte::PS,
-            _ => u64::MAX,
-        };
-        pte.0 & mask
     }
 }
 

@@ -342,7 +342,7 @@ where
     };
     let mut level = start.level;
     let mut table = start.table;
-    let mut rights = start.rights;
+    let mut rights = start.rights.bits();
     loop {
         let root = level == top;
         let offset = table_index(input, level) * 8;
@@ -369,10 +369,10 @@ where
             return Err(fault(read_fault, level));
         };
         // Evaluated again if an accessed/dirty update finds the entry changed.
-        let (pte, level_rights, leaf) = loop {
+        let (pte, leaf) = loop {
             let pte = FlPte(raw);
             step.entry = raw;
-            let (level_rights, leaf) = match decide(cfg, level, pte, rights, access) {
+            let leaf = match decide(cfg, level, raw, rights, access) {
                 Ok(v) => v,
                 Err(reason) => {
                     step.outcome = StepOutcome::Fault(reason);
@@ -391,7 +391,7 @@ where
                 want |= FlPte::D;
             }
             if want == 0 {
-                break (pte, level_rights, leaf);
+                break (pte, leaf);
             }
             match stage.table_address(table, root, true, obs) {
                 // The same table as just read: the sum did not overflow then either.
@@ -407,7 +407,7 @@ where
                     raw |= want;
                     step.entry = raw;
                     step.set_bits = want;
-                    break (FlPte(raw), level_rights, leaf);
+                    break (FlPte(raw), leaf);
                 }
                 Ok(found) => raw = found,
                 Err(_) => {
@@ -417,7 +417,7 @@ where
                 }
             }
         };
-        rights = level_rights;
+        rights &= raw ^ FlPte::XD;
         if let Some(size) = leaf {
             let base = pte.page_address(size);
             step.outcome = StepOutcome::Page { base, size };
@@ -426,7 +426,9 @@ where
             return Ok(Translation {
                 output: next.output,
                 page_size: size.min(next.page_size),
-                perms: rights.effective(cfg, access).intersect(next.perms),
+                perms: FlRights::from_bits(rights)
+                    .effective(cfg, access)
+                    .intersect(next.perms),
                 dirty: pte.dirty() && next.dirty,
             });
         }
@@ -456,12 +458,26 @@ impl FlRights {
         execute_disable: false,
     };
 
-    const fn with(self, pte: FlPte) -> FlRights {
+    /// The rights as entry bits, accumulated over levels by one AND per entry of the
+    /// entry with XD inverted: U/S and R/W where every level has them, XD where no level
+    /// has it.
+    const fn bits(self) -> u64 {
+        (self.user as u64 * FlPte::US)
+            | (self.writable as u64 * FlPte::RW)
+            | (!self.execute_disable as u64 * FlPte::XD)
+    }
+
+    /// The rights of accumulated entry bits (`FlRights::bits`).
+    const fn from_bits(bits: u64) -> FlRights {
         FlRights {
-            user: self.user && pte.user(),
-            writable: self.writable && pte.writable(),
-            execute_disable: self.execute_disable || pte.execute_disable(),
+            user: bits & FlPte::US != 0,
+            writable: bits & FlPte::RW != 0,
+            execute_disable: bits & FlPte::XD == 0,
         }
+    }
+
+    const fn with(self, pte: FlPte) -> FlRights {
+        FlRights::from_bits(self.bits() & (pte.0 ^ FlPte::XD))
     }
 
     fn can_write(self, cfg: &FlConfig, access: AccessRequest) -> bool {
@@ -483,34 +499,38 @@ impl FlRights {
     }
 }
 
-/// Checks one entry: presence, reserved bits, and at the leaf the request's rights.
-/// Returns the rights accumulated down to this entry and, for a leaf, its page size.
+/// Checks the entry `raw` at `level`: presence, reserved bits (one mask compare), and at
+/// the leaf the request's rights against `rights` (the levels above, as
+/// `FlRights::bits`) and its own. Returns the page size of a leaf, `None` for an entry
+/// pointing to a table.
 #[inline(always)]
 fn decide(
     cfg: &FlConfig,
     level: u8,
-    pte: FlPte,
-    rights: FlRights,
+    raw: u64,
+    rights: u64,
     access: AccessRequest,
-) -> Result<(FlRights, Option<PageSize>), FaultReason> {
-    if !pte.present() {
+) -> Result<Option<PageSize>, FaultReason> {
+    if raw & FlPte::P == 0 {
         return Err(FaultReason::Sfl2);
     }
-    if cfg.format.reserved_bits(level, pte) != 0 {
+    if raw & cfg.format.reserved(level, raw) != 0 {
         return Err(FaultReason::Sfl3);
     }
-    let rights = rights.with(pte);
-    let leaf = PageSize::from_level(level).filter(|_| pte.is_leaf(level));
-    if leaf.is_some() {
-        if !access.supervisor && !rights.user {
-            return Err(FaultReason::Sgn2);
-        }
-        if access.write && !rights.can_write(cfg, access) {
-            return Err(FaultReason::Sgn6);
-        }
-        if access.execute && !rights.can_execute(access) {
-            return Err(FaultReason::Sgn3);
-        }
+    // PS is reserved wherever it cannot map a page, so a PS that passed the check does
+    // (in a PTE, bit 7 is PAT: every PTE maps a page).
+    if level != 1 && raw & FlPte::PS == 0 {
+        return Ok(None);
     }
-    Ok((rights, leaf))
+    let rights = FlRights::from_bits(rights & (raw ^ FlPte::XD));
+    if !access.supervisor && !rights.user {
+        return Err(FaultReason::Sgn2);
+    }
+    if access.write && !rights.can_write(cfg, access) {
+        return Err(FaultReason::Sgn6);
+    }
+    if access.execute && !rights.can_execute(access) {
+        return Err(FaultReason::Sgn3);
+    }
+    Ok(PageSize::from_level(level))
 }

@@ -125,6 +125,10 @@ impl SlStart {
 }
 
 /// The walk from `start`, reporting refusals with `faults`.
+///
+/// Each level costs the entry's read, one compare for presence, one mask compare for its
+/// reserved bits (the format's table of masks per level and PS) and one AND of its R, W
+/// and X bits into the rights; the request's rights are checked once, at the leaf.
 pub(crate) fn walk_from<M, O>(
     mem: &M,
     cfg: &SlConfig,
@@ -156,128 +160,136 @@ where
         return Err(fault(FaultReason::Ssl4, start.level));
     }
     let mut table = start.table;
-    let mut rights = start.rights;
+    let mut rights = rights_bits(start.rights);
     let mut level = start.level;
     loop {
         let entry_address = table + table_index(input, level) * 8;
-        let mut step = WalkStep {
+        let (this_table, this_level) = (table, level);
+        let step = move |entry, set_bits, outcome| WalkStep {
             stage: Stage::SecondLevel,
-            level,
+            level: this_level,
             input,
-            table,
+            table: this_table,
             entry_address,
-            entry: 0,
-            set_bits: 0,
-            outcome: StepOutcome::Fault(FaultReason::Ssl1),
+            entry,
+            set_bits,
+            outcome,
         };
         let Ok(mut raw) = mem.read_u64(entry_address) else {
-            obs.step(step);
+            obs.step(step(0, 0, StepOutcome::Fault(FaultReason::Ssl1)));
             return Err(fault(FaultReason::Ssl1, level));
         };
+        let mut set_bits = 0;
         // Evaluated again if an accessed/dirty update finds the entry changed.
-        let (pte, level_rights, leaf) = loop {
-            let pte = SlPte(raw);
-            step.entry = raw;
-            let decision = decide(cfg, level, pte, rights, access, faults);
-            let (level_rights, leaf) = match decision {
-                Ok(v) => v,
+        let leaf = loop {
+            let leaf = match decide(cfg, level, raw, rights, access, faults) {
+                Ok(leaf) => leaf,
                 Err(reason) => {
-                    step.outcome = StepOutcome::Fault(reason);
-                    obs.step(step);
+                    obs.step(step(raw, 0, StepOutcome::Fault(reason)));
                     return Err(fault(reason, level));
                 }
             };
             let mut want = 0;
             if cfg.slade {
-                if !pte.accessed() {
+                if raw & SlPte::A == 0 {
                     want |= SlPte::A;
                 }
-                if leaf.is_some() && access.write && !pte.dirty() {
+                if leaf.is_some() && access.write && raw & SlPte::D == 0 {
                     want |= SlPte::D;
                 }
             }
             if want == 0 {
-                break (pte, level_rights, leaf);
+                break leaf;
             }
             match mem.compare_exchange_u64(entry_address, raw, raw | want) {
                 Ok(found) if found == raw => {
                     raw |= want;
-                    step.entry = raw;
-                    step.set_bits = want;
-                    break (SlPte(raw), level_rights, leaf);
+                    set_bits = want;
+                    break leaf;
                 }
                 Ok(found) => raw = found,
                 Err(_) => {
-                    step.outcome = StepOutcome::Fault(FaultReason::Ssl1);
-                    obs.step(step);
+                    obs.step(step(raw, 0, StepOutcome::Fault(FaultReason::Ssl1)));
                     return Err(fault(FaultReason::Ssl1, level));
                 }
             }
         };
-        rights = level_rights;
+        rights &= raw;
+        let pte = SlPte(raw);
         if let Some(size) = leaf {
             let base = pte.page_address(size);
-            step.outcome = StepOutcome::Page { base, size };
-            obs.step(step);
+            obs.step(step(raw, set_bits, StepOutcome::Page { base, size }));
             return Ok(Translation {
                 output: base | (input & (size.bytes() - 1)),
                 page_size: size,
-                perms: rights,
+                perms: permissions(cfg, rights),
                 dirty: !cfg.slade || pte.dirty(),
             });
         }
         table = pte.table_address();
-        step.outcome = StepOutcome::Table(table);
-        obs.step(step);
+        obs.step(step(raw, set_bits, StepOutcome::Table(table)));
         level -= 1;
     }
 }
 
-/// Checks one entry: presence, reserved bits, and at the leaf the request's rights.
-/// Returns the rights accumulated down to this entry and, for a leaf, its page size.
+/// Checks the entry `raw` at `level`: presence, reserved bits, and at the leaf the
+/// request's rights against `rights` (the R, W and X bits of the levels above) and its
+/// own. Returns the page size of a leaf, `None` for an entry pointing to a table.
 #[inline(always)]
 fn decide(
     cfg: &SlConfig,
     level: u8,
-    pte: SlPte,
-    rights: Permissions,
+    raw: u64,
+    rights: u64,
     access: AccessRequest,
     faults: &SlFaults,
-) -> Result<(Permissions, Option<PageSize>), FaultReason> {
-    if !pte.present() {
+) -> Result<Option<PageSize>, FaultReason> {
+    if raw & (SlPte::R | SlPte::W) == 0 {
         return Err(FaultReason::Ssl2);
     }
-    if cfg.format.reserved_bits(level, pte) != 0 {
+    if raw & cfg.format.reserved(level, raw) != 0 {
         return Err(FaultReason::Ssl3);
     }
-    let rights = accumulate(cfg, rights, pte);
-    let leaf = PageSize::from_level(level).filter(|_| pte.is_leaf(level));
-    if leaf.is_some() {
-        if access.write && !rights.write {
-            return Err(faults.no_write);
-        }
-        if !access.write && !rights.read {
-            return Err(faults.no_read);
-        }
-        if access.execute && !rights.execute {
-            return Err(faults.no_execute);
-        }
+    // PS is reserved wherever it cannot map a page, so a PS that passed the check does.
+    if level != 1 && raw & SlPte::PS == 0 {
+        return Ok(None);
     }
-    Ok((rights, leaf))
+    let leaf = PageSize::from_level(level);
+    let rights = permissions(cfg, rights & raw);
+    if access.write && !rights.write {
+        return Err(faults.no_write);
+    }
+    if !access.write && !rights.read {
+        return Err(faults.no_read);
+    }
+    if access.execute && !rights.execute {
+        return Err(faults.no_execute);
+    }
+    Ok(leaf)
+}
+
+/// The R, W and X bits of second-level entries that `rights` grant: rights accumulate
+/// over levels as the AND of these bits.
+const fn rights_bits(rights: Permissions) -> u64 {
+    (rights.read as u64 * SlPte::R)
+        | (rights.write as u64 * SlPte::W)
+        | (rights.execute as u64 * SlPte::X)
+}
+
+/// The rights of the accumulated R, W and X bits `bits`: X counts when SLEE is 1, else
+/// execute follows read.
+const fn permissions(cfg: &SlConfig, bits: u64) -> Permissions {
+    let read = bits & SlPte::R != 0;
+    Permissions {
+        read,
+        write: bits & SlPte::W != 0,
+        execute: if cfg.slee { bits & SlPte::X != 0 } else { read },
+        user: true,
+    }
 }
 
 /// The rights of the levels above together with `pte`'s: R and W, and X when SLEE is 1
 /// (else execute follows read).
 const fn accumulate(cfg: &SlConfig, rights: Permissions, pte: SlPte) -> Permissions {
-    let read = rights.read && pte.readable();
-    Permissions {
-        read,
-        write: rights.write && pte.writable(),
-        execute: if cfg.slee {
-            rights.execute && pte.executable()
-        } else {
-            read
-        },
-        user: true,
-    }
+    permissions(cfg, rights_bits(rights) & pte.0)
 }
