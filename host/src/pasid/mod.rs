@@ -16,7 +16,8 @@
 //!
 //! Memory: a fixed 132 KiB bitmap and 64 KiB leaf directory, and per allocated PASID an
 //! 8-byte owner entry (set id and member-list position; with its leaf's spare room fewer
-//! than 32 bytes: see the `owners` module) and a 4-byte member-list slot (at most 8 with
+//! than 32 bytes, besides the leaves an arena keeps free after churn: see the `owners`
+//! module) and a 4-byte member-list slot (at most 8 with
 //! the list's spare capacity); measured by `testbed/tests/bench_heap.rs` and `vsva bench`
 //! (`bytes_per_pasid_*`). A list keeps its capacity when PASIDs are freed, until its set
 //! is destroyed.
