@@ -226,12 +226,14 @@ pub trait VfioIoctls {
 
     /// `VFIO_IOMMU_CACHE_INVALIDATE`.
     fn cache_invalidate(&mut self, inv: &CacheInvalidate) -> Result<(), Self::Error> {
-        let mut buf = VfioIommuType1CacheInvalidate {
+        // The argument's image on the stack: a forwarded invalidation allocates nothing.
+        let mut buf = [0u8; size_of::<VfioIommuType1CacheInvalidate>()];
+        VfioIommuType1CacheInvalidate {
             argsz: size_of::<VfioIommuType1CacheInvalidate>() as u32,
             flags: 0,
             info: IommuCacheInvalidateInfo::from(inv),
         }
-        .to_bytes();
+        .write(&mut buf);
         self.raw_ioctl(VFIO_IOMMU_CACHE_INVALIDATE, &mut buf)?;
         Ok(())
     }
@@ -286,12 +288,13 @@ fn pasid_request<T: VfioIoctls + ?Sized>(
     min: u32,
     max: u32,
 ) -> Result<usize, T::Error> {
-    let mut buf = VfioIommuType1PasidRequest {
+    let mut buf = [0u8; size_of::<VfioIommuType1PasidRequest>()];
+    VfioIommuType1PasidRequest {
         argsz: size_of::<VfioIommuType1PasidRequest>() as u32,
         flags,
         range: VfioPasidRange { min, max },
     }
-    .to_bytes();
+    .write(&mut buf);
     file.raw_ioctl(VFIO_IOMMU_PASID_REQUEST, &mut buf)
 }
 
