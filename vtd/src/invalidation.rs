@@ -176,11 +176,16 @@ pub fn fetch(
     if width != 32 && scalable {
         return Err(Iqei::InvalidWidth);
     }
+    // One read of the whole descriptor (a 128-bit one leaves the upper half zero).
+    let mut bytes = [0u8; 32];
+    let len = (width as usize).min(bytes.len());
+    mem.read(addr, &mut bytes[..len])
+        .map_err(|_| Iqei::FetchError)?;
     let mut raw = [0u64; 4];
-    for (i, q) in raw.iter_mut().take(width as usize / 8).enumerate() {
-        *q = mem
-            .read_u64(addr + 8 * i as u64)
-            .map_err(|_| Iqei::FetchError)?;
+    for (q, b) in raw.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(b);
+        *q = u64::from_le_bytes(word);
     }
     InvDesc::decode(raw).map_err(|e| Iqei::from(&e))
 }

@@ -39,6 +39,18 @@ impl Entry {
             && self.completion.perm.privileged == privileged
             && self.completion.page.page_start(addr) == self.start
     }
+
+    /// Whether `inv` drops the entry: its PASID (any PASID for a global request, never
+    /// an entry without PASID then) and a page meeting the range.
+    fn invalidated_by(&self, inv: &DevTlbInvalidation) -> bool {
+        let pasid_match = if inv.global {
+            self.pasid.is_some()
+        } else {
+            self.pasid == inv.pasid
+        };
+        let last = self.start + (self.completion.page.size() - 1);
+        pasid_match && inv.range.overlaps(self.start, last)
+    }
 }
 
 /// Invalidations remembered to name the one that overtook a completion.
@@ -163,17 +175,21 @@ impl DevTlb {
 
     /// Drops the entries an invalidate request covers; returns how many.
     pub fn invalidate(&mut self, inv: &DevTlbInvalidation) -> usize {
-        self.advance(OvertakenBy::Invalidation(*inv));
+        self.invalidate_each(std::slice::from_ref(inv))
+    }
+
+    /// Drops the entries any of `invs` covers, as that many invalidate requests arriving
+    /// together would: one pass over the entries, and every completion requested before
+    /// them refused (named by the first). Returns how many entries went.
+    pub fn invalidate_each(&mut self, invs: &[DevTlbInvalidation]) -> usize {
+        let Some(first) = invs.first() else {
+            return 0;
+        };
+        self.advance(OvertakenBy::Invalidation(*first));
         let mut dropped = 0;
         for slot in self.entries.iter_mut() {
             let Some(e) = slot else { continue };
-            let pasid_match = if inv.global {
-                e.pasid.is_some()
-            } else {
-                e.pasid == inv.pasid
-            };
-            let e_last = e.start + (e.completion.page.size() - 1);
-            if pasid_match && inv.range.overlaps(e.start, e_last) {
+            if invs.iter().any(|inv| e.invalidated_by(inv)) {
                 *slot = None;
                 dropped += 1;
             }
@@ -372,5 +388,49 @@ mod tests {
             completion(0x9000, 0x1000, true)
         ));
         assert!(t.lookup(pasid(1), 0x5000, DmaAccess::WRITE).is_some());
+    }
+
+    proptest::proptest! {
+        /// Requests that arrive together drop exactly what they drop one at a time, and
+        /// refuse a completion requested before them, named by the first.
+        #[test]
+        fn a_batch_drops_what_its_requests_drop_in_turn(
+            fills in proptest::collection::vec((0u32..3, 0u64..64, proptest::bool::ANY), 0..24),
+            invs in proptest::collection::vec(
+                (0u32..3, proptest::bool::ANY, 0u64..64, proptest::bool::ANY), 1..6),
+        ) {
+            let mut one = DevTlb::new(16);
+            for &(p, page, huge) in &fills {
+                let size = if huge { 0x20_0000 } else { 0x1000 };
+                let c = completion(page << 21, size, true);
+                one.insert(one.begin_fill(), (p != 0).then(|| pasid(p)).flatten(), page << 12, c);
+            }
+            let mut batch = DevTlb::new(16);
+            batch.entries.clone_from(&one.entries);
+            let invs: Vec<_> = invs
+                .iter()
+                .map(|&(p, global, page, s)| {
+                    DevTlbInvalidation::from_size_bit(
+                        (p != 0).then(|| pasid(p)).flatten(),
+                        global,
+                        page << 12,
+                        s,
+                    )
+                })
+                .collect();
+            let fill = batch.begin_fill();
+            let dropped: usize = invs.iter().map(|inv| one.invalidate(inv)).sum();
+            proptest::prop_assert_eq!(batch.invalidate_each(&invs), dropped);
+            let left = |t: &DevTlb| t.entries.iter().map(|e| e.map(|e| (e.pasid, e.start))).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(left(&batch), left(&one));
+            let c = completion(0, 0x1000, true);
+            proptest::prop_assert!(!batch.insert(fill, pasid(1), 0, c));
+            proptest::prop_assert_eq!(
+                batch.take_overtaken()[0].by,
+                OvertakenBy::Invalidation(invs[0])
+            );
+            proptest::prop_assert_eq!(batch.invalidate_each(&[]), 0);
+            proptest::prop_assert!(batch.insert(batch.begin_fill(), pasid(1), 0, c));
+        }
     }
 }

@@ -1381,9 +1381,14 @@ impl AtsEndpoint for DmaEngine {
     /// Drops the entries, then completes once no request that may have used one is
     /// moving bytes (the device TLB's [`RequestDrain`]). The lock serialises the drains.
     fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
-        bump(&self.counters.devtlb_invalidations, 1);
+        self.invalidate_devtlb_each(&[inv])
+    }
+
+    /// One lock, one pass over the entries and one drain for all of `invs`.
+    fn invalidate_devtlb_each(&self, invs: &[DevTlbInvalidation]) -> usize {
+        bump(&self.counters.devtlb_invalidations, invs.len() as u64);
         let mut tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
-        let dropped = tlb.invalidate(&inv);
+        let dropped = tlb.invalidate_each(invs);
         self.devtlb_drain.drain();
         dropped
     }

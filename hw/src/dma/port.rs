@@ -402,6 +402,13 @@ pub trait AtsEndpoint: Send + Sync {
     /// uses a dropped entry (the invalidate completion). Returns how many entries dropped.
     fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize;
 
+    /// Processes invalidate requests that arrive together, in order, as one completion:
+    /// when this returns, no later request of the device uses an entry any of them
+    /// dropped. Returns how many entries dropped. By default one at a time.
+    fn invalidate_devtlb_each(&self, invs: &[DevTlbInvalidation]) -> usize {
+        invs.iter().map(|&inv| self.invalidate_devtlb(inv)).sum()
+    }
+
     /// Delivers a PRG response message. The device acts on it when it next runs.
     fn page_response(&self, resp: PrgResponse);
 }

@@ -707,13 +707,12 @@ impl Iotlb {
     }
 
     /// An invalidation of entries of `did` and `pasid` only: [`Iotlb::invalidate`] for
-    /// their one bucket, found without visiting the others.
+    /// their one bucket, found without visiting the others; `remove` removes from it.
     fn invalidate_pasid_entries(
         &self,
         did: DomainId,
         pasid: Pasid,
-        pages: Pages,
-        mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
+        remove: impl FnOnce((DomainId, u32), &mut Bucket) -> usize,
     ) -> usize {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -722,7 +721,7 @@ impl Iotlb {
             return 0;
         };
         let before = listed.keys.len();
-        let removed = self.remove_from(at, listed, pages, &mut select);
+        let removed = remove(at, listed);
         let after = listed.keys.len();
         if after == 0 {
             index.buckets.remove(&at);
@@ -774,7 +773,9 @@ impl Iotlb {
     /// PASID-selective PASID-based IOTLB invalidation (§6.5.2.4): first-level and nested
     /// entries of `did` and `pasid`.
     pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) -> usize {
-        self.invalidate_pasid_entries(did, pasid, Pages::Any, |_, e| e.kind.is_first_level())
+        self.invalidate_pasid_entries(did, pasid, |at, bucket| {
+            self.remove_from(at, bucket, Pages::Any, &mut |_, e| e.kind.is_first_level())
+        })
     }
 
     /// Page-selective-within-PASID PASID-based IOTLB invalidation: first-level and nested
@@ -782,8 +783,29 @@ impl Iotlb {
     /// (for each page size and requester cached) when that is fewer lookups than the
     /// PASID's entries.
     pub fn invalidate_pasid_range(&self, did: DomainId, pasid: Pasid, range: AddrRange) -> usize {
-        self.invalidate_pasid_entries(did, pasid, Pages::In(range), |key, e| {
-            e.kind.is_first_level() && key.meets(&range)
+        self.invalidate_pasid_ranges(did, pasid, [range])
+    }
+
+    /// Page-selective-within-PASID PASID-based IOTLB invalidations of `did` and `pasid`
+    /// that arrive together: [`Iotlb::invalidate_pasid_range`] of each of `ranges`, with
+    /// one lock of the index and one look-up of the PASID's entries for all of them.
+    pub fn invalidate_pasid_ranges(
+        &self,
+        did: DomainId,
+        pasid: Pasid,
+        ranges: impl IntoIterator<Item = AddrRange>,
+    ) -> usize {
+        self.invalidate_pasid_entries(did, pasid, |at, bucket| {
+            let mut removed = 0;
+            for range in ranges {
+                if bucket.keys.is_empty() {
+                    break;
+                }
+                removed += self.remove_from(at, bucket, Pages::In(range), &mut |key, e| {
+                    e.kind.is_first_level() && key.meets(&range)
+                });
+            }
+            removed
         })
     }
 

@@ -3,7 +3,7 @@
 //! and the page request queue (§7.5).
 
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
+use std::sync::{PoisonError, TryLockError};
 use vsva_mem::PhysMem;
 
 use vsva_vtd::invalidation::{self, Completion};
@@ -16,6 +16,7 @@ use vsva_vtd::{
     walk::AccessRequest,
 };
 
+use super::qi::Pending;
 use super::{Iommu, ROOT_STRICT};
 
 impl Iommu {
@@ -40,7 +41,9 @@ impl Iommu {
                 RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(),
                 RegEffect::RegisterInvalidation(desc) => {
                     // Register-based invalidations carry no status write: nothing can fail.
-                    let _ = self.execute(&desc);
+                    let mut pending = Pending::default();
+                    let _ = self.execute(&desc, &mut pending);
+                    self.carry_out(&mut pending);
                 }
                 RegEffect::VirtualCommand(_) => {
                     // The physical unit has no virtual command interface (ECAP.VCS is 0).
@@ -81,8 +84,11 @@ impl Iommu {
     /// drain go while it still holds the register lock, so a tail written after its last
     /// look finds the drain free, and none is missed.
     fn process_invalidation_queue(&self) {
-        let Ok(draining) = self.qi_lock.try_lock() else {
-            return;
+        let mut draining = match self.qi_pending.try_lock() {
+            Ok(pending) => pending,
+            // What a drain that panicked left is carried out by this one.
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
         };
         let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -93,7 +99,7 @@ impl Iommu {
             };
             let scalable = regs.root_table().ttm == Ttm::Scalable;
             drop(regs);
-            let (done, error) = self.drain_invalidation_queue(queue, scalable);
+            let (done, error) = self.drain_invalidation_queue(queue, scalable, &mut draining);
             regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
             // Fails only if a register write meanwhile stopped the queue (IQE, QI
             // disabled): IQH then stays, as the error requires.
@@ -114,20 +120,29 @@ impl Iommu {
 
     /// Carries out the descriptors `queue` holds from its head up to its tail, without
     /// the register lock; the number carried out, and the error that stopped the drain at
-    /// the next one.
-    fn drain_invalidation_queue(&self, queue: InvQueue, scalable: bool) -> (u64, Option<Iqei>) {
-        let pending = queue
+    /// the next one. Cache invalidations are gathered in `pending` and every one fetched
+    /// is carried out before this returns.
+    fn drain_invalidation_queue(
+        &self,
+        queue: InvQueue,
+        scalable: bool,
+        pending: &mut Pending,
+    ) -> (u64, Option<Iqei>) {
+        let count = queue
             .tail
             .wrapping_add(queue.entries)
             .wrapping_sub(queue.head)
             % queue.entries;
-        for done in 0..pending {
+        for done in 0..count {
             let slot = queue.head.wrapping_add(done) % queue.entries;
             let addr = queue.base + slot * queue.desc_size;
             let completion = invalidation::fetch(&*self.mem, addr, queue.desc_size, scalable)
-                .and_then(|desc| self.execute(&desc).map_err(|_| Iqei::FetchError));
+                .and_then(|desc| self.execute(&desc, pending).map_err(|_| Iqei::FetchError));
             match completion {
-                Err(iqei) => return (done, Some(iqei)),
+                Err(iqei) => {
+                    self.carry_out(pending);
+                    return (done, Some(iqei));
+                }
                 Ok(Completion::WaitInterrupt) => {
                     let irq = self
                         .regs
@@ -139,7 +154,8 @@ impl Iommu {
                 Ok(_) => {}
             }
         }
-        (pending, None)
+        self.carry_out(pending);
+        (count, None)
     }
 
     /// Records a non-recoverable fault in the fault recording registers (§7.2.1).

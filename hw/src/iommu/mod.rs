@@ -113,8 +113,9 @@ pub struct Iommu {
     fl_format: FlFormat,
     sl_format: SlFormat,
     regs: Mutex<RegisterFile>,
-    /// Held while one thread drains the invalidation queue.
-    qi_lock: Mutex<()>,
+    /// Held while one thread drains the invalidation queue: the cache invalidations
+    /// that drain fetched and has not carried out yet.
+    qi_pending: Mutex<qi::Pending>,
     /// The root word ([`RootState::word`]) with the strict-mode flag: one atomic load on the hot path, on a cache line of its own so that the
     /// counters and locks other fields hold, which misses and invalidations write, do not
     /// share it.
@@ -147,7 +148,7 @@ impl Iommu {
             caps: config.caps,
             fl_format: FlFormat::new(haw, true)?,
             sl_format: SlFormat::new(haw)?,
-            qi_lock: Mutex::new(()),
+            qi_pending: Mutex::default(),
             regs: Mutex::new(regs),
             root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),

@@ -218,20 +218,33 @@ impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
         candidates: impl FnOnce() -> I,
         select: impl Fn(&K) -> bool,
     ) {
+        self.remove_with(generation, did, |shard| {
+            if count < shard.len() as u64 {
+                for key in candidates() {
+                    if select(&key) {
+                        shard.remove(&key);
+                    }
+                }
+            } else {
+                shard.retain(|k, _| !select(k));
+            }
+        });
+    }
+
+    /// Runs `remove` on `did`'s shard under its write lock, as an invalidation that fills
+    /// begun before it must not outlive.
+    fn remove_with(
+        &self,
+        generation: &Generation,
+        did: DomainId,
+        remove: impl FnOnce(&mut HashMap<K, V, FixedState>),
+    ) {
         let mut shard = self
             .shard(did)
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         generation.advance();
-        if count < shard.len() as u64 {
-            for key in candidates() {
-                if select(&key) {
-                    shard.remove(&key);
-                }
-            }
-        } else {
-            shard.retain(|k, _| !select(k));
-        }
+        remove(&mut shard);
     }
 
     fn clear(&self, generation: &Generation) {
@@ -446,30 +459,54 @@ impl PagingStructureCaches {
     /// removed (software may have changed non-leaf entries there); with IH set they are kept.
     /// Second-level entries and mappings stay, as for the PASID-selective granularity.
     pub fn invalidate_pasid_range(&self, did: DomainId, pasid: Pasid, range: AddrRange, ih: bool) {
-        let (addr, last) = (range.start, range.last);
-        if ih {
+        self.invalidate_pasid_ranges(did, pasid, [(range, ih)].into_iter());
+    }
+
+    /// Page-selective-within-PASID PASID-based-IOTLB invalidations of `did` and `pasid`
+    /// that arrive together: [`PagingStructureCaches::invalidate_pasid_range`] of each of
+    /// `ranges` (each with its IH), under one lock of the domain's shard, and with one
+    /// scan for all of them when their candidate keys are not fewer than the entries.
+    pub fn invalidate_pasid_ranges(
+        &self,
+        did: DomainId,
+        pasid: Pasid,
+        ranges: impl Iterator<Item = (AddrRange, bool)> + Clone,
+    ) {
+        let ranges = ranges
+            .filter(|&(_, ih)| !ih)
+            .map(|(range, _)| (range.start, range.last));
+        if ranges.clone().next().is_none() {
             return;
         }
-        let count = CACHED_LEVELS
-            .map(|l| blocks(addr, last, span_shift(l)).1.saturating_mul(2))
-            .fold(0u64, u64::saturating_add);
-        let candidates = || {
-            CACHED_LEVELS.flat_map(|level| {
-                let (regions, _) = blocks(addr, last, span_shift(level));
-                regions.flat_map(move |region| {
-                    [false, true].map(|nested| FlKey {
-                        tag: FlTag { did, pasid, nested },
-                        level,
-                        region,
-                    })
-                })
+        let count = ranges
+            .clone()
+            .map(|(addr, last)| {
+                CACHED_LEVELS
+                    .map(|l| blocks(addr, last, span_shift(l)).1.saturating_mul(2))
+                    .fold(0u64, u64::saturating_add)
             })
+            .fold(0u64, u64::saturating_add);
+        let select = |k: &FlKey, (addr, last): (u64, u64)| {
+            k.tag.did == did
+                && k.tag.pasid == pasid
+                && region_meets(k.region, span_shift(k.level), addr, last)
         };
         self.first_level
-            .remove(&self.generation, did, count, candidates, |k| {
-                k.tag.did == did
-                    && k.tag.pasid == pasid
-                    && region_meets(k.region, span_shift(k.level), addr, last)
+            .remove_with(&self.generation, did, |shard| {
+                if count < shard.len() as u64 {
+                    for (addr, last) in ranges {
+                        for level in CACHED_LEVELS {
+                            for region in blocks(addr, last, span_shift(level)).0 {
+                                for nested in [false, true] {
+                                    let tag = FlTag { did, pasid, nested };
+                                    shard.remove(&FlKey { tag, level, region });
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    shard.retain(|k, _| !ranges.clone().any(|r| select(k, r)));
+                }
             });
     }
 

@@ -3,6 +3,17 @@
 //!
 //! IOTLB invalidations reach the paging-structure caches too; their rules are in
 //! [`PagingStructureCaches`](super::pscache::PagingStructureCaches).
+//!
+//! IOTLB, PASID-based-IOTLB and device-TLB invalidations are gathered as the drain fetches
+//! them ([`Pending`]) and carried out together before the next descriptor of another kind
+//! (an invalidation wait, whose status write reports them complete, a context- or
+//! PASID-cache invalidation, a page group response) and at the end of the drain: the
+//! IOTLB and paging-structure-cache removals first, in queue order, those of one domain
+//! and PASID in a row under one lock of each cache; then the device-TLB invalidations,
+//! each device's requests in a row as one batch (one look-up of the device, one lock and
+//! one drain of its TLB). Every device-TLB invalidation thus still follows the IOTLB
+//! invalidations queued before it (§6.5.2.5: the device must not refill from a stale
+//! IOTLB entry), and nothing is reported complete before it is done.
 
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
@@ -16,65 +27,98 @@ use super::Iommu;
 use crate::dma::port::{DevTlbInvalidation, PrgResponse};
 use crate::memory::HostMemory;
 
-impl Iommu {
-    /// Carries out one invalidation descriptor.
-    pub(crate) fn execute(&self, desc: &InvDesc) -> Result<Completion, MemError> {
-        self.stats.descriptors.fetch_add(1, Ordering::Relaxed);
-        if matches!(desc, InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. }) {
-            self.note_iotlb_invalidation(desc);
-        }
-        invalidation::execute(&mut Invalidated(self), desc)
-    }
+/// Cache invalidations a drain fetched and has not carried out yet. Kept by the unit
+/// between drains (under its drain lock), so that their buffers are allocated once.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    /// IOTLB and PASID-based-IOTLB invalidations, with the descriptor of each (strict
+    /// mode names it), in queue order.
+    iotlb: Vec<(IotlbInvalidation, InvDesc)>,
+    /// Device-TLB invalidate requests, in queue order, and the device of each.
+    devtlb: Vec<DevTlbInvalidation>,
+    devtlb_sids: Vec<SourceId>,
+    /// Descriptors carried out and not yet counted in [`IommuStats::descriptors`]: one
+    /// shared counter update per batch, not per descriptor.
+    ///
+    /// [`IommuStats::descriptors`]: super::IommuStats::descriptors
+    executed: u64,
 }
 
-/// The model as invalidations reach it.
-struct Invalidated<'a>(&'a Iommu);
-
-impl InvalidationUnit for Invalidated<'_> {
-    type Mem = HostMemory;
-
-    fn status_memory(&self) -> &HostMemory {
-        &self.0.mem
+impl Iommu {
+    /// Carries out one descriptor, deferring its cache invalidations to
+    /// `pending` (see the module's documentation); [`Iommu::carry_out`] completes them.
+    pub(super) fn execute(
+        &self,
+        desc: &InvDesc,
+        pending: &mut Pending,
+    ) -> Result<Completion, MemError> {
+        pending.executed += 1;
+        invalidation::execute(
+            &mut Invalidated {
+                unit: self,
+                pending,
+                desc,
+            },
+            desc,
+        )
     }
 
-    fn invalidate_context_cache(
-        &mut self,
-        granularity: ContextCacheGranularity,
-        sid: SourceId,
-        fm: u8,
-    ) {
-        let unit = self.0;
-        let mut cache = unit
-            .context_cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
-        cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
-    }
-
-    fn invalidate_pasid_cache(
-        &mut self,
-        granularity: PasidCacheGranularity,
-        did: DomainId,
-        pasid: Pasid,
-    ) {
-        let unit = self.0;
-        let mut cache = unit
-            .pasid_cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
-        match granularity {
-            PasidCacheGranularity::Global => cache.clear(),
-            PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
-            PasidCacheGranularity::PasidSelective => {
-                cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
+    /// Carries out the invalidations `pending` holds and empties it.
+    pub(super) fn carry_out(&self, pending: &mut Pending) {
+        let executed = std::mem::take(&mut pending.executed);
+        if executed != 0 {
+            self.stats
+                .descriptors
+                .fetch_add(executed, Ordering::Relaxed);
+        }
+        let iotlb = &pending.iotlb;
+        let mut i = 0;
+        while i < iotlb.len() {
+            let (inv, desc) = &iotlb[i];
+            self.note_iotlb_invalidation(desc);
+            match *inv {
+                IotlbInvalidation::PasidPages { did, pasid, .. } => {
+                    let run = iotlb[i..]
+                        .iter()
+                        .take_while(|(next, _)| {
+                            matches!(*next, IotlbInvalidation::PasidPages { did: d, pasid: p, .. }
+                                if d == did && p == pasid)
+                        })
+                        .count();
+                    let pages = iotlb[i..i + run].iter().filter_map(|(inv, _)| match *inv {
+                        IotlbInvalidation::PasidPages { range, ih, .. } => Some((range, ih)),
+                        _ => None,
+                    });
+                    self.iotlb
+                        .invalidate_pasid_ranges(did, pasid, pages.clone().map(|(r, _)| r));
+                    self.paging_caches
+                        .invalidate_pasid_ranges(did, pasid, pages);
+                    i += run;
+                }
+                inv => {
+                    self.invalidate_iotlb(inv);
+                    i += 1;
+                }
             }
         }
+        pending.iotlb.clear();
+        let (invs, sids) = (&pending.devtlb, &pending.devtlb_sids);
+        let mut i = 0;
+        while i < invs.len() {
+            let sid = sids[i];
+            let run = sids[i..].iter().take_while(|&&s| s == sid).count();
+            if let Some(ep) = self.endpoint(sid) {
+                ep.invalidate_devtlb_each(&invs[i..i + run]);
+            }
+            i += run;
+        }
+        pending.devtlb.clear();
+        pending.devtlb_sids.clear();
     }
 
-    fn invalidate_iotlb(&mut self, inv: IotlbInvalidation) {
-        let (iotlb, paging) = (&self.0.iotlb, &self.0.paging_caches);
+    /// One IOTLB or PASID-based-IOTLB invalidation, paging-structure caches included.
+    fn invalidate_iotlb(&self, inv: IotlbInvalidation) {
+        let (iotlb, paging) = (&self.iotlb, &self.paging_caches);
         match inv {
             IotlbInvalidation::Global => {
                 iotlb.invalidate_all();
@@ -103,6 +147,70 @@ impl InvalidationUnit for Invalidated<'_> {
             }
         }
     }
+}
+
+/// The model as invalidations reach it: `desc` is the descriptor being carried out.
+struct Invalidated<'a> {
+    unit: &'a Iommu,
+    pending: &'a mut Pending,
+    desc: &'a InvDesc,
+}
+
+impl Invalidated<'_> {
+    /// Completes the deferred invalidations before a descriptor of another kind.
+    fn carry_out(&mut self) {
+        self.unit.carry_out(self.pending);
+    }
+}
+
+impl InvalidationUnit for Invalidated<'_> {
+    type Mem = HostMemory;
+
+    fn status_memory(&self) -> &HostMemory {
+        &self.unit.mem
+    }
+
+    fn invalidate_context_cache(
+        &mut self,
+        granularity: ContextCacheGranularity,
+        sid: SourceId,
+        fm: u8,
+    ) {
+        self.carry_out();
+        let unit = self.unit;
+        let mut cache = unit
+            .context_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
+    }
+
+    fn invalidate_pasid_cache(
+        &mut self,
+        granularity: PasidCacheGranularity,
+        did: DomainId,
+        pasid: Pasid,
+    ) {
+        self.carry_out();
+        let unit = self.unit;
+        let mut cache = unit
+            .pasid_cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
+        match granularity {
+            PasidCacheGranularity::Global => cache.clear(),
+            PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
+            PasidCacheGranularity::PasidSelective => {
+                cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
+            }
+        }
+    }
+
+    fn invalidate_iotlb(&mut self, inv: IotlbInvalidation) {
+        self.pending.iotlb.push((inv, *self.desc));
+    }
 
     fn invalidate_device_tlb(
         &mut self,
@@ -112,9 +220,9 @@ impl InvalidationUnit for Invalidated<'_> {
         addr: u64,
         size: bool,
     ) {
-        if let Some(ep) = self.0.endpoint(sid) {
-            ep.invalidate_devtlb(DevTlbInvalidation::from_size_bit(pasid, global, addr, size));
-        }
+        let inv = DevTlbInvalidation::from_size_bit(pasid, global, addr, size);
+        self.pending.devtlb.push(inv);
+        self.pending.devtlb_sids.push(sid);
     }
 
     fn page_group_response(
@@ -124,7 +232,8 @@ impl InvalidationUnit for Invalidated<'_> {
         prg_index: u16,
         response: ResponseCode,
     ) {
-        if let Some(ep) = self.0.endpoint(rid) {
+        self.carry_out();
+        if let Some(ep) = self.unit.endpoint(rid) {
             ep.page_response(PrgResponse {
                 pasid,
                 prgi: prg_index,
@@ -136,6 +245,7 @@ impl InvalidationUnit for Invalidated<'_> {
     /// The descriptors before a wait are complete once no request that used a translation
     /// they removed is still moving bytes (§6.5.5 draining).
     fn drain(&mut self) {
-        self.0.drain.drain();
+        self.carry_out();
+        self.unit.drain.drain();
     }
 }

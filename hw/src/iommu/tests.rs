@@ -9,6 +9,7 @@ use vsva_mem::MemWindow;
 use vsva_vtd::context::{context_entry_addr, ScalableContextEntry};
 use vsva_vtd::inv_desc::{
     ContextCacheGranularity, IotlbGranularity, PasidCacheGranularity, PasidIotlbGranularity,
+    ResponseCode,
 };
 use vsva_vtd::pasid::{pasid_dir_entry_addr, pasid_entry_addr, PasidDirEntry};
 use vsva_vtd::prq::PageRequestDesc;
@@ -23,7 +24,10 @@ use vsva_vtd::{
 };
 
 use super::{Iommu, IommuConfig, IommuConfigError, Source};
-use crate::dma::port::{DmaAccess, DmaPort, PageRequestMessage};
+use crate::dma::port::{
+    AtsEndpoint, DevTlbInvalidation, DmaAccess, DmaPort, PageRequestMessage, PcieCapabilities,
+    PrgResponse,
+};
 use crate::memory::{FrameAllocator, HostMemory};
 
 const SID: SourceId = SourceId::from_rid(0x0010);
@@ -1436,4 +1440,172 @@ fn second_level_dirty_bits_follow_writes_through_the_iotlb_and_ats() {
     ]);
     assert_eq!(t(0x6000, AccessRequest::WRITE), Source::Walk);
     assert_eq!(leaf(0x6000) & (SlPte::A | SlPte::D), 0);
+}
+
+/// What a device behind the unit was sent, in order.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Invalidate requests delivered together, and how many translations the IOTLB held
+    /// when they arrived.
+    Invalidations(Vec<DevTlbInvalidation>, usize),
+    Response(PrgResponse),
+}
+
+/// A device that records what the unit sends it.
+struct Recorder {
+    sid: SourceId,
+    iommu: std::sync::Weak<Iommu>,
+    sent: std::sync::Mutex<Vec<Sent>>,
+}
+
+impl Recorder {
+    fn attach(iommu: &Arc<Iommu>, sid: SourceId) -> Arc<Recorder> {
+        let r = Arc::new(Recorder {
+            sid,
+            iommu: Arc::downgrade(iommu),
+            sent: std::sync::Mutex::default(),
+        });
+        iommu.attach_endpoint(r.clone());
+        r
+    }
+
+    fn take(&self) -> Vec<Sent> {
+        std::mem::take(&mut self.sent.lock().unwrap())
+    }
+}
+
+impl AtsEndpoint for Recorder {
+    fn source_id(&self) -> SourceId {
+        self.sid
+    }
+
+    fn pcie_capabilities(&self) -> PcieCapabilities {
+        PcieCapabilities::default()
+    }
+
+    fn invalidate_devtlb(&self, inv: DevTlbInvalidation) -> usize {
+        self.invalidate_devtlb_each(&[inv])
+    }
+
+    fn invalidate_devtlb_each(&self, invs: &[DevTlbInvalidation]) -> usize {
+        let cached = self.iommu.upgrade().map_or(0, |u| u.iotlb().len());
+        self.sent
+            .lock()
+            .unwrap()
+            .push(Sent::Invalidations(invs.to_vec(), cached));
+        0
+    }
+
+    fn page_response(&self, resp: PrgResponse) {
+        self.sent.lock().unwrap().push(Sent::Response(resp));
+    }
+}
+
+#[test]
+fn scattered_page_invalidations_reach_the_iotlb_first_and_each_device_once_per_run() {
+    const GVA: u64 = 0x7000_0000;
+    const PAGES: u64 = 16;
+    let mut rig = Rig::new(true);
+    let p = pasid(5);
+    let mut fl = rig.first_level(p);
+    for i in 0..PAGES {
+        rig.map(&mut fl, GVA + (i << 12), 0x50_0000 + (i << 12), rw());
+    }
+    let translate = |rig: &Rig, i: u64| {
+        let m = rig
+            .iommu
+            .translate(SID, Some(p), GVA + (i << 12), AccessRequest::READ)
+            .unwrap();
+        assert_eq!(m.hpa, 0x50_0000 + (i << 12));
+        m.source
+    };
+    for i in 0..PAGES {
+        assert_eq!(translate(&rig, i), Source::Walk);
+    }
+    let other_sid = SourceId::from_rid(0x20);
+    let dev = Recorder::attach(&rig.iommu, SID);
+    let other = Recorder::attach(&rig.iommu, other_sid);
+    let piotlb = |addr| InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+        did: DID,
+        pasid: p,
+        addr,
+        ih: false,
+        am: 0,
+    };
+    let devtlb = |sid, addr| InvDesc::PasidDevIotlb {
+        sid,
+        pfsid: sid,
+        pasid: p,
+        max_invs_pend: 0,
+        addr,
+        size: false,
+        global: false,
+    };
+    let request = |addr| DevTlbInvalidation::from_size_bit(Some(p), false, addr, false);
+    // Every other page, each an IOTLB and a device-TLB descriptor as a driver queues
+    // them, then one for the other device and one more for the first.
+    let named: Vec<u64> = (0..PAGES).step_by(2).map(|i| GVA + (i << 12)).collect();
+    let mut descs: Vec<InvDesc> = named
+        .iter()
+        .flat_map(|&a| [piotlb(a), devtlb(SID, a)])
+        .collect();
+    descs.extend([devtlb(other_sid, GVA), devtlb(SID, GVA + 0x1000)]);
+    let counted = |rig: &Rig| rig.iommu.stats().descriptors.load(Ordering::Relaxed);
+    let before = counted(&rig);
+    rig.invalidate(&descs);
+    assert_eq!(
+        counted(&rig) - before,
+        descs.len() as u64 + 1,
+        "each and the wait"
+    );
+    // Each device got its requests in queue order, a run of them at once, once every
+    // IOTLB removal of the batch was done (half the pages left).
+    let left = (PAGES / 2) as usize;
+    assert_eq!(
+        dev.take(),
+        [
+            Sent::Invalidations(named.iter().map(|&a| request(a)).collect(), left),
+            Sent::Invalidations(vec![request(GVA + 0x1000)], left),
+        ]
+    );
+    assert_eq!(
+        other.take(),
+        [Sent::Invalidations(vec![request(GVA)], left)]
+    );
+    for i in 0..PAGES {
+        let want = if i % 2 == 0 {
+            Source::Walk
+        } else {
+            Source::Iotlb
+        };
+        assert_eq!(translate(&rig, i), want, "page {i}");
+    }
+    // A descriptor of another kind goes after the requests queued before it and before
+    // those after it.
+    let response = InvDesc::PageGroupResponse {
+        rid: SID,
+        pasid_present: true,
+        pasid: p,
+        private_data_present: false,
+        response: ResponseCode::Success,
+        last_page_in_group: true,
+        prg_index: 3,
+        private_data: [0; 2],
+    };
+    rig.invalidate(&[devtlb(SID, GVA), response, devtlb(SID, GVA + 0x2000)]);
+    let all = PAGES as usize;
+    assert_eq!(
+        dev.take(),
+        [
+            Sent::Invalidations(vec![request(GVA)], all),
+            Sent::Response(PrgResponse {
+                pasid: Some(p),
+                prgi: 3,
+                code: ResponseCode::Success
+            }),
+            Sent::Invalidations(vec![request(GVA + 0x2000)], all),
+        ]
+    );
+    assert_eq!(rig.iommu.take_stale_translations(), []);
 }
