@@ -108,17 +108,21 @@ impl InvalidationQueue {
         R: Registers + ?Sized,
         M: PhysMem + ?Sized,
     {
-        // Every descriptor is checked before any is queued; each is encoded again as it
-        // is written to its slot (cheap bit packing), so a submission allocates nothing.
-        for desc in descs {
-            desc.encode()?;
-        }
         if descs.is_empty() {
             return self.submit_batch(regs, mem, &[], drain_page_requests);
         }
         // A batch leaves a slot for its wait and one free (a full queue has IQT one
         // behind IQH).
         let batch = (QUEUE_ENTRIES - 2) as usize;
+        // Every descriptor is checked before any is queued. A batch encodes each as it is
+        // written to its slot and moves IQT only after the last (so a submission allocates
+        // nothing, and one batch needs no check of its own); several batches are checked
+        // first, since the first may be queued before a later one is encoded.
+        if descs.len() > batch {
+            for desc in descs {
+                desc.encode()?;
+            }
+        }
         let mut first_error = None;
         for chunk in descs.chunks(batch) {
             if let Err(e) = self.submit_batch(regs, mem, chunk, drain_page_requests) {
@@ -425,6 +429,15 @@ mod tests {
         };
         assert!(matches!(
             q.submit(&unit, &unit.mem, &[iotlb(1), bad], false),
+            Err(Error::Descriptor(_))
+        ));
+        assert!(unit.take_log().is_empty());
+        assert_eq!(unit.regs().inv_queue().unwrap().tail, 0);
+        // Nor when it is in a later batch than the first.
+        let mut many: Vec<InvDesc> = (0..300).map(|i| iotlb(i as u16)).collect();
+        many[299] = bad;
+        assert!(matches!(
+            q.submit(&unit, &unit.mem, &many, false),
             Err(Error::Descriptor(_))
         ));
         assert!(unit.take_log().is_empty());

@@ -33,7 +33,20 @@ pub struct Invalidation {
     all: bool,
 }
 
+/// Most runs room is made for ahead of an array ([`Invalidation::with_capacity`]): the
+/// entry count comes from the user.
+const RUNS_RESERVED: u32 = 256;
+
 impl Invalidation {
+    /// Room for the runs of an array of `entries` entries (up to [`RUNS_RESERVED`]), so
+    /// that adding them does not grow the list entry by entry.
+    pub fn with_capacity(entries: u32) -> Self {
+        Invalidation {
+            closed: Vec::with_capacity(entries.min(RUNS_RESERVED) as usize),
+            ..Invalidation::default()
+        }
+    }
+
     /// Adds an entry's `npages` 4-KiB pages from `addr` (4-KiB aligned; `npages ==
     /// u64::MAX` only with `addr == 0`: everything). Zero pages add nothing.
     pub fn add(&mut self, addr: u64, npages: u64, leaf: bool) {
@@ -83,6 +96,14 @@ impl Invalidation {
         ecap: &Ecap,
         descs: &mut Vec<InvDesc>,
     ) {
+        // Two descriptors for each run and target at least (more when a run is several
+        // blocks).
+        let runs = if self.all {
+            1
+        } else {
+            self.closed.len() + usize::from(self.open.is_some())
+        };
+        descs.reserve(2 * runs * targets.len());
         for &(sid, pasid) in targets {
             let pf = pfsid(sid, ecap);
             if self.all {

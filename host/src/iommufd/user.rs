@@ -54,8 +54,12 @@ pub fn for_each_user_entry<E: From<IommufdError>>(
 ) -> Result<(), E> {
     let len = array.entry_len as usize;
     debug_assert!(len >= known);
+    if known > CHUNK {
+        return Err(IommufdError::invalid(what, "entry structure above a chunk").into());
+    }
     let per = (CHUNK / len.max(1)).max(1) as u32;
-    let mut buf = vec![0u8; CHUNK.max(known)];
+    // On the stack: an array costs no allocation, whatever its length.
+    let mut buf = [0u8; CHUNK];
     let mut first = 0u32;
     while first < array.entry_num {
         let n = per.min(array.entry_num - first);

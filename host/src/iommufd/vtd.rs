@@ -572,7 +572,7 @@ impl IommufdCtx<Vtd> {
         // The entries are read a chunk at a time and coalesced; their descriptors go to
         // the unit as one batch with one wait. An entry that is refused ends the array,
         // after the entries before it are carried out.
-        let mut inv = Invalidation::default();
+        let mut inv = Invalidation::with_capacity(cmd.entry_num);
         let result = self.read_entries(cmd, |e| {
             inv.add(e.addr, e.npages, e.flags & IOMMU_VTD_INV_FLAGS_LEAF != 0);
             *done += 1;
