@@ -11,9 +11,15 @@
 //! one of them. Each set has a sequence word (odd while a writer is inside): a hit loads the
 //! word, scans the ways and checks the word again, so it writes no shared cache line and
 //! takes no lock. Writers (fills and invalidations) are serialised by the index lock.
+//!
+//! The index lists, for each domain and PASID, exactly the sets that hold one of its
+//! entries, so that a PASID-selective invalidation visits those sets, each once, and a
+//! page-selective one looks its pages up: the work is proportional to what the PASID has
+//! cached, not to the table.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::sync::PoisonError;
 
 use crossbeam_utils::CachePadded;
@@ -23,7 +29,7 @@ use vsva_vtd::{
 };
 
 use super::PAGE_SHIFTS;
-use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Mutex, Ordering};
 
 /// Number of sets: a power of two.
 const SETS: usize = 4096;
@@ -349,6 +355,15 @@ impl Set {
         r
     }
 
+    /// Whether a way holds an entry of `owner`. Writers hold the index lock, so the ways do
+    /// not change meanwhile.
+    fn holds(&self, owner: Owner) -> bool {
+        let owned = owner_tag(owner);
+        self.ways
+            .iter()
+            .any(|w| (w.tag.load(Ordering::Relaxed) ^ owned) & OWNER_MASK == 0)
+    }
+
     /// The way of `key` if it holds it, else its preferred way if empty, else an empty
     /// way, else the next victim.
     fn slot(&self, ways: &[Way; WAYS], key: &Key) -> usize {
@@ -381,33 +396,142 @@ fn shift_bit(shift: u8) -> u64 {
     }
 }
 
-/// The cached entries of one domain and PASID as the index lists them. A key may be stale
-/// (its way since replaced, or emptied by a page-selective invalidation) or listed twice,
-/// which removal tolerates; likewise `rids`, `shifts` and `first_level` may say more than
-/// the entries still cached hold, never less.
-#[derive(Debug, Default)]
-struct Bucket {
-    keys: Vec<Key>,
-    /// The requester ids of the keys.
-    rids: Vec<u16>,
-    /// The page sizes of the keys ([`shift_bit`]).
-    shifts: u64,
-    /// Some key was filled by a first-level or nested walk.
-    first_level: bool,
+/// The owner of an entry: its domain id and PASID, whose [`Bucket`] lists it.
+type Owner = (DomainId, u32);
+
+/// The tag bits that name an entry's owner: valid, PASID and domain id.
+const OWNER_MASK: u64 = VALID | 0xf_ffff << PASID_SHIFT | 0xffff << DID_SHIFT;
+
+/// The owner bits of the tags of `owner`'s entries ([`OWNER_MASK`]).
+fn owner_tag((did, pasid): Owner) -> u64 {
+    VALID | (pasid as u64 & 0xf_ffff) << PASID_SHIFT | (did.0 as u64) << DID_SHIFT
 }
 
-impl Bucket {
-    fn list(&mut self, key: Key, kind: TranslationKind) {
+/// The owner of the entry whose way holds `tag` (not 0).
+fn owner_of(tag: u64) -> Owner {
+    (
+        DomainId((tag >> DID_SHIFT) as u16),
+        (tag >> PASID_SHIFT) as u32 & 0xf_ffff,
+    )
+}
+
+/// The largest number of sets a [`SetMask`] can name: a summary bit per 64-set word.
+const MAX_SETS: usize = 64 * 64;
+const _: () = assert!(SETS <= MAX_SETS);
+
+/// A set of set numbers, one bit each, stored sparsely: a summary bit per word of 64 sets
+/// and the words that are not zero, in order. A few sets take a few words, and visiting
+/// them reads those words only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SetMask {
+    summary: u64,
+    words: Vec<u64>,
+}
+
+impl SetMask {
+    /// Where word `hi` is (or would be) in `words`.
+    fn rank(&self, hi: usize) -> usize {
+        (self.summary & ((1u64 << hi) - 1)).count_ones() as usize
+    }
+
+    fn insert(&mut self, set: usize) {
+        let (hi, lo) = (set / 64, set % 64);
+        let at = self.rank(hi);
+        if self.summary & 1 << hi == 0 {
+            self.summary |= 1 << hi;
+            self.words.insert(at, 0);
+        }
+        self.words[at] |= 1 << lo;
+    }
+
+    fn remove(&mut self, set: usize) {
+        let (hi, lo) = (set / 64, set % 64);
+        if self.summary & 1 << hi != 0 {
+            let at = self.rank(hi);
+            self.words[at] &= !(1 << lo);
+            if self.words[at] == 0 {
+                self.words.remove(at);
+                self.summary &= !(1 << hi);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.summary == 0
+    }
+
+    /// Number of sets named.
+    fn len(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Keeps the sets `keep` accepts, visiting each in increasing order.
+    fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let (mut words, mut summary) = (self.summary, 0);
+        self.words.retain_mut(|word| {
+            let hi = words.trailing_zeros() as usize;
+            words &= words - 1;
+            let mut bits = *word;
+            while bits != 0 {
+                let lo = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if !keep(hi * 64 + lo) {
+                    *word &= !(1 << lo);
+                }
+            }
+            summary |= ((*word != 0) as u64) << hi;
+            *word != 0
+        });
+        self.summary = summary;
+    }
+
+    /// The sets named, in increasing order.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        let his = (0..64).filter(|hi| self.summary & 1 << hi != 0);
+        his.zip(&self.words).flat_map(|(hi, &word)| {
+            (0..64)
+                .filter(move |lo| word & 1 << lo != 0)
+                .map(move |lo| hi * 64 + lo)
+        })
+    }
+}
+
+/// What the entries of one domain and PASID hold: the requester ids, page sizes and
+/// the kinds of walk that filled them. It may say more than the entries
+/// still cached hold (an entry removed by a page lookup leaves it), never less; a removal
+/// that visits every set of the bucket makes it exact again.
+#[derive(Debug, Default)]
+struct Summary {
+    /// The requester ids of the entries.
+    rids: Vec<u16>,
+    /// The page sizes of the entries ([`shift_bit`]).
+    shifts: u64,
+    /// Some entry was filled by a first-level or nested walk.
+    first_level: bool,
+    /// Some entry was filled by a second-level or pass-through walk.
+    other_level: bool,
+}
+
+impl Summary {
+    fn note(&mut self, key: &Key, kind: TranslationKind) {
         let rid = key.rid();
         if !self.rids.contains(&rid) {
             self.rids.push(rid);
         }
         self.shifts |= shift_bit(key.page_shift());
         self.first_level |= kind.is_first_level();
-        self.keys.push(key);
+        self.other_level |= !kind.is_first_level();
     }
 
-    /// The page sizes a lookup tries that the bucket's keys have.
+    /// Forgets everything, keeping the allocation.
+    fn clear(&mut self) {
+        self.rids.clear();
+        self.shifts = 0;
+        self.first_level = false;
+        self.other_level = false;
+    }
+
+    /// The page sizes a lookup tries that the entries have.
     fn page_shifts(&self) -> impl Iterator<Item = u8> + '_ {
         PAGE_SHIFTS
             .into_iter()
@@ -415,7 +539,7 @@ impl Bucket {
     }
 
     /// How many lookups removing the entries that name a page of `range` takes, one per
-    /// requester, page size and page; `u64::MAX` if some key has a size no lookup tries.
+    /// requester, page size and page; `u64::MAX` if some entry has a size no lookup tries.
     fn lookups(&self, range: &AddrRange) -> u64 {
         if self.shifts & OTHER_SHIFT != 0 {
             return u64::MAX;
@@ -427,22 +551,31 @@ impl Bucket {
     }
 }
 
-/// The listed entries of each domain and PASID.
+/// The cached entries of one domain and PASID: exactly the sets that hold at least one of
+/// them (kept so on every fill, replacement and removal), and what they hold. A selective
+/// invalidation visits those sets, or looks its pages up, and never the whole table.
 #[derive(Debug, Default)]
-struct KeyIndex {
-    buckets: HashMap<(DomainId, u32), Bucket, FixedState>,
-    /// Keys in all buckets.
-    keys: usize,
+struct Bucket {
+    sets: SetMask,
+    summary: Summary,
 }
 
-/// What removal found for one key.
-enum Found {
-    /// No way holds the key for the domain.
-    Absent,
-    /// The way held it and was emptied.
-    Removed,
-    /// The way holds it and keeps it: an entry that a walk of this kind filled.
-    Kept(TranslationKind),
+/// The buckets of the owners that have entries cached; no bucket is empty.
+#[derive(Debug, Default)]
+struct SetIndex {
+    buckets: HashMap<Owner, Bucket, FixedState>,
+}
+
+impl SetIndex {
+    /// `owner`'s entries left set `set`.
+    fn unlist(&mut self, owner: Owner, set: usize) {
+        if let Some(bucket) = self.buckets.get_mut(&owner) {
+            bucket.sets.remove(set);
+            if bucket.sets.is_empty() {
+                self.buckets.remove(&owner);
+            }
+        }
+    }
 }
 
 /// Which entries a selective invalidation may name by page.
@@ -450,6 +583,11 @@ enum Found {
 enum Pages {
     /// Any: the buckets are scanned.
     Any,
+    /// Every entry of the bucket goes, whatever its page.
+    Every,
+    /// Every entry of the bucket goes if it has first-level and nested entries only, else
+    /// those of them that the invalidation selects.
+    EveryIfFirstLevelOnly,
     /// Only entries whose input page meets the range, in every bucket.
     In(AddrRange),
     /// Only entries whose input page meets the range, in the buckets that list no
@@ -461,9 +599,30 @@ impl Pages {
     /// The range the entries of `bucket` that may go lie in, if they are bounded by one.
     fn range(self, bucket: &Bucket) -> Option<AddrRange> {
         match self {
-            Pages::Any => None,
+            Pages::Any | Pages::Every | Pages::EveryIfFirstLevelOnly => None,
             Pages::In(range) => Some(range),
-            Pages::InIfNoFirstLevel(range) => (!bucket.first_level).then_some(range),
+            Pages::InIfNoFirstLevel(range) => (!bucket.summary.first_level).then_some(range),
+        }
+    }
+
+    /// Whether, in `bucket`, the invalidation selects exactly the entries whose page meets
+    /// its range, so that an entry's page decides without reading the rest of it: with
+    /// [`Pages::In`] when every entry is first-level or nested; with
+    /// [`Pages::InIfNoFirstLevel`] always (it looks pages up only when none is).
+    fn page_decides(self, bucket: &Bucket) -> bool {
+        match self {
+            Pages::In(_) => !bucket.summary.other_level,
+            Pages::InIfNoFirstLevel(_) => true,
+            Pages::Any | Pages::Every | Pages::EveryIfFirstLevelOnly => false,
+        }
+    }
+
+    /// Whether every entry of `bucket` goes, so that none needs to be read.
+    fn every(self, bucket: &Bucket) -> bool {
+        match self {
+            Pages::Every => true,
+            Pages::EveryIfFirstLevelOnly => !bucket.summary.other_level,
+            Pages::Any | Pages::In(_) | Pages::InIfNoFirstLevel(_) => false,
         }
     }
 }
@@ -472,9 +631,9 @@ impl Pages {
 #[derive(Debug)]
 pub struct Iotlb {
     sets: Box<[Set]>,
-    /// Keys by domain and PASID, for selective invalidation without a full scan. Every
-    /// writer locks it: padded, so that the set table a hit reads is not on its cache line.
-    index: CachePadded<Mutex<KeyIndex>>,
+    /// The sets holding each domain and PASID's entries, for selective invalidation without
+    /// a full scan. Every writer locks it: padded, so that the set table a hit reads is not on its cache line.
+    index: CachePadded<Mutex<SetIndex>>,
     /// Counts invalidations, so that a walk that began before one does not cache.
     generation: AtomicU64,
 }
@@ -536,152 +695,218 @@ impl Iotlb {
             return false;
         }
         let (tag, value) = encode(&key, &entry);
-        let set = self.set(&key);
-        let listed = set.write(|ways| {
+        let at = key.set(self.sets.len() - 1);
+        let set = &self.sets[at];
+        let replaced = set.write(|ways| {
             let w = &ways[set.slot(ways, &key)];
-            let listed =
-                w.tag.load(Ordering::Relaxed) == tag && w.page.load(Ordering::Relaxed) == key.page;
+            let replaced = w.tag.load(Ordering::Relaxed);
             w.tag.store(tag, Ordering::Relaxed);
             w.page.store(key.page, Ordering::Relaxed);
             w.value.store(value, Ordering::Relaxed);
-            listed
+            replaced
         });
-        let bucket = index.buckets.entry((entry.did, pasid.raw())).or_default();
-        if listed {
-            // The key refilled in place: only the walk's kind may differ.
-            bucket.first_level |= entry.kind.is_first_level();
-        } else {
-            bucket.list(key, entry.kind);
-            index.keys += 1;
-            // Stale keys are bounded: past four times the capacity, list only live ones.
-            if index.keys > 4 * self.sets.len() * WAYS {
-                self.rebuild(&mut index);
+        let owner = (entry.did, pasid.raw());
+        if replaced != 0 {
+            let previous = owner_of(replaced);
+            if previous != owner && !set.holds(previous) {
+                index.unlist(previous, at);
             }
         }
+        let bucket = index.buckets.entry(owner).or_default();
+        bucket.sets.insert(at);
+        bucket.summary.note(&key, entry.kind);
         true
     }
 
-    /// Lists exactly the keys the table holds; the caller holds the index lock, so no set
-    /// changes meanwhile.
-    fn rebuild(&self, index: &mut MutexGuard<'_, KeyIndex>) {
-        index.buckets.clear();
-        index.keys = 0;
-        for w in self.sets.iter().flat_map(|s| s.ways.iter()) {
+    /// Empties the ways of set `at` that hold an entry of `owner` keyed `key.tag` for a page
+    /// of `pages` (which share the set: an aligned group of up to [`WAYS`] pages) and that
+    /// `select` accepts (every one of them if `page_decides`); all in one pass over the ways
+    /// and one write of the set. Returns
+    /// how many went and whether the set still holds an entry of `owner`. The caller holds
+    /// the index lock, so no other writer changes the set meanwhile.
+    fn remove_group(
+        &self,
+        owner: Owner,
+        at: usize,
+        key: &Key,
+        pages: RangeInclusive<u64>,
+        page_decides: bool,
+        select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
+    ) -> (usize, bool) {
+        let set = &self.sets[at];
+        let owned = owner_tag(owner);
+        let (mut gone, mut others) = (0u32, false);
+        for (i, w) in set.ways.iter().enumerate() {
             let tag = w.tag.load(Ordering::Relaxed);
-            if tag != 0 {
+            if (tag ^ owned) & OWNER_MASK != 0 {
+                continue;
+            }
+            let page = w.page.load(Ordering::Relaxed);
+            let way = Key {
+                tag: tag & KEY_MASK,
+                page,
+            };
+            if way.tag == key.tag
+                && pages.contains(&page)
+                && (page_decides || select(&way, &decode(tag, w.value.load(Ordering::Relaxed))))
+            {
+                gone |= 1 << i;
+            } else {
+                others = true;
+            }
+        }
+        if gone != 0 {
+            set.write(|ways| {
+                for (i, w) in ways.iter().enumerate() {
+                    if gone & 1 << i != 0 {
+                        w.tag.store(0, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        (gone.count_ones() as usize, others)
+    }
+
+    /// Removes the entries of `owner` that `select` accepts, visiting each set `bucket`
+    /// lists once (one write of the set for all its ways that go); leaves the bucket
+    /// listing exactly the sets that keep an entry, and its summary exact. Returns how
+    /// many went.
+    fn remove_listed(
+        &self,
+        owner: Owner,
+        bucket: &mut Bucket,
+        select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
+    ) -> usize {
+        let mut removed = 0;
+        let owned = owner_tag(owner);
+        let Bucket { sets, summary } = bucket;
+        summary.clear();
+        sets.retain(|at| {
+            let set = &self.sets[at];
+            // The ways of the owner, found without a branch per way.
+            let mut ways = 0u32;
+            for (i, w) in set.ways.iter().enumerate() {
+                let tag = w.tag.load(Ordering::Relaxed);
+                ways |= (((tag ^ owned) & OWNER_MASK == 0) as u32) << i;
+            }
+            let (mut gone, mut keeps) = (0u32, false);
+            let mut left = ways;
+            while left != 0 {
+                let i = left.trailing_zeros() as usize;
+                left &= left - 1;
+                let w = &set.ways[i];
+                let tag = w.tag.load(Ordering::Relaxed);
                 let key = Key {
                     tag: tag & KEY_MASK,
                     page: w.page.load(Ordering::Relaxed),
                 };
                 let e = decode(tag, w.value.load(Ordering::Relaxed));
-                index
-                    .buckets
-                    .entry((e.did, key.pasid()))
-                    .or_default()
-                    .list(key, e.kind);
-                index.keys += 1;
+                if select(&key, &e) {
+                    gone |= 1 << i;
+                } else {
+                    keeps = true;
+                    summary.note(&key, e.kind);
+                }
             }
-        }
-    }
-
-    /// Empties the way holding `key` if its entry is `did`'s and `select` accepts it. The
-    /// caller holds the index lock, so no other writer changes the set meanwhile.
-    fn remove_key(
-        &self,
-        did: DomainId,
-        key: &Key,
-        select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
-    ) -> Found {
-        let set = self.set(key);
-        let found = set.ways.iter().find(|w| {
-            w.tag.load(Ordering::Relaxed) & KEY_MASK == key.tag
-                && w.page.load(Ordering::Relaxed) == key.page
+            if gone != 0 {
+                set.write(|ways| {
+                    for (i, w) in ways.iter().enumerate() {
+                        if gone & 1 << i != 0 {
+                            w.tag.store(0, Ordering::Relaxed);
+                        }
+                    }
+                });
+                removed += gone.count_ones() as usize;
+            }
+            keeps
         });
-        let Some(w) = found else {
-            return Found::Absent;
-        };
-        let e = decode(
-            w.tag.load(Ordering::Relaxed),
-            w.value.load(Ordering::Relaxed),
-        );
-        if e.did != did {
-            return Found::Absent;
-        }
-        if !select(key, &e) {
-            return Found::Kept(e.kind);
-        }
-        set.write(|_| w.tag.store(0, Ordering::Relaxed));
-        Found::Removed
-    }
-
-    /// Removes the entries of `did` listed in `bucket` that `select` accepts, key by key,
-    /// and leaves the bucket listing exactly the entries kept; returns how many went.
-    fn remove_listed(
-        &self,
-        did: DomainId,
-        bucket: &mut Bucket,
-        select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
-    ) -> usize {
-        let mut removed = 0;
-        let mut kept = Bucket::default();
-        for key in std::mem::take(&mut bucket.keys) {
-            match self.remove_key(did, &key, select) {
-                Found::Absent => {}
-                Found::Removed => removed += 1,
-                Found::Kept(kind) => kept.list(key, kind),
-            }
-        }
-        *bucket = kept;
         removed
     }
 
-    /// Removes the entries of `did` and `pasid` that name a page of `range` and that
-    /// `select` accepts, looking up each page of `range` for each requester and page size
-    /// `bucket` lists: in the ways those keys hash to, not the whole bucket. The keys of
-    /// the entries removed stay listed, stale.
+    /// Removes every entry of `owner`, visiting each set `bucket` lists once and reading
+    /// only the tags; leaves the bucket empty. Returns how many went.
+    fn remove_every(&self, owner: Owner, bucket: &mut Bucket) -> usize {
+        let owned = owner_tag(owner);
+        let mut removed = 0;
+        for at in bucket.sets.iter() {
+            let set = &self.sets[at];
+            set.write(|ways| {
+                for w in ways {
+                    if (w.tag.load(Ordering::Relaxed) ^ owned) & OWNER_MASK == 0 {
+                        w.tag.store(0, Ordering::Relaxed);
+                        removed += 1;
+                    }
+                }
+            });
+        }
+        *bucket = Bucket::default();
+        removed
+    }
+
+    /// Removes the entries of `owner` that name a page of `range` and that `select`
+    /// accepts, looking up the pages of `range` for each requester and page size the
+    /// bucket's summary has: in the sets those keys hash to, not every set of the bucket,
+    /// each aligned group of [`WAYS`] pages (one set) in one pass. A set left without an
+    /// entry of `owner` leaves the bucket; the summary stays as it was.
     fn remove_pages(
         &self,
-        did: DomainId,
-        pasid: u32,
-        bucket: &Bucket,
+        owner: Owner,
+        bucket: &mut Bucket,
         range: &AddrRange,
+        page_decides: bool,
         select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> usize {
         let mut removed = 0;
-        for &rid in &bucket.rids {
-            for shift in bucket.page_shifts() {
-                for page in range.start >> shift..=range.last >> shift {
-                    let key = Key::of(rid, pasid, shift, page);
-                    if let Found::Removed = self.remove_key(did, &key, select) {
-                        removed += 1;
+        let mask = self.sets.len() - 1;
+        let group = WAYS as u64 - 1;
+        let Bucket { sets, summary } = bucket;
+        for &rid in &summary.rids {
+            for shift in summary.page_shifts() {
+                let (mut page, last) = (range.start >> shift, range.last >> shift);
+                loop {
+                    let end = (page | group).min(last);
+                    let key = Key::of(rid, owner.1, shift, page);
+                    let at = key.set(mask);
+                    let (gone, others) =
+                        self.remove_group(owner, at, &key, page..=end, page_decides, select);
+                    removed += gone;
+                    if gone != 0 && !others {
+                        sets.remove(at);
                     }
+                    if end == last {
+                        break;
+                    }
+                    page = end + 1;
                 }
             }
         }
         removed
     }
 
-    /// Applies `select` to the entries `bucket` lists for `did` and `pasid`: page by page
-    /// when `pages` bounds them by a range of fewer lookups than listed keys, else key by
-    /// key.
+    /// Applies `select` to the entries of `owner`: page by page when `pages` bounds them by
+    /// a range of fewer lookups than the bucket's sets have ways, else set by set.
     fn remove_from(
         &self,
-        (did, pasid): (DomainId, u32),
+        owner: Owner,
         bucket: &mut Bucket,
         pages: Pages,
         select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> usize {
+        if pages.every(bucket) {
+            return self.remove_every(owner, bucket);
+        }
         match pages.range(bucket) {
-            Some(range) if bucket.lookups(&range) < bucket.keys.len() as u64 => {
-                self.remove_pages(did, pasid, bucket, &range, select)
+            Some(range) if bucket.summary.lookups(&range) < (bucket.sets.len() * WAYS) as u64 => {
+                let page_decides = pages.page_decides(bucket);
+                self.remove_pages(owner, bucket, &range, page_decides, select)
             }
-            _ => self.remove_listed(did, bucket, select),
+            _ => self.remove_listed(owner, bucket, select),
         }
     }
 
-    /// Applies `select` to the entries of the index buckets that `bucket` accepts (see
-    /// [`Pages`] for `pages`). `fence`: the removal is an invalidation that walks in flight
-    /// must not outlive (see [`Iotlb::begin_fill`]).
+    /// Applies `select` to the entries of the owners that `bucket` accepts (see [`Pages`]
+    /// for `pages`). `fence`: the removal is an invalidation that walks in flight must not
+    /// outlive (see [`Iotlb::begin_fill`]).
     fn invalidate(
         &self,
         fence: bool,
@@ -694,15 +919,12 @@ impl Iotlb {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
         let mut removed = 0;
-        let mut keys = 0;
         index.buckets.retain(|&(did, pasid), listed| {
             if bucket(did, pasid) {
                 removed += self.remove_from((did, pasid), listed, pages, &mut select);
             }
-            keys += listed.keys.len();
-            !listed.keys.is_empty()
+            !listed.sets.is_empty()
         });
-        index.keys = keys;
         removed
     }
 
@@ -712,21 +934,18 @@ impl Iotlb {
         &self,
         did: DomainId,
         pasid: Pasid,
-        remove: impl FnOnce((DomainId, u32), &mut Bucket) -> usize,
+        remove: impl FnOnce(Owner, &mut Bucket) -> usize,
     ) -> usize {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        let at = (did, pasid.raw());
-        let Some(listed) = index.buckets.get_mut(&at) else {
+        let owner = (did, pasid.raw());
+        let Some(listed) = index.buckets.get_mut(&owner) else {
             return 0;
         };
-        let before = listed.keys.len();
-        let removed = remove(at, listed);
-        let after = listed.keys.len();
-        if after == 0 {
-            index.buckets.remove(&at);
+        let removed = remove(owner, listed);
+        if listed.sets.is_empty() {
+            index.buckets.remove(&owner);
         }
-        index.keys = index.keys - before + after;
         removed
     }
 
@@ -746,13 +965,12 @@ impl Iotlb {
             });
         }
         index.buckets.clear();
-        index.keys = 0;
         removed
     }
 
     /// Domain-selective IOTLB invalidation: every entry tagged with `did`, any PASID.
     pub fn invalidate_domain(&self, did: DomainId) -> usize {
-        self.invalidate(true, |d, _| d == did, Pages::Any, |_, _| true)
+        self.invalidate(true, |d, _| d == did, Pages::Every, |_, _| true)
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3): second-level and
@@ -773,8 +991,10 @@ impl Iotlb {
     /// PASID-selective PASID-based IOTLB invalidation (§6.5.2.4): first-level and nested
     /// entries of `did` and `pasid`.
     pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) -> usize {
-        self.invalidate_pasid_entries(did, pasid, |at, bucket| {
-            self.remove_from(at, bucket, Pages::Any, &mut |_, e| e.kind.is_first_level())
+        self.invalidate_pasid_entries(did, pasid, |owner, bucket| {
+            self.remove_from(owner, bucket, Pages::EveryIfFirstLevelOnly, &mut |_, e| {
+                e.kind.is_first_level()
+            })
         })
     }
 
@@ -795,13 +1015,13 @@ impl Iotlb {
         pasid: Pasid,
         ranges: impl IntoIterator<Item = AddrRange>,
     ) -> usize {
-        self.invalidate_pasid_entries(did, pasid, |at, bucket| {
+        self.invalidate_pasid_entries(did, pasid, |owner, bucket| {
             let mut removed = 0;
             for range in ranges {
-                if bucket.keys.is_empty() {
+                if bucket.sets.is_empty() {
                     break;
                 }
-                removed += self.remove_from(at, bucket, Pages::In(range), &mut |key, e| {
+                removed += self.remove_from(owner, bucket, Pages::In(range), &mut |key, e| {
                     e.kind.is_first_level() && key.meets(&range)
                 });
             }
@@ -839,6 +1059,7 @@ impl Iotlb {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn sid() -> SourceId {
         SourceId::new(0, 2, 0).unwrap()
@@ -1130,10 +1351,9 @@ mod tests {
                         assert_eq!(e, keyed(j, j + 1));
                     }
                 }
+                // Replacements unlist the sets their victims' owners left.
+                assert_index_is_exact(&t);
             }
-            assert!(
-                t.index.lock().unwrap_or_else(PoisonError::into_inner).keys <= 4 * sets * WAYS + 1
-            );
             // Every cached entry is still listed under its domain: domain invalidations
             // empty the table.
             let cached = t.len();
@@ -1183,9 +1403,10 @@ mod tests {
         }
     }
 
-    /// A page-selective invalidation of one page among many of a PASID looks up that page
-    /// only: the bucket keeps its (now stale) key, where a scan of the bucket would have
-    /// dropped it; a PASID-selective one then scans and lists exactly what is left.
+    /// A page-selective invalidation of one page among many of a PASID looks that page up
+    /// (for each requester) only: the bucket's summary keeps the requester whose only entry
+    /// went, where a visit of the bucket's sets would have dropped it; the sets stay exact
+    /// either way. A PASID-selective one then visits the sets and leaves nothing listed.
     #[test]
     fn a_page_selective_invalidation_looks_up_its_pages_only() {
         let t = Iotlb::default();
@@ -1194,35 +1415,44 @@ mod tests {
             let e = entry(1, page << 12, 12, TranslationKind::Nested);
             assert!(t.insert(t.begin_fill(), sid(), p, page << 12, e));
         }
-        let listed = |t: &Iotlb| {
-            t.index.lock().unwrap().buckets[&(DomainId(1), 5)]
-                .keys
-                .len()
-        };
+        // A second requester caches page 7 too: its only entry.
+        let other = SourceId::new(0, 4, 0).unwrap();
+        let e = entry(1, 7 << 12, 12, TranslationKind::Nested);
+        assert!(t.insert(t.begin_fill(), other, p, 7 << 12, e));
+        let rids =
+            |t: &Iotlb, owner: Owner| t.index.lock().unwrap().buckets[&owner].summary.rids.clone();
         assert_eq!(
             t.invalidate_pasid_range(DomainId(1), p, range(7 << 12, 0x1000)),
-            1
+            2
         );
         assert!(t.lookup(sid(), p, 7 << 12).is_none());
+        assert!(t.lookup(other, p, 7 << 12).is_none());
         assert!(t.lookup(sid(), p, 8 << 12).is_some());
-        assert_eq!(listed(&t), 128, "the bucket was scanned");
-        // A second-level range invalidation scans the bucket (every nested entry goes).
+        assert_eq!(
+            rids(&t, (DomainId(1), 5)),
+            [sid().rid(), other.rid()],
+            "the bucket's sets were visited"
+        );
+        assert_index_is_exact(&t);
+        // A second-level range invalidation of a PASID with no first-level entry looks its
+        // pages up too.
         let sl = SourceId::new(0, 3, 0).unwrap();
         for page in 0..64u64 {
             let e = entry(2, page << 12, 12, TranslationKind::SecondLevel);
             assert!(t.insert(t.begin_fill(), sl, Pasid::RID_PASID, page << 12, e));
         }
+        let e = entry(2, 3 << 12, 12, TranslationKind::SecondLevel);
+        assert!(t.insert(t.begin_fill(), other, Pasid::RID_PASID, 3 << 12, e));
         assert_eq!(
             t.invalidate_domain_range(DomainId(2), range(3 << 12, 0x2000)),
-            2
+            3
         );
         assert_eq!(
-            t.index.lock().unwrap().buckets[&(DomainId(2), Pasid::RID_PASID.raw())]
-                .keys
-                .len(),
-            64,
-            "the second-level bucket was scanned"
+            rids(&t, (DomainId(2), Pasid::RID_PASID.raw())),
+            [sl.rid(), other.rid()],
+            "the second-level bucket's sets were visited"
         );
+        assert_index_is_exact(&t);
         assert_eq!(t.invalidate_pasid(DomainId(1), p), 127);
         assert!(!t
             .index
@@ -1231,10 +1461,103 @@ mod tests {
             .buckets
             .contains_key(&(DomainId(1), 5)));
         assert_eq!(t.len(), 62);
+        assert_index_is_exact(&t);
     }
 
-    /// One step of the equivalence property: a fill, or a page-selective invalidation of
-    /// `2^am` pages from `addr`.
+    /// For each owner, the sets the index lists for it.
+    fn listed_sets(t: &Iotlb) -> BTreeMap<(u16, u32), Vec<usize>> {
+        let index = t.index.lock().unwrap();
+        index
+            .buckets
+            .iter()
+            .map(|(&(did, pasid), b)| ((did.0, pasid), b.sets.iter().collect()))
+            .collect()
+    }
+
+    /// For each owner with an entry cached, the sets holding one, by a scan of every way.
+    fn scanned_sets(t: &Iotlb) -> BTreeMap<(u16, u32), Vec<usize>> {
+        let mut found = BTreeMap::<(u16, u32), Vec<usize>>::new();
+        for (at, set) in t.sets.iter().enumerate() {
+            for w in &set.ways {
+                let tag = w.tag.load(Ordering::Relaxed);
+                if tag != 0 {
+                    let (did, pasid) = owner_of(tag);
+                    let sets = found.entry((did.0, pasid)).or_default();
+                    if sets.last() != Some(&at) {
+                        sets.push(at);
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Whether each cached entry's bucket summary names its requester, page size and the
+    /// kind of walk that filled it.
+    fn summaries_cover_the_entries(t: &Iotlb) -> bool {
+        let index = t.index.lock().unwrap();
+        t.sets.iter().flat_map(|s| s.ways.iter()).all(|w| {
+            let tag = w.tag.load(Ordering::Relaxed);
+            if tag == 0 {
+                return true;
+            }
+            let key = Key {
+                tag: tag & KEY_MASK,
+                page: w.page.load(Ordering::Relaxed),
+            };
+            let e = decode(tag, w.value.load(Ordering::Relaxed));
+            index.buckets.get(&owner_of(tag)).is_some_and(|b| {
+                b.summary.rids.contains(&key.rid())
+                    && b.summary.shifts & shift_bit(key.page_shift()) != 0
+                    && (b.summary.first_level || !e.kind.is_first_level())
+                    && (b.summary.other_level || e.kind.is_first_level())
+            })
+        })
+    }
+
+    /// The index lists exactly what a scan finds, and its summaries cover the entries.
+    fn assert_index_is_exact(t: &Iotlb) {
+        assert_eq!(listed_sets(t), scanned_sets(t));
+        assert!(summaries_cover_the_entries(t));
+    }
+
+    #[test]
+    fn a_set_mask_names_exactly_the_sets_inserted_and_not_removed() {
+        let mut m = SetMask::default();
+        let mut want = std::collections::BTreeSet::new();
+        for (i, set) in [4095, 0, 63, 64, 4032, 65, 2000, 1, 4095]
+            .into_iter()
+            .enumerate()
+        {
+            m.insert(set);
+            want.insert(set);
+            if i % 3 == 2 {
+                m.remove(64);
+                want.remove(&64);
+            }
+            assert_eq!(
+                m.iter().collect::<Vec<_>>(),
+                want.iter().copied().collect::<Vec<_>>()
+            );
+            assert_eq!(m.len(), want.len());
+            assert_eq!(m.words.len(), m.summary.count_ones() as usize);
+            assert!(m.words.iter().all(|&w| w != 0));
+        }
+        m.retain(|set| set % 2 == 1);
+        want.retain(|set| set % 2 == 1);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            want.iter().copied().collect::<Vec<_>>()
+        );
+        assert!(m.words.iter().all(|&w| w != 0));
+        m.retain(|_| false);
+        assert!(m.is_empty() && m.words.is_empty());
+        m.remove(7);
+        assert!(m.is_empty());
+    }
+
+    /// One step of the equivalence property: a fill, a page-selective invalidation of
+    /// `2^am` pages from `addr`, a PASID- or domain-selective one, or a retag.
     #[derive(Clone, Debug)]
     enum Step {
         Fill {
@@ -1255,6 +1578,18 @@ mod tests {
             did: u16,
             addr: u64,
             am: u8,
+        },
+        Pasid {
+            did: u16,
+            pasid: u32,
+        },
+        Domain {
+            did: u16,
+        },
+        Retag {
+            rid: u16,
+            pasid: u32,
+            did: u16,
         },
     }
 
@@ -1284,6 +1619,10 @@ mod tests {
                 addr,
                 am
             }),
+            1 => (1u16..3, 1u32..3).prop_map(|(did, pasid)| Step::Pasid { did, pasid }),
+            1 => (1u16..3).prop_map(|did| Step::Domain { did }),
+            1 => (0u16..3, 1u32..3, 1u16..3)
+                .prop_map(|(rid, pasid, did)| Step::Retag { rid, pasid, did }),
         ]
     }
 
@@ -1330,11 +1669,13 @@ mod tests {
         // a walk of another kind (its bucket must then say first-level).
         #![proptest_config(ProptestConfig::with_cases(2048))]
 
-        /// For arbitrary fills (some replacing others in full sets, leaving stale keys)
-        /// and page-selective invalidations, the indexed removal empties exactly the ways
-        /// a full scan applying the descriptor's rule (§6.5.2.3, §6.5.2.4) empties.
+        /// For arbitrary fills (some replacing others in full sets) and invalidations of
+        /// every granularity, the indexed removal empties exactly the ways a full scan
+        /// applying the descriptor's rule (§6.5.2.3, §6.5.2.4) empties, and after every
+        /// step the index lists exactly the sets a scan finds holding each domain and
+        /// PASID's entries.
         #[test]
-        fn page_selective_removal_removes_what_a_full_scan_removes(
+        fn indexed_removal_removes_what_a_full_scan_removes(
             sets in prop_oneof![Just(1usize), Just(16)],
             steps in proptest::collection::vec(step(), 1..160),
         ) {
@@ -1372,9 +1713,33 @@ mod tests {
                         });
                         (got, want)
                     }
+                    Step::Pasid { did, pasid } => {
+                        let did = DomainId(did);
+                        let got = t.invalidate_pasid(did, Pasid::new(pasid).unwrap());
+                        let want = scan_remove(&reference, |k, e| {
+                            e.did == did && k.pasid() == pasid && e.kind.is_first_level()
+                        });
+                        (got, want)
+                    }
+                    Step::Domain { did } => {
+                        let did = DomainId(did);
+                        let got = t.invalidate_domain(did);
+                        (got, scan_remove(&reference, |_, e| e.did == did))
+                    }
+                    Step::Retag { rid, pasid, did } => {
+                        let did = DomainId(did);
+                        let sid = SourceId::from_rid(rid);
+                        let got = t.retag(sid, Pasid::new(pasid).unwrap(), did);
+                        let want = scan_remove(&reference, |k, e| {
+                            k.rid() == rid && k.pasid() == pasid && e.did != did
+                        });
+                        (got, want)
+                    }
                 };
                 prop_assert_eq!(got, want);
                 prop_assert_eq!(ways(&t), ways(&reference));
+                prop_assert_eq!(listed_sets(&t), scanned_sets(&t));
+                prop_assert!(summaries_cover_the_entries(&t));
             }
         }
     }
