@@ -9,14 +9,14 @@ use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::request::pass_through;
 use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
 use vsva_vtd::{
-    addr::DomainId, addr::Pasid, pasid::PasidEntry, pasid::Pgtt, walk::walk_first_level_from,
+    addr::Pasid, pasid::PasidEntry, pasid::Pgtt, walk::walk_first_level_from,
     walk::walk_second_level, walk::walk_second_level_from, walk::AccessRequest, walk::Direct,
     walk::FlConfig, walk::FlStage, walk::FlStart, walk::NestedStage, walk::SlConfig, walk::SlStart,
     walk::Translation, walk::WalkFault,
 };
 
 use super::iotlb::IotlbEntry;
-use super::pscache::{FlTag, PagingStructureCaches, SlMapping};
+use super::pscache::{FlTag, NestedStart, PagingStructureCaches, SlMapping, WalkFills};
 use super::stale::{page_selective_iotlb, CheckedRequest};
 use super::Iommu;
 use crate::memory::ReadOnly;
@@ -137,14 +137,12 @@ impl WalkObserver for SlFill<'_> {
 
 /// Nested translation through the caches: a guest physical address is resolved by a cached
 /// second-level mapping that allows the access, else by a second-level walk from the
-/// deepest cached second-level table. Second-level steps feed the second-level caches, not
-/// the first-level walk's observer.
+/// deepest cached second-level table. Second-level steps feed the second-level caches (by
+/// way of the walk's [`WalkFills`]), not the first-level walk's observer.
 struct CachedNested<'a, M: ?Sized> {
     stage: NestedStage<'a, M>,
     caches: &'a PagingStructureCaches,
-    /// The caches' generation when the walk began.
-    fill: u64,
-    did: DomainId,
+    fills: &'a mut WalkFills,
     resolved: &'a mut Resolved,
 }
 
@@ -159,25 +157,20 @@ impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
             &mut SlFill<'_>,
         ) -> Result<Translation, WalkFault>,
     ) -> Result<Translation, WalkFault> {
-        if let Some(m) = self.caches.mapping(self.did, gpa) {
-            if m.allows(access) {
+        let sl = self.stage.sl;
+        let top = sl.levels.levels();
+        let start = match self.caches.nested_start(self.fills, gpa, access, top) {
+            NestedStart::Mapped(m) => {
                 self.resolved.push(gpa, m.output, access);
                 return Ok(m.translate(gpa));
             }
-        }
-        let sl = self.stage.sl;
-        let top = sl.levels.levels();
-        let start = self
-            .caches
-            .second_level_start(self.did, gpa, top)
-            .unwrap_or(SlStart::top(sl));
+            NestedStart::Walk(start) => start.unwrap_or(SlStart::top(sl)),
+        };
         let mut fill = SlFill::new(sl, start);
         let walked = walk(&self.stage, start, &mut fill);
-        self.caches
-            .fill_second_level(self.fill, self.did, gpa, fill.starts());
+        self.fills.second_level(gpa, fill.starts());
         let t = walked?;
-        self.caches
-            .insert_mapping(self.fill, self.did, gpa, SlMapping::of(&t));
+        self.fills.mapping_of(gpa, SlMapping::of(&t));
         if start.level < top {
             self.resolved.push(gpa, t.page_base(), access);
         }
@@ -226,8 +219,8 @@ impl Iommu {
     /// Walks the tables `pe` selects for `addr` (a request of `pasid`, the effective PASID,
     /// that passed [`request_checks`](vsva_vtd::request::request_checks)) through the
     /// paging-structure caches, recording in `used` which cached entries stood
-    /// in for tables. What it reads is cached unless an invalidation ran since `fill`
-    /// (taken before `pe` was read).
+    /// in for tables. What it reads is cached when it ends, under one lock, unless an
+    /// invalidation ran since `fill` (taken before `pe` was read).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn walk_cached<M: PhysMem + ?Sized>(
         &self,
@@ -245,20 +238,21 @@ impl Iommu {
             pasid,
             nested,
         };
-        match pe.pgtt {
+        let mut fills = WalkFills::new(pe.did);
+        let walked = match pe.pgtt {
             Pgtt::FirstLevel => {
                 let cfg = pe.fl_config(fl_format);
-                let mut stage = Direct;
-                self.first_level_cached(
+                let (t, starts) = self.first_level_cached(
                     mem,
                     &cfg,
-                    &mut stage,
-                    fill,
+                    &mut Direct,
                     tag(false),
                     addr,
                     access,
                     &mut used.tables,
-                )
+                );
+                fills.first_level(tag(false), addr, starts.starts());
+                t
             }
             Pgtt::Nested => {
                 let fl = pe.fl_config(fl_format);
@@ -266,22 +260,19 @@ impl Iommu {
                 let mut stage = CachedNested {
                     stage: NestedStage { mem, sl: &sl },
                     caches: &self.paging_caches,
-                    fill,
-                    did: pe.did,
+                    fills: &mut fills,
                     resolved: &mut used.resolved,
                 };
-                let mut tables = false;
-                let t = self.first_level_cached(
+                let (t, starts) = self.first_level_cached(
                     mem,
                     &fl,
                     &mut stage,
-                    fill,
                     tag(true),
                     addr,
                     access,
-                    &mut tables,
+                    &mut used.tables,
                 );
-                used.tables = tables;
+                fills.first_level(tag(true), addr, starts.starts());
                 t
             }
             Pgtt::SecondLevel => {
@@ -289,33 +280,33 @@ impl Iommu {
                 let top = cfg.levels.levels();
                 let start = self
                     .paging_caches
-                    .second_level_start(pe.did, addr, top)
+                    .second_level_start(&fills, addr, top)
                     .unwrap_or(SlStart::top(&cfg));
                 used.tables = start.level < top;
                 let mut starts = SlFill::new(&cfg, start);
                 let walked = walk_second_level_from(mem, &cfg, start, addr, access, &mut starts);
-                self.paging_caches
-                    .fill_second_level(fill, pe.did, addr, starts.starts());
+                fills.second_level(addr, starts.starts());
                 walked
             }
             Pgtt::PassThrough => pass_through(pe, addr, access),
-        }
+        };
+        self.paging_caches.fill(fill, &fills);
+        walked
     }
 
-    /// The first-level walk from the deepest cached table of `tag` for `addr`, filling the
-    /// caches unless an invalidation ran since `fill`.
+    /// The first-level walk from the deepest cached table of `tag` for `addr`, and the
+    /// tables it went down to.
     #[allow(clippy::too_many_arguments)]
     fn first_level_cached<M, S>(
         &self,
         mem: &M,
         cfg: &FlConfig,
         stage: &mut S,
-        fill: u64,
         tag: FlTag,
         addr: u64,
         access: AccessRequest,
         below_top: &mut bool,
-    ) -> Result<Translation, WalkFault>
+    ) -> (Result<Translation, WalkFault>, FlFill)
     where
         M: PhysMem + ?Sized,
         S: FlStage,
@@ -328,9 +319,7 @@ impl Iommu {
         *below_top = start.level < top;
         let mut starts = FlFill::new(start);
         let walked = walk_first_level_from(mem, cfg, stage, start, addr, access, &mut starts);
-        self.paging_caches
-            .fill_first_level(fill, tag, addr, starts.starts());
-        walked
+        (walked, starts)
     }
 
     /// Strict mode for a walk that used cached entries: compares its result with a walk of

@@ -13,16 +13,18 @@
 //!   the second level's rights, for first-level table pages and final output pages.
 //!
 //! Entries carry the spec's tags only, so requesters with the same domain id (and PASID)
-//! share them, as on hardware. Each cache is sharded by domain id, so that an invalidation
-//! locks one shard; a shard that fills up is emptied, as hardware may drop entries at any
-//! time. Lookups, fills and invalidations do not allocate once a shard has reached its
-//! capacity.
+//! share them, as on hardware. The caches are sharded by domain id, the three under one
+//! lock per shard, so that an invalidation locks one shard and a walk locks its domain's
+//! shard once per lookup and once for all of its fills (the walk keeps what it reads in a
+//! `WalkFills` until it ends); a cache that fills up is emptied, as hardware may drop
+//! entries at any time. Lookups, fills and invalidations do not allocate once a shard has
+//! reached its capacity.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
@@ -144,123 +146,206 @@ impl Generation {
     }
 }
 
-type Shard<K, V> = CachePadded<RwLock<HashMap<K, V, FixedState>>>;
-
-/// One cache, sharded by domain id.
-#[derive(Debug)]
-struct ByDomain<K, V> {
-    shards: Box<[Shard<K, V>]>,
-    capacity: usize,
+/// The entries of the three caches for the domains of one shard, under one lock, so that
+/// a walk's lookups of second-level mappings and tables, and all of its fills, each take
+/// the lock once.
+#[derive(Debug, Default)]
+struct Tables {
+    first_level: HashMap<FlKey, FlStart, FixedState>,
+    second_level: HashMap<SlKey, SlStart, FixedState>,
+    mappings: HashMap<MappingKey, SlMapping, FixedState>,
 }
 
-impl<K: Copy + Eq + Hash, V: Copy> ByDomain<K, V> {
-    fn new(capacity: usize) -> Self {
-        ByDomain {
-            shards: (0..SHARDS)
-                .map(|_| CachePadded::new(RwLock::default()))
-                .collect(),
-            capacity,
-        }
+impl Tables {
+    /// The deepest cached second-level table for `gpa` below a `top`-level root, from
+    /// `fills` (what the walk read so far) or the cache.
+    fn second_level_start(&self, fills: &WalkFills, gpa: u64, top: u8) -> Option<SlStart> {
+        (2..=top).find_map(|level| {
+            let key = SlKey {
+                did: fills.did,
+                level,
+                region: gpa >> span_shift(level),
+            };
+            fills
+                .second_level_start(&key)
+                .or_else(|| self.second_level.get(&key).copied())
+        })
     }
 
-    fn shard(&self, did: DomainId) -> &RwLock<HashMap<K, V, FixedState>> {
-        &self.shards[did.0 as usize % SHARDS]
+    /// The cached second-level mapping of the page holding `gpa`, from `fills` or the
+    /// cache.
+    fn mapping(&self, fills: &WalkFills, gpa: u64) -> Option<SlMapping> {
+        PAGE_SHIFTS.into_iter().find_map(|shift| {
+            let key = MappingKey {
+                did: fills.did,
+                shift,
+                page: gpa >> shift,
+            };
+            fills
+                .mapping(&key)
+                .or_else(|| self.mappings.get(&key).copied())
+        })
     }
 
-    /// The first of `keys` that is cached.
-    fn find(&self, did: DomainId, keys: impl IntoIterator<Item = K>) -> Option<V> {
-        let shard = self
-            .shard(did)
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        keys.into_iter().find_map(|k| shard.get(&k).copied())
+    /// Removes the entries of every cache.
+    fn clear(&mut self) {
+        self.first_level.clear();
+        self.second_level.clear();
+        self.mappings.clear();
     }
+}
 
-    /// Caches each of `values` under its key (`key_of`) unless an invalidation ran since
-    /// `fill` (a [`Generation`] value). The values are read in place from the slice: an
-    /// iterator of `(key, value)` pairs was copied through the stack piecewise (its `Option`
-    /// niche sits in the value's flags), and the reload of each pair stalled on the
-    /// partial stores (store-to-load forwarding), more than half of a fill's time.
-    fn insert(
-        &self,
-        generation: &Generation,
-        fill: u64,
-        did: DomainId,
-        values: &[V],
-        key_of: impl Fn(&V) -> K,
-    ) {
-        let mut shard = self
-            .shard(did)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if generation.0.load(Ordering::Acquire) != fill {
-            return;
-        }
-        if shard.capacity() < self.capacity {
-            shard.reserve(self.capacity);
-        }
-        for value in values {
-            let key = key_of(value);
-            if shard.len() >= self.capacity && !shard.contains_key(&key) {
-                shard.clear();
+/// Caches `value` under `key` in `map`, emptied first if it is full without `key`: the
+/// shard's capacity is reserved once, so a fill allocates nothing after the first.
+fn cache<K: Eq + Hash, V>(map: &mut HashMap<K, V, FixedState>, capacity: usize, key: K, value: V) {
+    if map.capacity() < capacity {
+        map.reserve(capacity);
+    }
+    if map.len() >= capacity && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.insert(key, value);
+}
+
+/// Removes the entries of `map` that `select` accepts: key by key when the `count`
+/// candidate keys are fewer than the entries, else by a scan.
+fn remove<K: Eq + Hash, V, I: Iterator<Item = K>>(
+    map: &mut HashMap<K, V, FixedState>,
+    count: u64,
+    candidates: impl FnOnce() -> I,
+    select: impl Fn(&K) -> bool,
+) {
+    if count < map.len() as u64 {
+        for key in candidates() {
+            if select(&key) {
+                map.remove(&key);
             }
-            shard.insert(key, *value);
+        }
+    } else {
+        map.retain(|k, _| !select(k));
+    }
+}
+
+/// Entries one walk read, at most `N`; more are not cached (hardware may cache any
+/// subset of what it reads).
+#[derive(Clone, Copy, Debug)]
+struct Pending<K, V, const N: usize> {
+    entries: [Option<(K, V)>; N],
+    len: usize,
+}
+
+impl<K: Copy + Eq, V: Copy, const N: usize> Pending<K, V, N> {
+    fn new() -> Self {
+        Pending {
+            entries: [None; N],
+            len: 0,
         }
     }
 
-    /// Removes the entries of `did`'s shard that `select` accepts: key by key when the
-    /// `count` candidate keys are fewer than the entries, else by a scan.
-    fn remove<I: Iterator<Item = K>>(
-        &self,
-        generation: &Generation,
-        did: DomainId,
-        count: u64,
-        candidates: impl FnOnce() -> I,
-        select: impl Fn(&K) -> bool,
-    ) {
-        self.remove_with(generation, did, |shard| {
-            if count < shard.len() as u64 {
-                for key in candidates() {
-                    if select(&key) {
-                        shard.remove(&key);
-                    }
-                }
-            } else {
-                shard.retain(|k, _| !select(k));
-            }
-        });
-    }
-
-    /// Runs `remove` on `did`'s shard under its write lock, as an invalidation that fills
-    /// begun before it must not outlive.
-    fn remove_with(
-        &self,
-        generation: &Generation,
-        did: DomainId,
-        remove: impl FnOnce(&mut HashMap<K, V, FixedState>),
-    ) {
-        let mut shard = self
-            .shard(did)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        generation.advance();
-        remove(&mut shard);
-    }
-
-    fn clear(&self, generation: &Generation) {
-        for shard in self.shards.iter() {
-            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
-            generation.advance();
-            shard.clear();
+    fn push(&mut self, key: K, value: V) {
+        if let Some(slot) = self.entries.get_mut(self.len) {
+            *slot = Some((key, value));
+            self.len += 1;
         }
     }
 
-    fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+    fn iter(&self) -> impl Iterator<Item = &(K, V)> {
+        self.entries[..self.len].iter().flatten()
     }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.iter().find(|(k, _)| k == key).map(|&(_, v)| v)
+    }
+}
+
+/// Second-level tables one walk may cache: three levels for each of the first few
+/// resolutions of a nested walk (later ones start from the tables cached by the first).
+const PENDING_TABLES: usize = 12;
+/// Second-level mappings one nested walk may cache: one per resolution.
+const PENDING_MAPPINGS: usize = 11;
+
+/// What one walk of one domain read, cached when the walk ends
+/// ([`PagingStructureCaches::fill`]) under one lock of the domain's shard, instead of a
+/// lock per level and per second-level resolution. The walk's own later lookups find it
+/// here first, so a nested walk reads each second-level table once, as when every entry
+/// was cached as soon as it was read. Fixed-size: a walk allocates nothing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WalkFills {
+    did: DomainId,
+    first_level: Pending<FlKey, FlStart, MAX_LEVELS>,
+    second_level: Pending<SlKey, SlStart, PENDING_TABLES>,
+    mappings: Pending<MappingKey, SlMapping, PENDING_MAPPINGS>,
+}
+
+/// Non-leaf levels a first-level walk goes down through: PML5E to PDE.
+const MAX_LEVELS: usize = 4;
+
+impl WalkFills {
+    /// Nothing read yet by a walk of `did`'s tables.
+    pub(crate) fn new(did: DomainId) -> Self {
+        WalkFills {
+            did,
+            first_level: Pending::new(),
+            second_level: Pending::new(),
+            mappings: Pending::new(),
+        }
+    }
+
+    /// The first-level tables a walk of `input` went down to: each start with the level
+    /// of the entry that pointed to it. `tag.did` is the walk's domain.
+    pub(crate) fn first_level(&mut self, tag: FlTag, input: u64, starts: &[FlStart]) {
+        debug_assert_eq!(tag.did, self.did);
+        for s in starts {
+            let level = s.level + 1;
+            let region = input >> span_shift(level);
+            self.first_level.push(FlKey { tag, level, region }, *s);
+        }
+    }
+
+    /// The second-level tables a walk of `gpa` went down to.
+    pub(crate) fn second_level(&mut self, gpa: u64, starts: &[SlStart]) {
+        for s in starts {
+            let level = s.level + 1;
+            let key = SlKey {
+                did: self.did,
+                level,
+                region: gpa >> span_shift(level),
+            };
+            self.second_level.push(key, *s);
+        }
+    }
+
+    /// The second-level mapping of the page holding `gpa`.
+    pub(crate) fn mapping_of(&mut self, gpa: u64, mapping: SlMapping) {
+        let shift = mapping.size.shift() as u8;
+        let key = MappingKey {
+            did: self.did,
+            shift,
+            page: gpa >> shift,
+        };
+        self.mappings.push(key, mapping);
+    }
+
+    fn second_level_start(&self, key: &SlKey) -> Option<SlStart> {
+        self.second_level.get(key)
+    }
+
+    fn mapping(&self, key: &MappingKey) -> Option<SlMapping> {
+        self.mappings.get(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first_level.len + self.second_level.len + self.mappings.len == 0
+    }
+}
+
+/// Where a nested walk's second-level resolution of a guest physical address starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NestedStart {
+    /// A cached mapping allows the access: no walk.
+    Mapped(SlMapping),
+    /// A walk from this table (`None`: from SLPTPTR).
+    Walk(Option<SlStart>),
 }
 
 /// How many entries each cache holds.
@@ -274,27 +359,43 @@ pub struct CachedTables {
     pub nested_mappings: usize,
 }
 
-/// The paging-structure caches of one IOMMU and the second-level mappings of nested walks.
+/// The paging-structure caches of one IOMMU and the second-level mappings of nested walks,
+/// sharded by domain id: an invalidation locks one shard, and one walk's lookups and fills
+/// lock its domain's shard.
 #[derive(Debug)]
 pub struct PagingStructureCaches {
-    first_level: ByDomain<FlKey, FlStart>,
-    second_level: ByDomain<SlKey, SlStart>,
-    mappings: ByDomain<MappingKey, SlMapping>,
+    shards: Box<[CachePadded<RwLock<Tables>>]>,
     generation: Generation,
 }
 
 impl Default for PagingStructureCaches {
     fn default() -> Self {
         PagingStructureCaches {
-            first_level: ByDomain::new(TABLE_CAPACITY),
-            second_level: ByDomain::new(TABLE_CAPACITY),
-            mappings: ByDomain::new(MAPPING_CAPACITY),
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(RwLock::default()))
+                .collect(),
             generation: Generation::default(),
         }
     }
 }
 
 impl PagingStructureCaches {
+    fn read(&self, did: DomainId) -> RwLockReadGuard<'_, Tables> {
+        self.shards[did.0 as usize % SHARDS]
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `did`'s shard for an invalidation: locked, and the generation advanced under the
+    /// lock, so that no walk that began before it fills what it removes.
+    fn invalidate(&self, did: DomainId) -> RwLockWriteGuard<'_, Tables> {
+        let shard = self.shards[did.0 as usize % SHARDS]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.generation.advance();
+        shard
+    }
+
     /// Starts a walk: what it reads may fill the caches only if no invalidation runs
     /// before the fill.
     pub(crate) fn begin_fill(&self) -> u64 {
@@ -303,96 +404,94 @@ impl PagingStructureCaches {
 
     /// The deepest cached first-level table for `input` below a `top`-level root.
     pub(crate) fn first_level_start(&self, tag: FlTag, input: u64, top: u8) -> Option<FlStart> {
-        let keys = (2..=top).map(|level| FlKey {
-            tag,
-            level,
-            region: input >> span_shift(level),
-        });
-        self.first_level.find(tag.did, keys)
+        let shard = self.read(tag.did);
+        (2..=top).find_map(|level| {
+            let key = FlKey {
+                tag,
+                level,
+                region: input >> span_shift(level),
+            };
+            shard.first_level.get(&key).copied()
+        })
     }
 
-    /// Caches the first-level tables a walk of `input` went down to: each start with the
-    /// level of the entry that pointed to it.
-    pub(crate) fn fill_first_level(&self, fill: u64, tag: FlTag, input: u64, starts: &[FlStart]) {
-        self.first_level
-            .insert(&self.generation, fill, tag.did, starts, |s| {
-                let level = s.level + 1;
-                FlKey {
-                    tag,
-                    level,
-                    region: input >> span_shift(level),
-                }
-            });
+    /// The deepest second-level table cached, or read so far by the walk of `fills`, for
+    /// `gpa` below a `top`-level root.
+    pub(crate) fn second_level_start(
+        &self,
+        fills: &WalkFills,
+        gpa: u64,
+        top: u8,
+    ) -> Option<SlStart> {
+        self.read(fills.did).second_level_start(fills, gpa, top)
     }
 
-    /// The deepest cached second-level table for `gpa` below a `top`-level root.
-    pub(crate) fn second_level_start(&self, did: DomainId, gpa: u64, top: u8) -> Option<SlStart> {
-        let keys = (2..=top).map(|level| SlKey {
-            did,
-            level,
-            region: gpa >> span_shift(level),
-        });
-        self.second_level.find(did, keys)
-    }
-
-    /// Caches the second-level tables a walk of `gpa` went down to.
-    pub(crate) fn fill_second_level(&self, fill: u64, did: DomainId, gpa: u64, starts: &[SlStart]) {
-        self.second_level
-            .insert(&self.generation, fill, did, starts, |s| {
-                let level = s.level + 1;
-                SlKey {
-                    did,
-                    level,
-                    region: gpa >> span_shift(level),
-                }
-            });
+    /// Where the nested walk of `fills` resolves `gpa` for `access`: a cached mapping
+    /// that allows it, else the deepest cached second-level table; one lock.
+    pub(crate) fn nested_start(
+        &self,
+        fills: &WalkFills,
+        gpa: u64,
+        access: AccessRequest,
+        top: u8,
+    ) -> NestedStart {
+        let shard = self.read(fills.did);
+        match shard.mapping(fills, gpa) {
+            Some(m) if m.allows(access) => NestedStart::Mapped(m),
+            _ => NestedStart::Walk(shard.second_level_start(fills, gpa, top)),
+        }
     }
 
     /// The cached second-level mapping of the page holding `gpa`.
-    pub(crate) fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
-        let keys = PAGE_SHIFTS.map(|shift| MappingKey {
-            did,
-            shift,
-            page: gpa >> shift,
-        });
-        self.mappings.find(did, keys)
+    pub fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
+        self.read(did).mapping(&WalkFills::new(did), gpa)
     }
 
-    /// Caches the second-level mapping of the page holding `gpa`.
-    pub(crate) fn insert_mapping(&self, fill: u64, did: DomainId, gpa: u64, mapping: SlMapping) {
-        let shift = mapping.size.shift() as u8;
-        let key = MappingKey {
-            did,
-            shift,
-            page: gpa >> shift,
-        };
-        self.mappings
-            .insert(&self.generation, fill, did, &[mapping], |_| key);
+    /// Caches what a walk read (`fills`) unless an invalidation ran since `fill` (a
+    /// generation from [`PagingStructureCaches::begin_fill`] taken before the walk read
+    /// its first entry): one lock of the domain's shard, none if the walk read nothing
+    /// new. The generation is compared under the lock every invalidation of the shard
+    /// advances it under, so a fill either precedes an invalidation (which then removes
+    /// it) or sees it and is dropped.
+    pub(crate) fn fill(&self, fill: u64, fills: &WalkFills) {
+        if fills.is_empty() {
+            return;
+        }
+        let mut shard = self.shards[fills.did.0 as usize % SHARDS]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.generation.0.load(Ordering::Acquire) != fill {
+            return;
+        }
+        let tables = &mut *shard;
+        for &(k, v) in fills.first_level.iter() {
+            cache(&mut tables.first_level, TABLE_CAPACITY, k, v);
+        }
+        for &(k, v) in fills.second_level.iter() {
+            cache(&mut tables.second_level, TABLE_CAPACITY, k, v);
+        }
+        for &(k, v) in fills.mappings.iter() {
+            cache(&mut tables.mappings, MAPPING_CAPACITY, k, v);
+        }
     }
 
     /// Global IOTLB invalidation (§6.5.2.3): every paging-structure-cache entry and every
     /// cached second-level mapping is removed.
     pub fn invalidate_all(&self) {
-        self.first_level.clear(&self.generation);
-        self.second_level.clear(&self.generation);
-        self.mappings.clear(&self.generation);
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            self.generation.advance();
+            shard.clear();
+        }
     }
 
     /// Domain-selective IOTLB invalidation (§6.5.2.3): the entries caching first-level,
     /// second-level and nested mappings of `did` are removed, whatever their PASID.
     pub fn invalidate_domain(&self, did: DomainId) {
-        self.first_level
-            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
-                k.tag.did == did
-            });
-        self.second_level
-            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
-                k.did == did
-            });
-        self.mappings
-            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
-                k.did == did
-            });
+        let mut shard = self.invalidate(did);
+        shard.first_level.retain(|k, _| k.tag.did != did);
+        shard.second_level.retain(|k, _| k.did != did);
+        shard.mappings.retain(|k, _| k.did != did);
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3) of `range`, a
@@ -407,10 +506,8 @@ impl PagingStructureCaches {
     ///   whatever the address, since a second-level input address cannot select them.
     pub fn invalidate_domain_range(&self, did: DomainId, range: AddrRange, ih: bool) {
         let (addr, last) = (range.start, range.last);
-        self.first_level
-            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
-                k.tag.did == did
-            });
+        let mut shard = self.invalidate(did);
+        shard.first_level.retain(|k, _| k.tag.did != did);
         if !ih {
             let count = CACHED_LEVELS
                 .map(|l| blocks(addr, last, span_shift(l)).1)
@@ -421,10 +518,9 @@ impl PagingStructureCaches {
                     regions.map(move |region| SlKey { did, level, region })
                 })
             };
-            self.second_level
-                .remove(&self.generation, did, count, candidates, |k| {
-                    k.did == did && region_meets(k.region, span_shift(k.level), addr, last)
-                });
+            remove(&mut shard.second_level, count, candidates, |k| {
+                k.did == did && region_meets(k.region, span_shift(k.level), addr, last)
+            });
         }
         let count = PAGE_SHIFTS
             .iter()
@@ -436,10 +532,9 @@ impl PagingStructureCaches {
                 pages.map(move |page| MappingKey { did, shift, page })
             })
         };
-        self.mappings
-            .remove(&self.generation, did, count, candidates, |k| {
-                k.did == did && region_meets(k.page, k.shift as u32, addr, last)
-            });
+        remove(&mut shard.mappings, count, candidates, |k| {
+            k.did == did && region_meets(k.page, k.shift as u32, addr, last)
+        });
     }
 
     /// PASID-selective PASID-based-IOTLB invalidation (§6.5.2.4): the first-level
@@ -447,10 +542,9 @@ impl PagingStructureCaches {
     /// Second-level paging-structure entries and second-level mappings carry no PASID and
     /// stay.
     pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) {
-        self.first_level
-            .remove(&self.generation, did, u64::MAX, std::iter::empty, |k| {
-                k.tag.did == did && k.tag.pasid == pasid
-            });
+        self.invalidate(did)
+            .first_level
+            .retain(|k, _| k.tag.did != did || k.tag.pasid != pasid);
     }
 
     /// Page-selective-within-PASID PASID-based-IOTLB invalidation (§6.5.2.4) of `range`, a
@@ -491,32 +585,34 @@ impl PagingStructureCaches {
                 && k.tag.pasid == pasid
                 && region_meets(k.region, span_shift(k.level), addr, last)
         };
-        self.first_level
-            .remove_with(&self.generation, did, |shard| {
-                if count < shard.len() as u64 {
-                    for (addr, last) in ranges {
-                        for level in CACHED_LEVELS {
-                            for region in blocks(addr, last, span_shift(level)).0 {
-                                for nested in [false, true] {
-                                    let tag = FlTag { did, pasid, nested };
-                                    shard.remove(&FlKey { tag, level, region });
-                                }
-                            }
+        let mut shard = self.invalidate(did);
+        let first_level = &mut shard.first_level;
+        if count < first_level.len() as u64 {
+            for (addr, last) in ranges {
+                for level in CACHED_LEVELS {
+                    for region in blocks(addr, last, span_shift(level)).0 {
+                        for nested in [false, true] {
+                            let tag = FlTag { did, pasid, nested };
+                            first_level.remove(&FlKey { tag, level, region });
                         }
                     }
-                } else {
-                    shard.retain(|k, _| !ranges.clone().any(|r| select(k, r)));
                 }
-            });
+            }
+        } else {
+            first_level.retain(|k, _| !ranges.clone().any(|r| select(k, r)));
+        }
     }
 
     /// How many entries each cache holds.
     pub fn len(&self) -> CachedTables {
-        CachedTables {
-            first_level: self.first_level.len(),
-            second_level: self.second_level.len(),
-            nested_mappings: self.mappings.len(),
-        }
+        self.shards.iter().fold(CachedTables::default(), |n, s| {
+            let t = s.read().unwrap_or_else(PoisonError::into_inner);
+            CachedTables {
+                first_level: n.first_level + t.first_level.len(),
+                second_level: n.second_level + t.second_level.len(),
+                nested_mappings: n.nested_mappings + t.mappings.len(),
+            }
+        })
     }
 
     /// Whether every cache is empty.
@@ -592,25 +688,35 @@ mod tests {
         }
     }
 
+    /// Caches `starts` of a first-level walk of `va` with fill token `fill`.
+    fn fill_fl_with(c: &PagingStructureCaches, fill: u64, t: FlTag, va: u64, starts: &[FlStart]) {
+        let mut fills = WalkFills::new(t.did);
+        fills.first_level(t, va, starts);
+        c.fill(fill, &fills);
+    }
+
     /// Caches a 4-level first-level walk of `va` down to its page table.
     fn fill_fl(c: &PagingStructureCaches, t: FlTag, va: u64) {
-        let fill = c.begin_fill();
-        c.fill_first_level(fill, t, va, &[fl(3, 0x3000), fl(2, 0x2000), fl(1, 0x1000)]);
+        let starts = [fl(3, 0x3000), fl(2, 0x2000), fl(1, 0x1000)];
+        fill_fl_with(c, c.begin_fill(), t, va, &starts);
     }
 
     /// Caches a 4-level second-level walk of `gpa` down to its page table.
     fn fill_sl(c: &PagingStructureCaches, did: DomainId, gpa: u64) {
-        let fill = c.begin_fill();
-        c.fill_second_level(
-            fill,
-            did,
-            gpa,
-            &[sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)],
-        );
+        let mut fills = WalkFills::new(did);
+        fills.second_level(gpa, &[sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)]);
+        c.fill(c.begin_fill(), &fills);
     }
 
     fn insert_mapping(c: &PagingStructureCaches, did: DomainId, gpa: u64, m: SlMapping) {
-        c.insert_mapping(c.begin_fill(), did, gpa, m);
+        let mut fills = WalkFills::new(did);
+        fills.mapping_of(gpa, m);
+        c.fill(c.begin_fill(), &fills);
+    }
+
+    /// The deepest cached second-level table of `did` for `gpa` under a 4-level root.
+    fn sl_start(c: &PagingStructureCaches, did: DomainId, gpa: u64) -> Option<SlStart> {
+        c.second_level_start(&WalkFills::new(did), gpa, 4)
     }
 
     #[test]
@@ -634,11 +740,8 @@ mod tests {
         // A 3-level lookup does not see the PML4E cache.
         assert_eq!(c.first_level_start(t, VA + (1 << 30), 3), None);
         fill_sl(&c, D1, GPA);
-        assert_eq!(
-            c.second_level_start(D1, GPA + 0x1000, 4),
-            Some(sl(1, 0xc000))
-        );
-        assert_eq!(c.second_level_start(D2, GPA, 4), None);
+        assert_eq!(sl_start(&c, D1, GPA + 0x1000), Some(sl(1, 0xc000)));
+        assert_eq!(sl_start(&c, D2, GPA), None);
         assert_eq!(
             c.len(),
             CachedTables {
@@ -684,7 +787,7 @@ mod tests {
             c.first_level_start(tag(D2, 1, true), VA, 4),
             Some(fl(1, 0x1000))
         );
-        assert_eq!(c.second_level_start(D1, GPA, 4), Some(sl(1, 0xc000)));
+        assert_eq!(sl_start(&c, D1, GPA), Some(sl(1, 0xc000)));
     }
 
     #[test]
@@ -708,18 +811,18 @@ mod tests {
             c.first_level_start(tag(D2, 1, true), VA, 4),
             Some(fl(1, 0x1000))
         );
-        assert_eq!(c.second_level_start(D1, GPA, 4), Some(sl(1, 0xc000)));
+        assert_eq!(sl_start(&c, D1, GPA), Some(sl(1, 0xc000)));
         assert_eq!(c.mapping(D1, GPA), None);
         assert_eq!(c.mapping(D1, GPA + 2 * MB), Some(m));
         assert_eq!(c.mapping(D2, GPA), Some(m));
         // IH clear, a page in the next 2 MiB: the SL-PDPE and SL-PML4E entries meet it.
         c.invalidate_domain_range(D1, range(GPA + 2 * MB, 4096), false);
-        assert_eq!(c.second_level_start(D1, GPA, 4), Some(sl(1, 0xc000)));
-        assert_eq!(c.second_level_start(D1, GPA + 2 * MB, 4), None);
+        assert_eq!(sl_start(&c, D1, GPA), Some(sl(1, 0xc000)));
+        assert_eq!(sl_start(&c, D1, GPA + 2 * MB), None);
         assert_eq!(c.mapping(D1, GPA + 2 * MB), None);
         c.invalidate_domain_range(D1, range(GPA, 4096), false);
-        assert_eq!(c.second_level_start(D1, GPA, 4), None);
-        assert_eq!(c.second_level_start(D2, GPA, 4), Some(sl(1, 0xc000)));
+        assert_eq!(sl_start(&c, D1, GPA), None);
+        assert_eq!(sl_start(&c, D2, GPA), Some(sl(1, 0xc000)));
         c.invalidate_domain(D2);
         assert!(c.is_empty());
         fill_fl(&c, tag(D1, 1, true), VA);
@@ -762,15 +865,70 @@ mod tests {
         let t = tag(D1, 1, true);
         let fill = c.begin_fill();
         c.invalidate_pasid(D2, pasid(9));
-        c.fill_first_level(fill, t, VA, &[fl(1, 0x1000)]);
-        c.fill_second_level(fill, D1, GPA, &[sl(1, 0xc000)]);
-        c.insert_mapping(fill, D1, GPA, mapping(0, PageSize::Size4K, true, true));
+        let mut fills = WalkFills::new(D1);
+        fills.first_level(t, VA, &[fl(1, 0x1000)]);
+        fills.second_level(GPA, &[sl(1, 0xc000)]);
+        fills.mapping_of(GPA, mapping(0, PageSize::Size4K, true, true));
+        c.fill(fill, &fills);
         assert!(c.is_empty());
         // An invalidation with nothing to remove (IH set) does not hold fills back.
         let fill = c.begin_fill();
         c.invalidate_pasid_range(D1, pasid(1), range(VA, 4096), true);
-        c.fill_first_level(fill, t, VA, &[fl(1, 0x1000)]);
+        fill_fl_with(&c, fill, t, VA, &[fl(1, 0x1000)]);
         assert_eq!(c.first_level_start(t, VA, 4), Some(fl(1, 0x1000)));
+    }
+
+    /// A nested walk's later resolutions find what its earlier ones read, before it is
+    /// cached; the caches take it only at the walk's end, under its fill token.
+    #[test]
+    fn a_walk_finds_what_it_read_before_its_fill() {
+        let c = PagingStructureCaches::default();
+        let m = mapping(0x10_0000, PageSize::Size4K, true, true);
+        let mut fills = WalkFills::new(D1);
+        fills.second_level(GPA, &[sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)]);
+        fills.mapping_of(GPA, m);
+        let read = AccessRequest::READ;
+        assert_eq!(c.nested_start(&fills, GPA, read, 4), NestedStart::Mapped(m));
+        assert_eq!(
+            c.nested_start(&fills, GPA + 0x1000, read, 4),
+            NestedStart::Walk(Some(sl(1, 0xc000)))
+        );
+        assert_eq!(
+            c.nested_start(&fills, GPA + 2 * MB, read, 4),
+            NestedStart::Walk(Some(sl(2, 0xb000)))
+        );
+        assert_eq!(
+            c.nested_start(&WalkFills::new(D1), GPA, read, 4),
+            NestedStart::Walk(None)
+        );
+        assert!(c.is_empty());
+        let fill = c.begin_fill();
+        c.invalidate_domain(D2);
+        c.fill(fill, &fills);
+        assert!(c.is_empty(), "an invalidation overtook the walk");
+        c.fill(c.begin_fill(), &fills);
+        assert_eq!(c.mapping(D1, GPA), Some(m));
+        assert_eq!(sl_start(&c, D1, GPA), Some(sl(1, 0xc000)));
+        // A cached entry the walk did not read is found too: the deepest of both wins.
+        let mut other = WalkFills::new(D1);
+        other.second_level(GPA, &[sl(3, 0xd000)]);
+        assert_eq!(
+            c.nested_start(&other, GPA + 0x1000, read, 4),
+            NestedStart::Walk(Some(sl(1, 0xc000)))
+        );
+    }
+
+    /// A walk keeps at most a fixed number of entries to cache; the rest are not cached.
+    #[test]
+    fn a_walk_caches_a_bounded_subset_of_what_it_read() {
+        let c = PagingStructureCaches::default();
+        let mut fills = WalkFills::new(D1);
+        for i in 0..PENDING_TABLES as u64 + 4 {
+            fills.second_level(i << 30, &[sl(2, 0xb000 + (i << 12))]);
+        }
+        c.fill(c.begin_fill(), &fills);
+        assert_eq!(c.len().second_level, PENDING_TABLES);
+        assert_eq!(sl_start(&c, D1, 0), Some(sl(2, 0xb000)));
     }
 
     #[test]
