@@ -13,10 +13,11 @@
 //! that they stay in the last-level cache.
 //!
 //! Leaf capacities are powers of two (1 to 64 entries), each capacity cut out of its own
-//! arena of blocks of 64 leaves: a leaf doubles when it is full and halves when it holds a
-//! quarter of its room or less, so a leaf of n entries has room for fewer than 4n. An
-//! arena reuses the leaves freed in it and gives its blocks back but the first when its
-//! last leaf is freed (at most 64 KiB kept over the seven classes).
+//! arena of 4 KiB blocks (512 one-entry leaves, or 8 full-width ones): a leaf doubles when
+//! it is full and halves when it holds a quarter of its room or less, so a leaf of n
+//! entries has room for fewer than 4n. An arena reuses the leaves freed in it and gives
+//! its blocks back but the first when its last leaf is freed (at most 28 KiB kept over the
+//! seven classes).
 
 use vsva_vtd::addr::Pasid;
 
@@ -30,8 +31,14 @@ const LEAVES: usize = PASID_SPACE / LEAF_SPAN;
 const CLASSES: usize = 7;
 /// The class of a full-width leaf, direct-mapped by bit.
 const DIRECT: usize = CLASSES - 1;
-/// Leaves per arena block.
-const BLOCK_LEAVES: usize = 64;
+/// Entries per arena block (4 KiB): a block holds `BLOCK_ENTRIES >> class` leaves, so
+/// that the first block each class keeps costs the same whatever the class.
+const BLOCK_ENTRIES: usize = 512;
+
+/// Leaves per block of class `class`.
+const fn block_leaves(class: usize) -> usize {
+    BLOCK_ENTRIES >> class
+}
 
 /// An allocated PASID's set and its position in that set's member list.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,7 +68,7 @@ impl Place {
 /// The leaves of one capacity class.
 #[derive(Clone, Debug, Default)]
 struct Arena {
-    /// Blocks of [`BLOCK_LEAVES`] leaves each.
+    /// Blocks of [`BLOCK_ENTRIES`] entries each.
     blocks: Vec<Box<[Owner]>>,
     /// Leaves freed since the arena was last empty, reused first.
     freed: Vec<u32>,
@@ -78,9 +85,9 @@ impl Arena {
             return leaf;
         }
         let leaf = self.used;
-        if leaf as usize / BLOCK_LEAVES == self.blocks.len() {
+        if leaf as usize / block_leaves(class) == self.blocks.len() {
             self.blocks
-                .push(vec![Owner::default(); BLOCK_LEAVES << class].into_boxed_slice());
+                .push(vec![Owner::default(); BLOCK_ENTRIES].into_boxed_slice());
         }
         self.used += 1;
         leaf
@@ -101,14 +108,14 @@ impl Arena {
 
     fn entries(&self, class: usize, leaf: u32) -> &[Owner] {
         let leaf = leaf as usize;
-        let start = (leaf % BLOCK_LEAVES) << class;
-        &self.blocks[leaf / BLOCK_LEAVES][start..start + (1 << class)]
+        let start = (leaf % block_leaves(class)) << class;
+        &self.blocks[leaf / block_leaves(class)][start..start + (1 << class)]
     }
 
     fn entries_mut(&mut self, class: usize, leaf: u32) -> &mut [Owner] {
         let leaf = leaf as usize;
-        let start = (leaf % BLOCK_LEAVES) << class;
-        &mut self.blocks[leaf / BLOCK_LEAVES][start..start + (1 << class)]
+        let start = (leaf % block_leaves(class)) << class;
+        &mut self.blocks[leaf / block_leaves(class)][start..start + (1 << class)]
     }
 
     #[cfg(test)]
@@ -400,8 +407,8 @@ mod tests {
             t.insert(w * 64 + 17, owner(1, w));
         }
         assert!(t.arenas[1..].iter().all(|a| a.blocks.is_empty()));
-        // 200 one-entry leaves (PASID 0's included): four blocks of 64.
-        assert_eq!(t.leaf_bytes(), 4 * 64 * 8);
+        // 200 one-entry leaves (PASID 0's included): one block of 512 entries.
+        assert_eq!(t.leaf_bytes(), 512 * 8);
         assert_eq!(t.get(5 * 64 + 17), Some(owner(1, 5)));
         assert_eq!(t.get(5 * 64 + 16), None);
     }
