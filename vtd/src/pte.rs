@@ -37,3 +37,19 @@ pub(crate) const fn is_leaf(raw: u64, level: u8) -> bool {
 pub(crate) const fn page_address(raw: u64, size: PageSize) -> u64 {
     raw & ADDR_MASK & !(size.bytes() - 1)
 }
+
+/// Reserved-bit masks of a paging mode, two per level 0..=5 (PS clear, PS set), as the
+/// first- and second-level formats compute them when made.
+pub(crate) type ReservedMasks = [u64; 12];
+
+/// The mask of the bits reserved at `level` in the entry `raw` (which of the level's two
+/// masks depends on PS): one table read; every bit at a level outside the table.
+#[inline(always)]
+pub(crate) const fn reserved_mask(masks: &ReservedMasks, level: u8, raw: u64) -> u64 {
+    let i = (level as usize) << 1 | (raw & PS != 0) as usize;
+    if i < masks.len() {
+        masks[i]
+    } else {
+        u64::MAX
+    }
+}

@@ -160,7 +160,7 @@ pub struct SlFormat {
     transient_mapping: bool,
     /// The reserved-bit mask of level `i / 2` with PS equal to `i % 2`; level 0 (no such
     /// level) reserves every bit.
-    masks: [u64; 12],
+    masks: pte::ReservedMasks,
 }
 
 impl SlFormat {
@@ -283,12 +283,7 @@ impl SlFormat {
     /// depends on PS): one table read.
     #[inline(always)]
     pub(crate) const fn reserved(&self, level: u8, raw: u64) -> u64 {
-        let i = (level as usize) << 1 | (raw & SlPte::PS != 0) as usize;
-        if i < self.masks.len() {
-            self.masks[i]
-        } else {
-            u64::MAX
-        }
+        pte::reserved_mask(&self.masks, level, raw)
     }
 }
 

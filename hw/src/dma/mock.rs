@@ -227,18 +227,14 @@ impl DmaPort for MockPort {
         access: DmaAccess,
         len: u64,
     ) -> Result<DmaRun, DmaFault> {
-        let mut run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
+        let run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
         if !self.state.lock().unwrap().lookahead {
             return Ok(run);
         }
         let last = addr.saturating_add(len.max(1) - 1);
-        while let Some(next) = run.end().filter(|&end| end <= last) {
-            match self.walk(pasid, next, access) {
-                Ok(page) if run.extend(page.translation()) => {}
-                _ => break,
-            }
-        }
-        Ok(run)
+        Ok(run.grow_to(last, |next| {
+            self.walk(pasid, next, access).ok().map(|p| p.translation())
+        }))
     }
 
     fn ats_translate(

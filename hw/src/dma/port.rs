@@ -170,6 +170,23 @@ impl DmaRun {
         }
     }
 
+    /// Extends the run page by page while the run ends at or before `last` (the device
+    /// address of the last byte wanted) and `next` answers the translation of the run's
+    /// end with a page that continues it (see [`DmaRun::extend`]); stops at the first
+    /// `None` or discontinuity.
+    pub fn grow_to(
+        mut self,
+        last: u64,
+        mut next: impl FnMut(u64) -> Option<DmaTranslation>,
+    ) -> Self {
+        while let Some(end) = self.end().filter(|&end| end <= last) {
+            if !next(end).is_some_and(|t| self.extend(t)) {
+                break;
+            }
+        }
+        self
+    }
+
     /// The first device address of the run.
     pub const fn start(&self) -> u64 {
         self.start

@@ -82,16 +82,13 @@ impl DmaPort for Iommu {
         access: DmaAccess,
         len: u64,
     ) -> Result<DmaRun, DmaFault> {
-        let mut run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
+        let run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
         let last = addr.saturating_add(len.max(1) - 1);
         let req = request(access);
-        while let Some(next) = run.end().filter(|&end| end <= last) {
-            let hit = self.translate_cached(sid, pasid, next, req);
-            if !hit.is_some_and(|m| run.extend(page(&m))) {
-                break;
-            }
-        }
-        Ok(run)
+        Ok(run.grow_to(last, |next| {
+            self.translate_cached(sid, pasid, next, req)
+                .map(|m| page(&m))
+        }))
     }
 
     fn ats_translate(
