@@ -166,6 +166,18 @@ impl Rig {
 
 mod stall;
 
+/// A stage-1 STE over the CD table at [`CD_TABLE`] with ATS enabled (EATS full), whose
+/// transactions without a substream use CD 0.
+fn ats_ste() -> Ste {
+    Ste {
+        s1_context_ptr: CD_TABLE,
+        s1cdmax: 2,
+        s1dss: S1Dss::Substream0,
+        eats: Eats::Full,
+        ..Ste::new(Config::S1Trans)
+    }
+}
+
 fn va_operand(addr: u64) -> TlbiAddr {
     TlbiAddr {
         addr,
@@ -1013,14 +1025,7 @@ fn dirty_state_under_httu_with_the_tlb_and_ats() {
         ..ContextDescriptor::new(TTB0, 16, ASID)
     };
     rig.write_words(CD_TABLE, &cd.encode());
-    let ste = Ste {
-        s1_context_ptr: CD_TABLE,
-        s1cdmax: 2,
-        s1dss: S1Dss::Substream0,
-        eats: Eats::Full,
-        ..Ste::new(Config::S1Trans)
-    };
-    rig.write_ste(SID, &ste);
+    rig.write_ste(SID, &ats_ste());
     rig.map(&mut b, 0x5000, 0x60_0000, RW_EL0 | D::DBM | D::AP_RO);
     let leaf = b.descriptor_address(&*rig.mem, 0x5000, 3).unwrap().unwrap();
     let clean = |rig: &Rig| rig.mem.read_u64(leaf).unwrap() & D::AP_RO != 0;
@@ -1139,14 +1144,7 @@ fn dma_port_tags_requests_with_streamid_and_substreamid() {
         (rig.event(0).event_type, rig.event(0).input_addr),
         (EventType::TranslForbidden, 0x60_0000)
     );
-    let ste = Ste {
-        s1_context_ptr: CD_TABLE,
-        s1cdmax: 2,
-        s1dss: S1Dss::Substream0,
-        eats: Eats::Full,
-        ..Ste::new(Config::S1Trans)
-    };
-    rig.write_ste(SID, &ste);
+    rig.write_ste(SID, &ats_ste());
     rig.submit(&[Cmd::CfgiSte {
         sid: SID,
         leaf: true,
