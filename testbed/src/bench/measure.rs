@@ -45,8 +45,13 @@ impl SampleBudget {
     };
 }
 
-/// The number of operations that fills one sample of `budget`, found by doubling from one
-/// (the doubling runs double as warm-up).
+/// Samples' worth of untimed runs each workload makes after its calibration and before its
+/// first sample, in both modes: a workload's first runs take its page faults, fill the
+/// CPU's caches and the structures it grows, and a quick run, with a seventh of the full
+/// run's samples, would count a seventh as many of them in its median.
+pub const WARM_UP_SAMPLES: usize = 10;
+
+/// The number of operations that fills one sample of `budget`, found by doubling from one.
 fn calibrate(w: &mut dyn Workload, budget: &SampleBudget) -> Result<u64, BenchError> {
     let mut iters = 1u64;
     loop {
@@ -58,6 +63,16 @@ fn calibrate(w: &mut dyn Workload, budget: &SampleBudget) -> Result<u64, BenchEr
         }
         iters *= 2;
     }
+}
+
+/// [`WARM_UP_SAMPLES`] runs of `iters` operations of each workload, in turn, untimed.
+fn warm_up(ws: &mut [(&mut dyn Workload, u64)]) -> Result<(), BenchError> {
+    for _ in 0..WARM_UP_SAMPLES {
+        for (w, iters) in ws.iter_mut() {
+            w.run(*iters)?;
+        }
+    }
+    Ok(())
 }
 
 /// Nanoseconds per operation of each sample of a workload, in sampling order.
@@ -154,6 +169,7 @@ fn ns_per_op(t: Duration, iters: u64) -> f64 {
 /// Nanoseconds per operation of `w`, one value per sample.
 pub fn measure(w: &mut dyn Workload, budget: &SampleBudget) -> Result<Samples, BenchError> {
     let iters = calibrate(w, budget)?;
+    warm_up(&mut [(w, iters)])?;
     let mut xs = Vec::with_capacity(budget.samples);
     for _ in 0..budget.samples.max(1) {
         xs.push(ns_per_op(w.run(iters)?, iters));
@@ -169,6 +185,7 @@ pub fn measure_pair(
     budget: &SampleBudget,
 ) -> Result<(Samples, Samples), BenchError> {
     let (fi, bi) = (calibrate(figure, budget)?, calibrate(baseline, budget)?);
+    warm_up(&mut [(figure, fi), (baseline, bi)])?;
     let n = budget.samples.max(1);
     let (mut fs, mut bs) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
@@ -188,7 +205,7 @@ pub fn measure_pair_same_count(
     budget: &SampleBudget,
 ) -> Result<(Samples, Samples), BenchError> {
     let iters = calibrate(baseline, budget)?;
-    figure.run(iters)?;
+    warm_up(&mut [(figure, iters), (baseline, iters)])?;
     let n = budget.samples.max(1);
     let (mut fs, mut bs) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
@@ -273,7 +290,47 @@ mod tests {
         let n = *b.0.last().unwrap();
         assert!(n > 1000, "{n}");
         assert!(a.0.iter().all(|&i| i == n));
-        assert_eq!(a.0.len(), SampleBudget::QUICK.samples + 1);
+        assert_eq!(a.0.len(), SampleBudget::QUICK.samples + WARM_UP_SAMPLES);
+    }
+
+    /// Costs 100 ns per operation, except in the `WARM_UP_SAMPLES` runs after its first
+    /// `fast` ones, which cost 1 µs: a workload that settles after a start-up.
+    struct Settling {
+        calls: usize,
+        fast: usize,
+    }
+
+    impl Workload for Settling {
+        fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+            self.calls += 1;
+            let slow = (self.fast + 1..=self.fast + WARM_UP_SAMPLES).contains(&self.calls);
+            Ok(Duration::from_nanos(if slow { 1000 } else { 100 } * iters))
+        }
+    }
+
+    #[test]
+    fn warm_up_runs_are_not_samples_and_both_modes_agree() {
+        for budget in [SampleBudget::QUICK, SampleBudget::FULL] {
+            // The calibration's runs, counted on a twin.
+            let mut twin = Settling {
+                calls: 0,
+                fast: usize::MAX - WARM_UP_SAMPLES,
+            };
+            calibrate(&mut twin, &budget).unwrap();
+            // Slow just after its calibration: every slow run is a warm-up run.
+            let mut w = Settling {
+                calls: 0,
+                fast: twin.calls,
+            };
+            let s = measure(&mut w, &budget).unwrap();
+            assert_eq!(w.calls, twin.calls + WARM_UP_SAMPLES + budget.samples);
+            assert_eq!(s.values().len(), budget.samples);
+            assert!(
+                s.values().iter().all(|&ns| (ns - 100.0).abs() < 1e-6),
+                "{:?}",
+                s.spread()
+            );
+        }
     }
 
     #[test]

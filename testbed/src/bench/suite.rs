@@ -210,9 +210,9 @@ fn dma_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<()
     Ok(())
 }
 
-/// Churn at 0, 50 and 99 % occupancy; the heap per allocated PASID at 1, 10, 50 and 99 %
-/// (each allocator filled at random positions in a process where nothing else allocates
-/// meanwhile).
+/// Churn at 0, 50 and 99 % occupancy, each settled first ([`PasidChurn::settle`]); the
+/// heap per allocated PASID at 1, 10, 50 and 99 % (each allocator filled at random
+/// positions in a process where nothing else allocates meanwhile).
 fn pasid_alloc(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let mut bytes = Vec::new();
     let mut record = |churn: &PasidChurn, figure| {
@@ -229,10 +229,12 @@ fn pasid_alloc(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Be
     }
     let mut half = PasidChurn::new(0.5)?;
     record(&half, Figure::BytesPerPasid50);
+    half.settle()?;
     let n50 = measure(&mut half, budget)?;
     drop(half);
     let mut full = PasidChurn::new(0.99)?;
     record(&full, Figure::BytesPerPasid99);
+    full.settle()?;
     let (n99, n0) = measure_pair(&mut full, &mut PasidChurn::new(0.0)?, budget)?;
     if bytes.len() == 4 {
         report.set(
