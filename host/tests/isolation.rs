@@ -1802,35 +1802,41 @@ const GVA_OWN: u64 = 0x7f30_0000_0000;
 const A_BYTE: u8 = 0xa1;
 const B_BYTES: [u8; 2] = [0xb1, 0xb2];
 
-/// A device slow between translating and moving: after the translation of the last page
-/// of each region (the end of a run), it holds the run's translations until the VMM says
-/// it revoked (or [`LINGER`] passed) when the VMM armed it, as a device behind a busy link may, and then moves
-/// the run's bytes. Every round of the race thus revokes while translations are held.
+/// A device slow between translating and moving: when the VMM armed it for a round,
+/// after the next translation of the last page of a region (the end of a run) it holds the
+/// run's translations until the VMM says that round's revocation returned, as a device
+/// behind a busy link may, and then moves the run's bytes. Every round of the race thus
+/// revokes while translations are held, however the threads are scheduled.
 struct Lingering {
     hw: Arc<Iommu>,
-    /// The VMM is about to revoke: the next end of a run lingers.
-    armed: AtomicBool,
-    /// The device holds translations and waits.
-    holding: AtomicBool,
-    /// The VMM revoked and the new owner wrote its bytes: move on.
-    release: AtomicBool,
+    /// The round (from 1) whose revocation is about to start: the next end of a run
+    /// lingers for it; 0 when none is.
+    armed: AtomicU64,
+    /// The last round for which the device held translations.
+    holding: AtomicU64,
+    /// The last round whose revocation returned (and whose frames' new owner wrote its
+    /// bytes): a device holding for it moves on. `u64::MAX` when the race is over.
+    released: AtomicU64,
 }
 
-/// How long [`Lingering`] waits for the VMM at most (many scheduler ticks: the VMM's
-/// thread may wait for a core).
-const LINGER: Duration = Duration::from_millis(50);
+/// How long either side of [`Lingering`] waits for the other at most: only a safety net
+/// for a side that stopped (a failed check), never reached while both run.
+const STALLED: Duration = Duration::from_secs(30);
 
 impl Lingering {
     fn linger(&self, addr: u64) {
-        if addr % HALF < HALF - PAGE || !self.armed.swap(false, Ordering::SeqCst) {
+        if addr % HALF < HALF - PAGE {
             return;
         }
-        self.holding.store(true, Ordering::SeqCst);
+        let round = self.armed.swap(0, Ordering::SeqCst);
+        if round == 0 {
+            return;
+        }
+        self.holding.store(round, Ordering::SeqCst);
         let t = Instant::now();
-        while !self.release.swap(false, Ordering::SeqCst) && t.elapsed() < LINGER {
+        while self.released.load(Ordering::SeqCst) < round && t.elapsed() < STALLED {
             std::thread::yield_now();
         }
-        self.holding.store(false, Ordering::SeqCst);
     }
 }
 
@@ -1884,7 +1890,9 @@ impl DmaPort for Lingering {
 
 /// One VM's device moving bytes on a nested PASID while the VMM revokes its access from
 /// another thread, again and again, while the device holds translations of the region
-/// (see [`Lingering`]): after each revocation returns, the region's frames
+/// (see [`Lingering`]) and another of its requesters translates the region (walks and
+/// fills racing the invalidation): after each revocation returns, no translation of the
+/// region is left in the IOTLB, the region's frames
 /// go to VM B, which fills them with its own bytes, and VM A gets them back (its bytes
 /// restored, re-mapped or re-bound) only after the device has run at least two more
 /// descriptors. The device copies R to W (both revoked) and R to a page A keeps; the test
@@ -1898,9 +1906,9 @@ fn revocation_race(revoke: Revoke, features: u64, budget: Duration) -> (u64, u64
     let ram = host.ram(4 << 20);
     let port = Arc::new(Lingering {
         hw: host.hw.clone(),
-        armed: AtomicBool::new(false),
-        holding: AtomicBool::new(false),
-        release: AtomicBool::new(false),
+        armed: AtomicU64::new(0),
+        holding: AtomicU64::new(0),
+        released: AtomicU64::new(0),
     });
     let engine = Arc::new(DmaEngine::new(DmaEngineConfig::new(SID_A), port.clone()).unwrap());
     host.hw.attach_endpoint(engine.clone());
@@ -1941,6 +1949,25 @@ fn revocation_race(revoke: Revoke, features: u64, budget: Duration) -> (u64, u64
     let stop = AtomicBool::new(false);
     let completed = AtomicU64::new(0);
     let rounds = std::thread::scope(|s| {
+        // Another requester of the device translating the region all the time, so that
+        // walks and fills run while each revocation invalidates (the device itself holds
+        // its translations then).
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let p = Pasid::new(pasid.load(Ordering::Relaxed)).unwrap();
+                for gva in [GVA_R, GVA_W] {
+                    for i in 0..HALF / PAGE {
+                        let _ = DmaPort::remap(
+                            &*host.hw,
+                            SID_A,
+                            Some(p),
+                            gva + i * PAGE,
+                            DmaAccess::READ,
+                        );
+                    }
+                }
+            }
+        });
         let device = s.spawn(|| {
             let copy = |dst| Operation::Memmove {
                 src: GVA_R,
@@ -1988,10 +2015,14 @@ fn revocation_race(revoke: Revoke, features: u64, budget: Duration) -> (u64, u64
             if enough || elapsed >= 10 * budget || stop.load(Ordering::Relaxed) {
                 break None;
             }
-            // The device holds translations of the region (or gave up waiting).
-            port.armed.store(true, Ordering::SeqCst);
+            // The device holds translations of a region for this round.
+            let round = rounds + 1;
+            port.armed.store(round, Ordering::SeqCst);
             let t = Instant::now();
-            while !port.holding.load(Ordering::SeqCst) && t.elapsed() < LINGER {
+            while port.holding.load(Ordering::SeqCst) != round
+                && !stop.load(Ordering::Relaxed)
+                && t.elapsed() < STALLED
+            {
                 std::thread::yield_now();
             }
             match revoke {
@@ -2001,10 +2032,21 @@ fn revocation_race(revoke: Revoke, features: u64, budget: Duration) -> (u64, u64
                 Revoke::Unbind => c.unbind_gpasid(&bind(p, root, 48, 0)).unwrap(),
                 Revoke::FreePasid => c.pasid_free(p).unwrap(),
             }
-            // The call returned: the frames are VM B's, which writes its own bytes.
+            // The call returned: no translation of the region is left in the IOTLB, or
+            // filled since (a walk overtaken by the invalidation).
+            let cached = [GVA_R, GVA_W]
+                .iter()
+                .flat_map(|&gva| (0..HALF / PAGE).map(move |i| gva + i * PAGE))
+                .find(|&gva| host.hw.iotlb().lookup(SID_A, p, gva).is_some());
+            if let Some(gva) = cached {
+                break Some(format!(
+                    "{revoke:?}: the IOTLB still translates {gva:#x} after round {rounds}'s revocation returned"
+                ));
+            }
+            // The frames are VM B's, which writes its own bytes.
             fill(REVOKED_GPA, B_BYTES[0]);
             fill(REVOKED_GPA + HALF, B_BYTES[1]);
-            port.release.store(true, Ordering::SeqCst);
+            port.released.store(round, Ordering::SeqCst);
             wait_for(2);
             let moved = [0, 1]
                 .iter()
@@ -2026,9 +2068,10 @@ fn revocation_race(revoke: Revoke, features: u64, budget: Duration) -> (u64, u64
                     pasid.store(p.raw(), Ordering::Relaxed);
                 }
             }
-            rounds += 1;
+            rounds = round;
         };
         stop.store(true, Ordering::Relaxed);
+        port.released.store(u64::MAX, Ordering::SeqCst);
         let device = device.join().unwrap();
         if let Some(f) = failure {
             panic!("{f}");

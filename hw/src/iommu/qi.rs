@@ -13,7 +13,9 @@
 //! each device's requests in a row as one batch (one look-up of the device, one lock and
 //! one drain of its TLB). Every device-TLB invalidation thus still follows the IOTLB
 //! invalidations queued before it (§6.5.2.5: the device must not refill from a stale
-//! IOTLB entry), and nothing is reported complete before it is done.
+//! IOTLB entry), and nothing is reported complete before it is done. Within one IOTLB
+//! invalidation the paging-structure caches go before the IOTLB, for the same reason one
+//! level down: the IOTLB must not refill from a stale paging-structure-cache entry.
 
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
@@ -89,10 +91,11 @@ impl Iommu {
                         IotlbInvalidation::PasidPages { range, ih, .. } => Some((range, ih)),
                         _ => None,
                     });
-                    self.iotlb
-                        .invalidate_pasid_ranges(did, pasid, pages.clone().map(|(r, _)| r));
+                    // Paging-structure caches first: see `invalidate_iotlb`.
                     self.paging_caches
-                        .invalidate_pasid_ranges(did, pasid, pages);
+                        .invalidate_pasid_ranges(did, pasid, pages.clone());
+                    self.iotlb
+                        .invalidate_pasid_ranges(did, pasid, pages.map(|(r, _)| r));
                     i += run;
                 }
                 inv => {
@@ -116,25 +119,32 @@ impl Iommu {
         pending.devtlb_sids.clear();
     }
 
-    /// One IOTLB or PASID-based-IOTLB invalidation, paging-structure caches included.
+    /// One IOTLB or PASID-based-IOTLB invalidation, paging-structure caches included,
+    /// and those first. A walk takes its IOTLB fill token before it looks at the
+    /// paging-structure caches, so one that used an entry this removes from them took its
+    /// token before the IOTLB's removal that follows, and its fill is either removed by it
+    /// or refused. The other way round, a walk starting between the two removals would
+    /// take a token after the IOTLB's, find the stale entry still in the paging-structure
+    /// caches and cache a translation that nothing removes any more (a nested walk, its
+    /// second-level mapping of a page `UNMAP_DMA` had just removed).
     fn invalidate_iotlb(&self, inv: IotlbInvalidation) {
         let (iotlb, paging) = (&self.iotlb, &self.paging_caches);
         match inv {
             IotlbInvalidation::Global => {
-                iotlb.invalidate_all();
                 paging.invalidate_all();
+                iotlb.invalidate_all();
             }
             IotlbInvalidation::Domain(did) => {
-                iotlb.invalidate_domain(did);
                 paging.invalidate_domain(did);
+                iotlb.invalidate_domain(did);
             }
             IotlbInvalidation::DomainPages { did, range, ih } => {
-                iotlb.invalidate_domain_range(did, range);
                 paging.invalidate_domain_range(did, range, ih);
+                iotlb.invalidate_domain_range(did, range);
             }
             IotlbInvalidation::Pasid { did, pasid } => {
-                iotlb.invalidate_pasid(did, pasid);
                 paging.invalidate_pasid(did, pasid);
+                iotlb.invalidate_pasid(did, pasid);
             }
             IotlbInvalidation::PasidPages {
                 did,
@@ -142,8 +152,8 @@ impl Iommu {
                 range,
                 ih,
             } => {
-                iotlb.invalidate_pasid_range(did, pasid, range);
                 paging.invalidate_pasid_range(did, pasid, range, ih);
+                iotlb.invalidate_pasid_range(did, pasid, range);
             }
         }
     }
