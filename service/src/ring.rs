@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -187,11 +187,41 @@ fn runnable_beyond(loadavg: &str, cores: usize) -> Option<bool> {
     Some(running.parse::<usize>().ok()? > cores)
 }
 
+/// Live [`SpinRegardlessOfLoad`] guards of the process.
+static SPIN_REGARDLESS: AtomicUsize = AtomicUsize::new(0);
+
+/// While a guard is alive, [`oversubscribed`] answers no, so every [`Spinner`] of the
+/// process spins its whole budget whatever the machine's load. For measuring the spinning
+/// path alone (`vsva bench`'s socket probe, whose host is a thread of the same process):
+/// the adaptive answer lets the load of the moment choose, call by call, whether both
+/// sides spin or sleep, so a figure would be whichever mix of the two that moment chose.
+#[derive(Debug)]
+#[must_use = "the spinning lasts while the guard is alive"]
+pub struct SpinRegardlessOfLoad(());
+
+impl SpinRegardlessOfLoad {
+    /// Spins regardless of load until the guard is dropped.
+    pub fn begin() -> SpinRegardlessOfLoad {
+        SPIN_REGARDLESS.fetch_add(1, Ordering::AcqRel);
+        SpinRegardlessOfLoad(())
+    }
+}
+
+impl Drop for SpinRegardlessOfLoad {
+    fn drop(&mut self) {
+        SPIN_REGARDLESS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Whether the machine now has more runnable threads than cores this process may use,
 /// so that a thread that spins may be holding the core its peer waits for. Read from
 /// `/proc/loadavg` at most once per `LOAD_FRESH` per process (a stale answer is used
-/// meanwhile); `true` when it cannot be read, the cautious answer.
+/// meanwhile); `true` when it cannot be read, the cautious answer; `false` while a
+/// [`SpinRegardlessOfLoad`] is alive.
 pub fn oversubscribed() -> bool {
+    if SPIN_REGARDLESS.load(Ordering::Acquire) > 0 {
+        return false;
+    }
     static EPOCH: OnceLock<(Instant, usize)> = OnceLock::new();
     /// Nanoseconds after the epoch of the last reading, plus one (0: never read).
     static READ_AT: AtomicU64 = AtomicU64::new(0);
@@ -629,6 +659,24 @@ mod tests {
         }
         assert_eq!(spinner.wait(|| Some(3)), Some(3));
         assert_eq!((spinner.skip, spinner.backoff), (0, 1));
+    }
+
+    #[test]
+    fn while_a_guard_lives_a_spinner_spins_whatever_the_load() {
+        let guard = SpinRegardlessOfLoad::begin();
+        assert!(!oversubscribed());
+        // The machine's own spinner: it spins (looks more than once) until it finds.
+        let mut spinner = Spinner::new(Duration::from_secs(3600));
+        let mut looks = 0;
+        assert_eq!(
+            spinner.wait(|| {
+                looks += 1;
+                (looks == 1000).then_some(5)
+            }),
+            Some(5)
+        );
+        assert_eq!(looks, 1000);
+        drop(guard);
     }
 
     #[test]
