@@ -2258,6 +2258,7 @@ mod tests {
                         size: pages << 12,
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             VFIO_IOMMU_UNMAP_DMA => (0u64..32, 0u64..12)
@@ -2270,6 +2271,7 @@ mod tests {
                         ..Default::default()
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             VFIO_IOMMU_PASID_REQUEST => (
@@ -2285,6 +2287,7 @@ mod tests {
                         range: VfioPasidRange { min, max },
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             VFIO_IOMMU_BIND | VFIO_IOMMU_UNBIND => (
@@ -2314,6 +2317,7 @@ mod tests {
                         },
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             VFIO_IOMMU_CACHE_INVALIDATE => (
@@ -2344,6 +2348,7 @@ mod tests {
                         },
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             VFIO_IOMMU_ATTACH_PASID_TABLE => (0u8..4, 0u8..22)
@@ -2360,6 +2365,7 @@ mod tests {
                         config: cfg,
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             VFIO_IOMMU_PAGE_RESPONSE => (
@@ -2384,6 +2390,7 @@ mod tests {
                         },
                     }
                     .to_bytes()
+                    .to_vec()
                 })
                 .boxed(),
             _ => proptest::collection::vec(any::<u8>(), 0..96).boxed(),

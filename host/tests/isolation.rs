@@ -1375,6 +1375,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     size: pages * PAGE,
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         VFIO_IOMMU_UNMAP_DMA => (
@@ -1390,6 +1391,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     ..Default::default()
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         VFIO_IOMMU_PASID_REQUEST => (
@@ -1407,6 +1409,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     },
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         VFIO_IOMMU_BIND | VFIO_IOMMU_UNBIND => (
@@ -1443,6 +1446,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     },
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         VFIO_IOMMU_CACHE_INVALIDATE => (
@@ -1475,6 +1479,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     },
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         VFIO_IOMMU_ATTACH_PASID_TABLE => (0u8..5, 0u8..22, 0u64..0x400, 0u8..4)
@@ -1500,6 +1505,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     },
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         VFIO_IOMMU_PAGE_RESPONSE => (
@@ -1523,6 +1529,7 @@ fn template(cmd: u32) -> BoxedStrategy<Vec<u8>> {
                     },
                 }
                 .to_bytes()
+                .to_vec()
             })
             .boxed(),
         _ => proptest::collection::vec(any::<u8>(), 0..96).boxed(),

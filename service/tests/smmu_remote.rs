@@ -343,7 +343,7 @@ fn malformed_pasid_table_ioctls_over_the_socket_change_nothing() {
         good[..good.len() - 1].to_vec(),
     ];
     for at in [0usize, 4, 8, 12, 24, 25, 26, 31, 32] {
-        let mut b = good.clone();
+        let mut b = good.to_vec();
         b[at] ^= 0xff;
         bad.push(b);
     }

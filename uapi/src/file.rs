@@ -317,7 +317,10 @@ fn bind_request<T: VfioIoctls + ?Sized>(
 }
 
 /// The bytes of a `VFIO_IOMMU_PAGE_RESPONSE` argument (and of a fault-queue `write`).
-pub fn page_response_bytes(sid: Option<SourceId>, resp: &PageResponse) -> Vec<u8> {
+pub fn page_response_bytes(
+    sid: Option<SourceId>,
+    resp: &PageResponse,
+) -> [u8; size_of::<VfioIommuType1PageResponse>()] {
     VfioIommuType1PageResponse {
         argsz: size_of::<VfioIommuType1PageResponse>() as u32,
         flags: sid.map_or(0, |_| VFIO_IOMMU_PAGE_RESPONSE_RID_VALID),

@@ -1382,11 +1382,11 @@ mod tests {
             IommuFault::from_bytes(&good[..63]).unwrap_err().errno(),
             -libc::EFAULT
         );
-        let mut bad_type = good.clone();
+        let mut bad_type = good;
         bad_type[0] = 3;
-        let mut bad_padding = good.clone();
+        let mut bad_padding = good;
         bad_padding[5] = 1;
-        let mut tail = good.clone();
+        let mut tail = good;
         tail[60] = 1;
         for bytes in [bad_type, bad_padding, tail] {
             assert_eq!(
@@ -1500,7 +1500,7 @@ mod tests {
         assert!(b[40..].iter().all(|&x| x == 0));
         let back = IommuNestingInfo::from_bytes(&b).unwrap();
         assert_eq!(back.vendor.arm_smmuv3(), smmu);
-        let refused = |bytes: Vec<u8>| IommuNestingInfo::from_bytes(&bytes).unwrap_err().errno();
+        let refused = |bytes: &[u8]| IommuNestingInfo::from_bytes(bytes).unwrap_err().errno();
         for (at, value) in [
             (32, 1),
             (36, 17),
@@ -1510,13 +1510,13 @@ mod tests {
             (47, 1),
             (48, 1),
         ] {
-            let mut bad = b.clone();
+            let mut bad = b;
             bad[at] = value;
-            assert_eq!(refused(bad), -libc::EINVAL, "byte {at} = {value}");
+            assert_eq!(refused(&bad), -libc::EINVAL, "byte {at} = {value}");
         }
         x = n;
         x.format = IOMMU_PASID_FORMAT_LAST;
-        assert_eq!(refused(x.to_bytes()), -libc::EINVAL);
+        assert_eq!(refused(&x.to_bytes()), -libc::EINVAL);
         x = n;
         x.pasid_bits = 21;
         assert_eq!(

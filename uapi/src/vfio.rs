@@ -361,10 +361,15 @@ impl VfioBindGuestPasid {
         })
     }
 
-    /// The argument bytes: header, then the bind data.
-    pub fn to_bytes(self) -> Vec<u8> {
-        let mut out = self.header.to_bytes();
-        out.extend_from_slice(&self.data.to_bytes());
+    /// Bytes of the argument: the header and the bind data in `data[]`.
+    pub const SIZE: usize = size_of::<VfioIommuType1Bind>() + size_of::<IommuGpasidBindData>();
+
+    /// The argument bytes: header, then the bind data (on the stack).
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        let (header, data) = out.split_at_mut(size_of::<VfioIommuType1Bind>());
+        self.header.write(header);
+        self.data.write(data);
         out
     }
 }

@@ -131,9 +131,10 @@ macro_rules! c_struct {
         }
 
         impl $name {
-            /// The C image of the structure (`sizeof` bytes, padding zero).
-            pub fn to_bytes(self) -> Vec<u8> {
-                let mut out = vec![0u8; ::std::mem::size_of::<$name>()];
+            /// The C image of the structure (`sizeof` bytes, padding zero), on the stack:
+            /// encoding an argument allocates nothing.
+            pub fn to_bytes(self) -> [u8; ::std::mem::size_of::<$name>()] {
+                let mut out = [0u8; ::std::mem::size_of::<$name>()];
                 $crate::wire::Wire::write(&self, &mut out);
                 out
             }
