@@ -17,7 +17,7 @@ use vsva_mem::PhysMem;
 use vsva_uapi::error::Errno;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
-use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, Ttm, VcmdResponse, VirtualCommand};
+use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, RegEffects, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, flpte::FlFormat, inv_desc::InvDesc,
     regs::RegisterFile, request::RootState, root::Capabilities,
@@ -137,20 +137,20 @@ impl VIommu {
     /// A guest write of `size` bytes (4 or 8) at `offset` in the register page, with
     /// everything the write sets in motion done before it returns.
     pub fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), VIommuError> {
-        let effects = {
+        let mut effects = RegEffects::new();
+        {
             let mut regs = lock(&self.regs);
             let translating = regs.translation_enabled();
-            let effects = regs.write(offset, size, value)?;
+            regs.write(offset, size, value, &mut effects)?;
             self.latch_root(&regs);
             if regs.translation_enabled() != translating {
                 // What the address spaces cached with translation off (or on) is not what
                 // requests see now.
                 self.spaces.invalidate(IotlbScope::All);
             }
-            effects
-        };
+        }
         let mut irqs = Vec::new();
-        for effect in effects {
+        for &effect in &effects {
             self.apply(effect, &mut irqs);
         }
         self.deliver(irqs);

@@ -8,7 +8,7 @@ use vsva_mem::PhysMem;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsva_vtd::inv_desc::InvDescType;
-use vsva_vtd::regs::{Iqei, RegEffect};
+use vsva_vtd::regs::{Iqei, RegEffect, RegEffects};
 use vsva_vtd::{
     addr::SourceId, inv_desc::InvDesc, regs::Cap, regs::Ecap, regs::RegError, regs::RegisterFile,
 };
@@ -132,7 +132,8 @@ impl Registers for Unit {
     }
 
     fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
-        let effects = self.regs().write(offset, size, value)?;
+        let mut effects = RegEffects::new();
+        self.regs().write(offset, size, value, &mut effects)?;
         if effects.contains(&RegEffect::ProcessInvalidationQueue) {
             self.process_queue();
         }

@@ -15,7 +15,9 @@ use vsva_vtd::inv_desc::{
 };
 use vsva_vtd::pasid::read_pasid_entry;
 use vsva_vtd::prq::PageRequestDesc;
-use vsva_vtd::regs::{Iqei, RegEffect, RegisterFile, Ttm, VcmdResponse, VirtualCommand};
+use vsva_vtd::regs::{
+    Iqei, RegEffect, RegEffects, RegisterFile, Ttm, VcmdResponse, VirtualCommand,
+};
 use vsva_vtd::{
     addr::Gva, flpte::FlPagingMode, inv_desc::AddrRange, inv_desc::InvDescType, pasid::PasidEntry,
     pasid::Pgtt, root::Capabilities,
@@ -204,11 +206,11 @@ impl Mmio for FakeUnit {
     }
 
     fn write(&self, offset: u64, size: usize, value: u64) {
-        let effects = self
-            .regs
+        let mut effects = RegEffects::new();
+        self.regs
             .lock()
             .unwrap()
-            .write(offset, size, value)
+            .write(offset, size, value, &mut effects)
             .unwrap();
         for e in effects {
             match e {

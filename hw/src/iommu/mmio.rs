@@ -9,7 +9,7 @@ use vsva_mem::PhysMem;
 use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{
-    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegError, Ttm, VcmdResponse,
+    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegEffects, RegError, Ttm, VcmdResponse,
 };
 use vsva_vtd::{
     addr::Pasid, addr::SourceId, fault::FaultReason, request::RootState, request::TranslationFault,
@@ -30,12 +30,12 @@ impl Iommu {
 
     /// A register write, with the side effects the written register has.
     pub fn mmio_write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
-        let effects = self
-            .regs
+        let mut effects = RegEffects::new();
+        self.regs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .write(offset, size, value)?;
-        for effect in effects {
+            .write(offset, size, value, &mut effects)?;
+        for &effect in &effects {
             match effect {
                 RegEffect::RootTableSet(_) | RegEffect::TranslationEnabled(_) => self.latch_root(),
                 RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(),

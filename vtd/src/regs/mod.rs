@@ -738,24 +738,31 @@ impl RegisterFile {
         }
     }
 
-    /// Writes `size` (4 or 8) bytes at `offset` and returns what the owner must do.
-    pub fn write(&mut self, offset: u64, size: usize, value: u64) -> Result<RegEffects, RegError> {
+    /// Writes `size` (4 or 8) bytes at `offset` and appends to `effects` what the owner
+    /// must do; a refused access appends nothing. The effects go to the caller's buffer
+    /// rather than being returned, so a write copies none of them.
+    pub fn write(
+        &mut self,
+        offset: u64,
+        size: usize,
+        value: u64,
+        effects: &mut RegEffects,
+    ) -> Result<(), RegError> {
         self.check_access(offset, size)?;
         if size == 4 && value > u32::MAX as u64 {
             return Err(RegError::ValueWidth { value });
         }
-        let mut effects = RegEffects::new();
         match (size, self.locate(offset)) {
             (8, Some((reg, base, 8))) if base == offset => {
-                self.write_reg(reg, value, u64::MAX, &mut effects)
+                self.write_reg(reg, value, u64::MAX, effects)
             }
             (8, _) => {
-                self.write_dword(offset, value as u32, &mut effects);
-                self.write_dword(offset + 4, (value >> 32) as u32, &mut effects);
+                self.write_dword(offset, value as u32, effects);
+                self.write_dword(offset + 4, (value >> 32) as u32, effects);
             }
-            _ => self.write_dword(offset, value as u32, &mut effects),
+            _ => self.write_dword(offset, value as u32, effects),
         }
-        Ok(effects)
+        Ok(())
     }
 
     fn write_dword(&mut self, offset: u64, value: u32, effects: &mut RegEffects) {

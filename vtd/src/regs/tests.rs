@@ -46,7 +46,8 @@ fn regs() -> RegisterFile {
 }
 
 fn write(r: &mut RegisterFile, offset: u64, size: usize, value: u64) -> Vec<RegEffect> {
-    let effects = r.write(offset, size, value).unwrap();
+    let mut effects = RegEffects::new();
+    r.write(offset, size, value, &mut effects).unwrap();
     assert!(
         !effects.spilled(),
         "a write allocated for {} effects",
@@ -129,9 +130,13 @@ fn bad_accesses_are_errors_and_change_nothing() {
     let mut r = regs();
     write(&mut r, offset::RTADDR, 8, 0x5000);
     assert_eq!(r.read(offset::RTADDR, 2), Err(RegError::Width(2)));
-    assert_eq!(r.write(offset::RTADDR, 16, 0), Err(RegError::Width(16)));
+    let mut none = RegEffects::new();
     assert_eq!(
-        r.write(offset::RTADDR + 4, 8, 0),
+        r.write(offset::RTADDR, 16, 0, &mut none),
+        Err(RegError::Width(16))
+    );
+    assert_eq!(
+        r.write(offset::RTADDR + 4, 8, 0, &mut none),
         Err(RegError::Unaligned {
             offset: offset::RTADDR + 4,
             size: 8
@@ -142,7 +147,7 @@ fn bad_accesses_are_errors_and_change_nothing() {
         Err(RegError::Unaligned { offset: 2, size: 4 })
     );
     assert_eq!(
-        r.write(0x1000, 4, 0),
+        r.write(0x1000, 4, 0, &mut none),
         Err(RegError::OutOfRange {
             offset: 0x1000,
             size: 4,
@@ -154,9 +159,10 @@ fn bad_accesses_are_errors_and_change_nothing() {
         Err(RegError::OutOfRange { .. })
     ));
     assert_eq!(
-        r.write(offset::RTADDR, 4, 1 << 32),
+        r.write(offset::RTADDR, 4, 1 << 32, &mut none),
         Err(RegError::ValueWidth { value: 1 << 32 })
     );
+    assert!(none.is_empty(), "a refused write asked for {none:?}");
     assert_eq!(read(&r, offset::RTADDR, 8), 0x5000);
 }
 
@@ -850,7 +856,8 @@ proptest! {
             } else {
                 (slot * 4, 4, value & 0xffff_ffff)
             };
-            let effects = r.write(offset, size, value).unwrap();
+            let mut effects = RegEffects::new();
+            r.write(offset, size, value, &mut effects).unwrap();
             prop_assert!(!effects.spilled());
             for effect in effects {
                 match effect {
@@ -903,7 +910,9 @@ fn the_busiest_write_fits_inline() {
     // write has, and they stay inline.
     let mut r = regs();
     write(&mut r, offset::IQT, 8, 1 << 4);
-    let effects = r.write(offset::GCMD, 8, u32::MAX as u64).unwrap();
+    let mut effects = RegEffects::new();
+    r.write(offset::GCMD, 8, u32::MAX as u64, &mut effects)
+        .unwrap();
     assert!(!effects.spilled());
     assert_eq!(effects.len(), MAX_REG_EFFECTS, "{effects:?}");
 }
