@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use super::compare::Comparison;
 use super::plot::plot_svg;
 use super::report::BenchReport;
 use super::suite::{run, BenchOptions};
@@ -23,13 +24,24 @@ pub struct BenchArgs {
     /// Run only the measurements whose name contains this.
     #[arg(long, value_name = "NAME")]
     pub only: Option<String>,
+    /// Run the measurements in full, then quick, and hold each quick figure to the full
+    /// run's; fails when one disagrees (for an idle machine: under load both move).
+    #[arg(long, conflicts_with_all = ["quick", "plot"])]
+    pub compare_quick: bool,
 }
 
 /// Runs the measurements with a progress bar, prints the table to standard output, draws
 /// the plot if asked and prints the JSON object last if asked. A measurement that failed
 /// (its set-up refused, or one of its own checks of the work done) fails the command,
 /// naming each failed measurement and its check, after the table and JSON are printed.
+///
+/// With `--compare-quick` it prints the comparison ([`Comparison::table`], and
+/// [`Comparison::json`] last if asked) instead, returns the full run's report, and fails
+/// when either run's measurement failed or a figure disagrees.
 pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
+    if args.compare_quick {
+        return compare_quick(args);
+    }
     let report = run(&BenchOptions {
         quick: args.quick,
         only: args.only.clone(),
@@ -46,6 +58,30 @@ pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     }
     failed(&report)?;
     Ok(report)
+}
+
+/// `vsva bench --compare-quick`.
+fn compare_quick(args: &BenchArgs) -> Result<BenchReport, BenchError> {
+    let [full, quick] = [false, true].map(|quick| {
+        run(&BenchOptions {
+            quick,
+            only: args.only.clone(),
+            progress: true,
+        })
+    });
+    let comparison = Comparison::of(&full, &quick);
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", comparison.table())?;
+    if args.json {
+        writeln!(out, "{}", comparison.json())?;
+    }
+    failed(&full)?;
+    failed(&quick)?;
+    let disagreeing: Vec<&str> = comparison.disagreeing().iter().map(|f| f.key()).collect();
+    if !disagreeing.is_empty() {
+        return Err(BenchError::Disagree(disagreeing.join(", ")));
+    }
+    Ok(full)
 }
 
 /// `Err` listing the failed measurements, if any.

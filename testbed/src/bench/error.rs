@@ -60,6 +60,10 @@ pub enum BenchError {
     /// Measurements of a run failed (each named, with its reason).
     #[error("measurements failed: {0}")]
     Failed(String),
+    /// `--compare-quick`: the quick run's medians of these figures disagree with the full
+    /// run's.
+    #[error("the quick and full runs disagree on {0}")]
+    Disagree(String),
     /// Drawing the SVG plot failed; the text is the plotting library's error.
     #[error("plot: {0}")]
     Plot(String),

@@ -11,9 +11,11 @@
 //!   [`socket`] (the forwarded path with the host served over a UNIX socket);
 //!   [`dirty`] (the dirty-bitmap harvest of a 1 GiB domain against reading its words).
 //! - [`suite`]: the probes `vsva bench` runs; [`report`]: the table and JSON object;
-//!   [`plot`]: the SVG; [`cli`]: the command.
+//!   [`plot`]: the SVG; [`compare`]: a quick run held to a full one; [`cli`]: the
+//!   command.
 
 pub mod cli;
+pub mod compare;
 pub mod dirty;
 pub mod dma;
 mod error;
