@@ -179,10 +179,12 @@ impl InvalidationQueue {
         }
         .encode()?;
         mem.write(status_addr, &QI_IN_USE.to_le_bytes())?;
-        for (i, desc) in descs.iter().enumerate() {
-            self.put(mem, (index + i as u64) % QUEUE_ENTRIES, &desc.encode()?)?;
+        let mut slots = Slots::new(self.base, index);
+        for desc in descs {
+            slots.push(mem, &desc.encode()?)?;
         }
-        self.put(mem, wait_index, &wait)?;
+        slots.push(mem, &wait)?;
+        slots.flush(mem)?;
         self.tail = (wait_index + 1) % QUEUE_ENTRIES;
         regs.write(offset::IQT, 8, self.tail * DESC_SIZE)?;
         for _ in 0..POLL_LIMIT {
@@ -270,6 +272,58 @@ impl InvalidationQueue {
         let at = self.base + slot * DESC_SIZE;
         for (i, q) in raw.iter().enumerate() {
             mem.write_u64(at + 8 * i as u64, *q)?;
+        }
+        Ok(())
+    }
+}
+
+/// Descriptors written to neighbouring slots of the queue from one, gathered and written
+/// a run at a time (one memory write per [`SLOTS_WRITTEN`] descriptors, and at the end
+/// of the ring).
+struct Slots {
+    base: u64,
+    /// The slot of the first gathered descriptor.
+    first: u64,
+    buf: [u8; SLOTS_WRITTEN * DESC_SIZE as usize],
+    len: usize,
+}
+
+/// Descriptors [`Slots`] gathers before it writes them.
+const SLOTS_WRITTEN: usize = 64;
+
+impl Slots {
+    fn new(base: u64, first: u64) -> Self {
+        Slots {
+            base,
+            first,
+            buf: [0; SLOTS_WRITTEN * DESC_SIZE as usize],
+            len: 0,
+        }
+    }
+
+    /// Adds the descriptor of the next slot.
+    fn push<M: PhysMem + ?Sized>(&mut self, mem: &M, raw: &[u64; 4]) -> Result<(), Error> {
+        let at = self.len * DESC_SIZE as usize;
+        for (b, q) in self.buf[at..at + DESC_SIZE as usize]
+            .chunks_exact_mut(8)
+            .zip(raw)
+        {
+            b.copy_from_slice(&q.to_le_bytes());
+        }
+        self.len += 1;
+        if self.len == SLOTS_WRITTEN || self.first + self.len as u64 == QUEUE_ENTRIES {
+            self.flush(mem)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what was gathered.
+    fn flush<M: PhysMem + ?Sized>(&mut self, mem: &M) -> Result<(), Error> {
+        if self.len != 0 {
+            let bytes = &self.buf[..self.len * DESC_SIZE as usize];
+            mem.write(self.base + self.first * DESC_SIZE, bytes)?;
+            self.first = (self.first + self.len as u64) % QUEUE_ENTRIES;
+            self.len = 0;
         }
         Ok(())
     }

@@ -173,16 +173,30 @@ pub fn fetch(
     width: u64,
     scalable: bool,
 ) -> Result<InvDesc, Iqei> {
-    if width != 32 && scalable {
-        return Err(Iqei::InvalidWidth);
-    }
+    check_width(width, scalable)?;
     // One read of the whole descriptor (a 128-bit one leaves the upper half zero).
     let mut bytes = [0u8; 32];
     let len = (width as usize).min(bytes.len());
     mem.read(addr, &mut bytes[..len])
         .map_err(|_| Iqei::FetchError)?;
+    decode_fetched(&bytes[..len])
+}
+
+/// Whether a queue of `width`-byte descriptors may be processed: scalable mode takes only
+/// 256-bit descriptors (§6.5.2); the error every descriptor of such a queue reports.
+pub fn check_width(width: u64, scalable: bool) -> Result<(), Iqei> {
+    if width != 32 && scalable {
+        return Err(Iqei::InvalidWidth);
+    }
+    Ok(())
+}
+
+/// Decodes a descriptor fetched from the queue: `slot` is its 16 or 32 bytes as memory
+/// holds them (a 128-bit descriptor has its upper half zero), of a width [`check_width`]
+/// accepted. Every reserved bit and value is checked, as for one fetched by [`fetch`].
+pub fn decode_fetched(slot: &[u8]) -> Result<InvDesc, Iqei> {
     let mut raw = [0u64; 4];
-    for (q, b) in raw.iter_mut().zip(bytes.chunks_exact(8)) {
+    for (q, b) in raw.iter_mut().zip(slot.chunks_exact(8)) {
         let mut word = [0u8; 8];
         word.copy_from_slice(b);
         *q = u64::from_le_bytes(word);

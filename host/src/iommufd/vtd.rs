@@ -66,6 +66,9 @@ pub struct HwptNested {
     /// The fault queue (object id and file) its page requests go to.
     fault: Option<(u32, Arc<FaultFile>)>,
     unit: Arc<HostIommu>,
+    /// The (device, PASID) pairs it is attached at, in attach order: whom each
+    /// invalidation reaches, kept as the attach and detach change them.
+    attached: Vec<(SourceId, Pasid)>,
 }
 
 impl Drop for HwptNested {
@@ -520,6 +523,7 @@ impl IommufdCtx<Vtd> {
             pasid: cmd.flags & IOMMU_HWPT_ALLOC_PASID != 0,
             fault,
             unit: self.ops.unit.clone(),
+            attached: Vec::new(),
         };
         let probe = Pasid::new(1).map_err(|e| IommufdError::invalid(WHAT, e.to_string()))?;
         let wpe = s1.flags & IOMMU_VTD_S1_WPE != 0;
@@ -555,20 +559,6 @@ impl IommufdCtx<Vtd> {
                 })
             }
         };
-        let targets: Vec<(SourceId, Pasid)> = self
-            .objects
-            .values()
-            .filter_map(|o| match o {
-                Object::Device(d) => Some(d),
-                _ => None,
-            })
-            .flat_map(|d| {
-                d.pasids
-                    .iter()
-                    .filter(|&(_, &h)| h == cmd.hwpt_id)
-                    .map(|(&p, _)| (d.sid, p))
-            })
-            .collect();
         // The entries are read a chunk at a time and coalesced; their descriptors go to
         // the unit as one batch with one wait. An entry that is refused ends the array,
         // after the entries before it are carried out.
@@ -580,7 +570,7 @@ impl IommufdCtx<Vtd> {
         let mut descs = Vec::new();
         inv.descriptors(
             nested.did,
-            &targets,
+            &nested.attached,
             &self.ops.unit.cap(),
             &self.ops.unit.ecap(),
             &mut descs,
@@ -745,6 +735,12 @@ impl IommufdCtx<Vtd> {
         if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
             d.pasids.insert(p, pt_id);
         }
+        if let Some(n) = old.and_then(|o| self.nested_mut(o)) {
+            n.attached.retain(|&t| t != (sid, p));
+        }
+        if let Some(n) = self.nested_mut(pt_id) {
+            n.attached.push((sid, p));
+        }
         Ok(pt_id)
     }
 
@@ -783,7 +779,18 @@ impl IommufdCtx<Vtd> {
         if let Some(Object::Device(d)) = self.objects.get_mut(&dev_id) {
             d.pasids.remove(&p);
         }
+        if let Some(n) = self.nested_mut(h) {
+            n.attached.retain(|&t| t != (sid, p));
+        }
         Ok(())
+    }
+
+    /// The nested HWPT `id`, to change.
+    fn nested_mut(&mut self, id: u32) -> Option<&mut HwptNested> {
+        match self.objects.get_mut(&id) {
+            Some(Object::HwptNested(n)) => Some(n),
+            _ => None,
+        }
     }
 
     /// Points `sid`'s RID at HWPT `to`, from HWPT `from` when it has one.

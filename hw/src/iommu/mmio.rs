@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{PoisonError, TryLockError};
 use vsva_mem::PhysMem;
 
+use vsva_vtd::inv_desc::InvDesc;
 use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::{
@@ -18,6 +19,9 @@ use vsva_vtd::{
 
 use super::qi::Pending;
 use super::{Iommu, ROOT_STRICT};
+
+/// Bytes of neighbouring descriptors the queue drain fetches in one read: 64 of 256 bits.
+const FETCH_BYTES: usize = 2048;
 
 impl Iommu {
     /// A register read of `size` bytes (4 or 8) at `offset`.
@@ -101,13 +105,9 @@ impl Iommu {
             drop(regs);
             let (done, error) = self.drain_invalidation_queue(queue, scalable, &mut draining);
             regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
-            // Fails only if a register write meanwhile stopped the queue (IQE, QI
+            // Moves less only if a register write meanwhile stopped the queue (IQE, QI
             // disabled): IQH then stays, as the error requires.
-            for _ in 0..done {
-                if regs.advance_iqh().is_err() {
-                    break;
-                }
-            }
+            regs.advance_iqh_by(done);
             if let Some(iqei) = error {
                 let irq = regs.set_iqe(iqei);
                 drop(draining);
@@ -120,8 +120,10 @@ impl Iommu {
 
     /// Carries out the descriptors `queue` holds from its head up to its tail, without
     /// the register lock; the number carried out, and the error that stopped the drain at
-    /// the next one. Cache invalidations are gathered in `pending` and every one fetched
-    /// is carried out before this returns.
+    /// the next one. The descriptors are fetched in bulk, up to [`FETCH_BYTES`] of
+    /// neighbouring slots in one read (as hardware may fetch ahead of IQH), and each is
+    /// decoded, every reserved bit checked, before it is carried out. Cache invalidations
+    /// are gathered in `pending` and every one fetched is carried out before this returns.
     fn drain_invalidation_queue(
         &self,
         queue: InvQueue,
@@ -133,29 +135,63 @@ impl Iommu {
             .wrapping_add(queue.entries)
             .wrapping_sub(queue.head)
             % queue.entries;
-        for done in 0..count {
+        if let Err(iqei) = invalidation::check_width(queue.desc_size, scalable) {
+            return (0, (count != 0).then_some(iqei));
+        }
+        let size = queue.desc_size as usize;
+        let mut fetched = [0u8; FETCH_BYTES];
+        let mut done = 0;
+        while done < count {
             let slot = queue.head.wrapping_add(done) % queue.entries;
+            // Up to the tail, the end of the ring and the buffer, whichever comes first.
+            let n = (count - done)
+                .min(queue.entries - slot)
+                .min((FETCH_BYTES / size) as u64);
             let addr = queue.base + slot * queue.desc_size;
-            let completion = invalidation::fetch(&*self.mem, addr, queue.desc_size, scalable)
-                .and_then(|desc| self.execute(&desc, pending).map_err(|_| Iqei::FetchError));
-            match completion {
-                Err(iqei) => {
-                    self.carry_out(pending);
-                    return (done, Some(iqei));
-                }
-                Ok(Completion::WaitInterrupt) => {
-                    let irq = self
-                        .regs
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .set_iwc();
-                    irq.into_iter().for_each(|i| self.raise(i));
-                }
-                Ok(_) => {}
+            let bytes = &mut fetched[..n as usize * size];
+            let run = if self.mem.read(addr, bytes).is_ok() {
+                bytes.chunks_exact(size).try_for_each(|raw| {
+                    let desc = invalidation::decode_fetched(raw)?;
+                    self.carry_out_one(&desc, pending)?;
+                    done += 1;
+                    Ok(())
+                })
+            } else {
+                // Some slot cannot be read: one at a time, so that those before it are
+                // carried out and the drain stops at it.
+                (0..n).try_for_each(|i| {
+                    let at = addr + i * queue.desc_size;
+                    let desc = invalidation::fetch(&*self.mem, at, queue.desc_size, scalable)?;
+                    self.carry_out_one(&desc, pending)?;
+                    done += 1;
+                    Ok(())
+                })
+            };
+            if let Err(iqei) = run {
+                self.carry_out(pending);
+                return (done, Some(iqei));
             }
         }
         self.carry_out(pending);
         (count, None)
+    }
+
+    /// Carries out one fetched descriptor (its cache invalidations deferred to
+    /// `pending`), raising the completion interrupt a wait asks for.
+    fn carry_out_one(&self, desc: &InvDesc, pending: &mut Pending) -> Result<(), Iqei> {
+        match self.execute(desc, pending) {
+            Err(_) => Err(Iqei::FetchError),
+            Ok(Completion::WaitInterrupt) => {
+                let irq = self
+                    .regs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .set_iwc();
+                irq.into_iter().for_each(|i| self.raise(i));
+                Ok(())
+            }
+            Ok(Completion::Done) => Ok(()),
+        }
     }
 
     /// Records a non-recoverable fault in the fault recording registers (§7.2.1).

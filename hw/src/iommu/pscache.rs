@@ -566,9 +566,12 @@ impl PagingStructureCaches {
         pasid: Pasid,
         ranges: impl Iterator<Item = (AddrRange, bool)> + Clone,
     ) {
-        let ranges = ranges
-            .filter(|&(_, ih)| !ih)
-            .map(|(range, _)| (range.start, range.last));
+        let ranges = Joined(
+            ranges
+                .filter(|&(_, ih)| !ih)
+                .map(|(range, _)| (range.start, range.last))
+                .peekable(),
+        );
         if ranges.clone().next().is_none() {
             return;
         }
@@ -580,14 +583,12 @@ impl PagingStructureCaches {
                     .fold(0u64, u64::saturating_add)
             })
             .fold(0u64, u64::saturating_add);
-        let select = |k: &FlKey, (addr, last): (u64, u64)| {
-            k.tag.did == did
-                && k.tag.pasid == pasid
-                && region_meets(k.region, span_shift(k.level), addr, last)
-        };
         let mut shard = self.invalidate(did);
         let first_level = &mut shard.first_level;
-        if count < first_level.len() as u64 {
+        // A scan visits every bucket (a group of 16 at a time) and tests every entry; a
+        // table that once grew and emptied again is mostly empty buckets.
+        let scan = first_level.len() + first_level.capacity() / SCAN_BUCKETS_PER_LOOKUP;
+        if count < scan as u64 {
             for (addr, last) in ranges {
                 for level in CACHED_LEVELS {
                     for region in blocks(addr, last, span_shift(level)).0 {
@@ -599,7 +600,21 @@ impl PagingStructureCaches {
                 }
             }
         } else {
-            first_level.retain(|k, _| !ranges.clone().any(|r| select(k, r)));
+            // The scan tests every entry against the joined ranges: the first few are
+            // joined once, ahead of it, and any more as it goes.
+            let mut few = [(0, 0); JOINED_KEPT];
+            let mut rest = ranges;
+            let n = few
+                .iter_mut()
+                .zip(rest.by_ref())
+                .map(|(slot, r)| *slot = r)
+                .count();
+            let few = &few[..n];
+            first_level.retain(|k, _| {
+                let meets = |(addr, last)| region_meets(k.region, span_shift(k.level), addr, last);
+                let ours = k.tag.did == did && k.tag.pasid == pasid;
+                !(ours && (few.iter().copied().any(meets) || rest.clone().any(meets)))
+            });
         }
     }
 
@@ -618,6 +633,40 @@ impl PagingStructureCaches {
     /// Whether every cache is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == CachedTables::default()
+    }
+}
+
+/// Buckets of a table a scan visits in the time of one look-up of a key (hashbrown tests
+/// 16 control bytes at a time).
+const SCAN_BUCKETS_PER_LOOKUP: usize = 64;
+
+/// Joined ranges a scan of the first-level cache takes ahead of it.
+const JOINED_KEPT: usize = 16;
+
+/// Ranges `[first, last]` with the neighbours whose smallest cached regions (2 MiB, a PDE's)
+/// meet or touch theirs joined into one: an entry at any cached level meets the joined range
+/// exactly when it meets one of the ranges joined (their regions at each level meet or touch
+/// too, so the union of their regions is the joined range's), so a batch of scattered pages
+/// costs what one range does.
+#[derive(Clone)]
+struct Joined<I: Iterator<Item = (u64, u64)>>(std::iter::Peekable<I>);
+
+impl<I: Iterator<Item = (u64, u64)>> Iterator for Joined<I> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let shift = span_shift(*CACHED_LEVELS.start());
+        let (mut first, mut last) = self.0.next()?;
+        while let Some(&(f, l)) = self.0.peek() {
+            let touch = (f >> shift) <= (last >> shift).saturating_add(1)
+                && (first >> shift) <= (l >> shift).saturating_add(1);
+            if !touch {
+                break;
+            }
+            (first, last) = (first.min(f), last.max(l));
+            self.0.next();
+        }
+        Some((first, last))
     }
 }
 
@@ -954,5 +1003,49 @@ mod tests {
         assert!(!dirty.allows(AccessRequest::EXECUTE));
         let t = dirty.translate(0x40_1234_5678);
         assert_eq!((t.output, t.page_size), (0x34_5678, PageSize::Size2M));
+    }
+
+    /// Where the batch test caches walks: 2-MiB regions around `VA`, and two far ones.
+    fn batch_vas() -> Vec<u64> {
+        let mut vas: Vec<u64> = (0..16).map(|i| VA + i * 2 * MB).collect();
+        vas.extend([VA + (1 << 30), VA + (1 << 39)]);
+        vas
+    }
+
+    proptest::proptest! {
+        /// A batch of page-selective PASID-based invalidations (ranges joined when their
+        /// 2-MiB regions meet or touch) leaves exactly what the same invalidations one at
+        /// a time leave.
+        #[test]
+        fn a_batch_of_pasid_ranges_removes_what_each_range_does(
+            ranges in proptest::collection::vec((0u64..8192, 1u64..600, proptest::bool::ANY), 1..40)
+        ) {
+            let (batch, single) = (PagingStructureCaches::default(), PagingStructureCaches::default());
+            let tags = [tag(D1, 1, true), tag(D1, 1, false), tag(D1, 2, true)];
+            for c in [&batch, &single] {
+                for &va in &batch_vas() {
+                    tags.iter().for_each(|&t| fill_fl(c, t, va));
+                }
+            }
+            let ranges: Vec<_> = ranges
+                .iter()
+                .map(|&(page, pages, ih)| (range(VA + page * 4096, pages * 4096), ih))
+                .collect();
+            batch.invalidate_pasid_ranges(D1, pasid(1), ranges.iter().copied());
+            for &(r, ih) in &ranges {
+                single.invalidate_pasid_range(D1, pasid(1), r, ih);
+            }
+            proptest::prop_assert_eq!(batch.len(), single.len());
+            for &va in &batch_vas() {
+                for t in tags {
+                    for probe in [va, va + MB, va + (1 << 30)] {
+                        proptest::prop_assert_eq!(
+                            batch.first_level_start(t, probe, 4),
+                            single.first_level_start(t, probe, 4)
+                        );
+                    }
+                }
+            }
+        }
     }
 }

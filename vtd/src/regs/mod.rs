@@ -1140,6 +1140,23 @@ impl RegisterFile {
         Ok(())
     }
 
+    /// Moves IQH past up to `n` descriptors at once, as [`Self::advance_iqh`] `n` times
+    /// would, stopping at IQT (or at once while the queue is stopped or idle); the number
+    /// it moved past.
+    pub fn advance_iqh_by(&mut self, n: u64) -> u64 {
+        if self.next_inv_desc().is_none() {
+            return 0;
+        }
+        let Some(q) = self.inv_queue() else {
+            return 0;
+        };
+        // `next_inv_desc` proved head != tail and both below `entries`.
+        let queued = (q.tail + q.entries - q.head) % q.entries;
+        let moved = n.min(queued);
+        self.iqh = (q.head + moved) % q.entries * q.desc_size;
+        moved
+    }
+
     /// IQT written (or QI enabled): check the tail and ask for processing.
     fn tail_written(&mut self, effects: &mut RegEffects) {
         let Some(q) = self.inv_queue() else {

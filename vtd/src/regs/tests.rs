@@ -349,13 +349,20 @@ fn invalidation_queue_is_processed_between_head_and_tail() {
         write(&mut r, offset::IQT, 8, 127 * 32),
         vec![RegEffect::ProcessInvalidationQueue]
     );
-    for _ in 2..127 {
-        r.advance_iqh().unwrap();
-    }
+    assert_eq!(r.advance_iqh_by(124), 124);
+    r.advance_iqh().unwrap();
     write(&mut r, offset::IQT, 8, 32);
     assert_eq!(r.next_inv_desc(), Some(QUEUE + 127 * 32));
-    r.advance_iqh().unwrap();
+    // Moving past more than is queued stops at the tail, across the wrap.
+    assert_eq!(r.advance_iqh_by(5), 2);
+    assert_eq!(read(&r, offset::IQH, 8), 32);
+    assert_eq!(r.advance_iqh_by(1), 0);
+    // Around the queue back to slot 0, then one descriptor pending there.
+    write(&mut r, offset::IQT, 8, 0);
+    assert_eq!(r.advance_iqh_by(u64::MAX), 127);
     assert_eq!(read(&r, offset::IQH, 8), 0);
+    write(&mut r, offset::IQT, 8, 32);
+    assert_eq!(r.advance_iqh_by(0), 0);
     assert_eq!(r.next_inv_desc(), Some(QUEUE));
     // Disabling is refused while descriptors are pending, and resets IQH once empty.
     assert!(write(&mut r, offset::GCMD, 4, 0).is_empty());
