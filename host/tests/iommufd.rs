@@ -1422,13 +1422,23 @@ fn pasid_attach_and_nested_dma() {
     destroy(&*f, n0).unwrap();
     dma_fill_pasid(&engine, 5, GVA + PAGE, 8, 0x7c7c_7c7c_7c7c_7c7c);
     assert_eq!(ram.read(0x11000, 8), vec![0x7c; 8]);
+    // An invalidation of n1 reaches the PASID the replace moved to it.
+    guest.unmap(&ram, GVA + PAGE);
+    guest.map(&ram, GVA + PAGE, 0x13000);
+    assert_eq!(
+        invalidate(&*f, &ram, n1, hv, INV_LEN, &[inv(GVA + PAGE, 1, 0)], None),
+        (Ok(()), 1)
+    );
+    dma_fill_pasid(&engine, 5, GVA + PAGE, 8, 0x3e3e_3e3e_3e3e_3e3e);
+    assert_eq!(ram.read(0x13000, 8), vec![0x3e; 8]);
+    assert_eq!(ram.read(0x11000, 8), vec![0x7c; 8]);
 
     detach_pasid(&dev, 5).unwrap();
     assert_eq!(host.unit.pasid_entry(SID, p5), None);
     dma_fill_pasid(&engine, 5, GVA + PAGE, 8, 0x0d0d_0d0d_0d0d_0d0d);
     assert_eq!(
-        ram.read(0x11000, 8),
-        vec![0x7c; 8],
+        (ram.read(0x13000, 8), ram.read(0x11000, 8)),
+        (vec![0x3e; 8], vec![0x7c; 8]),
         "DMA after the PASID detach reached memory"
     );
 
