@@ -270,7 +270,9 @@ pub trait DmaPort: Send + Sync {
     /// instead of once per page. Every page of the run is translated and checked as
     /// [`DmaPort::remap`] does; the run ends before the first page that does not continue
     /// it or whose translation fails, and that page's fault is reported when the device
-    /// asks for it. A port that does not look ahead answers the one page.
+    /// asks for it. A port that keeps the runs it answered may answer one that holds
+    /// `addr` but begins below its page or ends past `addr + len`. A port that does not
+    /// look ahead answers the one page.
     fn remap_run(
         &self,
         sid: SourceId,

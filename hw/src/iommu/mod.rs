@@ -12,6 +12,7 @@ mod overtaken;
 mod port;
 pub mod pscache;
 mod qi;
+mod runs;
 mod stale;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ use crate::memory::HostMemory;
 use iotlb::Iotlb;
 use overtaken::FillLog;
 use pscache::PagingStructureCaches;
+use runs::RunCache;
 
 pub use overtaken::OvertakenFill;
 pub use stale::StaleTranslation;
@@ -128,6 +130,8 @@ pub struct Iommu {
     entry_generation: AtomicU64,
     pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
     iotlb: Iotlb,
+    /// Runs of IOTLB hits answered to untranslated requests.
+    runs: RunCache,
     paging_caches: PagingStructureCaches,
     stale: Mutex<Vec<StaleTranslation>>,
     /// Strict mode: recent IOTLB invalidations and the fills they overtook.
@@ -157,6 +161,7 @@ impl Iommu {
             entry_generation: AtomicU64::new(0),
             pasid_cache: RwLock::default(),
             iotlb: Iotlb::default(),
+            runs: RunCache::default(),
             paging_caches: PagingStructureCaches::default(),
             stale: Mutex::default(),
             fills: Mutex::default(),

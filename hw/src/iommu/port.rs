@@ -9,7 +9,10 @@ use vsva_vtd::{
     walk::AccessRequest,
 };
 
-use super::{DmaMapping, Iommu};
+use std::sync::atomic::Ordering;
+
+use super::runs::{RunKey, RunToken};
+use super::{DmaMapping, Iommu, ROOT_STRICT};
 use crate::dma::port::{
     AtsCompletion, AtsEndpoint, DmaAccess, DmaFault, DmaPort, DmaRun, DmaTranslation,
     PageRequestMessage, PrgResponse,
@@ -45,6 +48,28 @@ impl Iommu {
             RootState::NotScalable => Err(FaultReason::Rta1),
         }
     }
+
+    /// What the runs of requests of (`sid`, `pasid`) for `access` are kept under, read
+    /// before their pages are looked up; `None` when runs are not kept: requests without
+    /// PASID, translation not in scalable mode, strict mode.
+    fn run_key(
+        &self,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        access: DmaAccess,
+    ) -> Option<(RunKey, RunToken)> {
+        let token = RunToken {
+            root: self.root.load(Ordering::Acquire),
+            generation: self.runs.generation(),
+        };
+        let scalable = matches!(RootState::from_word(token.root), RootState::Scalable(_));
+        let key = RunKey {
+            sid,
+            pasid: pasid?,
+            access,
+        };
+        (scalable && token.root & ROOT_STRICT == 0).then_some((key, token))
+    }
 }
 
 impl DmaPort for Iommu {
@@ -70,10 +95,12 @@ impl DmaPort for Iommu {
         }
     }
 
-    /// The first page through the whole pipeline, as [`DmaPort::remap`]; the run then
-    /// grows by the pages after it that hit in the IOTLB (checked as a hit is, in strict
-    /// mode too) and continue it in host memory. A miss ends the run: the page is walked,
-    /// and its fault recorded, only when the device asks for it.
+    /// The run kept for the request ([`RunCache`](super::runs::RunCache)) when it holds
+    /// `addr`; otherwise the first page through the whole pipeline, as
+    /// [`DmaPort::remap`]. The run then grows by the pages after it that hit in the IOTLB
+    /// (checked as a hit is, in strict mode too) and continue it in host memory, and is
+    /// kept if it grew. A miss ends the run: the page is walked, and its fault recorded,
+    /// only when the device asks for it.
     fn remap_run(
         &self,
         sid: SourceId,
@@ -82,13 +109,22 @@ impl DmaPort for Iommu {
         access: DmaAccess,
         len: u64,
     ) -> Result<DmaRun, DmaFault> {
-        let run = DmaRun::page(self.remap(sid, pasid, addr, access)?, addr);
+        let kept = self.run_key(sid, pasid, access);
         let last = addr.saturating_add(len.max(1) - 1);
+        let found = match kept.and_then(|(key, token)| self.runs.lookup(key, token, addr)) {
+            Some(run) if run.end().is_none_or(|end| end > last) => return Ok(run),
+            Some(run) => run,
+            None => DmaRun::page(self.remap(sid, pasid, addr, access)?, addr),
+        };
         let req = request(access);
-        Ok(run.grow_to(last, |next| {
+        let run = found.grow_to(last, |next| {
             self.translate_cached(sid, pasid, next, req)
                 .map(|m| page(&m))
-        }))
+        });
+        if let Some((key, token)) = kept.filter(|_| run.size() > found.size()) {
+            self.runs.insert(key, token, run);
+        }
+        Ok(run)
     }
 
     fn ats_translate(

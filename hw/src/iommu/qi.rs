@@ -104,6 +104,9 @@ impl Iommu {
                 }
             }
         }
+        if !pending.iotlb.is_empty() {
+            self.runs.drop_all();
+        }
         pending.iotlb.clear();
         let (invs, sids) = (&pending.devtlb, &pending.devtlb_sids);
         let mut i = 0;
@@ -194,6 +197,7 @@ impl InvalidationUnit for Invalidated<'_> {
             .unwrap_or_else(PoisonError::into_inner);
         unit.entry_generation.fetch_add(1, Ordering::AcqRel);
         cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
+        unit.runs.drop_all();
     }
 
     fn invalidate_pasid_cache(
@@ -216,6 +220,7 @@ impl InvalidationUnit for Invalidated<'_> {
                 cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
             }
         }
+        unit.runs.drop_all();
     }
 
     fn invalidate_iotlb(&mut self, inv: IotlbInvalidation) {

@@ -40,6 +40,7 @@ struct Rig {
     iommu: Arc<Iommu>,
     iq: u64,
     tail: u64,
+    ctx_table: u64,
     pasid_table: u64,
     status: u64,
 }
@@ -97,6 +98,7 @@ impl Rig {
             iommu,
             iq,
             tail: 0,
+            ctx_table,
             pasid_table,
             status,
         };
@@ -120,6 +122,16 @@ impl Rig {
     fn command(&self, bit: u32) {
         let keep = self.read(offset::GSTS, 4) as u32 & (gsts::TES | gsts::QIES);
         self.write(offset::GCMD, 4, (keep | bit) as u64);
+    }
+
+    /// Writes the context entry of `SID` (`None`: not present).
+    fn set_context_entry(&self, ce: Option<&ScalableContextEntry>) {
+        let raw = ce.map(|e| e.to_raw()).unwrap_or_default();
+        write_qwords(
+            &self.mem,
+            context_entry_addr(self.ctx_table, SID.devfn()),
+            &raw,
+        );
     }
 
     fn set_pasid_entry(&self, pasid: Pasid, pe: Option<&PasidEntry>) {
@@ -765,13 +777,13 @@ mod paging_structure_caches {
     /// Guest RAM size; the guest's page tables take frames from its first MiB.
     const GUEST_RAM: u64 = 16 * MB;
     /// Where the guest's buffer lives in guest physical memory.
-    const DATA_GPA: u64 = 8 * MB;
+    pub(super) const DATA_GPA: u64 = 8 * MB;
     /// The guest virtual address of the buffer (1 GiB aligned).
-    const GVA: u64 = 0x7f00_0000_0000;
-    const P: u32 = 21;
+    pub(super) const GVA: u64 = 0x7f00_0000_0000;
+    pub(super) const P: u32 = 21;
 
     /// Guest physical memory: guest physical address `g` is host physical `base + g`.
-    type GuestRam<'a> = MemWindow<&'a HostMemory>;
+    pub(super) type GuestRam<'a> = MemWindow<&'a HostMemory>;
 
     /// The guest's page-table frames: the first MiB of guest RAM, in order.
     struct GuestFrames {
@@ -789,15 +801,15 @@ mod paging_structure_caches {
 
     /// A VM with guest RAM mapped by the host's second level in 4-KiB pages, and a guest
     /// process's first-level tables in that RAM, bound nested to PASID `P`.
-    struct Vm {
+    pub(super) struct Vm {
         base: u64,
-        sl: PageTableBuilder,
+        pub(super) sl: PageTableBuilder,
         fl: PageTableBuilder,
         frames: GuestFrames,
     }
 
     impl Vm {
-        fn new(rig: &Rig) -> Vm {
+        pub(super) fn new(rig: &Rig) -> Vm {
             let base = rig.frames.alloc_range(GUEST_RAM, 2 * MB).unwrap().0;
             let mut sl = rig.tables(TableFormat::SecondLevel(SlLevels::Four));
             for gpa in (0..GUEST_RAM).step_by(4096) {
@@ -841,12 +853,12 @@ mod paging_structure_caches {
             vm
         }
 
-        fn ram<'a>(&self, mem: &'a HostMemory) -> GuestRam<'a> {
+        pub(super) fn ram<'a>(&self, mem: &'a HostMemory) -> GuestRam<'a> {
             MemWindow::new(mem, self.base, GUEST_RAM)
         }
 
         /// Maps guest virtual page `i` of the buffer to guest physical page `i` of it.
-        fn map_buffer(&mut self, rig: &Rig, pages: u64) {
+        pub(super) fn map_buffer(&mut self, rig: &Rig, pages: u64) {
             let ram = self.ram(&rig.mem);
             for i in 0..pages {
                 self.fl
@@ -863,14 +875,14 @@ mod paging_structure_caches {
         }
 
         /// The guest physical address of the first-level entry for `gva` at `level`.
-        fn entry(&self, rig: &Rig, gva: u64, level: u8) -> u64 {
+        pub(super) fn entry(&self, rig: &Rig, gva: u64, level: u8) -> u64 {
             self.fl
                 .entry_address(&self.ram(&rig.mem), gva, level)
                 .unwrap()
                 .unwrap()
         }
 
-        fn hpa(&self, gpa: u64) -> u64 {
+        pub(super) fn hpa(&self, gpa: u64) -> u64 {
             self.base + gpa
         }
     }
@@ -1608,4 +1620,486 @@ fn scattered_page_invalidations_reach_the_iotlb_first_and_each_device_once_per_r
         ]
     );
     assert_eq!(rig.iommu.take_stale_translations(), []);
+}
+
+/// A run of IOTLB hits the IOMMU answered is kept for the next request of the same
+/// requester, PASID and access inside it (which gets the run from its first page), until
+/// an IOTLB or PASID-cache invalidation; never for another access, nor in strict mode.
+#[test]
+fn kept_runs_serve_until_an_invalidation_and_never_in_strict_mode() {
+    let mut rig = Rig::new(false);
+    let p = pasid(4);
+    let mut fl = rig.first_level(p);
+    let (va, pa, pages) = (0x7000_0000u64, 0x50_0000u64, 8u64);
+    for i in 0..pages {
+        rig.map(&mut fl, va + i * 0x1000, pa + i * 0x1000, rw());
+    }
+    let run = |rig: &Rig, addr: u64, access: DmaAccess, len: u64| {
+        let r = rig
+            .iommu
+            .remap_run(SID, Some(p), addr, access, len)
+            .unwrap();
+        (r.start(), r.size(), r.hpa_of(addr).0)
+    };
+    let warm = |rig: &Rig| {
+        for i in 0..pages {
+            rig.iommu
+                .translate(SID, Some(p), va + i * 0x1000, AccessRequest::READ)
+                .unwrap();
+        }
+    };
+    warm(&rig);
+    let whole = pages * 0x1000;
+    assert_eq!(run(&rig, va, DmaAccess::READ, whole), (va, whole, pa));
+    // Kept: a request five pages in gets the run from its first page.
+    let inside = va + 5 * 0x1000 + 0x10;
+    assert_eq!(
+        run(&rig, inside, DmaAccess::READ, 1),
+        (va, whole, pa + 0x5010)
+    );
+    // Not for another access.
+    let (start, _, _) = run(&rig, inside, DmaAccess::WRITE, 1);
+    assert_eq!(start, va + 5 * 0x1000);
+
+    // Page 3 moves and is invalidated: no kept run holds it any more.
+    fl.unmap(&*rig.mem, va + 3 * 0x1000, PageSize::Size4K)
+        .unwrap();
+    rig.map(&mut fl, va + 3 * 0x1000, 0x60_0000, rw());
+    rig.invalidate(&[InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+        did: DID,
+        pasid: p,
+        addr: va + 3 * 0x1000,
+        ih: false,
+        am: 0,
+    }]);
+    assert_eq!(run(&rig, inside, DmaAccess::READ, 1).0, va + 5 * 0x1000);
+    assert_eq!(run(&rig, va, DmaAccess::READ, whole), (va, 3 * 0x1000, pa));
+    assert_eq!(
+        run(&rig, va + 3 * 0x1000, DmaAccess::READ, 1),
+        (va + 3 * 0x1000, 0x1000, 0x60_0000)
+    );
+
+    // Kept again (pages 3 to 7 hit), then a PASID-cache invalidation drops it.
+    warm(&rig);
+    assert_eq!(
+        run(&rig, va + 4 * 0x1000, DmaAccess::READ, 4 * 0x1000).1,
+        4 * 0x1000
+    );
+    assert_eq!(run(&rig, inside, DmaAccess::READ, 1).0, va + 4 * 0x1000);
+    rig.invalidate(&[InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::PasidSelective,
+        did: DID,
+        pasid: p,
+    }]);
+    assert_eq!(run(&rig, inside, DmaAccess::READ, 1).0, va + 5 * 0x1000);
+
+    // Strict mode checks every hit: it keeps no run and uses none kept before.
+    assert_eq!(
+        run(&rig, va + 4 * 0x1000, DmaAccess::READ, 4 * 0x1000).1,
+        4 * 0x1000
+    );
+    rig.iommu.set_strict(true);
+    assert_eq!(run(&rig, inside, DmaAccess::READ, 1).0, va + 5 * 0x1000);
+    assert_eq!(
+        run(&rig, va + 4 * 0x1000, DmaAccess::READ, 4 * 0x1000).1,
+        4 * 0x1000
+    );
+    assert_eq!(run(&rig, inside, DmaAccess::READ, 1).0, va + 5 * 0x1000);
+    assert!(rig.iommu.take_stale_translations().is_empty());
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever runs the IOMMU kept, after any sequence of page moves and unmaps (each
+    /// invalidated as the spec asks), IOTLB fills and run requests, every page of every
+    /// run answered maps where the tables say, and a request faults only where nothing is
+    /// mapped.
+    #[test]
+    fn kept_runs_agree_with_the_tables_after_every_invalidated_change(
+        ops in proptest::collection::vec((0u8..4, 0u64..16, 1u64..=16), 1..48),
+    ) {
+        let mut rig = Rig::new(false);
+        let p = pasid(6);
+        let mut fl = rig.first_level(p);
+        let va = 0x7000_0000u64;
+        let home = |i: u64| 0x50_0000 + i * 0x1000;
+        let away = |i: u64| 0x90_0000 + i * 0x3000;
+        let mut frames: Vec<Option<u64>> = (0..16).map(|i| Some(home(i))).collect();
+        for i in 0..16 {
+            rig.map(&mut fl, va + i * 0x1000, home(i), rw());
+        }
+        let page_inv = |addr| InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+            did: DID,
+            pasid: p,
+            addr,
+            ih: false,
+            am: 0,
+        };
+        for (op, page, len) in ops {
+            let addr = va + page * 0x1000;
+            match op {
+                // Moves the page between its frame next to its neighbours' and one apart.
+                0 => {
+                    let slot = &mut frames[page as usize];
+                    let to = if *slot == Some(home(page)) { away(page) } else { home(page) };
+                    if slot.is_some() {
+                        fl.unmap(&*rig.mem, addr, PageSize::Size4K).unwrap();
+                    }
+                    rig.map(&mut fl, addr, to, rw());
+                    *slot = Some(to);
+                    rig.invalidate(&[page_inv(addr)]);
+                }
+                1 => {
+                    if frames[page as usize].take().is_some() {
+                        fl.unmap(&*rig.mem, addr, PageSize::Size4K).unwrap();
+                        rig.invalidate(&[page_inv(addr)]);
+                    }
+                }
+                2 => {
+                    let _ = rig.iommu.translate(SID, Some(p), addr, AccessRequest::READ);
+                }
+                _ => match rig.iommu.remap_run(SID, Some(p), addr + 0x10, DmaAccess::READ, len * 0x1000) {
+                    Ok(run) => {
+                        proptest::prop_assert!(run.contains(addr + 0x10));
+                        for q in (run.start()..run.end().unwrap()).step_by(0x1000) {
+                            let i = ((q - va) / 0x1000) as usize;
+                            proptest::prop_assert_eq!(frames.get(i).copied().flatten(), Some(run.hpa_of(q).0));
+                        }
+                    }
+                    Err(_) => proptest::prop_assert!(frames[page as usize].is_none()),
+                },
+            }
+        }
+    }
+}
+
+/// Kept runs (`runs.rs`) against what must end them: invalidations racing a device that
+/// moves bytes through them while the frames are taken away and reused, PASID unbind,
+/// domain detach and a context change.
+mod kept_runs {
+    use super::paging_structure_caches::{Vm, DATA_GPA, GVA, P};
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const PAGE: u64 = 0x1000;
+    /// Pages of the buffer the device moves bytes through.
+    const PAGES: u64 = 8;
+    /// What every byte of a frame the tables map holds.
+    const VALID: u8 = 0xa5;
+    /// What a frame holds once it was taken away and reused.
+    const REUSED: u8 = 0x5a;
+    /// A bound on every wait for the other thread, far above what a round takes.
+    const WAIT: Duration = Duration::from_secs(120);
+
+    fn fill(mem: &HostMemory, hpa: u64, len: u64, byte: u8) {
+        mem.write(hpa, &vec![byte; len as usize]).unwrap();
+    }
+
+    fn holds_only(mem: &HostMemory, hpa: u64, len: u64, byte: u8) -> bool {
+        let mut bytes = vec![0; len as usize];
+        mem.read(hpa, &mut bytes).unwrap();
+        bytes.iter().all(|&b| b == byte)
+    }
+
+    /// One request of the device to `addr` (`len` bytes wanted) with PASID `P`, its bytes
+    /// moved in flight as the DMA engine moves them: the request's page is read through
+    /// the run the IOMMU answered, and written back for a write. `None` when the drain
+    /// refused the ticket (nothing moved); otherwise whether the run was a kept one (it
+    /// begins below the request's page).
+    fn request(iommu: &Iommu, addr: u64, access: DmaAccess, len: u64) -> Option<bool> {
+        let drain = iommu.request_drain();
+        let ticket = drain.ticket();
+        let run = iommu
+            .remap_run(SID, Some(pasid(P)), addr, access, len)
+            .expect("the buffer is always mapped");
+        let page = addr & !(PAGE - 1);
+        let _in_flight = drain.enter(ticket)?;
+        let hpa = run.hpa_of(page).0;
+        let mem = iommu.memory();
+        assert!(
+            holds_only(mem, hpa, PAGE, VALID),
+            "a {access:?} request to {addr:#x} moved bytes through {run:?}: frame {hpa:#x} \
+             was reused after the invalidation that took it away completed"
+        );
+        if access.write {
+            fill(mem, hpa, PAGE, VALID);
+        }
+        Some(run.start() < page)
+    }
+
+    /// A device keeps moving bytes through runs of a nested buffer (reads and writes, runs
+    /// over the whole buffer and requests inside them) while, round after round, the
+    /// buffer is taken away from its frames (by the guest in its first-level tables, one
+    /// PASID-based page invalidation a page, or by the host in the second level, one
+    /// page-selective domain invalidation) and the old frames, once the invalidation has
+    /// returned, are reused. No byte moves to or from a reused frame: no request that began
+    /// after an invalidation returned used a run kept before it, and a request that took
+    /// one before had moved its bytes when the invalidation returned. Every round starts
+    /// with the device's runs over the whole buffer kept (checked), so the invalidations
+    /// meet kept runs; the threads wait for each other between rounds only, with a bound.
+    #[test]
+    fn no_byte_moves_through_a_kept_run_after_its_invalidation_returned() {
+        const ROUNDS: u64 = 48;
+        const REQUESTS: u64 = 64;
+        let mut rig = Rig::new(false);
+        let mut vm = Vm::new(&rig);
+        vm.map_buffer(&rig, PAGES);
+        let mem = rig.mem.clone();
+        let mut gpa = DATA_GPA;
+        let mut frames: Vec<u64> = (0..PAGES).map(|i| vm.hpa(gpa + i * PAGE)).collect();
+        frames.iter().for_each(|&h| fill(&mem, h, PAGE, VALID));
+        let iommu = rig.iommu.clone();
+        let (ready_tx, ready) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let (checked_tx, checked) = mpsc::channel();
+        let kept_in_races = std::thread::scope(|s| {
+            let device = s.spawn(move || {
+                let mut kept_in_races = 0u64;
+                for _ in 0..ROUNDS {
+                    for access in [DmaAccess::READ, DmaAccess::WRITE] {
+                        for i in 0..PAGES {
+                            iommu
+                                .remap(SID, Some(pasid(P)), GVA + i * PAGE, access)
+                                .unwrap();
+                        }
+                        let whole = iommu
+                            .remap_run(SID, Some(pasid(P)), GVA, access, PAGES * PAGE)
+                            .unwrap();
+                        assert_eq!((whole.start(), whole.size()), (GVA, PAGES * PAGE));
+                        let last = GVA + (PAGES - 1) * PAGE + 0x10;
+                        assert_eq!(request(&iommu, last, access, 1), Some(true), "kept");
+                    }
+                    ready_tx.send(()).unwrap();
+                    for j in 0..REQUESTS {
+                        let access = if j % 3 == 2 {
+                            DmaAccess::WRITE
+                        } else {
+                            DmaAccess::READ
+                        };
+                        let page = j % PAGES;
+                        // Every fourth request wants the rest of the buffer: a run kept again.
+                        let len = if j % 4 == 0 { (PAGES - page) * PAGE } else { 1 };
+                        let addr = GVA + page * PAGE + 0x10;
+                        if request(&iommu, addr, access, len) == Some(true) {
+                            kept_in_races += 1;
+                        }
+                    }
+                    done.recv_timeout(WAIT)
+                        .expect("the invalidating thread's round");
+                    // The invalidation returned: every request moves the tables' bytes.
+                    for access in [DmaAccess::READ, DmaAccess::WRITE] {
+                        for i in 0..PAGES {
+                            let addr = GVA + i * PAGE + 0x10;
+                            assert!(request(&iommu, addr, access, 1).is_some(), "no drain");
+                        }
+                    }
+                    checked_tx.send(()).unwrap();
+                }
+                kept_in_races
+            });
+            for round in 0..ROUNDS {
+                ready.recv_timeout(WAIT).expect("the device's kept runs");
+                let old = frames.clone();
+                if round % 2 == 0 {
+                    // The guest moves its buffer to other guest frames.
+                    let to = DATA_GPA + (round / 2 + 1) * PAGES * PAGE;
+                    let ram = vm.ram(&mem);
+                    let mut invs = Vec::new();
+                    for i in 0..PAGES {
+                        fill(&mem, vm.hpa(to + i * PAGE), PAGE, VALID);
+                        let pte = vm.entry(&rig, GVA + i * PAGE, 1);
+                        ram.write_u64(pte, (to + i * PAGE) | 0x7).unwrap();
+                        invs.push(InvDesc::PasidIotlb {
+                            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+                            did: DID,
+                            pasid: pasid(P),
+                            addr: GVA + i * PAGE,
+                            ih: false,
+                            am: 0,
+                        });
+                    }
+                    rig.invalidate(&invs);
+                    gpa = to;
+                    frames = (0..PAGES).map(|i| vm.hpa(gpa + i * PAGE)).collect();
+                } else {
+                    // The host moves the guest's frames (its second level) elsewhere.
+                    let to = rig
+                        .frames
+                        .alloc_range(PAGES * PAGE, PAGES * PAGE)
+                        .unwrap()
+                        .0;
+                    fill(&mem, to, PAGES * PAGE, VALID);
+                    for i in 0..PAGES {
+                        let g = gpa + i * PAGE;
+                        assert!(vm.sl.unmap(&*mem, g, PageSize::Size4K).unwrap());
+                        vm.sl
+                            .map(
+                                &*mem,
+                                &mut &rig.frames,
+                                g,
+                                to + i * PAGE,
+                                PageSize::Size4K,
+                                MapFlags::READ | MapFlags::WRITE,
+                            )
+                            .unwrap();
+                    }
+                    rig.invalidate(&[InvDesc::Iotlb {
+                        granularity: IotlbGranularity::PageSelective,
+                        dr: true,
+                        dw: true,
+                        did: DID,
+                        addr: gpa,
+                        ih: false,
+                        am: PAGES.trailing_zeros() as u8,
+                    }]);
+                    frames = (0..PAGES).map(|i| to + i * PAGE).collect();
+                }
+                // The invalidation returned: the old frames go to someone else.
+                old.iter().for_each(|&h| fill(&mem, h, PAGE, REUSED));
+                done_tx.send(()).unwrap();
+                checked.recv_timeout(WAIT).expect("the device's checks");
+                for &h in &old {
+                    assert!(
+                        holds_only(&mem, h, PAGE, REUSED),
+                        "a device write reached frame {h:#x} after it was reused"
+                    );
+                }
+            }
+            device.join().unwrap()
+        });
+        eprintln!("{kept_in_races} requests served by kept runs while invalidations ran");
+    }
+
+    /// A run is kept for the requests inside it until a change of what translates them:
+    /// a PASID unbind, a domain detach, a context entry pointing elsewhere. Each is tried
+    /// in the order Linux does it (entry first, then the entry cache, then the IOTLB): once
+    /// the entry cache is invalidated the kept run no longer serves (the IOTLB may still
+    /// hit the page alone), and once the IOTLB is, the request faults or translates anew.
+    /// Each context- or PASID-cache invalidation alone ends the run.
+    #[test]
+    fn no_run_is_kept_across_pasid_unbind_domain_detach_or_a_context_change() {
+        let mut rig = Rig::new(false);
+        let p = pasid(4);
+        let va = 0x7000_0000u64;
+        let mut fl = rig.first_level(p);
+        for i in 0..PAGES {
+            rig.map(&mut fl, va + i * PAGE, 0x50_0000 + i * PAGE, rw());
+        }
+        let inside = va + (PAGES - 1) * PAGE + 0x10;
+        let run = |rig: &Rig| {
+            rig.iommu
+                .remap_run(SID, Some(p), inside, DmaAccess::READ, 1)
+                .map(|r| (r.start(), r.hpa_of(inside).0))
+        };
+        let keep = |rig: &Rig| {
+            for i in 0..PAGES {
+                rig.iommu
+                    .remap(SID, Some(p), va + i * PAGE, DmaAccess::READ)
+                    .unwrap();
+            }
+            let whole = rig
+                .iommu
+                .remap_run(SID, Some(p), va, DmaAccess::READ, PAGES * PAGE)
+                .unwrap();
+            assert_eq!(whole.size(), PAGES * PAGE);
+            assert_eq!(run(rig).unwrap().0, va, "kept");
+        };
+        let page = inside & !(PAGE - 1);
+        let old = Ok((page, 0x50_0000 + (inside - va)));
+        let context_cache = InvDesc::ContextCache {
+            granularity: ContextCacheGranularity::DeviceSelective,
+            did: DID,
+            sid: SID,
+            fm: 0,
+        };
+        let domain_iotlb = InvDesc::Iotlb {
+            granularity: IotlbGranularity::DomainSelective,
+            dr: true,
+            dw: true,
+            did: DID,
+            addr: 0,
+            ih: false,
+            am: 0,
+        };
+
+        // PASID unbind.
+        keep(&rig);
+        rig.set_pasid_entry(p, None);
+        rig.invalidate(&[InvDesc::PasidCache {
+            granularity: PasidCacheGranularity::PasidSelective,
+            did: DID,
+            pasid: p,
+        }]);
+        assert_eq!(run(&rig), old, "the IOTLB's page, not the kept run");
+        rig.invalidate(&[InvDesc::PasidIotlb {
+            granularity: PasidIotlbGranularity::PasidSelective,
+            did: DID,
+            pasid: p,
+            addr: 0,
+            ih: false,
+            am: 0,
+        }]);
+        assert!(run(&rig).is_err(), "unbound");
+
+        // Domain detach: the context entry goes.
+        rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
+        keep(&rig);
+        let ce_addr = context_entry_addr(rig.ctx_table, SID.devfn());
+        let ce: Vec<u64> = (0..4)
+            .map(|i| rig.mem.read_u64(ce_addr + 8 * i).unwrap())
+            .collect();
+        rig.set_context_entry(None);
+        rig.invalidate(&[context_cache]);
+        assert_eq!(run(&rig), old, "the IOTLB's page, not the kept run");
+        rig.invalidate(&[domain_iotlb]);
+        assert!(run(&rig).is_err(), "detached");
+
+        // Context change: the device's PASIDs now come from another PASID directory,
+        // where `p` maps the buffer to other frames in another domain.
+        write_qwords(&rig.mem, ce_addr, &ce);
+        rig.invalidate(&[context_cache]);
+        keep(&rig);
+        let dir = rig.frames.alloc_frame().unwrap().0;
+        let table = rig.frames.alloc_frame().unwrap().0;
+        let pde = PasidDirEntry {
+            fpd: false,
+            smptblptr: table,
+        };
+        rig.mem
+            .write_u64(pasid_dir_entry_addr(dir, 0, p).unwrap(), pde.to_raw())
+            .unwrap();
+        let mut fl2 = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+        for i in 0..PAGES {
+            rig.map(&mut fl2, va + i * PAGE, 0x60_0000 + i * PAGE, rw());
+        }
+        let pe = PasidEntry {
+            flptptr: fl2.root(),
+            ..PasidEntry::new(Pgtt::FirstLevel, DomainId(8))
+        };
+        write_qwords(&rig.mem, pasid_entry_addr(table, p), &pe.to_raw());
+        rig.set_context_entry(Some(&ScalableContextEntry {
+            dte: true,
+            paside: true,
+            pre: true,
+            pdts: 0,
+            pasiddirptr: dir,
+            ..ScalableContextEntry::default()
+        }));
+        // Scalable mode: the PASID entries cached through the old entry go too.
+        rig.invalidate(&[
+            context_cache,
+            InvDesc::PasidCache {
+                granularity: PasidCacheGranularity::DomainSelective,
+                did: DID,
+                pasid: p,
+            },
+        ]);
+        assert_eq!(run(&rig), old, "the IOTLB's page, not the kept run");
+        rig.invalidate(&[domain_iotlb]);
+        assert_eq!(run(&rig), Ok((page, 0x60_0000 + (inside - va))));
+    }
 }

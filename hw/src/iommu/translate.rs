@@ -275,7 +275,9 @@ impl RemappingUnit for Iommu {
 
     /// An entry read afresh retags the IOTLB for its domain.
     fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
-        self.iotlb.retag(sid, pasid, pe.did);
+        if self.iotlb.retag(sid, pasid, pe.did) > 0 {
+            self.runs.drop_all();
+        }
         let mut cache = self
             .pasid_cache
             .write()
