@@ -250,13 +250,10 @@ fn pasid_alloc(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), Be
 
 /// The invalidations meet populated caches ([`CachedTranslations`]); the 512-page one is
 /// sampled in turn with the 1-page one it is held to. Each call is followed by its checks
-/// and by walks that put back what it removed (up to 512 walks, untimed), so the probe
-/// samples a tenth as long and a tenth as often as the others.
+/// and by walks that put back what it removed (up to 512 walks, untimed), so the probe's
+/// sampling is shortened ([`SampleBudget::shortened`]).
 fn ioctl_invalidations(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
-    let budget = SampleBudget {
-        sample: budget.sample / 10,
-        samples: budget.samples / 10 + 1,
-    };
+    let budget = budget.shortened();
     let vm = BenchVm::new()?;
     let cached = CachedTranslations::new(&vm)?;
     let pasid = measure(&mut HostInvalidations::pasid(&cached)?, &budget)?;
@@ -324,10 +321,7 @@ fn iommufd_nested_attach(
 /// block) and then every other page (64 blocks); each call's check translates every
 /// cached page, so the sampling is shortened as for the type1 invalidations.
 fn iommufd_invalidate(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
-    let budget = SampleBudget {
-        sample: budget.sample / 10,
-        samples: budget.samples / 10 + 1,
-    };
+    let budget = budget.shortened();
     let vm = IommufdVm::new()?;
     let (n64, n1) = measure_pair(
         &mut HwptInvalidate::new(&vm, BATCH, 1)?,
