@@ -1094,11 +1094,11 @@ mod paging_structure_caches {
         ram.write_u64(pte, frame(0) | 0x7).unwrap();
         rig.invalidate(&[pasid_selective()]);
         let published = AtomicU64::new(0);
+        let checked = AtomicU64::new(0);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let iommu = rig.iommu.clone();
-        let (checked, versions) = std::thread::scope(|s| {
+        let versions = std::thread::scope(|s| {
             let reader = s.spawn(|| {
-                let mut checked = 0u64;
                 while !stop.load(Ordering::Acquire) {
                     let before = published.load(Ordering::Acquire);
                     let m = iommu
@@ -1119,23 +1119,32 @@ mod paging_structure_caches {
                         m.source,
                         after + 1
                     );
-                    checked += 1;
+                    checked.fetch_add(1, Ordering::Relaxed);
                 }
-                checked
             });
+            // Until enough of both, however the threads are scheduled (the time limit is
+            // only a safety net for a stalled machine).
             let start = Instant::now();
             let mut version = 0;
-            while start.elapsed() < Duration::from_millis(1000) && !reader.is_finished() {
+            while (version < 200_000 || checked.load(Ordering::Relaxed) < 200_000)
+                && start.elapsed() < Duration::from_secs(120)
+                && !reader.is_finished()
+            {
                 version += 1;
                 ram.write_u64(pte, frame(version) | 0x7).unwrap();
                 rig.invalidate(&[pasid_selective()]);
                 published.store(version, Ordering::Release);
             }
             stop.store(true, Ordering::Release);
-            (reader.join().unwrap(), version)
+            reader.join().unwrap();
+            version
         });
+        let checked = checked.into_inner();
         eprintln!("{checked} translations checked against {versions} invalidations");
-        assert!(checked > 1000 && versions > 100, "{checked} {versions}");
+        assert!(
+            checked >= 200_000 && versions >= 200_000,
+            "{checked} {versions}"
+        );
     }
 
     #[test]
