@@ -251,6 +251,9 @@ fn stage1_entry_survives_until_the_right_tlbi() {
 /// translation that began after the CMD_SYNC of version `v` was consumed gives the frame of
 /// version `v` or a later one: an older frame is a walk that raced the TLBI and was cached
 /// after it. Bounded to half a second.
+/// TLBI + CMD_SYNC rounds, and translations checked, that the race below runs at least.
+const RACE_ROUNDS: u64 = 100_000;
+
 #[test]
 fn translations_after_cmd_sync_never_give_a_frame_a_tlbi_removed() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -279,11 +282,11 @@ fn translations_after_cmd_sync_never_give_a_frame_a_tlbi_removed() {
         },
     ];
     let published = AtomicU64::new(0);
+    let checked = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let rig = &rig;
-    let (checked, versions) = std::thread::scope(|s| {
+    let versions = std::thread::scope(|s| {
         let reader = s.spawn(|| {
-            let mut checked = 0u64;
             while !stop.load(Ordering::Acquire) {
                 let before = published.load(Ordering::Acquire);
                 let t = rig
@@ -303,23 +306,32 @@ fn translations_after_cmd_sync_never_give_a_frame_a_tlbi_removed() {
                     t.tlb_hit,
                     after + 1
                 );
-                checked += 1;
+                checked.fetch_add(1, Ordering::Relaxed);
             }
-            checked
         });
+        // Until enough of both, however the threads are scheduled (the time limit is only a
+        // safety net for a stalled machine).
         let start = Instant::now();
         let mut version = 0;
-        while start.elapsed() < Duration::from_millis(500) && !reader.is_finished() {
+        while (version < RACE_ROUNDS || checked.load(Ordering::Relaxed) < RACE_ROUNDS)
+            && start.elapsed() < Duration::from_secs(120)
+            && !reader.is_finished()
+        {
             version += 1;
             rig.mem.write_u64(leaf, attrs | frame(version)).unwrap();
             rig.submit(&tlbi);
             published.store(version, Ordering::Release);
         }
         stop.store(true, Ordering::Release);
-        (reader.join().unwrap(), version)
+        reader.join().unwrap();
+        version
     });
+    let checked = checked.into_inner();
     eprintln!("{checked} translations checked against {versions} TLBI + CMD_SYNC");
-    assert!(checked > 1000 && versions > 100, "{checked} {versions}");
+    assert!(
+        checked >= RACE_ROUNDS && versions >= RACE_ROUNDS,
+        "{checked} {versions}"
+    );
 }
 
 #[test]
