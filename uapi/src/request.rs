@@ -9,6 +9,7 @@ use vsva_vtd::{addr::Gpa, addr::Iova, addr::Pasid};
 use super::iommu::*;
 use super::vfio::*;
 use crate::error::UapiError;
+use crate::wire::decode_image;
 
 /// A DMA mapping request (`VFIO_IOMMU_MAP_DMA`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +30,7 @@ impl TryFrom<&VfioIommuType1DmaMap> for DmaMap {
     type Error = UapiError;
 
     fn try_from(m: &VfioIommuType1DmaMap) -> Result<Self, UapiError> {
-        VfioIommuType1DmaMap::from_bytes(&m.to_bytes())?;
+        decode_image(m, VfioIommuType1DmaMap::from_bytes)?;
         Ok(DmaMap {
             iova: Iova(m.iova),
             vaddr: m.vaddr,
@@ -82,7 +83,7 @@ impl TryFrom<&IommuGpasidBindData> for BindGpasid {
     type Error = UapiError;
 
     fn try_from(d: &IommuGpasidBindData) -> Result<Self, UapiError> {
-        IommuGpasidBindData::from_bytes(&d.to_bytes())?;
+        decode_image(d, IommuGpasidBindData::from_bytes)?;
         Ok(BindGpasid {
             hpasid: check_pasid(d.hpasid, "hpasid")?,
             gpasid: if d.flags & IOMMU_SVA_GPASID_VAL != 0 {
@@ -178,7 +179,7 @@ impl TryFrom<&IommuCacheInvalidateInfo> for CacheInvalidate {
     type Error = UapiError;
 
     fn try_from(i: &IommuCacheInvalidateInfo) -> Result<Self, UapiError> {
-        IommuCacheInvalidateInfo::from_bytes(&i.to_bytes())?;
+        decode_image(i, IommuCacheInvalidateInfo::from_bytes)?;
         let granularity = match i.granularity {
             IOMMU_INV_GRANU_DOMAIN => InvGranularity::Domain,
             IOMMU_INV_GRANU_PASID => {
@@ -286,7 +287,7 @@ impl TryFrom<&IommuPasidTableConfig> for PasidTableConfig {
     type Error = UapiError;
 
     fn try_from(c: &IommuPasidTableConfig) -> Result<Self, UapiError> {
-        IommuPasidTableConfig::from_bytes(&c.to_bytes())?;
+        decode_image(c, IommuPasidTableConfig::from_bytes)?;
         let config = match c.config {
             IOMMU_PASID_CONFIG_TRANSLATE => PasidConfig::Translate {
                 s1fmt: c.vendor_data.smmuv3.s1fmt,
@@ -356,7 +357,7 @@ impl TryFrom<&IommuPageResponse> for PageResponse {
     type Error = UapiError;
 
     fn try_from(r: &IommuPageResponse) -> Result<Self, UapiError> {
-        IommuPageResponse::from_bytes(&r.to_bytes())?;
+        decode_image(r, IommuPageResponse::from_bytes)?;
         Ok(PageResponse {
             pasid: (r.flags & IOMMU_PAGE_RESP_PASID_VALID != 0)
                 .then(|| check_pasid(r.pasid.into(), "iommu_page_response"))
@@ -641,7 +642,7 @@ impl TryFrom<&VfioIommuType1Fault> for QueuedFault {
     type Error = UapiError;
 
     fn try_from(r: &VfioIommuType1Fault) -> Result<Self, UapiError> {
-        let r = VfioIommuType1Fault::from_bytes(&r.to_bytes())?;
+        let r = decode_image(r, VfioIommuType1Fault::from_bytes)?;
         let sid = vsva_vtd::addr::SourceId::from_rid(r.rid as u16);
         if let Some(prm) = r.fault.page_request() {
             return Ok(QueuedFault::PageRequest(FaultEvent {
@@ -719,7 +720,7 @@ impl TryFrom<&IommuNestingInfo> for NestingInfo {
     type Error = UapiError;
 
     fn try_from(n: &IommuNestingInfo) -> Result<Self, UapiError> {
-        IommuNestingInfo::from_bytes(&n.to_bytes())?;
+        decode_image(n, IommuNestingInfo::from_bytes)?;
         let vendor = if n.format == IOMMU_PASID_FORMAT_ARM_SMMU_V3 {
             let s = n.vendor.arm_smmuv3();
             NestingVendor::ArmSmmuV3 {

@@ -26,6 +26,19 @@ pub trait Wire: Sized {
     }
 }
 
+/// Decodes `value`'s own C image with `decode`, as if a caller had passed it: the checks
+/// of a structure built in memory are those of the bytes. The image is on the stack, so
+/// the check allocates nothing.
+pub fn decode_image<T: Wire, R>(
+    value: &T,
+    decode: impl FnOnce(&[u8]) -> Result<R, UapiError>,
+) -> Result<R, UapiError> {
+    let mut buf = [0u8; MAX_STRUCT];
+    let image = &mut buf[..size_of::<T>()];
+    value.write(image);
+    decode(image)
+}
+
 /// A structure decoded and validated from the bytes a caller passed, as the kernel copies
 /// and checks it.
 pub trait FromBytes: Sized {
