@@ -460,6 +460,12 @@ impl SetMask {
         self.summary == 0
     }
 
+    /// Names no set, keeping the allocation.
+    fn clear(&mut self) {
+        self.summary = 0;
+        self.words.clear();
+    }
+
     /// Number of sets named.
     fn len(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
@@ -560,10 +566,25 @@ struct Bucket {
     summary: Summary,
 }
 
+impl Bucket {
+    /// Lists nothing, keeping the allocations.
+    fn clear(&mut self) {
+        self.sets.clear();
+        self.summary.clear();
+    }
+}
+
+/// Emptied buckets kept for reuse: a fill that lists a new owner takes one, so that a
+/// miss after a global or selective invalidation allocates nothing.
+const SPARE_BUCKETS: usize = 64;
+
 /// The buckets of the owners that have entries cached; no bucket is empty.
 #[derive(Debug, Default)]
 struct SetIndex {
     buckets: HashMap<Owner, Bucket, FixedState>,
+    /// Up to [`SPARE_BUCKETS`] emptied buckets with their allocations (the set mask's
+    /// words, the summary's requester ids), handed to the next owners listed.
+    spare: Vec<Bucket>,
 }
 
 impl SetIndex {
@@ -572,9 +593,41 @@ impl SetIndex {
         if let Some(bucket) = self.buckets.get_mut(&owner) {
             bucket.sets.remove(set);
             if bucket.sets.is_empty() {
-                self.buckets.remove(&owner);
+                if let Some(bucket) = self.buckets.remove(&owner) {
+                    self.keep(bucket);
+                }
             }
         }
+    }
+
+    /// `owner`'s bucket, a spare one if it has none.
+    fn bucket(&mut self, owner: Owner) -> &mut Bucket {
+        let spare = &mut self.spare;
+        self.buckets
+            .entry(owner)
+            .or_insert_with(|| spare.pop().unwrap_or_default())
+    }
+
+    /// Keeps an emptied bucket's allocations for a later owner, if there is room.
+    fn keep(&mut self, mut bucket: Bucket) {
+        if self.spare.len() < SPARE_BUCKETS {
+            bucket.clear();
+            self.spare.push(bucket);
+        }
+    }
+
+    /// Removes the buckets `keep` refuses, keeping their allocations as spares.
+    fn retain(&mut self, mut keep: impl FnMut(Owner, &mut Bucket) -> bool) {
+        let spare = &mut self.spare;
+        self.buckets.retain(|&owner, bucket| {
+            let kept = keep(owner, bucket);
+            if !kept && spare.len() < SPARE_BUCKETS {
+                let mut emptied = std::mem::take(bucket);
+                emptied.clear();
+                spare.push(emptied);
+            }
+            kept
+        });
     }
 }
 
@@ -712,7 +765,7 @@ impl Iotlb {
                 index.unlist(previous, at);
             }
         }
-        let bucket = index.buckets.entry(owner).or_default();
+        let bucket = index.bucket(owner);
         bucket.sets.insert(at);
         bucket.summary.note(&key, entry.kind);
         true
@@ -839,7 +892,7 @@ impl Iotlb {
                 }
             });
         }
-        *bucket = Bucket::default();
+        bucket.clear();
         removed
     }
 
@@ -919,7 +972,7 @@ impl Iotlb {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
         let mut removed = 0;
-        index.buckets.retain(|&(did, pasid), listed| {
+        index.retain(|(did, pasid), listed| {
             if bucket(did, pasid) {
                 removed += self.remove_from((did, pasid), listed, pages, &mut select);
             }
@@ -944,7 +997,9 @@ impl Iotlb {
         };
         let removed = remove(owner, listed);
         if listed.sets.is_empty() {
-            index.buckets.remove(&owner);
+            if let Some(emptied) = index.buckets.remove(&owner) {
+                index.keep(emptied);
+            }
         }
         removed
     }
@@ -964,7 +1019,7 @@ impl Iotlb {
                 }
             });
         }
-        index.buckets.clear();
+        index.retain(|_, _| false);
         removed
     }
 

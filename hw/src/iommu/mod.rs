@@ -5,6 +5,7 @@
 //! descriptor removes it.
 
 mod cached_walk;
+mod entry_cache;
 mod explain;
 pub mod iotlb;
 mod mmio;
@@ -20,7 +21,7 @@ mod translate;
 
 use foldhash::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crossbeam_utils::CachePadded;
@@ -33,6 +34,7 @@ use vsva_vtd::{
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
+use entry_cache::EntryCache;
 use iotlb::Iotlb;
 use overtaken::FillLog;
 use pscache::PagingStructureCaches;
@@ -69,15 +71,66 @@ impl Default for IommuConfig {
 #[derive(Debug, Default)]
 pub struct IommuStats {
     /// Page walks done after IOTLB misses.
-    pub walks: AtomicU64,
+    pub walks: Counter,
     /// Page-table entries read by those walks (first and second level).
-    pub table_reads: AtomicU64,
+    pub table_reads: Counter,
     /// Invalidation descriptors processed.
     pub descriptors: AtomicU64,
     /// Faults handed to the fault recording registers.
     pub faults: AtomicU64,
     /// Page requests queued.
     pub page_requests: AtomicU64,
+}
+
+/// Threads that own a slot of every [`Counter`]; later threads share its overflow.
+const COUNTER_SLOTS: usize = 8;
+
+/// A counter that the miss path adds to with no atomic read-modify-write and no cache
+/// line shared between threads: each of the first [`COUNTER_SLOTS`] threads that count
+/// (in the process) owns a slot, which only it writes, with a plain load and store; later
+/// threads add to a shared overflow atomically. A read sums them.
+#[derive(Debug, Default)]
+pub struct Counter {
+    slots: [CachePadded<AtomicU64>; COUNTER_SLOTS],
+    overflow: CachePadded<AtomicU64>,
+}
+
+/// The calling thread's slot of every [`Counter`], assigned when it first counts, never
+/// reused: `None` for the threads after the first [`COUNTER_SLOTS`].
+fn counter_slot() -> Option<usize> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|&slot| (slot < COUNTER_SLOTS).then_some(slot))
+}
+
+impl Counter {
+    /// The count (the sum of the slots; `order` is that of each slot's load).
+    pub fn load(&self, order: Ordering) -> u64 {
+        self.slots
+            .iter()
+            .chain([&self.overflow])
+            .fold(0u64, |sum, s| sum.wrapping_add(s.load(order)))
+    }
+
+    /// Adds `n`.
+    fn add(&self, n: u64) {
+        match counter_slot() {
+            Some(i) => {
+                // Only this thread writes slot `i`, so a load and a store do not lose
+                // another thread's addition.
+                let slot = &self.slots[i];
+                slot.store(
+                    slot.load(Ordering::Relaxed).wrapping_add(n),
+                    Ordering::Relaxed,
+                );
+            }
+            None => {
+                self.overflow.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// log2 of the page sizes a translation can have, smallest first: what a lookup by page
@@ -124,11 +177,11 @@ pub struct Iommu {
     root: CachePadded<AtomicU64>,
     irq_handler: RwLock<Option<InterruptHandler>>,
     endpoints: RwLock<HashMap<u16, Arc<dyn AtsEndpoint>>>,
-    context_cache: RwLock<HashMap<u16, ScalableContextEntry>>,
+    context_cache: EntryCache<u16, ScalableContextEntry>,
     /// Counts context- and PASID-cache invalidations, so that an entry read before one
     /// is not cached after it.
     entry_generation: AtomicU64,
-    pasid_cache: RwLock<HashMap<(u16, u32), PasidEntry>>,
+    pasid_cache: EntryCache<(u16, u32), PasidEntry>,
     iotlb: Iotlb,
     /// Runs of IOTLB hits answered to untranslated requests.
     runs: RunCache,
@@ -157,9 +210,9 @@ impl Iommu {
             root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),
-            context_cache: RwLock::default(),
+            context_cache: EntryCache::default(),
             entry_generation: AtomicU64::new(0),
-            pasid_cache: RwLock::default(),
+            pasid_cache: EntryCache::default(),
             iotlb: Iotlb::default(),
             runs: RunCache::default(),
             paging_caches: PagingStructureCaches::default(),
@@ -264,16 +317,7 @@ impl Iommu {
 
     /// Number of cached context and PASID entries.
     pub fn cached_entries(&self) -> (usize, usize) {
-        (
-            self.context_cache
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len(),
-            self.pasid_cache
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len(),
-        )
+        (self.context_cache.len(), self.pasid_cache.len())
     }
 }
 

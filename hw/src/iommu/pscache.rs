@@ -22,8 +22,8 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut, RangeInclusive};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crossbeam_utils::CachePadded;
@@ -158,8 +158,13 @@ struct Tables {
 
 impl Tables {
     /// The deepest cached second-level table for `gpa` below a `top`-level root, from
-    /// `fills` (what the walk read so far) or the cache.
-    fn second_level_start(&self, fills: &WalkFills, gpa: u64, top: u8) -> Option<SlStart> {
+    /// `fills` (what the walk read so far) or the cache (`None`: empty).
+    fn second_level_start(
+        tables: Option<&Self>,
+        fills: &WalkFills,
+        gpa: u64,
+        top: u8,
+    ) -> Option<SlStart> {
         (2..=top).find_map(|level| {
             let key = SlKey {
                 did: fills.did,
@@ -168,13 +173,13 @@ impl Tables {
             };
             fills
                 .second_level_start(&key)
-                .or_else(|| self.second_level.get(&key).copied())
+                .or_else(|| tables?.second_level.get(&key).copied())
         })
     }
 
     /// The cached second-level mapping of the page holding `gpa`, from `fills` or the
-    /// cache.
-    fn mapping(&self, fills: &WalkFills, gpa: u64) -> Option<SlMapping> {
+    /// cache (`None`: empty).
+    fn mapping(tables: Option<&Self>, fills: &WalkFills, gpa: u64) -> Option<SlMapping> {
         PAGE_SHIFTS.into_iter().find_map(|shift| {
             let key = MappingKey {
                 did: fills.did,
@@ -183,7 +188,7 @@ impl Tables {
             };
             fills
                 .mapping(&key)
-                .or_else(|| self.mappings.get(&key).copied())
+                .or_else(|| tables?.mappings.get(&key).copied())
         })
     }
 
@@ -192,6 +197,67 @@ impl Tables {
         self.first_level.clear();
         self.second_level.clear();
         self.mappings.clear();
+    }
+
+    /// Entries in the three caches.
+    fn len(&self) -> usize {
+        self.first_level.len() + self.second_level.len() + self.mappings.len()
+    }
+}
+
+/// One shard: its caches, and how many entries they hold, readable without the lock so
+/// that a lookup in an empty shard (every lookup of a cold walk after a global or
+/// domain-selective invalidation) takes no lock. A cache may miss at any time, so a
+/// lookup that reads a count older than another thread's fill and misses is correct; the
+/// count is written under the write lock at the end of every change
+/// ([`ShardWrite`]), so a thread always sees its own fills.
+#[derive(Debug, Default)]
+struct Shard {
+    tables: RwLock<Tables>,
+    entries: AtomicUsize,
+}
+
+/// A shard's caches under its write lock; the entry count is updated when it goes.
+struct ShardWrite<'a> {
+    tables: RwLockWriteGuard<'a, Tables>,
+    entries: &'a AtomicUsize,
+}
+
+impl Deref for ShardWrite<'_> {
+    type Target = Tables;
+
+    fn deref(&self) -> &Tables {
+        &self.tables
+    }
+}
+
+impl DerefMut for ShardWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
+}
+
+impl Drop for ShardWrite<'_> {
+    /// Runs before the guard field is dropped: the count is written under the lock.
+    fn drop(&mut self) {
+        self.entries.store(self.tables.len(), Ordering::Release);
+    }
+}
+
+impl Shard {
+    /// The caches for reading, `None` without taking the lock if they are empty.
+    fn read(&self) -> Option<RwLockReadGuard<'_, Tables>> {
+        if self.entries.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        Some(self.tables.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn write(&self) -> ShardWrite<'_> {
+        ShardWrite {
+            tables: self.tables.write().unwrap_or_else(PoisonError::into_inner),
+            entries: &self.entries,
+        }
     }
 }
 
@@ -364,7 +430,7 @@ pub struct CachedTables {
 /// lock its domain's shard.
 #[derive(Debug)]
 pub struct PagingStructureCaches {
-    shards: Box<[CachePadded<RwLock<Tables>>]>,
+    shards: Box<[CachePadded<Shard>]>,
     generation: Generation,
 }
 
@@ -372,7 +438,7 @@ impl Default for PagingStructureCaches {
     fn default() -> Self {
         PagingStructureCaches {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(RwLock::default()))
+                .map(|_| CachePadded::new(Shard::default()))
                 .collect(),
             generation: Generation::default(),
         }
@@ -380,18 +446,19 @@ impl Default for PagingStructureCaches {
 }
 
 impl PagingStructureCaches {
-    fn read(&self, did: DomainId) -> RwLockReadGuard<'_, Tables> {
-        self.shards[did.0 as usize % SHARDS]
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn shard(&self, did: DomainId) -> &Shard {
+        &self.shards[did.0 as usize % SHARDS]
+    }
+
+    /// `did`'s shard for lookups; `None` if it is empty.
+    fn read(&self, did: DomainId) -> Option<RwLockReadGuard<'_, Tables>> {
+        self.shard(did).read()
     }
 
     /// `did`'s shard for an invalidation: locked, and the generation advanced under the
     /// lock, so that no walk that began before it fills what it removes.
-    fn invalidate(&self, did: DomainId) -> RwLockWriteGuard<'_, Tables> {
-        let shard = self.shards[did.0 as usize % SHARDS]
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+    fn invalidate(&self, did: DomainId) -> ShardWrite<'_> {
+        let shard = self.shard(did).write();
         self.generation.advance();
         shard
     }
@@ -404,7 +471,7 @@ impl PagingStructureCaches {
 
     /// The deepest cached first-level table for `input` below a `top`-level root.
     pub(crate) fn first_level_start(&self, tag: FlTag, input: u64, top: u8) -> Option<FlStart> {
-        let shard = self.read(tag.did);
+        let shard = self.read(tag.did)?;
         (2..=top).find_map(|level| {
             let key = FlKey {
                 tag,
@@ -423,7 +490,7 @@ impl PagingStructureCaches {
         gpa: u64,
         top: u8,
     ) -> Option<SlStart> {
-        self.read(fills.did).second_level_start(fills, gpa, top)
+        Tables::second_level_start(self.read(fills.did).as_deref(), fills, gpa, top)
     }
 
     /// Where the nested walk of `fills` resolves `gpa` for `access`: a cached mapping
@@ -436,15 +503,16 @@ impl PagingStructureCaches {
         top: u8,
     ) -> NestedStart {
         let shard = self.read(fills.did);
-        match shard.mapping(fills, gpa) {
+        let tables = shard.as_deref();
+        match Tables::mapping(tables, fills, gpa) {
             Some(m) if m.allows(access) => NestedStart::Mapped(m),
-            _ => NestedStart::Walk(shard.second_level_start(fills, gpa, top)),
+            _ => NestedStart::Walk(Tables::second_level_start(tables, fills, gpa, top)),
         }
     }
 
     /// The cached second-level mapping of the page holding `gpa`.
     pub fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
-        self.read(did).mapping(&WalkFills::new(did), gpa)
+        Tables::mapping(self.read(did).as_deref(), &WalkFills::new(did), gpa)
     }
 
     /// Caches what a walk read (`fills`) unless an invalidation ran since `fill` (a
@@ -457,9 +525,7 @@ impl PagingStructureCaches {
         if fills.is_empty() {
             return;
         }
-        let mut shard = self.shards[fills.did.0 as usize % SHARDS]
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self.shard(fills.did).write();
         if self.generation.0.load(Ordering::Acquire) != fill {
             return;
         }
@@ -479,7 +545,7 @@ impl PagingStructureCaches {
     /// cached second-level mapping is removed.
     pub fn invalidate_all(&self) {
         for shard in self.shards.iter() {
-            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            let mut shard = shard.write();
             self.generation.advance();
             shard.clear();
         }
@@ -621,7 +687,7 @@ impl PagingStructureCaches {
     /// How many entries each cache holds.
     pub fn len(&self) -> CachedTables {
         self.shards.iter().fold(CachedTables::default(), |n, s| {
-            let t = s.read().unwrap_or_else(PoisonError::into_inner);
+            let t = s.tables.read().unwrap_or_else(PoisonError::into_inner);
             CachedTables {
                 first_level: n.first_level + t.first_level.len(),
                 second_level: n.second_level + t.second_level.len(),

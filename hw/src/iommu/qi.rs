@@ -18,7 +18,6 @@
 //! level down: the IOTLB must not refill from a stale paging-structure-cache entry.
 
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
 use vsva_mem::MemError;
 
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
@@ -191,10 +190,7 @@ impl InvalidationUnit for Invalidated<'_> {
     ) {
         self.carry_out();
         let unit = self.unit;
-        let mut cache = unit
-            .context_cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = unit.context_cache.write();
         unit.entry_generation.fetch_add(1, Ordering::AcqRel);
         cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
         unit.runs.drop_all();
@@ -208,10 +204,7 @@ impl InvalidationUnit for Invalidated<'_> {
     ) {
         self.carry_out();
         let unit = self.unit;
-        let mut cache = unit
-            .pasid_cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = unit.pasid_cache.write();
         unit.entry_generation.fetch_add(1, Ordering::AcqRel);
         match granularity {
             PasidCacheGranularity::Global => cache.clear(),

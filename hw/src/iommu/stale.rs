@@ -130,12 +130,7 @@ impl Iommu {
         if now == Ok((cached.output, cached.page_shift)) {
             return;
         }
-        let cached_pe = self
-            .pasid_cache
-            .read()
-            .unwrap()
-            .get(&(req.sid.rid(), req.eff.raw()))
-            .copied();
+        let cached_pe = self.pasid_cache.get(&(req.sid.rid(), req.eff.raw()));
         let entry_changed = match (&lookup, cached_pe) {
             (Ok(l), Some(pe)) => l.entry != pe,
             _ => true,

@@ -2112,3 +2112,26 @@ mod kept_runs {
         assert_eq!(run(&rig), Ok((page, 0x60_0000 + (inside - va))));
     }
 }
+
+/// A counter's threads past its owned slots share the overflow; every addition counts,
+/// whatever thread made it.
+#[test]
+fn a_counter_sums_the_additions_of_every_thread() {
+    let counter = Arc::new(super::Counter::default());
+    counter.add(5);
+    let threads: Vec<_> = (0..2 * super::COUNTER_SLOTS as u64)
+        .map(|t| {
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    counter.add(t + 1);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let n = 2 * super::COUNTER_SLOTS as u64;
+    assert_eq!(counter.load(Ordering::Relaxed), 5 + 1000 * n * (n + 1) / 2);
+}

@@ -12,7 +12,6 @@ use vsva_vtd::{
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
 
 use {vsva_mem::MemError, vsva_mem::PhysMem};
 
@@ -246,31 +245,20 @@ impl RemappingUnit for Iommu {
     }
 
     fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
-        self.context_cache
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&sid.rid())
-            .copied()
+        self.context_cache.get(&sid.rid())
     }
 
     /// An entry read while a context- or PASID-cache invalidation ran is used but not
     /// cached.
     fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
-        let mut cache = self
-            .context_cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.context_cache.write();
         if self.entry_generation.load(Ordering::Acquire) == fill {
             cache.insert(sid.rid(), ctx);
         }
     }
 
     fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
-        self.pasid_cache
-            .read()
-            .unwrap()
-            .get(&(sid.rid(), pasid.raw()))
-            .copied()
+        self.pasid_cache.get(&(sid.rid(), pasid.raw()))
     }
 
     /// An entry read afresh retags the IOTLB for its domain.
@@ -278,10 +266,7 @@ impl RemappingUnit for Iommu {
         if self.iotlb.retag(sid, pasid, pe.did) > 0 {
             self.runs.drop_all();
         }
-        let mut cache = self
-            .pasid_cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.pasid_cache.write();
         if self.entry_generation.load(Ordering::Acquire) == fill {
             cache.insert((sid.rid(), pasid.raw()), pe);
         }
@@ -304,10 +289,8 @@ impl RemappingUnit for Iommu {
         };
         let mut used = CacheUse::default();
         let walked = self.walk_cached(&mem, fill.paging, pe, pasid, req.addr, access, &mut used);
-        self.stats.walks.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .table_reads
-            .fetch_add(mem.reads.get(), Ordering::Relaxed);
+        self.stats.walks.add(1);
+        self.stats.table_reads.add(mem.reads.get());
         if let Ok(t) = &walked {
             if self.strict() && used.any() {
                 let checked = CheckedRequest {
