@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroU64;
 use std::ops::RangeInclusive;
 use std::sync::PoisonError;
 
@@ -215,6 +216,10 @@ const PAGE_SHIFT_SHIFT: u32 = 36;
 const DID_SHIFT: u32 = 44;
 const VALID: u64 = 1 << 63;
 const KEY_MASK: u64 = VALID | ((1 << DID_SHIFT) - 1);
+const VALID_TAG: NonZeroU64 = match NonZeroU64::new(VALID) {
+    Some(v) => v,
+    None => panic!("the valid bit is not 0"),
+};
 
 /// Value bits: the output page base, and the rights and kind in the bits below 4 KiB.
 const KIND_SHIFT: u32 = 6;
@@ -301,6 +306,60 @@ fn decode(tag: u64, value: u64) -> IotlbEntry {
     }
 }
 
+/// An IOTLB entry as its way holds it: the tag word (requester, PASID, page size, domain
+/// id, valid) and the value word (output page, rights, kind). What a hit gives the request
+/// pipeline: two words, which a call returns and a caller keeps in registers, decoded
+/// field by field where one is needed ([`PackedEntry::entry`] decodes them all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedEntry {
+    /// Never 0: a cached entry's tag has [`VALID`] set (and `Option<PackedEntry>` is two
+    /// words).
+    tag: NonZeroU64,
+    value: u64,
+}
+
+impl PackedEntry {
+    /// The packed words of `entry` caching the translation of `addr` for this requester
+    /// and PASID.
+    pub fn new(sid: SourceId, pasid: Pasid, addr: u64, entry: &IotlbEntry) -> Self {
+        let (tag, value) = encode(&Key::new(sid, pasid, entry.page_shift, addr), entry);
+        // An encoded tag has its valid bit set already.
+        PackedEntry {
+            tag: VALID_TAG | tag,
+            value,
+        }
+    }
+
+    /// The entry a way's words hold, `None` for an empty way (tag 0).
+    #[inline(always)]
+    fn of_way(tag: u64, value: u64) -> Option<Self> {
+        NonZeroU64::new(tag).map(|tag| PackedEntry { tag, value })
+    }
+
+    /// Output page base (HPA).
+    #[inline(always)]
+    pub const fn output(self) -> u64 {
+        self.value & !FLAGS
+    }
+
+    /// log2 of the page size.
+    #[inline(always)]
+    pub const fn page_shift(self) -> u8 {
+        (self.tag.get() >> PAGE_SHIFT_SHIFT) as u8
+    }
+
+    /// The rights the walk granted.
+    #[inline(always)]
+    pub const fn perms(self) -> Perms {
+        Perms::from_bits_truncate(self.value as u8)
+    }
+
+    /// Every field.
+    pub fn entry(self) -> IotlbEntry {
+        decode(self.tag.get(), self.value)
+    }
+}
+
 /// One way of a set; `tag` 0 is an empty way.
 #[derive(Debug, Default)]
 struct Way {
@@ -320,9 +379,26 @@ struct Set {
 }
 
 impl Set {
+    /// The entry of `key` if its preferred way ([`Key::way`]) holds it, read consistently
+    /// with no retry: the sequence word, the way's three words, the sequence word again.
+    /// `None` when the way holds another key or a writer was inside; [`Set::find`] then
+    /// answers. Inlined into a lookup, so that the common hit keeps nothing but the key in
+    /// registers and reads one way.
+    #[inline(always)]
+    fn find_preferred(&self, key: &Key) -> Option<PackedEntry> {
+        let seq = self.seq.load(Ordering::Acquire);
+        let w = &self.ways[key.way()];
+        let tag = w.tag.load(Ordering::Relaxed);
+        let page = w.page.load(Ordering::Relaxed);
+        let value = w.value.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let unchanged = seq & 1 == 0 && self.seq.load(Ordering::Relaxed) == seq;
+        let hit = unchanged && tag & KEY_MASK == key.tag && page == key.page;
+        PackedEntry::of_way(if hit { tag } else { 0 }, value)
+    }
+
     /// The way holding `key`, read consistently: retried while a writer is inside. The
-    /// key's preferred way ([`Key::way`]) is compared first, so that a hit on a page filled
-    /// into it compares one way and takes a branch the CPU predicts; the others after.
+    /// key's preferred way is compared first, the others after.
     #[inline]
     fn find(&self, key: &Key) -> Option<(u64, u64)> {
         let first = key.way();
@@ -712,15 +788,28 @@ impl Iotlb {
     }
 
     /// The cached translation covering `addr` for this requester and PASID, if any.
+    ///
+    /// Inlined: a 4-KiB page in its preferred way ([`Set::find_preferred`]) is answered
+    /// here; every other case (another way, a larger page, a writer inside, a miss) is
+    /// [`Iotlb::scan`], out of line. Both answer with the way's two words, which stay in
+    /// registers; an [`IotlbEntry`] would come back from the call through memory, and its
+    /// narrow fields reloaded wider would stall store forwarding.
     #[inline(always)]
-    pub fn lookup(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<IotlbEntry> {
-        for shift in PAGE_SHIFTS {
+    pub fn lookup(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<PackedEntry> {
+        let key = Key::new(sid, pasid, PAGE_SHIFTS[0], addr);
+        self.set(&key)
+            .find_preferred(&key)
+            .or_else(|| self.scan(sid, pasid, addr))
+    }
+
+    /// [`Iotlb::lookup`] by every page size and way, retried while a writer is inside.
+    #[inline(never)]
+    fn scan(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<PackedEntry> {
+        PAGE_SHIFTS.into_iter().find_map(|shift| {
             let key = Key::new(sid, pasid, shift, addr);
-            if let Some((tag, value)) = self.set(&key).find(&key) {
-                return Some(decode(tag, value));
-            }
-        }
-        None
+            let (tag, value) = self.set(&key).find(&key)?;
+            PackedEntry::of_way(tag, value)
+        })
     }
 
     /// Starts a fill: the walk that follows may insert its result only if no invalidation
@@ -1162,10 +1251,10 @@ mod tests {
             0x8000_0000,
             entry(1, 0x4000_0000, 30, TranslationKind::Nested),
         );
-        assert_eq!(t.lookup(sid(), p, 0x1234_5fff).unwrap().output, 0xa000);
+        assert_eq!(t.lookup(sid(), p, 0x1234_5fff).unwrap().output(), 0xa000);
         assert!(t.lookup(sid(), p, 0x1234_6000).is_none());
-        assert_eq!(t.lookup(sid(), p, 0x403f_ffff).unwrap().page_shift, 21);
-        assert_eq!(t.lookup(sid(), p, 0xbfff_ffff).unwrap().page_shift, 30);
+        assert_eq!(t.lookup(sid(), p, 0x403f_ffff).unwrap().page_shift(), 21);
+        assert_eq!(t.lookup(sid(), p, 0xbfff_ffff).unwrap().page_shift(), 30);
         assert!(t
             .lookup(sid(), Pasid::new(6).unwrap(), 0x1234_5000)
             .is_none());
@@ -1201,7 +1290,43 @@ mod tests {
             let key = Key::new(sid(), Pasid::new(5).unwrap(), 12, 0x7000);
             let (tag, value) = encode(&key, &e);
             assert_eq!(decode(tag, value), e);
+            let packed = PackedEntry::new(sid(), Pasid::new(5).unwrap(), 0x7000, &e);
+            assert_eq!(packed.entry(), e);
+            assert_eq!(
+                (packed.output(), packed.page_shift(), packed.perms()),
+                (e.output, e.page_shift, e.perms)
+            );
         }
+    }
+
+    /// Pages whose preferred way is taken land in other ways of the set; a lookup finds
+    /// each (the inline read of the preferred way misses, the scan answers) and never
+    /// answers a page with another page's entry.
+    #[test]
+    fn lookup_finds_pages_outside_their_preferred_way() {
+        let t = Iotlb::with_sets(1);
+        let p = Pasid::new(3).unwrap();
+        // Pages 0, 4, 8 and 12 all prefer way 0.
+        for k in 0..WAYS as u64 {
+            let page = k * WAYS as u64;
+            assert!(t.insert(
+                t.begin_fill(),
+                sid(),
+                p,
+                page << 12,
+                entry(1, (0x100 + k) << 12, 12, TranslationKind::Nested),
+            ));
+        }
+        for k in 0..WAYS as u64 {
+            let page = k * WAYS as u64;
+            let hit = t.lookup(sid(), p, page << 12 | 0x123).unwrap();
+            assert_eq!(
+                hit.entry(),
+                entry(1, (0x100 + k) << 12, 12, TranslationKind::Nested)
+            );
+            assert!(t.lookup(sid(), p, (page + 1) << 12).is_none());
+        }
+        assert!(t.lookup(sid(), Pasid::new(4).unwrap(), 4 << 12).is_none());
     }
 
     #[test]
@@ -1352,7 +1477,8 @@ mod tests {
                         while !done.load(Ordering::Acquire) {
                             for k in 0..KEYS {
                                 let invalidated = gone[k as usize].load(Ordering::Acquire);
-                                let Some(e) = t.lookup(sid(), p, k << 12) else {
+                                let Some(e) = t.lookup(sid(), p, k << 12).map(PackedEntry::entry)
+                                else {
                                     continue;
                                 };
                                 let version = e.output >> 12 & 0xfff_ffff;
@@ -1398,11 +1524,14 @@ mod tests {
             for k in 0..keys {
                 let addr = k.wrapping_mul(0x9e37_79b9) << 12 & 0xffff_ffff_f000;
                 assert!(t.insert(t.begin_fill(), sid(), p, addr, keyed(k, k + 1)));
-                assert_eq!(t.lookup(sid(), p, addr), Some(keyed(k, k + 1)));
+                assert_eq!(
+                    t.lookup(sid(), p, addr).map(PackedEntry::entry),
+                    Some(keyed(k, k + 1))
+                );
                 assert!(t.len() <= sets * WAYS);
                 for j in 0..=k {
                     let addr = j.wrapping_mul(0x9e37_79b9) << 12 & 0xffff_ffff_f000;
-                    if let Some(e) = t.lookup(sid(), p, addr) {
+                    if let Some(e) = t.lookup(sid(), p, addr).map(PackedEntry::entry) {
                         assert_eq!(e, keyed(j, j + 1));
                     }
                 }
@@ -1454,7 +1583,7 @@ mod tests {
         }));
         for page in 0..pages {
             let addr = 0x7f00_0000_0000 + (page << 12);
-            assert_eq!(t.lookup(sid(), p, addr).unwrap().output, page << 12);
+            assert_eq!(t.lookup(sid(), p, addr).unwrap().output(), page << 12);
         }
     }
 
@@ -1826,7 +1955,7 @@ mod loom_model {
 
     /// A lookup's answer: nothing, or the new page, read whole (no torn read of a way).
     fn check(t: &Iotlb, sid: SourceId, pasid: Pasid, when: &str) {
-        if let Some(e) = t.lookup(sid, pasid, 0x1000) {
+        if let Some(e) = t.lookup(sid, pasid, 0x1000).map(PackedEntry::entry) {
             assert_eq!(e, entry(NEW), "{when}: the IOTLB gave {e:?}");
         }
     }

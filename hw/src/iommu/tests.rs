@@ -1055,7 +1055,7 @@ mod paging_structure_caches {
                         sid: SID,
                         pasid: pasid(P),
                         addr: GVA,
-                        walked,
+                        walked: walked.entry(),
                         // The first of the two: it advanced the IOTLB past the fill's token.
                         invalidation: Some(pasid_iotlb(GVA, false)),
                     }]

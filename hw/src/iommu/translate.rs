@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use {vsva_mem::MemError, vsva_mem::PhysMem};
 
 use super::cached_walk::CacheUse;
-use super::iotlb::{IotlbEntry, Perms, RequestMask, TranslationKind};
+use super::iotlb::{IotlbEntry, PackedEntry, Perms, RequestMask, TranslationKind};
 use super::stale::CheckedRequest;
 use super::{Iommu, ROOT_STRICT};
 use crate::memory::HostMemory;
@@ -117,11 +117,12 @@ impl Iommu {
     }
 
     /// Strict mode's check of an IOTLB hit, out of line: the entry is passed by value so
-    /// that the hit path keeps it in registers instead of storing it for a reference.
+    /// that the hit path keeps it in registers instead of storing it for a reference, and
+    /// decoded here.
     #[cold]
     #[inline(never)]
-    fn check_hit(&self, rta: u64, req: CheckedRequest, e: IotlbEntry) {
-        self.check_stale(rta, &req, &e);
+    fn check_hit(&self, rta: u64, req: CheckedRequest, e: PackedEntry) {
+        self.check_stale(rta, &req, &e.entry());
     }
 
     /// The context entry of `sid`, from the context cache or the tables.
@@ -145,17 +146,17 @@ pub struct Fill {
 /// The physical IOMMU's caches and memory, as the request pipeline uses them.
 impl RemappingUnit for Iommu {
     type Mem = HostMemory;
-    type IotlbEntry = IotlbEntry;
+    type IotlbEntry = PackedEntry;
     type Output = DmaMapping;
 
     #[inline(always)]
-    fn output(&self, req: &Request, how: Remapped<IotlbEntry>) -> DmaMapping {
+    fn output(&self, req: &Request, how: Remapped<PackedEntry>) -> DmaMapping {
         match how {
-            Remapped::Cached { entry, .. } => hit(&entry, req.addr),
+            Remapped::Cached { entry, .. } => hit(entry, req.addr),
             Remapped::Walked { entry, output, .. } => DmaMapping {
                 hpa: output,
-                page_shift: entry.page_shift,
-                perms: entry.perms,
+                page_shift: entry.page_shift(),
+                perms: entry.perms(),
                 source: Source::Walk,
             },
             Remapped::Untranslated => DmaMapping {
@@ -187,14 +188,14 @@ impl RemappingUnit for Iommu {
         pasid: Pasid,
         addr: u64,
         access: AccessRequest,
-    ) -> Option<IotlbEntry> {
+    ) -> Option<PackedEntry> {
         let e = self.iotlb.lookup(sid, pasid, addr)?;
-        e.perms.allows(RequestMask::of(access)).then_some(e)
+        e.perms().allows(RequestMask::of(access)).then_some(e)
     }
 
     /// Strict mode: the hit is checked against the tables, out of line.
     #[inline(always)]
-    fn iotlb_hit(&self, root_word: u64, req: &Request, entry: &IotlbEntry) {
+    fn iotlb_hit(&self, root_word: u64, req: &Request, entry: &PackedEntry) {
         if root_word & ROOT_STRICT != 0 {
             if let Some(eff) = req.pasid {
                 let checked = CheckedRequest {
@@ -229,7 +230,7 @@ impl RemappingUnit for Iommu {
         pe: &PasidEntry,
         t: &Translation,
         access: AccessRequest,
-    ) -> IotlbEntry {
+    ) -> PackedEntry {
         let entry = iotlb_entry(pe, t, access);
         if pe.pgtt != Pgtt::PassThrough
             && !self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry)
@@ -237,7 +238,7 @@ impl RemappingUnit for Iommu {
         {
             self.report_overtaken_fill(fill.iotlb, sid, pasid, addr, entry);
         }
-        entry
+        PackedEntry::new(sid, pasid, addr, &entry)
     }
 
     fn entry_fill(&self) -> u64 {
@@ -337,11 +338,11 @@ impl PhysMem for CountingReads<'_> {
     }
 }
 
-fn hit(e: &IotlbEntry, addr: u64) -> DmaMapping {
+fn hit(e: PackedEntry, addr: u64) -> DmaMapping {
     DmaMapping {
-        hpa: e.output | (addr & ((1u64 << e.page_shift) - 1)),
-        page_shift: e.page_shift,
-        perms: e.perms,
+        hpa: e.output() | (addr & ((1u64 << e.page_shift()) - 1)),
+        page_shift: e.page_shift(),
+        perms: e.perms(),
         source: Source::Iotlb,
     }
 }
