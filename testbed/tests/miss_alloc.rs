@@ -12,8 +12,8 @@ use std::cell::Cell;
 
 use vsva_hw::iommu::Source;
 use vsva_testbed::bench::platform::{Platform, PlatformConfig};
-use vsva_vtd::inv_desc::{InvDesc, IotlbGranularity};
-use vsva_vtd::{addr::DomainId, walk::AccessRequest};
+use vsva_vtd::inv_desc::InvDesc;
+use vsva_vtd::walk::AccessRequest;
 
 struct Counting;
 
@@ -73,17 +73,7 @@ enum Flush {
 fn flush(p: &Platform, how: Flush) {
     match how {
         Flush::All => p.invalidate_all().unwrap(),
-        Flush::Translations => p
-            .invalidate(&[InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                dr: true,
-                dw: true,
-                did: DomainId(0),
-                addr: 0,
-                ih: false,
-                am: 0,
-            }])
-            .unwrap(),
+        Flush::Translations => p.invalidate(&[InvDesc::global_iotlb(true, true)]).unwrap(),
     }
 }
 

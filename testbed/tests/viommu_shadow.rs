@@ -626,15 +626,7 @@ fn invalidations_become_host_invalidations_of_the_bound_pasids() {
             vec![],
         ),
         (
-            InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                dr: true,
-                dw: true,
-                did: DomainId(0),
-                addr: 0,
-                ih: false,
-                am: 0,
-            },
+            InvDesc::global_iotlb(true, true),
             vec![iotlb_pasid(p), iotlb_pasid(q)],
         ),
         (
@@ -892,15 +884,7 @@ fn a_queue_full_of_iotlb_flushes_forwards_each_invalidation_once() {
     let (host, g, dev) = setup();
     let (p, cr3) = bound_pasid(&g, &host, dev, 1);
     let (q, _) = bound_pasid(&g, &host, dev, 1);
-    let global = InvDesc::Iotlb {
-        granularity: IotlbGranularity::Global,
-        dr: true,
-        dw: true,
-        did: DomainId(0),
-        addr: 0,
-        ih: false,
-        am: 0,
-    };
+    let global = InvDesc::global_iotlb(true, true);
     // 125 IOTLB flushes (global, and PASID-selective of p) in one tail write: each bound
     // PASID's host IOTLB is invalidated once.
     let mut flood = vec![global; 63];

@@ -545,16 +545,22 @@ impl InvDesc {
                 did: DomainId(0),
                 pasid: Pasid::RID_PASID,
             },
-            InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                dr,
-                dw,
-                did: DomainId(0),
-                addr: 0,
-                ih: false,
-                am: 0,
-            },
+            InvDesc::global_iotlb(dr, dw),
         ]
+    }
+
+    /// Global IOTLB invalidation: every IOTLB and paging-structure-cache entry of the unit
+    /// (§6.5.2.3). `dr`/`dw` are the drain hints (CAP.DRD/DWD).
+    pub const fn global_iotlb(dr: bool, dw: bool) -> InvDesc {
+        InvDesc::Iotlb {
+            granularity: IotlbGranularity::Global,
+            dr,
+            dw,
+            did: DomainId(0),
+            addr: 0,
+            ih: false,
+            am: 0,
+        }
     }
 
     /// Decodes a descriptor fetched from the invalidation queue.

@@ -1297,15 +1297,7 @@ mod paging_structure_caches {
         }]);
         assert!(rig.iommu.paging_structure_caches().is_empty());
         translate(&rig, GVA).unwrap();
-        rig.invalidate(&[InvDesc::Iotlb {
-            granularity: IotlbGranularity::Global,
-            dr: true,
-            dw: true,
-            did: DomainId(0),
-            addr: 0,
-            ih: false,
-            am: 0,
-        }]);
+        rig.invalidate(&[InvDesc::global_iotlb(true, true)]);
         assert!(rig.iommu.paging_structure_caches().is_empty());
         assert!(rig.iommu.iotlb().is_empty());
     }

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use vsva_hw::iommu::{Iommu, Source};
 use vsva_hw::memory::PAGE_SIZE;
-use vsva_vtd::inv_desc::IotlbGranularity;
 use vsva_vtd::{
-    addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc, walk::walk_nested,
-    walk::walk_second_level, walk::AccessRequest, walk::FlConfig, walk::SlConfig,
+    addr::Pasid, addr::SourceId, inv_desc::InvDesc, walk::walk_nested, walk::walk_second_level,
+    walk::AccessRequest, walk::FlConfig, walk::SlConfig,
 };
 
 use super::lockstep::{SampleHalf, SecondThread};
@@ -311,15 +310,9 @@ impl<'a> ColdWalks<'a> {
     fn flush(&self) -> Result<(), BenchError> {
         match self.flush {
             Flush::All => self.platform.invalidate_all(),
-            Flush::Translations => self.platform.invalidate(&[InvDesc::Iotlb {
-                granularity: IotlbGranularity::Global,
-                dr: true,
-                dw: true,
-                did: DomainId(0),
-                addr: 0,
-                ih: false,
-                am: 0,
-            }]),
+            Flush::Translations => self
+                .platform
+                .invalidate(&[InvDesc::global_iotlb(true, true)]),
         }
     }
 }
