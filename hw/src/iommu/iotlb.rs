@@ -789,9 +789,9 @@ impl Iotlb {
 
     /// The cached translation covering `addr` for this requester and PASID, if any.
     ///
-    /// Inlined: a 4-KiB page in its preferred way ([`Set::find_preferred`]) is answered
+    /// Inlined: a 4-KiB page in its preferred way (`Set::find_preferred`) is answered
     /// here; every other case (another way, a larger page, a writer inside, a miss) is
-    /// [`Iotlb::scan`], out of line. Both answer with the way's two words, which stay in
+    /// `Iotlb::scan`, out of line. Both answer with the way's two words, which stay in
     /// registers; an [`IotlbEntry`] would come back from the call through memory, and its
     /// narrow fields reloaded wider would stall store forwarding.
     #[inline(always)]

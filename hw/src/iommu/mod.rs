@@ -86,7 +86,7 @@ pub struct IommuStats {
 const COUNTER_SLOTS: usize = 8;
 
 /// A counter that the miss path adds to with no atomic read-modify-write and no cache
-/// line shared between threads: each of the first [`COUNTER_SLOTS`] threads that count
+/// line shared between threads: each of the first `COUNTER_SLOTS` threads that count
 /// (in the process) owns a slot, which only it writes, with a plain load and store; later
 /// threads add to a shared overflow atomically. A read sums them.
 #[derive(Debug, Default)]

@@ -95,7 +95,7 @@ impl DmaPort for Iommu {
         }
     }
 
-    /// The run kept for the request ([`RunCache`](super::runs::RunCache)) when it holds
+    /// The run kept for the request (`RunCache`) when it holds
     /// `addr`; otherwise the first page through the whole pipeline, as
     /// [`DmaPort::remap`]. The run then grows by the pages after it that hit in the IOTLB
     /// (checked as a hit is, in strict mode too) and continue it in host memory, and is
