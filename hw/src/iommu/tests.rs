@@ -624,6 +624,19 @@ fn an_invalid_descriptor_stops_the_queue_with_iqe() {
 }
 
 /// A wait descriptor writing `marker` to `addr`.
+/// Domain-selective IOTLB invalidation of `did` (§6.5.2.3), with both drain hints.
+fn domain_iotlb(did: DomainId) -> InvDesc {
+    InvDesc::Iotlb {
+        granularity: IotlbGranularity::DomainSelective,
+        dr: true,
+        dw: true,
+        did,
+        addr: 0,
+        ih: false,
+        am: 0,
+    }
+}
+
 fn status_wait(addr: u64, marker: u32) -> InvDesc {
     InvDesc::InvWait {
         sw: true,
@@ -1269,15 +1282,7 @@ mod paging_structure_caches {
         translate(&rig, GVA).unwrap();
         let caches = rig.iommu.paging_structure_caches();
         assert!(caches.len().first_level > 0 && caches.len().nested_mappings > 0);
-        rig.invalidate(&[InvDesc::Iotlb {
-            granularity: IotlbGranularity::DomainSelective,
-            dr: true,
-            dw: true,
-            did: DomainId(DID.0 + 1),
-            addr: 0,
-            ih: false,
-            am: 0,
-        }]);
+        rig.invalidate(&[domain_iotlb(DomainId(DID.0 + 1))]);
         assert!(!rig.iommu.paging_structure_caches().is_empty());
         // A PASID-cache invalidation leaves them: software follows it with IOTLB ones.
         rig.invalidate(&[InvDesc::PasidCache {
@@ -1286,15 +1291,7 @@ mod paging_structure_caches {
             pasid: pasid(P),
         }]);
         assert!(!rig.iommu.paging_structure_caches().is_empty());
-        rig.invalidate(&[InvDesc::Iotlb {
-            granularity: IotlbGranularity::DomainSelective,
-            dr: true,
-            dw: true,
-            did: DID,
-            addr: 0,
-            ih: false,
-            am: 0,
-        }]);
+        rig.invalidate(&[domain_iotlb(DID)]);
         assert!(rig.iommu.paging_structure_caches().is_empty());
         translate(&rig, GVA).unwrap();
         rig.invalidate(&[InvDesc::global_iotlb(true, true)]);
@@ -1441,15 +1438,7 @@ fn second_level_dirty_bits_follow_writes_through_the_iotlb_and_ats() {
             did: DID,
             pasid: Pasid::RID_PASID,
         },
-        InvDesc::Iotlb {
-            granularity: IotlbGranularity::DomainSelective,
-            dr: true,
-            dw: true,
-            did: DID,
-            addr: 0,
-            ih: false,
-            am: 0,
-        },
+        domain_iotlb(DID),
     ]);
     assert_eq!(t(0x6000, AccessRequest::WRITE), Source::Walk);
     assert_eq!(leaf(0x6000) & (SlPte::A | SlPte::D), 0);
@@ -2017,15 +2006,7 @@ mod kept_runs {
             sid: SID,
             fm: 0,
         };
-        let domain_iotlb = InvDesc::Iotlb {
-            granularity: IotlbGranularity::DomainSelective,
-            dr: true,
-            dw: true,
-            did: DID,
-            addr: 0,
-            ih: false,
-            am: 0,
-        };
+        let domain_iotlb = domain_iotlb(DID);
 
         // PASID unbind.
         keep(&rig);
