@@ -333,25 +333,11 @@ fn a_stale_translation_survives_until_the_matching_invalidation() {
     let reports = rig.iommu.take_stale_translations();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].now, Ok((0x70_0000, 12)));
-    let expected = InvDesc::PasidIotlb {
-        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-        did: DID,
-        pasid: p,
-        addr: 0x4000,
-        ih: false,
-        am: 0,
-    };
+    let expected = pasid_page(p, 0x4000);
     assert_eq!(reports[0].missing, expected);
 
     // An invalidation of another PASID or page does not help ...
-    rig.invalidate(&[InvDesc::PasidIotlb {
-        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-        did: DID,
-        pasid: p,
-        addr: 0x5000,
-        ih: false,
-        am: 0,
-    }]);
+    rig.invalidate(&[pasid_page(p, 0x5000)]);
     rig.invalidate(&[InvDesc::PasidIotlb {
         granularity: PasidIotlbGranularity::PasidSelective,
         did: DID,
@@ -624,6 +610,19 @@ fn an_invalid_descriptor_stops_the_queue_with_iqe() {
 }
 
 /// A wait descriptor writing `marker` to `addr`.
+/// Page-selective-within-PASID PASID-based-IOTLB invalidation of the 4-KiB page at `addr`
+/// of `DID` and `p` (§6.5.2.4), IH clear.
+fn pasid_page(p: Pasid, addr: u64) -> InvDesc {
+    InvDesc::PasidIotlb {
+        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
+        did: DID,
+        pasid: p,
+        addr,
+        ih: false,
+        am: 0,
+    }
+}
+
 /// Domain-selective IOTLB invalidation of `did` (§6.5.2.3), with both drain hints.
 fn domain_iotlb(did: DomainId) -> InvDesc {
     InvDesc::Iotlb {
@@ -1527,14 +1526,7 @@ fn scattered_page_invalidations_reach_the_iotlb_first_and_each_device_once_per_r
     let other_sid = SourceId::from_rid(0x20);
     let dev = Recorder::attach(&rig.iommu, SID);
     let other = Recorder::attach(&rig.iommu, other_sid);
-    let piotlb = |addr| InvDesc::PasidIotlb {
-        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-        did: DID,
-        pasid: p,
-        addr,
-        ih: false,
-        am: 0,
-    };
+    let piotlb = |addr| pasid_page(p, addr);
     let devtlb = |sid, addr| InvDesc::PasidDevIotlb {
         sid,
         pfsid: sid,
@@ -1655,14 +1647,7 @@ fn kept_runs_serve_until_an_invalidation_and_never_in_strict_mode() {
     fl.unmap(&*rig.mem, va + 3 * 0x1000, PageSize::Size4K)
         .unwrap();
     rig.map(&mut fl, va + 3 * 0x1000, 0x60_0000, rw());
-    rig.invalidate(&[InvDesc::PasidIotlb {
-        granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-        did: DID,
-        pasid: p,
-        addr: va + 3 * 0x1000,
-        ih: false,
-        am: 0,
-    }]);
+    rig.invalidate(&[pasid_page(p, va + 3 * 0x1000)]);
     assert_eq!(run(&rig, inside, DmaAccess::READ, 1).0, va + 5 * 0x1000);
     assert_eq!(run(&rig, va, DmaAccess::READ, whole), (va, 3 * 0x1000, pa));
     assert_eq!(
@@ -1720,14 +1705,7 @@ proptest::proptest! {
         for i in 0..16 {
             rig.map(&mut fl, va + i * 0x1000, home(i), rw());
         }
-        let page_inv = |addr| InvDesc::PasidIotlb {
-            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-            did: DID,
-            pasid: p,
-            addr,
-            ih: false,
-            am: 0,
-        };
+        let page_inv = |addr| pasid_page(p, addr);
         for (op, page, len) in ops {
             let addr = va + page * 0x1000;
             match op {
@@ -1903,14 +1881,7 @@ mod kept_runs {
                         fill(&mem, vm.hpa(to + i * PAGE), PAGE, VALID);
                         let pte = vm.entry(&rig, GVA + i * PAGE, 1);
                         ram.write_u64(pte, (to + i * PAGE) | 0x7).unwrap();
-                        invs.push(InvDesc::PasidIotlb {
-                            granularity: PasidIotlbGranularity::PageSelectiveWithinPasid,
-                            did: DID,
-                            pasid: pasid(P),
-                            addr: GVA + i * PAGE,
-                            ih: false,
-                            am: 0,
-                        });
+                        invs.push(pasid_page(pasid(P), GVA + i * PAGE));
                     }
                     rig.invalidate(&invs);
                     gpa = to;
