@@ -43,12 +43,7 @@ impl Iommu {
             match effect {
                 RegEffect::RootTableSet(_) | RegEffect::TranslationEnabled(_) => self.latch_root(),
                 RegEffect::ProcessInvalidationQueue => self.process_invalidation_queue(),
-                RegEffect::RegisterInvalidation(desc) => {
-                    // Register-based invalidations carry no status write: nothing can fail.
-                    let mut pending = Pending::default();
-                    let _ = self.execute(&desc, &mut pending);
-                    self.carry_out(&mut pending);
-                }
+                RegEffect::RegisterInvalidation(desc) => self.register_invalidation(&desc),
                 RegEffect::VirtualCommand(_) => {
                     // The physical unit has no virtual command interface (ECAP.VCS is 0).
                     let _ = self
@@ -65,6 +60,27 @@ impl Iommu {
             }
         }
         Ok(())
+    }
+
+    /// A register-based context-cache or IOTLB invalidation (CCMD_REG, IOTLB_REG: §6.5.1),
+    /// complete when the register write returns (ICC, IVT read clear): carried out, then
+    /// drained as the queued path drains at its wait (§6.5.5; the model reports CAP.DRD
+    /// and CAP.DWD and drains whatever DR and DW ask), so that no request that used a
+    /// translation it removed is still moving bytes. The drain holds the queue's drain
+    /// lock, which serialises every drain of the unit; a queue tail written meanwhile
+    /// (possible only if software enabled QI before this completed) found that lock taken
+    /// and is looked at afterwards.
+    fn register_invalidation(&self, desc: &InvDesc) {
+        let mut pending = self
+            .qi_pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Register-based invalidations carry no status write: nothing can fail.
+        let _ = self.execute(desc, &mut pending);
+        self.carry_out(&mut pending);
+        self.drain.drain();
+        drop(pending);
+        self.process_invalidation_queue();
     }
 
     /// Makes the translation state follow GSTS.TES and the latched root table.

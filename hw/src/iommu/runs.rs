@@ -29,9 +29,10 @@
 //! 3. *Its bytes move under a drain ticket taken before the token.* A device takes a
 //!    [`RequestDrain`] ticket before it translates and moves the bytes of what it got in
 //!    flight with it (the DMA engine's `Epoch::enter`), and an invalidation
-//!    completes through [`RequestDrain::drain`] (the invalidation wait descriptor), which
-//!    the IOMMU starts only after the removal and the advance of fact 1 (the wait carries
-//!    out the invalidations queued before it first).
+//!    completes through [`RequestDrain::drain`] (the invalidation wait descriptor, or the
+//!    return of a register-based invalidation), which the IOMMU starts only after the
+//!    removal and the advance of fact 1 (the wait carries out the invalidations queued
+//!    before it first).
 //!
 //! Take an invalidation that removed a page of a kept run `R` (generation `g`) and whose
 //! wait completed, and a request that then moves bytes through `R`. Its ticket was taken
@@ -49,8 +50,8 @@
 //! request may still use a run, as it may an IOTLB entry it read just before the removal:
 //! the invalidation is not complete yet.
 //!
-//! Register-based invalidations (`mmio.rs`) complete without a drain, for IOTLB hits and
-//! runs alike.
+//! Register-based invalidations (`mmio.rs`) are the same: carried out (fact 1), then
+//! drained before the register write that asked for them returns (fact 3).
 //!
 //! [`DmaPort::remap_run`]: crate::dma::port::DmaPort::remap_run
 //! [`RequestDrain`]: crate::drain::RequestDrain

@@ -2079,3 +2079,48 @@ fn a_counter_sums_the_additions_of_every_thread() {
     let n = 2 * super::COUNTER_SLOTS as u64;
     assert_eq!(counter.load(Ordering::Relaxed), 5 + 1000 * n * (n + 1) / 2);
 }
+
+/// A register-based IOTLB invalidation (IVA_REG, then IOTLB_REG with IVT; queued
+/// invalidation off) returns only once the requests in flight with translations taken
+/// before it have left, as the queued path's wait does (§6.5.5), and a translation taken
+/// before it moves no byte after it.
+#[test]
+fn a_register_based_iotlb_invalidation_drains_the_requests_in_flight() {
+    use std::sync::atomic::AtomicBool;
+    use vsva_vtd::regs::layout::iotlb;
+    let iommu = Iommu::new(HostMemory::new(16 << 20).unwrap(), IommuConfig::default()).unwrap();
+    let iro = Ecap::from_raw(iommu.mmio_read(offset::ECAP, 8).unwrap()).iotlb_offset();
+    let drain = iommu.request_drain();
+    let stale = drain.ticket();
+    let in_flight = drain.enter(drain.ticket()).unwrap();
+    let returned = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let invalidation = s.spawn(|| {
+            // Page-selective, with DR and DW as Linux sets them when CAP.DRD and DWD are.
+            iommu.mmio_write(iro, 8, 0x7f00_5000).unwrap();
+            let cmd =
+                iotlb::IVT | 3 << iotlb::IIRG_SHIFT | iotlb::DR | iotlb::DW | 1 << iotlb::DID_SHIFT;
+            iommu.mmio_write(iro + 8, 8, cmd).unwrap();
+            returned.store(true, Ordering::SeqCst);
+        });
+        // The invalidation either starts its drain (the epoch moves) or returns without.
+        while drain.epoch() == 0 && !returned.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "the register-based invalidation returned with a request in flight"
+        );
+        drop(in_flight);
+        invalidation.join().unwrap();
+    });
+    assert_eq!(
+        iommu.mmio_read(iro + 8, 8).unwrap() & iotlb::IVT,
+        0,
+        "IVT reads clear once it returned"
+    );
+    assert!(
+        drain.enter(stale).is_none(),
+        "a translation taken before the invalidation would move bytes after it"
+    );
+}
