@@ -426,6 +426,115 @@ fn enabling_translation_drops_what_address_spaces_cached_untranslated() {
     assert_eq!(io_read(&io, ADDR, 8).unwrap(), b"mapped!!");
 }
 
+/// The run tests' buffer: a leaf table of its own, mapped 4 KiB page by page to
+/// consecutive guest frames from `RUN_PA` (below the frames the tables take).
+const RUN_VA: u64 = VA + (2 << 20);
+const RUN_PA: u64 = 0x80_0000;
+const MIB: usize = 1 << 20;
+
+/// Maps `pages` pages from `RUN_VA` to consecutive frames from `RUN_PA`, filled with a
+/// pattern, which it returns.
+fn map_run(s: &mut Setup, pages: u64) -> Vec<u8> {
+    for i in 0..pages {
+        s.g.map(&mut s.pt, RUN_VA + i * 4096, RUN_PA + i * 4096);
+    }
+    let bytes: Vec<u8> = (0..pages * 4096)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    s.g.mem.write(RUN_PA, &bytes).unwrap();
+    bytes
+}
+
+fn leaf_dirty(s: &Setup, va: u64) -> bool {
+    s.pt.lookup(&*s.g.mem, va).unwrap().unwrap().entry & FlPte::D != 0
+}
+
+#[test]
+fn a_contiguous_mapping_costs_one_walk_per_leaf_table_not_one_per_page() {
+    let mut s = setup(false);
+    let bytes = map_run(&mut s, 768);
+    let io: IoMem = IommuMemory::new(
+        (*s.g.mem).clone(),
+        s.g.viommu.address_space(s.dev, Some(s.p), false),
+        true,
+        (),
+    );
+    let walks = || s.g.viommu.stats().walks;
+    // 1 MiB (256 pages) inside one leaf table: one walk, then the table's next entries.
+    let before = walks();
+    assert!(io_read(&io, RUN_VA, MIB).unwrap() == bytes[..MIB]);
+    assert_eq!(walks() - before, 1);
+    // 1 MiB across the end of that table: the half not cached yet ends with the table,
+    // and the next table takes a walk of its own.
+    let before = walks();
+    let at = 3 * MIB / 2;
+    assert!(io_read(&io, RUN_VA + at as u64, MIB).unwrap() == bytes[at..at + MIB]);
+    assert_eq!(walks() - before, 2);
+    // Writing the first MiB: its pages are clean, so one walk for write sets D in each
+    // leaf the write covers, and in no other.
+    let before = walks();
+    let data = vec![0x3c; MIB];
+    io_write(&io, RUN_VA, &data).unwrap();
+    assert_eq!(walks() - before, 1);
+    assert!((0..256).all(|i| leaf_dirty(&s, RUN_VA + i * 4096)));
+    assert!(!leaf_dirty(&s, RUN_VA + 256 * 4096));
+    let mut back = vec![0; MIB];
+    s.g.mem.read(RUN_PA, &mut back).unwrap();
+    assert!(back == data);
+}
+
+#[test]
+fn invalidating_one_page_of_a_run_removes_the_whole_run() {
+    let mut s = setup(false);
+    let mut bytes = map_run(&mut s, 256);
+    let io: IoMem = IommuMemory::new(
+        (*s.g.mem).clone(),
+        s.g.viommu.address_space(s.dev, Some(s.p), false),
+        true,
+        (),
+    );
+    assert!(io_read(&io, RUN_VA, MIB).unwrap() == bytes);
+    // The middle page now maps another frame, not invalidated yet: the run still answers.
+    let mid = RUN_VA + 128 * 4096;
+    s.pt.unmap(&*s.g.mem, mid, PageSize::Size4K).unwrap();
+    let other = s.g.alloc_frame();
+    s.g.mem.write(other, &[0xa5; 4096]).unwrap();
+    s.g.map(&mut s.pt, mid, other);
+    assert!(io_read(&io, RUN_VA, MIB).unwrap() == bytes);
+    // A page-selective invalidation of that page alone: the next access walks again and
+    // splits the run around the page, which reads the new frame.
+    assert!(s.g.submit_sync(&[piotlb(1, s.p, Some(mid))]));
+    let before = s.g.viommu.stats().walks;
+    bytes[128 * 4096..129 * 4096].fill(0xa5);
+    assert!(io_read(&io, RUN_VA, MIB).unwrap() == bytes);
+    assert_eq!(s.g.viommu.stats().walks - before, 3);
+}
+
+#[test]
+fn a_run_ends_at_a_page_that_faults_and_the_fault_is_that_page_s() {
+    let mut s = setup(false);
+    let bytes = map_run(&mut s, 8);
+    s.pt.unmap(&*s.g.mem, RUN_VA + 5 * 4096, PageSize::Size4K)
+        .unwrap();
+    let io: IoMem = IommuMemory::new(
+        (*s.g.mem).clone(),
+        s.g.viommu.address_space(s.dev, Some(s.p), false),
+        true,
+        (),
+    );
+    assert!(io_read(&io, RUN_VA, 8 * 4096).is_err());
+    let cap = Cap::from_raw(s.g.read(offset::CAP, 8));
+    let frcd = cap.fault_recording_offset();
+    let rec = FaultRecord::from_raw([s.g.read(frcd, 8), s.g.read(frcd + 8, 8)]).unwrap();
+    assert_eq!(rec.fault_info, RUN_VA + 5 * 4096);
+    assert_eq!(rec.reason, FaultReason::Sfl2.code());
+    assert_eq!(s.g.viommu.stats().faults_recorded, 1);
+    // The pages before it were translated and cached.
+    let before = s.g.viommu.stats().walks;
+    assert!(io_read(&io, RUN_VA, 5 * 4096).unwrap() == bytes[..5 * 4096]);
+    assert_eq!(s.g.viommu.stats().walks, before);
+}
+
 /// Pages of the buffer the stress test's device reads in one access.
 const STRESS_PAGES: u64 = 4;
 /// Guest frames (`STRESS_PAGES` contiguous pages each) the guest maps the buffer to in

@@ -516,3 +516,99 @@ proptest! {
         }
     }
 }
+
+/// One random page of a run: whether it is mapped, whether its frame follows the previous
+/// page's, and its attribute bits (mostly AF and AP_EL0, sometimes AP_RO or nG).
+fn run_page() -> impl Strategy<Value = (bool, bool, u64)> {
+    let bit = |b: u64, p: f64| prop::bool::weighted(p).prop_map(move |on| if on { b } else { 0 });
+    (
+        prop::bool::weighted(0.9),
+        prop::bool::weighted(0.8),
+        (
+            bit(D::AF, 0.95),
+            bit(D::AP_EL0, 0.95),
+            bit(D::AP_RO, 0.15),
+            bit(D::NG, 0.15),
+        ),
+    )
+        .prop_map(|(mapped, follows, (a, b, c, d))| (mapped, follows, a | b | c | d))
+}
+
+/// Pages of the run test, across the boundary of two leaf tables.
+const RUN_PAGES: u64 = 48;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// For random 4 KiB mappings of pages across a leaf-table boundary (mapped or not, to
+    /// the frame after the previous page's or not, with random AF, AP[2:1] and nG),
+    /// multi-page accesses through the vSMMU's vm-memory `Iommu` (filled a run per walk)
+    /// translate every page to what the stage-1 walker gives that page alone, and fail
+    /// exactly when one of their pages faults; afterwards so does every page on its own,
+    /// from the runs cached.
+    #[test]
+    fn runs_give_each_page_its_own_translation(
+        pages in prop::collection::vec(run_page(), RUN_PAGES as usize),
+        accesses in prop::collection::vec((0..RUN_PAGES, 1..=RUN_PAGES, any::<bool>()), 1..6),
+    ) {
+        // 24 pages below a 2 MiB boundary and 24 above it.
+        const VA: u64 = 0x40_0000_0000 + (2 << 20) - 24 * PAGE;
+        let ram = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap());
+        let cfg: S1Config = ContextDescriptor::new(TABLES, 16, 5)
+            .s1_config(&Features::VSVA)
+            .unwrap();
+        let mut builder = TableBuilder::stage1(&cfg);
+        let mut next = TABLES + PAGE;
+        let mut alloc = || {
+            let f = next;
+            next += PAGE;
+            Some(f)
+        };
+        let mut frame = DATA;
+        for (i, &(mapped, follows, attrs)) in pages.iter().enumerate() {
+            // A page that does not follow leaves a frame's gap after the previous one.
+            frame += if follows { PAGE } else { 2 * PAGE };
+            if mapped {
+                let va = VA + i as u64 * PAGE;
+                builder.map(&*ram, &mut alloc, va, frame, PageSize::Size4K, attrs).unwrap();
+            }
+        }
+        let vsmmu = hand_programmed(&ram, TABLES);
+        let space = vsmmu.address_space(0, None, false);
+        // What the walker gives each page of `first..first + count` alone.
+        let walker = |first: u64, count: u64, write: bool| -> Vec<Option<u64>> {
+            let access = AccessRequest { write, instruction: false, privileged: false };
+            (first..first + count)
+                .map(|i| walk_stage1(&*ram, &cfg, VA + i * PAGE, access, &mut ()).ok().map(|t| t.output))
+                .collect()
+        };
+        // The output of each page of what `translate` answered, page by page.
+        let through = |first: u64, count: u64, write: bool| -> Option<Vec<u64>> {
+            let perms = if write { Permissions::Write } else { Permissions::Read };
+            let ranges = space
+                .translate(GuestAddress(VA + first * PAGE), (count * PAGE) as usize, perms)
+                .ok()?;
+            let mut outputs = Vec::new();
+            for r in ranges {
+                assert_eq!(r.length as u64 % PAGE, 0);
+                outputs.extend((0..r.length as u64 / PAGE).map(|p| r.base.0 + p * PAGE));
+            }
+            Some(outputs)
+        };
+        for &(first, count, write) in &accesses {
+            let count = count.min(RUN_PAGES - first);
+            let got = through(first, count, write);
+            let want = walker(first, count, write);
+            match got {
+                Some(got) => {
+                    let want: Vec<u64> = want.iter().map(|w| w.unwrap_or(u64::MAX)).collect();
+                    prop_assert_eq!(got, want, "access of {} pages at {}", count, first);
+                }
+                None => prop_assert!(want.contains(&None), "{} pages at {} refused", count, first),
+            }
+        }
+        for i in 0..RUN_PAGES {
+            prop_assert_eq!(through(i, 1, false), walker(i, 1, false).into_iter().collect::<Option<Vec<_>>>(), "page {}", i);
+        }
+    }
+}

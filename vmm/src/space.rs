@@ -8,8 +8,13 @@
 //! is one more TLB of the unit: the guest's invalidations remove from it what they remove
 //! from a TLB of that unit, and nothing else does, so a stale translation stays in use
 //! until the guest invalidates it. Both units share this machinery ([`SpaceUnit`]); what
-//! differs is how they translate a page and which cached pages an invalidation covers
-//! ([`SpaceScope`]).
+//! differs is how they translate a run of pages and which cached runs an invalidation
+//! covers ([`SpaceScope`]).
+//!
+//! A miss is filled a run per walk: the unit walks to the first page and continues along
+//! the leaf table it ended in while the entries map the next pages contiguously with the
+//! same rights, up to the end of the access. The run is cached as one entry, so that an
+//! invalidation that covers any of its pages removes all of them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -37,8 +42,9 @@ pub(crate) trait SpaceScope: Copy + Send + Sync + 'static {
     fn covers(&self, key: &Self::Key, tag: Option<Self::Tag>, page: &CachedPage) -> bool;
 }
 
-/// One page an address space holds: its input bytes `start..=last`, and whether its leaf
-/// is global (nG = 0: the TLB entry serves every ASID).
+/// One run of pages an address space holds (or what a later run left of it): its input
+/// bytes `start..=last`, and whether its leaves are global (nG = 0: the TLB entry serves
+/// every ASID).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct CachedPage {
     pub start: u64,
@@ -46,19 +52,58 @@ pub(crate) struct CachedPage {
     pub global: bool,
 }
 
-/// A page the unit translated for an address space.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct SpacePage<T> {
+/// Pages the unit translated for an address space: a run of consecutive pages of one size
+/// whose output is contiguous, with the same tag and rights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SpaceRun<T> {
     /// The tag of the structure the translation came from (`None`: untranslated).
     pub tag: Option<T>,
-    /// The leaf is global.
+    /// The leaves are global.
     pub global: bool,
-    /// The page's size in bytes (a power of two).
+    /// The size in bytes of each page (a power of two).
     pub size: u64,
-    /// The guest physical address of the page's first byte.
+    /// The guest physical address of the first page's first byte.
     pub output: u64,
     /// Writes are allowed without another walk (writable and dirty).
     pub writable: bool,
+    /// The run's length in bytes: a multiple of `size`.
+    pub len: u64,
+}
+
+impl<T: PartialEq> SpaceRun<T> {
+    /// Grows the run, whose first page holds `addr`, by the pages after it up to the one
+    /// holding `last`, while the page `next` translates at each page's first byte continues
+    /// it: same size, tag and rights, output right after the run's. Stops at the first page
+    /// that does not (or that `next` does not translate: its fault is for a request of its
+    /// own to meet), and at the top of the address space.
+    pub fn grow(&mut self, addr: u64, last: u64, mut next: impl FnMut(u64) -> Option<Self>) {
+        let base = addr & !(self.size - 1);
+        while let Some(page) = base.checked_add(self.len).filter(|&p| p <= last) {
+            let continues = next(page).is_some_and(|t| {
+                t.size == self.size
+                    && t.tag == self.tag
+                    && t.global == self.global
+                    && t.writable == self.writable
+                    && Some(t.output) == self.output.checked_add(self.len)
+            });
+            if !continues {
+                return;
+            }
+            self.len += self.size;
+        }
+    }
+}
+
+/// The last input byte of the table that holds the entry translating `addr`, where each of
+/// the table's entries maps `1 << entry_shift` bytes and the table resolves `index_bits`
+/// bits: a run continued along a leaf table stops there.
+pub(crate) fn table_last(addr: u64, entry_shift: u32, index_bits: u32) -> u64 {
+    let span = entry_shift + index_bits;
+    if span >= 64 {
+        u64::MAX
+    } else {
+        addr | ((1 << span) - 1)
+    }
 }
 
 /// A virtual IOMMU whose address spaces an [`AddressSpace`] serves.
@@ -66,14 +111,19 @@ pub(crate) trait SpaceUnit: Send + Sync + 'static {
     /// Its invalidations.
     type Scope: SpaceScope;
 
-    /// Translates the page holding `addr` for the space `key`, `write` or read; a fault is
-    /// recorded as the unit records it, and its text returned.
-    fn translate_page(
+    /// Translates the page holding `addr` for the space `key`, `write` or read, with one
+    /// walk; a fault is recorded as the unit records it, and its text returned. The run
+    /// answered continues with the pages after it, up to the one holding `last`, that the
+    /// same leaf table maps contiguously with the same rights (each entry updated as a walk
+    /// of its page updates it): so that an invalidation of any page of the run, or of the
+    /// table entry above it, is one the space's scope removes the whole run with.
+    fn translate_run(
         &self,
         key: &<Self::Scope as SpaceScope>::Key,
         addr: u64,
         write: bool,
-    ) -> Result<SpacePage<<Self::Scope as SpaceScope>::Tag>, String>;
+        last: u64,
+    ) -> Result<SpaceRun<<Self::Scope as SpaceScope>::Tag>, String>;
 
     /// The unit's address spaces.
     fn spaces(&self) -> &Spaces<Self::Scope>;
@@ -120,41 +170,71 @@ impl<S: SpaceScope> SpaceTlb<S> {
         }
     }
 
-    /// Caches one translated page at `base`, unless an invalidation happened since the translation
-    /// started (`epoch`) or the page's tag is not the tag of what is cached (then what is
-    /// cached goes: it came from a structure the unit no longer uses).
-    fn cache(&self, epoch: u64, base: u64, page: &SpacePage<S::Tag>) -> Result<(), Error> {
+    /// Caches a translated run at `base` as one entry, unless an invalidation happened since
+    /// the translation started (`epoch`) or the run's tag is not the tag of what is cached
+    /// (then what is cached goes: it came from a structure the unit no longer uses). The
+    /// entries it overlaps keep only what lies outside it.
+    fn cache(&self, epoch: u64, base: u64, run: &SpaceRun<S::Tag>) -> Result<(), Error> {
         let mut cached = lock(&self.cached);
         let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
         if self.epoch.load(Ordering::Acquire) != epoch {
             return Ok(());
         }
-        if cached.tag != page.tag {
+        if cached.tag != run.tag {
             iotlb.invalidate_all();
             cached.pages.clear();
-            cached.tag = page.tag;
+            cached.tag = run.tag;
         }
         // The last page of the address space ends at 2^64, which the IOTLB's ranges
         // cannot hold: its last byte stays untranslated.
-        let last = base + (page.size - 1).min(u64::MAX - 1 - base);
+        let last = base + (run.len - 1).min(u64::MAX - 1 - base);
+        trim(&mut cached.pages, base, last);
         let entry = CachedPage {
             start: base,
             last,
-            global: page.global,
+            global: run.global,
         };
-        let perms = if page.writable {
+        let perms = if run.writable {
             Permissions::ReadWrite
         } else {
             Permissions::Read
         };
         iotlb.set_mapping(
             GuestAddress(base),
-            GuestAddress(page.output),
+            GuestAddress(run.output),
             span(&entry),
             perms,
         )?;
         cached.pages.insert(base, entry);
         Ok(())
+    }
+}
+
+/// Cuts `base..=last` out of the entries of `pages` (which do not overlap each other): an
+/// entry it overlaps keeps its parts before and after, which the IOTLB still maps.
+fn trim(pages: &mut BTreeMap<u64, CachedPage>, base: u64, last: u64) {
+    let overlapped: Vec<CachedPage> = pages
+        .range(..=last)
+        .rev()
+        .map(|(_, page)| *page)
+        .take_while(|page| page.last >= base)
+        .collect();
+    for page in overlapped {
+        pages.remove(&page.start);
+        if page.start < base {
+            let before = CachedPage {
+                last: base - 1,
+                ..page
+            };
+            pages.insert(page.start, before);
+        }
+        if page.last > last {
+            let after = CachedPage {
+                start: last + 1,
+                ..page
+            };
+            pages.insert(last + 1, after);
+        }
     }
 }
 
@@ -216,16 +296,16 @@ impl<U: SpaceUnit> AddressSpace<U> {
         &self.tlb.key
     }
 
-    /// Translates the pages the lookup could not serve and caches them.
+    /// Translates the pages the lookup could not serve, a run per walk, and caches them.
     fn fill(&self, fails: &IotlbFails, access: Permissions) -> Result<(), Error> {
         for range in fails.misses.iter().chain(&fails.access_fails) {
             let end = range.base.0 + range.length as u64;
             let mut addr = range.base.0;
             while addr < end {
                 let epoch = self.tlb.epoch.load(Ordering::Acquire);
-                let page = self
+                let run = self
                     .unit
-                    .translate_page(&self.tlb.key, addr, access.has_write())
+                    .translate_run(&self.tlb.key, addr, access.has_write(), end - 1)
                     .map_err(|reason| Error::CannotResolve {
                         iova_range: IovaRange {
                             base: GuestAddress(addr),
@@ -233,9 +313,9 @@ impl<U: SpaceUnit> AddressSpace<U> {
                         },
                         reason,
                     })?;
-                let base = addr & !(page.size - 1);
-                self.tlb.cache(epoch, base, &page)?;
-                match base.checked_add(page.size) {
+                let base = addr & !(run.size - 1);
+                self.tlb.cache(epoch, base, &run)?;
+                match base.checked_add(run.len) {
                     Some(next) => addr = next,
                     None => break,
                 }

@@ -38,7 +38,9 @@ pub struct VIommuStats {
     pub page_requests_dropped: u64,
     /// Page group responses passed down to the host (from the guest or generated).
     pub page_responses_forwarded: u64,
-    /// Page walks for emulated devices (IOTLB misses).
+    /// Page walks for emulated devices (IOTLB misses), from the top-level table; the
+    /// further pages of a vm-memory address space's run are read from the leaf table the
+    /// walk ended in and not counted.
     pub walks: u64,
     /// Faults recorded in the fault recording registers.
     pub faults_recorded: u64,

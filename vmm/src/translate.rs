@@ -3,6 +3,7 @@
 //! itself (§3.6), through its own context cache, PASID cache and IOTLB (see `caches`),
 //! which keep what they hold until the guest invalidates it, as hardware does.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 
 use vsva_vtd::invalidation::IotlbInvalidation;
@@ -11,11 +12,13 @@ use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
     addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
     pasid::PasidEntry, request::TranslationFault, root::Capabilities, walk::walk_first_level,
-    walk::AccessRequest, walk::PageSize, walk::Permissions, walk::Translation, walk::WalkFault,
+    walk::walk_first_level_from, walk::AccessRequest, walk::Direct, walk::FlConfig, walk::FlStart,
+    walk::PageSize, walk::Permissions, walk::StepOutcome, walk::Translation, walk::WalkFault,
+    walk::WalkObserver, walk::WalkStep,
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};
-use crate::space::{CachedPage, SpacePage, SpaceScope, SpaceUnit, Spaces};
+use crate::space::{table_last, CachedPage, SpaceRun, SpaceScope, SpaceUnit, Spaces};
 use crate::stats::Counters;
 use crate::viommu::{lock, GuestRam, VIommu};
 
@@ -60,8 +63,21 @@ impl VIommu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<GpaTranslation, TranslationFault> {
+        self.translate_with(None, sid, pasid, addr, access)
+    }
+
+    /// [`VIommu::translate`], which also gives `leaf` where its walk, if it walked, read
+    /// the leaf from.
+    fn translate_with(
+        &self,
+        leaf: Option<&LeafSlot>,
+        sid: SourceId,
+        pasid: Option<Pasid>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<GpaTranslation, TranslationFault> {
         let req = Request::new(sid, pasid, addr, access);
-        let result = request::translate(&Unit(self), req);
+        let result = request::translate(&Unit(self, leaf), req);
         if let Err(fault) = &result {
             if !fault.fpd {
                 self.record_fault(fault, access);
@@ -99,10 +115,27 @@ impl VIommu {
     }
 }
 
+/// Where a first-level walk read its leaf from: the PASID entry's first-level
+/// configuration and the leaf's table with the rights of the entries above it (what a
+/// paging-structure cache entry holds, §6.2.5).
+type LeafSlot = Cell<Option<(FlConfig, FlStart)>>;
+
+/// Follows a first-level walk down to the table it reads the leaf from.
+struct LeafTable(FlStart);
+
+impl WalkObserver for LeafTable {
+    fn step(&mut self, step: WalkStep) {
+        if let StepOutcome::Table(_) = step.outcome {
+            self.0 = self.0.below(step.entry);
+        }
+    }
+}
+
 /// The vIOMMU's caches and guest RAM, as the request pipeline uses them. One epoch covers
 /// every cache: an invalidation of any of them drops the fills of walks in flight.
-/// (A view of the vIOMMU, so that its cache types stay private.)
-struct Unit<'a>(&'a VIommu);
+/// (A view of the vIOMMU, so that its cache types stay private.) A walk tells the slot,
+/// if there is one, where it read the leaf from.
+struct Unit<'a>(&'a VIommu, Option<&'a LeafSlot>);
 
 impl RemappingUnit for Unit<'_> {
     type Mem = GuestRam;
@@ -231,13 +264,14 @@ impl RemappingUnit for Unit<'_> {
         access: AccessRequest,
     ) -> Result<Translation, WalkFault> {
         Counters::bump(&self.0.counters.walks);
-        walk_first_level(
-            &self.0.mem,
-            &pe.fl_config(self.0.fl_format),
-            req.addr,
-            access,
-            &mut (),
-        )
+        let cfg = pe.fl_config(self.0.fl_format);
+        let Some(slot) = self.1 else {
+            return walk_first_level(&self.0.mem, &cfg, req.addr, access, &mut ());
+        };
+        let mut leaf = LeafTable(FlStart::top(&cfg));
+        let t = walk_first_level(&self.0.mem, &cfg, req.addr, access, &mut leaf)?;
+        slot.set(Some((cfg, leaf.0)));
+        Ok(t)
     }
 }
 
@@ -260,27 +294,51 @@ impl SpaceScope for IotlbScope {
 impl SpaceUnit for VIommu {
     type Scope = IotlbScope;
 
-    fn translate_page(
+    /// The first page through the request pipeline; when that walked, the run continues
+    /// along the leaf table with walks from it (as from a PDE-cache entry, §6.2.5), which
+    /// check and update each entry as the page's own walk would. A page the IOTLB served
+    /// is a run of one: the page after it is a request of its own.
+    fn translate_run(
         &self,
         &(sid, pasid, supervisor): &(SourceId, Option<Pasid>, bool),
         addr: u64,
         write: bool,
-    ) -> Result<SpacePage<(DomainId, Pasid)>, String> {
+        last: u64,
+    ) -> Result<SpaceRun<(DomainId, Pasid)>, String> {
         let access = AccessRequest {
             write,
             execute: false,
             supervisor,
         };
+        let leaf = LeafSlot::default();
         let t = self
-            .translate(sid, pasid, addr, access)
+            .translate_with(Some(&leaf), sid, pasid, addr, access)
             .map_err(|f| f.to_string())?;
-        Ok(SpacePage {
-            tag: t.did.zip(t.pasid),
+        let tag = t.did.zip(t.pasid);
+        let page = |size: PageSize, output: u64, writable: bool| SpaceRun {
+            tag,
             global: false,
-            size: t.page_size.bytes(),
-            output: t.page_base().raw(),
-            writable: t.perms.write && t.dirty,
-        })
+            size: size.bytes(),
+            output,
+            writable,
+            len: size.bytes(),
+        };
+        let mut run = page(t.page_size, t.page_base().raw(), t.perms.write && t.dirty);
+        match (tag, leaf.get()) {
+            // Untranslated pages are the identity, and go only with every cached page.
+            (None, _) => run.grow(addr, last, |a| Some(page(PageSize::Size4K, a, true))),
+            (Some(_), Some((cfg, start))) => {
+                // 512 entries of the leaf's size.
+                let stop = last.min(table_last(addr, t.page_size.shift(), 9));
+                run.grow(addr, stop, |a| {
+                    walk_first_level_from(&self.mem, &cfg, &mut Direct, start, a, access, &mut ())
+                        .ok()
+                        .map(|w| page(w.page_size, w.page_base(), w.perms.write && w.dirty))
+                });
+            }
+            (Some(_), None) => {}
+        }
+        Ok(run)
     }
 
     fn spaces(&self) -> &Spaces<IotlbScope> {

@@ -23,14 +23,16 @@
 use std::fmt;
 
 use vsva_smmuv3::{
-    cmd::Cmd, event::Event, lookup::find_cd, lookup::ConfigFault, lookup::Stage1Context,
-    ste::Config, walk::walk_stage1, walk::AccessRequest, walk::FaultKind, walk::PageSize,
-    walk::Permissions, walk::Translation,
+    cmd::Cmd, desc::TableFormat, event::Event, lookup::find_cd, lookup::ConfigFault,
+    lookup::Stage1Context, ste::Config, walk::walk_stage1, walk::walk_stage1_from,
+    walk::AccessRequest, walk::Direct, walk::FaultKind, walk::PageSize, walk::Permissions,
+    walk::S1Config, walk::S1Start, walk::StepOutcome, walk::Translation, walk::WalkObserver,
+    walk::WalkStep,
 };
 
 use super::stream::GuestSte;
 use super::VSmmu;
-use crate::space::{CachedPage, SpacePage, SpaceScope, SpaceUnit, Spaces};
+use crate::space::{table_last, CachedPage, SpaceRun, SpaceScope, SpaceUnit, Spaces};
 
 /// A transaction of an emulated device the vSMMU translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +97,19 @@ impl VSmmu {
         addr: u64,
         access: AccessRequest,
     ) -> Result<SmmuGpa, VSmmuFault> {
+        self.translate_with(None, sid, ssid, addr, access)
+    }
+
+    /// [`VSmmu::translate`], which also gives `leaf` where its stage-1 walk, if it walked,
+    /// read the leaf from.
+    fn translate_with(
+        &self,
+        leaf: Option<&mut Option<LeafTable>>,
+        sid: u32,
+        ssid: Option<u32>,
+        addr: u64,
+        access: AccessRequest,
+    ) -> Result<SmmuGpa, VSmmuFault> {
         let config_fault =
             |f: ConfigFault| self.terminate(Event::from_config_fault(sid, ssid, access, &f), true);
         let ste = match self.guest_ste(sid) {
@@ -115,7 +130,20 @@ impl VSmmu {
             Ok(Stage1Context::Cd { cd, s1, .. }) => (cd, s1),
             Err(f) => return Err(config_fault(f)),
         };
-        match walk_stage1(mem, &s1, addr, access, &mut ()) {
+        let walked = match (leaf, s1.table_for(addr)) {
+            (Some(slot), Some(table)) => {
+                let mut found = LeafTable {
+                    s1,
+                    format: s1.format(table),
+                    start: S1Start::of(table),
+                };
+                let walked = walk_stage1(mem, &s1, addr, access, &mut found);
+                *slot = walked.is_ok().then_some(found);
+                walked
+            }
+            _ => walk_stage1(mem, &s1, addr, access, &mut ()),
+        };
+        match walked {
             Ok(translation) => Ok(SmmuGpa {
                 translation,
                 asid: Some(cd.asid),
@@ -135,6 +163,24 @@ impl VSmmu {
         VSmmuFault {
             event: Some(event),
             recorded,
+        }
+    }
+}
+
+/// Where a stage-1 walk read its leaf from: the CD's stage-1 configuration and the leaf's
+/// table with the controls of the table descriptors above it (what a walk cache entry
+/// holds). As an observer, it follows the walk down to that table.
+#[derive(Clone, Copy, Debug)]
+struct LeafTable {
+    s1: S1Config,
+    format: TableFormat,
+    start: S1Start,
+}
+
+impl WalkObserver for LeafTable {
+    fn step(&mut self, step: WalkStep) {
+        if let StepOutcome::Table(_) = step.outcome {
+            self.start = self.start.below(self.format, step.entry);
         }
     }
 }
@@ -211,27 +257,64 @@ impl SpaceScope for SmmuScope {
 impl SpaceUnit for VSmmu {
     type Scope = SmmuScope;
 
-    fn translate_page(
+    /// The first page as [`VSmmu::translate`] translates it; when stage 1 walked, the run
+    /// continues along the leaf table with walks from it, which check and update each
+    /// descriptor (AF, DBM) as the page's own walk would.
+    fn translate_run(
         &self,
         &(sid, ssid, privileged): &(u32, Option<u32>, bool),
         addr: u64,
         write: bool,
-    ) -> Result<SpacePage<u16>, String> {
+        last: u64,
+    ) -> Result<SpaceRun<u16>, String> {
         let access = AccessRequest {
             write,
             instruction: false,
             privileged,
         };
+        let mut leaf = None;
         let t = self
-            .translate(sid, ssid, addr, access)
+            .translate_with(Some(&mut leaf), sid, ssid, addr, access)
             .map_err(|f| f.to_string())?;
-        Ok(SpacePage {
-            tag: t.asid,
-            global: t.translation.global,
-            size: t.translation.page_size.bytes(),
-            output: t.translation.page_base(),
-            writable: t.translation.perms.write && t.translation.dirty,
-        })
+        let tag = t.asid;
+        let page = |w: &Translation| SpaceRun {
+            tag,
+            global: w.global,
+            size: w.page_size.bytes(),
+            output: w.page_base(),
+            writable: w.perms.write && w.dirty,
+            len: w.page_size.bytes(),
+        };
+        let mut run = page(&t.translation);
+        if tag.is_none() {
+            // Stage 1 bypassed: the identity, which only configuration invalidations remove.
+            run.grow(addr, last, |a| Some(page(&bypass(a).translation)));
+        } else if let Some((found, table)) =
+            leaf.and_then(|f| f.s1.table_for(addr).map(|table| (f, *table)))
+        {
+            // Entries of the leaf's size; the start table's resolve the rest of the range.
+            let entry_shift = t.translation.page_size.shift();
+            let index_bits = if found.start.level == table.start_level() {
+                table.input_bits() - entry_shift
+            } else {
+                table.granule().stride()
+            };
+            let stop = last.min(table_last(addr, entry_shift, index_bits));
+            run.grow(addr, stop, |a| {
+                walk_stage1_from(
+                    &*self.mem,
+                    &found.s1,
+                    &mut Direct,
+                    found.start,
+                    a,
+                    access,
+                    &mut (),
+                )
+                .ok()
+                .map(|w| page(&w))
+            });
+        }
+        Ok(run)
     }
 
     fn spaces(&self) -> &Spaces<SmmuScope> {
