@@ -431,3 +431,98 @@ address_space! {
     /// Whether its transactions are privileged (PnU).
     privileged: bool = 2,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(start: u64, last: u64) -> CachedPage {
+        CachedPage {
+            start,
+            last,
+            global: false,
+        }
+    }
+
+    #[test]
+    fn a_run_cached_over_other_entries_leaves_what_lies_outside_it() {
+        let mut pages: BTreeMap<u64, CachedPage> =
+            [page(0, 0x3fff), page(0x4000, 0x4fff), page(0x8000, 0xbfff)]
+                .into_iter()
+                .map(|p| (p.start, p))
+                .collect();
+        trim(&mut pages, 0x1000, 0x8fff);
+        assert_eq!(
+            pages.into_values().collect::<Vec<_>>(),
+            [page(0, 0xfff), page(0x9000, 0xbfff)]
+        );
+    }
+
+    fn run(output: u64) -> SpaceRun<u16> {
+        SpaceRun {
+            tag: Some(1),
+            global: false,
+            size: 0x1000,
+            output,
+            writable: true,
+            len: 0x1000,
+        }
+    }
+
+    #[test]
+    fn a_run_grows_while_the_next_page_continues_it() {
+        // Pages below 0x5000 continue the run; the output of 0x5000 jumps.
+        let next = |a: u64| {
+            Some(run(if a < 0x5000 {
+                0x10_0000 + a - 0x1000
+            } else {
+                0
+            }))
+        };
+        let mut r = run(0x10_0000);
+        r.grow(0x1234, u64::MAX, next);
+        assert_eq!(r.len, 0x4000);
+        // Up to the page holding `last`.
+        let mut r = run(0x10_0000);
+        r.grow(0x1234, 0x2000, next);
+        assert_eq!(r.len, 0x2000);
+        // A page of other rights, tag, globality or size, or one that faults, ends it.
+        let after = run(0x10_1000);
+        for other in [
+            SpaceRun {
+                writable: false,
+                ..after
+            },
+            SpaceRun {
+                tag: Some(2),
+                ..after
+            },
+            SpaceRun {
+                global: true,
+                ..after
+            },
+            SpaceRun {
+                size: 0x20_0000,
+                ..after
+            },
+        ] {
+            let mut r = run(0x10_0000);
+            r.grow(0x1000, u64::MAX, |_| Some(other));
+            assert_eq!(r.len, 0x1000, "{other:?}");
+        }
+        let mut r = run(0x10_0000);
+        r.grow(0x1000, u64::MAX, |_| None);
+        assert_eq!(r.len, 0x1000);
+        // The last page of the address space has no page after it.
+        let mut r = run(0);
+        r.grow(u64::MAX, u64::MAX, |a| Some(run(a)));
+        assert_eq!(r.len, 0x1000);
+    }
+
+    #[test]
+    fn a_leaf_table_ends_where_its_entries_stop_resolving_the_address() {
+        assert_eq!(table_last(0x20_1234, 12, 9), 0x3f_ffff);
+        assert_eq!(table_last(0x7f00_4020_1234, 21, 9), 0x7f00_7fff_ffff);
+        assert_eq!(table_last(0x1234, 48, 16), u64::MAX);
+    }
+}
