@@ -93,9 +93,8 @@ fn at_most_64_bytes_per_pasid() {
     let mut count = 0usize;
     let mut worst = 0f64;
     // Measure after every allocation once each set holds a few PASIDs (before that, the
-    // first member-list allocation of each set dominates: a per-set, not a per-PASID,
-    // cost). Member lists double their capacity, so the cost per PASID peaks just after a
-    // resize.
+    // first 4 KiB block of each leaf arena dominates: a per-table, not a per-PASID,
+    // cost). Leaves double their room, so the cost per PASID peaks just after one grows.
     for round in 0..1000 {
         for &s in &sets {
             a.alloc(s, 1, 0xf_ffff).unwrap();
@@ -115,7 +114,7 @@ fn at_most_64_bytes_per_pasid() {
     assert_eq!(a.total_allocated(), 0);
 }
 
-/// Everything counted (bitmap, owner table, set table, member lists) at 1 % occupancy,
+/// Everything counted (bitmap, owner table, set table) at 1 % occupancy,
 /// the PASIDs at random positions across the space: at most 64 bytes per PASID.
 fn at_most_64_bytes_per_pasid_at_one_percent_with_the_fixed_tables() {
     let base = LIVE.load(Ordering::Relaxed);

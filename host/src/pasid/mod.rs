@@ -7,20 +7,18 @@
 //! Costs: `alloc` finds the first free PASID in a constant number of bitmap word operations
 //! (one when the low part of the space is full: the search starts at the bitmap's bound
 //! below which nothing is free), records its owner in the leaf of its bitmap word and
-//! appends it to its set's member list; `free` swap-removes it from that list at the
-//! position the owner table keeps for it; both are O(1) whatever the occupancy (a leaf
-//! moves at most 64 entries when it grows or shrinks), and `owner` is a bitmap word, a
-//! directory slot and an entry, without hashing. Sets are found by id in a direct-mapped
-//! table, without hashing. Listing a set's PASIDs in order sorts its k members
-//! (O(k log k)).
+//! counts it in its set; `free` checks the owner and uncounts it; both are O(1) whatever
+//! the occupancy (a leaf moves at most 64 entries when it grows or shrinks), and `owner`
+//! is a bitmap word, a directory slot and an entry, without hashing. Sets are found by id
+//! in a direct-mapped table, without hashing. A set keeps no list of its PASIDs: listing
+//! them (`owned_in`) and destroying the set scan the taken bits of the range asked (the
+//! whole space for a destroy), one bitmap word per 64 PASIDs and an entry per taken one,
+//! so that a churn at high occupancy touches no per-set list (see the `owners` module).
 //!
-//! Memory: a fixed 132 KiB bitmap and 64 KiB leaf directory, and per allocated PASID an
-//! 8-byte owner entry (set id and member-list position; with its leaf's spare room fewer
-//! than 32 bytes, besides the leaves an arena keeps free after churn: see the `owners`
-//! module) and a 4-byte member-list slot (at most 8 with
-//! the list's spare capacity); measured by `testbed/tests/bench_heap.rs` and `vsva bench`
-//! (`bytes_per_pasid_*`). A list keeps its capacity when PASIDs are freed, until its set
-//! is destroyed.
+//! Memory: a fixed 132 KiB bitmap and 64 KiB leaf directory, and per allocated PASID a
+//! 4-byte owner entry (its set id; with its leaf's spare room fewer than 16 bytes,
+//! besides the leaves an arena keeps free after churn: see the `owners` module); measured
+//! by `testbed/tests/bench_heap.rs` and `vsva bench` (`bytes_per_pasid_*`).
 
 mod bitmap;
 mod owners;
@@ -71,7 +69,7 @@ impl fmt::Display for PasidSetId {
 /// The global PASID allocator.
 #[derive(Clone, Debug)]
 pub struct PasidAllocator {
-    /// The free PASIDs, and each allocated PASID's owner and position in its member list.
+    /// The free PASIDs, and each allocated PASID's owner.
     owners: OwnerTable,
     allocated: usize,
     sets: SetTable,
@@ -107,7 +105,7 @@ impl PasidAllocator {
             return Err(HostError::from(UapiError::BadPasidRange { min, max }));
         }
         let members = self.sets.get_mut(set).ok_or(HostError::UnknownSet(set))?;
-        if members.pasids.len() >= members.quota as usize {
+        if members.held >= members.quota {
             return Err(HostError::QuotaExceeded {
                 set,
                 quota: members.quota,
@@ -118,14 +116,8 @@ impl PasidAllocator {
             _ => return Err(HostError::NoFreePasid { min, max }),
         };
         let pasid = Pasid::new(raw).map_err(|e| HostError::field("PASID", e.to_string()))?;
-        self.owners.insert(
-            raw,
-            Owner {
-                set: set.0,
-                index: members.pasids.len() as u32,
-            },
-        );
-        members.pasids.push(raw);
+        self.owners.insert(raw, Owner { set: set.0 });
+        members.held += 1;
         self.allocated += 1;
         Ok(pasid)
     }
@@ -134,8 +126,7 @@ impl PasidAllocator {
     /// `vfio_iommu_type1_pasid_free` answers for a PASID of another owner or none).
     pub fn free(&mut self, set: PasidSetId, pasid: Pasid) -> Result<(), HostError> {
         let raw = pasid.raw();
-        let owner = self
-            .owners
+        self.owners
             .remove(raw, set.0)
             .map_err(|owner| HostError::NotOwner {
                 pasid,
@@ -144,10 +135,7 @@ impl PasidAllocator {
             })?;
         self.allocated -= 1;
         if let Some(members) = self.sets.get_mut(set) {
-            members.pasids.swap_remove(owner.index as usize);
-            if let Some(&moved) = members.pasids.get(owner.index as usize) {
-                self.owners.set_index(moved, owner.index);
-            }
+            members.held -= 1;
         }
         Ok(())
     }
@@ -165,27 +153,20 @@ impl PasidAllocator {
         }
     }
 
-    /// The PASIDs of `set` within `[min, max]`, in ascending order (O(k log k) for a set of
-    /// k PASIDs).
+    /// The PASIDs of `set` within `[min, max]`, in ascending order (a scan of the range's
+    /// taken PASIDs: O((max - min) / 64 + taken in the range)).
     pub fn owned_in(&self, set: PasidSetId, min: u32, max: u32) -> Result<Vec<Pasid>, HostError> {
         if min > max || max > Pasid::MAX.raw() {
             return Err(HostError::from(UapiError::BadPasidRange { min, max }));
         }
-        let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
-        Ok(ascending(
-            members
-                .pasids
-                .iter()
-                .copied()
-                .filter(|p| (min..=max).contains(p))
-                .collect(),
-        ))
+        self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
+        Ok(pasids(self.owners.owned_by(set.0, min, max)))
     }
 
     /// Number of PASIDs `set` holds.
     pub fn allocated(&self, set: PasidSetId) -> Result<u32, HostError> {
         let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
-        Ok(members.pasids.len() as u32)
+        Ok(members.held)
     }
 
     /// The quota of `set`.
@@ -200,15 +181,17 @@ impl PasidAllocator {
     }
 
     /// Destroys `set`, freeing all its PASIDs; returns them in ascending order so the caller
-    /// can tear down whatever was bound to them.
+    /// can tear down whatever was bound to them (a scan of the whole space's taken PASIDs).
     pub fn destroy_set(&mut self, set: PasidSetId) -> Result<Vec<Pasid>, HostError> {
         let members = self.sets.remove(set).ok_or(HostError::UnknownSet(set))?;
-        for &raw in &members.pasids {
+        let owned = self.owners.owned_by(set.0, 0, Pasid::MAX.raw());
+        debug_assert_eq!(owned.len(), members.held as usize, "{set}'s count");
+        for &raw in &owned {
             let removed = self.owners.remove(raw, set.0);
             debug_assert!(removed.is_ok(), "member {raw} of {set} not held by it");
         }
-        self.allocated -= members.pasids.len();
-        Ok(ascending(members.pasids))
+        self.allocated -= owned.len();
+        Ok(pasids(owned))
     }
 
     /// Heap bytes of the fixed tables (the free bitmap and the owner table's leaf
@@ -218,9 +201,8 @@ impl PasidAllocator {
     }
 }
 
-/// Raw PASIDs (all allocated, so valid) sorted into ascending PASIDs.
-fn ascending(mut raw: Vec<u32>) -> Vec<Pasid> {
-    raw.sort_unstable();
+/// Raw PASIDs (all allocated, so valid) as PASIDs.
+fn pasids(raw: Vec<u32>) -> Vec<Pasid> {
     raw.into_iter().filter_map(|p| Pasid::new(p).ok()).collect()
 }
 
@@ -346,31 +328,22 @@ mod tests {
         assert_eq!(a.owned_in(s1, x2.raw(), x2.raw()).unwrap(), vec![x2]);
     }
 
-    /// The owner table and the member lists describe the same PASIDs: each member's entry
-    /// names its set and its position in the set's list, each of the first `below` PASIDs
-    /// with an owner is in that owner's list, the bitmap takes exactly the owned ones
-    /// (and PASID 0), and the lists hold `total_allocated` PASIDs between them.
-    fn positions_match(a: &PasidAllocator, below: u32) -> Result<(), TestCaseError> {
+    /// The owner table and the sets' counts describe the same PASIDs: each live set's
+    /// count is the number of PASIDs whose entry names it, the counts add up to
+    /// `total_allocated`, each of the first `below` PASIDs with an owner is owned by a live
+    /// set, and the bitmap takes exactly the owned ones (and PASID 0).
+    fn counts_match(a: &PasidAllocator, below: u32) -> Result<(), TestCaseError> {
         let mut members = 0;
         for set in a.sets.iter() {
-            for (index, &raw) in set.pasids.iter().enumerate() {
-                let entry = Owner {
-                    set: set.id.0,
-                    index: index as u32,
-                };
-                prop_assert_eq!(a.owners.get(raw), Some(entry));
-            }
-            members += set.pasids.len();
+            let owned = a.owners.owned_by(set.id.0, 0, Pasid::MAX.raw());
+            prop_assert_eq!(owned.len(), set.held as usize);
+            members += owned.len();
         }
         prop_assert_eq!(members, a.total_allocated());
         prop_assert_eq!(a.owners.len(), a.total_allocated());
         for raw in 0..below {
             if let Some(entry) = a.owners.get(raw) {
-                let set = a.sets.get(PasidSetId(entry.set));
-                prop_assert_eq!(
-                    set.and_then(|s| s.pasids.get(entry.index as usize)),
-                    Some(&raw)
-                );
+                prop_assert!(a.sets.get(PasidSetId(entry.set)).is_some());
                 prop_assert!(!a.owners.is_free(raw));
             } else {
                 prop_assert_eq!(a.owners.is_free(raw), raw != 0);
@@ -420,7 +393,7 @@ mod tests {
         /// Against a model: no PASID is handed out twice, frees respect ownership, quotas are
         /// never exceeded, a freed PASID is the next one handed out from its place, and a set
         /// destroy frees exactly its own PASIDs. A failed call changes nothing, and the
-        /// owner table's positions always match the member lists.
+        /// owner table always agrees with the sets' counts.
         #[test]
         fn matches_model(ops in proptest::collection::vec(op(), 1..120)) {
             let mut a = PasidAllocator::new();
@@ -501,7 +474,7 @@ mod tests {
                 for raw in 0..48u32 {
                     prop_assert_eq!(a.owner(p(raw)), model.get(&raw).copied());
                 }
-                positions_match(&a, 48)?;
+                counts_match(&a, 48)?;
             }
         }
     }

@@ -5,7 +5,7 @@
 //! slot is taken, so an id is never shared by two live sets and a destroyed set's id is not
 //! handed out again until the 32-bit count wraps. The table doubles before it is half full;
 //! ids that differ modulo a length also differ modulo its double, so growing never moves
-//! two sets into one slot. It never shrinks: 32 bytes a slot, at most four slots per set at
+//! two sets into one slot. It never shrinks: 16 bytes a slot, at most four slots per set at
 //! the peak number of live sets.
 
 use super::{PasidSetId, NO_OWNER};
@@ -13,13 +13,13 @@ use super::{PasidSetId, NO_OWNER};
 /// Slots of a new table.
 const MIN_SLOTS: usize = 8;
 
-/// One set: its id, its quota and the PASIDs it holds, in no particular order (each
-/// PASID's position is in the allocator's owner table).
+/// One set: its id, its quota and how many PASIDs it holds (which ones, the allocator's
+/// owner table says).
 #[derive(Clone, Debug)]
 pub(super) struct PasidSet {
     pub(super) id: PasidSetId,
     pub(super) quota: u32,
-    pub(super) pasids: Vec<u32>,
+    pub(super) held: u32,
 }
 
 /// The table of live sets.
@@ -75,11 +75,7 @@ impl SetTable {
             }
         };
         let slot = self.slot(id);
-        self.slots[slot] = Some(PasidSet {
-            id,
-            quota,
-            pasids: Vec::new(),
-        });
+        self.slots[slot] = Some(PasidSet { id, quota, held: 0 });
         self.live += 1;
         id
     }
