@@ -336,9 +336,10 @@ impl<B: IommuBackend> Container<B> {
     }
 
     /// Takes at most `max` of the records (page requests and unrecoverable faults) reported
-    /// since the last read, in the order they were reported.
-    pub(crate) fn read_records_max(&mut self, max: usize) -> Vec<QueuedFault> {
-        self.faults.read_records_max(max)
+    /// since the last read, in the order they were reported, handing each to `each`;
+    /// returns how many.
+    pub(crate) fn take_records(&mut self, max: usize, each: impl FnMut(QueuedFault)) -> usize {
+        self.faults.take_records(max, each)
     }
 
     /// Fault records (page requests and unrecoverable faults) queued and not read yet.

@@ -296,11 +296,12 @@ impl FaultQueue {
             .collect()
     }
 
-    /// Takes at most `max` unread records of either kind, in the order they were reported.
-    pub(crate) fn read_records_max(&self, max: usize) -> Vec<QueuedFault> {
+    /// Takes at most `max` unread records of either kind, in the order they were reported,
+    /// handing each to `each` (under the queue's lock); returns how many.
+    pub(crate) fn take_records(&self, max: usize, mut each: impl FnMut(QueuedFault)) -> usize {
         let mut r = lock(&self.shared);
-        let mut out = Vec::new();
-        while out.len() < max {
+        let mut taken = 0;
+        while taken < max {
             let page = r.unread.front().map(|&(n, _)| n);
             let fault = r.unrecoverable.front().map(|&(n, _)| n);
             let next = match (page, fault) {
@@ -319,11 +320,12 @@ impl FaultQueue {
                 (None, None) => None,
             };
             match next {
-                Some(q) => out.push(q),
+                Some(q) => each(q),
                 None => break,
             }
+            taken += 1;
         }
-        out
+        taken
     }
 
     /// Unrecoverable faults dropped because their queue was full, since the queue was made.

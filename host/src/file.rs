@@ -62,14 +62,16 @@ impl<B: IommuBackend + Send> UapiFile for ContainerFile<B> {
         if buf.len() < RECORD {
             return Err(Errno::EINVAL);
         }
-        let events = self.lock().read_records_max(buf.len() / RECORD);
-        if events.is_empty() {
+        let mut records = buf.chunks_exact_mut(RECORD);
+        let taken = self.lock().take_records(records.len(), |event| {
+            if let Some(out) = records.next() {
+                out.copy_from_slice(&VfioIommuType1Fault::from(&event).to_bytes());
+            }
+        });
+        if taken == 0 {
             return Err(Errno::EAGAIN);
         }
-        for (event, out) in events.iter().zip(buf.chunks_exact_mut(RECORD)) {
-            out.copy_from_slice(&VfioIommuType1Fault::from(event).to_bytes());
-        }
-        Ok(events.len() * RECORD)
+        Ok(taken * RECORD)
     }
 
     fn write(&self, buf: &[u8]) -> Result<usize, Errno> {

@@ -482,17 +482,25 @@ impl Vmm {
             }
             return Ok(self.driver.handle_page_requests());
         }
-        let records = self.file.read_faults().map_err(StackError::FaultQueue)?;
-        for record in &records {
-            match record {
-                QueuedFault::PageRequest(f) => {
-                    self.viommu.inject_host_page_request(f.sid, &f.request)?;
+        // Each record is injected as it is read; after a failed injection the rest of
+        // what was read is dropped and the first error returned.
+        let mut injected = Ok(());
+        self.file
+            .read_faults_each(&mut |record| {
+                if injected.is_ok() {
+                    injected = match record {
+                        QueuedFault::PageRequest(f) => self
+                            .viommu
+                            .inject_host_page_request(f.sid, &f.request)
+                            .map(drop),
+                        QueuedFault::Unrecoverable(f) => {
+                            self.viommu.inject_host_fault(f.sid, &f.fault).map(drop)
+                        }
+                    };
                 }
-                QueuedFault::Unrecoverable(f) => {
-                    self.viommu.inject_host_fault(f.sid, &f.fault)?;
-                }
-            }
-        }
+            })
+            .map_err(StackError::FaultQueue)?;
+        injected?;
         Ok(self.driver.handle_page_requests())
     }
 

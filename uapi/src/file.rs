@@ -72,21 +72,31 @@ pub trait UapiFile: Send + Sync {
 
     /// Reads every queued fault record and decodes it, oldest first.
     fn read_faults(&self) -> Result<Vec<QueuedFault>, Errno> {
-        const RECORD: usize = size_of::<VfioIommuType1Fault>();
         let mut out = Vec::new();
+        self.read_faults_each(&mut |f| out.push(f))?;
+        Ok(out)
+    }
+
+    /// Reads every queued fault record and hands it to `each` as it is decoded, oldest
+    /// first, without collecting them; returns how many. A record that does not decode
+    /// ends the read with its error.
+    fn read_faults_each(&self, each: &mut dyn FnMut(QueuedFault)) -> Result<usize, Errno> {
+        const RECORD: usize = size_of::<VfioIommuType1Fault>();
+        let mut read = 0;
         let mut buf = [0u8; RECORD * 16];
         loop {
             let n = match self.read(&mut buf) {
                 Ok(n) => n,
-                Err(Errno::EAGAIN) => return Ok(out),
+                Err(Errno::EAGAIN) => return Ok(read),
                 Err(e) => return Err(e),
             };
             for rec in buf[..n].chunks_exact(RECORD) {
                 let r = VfioIommuType1Fault::from_bytes(rec).map_err(|e| Errno::from(&e))?;
-                out.push(QueuedFault::try_from(&r).map_err(|e| Errno::from(&e))?);
+                each(QueuedFault::try_from(&r).map_err(|e| Errno::from(&e))?);
+                read += 1;
             }
             if n < buf.len() {
-                return Ok(out);
+                return Ok(read);
             }
         }
     }

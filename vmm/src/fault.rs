@@ -109,7 +109,7 @@ impl VIommu {
         };
         let (outcome, irq) = lock(&self.regs).record_fault(&record);
         Counters::bump(&self.counters.faults_recorded);
-        self.deliver(irq.into_iter().collect());
+        self.deliver(irq);
         Ok(HostFaultOutcome::Recorded(outcome))
     }
 

@@ -60,7 +60,7 @@ impl VIommu {
             let irq = regs.pq_overflow();
             drop(regs);
             Counters::bump(&self.counters.page_requests_dropped);
-            self.deliver(irq.into_iter().collect());
+            self.deliver(irq);
             answer(ResponseCode::Success);
             return PageRequestOutcome::QueueFull;
         };
@@ -80,7 +80,7 @@ impl VIommu {
             .expect("the slot was free a moment ago, under the same lock");
         drop(regs);
         Counters::bump(&self.counters.page_requests_injected);
-        self.deliver(irq.into_iter().collect());
+        self.deliver(irq);
         PageRequestOutcome::Queued
     }
 

@@ -91,7 +91,7 @@ impl VIommu {
         let record = fault.record(access, AddressType::Untranslated);
         Counters::bump(&self.counters.faults_recorded);
         let (_, irq) = lock(&self.regs).record_fault(&record);
-        self.deliver(irq.into_iter().collect());
+        self.deliver(irq);
     }
 
     /// Removes what an IOTLB or PASID-based IOTLB invalidation covers from the IOTLB and

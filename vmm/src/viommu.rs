@@ -345,8 +345,9 @@ impl VIommu {
     }
 
     /// Delivers interrupt messages to the registered handler.
-    pub(crate) fn deliver(&self, irqs: Vec<Interrupt>) {
-        if irqs.is_empty() {
+    pub(crate) fn deliver(&self, irqs: impl IntoIterator<Item = Interrupt>) {
+        let mut irqs = irqs.into_iter().peekable();
+        if irqs.peek().is_none() {
             return;
         }
         let handler = self
@@ -355,7 +356,7 @@ impl VIommu {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         if let Some(h) = handler {
-            irqs.into_iter().for_each(|irq| h(irq));
+            irqs.for_each(|irq| h(irq));
         }
     }
 

@@ -9,6 +9,7 @@
 //! Invalid Request.
 
 use foldhash::HashMap;
+use smallvec::SmallVec;
 use std::sync::{Mutex, PoisonError, RwLock};
 
 use vsva_hw::iommu::Iommu;
@@ -115,13 +116,14 @@ impl PageRequests {
     }
 
     /// Takes every descriptor the unit queued (`prq_event_thread`); a descriptor that
-    /// does not decode is logged and dropped.
-    pub fn drain(&self, hw: &Iommu) -> Result<Vec<PageRequestDesc>, DriverError> {
+    /// does not decode is logged and dropped. A few descriptors are taken without
+    /// allocating.
+    pub fn drain(&self, hw: &Iommu) -> Result<SmallVec<[PageRequestDesc; 4]>, DriverError> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(ring) = ring.as_ref() else {
-            return Ok(Vec::new());
+            return Ok(SmallVec::new());
         };
-        let mut taken = Vec::new();
+        let mut taken = SmallVec::new();
         ring.drain(&Mmio(hw), &**hw.memory(), |d| match d {
             Ok(d) => taken.push(d),
             Err(e) => tracing::error!("vt-d: bad page request descriptor: {e}"),

@@ -481,15 +481,19 @@ impl DmaEngine {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .ctrl;
+            // The responses are taken by swapping in this emptied list, so that the
+            // engine's list keeps its capacity and a response does not allocate.
+            let mut responses = Vec::new();
             loop {
-                let responses = std::mem::take(
+                std::mem::swap(
+                    &mut responses,
                     &mut *self
                         .responses
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner),
                 );
                 let answered = !responses.is_empty();
-                for r in responses {
+                for r in responses.drain(..) {
                     self.on_response(&mut exec, ctrl, r);
                 }
                 let next = self
