@@ -4,7 +4,9 @@
 //! stays and is used until an invalidate request covering it arrives, even if the IOMMU's
 //! tables changed meanwhile: a missing device-TLB invalidation is observable, as on
 //! hardware. A small fully associative array with round-robin replacement; lookups do not
-//! allocate.
+//! allocate. A valid bit per slot and each slot's page bounds, kept apart from the entries,
+//! let a lookup or an invalidation visit the valid entries only and read the entry of a
+//! page that holds the address or meets the range only.
 //!
 //! A translation completion that was requested before an invalidate request arrived is
 //! neither cached nor used (PCIe ATS invalidation: a completion of a translation request that was
@@ -82,10 +84,26 @@ pub struct OvertakenCompletion {
     pub by: OvertakenBy,
 }
 
+/// The slots whose bits are set in `valid` (bit `i % 64` of word `i / 64`), in order.
+fn valid_slots(valid: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    valid.iter().enumerate().flat_map(|(w, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            let bit = bits.trailing_zeros();
+            bits &= bits.wrapping_sub(1);
+            (bit < 64).then_some(w * 64 + bit as usize)
+        })
+    })
+}
+
 /// A device TLB of fixed capacity.
 #[derive(Debug)]
 pub struct DevTlb {
     entries: Box<[Option<Entry>]>,
+    /// The valid bits: slot `i` holds an entry when bit `i % 64` of word `i / 64` is set.
+    valid: Box<[u64]>,
+    /// Each valid slot's page: its first and last device address.
+    bounds: Box<[(u64, u64)]>,
     next: usize,
     /// Invalidations so far (see [`DevTlb::begin_fill`]).
     generation: u64,
@@ -97,8 +115,11 @@ pub struct DevTlb {
 impl DevTlb {
     /// A device TLB holding up to `capacity` translations (at least one).
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         DevTlb {
-            entries: vec![None; capacity.max(1)].into_boxed_slice(),
+            entries: vec![None; capacity].into_boxed_slice(),
+            valid: vec![0; capacity.div_ceil(64)].into_boxed_slice(),
+            bounds: vec![(0, 0); capacity].into_boxed_slice(),
             next: 0,
             generation: 0,
             recent: VecDeque::with_capacity(INVALIDATIONS_KEPT),
@@ -113,13 +134,17 @@ impl DevTlb {
         addr: u64,
         access: DmaAccess,
     ) -> Option<DmaTranslation> {
-        self.entries.iter().flatten().find_map(|e| {
-            let p = e.completion.perm;
-            let granted = (!access.read || p.read)
-                && (!access.write || p.write)
-                && (!access.execute || p.execute);
-            (granted && e.covers(pasid, addr, access.privileged)).then_some(e.completion.page)
-        })
+        let holds = |i: usize| (self.bounds[i].0..=self.bounds[i].1).contains(&addr);
+        valid_slots(&self.valid)
+            .filter(|&i| holds(i))
+            .find_map(|i| {
+                let e = self.entries[i].as_ref()?;
+                let p = e.completion.perm;
+                let granted = (!access.read || p.read)
+                    && (!access.write || p.write)
+                    && (!access.execute || p.execute);
+                (granted && e.covers(pasid, addr, access.privileged)).then_some(e.completion.page)
+            })
     }
 
     /// Starts a fill: take it before sending the translation request whose completion
@@ -160,16 +185,19 @@ impl DevTlb {
             start: completion.page.page_start(addr),
             completion,
         };
-        let same = self
-            .entries
-            .iter()
-            .position(|e| e.is_some_and(|e| e.covers(pasid, addr, completion.perm.privileged)));
+        let same = valid_slots(&self.valid).find(|&i| {
+            (self.bounds[i].0..=self.bounds[i].1).contains(&addr)
+                && self.entries[i]
+                    .is_some_and(|e| e.covers(pasid, addr, completion.perm.privileged))
+        });
         let slot = same.unwrap_or_else(|| {
             let s = self.next;
             self.next = (self.next + 1) % self.entries.len();
             s
         });
+        self.bounds[slot] = (entry.start, entry.start + (completion.page.size() - 1));
         self.entries[slot] = Some(entry);
+        self.valid[slot / 64] |= 1 << (slot % 64);
         true
     }
 
@@ -187,11 +215,23 @@ impl DevTlb {
         };
         self.advance(OvertakenBy::Invalidation(*first));
         let mut dropped = 0;
-        for slot in self.entries.iter_mut() {
-            let Some(e) = slot else { continue };
-            if invs.iter().any(|inv| e.invalidated_by(inv)) {
-                *slot = None;
-                dropped += 1;
+        let words = self.valid.iter_mut();
+        let slots = self.entries.chunks_mut(64).zip(self.bounds.chunks(64));
+        for (word, (slots, bounds)) in words.zip(slots) {
+            let mut bits = *word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                let (start, last) = bounds[bit as usize];
+                let slot = &mut slots[bit as usize];
+                let drops = |inv: &DevTlbInvalidation| {
+                    inv.range.overlaps(start, last) && slot.is_some_and(|e| e.invalidated_by(inv))
+                };
+                if invs.iter().any(drops) {
+                    *slot = None;
+                    *word &= !(1 << bit);
+                    dropped += 1;
+                }
             }
         }
         dropped
@@ -201,6 +241,7 @@ impl DevTlb {
     pub fn clear(&mut self) {
         self.advance(OvertakenBy::AtsDisabled);
         self.entries.iter_mut().for_each(|e| *e = None);
+        self.valid.iter_mut().for_each(|w| *w = 0);
     }
 
     /// Refuses every completion requested so far, remembering why.
@@ -407,6 +448,8 @@ mod tests {
             }
             let mut batch = DevTlb::new(16);
             batch.entries.clone_from(&one.entries);
+            batch.valid.clone_from(&one.valid);
+            batch.bounds.clone_from(&one.bounds);
             let invs: Vec<_> = invs
                 .iter()
                 .map(|&(p, global, page, s)| {
