@@ -4,11 +4,12 @@
 
 mod viommu;
 
+use proptest::prelude::*;
 use std::sync::Arc;
 use vsva_mem::PhysMem;
 
 use viommu::*;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, IommuMemory, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Iommu, IommuMemory, Permissions};
 use vsva_testbed::dma_io::{read as io_read, write as io_write};
 use vsva_vmm::IommuAddressSpace;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, PasidIotlbGranularity};
@@ -533,6 +534,98 @@ fn a_run_ends_at_a_page_that_faults_and_the_fault_is_that_page_s() {
     let before = s.g.viommu.stats().walks;
     assert!(io_read(&io, RUN_VA, 5 * 4096).unwrap() == bytes[..5 * 4096]);
     assert_eq!(s.g.viommu.stats().walks, before);
+}
+
+/// Pages of the run property test, across the end of `RUN_VA`'s leaf table.
+const RUN_PAGES: u64 = 48;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// For random 4 KiB mappings of pages across a leaf-table boundary (mapped or not, to
+    /// the frame after the previous page's or not, read-only or writable, dirty or not),
+    /// multi-page reads and writes through the vIOMMU's vm-memory `Iommu` (filled a run per
+    /// walk) give every page the frame it maps, and fail exactly when one of their pages
+    /// may not be accessed so; afterwards every page read alone, from the runs cached, too.
+    /// Every page a write went through is dirty, and no page outside the writes became so.
+    #[test]
+    fn runs_give_each_page_its_own_translation(
+        pages in prop::collection::vec(
+            (
+                prop::bool::weighted(0.95),
+                prop::bool::weighted(0.8),
+                prop::bool::weighted(0.1),
+                prop::bool::weighted(0.3),
+            ),
+            RUN_PAGES as usize,
+        ),
+        accesses in prop::collection::vec((0..RUN_PAGES, 1..=16u64, any::<bool>()), 1..12),
+    ) {
+        let mut s = setup(false);
+        let first_va = RUN_VA + (2 << 20) - 24 * 4096;
+        let va = |i: u64| first_va + i * 4096;
+        let mut frame = RUN_PA;
+        // Each page's frame and whether it is writable (`None`: not mapped).
+        let mut mapped = Vec::new();
+        for (i, &(present, follows, read_only, dirty)) in pages.iter().enumerate() {
+            // A page that does not follow leaves a frame's gap after the previous one.
+            frame += if follows { 4096 } else { 2 * 4096 };
+            let flags = if read_only {
+                MapFlags::READ | MapFlags::USER
+            } else {
+                MapFlags::READ | MapFlags::WRITE | MapFlags::USER
+            };
+            if present {
+                s.pt.map(&*s.g.mem, &mut Frames(&s.g), va(i as u64), frame, PageSize::Size4K, flags)
+                    .unwrap();
+                if dirty {
+                    let slot = leaf_slot(&s.g.mem, s.pt.root(), va(i as u64));
+                    let leaf = s.g.mem.read_u64(slot).unwrap();
+                    s.g.mem.write_u64(slot, leaf | FlPte::D).unwrap();
+                }
+            }
+            mapped.push(present.then_some((frame, !read_only)));
+        }
+        let space = s.g.viommu.address_space(s.dev, Some(s.p), false);
+        let want = |first: u64, count: u64, write: bool| -> Option<Vec<u64>> {
+            (first..first + count)
+                .map(|i| mapped[i as usize].filter(|&(_, w)| w || !write).map(|(pa, _)| pa))
+                .collect()
+        };
+        // The frame of each page of what `translate` answered.
+        let got = |first: u64, count: u64, write: bool| -> Option<Vec<u64>> {
+            let perms = if write { Permissions::Write } else { Permissions::Read };
+            let ranges = space.translate(GuestAddress(va(first)), (count * 4096) as usize, perms).ok()?;
+            let mut frames = Vec::new();
+            for r in ranges {
+                assert_eq!(r.length % 4096, 0);
+                frames.extend((0..r.length as u64 / 4096).map(|p| r.base.0 + p * 4096));
+            }
+            Some(frames)
+        };
+        // Pages a write went through, pages a write (done or not) covered.
+        let mut written = vec![false; RUN_PAGES as usize];
+        let mut covered = vec![false; RUN_PAGES as usize];
+        for &(first, count, write) in &accesses {
+            let count = count.min(RUN_PAGES - first);
+            let answer = got(first, count, write);
+            prop_assert_eq!(&answer, &want(first, count, write));
+            for i in (first..first + count).filter(|_| write) {
+                covered[i as usize] = true;
+                written[i as usize] |= answer.is_some();
+            }
+        }
+        for i in 0..RUN_PAGES {
+            prop_assert_eq!(got(i, 1, false), want(i, 1, false), "page {}", i);
+            if mapped[i as usize].is_some() {
+                let leaf = s.g.mem.read_u64(leaf_slot(&s.g.mem, s.pt.root(), va(i))).unwrap();
+                let dirty = leaf & FlPte::D != 0;
+                let preset = pages[i as usize].3;
+                prop_assert!(dirty || !written[i as usize], "page {} written, D clear", i);
+                prop_assert!(!dirty || preset || covered[i as usize], "page {} dirty unwritten", i);
+            }
+        }
+    }
 }
 
 /// Pages of the buffer the stress test's device reads in one access.

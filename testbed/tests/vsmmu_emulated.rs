@@ -527,7 +527,7 @@ fn run_page() -> impl Strategy<Value = (bool, bool, u64)> {
         (
             bit(D::AF, 0.95),
             bit(D::AP_EL0, 0.95),
-            bit(D::AP_RO, 0.15),
+            bit(D::AP_RO, 0.3),
             bit(D::NG, 0.15),
         ),
     )
@@ -538,7 +538,7 @@ fn run_page() -> impl Strategy<Value = (bool, bool, u64)> {
 const RUN_PAGES: u64 = 48;
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// For random 4 KiB mappings of pages across a leaf-table boundary (mapped or not, to
     /// the frame after the previous page's or not, with random AF, AP[2:1] and nG),
@@ -549,7 +549,7 @@ proptest! {
     #[test]
     fn runs_give_each_page_its_own_translation(
         pages in prop::collection::vec(run_page(), RUN_PAGES as usize),
-        accesses in prop::collection::vec((0..RUN_PAGES, 1..=RUN_PAGES, any::<bool>()), 1..6),
+        accesses in prop::collection::vec((0..RUN_PAGES, 1..=16u64, any::<bool>()), 1..12),
     ) {
         // 24 pages below a 2 MiB boundary and 24 above it.
         const VA: u64 = 0x40_0000_0000 + (2 << 20) - 24 * PAGE;
