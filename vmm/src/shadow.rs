@@ -47,7 +47,8 @@
 //! The PASID that requests without PASID use (the context entry's RID_PASID) is never
 //! bound: such requests from a passthrough device use the host's second level.
 
-use std::collections::{BTreeMap, BTreeSet};
+use smallvec::SmallVec;
+use std::collections::BTreeMap;
 
 use foldhash::{HashMap, HashSet};
 use std::fmt;
@@ -539,12 +540,14 @@ impl VIommu {
         if pass.covered(scope) {
             return;
         }
-        let held: BTreeSet<Pasid> = {
+        // The PASIDs of the VM the scope selects, in order; a few are kept without
+        // allocating (a PASID-selective flush selects one at most).
+        let held: SmallVec<[Pasid; 4]> = {
             let held = lock(&self.guest_pasids);
             match scope {
-                SyncScope::All | SyncScope::Domain(_) => held.clone(),
+                SyncScope::All | SyncScope::Domain(_) => held.iter().copied().collect(),
                 SyncScope::Pasid(_, p) => held.get(&p).copied().into_iter().collect(),
-                SyncScope::Bound => BTreeSet::new(),
+                SyncScope::Bound => SmallVec::new(),
             }
         };
         let rta = self.scalable_root();
@@ -558,11 +561,15 @@ impl VIommu {
             });
             let mut candidates = held.clone();
             match scope {
-                SyncScope::Pasid(_, p) if dev.bound.contains_key(&p) => {
-                    candidates.insert(p);
+                SyncScope::Pasid(_, p) if held.is_empty() && dev.bound.contains_key(&p) => {
+                    candidates.push(p);
                 }
                 SyncScope::Pasid(..) => {}
-                _ => candidates.extend(dev.bound.keys()),
+                _ => {
+                    candidates.extend(dev.bound.keys().copied());
+                    candidates.sort_unstable();
+                    candidates.dedup();
+                }
             }
             for pasid in candidates {
                 if pass.done.contains(&(sid, pasid)) {
