@@ -289,7 +289,7 @@ struct Slots {
 }
 
 /// Descriptors [`Slots`] gathers before it writes them.
-const SLOTS_WRITTEN: usize = 64;
+const SLOTS_WRITTEN: usize = 8;
 
 impl Slots {
     fn new(base: u64, first: u64) -> Self {
