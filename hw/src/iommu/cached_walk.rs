@@ -16,7 +16,7 @@ use vsva_vtd::{
 };
 
 use super::iotlb::IotlbEntry;
-use super::pscache::{FlTag, NestedStart, PagingStructureCaches, SlMapping, WalkFills};
+use super::pscache::{FlTag, NestedStart, PagingStructureCaches, Pending, SlMapping, WalkFills};
 use super::stale::{page_selective_iotlb, CheckedRequest};
 use super::Iommu;
 use crate::memory::ReadOnly;
@@ -28,23 +28,14 @@ const MAX_STARTS: usize = 4;
 const MAX_RESOLVED: usize = 11;
 
 /// Second-level resolutions a nested walk took from cached entries: the guest physical
-/// address, the host page it resolved to, and the access.
+/// address, and the host page it resolved to with the access (only those written: every
+/// walk makes one).
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Resolved {
-    entries: [(u64, u64, AccessRequest); MAX_RESOLVED],
-    len: usize,
-}
+pub(crate) struct Resolved(Pending<u64, (u64, AccessRequest), MAX_RESOLVED>);
 
 impl Resolved {
     fn push(&mut self, gpa: u64, page: u64, access: AccessRequest) {
-        if let Some(slot) = self.entries.get_mut(self.len) {
-            *slot = (gpa, page, access);
-            self.len += 1;
-        }
-    }
-
-    fn as_slice(&self) -> &[(u64, u64, AccessRequest)] {
-        &self.entries[..self.len]
+        self.0.push(gpa, (page, access));
     }
 }
 
@@ -61,7 +52,7 @@ pub(crate) struct CacheUse {
 impl CacheUse {
     /// Whether any cached entry stood in for the tables.
     pub fn any(&self) -> bool {
-        self.tables || self.resolved.len > 0
+        self.tables || !self.resolved.0.is_empty()
     }
 }
 
@@ -342,11 +333,11 @@ impl Iommu {
         let same_entry = lookup_pasid_entry(&mem, rta, req.sid, req.pasid, &self.caps)
             .is_ok_and(|l| l.entry == *pe);
         let sl = pe.sl_config(self.formats().1);
-        let stale_gpa = used.resolved.as_slice().iter().find(|&&(gpa, page, a)| {
+        let stale_gpa = used.resolved.0.iter().find(|&&(gpa, (page, a))| {
             walk_second_level(&mem, &sl, gpa, a, &mut ()).map(|t| t.page_base()) != Ok(page)
         });
         match stale_gpa {
-            Some(&(gpa, _, _)) if same_entry => {
+            Some(&(gpa, _)) if same_entry => {
                 self.report_stale(req, cached, now, page_selective_iotlb(pe.did, gpa))
             }
             _ => self.check_stale(rta, req, cached),

@@ -765,6 +765,10 @@ pub struct Iotlb {
     index: CachePadded<Mutex<SetIndex>>,
     /// Counts invalidations, so that a walk that began before one does not cache.
     generation: AtomicU64,
+    /// How many owners the index lists, written under its lock at the end of every change,
+    /// so that [`Iotlb::retag`] of an empty IOTLB (the cold miss after a global
+    /// invalidation) takes no lock.
+    owners: AtomicU64,
 }
 
 impl Default for Iotlb {
@@ -780,6 +784,7 @@ impl Iotlb {
             sets: (0..sets).map(|_| Set::default()).collect(),
             index: CachePadded::default(),
             generation: AtomicU64::new(0),
+            owners: AtomicU64::new(0),
         }
     }
 
@@ -857,7 +862,14 @@ impl Iotlb {
         let bucket = index.bucket(owner);
         bucket.sets.insert(at);
         bucket.summary.note(&key, entry.kind);
+        self.count_owners(&index);
         true
+    }
+
+    /// Records how many owners `index` lists; called under its lock after each change.
+    fn count_owners(&self, index: &SetIndex) {
+        self.owners
+            .store(index.buckets.len() as u64, Ordering::Release);
     }
 
     /// Empties the ways of set `at` that hold an entry of `owner` keyed `key.tag` for a page
@@ -1067,6 +1079,7 @@ impl Iotlb {
             }
             !listed.sets.is_empty()
         });
+        self.count_owners(&index);
         removed
     }
 
@@ -1090,6 +1103,7 @@ impl Iotlb {
                 index.keep(emptied);
             }
         }
+        self.count_owners(&index);
         removed
     }
 
@@ -1109,6 +1123,7 @@ impl Iotlb {
             });
         }
         index.retain(|_, _| false);
+        self.count_owners(&index);
         removed
     }
 
@@ -1175,7 +1190,15 @@ impl Iotlb {
 
     /// Drops entries of `sid`/`pasid` that are not tagged with `did`: called when the PASID
     /// entry is read afresh, so that a domain-tagged lookup no longer finds them.
+    ///
+    /// With nothing listed it returns without the lock: a fill that completed before this
+    /// call stored a non-zero count (under the lock, released), so a zero read here means
+    /// that every such entry has since been removed. A fill racing with the re-read could
+    /// list itself just after the lock was released all the same.
     pub fn retag(&self, sid: SourceId, pasid: Pasid, did: DomainId) -> usize {
+        if self.owners.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         self.invalidate(
             false,
             |d, p| d != did && p == pasid.raw(),
@@ -1426,6 +1449,27 @@ mod tests {
         assert!(t.lookup(sid(), p, 0x1000).is_none());
         assert!(t.lookup(other, p, 0x1000).is_some());
         assert_eq!(t.retag(other, p, DomainId(1)), 0);
+    }
+
+    #[test]
+    fn retag_finds_what_was_filled_after_the_iotlb_was_emptied() {
+        let t = Iotlb::default();
+        let p = Pasid::new(9).unwrap();
+        let fill = |t: &Iotlb| {
+            let e = entry(1, 0xa000, 12, TranslationKind::Nested);
+            assert!(t.insert(t.begin_fill(), sid(), p, 0x1000, e));
+        };
+        assert_eq!(t.retag(sid(), p, DomainId(7)), 0);
+        fill(&t);
+        t.invalidate_all();
+        assert_eq!(t.retag(sid(), p, DomainId(7)), 0);
+        fill(&t);
+        assert_eq!(t.retag(sid(), p, DomainId(7)), 1);
+        fill(&t);
+        t.invalidate_pasid(DomainId(1), p);
+        fill(&t);
+        assert_eq!(t.retag(sid(), p, DomainId(7)), 1);
+        assert!(t.is_empty());
     }
 
     #[test]

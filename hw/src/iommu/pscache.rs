@@ -21,7 +21,9 @@
 //! reached its capacity.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::hash::Hash;
+use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut, RangeInclusive};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -294,33 +296,70 @@ fn remove<K: Eq + Hash, V, I: Iterator<Item = K>>(
 
 /// Entries one walk read, at most `N`; more are not cached (hardware may cache any
 /// subset of what it reads).
-#[derive(Clone, Copy, Debug)]
-struct Pending<K, V, const N: usize> {
-    entries: [Option<(K, V)>; N],
+///
+/// Only the entries pushed are written: a walk's [`WalkFills`] is made on every IOTLB miss,
+/// and initialising all of its slots wrote about twenty cache lines of stack per miss
+/// (most of them never used: a second-level walk fills at most four tables), which the
+/// global invalidation before a cold miss has evicted.
+pub(crate) struct Pending<K, V, const N: usize> {
+    /// The first `len` slots are initialised.
+    entries: [MaybeUninit<(K, V)>; N],
     len: usize,
 }
 
+impl<K: Copy, V: Copy, const N: usize> Clone for Pending<K, V, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K: Copy, V: Copy, const N: usize> Copy for Pending<K, V, N> {}
+
+impl<K, V, const N: usize> fmt::Debug for Pending<K, V, N>
+where
+    K: Copy + Eq + fmt::Debug,
+    V: Copy + fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Copy + Eq, V: Copy, const N: usize> Default for Pending<K, V, N> {
+    fn default() -> Self {
+        Pending::new()
+    }
+}
+
 impl<K: Copy + Eq, V: Copy, const N: usize> Pending<K, V, N> {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Pending {
-            entries: [None; N],
+            entries: [const { MaybeUninit::uninit() }; N],
             len: 0,
         }
     }
 
-    fn push(&mut self, key: K, value: V) {
+    pub(crate) fn push(&mut self, key: K, value: V) {
         if let Some(slot) = self.entries.get_mut(self.len) {
-            *slot = Some((key, value));
+            slot.write((key, value));
             self.len += 1;
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(K, V)> {
-        self.entries[..self.len].iter().flatten()
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(K, V)> {
+        self.entries[..self.len].iter().map(|slot| {
+            // SAFETY: `push` writes a slot before it counts it in `len`, and slots are
+            // never un-written, so each of the first `len` is initialised.
+            unsafe { slot.assume_init_ref() }
+        })
     }
 
     fn get(&self, key: &K) -> Option<V> {
         self.iter().find(|(k, _)| k == key).map(|&(_, v)| v)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
