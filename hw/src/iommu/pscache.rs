@@ -557,7 +557,12 @@ impl PagingStructureCaches {
     /// Caches what a walk read (`fills`) unless an invalidation ran since `fill` (a
     /// generation from [`PagingStructureCaches::begin_fill`] taken before the walk read
     /// its first entry): one lock of the domain's shard, none if the walk read nothing
-    /// new. The generation is compared under the lock every invalidation of the shard
+    /// new. Of the first-level and of the second-level tables, only those the deepest
+    /// entries the walk read point to are cached (one PDE-cache entry for a walk to a
+    /// 4-KiB page): the next miss in the same region starts there all the same, and a miss
+    /// elsewhere walks from the top, which any cache may make it do (VT-d §6.2: caching is
+    /// optional, and a cache may hold any subset of what was read). The second-level
+    /// mappings of a nested walk are all cached. The generation is compared under the lock every invalidation of the shard
     /// advances it under, so a fill either precedes an invalidation (which then removes
     /// it) or sees it and is dropped.
     pub(crate) fn fill(&self, fill: u64, fills: &WalkFills) {
@@ -569,11 +574,17 @@ impl PagingStructureCaches {
             return;
         }
         let tables = &mut *shard;
+        let deepest = fills.first_level.iter().map(|(k, _)| k.level).min();
         for &(k, v) in fills.first_level.iter() {
-            cache(&mut tables.first_level, TABLE_CAPACITY, k, v);
+            if Some(k.level) == deepest {
+                cache(&mut tables.first_level, TABLE_CAPACITY, k, v);
+            }
         }
+        let deepest = fills.second_level.iter().map(|(k, _)| k.level).min();
         for &(k, v) in fills.second_level.iter() {
-            cache(&mut tables.second_level, TABLE_CAPACITY, k, v);
+            if Some(k.level) == deepest {
+                cache(&mut tables.second_level, TABLE_CAPACITY, k, v);
+            }
         }
         for &(k, v) in fills.mappings.iter() {
             cache(&mut tables.mappings, MAPPING_CAPACITY, k, v);
@@ -849,17 +860,22 @@ mod tests {
         c.fill(fill, &fills);
     }
 
-    /// Caches a 4-level first-level walk of `va` down to its page table.
+    /// Caches the tables of a 4-level first-level walk of `va` down to its page table, as
+    /// three walks that ended one level deeper each would (a walk caches only its deepest).
     fn fill_fl(c: &PagingStructureCaches, t: FlTag, va: u64) {
-        let starts = [fl(3, 0x3000), fl(2, 0x2000), fl(1, 0x1000)];
-        fill_fl_with(c, c.begin_fill(), t, va, &starts);
+        for start in [fl(3, 0x3000), fl(2, 0x2000), fl(1, 0x1000)] {
+            fill_fl_with(c, c.begin_fill(), t, va, &[start]);
+        }
     }
 
-    /// Caches a 4-level second-level walk of `gpa` down to its page table.
+    /// Caches the tables of a 4-level second-level walk of `gpa` down to its page table, as
+    /// [`fill_fl`] does.
     fn fill_sl(c: &PagingStructureCaches, did: DomainId, gpa: u64) {
-        let mut fills = WalkFills::new(did);
-        fills.second_level(gpa, &[sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)]);
-        c.fill(c.begin_fill(), &fills);
+        for start in [sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)] {
+            let mut fills = WalkFills::new(did);
+            fills.second_level(gpa, &[start]);
+            c.fill(c.begin_fill(), &fills);
+        }
     }
 
     fn insert_mapping(c: &PagingStructureCaches, did: DomainId, gpa: u64, m: SlMapping) {
@@ -1069,6 +1085,39 @@ mod tests {
         assert_eq!(
             c.nested_start(&other, GPA + 0x1000, read, 4),
             NestedStart::Walk(Some(sl(1, 0xc000)))
+        );
+    }
+
+    /// Of the tables a walk went down to, only those its deepest entries point to are
+    /// cached: the next walk in the region starts there, one elsewhere from the top.
+    #[test]
+    fn a_walk_caches_only_its_deepest_tables() {
+        let c = PagingStructureCaches::default();
+        let t = tag(D1, 1, false);
+        fill_fl_with(
+            &c,
+            c.begin_fill(),
+            t,
+            VA,
+            &[fl(3, 0x3000), fl(2, 0x2000), fl(1, 0x1000)],
+        );
+        assert_eq!(c.first_level_start(t, VA + 0x1000, 4), Some(fl(1, 0x1000)));
+        assert_eq!(c.first_level_start(t, VA + 2 * MB, 4), None);
+        // A nested walk's resolutions in two 1-GiB regions: both of their PDE-cache entries.
+        let mut fills = WalkFills::new(D1);
+        fills.second_level(GPA, &[sl(3, 0xa000), sl(2, 0xb000), sl(1, 0xc000)]);
+        fills.second_level(GPA + (1 << 30), &[sl(2, 0xd000), sl(1, 0xe000)]);
+        c.fill(c.begin_fill(), &fills);
+        assert_eq!(sl_start(&c, D1, GPA), Some(sl(1, 0xc000)));
+        assert_eq!(sl_start(&c, D1, GPA + (1 << 30)), Some(sl(1, 0xe000)));
+        assert_eq!(sl_start(&c, D1, GPA + 2 * MB), None);
+        assert_eq!(
+            c.len(),
+            CachedTables {
+                first_level: 1,
+                second_level: 2,
+                nested_mappings: 0
+            }
         );
     }
 
