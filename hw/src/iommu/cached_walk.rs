@@ -1,7 +1,8 @@
 //! The page walk after an IOTLB miss, through the paging-structure caches (VT-d §6.2.5):
 //! first-level and second-level walks start at the deepest cached table, and a nested walk
 //! resolves first-level table pointers and its output through cached second-level mappings.
-//! What the walk reads fills the caches. In strict mode a walk that used cached entries is
+//! What the walk reads fills the caches: of its tables, those its deepest entries point to
+//! (see `PagingStructureCaches::fill`). In strict mode a walk that used cached entries is
 //! checked against the tables, as IOTLB hits are.
 
 use vsva_mem::PhysMem;
