@@ -57,14 +57,20 @@ impl Invalidation {
             self.all = true;
             return;
         }
-        let last = npages
-            .checked_mul(1 << PAGE_SHIFT)
-            .and_then(|b| addr.checked_add(b - 1))
-            .unwrap_or(u64::MAX);
-        let (start, order) = covering_block(addr, last);
-        let last = match 1u64.checked_shl(PAGE_SHIFT + u32::from(order)) {
-            Some(size) => start + (size - 1),
-            None => u64::MAX,
+        let page = (1u64 << PAGE_SHIFT) - 1;
+        let (start, last) = if npages == 1 && addr & page == 0 {
+            // One aligned page is its own block (what a scattered array is made of).
+            (addr, addr | page)
+        } else {
+            let last = npages
+                .checked_mul(1 << PAGE_SHIFT)
+                .and_then(|b| addr.checked_add(b - 1))
+                .unwrap_or(u64::MAX);
+            let (start, order) = covering_block(addr, last);
+            match 1u64.checked_shl(PAGE_SHIFT + u32::from(order)) {
+                Some(size) => (start, start + (size - 1)),
+                None => (start, u64::MAX),
+            }
         };
         let run = Run { start, last, leaf };
         match &mut self.open {

@@ -615,9 +615,10 @@ impl Summary {
 
     /// The page sizes a lookup tries that the entries have.
     fn page_shifts(&self) -> impl Iterator<Item = u8> + '_ {
+        // Every shift tried is in PAGE_SHIFTS: its bit is `1 << s` (`shift_bit`).
         PAGE_SHIFTS
             .into_iter()
-            .filter(|&s| self.shifts & shift_bit(s) != 0)
+            .filter(|&s| self.shifts & 1 << s != 0)
     }
 
     /// How many lookups removing the entries that name a page of `range` takes, one per
@@ -889,6 +890,7 @@ impl Iotlb {
     ) -> (usize, bool) {
         let set = &self.sets[at];
         let owned = owner_tag(owner);
+        let (first, span) = (*pages.start(), pages.end() - pages.start());
         let (mut gone, mut others) = (0u32, false);
         for (i, w) in set.ways.iter().enumerate() {
             let tag = w.tag.load(Ordering::Relaxed);
@@ -901,7 +903,7 @@ impl Iotlb {
                 page,
             };
             if way.tag == key.tag
-                && pages.contains(&page)
+                && page.wrapping_sub(first) <= span
                 && (page_decides || select(&way, &decode(tag, w.value.load(Ordering::Relaxed))))
             {
                 gone |= 1 << i;
@@ -1009,8 +1011,8 @@ impl Iotlb {
         range: &AddrRange,
         page_decides: bool,
         select: &mut impl FnMut(&Key, &IotlbEntry) -> bool,
-    ) -> usize {
-        let mut removed = 0;
+    ) -> (usize, usize) {
+        let (mut removed, mut left) = (0, 0);
         let mask = self.sets.len() - 1;
         let group = WAYS as u64 - 1;
         let Bucket { sets, summary } = bucket;
@@ -1026,6 +1028,7 @@ impl Iotlb {
                     removed += gone;
                     if gone != 0 && !others {
                         sets.remove(at);
+                        left += 1;
                     }
                     if end == last {
                         break;
@@ -1034,7 +1037,7 @@ impl Iotlb {
                 }
             }
         }
-        removed
+        (removed, left)
     }
 
     /// Applies `select` to the entries of `owner`: page by page when `pages` bounds them by
@@ -1053,6 +1056,7 @@ impl Iotlb {
             Some(range) if bucket.summary.lookups(&range) < (bucket.sets.len() * WAYS) as u64 => {
                 let page_decides = pages.page_decides(bucket);
                 self.remove_pages(owner, bucket, &range, page_decides, select)
+                    .0
             }
             _ => self.remove_listed(owner, bucket, select),
         }
@@ -1176,13 +1180,27 @@ impl Iotlb {
     ) -> usize {
         self.invalidate_pasid_entries(did, pasid, |owner, bucket| {
             let mut removed = 0;
+            // What `remove_from` decides for each range, read once: whether only
+            // first-level and nested entries of the sizes a lookup tries are listed (then
+            // a page decides, and the summary does not change while pages are removed),
+            // and the entries the bucket's sets can hold (kept as sets leave it).
+            let paged = !bucket.summary.other_level && bucket.summary.shifts & OTHER_SHIFT == 0;
+            let mut ways = (bucket.sets.len() * WAYS) as u64;
             for range in ranges {
                 if bucket.sets.is_empty() {
                     break;
                 }
+                if paged && bucket.summary.lookups(&range) < ways {
+                    let (gone, sets_left) =
+                        self.remove_pages(owner, bucket, &range, true, &mut |_, _| true);
+                    removed += gone;
+                    ways = ways.saturating_sub((sets_left * WAYS) as u64);
+                    continue;
+                }
                 removed += self.remove_from(owner, bucket, Pages::In(range), &mut |key, e| {
                     e.kind.is_first_level() && key.meets(&range)
                 });
+                ways = (bucket.sets.len() * WAYS) as u64;
             }
             removed
         })
@@ -1814,6 +1832,12 @@ mod tests {
         Domain {
             did: u16,
         },
+        /// Page-selective PASID invalidations arriving together (one batch).
+        PasidRanges {
+            did: u16,
+            pasid: u32,
+            ranges: Vec<(u64, u8)>,
+        },
         Retag {
             rid: u16,
             pasid: u32,
@@ -1842,13 +1866,15 @@ mod tests {
             ),
             2 => (1u16..3, 1u32..3, addr(), am.clone())
                 .prop_map(|(did, pasid, addr, am)| Step::PasidRange { did, pasid, addr, am }),
-            1 => (1u16..3, addr(), am).prop_map(|(did, addr, am)| Step::DomainRange {
+            1 => (1u16..3, addr(), am.clone()).prop_map(|(did, addr, am)| Step::DomainRange {
                 did,
                 addr,
                 am
             }),
             1 => (1u16..3, 1u32..3).prop_map(|(did, pasid)| Step::Pasid { did, pasid }),
             1 => (1u16..3).prop_map(|did| Step::Domain { did }),
+            1 => (1u16..3, 1u32..3, proptest::collection::vec((addr(), am.clone()), 1..12))
+                .prop_map(|(did, pasid, ranges)| Step::PasidRanges { did, pasid, ranges }),
             1 => (0u16..3, 1u32..3, 1u16..3)
                 .prop_map(|(rid, pasid, did)| Step::Retag { rid, pasid, did }),
         ]
@@ -1953,6 +1979,22 @@ mod tests {
                         let did = DomainId(did);
                         let got = t.invalidate_domain(did);
                         (got, scan_remove(&reference, |_, e| e.did == did))
+                    }
+                    Step::PasidRanges { did, pasid, ranges } => {
+                        let did = DomainId(did);
+                        let ranges: Vec<_> = ranges
+                            .into_iter()
+                            .map(|(addr, am)| AddrRange::from_address_mask(addr, am))
+                            .collect();
+                        let got =
+                            t.invalidate_pasid_ranges(did, Pasid::new(pasid).unwrap(), ranges.clone());
+                        let want = scan_remove(&reference, |k, e| {
+                            e.did == did
+                                && k.pasid() == pasid
+                                && e.kind.is_first_level()
+                                && ranges.iter().any(|r| k.meets(r))
+                        });
+                        (got, want)
                     }
                     Step::Retag { rid, pasid, did } => {
                         let did = DomainId(did);
