@@ -71,7 +71,8 @@ fn kvm_err(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> OracleError 
     move |source| OracleError::Kvm { call, source }
 }
 
-/// Paging features of the vCPU, as KVM reports it can expose them.
+/// Paging features of the vCPU, as KVM reports it can expose them (5-level paging only
+/// when KVM also accepts CR4.LA57).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuFeatures {
     /// 5-level paging (`CPUID.7.0:ECX[16]`).
@@ -224,7 +225,7 @@ impl Machine {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let features = features_of(cpuid.as_slice());
+        let mut features = features_of(cpuid.as_slice());
         if guest::REPORT_GPA
             .checked_shr(u32::from(features.max_phys_bits))
             .unwrap_or(0)
@@ -258,6 +259,14 @@ impl Machine {
         install_harness(&memory)?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         long_mode_sregs(&mut sregs);
+        // KVM may list LA57 in its supported CPUID and still refuse CR4.LA57 in
+        // KVM_SET_SREGS (the PVM backend does): 5-level paging is offered only when the
+        // vCPU takes it.
+        if features.la57 {
+            let mut level5 = sregs;
+            level5.cr4 |= CR4_LA57;
+            features.la57 = vcpu.set_sregs(&level5).is_ok();
+        }
         Ok(Machine {
             _kvm: kvm,
             vm,
