@@ -443,6 +443,28 @@ fn a_two_level_cd_table_and_each_fault_class() {
     );
 }
 
+/// 32 MiB of guest RAM, the stage-1 configuration of [`hand_programmed`]'s CD for a table
+/// at `TABLES`, a builder for that table, and the frames after it for the builder's tables.
+fn stage1_tables() -> (
+    Arc<GuestMemoryMmap>,
+    S1Config,
+    TableBuilder,
+    impl FnMut() -> Option<u64>,
+) {
+    let ram = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap());
+    let cfg: S1Config = ContextDescriptor::new(TABLES, 16, 5)
+        .s1_config(&Features::VSVA)
+        .unwrap();
+    let builder = TableBuilder::stage1(&cfg);
+    let mut next = TABLES + PAGE;
+    let alloc = move || {
+        let f = next;
+        next += PAGE;
+        Some(f)
+    };
+    (ram, cfg, builder, alloc)
+}
+
 /// One random leaf: index of a 2 MiB slot, whether it is a block, attribute bits.
 fn leaf() -> impl Strategy<Value = (u64, bool, u64)> {
     let attr = prop::sample::select(vec![D::AF, D::AP_EL0, D::AP_RO, D::NG, D::PXN, D::UXN]);
@@ -464,17 +486,7 @@ proptest! {
             (0u64..8, 0u64..(2 << 20), any::<bool>(), any::<bool>()), 1..24),
     ) {
         const VA: u64 = 0x40_0000_0000;
-        let ram = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap());
-        let cfg: S1Config = ContextDescriptor::new(TABLES, 16, 5)
-            .s1_config(&Features::VSVA)
-            .unwrap();
-        let mut builder = TableBuilder::stage1(&cfg);
-        let mut next = TABLES + PAGE;
-        let mut alloc = || {
-            let f = next;
-            next += PAGE;
-            Some(f)
-        };
+        let (ram, cfg, mut builder, mut alloc) = stage1_tables();
         for (i, &(slot, block, attrs)) in leaves.iter().enumerate() {
             let va = VA + slot * (2 << 20);
             let (size, pa) = if block {
@@ -553,17 +565,7 @@ proptest! {
     ) {
         // 24 pages below a 2 MiB boundary and 24 above it.
         const VA: u64 = 0x40_0000_0000 + (2 << 20) - 24 * PAGE;
-        let ram = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap());
-        let cfg: S1Config = ContextDescriptor::new(TABLES, 16, 5)
-            .s1_config(&Features::VSVA)
-            .unwrap();
-        let mut builder = TableBuilder::stage1(&cfg);
-        let mut next = TABLES + PAGE;
-        let mut alloc = || {
-            let f = next;
-            next += PAGE;
-            Some(f)
-        };
+        let (ram, cfg, mut builder, mut alloc) = stage1_tables();
         let mut frame = DATA;
         for (i, &(mapped, follows, attrs)) in pages.iter().enumerate() {
             // A page that does not follow leaves a frame's gap after the previous one.
