@@ -288,7 +288,8 @@ impl OwnerTable {
         let (min, max) = (min as usize, max as usize);
         let mut owned = Vec::new();
         for word in min / LEAF_SPAN..=max / LEAF_SPAN {
-            let mut taken = !self.free.word(word);
+            let all = !self.free.word(word);
+            let mut taken = all;
             if word == min / LEAF_SPAN {
                 taken &= u64::MAX << (min % LEAF_SPAN);
             }
@@ -298,7 +299,6 @@ impl OwnerTable {
             if taken == 0 {
                 continue;
             }
-            let all = !self.free.word(word);
             let place = self.places[word];
             let entries = self.entries(place);
             while taken != 0 {
