@@ -134,9 +134,8 @@ impl DevTlb {
         addr: u64,
         access: DmaAccess,
     ) -> Option<DmaTranslation> {
-        let holds = |i: usize| (self.bounds[i].0..=self.bounds[i].1).contains(&addr);
         valid_slots(&self.valid)
-            .filter(|&i| holds(i))
+            .filter(|&i| self.holds(i, addr))
             .find_map(|i| {
                 let e = self.entries[i].as_ref()?;
                 let p = e.completion.perm;
@@ -145,6 +144,12 @@ impl DevTlb {
                     && (!access.execute || p.execute);
                 (granted && e.covers(pasid, addr, access.privileged)).then_some(e.completion.page)
             })
+    }
+
+    /// Whether valid slot `slot`'s page holds device address `addr`.
+    fn holds(&self, slot: usize, addr: u64) -> bool {
+        let (start, last) = self.bounds[slot];
+        (start..=last).contains(&addr)
     }
 
     /// Starts a fill: take it before sending the translation request whose completion
@@ -186,7 +191,7 @@ impl DevTlb {
             completion,
         };
         let same = valid_slots(&self.valid).find(|&i| {
-            (self.bounds[i].0..=self.bounds[i].1).contains(&addr)
+            self.holds(i, addr)
                 && self.entries[i]
                     .is_some_and(|e| e.covers(pasid, addr, completion.perm.privileged))
         });
