@@ -721,8 +721,7 @@ impl<B: IommuBackend> Container<B> {
     /// guest PASID table is attached the PASID is a SubstreamID of the guest's own table,
     /// not a host PASID, and the driver confines it to the container's streams and VMID.
     fn do_cache_invalidate(&mut self, arg: &mut [u8]) -> Result<usize, HostError> {
-        let req = VfioIommuType1CacheInvalidate::from_bytes(arg)?;
-        let inv = CacheInvalidate::try_from(&req.info)?;
+        let inv = CacheInvalidate::from_vfio_bytes(arg)?;
         if let (Some(pasid), None) = (inv.pasid(), &self.pasid_table) {
             lock(&self.allocator).check_owner(self.set, pasid)?;
         }

@@ -180,6 +180,21 @@ impl TryFrom<&IommuCacheInvalidateInfo> for CacheInvalidate {
 
     fn try_from(i: &IommuCacheInvalidateInfo) -> Result<Self, UapiError> {
         decode_image(i, IommuCacheInvalidateInfo::from_bytes)?;
+        CacheInvalidate::from_checked(i)
+    }
+}
+
+impl CacheInvalidate {
+    /// Decodes a `VFIO_IOMMU_CACHE_INVALIDATE` argument with the checks of
+    /// [`VfioIommuType1CacheInvalidate::from_bytes`]: the same request as its `info`
+    /// through `TryFrom`, with the info checked once instead of again from its image.
+    pub fn from_vfio_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
+        let req = VfioIommuType1CacheInvalidate::from_bytes(bytes)?;
+        CacheInvalidate::from_checked(&req.info)
+    }
+
+    /// The request an info that passed [`IommuCacheInvalidateInfo::from_bytes`] states.
+    fn from_checked(i: &IommuCacheInvalidateInfo) -> Result<Self, UapiError> {
         let granularity = match i.granularity {
             IOMMU_INV_GRANU_DOMAIN => InvGranularity::Domain,
             IOMMU_INV_GRANU_PASID => {
@@ -912,6 +927,34 @@ mod tests {
             let raw = IommuCacheInvalidateInfo::from(&c);
             let decoded = IommuCacheInvalidateInfo::from_bytes(&raw.to_bytes()).unwrap();
             prop_assert_eq!(CacheInvalidate::try_from(&decoded).unwrap(), c);
+        }
+
+        /// The ioctl's one-check decode answers as the structure's decode and `TryFrom`
+        /// do, for requests with any byte changed and any length.
+        #[test]
+        fn vfio_invalidate_decodes_as_try_from(p in proptest::option::of(pasid()), n in 1u64..512, kind in 0u8..3,
+                                               at in 0usize..64, byte: u8, len in 0usize..72) {
+            let granularity = match kind {
+                0 => InvGranularity::Domain,
+                1 => InvGranularity::Pasid { pasid: p, archid: None },
+                _ => InvGranularity::Addr { pasid: p, archid: None, addr: 0x40_0000, granule_size: 0x1000, nb_granules: n, leaf: true },
+            };
+            let c = CacheInvalidate { cache: if kind == 0 { 1 } else { 3 }, granularity };
+            let req = VfioIommuType1CacheInvalidate {
+                argsz: std::mem::size_of::<VfioIommuType1CacheInvalidate>() as u32,
+                flags: 0,
+                info: IommuCacheInvalidateInfo::from(&c),
+            };
+            let mut bytes = req.to_bytes().to_vec();
+            prop_assert_eq!(CacheInvalidate::from_vfio_bytes(&bytes).unwrap(), c);
+            let i = at % bytes.len();
+            bytes[i] = byte;
+            bytes.truncate(len);
+            let two_checks = VfioIommuType1CacheInvalidate::from_bytes(&bytes)
+                .and_then(|r| CacheInvalidate::try_from(&r.info));
+            let one_check = CacheInvalidate::from_vfio_bytes(&bytes);
+            prop_assert_eq!(one_check.as_ref().ok(), two_checks.as_ref().ok());
+            prop_assert_eq!(one_check.err().map(|e| e.errno()), two_checks.err().map(|e| e.errno()));
         }
     }
 

@@ -160,6 +160,10 @@ pub(crate) use c_struct;
 /// copies `len` user bytes over a zero-initialised struct. Bytes past `sizeof(T)` are ignored.
 pub fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
     let size = size_of::<T>();
+    if len >= size && bytes.len() >= size {
+        // The whole structure is there: nothing to zero-fill, no copy.
+        return T::read(&bytes[..size]);
+    }
     let mut buf = [0u8; MAX_STRUCT];
     let n = len.min(size).min(bytes.len());
     buf[..n].copy_from_slice(&bytes[..n]);
