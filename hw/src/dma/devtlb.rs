@@ -134,16 +134,22 @@ impl DevTlb {
         addr: u64,
         access: DmaAccess,
     ) -> Option<DmaTranslation> {
-        valid_slots(&self.valid)
-            .filter(|&i| self.holds(i, addr))
-            .find_map(|i| {
-                let e = self.entries[i].as_ref()?;
-                let p = e.completion.perm;
-                let granted = (!access.read || p.read)
-                    && (!access.write || p.write)
-                    && (!access.execute || p.execute);
-                (granted && e.covers(pasid, addr, access.privileged)).then_some(e.completion.page)
-            })
+        for (w, &word) in self.valid.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let slot = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if !self.holds(slot, addr) {
+                    continue;
+                }
+                if let Some(e) = &self.entries[slot] {
+                    if e.completion.grants(access) && e.covers(pasid, addr, access.privileged) {
+                        return Some(e.completion.page);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Whether valid slot `slot`'s page holds device address `addr`.

@@ -1025,9 +1025,14 @@ impl DmaEngine {
             let c = self
                 .port
                 .ats_translate(self.config.sid, pasid, addr, access)?;
-            let mut tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
-            if tlb.insert(fill, pasid, addr, c) {
-                return tlb.lookup(pasid, addr, access).ok_or(refused);
+            let cached = self
+                .devtlb
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(fill, pasid, addr, c);
+            if cached {
+                // What a lookup of the entry just made would answer.
+                return c.grants(access).then_some(c.page).ok_or(refused);
             }
             bump(&self.counters.ats_overtaken, 1);
         }

@@ -229,6 +229,18 @@ pub struct AtsCompletion {
     pub perm: DmaAccess,
 }
 
+impl AtsCompletion {
+    /// Whether the completion lets a request `access` the page: every right it asks for
+    /// granted, in the privilege mode the translation was requested for.
+    pub fn grants(&self, access: DmaAccess) -> bool {
+        let p = self.perm;
+        (!access.read || p.read)
+            && (!access.write || p.write)
+            && (!access.execute || p.execute)
+            && access.privileged == p.privileged
+    }
+}
+
 /// A PRI Page Request Message (PCIe PRI; VT-d §7.4.1): "make `addr` accessible for
 /// `access`". The device issues one request per group, so `last` (Last Page In Group) is
 /// always set by this device but kept for the IOMMU's page request descriptor.
