@@ -8,7 +8,8 @@ use std::sync::Arc;
 use viommu::*;
 use vsva_uapi::{request::PageRequest, request::PageResponse, request::PageResponseCode};
 use vsva_vmm::{PageRequestOutcome, VIommuError};
-use vsva_vtd::inv_desc::ResponseCode;
+use vsva_vtd::addr::DomainId;
+use vsva_vtd::inv_desc::{ContextCacheGranularity, ResponseCode};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::{offset, pq};
 use vsva_vtd::regs::EventSource;
@@ -260,4 +261,40 @@ fn emulated_devices_inject_directly() {
         PageRequestOutcome::Queued
     );
     assert_eq!(PageRequestDesc::decode(g.page_request(q, 0)), Ok(req));
+}
+
+#[test]
+fn page_requests_follow_the_cached_context_entry_until_it_is_invalidated() {
+    let (host, g, dev, p) = setup(true);
+    g.enable_prq();
+    let inject = || {
+        g.viommu
+            .inject_host_page_request(HOST_SID, &request(p, 1, false))
+            .unwrap()
+    };
+    assert_eq!(inject(), PageRequestOutcome::Queued);
+    // The guest clears PRE: until it flushes the context cache, the entry the vIOMMU
+    // cached still enables page requests, as the hardware's context cache would.
+    g.attach(dev, false);
+    assert_eq!(inject(), PageRequestOutcome::Queued);
+    assert!(g.submit_sync(&[InvDesc::ContextCache {
+        granularity: ContextCacheGranularity::DeviceSelective,
+        did: DomainId(0),
+        sid: dev,
+        fm: 0,
+    }]));
+    assert_eq!(inject(), PageRequestOutcome::NotEnabled);
+    // Set again and flushed: taken again.
+    g.attach(dev, true);
+    assert!(g.submit_sync(&[InvDesc::ContextCache {
+        granularity: ContextCacheGranularity::Global,
+        did: DomainId(0),
+        sid: dev,
+        fm: 0,
+    }]));
+    assert_eq!(inject(), PageRequestOutcome::Queued);
+    assert!(
+        host.take().is_empty(),
+        "no answer due before the group's last request"
+    );
 }

@@ -10,7 +10,6 @@
 
 use vsva_mem::PhysMem;
 use vsva_uapi::{request::PageRequest, request::PageResponse, request::PageResponseCode};
-use vsva_vtd::context::read_context_entry;
 use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::{addr::Pasid, addr::SourceId};
@@ -47,9 +46,11 @@ impl VIommu {
                 self.forward_page_response(req.rid, req.pasid, req.prg_index, code);
             }
         };
-        let enabled = self.scalable_root().is_some_and(|rta| {
-            read_context_entry(&self.mem, rta, req.rid, &self.caps).is_ok_and(|c| c.pre)
-        });
+        // The remapping hardware checks PRE in the context entry it caches (§6.2.1), as a
+        // translation of the device's reads it.
+        let enabled = self
+            .scalable_root()
+            .is_some_and(|rta| self.context_entry(rta, req.rid).is_ok_and(|c| c.pre));
         if !enabled {
             Counters::bump(&self.counters.page_requests_dropped);
             answer(ResponseCode::InvalidRequest);

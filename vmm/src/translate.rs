@@ -11,10 +11,10 @@ use vsva_vtd::regs::AddressType;
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
     addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
-    pasid::PasidEntry, request::TranslationFault, root::Capabilities, walk::walk_first_level,
-    walk::walk_first_level_from, walk::AccessRequest, walk::Direct, walk::FlConfig, walk::FlStart,
-    walk::PageSize, walk::Permissions, walk::StepOutcome, walk::Translation, walk::WalkFault,
-    walk::WalkObserver, walk::WalkStep,
+    pasid::PasidEntry, request::TranslationFault, root::Capabilities, root::EntryFault,
+    walk::walk_first_level, walk::walk_first_level_from, walk::AccessRequest, walk::Direct,
+    walk::FlConfig, walk::FlStart, walk::PageSize, walk::Permissions, walk::StepOutcome,
+    walk::Translation, walk::WalkFault, walk::WalkObserver, walk::WalkStep,
 };
 
 use crate::caches::{IotlbEntry, IotlbScope};
@@ -84,6 +84,16 @@ impl VIommu {
             }
         }
         result
+    }
+
+    /// The context entry of `sid` under the root table at `rta`, from the context cache or
+    /// the tables (cached then, as a translation's read is, §6.2.1).
+    pub(crate) fn context_entry(
+        &self,
+        rta: u64,
+        sid: SourceId,
+    ) -> Result<ScalableContextEntry, EntryFault> {
+        request::context_entry(&Unit(self, None), rta, sid)
     }
 
     /// Records a fault in the fault recording registers (primary fault logging, §7.2.1).
