@@ -91,8 +91,7 @@ pub trait UapiFile: Send + Sync {
                 Err(e) => return Err(e),
             };
             for rec in buf[..n].chunks_exact(RECORD) {
-                let r = VfioIommuType1Fault::from_bytes(rec).map_err(|e| Errno::from(&e))?;
-                each(QueuedFault::try_from(&r).map_err(|e| Errno::from(&e))?);
+                each(QueuedFault::from_record_bytes(rec).map_err(|e| Errno::from(&e))?);
                 read += 1;
             }
             if n < buf.len() {

@@ -657,7 +657,20 @@ impl TryFrom<&VfioIommuType1Fault> for QueuedFault {
     type Error = UapiError;
 
     fn try_from(r: &VfioIommuType1Fault) -> Result<Self, UapiError> {
-        let r = decode_image(r, VfioIommuType1Fault::from_bytes)?;
+        QueuedFault::from_checked(&decode_image(r, VfioIommuType1Fault::from_bytes)?)
+    }
+}
+
+impl QueuedFault {
+    /// Decodes one record `read` from a fault queue with the checks of
+    /// [`VfioIommuType1Fault::from_bytes`]: the same fault as the record through
+    /// `TryFrom`, with the record checked once instead of again from its image.
+    pub fn from_record_bytes(bytes: &[u8]) -> Result<Self, UapiError> {
+        QueuedFault::from_checked(&VfioIommuType1Fault::from_bytes(bytes)?)
+    }
+
+    /// The fault a record that passed [`VfioIommuType1Fault::from_bytes`] states.
+    fn from_checked(r: &VfioIommuType1Fault) -> Result<Self, UapiError> {
         let sid = vsva_vtd::addr::SourceId::from_rid(r.rid as u16);
         if let Some(prm) = r.fault.page_request() {
             return Ok(QueuedFault::PageRequest(FaultEvent {
@@ -894,7 +907,25 @@ mod tests {
                 let bytes = raw.to_bytes();
                 let decoded = VfioIommuType1Fault::from_bytes(&bytes).unwrap();
                 prop_assert_eq!(QueuedFault::try_from(&decoded).unwrap(), q);
+                prop_assert_eq!(QueuedFault::from_record_bytes(&bytes).unwrap(), q);
             }
+        }
+
+        /// A fault record's one-check decode answers as the structure's decode and
+        /// `TryFrom` do, for records with any byte changed and any length.
+        #[test]
+        fn fault_record_decodes_as_try_from(r in page_request(), rid: u16, at in 0usize..128,
+                                            byte: u8, len in 0usize..160) {
+            let q = QueuedFault::PageRequest(FaultEvent { sid: vsva_vtd::addr::SourceId::from_rid(rid), request: r });
+            let mut bytes = VfioIommuType1Fault::from(&q).to_bytes().to_vec();
+            let i = at % bytes.len();
+            bytes[i] = byte;
+            bytes.truncate(len);
+            let two_checks = VfioIommuType1Fault::from_bytes(&bytes)
+                .and_then(|r| QueuedFault::try_from(&r));
+            let one_check = QueuedFault::from_record_bytes(&bytes);
+            prop_assert_eq!(one_check.as_ref().ok(), two_checks.as_ref().ok());
+            prop_assert_eq!(one_check.err().map(|e| e.errno()), two_checks.err().map(|e| e.errno()));
         }
 
         #[test]
