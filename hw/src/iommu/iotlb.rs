@@ -15,7 +15,8 @@
 //! The index lists, for each domain and PASID, exactly the sets that hold one of its
 //! entries, so that a PASID-selective invalidation visits those sets, each once, and a
 //! page-selective one looks its pages up: the work is proportional to what the PASID has
-//! cached, not to the table.
+//! cached, not to the table. A fill only notes where it went; the index takes the notes in
+//! before anything reads it (see `SetIndex`), so that a miss's fill does no hash look-up.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -595,14 +596,15 @@ struct Summary {
 }
 
 impl Summary {
-    fn note(&mut self, key: &Key, kind: TranslationKind) {
-        let rid = key.rid();
+    /// Notes an entry of requester `rid`, of 2^`shift`-byte pages, filled by a first-level
+    /// or nested walk if `first_level`.
+    fn note(&mut self, rid: u16, shift: u8, first_level: bool) {
         if !self.rids.contains(&rid) {
             self.rids.push(rid);
         }
-        self.shifts |= shift_bit(key.page_shift());
-        self.first_level |= kind.is_first_level();
-        self.other_level |= !kind.is_first_level();
+        self.shifts |= shift_bit(shift);
+        self.first_level |= first_level;
+        self.other_level |= !first_level;
     }
 
     /// Forgets everything, keeping the allocation.
@@ -655,16 +657,80 @@ impl Bucket {
 /// miss after a global or selective invalidation allocates nothing.
 const SPARE_BUCKETS: usize = 64;
 
-/// The buckets of the owners that have entries cached; no bucket is empty.
+/// How many fills the index keeps before it folds them into their buckets.
+const PENDING: usize = 32;
+
+/// A fill not yet folded into its owner's bucket: the set it went into and what the
+/// bucket's summary notes of it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Listing {
+    owner: Owner,
+    set: u32,
+    rid: u16,
+    shift: u8,
+    first_level: bool,
+}
+
+/// The buckets of the owners that have entries cached (no bucket is empty), and the fills
+/// not yet folded into them.
+///
+/// A fill lists itself in `pending` (a store into a fixed array, no hash look-up), and the
+/// buckets take it later: when `pending` is full, before a fill unlists a replaced entry's
+/// set, and before every invalidation reads a bucket. Each of those holds the index lock,
+/// as the fill did, so a bucket read is never older than a fill that completed before the
+/// lock was taken: folded, the index lists exactly what eager listing would have.
 #[derive(Debug, Default)]
 struct SetIndex {
     buckets: HashMap<Owner, Bucket, FixedState>,
     /// Up to [`SPARE_BUCKETS`] emptied buckets with their allocations (the set mask's
     /// words, the summary's requester ids), handed to the next owners listed.
     spare: Vec<Bucket>,
+    /// Fills not yet in their buckets, oldest first: the first `pending_len`.
+    pending: [Listing; PENDING],
+    pending_len: usize,
 }
 
 impl SetIndex {
+    /// Lists a fill, folding the fills pending first if there is no room.
+    fn list(&mut self, fill: Listing) {
+        if self.pending_len == PENDING {
+            self.fold();
+        }
+        self.pending[self.pending_len] = fill;
+        self.pending_len += 1;
+    }
+
+    /// Folds the pending fills into their buckets (a spare one for an owner without), in
+    /// order; a run of fills of one owner looks its bucket up once.
+    fn fold(&mut self) {
+        let SetIndex {
+            buckets,
+            spare,
+            pending,
+            pending_len,
+        } = self;
+        let mut fills = pending[..std::mem::take(pending_len)].iter().peekable();
+        while let Some(first) = fills.next() {
+            let bucket = buckets
+                .entry(first.owner)
+                .or_insert_with(|| spare.pop().unwrap_or_default());
+            let mut fill = first;
+            loop {
+                bucket.sets.insert(fill.set as usize);
+                bucket.summary.note(fill.rid, fill.shift, fill.first_level);
+                match fills.next_if(|next| next.owner == first.owner) {
+                    Some(next) => fill = next,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Whether nothing is listed or pending: no entry is cached.
+    fn is_empty(&self) -> bool {
+        self.buckets.is_empty() && self.pending_len == 0
+    }
+
     /// `owner`'s entries left set `set`.
     fn unlist(&mut self, owner: Owner, set: usize) {
         if let Some(bucket) = self.buckets.get_mut(&owner) {
@@ -675,14 +741,6 @@ impl SetIndex {
                 }
             }
         }
-    }
-
-    /// `owner`'s bucket, a spare one if it has none.
-    fn bucket(&mut self, owner: Owner) -> &mut Bucket {
-        let spare = &mut self.spare;
-        self.buckets
-            .entry(owner)
-            .or_insert_with(|| spare.pop().unwrap_or_default())
     }
 
     /// Keeps an emptied bucket's allocations for a later owner, if there is room.
@@ -766,10 +824,16 @@ pub struct Iotlb {
     index: CachePadded<Mutex<SetIndex>>,
     /// Counts invalidations, so that a walk that began before one does not cache.
     generation: AtomicU64,
-    /// How many owners the index lists, written under its lock at the end of every change,
-    /// so that [`Iotlb::retag`] of an empty IOTLB (the cold miss after a global
-    /// invalidation) takes no lock.
+    /// How many owners and pending fills the index lists, written under its lock at the
+    /// end of every change, so that [`Iotlb::retag`] of an empty IOTLB (the cold miss after
+    /// a global invalidation) takes no lock.
     owners: AtomicU64,
+    /// The page sizes cached, a bit `1 << shift` each ([`shift_bit`]): set by a fill under
+    /// the index lock, cleared when the index lists nothing. A lookup that misses the
+    /// inline probe tries only these sizes (a lookup may always miss; one that reads the
+    /// word before a concurrent fill of a new size sets it walks instead, as it would had
+    /// it come before the fill).
+    shifts: AtomicU64,
 }
 
 impl Default for Iotlb {
@@ -786,6 +850,7 @@ impl Iotlb {
             index: CachePadded::default(),
             generation: AtomicU64::new(0),
             owners: AtomicU64::new(0),
+            shifts: AtomicU64::new(0),
         }
     }
 
@@ -808,14 +873,23 @@ impl Iotlb {
             .or_else(|| self.scan(sid, pasid, addr))
     }
 
-    /// [`Iotlb::lookup`] by every page size and way, retried while a writer is inside.
+    /// [`Iotlb::lookup`] by every page size cached and every way, retried while a writer
+    /// is inside.
     #[inline(never)]
     fn scan(&self, sid: SourceId, pasid: Pasid, addr: u64) -> Option<PackedEntry> {
-        PAGE_SHIFTS.into_iter().find_map(|shift| {
-            let key = Key::new(sid, pasid, shift, addr);
-            let (tag, value) = self.set(&key).find(&key)?;
-            PackedEntry::of_way(tag, value)
-        })
+        let shifts = self.shifts.load(Ordering::Relaxed);
+        if shifts == 0 {
+            return None;
+        }
+        for shift in PAGE_SHIFTS {
+            if shifts & 1 << shift != 0 {
+                let key = Key::new(sid, pasid, shift, addr);
+                if let Some((tag, value)) = self.set(&key).find(&key) {
+                    return PackedEntry::of_way(tag, value);
+                }
+            }
+        }
+        None
     }
 
     /// Starts a fill: the walk that follows may insert its result only if no invalidation
@@ -843,6 +917,13 @@ impl Iotlb {
             return false;
         }
         let (tag, value) = encode(&key, &entry);
+        let (shifts, bit) = (
+            self.shifts.load(Ordering::Relaxed),
+            shift_bit(entry.page_shift),
+        );
+        if shifts & bit == 0 {
+            self.shifts.store(shifts | bit, Ordering::Relaxed);
+        }
         let at = key.set(self.sets.len() - 1);
         let set = &self.sets[at];
         let replaced = set.write(|ways| {
@@ -857,20 +938,33 @@ impl Iotlb {
         if replaced != 0 {
             let previous = owner_of(replaced);
             if previous != owner && !set.holds(previous) {
+                index.fold();
                 index.unlist(previous, at);
             }
         }
-        let bucket = index.bucket(owner);
-        bucket.sets.insert(at);
-        bucket.summary.note(&key, entry.kind);
+        index.list(Listing {
+            owner,
+            set: at as u32,
+            rid: sid.rid(),
+            shift: entry.page_shift,
+            first_level: entry.kind.is_first_level(),
+        });
         self.count_owners(&index);
         true
     }
 
-    /// Records how many owners `index` lists; called under its lock after each change.
+    /// Records how many owners and fills `index` lists, and forgets the page sizes when
+    /// it lists none; called under its lock after each change. Each word is written only
+    /// when it changes: they share a cache line with the set table's address, which every
+    /// hit reads.
     fn count_owners(&self, index: &SetIndex) {
-        self.owners
-            .store(index.buckets.len() as u64, Ordering::Release);
+        if index.is_empty() && self.shifts.load(Ordering::Relaxed) != 0 {
+            self.shifts.store(0, Ordering::Relaxed);
+        }
+        let owners = (index.buckets.len() + index.pending_len) as u64;
+        if self.owners.load(Ordering::Relaxed) != owners {
+            self.owners.store(owners, Ordering::Release);
+        }
     }
 
     /// Empties the ways of set `at` that hold an entry of `owner` keyed `key.tag` for a page
@@ -961,7 +1055,7 @@ impl Iotlb {
                     gone |= 1 << i;
                 } else {
                     keeps = true;
-                    summary.note(&key, e.kind);
+                    summary.note(key.rid(), key.page_shift(), e.kind.is_first_level());
                 }
             }
             if gone != 0 {
@@ -1076,6 +1170,7 @@ impl Iotlb {
         if fence {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        index.fold();
         let mut removed = 0;
         index.retain(|(did, pasid), listed| {
             if bucket(did, pasid) {
@@ -1097,6 +1192,7 @@ impl Iotlb {
     ) -> usize {
         let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        index.fold();
         let owner = (did, pasid.raw());
         let Some(listed) = index.buckets.get_mut(&owner) else {
             return 0;
@@ -1126,6 +1222,7 @@ impl Iotlb {
                 }
             });
         }
+        index.pending_len = 0;
         index.retain(|_, _| false);
         self.count_owners(&index);
         removed
@@ -1710,14 +1807,57 @@ mod tests {
         assert_index_is_exact(&t);
     }
 
-    /// For each owner, the sets the index lists for it.
+    /// Fills listed lazily: more fills than the index keeps pending (so that it folds them
+    /// on a fill), some replacing entries of another owner still pending (in one set of
+    /// four ways), leave the index exact; a PASID-selective invalidation then finds every
+    /// entry of the PASID, folded or not, and no other.
+    #[test]
+    fn pending_fills_are_listed_before_they_are_unlisted_or_invalidated() {
+        let t = Iotlb::with_sets(1);
+        let (p1, p2) = (Pasid::new(1).unwrap(), Pasid::new(2).unwrap());
+        for page in 0..(PENDING as u64 + 7) {
+            let (p, did) = if page % 3 == 0 { (p2, 2) } else { (p1, 1) };
+            let e = entry(did, page << 12, 12, TranslationKind::Nested);
+            assert!(t.insert(t.begin_fill(), sid(), p, page << 12, e));
+            assert_index_is_exact(&t);
+        }
+        let cached = |p| {
+            (0..PENDING as u64 + 7)
+                .filter(|&page| t.lookup(sid(), p, page << 12).is_some())
+                .count()
+        };
+        let (left1, left2) = (cached(p1), cached(p2));
+        assert_eq!(left1 + left2, WAYS, "the one set is full");
+        assert_eq!(t.invalidate_pasid(DomainId(2), p2), left2);
+        assert_eq!((cached(p1), cached(p2)), (left1, 0));
+        assert_index_is_exact(&t);
+        let t = Iotlb::default();
+        for page in 0..(3 * PENDING as u64) {
+            let e = entry(1, page << 12, 12, TranslationKind::Nested);
+            assert!(t.insert(t.begin_fill(), sid(), p1, page << 12, e));
+        }
+        assert_index_is_exact(&t);
+        assert_eq!(t.invalidate_pasid(DomainId(1), p1), 3 * PENDING);
+        assert!(t.is_empty());
+        assert!(t.index.lock().unwrap().is_empty());
+    }
+
+    /// For each owner, the sets the index lists for it, in its bucket or in a fill not yet
+    /// folded (read without folding, so that fills stay pending across a test's steps).
     fn listed_sets(t: &Iotlb) -> BTreeMap<(u16, u32), Vec<usize>> {
         let index = t.index.lock().unwrap();
-        index
+        let mut listed: BTreeMap<(u16, u32), Vec<usize>> = index
             .buckets
             .iter()
             .map(|(&(did, pasid), b)| ((did.0, pasid), b.sets.iter().collect()))
-            .collect()
+            .collect();
+        for l in &index.pending[..index.pending_len] {
+            let sets = listed.entry((l.owner.0 .0, l.owner.1)).or_default();
+            sets.push(l.set as usize);
+            sets.sort_unstable();
+            sets.dedup();
+        }
+        listed
     }
 
     /// For each owner with an entry cached, the sets holding one, by a scan of every way.
@@ -1738,8 +1878,8 @@ mod tests {
         found
     }
 
-    /// Whether each cached entry's bucket summary names its requester, page size and the
-    /// kind of walk that filled it.
+    /// Whether each cached entry's bucket summary, with the fills of its owner not yet
+    /// folded, names its requester, page size and the kind of walk that filled it.
     fn summaries_cover_the_entries(t: &Iotlb) -> bool {
         let index = t.index.lock().unwrap();
         t.sets.iter().flat_map(|s| s.ways.iter()).all(|w| {
@@ -1752,12 +1892,24 @@ mod tests {
                 page: w.page.load(Ordering::Relaxed),
             };
             let e = decode(tag, w.value.load(Ordering::Relaxed));
-            index.buckets.get(&owner_of(tag)).is_some_and(|b| {
-                b.summary.rids.contains(&key.rid())
-                    && b.summary.shifts & shift_bit(key.page_shift()) != 0
-                    && (b.summary.first_level || !e.kind.is_first_level())
-                    && (b.summary.other_level || e.kind.is_first_level())
-            })
+            let owner = owner_of(tag);
+            let mut summary = Summary::default();
+            if let Some(b) = index.buckets.get(&owner) {
+                summary.rids.clone_from(&b.summary.rids);
+                summary.shifts = b.summary.shifts;
+                summary.first_level = b.summary.first_level;
+                summary.other_level = b.summary.other_level;
+            }
+            for l in index.pending[..index.pending_len]
+                .iter()
+                .filter(|l| l.owner == owner)
+            {
+                summary.note(l.rid, l.shift, l.first_level);
+            }
+            summary.rids.contains(&key.rid())
+                && summary.shifts & shift_bit(key.page_shift()) != 0
+                && (summary.first_level || !e.kind.is_first_level())
+                && (summary.other_level || e.kind.is_first_level())
         })
     }
 
@@ -2086,6 +2238,18 @@ mod loom_model {
                 t.invalidate_pasid(DomainId(1), pasid);
             },
             &[],
+        );
+    }
+
+    /// A domain-selective IOTLB invalidation while the fills of two other pages are still
+    /// pending in the index (not yet in their bucket): the invalidation folds them first.
+    #[test]
+    fn loom_no_fill_outlives_the_domain_invalidation_that_overtook_it() {
+        race(
+            |t, _| {
+                t.invalidate_domain(DomainId(1));
+            },
+            &[0x2000, 0x3000],
         );
     }
 
