@@ -6,7 +6,7 @@
 //! not insert what it read, so a translation in flight cannot bring back an entry the
 //! invalidation removed (the guarantee an invalidation wait gives software).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
