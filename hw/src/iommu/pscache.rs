@@ -13,36 +13,52 @@
 //!   the second level's rights, for first-level table pages and final output pages.
 //!
 //! Entries carry the spec's tags only, so requesters with the same domain id (and PASID)
-//! share them, as on hardware. The caches are sharded by domain id, the three under one
-//! lock per shard, so that an invalidation locks one shard and a walk locks its domain's
-//! shard once per lookup and once for all of its fills (the walk keeps what it reads in a
-//! `WalkFills` until it ends); a cache that fills up is emptied, as hardware may drop
-//! entries at any time. Lookups, fills and invalidations do not allocate once a shard has
-//! reached its capacity.
+//! share them, as on hardware. Like hardware (and like the IOTLB), each cache is a
+//! set-associative table of fixed size, sharded by domain id: an entry lives in one of the
+//! ways of the set its tag and region select, and a fill into a full set replaces one (a
+//! cache may hold any subset of what was read, §6.2). A lookup is one probe per level (or
+//! page size) and takes no lock: each set has a sequence word, odd while a writer is inside,
+//! which a lookup reads before and after the ways; a lookup that meets a writer misses.
+//! Writers (fills and invalidations) take their shard's writer lock, once per walk's fills
+//! and once per invalidation, and an invalidation visits only the sets its shard marks as
+//! occupied, or probes the sets of the few keys a small range names. Lookups, fills and
+//! invalidations do not allocate.
+//!
+//! ## Fills against invalidations
+//!
+//! A walk keeps what it reads in a `WalkFills` and caches it when it ends, under the fill
+//! token it took before it read its first entry (`PagingStructureCaches::begin_fill`).
+//! Every invalidation advances the generation under the writer lock of the shard it
+//! changes, and a fill compares its token with the generation under the writer lock of the
+//! shard it fills. So a fill either runs wholly before an invalidation of its shard (which
+//! then finds and removes what it cached) or sees the generation advanced and caches
+//! nothing: an invalidation that completed is never undone by a walk that read the tables
+//! before it (§6.5.2: completion covers the walks in flight). The loom model at the end of
+//! this file races a walk's fill with an invalidation and lookups, and fails without the
+//! token's check.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::hash::Hash;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut, RangeInclusive};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::PoisonError;
 
 use crossbeam_utils::CachePadded;
-use foldhash::fast::FixedState;
 use vsva_vtd::{
-    addr::DomainId, addr::Pasid, inv_desc::AddrRange, walk::AccessRequest, walk::FlStart,
-    walk::PageSize, walk::Permissions, walk::SlStart, walk::Translation,
+    addr::DomainId, addr::Pasid, inv_desc::AddrRange, walk::AccessRequest, walk::FlRights,
+    walk::FlStart, walk::PageSize, walk::Permissions, walk::SlStart, walk::Translation,
 };
 
 use super::PAGE_SHIFTS;
+use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Shards per cache: domain ids spread over them.
 const SHARDS: usize = 16;
-/// Entries per shard of a paging-structure cache.
-const TABLE_CAPACITY: usize = 1024;
-/// Entries per shard of the second-level mappings.
-const MAPPING_CAPACITY: usize = 4096;
+/// Sets per shard of each paging-structure cache (a power of two).
+const TABLE_SETS: usize = 32;
+/// Sets per shard of the second-level mappings (a power of two).
+const MAPPING_SETS: usize = 256;
+/// Ways per set.
+const WAYS: usize = 4;
 /// Paging levels whose non-leaf entries are cached: PDE (2) to PML5E (5).
 const CACHED_LEVELS: RangeInclusive<u8> = 2..=5;
 
@@ -66,7 +82,7 @@ pub(crate) struct FlTag {
     pub nested: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FlKey {
     tag: FlTag,
     /// The level of the cached entry (2 = PDE).
@@ -75,19 +91,108 @@ struct FlKey {
     region: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SlKey {
     did: DomainId,
     level: u8,
     region: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MappingKey {
     did: DomainId,
     shift: u8,
     page: u64,
 }
+
+// A way's tag word: the key's tag fields (domain id, PASID, nested, level or page size) and
+// a valid bit, which a lookup compares, and the entry's rights above them, which it returns.
+/// A way holds an entry (a tag of 0 is an empty way).
+const TAG_VALID: u64 = 1 << 63;
+const TAG_PASID_SHIFT: u32 = 16;
+const TAG_NESTED: u64 = 1 << 36;
+const TAG_LEVEL_SHIFT: u32 = 37;
+/// Where the rights of an entry begin: the bits below (and [`TAG_VALID`]) are its key.
+const TAG_DATA_SHIFT: u32 = 42;
+const TAG_KEY: u64 = TAG_VALID | ((1 << TAG_DATA_SHIFT) - 1);
+const TAG_DID: u64 = 0xffff;
+const TAG_PASID: u64 = ((1 << 20) - 1) << TAG_PASID_SHIFT;
+
+/// What a lookup compares with a way: the key bits of its tag word, and its region (or
+/// page) word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Probe {
+    tag: u64,
+    key: u64,
+}
+
+fn did_tag(did: DomainId) -> u64 {
+    TAG_VALID | u64::from(did.0)
+}
+
+fn level_tag(level: u8) -> u64 {
+    u64::from(level) << TAG_LEVEL_SHIFT
+}
+
+impl FlKey {
+    fn probe(&self) -> Probe {
+        let t = self.tag;
+        let pasid = u64::from(t.pasid.raw()) << TAG_PASID_SHIFT;
+        let nested = if t.nested { TAG_NESTED } else { 0 };
+        Probe {
+            tag: did_tag(t.did) | pasid | nested | level_tag(self.level),
+            key: self.region,
+        }
+    }
+}
+
+impl SlKey {
+    fn probe(&self) -> Probe {
+        Probe {
+            tag: did_tag(self.did) | level_tag(self.level),
+            key: self.region,
+        }
+    }
+}
+
+impl MappingKey {
+    fn probe(&self) -> Probe {
+        Probe {
+            tag: did_tag(self.did) | level_tag(self.shift),
+            key: self.page,
+        }
+    }
+}
+
+/// The rights of first-level entries, packed for a tag word.
+fn fl_rights_bits(r: FlRights) -> u64 {
+    u64::from(r.user) | u64::from(r.writable) << 1 | u64::from(r.execute_disable) << 2
+}
+
+fn fl_rights(bits: u64) -> FlRights {
+    FlRights {
+        user: bits & 1 != 0,
+        writable: bits & 2 != 0,
+        execute_disable: bits & 4 != 0,
+    }
+}
+
+/// Second-level rights, packed for a tag word.
+fn perms_bits(p: Permissions) -> u64 {
+    u64::from(p.read) | u64::from(p.write) << 1 | u64::from(p.execute) << 2 | u64::from(p.user) << 3
+}
+
+fn perms(bits: u64) -> Permissions {
+    Permissions {
+        read: bits & 1 != 0,
+        write: bits & 2 != 0,
+        execute: bits & 4 != 0,
+        user: bits & 8 != 0,
+    }
+}
+
+/// The D bit of a cached second-level mapping, above its rights.
+const MAPPING_DIRTY: u64 = 1 << 4;
 
 /// A second-level mapping of one guest physical page, as a nested walk caches it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,9 +241,8 @@ impl SlMapping {
 }
 
 /// Counts invalidations, so that a walk that began before one does not fill the caches
-/// after it: an invalidation's completion covers the walks in flight when it began. The
-/// count is advanced under the shard lock an invalidation takes, and a fill checks it under
-/// the lock of the shard it fills.
+/// after it (see the module documentation). Advanced under the writer lock of the shard an
+/// invalidation changes; a fill compares it under the writer lock of the shard it fills.
 #[derive(Debug, Default)]
 struct Generation(AtomicU64);
 
@@ -148,149 +252,374 @@ impl Generation {
     }
 }
 
-/// The entries of the three caches for the domains of one shard, under one lock, so that
-/// a walk's lookups of second-level mappings and tables, and all of its fills, each take
-/// the lock once.
+/// One way of a set; a `tag` of 0 is an empty way.
 #[derive(Debug, Default)]
-struct Tables {
-    first_level: HashMap<FlKey, FlStart, FixedState>,
-    second_level: HashMap<SlKey, SlStart, FixedState>,
-    mappings: HashMap<MappingKey, SlMapping, FixedState>,
+struct Way {
+    tag: AtomicU64,
+    key: AtomicU64,
+    value: AtomicU64,
 }
 
-impl Tables {
-    /// The deepest cached second-level table for `gpa` below a `top`-level root, from
-    /// `fills` (what the walk read so far) or the cache (`None`: empty).
-    fn second_level_start(
-        tables: Option<&Self>,
-        fills: &WalkFills,
-        gpa: u64,
-        top: u8,
-    ) -> Option<SlStart> {
-        (2..=top).find_map(|level| {
-            let key = SlKey {
-                did: fills.did,
-                level,
-                region: gpa >> span_shift(level),
-            };
-            fills
-                .second_level_start(&key)
-                .or_else(|| tables?.second_level.get(&key).copied())
-        })
+/// One set: its sequence word (odd while a writer is inside), the way a fill into the full
+/// set replaces next, the ways.
+#[derive(Debug, Default)]
+#[repr(C, align(128))]
+struct Set {
+    seq: AtomicU64,
+    victim: AtomicU32,
+    ways: [Way; WAYS],
+}
+
+impl Set {
+    /// The tag and value words of the way holding `probe`, read without a lock: the
+    /// sequence word, the ways, the sequence word again. `None` if no way holds it, or if
+    /// a writer was inside (a cache may miss at any time).
+    #[inline]
+    fn find(&self, probe: Probe) -> Option<(u64, u64)> {
+        let seq = self.seq.load(Ordering::Acquire);
+        let found = self.ways.iter().find_map(|w| {
+            let tag = w.tag.load(Ordering::Relaxed);
+            (tag & TAG_KEY == probe.tag && w.key.load(Ordering::Relaxed) == probe.key)
+                .then(|| (tag, w.value.load(Ordering::Relaxed)))
+        });
+        fence(Ordering::Acquire);
+        let unchanged = seq & 1 == 0 && self.seq.load(Ordering::Relaxed) == seq;
+        found.filter(|_| unchanged)
     }
 
-    /// The cached second-level mapping of the page holding `gpa`, from `fills` or the
-    /// cache (`None`: empty).
-    fn mapping(tables: Option<&Self>, fills: &WalkFills, gpa: u64) -> Option<SlMapping> {
-        PAGE_SHIFTS.into_iter().find_map(|shift| {
-            let key = MappingKey {
-                did: fills.did,
-                shift,
-                page: gpa >> shift,
-            };
-            fills
-                .mapping(&key)
-                .or_else(|| tables?.mappings.get(&key).copied())
-        })
+    /// Runs `write` with the set marked as being written. Writers hold the shard's writer
+    /// lock.
+    fn write<R>(&self, write: impl FnOnce(&[Way; WAYS]) -> R) -> R {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let r = write(&self.ways);
+        self.seq.store(seq + 2, Ordering::Release);
+        r
     }
 
-    /// Removes the entries of every cache.
+    /// The way's tag word; for writers, whose lock keeps the ways from changing.
+    fn tag(&self, way: usize) -> u64 {
+        self.ways[way].tag.load(Ordering::Relaxed)
+    }
+
+    /// The way a writer puts `probe` in: the way holding it, else an empty way, else the
+    /// next victim; and whether that way was empty.
+    fn slot(&self, probe: Probe) -> (usize, bool) {
+        let holds = |i: usize| {
+            self.tag(i) & TAG_KEY == probe.tag
+                && self.ways[i].key.load(Ordering::Relaxed) == probe.key
+        };
+        if let Some(i) = (0..WAYS).find(|&i| holds(i)) {
+            return (i, false);
+        }
+        if let Some(i) = (0..WAYS).find(|&i| self.tag(i) == 0) {
+            return (i, true);
+        }
+        let v = self.victim.load(Ordering::Relaxed);
+        self.victim.store(v.wrapping_add(1), Ordering::Relaxed);
+        (v as usize % WAYS, false)
+    }
+}
+
+/// One cache of one shard: its sets.
+#[derive(Debug)]
+struct Table {
+    sets: Box<[Set]>,
+}
+
+impl Table {
+    /// A table of `sets` sets (a power of two).
+    fn new(sets: usize) -> Self {
+        debug_assert!(sets.is_power_of_two());
+        Table {
+            sets: (0..sets).map(|_| Set::default()).collect(),
+        }
+    }
+
+    /// The set `probe` lives in: index bits from its region, mixed with its tag so that
+    /// neighbouring regions and different levels spread over the sets.
+    #[inline]
+    fn set_of(&self, probe: Probe) -> usize {
+        let mixed = (probe.key ^ probe.tag.rotate_left(23)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (mixed >> 32) as usize & (self.sets.len() - 1)
+    }
+
+    /// The tag and value words cached for `probe`, without a lock.
+    #[inline]
+    fn find(&self, probe: Probe) -> Option<(u64, u64)> {
+        self.sets[self.set_of(probe)].find(probe)
+    }
+}
+
+/// What a shard's writer lock guards: for each cache, the sets that may hold an entry (a
+/// bit per set, set by a fill and cleared by an invalidation that empties the set) and how
+/// many entries it holds.
+#[derive(Debug)]
+struct Occupied {
+    sets: Box<[u64]>,
+    entries: usize,
+}
+
+impl Occupied {
+    fn new(sets: usize) -> Self {
+        Occupied {
+            sets: vec![0; sets.div_ceil(64)].into_boxed_slice(),
+            entries: 0,
+        }
+    }
+}
+
+/// One cache of one shard under the shard's writer lock.
+struct Writer<'a> {
+    table: &'a Table,
+    occupied: &'a mut Occupied,
+}
+
+impl Writer<'_> {
+    /// Caches `value` for `probe`, with `data` (rights, shifted into place) in its tag.
+    fn insert(&mut self, probe: Probe, data: u64, value: u64) {
+        let at = self.table.set_of(probe);
+        let set = &self.table.sets[at];
+        let (way, empty) = set.slot(probe);
+        set.write(|ways| {
+            let w = &ways[way];
+            w.tag
+                .store(probe.tag | data << TAG_DATA_SHIFT, Ordering::Relaxed);
+            w.key.store(probe.key, Ordering::Relaxed);
+            w.value.store(value, Ordering::Relaxed);
+        });
+        self.occupied.entries += usize::from(empty);
+        self.occupied.sets[at / 64] |= 1 << (at % 64);
+    }
+
+    /// Empties the ways of set `at` whose tag and key words `select` accepts, and unmarks
+    /// the set if it is left empty. A set with nothing to remove is not written.
+    fn remove_in(&mut self, at: usize, select: &impl Fn(u64, u64) -> bool) {
+        let set = &self.table.sets[at];
+        let chosen = |i: usize| {
+            let tag = set.tag(i);
+            tag != 0 && select(tag, set.ways[i].key.load(Ordering::Relaxed))
+        };
+        let mut mask = 0u32;
+        for i in 0..WAYS {
+            mask |= u32::from(chosen(i)) << i;
+        }
+        if mask != 0 {
+            set.write(|ways| {
+                for (i, w) in ways.iter().enumerate() {
+                    if mask & (1 << i) != 0 {
+                        w.tag.store(0, Ordering::Relaxed);
+                    }
+                }
+            });
+            self.occupied.entries -= mask.count_ones() as usize;
+        }
+        if (0..WAYS).all(|i| set.tag(i) == 0) {
+            self.occupied.sets[at / 64] &= !(1 << (at % 64));
+        }
+    }
+
+    /// Removes the entries `select` accepts, visiting every set marked occupied.
+    fn remove_where(&mut self, select: impl Fn(u64, u64) -> bool) {
+        if self.occupied.entries == 0 {
+            return;
+        }
+        for word in 0..self.occupied.sets.len() {
+            let mut rest = self.occupied.sets[word];
+            while rest != 0 {
+                let bit = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                self.remove_in(word * 64 + bit, &select);
+            }
+        }
+    }
+
+    /// Removes the entry of each of `probes`, visiting their sets only.
+    fn remove_each(&mut self, probes: impl Iterator<Item = Probe>) {
+        for p in probes {
+            if self.occupied.entries == 0 {
+                return;
+            }
+            let at = self.table.set_of(p);
+            self.remove_in(at, &|tag, key| tag & TAG_KEY == p.tag && key == p.key);
+        }
+    }
+
+    /// Removes the entries `select` accepts: those of the `count` candidate probes one by
+    /// one when they are fewer than the entries, else by visiting the occupied sets.
+    fn remove<I: Iterator<Item = Probe>>(
+        &mut self,
+        count: u64,
+        candidates: impl FnOnce() -> I,
+        select: impl Fn(u64, u64) -> bool,
+    ) {
+        if count < self.occupied.entries as u64 {
+            self.remove_each(candidates());
+        } else {
+            self.remove_where(select);
+        }
+    }
+
+    /// Removes every entry.
     fn clear(&mut self) {
-        self.first_level.clear();
-        self.second_level.clear();
-        self.mappings.clear();
-    }
-
-    /// Entries in the three caches.
-    fn len(&self) -> usize {
-        self.first_level.len() + self.second_level.len() + self.mappings.len()
+        self.remove_where(|_, _| true);
     }
 }
 
-/// One shard: its caches, and how many entries they hold, readable without the lock so
-/// that a lookup in an empty shard (every lookup of a cold walk after a global or
-/// domain-selective invalidation) takes no lock. A cache may miss at any time, so a
-/// lookup that reads a count older than another thread's fill and misses is correct; the
-/// count is written under the write lock at the end of every change
-/// ([`ShardWrite`]), so a thread always sees its own fills.
-#[derive(Debug, Default)]
+/// The writer state of one shard: what each of its caches holds.
+#[derive(Debug)]
+struct Marks {
+    first_level: Occupied,
+    second_level: Occupied,
+    mappings: Occupied,
+}
+
+impl Marks {
+    fn entries(&self) -> usize {
+        self.first_level.entries + self.second_level.entries + self.mappings.entries
+    }
+}
+
+/// One shard: the three caches for its domains, their writer lock, and how many entries
+/// they hold, readable without the lock so that a lookup in an empty shard (every lookup of
+/// a cold walk after a global or domain-selective invalidation) probes no set. A cache may
+/// miss at any time, so a lookup that reads a count older than another thread's fill and
+/// misses is correct; the count is written under the writer lock at the end of every
+/// change ([`ShardWrite`]).
+#[derive(Debug)]
 struct Shard {
-    tables: RwLock<Tables>,
-    entries: AtomicUsize,
+    writer: Mutex<Marks>,
+    entries: AtomicU64,
+    first_level: Table,
+    second_level: Table,
+    mappings: Table,
 }
 
-/// A shard's caches under its write lock; the entry count is updated when it goes.
+/// A shard under its writer lock; the entry count is published when it goes.
 struct ShardWrite<'a> {
-    tables: RwLockWriteGuard<'a, Tables>,
-    entries: &'a AtomicUsize,
+    shard: &'a Shard,
+    marks: MutexGuard<'a, Marks>,
 }
 
 impl Deref for ShardWrite<'_> {
-    type Target = Tables;
+    type Target = Marks;
 
-    fn deref(&self) -> &Tables {
-        &self.tables
+    fn deref(&self) -> &Marks {
+        &self.marks
     }
 }
 
 impl DerefMut for ShardWrite<'_> {
-    fn deref_mut(&mut self) -> &mut Tables {
-        &mut self.tables
+    fn deref_mut(&mut self) -> &mut Marks {
+        &mut self.marks
     }
 }
 
 impl Drop for ShardWrite<'_> {
     /// Runs before the guard field is dropped: the count is written under the lock.
     fn drop(&mut self) {
-        self.entries.store(self.tables.len(), Ordering::Release);
+        let n = self.marks.entries() as u64;
+        self.shard.entries.store(n, Ordering::Release);
+    }
+}
+
+impl ShardWrite<'_> {
+    fn first_level(&mut self) -> Writer<'_> {
+        Writer {
+            table: &self.shard.first_level,
+            occupied: &mut self.marks.first_level,
+        }
+    }
+
+    fn second_level(&mut self) -> Writer<'_> {
+        Writer {
+            table: &self.shard.second_level,
+            occupied: &mut self.marks.second_level,
+        }
+    }
+
+    fn mappings(&mut self) -> Writer<'_> {
+        Writer {
+            table: &self.shard.mappings,
+            occupied: &mut self.marks.mappings,
+        }
+    }
+
+    /// Removes every entry of the three caches.
+    fn clear(&mut self) {
+        self.first_level().clear();
+        self.second_level().clear();
+        self.mappings().clear();
     }
 }
 
 impl Shard {
-    /// The caches for reading, `None` without taking the lock if they are empty.
-    fn read(&self) -> Option<RwLockReadGuard<'_, Tables>> {
-        if self.entries.load(Ordering::Acquire) == 0 {
-            return None;
+    fn new(table_sets: usize, mapping_sets: usize) -> Self {
+        Shard {
+            writer: Mutex::new(Marks {
+                first_level: Occupied::new(table_sets),
+                second_level: Occupied::new(table_sets),
+                mappings: Occupied::new(mapping_sets),
+            }),
+            entries: AtomicU64::new(0),
+            first_level: Table::new(table_sets),
+            second_level: Table::new(table_sets),
+            mappings: Table::new(mapping_sets),
         }
-        Some(self.tables.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether a lookup may find anything (see [`Shard`]).
+    #[inline]
+    fn may_hold(&self) -> bool {
+        self.entries.load(Ordering::Acquire) != 0
     }
 
     fn write(&self) -> ShardWrite<'_> {
         ShardWrite {
-            tables: self.tables.write().unwrap_or_else(PoisonError::into_inner),
-            entries: &self.entries,
+            shard: self,
+            marks: self.writer.lock().unwrap_or_else(PoisonError::into_inner),
         }
     }
-}
 
-/// Caches `value` under `key` in `map`, emptied first if it is full without `key`: the
-/// shard's capacity is reserved once, so a fill allocates nothing after the first.
-fn cache<K: Eq + Hash, V>(map: &mut HashMap<K, V, FixedState>, capacity: usize, key: K, value: V) {
-    if map.capacity() < capacity {
-        map.reserve(capacity);
-    }
-    if map.len() >= capacity && !map.contains_key(&key) {
-        map.clear();
-    }
-    map.insert(key, value);
-}
-
-/// Removes the entries of `map` that `select` accepts: key by key when the `count`
-/// candidate keys are fewer than the entries, else by a scan.
-fn remove<K: Eq + Hash, V, I: Iterator<Item = K>>(
-    map: &mut HashMap<K, V, FixedState>,
-    count: u64,
-    candidates: impl FnOnce() -> I,
-    select: impl Fn(&K) -> bool,
-) {
-    if count < map.len() as u64 {
-        for key in candidates() {
-            if select(&key) {
-                map.remove(&key);
+    /// The deepest second-level table cached for `gpa` at a level below `below`.
+    fn second_level_start(&self, did: DomainId, gpa: u64, below: u8) -> Option<SlStart> {
+        (2..below).find_map(|level| {
+            let probe = SlKey {
+                did,
+                level,
+                region: gpa >> span_shift(level),
             }
-        }
-    } else {
-        map.retain(|k, _| !select(k));
+            .probe();
+            let (tag, table) = self.second_level.find(probe)?;
+            Some(SlStart {
+                level: level - 1,
+                table,
+                rights: perms(tag >> TAG_DATA_SHIFT),
+            })
+        })
+    }
+
+    /// The cached second-level mapping of the page holding `gpa`.
+    fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
+        PAGE_SHIFTS.into_iter().find_map(|shift| {
+            let probe = MappingKey {
+                did,
+                shift,
+                page: gpa >> shift,
+            }
+            .probe();
+            let (tag, output) = self.mappings.find(probe)?;
+            let data = tag >> TAG_DATA_SHIFT;
+            Some(SlMapping {
+                output,
+                size: PageSize::ALL
+                    .into_iter()
+                    .find(|s| s.shift() == u32::from(shift))?,
+                perms: perms(data),
+                dirty: data & MAPPING_DIRTY != 0,
+            })
+        })
     }
 }
 
@@ -352,10 +681,6 @@ impl<K: Copy + Eq, V: Copy, const N: usize> Pending<K, V, N> {
             // never un-written, so each of the first `len` is initialised.
             unsafe { slot.assume_init_ref() }
         })
-    }
-
-    fn get(&self, key: &K) -> Option<V> {
-        self.iter().find(|(k, _)| k == key).map(|&(_, v)| v)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -431,12 +756,21 @@ impl WalkFills {
         self.mappings.push(key, mapping);
     }
 
-    fn second_level_start(&self, key: &SlKey) -> Option<SlStart> {
-        self.second_level.get(key)
+    /// The deepest second-level table the walk read for `gpa` below a `top`-level root.
+    fn second_level_start(&self, gpa: u64, top: u8) -> Option<SlStart> {
+        self.second_level
+            .iter()
+            .filter(|(k, _)| k.level <= top && k.region == gpa >> span_shift(k.level))
+            .min_by_key(|(k, _)| k.level)
+            .map(|&(_, s)| s)
     }
 
-    fn mapping(&self, key: &MappingKey) -> Option<SlMapping> {
-        self.mappings.get(key)
+    /// The second-level mapping the walk read of the page holding `gpa`.
+    fn mapping(&self, gpa: u64) -> Option<SlMapping> {
+        self.mappings
+            .iter()
+            .find(|(k, _)| k.page == gpa >> k.shift)
+            .map(|&(_, m)| m)
     }
 
     fn is_empty(&self) -> bool {
@@ -465,8 +799,8 @@ pub struct CachedTables {
 }
 
 /// The paging-structure caches of one IOMMU and the second-level mappings of nested walks,
-/// sharded by domain id: an invalidation locks one shard, and one walk's lookups and fills
-/// lock its domain's shard.
+/// sharded by domain id: lookups take no lock, and an invalidation or one walk's fills lock
+/// one shard's writers.
 #[derive(Debug)]
 pub struct PagingStructureCaches {
     shards: Box<[CachePadded<Shard>]>,
@@ -475,23 +809,31 @@ pub struct PagingStructureCaches {
 
 impl Default for PagingStructureCaches {
     fn default() -> Self {
-        PagingStructureCaches {
-            shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Shard::default()))
-                .collect(),
-            generation: Generation::default(),
-        }
+        PagingStructureCaches::with_sets(SHARDS, TABLE_SETS, MAPPING_SETS)
     }
 }
 
 impl PagingStructureCaches {
-    fn shard(&self, did: DomainId) -> &Shard {
-        &self.shards[did.0 as usize % SHARDS]
+    /// Caches of `shards` shards, each with `table_sets` sets per paging-structure cache and
+    /// `mapping_sets` for the second-level mappings (powers of two).
+    fn with_sets(shards: usize, table_sets: usize, mapping_sets: usize) -> Self {
+        PagingStructureCaches {
+            shards: (0..shards)
+                .map(|_| CachePadded::new(Shard::new(table_sets, mapping_sets)))
+                .collect(),
+            generation: Generation::default(),
+        }
     }
 
-    /// `did`'s shard for lookups; `None` if it is empty.
-    fn read(&self, did: DomainId) -> Option<RwLockReadGuard<'_, Tables>> {
-        self.shard(did).read()
+    fn shard(&self, did: DomainId) -> &Shard {
+        &self.shards[did.0 as usize % self.shards.len()]
+    }
+
+    /// `did`'s shard, `None` if it holds nothing.
+    #[inline]
+    fn read(&self, did: DomainId) -> Option<&Shard> {
+        let shard = self.shard(did);
+        shard.may_hold().then_some(shard)
     }
 
     /// `did`'s shard for an invalidation: locked, and the generation advanced under the
@@ -517,23 +859,33 @@ impl PagingStructureCaches {
                 level,
                 region: input >> span_shift(level),
             };
-            shard.first_level.get(&key).copied()
+            let (bits, table) = shard.first_level.find(key.probe())?;
+            Some(FlStart {
+                level: level - 1,
+                table,
+                rights: fl_rights(bits >> TAG_DATA_SHIFT),
+            })
         })
     }
 
     /// The deepest second-level table cached, or read so far by the walk of `fills`, for
-    /// `gpa` below a `top`-level root.
+    /// `gpa` below a `top`-level root: the walk's own first, then one probe of the cache
+    /// per level below it.
     pub(crate) fn second_level_start(
         &self,
         fills: &WalkFills,
         gpa: u64,
         top: u8,
     ) -> Option<SlStart> {
-        Tables::second_level_start(self.read(fills.did).as_deref(), fills, gpa, top)
+        let read = fills.second_level_start(gpa, top);
+        let below = read.map_or(top + 1, |s| s.level + 1);
+        self.read(fills.did)
+            .and_then(|shard| shard.second_level_start(fills.did, gpa, below))
+            .or(read)
     }
 
-    /// Where the nested walk of `fills` resolves `gpa` for `access`: a cached mapping
-    /// that allows it, else the deepest cached second-level table; one lock.
+    /// Where the nested walk of `fills` resolves `gpa` for `access`: a mapping it read or
+    /// the cache holds that allows it, else the deepest second-level table.
     pub(crate) fn nested_start(
         &self,
         fills: &WalkFills,
@@ -541,17 +893,18 @@ impl PagingStructureCaches {
         access: AccessRequest,
         top: u8,
     ) -> NestedStart {
-        let shard = self.read(fills.did);
-        let tables = shard.as_deref();
-        match Tables::mapping(tables, fills, gpa) {
+        let mapped = fills
+            .mapping(gpa)
+            .or_else(|| self.read(fills.did)?.mapping(fills.did, gpa));
+        match mapped {
             Some(m) if m.allows(access) => NestedStart::Mapped(m),
-            _ => NestedStart::Walk(Tables::second_level_start(tables, fills, gpa, top)),
+            _ => NestedStart::Walk(self.second_level_start(fills, gpa, top)),
         }
     }
 
     /// The cached second-level mapping of the page holding `gpa`.
     pub fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
-        Tables::mapping(self.read(did).as_deref(), &WalkFills::new(did), gpa)
+        self.read(did)?.mapping(did, gpa)
     }
 
     /// Caches what a walk read (`fills`) unless an invalidation ran since `fill` (a
@@ -562,9 +915,9 @@ impl PagingStructureCaches {
     /// 4-KiB page): the next miss in the same region starts there all the same, and a miss
     /// elsewhere walks from the top, which any cache may make it do (VT-d §6.2: caching is
     /// optional, and a cache may hold any subset of what was read). The second-level
-    /// mappings of a nested walk are all cached. The generation is compared under the lock every invalidation of the shard
-    /// advances it under, so a fill either precedes an invalidation (which then removes
-    /// it) or sees it and is dropped.
+    /// mappings of a nested walk are all cached. The generation is compared under the
+    /// writer lock every invalidation of the shard advances it under (see the module
+    /// documentation).
     pub(crate) fn fill(&self, fill: u64, fills: &WalkFills) {
         if fills.is_empty() {
             return;
@@ -573,21 +926,24 @@ impl PagingStructureCaches {
         if self.generation.0.load(Ordering::Acquire) != fill {
             return;
         }
-        let tables = &mut *shard;
         let deepest = fills.first_level.iter().map(|(k, _)| k.level).min();
-        for &(k, v) in fills.first_level.iter() {
+        let mut first_level = shard.first_level();
+        for (k, v) in fills.first_level.iter() {
             if Some(k.level) == deepest {
-                cache(&mut tables.first_level, TABLE_CAPACITY, k, v);
+                first_level.insert(k.probe(), fl_rights_bits(v.rights), v.table);
             }
         }
         let deepest = fills.second_level.iter().map(|(k, _)| k.level).min();
-        for &(k, v) in fills.second_level.iter() {
+        let mut second_level = shard.second_level();
+        for (k, v) in fills.second_level.iter() {
             if Some(k.level) == deepest {
-                cache(&mut tables.second_level, TABLE_CAPACITY, k, v);
+                second_level.insert(k.probe(), perms_bits(v.rights), v.table);
             }
         }
-        for &(k, v) in fills.mappings.iter() {
-            cache(&mut tables.mappings, MAPPING_CAPACITY, k, v);
+        let mut mappings = shard.mappings();
+        for (k, m) in fills.mappings.iter() {
+            let dirty = if m.dirty { MAPPING_DIRTY } else { 0 };
+            mappings.insert(k.probe(), perms_bits(m.perms) | dirty, m.output);
         }
     }
 
@@ -605,9 +961,10 @@ impl PagingStructureCaches {
     /// second-level and nested mappings of `did` are removed, whatever their PASID.
     pub fn invalidate_domain(&self, did: DomainId) {
         let mut shard = self.invalidate(did);
-        shard.first_level.retain(|k, _| k.tag.did != did);
-        shard.second_level.retain(|k, _| k.did != did);
-        shard.mappings.retain(|k, _| k.did != did);
+        let ours = |tag: u64, _| tag & TAG_DID == u64::from(did.0);
+        shard.first_level().remove_where(ours);
+        shard.second_level().remove_where(ours);
+        shard.mappings().remove_where(ours);
     }
 
     /// Page-selective-within-domain IOTLB invalidation (§6.5.2.3) of `range`, a
@@ -622,34 +979,38 @@ impl PagingStructureCaches {
     ///   whatever the address, since a second-level input address cannot select them.
     pub fn invalidate_domain_range(&self, did: DomainId, range: AddrRange, ih: bool) {
         let (addr, last) = (range.start, range.last);
+        let ours = move |tag: u64| tag & TAG_DID == u64::from(did.0);
+        let level_of = |tag: u64| ((tag & TAG_KEY) >> TAG_LEVEL_SHIFT) as u8;
         let mut shard = self.invalidate(did);
-        shard.first_level.retain(|k, _| k.tag.did != did);
+        shard.first_level().remove_where(|tag, _| ours(tag));
         if !ih {
             let count = CACHED_LEVELS
                 .map(|l| blocks(addr, last, span_shift(l)).1)
                 .fold(0u64, u64::saturating_add);
             let candidates = || {
-                CACHED_LEVELS.flat_map(|level| {
+                CACHED_LEVELS.flat_map(move |level| {
                     let (regions, _) = blocks(addr, last, span_shift(level));
-                    regions.map(move |region| SlKey { did, level, region })
+                    regions.map(move |region| SlKey { did, level, region }.probe())
                 })
             };
-            remove(&mut shard.second_level, count, candidates, |k| {
-                k.did == did && region_meets(k.region, span_shift(k.level), addr, last)
-            });
+            shard
+                .second_level()
+                .remove(count, candidates, |tag, region| {
+                    ours(tag) && region_meets(region, span_shift(level_of(tag)), addr, last)
+                });
         }
         let count = PAGE_SHIFTS
             .iter()
             .map(|&s| blocks(addr, last, s as u32).1)
             .fold(0u64, u64::saturating_add);
         let candidates = || {
-            PAGE_SHIFTS.iter().flat_map(|&shift| {
+            PAGE_SHIFTS.iter().flat_map(move |&shift| {
                 let (pages, _) = blocks(addr, last, shift as u32);
-                pages.map(move |page| MappingKey { did, shift, page })
+                pages.map(move |page| MappingKey { did, shift, page }.probe())
             })
         };
-        remove(&mut shard.mappings, count, candidates, |k| {
-            k.did == did && region_meets(k.page, k.shift as u32, addr, last)
+        shard.mappings().remove(count, candidates, |tag, page| {
+            ours(tag) && region_meets(page, u32::from(level_of(tag)), addr, last)
         });
     }
 
@@ -658,9 +1019,10 @@ impl PagingStructureCaches {
     /// Second-level paging-structure entries and second-level mappings carry no PASID and
     /// stay.
     pub fn invalidate_pasid(&self, did: DomainId, pasid: Pasid) {
+        let owner = fl_owner(did, pasid);
         self.invalidate(did)
-            .first_level
-            .retain(|k, _| k.tag.did != did || k.tag.pasid != pasid);
+            .first_level()
+            .remove_where(|tag, _| tag & (TAG_DID | TAG_PASID) == owner);
     }
 
     /// Page-selective-within-PASID PASID-based-IOTLB invalidation (§6.5.2.4) of `range`, a
@@ -675,7 +1037,8 @@ impl PagingStructureCaches {
     /// Page-selective-within-PASID PASID-based-IOTLB invalidations of `did` and `pasid`
     /// that arrive together: [`PagingStructureCaches::invalidate_pasid_range`] of each of
     /// `ranges` (each with its IH), under one lock of the domain's shard, and with one
-    /// scan for all of them when their candidate keys are not fewer than the entries.
+    /// visit of the occupied sets for all of them when their candidate keys are not fewer
+    /// than the entries.
     pub fn invalidate_pasid_ranges(
         &self,
         did: DomainId,
@@ -700,48 +1063,48 @@ impl PagingStructureCaches {
             })
             .fold(0u64, u64::saturating_add);
         let mut shard = self.invalidate(did);
-        let first_level = &mut shard.first_level;
-        // A scan visits every bucket (a group of 16 at a time) and tests every entry; a
-        // table that once grew and emptied again is mostly empty buckets.
-        let scan = first_level.len() + first_level.capacity() / SCAN_BUCKETS_PER_LOOKUP;
-        if count < scan as u64 {
-            for (addr, last) in ranges {
-                for level in CACHED_LEVELS {
-                    for region in blocks(addr, last, span_shift(level)).0 {
-                        for nested in [false, true] {
-                            let tag = FlTag { did, pasid, nested };
-                            first_level.remove(&FlKey { tag, level, region });
-                        }
-                    }
-                }
-            }
-        } else {
-            // The scan tests every entry against the joined ranges: the first few are
-            // joined once, ahead of it, and any more as it goes.
-            let mut few = [(0, 0); JOINED_KEPT];
-            let mut rest = ranges;
-            let n = few
-                .iter_mut()
-                .zip(rest.by_ref())
-                .map(|(slot, r)| *slot = r)
-                .count();
-            let few = &few[..n];
-            first_level.retain(|k, _| {
-                let meets = |(addr, last)| region_meets(k.region, span_shift(k.level), addr, last);
-                let ours = k.tag.did == did && k.tag.pasid == pasid;
-                !(ours && (few.iter().copied().any(meets) || rest.clone().any(meets)))
-            });
-        }
+        let mut first_level = shard.first_level();
+        let candidates = || {
+            ranges.clone().flat_map(move |(addr, last)| {
+                CACHED_LEVELS.flat_map(move |level| {
+                    blocks(addr, last, span_shift(level))
+                        .0
+                        .flat_map(move |region| {
+                            [false, true].map(move |nested| {
+                                let tag = FlTag { did, pasid, nested };
+                                FlKey { tag, level, region }.probe()
+                            })
+                        })
+                })
+            })
+        };
+        // A visit of the sets tests every entry against the joined ranges: the first few
+        // are joined once, ahead of it, and any more as it goes.
+        let mut few = [(0, 0); JOINED_KEPT];
+        let mut rest = ranges.clone();
+        let n = few
+            .iter_mut()
+            .zip(rest.by_ref())
+            .map(|(slot, r)| *slot = r)
+            .count();
+        let few = &few[..n];
+        let owner = fl_owner(did, pasid);
+        first_level.remove(count, candidates, |tag, region| {
+            let level = ((tag & TAG_KEY) >> TAG_LEVEL_SHIFT) as u8;
+            let meets = |(addr, last)| region_meets(region, span_shift(level), addr, last);
+            tag & (TAG_DID | TAG_PASID) == owner
+                && (few.iter().copied().any(meets) || rest.clone().any(meets))
+        });
     }
 
     /// How many entries each cache holds.
     pub fn len(&self) -> CachedTables {
         self.shards.iter().fold(CachedTables::default(), |n, s| {
-            let t = s.tables.read().unwrap_or_else(PoisonError::into_inner);
+            let marks = s.write();
             CachedTables {
-                first_level: n.first_level + t.first_level.len(),
-                second_level: n.second_level + t.second_level.len(),
-                nested_mappings: n.nested_mappings + t.mappings.len(),
+                first_level: n.first_level + marks.first_level.entries,
+                second_level: n.second_level + marks.second_level.entries,
+                nested_mappings: n.nested_mappings + marks.mappings.entries,
             }
         })
     }
@@ -752,9 +1115,10 @@ impl PagingStructureCaches {
     }
 }
 
-/// Buckets of a table a scan visits in the time of one look-up of a key (hashbrown tests
-/// 16 control bytes at a time).
-const SCAN_BUCKETS_PER_LOOKUP: usize = 64;
+/// The domain-id and PASID bits of the tag of a first-level entry of `did` and `pasid`.
+fn fl_owner(did: DomainId, pasid: Pasid) -> u64 {
+    u64::from(did.0) | u64::from(pasid.raw()) << TAG_PASID_SHIFT
+}
 
 /// Joined ranges a scan of the first-level cache takes ahead of it.
 const JOINED_KEPT: usize = 16;
@@ -1134,15 +1498,21 @@ mod tests {
         assert_eq!(sl_start(&c, D1, 0), Some(sl(2, 0xb000)));
     }
 
+    /// A fill into a full set replaces one of its ways: the shard holds at most its sets'
+    /// ways, and the entry cached last is found.
     #[test]
-    fn a_full_shard_is_emptied_to_make_room() {
+    fn a_full_set_replaces_a_way() {
         let c = PagingStructureCaches::default();
         let m = mapping(0, PageSize::Size4K, true, true);
-        for page in 0..MAPPING_CAPACITY as u64 + 10 {
+        let capacity = MAPPING_SETS * WAYS;
+        for page in 0..capacity as u64 + 10 {
             insert_mapping(&c, D1, page << 12, m);
         }
-        assert!(c.len().nested_mappings <= MAPPING_CAPACITY);
-        assert_eq!(c.mapping(D1, (MAPPING_CAPACITY as u64 + 9) << 12), Some(m));
+        let held = c.len().nested_mappings;
+        assert!(held <= capacity && held > capacity / 2, "{held} cached");
+        assert_eq!(c.mapping(D1, (capacity as u64 + 9) << 12), Some(m));
+        c.invalidate_domain(D1);
+        assert!(c.is_empty());
     }
 
     #[test]
@@ -1201,5 +1571,98 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// The fill/invalidate protocol under loom (`RUSTFLAGS="--cfg loom" cargo test -p vsva-hw
+/// --lib loom`): a nested walk that read a second-level entry before the driver changed it
+/// and invalidated races the invalidation; once the invalidation has returned, no lookup
+/// finds the old table or page, then or after the walk's fill ends (§6.5.2.3: a completed
+/// invalidation covers the walks in flight when it began). Without the fill token's check
+/// in [`PagingStructureCaches::fill`] the model fails.
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+
+    /// What the entry points to before the invalidation, and after it.
+    const OLD: u64 = 0xa000;
+    const NEW: u64 = 0xb000;
+    const D: DomainId = DomainId(1);
+    const GPA: u64 = 0x4000_0000;
+
+    /// The lookups' answers: nothing, or what the entry holds after the change, read whole.
+    fn check(c: &PagingStructureCaches, when: &str) {
+        if let Some(s) = c.second_level_start(&WalkFills::new(D), GPA, 4) {
+            assert_eq!((s.level, s.table), (1, NEW), "{when}: table {s:?}");
+        }
+        if let Some(m) = c.mapping(D, GPA) {
+            assert_eq!(m.output, NEW, "{when}: mapping {m:?}");
+        }
+    }
+
+    /// The race: a walk of `GPA` fills the SL-PDE cache and the mapping of the page from
+    /// the entry it read, while the driver changes the entry and then `invalidate`s.
+    /// `others` pages of the domain are cached before, in the same sets.
+    fn race(invalidate: fn(&PagingStructureCaches), others: &'static [u64]) {
+        let mut model = loom::model::Builder::new();
+        // Bounded so that the model runs in seconds in scripts/test.
+        model.preemption_bound.get_or_insert(3);
+        model.check(move || {
+            // One set per cache, so that the fill, the invalidation and the lookups meet.
+            let c = Arc::new(PagingStructureCaches::with_sets(1, 1, 1));
+            let mapping = |output| SlMapping {
+                output,
+                size: PageSize::Size4K,
+                perms: Permissions::ALL,
+                dirty: true,
+            };
+            for &page in others {
+                let mut fills = WalkFills::new(D);
+                fills.mapping_of(page, mapping(OLD));
+                c.fill(c.begin_fill(), &fills);
+            }
+            let entry = Arc::new(AtomicU64::new(OLD));
+            let walker = {
+                let (c, entry) = (c.clone(), entry.clone());
+                loom::thread::spawn(move || {
+                    let fill = c.begin_fill();
+                    let table = entry.load(Ordering::SeqCst);
+                    let mut fills = WalkFills::new(D);
+                    let rights = Permissions::ALL;
+                    fills.second_level(
+                        GPA,
+                        &[SlStart {
+                            level: 1,
+                            table,
+                            rights,
+                        }],
+                    );
+                    fills.mapping_of(GPA, mapping(table));
+                    c.fill(fill, &fills);
+                })
+            };
+            entry.store(NEW, Ordering::SeqCst);
+            invalidate(&c);
+            check(&c, "after the invalidation");
+            walker.join().unwrap();
+            check(&c, "after the fill ended");
+        });
+    }
+
+    /// A domain-selective IOTLB invalidation (a visit of the occupied sets).
+    #[test]
+    fn loom_no_fill_outlives_the_domain_invalidation_that_overtook_it() {
+        race(|c| c.invalidate_domain(D), &[]);
+    }
+
+    /// A page-selective IOTLB invalidation of the page, its keys probed one by one: three
+    /// other pages cached make its keys fewer than the entries.
+    #[test]
+    fn loom_no_fill_outlives_the_page_selective_invalidation_that_overtook_it() {
+        race(
+            |c| c.invalidate_domain_range(D, AddrRange::from_address_mask(GPA, 0), false),
+            &[0x1000, 0x2000, 0x3000, 0x5000],
+        );
     }
 }
