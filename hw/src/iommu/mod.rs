@@ -34,7 +34,7 @@ use vsva_vtd::{
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
-use entry_cache::EntryCache;
+use entry_cache::{EntryCache, CONTEXT_KEY, PASID_KEY};
 use iotlb::Iotlb;
 use overtaken::FillLog;
 use pscache::PagingStructureCaches;
@@ -146,6 +146,11 @@ const PAGE_SHIFTS: [u8; 3] = [
 const ROOT_STRICT: u64 = 4;
 const _: () = assert!(ROOT_STRICT & RootState::UNIT_FLAGS == ROOT_STRICT);
 
+/// Sets of the context cache (of `entry_cache::WAYS` ways): 256 requester ids.
+const CONTEXT_SETS: usize = 64;
+/// Sets of the PASID cache: 512 requester id and PASID pairs.
+const PASID_SETS: usize = 128;
+
 /// Receives the interrupt messages the IOMMU raises (fault, invalidation completion and
 /// page request events).
 pub type InterruptHandler = Arc<dyn Fn(Interrupt) + Send + Sync>;
@@ -177,11 +182,13 @@ pub struct Iommu {
     root: CachePadded<AtomicU64>,
     irq_handler: RwLock<Option<InterruptHandler>>,
     endpoints: RwLock<HashMap<u16, Arc<dyn AtsEndpoint>>>,
-    context_cache: EntryCache<u16, ScalableContextEntry>,
+    /// The context cache, by requester id ([`CONTEXT_SETS`] sets).
+    context_cache: EntryCache<ScalableContextEntry, 3>,
     /// Counts context- and PASID-cache invalidations, so that an entry read before one
-    /// is not cached after it.
-    entry_generation: AtomicU64,
-    pasid_cache: EntryCache<(u16, u32), PasidEntry>,
+    /// is not cached after it (see `entry_cache`).
+    entry_generation: crate::sync::AtomicU64,
+    /// The PASID cache, by requester id and PASID ([`PASID_SETS`] sets).
+    pasid_cache: EntryCache<PasidEntry, 6>,
     iotlb: Iotlb,
     /// Runs of IOTLB hits answered to untranslated requests.
     runs: RunCache,
@@ -210,9 +217,9 @@ impl Iommu {
             root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),
-            context_cache: EntryCache::default(),
-            entry_generation: AtomicU64::new(0),
-            pasid_cache: EntryCache::default(),
+            context_cache: EntryCache::new(CONTEXT_SETS, CONTEXT_KEY),
+            entry_generation: crate::sync::AtomicU64::new(0),
+            pasid_cache: EntryCache::new(PASID_SETS, PASID_KEY),
             iotlb: Iotlb::default(),
             runs: RunCache::default(),
             paging_caches: PagingStructureCaches::default(),

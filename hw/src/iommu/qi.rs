@@ -24,6 +24,7 @@ use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, Respons
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
 use vsva_vtd::{addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::InvDesc};
 
+use super::entry_cache::{context_rid, pasid_owner};
 use super::Iommu;
 use crate::dma::port::{DevTlbInvalidation, PrgResponse};
 use crate::memory::HostMemory;
@@ -190,9 +191,10 @@ impl InvalidationUnit for Invalidated<'_> {
     ) {
         self.carry_out();
         let unit = self.unit;
-        let mut cache = unit.context_cache.write();
-        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
-        cache.retain(|&rid, _| !granularity.covers(sid, fm, SourceId::from_rid(rid)));
+        unit.context_cache
+            .invalidate(&unit.entry_generation, |tag| {
+                granularity.covers(sid, fm, context_rid(tag))
+            });
         unit.runs.drop_all();
     }
 
@@ -204,15 +206,14 @@ impl InvalidationUnit for Invalidated<'_> {
     ) {
         self.carry_out();
         let unit = self.unit;
-        let mut cache = unit.pasid_cache.write();
-        unit.entry_generation.fetch_add(1, Ordering::AcqRel);
-        match granularity {
-            PasidCacheGranularity::Global => cache.clear(),
-            PasidCacheGranularity::DomainSelective => cache.retain(|_, pe| pe.did != did),
-            PasidCacheGranularity::PasidSelective => {
-                cache.retain(|&(_, p), pe| pe.did != did || p != pasid.raw())
+        unit.pasid_cache.invalidate(&unit.entry_generation, |tag| {
+            let (d, p) = pasid_owner(tag);
+            match granularity {
+                PasidCacheGranularity::Global => true,
+                PasidCacheGranularity::DomainSelective => d == did,
+                PasidCacheGranularity::PasidSelective => d == did && p == pasid.raw(),
             }
-        }
+        });
         unit.runs.drop_all();
     }
 

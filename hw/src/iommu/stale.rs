@@ -16,6 +16,7 @@ use vsva_vtd::{
     pasid::PasidEntry, walk::AccessRequest,
 };
 
+use super::entry_cache::pasid_key;
 use super::iotlb::{IotlbEntry, TranslationKind};
 use super::Iommu;
 use vsva_vtd::request::walk_pasid_entry;
@@ -130,7 +131,7 @@ impl Iommu {
         if now == Ok((cached.output, cached.page_shift)) {
             return;
         }
-        let cached_pe = self.pasid_cache.get(&(req.sid.rid(), req.eff.raw()));
+        let cached_pe = self.pasid_cache.get(pasid_key(req.sid, req.eff));
         let entry_changed = match (&lookup, cached_pe) {
             (Ok(l), Some(pe)) => l.entry != pe,
             _ => true,

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use {vsva_mem::MemError, vsva_mem::PhysMem};
 
 use super::cached_walk::CacheUse;
+use super::entry_cache::{context_tag, pasid_key, pasid_tag};
 use super::iotlb::{IotlbEntry, PackedEntry, Perms, RequestMask, TranslationKind};
 use super::stale::CheckedRequest;
 use super::{Iommu, ROOT_STRICT};
@@ -246,20 +247,18 @@ impl RemappingUnit for Iommu {
     }
 
     fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
-        self.context_cache.get(&sid.rid())
+        self.context_cache.get(context_tag(sid))
     }
 
     /// An entry read while a context- or PASID-cache invalidation ran is used but not
     /// cached.
     fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
-        let mut cache = self.context_cache.write();
-        if self.entry_generation.load(Ordering::Acquire) == fill {
-            cache.insert(sid.rid(), ctx);
-        }
+        self.context_cache
+            .fill(&self.entry_generation, fill, context_tag(sid), &ctx);
     }
 
     fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
-        self.pasid_cache.get(&(sid.rid(), pasid.raw()))
+        self.pasid_cache.get(pasid_key(sid, pasid))
     }
 
     /// An entry read afresh retags the IOTLB for its domain.
@@ -267,10 +266,9 @@ impl RemappingUnit for Iommu {
         if self.iotlb.retag(sid, pasid, pe.did) > 0 {
             self.runs.drop_all();
         }
-        let mut cache = self.pasid_cache.write();
-        if self.entry_generation.load(Ordering::Acquire) == fill {
-            cache.insert((sid.rid(), pasid.raw()), pe);
-        }
+        let tag = pasid_tag(sid, pasid, &pe);
+        self.pasid_cache
+            .fill(&self.entry_generation, fill, tag, &pe);
     }
 
     /// Through the paging-structure caches; counts the walk and the entries it read. In
