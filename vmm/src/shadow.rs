@@ -726,10 +726,10 @@ impl VIommu {
         let first = pass.pending.len();
         for dev in lock(&self.devices).iter() {
             each_host_invalidation(desc, dev.guest_sid, &dev.bound, &mut |inv| {
-                let key = ForwardKey::new(&dev.host, &inv);
-                if !pass.forwarded.contains(&key)
-                    && !flushed.covers(&dev.host, &inv)
-                    && pass.forwarded.insert(key)
+                // `covers` first: it is a short list scan, the insert a hash; an
+                // invalidation already forwarded is not inserted again.
+                if !flushed.covers(&dev.host, &inv)
+                    && pass.forwarded.insert(ForwardKey::new(&dev.host, &inv))
                 {
                     pass.pending.push((dev.host.clone(), inv));
                 }

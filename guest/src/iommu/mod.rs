@@ -23,7 +23,7 @@ mod svm;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vsva_mem::MemError;
@@ -244,6 +244,8 @@ impl Device {
     }
 }
 
+/// foldhash maps: their keys are the driver's own requester ids and PASIDs, looked up on
+/// every flush, so std's SipHash (resistance to chosen keys) buys nothing here.
 struct State {
     devices: HashMap<u16, Device>,
     /// The context tables under the root table; kept until the unit goes, as intel-iommu
@@ -399,8 +401,8 @@ impl IommuDriver {
             prq_pending: AtomicBool::new(false),
             svm_lock: Mutex::new(()),
             state: Mutex::new(State {
-                devices: HashMap::new(),
-                svms: HashMap::new(),
+                devices: HashMap::default(),
+                svms: HashMap::default(),
                 contexts: ContextTables::default(),
                 pasids: PasidAllocator::new(pasid_limit),
             }),

@@ -474,19 +474,37 @@ impl Process {
         let (start, end) = (gva.0, gva.0 + len);
         let (ranges, error) = {
             let mut st = lock(&self.state);
+            // One walk checks that areas cover the range and finds those at its two ends,
+            // which are split there without looking them up again.
             let mut next = start;
+            let mut ends = None;
             for vma in overlapping(&st, start, end) {
                 if vma.start.0 > next {
                     break;
                 }
+                ends = Some((ends.map_or(vma, |(first, _)| first), vma));
                 next = vma.end();
             }
-            if next < end {
+            let Some((first, last)) = ends.filter(|_| next >= end) else {
                 return Err(ProcessError::NotMapped(Gva(next)));
+            };
+            if first.start.0 < start {
+                split_at(&mut st, first, start);
             }
-            let ranges = split_vmas(&mut st, start, end);
+            if last.end() > end {
+                // The part of `last` at or above `start`, if the first split cut it.
+                let from = last.start.0.max(start);
+                let last = Vma {
+                    start: Gva(from),
+                    len: last.end() - from,
+                    ..last
+                };
+                split_at(&mut st, last, end);
+            }
+            let mut ranges = Ranges::new();
             for vma in st.vmas.range_mut(start..end).map(|(_, v)| v) {
                 vma.prot = prot;
+                ranges.push((vma.start.0, vma.end()));
             }
             let State { tables, pages, .. } = &mut *st;
             let mut error = None;
@@ -650,6 +668,21 @@ fn vma_at(st: &State, gva: Gva) -> Option<Vma> {
         .filter(|v| v.contains(gva))
 }
 
+/// Splits the area `v` at `cut`, which lies strictly inside it, into two areas.
+fn split_at(st: &mut State, v: Vma, cut: u64) {
+    let head = Vma {
+        len: cut - v.start.0,
+        ..v
+    };
+    let tail = Vma {
+        start: Gva(cut),
+        len: v.end() - cut,
+        prot: v.prot,
+    };
+    st.vmas.insert(head.start.0, head);
+    st.vmas.insert(tail.start.0, tail);
+}
+
 /// The areas that share a byte with `[start, end)`, lowest first.
 fn overlapping(st: &State, start: u64, end: u64) -> impl Iterator<Item = Vma> + '_ {
     let first = vma_at(st, Gva(start)).map_or(start, |v| v.start.0);
@@ -661,17 +694,7 @@ fn overlapping(st: &State, start: u64, end: u64) -> impl Iterator<Item = Vma> + 
 fn split_vmas(st: &mut State, start: u64, end: u64) -> Ranges {
     for cut in [start, end] {
         if let Some(v) = vma_at(st, Gva(cut)).filter(|v| v.start.0 < cut) {
-            let head = Vma {
-                len: cut - v.start.0,
-                ..v
-            };
-            let tail = Vma {
-                start: Gva(cut),
-                len: v.end() - cut,
-                prot: v.prot,
-            };
-            st.vmas.insert(head.start.0, head);
-            st.vmas.insert(tail.start.0, tail);
+            split_at(st, v, cut);
         }
     }
     st.vmas
