@@ -1,12 +1,16 @@
 //! The guest PASID binds (`iommu_gpasid_bind_data`) a container or a domain keeps, by host
 //! PASID: one vector sorted by PASID, found by binary search. The vector grows by a
-//! quarter at a time and gives room back once half of it is unused, so a bind costs its 40
-//! bytes and at most a quarter more after growing (half more after removals), where a
-//! B-tree map spends about 85 bytes a bind on keys, links and half-empty nodes.
+//! quarter at a time and gives room back once half of it is unused (keeping room for four),
+//! so a bind costs its 40 bytes and at most a quarter more after growing (half more after
+//! removals), where a B-tree map spends about 85 bytes a bind on keys, links and
+//! half-empty nodes.
 
 use vsva_vtd::addr::Pasid;
 
 use vsva_uapi::request::BindGpasid;
+
+/// The room a vector of binds is given first and keeps when it shrinks.
+const MIN_ROOM: usize = 4;
 
 /// Binds sorted by host PASID, at most one per PASID.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,7 +34,8 @@ impl GpasidBinds {
             Ok(_) => false,
             Err(i) => {
                 if self.binds.len() == self.binds.capacity() {
-                    self.binds.reserve_exact((self.binds.len() / 4).max(4));
+                    self.binds
+                        .reserve_exact((self.binds.len() / 4).max(MIN_ROOM));
                 }
                 self.binds.insert(i, bind);
                 true
@@ -40,12 +45,13 @@ impl GpasidBinds {
 
     /// Removes and returns the bind of `pasid`. Once less than half of the room is in use
     /// the vector keeps only a quarter more than it holds, so a shrinking table does not
-    /// keep its peak size.
+    /// keep its peak size; but never less than [`MIN_ROOM`] binds, so that a bind and its
+    /// unbind at a few binds do not reallocate twice each.
     pub fn remove(&mut self, pasid: Pasid) -> Option<BindGpasid> {
         let bind = self.binds.remove(self.position(pasid).ok()?);
         let len = self.binds.len();
-        if 2 * len < self.binds.capacity() {
-            self.binds.shrink_to(len + len / 4);
+        if 2 * len < self.binds.capacity() && self.binds.capacity() > MIN_ROOM {
+            self.binds.shrink_to((len + len / 4).max(MIN_ROOM));
         }
         Some(bind)
     }
@@ -125,6 +131,19 @@ mod tests {
                 prop_assert!(binds.binds.capacity() <= (2 * binds.binds.len()).max(8));
             }
             prop_assert!(binds.into_iter().eq(model.into_values()));
+        }
+    }
+
+    /// A bind and its unbind next to a few others keep the vector's room as it was.
+    #[test]
+    fn bind_and_unbind_at_a_few_binds_keep_the_room() {
+        let mut binds = GpasidBinds::default();
+        assert!(binds.insert(bind(1, 0)));
+        let room = binds.binds.capacity();
+        for p in 2..4 {
+            assert!(binds.insert(bind(p, 0)));
+            assert!(binds.remove(Pasid::new(p).unwrap()).is_some());
+            assert_eq!(binds.binds.capacity(), room);
         }
     }
 }

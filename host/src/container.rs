@@ -14,6 +14,7 @@
 //! the argument bytes) unchanged: all checks run before the first change, and each change
 //! after the backend's fallible call is infallible.
 
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -656,12 +657,13 @@ impl<B: IommuBackend> Container<B> {
             self.faults.add_pasid(pasid);
             return Ok(pasid.raw() as usize);
         }
-        let victims = if min == max {
+        // One PASID (the usual free) without a list on the heap.
+        let victims: SmallVec<[Pasid; 1]> = if min == max {
             let pasid = Pasid::new(min).map_err(|e| HostError::field("PASID", e.to_string()))?;
             allocator.check_owner(self.set, pasid)?;
-            vec![pasid]
+            smallvec::smallvec![pasid]
         } else {
-            allocator.owned_in(self.set, min, max)?
+            allocator.owned_in(self.set, min, max)?.into()
         };
         for pasid in victims {
             answer_invalid(&mut self.backend, self.faults.remove_pasid(pasid));

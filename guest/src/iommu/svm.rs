@@ -81,7 +81,8 @@ pub(super) struct Svm {
     pub(super) pasid: Pasid,
     pub(super) process: Arc<Process>,
     notifier: NotifierId,
-    pub(super) devices: Vec<SvmDevice>,
+    /// Inline for one: a PASID is mostly bound to one device.
+    pub(super) devices: SmallVec<[SvmDevice; 1]>,
 }
 
 /// The mmu notifier an [`Svm`] registers with its process.
@@ -220,7 +221,7 @@ impl IommuDriver {
                             pasid,
                             process: process.clone(),
                             notifier,
-                            devices: vec![device],
+                            devices: smallvec::smallvec![device],
                         },
                     );
                 }
@@ -373,7 +374,7 @@ impl IommuDriver {
             return Ok(());
         }
         self.handle_page_requests();
-        let mut descs = vec![
+        let mut descs: SmallVec<[InvDesc; 3]> = smallvec::smallvec![
             InvDesc::InvWait {
                 sw: false,
                 interrupt: false,

@@ -106,8 +106,9 @@ pub trait MmuNotifier: Send + Sync {
     fn invalidate_range(&self, start: Gva, end: Gva);
 }
 
-/// The registered notifiers, in registration order.
-type Notifiers = Vec<(NotifierId, Arc<dyn MmuNotifier>)>;
+/// The registered notifiers, in registration order; inline for the one or two a process
+/// usually has, so a change of the list allocates only its shared pointer.
+type Notifiers = SmallVec<[(NotifierId, Arc<dyn MmuNotifier>); 2]>;
 
 /// The areas a change covers, as `(start, end)` ranges ([`split_vmas`]); a change
 /// usually covers one.
