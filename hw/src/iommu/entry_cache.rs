@@ -325,6 +325,62 @@ impl<V: CachedEntry<N>, const N: usize> EntryCache<V, N> {
     }
 }
 
+/// What the IOTLB holds by requester id and PASID, as far as a fresh PASID entry read needs
+/// to know: whether every IOTLB entry filled for the key since its last retag has the
+/// domain id the entry now has, so that [`Iotlb::retag`](super::iotlb::Iotlb::retag), which
+/// takes the IOTLB's index lock whenever the IOTLB holds anything, is skipped then.
+///
+/// A slot per hash of the key holds the PASID-cache tag (key and domain id) of the last
+/// fresh read that retagged, or [`RetagFilter::MIXED`] once a fill of another key or domain
+/// id is recorded. A read whose tag is in its slot skips the retag: the retag it recorded
+/// removed every entry of other domain ids filled before it, and a fill after it with
+/// another domain id (or of another key) would have replaced the tag. A read that finds
+/// another value records its tag first, then retags; a fill records itself after its IOTLB
+/// insert, so that a fill the retag missed is recorded after the read's tag. (A fill racing
+/// with the re-read may list itself after the retag all the same, as `Iotlb::retag` says.)
+pub(crate) struct RetagFilter {
+    slots: Box<[AtomicU64]>,
+}
+
+impl RetagFilter {
+    /// Not a PASID-cache tag (their bits 62:52 are clear): fills of several keys or domain
+    /// ids, or none recorded yet by a read.
+    const MIXED: u64 = u64::MAX;
+
+    /// A filter of `slots` slots (a power of two).
+    pub(crate) fn new(slots: usize) -> Self {
+        debug_assert!(slots.is_power_of_two());
+        RetagFilter {
+            slots: (0..slots).map(|_| AtomicU64::new(Self::MIXED)).collect(),
+        }
+    }
+
+    fn slot(&self, tag: u64) -> &AtomicU64 {
+        let key = tag & PASID_KEY;
+        let at = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & (self.slots.len() - 1);
+        &self.slots[at]
+    }
+
+    /// A PASID entry of PASID-cache tag `tag` was read from the tables: whether the IOTLB
+    /// must be retagged for it (recorded as done if so).
+    pub(crate) fn read_needs_retag(&self, tag: u64) -> bool {
+        let slot = self.slot(tag);
+        if slot.load(Ordering::Acquire) == tag {
+            return false;
+        }
+        slot.store(tag, Ordering::Release);
+        true
+    }
+
+    /// An IOTLB entry was filled from a PASID entry of PASID-cache tag `tag`.
+    pub(crate) fn filled(&self, tag: u64) {
+        let slot = self.slot(tag);
+        if slot.load(Ordering::Acquire) != tag {
+            slot.store(Self::MIXED, Ordering::Release);
+        }
+    }
+}
+
 impl<V, const N: usize> EntryCache<V, N> {
     /// Number of cached entries.
     pub(crate) fn len(&self) -> usize {
@@ -429,6 +485,30 @@ mod tests {
         );
         c.invalidate(&g, |t| t >> 16 & 1 == 1);
         assert!((0..16u64).all(|k| get(&c, tag(k)) == (k % 2 == 0).then_some(k + 1)));
+    }
+
+    #[test]
+    fn a_read_skips_the_retag_only_after_fills_of_its_own_key_and_domain() {
+        // One slot, so that every key shares it.
+        let f = RetagFilter::new(1);
+        let (k1d1, k1d2, k2d1) = (
+            VALID | 1 | 1 << 36,
+            VALID | 1 | 2 << 36,
+            VALID | 2 | 1 << 36,
+        );
+        assert!(f.read_needs_retag(k1d1), "nothing recorded yet");
+        f.filled(k1d1);
+        assert!(!f.read_needs_retag(k1d1), "only its own fills since");
+        assert!(f.read_needs_retag(k1d2), "another domain id");
+        f.filled(k1d1);
+        assert!(
+            f.read_needs_retag(k1d2),
+            "a fill of the old domain id after the retag"
+        );
+        assert!(!f.read_needs_retag(k1d2));
+        f.filled(k2d1);
+        assert!(f.read_needs_retag(k1d2), "another key's fill in the slot");
+        assert!(f.read_needs_retag(k2d1), "another key's read");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use vsva_vtd::{
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};
 use crate::drain::RequestDrain;
 use crate::memory::HostMemory;
-use entry_cache::{EntryCache, CONTEXT_KEY, PASID_KEY};
+use entry_cache::{EntryCache, RetagFilter, CONTEXT_KEY, PASID_KEY};
 use iotlb::Iotlb;
 use overtaken::FillLog;
 use pscache::PagingStructureCaches;
@@ -189,6 +189,8 @@ pub struct Iommu {
     entry_generation: crate::sync::AtomicU64,
     /// The PASID cache, by requester id and PASID ([`PASID_SETS`] sets).
     pasid_cache: EntryCache<PasidEntry, 6>,
+    /// Whether a fresh PASID entry read must retag the IOTLB ([`PASID_SETS`] × 4 slots).
+    retag_filter: RetagFilter,
     iotlb: Iotlb,
     /// Runs of IOTLB hits answered to untranslated requests.
     runs: RunCache,
@@ -220,6 +222,7 @@ impl Iommu {
             context_cache: EntryCache::new(CONTEXT_SETS, CONTEXT_KEY),
             entry_generation: crate::sync::AtomicU64::new(0),
             pasid_cache: EntryCache::new(PASID_SETS, PASID_KEY),
+            retag_filter: RetagFilter::new(PASID_SETS * 4),
             iotlb: Iotlb::default(),
             runs: RunCache::default(),
             paging_caches: PagingStructureCaches::default(),

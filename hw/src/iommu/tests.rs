@@ -312,6 +312,64 @@ fn first_level_translation_hits_the_iotlb_the_second_time() {
     assert_eq!((again.hpa, again.source), (0x50_0ff8, Source::Iotlb));
 }
 
+/// VT-d IOTLB entries are tagged by domain id: once a PASID entry is re-read with another
+/// domain id (after a PASID-cache invalidation, with no IOTLB invalidation; the model
+/// re-reads it on the next IOTLB miss of its requester and PASID), the entries filled under
+/// the old one no longer serve, however often the domain id goes back and forth; a re-read
+/// with the same domain id keeps them.
+#[test]
+fn a_pasid_entry_read_with_another_domain_id_no_longer_hits_the_old_domains_entries() {
+    let mut rig = Rig::new(false);
+    let p = pasid(3);
+    let (va, old_base, new_base) = (0x7000_0000, 0x50_0000, 0x60_0000);
+    let mut fl = rig.first_level(p);
+    let mut fl2 = rig.tables(TableFormat::FirstLevel(FlPagingMode::FourLevel));
+    for i in 0..8 {
+        rig.map(&mut fl, va + i * 0x1000, old_base + i * 0x1000, rw());
+        rig.map(&mut fl2, va + i * 0x1000, new_base + i * 0x1000, rw());
+    }
+    let other = PasidEntry {
+        flptptr: fl2.root(),
+        ..PasidEntry::new(Pgtt::FirstLevel, DomainId(8))
+    };
+    let translate = |rig: &Rig, page: u64| {
+        rig.iommu
+            .translate(SID, Some(p), va + page * 0x1000, AccessRequest::READ)
+            .map(|m| (m.hpa, m.source))
+    };
+    let pasid_cache = |did| InvDesc::PasidCache {
+        granularity: PasidCacheGranularity::PasidSelective,
+        did,
+        pasid: p,
+    };
+    // Each round misses on pages not cached yet, which re-reads the PASID entry.
+    let mut fresh = 1..8;
+    let mut miss = |rig: &Rig| translate(rig, fresh.next().unwrap()).unwrap().1;
+    assert_eq!(translate(&rig, 0), Ok((old_base, Source::Walk)));
+    for _ in 0..2 {
+        assert_eq!(translate(&rig, 0), Ok((old_base, Source::Iotlb)));
+        rig.set_pasid_entry(p, Some(&other));
+        rig.invalidate(&[pasid_cache(DID)]);
+        assert_eq!(miss(&rig), Source::Walk);
+        assert_eq!(translate(&rig, 0), Ok((new_base, Source::Walk)), "domain 8");
+        rig.invalidate(&[pasid_cache(DomainId(8))]);
+        assert_eq!(miss(&rig), Source::Walk);
+        assert_eq!(
+            translate(&rig, 0),
+            Ok((new_base, Source::Iotlb)),
+            "re-read in the same domain"
+        );
+        rig.set_pasid_entry(p, Some(&first_level_entry(fl.root())));
+        rig.invalidate(&[pasid_cache(DomainId(8))]);
+        assert_eq!(miss(&rig), Source::Walk);
+        assert_eq!(
+            translate(&rig, 0),
+            Ok((old_base, Source::Walk)),
+            "domain 7 again"
+        );
+    }
+}
+
 #[test]
 fn a_stale_translation_survives_until_the_matching_invalidation() {
     let mut rig = Rig::new(true);

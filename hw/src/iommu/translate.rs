@@ -233,11 +233,12 @@ impl RemappingUnit for Iommu {
         access: AccessRequest,
     ) -> PackedEntry {
         let entry = iotlb_entry(pe, t, access);
-        if pe.pgtt != Pgtt::PassThrough
-            && !self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry)
-            && self.strict()
-        {
-            self.report_overtaken_fill(fill.iotlb, sid, pasid, addr, entry);
+        if pe.pgtt != Pgtt::PassThrough {
+            if self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry) {
+                self.retag_filter.filled(pasid_tag(sid, pasid, pe));
+            } else if self.strict() {
+                self.report_overtaken_fill(fill.iotlb, sid, pasid, addr, entry);
+            }
         }
         PackedEntry::new(sid, pasid, addr, &entry)
     }
@@ -261,12 +262,13 @@ impl RemappingUnit for Iommu {
         self.pasid_cache.get(pasid_key(sid, pasid))
     }
 
-    /// An entry read afresh retags the IOTLB for its domain.
+    /// An entry read afresh retags the IOTLB for its domain, unless every IOTLB entry filled
+    /// for its requester and PASID since the last retag has its domain id (`RetagFilter`).
     fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
-        if self.iotlb.retag(sid, pasid, pe.did) > 0 {
+        let tag = pasid_tag(sid, pasid, &pe);
+        if self.retag_filter.read_needs_retag(tag) && self.iotlb.retag(sid, pasid, pe.did) > 0 {
             self.runs.drop_all();
         }
-        let tag = pasid_tag(sid, pasid, &pe);
         self.pasid_cache
             .fill(&self.entry_generation, fill, tag, &pe);
     }
