@@ -242,11 +242,18 @@ impl<B: IommuBackend> Container<B> {
     ///
     /// The backend receives the container's [`FaultSink`] through
     /// [`IommuBackend::set_fault_sink`].
-    pub fn new(allocator: SharedPasidAllocator, quota: u32, mut backend: B) -> Self {
-        let set = lock(&allocator).create_set(quota);
+    ///
+    /// Errors: the allocator has no room for another set (ENOSPC, see
+    /// [`PasidAllocator::create_set`](crate::pasid::PasidAllocator::create_set)).
+    pub fn new(
+        allocator: SharedPasidAllocator,
+        quota: u32,
+        mut backend: B,
+    ) -> Result<Self, HostError> {
+        let set = lock(&allocator).create_set(quota)?;
         let faults = FaultQueue::new();
         backend.set_fault_sink(faults.sink());
-        Container {
+        Ok(Container {
             backend,
             allocator,
             set,
@@ -255,7 +262,7 @@ impl<B: IommuBackend> Container<B> {
             bound: GpasidBinds::default(),
             pasid_table: None,
             faults,
-        }
+        })
     }
 
     /// The container's PASID set.
@@ -1028,7 +1035,7 @@ mod tests {
     fn nested(alloc: &SharedPasidAllocator) -> (Container<MockIommu>, Rc<RefCell<MockState>>) {
         let backend = MockIommu::new(true, false);
         let state = backend.state.clone();
-        let mut c = Container::new(alloc.clone(), 8, backend);
+        let mut c = Container::new(alloc.clone(), 8, backend).unwrap();
         c.set_iommu(IommuModel::Type1Nesting).unwrap();
         (c, state)
     }
@@ -1155,7 +1162,7 @@ mod tests {
 
     #[test]
     fn attach_device_defaults_to_enodev() {
-        let mut c = Container::new(shared(), 1, Minimal);
+        let mut c = Container::new(shared(), 1, Minimal).unwrap();
         assert_eq!(
             c.attach_device(dev(0, 1)).unwrap_err(),
             HostError::NoDriverOp("attach_device")
@@ -1425,7 +1432,7 @@ mod tests {
                 .errno(),
             -libc::EINVAL
         );
-        let mut v2 = Container::new(alloc.clone(), 1, MockIommu::new(false, false));
+        let mut v2 = Container::new(alloc.clone(), 1, MockIommu::new(false, false)).unwrap();
         v2.set_iommu(IommuModel::Type1v2).unwrap();
         assert_eq!(
             v2.page_response(&resp(None, 1, ok)).unwrap_err(),
@@ -1458,7 +1465,7 @@ mod tests {
             }
         }
 
-        let mut c = Container::new(shared(), 2, NoPri);
+        let mut c = Container::new(shared(), 2, NoPri).unwrap();
         c.set_iommu(IommuModel::Type1Nesting).unwrap();
         c.attach_device(dev(0, 1)).unwrap();
         let p = c.pasid_alloc(1, 10).unwrap();
@@ -1780,7 +1787,7 @@ mod tests {
     #[test]
     fn model_gates() {
         let alloc = shared();
-        let mut c = Container::new(alloc.clone(), 8, MockIommu::new(false, false));
+        let mut c = Container::new(alloc.clone(), 8, MockIommu::new(false, false)).unwrap();
         assert_eq!(c.get_info().unwrap_err(), HostError::NoIommuModel);
         assert_eq!(c.ioctl(0x3b99, &mut []).unwrap_err().errno(), -libc::EINVAL);
         assert!(!c.check_extension(VFIO_TYPE1_NESTING_IOMMU).unwrap());
@@ -1946,7 +1953,7 @@ mod tests {
 
         let backend = MockIommu::new(true, true);
         let mock = backend.state.clone();
-        let mut smmu = Container::new(alloc.clone(), 8, backend);
+        let mut smmu = Container::new(alloc.clone(), 8, backend).unwrap();
         smmu.set_iommu(IommuModel::Type1Nesting).unwrap();
         let p = smmu.pasid_alloc(1, 10).unwrap();
         smmu.bind_gpasid(&bind_of(p)).unwrap();
@@ -1999,7 +2006,7 @@ mod tests {
             pasid_bits: 0,
             config: PasidConfig::Abort,
         };
-        let mut c = Container::new(shared(), 1, Minimal);
+        let mut c = Container::new(shared(), 1, Minimal).unwrap();
         c.set_iommu(IommuModel::Type1Nesting).unwrap();
         assert_eq!(
             c.attach_pasid_table(&cfg).unwrap_err().errno(),
@@ -2024,7 +2031,7 @@ mod tests {
             io(VFIO_TYPE, VFIO_BASE + 65),
         ] {
             assert!(!cmds.contains(&cmd));
-            let mut c = Container::new(shared(), 1, Minimal);
+            let mut c = Container::new(shared(), 1, Minimal).unwrap();
             c.set_iommu(IommuModel::Type1Nesting).unwrap();
             assert_eq!(
                 c.ioctl(cmd, &mut [0; 64]).unwrap_err(),
@@ -2057,7 +2064,7 @@ mod tests {
         }
         assert_eq!(c.state(), before);
         // Before VFIO_SET_IOMMU, a short argument still gets the model's -EINVAL first.
-        let mut fresh = Container::new(shared(), 1, Minimal);
+        let mut fresh = Container::new(shared(), 1, Minimal).unwrap();
         assert_eq!(
             fresh.ioctl(VFIO_IOMMU_MAP_DMA, &mut []).unwrap_err(),
             HostError::NoIommuModel
@@ -2066,7 +2073,7 @@ mod tests {
 
     #[test]
     fn detach_pasid_table_has_its_own_arm() {
-        let mut c = Container::new(shared(), 1, Minimal);
+        let mut c = Container::new(shared(), 1, Minimal).unwrap();
         assert_eq!(c.detach_pasid_table().unwrap_err(), HostError::NoIommuModel);
         c.set_iommu(IommuModel::Type1v2).unwrap();
         assert_eq!(
@@ -2075,7 +2082,7 @@ mod tests {
         );
         let backend = MockIommu::new(true, true);
         let state = backend.state.clone();
-        let mut n = Container::new(shared(), 8, backend);
+        let mut n = Container::new(shared(), 8, backend).unwrap();
         n.set_iommu(IommuModel::Type1Nesting).unwrap();
         // Nothing attached: nothing to undo.
         n.detach_pasid_table().unwrap();
@@ -2127,8 +2134,9 @@ mod tests {
         use crate::file::ContainerFile;
         use vsva_uapi::{error::Errno, file::Type1Info, file::UapiFile};
 
-        let file: Arc<dyn UapiFile> =
-            Arc::new(ContainerFile::new(Container::new(shared(), 4, Answering)));
+        let file: Arc<dyn UapiFile> = Arc::new(ContainerFile::new(
+            Container::new(shared(), 4, Answering).unwrap(),
+        ));
         let mut fd: &dyn UapiFile = &*file;
         assert_eq!(fd.api_version(), Ok(VFIO_API_VERSION));
         assert_eq!(fd.check_extension(VFIO_TYPE1_NESTING_IOMMU), Ok(true));
@@ -2161,7 +2169,9 @@ mod tests {
         assert_eq!(file.read(&mut buf), Err(Errno::EAGAIN));
         assert_eq!(file.read(&mut buf[..71]), Err(Errno::EINVAL));
         let notified = Arc::new(AtomicUsize::new(0));
-        let typed = Arc::new(ContainerFile::new(Container::new(shared(), 4, Answering)));
+        let typed = Arc::new(ContainerFile::new(
+            Container::new(shared(), 4, Answering).unwrap(),
+        ));
         let file2: Arc<dyn UapiFile> = typed.clone();
         let mut fd2: &dyn UapiFile = &*file2;
         fd2.set_iommu(IommuModel::Type1Nesting).unwrap();
@@ -2565,7 +2575,7 @@ mod tests {
             }
             let backend = MockIommu::new(nesting, smmu);
             let mock = backend.state.clone();
-            let mut c = Container::new(alloc.clone(), 6, backend);
+            let mut c = Container::new(alloc.clone(), 6, backend).unwrap();
             let device = SourceId::new(0, 2, 0).unwrap();
             c.attach_device(device).unwrap();
             let mut groups = Vec::new();

@@ -23,6 +23,12 @@ pub enum HostError {
         /// How many PASIDs it may hold at a time.
         quota: u32,
     },
+    /// Every PASID set slot is in use (`-ENOSPC`): a new container gets no set.
+    #[error("{max} PASID sets are live: no set can be created")]
+    TooManySets {
+        /// How many sets may be live at once.
+        max: usize,
+    },
     /// Every PASID in the requested range is taken (`-ENOSPC`).
     #[error("no free PASID in [{min:#x}, {max:#x}]")]
     NoFreePasid {
@@ -176,9 +182,11 @@ impl HostError {
             | NotBound(_)
             | DeviceNotAttached(_)
             | NoPendingGroup { .. } => libc::EINVAL,
-            QuotaExceeded { .. } | NoFreePasid { .. } | DmaLimit(_) | FaultQueueFull(_) => {
-                libc::ENOSPC
-            }
+            QuotaExceeded { .. }
+            | TooManySets { .. }
+            | NoFreePasid { .. }
+            | DmaLimit(_)
+            | FaultQueueFull(_) => libc::ENOSPC,
             NotOwner { .. } | UnownedPageRequest { .. } | UnownedFault { .. } => libc::EPERM,
             UnknownIoctl(_) => libc::ENOTTY,
             UnsupportedIommuModel(_) | NoDriverOp(_) => libc::ENODEV,

@@ -286,7 +286,7 @@ struct Guest {
 fn guest(host: &Host, alloc: &SharedPasidAllocator, sid: SourceId, ctrl: u64) -> Guest {
     let vm = Vm::new(host, RAM, 2 << 20);
     let domain = VtdDomain::new(&host.unit).unwrap();
-    let mut container = Container::new(alloc.clone(), 16, domain);
+    let mut container = Container::new(alloc.clone(), 16, domain).unwrap();
     container.set_iommu(IommuModel::Type1Nesting).unwrap();
     let dev = engine(host, sid, ctrl);
     container.attach_device(sid).unwrap();
@@ -397,7 +397,7 @@ fn unmap_invalidates_a_range_with_one_descriptor() {
     let host = host();
     let alloc = allocator();
     let vm = Vm::new(&host, RAM, 2 << 20);
-    let mut c = Container::new(alloc, 4, VtdDomain::new(&host.unit).unwrap());
+    let mut c = Container::new(alloc, 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1v2).unwrap();
     let dev = engine(&host, sid(2), CTRL_PASID_EN);
     c.attach_device(sid(2)).unwrap();
@@ -885,7 +885,7 @@ fn bind_refuses_a_guest_table_beyond_the_mapped_memory() {
     let host = host();
     let alloc = allocator();
     let vm = Vm::new(&host, RAM, 2 << 20);
-    let mut c = Container::new(alloc, 4, VtdDomain::new(&host.unit).unwrap());
+    let mut c = Container::new(alloc, 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1Nesting).unwrap();
     let _dev = engine(&host, sid(13), CTRL_PASID_EN);
     c.attach_device(sid(13)).unwrap();
@@ -942,7 +942,7 @@ fn map_dma_is_limited_to_the_units_address_width() {
         unit,
     };
     let vm = Vm::new(&host, 4 << 20, 2 << 20);
-    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1Nesting).unwrap();
     assert_eq!(c.backend().levels(), vsva_vtd::slpte::SlLevels::Four);
     assert_eq!(c.backend().addr_width(), 46);
@@ -1099,7 +1099,7 @@ proptest! {
     ) {
         let host = host();
         let vm = Vm::new(&host, 128 << 20, 2 << 20);
-        let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+        let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
         c.set_iommu(IommuModel::Type1v2).unwrap();
         let s = sid(30);
         c.attach_device(s).unwrap();
@@ -1168,7 +1168,7 @@ fn get_info_reports_the_page_sizes_of_cap_sllps() {
     }
     assert_ne!(sllps, 0, "the model offers large second-level pages");
     for model in [IommuModel::Type1v2, IommuModel::Type1Nesting] {
-        let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+        let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
         c.set_iommu(model).unwrap();
         let info = c.get_info().unwrap();
         assert_eq!(info.iova_pgsizes, want, "{model:?}: CAP.SLLPS {sllps:#b}");
@@ -1183,7 +1183,7 @@ fn get_info_reports_the_page_sizes_of_cap_sllps() {
 fn device_capabilities_decide_dte_pre_and_device_tlb_invalidations() {
     let host = host();
     let vm = Vm::new(&host, RAM, 2 << 20);
-    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1v2).unwrap();
     let plain = DmaEngineConfig {
         ats: false,
@@ -1234,7 +1234,7 @@ fn bind_needs_a_device_with_20_bit_pasids() {
         };
         host.hw
             .attach_endpoint(Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap()));
-        let mut c = Container::new(allocator(), 16, VtdDomain::new(&host.unit).unwrap());
+        let mut c = Container::new(allocator(), 16, VtdDomain::new(&host.unit).unwrap()).unwrap();
         c.set_iommu(IommuModel::Type1Nesting).unwrap();
         c.attach_device(sid).unwrap();
         c.map_dma(&vm.map_all(8 << 20)).unwrap();
@@ -1267,7 +1267,7 @@ fn the_unbind_drain_repeats_while_pro_is_set_and_needs_pri() {
         };
         host.hw
             .attach_endpoint(Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap()));
-        let mut c = Container::new(allocator(), 16, VtdDomain::new(&host.unit).unwrap());
+        let mut c = Container::new(allocator(), 16, VtdDomain::new(&host.unit).unwrap()).unwrap();
         c.set_iommu(IommuModel::Type1Nesting).unwrap();
         c.attach_device(sid).unwrap();
         c.map_dma(&vm.map_all(8 << 20)).unwrap();
@@ -1324,7 +1324,7 @@ fn the_unbind_drain_repeats_while_pro_is_set_and_needs_pri() {
 #[test]
 fn the_pasid_directory_is_sized_by_the_device_s_pasid_width() {
     let host = host();
-    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap());
+    let mut c = Container::new(allocator(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1v2).unwrap();
     let rta = |h: &Host| h.hw.mmio_read(offset::RTADDR, 8).unwrap() & !0xfff;
     for (i, (width, pdts)) in [(Some(20), 7), (Some(16), 3), (Some(8), 2), (None, 2)]

@@ -300,7 +300,7 @@ fn a_device_is_used_through_a_type1_container_or_a_cdev_not_both() {
     let ram = host.ram();
     let engine = host.engine(SID, 0);
     let alloc: SharedPasidAllocator = Arc::new(Mutex::new(PasidAllocator::new()));
-    let mut c = Container::new(alloc.clone(), 4, VtdDomain::new(&host.unit).unwrap());
+    let mut c = Container::new(alloc.clone(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1v2).unwrap();
     c.attach_device(SID).unwrap();
     c.map_dma(&DmaMap {
@@ -335,7 +335,7 @@ fn a_device_is_used_through_a_type1_container_or_a_cdev_not_both() {
     map(&*f, ioas, FIXED_RW, ram.vaddr, RAM, 0).unwrap();
     attach(&dev, ioas).unwrap();
     refused_container(&mut c);
-    let mut other = Container::new(alloc.clone(), 4, VtdDomain::new(&host.unit).unwrap());
+    let mut other = Container::new(alloc.clone(), 4, VtdDomain::new(&host.unit).unwrap()).unwrap();
     refused_container(&mut other);
     dma_fill(&engine, 0x5000, 64, 0x2222_2222_2222_2222);
     assert_eq!(ram.read(0x5000, 64), [0x22; 64], "the iommufd keeps it");

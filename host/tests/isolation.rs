@@ -105,7 +105,7 @@ impl Host {
     /// A nesting container on a fresh domain of the unit, with `sid` attached.
     fn container(&self, sid: SourceId) -> Container<VtdDomain> {
         let domain = VtdDomain::new(&self.unit).unwrap();
-        let mut c = Container::new(self.pasids.clone(), DEFAULT_QUOTA, domain);
+        let mut c = Container::new(self.pasids.clone(), DEFAULT_QUOTA, domain).unwrap();
         c.set_iommu(IommuModel::Type1Nesting).unwrap();
         c.attach_device(sid).unwrap();
         c

@@ -107,7 +107,7 @@ impl Guest {
         let hpa = host.frames.alloc_range(RAM, 2 << 20).unwrap();
         let ram = host.mem.guest_memory(&[(Gpa(0), hpa, RAM)]).unwrap();
         let domain = SmmuDomain::new(&host.smmu).unwrap();
-        let mut container = Container::new(alloc.clone(), 16, domain);
+        let mut container = Container::new(alloc.clone(), 16, domain).unwrap();
         container.set_iommu(IommuModel::Type1Nesting).unwrap();
         let dev = Arc::new(DmaEngine::new(DmaEngineConfig::new(sid), host.hw.clone()).unwrap());
         host.hw.attach_endpoint(sid.rid() as u32, dev.clone());

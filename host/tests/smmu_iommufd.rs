@@ -392,7 +392,7 @@ fn a_device_is_used_through_a_type1_container_or_a_cdev_not_both() {
     let host = host();
     let mut vm = Vm::new(&host, rid(6));
     let alloc = Arc::new(std::sync::Mutex::new(PasidAllocator::new()));
-    let mut c = Container::new(alloc, 4, SmmuDomain::new(&host.smmu).unwrap());
+    let mut c = Container::new(alloc, 4, SmmuDomain::new(&host.smmu).unwrap()).unwrap();
     c.set_iommu(IommuModel::Type1v2).unwrap();
     vm.attach(vm.ioas).unwrap();
     let e = c.attach_device(rid(6)).unwrap_err();

@@ -163,12 +163,14 @@ impl FileKind for VfioContainerKind {
         Ok(match &self.domains {
             Domains::Vtd(unit) => {
                 let domain = VtdDomain::new(unit).map_err(refused)?;
-                let container = Container::new(self.pasids.clone(), self.quota, domain);
+                let container =
+                    Container::new(self.pasids.clone(), self.quota, domain).map_err(refused)?;
                 Arc::new(ContainerFile::new(container))
             }
             Domains::Smmu(host) => {
                 let domain = SmmuDomain::new(host).map_err(refused)?;
-                let container = Container::new(self.pasids.clone(), self.quota, domain);
+                let container =
+                    Container::new(self.pasids.clone(), self.quota, domain).map_err(refused)?;
                 Arc::new(ContainerFile::new(container))
             }
         })

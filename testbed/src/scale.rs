@@ -470,7 +470,8 @@ impl Host {
     /// A VM's container: a nesting container on a fresh domain.
     fn vm(&self, quota: u32) -> Result<Vm, ScaleError> {
         let domain = VtdDomain::new(&self.unit)?;
-        let mut c = Container::new(self.pasids.clone(), quota, domain);
+        let mut c = Container::new(self.pasids.clone(), quota, domain)
+            .map_err(host_err("open the container"))?;
         c.set_iommu(IommuModel::Type1Nesting)
             .map_err(host_err("VFIO_SET_IOMMU"))?;
         Ok(c)

@@ -313,7 +313,7 @@ impl Vm {
     ) -> Result<Arc<ContainerFile<SmmuDomain>>, DemoError> {
         let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
         let domain = SmmuDomain::new(host).map_err(|e| err("domain", e))?;
-        let mut c = Container::new(allocator, 16, domain);
+        let mut c = Container::new(allocator, 16, domain).map_err(|e| err("container", e))?;
         c.set_iommu(IommuModel::Type1Nesting)
             .map_err(|e| err("SET_IOMMU", e))?;
         c.attach_device(host_sid).map_err(|e| err("attach", e))?;

@@ -719,7 +719,7 @@ impl Vm {
         // The VMM: a nesting VFIO container holding all of guest RAM, and the device.
         let host_sid = Self::host_sid(index);
         let domain = VtdDomain::new(&host.unit)?;
-        let mut container = Container::new(host.pasids.clone(), quota, domain);
+        let mut container = Container::new(host.pasids.clone(), quota, domain)?;
         container.set_iommu(IommuModel::Type1Nesting)?;
         let vaddr = mem
             .get_host_address(GuestAddress(0))

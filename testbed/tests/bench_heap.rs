@@ -88,7 +88,7 @@ fn heap_per_bound_pasid_agrees_with_a_count_of_every_allocation() {
 
 fn at_most_64_bytes_per_pasid() {
     let mut a = PasidAllocator::new();
-    let sets: Vec<_> = (0..200).map(|_| a.create_set(1000)).collect();
+    let sets: Vec<_> = (0..200).map(|_| a.create_set(1000).unwrap()).collect();
     let base = LIVE.load(Ordering::Relaxed);
     let mut count = 0usize;
     let mut worst = 0f64;
@@ -119,7 +119,7 @@ fn at_most_64_bytes_per_pasid() {
 fn at_most_64_bytes_per_pasid_at_one_percent_with_the_fixed_tables() {
     let base = LIVE.load(Ordering::Relaxed);
     let mut a = PasidAllocator::new();
-    let sets: Vec<_> = (0..1000).map(|_| a.create_set(12)).collect();
+    let sets: Vec<_> = (0..1000).map(|_| a.create_set(12).unwrap()).collect();
     let n = (0xf_ffff_u32 as f64 * 0.01).round() as u32;
     let mut random = 0x9e37_79b9_7f4a_7c15_u64;
     for i in 0..n {

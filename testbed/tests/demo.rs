@@ -170,7 +170,7 @@ fn what_the_host_still_holds_after_shutdown_is_an_error() {
     let leaked = demo.host().frames.alloc_range(2 << 20, 2 << 20).unwrap();
     let set = {
         let mut pasids = demo.host().pasids.lock().unwrap();
-        let set = pasids.create_set(1);
+        let set = pasids.create_set(1).unwrap();
         pasids.alloc(set, 1, 100).unwrap();
         set
     };

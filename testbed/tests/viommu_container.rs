@@ -103,7 +103,7 @@ struct Vm {
 
 fn vm(allocator: &SharedPasidAllocator, host_sid: SourceId) -> Vm {
     let backend = Backend::default();
-    let mut c = Container::new(allocator.clone(), 16, backend.clone());
+    let mut c = Container::new(allocator.clone(), 16, backend.clone()).unwrap();
     c.set_iommu(IommuModel::Type1Nesting).unwrap();
     c.attach_device(host_sid).unwrap();
     let container = Arc::new(ContainerFile::new(c));

@@ -257,7 +257,7 @@ impl Stack {
             Uapi::Type1 => {
                 // The VMM: a container with the device and all guest RAM mapped.
                 let allocator = Arc::new(Mutex::new(PasidAllocator::new()));
-                let mut c = Container::new(allocator, 16, SmmuDomain::new(&host).unwrap());
+                let mut c = Container::new(allocator, 16, SmmuDomain::new(&host).unwrap()).unwrap();
                 c.set_iommu(IommuModel::Type1Nesting).unwrap();
                 c.attach_device(host_sid).unwrap();
                 let file = Arc::new(ContainerFile::new(c));

@@ -10,13 +10,15 @@
 //! counts it in its set; `free` checks the owner and uncounts it; both are O(1) whatever
 //! the occupancy (a leaf moves at most 64 entries when it grows or shrinks), and `owner`
 //! is a bitmap word, a directory slot and an entry, without hashing. Sets are found by id
-//! in a direct-mapped table, without hashing. A set keeps no list of its PASIDs: listing
+//! in a table of at most 65,535 slots, without hashing (see the `sets` module: an id is a
+//! slot and that slot's reuse count, so that the owner table can name a set in two bytes;
+//! a 65,536th live set is refused with ENOSPC). A set keeps no list of its PASIDs: listing
 //! them (`owned_in`) and destroying the set scan the taken bits of the range asked (the
 //! whole space for a destroy), one bitmap word per 64 PASIDs and an entry per taken one,
 //! so that a churn at high occupancy touches no per-set list (see the `owners` module).
 //!
 //! Memory: a fixed 132 KiB bitmap and 64 KiB leaf directory, and per allocated PASID a
-//! 4-byte owner entry (its set id; with its leaf's spare room fewer than 16 bytes,
+//! 2-byte owner entry (its set's slot; with its leaf's spare room fewer than 8 bytes,
 //! besides the leaves an arena keeps free after churn: see the `owners` module); measured
 //! by `testbed/tests/bench_heap.rs` and `vsva bench` (`bytes_per_pasid_*`).
 
@@ -31,7 +33,7 @@ use vsva_vtd::addr::Pasid;
 
 use crate::error::HostError;
 use owners::{Owner, OwnerTable};
-use sets::SetTable;
+use sets::{PasidSet, SetTable};
 
 /// The quota of a PASID set unless its creator asks for another (the seed series'
 /// `pasid_quota` module parameter default).
@@ -40,8 +42,8 @@ pub const DEFAULT_QUOTA: u32 = 1000;
 /// Number of PASIDs in the space, PASID 0 included.
 const PASID_SPACE: usize = 1 << Pasid::BITS;
 
-/// A set id no set gets: the owner of the reserved PASID 0 in the owner table.
-const NO_OWNER: u32 = u32::MAX;
+/// A set slot no set gets: the owner of the reserved PASID 0 in the owner table.
+const NO_OWNER: u16 = u16::MAX;
 
 /// The identifier of one VM's PASID set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,8 +94,12 @@ impl PasidAllocator {
     }
 
     /// Creates an empty set that may hold up to `quota` PASIDs.
-    pub fn create_set(&mut self, quota: u32) -> PasidSetId {
-        self.sets.create(quota)
+    ///
+    /// Errors: 65,535 sets live already → ENOSPC.
+    pub fn create_set(&mut self, quota: u32) -> Result<PasidSetId, HostError> {
+        self.sets.create(quota).ok_or(HostError::TooManySets {
+            max: sets::MAX_SETS,
+        })
     }
 
     /// Allocates the lowest free PASID in `[min, max]` to `set`.
@@ -116,7 +122,12 @@ impl PasidAllocator {
             _ => return Err(HostError::NoFreePasid { min, max }),
         };
         let pasid = Pasid::new(raw).map_err(|e| HostError::field("PASID", e.to_string()))?;
-        self.owners.insert(raw, Owner { set: set.0 });
+        self.owners.insert(
+            raw,
+            Owner {
+                set: members.slot(),
+            },
+        );
         members.held += 1;
         self.allocated += 1;
         Ok(pasid)
@@ -125,14 +136,13 @@ impl PasidAllocator {
     /// Frees `pasid`, which must be allocated to `set` (else EPERM, as the seed's
     /// `vfio_iommu_type1_pasid_free` answers for a PASID of another owner or none).
     pub fn free(&mut self, set: PasidSetId, pasid: Pasid) -> Result<(), HostError> {
-        let raw = pasid.raw();
-        self.owners
-            .remove(raw, set.0)
-            .map_err(|owner| HostError::NotOwner {
-                pasid,
-                set,
-                owner: owner.map(|o| PasidSetId(o.set)),
-            })?;
+        let not_owner = |owner| HostError::NotOwner { pasid, set, owner };
+        let Some(slot) = self.sets.get(set).map(PasidSet::slot) else {
+            return Err(not_owner(self.owner(pasid)));
+        };
+        if let Err(owner) = self.owners.remove(pasid.raw(), slot) {
+            return Err(not_owner(owner.and_then(|o| self.sets.id_at(o.set))));
+        }
         self.allocated -= 1;
         if let Some(members) = self.sets.get_mut(set) {
             members.held -= 1;
@@ -142,7 +152,9 @@ impl PasidAllocator {
 
     /// The set `pasid` is allocated to, if any.
     pub fn owner(&self, pasid: Pasid) -> Option<PasidSetId> {
-        self.owners.get(pasid.raw()).map(|o| PasidSetId(o.set))
+        self.owners
+            .get(pasid.raw())
+            .and_then(|o| self.sets.id_at(o.set))
     }
 
     /// Ok when `pasid` is allocated to `set`; EPERM otherwise.
@@ -159,8 +171,8 @@ impl PasidAllocator {
         if min > max || max > Pasid::MAX.raw() {
             return Err(HostError::from(UapiError::BadPasidRange { min, max }));
         }
-        self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
-        Ok(pasids(self.owners.owned_by(set.0, min, max)))
+        let members = self.sets.get(set).ok_or(HostError::UnknownSet(set))?;
+        Ok(pasids(self.owners.owned_by(members.slot(), min, max)))
     }
 
     /// Number of PASIDs `set` holds.
@@ -184,10 +196,10 @@ impl PasidAllocator {
     /// can tear down whatever was bound to them (a scan of the whole space's taken PASIDs).
     pub fn destroy_set(&mut self, set: PasidSetId) -> Result<Vec<Pasid>, HostError> {
         let members = self.sets.remove(set).ok_or(HostError::UnknownSet(set))?;
-        let owned = self.owners.owned_by(set.0, 0, Pasid::MAX.raw());
+        let owned = self.owners.owned_by(members.slot(), 0, Pasid::MAX.raw());
         debug_assert_eq!(owned.len(), members.held as usize, "{set}'s count");
         for &raw in &owned {
-            let removed = self.owners.remove(raw, set.0);
+            let removed = self.owners.remove(raw, members.slot());
             debug_assert!(removed.is_ok(), "member {raw} of {set} not held by it");
         }
         self.allocated -= owned.len();
@@ -219,7 +231,7 @@ mod tests {
     #[test]
     fn pasid_zero_is_reserved() {
         let mut a = PasidAllocator::new();
-        let s = a.create_set(10);
+        let s = a.create_set(10).unwrap();
         assert_eq!(a.alloc(s, 0, 10).unwrap(), p(1));
         let e = a.alloc(s, 0, 0).unwrap_err();
         assert_eq!(e.errno(), -libc::ENOSPC);
@@ -229,7 +241,7 @@ mod tests {
     #[test]
     fn range_and_set_errors() {
         let mut a = PasidAllocator::new();
-        let s = a.create_set(10);
+        let s = a.create_set(10).unwrap();
         assert_eq!(a.alloc(s, 5, 4).unwrap_err().errno(), -libc::EINVAL);
         assert_eq!(
             a.alloc(s, 1, 1 << 20).unwrap_err(),
@@ -249,7 +261,7 @@ mod tests {
     #[test]
     fn quota_is_enforced() {
         let mut a = PasidAllocator::new();
-        let s = a.create_set(2);
+        let s = a.create_set(2).unwrap();
         a.alloc(s, 1, 100).unwrap();
         let second = a.alloc(s, 1, 100).unwrap();
         assert_eq!(
@@ -261,22 +273,53 @@ mod tests {
     }
 
     #[test]
-    fn set_ids_skip_the_free_marker() {
+    fn a_destroyed_sets_id_does_not_reach_its_slots_next_set() {
         let mut a = PasidAllocator::new();
-        a.sets = SetTable::starting_at(NO_OWNER - 1);
-        let ids: Vec<_> = (0..3).map(|_| a.create_set(1)).collect();
-        assert_eq!(ids, [NO_OWNER - 1, 0, 1].map(PasidSetId));
-        let p = a.alloc(ids[0], 1, 1).unwrap();
-        assert_eq!(a.owner(p), Some(ids[0]));
-        a.free(ids[0], p).unwrap();
-        assert_eq!(a.owner(p), None);
+        let old = a.create_set(4).unwrap();
+        let x = a.alloc(old, 1, 1).unwrap();
+        assert_eq!(a.destroy_set(old).unwrap(), vec![x]);
+        let new = a.create_set(4).unwrap();
+        assert_ne!(new, old);
+        let y = a.alloc(new, 1, 1).unwrap();
+        assert_eq!((y, a.owner(y)), (x, Some(new)));
+        assert_eq!(
+            a.free(old, y).unwrap_err(),
+            HostError::NotOwner {
+                pasid: y,
+                set: old,
+                owner: Some(new)
+            }
+        );
+        assert_eq!(a.owned_in(old, 0, 10), Err(HostError::UnknownSet(old)));
+        assert_eq!(a.owned_in(new, 0, 10).unwrap(), vec![y]);
+        a.free(new, y).unwrap();
+        assert_eq!(a.owner(y), None);
+    }
+
+    #[test]
+    fn at_most_65535_sets_are_live() {
+        let mut a = PasidAllocator::new();
+        let sets: Vec<_> = (0..65_535).map(|_| a.create_set(1).unwrap()).collect();
+        let last = *sets.last().unwrap();
+        let p = a.alloc(last, 1, 1).unwrap();
+        assert_eq!(a.owner(p), Some(last));
+        let e = a.create_set(1).unwrap_err();
+        assert_eq!(
+            (e.errno(), e),
+            (-libc::ENOSPC, HostError::TooManySets { max: 65_535 })
+        );
+        assert_eq!(a.destroy_set(sets[7]).unwrap(), vec![]);
+        let again = a.create_set(1).unwrap();
+        assert_eq!(a.owner(p), Some(last));
+        a.free(last, p).unwrap();
+        assert_eq!(a.alloc(again, 1, 1).unwrap(), p);
     }
 
     #[test]
     fn free_checks_ownership() {
         let mut a = PasidAllocator::new();
-        let s1 = a.create_set(10);
-        let s2 = a.create_set(10);
+        let s1 = a.create_set(10).unwrap();
+        let s2 = a.create_set(10).unwrap();
         let x = a.alloc(s1, 1, 100).unwrap();
         let e = a.free(s2, x).unwrap_err();
         assert_eq!(e.errno(), -libc::EPERM);
@@ -297,7 +340,7 @@ mod tests {
     #[test]
     fn every_nonzero_pasid_is_allocatable() {
         let mut a = PasidAllocator::new();
-        let s = a.create_set(u32::MAX);
+        let s = a.create_set(u32::MAX).unwrap();
         for expected in 1..=Pasid::MAX.raw() {
             assert_eq!(a.alloc(s, 0, Pasid::MAX.raw()).unwrap().raw(), expected);
         }
@@ -319,8 +362,8 @@ mod tests {
     #[test]
     fn owned_in_lists_only_the_set() {
         let mut a = PasidAllocator::new();
-        let s1 = a.create_set(10);
-        let s2 = a.create_set(10);
+        let s1 = a.create_set(10).unwrap();
+        let s2 = a.create_set(10).unwrap();
         let x1 = a.alloc(s1, 1, 100).unwrap();
         let _y = a.alloc(s2, 1, 100).unwrap();
         let x2 = a.alloc(s1, 1, 100).unwrap();
@@ -335,7 +378,7 @@ mod tests {
     fn counts_match(a: &PasidAllocator, below: u32) -> Result<(), TestCaseError> {
         let mut members = 0;
         for set in a.sets.iter() {
-            let owned = a.owners.owned_by(set.id.0, 0, Pasid::MAX.raw());
+            let owned = a.owners.owned_by(set.slot(), 0, Pasid::MAX.raw());
             prop_assert_eq!(owned.len(), set.held as usize);
             members += owned.len();
         }
@@ -343,7 +386,7 @@ mod tests {
         prop_assert_eq!(a.owners.len(), a.total_allocated());
         for raw in 0..below {
             if let Some(entry) = a.owners.get(raw) {
-                prop_assert!(a.sets.get(PasidSetId(entry.set)).is_some());
+                prop_assert!(a.sets.id_at(entry.set).is_some());
                 prop_assert!(!a.owners.is_free(raw));
             } else {
                 prop_assert_eq!(a.owners.is_free(raw), raw != 0);
@@ -403,7 +446,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Create(q) => {
-                        let s = a.create_set(q);
+                        let s = a.create_set(q).unwrap();
                         prop_assert!(!quotas.contains_key(&s));
                         quotas.insert(s, q);
                         sets.push(s);

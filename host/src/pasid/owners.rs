@@ -3,26 +3,24 @@
 //! The owners are kept in leaves of 64 PASIDs, one per word of the bitmap's leaf level,
 //! allocated when the first PASID of the word is taken and freed with the last. A leaf
 //! holding few PASIDs is packed: the entry of a PASID sits at its rank among the word's
-//! taken bits, so that a PASID alone in its 64 costs one 4-byte entry (a direct table of
-//! the 2^20 PASIDs would take 4 MiB, 400 bytes per PASID at 1 % occupancy). A leaf holding more
+//! taken bits, so that a PASID alone in its 64 costs one 2-byte entry (a direct table of
+//! the 2^20 PASIDs would take 2 MiB, 200 bytes per PASID at 1 % occupancy). A leaf holding more
 //! than 32 is direct-mapped: the entry sits at the PASID's bit, so that at high occupancy
 //! a lookup, insertion or removal touches the one entry and no other. Either way a lookup
 //! is the bitmap word, the leaf's place in a fixed directory and the entry: no hashing, no
-//! probing, and at 99 % occupancy about 4 MiB of entries where hash maps took 34 MiB, so
-//! that they stay in the last-level cache and within the reach of a 2048-entry TLB of
-//! 4 KiB pages.
+//! probing, and at 99 % occupancy about 2 MiB of entries where hash maps took 34 MiB.
 //!
-//! An entry is the owner's set id and nothing else: a set's PASIDs are found by a scan of
+//! An entry is the owner's set slot (16 bits, see the `sets` module) and nothing else: a set's PASIDs are found by a scan of
 //! the taken bits (`OwnerTable::owned_by`), not kept in a per-set list. A list with each
 //! PASID's position in it made every free write the list at a random position and every
 //! allocation write its set's list end, two more pages per operation out of 1,000 sets'
 //! lists; at 99 % occupancy those were two thirds of the pages a churn operation touched.
 //!
 //! Leaf capacities are powers of two (1 to 64 entries), each capacity cut out of its own
-//! arena of 4 KiB blocks (1024 one-entry leaves, or 16 full-width ones): a leaf doubles when
+//! arena of 2 KiB blocks (1024 one-entry leaves, or 16 full-width ones): a leaf doubles when
 //! it is full and halves when it holds a quarter of its room or less, so a leaf of n
 //! entries has room for fewer than 4n. An arena reuses the leaves freed in it and gives
-//! its blocks back but the first when its last leaf is freed (at most 28 KiB kept over the
+//! its blocks back but the first when its last leaf is freed (at most 14 KiB kept over the
 //! seven classes).
 
 use vsva_vtd::addr::Pasid;
@@ -37,7 +35,7 @@ const LEAVES: usize = PASID_SPACE / LEAF_SPAN;
 const CLASSES: usize = 7;
 /// The class of a full-width leaf, direct-mapped by bit.
 const DIRECT: usize = CLASSES - 1;
-/// Entries per arena block (4 KiB): a block holds `BLOCK_ENTRIES >> class` leaves, so
+/// Entries per arena block (2 KiB): a block holds `BLOCK_ENTRIES >> class` leaves, so
 /// that the first block each class keeps costs the same whatever the class.
 const BLOCK_ENTRIES: usize = 1024;
 
@@ -46,10 +44,10 @@ const fn block_leaves(class: usize) -> usize {
     BLOCK_ENTRIES >> class
 }
 
-/// An allocated PASID's set.
+/// An allocated PASID's set, by its slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Owner {
-    pub(super) set: u32,
+    pub(super) set: u16,
 }
 
 /// Where a leaf is: its class (top 8 bits) and its number in that class's arena.
@@ -284,7 +282,7 @@ impl OwnerTable {
     /// The PASIDs in `[min, max]` allocated to `set`, in ascending order: the taken bits
     /// of the range's bitmap words, each checked against its entry (words with none taken
     /// cost one bitmap read). `max` must be below the space's size.
-    pub(super) fn owned_by(&self, set: u32, min: u32, max: u32) -> Vec<u32> {
+    pub(super) fn owned_by(&self, set: u16, min: u32, max: u32) -> Vec<u32> {
         let (min, max) = (min as usize, max as usize);
         let mut owned = Vec::new();
         for word in min / LEAF_SPAN..=max / LEAF_SPAN {
@@ -314,7 +312,7 @@ impl OwnerTable {
 
     /// Frees `pasid` if it is allocated to `set` and returns its owner; otherwise changes
     /// nothing and returns the owner it has, if any (PASID 0 stays taken).
-    pub(super) fn remove(&mut self, pasid: u32, set: u32) -> Result<Owner, Option<Owner>> {
+    pub(super) fn remove(&mut self, pasid: u32, set: u16) -> Result<Owner, Option<Owner>> {
         let Some(e) = self.entry(pasid) else {
             return Err(None);
         };
@@ -379,8 +377,13 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    fn owner(set: u32) -> Owner {
+    fn owner(set: u16) -> Owner {
         Owner { set }
+    }
+
+    /// A PASID below 2^16 as a set slot, for tests whose sets are their PASIDs' numbers.
+    fn set_of(pasid: u32) -> u16 {
+        u16::try_from(pasid).unwrap()
     }
 
     #[test]
@@ -400,29 +403,29 @@ mod tests {
         // Word 1 (PASIDs 64..128), filled from the top so every insertion shifts; each
         // PASID's set is its own number, so that an entry moved to the wrong slot shows.
         for (i, p) in (64..128u32).rev().enumerate() {
-            t.insert(p, owner(p));
+            t.insert(p, owner(set_of(p)));
             let class = t.places[1].class();
             assert_eq!(1 << class, (i + 1).next_power_of_two(), "{} held", i + 1);
         }
         assert_eq!(t.places[1].class(), DIRECT);
         for p in 64..128 {
-            assert_eq!(t.get(p), Some(owner(p)));
+            assert_eq!(t.get(p), Some(owner(set_of(p))));
         }
         // Down to 16 held: packed into 32 again; to 8: 16 (a quarter of the room or less).
         for p in 64..112 {
-            assert_eq!(t.remove(p, p), Ok(owner(p)));
+            assert_eq!(t.remove(p, set_of(p)), Ok(owner(set_of(p))));
         }
         assert_eq!(t.places[1].class(), 5);
         for p in 112..120 {
-            assert_eq!(t.remove(p, p), Ok(owner(p)));
+            assert_eq!(t.remove(p, set_of(p)), Ok(owner(set_of(p))));
         }
         assert_eq!(t.places[1].class(), 4);
         for p in 120..128 {
-            assert_eq!(t.get(p), Some(owner(p)));
+            assert_eq!(t.get(p), Some(owner(set_of(p))));
         }
         for p in 120..128 {
-            assert_eq!(t.remove(p, p + 1), Err(Some(owner(p))));
-            assert_eq!(t.remove(p, p), Ok(owner(p)));
+            assert_eq!(t.remove(p, set_of(p) + 1), Err(Some(owner(set_of(p)))));
+            assert_eq!(t.remove(p, set_of(p)), Ok(owner(set_of(p))));
         }
         assert_eq!(t.len(), 0);
         // Every arena gave its blocks back but its first.
@@ -434,11 +437,11 @@ mod tests {
     fn one_pasid_in_a_word_costs_one_entry() {
         let mut t = OwnerTable::new();
         for w in 1..200u32 {
-            t.insert(w * 64 + 17, owner(w));
+            t.insert(w * 64 + 17, owner(set_of(w)));
         }
         assert!(t.arenas[1..].iter().all(|a| a.blocks.is_empty()));
         // 200 one-entry leaves (PASID 0's included): one block of 1024 entries.
-        assert_eq!(t.leaf_bytes(), 1024 * 4);
+        assert_eq!(t.leaf_bytes(), 1024 * 2);
         assert_eq!(t.get(5 * 64 + 17), Some(owner(5)));
         assert_eq!(t.get(5 * 64 + 16), None);
     }
@@ -462,9 +465,9 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Insert(u32, u32),
-        Remove(u32, u32),
-        OwnedBy(u32, u32, u32),
+        Insert(u32, u16),
+        Remove(u32, u16),
+        OwnedBy(u16, u32, u32),
     }
 
     /// PASIDs clustered in a few words (so that leaves fill, grow, shrink and empty) and
@@ -482,9 +485,9 @@ mod tests {
         #[test]
         fn agrees_with_model(ops in proptest::collection::vec(
             prop_oneof![
-                3 => (pasid(), prop_oneof![0u32..3, 0u32..1000]).prop_map(|(p, s)| Op::Insert(p, s)),
-                1 => (0u32..3, pasid(), pasid()).prop_map(|(s, a, b)| Op::OwnedBy(s, a.min(b), a.max(b))),
-                2 => (pasid(), prop_oneof![0u32..1000, Just(NO_OWNER)]).prop_map(|(p, s)| Op::Remove(p, s)),
+                3 => (pasid(), prop_oneof![0u16..3, 0u16..1000]).prop_map(|(p, s)| Op::Insert(p, s)),
+                1 => (0u16..3, pasid(), pasid()).prop_map(|(s, a, b)| Op::OwnedBy(s, a.min(b), a.max(b))),
+                2 => (pasid(), prop_oneof![0u16..1000, Just(NO_OWNER)]).prop_map(|(p, s)| Op::Remove(p, s)),
             ],
             1..400,
         )) {

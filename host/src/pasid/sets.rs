@@ -1,17 +1,17 @@
-//! The live PASID sets, found by id without hashing: a direct-mapped table whose length is
-//! a power of two, where the set with id `i` sits in slot `i mod len`.
+//! The live PASID sets, found by id without hashing: a table of at most [`MAX_SETS`]
+//! slots, where a set's id is its slot (low 16 bits) and how many sets the slot held
+//! before it (high 16 bits).
 //!
-//! New ids count up from the last one handed out, skipping the free marker and any id whose
-//! slot is taken, so an id is never shared by two live sets and a destroyed set's id is not
-//! handed out again until the 32-bit count wraps. The table doubles before it is half full;
-//! ids that differ modulo a length also differ modulo its double, so growing never moves
-//! two sets into one slot. It never shrinks: 16 bytes a slot, at most four slots per set at
-//! the peak number of live sets.
+//! The owner table names a PASID's set by its 16-bit slot (see the `owners` module), so
+//! that an owner entry takes two bytes. A destroyed set's slot goes to the next set
+//! created, under a new id: an id is not handed out again until its slot has been reused
+//! 65,536 times. Slots are added as sets are created and kept (12 bytes each) at the peak
+//! number of live sets.
 
 use super::{PasidSetId, NO_OWNER};
 
-/// Slots of a new table.
-const MIN_SLOTS: usize = 8;
+/// The most sets live at once: every 16-bit slot but [`NO_OWNER`].
+pub(super) const MAX_SETS: usize = NO_OWNER as usize;
 
 /// One set: its id, its quota and how many PASIDs it holds (which ones, the allocator's
 /// owner table says).
@@ -22,87 +22,104 @@ pub(super) struct PasidSet {
     pub(super) held: u32,
 }
 
-/// The table of live sets.
+impl PasidSet {
+    /// The set's slot: how the owner table names it.
+    pub(super) fn slot(&self) -> u16 {
+        slot_of(self.id)
+    }
+}
+
+fn slot_of(id: PasidSetId) -> u16 {
+    id.raw() as u16
+}
+
+/// A slot: the set in it, or the id its next set gets.
 #[derive(Clone, Debug)]
+enum Slot {
+    Live(PasidSet),
+    Vacant { next_id: PasidSetId },
+}
+
+/// The table of live sets.
+#[derive(Clone, Debug, Default)]
 pub(super) struct SetTable {
-    /// A power-of-two number of slots, at most half of them full.
-    slots: Vec<Option<PasidSet>>,
-    live: usize,
-    next_id: u32,
+    slots: Vec<Slot>,
+    /// Vacant slots, the last vacated on top.
+    vacant: Vec<u16>,
 }
 
 impl SetTable {
     /// An empty table whose first set gets id 0.
     pub(super) fn new() -> Self {
-        Self::starting_at(0)
-    }
-
-    /// An empty table whose first set gets `next_id` (or the next usable id).
-    pub(super) fn starting_at(next_id: u32) -> Self {
-        SetTable {
-            slots: vec![None; MIN_SLOTS],
-            live: 0,
-            next_id,
-        }
-    }
-
-    fn slot(&self, id: PasidSetId) -> usize {
-        id.raw() as usize & (self.slots.len() - 1)
+        Self::default()
     }
 
     /// The set with id `id`, if it is live.
     pub(super) fn get(&self, id: PasidSetId) -> Option<&PasidSet> {
-        self.slots[self.slot(id)].as_ref().filter(|s| s.id == id)
+        match self.slots.get(usize::from(slot_of(id)))? {
+            Slot::Live(set) if set.id == id => Some(set),
+            _ => None,
+        }
     }
 
     /// The set with id `id`, if it is live.
     pub(super) fn get_mut(&mut self, id: PasidSetId) -> Option<&mut PasidSet> {
-        let slot = self.slot(id);
-        self.slots[slot].as_mut().filter(|s| s.id == id)
+        match self.slots.get_mut(usize::from(slot_of(id)))? {
+            Slot::Live(set) if set.id == id => Some(set),
+            _ => None,
+        }
     }
 
-    /// Creates an empty set with `quota` and returns its id.
-    pub(super) fn create(&mut self, quota: u32) -> PasidSetId {
-        if 2 * (self.live + 1) > self.slots.len() {
-            self.grow();
+    /// The id of the set in `slot`, if one is live there.
+    pub(super) fn id_at(&self, slot: u16) -> Option<PasidSetId> {
+        match self.slots.get(usize::from(slot))? {
+            Slot::Live(set) => Some(set.id),
+            Slot::Vacant { .. } => None,
         }
-        // At least half the slots are free, and consecutive ids visit every slot.
-        let id = loop {
-            let id = PasidSetId(self.next_id);
-            self.next_id = self.next_id.wrapping_add(1);
-            if id.raw() != NO_OWNER && self.slots[self.slot(id)].is_none() {
-                break id;
+    }
+
+    /// Creates an empty set with `quota` and returns its id; `None` when [`MAX_SETS`] are
+    /// live.
+    pub(super) fn create(&mut self, quota: u32) -> Option<PasidSetId> {
+        let (slot, id) = match self.vacant.pop() {
+            Some(slot) => match self.slots[usize::from(slot)] {
+                Slot::Vacant { next_id } => (usize::from(slot), next_id),
+                Slot::Live(_) => unreachable!("slot {slot} is both vacant and live"),
+            },
+            None if self.slots.len() < MAX_SETS => {
+                let slot = self.slots.len();
+                self.slots.push(Slot::Vacant {
+                    next_id: PasidSetId(slot as u32),
+                });
+                (slot, PasidSetId(slot as u32))
             }
+            None => return None,
         };
-        let slot = self.slot(id);
-        self.slots[slot] = Some(PasidSet { id, quota, held: 0 });
-        self.live += 1;
-        id
+        self.slots[slot] = Slot::Live(PasidSet { id, quota, held: 0 });
+        Some(id)
     }
 
     /// Removes the set with id `id` and returns it, if it is live.
     pub(super) fn remove(&mut self, id: PasidSetId) -> Option<PasidSet> {
-        let slot = self.slot(id);
-        let set = self.slots[slot].take_if(|s| s.id == id)?;
-        self.live -= 1;
+        self.get(id)?;
+        let slot = slot_of(id);
+        let next_id = PasidSetId(id.raw().wrapping_add(1 << 16));
+        let Slot::Live(set) =
+            std::mem::replace(&mut self.slots[usize::from(slot)], Slot::Vacant { next_id })
+        else {
+            unreachable!("{id} was found live");
+        };
+        self.vacant.push(slot);
         Some(set)
     }
 
     /// The live sets, in no particular order.
     #[cfg(test)]
     pub(super) fn iter(&self) -> impl Iterator<Item = &PasidSet> {
-        self.slots.iter().flatten()
-    }
-
-    /// Doubles the table, moving each set to its slot in the new length.
-    fn grow(&mut self) {
-        let len = self.slots.len() * 2;
-        let mut slots = vec![None; len];
-        for set in self.slots.drain(..).flatten() {
-            let slot = set.id.raw() as usize & (len - 1);
-            slots[slot] = Some(set);
-        }
-        self.slots = slots;
+        self.slots.iter().filter_map(|s| match s {
+            Slot::Live(set) => Some(set),
+            Slot::Vacant { .. } => None,
+        })
     }
 }
 
@@ -113,44 +130,48 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
-    fn ids_count_up_and_survive_growth() {
+    fn ids_count_up_from_zero() {
         let mut t = SetTable::new();
-        let ids: Vec<_> = (0..100).map(|q| t.create(q)).collect();
+        let ids: Vec<_> = (0..100).map(|q| t.create(q).unwrap()).collect();
         assert_eq!(ids, (0..100).map(PasidSetId).collect::<Vec<_>>());
-        assert_eq!(t.slots.len(), 256);
         for (q, &id) in ids.iter().enumerate() {
             assert_eq!(t.get(id).map(|s| s.quota), Some(q as u32));
+            assert_eq!(t.id_at(q as u16), Some(id));
         }
         assert!(t.get(PasidSetId(100)).is_none());
-        assert!(t.get(PasidSetId(256)).is_none());
+        assert!(t.get(PasidSetId(1 << 16)).is_none());
+        assert_eq!(t.id_at(100), None);
     }
 
     #[test]
-    fn an_id_whose_slot_is_taken_is_skipped() {
+    fn a_reused_slot_gets_a_new_id() {
         let mut t = SetTable::new();
-        let first = t.create(1);
-        for _ in 0..7 {
-            let id = t.create(1);
-            assert!(t.remove(id).is_some());
-        }
-        // Ids 8.. map to slots 0.. again (8 slots); slot 0 still holds set 0.
-        assert_eq!(t.slots.len(), 8);
-        assert_eq!(t.create(1), PasidSetId(9));
-        assert_eq!(t.get(first).map(|s| s.id), Some(first));
-        assert!(t.get(PasidSetId(8)).is_none());
-    }
-
-    #[test]
-    fn a_removed_id_is_gone() {
-        let mut t = SetTable::new();
-        let a = t.create(1);
-        let b = t.create(2);
+        let a = t.create(1).unwrap();
+        let b = t.create(2).unwrap();
         assert_eq!(t.remove(a).map(|s| s.quota), Some(1));
         assert!(t.remove(a).is_none());
+        assert!(t.get(a).is_none() && t.get_mut(a).is_none());
+        assert_eq!(t.id_at(0), None);
+        let c = t.create(3).unwrap();
+        assert_eq!(c, PasidSetId(1 << 16));
+        assert_eq!((slot_of(c), t.id_at(0)), (0, Some(c)));
         assert!(t.get(a).is_none());
         assert_eq!(t.get(b).map(|s| s.quota), Some(2));
-        assert!(t.get_mut(a).is_none());
-        assert_eq!(t.iter().count(), 1);
+        assert_eq!(t.iter().count(), 2);
+    }
+
+    #[test]
+    fn at_most_max_sets_live() {
+        let mut t = SetTable::new();
+        let ids: Vec<_> = (0..MAX_SETS).map(|_| t.create(1).unwrap()).collect();
+        assert_eq!(t.create(1), None);
+        assert_eq!(t.slots.len(), MAX_SETS);
+        assert!(ids.iter().all(|&id| slot_of(id) != NO_OWNER));
+        t.remove(ids[4000]).unwrap();
+        let again = t.create(1).unwrap();
+        assert_eq!(slot_of(again), 4000);
+        assert_ne!(again, ids[4000]);
+        assert_eq!(t.create(1), None);
     }
 
     #[derive(Clone, Debug)]
@@ -162,26 +183,26 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
-        /// Against a map of live sets: ids are never the free marker nor shared by two live
-        /// sets, every live set is found under its id and with its quota, and a removed id
-        /// is not found until it is handed out again.
+        /// Against a map of live sets: no two sets ever get the same id, every live set is
+        /// found under its id and its slot with its quota, a removed id is not found again,
+        /// and no slot is added while one is vacant.
         #[test]
         fn agrees_with_model(
-            start in prop_oneof![Just(0u32), Just(NO_OWNER - 20), any::<u32>()],
             ops in proptest::collection::vec(
                 prop_oneof![3 => any::<u32>().prop_map(Op::Create), 2 => (0usize..64).prop_map(Op::Remove)],
                 1..200,
             ),
         ) {
-            let mut t = SetTable::starting_at(start);
+            let mut t = SetTable::new();
             let mut issued: Vec<PasidSetId> = Vec::new();
             let mut live: BTreeMap<PasidSetId, u32> = BTreeMap::new();
+            let mut peak = 0;
             for op in ops {
                 match op {
                     Op::Create(quota) => {
-                        let id = t.create(quota);
-                        prop_assert_ne!(id.raw(), NO_OWNER);
-                        prop_assert!(live.insert(id, quota).is_none());
+                        let id = t.create(quota).unwrap();
+                        prop_assert!(!issued.contains(&id));
+                        live.insert(id, quota);
                         issued.push(id);
                     }
                     Op::Remove(i) => {
@@ -190,10 +211,15 @@ mod tests {
                         prop_assert_eq!(removed, live.remove(&id).map(|q| (id, q)));
                     }
                 }
+                peak = peak.max(live.len());
                 prop_assert_eq!(t.iter().count(), live.len());
-                prop_assert!(2 * live.len() <= t.slots.len());
+                prop_assert_eq!(t.slots.len(), peak);
                 for &id in &issued {
-                    prop_assert_eq!(t.get(id).map(|s| (s.id, s.quota)), live.get(&id).map(|&q| (id, q)));
+                    let found = live.get(&id).map(|&q| (id, q));
+                    prop_assert_eq!(t.get(id).map(|s| (s.id, s.quota)), found);
+                    if found.is_some() {
+                        prop_assert_eq!(t.id_at(slot_of(id)), Some(id));
+                    }
                 }
             }
         }

@@ -88,7 +88,9 @@ impl PasidChurn {
             random: 0x2545_f491_4f6c_dd1d,
             heap_per_pasid: None,
         };
-        sets.extend((0..VM_SETS).map(|_| churn.alloc.create_set(quota)));
+        for _ in 0..VM_SETS {
+            sets.push(churn.alloc.create_set(quota)?);
+        }
         for i in 0..target {
             let set = sets[(i % u64::from(VM_SETS)) as usize];
             let pasid = churn.alloc_at_random(set)?;

@@ -183,7 +183,7 @@ impl LocalPasids {
     /// A PASID space of which the VM may hold `quota` PASIDs at a time.
     pub fn new(quota: u32) -> Self {
         let mut allocator = PasidAllocator::new();
-        let set = allocator.create_set(quota);
+        let set = allocator.create_set(quota).unwrap();
         LocalPasids {
             allocator: Mutex::new(allocator),
             set,
