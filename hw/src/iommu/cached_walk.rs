@@ -22,8 +22,6 @@ use super::stale::{page_selective_iotlb, CheckedRequest};
 use super::Iommu;
 use crate::memory::ReadOnly;
 
-/// Non-leaf entries a walk can go through: PML5E to PDE.
-const MAX_STARTS: usize = 4;
 /// Second-level resolutions in one nested walk: a read and an update of each of five
 /// first-level tables, and the output.
 const MAX_RESOLVED: usize = 11;
@@ -57,24 +55,28 @@ impl CacheUse {
     }
 }
 
-/// Collects the first-level tables a walk goes down to, from where it started.
+/// Follows a first-level walk down from where it started: the deepest table it reached,
+/// the one a fill caches (see `PagingStructureCaches::fill`).
 struct FlFill {
     at: FlStart,
-    starts: [FlStart; MAX_STARTS],
-    len: usize,
+    moved: bool,
 }
 
 impl FlFill {
     fn new(start: FlStart) -> Self {
         FlFill {
             at: start,
-            starts: [start; MAX_STARTS],
-            len: 0,
+            moved: false,
         }
     }
 
-    fn starts(&self) -> &[FlStart] {
-        &self.starts[..self.len]
+    /// The deepest table the walk went down to, if it went below its start.
+    fn deepest(&self) -> &[FlStart] {
+        if self.moved {
+            std::slice::from_ref(&self.at)
+        } else {
+            &[]
+        }
     }
 }
 
@@ -83,35 +85,18 @@ impl WalkObserver for FlFill {
         let down = matches!(step.outcome, StepOutcome::Table(_));
         if step.stage == Stage::FirstLevel && step.level == self.at.level && down {
             self.at = self.at.below(step.entry);
-            if let Some(slot) = self.starts.get_mut(self.len) {
-                *slot = self.at;
-                self.len += 1;
-            }
+            self.moved = true;
         }
     }
 }
 
-/// Collects the second-level tables a walk goes down to, from where it started.
+/// Records in the walk's [`WalkFills`] each second-level table a walk of `gpa` goes down
+/// to, from where it started, as it reads the entry pointing to it.
 struct SlFill<'c> {
     cfg: &'c SlConfig,
     at: SlStart,
-    starts: [SlStart; MAX_STARTS],
-    len: usize,
-}
-
-impl<'c> SlFill<'c> {
-    fn new(cfg: &'c SlConfig, start: SlStart) -> Self {
-        SlFill {
-            cfg,
-            at: start,
-            starts: [start; MAX_STARTS],
-            len: 0,
-        }
-    }
-
-    fn starts(&self) -> &[SlStart] {
-        &self.starts[..self.len]
-    }
+    gpa: u64,
+    fills: &'c mut WalkFills,
 }
 
 impl WalkObserver for SlFill<'_> {
@@ -119,10 +104,7 @@ impl WalkObserver for SlFill<'_> {
         let down = matches!(step.outcome, StepOutcome::Table(_));
         if step.stage == Stage::SecondLevel && step.level == self.at.level && down {
             self.at = self.at.below(self.cfg, step.entry);
-            if let Some(slot) = self.starts.get_mut(self.len) {
-                *slot = self.at;
-                self.len += 1;
-            }
+            self.fills.second_level_table(self.gpa, self.at);
         }
     }
 }
@@ -158,10 +140,13 @@ impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
             }
             NestedStart::Walk(start) => start.unwrap_or(SlStart::top(sl)),
         };
-        let mut fill = SlFill::new(sl, start);
-        let walked = walk(&self.stage, start, &mut fill);
-        self.fills.second_level(gpa, fill.starts());
-        let t = walked?;
+        let mut fill = SlFill {
+            cfg: sl,
+            at: start,
+            gpa,
+            fills: self.fills,
+        };
+        let t = walk(&self.stage, start, &mut fill)?;
         self.fills.mapping_of(gpa, SlMapping::of(&t));
         if start.level < top {
             self.resolved.push(gpa, t.page_base(), access);
@@ -243,7 +228,7 @@ impl Iommu {
                     access,
                     &mut used.tables,
                 );
-                fills.first_level(tag(false), addr, starts.starts());
+                fills.first_level(tag(false), addr, starts.deepest());
                 t
             }
             Pgtt::Nested => {
@@ -264,7 +249,7 @@ impl Iommu {
                     access,
                     &mut used.tables,
                 );
-                fills.first_level(tag(true), addr, starts.starts());
+                fills.first_level(tag(true), addr, starts.deepest());
                 t
             }
             Pgtt::SecondLevel => {
@@ -275,10 +260,13 @@ impl Iommu {
                     .second_level_start(&fills, addr, top)
                     .unwrap_or(SlStart::top(&cfg));
                 used.tables = start.level < top;
-                let mut starts = SlFill::new(&cfg, start);
-                let walked = walk_second_level_from(mem, &cfg, start, addr, access, &mut starts);
-                fills.second_level(addr, starts.starts());
-                walked
+                let mut starts = SlFill {
+                    cfg: &cfg,
+                    at: start,
+                    gpa: addr,
+                    fills: &mut fills,
+                };
+                walk_second_level_from(mem, &cfg, start, addr, access, &mut starts)
             }
             Pgtt::PassThrough => pass_through(pe, addr, access),
         };

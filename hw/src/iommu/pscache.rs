@@ -378,6 +378,7 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     /// Caches `value` for `probe`, with `data` (rights, shifted into place) in its tag.
+    #[inline]
     fn insert(&mut self, probe: Probe, data: u64, value: u64) {
         let at = self.table.set_of(probe);
         let set = &self.table.sets[at];
@@ -668,14 +669,17 @@ impl<K: Copy + Eq, V: Copy, const N: usize> Pending<K, V, N> {
         }
     }
 
-    pub(crate) fn push(&mut self, key: K, value: V) {
-        if let Some(slot) = self.entries.get_mut(self.len) {
-            slot.write((key, value));
-            self.len += 1;
-        }
+    /// Keeps `(key, value)` if there is room; returns whether it was kept.
+    pub(crate) fn push(&mut self, key: K, value: V) -> bool {
+        let Some(slot) = self.entries.get_mut(self.len) else {
+            return false;
+        };
+        slot.write((key, value));
+        self.len += 1;
+        true
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &(K, V)> {
+    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = &(K, V)> {
         self.entries[..self.len].iter().map(|slot| {
             // SAFETY: `push` writes a slot before it counts it in `len`, and slots are
             // never un-written, so each of the first `len` is initialised.
@@ -704,6 +708,8 @@ pub(crate) struct WalkFills {
     did: DomainId,
     first_level: Pending<FlKey, FlStart, MAX_LEVELS>,
     second_level: Pending<SlKey, SlStart, PENDING_TABLES>,
+    /// The lowest level of the keys in `second_level`: those the fill caches.
+    second_level_deepest: u8,
     mappings: Pending<MappingKey, SlMapping, PENDING_MAPPINGS>,
 }
 
@@ -717,6 +723,7 @@ impl WalkFills {
             did,
             first_level: Pending::new(),
             second_level: Pending::new(),
+            second_level_deepest: u8::MAX,
             mappings: Pending::new(),
         }
     }
@@ -733,15 +740,23 @@ impl WalkFills {
     }
 
     /// The second-level tables a walk of `gpa` went down to.
-    pub(crate) fn second_level(&mut self, gpa: u64, starts: &[SlStart]) {
+    #[cfg(test)]
+    fn second_level(&mut self, gpa: u64, starts: &[SlStart]) {
         for s in starts {
-            let level = s.level + 1;
-            let key = SlKey {
-                did: self.did,
-                level,
-                region: gpa >> span_shift(level),
-            };
-            self.second_level.push(key, *s);
+            self.second_level_table(gpa, *s);
+        }
+    }
+
+    /// A second-level table a walk of `gpa` went down to.
+    pub(crate) fn second_level_table(&mut self, gpa: u64, start: SlStart) {
+        let level = start.level + 1;
+        let key = SlKey {
+            did: self.did,
+            level,
+            region: gpa >> span_shift(level),
+        };
+        if self.second_level.push(key, start) {
+            self.second_level_deepest = self.second_level_deepest.min(level);
         }
     }
 
@@ -756,13 +771,22 @@ impl WalkFills {
         self.mappings.push(key, mapping);
     }
 
-    /// The deepest second-level table the walk read for `gpa` below a `top`-level root.
+    /// The deepest second-level table the walk read for `gpa` below a `top`-level root:
+    /// searched from the last read, which is the deepest of its resolution, so that a PDE
+    /// (the deepest level cached) in the region ends the search.
     fn second_level_start(&self, gpa: u64, top: u8) -> Option<SlStart> {
-        self.second_level
-            .iter()
-            .filter(|(k, _)| k.level <= top && k.region == gpa >> span_shift(k.level))
-            .min_by_key(|(k, _)| k.level)
-            .map(|&(_, s)| s)
+        let mut best: Option<&(SlKey, SlStart)> = None;
+        for read in self.second_level.iter().rev() {
+            let k = &read.0;
+            let deeper = best.is_none_or(|(b, _)| k.level < b.level);
+            if deeper && k.level <= top && k.region == gpa >> span_shift(k.level) {
+                best = Some(read);
+                if k.level == *CACHED_LEVELS.start() {
+                    break;
+                }
+            }
+        }
+        best.map(|&(_, s)| s)
     }
 
     /// The second-level mapping the walk read of the page holding `gpa`.
@@ -933,10 +957,10 @@ impl PagingStructureCaches {
                 first_level.insert(k.probe(), fl_rights_bits(v.rights), v.table);
             }
         }
-        let deepest = fills.second_level.iter().map(|(k, _)| k.level).min();
+        let deepest = fills.second_level_deepest;
         let mut second_level = shard.second_level();
         for (k, v) in fills.second_level.iter() {
-            if Some(k.level) == deepest {
+            if k.level == deepest {
                 second_level.insert(k.probe(), perms_bits(v.rights), v.table);
             }
         }
