@@ -214,6 +214,11 @@ pub(crate) struct EntryCache<V, const N: usize> {
     key_mask: u64,
     /// The way a fill into a full set replaces next (a hint, not kept exactly).
     victim: AtomicU32,
+    /// 0 once an invalidation left no way occupied, 1 after a fill: a lookup of an empty
+    /// cache (the fully cold miss after a global invalidation) loads this word alone. A fill
+    /// racing with the invalidation that clears it may be left unseen until the next fill
+    /// sets it: a cache may miss any entry (§6.2); a thread sees its own fills.
+    live: AtomicU32,
     entries: PhantomData<V>,
 }
 
@@ -229,6 +234,7 @@ impl<V: CachedEntry<N>, const N: usize> EntryCache<V, N> {
                 .collect(),
             key_mask,
             victim: AtomicU32::new(0),
+            live: AtomicU32::new(0),
             entries: PhantomData,
         }
     }
@@ -242,6 +248,9 @@ impl<V: CachedEntry<N>, const N: usize> EntryCache<V, N> {
     /// The cached entry of `key` (the key bits of a tag, with [`VALID`]); a miss if a
     /// writer is in its way.
     pub(crate) fn get(&self, key: u64) -> Option<V> {
+        if self.live.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let set = &self.sets[self.set_of(key)];
         let way =
             (0..WAYS).find(|&w| set.tags[w].load(Ordering::Relaxed) & self.key_mask == key)?;
@@ -288,6 +297,8 @@ impl<V: CachedEntry<N>, const N: usize> EntryCache<V, N> {
         if generation.load(Ordering::Acquire) != fill {
             set.tags[way].store(0, Ordering::Relaxed);
             word.fetch_and(!bit, Ordering::AcqRel);
+        } else if self.live.load(Ordering::Relaxed) == 0 {
+            self.live.store(1, Ordering::Relaxed);
         }
         set.release(way, seq);
     }
@@ -296,6 +307,7 @@ impl<V: CachedEntry<N>, const N: usize> EntryCache<V, N> {
     /// and removes the entries whose tag `selects`.
     pub(crate) fn invalidate(&self, generation: &AtomicU64, selects: impl Fn(u64) -> bool) {
         generation.fetch_add(1, Ordering::AcqRel);
+        let mut left = 0;
         for (i, word) in self.occupied.iter().enumerate() {
             // A read-modify-write, so that it is ordered with the fills' (module doc).
             let mut bits = word.fetch_or(0, Ordering::AcqRel);
@@ -321,6 +333,10 @@ impl<V: CachedEntry<N>, const N: usize> EntryCache<V, N> {
                 }
                 set.release(way, seq);
             }
+            left |= word.load(Ordering::Relaxed);
+        }
+        if left == 0 {
+            self.live.store(0, Ordering::Relaxed);
         }
     }
 }
