@@ -56,6 +56,11 @@ pub struct InvalidationQueue {
     base: u64,
     status: u64,
     tail: u64,
+    /// The last batch's wait completed, so the unit has carried out every descriptor up to
+    /// `tail` and the whole queue is free: the next batch needs no IQH read for room (as
+    /// Linux's `reclaim_free_desc` frees slots from their status words, never reading
+    /// IQH_REG). False after an error, an abort or a time-out, and after a reset.
+    drained: bool,
 }
 
 impl InvalidationQueue {
@@ -65,6 +70,7 @@ impl InvalidationQueue {
             base,
             status,
             tail: 0,
+            drained: false,
         }
     }
 
@@ -87,6 +93,7 @@ impl InvalidationQueue {
     /// Software's tail back to slot 0, as IQT_REG when queued invalidation is enabled.
     pub fn reset(&mut self) {
         self.tail = 0;
+        self.drained = false;
     }
 
     /// Carries out `descs` in order and waits until the unit has completed them
@@ -165,7 +172,10 @@ impl InvalidationQueue {
         M: PhysMem + ?Sized,
     {
         let count = descs.len() as u64;
-        self.wait_for_room(regs, count + 2)?;
+        // A batch is at most `QUEUE_ENTRIES - 2` descriptors: a drained queue has room.
+        if !self.drained {
+            self.wait_for_room(regs, count + 2)?;
+        }
         let index = self.tail;
         let wait_index = (index + count) % QUEUE_ENTRIES;
         let status_addr = self.status + 4 * wait_index;
@@ -186,9 +196,12 @@ impl InvalidationQueue {
         slots.push(mem, &wait)?;
         slots.flush(mem)?;
         self.tail = (wait_index + 1) % QUEUE_ENTRIES;
+        self.drained = false;
         regs.write(offset::IQT, 8, self.tail * DESC_SIZE)?;
         for _ in 0..POLL_LIMIT {
             if read_status(mem, status_addr)? == QI_DONE {
+                // §6.5.2.8: the wait completes after every descriptor before it.
+                self.drained = true;
                 return Ok(Completion::Done);
             }
             if let Some(done) = self.check_fault(regs, mem, index, wait_index, &wait)? {
@@ -578,6 +591,27 @@ mod tests {
             kinds(&unit.take_log()),
             [InvDescType::DevIotlb, InvDescType::InvWait]
         );
+    }
+
+    /// After a completed wait the queue is known free: no IQH read for room, also when
+    /// the tail wraps; after an error the next submission reads IQH again.
+    #[test]
+    fn a_completed_wait_frees_the_queue_without_an_iqh_read() {
+        let (unit, mut q) = enabled();
+        q.submit(&unit, &unit.mem, &[iotlb(0)], false).unwrap();
+        let reads = unit.iqh_reads.load(Ordering::SeqCst);
+        for i in 1..300 {
+            q.submit(&unit, &unit.mem, &[iotlb(i)], false).unwrap();
+        }
+        assert_eq!(unit.iqh_reads.load(Ordering::SeqCst), reads);
+        let log = unit.take_log();
+        assert_eq!(log.len(), 600);
+        assert!(log.chunks(2).zip(0..).all(|(pair, i)| pair[0] == iotlb(i)));
+        *unit.reject.lock().unwrap() = Some(InvDescType::Iotlb);
+        q.submit(&unit, &unit.mem, &[iotlb(1)], false).unwrap_err();
+        let reads = unit.iqh_reads.load(Ordering::SeqCst);
+        q.submit(&unit, &unit.mem, &[iotlb(2)], false).unwrap();
+        assert!(unit.iqh_reads.load(Ordering::SeqCst) > reads);
     }
 
     #[test]

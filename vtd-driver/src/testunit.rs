@@ -26,6 +26,8 @@ pub(crate) struct Unit {
     pub(crate) time_outs: AtomicU32,
     /// Never carry out status writes.
     pub(crate) stuck: AtomicBool,
+    /// IQH_REG reads so far.
+    pub(crate) iqh_reads: AtomicU32,
 }
 
 impl Unit {
@@ -58,6 +60,7 @@ impl Unit {
             reject: Mutex::new(None),
             time_outs: AtomicU32::new(0),
             stuck: AtomicBool::new(false),
+            iqh_reads: AtomicU32::new(0),
         }
     }
 
@@ -128,6 +131,9 @@ impl Unit {
 
 impl Registers for Unit {
     fn read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
+        if offset == vsva_vtd::regs::layout::offset::IQH {
+            self.iqh_reads.fetch_add(1, Ordering::SeqCst);
+        }
         self.regs().read(offset, size)
     }
 
