@@ -845,6 +845,9 @@ impl DmaEngine {
 
     /// Completes the drains that no longer wait for an earlier parked descriptor.
     fn release_drains(&self, exec: &mut Exec, ctrl: u64) {
+        if exec.drains.is_empty() {
+            return;
+        }
         let oldest_parked = exec.parked.iter().map(|p| p.job.seq).min();
         let ready: Vec<Job> = {
             let (ready, waiting) = std::mem::take(&mut exec.drains)
@@ -974,19 +977,20 @@ impl DmaEngine {
         };
         let sid = self.config.sid;
         let run = if ctrl & CTRL_ATS_EN != 0 {
-            let cached = self
-                .devtlb
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .lookup(pasid, addr, access);
+            // A miss takes its fill token under the lock of its lookup.
+            let cached = {
+                let tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
+                tlb.lookup(pasid, addr, access)
+                    .ok_or_else(|| tlb.begin_fill())
+            };
             let t = match cached {
-                Some(t) => {
+                Ok(t) => {
                     bump(&self.counters.devtlb_hits, 1);
                     t
                 }
-                None => {
+                Err(fill) => {
                     bump(&self.counters.devtlb_misses, 1);
-                    self.ats_fill(pasid, addr, access).map_err(fault)?
+                    self.ats_fill(fill, pasid, addr, access).map_err(fault)?
                 }
             };
             DmaRun::page(t, addr)
@@ -1001,12 +1005,14 @@ impl DmaEngine {
     }
 
     /// Sends translation requests for `addr` until one completes with no invalidate
-    /// request arriving meanwhile, caches it and returns what it grants `access`. A
-    /// completion an invalidation overtook may predate it and is neither cached nor used
-    /// (see [`DevTlb`]); after [`ATS_RETRY_LIMIT`] such completions in a row the request
-    /// fails instead of waiting for the invalidations to stop.
+    /// request arriving since its fill token (`fill` for the first, from the lookup that
+    /// missed), caches it and returns what it grants `access`. A completion an
+    /// invalidation overtook may predate it and is neither cached nor used (see
+    /// [`DevTlb`]); after [`ATS_RETRY_LIMIT`] such completions in a row the request fails
+    /// instead of waiting for the invalidations to stop.
     fn ats_fill(
         &self,
+        mut fill: u64,
         pasid: Option<Pasid>,
         addr: u64,
         access: DmaAccess,
@@ -1017,22 +1023,17 @@ impl DmaEngine {
             recoverable: false,
         };
         for _ in 0..ATS_RETRY_LIMIT {
-            let fill = self
-                .devtlb
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .begin_fill();
             let c = self
                 .port
                 .ats_translate(self.config.sid, pasid, addr, access)?;
-            let cached = self
-                .devtlb
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(fill, pasid, addr, c);
-            if cached {
-                // What a lookup of the entry just made would answer.
-                return c.grants(access).then_some(c.page).ok_or(refused);
+            {
+                let mut tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
+                if tlb.insert(fill, pasid, addr, c) {
+                    // What a lookup of the entry just made would answer.
+                    return c.grants(access).then_some(c.page).ok_or(refused);
+                }
+                // The next request's token, taken before it is sent.
+                fill = tlb.begin_fill();
             }
             bump(&self.counters.ats_overtaken, 1);
         }
