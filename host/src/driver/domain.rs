@@ -614,7 +614,8 @@ impl VtdDomain {
                 ),
             ));
         }
-        let mut done = Vec::new();
+        // Inline for the usual few devices: a bind allocates no list of its own.
+        let mut done: SmallVec<[SourceId; 4]> = SmallVec::new();
         for &sid in &self.devices {
             if let Err(e) = self.install_binding(sid, bind) {
                 for &s in &done {
