@@ -137,7 +137,7 @@ impl PageRequests {
         let did = desc.pasid.and_then(|p| {
             self.routes
                 .read()
-                .unwrap()
+                .unwrap_or_else(PoisonError::into_inner)
                 .get(&(desc.rid.rid(), p.raw()))
                 .copied()
         });
@@ -176,7 +176,7 @@ impl PageRequests {
     pub fn add_route(&self, sid: SourceId, pasid: Pasid, did: DomainId) {
         self.routes
             .write()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .insert((sid.rid(), pasid.raw()), did);
     }
 
@@ -184,7 +184,7 @@ impl PageRequests {
     pub fn remove_route(&self, sid: SourceId, pasid: Pasid) {
         self.routes
             .write()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&(sid.rid(), pasid.raw()));
     }
 

@@ -52,7 +52,7 @@ impl Iommu {
                     let _ = self
                         .regs
                         .lock()
-                        .unwrap()
+                        .unwrap_or_else(PoisonError::into_inner)
                         .complete_virtual_command(VcmdResponse::InvalidCommand);
                 }
                 RegEffect::Interrupt(irq) => self.raise(irq),

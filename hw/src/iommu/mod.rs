@@ -264,7 +264,7 @@ impl Iommu {
     pub fn attach_endpoint(&self, endpoint: Arc<dyn AtsEndpoint>) {
         self.endpoints
             .write()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(endpoint.source_id().rid(), endpoint);
     }
 
