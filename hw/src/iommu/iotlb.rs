@@ -658,7 +658,7 @@ impl Bucket {
 const SPARE_BUCKETS: usize = 64;
 
 /// How many fills the index keeps before it folds them into their buckets.
-const PENDING: usize = 32;
+const PENDING: usize = 8;
 
 /// A fill not yet folded into its owner's bucket: the set it went into and what the
 /// bucket's summary notes of it.
