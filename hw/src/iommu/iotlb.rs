@@ -30,13 +30,12 @@ use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, inv_desc::AddrRange, walk::AccessRequest,
 };
 
+use super::seqset::{SeqSet, Way, WAYS};
 use super::PAGE_SHIFTS;
-use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Mutex, Ordering};
+use crate::sync::{spin_loop, AtomicU64, Mutex, Ordering};
 
 /// Number of sets: a power of two.
 const SETS: usize = 4096;
-/// Ways per set.
-const WAYS: usize = 4;
 
 /// Which walk produced a cached translation; invalidation descriptors select by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -361,39 +360,33 @@ impl PackedEntry {
     }
 }
 
-/// One way of a set; `tag` 0 is an empty way.
-#[derive(Debug, Default)]
-struct Way {
-    tag: AtomicU64,
-    page: AtomicU64,
-    value: AtomicU64,
+/// An IOTLB set: a way's tag word holds the entry's key tag and kind, its key word the
+/// page number, its value word the output and rights.
+type Set = SeqSet;
+
+/// What the IOTLB reads and fills in a set.
+trait IotlbSet {
+    fn find_preferred(&self, key: &Key) -> Option<PackedEntry>;
+    fn find(&self, key: &Key) -> Option<(u64, u64)>;
+    fn holds(&self, owner: Owner) -> bool;
+    fn slot(&self, ways: &[Way; WAYS], key: &Key) -> usize;
 }
 
-/// One set: its sequence word, the way a fill into the full set replaces next, the ways;
-/// in this order, so that a hit in the first two ways reads one cache line.
-#[derive(Debug, Default)]
-#[repr(C, align(128))]
-struct Set {
-    seq: AtomicU64,
-    victim: AtomicU32,
-    ways: [Way; WAYS],
-}
-
-impl Set {
+impl IotlbSet for Set {
     /// The entry of `key` if its preferred way ([`Key::way`]) holds it, read consistently
-    /// with no retry: the sequence word, the way's three words, the sequence word again.
-    /// `None` when the way holds another key or a writer was inside; [`Set::find`] then
-    /// answers. Inlined into a lookup, so that the common hit keeps nothing but the key in
-    /// registers and reads one way.
+    /// with no retry. `None` when the way holds another key or a writer was inside;
+    /// [`IotlbSet::find`] then answers. Inlined into a lookup, so that the common hit keeps
+    /// nothing but the key in registers and reads one way.
     #[inline(always)]
     fn find_preferred(&self, key: &Key) -> Option<PackedEntry> {
-        let seq = self.seq.load(Ordering::Acquire);
-        let w = &self.ways[key.way()];
-        let tag = w.tag.load(Ordering::Relaxed);
-        let page = w.page.load(Ordering::Relaxed);
-        let value = w.value.load(Ordering::Relaxed);
-        fence(Ordering::Acquire);
-        let unchanged = seq & 1 == 0 && self.seq.load(Ordering::Relaxed) == seq;
+        let ((tag, page, value), unchanged) = self.read(|ways| {
+            let w = &ways[key.way()];
+            (
+                w.tag.load(Ordering::Relaxed),
+                w.key.load(Ordering::Relaxed),
+                w.value.load(Ordering::Relaxed),
+            )
+        });
         let hit = unchanged && tag & KEY_MASK == key.tag && page == key.page;
         PackedEntry::of_way(if hit { tag } else { 0 }, value)
     }
@@ -403,33 +396,21 @@ impl Set {
     #[inline]
     fn find(&self, key: &Key) -> Option<(u64, u64)> {
         let first = key.way();
+        let matches = |w: &Way| {
+            let tag = w.tag.load(Ordering::Relaxed);
+            (tag & KEY_MASK == key.tag && w.key.load(Ordering::Relaxed) == key.page)
+                .then(|| (tag, w.value.load(Ordering::Relaxed)))
+        };
         loop {
-            let seq = self.seq.load(Ordering::Acquire);
-            if seq & 1 == 0 {
-                let matches = |w: &Way| {
-                    let tag = w.tag.load(Ordering::Relaxed);
-                    (tag & KEY_MASK == key.tag && w.page.load(Ordering::Relaxed) == key.page)
-                        .then(|| (tag, w.value.load(Ordering::Relaxed)))
-                };
-                let found = matches(&self.ways[first])
-                    .or_else(|| (1..WAYS).find_map(|i| matches(&self.ways[(first + i) % WAYS])));
-                fence(Ordering::Acquire);
-                if self.seq.load(Ordering::Relaxed) == seq {
-                    return found;
-                }
+            let (found, unchanged) = self.read(|ways| {
+                matches(&ways[first])
+                    .or_else(|| (1..WAYS).find_map(|i| matches(&ways[(first + i) % WAYS])))
+            });
+            if unchanged {
+                return found;
             }
             spin_loop();
         }
-    }
-
-    /// Runs `write` with the set marked as being written. Writers hold the index lock.
-    fn write<R>(&self, write: impl FnOnce(&[Way; WAYS]) -> R) -> R {
-        let seq = self.seq.load(Ordering::Relaxed);
-        self.seq.store(seq + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        let r = write(&self.ways);
-        self.seq.store(seq + 2, Ordering::Release);
-        r
     }
 
     /// Whether a way holds an entry of `owner`. Writers hold the index lock, so the ways do
@@ -448,15 +429,11 @@ impl Set {
         let first = key.way();
         (0..WAYS)
             .find(|&i| {
-                tag(i) & KEY_MASK == key.tag && ways[i].page.load(Ordering::Relaxed) == key.page
+                tag(i) & KEY_MASK == key.tag && ways[i].key.load(Ordering::Relaxed) == key.page
             })
             .or_else(|| (tag(first) == 0).then_some(first))
             .or_else(|| (0..WAYS).find(|&i| tag(i) == 0))
-            .unwrap_or_else(|| {
-                let v = self.victim.load(Ordering::Relaxed);
-                self.victim.store(v.wrapping_add(1), Ordering::Relaxed);
-                v as usize % WAYS
-            })
+            .unwrap_or_else(|| self.next_victim())
     }
 }
 
@@ -930,7 +907,7 @@ impl Iotlb {
             let w = &ways[set.slot(ways, &key)];
             let replaced = w.tag.load(Ordering::Relaxed);
             w.tag.store(tag, Ordering::Relaxed);
-            w.page.store(key.page, Ordering::Relaxed);
+            w.key.store(key.page, Ordering::Relaxed);
             w.value.store(value, Ordering::Relaxed);
             replaced
         });
@@ -991,7 +968,7 @@ impl Iotlb {
             if (tag ^ owned) & OWNER_MASK != 0 {
                 continue;
             }
-            let page = w.page.load(Ordering::Relaxed);
+            let page = w.key.load(Ordering::Relaxed);
             let way = Key {
                 tag: tag & KEY_MASK,
                 page,
@@ -1048,7 +1025,7 @@ impl Iotlb {
                 let tag = w.tag.load(Ordering::Relaxed);
                 let key = Key {
                     tag: tag & KEY_MASK,
-                    page: w.page.load(Ordering::Relaxed),
+                    page: w.key.load(Ordering::Relaxed),
                 };
                 let e = decode(tag, w.value.load(Ordering::Relaxed));
                 if select(&key, &e) {
@@ -1728,7 +1705,7 @@ mod tests {
             let way = t.sets[set]
                 .ways
                 .iter()
-                .position(|w| w.page.load(Ordering::Relaxed) == key.page)
+                .position(|w| w.key.load(Ordering::Relaxed) == key.page)
                 .unwrap();
             assert_eq!(way, key.way());
             sets.entry(set).or_default().push(way);
@@ -1889,7 +1866,7 @@ mod tests {
             }
             let key = Key {
                 tag: tag & KEY_MASK,
-                page: w.page.load(Ordering::Relaxed),
+                page: w.key.load(Ordering::Relaxed),
             };
             let e = decode(tag, w.value.load(Ordering::Relaxed));
             let owner = owner_of(tag);
@@ -2043,7 +2020,7 @@ mod tests {
                     (0, 0)
                 } else {
                     (
-                        w.page.load(Ordering::Relaxed),
+                        w.key.load(Ordering::Relaxed),
                         w.value.load(Ordering::Relaxed),
                     )
                 };
@@ -2060,7 +2037,7 @@ mod tests {
             let tag = w.tag.load(Ordering::Relaxed);
             let key = Key {
                 tag: tag & KEY_MASK,
-                page: w.page.load(Ordering::Relaxed),
+                page: w.key.load(Ordering::Relaxed),
             };
             if tag != 0 && select(&key, &decode(tag, w.value.load(Ordering::Relaxed))) {
                 w.tag.store(0, Ordering::Relaxed);

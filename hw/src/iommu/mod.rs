@@ -14,6 +14,7 @@ mod port;
 pub mod pscache;
 mod qi;
 mod runs;
+mod seqset;
 mod stale;
 #[cfg(test)]
 mod tests;

@@ -48,8 +48,9 @@ use vsva_vtd::{
     walk::FlStart, walk::PageSize, walk::Permissions, walk::SlStart, walk::Translation,
 };
 
+use super::seqset::{SeqSet, WAYS};
 use super::PAGE_SHIFTS;
-use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Shards per cache: domain ids spread over them.
 const SHARDS: usize = 16;
@@ -57,8 +58,6 @@ const SHARDS: usize = 16;
 const TABLE_SETS: usize = 32;
 /// Sets per shard of the second-level mappings (a power of two).
 const MAPPING_SETS: usize = 256;
-/// Ways per set.
-const WAYS: usize = 4;
 /// Paging levels whose non-leaf entries are cached: PDE (2) to PML5E (5).
 const CACHED_LEVELS: RangeInclusive<u8> = 2..=5;
 
@@ -252,50 +251,30 @@ impl Generation {
     }
 }
 
-/// One way of a set; a `tag` of 0 is an empty way.
-#[derive(Debug, Default)]
-struct Way {
-    tag: AtomicU64,
-    key: AtomicU64,
-    value: AtomicU64,
+/// A paging-structure-cache set: a way's tag word holds the tag and rights, its key word
+/// the region or page, its value word the table or output address.
+type Set = SeqSet;
+
+/// What the paging-structure caches read and fill in a set.
+trait TableSet {
+    fn find(&self, probe: Probe) -> Option<(u64, u64)>;
+    fn tag(&self, way: usize) -> u64;
+    fn slot(&self, probe: Probe) -> (usize, bool);
 }
 
-/// One set: its sequence word (odd while a writer is inside), the way a fill into the full
-/// set replaces next, the ways.
-#[derive(Debug, Default)]
-#[repr(C, align(128))]
-struct Set {
-    seq: AtomicU64,
-    victim: AtomicU32,
-    ways: [Way; WAYS],
-}
-
-impl Set {
-    /// The tag and value words of the way holding `probe`, read without a lock: the
-    /// sequence word, the ways, the sequence word again. `None` if no way holds it, or if
-    /// a writer was inside (a cache may miss at any time).
+impl TableSet for Set {
+    /// The tag and value words of the way holding `probe`, read without a lock. `None` if
+    /// no way holds it, or if a writer was inside (a cache may miss at any time).
     #[inline]
     fn find(&self, probe: Probe) -> Option<(u64, u64)> {
-        let seq = self.seq.load(Ordering::Acquire);
-        let found = self.ways.iter().find_map(|w| {
-            let tag = w.tag.load(Ordering::Relaxed);
-            (tag & TAG_KEY == probe.tag && w.key.load(Ordering::Relaxed) == probe.key)
-                .then(|| (tag, w.value.load(Ordering::Relaxed)))
+        let (found, unchanged) = self.read(|ways| {
+            ways.iter().find_map(|w| {
+                let tag = w.tag.load(Ordering::Relaxed);
+                (tag & TAG_KEY == probe.tag && w.key.load(Ordering::Relaxed) == probe.key)
+                    .then(|| (tag, w.value.load(Ordering::Relaxed)))
+            })
         });
-        fence(Ordering::Acquire);
-        let unchanged = seq & 1 == 0 && self.seq.load(Ordering::Relaxed) == seq;
         found.filter(|_| unchanged)
-    }
-
-    /// Runs `write` with the set marked as being written. Writers hold the shard's writer
-    /// lock.
-    fn write<R>(&self, write: impl FnOnce(&[Way; WAYS]) -> R) -> R {
-        let seq = self.seq.load(Ordering::Relaxed);
-        self.seq.store(seq + 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        let r = write(&self.ways);
-        self.seq.store(seq + 2, Ordering::Release);
-        r
     }
 
     /// The way's tag word; for writers, whose lock keeps the ways from changing.
@@ -316,9 +295,7 @@ impl Set {
         if let Some(i) = (0..WAYS).find(|&i| self.tag(i) == 0) {
             return (i, true);
         }
-        let v = self.victim.load(Ordering::Relaxed);
-        self.victim.store(v.wrapping_add(1), Ordering::Relaxed);
-        (v as usize % WAYS, false)
+        (self.next_victim(), false)
     }
 }
 
