@@ -5,7 +5,7 @@
 //! The owner table names a PASID's set by its 16-bit slot (see the `owners` module), so
 //! that an owner entry takes two bytes. A destroyed set's slot goes to the next set
 //! created, under a new id: an id is not handed out again until its slot has been reused
-//! 65,536 times. Slots are added as sets are created and kept (12 bytes each) at the peak
+//! 65,536 times. Slots are added as sets are created and kept (20 bytes each) at the peak
 //! number of live sets.
 
 use super::{PasidSetId, NO_OWNER};
@@ -33,11 +33,11 @@ fn slot_of(id: PasidSetId) -> u16 {
     id.raw() as u16
 }
 
-/// A slot: the set in it, or the id its next set gets.
+/// A slot: the set in it, if any, and the id its next set gets.
 #[derive(Clone, Debug)]
-enum Slot {
-    Live(PasidSet),
-    Vacant { next_id: PasidSetId },
+struct Slot {
+    set: Option<PasidSet>,
+    next_id: PasidSetId,
 }
 
 /// The table of live sets.
@@ -56,70 +56,56 @@ impl SetTable {
 
     /// The set with id `id`, if it is live.
     pub(super) fn get(&self, id: PasidSetId) -> Option<&PasidSet> {
-        match self.slots.get(usize::from(slot_of(id)))? {
-            Slot::Live(set) if set.id == id => Some(set),
-            _ => None,
-        }
+        let slot = self.slots.get(usize::from(slot_of(id)))?;
+        slot.set.as_ref().filter(|set| set.id == id)
     }
 
     /// The set with id `id`, if it is live.
     pub(super) fn get_mut(&mut self, id: PasidSetId) -> Option<&mut PasidSet> {
-        match self.slots.get_mut(usize::from(slot_of(id)))? {
-            Slot::Live(set) if set.id == id => Some(set),
-            _ => None,
-        }
+        let slot = self.slots.get_mut(usize::from(slot_of(id)))?;
+        slot.set.as_mut().filter(|set| set.id == id)
     }
 
     /// The id of the set in `slot`, if one is live there.
     pub(super) fn id_at(&self, slot: u16) -> Option<PasidSetId> {
-        match self.slots.get(usize::from(slot))? {
-            Slot::Live(set) => Some(set.id),
-            Slot::Vacant { .. } => None,
-        }
+        Some(self.slots.get(usize::from(slot))?.set.as_ref()?.id)
     }
 
     /// Creates an empty set with `quota` and returns its id; `None` when [`MAX_SETS`] are
     /// live.
     pub(super) fn create(&mut self, quota: u32) -> Option<PasidSetId> {
-        let (slot, id) = match self.vacant.pop() {
-            Some(slot) => match self.slots[usize::from(slot)] {
-                Slot::Vacant { next_id } => (usize::from(slot), next_id),
-                Slot::Live(_) => unreachable!("slot {slot} is both vacant and live"),
-            },
+        let at = match self.vacant.pop() {
+            Some(at) => usize::from(at),
             None if self.slots.len() < MAX_SETS => {
-                let slot = self.slots.len();
-                self.slots.push(Slot::Vacant {
-                    next_id: PasidSetId(slot as u32),
+                let at = self.slots.len();
+                self.slots.push(Slot {
+                    set: None,
+                    next_id: PasidSetId(at as u32),
                 });
-                (slot, PasidSetId(slot as u32))
+                at
             }
             None => return None,
         };
-        self.slots[slot] = Slot::Live(PasidSet { id, quota, held: 0 });
+        let slot = &mut self.slots[at];
+        let id = slot.next_id;
+        slot.set = Some(PasidSet { id, quota, held: 0 });
         Some(id)
     }
 
     /// Removes the set with id `id` and returns it, if it is live.
     pub(super) fn remove(&mut self, id: PasidSetId) -> Option<PasidSet> {
-        self.get(id)?;
-        let slot = slot_of(id);
-        let next_id = PasidSetId(id.raw().wrapping_add(1 << 16));
-        let Slot::Live(set) =
-            std::mem::replace(&mut self.slots[usize::from(slot)], Slot::Vacant { next_id })
-        else {
-            unreachable!("{id} was found live");
-        };
-        self.vacant.push(slot);
+        let at = slot_of(id);
+        let slot = self.slots.get_mut(usize::from(at))?;
+        let set = slot.set.take_if(|set| set.id == id)?;
+        slot.next_id = PasidSetId(id.raw().wrapping_add(1 << 16));
+        self.vacant.push(at);
         Some(set)
     }
 
     /// The live sets, in no particular order.
     #[cfg(test)]
     pub(super) fn iter(&self) -> impl Iterator<Item = &PasidSet> {
-        self.slots.iter().filter_map(|s| match s {
-            Slot::Live(set) => Some(set),
-            Slot::Vacant { .. } => None,
-        })
+        self.slots.iter().filter_map(|slot| slot.set.as_ref())
     }
 }
 
