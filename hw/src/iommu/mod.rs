@@ -190,7 +190,7 @@ pub struct Iommu {
     entry_generation: crate::sync::AtomicU64,
     /// The PASID cache, by requester id and PASID ([`PASID_SETS`] sets).
     pasid_cache: EntryCache<PasidEntry, 6>,
-    /// Whether a fresh PASID entry read must retag the IOTLB ([`PASID_SETS`] × 4 slots).
+    /// Whether a fresh PASID entry read must retag the IOTLB (a slot per PASID-cache way).
     retag_filter: RetagFilter,
     iotlb: Iotlb,
     /// Runs of IOTLB hits answered to untranslated requests.
@@ -223,7 +223,7 @@ impl Iommu {
             context_cache: EntryCache::new(CONTEXT_SETS, CONTEXT_KEY),
             entry_generation: crate::sync::AtomicU64::new(0),
             pasid_cache: EntryCache::new(PASID_SETS, PASID_KEY),
-            retag_filter: RetagFilter::new(PASID_SETS * 4),
+            retag_filter: RetagFilter::new(PASID_SETS * entry_cache::WAYS),
             iotlb: Iotlb::default(),
             runs: RunCache::default(),
             paging_caches: PagingStructureCaches::default(),
