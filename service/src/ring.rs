@@ -49,7 +49,7 @@ pub const REPLY_MAX: usize = 0x2000;
 /// How long the host's connection thread spins on the ring for the next request after
 /// each reply, and how long a client spins for its reply, before sleeping on the socket:
 /// longer than an idle vCPU's wake-up on the machine the project is measured on (~24 µs,
-/// README "Performance"), so a side that would wake the other finds it still spinning.
+/// docs/performance-history.md), so a side that would wake the other finds it still spinning.
 pub const SPIN: Duration = Duration::from_micros(50);
 
 /// Longest run of waits a [`Spinner`] makes without spinning after its spins came up

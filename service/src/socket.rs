@@ -18,7 +18,7 @@ use crate::protocol::MAX_FRAME;
 /// How long a side polls its socket for the other side's frame before it sleeps in
 /// `recvmsg` ([`Poller`]): longer than most answers take when both threads have a core
 /// (a few microseconds), shorter than one wake-up of a sleeping thread on a virtual
-/// machine whose idle vCPUs halt (tens of microseconds, README "Performance"), so that a
+/// machine whose idle vCPUs halt (tens of microseconds, docs/performance-history.md), so that a
 /// frame that comes within it is taken without the wake-up and a poll that finds nothing
 /// costs less than the wake-up it tried to spare.
 pub const SPIN: Duration = Duration::from_micros(10);
