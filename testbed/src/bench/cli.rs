@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::compare::Comparison;
 use super::plot::plot_svg;
 use super::report::BenchReport;
-use super::suite::{run, BenchOptions};
+use super::suite::{run, run_paired, BenchOptions};
 use super::BenchError;
 
 /// Arguments of `vsva bench`.
@@ -24,8 +24,8 @@ pub struct BenchArgs {
     /// Run only the measurements whose name contains this.
     #[arg(long, value_name = "NAME")]
     pub only: Option<String>,
-    /// Run the measurements in full, then quick, and hold each quick figure to the full
-    /// run's; fails when one disagrees (for an idle machine: under load both move).
+    /// Run each measurement in full and at once quick, and hold each quick figure to the
+    /// full one; fails when one disagrees (for an idle machine: under load both move).
     #[arg(long, conflicts_with_all = ["quick", "plot"])]
     pub compare_quick: bool,
 }
@@ -62,12 +62,10 @@ pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
 
 /// `vsva bench --compare-quick`.
 fn compare_quick(args: &BenchArgs) -> Result<BenchReport, BenchError> {
-    let [full, quick] = [false, true].map(|quick| {
-        run(&BenchOptions {
-            quick,
-            only: args.only.clone(),
-            progress: true,
-        })
+    let [full, quick] = run_paired(&BenchOptions {
+        quick: false,
+        only: args.only.clone(),
+        progress: true,
     });
     let comparison = Comparison::of(&full, &quick);
     let mut out = std::io::stdout().lock();

@@ -1,4 +1,4 @@
-//! `vsva bench --compare-quick`: a full run, then a quick run of the same probes, each
+//! `vsva bench --compare-quick`: each probe run in full and then at once quick, each
 //! figure of the quick run held to the full run's (issue 14: a figure must not depend on
 //! how many samples it was given).
 

@@ -589,6 +589,19 @@ pub fn run(opts: &BenchOptions) -> BenchReport {
     run_probes(opts, standard_probes())
 }
 
+/// Runs the standard probes twice over, for `vsva bench --compare-quick`: each probe in
+/// full and then at once quick, before the next probe runs, so that the two figures of a
+/// pair differ in their sampling length and not in what ran in the process before them
+/// or in the machine's load minutes apart. Returns the full and the quick report.
+pub fn run_paired(opts: &BenchOptions) -> [BenchReport; 2] {
+    let [full, quick] = run_budgets(
+        opts,
+        standard_probes(),
+        [SampleBudget::FULL, SampleBudget::QUICK],
+    );
+    [full, quick]
+}
+
 /// Runs `probes`. A probe that fails leaves its figures missing and is listed in the
 /// report's failures; the others still run.
 pub fn run_probes(opts: &BenchOptions, probes: Vec<Box<dyn Probe>>) -> BenchReport {
@@ -597,44 +610,66 @@ pub fn run_probes(opts: &BenchOptions, probes: Vec<Box<dyn Probe>>) -> BenchRepo
     } else {
         SampleBudget::FULL
     };
+    let [report] = run_budgets(opts, probes, [budget]);
+    report
+}
+
+/// Runs each selected probe once with each budget in turn, into one report per budget
+/// (`opts.quick` is not read: the budgets say how long to sample).
+fn run_budgets<const N: usize>(
+    opts: &BenchOptions,
+    probes: Vec<Box<dyn Probe>>,
+    budgets: [SampleBudget; N],
+) -> [BenchReport; N] {
     let selected: Vec<_> = probes
         .into_iter()
         .filter(|p| opts.only.as_deref().is_none_or(|o| p.name().contains(o)))
         .collect();
     let bar = if opts.progress {
-        ProgressBar::new(selected.len() as u64)
+        ProgressBar::new((selected.len() * N) as u64)
     } else {
         ProgressBar::hidden()
     };
     if let Ok(style) = ProgressStyle::with_template("[{elapsed}] {bar:30} {pos}/{len} {msg}") {
         bar.set_style(style);
     }
-    let mut report = BenchReport::new(opts.quick);
-    report.unmeasured = Figure::ALL
-        .iter()
-        .copied()
-        .filter(|f| !selected.iter().any(|p| p.figures().contains(f)))
-        .collect();
+    let mut reports = budgets.map(|b| {
+        let mut report = BenchReport::new(b == SampleBudget::QUICK);
+        report.unmeasured = Figure::ALL
+            .iter()
+            .copied()
+            .filter(|f| !selected.iter().any(|p| p.figures().contains(f)))
+            .collect();
+        report
+    });
     for mut probe in selected {
         bar.set_message(probe.name());
-        match probe.run(&budget, &mut report) {
-            Err(e) => report.fail(probe.name(), e),
-            Ok(()) => {
-                let absent: Vec<_> = probe
-                    .figures()
-                    .iter()
-                    .filter(|f| report.get(**f).is_none())
-                    .map(|f| f.key())
-                    .collect();
-                if !absent.is_empty() {
-                    report.fail(probe.name(), format!("recorded no {}", absent.join(", ")));
-                }
-            }
+        for (budget, report) in budgets.iter().zip(&mut reports) {
+            run_one(&mut *probe, budget, report);
+            bar.inc(1);
         }
-        bar.inc(1);
     }
     bar.finish_and_clear();
-    report
+    reports
+}
+
+/// Runs `probe` into `report`, recording a failure if it fails or leaves one of its
+/// figures unrecorded.
+fn run_one(probe: &mut dyn Probe, budget: &SampleBudget, report: &mut BenchReport) {
+    match probe.run(budget, report) {
+        Err(e) => report.fail(probe.name(), e),
+        Ok(()) => {
+            let absent: Vec<_> = probe
+                .figures()
+                .iter()
+                .filter(|f| report.get(**f).is_none())
+                .map(|f| f.key())
+                .collect();
+            if !absent.is_empty() {
+                report.fail(probe.name(), format!("recorded no {}", absent.join(", ")));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -698,6 +733,56 @@ mod tests {
         assert!(r.failures.is_empty());
         assert_eq!(r.get(Figure::FwdInvNs), Some(1500.0));
         assert!(r.unmeasured.contains(&Figure::GuestBindNs));
+    }
+
+    std::thread_local! {
+        static RUNS: std::cell::RefCell<Vec<(&'static str, usize)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn logs_first(b: &SampleBudget, r: &mut BenchReport) -> Result<(), BenchError> {
+        RUNS.with(|runs| runs.borrow_mut().push(("first", b.samples)));
+        r.set(Figure::FwdInvNs, Spread::exact(b.samples as f64));
+        Ok(())
+    }
+
+    fn logs_second(b: &SampleBudget, r: &mut BenchReport) -> Result<(), BenchError> {
+        RUNS.with(|runs| runs.borrow_mut().push(("second", b.samples)));
+        r.set(Figure::GuestBindNs, Spread::exact(b.samples as f64));
+        Ok(())
+    }
+
+    #[test]
+    fn paired_budgets_run_each_probe_in_both_before_the_next() {
+        let probes: Vec<Box<dyn Probe>> = vec![
+            Box::new(FnProbe {
+                name: "first",
+                figures: &[Figure::FwdInvNs],
+                run: logs_first,
+            }),
+            Box::new(FnProbe {
+                name: "second",
+                figures: &[Figure::GuestBindNs],
+                run: logs_second,
+            }),
+        ];
+        let [full, quick] = run_budgets(
+            &BenchOptions::default(),
+            probes,
+            [SampleBudget::FULL, SampleBudget::QUICK],
+        );
+        let (f, q) = (SampleBudget::FULL.samples, SampleBudget::QUICK.samples);
+        assert_ne!(f, q);
+        let runs = RUNS.with(|runs| runs.take());
+        assert_eq!(
+            runs,
+            vec![("first", f), ("first", q), ("second", f), ("second", q)]
+        );
+        assert!(!full.quick && quick.quick);
+        assert_eq!(full.get(Figure::FwdInvNs), Some(f as f64));
+        assert_eq!(quick.get(Figure::FwdInvNs), Some(q as f64));
+        assert_eq!(quick.get(Figure::GuestBindNs), Some(q as f64));
+        assert!(full.failures.is_empty() && quick.failures.is_empty());
     }
 
     #[test]
