@@ -48,7 +48,9 @@ pub enum FrameError {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Free runs: first frame address to length in frames. Adjacent runs are merged.
+    /// Free runs: the address just past a run to its first frame's address. Adjacent
+    /// runs are merged. Keyed by the end, so an allocation from the front of a run and a
+    /// free that extends a run's front change a value, not a key.
     free: BTreeMap<u64, u64>,
     /// Allocated runs: first frame address to length in frames.
     allocated: BTreeMap<u64, u64>,
@@ -80,7 +82,7 @@ impl GuestFrames {
         }
         let frames = len / FRAME_SIZE;
         let state = State {
-            free: BTreeMap::from([(start.0, frames)]),
+            free: BTreeMap::from([(end, start.0)]),
             ..State::default()
         };
         Ok(GuestFrames {
@@ -131,18 +133,20 @@ impl GuestFrames {
             return Err(FrameError::ZeroPages);
         }
         let mut st = self.state();
-        let (start, run) = st
+        let (end, start) = st
             .free
             .iter()
-            .find(|&(_, &run)| run >= pages)
-            .map(|(&s, &r)| (s, r))
+            .find(|&(&end, &start)| (end - start) / FRAME_SIZE >= pages)
+            .map(|(&e, &s)| (e, s))
             .ok_or(FrameError::OutOfFrames { pages })?;
         for i in 0..pages {
             self.mem.write(start + i * FRAME_SIZE, &ZERO_FRAME)?;
         }
-        st.free.remove(&start);
-        if run > pages {
-            st.free.insert(start + pages * FRAME_SIZE, run - pages);
+        let rest = start + pages * FRAME_SIZE;
+        if rest == end {
+            st.free.remove(&end);
+        } else if let Some(first) = st.free.get_mut(&end) {
+            *first = rest;
         }
         st.allocated.insert(start, pages);
         st.allocated_frames += pages;
@@ -158,20 +162,17 @@ impl GuestFrames {
             .remove(&gpa.0)
             .ok_or(FrameError::NotAllocated(gpa))?;
         st.allocated_frames -= pages;
-        let mut start = gpa.0;
-        let mut len = pages;
-        if let Some((&prev, &prev_len)) = st.free.range(..start).next_back() {
-            if prev + prev_len * FRAME_SIZE == start {
-                st.free.remove(&prev);
-                start = prev;
-                len += prev_len;
+        let end = gpa.0 + pages * FRAME_SIZE;
+        // The free run just before, if any, ends at `gpa`: the freed run joins it.
+        let start = st.free.remove(&gpa.0).unwrap_or(gpa.0);
+        // The free run just after, if any, starts at `end`: it takes the joined run in
+        // front of it; otherwise the joined run is a run of its own.
+        match st.free.range_mut(end + 1..).next() {
+            Some((_, first)) if *first == end => *first = start,
+            _ => {
+                st.free.insert(end, start);
             }
         }
-        let next = start + len * FRAME_SIZE;
-        if let Some(next_len) = st.free.remove(&next) {
-            len += next_len;
-        }
-        st.free.insert(start, len);
         Ok(())
     }
 }
