@@ -23,6 +23,12 @@ const CPU_FORMAT: FlFormat = match FlFormat::new(52, true) {
     Err(_) => panic!("52 bits is a valid address width"),
 };
 
+/// The offset bits of a 4 KiB page, the unit the CPU's walk cache keeps.
+const PAGE_OFFSET: u64 = 0xfff;
+
+/// Entries of the CPU's walk cache, direct-mapped by virtual page number.
+const CACHE_ENTRIES: usize = 8;
+
 /// TCR_EL1.T0SZ of a 48-bit user address space (Linux's `VA_BITS = 48`).
 pub const AARCH64_T0SZ: u8 = 16;
 
@@ -35,8 +41,14 @@ pub enum Arch {
     Aarch64,
 }
 
-/// The tables of one process.
-pub(super) enum Tables {
+/// The tables of one process and the CPU's walk cache over them.
+pub(super) struct Tables {
+    kind: Kind,
+    cache: WalkCache,
+}
+
+/// The tables of one architecture.
+enum Kind {
     X86 {
         builder: PageTableBuilder,
         mode: FlPagingMode,
@@ -78,8 +90,8 @@ impl Tables {
         mem: &M,
         frames: &GuestFrames,
     ) -> Result<Tables, ProcessError> {
-        Ok(match arch {
-            Arch::X86_64(mode) => Tables::X86 {
+        let kind = match arch {
+            Arch::X86_64(mode) => Kind::X86 {
                 builder: PageTableBuilder::new(TableFormat::FirstLevel(mode), mem, &mut &*frames)?,
                 mode,
             },
@@ -90,35 +102,39 @@ impl Tables {
                     return Err(e.into());
                 }
                 let cfg = aarch64_config(root.0);
-                Tables::Aarch64 {
+                Kind::Aarch64 {
                     builder: TableBuilder::stage1(&cfg),
                     root: root.0,
                     cfg,
                 }
             }
+        };
+        Ok(Tables {
+            kind,
+            cache: WalkCache::default(),
         })
     }
 
     pub(super) fn arch(&self) -> Arch {
-        match self {
-            Tables::X86 { mode, .. } => Arch::X86_64(*mode),
-            Tables::Aarch64 { .. } => Arch::Aarch64,
+        match &self.kind {
+            Kind::X86 { mode, .. } => Arch::X86_64(*mode),
+            Kind::Aarch64 { .. } => Arch::Aarch64,
         }
     }
 
     /// The top-level table: CR3's or TTBR0's address.
     pub(super) fn root(&self) -> u64 {
-        match self {
-            Tables::X86 { builder, .. } => builder.root(),
-            Tables::Aarch64 { root, .. } => *root,
+        match &self.kind {
+            Kind::X86 { builder, .. } => builder.root(),
+            Kind::Aarch64 { root, .. } => *root,
         }
     }
 
     /// Table frames held, the top level included.
     pub(super) fn table_frames(&self) -> usize {
-        match self {
-            Tables::X86 { builder, .. } => builder.table_frames(),
-            Tables::Aarch64 { builder, .. } => builder.tables().len() + 1,
+        match &self.kind {
+            Kind::X86 { builder, .. } => builder.table_frames(),
+            Kind::Aarch64 { builder, .. } => builder.tables().len() + 1,
         }
     }
 
@@ -131,8 +147,9 @@ impl Tables {
         pa: u64,
         prot: Prot,
     ) -> Result<(), ProcessError> {
-        match self {
-            Tables::X86 { builder, .. } => Ok(builder.map(
+        self.cache.flush_page(va);
+        match &mut self.kind {
+            Kind::X86 { builder, .. } => Ok(builder.map(
                 mem,
                 &mut &*frames,
                 va,
@@ -140,7 +157,7 @@ impl Tables {
                 PageSize::Size4K,
                 prot.map_flags(),
             )?),
-            Tables::Aarch64 { builder, .. } => {
+            Kind::Aarch64 { builder, .. } => {
                 let mut alloc = || frames.alloc().ok().map(|g| g.0);
                 Ok(builder.map(
                     mem,
@@ -160,9 +177,10 @@ impl Tables {
         mem: &M,
         va: u64,
     ) -> Result<(), ProcessError> {
-        match self {
-            Tables::X86 { builder, .. } => builder.unmap(mem, va, PageSize::Size4K).map(|_| ())?,
-            Tables::Aarch64 { builder, .. } => {
+        self.cache.flush_page(va);
+        match &mut self.kind {
+            Kind::X86 { builder, .. } => builder.unmap(mem, va, PageSize::Size4K).map(|_| ())?,
+            Kind::Aarch64 { builder, .. } => {
                 builder.unmap(mem, va, ArmPageSize::Size4K).map(|_| ())?
             }
         }
@@ -176,11 +194,12 @@ impl Tables {
         va: u64,
         prot: Prot,
     ) -> Result<(), ProcessError> {
-        match self {
-            Tables::X86 { builder, .. } => {
+        self.cache.flush_page(va);
+        match &mut self.kind {
+            Kind::X86 { builder, .. } => {
                 builder.protect(mem, va, PageSize::Size4K, prot.map_flags())?
             }
-            Tables::Aarch64 { builder, .. } => {
+            Kind::Aarch64 { builder, .. } => {
                 let slot = builder
                     .descriptor_address(mem, va, ArmPageSize::Size4K.level())?
                     .ok_or(vsva_smmuv3::builder::BuildError::NotMapped {
@@ -198,29 +217,52 @@ impl Tables {
 
     /// The page `va` is in as the tables map it: its physical base and size in bytes.
     pub(super) fn lookup<M: PhysMem + ?Sized>(&self, mem: &M, va: u64) -> Option<(u64, u64)> {
-        match self {
-            Tables::X86 { builder, .. } => {
+        match &self.kind {
+            Kind::X86 { builder, .. } => {
                 let m = builder.lookup(mem, va).ok()??;
                 Some((m.page, m.size.bytes()))
             }
-            Tables::Aarch64 { builder, .. } => {
+            Kind::Aarch64 { builder, .. } => {
                 let m = builder.lookup(mem, va).ok()??;
                 Some((m.base, m.size.bytes()))
             }
         }
     }
 
-    /// The CPU's walk for a user access (`write` or a read), setting the accessed and
-    /// dirty state the architecture's hardware sets; the output address, or `None` for a
-    /// fault.
+    /// The CPU's translation for a user access (`write` or a read): without a walk when
+    /// its walk cache knows the page's leaf entry and the entry is still what the last walk
+    /// left there, else by [`Self::walk`], whose leaf the cache then keeps. The output
+    /// address, or `None` for a fault.
     pub(super) fn cpu_walk<M: PhysMem + ?Sized>(
-        &self,
+        &mut self,
         mem: &M,
         va: u64,
         write: bool,
     ) -> Option<u64> {
-        match self {
-            Tables::X86 { builder, mode } => {
+        if let Some(frame) = self.cache.lookup(mem, va, write) {
+            return Some(frame | (va & PAGE_OFFSET));
+        }
+        let mut leaf = LastEntry::default();
+        let Some(output) = self.walk(mem, va, write, &mut leaf) else {
+            self.cache.flush_page(va);
+            return None;
+        };
+        self.cache.fill(va, output & !PAGE_OFFSET, leaf, write);
+        Some(output)
+    }
+
+    /// The CPU's walk for a user access (`write` or a read), setting the accessed and
+    /// dirty state the architecture's hardware sets; the output address, or `None` for a
+    /// fault. `leaf` sees every entry read, the leaf last.
+    fn walk<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        va: u64,
+        write: bool,
+        leaf: &mut LastEntry,
+    ) -> Option<u64> {
+        match &self.kind {
+            Kind::X86 { builder, mode } => {
                 let cfg = FlConfig {
                     root: builder.root(),
                     mode: *mode,
@@ -233,17 +275,17 @@ impl Tables {
                     write,
                     ..AccessRequest::READ
                 };
-                walk_first_level(mem, &cfg, va, access, &mut ())
+                walk_first_level(mem, &cfg, va, access, leaf)
                     .ok()
                     .map(|t| t.output)
             }
-            Tables::Aarch64 { cfg, .. } => {
+            Kind::Aarch64 { cfg, .. } => {
                 let access = vsva_smmuv3::walk::AccessRequest {
                     write,
                     instruction: false,
                     privileged: false,
                 };
-                walk_stage1(mem, cfg, va, access, &mut ())
+                walk_stage1(mem, cfg, va, access, leaf)
                     .ok()
                     .map(|t| t.output)
             }
@@ -252,16 +294,98 @@ impl Tables {
 
     /// Frees every table frame, the top level included.
     pub(super) fn destroy(self, frames: &GuestFrames) {
-        match self {
-            Tables::X86 { builder, .. } => {
+        match self.kind {
+            Kind::X86 { builder, .. } => {
                 builder.destroy(&mut &*frames);
             }
-            Tables::Aarch64 { builder, root, .. } => {
+            Kind::Aarch64 { builder, root, .. } => {
                 for &f in builder.tables() {
                     let _ = frames.free(vsva_vtd::addr::Gpa(f));
                 }
                 let _ = frames.free(vsva_vtd::addr::Gpa(root));
             }
+        }
+    }
+}
+
+/// The last entry a walk read (after its accessed or dirty update): the leaf of a walk
+/// that translated.
+#[derive(Default)]
+struct LastEntry {
+    address: u64,
+    entry: u64,
+}
+
+impl vsva_vtd::walk::WalkObserver for LastEntry {
+    fn step(&mut self, step: vsva_vtd::walk::WalkStep) {
+        (self.address, self.entry) = (step.entry_address, step.entry);
+    }
+}
+
+impl vsva_smmuv3::walk::WalkObserver for LastEntry {
+    fn step(&mut self, step: vsva_smmuv3::walk::WalkStep) {
+        (self.address, self.entry) = (step.entry_address, step.entry);
+    }
+}
+
+/// The CPU's paging-structure caches for the process's user accesses (Intel SDM Vol. 3A
+/// §4.10.3; an AArch64 core's walk caches alike): per 4 KiB page, the entries above the leaf as
+/// the address of the page's leaf entry, with the leaf as the last walk left it. An
+/// access reads the leaf and goes without a walk when it is unchanged, so a leaf
+/// rewritten in memory counts at once, and the tables above it count from the next walk
+/// the kernel causes: every map, unmap and protect of a page drops the page's entry, as
+/// Linux flushes after changing a page's tables. An entry a read's walk made does not
+/// serve a write, which walks again to set the dirty state (SDM §4.8).
+#[derive(Default)]
+struct WalkCache {
+    entries: [Option<CachedLeaf>; CACHE_ENTRIES],
+}
+
+/// What the cache keeps of a page's walk.
+#[derive(Clone, Copy)]
+struct CachedLeaf {
+    /// The virtual page.
+    page: u64,
+    /// The physical frame of the page.
+    frame: u64,
+    /// Where the leaf entry is.
+    leaf: u64,
+    /// The leaf entry after the walk.
+    entry: u64,
+    /// Made by a write's walk: writes may use it.
+    write: bool,
+}
+
+impl WalkCache {
+    fn slot(va: u64) -> usize {
+        (va >> 12) as usize % CACHE_ENTRIES
+    }
+
+    /// The frame of `va`'s page, when a kept walk serves a read or a `write` and its leaf
+    /// entry is as the walk left it.
+    fn lookup<M: PhysMem + ?Sized>(&self, mem: &M, va: u64, write: bool) -> Option<u64> {
+        let e = self.entries[Self::slot(va)]?;
+        let serves = e.page == va & !PAGE_OFFSET && (e.write || !write);
+        (serves && mem.read_u64(e.leaf).is_ok_and(|now| now == e.entry)).then_some(e.frame)
+    }
+
+    /// Keeps the walk of `va`'s page, a read's or a `write`'s, that found `frame` through
+    /// `leaf`.
+    fn fill(&mut self, va: u64, frame: u64, leaf: LastEntry, write: bool) {
+        self.entries[Self::slot(va)] = Some(CachedLeaf {
+            page: va & !PAGE_OFFSET,
+            frame,
+            leaf: leaf.address,
+            entry: leaf.entry,
+            write,
+        });
+    }
+
+    /// Drops the walk of `va`'s page, if kept.
+    fn flush_page(&mut self, va: u64) {
+        let slot = &mut self.entries[Self::slot(va)];
+        if slot.is_some_and(|e| e.page == va & !PAGE_OFFSET) {
+            *slot = None;
         }
     }
 }

@@ -130,6 +130,50 @@ fn lazy_pages_are_populated_on_touch() {
     assert_eq!(p.resident_pages(), 3);
 }
 
+/// The CPU's walk cache serves only what the tables still say: a walk a read made does
+/// not spare a write the walk that sets dirty, a leaf rewritten in memory counts at once,
+/// and nothing outlives munmap.
+#[test]
+fn the_cpu_walk_cache_keeps_nothing_the_tables_dropped() {
+    let (mem, frames, p) = process(FlPagingMode::FourLevel);
+    let va = p.mmap(4096, Prot::READ_WRITE).unwrap();
+    p.read(va, &mut [0u8; 8]).unwrap();
+    assert_eq!(leaf(&mem, &p, va.0) & (FlPte::A | FlPte::D), FlPte::A);
+    p.write(Gva(va.0 + 8), &[7]).unwrap();
+    assert_ne!(leaf(&mem, &p, va.0) & FlPte::D, 0);
+
+    // The leaf pointed at another frame behind the kernel's back: the next access uses it.
+    let other = frames.alloc().unwrap();
+    mem.write(other.0, &[9; 16]).unwrap();
+    let slot = {
+        let mut table = p.cr3().0;
+        for level in (2..=4u32).rev() {
+            let index = (va.0 >> (12 + 9 * (level - 1))) & 0x1ff;
+            table = mem.read_u64(table + index * 8).unwrap() & FlPte::ADDR_MASK;
+        }
+        table + ((va.0 >> 12) & 0x1ff) * 8
+    };
+    let own = mem.read_u64(slot).unwrap();
+    mem.write_u64(slot, (own & !FlPte::ADDR_MASK) | other.0)
+        .unwrap();
+    let mut b = [0u8; 16];
+    p.read(va, &mut b).unwrap();
+    assert_eq!(b, [9; 16]);
+    mem.write_u64(slot, own).unwrap();
+    frames.free(other).unwrap();
+
+    p.munmap(va, 4096).unwrap();
+    let segv = |write| ProcessError::Segv { gva: va, write };
+    assert_eq!(p.read(va, &mut [0u8; 1]), Err(segv(false)));
+    assert_eq!(p.write(va, &[1]), Err(segv(true)));
+    // Mapped again, lazily: the first touch populates a zeroed page.
+    p.mmap_fixed(va, 4096, Prot::READ_WRITE, false).unwrap();
+    let mut b = [0xffu8; 16];
+    p.read(va, &mut b).unwrap();
+    assert_eq!(b, [0; 16]);
+    assert_eq!(p.resident_pages(), 1);
+}
+
 #[test]
 fn munmap_reports_the_ranges_and_frees_after_notifying() {
     let (_, frames, p) = process(FlPagingMode::FourLevel);
