@@ -450,6 +450,22 @@ fn shift_bit(shift: u8) -> u64 {
     }
 }
 
+/// How many ways a mask of ways names (`count_ones` of it, from a table: without a
+/// population-count instruction in the target, the default x86-64 one has none, that is a
+/// dozen shifts and masks).
+fn ways_in(mask: u32) -> usize {
+    const COUNTS: [u8; 1 << WAYS] = {
+        let mut counts = [0; 1 << WAYS];
+        let mut mask = 1;
+        while mask < counts.len() {
+            counts[mask] = counts[mask >> 1] + (mask & 1) as u8;
+            mask += 1;
+        }
+        counts
+    };
+    COUNTS[mask as usize] as usize
+}
+
 /// The owner of an entry: its domain id and PASID, whose [`Bucket`] lists it.
 type Owner = (DomainId, u32);
 
@@ -499,10 +515,15 @@ impl SetMask {
     }
 
     fn remove(&mut self, set: usize) {
-        let (hi, lo) = (set / 64, set % 64);
+        self.remove_of_word(set / 64, 1 << (set % 64));
+    }
+
+    /// Removes the sets `hi * 64 + i` for each bit `i` of `bits`: those of one word, with
+    /// one look-up of the word.
+    fn remove_of_word(&mut self, hi: usize, bits: u64) {
         if self.summary & 1 << hi != 0 {
             let at = self.rank(hi);
-            self.words[at] &= !(1 << lo);
+            self.words[at] &= !bits;
             if self.words[at] == 0 {
                 self.words.remove(at);
                 self.summary &= !(1 << hi);
@@ -947,9 +968,13 @@ impl Iotlb {
     /// Empties the ways of set `at` that hold an entry of `owner` keyed `key.tag` for a page
     /// of `pages` (which share the set: an aligned group of up to [`WAYS`] pages) and that
     /// `select` accepts (every one of them if `page_decides`); all in one pass over the ways
-    /// and one write of the set. Returns
-    /// how many went and whether the set still holds an entry of `owner`. The caller holds
-    /// the index lock, so no other writer changes the set meanwhile.
+    /// and one write of the set. Returns how many went and whether the set still holds an
+    /// entry of `owner`. The caller holds the index lock, so no other writer changes the set
+    /// meanwhile.
+    ///
+    /// A way holds such an entry exactly when its tag is `key.tag` with `owner`'s domain id
+    /// ([`encode`]) and its page is in `pages`: one comparison of each word, made for every
+    /// way without a branch.
     fn remove_group(
         &self,
         owner: Owner,
@@ -961,25 +986,28 @@ impl Iotlb {
     ) -> (usize, bool) {
         let set = &self.sets[at];
         let owned = owner_tag(owner);
+        let keyed = key.tag | owned;
         let (first, span) = (*pages.start(), pages.end() - pages.start());
-        let (mut gone, mut others) = (0u32, false);
+        let (mut owns, mut hits) = (0u32, 0u32);
         for (i, w) in set.ways.iter().enumerate() {
             let tag = w.tag.load(Ordering::Relaxed);
-            if (tag ^ owned) & OWNER_MASK != 0 {
-                continue;
-            }
             let page = w.key.load(Ordering::Relaxed);
-            let way = Key {
-                tag: tag & KEY_MASK,
-                page,
-            };
-            if way.tag == key.tag
-                && page.wrapping_sub(first) <= span
-                && (page_decides || select(&way, &decode(tag, w.value.load(Ordering::Relaxed))))
-            {
-                gone |= 1 << i;
-            } else {
-                others = true;
+            owns |= u32::from((tag ^ owned) & OWNER_MASK == 0) << i;
+            hits |= u32::from(tag == keyed && page.wrapping_sub(first) <= span) << i;
+        }
+        let mut gone = hits;
+        if !page_decides {
+            while hits != 0 {
+                let i = hits.trailing_zeros() as usize;
+                hits &= hits - 1;
+                let w = &set.ways[i];
+                let way = Key {
+                    tag: key.tag,
+                    page: w.key.load(Ordering::Relaxed),
+                };
+                if !select(&way, &decode(keyed, w.value.load(Ordering::Relaxed))) {
+                    gone &= !(1 << i);
+                }
             }
         }
         if gone != 0 {
@@ -991,7 +1019,7 @@ impl Iotlb {
                 }
             });
         }
-        (gone.count_ones() as usize, others)
+        (ways_in(gone), owns & !gone != 0)
     }
 
     /// Removes the entries of `owner` that `select` accepts, visiting each set `bucket`
@@ -1043,7 +1071,7 @@ impl Iotlb {
                         }
                     }
                 });
-                removed += gone.count_ones() as usize;
+                removed += ways_in(gone);
             }
             keeps
         });
@@ -1087,6 +1115,10 @@ impl Iotlb {
         let mask = self.sets.len() - 1;
         let group = WAYS as u64 - 1;
         let Bucket { sets, summary } = bucket;
+        // The sets left without an entry of `owner` that are not yet out of `sets`: a word
+        // of the mask and its bits. Neighbouring groups' sets share a word (the low bits of
+        // the set number are the page number's), so the word is looked up once for many.
+        let mut emptied = (0, 0u64);
         for &rid in &summary.rids {
             for shift in summary.page_shifts() {
                 let (mut page, last) = (range.start >> shift, range.last >> shift);
@@ -1098,7 +1130,11 @@ impl Iotlb {
                         self.remove_group(owner, at, &key, page..=end, page_decides, select);
                     removed += gone;
                     if gone != 0 && !others {
-                        sets.remove(at);
+                        if at / 64 != emptied.0 {
+                            sets.remove_of_word(emptied.0, emptied.1);
+                            emptied = (at / 64, 0);
+                        }
+                        emptied.1 |= 1 << (at % 64);
                         left += 1;
                     }
                     if end == last {
@@ -1108,6 +1144,7 @@ impl Iotlb {
                 }
             }
         }
+        sets.remove_of_word(emptied.0, emptied.1);
         (removed, left)
     }
 
