@@ -250,16 +250,16 @@ impl RemappingUnit for Unit<'_> {
         self.0.caches.context(sid)
     }
 
-    fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
-        self.0.caches.insert_context(fill, sid, ctx);
+    fn cache_context(&self, fill: u64, sid: SourceId, ctx: &ScalableContextEntry) {
+        self.0.caches.insert_context(fill, sid, *ctx);
     }
 
     fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
         self.0.caches.pasid_entry(sid, pasid)
     }
 
-    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
-        self.0.caches.insert_pasid_entry(fill, sid, pasid, pe);
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry) {
+        self.0.caches.insert_pasid_entry(fill, sid, pasid, *pe);
     }
 
     /// The vIOMMU offers first-level translation only: every PASID entry it accepts has

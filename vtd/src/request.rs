@@ -260,12 +260,12 @@ pub trait RemappingUnit {
     /// The context cache's entry for `sid`.
     fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry>;
     /// Caches a context entry read from the tables.
-    fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry);
+    fn cache_context(&self, fill: u64, sid: SourceId, ctx: &ScalableContextEntry);
     /// The PASID cache's entry for `sid` and `pasid`.
     fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry>;
     /// Caches a PASID entry read from the tables (IOTLB entries of the same requester and
     /// PASID under another domain id are no longer found).
-    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry);
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry);
 
     /// Walks the tables `pe` selects for `req` (translated with `pasid` and the rights of
     /// `access`), through whatever paging-structure caches the unit keeps; they take what
@@ -354,7 +354,11 @@ fn translate_miss<U: RemappingUnit + ?Sized>(
     req: Request,
 ) -> Result<U::Output, TranslationFault> {
     let fill = unit.begin_fill();
-    let ctx = context_entry(unit, rta, req.sid).map_err(|f| fault(&req, f.reason, f.fpd, false))?;
+    // The entries are used where their steps left them, by reference (see `context_entry`).
+    let ctx = context_entry(unit, rta, req.sid);
+    let ctx = ctx
+        .as_ref()
+        .map_err(|f| fault(&req, f.reason, f.fpd, false))?;
     let pasid = ctx
         .pasid_for_request(req.pasid)
         .map_err(|r| fault(&req, r, ctx.fpd, false))?;
@@ -368,15 +372,17 @@ fn translate_miss<U: RemappingUnit + ?Sized>(
             return Ok(unit.output(&req, Remapped::Cached { entry, pasid }));
         }
     }
-    let pe =
-        pasid_entry(unit, req.sid, &ctx, pasid).map_err(|f| fault(&req, f.reason, f.fpd, false))?;
-    let walked = request_checks(&pe, req.addr, access)
-        .and_then(|()| unit.walk(fill, rta, &req, pasid, &pe, access));
+    let pe = pasid_entry(unit, req.sid, ctx, pasid);
+    let pe = pe
+        .as_ref()
+        .map_err(|f| fault(&req, f.reason, f.fpd, false))?;
+    let walked = request_checks(pe, req.addr, access)
+        .and_then(|()| unit.walk(fill, rta, &req, pasid, pe, access));
     let t = walked.map_err(|f| {
         let recoverable = ctx.pre && f.page_request_may_resolve();
         fault(&req, f.reason, ctx.fpd || pe.fpd, recoverable)
     })?;
-    let entry = unit.iotlb_insert(fill, req.sid, pasid, req.addr, &pe, &t, access);
+    let entry = unit.iotlb_insert(fill, req.sid, pasid, req.addr, pe, &t, access);
     let how = Remapped::Walked {
         entry,
         pasid,
@@ -396,9 +402,13 @@ pub fn context_entry<U: RemappingUnit + ?Sized>(
         return Ok(c);
     }
     let fill = unit.entry_fill();
-    let c = read_context_entry(unit.memory(), rta, sid, unit.capabilities())?;
-    unit.cache_context(fill, sid, c);
-    Ok(c)
+    // Cached where it was read, by reference: moving the entry out of the result (with `?`)
+    // had the miss path copy it field by field, twice.
+    let read = read_context_entry(unit.memory(), rta, sid, unit.capabilities());
+    if let Ok(c) = &read {
+        unit.cache_context(fill, sid, c);
+    }
+    read
 }
 
 /// The PASID entry `pasid` of `sid`, from the unit's PASID cache or the tables `ctx`
@@ -413,9 +423,12 @@ pub fn pasid_entry<U: RemappingUnit + ?Sized>(
         return Ok(pe);
     }
     let fill = unit.entry_fill();
-    let pe = read_pasid_entry(unit.memory(), ctx, pasid, unit.capabilities())?;
-    unit.cache_pasid_entry(fill, sid, pasid, pe);
-    Ok(pe)
+    // Cached where it was read, by reference (see `context_entry`).
+    let read = read_pasid_entry(unit.memory(), ctx, pasid, unit.capabilities());
+    if let Ok(pe) = &read {
+        unit.cache_pasid_entry(fill, sid, pasid, pe);
+    }
+    read
 }
 
 /// Walks the page tables a PASID entry selects, without caches (what a unit without
@@ -644,9 +657,9 @@ mod tests {
         fn cached_context(&self, sid: SourceId) -> Option<ScalableContextEntry> {
             self.contexts.borrow().get(&sid.rid()).copied()
         }
-        fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
+        fn cache_context(&self, fill: u64, sid: SourceId, ctx: &ScalableContextEntry) {
             if fill == self.generation.get() {
-                self.contexts.borrow_mut().insert(sid.rid(), ctx);
+                self.contexts.borrow_mut().insert(sid.rid(), *ctx);
             }
         }
         fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
@@ -655,14 +668,14 @@ mod tests {
                 .get(&(sid.rid(), pasid.raw()))
                 .copied()
         }
-        fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
+        fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry) {
             if self.invalidate_in_entry_read.take() {
                 self.generation.set(self.generation.get() + 1);
             }
             if fill == self.generation.get() {
                 self.entries
                     .borrow_mut()
-                    .insert((sid.rid(), pasid.raw()), pe);
+                    .insert((sid.rid(), pasid.raw()), *pe);
             }
         }
         fn walk(

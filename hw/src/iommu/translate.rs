@@ -253,9 +253,9 @@ impl RemappingUnit for Iommu {
 
     /// An entry read while a context- or PASID-cache invalidation ran is used but not
     /// cached.
-    fn cache_context(&self, fill: u64, sid: SourceId, ctx: ScalableContextEntry) {
+    fn cache_context(&self, fill: u64, sid: SourceId, ctx: &ScalableContextEntry) {
         self.context_cache
-            .fill(&self.entry_generation, fill, context_tag(sid), &ctx);
+            .fill(&self.entry_generation, fill, context_tag(sid), ctx);
     }
 
     fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
@@ -264,13 +264,12 @@ impl RemappingUnit for Iommu {
 
     /// An entry read afresh retags the IOTLB for its domain, unless every IOTLB entry filled
     /// for its requester and PASID since the last retag has its domain id (`RetagFilter`).
-    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: PasidEntry) {
-        let tag = pasid_tag(sid, pasid, &pe);
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry) {
+        let tag = pasid_tag(sid, pasid, pe);
         if self.retag_filter.read_needs_retag(tag) && self.iotlb.retag(sid, pasid, pe.did) > 0 {
             self.runs.drop_all();
         }
-        self.pasid_cache
-            .fill(&self.entry_generation, fill, tag, &pe);
+        self.pasid_cache.fill(&self.entry_generation, fill, tag, pe);
     }
 
     /// Through the paging-structure caches; counts the walk and the entries it read. In
