@@ -81,6 +81,7 @@ impl FlFill {
 }
 
 impl WalkObserver for FlFill {
+    #[inline(always)]
     fn step(&mut self, step: WalkStep) {
         let down = matches!(step.outcome, StepOutcome::Table(_));
         if step.stage == Stage::FirstLevel && step.level == self.at.level && down {
@@ -100,6 +101,7 @@ struct SlFill<'c> {
 }
 
 impl WalkObserver for SlFill<'_> {
+    #[inline(always)]
     fn step(&mut self, step: WalkStep) {
         let down = matches!(step.outcome, StepOutcome::Table(_));
         if step.stage == Stage::SecondLevel && step.level == self.at.level && down {
@@ -121,10 +123,14 @@ struct CachedNested<'a, M: ?Sized> {
 }
 
 impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
+    /// The second-level translation of `gpa` for `access`; with `keep`, a mapping it walks
+    /// for is kept for the walk's fill.
+    #[inline(always)]
     fn resolve(
         &mut self,
         gpa: u64,
         access: AccessRequest,
+        keep: bool,
         walk: impl FnOnce(
             &NestedStage<'_, M>,
             SlStart,
@@ -147,7 +153,9 @@ impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
             fills: self.fills,
         };
         let t = walk(&self.stage, start, &mut fill)?;
-        self.fills.mapping_of(gpa, SlMapping::of(&t));
+        if keep {
+            self.fills.mapping_of(gpa, SlMapping::of(&t));
+        }
         if start.level < top {
             self.resolved.push(gpa, t.page_base(), access);
         }
@@ -171,7 +179,7 @@ impl<M: PhysMem + ?Sized> FlStage for CachedNested<'_, M> {
             execute: false,
             supervisor: false,
         };
-        self.resolve(table, access, |s, start, fill| {
+        self.resolve(table, access, true, |s, start, fill| {
             s.walk_table_from(start, table, root, write, fill)
         })
         .map(|t| t.output)
@@ -186,7 +194,10 @@ impl<M: PhysMem + ?Sized> FlStage for CachedNested<'_, M> {
     where
         O: WalkObserver + ?Sized,
     {
-        self.resolve(output, access, |s, start, fill| {
+        // The output's mapping is not cached: the IOTLB entry the walk fills holds the
+        // translation through it, and another first-level page rarely maps the same guest
+        // page.
+        self.resolve(output, access, false, |s, start, fill| {
             s.walk_output_from(start, output, access, fill)
         })
     }

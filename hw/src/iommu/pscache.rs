@@ -10,7 +10,7 @@
 //!   domain id: the same for second-level tables (an [`SlStart`]).
 //! - The second-level mappings a nested walk uses (IOTLB entries caching second-level
 //!   mappings, tagged with the domain id): guest physical page to host physical page with
-//!   the second level's rights, for first-level table pages and final output pages.
+//!   the second level's rights, for the pages of first-level tables (a walk looks its output up there too).
 //!
 //! Entries carry the spec's tags only, so requesters with the same domain id (and PASID)
 //! share them, as on hardware. Like hardware (and like the IOTLB), each cache is a
@@ -818,6 +818,7 @@ impl PagingStructureCaches {
     /// Caches of `shards` shards, each with `table_sets` sets per paging-structure cache and
     /// `mapping_sets` for the second-level mappings (powers of two).
     fn with_sets(shards: usize, table_sets: usize, mapping_sets: usize) -> Self {
+        debug_assert!(shards.is_power_of_two());
         PagingStructureCaches {
             shards: (0..shards)
                 .map(|_| CachePadded::new(Shard::new(table_sets, mapping_sets)))
@@ -826,8 +827,11 @@ impl PagingStructureCaches {
         }
     }
 
+    /// `did`'s shard: a mask, as the number of shards is a power of two (a division cost
+    /// more than the rest of a lookup in an empty shard).
+    #[inline]
     fn shard(&self, did: DomainId) -> &Shard {
-        &self.shards[did.0 as usize % self.shards.len()]
+        &self.shards[did.0 as usize & (self.shards.len() - 1)]
     }
 
     /// `did`'s shard, `None` if it holds nothing.
@@ -878,15 +882,27 @@ impl PagingStructureCaches {
         gpa: u64,
         top: u8,
     ) -> Option<SlStart> {
+        Self::second_level_start_in(self.read(fills.did), fills, gpa, top)
+    }
+
+    /// [`PagingStructureCaches::second_level_start`] with `did`'s shard read.
+    #[inline(always)]
+    fn second_level_start_in(
+        shard: Option<&Shard>,
+        fills: &WalkFills,
+        gpa: u64,
+        top: u8,
+    ) -> Option<SlStart> {
         let read = fills.second_level_start(gpa, top);
         let below = read.map_or(top + 1, |s| s.level + 1);
-        self.read(fills.did)
+        shard
             .and_then(|shard| shard.second_level_start(fills.did, gpa, below))
             .or(read)
     }
 
     /// Where the nested walk of `fills` resolves `gpa` for `access`: a mapping it read or
     /// the cache holds that allows it, else the deepest second-level table.
+    #[inline]
     pub(crate) fn nested_start(
         &self,
         fills: &WalkFills,
@@ -894,12 +910,13 @@ impl PagingStructureCaches {
         access: AccessRequest,
         top: u8,
     ) -> NestedStart {
+        let shard = self.read(fills.did);
         let mapped = fills
             .mapping(gpa)
-            .or_else(|| self.read(fills.did)?.mapping(fills.did, gpa));
+            .or_else(|| shard?.mapping(fills.did, gpa));
         match mapped {
             Some(m) if m.allows(access) => NestedStart::Mapped(m),
-            _ => NestedStart::Walk(self.second_level_start(fills, gpa, top)),
+            _ => NestedStart::Walk(Self::second_level_start_in(shard, fills, gpa, top)),
         }
     }
 
@@ -916,7 +933,8 @@ impl PagingStructureCaches {
     /// 4-KiB page): the next miss in the same region starts there all the same, and a miss
     /// elsewhere walks from the top, which any cache may make it do (VT-d §6.2: caching is
     /// optional, and a cache may hold any subset of what was read). The second-level
-    /// mappings of a nested walk are all cached. The generation is compared under the
+    /// mappings a nested walk read for its first-level tables are all cached; that of its
+    /// output is not kept (the IOTLB entry holds the translation through it). The generation is compared under the
     /// writer lock every invalidation of the shard advances it under (see the module
     /// documentation).
     pub(crate) fn fill(&self, fill: u64, fills: &WalkFills) {

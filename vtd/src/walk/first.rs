@@ -291,6 +291,7 @@ impl FlStart {
 
     /// The start below `entry`, a present non-leaf entry read from this start's table: the
     /// table it points to, one level down, with its rights added.
+    #[inline]
     pub const fn below(self, entry: u64) -> FlStart {
         let pte = FlPte(entry);
         FlStart {

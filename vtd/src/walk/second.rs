@@ -114,6 +114,7 @@ impl SlStart {
 
     /// The start below `entry`, a present non-leaf entry read from this start's table: the
     /// table it points to, one level down, with its rights added as `cfg` accumulates them.
+    #[inline]
     pub const fn below(self, cfg: &SlConfig, entry: u64) -> SlStart {
         let pte = SlPte(entry);
         SlStart {
