@@ -614,7 +614,8 @@ impl RegisterFile {
         if size != 4 && size != 8 {
             return Err(RegError::Width(size));
         }
-        if offset % size as u64 != 0 {
+        // `size` is 4 or 8: a mask, not a division, tests the alignment.
+        if offset & (size as u64 - 1) != 0 {
             return Err(RegError::Unaligned { offset, size });
         }
         if offset
