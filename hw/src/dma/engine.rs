@@ -147,10 +147,13 @@ struct Regs {
     swerr_overflow: bool,
 }
 
+/// What waits for the engine: the queued descriptors and the PRG responses received, under
+/// one lock, so that a pass of the engine takes both with one lock round trip.
 #[derive(Debug, Default)]
 struct WorkQueue {
     next_seq: u64,
     queue: VecDeque<(u64, RawDescriptor)>,
+    responses: Vec<PrgResponse>,
 }
 
 /// Where a descriptor is in its life.
@@ -243,7 +246,6 @@ pub struct DmaEngine {
     port: Arc<dyn DmaPort>,
     regs: Mutex<Regs>,
     wq: Mutex<WorkQueue>,
-    responses: Mutex<Vec<PrgResponse>>,
     devtlb: Mutex<DevTlb>,
     /// What an invalidate request of the device TLB completes through (PCIe ATS: the
     /// completion follows every request that used a dropped entry).
@@ -327,7 +329,6 @@ impl DmaEngine {
             port,
             regs: Mutex::new(Regs::default()),
             wq: Mutex::new(WorkQueue::default()),
-            responses: Mutex::new(Vec::new()),
             devtlb: Mutex::new(DevTlb::new(config.devtlb_entries)),
             devtlb_drain: RequestDrain::new(),
             exec: Mutex::new(Exec {
@@ -485,23 +486,17 @@ impl DmaEngine {
             // engine's list keeps its capacity and a response does not allocate.
             let mut responses = Vec::new();
             loop {
-                std::mem::swap(
-                    &mut responses,
-                    &mut *self
-                        .responses
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner),
-                );
+                // The responses and the next descriptor under one lock; the responses are
+                // acted on first, as they arrived before the descriptor is started.
+                let next = {
+                    let mut wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
+                    std::mem::swap(&mut responses, &mut wq.responses);
+                    wq.queue.pop_front()
+                };
                 let answered = !responses.is_empty();
                 for r in responses.drain(..) {
                     self.on_response(&mut exec, ctrl, r);
                 }
-                let next = self
-                    .wq
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .queue
-                    .pop_front();
                 match next {
                     Some((seq, raw)) => self.start(&mut exec, ctrl, seq, raw),
                     None if !answered => break,
@@ -510,17 +505,10 @@ impl DmaEngine {
             }
             completed += exec.completed - before;
             drop(exec);
-            let idle = self
-                .wq
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .queue
-                .is_empty()
-                && self
-                    .responses
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .is_empty();
+            let idle = {
+                let wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
+                wq.queue.is_empty() && wq.responses.is_empty()
+            };
             if idle {
                 return completed;
             }
@@ -532,19 +520,10 @@ impl DmaEngine {
         let Ok(exec) = self.exec.try_lock() else {
             return false;
         };
-        exec.parked.is_empty()
-            && exec.drains.is_empty()
-            && self
-                .wq
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .queue
-                .is_empty()
-            && self
-                .responses
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
+        exec.parked.is_empty() && exec.drains.is_empty() && {
+            let wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
+            wq.queue.is_empty() && wq.responses.is_empty()
+        }
     }
 
     /// Descriptors waiting for a page response.
@@ -1404,9 +1383,10 @@ impl AtsEndpoint for DmaEngine {
     }
 
     fn page_response(&self, resp: PrgResponse) {
-        self.responses
+        self.wq
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .responses
             .push(resp);
     }
 }
