@@ -197,55 +197,32 @@ impl VIommu {
     /// invalid one with the invalidation queue error set and IQH left on it.
     ///
     /// The descriptors queued when a pass starts (up to the IQT it sees) make one shadow
-    /// [`SyncPass`]; when IQH reaches that tail and descriptors remain, a new pass starts.
+    /// [`SyncPass`], fetched in bulk ([`invalidation::drain`]) without the register lock;
+    /// IQH then moves past those carried out, and if descriptors remain a new pass starts.
     /// The host invalidations a pass gathers go down together when it ends (or earlier:
     /// see [`SyncPass`]).
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
         let (flushed, pass) = &mut *lock(&self.queue);
-        pass.clear();
-        self.run_invalidation_queue(flushed, pass, irqs);
-        self.flush_invalidations(pass);
-    }
-
-    fn run_invalidation_queue(
-        &self,
-        flushed: &mut InclusiveFlushes,
-        pass: &mut SyncPass,
-        irqs: &mut Vec<Interrupt>,
-    ) {
-        let mut pass_tail = None;
-        // The register lock is taken once per descriptor: IQH moves past a descriptor and
-        // the next one is looked up under the same guard.
         let mut regs = lock(&self.regs);
         loop {
-            let (addr, desc_size, scalable) = match (regs.next_inv_desc(), regs.inv_queue()) {
-                (Some(addr), Some(q)) => {
-                    if pass_tail.is_none_or(|tail| tail == q.head) {
-                        self.flush_invalidations(pass);
-                        pass.clear();
-                        pass_tail = Some(q.tail);
-                    }
-                    (addr, q.desc_size, regs.root_table().ttm == Ttm::Scalable)
-                }
-                _ => return,
+            let (Some(_), Some(queue)) = (regs.next_inv_desc(), regs.inv_queue()) else {
+                return;
             };
+            let scalable = regs.root_table().ttm == Ttm::Scalable;
             drop(regs);
-            let done =
-                invalidation::fetch(&*self.mem, addr, desc_size, scalable).and_then(|desc| {
-                    self.execute(&desc, flushed, pass, irqs)
-                        .map_err(|_| Iqei::FetchError)
-                });
+            pass.clear();
+            let (done, error) = invalidation::drain(&*self.mem, queue, scalable, |desc| {
+                self.execute(desc, flushed, pass, irqs)
+                    .map_err(|_| Iqei::FetchError)
+            });
+            self.flush_invalidations(pass);
             regs = lock(&self.regs);
-            match done {
-                Ok(()) => {
-                    // Fails only if a tail write meanwhile stopped the queue (IQE): IQH
-                    // then stays, as the error requires.
-                    let _ = regs.advance_iqh();
-                }
-                Err(iqei) => {
-                    irqs.extend(regs.set_iqe(iqei));
-                    return;
-                }
+            // Moves less only if a register write meanwhile stopped the queue (IQE, QI
+            // disabled): IQH then stays, as the error requires.
+            regs.advance_iqh_by(done);
+            if let Some(iqei) = error {
+                irqs.extend(regs.set_iqe(iqei));
+                return;
             }
         }
     }

@@ -225,6 +225,12 @@ impl DevTlb {
             return 0;
         };
         self.advance(OvertakenBy::Invalidation(*first));
+        // The smallest range holding every request's: a slot whose page is outside it (most
+        // of them, for the page-sized requests of an `mprotect` or `munmap`) is passed over
+        // after two comparisons, without reading its entry or visiting the requests.
+        let (lo, hi) = invs.iter().fold((u64::MAX, 0), |(lo, hi), inv| {
+            (lo.min(inv.range.start), hi.max(inv.range.last))
+        });
         let mut dropped = 0;
         let words = self.valid.iter_mut();
         let slots = self.entries.chunks_mut(64).zip(self.bounds.chunks(64));
@@ -234,11 +240,14 @@ impl DevTlb {
                 let bit = bits.trailing_zeros();
                 bits &= bits - 1;
                 let (start, last) = bounds[bit as usize];
+                if start > hi || last < lo {
+                    continue;
+                }
                 let slot = &mut slots[bit as usize];
-                let drops = |inv: &DevTlbInvalidation| {
-                    inv.range.overlaps(start, last) && slot.is_some_and(|e| e.invalidated_by(inv))
-                };
-                if invs.iter().any(drops) {
+                if invs
+                    .iter()
+                    .any(|inv| slot.is_some_and(|e| e.invalidated_by(inv)))
+                {
                     *slot = None;
                     *word &= !(1 << bit);
                     dropped += 1;

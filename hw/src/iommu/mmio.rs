@@ -20,12 +20,6 @@ use vsva_vtd::{
 use super::qi::Pending;
 use super::{Iommu, ROOT_STRICT};
 
-/// Bytes of neighbouring descriptors the queue drain fetches in one read: 8 of 256 bits
-/// (16 of 128), what a driver's submission holds (Linux's `qi_submit_sync` writes at most
-/// a few descriptors and a wait). The buffer is zeroed per drain: a larger one costs a
-/// 2 KiB memset per submission for descriptors that are not there.
-const FETCH_BYTES: usize = 256;
-
 impl Iommu {
     /// A register read of `size` bytes (4 or 8) at `offset`.
     pub fn mmio_read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
@@ -138,61 +132,20 @@ impl Iommu {
     }
 
     /// Carries out the descriptors `queue` holds from its head up to its tail, without
-    /// the register lock; the number carried out, and the error that stopped the drain at
-    /// the next one. The descriptors are fetched in bulk, up to [`FETCH_BYTES`] of
-    /// neighbouring slots in one read (as hardware may fetch ahead of IQH), and each is
-    /// decoded, every reserved bit checked, before it is carried out. Cache invalidations
-    /// are gathered in `pending` and every one fetched is carried out before this returns.
+    /// the register lock ([`invalidation::drain`]); the number carried out, and the error
+    /// that stopped the drain at the next one. Cache invalidations are gathered in
+    /// `pending` and every one fetched is carried out before this returns.
     fn drain_invalidation_queue(
         &self,
         queue: InvQueue,
         scalable: bool,
         pending: &mut Pending,
     ) -> (u64, Option<Iqei>) {
-        let count = queue
-            .tail
-            .wrapping_add(queue.entries)
-            .wrapping_sub(queue.head)
-            % queue.entries;
-        if let Err(iqei) = invalidation::check_width(queue.desc_size, scalable) {
-            return (0, (count != 0).then_some(iqei));
-        }
-        let size = queue.desc_size as usize;
-        let mut fetched = [0u8; FETCH_BYTES];
-        let mut done = 0;
-        while done < count {
-            let slot = queue.head.wrapping_add(done) % queue.entries;
-            // Up to the tail, the end of the ring and the buffer, whichever comes first.
-            let n = (count - done)
-                .min(queue.entries - slot)
-                .min((FETCH_BYTES / size) as u64);
-            let addr = queue.base + slot * queue.desc_size;
-            let bytes = &mut fetched[..n as usize * size];
-            let run = if self.mem.read(addr, bytes).is_ok() {
-                bytes.chunks_exact(size).try_for_each(|raw| {
-                    let desc = invalidation::decode_fetched(raw)?;
-                    self.carry_out_one(&desc, pending)?;
-                    done += 1;
-                    Ok(())
-                })
-            } else {
-                // Some slot cannot be read: one at a time, so that those before it are
-                // carried out and the drain stops at it.
-                (0..n).try_for_each(|i| {
-                    let at = addr + i * queue.desc_size;
-                    let desc = invalidation::fetch(&*self.mem, at, queue.desc_size, scalable)?;
-                    self.carry_out_one(&desc, pending)?;
-                    done += 1;
-                    Ok(())
-                })
-            };
-            if let Err(iqei) = run {
-                self.carry_out(pending);
-                return (done, Some(iqei));
-            }
-        }
+        let drained = invalidation::drain(&*self.mem, queue, scalable, |desc| {
+            self.carry_out_one(desc, pending)
+        });
         self.carry_out(pending);
-        (count, None)
+        drained
     }
 
     /// Carries out one fetched descriptor (its cache invalidations deferred to
