@@ -164,6 +164,7 @@ impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
 }
 
 impl<M: PhysMem + ?Sized> FlStage for CachedNested<'_, M> {
+    #[inline(always)]
     fn table_address<O>(
         &mut self,
         table: u64,

@@ -902,7 +902,7 @@ impl PagingStructureCaches {
 
     /// Where the nested walk of `fills` resolves `gpa` for `access`: a mapping it read or
     /// the cache holds that allows it, else the deepest second-level table.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn nested_start(
         &self,
         fills: &WalkFills,
