@@ -91,6 +91,28 @@ impl WalkObserver for FlFill {
     }
 }
 
+/// Follows a second-level walk of a PASID entry's own tables (PGTT=010b) down from where it
+/// started: the deepest table it reached, the only one of them a fill caches (see
+/// `PagingStructureCaches::fill`). Nothing is recorded per level: the one walk of such a
+/// request never looks up its own tables again, unlike a nested walk's resolutions
+/// ([`SlFill`]).
+struct SlDeepest<'c> {
+    cfg: &'c SlConfig,
+    at: SlStart,
+    moved: bool,
+}
+
+impl WalkObserver for SlDeepest<'_> {
+    #[inline(always)]
+    fn step(&mut self, step: WalkStep) {
+        let down = matches!(step.outcome, StepOutcome::Table(_));
+        if step.stage == Stage::SecondLevel && step.level == self.at.level && down {
+            self.at = self.at.below(self.cfg, step.entry);
+            self.moved = true;
+        }
+    }
+}
+
 /// Records in the walk's [`WalkFills`] each second-level table a walk of `gpa` goes down
 /// to, from where it started, as it reads the entry pointing to it.
 struct SlFill<'c> {
@@ -272,13 +294,16 @@ impl Iommu {
                     .second_level_start(&fills, addr, top)
                     .unwrap_or(SlStart::top(&cfg));
                 used.tables = start.level < top;
-                let mut starts = SlFill {
+                let mut deepest = SlDeepest {
                     cfg: &cfg,
                     at: start,
-                    gpa: addr,
-                    fills: &mut fills,
+                    moved: false,
                 };
-                walk_second_level_from(mem, &cfg, start, addr, access, &mut starts)
+                let t = walk_second_level_from(mem, &cfg, start, addr, access, &mut deepest);
+                if deepest.moved {
+                    fills.second_level_table(addr, deepest.at);
+                }
+                t
             }
             Pgtt::PassThrough => pass_through(pe, addr, access),
         };
