@@ -287,11 +287,12 @@ impl Iommu {
                 t
             }
             Pgtt::SecondLevel => {
+                // One table to look up and at most one to fill: no pending fills.
                 let cfg = pe.sl_config(sl_format);
                 let top = cfg.levels.levels();
                 let start = self
                     .paging_caches
-                    .second_level_start(&fills, addr, top)
+                    .second_level_table(pe.did, addr, top)
                     .unwrap_or(SlStart::top(&cfg));
                 used.tables = start.level < top;
                 let mut deepest = SlDeepest {
@@ -301,9 +302,10 @@ impl Iommu {
                 };
                 let t = walk_second_level_from(mem, &cfg, start, addr, access, &mut deepest);
                 if deepest.moved {
-                    fills.second_level_table(addr, deepest.at);
+                    self.paging_caches
+                        .fill_second_level(fill, pe.did, addr, deepest.at);
                 }
-                t
+                return t;
             }
             Pgtt::PassThrough => pass_through(pe, addr, access),
         };

@@ -873,19 +873,9 @@ impl PagingStructureCaches {
         })
     }
 
-    /// The deepest second-level table cached, or read so far by the walk of `fills`, for
-    /// `gpa` below a `top`-level root: the walk's own first, then one probe of the cache
-    /// per level below it.
-    pub(crate) fn second_level_start(
-        &self,
-        fills: &WalkFills,
-        gpa: u64,
-        top: u8,
-    ) -> Option<SlStart> {
-        Self::second_level_start_in(self.read(fills.did), fills, gpa, top)
-    }
-
-    /// [`PagingStructureCaches::second_level_start`] with `did`'s shard read.
+    /// The deepest second-level table cached in `shard` (the walk's domain's, if it may
+    /// hold any), or read so far by the walk of `fills`, for `gpa` below a `top`-level
+    /// root: the walk's own first, then one probe of the cache per level below it.
     #[inline(always)]
     fn second_level_start_in(
         shard: Option<&Shard>,
@@ -898,6 +888,13 @@ impl PagingStructureCaches {
         shard
             .and_then(|shard| shard.second_level_start(fills.did, gpa, below))
             .or(read)
+    }
+
+    /// The deepest second-level table cached for `gpa` below a `top`-level root of
+    /// `did`'s tables, for a walk that reads no other second-level tables (PGTT=010b):
+    /// one probe of the cache per level.
+    pub(crate) fn second_level_table(&self, did: DomainId, gpa: u64, top: u8) -> Option<SlStart> {
+        self.read(did)?.second_level_start(did, gpa, top + 1)
     }
 
     /// Where the nested walk of `fills` resolves `gpa` for `access`: a mapping it read or
@@ -941,10 +938,9 @@ impl PagingStructureCaches {
         if fills.is_empty() {
             return;
         }
-        let mut shard = self.shard(fills.did).write();
-        if self.generation.0.load(Ordering::Acquire) != fill {
+        let Some(mut shard) = self.write_unless_invalidated(fills.did, fill) else {
             return;
-        }
+        };
         let deepest = fills.first_level.iter().map(|(k, _)| k.level).min();
         let mut first_level = shard.first_level();
         for (k, v) in fills.first_level.iter() {
@@ -964,6 +960,33 @@ impl PagingStructureCaches {
             let dirty = if m.dirty { MAPPING_DIRTY } else { 0 };
             mappings.insert(k.probe(), perms_bits(m.perms) | dirty, m.output);
         }
+    }
+
+    /// The one table a walk of `did`'s second-level tables (PGTT=010b) for `gpa` went down
+    /// to last, `start`, cached as [`PagingStructureCaches::fill`] caches a walk's deepest
+    /// second-level table, unless an invalidation ran since `fill`; without the pending
+    /// fills a nested walk keeps for its own later lookups, which such a walk has none of.
+    pub(crate) fn fill_second_level(&self, fill: u64, did: DomainId, gpa: u64, start: SlStart) {
+        let Some(mut shard) = self.write_unless_invalidated(did, fill) else {
+            return;
+        };
+        let level = start.level + 1;
+        let key = SlKey {
+            did,
+            level,
+            region: gpa >> span_shift(level),
+        };
+        shard
+            .second_level()
+            .insert(key.probe(), perms_bits(start.rights), start.table);
+    }
+
+    /// `did`'s shard under its writer lock, `None` if an invalidation advanced the
+    /// generation since `fill` (compared under the lock every invalidation of the shard
+    /// advances it under: see the module documentation).
+    fn write_unless_invalidated(&self, did: DomainId, fill: u64) -> Option<ShardWrite<'_>> {
+        let shard = self.shard(did).write();
+        (self.generation.0.load(Ordering::Acquire) == fill).then_some(shard)
     }
 
     /// Global IOTLB invalidation (§6.5.2.3): every paging-structure-cache entry and every
@@ -1269,7 +1292,7 @@ mod tests {
 
     /// The deepest cached second-level table of `did` for `gpa` under a 4-level root.
     fn sl_start(c: &PagingStructureCaches, did: DomainId, gpa: u64) -> Option<SlStart> {
-        c.second_level_start(&WalkFills::new(did), gpa, 4)
+        c.second_level_table(did, gpa, 4)
     }
 
     #[test]
@@ -1598,7 +1621,7 @@ mod tests {
 /// and invalidated races the invalidation; once the invalidation has returned, no lookup
 /// finds the old table or page, then or after the walk's fill ends (§6.5.2.3: a completed
 /// invalidation covers the walks in flight when it began). Without the fill token's check
-/// in [`PagingStructureCaches::fill`] the model fails.
+/// in [`PagingStructureCaches::fill`] (or `fill_second_level`) the model fails.
 #[cfg(all(test, loom))]
 mod loom_model {
     use super::*;
@@ -1612,7 +1635,7 @@ mod loom_model {
 
     /// The lookups' answers: nothing, or what the entry holds after the change, read whole.
     fn check(c: &PagingStructureCaches, when: &str) {
-        if let Some(s) = c.second_level_start(&WalkFills::new(D), GPA, 4) {
+        if let Some(s) = c.second_level_table(D, GPA, 4) {
             assert_eq!((s.level, s.table), (1, NEW), "{when}: table {s:?}");
         }
         if let Some(m) = c.mapping(D, GPA) {
@@ -1620,10 +1643,42 @@ mod loom_model {
         }
     }
 
-    /// The race: a walk of `GPA` fills the SL-PDE cache and the mapping of the page from
-    /// the entry it read, while the driver changes the entry and then `invalidate`s.
-    /// `others` pages of the domain are cached before, in the same sets.
+    /// A nested walk's fill: the SL-PDE cache and the mapping of the page, from the entry
+    /// it read (`table`).
+    fn nested_fill(c: &PagingStructureCaches, fill: u64, table: u64) {
+        let mut fills = WalkFills::new(D);
+        fills.second_level(
+            GPA,
+            &[SlStart {
+                level: 1,
+                table,
+                rights: Permissions::ALL,
+            }],
+        );
+        fills.mapping_of(
+            GPA,
+            SlMapping {
+                output: table,
+                size: PageSize::Size4K,
+                perms: Permissions::ALL,
+                dirty: true,
+            },
+        );
+        c.fill(fill, &fills);
+    }
+
+    /// The race: a walk of `GPA` fills the caches (`walk_fill`) from the entry it read,
+    /// while the driver changes the entry and then `invalidate`s. `others` pages of the
+    /// domain are cached before, in the same sets.
     fn race(invalidate: fn(&PagingStructureCaches), others: &'static [u64]) {
+        race_with(invalidate, others, nested_fill);
+    }
+
+    fn race_with(
+        invalidate: fn(&PagingStructureCaches),
+        others: &'static [u64],
+        walk_fill: fn(&PagingStructureCaches, u64, u64),
+    ) {
         let mut model = loom::model::Builder::new();
         // Bounded so that the model runs in seconds in scripts/test.
         model.preemption_bound.get_or_insert(3);
@@ -1647,18 +1702,7 @@ mod loom_model {
                 loom::thread::spawn(move || {
                     let fill = c.begin_fill();
                     let table = entry.load(Ordering::SeqCst);
-                    let mut fills = WalkFills::new(D);
-                    let rights = Permissions::ALL;
-                    fills.second_level(
-                        GPA,
-                        &[SlStart {
-                            level: 1,
-                            table,
-                            rights,
-                        }],
-                    );
-                    fills.mapping_of(GPA, mapping(table));
-                    c.fill(fill, &fills);
+                    walk_fill(&c, fill, table);
                 })
             };
             entry.store(NEW, Ordering::SeqCst);
@@ -1673,6 +1717,29 @@ mod loom_model {
     #[test]
     fn loom_no_fill_outlives_the_domain_invalidation_that_overtook_it() {
         race(|c| c.invalidate_domain(D), &[]);
+    }
+
+    /// The same against the fill of a walk of a PASID entry's own second-level tables
+    /// (PGTT=010b), which caches its one table without pending fills.
+    #[test]
+    fn loom_no_second_level_fill_outlives_the_domain_invalidation_that_overtook_it() {
+        race_with(
+            |c| c.invalidate_domain(D),
+            &[],
+            |c, fill, table| {
+                let rights = Permissions::ALL;
+                c.fill_second_level(
+                    fill,
+                    D,
+                    GPA,
+                    SlStart {
+                        level: 1,
+                        table,
+                        rights,
+                    },
+                );
+            },
+        );
     }
 
     /// A page-selective IOTLB invalidation of the page, its keys probed one by one: three
