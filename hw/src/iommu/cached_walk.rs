@@ -91,33 +91,43 @@ impl WalkObserver for FlFill {
     }
 }
 
-/// Follows a second-level walk of a PASID entry's own tables (PGTT=010b) down from where it
-/// started: the deepest table it reached, the only one of them a fill caches (see
-/// `PagingStructureCaches::fill`). Nothing is recorded per level: the one walk of such a
-/// request never looks up its own tables again, unlike a nested walk's resolutions
-/// ([`SlFill`]).
+/// Follows a second-level walk down from where it started to the deepest table it
+/// reached. That table is all a walk of a PASID entry's own second-level tables
+/// (PGTT=010b) keeps, the only one of them a fill caches (see
+/// `PagingStructureCaches::fill`): such a walk never looks up its own tables again. A
+/// nested walk's resolutions also record each table on the way ([`SlFill`]).
 struct SlDeepest<'c> {
     cfg: &'c SlConfig,
     at: SlStart,
     moved: bool,
 }
 
-impl WalkObserver for SlDeepest<'_> {
+impl SlDeepest<'_> {
+    /// Moves down when `step` read the entry pointing to the next table from the deepest
+    /// table so far; whether it did.
     #[inline(always)]
-    fn step(&mut self, step: WalkStep) {
+    fn follow(&mut self, step: &WalkStep) -> bool {
         let down = matches!(step.outcome, StepOutcome::Table(_));
-        if step.stage == Stage::SecondLevel && step.level == self.at.level && down {
+        let goes = step.stage == Stage::SecondLevel && step.level == self.at.level && down;
+        if goes {
             self.at = self.at.below(self.cfg, step.entry);
             self.moved = true;
         }
+        goes
+    }
+}
+
+impl WalkObserver for SlDeepest<'_> {
+    #[inline(always)]
+    fn step(&mut self, step: WalkStep) {
+        self.follow(&step);
     }
 }
 
 /// Records in the walk's [`WalkFills`] each second-level table a walk of `gpa` goes down
 /// to, from where it started, as it reads the entry pointing to it.
 struct SlFill<'c> {
-    cfg: &'c SlConfig,
-    at: SlStart,
+    path: SlDeepest<'c>,
     gpa: u64,
     fills: &'c mut WalkFills,
 }
@@ -125,10 +135,8 @@ struct SlFill<'c> {
 impl WalkObserver for SlFill<'_> {
     #[inline(always)]
     fn step(&mut self, step: WalkStep) {
-        let down = matches!(step.outcome, StepOutcome::Table(_));
-        if step.stage == Stage::SecondLevel && step.level == self.at.level && down {
-            self.at = self.at.below(self.cfg, step.entry);
-            self.fills.second_level_table(self.gpa, self.at);
+        if self.path.follow(&step) {
+            self.fills.second_level_table(self.gpa, self.path.at);
         }
     }
 }
@@ -169,8 +177,11 @@ impl<M: PhysMem + ?Sized> CachedNested<'_, M> {
             NestedStart::Walk(start) => start.unwrap_or(SlStart::top(sl)),
         };
         let mut fill = SlFill {
-            cfg: sl,
-            at: start,
+            path: SlDeepest {
+                cfg: sl,
+                at: start,
+                moved: false,
+            },
             gpa,
             fills: self.fills,
         };
