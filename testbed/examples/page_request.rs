@@ -1,0 +1,124 @@
+//! Runs a fixed number of the `page-request` probe's operations, so that callgrind counts
+//! their instructions whatever the machine's load, and counts their heap allocations:
+//!
+//! ```text
+//! cargo build --release --example page_request -p vsva-testbed
+//! valgrind --tool=callgrind --toggle-collect='page_request::round_trip' \
+//!     target/release/examples/page_request round-trip 200
+//! ```
+//!
+//! Operations (each a function of this example to toggle on):
+//! - `round-trip`: the device's fill of a page of the bound process that is reserved but
+//!   not mapped, one page request up to the guest and its response down (the
+//!   `page-request` probe's timed operation); between calls, not counted, the process
+//!   unmaps the page and reserves it again;
+//! - `resident`: the same fill of a resident page that the device TLB holds (its
+//!   baseline).
+//!
+//! Arguments: `OPERATION CALLS`. Twenty uncounted operations come first. Every fill is
+//! checked as the bench checks it, and the page requests sent and served are counted.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vsva_guest::process::Prot;
+use vsva_hw::memory::PAGE_SIZE;
+use vsva_testbed::bench::vm::BenchVm;
+use vsva_vtd::addr::Gva;
+
+/// The system allocator, counting allocations and reallocations.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is `GlobalAlloc::alloc`'s, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with `layout` (every allocation here does).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as `dealloc`, and the caller's contract is `GlobalAlloc::realloc`'s.
+        unsafe { System.realloc(ptr, layout, size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+#[inline(never)]
+fn round_trip(vm: &BenchVm, page: Gva) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(vm.fill(page, PAGE_SIZE)?)
+}
+
+#[inline(never)]
+fn resident(vm: &BenchVm, page: Gva) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(vm.fill(page, PAGE_SIZE)?)
+}
+
+/// Unmaps the page (invalidating it all the way down) and reserves it again.
+fn unmap(vm: &BenchVm, page: Gva) -> Result<(), Box<dyn std::error::Error>> {
+    vm.process().munmap(page, PAGE_SIZE)?;
+    vm.process()
+        .mmap_fixed(page, PAGE_SIZE, Prot::READ_WRITE, false)?;
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: page_request round-trip|resident CALLS";
+    let calls: u64 = args.get(1).ok_or(usage)?.parse()?;
+    let vm = BenchVm::new()?;
+    let requests = |vm: &BenchVm| vm.vm().engine.stats().page_requests;
+    let served = |vm: &BenchVm| vm.vm().driver.stats().page_requests_served;
+    let (mut allocations, sent, answered) = (0, requests(&vm), served(&vm));
+    let expected = match args.first().map(String::as_str) {
+        Some("round-trip") => {
+            let page = vm.process().mmap_lazy(PAGE_SIZE, Prot::READ_WRITE)?;
+            for _ in 0..20 {
+                round_trip(&vm, page)?;
+                unmap(&vm, page)?;
+            }
+            for _ in 0..calls {
+                let before = ALLOCATIONS.load(Ordering::Relaxed);
+                round_trip(&vm, page)?;
+                allocations += ALLOCATIONS.load(Ordering::Relaxed) - before;
+                unmap(&vm, page)?;
+            }
+            20 + calls
+        }
+        Some("resident") => {
+            let page = Gva(vm.buffer().0 + PAGE_SIZE);
+            for _ in 0..20 {
+                resident(&vm, page)?;
+            }
+            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            for _ in 0..calls {
+                resident(&vm, page)?;
+            }
+            allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+            0
+        }
+        _ => return Err(usage.into()),
+    };
+    let (sent, answered) = (requests(&vm) - sent, served(&vm) - answered);
+    if (sent, answered) != (expected, expected) {
+        return Err(format!(
+            "{expected} page requests expected, {sent} sent and {answered} served"
+        )
+        .into());
+    }
+    println!(
+        "{calls} calls: {:.2} allocations each, {sent} page requests sent and served",
+        allocations as f64 / calls.max(1) as f64
+    );
+    Ok(())
+}
