@@ -34,12 +34,17 @@
 //!
 //! Locks: `exec` is held while descriptors run and calls into the port; the port may call
 //! back into every other entry point (`page_response`, `invalidate_devtlb`,
-//! `portal_write`, a nested `process`) since those take only short-lived locks.
+//! `portal_write`, a nested `process`) since those take only short-lived locks. CTRL and
+//! STATUS are atomic words that a pass reads without a lock: CTRL changes only with `exec`
+//! and the work queue held (so neither a pass nor a portal write sees it change under
+//! them), STATUS's bits are set by a pass and cleared by software's write-1-to-clear.
+//! Each counter is written by one thread at a time, the holder of the lock its field
+//! names, and so is counted with a load and a store rather than a locked add.
 //!
 //! [`HostMemory::copy`]: crate::memory::HostMemory::copy
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use vsva_mem::PhysMem;
 
@@ -116,6 +121,9 @@ pub struct DmaStats {
     pub software_errors: u64,
 }
 
+/// The counters, read at any time by [`DmaEngine::stats`]. Each is written only with one
+/// lock held (`submitted` with `wq`, `devtlb_invalidations` with `devtlb`, the rest with
+/// `exec`), so its writes never race and [`bump`] needs no locked add.
 #[derive(Default)]
 struct Counters {
     submitted: AtomicU64,
@@ -127,6 +135,7 @@ struct Counters {
     translations: AtomicU64,
     devtlb_hits: AtomicU64,
     devtlb_misses: AtomicU64,
+    /// `devtlb`.
     devtlb_invalidations: AtomicU64,
     ats_overtaken: AtomicU64,
     drain_refused: AtomicU64,
@@ -135,14 +144,15 @@ struct Counters {
     software_errors: AtomicU64,
 }
 
+/// Adds `n` to a counter. The caller holds the lock that serialises the counter's writers
+/// (see [`Counters`]): the load sees the last store, and readers see one or the other.
 fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
+/// The software error register.
 #[derive(Debug, Default)]
 struct Regs {
-    ctrl: u64,
-    status: u64,
     swerr: Option<SoftwareError>,
     swerr_overflow: bool,
 }
@@ -244,6 +254,10 @@ struct Exec {
 pub struct DmaEngine {
     config: DmaEngineConfig,
     port: Arc<dyn DmaPort>,
+    /// CTRL: written with `exec` and `wq` held (see the module's doc).
+    ctrl: AtomicU64,
+    /// STATUS's write-1-to-clear bits.
+    status: AtomicU64,
     regs: Mutex<Regs>,
     wq: Mutex<WorkQueue>,
     devtlb: Mutex<DevTlb>,
@@ -251,6 +265,9 @@ pub struct DmaEngine {
     /// completion follows every request that used a dropped entry).
     devtlb_drain: RequestDrain,
     exec: Mutex<Exec>,
+    /// How many descriptors `exec` holds parked, stored with `exec` held whenever that
+    /// changes, so that [`DmaEngine::waiting_for_page_response`] takes no lock.
+    parked: AtomicUsize,
     counters: Counters,
 }
 
@@ -327,6 +344,8 @@ impl DmaEngine {
         Ok(DmaEngine {
             config,
             port,
+            ctrl: AtomicU64::new(0),
+            status: AtomicU64::new(0),
             regs: Mutex::new(Regs::default()),
             wq: Mutex::new(WorkQueue::default()),
             devtlb: Mutex::new(DevTlb::new(config.devtlb_entries)),
@@ -337,6 +356,7 @@ impl DmaEngine {
                 bounce: vec![0u8; 2 * REQUEST as usize].into_boxed_slice(),
                 completed: 0,
             }),
+            parked: AtomicUsize::new(0),
             counters: Counters::default(),
         })
     }
@@ -348,19 +368,20 @@ impl DmaEngine {
 
     /// Reads a 64-bit register.
     pub fn mmio_read(&self, offset: u64) -> Result<u64, DmaError> {
-        let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        let regs = || self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(match offset {
             REG_CAP => self.config.cap(),
-            REG_CTRL => regs.ctrl,
+            REG_CTRL => self.ctrl(),
             REG_STATUS => {
-                let enabled = if regs.ctrl & CTRL_ENABLE != 0 {
+                let enabled = if self.ctrl() & CTRL_ENABLE != 0 {
                     STATUS_ENABLED
                 } else {
                     0
                 };
-                regs.status | enabled
+                self.status.load(Ordering::Acquire) | enabled
             }
             REG_SWERR0 => {
+                let regs = regs();
                 let w0 = regs.swerr.map_or(0, |e| e.to_regs().0);
                 w0 | if regs.swerr_overflow {
                     SWERR_OVERFLOW
@@ -368,9 +389,14 @@ impl DmaEngine {
                     0
                 }
             }
-            REG_SWERR1 => regs.swerr.map_or(0, |e| e.to_regs().1),
+            REG_SWERR1 => regs().swerr.map_or(0, |e| e.to_regs().1),
             _ => return Err(DmaError::NoRegister(offset)),
         })
+    }
+
+    /// CTRL as last written.
+    fn ctrl(&self) -> u64 {
+        self.ctrl.load(Ordering::Acquire)
     }
 
     /// Writes a 64-bit register. CTRL's configuration bits change only while the engine is
@@ -384,10 +410,7 @@ impl DmaEngine {
                 if value & !clearable != 0 {
                     return Err(DmaError::ReadOnly(offset));
                 }
-                self.regs
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .status &= !value;
+                self.status.fetch_and(!value, Ordering::AcqRel);
                 Ok(())
             }
             REG_SWERR0 => {
@@ -413,10 +436,10 @@ impl DmaEngine {
         if unsupported != 0 {
             return Err(DmaError::Unsupported(unsupported));
         }
+        // `exec` and `wq` held: no pass runs and no descriptor is queued while CTRL changes.
         let exec = self.exec.try_lock().map_err(|_| DmaError::Busy)?;
-        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
         let wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
-        let old = regs.ctrl;
+        let old = self.ctrl();
         if old == value {
             return Ok(());
         }
@@ -434,7 +457,7 @@ impl DmaEngine {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clear();
         }
-        regs.ctrl = value;
+        self.ctrl.store(value, Ordering::Release);
         Ok(())
     }
 
@@ -450,11 +473,11 @@ impl DmaEngine {
         if offset >= PORTAL_SIZE || offset % DESCRIPTOR_SIZE as u64 != 0 {
             return Err(DmaError::PortalOffset(offset));
         }
-        let regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
-        if regs.ctrl & CTRL_ENABLE == 0 {
+        // CTRL read with `wq` held: a disable cannot come between the check and the push.
+        let mut wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.ctrl() & CTRL_ENABLE == 0 {
             return Err(DmaError::Disabled);
         }
-        let mut wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
         if wq.queue.len() >= usize::from(self.config.wq_size) {
             return Err(DmaError::Retry);
         }
@@ -471,46 +494,36 @@ impl DmaEngine {
     /// already running, for example from inside a port callback; the running call picks
     /// up any new work.
     pub fn process(&self) -> usize {
-        let mut completed = 0;
+        let Ok(mut exec) = self.exec.try_lock() else {
+            return 0;
+        };
+        let before = exec.completed;
+        let ctrl = self.ctrl();
+        // The responses are taken by swapping in this emptied list, so that the engine's
+        // list keeps its capacity and a response does not allocate.
+        let mut responses = Vec::new();
         loop {
-            let Ok(mut exec) = self.exec.try_lock() else {
-                return completed;
+            // The responses and the next descriptor under one lock; the responses are
+            // acted on first, as they arrived before the descriptor is started.
+            let next = {
+                let mut wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
+                std::mem::swap(&mut responses, &mut wq.responses);
+                let next = wq.queue.pop_front();
+                if next.is_none() && responses.is_empty() {
+                    // Nothing left: `exec` is let go with `wq` still held, so work queued
+                    // from now on finds `exec` free, and a `process` called after queueing
+                    // it runs it (none is left behind between this look and the unlock).
+                    let completed = exec.completed - before;
+                    drop(exec);
+                    return completed;
+                }
+                next
             };
-            let before = exec.completed;
-            let ctrl = self
-                .regs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .ctrl;
-            // The responses are taken by swapping in this emptied list, so that the
-            // engine's list keeps its capacity and a response does not allocate.
-            let mut responses = Vec::new();
-            loop {
-                // The responses and the next descriptor under one lock; the responses are
-                // acted on first, as they arrived before the descriptor is started.
-                let next = {
-                    let mut wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
-                    std::mem::swap(&mut responses, &mut wq.responses);
-                    wq.queue.pop_front()
-                };
-                let answered = !responses.is_empty();
-                for r in responses.drain(..) {
-                    self.on_response(&mut exec, ctrl, r);
-                }
-                match next {
-                    Some((seq, raw)) => self.start(&mut exec, ctrl, seq, raw),
-                    None if !answered => break,
-                    None => {}
-                }
+            for r in responses.drain(..) {
+                self.on_response(&mut exec, ctrl, r);
             }
-            completed += exec.completed - before;
-            drop(exec);
-            let idle = {
-                let wq = self.wq.lock().unwrap_or_else(PoisonError::into_inner);
-                wq.queue.is_empty() && wq.responses.is_empty()
-            };
-            if idle {
-                return completed;
+            if let Some((seq, raw)) = next {
+                self.start(&mut exec, ctrl, seq, raw);
             }
         }
     }
@@ -528,7 +541,12 @@ impl DmaEngine {
 
     /// Descriptors waiting for a page response.
     pub fn waiting_for_page_response(&self) -> usize {
-        self.exec.try_lock().map_or(0, |e| e.parked.len())
+        self.parked.load(Ordering::Acquire)
+    }
+
+    /// Counts the parked descriptors after `exec.parked` changed.
+    fn parked_changed(&self, exec: &Exec) {
+        self.parked.store(exec.parked.len(), Ordering::Release);
     }
 
     /// Valid device-TLB entries.
@@ -729,13 +747,7 @@ impl DmaEngine {
             record.result = u8::from(is_descending(&job.desc.op));
         }
         let pri_ok = ctrl & CTRL_PRI_EN != 0
-            && self
-                .regs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .status
-                & STATUS_PRI_RF
-                == 0
+            && self.status.load(Ordering::Acquire) & STATUS_PRI_RF == 0
             && exec.parked.len() < usize::from(self.config.pri_capacity);
         if !pri_ok {
             return Err(record);
@@ -767,6 +779,7 @@ impl DmaEngine {
             access,
             reason: fault.reason,
         });
+        self.parked_changed(exec);
         bump(&self.counters.page_requests, 1);
         tracing::debug!(
             sid = %req.sid,
@@ -787,22 +800,17 @@ impl DmaEngine {
             .iter()
             .position(|p| p.prgi == resp.prgi && p.job.desc.pasid == resp.pasid);
         let Some(i) = found else {
-            self.regs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .status |= STATUS_PRI_UPRGI;
+            self.status.fetch_or(STATUS_PRI_UPRGI, Ordering::AcqRel);
             return;
         };
         let parked = exec.parked.swap_remove(i);
+        self.parked_changed(exec);
         let job = parked.job;
         if resp.code == ResponseCode::Success {
             self.run(exec, ctrl, job);
         } else {
             if resp.code == ResponseCode::ResponseFailure {
-                self.regs
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .status |= STATUS_PRI_RF;
+                self.status.fetch_or(STATUS_PRI_RF, Ordering::AcqRel);
             }
             match job.stage {
                 Stage::Execute => {
@@ -1375,8 +1383,8 @@ impl AtsEndpoint for DmaEngine {
 
     /// One lock, one pass over the entries and one drain for all of `invs`.
     fn invalidate_devtlb_each(&self, invs: &[DevTlbInvalidation]) -> usize {
-        bump(&self.counters.devtlb_invalidations, invs.len() as u64);
         let mut tlb = self.devtlb.lock().unwrap_or_else(PoisonError::into_inner);
+        bump(&self.counters.devtlb_invalidations, invs.len() as u64);
         let dropped = tlb.invalidate_each(invs);
         self.devtlb_drain.drain();
         dropped
