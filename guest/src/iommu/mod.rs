@@ -206,6 +206,9 @@ pub struct DriverStats {
     pub page_responses: u64,
 }
 
+/// Read at any time by [`IommuDriver::stats`]. `invalidations` and `waits` are written
+/// with the queue's lock held, the page request counters with `prq_lock` held: one
+/// writer at a time, counted by [`bump_held`]; `range_invalidations` with no lock.
 #[derive(Default)]
 struct Counters {
     invalidations: AtomicU64,
@@ -214,6 +217,12 @@ struct Counters {
     page_requests: AtomicU64,
     page_requests_served: AtomicU64,
     page_responses: AtomicU64,
+}
+
+/// Adds `n` to a counter whose writers a lock the caller holds serialises (see
+/// [`Counters`]): a load and a store, no locked add; readers see the value before or after.
+fn bump_held(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 /// What the driver knows about an attached device (Linux's `device_domain_info` and

@@ -11,7 +11,7 @@ use vsva_vtd::inv_desc::ResponseCode;
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd_driver::{group_response, PageRequestRing};
 
-use super::{lock, IommuDriver, Regs};
+use super::{bump_held, lock, IommuDriver, Regs};
 use crate::process::Prot;
 
 impl IommuDriver {
@@ -49,7 +49,7 @@ impl IommuDriver {
                 Ok(req) => self.serve(&req),
                 Err(e) => tracing::warn!(%e, "page request descriptor not taken"),
             }
-            self.counters.page_requests.fetch_add(1, Ordering::Relaxed);
+            bump_held(&self.counters.page_requests, 1);
             handled += 1;
         });
         if let Err(e) = drained {
@@ -59,18 +59,16 @@ impl IommuDriver {
     }
 
     /// Resolves one request and answers it when the group ends or private data must go
-    /// back (§7.7).
+    /// back (§7.7). Called with `prq_lock` held (its counters are written under it).
     fn serve(&self, req: &PageRequestDesc) {
         let response = self.resolve(req);
         if response == ResponseCode::Success {
-            self.counters
-                .page_requests_served
-                .fetch_add(1, Ordering::Relaxed);
+            bump_held(&self.counters.page_requests_served, 1);
         }
         let Some(desc) = group_response(req, response) else {
             return;
         };
-        self.counters.page_responses.fetch_add(1, Ordering::Relaxed);
+        bump_held(&self.counters.page_responses, 1);
         if let Err(e) = self.submit(&[desc]) {
             tracing::error!(%e, "page group response failed");
         }

@@ -2,13 +2,11 @@
 //! [`InvalidationQueue`] (`qi_submit_sync` with `qi_check_fault`'s recovery), in guest
 //! RAM, with the driver's counters.
 
-use std::sync::atomic::Ordering;
-
 use vsva_vtd::inv_desc::InvDesc;
 use vsva_vtd::inv_desc::InvDescType;
 use vsva_vtd_driver::QUEUE_BYTES;
 
-use super::{lock, GuestIommuError, IommuDriver, Regs};
+use super::{bump_held, lock, GuestIommuError, IommuDriver, Regs};
 use crate::frames::FRAME_SIZE;
 
 /// Pages of the invalidation queue.
@@ -43,8 +41,9 @@ impl IommuDriver {
             .count() as u64;
         let submitted = q.submit(&Regs(&*self.mmio), &*self.mem, descs, drain);
         if !matches!(submitted, Err(vsva_vtd_driver::Error::Descriptor(_))) {
-            c.invalidations.fetch_add(invalidations, Ordering::Relaxed);
-            c.waits.fetch_add(1, Ordering::Relaxed);
+            // With the queue's lock `q` held.
+            bump_held(&c.invalidations, invalidations);
+            bump_held(&c.waits, 1);
         }
         Ok(submitted?)
     }
