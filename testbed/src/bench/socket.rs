@@ -12,6 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+
 use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_hw::memory::PAGE_SIZE;
@@ -37,7 +39,9 @@ const FILL_PATTERN: u64 = 0x0f0f_f0f0_5a5a_a5a5;
 /// finding the other side awake. Left to adapt, each side spins or sleeps by the load of
 /// the moment, and the figure was whichever mix the moment chose (on the idle machine
 /// 1.3 µs in a full run and 4.7 µs in the quick run after it; 1.5 to 2.9 µs in ten full
-/// runs).
+/// runs). Spinning pays only with the two sides on two cores: while it lives, the thread
+/// that made it runs on the first CPU it may use and the host's threads on the second
+/// (when it may use two), and it gets its CPUs back when the VM is dropped.
 pub struct SocketVm {
     _spin: SpinRegardlessOfLoad,
     vm: Option<RemoteVm>,
@@ -46,12 +50,79 @@ pub struct SocketVm {
     page: Gva,
     record: Gva,
     host: HostThread,
+    /// Dropped last: the bench's thread gets its CPUs back once the host has stopped.
+    _apart: PinnedApart,
+}
+
+/// The calling thread on one CPU and the host's threads, which [`PinnedApart::start`]
+/// starts, on another, while it lives; the calling thread's CPUs come back when it is
+/// dropped.
+///
+/// The client and the host's connection thread each spin for the other
+/// ([`SpinRegardlessOfLoad`]), which pays only while they run on two cores at once. Left
+/// to the scheduler they often share one: a doorbell is a write to a UNIX socket, which
+/// wakes its reader "synchronously" (the kernel's hint that the writer is about to
+/// sleep), so the reader is placed on the writer's CPU when no other CPU is idle; from
+/// then on each side spins its whole budget ([`vsva_service::ring::SPIN`]) on the core
+/// the other needs, then sleeps, call after call. That is the socket probe's slow mode
+/// (at load average 9: 108 µs per forwarded invalidation, two 50 µs spins and the call;
+/// 98 % of the calls rang the doorbell of a host asleep, 0.4 % with the two pinned
+/// apart), whether or not other probes ran first in the process, and what a run under
+/// `taskset -c 0` measures.
+struct PinnedApart {
+    /// The calling thread's CPUs before, to restore (none when not pinned).
+    restore: Option<CpuSet>,
+}
+
+impl PinnedApart {
+    /// Starts `host`'s threads on the second CPU the calling thread may use and moves the
+    /// calling thread to the first; with fewer than two CPUs (or when the affinity
+    /// cannot be set), starts it as it is.
+    fn start<T>(host: impl FnOnce() -> T) -> (T, PinnedApart) {
+        let Ok(mask) = sched_getaffinity(None) else {
+            return (host(), PinnedApart { restore: None });
+        };
+        let mut cpus = (0..CpuSet::MAX_CPU).filter(|&c| mask.is_set(c));
+        let (Some(client), Some(server)) = (cpus.next(), cpus.next()) else {
+            return (host(), PinnedApart { restore: None });
+        };
+        let only = |cpu: usize| {
+            let mut set = CpuSet::new();
+            set.set(cpu);
+            set
+        };
+        // A thread starts with its creator's CPUs: the host's serving thread, and the
+        // connection threads it starts, get the server's.
+        let apart = PinnedApart {
+            restore: sched_setaffinity(None, &only(server)).ok().map(|()| mask),
+        };
+        let started = host();
+        if apart.restore.is_some() && sched_setaffinity(None, &only(client)).is_err() {
+            // The calling thread stays with the host; restored on drop all the same.
+            tracing::warn!(
+                "socket bench: the bench's thread could not be moved off the host's CPU"
+            );
+        }
+        (started, apart)
+    }
+}
+
+impl Drop for PinnedApart {
+    fn drop(&mut self) {
+        if let Some(mask) = &self.restore {
+            if let Err(e) = sched_setaffinity(None, mask) {
+                tracing::warn!("socket bench: the bench's thread keeps one CPU: {e}");
+            }
+        }
+    }
 }
 
 impl SocketVm {
     /// Starts the service, connects and boots the VM, binds the process and has the
     /// device fill its page once (so the IOMMU and the device TLB hold it).
     pub fn new() -> Result<Self, BenchError> {
+        let (host, apart) =
+            PinnedApart::start(|| HostThread::start("bench", &HostConfig::default()));
         let mut this = SocketVm {
             _spin: SpinRegardlessOfLoad::begin(),
             vm: None,
@@ -59,7 +130,8 @@ impl SocketVm {
             pasid: Pasid::from_low_bits(0),
             page: Gva(0),
             record: Gva(0),
-            host: HostThread::start("bench", &HostConfig::default())?,
+            host: host?,
+            _apart: apart,
         };
         let vm = RemoteVm::connect(&this.host.path, 0, RAM, None, Uapi::Type1)?;
         let process = vm.vmm.spawn(FlPagingMode::FourLevel)?;
