@@ -365,6 +365,28 @@ impl PhysMem for HostMemory {
         Ok(self.atomic(addr)?.load(Ordering::Acquire))
     }
 
+    /// One alignment and one bounds check for the whole range.
+    #[inline]
+    fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
+        if addr % 8 != 0 {
+            return Err(MemError::Unaligned { addr, align: 8 });
+        }
+        self.check(addr, 8 * out.len() as u64)?;
+        // SAFETY: `[addr, addr + 8 * out.len())` is in bounds (checked above) and 8-byte
+        // aligned (the mapping is page aligned); shared memory is only ever accessed
+        // atomically or by byte copies.
+        let words = unsafe {
+            std::slice::from_raw_parts(
+                self.base.as_ptr().add(addr as usize) as *const AtomicU64,
+                out.len(),
+            )
+        };
+        for (q, w) in out.iter_mut().zip(words) {
+            *q = w.load(Ordering::Acquire);
+        }
+        Ok(())
+    }
+
     fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
         Ok(self.atomic(addr)?.fetch_or(bits, Ordering::AcqRel))
     }

@@ -33,6 +33,16 @@ pub trait PhysMem {
     /// Reads an 8-byte aligned little-endian 64-bit value.
     fn read_u64(&self, addr: u64) -> Result<u64, MemError>;
 
+    /// Reads `out.len()` consecutive 8-byte aligned values from `addr`, each atomically as
+    /// [`PhysMem::read_u64`] reads it (a table entry wider than 64 bits); fails if any of
+    /// them would. A memory may check the whole range once.
+    fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
+        for (i, q) in out.iter_mut().enumerate() {
+            *q = self.read_u64(addr + 8 * i as u64)?;
+        }
+        Ok(())
+    }
+
     /// Atomically ORs `bits` into the 8-byte aligned value at `addr`; returns the old value.
     fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError>;
 
@@ -58,6 +68,9 @@ macro_rules! forward_phys_mem {
         impl<M: PhysMem + ?Sized> PhysMem for $ty {
             fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
                 (**self).read_u64(addr)
+            }
+            fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
+                (**self).read_u64s(addr, out)
             }
             fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
                 (**self).fetch_or_u64(addr, bits)
@@ -109,6 +122,10 @@ impl<M: PhysMem> MemWindow<M> {
 impl<M: PhysMem> PhysMem for MemWindow<M> {
     fn read_u64(&self, addr: u64) -> Result<u64, MemError> {
         self.mem.read_u64(self.at(addr, 8)?)
+    }
+    fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
+        self.mem
+            .read_u64s(self.at(addr, 8 * out.len() as u64)?, out)
     }
     fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
         self.mem.fetch_or_u64(self.at(addr, 8)?, bits)
