@@ -35,7 +35,8 @@ use vsva_vtd::regs::layout::offset;
 use vsva_vtd::{
     addr::Gpa, addr::Hpa, addr::Iova, addr::Pasid, addr::SourceId, builder::FrameSource,
     builder::MapFlags, builder::PageTableBuilder, builder::TableFormat, fault::FaultReason,
-    flpte::FlPagingMode, inv_desc::InvDesc, pasid::Pgtt, walk::AccessRequest, walk::PageSize,
+    flpte::FlPagingMode, inv_desc::InvDesc, pasid::Pgtt, root::EntryChecks, walk::AccessRequest,
+    walk::PageSize,
 };
 
 /// Guest RAM of a VM: 64 MiB at GPA 0.
@@ -1203,7 +1204,13 @@ fn device_capabilities_decide_dte_pre_and_device_tlb_invalidations() {
     }
     let rta = host.hw.mmio_read(offset::RTADDR, 8).unwrap() & !0xfff;
     let ctx = |s: SourceId| {
-        let e = read_context_entry(&**host.hw.memory(), rta, s, host.hw.capabilities()).unwrap();
+        let e = read_context_entry(
+            &**host.hw.memory(),
+            rta,
+            s,
+            &EntryChecks::new(host.hw.capabilities()),
+        )
+        .unwrap();
         (e.dte, e.pre)
     };
     assert_eq!(ctx(sid(3)), (false, false));
@@ -1340,8 +1347,13 @@ fn the_pasid_directory_is_sized_by_the_device_s_pasid_width() {
         host.hw
             .attach_endpoint(Arc::new(DmaEngine::new(config, host.hw.clone()).unwrap()));
         c.attach_device(sid).unwrap();
-        let e = read_context_entry(&**host.hw.memory(), rta(&host), sid, host.hw.capabilities())
-            .unwrap();
+        let e = read_context_entry(
+            &**host.hw.memory(),
+            rta(&host),
+            sid,
+            &EntryChecks::new(host.hw.capabilities()),
+        )
+        .unwrap();
         assert_eq!(e.pdts, pdts, "width {width:?}");
     }
 }

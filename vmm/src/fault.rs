@@ -120,15 +120,15 @@ impl VIommu {
         let Some(rta) = self.scalable_root() else {
             return false;
         };
-        let ctx = match read_context_entry(&self.mem, rta, rid, &self.caps) {
+        let ctx = match read_context_entry(&self.mem, rta, rid, &self.entry_checks) {
             Ok(ctx) => ctx,
             Err(f) => return f.fpd,
         };
-        let pde = match read_pasid_dir_entry(&self.mem, &ctx, pasid, &self.caps) {
+        let pde = match read_pasid_dir_entry(&self.mem, &ctx, pasid, &self.entry_checks) {
             Ok(pde) => pde,
             Err(f) => return f.fpd,
         };
-        match read_pasid_entry(&self.mem, &ctx, pasid, &self.caps) {
+        match read_pasid_entry(&self.mem, &ctx, pasid, &self.entry_checks) {
             Ok(entry) => ctx.fpd || pde.fpd || entry.fpd,
             Err(f) => f.fpd,
         }

@@ -557,7 +557,7 @@ impl VIommu {
                 continue;
             }
             let ctx = *pass.contexts.entry(sid).or_insert_with(|| {
-                rta.and_then(|rta| read_context_entry(&self.mem, rta, sid, &self.caps).ok())
+                rta.and_then(|rta| read_context_entry(&self.mem, rta, sid, &self.entry_checks).ok())
             });
             let mut candidates = held.clone();
             match scope {
@@ -617,7 +617,7 @@ impl VIommu {
         if pasid == ctx.rid_pasid || ctx.pasid_for_request(Some(pasid)).is_err() {
             return None;
         }
-        read_pasid_entry(&self.mem, ctx, pasid, &self.caps)
+        read_pasid_entry(&self.mem, ctx, pasid, &self.entry_checks)
             .ok()
             .filter(|e| e.pgtt == Pgtt::FirstLevel)
     }
@@ -644,8 +644,8 @@ impl VIommu {
         };
         tracing::warn!("vIOMMU: PASID {pasid} of {sid} not bound: {refused}");
         Counters::bump(&self.counters.entries_refused);
-        let pde_fpd =
-            read_pasid_dir_entry(&self.mem, ctx, pasid, &self.caps).map_or(true, |pde| pde.fpd);
+        let pde_fpd = read_pasid_dir_entry(&self.mem, ctx, pasid, &self.entry_checks)
+            .map_or(true, |pde| pde.fpd);
         if !(ctx.fpd || pde_fpd || entry.fpd) {
             let record = FaultRecord {
                 fault_info: 0,

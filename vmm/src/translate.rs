@@ -11,7 +11,7 @@ use vsva_vtd::regs::AddressType;
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
     addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
-    pasid::PasidEntry, request::TranslationFault, root::Capabilities, root::EntryFault,
+    pasid::PasidEntry, request::TranslationFault, root::EntryChecks, root::EntryFault,
     walk::walk_first_level, walk::walk_first_level_from, walk::AccessRequest, walk::Direct,
     walk::FlConfig, walk::FlStart, walk::PageSize, walk::Permissions, walk::StepOutcome,
     walk::Translation, walk::WalkFault, walk::WalkObserver, walk::WalkStep,
@@ -197,8 +197,8 @@ impl RemappingUnit for Unit<'_> {
         &self.0.mem
     }
 
-    fn capabilities(&self) -> &Capabilities {
-        &self.0.caps
+    fn entry_checks(&self) -> &EntryChecks {
+        &self.0.entry_checks
     }
 
     fn iotlb_lookup(

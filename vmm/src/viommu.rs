@@ -20,7 +20,7 @@ use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidati
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, RegEffects, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, flpte::FlFormat, inv_desc::InvDesc,
-    regs::RegisterFile, request::RootState, root::Capabilities,
+    regs::RegisterFile, request::RootState, root::EntryChecks,
 };
 
 use crate::caches::{Caches, IotlbScope};
@@ -53,7 +53,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct VIommu {
     pub(crate) mem: GuestRam,
     pub(crate) config: VIommuConfig,
-    pub(crate) caps: Capabilities,
+    /// The entry checks of the capabilities, for the context and PASID entries read.
+    pub(crate) entry_checks: EntryChecks,
     pub(crate) fl_format: FlFormat,
     pub(crate) regs: Mutex<RegisterFile>,
     /// The root word ([`RootState::word`]): one load on the translate path.
@@ -95,7 +96,7 @@ impl VIommu {
         Ok(Arc::new(VIommu {
             mem,
             config,
-            caps: config.capabilities(),
+            entry_checks: EntryChecks::new(&config.capabilities()),
             fl_format,
             regs: Mutex::new(regs),
             root: AtomicU64::new(0),

@@ -7,7 +7,7 @@
 use crate::addr::{Pasid, SourceId};
 use crate::fault::FaultReason;
 use crate::field::flag;
-use crate::root::{context_table_addr, Capabilities, EntryFault, PTR_MASK};
+use crate::root::{context_table_addr, Capabilities, EntryChecks, EntryFault, PTR_MASK};
 use vsva_mem::PhysMem;
 
 /// Size of a scalable-mode context entry in bytes.
@@ -78,7 +78,33 @@ impl ScalableContextEntry {
         if raw[0] & RSVD0 != 0 || raw[1] & RSVD1 != 0 || raw[2] != 0 || raw[3] != 0 {
             return Err(FaultReason::Sct3);
         }
-        Ok(ScalableContextEntry {
+        Ok(Self::fields(raw))
+    }
+
+    /// [`Self::from_raw`] then [`Self::validate`] with the unit's `checks`: one masked
+    /// compare of the words (present, reserved bits, address width) accepts a valid entry;
+    /// the field checks name the fault of one that fails it.
+    pub const fn from_raw_checked(
+        raw: [u64; 4],
+        checks: &EntryChecks,
+    ) -> Result<Self, FaultReason> {
+        let [q0, q1, q2, q3] = raw;
+        let bad = (q0 & (checks.context_rsvd0 | checks.beyond_haw)) | (q1 & RSVD1) | q2 | q3;
+        if q0 & P != 0 && bad == 0 {
+            return Ok(Self::fields(raw));
+        }
+        match Self::from_raw(raw) {
+            Ok(entry) => match entry.validate(&checks.caps) {
+                Ok(()) => Ok(entry),
+                Err(reason) => Err(reason),
+            },
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// The fields of an entry whose checks passed.
+    const fn fields(raw: [u64; 4]) -> Self {
+        ScalableContextEntry {
             fpd: raw[0] & FPD != 0,
             dte: raw[0] & DTE != 0,
             paside: raw[0] & PASIDE != 0,
@@ -87,7 +113,7 @@ impl ScalableContextEntry {
             pasiddirptr: raw[0] & PTR_MASK,
             rid_pasid: Pasid::from_low_bits(raw[1]),
             rid_priv: raw[1] & RID_PRIV != 0,
-        })
+        }
     }
 
     /// The checks that depend on what the unit supports: DTE, PASIDE and PRE are reserved
@@ -127,19 +153,16 @@ impl ScalableContextEntry {
     }
 }
 
-/// Reads the four qwords at `addr`; a failed read gives SCT.1.
-fn read_raw(mem: &impl PhysMem, addr: u64) -> Result<[u64; 4], FaultReason> {
-    let mut raw = [0; 4];
-    for (i, q) in raw.iter_mut().enumerate() {
-        *q = mem
-            .read_u64(addr + 8 * i as u64)
-            .map_err(|_| FaultReason::Sct1)?;
-    }
-    Ok(raw)
+/// Context-entry qword 0 bits that must be clear on a unit with `caps`: the reserved bits
+/// 8:5, and DTE, PASIDE and PRE without ECAP.DT, PASID and PRS (as
+/// [`ScalableContextEntry::validate`] checks them).
+pub(crate) const fn reserved0(caps: &Capabilities) -> u64 {
+    RSVD0 | flag(!caps.dt, DTE) | flag(!caps.pasid, PASIDE) | flag(!caps.prs, PRE)
 }
 
 /// The context entry of `sid`, found from the root table at `rta` as hardware does
-/// (root entry, then lower or upper context table), decoded and validated.
+/// (root entry, then lower or upper context table), decoded and validated with the unit's
+/// `checks`.
 ///
 /// Root-entry faults (SRT.x) and a failed read (SCT.1) cannot be disabled; the other faults
 /// carry the entry's FPD, which hardware honours even when P is clear.
@@ -147,20 +170,20 @@ pub fn read_context_entry(
     mem: &impl PhysMem,
     rta: u64,
     sid: SourceId,
-    caps: &Capabilities,
+    checks: &EntryChecks,
 ) -> Result<ScalableContextEntry, EntryFault> {
-    let ctp = context_table_addr(mem, rta, sid, caps)?;
-    let raw = read_raw(mem, context_entry_addr(ctp, sid.devfn()))?;
-    let fault = |reason| EntryFault::new(reason, raw[0] & FPD != 0);
-    let entry = ScalableContextEntry::from_raw(raw).map_err(fault)?;
-    entry.validate(caps).map_err(fault)?;
-    Ok(entry)
+    let ctp = context_table_addr(mem, rta, sid, &checks.caps)?;
+    let mut raw = [0; 4];
+    mem.read_u64s(context_entry_addr(ctp, sid.devfn()), &mut raw)
+        .map_err(|_| FaultReason::Sct1)?;
+    ScalableContextEntry::from_raw_checked(raw, checks)
+        .map_err(|reason| EntryFault::new(reason, raw[0] & FPD != 0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::root::tests::{put, CAPS};
+    use crate::root::tests::{any_caps, flipped, put, CAPS, CHECKS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
     use crate::testutil::TestMemory;
     use proptest::prelude::*;
@@ -342,11 +365,11 @@ mod tests {
         put(&mem, context_entry_addr(0x3000, 0x90), &upper.to_raw());
         let sid = |devfn: u8| SourceId::from_rid(u16::from(devfn));
         assert_eq!(
-            read_context_entry(&mem, 0x1000, sid(0x10), &CAPS),
+            read_context_entry(&mem, 0x1000, sid(0x10), &CHECKS),
             Ok(lower)
         );
         assert_eq!(
-            read_context_entry(&mem, 0x1000, sid(0x90), &CAPS),
+            read_context_entry(&mem, 0x1000, sid(0x90), &CHECKS),
             Ok(upper)
         );
         // 0x90 is at index 0x10 of the upper table, not of the lower one.
@@ -358,7 +381,7 @@ mod tests {
         let mem = tables();
         let sid = SourceId::from_rid(0x05);
         let at = context_entry_addr(0x2000, 0x05);
-        let read = |mem: &TestMemory| read_context_entry(mem, 0x1000, sid, &CAPS);
+        let read = |mem: &TestMemory| read_context_entry(mem, 0x1000, sid, &CHECKS);
 
         assert_eq!(read(&mem), Err(EntryFault::new(FaultReason::Sct2, false)));
         // Not present, FPD set: the fault is not to be recorded.
@@ -371,7 +394,7 @@ mod tests {
         // Bus 1 has no root entry half: SRT.2, never disabled.
         let other = SourceId::from_rid(0x0105);
         assert_eq!(
-            read_context_entry(&mem, 0x1000, other, &CAPS),
+            read_context_entry(&mem, 0x1000, other, &CHECKS),
             Err(EntryFault::new(FaultReason::Srt2, false))
         );
     }
@@ -385,9 +408,42 @@ mod tests {
         };
         put(&mem, root_entry_addr(0x1000, 0), &root.to_raw());
         assert_eq!(
-            read_context_entry(&mem, 0x1000, SourceId::from_rid(0), &CAPS),
+            read_context_entry(&mem, 0x1000, SourceId::from_rid(0), &CHECKS),
             Err(EntryFault::new(FaultReason::Sct1, false))
         );
+    }
+
+    /// Any 256 bits, mostly near a valid entry: an encoded entry with up to three bits
+    /// flipped, or four random qwords; half the entries with a PASID directory below 2^39.
+    fn any_raw_entry() -> impl Strategy<Value = [u64; 4]> {
+        let entry = (any::<[bool; 6]>(), 0u8..8, any::<u64>(), 0u32..(1 << 20)).prop_map(
+            |(b, pdts, ptr, rid_pasid)| {
+                ScalableContextEntry {
+                    fpd: b[0],
+                    dte: b[1],
+                    paside: b[2],
+                    pre: b[3],
+                    pdts,
+                    pasiddirptr: ptr & PTR_MASK & if b[5] { (1 << 39) - 1 } else { !0 },
+                    rid_pasid: pasid(rid_pasid),
+                    rid_priv: b[4],
+                }
+                .to_raw()
+            },
+        );
+        prop_oneof![4 => flipped(entry, 2), 1 => any::<[u64; 4]>()]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn word_checks_agree_with_the_field_checks(raw in any_raw_entry(), caps in any_caps()) {
+            let by_fields = ScalableContextEntry::from_raw(raw)
+                .and_then(|e| e.validate(&caps).map(|()| e));
+            let checks = EntryChecks::new(&caps);
+            prop_assert_eq!(ScalableContextEntry::from_raw_checked(raw, &checks), by_fields);
+        }
     }
 
     proptest! {

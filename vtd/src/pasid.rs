@@ -11,7 +11,7 @@ use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
 use crate::field::flag;
 use crate::flpte::{FlFormat, FlPagingMode};
-use crate::root::{Capabilities, EntryFault, PTR_MASK};
+use crate::root::{Capabilities, EntryChecks, EntryFault, PTR_MASK};
 use crate::slpte::{SlFormat, SlLevels};
 use crate::walk::{FlConfig, SlConfig};
 use vsva_mem::PhysMem;
@@ -53,6 +53,17 @@ const NXE: u64 = 1 << 5;
 const SMEP: u64 = 1 << 6;
 const EAFE: u64 = 1 << 7;
 const RSVD2: u64 = 0xf00;
+
+/// The memory-type fields of qword 1: CD, EMTE, EMT (93:91), PWT, PCD, PAT (127:96).
+const MEMORY_TYPE: u64 = CD | EMTE | 0x7 << EMT_SHIFT | PWT | PCD | 0xffff_ffff << PAT_SHIFT;
+/// The PGTT values (bit n for PGTT n) that walk second-level tables: 010b and 011b.
+const SL_PGTTS: u64 = 1 << Pgtt::SecondLevel as u64 | 1 << Pgtt::Nested as u64;
+/// The PGTT values that walk first-level tables: 001b and 011b.
+const FL_PGTTS: u64 = 1 << Pgtt::FirstLevel as u64 | 1 << Pgtt::Nested as u64;
+/// The AW values that are not reserved (bit n for AW n): 3-, 4- and 5-level tables.
+pub(crate) const AW_ENCODINGS: u8 = 0b1110;
+/// The FLPM values that are not reserved: 4- and 5-level paging.
+const FLPM_ENCODINGS: u8 = 0b11;
 
 /// A present PASID directory entry (§9.5). P is not a field: decoding an entry whose P is
 /// clear gives SPD.2, and encoding sets it.
@@ -257,14 +268,72 @@ impl PasidEntry {
         if q0 & RSVD0 != 0 || q1 & RSVD1 != 0 || q2 & RSVD2 != 0 || (q3 | q4 | q5 | q6 | q7) != 0 {
             return Err(FaultReason::Spt3);
         }
+        match Self::fields(raw) {
+            Some(entry) => Ok(entry),
+            None => Err(FaultReason::Spt4),
+        }
+    }
+
+    /// [`Self::from_raw`] then [`Self::validate`] with the unit's `checks`: masked compares
+    /// of the words (present, reserved bits, address widths) and bit tests of PGTT, AW and
+    /// FLPM against what the unit supports accept a valid entry; the field checks name the
+    /// fault of one that fails them.
+    pub const fn from_raw_checked(
+        raw: [u64; 8],
+        checks: &EntryChecks,
+    ) -> Result<Self, FaultReason> {
+        let [q0, q1, q2, q3, q4, q5, q6, q7] = raw;
+        let pgtt = (q0 >> PGTT_SHIFT) & 0x7;
+        let second_level = (SL_PGTTS >> pgtt) & 1 != 0;
+        let first_level_only = pgtt == Pgtt::FirstLevel as u64;
+        let aws = if second_level {
+            checks.sl_aws
+        } else {
+            AW_ENCODINGS
+        };
+        let flpms = if (FL_PGTTS >> pgtt) & 1 != 0 {
+            checks.fl_flpms
+        } else {
+            FLPM_ENCODINGS
+        };
+        let [r0, r1, r2] = checks.pasid_rsvd;
+        let bad = (q0 & (r0 | flag(second_level, checks.beyond_haw)))
+            | (q1 & r1)
+            | (q2 & (r2 | flag(first_level_only, checks.beyond_haw)))
+            | q3
+            | q4
+            | q5
+            | q6
+            | q7;
+        let supported = (checks.pgtts as u64 >> pgtt)
+            & (aws as u64 >> ((q0 >> AW_SHIFT) & 0x7))
+            & (flpms as u64 >> ((q2 >> FLPM_SHIFT) & 0x3))
+            & 1;
+        if q0 & P != 0 && bad == 0 && supported != 0 {
+            if let Some(entry) = Self::fields(raw) {
+                return Ok(entry);
+            }
+        }
+        match Self::from_raw(raw) {
+            Ok(entry) => match entry.validate(&checks.caps) {
+                Ok(()) => Ok(entry),
+                Err(reason) => Err(reason),
+            },
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// The fields of an entry, or `None` if its PGTT, AW or FLPM encoding is reserved.
+    const fn fields(raw: [u64; 8]) -> Option<Self> {
+        let [q0, q1, q2, ..] = raw;
         let (Some(aw), Some(pgtt), Some(flpm)) = (
             SlLevels::from_aw(((q0 >> AW_SHIFT) & 0x7) as u8),
             Pgtt::from_bits(((q0 >> PGTT_SHIFT) & 0x7) as u8),
             FlPagingMode::from_flpm(((q2 >> FLPM_SHIFT) & 0x3) as u8),
         ) else {
-            return Err(FaultReason::Spt4);
+            return None;
         };
-        Ok(PasidEntry {
+        Some(PasidEntry {
             fpd: q0 & FPD != 0,
             aw,
             slee: q0 & SLEE != 0,
@@ -371,6 +440,26 @@ impl PasidEntry {
     }
 }
 
+/// PASID-entry qwords 0-2 bits that must be clear on a unit with `caps`: the reserved
+/// fields, and SLADE; PGSNP, PWSNP and the memory-type fields; SRE, ERE and EAFE without
+/// their capabilities (as [`PasidEntry::validate`] lists them).
+pub(crate) const fn reserved(caps: &Capabilities) -> [u64; 3] {
+    [
+        RSVD0 | flag(!caps.slads, SLADE),
+        RSVD1 | flag(!caps.sc, PGSNP) | flag(!caps.smpwc, PWSNP) | flag(!caps.mts, MEMORY_TYPE),
+        RSVD2 | flag(!caps.srs, SRE) | flag(!caps.ers, ERE) | flag(!caps.eafs, EAFE),
+    ]
+}
+
+/// The translation types a unit with `caps` supports, bit n for PGTT n (ECAP.FLTS, SLTS,
+/// NEST, PT).
+pub(crate) const fn pgtts(caps: &Capabilities) -> u8 {
+    (flag(caps.flts, 1 << Pgtt::FirstLevel as u64)
+        | flag(caps.slts, 1 << Pgtt::SecondLevel as u64)
+        | flag(caps.nest, 1 << Pgtt::Nested as u64)
+        | flag(caps.pt, 1 << Pgtt::PassThrough as u64)) as u8
+}
+
 /// Address of the PASID directory entry of `pasid` in the directory at `pasiddirptr` of
 /// size PDTS. A PASID beyond the `2^(PDTS + 7)` entries gives SCT.7.
 pub const fn pasid_dir_entry_addr(
@@ -398,7 +487,7 @@ pub fn read_pasid_dir_entry(
     mem: &impl PhysMem,
     ctx: &ScalableContextEntry,
     pasid: Pasid,
-    caps: &Capabilities,
+    checks: &EntryChecks,
 ) -> Result<PasidDirEntry, EntryFault> {
     let fault = |reason, fpd| EntryFault::new(reason, ctx.fpd || fpd);
     let addr = pasid_dir_entry_addr(ctx.pasiddirptr, ctx.pdts, pasid)
@@ -406,35 +495,35 @@ pub fn read_pasid_dir_entry(
     let raw = mem
         .read_u64(addr)
         .map_err(|_| fault(FaultReason::Spd1, false))?;
+    if raw & P != 0 && raw & (PDE_RSVD | checks.beyond_haw) == 0 {
+        return Ok(PasidDirEntry {
+            fpd: raw & FPD != 0,
+            smptblptr: raw & PTR_MASK,
+        });
+    }
     let pde = PasidDirEntry::from_raw(raw).map_err(|reason| fault(reason, raw & FPD != 0))?;
-    pde.validate(caps)
+    pde.validate(&checks.caps)
         .map_err(|reason| fault(reason, pde.fpd))?;
     Ok(pde)
 }
 
 /// The PASID table entry of `pasid` under the context entry `ctx`: PASID directory entry,
-/// then PASID table entry, each decoded and validated. Faults carry the OR of the FPD
-/// fields of the context, directory and table entries read, present or not; a failed read
-/// of the table entry gives SPT.1.
+/// then PASID table entry, each decoded and validated with the unit's `checks`. Faults
+/// carry the OR of the FPD fields of the context, directory and table entries read, present
+/// or not; a failed read of the table entry gives SPT.1.
 pub fn read_pasid_entry(
     mem: &impl PhysMem,
     ctx: &ScalableContextEntry,
     pasid: Pasid,
-    caps: &Capabilities,
+    checks: &EntryChecks,
 ) -> Result<PasidEntry, EntryFault> {
-    let pde = read_pasid_dir_entry(mem, ctx, pasid, caps)?;
+    let pde = read_pasid_dir_entry(mem, ctx, pasid, checks)?;
     let fpd = ctx.fpd || pde.fpd;
-    let addr = pasid_entry_addr(pde.smptblptr, pasid);
     let mut raw = [0; 8];
-    for (i, q) in raw.iter_mut().enumerate() {
-        *q = mem
-            .read_u64(addr + 8 * i as u64)
-            .map_err(|_| EntryFault::new(FaultReason::Spt1, fpd))?;
-    }
-    let fault = |reason| EntryFault::new(reason, fpd || raw[0] & FPD != 0);
-    let entry = PasidEntry::from_raw(raw).map_err(fault)?;
-    entry.validate(caps).map_err(fault)?;
-    Ok(entry)
+    mem.read_u64s(pasid_entry_addr(pde.smptblptr, pasid), &mut raw)
+        .map_err(|_| EntryFault::new(FaultReason::Spt1, fpd))?;
+    PasidEntry::from_raw_checked(raw, checks)
+        .map_err(|reason| EntryFault::new(reason, fpd || raw[0] & FPD != 0))
 }
 
 /// What the walk from the root table finds for one request.
@@ -458,11 +547,12 @@ pub fn lookup_pasid_entry(
     pasid: Option<Pasid>,
     caps: &Capabilities,
 ) -> Result<PasidLookup, EntryFault> {
-    let context = read_context_entry(mem, rta, sid, caps)?;
+    let checks = EntryChecks::new(caps);
+    let context = read_context_entry(mem, rta, sid, &checks)?;
     let pasid = context
         .pasid_for_request(pasid)
         .map_err(|reason| EntryFault::new(reason, context.fpd))?;
-    let entry = read_pasid_entry(mem, &context, pasid, caps)?;
+    let entry = read_pasid_entry(mem, &context, pasid, &checks)?;
     Ok(PasidLookup {
         context,
         pasid,
@@ -474,7 +564,7 @@ pub fn lookup_pasid_entry(
 mod tests {
     use super::*;
     use crate::context::context_entry_addr;
-    use crate::root::tests::{put, CAPS};
+    use crate::root::tests::{any_caps, flipped, put, CAPS, CHECKS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
     use crate::testutil::TestMemory;
     use proptest::prelude::*;
@@ -1032,7 +1122,7 @@ mod tests {
         let (mem, ctx) = tables(false);
         let sid = SourceId::new(0, 1, 0).unwrap();
         assert_eq!(
-            read_pasid_entry(&mem, &ctx, pasid(0x45), &CAPS),
+            read_pasid_entry(&mem, &ctx, pasid(0x45), &CHECKS),
             Ok(nested())
         );
         let found = lookup_pasid_entry(&mem, RTA, sid, Some(pasid(0x45)), &CAPS).unwrap();
@@ -1068,7 +1158,7 @@ mod tests {
     #[test]
     fn walk_faults_in_order_with_their_fpd() {
         let (mem, ctx) = tables(false);
-        let read = |mem: &TestMemory, p| read_pasid_entry(mem, &ctx, pasid(p), &CAPS);
+        let read = |mem: &TestMemory, p| read_pasid_entry(mem, &ctx, pasid(p), &CHECKS);
         let fault = |reason, fpd| Err(EntryFault::new(reason, fpd));
 
         // Beyond the 128-entry directory.
@@ -1096,13 +1186,13 @@ mod tests {
             ..CAPS
         };
         assert_eq!(
-            read_pasid_entry(&mem, &ctx, pasid(0x45), &only_39),
+            read_pasid_entry(&mem, &ctx, pasid(0x45), &EntryChecks::new(&only_39)),
             fault(FaultReason::Spt4, false)
         );
 
         // A context entry with FPD disables everything below it.
         let (mem, ctx) = tables(true);
-        let read = |p| read_pasid_entry(&mem, &ctx, pasid(p), &CAPS);
+        let read = |p| read_pasid_entry(&mem, &ctx, pasid(p), &CHECKS);
         assert_eq!(read(0x2000), fault(FaultReason::Sct7, true));
         assert_eq!(read(0x80), fault(FaultReason::Spd2, true));
         assert_eq!(read(0x46), fault(FaultReason::Spt2, true));
@@ -1116,12 +1206,12 @@ mod tests {
             ..ctx
         };
         assert_eq!(
-            read_pasid_entry(&mem, &far_dir, pasid(0x45), &CAPS),
+            read_pasid_entry(&mem, &far_dir, pasid(0x45), &CHECKS),
             Err(EntryFault::new(FaultReason::Spd1, false))
         );
         put(&mem, DIR + 8, &[0x20_0000 | P | FPD]);
         assert_eq!(
-            read_pasid_entry(&mem, &ctx, pasid(0x45), &CAPS),
+            read_pasid_entry(&mem, &ctx, pasid(0x45), &CHECKS),
             Err(EntryFault::new(FaultReason::Spt1, true))
         );
     }
@@ -1205,6 +1295,46 @@ mod tests {
                 flptptr: fl & PTR_MASK,
             },
         )
+    }
+
+    /// Any 512 bits, mostly near a valid entry: an encoded entry with up to three bits
+    /// flipped, or eight random qwords; half of them with both table pointers below 2^39,
+    /// inside every unit's address width.
+    fn any_raw_entry() -> impl Strategy<Value = [u64; 8]> {
+        let raw = prop_oneof![
+            4 => flipped(any_entry().prop_map(|e| e.to_raw()), 3),
+            1 => any::<[u64; 8]>(),
+        ];
+        (raw, any::<bool>()).prop_map(|(mut raw, low)| {
+            if low {
+                raw[0] &= (1 << 39) - 1;
+                raw[2] &= (1 << 39) - 1;
+            }
+            raw
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn word_checks_agree_with_the_field_checks(raw in any_raw_entry(), caps in any_caps()) {
+            let by_fields = PasidEntry::from_raw(raw).and_then(|e| e.validate(&caps).map(|()| e));
+            prop_assert_eq!(PasidEntry::from_raw_checked(raw, &EntryChecks::new(&caps)), by_fields);
+        }
+
+        #[test]
+        fn dir_word_checks_agree_with_the_field_checks(raw: u64, caps in any_caps()) {
+            let raw = raw & !(0xff0 & raw >> 8); // reserved bits clear half the time
+            let mem = TestMemory::new(0x10_0000);
+            let ctx = ScalableContextEntry { pasiddirptr: 0x1000, ..Default::default() };
+            mem.write_u64(0x1000, raw).unwrap();
+            let by_fields = PasidDirEntry::from_raw(raw)
+                .and_then(|e| e.validate(&caps).map(|()| e))
+                .map_err(|reason| EntryFault::new(reason, raw & FPD != 0));
+            let checks = EntryChecks::new(&caps);
+            prop_assert_eq!(read_pasid_dir_entry(&mem, &ctx, pasid(0), &checks), by_fields);
+        }
     }
 
     proptest! {

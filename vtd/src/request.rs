@@ -16,7 +16,7 @@ use crate::fault::FaultReason;
 use crate::flpte::FlFormat;
 use crate::pasid::{read_pasid_entry, PasidEntry, Pgtt};
 use crate::regs::{AddressType, FaultRecord, RegisterFile, RequestType, Ttm};
-use crate::root::{Capabilities, EntryFault};
+use crate::root::{EntryChecks, EntryFault};
 use crate::slpte::SlFormat;
 use crate::walk::{
     walk_first_level, walk_nested, walk_second_level, AccessRequest, PageSize, Permissions, Stage,
@@ -218,8 +218,9 @@ pub trait RemappingUnit {
     fn root_word(&self) -> u64;
     /// The memory the tables are read from.
     fn memory(&self) -> &Self::Mem;
-    /// What decides which entries are valid.
-    fn capabilities(&self) -> &Capabilities;
+    /// What decides which entries are valid: the unit's capabilities as entry checks,
+    /// built when they were set.
+    fn entry_checks(&self) -> &EntryChecks;
 
     /// A cached translation of `addr` for `sid` and `pasid` whose rights cover `access`.
     fn iotlb_lookup(
@@ -404,7 +405,7 @@ pub fn context_entry<U: RemappingUnit + ?Sized>(
     let fill = unit.entry_fill();
     // Cached where it was read, by reference: moving the entry out of the result (with `?`)
     // had the miss path copy it field by field, twice.
-    let read = read_context_entry(unit.memory(), rta, sid, unit.capabilities());
+    let read = read_context_entry(unit.memory(), rta, sid, unit.entry_checks());
     if let Ok(c) = &read {
         unit.cache_context(fill, sid, c);
     }
@@ -424,7 +425,7 @@ pub fn pasid_entry<U: RemappingUnit + ?Sized>(
     }
     let fill = unit.entry_fill();
     // Cached where it was read, by reference (see `context_entry`).
-    let read = read_pasid_entry(unit.memory(), ctx, pasid, unit.capabilities());
+    let read = read_pasid_entry(unit.memory(), ctx, pasid, unit.entry_checks());
     if let Ok(pe) = &read {
         unit.cache_pasid_entry(fill, sid, pasid, pe);
     }
@@ -506,7 +507,7 @@ mod tests {
     use crate::addr::DomainId;
     use crate::context::context_entry_addr;
     use crate::pasid::{pasid_entry_addr, PasidDirEntry};
-    use crate::root::tests::{put, CAPS};
+    use crate::root::tests::{put, CHECKS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
     use crate::testutil::TestMemory;
     use std::cell::{Cell, RefCell};
@@ -617,8 +618,8 @@ mod tests {
         fn memory(&self) -> &TestMemory {
             &self.mem
         }
-        fn capabilities(&self) -> &Capabilities {
-            &CAPS
+        fn entry_checks(&self) -> &EntryChecks {
+            &CHECKS
         }
         fn iotlb_lookup(
             &self,

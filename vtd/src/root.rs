@@ -120,6 +120,55 @@ impl Capabilities {
     }
 }
 
+/// The capability checks of root, context and PASID table entries as masks, built once
+/// per unit from its [`Capabilities`] (when they are set), so that an entry read on a miss
+/// is checked by masked compares on its raw words (§9.2, §9.4, §9.6): a bit reserved
+/// without its capability is one more bit of the reserved mask, and a pointer beyond the
+/// host address width one of the bits above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryChecks {
+    pub(crate) caps: Capabilities,
+    /// The bits of a 4 KiB aligned table pointer beyond the host address width.
+    pub(crate) beyond_haw: u64,
+    /// Context-entry qword 0 bits that must be clear: 8:5, and DTE, PASIDE and PRE without
+    /// ECAP.DT, PASID and PRS (SCT.3).
+    pub(crate) context_rsvd0: u64,
+    /// PASID-entry qwords 0-2 bits that must be clear: the reserved fields, and the fields
+    /// reserved without their capability (SPT.3).
+    pub(crate) pasid_rsvd: [u64; 3],
+    /// The PGTT values the unit supports, bit n for PGTT n (ECAP.FLTS, SLTS, NEST, PT).
+    pub(crate) pgtts: u8,
+    /// The AW values of a second-level PGTT: the 3-, 4- and 5-level encodings CAP.SAGAW lists.
+    pub(crate) sl_aws: u8,
+    /// The FLPM values of a first-level PGTT: 4-level, and 5-level with CAP.FL5LP.
+    pub(crate) fl_flpms: u8,
+}
+
+impl EntryChecks {
+    /// The checks of a unit with capabilities `caps`.
+    pub const fn new(caps: &Capabilities) -> Self {
+        use crate::field::flag;
+        EntryChecks {
+            caps: *caps,
+            beyond_haw: if caps.haw < 64 {
+                PTR_MASK & (!0 << caps.haw)
+            } else {
+                0
+            },
+            context_rsvd0: crate::context::reserved0(caps),
+            pasid_rsvd: crate::pasid::reserved(caps),
+            pgtts: crate::pasid::pgtts(caps),
+            sl_aws: caps.sagaw & crate::pasid::AW_ENCODINGS,
+            fl_flpms: 0b01 | flag(caps.fl5lp, 0b10) as u8,
+        }
+    }
+
+    /// The capabilities the checks were built from.
+    pub const fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+}
+
 /// A fault found while walking the tables, with the fault processing disable (FPD) that
 /// applies to it: the OR of the FPD fields of the context, PASID-directory and PASID-table
 /// entries read so far, present or not (§7.1.2). Faults above the context entry have none.
@@ -217,10 +266,10 @@ const fn checked_ctp(half: Option<u64>, caps: &Capabilities) -> Result<u64, Faul
 
 /// Reads the two halves of `bus`'s root entry; a failed read gives SRT.1.
 pub fn read_root_entry(mem: &impl PhysMem, rta: u64, bus: u8) -> Result<[u64; 2], FaultReason> {
-    let addr = root_entry_addr(rta, bus);
-    let lo = mem.read_u64(addr).map_err(|_| FaultReason::Srt1)?;
-    let hi = mem.read_u64(addr + 8).map_err(|_| FaultReason::Srt1)?;
-    Ok([lo, hi])
+    let mut raw = [0; 2];
+    mem.read_u64s(root_entry_addr(rta, bus), &mut raw)
+        .map_err(|_| FaultReason::Srt1)?;
+    Ok(raw)
 }
 
 /// The context table that holds `sid`'s context entry, as hardware finds it from the root
@@ -245,6 +294,48 @@ pub(crate) mod tests {
 
     /// A unit that supports everything, with a 46-bit host address width.
     pub(crate) const CAPS: Capabilities = Capabilities::full(46, 0b0_1110);
+    /// Its entry checks.
+    pub(crate) const CHECKS: EntryChecks = EntryChecks::new(&CAPS);
+
+    /// Any unit: each capability on (mostly, so that entries reach the later checks) or
+    /// off, a host address width and any SAGAW.
+    pub(crate) fn any_caps() -> impl Strategy<Value = Capabilities> {
+        let on = prop::bool::weighted(0.85);
+        let haw = prop_oneof![Just(39u8), Just(46), Just(52), Just(64)];
+        (prop::array::uniform15(on), haw, any::<u8>()).prop_map(|(b, haw, sagaw)| Capabilities {
+            haw,
+            sagaw,
+            fl5lp: b[0],
+            flts: b[1],
+            slts: b[2],
+            nest: b[3],
+            pt: b[4],
+            pasid: b[5],
+            dt: b[6],
+            prs: b[7],
+            srs: b[8],
+            ers: b[9],
+            slads: b[10],
+            eafs: b[11],
+            sc: b[12],
+            smpwc: b[13],
+            mts: b[14],
+        })
+    }
+
+    /// Flips up to three bits of `raw`, mostly in its first `near` qwords.
+    pub(crate) fn flipped<const N: usize>(
+        raw: impl Strategy<Value = [u64; N]>,
+        near: usize,
+    ) -> impl Strategy<Value = [u64; N]> {
+        let flip = prop_oneof![(0..near, 0u32..64), (0..N, 0u32..64)];
+        (raw, prop::collection::vec(flip, 0..4)).prop_map(|(mut raw, flips)| {
+            for (q, b) in flips {
+                raw[q] ^= 1 << b;
+            }
+            raw
+        })
+    }
 
     /// Writes consecutive qwords from `addr`.
     pub(crate) fn put(mem: &impl PhysMem, addr: u64, qwords: &[u64]) {

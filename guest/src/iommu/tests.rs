@@ -20,7 +20,7 @@ use vsva_vtd::regs::{
 };
 use vsva_vtd::{
     addr::Gva, flpte::FlPagingMode, inv_desc::AddrRange, inv_desc::InvDescType, pasid::PasidEntry,
-    pasid::Pgtt, root::Capabilities,
+    pasid::Pgtt, root::Capabilities, root::EntryChecks,
 };
 
 /// A remapping unit reduced to its registers and queue.
@@ -94,6 +94,7 @@ const CAPS: Capabilities = Capabilities {
     smpwc: true,
     mts: false,
 };
+const CHECKS: EntryChecks = EntryChecks::new(&CAPS);
 
 impl FakeUnit {
     fn new(mem: Arc<GuestMemoryMmap>, cap: Cap, ecap: Ecap) -> Arc<Self> {
@@ -290,8 +291,8 @@ impl Setup {
     }
 
     fn pasid_entry(&self, pasid: Pasid) -> Result<PasidEntry, vsva_vtd::root::EntryFault> {
-        let ctx = read_context_entry(&*self.mem, self.driver.root_table().0, SID, &CAPS)?;
-        read_pasid_entry(&*self.mem, &ctx, pasid, &CAPS)
+        let ctx = read_context_entry(&*self.mem, self.driver.root_table().0, SID, &CHECKS)?;
+        read_pasid_entry(&*self.mem, &ctx, pasid, &CHECKS)
     }
 }
 
@@ -388,7 +389,7 @@ fn a_stuck_unit_is_reported_not_waited_for_forever() {
 fn attach_writes_the_context_entry() {
     let s = setup();
     s.driver.attach_device(device()).unwrap();
-    let ctx = read_context_entry(&*s.mem, s.driver.root_table().0, SID, &CAPS).unwrap();
+    let ctx = read_context_entry(&*s.mem, s.driver.root_table().0, SID, &CHECKS).unwrap();
     assert!(ctx.paside && ctx.pre && ctx.dte && !ctx.fpd);
     // 2^20 PASIDs: a 128 KiB directory, PDTS 7.
     assert_eq!(ctx.pdts, 7);
@@ -411,7 +412,7 @@ fn attach_writes_the_context_entry() {
             ats_queue_depth: 0,
         })
         .unwrap();
-    let ctx = read_context_entry(&*s.mem, s.driver.root_table().0, other, &CAPS).unwrap();
+    let ctx = read_context_entry(&*s.mem, s.driver.root_table().0, other, &CHECKS).unwrap();
     assert!(ctx.paside && !ctx.pre && !ctx.dte);
     assert_eq!(ctx.pdts, 2);
 }
@@ -828,7 +829,7 @@ fn detach_gives_back_every_frame() {
     // The context table stays, as in Linux.
     assert_eq!(s.frames.allocated_frames(), base + 1);
     assert_eq!(
-        read_context_entry(&*s.mem, s.driver.root_table().0, SID, &CAPS)
+        read_context_entry(&*s.mem, s.driver.root_table().0, SID, &CHECKS)
             .unwrap_err()
             .reason,
         vsva_vtd::fault::FaultReason::Sct2

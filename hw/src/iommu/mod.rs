@@ -29,7 +29,8 @@ use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
 use vsva_vtd::{
     addr::SourceId, context::ScalableContextEntry, flpte::FlFormat, flpte::InvalidAddressWidth,
-    pasid::PasidEntry, request::RootState, root::Capabilities, slpte::SlFormat, walk::PageSize,
+    pasid::PasidEntry, request::RootState, root::Capabilities, root::EntryChecks, slpte::SlFormat,
+    walk::PageSize,
 };
 
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};
@@ -171,6 +172,8 @@ pub enum IommuConfigError {
 pub struct Iommu {
     mem: Arc<HostMemory>,
     caps: Capabilities,
+    /// The entry checks of `caps`, for the context and PASID entries of misses.
+    entry_checks: EntryChecks,
     fl_format: FlFormat,
     sl_format: SlFormat,
     regs: Mutex<RegisterFile>,
@@ -213,6 +216,7 @@ impl Iommu {
         Ok(Arc::new(Iommu {
             mem,
             caps: config.caps,
+            entry_checks: EntryChecks::new(&config.caps),
             fl_format: FlFormat::new(haw, true)?,
             sl_format: SlFormat::new(haw)?,
             qi_pending: Mutex::default(),

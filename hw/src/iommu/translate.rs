@@ -6,7 +6,7 @@
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
     addr::Pasid, addr::SourceId, context::ScalableContextEntry, pasid::PasidEntry, pasid::Pgtt,
-    request::TranslationFault, root::Capabilities, root::EntryFault, walk::AccessRequest,
+    request::TranslationFault, root::EntryChecks, root::EntryFault, walk::AccessRequest,
     walk::Translation, walk::WalkFault,
 };
 
@@ -178,8 +178,8 @@ impl RemappingUnit for Iommu {
         &self.mem
     }
 
-    fn capabilities(&self) -> &Capabilities {
-        &self.caps
+    fn entry_checks(&self) -> &EntryChecks {
+        &self.entry_checks
     }
 
     #[inline(always)]
