@@ -22,7 +22,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU64;
 use std::ops::RangeInclusive;
-use std::sync::PoisonError;
 
 use crossbeam_utils::CachePadded;
 use foldhash::fast::FixedState;
@@ -32,7 +31,7 @@ use vsva_vtd::{
 
 use super::seqset::{SeqSet, Way, WAYS};
 use super::PAGE_SHIFTS;
-use crate::sync::{spin_loop, AtomicU64, Mutex, Ordering};
+use crate::sync::{spin_loop, AtomicU64, Ordering, WriterLock};
 
 /// Number of sets: a power of two.
 const SETS: usize = 4096;
@@ -818,8 +817,9 @@ impl Pages {
 pub struct Iotlb {
     sets: Box<[Set]>,
     /// The sets holding each domain and PASID's entries, for selective invalidation without
-    /// a full scan. Every writer locks it: padded, so that the set table a hit reads is not on its cache line.
-    index: CachePadded<Mutex<SetIndex>>,
+    /// a full scan. Every writer takes it (a [`WriterLock`], one locked instruction a round
+    /// trip): padded, so that the set table a hit reads is not on its cache line.
+    index: CachePadded<WriterLock<SetIndex>>,
     /// Counts invalidations, so that a walk that began before one does not cache.
     generation: AtomicU64,
     /// How many owners and pending fills the index lists, written under its lock at the
@@ -910,7 +910,7 @@ impl Iotlb {
     ) -> bool {
         let key = Key::new(sid, pasid, entry.page_shift, addr);
         // The index lock orders fills against invalidations, which hold it throughout.
-        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut index = self.index.lock();
         if self.generation.load(Ordering::Acquire) != fill {
             return false;
         }
@@ -1180,7 +1180,7 @@ impl Iotlb {
         pages: Pages,
         mut select: impl FnMut(&Key, &IotlbEntry) -> bool,
     ) -> usize {
-        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut index = self.index.lock();
         if fence {
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -1204,7 +1204,7 @@ impl Iotlb {
         pasid: Pasid,
         remove: impl FnOnce(Owner, &mut Bucket) -> usize,
     ) -> usize {
-        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut index = self.index.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
         index.fold();
         let owner = (did, pasid.raw());
@@ -1223,7 +1223,7 @@ impl Iotlb {
 
     /// Global invalidation: everything.
     pub fn invalidate_all(&self) -> usize {
-        let mut index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut index = self.index.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
         let mut removed = 0;
         for set in self.sets.iter() {
@@ -1776,8 +1776,7 @@ mod tests {
         let other = SourceId::new(0, 4, 0).unwrap();
         let e = entry(1, 7 << 12, 12, TranslationKind::Nested);
         assert!(t.insert(t.begin_fill(), other, p, 7 << 12, e));
-        let rids =
-            |t: &Iotlb, owner: Owner| t.index.lock().unwrap().buckets[&owner].summary.rids.clone();
+        let rids = |t: &Iotlb, owner: Owner| t.index.lock().buckets[&owner].summary.rids.clone();
         assert_eq!(
             t.invalidate_pasid_range(DomainId(1), p, range(7 << 12, 0x1000)),
             2
@@ -1811,12 +1810,7 @@ mod tests {
         );
         assert_index_is_exact(&t);
         assert_eq!(t.invalidate_pasid(DomainId(1), p), 127);
-        assert!(!t
-            .index
-            .lock()
-            .unwrap()
-            .buckets
-            .contains_key(&(DomainId(1), 5)));
+        assert!(!t.index.lock().buckets.contains_key(&(DomainId(1), 5)));
         assert_eq!(t.len(), 62);
         assert_index_is_exact(&t);
     }
@@ -1853,13 +1847,13 @@ mod tests {
         assert_index_is_exact(&t);
         assert_eq!(t.invalidate_pasid(DomainId(1), p1), 3 * PENDING);
         assert!(t.is_empty());
-        assert!(t.index.lock().unwrap().is_empty());
+        assert!(t.index.lock().is_empty());
     }
 
     /// For each owner, the sets the index lists for it, in its bucket or in a fill not yet
     /// folded (read without folding, so that fills stay pending across a test's steps).
     fn listed_sets(t: &Iotlb) -> BTreeMap<(u16, u32), Vec<usize>> {
-        let index = t.index.lock().unwrap();
+        let index = t.index.lock();
         let mut listed: BTreeMap<(u16, u32), Vec<usize>> = index
             .buckets
             .iter()
@@ -1895,7 +1889,7 @@ mod tests {
     /// Whether each cached entry's bucket summary, with the fills of its owner not yet
     /// folded, names its requester, page size and the kind of walk that filled it.
     fn summaries_cover_the_entries(t: &Iotlb) -> bool {
-        let index = t.index.lock().unwrap();
+        let index = t.index.lock();
         t.sets.iter().flat_map(|s| s.ways.iter()).all(|w| {
             let tag = w.tag.load(Ordering::Relaxed);
             if tag == 0 {

@@ -40,7 +40,6 @@
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut, RangeInclusive};
-use std::sync::PoisonError;
 
 use crossbeam_utils::CachePadded;
 use vsva_vtd::{
@@ -50,7 +49,7 @@ use vsva_vtd::{
 
 use super::seqset::{SeqSet, WAYS};
 use super::PAGE_SHIFTS;
-use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::sync::{AtomicU64, Ordering, WriterGuard, WriterLock};
 
 /// Shards per cache: domain ids spread over them.
 const SHARDS: usize = 16;
@@ -467,7 +466,7 @@ impl Marks {
 /// change ([`ShardWrite`]).
 #[derive(Debug)]
 struct Shard {
-    writer: Mutex<Marks>,
+    writer: WriterLock<Marks>,
     entries: AtomicU64,
     first_level: Table,
     second_level: Table,
@@ -477,7 +476,7 @@ struct Shard {
 /// A shard under its writer lock; the entry count is published when it goes.
 struct ShardWrite<'a> {
     shard: &'a Shard,
-    marks: MutexGuard<'a, Marks>,
+    marks: WriterGuard<'a, Marks>,
 }
 
 impl Deref for ShardWrite<'_> {
@@ -535,7 +534,7 @@ impl ShardWrite<'_> {
 impl Shard {
     fn new(table_sets: usize, mapping_sets: usize) -> Self {
         Shard {
-            writer: Mutex::new(Marks {
+            writer: WriterLock::new(Marks {
                 first_level: Occupied::new(table_sets),
                 second_level: Occupied::new(table_sets),
                 mappings: Occupied::new(mapping_sets),
@@ -556,7 +555,7 @@ impl Shard {
     fn write(&self) -> ShardWrite<'_> {
         ShardWrite {
             shard: self,
-            marks: self.writer.lock().unwrap_or_else(PoisonError::into_inner),
+            marks: self.writer.lock(),
         }
     }
 
