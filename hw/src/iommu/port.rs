@@ -220,7 +220,8 @@ impl DmaPort for Iommu {
                 .unwrap_or(false),
             _ => false,
         };
-        let endpoint = self.endpoint(req.sid);
+        // The device is looked up only to answer for it: the queued request's response
+        // goes through the page group response descriptor instead.
         if !pre {
             // Page requests from a context without PRE: recorded (SCT.8) and answered
             // with Invalid Request so the device does not wait forever.
@@ -232,7 +233,7 @@ impl DmaPort for Iommu {
                 request(req.access),
                 AddressType::Untranslated,
             );
-            if let Some(ep) = endpoint {
+            if let Some(ep) = self.endpoint(req.sid) {
                 respond(&*ep, &req, ResponseCode::InvalidRequest);
             }
             return;
@@ -252,7 +253,7 @@ impl DmaPort for Iommu {
         if !self.queue_page_request(&desc) && req.last {
             // Queue full (PRS.PRO): hardware answers the group itself with Success, and
             // the device's retry faults and asks again (§7.5.1).
-            if let Some(ep) = endpoint {
+            if let Some(ep) = self.endpoint(req.sid) {
                 respond(&*ep, &req, ResponseCode::Success);
             }
         }
