@@ -243,10 +243,42 @@ struct Parked {
     reason: u8,
 }
 
+/// The bounce buffers of fill and compare (a request each), and what fill left in the
+/// first: its pattern turned to a phase and how many bytes of it, which the next fill with
+/// that pattern and phase uses again instead of writing the bytes anew.
+struct Bounce {
+    buf: Box<[u8]>,
+    pattern: Option<(u64, usize)>,
+}
+
+impl Bounce {
+    /// The first `n` bytes of the first buffer, eight-byte words of `turned` (its
+    /// little-endian bytes) and as many of its bytes as end the `n`.
+    fn fill(&mut self, turned: u64, n: usize) -> &[u8] {
+        if !matches!(self.pattern, Some((p, len)) if p == turned && len >= n) {
+            let bytes = turned.to_le_bytes();
+            let mut words = self.buf[..n].chunks_exact_mut(8);
+            for word in &mut words {
+                word.copy_from_slice(&bytes);
+            }
+            let rest = words.into_remainder();
+            rest.copy_from_slice(&bytes[..rest.len()]);
+            self.pattern = Some((turned, n));
+        }
+        &self.buf[..n]
+    }
+
+    /// Both buffers, for compare, which overwrites them.
+    fn both(&mut self) -> (&mut [u8], &mut [u8]) {
+        self.pattern = None;
+        self.buf.split_at_mut(REQUEST as usize)
+    }
+}
+
 struct Exec {
     parked: Vec<Parked>,
     drains: Vec<Job>,
-    bounce: Box<[u8]>,
+    bounce: Bounce,
     completed: usize,
 }
 
@@ -353,7 +385,10 @@ impl DmaEngine {
             exec: Mutex::new(Exec {
                 parked: Vec::with_capacity(usize::from(config.pri_capacity)),
                 drains: Vec::new(),
-                bounce: vec![0u8; 2 * REQUEST as usize].into_boxed_slice(),
+                bounce: Bounce {
+                    buf: vec![0u8; 2 * REQUEST as usize].into_boxed_slice(),
+                    pattern: None,
+                },
                 completed: 0,
             }),
             parked: AtomicUsize::new(0),
@@ -1151,7 +1186,7 @@ impl DmaEngine {
     }
 
     /// Runs the operation from `job.done` on; returns the record's result byte.
-    fn execute(&self, bounce: &mut [u8], ctrl: u64, job: &mut Job) -> Result<u8, Stop> {
+    fn execute(&self, bounce: &mut Bounce, ctrl: u64, job: &mut Job) -> Result<u8, Stop> {
         let pasid = job.desc.pasid;
         let read = DmaAccess::READ.with_privileged(job.desc.privileged);
         let write = DmaAccess::WRITE.with_privileged(job.desc.privileged);
@@ -1204,22 +1239,14 @@ impl DmaEngine {
             }
             Operation::Fill { pattern, dst, size } => {
                 let size = u64::from(size);
-                let buf = &mut bounce[..REQUEST as usize];
                 while job.done < size {
                     let d = dst + job.done;
                     let td = self.translate(&mut c2, ctrl, pasid, d, write, size - job.done)?;
                     let n = (size - job.done).min(td.bytes_from(d)).min(REQUEST);
-                    let chunk = &mut buf[..n as usize];
                     // Byte `i` of the chunk is byte `(done + i) % 8` of the pattern: the
-                    // pattern turned to the chunk's phase, written eight bytes at a time.
+                    // pattern turned to the chunk's phase.
                     let phase = (job.done % 8) as u32;
-                    let turned = pattern.rotate_right(8 * phase).to_le_bytes();
-                    let mut words = chunk.chunks_exact_mut(8);
-                    for word in &mut words {
-                        word.copy_from_slice(&turned);
-                    }
-                    let rest = words.into_remainder();
-                    rest.copy_from_slice(&turned[..rest.len()]);
+                    let chunk = bounce.fill(pattern.rotate_right(8 * phase), n as usize);
                     let Some(_in_flight) = epoch.enter(&self.counters, &mut [&mut c2], d, write)?
                     else {
                         continue;
@@ -1232,7 +1259,7 @@ impl DmaEngine {
             }
             Operation::Compare { src1, src2, size } => {
                 let size = u64::from(size);
-                let (b1, b2) = bounce.split_at_mut(REQUEST as usize);
+                let (b1, b2) = bounce.both();
                 while job.done < size {
                     let (a1, a2) = (src1 + job.done, src2 + job.done);
                     let left = size - job.done;

@@ -387,6 +387,57 @@ fn fill_repeats_the_pattern_from_the_destination() {
 }
 
 #[test]
+fn fills_after_fills_and_compares_write_their_own_pattern() {
+    // The engine keeps the last fill's bytes in its bounce buffer for the next fill with
+    // the same pattern and phase: each fill below must still write exactly its own bytes.
+    let rig = Rig::new(ALL);
+    let (a, b) = (0x30_0000u64, 0x40_0000u64);
+    rig.map(None, a, 2 * PAGE_SIZE, true);
+    rig.map(None, b, 2 * PAGE_SIZE, true);
+    let fill = |dst: u64, pattern: u64, size: usize| {
+        rig.port.write_dev(None, dst, &vec![0xee; size + 8]);
+        let r = rig.run(desc(
+            None,
+            Operation::Fill {
+                pattern,
+                dst,
+                size: size as u32,
+            },
+        ));
+        assert_eq!(r.status, CompletionStatus::Success);
+        let bytes = pattern.to_le_bytes();
+        let want: Vec<u8> = (0..size).map(|i| bytes[i % 8]).collect();
+        assert_eq!(
+            rig.port.read_dev(None, dst, size),
+            want,
+            "{pattern:#x} x {size}"
+        );
+        assert_eq!(rig.port.read_dev(None, dst + size as u64, 8), [0xee; 8]);
+    };
+    let (p, q) = (0x0807_0605_0403_0201u64, 0x1122_3344_5566_7788u64);
+    fill(a, p, 100);
+    fill(b, p, PAGE_SIZE as usize);
+    fill(a, p, 40);
+    fill(a + 3, p, 300);
+    fill(b, q, 200);
+    fill(a, p, 64);
+    let r = rig.run(desc(
+        None,
+        Operation::Compare {
+            src1: b,
+            src2: a,
+            size: 64,
+        },
+    ));
+    assert_eq!((r.status, r.result), (CompletionStatus::Success, 1));
+    // The compare read `q`'s bytes into the buffer the last fill of `p` left.
+    fill(a, p, 64);
+    // Longer than what the buffer holds of `p`: bytes 64.. are still `q`'s there.
+    fill(b, p, 100);
+    fill(a + PAGE_SIZE - 5, q, 21);
+}
+
+#[test]
 fn compare_reports_equality_or_the_first_difference() {
     let rig = Rig::new(ALL);
     let p = pasid(1);
