@@ -297,12 +297,13 @@ impl InclusiveFlushes {
                 .is_some_and(|p| self.0.iter().any(|(h, q)| *q == p && Arc::ptr_eq(h, host)))
     }
 
-    /// Records `inv`, forwarded to `host`, if it is a PASID-granular IOTLB invalidation.
-    fn record(&mut self, host: Arc<dyn HostSva>, inv: &CacheInvalidate) {
+    /// Records `inv`, forwarded to `host`, if it is a PASID-granular IOTLB invalidation
+    /// (the only ones that take a reference to `host`).
+    fn record(&mut self, host: &Arc<dyn HostSva>, inv: &CacheInvalidate) {
         if let (IOMMU_CACHE_INV_TYPE_IOTLB, InvGranularity::Pasid { pasid: Some(p), .. }) =
             (inv.cache, &inv.granularity)
         {
-            self.0.push((host, *p));
+            self.0.push((Arc::clone(host), *p));
         }
     }
 }
@@ -737,7 +738,7 @@ impl VIommu {
         }
         flushed.clear();
         for (host, inv) in &pass.pending[first..] {
-            flushed.record(host.clone(), inv);
+            flushed.record(host, inv);
         }
     }
 
@@ -749,39 +750,58 @@ impl VIommu {
     pub(crate) fn flush_invalidations(&self, pass: &mut SyncPass) {
         let mut pending = std::mem::take(&mut pass.pending);
         let mut invs = std::mem::take(&mut pass.batch);
-        while let Some((host, _)) = pending.first() {
-            let host = host.clone();
+        while let Some((first, _)) = pending.first() {
             invs.clear();
-            pending.retain(|(h, inv)| {
-                let mine = Arc::ptr_eq(h, &host);
-                if mine {
-                    invs.push(*inv);
-                }
-                !mine
-            });
-            // A batch of one is the single call (what a batch is to each host), without
-            // a list of results to allocate.
-            let (one, batch);
-            let results: &[Result<(), Errno>] = if let [inv] = &invs[..] {
-                one = [host.cache_invalidate(inv)];
-                &one
+            if pending.iter().all(|(h, _)| Arc::ptr_eq(h, first)) {
+                // One host (the usual case: one container per VM) is sent from `pending`
+                // as it is, without another reference to it taken and dropped.
+                invs.extend(pending.iter().map(|(_, inv)| *inv));
+                self.send_invalidations(first, &invs, pass);
+                pending.clear();
             } else {
-                batch = host.cache_invalidate_batch(&invs);
-                &batch
-            };
-            for (i, inv) in invs.iter().enumerate() {
-                let r = results.get(i).copied().unwrap_or(Err(Errno::EIO));
-                if self
-                    .host_result(r, || HostCall::CacheInvalidate(*inv))
-                    .is_some()
-                {
-                    Counters::bump(&self.counters.invalidations_forwarded);
-                }
+                let host = Arc::clone(first);
+                pending.retain(|(h, inv)| {
+                    let mine = Arc::ptr_eq(h, &host);
+                    if mine {
+                        invs.push(*inv);
+                    }
+                    !mine
+                });
+                self.send_invalidations(&host, &invs, pass);
             }
         }
         // Empty now; both kept for their room.
         pass.pending = pending;
         pass.batch = invs;
+    }
+
+    /// Sends one host's share of a pass's invalidations as one batch and counts each one
+    /// the host carried out (see [`Self::flush_invalidations`]).
+    fn send_invalidations(
+        &self,
+        host: &Arc<dyn HostSva>,
+        invs: &[CacheInvalidate],
+        pass: &SyncPass,
+    ) {
+        // A batch of one is the single call (what a batch is to each host), without a list
+        // of results to allocate.
+        let (one, batch);
+        let results: &[Result<(), Errno>] = if let [inv] = invs {
+            one = [host.cache_invalidate(inv)];
+            &one
+        } else {
+            batch = host.cache_invalidate_batch(invs);
+            &batch
+        };
+        for (i, inv) in invs.iter().enumerate() {
+            let r = results.get(i).copied().unwrap_or(Err(Errno::EIO));
+            if self
+                .host_result(r, || HostCall::CacheInvalidate(*inv))
+                .is_some()
+            {
+                Counters::bump_queued(&self.counters.invalidations_forwarded, pass);
+            }
+        }
     }
 
     /// The passthrough device with guest requester id `sid`: its host id and container.

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::shadow::SyncPass;
+
 /// The live counters.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -53,6 +55,14 @@ pub struct VIommuStats {
 impl Counters {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// [`Self::bump`] for a counter written only while the vIOMMU's queue lock is held,
+    /// which `_pass` (that lock's data) shows: one writer at a time, so a load and a
+    /// store count every event without a locked read-modify-write. Readers
+    /// ([`Self::snapshot`]) see the value before or after an increment, as with `bump`.
+    pub fn bump_queued(counter: &AtomicU64, _pass: &SyncPass) {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self, pasids: u64) -> VIommuStats {

@@ -17,6 +17,7 @@ use vsva_mem::PhysMem;
 use vsva_uapi::error::Errno;
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity, ResponseCode};
 use vsva_vtd::invalidation::{self, Completion, InvalidationUnit, IotlbInvalidation};
+use vsva_vtd::regs::layout::offset;
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, RegEffects, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, flpte::FlFormat, inv_desc::InvDesc,
@@ -138,21 +139,30 @@ impl VIommu {
     /// A guest write of `size` bytes (4 or 8) at `offset` in the register page, with
     /// everything the write sets in motion done before it returns.
     pub fn write(&self, offset: u64, size: usize, value: u64) -> Result<(), VIommuError> {
+        // A tail write is how the guest submits (§6.5.2): the queue lock is taken first,
+        // in the order a pass takes both, so that the pass it starts reads the queue
+        // under this write's register lock instead of taking that lock again.
+        let mut queue = (offset & !7 == offset::IQT).then(|| lock(&self.queue));
         let mut effects = RegEffects::new();
-        {
-            let mut regs = lock(&self.regs);
-            let translating = regs.translation_enabled();
-            regs.write(offset, size, value, &mut effects)?;
-            self.latch_root(&regs);
-            if regs.translation_enabled() != translating {
-                // What the address spaces cached with translation off (or on) is not what
-                // requests see now.
-                self.spaces.invalidate(IotlbScope::All);
-            }
+        let mut regs = lock(&self.regs);
+        let translating = regs.translation_enabled();
+        regs.write(offset, size, value, &mut effects)?;
+        self.latch_root(&regs);
+        if regs.translation_enabled() != translating {
+            // What the address spaces cached with translation off (or on) is not what
+            // requests see now.
+            self.spaces.invalidate(IotlbScope::All);
         }
         let mut irqs = Vec::new();
-        for &effect in &effects {
-            self.apply(effect, &mut irqs);
+        if let (Some(queue), [RegEffect::ProcessInvalidationQueue]) = (&mut queue, &effects[..]) {
+            let (flushed, pass) = &mut **queue;
+            self.drain_queue(flushed, pass, regs, &mut irqs);
+        } else {
+            drop(regs);
+            drop(queue);
+            for &effect in &effects {
+                self.apply(effect, &mut irqs);
+            }
         }
         self.deliver(irqs);
         Ok(())
@@ -204,7 +214,18 @@ impl VIommu {
     /// see [`SyncPass`]).
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
         let (flushed, pass) = &mut *lock(&self.queue);
-        let mut regs = lock(&self.regs);
+        self.drain_queue(flushed, pass, lock(&self.regs), irqs);
+    }
+
+    /// [`Self::process_invalidation_queue`]'s passes, with the queue lock held (`flushed`
+    /// and `pass` are its data) and the register lock taken after it.
+    fn drain_queue<'v>(
+        &'v self,
+        flushed: &mut InclusiveFlushes,
+        pass: &mut SyncPass,
+        mut regs: MutexGuard<'v, RegisterFile>,
+        irqs: &mut Vec<Interrupt>,
+    ) {
         loop {
             let (Some(_), Some(queue)) = (regs.next_inv_desc(), regs.inv_queue()) else {
                 return;
@@ -239,7 +260,7 @@ impl VIommu {
         pass: &mut SyncPass,
         irqs: &mut Vec<Interrupt>,
     ) -> Result<(), MemError> {
-        Counters::bump(&self.counters.descriptors);
+        Counters::bump_queued(&self.counters.descriptors, pass);
         let forwards = matches!(
             desc,
             InvDesc::Iotlb { .. } | InvDesc::PasidIotlb { .. } | InvDesc::PasidDevIotlb { .. }
