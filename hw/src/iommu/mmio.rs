@@ -3,14 +3,16 @@
 //! and the page request queue (§7.5).
 
 use std::sync::atomic::Ordering;
-use std::sync::{PoisonError, TryLockError};
+use std::sync::{MutexGuard, PoisonError, TryLockError};
 use vsva_mem::PhysMem;
 
 use vsva_vtd::inv_desc::InvDesc;
 use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
+use vsva_vtd::regs::layout::offset;
 use vsva_vtd::regs::{
-    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegEffects, RegError, Ttm, VcmdResponse,
+    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegEffects, RegError, RegisterFile, Ttm,
+    VcmdResponse,
 };
 use vsva_vtd::{
     addr::Pasid, addr::SourceId, fault::FaultReason, request::RootState, request::TranslationFault,
@@ -31,11 +33,27 @@ impl Iommu {
 
     /// A register write, with the side effects the written register has.
     pub fn mmio_write(&self, offset: u64, size: usize, value: u64) -> Result<(), RegError> {
+        // A tail write is how software submits (§6.5.2): the drain lock, if free, is taken
+        // first, in the order a drain takes both, so that the drain it starts reads the
+        // queue under this write's register lock instead of taking that lock again. If a
+        // drain is running, the write goes the general way below, which tries again.
+        let draining = if offset & !7 == offset::IQT {
+            match self.qi_pending.try_lock() {
+                Ok(pending) => Some(pending),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        } else {
+            None
+        };
         let mut effects = RegEffects::new();
-        self.regs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(offset, size, value, &mut effects)?;
+        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        regs.write(offset, size, value, &mut effects)?;
+        if let (Some(draining), [RegEffect::ProcessInvalidationQueue]) = (draining, &effects[..]) {
+            self.drain_queue(draining, regs);
+            return Ok(());
+        }
+        drop(regs);
         for &effect in &effects {
             match effect {
                 RegEffect::RootTableSet(_) | RegEffect::TranslationEnabled(_) => self.latch_root(),
@@ -101,13 +119,25 @@ impl Iommu {
     /// drain go while it still holds the register lock, so a tail written after its last
     /// look finds the drain free, and none is missed.
     fn process_invalidation_queue(&self) {
-        let mut draining = match self.qi_pending.try_lock() {
+        let draining = match self.qi_pending.try_lock() {
             Ok(pending) => pending,
             // What a drain that panicked left is carried out by this one.
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return,
         };
-        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        self.drain_queue(
+            draining,
+            self.regs.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+
+    /// [`Self::process_invalidation_queue`]'s passes, with the drain lock held
+    /// (`draining`) and the register lock taken after it (`regs`).
+    fn drain_queue<'u>(
+        &'u self,
+        mut draining: MutexGuard<'u, Pending>,
+        mut regs: MutexGuard<'u, RegisterFile>,
+    ) {
         loop {
             let queued = regs.next_inv_desc().and(regs.inv_queue());
             let Some(queue) = queued else {

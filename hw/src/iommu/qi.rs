@@ -69,9 +69,13 @@ impl Iommu {
     pub(super) fn carry_out(&self, pending: &mut Pending) {
         let executed = std::mem::take(&mut pending.executed);
         if executed != 0 {
-            self.stats
-                .descriptors
-                .fetch_add(executed, Ordering::Relaxed);
+            // Written only here, with the drain lock held (`pending` is its data): one
+            // writer at a time, so a load and a store, not a locked add.
+            let descriptors = &self.stats.descriptors;
+            descriptors.store(
+                descriptors.load(Ordering::Relaxed) + executed,
+                Ordering::Relaxed,
+            );
         }
         let iotlb = &pending.iotlb;
         let mut i = 0;
