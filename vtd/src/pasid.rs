@@ -61,7 +61,7 @@ const SL_PGTTS: u64 = 1 << Pgtt::SecondLevel as u64 | 1 << Pgtt::Nested as u64;
 /// The PGTT values that walk first-level tables: 001b and 011b.
 const FL_PGTTS: u64 = 1 << Pgtt::FirstLevel as u64 | 1 << Pgtt::Nested as u64;
 /// The AW values that are not reserved (bit n for AW n): 3-, 4- and 5-level tables.
-pub(crate) const AW_ENCODINGS: u8 = 0b1110;
+const AW_ENCODINGS: u8 = 0b1110;
 /// The FLPM values that are not reserved: 4- and 5-level paging.
 const FLPM_ENCODINGS: u8 = 0b11;
 
@@ -283,33 +283,12 @@ impl PasidEntry {
         checks: &EntryChecks,
     ) -> Result<Self, FaultReason> {
         let [q0, q1, q2, q3, q4, q5, q6, q7] = raw;
-        let pgtt = (q0 >> PGTT_SHIFT) & 0x7;
-        let second_level = (SL_PGTTS >> pgtt) & 1 != 0;
-        let first_level_only = pgtt == Pgtt::FirstLevel as u64;
-        let aws = if second_level {
-            checks.sl_aws
-        } else {
-            AW_ENCODINGS
-        };
-        let flpms = if (FL_PGTTS >> pgtt) & 1 != 0 {
-            checks.fl_flpms
-        } else {
-            FLPM_ENCODINGS
-        };
+        let pgtt = ((q0 >> PGTT_SHIFT) & 0x7) as usize;
         let [r0, r1, r2] = checks.pasid_rsvd;
-        let bad = (q0 & (r0 | flag(second_level, checks.beyond_haw)))
-            | (q1 & r1)
-            | (q2 & (r2 | flag(first_level_only, checks.beyond_haw)))
-            | q3
-            | q4
-            | q5
-            | q6
-            | q7;
-        let supported = (checks.pgtts as u64 >> pgtt)
-            & (aws as u64 >> ((q0 >> AW_SHIFT) & 0x7))
-            & (flpms as u64 >> ((q2 >> FLPM_SHIFT) & 0x3))
-            & 1;
-        if q0 & P != 0 && bad == 0 && supported != 0 {
+        let [p0, p2] = checks.pasid_pointers[pgtt];
+        let bad = (q0 & (r0 | p0)) | (q1 & r1) | (q2 & (r2 | p2)) | q3 | q4 | q5 | q6 | q7;
+        let mode = 4 * ((q0 >> AW_SHIFT) & 0x7) + ((q2 >> FLPM_SHIFT) & 0x3);
+        if q0 & P != 0 && bad == 0 && (checks.pasid_modes[pgtt] >> mode) & 1 != 0 {
             if let Some(entry) = Self::fields(raw) {
                 return Ok(entry);
             }
@@ -451,13 +430,54 @@ pub(crate) const fn reserved(caps: &Capabilities) -> [u64; 3] {
     ]
 }
 
-/// The translation types a unit with `caps` supports, bit n for PGTT n (ECAP.FLTS, SLTS,
-/// NEST, PT).
-pub(crate) const fn pgtts(caps: &Capabilities) -> u8 {
-    (flag(caps.flts, 1 << Pgtt::FirstLevel as u64)
+/// By PGTT value, the AW and FLPM values a PASID entry may have on a unit with `caps`
+/// (bit `4 * AW + FLPM`, as [`PasidEntry::validate`] and [`PasidEntry::from_raw`] check
+/// them): none for a reserved PGTT or one the unit lacks (ECAP.FLTS, SLTS, NEST, PT); AW
+/// 3-, 4- or 5-level, and with a second level only those CAP.SAGAW lists; FLPM 4- or
+/// 5-level, and with a first level 5-level only with CAP.FL5LP.
+pub(crate) const fn modes(caps: &Capabilities) -> [u32; 8] {
+    let supported = flag(caps.flts, 1 << Pgtt::FirstLevel as u64)
         | flag(caps.slts, 1 << Pgtt::SecondLevel as u64)
         | flag(caps.nest, 1 << Pgtt::Nested as u64)
-        | flag(caps.pt, 1 << Pgtt::PassThrough as u64)) as u8
+        | flag(caps.pt, 1 << Pgtt::PassThrough as u64);
+    let mut modes = [0; 8];
+    let mut pgtt = 0;
+    while pgtt < 8 {
+        let aws = if (SL_PGTTS >> pgtt) & 1 != 0 {
+            caps.sagaw & AW_ENCODINGS
+        } else {
+            AW_ENCODINGS
+        };
+        let flpms = if (FL_PGTTS >> pgtt) & 1 != 0 && !caps.fl5lp {
+            0b01
+        } else {
+            FLPM_ENCODINGS
+        };
+        let mut aw = 0;
+        while (supported >> pgtt) & 1 != 0 && aw < 8 {
+            if (aws >> aw) & 1 != 0 {
+                modes[pgtt] |= (flpms as u32) << (4 * aw);
+            }
+            aw += 1;
+        }
+        pgtt += 1;
+    }
+    modes
+}
+
+/// By PGTT value, the bits of PASID-entry qwords 0 and 2 that lie beyond the host address
+/// width (`beyond_haw`, the bits of a pointer above it) where the type checks them: SLPTPTR
+/// with a second level, FLPTPTR with a first level only (a nested FLPTPTR is a guest
+/// address).
+pub(crate) const fn pointer_limits(beyond_haw: u64) -> [[u64; 2]; 8] {
+    let mut limits = [[0; 2]; 8];
+    let mut pgtt = 0;
+    while pgtt < 8 {
+        limits[pgtt][0] = flag((SL_PGTTS >> pgtt) & 1 != 0, beyond_haw);
+        limits[pgtt][1] = flag(pgtt == Pgtt::FirstLevel as usize, beyond_haw);
+        pgtt += 1;
+    }
+    limits
 }
 
 /// Address of the PASID directory entry of `pasid` in the directory at `pasiddirptr` of

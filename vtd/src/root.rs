@@ -136,30 +136,29 @@ pub struct EntryChecks {
     /// PASID-entry qwords 0-2 bits that must be clear: the reserved fields, and the fields
     /// reserved without their capability (SPT.3).
     pub(crate) pasid_rsvd: [u64; 3],
-    /// The PGTT values the unit supports, bit n for PGTT n (ECAP.FLTS, SLTS, NEST, PT).
-    pub(crate) pgtts: u8,
-    /// The AW values of a second-level PGTT: the 3-, 4- and 5-level encodings CAP.SAGAW lists.
-    pub(crate) sl_aws: u8,
-    /// The FLPM values of a first-level PGTT: 4-level, and 5-level with CAP.FL5LP.
-    pub(crate) fl_flpms: u8,
+    /// By PASID-entry PGTT value: the bits of qwords 0 and 2 beyond the host address width
+    /// (SLPTPTR with a second level, FLPTPTR with a first level only; SPT.4).
+    pub(crate) pasid_pointers: [[u64; 2]; 8],
+    /// By PGTT value: the AW and FLPM values an entry of that type may have, bit
+    /// `4 * AW + FLPM`; none for a PGTT the unit lacks (SPT.4).
+    pub(crate) pasid_modes: [u32; 8],
 }
 
 impl EntryChecks {
     /// The checks of a unit with capabilities `caps`.
     pub const fn new(caps: &Capabilities) -> Self {
-        use crate::field::flag;
+        let beyond_haw = if caps.haw < 64 {
+            PTR_MASK & (!0 << caps.haw)
+        } else {
+            0
+        };
         EntryChecks {
             caps: *caps,
-            beyond_haw: if caps.haw < 64 {
-                PTR_MASK & (!0 << caps.haw)
-            } else {
-                0
-            },
+            beyond_haw,
             context_rsvd0: crate::context::reserved0(caps),
             pasid_rsvd: crate::pasid::reserved(caps),
-            pgtts: crate::pasid::pgtts(caps),
-            sl_aws: caps.sagaw & crate::pasid::AW_ENCODINGS,
-            fl_flpms: 0b01 | flag(caps.fl5lp, 0b10) as u8,
+            pasid_pointers: crate::pasid::pointer_limits(beyond_haw),
+            pasid_modes: crate::pasid::modes(caps),
         }
     }
 
