@@ -22,6 +22,18 @@ pub(crate) fn spin_loop() {
     loom::thread::yield_now();
 }
 
+/// Waits for a [`WriterLock`]'s holder that did not come back while the waiter spun: it
+/// was most likely preempted, so the waiter sleeps rather than yields, and leaves its CPU
+/// free for the holder to be moved to (a waiter that only yields keeps its CPU busy, and
+/// on a loaded machine the holder may wait for its own CPU for a time slice). Under loom,
+/// a yield.
+fn park_briefly() {
+    #[cfg(not(loom))]
+    std::thread::sleep(std::time::Duration::from_micros(20));
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
+
 /// Waits for other threads to make progress (requests in flight that a drain waits for).
 pub(crate) fn yield_now() {
     #[cfg(not(loom))]
@@ -35,8 +47,8 @@ pub(crate) fn yield_now() {
 /// store. A `Mutex` gives back by a swap, to learn whether a thread sleeps on it; on a fill
 /// that is the second of two locked read-modify-writes, each about as long here as the rest
 /// of the fill's writes. Its holders are short (a fill, or an invalidation's visit of what
-/// it removes), so a waiter spins, and yields to the scheduler if the holder does not come
-/// back soon (it may have been preempted). Under loom its atomics are loom's, so the models
+/// it removes), so a waiter spins, and sleeps a moment if the holder does not come back
+/// soon (it may have been preempted). Under loom its atomics are loom's, so the models
 /// explore it.
 pub(crate) struct WriterLock<T> {
     locked: AtomicU32,
@@ -84,7 +96,7 @@ impl<T> WriterLock<T> {
                 spins += 1;
                 spin_loop();
             } else {
-                yield_now();
+                park_briefly();
             }
         }
     }
