@@ -387,6 +387,36 @@ fn fill_repeats_the_pattern_from_the_destination() {
 }
 
 #[test]
+fn work_queued_while_another_thread_runs_the_engine_is_run() {
+    // Each thread queues a descriptor and then calls `process`, which returns at once
+    // when another thread's pass holds the engine: that pass must take the descriptor.
+    // After each round, every thread's `process` having returned, nothing is queued.
+    let rig = Rig::new(ALL);
+    let (threads, rounds) = (4usize, 300u64);
+    let nop = Descriptor {
+        completion: CompletionRequest::None,
+        ..desc(None, Operation::Nop)
+    }
+    .encode();
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for round in 1..=rounds {
+                    rig.dev.portal_write(0, &nop).unwrap();
+                    rig.dev.process();
+                    barrier.wait();
+                    let done = rig.dev.stats().completed;
+                    assert_eq!(done, round * threads as u64, "left queued in round {round}");
+                    barrier.wait();
+                }
+            });
+        }
+    });
+    assert!(rig.dev.is_idle());
+}
+
+#[test]
 fn fills_after_fills_and_compares_write_their_own_pattern() {
     // The engine keeps the last fill's bytes in its bounce buffer for the next fill with
     // the same pattern and phase: each fill below must still write exactly its own bytes.
