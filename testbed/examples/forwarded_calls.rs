@@ -20,8 +20,6 @@
 //!
 //! Arguments: `OPERATION [N] CALLS`. Twenty untimed operations come first.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vsva_guest::process::{Process, Prot};
@@ -33,33 +31,8 @@ use vsva_testbed::stack::GUEST_DEVICE_SID;
 use vsva_vtd::addr::Pasid;
 use vsva_vtd::flpte::FlPagingMode;
 
-/// The system allocator, counting allocations and reallocations.
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is `GlobalAlloc::alloc`'s, passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System` with `layout` (every allocation here does).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as `dealloc`, and the caller's contract is `GlobalAlloc::realloc`'s.
-        unsafe { System.realloc(ptr, layout, size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "common/counting.rs"]
+mod counting;
 
 #[inline(never)]
 fn mprotect(vm: &BenchVm) -> Result<(), Box<dyn std::error::Error>> {
@@ -92,11 +65,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..20 {
                 mprotect(&vm)?;
             }
-            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            let before = counting::allocations();
             for _ in 0..calls {
                 mprotect(&vm)?;
             }
-            (ALLOCATIONS.load(Ordering::Relaxed) - before, calls)
+            (counting::allocations() - before, calls)
         }
         Some(op @ ("bind" | "unbind")) => {
             let calls = number(1)?;
@@ -106,11 +79,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let mut allocations = 0;
             for _ in 0..calls {
-                let before = ALLOCATIONS.load(Ordering::Relaxed);
+                let before = counting::allocations();
                 let pasid = bind(&vm, &process)?;
-                let bound = ALLOCATIONS.load(Ordering::Relaxed);
+                let bound = counting::allocations();
                 unbind(&vm, pasid)?;
-                let after = ALLOCATIONS.load(Ordering::Relaxed);
+                let after = counting::allocations();
                 allocations += if op == "bind" {
                     bound - before
                 } else {
@@ -127,9 +100,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (HostInvalidations::pages(&cached, number(1)?)?, number(2)?)
             };
             calls_of.run(20)?;
-            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            let before = counting::allocations();
             calls_of.run(calls)?;
-            (ALLOCATIONS.load(Ordering::Relaxed) - before, calls)
+            (counting::allocations() - before, calls)
         }
         _ => return Err(usage.into()),
     };

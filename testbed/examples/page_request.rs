@@ -18,41 +18,13 @@
 //! Arguments: `OPERATION CALLS`. Twenty uncounted operations come first. Every fill is
 //! checked as the bench checks it, and the page requests sent and served are counted.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use vsva_guest::process::Prot;
 use vsva_hw::memory::PAGE_SIZE;
 use vsva_testbed::bench::vm::BenchVm;
 use vsva_vtd::addr::Gva;
 
-/// The system allocator, counting allocations and reallocations.
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller's contract is `GlobalAlloc::alloc`'s, passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System` with `layout` (every allocation here does).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as `dealloc`, and the caller's contract is `GlobalAlloc::realloc`'s.
-        unsafe { System.realloc(ptr, layout, size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "common/counting.rs"]
+mod counting;
 
 #[inline(never)]
 fn round_trip(vm: &BenchVm, page: Gva) -> Result<(), Box<dyn std::error::Error>> {
@@ -89,9 +61,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 unmap(&vm, page)?;
             }
             for _ in 0..calls {
-                let before = ALLOCATIONS.load(Ordering::Relaxed);
+                let before = counting::allocations();
                 round_trip(&vm, page)?;
-                allocations += ALLOCATIONS.load(Ordering::Relaxed) - before;
+                allocations += counting::allocations() - before;
                 unmap(&vm, page)?;
             }
             20 + calls
@@ -100,11 +72,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..20 {
                 resident(&vm)?;
             }
-            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            let before = counting::allocations();
             for _ in 0..calls {
                 resident(&vm)?;
             }
-            allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+            allocations = counting::allocations() - before;
             0
         }
         _ => return Err(usage.into()),
