@@ -83,7 +83,7 @@ figures! {
     ReadsPerMiss => "reads_per_miss", Reads;
     /// DMA engine memmove of 1 MiB through nested translation, IOTLB warm.
     MemcpyNestedGbps => "memcpy_nested_gbps", GigabytesPerSecond;
-    /// `copy_from_slice` of 1 MiB.
+    /// The CPU's copy of the same 1 MiB of host memory (the memmove's baseline).
     MemcpyPlainGbps => "memcpy_plain_gbps", GigabytesPerSecond;
     /// DMA throughput of one engine on one thread: 1 MiB memmoves through nested
     /// translation, IOTLB warm.

@@ -6,7 +6,7 @@
 //!   process.
 //! - Workloads ([`Workload`]): [`translate`] (IOTLB hits, cold walks), [`dma`] (DMA engine
 //!   memmove, streaming reads per miss), [`pasid`] (allocator churn) and their baselines
-//!   ([`loads`], hash map, `copy_from_slice`); on the whole stack, [`uapi`] (the host's
+//!   ([`loads`], hash map, the CPU's copy); on the whole stack, [`uapi`] (the host's
 //!   ioctl path, bound-PASID memory) and [`forward`] (the guest's forwarded path);
 //!   [`socket`] (the forwarded path with the host served over a UNIX socket);
 //!   [`dirty`] (the dirty-bitmap harvest of a 1 GiB domain against reading its words).

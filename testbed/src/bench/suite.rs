@@ -8,7 +8,7 @@ use vsva_hw::memory::PAGE_SIZE;
 
 use super::dirty::{DirtyDomain, Harvest, WordReads, HARVEST_BYTES};
 use super::dma::{
-    nested_walk_reads, stream_reads, NestedMemmove, PlainCopy, TwoEngineMemmove, MEMMOVE_BYTES,
+    nested_walk_reads, stream_reads, HostCopy, NestedMemmove, TwoEngineMemmove, MEMMOVE_BYTES,
 };
 use super::figures::Figure;
 use super::forward::{
@@ -175,8 +175,11 @@ fn memmove(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchE
         devices: 1,
         buffer: 2 * MEMMOVE_BYTES,
     })?;
-    let (nested, plain) =
-        measure_pair(&mut NestedMemmove::new(&p)?, &mut PlainCopy::new(), budget)?;
+    let (nested, plain) = measure_pair(
+        &mut NestedMemmove::new(&p)?,
+        &mut HostCopy::new(&p)?,
+        budget,
+    )?;
     // Bytes per nanosecond are gigabytes per second.
     let gbps = |ns: f64| MEMMOVE_BYTES as f64 / ns;
     report.set(Figure::MemcpyNestedGbps, nested.spread().map(gbps));
