@@ -207,6 +207,41 @@ mod guest_ram {
             Ok(atomic(self, addr)?.load(Ordering::Acquire))
         }
 
+        /// One region lookup and one bounds check for the whole range (a root, context or
+        /// PASID entry), each word still loaded atomically; a range that leaves its region
+        /// takes the per-word path, which fails or succeeds word by word as the default does.
+        fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
+            // A `u64` slice is at most `isize::MAX` bytes: the length fits.
+            let len = 8 * out.len() as u64;
+            let base = match within(self, addr, len) {
+                Some((region, offset)) if addr % 8 == 0 => {
+                    // `offset + len` is inside the region's mapping (`within`).
+                    region.as_ptr().wrapping_add(offset as usize)
+                }
+                _ => {
+                    for (i, q) in out.iter_mut().enumerate() {
+                        let at = addr
+                            .checked_add(8 * i as u64)
+                            .ok_or(MemError::OutOfRange { addr, len })?;
+                        *q = self.read_u64(at)?;
+                    }
+                    return Ok(());
+                }
+            };
+            if base as usize % 8 != 0 {
+                return Err(MemError::Unaligned { addr, align: 8 });
+            }
+            for (i, q) in out.iter_mut().enumerate() {
+                // SAFETY: the `len` bytes from `base` lie inside the region's mapping
+                // (`within` above), which lives as long as `self` is borrowed; word `i` is
+                // 8-byte aligned (`base` is). Guest RAM is shared memory that is only
+                // accessed atomically or by byte copies.
+                let word = unsafe { AtomicU64::from_ptr(base.wrapping_add(8 * i).cast()) };
+                *q = word.load(Ordering::Acquire);
+            }
+            Ok(())
+        }
+
         fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemError> {
             Ok(atomic(self, addr)?.fetch_or(bits, Ordering::AcqRel))
         }
@@ -374,6 +409,46 @@ mod guest_ram {
                 })
             );
             assert_eq!(mem.read_u64(0x1ff8), Ok(0));
+        }
+
+        #[test]
+        fn word_ranges_read_as_each_word_and_refuse_what_each_word_would() {
+            let mem = ram();
+            for (i, a) in (0x2fe0..0x3020).step_by(8).enumerate() {
+                mem.write_u64(a, 0x100 + i as u64).unwrap();
+            }
+            // Inside one region, and across two adjacent ones (word by word).
+            for addr in [0x2fe0, 0x2ff0, 0x3000] {
+                let mut out = [0u64; 4];
+                mem.read_u64s(addr, &mut out).unwrap();
+                let each: Vec<u64> = (0..4)
+                    .map(|i| mem.read_u64(addr + 8 * i).unwrap())
+                    .collect();
+                assert_eq!(out.to_vec(), each);
+            }
+            let mut out = [0u64; 2];
+            assert_eq!(
+                mem.read_u64s(0x2fe4, &mut out),
+                Err(MemError::Unaligned {
+                    addr: 0x2fe4,
+                    align: 8
+                })
+            );
+            // Into the hole after the second region: the first word outside fails.
+            assert_eq!(
+                mem.read_u64s(0x3ff8, &mut out),
+                Err(MemError::OutOfRange {
+                    addr: 0x4000,
+                    len: 8
+                })
+            );
+            assert_eq!(
+                mem.read_u64s(!7u64, &mut out),
+                Err(MemError::OutOfRange {
+                    addr: !7u64,
+                    len: 8
+                })
+            );
         }
     }
 }
