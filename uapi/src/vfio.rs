@@ -30,7 +30,7 @@ use super::iommu::{
     IommuCacheInvalidateInfo, IommuFault, IommuGpasidBindData, IommuNestingInfo, IommuPageResponse,
     IommuPasidTableConfig, PAGE_SIZE,
 };
-use super::wire::{check_flags, read_with_argsz, wire_fields};
+use super::wire::{check_argsz, check_flags, peek_u32, read_with_argsz, wire_fields};
 pub use super::wire::{FromBytes, Wire};
 use crate::error::UapiError;
 use crate::wire::c_struct;
@@ -413,14 +413,13 @@ impl VfioIommuType1CacheInvalidate {
         const WHAT: &str = "vfio_iommu_type1_cache_invalidate";
         let info_at = offset_of!(Self, info);
         let minsz = info_at + offset_of!(IommuCacheInvalidateInfo, granu);
-        let outer: Self = read_with_argsz(bytes, minsz, WHAT)?;
-        check_flags(outer.flags.into(), 0, WHAT)?;
-        let info = IommuCacheInvalidateInfo::from_bytes(inner(bytes, outer.argsz, info_at, WHAT)?)?;
-        Ok(VfioIommuType1CacheInvalidate {
-            argsz: outer.argsz,
-            flags: outer.flags,
-            info,
-        })
+        // The header alone: the info is read once, by its own `argsz`.
+        check_argsz(bytes, minsz, size_of::<Self>(), WHAT)?;
+        let argsz = peek_u32(bytes, offset_of!(Self, argsz), WHAT)?;
+        let flags = peek_u32(bytes, offset_of!(Self, flags), WHAT)?;
+        check_flags(flags.into(), 0, WHAT)?;
+        let info = IommuCacheInvalidateInfo::from_bytes(inner(bytes, argsz, info_at, WHAT)?)?;
+        Ok(VfioIommuType1CacheInvalidate { argsz, flags, info })
     }
 }
 

@@ -204,6 +204,19 @@ pub fn read_with_argsz<T: Wire>(
     minsz: usize,
     what: &'static str,
 ) -> Result<T, UapiError> {
+    let need = check_argsz(bytes, minsz, size_of::<T>(), what)?;
+    Ok(read_prefix(bytes, need))
+}
+
+/// The checks of [`read_with_argsz`] for a structure of `size` bytes, without reading it:
+/// how many bytes of it the buffer holds (`min(argsz, size)`). For a structure whose
+/// embedded parts are decoded by their own `argsz`, so that only its header is read.
+pub fn check_argsz(
+    bytes: &[u8],
+    minsz: usize,
+    size: usize,
+    what: &'static str,
+) -> Result<usize, UapiError> {
     if bytes.len() < minsz.max(4) {
         return Err(UapiError::BufferTooShort {
             what,
@@ -219,7 +232,7 @@ pub fn read_with_argsz<T: Wire>(
             min: minsz,
         });
     }
-    let need = (argsz as usize).min(size_of::<T>());
+    let need = (argsz as usize).min(size);
     if bytes.len() < need {
         return Err(UapiError::BufferTooShort {
             what,
@@ -227,7 +240,7 @@ pub fn read_with_argsz<T: Wire>(
             need,
         });
     }
-    Ok(read_prefix(bytes, need))
+    Ok(need)
 }
 
 /// Checks that `flags` has no bit outside `known`.
