@@ -150,6 +150,21 @@ impl HostMemory {
         Ok(unsafe { &*(self.base.as_ptr().add(addr as usize) as *const AtomicU64) })
     }
 
+    /// The atomic view of the `n` words from `addr`: one alignment and one bounds check.
+    #[inline]
+    fn words(&self, addr: u64, n: usize) -> Result<&[AtomicU64], MemError> {
+        if addr % 8 != 0 {
+            return Err(MemError::Unaligned { addr, align: 8 });
+        }
+        self.check(addr, 8 * n as u64)?;
+        // SAFETY: `[addr, addr + 8 * n)` is in bounds (checked above) and 8-byte aligned
+        // (the mapping is page aligned); shared memory is only ever accessed atomically or
+        // by byte copies.
+        Ok(unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(addr as usize) as *const AtomicU64, n)
+        })
+    }
+
     /// Returns memory in `[hpa, hpa + len)` to the kernel; it reads as zeros afterwards.
     pub fn discard(&self, hpa: Hpa, len: u64) -> Result<(), MemError> {
         self.check(hpa.0, len)?;
@@ -368,19 +383,7 @@ impl PhysMem for HostMemory {
     /// One alignment and one bounds check for the whole range.
     #[inline]
     fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
-        if addr % 8 != 0 {
-            return Err(MemError::Unaligned { addr, align: 8 });
-        }
-        self.check(addr, 8 * out.len() as u64)?;
-        // SAFETY: `[addr, addr + 8 * out.len())` is in bounds (checked above) and 8-byte
-        // aligned (the mapping is page aligned); shared memory is only ever accessed
-        // atomically or by byte copies.
-        let words = unsafe {
-            std::slice::from_raw_parts(
-                self.base.as_ptr().add(addr as usize) as *const AtomicU64,
-                out.len(),
-            )
-        };
+        let words = self.words(addr, out.len())?;
         for (q, w) in out.iter_mut().zip(words) {
             *q = w.load(Ordering::Acquire);
         }
@@ -403,6 +406,16 @@ impl PhysMem for HostMemory {
 
     fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
         self.atomic(addr)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    /// One alignment and one bounds check for the whole range; nothing is written when it
+    /// fails.
+    #[inline]
+    fn write_u64s(&self, addr: u64, values: &[u64]) -> Result<(), MemError> {
+        for (w, q) in self.words(addr, values.len())?.iter().zip(values) {
+            w.store(*q, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -759,6 +772,31 @@ mod tests {
         m.copy(Hpa(end - 4), Hpa(0), 4).unwrap();
         m.read(0, &mut b[..4]).unwrap();
         assert_eq!(b[..4], [0xa5; 4]);
+    }
+
+    #[test]
+    fn word_ranges_are_checked_once_and_written_in_full_or_not_at_all() {
+        let m = mem();
+        m.write_u64s(0x1008, &[1, 2, 3]).unwrap();
+        let mut out = [0u64; 4];
+        m.read_u64s(0x1000, &mut out).unwrap();
+        assert_eq!(out, [0, 1, 2, 3]);
+        assert_eq!(
+            m.write_u64s(0x1004, &[9]),
+            Err(MemError::Unaligned {
+                addr: 0x1004,
+                align: 8
+            })
+        );
+        let end = m.size();
+        assert_eq!(
+            m.write_u64s(end - 8, &[9, 9]),
+            Err(MemError::OutOfRange {
+                addr: end - 8,
+                len: 16
+            })
+        );
+        assert_eq!(m.read_u64(end - 8), Ok(0), "nothing written");
     }
 
     #[test]

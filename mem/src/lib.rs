@@ -53,6 +53,17 @@ pub trait PhysMem {
     /// Writes an 8-byte aligned little-endian 64-bit value.
     fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError>;
 
+    /// Writes `words` to consecutive 8-byte aligned values from `addr`, in ascending order,
+    /// each atomically as [`PhysMem::write_u64`] writes it (a table entry wider than 64
+    /// bits); fails if any of them would. A memory may check the whole range once, before
+    /// writing any.
+    fn write_u64s(&self, addr: u64, words: &[u64]) -> Result<(), MemError> {
+        for (i, q) in words.iter().enumerate() {
+            self.write_u64(addr + 8 * i as u64, *q)?;
+        }
+        Ok(())
+    }
+
     /// Copies `buf.len()` bytes from `addr`.
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError>;
 
@@ -80,6 +91,9 @@ macro_rules! forward_phys_mem {
             }
             fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
                 (**self).write_u64(addr, value)
+            }
+            fn write_u64s(&self, addr: u64, words: &[u64]) -> Result<(), MemError> {
+                (**self).write_u64s(addr, words)
             }
             fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
                 (**self).read(addr, buf)
@@ -136,6 +150,10 @@ impl<M: PhysMem> PhysMem for MemWindow<M> {
     fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
         self.mem.write_u64(self.at(addr, 8)?, value)
     }
+    fn write_u64s(&self, addr: u64, words: &[u64]) -> Result<(), MemError> {
+        self.mem
+            .write_u64s(self.at(addr, 8 * words.len() as u64)?, words)
+    }
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
         self.mem.read(self.at(addr, buf.len() as u64)?, buf)
     }
@@ -183,6 +201,30 @@ mod guest_ram {
         Ok(unsafe { AtomicU64::from_ptr(ptr.cast()) })
     }
 
+    /// The atomic view of the `n` words from `addr` when they lie inside one region and are
+    /// 8-byte aligned, both as guest addresses and in the host mapping.
+    fn words(mem: &GuestMemoryMmap, addr: u64, n: usize) -> Option<&[AtomicU64]> {
+        // A word slice is at most `isize::MAX` bytes: the length fits.
+        let (region, offset) = within(mem, addr, 8 * n as u64)?;
+        // `offset + 8 * n` is inside the region's mapping (`within`), so the pointer is too.
+        let ptr = region.as_ptr().wrapping_add(offset as usize);
+        if addr % 8 != 0 || ptr as usize % 8 != 0 {
+            return None;
+        }
+        // SAFETY: the `8 * n` bytes at `ptr` lie inside the region's mapping (checked
+        // above), which lives as long as `mem` is borrowed, and `ptr` is 8-byte aligned.
+        // Guest RAM is shared memory that is only accessed atomically or by byte copies.
+        Some(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), n) })
+    }
+
+    /// The address of word `i` of the `n` from `addr`, for the word-by-word path.
+    fn word_at(addr: u64, i: usize, n: usize) -> Result<u64, MemError> {
+        addr.checked_add(8 * i as u64).ok_or(MemError::OutOfRange {
+            addr,
+            len: 8 * n as u64,
+        })
+    }
+
     /// Whether `[addr, addr + len)` is backed by guest RAM without a hole.
     fn check(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Result<(), MemError> {
         let out_of_range = MemError::OutOfRange {
@@ -208,36 +250,18 @@ mod guest_ram {
         }
 
         /// One region lookup and one bounds check for the whole range (a root, context or
-        /// PASID entry), each word still loaded atomically; a range that leaves its region
-        /// takes the per-word path, which fails or succeeds word by word as the default does.
+        /// PASID entry), each word still loaded atomically; a range that leaves its region,
+        /// or an unaligned one, takes the per-word path, with the errors the default gives.
         fn read_u64s(&self, addr: u64, out: &mut [u64]) -> Result<(), MemError> {
-            // A `u64` slice is at most `isize::MAX` bytes: the length fits.
-            let len = 8 * out.len() as u64;
-            let base = match within(self, addr, len) {
-                Some((region, offset)) if addr % 8 == 0 => {
-                    // `offset + len` is inside the region's mapping (`within`).
-                    region.as_ptr().wrapping_add(offset as usize)
+            let Some(words) = words(self, addr, out.len()) else {
+                let n = out.len();
+                for (i, q) in out.iter_mut().enumerate() {
+                    *q = self.read_u64(word_at(addr, i, n)?)?;
                 }
-                _ => {
-                    for (i, q) in out.iter_mut().enumerate() {
-                        let at = addr
-                            .checked_add(8 * i as u64)
-                            .ok_or(MemError::OutOfRange { addr, len })?;
-                        *q = self.read_u64(at)?;
-                    }
-                    return Ok(());
-                }
+                return Ok(());
             };
-            if base as usize % 8 != 0 {
-                return Err(MemError::Unaligned { addr, align: 8 });
-            }
-            for (i, q) in out.iter_mut().enumerate() {
-                // SAFETY: the `len` bytes from `base` lie inside the region's mapping
-                // (`within` above), which lives as long as `self` is borrowed; word `i` is
-                // 8-byte aligned (`base` is). Guest RAM is shared memory that is only
-                // accessed atomically or by byte copies.
-                let word = unsafe { AtomicU64::from_ptr(base.wrapping_add(8 * i).cast()) };
-                *q = word.load(Ordering::Acquire);
+            for (q, w) in out.iter_mut().zip(words) {
+                *q = w.load(Ordering::Acquire);
             }
             Ok(())
         }
@@ -257,6 +281,21 @@ mod guest_ram {
 
         fn write_u64(&self, addr: u64, value: u64) -> Result<(), MemError> {
             atomic(self, addr)?.store(value, Ordering::Release);
+            Ok(())
+        }
+
+        /// As `read_u64s`: one lookup for a range inside one region, each word a release
+        /// store in ascending order; otherwise word by word.
+        fn write_u64s(&self, addr: u64, values: &[u64]) -> Result<(), MemError> {
+            let Some(words) = words(self, addr, values.len()) else {
+                for (i, q) in values.iter().enumerate() {
+                    self.write_u64(word_at(addr, i, values.len())?, *q)?;
+                }
+                return Ok(());
+            };
+            for (w, q) in words.iter().zip(values) {
+                w.store(*q, Ordering::Release);
+            }
             Ok(())
         }
 
@@ -414,9 +453,27 @@ mod guest_ram {
         #[test]
         fn word_ranges_read_as_each_word_and_refuse_what_each_word_would() {
             let mem = ram();
+            // Written as one range across two adjacent regions (word by word), and inside one.
+            let values: Vec<u64> = (0..8).map(|i| 0x100 + i).collect();
+            mem.write_u64s(0x2fe0, &values).unwrap();
+            mem.write_u64s(0x3010, &values[6..]).unwrap();
             for (i, a) in (0x2fe0..0x3020).step_by(8).enumerate() {
-                mem.write_u64(a, 0x100 + i as u64).unwrap();
+                assert_eq!(mem.read_u64(a), Ok(0x100 + i as u64));
             }
+            assert_eq!(
+                mem.write_u64s(0x2fe4, &values),
+                Err(MemError::Unaligned {
+                    addr: 0x2fe4,
+                    align: 8
+                })
+            );
+            assert_eq!(
+                mem.write_u64s(0x8ff8, &values[..2]),
+                Err(MemError::OutOfRange {
+                    addr: 0x9000,
+                    len: 8
+                })
+            );
             // Inside one region, and across two adjacent ones (word by word).
             for addr in [0x2fe0, 0x2ff0, 0x3000] {
                 let mut out = [0u64; 4];

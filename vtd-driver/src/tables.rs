@@ -37,10 +37,8 @@ pub fn pasid_dir_bytes(pdts: u8) -> u64 {
 
 /// Makes the entry at `addr` present with `raw`: every other qword, then qword 0 (P).
 pub fn write_entry<M: PhysMem + ?Sized>(mem: &M, addr: u64, raw: &[u64]) -> Result<(), Error> {
-    for (i, q) in raw.iter().enumerate().skip(1) {
-        mem.write_u64(addr + 8 * i as u64, *q)?;
-    }
-    if let Some(q0) = raw.first() {
+    if let Some((q0, rest)) = raw.split_first() {
+        mem.write_u64s(addr + 8, rest)?;
         mem.write_u64(addr, *q0)?;
     }
     Ok(())
@@ -58,9 +56,7 @@ pub fn clear_entry<M: PhysMem + ?Sized>(mem: &M, addr: u64, qwords: u64) -> Resu
 /// decode.
 pub fn read_pasid_entry<M: PhysMem + ?Sized>(mem: &M, slot: u64) -> Option<PasidEntry> {
     let mut raw = [0u64; 8];
-    for (i, q) in raw.iter_mut().enumerate() {
-        *q = mem.read_u64(slot + 8 * i as u64).ok()?;
-    }
+    mem.read_u64s(slot, &mut raw).ok()?;
     PasidEntry::from_raw(raw).ok()
 }
 
