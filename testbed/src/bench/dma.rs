@@ -187,7 +187,8 @@ impl Workload for NestedMemmove {
 /// domains, as two VMs' devices, with their own IOTLB entries) each copying 1 MiB per
 /// operation through nested translation in their own part of the guest buffer, on one
 /// shared IOMMU. An operation is one copy on each engine; its time is wall time, so the
-/// two-thread speedup is `2 × (one-thread ns) / (this ns)`.
+/// two-thread speedup is the ns of [`TwoEnginesOneThread`], the same work on one thread,
+/// over this one's.
 ///
 /// The second engine copies in lockstep with the timing thread (`SecondThread`): the
 /// clock starts when its destination is cleared and stops when both are done. Both copies
@@ -232,6 +233,37 @@ impl Workload for TwoEngineMemmove {
         copied?;
         self.mine.target.check_copy()?;
         Ok(t)
+    }
+}
+
+/// The baseline of [`TwoEngineMemmove`]: the same two engines' copies on one thread, the
+/// first engine's and then the second's, each destination cleared before its engine's
+/// copies and checked after them (untimed). An operation is one copy on each engine, as
+/// there. A baseline of the first engine alone, doubled, held the two threads to a copy
+/// of device 0's region only, while their wall time waited for device 1's: the two
+/// regions' copies differ by up to a fifth from one process to the next (where their
+/// pages fell in the L2), so the speedup read that difference.
+pub struct TwoEnginesOneThread {
+    engines: [NestedMemmove; 2],
+}
+
+impl TwoEnginesOneThread {
+    /// Engines of devices 0 and 1 of `p` (a guest buffer of 4 MiB at least), each checked
+    /// once.
+    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+        Ok(TwoEnginesOneThread {
+            engines: [
+                NestedMemmove::on_device(p, 0)?,
+                NestedMemmove::on_device(p, 1)?,
+            ],
+        })
+    }
+}
+
+impl Workload for TwoEnginesOneThread {
+    fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let [first, second] = &mut self.engines;
+        Ok(first.run(iters)? + second.run(iters)?)
     }
 }
 
@@ -391,15 +423,20 @@ mod tests {
         })
         .unwrap();
         let mut two = TwoEngineMemmove::new(&p).unwrap();
+        let mut one = TwoEnginesOneThread::new(&p).unwrap();
         for _ in 0..3 {
             two.run(2).unwrap();
+            one.run(2).unwrap();
         }
         assert_eq!(two.other.samples_done(), 3);
-        // A corrupted source of the second engine fails the sample that copies it.
+        // A corrupted source of the second engine fails the samples that copy it, on two
+        // threads and on one.
         p.memory()
             .write(p.hpa(2 * MEMMOVE_BYTES + 100), &[0xee])
             .unwrap();
         assert!(matches!(two.run(1), Err(BenchError::Check(_))));
+        let e = one.run(1).unwrap_err().to_string();
+        assert!(e.contains("byte 100"), "{e}");
         // Device 2 does not exist on this platform.
         assert!(NestedMemmove::on_device(&p, 2).is_err());
     }

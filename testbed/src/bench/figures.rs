@@ -85,8 +85,8 @@ figures! {
     MemcpyNestedGbps => "memcpy_nested_gbps", GigabytesPerSecond;
     /// The CPU's copy of the same 1 MiB of host memory (the memmove's baseline).
     MemcpyPlainGbps => "memcpy_plain_gbps", GigabytesPerSecond;
-    /// DMA throughput of one engine on one thread: 1 MiB memmoves through nested
-    /// translation, IOTLB warm.
+    /// DMA throughput on one thread: 1 MiB memmoves through nested translation, IOTLB
+    /// warm, of the two engines of the two-thread figure in turn.
     Dma1ThreadGbps => "dma_1thread_gbps", GigabytesPerSecond;
     /// DMA throughput of two engines (two devices and domains) on two threads, one shared
     /// IOMMU, both copying at once.
