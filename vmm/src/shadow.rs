@@ -337,7 +337,7 @@ pub(crate) struct SyncPass {
     /// The domains a domain-selective PASID-cache invalidation was shadowed for.
     domains: HashSet<DomainId>,
     /// The host invalidations carried out since the pass began or a binding last changed.
-    forwarded: HashSet<ForwardKey>,
+    forwarded: Forwarded,
     /// The host invalidations gathered and not yet sent, in order: they go down together
     /// ([`VIommu::flush_invalidations`]) before any other host call, before an
     /// invalidation wait completes, and when the pass ends.
@@ -358,6 +358,43 @@ impl fmt::Debug for SyncPass {
             .field("forwarded", &self.forwarded)
             .field("pending", &self.pending.len())
             .finish()
+    }
+}
+
+/// How many distinct host invalidations a pass keeps in a list before it hashes them: an
+/// `mprotect` or `munmap` forwards one or two per pass.
+const FORWARDED_LISTED: usize = 8;
+
+/// The host invalidations a pass carried out: a short list scanned in order (cheaper than
+/// hashing a key for the one or two of the usual pass), moved to a hashed set once it is
+/// full, so a queue of many distinct invalidations still takes constant time for each.
+/// Held inline: a pass allocates only when it outgrows the list the first time.
+#[derive(Debug, Default)]
+struct Forwarded {
+    listed: SmallVec<[ForwardKey; FORWARDED_LISTED]>,
+    hashed: HashSet<ForwardKey>,
+}
+
+impl Forwarded {
+    /// Adds `key`; whether it was not there yet.
+    fn insert(&mut self, key: ForwardKey) -> bool {
+        if self.hashed.is_empty() {
+            if self.listed.contains(&key) {
+                return false;
+            }
+            if self.listed.len() < FORWARDED_LISTED {
+                self.listed.push(key);
+                return true;
+            }
+            self.hashed.extend(self.listed.drain(..));
+        }
+        self.hashed.insert(key)
+    }
+
+    /// Forgets every invalidation (each part keeps its room).
+    fn clear(&mut self) {
+        self.listed.clear();
+        self.hashed.clear();
     }
 }
 
@@ -818,5 +855,41 @@ impl VIommu {
             .iter()
             .find(|d| d.host_sid == host_sid)
             .map(|d| d.guest_sid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(host: usize, addr: u64) -> ForwardKey {
+        ForwardKey {
+            host,
+            cache: 1,
+            tag: Some((None, None)),
+            range: Some((addr, 4096, 1, true)),
+        }
+    }
+
+    /// A set before, at and after the list fills: each key is new once, whichever part
+    /// holds it, and a cleared set holds none.
+    #[test]
+    fn forwarded_invalidations_are_a_set_across_the_list_and_the_hash() {
+        let mut f = Forwarded::default();
+        let n = 3 * FORWARDED_LISTED as u64;
+        for round in 0..2 {
+            for a in 0..n {
+                assert!(f.insert(key(1, a << 12)), "round {round}, new key {a}");
+                assert!(!f.insert(key(1, a << 12)), "round {round}, key {a} again");
+                assert!(
+                    f.insert(key(2, a << 12)),
+                    "round {round}, another container"
+                );
+                for b in 0..=a {
+                    assert!(!f.insert(key(1, b << 12)), "round {round}, old key {b}");
+                }
+            }
+            f.clear();
+        }
     }
 }
