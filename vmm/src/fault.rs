@@ -107,7 +107,7 @@ impl VIommu {
             },
             address_type: AddressType::Untranslated,
         };
-        let (outcome, irq) = lock(&self.regs).record_fault(&record);
+        let (outcome, irq) = self.regs.lock().record_fault(&record);
         Counters::bump(&self.counters.faults_recorded);
         self.deliver(irq);
         Ok(HostFaultOutcome::Recorded(outcome))

@@ -16,7 +16,7 @@ use vsva_vtd::{addr::Pasid, addr::SourceId};
 
 use crate::error::{HostCall, VIommuError};
 use crate::stats::Counters;
-use crate::viommu::{lock, VIommu};
+use crate::viommu::VIommu;
 
 /// The largest page request group index (9 bits, PCIe PRG Index).
 const PRG_INDEX_MAX: u16 = 0x1ff;
@@ -56,7 +56,7 @@ impl VIommu {
             answer(ResponseCode::InvalidRequest);
             return PageRequestOutcome::NotEnabled;
         }
-        let mut regs = lock(&self.regs);
+        let mut regs = self.regs.lock();
         let Some(slot) = regs.pq_tail_slot() else {
             let irq = regs.pq_overflow();
             drop(regs);

@@ -700,7 +700,7 @@ impl VIommu {
                 address_type: AddressType::Untranslated,
             };
             Counters::bump(&self.counters.faults_recorded);
-            irqs.extend(lock(&self.regs).record_fault(&record).1);
+            irqs.extend(self.regs.lock().record_fault(&record).1);
         }
         None
     }

@@ -20,7 +20,7 @@ use vsva_vtd::{
 use crate::caches::{IotlbEntry, IotlbScope};
 use crate::space::{table_last, CachedPage, SpaceRun, SpaceScope, SpaceUnit, Spaces};
 use crate::stats::Counters;
-use crate::viommu::{lock, GuestRam, VIommu};
+use crate::viommu::{GuestRam, VIommu};
 
 /// A successful translation of a DMA address to guest physical.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl VIommu {
     fn record_fault(&self, fault: &TranslationFault, access: AccessRequest) {
         let record = fault.record(access, AddressType::Untranslated);
         Counters::bump(&self.counters.faults_recorded);
-        let (_, irq) = lock(&self.regs).record_fault(&record);
+        let (_, irq) = self.regs.lock().record_fault(&record);
         self.deliver(irq);
     }
 

@@ -21,7 +21,8 @@ use vsva_vtd::regs::layout::offset;
 use vsva_vtd::regs::{Interrupt, Iqei, RegEffect, RegEffects, Ttm, VcmdResponse, VirtualCommand};
 use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, flpte::FlFormat, inv_desc::InvDesc,
-    regs::RegisterFile, request::RootState, root::EntryChecks,
+    regs::RegisterFile, regs::RegisterGuard, regs::SharedRegisterFile, request::RootState,
+    root::EntryChecks,
 };
 
 use crate::caches::{Caches, IotlbScope};
@@ -57,7 +58,7 @@ pub struct VIommu {
     /// The entry checks of the capabilities, for the context and PASID entries read.
     pub(crate) entry_checks: EntryChecks,
     pub(crate) fl_format: FlFormat,
-    pub(crate) regs: Mutex<RegisterFile>,
+    pub(crate) regs: SharedRegisterFile,
     /// The root word ([`RootState::word`]): one load on the translate path.
     pub(crate) root: AtomicU64,
     irq_handler: RwLock<Option<InterruptHandler>>,
@@ -99,7 +100,7 @@ impl VIommu {
             config,
             entry_checks: EntryChecks::new(&config.capabilities()),
             fl_format,
-            regs: Mutex::new(regs),
+            regs: SharedRegisterFile::new(regs),
             root: AtomicU64::new(0),
             irq_handler: RwLock::new(None),
             pasids,
@@ -120,7 +121,7 @@ impl VIommu {
 
     /// Size of the register page (the MMIO window the VMM maps for the guest).
     pub fn mmio_size(&self) -> u64 {
-        lock(&self.regs).size()
+        self.regs.size()
     }
 
     /// Registers the receiver of the vIOMMU's interrupt messages.
@@ -133,7 +134,7 @@ impl VIommu {
 
     /// A guest read of `size` bytes (4 or 8) at `offset` in the register page.
     pub fn read(&self, offset: u64, size: usize) -> Result<u64, VIommuError> {
-        Ok(lock(&self.regs).read(offset, size)?)
+        Ok(self.regs.read(offset, size)?)
     }
 
     /// A guest write of `size` bytes (4 or 8) at `offset` in the register page, with
@@ -144,7 +145,7 @@ impl VIommu {
         // under this write's register lock instead of taking that lock again.
         let mut queue = (offset & !7 == offset::IQT).then(|| lock(&self.queue));
         let mut effects = RegEffects::new();
-        let mut regs = lock(&self.regs);
+        let mut regs = self.regs.lock();
         let translating = regs.translation_enabled();
         regs.write(offset, size, value, &mut effects)?;
         self.latch_root(&regs);
@@ -214,7 +215,7 @@ impl VIommu {
     /// see [`SyncPass`]).
     fn process_invalidation_queue(&self, irqs: &mut Vec<Interrupt>) {
         let (flushed, pass) = &mut *lock(&self.queue);
-        self.drain_queue(flushed, pass, lock(&self.regs), irqs);
+        self.drain_queue(flushed, pass, self.regs.lock(), irqs);
     }
 
     /// [`Self::process_invalidation_queue`]'s passes, with the queue lock held (`flushed`
@@ -223,7 +224,7 @@ impl VIommu {
         &'v self,
         flushed: &mut InclusiveFlushes,
         pass: &mut SyncPass,
-        mut regs: MutexGuard<'v, RegisterFile>,
+        mut regs: RegisterGuard<'v>,
         irqs: &mut Vec<Interrupt>,
     ) {
         loop {
@@ -238,7 +239,7 @@ impl VIommu {
                     .map_err(|_| Iqei::FetchError)
             });
             self.flush_invalidations(pass);
-            regs = lock(&self.regs);
+            regs = self.regs.lock();
             // Moves less only if a register write meanwhile stopped the queue (IQE, QI
             // disabled): IQH then stays, as the error requires.
             regs.advance_iqh_by(done);
@@ -281,7 +282,7 @@ impl VIommu {
         // queue is processed in order, the invalidations gathered went down before the
         // status write (`drain`), and each host call returns before the next.
         if done == Completion::WaitInterrupt {
-            irqs.extend(lock(&self.regs).set_iwc());
+            irqs.extend(self.regs.lock().set_iwc());
         }
         Ok(())
     }
@@ -315,7 +316,7 @@ impl VIommu {
             VirtualCommand::Unknown { .. } => VcmdResponse::InvalidCommand,
         };
         // The command was started by the write being handled; nothing else completes it.
-        let _ = lock(&self.regs).complete_virtual_command(response);
+        let _ = self.regs.lock().complete_virtual_command(response);
     }
 
     /// Unwraps a host call's result; a failure is counted and kept.

@@ -11,7 +11,7 @@ use vsva_vtd::invalidation::{self, Completion};
 use vsva_vtd::prq::PageRequestDesc;
 use vsva_vtd::regs::layout::offset;
 use vsva_vtd::regs::{
-    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegEffects, RegError, RegisterFile, Ttm,
+    AddressType, Interrupt, InvQueue, Iqei, RegEffect, RegEffects, RegError, RegisterGuard, Ttm,
     VcmdResponse,
 };
 use vsva_vtd::{
@@ -25,10 +25,7 @@ use super::{Iommu, ROOT_STRICT};
 impl Iommu {
     /// A register read of `size` bytes (4 or 8) at `offset`.
     pub fn mmio_read(&self, offset: u64, size: usize) -> Result<u64, RegError> {
-        self.regs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(offset, size)
+        self.regs.read(offset, size)
     }
 
     /// A register write, with the side effects the written register has.
@@ -47,7 +44,7 @@ impl Iommu {
             None
         };
         let mut effects = RegEffects::new();
-        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut regs = self.regs.lock();
         regs.write(offset, size, value, &mut effects)?;
         if let (Some(draining), [RegEffect::ProcessInvalidationQueue]) = (draining, &effects[..]) {
             self.drain_queue(draining, regs);
@@ -64,7 +61,6 @@ impl Iommu {
                     let _ = self
                         .regs
                         .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
                         .complete_virtual_command(VcmdResponse::InvalidCommand);
                 }
                 RegEffect::Interrupt(irq) => self.raise(irq),
@@ -100,7 +96,7 @@ impl Iommu {
 
     /// Makes the translation state follow GSTS.TES and the latched root table.
     fn latch_root(&self) {
-        let state = RootState::word(&self.regs.lock().unwrap_or_else(PoisonError::into_inner));
+        let state = RootState::word(&self.regs.lock());
         // Strict mode shares the word: keep its bit. The update cannot fail: the closure
         // always gives a value.
         let _ = self
@@ -125,10 +121,7 @@ impl Iommu {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return,
         };
-        self.drain_queue(
-            draining,
-            self.regs.lock().unwrap_or_else(PoisonError::into_inner),
-        );
+        self.drain_queue(draining, self.regs.lock());
     }
 
     /// [`Self::process_invalidation_queue`]'s passes, with the drain lock held
@@ -136,7 +129,7 @@ impl Iommu {
     fn drain_queue<'u>(
         &'u self,
         mut draining: MutexGuard<'u, Pending>,
-        mut regs: MutexGuard<'u, RegisterFile>,
+        mut regs: RegisterGuard<'u>,
     ) {
         loop {
             let queued = regs.next_inv_desc().and(regs.inv_queue());
@@ -147,7 +140,7 @@ impl Iommu {
             let scalable = regs.root_table().ttm == Ttm::Scalable;
             drop(regs);
             let (done, error) = self.drain_invalidation_queue(queue, scalable, &mut draining);
-            regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+            regs = self.regs.lock();
             // Moves less only if a register write meanwhile stopped the queue (IQE, QI
             // disabled): IQH then stays, as the error requires.
             regs.advance_iqh_by(done);
@@ -184,11 +177,7 @@ impl Iommu {
         match self.execute(desc, pending) {
             Err(_) => Err(Iqei::FetchError),
             Ok(Completion::WaitInterrupt) => {
-                let irq = self
-                    .regs
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .set_iwc();
+                let irq = self.regs.lock().set_iwc();
                 irq.into_iter().for_each(|i| self.raise(i));
                 Ok(())
             }
@@ -216,11 +205,7 @@ impl Iommu {
         };
         let record = fault.record(access, address_type);
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        let (_, irq) = self
-            .regs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .record_fault(&record);
+        let (_, irq) = self.regs.lock().record_fault(&record);
         if let Some(irq) = irq {
             self.raise(irq);
         }
@@ -229,7 +214,7 @@ impl Iommu {
     /// Queues a page request descriptor (§7.5.1); `false` when the queue was full (PRS.PRO
     /// set, the request dropped).
     pub(crate) fn queue_page_request(&self, desc: &PageRequestDesc) -> bool {
-        let mut regs = self.regs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut regs = self.regs.lock();
         let Some(slot) = regs.pq_tail_slot() else {
             let irq = regs.pq_overflow();
             drop(regs);

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crossbeam_utils::CachePadded;
-use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile};
+use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile, SharedRegisterFile};
 use vsva_vtd::{
     addr::SourceId, context::ScalableContextEntry, flpte::FlFormat, flpte::InvalidAddressWidth,
     pasid::PasidEntry, request::RootState, root::Capabilities, root::EntryChecks, slpte::SlFormat,
@@ -176,7 +176,7 @@ pub struct Iommu {
     entry_checks: EntryChecks,
     fl_format: FlFormat,
     sl_format: SlFormat,
-    regs: Mutex<RegisterFile>,
+    regs: SharedRegisterFile,
     /// Held while one thread drains the invalidation queue: the cache invalidations
     /// that drain fetched and has not carried out yet.
     qi_pending: Mutex<qi::Pending>,
@@ -220,7 +220,7 @@ impl Iommu {
             fl_format: FlFormat::new(haw, true)?,
             sl_format: SlFormat::new(haw)?,
             qi_pending: Mutex::default(),
-            regs: Mutex::new(regs),
+            regs: SharedRegisterFile::new(regs),
             root: CachePadded::new(AtomicU64::new(if config.strict { ROOT_STRICT } else { 0 })),
             irq_handler: RwLock::new(None),
             endpoints: RwLock::default(),

@@ -24,9 +24,11 @@
 mod cap;
 mod fault_record;
 pub mod layout;
+mod shared;
 
 pub use cap::{Cap, Ecap};
 pub use fault_record::{AddressType, FaultRecord, RequestType, FRCD_F};
+pub use shared::{RegisterGuard, SharedRegisterFile};
 
 use crate::addr::{DomainId, Pasid, SourceId};
 use crate::inv_desc::{ContextCacheGranularity, InvDesc, InvDescError, IotlbGranularity};
