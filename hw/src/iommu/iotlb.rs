@@ -353,6 +353,11 @@ impl PackedEntry {
         Perms::from_bits_truncate(self.value as u8)
     }
 
+    /// What kind of walk filled it.
+    fn kind(self) -> TranslationKind {
+        TranslationKind::ALL[(self.value >> KIND_SHIFT) as usize & 3]
+    }
+
     /// Every field.
     pub fn entry(self) -> IotlbEntry {
         decode(self.tag.get(), self.value)
@@ -908,17 +913,24 @@ impl Iotlb {
         addr: u64,
         entry: IotlbEntry,
     ) -> bool {
-        let key = Key::new(sid, pasid, entry.page_shift, addr);
+        self.insert_packed(fill, addr, PackedEntry::new(sid, pasid, addr, &entry))
+    }
+
+    /// [`Iotlb::insert`] of an entry already in its way's words (made once by the miss
+    /// that walked for `addr`, which also answers with them).
+    pub fn insert_packed(&self, fill: u64, addr: u64, entry: PackedEntry) -> bool {
+        let (tag, value) = (entry.tag.get(), entry.value);
+        let shift = entry.page_shift();
+        let key = Key {
+            tag: tag & KEY_MASK,
+            page: addr >> shift,
+        };
         // The index lock orders fills against invalidations, which hold it throughout.
         let mut index = self.index.lock();
         if self.generation.load(Ordering::Acquire) != fill {
             return false;
         }
-        let (tag, value) = encode(&key, &entry);
-        let (shifts, bit) = (
-            self.shifts.load(Ordering::Relaxed),
-            shift_bit(entry.page_shift),
-        );
+        let (shifts, bit) = (self.shifts.load(Ordering::Relaxed), shift_bit(shift));
         if shifts & bit == 0 {
             self.shifts.store(shifts | bit, Ordering::Relaxed);
         }
@@ -932,7 +944,7 @@ impl Iotlb {
             w.value.store(value, Ordering::Relaxed);
             replaced
         });
-        let owner = (entry.did, pasid.raw());
+        let owner = owner_of(tag);
         if replaced != 0 {
             let previous = owner_of(replaced);
             if previous != owner && !set.holds(previous) {
@@ -943,9 +955,9 @@ impl Iotlb {
         index.list(Listing {
             owner,
             set: at as u32,
-            rid: sid.rid(),
-            shift: entry.page_shift,
-            first_level: entry.kind.is_first_level(),
+            rid: key.rid(),
+            shift,
+            first_level: entry.kind().is_first_level(),
         });
         self.count_owners(&index);
         true

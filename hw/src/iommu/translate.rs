@@ -232,15 +232,16 @@ impl RemappingUnit for Iommu {
         t: &Translation,
         access: AccessRequest,
     ) -> PackedEntry {
-        let entry = iotlb_entry(pe, t, access);
+        // Encoded once: the words the IOTLB keeps are those the request is answered with.
+        let entry = PackedEntry::new(sid, pasid, addr, &iotlb_entry(pe, t, access));
         if pe.pgtt != Pgtt::PassThrough {
-            if self.iotlb.insert(fill.iotlb, sid, pasid, addr, entry) {
+            if self.iotlb.insert_packed(fill.iotlb, addr, entry) {
                 self.retag_filter.filled(pasid_tag(sid, pasid, pe));
             } else if self.strict() {
-                self.report_overtaken_fill(fill.iotlb, sid, pasid, addr, entry);
+                self.report_overtaken_fill(fill.iotlb, sid, pasid, addr, entry.entry());
             }
         }
-        PackedEntry::new(sid, pasid, addr, &entry)
+        entry
     }
 
     fn entry_fill(&self) -> u64 {
