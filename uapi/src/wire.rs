@@ -164,6 +164,15 @@ pub fn read_prefix<T: Wire>(bytes: &[u8], len: usize) -> T {
         // The whole structure is there: nothing to zero-fill, no copy.
         return T::read(&bytes[..size]);
     }
+    read_zero_filled(bytes, len)
+}
+
+/// [`read_prefix`] of a structure the caller gave only in part (an older caller's smaller
+/// `argsz`): out of line, so that the whole-structure read stays one straight path.
+#[cold]
+#[inline(never)]
+fn read_zero_filled<T: Wire>(bytes: &[u8], len: usize) -> T {
+    let size = size_of::<T>();
     let mut buf = [0u8; MAX_STRUCT];
     let n = len.min(size).min(bytes.len());
     buf[..n].copy_from_slice(&bytes[..n]);
