@@ -72,12 +72,12 @@ impl PageRequestRing {
         }
         regs.write(offset::PQH, 8, tail)?;
         if regs.read32(offset::PRS)? & pq::PRO != 0 {
-            tracing::info!("vt-d: page request queue overflow");
-            regs.write(offset::PRS, 4, pq::PRO.into())?;
+            clear_overflow(regs)?;
         }
         Ok(taken)
     }
 
+    #[inline]
     fn read_desc<M: PhysMem + ?Sized>(&self, mem: &M, at: u64) -> Result<PageRequestDesc, Error> {
         let mut raw = [0u64; 4];
         for (i, q) in raw.iter_mut().enumerate() {
@@ -85,6 +85,16 @@ impl PageRequestRing {
         }
         Ok(PageRequestDesc::decode(raw)?)
     }
+}
+
+/// Clears PRS.PRO after a drain found it set: out of line, as an overflow is rare, so the
+/// drain's code stays dense in the instruction cache.
+#[cold]
+#[inline(never)]
+fn clear_overflow<R: Registers + ?Sized>(regs: &R) -> Result<(), Error> {
+    tracing::info!("vt-d: page request queue overflow");
+    regs.write(offset::PRS, 4, pq::PRO.into())?;
+    Ok(())
 }
 
 /// How many times a PASID teardown drains page requests again because PRS.PRO is still

@@ -47,13 +47,13 @@ impl IommuDriver {
         let drained = prq.drain(&Regs(&*self.mmio), &*self.mem, |req| {
             match req {
                 Ok(req) => self.serve(&req),
-                Err(e) => tracing::warn!(%e, "page request descriptor not taken"),
+                Err(e) => not_taken(&e),
             }
             bump_held(&self.counters.page_requests, 1);
             handled += 1;
         });
         if let Err(e) = drained {
-            tracing::error!(%e, "page request queue");
+            queue_failed(&e);
         }
         handled
     }
@@ -70,7 +70,7 @@ impl IommuDriver {
         };
         bump_held(&self.counters.page_responses, 1);
         if let Err(e) = self.submit(&[desc]) {
-            tracing::error!(%e, "page group response failed");
+            response_failed(&e);
         }
     }
 
@@ -106,4 +106,25 @@ impl IommuDriver {
             ResponseCode::InvalidRequest
         }
     }
+}
+
+// The failures below are rare: logged out of line, so that the code of the page request
+// path stays dense in the instruction cache.
+
+#[cold]
+#[inline(never)]
+fn not_taken(e: &dyn std::fmt::Display) {
+    tracing::warn!(%e, "page request descriptor not taken");
+}
+
+#[cold]
+#[inline(never)]
+fn queue_failed(e: &dyn std::fmt::Display) {
+    tracing::error!(%e, "page request queue");
+}
+
+#[cold]
+#[inline(never)]
+fn response_failed(e: &dyn std::fmt::Display) {
+    tracing::error!(%e, "page group response failed");
 }
