@@ -13,7 +13,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vsva_vtd::inv_desc::{ContextCacheGranularity, PasidCacheGranularity};
 use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
-    inv_desc::AddrRange, pasid::PasidEntry, walk::AccessRequest, walk::PageSize, walk::Permissions,
+    inv_desc::AddrRange, pasid::ValidPasidEntry, walk::AccessRequest, walk::PageSize,
+    walk::Permissions,
 };
 
 /// One cached first-level translation of a page.
@@ -99,7 +100,7 @@ impl IotlbScope {
 #[derive(Debug, Default)]
 pub(crate) struct Caches {
     context: RwLock<HashMap<SourceId, ScalableContextEntry>>,
-    pasid: RwLock<HashMap<(SourceId, Pasid), PasidEntry>>,
+    pasid: RwLock<HashMap<(SourceId, Pasid), ValidPasidEntry>>,
     iotlb: RwLock<HashMap<IotlbKey, IotlbEntry>>,
     epoch: AtomicU64,
 }
@@ -133,20 +134,26 @@ impl Caches {
         }
     }
 
-    pub fn pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+    pub fn pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<ValidPasidEntry> {
         read(&self.pasid).get(&(sid, pasid)).copied()
     }
 
     /// Caches a PASID entry read afresh. IOTLB entries of the same requester and PASID
     /// under another domain id are dropped: a domain-tagged lookup would no longer find
     /// them.
-    pub fn insert_pasid_entry(&self, epoch: u64, sid: SourceId, pasid: Pasid, entry: PasidEntry) {
+    pub fn insert_pasid_entry(
+        &self,
+        epoch: u64,
+        sid: SourceId,
+        pasid: Pasid,
+        entry: ValidPasidEntry,
+    ) {
         let mut cache = write(&self.pasid);
         if self.epoch() != epoch {
             return;
         }
         cache.insert((sid, pasid), entry);
-        write(&self.iotlb).retain(|k, e| k.sid != sid || k.pasid != pasid || e.did == entry.did);
+        write(&self.iotlb).retain(|k, e| k.sid != sid || k.pasid != pasid || e.did == entry.did());
     }
 
     /// The cached translation of `addr`, trying each page size.
@@ -182,9 +189,9 @@ impl Caches {
         self.advance();
         match granularity {
             PasidCacheGranularity::Global => cache.clear(),
-            PasidCacheGranularity::DomainSelective => cache.retain(|_, e| e.did != did),
+            PasidCacheGranularity::DomainSelective => cache.retain(|_, e| e.did() != did),
             PasidCacheGranularity::PasidSelective => {
-                cache.retain(|&(_, p), e| e.did != did || p != pasid)
+                cache.retain(|&(_, p), e| e.did() != did || p != pasid)
             }
         }
     }

@@ -129,7 +129,7 @@ impl VIommu {
             Err(f) => return f.fpd,
         };
         match read_pasid_entry(&self.mem, &ctx, pasid, &self.entry_checks) {
-            Ok(entry) => ctx.fpd || pde.fpd || entry.fpd,
+            Ok(entry) => ctx.fpd || pde.fpd || entry.fpd(),
             Err(f) => f.fpd,
         }
     }

@@ -657,7 +657,8 @@ impl VIommu {
         }
         read_pasid_entry(&self.mem, ctx, pasid, &self.entry_checks)
             .ok()
-            .filter(|e| e.pgtt == Pgtt::FirstLevel)
+            .filter(|e| e.pgtt() == Pgtt::FirstLevel)
+            .map(|e| e.decode())
     }
 
     /// The binding the guest entry `entry` of `pasid` on device `sid` asks for, or `None`

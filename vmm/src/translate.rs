@@ -11,7 +11,7 @@ use vsva_vtd::regs::AddressType;
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
     addr::DomainId, addr::Gpa, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
-    pasid::PasidEntry, request::TranslationFault, root::EntryChecks, root::EntryFault,
+    pasid::ValidPasidEntry, request::TranslationFault, root::EntryChecks, root::EntryFault,
     walk::walk_first_level, walk::walk_first_level_from, walk::AccessRequest, walk::Direct,
     walk::FlConfig, walk::FlStart, walk::PageSize, walk::Permissions, walk::StepOutcome,
     walk::Translation, walk::WalkFault, walk::WalkObserver, walk::WalkStep,
@@ -226,12 +226,12 @@ impl RemappingUnit for Unit<'_> {
         sid: SourceId,
         pasid: Pasid,
         addr: u64,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         t: &Translation,
         access: AccessRequest,
     ) -> IotlbEntry {
         let entry = IotlbEntry {
-            did: pe.did,
+            did: pe.did(),
             page: t.page_base(),
             page_size: t.page_size,
             perms: t.perms,
@@ -254,11 +254,11 @@ impl RemappingUnit for Unit<'_> {
         self.0.caches.insert_context(fill, sid, *ctx);
     }
 
-    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<ValidPasidEntry> {
         self.0.caches.pasid_entry(sid, pasid)
     }
 
-    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry) {
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &ValidPasidEntry) {
         self.0.caches.insert_pasid_entry(fill, sid, pasid, *pe);
     }
 
@@ -270,7 +270,7 @@ impl RemappingUnit for Unit<'_> {
         _rta: u64,
         req: &Request,
         _pasid: Pasid,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         access: AccessRequest,
     ) -> Result<Translation, WalkFault> {
         Counters::bump(&self.0.counters.walks);

@@ -93,7 +93,7 @@ impl fmt::Display for Explanation {
                     c.pasiddirptr,
                     c.pasid_dir_entries()
                 )?;
-                let e = &l.entry;
+                let e = l.entry.decode();
                 writeln!(
                     f,
                     "PASID entry {}: PGTT={:?} DID={} FLPTR={:#x} FLPM={:?} SLPTR={:#x} AW={:?} SRE={}",

@@ -274,34 +274,6 @@ impl PasidEntry {
         }
     }
 
-    /// [`Self::from_raw`] then [`Self::validate`] with the unit's `checks`: masked compares
-    /// of the words (present, reserved bits, address widths) and bit tests of PGTT, AW and
-    /// FLPM against what the unit supports accept a valid entry; the field checks name the
-    /// fault of one that fails them.
-    pub const fn from_raw_checked(
-        raw: [u64; 8],
-        checks: &EntryChecks,
-    ) -> Result<Self, FaultReason> {
-        let [q0, q1, q2, q3, q4, q5, q6, q7] = raw;
-        let pgtt = ((q0 >> PGTT_SHIFT) & 0x7) as usize;
-        let [r0, r1, r2] = checks.pasid_rsvd;
-        let [p0, p2] = checks.pasid_pointers[pgtt];
-        let bad = (q0 & (r0 | p0)) | (q1 & r1) | (q2 & (r2 | p2)) | q3 | q4 | q5 | q6 | q7;
-        let mode = 4 * ((q0 >> AW_SHIFT) & 0x7) + ((q2 >> FLPM_SHIFT) & 0x3);
-        if q0 & P != 0 && bad == 0 && (checks.pasid_modes[pgtt] >> mode) & 1 != 0 {
-            if let Some(entry) = Self::fields(raw) {
-                return Ok(entry);
-            }
-        }
-        match Self::from_raw(raw) {
-            Ok(entry) => match entry.validate(&checks.caps) {
-                Ok(()) => Ok(entry),
-                Err(reason) => Err(reason),
-            },
-            Err(reason) => Err(reason),
-        }
-    }
-
     /// The fields of an entry, or `None` if its PGTT, AW or FLPM encoding is reserved.
     const fn fields(raw: [u64; 8]) -> Option<Self> {
         let [q0, q1, q2, ..] = raw;
@@ -381,31 +353,6 @@ impl PasidEntry {
         }
     }
 
-    /// What the first-level walker reads from the entry (FLPTPTR, FLPM, SRE, WPE, EAFE),
-    /// with the unit's entry `format`.
-    pub const fn fl_config(&self, format: FlFormat) -> FlConfig {
-        FlConfig {
-            root: self.flptptr,
-            mode: self.flpm,
-            sre: self.sre,
-            wpe: self.wpe,
-            eafe: self.eafe,
-            format,
-        }
-    }
-
-    /// What the second-level walker reads from the entry (SLPTPTR, AW, SLEE, SLADE), with
-    /// the unit's entry `format`.
-    pub const fn sl_config(&self, format: SlFormat) -> SlConfig {
-        SlConfig {
-            root: self.slptptr,
-            levels: self.aw,
-            slee: self.slee,
-            slade: self.slade,
-            format,
-        }
-    }
-
     /// The request controls of the entry: a supervisor (privileged) request needs SRE
     /// (SPT.6), an execute request ERE (SPT.5).
     pub const fn check_request(&self, supervisor: bool, execute: bool) -> Result<(), FaultReason> {
@@ -415,6 +362,152 @@ impl PasidEntry {
             Err(FaultReason::Spt6)
         } else {
             Ok(())
+        }
+    }
+}
+
+/// A PASID table entry that passed the unit's checks (§9.6), kept as its qwords 0-2 (3-7
+/// are reserved and zero): what the request pipeline, the PASID cache and the walks use.
+/// Each field is read from the words when asked for, so a miss decodes only the fields its
+/// walk needs and a cache keeps and copies three words; [`Self::decode`] gives every field
+/// as a [`PasidEntry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct ValidPasidEntry([u64; 3]);
+
+impl ValidPasidEntry {
+    /// Checks the entry `raw` with the unit's `checks`, as [`PasidEntry::from_raw`] then
+    /// [`PasidEntry::validate`] do: masked compares of the words (present, reserved bits,
+    /// address widths) and bit tests of PGTT, AW and FLPM against what the unit supports
+    /// accept a valid entry; the field checks name the fault of one that fails them.
+    pub const fn from_raw_checked(
+        raw: [u64; 8],
+        checks: &EntryChecks,
+    ) -> Result<Self, FaultReason> {
+        let [q0, q1, q2, q3, q4, q5, q6, q7] = raw;
+        let pgtt = ((q0 >> PGTT_SHIFT) & 0x7) as usize;
+        let [r0, r1, r2] = checks.pasid_rsvd;
+        let [p0, p2] = checks.pasid_pointers[pgtt];
+        let bad = (q0 & (r0 | p0)) | (q1 & r1) | (q2 & (r2 | p2)) | q3 | q4 | q5 | q6 | q7;
+        let mode = 4 * ((q0 >> AW_SHIFT) & 0x7) + ((q2 >> FLPM_SHIFT) & 0x3);
+        if q0 & P != 0 && bad == 0 && (checks.pasid_modes[pgtt] >> mode) & 1 != 0 {
+            return Ok(ValidPasidEntry([q0, q1, q2]));
+        }
+        match PasidEntry::from_raw(raw) {
+            Ok(entry) => match entry.validate(&checks.caps) {
+                Ok(()) => Ok(ValidPasidEntry([q0, q1, q2])),
+                Err(reason) => Err(reason),
+            },
+            Err(reason) => Err(reason),
+        }
+    }
+
+    /// Qwords 0-2 of the entry.
+    pub const fn words(&self) -> [u64; 3] {
+        self.0
+    }
+
+    /// Every field of the entry.
+    pub const fn decode(&self) -> PasidEntry {
+        let [q0, q1, q2] = self.0;
+        PasidEntry {
+            fpd: self.fpd(),
+            aw: self.aw(),
+            slee: q0 & SLEE != 0,
+            pgtt: self.pgtt(),
+            slade: q0 & SLADE != 0,
+            slptptr: q0 & PTR_MASK,
+            did: self.did(),
+            pwsnp: q1 & PWSNP != 0,
+            pgsnp: q1 & PGSNP != 0,
+            cd: q1 & CD != 0,
+            emte: q1 & EMTE != 0,
+            emt: ((q1 >> EMT_SHIFT) & 0x7) as u8,
+            pwt: q1 & PWT != 0,
+            pcd: q1 & PCD != 0,
+            pat: (q1 >> PAT_SHIFT) as u32,
+            sre: self.sre(),
+            ere: self.ere(),
+            flpm: self.flpm(),
+            wpe: q2 & WPE != 0,
+            nxe: q2 & NXE != 0,
+            smep: q2 & SMEP != 0,
+            eafe: q2 & EAFE != 0,
+            flptptr: q2 & PTR_MASK,
+        }
+    }
+
+    /// FPD (bit 1): fault processing disable.
+    pub const fn fpd(&self) -> bool {
+        self.0[0] & FPD != 0
+    }
+
+    /// PGTT (8:6): translation type (a checked entry's is not reserved).
+    pub const fn pgtt(&self) -> Pgtt {
+        match (self.0[0] >> PGTT_SHIFT) & 0x7 {
+            1 => Pgtt::FirstLevel,
+            2 => Pgtt::SecondLevel,
+            3 => Pgtt::Nested,
+            _ => Pgtt::PassThrough,
+        }
+    }
+
+    /// AW (4:2): second-level address width, as the number of table levels.
+    pub const fn aw(&self) -> SlLevels {
+        match (self.0[0] >> AW_SHIFT) & 0x7 {
+            1 => SlLevels::Three,
+            2 => SlLevels::Four,
+            _ => SlLevels::Five,
+        }
+    }
+
+    /// DID (79:64): domain id.
+    pub const fn did(&self) -> DomainId {
+        DomainId((self.0[1] & DID_MASK) as u16)
+    }
+
+    /// SRE (128): supervisor requests enable.
+    pub const fn sre(&self) -> bool {
+        self.0[2] & SRE != 0
+    }
+
+    /// ERE (129): execute requests enable.
+    pub const fn ere(&self) -> bool {
+        self.0[2] & ERE != 0
+    }
+
+    /// FLPM (131:130): first-level paging mode.
+    pub const fn flpm(&self) -> FlPagingMode {
+        match (self.0[2] >> FLPM_SHIFT) & 0x3 {
+            0 => FlPagingMode::FourLevel,
+            _ => FlPagingMode::FiveLevel,
+        }
+    }
+
+    /// What the first-level walker reads from the entry (FLPTPTR, FLPM, SRE, WPE, EAFE),
+    /// with the unit's entry `format`.
+    pub const fn fl_config(&self, format: FlFormat) -> FlConfig {
+        let q2 = self.0[2];
+        FlConfig {
+            root: q2 & PTR_MASK,
+            mode: self.flpm(),
+            sre: q2 & SRE != 0,
+            wpe: q2 & WPE != 0,
+            eafe: q2 & EAFE != 0,
+            format,
+        }
+    }
+
+    /// What the second-level walker reads from the entry (SLPTPTR, AW, SLEE, SLADE), with
+    /// the unit's entry `format`.
+    pub const fn sl_config(&self, format: SlFormat) -> SlConfig {
+        let q0 = self.0[0];
+        SlConfig {
+            root: q0 & PTR_MASK,
+            levels: self.aw(),
+            slee: q0 & SLEE != 0,
+            slade: q0 & SLADE != 0,
+            format,
         }
     }
 }
@@ -528,7 +621,7 @@ pub fn read_pasid_dir_entry(
 }
 
 /// The PASID table entry of `pasid` under the context entry `ctx`: PASID directory entry,
-/// then PASID table entry, each decoded and validated with the unit's `checks`. Faults
+/// then PASID table entry, each checked with the unit's `checks`. Faults
 /// carry the OR of the FPD fields of the context, directory and table entries read, present
 /// or not; a failed read of the table entry gives SPT.1.
 pub fn read_pasid_entry(
@@ -536,13 +629,13 @@ pub fn read_pasid_entry(
     ctx: &ScalableContextEntry,
     pasid: Pasid,
     checks: &EntryChecks,
-) -> Result<PasidEntry, EntryFault> {
+) -> Result<ValidPasidEntry, EntryFault> {
     let pde = read_pasid_dir_entry(mem, ctx, pasid, checks)?;
     let fpd = ctx.fpd || pde.fpd;
     let mut raw = [0; 8];
     mem.read_u64s(pasid_entry_addr(pde.smptblptr, pasid), &mut raw)
         .map_err(|_| EntryFault::new(FaultReason::Spt1, fpd))?;
-    PasidEntry::from_raw_checked(raw, checks)
+    ValidPasidEntry::from_raw_checked(raw, checks)
         .map_err(|reason| EntryFault::new(reason, fpd || raw[0] & FPD != 0))
 }
 
@@ -554,7 +647,7 @@ pub struct PasidLookup {
     /// The PASID the request is translated with (its own, or RID_PASID).
     pub pasid: Pasid,
     /// The PASID table entry of that PASID.
-    pub entry: PasidEntry,
+    pub entry: ValidPasidEntry,
 }
 
 /// The whole walk above the page tables for a request from `sid`, with or without PASID:
@@ -622,6 +715,11 @@ mod tests {
             eafe: false,
             flptptr: 0x7_6543_2000,
         }
+    }
+
+    /// `entry` as the unit with [`CHECKS`] accepts it.
+    fn valid(entry: PasidEntry) -> ValidPasidEntry {
+        ValidPasidEntry::from_raw_checked(entry.to_raw(), &CHECKS).unwrap()
     }
 
     const NESTED_RAW: [u64; 8] = [0x1_2345_60c9, 0x80_0042, 0x7_6543_2001, 0, 0, 0, 0, 0];
@@ -1009,6 +1107,7 @@ mod tests {
             slade: true,
             ..nested()
         };
+        let entry = valid(entry);
         let fl_format = FlFormat::new(46, true).unwrap();
         let sl_format = SlFormat::new(46).unwrap();
         assert_eq!(
@@ -1143,7 +1242,7 @@ mod tests {
         let sid = SourceId::new(0, 1, 0).unwrap();
         assert_eq!(
             read_pasid_entry(&mem, &ctx, pasid(0x45), &CHECKS),
-            Ok(nested())
+            Ok(valid(nested()))
         );
         let found = lookup_pasid_entry(&mem, RTA, sid, Some(pasid(0x45)), &CAPS).unwrap();
         assert_eq!(
@@ -1151,7 +1250,7 @@ mod tests {
             PasidLookup {
                 context: ctx,
                 pasid: pasid(0x45),
-                entry: nested()
+                entry: valid(nested())
             }
         );
 
@@ -1340,7 +1439,11 @@ mod tests {
         #[test]
         fn word_checks_agree_with_the_field_checks(raw in any_raw_entry(), caps in any_caps()) {
             let by_fields = PasidEntry::from_raw(raw).and_then(|e| e.validate(&caps).map(|()| e));
-            prop_assert_eq!(PasidEntry::from_raw_checked(raw, &EntryChecks::new(&caps)), by_fields);
+            let checked = ValidPasidEntry::from_raw_checked(raw, &EntryChecks::new(&caps));
+            prop_assert_eq!(checked.map(|v| v.decode()), by_fields);
+            if let Ok(v) = checked {
+                prop_assert_eq!(v.words(), [raw[0], raw[1], raw[2]]);
+            }
         }
 
         #[test]

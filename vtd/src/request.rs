@@ -14,7 +14,7 @@ use crate::addr::{Pasid, SourceId};
 use crate::context::{read_context_entry, ScalableContextEntry};
 use crate::fault::FaultReason;
 use crate::flpte::FlFormat;
-use crate::pasid::{read_pasid_entry, PasidEntry, Pgtt};
+use crate::pasid::{read_pasid_entry, Pgtt, ValidPasidEntry};
 use crate::regs::{AddressType, FaultRecord, RegisterFile, RequestType, Ttm};
 use crate::root::{EntryChecks, EntryFault};
 use crate::slpte::SlFormat;
@@ -251,7 +251,7 @@ pub trait RemappingUnit {
         sid: SourceId,
         pasid: Pasid,
         addr: u64,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         t: &Translation,
         access: AccessRequest,
     ) -> Self::IotlbEntry;
@@ -263,10 +263,10 @@ pub trait RemappingUnit {
     /// Caches a context entry read from the tables.
     fn cache_context(&self, fill: u64, sid: SourceId, ctx: &ScalableContextEntry);
     /// The PASID cache's entry for `sid` and `pasid`.
-    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry>;
+    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<ValidPasidEntry>;
     /// Caches a PASID entry read from the tables (IOTLB entries of the same requester and
     /// PASID under another domain id are no longer found).
-    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry);
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &ValidPasidEntry);
 
     /// Walks the tables `pe` selects for `req` (translated with `pasid` and the rights of
     /// `access`), through whatever paging-structure caches the unit keeps; they take what
@@ -278,7 +278,7 @@ pub trait RemappingUnit {
         rta: u64,
         req: &Request,
         pasid: Pasid,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         access: AccessRequest,
     ) -> Result<Translation, WalkFault>;
 }
@@ -381,7 +381,7 @@ fn translate_miss<U: RemappingUnit + ?Sized>(
         .and_then(|()| unit.walk(fill, rta, &req, pasid, pe, access));
     let t = walked.map_err(|f| {
         let recoverable = ctx.pre && f.page_request_may_resolve();
-        fault(&req, f.reason, ctx.fpd || pe.fpd, recoverable)
+        fault(&req, f.reason, ctx.fpd || pe.fpd(), recoverable)
     })?;
     let entry = unit.iotlb_insert(fill, req.sid, pasid, req.addr, pe, &t, access);
     let how = Remapped::Walked {
@@ -419,7 +419,7 @@ pub fn pasid_entry<U: RemappingUnit + ?Sized>(
     sid: SourceId,
     ctx: &ScalableContextEntry,
     pasid: Pasid,
-) -> Result<PasidEntry, EntryFault> {
+) -> Result<ValidPasidEntry, EntryFault> {
     if let Some(pe) = unit.cached_pasid_entry(sid, pasid) {
         return Ok(pe);
     }
@@ -437,7 +437,7 @@ pub fn pasid_entry<U: RemappingUnit + ?Sized>(
 /// records).
 pub fn walk_pasid_entry<M, O>(
     mem: &M,
-    pe: &PasidEntry,
+    pe: &ValidPasidEntry,
     formats: (FlFormat, SlFormat),
     addr: u64,
     access: AccessRequest,
@@ -448,7 +448,7 @@ where
     O: WalkObserver + ?Sized,
 {
     request_checks(pe, addr, access)?;
-    match pe.pgtt {
+    match pe.pgtt() {
         Pgtt::FirstLevel => walk_first_level(mem, &pe.fl_config(formats.0), addr, access, obs),
         Pgtt::SecondLevel => walk_second_level(mem, &pe.sl_config(formats.1), addr, access, obs),
         Pgtt::Nested => walk_nested(
@@ -476,8 +476,12 @@ fn entry_fault(reason: FaultReason, addr: u64) -> WalkFault {
 /// What the PASID entry checks before any walk: execute requests need ERE (SPT.5).
 /// Supervisor requests need SRE (SPT.6), which the first-level walker and
 /// [`pass_through`] check.
-pub fn request_checks(pe: &PasidEntry, addr: u64, access: AccessRequest) -> Result<(), WalkFault> {
-    if access.execute && !pe.ere {
+pub fn request_checks(
+    pe: &ValidPasidEntry,
+    addr: u64,
+    access: AccessRequest,
+) -> Result<(), WalkFault> {
+    if access.execute && !pe.ere() {
         return Err(entry_fault(FaultReason::Spt5, addr));
     }
     Ok(())
@@ -486,11 +490,11 @@ pub fn request_checks(pe: &PasidEntry, addr: u64, access: AccessRequest) -> Resu
 /// Pass-through translation (PGTT=100b): the address is the output; supervisor requests
 /// need SRE (SPT.6).
 pub fn pass_through(
-    pe: &PasidEntry,
+    pe: &ValidPasidEntry,
     addr: u64,
     access: AccessRequest,
 ) -> Result<Translation, WalkFault> {
-    if access.supervisor && !pe.sre {
+    if access.supervisor && !pe.sre() {
         return Err(entry_fault(FaultReason::Spt6, addr));
     }
     Ok(Translation {
@@ -506,7 +510,7 @@ mod tests {
     use super::*;
     use crate::addr::DomainId;
     use crate::context::context_entry_addr;
-    use crate::pasid::{pasid_entry_addr, PasidDirEntry};
+    use crate::pasid::{pasid_entry_addr, PasidDirEntry, PasidEntry};
     use crate::root::tests::{put, CHECKS};
     use crate::root::{root_entry_addr, ScalableRootEntry};
     use crate::testutil::TestMemory;
@@ -529,7 +533,7 @@ mod tests {
         generation: Cell<u64>,
         iotlb: RefCell<HashMap<IotlbKey, (u64, DomainId)>>,
         contexts: RefCell<HashMap<u16, ScalableContextEntry>>,
-        entries: RefCell<HashMap<(u16, u32), PasidEntry>>,
+        entries: RefCell<HashMap<(u16, u32), ValidPasidEntry>>,
         walks: Cell<u32>,
         /// An invalidation runs during the next walk.
         invalidate_in_walk: Cell<bool>,
@@ -641,11 +645,11 @@ mod tests {
             sid: SourceId,
             pasid: Pasid,
             addr: u64,
-            pe: &PasidEntry,
+            pe: &ValidPasidEntry,
             t: &Translation,
             _access: AccessRequest,
         ) -> (u64, DomainId) {
-            let entry = (t.page_base(), pe.did);
+            let entry = (t.page_base(), pe.did());
             if fill == self.generation.get() {
                 let key = (sid.rid(), pasid.raw(), addr >> 12);
                 self.iotlb.borrow_mut().insert(key, entry);
@@ -663,13 +667,13 @@ mod tests {
                 self.contexts.borrow_mut().insert(sid.rid(), *ctx);
             }
         }
-        fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+        fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<ValidPasidEntry> {
             self.entries
                 .borrow()
                 .get(&(sid.rid(), pasid.raw()))
                 .copied()
         }
-        fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry) {
+        fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &ValidPasidEntry) {
             if self.invalidate_in_entry_read.take() {
                 self.generation.set(self.generation.get() + 1);
             }
@@ -685,7 +689,7 @@ mod tests {
             _rta: u64,
             req: &Request,
             _pasid: Pasid,
-            pe: &PasidEntry,
+            pe: &ValidPasidEntry,
             access: AccessRequest,
         ) -> Result<Translation, WalkFault> {
             self.walks.set(self.walks.get() + 1);

@@ -292,7 +292,7 @@ impl Setup {
 
     fn pasid_entry(&self, pasid: Pasid) -> Result<PasidEntry, vsva_vtd::root::EntryFault> {
         let ctx = read_context_entry(&*self.mem, self.driver.root_table().0, SID, &CHECKS)?;
-        read_pasid_entry(&*self.mem, &ctx, pasid, &CHECKS)
+        read_pasid_entry(&*self.mem, &ctx, pasid, &CHECKS).map(|e| e.decode())
     }
 }
 

@@ -10,7 +10,7 @@ use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::request::pass_through;
 use vsva_vtd::walk::{Stage, StepOutcome, WalkObserver, WalkStep};
 use vsva_vtd::{
-    addr::Pasid, pasid::PasidEntry, pasid::Pgtt, walk::walk_first_level_from,
+    addr::Pasid, pasid::Pgtt, pasid::ValidPasidEntry, walk::walk_first_level_from,
     walk::walk_second_level, walk::walk_second_level_from, walk::AccessRequest, walk::Direct,
     walk::FlConfig, walk::FlStage, walk::FlStart, walk::NestedStage, walk::SlConfig, walk::SlStart,
     walk::Translation, walk::WalkFault,
@@ -248,7 +248,7 @@ impl Iommu {
         &self,
         mem: &M,
         fill: u64,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         pasid: Pasid,
         addr: u64,
         access: AccessRequest,
@@ -256,12 +256,12 @@ impl Iommu {
     ) -> Result<Translation, WalkFault> {
         let (fl_format, sl_format) = self.formats();
         let tag = |nested| FlTag {
-            did: pe.did,
+            did: pe.did(),
             pasid,
             nested,
         };
-        let mut fills = WalkFills::new(pe.did);
-        let walked = match pe.pgtt {
+        let mut fills = WalkFills::new(pe.did());
+        let walked = match pe.pgtt() {
             Pgtt::FirstLevel => {
                 let cfg = pe.fl_config(fl_format);
                 let (t, starts) = self.first_level_cached(
@@ -303,7 +303,7 @@ impl Iommu {
                 let top = cfg.levels.levels();
                 let start = self
                     .paging_caches
-                    .second_level_table(pe.did, addr, top)
+                    .second_level_table(pe.did(), addr, top)
                     .unwrap_or(SlStart::top(&cfg));
                 used.tables = start.level < top;
                 let mut deepest = SlDeepest {
@@ -314,7 +314,7 @@ impl Iommu {
                 let t = walk_second_level_from(mem, &cfg, start, addr, access, &mut deepest);
                 if deepest.moved {
                     self.paging_caches
-                        .fill_second_level(fill, pe.did, addr, deepest.at);
+                        .fill_second_level(fill, pe.did(), addr, deepest.at);
                 }
                 return t;
             }
@@ -360,7 +360,7 @@ impl Iommu {
         &self,
         rta: u64,
         req: &CheckedRequest,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         cached: &IotlbEntry,
         used: &CacheUse,
     ) {
@@ -377,7 +377,7 @@ impl Iommu {
         });
         match stale_gpa {
             Some(&(gpa, _)) if same_entry => {
-                self.report_stale(req, cached, now, page_selective_iotlb(pe.did, gpa))
+                self.report_stale(req, cached, now, page_selective_iotlb(pe.did(), gpa))
             }
             _ => self.check_stale(rta, req, cached),
         }

@@ -2,10 +2,11 @@
 //! tables of entries kept by value, looked up and filled without a lock.
 //!
 //! A cached entry is a tag word (valid, the key, and the bits invalidations select by, such
-//! as a PASID entry's domain id) and the decoded, validated entry by value: the bytes of its
-//! fields copied into qwords ([`CachedEntry`]), which a hit copies out again. A key lives in one of the [`WAYS`] ways of the set it hashes to; a fill
-//! into a full set replaces one. A cache may hold any subset of what was read (§6.2), so
-//! an evicted entry is read from the tables again.
+//! as a PASID entry's domain id) and the validated entry by value in qwords ([`CachedEntry`]),
+//! which a hit copies out again: a context entry's decoded fields, a PASID entry's checked
+//! words (`ValidPasidEntry`, three qwords). A key lives in one of the [`WAYS`] ways of the
+//! set it hashes to; a fill into a full set replaces one. A cache may hold any subset of
+//! what was read (§6.2), so an evicted entry is read from the tables again.
 //!
 //! Each way has a sequence word, odd while a writer is inside. A lookup compares the tags,
 //! then reads the matching way's sequence word, tag and qwords and the sequence word again;
@@ -42,7 +43,8 @@ use std::marker::PhantomData;
 
 use crate::sync::{fence, spin_loop, AtomicU32, AtomicU64, Ordering};
 use vsva_vtd::{
-    addr::DomainId, addr::Pasid, addr::SourceId, context::ScalableContextEntry, pasid::PasidEntry,
+    addr::DomainId, addr::Pasid, addr::SourceId, context::ScalableContextEntry,
+    pasid::ValidPasidEntry,
 };
 
 /// Ways per set.
@@ -76,8 +78,8 @@ pub(crate) fn pasid_key(sid: SourceId, pasid: Pasid) -> u64 {
 }
 
 /// The PASID-cache tag of `sid`'s entry `pe` for `pasid`.
-pub(crate) fn pasid_tag(sid: SourceId, pasid: Pasid, pe: &PasidEntry) -> u64 {
-    pasid_key(sid, pasid) | (pe.did.0 as u64) << DID_SHIFT
+pub(crate) fn pasid_tag(sid: SourceId, pasid: Pasid, pe: &ValidPasidEntry) -> u64 {
+    pasid_key(sid, pasid) | (pe.did().0 as u64) << DID_SHIFT
 }
 
 /// The domain id and PASID a PASID-cache tag names.
@@ -126,10 +128,15 @@ cached_entry!(ScalableContextEntry, 3, {
     fpd, dte, paside, pre, pdts, pasiddirptr, rid_pasid, rid_priv,
 });
 
-cached_entry!(PasidEntry, 6, {
-    fpd, aw, slee, pgtt, slade, slptptr, did, pwsnp, pgsnp, cd, emte, emt, pwt, pcd, pat,
-    sre, ere, flpm, wpe, nxe, smep, eafe, flptptr,
-});
+// SAFETY: a `ValidPasidEntry` is three qwords (`repr(transparent)` over `[u64; 3]`), with
+// no padding: writing it whole writes its one field and nothing else.
+unsafe impl CachedEntry<3> for ValidPasidEntry {
+    unsafe fn write_fields(&self, dst: *mut Self) {
+        const { assert!(size_of::<ValidPasidEntry>() == 24) };
+        // SAFETY: the caller gives a `dst` valid for writes of `Self`, aligned.
+        unsafe { dst.write(*self) }
+    }
+}
 
 /// The qwords that keep `entry`: its fields' bytes where `V` has them, zeros in its padding
 /// (so that every byte is initialised).
@@ -412,7 +419,8 @@ impl<V, const N: usize> EntryCache<V, N> {
 mod tests {
     use super::*;
     use vsva_vtd::addr::{DomainId, Pasid};
-    use vsva_vtd::pasid::Pgtt;
+    use vsva_vtd::pasid::{PasidEntry, Pgtt};
+    use vsva_vtd::root::{Capabilities, EntryChecks};
 
     /// A test entry of one qword.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -536,8 +544,10 @@ mod tests {
             pat: 0x0607_0406,
             ..PasidEntry::new(Pgtt::Nested, DomainId(9))
         };
+        let checks = EntryChecks::new(&Capabilities::full(48, 0b0110));
+        let pe = ValidPasidEntry::from_raw_checked(pe.to_raw(), &checks).unwrap();
         // SAFETY: the qwords are `to_words`'.
-        let back = unsafe { from_words::<PasidEntry, 6>(to_words(&pe)) };
+        let back = unsafe { from_words::<ValidPasidEntry, 3>(to_words(&pe)) };
         assert_eq!(back, pe);
         let ctx = ScalableContextEntry {
             paside: true,

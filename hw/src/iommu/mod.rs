@@ -29,8 +29,8 @@ use crossbeam_utils::CachePadded;
 use vsva_vtd::regs::{Cap, Ecap, Interrupt, RegError, RegisterFile, SharedRegisterFile};
 use vsva_vtd::{
     addr::SourceId, context::ScalableContextEntry, flpte::FlFormat, flpte::InvalidAddressWidth,
-    pasid::PasidEntry, request::RootState, root::Capabilities, root::EntryChecks, slpte::SlFormat,
-    walk::PageSize,
+    pasid::ValidPasidEntry, request::RootState, root::Capabilities, root::EntryChecks,
+    slpte::SlFormat, walk::PageSize,
 };
 
 use crate::dma::port::{AtsEndpoint, PcieCapabilities};
@@ -192,7 +192,7 @@ pub struct Iommu {
     /// is not cached after it (see `entry_cache`).
     entry_generation: crate::sync::AtomicU64,
     /// The PASID cache, by requester id and PASID ([`PASID_SETS`] sets).
-    pasid_cache: EntryCache<PasidEntry, 6>,
+    pasid_cache: EntryCache<ValidPasidEntry, 3>,
     /// Whether a fresh PASID entry read must retag the IOTLB (a slot per PASID-cache way).
     retag_filter: RetagFilter,
     iotlb: Iotlb,

@@ -13,7 +13,7 @@ use vsva_vtd::inv_desc::{IotlbGranularity, PasidCacheGranularity, PasidIotlbGran
 use vsva_vtd::pasid::lookup_pasid_entry;
 use vsva_vtd::{
     addr::DomainId, addr::Pasid, addr::SourceId, fault::FaultReason, inv_desc::InvDesc,
-    pasid::PasidEntry, walk::AccessRequest,
+    pasid::ValidPasidEntry, walk::AccessRequest,
 };
 
 use super::entry_cache::pasid_key;
@@ -85,7 +85,7 @@ impl Iommu {
     pub(super) fn page_now<M: PhysMem + ?Sized>(
         &self,
         mem: &M,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         addr: u64,
         access: AccessRequest,
     ) -> Result<(u64, u8), FaultReason> {

@@ -5,9 +5,9 @@
 
 use vsva_vtd::request::{self, Remapped, RemappingUnit, Request};
 use vsva_vtd::{
-    addr::Pasid, addr::SourceId, context::ScalableContextEntry, pasid::PasidEntry, pasid::Pgtt,
-    request::TranslationFault, root::EntryChecks, root::EntryFault, walk::AccessRequest,
-    walk::Translation, walk::WalkFault,
+    addr::Pasid, addr::SourceId, context::ScalableContextEntry, pasid::Pgtt,
+    pasid::ValidPasidEntry, request::TranslationFault, root::EntryChecks, root::EntryFault,
+    walk::AccessRequest, walk::Translation, walk::WalkFault,
 };
 
 use std::cell::Cell;
@@ -62,9 +62,13 @@ pub(crate) fn kind_of(pgtt: Pgtt) -> TranslationKind {
     }
 }
 
-pub(crate) fn iotlb_entry(pe: &PasidEntry, t: &Translation, access: AccessRequest) -> IotlbEntry {
+pub(crate) fn iotlb_entry(
+    pe: &ValidPasidEntry,
+    t: &Translation,
+    access: AccessRequest,
+) -> IotlbEntry {
     IotlbEntry {
-        did: pe.did,
+        did: pe.did(),
         output: t.page_base(),
         page_shift: t.page_size.shift() as u8,
         perms: Perms::default()
@@ -74,7 +78,7 @@ pub(crate) fn iotlb_entry(pe: &PasidEntry, t: &Translation, access: AccessReques
             .with_if(Perms::USER, t.perms.user)
             .with_if(Perms::DIRTY, t.dirty)
             .with_if(Perms::SUPERVISOR, access.supervisor),
-        kind: kind_of(pe.pgtt),
+        kind: kind_of(pe.pgtt()),
     }
 }
 
@@ -228,13 +232,13 @@ impl RemappingUnit for Iommu {
         sid: SourceId,
         pasid: Pasid,
         addr: u64,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         t: &Translation,
         access: AccessRequest,
     ) -> PackedEntry {
         // Encoded once: the words the IOTLB keeps are those the request is answered with.
         let entry = PackedEntry::new(sid, pasid, addr, &iotlb_entry(pe, t, access));
-        if pe.pgtt != Pgtt::PassThrough {
+        if pe.pgtt() != Pgtt::PassThrough {
             if self.iotlb.insert_packed(fill.iotlb, addr, entry) {
                 self.retag_filter.filled(pasid_tag(sid, pasid, pe));
             } else if self.strict() {
@@ -259,15 +263,15 @@ impl RemappingUnit for Iommu {
             .fill(&self.entry_generation, fill, context_tag(sid), ctx);
     }
 
-    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<PasidEntry> {
+    fn cached_pasid_entry(&self, sid: SourceId, pasid: Pasid) -> Option<ValidPasidEntry> {
         self.pasid_cache.get(pasid_key(sid, pasid))
     }
 
     /// An entry read afresh retags the IOTLB for its domain, unless every IOTLB entry filled
     /// for its requester and PASID since the last retag has its domain id (`RetagFilter`).
-    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &PasidEntry) {
+    fn cache_pasid_entry(&self, fill: u64, sid: SourceId, pasid: Pasid, pe: &ValidPasidEntry) {
         let tag = pasid_tag(sid, pasid, pe);
-        if self.retag_filter.read_needs_retag(tag) && self.iotlb.retag(sid, pasid, pe.did) > 0 {
+        if self.retag_filter.read_needs_retag(tag) && self.iotlb.retag(sid, pasid, pe.did()) > 0 {
             self.runs.drop_all();
         }
         self.pasid_cache.fill(&self.entry_generation, fill, tag, pe);
@@ -281,7 +285,7 @@ impl RemappingUnit for Iommu {
         rta: u64,
         req: &Request,
         pasid: Pasid,
-        pe: &PasidEntry,
+        pe: &ValidPasidEntry,
         access: AccessRequest,
     ) -> Result<Translation, WalkFault> {
         let mem = CountingReads {
