@@ -84,6 +84,7 @@ impl ScalableContextEntry {
     /// [`Self::from_raw`] then [`Self::validate`] with the unit's `checks`: one masked
     /// compare of the words (present, reserved bits, address width) accepts a valid entry;
     /// the field checks name the fault of one that fails it.
+    #[inline]
     pub const fn from_raw_checked(
         raw: [u64; 4],
         checks: &EntryChecks,
@@ -93,6 +94,14 @@ impl ScalableContextEntry {
         if q0 & P != 0 && bad == 0 {
             return Ok(Self::fields(raw));
         }
+        Self::by_fields(raw, checks)
+    }
+
+    /// The field checks of an entry the masked compare did not accept (its fault), out of
+    /// the line of a valid entry's.
+    #[cold]
+    #[inline(never)]
+    const fn by_fields(raw: [u64; 4], checks: &EntryChecks) -> Result<Self, FaultReason> {
         match Self::from_raw(raw) {
             Ok(entry) => match entry.validate(&checks.caps) {
                 Ok(()) => Ok(entry),

@@ -380,6 +380,7 @@ impl ValidPasidEntry {
     /// [`PasidEntry::validate`] do: masked compares of the words (present, reserved bits,
     /// address widths) and bit tests of PGTT, AW and FLPM against what the unit supports
     /// accept a valid entry; the field checks name the fault of one that fails them.
+    #[inline]
     pub const fn from_raw_checked(
         raw: [u64; 8],
         checks: &EntryChecks,
@@ -393,6 +394,15 @@ impl ValidPasidEntry {
         if q0 & P != 0 && bad == 0 && (checks.pasid_modes[pgtt] >> mode) & 1 != 0 {
             return Ok(ValidPasidEntry([q0, q1, q2]));
         }
+        Self::by_fields(raw, checks)
+    }
+
+    /// The field checks of an entry the masked compares did not accept (its fault), out of
+    /// the line of a valid entry's.
+    #[cold]
+    #[inline(never)]
+    const fn by_fields(raw: [u64; 8], checks: &EntryChecks) -> Result<Self, FaultReason> {
+        let [q0, q1, q2, ..] = raw;
         match PasidEntry::from_raw(raw) {
             Ok(entry) => match entry.validate(&checks.caps) {
                 Ok(()) => Ok(ValidPasidEntry([q0, q1, q2])),
