@@ -570,13 +570,23 @@ impl SetMask {
         self.summary = summary;
     }
 
-    /// The sets named, in increasing order.
+    /// The sets named, in increasing order: each found by the lowest bit left of its
+    /// word, so that a visit costs the same whatever the distance to the next set.
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        let his = (0..64).filter(|hi| self.summary & 1 << hi != 0);
-        his.zip(&self.words).flat_map(|(hi, &word)| {
-            (0..64)
-                .filter(move |lo| word & 1 << lo != 0)
-                .map(move |lo| hi * 64 + lo)
+        let (mut his, mut words) = (self.summary, self.words.iter());
+        let (mut hi, mut bits) = (0, 0u64);
+        std::iter::from_fn(move || {
+            while bits == 0 {
+                if his == 0 {
+                    return None;
+                }
+                hi = his.trailing_zeros() as usize;
+                his &= his - 1;
+                bits = *words.next()?;
+            }
+            let lo = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(hi * 64 + lo)
         })
     }
 }
@@ -1092,18 +1102,24 @@ impl Iotlb {
 
     /// Removes every entry of `owner`, visiting each set `bucket` lists once and reading
     /// only the tags; leaves the bucket empty. Returns how many went.
+    ///
+    /// Each way's tag is written back, 0 if it is `owner`'s, without a branch on it: the
+    /// set is being written (the caller holds the index lock, so the tag cannot change
+    /// meanwhile), and the entries of a PASID fill their sets' ways in any order.
     fn remove_every(&self, owner: Owner, bucket: &mut Bucket) -> usize {
         let owned = owner_tag(owner);
         let mut removed = 0;
         for at in bucket.sets.iter() {
-            let set = &self.sets[at];
-            set.write(|ways| {
+            removed += self.sets[at].write(|ways| {
+                let mut gone = 0;
                 for w in ways {
-                    if (w.tag.load(Ordering::Relaxed) ^ owned) & OWNER_MASK == 0 {
-                        w.tag.store(0, Ordering::Relaxed);
-                        removed += 1;
-                    }
+                    let tag = w.tag.load(Ordering::Relaxed);
+                    let of_owner = (tag ^ owned) & OWNER_MASK == 0;
+                    w.tag
+                        .store(if of_owner { 0 } else { tag }, Ordering::Relaxed);
+                    gone += usize::from(of_owner);
                 }
+                gone
             });
         }
         bucket.clear();
