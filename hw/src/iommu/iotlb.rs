@@ -1102,24 +1102,18 @@ impl Iotlb {
 
     /// Removes every entry of `owner`, visiting each set `bucket` lists once and reading
     /// only the tags; leaves the bucket empty. Returns how many went.
-    ///
-    /// Each way's tag is written back, 0 if it is `owner`'s, without a branch on it: the
-    /// set is being written (the caller holds the index lock, so the tag cannot change
-    /// meanwhile), and the entries of a PASID fill their sets' ways in any order.
     fn remove_every(&self, owner: Owner, bucket: &mut Bucket) -> usize {
         let owned = owner_tag(owner);
         let mut removed = 0;
         for at in bucket.sets.iter() {
-            removed += self.sets[at].write(|ways| {
-                let mut gone = 0;
+            let set = &self.sets[at];
+            set.write(|ways| {
                 for w in ways {
-                    let tag = w.tag.load(Ordering::Relaxed);
-                    let of_owner = (tag ^ owned) & OWNER_MASK == 0;
-                    w.tag
-                        .store(if of_owner { 0 } else { tag }, Ordering::Relaxed);
-                    gone += usize::from(of_owner);
+                    if (w.tag.load(Ordering::Relaxed) ^ owned) & OWNER_MASK == 0 {
+                        w.tag.store(0, Ordering::Relaxed);
+                        removed += 1;
+                    }
                 }
-                gone
             });
         }
         bucket.clear();
