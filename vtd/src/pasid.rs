@@ -284,7 +284,17 @@ impl PasidEntry {
         ) else {
             return None;
         };
-        Some(PasidEntry {
+        Some(Self::with_encodings([q0, q1, q2], aw, pgtt, flpm))
+    }
+
+    /// The fields of qwords 0-2, with AW, PGTT and FLPM already decoded.
+    const fn with_encodings(
+        [q0, q1, q2]: [u64; 3],
+        aw: SlLevels,
+        pgtt: Pgtt,
+        flpm: FlPagingMode,
+    ) -> Self {
+        PasidEntry {
             fpd: q0 & FPD != 0,
             aw,
             slee: q0 & SLEE != 0,
@@ -308,7 +318,7 @@ impl PasidEntry {
             smep: q2 & SMEP != 0,
             eafe: q2 & EAFE != 0,
             flptptr: q2 & PTR_MASK,
-        })
+        }
     }
 
     /// The checks that depend on what the unit supports.
@@ -419,32 +429,7 @@ impl ValidPasidEntry {
 
     /// Every field of the entry.
     pub const fn decode(&self) -> PasidEntry {
-        let [q0, q1, q2] = self.0;
-        PasidEntry {
-            fpd: self.fpd(),
-            aw: self.aw(),
-            slee: q0 & SLEE != 0,
-            pgtt: self.pgtt(),
-            slade: q0 & SLADE != 0,
-            slptptr: q0 & PTR_MASK,
-            did: self.did(),
-            pwsnp: q1 & PWSNP != 0,
-            pgsnp: q1 & PGSNP != 0,
-            cd: q1 & CD != 0,
-            emte: q1 & EMTE != 0,
-            emt: ((q1 >> EMT_SHIFT) & 0x7) as u8,
-            pwt: q1 & PWT != 0,
-            pcd: q1 & PCD != 0,
-            pat: (q1 >> PAT_SHIFT) as u32,
-            sre: self.sre(),
-            ere: self.ere(),
-            flpm: self.flpm(),
-            wpe: q2 & WPE != 0,
-            nxe: q2 & NXE != 0,
-            smep: q2 & SMEP != 0,
-            eafe: q2 & EAFE != 0,
-            flptptr: q2 & PTR_MASK,
-        }
+        PasidEntry::with_encodings(self.0, self.aw(), self.pgtt(), self.flpm())
     }
 
     /// FPD (bit 1): fault processing disable.
