@@ -11,6 +11,7 @@
 //!   [`socket`] (the forwarded path with the host served over a UNIX socket);
 //!   [`dirty`] (the dirty-bitmap harvest of a 1 GiB domain against reading its words).
 //! - [`suite`]: the probes `vsva bench` runs; [`report`]: the table and JSON object;
+//!   [`steal`]: the hypervisor's steal time over each probe;
 //!   [`plot`]: the SVG; [`compare`]: a quick run held to a full one; [`cli`]: the
 //!   command.
 
@@ -30,6 +31,7 @@ pub mod platform;
 pub mod plot;
 pub mod report;
 pub mod socket;
+pub mod steal;
 pub mod suite;
 pub mod translate;
 pub mod uapi;

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 use super::figures::{Bound, Figure, Goal, Unit, GOALS};
 use super::measure::Spread;
+use super::steal::ProbeSteal;
 
 /// What one run measured. A figure nothing measured is missing (`null` in JSON), never
 /// estimated.
@@ -26,6 +27,8 @@ pub struct BenchReport {
     pub failures: Vec<(String, String)>,
     /// Figures no probe of the run measures (their slots wait for a probe).
     pub unmeasured: Vec<Figure>,
+    /// Each probe's wall time and the steal time over it, in the order they ran.
+    pub steal: Vec<ProbeSteal>,
 }
 
 /// How a goal fared in a report.
@@ -186,7 +189,8 @@ impl BenchReport {
 
     /// The JSON object: every figure's key with its median (`null` when missing),
     /// `spread` with each measured figure's 10th and 90th percentiles, `cpu`, `quick`, the
-    /// failed measurements and the unmeasured figures' keys.
+    /// failed measurements, the unmeasured figures' keys and `steal` (per probe, its
+    /// `wall_ms` and the `steal_ms` over it).
     pub fn json(&self) -> Value {
         let number = |v: f64| {
             serde_json::Number::from_f64((v * 1000.0).round() / 1000.0)
@@ -237,6 +241,21 @@ impl BenchReport {
             .map(|f| Value::String(f.key().into()))
             .collect();
         map.insert("unmeasured".into(), Value::Array(unmeasured));
+        let steal = self
+            .steal
+            .iter()
+            .map(|p| {
+                let mut m = Map::new();
+                m.insert("wall_ms".into(), number(p.wall.as_secs_f64() * 1e3));
+                m.insert(
+                    "steal_ms".into(),
+                    p.steal
+                        .map_or(Value::Null, |s| number(s.as_secs_f64() * 1e3)),
+                );
+                (p.name.clone(), Value::Object(m))
+            })
+            .collect();
+        map.insert("steal".into(), Value::Object(steal));
         Value::Object(map)
     }
 
@@ -320,6 +339,26 @@ impl BenchReport {
             let _ = write!(out, ", load average {load:.2} at start");
         }
         let _ = writeln!(out, "{}", if self.quick { " (quick)" } else { "" });
+        let stolen: Vec<String> = self
+            .steal
+            .iter()
+            .filter_map(|p| {
+                let s = p.steal.filter(|s| !s.is_zero())?;
+                Some(format!(
+                    "{} {:.0} ms in {:.1} s",
+                    p.name,
+                    s.as_secs_f64() * 1e3,
+                    p.wall.as_secs_f64()
+                ))
+            })
+            .collect();
+        if !stolen.is_empty() {
+            let _ = writeln!(
+                out,
+                "steal time (vCPUs kept waiting by the hypervisor): {}",
+                stolen.join(", ")
+            );
+        }
         out
     }
 }
@@ -435,6 +474,35 @@ mod tests {
             lines.iter().filter(|l| l.ends_with("missing")).count(),
             GOALS.len() - 3
         );
+    }
+
+    #[test]
+    fn probes_with_steal_time_are_named_in_the_table_and_all_in_the_json() {
+        use std::time::Duration;
+        let mut r = report();
+        let probe = |name: &str, steal| ProbeSteal {
+            name: name.into(),
+            wall: Duration::from_millis(2400),
+            steal,
+        };
+        r.steal = vec![
+            probe("iotlb-hit", Some(Duration::ZERO)),
+            probe("dma-2-threads", Some(Duration::from_millis(30))),
+            probe("socket-forwarded", None),
+        ];
+        let t = r.table();
+        assert!(
+            t.ends_with(
+                "steal time (vCPUs kept waiting by the hypervisor): dma-2-threads 30 ms in 2.4 s\n"
+            ),
+            "{t}"
+        );
+        let v = r.json();
+        assert_eq!(v["steal"]["dma-2-threads"]["steal_ms"], Value::from(30.0));
+        assert_eq!(v["steal"]["iotlb-hit"]["wall_ms"], Value::from(2400.0));
+        assert_eq!(v["steal"]["socket-forwarded"]["steal_ms"], Value::Null);
+        r.steal.truncate(1);
+        assert!(!r.table().contains("steal time"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use super::pasid::PasidChurn;
 use super::platform::{Platform, PlatformConfig};
 use super::report::BenchReport;
 use super::socket::{SocketForwardedInvalidation, SocketPageRequest, SocketVm};
+use super::steal::StealWatch;
 use super::translate::{
     ColdWalks, HashMapLookups, IotlbHits, TwoThreadHits, WalkKind, WalkOnly, WORKING_SET,
 };
@@ -659,7 +660,10 @@ fn run_budgets<const N: usize>(
 /// Runs `probe` into `report`, recording a failure if it fails or leaves one of its
 /// figures unrecorded.
 fn run_one(probe: &mut dyn Probe, budget: &SampleBudget, report: &mut BenchReport) {
-    match probe.run(budget, report) {
+    let watch = StealWatch::start();
+    let ran = probe.run(budget, report);
+    report.steal.push(watch.stop(probe.name()));
+    match ran {
         Err(e) => report.fail(probe.name(), e),
         Ok(()) => {
             let absent: Vec<_> = probe
