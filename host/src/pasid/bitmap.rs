@@ -5,6 +5,11 @@
 //! `i` of level `k` has any bit set. For 2^20 PASIDs the levels have 16384, 256 and 4
 //! words.
 //!
+//! Each level-0 word carries a 32-bit tag for the bitmap's user in the same 16 bytes (the
+//! owner table keeps there where the word's owner entries are), so that a look-up of a
+//! PASID reads one cache line for both its bit and its tag, not one line of each of two
+//! tables.
+//!
 //! The bitmap also keeps a lower bound below which nothing is free, as Linux keeps
 //! `next_fd` for file descriptors: a search for the lowest free entry starts there, so
 //! when the low part of the space is full (high occupancy, lowest-free allocation) the
@@ -14,35 +19,54 @@
 /// Bits per word, and the fan-out of the summary tree.
 const WORD_BITS: usize = 64;
 
+/// A level-0 word and its tag, four to a cache line.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(16))]
+struct Leaf {
+    free: u64,
+    tag: u32,
+}
+
 /// The free-set bitmap.
 #[derive(Clone, Debug)]
 pub(crate) struct FreeBitmap {
-    /// `levels[0]` is the leaf level; the last level has at most 64 words.
-    levels: Vec<Vec<u64>>,
+    /// The leaf level, with the tags.
+    leaves: Vec<Leaf>,
+    /// The summary levels above the leaves, the lowest first; the last has at most 64
+    /// words (none when the leaves are at most 64 words).
+    summary: Vec<Vec<u64>>,
     bits: usize,
     /// No entry below this one is free.
     low: usize,
 }
 
+/// A level of `n` free entries: `n / 64` words rounded up, all bits of the entries set.
+fn all_free_level(n: usize) -> Vec<u64> {
+    let words = n.div_ceil(WORD_BITS);
+    let mut level = vec![u64::MAX; words];
+    if n % WORD_BITS != 0 {
+        level[words - 1] = (1u64 << (n % WORD_BITS)) - 1;
+    }
+    level
+}
+
 impl FreeBitmap {
-    /// A bitmap of `bits` entries, all free.
+    /// A bitmap of `bits` entries, all free, every tag 0.
     pub(crate) fn all_free(bits: usize) -> Self {
-        let mut levels = Vec::new();
-        let mut n = bits;
-        loop {
-            let words = n.div_ceil(WORD_BITS);
-            let mut level = vec![u64::MAX; words];
-            if n % WORD_BITS != 0 {
-                level[words - 1] = (1u64 << (n % WORD_BITS)) - 1;
-            }
-            levels.push(level);
-            if words <= WORD_BITS {
-                break;
-            }
-            n = words;
+        let leaves: Vec<Leaf> = all_free_level(bits)
+            .into_iter()
+            .map(|free| Leaf { free, tag: 0 })
+            .collect();
+        let mut summary = Vec::new();
+        let mut n = leaves.len();
+        while n > WORD_BITS {
+            let level = all_free_level(n);
+            n = level.len();
+            summary.push(level);
         }
         FreeBitmap {
-            levels,
+            leaves,
+            summary,
             bits,
             low: 0,
         }
@@ -51,13 +75,19 @@ impl FreeBitmap {
     /// Whether entry `i` is free. `i` must be below the bitmap size.
     #[cfg(test)]
     pub(crate) fn is_free(&self, i: usize) -> bool {
-        self.levels[0][i / WORD_BITS] & (1 << (i % WORD_BITS)) != 0
+        self.leaves[i / WORD_BITS].free & (1 << (i % WORD_BITS)) != 0
     }
 
-    /// Word `w` of the leaf level: bit `i` set when entry `64 w + i` is free. `w` must be
-    /// below the number of words.
-    pub(crate) fn word(&self, w: usize) -> u64 {
-        self.levels[0][w]
+    /// Word `w` of the leaf level (bit `i` set when entry `64 w + i` is free) and its tag.
+    /// `w` must be below the number of words.
+    pub(crate) fn word_and_tag(&self, w: usize) -> (u64, u32) {
+        let leaf = self.leaves[w];
+        (leaf.free, leaf.tag)
+    }
+
+    /// Sets the tag of leaf word `w`. `w` must be below the number of words.
+    pub(crate) fn set_tag(&mut self, w: usize, tag: u32) {
+        self.leaves[w].tag = tag;
     }
 
     /// Marks entry `i` taken (moving the lower bound past it if it was there). `i` must be
@@ -66,8 +96,13 @@ impl FreeBitmap {
         if i == self.low {
             self.low += 1;
         }
-        let mut index = i;
-        for level in &mut self.levels {
+        let mut index = i / WORD_BITS;
+        let leaf = &mut self.leaves[index];
+        leaf.free &= !(1 << (i % WORD_BITS));
+        if leaf.free != 0 {
+            return;
+        }
+        for level in &mut self.summary {
             let word = &mut level[index / WORD_BITS];
             *word &= !(1 << (index % WORD_BITS));
             if *word != 0 {
@@ -80,8 +115,14 @@ impl FreeBitmap {
     /// Marks entry `i` free. `i` must be below the bitmap size.
     pub(crate) fn release(&mut self, i: usize) {
         self.low = self.low.min(i);
-        let mut index = i;
-        for level in &mut self.levels {
+        let mut index = i / WORD_BITS;
+        let leaf = &mut self.leaves[index];
+        let was_empty = leaf.free == 0;
+        leaf.free |= 1 << (i % WORD_BITS);
+        if !was_empty {
+            return;
+        }
+        for level in &mut self.summary {
             let word = &mut level[index / WORD_BITS];
             let was_empty = *word == 0;
             *word |= 1 << (index % WORD_BITS);
@@ -105,6 +146,14 @@ impl FreeBitmap {
         found
     }
 
+    /// Word `w` of level `level` (0 the leaves), if the level has one.
+    fn level_word(&self, level: usize, w: usize) -> Option<u64> {
+        match level {
+            0 => self.leaves.get(w).map(|leaf| leaf.free),
+            _ => self.summary[level - 1].get(w).copied(),
+        }
+    }
+
     /// The first free entry at or above `from`: climbs the summary from `from`'s leaf word
     /// until a word has a set bit at or after the position searched from (scanning the
     /// few top-level words), then descends through the lowest set bits to a leaf.
@@ -112,17 +161,16 @@ impl FreeBitmap {
         if from >= self.bits {
             return None;
         }
-        let top = self.levels.len() - 1;
+        let top = self.summary.len();
         let mut level = 0;
         let mut from = from;
         let mut found = loop {
-            let words = &self.levels[level];
             let mut w = from / WORD_BITS;
-            let mut word = *words.get(w)? & (u64::MAX << (from % WORD_BITS));
+            let mut word = self.level_word(level, w)? & (u64::MAX << (from % WORD_BITS));
             if level == top {
                 while word == 0 {
                     w += 1;
-                    word = *words.get(w)?;
+                    word = self.level_word(level, w)?;
                 }
             }
             if word != 0 {
@@ -131,15 +179,17 @@ impl FreeBitmap {
             level += 1;
             from = w + 1;
         };
-        for words in self.levels[..level].iter().rev() {
-            found = found * WORD_BITS + words[found].trailing_zeros() as usize;
+        for level in (0..level).rev() {
+            let word = self.level_word(level, found)?;
+            found = found * WORD_BITS + word.trailing_zeros() as usize;
         }
         Some(found)
     }
 
     /// Heap bytes the bitmap occupies: a fixed cost, independent of how many are taken.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.levels.iter().map(|l| l.len() * 8).sum()
+        std::mem::size_of_val(&*self.leaves)
+            + self.summary.iter().map(|l| l.len() * 8).sum::<usize>()
     }
 }
 
@@ -151,9 +201,9 @@ mod tests {
     #[test]
     fn shape_for_twenty_bits() {
         let b = FreeBitmap::all_free(1 << 20);
-        let sizes: Vec<usize> = b.levels.iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![16384, 256, 4]);
-        assert_eq!(b.heap_bytes(), (16384 + 256 + 4) * 8);
+        let sizes: Vec<usize> = b.summary.iter().map(Vec::len).collect();
+        assert_eq!((b.leaves.len(), sizes), (16384, vec![256, 4]));
+        assert_eq!(b.heap_bytes(), 16384 * 16 + (256 + 4) * 8);
     }
 
     #[test]
@@ -171,6 +221,22 @@ mod tests {
         b.release(5);
         assert_eq!(b.first_free_from(6), Some(70_000));
         assert_eq!(b.first_free_from(5), Some(5));
+    }
+
+    #[test]
+    fn tags_stay_with_their_words() {
+        let mut b = FreeBitmap::all_free(1 << 20);
+        b.set_tag(3, 0xdead_beef);
+        b.set_tag(4, 7);
+        for i in 3 * 64..4 * 64 {
+            b.take(i);
+        }
+        assert_eq!(b.word_and_tag(3), (0, 0xdead_beef));
+        b.release(3 * 64 + 5);
+        assert_eq!(b.word_and_tag(3), (1 << 5, 0xdead_beef));
+        assert_eq!(b.word_and_tag(4), (u64::MAX, 7));
+        assert_eq!(b.word_and_tag(2), (u64::MAX, 0));
+        assert_eq!(b.first_free_from(3 * 64), Some(3 * 64 + 5));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! below which nothing is free), records its owner in the leaf of its bitmap word and
 //! counts it in its set; `free` checks the owner and uncounts it; both are O(1) whatever
 //! the occupancy (a leaf moves at most 64 entries when it grows or shrinks), and `owner`
-//! is a bitmap word, a directory slot and an entry, without hashing. Sets are found by id
+//! is a bitmap word with its leaf's place and an entry, without hashing. Sets are found by id
 //! in a table of at most 65,535 slots, without hashing (see the `sets` module: an id is a
 //! slot and that slot's reuse count, so that the owner table can name a set in two bytes;
 //! a 65,536th live set is refused with ENOSPC). A set keeps no list of its PASIDs: listing
@@ -17,8 +17,9 @@
 //! whole space for a destroy), one bitmap word per 64 PASIDs and an entry per taken one,
 //! so that a churn at high occupancy touches no per-set list (see the `owners` module).
 //!
-//! Memory: a fixed 132 KiB bitmap and 64 KiB leaf directory, and per allocated PASID a
-//! 2-byte owner entry (its set's slot; with its leaf's spare room fewer than 8 bytes,
+//! Memory: a fixed 258 KiB bitmap (16 bytes per 64 PASIDs: the free bits and where their
+//! owner entries are, in one cache line), and per allocated PASID a 2-byte owner entry
+//! (its set's slot; with its leaf's spare room and its arena's fewer than 16 bytes,
 //! besides the leaves an arena keeps free after churn: see the `owners` module); measured
 //! by `testbed/tests/bench_heap.rs` and `vsva bench` (`bytes_per_pasid_*`).
 
@@ -206,8 +207,8 @@ impl PasidAllocator {
         Ok(pasids(owned))
     }
 
-    /// Heap bytes of the fixed tables (the free bitmap and the owner table's leaf
-    /// directory), taken whatever the occupancy.
+    /// Heap bytes of the fixed table (the free bitmap, each of its words with its leaf's
+    /// place), taken whatever the occupancy.
     pub fn fixed_bytes(&self) -> usize {
         self.owners.fixed_bytes()
     }

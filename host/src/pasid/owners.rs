@@ -7,8 +7,9 @@
 //! the 2^20 PASIDs would take 2 MiB, 200 bytes per PASID at 1 % occupancy). A leaf holding more
 //! than 32 is direct-mapped: the entry sits at the PASID's bit, so that at high occupancy
 //! a lookup, insertion or removal touches the one entry and no other. Either way a lookup
-//! is the bitmap word, the leaf's place in a fixed directory and the entry: no hashing, no
-//! probing, and at 99 % occupancy about 2 MiB of entries where hash maps took 34 MiB.
+//! is the bitmap word with the leaf's place beside it (the bitmap's tag of the word, in the
+//! same cache line) and then the entry: no hashing, no probing, no table between, and at
+//! 99 % occupancy about 2 MiB of entries where hash maps took 34 MiB.
 //!
 //! An entry is the owner's set slot (16 bits, see the `sets` module) and nothing else: a set's PASIDs are found by a scan of
 //! the taken bits (`OwnerTable::owned_by`), not kept in a per-set list. A list with each
@@ -16,12 +17,14 @@
 //! allocation write its set's list end, two more pages per operation out of 1,000 sets'
 //! lists; at 99 % occupancy those were two thirds of the pages a churn operation touched.
 //!
-//! Leaf capacities are powers of two (1 to 64 entries), each capacity cut out of its own
-//! arena of 2 KiB blocks (1024 one-entry leaves, or 16 full-width ones): a leaf doubles when
-//! it is full and halves when it holds a quarter of its room or less, so a leaf of n
-//! entries has room for fewer than 4n. An arena reuses the leaves freed in it and gives
-//! its blocks back but the first when its last leaf is freed (at most 14 KiB kept over the
-//! seven classes).
+//! Leaf capacities are powers of two (1 to 64 entries), each capacity's leaves laid end to
+//! end in an arena of its own, one array grown by doubling from 2 KiB (1024 one-entry
+//! leaves, or 16 full-width ones), so that an entry's address is the arena's base, the
+//! leaf's number and the slot, with no block table to read between the place and the
+//! entry: a leaf doubles when it is full and halves when it holds a quarter of its room or
+//! less, so a leaf of n entries has room for fewer than 4n (8n with the arena's spare
+//! room). An arena reuses the leaves freed in it and gives its array back but the first
+//! 2 KiB when its last leaf is freed (at most 14 KiB kept over the seven classes).
 
 use vsva_vtd::addr::Pasid;
 
@@ -29,20 +32,13 @@ use super::{bitmap::FreeBitmap, NO_OWNER, PASID_SPACE};
 
 /// PASIDs per leaf: one word of the bitmap.
 const LEAF_SPAN: usize = 64;
-/// Leaves in the space.
-const LEAVES: usize = PASID_SPACE / LEAF_SPAN;
 /// Capacity classes: a leaf of class `c` has room for `1 << c` entries.
 const CLASSES: usize = 7;
 /// The class of a full-width leaf, direct-mapped by bit.
 const DIRECT: usize = CLASSES - 1;
-/// Entries per arena block (2 KiB): a block holds `BLOCK_ENTRIES >> class` leaves, so
-/// that the first block each class keeps costs the same whatever the class.
-const BLOCK_ENTRIES: usize = 1024;
-
-/// Leaves per block of class `class`.
-const fn block_leaves(class: usize) -> usize {
-    BLOCK_ENTRIES >> class
-}
+/// Entries an arena makes room for at first and keeps when it empties (2 KiB), whatever
+/// its class.
+const FIRST_ENTRIES: usize = 1024;
 
 /// An allocated PASID's set, by its slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,11 +67,11 @@ impl Place {
 /// The leaves of one capacity class.
 #[derive(Clone, Debug, Default)]
 struct Arena {
-    /// Blocks of [`BLOCK_ENTRIES`] entries each.
-    blocks: Vec<Box<[Owner]>>,
+    /// The entries of leaf `n` at `n << class`, for every leaf cut out so far.
+    entries: Vec<Owner>,
     /// Leaves freed since the arena was last empty, reused first.
     freed: Vec<u32>,
-    /// Leaves ever cut out of the blocks since the arena was last empty.
+    /// Leaves ever cut out of the array since the arena was last empty.
     used: u32,
     live: u32,
 }
@@ -87,21 +83,24 @@ impl Arena {
         if let Some(leaf) = self.freed.pop() {
             return leaf;
         }
-        let leaf = self.used;
-        if leaf as usize / block_leaves(class) == self.blocks.len() {
-            self.blocks
-                .push(vec![Owner::default(); BLOCK_ENTRIES].into_boxed_slice());
+        if self.entries.capacity() == 0 {
+            self.entries.reserve_exact(FIRST_ENTRIES);
         }
+        self.entries
+            .resize(self.entries.len() + (1 << class), Owner::default());
+        let leaf = self.used;
         self.used += 1;
         leaf
     }
 
-    /// Returns `leaf`; the last leaf returned gives every block back but the first (so
-    /// that a leaf allocated and freed over and over does not allocate and free a block).
+    /// Returns `leaf`; the last leaf returned gives the array back but its first
+    /// [`FIRST_ENTRIES`] (so that a leaf allocated and freed over and over does not
+    /// allocate and free).
     fn release(&mut self, leaf: u32) {
         self.live -= 1;
         if self.live == 0 {
-            self.blocks.truncate(1);
+            self.entries.clear();
+            self.entries.shrink_to(FIRST_ENTRIES);
             self.freed = Vec::new();
             self.used = 0;
         } else {
@@ -110,24 +109,18 @@ impl Arena {
     }
 
     fn entries(&self, class: usize, leaf: u32) -> &[Owner] {
-        let leaf = leaf as usize;
-        let start = (leaf % block_leaves(class)) << class;
-        &self.blocks[leaf / block_leaves(class)][start..start + (1 << class)]
+        let start = (leaf as usize) << class;
+        &self.entries[start..start + (1 << class)]
     }
 
     fn entries_mut(&mut self, class: usize, leaf: u32) -> &mut [Owner] {
-        let leaf = leaf as usize;
-        let start = (leaf % block_leaves(class)) << class;
-        &mut self.blocks[leaf / block_leaves(class)][start..start + (1 << class)]
+        let start = (leaf as usize) << class;
+        &mut self.entries[start..start + (1 << class)]
     }
 
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
-        self.blocks
-            .iter()
-            .map(|b| std::mem::size_of_val(&**b))
-            .sum::<usize>()
-            + self.freed.capacity() * 4
+        self.entries.capacity() * std::mem::size_of::<Owner>() + self.freed.capacity() * 4
     }
 }
 
@@ -161,9 +154,9 @@ struct Entry {
 /// The allocated PASIDs and their owners.
 #[derive(Clone, Debug)]
 pub(super) struct OwnerTable {
+    /// The free PASIDs; each word's tag is its leaf's [`Place`] (meaningless for a word
+    /// with nothing taken).
     free: FreeBitmap,
-    /// Each bitmap word's leaf; meaningless for a word with nothing taken.
-    places: Box<[Place]>,
     arenas: [Arena; CLASSES],
 }
 
@@ -173,26 +166,32 @@ impl OwnerTable {
     pub(super) fn new() -> Self {
         let mut table = OwnerTable {
             free: FreeBitmap::all_free(PASID_SPACE),
-            places: vec![Place::default(); LEAVES].into_boxed_slice(),
             arenas: Default::default(),
         };
         table.insert(Pasid::RID_PASID.raw(), Owner { set: NO_OWNER });
         table
     }
 
-    /// The taken bits of `pasid`'s word, and `pasid`'s word and bit.
-    fn word(&self, pasid: u32) -> (u64, usize, usize) {
+    /// The taken bits of `pasid`'s word, the word's leaf (meaningless when nothing is
+    /// taken), and `pasid`'s word and bit.
+    fn word(&self, pasid: u32) -> (u64, Place, usize, usize) {
         let (word, bit) = (pasid as usize / LEAF_SPAN, pasid as usize % LEAF_SPAN);
-        (!self.free.word(word), word, bit)
+        let (free, place) = self.free.word_and_tag(word);
+        (!free, Place(place), word, bit)
+    }
+
+    /// The leaf of bitmap word `word` (meaningless when nothing in it is taken).
+    #[cfg(test)]
+    fn place(&self, word: usize) -> Place {
+        Place(self.free.word_and_tag(word).1)
     }
 
     /// Where `pasid`'s entry is, if it is taken.
     fn entry(&self, pasid: u32) -> Option<Entry> {
-        let (taken, word, bit) = self.word(pasid);
+        let (taken, place, word, bit) = self.word(pasid);
         if taken & (1 << bit) == 0 {
             return None;
         }
-        let place = self.places[word];
         let slot = slot(place, taken, bit);
         Some(Entry {
             taken,
@@ -231,13 +230,12 @@ impl OwnerTable {
 
     /// Takes free `pasid` for `owner`. `pasid` must be below the space's size.
     pub(super) fn insert(&mut self, pasid: u32, owner: Owner) {
-        let (taken, word, bit) = self.word(pasid);
+        let (taken, place, word, bit) = self.word(pasid);
         debug_assert_eq!(taken & (1 << bit), 0, "PASID {pasid} is taken");
-        let place = self.places[word];
         let class = place.class();
         if taken == 0 {
             let place = Place::new(0, self.arenas[0].alloc(0));
-            self.places[word] = place;
+            self.free.set_tag(word, place.0);
             self.entries_mut(place)[0] = owner;
         } else if class == DIRECT {
             self.entries_mut(place)[bit] = owner;
@@ -276,7 +274,7 @@ impl OwnerTable {
             entries[..packed.len()].copy_from_slice(packed);
         }
         self.arenas[from.class()].release(from.leaf());
-        self.places[word] = place;
+        self.free.set_tag(word, place.0);
     }
 
     /// The PASIDs in `[min, max]` allocated to `set`, in ascending order: the taken bits
@@ -286,7 +284,8 @@ impl OwnerTable {
         let (min, max) = (min as usize, max as usize);
         let mut owned = Vec::new();
         for word in min / LEAF_SPAN..=max / LEAF_SPAN {
-            let all = !self.free.word(word);
+            let (free, place) = self.free.word_and_tag(word);
+            let all = !free;
             let mut taken = all;
             if word == min / LEAF_SPAN {
                 taken &= u64::MAX << (min % LEAF_SPAN);
@@ -297,7 +296,7 @@ impl OwnerTable {
             if taken == 0 {
                 continue;
             }
-            let place = self.places[word];
+            let place = Place(place);
             let entries = self.entries(place);
             while taken != 0 {
                 let bit = taken.trailing_zeros() as usize;
@@ -350,16 +349,16 @@ impl OwnerTable {
         Ok(owner)
     }
 
-    /// Heap bytes of the fixed tables: the bitmap and the leaf directory.
+    /// Heap bytes of the fixed table: the bitmap, with each word's leaf place.
     pub(super) fn fixed_bytes(&self) -> usize {
-        self.free.heap_bytes() + std::mem::size_of_val(&*self.places)
+        self.free.heap_bytes()
     }
 
     /// Number of PASIDs with an owner.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        (0..LEAVES)
-            .map(|w| (!self.free.word(w)).count_ones() as usize)
+        (0..PASID_SPACE / LEAF_SPAN)
+            .map(|w| (!self.free.word_and_tag(w).0).count_ones() as usize)
             .sum::<usize>()
             - 1
     }
@@ -404,10 +403,10 @@ mod tests {
         // PASID's set is its own number, so that an entry moved to the wrong slot shows.
         for (i, p) in (64..128u32).rev().enumerate() {
             t.insert(p, owner(set_of(p)));
-            let class = t.places[1].class();
+            let class = t.place(1).class();
             assert_eq!(1 << class, (i + 1).next_power_of_two(), "{} held", i + 1);
         }
-        assert_eq!(t.places[1].class(), DIRECT);
+        assert_eq!(t.place(1).class(), DIRECT);
         for p in 64..128 {
             assert_eq!(t.get(p), Some(owner(set_of(p))));
         }
@@ -415,11 +414,11 @@ mod tests {
         for p in 64..112 {
             assert_eq!(t.remove(p, set_of(p)), Ok(owner(set_of(p))));
         }
-        assert_eq!(t.places[1].class(), 5);
+        assert_eq!(t.place(1).class(), 5);
         for p in 112..120 {
             assert_eq!(t.remove(p, set_of(p)), Ok(owner(set_of(p))));
         }
-        assert_eq!(t.places[1].class(), 4);
+        assert_eq!(t.place(1).class(), 4);
         for p in 120..128 {
             assert_eq!(t.get(p), Some(owner(set_of(p))));
         }
@@ -428,8 +427,11 @@ mod tests {
             assert_eq!(t.remove(p, set_of(p)), Ok(owner(set_of(p))));
         }
         assert_eq!(t.len(), 0);
-        // Every arena gave its blocks back but its first.
-        assert!(t.arenas.iter().all(|a| a.blocks.len() == 1));
+        // Every arena gave its array back but its first 2 KiB.
+        assert!(t
+            .arenas
+            .iter()
+            .all(|a| a.entries.capacity() == FIRST_ENTRIES));
         assert_eq!(t.arenas[1..].iter().map(|a| a.live).sum::<u32>(), 0);
     }
 
@@ -439,27 +441,27 @@ mod tests {
         for w in 1..200u32 {
             t.insert(w * 64 + 17, owner(set_of(w)));
         }
-        assert!(t.arenas[1..].iter().all(|a| a.blocks.is_empty()));
-        // 200 one-entry leaves (PASID 0's included): one block of 1024 entries.
+        assert!(t.arenas[1..].iter().all(|a| a.entries.capacity() == 0));
+        // 200 one-entry leaves (PASID 0's included): the first 1024 entries.
         assert_eq!(t.leaf_bytes(), 1024 * 2);
         assert_eq!(t.get(5 * 64 + 17), Some(owner(5)));
         assert_eq!(t.get(5 * 64 + 16), None);
     }
 
     #[test]
-    fn a_leaf_allocated_and_freed_over_and_over_reuses_its_block() {
+    fn a_leaf_allocated_and_freed_over_and_over_reuses_its_array() {
         let mut t = OwnerTable::new();
         // PASID 1 moves PASID 0's leaf out of the one-entry class: it has no leaf left.
         t.insert(1, owner(1));
         assert_eq!(t.arenas[0].live, 0);
         t.insert(640, owner(1));
-        let block = t.arenas[0].blocks[0].as_ptr();
+        let block = t.arenas[0].entries.as_ptr();
         for _ in 0..3 {
             assert_eq!(t.remove(640, 1), Ok(owner(1)));
             assert_eq!(t.arenas[0].live, 0);
             t.insert(640, owner(1));
-            assert_eq!(t.arenas[0].blocks.len(), 1);
-            assert_eq!(t.arenas[0].blocks[0].as_ptr(), block);
+            assert_eq!(t.arenas[0].entries.capacity(), FIRST_ENTRIES);
+            assert_eq!(t.arenas[0].entries.as_ptr(), block);
         }
     }
 
@@ -520,8 +522,8 @@ mod tests {
                     prop_assert!(!t.is_free(p));
                 }
                 for w in model.keys().map(|&p| p as usize / LEAF_SPAN) {
-                    let held = (!t.free.word(w)).count_ones() as usize;
-                    prop_assert!(1 << t.places[w].class() < 4 * held);
+                    let held = (!t.free.word_and_tag(w).0).count_ones() as usize;
+                    prop_assert!(1 << t.place(w).class() < 4 * held);
                 }
             }
             for p in [0, 63, 64, 4095, 4096, 0xf_ffff] {
