@@ -6,12 +6,16 @@
 //! spins until told to go, does the timed work, says it is done, then checks (untimed) and
 //! reports. The timing thread starts the clock once the second thread is ready and stops
 //! it when both are done, so a sample times the work, not thread start-up or wake-up.
+//! While the second thread lives, it and the timing thread are pinned to two CPUs
+//! ([`PinnedApart`]): woken by each sample's order, it was otherwise sometimes placed on
+//! the timing thread's CPU, and that sample timed both halves on one core.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::pin::PinnedApart;
 use super::BenchError;
 
 /// The second thread's half of a sample.
@@ -47,45 +51,51 @@ pub(super) struct SecondThread {
     flags: Arc<Flags>,
     thread: Option<JoinHandle<()>>,
     sample: u64,
+    /// Dropped after the thread has ended: the timing thread gets its CPUs back.
+    _apart: PinnedApart,
 }
 
 impl SecondThread {
-    /// Starts the thread `name`, which runs `half` for each sample.
+    /// Starts the thread `name`, which runs `half` for each sample, on another CPU than
+    /// the calling thread's (when it may use two).
     pub(super) fn spawn(name: &'static str, mut half: impl SampleHalf) -> Result<Self, BenchError> {
         let flags = Arc::new(Flags::default());
         let (orders, inbox) = mpsc::channel::<u64>();
         let (report, results) = mpsc::channel();
         let theirs = Arc::clone(&flags);
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let mut sample = 0;
-                while let Ok(iters) = inbox.recv() {
-                    sample += 1;
-                    let r = half.prepare().and_then(|()| {
+        let (thread, apart) = PinnedApart::start(|| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let mut sample = 0;
+                    while let Ok(iters) = inbox.recv() {
+                        sample += 1;
+                        let r = half.prepare().and_then(|()| {
+                            theirs.ready.store(sample, Ordering::Release);
+                            while theirs.go.load(Ordering::Acquire) < sample {
+                                std::hint::spin_loop();
+                            }
+                            let worked = half.work(iters);
+                            theirs.done.store(sample, Ordering::Release);
+                            worked.and_then(|()| half.check())
+                        });
+                        // A failure before `ready` still releases the timing thread.
                         theirs.ready.store(sample, Ordering::Release);
-                        while theirs.go.load(Ordering::Acquire) < sample {
-                            std::hint::spin_loop();
-                        }
-                        let worked = half.work(iters);
                         theirs.done.store(sample, Ordering::Release);
-                        worked.and_then(|()| half.check())
-                    });
-                    // A failure before `ready` still releases the timing thread.
-                    theirs.ready.store(sample, Ordering::Release);
-                    theirs.done.store(sample, Ordering::Release);
-                    if report.send(r).is_err() {
-                        break;
+                        if report.send(r).is_err() {
+                            break;
+                        }
                     }
-                }
-            })?;
+                })
+        });
         Ok(SecondThread {
             name,
             orders: Some(orders),
             results,
             flags,
-            thread: Some(thread),
+            thread: Some(thread?),
             sample: 0,
+            _apart: apart,
         })
     }
 

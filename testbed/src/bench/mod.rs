@@ -27,6 +27,7 @@ pub mod loads;
 mod lockstep;
 pub mod measure;
 pub mod pasid;
+mod pin;
 pub mod platform;
 pub mod plot;
 pub mod report;

@@ -12,8 +12,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
-
 use vsva_guest::{process::Process, process::Prot};
 use vsva_hw::dma::{CompletionStatus, Operation};
 use vsva_hw::memory::PAGE_SIZE;
@@ -21,6 +19,7 @@ use vsva_service::{ring::SpinRegardlessOfLoad, server::HostConfig, thread::HostT
 use vsva_vmm::VIommuStats;
 use vsva_vtd::{addr::Gva, addr::Pasid, flpte::FlPagingMode};
 
+use super::pin::PinnedApart;
 use super::{BenchError, Workload};
 use crate::remote::RemoteVm;
 use crate::stack::Uapi;
@@ -52,69 +51,6 @@ pub struct SocketVm {
     host: HostThread,
     /// Dropped last: the bench's thread gets its CPUs back once the host has stopped.
     _apart: PinnedApart,
-}
-
-/// The calling thread on one CPU and the host's threads, which [`PinnedApart::start`]
-/// starts, on another, while it lives; the calling thread's CPUs come back when it is
-/// dropped.
-///
-/// The client and the host's connection thread each spin for the other
-/// ([`SpinRegardlessOfLoad`]), which pays only while they run on two cores at once. Left
-/// to the scheduler they often share one: a doorbell is a write to a UNIX socket, which
-/// wakes its reader "synchronously" (the kernel's hint that the writer is about to
-/// sleep), so the reader is placed on the writer's CPU when no other CPU is idle; from
-/// then on each side spins its whole budget ([`vsva_service::ring::SPIN`]) on the core
-/// the other needs, then sleeps, call after call. That is the socket probe's slow mode
-/// (at load average 9: 108 µs per forwarded invalidation, two 50 µs spins and the call;
-/// 98 % of the calls rang the doorbell of a host asleep, 0.4 % with the two pinned
-/// apart), whether or not other probes ran first in the process, and what a run under
-/// `taskset -c 0` measures.
-struct PinnedApart {
-    /// The calling thread's CPUs before, to restore (none when not pinned).
-    restore: Option<CpuSet>,
-}
-
-impl PinnedApart {
-    /// Starts `host`'s threads on the second CPU the calling thread may use and moves the
-    /// calling thread to the first; with fewer than two CPUs (or when the affinity
-    /// cannot be set), starts it as it is.
-    fn start<T>(host: impl FnOnce() -> T) -> (T, PinnedApart) {
-        let Ok(mask) = sched_getaffinity(None) else {
-            return (host(), PinnedApart { restore: None });
-        };
-        let mut cpus = (0..CpuSet::MAX_CPU).filter(|&c| mask.is_set(c));
-        let (Some(client), Some(server)) = (cpus.next(), cpus.next()) else {
-            return (host(), PinnedApart { restore: None });
-        };
-        let only = |cpu: usize| {
-            let mut set = CpuSet::new();
-            set.set(cpu);
-            set
-        };
-        // A thread starts with its creator's CPUs: the host's serving thread, and the
-        // connection threads it starts, get the server's.
-        let apart = PinnedApart {
-            restore: sched_setaffinity(None, &only(server)).ok().map(|()| mask),
-        };
-        let started = host();
-        if apart.restore.is_some() && sched_setaffinity(None, &only(client)).is_err() {
-            // The calling thread stays with the host; restored on drop all the same.
-            tracing::warn!(
-                "socket bench: the bench's thread could not be moved off the host's CPU"
-            );
-        }
-        (started, apart)
-    }
-}
-
-impl Drop for PinnedApart {
-    fn drop(&mut self) {
-        if let Some(mask) = &self.restore {
-            if let Err(e) = sched_setaffinity(None, mask) {
-                tracing::warn!("socket bench: the bench's thread keeps one CPU: {e}");
-            }
-        }
-    }
 }
 
 impl SocketVm {
