@@ -1,7 +1,9 @@
 //! DMA workloads: the DMA engine's memmove through nested translation against the CPU's
 //! copy of the same bytes, and the table reads of streaming DMA.
 
+use std::cell::RefCell;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,17 +185,13 @@ impl Workload for NestedMemmove {
     }
 }
 
-/// DMA throughput on two threads: device 0's and device 1's engines (two requester ids and
-/// domains, as two VMs' devices, with their own IOTLB entries) each copying 1 MiB per
-/// operation through nested translation in their own part of the guest buffer, on one
-/// shared IOMMU. An operation is one copy on each engine; its time is wall time, so the
-/// two-thread speedup is the ns of [`TwoEnginesOneThread`], the same work on one thread,
-/// over this one's.
-///
-/// The second engine copies in lockstep with the timing thread (`SecondThread`): the
-/// clock starts when its destination is cleared and stops when both are done. Both copies
-/// are checked after every sample.
-pub struct TwoEngineMemmove {
+/// Device 0's and device 1's engines (two requester ids and domains, as two VMs' devices,
+/// with their own IOTLB entries), each copying 1 MiB per operation through nested
+/// translation in its own part of the guest buffer, on one shared IOMMU: device 0's on
+/// the timing thread and device 1's on a second thread (`SecondThread`, the two pinned to
+/// two CPUs). [`TwoEngineMemmove`] runs them at once, [`EnginesInTurn`] one at a time;
+/// both destinations are cleared before and checked after every sample.
+pub struct TwoEngines {
     mine: NestedMemmove,
     other: SecondThread,
 }
@@ -212,58 +210,84 @@ impl SampleHalf for NestedMemmove {
     }
 }
 
-impl TwoEngineMemmove {
+impl TwoEngines {
     /// Engines of devices 0 and 1 of `p` (a guest buffer of 4 MiB at least), each checked
-    /// once; starts the second thread.
-    pub fn new(p: &Platform) -> Result<Self, BenchError> {
+    /// once; starts the second thread. Shared by the two workloads, which sample in turn.
+    pub fn new(p: &Platform) -> Result<Rc<RefCell<Self>>, BenchError> {
         let mine = NestedMemmove::on_device(p, 0)?;
         let theirs = NestedMemmove::on_device(p, 1)?;
-        Ok(TwoEngineMemmove {
+        Ok(Rc::new(RefCell::new(TwoEngines {
             mine,
             other: SecondThread::spawn("dma-engine-1", theirs)?,
-        })
+        })))
+    }
+}
+
+/// `iters` operations (one copy on each engine) at the rate of both threads' copies
+/// summed, from each thread's time for its `iters` copies: `2 / (1/a + 1/b)`.
+fn at_summed_rate(a: Duration, b: Duration) -> Duration {
+    let rate = |t: Duration| 1.0 / t.as_secs_f64().max(1e-9);
+    Duration::from_secs_f64(2.0 / (rate(a) + rate(b)))
+}
+
+/// DMA throughput on two threads: both engines of [`TwoEngines`] copying at once. An
+/// operation is one copy on each engine; its time is that of the two threads' throughput
+/// summed, each thread's from its own time for its copies (the second thread times its
+/// half itself). The two-thread speedup is [`EnginesInTurn`]'s time over this one's: the
+/// same engines on the same threads and CPUs, one at a time.
+///
+/// Not the wall time of the pair: the two threads' copies do not always run at one speed
+/// (in four idle runs, one process each, the second thread's took 1.17, 0.95, 0.98 and
+/// 0.93 times the first's, alone and at once alike, within half a percent), and a wall
+/// time waits for the slower thread, so a speedup of wall times (1.86 to 1.98 in those
+/// runs, where this one read 2.00 to 2.01) read how far apart the two were, not whether
+/// the engines slowed each other down. Each thread's copies are timed while the other
+/// copies too, but for the slower one's last few (a seventh of its time at 1.17).
+pub struct TwoEngineMemmove(Rc<RefCell<TwoEngines>>);
+
+impl TwoEngineMemmove {
+    /// Both engines of `engines` at once.
+    pub fn new(engines: &Rc<RefCell<TwoEngines>>) -> Self {
+        TwoEngineMemmove(Rc::clone(engines))
     }
 }
 
 impl Workload for TwoEngineMemmove {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
-        self.mine.target.clear_destination()?;
-        let mine = &mut self.mine;
-        let (t, copied) = self.other.sample(iters, || mine.copies(iters))?;
-        copied?;
-        self.mine.target.check_copy()?;
-        Ok(t)
+        let mut engines = self.0.borrow_mut();
+        let TwoEngines { mine, other } = &mut *engines;
+        mine.target.clear_destination()?;
+        let s = other.sample(iters, || {
+            let start = Instant::now();
+            mine.copies(iters).map(|()| start.elapsed())
+        })?;
+        let mine_took = s.mine?;
+        mine.target.check_copy()?;
+        Ok(at_summed_rate(mine_took, s.theirs))
     }
 }
 
-/// The baseline of [`TwoEngineMemmove`]: the same two engines' copies on one thread, the
-/// first engine's and then the second's, each destination cleared before its engine's
-/// copies and checked after them (untimed). An operation is one copy on each engine, as
-/// there. A baseline of the first engine alone, doubled, held the two threads to a copy
-/// of device 0's region only, while their wall time waited for device 1's: the two
-/// regions' copies differ by up to a fifth from one process to the next (where their
-/// pages fell in the L2), so the speedup read that difference.
-pub struct TwoEnginesOneThread {
-    engines: [NestedMemmove; 2],
-}
+/// The baseline of [`TwoEngineMemmove`]: the same two engines on the same two threads,
+/// one at a time (the timing thread's copies, then the second thread's while the timing
+/// thread sleeps), each destination cleared before and checked after its copies. An
+/// operation is one copy on each engine, at one thread's throughput (the mean of the
+/// two threads' alone): `4 / (1/a + 1/b)`, which is `a + b` when the two threads run at
+/// one speed.
+pub struct EnginesInTurn(Rc<RefCell<TwoEngines>>);
 
-impl TwoEnginesOneThread {
-    /// Engines of devices 0 and 1 of `p` (a guest buffer of 4 MiB at least), each checked
-    /// once.
-    pub fn new(p: &Platform) -> Result<Self, BenchError> {
-        Ok(TwoEnginesOneThread {
-            engines: [
-                NestedMemmove::on_device(p, 0)?,
-                NestedMemmove::on_device(p, 1)?,
-            ],
-        })
+impl EnginesInTurn {
+    /// The engines of `engines`, one at a time.
+    pub fn new(engines: &Rc<RefCell<TwoEngines>>) -> Self {
+        EnginesInTurn(Rc::clone(engines))
     }
 }
 
-impl Workload for TwoEnginesOneThread {
+impl Workload for EnginesInTurn {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
-        let [first, second] = &mut self.engines;
-        Ok(first.run(iters)? + second.run(iters)?)
+        let mut engines = self.0.borrow_mut();
+        let mine = engines.mine.run(iters)?;
+        let theirs = engines.other.alone(iters)?;
+        Ok(2 * at_summed_rate(mine, theirs))
     }
 }
 
@@ -422,13 +446,14 @@ mod tests {
             buffer: 4 * MEMMOVE_BYTES,
         })
         .unwrap();
-        let mut two = TwoEngineMemmove::new(&p).unwrap();
-        let mut one = TwoEnginesOneThread::new(&p).unwrap();
+        let engines = TwoEngines::new(&p).unwrap();
+        let mut two = TwoEngineMemmove::new(&engines);
+        let mut one = EnginesInTurn::new(&engines);
         for _ in 0..3 {
             two.run(2).unwrap();
             one.run(2).unwrap();
         }
-        assert_eq!(two.other.samples_done(), 3);
+        assert_eq!(engines.borrow().other.samples_done(), 6);
         // A corrupted source of the second engine fails the samples that copy it, on two
         // threads and on one.
         p.memory()
@@ -439,6 +464,15 @@ mod tests {
         assert!(e.contains("byte 100"), "{e}");
         // Device 2 does not exist on this platform.
         assert!(NestedMemmove::on_device(&p, 2).is_err());
+    }
+
+    #[test]
+    fn the_summed_rate_of_two_threads_is_their_harmonic_mean() {
+        let us = Duration::from_micros;
+        assert_eq!(at_summed_rate(us(30), us(30)), us(30));
+        // 1/20 + 1/60 = 1/15: two operations in 30 µs.
+        assert_eq!(at_summed_rate(us(20), us(60)), us(30));
+        assert!(at_summed_rate(Duration::ZERO, us(60)) < us(1));
     }
 
     #[test]

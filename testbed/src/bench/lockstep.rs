@@ -34,6 +34,17 @@ pub(super) trait SampleHalf: Send + 'static {
     }
 }
 
+/// One sample on both threads.
+#[derive(Debug)]
+pub(super) struct Sample<R> {
+    /// From the second thread being told to go until both halves were done.
+    pub wall: Duration,
+    /// The second thread's half, as it timed it (from its start to its end).
+    pub theirs: Duration,
+    /// What the calling thread's half returned.
+    pub mine: R,
+}
+
 /// Each sample's number, set by the second thread when it is ready and when it is done,
 /// and by the timing thread to start it.
 #[derive(Default)]
@@ -47,7 +58,7 @@ struct Flags {
 pub(super) struct SecondThread {
     name: &'static str,
     orders: Option<mpsc::Sender<u64>>,
-    results: mpsc::Receiver<Result<(), BenchError>>,
+    results: mpsc::Receiver<Result<Duration, BenchError>>,
     flags: Arc<Flags>,
     thread: Option<JoinHandle<()>>,
     sample: u64,
@@ -75,9 +86,11 @@ impl SecondThread {
                             while theirs.go.load(Ordering::Acquire) < sample {
                                 std::hint::spin_loop();
                             }
+                            let start = Instant::now();
                             let worked = half.work(iters);
+                            let took = start.elapsed();
                             theirs.done.store(sample, Ordering::Release);
-                            worked.and_then(|()| half.check())
+                            worked.and_then(|()| half.check()).map(|()| took)
                         });
                         // A failure before `ready` still releases the timing thread.
                         theirs.ready.store(sample, Ordering::Release);
@@ -100,14 +113,13 @@ impl SecondThread {
     }
 
     /// One sample of `iters` operations on each thread: `mine` runs on the calling thread
-    /// while the second thread does its half. The wall time from both starting to both
-    /// done, and what `mine` returned; `Err` when the second thread's half failed or the
-    /// thread is gone.
+    /// while the second thread does its half. `Err` when the second thread's half failed
+    /// or the thread is gone.
     pub(super) fn sample<R>(
         &mut self,
         iters: u64,
         mine: impl FnOnce() -> R,
-    ) -> Result<(Duration, R), BenchError> {
+    ) -> Result<Sample<R>, BenchError> {
         let (Some(orders), Some(thread)) = (&self.orders, &self.thread) else {
             return Err(self.gone());
         };
@@ -117,11 +129,26 @@ impl SecondThread {
         self.wait_for(&self.flags.ready, sample, thread)?;
         let start = Instant::now();
         self.flags.go.store(sample, Ordering::Release);
-        let r = mine();
+        let mine = mine();
         self.wait_for(&self.flags.done, sample, thread)?;
-        let t = start.elapsed();
-        self.results.recv().map_err(|_| self.gone())??;
-        Ok((t, r))
+        let wall = start.elapsed();
+        let theirs = self.results.recv().map_err(|_| self.gone())??;
+        Ok(Sample { wall, theirs, mine })
+    }
+
+    /// The second thread's half of a sample of `iters` operations, alone: the calling
+    /// thread sleeps meanwhile (it neither works nor spins). How long the half took, as
+    /// the second thread timed it; `Err` as [`SecondThread::sample`].
+    pub(super) fn alone(&mut self, iters: u64) -> Result<Duration, BenchError> {
+        let (Some(orders), Some(thread)) = (&self.orders, &self.thread) else {
+            return Err(self.gone());
+        };
+        self.sample += 1;
+        let sample = self.sample;
+        orders.send(iters).map_err(|_| self.gone())?;
+        self.wait_for(&self.flags.ready, sample, thread)?;
+        self.flags.go.store(sample, Ordering::Release);
+        self.results.recv().map_err(|_| self.gone())?
     }
 
     /// Samples the second thread has finished.
@@ -202,8 +229,7 @@ mod tests {
         let mut second = SecondThread::spawn("lockstep-test", half).unwrap();
         let mut mine = 0;
         for iters in [3, 5, 7] {
-            let (_, r) = second.sample(iters, || iters * 2).unwrap();
-            mine += r;
+            mine += second.sample(iters, || iters * 2).unwrap().mine;
         }
         assert_eq!((ops.load(Ordering::Relaxed), mine), (15, 30));
         drop(second);
@@ -216,6 +242,20 @@ mod tests {
         let e = failing.sample(1, || ()).unwrap_err();
         assert!(e.to_string().contains("told to fail"), "{e}");
         assert_eq!(ops.load(Ordering::Relaxed), 16);
+    }
+
+    #[test]
+    fn a_half_alone_runs_on_the_second_thread_and_is_timed_there() {
+        let ops = Arc::new(AtomicU64::new(0));
+        let half = Counter {
+            ops: Arc::clone(&ops),
+            fail_check: false,
+        };
+        let mut second = SecondThread::spawn("lockstep-test", half).unwrap();
+        second.alone(4).unwrap();
+        let s = second.sample(3, || ()).unwrap();
+        assert!(s.theirs <= s.wall, "{s:?}");
+        assert_eq!((ops.load(Ordering::Relaxed), second.samples_done()), (7, 2));
     }
 
     #[test]

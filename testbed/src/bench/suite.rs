@@ -8,8 +8,8 @@ use vsva_hw::memory::PAGE_SIZE;
 
 use super::dirty::{DirtyDomain, Harvest, WordReads, HARVEST_BYTES};
 use super::dma::{
-    nested_walk_reads, stream_reads, HostCopy, NestedMemmove, TwoEngineMemmove,
-    TwoEnginesOneThread, MEMMOVE_BYTES,
+    nested_walk_reads, stream_reads, EnginesInTurn, HostCopy, NestedMemmove, TwoEngineMemmove,
+    TwoEngines, MEMMOVE_BYTES,
 };
 use super::figures::Figure;
 use super::forward::{
@@ -190,17 +190,18 @@ fn memmove(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchE
 }
 
 /// The speedup of each two-thread sample over the one-thread sample of the same copies
-/// taken after it (both see the same load): the two engines' copies on two threads at once
-/// against the same copies on one thread in turn. The throughputs are the medians of each
-/// side.
+/// taken after it (both see the same load): the two engines' throughput summed while they
+/// copy at once, over one engine's (the mean of the two alone, each on its own thread).
+/// The throughputs are the medians of each side.
 fn dma_two_threads(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let p = Platform::new(PlatformConfig {
         devices: 2,
         buffer: 4 * MEMMOVE_BYTES,
     })?;
+    let engines = TwoEngines::new(&p)?;
     let (two, one) = measure_pair_same_count(
-        &mut TwoEngineMemmove::new(&p)?,
-        &mut TwoEnginesOneThread::new(&p)?,
+        &mut TwoEngineMemmove::new(&engines),
+        &mut EnginesInTurn::new(&engines),
         budget,
     )?;
     // An operation is one copy on each engine.

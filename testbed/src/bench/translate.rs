@@ -216,8 +216,8 @@ impl TwoThreadHits {
 impl Workload for TwoThreadHits {
     fn run(&mut self, iters: u64) -> Result<Duration, BenchError> {
         let hits = &mut self.hits;
-        let (t, ok) = self.other.sample(iters, || hits.hits(iters))?;
-        ok.then_some(t).ok_or_else(not_a_hit)
+        let s = self.other.sample(iters, || hits.hits(iters))?;
+        s.mine.then_some(s.wall).ok_or_else(not_a_hit)
     }
 }
 
