@@ -99,15 +99,18 @@ impl FreeBitmap {
         let mut index = i / WORD_BITS;
         let leaf = &mut self.leaves[index];
         leaf.free &= !(1 << (i % WORD_BITS));
-        if leaf.free != 0 {
-            return;
-        }
+        // Whether the leaf word filled up decides the summary bit's value, not whether
+        // the summary word is written: at high occupancy that is a coin toss, which a
+        // branch would mispredict half the time. Above, a word that stays non-empty ends
+        // the climb (it always does while anything below it is free).
+        let mut emptied = leaf.free == 0;
         for level in &mut self.summary {
             let word = &mut level[index / WORD_BITS];
-            *word &= !(1 << (index % WORD_BITS));
+            *word &= !(u64::from(emptied) << (index % WORD_BITS));
             if *word != 0 {
                 return;
             }
+            emptied = true;
             index /= WORD_BITS;
         }
     }
@@ -116,12 +119,10 @@ impl FreeBitmap {
     pub(crate) fn release(&mut self, i: usize) {
         self.low = self.low.min(i);
         let mut index = i / WORD_BITS;
-        let leaf = &mut self.leaves[index];
-        let was_empty = leaf.free == 0;
-        leaf.free |= 1 << (i % WORD_BITS);
-        if !was_empty {
-            return;
-        }
+        self.leaves[index].free |= 1 << (i % WORD_BITS);
+        // The summary bit is set whether or not the leaf word was full (a coin toss at
+        // high occupancy, which a branch would mispredict half the time); the climb goes
+        // on only from a summary word that was empty.
         for level in &mut self.summary {
             let word = &mut level[index / WORD_BITS];
             let was_empty = *word == 0;
