@@ -329,12 +329,26 @@ impl Table {
 }
 
 /// What a shard's writer lock guards: for each cache, the sets that may hold an entry (a
-/// bit per set, set by a fill and cleared by an invalidation that empties the set) and how
-/// many entries it holds.
+/// bit per set, set by a fill and cleared by an invalidation that empties the set), how
+/// many entries it holds, and how many of each level (or page size) with a bit per level
+/// held, so that a lookup probes only the levels a cache holds.
 #[derive(Debug)]
 struct Occupied {
     sets: Box<[u64]>,
     entries: usize,
+    /// Entries by the level field of their tag (a level, or a mapping's page shift).
+    by_level: [u32; LEVEL_FIELDS],
+    /// Bit `l` set when `by_level[l]` is not 0.
+    levels: u32,
+}
+
+/// Values of a tag's level field: the bits from [`TAG_LEVEL_SHIFT`] to [`TAG_DATA_SHIFT`].
+const LEVEL_FIELDS: usize = 1 << (TAG_DATA_SHIFT - TAG_LEVEL_SHIFT);
+const _: () = assert!(LEVEL_FIELDS <= 32);
+
+/// The level field (a level, or a mapping's page shift) of a way's tag word.
+fn tag_level(tag: u64) -> usize {
+    (tag >> TAG_LEVEL_SHIFT) as usize & (LEVEL_FIELDS - 1)
 }
 
 impl Occupied {
@@ -342,6 +356,22 @@ impl Occupied {
         Occupied {
             sets: vec![0; sets.div_ceil(64)].into_boxed_slice(),
             entries: 0,
+            by_level: [0; LEVEL_FIELDS],
+            levels: 0,
+        }
+    }
+
+    /// One more entry at level field `level`.
+    fn add(&mut self, level: usize) {
+        self.by_level[level] += 1;
+        self.levels |= 1 << level;
+    }
+
+    /// One entry fewer at level field `level`.
+    fn sub(&mut self, level: usize) {
+        self.by_level[level] -= 1;
+        if self.by_level[level] == 0 {
+            self.levels &= !(1 << level);
         }
     }
 }
@@ -359,6 +389,10 @@ impl Writer<'_> {
         let at = self.table.set_of(probe);
         let set = &self.table.sets[at];
         let (way, empty) = set.slot(probe);
+        if !empty {
+            self.occupied.sub(tag_level(set.tag(way)));
+        }
+        self.occupied.add(tag_level(probe.tag));
         set.write(|ways| {
             let w = &ways[way];
             w.tag
@@ -383,6 +417,11 @@ impl Writer<'_> {
             mask |= u32::from(chosen(i)) << i;
         }
         if mask != 0 {
+            for i in 0..WAYS {
+                if mask & (1 << i) != 0 {
+                    self.occupied.sub(tag_level(set.tag(i)));
+                }
+            }
             set.write(|ways| {
                 for (i, w) in ways.iter().enumerate() {
                     if mask & (1 << i) != 0 {
@@ -453,21 +492,35 @@ struct Marks {
 }
 
 impl Marks {
-    fn entries(&self) -> usize {
-        self.first_level.entries + self.second_level.entries + self.mappings.entries
+    /// The levels the three caches hold, as [`Shard::held`] publishes them.
+    fn held(&self) -> u64 {
+        u64::from(self.first_level.levels)
+            | u64::from(self.second_level.levels) << HELD_SECOND_LEVEL
+            | u64::from(self.mappings.levels) << HELD_MAPPINGS
     }
 }
 
-/// One shard: the three caches for its domains, their writer lock, and how many entries
-/// they hold, readable without the lock so that a lookup in an empty shard (every lookup of
-/// a cold walk after a global or domain-selective invalidation) probes no set. A cache may
-/// miss at any time, so a lookup that reads a count older than another thread's fill and
-/// misses is correct; the count is written under the writer lock at the end of every
-/// change ([`ShardWrite`]).
+/// Where [`Shard::held`] keeps the second-level cache's levels (bits 0-31 hold the
+/// first-level cache's, which are below 8).
+const HELD_SECOND_LEVEL: u32 = 8;
+/// Where [`Shard::held`] keeps the page shifts of the cached mappings.
+const HELD_MAPPINGS: u32 = 32;
+const _: () = assert!(*CACHED_LEVELS.end() < HELD_SECOND_LEVEL as u8);
+const _: () = assert!(HELD_SECOND_LEVEL + (*CACHED_LEVELS.end() as u32) < HELD_MAPPINGS);
+
+/// One shard: the three caches for its domains, their writer lock, and which levels (page
+/// sizes for the mappings) they hold, readable without the lock so that a lookup in an
+/// empty shard (every lookup of a cold walk after a global or domain-selective
+/// invalidation) probes no set, and a lookup in one that holds some probes only the levels
+/// held (a nested walk's second-level mappings are of one size, its first-level entries of
+/// one level). A cache may miss at any time, so a lookup that reads a summary older than
+/// another thread's fill and misses is correct; the summary is written under the writer
+/// lock at the end of every change ([`ShardWrite`]).
 #[derive(Debug)]
 struct Shard {
     writer: WriterLock<Marks>,
-    entries: AtomicU64,
+    /// [`Marks::held`]: 0 when the shard is empty.
+    held: AtomicU64,
     first_level: Table,
     second_level: Table,
     mappings: Table,
@@ -494,10 +547,10 @@ impl DerefMut for ShardWrite<'_> {
 }
 
 impl Drop for ShardWrite<'_> {
-    /// Runs before the guard field is dropped: the count is written under the lock.
+    /// Runs before the guard field is dropped: the summary is written under the lock.
     fn drop(&mut self) {
-        let n = self.marks.entries() as u64;
-        self.shard.entries.store(n, Ordering::Release);
+        let held = self.marks.held();
+        self.shard.held.store(held, Ordering::Release);
     }
 }
 
@@ -539,7 +592,7 @@ impl Shard {
                 second_level: Occupied::new(table_sets),
                 mappings: Occupied::new(mapping_sets),
             }),
-            entries: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             first_level: Table::new(table_sets),
             second_level: Table::new(table_sets),
             mappings: Table::new(mapping_sets),
@@ -549,7 +602,14 @@ impl Shard {
     /// Whether a lookup may find anything (see [`Shard`]).
     #[inline]
     fn may_hold(&self) -> bool {
-        self.entries.load(Ordering::Acquire) != 0
+        self.held.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the cache whose levels [`Shard::held`] keeps from bit `at` may hold an entry
+    /// of level field `level` (see [`Shard`]).
+    #[inline]
+    fn may_hold_level(&self, at: u32, level: u8) -> bool {
+        self.held.load(Ordering::Relaxed) >> (at + u32::from(level)) & 1 != 0
     }
 
     fn write(&self) -> ShardWrite<'_> {
@@ -562,6 +622,9 @@ impl Shard {
     /// The deepest second-level table cached for `gpa` at a level below `below`.
     fn second_level_start(&self, did: DomainId, gpa: u64, below: u8) -> Option<SlStart> {
         (2..below).find_map(|level| {
+            if !self.may_hold_level(HELD_SECOND_LEVEL, level) {
+                return None;
+            }
             let probe = SlKey {
                 did,
                 level,
@@ -580,6 +643,9 @@ impl Shard {
     /// The cached second-level mapping of the page holding `gpa`.
     fn mapping(&self, did: DomainId, gpa: u64) -> Option<SlMapping> {
         PAGE_SHIFTS.into_iter().find_map(|shift| {
+            if !self.may_hold_level(HELD_MAPPINGS, shift) {
+                return None;
+            }
             let probe = MappingKey {
                 did,
                 shift,
@@ -858,6 +924,9 @@ impl PagingStructureCaches {
     pub(crate) fn first_level_start(&self, tag: FlTag, input: u64, top: u8) -> Option<FlStart> {
         let shard = self.read(tag.did)?;
         (2..=top).find_map(|level| {
+            if !shard.may_hold_level(0, level) {
+                return None;
+            }
             let key = FlKey {
                 tag,
                 level,
@@ -1415,6 +1484,38 @@ mod tests {
         assert_eq!(c.mapping(D1, GPA + 0x1234_5678), Some(big));
         c.invalidate_domain_range(D1, range(GPA + 0x3000_0000, 4096), true);
         assert_eq!(c.mapping(D1, GPA), None);
+    }
+
+    /// The levels a shard publishes follow its entries: a lookup skips only the levels (and
+    /// page sizes) no entry has, and finds the others as before.
+    #[test]
+    fn a_shard_publishes_the_levels_it_holds() {
+        let c = PagingStructureCaches::default();
+        let held = |c: &PagingStructureCaches| c.shard(D1).held.load(Ordering::Relaxed);
+        let small = mapping(0x9000, PageSize::Size4K, true, true);
+        let large = mapping(0x20_0000, PageSize::Size2M, true, true);
+        insert_mapping(&c, D1, GPA, small);
+        insert_mapping(&c, D1, GPA + 0x40_0000, large);
+        let sizes = |h: u64| h >> HELD_MAPPINGS;
+        assert_eq!(sizes(held(&c)), 1 << 12 | 1 << 21);
+        assert_eq!(c.mapping(D1, GPA), Some(small));
+        assert_eq!(c.mapping(D1, GPA + 0x41_2345), Some(large));
+        // Replacing an entry by one of the same key keeps one of its level.
+        insert_mapping(&c, D1, GPA, small);
+        c.invalidate_domain_range(D1, range(GPA, 4096), false);
+        assert_eq!(sizes(held(&c)), 1 << 21);
+        assert_eq!(c.mapping(D1, GPA), None);
+        assert_eq!(c.mapping(D1, GPA + 0x40_0000), Some(large));
+        let t = tag(D1, 5, true);
+        fill_fl(&c, t, VA);
+        fill_sl(&c, D1, GPA);
+        assert_eq!(held(&c) & 0xff, 0b1_1100, "PML4E, PDPE and PDE");
+        assert_eq!(held(&c) >> HELD_SECOND_LEVEL & 0xff, 0b1_1100);
+        assert_eq!(c.first_level_start(t, VA, 4), Some(fl(1, 0x1000)));
+        assert_eq!(sl_start(&c, D1, GPA), Some(sl(1, 0xc000)));
+        c.invalidate_all();
+        assert_eq!(held(&c), 0);
+        assert!(c.is_empty());
     }
 
     #[test]
