@@ -84,19 +84,26 @@ pub struct OvertakenCompletion {
     pub by: OvertakenBy,
 }
 
-/// The slots whose bits are set in `valid` (bit `i % 64` of word `i / 64`), in order.
-fn valid_slots(valid: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    valid.iter().enumerate().flat_map(|(w, &word)| {
-        let mut bits = word;
-        std::iter::from_fn(move || {
-            let bit = bits.trailing_zeros();
-            bits &= bits.wrapping_sub(1);
-            (bit < 64).then_some(w * 64 + bit as usize)
-        })
-    })
+/// Buckets of [`DevTlb`]'s page filter (a power of two).
+const FILTER_BUCKETS: usize = 64;
+
+/// The filter bucket of the 4-KiB page holding `addr`: neighbouring pages fall in
+/// different buckets.
+fn bucket(addr: u64) -> usize {
+    (addr >> 12) as usize & (FILTER_BUCKETS - 1)
+}
+
+/// Whether `(start, last)` bounds a 4-KiB page.
+fn is_small(bounds: (u64, u64)) -> bool {
+    bounds.1.wrapping_sub(bounds.0) == 0xfff
 }
 
 /// A device TLB of fixed capacity.
+///
+/// A look-up visits only the slots a page filter names for the address: the slots whose
+/// 4-KiB page falls in its bucket, and those of larger pages. A slot's bits are set when a
+/// fill writes it and cleared when a later fill reuses it, so they may name a slot that is
+/// no longer valid (the valid bits then pass it over), never miss one that is.
 #[derive(Debug)]
 pub struct DevTlb {
     entries: Box<[Option<Entry>]>,
@@ -104,6 +111,11 @@ pub struct DevTlb {
     valid: Box<[u64]>,
     /// Each valid slot's page: its first and last device address.
     bounds: Box<[(u64, u64)]>,
+    /// For each bucket (see [`bucket`]), the slots of 4-KiB pages in it: word `w` of the
+    /// bucket at `bucket * valid.len() + w`.
+    small: Box<[u64]>,
+    /// The slots of pages larger than 4 KiB.
+    large: Box<[u64]>,
     next: usize,
     /// Invalidations so far (see [`DevTlb::begin_fill`]).
     generation: u64,
@@ -116,10 +128,13 @@ impl DevTlb {
     /// A device TLB holding up to `capacity` translations (at least one).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
+        let words = capacity.div_ceil(64);
         DevTlb {
             entries: vec![None; capacity].into_boxed_slice(),
-            valid: vec![0; capacity.div_ceil(64)].into_boxed_slice(),
+            valid: vec![0; words].into_boxed_slice(),
             bounds: vec![(0, 0); capacity].into_boxed_slice(),
+            small: vec![0; FILTER_BUCKETS * words].into_boxed_slice(),
+            large: vec![0; words].into_boxed_slice(),
             next: 0,
             generation: 0,
             recent: VecDeque::with_capacity(INVALIDATIONS_KEPT),
@@ -134,22 +149,49 @@ impl DevTlb {
         addr: u64,
         access: DmaAccess,
     ) -> Option<DmaTranslation> {
-        for (w, &word) in self.valid.iter().enumerate() {
-            let mut bits = word;
+        let slot = self.find(addr, |e| {
+            e.completion.grants(access) && e.covers(pasid, addr, access.privileged)
+        })?;
+        self.entries[slot].map(|e| e.completion.page)
+    }
+
+    /// The first valid slot whose page holds `addr` and whose entry `wanted` accepts,
+    /// among those the page filter names.
+    #[inline]
+    fn find(&self, addr: u64, wanted: impl Fn(&Entry) -> bool) -> Option<usize> {
+        let words = self.valid.len();
+        let small = &self.small[bucket(addr) * words..][..words];
+        let words = small.iter().zip(self.large.iter()).zip(self.valid.iter());
+        for (w, ((&small, &large), &valid)) in words.enumerate() {
+            let mut bits = (small | large) & valid;
             while bits != 0 {
                 let slot = w * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                if !self.holds(slot, addr) {
-                    continue;
-                }
-                if let Some(e) = &self.entries[slot] {
-                    if e.completion.grants(access) && e.covers(pasid, addr, access.privileged) {
-                        return Some(e.completion.page);
-                    }
+                if self.holds(slot, addr) && self.entries[slot].as_ref().is_some_and(&wanted) {
+                    return Some(slot);
                 }
             }
         }
         None
+    }
+
+    /// Writes `bounds` into `slot`, moving its filter bit from its former page's bucket
+    /// (or the large pages) to that of the new page.
+    fn set_bounds(&mut self, slot: usize, bounds: (u64, u64)) {
+        let (w, bit) = (slot / 64, 1u64 << (slot % 64));
+        let words = self.valid.len();
+        let old = self.bounds[slot];
+        if is_small(old) {
+            self.small[bucket(old.0) * words + w] &= !bit;
+        } else {
+            self.large[w] &= !bit;
+        }
+        if is_small(bounds) {
+            self.small[bucket(bounds.0) * words + w] |= bit;
+        } else {
+            self.large[w] |= bit;
+        }
+        self.bounds[slot] = bounds;
     }
 
     /// Whether valid slot `slot`'s page holds device address `addr`.
@@ -196,17 +238,16 @@ impl DevTlb {
             start: completion.page.page_start(addr),
             completion,
         };
-        let same = valid_slots(&self.valid).find(|&i| {
-            self.holds(i, addr)
-                && self.entries[i]
-                    .is_some_and(|e| e.covers(pasid, addr, completion.perm.privileged))
-        });
+        let same = self.find(addr, |e| e.covers(pasid, addr, completion.perm.privileged));
         let slot = same.unwrap_or_else(|| {
             let s = self.next;
             self.next = (self.next + 1) % self.entries.len();
             s
         });
-        self.bounds[slot] = (entry.start, entry.start + (completion.page.size() - 1));
+        self.set_bounds(
+            slot,
+            (entry.start, entry.start + (completion.page.size() - 1)),
+        );
         self.entries[slot] = Some(entry);
         self.valid[slot / 64] |= 1 << (slot % 64);
         true
@@ -337,6 +378,53 @@ mod tests {
         );
         assert_eq!(t.len(), 1);
         assert!(t.lookup(pasid(1), 0x5000, DmaAccess::WRITE).is_some());
+    }
+
+    /// Pages in one filter bucket, a page larger than 4 KiB over them, and slots reused by
+    /// pages of another bucket or size: each look-up answers what a scan of every entry
+    /// would.
+    #[test]
+    fn the_page_filter_finds_what_a_scan_finds() {
+        let mut t = DevTlb::new(70);
+        let bucket_stride = (FILTER_BUCKETS as u64) << 12;
+        let fill = |t: &mut DevTlb, addr: u64, size: u64| {
+            let hpa = 0x1_0000_0000 + (addr & !(size - 1));
+            assert!(t.insert(t.begin_fill(), pasid(1), addr, completion(hpa, size, true)));
+        };
+        for i in 0..4 {
+            fill(&mut t, 0x40_0000 + i * bucket_stride, 0x1000);
+        }
+        fill(&mut t, 0x80_0000, 0x20_0000);
+        let hit = |t: &DevTlb, addr: u64| {
+            t.lookup(pasid(1), addr, DmaAccess::READ)
+                .map(|p| p.hpa_of(addr).0)
+        };
+        for i in 0..4 {
+            let addr = 0x40_0123 + i * bucket_stride;
+            assert_eq!(hit(&t, addr), Some(0x1_0000_0000 + addr));
+        }
+        assert_eq!(hit(&t, 0x40_1000), None, "the next bucket is empty");
+        assert_eq!(hit(&t, 0x9f_f008), Some(0x1_009f_f008), "the 2-MiB page");
+        // Round robin reuses slots 0..5 for pages elsewhere: the old pages go from the
+        // filter with their entries.
+        for i in 0..70 {
+            fill(&mut t, 0x1_0000_0000 + i * 0x1000, 0x1000);
+        }
+        assert_eq!(t.len(), 70);
+        assert_eq!(hit(&t, 0x40_0000), None);
+        assert_eq!(hit(&t, 0x80_0000), None);
+        fill(&mut t, 0x80_0000, 0x20_0000);
+        assert_eq!(hit(&t, 0x9f_f008), Some(0x1_009f_f008));
+        assert_eq!(
+            hit(&t, 0x1_0000_0000),
+            None,
+            "its slot holds the 2-MiB page now"
+        );
+        assert_eq!(
+            hit(&t, 0x1_0003_c008),
+            Some(0x2_0003_c008),
+            "slot 65, word 1"
+        );
     }
 
     #[test]
