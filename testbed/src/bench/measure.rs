@@ -57,6 +57,17 @@ impl SampleBudget {
     }
 }
 
+impl SampleBudget {
+    /// One of `parts` equal shares of the samples (rounded up), each as long: for a probe
+    /// that samples `parts` instances of what it measures in turn.
+    pub fn split(&self, parts: usize) -> SampleBudget {
+        SampleBudget {
+            sample: self.sample,
+            samples: self.samples.div_ceil(parts.max(1)),
+        }
+    }
+}
+
 /// The fewest samples [`SampleBudget::shortened`] takes.
 pub const SHORTENED_MIN_SAMPLES: usize = 61;
 
@@ -101,7 +112,7 @@ fn warm_up(ws: &mut [(&mut dyn Workload, u64)]) -> Result<(), BenchError> {
 }
 
 /// Nanoseconds per operation of each sample of a workload, in sampling order.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Samples(Vec<f64>);
 
 impl Samples {
@@ -125,6 +136,11 @@ impl Samples {
     /// The samples, in sampling order.
     pub fn values(&self) -> &[f64] {
         &self.0
+    }
+
+    /// `other`'s samples after these.
+    pub fn append(&mut self, other: Samples) {
+        self.0.extend(other.0);
     }
 }
 
@@ -264,6 +280,18 @@ mod tests {
         assert!((ns.p50 - 250.0).abs() < 1e-6, "{ns:?}");
         assert_eq!(ns.p10, ns.p90);
         assert!(w.calls > SampleBudget::QUICK.samples as u64);
+    }
+
+    #[test]
+    fn a_split_budget_keeps_the_sample_length_and_shares_the_samples() {
+        let b = SampleBudget::QUICK.split(5);
+        assert_eq!((b.sample, b.samples), (SampleBudget::QUICK.sample, 31));
+        assert_eq!(SampleBudget::FULL.split(5).samples * 5, 1005);
+        assert_eq!(SampleBudget::FULL.split(0), SampleBudget::FULL);
+        let mut a = measure(&mut Fixed { ns: 40, calls: 0 }, &b).unwrap();
+        a.append(measure(&mut Fixed { ns: 60, calls: 0 }, &b).unwrap());
+        assert_eq!(a.values().len(), 62);
+        assert_eq!((a.values()[30], a.values()[31]), (40.0, 60.0));
     }
 
     #[test]
