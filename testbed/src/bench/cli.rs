@@ -35,8 +35,8 @@ pub struct BenchArgs {
 /// (its set-up refused, or one of its own checks of the work done) fails the command,
 /// naming each failed measurement and its check, after the table and JSON are printed.
 ///
-/// With `--compare-quick` it prints the comparison ([`Comparison::table`], and
-/// [`Comparison::json`] last if asked) instead, returns the full run's report, and fails
+/// With `--compare-quick` it prints the comparison ([`Comparison::table`], each run's
+/// [`BenchReport::steal_line`], and [`Comparison::json`] last if asked) instead, returns the full run's report, and fails
 /// when either run's measurement failed or a figure disagrees.
 pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     if args.compare_quick {
@@ -70,6 +70,11 @@ fn compare_quick(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     let comparison = Comparison::of(&full, &quick);
     let mut out = std::io::stdout().lock();
     write!(out, "{}", comparison.table())?;
+    for (run, report) in [("full", &full), ("quick", &quick)] {
+        if let Some(line) = report.steal_line() {
+            writeln!(out, "{run} run: {line}")?;
+        }
+    }
     if args.json {
         writeln!(out, "{}", comparison.json())?;
     }

@@ -339,6 +339,15 @@ impl BenchReport {
             let _ = write!(out, ", load average {load:.2} at start");
         }
         let _ = writeln!(out, "{}", if self.quick { " (quick)" } else { "" });
+        if let Some(line) = self.steal_line() {
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+
+    /// The probes over which the hypervisor counted steal time, with how much, as one
+    /// line; `None` when it counted none.
+    pub fn steal_line(&self) -> Option<String> {
         let stolen: Vec<String> = self
             .steal
             .iter()
@@ -352,14 +361,12 @@ impl BenchReport {
                 ))
             })
             .collect();
-        if !stolen.is_empty() {
-            let _ = writeln!(
-                out,
+        (!stolen.is_empty()).then(|| {
+            format!(
                 "steal time (vCPUs kept waiting by the hypervisor): {}",
                 stolen.join(", ")
-            );
-        }
-        out
+            )
+        })
     }
 }
 
