@@ -279,6 +279,14 @@ impl SlFormat {
         pte.0 & self.reserved(level, pte.0)
     }
 
+    /// The bits an entry pointing to a table (levels 2 to 5) must have clear: its reserved
+    /// bits, the same at every level (§9.8: the address bits above the width, SNP and TM),
+    /// and PS, which makes an entry at level 2 or 3 a leaf and is reserved above.
+    #[inline(always)]
+    pub(crate) const fn table_mask(&self) -> u64 {
+        self.masks[4] | SlPte::PS
+    }
+
     /// The mask of the bits reserved at `level` in the entry `raw` (which of its two masks
     /// depends on PS): one table read.
     #[inline(always)]
@@ -329,6 +337,27 @@ mod tests {
     fn not_present_without_read_and_write() {
         assert!(!SlPte(SlPte::X | SlPte::A | 0x1000).present());
         assert!(SlPte(SlPte::W).present());
+    }
+
+    #[test]
+    fn table_mask_is_every_non_leaf_levels_mask_and_ps() {
+        let base = SlFormat::new(39).unwrap();
+        let formats = [
+            base,
+            SlFormat::new(48).unwrap(),
+            base.with_large_pages(false, false),
+            base.with_large_pages(true, false),
+            base.with_snoop_control(false).with_transient_mapping(false),
+        ];
+        for f in formats {
+            for level in 2..=5 {
+                assert_eq!(
+                    f.table_mask(),
+                    f.reserved(level, 0) | SlPte::PS,
+                    "level {level}"
+                );
+            }
+        }
     }
 
     #[test]

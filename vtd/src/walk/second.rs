@@ -127,9 +127,11 @@ impl SlStart {
 
 /// The walk from `start`, reporting refusals with `faults`.
 ///
-/// Each level costs the entry's read, one compare for presence, one mask compare for its
-/// reserved bits (the format's table of masks per level and PS) and one AND of its R, W
-/// and X bits into the rights; the request's rights are checked once, at the leaf.
+/// Each level costs the entry's read and, for the usual entry, one mask test: a present
+/// table pointer with nothing reserved and nothing to update, or a 4 KiB leaf that also
+/// grants the request. Any other entry (a large page, an accessed or dirty update, a
+/// fault) is decided by [`walk_entries`], which checks presence, the reserved bits of the
+/// level and PS, and the request's rights against the AND of the levels' R, W and X.
 pub(crate) fn walk_from<M, O>(
     mem: &M,
     cfg: &SlConfig,
@@ -160,11 +162,161 @@ where
     if start.table >> cfg.format.address_width() != 0 || start.table & 0xfff != 0 {
         return Err(fault(FaultReason::Ssl4, start.level));
     }
-    let mut table = start.table;
+    // The table address as checked: 4 KiB aligned, below 2^52.
+    let mut table = start.table & SlPte::ADDR_MASK;
     let mut rights = rights_bits(start.rights);
     let mut level = start.level;
+    // The bits that are flipped and then must all be clear, in a table pointer and in a
+    // 4 KiB leaf that need nothing of `walk_entries`: the reserved bits (and PS above the
+    // leaf), and with SLADE, A (and D in the leaf of a write), which must be set already.
+    let accessed = if cfg.slade { SlPte::A } else { 0 };
+    let table_check = cfg.format.table_mask() | accessed;
+    let leaf_flip = accessed
+        | if cfg.slade && access.write {
+            SlPte::D
+        } else {
+            0
+        };
+    let leaf_check = cfg.format.reserved(1, 0) | leaf_flip;
+    // The R, W and X bits the request needs of every level: W to write, R to read; X to
+    // execute when SLEE is 1, else R.
+    let needed = if access.write { SlPte::W } else { SlPte::R }
+        | match (access.execute, cfg.slee) {
+            (false, _) => 0,
+            (true, true) => SlPte::X,
+            (true, false) => SlPte::R,
+        };
     loop {
         let entry_address = table + table_index(input, level) * 8;
+        let Ok(raw) = mem.read_u64(entry_address) else {
+            return Err(unreadable(table, level, entry_address, input, obs));
+        };
+        if level > 1 && (raw ^ accessed) & table_check == 0 && raw & (SlPte::R | SlPte::W) != 0 {
+            rights &= raw;
+            let next = SlPte(raw).table_address();
+            obs.step(WalkStep {
+                stage: Stage::SecondLevel,
+                level,
+                input,
+                table,
+                entry_address,
+                entry: raw,
+                set_bits: 0,
+                outcome: StepOutcome::Table(next),
+            });
+            table = next;
+            level -= 1;
+            continue;
+        }
+        // A grant of the request needs its bits in every level; presence follows.
+        if level == 1 && (raw ^ leaf_flip) & leaf_check == 0 && rights & raw & needed == needed {
+            let size = PageSize::Size4K;
+            let pte = SlPte(raw);
+            let base = pte.page_address(size);
+            obs.step(WalkStep {
+                stage: Stage::SecondLevel,
+                level,
+                input,
+                table,
+                entry_address,
+                entry: raw,
+                set_bits: 0,
+                outcome: StepOutcome::Page { base, size },
+            });
+            return Ok(Translation {
+                output: base | (input & (size.bytes() - 1)),
+                page_size: size,
+                perms: permissions(cfg, rights & raw),
+                dirty: !cfg.slade || pte.dirty(),
+            });
+        }
+        return walk_entries(
+            mem,
+            cfg,
+            Entry {
+                table,
+                level,
+                address: entry_address,
+                raw,
+            },
+            rights,
+            input,
+            access,
+            faults,
+            obs,
+        );
+    }
+}
+
+/// An entry a walk has read: its table, level and address, and its value.
+#[derive(Clone, Copy)]
+pub(super) struct Entry {
+    pub(super) table: u64,
+    pub(super) level: u8,
+    pub(super) address: u64,
+    pub(super) raw: u64,
+}
+
+/// A walk's read of the entry at `entry_address` failed: fault SSL.1, reported as a step.
+#[cold]
+#[inline(never)]
+fn unreadable<O: WalkObserver + ?Sized>(
+    table: u64,
+    level: u8,
+    entry_address: u64,
+    input: u64,
+    obs: &mut O,
+) -> WalkFault {
+    obs.step(WalkStep {
+        stage: Stage::SecondLevel,
+        level,
+        input,
+        table,
+        entry_address,
+        entry: 0,
+        set_bits: 0,
+        outcome: StepOutcome::Fault(FaultReason::Ssl1),
+    });
+    WalkFault {
+        reason: FaultReason::Ssl1,
+        stage: Stage::SecondLevel,
+        level,
+        input,
+    }
+}
+
+/// The walk from `entry`, already read, with `rights` the R, W and X bits of the levels
+/// above it: each entry checked by [`decide`], A and D set by one compare-exchange each
+/// where SLADE asks for them (the entry evaluated again if it changed meanwhile).
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn walk_entries<M, O>(
+    mem: &M,
+    cfg: &SlConfig,
+    entry: Entry,
+    mut rights: u64,
+    input: u64,
+    access: AccessRequest,
+    faults: &SlFaults,
+    obs: &mut O,
+) -> Result<Translation, WalkFault>
+where
+    M: PhysMem + ?Sized,
+    O: WalkObserver + ?Sized,
+{
+    let fault = |reason, level| WalkFault {
+        reason,
+        stage: Stage::SecondLevel,
+        level,
+        input,
+    };
+    let Entry {
+        mut table,
+        mut level,
+        address: mut entry_address,
+        mut raw,
+    } = entry;
+    loop {
         let (this_table, this_level) = (table, level);
         let step = move |entry, set_bits, outcome| WalkStep {
             stage: Stage::SecondLevel,
@@ -175,10 +327,6 @@ where
             entry,
             set_bits,
             outcome,
-        };
-        let Ok(mut raw) = mem.read_u64(entry_address) else {
-            obs.step(step(0, 0, StepOutcome::Fault(FaultReason::Ssl1)));
-            return Err(fault(FaultReason::Ssl1, level));
         };
         let mut set_bits = 0;
         // Evaluated again if an accessed/dirty update finds the entry changed.
@@ -230,6 +378,11 @@ where
         table = pte.table_address();
         obs.step(step(raw, set_bits, StepOutcome::Table(table)));
         level -= 1;
+        entry_address = table + table_index(input, level) * 8;
+        raw = match mem.read_u64(entry_address) {
+            Ok(raw) => raw,
+            Err(_) => return Err(unreadable(table, level, entry_address, input, obs)),
+        };
     }
 }
 
