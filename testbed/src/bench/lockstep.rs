@@ -120,17 +120,11 @@ impl SecondThread {
         iters: u64,
         mine: impl FnOnce() -> R,
     ) -> Result<Sample<R>, BenchError> {
-        let (Some(orders), Some(thread)) = (&self.orders, &self.thread) else {
-            return Err(self.gone());
-        };
-        self.sample += 1;
-        let sample = self.sample;
-        orders.send(iters).map_err(|_| self.gone())?;
-        self.wait_for(&self.flags.ready, sample, thread)?;
+        let sample = self.ready(iters)?;
         let start = Instant::now();
         self.flags.go.store(sample, Ordering::Release);
         let mine = mine();
-        self.wait_for(&self.flags.done, sample, thread)?;
+        self.wait_for(&self.flags.done, sample)?;
         let wall = start.elapsed();
         let theirs = self.results.recv().map_err(|_| self.gone())??;
         Ok(Sample { wall, theirs, mine })
@@ -140,15 +134,19 @@ impl SecondThread {
     /// thread sleeps meanwhile (it neither works nor spins). How long the half took, as
     /// the second thread timed it; `Err` as [`SecondThread::sample`].
     pub(super) fn alone(&mut self, iters: u64) -> Result<Duration, BenchError> {
-        let (Some(orders), Some(thread)) = (&self.orders, &self.thread) else {
-            return Err(self.gone());
-        };
-        self.sample += 1;
-        let sample = self.sample;
-        orders.send(iters).map_err(|_| self.gone())?;
-        self.wait_for(&self.flags.ready, sample, thread)?;
+        let sample = self.ready(iters)?;
         self.flags.go.store(sample, Ordering::Release);
         self.results.recv().map_err(|_| self.gone())?
+    }
+
+    /// Orders the next sample of `iters` operations and waits until the second thread is
+    /// ready for it: the sample's number.
+    fn ready(&mut self, iters: u64) -> Result<u64, BenchError> {
+        self.sample += 1;
+        let orders = self.orders.as_ref().ok_or_else(|| self.gone())?;
+        orders.send(iters).map_err(|_| self.gone())?;
+        self.wait_for(&self.flags.ready, self.sample)?;
+        Ok(self.sample)
     }
 
     /// Samples the second thread has finished.
@@ -162,13 +160,9 @@ impl SecondThread {
     }
 
     /// Spins until `flag` reaches `sample`, yielding the core between looks (the machine
-    /// may have no idle core); `Err` when the thread has ended meanwhile.
-    fn wait_for(
-        &self,
-        flag: &AtomicU64,
-        sample: u64,
-        thread: &JoinHandle<()>,
-    ) -> Result<(), BenchError> {
+    /// may have no idle core); `Err` when the thread has ended meanwhile or is gone.
+    fn wait_for(&self, flag: &AtomicU64, sample: u64) -> Result<(), BenchError> {
+        let thread = self.thread.as_ref().ok_or_else(|| self.gone())?;
         while flag.load(Ordering::Acquire) < sample {
             if thread.is_finished() {
                 return Err(BenchError::Check(format!(
