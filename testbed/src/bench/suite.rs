@@ -442,9 +442,10 @@ fn iommufd_forwarded(budget: &SampleBudget, report: &mut BenchReport) -> Result<
 /// invalidation), while one instance sampled six times in turn, full and quick, agrees
 /// with itself within 2 %; so a figure of one instance was that instance's, and a quick
 /// and a full run, each with its own, disagreed by what lay between the two (in stop 28's
-/// idle pair by 12 %, and in two of three idle pairs with the wake-up untimed). Each instance puts the
-/// lines the two threads share at new addresses: a cache line bounced between the same
-/// two CPUs, new in each run, took 247-310 ns a round trip from one run to the next.
+/// idle pair by 12 %, and in two of three idle pairs with the wake-up untimed). Each
+/// instance puts the lines the two threads share at new addresses: a cache line bounced
+/// between the same two CPUs, new in each run, took 247-310 ns a round trip from one run
+/// to the next.
 fn socket_forwarded(budget: &SampleBudget, report: &mut BenchReport) -> Result<(), BenchError> {
     let share = budget.split(SOCKET_INSTANCES);
     let (mut socket, mut local_inv) = (Samples::default(), Samples::default());
