@@ -36,8 +36,9 @@ pub struct BenchArgs {
 /// naming each failed measurement and its check, after the table and JSON are printed.
 ///
 /// With `--compare-quick` it prints the comparison ([`Comparison::table`], each run's
-/// [`BenchReport::steal_line`], and [`Comparison::json`] last if asked) instead, returns the full run's report, and fails
-/// when either run's measurement failed or a figure disagrees.
+/// [`BenchReport::steal_line`], and [`Comparison::json`] last if asked) instead, returns
+/// the full run's report, and fails when either run's measurement failed or a figure
+/// disagrees.
 pub fn run_cli(args: &BenchArgs) -> Result<BenchReport, BenchError> {
     if args.compare_quick {
         return compare_quick(args);
